@@ -1,0 +1,160 @@
+//! Cluster administration and load-balancer probes.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use openraft::ServerState;
+use serde::{Deserialize, Serialize};
+
+use runtimeai_raft::NodeId;
+
+use crate::extract::{Body, PathParam};
+use crate::problem::Problem;
+use crate::{AppState, VERSION};
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/health", get(health))
+        .route("/v1/cluster", get(cluster_status))
+        .route("/v1/cluster/members", axum::routing::post(add_member))
+        .route("/v1/cluster/members/{node_id}", delete(remove_member))
+}
+
+/// The process is alive and serving HTTP.
+async fn healthz() -> impl IntoResponse {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// The seed API's health check.
+async fn health() -> impl IntoResponse {
+    Json(serde_json::json!({ "status": "ok", "version": VERSION }))
+}
+
+/// Ready for traffic: a leader is known and this node has applied everything the leader had
+/// committed when asked (a read-index round trip, bounded to two seconds).
+async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, Problem> {
+    let metrics = state.replica.metrics();
+    let Some(leader) = metrics.current_leader else {
+        return Err(Problem::unavailable("no leader is known yet"));
+    };
+    match tokio::time::timeout(Duration::from_secs(2), state.replica.read_barrier()).await {
+        Err(_) => Err(Problem::unavailable("has not caught up with the leader's commit index within 2s")),
+        Ok(Err(e)) => Err(Problem::unavailable(format!("not ready: {e}"))),
+        Ok(Ok(())) => Ok(Json(serde_json::json!({ "status": "ready", "leader_id": leader }))),
+    }
+}
+
+/// One member of the cluster as `GET /v1/cluster` shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MemberView {
+    pub id: NodeId,
+    pub grpc: String,
+    /// REST address the member announced; absent until it has registered.
+    pub http: Option<String>,
+    /// `voter` or `learner`.
+    pub role: String,
+    /// Whether the leader currently reaches the member (`null` when no leader answers).
+    pub reachable: Option<bool>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub cluster_name: String,
+    pub node_id: NodeId,
+    /// This node's raft role: `leader`, `follower`, `candidate` or `learner`.
+    pub state: String,
+    pub leader_id: Option<NodeId>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub last_applied: Option<u64>,
+    /// Log index covered by this node's latest snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Log entries up to this index have been purged behind a snapshot.
+    pub purged_index: Option<u64>,
+    pub members: Vec<MemberView>,
+}
+
+async fn cluster_status(State(state): State<AppState>) -> Result<Json<ClusterView>, Problem> {
+    Ok(Json(cluster_view(&state).await?))
+}
+
+async fn cluster_view(state: &AppState) -> Result<ClusterView, Problem> {
+    let metrics = state.replica.metrics();
+    let announced: HashMap<NodeId, String> =
+        state.replica.state.nodes()?.into_iter().map(|info| (info.node_id, info.http_addr)).collect();
+    let members = state
+        .replica
+        .members()
+        .await
+        .into_iter()
+        .map(|m| MemberView {
+            id: m.id,
+            http: if m.id == state.replica.id { Some(state.http_addr.clone()) } else { announced.get(&m.id).cloned() },
+            grpc: m.grpc_addr,
+            role: if m.voter { "voter" } else { "learner" }.to_string(),
+            reachable: m.reachable,
+        })
+        .collect();
+    let role = match metrics.state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    };
+    Ok(ClusterView {
+        cluster_name: state.replica.cluster_name().to_string(),
+        node_id: state.replica.id,
+        state: role.to_string(),
+        leader_id: metrics.current_leader,
+        term: metrics.current_term,
+        last_log_index: metrics.last_log_index,
+        last_applied: metrics.last_applied.map(|id| id.index),
+        snapshot_index: metrics.snapshot.map(|id| id.index),
+        purged_index: metrics.purged.map(|id| id.index),
+        members,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddMemberRequest {
+    pub id: NodeId,
+    /// The new node's gRPC address (`host:port`), as given to its `--grpc`.
+    pub grpc: String,
+}
+
+/// Adds a node: it joins as a learner, catches up, and is promoted to voter. Answers when the
+/// node is a voter.
+async fn add_member(
+    State(state): State<AppState>,
+    Body(request): Body<AddMemberRequest>,
+) -> Result<impl IntoResponse, Problem> {
+    if request.grpc.parse::<std::net::SocketAddr>().is_err() && !request.grpc.contains(':') {
+        return Err(Problem::invalid_field("$.grpc", "expected host:port"));
+    }
+    let replica = state.replica.clone();
+    // Run to completion even if the client goes away: a half-done change helps nobody.
+    tokio::spawn(async move { replica.add_member(request.id, request.grpc).await })
+        .await
+        .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    Ok((StatusCode::CREATED, Json(cluster_view(&state).await?)))
+}
+
+async fn remove_member(
+    State(state): State<AppState>,
+    PathParam(node_id): PathParam<NodeId>,
+) -> Result<impl IntoResponse, Problem> {
+    let replica = state.replica.clone();
+    tokio::spawn(async move { replica.remove_member(node_id).await })
+        .await
+        .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    Ok(Json(cluster_view(&state).await?))
+}

@@ -1,0 +1,47 @@
+//! RuntimeAI's REST API on axum, served by every node of the cluster.
+//!
+//! Handlers turn requests into typed commands for [`runtimeai_raft::Replica`], which proposes
+//! them through the leader wherever the request arrived; reads are linearizable unless the
+//! client asks for `consistency=stale`. Every error leaves as RFC 9457 problem+json
+//! ([`problem`]).
+//!
+//! - [`cluster`]: `/v1/cluster`, membership changes, `/healthz`, `/readyz`.
+//! - [`runtimes`]: the Runtime resource.
+
+pub mod cluster;
+mod extract;
+pub mod problem;
+pub mod runtimes;
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::Router;
+
+use runtimeai_raft::Replica;
+
+pub use problem::Problem;
+
+/// What every handler needs.
+#[derive(Clone)]
+pub struct AppState {
+    pub replica: Arc<Replica>,
+    /// This node's own addresses, as shown in `GET /v1/cluster`.
+    pub http_addr: String,
+    pub grpc_addr: String,
+}
+
+/// The whole REST surface of a node.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(cluster::routes())
+        .merge(runtimes::routes())
+        .fallback(|| async { Problem::not_found("no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "method not allowed on this endpoint")
+        })
+        .with_state(state)
+}
+
+/// The version this build reports.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,114 @@
+//! Every error the REST API returns, and the one place that turns errors into HTTP responses:
+//! RFC 9457 `application/problem+json`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use runtimeai_raft::{ClusterError, Rejection};
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub type_uri: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// For validation errors: the JSON path of each offending field.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+    #[serde(skip)]
+    pub retry_after_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FieldError {
+    /// JSON path of the field, e.g. `$.spec.resources.cpu`.
+    pub path: String,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, kind: &str, detail: impl Into<String>) -> Problem {
+        Problem {
+            type_uri: format!("https://runtimeai.dev/problems/{kind}"),
+            title: status.canonical_reason().unwrap_or("Error").to_string(),
+            status: status.as_u16(),
+            detail: detail.into(),
+            errors: Vec::new(),
+            retry_after_secs: None,
+        }
+    }
+
+    pub fn invalid_field(path: impl Into<String>, message: impl Into<String>) -> Problem {
+        let message = message.into();
+        let path = path.into();
+        let mut problem = Problem::new(StatusCode::BAD_REQUEST, "validation", format!("{path}: {message}"));
+        problem.errors.push(FieldError { path, message });
+        problem
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::NOT_FOUND, "not-found", detail)
+    }
+
+    pub fn unavailable(detail: impl Into<String>) -> Problem {
+        let mut problem = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail);
+        problem.retry_after_secs = Some(1);
+        problem
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = serde_json::to_vec(&self).unwrap_or_default();
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if let Some(secs) = self.retry_after_secs {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<ClusterError> for Problem {
+    fn from(error: ClusterError) -> Problem {
+        match &error {
+            ClusterError::NoLeader(_)
+            | ClusterError::NoQuorum(_)
+            | ClusterError::TooManyHops
+            | ClusterError::LeaderUnreachable { .. }
+            | ClusterError::Stopped(_)
+            | ClusterError::Timeout(_) => Problem::unavailable(error.to_string()),
+            ClusterError::Invalid(_) => Problem::new(StatusCode::CONFLICT, "cluster-conflict", error.to_string()),
+            ClusterError::NotFound(_) => Problem::not_found(error.to_string()),
+            ClusterError::Internal(_) => {
+                tracing::error!(%error, "internal error serving a request");
+                Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", error.to_string())
+            }
+        }
+    }
+}
+
+impl From<Rejection> for Problem {
+    fn from(rejection: Rejection) -> Problem {
+        let (status, kind) = match &rejection {
+            Rejection::NotFound { .. } => (StatusCode::NOT_FOUND, "not-found"),
+            Rejection::NameTaken { .. } => (StatusCode::CONFLICT, "name-taken"),
+            Rejection::AlreadyExists { .. } => (StatusCode::CONFLICT, "already-exists"),
+            Rejection::VersionMismatch { .. } => (StatusCode::PRECONDITION_FAILED, "version-mismatch"),
+            Rejection::IdempotencyKeyReused { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused"),
+        };
+        Problem::new(status, kind, rejection.to_string())
+    }
+}
+
+impl From<runtimeai_raft::types::StorageError> for Problem {
+    fn from(error: runtimeai_raft::types::StorageError) -> Problem {
+        tracing::error!(%error, "store error serving a request");
+        Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("store error: {error}"))
+    }
+}

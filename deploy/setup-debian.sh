@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the system packages RuntimeAI's build needs on Debian/Ubuntu, if they are missing.
+#   g++            RocksDB is C++ (built by the rocksdb crate)
+#   libclang-dev   bindgen generates RocksDB's Rust bindings through libclang
+#   pkg-config     locating system libraries
+# protoc is not needed: the .proto files are compiled in pure Rust (protox).
+set -euo pipefail
+
+packages=(g++ libclang-dev pkg-config)
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if ! command -v apt-get >/dev/null; then
+  echo "error: missing packages (${missing[*]}) and no apt-get to install them; install them by hand" >&2
+  exit 1
+fi
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "error: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
+  sudo="sudo"
+fi
+echo "installing system packages: ${missing[*]}" >&2
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,350 @@
+//! The node's configuration: one clap + serde struct, layered TOML file → environment
+//! (`RUNTIMEAI_<FLAG>`) → flags, then checked into a [`NodeConfig`] whose fields state their
+//! defaults and effects.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `runtimeai node` flags. Every flag is also `RUNTIMEAI_<FLAG>` in the environment and
+/// `<flag> = ...` in the TOML file given by `--config`; flags beat the environment, which beats
+/// the file.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NodeArgs {
+    /// TOML file with any of the options below (kebab-case keys, e.g. `data-dir`).
+    #[arg(long, env = "RUNTIMEAI_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// This node's id in the cluster (a positive integer, unique and never reused).
+    #[arg(long, env = "RUNTIMEAI_ID")]
+    pub id: Option<u64>,
+    /// REST listen address [default: 127.0.0.1:8080].
+    #[arg(long, env = "RUNTIMEAI_HTTP")]
+    pub http: Option<String>,
+    /// Peer (gRPC) listen address [default: 127.0.0.1:7100].
+    #[arg(long, env = "RUNTIMEAI_GRPC")]
+    pub grpc: Option<String>,
+    /// REST address other nodes and clients should use, when it differs from --http.
+    #[arg(long, env = "RUNTIMEAI_ADVERTISE_HTTP")]
+    pub advertise_http: Option<String>,
+    /// Peer address other nodes should use, when it differs from --grpc.
+    #[arg(long, env = "RUNTIMEAI_ADVERTISE_GRPC")]
+    pub advertise_grpc: Option<String>,
+    /// Where the node keeps its log, state and snapshots [default: ./runtimeai-<id>.data].
+    #[arg(long, env = "RUNTIMEAI_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Founding members as `id=host:port,...` (gRPC addresses). The lowest id initializes the
+    /// cluster; a node with existing data ignores this. Omit it on a node that will be added
+    /// later with `POST /v1/cluster/members`.
+    #[arg(long, env = "RUNTIMEAI_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    /// Name shared by all members; a node refuses data and peers of another cluster
+    /// [default: runtimeai].
+    #[arg(long, env = "RUNTIMEAI_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// Log format on stderr [default: text]. The level comes from RUST_LOG.
+    #[arg(long, env = "RUNTIMEAI_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Leader heartbeat interval in milliseconds [default: 100].
+    #[arg(long, env = "RUNTIMEAI_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Minimum election timeout in milliseconds; the maximum is twice this [default: 500].
+    #[arg(long, env = "RUNTIMEAI_ELECTION_TIMEOUT_MS")]
+    pub election_timeout_ms: Option<u64>,
+    /// Build a snapshot after this many applied entries [default: 10000].
+    #[arg(long, env = "RUNTIMEAI_SNAPSHOT_COUNT")]
+    pub snapshot_count: Option<u64>,
+    /// Entries kept behind a snapshot so slow followers catch up from the log
+    /// [default: 1000].
+    #[arg(long, env = "RUNTIMEAI_SNAPSHOT_CATCHUP_ENTRIES")]
+    pub snapshot_catchup_entries: Option<u64>,
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: u64,
+    /// REST listen address.
+    pub http: SocketAddr,
+    /// gRPC listen address for peers.
+    pub grpc: SocketAddr,
+    /// REST address announced to the cluster.
+    pub advertise_http: String,
+    /// gRPC address announced to the cluster (must match this node's `--initial-cluster` entry).
+    pub advertise_grpc: String,
+    pub data_dir: PathBuf,
+    /// Founding members (id → gRPC address); empty for a node that joins later.
+    pub initial_cluster: BTreeMap<u64, String>,
+    pub cluster_name: String,
+    pub log_format: LogFormat,
+    pub heartbeat: Duration,
+    pub election_timeout: Duration,
+    pub snapshot_count: u64,
+    pub snapshot_catchup_entries: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    ParseFile { path: PathBuf, message: String },
+    #[error("--id is required (a positive integer)")]
+    MissingId,
+    #[error("--id must be a positive integer, got 0")]
+    ZeroId,
+    #[error("--{flag} {value:?}: {reason}")]
+    BadAddress { flag: &'static str, value: String, reason: String },
+    #[error("--initial-cluster: {0}")]
+    InitialCluster(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("--{flag} must be at least {min}, got {value}")]
+    TooSmall { flag: &'static str, min: u64, value: u64 },
+}
+
+impl NodeArgs {
+    /// Layers the TOML file (if any) under these flags.
+    pub fn with_file(self) -> Result<NodeArgs, ConfigError> {
+        let Some(path) = self.config.clone() else { return Ok(self) };
+        let text =
+            std::fs::read_to_string(&path).map_err(|source| ConfigError::ReadFile { path: path.clone(), source })?;
+        let file: NodeArgs = toml::from_str(&text)
+            .map_err(|e| ConfigError::ParseFile { path: path.clone(), message: e.message().to_string() })?;
+        Ok(NodeArgs {
+            config: self.config,
+            id: self.id.or(file.id),
+            http: self.http.or(file.http),
+            grpc: self.grpc.or(file.grpc),
+            advertise_http: self.advertise_http.or(file.advertise_http),
+            advertise_grpc: self.advertise_grpc.or(file.advertise_grpc),
+            data_dir: self.data_dir.or_else(|| file.data_dir.map(|d| relative_to(&path, d))),
+            initial_cluster: self.initial_cluster.or(file.initial_cluster),
+            cluster_name: self.cluster_name.or(file.cluster_name),
+            log_format: self.log_format.or(file.log_format),
+            heartbeat_ms: self.heartbeat_ms.or(file.heartbeat_ms),
+            election_timeout_ms: self.election_timeout_ms.or(file.election_timeout_ms),
+            snapshot_count: self.snapshot_count.or(file.snapshot_count),
+            snapshot_catchup_entries: self.snapshot_catchup_entries.or(file.snapshot_catchup_entries),
+        })
+    }
+
+    /// Checks every option and fills in defaults.
+    pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
+        let id = self.id.ok_or(ConfigError::MissingId)?;
+        if id == 0 {
+            return Err(ConfigError::ZeroId);
+        }
+        let http = listen_addr("http", self.http.as_deref().unwrap_or("127.0.0.1:8080"))?;
+        let grpc = listen_addr("grpc", self.grpc.as_deref().unwrap_or("127.0.0.1:7100"))?;
+        if http == grpc {
+            return Err(ConfigError::Conflict(format!("--http and --grpc both use {http}")));
+        }
+        let advertise_http = match self.advertise_http {
+            Some(a) => peer_addr("advertise-http", &a)?,
+            None => http.to_string(),
+        };
+        let advertise_grpc = match self.advertise_grpc {
+            Some(a) => peer_addr("advertise-grpc", &a)?,
+            None => grpc.to_string(),
+        };
+        let initial_cluster = match self.initial_cluster.as_deref() {
+            None | Some("") => BTreeMap::new(),
+            Some(text) => parse_initial_cluster(text)?,
+        };
+        if !initial_cluster.is_empty() {
+            match initial_cluster.get(&id) {
+                None => {
+                    return Err(ConfigError::Conflict(format!(
+                        "--initial-cluster does not list this node's --id {id}; list every founding member, or omit \
+                         --initial-cluster on a node that joins later"
+                    )))
+                }
+                Some(addr) if *addr != advertise_grpc => {
+                    return Err(ConfigError::Conflict(format!(
+                        "--initial-cluster gives node {id} the address {addr}, but this node's gRPC address is \
+                         {advertise_grpc} (--grpc / --advertise-grpc)"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        let heartbeat_ms = self.heartbeat_ms.unwrap_or(100);
+        if heartbeat_ms < 10 {
+            return Err(ConfigError::TooSmall { flag: "heartbeat-ms", min: 10, value: heartbeat_ms });
+        }
+        let election_ms = self.election_timeout_ms.unwrap_or(500);
+        if election_ms < 3 * heartbeat_ms {
+            return Err(ConfigError::Conflict(format!(
+                "--election-timeout-ms ({election_ms}) must be at least three heartbeats (3 × {heartbeat_ms} ms)"
+            )));
+        }
+        let snapshot_count = self.snapshot_count.unwrap_or(10_000);
+        if snapshot_count < 10 {
+            return Err(ConfigError::TooSmall { flag: "snapshot-count", min: 10, value: snapshot_count });
+        }
+        let cluster_name = self.cluster_name.unwrap_or_else(|| "runtimeai".to_string());
+        if cluster_name.is_empty() || cluster_name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(ConfigError::Conflict(format!(
+                "--cluster-name {cluster_name:?} must be non-empty without spaces"
+            )));
+        }
+        Ok(NodeConfig {
+            id,
+            http,
+            grpc,
+            advertise_http,
+            advertise_grpc,
+            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from(format!("runtimeai-{id}.data"))),
+            initial_cluster,
+            cluster_name,
+            log_format: self.log_format.unwrap_or_default(),
+            heartbeat: Duration::from_millis(heartbeat_ms),
+            election_timeout: Duration::from_millis(election_ms),
+            snapshot_count,
+            snapshot_catchup_entries: self.snapshot_catchup_entries.unwrap_or(1_000),
+        })
+    }
+}
+
+/// A path in a config file is relative to the file.
+fn relative_to(config_file: &Path, path: PathBuf) -> PathBuf {
+    match config_file.parent() {
+        Some(dir) if path.is_relative() => dir.join(path),
+        _ => path,
+    }
+}
+
+/// A listen address: `ip:port`, or `localhost:port`.
+fn listen_addr(flag: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    let bad = |reason: &str| ConfigError::BadAddress { flag, value: value.to_string(), reason: reason.to_string() };
+    if let Ok(addr) = value.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let (host, port) = value.rsplit_once(':').ok_or_else(|| bad("expected host:port"))?;
+    port.parse::<u16>().map_err(|_| bad("the port must be a number from 0 to 65535"))?;
+    if host != "localhost" {
+        return Err(bad("listen on an IP address (e.g. 0.0.0.0:8080) or localhost"));
+    }
+    value.to_socket_addrs().ok().and_then(|mut a| a.next()).ok_or_else(|| bad("cannot resolve"))
+}
+
+/// An address peers dial: `host:port` with a numeric port.
+fn peer_addr(flag: &'static str, value: &str) -> Result<String, ConfigError> {
+    let bad = |reason: &str| ConfigError::BadAddress { flag, value: value.to_string(), reason: reason.to_string() };
+    let (host, port) = value.rsplit_once(':').ok_or_else(|| bad("expected host:port"))?;
+    if host.is_empty() || host.contains('/') || host.contains(' ') {
+        return Err(bad("expected host:port"));
+    }
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => Err(bad("the port must be a number from 1 to 65535")),
+        Ok(_) => Ok(value.to_string()),
+    }
+}
+
+/// Parses `1=127.0.0.1:7101,2=127.0.0.1:7102` (etcd style).
+pub fn parse_initial_cluster(text: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+    let mut members = BTreeMap::new();
+    for item in text.split(',').map(str::trim) {
+        let (id, addr) =
+            item.split_once('=').ok_or_else(|| ConfigError::InitialCluster(format!("{item:?} is not id=host:port")))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::InitialCluster(format!("{id:?} in {item:?} is not a node id")))?;
+        if id == 0 {
+            return Err(ConfigError::InitialCluster("node ids start at 1".into()));
+        }
+        let addr = peer_addr("initial-cluster", addr.trim())?;
+        if members.values().any(|a| *a == addr) {
+            return Err(ConfigError::InitialCluster(format!("address {addr} is listed twice")));
+        }
+        if members.insert(id, addr).is_some() {
+            return Err(ConfigError::InitialCluster(format!("node {id} is listed twice")));
+        }
+    }
+    Ok(members)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(id: u64) -> NodeArgs {
+        NodeArgs {
+            id: Some(id),
+            http: Some("127.0.0.1:8081".into()),
+            grpc: Some("127.0.0.1:7101".into()),
+            initial_cluster: Some("1=127.0.0.1:7101,2=127.0.0.1:7102,3=127.0.0.1:7103".into()),
+            ..NodeArgs::default()
+        }
+    }
+
+    #[test]
+    fn resolves_a_founding_member_with_defaults() {
+        let config = args(1).resolve().unwrap();
+        assert_eq!(config.initial_cluster.len(), 3);
+        assert_eq!(config.advertise_grpc, "127.0.0.1:7101");
+        assert_eq!(config.cluster_name, "runtimeai");
+        assert_eq!(config.heartbeat, Duration::from_millis(100));
+        assert_eq!(config.data_dir, PathBuf::from("runtimeai-1.data"));
+    }
+
+    #[test]
+    fn rejects_malformed_and_conflicting_options() {
+        let cases: Vec<(NodeArgs, &str)> = vec![
+            (NodeArgs { id: None, ..args(1) }, "--id is required"),
+            (NodeArgs { id: Some(0), ..args(1) }, "positive"),
+            (NodeArgs { http: Some("127.0.0.1".into()), ..args(1) }, "expected host:port"),
+            (NodeArgs { http: Some("127.0.0.1:99999".into()), ..args(1) }, "port"),
+            (NodeArgs { http: Some("127.0.0.1:7101".into()), ..args(1) }, "both use"),
+            (NodeArgs { initial_cluster: Some("1=127.0.0.1:7101,1=127.0.0.1:7102".into()), ..args(1) }, "listed twice"),
+            (NodeArgs { initial_cluster: Some("1=127.0.0.1:7101,2=127.0.0.1:7101".into()), ..args(1) }, "listed twice"),
+            (NodeArgs { initial_cluster: Some("one=127.0.0.1:7101".into()), ..args(1) }, "not a node id"),
+            (NodeArgs { initial_cluster: Some("1:127.0.0.1:7101".into()), ..args(1) }, "not id=host:port"),
+            (NodeArgs { initial_cluster: Some("2=127.0.0.1:7102".into()), ..args(1) }, "does not list"),
+            (NodeArgs { grpc: Some("127.0.0.1:7109".into()), ..args(1) }, "gRPC address is"),
+            (NodeArgs { election_timeout_ms: Some(100), ..args(1) }, "three heartbeats"),
+        ];
+        for (args, expected) in cases {
+            let err = args.clone().resolve().expect_err(&format!("{args:?} must be refused"));
+            assert!(err.to_string().contains(expected), "{err} should mention {expected:?}");
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file_and_paths_in_the_file_are_relative_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "id = 2\nhttp = \"127.0.0.1:8082\"\ngrpc = \"127.0.0.1:7102\"\ndata-dir = \"n2\"\n")
+            .unwrap();
+        let cli = NodeArgs { config: Some(file), http: Some("127.0.0.1:9000".into()), ..NodeArgs::default() };
+        let config = cli.with_file().unwrap().resolve().unwrap();
+        assert_eq!(config.id, 2);
+        assert_eq!(config.http.to_string(), "127.0.0.1:9000");
+        assert_eq!(config.grpc.to_string(), "127.0.0.1:7102");
+        assert_eq!(config.data_dir, dir.path().join("n2"));
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "id = 2\ndatadir = \"x\"\n").unwrap();
+        let err = NodeArgs { config: Some(file), ..NodeArgs::default() }.with_file().unwrap_err();
+        assert!(err.to_string().contains("datadir"), "{err}");
+    }
+}

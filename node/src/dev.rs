@@ -1,0 +1,141 @@
+//! `runtimeai dev`: a local cluster on loopback for trying RuntimeAI at once. Each member is a
+//! real `runtimeai node` child process with its own data directory and log file.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// How many members to start.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
+    pub nodes: u64,
+    /// Directory for the members' data and logs (kept between runs).
+    #[arg(long, default_value = "runtimeai-dev")]
+    pub data_dir: PathBuf,
+    /// REST port of node 1; node i listens on this + i - 1.
+    #[arg(long, default_value_t = 8081)]
+    pub http_port: u16,
+    /// gRPC port of node 1; node i listens on this + i - 1.
+    #[arg(long, default_value_t = 7101)]
+    pub grpc_port: u16,
+    /// Start from empty data directories (removes the previous run's data).
+    #[arg(long)]
+    pub fresh: bool,
+}
+
+struct Member {
+    id: u64,
+    http: String,
+    child: Child,
+}
+
+pub fn run(args: DevArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find the runtimeai executable")?;
+    if args.fresh && args.data_dir.exists() {
+        std::fs::remove_dir_all(&args.data_dir)
+            .with_context(|| format!("cannot remove {}", args.data_dir.display()))?;
+    }
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let port =
+        |base: u16, id: u64| -> anyhow::Result<u16> { base.checked_add(id as u16 - 1).context("port out of range") };
+    let mut initial = Vec::new();
+    for id in 1..=args.nodes {
+        initial.push(format!("{id}=127.0.0.1:{}", port(args.grpc_port, id)?));
+    }
+    let initial = initial.join(",");
+
+    let mut members: Vec<Member> = Vec::new();
+    for id in 1..=args.nodes {
+        let http = format!("127.0.0.1:{}", port(args.http_port, id)?);
+        let grpc = format!("127.0.0.1:{}", port(args.grpc_port, id)?);
+        let log_path = args.data_dir.join(format!("node-{id}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("cannot open {}", log_path.display()))?;
+        let child = Command::new(&exe)
+            .arg("node")
+            .args(["--id", &id.to_string(), "--http", &http, "--grpc", &grpc])
+            .arg("--data-dir")
+            .arg(args.data_dir.join(format!("node-{id}")))
+            .args(["--initial-cluster", &initial, "--cluster-name", "runtimeai-dev"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start node {id}"))?;
+        println!("node {id}: http://{http}  (grpc {grpc}, log {})", log_path.display());
+        members.push(Member { id, http, child });
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let outcome = runtime.block_on(supervise(&mut members));
+    stop_all(&mut members);
+    outcome
+}
+
+async fn supervise(members: &mut [Member]) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
+    let started = Instant::now();
+    let first = members[0].http.clone();
+    let mut announced = false;
+    let shutdown = crate::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        for member in members.iter_mut() {
+            if let Some(status) = member.child.try_wait()? {
+                anyhow::bail!("node {} exited ({status}); see its log in the data directory", member.id);
+            }
+        }
+        if !announced {
+            let ready = client.get(format!("http://{first}/readyz")).send().await.map(|r| r.status().is_success());
+            if matches!(ready, Ok(true)) {
+                announced = true;
+                println!("\ncluster ready in {:.1}s. Try:", started.elapsed().as_secs_f64());
+                println!("  curl -s http://{first}/v1/cluster");
+                println!(
+                    "  curl -s -XPOST http://{first}/v1/runtimes -H 'content-type: application/json' \
+                     -d '{{\"name\":\"demo\",\"type\":\"vm\"}}'"
+                );
+                println!("Ctrl-C stops the cluster (data stays in the data directory).");
+            } else if started.elapsed() > Duration::from_secs(60) {
+                anyhow::bail!("the cluster did not become ready within 60s; see the node logs");
+            }
+        }
+        tokio::select! {
+            _ = &mut shutdown => {
+                println!("\nstopping the cluster...");
+                return Ok(());
+            }
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}
+
+/// SIGTERM every member, give them ten seconds to stop cleanly, then SIGKILL what is left.
+fn stop_all(members: &mut [Member]) {
+    for member in members.iter() {
+        let _ = kill(Pid::from_raw(member.child.id() as i32), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for member in members.iter_mut() {
+        loop {
+            match member.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = member.child.kill();
+                    let _ = member.child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! The `runtimeai` node: configuration, wiring of the replicated core and the REST API into
+//! one process ([`server::run`]), and the `dev` command that starts a local cluster.
+
+pub mod config;
+pub mod dev;
+pub mod server;
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

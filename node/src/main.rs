@@ -1,0 +1,61 @@
+//! `runtimeai`: the RuntimeAI daemon (`runtimeai node`) and a local cluster for trying it
+//! (`runtimeai dev`).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use runtimeai_node::config::{LogFormat, NodeArgs};
+use runtimeai_node::{dev, server};
+
+#[derive(Parser)]
+#[command(name = "runtimeai", version, about = "RuntimeAI: an AI-native runtime control plane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Run one member of a RuntimeAI cluster.
+    Node(NodeArgs),
+    /// Start a local three-node cluster on loopback; Ctrl-C stops it.
+    Dev(dev::DevArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Commands::Node(args) => run_node(args),
+        Commands::Dev(args) => dev::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, as an operator reads it.
+fn one_line(error: &anyhow::Error) -> String {
+    error.chain().map(|e| e.to_string()).collect::<Vec<_>>().join(": ")
+}
+
+fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    let config = args.with_file()?.resolve()?;
+    init_tracing(config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(server::run(config, runtimeai_node::shutdown_signal()))
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

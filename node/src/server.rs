@@ -1,0 +1,177 @@
+//! `run(config, shutdown)`: the one entry point that starts a node — the binary, `runtimeai dev`
+//! and any in-process harness all go through it.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use openraft::{BasicNode, SnapshotPolicy};
+use tokio::net::TcpListener;
+
+use runtimeai_api::AppState;
+use runtimeai_model::{Actor, NodeInfo};
+use runtimeai_raft::log_store::LogStore;
+use runtimeai_raft::network::{Network, PeerHealth};
+use runtimeai_raft::service::{ClusterService, RaftService};
+use runtimeai_raft::state_machine::StateMachineStore;
+use runtimeai_raft::store::DataDir;
+use runtimeai_raft::{Command, Op, Raft, Replica, ReplicaOptions};
+
+use crate::config::NodeConfig;
+
+/// Runs a node until `shutdown` completes, then stops it cleanly.
+pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Bind first: a taken port is a clear error before anything touches the store.
+    let http_listener =
+        TcpListener::bind(config.http).await.with_context(|| format!("cannot listen for HTTP on {}", config.http))?;
+    let grpc_listener =
+        TcpListener::bind(config.grpc).await.with_context(|| format!("cannot listen for gRPC on {}", config.grpc))?;
+
+    let data = DataDir::open(&config.data_dir, config.id, &config.cluster_name)?;
+    let log_store = LogStore::new(data.db.clone());
+    let state = StateMachineStore::new(data.db.clone(), data.snapshot_path())
+        .map_err(|e| anyhow::anyhow!("cannot read the snapshot in {}: {e}", config.data_dir.display()))?;
+    let health = Arc::new(PeerHealth::default());
+    let network = Network::new(config.cluster_name.clone(), health.clone());
+    let raft_config = openraft::Config {
+        cluster_name: config.cluster_name.clone(),
+        heartbeat_interval: config.heartbeat.as_millis() as u64,
+        election_timeout_min: config.election_timeout.as_millis() as u64,
+        election_timeout_max: 2 * config.election_timeout.as_millis() as u64,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_count),
+        max_in_snapshot_log_to_keep: config.snapshot_catchup_entries,
+        install_snapshot_timeout: 10_000,
+        max_payload_entries: 1_000,
+        ..Default::default()
+    }
+    .validate()
+    .context("invalid raft configuration")?;
+    // Raft::new re-applies committed entries the state machine had not persisted, so the node
+    // never serves a half-restored state.
+    let raft = Raft::new(config.id, Arc::new(raft_config), network, log_store, state.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot start raft from {}: {e}", config.data_dir.display()))?;
+    let replica = Arc::new(Replica::new(
+        config.id,
+        raft.clone(),
+        state,
+        config.cluster_name.clone(),
+        health,
+        ReplicaOptions {
+            reachable_window: (config.heartbeat * 5).max(Duration::from_millis(500)),
+            ..Default::default()
+        },
+    ));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let grpc = tonic::transport::Server::builder()
+        .add_service(RaftService::new(replica.clone()))
+        .add_service(ClusterService::new(replica.clone()))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            stopped(stop_rx.clone()),
+        );
+    let grpc_task = tokio::spawn(grpc);
+
+    let app = runtimeai_api::router(AppState {
+        replica: replica.clone(),
+        http_addr: config.advertise_http.clone(),
+        grpc_addr: config.advertise_grpc.clone(),
+    });
+    let http = axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let http_task = tokio::spawn(async move { http.await });
+
+    tracing::info!(
+        node = config.id,
+        http = %config.http,
+        grpc = %config.grpc,
+        data_dir = %config.data_dir.display(),
+        cluster = %config.cluster_name,
+        "node started"
+    );
+
+    bootstrap(&config, &raft, data.fresh).await?;
+    let registration = tokio::spawn(register(replica.clone(), config.clone()));
+
+    shutdown.await;
+    tracing::info!(node = config.id, "shutting down");
+    registration.abort();
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;
+    raft.shutdown().await.map_err(|e| anyhow::anyhow!("raft did not stop cleanly: {e}"))?;
+    tracing::info!(node = config.id, "stopped");
+    Ok(())
+}
+
+/// etcd-style bootstrap: on a fresh data directory, the founding member with the lowest id
+/// initializes the cluster with every founding member; the others wait to be contacted. A node
+/// restarted with data ignores `--initial-cluster`.
+async fn bootstrap(config: &NodeConfig, raft: &Raft, fresh: bool) -> anyhow::Result<()> {
+    if config.initial_cluster.is_empty() {
+        if fresh {
+            tracing::info!("no --initial-cluster: waiting to be added with POST /v1/cluster/members");
+        }
+        return Ok(());
+    }
+    if !fresh {
+        tracing::info!("existing data directory: ignoring --initial-cluster");
+        return Ok(());
+    }
+    let first = *config.initial_cluster.keys().next().expect("non-empty");
+    if first != config.id {
+        tracing::info!(initializer = first, "waiting for node {first} to initialize the cluster");
+        return Ok(());
+    }
+    if raft.is_initialized().await? {
+        return Ok(());
+    }
+    let members: BTreeMap<u64, BasicNode> =
+        config.initial_cluster.iter().map(|(id, addr)| (*id, BasicNode::new(addr.clone()))).collect();
+    tracing::info!(members = ?config.initial_cluster, "initializing the cluster");
+    raft.initialize(members).await.context("cannot initialize the cluster")?;
+    Ok(())
+}
+
+/// Announces this node's addresses in the replicated state once it is a member and a leader is
+/// known, so that every node can show them in `GET /v1/cluster`.
+async fn register(replica: Arc<Replica>, config: NodeConfig) {
+    let info = NodeInfo {
+        node_id: config.id,
+        grpc_addr: config.advertise_grpc.clone(),
+        http_addr: config.advertise_http.clone(),
+        version: runtimeai_api::VERSION.to_string(),
+    };
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let metrics = replica.metrics();
+        let member = metrics.membership_config.nodes().any(|(id, _)| *id == config.id);
+        if member && metrics.current_leader.is_some() {
+            let known = replica.state.nodes().map(|nodes| nodes.contains(&info)).unwrap_or(false);
+            if known {
+                return;
+            }
+            let command = Command {
+                at: chrono::Utc::now(),
+                actor: Actor::System,
+                idempotency: None,
+                op: Op::RegisterNode { info: info.clone() },
+            };
+            match replica.propose(command).await {
+                Ok(_) => {
+                    tracing::info!(http = %info.http_addr, "registered this node's addresses with the cluster");
+                    return;
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot register yet"),
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}

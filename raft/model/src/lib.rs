@@ -1,0 +1,24 @@
+//! RuntimeAI's domain model, defined once for every crate: the Runtime (a VM, a virtual
+//! Kubernetes cluster or an agent sandbox) and the records that surround it — operations,
+//! intents, policies, events — as the REST API shows them and the replicated state stores them.
+//!
+//! Types here are plain data: no I/O, no clock. They serialize to JSON for the API and to the
+//! raft codec's binary format for the log and snapshots; [`JsonObject`] bridges free-form JSON
+//! fields across both.
+
+mod json;
+mod records;
+mod runtime;
+
+pub use json::JsonObject;
+pub use records::{
+    Actor, Event, EventSeverity, IdempotencyRecord, Intent, NodeInfo, Operation, OperationError, OperationProgress,
+    OperationStatus, Policy, PolicyRule,
+};
+pub use runtime::{
+    BackendKind, BackendRef, EgressPolicy, Exposure, Isolation, NetworkingProfile, ResourceProfile, Runtime,
+    RuntimeSpec, RuntimeState, RuntimeType, SecurityProfile,
+};
+
+/// Timestamps are UTC, serialized as RFC 3339.
+pub type Timestamp = chrono::DateTime<chrono::Utc>;

@@ -1,0 +1,155 @@
+use serde::{Deserialize, Serialize};
+
+use crate::{JsonObject, Timestamp};
+
+/// Who asked for a change: recorded on every event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Actor {
+    Human(String),
+    Agent(String),
+    System,
+}
+
+impl Actor {
+    /// The seed's coarse actor kind: `human`, `agent` or `system`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Actor::Human(_) => "human",
+            Actor::Agent(_) => "agent",
+            Actor::System => "system",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventSeverity {
+    #[default]
+    Info,
+    Warning,
+    Critical,
+}
+
+/// An entry of the audit trail, written in the same raft entry as the change it records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: String,
+    pub runtime_id: String,
+    /// Dotted type such as `runtime.created` or `lifecycle.scale`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub severity: EventSeverity,
+    pub ts: Timestamp,
+    pub actor: Actor,
+    #[serde(default)]
+    pub data: JsonObject,
+    /// Raft log index of the entry that wrote the event: orders a runtime's events.
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationStatus {
+    Queued,
+    PendingApproval,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationProgress {
+    pub percent: u8,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationError {
+    pub code: String,
+    pub message: String,
+}
+
+/// An asynchronous piece of work on a runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Operation {
+    pub id: String,
+    pub runtime_id: String,
+    /// What the operation does (`start`, `scale`, `intent`, ...).
+    pub kind: String,
+    pub status: OperationStatus,
+    pub created_at: Timestamp,
+    #[serde(default)]
+    pub finished_at: Option<Timestamp>,
+    #[serde(default)]
+    pub progress: Option<OperationProgress>,
+    #[serde(default)]
+    pub error: Option<OperationError>,
+    #[serde(default)]
+    pub params: JsonObject,
+    pub version: u64,
+}
+
+/// A goal plus constraints submitted for a runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Intent {
+    pub id: String,
+    pub runtime_id: String,
+    pub operation_id: Option<String>,
+    pub goal: String,
+    #[serde(default)]
+    pub constraints: JsonObject,
+    #[serde(default)]
+    pub context: JsonObject,
+    pub status: String,
+    pub created_at: Timestamp,
+    #[serde(default)]
+    pub finished_at: Option<Timestamp>,
+    pub version: u64,
+}
+
+/// One rule of a policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRule {
+    pub kind: String,
+    #[serde(default)]
+    pub selector: JsonObject,
+    #[serde(default)]
+    pub params: JsonObject,
+}
+
+/// A set of safety rules, scoped by tenant and environment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    #[serde(default)]
+    pub scope_env: Option<String>,
+    pub rules: Vec<PolicyRule>,
+    pub created_at: Timestamp,
+    pub version: u64,
+}
+
+/// The remembered answer to a request made with an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    pub key: String,
+    /// A digest of the request, so that a different request reusing the key is refused.
+    pub fingerprint: String,
+    /// The codec-encoded reply of the original request.
+    pub reply: Vec<u8>,
+    pub created_at: Timestamp,
+}
+
+/// What the cluster knows of a member beyond its raft address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node_id: u64,
+    pub grpc_addr: String,
+    pub http_addr: String,
+    pub version: String,
+}

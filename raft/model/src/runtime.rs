@@ -1,0 +1,150 @@
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Timestamp;
+
+/// What kind of execution environment a runtime is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeType {
+    Vm,
+    Vcluster,
+    Sandbox,
+    AgentRuntime,
+}
+
+/// Lifecycle state: `creating → running ⇄ stopped`, `degraded`, `deleting → deleted`, `error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeState {
+    Creating,
+    Running,
+    Stopped,
+    Degraded,
+    Deleting,
+    Deleted,
+    Error,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    VmBackend,
+    VclusterBackend,
+    K8sBackend,
+    Custom,
+}
+
+/// Where a runtime lives in its backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendRef {
+    pub kind: BackendKind,
+    /// Backend-specific identifier (opaque).
+    #[serde(rename = "ref")]
+    pub reference: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResourceProfile {
+    #[serde(default)]
+    pub cpu: Option<f64>,
+    #[serde(default)]
+    pub memory: Option<String>,
+    #[serde(default)]
+    pub gpu: Option<String>,
+    #[serde(default)]
+    pub replicas: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Exposure {
+    #[default]
+    Private,
+    Internal,
+    Public,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EgressPolicy {
+    #[default]
+    Restricted,
+    Open,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkingProfile {
+    #[serde(default)]
+    pub exposure: Exposure,
+    #[serde(default)]
+    pub egress_policy: EgressPolicy,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    Basic,
+    #[default]
+    Strong,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecurityProfile {
+    #[serde(default)]
+    pub isolation: Isolation,
+    #[serde(default)]
+    pub compliance: Vec<String>,
+    #[serde(default = "default_true")]
+    pub audit: bool,
+}
+
+impl Default for SecurityProfile {
+    fn default() -> Self {
+        SecurityProfile { isolation: Isolation::Strong, compliance: Vec::new(), audit: true }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The desired shape of a runtime.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeSpec {
+    /// T-shirt size or profile name.
+    #[serde(default)]
+    pub size: Option<String>,
+    #[serde(default)]
+    pub resources: Option<ResourceProfile>,
+    #[serde(default)]
+    pub networking: Option<NetworkingProfile>,
+    #[serde(default)]
+    pub security: Option<SecurityProfile>,
+}
+
+/// A manageable execution environment with lifecycle, intent and feedback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Runtime {
+    pub id: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub runtime_type: RuntimeType,
+    pub state: RuntimeState,
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    #[serde(default)]
+    pub backend: Option<BackendRef>,
+    #[serde(default)]
+    pub spec: RuntimeSpec,
+    pub created_at: Timestamp,
+    #[serde(default)]
+    pub updated_at: Option<Timestamp>,
+    /// Bumped by every change; the API's `ETag` and `If-Match` are built on it.
+    pub version: u64,
+}

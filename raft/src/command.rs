@@ -1,0 +1,108 @@
+//! The typed commands the state machine applies, and its typed replies.
+//!
+//! A command carries everything apply needs that is not in the state itself: the proposer
+//! stamps the time, the actor and any new ids, so that every replica applies the same entry to
+//! the same result (no clock, no randomness in apply). Checks that depend on state — unique
+//! names, version preconditions, idempotency keys — run in apply and come back as a
+//! [`Rejection`], not as an error.
+
+use serde::{Deserialize, Serialize};
+
+use runtimeai_model::{Actor, Intent, NodeInfo, Operation, Policy, Runtime, Timestamp};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// When the proposing node accepted the request.
+    pub at: Timestamp,
+    pub actor: Actor,
+    /// Makes a retried request return the first reply instead of applying twice.
+    pub idempotency: Option<IdempotencyClaim>,
+    pub op: Op,
+}
+
+/// An idempotency key and a digest of the request it was first used with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyClaim {
+    /// Scoped by the proposer (e.g. `tenant/key`).
+    pub key: String,
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// Create a runtime whose id, timestamps and version 1 the proposer filled in.
+    CreateRuntime {
+        runtime: Runtime,
+    },
+    /// Replace a runtime's record; `expected_version` is the `If-Match` precondition.
+    UpdateRuntime {
+        runtime: Runtime,
+        expected_version: Option<u64>,
+    },
+    DeleteRuntime {
+        id: String,
+        expected_version: Option<u64>,
+    },
+    PutOperation {
+        operation: Operation,
+    },
+    PutIntent {
+        intent: Intent,
+    },
+    PutPolicy {
+        policy: Policy,
+    },
+    DeletePolicy {
+        id: String,
+    },
+    /// A member announces its addresses (kept in the replicated state for `GET /v1/cluster`).
+    RegisterNode {
+        info: NodeInfo,
+    },
+}
+
+impl Op {
+    /// Short name for logs and events.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::CreateRuntime { .. } => "create_runtime",
+            Op::UpdateRuntime { .. } => "update_runtime",
+            Op::DeleteRuntime { .. } => "delete_runtime",
+            Op::PutOperation { .. } => "put_operation",
+            Op::PutIntent { .. } => "put_intent",
+            Op::PutPolicy { .. } => "put_policy",
+            Op::DeletePolicy { .. } => "delete_policy",
+            Op::RegisterNode { .. } => "register_node",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CommandReply {
+    Runtime(Runtime),
+    Operation(Operation),
+    Intent(Intent),
+    Policy(Policy),
+    Deleted {
+        id: String,
+    },
+    NodeRegistered,
+    Rejected(Rejection),
+    /// Replies to membership and blank entries, which carry no command.
+    Empty,
+}
+
+/// Why apply refused a command. Deterministic: every replica refuses the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error("{kind} {id} not found")]
+    NotFound { kind: String, id: String },
+    #[error("a runtime named {name:?} already exists ({existing_id})")]
+    NameTaken { name: String, existing_id: String },
+    #[error("{kind} {id} already exists")]
+    AlreadyExists { kind: String, id: String },
+    #[error("version mismatch: expected {expected}, current is {actual}")]
+    VersionMismatch { expected: u64, actual: u64 },
+    #[error("idempotency key {key:?} was already used for a different request")]
+    IdempotencyKeyReused { key: String },
+}

@@ -1,0 +1,81 @@
+//! Errors of the replicated core, one enum per concern. Each knows whether a retry may help.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::NodeId;
+
+/// Why a data directory cannot be used. Every variant reads as one line for an operator.
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error(
+        "data directory {path} belongs to node {found}, not node {wanted}; use --id {found} or another --data-dir"
+    )]
+    OtherNode { path: PathBuf, found: NodeId, wanted: NodeId },
+    #[error("data directory {path} belongs to cluster {found:?}, not {wanted:?}; use another --data-dir")]
+    OtherCluster { path: PathBuf, found: String, wanted: String },
+    #[error("data directory {path} was written in format version {found}; this build reads version {supported}")]
+    FormatVersion { path: PathBuf, found: u32, supported: u32 },
+    #[error("data directory {path} is not empty and has no RuntimeAI IDENTITY file; refusing to use it")]
+    Foreign { path: PathBuf },
+    #[error("identity file {path} is unreadable: {reason}")]
+    CorruptIdentity { path: PathBuf, reason: String },
+    #[error("database {path} is missing although the data directory has an identity; the store is incomplete")]
+    MissingDatabase { path: PathBuf },
+    #[error("cannot open the store at {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why a command or a read could not be served by the cluster. Crosses the wire between nodes
+/// (forwarding), so it is plain serializable data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ClusterError {
+    /// No leader is known (election in progress, or no quorum).
+    #[error("no leader is available: {0}")]
+    NoLeader(String),
+    /// The leader could not confirm itself with a quorum in time.
+    #[error("no quorum: {0}")]
+    NoQuorum(String),
+    /// Forwarding went through more hops than allowed (leadership moving around quickly).
+    #[error("request forwarded too many times without reaching the leader")]
+    TooManyHops,
+    /// The leader could not be reached over the network.
+    #[error("cannot reach the leader (node {leader}): {reason}")]
+    LeaderUnreachable { leader: NodeId, reason: String },
+    /// The request was refused for a reason a retry will not change.
+    #[error("{0}")]
+    Invalid(String),
+    /// The request names something that does not exist (e.g. a member id).
+    #[error("{0}")]
+    NotFound(String),
+    /// This node is shutting down or its raft stopped.
+    #[error("node is shutting down: {0}")]
+    Stopped(String),
+    /// A store or codec failure on the serving node.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The cluster did not answer within the request's deadline; the outcome is unknown.
+    #[error("timed out after {0} ms; the request may or may not have been applied")]
+    Timeout(u64),
+}
+
+impl ClusterError {
+    /// Whether the same request may succeed if tried again shortly.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ClusterError::NoLeader(_)
+                | ClusterError::NoQuorum(_)
+                | ClusterError::TooManyHops
+                | ClusterError::LeaderUnreachable { .. }
+                | ClusterError::Timeout(_)
+        )
+    }
+}

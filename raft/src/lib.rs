@@ -1,0 +1,30 @@
+//! RuntimeAI's replicated core: the control plane's state, kept identical on every member by
+//! openraft, stored in RocksDB, carried between nodes by tonic gRPC.
+//!
+//! - [`types`]: openraft's type configuration.
+//! - [`codec`]: the only place that encodes replicated data (serde + bincode, versioned).
+//! - [`command`]: the typed commands the state machine applies and its replies.
+//! - [`store`]: a node's data directory (identity check, one RocksDB for log and state).
+//! - [`log_store`]: the raft log, with group commit (one fsync for many appends).
+//! - [`state_machine`]: deterministic apply, snapshots, and reads for the API.
+//! - [`network`] / [`service`]: raft and cluster RPCs, client and server.
+//! - [`replica`]: propose, read linearizably and change membership from any node.
+
+pub mod codec;
+pub mod command;
+pub mod error;
+pub mod log_store;
+pub mod network;
+pub mod replica;
+pub mod service;
+pub mod state_machine;
+pub mod store;
+pub mod types;
+
+pub use command::{Command, CommandReply, IdempotencyClaim, Op, Rejection};
+pub use error::{ClusterError, DataDirError};
+pub use replica::{MemberStatus, Replica, ReplicaOptions};
+pub use types::{NodeId, Raft, TypeConfig};
+
+#[cfg(test)]
+mod storage_suite;

@@ -1,0 +1,186 @@
+//! The raft log on RocksDB, with group commit.
+//!
+//! `append` writes entries into the database at once (so they are readable when it returns, as
+//! openraft requires) and hands the flush callback to a syncer thread. That thread takes every
+//! callback waiting at that moment, syncs the write-ahead log once, and completes them all: one
+//! fsync serves every append that arrived while the previous one ran. openraft acknowledges a
+//! write only after the callback, so nothing is acknowledged before it is on disk.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, StorageIOError};
+use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
+
+use crate::codec;
+use crate::store::{cf, CF_LOG, CF_RAFT_META};
+use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+
+/// RocksDB-backed [`RaftLogStorage`]. Cheap to clone: clones share the database and syncer.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+    flushes: mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+impl LogStore {
+    pub fn new(db: Arc<DB>) -> LogStore {
+        let (flushes, pending) = mpsc::channel();
+        let syncer_db = db.clone();
+        std::thread::Builder::new()
+            .name("raft-log-sync".into())
+            .spawn(move || sync_loop(syncer_db, pending))
+            .expect("spawn the log sync thread");
+        LogStore { db, flushes }
+    }
+
+    fn log_cf(&self) -> &rocksdb::ColumnFamily {
+        cf(&self.db, CF_LOG)
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+        let bytes = self.db.get_cf(cf(&self.db, CF_RAFT_META), key).map_err(|e| StorageIOError::read(&e))?;
+        bytes.map(|b| codec::decode("raft metadata", &b)).transpose().map_err(|e| StorageIOError::read(&e).into())
+    }
+
+    fn put_meta<T: serde::Serialize>(&self, key: &[u8], value: &T, sync: bool) -> Result<(), StorageError> {
+        let bytes = codec::encode("raft metadata", value).map_err(|e| StorageIOError::write(&e))?;
+        let mut opts = WriteOptions::default();
+        opts.set_sync(sync);
+        self.db.put_cf_opt(cf(&self.db, CF_RAFT_META), key, bytes, &opts).map_err(|e| StorageIOError::write(&e).into())
+    }
+
+    fn last_log_id(&self) -> Result<Option<LogId>, StorageError> {
+        let mut iter = self.db.iterator_cf(self.log_cf(), IteratorMode::End);
+        match iter.next() {
+            None => Ok(None),
+            Some(item) => {
+                let (_, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+                let entry: Entry = codec::decode("log entry", &value).map_err(|e| StorageIOError::read_logs(&e))?;
+                Ok(Some(entry.log_id))
+            }
+        }
+    }
+}
+
+/// Log keys are big-endian indexes, so RocksDB's byte order is log order.
+fn log_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn sync_loop(db: Arc<DB>, pending: mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Ok(first) = pending.recv() {
+        let mut waiting = vec![first];
+        waiting.extend(pending.try_iter());
+        let result = db.flush_wal(true);
+        for callback in waiting {
+            callback.log_io_completed(result.clone().map_err(std::io::Error::other));
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let mut entries = Vec::new();
+        let iter = self.db.iterator_cf(self.log_cf(), IteratorMode::From(&log_key(start), Direction::Forward));
+        for item in iter {
+            let (key, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+            let index = u64::from_be_bytes(
+                key.as_ref()
+                    .try_into()
+                    .map_err(|_| StorageIOError::read_logs(&AnyError::error(format!("malformed log key {key:?}"))))?,
+            );
+            if !range.contains(&index) {
+                break;
+            }
+            let entry: Entry = codec::decode("log entry", &value).map_err(|e| StorageIOError::read_logs(&e))?;
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged_log_id: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
+        let last_log_id = self.last_log_id()?.or(last_purged_log_id);
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        // A vote must be on disk before the node acts on it.
+        self.put_meta(KEY_VOTE, vote, true)
+            .map_err(|e| StorageIOError::new(ErrorSubject::Vote, ErrorVerb::Write, AnyError::new(&e)).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        self.get_meta(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Not synced: it only lets a restart re-apply committed entries before serving, and the
+        // next synced append carries it to disk anyway.
+        self.put_meta(KEY_COMMITTED, &committed, false)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = WriteBatch::default();
+        for entry in entries {
+            let bytes = codec::encode("log entry", &entry).map_err(|e| StorageIOError::write_logs(&e))?;
+            batch.put_cf(self.log_cf(), log_key(entry.log_id.index), bytes);
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(false);
+        self.db.write_opt(batch, &opts).map_err(|e| StorageIOError::write_logs(&e))?;
+        if let Err(mpsc::SendError(callback)) = self.flushes.send(callback) {
+            // The syncer only stops when every store handle is gone; sync here to stay correct.
+            callback.log_io_completed(self.db.flush_wal(true).map_err(std::io::Error::other));
+        }
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.log_cf(), log_key(log_id.index), log_key(u64::MAX));
+        batch.delete_cf(self.log_cf(), log_key(u64::MAX));
+        self.db.write(batch).map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Record the purge point first (same batch), so a crash never leaves a hole unexplained.
+        let mut batch = WriteBatch::default();
+        let meta = codec::encode("raft metadata", &log_id).map_err(|e| StorageIOError::write_logs(&e))?;
+        batch.put_cf(cf(&self.db, CF_RAFT_META), KEY_LAST_PURGED, meta);
+        batch.delete_range_cf(self.log_cf(), log_key(0), log_key(log_id.index + 1));
+        self.db.write(batch).map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+}

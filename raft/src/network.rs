@@ -1,0 +1,197 @@
+//! The client side of raft over gRPC: openraft's [`RaftNetworkFactory`] on tonic channels, plus
+//! a record of which peers this node currently reaches.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::BasicNode;
+use runtimeai_proto::raft_client::RaftClient;
+use runtimeai_proto::{RaftRequest, SnapshotChunk};
+use serde::{Deserialize, Serialize};
+use tonic::transport::Channel;
+
+use crate::codec;
+use crate::types::{NodeId, SnapshotMeta, TypeConfig, Vote};
+
+/// The parts of a snapshot chunk other than its data, as sent in [`SnapshotChunk::header`].
+#[derive(Serialize, Deserialize)]
+pub(crate) struct SnapshotChunkHeader {
+    pub vote: Vote,
+    pub meta: SnapshotMeta,
+    pub offset: u64,
+    pub done: bool,
+}
+
+/// Opens a lazily connecting channel to a peer's gRPC address (`host:port`).
+pub(crate) fn channel(addr: &str) -> Result<Channel, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| format!("invalid peer address {addr:?}: {e}"))?
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5));
+    Ok(endpoint.connect_lazy())
+}
+
+/// What this node last saw of each peer it sends raft RPCs to.
+#[derive(Default)]
+pub struct PeerHealth {
+    peers: Mutex<HashMap<NodeId, PeerContact>>,
+}
+
+#[derive(Clone, Default)]
+struct PeerContact {
+    last_ok: Option<Instant>,
+    failing_since: Option<Instant>,
+}
+
+impl PeerHealth {
+    fn record(&self, peer: NodeId, addr: &str, result: Result<(), &str>) {
+        let mut peers = self.peers.lock().expect("peer health lock");
+        let contact = peers.entry(peer).or_default();
+        match result {
+            Ok(()) => {
+                if let Some(since) = contact.failing_since.take() {
+                    tracing::info!(
+                        peer,
+                        addr,
+                        down_for_ms = since.elapsed().as_millis() as u64,
+                        "peer reachable again"
+                    );
+                }
+                contact.last_ok = Some(Instant::now());
+            }
+            Err(reason) => {
+                if contact.failing_since.is_none() {
+                    // Logged once per outage: peers that are not up yet are normal at start.
+                    tracing::warn!(peer, addr, reason, "peer unreachable; retrying with backoff");
+                    contact.failing_since = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Time since the last successful RPC to `peer`, if there ever was one.
+    pub fn since_last_contact(&self, peer: NodeId) -> Option<Duration> {
+        let peers = self.peers.lock().expect("peer health lock");
+        peers.get(&peer).and_then(|c| c.last_ok).map(|t| t.elapsed())
+    }
+
+    /// Whether the last RPC to `peer` succeeded and was recent (within `window`).
+    pub fn reachable(&self, peer: NodeId, window: Duration) -> bool {
+        let peers = self.peers.lock().expect("peer health lock");
+        peers.get(&peer).is_some_and(|c| c.failing_since.is_none() && c.last_ok.is_some_and(|t| t.elapsed() <= window))
+    }
+}
+
+/// Builds one [`PeerClient`] per replication target.
+#[derive(Clone)]
+pub struct Network {
+    cluster: String,
+    health: Arc<PeerHealth>,
+}
+
+impl Network {
+    pub fn new(cluster: String, health: Arc<PeerHealth>) -> Network {
+        Network { cluster, health }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            target,
+            addr: node.addr.clone(),
+            client: channel(&node.addr).map(RaftClient::new),
+            cluster: self.cluster.clone(),
+            health: self.health.clone(),
+        }
+    }
+}
+
+/// Raft RPCs to one peer.
+pub struct PeerClient {
+    target: NodeId,
+    addr: String,
+    client: Result<RaftClient<Channel>, String>,
+    cluster: String,
+    health: Arc<PeerHealth>,
+}
+
+type RpcResult<T, E = openraft::error::Infallible> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+
+impl PeerClient {
+    fn client(&self) -> Result<RaftClient<Channel>, Unreachable> {
+        self.client.clone().map_err(|reason| Unreachable::new(&std::io::Error::other(reason)))
+    }
+
+    fn request<T>(&self, message: T, option: &RPCOption) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(option.hard_ttl());
+        request
+    }
+
+    /// Turns a transport outcome into openraft's terms, and keeps the peer's health current.
+    fn finish<T, E>(
+        &self,
+        outcome: Result<tonic::Response<runtimeai_proto::RaftReply>, tonic::Status>,
+    ) -> RpcResult<T, E>
+    where
+        T: serde::de::DeserializeOwned,
+        E: std::error::Error + serde::de::DeserializeOwned,
+    {
+        let reply = match outcome {
+            Ok(reply) => reply.into_inner(),
+            Err(status) => {
+                self.health.record(self.target, &self.addr, Err(status.message()));
+                return Err(RPCError::Unreachable(Unreachable::new(&status)));
+            }
+        };
+        self.health.record(self.target, &self.addr, Ok(()));
+        let result: Result<T, RaftError<NodeId, E>> =
+            codec::decode("raft reply", &reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let payload = codec::encode("append entries", &rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let request = self.request(RaftRequest { cluster: self.cluster.clone(), payload }, &option);
+        let outcome = self.client()?.append_entries(request).await;
+        self.finish(outcome)
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        let header = SnapshotChunkHeader { vote: rpc.vote, meta: rpc.meta, offset: rpc.offset, done: rpc.done };
+        let header = codec::encode("snapshot chunk", &header).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let chunk = SnapshotChunk { cluster: self.cluster.clone(), header, data: rpc.data };
+        let request = self.request(chunk, &option);
+        let outcome = self.client()?.install_snapshot(request).await;
+        self.finish(outcome)
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> RpcResult<VoteResponse<NodeId>> {
+        let payload = codec::encode("vote", &rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let request = self.request(RaftRequest { cluster: self.cluster.clone(), payload }, &option);
+        let outcome = self.client()?.vote(request).await;
+        self.finish(outcome)
+    }
+}

@@ -1,0 +1,403 @@
+//! A node's handle on the replicated state: propose commands, read linearizably, change
+//! membership — from any node. When this node is not the leader, the request goes to the leader
+//! over gRPC with a hop budget; a leader change on the way is retried within a deadline.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use runtimeai_proto::cluster_client::ClusterClient;
+use runtimeai_proto::{AddMemberRequest, ForwardRequest, PeerStatusRequest, ReadIndexRequest, RemoveMemberRequest};
+use tonic::transport::Channel;
+
+use crate::codec;
+use crate::command::{Command, CommandReply};
+use crate::error::ClusterError;
+use crate::network::{channel, PeerHealth};
+use crate::state_machine::StateMachineStore;
+use crate::types::{NodeId, Raft, RaftMetrics};
+
+/// How many times a request may be passed on between nodes before it gives up.
+pub const MAX_FORWARD_HOPS: u32 = 3;
+
+/// Tunables of request handling.
+#[derive(Debug, Clone)]
+pub struct ReplicaOptions {
+    /// How long a write or read may keep retrying across leader changes.
+    pub request_deadline: Duration,
+    /// A peer counts as reachable when the leader heard from it within this window.
+    pub reachable_window: Duration,
+}
+
+impl Default for ReplicaOptions {
+    fn default() -> Self {
+        ReplicaOptions { request_deadline: Duration::from_secs(5), reachable_window: Duration::from_secs(1) }
+    }
+}
+
+/// One member's view as reported by `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub id: NodeId,
+    pub grpc_addr: String,
+    pub voter: bool,
+    /// Whether the leader currently reaches this member; `None` when that is unknown (no leader,
+    /// or the leader could not be asked).
+    pub reachable: Option<bool>,
+}
+
+/// The handle shared by the REST API and the gRPC services of one node.
+pub struct Replica {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub state: StateMachineStore,
+    cluster: String,
+    health: Arc<PeerHealth>,
+    options: ReplicaOptions,
+    clients: Mutex<HashMap<NodeId, (String, ClusterClient<Channel>)>>,
+}
+
+impl Replica {
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        state: StateMachineStore,
+        cluster: String,
+        health: Arc<PeerHealth>,
+        options: ReplicaOptions,
+    ) -> Replica {
+        Replica { id, raft, state, cluster, health, options, clients: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn cluster_name(&self) -> &str {
+        &self.cluster
+    }
+
+    pub fn metrics(&self) -> RaftMetrics {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// Proposes `command` through the leader and returns the state machine's reply once the
+    /// entry is committed on a quorum and applied.
+    pub async fn propose(&self, command: Command) -> Result<CommandReply, ClusterError> {
+        self.propose_with_hops(command, MAX_FORWARD_HOPS).await
+    }
+
+    pub(crate) async fn propose_with_hops(
+        &self,
+        command: Command,
+        hops_left: u32,
+    ) -> Result<CommandReply, ClusterError> {
+        self.retry_until_deadline(|| self.propose_once(command.clone(), hops_left)).await
+    }
+
+    async fn propose_once(&self, command: Command, hops_left: u32) -> Result<CommandReply, ClusterError> {
+        match self.raft.client_write(command.clone()).await {
+            Ok(response) => Ok(response.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => {
+                let (leader, addr) = self.leader_of(to, hops_left)?;
+                let payload = codec::encode("command", &command).map_err(internal)?;
+                let mut client = self.client(leader, &addr)?;
+                let request = self.request(ForwardRequest {
+                    cluster: self.cluster.clone(),
+                    hops_left: hops_left - 1,
+                    command: payload,
+                });
+                let reply = client.forward(request).await.map_err(|s| unreachable(leader, s))?;
+                decode_reply(&reply.into_inner().payload)?
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(ClusterError::Invalid(e.to_string()))
+            }
+            Err(RaftError::Fatal(e)) => Err(ClusterError::Stopped(e.to_string())),
+        }
+    }
+
+    /// Waits until this node's state machine reflects every write acknowledged before the call
+    /// (read index: the leader confirms its leadership with a quorum and names the commit index).
+    pub async fn read_barrier(&self) -> Result<(), ClusterError> {
+        let index = self.retry_until_deadline(|| self.read_index(MAX_FORWARD_HOPS)).await?;
+        let remaining = self.options.request_deadline;
+        self.raft.wait(Some(remaining)).applied_index_at_least(Some(index), "linearizable read").await.map_err(
+            |e| match e {
+                openraft::metrics::WaitError::Timeout(..) => ClusterError::Timeout(remaining.as_millis() as u64),
+                openraft::metrics::WaitError::ShuttingDown => ClusterError::Stopped("raft is shutting down".into()),
+            },
+        )?;
+        Ok(())
+    }
+
+    /// The log index a linearizable read must wait for, obtained from the leader.
+    pub(crate) async fn read_index(&self, hops_left: u32) -> Result<u64, ClusterError> {
+        let outcome = tokio::time::timeout(self.options.request_deadline, self.raft.get_read_log_id()).await;
+        match outcome {
+            Err(_) => Err(ClusterError::NoQuorum("leadership could not be confirmed in time".into())),
+            Ok(Ok((read_log_id, _applied))) => Ok(read_log_id.map_or(0, |id| id.index)),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(to)))) => {
+                let (leader, addr) = self.leader_of(to, hops_left)?;
+                let mut client = self.client(leader, &addr)?;
+                let request =
+                    self.request(ReadIndexRequest { cluster: self.cluster.clone(), hops_left: hops_left - 1 });
+                let reply = client.read_index(request).await.map_err(|s| unreachable(leader, s))?;
+                decode_reply(&reply.into_inner().payload)?
+            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
+                Err(ClusterError::NoQuorum(e.to_string()))
+            }
+            Ok(Err(RaftError::Fatal(e))) => Err(ClusterError::Stopped(e.to_string())),
+        }
+    }
+
+    /// Adds a node: first as a learner (it catches up from the log or a snapshot), then, once
+    /// caught up, as a voter.
+    pub async fn add_member(&self, id: NodeId, grpc_addr: String) -> Result<(), ClusterError> {
+        self.add_member_with_hops(id, grpc_addr, MAX_FORWARD_HOPS).await
+    }
+
+    pub(crate) async fn add_member_with_hops(
+        &self,
+        id: NodeId,
+        grpc_addr: String,
+        hops_left: u32,
+    ) -> Result<(), ClusterError> {
+        if self.leader_here() {
+            let node = BasicNode::new(grpc_addr.clone());
+            let membership = self.metrics().membership_config.clone();
+            if let Some(existing) = membership.nodes().find(|(nid, _)| **nid == id).map(|(_, n)| n.addr.clone()) {
+                if existing != grpc_addr {
+                    return Err(ClusterError::Invalid(format!(
+                        "node {id} is already a member at {existing}; remove it first to change its address"
+                    )));
+                }
+            }
+            self.raft.add_learner(id, node, true).await.map_err(membership_error)?;
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                .await
+                .map_err(membership_error)?;
+            return Ok(());
+        }
+        let (leader, addr) = self.known_leader(hops_left)?;
+        let mut client = self.client(leader, &addr)?;
+        let mut request = tonic::Request::new(AddMemberRequest {
+            cluster: self.cluster.clone(),
+            hops_left: hops_left - 1,
+            node_id: id,
+            grpc_addr,
+        });
+        // Catching up a learner can take a while (snapshot transfer).
+        request.set_timeout(Duration::from_secs(120));
+        let reply = client.add_member(request).await.map_err(|s| unreachable(leader, s))?;
+        decode_reply(&reply.into_inner().payload)?
+    }
+
+    /// Removes a voter or learner from the cluster.
+    pub async fn remove_member(&self, id: NodeId) -> Result<(), ClusterError> {
+        self.remove_member_with_hops(id, MAX_FORWARD_HOPS).await
+    }
+
+    pub(crate) async fn remove_member_with_hops(&self, id: NodeId, hops_left: u32) -> Result<(), ClusterError> {
+        if self.leader_here() {
+            let membership = self.metrics().membership_config.clone();
+            let voters: BTreeSet<NodeId> = membership.membership().voter_ids().collect();
+            let change = if voters.contains(&id) {
+                if voters.len() == 1 {
+                    return Err(ClusterError::Invalid(format!(
+                        "node {id} is the last voter; a cluster cannot remove its last voter"
+                    )));
+                }
+                ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+            } else if membership.nodes().any(|(nid, _)| *nid == id) {
+                ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+            } else {
+                return Err(ClusterError::NotFound(format!("node {id} is not a member")));
+            };
+            self.raft.change_membership(change, false).await.map_err(membership_error)?;
+            return Ok(());
+        }
+        let (leader, addr) = self.known_leader(hops_left)?;
+        let mut client = self.client(leader, &addr)?;
+        let request =
+            self.request(RemoveMemberRequest { cluster: self.cluster.clone(), hops_left: hops_left - 1, node_id: id });
+        let reply = client.remove_member(request).await.map_err(|s| unreachable(leader, s))?;
+        decode_reply(&reply.into_inner().payload)?
+    }
+
+    /// Every member with its role and whether the leader reaches it.
+    pub async fn members(&self) -> Vec<MemberStatus> {
+        let metrics = self.metrics();
+        let membership = metrics.membership_config.clone();
+        let voters: BTreeSet<NodeId> = membership.membership().voter_ids().collect();
+        let reachability = self.reachability(&metrics).await;
+        membership
+            .nodes()
+            .map(|(id, node)| MemberStatus {
+                id: *id,
+                grpc_addr: node.addr.clone(),
+                voter: voters.contains(id),
+                reachable: reachability.as_ref().map(|r| r.get(id).copied().unwrap_or(false)),
+            })
+            .collect()
+    }
+
+    /// The leader's view of which members it reaches (itself included), asked of the leader
+    /// when this node is not it.
+    pub(crate) async fn reachability(&self, metrics: &RaftMetrics) -> Option<BTreeMap<NodeId, bool>> {
+        let leader = metrics.current_leader?;
+        if leader == self.id && metrics.state == ServerState::Leader {
+            let window = self.options.reachable_window;
+            let map = metrics
+                .membership_config
+                .nodes()
+                .map(|(id, _)| (*id, *id == self.id || self.health.reachable(*id, window)))
+                .collect();
+            return Some(map);
+        }
+        let addr = metrics.membership_config.nodes().find(|(id, _)| **id == leader).map(|(_, n)| n.addr.clone())?;
+        let mut client = self.client(leader, &addr).ok()?;
+        let mut request = tonic::Request::new(PeerStatusRequest { cluster: self.cluster.clone() });
+        request.set_timeout(Duration::from_millis(500));
+        let reply = client.peer_status(request).await.ok()?.into_inner();
+        Some(reply.peers.into_iter().map(|p| (p.node_id, p.reachable)).collect())
+    }
+
+    /// This node's own record of its peers, for the `PeerStatus` RPC.
+    pub(crate) fn peer_contacts(&self) -> Vec<(NodeId, bool, Option<Duration>)> {
+        let metrics = self.metrics();
+        let window = self.options.reachable_window;
+        metrics
+            .membership_config
+            .nodes()
+            .map(|(id, _)| {
+                if *id == self.id {
+                    (*id, true, Some(Duration::ZERO))
+                } else {
+                    (*id, self.health.reachable(*id, window), self.health.since_last_contact(*id))
+                }
+            })
+            .collect()
+    }
+
+    fn leader_here(&self) -> bool {
+        let metrics = self.metrics();
+        metrics.state == ServerState::Leader && metrics.current_leader == Some(self.id)
+    }
+
+    fn known_leader(&self, hops_left: u32) -> Result<(NodeId, String), ClusterError> {
+        let metrics = self.metrics();
+        let leader_id = metrics.current_leader;
+        let leader_node =
+            leader_id.and_then(|l| metrics.membership_config.nodes().find(|(id, _)| **id == l).map(|(_, n)| n.clone()));
+        self.leader_of(ForwardToLeader { leader_id, leader_node }, hops_left)
+    }
+
+    fn leader_of(
+        &self,
+        to: ForwardToLeader<NodeId, BasicNode>,
+        hops_left: u32,
+    ) -> Result<(NodeId, String), ClusterError> {
+        if hops_left == 0 {
+            return Err(ClusterError::TooManyHops);
+        }
+        match (to.leader_id, to.leader_node) {
+            (Some(leader), _) if leader == self.id => {
+                Err(ClusterError::NoLeader("this node is stepping up or down as leader".into()))
+            }
+            (Some(leader), Some(node)) => Ok((leader, node.addr)),
+            (Some(leader), None) => Err(ClusterError::NoLeader(format!("leader {leader} has no known address"))),
+            (None, _) => Err(ClusterError::NoLeader("an election is in progress or there is no quorum".into())),
+        }
+    }
+
+    fn client(&self, node: NodeId, addr: &str) -> Result<ClusterClient<Channel>, ClusterError> {
+        let mut clients = self.clients.lock().expect("client cache lock");
+        if let Some((cached_addr, client)) = clients.get(&node) {
+            if cached_addr == addr {
+                return Ok(client.clone());
+            }
+        }
+        let channel = channel(addr).map_err(ClusterError::Invalid)?;
+        let client = ClusterClient::new(channel);
+        clients.insert(node, (addr.to_string(), client.clone()));
+        Ok(client)
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.options.request_deadline);
+        request
+    }
+
+    /// Runs `attempt` until it succeeds, fails for a reason a retry cannot fix, or the request
+    /// deadline passes. Only errors that mean "not applied" are retried.
+    async fn retry_until_deadline<T, F, Fut>(&self, mut attempt: F) -> Result<T, ClusterError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClusterError>>,
+    {
+        let deadline = Instant::now() + self.options.request_deadline;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match attempt().await {
+                Err(e) if e.is_retryable() && Instant::now() + backoff < deadline => {
+                    tracing::debug!(error = %e, backoff_ms = backoff.as_millis() as u64, "retrying request");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(400));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+fn decode_reply<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<Result<T, ClusterError>, ClusterError> {
+    codec::decode("forwarded reply", payload).map_err(internal)
+}
+
+fn internal(e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Internal(e.to_string())
+}
+
+/// A transport failure talking to the leader. Whether the request reached it is unknown unless
+/// the connection was never made, so only that case is retryable.
+fn unreachable(leader: NodeId, status: tonic::Status) -> ClusterError {
+    if never_sent(&status) {
+        ClusterError::LeaderUnreachable { leader, reason: status.message().to_string() }
+    } else if status.code() == tonic::Code::DeadlineExceeded {
+        ClusterError::Timeout(0)
+    } else {
+        ClusterError::Internal(format!("leader {leader} failed the request: {}", status.message()))
+    }
+}
+
+/// True when the request certainly did not reach the peer (the connection could not be made).
+fn never_sent(status: &tonic::Status) -> bool {
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(io.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut) {
+                return true;
+            }
+        }
+        if err.to_string().contains("connect") {
+            return true;
+        }
+        source = err.source();
+    }
+    status.message().contains("connect")
+}
+
+fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ClusterError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            ClusterError::NoLeader("leadership moved during the membership change".into())
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => ClusterError::Invalid(e.to_string()),
+        RaftError::Fatal(e) => ClusterError::Stopped(e.to_string()),
+    }
+}

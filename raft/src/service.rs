@@ -1,0 +1,157 @@
+//! The server side of node-to-node gRPC: raft RPCs into openraft, and the cluster service that
+//! executes forwarded requests on (or towards) the leader.
+
+use std::sync::Arc;
+
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use runtimeai_proto as pb;
+use tonic::{Request, Response, Status};
+
+use crate::codec;
+use crate::command::Command;
+use crate::error::ClusterError;
+use crate::network::SnapshotChunkHeader;
+use crate::replica::Replica;
+use crate::types::{NodeId, TypeConfig};
+
+fn check_cluster(replica: &Replica, cluster: &str) -> Result<(), Status> {
+    if cluster != replica.cluster_name() {
+        tracing::warn!(theirs = cluster, ours = replica.cluster_name(), "refusing a request from another cluster");
+        return Err(Status::failed_precondition(format!(
+            "cluster name mismatch: this node belongs to {:?}, the request to {cluster:?}",
+            replica.cluster_name()
+        )));
+    }
+    Ok(())
+}
+
+fn encode<T: serde::Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, Status> {
+    codec::encode(what, value).map_err(|e| Status::internal(e.to_string()))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, Status> {
+    codec::decode(what, bytes).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// openraft's RPCs, received.
+pub struct RaftService {
+    replica: Arc<Replica>,
+}
+
+impl RaftService {
+    pub fn new(replica: Arc<Replica>) -> pb::raft_server::RaftServer<RaftService> {
+        pb::raft_server::RaftServer::new(RaftService { replica }).max_decoding_message_size(64 << 20)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn append_entries(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        let request = request.into_inner();
+        check_cluster(&self.replica, &request.cluster)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = decode("append entries", &request.payload)?;
+        let result = self.replica.raft.append_entries(rpc).await;
+        Ok(Response::new(pb::RaftReply { payload: encode("raft reply", &result)? }))
+    }
+
+    async fn vote(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        let request = request.into_inner();
+        check_cluster(&self.replica, &request.cluster)?;
+        let rpc: VoteRequest<NodeId> = decode("vote", &request.payload)?;
+        let result = self.replica.raft.vote(rpc).await;
+        Ok(Response::new(pb::RaftReply { payload: encode("raft reply", &result)? }))
+    }
+
+    async fn install_snapshot(&self, request: Request<pb::SnapshotChunk>) -> Result<Response<pb::RaftReply>, Status> {
+        let chunk = request.into_inner();
+        check_cluster(&self.replica, &chunk.cluster)?;
+        let header: SnapshotChunkHeader = decode("snapshot chunk", &chunk.header)?;
+        let rpc = InstallSnapshotRequest::<TypeConfig> {
+            vote: header.vote,
+            meta: header.meta,
+            offset: header.offset,
+            data: chunk.data,
+            done: header.done,
+        };
+        if rpc.done {
+            tracing::info!(snapshot = %rpc.meta, "receiving the last chunk of a snapshot");
+        }
+        let result = self.replica.raft.install_snapshot(rpc).await;
+        Ok(Response::new(pb::RaftReply { payload: encode("raft reply", &result)? }))
+    }
+}
+
+/// Requests served by (or passed on towards) the leader.
+pub struct ClusterService {
+    replica: Arc<Replica>,
+}
+
+impl ClusterService {
+    pub fn new(replica: Arc<Replica>) -> pb::cluster_server::ClusterServer<ClusterService> {
+        pb::cluster_server::ClusterServer::new(ClusterService { replica }).max_decoding_message_size(64 << 20)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for ClusterService {
+    async fn forward(&self, request: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardReply>, Status> {
+        let request = request.into_inner();
+        check_cluster(&self.replica, &request.cluster)?;
+        let command: Command = decode("command", &request.command)?;
+        let result = self.replica.propose_with_hops(command, request.hops_left).await;
+        Ok(Response::new(pb::ForwardReply { payload: encode("forwarded reply", &result)? }))
+    }
+
+    async fn read_index(&self, request: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexReply>, Status> {
+        let request = request.into_inner();
+        check_cluster(&self.replica, &request.cluster)?;
+        let result: Result<u64, ClusterError> = self.replica.read_index(request.hops_left).await;
+        Ok(Response::new(pb::ReadIndexReply { payload: encode("read index", &result)? }))
+    }
+
+    async fn add_member(&self, request: Request<pb::AddMemberRequest>) -> Result<Response<pb::AdminReply>, Status> {
+        let request = request.into_inner();
+        check_cluster(&self.replica, &request.cluster)?;
+        let replica = self.replica.clone();
+        // Run to completion even if the caller goes away: a half-done change helps nobody.
+        let result = tokio::spawn(async move {
+            replica.add_member_with_hops(request.node_id, request.grpc_addr, request.hops_left).await
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::AdminReply { payload: encode("admin reply", &result)? }))
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::AdminReply>, Status> {
+        let request = request.into_inner();
+        check_cluster(&self.replica, &request.cluster)?;
+        let replica = self.replica.clone();
+        let result =
+            tokio::spawn(async move { replica.remove_member_with_hops(request.node_id, request.hops_left).await })
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::AdminReply { payload: encode("admin reply", &result)? }))
+    }
+
+    async fn peer_status(
+        &self,
+        request: Request<pb::PeerStatusRequest>,
+    ) -> Result<Response<pb::PeerStatusReply>, Status> {
+        let request = request.into_inner();
+        check_cluster(&self.replica, &request.cluster)?;
+        let peers = self
+            .replica
+            .peer_contacts()
+            .into_iter()
+            .map(|(node_id, reachable, since)| pb::PeerStatus {
+                node_id,
+                reachable,
+                last_contact_ms: since.map(|d| d.as_millis() as u64),
+            })
+            .collect();
+        Ok(Response::new(pb::PeerStatusReply { leader_id: self.replica.id, peers }))
+    }
+}

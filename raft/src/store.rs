@@ -1,0 +1,241 @@
+//! A node's data directory: its identity file and the RocksDB database that holds both the
+//! raft log and the state machine.
+//!
+//! Layout:
+//! ```text
+//! <data-dir>/IDENTITY      format version, node id, cluster name (checked before anything opens)
+//! <data-dir>/db/           RocksDB: column families below
+//! <data-dir>/snapshot      the latest state-machine snapshot, replaced atomically
+//! <data-dir>/logs/         RocksDB's diagnostic log
+//! ```
+//! One database means one write-ahead log: a log append synced to disk also makes every
+//! state-machine write before it durable, and recovery replays both in the order they were made.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+use serde::{Deserialize, Serialize};
+
+use crate::codec::FORMAT_VERSION;
+use crate::error::DataDirError;
+use crate::types::NodeId;
+
+/// Raft log entries, keyed by big-endian index.
+pub(crate) const CF_LOG: &str = "log";
+/// Vote, committed log id, last purged log id.
+pub(crate) const CF_RAFT_META: &str = "raft_meta";
+/// Last applied log id and membership of the state machine.
+pub(crate) const CF_SM_META: &str = "sm_meta";
+pub(crate) const CF_RUNTIMES: &str = "runtimes";
+/// `tenant \0 name` → runtime id: keeps names unique per tenant.
+pub(crate) const CF_RUNTIME_NAMES: &str = "runtime_names";
+pub(crate) const CF_OPERATIONS: &str = "operations";
+pub(crate) const CF_INTENTS: &str = "intents";
+pub(crate) const CF_POLICIES: &str = "policies";
+/// `runtime id \0 seq (BE u64) sub (BE u32)` → event: a runtime's events in order.
+pub(crate) const CF_EVENTS: &str = "events";
+pub(crate) const CF_IDEMPOTENCY: &str = "idempotency";
+pub(crate) const CF_NODES: &str = "nodes";
+
+/// Column families that make up the state machine, and so a snapshot.
+pub(crate) const STATE_MACHINE_CFS: &[&str] = &[
+    CF_SM_META,
+    CF_RUNTIMES,
+    CF_RUNTIME_NAMES,
+    CF_OPERATIONS,
+    CF_INTENTS,
+    CF_POLICIES,
+    CF_EVENTS,
+    CF_IDEMPOTENCY,
+    CF_NODES,
+];
+
+const ALL_CFS: &[&str] = &[
+    CF_LOG,
+    CF_RAFT_META,
+    CF_SM_META,
+    CF_RUNTIMES,
+    CF_RUNTIME_NAMES,
+    CF_OPERATIONS,
+    CF_INTENTS,
+    CF_POLICIES,
+    CF_EVENTS,
+    CF_IDEMPOTENCY,
+    CF_NODES,
+];
+
+/// Who a data directory belongs to. Written once, when the directory is first used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub format_version: u32,
+    pub node_id: NodeId,
+    pub cluster_name: String,
+}
+
+/// An opened data directory.
+pub struct DataDir {
+    pub path: PathBuf,
+    pub db: Arc<DB>,
+    /// True when this start created the directory's contents.
+    pub fresh: bool,
+}
+
+impl DataDir {
+    /// Opens (or creates) the data directory of node `node_id` in cluster `cluster_name`.
+    ///
+    /// Every check that can refuse the start runs before the database is opened, so a refused
+    /// start never modifies the store.
+    pub fn open(path: &Path, node_id: NodeId, cluster_name: &str) -> Result<DataDir, DataDirError> {
+        let identity_path = path.join("IDENTITY");
+        let db_path = path.join("db");
+        let fresh = match fs::read_to_string(&identity_path) {
+            Ok(text) => {
+                let identity: Identity = serde_json::from_str(&text).map_err(|e| DataDirError::CorruptIdentity {
+                    path: identity_path.clone(),
+                    reason: e.to_string(),
+                })?;
+                check_identity(&identity, node_id, cluster_name, path)?;
+                if !db_path.is_dir() {
+                    return Err(DataDirError::MissingDatabase { path: db_path });
+                }
+                false
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if path.exists() && fs::read_dir(path).map_err(|e| io(path, e))?.next().is_some() {
+                    return Err(DataDirError::Foreign { path: path.to_path_buf() });
+                }
+                fs::create_dir_all(path).map_err(|e| io(path, e))?;
+                true
+            }
+            Err(e) => return Err(io(&identity_path, e)),
+        };
+
+        let db = open_db(&db_path, &path.join("logs"), fresh)?;
+        if fresh {
+            let identity = Identity { format_version: FORMAT_VERSION, node_id, cluster_name: cluster_name.to_string() };
+            write_atomically(
+                &identity_path,
+                serde_json::to_string_pretty(&identity).expect("identity serializes").as_bytes(),
+            )?;
+        }
+        Ok(DataDir { path: path.to_path_buf(), db: Arc::new(db), fresh })
+    }
+
+    pub fn snapshot_path(&self) -> PathBuf {
+        self.path.join("snapshot")
+    }
+}
+
+fn check_identity(identity: &Identity, node_id: NodeId, cluster_name: &str, path: &Path) -> Result<(), DataDirError> {
+    if identity.format_version != FORMAT_VERSION {
+        return Err(DataDirError::FormatVersion {
+            path: path.to_path_buf(),
+            found: identity.format_version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    if identity.node_id != node_id {
+        return Err(DataDirError::OtherNode { path: path.to_path_buf(), found: identity.node_id, wanted: node_id });
+    }
+    if identity.cluster_name != cluster_name {
+        return Err(DataDirError::OtherCluster {
+            path: path.to_path_buf(),
+            found: identity.cluster_name.clone(),
+            wanted: cluster_name.to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn open_db(path: &Path, info_log_dir: &Path, create: bool) -> Result<DB, DataDirError> {
+    let mut opts = Options::default();
+    // RocksDB's own diagnostic log lives beside the store, so a refused open leaves `db/` as it was.
+    opts.set_db_log_dir(info_log_dir);
+    opts.create_if_missing(create);
+    opts.create_missing_column_families(create);
+    opts.set_paranoid_checks(true);
+    opts.set_max_background_jobs(2);
+    opts.set_keep_log_file_num(4);
+    // Small control-plane records: keep memtables modest so memory per node stays bounded.
+    opts.set_write_buffer_size(16 << 20);
+    let cfs = ALL_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+    DB::open_cf_descriptors(&opts, path, cfs)
+        .map_err(|e| DataDirError::Open { path: path.to_path_buf(), reason: e.into_string() })
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new file, never a mix.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
+    file.write_all(bytes).map_err(|e| io(&tmp, e))?;
+    file.sync_all().map_err(|e| io(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| io(path, e))?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))?;
+    }
+    Ok(())
+}
+
+fn io(path: &Path, source: std::io::Error) -> DataDirError {
+    DataDirError::Io { path: path.to_path_buf(), source }
+}
+
+pub(crate) fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name).unwrap_or_else(|| panic!("column family {name} is created at open"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_another_nodes_or_clusters_directory_without_touching_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        drop(DataDir::open(&path, 1, "alpha").unwrap());
+        let before = listing(&path);
+
+        let err = DataDir::open(&path, 2, "alpha").err().unwrap();
+        assert!(matches!(err, DataDirError::OtherNode { found: 1, wanted: 2, .. }), "{err}");
+        let err = DataDir::open(&path, 1, "beta").err().unwrap();
+        assert!(matches!(err, DataDirError::OtherCluster { .. }), "{err}");
+        assert_eq!(listing(&path), before, "a refused start must not modify the store");
+
+        let reopened = DataDir::open(&path, 1, "alpha").unwrap();
+        assert!(!reopened.fresh);
+    }
+
+    #[test]
+    fn refuses_a_non_empty_foreign_directory_and_a_corrupt_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("notes.txt"), "not ours").unwrap();
+        let err = DataDir::open(dir.path(), 1, "alpha").err().unwrap();
+        assert!(matches!(err, DataDirError::Foreign { .. }), "{err}");
+
+        let other = tempfile::tempdir().unwrap();
+        fs::write(other.path().join("IDENTITY"), "{ not json").unwrap();
+        let err = DataDir::open(other.path(), 1, "alpha").err().unwrap();
+        assert!(matches!(err, DataDirError::CorruptIdentity { .. }), "{err}");
+    }
+
+    fn listing(path: &Path) -> Vec<(PathBuf, u64)> {
+        let mut out = Vec::new();
+        let mut stack = vec![path.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for entry in fs::read_dir(&dir).unwrap() {
+                let entry = entry.unwrap();
+                let meta = entry.metadata().unwrap();
+                if meta.is_dir() {
+                    stack.push(entry.path());
+                } else {
+                    out.push((entry.path(), meta.len()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}

@@ -1,0 +1,31 @@
+//! openraft's type configuration for RuntimeAI.
+
+use std::io::Cursor;
+
+use crate::command::{Command, CommandReply};
+
+/// A member's id, as given by `--id`.
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// The raft types of a RuntimeAI cluster: typed commands in, typed replies out, members
+    /// addressed by their gRPC endpoint, snapshots as one encoded buffer.
+    pub TypeConfig:
+        D = Command,
+        R = CommandReply,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type Vote = openraft::Vote<NodeId>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
+pub type Snapshot = openraft::Snapshot<TypeConfig>;
+pub type StorageError = openraft::StorageError<NodeId>;
+pub type RaftMetrics = openraft::RaftMetrics<NodeId, openraft::BasicNode>;

@@ -1,0 +1,188 @@
+//! Bad input to `runtimeai node`: a clear one-line error, a non-zero exit, never a panic, and
+//! a store left as it was.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use runtimeai_tests::{binary, free_port, phase};
+
+fn node(args: &[&str]) -> Output {
+    Command::new(binary()).arg("node").args(args).env("RUST_LOG", "warn").output().expect("run runtimeai")
+}
+
+/// Asserts a refused start: non-zero exit, an `error:` line naming `expected`, no panic.
+fn assert_refused(output: &Output, expected: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "expected a refusal, got success; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "must not panic: {stderr}");
+    let error_line = stderr.lines().find(|l| l.starts_with("error:") || l.starts_with("error: "));
+    let line = error_line.unwrap_or_else(|| panic!("no error line in: {stderr}"));
+    assert!(line.contains(expected), "error line {line:?} should mention {expected:?}");
+}
+
+fn addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+#[test]
+fn conflicting_or_malformed_flags_are_refused_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let data = data.to_str().unwrap();
+    let (http, grpc) = (addr(), addr());
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--http", &http, "--grpc", &grpc, "--data-dir", data], "--id is required"),
+        (vec!["--id", "1", "--http", "nonsense", "--grpc", &grpc, "--data-dir", data], "expected host:port"),
+        (vec!["--id", "1", "--http", &http, "--grpc", &http, "--data-dir", data], "both use"),
+        (
+            vec!["--id", "1", "--http", &http, "--grpc", &grpc, "--data-dir", data, "--initial-cluster", "1=x"],
+            "expected host:port",
+        ),
+        (
+            vec![
+                "--id",
+                "4",
+                "--http",
+                &http,
+                "--grpc",
+                &grpc,
+                "--data-dir",
+                data,
+                "--initial-cluster",
+                "1=127.0.0.1:1,2=127.0.0.1:2",
+            ],
+            "does not list",
+        ),
+    ];
+    for (args, expected) in cases {
+        assert_refused(&node(&args), expected);
+    }
+    assert!(!Path::new(data).exists(), "a refused start must not create the data directory");
+
+    phase("clap's own errors also exit non-zero");
+    let output = node(&["--id", "not-a-number"]);
+    assert!(!output.status.success());
+    assert!(!String::from_utf8_lossy(&output.stderr).contains("panicked"));
+}
+
+#[test]
+fn the_environment_and_a_config_file_configure_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("node.toml");
+    std::fs::write(&file, "id = 1\nhttp = \"nonsense\"\n").unwrap();
+    let output = Command::new(binary())
+        .args(["node", "--config", file.to_str().unwrap()])
+        .env("RUNTIMEAI_GRPC", "127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert_refused(&output, "--http \"nonsense\"");
+    std::fs::write(&file, "id = 1\nno-such-option = true\n").unwrap();
+    let output = node(&["--config", file.to_str().unwrap()]);
+    assert_refused(&output, "no-such-option");
+}
+
+/// Starts a one-node cluster in `data`, waits for it to serve, and stops it with SIGTERM.
+fn make_store(data: &Path) {
+    let (http, grpc) = (addr(), addr());
+    let initial = format!("1={grpc}");
+    let mut child = Command::new(binary())
+        .args(["node", "--id", "1", "--http", &http, "--grpc", &grpc, "--initial-cluster", &initial])
+        .arg("--data-dir")
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if ureq_like_get(&http) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "single node never became ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM must stop the node cleanly, got {status}");
+}
+
+/// A minimal HTTP/1.0 readiness probe (no curl needed).
+fn ureq_like_get(http: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(http) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
+    if stream.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200")
+}
+
+fn snapshot_of(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                // RocksDB's diagnostic log may record the refused open; the store may not change.
+                if entry.file_name() != "logs" {
+                    stack.push(entry.path());
+                }
+            } else {
+                files.push((entry.path(), std::fs::read(entry.path()).unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn a_store_of_another_node_or_cluster_or_a_corrupt_store_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node-1");
+    make_store(&data);
+    let before = snapshot_of(&data);
+    let data_arg = data.to_str().unwrap();
+    let (http, grpc) = (addr(), addr());
+
+    phase("another node id");
+    assert_refused(
+        &node(&["--id", "2", "--http", &http, "--grpc", &grpc, "--data-dir", data_arg]),
+        "belongs to node 1",
+    );
+    phase("another cluster");
+    let output =
+        node(&["--id", "1", "--http", &http, "--grpc", &grpc, "--data-dir", data_arg, "--cluster-name", "other"]);
+    assert_refused(&output, "belongs to cluster");
+    assert_eq!(snapshot_of(&data), before, "refused starts must leave the store byte for byte");
+
+    phase("a corrupt database");
+    std::fs::write(data.join("db").join("CURRENT"), b"garbage").unwrap();
+    let before = snapshot_of(&data);
+    assert_refused(
+        &node(&["--id", "1", "--http", &http, "--grpc", &grpc, "--data-dir", data_arg]),
+        "cannot open the store",
+    );
+    assert_eq!(snapshot_of(&data), before, "a refused start must not modify a corrupt store");
+
+    phase("a non-empty directory that is not a RuntimeAI store");
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("important.txt"), b"keep me").unwrap();
+    let output = node(&["--id", "1", "--http", &http, "--grpc", &grpc, "--data-dir", foreign.to_str().unwrap()]);
+    assert_refused(&output, "no RuntimeAI IDENTITY");
+}
+
+#[test]
+fn a_taken_port_is_a_clear_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = listener.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let output = node(&["--id", "1", "--http", &taken, "--grpc", &addr(), "--data-dir", data.to_str().unwrap()]);
+    assert_refused(&output, &format!("cannot listen for HTTP on {taken}"));
+    assert!(!data.exists(), "nothing is written when the node cannot listen");
+}

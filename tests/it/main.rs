@@ -1,0 +1,4 @@
+//! Multi-process integration tests: real `runtimeai` processes on loopback.
+
+mod cli;
+mod replication;

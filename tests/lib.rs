@@ -1,0 +1,282 @@
+//! A harness that runs real `runtimeai` processes on loopback: each test gets temporary data
+//! directories and free ports, talks HTTP to the nodes, and kills them with real signals.
+//!
+//! The binary is found through `RUNTIMEAI_BIN`, or next to the test executable in cargo's
+//! target directory (build it first: `cargo build --bin runtimeai`).
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+/// Prints a test phase, so a failing test's output shows how far it got.
+pub fn phase(text: &str) {
+    eprintln!("--- {text}");
+}
+
+/// The `runtimeai` executable under test.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("RUNTIMEAI_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/it-<hash> → target/<profile>/runtimeai
+    let candidate = exe.parent().and_then(Path::parent).map(|dir| dir.join("runtimeai"));
+    match candidate {
+        Some(path) if path.exists() => path,
+        _ => panic!(
+            "runtimeai binary not found next to {}; run `cargo build --bin runtimeai` or set RUNTIMEAI_BIN",
+            exe.display()
+        ),
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (the OS picks; the listener is dropped at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind an ephemeral port").port()
+}
+
+/// Options every node of a test cluster gets.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// Extra `runtimeai node` flags, e.g. `["--snapshot-count", "20"]`.
+    pub extra_args: Vec<String>,
+}
+
+pub struct Node {
+    pub id: u64,
+    pub http: String,
+    pub grpc: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    initial_cluster: Option<String>,
+}
+
+impl Node {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+/// A cluster of real processes. Dropping it kills them all.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: BTreeMap<u64, Node>,
+    pub options: ClusterOptions,
+    pub client: reqwest::Client,
+}
+
+impl Cluster {
+    /// Starts `size` founding members and waits until every one is ready.
+    pub async fn start(size: u64, options: ClusterOptions) -> anyhow::Result<Cluster> {
+        let dir = tempfile::Builder::new().prefix("runtimeai-it-").tempdir()?;
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
+        let mut cluster = Cluster { dir, nodes: BTreeMap::new(), options, client };
+        let mut initial = Vec::new();
+        for id in 1..=size {
+            let node = cluster.new_node(id);
+            initial.push(format!("{id}={}", node.grpc));
+            cluster.nodes.insert(id, node);
+        }
+        let initial = initial.join(",");
+        for id in 1..=size {
+            cluster.nodes.get_mut(&id).expect("node").initial_cluster = Some(initial.clone());
+            cluster.spawn(id)?;
+        }
+        for id in 1..=size {
+            cluster.wait_ready(id, Duration::from_secs(60)).await?;
+        }
+        Ok(cluster)
+    }
+
+    fn new_node(&self, id: u64) -> Node {
+        Node {
+            id,
+            http: format!("127.0.0.1:{}", free_port()),
+            grpc: format!("127.0.0.1:{}", free_port()),
+            data_dir: self.dir.path().join(format!("node-{id}")),
+            log: self.dir.path().join(format!("node-{id}.log")),
+            child: None,
+            initial_cluster: None,
+        }
+    }
+
+    /// Adds a node process that is not (yet) a member: it waits to be added.
+    pub fn start_joiner(&mut self, id: u64) -> anyhow::Result<()> {
+        let node = self.new_node(id);
+        self.nodes.insert(id, node);
+        self.spawn(id)
+    }
+
+    /// Starts (or restarts) node `id`'s process.
+    pub fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
+        let extra = self.options.extra_args.clone();
+        let node = self.nodes.get_mut(&id).context("no such node")?;
+        if node.child.is_some() {
+            bail!("node {id} is already running");
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
+        let mut command = Command::new(binary());
+        command
+            .arg("node")
+            .args(["--id", &id.to_string(), "--http", &node.http, "--grpc", &node.grpc])
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(["--heartbeat-ms", "100", "--election-timeout-ms", "500"])
+            .args(&extra)
+            .env("RUST_LOG", "info,openraft=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(initial) = &node.initial_cluster {
+            command.args(["--initial-cluster", initial]);
+        }
+        node.child = Some(command.spawn().with_context(|| format!("start node {id}"))?);
+        Ok(())
+    }
+
+    /// SIGKILL: the process gets no chance to clean up.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(node) = self.nodes.get_mut(&id) {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    pub fn node(&self, id: u64) -> &Node {
+        self.nodes.get(&id).unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    pub fn running(&self) -> Vec<u64> {
+        self.nodes.values().filter(|n| n.is_running()).map(|n| n.id).collect()
+    }
+
+    /// Waits until `GET /readyz` on node `id` answers 200.
+    pub async fn wait_ready(&self, id: u64, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let url = self.node(id).url("/readyz");
+        loop {
+            if let Ok(response) = self.client.get(&url).timeout(Duration::from_secs(3)).send().await {
+                if response.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("node {id} not ready after {timeout:?}\n{}", self.log_tail(id, 30));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn cluster_view(&self, id: u64) -> anyhow::Result<Value> {
+        let response = self.client.get(self.node(id).url("/v1/cluster")).timeout(Duration::from_secs(3)).send().await?;
+        Ok(response.error_for_status()?.json().await?)
+    }
+
+    /// Waits until every running node names the same leader, which is itself running, and
+    /// returns it.
+    pub async fn wait_leader(&self, timeout: Duration) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut leaders = Vec::new();
+            for id in self.running() {
+                let leader = self.cluster_view(id).await.ok().and_then(|v| v["leader_id"].as_u64());
+                leaders.push(leader);
+            }
+            if let Some(Some(first)) = leaders.first() {
+                if leaders.iter().all(|l| *l == Some(*first)) && self.running().contains(first) {
+                    return Ok(*first);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no agreed leader after {timeout:?}: {leaders:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `POST /v1/runtimes` through node `via`; returns the status and body.
+    pub async fn create_runtime(&self, via: u64, name: &str) -> anyhow::Result<(u16, Value)> {
+        let response = self
+            .client
+            .post(self.node(via).url("/v1/runtimes"))
+            .json(&serde_json::json!({ "name": name, "type": "vm", "labels": { "test": "true" } }))
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Creates a runtime through `via`, retrying on 503 (e.g. during an election) until
+    /// `timeout`; returns the created runtime's id.
+    pub async fn create_runtime_eventually(&self, via: u64, name: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.create_runtime(via, name).await {
+                Ok((201, body)) => return Ok(body["id"].as_str().context("runtime id")?.to_string()),
+                Ok((503, _)) | Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => bail!("create {name} through node {via}: {other:?}"),
+            }
+        }
+    }
+
+    /// `GET /v1/runtimes/{id}` through node `via`; `stale` reads the local replica.
+    pub async fn get_runtime(&self, via: u64, id: &str, stale: bool) -> anyhow::Result<(u16, Value)> {
+        let query = if stale { "?consistency=stale" } else { "" };
+        let response = self.client.get(self.node(via).url(&format!("/v1/runtimes/{id}{query}"))).send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Waits until node `via` holds every runtime in `ids` in its local replica.
+    pub async fn wait_replicated(&self, via: u64, ids: &[String], timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        for id in ids {
+            loop {
+                if let Ok((200, _)) = self.get_runtime(via, id, true).await {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("node {via} does not hold runtime {id} after {timeout:?}\n{}", self.log_tail(via, 30));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The last `lines` lines of node `id`'s log.
+    pub fn log_tail(&self, id: u64, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.node(id).log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        let start = all.len().saturating_sub(lines);
+        format!("--- node {id} log (last {lines} lines)\n{}", all[start..].join("\n"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        if std::thread::panicking() {
+            for id in &ids {
+                eprintln!("{}", self.log_tail(*id, 40));
+            }
+        }
+        for id in ids {
+            self.kill(id);
+        }
+    }
+}
