@@ -10,6 +10,14 @@ use clap::Args;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+/// Prints a line to stdout, ignoring a closed pipe (`runtimeai dev | head` must not panic).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 #[derive(Debug, Args)]
 pub struct DevArgs {
     /// How many members to start.
@@ -32,7 +40,10 @@ pub struct DevArgs {
 struct Member {
     id: u64,
     http: String,
+    /// The command line that started it, to restart it by hand after it stops.
+    command_line: String,
     child: Child,
+    exited: bool,
 }
 
 pub fn run(args: DevArgs) -> anyhow::Result<()> {
@@ -60,19 +71,32 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             .append(true)
             .open(&log_path)
             .with_context(|| format!("cannot open {}", log_path.display()))?;
+        let data_dir = args.data_dir.join(format!("node-{id}"));
+        let node_args: Vec<String> = vec![
+            "node".into(),
+            "--id".into(),
+            id.to_string(),
+            "--http".into(),
+            http.clone(),
+            "--grpc".into(),
+            grpc.clone(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--initial-cluster".into(),
+            initial.clone(),
+            "--cluster-name".into(),
+            "runtimeai-dev".into(),
+        ];
+        let command_line = format!("{} {} 2>>{}", exe.display(), node_args.join(" "), log_path.display());
         let child = Command::new(&exe)
-            .arg("node")
-            .args(["--id", &id.to_string(), "--http", &http, "--grpc", &grpc])
-            .arg("--data-dir")
-            .arg(args.data_dir.join(format!("node-{id}")))
-            .args(["--initial-cluster", &initial, "--cluster-name", "runtimeai-dev"])
+            .args(&node_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .with_context(|| format!("cannot start node {id}"))?;
-        println!("node {id}: http://{http}  (grpc {grpc}, log {})", log_path.display());
-        members.push(Member { id, http, child });
+        say!("node {id}: http://{http}  (grpc {grpc}, log {})", log_path.display());
+        members.push(Member { id, http, command_line, child, exited: false });
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
@@ -89,29 +113,34 @@ async fn supervise(members: &mut [Member]) -> anyhow::Result<()> {
     let shutdown = crate::shutdown_signal();
     tokio::pin!(shutdown);
     loop {
-        for member in members.iter_mut() {
+        for member in members.iter_mut().filter(|m| !m.exited) {
             if let Some(status) = member.child.try_wait()? {
-                anyhow::bail!("node {} exited ({status}); see its log in the data directory", member.id);
+                member.exited = true;
+                say!("node {} exited ({status}); the others keep running. To restart it:", member.id);
+                say!("  {}", member.command_line);
             }
+        }
+        if members.iter().all(|m| m.exited) {
+            anyhow::bail!("every node has exited; see the node logs in the data directory");
         }
         if !announced {
             let ready = client.get(format!("http://{first}/readyz")).send().await.map(|r| r.status().is_success());
             if matches!(ready, Ok(true)) {
                 announced = true;
-                println!("\ncluster ready in {:.1}s. Try:", started.elapsed().as_secs_f64());
-                println!("  curl -s http://{first}/v1/cluster");
-                println!(
+                say!("\ncluster ready in {:.1}s. Try:", started.elapsed().as_secs_f64());
+                say!("  curl -s http://{first}/v1/cluster");
+                say!(
                     "  curl -s -XPOST http://{first}/v1/runtimes -H 'content-type: application/json' \
                      -d '{{\"name\":\"demo\",\"type\":\"vm\"}}'"
                 );
-                println!("Ctrl-C stops the cluster (data stays in the data directory).");
+                say!("Ctrl-C stops the cluster (data stays in the data directory).");
             } else if started.elapsed() > Duration::from_secs(60) {
                 anyhow::bail!("the cluster did not become ready within 60s; see the node logs");
             }
         }
         tokio::select! {
             _ = &mut shutdown => {
-                println!("\nstopping the cluster...");
+                say!("\nstopping the cluster...");
                 return Ok(());
             }
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}

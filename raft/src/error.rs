@@ -67,7 +67,20 @@ pub enum ClusterError {
 }
 
 impl ClusterError {
-    /// Whether the same request may succeed if tried again shortly.
+    /// True when the request certainly took no effect, so a node may retry it on the client's
+    /// behalf without risking applying it twice.
+    pub fn never_applied(&self) -> bool {
+        matches!(
+            self,
+            ClusterError::NoLeader(_)
+                | ClusterError::NoQuorum(_)
+                | ClusterError::TooManyHops
+                | ClusterError::LeaderUnreachable { .. }
+        )
+    }
+
+    /// Whether the same request may succeed if the client tries again shortly (for a write
+    /// whose outcome is unknown, with an idempotency key).
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,

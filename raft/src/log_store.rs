@@ -103,7 +103,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             let index = u64::from_be_bytes(
                 key.as_ref()
                     .try_into()
-                    .map_err(|_| StorageIOError::read_logs(&AnyError::error(format!("malformed log key {key:?}"))))?,
+                    .map_err(|_| StorageIOError::read_logs(AnyError::error(format!("malformed log key {key:?}"))))?,
             );
             if !range.contains(&index) {
                 break;

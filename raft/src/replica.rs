@@ -90,11 +90,27 @@ impl Replica {
         command: Command,
         hops_left: u32,
     ) -> Result<CommandReply, ClusterError> {
-        self.retry_until_deadline(|| self.propose_once(command.clone(), hops_left)).await
+        self.retry_until_deadline(ClusterError::never_applied, || self.propose_once(command.clone(), hops_left)).await
     }
 
     async fn propose_once(&self, command: Command, hops_left: u32) -> Result<CommandReply, ClusterError> {
-        match self.raft.client_write(command.clone()).await {
+        let metrics = self.metrics();
+        if metrics.state == ServerState::Leader {
+            // A leader cut off from its quorum cannot commit; say so at once instead of making
+            // the client wait for the deadline (nothing has been proposed yet).
+            let lease = self.options.reachable_window.as_millis() as u64;
+            if metrics.millis_since_quorum_ack.is_some_and(|ms| ms > lease) {
+                return Err(ClusterError::NoQuorum(format!(
+                    "the leader has not heard from a quorum for {} ms",
+                    metrics.millis_since_quorum_ack.unwrap_or_default()
+                )));
+            }
+        }
+        let deadline = self.options.request_deadline;
+        let Ok(written) = tokio::time::timeout(deadline, self.raft.client_write(command.clone())).await else {
+            return Err(ClusterError::Timeout(deadline.as_millis() as u64));
+        };
+        match written {
             Ok(response) => Ok(response.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => {
                 let (leader, addr) = self.leader_of(to, hops_left)?;
@@ -105,7 +121,7 @@ impl Replica {
                     hops_left: hops_left - 1,
                     command: payload,
                 });
-                let reply = client.forward(request).await.map_err(|s| unreachable(leader, s))?;
+                let reply = client.forward(request).await.map_err(|s| self.transport_error(leader, s))?;
                 decode_reply(&reply.into_inner().payload)?
             }
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
@@ -118,7 +134,8 @@ impl Replica {
     /// Waits until this node's state machine reflects every write acknowledged before the call
     /// (read index: the leader confirms its leadership with a quorum and names the commit index).
     pub async fn read_barrier(&self) -> Result<(), ClusterError> {
-        let index = self.retry_until_deadline(|| self.read_index(MAX_FORWARD_HOPS)).await?;
+        // Reads change nothing, so every transient failure may be retried.
+        let index = self.retry_until_deadline(ClusterError::is_retryable, || self.read_index(MAX_FORWARD_HOPS)).await?;
         let remaining = self.options.request_deadline;
         self.raft.wait(Some(remaining)).applied_index_at_least(Some(index), "linearizable read").await.map_err(
             |e| match e {
@@ -140,7 +157,7 @@ impl Replica {
                 let mut client = self.client(leader, &addr)?;
                 let request =
                     self.request(ReadIndexRequest { cluster: self.cluster.clone(), hops_left: hops_left - 1 });
-                let reply = client.read_index(request).await.map_err(|s| unreachable(leader, s))?;
+                let reply = client.read_index(request).await.map_err(|s| self.transport_error(leader, s))?;
                 decode_reply(&reply.into_inner().payload)?
             }
             Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
@@ -189,7 +206,7 @@ impl Replica {
         });
         // Catching up a learner can take a while (snapshot transfer).
         request.set_timeout(Duration::from_secs(120));
-        let reply = client.add_member(request).await.map_err(|s| unreachable(leader, s))?;
+        let reply = client.add_member(request).await.map_err(|s| self.transport_error(leader, s))?;
         decode_reply(&reply.into_inner().payload)?
     }
 
@@ -221,7 +238,7 @@ impl Replica {
         let mut client = self.client(leader, &addr)?;
         let request =
             self.request(RemoveMemberRequest { cluster: self.cluster.clone(), hops_left: hops_left - 1, node_id: id });
-        let reply = client.remove_member(request).await.map_err(|s| unreachable(leader, s))?;
+        let reply = client.remove_member(request).await.map_err(|s| self.transport_error(leader, s))?;
         decode_reply(&reply.into_inner().payload)?
     }
 
@@ -330,9 +347,25 @@ impl Replica {
         request
     }
 
-    /// Runs `attempt` until it succeeds, fails for a reason a retry cannot fix, or the request
-    /// deadline passes. Only errors that mean "not applied" are retried.
-    async fn retry_until_deadline<T, F, Fut>(&self, mut attempt: F) -> Result<T, ClusterError>
+    /// A transport failure talking to the leader. Whether the request reached it is unknown
+    /// unless the connection was never made, so only that case counts as "never applied".
+    fn transport_error(&self, leader: NodeId, status: tonic::Status) -> ClusterError {
+        if never_sent(&status) {
+            ClusterError::LeaderUnreachable { leader, reason: status.message().to_string() }
+        } else if status.code() == tonic::Code::DeadlineExceeded {
+            ClusterError::Timeout(self.options.request_deadline.as_millis() as u64)
+        } else {
+            ClusterError::Internal(format!("leader {leader} failed the request: {}", status.message()))
+        }
+    }
+
+    /// Runs `attempt` until it succeeds, fails with an error `retry_on` does not accept, or the
+    /// request deadline passes.
+    async fn retry_until_deadline<T, F, Fut>(
+        &self,
+        retry_on: fn(&ClusterError) -> bool,
+        mut attempt: F,
+    ) -> Result<T, ClusterError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, ClusterError>>,
@@ -341,7 +374,7 @@ impl Replica {
         let mut backoff = Duration::from_millis(20);
         loop {
             match attempt().await {
-                Err(e) if e.is_retryable() && Instant::now() + backoff < deadline => {
+                Err(e) if retry_on(&e) && Instant::now() + backoff < deadline => {
                     tracing::debug!(error = %e, backoff_ms = backoff.as_millis() as u64, "retrying request");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(400));
@@ -358,18 +391,6 @@ fn decode_reply<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<Result
 
 fn internal(e: impl std::fmt::Display) -> ClusterError {
     ClusterError::Internal(e.to_string())
-}
-
-/// A transport failure talking to the leader. Whether the request reached it is unknown unless
-/// the connection was never made, so only that case is retryable.
-fn unreachable(leader: NodeId, status: tonic::Status) -> ClusterError {
-    if never_sent(&status) {
-        ClusterError::LeaderUnreachable { leader, reason: status.message().to_string() }
-    } else if status.code() == tonic::Code::DeadlineExceeded {
-        ClusterError::Timeout(0)
-    } else {
-        ClusterError::Internal(format!("leader {leader} failed the request: {}", status.message()))
-    }
 }
 
 /// True when the request certainly did not reach the peer (the connection could not be made).

@@ -33,13 +33,16 @@ const KEY_MEMBERSHIP: &[u8] = b"membership";
 /// Upper bound for range deletes: every key we write sorts below it.
 const KEY_MAX: [u8; 32] = [0xff; 32];
 
+/// One column family's key-value pairs, in key order.
+type ColumnFamilyDump = (String, Vec<(Vec<u8>, Vec<u8>)>);
+
 /// A snapshot as stored on disk and sent to followers: the state machine's column families at
 /// one log position.
 #[derive(Serialize, Deserialize)]
 struct SnapshotFile {
     format_version: u32,
     meta: SnapshotMeta,
-    column_families: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>,
+    column_families: Vec<ColumnFamilyDump>,
 }
 
 /// The latest snapshot, kept in memory to serve followers without re-reading the file.

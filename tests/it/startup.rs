@@ -1,0 +1,100 @@
+//! Starting nodes: in any order, and the `runtimeai dev` cluster.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use runtimeai_tests::{binary, free_port, phase, Cluster, ClusterOptions};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_start_in_any_order_and_stay_not_ready_until_a_quorum_is_up() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, ClusterOptions::default()).await?;
+    phase("stop every node, then bring back only node 3 (not the initializer)");
+    for id in 1..=3 {
+        cluster.kill(id);
+    }
+    cluster.spawn(3)?;
+    // Without a quorum there is no leader: not ready, and writes are 503 with Retry-After.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ready = cluster.client.get(cluster.node(3).url("/readyz")).send().await?;
+    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.headers()["content-type"], "application/problem+json");
+    let write = cluster
+        .client
+        .post(cluster.node(3).url("/v1/runtimes"))
+        .json(&serde_json::json!({"name": "no-quorum", "type": "vm"}))
+        .send()
+        .await?;
+    assert_eq!(write.status(), 503);
+    assert!(write.headers().contains_key("retry-after"));
+    let log = std::fs::read_to_string(&cluster.node(3).log)?;
+    assert!(log.contains("peer unreachable; retrying with backoff"), "{}", cluster.log_tail(3, 20));
+
+    phase("start node 2: a quorum forms and both become ready");
+    cluster.spawn(2)?;
+    cluster.wait_ready(3, Duration::from_secs(30)).await?;
+    cluster.wait_ready(2, Duration::from_secs(30)).await?;
+    let id = cluster.create_runtime_eventually(3, "after-quorum", Duration::from_secs(30)).await?;
+    phase("node 1 comes back last and catches up");
+    cluster.spawn(1)?;
+    cluster.wait_ready(1, Duration::from_secs(30)).await?;
+    cluster.wait_replicated(1, &[id], Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+#[test]
+fn runtimeai_dev_starts_a_ready_cluster_and_stops_it_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let (http, grpc) = (free_port(), free_port());
+    // dev uses consecutive ports from the ones given; pick bases with room above them.
+    let (http, grpc) = (http.min(60000), grpc.min(60000));
+    let mut child = Command::new(binary())
+        .args(["dev", "--http-port", &http.to_string(), "--grpc-port", &grpc.to_string()])
+        .arg("--data-dir")
+        .arg(dir.path().join("dev"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            eprintln!("dev: {line}");
+            let _ = lines_tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut seen = Vec::new();
+    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let ready = line.contains("cluster ready");
+        seen.push(line);
+        if ready {
+            break;
+        }
+    }
+    assert!(seen.iter().any(|l| l.contains("cluster ready")), "dev never reported ready: {seen:?}");
+    assert_eq!(seen.iter().filter(|l| l.starts_with("node ")).count(), 3, "{seen:?}");
+
+    phase("the printed endpoint serves the cluster");
+    let view = http_get(&format!("127.0.0.1:{http}"), "/v1/cluster");
+    assert!(view.contains("\"leader_id\""), "{view}");
+
+    phase("SIGINT stops the whole cluster cleanly");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "dev exit status {status}");
+    for port in [http, http + 1, http + 2] {
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "port {port} still served after stop");
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
