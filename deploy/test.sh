@@ -6,13 +6,20 @@ deploy/setup-debian.sh
 source deploy/env.sh
 start=$(date +%s)
 step() { echo "=== $* ($(( $(date +%s) - start ))s)" >&2; }
+test_log=$(mktemp)
+trap 'rm -f "$test_log"' EXIT
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
 step "build the runtimeai binary the integration tests start"
 cargo build --bin runtimeai
-step "cargo test"
-cargo test --workspace --no-fail-fast
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
-step "all checks passed"
+step "cargo test"
+status=0
+cargo test --workspace --no-fail-fast 2>&1 | tee "$test_log" || status=$?
+passed=$(grep -oE '^test result: .* ([0-9]+) passed' "$test_log" | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -oE '[0-9]+ failed;' "$test_log" | awk '{s+=$1} END {print s+0}')
+step "done"
+echo "tests: ${passed} passed, ${failed} failed"
+exit "$status"
