@@ -79,6 +79,16 @@ pub struct ClusterView {
     /// Log entries up to this index have been purged behind a snapshot.
     pub purged_index: Option<u64>,
     pub members: Vec<MemberView>,
+    /// This node's log writes since it started: group commit makes `log_syncs` much smaller
+    /// than `log_appends` under load.
+    pub storage: StorageView,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StorageView {
+    pub log_appends: u64,
+    pub log_entries: u64,
+    pub log_syncs: u64,
 }
 
 async fn cluster_status(State(state): State<AppState>) -> Result<Json<ClusterView>, Problem> {
@@ -120,6 +130,10 @@ async fn cluster_view(state: &AppState) -> Result<ClusterView, Problem> {
         snapshot_index: metrics.snapshot.map(|id| id.index),
         purged_index: metrics.purged.map(|id| id.index),
         members,
+        storage: {
+            let (log_appends, log_entries, log_syncs) = state.log_stats.get();
+            StorageView { log_appends, log_entries, log_syncs }
+        },
     })
 }
 

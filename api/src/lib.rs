@@ -29,6 +29,8 @@ pub struct AppState {
     /// This node's own addresses, as shown in `GET /v1/cluster`.
     pub http_addr: String,
     pub grpc_addr: String,
+    /// Disk work of this node's raft log, shown in `GET /v1/cluster`.
+    pub log_stats: Arc<runtimeai_raft::log_store::LogStats>,
 }
 
 /// The whole REST surface of a node.

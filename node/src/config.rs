@@ -71,6 +71,9 @@ pub struct NodeArgs {
     /// [default: 1000].
     #[arg(long, env = "RUNTIMEAI_SNAPSHOT_CATCHUP_ENTRIES")]
     pub snapshot_catchup_entries: Option<u64>,
+    /// Largest piece of a snapshot sent to a follower in one RPC, in bytes [default: 3145728].
+    #[arg(long, env = "RUNTIMEAI_SNAPSHOT_CHUNK_BYTES")]
+    pub snapshot_chunk_bytes: Option<u64>,
 }
 
 /// A checked configuration.
@@ -94,6 +97,7 @@ pub struct NodeConfig {
     pub election_timeout: Duration,
     pub snapshot_count: u64,
     pub snapshot_catchup_entries: u64,
+    pub snapshot_chunk_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +143,7 @@ impl NodeArgs {
             election_timeout_ms: self.election_timeout_ms.or(file.election_timeout_ms),
             snapshot_count: self.snapshot_count.or(file.snapshot_count),
             snapshot_catchup_entries: self.snapshot_catchup_entries.or(file.snapshot_catchup_entries),
+            snapshot_chunk_bytes: self.snapshot_chunk_bytes.or(file.snapshot_chunk_bytes),
         })
     }
 
@@ -196,6 +201,10 @@ impl NodeArgs {
         if snapshot_count < 10 {
             return Err(ConfigError::TooSmall { flag: "snapshot-count", min: 10, value: snapshot_count });
         }
+        let snapshot_chunk_bytes = self.snapshot_chunk_bytes.unwrap_or(3 << 20);
+        if snapshot_chunk_bytes < 1024 {
+            return Err(ConfigError::TooSmall { flag: "snapshot-chunk-bytes", min: 1024, value: snapshot_chunk_bytes });
+        }
         let cluster_name = self.cluster_name.unwrap_or_else(|| "runtimeai".to_string());
         if cluster_name.is_empty() || cluster_name.chars().any(|c| c.is_control() || c.is_whitespace()) {
             return Err(ConfigError::Conflict(format!(
@@ -216,6 +225,7 @@ impl NodeArgs {
             election_timeout: Duration::from_millis(election_ms),
             snapshot_count,
             snapshot_catchup_entries: self.snapshot_catchup_entries.unwrap_or(1_000),
+            snapshot_chunk_bytes,
         })
     }
 }

@@ -31,6 +31,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
 
     let data = DataDir::open(&config.data_dir, config.id, &config.cluster_name)?;
     let log_store = LogStore::new(data.db.clone());
+    let log_stats = log_store.stats();
     let state = StateMachineStore::new(data.db.clone(), data.snapshot_path())
         .map_err(|e| anyhow::anyhow!("cannot read the snapshot in {}: {e}", config.data_dir.display()))?;
     let health = Arc::new(PeerHealth::default());
@@ -43,6 +44,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_count),
         max_in_snapshot_log_to_keep: config.snapshot_catchup_entries,
         install_snapshot_timeout: 10_000,
+        snapshot_max_chunk_size: config.snapshot_chunk_bytes,
         max_payload_entries: 1_000,
         ..Default::default()
     }
@@ -83,6 +85,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         replica: replica.clone(),
         http_addr: config.advertise_http.clone(),
         grpc_addr: config.advertise_grpc.clone(),
+        log_stats,
     });
     let http = axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     let http_task = tokio::spawn(async move { http.await });
@@ -99,15 +102,36 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     bootstrap(&config, &raft, data.fresh).await?;
     let registration = tokio::spawn(register(replica.clone(), config.clone()));
 
-    shutdown.await;
+    // A raft that stopped on a storage error cannot serve; exit so a supervisor restarts the
+    // node (recovery replays the log) instead of leaving it up and useless.
+    let fatal = raft_stopped(raft.clone());
+    let outcome = tokio::select! {
+        _ = shutdown => Ok(()),
+        reason = fatal => Err(anyhow::anyhow!("raft stopped: {reason}")),
+    };
     tracing::info!(node = config.id, "shutting down");
     registration.abort();
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;
-    raft.shutdown().await.map_err(|e| anyhow::anyhow!("raft did not stop cleanly: {e}"))?;
+    let stopped_cleanly = raft.shutdown().await;
     tracing::info!(node = config.id, "stopped");
-    Ok(())
+    outcome?;
+    stopped_cleanly.map_err(|e| anyhow::anyhow!("raft did not stop cleanly: {e}"))
+}
+
+/// Completes with the reason if raft stops on its own (a fatal storage error).
+async fn raft_stopped(raft: Raft) -> String {
+    let mut metrics = raft.metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow().running_state {
+            tracing::error!(error = %fatal, "raft stopped");
+            return fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "raft metrics closed".to_string();
+        }
+    }
 }
 
 /// etcd-style bootstrap: on a fresh data directory, the founding member with the lowest id

@@ -8,6 +8,7 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -23,22 +24,46 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
 
+/// Counters of the log's disk work: how well group commit batches.
+#[derive(Debug, Default)]
+pub struct LogStats {
+    /// `append` calls.
+    pub appends: AtomicU64,
+    /// Entries written.
+    pub entries: AtomicU64,
+    /// fsyncs of the write-ahead log made for appends.
+    pub syncs: AtomicU64,
+}
+
+impl LogStats {
+    pub fn get(&self) -> (u64, u64, u64) {
+        (self.appends.load(Ordering::Relaxed), self.entries.load(Ordering::Relaxed), self.syncs.load(Ordering::Relaxed))
+    }
+}
+
 /// RocksDB-backed [`RaftLogStorage`]. Cheap to clone: clones share the database and syncer.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
     flushes: mpsc::Sender<LogFlushed<TypeConfig>>,
+    stats: Arc<LogStats>,
 }
 
 impl LogStore {
     pub fn new(db: Arc<DB>) -> LogStore {
         let (flushes, pending) = mpsc::channel();
         let syncer_db = db.clone();
+        let stats = Arc::new(LogStats::default());
+        let syncer_stats = stats.clone();
         std::thread::Builder::new()
             .name("raft-log-sync".into())
-            .spawn(move || sync_loop(syncer_db, pending))
+            .spawn(move || sync_loop(syncer_db, pending, syncer_stats))
             .expect("spawn the log sync thread");
-        LogStore { db, flushes }
+        LogStore { db, flushes, stats }
+    }
+
+    pub fn stats(&self) -> Arc<LogStats> {
+        self.stats.clone()
     }
 
     fn log_cf(&self) -> &rocksdb::ColumnFamily {
@@ -75,11 +100,12 @@ fn log_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
-fn sync_loop(db: Arc<DB>, pending: mpsc::Receiver<LogFlushed<TypeConfig>>) {
+fn sync_loop(db: Arc<DB>, pending: mpsc::Receiver<LogFlushed<TypeConfig>>, stats: Arc<LogStats>) {
     while let Ok(first) = pending.recv() {
         let mut waiting = vec![first];
         waiting.extend(pending.try_iter());
         let result = db.flush_wal(true);
+        stats.syncs.fetch_add(1, Ordering::Relaxed);
         for callback in waiting {
             callback.log_io_completed(result.clone().map_err(std::io::Error::other));
         }
@@ -154,7 +180,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = WriteBatch::default();
+        self.stats.appends.fetch_add(1, Ordering::Relaxed);
         for entry in entries {
+            self.stats.entries.fetch_add(1, Ordering::Relaxed);
             let bytes = codec::encode("log entry", &entry).map_err(|e| StorageIOError::write_logs(&e))?;
             batch.put_cf(self.log_cf(), log_key(entry.log_id.index), bytes);
         }

@@ -29,11 +29,17 @@ pub struct ReplicaOptions {
     pub request_deadline: Duration,
     /// A peer counts as reachable when the leader heard from it within this window.
     pub reachable_window: Duration,
+    /// How long adding a member waits for the new node to catch up before promoting it.
+    pub catch_up_deadline: Duration,
 }
 
 impl Default for ReplicaOptions {
     fn default() -> Self {
-        ReplicaOptions { request_deadline: Duration::from_secs(5), reachable_window: Duration::from_secs(1) }
+        ReplicaOptions {
+            request_deadline: Duration::from_secs(5),
+            reachable_window: Duration::from_secs(1),
+            catch_up_deadline: Duration::from_secs(60),
+        }
     }
 }
 
@@ -189,7 +195,20 @@ impl Replica {
                     )));
                 }
             }
-            self.raft.add_learner(id, node, true).await.map_err(membership_error)?;
+            // Blocking: returns once the learner has caught up (from the log or a snapshot).
+            let catch_up = self.options.catch_up_deadline;
+            match tokio::time::timeout(catch_up, self.raft.add_learner(id, node, true)).await {
+                Ok(added) => {
+                    added.map_err(membership_error)?;
+                }
+                Err(_) => {
+                    return Err(ClusterError::Invalid(format!(
+                        "node {id} was added as a learner but has not caught up within {}s (is it running at \
+                         {grpc_addr}?); it stays a learner until this request is repeated",
+                        catch_up.as_secs()
+                    )))
+                }
+            }
             self.raft
                 .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
                 .await
@@ -205,7 +224,7 @@ impl Replica {
             grpc_addr,
         });
         // Catching up a learner can take a while (snapshot transfer).
-        request.set_timeout(Duration::from_secs(120));
+        request.set_timeout(self.options.catch_up_deadline + self.options.request_deadline);
         let reply = client.add_member(request).await.map_err(|s| self.transport_error(leader, s))?;
         decode_reply(&reply.into_inner().payload)?
     }
@@ -393,7 +412,8 @@ fn internal(e: impl std::fmt::Display) -> ClusterError {
     ClusterError::Internal(e.to_string())
 }
 
-/// True when the request certainly did not reach the peer (the connection could not be made).
+/// True when the request certainly did not reach the peer: the connection could not be made.
+/// A connection that broke mid-request does not count: the peer may have acted on it.
 fn never_sent(status: &tonic::Status) -> bool {
     if status.code() != tonic::Code::Unavailable {
         return false;
@@ -401,16 +421,16 @@ fn never_sent(status: &tonic::Status) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if matches!(io.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut) {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
                 return true;
             }
         }
-        if err.to_string().contains("connect") {
+        if err.to_string().contains("tcp connect error") {
             return true;
         }
         source = err.source();
     }
-    status.message().contains("connect")
+    false
 }
 
 fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ClusterError {
@@ -420,5 +440,20 @@ fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -
         }
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => ClusterError::Invalid(e.to_string()),
         RaftError::Fatal(e) => ClusterError::Stopped(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_connection_counts_as_never_sent() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut client = ClusterClient::new(channel(&format!("127.0.0.1:{port}")).unwrap());
+        let status = client.peer_status(PeerStatusRequest { cluster: "c".into() }).await.unwrap_err();
+        assert!(never_sent(&status), "{status:?}");
+        assert!(!never_sent(&tonic::Status::unavailable("connection reset by peer")));
+        assert!(!never_sent(&tonic::Status::deadline_exceeded("slow")));
     }
 }

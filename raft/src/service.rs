@@ -74,7 +74,9 @@ impl pb::raft_server::Raft for RaftService {
             done: header.done,
         };
         if rpc.done {
-            tracing::info!(snapshot = %rpc.meta, "receiving the last chunk of a snapshot");
+            tracing::info!(snapshot = %rpc.meta, offset = rpc.offset, bytes = rpc.data.len(), "receiving the last chunk of a snapshot");
+        } else {
+            tracing::debug!(snapshot = %rpc.meta, offset = rpc.offset, bytes = rpc.data.len(), "receiving a snapshot chunk");
         }
         let result = self.replica.raft.install_snapshot(rpc).await;
         Ok(Response::new(pb::RaftReply { payload: encode("raft reply", &result)? }))

@@ -287,7 +287,13 @@ fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<Comm
     let mut events = EventWriter { index, at: command.at, actor: command.actor.clone(), written: 0 };
     let reply = match command.op {
         Op::CreateRuntime { runtime } => {
-            if txn.get::<Runtime>(CF_RUNTIMES, runtime.id.as_bytes())?.is_some() {
+            let existing: Option<Runtime> = txn.get(CF_RUNTIMES, runtime.id.as_bytes())?;
+            if let Some(existing) = existing {
+                // Ids are fresh per request: the same id with the same content is a retry of a
+                // create whose reply was lost, and gets the same answer.
+                if existing == runtime {
+                    return Ok(CommandReply::Runtime(existing));
+                }
                 CommandReply::Rejected(Rejection::AlreadyExists { kind: "runtime".into(), id: runtime.id })
             } else {
                 let name = name_key(runtime.tenant_id.as_deref(), &runtime.name);

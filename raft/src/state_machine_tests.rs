@@ -184,3 +184,23 @@ async fn a_snapshot_of_another_format_version_is_refused() {
     assert!(err.to_string().contains("format version"), "{err}");
     assert!(target.get_runtime("rt_a").unwrap().is_none());
 }
+
+#[tokio::test]
+async fn a_retried_create_gets_the_same_runtime_and_no_second_event() {
+    let (_dir, mut sm) = open();
+    let replies = apply(
+        &mut sm,
+        vec![
+            (1, command(Op::CreateRuntime { runtime: runtime("rt_a", "web") })),
+            (2, command(Op::CreateRuntime { runtime: runtime("rt_a", "web") })),
+            (3, command(Op::CreateRuntime { runtime: runtime("rt_a", "other") })),
+        ],
+    )
+    .await;
+    assert_eq!(replies[0], replies[1]);
+    assert_eq!(
+        replies[2],
+        CommandReply::Rejected(Rejection::AlreadyExists { kind: "runtime".into(), id: "rt_a".into() })
+    );
+    assert_eq!(sm.runtime_events("rt_a").unwrap().len(), 1);
+}

@@ -121,7 +121,9 @@ async fn every_acknowledged_write_survives_killing_all_nodes() -> anyhow::Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_node_catches_up_by_snapshot_and_becomes_a_voter() -> anyhow::Result<()> {
     let options = ClusterOptions {
-        extra_args: ["--snapshot-count", "20", "--snapshot-catchup-entries", "0"].map(String::from).to_vec(),
+        extra_args: ["--snapshot-count", "20", "--snapshot-catchup-entries", "0", "--snapshot-chunk-bytes", "1024"]
+            .map(String::from)
+            .to_vec(),
     };
     let mut cluster = Cluster::start(3, options).await?;
     phase("write enough for the leader to snapshot and purge its log");
@@ -161,7 +163,17 @@ async fn a_new_node_catches_up_by_snapshot_and_becomes_a_voter() -> anyhow::Resu
     cluster.wait_ready(4, SETTLE).await?;
     cluster.wait_replicated(4, &ids, SETTLE).await?;
     let log = std::fs::read_to_string(&cluster.node(4).log)?;
-    assert!(log.contains("receiving the last chunk of a snapshot"), "{}", cluster.log_tail(4, 40));
+    let last_chunk = log
+        .lines()
+        .find(|l| l.contains("receiving the last chunk of a snapshot"))
+        .unwrap_or_else(|| panic!("node 4 installed no snapshot\n{}", cluster.log_tail(4, 40)));
+    let offset: u64 = last_chunk
+        .split("offset=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no offset in {last_chunk:?}"));
+    assert!(offset >= 1024, "the snapshot came in one chunk ({last_chunk}); expected several of 1 KiB");
     let view = cluster.cluster_view(4).await?;
     assert!(view["snapshot_index"].as_u64().unwrap_or(0) > 0, "{view}");
 
