@@ -82,13 +82,6 @@ impl ClusterError {
     /// Whether the same request may succeed if the client tries again shortly (for a write
     /// whose outcome is unknown, with an idempotency key).
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            ClusterError::NoLeader(_)
-                | ClusterError::NoQuorum(_)
-                | ClusterError::TooManyHops
-                | ClusterError::LeaderUnreachable { .. }
-                | ClusterError::Timeout(_)
-        )
+        self.never_applied() || matches!(self, ClusterError::Timeout(_))
     }
 }

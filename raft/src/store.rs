@@ -53,19 +53,8 @@ pub(crate) const STATE_MACHINE_CFS: &[&str] = &[
     CF_NODES,
 ];
 
-const ALL_CFS: &[&str] = &[
-    CF_LOG,
-    CF_RAFT_META,
-    CF_SM_META,
-    CF_RUNTIMES,
-    CF_RUNTIME_NAMES,
-    CF_OPERATIONS,
-    CF_INTENTS,
-    CF_POLICIES,
-    CF_EVENTS,
-    CF_IDEMPOTENCY,
-    CF_NODES,
-];
+/// Column families of the raft log itself; the rest of the database is the state machine.
+const LOG_CFS: &[&str] = &[CF_LOG, CF_RAFT_META];
 
 /// Who a data directory belongs to. Written once, when the directory is first used.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,7 +150,8 @@ fn open_db(path: &Path, info_log_dir: &Path, create: bool) -> Result<DB, DataDir
     opts.set_keep_log_file_num(4);
     // Small control-plane records: keep memtables modest so memory per node stays bounded.
     opts.set_write_buffer_size(16 << 20);
-    let cfs = ALL_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+    let cfs =
+        LOG_CFS.iter().chain(STATE_MACHINE_CFS).map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
     DB::open_cf_descriptors(&opts, path, cfs)
         .map_err(|e| DataDirError::Open { path: path.to_path_buf(), reason: e.into_string() })
 }

@@ -82,28 +82,42 @@ fn the_environment_and_a_config_file_configure_a_node() {
     assert_refused(&output, "no-such-option");
 }
 
-/// Starts a one-node cluster in `data`, waits for it to serve, and stops it with SIGTERM.
+/// Starts a one-node cluster in `data`, configured through a TOML file and the environment
+/// (JSON logs), waits for it to serve, and stops it with SIGTERM.
 fn make_store(data: &Path) {
     let (http, grpc) = (addr(), addr());
-    let initial = format!("1={grpc}");
+    let config = data.with_extension("toml");
+    std::fs::write(
+        &config,
+        format!(
+            "http = \"{http}\"\ngrpc = \"{grpc}\"\ndata-dir = \"{}\"\ninitial-cluster = \"1={grpc}\"\n",
+            data.file_name().unwrap().to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let stderr_path = data.with_extension("log");
     let mut child = Command::new(binary())
-        .args(["node", "--id", "1", "--http", &http, "--grpc", &grpc, "--initial-cluster", &initial])
-        .arg("--data-dir")
-        .arg(data)
-        .env("RUST_LOG", "warn")
+        .args(["node", "--config", config.to_str().unwrap()])
+        .env("RUNTIMEAI_ID", "1")
+        .env("RUNTIMEAI_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if ureq_like_get(&http) {
-            break;
-        }
+    while !ureq_like_get(&http) {
         assert!(std::time::Instant::now() < deadline, "single node never became ready");
         std::thread::sleep(Duration::from_millis(100));
     }
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "SIGTERM must stop the node cleanly, got {status}");
+    assert!(data.join("IDENTITY").exists(), "data-dir from the config file, relative to it");
+    let logs = std::fs::read_to_string(&stderr_path).unwrap();
+    let first = logs.lines().next().expect("the node logs to stderr");
+    let line: serde_json::Value = serde_json::from_str(first).unwrap_or_else(|e| panic!("{first:?} is not JSON: {e}"));
+    assert!(line["fields"]["message"].is_string(), "{line}");
+    assert!(logs.contains("\"stopped\""), "a clean stop is logged: {logs}");
 }
 
 /// A minimal HTTP/1.0 readiness probe (no curl needed).
