@@ -159,6 +159,8 @@ async fn add_member(
     tokio::spawn(async move { replica.add_member(request.id, request.grpc).await })
         .await
         .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    // The change was committed by the leader; show it as this node sees it once caught up.
+    state.replica.read_barrier().await?;
     Ok((StatusCode::CREATED, Json(cluster_view(&state).await?)))
 }
 
@@ -170,5 +172,6 @@ async fn remove_member(
     tokio::spawn(async move { replica.remove_member(node_id).await })
         .await
         .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    state.replica.read_barrier().await?;
     Ok(Json(cluster_view(&state).await?))
 }

@@ -115,6 +115,9 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;
     let stopped_cleanly = raft.shutdown().await;
+    // Stop RocksDB's background threads before the process exits: tearing the library down
+    // under a running compaction aborts the process. Everything written is already in the WAL.
+    data.db.cancel_all_background_work(true);
     tracing::info!(node = config.id, "stopped");
     outcome?;
     stopped_cleanly.map_err(|e| anyhow::anyhow!("raft did not stop cleanly: {e}"))

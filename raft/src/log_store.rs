@@ -45,8 +45,25 @@ impl LogStats {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    flushes: mpsc::Sender<LogFlushed<TypeConfig>>,
+    syncer: Arc<Syncer>,
     stats: Arc<LogStats>,
+}
+
+/// The group-commit thread. Dropping the last handle stops it and waits for it, so its hold on
+/// the database ends before the drop returns (RocksDB must not be torn down by process exit
+/// while a thread still uses it).
+struct Syncer {
+    flushes: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.flushes.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl LogStore {
@@ -55,11 +72,12 @@ impl LogStore {
         let syncer_db = db.clone();
         let stats = Arc::new(LogStats::default());
         let syncer_stats = stats.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("raft-log-sync".into())
             .spawn(move || sync_loop(syncer_db, pending, syncer_stats))
             .expect("spawn the log sync thread");
-        LogStore { db, flushes, stats }
+        let syncer = Arc::new(Syncer { flushes: Some(flushes), thread: Some(thread) });
+        LogStore { db, syncer, stats }
     }
 
     pub fn stats(&self) -> Arc<LogStats> {
@@ -189,8 +207,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
         self.db.write_opt(batch, &opts).map_err(|e| StorageIOError::write_logs(&e))?;
-        if let Err(mpsc::SendError(callback)) = self.flushes.send(callback) {
-            // The syncer only stops when every store handle is gone; sync here to stay correct.
+        let flushes = self.syncer.flushes.as_ref().expect("the syncer runs while a store handle exists");
+        if let Err(mpsc::SendError(callback)) = flushes.send(callback) {
+            // The syncer thread died (it cannot stop while handles exist); sync here instead.
             callback.log_io_completed(self.db.flush_wal(true).map_err(std::io::Error::other));
         }
         Ok(())

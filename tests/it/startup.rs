@@ -1,6 +1,7 @@
 //! Starting nodes: in any order, and the `runtimeai dev` cluster.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -45,17 +46,20 @@ async fn nodes_start_in_any_order_and_stay_not_ready_until_a_quorum_is_up() -> a
 #[test]
 fn runtimeai_dev_starts_a_ready_cluster_and_stops_it_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
-    let (http, grpc) = (free_port(), free_port());
-    // dev uses consecutive ports from the ones given; pick bases with room above them.
-    let (http, grpc) = (http.min(60000), grpc.min(60000));
-    let mut child = Command::new(binary())
-        .args(["dev", "--http-port", &http.to_string(), "--grpc-port", &grpc.to_string()])
-        .arg("--data-dir")
-        .arg(dir.path().join("dev"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let (http, grpc) = (free_port_range(3), free_port_range(3));
+    // Its own process group, so that a failing test still takes dev and its nodes down.
+    let mut child = DevProcess(
+        Command::new(binary())
+            .args(["dev", "--http-port", &http.to_string(), "--grpc-port", &grpc.to_string()])
+            .arg("--data-dir")
+            .arg(dir.path().join("dev"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut child.0;
     let (lines_tx, lines) = std::sync::mpsc::channel();
     let stdout = BufReader::new(child.stdout.take().unwrap());
     std::thread::spawn(move || {
@@ -74,7 +78,8 @@ fn runtimeai_dev_starts_a_ready_cluster_and_stops_it_on_ctrl_c() {
         }
     }
     assert!(seen.iter().any(|l| l.contains("cluster ready")), "dev never reported ready: {seen:?}");
-    assert_eq!(seen.iter().filter(|l| l.starts_with("node ")).count(), 3, "{seen:?}");
+    assert_eq!(seen.iter().filter(|l| l.starts_with("node ") && l.contains("http://")).count(), 3, "{seen:?}");
+    assert!(!seen.iter().any(|l| l.contains("exited")), "{seen:?}");
 
     phase("the printed endpoint serves the cluster");
     let view = http_get(&format!("127.0.0.1:{http}"), "/v1/cluster");
@@ -87,6 +92,33 @@ fn runtimeai_dev_starts_a_ready_cluster_and_stops_it_on_ctrl_c() {
     for port in [http, http + 1, http + 2] {
         assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "port {port} still served after stop");
     }
+}
+
+/// Kills the whole process group of `runtimeai dev` when dropped.
+struct DevProcess(std::process::Child);
+
+impl Drop for DevProcess {
+    fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.0.wait();
+    }
+}
+
+/// The first of `count` consecutive free ports on 127.0.0.1.
+fn free_port_range(count: u16) -> u16 {
+    for _ in 0..100 {
+        let base = free_port();
+        if base > u16::MAX - count {
+            continue;
+        }
+        let held: Vec<_> =
+            (0..count).filter_map(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).ok()).collect();
+        if held.len() == count as usize {
+            return base;
+        }
+    }
+    panic!("no {count} consecutive free ports");
 }
 
 fn http_get(addr: &str, path: &str) -> String {
