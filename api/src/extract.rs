@@ -1,40 +1,93 @@
-//! Extractors whose rejections are problem+json.
+//! Extractors and request helpers whose failures are problem+json: bodies, paths, queries, and
+//! the headers every mutation reads (tenant, actor, `If-Match`, `Idempotency-Key`).
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
+use bytes::Bytes;
 use serde::de::DeserializeOwned;
+
+use runtimeai_model::Actor;
 
 use crate::problem::Problem;
 
-/// A JSON request body. Malformed JSON and schema violations are 400 with the offending path.
+/// A JSON request body. Malformed JSON is 400, a schema violation 400 with the JSON path of the
+/// offending field, a body over the limit 413, another media type 415.
 pub struct Body<T>(pub T);
+
+/// Like [`Body`], but an empty body means `T::default()` (for optional request bodies).
+pub struct OptionalBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = Problem;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Problem> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(Body(value)),
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(Problem::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported-media-type",
-                "expected a body with Content-Type: application/json",
-            )),
-            Err(JsonRejection::JsonDataError(e)) => {
-                let detail = e.body_text();
-                // axum reports "…target type: <path>: <message> at line …"; keep the path.
-                let text = detail.trim_start_matches("Failed to deserialize the JSON body into the target type: ");
-                let (path, message) = match text.split_once(": ") {
-                    Some((path, message)) if !path.contains(' ') => (format!("$.{path}"), message.to_string()),
-                    _ => ("$".to_string(), text.to_string()),
-                };
-                Err(Problem::invalid_field(path, message))
-            }
-            Err(e) => Err(Problem::new(StatusCode::BAD_REQUEST, "malformed-json", e.body_text())),
+        let (json, bytes) = read_body(req, state).await?;
+        if !json {
+            return Err(unsupported_media_type());
         }
+        parse(&bytes).map(Body)
     }
+}
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalBody<T> {
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Problem> {
+        let (json, bytes) = read_body(req, state).await?;
+        if bytes.is_empty() {
+            return Ok(OptionalBody(T::default()));
+        }
+        if !json {
+            return Err(unsupported_media_type());
+        }
+        parse(&bytes).map(OptionalBody)
+    }
+}
+
+fn unsupported_media_type() -> Problem {
+    Problem::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported-media-type",
+        "expected Content-Type: application/json",
+    )
+}
+
+/// Reads the body (bounded by the router's body limit) and says whether it is declared JSON.
+async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<(bool, Bytes), Problem> {
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| {
+            let v = v.trim().to_ascii_lowercase();
+            v == "application/json" || v == "application/merge-patch+json" || v.ends_with("+json")
+        })
+        .unwrap_or(false);
+    let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "the request body is over the size limit")
+        } else {
+            Problem::new(StatusCode::BAD_REQUEST, "unreadable-body", e.body_text())
+        }
+    })?;
+    Ok((json, bytes))
+}
+
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            Problem::new(StatusCode::BAD_REQUEST, "malformed-json", format!("malformed JSON: {inner}"))
+        } else {
+            let path = if path == "." { "$".to_string() } else { format!("$.{path}") };
+            Problem::invalid_field(path, inner.to_string())
+        }
+    })
 }
 
 /// Path parameters, with problem+json rejections.
@@ -73,4 +126,55 @@ pub enum Consistency {
     #[default]
     Linearizable,
     Stale,
+}
+
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, Problem> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(value) => value
+            .to_str()
+            .map(Some)
+            .map_err(|_| Problem::invalid_field(name.to_string(), "header must be visible ASCII")),
+    }
+}
+
+/// The `tenant_id` header, which scopes lists and reads (a principal's tenant replaces it once
+/// authentication lands).
+pub fn tenant(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    Ok(header_text(headers, "tenant_id")?.or(header_text(headers, "tenant-id")?).map(str::to_string))
+}
+
+/// Who is asking, from `X-Actor: human:<name>` or `agent:<name>` (until authentication lands);
+/// `human:anonymous` when absent.
+pub fn actor(headers: &HeaderMap) -> Result<Actor, Problem> {
+    let Some(value) = header_text(headers, "x-actor")? else { return Ok(Actor::Human("anonymous".into())) };
+    match value.split_once(':') {
+        Some(("human", name)) if !name.is_empty() => Ok(Actor::Human(name.to_string())),
+        Some(("agent", name)) if !name.is_empty() => Ok(Actor::Agent(name.to_string())),
+        _ => Err(Problem::invalid_field("X-Actor", "expected human:<name> or agent:<name>")),
+    }
+}
+
+/// The version an `If-Match` header requires (`"3"`, `W/"3"` or `*` for any).
+pub fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Problem> {
+    let Some(value) = header_text(headers, "if-match")? else { return Ok(None) };
+    let value = value.trim();
+    if value == "*" {
+        return Ok(None);
+    }
+    value
+        .trim_start_matches("W/")
+        .trim_matches('"')
+        .parse()
+        .map(Some)
+        .map_err(|_| Problem::invalid_field("If-Match", "expected an ETag such as \"3\""))
+}
+
+/// The `Idempotency-Key` header, if any (1 to 255 visible characters).
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    match header_text(headers, "idempotency-key")? {
+        None => Ok(None),
+        Some(key) if !key.is_empty() && key.len() <= 255 => Ok(Some(key.to_string())),
+        Some(_) => Err(Problem::invalid_field("Idempotency-Key", "must be 1 to 255 characters")),
+    }
 }

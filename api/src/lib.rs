@@ -6,12 +6,19 @@
 //! ([`problem`]).
 //!
 //! - [`cluster`]: `/v1/cluster`, membership changes, `/healthz`, `/readyz`.
-//! - [`runtimes`]: the Runtime resource.
+//! - [`runtimes`]: the Runtime resource, its lifecycle, operations, snapshots and events.
+//! - [`operations`]: follow or cancel an asynchronous operation.
+//! - [`policies`]: safety policies.
 
 pub mod cluster;
 mod extract;
+mod mutation;
+pub mod operations;
+pub mod policies;
 pub mod problem;
 pub mod runtimes;
+mod validate;
+mod views;
 
 use std::sync::Arc;
 
@@ -31,17 +38,23 @@ pub struct AppState {
     pub grpc_addr: String,
     /// Disk work of this node's raft log, shown in `GET /v1/cluster`.
     pub log_stats: Arc<runtimeai_raft::log_store::LogStats>,
+    /// Largest request body accepted, in bytes (larger ones get 413).
+    pub max_body_bytes: usize,
 }
 
 /// The whole REST surface of a node.
 pub fn router(state: AppState) -> Router {
+    let max_body_bytes = state.max_body_bytes;
     Router::new()
         .merge(cluster::routes())
         .merge(runtimes::routes())
+        .merge(operations::routes())
+        .merge(policies::routes())
         .fallback(|| async { Problem::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "method not allowed on this endpoint")
         })
+        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
 

@@ -101,6 +101,9 @@ impl From<Rejection> for Problem {
             Rejection::AlreadyExists { .. } => (StatusCode::CONFLICT, "already-exists"),
             Rejection::VersionMismatch { .. } => (StatusCode::PRECONDITION_FAILED, "version-mismatch"),
             Rejection::IdempotencyKeyReused { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused"),
+            Rejection::IllegalTransition { .. } => (StatusCode::CONFLICT, "illegal-transition"),
+            Rejection::OperationInProgress { .. } => (StatusCode::CONFLICT, "operation-in-progress"),
+            Rejection::IllegalOperationStatus { .. } => (StatusCode::CONFLICT, "operation-finished"),
         };
         Problem::new(status, kind, rejection.to_string())
     }

@@ -74,6 +74,13 @@ pub struct NodeArgs {
     /// Largest piece of a snapshot sent to a follower in one RPC, in bytes [default: 3145728].
     #[arg(long, env = "RUNTIMEAI_SNAPSHOT_CHUNK_BYTES")]
     pub snapshot_chunk_bytes: Option<u64>,
+    /// Largest REST request body accepted, in bytes; larger ones get 413 [default: 1048576].
+    #[arg(long, env = "RUNTIMEAI_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Time per step of the simulated executor that completes operations until real backends
+    /// exist, in milliseconds [default: 200].
+    #[arg(long, env = "RUNTIMEAI_SIMULATED_STEP_MS")]
+    pub simulated_step_ms: Option<u64>,
 }
 
 /// A checked configuration.
@@ -98,6 +105,8 @@ pub struct NodeConfig {
     pub snapshot_count: u64,
     pub snapshot_catchup_entries: u64,
     pub snapshot_chunk_bytes: u64,
+    pub max_body_bytes: usize,
+    pub simulated_step: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +153,8 @@ impl NodeArgs {
             snapshot_count: self.snapshot_count.or(file.snapshot_count),
             snapshot_catchup_entries: self.snapshot_catchup_entries.or(file.snapshot_catchup_entries),
             snapshot_chunk_bytes: self.snapshot_chunk_bytes.or(file.snapshot_chunk_bytes),
+            max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
+            simulated_step_ms: self.simulated_step_ms.or(file.simulated_step_ms),
         })
     }
 
@@ -226,6 +237,8 @@ impl NodeArgs {
             snapshot_count,
             snapshot_catchup_entries: self.snapshot_catchup_entries.unwrap_or(1_000),
             snapshot_chunk_bytes,
+            max_body_bytes: self.max_body_bytes.unwrap_or(1 << 20).max(1024),
+            simulated_step: Duration::from_millis(self.simulated_step_ms.unwrap_or(200).max(1)),
         })
     }
 }

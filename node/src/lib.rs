@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod dev;
+pub mod executor;
 pub mod server;
 
 /// Completes on SIGINT or SIGTERM.

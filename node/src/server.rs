@@ -86,6 +86,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         http_addr: config.advertise_http.clone(),
         grpc_addr: config.advertise_grpc.clone(),
         log_stats,
+        max_body_bytes: config.max_body_bytes,
     });
     let http = axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     let http_task = tokio::spawn(async move { http.await });
@@ -101,6 +102,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
 
     bootstrap(&config, &raft, data.fresh).await?;
     let registration = tokio::spawn(register(replica.clone(), config.clone()));
+    let executor =
+        tokio::spawn(crate::executor::run_simulated(replica.clone(), config.simulated_step, stop_rx.clone()));
 
     // A raft that stopped on a storage error cannot serve; exit so a supervisor restarts the
     // node (recovery replays the log) instead of leaving it up and useless.
@@ -114,6 +117,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), executor).await;
     let stopped_cleanly = raft.shutdown().await;
     // Stop RocksDB's background threads before the process exits: tearing the library down
     // under a running compaction aborts the process. Everything written is already in the WAL.

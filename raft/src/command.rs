@@ -8,7 +8,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use runtimeai_model::{Actor, Intent, NodeInfo, Operation, Policy, Runtime, Timestamp};
+use std::collections::BTreeMap;
+
+use runtimeai_model::{
+    Actor, Intent, NodeInfo, Operation, OperationError, OperationProgress, OperationStatus, Policy, Runtime, Timestamp,
+};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Command {
@@ -30,26 +34,42 @@ pub struct IdempotencyClaim {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
-    /// Create a runtime whose id, timestamps and version 1 the proposer filled in.
+    /// Create a runtime (state `creating`) and the operation that brings it up. The proposer
+    /// filled in ids, timestamps and version 1.
     CreateRuntime {
         runtime: Runtime,
+        operation: Operation,
     },
     /// Replace a runtime's record; `expected_version` is the `If-Match` precondition.
     UpdateRuntime {
         runtime: Runtime,
         expected_version: Option<u64>,
     },
-    DeleteRuntime {
-        id: String,
+    /// Merge labels into a runtime (`None` removes a label).
+    PatchLabels {
+        runtime_id: String,
+        labels: BTreeMap<String, Option<String>>,
         expected_version: Option<u64>,
     },
-    PutOperation {
+    /// Accept a lifecycle operation on a runtime: checks the transition and that no other
+    /// operation is active, then queues it.
+    BeginOperation {
         operation: Operation,
+        expected_version: Option<u64>,
+    },
+    /// Move an operation on (`running`, progress) or end it (`succeeded`, `failed`,
+    /// `cancelled`); ending it applies its effect to the runtime.
+    AdvanceOperation {
+        operation_id: String,
+        status: OperationStatus,
+        progress: Option<OperationProgress>,
+        error: Option<OperationError>,
     },
     PutIntent {
         intent: Intent,
     },
-    PutPolicy {
+    /// Create a policy (its id must be new).
+    CreatePolicy {
         policy: Policy,
     },
     DeletePolicy {
@@ -62,15 +82,16 @@ pub enum Op {
 }
 
 impl Op {
-    /// Short name for logs and events.
+    /// Short name for logs.
     pub fn name(&self) -> &'static str {
         match self {
             Op::CreateRuntime { .. } => "create_runtime",
             Op::UpdateRuntime { .. } => "update_runtime",
-            Op::DeleteRuntime { .. } => "delete_runtime",
-            Op::PutOperation { .. } => "put_operation",
+            Op::PatchLabels { .. } => "patch_labels",
+            Op::BeginOperation { .. } => "begin_operation",
+            Op::AdvanceOperation { .. } => "advance_operation",
             Op::PutIntent { .. } => "put_intent",
-            Op::PutPolicy { .. } => "put_policy",
+            Op::CreatePolicy { .. } => "create_policy",
             Op::DeletePolicy { .. } => "delete_policy",
             Op::RegisterNode { .. } => "register_node",
         }
@@ -80,6 +101,11 @@ impl Op {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum CommandReply {
     Runtime(Runtime),
+    /// A runtime created together with its first operation.
+    Created {
+        runtime: Runtime,
+        operation: Operation,
+    },
     Operation(Operation),
     Intent(Intent),
     Policy(Policy),
@@ -105,4 +131,10 @@ pub enum Rejection {
     VersionMismatch { expected: u64, actual: u64 },
     #[error("idempotency key {key:?} was already used for a different request")]
     IdempotencyKeyReused { key: String },
+    #[error("cannot {action} runtime {runtime_id}: it is {state}")]
+    IllegalTransition { runtime_id: String, action: String, state: String },
+    #[error("runtime {runtime_id} is busy with operation {operation_id}; wait for it or cancel it")]
+    OperationInProgress { runtime_id: String, operation_id: String },
+    #[error("operation {id} cannot go from {from} to {to}")]
+    IllegalOperationStatus { id: String, from: String, to: String },
 }

@@ -14,6 +14,7 @@
 // return them; boxing them at every call would only hide that.
 #![allow(clippy::result_large_err)]
 
+mod apply;
 pub mod codec;
 pub mod command;
 pub mod error;

@@ -8,7 +8,6 @@
 //! takes from them is re-applied from the log on restart. Before a snapshot lets the log be
 //! purged, the write-ahead log is synced.
 
-use std::collections::HashMap;
 use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -18,13 +17,14 @@ use openraft::{AnyError, EntryPayload, OptionalSend, StorageIOError};
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
-use runtimeai_model::{Event, EventSeverity, JsonObject, NodeInfo, Operation, Policy, Runtime};
+use runtimeai_model::{Event, NodeInfo, Operation, Policy, Runtime};
 
+use crate::apply::{apply_command, Txn};
 use crate::codec::{self, FORMAT_VERSION};
-use crate::command::{Command, CommandReply, Op, Rejection};
+use crate::command::CommandReply;
 use crate::store::{
-    cf, write_atomically, CF_EVENTS, CF_IDEMPOTENCY, CF_INTENTS, CF_NODES, CF_OPERATIONS, CF_POLICIES, CF_RUNTIMES,
-    CF_RUNTIME_NAMES, CF_SM_META, STATE_MACHINE_CFS,
+    cf, write_atomically, CF_ACTIVE_OPERATIONS, CF_EVENTS, CF_NODES, CF_OPERATIONS, CF_POLICIES, CF_RUNTIMES,
+    CF_RUNTIME_OPERATIONS, CF_SM_META, STATE_MACHINE_CFS,
 };
 use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
@@ -60,11 +60,11 @@ pub struct StateMachineStore {
     current_snapshot: Arc<Mutex<Option<CurrentSnapshot>>>,
 }
 
-fn read_err(e: impl std::error::Error + 'static) -> StorageError {
+pub(crate) fn read_err(e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::read_state_machine(&e).into()
 }
 
-fn write_err(e: impl std::error::Error + 'static) -> StorageError {
+pub(crate) fn write_err(e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::write_state_machine(&e).into()
 }
 
@@ -120,6 +120,37 @@ impl StateMachineStore {
 
     pub fn get_policy(&self, id: &str) -> Result<Option<Policy>, StorageError> {
         self.get(CF_POLICIES, id.as_bytes())
+    }
+
+    /// Every policy, ordered by id.
+    pub fn list_policies(&self) -> Result<Vec<Policy>, StorageError> {
+        self.scan(CF_POLICIES, b"")
+    }
+
+    /// Operations not finished yet (queued, pending approval or running), oldest first.
+    pub fn active_operations(&self) -> Result<Vec<Operation>, StorageError> {
+        let mut operations = Vec::new();
+        for item in self.db.iterator_cf(cf(&self.db, CF_ACTIVE_OPERATIONS), IteratorMode::Start) {
+            let (key, _) = item.map_err(read_err)?;
+            let id = String::from_utf8_lossy(&key);
+            operations.extend(self.get_operation(&id)?);
+        }
+        Ok(operations)
+    }
+
+    /// A runtime's operations, oldest first.
+    pub fn runtime_operations(&self, runtime_id: &str) -> Result<Vec<Operation>, StorageError> {
+        let prefix = event_prefix(runtime_id);
+        let mut operations = Vec::new();
+        let iter = self
+            .db
+            .iterator_cf(cf(&self.db, CF_RUNTIME_OPERATIONS), IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+        for item in iter {
+            let (key, _) = item.map_err(read_err)?;
+            let Some(id) = key.strip_prefix(prefix.as_slice()) else { break };
+            operations.extend(self.get_operation(&String::from_utf8_lossy(id))?);
+        }
+        Ok(operations)
     }
 
     /// What members announced about themselves (`RegisterNode`).
@@ -221,224 +252,17 @@ fn check_snapshot_version(file: &SnapshotFile) -> Result<(), StorageError> {
     Ok(())
 }
 
-fn event_prefix(runtime_id: &str) -> Vec<u8> {
+pub(crate) fn event_prefix(runtime_id: &str) -> Vec<u8> {
     let mut key = runtime_id.as_bytes().to_vec();
     key.push(0);
     key
 }
 
-fn name_key(tenant: Option<&str>, name: &str) -> Vec<u8> {
+pub(crate) fn name_key(tenant: Option<&str>, name: &str) -> Vec<u8> {
     let mut key = tenant.unwrap_or("").as_bytes().to_vec();
     key.push(0);
     key.extend_from_slice(name.as_bytes());
     key
-}
-
-/// The writes of one `apply` call: a RocksDB batch plus an overlay, so that a command sees the
-/// effects of the commands before it in the same batch.
-struct Txn<'a> {
-    db: &'a DB,
-    batch: WriteBatch,
-    overlay: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>,
-}
-
-impl<'a> Txn<'a> {
-    fn new(db: &'a DB) -> Self {
-        Txn { db, batch: WriteBatch::default(), overlay: HashMap::new() }
-    }
-
-    fn get<T: serde::de::DeserializeOwned>(
-        &self,
-        cf_name: &'static str,
-        key: &[u8],
-    ) -> Result<Option<T>, StorageError> {
-        let bytes = match self.overlay.get(&(cf_name, key.to_vec())) {
-            Some(value) => value.clone(),
-            None => self.db.get_cf(cf(self.db, cf_name), key).map_err(read_err)?,
-        };
-        bytes.map(|b| codec::decode("state record", &b)).transpose().map_err(read_err)
-    }
-
-    fn put<T: Serialize>(&mut self, cf_name: &'static str, key: Vec<u8>, value: &T) -> Result<(), StorageError> {
-        let bytes = codec::encode("state record", value).map_err(write_err)?;
-        self.batch.put_cf(cf(self.db, cf_name), &key, &bytes);
-        self.overlay.insert((cf_name, key), Some(bytes));
-        Ok(())
-    }
-
-    fn delete(&mut self, cf_name: &'static str, key: Vec<u8>) {
-        self.batch.delete_cf(cf(self.db, cf_name), &key);
-        self.overlay.insert((cf_name, key), None);
-    }
-}
-
-/// Applies one command at log index `index`. Rejections are replies; only store failures are
-/// errors (and stop the node: a replica must not skip an entry).
-fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<CommandReply, StorageError> {
-    if let Some(claim) = &command.idempotency {
-        let record: Option<runtimeai_model::IdempotencyRecord> = txn.get(CF_IDEMPOTENCY, claim.key.as_bytes())?;
-        if let Some(record) = record {
-            if record.fingerprint != claim.fingerprint {
-                return Ok(CommandReply::Rejected(Rejection::IdempotencyKeyReused { key: claim.key.clone() }));
-            }
-            return codec::decode("idempotent reply", &record.reply).map_err(read_err);
-        }
-    }
-    let mut events = EventWriter { index, at: command.at, actor: command.actor.clone(), written: 0 };
-    let reply = match command.op {
-        Op::CreateRuntime { runtime } => {
-            let existing: Option<Runtime> = txn.get(CF_RUNTIMES, runtime.id.as_bytes())?;
-            if let Some(existing) = existing {
-                // Ids are fresh per request: the same id with the same content is a retry of a
-                // create whose reply was lost, and gets the same answer.
-                if existing == runtime {
-                    return Ok(CommandReply::Runtime(existing));
-                }
-                CommandReply::Rejected(Rejection::AlreadyExists { kind: "runtime".into(), id: runtime.id })
-            } else {
-                let name = name_key(runtime.tenant_id.as_deref(), &runtime.name);
-                if let Some(existing_id) = txn.get::<String>(CF_RUNTIME_NAMES, &name)? {
-                    CommandReply::Rejected(Rejection::NameTaken { name: runtime.name, existing_id })
-                } else {
-                    txn.put(CF_RUNTIME_NAMES, name, &runtime.id)?;
-                    txn.put(CF_RUNTIMES, runtime.id.as_bytes().to_vec(), &runtime)?;
-                    events.write(txn, &runtime.id, "runtime.created", EventSeverity::Info)?;
-                    CommandReply::Runtime(runtime)
-                }
-            }
-        }
-        Op::UpdateRuntime { mut runtime, expected_version } => {
-            match txn.get::<Runtime>(CF_RUNTIMES, runtime.id.as_bytes())? {
-                None => CommandReply::Rejected(Rejection::NotFound { kind: "runtime".into(), id: runtime.id }),
-                Some(current) => match check_version(expected_version, current.version) {
-                    Err(rejection) => CommandReply::Rejected(rejection),
-                    Ok(()) => {
-                        let old_name = name_key(current.tenant_id.as_deref(), &current.name);
-                        let new_name = name_key(runtime.tenant_id.as_deref(), &runtime.name);
-                        let clash =
-                            if old_name != new_name { txn.get::<String>(CF_RUNTIME_NAMES, &new_name)? } else { None };
-                        if let Some(existing_id) = clash {
-                            CommandReply::Rejected(Rejection::NameTaken { name: runtime.name, existing_id })
-                        } else {
-                            if old_name != new_name {
-                                txn.delete(CF_RUNTIME_NAMES, old_name);
-                                txn.put(CF_RUNTIME_NAMES, new_name, &runtime.id)?;
-                            }
-                            runtime.version = current.version + 1;
-                            runtime.created_at = current.created_at;
-                            runtime.updated_at = Some(command.at);
-                            txn.put(CF_RUNTIMES, runtime.id.as_bytes().to_vec(), &runtime)?;
-                            events.write(txn, &runtime.id, "runtime.updated", EventSeverity::Info)?;
-                            CommandReply::Runtime(runtime)
-                        }
-                    }
-                },
-            }
-        }
-        Op::DeleteRuntime { id, expected_version } => match txn.get::<Runtime>(CF_RUNTIMES, id.as_bytes())? {
-            None => CommandReply::Rejected(Rejection::NotFound { kind: "runtime".into(), id }),
-            Some(current) => match check_version(expected_version, current.version) {
-                Err(rejection) => CommandReply::Rejected(rejection),
-                Ok(()) => {
-                    txn.delete(CF_RUNTIME_NAMES, name_key(current.tenant_id.as_deref(), &current.name));
-                    txn.delete(CF_RUNTIMES, id.as_bytes().to_vec());
-                    events.write(txn, &id, "runtime.deleted", EventSeverity::Info)?;
-                    CommandReply::Deleted { id }
-                }
-            },
-        },
-        Op::PutOperation { mut operation } => {
-            let current: Option<Operation> = txn.get(CF_OPERATIONS, operation.id.as_bytes())?;
-            operation.version = current.map_or(1, |c| c.version + 1);
-            txn.put(CF_OPERATIONS, operation.id.as_bytes().to_vec(), &operation)?;
-            let kind = format!(
-                "operation.{}",
-                serde_json::to_value(operation.status)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .unwrap_or_default()
-            );
-            events.write(txn, &operation.runtime_id, &kind, EventSeverity::Info)?;
-            CommandReply::Operation(operation)
-        }
-        Op::PutIntent { mut intent } => {
-            let current: Option<runtimeai_model::Intent> = txn.get(CF_INTENTS, intent.id.as_bytes())?;
-            intent.version = current.map_or(1, |c| c.version + 1);
-            txn.put(CF_INTENTS, intent.id.as_bytes().to_vec(), &intent)?;
-            events.write(txn, &intent.runtime_id, "intent.updated", EventSeverity::Info)?;
-            CommandReply::Intent(intent)
-        }
-        Op::PutPolicy { mut policy } => {
-            let current: Option<Policy> = txn.get(CF_POLICIES, policy.id.as_bytes())?;
-            policy.version = current.map_or(1, |c| c.version + 1);
-            txn.put(CF_POLICIES, policy.id.as_bytes().to_vec(), &policy)?;
-            CommandReply::Policy(policy)
-        }
-        Op::DeletePolicy { id } => {
-            if txn.get::<Policy>(CF_POLICIES, id.as_bytes())?.is_none() {
-                CommandReply::Rejected(Rejection::NotFound { kind: "policy".into(), id })
-            } else {
-                txn.delete(CF_POLICIES, id.as_bytes().to_vec());
-                CommandReply::Deleted { id }
-            }
-        }
-        Op::RegisterNode { info } => {
-            txn.put(CF_NODES, info.node_id.to_be_bytes().to_vec(), &info)?;
-            CommandReply::NodeRegistered
-        }
-    };
-    if let Some(claim) = command.idempotency {
-        let record = runtimeai_model::IdempotencyRecord {
-            key: claim.key.clone(),
-            fingerprint: claim.fingerprint,
-            reply: codec::encode("idempotent reply", &reply).map_err(write_err)?,
-            created_at: command.at,
-        };
-        txn.put(CF_IDEMPOTENCY, claim.key.into_bytes(), &record)?;
-    }
-    Ok(reply)
-}
-
-fn check_version(expected: Option<u64>, actual: u64) -> Result<(), Rejection> {
-    match expected {
-        Some(expected) if expected != actual => Err(Rejection::VersionMismatch { expected, actual }),
-        _ => Ok(()),
-    }
-}
-
-/// Writes the events of one command, keyed so that a runtime's events sort in log order.
-struct EventWriter {
-    index: u64,
-    at: runtimeai_model::Timestamp,
-    actor: runtimeai_model::Actor,
-    written: u32,
-}
-
-impl EventWriter {
-    fn write(
-        &mut self,
-        txn: &mut Txn<'_>,
-        runtime_id: &str,
-        event_type: &str,
-        severity: EventSeverity,
-    ) -> Result<(), StorageError> {
-        let sub = self.written;
-        self.written += 1;
-        let event = Event {
-            id: format!("ev_{:016x}_{sub}", self.index),
-            runtime_id: runtime_id.to_string(),
-            event_type: event_type.to_string(),
-            severity,
-            ts: self.at,
-            actor: self.actor.clone(),
-            data: JsonObject::default(),
-            seq: self.index,
-        };
-        let mut key = event_prefix(runtime_id);
-        key.extend_from_slice(&self.index.to_be_bytes());
-        key.extend_from_slice(&sub.to_be_bytes());
-        txn.put(CF_EVENTS, key, &event)
-    }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {

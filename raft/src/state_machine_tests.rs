@@ -6,7 +6,9 @@ use chrono::TimeZone;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload, LogId, Membership};
 
-use runtimeai_model::{Actor, Runtime, RuntimeSpec, RuntimeState, RuntimeType};
+use runtimeai_model::{
+    Actor, LifecycleAction, Operation, OperationStatus, Runtime, RuntimeSpec, RuntimeState, RuntimeType,
+};
 
 use super::StateMachineStore;
 use crate::command::{Command, CommandReply, IdempotencyClaim, Op, Rejection};
@@ -38,7 +40,39 @@ fn runtime(id: &str, name: &str) -> Runtime {
         created_at: at(0),
         updated_at: None,
         version: 1,
+        active_operation: Some(format!("op_create_{id}")),
+        snapshots: vec![],
     }
+}
+
+fn operation(id: &str, runtime_id: &str, action: LifecycleAction) -> Operation {
+    Operation {
+        id: id.into(),
+        runtime_id: runtime_id.into(),
+        action,
+        prior_state: RuntimeState::Creating,
+        status: OperationStatus::Queued,
+        created_at: at(0),
+        finished_at: None,
+        progress: None,
+        error: None,
+        version: 1,
+    }
+}
+
+fn create(id: &str, name: &str) -> Op {
+    Op::CreateRuntime {
+        runtime: runtime(id, name),
+        operation: operation(&format!("op_create_{id}"), id, LifecycleAction::Create),
+    }
+}
+
+fn begin(op_id: &str, runtime_id: &str, action: LifecycleAction) -> Op {
+    Op::BeginOperation { operation: operation(op_id, runtime_id, action), expected_version: None }
+}
+
+fn advance(op_id: &str, status: OperationStatus) -> Op {
+    Op::AdvanceOperation { operation_id: op_id.into(), status, progress: None, error: None }
 }
 
 fn command(op: Op) -> Command {
@@ -49,44 +83,61 @@ fn entry(index: u64, command: Command) -> Entry {
     Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(command) }
 }
 
-async fn apply(sm: &mut StateMachineStore, commands: Vec<(u64, Command)>) -> Vec<CommandReply> {
-    sm.apply(commands.into_iter().map(|(i, c)| entry(i, c))).await.unwrap()
+/// Applies `ops` as consecutive log entries starting after what is applied.
+async fn apply(sm: &mut StateMachineStore, ops: Vec<Op>) -> Vec<CommandReply> {
+    let next = sm.last_applied().unwrap().map_or(1, |l| l.index + 1);
+    let entries: Vec<Entry> = ops.into_iter().enumerate().map(|(i, op)| entry(next + i as u64, command(op))).collect();
+    sm.apply(entries).await.unwrap()
+}
+
+fn state_of(sm: &StateMachineStore, id: &str) -> Option<RuntimeState> {
+    sm.get_runtime(id).unwrap().map(|r| r.state)
+}
+
+/// Creates runtime `id` and runs its create operation to success.
+async fn running(sm: &mut StateMachineStore, id: &str, name: &str) {
+    let op = format!("op_create_{id}");
+    apply(sm, vec![create(id, name), advance(&op, OperationStatus::Running), advance(&op, OperationStatus::Succeeded)])
+        .await;
+    assert_eq!(state_of(sm, id), Some(RuntimeState::Running));
 }
 
 #[tokio::test]
 async fn names_are_unique_per_tenant_even_within_one_batch() {
     let (_dir, mut sm) = open();
-    let replies = apply(
-        &mut sm,
-        vec![
-            (1, command(Op::CreateRuntime { runtime: runtime("rt_a", "web") })),
-            (2, command(Op::CreateRuntime { runtime: runtime("rt_b", "web") })),
-            (3, command(Op::CreateRuntime { runtime: Runtime { tenant_id: None, ..runtime("rt_c", "web") } })),
-        ],
-    )
-    .await;
-    assert!(matches!(&replies[0], CommandReply::Runtime(r) if r.id == "rt_a"));
+    let mut other_tenant = create("rt_c", "web");
+    if let Op::CreateRuntime { runtime, .. } = &mut other_tenant {
+        runtime.tenant_id = None;
+    }
+    let replies = apply(&mut sm, vec![create("rt_a", "web"), create("rt_b", "web"), other_tenant]).await;
+    assert!(matches!(&replies[0], CommandReply::Created { runtime, .. } if runtime.id == "rt_a"));
     assert_eq!(
         replies[1],
         CommandReply::Rejected(Rejection::NameTaken { name: "web".into(), existing_id: "rt_a".into() })
     );
-    assert!(matches!(&replies[2], CommandReply::Runtime(r) if r.id == "rt_c"), "another tenant may reuse the name");
+    assert!(matches!(&replies[2], CommandReply::Created { .. }), "another tenant may reuse the name");
     assert_eq!(sm.list_runtimes().unwrap().len(), 2);
     assert_eq!(sm.last_applied().unwrap().map(|l| l.index), Some(3));
+    assert_eq!(sm.active_operations().unwrap().len(), 2, "each create queues an operation");
 }
 
 #[tokio::test]
-async fn updates_check_the_expected_version_and_bump_it() {
+async fn updates_and_label_patches_check_the_expected_version() {
     let (_dir, mut sm) = open();
-    apply(&mut sm, vec![(1, command(Op::CreateRuntime { runtime: runtime("rt_a", "web") }))]).await;
+    apply(&mut sm, vec![create("rt_a", "web")]).await;
     let mut renamed = runtime("rt_a", "web-2");
     renamed.labels.insert("tier".into(), "gold".into());
     let replies = apply(
         &mut sm,
         vec![
-            (2, command(Op::UpdateRuntime { runtime: renamed.clone(), expected_version: Some(7) })),
-            (3, command(Op::UpdateRuntime { runtime: renamed.clone(), expected_version: Some(1) })),
-            (4, command(Op::CreateRuntime { runtime: runtime("rt_b", "web") })),
+            Op::UpdateRuntime { runtime: renamed.clone(), expected_version: Some(7) },
+            Op::UpdateRuntime { runtime: renamed.clone(), expected_version: Some(1) },
+            create("rt_b", "web"),
+            Op::PatchLabels {
+                runtime_id: "rt_a".into(),
+                labels: BTreeMap::from([("env".into(), None), ("team".into(), Some("risk".into()))]),
+                expected_version: Some(2),
+            },
         ],
     )
     .await;
@@ -94,50 +145,179 @@ async fn updates_check_the_expected_version_and_bump_it() {
     let CommandReply::Runtime(updated) = &replies[1] else { panic!("{:?}", replies[1]) };
     assert_eq!(updated.version, 2);
     assert_eq!(updated.updated_at, Some(at(1)));
-    assert!(matches!(&replies[2], CommandReply::Runtime(_)), "the old name is free again: {:?}", replies[2]);
+    assert!(matches!(&replies[2], CommandReply::Created { .. }), "the old name is free again: {:?}", replies[2]);
+    let CommandReply::Runtime(patched) = &replies[3] else { panic!("{:?}", replies[3]) };
+    assert_eq!(patched.version, 3);
+    let labels: Vec<(&str, &str)> = patched.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(labels, [("team", "risk"), ("tier", "gold")]);
 }
 
 #[tokio::test]
-async fn every_change_writes_an_ordered_event_and_delete_frees_the_name() {
+async fn lifecycle_operations_follow_the_transition_table_one_at_a_time() {
     let (_dir, mut sm) = open();
+    running(&mut sm, "rt_a", "web").await;
+    let stop = LifecycleAction::Stop { force: false, timeout_seconds: None };
+    let replies =
+        apply(&mut sm, vec![begin("op_start", "rt_a", LifecycleAction::Start), begin("op_stop", "rt_a", stop.clone())])
+            .await;
+    assert_eq!(
+        replies[0],
+        CommandReply::Rejected(Rejection::IllegalTransition {
+            runtime_id: "rt_a".into(),
+            action: "start".into(),
+            state: "running".into()
+        })
+    );
+    let CommandReply::Operation(queued) = &replies[1] else { panic!("{:?}", replies[1]) };
+    assert_eq!((queued.status, queued.prior_state), (OperationStatus::Queued, RuntimeState::Running));
+    let busy = apply(&mut sm, vec![begin("op_restart", "rt_a", LifecycleAction::Restart)]).await;
+    assert_eq!(
+        busy[0],
+        CommandReply::Rejected(Rejection::OperationInProgress {
+            runtime_id: "rt_a".into(),
+            operation_id: "op_stop".into()
+        })
+    );
+    assert_eq!(state_of(&sm, "rt_a"), Some(RuntimeState::Running), "unchanged until the stop succeeds");
+
+    let done = apply(
+        &mut sm,
+        vec![advance("op_stop", OperationStatus::Running), advance("op_stop", OperationStatus::Succeeded)],
+    )
+    .await;
+    let CommandReply::Operation(finished) = &done[1] else { panic!("{:?}", done[1]) };
+    assert_eq!(finished.status, OperationStatus::Succeeded);
+    assert_eq!(finished.finished_at, Some(at(1)));
+    assert_eq!(state_of(&sm, "rt_a"), Some(RuntimeState::Stopped));
+    assert!(sm.get_runtime("rt_a").unwrap().unwrap().active_operation.is_none());
+    assert!(sm.active_operations().unwrap().is_empty());
+    let again = apply(&mut sm, vec![advance("op_stop", OperationStatus::Running)]).await;
+    assert!(matches!(again[0], CommandReply::Rejected(Rejection::IllegalOperationStatus { .. })), "{:?}", again[0]);
+
+    let kinds: Vec<String> =
+        sm.runtime_operations("rt_a").unwrap().iter().map(|o| o.action.kind().to_string()).collect();
+    assert_eq!(kinds, ["create", "stop"], "refused actions leave no operation");
+    let events: Vec<String> = sm.runtime_events("rt_a").unwrap().iter().map(|e| e.event_type.clone()).collect();
+    assert_eq!(
+        events,
+        ["runtime.created", "operation.succeeded", "lifecycle.stop", "operation.succeeded"],
+        "every change has its event, in order"
+    );
+}
+
+#[tokio::test]
+async fn delete_goes_through_deleting_and_frees_the_name_cancel_restores_the_state() {
+    let (_dir, mut sm) = open();
+    running(&mut sm, "rt_a", "web").await;
+    apply(&mut sm, vec![begin("op_del1", "rt_a", LifecycleAction::Delete)]).await;
+    assert_eq!(state_of(&sm, "rt_a"), Some(RuntimeState::Deleting));
+    apply(&mut sm, vec![advance("op_del1", OperationStatus::Cancelled)]).await;
+    assert_eq!(state_of(&sm, "rt_a"), Some(RuntimeState::Running), "a cancelled delete restores the state");
+
     apply(
         &mut sm,
+        vec![begin("op_del2", "rt_a", LifecycleAction::Delete), advance("op_del2", OperationStatus::Running)],
+    )
+    .await;
+    apply(&mut sm, vec![advance("op_del2", OperationStatus::Succeeded)]).await;
+    assert_eq!(state_of(&sm, "rt_a"), None);
+    assert_eq!(sm.get_operation("op_del2").unwrap().unwrap().status, OperationStatus::Succeeded);
+    assert_eq!(sm.runtime_events("rt_a").unwrap().last().unwrap().event_type, "runtime.deleted");
+    let reuse = apply(&mut sm, vec![create("rt_b", "web")]).await;
+    assert!(matches!(reuse[0], CommandReply::Created { .. }), "{:?}", reuse[0]);
+}
+
+#[tokio::test]
+async fn scale_snapshot_and_restore_change_the_record_and_a_failed_create_is_an_error() {
+    let (_dir, mut sm) = open();
+    running(&mut sm, "rt_a", "web").await;
+    let scale = LifecycleAction::Scale { size: Some("large".into()), resources: None };
+    let snapshot = LifecycleAction::Snapshot { snapshot_id: "snap_1".into(), name: "before".into(), description: None };
+    for (op, action) in [("op_scale", scale), ("op_snap", snapshot)] {
+        apply(
+            &mut sm,
+            vec![
+                begin(op, "rt_a", action),
+                advance(op, OperationStatus::Running),
+                advance(op, OperationStatus::Succeeded),
+            ],
+        )
+        .await;
+    }
+    let record = sm.get_runtime("rt_a").unwrap().unwrap();
+    assert_eq!(record.spec.size.as_deref(), Some("large"));
+    assert_eq!(record.snapshots.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["snap_1"]);
+
+    let missing = LifecycleAction::Restore { snapshot_id: "snap_404".into() };
+    let replies = apply(
+        &mut sm,
         vec![
-            (1, command(Op::CreateRuntime { runtime: runtime("rt_a", "web") })),
-            (2, command(Op::UpdateRuntime { runtime: runtime("rt_a", "web"), expected_version: None })),
-            (3, command(Op::DeleteRuntime { id: "rt_a".into(), expected_version: Some(2) })),
-            (4, command(Op::DeleteRuntime { id: "rt_a".into(), expected_version: None })),
+            begin("op_restore", "rt_a", missing),
+            advance("op_restore", OperationStatus::Running),
+            advance("op_restore", OperationStatus::Succeeded),
         ],
     )
     .await;
-    let events = sm.runtime_events("rt_a").unwrap();
-    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
-    assert_eq!(types, ["runtime.created", "runtime.updated", "runtime.deleted"]);
-    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
-    assert!(events.iter().all(|e| e.actor == Actor::Agent("planner".into()) && e.ts == at(1)));
-    assert!(sm.get_runtime("rt_a").unwrap().is_none());
-    let replies = apply(&mut sm, vec![(5, command(Op::CreateRuntime { runtime: runtime("rt_b", "web") }))]).await;
-    assert!(matches!(&replies[0], CommandReply::Runtime(_)));
+    let CommandReply::Operation(restore) = &replies[2] else { panic!("{:?}", replies[2]) };
+    assert_eq!(restore.status, OperationStatus::Failed);
+    assert_eq!(restore.error.as_ref().map(|e| e.code.as_str()), Some("snapshot_not_found"));
+    assert_eq!(state_of(&sm, "rt_a"), Some(RuntimeState::Running));
+
+    apply(&mut sm, vec![create("rt_b", "db"), advance("op_create_rt_b", OperationStatus::Failed)]).await;
+    assert_eq!(state_of(&sm, "rt_b"), Some(RuntimeState::Error));
 }
 
 #[tokio::test]
 async fn an_idempotency_key_replays_the_first_reply_and_refuses_other_requests() {
     let (_dir, mut sm) = open();
-    let claim = |fingerprint: &str| IdempotencyClaim { key: "acme/k1".into(), fingerprint: fingerprint.into() };
-    let with_claim = |op: Op, fingerprint: &str| Command { idempotency: Some(claim(fingerprint)), ..command(op) };
-    let replies = apply(
-        &mut sm,
-        vec![
-            (1, with_claim(Op::CreateRuntime { runtime: runtime("rt_a", "web") }, "f1")),
-            (2, with_claim(Op::CreateRuntime { runtime: runtime("rt_a", "web") }, "f1")),
-            (3, with_claim(Op::CreateRuntime { runtime: runtime("rt_z", "other") }, "f2")),
-        ],
-    )
-    .await;
-    assert!(matches!(&replies[0], CommandReply::Runtime(r) if r.id == "rt_a"));
+    let with_claim = |op: Op, fingerprint: &str, seconds: i64| Command {
+        at: at(seconds),
+        idempotency: Some(IdempotencyClaim { key: "acme/k1".into(), fingerprint: fingerprint.into() }),
+        ..command(op)
+    };
+    let entries = vec![
+        entry(1, with_claim(create("rt_a", "web"), "f1", 1)),
+        entry(2, with_claim(create("rt_a", "web"), "f1", 2)),
+        entry(3, with_claim(create("rt_z", "other"), "f2", 3)),
+    ];
+    let replies = sm.apply(entries).await.unwrap();
+    assert!(matches!(&replies[0], CommandReply::Created { runtime, .. } if runtime.id == "rt_a"));
     assert_eq!(replies[1], replies[0], "a retry gets the original reply, not a conflict");
     assert_eq!(replies[2], CommandReply::Rejected(Rejection::IdempotencyKeyReused { key: "acme/k1".into() }));
     assert_eq!(sm.runtime_events("rt_a").unwrap().len(), 1, "applied once");
+
+    // A day later the key is forgotten: a new request may use it.
+    let day = 24 * 60 * 60 + 10;
+    let later = vec![
+        entry(
+            4,
+            Command {
+                idempotency: Some(IdempotencyClaim { key: "acme/k2".into(), fingerprint: "x".into() }),
+                at: at(day),
+                ..command(create("rt_y", "y"))
+            },
+        ),
+        entry(5, with_claim(create("rt_z", "other"), "f2", day)),
+    ];
+    let replies = sm.apply(later).await.unwrap();
+    assert!(matches!(&replies[1], CommandReply::Created { runtime, .. } if runtime.id == "rt_z"), "{:?}", replies[1]);
+}
+
+#[tokio::test]
+async fn a_retried_create_gets_the_same_reply_and_no_second_event() {
+    let (_dir, mut sm) = open();
+    let mut clash = create("rt_a", "other");
+    if let Op::CreateRuntime { runtime, operation } = &mut clash {
+        runtime.created_at = at(5);
+        operation.id = "op_other".into();
+    }
+    let replies = apply(&mut sm, vec![create("rt_a", "web"), create("rt_a", "web"), clash]).await;
+    assert_eq!(replies[0], replies[1]);
+    assert_eq!(
+        replies[2],
+        CommandReply::Rejected(Rejection::AlreadyExists { kind: "runtime".into(), id: "rt_a".into() })
+    );
+    assert_eq!(sm.runtime_events("rt_a").unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -149,21 +329,19 @@ async fn a_snapshot_carries_the_whole_state_to_another_replica() {
         payload: EntryPayload::Membership(membership),
     }];
     for i in 0..50u64 {
-        entries.push(entry(
-            2 + i,
-            command(Op::CreateRuntime { runtime: runtime(&format!("rt_{i:03}"), &format!("n{i}")) }),
-        ));
+        entries.push(entry(2 + i, command(create(&format!("rt_{i:03}"), &format!("n{i}")))));
     }
     source.apply(entries).await.unwrap();
     let snapshot = source.build_snapshot().await.unwrap();
     assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(51));
 
     let (_dir2, mut target) = open();
-    apply(&mut target, vec![(1, command(Op::CreateRuntime { runtime: runtime("rt_stale", "stale") }))]).await;
+    apply(&mut target, vec![create("rt_stale", "stale")]).await;
     target.install_snapshot(&snapshot.meta, snapshot.snapshot).await.unwrap();
     assert!(target.get_runtime("rt_stale").unwrap().is_none(), "install replaces the whole state");
     assert_eq!(target.list_runtimes().unwrap(), source.list_runtimes().unwrap());
     assert_eq!(target.runtime_events("rt_007").unwrap(), source.runtime_events("rt_007").unwrap());
+    assert_eq!(target.active_operations().unwrap(), source.active_operations().unwrap());
     let (applied, stored_membership) = target.applied_state().await.unwrap();
     assert_eq!(applied.map(|l| l.index), Some(51));
     assert_eq!(stored_membership.membership().voter_ids().collect::<Vec<_>>(), vec![1, 2, 3]);
@@ -174,7 +352,7 @@ async fn a_snapshot_carries_the_whole_state_to_another_replica() {
 #[tokio::test]
 async fn a_snapshot_of_another_format_version_is_refused() {
     let (_dir, mut source) = open();
-    apply(&mut source, vec![(1, command(Op::CreateRuntime { runtime: runtime("rt_a", "web") }))]).await;
+    apply(&mut source, vec![create("rt_a", "web")]).await;
     let snapshot = source.build_snapshot().await.unwrap();
     let mut bytes = snapshot.snapshot.into_inner();
     // The format version is the first field (a varint): make it another version.
@@ -183,24 +361,4 @@ async fn a_snapshot_of_another_format_version_is_refused() {
     let err = target.install_snapshot(&snapshot.meta, Box::new(std::io::Cursor::new(bytes))).await.unwrap_err();
     assert!(err.to_string().contains("format version"), "{err}");
     assert!(target.get_runtime("rt_a").unwrap().is_none());
-}
-
-#[tokio::test]
-async fn a_retried_create_gets_the_same_runtime_and_no_second_event() {
-    let (_dir, mut sm) = open();
-    let replies = apply(
-        &mut sm,
-        vec![
-            (1, command(Op::CreateRuntime { runtime: runtime("rt_a", "web") })),
-            (2, command(Op::CreateRuntime { runtime: runtime("rt_a", "web") })),
-            (3, command(Op::CreateRuntime { runtime: runtime("rt_a", "other") })),
-        ],
-    )
-    .await;
-    assert_eq!(replies[0], replies[1]);
-    assert_eq!(
-        replies[2],
-        CommandReply::Rejected(Rejection::AlreadyExists { kind: "runtime".into(), id: "rt_a".into() })
-    );
-    assert_eq!(sm.runtime_events("rt_a").unwrap().len(), 1);
 }

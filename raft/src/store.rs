@@ -39,6 +39,12 @@ pub(crate) const CF_POLICIES: &str = "policies";
 pub(crate) const CF_EVENTS: &str = "events";
 pub(crate) const CF_IDEMPOTENCY: &str = "idempotency";
 pub(crate) const CF_NODES: &str = "nodes";
+/// `operation id` → runtime id, for every operation not yet finished (the executor's queue).
+pub(crate) const CF_ACTIVE_OPERATIONS: &str = "active_operations";
+/// `runtime id \0 operation id` → (): a runtime's operations in creation order.
+pub(crate) const CF_RUNTIME_OPERATIONS: &str = "runtime_operations";
+/// `time (BE ms) \0 key` → (): idempotency records by age, for pruning.
+pub(crate) const CF_IDEMPOTENCY_BY_TIME: &str = "idempotency_by_time";
 
 /// Column families that make up the state machine, and so a snapshot.
 pub(crate) const STATE_MACHINE_CFS: &[&str] = &[
@@ -51,6 +57,9 @@ pub(crate) const STATE_MACHINE_CFS: &[&str] = &[
     CF_EVENTS,
     CF_IDEMPOTENCY,
     CF_NODES,
+    CF_ACTIVE_OPERATIONS,
+    CF_RUNTIME_OPERATIONS,
+    CF_IDEMPOTENCY_BY_TIME,
 ];
 
 /// Column families of the raft log itself; the rest of the database is the state machine.

@@ -7,17 +7,19 @@
 //! fields across both.
 
 mod json;
+mod lifecycle;
 mod records;
 mod runtime;
 
 pub use json::JsonObject;
+pub use lifecycle::{IllegalTransition, LifecycleAction};
 pub use records::{
     Actor, Event, EventSeverity, IdempotencyRecord, Intent, NodeInfo, Operation, OperationError, OperationProgress,
     OperationStatus, Policy, PolicyRule,
 };
 pub use runtime::{
     BackendKind, BackendRef, EgressPolicy, Exposure, Isolation, NetworkingProfile, ResourceProfile, Runtime,
-    RuntimeSpec, RuntimeState, RuntimeType, SecurityProfile,
+    RuntimeSnapshot, RuntimeSpec, RuntimeState, RuntimeType, SecurityProfile,
 };
 
 /// Timestamps are UTC, serialized as RFC 3339.

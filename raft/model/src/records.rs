@@ -1,6 +1,6 @@
 use serde::{Deserialize, Serialize};
 
-use crate::{JsonObject, Timestamp};
+use crate::{JsonObject, LifecycleAction, RuntimeState, Timestamp};
 
 /// Who asked for a change: recorded on every event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,13 +72,33 @@ pub struct OperationError {
     pub message: String,
 }
 
+impl OperationStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, OperationStatus::Succeeded | OperationStatus::Failed | OperationStatus::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationStatus::Queued => "queued",
+            OperationStatus::PendingApproval => "pending_approval",
+            OperationStatus::Running => "running",
+            OperationStatus::Succeeded => "succeeded",
+            OperationStatus::Failed => "failed",
+            OperationStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// An asynchronous piece of work on a runtime.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Operation {
     pub id: String,
     pub runtime_id: String,
-    /// What the operation does (`start`, `scale`, `intent`, ...).
-    pub kind: String,
+    /// What the operation does, with its parameters.
+    pub action: LifecycleAction,
+    /// The runtime's state when the operation was accepted (restored if it fails or is
+    /// cancelled while the runtime is in a transitional state).
+    pub prior_state: RuntimeState,
     pub status: OperationStatus,
     pub created_at: Timestamp,
     #[serde(default)]
@@ -87,8 +107,6 @@ pub struct Operation {
     pub progress: Option<OperationProgress>,
     #[serde(default)]
     pub error: Option<OperationError>,
-    #[serde(default)]
-    pub params: JsonObject,
     pub version: u64,
 }
 

@@ -27,6 +27,41 @@ pub enum RuntimeState {
     Error,
 }
 
+impl RuntimeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeState::Creating => "creating",
+            RuntimeState::Running => "running",
+            RuntimeState::Stopped => "stopped",
+            RuntimeState::Degraded => "degraded",
+            RuntimeState::Deleting => "deleting",
+            RuntimeState::Deleted => "deleted",
+            RuntimeState::Error => "error",
+        }
+    }
+}
+
+impl RuntimeType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeType::Vm => "vm",
+            RuntimeType::Vcluster => "vcluster",
+            RuntimeType::Sandbox => "sandbox",
+            RuntimeType::AgentRuntime => "agent_runtime",
+        }
+    }
+}
+
+/// A point-in-time copy of a runtime, to restore later.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeSnapshot {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    pub created_at: Timestamp,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendKind {
@@ -54,7 +89,8 @@ pub struct ResourceProfile {
     #[serde(default)]
     pub gpu: Option<String>,
     #[serde(default)]
-    pub replicas: Option<u32>,
+    /// Signed so that a negative count is refused as invalid (422), not as malformed.
+    pub replicas: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,4 +183,10 @@ pub struct Runtime {
     pub updated_at: Option<Timestamp>,
     /// Bumped by every change; the API's `ETag` and `If-Match` are built on it.
     pub version: u64,
+    /// The operation currently working on this runtime; one at a time.
+    #[serde(default)]
+    pub active_operation: Option<String>,
+    /// Snapshots taken, oldest first.
+    #[serde(default)]
+    pub snapshots: Vec<RuntimeSnapshot>,
 }

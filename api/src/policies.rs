@@ -1,0 +1,153 @@
+//! Policies: the safety rules agents act under (stored here; enforced by the engine).
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use runtimeai_model::{JsonObject, Policy, PolicyRule};
+use runtimeai_raft::{CommandReply, Op};
+
+use crate::extract::{tenant, Body, Consistency, PathParam, QueryParams};
+use crate::mutation::{new_id, propose};
+use crate::problem::Problem;
+use crate::{validate, AppState};
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/policies", get(list_policies).post(create_policy))
+        .route("/v1/policies/{policy_id}", get(get_policy).delete(delete_policy))
+}
+
+/// Rule kinds of the seed.
+const RULE_KINDS: &[&str] = &["deny_action", "allow_action", "require_approval", "budget_guardrail", "data_egress"];
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleRequest {
+    pub kind: String,
+    #[serde(default)]
+    pub selector: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    pub params: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyCreateRequest {
+    pub name: String,
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    #[serde(default)]
+    pub scope_env: Option<String>,
+    pub rules: Vec<RuleRequest>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyListParams {
+    #[serde(default)]
+    pub scope_env: Option<String>,
+    #[serde(default)]
+    pub consistency: Consistency,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PolicyList {
+    pub items: Vec<Policy>,
+}
+
+async fn create_policy(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Body(request): Body<PolicyCreateRequest>,
+) -> Result<Response, Problem> {
+    validate::name(&request.name, "$.name")?;
+    for (i, rule) in request.rules.iter().enumerate() {
+        if !RULE_KINDS.contains(&rule.kind.as_str()) {
+            return Err(Problem::invalid_field(
+                format!("$.rules[{i}].kind"),
+                format!("unknown rule kind {:?}; kinds are {}", rule.kind, RULE_KINDS.join(", ")),
+            ));
+        }
+    }
+    let policy = Policy {
+        id: new_id("pol"),
+        name: request.name.clone(),
+        tenant_id: request.tenant_id.clone().or(tenant(&headers)?),
+        scope_env: request.scope_env.clone(),
+        rules: request
+            .rules
+            .iter()
+            .map(|r| PolicyRule {
+                kind: r.kind.clone(),
+                selector: JsonObject(r.selector.clone().unwrap_or_default()),
+                params: JsonObject(r.params.clone().unwrap_or_default()),
+            })
+            .collect(),
+        created_at: chrono::Utc::now(),
+        version: 1,
+    };
+    match propose(&state, &headers, "POST /v1/policies", &request, Op::CreatePolicy { policy }).await? {
+        CommandReply::Policy(policy) => Ok((StatusCode::CREATED, Json(policy)).into_response()),
+        other => Err(Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{other:?}"))),
+    }
+}
+
+async fn read_policy(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+    consistency: Consistency,
+) -> Result<Policy, Problem> {
+    if consistency == Consistency::Linearizable {
+        state.replica.read_barrier().await?;
+    }
+    let tenant = tenant(headers)?;
+    match state.replica.state.get_policy(id)? {
+        Some(policy) if tenant.is_none() || policy.tenant_id == tenant => Ok(policy),
+        _ => Err(Problem::not_found(format!("policy {id} not found"))),
+    }
+}
+
+async fn get_policy(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParam(policy_id): PathParam<String>,
+    QueryParams(params): QueryParams<crate::runtimes::ReadParams>,
+) -> Result<Json<Policy>, Problem> {
+    Ok(Json(read_policy(&state, &headers, &policy_id, params.consistency).await?))
+}
+
+async fn list_policies(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    QueryParams(params): QueryParams<PolicyListParams>,
+) -> Result<Json<PolicyList>, Problem> {
+    if params.consistency == Consistency::Linearizable {
+        state.replica.read_barrier().await?;
+    }
+    let tenant = tenant(&headers)?;
+    let items = state
+        .replica
+        .state
+        .list_policies()?
+        .into_iter()
+        .filter(|p| tenant.is_none() || p.tenant_id == tenant)
+        .filter(|p| params.scope_env.is_none() || p.scope_env == params.scope_env)
+        .collect();
+    Ok(Json(PolicyList { items }))
+}
+
+async fn delete_policy(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParam(policy_id): PathParam<String>,
+) -> Result<StatusCode, Problem> {
+    read_policy(&state, &headers, &policy_id, Consistency::Stale).await?;
+    let op = Op::DeletePolicy { id: policy_id.clone() };
+    propose(&state, &headers, &format!("DELETE /v1/policies/{policy_id}"), &(), op).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

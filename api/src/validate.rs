@@ -1,0 +1,144 @@
+//! Semantic checks of request values (422): sizes from the catalogue, positive resources,
+//! Kubernetes-style quantities, DNS-label names. Nothing that fails here reaches the log.
+
+use axum::http::StatusCode;
+
+use runtimeai_model::{ResourceProfile, RuntimeSpec};
+
+use crate::problem::{FieldError, Problem};
+
+/// T-shirt sizes a runtime may ask for: (name, vCPUs, memory).
+pub const SIZES: &[(&str, f64, &str)] =
+    &[("small", 1.0, "2Gi"), ("medium", 2.0, "4Gi"), ("large", 4.0, "8Gi"), ("xlarge", 8.0, "16Gi")];
+
+fn invalid(path: &str, message: impl Into<String>) -> Problem {
+    let message = message.into();
+    let mut problem = Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-value", format!("{path}: {message}"));
+    problem.errors.push(FieldError { path: path.to_string(), message });
+    problem
+}
+
+/// Names follow Kubernetes' DNS label rule, so a runtime's name can name its backend objects.
+pub fn name(value: &str, path: &str) -> Result<(), Problem> {
+    let valid = !value.is_empty()
+        && value.len() <= 63
+        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if valid {
+        Ok(())
+    } else {
+        Err(Problem::invalid_field(
+            path,
+            "must be 1-63 characters of lowercase letters, digits and '-', starting and ending with a letter or digit",
+        ))
+    }
+}
+
+pub fn size(value: &str, path: &str) -> Result<(), Problem> {
+    if SIZES.iter().any(|(name, _, _)| *name == value) {
+        Ok(())
+    } else {
+        let known: Vec<&str> = SIZES.iter().map(|(name, _, _)| *name).collect();
+        Err(invalid(path, format!("unknown size {value:?}; known sizes: {}", known.join(", "))))
+    }
+}
+
+/// Bytes in a Kubernetes quantity such as `512Mi`, `8Gi` or `1G`.
+pub fn quantity_bytes(value: &str) -> Option<u64> {
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (number, suffix) = value.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let factor: u64 = match suffix {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" | "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        _ => return None,
+    };
+    number.checked_mul(factor)
+}
+
+pub fn resources(value: &ResourceProfile, path: &str) -> Result<(), Problem> {
+    if let Some(cpu) = value.cpu {
+        if !(cpu.is_finite() && cpu > 0.0 && cpu <= 1024.0) {
+            return Err(invalid(&format!("{path}.cpu"), "must be a number of vCPUs above 0 and at most 1024"));
+        }
+    }
+    if let Some(memory) = &value.memory {
+        match quantity_bytes(memory) {
+            Some(bytes) if bytes > 0 => {}
+            _ => {
+                return Err(invalid(
+                    &format!("{path}.memory"),
+                    format!("{memory:?} is not a quantity such as 512Mi or 8Gi"),
+                ))
+            }
+        }
+    }
+    if let Some(replicas) = value.replicas {
+        if !(0..=10_000).contains(&replicas) {
+            return Err(invalid(&format!("{path}.replicas"), "must be between 0 and 10000"));
+        }
+    }
+    Ok(())
+}
+
+pub fn spec(value: &RuntimeSpec, path: &str) -> Result<(), Problem> {
+    if let Some(size) = &value.size {
+        self::size(size, &format!("{path}.size"))?;
+    }
+    if let Some(resources) = &value.resources {
+        self::resources(resources, &format!("{path}.resources"))?;
+    }
+    Ok(())
+}
+
+pub fn labels(value: &std::collections::BTreeMap<String, Option<String>>, path: &str) -> Result<(), Problem> {
+    for (key, val) in value {
+        let key_ok = !key.is_empty()
+            && key.len() <= 63
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
+        if !key_ok {
+            return Err(invalid(&format!("{path}.{key}"), "label keys are 1-63 characters of [A-Za-z0-9-_./]"));
+        }
+        if let Some(val) = val {
+            if val.len() > 63 || !val.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
+                return Err(invalid(&format!("{path}.{key}"), "label values are 0-63 characters of [A-Za-z0-9-_.]"));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_parse_like_kubernetes() {
+        assert_eq!(quantity_bytes("512Mi"), Some(512 << 20));
+        assert_eq!(quantity_bytes("8Gi"), Some(8 << 30));
+        assert_eq!(quantity_bytes("1G"), Some(1_000_000_000));
+        assert_eq!(quantity_bytes("lots"), None);
+        assert_eq!(quantity_bytes("12Qi"), None);
+        assert_eq!(quantity_bytes(""), None);
+    }
+
+    #[test]
+    fn bad_values_are_422_with_their_path() {
+        let bad = ResourceProfile { replicas: Some(-1), ..Default::default() };
+        let problem = resources(&bad, "$.resources").unwrap_err();
+        assert_eq!(problem.status, 422);
+        assert_eq!(problem.errors[0].path, "$.resources.replicas");
+        let problem = size("huge", "$.size").unwrap_err();
+        assert!(problem.detail.contains("small, medium, large, xlarge"), "{}", problem.detail);
+        let memory = ResourceProfile { memory: Some("lots".into()), ..Default::default() };
+        assert_eq!(resources(&memory, "$").unwrap_err().errors[0].path, "$.memory");
+    }
+}

@@ -1,0 +1,108 @@
+//! What each lifecycle action may do to a runtime: the one transition table that the API (to
+//! answer early) and the state machine (to decide, in apply) both use.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ResourceProfile, RuntimeState};
+
+/// A lifecycle action, with its parameters, as an operation carries it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LifecycleAction {
+    Create,
+    Start,
+    Stop { force: bool, timeout_seconds: Option<u64> },
+    Restart,
+    Scale { size: Option<String>, resources: Option<ResourceProfile> },
+    Snapshot { snapshot_id: String, name: String, description: Option<String> },
+    Restore { snapshot_id: String },
+    Delete,
+}
+
+/// Why an action cannot run on a runtime in its current state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {action} a runtime that is {state}")]
+pub struct IllegalTransition {
+    pub action: &'static str,
+    pub state: &'static str,
+}
+
+impl LifecycleAction {
+    /// The action's name, as operations and events show it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LifecycleAction::Create => "create",
+            LifecycleAction::Start => "start",
+            LifecycleAction::Stop { .. } => "stop",
+            LifecycleAction::Restart => "restart",
+            LifecycleAction::Scale { .. } => "scale",
+            LifecycleAction::Snapshot { .. } => "snapshot",
+            LifecycleAction::Restore { .. } => "restore",
+            LifecycleAction::Delete => "delete",
+        }
+    }
+
+    /// The states a runtime goes through: `(while the action runs, once it succeeded)`, or why
+    /// the action is not allowed from `state`.
+    ///
+    /// | action | allowed from | while running | after success |
+    /// |---|---|---|---|
+    /// | start | stopped, error | unchanged | running |
+    /// | stop | running, degraded, error | unchanged | stopped |
+    /// | restart | running, degraded, error | unchanged | running |
+    /// | scale, snapshot | running, stopped, degraded | unchanged | unchanged |
+    /// | restore | running, stopped, degraded, error | unchanged | unchanged |
+    /// | delete | any but deleting, deleted | deleting | deleted (record removed) |
+    ///
+    /// `start` on a running runtime (or `stop` on a stopped one) is refused with 409 rather than
+    /// treated as a no-op, so that an agent learns the state it assumed was wrong.
+    pub fn transition(&self, state: RuntimeState) -> Result<(RuntimeState, RuntimeState), IllegalTransition> {
+        use RuntimeState::*;
+        let allowed = match self {
+            LifecycleAction::Create => matches!(state, Creating),
+            LifecycleAction::Start => matches!(state, Stopped | Error),
+            LifecycleAction::Stop { .. } | LifecycleAction::Restart => matches!(state, Running | Degraded | Error),
+            LifecycleAction::Scale { .. } | LifecycleAction::Snapshot { .. } => {
+                matches!(state, Running | Stopped | Degraded)
+            }
+            LifecycleAction::Restore { .. } => matches!(state, Running | Stopped | Degraded | Error),
+            LifecycleAction::Delete => !matches!(state, Deleting | Deleted),
+        };
+        if !allowed {
+            return Err(IllegalTransition { action: self.kind(), state: state.as_str() });
+        }
+        Ok(match self {
+            LifecycleAction::Create => (Creating, Running),
+            LifecycleAction::Start | LifecycleAction::Restart => (state, Running),
+            LifecycleAction::Stop { .. } => (state, Stopped),
+            LifecycleAction::Delete => (Deleting, Deleted),
+            _ => (state, state),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use RuntimeState::*;
+
+    #[test]
+    fn the_transition_table_holds() {
+        let stop = LifecycleAction::Stop { force: false, timeout_seconds: None };
+        assert_eq!(LifecycleAction::Start.transition(Stopped), Ok((Stopped, Running)));
+        assert_eq!(stop.transition(Running), Ok((Running, Stopped)));
+        assert_eq!(LifecycleAction::Delete.transition(Running), Ok((Deleting, Deleted)));
+        assert_eq!(LifecycleAction::Create.transition(Creating), Ok((Creating, Running)));
+        let refused = [
+            (LifecycleAction::Start, Running),
+            (stop.clone(), Stopped),
+            (LifecycleAction::Restart, Creating),
+            (LifecycleAction::Delete, Deleting),
+            (LifecycleAction::Scale { size: None, resources: None }, Deleting),
+        ];
+        for (action, state) in refused {
+            let err = action.transition(state).unwrap_err();
+            assert_eq!(err.state, state.as_str(), "{err}");
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! What each command does to the state: the deterministic heart of the state machine.
+//!
+//! Every function here reads only the command and the store (through [`Txn`]), so every
+//! replica computes the same result. Refusals are [`Rejection`] replies, not errors.
+
+use std::collections::HashMap;
+
+use rocksdb::{IteratorMode, WriteBatch, DB};
+use serde::Serialize;
+
+use runtimeai_model::{
+    Event, EventSeverity, IdempotencyRecord, JsonObject, LifecycleAction, Operation, OperationError, OperationProgress,
+    OperationStatus, Policy, Runtime, RuntimeSnapshot, RuntimeState, Timestamp,
+};
+
+use crate::codec;
+use crate::command::{Command, CommandReply, IdempotencyClaim, Op, Rejection};
+use crate::state_machine::{event_prefix, name_key, read_err, write_err};
+use crate::store::{
+    cf, CF_ACTIVE_OPERATIONS, CF_EVENTS, CF_IDEMPOTENCY, CF_IDEMPOTENCY_BY_TIME, CF_INTENTS, CF_NODES, CF_OPERATIONS,
+    CF_POLICIES, CF_RUNTIMES, CF_RUNTIME_NAMES, CF_RUNTIME_OPERATIONS,
+};
+use crate::types::StorageError;
+
+/// The writes of one `apply` call: a RocksDB batch plus an overlay, so that a command sees the
+/// effects of the commands before it in the same batch.
+pub(crate) struct Txn<'a> {
+    db: &'a DB,
+    pub(crate) batch: WriteBatch,
+    overlay: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>,
+}
+
+impl<'a> Txn<'a> {
+    pub(crate) fn new(db: &'a DB) -> Self {
+        Txn { db, batch: WriteBatch::default(), overlay: HashMap::new() }
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        cf_name: &'static str,
+        key: &[u8],
+    ) -> Result<Option<T>, StorageError> {
+        let bytes = match self.overlay.get(&(cf_name, key.to_vec())) {
+            Some(value) => value.clone(),
+            None => self.db.get_cf(cf(self.db, cf_name), key).map_err(read_err)?,
+        };
+        bytes.map(|b| codec::decode("state record", &b)).transpose().map_err(read_err)
+    }
+
+    pub(crate) fn put<T: Serialize>(
+        &mut self,
+        cf_name: &'static str,
+        key: Vec<u8>,
+        value: &T,
+    ) -> Result<(), StorageError> {
+        let bytes = codec::encode("state record", value).map_err(write_err)?;
+        self.batch.put_cf(cf(self.db, cf_name), &key, &bytes);
+        self.overlay.insert((cf_name, key), Some(bytes));
+        Ok(())
+    }
+
+    fn delete(&mut self, cf_name: &'static str, key: Vec<u8>) {
+        self.batch.delete_cf(cf(self.db, cf_name), &key);
+        self.overlay.insert((cf_name, key), None);
+    }
+}
+
+/// How long an idempotency key is remembered.
+pub const IDEMPOTENCY_RETENTION_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// Applies one command at log index `index`. Rejections are replies; only store failures are
+/// errors (and stop the node: a replica must not skip an entry).
+pub(crate) fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<CommandReply, StorageError> {
+    if let Some(claim) = &command.idempotency {
+        let record: Option<IdempotencyRecord> = txn.get(CF_IDEMPOTENCY, claim.key.as_bytes())?;
+        if let Some(record) = record {
+            if record.fingerprint != claim.fingerprint {
+                return Ok(CommandReply::Rejected(Rejection::IdempotencyKeyReused { key: claim.key.clone() }));
+            }
+            return codec::decode("idempotent reply", &record.reply).map_err(read_err);
+        }
+    }
+    let at = command.at;
+    let mut events = EventWriter { index, at, actor: command.actor.clone(), written: 0 };
+    let reply = match command.op {
+        Op::CreateRuntime { runtime, operation } => create_runtime(txn, &mut events, runtime, operation)?,
+        Op::UpdateRuntime { runtime, expected_version } => {
+            update_runtime(txn, &mut events, at, runtime, expected_version)?
+        }
+        Op::PatchLabels { runtime_id, labels, expected_version } => {
+            match load_runtime(txn, &runtime_id, expected_version)? {
+                Err(rejection) => CommandReply::Rejected(rejection),
+                Ok(mut runtime) => {
+                    for (key, value) in labels {
+                        match value {
+                            Some(value) => runtime.labels.insert(key, value),
+                            None => runtime.labels.remove(&key),
+                        };
+                    }
+                    save_runtime(txn, at, &mut runtime)?;
+                    events.write(txn, &runtime.id, "runtime.labels", EventSeverity::Info, labels_data(&runtime))?;
+                    CommandReply::Runtime(runtime)
+                }
+            }
+        }
+        Op::BeginOperation { operation, expected_version } => {
+            begin_operation(txn, &mut events, at, operation, expected_version)?
+        }
+        Op::AdvanceOperation { operation_id, status, progress, error } => {
+            advance_operation(txn, &mut events, at, &operation_id, status, progress, error)?
+        }
+        Op::PutIntent { mut intent } => {
+            let current: Option<runtimeai_model::Intent> = txn.get(CF_INTENTS, intent.id.as_bytes())?;
+            intent.version = current.map_or(1, |c| c.version + 1);
+            txn.put(CF_INTENTS, intent.id.as_bytes().to_vec(), &intent)?;
+            events.write(txn, &intent.runtime_id, "intent.updated", EventSeverity::Info, JsonObject::default())?;
+            CommandReply::Intent(intent)
+        }
+        Op::CreatePolicy { policy } => {
+            if txn.get::<Policy>(CF_POLICIES, policy.id.as_bytes())?.is_some() {
+                CommandReply::Rejected(Rejection::AlreadyExists { kind: "policy".into(), id: policy.id })
+            } else {
+                txn.put(CF_POLICIES, policy.id.as_bytes().to_vec(), &policy)?;
+                CommandReply::Policy(policy)
+            }
+        }
+        Op::DeletePolicy { id } => {
+            if txn.get::<Policy>(CF_POLICIES, id.as_bytes())?.is_none() {
+                CommandReply::Rejected(Rejection::NotFound { kind: "policy".into(), id })
+            } else {
+                txn.delete(CF_POLICIES, id.as_bytes().to_vec());
+                CommandReply::Deleted { id }
+            }
+        }
+        Op::RegisterNode { info } => {
+            txn.put(CF_NODES, info.node_id.to_be_bytes().to_vec(), &info)?;
+            CommandReply::NodeRegistered
+        }
+    };
+    if let Some(claim) = command.idempotency {
+        remember_reply(txn, at, claim, &reply)?;
+    }
+    Ok(reply)
+}
+
+/// Stores the reply under the idempotency key, and forgets keys past their retention.
+fn remember_reply(
+    txn: &mut Txn<'_>,
+    at: Timestamp,
+    claim: IdempotencyClaim,
+    reply: &CommandReply,
+) -> Result<(), StorageError> {
+    let now_ms = at.timestamp_millis().max(0) as u64;
+    let cutoff = now_ms.saturating_sub(IDEMPOTENCY_RETENTION_MS as u64);
+    let mut expired = Vec::new();
+    for item in txn.db.iterator_cf(cf(txn.db, CF_IDEMPOTENCY_BY_TIME), IteratorMode::Start) {
+        let (key, _) = item.map_err(read_err)?;
+        let ts = key.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+        if ts >= cutoff {
+            break;
+        }
+        expired.push(key.to_vec());
+    }
+    for key in expired {
+        txn.delete(CF_IDEMPOTENCY, key.get(9..).unwrap_or_default().to_vec());
+        txn.delete(CF_IDEMPOTENCY_BY_TIME, key);
+    }
+    let record = IdempotencyRecord {
+        key: claim.key.clone(),
+        fingerprint: claim.fingerprint,
+        reply: codec::encode("idempotent reply", reply).map_err(write_err)?,
+        created_at: at,
+    };
+    let mut by_time = now_ms.to_be_bytes().to_vec();
+    by_time.push(0);
+    by_time.extend_from_slice(claim.key.as_bytes());
+    txn.put(CF_IDEMPOTENCY_BY_TIME, by_time, &())?;
+    txn.put(CF_IDEMPOTENCY, claim.key.into_bytes(), &record)
+}
+
+fn labels_data(runtime: &Runtime) -> JsonObject {
+    let mut data = serde_json::Map::new();
+    data.insert("labels".into(), serde_json::to_value(&runtime.labels).unwrap_or_default());
+    JsonObject(data)
+}
+
+fn operation_data(operation: &Operation, from: RuntimeState, to: RuntimeState) -> JsonObject {
+    let mut data = serde_json::Map::new();
+    data.insert("operation_id".into(), operation.id.clone().into());
+    data.insert("action".into(), operation.action.kind().into());
+    data.insert("status".into(), operation.status.as_str().into());
+    data.insert("from_state".into(), from.as_str().into());
+    data.insert("to_state".into(), to.as_str().into());
+    if let Some(error) = &operation.error {
+        data.insert("error".into(), format!("{}: {}", error.code, error.message).into());
+    }
+    JsonObject(data)
+}
+
+/// Loads a runtime and checks an `If-Match` version.
+fn load_runtime(
+    txn: &Txn<'_>,
+    id: &str,
+    expected_version: Option<u64>,
+) -> Result<Result<Runtime, Rejection>, StorageError> {
+    Ok(match txn.get::<Runtime>(CF_RUNTIMES, id.as_bytes())? {
+        None => Err(Rejection::NotFound { kind: "runtime".into(), id: id.to_string() }),
+        Some(runtime) => check_version(expected_version, runtime.version).map(|()| runtime),
+    })
+}
+
+fn check_version(expected: Option<u64>, actual: u64) -> Result<(), Rejection> {
+    match expected {
+        Some(expected) if expected != actual => Err(Rejection::VersionMismatch { expected, actual }),
+        _ => Ok(()),
+    }
+}
+
+fn save_runtime(txn: &mut Txn<'_>, at: Timestamp, runtime: &mut Runtime) -> Result<(), StorageError> {
+    runtime.version += 1;
+    runtime.updated_at = Some(at);
+    txn.put(CF_RUNTIMES, runtime.id.as_bytes().to_vec(), runtime)
+}
+
+fn put_operation(txn: &mut Txn<'_>, operation: &Operation) -> Result<(), StorageError> {
+    txn.put(CF_OPERATIONS, operation.id.as_bytes().to_vec(), operation)?;
+    if operation.status.is_terminal() {
+        txn.delete(CF_ACTIVE_OPERATIONS, operation.id.as_bytes().to_vec());
+    } else {
+        txn.put(CF_ACTIVE_OPERATIONS, operation.id.as_bytes().to_vec(), &operation.runtime_id)?;
+    }
+    let mut key = event_prefix(&operation.runtime_id);
+    key.extend_from_slice(operation.id.as_bytes());
+    txn.put(CF_RUNTIME_OPERATIONS, key, &())
+}
+
+fn create_runtime(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter,
+    runtime: Runtime,
+    operation: Operation,
+) -> Result<CommandReply, StorageError> {
+    if let Some(existing) = txn.get::<Runtime>(CF_RUNTIMES, runtime.id.as_bytes())? {
+        // Ids are fresh per request: the same id and operation again is a retry of a create
+        // whose reply was lost, and gets the same answer.
+        if let Some(first_operation) = txn.get::<Operation>(CF_OPERATIONS, operation.id.as_bytes())? {
+            if existing.created_at == runtime.created_at && first_operation.runtime_id == runtime.id {
+                return Ok(CommandReply::Created { runtime: existing, operation: first_operation });
+            }
+        }
+        return Ok(CommandReply::Rejected(Rejection::AlreadyExists { kind: "runtime".into(), id: runtime.id }));
+    }
+    let name = name_key(runtime.tenant_id.as_deref(), &runtime.name);
+    if let Some(existing_id) = txn.get::<String>(CF_RUNTIME_NAMES, &name)? {
+        return Ok(CommandReply::Rejected(Rejection::NameTaken { name: runtime.name, existing_id }));
+    }
+    txn.put(CF_RUNTIME_NAMES, name, &runtime.id)?;
+    txn.put(CF_RUNTIMES, runtime.id.as_bytes().to_vec(), &runtime)?;
+    put_operation(txn, &operation)?;
+    let mut data = serde_json::Map::new();
+    data.insert("name".into(), runtime.name.clone().into());
+    data.insert("type".into(), runtime.runtime_type.as_str().into());
+    data.insert("operation_id".into(), operation.id.clone().into());
+    events.write(txn, &runtime.id, "runtime.created", EventSeverity::Info, JsonObject(data))?;
+    Ok(CommandReply::Created { runtime, operation })
+}
+
+fn update_runtime(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter,
+    at: Timestamp,
+    mut runtime: Runtime,
+    expected_version: Option<u64>,
+) -> Result<CommandReply, StorageError> {
+    let current = match load_runtime(txn, &runtime.id, expected_version)? {
+        Err(rejection) => return Ok(CommandReply::Rejected(rejection)),
+        Ok(current) => current,
+    };
+    let old_name = name_key(current.tenant_id.as_deref(), &current.name);
+    let new_name = name_key(runtime.tenant_id.as_deref(), &runtime.name);
+    if old_name != new_name {
+        if let Some(existing_id) = txn.get::<String>(CF_RUNTIME_NAMES, &new_name)? {
+            return Ok(CommandReply::Rejected(Rejection::NameTaken { name: runtime.name, existing_id }));
+        }
+        txn.delete(CF_RUNTIME_NAMES, old_name);
+        txn.put(CF_RUNTIME_NAMES, new_name, &runtime.id)?;
+    }
+    runtime.version = current.version;
+    runtime.created_at = current.created_at;
+    save_runtime(txn, at, &mut runtime)?;
+    events.write(txn, &runtime.id, "runtime.updated", EventSeverity::Info, JsonObject::default())?;
+    Ok(CommandReply::Runtime(runtime))
+}
+
+fn begin_operation(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter,
+    at: Timestamp,
+    operation: Operation,
+    expected_version: Option<u64>,
+) -> Result<CommandReply, StorageError> {
+    let mut runtime = match load_runtime(txn, &operation.runtime_id, expected_version)? {
+        Err(rejection) => return Ok(CommandReply::Rejected(rejection)),
+        Ok(runtime) => runtime,
+    };
+    if let Some(active) = &runtime.active_operation {
+        return Ok(CommandReply::Rejected(Rejection::OperationInProgress {
+            runtime_id: runtime.id,
+            operation_id: active.clone(),
+        }));
+    }
+    let during = match operation.action.transition(runtime.state) {
+        Ok((during, _)) => during,
+        Err(illegal) => {
+            return Ok(CommandReply::Rejected(Rejection::IllegalTransition {
+                runtime_id: runtime.id,
+                action: illegal.action.to_string(),
+                state: illegal.state.to_string(),
+            }))
+        }
+    };
+    let operation = Operation { prior_state: runtime.state, ..operation };
+    let from = runtime.state;
+    runtime.state = during;
+    runtime.active_operation = Some(operation.id.clone());
+    save_runtime(txn, at, &mut runtime)?;
+    put_operation(txn, &operation)?;
+    let event_type = format!("lifecycle.{}", operation.action.kind());
+    events.write(txn, &runtime.id, &event_type, EventSeverity::Info, operation_data(&operation, from, during))?;
+    Ok(CommandReply::Operation(operation))
+}
+
+fn advance_operation(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter,
+    at: Timestamp,
+    operation_id: &str,
+    status: OperationStatus,
+    progress: Option<OperationProgress>,
+    error: Option<OperationError>,
+) -> Result<CommandReply, StorageError> {
+    use OperationStatus::*;
+    let Some(mut operation) = txn.get::<Operation>(CF_OPERATIONS, operation_id.as_bytes())? else {
+        return Ok(CommandReply::Rejected(Rejection::NotFound { kind: "operation".into(), id: operation_id.into() }));
+    };
+    let legal = matches!(
+        (operation.status, status),
+        (Queued | PendingApproval, Running | Failed | Cancelled) | (Running, Running | Succeeded | Failed | Cancelled)
+    );
+    if !legal {
+        return Ok(CommandReply::Rejected(Rejection::IllegalOperationStatus {
+            id: operation.id,
+            from: operation.status.as_str().into(),
+            to: status.as_str().into(),
+        }));
+    }
+    operation.status = status;
+    operation.progress = progress.or(operation.progress);
+    operation.error = error;
+    operation.version += 1;
+    if !status.is_terminal() {
+        put_operation(txn, &operation)?;
+        return Ok(CommandReply::Operation(operation));
+    }
+    operation.finished_at = Some(at);
+    let Some(mut runtime) = txn.get::<Runtime>(CF_RUNTIMES, operation.runtime_id.as_bytes())? else {
+        put_operation(txn, &operation)?;
+        return Ok(CommandReply::Operation(operation));
+    };
+    if status == Succeeded {
+        if let LifecycleAction::Restore { snapshot_id } = &operation.action {
+            if !runtime.snapshots.iter().any(|s| &s.id == snapshot_id) {
+                operation.status = Failed;
+                operation.error = Some(OperationError {
+                    code: "snapshot_not_found".into(),
+                    message: format!("runtime {} has no snapshot {snapshot_id}", runtime.id),
+                });
+            }
+        }
+    }
+    let from = runtime.state;
+    runtime.active_operation = None;
+    match operation.status {
+        Succeeded => {
+            let (_, after) = operation.action.transition(operation.prior_state).unwrap_or((from, from));
+            runtime.state = after;
+            apply_effect(&mut runtime, &operation.action, at);
+        }
+        // A failed or cancelled create leaves a runtime without a backend: an error state.
+        // Anything else returns to the state it had.
+        _ if operation.action == LifecycleAction::Create => runtime.state = RuntimeState::Error,
+        _ => runtime.state = operation.prior_state,
+    }
+    put_operation(txn, &operation)?;
+    let severity = if operation.status == Failed { EventSeverity::Warning } else { EventSeverity::Info };
+    let event_type = format!("operation.{}", operation.status.as_str());
+    events.write(txn, &runtime.id, &event_type, severity, operation_data(&operation, from, runtime.state))?;
+    if runtime.state == RuntimeState::Deleted {
+        txn.delete(CF_RUNTIME_NAMES, name_key(runtime.tenant_id.as_deref(), &runtime.name));
+        txn.delete(CF_RUNTIMES, runtime.id.as_bytes().to_vec());
+        events.write(txn, &runtime.id, "runtime.deleted", EventSeverity::Info, JsonObject::default())?;
+    } else {
+        save_runtime(txn, at, &mut runtime)?;
+    }
+    Ok(CommandReply::Operation(operation))
+}
+
+/// What a succeeded action changes in the runtime's record besides its state.
+fn apply_effect(runtime: &mut Runtime, action: &LifecycleAction, at: Timestamp) {
+    match action {
+        LifecycleAction::Scale { size, resources } => {
+            if size.is_some() {
+                runtime.spec.size = size.clone();
+            }
+            if resources.is_some() {
+                runtime.spec.resources = resources.clone();
+            }
+        }
+        LifecycleAction::Snapshot { snapshot_id, name, description } => runtime.snapshots.push(RuntimeSnapshot {
+            id: snapshot_id.clone(),
+            name: name.clone(),
+            description: description.clone(),
+            created_at: at,
+        }),
+        _ => {}
+    }
+}
+
+/// Writes the events of one command, keyed so that a runtime's events sort in log order.
+pub(crate) struct EventWriter {
+    index: u64,
+    at: runtimeai_model::Timestamp,
+    actor: runtimeai_model::Actor,
+    written: u32,
+}
+
+impl EventWriter {
+    fn write(
+        &mut self,
+        txn: &mut Txn<'_>,
+        runtime_id: &str,
+        event_type: &str,
+        severity: EventSeverity,
+        data: JsonObject,
+    ) -> Result<(), StorageError> {
+        let sub = self.written;
+        self.written += 1;
+        let event = Event {
+            id: format!("ev_{:016x}_{sub}", self.index),
+            runtime_id: runtime_id.to_string(),
+            event_type: event_type.to_string(),
+            severity,
+            ts: self.at,
+            actor: self.actor.clone(),
+            data,
+            seq: self.index,
+        };
+        let mut key = event_prefix(runtime_id);
+        key.extend_from_slice(&self.index.to_be_bytes());
+        key.extend_from_slice(&sub.to_be_bytes());
+        txn.put(CF_EVENTS, key, &event)
+    }
+}
