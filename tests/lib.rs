@@ -40,6 +40,20 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind an ephemeral port").port()
 }
 
+/// A response as tests look at it.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
 /// Options every node of a test cluster gets.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
@@ -230,6 +244,48 @@ impl Cluster {
                 }
                 other => bail!("create {name} through node {via}: {other:?}"),
             }
+        }
+    }
+
+    /// Any request through node `via`: returns status, headers and the JSON body (`null` when
+    /// there is none). `body` is sent as JSON when given.
+    pub async fn call(
+        &self,
+        via: u64,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Response> {
+        let mut request = self.client.request(method, self.node(via).url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await?;
+        let body =
+            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        Ok(Response { status, headers, body })
+    }
+
+    /// Polls `GET /v1/operations/{id}` through `via` until the operation has finished.
+    pub async fn wait_operation(&self, via: u64, id: &str, timeout: Duration) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let response = self.call(via, reqwest::Method::GET, &format!("/v1/operations/{id}"), None, &[]).await?;
+            let status = response.body["status"].as_str().unwrap_or("").to_string();
+            if ["succeeded", "failed", "cancelled"].contains(&status.as_str()) {
+                return Ok(response.body);
+            }
+            if Instant::now() > deadline {
+                bail!("operation {id} did not finish within {timeout:?}: {}", response.body);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

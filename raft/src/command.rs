@@ -32,6 +32,8 @@ pub struct IdempotencyClaim {
     pub fingerprint: String,
 }
 
+// Commands and replies are built once and moved; boxing variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
     /// Create a runtime (state `creating`) and the operation that brings it up. The proposer
@@ -98,6 +100,7 @@ impl Op {
     }
 }
 
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum CommandReply {
     Runtime(Runtime),

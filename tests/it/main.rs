@@ -1,5 +1,6 @@
 //! Multi-process integration tests: real `runtimeai` processes on loopback.
 
+mod api;
 mod cli;
 mod replication;
 mod startup;

@@ -1,0 +1,413 @@
+//! The REST API through every node of a real three-node cluster.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use runtimeai_tests::{phase, Cluster, ClusterOptions};
+
+const SETTLE: Duration = Duration::from_secs(30);
+
+async fn cluster() -> anyhow::Result<Cluster> {
+    Cluster::start(3, ClusterOptions { extra_args: vec!["--simulated-step-ms".into(), "50".into()] }).await
+}
+
+fn is_problem(response: &runtimeai_tests::Response, status: u16) -> bool {
+    response.status == status
+        && response.header("content-type") == Some("application/problem+json")
+        && response.body["status"] == status
+        && response.body["title"].is_string()
+        && response.body["detail"].is_string()
+        && response.body["type"].is_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_goes_through_its_whole_lifecycle_across_nodes() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    phase("create through node 1; the create operation is followed through node 2");
+    let created = cluster
+        .call(
+            1,
+            Method::POST,
+            "/v1/runtimes",
+            Some(&json!({"name": "finance-prod", "type": "vm", "spec": {"size": "small"}})),
+            &[],
+        )
+        .await?;
+    assert_eq!(created.status, 201, "{created:?}");
+    assert_eq!(created.body["state"], "creating");
+    let id = created.body["id"].as_str().unwrap().to_string();
+    let create_op = created.body["active_operation"].as_str().unwrap().to_string();
+    let done = cluster.wait_operation(2, &create_op, SETTLE).await?;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["kind"], "create");
+    assert_eq!(done["progress"]["percent"], 100);
+    let runtime = cluster.call(3, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    assert_eq!(runtime.body["state"], "running");
+
+    phase("stop, start, scale, snapshot, restore — each through a different node");
+    let steps: Vec<(u64, &str, Value, &str)> = vec![
+        (2, "stop", json!({"force": true, "timeout_seconds": 5}), "stopped"),
+        (3, "start", json!({"reason": "morning"}), "running"),
+        (1, "scale", json!({"size": "large"}), "running"),
+        (2, "snapshot", json!({"name": "before-upgrade"}), "running"),
+        (3, "restart", Value::Null, "running"),
+    ];
+    for (via, action, body, expected_state) in steps {
+        let body = if body.is_null() { None } else { Some(&body) };
+        let accepted =
+            cluster.call(via, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/{action}"), body, &[]).await?;
+        assert_eq!(accepted.status, 202, "{action}: {accepted:?}");
+        assert_eq!(accepted.body["status"], "queued");
+        assert_eq!(accepted.body["kind"], action);
+        let location = accepted.header("location").unwrap().to_string();
+        assert_eq!(location, format!("/v1/operations/{}", accepted.body["id"].as_str().unwrap()));
+        let done = cluster.wait_operation(via, accepted.body["id"].as_str().unwrap(), SETTLE).await?;
+        assert_eq!(done["status"], "succeeded", "{action}: {done}");
+        let runtime = cluster.call(1 + via % 3, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+        assert_eq!(runtime.body["state"], expected_state, "after {action}: {}", runtime.body);
+    }
+    let runtime = cluster.call(1, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    assert_eq!(runtime.body["spec"]["size"], "large");
+    let snapshots = cluster.call(2, Method::GET, &format!("/v1/runtimes/{id}/snapshots"), None, &[]).await?;
+    assert_eq!(snapshots.body["items"][0]["name"], "before-upgrade", "{snapshots:?}");
+    let snapshot_id = snapshots.body["items"][0]["id"].as_str().unwrap().to_string();
+    let restore = cluster
+        .call(
+            3,
+            Method::POST,
+            &format!("/v1/runtimes/{id}/lifecycle/restore"),
+            Some(&json!({"snapshot_id": snapshot_id})),
+            &[],
+        )
+        .await?;
+    assert_eq!(restore.status, 202, "{restore:?}");
+    assert_eq!(cluster.wait_operation(1, restore.body["id"].as_str().unwrap(), SETTLE).await?["status"], "succeeded");
+
+    phase("illegal transitions and unknown things are problems");
+    let again = cluster.call(1, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/start"), None, &[]).await?;
+    assert!(is_problem(&again, 409), "{again:?}");
+    assert!(again.body["detail"].as_str().unwrap().contains("running"), "{again:?}");
+    let unknown = cluster.call(2, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/explode"), None, &[]).await?;
+    assert!(is_problem(&unknown, 404), "{unknown:?}");
+    let missing = cluster
+        .call(
+            2,
+            Method::POST,
+            &format!("/v1/runtimes/{id}/lifecycle/restore"),
+            Some(&json!({"snapshot_id": "snap_nope"})),
+            &[],
+        )
+        .await?;
+    assert!(is_problem(&missing, 404), "{missing:?}");
+
+    phase("the runtime's operations and events tell the story in order");
+    let operations = cluster.call(3, Method::GET, &format!("/v1/runtimes/{id}/operations"), None, &[]).await?;
+    let kinds: Vec<&str> =
+        operations.body["items"].as_array().unwrap().iter().map(|o| o["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["create", "stop", "start", "scale", "snapshot", "restart", "restore"]);
+    let events = cluster.call(1, Method::GET, &format!("/v1/runtimes/{id}/events?limit=1000"), None, &[]).await?;
+    let items = events.body["items"].as_array().unwrap();
+    let seqs: Vec<u64> = items.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "events in log order: {seqs:?}");
+    assert_eq!(items[0]["type"], "runtime.created");
+    assert_eq!(items[0]["actor"], "human");
+    assert!(items.iter().any(|e| e["type"] == "lifecycle.scale" && e["data"]["action"] == "scale"));
+    assert!(items.iter().any(|e| e["actor"] == "system"), "the executor's progress is the system's");
+    let limited = cluster.call(2, Method::GET, &format!("/v1/runtimes/{id}/events?limit=2"), None, &[]).await?;
+    assert_eq!(limited.body["items"].as_array().unwrap().len(), 2);
+    let last_ts = items.last().unwrap()["ts"].as_str().unwrap();
+    let since = cluster
+        .call(3, Method::GET, &format!("/v1/runtimes/{id}/events?since={}", last_ts.replace('+', "%2B")), None, &[])
+        .await?;
+    let recent = since.body["items"].as_array().unwrap();
+    assert!(!recent.is_empty() && recent.len() < items.len(), "{since:?}");
+
+    phase("delete: 202, deleting, then gone; the name is free and the audit trail stays");
+    let deleted = cluster.call(2, Method::DELETE, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    assert_eq!(deleted.status, 202, "{deleted:?}");
+    assert_eq!(cluster.wait_operation(3, deleted.body["id"].as_str().unwrap(), SETTLE).await?["status"], "succeeded");
+    let gone = cluster.call(1, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    assert!(is_problem(&gone, 404), "{gone:?}");
+    let trail = cluster.call(3, Method::GET, &format!("/v1/runtimes/{id}/events?limit=1000"), None, &[]).await?;
+    assert_eq!(trail.body["items"].as_array().unwrap().last().unwrap()["type"], "runtime.deleted");
+    let reuse = cluster
+        .call(3, Method::POST, "/v1/runtimes", Some(&json!({"name": "finance-prod", "type": "vm"})), &[])
+        .await?;
+    assert_eq!(reuse.status, 201, "{reuse:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_right_problem_and_writes_nothing() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let post = |via: u64, body: &'static str, content_type: &'static str| {
+        let request =
+            cluster.client.post(cluster.node(via).url("/v1/runtimes")).header("content-type", content_type).body(body);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let content_type = response.headers()["content-type"].to_str().unwrap().to_string();
+            let body: Value = response.json().await.unwrap();
+            (status, content_type, body)
+        }
+    };
+    let cases: Vec<(&str, &str, u16, Option<&str>)> = vec![
+        ("{\"name\":", "application/json", 400, None),
+        ("{\"name\": \"a\", \"type\": \"mainframe\"}", "application/json", 400, Some("$.type")),
+        ("{\"name\": 5, \"type\": \"vm\"}", "application/json", 400, Some("$.name")),
+        ("{\"name\": \"Bad Name\", \"type\": \"vm\"}", "application/json", 400, Some("$.name")),
+        ("{\"name\": \"a\", \"type\": \"vm\", \"colour\": 1}", "application/json", 400, None),
+        (
+            "{\"name\": \"a\", \"type\": \"vm\", \"spec\": {\"size\": \"huge\"}}",
+            "application/json",
+            422,
+            Some("$.spec.size"),
+        ),
+        (
+            "{\"name\": \"a\", \"type\": \"vm\", \"spec\": {\"resources\": {\"replicas\": -1}}}",
+            "application/json",
+            422,
+            Some("$.spec.resources.replicas"),
+        ),
+        (
+            "{\"name\": \"a\", \"type\": \"vm\", \"spec\": {\"resources\": {\"memory\": \"lots\"}}}",
+            "application/json",
+            422,
+            Some("$.spec.resources.memory"),
+        ),
+        ("{\"name\": \"a\", \"type\": \"vm\"}", "text/plain", 415, None),
+    ];
+    for (via, (body, content_type, status, path)) in (1..=3).cycle().zip(cases) {
+        let (got, got_type, problem) = post(via, body, content_type).await;
+        assert_eq!(got, status, "{body}: {problem}");
+        assert_eq!(got_type, "application/problem+json");
+        assert_eq!(problem["status"], status);
+        if let Some(path) = path {
+            assert_eq!(problem["errors"][0]["path"], path, "{body}: {problem}");
+        }
+    }
+    phase("a body over the limit is 413");
+    let big = format!("{{\"name\": \"a\", \"type\": \"vm\", \"labels\": {{\"x\": \"{}\"}}}}", "y".repeat(2 << 20));
+    let response = cluster
+        .client
+        .post(cluster.node(2).url("/v1/runtimes"))
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await?;
+    assert_eq!(response.status(), 413);
+    phase("nothing malformed was written");
+    let list = cluster.call(3, Method::GET, "/v1/runtimes", None, &[]).await?;
+    assert_eq!(list.body["items"].as_array().unwrap().len(), 0, "{list:?}");
+    let unknown = cluster.call(1, Method::GET, "/v1/operations/op_nope", None, &[]).await?;
+    assert!(is_problem(&unknown, 404));
+    let bad_size = cluster.call(1, Method::GET, "/v1/runtimes?page_size=0", None, &[]).await?;
+    assert!(is_problem(&bad_size, 400), "{bad_size:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etags_guard_updates_and_lists_filter_and_page() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let mut ids = Vec::new();
+    for (i, (kind, env)) in
+        [("vm", "prod"), ("vm", "dev"), ("sandbox", "prod"), ("vcluster", "prod"), ("vm", "prod")].iter().enumerate()
+    {
+        let tenant = if i == 4 { "globex" } else { "acme" };
+        let body = json!({"name": format!("rt-{i}"), "type": kind, "labels": {"env": env}});
+        let created =
+            cluster.call(1 + i as u64 % 3, Method::POST, "/v1/runtimes", Some(&body), &[("tenant_id", tenant)]).await?;
+        assert_eq!(created.status, 201, "{created:?}");
+        ids.push(created.body["id"].as_str().unwrap().to_string());
+        // Let the create finish: the executor's progress changes the version too.
+        cluster.wait_operation(1, created.body["active_operation"].as_str().unwrap(), SETTLE).await?;
+    }
+    phase("PATCH with the current ETag succeeds and bumps it; a stale one is 412");
+    let read = cluster.call(2, Method::GET, &format!("/v1/runtimes/{}", ids[0]), None, &[]).await?;
+    let etag = read.header("etag").unwrap().to_string();
+    let patch = json!({"labels": {"team": "risk", "env": null}});
+    let patched = cluster
+        .call(3, Method::PATCH, &format!("/v1/runtimes/{}", ids[0]), Some(&patch), &[("if-match", &etag)])
+        .await?;
+    assert_eq!(patched.status, 200, "{patched:?}");
+    assert_eq!(patched.body["labels"], json!({"team": "risk"}));
+    assert_ne!(patched.header("etag").unwrap(), etag);
+    let stale = cluster
+        .call(1, Method::PATCH, &format!("/v1/runtimes/{}", ids[0]), Some(&patch), &[("if-match", &etag)])
+        .await?;
+    assert!(is_problem(&stale, 412), "{stale:?}");
+    let stale_stop = cluster
+        .call(1, Method::POST, &format!("/v1/runtimes/{}/lifecycle/stop", ids[0]), None, &[("if-match", "\"1\"")])
+        .await?;
+    assert!(is_problem(&stale_stop, 412), "{stale_stop:?}");
+
+    phase("filters: tenant header, type, label selector; pages");
+    let acme = cluster.call(2, Method::GET, "/v1/runtimes", None, &[("tenant_id", "acme")]).await?;
+    assert_eq!(acme.body["items"].as_array().unwrap().len(), 4);
+    let hidden =
+        cluster.call(2, Method::GET, &format!("/v1/runtimes/{}", ids[4]), None, &[("tenant_id", "acme")]).await?;
+    assert!(is_problem(&hidden, 404), "another tenant's runtime is not found: {hidden:?}");
+    let vms = cluster.call(3, Method::GET, "/v1/runtimes?type=vm", None, &[("tenant_id", "acme")]).await?;
+    assert_eq!(vms.body["items"].as_array().unwrap().len(), 2);
+    let prod = cluster.call(1, Method::GET, "/v1/runtimes?label_selector=env%3Dprod", None, &[]).await?;
+    assert_eq!(prod.body["items"].as_array().unwrap().len(), 3, "{prod:?}");
+    let not_prod = cluster.call(1, Method::GET, "/v1/runtimes?label_selector=env!%3Dprod,!team", None, &[]).await?;
+    assert_eq!(not_prod.body["items"].as_array().unwrap().len(), 1, "{not_prod:?}");
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let path = if token.is_empty() {
+            "/v1/runtimes?page_size=2".to_string()
+        } else {
+            format!("/v1/runtimes?page_size=2&page_token={token}")
+        };
+        let page = cluster.call(2, Method::GET, &path, None, &[]).await?;
+        seen.extend(page.body["items"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_string()));
+        match page.body["next_page_token"].as_str() {
+            Some(next) => token = next.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids, "pages cover every runtime once, in creation order");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_return_the_first_reply_on_any_node() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let body = json!({"name": "once", "type": "sandbox"});
+    let first = cluster.call(1, Method::POST, "/v1/runtimes", Some(&body), &[("idempotency-key", "k-1")]).await?;
+    assert_eq!(first.status, 201);
+    for via in [2, 3, 1] {
+        let retry = cluster.call(via, Method::POST, "/v1/runtimes", Some(&body), &[("idempotency-key", "k-1")]).await?;
+        assert_eq!(retry.status, 201, "{retry:?}");
+        assert_eq!(retry.body["id"], first.body["id"], "same runtime, not a second one");
+    }
+    let reused = cluster
+        .call(
+            2,
+            Method::POST,
+            "/v1/runtimes",
+            Some(&json!({"name": "other", "type": "vm"})),
+            &[("idempotency-key", "k-1")],
+        )
+        .await?;
+    assert!(is_problem(&reused, 422), "{reused:?}");
+    let id = first.body["id"].as_str().unwrap();
+    let stop_op = cluster.wait_operation(2, first.body["active_operation"].as_str().unwrap(), SETTLE).await?;
+    assert_eq!(stop_op["status"], "succeeded");
+    let stop_path = format!("/v1/runtimes/{id}/lifecycle/stop");
+    let stop = |via| cluster.call(via, Method::POST, &stop_path, None, &[("idempotency-key", "stop-1")]);
+    let (a, b) = (stop(3).await?, stop(1).await?);
+    assert_eq!((a.status, b.status), (202, 202), "{a:?} {b:?}");
+    assert_eq!(a.body["id"], b.body["id"], "one stop operation");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_can_be_cancelled_until_they_finish() -> anyhow::Result<()> {
+    let cluster =
+        Cluster::start(3, ClusterOptions { extra_args: vec!["--simulated-step-ms".into(), "1500".into()] }).await?;
+    let created =
+        cluster.call(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "slow", "type": "vm"})), &[]).await?;
+    let id = created.body["id"].as_str().unwrap().to_string();
+    let op = created.body["active_operation"].as_str().unwrap().to_string();
+    let busy = cluster.call(2, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/stop"), None, &[]).await?;
+    assert!(is_problem(&busy, 409), "one operation at a time: {busy:?}");
+    let cancelled = cluster.call(3, Method::POST, &format!("/v1/operations/{op}/cancel"), None, &[]).await?;
+    assert_eq!(cancelled.status, 200, "{cancelled:?}");
+    assert_eq!(cancelled.body["status"], "cancelled");
+    let runtime = cluster.call(1, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    assert_eq!(runtime.body["state"], "error", "a cancelled create leaves no backend: {runtime:?}");
+    let twice = cluster.call(2, Method::POST, &format!("/v1/operations/{op}/cancel"), None, &[]).await?;
+    assert!(is_problem(&twice, 409), "{twice:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_are_created_listed_and_deleted_through_any_node() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let body = json!({"name": "no-public-prod", "scope_env": "production", "rules": [
+        {"kind": "data_egress", "params": {"exposure": "public"}},
+        {"kind": "require_approval", "selector": {"action": "stop"}}
+    ]});
+    let created = cluster.call(2, Method::POST, "/v1/policies", Some(&body), &[("tenant_id", "acme")]).await?;
+    assert_eq!(created.status, 201, "{created:?}");
+    assert_eq!(created.body["rules"][0]["params"]["exposure"], "public", "free-form JSON survives the log");
+    let id = created.body["id"].as_str().unwrap();
+    let listed =
+        cluster.call(3, Method::GET, "/v1/policies?scope_env=production", None, &[("tenant_id", "acme")]).await?;
+    assert_eq!(listed.body["items"].as_array().unwrap().len(), 1);
+    let other_env = cluster.call(3, Method::GET, "/v1/policies?scope_env=staging", None, &[]).await?;
+    assert_eq!(other_env.body["items"].as_array().unwrap().len(), 0);
+    let bad = cluster
+        .call(
+            1,
+            Method::POST,
+            "/v1/policies",
+            Some(&json!({"name": "x", "rules": [{"kind": "allow_everything"}]})),
+            &[],
+        )
+        .await?;
+    assert!(is_problem(&bad, 400), "{bad:?}");
+    assert_eq!(bad.body["errors"][0]["path"], "$.rules[0].kind");
+    let deleted = cluster.call(1, Method::DELETE, &format!("/v1/policies/{id}"), None, &[]).await?;
+    assert_eq!(deleted.status, 204);
+    let gone = cluster.call(2, Method::GET, &format!("/v1/policies/{id}"), None, &[]).await?;
+    assert!(is_problem(&gone, 404));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_create_is_applied_exactly_once_across_a_leader_kill() -> anyhow::Result<()> {
+    let mut cluster = cluster().await?;
+    let leader = cluster.wait_leader(SETTLE).await?;
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    phase("a stream of creates with idempotency keys, retried on 503 or transport errors; the leader dies midway");
+    let total = 60;
+    let mut acknowledged = Vec::new();
+    for i in 0..total {
+        if i == total / 3 {
+            cluster.kill(leader);
+        }
+        // Alternate between the survivors and, until it dies, the leader.
+        let via = if i < total / 3 && i % 3 == 0 { leader } else { followers[i % 2] };
+        let body = json!({"name": format!("stream-{i}"), "type": "vm", "labels": {"stream": "yes"}});
+        let key = format!("stream-key-{i}");
+        let deadline = std::time::Instant::now() + SETTLE;
+        loop {
+            let target = if cluster.node(via).is_running() { via } else { followers[i % 2] };
+            match cluster.call(target, Method::POST, "/v1/runtimes", Some(&body), &[("idempotency-key", &key)]).await {
+                Ok(response) if response.status == 201 => {
+                    acknowledged.push(response.body["id"].as_str().unwrap().to_string());
+                    break;
+                }
+                Ok(response) if response.status == 503 => {}
+                Ok(response) => panic!("create {i}: {response:?}"),
+                Err(_) => {}
+            }
+            assert!(std::time::Instant::now() < deadline, "create {i} never succeeded");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    phase("every acknowledged create is there exactly once, on both survivors");
+    for via in &followers {
+        let list = cluster
+            .call(*via, Method::GET, "/v1/runtimes?label_selector=stream%3Dyes&page_size=200", None, &[])
+            .await?;
+        let mut names: Vec<String> =
+            list.body["items"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap().to_string()).collect();
+        let ids: Vec<String> =
+            list.body["items"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), total, "node {via}: one runtime per request");
+        assert_eq!(ids.len(), total, "node {via}: no duplicates");
+        for id in &acknowledged {
+            assert!(ids.contains(id), "acknowledged {id} is missing on node {via}");
+        }
+    }
+    Ok(())
+}
