@@ -10,10 +10,12 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 use openraft::ServerState;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use runtimeai_raft::NodeId;
 
 use crate::extract::{Body, PathParam};
+use crate::openapi::ProblemResponses;
 use crate::problem::Problem;
 use crate::{AppState, VERSION};
 
@@ -28,18 +30,22 @@ pub(crate) fn routes() -> Router<AppState> {
 }
 
 /// The process is alive and serving HTTP.
-async fn healthz() -> impl IntoResponse {
+#[utoipa::path(get, path = "/healthz", tag = "Health", responses((status = 200, description = "alive", body = Object)))]
+pub(crate) async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
 /// The seed API's health check.
-async fn health() -> impl IntoResponse {
+#[utoipa::path(get, path = "/v1/health", tag = "Health", responses((status = 200, description = "OK", body = Object)))]
+pub(crate) async fn health() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok", "version": VERSION }))
 }
 
 /// Ready for traffic: a leader is known and this node has applied everything the leader had
 /// committed when asked (a read-index round trip, bounded to two seconds).
-async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, Problem> {
+#[utoipa::path(get, path = "/readyz", tag = "Health",
+    responses((status = 200, description = "ready", body = Object), ProblemResponses))]
+pub(crate) async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, Problem> {
     let metrics = state.replica.metrics();
     let Some(leader) = metrics.current_leader else {
         return Err(Problem::unavailable("no leader is known yet"));
@@ -52,7 +58,7 @@ async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, Prob
 }
 
 /// One member of the cluster as `GET /v1/cluster` shows it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct MemberView {
     pub id: NodeId,
     pub grpc: String,
@@ -64,7 +70,7 @@ pub struct MemberView {
     pub reachable: Option<bool>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ClusterView {
     pub cluster_name: String,
     pub node_id: NodeId,
@@ -84,14 +90,17 @@ pub struct ClusterView {
     pub storage: StorageView,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct StorageView {
     pub log_appends: u64,
     pub log_entries: u64,
     pub log_syncs: u64,
 }
 
-async fn cluster_status(State(state): State<AppState>) -> Result<Json<ClusterView>, Problem> {
+/// The cluster as this node sees it: leader, term, members and whether the leader reaches each.
+#[utoipa::path(get, path = "/v1/cluster", tag = "Cluster",
+    responses((status = 200, description = "OK", body = ClusterView), ProblemResponses))]
+pub(crate) async fn cluster_status(State(state): State<AppState>) -> Result<Json<ClusterView>, Problem> {
     Ok(Json(cluster_view(&state).await?))
 }
 
@@ -137,7 +146,7 @@ async fn cluster_view(state: &AppState) -> Result<ClusterView, Problem> {
     })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddMemberRequest {
     pub id: NodeId,
@@ -147,7 +156,9 @@ pub struct AddMemberRequest {
 
 /// Adds a node: it joins as a learner, catches up, and is promoted to voter. Answers when the
 /// node is a voter.
-async fn add_member(
+#[utoipa::path(post, path = "/v1/cluster/members", tag = "Cluster", request_body = AddMemberRequest,
+    responses((status = 201, description = "Added and promoted to voter", body = ClusterView), ProblemResponses))]
+pub(crate) async fn add_member(
     State(state): State<AppState>,
     Body(request): Body<AddMemberRequest>,
 ) -> Result<impl IntoResponse, Problem> {
@@ -164,7 +175,11 @@ async fn add_member(
     Ok((StatusCode::CREATED, Json(cluster_view(&state).await?)))
 }
 
-async fn remove_member(
+/// Removes a voter or learner.
+#[utoipa::path(delete, path = "/v1/cluster/members/{node_id}", tag = "Cluster",
+    params(("node_id" = u64, Path)),
+    responses((status = 200, description = "Removed", body = ClusterView), ProblemResponses))]
+pub(crate) async fn remove_member(
     State(state): State<AppState>,
     PathParam(node_id): PathParam<NodeId>,
 ) -> Result<impl IntoResponse, Problem> {

@@ -13,6 +13,7 @@
 pub mod cluster;
 mod extract;
 mod mutation;
+pub mod openapi;
 pub mod operations;
 pub mod policies;
 pub mod problem;
@@ -50,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .merge(runtimes::routes())
         .merge(operations::routes())
         .merge(policies::routes())
+        .route("/v1/openapi.json", axum::routing::get(openapi::openapi_json))
         .fallback(|| async { Problem::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "method not allowed on this endpoint")

@@ -10,6 +10,7 @@ use runtimeai_raft::{CommandReply, Op};
 
 use crate::extract::{tenant, Consistency, PathParam, QueryParams};
 use crate::mutation::propose;
+use crate::openapi::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId, XActor};
 use crate::problem::Problem;
 use crate::runtimes::ReadParams;
 use crate::views::OperationView;
@@ -43,7 +44,11 @@ async fn read_operation(
     Ok(operation)
 }
 
-async fn get_operation(
+/// Follow an operation: `queued → running → succeeded | failed | cancelled`, with progress.
+#[utoipa::path(get, path = "/v1/operations/{operation_id}", tag = "Operations",
+    params(("operation_id" = String, Path), ConsistencyParam, TenantId),
+    responses((status = 200, description = "OK", body = OperationView), ProblemResponses))]
+pub(crate) async fn get_operation(
     State(state): State<AppState>,
     headers: HeaderMap,
     PathParam(operation_id): PathParam<String>,
@@ -55,7 +60,10 @@ async fn get_operation(
 
 /// Cancels a queued or running operation; the runtime returns to the state it had. A finished
 /// operation cannot be cancelled (409).
-async fn cancel_operation(
+#[utoipa::path(post, path = "/v1/operations/{operation_id}/cancel", tag = "Operations",
+    params(("operation_id" = String, Path), IdempotencyKey, TenantId, XActor),
+    responses((status = 200, description = "Cancelled", body = OperationView), ProblemResponses))]
+pub(crate) async fn cancel_operation(
     State(state): State<AppState>,
     headers: HeaderMap,
     PathParam(operation_id): PathParam<String>,

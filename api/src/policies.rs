@@ -6,12 +6,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use runtimeai_model::{JsonObject, Policy, PolicyRule};
 use runtimeai_raft::{CommandReply, Op};
 
 use crate::extract::{tenant, Body, Consistency, PathParam, QueryParams};
 use crate::mutation::{new_id, propose};
+use crate::openapi::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId, XActor};
 use crate::problem::Problem;
 use crate::{validate, AppState};
 
@@ -24,17 +26,19 @@ pub(crate) fn routes() -> Router<AppState> {
 /// Rule kinds of the seed.
 const RULE_KINDS: &[&str] = &["deny_action", "allow_action", "require_approval", "budget_guardrail", "data_egress"];
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleRequest {
     pub kind: String,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub selector: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub params: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyCreateRequest {
     pub name: String,
@@ -45,21 +49,26 @@ pub struct PolicyCreateRequest {
     pub rules: Vec<RuleRequest>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyListParams {
     #[serde(default)]
     pub scope_env: Option<String>,
     #[serde(default)]
+    #[param(value_type = Option<String>, pattern = "^(linearizable|stale)$")]
     pub consistency: Consistency,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct PolicyList {
     pub items: Vec<Policy>,
 }
 
-async fn create_policy(
+#[utoipa::path(post, path = "/v1/policies", tag = "Policies", params(IdempotencyKey, TenantId, XActor),
+    request_body = PolicyCreateRequest,
+    responses((status = 201, description = "Created", body = Policy), ProblemResponses))]
+pub(crate) async fn create_policy(
     State(state): State<AppState>,
     headers: HeaderMap,
     Body(request): Body<PolicyCreateRequest>,
@@ -112,7 +121,10 @@ async fn read_policy(
     }
 }
 
-async fn get_policy(
+#[utoipa::path(get, path = "/v1/policies/{policy_id}", tag = "Policies",
+    params(("policy_id" = String, Path), ConsistencyParam, TenantId),
+    responses((status = 200, description = "OK", body = Policy), ProblemResponses))]
+pub(crate) async fn get_policy(
     State(state): State<AppState>,
     headers: HeaderMap,
     PathParam(policy_id): PathParam<String>,
@@ -121,7 +133,9 @@ async fn get_policy(
     Ok(Json(read_policy(&state, &headers, &policy_id, params.consistency).await?))
 }
 
-async fn list_policies(
+#[utoipa::path(get, path = "/v1/policies", tag = "Policies", params(PolicyListParams, TenantId),
+    responses((status = 200, description = "OK", body = PolicyList), ProblemResponses))]
+pub(crate) async fn list_policies(
     State(state): State<AppState>,
     headers: HeaderMap,
     QueryParams(params): QueryParams<PolicyListParams>,
@@ -141,7 +155,10 @@ async fn list_policies(
     Ok(Json(PolicyList { items }))
 }
 
-async fn delete_policy(
+#[utoipa::path(delete, path = "/v1/policies/{policy_id}", tag = "Policies",
+    params(("policy_id" = String, Path), IdempotencyKey, TenantId, XActor),
+    responses((status = 204, description = "Deleted"), ProblemResponses))]
+pub(crate) async fn delete_policy(
     State(state): State<AppState>,
     headers: HeaderMap,
     PathParam(policy_id): PathParam<String>,

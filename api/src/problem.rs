@@ -8,7 +8,7 @@ use serde::Serialize;
 use runtimeai_raft::{ClusterError, Rejection};
 
 /// An RFC 9457 problem document.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     #[serde(rename = "type")]
     pub type_uri: String,
@@ -19,10 +19,11 @@ pub struct Problem {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
     #[serde(skip)]
+    #[schema(ignore)]
     pub retry_after_secs: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     /// JSON path of the field, e.g. `$.spec.resources.cpu`.
     pub path: String,

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use runtimeai_model::{
     BackendKind, BackendRef, Event, LifecycleAction, Operation, OperationStatus, ResourceProfile, Runtime,
@@ -18,6 +19,7 @@ use runtimeai_raft::{CommandReply, Op};
 
 use crate::extract::{if_match, tenant, Body, Consistency, OptionalBody, PathParam, QueryParams};
 use crate::mutation::{new_id, propose};
+use crate::openapi::{ConsistencyParam, IdempotencyKey, IfMatch, ProblemResponses, TenantId, XActor};
 use crate::problem::Problem;
 use crate::views::OperationView;
 use crate::{validate, AppState};
@@ -30,13 +32,18 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/v1/runtimes/{runtime_id}/operations", get(runtime_operations))
         .route("/v1/runtimes/{runtime_id}/snapshots", get(runtime_snapshots))
         .route("/v1/runtimes/{runtime_id}/events", get(runtime_events))
-        .route("/v1/runtimes/{runtime_id}/lifecycle/{action}", post(lifecycle))
+        .route("/v1/runtimes/{runtime_id}/lifecycle/start", post(start_runtime))
+        .route("/v1/runtimes/{runtime_id}/lifecycle/stop", post(stop_runtime))
+        .route("/v1/runtimes/{runtime_id}/lifecycle/restart", post(restart_runtime))
+        .route("/v1/runtimes/{runtime_id}/lifecycle/scale", post(scale_runtime))
+        .route("/v1/runtimes/{runtime_id}/lifecycle/snapshot", post(snapshot_runtime))
+        .route("/v1/runtimes/{runtime_id}/lifecycle/restore", post(restore_runtime))
 }
 
 /// Everything a runtime of any type can do today (the in-process simulated backend).
 const CAPABILITIES: &[&str] = &["start", "stop", "restart", "scale", "snapshot", "restore", "delete"];
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeCreateRequest {
     pub name: String,
@@ -57,7 +64,8 @@ pub struct ReadParams {
     pub consistency: Consistency,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
     #[serde(default, rename = "type")]
@@ -65,6 +73,7 @@ pub struct ListParams {
     #[serde(default)]
     pub state: Option<RuntimeState>,
     #[serde(default)]
+    #[param(minimum = 1, maximum = 200)]
     pub page_size: Option<usize>,
     #[serde(default)]
     pub page_token: Option<String>,
@@ -72,10 +81,11 @@ pub struct ListParams {
     #[serde(default)]
     pub label_selector: Option<String>,
     #[serde(default)]
+    #[param(value_type = Option<String>, pattern = "^(linearizable|stale)$")]
     pub consistency: Consistency,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct RuntimeList {
     pub items: Vec<Runtime>,
     pub next_page_token: Option<String>,
@@ -141,7 +151,11 @@ fn new_operation(runtime_id: &str, action: LifecycleAction, prior_state: Runtime
     }
 }
 
-async fn create_runtime(
+/// Create a runtime. It starts in `creating`; its create operation is `active_operation`.
+#[utoipa::path(post, path = "/v1/runtimes", tag = "Runtimes",
+    params(IdempotencyKey, TenantId, XActor), request_body = RuntimeCreateRequest,
+    responses((status = 201, description = "Created", body = Runtime), ProblemResponses))]
+pub(crate) async fn create_runtime(
     State(state): State<AppState>,
     headers: HeaderMap,
     Body(request): Body<RuntimeCreateRequest>,
@@ -181,7 +195,11 @@ async fn create_runtime(
     }
 }
 
-async fn get_runtime(
+/// Get a runtime (with its `ETag`).
+#[utoipa::path(get, path = "/v1/runtimes/{runtime_id}", tag = "Runtimes",
+    params(("runtime_id" = String, Path), ConsistencyParam, TenantId),
+    responses((status = 200, description = "OK", body = Runtime), ProblemResponses))]
+pub(crate) async fn get_runtime(
     State(state): State<AppState>,
     headers: HeaderMap,
     PathParam(runtime_id): PathParam<String>,
@@ -234,7 +252,10 @@ fn selects(terms: &[LabelTerm], labels: &BTreeMap<String, String>) -> bool {
     })
 }
 
-async fn list_runtimes(
+/// List runtimes, oldest first, a page at a time.
+#[utoipa::path(get, path = "/v1/runtimes", tag = "Runtimes", params(ListParams, TenantId),
+    responses((status = 200, description = "OK", body = RuntimeList), ProblemResponses))]
+pub(crate) async fn list_runtimes(
     State(state): State<AppState>,
     headers: HeaderMap,
     QueryParams(params): QueryParams<ListParams>,
@@ -270,15 +291,20 @@ async fn list_runtimes(
     Ok(Json(RuntimeList { items, next_page_token }))
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimePatch {
     /// JSON merge patch of the labels: a value sets a label, `null` removes it.
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub labels: BTreeMap<String, Option<String>>,
 }
 
-async fn patch_runtime(
+/// Change a runtime's labels (JSON merge patch; `null` removes a label).
+#[utoipa::path(patch, path = "/v1/runtimes/{runtime_id}", tag = "Runtimes",
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId, XActor), request_body = RuntimePatch,
+    responses((status = 200, description = "OK", body = Runtime), ProblemResponses))]
+pub(crate) async fn patch_runtime(
     State(state): State<AppState>,
     headers: HeaderMap,
     PathParam(runtime_id): PathParam<String>,
@@ -297,7 +323,11 @@ async fn patch_runtime(
     }
 }
 
-async fn delete_runtime(
+/// Delete a runtime (asynchronous: `deleting`, then gone).
+#[utoipa::path(delete, path = "/v1/runtimes/{runtime_id}", tag = "Runtimes",
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId, XActor),
+    responses((status = 202, description = "Accepted (async delete)", body = OperationView), ProblemResponses))]
+pub(crate) async fn delete_runtime(
     State(state): State<AppState>,
     headers: HeaderMap,
     PathParam(runtime_id): PathParam<String>,
@@ -323,99 +353,176 @@ async fn begin(
     }
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct LifecycleRequest {
-    /// start: why (recorded in the event).
+pub struct LifecycleStartRequest {
+    /// Why (recorded with the operation's event).
     #[serde(default)]
     pub reason: Option<String>,
-    /// stop: power off without waiting for a clean shutdown.
+}
+
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleStopRequest {
+    /// Power off without waiting for a clean shutdown.
     #[serde(default)]
-    pub force: Option<bool>,
-    /// stop: how long a clean shutdown may take.
+    pub force: bool,
+    /// How long a clean shutdown may take.
     #[serde(default)]
     pub timeout_seconds: Option<u64>,
-    /// scale: a size from the catalogue.
+}
+
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleScaleRequest {
+    /// A size from the catalogue: small, medium, large, xlarge.
     #[serde(default)]
     pub size: Option<String>,
-    /// scale: explicit resources.
+    /// Explicit resources.
     #[serde(default)]
     pub resources: Option<ResourceProfile>,
-    /// snapshot: its name.
+}
+
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleSnapshotRequest {
     #[serde(default)]
     pub name: Option<String>,
-    /// snapshot: a description.
     #[serde(default)]
     pub description: Option<String>,
-    /// restore: the snapshot to go back to.
-    #[serde(default)]
-    pub snapshot_id: Option<String>,
 }
 
-/// `POST /v1/runtimes/{id}/lifecycle/{start|stop|restart|scale|snapshot|restore}`.
-async fn lifecycle(
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleRestoreRequest {
+    /// The snapshot to go back to (from `GET /v1/runtimes/{id}/snapshots`).
+    pub snapshot_id: String,
+}
+
+/// Start a stopped runtime.
+#[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/lifecycle/start", tag = "Lifecycle",
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId, XActor),
+    request_body(content = Option<LifecycleStartRequest>),
+    responses((status = 202, description = "Accepted", body = OperationView), ProblemResponses))]
+pub(crate) async fn start_runtime(
     State(state): State<AppState>,
     headers: HeaderMap,
-    PathParam((runtime_id, action)): PathParam<(String, String)>,
-    OptionalBody(request): OptionalBody<LifecycleRequest>,
+    PathParam(runtime_id): PathParam<String>,
+    OptionalBody(request): OptionalBody<LifecycleStartRequest>,
 ) -> Result<Response, Problem> {
-    let action = match action.as_str() {
-        "start" => LifecycleAction::Start,
-        "restart" => LifecycleAction::Restart,
-        "stop" => {
-            LifecycleAction::Stop { force: request.force.unwrap_or(false), timeout_seconds: request.timeout_seconds }
-        }
-        "scale" => {
-            if request.size.is_none() && request.resources.is_none() {
-                return Err(Problem::invalid_field("$", "scale needs a size or resources"));
-            }
-            if let Some(size) = &request.size {
-                validate::size(size, "$.size")?;
-            }
-            if let Some(resources) = &request.resources {
-                validate::resources(resources, "$.resources")?;
-            }
-            LifecycleAction::Scale { size: request.size.clone(), resources: request.resources.clone() }
-        }
-        "snapshot" => {
-            let name = request
-                .name
-                .clone()
-                .unwrap_or_else(|| format!("snapshot-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S")));
-            LifecycleAction::Snapshot { snapshot_id: new_id("snap"), name, description: request.description.clone() }
-        }
-        "restore" => match &request.snapshot_id {
-            Some(snapshot_id) => LifecycleAction::Restore { snapshot_id: snapshot_id.clone() },
-            None => return Err(Problem::invalid_field("$.snapshot_id", "restore needs the snapshot_id to restore")),
-        },
-        other => {
-            return Err(Problem::not_found(format!(
-                "no lifecycle action {other:?}; actions are start, stop, restart, scale, snapshot, restore"
-            )))
-        }
-    };
-    if let LifecycleAction::Restore { snapshot_id } = &action {
-        let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Stale).await?;
-        if !runtime.snapshots.iter().any(|s| &s.id == snapshot_id) {
-            return Err(Problem::not_found(format!("runtime {runtime_id} has no snapshot {snapshot_id}")));
-        }
-    }
-    let route = format!("lifecycle/{}", action.kind());
-    begin(&state, &headers, &runtime_id, &route, action, &request).await
+    begin(&state, &headers, &runtime_id, "lifecycle/start", LifecycleAction::Start, &request).await
 }
 
-#[derive(Debug, Serialize)]
+/// Stop a running runtime (cleanly, or forced).
+#[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/lifecycle/stop", tag = "Lifecycle",
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId, XActor),
+    request_body(content = Option<LifecycleStopRequest>),
+    responses((status = 202, description = "Accepted", body = OperationView), ProblemResponses))]
+pub(crate) async fn stop_runtime(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParam(runtime_id): PathParam<String>,
+    OptionalBody(request): OptionalBody<LifecycleStopRequest>,
+) -> Result<Response, Problem> {
+    let action = LifecycleAction::Stop { force: request.force, timeout_seconds: request.timeout_seconds };
+    begin(&state, &headers, &runtime_id, "lifecycle/stop", action, &request).await
+}
+
+/// Restart a running runtime.
+#[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/lifecycle/restart", tag = "Lifecycle",
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId, XActor),
+    responses((status = 202, description = "Accepted", body = OperationView), ProblemResponses))]
+pub(crate) async fn restart_runtime(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParam(runtime_id): PathParam<String>,
+) -> Result<Response, Problem> {
+    begin(&state, &headers, &runtime_id, "lifecycle/restart", LifecycleAction::Restart, &()).await
+}
+
+/// Scale a runtime to a size or explicit resources.
+#[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/lifecycle/scale", tag = "Lifecycle",
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId, XActor),
+    request_body = LifecycleScaleRequest,
+    responses((status = 202, description = "Accepted", body = OperationView), ProblemResponses))]
+pub(crate) async fn scale_runtime(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParam(runtime_id): PathParam<String>,
+    Body(request): Body<LifecycleScaleRequest>,
+) -> Result<Response, Problem> {
+    if request.size.is_none() && request.resources.is_none() {
+        return Err(Problem::invalid_field("$", "scale needs a size or resources"));
+    }
+    if let Some(size) = &request.size {
+        validate::size(size, "$.size")?;
+    }
+    if let Some(resources) = &request.resources {
+        validate::resources(resources, "$.resources")?;
+    }
+    let action = LifecycleAction::Scale { size: request.size.clone(), resources: request.resources.clone() };
+    begin(&state, &headers, &runtime_id, "lifecycle/scale", action, &request).await
+}
+
+/// Take a snapshot (VM snapshot / vCluster backup).
+#[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/lifecycle/snapshot", tag = "Lifecycle",
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId, XActor),
+    request_body(content = Option<LifecycleSnapshotRequest>),
+    responses((status = 202, description = "Accepted", body = OperationView), ProblemResponses))]
+pub(crate) async fn snapshot_runtime(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParam(runtime_id): PathParam<String>,
+    OptionalBody(request): OptionalBody<LifecycleSnapshotRequest>,
+) -> Result<Response, Problem> {
+    let name = match &request.name {
+        Some(name) => {
+            validate::name(name, "$.name")?;
+            name.clone()
+        }
+        None => format!("snapshot-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S")),
+    };
+    let action =
+        LifecycleAction::Snapshot { snapshot_id: new_id("snap"), name, description: request.description.clone() };
+    begin(&state, &headers, &runtime_id, "lifecycle/snapshot", action, &request).await
+}
+
+/// Restore a runtime from one of its snapshots.
+#[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/lifecycle/restore", tag = "Lifecycle",
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId, XActor),
+    request_body = LifecycleRestoreRequest,
+    responses((status = 202, description = "Accepted", body = OperationView), ProblemResponses))]
+pub(crate) async fn restore_runtime(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParam(runtime_id): PathParam<String>,
+    Body(request): Body<LifecycleRestoreRequest>,
+) -> Result<Response, Problem> {
+    let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Stale).await?;
+    if !runtime.snapshots.iter().any(|s| s.id == request.snapshot_id) {
+        return Err(Problem::not_found(format!("runtime {runtime_id} has no snapshot {}", request.snapshot_id)));
+    }
+    let action = LifecycleAction::Restore { snapshot_id: request.snapshot_id.clone() };
+    begin(&state, &headers, &runtime_id, "lifecycle/restore", action, &request).await
+}
+
+#[derive(Debug, Serialize, ToSchema)]
 pub struct RuntimeStatus {
     pub runtime_id: String,
     pub state: RuntimeState,
     /// `ok`, `warning`, `critical` or `unknown`.
     pub health: &'static str,
+    #[schema(value_type = Object)]
     pub signals: BTreeMap<String, serde_json::Value>,
     pub active_operation: Option<String>,
-    pub observed_at: Timestamp,
+    pub observed_at: chrono::DateTime<chrono::Utc>,
 }
 
-async fn runtime_status(
+/// A runtime's state, health and signals.
+#[utoipa::path(get, path = "/v1/runtimes/{runtime_id}/status", tag = "Runtimes",
+    params(("runtime_id" = String, Path), ConsistencyParam, TenantId),
+    responses((status = 200, description = "OK", body = RuntimeStatus), ProblemResponses))]
+pub(crate) async fn runtime_status(
     State(state): State<AppState>,
     headers: HeaderMap,
     PathParam(runtime_id): PathParam<String>,
@@ -439,12 +546,16 @@ async fn runtime_status(
     }))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct OperationList {
     pub items: Vec<OperationView>,
 }
 
-async fn runtime_operations(
+/// A runtime's operations, oldest first.
+#[utoipa::path(get, path = "/v1/runtimes/{runtime_id}/operations", tag = "Operations",
+    params(("runtime_id" = String, Path), ConsistencyParam, TenantId),
+    responses((status = 200, description = "OK", body = OperationList), ProblemResponses))]
+pub(crate) async fn runtime_operations(
     State(state): State<AppState>,
     headers: HeaderMap,
     PathParam(runtime_id): PathParam<String>,
@@ -455,12 +566,16 @@ async fn runtime_operations(
     Ok(Json(OperationList { items }))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct SnapshotList {
     pub items: Vec<RuntimeSnapshot>,
 }
 
-async fn runtime_snapshots(
+/// A runtime's snapshots, oldest first.
+#[utoipa::path(get, path = "/v1/runtimes/{runtime_id}/snapshots", tag = "Lifecycle",
+    params(("runtime_id" = String, Path), ConsistencyParam, TenantId),
+    responses((status = 200, description = "OK", body = SnapshotList), ProblemResponses))]
+pub(crate) async fn runtime_snapshots(
     State(state): State<AppState>,
     headers: HeaderMap,
     PathParam(runtime_id): PathParam<String>,
@@ -470,31 +585,35 @@ async fn runtime_snapshots(
     Ok(Json(SnapshotList { items: runtime.snapshots }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventParams {
     /// Only events at or after this time (RFC 3339).
     #[serde(default)]
-    pub since: Option<Timestamp>,
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
     /// At most this many, oldest first (1 to 1000, default 100).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
     #[serde(default)]
+    #[param(value_type = Option<String>, pattern = "^(linearizable|stale)$")]
     pub consistency: Consistency,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct EventView {
     pub id: String,
     pub runtime_id: String,
     #[serde(rename = "type")]
     pub event_type: String,
     pub severity: runtimeai_model::EventSeverity,
-    pub ts: Timestamp,
+    pub ts: chrono::DateTime<chrono::Utc>,
     /// `human`, `agent` or `system`.
     pub actor: &'static str,
     /// The actor's name (`alice`, `planner`), absent for the system.
     pub actor_name: Option<String>,
+    #[schema(value_type = Object)]
     pub data: serde_json::Map<String, serde_json::Value>,
     /// Position in the runtime's event stream (the raft log index that wrote it).
     pub seq: u64,
@@ -520,13 +639,17 @@ impl From<Event> for EventView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct EventList {
     pub items: Vec<EventView>,
 }
 
 /// The runtime's audit trail. Events of a deleted runtime stay readable.
-async fn runtime_events(
+/// A runtime's events (audit trail and feedback), in order.
+#[utoipa::path(get, path = "/v1/runtimes/{runtime_id}/events", tag = "Events",
+    params(("runtime_id" = String, Path), EventParams, TenantId),
+    responses((status = 200, description = "OK", body = EventList), ProblemResponses))]
+pub(crate) async fn runtime_events(
     State(state): State<AppState>,
     headers: HeaderMap,
     PathParam(runtime_id): PathParam<String>,

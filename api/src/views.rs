@@ -3,20 +3,21 @@
 use serde::Serialize;
 use serde_json::Value;
 
-use runtimeai_model::{LifecycleAction, Operation, OperationError, OperationProgress, Timestamp};
+use runtimeai_model::{LifecycleAction, Operation, OperationError, OperationProgress};
 
 /// An operation as the API shows it: the seed's fields plus what it acts on.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct OperationView {
     pub id: String,
     pub runtime_id: String,
     /// The action: `create`, `start`, `stop`, `restart`, `scale`, `snapshot`, `restore`, `delete`.
     pub kind: &'static str,
+    #[schema(value_type = Object)]
     pub params: Value,
     /// `queued → running → succeeded | failed | cancelled` (or `pending_approval`).
     pub status: &'static str,
-    pub created_at: Timestamp,
-    pub finished_at: Option<Timestamp>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
     pub progress: Option<OperationProgress>,
     pub error: Option<OperationError>,
     pub version: u64,

@@ -23,6 +23,8 @@ enum Commands {
     Node(NodeArgs),
     /// Start a local three-node cluster on loopback; Ctrl-C stops it.
     Dev(dev::DevArgs),
+    /// Print the REST API's OpenAPI 3.1 document (as served at /v1/openapi.json).
+    Openapi,
 }
 
 fn main() -> ExitCode {
@@ -30,6 +32,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Commands::Node(args) => run_node(args),
         Commands::Dev(args) => dev::run(args),
+        Commands::Openapi => {
+            use std::io::Write;
+            std::io::stdout().write_all(runtimeai_api::openapi::document().as_bytes()).map_err(anyhow::Error::from)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -411,3 +411,15 @@ async fn every_acknowledged_create_is_applied_exactly_once_across_a_leader_kill(
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_serves_the_committed_openapi_document() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3, ClusterOptions::default()).await?;
+    let committed: Value = serde_json::from_str(include_str!("../../api/openapi.json"))?;
+    for via in 1..=3 {
+        let served = cluster.call(via, Method::GET, "/v1/openapi.json", None, &[]).await?;
+        assert_eq!(served.status, 200);
+        assert!(served.body == committed, "node {via} serves a document that differs from api/openapi.json");
+    }
+    Ok(())
+}

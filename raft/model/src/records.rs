@@ -1,6 +1,6 @@
 use serde::{Deserialize, Serialize};
 
-use crate::{JsonObject, LifecycleAction, RuntimeState, Timestamp};
+use crate::{JsonObject, LifecycleAction, RuntimeState};
 
 /// Who asked for a change: recorded on every event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,7 +22,7 @@ impl Actor {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventSeverity {
     #[default]
@@ -40,7 +40,7 @@ pub struct Event {
     #[serde(rename = "type")]
     pub event_type: String,
     pub severity: EventSeverity,
-    pub ts: Timestamp,
+    pub ts: chrono::DateTime<chrono::Utc>,
     pub actor: Actor,
     #[serde(default)]
     pub data: JsonObject,
@@ -59,14 +59,15 @@ pub enum OperationStatus {
     Cancelled,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OperationProgress {
+    #[schema(maximum = 100)]
     pub percent: u8,
     #[serde(default)]
     pub message: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OperationError {
     pub code: String,
     pub message: String,
@@ -100,9 +101,9 @@ pub struct Operation {
     /// cancelled while the runtime is in a transitional state).
     pub prior_state: RuntimeState,
     pub status: OperationStatus,
-    pub created_at: Timestamp,
+    pub created_at: chrono::DateTime<chrono::Utc>,
     #[serde(default)]
-    pub finished_at: Option<Timestamp>,
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
     #[serde(default)]
     pub progress: Option<OperationProgress>,
     #[serde(default)]
@@ -122,24 +123,27 @@ pub struct Intent {
     #[serde(default)]
     pub context: JsonObject,
     pub status: String,
-    pub created_at: Timestamp,
+    pub created_at: chrono::DateTime<chrono::Utc>,
     #[serde(default)]
-    pub finished_at: Option<Timestamp>,
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
     pub version: u64,
 }
 
 /// One rule of a policy.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PolicyRule {
+    /// `deny_action`, `allow_action`, `require_approval`, `budget_guardrail` or `data_egress`.
     pub kind: String,
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub selector: JsonObject,
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub params: JsonObject,
 }
 
 /// A set of safety rules, scoped by tenant and environment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Policy {
     pub id: String,
     pub name: String,
@@ -148,7 +152,7 @@ pub struct Policy {
     #[serde(default)]
     pub scope_env: Option<String>,
     pub rules: Vec<PolicyRule>,
-    pub created_at: Timestamp,
+    pub created_at: chrono::DateTime<chrono::Utc>,
     pub version: u64,
 }
 
@@ -160,7 +164,7 @@ pub struct IdempotencyRecord {
     pub fingerprint: String,
     /// The codec-encoded reply of the original request.
     pub reply: Vec<u8>,
-    pub created_at: Timestamp,
+    pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// What the cluster knows of a member beyond its raft address.

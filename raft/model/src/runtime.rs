@@ -2,10 +2,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Timestamp;
-
 /// What kind of execution environment a runtime is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RuntimeType {
     Vm,
@@ -15,7 +13,7 @@ pub enum RuntimeType {
 }
 
 /// Lifecycle state: `creating → running ⇄ stopped`, `degraded`, `deleting → deleted`, `error`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RuntimeState {
     Creating,
@@ -53,16 +51,16 @@ impl RuntimeType {
 }
 
 /// A point-in-time copy of a runtime, to restore later.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RuntimeSnapshot {
     pub id: String,
     pub name: String,
     #[serde(default)]
     pub description: Option<String>,
-    pub created_at: Timestamp,
+    pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendKind {
     VmBackend,
@@ -72,7 +70,7 @@ pub enum BackendKind {
 }
 
 /// Where a runtime lives in its backend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BackendRef {
     pub kind: BackendKind,
     /// Backend-specific identifier (opaque).
@@ -80,7 +78,7 @@ pub struct BackendRef {
     pub reference: String,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ResourceProfile {
     #[serde(default)]
     pub cpu: Option<f64>,
@@ -93,7 +91,7 @@ pub struct ResourceProfile {
     pub replicas: Option<i64>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Exposure {
     #[default]
@@ -102,7 +100,7 @@ pub enum Exposure {
     Public,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EgressPolicy {
     #[default]
@@ -110,7 +108,7 @@ pub enum EgressPolicy {
     Open,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NetworkingProfile {
     #[serde(default)]
     pub exposure: Exposure,
@@ -118,7 +116,7 @@ pub struct NetworkingProfile {
     pub egress_policy: EgressPolicy,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Isolation {
     Basic,
@@ -126,7 +124,7 @@ pub enum Isolation {
     Strong,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SecurityProfile {
     #[serde(default)]
     pub isolation: Isolation,
@@ -147,7 +145,7 @@ fn default_true() -> bool {
 }
 
 /// The desired shape of a runtime.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RuntimeSpec {
     /// T-shirt size or profile name.
     #[serde(default)]
@@ -161,7 +159,7 @@ pub struct RuntimeSpec {
 }
 
 /// A manageable execution environment with lifecycle, intent and feedback.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Runtime {
     pub id: String,
     pub name: String,
@@ -178,9 +176,9 @@ pub struct Runtime {
     pub backend: Option<BackendRef>,
     #[serde(default)]
     pub spec: RuntimeSpec,
-    pub created_at: Timestamp,
+    pub created_at: chrono::DateTime<chrono::Utc>,
     #[serde(default)]
-    pub updated_at: Option<Timestamp>,
+    pub updated_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Bumped by every change; the API's `ETag` and `If-Match` are built on it.
     pub version: u64,
     /// The operation currently working on this runtime; one at a time.

@@ -1,0 +1,209 @@
+//! The API's own OpenAPI 3.1 document, generated from the handlers and types (utoipa), served
+//! at `GET /v1/openapi.json` and committed as `api/openapi.json`. It is a superset of the
+//! seed document (`servers: /v1` there, the same absolute paths here).
+
+use axum::Json;
+use utoipa::{IntoParams, IntoResponses, OpenApi};
+
+use crate::problem::Problem;
+
+/// `If-Match`: the ETag (version) a change expects; 412 when the resource moved on.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct IfMatch {
+    /// An ETag such as `"3"`, or `*`.
+    #[param(rename = "If-Match")]
+    pub if_match: Option<String>,
+}
+
+/// `Idempotency-Key`: a retry with the same key and request gets the first reply, on any node.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct IdempotencyKey {
+    /// 1 to 255 characters, unique per intended change; remembered for 24 hours.
+    #[param(rename = "Idempotency-Key")]
+    pub idempotency_key: Option<String>,
+}
+
+/// `tenant_id`: scopes reads and lists to one tenant.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct TenantId {
+    /// Optional tenant identifier for multi-tenancy.
+    pub tenant_id: Option<String>,
+}
+
+/// `X-Actor`: who acts (until authentication lands), recorded on events.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct XActor {
+    /// `human:<name>` or `agent:<name>`; `human:anonymous` when absent.
+    #[param(rename = "X-Actor")]
+    pub x_actor: Option<String>,
+}
+
+/// `consistency`: `linearizable` (default) or `stale` (this node's replica as it is).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ConsistencyParam {
+    #[param(inline, value_type = Option<String>, pattern = "^(linearizable|stale)$")]
+    pub consistency: Option<String>,
+}
+
+/// The errors any endpoint may answer with, as RFC 9457 problems.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum ProblemResponses {
+    /// Malformed JSON or a schema violation (with the JSON path of the field).
+    #[response(status = 400, content_type = "application/problem+json")]
+    BadRequest(Problem),
+    /// No such resource (or another tenant's).
+    #[response(status = 404, content_type = "application/problem+json")]
+    NotFound(Problem),
+    /// Illegal state transition, name clash, operation in progress.
+    #[response(status = 409, content_type = "application/problem+json")]
+    Conflict(Problem),
+    /// `If-Match` does not match the current version.
+    #[response(status = 412, content_type = "application/problem+json")]
+    PreconditionFailed(Problem),
+    /// The body is over the size limit.
+    #[response(status = 413, content_type = "application/problem+json")]
+    TooLarge(Problem),
+    /// The body is not JSON.
+    #[response(status = 415, content_type = "application/problem+json")]
+    UnsupportedMediaType(Problem),
+    /// Semantically invalid value (unknown size, negative replicas, reused idempotency key).
+    #[response(status = 422, content_type = "application/problem+json")]
+    Unprocessable(Problem),
+    /// No leader or no quorum right now; retry after `Retry-After` seconds.
+    #[response(status = 503, content_type = "application/problem+json")]
+    Unavailable(Problem),
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "RuntimeAI Control Plane API",
+        version = "0.1.0",
+        description = "AI-native runtime control plane that unifies VM and vCluster lifecycle under a single Runtime \
+                       abstraction. Every node of a cluster serves this API; writes are forwarded to the leader, reads \
+                       are linearizable unless `consistency=stale`.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0")
+    ),
+    servers((url = "/", description = "any node of the cluster")),
+    components(schemas(Problem, crate::problem::FieldError)),
+    tags(
+        (name = "Runtimes"), (name = "Lifecycle"), (name = "Events"), (name = "Policies"), (name = "Operations"),
+        (name = "Cluster"), (name = "Health")
+    ),
+    paths(
+        crate::cluster::health, crate::cluster::healthz, crate::cluster::readyz, crate::cluster::cluster_status,
+        crate::cluster::add_member, crate::cluster::remove_member,
+        crate::runtimes::create_runtime, crate::runtimes::list_runtimes, crate::runtimes::get_runtime,
+        crate::runtimes::patch_runtime, crate::runtimes::delete_runtime, crate::runtimes::runtime_status,
+        crate::runtimes::runtime_operations, crate::runtimes::runtime_snapshots, crate::runtimes::runtime_events,
+        crate::runtimes::start_runtime, crate::runtimes::stop_runtime, crate::runtimes::restart_runtime,
+        crate::runtimes::scale_runtime, crate::runtimes::snapshot_runtime, crate::runtimes::restore_runtime,
+        crate::operations::get_operation, crate::operations::cancel_operation,
+        crate::policies::create_policy, crate::policies::list_policies, crate::policies::get_policy,
+        crate::policies::delete_policy,
+        openapi_json,
+    )
+)]
+pub struct ApiDoc;
+
+/// This document.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "Health",
+    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object)))]
+pub(crate) async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+/// The document as committed in `api/openapi.json`.
+pub fn document() -> String {
+    ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serializes") + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Seed paths this build does not serve yet: the intent and action endpoints arrive with
+    /// the engine. Remove entries as they land; the test then holds them to the seed.
+    const NOT_YET_SERVED: &[&str] = &[
+        "post /v1/runtimes/{runtime_id}/intent",
+        "get /v1/runtimes/{runtime_id}/intent/{intent_id}",
+        "post /v1/runtimes/{runtime_id}/actions/plan",
+        "post /v1/runtimes/{runtime_id}/actions/execute",
+    ];
+
+    fn served() -> BTreeSet<String> {
+        let doc: serde_json::Value = serde_json::from_str(&document()).unwrap();
+        let mut out = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                out.insert(format!("{method} {path}"));
+            }
+        }
+        out
+    }
+
+    /// `method /v1<path>` for every operation of the seed document (read without a YAML parser:
+    /// paths are the two-space-indented keys under `paths:`, methods the four-space ones).
+    fn seed_operations() -> BTreeSet<String> {
+        let seed = include_str!("../seed/openapi-seed.yaml");
+        let mut out = BTreeSet::new();
+        let mut in_paths = false;
+        let mut path = String::new();
+        for line in seed.lines() {
+            if line.starts_with("paths:") {
+                in_paths = true;
+                continue;
+            }
+            if in_paths && !line.starts_with(' ') && !line.trim().is_empty() && !line.starts_with('#') {
+                break;
+            }
+            if let Some(p) = line.strip_prefix("  /") {
+                path = format!("/v1/{}", p.trim_end_matches(':'));
+            } else if let Some(m) = line.strip_prefix("    ") {
+                let m = m.trim_end_matches(':');
+                if ["get", "post", "put", "patch", "delete"].contains(&m) {
+                    out.insert(format!("{m} {path}"));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_committed_document_is_the_generated_one() {
+        let committed = include_str!("../openapi.json");
+        assert!(
+            committed == document(),
+            "api/openapi.json is out of date; regenerate it with `runtimeai openapi > api/openapi.json`"
+        );
+    }
+
+    #[test]
+    fn every_seed_operation_is_served_with_the_same_path() {
+        let seed = seed_operations();
+        assert!(seed.len() >= 20, "the seed parser found only {seed:?}");
+        let served = served();
+        let missing: Vec<&String> =
+            seed.iter().filter(|op| !served.contains(*op) && !NOT_YET_SERVED.contains(&op.as_str())).collect();
+        assert!(missing.is_empty(), "seed operations not served: {missing:?}");
+        for op in NOT_YET_SERVED {
+            assert!(!served.contains(*op), "{op} is served now: remove it from NOT_YET_SERVED");
+        }
+    }
+
+    #[test]
+    fn the_document_is_openapi_3_1() {
+        let doc: serde_json::Value = serde_json::from_str(&document()).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        assert!(doc["components"]["schemas"]["Runtime"].is_object());
+        assert!(doc["components"]["schemas"]["Problem"].is_object());
+    }
+}
