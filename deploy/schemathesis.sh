@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Fuzzes the REST API of a real local cluster with schemathesis, driven by the OpenAPI document
+# the cluster serves: no response may be a 5xx or differ from the document. Bounded in time.
+# Membership changes are left out: random ids and addresses would take the cluster apart.
+#   usage: deploy/schemathesis.sh <path to the runtimeai binary> [max seconds]
+set -euo pipefail
+binary=$1
+max_time=${2:-90}
+source "$(dirname "$0")/env.sh"
+
+venv="$HOME/.cache/runtimeai/venv"
+if [ ! -x "$venv/bin/st" ]; then
+  /usr/bin/python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==4.32.5"
+fi
+
+# Three consecutive free ports for REST and three for gRPC.
+free_base() {
+  /usr/bin/python3 - <<'PY'
+import random, socket
+for _ in range(200):
+    base = random.randint(20000, 60000)
+    socks = []
+    try:
+        for p in range(base, base + 3):
+            s = socket.socket(); s.bind(("127.0.0.1", p)); socks.append(s)
+        print(base); break
+    except OSError:
+        pass
+    finally:
+        for s in socks: s.close()
+PY
+}
+http=$(free_base); grpc=$(free_base)
+work=$(mktemp -d)
+setsid "$binary" dev --data-dir "$work/dev" --http-port "$http" --grpc-port "$grpc" > "$work/dev.out" 2>&1 &
+dev=$!
+cleanup() { kill -TERM -- "-$dev" 2>/dev/null || true; wait "$dev" 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+for _ in $(seq 1 300); do
+  grep -q "cluster ready" "$work/dev.out" && break
+  sleep 0.2
+done
+grep -q "cluster ready" "$work/dev.out" || { cat "$work/dev.out" "$work"/dev/node-*.log >&2; echo "error: the cluster did not start" >&2; exit 1; }
+
+"$venv/bin/st" run "http://127.0.0.1:$http/v1/openapi.json" \
+  --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
+  --phases examples,coverage,fuzzing --max-examples 15 --max-time "$max_time" --seed 1 \
+  --exclude-path-regex '^/v1/cluster/members' --no-color
