@@ -12,6 +12,7 @@ use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use runtimeai_model::ClusterSettings;
 use runtimeai_raft::NodeId;
 
 use crate::extract::{Body, PathParam};
@@ -27,6 +28,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/cluster/members", axum::routing::post(add_member))
         .route("/v1/cluster/members/{node_id}", delete(remove_member))
+        .route("/v1/cluster/settings", get(get_settings).put(put_settings))
 }
 
 /// The process is alive and serving HTTP.
@@ -189,4 +191,33 @@ pub(crate) async fn remove_member(
         .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
     state.replica.read_barrier().await?;
     Ok(Json(cluster_view(&state).await?))
+}
+
+/// Cluster-wide settings (event retention).
+#[utoipa::path(get, path = "/v1/cluster/settings", tag = "Cluster",
+    responses((status = 200, description = "OK", body = ClusterSettings), ProblemResponses))]
+pub(crate) async fn get_settings(State(state): State<AppState>) -> Result<Json<ClusterSettings>, Problem> {
+    state.replica.read_barrier().await?;
+    Ok(Json(state.replica.state.settings()?))
+}
+
+/// Replace the cluster-wide settings; every node applies them from the next change on.
+#[utoipa::path(put, path = "/v1/cluster/settings", tag = "Cluster", request_body = ClusterSettings,
+    responses((status = 200, description = "OK", body = ClusterSettings), ProblemResponses))]
+pub(crate) async fn put_settings(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    Body(settings): Body<ClusterSettings>,
+) -> Result<Json<ClusterSettings>, Problem> {
+    if settings.event_retention_count == 0 || settings.event_retention_count > 1_000_000 {
+        return Err(crate::validate::invalid("$.event_retention_count", "must be between 1 and 1000000"));
+    }
+    if settings.event_retention_days == 0 || settings.event_retention_days > 36_500 {
+        return Err(crate::validate::invalid("$.event_retention_days", "must be between 1 and 36500"));
+    }
+    let op = runtimeai_raft::Op::SetSettings { settings };
+    match crate::mutation::propose(&state, &headers, "PUT /v1/cluster/settings", &settings, op).await? {
+        runtimeai_raft::CommandReply::Settings(settings) => Ok(Json(settings)),
+        other => Err(Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{other:?}"))),
+    }
 }

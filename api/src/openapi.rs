@@ -98,7 +98,8 @@ pub enum ProblemResponses {
     ),
     paths(
         crate::cluster::health, crate::cluster::healthz, crate::cluster::readyz, crate::cluster::cluster_status,
-        crate::cluster::add_member, crate::cluster::remove_member,
+        crate::cluster::add_member, crate::cluster::remove_member, crate::cluster::get_settings,
+        crate::cluster::put_settings,
         crate::runtimes::create_runtime, crate::runtimes::list_runtimes, crate::runtimes::get_runtime,
         crate::runtimes::patch_runtime, crate::runtimes::delete_runtime, crate::runtimes::runtime_status,
         crate::runtimes::runtime_operations, crate::runtimes::runtime_snapshots, crate::runtimes::runtime_events,

@@ -11,7 +11,7 @@ use crate::problem::{FieldError, Problem};
 pub const SIZES: &[(&str, f64, &str)] =
     &[("small", 1.0, "2Gi"), ("medium", 2.0, "4Gi"), ("large", 4.0, "8Gi"), ("xlarge", 8.0, "16Gi")];
 
-fn invalid(path: &str, message: impl Into<String>) -> Problem {
+pub(crate) fn invalid(path: &str, message: impl Into<String>) -> Problem {
     let message = message.into();
     let mut problem = Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-value", format!("{path}: {message}"));
     problem.errors.push(FieldError { path: path.to_string(), message });

@@ -9,16 +9,16 @@ use rocksdb::{IteratorMode, WriteBatch, DB};
 use serde::Serialize;
 
 use runtimeai_model::{
-    Event, EventSeverity, IdempotencyRecord, JsonObject, LifecycleAction, Operation, OperationError, OperationProgress,
-    OperationStatus, Policy, Runtime, RuntimeSnapshot, RuntimeState, Timestamp,
+    ClusterSettings, Event, EventSeverity, IdempotencyRecord, JsonObject, LifecycleAction, Operation, OperationError,
+    OperationProgress, OperationStatus, Policy, Runtime, RuntimeSnapshot, RuntimeState, Timestamp,
 };
 
 use crate::codec;
 use crate::command::{Command, CommandReply, IdempotencyClaim, Op, Rejection};
 use crate::state_machine::{event_prefix, name_key, read_err, write_err};
 use crate::store::{
-    cf, CF_ACTIVE_OPERATIONS, CF_EVENTS, CF_IDEMPOTENCY, CF_IDEMPOTENCY_BY_TIME, CF_INTENTS, CF_NODES, CF_OPERATIONS,
-    CF_POLICIES, CF_RUNTIMES, CF_RUNTIME_NAMES, CF_RUNTIME_OPERATIONS,
+    cf, CF_ACTIVE_OPERATIONS, CF_EVENTS, CF_EVENT_COUNTS, CF_IDEMPOTENCY, CF_IDEMPOTENCY_BY_TIME, CF_INTENTS, CF_NODES,
+    CF_OPERATIONS, CF_POLICIES, CF_RUNTIMES, CF_RUNTIME_NAMES, CF_RUNTIME_OPERATIONS, CF_SETTINGS,
 };
 use crate::types::StorageError;
 
@@ -59,10 +59,22 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
+    /// Whether `key` was deleted earlier in this batch.
+    fn deleted(&self, cf_name: &'static str, key: &[u8]) -> bool {
+        matches!(self.overlay.get(&(cf_name, key.to_vec())), Some(None))
+    }
+
     fn delete(&mut self, cf_name: &'static str, key: Vec<u8>) {
         self.batch.delete_cf(cf(self.db, cf_name), &key);
         self.overlay.insert((cf_name, key), None);
     }
+}
+
+const SETTINGS_KEY: &[u8] = b"cluster";
+
+/// The cluster-wide settings in force.
+pub(crate) fn settings(txn: &Txn<'_>) -> Result<ClusterSettings, StorageError> {
+    Ok(txn.get(CF_SETTINGS, SETTINGS_KEY)?.unwrap_or_default())
 }
 
 /// How long an idempotency key is remembered.
@@ -81,7 +93,8 @@ pub(crate) fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> 
         }
     }
     let at = command.at;
-    let mut events = EventWriter { index, at, actor: command.actor.clone(), written: 0 };
+    let retention = settings(txn)?;
+    let mut events = EventWriter { index, at, actor: command.actor.clone(), written: 0, retention };
     let reply = match command.op {
         Op::CreateRuntime { runtime, operation } => create_runtime(txn, &mut events, runtime, operation)?,
         Op::UpdateRuntime { runtime, expected_version } => {
@@ -135,6 +148,10 @@ pub(crate) fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> 
         Op::RegisterNode { info } => {
             txn.put(CF_NODES, info.node_id.to_be_bytes().to_vec(), &info)?;
             CommandReply::NodeRegistered
+        }
+        Op::SetSettings { settings } => {
+            txn.put(CF_SETTINGS, SETTINGS_KEY.to_vec(), &settings)?;
+            CommandReply::Settings(settings)
         }
     };
     if let Some(claim) = command.idempotency {
@@ -432,7 +449,11 @@ pub(crate) struct EventWriter {
     at: runtimeai_model::Timestamp,
     actor: runtimeai_model::Actor,
     written: u32,
+    retention: ClusterSettings,
 }
+
+/// At most this many old events are dropped per event written, to bound the work of one apply.
+const PRUNE_BATCH: usize = 64;
 
 impl EventWriter {
     fn write(
@@ -458,6 +479,38 @@ impl EventWriter {
         let mut key = event_prefix(runtime_id);
         key.extend_from_slice(&self.index.to_be_bytes());
         key.extend_from_slice(&sub.to_be_bytes());
-        txn.put(CF_EVENTS, key, &event)
+        txn.put(CF_EVENTS, key, &event)?;
+        self.enforce_retention(txn, runtime_id)
+    }
+
+    /// Drops the runtime's oldest events while it has more than the retention count or they
+    /// are older than the retention age (measured from the command's time, not a clock).
+    fn enforce_retention(&self, txn: &mut Txn<'_>, runtime_id: &str) -> Result<(), StorageError> {
+        let mut count: u64 = txn.get::<u64>(CF_EVENT_COUNTS, runtime_id.as_bytes())?.unwrap_or(0) + 1;
+        let max_age = chrono::Duration::days(self.retention.event_retention_days.min(100_000) as i64);
+        let cutoff = self.at - max_age;
+        let prefix = event_prefix(runtime_id);
+        let mut expired = Vec::new();
+        let iter = txn.db.iterator_cf(cf(txn.db, CF_EVENTS), IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+        for item in iter {
+            let (key, value) = item.map_err(read_err)?;
+            if !key.starts_with(&prefix) || expired.len() >= PRUNE_BATCH {
+                break;
+            }
+            if txn.deleted(CF_EVENTS, &key) {
+                // Dropped earlier in this same batch: the database does not know yet.
+                continue;
+            }
+            let event: Event = codec::decode("event", &value).map_err(read_err)?;
+            if count <= self.retention.event_retention_count && event.ts >= cutoff {
+                break;
+            }
+            expired.push(key.to_vec());
+            count -= 1;
+        }
+        for key in expired {
+            txn.delete(CF_EVENTS, key);
+        }
+        txn.put(CF_EVENT_COUNTS, runtime_id.as_bytes().to_vec(), &count)
     }
 }

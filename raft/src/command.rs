@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 use runtimeai_model::{
-    Actor, Intent, NodeInfo, Operation, OperationError, OperationProgress, OperationStatus, Policy, Runtime, Timestamp,
+    Actor, ClusterSettings, Intent, NodeInfo, Operation, OperationError, OperationProgress, OperationStatus, Policy,
+    Runtime, Timestamp,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +82,10 @@ pub enum Op {
     RegisterNode {
         info: NodeInfo,
     },
+    /// Replace the cluster-wide settings.
+    SetSettings {
+        settings: ClusterSettings,
+    },
 }
 
 impl Op {
@@ -96,6 +101,7 @@ impl Op {
             Op::CreatePolicy { .. } => "create_policy",
             Op::DeletePolicy { .. } => "delete_policy",
             Op::RegisterNode { .. } => "register_node",
+            Op::SetSettings { .. } => "set_settings",
         }
     }
 }
@@ -116,6 +122,7 @@ pub enum CommandReply {
         id: String,
     },
     NodeRegistered,
+    Settings(ClusterSettings),
     Rejected(Rejection),
     /// Replies to membership and blank entries, which carry no command.
     Empty,

@@ -153,6 +153,11 @@ impl StateMachineStore {
         Ok(operations)
     }
 
+    /// The cluster-wide settings in force.
+    pub fn settings(&self) -> Result<runtimeai_model::ClusterSettings, StorageError> {
+        Ok(self.get(crate::store::CF_SETTINGS, b"cluster")?.unwrap_or_default())
+    }
+
     /// What members announced about themselves (`RegisterNode`).
     pub fn nodes(&self) -> Result<Vec<NodeInfo>, StorageError> {
         self.scan(CF_NODES, b"")

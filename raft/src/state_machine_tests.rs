@@ -7,7 +7,8 @@ use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload, LogId, Membership};
 
 use runtimeai_model::{
-    Actor, LifecycleAction, Operation, OperationStatus, Runtime, RuntimeSpec, RuntimeState, RuntimeType,
+    Actor, ClusterSettings, LifecycleAction, Operation, OperationStatus, Runtime, RuntimeSpec, RuntimeState,
+    RuntimeType,
 };
 
 use super::StateMachineStore;
@@ -361,4 +362,40 @@ async fn a_snapshot_of_another_format_version_is_refused() {
     let err = target.install_snapshot(&snapshot.meta, Box::new(std::io::Cursor::new(bytes))).await.unwrap_err();
     assert!(err.to_string().contains("format version"), "{err}");
     assert!(target.get_runtime("rt_a").unwrap().is_none());
+}
+
+#[tokio::test]
+async fn events_are_kept_within_the_retention_count_and_age() {
+    let (_dir, mut sm) = open();
+    let settings = ClusterSettings { event_retention_count: 3, event_retention_days: 1 };
+    apply(&mut sm, vec![Op::SetSettings { settings }]).await;
+    running(&mut sm, "rt_a", "web").await;
+    for i in 0..4 {
+        let op = format!("op_snap_{i}");
+        let action =
+            LifecycleAction::Snapshot { snapshot_id: format!("s{i}"), name: format!("s{i}"), description: None };
+        apply(
+            &mut sm,
+            vec![
+                begin(&op, "rt_a", action),
+                advance(&op, OperationStatus::Running),
+                advance(&op, OperationStatus::Succeeded),
+            ],
+        )
+        .await;
+    }
+    let events = sm.runtime_events("rt_a").unwrap();
+    assert_eq!(events.len(), 3, "{events:?}");
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    let last = sm.last_applied().unwrap().unwrap().index;
+    assert_eq!(*seqs.last().unwrap(), last, "the newest are kept");
+
+    // Two days later, one new event: everything older than a day goes.
+    let later = Command {
+        at: at(2 * 24 * 60 * 60),
+        ..command(Op::PatchLabels { runtime_id: "rt_a".into(), labels: BTreeMap::new(), expected_version: None })
+    };
+    sm.apply(vec![entry(last + 1, later)]).await.unwrap();
+    let events = sm.runtime_events("rt_a").unwrap();
+    assert_eq!(events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>(), ["runtime.labels"]);
 }

@@ -43,6 +43,10 @@ pub(crate) const CF_NODES: &str = "nodes";
 pub(crate) const CF_ACTIVE_OPERATIONS: &str = "active_operations";
 /// `runtime id \0 operation id` → (): a runtime's operations in creation order.
 pub(crate) const CF_RUNTIME_OPERATIONS: &str = "runtime_operations";
+/// Cluster-wide settings (one record).
+pub(crate) const CF_SETTINGS: &str = "settings";
+/// `runtime id` → how many events the runtime has (for count-based retention).
+pub(crate) const CF_EVENT_COUNTS: &str = "event_counts";
 /// `time (BE ms) \0 key` → (): idempotency records by age, for pruning.
 pub(crate) const CF_IDEMPOTENCY_BY_TIME: &str = "idempotency_by_time";
 
@@ -60,6 +64,8 @@ pub(crate) const STATE_MACHINE_CFS: &[&str] = &[
     CF_ACTIVE_OPERATIONS,
     CF_RUNTIME_OPERATIONS,
     CF_IDEMPOTENCY_BY_TIME,
+    CF_SETTINGS,
+    CF_EVENT_COUNTS,
 ];
 
 /// Column families of the raft log itself; the rest of the database is the state machine.

@@ -423,3 +423,48 @@ async fn every_node_serves_the_committed_openapi_document() -> anyhow::Result<()
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_retention_is_a_cluster_setting_every_node_applies() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let defaults = cluster.call(1, Method::GET, "/v1/cluster/settings", None, &[]).await?;
+    assert_eq!(defaults.body, json!({"event_retention_count": 1000, "event_retention_days": 30}));
+    let bad = cluster
+        .call(
+            2,
+            Method::PUT,
+            "/v1/cluster/settings",
+            Some(&json!({"event_retention_count": 0, "event_retention_days": 1})),
+            &[],
+        )
+        .await?;
+    assert!(is_problem(&bad, 422), "{bad:?}");
+    let set = cluster
+        .call(
+            2,
+            Method::PUT,
+            "/v1/cluster/settings",
+            Some(&json!({"event_retention_count": 4, "event_retention_days": 30})),
+            &[],
+        )
+        .await?;
+    assert_eq!(set.status, 200, "{set:?}");
+    let created =
+        cluster.call(3, Method::POST, "/v1/runtimes", Some(&json!({"name": "chatty", "type": "vm"})), &[]).await?;
+    let id = created.body["id"].as_str().unwrap().to_string();
+    cluster.wait_operation(1, created.body["active_operation"].as_str().unwrap(), SETTLE).await?;
+    for i in 0..3 {
+        let patch = json!({"labels": {"round": i.to_string()}});
+        assert_eq!(
+            cluster.call(1 + i % 3, Method::PATCH, &format!("/v1/runtimes/{id}"), Some(&patch), &[]).await?.status,
+            200
+        );
+    }
+    for via in 1..=3 {
+        let events = cluster.call(via, Method::GET, &format!("/v1/runtimes/{id}/events"), None, &[]).await?;
+        let items = events.body["items"].as_array().unwrap();
+        assert_eq!(items.len(), 4, "node {via}: {events:?}");
+        assert_eq!(items.last().unwrap()["data"]["labels"]["round"], "2");
+    }
+    Ok(())
+}

@@ -14,8 +14,8 @@ mod runtime;
 pub use json::JsonObject;
 pub use lifecycle::{IllegalTransition, LifecycleAction};
 pub use records::{
-    Actor, Event, EventSeverity, IdempotencyRecord, Intent, NodeInfo, Operation, OperationError, OperationProgress,
-    OperationStatus, Policy, PolicyRule,
+    Actor, ClusterSettings, Event, EventSeverity, IdempotencyRecord, Intent, NodeInfo, Operation, OperationError,
+    OperationProgress, OperationStatus, Policy, PolicyRule,
 };
 pub use runtime::{
     BackendKind, BackendRef, EgressPolicy, Exposure, Isolation, NetworkingProfile, ResourceProfile, Runtime,

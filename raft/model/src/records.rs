@@ -175,3 +175,21 @@ pub struct NodeInfo {
     pub http_addr: String,
     pub version: String,
 }
+
+/// Cluster-wide settings, replicated so that every node applies the same rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// Events kept per runtime; older ones are dropped first.
+    #[schema(minimum = 1)]
+    pub event_retention_count: u64,
+    /// Events older than this many days are dropped.
+    #[schema(minimum = 1)]
+    pub event_retention_days: u64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings { event_retention_count: 1000, event_retention_days: 30 }
+    }
+}
