@@ -68,7 +68,7 @@ pub(crate) async fn cancel_operation(
     headers: HeaderMap,
     PathParam(operation_id): PathParam<String>,
 ) -> Result<Json<OperationView>, Problem> {
-    read_operation(&state, &headers, &operation_id, Consistency::Stale).await?;
+    read_operation(&state, &headers, &operation_id, Consistency::Linearizable).await?;
     let op = Op::AdvanceOperation {
         operation_id: operation_id.clone(),
         status: OperationStatus::Cancelled,

@@ -163,7 +163,7 @@ pub(crate) async fn delete_policy(
     headers: HeaderMap,
     PathParam(policy_id): PathParam<String>,
 ) -> Result<StatusCode, Problem> {
-    read_policy(&state, &headers, &policy_id, Consistency::Stale).await?;
+    read_policy(&state, &headers, &policy_id, Consistency::Linearizable).await?;
     let op = Op::DeletePolicy { id: policy_id.clone() };
     propose(&state, &headers, &format!("DELETE /v1/policies/{policy_id}"), &(), op).await?;
     Ok(StatusCode::NO_CONTENT)

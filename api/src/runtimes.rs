@@ -311,7 +311,7 @@ pub(crate) async fn patch_runtime(
     Body(patch): Body<RuntimePatch>,
 ) -> Result<Response, Problem> {
     validate::labels(&patch.labels, "$.labels")?;
-    read_runtime(&state, &headers, &runtime_id, Consistency::Stale).await?;
+    read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
     let op = Op::PatchLabels {
         runtime_id: runtime_id.clone(),
         labels: patch.labels.clone(),
@@ -344,7 +344,7 @@ async fn begin(
     action: LifecycleAction,
     body: &impl Serialize,
 ) -> Result<Response, Problem> {
-    let runtime = read_runtime(state, headers, runtime_id, Consistency::Stale).await?;
+    let runtime = read_runtime(state, headers, runtime_id, Consistency::Linearizable).await?;
     let operation = new_operation(runtime_id, action, runtime.state, chrono::Utc::now());
     let op = Op::BeginOperation { operation, expected_version: if_match(headers)? };
     match propose(state, headers, &format!("POST /v1/runtimes/{runtime_id}/{route}"), body, op).await? {
@@ -498,7 +498,7 @@ pub(crate) async fn restore_runtime(
     PathParam(runtime_id): PathParam<String>,
     Body(request): Body<LifecycleRestoreRequest>,
 ) -> Result<Response, Problem> {
-    let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Stale).await?;
+    let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
     if !runtime.snapshots.iter().any(|s| s.id == request.snapshot_id) {
         return Err(Problem::not_found(format!("runtime {runtime_id} has no snapshot {}", request.snapshot_id)));
     }
