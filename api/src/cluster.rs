@@ -218,6 +218,6 @@ pub(crate) async fn put_settings(
     let op = runtimeai_raft::Op::SetSettings { settings };
     match crate::mutation::propose(&state, &headers, "PUT /v1/cluster/settings", &settings, op).await? {
         runtimeai_raft::CommandReply::Settings(settings) => Ok(Json(settings)),
-        other => Err(Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{other:?}"))),
+        other => Err(Problem::unexpected_reply(other)),
     }
 }

@@ -128,6 +128,17 @@ pub enum Consistency {
     Stale,
 }
 
+impl Consistency {
+    /// Makes this node's replica fit for the read: for `linearizable`, waits until it reflects
+    /// every write acknowledged before the request.
+    pub async fn prepare(self, replica: &runtimeai_raft::Replica) -> Result<(), Problem> {
+        if self == Consistency::Linearizable {
+            replica.read_barrier().await?;
+        }
+        Ok(())
+    }
+}
+
 fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, Problem> {
     match headers.get(name) {
         None => Ok(None),

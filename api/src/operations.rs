@@ -29,9 +29,7 @@ async fn read_operation(
     id: &str,
     consistency: Consistency,
 ) -> Result<Operation, Problem> {
-    if consistency == Consistency::Linearizable {
-        state.replica.read_barrier().await?;
-    }
+    consistency.prepare(&state.replica).await?;
     let not_found = || Problem::not_found(format!("operation {id} not found"));
     let operation = state.replica.state.get_operation(id)?.ok_or_else(not_found)?;
     if let Some(tenant) = tenant(headers)? {
@@ -77,6 +75,6 @@ pub(crate) async fn cancel_operation(
     };
     match propose(&state, &headers, &format!("POST /v1/operations/{operation_id}/cancel"), &(), op).await? {
         CommandReply::Operation(operation) => Ok(Json(OperationView::from(&operation))),
-        other => Err(Problem::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{other:?}"))),
+        other => Err(Problem::unexpected_reply(other)),
     }
 }

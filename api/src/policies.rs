@@ -101,7 +101,7 @@ pub(crate) async fn create_policy(
     };
     match propose(&state, &headers, "POST /v1/policies", &request, Op::CreatePolicy { policy }).await? {
         CommandReply::Policy(policy) => Ok((StatusCode::CREATED, Json(policy)).into_response()),
-        other => Err(Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{other:?}"))),
+        other => Err(Problem::unexpected_reply(other)),
     }
 }
 
@@ -111,9 +111,7 @@ async fn read_policy(
     id: &str,
     consistency: Consistency,
 ) -> Result<Policy, Problem> {
-    if consistency == Consistency::Linearizable {
-        state.replica.read_barrier().await?;
-    }
+    consistency.prepare(&state.replica).await?;
     let tenant = tenant(headers)?;
     match state.replica.state.get_policy(id)? {
         Some(policy) if tenant.is_none() || policy.tenant_id == tenant => Ok(policy),
@@ -140,9 +138,7 @@ pub(crate) async fn list_policies(
     headers: HeaderMap,
     QueryParams(params): QueryParams<PolicyListParams>,
 ) -> Result<Json<PolicyList>, Problem> {
-    if params.consistency == Consistency::Linearizable {
-        state.replica.read_barrier().await?;
-    }
+    params.consistency.prepare(&state.replica).await?;
     let tenant = tenant(&headers)?;
     let items = state
         .replica

@@ -54,6 +54,12 @@ impl Problem {
         Problem::new(StatusCode::NOT_FOUND, "not-found", detail)
     }
 
+    /// The state machine answered with a reply this endpoint does not expect: a bug, said so.
+    pub fn unexpected_reply(reply: impl std::fmt::Debug) -> Problem {
+        tracing::error!(?reply, "unexpected reply from the state machine");
+        Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("unexpected reply {reply:?}"))
+    }
+
     pub fn unavailable(detail: impl Into<String>) -> Problem {
         let mut problem = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail);
         problem.retry_after_secs = Some(1);

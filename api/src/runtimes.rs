@@ -115,10 +115,6 @@ pub(crate) fn operation_response(operation: &Operation) -> Response {
     response
 }
 
-fn unexpected(reply: CommandReply) -> Problem {
-    Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("unexpected reply {reply:?}"))
-}
-
 /// Reads a runtime as the request's consistency and tenant allow; 404 otherwise.
 pub(crate) async fn read_runtime(
     state: &AppState,
@@ -127,9 +123,7 @@ pub(crate) async fn read_runtime(
     consistency: Consistency,
 ) -> Result<Runtime, Problem> {
     let tenant = tenant(headers)?;
-    if consistency == Consistency::Linearizable {
-        state.replica.read_barrier().await?;
-    }
+    consistency.prepare(&state.replica).await?;
     match state.replica.state.get_runtime(id)? {
         Some(runtime) if tenant.is_none() || runtime.tenant_id == tenant => Ok(runtime),
         _ => Err(Problem::not_found(format!("runtime {id} not found"))),
@@ -191,7 +185,7 @@ pub(crate) async fn create_runtime(
     };
     match propose(&state, &headers, "POST /v1/runtimes", &request, Op::CreateRuntime { runtime, operation }).await? {
         CommandReply::Created { runtime, .. } => Ok(runtime_response(StatusCode::CREATED, &runtime)),
-        other => Err(unexpected(other)),
+        other => Err(Problem::unexpected_reply(other)),
     }
 }
 
@@ -266,9 +260,7 @@ pub(crate) async fn list_runtimes(
         return Err(Problem::invalid_field("page_size", "must be between 1 and 200"));
     }
     let selector = parse_selector(params.label_selector.as_deref().unwrap_or(""))?;
-    if params.consistency == Consistency::Linearizable {
-        state.replica.read_barrier().await?;
-    }
+    params.consistency.prepare(&state.replica).await?;
     let after = params.page_token.unwrap_or_default();
     let mut items: Vec<Runtime> = state
         .replica
@@ -319,7 +311,7 @@ pub(crate) async fn patch_runtime(
     };
     match propose(&state, &headers, &format!("PATCH /v1/runtimes/{runtime_id}"), &patch, op).await? {
         CommandReply::Runtime(runtime) => Ok(runtime_response(StatusCode::OK, &runtime)),
-        other => Err(unexpected(other)),
+        other => Err(Problem::unexpected_reply(other)),
     }
 }
 
@@ -349,7 +341,7 @@ async fn begin(
     let op = Op::BeginOperation { operation, expected_version: if_match(headers)? };
     match propose(state, headers, &format!("POST /v1/runtimes/{runtime_id}/{route}"), body, op).await? {
         CommandReply::Operation(operation) => Ok(operation_response(&operation)),
-        other => Err(unexpected(other)),
+        other => Err(Problem::unexpected_reply(other)),
     }
 }
 
@@ -659,9 +651,7 @@ pub(crate) async fn runtime_events(
     if !(1..=1000).contains(&limit) {
         return Err(Problem::invalid_field("limit", "must be between 1 and 1000"));
     }
-    if params.consistency == Consistency::Linearizable {
-        state.replica.read_barrier().await?;
-    }
+    params.consistency.prepare(&state.replica).await?;
     let tenant = tenant(&headers)?;
     let runtime = state.replica.state.get_runtime(&runtime_id)?;
     let events = state.replica.state.runtime_events(&runtime_id)?;
