@@ -10,6 +10,7 @@
 //! - [`operations`]: follow or cancel an asynchronous operation.
 //! - [`policies`]: safety policies.
 
+pub mod actions;
 pub mod cluster;
 mod extract;
 mod mutation;
@@ -49,6 +50,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(cluster::routes())
         .merge(runtimes::routes())
+        .merge(actions::routes())
         .merge(operations::routes())
         .merge(policies::routes())
         .route("/v1/openapi.json", axum::routing::get(openapi::openapi_json))

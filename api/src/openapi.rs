@@ -93,7 +93,7 @@ pub enum ProblemResponses {
     servers((url = "/", description = "any node of the cluster")),
     components(schemas(Problem, crate::problem::FieldError)),
     tags(
-        (name = "Runtimes"), (name = "Lifecycle"), (name = "Events"), (name = "Policies"), (name = "Operations"),
+        (name = "Runtimes"), (name = "Lifecycle"), (name = "Actions"), (name = "Events"), (name = "Policies"), (name = "Operations"),
         (name = "Cluster"), (name = "Health")
     ),
     paths(
@@ -105,6 +105,7 @@ pub enum ProblemResponses {
         crate::runtimes::runtime_operations, crate::runtimes::runtime_snapshots, crate::runtimes::runtime_events,
         crate::runtimes::start_runtime, crate::runtimes::stop_runtime, crate::runtimes::restart_runtime,
         crate::runtimes::scale_runtime, crate::runtimes::snapshot_runtime, crate::runtimes::restore_runtime,
+        crate::actions::execute_actions,
         crate::operations::get_operation, crate::operations::cancel_operation,
         crate::policies::create_policy, crate::policies::list_policies, crate::policies::get_policy,
         crate::policies::delete_policy,
@@ -137,7 +138,6 @@ mod tests {
         "post /v1/runtimes/{runtime_id}/intent",
         "get /v1/runtimes/{runtime_id}/intent/{intent_id}",
         "post /v1/runtimes/{runtime_id}/actions/plan",
-        "post /v1/runtimes/{runtime_id}/actions/execute",
     ];
 
     fn served() -> BTreeSet<String> {

@@ -141,6 +141,7 @@ fn new_operation(runtime_id: &str, action: LifecycleAction, prior_state: Runtime
         finished_at: None,
         progress: None,
         error: None,
+        failed_action: None,
         version: 1,
     }
 }
@@ -328,7 +329,7 @@ pub(crate) async fn delete_runtime(
 }
 
 /// Queues `action` on a runtime: 202 with the operation, or why not.
-async fn begin(
+pub(crate) async fn begin(
     state: &AppState,
     headers: &HeaderMap,
     runtime_id: &str,

@@ -384,25 +384,21 @@ fn advance_operation(
         put_operation(txn, &operation)?;
         return Ok(CommandReply::Operation(operation));
     };
+    let from = runtime.state;
+    runtime.active_operation = None;
     if status == Succeeded {
-        if let LifecycleAction::Restore { snapshot_id } = &operation.action {
-            if !runtime.snapshots.iter().any(|s| &s.id == snapshot_id) {
+        let mut done = Runtime { state: operation.prior_state, ..runtime.clone() };
+        match apply_success(&mut done, &operation.action, at) {
+            Ok(()) => runtime = done,
+            Err((failed_action, error)) => {
                 operation.status = Failed;
-                operation.error = Some(OperationError {
-                    code: "snapshot_not_found".into(),
-                    message: format!("runtime {} has no snapshot {snapshot_id}", runtime.id),
-                });
+                operation.error = Some(error);
+                operation.failed_action = failed_action;
             }
         }
     }
-    let from = runtime.state;
-    runtime.active_operation = None;
     match operation.status {
-        Succeeded => {
-            let (_, after) = operation.action.transition(operation.prior_state).unwrap_or((from, from));
-            runtime.state = after;
-            apply_effect(&mut runtime, &operation.action, at);
-        }
+        Succeeded => {}
         // A failed or cancelled create leaves a runtime without a backend: an error state.
         // Anything else returns to the state it had.
         _ if operation.action == LifecycleAction::Create => runtime.state = RuntimeState::Error,
@@ -420,6 +416,41 @@ fn advance_operation(
         save_runtime(txn, at, &mut runtime)?;
     }
     Ok(CommandReply::Operation(operation))
+}
+
+/// Applies a succeeded action (each action of a sequence in turn) to the runtime: its new state
+/// and effects. A failure names the failing action's index within a sequence.
+fn apply_success(
+    runtime: &mut Runtime,
+    action: &LifecycleAction,
+    at: Timestamp,
+) -> Result<(), (Option<u32>, OperationError)> {
+    match action {
+        LifecycleAction::Sequence { actions } => {
+            for (index, action) in actions.iter().enumerate() {
+                apply_one(runtime, action, at).map_err(|e| (Some(index as u32), e))?;
+            }
+            Ok(())
+        }
+        action => apply_one(runtime, action, at).map_err(|e| (None, e)),
+    }
+}
+
+fn apply_one(runtime: &mut Runtime, action: &LifecycleAction, at: Timestamp) -> Result<(), OperationError> {
+    if let LifecycleAction::Restore { snapshot_id } = action {
+        if !runtime.snapshots.iter().any(|s| &s.id == snapshot_id) {
+            return Err(OperationError {
+                code: "snapshot_not_found".into(),
+                message: format!("runtime {} has no snapshot {snapshot_id}", runtime.id),
+            });
+        }
+    }
+    let (_, after) = action
+        .transition(runtime.state)
+        .map_err(|e| OperationError { code: "illegal_transition".into(), message: e.to_string() })?;
+    runtime.state = after;
+    apply_effect(runtime, action, at);
+    Ok(())
 }
 
 /// What a succeeded action changes in the runtime's record besides its state.

@@ -57,6 +57,7 @@ fn operation(id: &str, runtime_id: &str, action: LifecycleAction) -> Operation {
         finished_at: None,
         progress: None,
         error: None,
+        failed_action: None,
         version: 1,
     }
 }

@@ -468,3 +468,78 @@ async fn event_retention_is_a_cluster_setting_every_node_applies() -> anyhow::Re
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_execute_a_checked_list_of_actions_as_one_operation() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let created = cluster
+        .call(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "agentic", "type": "vcluster"})), &[])
+        .await?;
+    let id = created.body["id"].as_str().unwrap().to_string();
+    cluster.wait_operation(1, created.body["active_operation"].as_str().unwrap(), SETTLE).await?;
+    let execute = format!("/v1/runtimes/{id}/actions/execute");
+
+    phase("stop, scale, snapshot, start in one operation, with the key in the body, through two nodes");
+    let body = json!({"idempotency_key": "plan-42", "actions": [
+        {"type": "stop", "params": {"force": true}},
+        {"type": "scale", "params": {"size": "large"}},
+        {"type": "snapshot", "params": {"name": "pre-change"}},
+        {"type": "start"}
+    ]});
+    let accepted = cluster.call(2, Method::POST, &execute, Some(&body), &[("x-actor", "agent:planner")]).await?;
+    assert_eq!(accepted.status, 202, "{accepted:?}");
+    assert_eq!(accepted.body["kind"], "execute");
+    let statuses: Vec<&str> =
+        accepted.body["results"].as_array().unwrap().iter().map(|r| r["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["pending"; 4]);
+    let replay = cluster.call(3, Method::POST, &execute, Some(&body), &[("x-actor", "agent:planner")]).await?;
+    assert_eq!(replay.body["id"], accepted.body["id"], "the idempotency key in the body works like the header");
+    let done = cluster.wait_operation(1, accepted.body["id"].as_str().unwrap(), SETTLE).await?;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let results: Vec<(&str, &str)> = done["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["action"].as_str().unwrap(), r["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        results,
+        [("stop", "succeeded"), ("scale", "succeeded"), ("snapshot", "succeeded"), ("start", "succeeded")]
+    );
+    let runtime = cluster.call(3, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    assert_eq!(runtime.body["state"], "running");
+    assert_eq!(runtime.body["spec"]["size"], "large");
+    assert_eq!(runtime.body["snapshots"][0]["name"], "pre-change");
+    let events = cluster.call(2, Method::GET, &format!("/v1/runtimes/{id}/events"), None, &[]).await?;
+    let execute_event =
+        events.body["items"].as_array().unwrap().iter().find(|e| e["type"] == "lifecycle.execute").cloned().unwrap();
+    assert_eq!(
+        (execute_event["actor"].as_str(), execute_event["actor_name"].as_str()),
+        (Some("agent"), Some("planner"))
+    );
+
+    phase("every action is checked before anything is queued");
+    let cases = [
+        (json!({"actions": [{"type": "start"}]}), 409, None),
+        (json!({"actions": [{"type": "stop"}, {"type": "stop"}]}), 409, None),
+        (json!({"actions": [{"type": "migrate"}]}), 422, Some("$.actions[0].type")),
+        (
+            json!({"actions": [{"type": "stop"}, {"type": "scale", "params": {"size": "huge"}}]}),
+            422,
+            Some("$.actions[1].params.size"),
+        ),
+        (json!({"actions": [{"type": "scale", "params": {"replicas": 3}}]}), 400, Some("$.actions[0].params.replicas")),
+        (json!({"actions": [{"type": "explode"}]}), 400, None),
+        (json!({"actions": []}), 400, Some("$.actions")),
+    ];
+    for (body, status, path) in cases {
+        let response = cluster.call(1, Method::POST, &execute, Some(&body), &[]).await?;
+        assert!(is_problem(&response, status), "{body}: {response:?}");
+        if let Some(path) = path {
+            assert_eq!(response.body["errors"][0]["path"], path, "{body}: {response:?}");
+        }
+    }
+    let operations = cluster.call(3, Method::GET, &format!("/v1/runtimes/{id}/operations"), None, &[]).await?;
+    assert_eq!(operations.body["items"].as_array().unwrap().len(), 2, "refused requests queue nothing");
+    Ok(())
+}

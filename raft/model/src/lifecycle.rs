@@ -11,12 +11,28 @@ use crate::{ResourceProfile, RuntimeState};
 pub enum LifecycleAction {
     Create,
     Start,
-    Stop { force: bool, timeout_seconds: Option<u64> },
+    Stop {
+        force: bool,
+        timeout_seconds: Option<u64>,
+    },
     Restart,
-    Scale { size: Option<String>, resources: Option<ResourceProfile> },
-    Snapshot { snapshot_id: String, name: String, description: Option<String> },
-    Restore { snapshot_id: String },
+    Scale {
+        size: Option<String>,
+        resources: Option<ResourceProfile>,
+    },
+    Snapshot {
+        snapshot_id: String,
+        name: String,
+        description: Option<String>,
+    },
+    Restore {
+        snapshot_id: String,
+    },
     Delete,
+    /// Several actions run in order as one operation (the agents' `actions/execute`).
+    Sequence {
+        actions: Vec<LifecycleAction>,
+    },
 }
 
 /// Why an action cannot run on a runtime in its current state.
@@ -39,6 +55,7 @@ impl LifecycleAction {
             LifecycleAction::Snapshot { .. } => "snapshot",
             LifecycleAction::Restore { .. } => "restore",
             LifecycleAction::Delete => "delete",
+            LifecycleAction::Sequence { .. } => "execute",
         }
     }
 
@@ -56,8 +73,21 @@ impl LifecycleAction {
     ///
     /// `start` on a running runtime (or `stop` on a stopped one) is refused with 409 rather than
     /// treated as a no-op, so that an agent learns the state it assumed was wrong.
+    ///
+    /// A sequence is legal when each action is legal from the state the previous one leaves;
+    /// while it runs the runtime is in its first action's "while running" state.
     pub fn transition(&self, state: RuntimeState) -> Result<(RuntimeState, RuntimeState), IllegalTransition> {
         use RuntimeState::*;
+        if let LifecycleAction::Sequence { actions } = self {
+            let mut during = None;
+            let mut current = state;
+            for action in actions {
+                let (while_running, after) = action.transition(current)?;
+                during.get_or_insert(while_running);
+                current = after;
+            }
+            return Ok((during.unwrap_or(state), current));
+        }
         let allowed = match self {
             LifecycleAction::Create => matches!(state, Creating),
             LifecycleAction::Start => matches!(state, Stopped | Error),
@@ -67,6 +97,7 @@ impl LifecycleAction {
             }
             LifecycleAction::Restore { .. } => matches!(state, Running | Stopped | Degraded | Error),
             LifecycleAction::Delete => !matches!(state, Deleting | Deleted),
+            LifecycleAction::Sequence { .. } => unreachable!("handled above"),
         };
         if !allowed {
             return Err(IllegalTransition { action: self.kind(), state: state.as_str() });
@@ -100,6 +131,12 @@ mod tests {
             (LifecycleAction::Delete, Deleting),
             (LifecycleAction::Scale { size: None, resources: None }, Deleting),
         ];
+        let sequence = LifecycleAction::Sequence {
+            actions: vec![stop.clone(), LifecycleAction::Scale { size: None, resources: None }, LifecycleAction::Start],
+        };
+        assert_eq!(sequence.transition(Running), Ok((Running, Running)));
+        let illegal = LifecycleAction::Sequence { actions: vec![stop.clone(), stop.clone()] };
+        assert_eq!(illegal.transition(Running).unwrap_err().state, "stopped");
         for (action, state) in refused {
             let err = action.transition(state).unwrap_err();
             assert_eq!(err.state, state.as_str(), "{err}");

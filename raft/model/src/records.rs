@@ -108,6 +108,9 @@ pub struct Operation {
     pub progress: Option<OperationProgress>,
     #[serde(default)]
     pub error: Option<OperationError>,
+    /// For a sequence that failed: the index of the action that failed (later ones were skipped).
+    #[serde(default)]
+    pub failed_action: Option<u32>,
     pub version: u64,
 }
 

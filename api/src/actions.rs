@@ -1,0 +1,205 @@
+//! The agents' deterministic contract: `POST /v1/runtimes/{id}/actions/execute` runs a list of
+//! actions, in order, as one operation. Every action is checked before anything is queued:
+//! its parameters against its schema, its type against the runtime's capabilities, the whole
+//! sequence against the transition table.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::Response;
+use axum::routing::post;
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use runtimeai_model::LifecycleAction;
+
+use crate::extract::{Body, Consistency, PathParam};
+use crate::mutation::new_id;
+use crate::openapi::{IdempotencyKey, IfMatch, ProblemResponses, TenantId, XActor};
+use crate::problem::Problem;
+use crate::runtimes::{
+    begin, read_runtime, LifecycleRestoreRequest, LifecycleScaleRequest, LifecycleSnapshotRequest,
+    LifecycleStartRequest, LifecycleStopRequest,
+};
+use crate::views::OperationView;
+use crate::{validate, AppState};
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new().route("/v1/runtimes/{runtime_id}/actions/execute", post(execute_actions))
+}
+
+/// The seed's action types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionType {
+    Start,
+    Stop,
+    Restart,
+    Scale,
+    Snapshot,
+    Restore,
+    Migrate,
+    RolloutRestart,
+    TunePolicy,
+    AttachObserver,
+    DetachObserver,
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Action {
+    #[serde(rename = "type")]
+    pub action_type: ActionType,
+    /// Optional sub-target (component / namespace / node); not supported by any backend yet.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub target: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The action's parameters, as the matching lifecycle call takes them.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub params: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ActionExecutionRequest {
+    /// 1 to 20 actions, run in order; a failure skips the rest.
+    pub actions: Vec<Action>,
+    /// Same as the `Idempotency-Key` header.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// Parses an action's parameters as the schema of its lifecycle call.
+fn params<T: DeserializeOwned + Default>(action: &Action, index: usize) -> Result<T, Problem> {
+    match &action.params {
+        None => Ok(T::default()),
+        Some(map) => serde_path_to_error::deserialize(serde_json::Value::Object(map.clone())).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { String::new() } else { format!(".{path}") };
+            Problem::invalid_field(format!("$.actions[{index}].params{field}"), e.into_inner().to_string())
+        }),
+    }
+}
+
+fn unsupported(index: usize, what: &str) -> Problem {
+    let mut problem = Problem::new(
+        axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+        "unsupported-action",
+        format!("$.actions[{index}]: {what}"),
+    );
+    problem.errors.push(crate::problem::FieldError { path: format!("$.actions[{index}].type"), message: what.into() });
+    problem
+}
+
+/// Turns one requested action into what the operation will run.
+fn lifecycle_action(action: &Action, index: usize, capabilities: &[String]) -> Result<LifecycleAction, Problem> {
+    let kind =
+        serde_json::to_value(action.action_type).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+    if !capabilities.contains(&kind) {
+        return Err(unsupported(
+            index,
+            &format!("this runtime cannot {kind} (capabilities: {})", capabilities.join(", ")),
+        ));
+    }
+    if action.target.is_some() {
+        return Err(unsupported(index, "sub-targets are not supported by this runtime's backend"));
+    }
+    let path = |field: &str| format!("$.actions[{index}].params.{field}");
+    Ok(match action.action_type {
+        ActionType::Start => {
+            params::<LifecycleStartRequest>(action, index)?;
+            LifecycleAction::Start
+        }
+        ActionType::Restart => {
+            params::<LifecycleStartRequest>(action, index)?;
+            LifecycleAction::Restart
+        }
+        ActionType::Stop => {
+            let p: LifecycleStopRequest = params(action, index)?;
+            LifecycleAction::Stop { force: p.force, timeout_seconds: p.timeout_seconds }
+        }
+        ActionType::Scale => {
+            let p: LifecycleScaleRequest = params(action, index)?;
+            if p.size.is_none() && p.resources.is_none() {
+                return Err(Problem::invalid_field(
+                    format!("$.actions[{index}].params"),
+                    "scale needs a size or resources",
+                ));
+            }
+            if let Some(size) = &p.size {
+                validate::size(size, &path("size"))?;
+            }
+            if let Some(resources) = &p.resources {
+                validate::resources(resources, &path("resources"))?;
+            }
+            LifecycleAction::Scale { size: p.size, resources: p.resources }
+        }
+        ActionType::Snapshot => {
+            let p: LifecycleSnapshotRequest = params(action, index)?;
+            let name = match p.name {
+                Some(name) => {
+                    validate::name(&name, &path("name"))?;
+                    name
+                }
+                None => format!("snapshot-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S")),
+            };
+            LifecycleAction::Snapshot { snapshot_id: new_id("snap"), name, description: p.description }
+        }
+        ActionType::Restore => {
+            let p: LifecycleRestoreRequest = match &action.params {
+                None => return Err(Problem::invalid_field(path("snapshot_id"), "restore needs the snapshot_id")),
+                Some(_) => params(action, index)?,
+            };
+            LifecycleAction::Restore { snapshot_id: p.snapshot_id }
+        }
+        _ => unreachable!("not in any runtime's capabilities"),
+    })
+}
+
+/// Execute a deterministic list of actions (the agent tool-call contract).
+#[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/actions/execute", tag = "Actions",
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId, XActor),
+    request_body = ActionExecutionRequest,
+    responses((status = 202, description = "Accepted", body = OperationView), ProblemResponses))]
+pub(crate) async fn execute_actions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParam(runtime_id): PathParam<String>,
+    Body(request): Body<ActionExecutionRequest>,
+) -> Result<Response, Problem> {
+    if request.actions.is_empty() || request.actions.len() > 20 {
+        return Err(Problem::invalid_field("$.actions", "give 1 to 20 actions"));
+    }
+    let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
+    let actions = request
+        .actions
+        .iter()
+        .enumerate()
+        .map(|(i, action)| lifecycle_action(action, i, &runtime.capabilities))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, action) in actions.iter().enumerate() {
+        if let LifecycleAction::Restore { snapshot_id } = action {
+            if !runtime.snapshots.iter().any(|s| &s.id == snapshot_id) {
+                return Err(Problem::not_found(format!(
+                    "$.actions[{i}]: runtime {runtime_id} has no snapshot {snapshot_id}"
+                )));
+            }
+        }
+    }
+    let mut headers = headers;
+    if let Some(key) = &request.idempotency_key {
+        match headers.get("idempotency-key").map(|v| v.to_str().unwrap_or_default().to_string()) {
+            Some(header) if header != *key => {
+                return Err(Problem::invalid_field("$.idempotency_key", "differs from the Idempotency-Key header"))
+            }
+            _ => {
+                let value = HeaderValue::from_str(key)
+                    .map_err(|_| Problem::invalid_field("$.idempotency_key", "must be visible ASCII"))?;
+                headers.insert("idempotency-key", value);
+            }
+        }
+    }
+    begin(&state, &headers, &runtime_id, "actions/execute", LifecycleAction::Sequence { actions }, &request).await
+}
