@@ -13,9 +13,11 @@
 pub mod actions;
 pub mod cluster;
 mod extract;
+pub mod intents;
 mod mutation;
 pub mod openapi;
 pub mod operations;
+mod planner;
 pub mod policies;
 pub mod problem;
 pub mod runtimes;
@@ -51,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .merge(cluster::routes())
         .merge(runtimes::routes())
         .merge(actions::routes())
+        .merge(intents::routes())
         .merge(operations::routes())
         .merge(policies::routes())
         .route("/v1/openapi.json", axum::routing::get(openapi::openapi_json))

@@ -130,7 +130,12 @@ pub(crate) async fn read_runtime(
     }
 }
 
-fn new_operation(runtime_id: &str, action: LifecycleAction, prior_state: RuntimeState, at: Timestamp) -> Operation {
+pub(crate) fn new_operation(
+    runtime_id: &str,
+    action: LifecycleAction,
+    prior_state: RuntimeState,
+    at: Timestamp,
+) -> Operation {
     Operation {
         id: new_id("op"),
         runtime_id: runtime_id.to_string(),

@@ -39,7 +39,7 @@ pub struct ActionResultView {
     pub message: Option<String>,
 }
 
-fn action_params(action: &LifecycleAction) -> Value {
+pub(crate) fn action_params(action: &LifecycleAction) -> Value {
     match action {
         LifecycleAction::Stop { force, timeout_seconds } => {
             serde_json::json!({ "force": force, "timeout_seconds": timeout_seconds })

@@ -122,12 +122,16 @@ pub(crate) fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> 
         Op::AdvanceOperation { operation_id, status, progress, error } => {
             advance_operation(txn, &mut events, at, &operation_id, status, progress, error)?
         }
-        Op::PutIntent { mut intent } => {
-            let current: Option<runtimeai_model::Intent> = txn.get(CF_INTENTS, intent.id.as_bytes())?;
-            intent.version = current.map_or(1, |c| c.version + 1);
+        Op::SubmitIntent { intent, operation } => {
+            let operation = match operation {
+                None => None,
+                Some(operation) => match begin_operation(txn, &mut events, at, operation, None)? {
+                    CommandReply::Operation(operation) => Some(operation),
+                    rejected => return finish(txn, at, command.idempotency, rejected),
+                },
+            };
             txn.put(CF_INTENTS, intent.id.as_bytes().to_vec(), &intent)?;
-            events.write(txn, &intent.runtime_id, "intent.updated", EventSeverity::Info, JsonObject::default())?;
-            CommandReply::Intent(intent)
+            CommandReply::Intent { intent, operation }
         }
         Op::CreatePolicy { policy } => {
             if txn.get::<Policy>(CF_POLICIES, policy.id.as_bytes())?.is_some() {
@@ -154,7 +158,17 @@ pub(crate) fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> 
             CommandReply::Settings(settings)
         }
     };
-    if let Some(claim) = command.idempotency {
+    finish(txn, at, command.idempotency, reply)
+}
+
+/// Remembers the reply under the command's idempotency key, if it has one.
+fn finish(
+    txn: &mut Txn<'_>,
+    at: Timestamp,
+    idempotency: Option<IdempotencyClaim>,
+    reply: CommandReply,
+) -> Result<CommandReply, StorageError> {
+    if let Some(claim) = idempotency {
         remember_reply(txn, at, claim, &reply)?;
     }
     Ok(reply)

@@ -68,8 +68,11 @@ pub enum Op {
         progress: Option<OperationProgress>,
         error: Option<OperationError>,
     },
-    PutIntent {
+    /// Record an intent and, unless it is a dry run or its plan is empty, begin the operation
+    /// that carries its plan out (checked like any `BeginOperation`).
+    SubmitIntent {
         intent: Intent,
+        operation: Option<Operation>,
     },
     /// Create a policy (its id must be new).
     CreatePolicy {
@@ -97,7 +100,7 @@ impl Op {
             Op::PatchLabels { .. } => "patch_labels",
             Op::BeginOperation { .. } => "begin_operation",
             Op::AdvanceOperation { .. } => "advance_operation",
-            Op::PutIntent { .. } => "put_intent",
+            Op::SubmitIntent { .. } => "submit_intent",
             Op::CreatePolicy { .. } => "create_policy",
             Op::DeletePolicy { .. } => "delete_policy",
             Op::RegisterNode { .. } => "register_node",
@@ -116,7 +119,10 @@ pub enum CommandReply {
         operation: Operation,
     },
     Operation(Operation),
-    Intent(Intent),
+    Intent {
+        intent: Intent,
+        operation: Option<Operation>,
+    },
     Policy(Policy),
     Deleted {
         id: String,

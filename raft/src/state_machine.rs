@@ -118,6 +118,10 @@ impl StateMachineStore {
         self.get(CF_OPERATIONS, id.as_bytes())
     }
 
+    pub fn get_intent(&self, id: &str) -> Result<Option<runtimeai_model::Intent>, StorageError> {
+        self.get(crate::store::CF_INTENTS, id.as_bytes())
+    }
+
     pub fn get_policy(&self, id: &str) -> Result<Option<Policy>, StorageError> {
         self.get(CF_POLICIES, id.as_bytes())
     }

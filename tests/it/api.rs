@@ -543,3 +543,86 @@ async fn agents_execute_a_checked_list_of_actions_as_one_operation() -> anyhow::
     assert_eq!(operations.body["items"].as_array().unwrap().len(), 2, "refused requests queue nothing");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let body = json!({"name": "risk-api", "type": "vm", "spec": {"size": "large"}, "labels": {"env": "production"}});
+    let created = cluster.call(1, Method::POST, "/v1/runtimes", Some(&body), &[]).await?;
+    let id = created.body["id"].as_str().unwrap().to_string();
+    cluster.wait_operation(1, created.body["active_operation"].as_str().unwrap(), SETTLE).await?;
+
+    phase("actions/plan answers without running anything");
+    let plan = cluster
+        .call(2, Method::POST, &format!("/v1/runtimes/{id}/actions/plan"), Some(&json!({"goal": "reduce cost"})), &[])
+        .await?;
+    assert_eq!(plan.status, 200, "{plan:?}");
+    let kinds: Vec<&str> =
+        plan.body["actions"].as_array().unwrap().iter().map(|a| a["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["snapshot", "scale"], "safe_first snapshots before downsizing");
+    assert!(!plan.body["rationale"].as_array().unwrap().is_empty());
+
+    phase("an intent through a follower: planned, then executed as one operation");
+    let intent_body = json!({"goal": "reduce cost while keeping latency < 50ms", "constraints": {"availability": "high"}, "context": {"env": "production"}});
+    let submitted = cluster
+        .call(3, Method::POST, &format!("/v1/runtimes/{id}/intent"), Some(&intent_body), &[("x-actor", "agent:finops")])
+        .await?;
+    assert_eq!(submitted.status, 202, "{submitted:?}");
+    assert_eq!(submitted.body["status"], "accepted");
+    let operation_id = submitted.body["operation_id"].as_str().unwrap();
+    assert_eq!(cluster.wait_operation(1, operation_id, SETTLE).await?["status"], "succeeded");
+    let intent_id = submitted.body["intent_id"].as_str().unwrap();
+    let record = cluster.call(2, Method::GET, &format!("/v1/runtimes/{id}/intent/{intent_id}"), None, &[]).await?;
+    assert_eq!(record.status, 200, "{record:?}");
+    assert_eq!(record.body["status"], "succeeded");
+    assert_eq!(record.body["request"]["goal"], intent_body["goal"]);
+    let executed: Vec<&str> = record.body["result"]["executed_actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(executed, ["succeeded", "succeeded"]);
+    assert!(!record.body["result"]["recommendations"].as_array().unwrap().is_empty());
+    let runtime = cluster.call(1, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    assert_eq!(runtime.body["spec"]["size"], "medium");
+
+    phase("a constraint that rules out the only option, and a goal the planner does not know, are 422");
+    let blocked = cluster
+        .call(
+            1,
+            Method::POST,
+            &format!("/v1/runtimes/{id}/intent"),
+            Some(&json!({"goal": "reduce cost", "constraints": {"availability": "high"}})),
+            &[],
+        )
+        .await?;
+    assert!(is_problem(&blocked, 422), "{blocked:?}");
+    assert!(blocked.body["detail"].as_str().unwrap().contains("availability high"), "{blocked:?}");
+    let unknown = cluster
+        .call(2, Method::POST, &format!("/v1/runtimes/{id}/intent"), Some(&json!({"goal": "make it web scale"})), &[])
+        .await?;
+    assert!(is_problem(&unknown, 422), "{unknown:?}");
+    assert!(
+        unknown.body["detail"].as_str().unwrap().contains("reduce cost"),
+        "lists the goals it understands: {unknown:?}"
+    );
+
+    phase("a dry run plans and runs nothing");
+    let dry = cluster
+        .call(
+            3,
+            Method::POST,
+            &format!("/v1/runtimes/{id}/intent"),
+            Some(&json!({"goal": "improve performance", "dry_run": true})),
+            &[],
+        )
+        .await?;
+    assert_eq!(dry.status, 202);
+    assert_eq!(dry.body["status"], "planned");
+    assert!(dry.body["operation_id"].is_null());
+    assert_eq!(dry.body["planned_actions"][0]["params"]["size"], "large");
+    let runtime = cluster.call(1, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    assert_eq!(runtime.body["spec"]["size"], "medium", "a dry run changes nothing");
+    Ok(())
+}

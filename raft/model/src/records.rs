@@ -119,16 +119,23 @@ pub struct Operation {
 pub struct Intent {
     pub id: String,
     pub runtime_id: String,
+    /// The operation that carries the plan out; none for a dry run or an empty plan.
     pub operation_id: Option<String>,
     pub goal: String,
     #[serde(default)]
     pub constraints: JsonObject,
     #[serde(default)]
     pub context: JsonObject,
-    pub status: String,
+    /// `safe_first`, `balanced` or `aggressive`.
+    pub policy_mode: String,
+    pub dry_run: bool,
+    /// The planned actions, in order.
+    pub planned: Vec<LifecycleAction>,
+    /// Why each action was chosen, and which options constraints ruled out.
+    pub rationale: Vec<String>,
+    /// What the operator or agent should consider next.
+    pub recommendations: Vec<String>,
     pub created_at: chrono::DateTime<chrono::Utc>,
-    #[serde(default)]
-    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
     pub version: u64,
 }
 

@@ -1,0 +1,287 @@
+//! Intents (a goal plus constraints becomes a checked plan, then an operation) and
+//! `actions/plan` (the same planner, without execution).
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+use runtimeai_model::{Intent, JsonObject, LifecycleAction, OperationStatus, Runtime};
+use runtimeai_raft::{CommandReply, Op};
+
+use crate::extract::{Body, Consistency, PathParam, QueryParams};
+use crate::mutation::{new_id, propose};
+use crate::openapi::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId, XActor};
+use crate::planner::{self, PlanError, UNDERSTOOD_GOALS};
+use crate::problem::{FieldError, Problem};
+use crate::runtimes::{new_operation, read_runtime, ReadParams};
+use crate::views::{ActionResultView, OperationView};
+use crate::AppState;
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/runtimes/{runtime_id}/intent", post(submit_intent))
+        .route("/v1/runtimes/{runtime_id}/intent/{intent_id}", get(get_intent))
+        .route("/v1/runtimes/{runtime_id}/actions/plan", post(plan_actions))
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyMode {
+    #[default]
+    SafeFirst,
+    Balanced,
+    Aggressive,
+}
+
+impl PolicyMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            PolicyMode::SafeFirst => "safe_first",
+            PolicyMode::Balanced => "balanced",
+            PolicyMode::Aggressive => "aggressive",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IntentRequest {
+    pub goal: String,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub constraints: Map<String, Value>,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub context: Map<String, Value>,
+    #[serde(default)]
+    pub policy_mode: PolicyMode,
+    /// Plan only: nothing runs.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ActionPlanRequest {
+    pub goal: String,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub signals: Map<String, Value>,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub constraints: Map<String, Value>,
+    #[serde(default)]
+    pub policy_mode: PolicyMode,
+}
+
+/// One planned action, in the shape `actions/execute` takes.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PlannedAction {
+    #[serde(rename = "type")]
+    pub action_type: &'static str,
+    #[schema(value_type = Object)]
+    pub params: Value,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActionPlan {
+    pub actions: Vec<PlannedAction>,
+    pub rationale: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IntentResponse {
+    pub intent_id: String,
+    /// The operation carrying the plan out; absent for a dry run or an empty plan.
+    pub operation_id: Option<String>,
+    /// `planned` (dry run or nothing to do) or `accepted`.
+    pub status: &'static str,
+    pub planned_actions: Vec<PlannedAction>,
+    pub rationale: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IntentResult {
+    pub summary: String,
+    pub executed_actions: Vec<ActionResultView>,
+    pub recommendations: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IntentRecord {
+    pub intent_id: String,
+    pub runtime_id: String,
+    #[schema(value_type = Object)]
+    pub request: Value,
+    /// `planned`, `accepted`, `executing`, `succeeded`, `failed` or `cancelled`.
+    pub status: &'static str,
+    pub result: IntentResult,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+fn planned(actions: &[LifecycleAction]) -> Vec<PlannedAction> {
+    actions.iter().map(|a| PlannedAction { action_type: a.kind(), params: crate::views::action_params(a) }).collect()
+}
+
+/// Runs the planner; a goal it does not understand is 422 with the goals it does.
+fn make_plan(
+    runtime: &Runtime,
+    goal: &str,
+    constraints: &Map<String, Value>,
+    context: &Map<String, Value>,
+    mode: PolicyMode,
+) -> Result<planner::Plan, Problem> {
+    match planner::plan(runtime, goal, constraints, context, mode.as_str()) {
+        Ok(mut plan) => {
+            // Snapshots get their ids here, where ids are made.
+            for action in &mut plan.actions {
+                if let LifecycleAction::Snapshot { snapshot_id, .. } = action {
+                    *snapshot_id = new_id("snap");
+                }
+            }
+            Ok(plan)
+        }
+        Err(PlanError::NotUnderstood) => {
+            let mut problem = Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "goal-not-understood",
+                format!("the planner does not understand {goal:?}; it understands: {}", UNDERSTOOD_GOALS.join("; ")),
+            );
+            problem.errors.push(FieldError { path: "$.goal".into(), message: "not understood".into() });
+            Err(problem)
+        }
+        Err(PlanError::Blocked(reasons)) => {
+            let mut problem = Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "blocked-by-constraint",
+                format!("no plan satisfies the constraints: {}", reasons.join("; ")),
+            );
+            problem.errors.push(FieldError { path: "$.constraints".into(), message: reasons.join("; ") });
+            Err(problem)
+        }
+    }
+}
+
+/// Submit an intent: planned now, executed as one operation.
+#[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/intent", tag = "Intent",
+    params(("runtime_id" = String, Path), IdempotencyKey, TenantId, XActor), request_body = IntentRequest,
+    responses((status = 202, description = "Accepted (planned + executed async)", body = IntentResponse), ProblemResponses))]
+pub(crate) async fn submit_intent(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParam(runtime_id): PathParam<String>,
+    Body(request): Body<IntentRequest>,
+) -> Result<Response, Problem> {
+    let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
+    let plan = make_plan(&runtime, &request.goal, &request.constraints, &request.context, request.policy_mode)?;
+    let now = chrono::Utc::now();
+    let operation = (!request.dry_run && !plan.actions.is_empty()).then(|| {
+        new_operation(&runtime_id, LifecycleAction::Sequence { actions: plan.actions.clone() }, runtime.state, now)
+    });
+    let intent = Intent {
+        id: new_id("int"),
+        runtime_id: runtime_id.clone(),
+        operation_id: operation.as_ref().map(|o| o.id.clone()),
+        goal: request.goal.clone(),
+        constraints: JsonObject(request.constraints.clone()),
+        context: JsonObject(request.context.clone()),
+        policy_mode: request.policy_mode.as_str().to_string(),
+        dry_run: request.dry_run,
+        planned: plan.actions.clone(),
+        rationale: plan.rationale.clone(),
+        recommendations: plan.recommendations.clone(),
+        created_at: now,
+        version: 1,
+    };
+    let route = format!("POST /v1/runtimes/{runtime_id}/intent");
+    match propose(&state, &headers, &route, &request, Op::SubmitIntent { intent, operation }).await? {
+        CommandReply::Intent { intent, operation } => {
+            let response = IntentResponse {
+                intent_id: intent.id,
+                operation_id: operation.map(|o| o.id),
+                status: if intent.operation_id.is_some() { "accepted" } else { "planned" },
+                planned_actions: planned(&intent.planned),
+                rationale: intent.rationale,
+            };
+            Ok((StatusCode::ACCEPTED, Json(response)).into_response())
+        }
+        other => Err(Problem::unexpected_reply(other)),
+    }
+}
+
+/// An intent with what ran and what to consider next.
+#[utoipa::path(get, path = "/v1/runtimes/{runtime_id}/intent/{intent_id}", tag = "Intent",
+    params(("runtime_id" = String, Path), ("intent_id" = String, Path), ConsistencyParam, TenantId),
+    responses((status = 200, description = "OK", body = IntentRecord), ProblemResponses))]
+pub(crate) async fn get_intent(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParam((runtime_id, intent_id)): PathParam<(String, String)>,
+    QueryParams(params): QueryParams<ReadParams>,
+) -> Result<Json<IntentRecord>, Problem> {
+    params.consistency.prepare(&state.replica).await?;
+    // Another tenant's runtime hides its intents; a deleted runtime's intents stay readable.
+    if let Err(hidden) = read_runtime(&state, &headers, &runtime_id, Consistency::Stale).await {
+        if state.replica.state.get_runtime(&runtime_id)?.is_some() {
+            return Err(hidden);
+        }
+    }
+    let not_found = || Problem::not_found(format!("intent {intent_id} not found on runtime {runtime_id}"));
+    let intent =
+        state.replica.state.get_intent(&intent_id)?.filter(|i| i.runtime_id == runtime_id).ok_or_else(not_found)?;
+    let operation = match &intent.operation_id {
+        Some(id) => state.replica.state.get_operation(id)?,
+        None => None,
+    };
+    let view = operation.as_ref().map(OperationView::from);
+    let status = match operation.as_ref().map(|o| o.status) {
+        None => "planned",
+        Some(OperationStatus::Queued | OperationStatus::PendingApproval) => "accepted",
+        Some(OperationStatus::Running) => "executing",
+        Some(s) => s.as_str(),
+    };
+    let summary = match status {
+        "planned" if intent.planned.is_empty() => "nothing to do".to_string(),
+        "planned" => format!("{} action(s) planned, not executed (dry run)", intent.planned.len()),
+        "succeeded" => format!("{} action(s) executed", intent.planned.len()),
+        other => format!("{} action(s) planned; operation {other}", intent.planned.len()),
+    };
+    let request = serde_json::json!({
+        "goal": intent.goal, "constraints": intent.constraints.0, "context": intent.context.0,
+        "policy_mode": intent.policy_mode, "dry_run": intent.dry_run,
+    });
+    Ok(Json(IntentRecord {
+        intent_id: intent.id,
+        runtime_id: intent.runtime_id,
+        request,
+        status,
+        result: IntentResult {
+            summary,
+            executed_actions: view.and_then(|v| v.results).unwrap_or_default(),
+            recommendations: intent.recommendations,
+        },
+        created_at: intent.created_at,
+        finished_at: operation.and_then(|o| o.finished_at),
+    }))
+}
+
+/// Ask for a plan (no execution).
+#[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/actions/plan", tag = "Actions",
+    params(("runtime_id" = String, Path), TenantId), request_body = ActionPlanRequest,
+    responses((status = 200, description = "Action plan", body = ActionPlan), ProblemResponses))]
+pub(crate) async fn plan_actions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParam(runtime_id): PathParam<String>,
+    Body(request): Body<ActionPlanRequest>,
+) -> Result<Json<ActionPlan>, Problem> {
+    let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
+    let plan = make_plan(&runtime, &request.goal, &request.constraints, &Map::new(), request.policy_mode)?;
+    Ok(Json(ActionPlan { actions: planned(&plan.actions), rationale: plan.rationale }))
+}
