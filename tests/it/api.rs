@@ -626,3 +626,52 @@ async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
     assert_eq!(runtime.body["spec"]["size"], "medium", "a dry run changes nothing");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_read_endpoint_answers_the_same_through_every_node() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let created =
+        cluster.call(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "same", "type": "sandbox"})), &[]).await?;
+    let id = created.body["id"].as_str().unwrap().to_string();
+    let create_op = created.body["active_operation"].as_str().unwrap().to_string();
+    cluster.wait_operation(2, &create_op, SETTLE).await?;
+    let snap = cluster.call(2, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/snapshot"), None, &[]).await?;
+    cluster.wait_operation(3, snap.body["id"].as_str().unwrap(), SETTLE).await?;
+    let intent = cluster
+        .call(3, Method::POST, &format!("/v1/runtimes/{id}/intent"), Some(&json!({"goal": "restart"})), &[])
+        .await?;
+    let intent_id = intent.body["intent_id"].as_str().unwrap().to_string();
+    cluster.wait_operation(1, intent.body["operation_id"].as_str().unwrap(), SETTLE).await?;
+    let policy = cluster
+        .call(1, Method::POST, "/v1/policies", Some(&json!({"name": "p", "rules": [{"kind": "deny_action"}]})), &[])
+        .await?;
+    let policy_id = policy.body["id"].as_str().unwrap().to_string();
+    let paths = [
+        "/v1/runtimes".to_string(),
+        format!("/v1/runtimes/{id}"),
+        format!("/v1/runtimes/{id}/status"),
+        format!("/v1/runtimes/{id}/operations"),
+        format!("/v1/runtimes/{id}/snapshots"),
+        format!("/v1/runtimes/{id}/events?limit=1000"),
+        format!("/v1/runtimes/{id}/intent/{intent_id}"),
+        format!("/v1/operations/{create_op}"),
+        "/v1/policies".to_string(),
+        format!("/v1/policies/{policy_id}"),
+        "/v1/cluster/settings".to_string(),
+        "/v1/health".to_string(),
+    ];
+    for path in &paths {
+        let mut bodies = Vec::new();
+        for via in 1..=3 {
+            let response = cluster.call(via, Method::GET, path, None, &[]).await?;
+            assert_eq!(response.status, 200, "GET {path} through node {via}: {response:?}");
+            let mut body = response.body;
+            if let Some(object) = body.as_object_mut() {
+                object.remove("observed_at");
+            }
+            bodies.push(body);
+        }
+        assert!(bodies.windows(2).all(|w| w[0] == w[1]), "GET {path} differs between nodes: {bodies:?}");
+    }
+    Ok(())
+}
