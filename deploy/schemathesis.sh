@@ -43,6 +43,8 @@ for _ in $(seq 1 300); do
 done
 grep -q "cluster ready" "$work/dev.out" || { cat "$work/dev.out" "$work"/dev/node-*.log >&2; echo "error: the cluster did not start" >&2; exit 1; }
 
+# Run from the scratch directory: schemathesis leaves a cache where it runs.
+cd "$work"
 "$venv/bin/st" run "http://127.0.0.1:$http/v1/openapi.json" \
   --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
   --phases examples,coverage,fuzzing --max-examples 15 --max-time "$max_time" --seed 1 \

@@ -15,7 +15,6 @@ use utoipa::ToSchema;
 use runtimeai_model::LifecycleAction;
 
 use crate::extract::{Body, Consistency, PathParam};
-use crate::mutation::new_id;
 use crate::openapi::{IdempotencyKey, IfMatch, ProblemResponses, TenantId, XActor};
 use crate::problem::Problem;
 use crate::runtimes::{
@@ -23,7 +22,7 @@ use crate::runtimes::{
     LifecycleStartRequest, LifecycleStopRequest,
 };
 use crate::views::OperationView;
-use crate::{validate, AppState};
+use crate::AppState;
 
 pub(crate) fn routes() -> Router<AppState> {
     Router::new().route("/v1/runtimes/{runtime_id}/actions/execute", post(execute_actions))
@@ -106,7 +105,7 @@ fn lifecycle_action(action: &Action, index: usize, capabilities: &[String]) -> R
     if action.target.is_some() {
         return Err(unsupported(index, "sub-targets are not supported by this runtime's backend"));
     }
-    let path = |field: &str| format!("$.actions[{index}].params.{field}");
+    let path = format!("$.actions[{index}].params");
     Ok(match action.action_type {
         ActionType::Start => {
             params::<LifecycleStartRequest>(action, index)?;
@@ -120,36 +119,13 @@ fn lifecycle_action(action: &Action, index: usize, capabilities: &[String]) -> R
             let p: LifecycleStopRequest = params(action, index)?;
             LifecycleAction::Stop { force: p.force, timeout_seconds: p.timeout_seconds }
         }
-        ActionType::Scale => {
-            let p: LifecycleScaleRequest = params(action, index)?;
-            if p.size.is_none() && p.resources.is_none() {
-                return Err(Problem::invalid_field(
-                    format!("$.actions[{index}].params"),
-                    "scale needs a size or resources",
-                ));
-            }
-            if let Some(size) = &p.size {
-                validate::size(size, &path("size"))?;
-            }
-            if let Some(resources) = &p.resources {
-                validate::resources(resources, &path("resources"))?;
-            }
-            LifecycleAction::Scale { size: p.size, resources: p.resources }
-        }
-        ActionType::Snapshot => {
-            let p: LifecycleSnapshotRequest = params(action, index)?;
-            let name = match p.name {
-                Some(name) => {
-                    validate::name(&name, &path("name"))?;
-                    name
-                }
-                None => format!("snapshot-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S")),
-            };
-            LifecycleAction::Snapshot { snapshot_id: new_id("snap"), name, description: p.description }
-        }
+        ActionType::Scale => params::<LifecycleScaleRequest>(action, index)?.to_action(&path)?,
+        ActionType::Snapshot => params::<LifecycleSnapshotRequest>(action, index)?.to_action(&path)?,
         ActionType::Restore => {
             let p: LifecycleRestoreRequest = match &action.params {
-                None => return Err(Problem::invalid_field(path("snapshot_id"), "restore needs the snapshot_id")),
+                None => {
+                    return Err(Problem::invalid_field(format!("{path}.snapshot_id"), "restore needs the snapshot_id"))
+                }
                 Some(_) => params(action, index)?,
             };
             LifecycleAction::Restore { snapshot_id: p.snapshot_id }

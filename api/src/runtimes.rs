@@ -390,6 +390,36 @@ pub struct LifecycleSnapshotRequest {
     pub description: Option<String>,
 }
 
+impl LifecycleScaleRequest {
+    /// The scale action this request asks for; `path` locates the request in the body.
+    pub(crate) fn to_action(&self, path: &str) -> Result<LifecycleAction, Problem> {
+        if self.size.is_none() && self.resources.is_none() {
+            return Err(Problem::invalid_field(path, "scale needs a size or resources"));
+        }
+        if let Some(size) = &self.size {
+            validate::size(size, &format!("{path}.size"))?;
+        }
+        if let Some(resources) = &self.resources {
+            validate::resources(resources, &format!("{path}.resources"))?;
+        }
+        Ok(LifecycleAction::Scale { size: self.size.clone(), resources: self.resources.clone() })
+    }
+}
+
+impl LifecycleSnapshotRequest {
+    /// The snapshot action this request asks for, with a fresh snapshot id.
+    pub(crate) fn to_action(&self, path: &str) -> Result<LifecycleAction, Problem> {
+        let name = match &self.name {
+            Some(name) => {
+                validate::name(name, &format!("{path}.name"))?;
+                name.clone()
+            }
+            None => format!("snapshot-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S")),
+        };
+        Ok(LifecycleAction::Snapshot { snapshot_id: new_id("snap"), name, description: self.description.clone() })
+    }
+}
+
 #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LifecycleRestoreRequest {
@@ -449,16 +479,7 @@ pub(crate) async fn scale_runtime(
     PathParam(runtime_id): PathParam<String>,
     Body(request): Body<LifecycleScaleRequest>,
 ) -> Result<Response, Problem> {
-    if request.size.is_none() && request.resources.is_none() {
-        return Err(Problem::invalid_field("$", "scale needs a size or resources"));
-    }
-    if let Some(size) = &request.size {
-        validate::size(size, "$.size")?;
-    }
-    if let Some(resources) = &request.resources {
-        validate::resources(resources, "$.resources")?;
-    }
-    let action = LifecycleAction::Scale { size: request.size.clone(), resources: request.resources.clone() };
+    let action = request.to_action("$")?;
     begin(&state, &headers, &runtime_id, "lifecycle/scale", action, &request).await
 }
 
@@ -473,15 +494,7 @@ pub(crate) async fn snapshot_runtime(
     PathParam(runtime_id): PathParam<String>,
     OptionalBody(request): OptionalBody<LifecycleSnapshotRequest>,
 ) -> Result<Response, Problem> {
-    let name = match &request.name {
-        Some(name) => {
-            validate::name(name, "$.name")?;
-            name.clone()
-        }
-        None => format!("snapshot-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S")),
-    };
-    let action =
-        LifecycleAction::Snapshot { snapshot_id: new_id("snap"), name, description: request.description.clone() };
+    let action = request.to_action("$")?;
     begin(&state, &headers, &runtime_id, "lifecycle/snapshot", action, &request).await
 }
 
