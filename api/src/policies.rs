@@ -41,6 +41,7 @@ pub struct RuleRequest {
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyCreateRequest {
+    #[schema(pattern = "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub name: String,
     #[serde(default)]
     pub tenant_id: Option<String>,

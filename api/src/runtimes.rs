@@ -46,6 +46,8 @@ const CAPABILITIES: &[&str] = &["start", "stop", "restart", "scale", "snapshot",
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeCreateRequest {
+    /// A DNS label, unique per tenant.
+    #[schema(pattern = "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub name: String,
     #[serde(rename = "type")]
     pub runtime_type: RuntimeType,
@@ -375,6 +377,7 @@ pub struct LifecycleStopRequest {
 pub struct LifecycleScaleRequest {
     /// A size from the catalogue: small, medium, large, xlarge.
     #[serde(default)]
+    #[schema(pattern = "^(small|medium|large|xlarge)$")]
     pub size: Option<String>,
     /// Explicit resources.
     #[serde(default)]
@@ -385,6 +388,7 @@ pub struct LifecycleScaleRequest {
 #[serde(deny_unknown_fields)]
 pub struct LifecycleSnapshotRequest {
     #[serde(default)]
+    #[schema(pattern = "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub name: Option<String>,
     #[serde(default)]
     pub description: Option<String>,

@@ -147,8 +147,9 @@ fn default_true() -> bool {
 /// The desired shape of a runtime.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RuntimeSpec {
-    /// T-shirt size or profile name.
+    /// T-shirt size: small, medium, large or xlarge.
     #[serde(default)]
+    #[schema(pattern = "^(small|medium|large|xlarge)$")]
     pub size: Option<String>,
     #[serde(default)]
     pub resources: Option<ResourceProfile>,
