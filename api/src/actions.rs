@@ -157,7 +157,7 @@ pub(crate) async fn execute_actions(
         .collect::<Result<Vec<_>, _>>()?;
     for (i, action) in actions.iter().enumerate() {
         if let LifecycleAction::Restore { snapshot_id } = action {
-            if !runtime.snapshots.iter().any(|s| &s.id == snapshot_id) {
+            if !runtime.has_snapshot(snapshot_id) {
                 return Err(Problem::not_found(format!(
                     "$.actions[{i}]: runtime {runtime_id} has no snapshot {snapshot_id}"
                 )));

@@ -514,7 +514,7 @@ pub(crate) async fn restore_runtime(
     Body(request): Body<LifecycleRestoreRequest>,
 ) -> Result<Response, Problem> {
     let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
-    if !runtime.snapshots.iter().any(|s| s.id == request.snapshot_id) {
+    if !runtime.has_snapshot(&request.snapshot_id) {
         return Err(Problem::not_found(format!("runtime {runtime_id} has no snapshot {}", request.snapshot_id)));
     }
     let action = LifecycleAction::Restore { snapshot_id: request.snapshot_id.clone() };

@@ -452,7 +452,7 @@ fn apply_success(
 
 fn apply_one(runtime: &mut Runtime, action: &LifecycleAction, at: Timestamp) -> Result<(), OperationError> {
     if let LifecycleAction::Restore { snapshot_id } = action {
-        if !runtime.snapshots.iter().any(|s| &s.id == snapshot_id) {
+        if !runtime.has_snapshot(snapshot_id) {
             return Err(OperationError {
                 code: "snapshot_not_found".into(),
                 message: format!("runtime {} has no snapshot {snapshot_id}", runtime.id),

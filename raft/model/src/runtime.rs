@@ -39,6 +39,13 @@ impl RuntimeState {
     }
 }
 
+impl Runtime {
+    /// Whether the runtime has a snapshot with this id (what `restore` needs).
+    pub fn has_snapshot(&self, snapshot_id: &str) -> bool {
+        self.snapshots.iter().any(|s| s.id == snapshot_id)
+    }
+}
+
 impl RuntimeType {
     pub fn as_str(self) -> &'static str {
         match self {
