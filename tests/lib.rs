@@ -35,9 +35,36 @@ pub fn binary() -> PathBuf {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (the OS picks; the listener is dropped at once).
+/// Ports the harness hands out lie below Linux's ephemeral range (32768–60999 by default), so a
+/// killed node's port is never taken by some client's outgoing connection before the node comes
+/// back on it; and no port is handed out twice in one test process.
+const HARNESS_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// The first of `count` consecutive ports on 127.0.0.1 that are free now and were never handed
+/// out before in this process.
+pub fn free_port_range(count: u16) -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let span = HARNESS_PORTS.end - HARNESS_PORTS.start;
+    // Start where another test process (another binary) is unlikely to be.
+    let _ = NEXT.compare_exchange(0, (std::process::id() % span as u32) as u16 + 1, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(count, Ordering::SeqCst) % span;
+        let base = HARNESS_PORTS.start + offset;
+        if base + count > HARNESS_PORTS.end {
+            continue;
+        }
+        let held: Vec<_> = (0..count).filter_map(|i| TcpListener::bind(("127.0.0.1", base + i)).ok()).collect();
+        if held.len() == count as usize {
+            return base;
+        }
+    }
+    panic!("no {count} consecutive free ports in {HARNESS_PORTS:?}");
+}
+
+/// A free TCP port on 127.0.0.1 (see [`free_port_range`]).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind an ephemeral port").port()
+    free_port_range(1)
 }
 
 /// A response as tests look at it.

@@ -5,7 +5,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use runtimeai_tests::{binary, free_port, phase, Cluster, ClusterOptions};
+use runtimeai_tests::{binary, free_port_range, phase, Cluster, ClusterOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_start_in_any_order_and_stay_not_ready_until_a_quorum_is_up() -> anyhow::Result<()> {
@@ -103,22 +103,6 @@ impl Drop for DevProcess {
         let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
         let _ = self.0.wait();
     }
-}
-
-/// The first of `count` consecutive free ports on 127.0.0.1.
-fn free_port_range(count: u16) -> u16 {
-    for _ in 0..100 {
-        let base = free_port();
-        if base > u16::MAX - count {
-            continue;
-        }
-        let held: Vec<_> =
-            (0..count).filter_map(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).ok()).collect();
-        if held.len() == count as usize {
-            return base;
-        }
-    }
-    panic!("no {count} consecutive free ports");
 }
 
 fn http_get(addr: &str, path: &str) -> String {
