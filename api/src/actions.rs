@@ -1,7 +1,7 @@
 //! The agents' deterministic contract: `POST /v1/runtimes/{id}/actions/execute` runs a list of
 //! actions, in order, as one operation. Every action is checked before anything is queued:
 //! its parameters against its schema, its type against the runtime's capabilities, the whole
-//! sequence against the transition table.
+//! sequence against the transition table, each action against the policies (in apply).
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
@@ -12,13 +12,13 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use runtimeai_model::LifecycleAction;
+use runtimeai_model::{LifecycleAction, PolicyMode, SizeEntry};
 
 use crate::extract::{Body, Consistency, PathParam};
 use crate::openapi::{IdempotencyKey, IfMatch, ProblemResponses, TenantId, XActor};
 use crate::problem::Problem;
 use crate::runtimes::{
-    begin, read_runtime, LifecycleRestoreRequest, LifecycleScaleRequest, LifecycleSnapshotRequest,
+    begin_in_mode, read_runtime, sizes, LifecycleRestoreRequest, LifecycleScaleRequest, LifecycleSnapshotRequest,
     LifecycleStartRequest, LifecycleStopRequest,
 };
 use crate::views::OperationView;
@@ -68,6 +68,10 @@ pub struct ActionExecutionRequest {
     /// Same as the `Idempotency-Key` header.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// How policies treat actions no rule covers; by default `safe_first` for agents and
+    /// `balanced` for humans.
+    #[serde(default)]
+    pub policy_mode: Option<PolicyMode>,
 }
 
 /// Parses an action's parameters as the schema of its lifecycle call.
@@ -93,7 +97,12 @@ fn unsupported(index: usize, what: &str) -> Problem {
 }
 
 /// Turns one requested action into what the operation will run.
-fn lifecycle_action(action: &Action, index: usize, capabilities: &[String]) -> Result<LifecycleAction, Problem> {
+fn lifecycle_action(
+    action: &Action,
+    index: usize,
+    capabilities: &[String],
+    sizes: &[SizeEntry],
+) -> Result<LifecycleAction, Problem> {
     let kind =
         serde_json::to_value(action.action_type).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
     if !capabilities.contains(&kind) {
@@ -119,7 +128,7 @@ fn lifecycle_action(action: &Action, index: usize, capabilities: &[String]) -> R
             let p: LifecycleStopRequest = params(action, index)?;
             LifecycleAction::Stop { force: p.force, timeout_seconds: p.timeout_seconds }
         }
-        ActionType::Scale => params::<LifecycleScaleRequest>(action, index)?.to_action(&path)?,
+        ActionType::Scale => params::<LifecycleScaleRequest>(action, index)?.to_action(&path, sizes)?,
         ActionType::Snapshot => params::<LifecycleSnapshotRequest>(action, index)?.to_action(&path)?,
         ActionType::Restore => {
             let p: LifecycleRestoreRequest = match &action.params {
@@ -149,11 +158,12 @@ pub(crate) async fn execute_actions(
         return Err(Problem::invalid_field("$.actions", "give 1 to 20 actions"));
     }
     let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
+    let sizes = sizes(&state)?;
     let actions = request
         .actions
         .iter()
         .enumerate()
-        .map(|(i, action)| lifecycle_action(action, i, &runtime.capabilities))
+        .map(|(i, action)| lifecycle_action(action, i, &runtime.capabilities, &sizes))
         .collect::<Result<Vec<_>, _>>()?;
     for (i, action) in actions.iter().enumerate() {
         if let LifecycleAction::Restore { snapshot_id } = action {
@@ -177,5 +187,6 @@ pub(crate) async fn execute_actions(
             }
         }
     }
-    begin(&state, &headers, &runtime_id, "actions/execute", LifecycleAction::Sequence { actions }, &request).await
+    let action = LifecycleAction::Sequence { actions };
+    begin_in_mode(&state, &headers, &runtime_id, "actions/execute", action, &request, request.policy_mode).await
 }

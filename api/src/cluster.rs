@@ -193,7 +193,7 @@ pub(crate) async fn remove_member(
     Ok(Json(cluster_view(&state).await?))
 }
 
-/// Cluster-wide settings (event retention).
+/// Cluster-wide settings (event retention, the size catalogue).
 #[utoipa::path(get, path = "/v1/cluster/settings", tag = "Cluster",
     responses((status = 200, description = "OK", body = ClusterSettings), ProblemResponses))]
 pub(crate) async fn get_settings(State(state): State<AppState>) -> Result<Json<ClusterSettings>, Problem> {
@@ -215,7 +215,14 @@ pub(crate) async fn put_settings(
     if settings.event_retention_days == 0 || settings.event_retention_days > 36_500 {
         return Err(crate::validate::invalid("$.event_retention_days", "must be between 1 and 36500"));
     }
-    let op = runtimeai_raft::Op::SetSettings { settings };
+    runtimeai_engine::Catalogue::validate(&settings.sizes)
+        .map_err(|(path, message)| crate::validate::invalid(&path, message))?;
+    for (i, size) in settings.sizes.iter().enumerate() {
+        if crate::validate::quantity_bytes(&size.memory).is_none_or(|b| b == 0) {
+            return Err(crate::validate::invalid(&format!("$.sizes[{i}].memory"), "not a quantity such as 4Gi"));
+        }
+    }
+    let op = runtimeai_raft::Op::SetSettings { settings: settings.clone() };
     match crate::mutation::propose(&state, &headers, "PUT /v1/cluster/settings", &settings, op).await? {
         runtimeai_raft::CommandReply::Settings(settings) => Ok(Json(settings)),
         other => Err(Problem::unexpected_reply(other)),

@@ -10,15 +10,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use runtimeai_model::{Intent, JsonObject, LifecycleAction, OperationStatus, Runtime};
+use runtimeai_engine::planner::{self, PlanError, PlanInput, UNDERSTOOD_GOALS};
+use runtimeai_model::{Intent, JsonObject, LifecycleAction, OperationStatus, PolicyDecision, PolicyMode};
 use runtimeai_raft::{CommandReply, Op};
 
-use crate::extract::{Body, Consistency, PathParam, QueryParams};
+use crate::extract::{actor, Body, Consistency, PathParam, QueryParams};
 use crate::mutation::{new_id, propose};
 use crate::openapi::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId, XActor};
-use crate::planner::{self, PlanError, UNDERSTOOD_GOALS};
 use crate::problem::{FieldError, Problem};
-use crate::runtimes::{new_operation, read_runtime, ReadParams};
+use crate::runtimes::{new_operation, read_runtime, sizes, ReadParams};
 use crate::views::{ActionResultView, OperationView};
 use crate::AppState;
 
@@ -27,25 +27,6 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/v1/runtimes/{runtime_id}/intent", post(submit_intent))
         .route("/v1/runtimes/{runtime_id}/intent/{intent_id}", get(get_intent))
         .route("/v1/runtimes/{runtime_id}/actions/plan", post(plan_actions))
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum PolicyMode {
-    #[default]
-    SafeFirst,
-    Balanced,
-    Aggressive,
-}
-
-impl PolicyMode {
-    fn as_str(self) -> &'static str {
-        match self {
-            PolicyMode::SafeFirst => "safe_first",
-            PolicyMode::Balanced => "balanced",
-            PolicyMode::Aggressive => "aggressive",
-        }
-    }
 }
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -58,6 +39,7 @@ pub struct IntentRequest {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub context: Map<String, Value>,
+    /// How cautiously to plan, and how policies treat actions no rule covers.
     #[serde(default)]
     pub policy_mode: PolicyMode,
     /// Plan only: nothing runs.
@@ -92,6 +74,9 @@ pub struct PlannedAction {
 pub struct ActionPlan {
     pub actions: Vec<PlannedAction>,
     pub rationale: Vec<String>,
+    /// Options the constraints ruled out, each naming the constraint.
+    pub blocked: Vec<String>,
+    pub recommendations: Vec<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -99,17 +84,26 @@ pub struct IntentResponse {
     pub intent_id: String,
     /// The operation carrying the plan out; absent for a dry run or an empty plan.
     pub operation_id: Option<String>,
-    /// `planned` (dry run or nothing to do) or `accepted`.
+    /// `planned` (dry run or nothing to do), `accepted`, or `pending_approval` (a policy wants
+    /// a human: `POST /v1/operations/{id}/approve`).
     pub status: &'static str,
     pub planned_actions: Vec<PlannedAction>,
     pub rationale: Vec<String>,
+    /// Options the constraints ruled out, each naming the constraint.
+    pub blocked: Vec<String>,
+    pub recommendations: Vec<String>,
+    /// The policy decision on each planned action (none for a dry run: nothing was asked).
+    pub decisions: Vec<PolicyDecision>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct IntentResult {
     pub summary: String,
     pub executed_actions: Vec<ActionResultView>,
+    pub rationale: Vec<String>,
+    pub blocked: Vec<String>,
     pub recommendations: Vec<String>,
+    pub decisions: Vec<PolicyDecision>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -118,7 +112,8 @@ pub struct IntentRecord {
     pub runtime_id: String,
     #[schema(value_type = Object)]
     pub request: Value,
-    /// `planned`, `accepted`, `executing`, `succeeded`, `failed` or `cancelled`.
+    /// `planned`, `pending_approval`, `accepted`, `executing`, `succeeded`, `failed` or
+    /// `cancelled`.
     pub status: &'static str,
     pub result: IntentResult,
     pub created_at: chrono::DateTime<chrono::Utc>,
@@ -130,14 +125,8 @@ fn planned(actions: &[LifecycleAction]) -> Vec<PlannedAction> {
 }
 
 /// Runs the planner; a goal it does not understand is 422 with the goals it does.
-fn make_plan(
-    runtime: &Runtime,
-    goal: &str,
-    constraints: &Map<String, Value>,
-    context: &Map<String, Value>,
-    mode: PolicyMode,
-) -> Result<planner::Plan, Problem> {
-    match planner::plan(runtime, goal, constraints, context, mode.as_str()) {
+fn make_plan(input: PlanInput<'_>) -> Result<planner::Plan, Problem> {
+    match planner::plan(input) {
         Ok(mut plan) => {
             // Snapshots get their ids here, where ids are made.
             for action in &mut plan.actions {
@@ -148,6 +137,7 @@ fn make_plan(
             Ok(plan)
         }
         Err(PlanError::NotUnderstood) => {
+            let goal = input.goal;
             let mut problem = Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "goal-not-understood",
@@ -156,6 +146,7 @@ fn make_plan(
             problem.errors.push(FieldError { path: "$.goal".into(), message: "not understood".into() });
             Err(problem)
         }
+        Err(PlanError::BadConstraint(path, message)) => Err(Problem::invalid_field(path, message)),
         Err(PlanError::Blocked(reasons)) => {
             let mut problem = Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -179,10 +170,22 @@ pub(crate) async fn submit_intent(
     Body(request): Body<IntentRequest>,
 ) -> Result<Response, Problem> {
     let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
-    let plan = make_plan(&runtime, &request.goal, &request.constraints, &request.context, request.policy_mode)?;
+    let sizes = sizes(&state)?;
+    let no_signals = Map::new();
+    let plan = make_plan(PlanInput {
+        runtime: &runtime,
+        goal: &request.goal,
+        constraints: &request.constraints,
+        context: &request.context,
+        signals: &no_signals,
+        mode: request.policy_mode,
+        sizes: &sizes,
+    })?;
     let now = chrono::Utc::now();
+    let actor = actor(&headers)?;
     let operation = (!request.dry_run && !plan.actions.is_empty()).then(|| {
-        new_operation(&runtime_id, LifecycleAction::Sequence { actions: plan.actions.clone() }, runtime.state, now)
+        let action = LifecycleAction::Sequence { actions: plan.actions.clone() };
+        new_operation(&runtime_id, action, runtime.state, now, actor, request.policy_mode)
     });
     let intent = Intent {
         id: new_id("int"),
@@ -191,10 +194,11 @@ pub(crate) async fn submit_intent(
         goal: request.goal.clone(),
         constraints: JsonObject(request.constraints.clone()),
         context: JsonObject(request.context.clone()),
-        policy_mode: request.policy_mode.as_str().to_string(),
+        policy_mode: request.policy_mode,
         dry_run: request.dry_run,
         planned: plan.actions.clone(),
         rationale: plan.rationale.clone(),
+        blocked: plan.blocked.clone(),
         recommendations: plan.recommendations.clone(),
         created_at: now,
         version: 1,
@@ -202,12 +206,20 @@ pub(crate) async fn submit_intent(
     let route = format!("POST /v1/runtimes/{runtime_id}/intent");
     match propose(&state, &headers, &route, &request, Op::SubmitIntent { intent, operation }).await? {
         CommandReply::Intent { intent, operation } => {
+            let status = match operation.as_ref().map(|o| o.status) {
+                None => "planned",
+                Some(OperationStatus::PendingApproval) => "pending_approval",
+                Some(_) => "accepted",
+            };
             let response = IntentResponse {
                 intent_id: intent.id,
+                status,
+                decisions: operation.as_ref().map(|o| o.decisions.clone()).unwrap_or_default(),
                 operation_id: operation.map(|o| o.id),
-                status: if intent.operation_id.is_some() { "accepted" } else { "planned" },
                 planned_actions: planned(&intent.planned),
                 rationale: intent.rationale,
+                blocked: intent.blocked,
+                recommendations: intent.recommendations,
             };
             Ok((StatusCode::ACCEPTED, Json(response)).into_response())
         }
@@ -242,7 +254,8 @@ pub(crate) async fn get_intent(
     let view = operation.as_ref().map(OperationView::from);
     let status = match operation.as_ref().map(|o| o.status) {
         None => "planned",
-        Some(OperationStatus::Queued | OperationStatus::PendingApproval) => "accepted",
+        Some(OperationStatus::PendingApproval) => "pending_approval",
+        Some(OperationStatus::Queued) => "accepted",
         Some(OperationStatus::Running) => "executing",
         Some(s) => s.as_str(),
     };
@@ -256,6 +269,7 @@ pub(crate) async fn get_intent(
         "goal": intent.goal, "constraints": intent.constraints.0, "context": intent.context.0,
         "policy_mode": intent.policy_mode, "dry_run": intent.dry_run,
     });
+    let decisions = operation.as_ref().map(|o| o.decisions.clone()).unwrap_or_default();
     Ok(Json(IntentRecord {
         intent_id: intent.id,
         runtime_id: intent.runtime_id,
@@ -264,7 +278,10 @@ pub(crate) async fn get_intent(
         result: IntentResult {
             summary,
             executed_actions: view.and_then(|v| v.results).unwrap_or_default(),
+            rationale: intent.rationale,
+            blocked: intent.blocked,
             recommendations: intent.recommendations,
+            decisions,
         },
         created_at: intent.created_at,
         finished_at: operation.and_then(|o| o.finished_at),
@@ -282,6 +299,21 @@ pub(crate) async fn plan_actions(
     Body(request): Body<ActionPlanRequest>,
 ) -> Result<Json<ActionPlan>, Problem> {
     let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
-    let plan = make_plan(&runtime, &request.goal, &request.constraints, &Map::new(), request.policy_mode)?;
-    Ok(Json(ActionPlan { actions: planned(&plan.actions), rationale: plan.rationale }))
+    let sizes = sizes(&state)?;
+    let no_context = Map::new();
+    let plan = make_plan(PlanInput {
+        runtime: &runtime,
+        goal: &request.goal,
+        constraints: &request.constraints,
+        context: &no_context,
+        signals: &request.signals,
+        mode: request.policy_mode,
+        sizes: &sizes,
+    })?;
+    Ok(Json(ActionPlan {
+        actions: planned(&plan.actions),
+        rationale: plan.rationale,
+        blocked: plan.blocked,
+        recommendations: plan.recommendations,
+    }))
 }

@@ -8,7 +8,8 @@
 //! - [`cluster`]: `/v1/cluster`, membership changes, `/healthz`, `/readyz`.
 //! - [`runtimes`]: the Runtime resource, its lifecycle, operations, snapshots and events.
 //! - [`operations`]: follow or cancel an asynchronous operation.
-//! - [`policies`]: safety policies.
+//! - [`policies`]: safety policies (enforced in apply by `runtimeai_engine`).
+//! - [`intents`], [`actions`]: the planner and the agents' action contract.
 
 pub mod actions;
 pub mod cluster;
@@ -17,7 +18,6 @@ pub mod intents;
 mod mutation;
 pub mod openapi;
 pub mod operations;
-mod planner;
 pub mod policies;
 pub mod problem;
 pub mod runtimes;

@@ -108,6 +108,7 @@ pub enum ProblemResponses {
         crate::actions::execute_actions, crate::intents::plan_actions, crate::intents::submit_intent,
         crate::intents::get_intent,
         crate::operations::get_operation, crate::operations::cancel_operation,
+        crate::operations::approve_operation, crate::operations::reject_operation,
         crate::policies::create_policy, crate::policies::list_policies, crate::policies::get_policy,
         crate::policies::delete_policy,
         openapi_json,

@@ -1,4 +1,6 @@
-//! Policies: the safety rules agents act under (stored here; enforced by the engine).
+//! Policies: the safety rules agents act under. Stored through raft; the engine
+//! (`runtimeai_engine::policy`, run in apply) enforces them when an operation is accepted and
+//! again right before it runs.
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -22,9 +24,6 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/v1/policies", get(list_policies).post(create_policy))
         .route("/v1/policies/{policy_id}", get(get_policy).delete(delete_policy))
 }
-
-/// Rule kinds of the seed.
-const RULE_KINDS: &[&str] = &["deny_action", "allow_action", "require_approval", "budget_guardrail", "data_egress"];
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -75,14 +74,6 @@ pub(crate) async fn create_policy(
     Body(request): Body<PolicyCreateRequest>,
 ) -> Result<Response, Problem> {
     validate::name(&request.name, "$.name")?;
-    for (i, rule) in request.rules.iter().enumerate() {
-        if !RULE_KINDS.contains(&rule.kind.as_str()) {
-            return Err(Problem::invalid_field(
-                format!("$.rules[{i}].kind"),
-                format!("unknown rule kind {:?}; kinds are {}", rule.kind, RULE_KINDS.join(", ")),
-            ));
-        }
-    }
     let policy = Policy {
         id: new_id("pol"),
         name: request.name.clone(),
@@ -100,6 +91,13 @@ pub(crate) async fn create_policy(
         created_at: chrono::Utc::now(),
         version: 1,
     };
+    if policy.rules.is_empty() {
+        return Err(Problem::invalid_field("$.rules", "a policy needs at least one rule"));
+    }
+    for (i, rule) in policy.rules.iter().enumerate() {
+        runtimeai_engine::policy::validate_rule(rule)
+            .map_err(|(path, message)| Problem::invalid_field(format!("$.rules[{i}].{path}"), message))?;
+    }
     match propose(&state, &headers, "POST /v1/policies", &request, Op::CreatePolicy { policy }).await? {
         CommandReply::Policy(policy) => Ok((StatusCode::CREATED, Json(policy)).into_response()),
         other => Err(Problem::unexpected_reply(other)),

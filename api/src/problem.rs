@@ -12,12 +12,15 @@ use runtimeai_raft::{ClusterError, Rejection};
 pub struct Problem {
     #[serde(rename = "type")]
     pub type_uri: String,
-    pub title: String,
+    pub title: &'static str,
     pub status: u16,
     pub detail: String,
     /// For validation errors: the JSON path of each offending field.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
+    /// For a policy denial: the decision, naming the policy and rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Box<runtimeai_model::PolicyDecision>>,
     #[serde(skip)]
     #[schema(ignore)]
     pub retry_after_secs: Option<u64>,
@@ -34,10 +37,11 @@ impl Problem {
     pub fn new(status: StatusCode, kind: &str, detail: impl Into<String>) -> Problem {
         Problem {
             type_uri: format!("https://runtimeai.dev/problems/{kind}"),
-            title: status.canonical_reason().unwrap_or("Error").to_string(),
+            title: status.canonical_reason().unwrap_or("Error"),
             status: status.as_u16(),
             detail: detail.into(),
             errors: Vec::new(),
+            decision: None,
             retry_after_secs: None,
         }
     }
@@ -110,9 +114,24 @@ impl From<Rejection> for Problem {
             Rejection::IdempotencyKeyReused { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused"),
             Rejection::IllegalTransition { .. } => (StatusCode::CONFLICT, "illegal-transition"),
             Rejection::OperationInProgress { .. } => (StatusCode::CONFLICT, "operation-in-progress"),
-            Rejection::IllegalOperationStatus { .. } => (StatusCode::CONFLICT, "operation-finished"),
+            Rejection::IllegalOperationStatus { .. } => (StatusCode::CONFLICT, "illegal-operation-status"),
+            Rejection::PolicyDenied { .. } => (StatusCode::FORBIDDEN, "policy-denied"),
+            Rejection::SelfApproval { .. } => (StatusCode::FORBIDDEN, "self-approval"),
+            Rejection::StaleToken { .. } => (StatusCode::CONFLICT, "stale-fencing-token"),
         };
-        Problem::new(status, kind, rejection.to_string())
+        let mut problem = Problem::new(status, kind, rejection.to_string());
+        if let Rejection::PolicyDenied { decision } = rejection {
+            let named = match (&decision.policy_name, decision.rule_index) {
+                (Some(name), Some(rule)) => {
+                    format!(" (policy {name}, rule {rule}: {})", decision.rule_kind.as_deref().unwrap_or("?"))
+                }
+                _ => String::new(),
+            };
+            problem.detail =
+                format!("action {} ({}) denied: {}{named}", decision.action_index, decision.action, decision.reason);
+            problem.decision = Some(Box::new(decision));
+        }
+        problem
     }
 }
 

@@ -12,12 +12,12 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use runtimeai_model::{
-    BackendKind, BackendRef, Event, LifecycleAction, Operation, OperationStatus, ResourceProfile, Runtime,
-    RuntimeSnapshot, RuntimeSpec, RuntimeState, RuntimeType, Timestamp,
+    Actor, BackendKind, BackendRef, Event, LifecycleAction, Operation, OperationStatus, Placement, PolicyMode,
+    ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec, RuntimeState, RuntimeType, SizeEntry, Timestamp,
 };
 use runtimeai_raft::{CommandReply, Op};
 
-use crate::extract::{if_match, tenant, Body, Consistency, OptionalBody, PathParam, QueryParams};
+use crate::extract::{actor, if_match, tenant, Body, Consistency, OptionalBody, PathParam, QueryParams};
 use crate::mutation::{new_id, propose};
 use crate::openapi::{ConsistencyParam, IdempotencyKey, IfMatch, ProblemResponses, TenantId, XActor};
 use crate::problem::Problem;
@@ -132,11 +132,24 @@ pub(crate) async fn read_runtime(
     }
 }
 
+/// The policy mode of a request that names none: `safe_first` for agents, `balanced` for
+/// humans and unattributed callers (the VM-style API behaves as operators expect; agents are
+/// safe by default).
+pub(crate) fn default_mode(actor: &Actor) -> PolicyMode {
+    match actor {
+        Actor::Agent(_) => PolicyMode::SafeFirst,
+        _ => PolicyMode::Balanced,
+    }
+}
+
+/// A new operation, queued (apply decides whether policies park it for approval).
 pub(crate) fn new_operation(
     runtime_id: &str,
     action: LifecycleAction,
     prior_state: RuntimeState,
     at: Timestamp,
+    requested_by: Actor,
+    policy_mode: PolicyMode,
 ) -> Operation {
     Operation {
         id: new_id("op"),
@@ -149,8 +162,44 @@ pub(crate) fn new_operation(
         progress: None,
         error: None,
         failed_action: None,
+        completed_actions: 0,
+        requested_by,
+        policy_mode,
+        decisions: Vec::new(),
+        approval: None,
+        assignment: None,
+        attempts: 0,
         version: 1,
     }
+}
+
+/// The cluster's size catalogue, as replicated.
+pub(crate) fn sizes(state: &AppState) -> Result<Vec<SizeEntry>, Problem> {
+    Ok(state.replica.state.settings()?.sizes)
+}
+
+/// Where a new runtime goes: among the nodes whose executor serves its type (and its `site`
+/// label, if it has one), the one with the fewest runtimes; ties go to the lowest node id.
+fn place(state: &AppState, runtime_type: RuntimeType, labels: &BTreeMap<String, String>) -> Result<Placement, Problem> {
+    let site = labels.get("site");
+    let candidates: Vec<_> = state
+        .replica
+        .state
+        .nodes()?
+        .into_iter()
+        .filter(|n| n.backends.iter().any(|b| b == runtime_type.as_str()))
+        .filter(|n| site.is_none() || n.site.as_ref() == site)
+        .collect();
+    let runtimes = state.replica.state.list_runtimes()?;
+    let load = |node: u64| runtimes.iter().filter(|r| r.placement.as_ref().is_some_and(|p| p.node_id == node)).count();
+    let chosen = candidates.into_iter().min_by_key(|n| (load(n.node_id), n.node_id)).ok_or_else(|| {
+        let where_ = site.map(|s| format!(" in site {s:?}")).unwrap_or_default();
+        validate::invalid(
+            "$.type",
+            format!("no node of the cluster executes {} runtimes{where_}", runtime_type.as_str()),
+        )
+    })?;
+    Ok(Placement { node_id: chosen.node_id, site: chosen.site, zone: chosen.zone })
 }
 
 /// Create a runtime. It starts in `creating`; its create operation is `active_operation`.
@@ -163,7 +212,7 @@ pub(crate) async fn create_runtime(
     Body(request): Body<RuntimeCreateRequest>,
 ) -> Result<Response, Problem> {
     validate::name(&request.name, "$.name")?;
-    validate::spec(&request.spec, "$.spec")?;
+    validate::spec(&request.spec, "$.spec", &sizes(&state)?)?;
     let labels = request.labels.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect();
     validate::labels(&labels, "$.labels")?;
     let tenant_id = match (&request.tenant_id, tenant(&headers)?) {
@@ -174,7 +223,10 @@ pub(crate) async fn create_runtime(
     };
     let now = chrono::Utc::now();
     let id = new_id("rt");
-    let operation = new_operation(&id, LifecycleAction::Create, RuntimeState::Creating, now);
+    let actor = actor(&headers)?;
+    let mode = default_mode(&actor);
+    let operation = new_operation(&id, LifecycleAction::Create, RuntimeState::Creating, now, actor, mode);
+    let placement = place(&state, request.runtime_type, &request.labels)?;
     let runtime = Runtime {
         id: id.clone(),
         name: request.name.clone(),
@@ -190,6 +242,8 @@ pub(crate) async fn create_runtime(
         version: 1,
         active_operation: Some(operation.id.clone()),
         snapshots: Vec::new(),
+        placement: Some(placement),
+        signals: None,
     };
     match propose(&state, &headers, "POST /v1/runtimes", &request, Op::CreateRuntime { runtime, operation }).await? {
         CommandReply::Created { runtime, .. } => Ok(runtime_response(StatusCode::CREATED, &runtime)),
@@ -344,8 +398,23 @@ pub(crate) async fn begin(
     action: LifecycleAction,
     body: &impl Serialize,
 ) -> Result<Response, Problem> {
+    begin_in_mode(state, headers, runtime_id, route, action, body, None).await
+}
+
+/// [`begin`] in a given policy mode (none: the actor's default).
+pub(crate) async fn begin_in_mode(
+    state: &AppState,
+    headers: &HeaderMap,
+    runtime_id: &str,
+    route: &str,
+    action: LifecycleAction,
+    body: &impl Serialize,
+    mode: Option<PolicyMode>,
+) -> Result<Response, Problem> {
     let runtime = read_runtime(state, headers, runtime_id, Consistency::Linearizable).await?;
-    let operation = new_operation(runtime_id, action, runtime.state, chrono::Utc::now());
+    let actor = actor(headers)?;
+    let mode = mode.unwrap_or_else(|| default_mode(&actor));
+    let operation = new_operation(runtime_id, action, runtime.state, chrono::Utc::now(), actor, mode);
     let op = Op::BeginOperation { operation, expected_version: if_match(headers)? };
     match propose(state, headers, &format!("POST /v1/runtimes/{runtime_id}/{route}"), body, op).await? {
         CommandReply::Operation(operation) => Ok(operation_response(&operation)),
@@ -375,9 +444,10 @@ pub struct LifecycleStopRequest {
 #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LifecycleScaleRequest {
-    /// A size from the catalogue: small, medium, large, xlarge.
+    /// A size from the cluster's catalogue (`GET /v1/cluster/settings`; by default small,
+    /// medium, large, xlarge).
     #[serde(default)]
-    #[schema(pattern = "^(small|medium|large|xlarge)$")]
+    #[schema(pattern = "^[a-z0-9-]{1,63}$")]
     pub size: Option<String>,
     /// Explicit resources.
     #[serde(default)]
@@ -396,12 +466,12 @@ pub struct LifecycleSnapshotRequest {
 
 impl LifecycleScaleRequest {
     /// The scale action this request asks for; `path` locates the request in the body.
-    pub(crate) fn to_action(&self, path: &str) -> Result<LifecycleAction, Problem> {
+    pub(crate) fn to_action(&self, path: &str, sizes: &[SizeEntry]) -> Result<LifecycleAction, Problem> {
         if self.size.is_none() && self.resources.is_none() {
             return Err(Problem::invalid_field(path, "scale needs a size or resources"));
         }
         if let Some(size) = &self.size {
-            validate::size(size, &format!("{path}.size"))?;
+            validate::size(size, &format!("{path}.size"), sizes)?;
         }
         if let Some(resources) = &self.resources {
             validate::resources(resources, &format!("{path}.resources"))?;
@@ -483,7 +553,7 @@ pub(crate) async fn scale_runtime(
     PathParam(runtime_id): PathParam<String>,
     Body(request): Body<LifecycleScaleRequest>,
 ) -> Result<Response, Problem> {
-    let action = request.to_action("$")?;
+    let action = request.to_action("$", &sizes(&state)?)?;
     begin(&state, &headers, &runtime_id, "lifecycle/scale", action, &request).await
 }
 
@@ -525,11 +595,16 @@ pub(crate) async fn restore_runtime(
 pub struct RuntimeStatus {
     pub runtime_id: String,
     pub state: RuntimeState,
-    /// `ok`, `warning`, `critical` or `unknown`.
+    /// `ok`, `warning`, `critical` or `unknown` (from the state, and the executor's health signal).
     pub health: &'static str,
+    /// What the runtime's executor last observed: cpu, memory, health, cost_per_hour,
+    /// latency_ms (when the backend knows it), observed_at, node_id. Empty until it reports.
     #[schema(value_type = Object)]
-    pub signals: BTreeMap<String, serde_json::Value>,
+    pub signals: serde_json::Map<String, serde_json::Value>,
+    /// The node (and site) whose executor serves the runtime.
+    pub placement: Option<Placement>,
     pub active_operation: Option<String>,
+    /// When the signals were observed (now, when there are none yet).
     pub observed_at: chrono::DateTime<chrono::Utc>,
 }
 
@@ -544,20 +619,26 @@ pub(crate) async fn runtime_status(
     QueryParams(params): QueryParams<ReadParams>,
 ) -> Result<Json<RuntimeStatus>, Problem> {
     let runtime = read_runtime(&state, &headers, &runtime_id, params.consistency).await?;
-    let health = match runtime.state {
-        RuntimeState::Running => "ok",
-        RuntimeState::Degraded => "warning",
-        RuntimeState::Error => "critical",
+    let reported = runtime.signals.as_ref().map(|s| s.health.as_str());
+    let health = match (runtime.state, reported) {
+        (RuntimeState::Error, _) | (_, Some("unhealthy")) => "critical",
+        (RuntimeState::Degraded, _) | (_, Some("degraded")) => "warning",
+        (RuntimeState::Running, _) => "ok",
         _ => "unknown",
+    };
+    let observed_at = runtime.signals.as_ref().map_or_else(chrono::Utc::now, |s| s.observed_at);
+    let signals = match serde_json::to_value(&runtime.signals) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
     };
     Ok(Json(RuntimeStatus {
         runtime_id: runtime.id,
         state: runtime.state,
         health,
-        // Signals come from a real backend; the simulated one reports none.
-        signals: BTreeMap::new(),
+        signals,
+        placement: runtime.placement,
         active_operation: runtime.active_operation,
-        observed_at: chrono::Utc::now(),
+        observed_at,
     }))
 }
 

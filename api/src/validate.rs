@@ -1,15 +1,12 @@
-//! Semantic checks of request values (422): sizes from the catalogue, positive resources,
+//! Semantic checks of request values (422): sizes from the cluster's catalogue, positive resources,
 //! Kubernetes-style quantities, DNS-label names. Nothing that fails here reaches the log.
 
 use axum::http::StatusCode;
 
-use runtimeai_model::{ResourceProfile, RuntimeSpec};
+use runtimeai_engine::Catalogue;
+use runtimeai_model::{ResourceProfile, RuntimeSpec, SizeEntry};
 
 use crate::problem::{FieldError, Problem};
-
-/// T-shirt sizes a runtime may ask for: (name, vCPUs, memory).
-pub const SIZES: &[(&str, f64, &str)] =
-    &[("small", 1.0, "2Gi"), ("medium", 2.0, "4Gi"), ("large", 4.0, "8Gi"), ("xlarge", 8.0, "16Gi")];
 
 pub(crate) fn invalid(path: &str, message: impl Into<String>) -> Problem {
     let message = message.into();
@@ -35,12 +32,13 @@ pub fn name(value: &str, path: &str) -> Result<(), Problem> {
     }
 }
 
-pub fn size(value: &str, path: &str) -> Result<(), Problem> {
-    if SIZES.iter().any(|(name, _, _)| *name == value) {
+/// A size must be in the cluster's catalogue (`GET /v1/cluster/settings`).
+pub fn size(value: &str, path: &str, sizes: &[SizeEntry]) -> Result<(), Problem> {
+    let catalogue = Catalogue::new(sizes);
+    if catalogue.index(value).is_some() {
         Ok(())
     } else {
-        let known: Vec<&str> = SIZES.iter().map(|(name, _, _)| *name).collect();
-        Err(invalid(path, format!("unknown size {value:?}; known sizes: {}", known.join(", "))))
+        Err(invalid(path, format!("unknown size {value:?}; known sizes: {}", catalogue.names().join(", "))))
     }
 }
 
@@ -89,9 +87,9 @@ pub fn resources(value: &ResourceProfile, path: &str) -> Result<(), Problem> {
     Ok(())
 }
 
-pub fn spec(value: &RuntimeSpec, path: &str) -> Result<(), Problem> {
+pub fn spec(value: &RuntimeSpec, path: &str, sizes: &[SizeEntry]) -> Result<(), Problem> {
     if let Some(size) = &value.size {
-        self::size(size, &format!("{path}.size"))?;
+        self::size(size, &format!("{path}.size"), sizes)?;
     }
     if let Some(resources) = &value.resources {
         self::resources(resources, &format!("{path}.resources"))?;
@@ -136,7 +134,7 @@ mod tests {
         let problem = resources(&bad, "$.resources").unwrap_err();
         assert_eq!(problem.status, 422);
         assert_eq!(problem.errors[0].path, "$.resources.replicas");
-        let problem = size("huge", "$.size").unwrap_err();
+        let problem = size("huge", "$.size", &runtimeai_model::default_sizes()).unwrap_err();
         assert!(problem.detail.contains("small, medium, large, xlarge"), "{}", problem.detail);
         let memory = ResourceProfile { memory: Some("lots".into()), ..Default::default() };
         assert_eq!(resources(&memory, "$").unwrap_err().errors[0].path, "$.memory");

@@ -3,7 +3,10 @@
 use serde::Serialize;
 use serde_json::Value;
 
-use runtimeai_model::{LifecycleAction, Operation, OperationError, OperationProgress, OperationStatus};
+use runtimeai_model::{
+    Approval, Assignment, LifecycleAction, Operation, OperationError, OperationProgress, OperationStatus,
+    PolicyDecision,
+};
 
 /// An operation as the API shows it: the seed's fields plus what it acts on.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -24,6 +27,17 @@ pub struct OperationView {
     pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
     pub progress: Option<OperationProgress>,
     pub error: Option<OperationError>,
+    /// Who asked for it (`human:<name>`, `agent:<name>`).
+    pub requested_by: String,
+    /// The policy mode its actions were judged in.
+    pub policy_mode: runtimeai_model::PolicyMode,
+    /// One policy decision per action, naming the deciding policy and rule.
+    pub decisions: Vec<PolicyDecision>,
+    pub approval: Option<Approval>,
+    /// The executor running it (node, fencing token, lease).
+    pub assignment: Option<Assignment>,
+    /// How many times it was handed to an executor (more than one: taken over).
+    pub attempts: u32,
     pub version: u64,
 }
 
@@ -34,7 +48,8 @@ pub struct ActionResultView {
     pub action: &'static str,
     #[schema(value_type = Object)]
     pub params: Value,
-    /// `pending`, `succeeded`, `failed` or `skipped` (after a failure, or when cancelled).
+    /// `pending`, `running`, `succeeded`, `failed` or `skipped` (after a failure, or when
+    /// cancelled or denied).
     pub status: &'static str,
     pub message: Option<String>,
 }
@@ -60,6 +75,7 @@ pub(crate) fn action_params(action: &LifecycleAction) -> Value {
 fn action_results(operation: &Operation) -> Option<Vec<ActionResultView>> {
     let LifecycleAction::Sequence { actions } = &operation.action else { return None };
     let failed = operation.failed_action.map(|i| i as usize);
+    let completed = operation.completed_actions as usize;
     let results = actions
         .iter()
         .enumerate()
@@ -70,7 +86,9 @@ fn action_results(operation: &Operation) -> Option<Vec<ActionResultView>> {
                     ("failed", operation.error.as_ref().map(|e| e.message.clone()))
                 }
                 OperationStatus::Failed if failed.is_some_and(|f| i < f) => ("succeeded", None),
+                _ if i < completed => ("succeeded", None),
                 OperationStatus::Failed | OperationStatus::Cancelled => ("skipped", None),
+                OperationStatus::Running if i == completed => ("running", None),
                 _ => ("pending", None),
             };
             ActionResultView { action: action.kind(), params: action_params(action), status, message }
@@ -92,6 +110,12 @@ impl From<&Operation> for OperationView {
             finished_at: operation.finished_at,
             progress: operation.progress.clone(),
             error: operation.error.clone(),
+            requested_by: operation.requested_by.to_string(),
+            policy_mode: operation.policy_mode,
+            decisions: operation.decisions.clone(),
+            approval: operation.approval.clone(),
+            assignment: operation.assignment.clone(),
+            attempts: operation.attempts,
             version: operation.version,
         }
     }

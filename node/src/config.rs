@@ -10,6 +10,9 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
+/// Runtime types an executor can serve.
+pub const BACKENDS: &[&str] = &["vm", "vcluster", "sandbox", "agent_runtime"];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -77,10 +80,32 @@ pub struct NodeArgs {
     /// Largest REST request body accepted, in bytes; larger ones get 413 [default: 1048576].
     #[arg(long, env = "RUNTIMEAI_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
-    /// Time per step of the simulated executor that completes operations until real backends
-    /// exist, in milliseconds [default: 200].
+    /// Runtime types this node's executor serves, comma-separated (`vm,vcluster,sandbox,
+    /// agent_runtime`); `none` for a node that only votes and serves the API
+    /// [default: all of them].
+    #[arg(long, env = "RUNTIMEAI_BACKENDS")]
+    pub backends: Option<String>,
+    /// The site this node is in (runtimes labelled `site=<name>` are placed on its nodes).
+    #[arg(long, env = "RUNTIMEAI_SITE")]
+    pub site: Option<String>,
+    /// The zone within the site.
+    #[arg(long, env = "RUNTIMEAI_ZONE")]
+    pub zone: Option<String>,
+    /// How long an executor holds an operation without renewing its lease before the leader
+    /// hands it to another, in milliseconds [default: 3000].
+    #[arg(long, env = "RUNTIMEAI_OPERATION_LEASE_MS")]
+    pub operation_lease_ms: Option<u64>,
+    /// How often the executor reports its runtimes' signals, in milliseconds [default: 5000].
+    #[arg(long, env = "RUNTIMEAI_SIGNALS_INTERVAL_MS")]
+    pub signals_interval_ms: Option<u64>,
+    /// Time one backend call of the simulated driver takes, in milliseconds [default: 200].
     #[arg(long, env = "RUNTIMEAI_SIMULATED_STEP_MS")]
     pub simulated_step_ms: Option<u64>,
+    /// Where the simulated driver keeps the state of the infrastructure it pretends to manage
+    /// (fencing tokens, applied steps, a journal of backend calls); nodes that share it act on
+    /// the same pretend infrastructure [default: <data-dir>/simulated-infra].
+    #[arg(long, env = "RUNTIMEAI_SIMULATED_INFRA_DIR")]
+    pub simulated_infra_dir: Option<PathBuf>,
 }
 
 /// A checked configuration.
@@ -106,7 +131,14 @@ pub struct NodeConfig {
     pub snapshot_catchup_entries: u64,
     pub snapshot_chunk_bytes: u64,
     pub max_body_bytes: usize,
+    /// Runtime types this node executes (`vm`, `vcluster`, `sandbox`, `agent_runtime`).
+    pub backends: Vec<String>,
+    pub site: Option<String>,
+    pub zone: Option<String>,
+    pub operation_lease: Duration,
+    pub signals_interval: Duration,
     pub simulated_step: Duration,
+    pub simulated_infra_dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +186,15 @@ impl NodeArgs {
             snapshot_catchup_entries: self.snapshot_catchup_entries.or(file.snapshot_catchup_entries),
             snapshot_chunk_bytes: self.snapshot_chunk_bytes.or(file.snapshot_chunk_bytes),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
+            backends: self.backends.or(file.backends),
+            site: self.site.or(file.site),
+            zone: self.zone.or(file.zone),
+            operation_lease_ms: self.operation_lease_ms.or(file.operation_lease_ms),
+            signals_interval_ms: self.signals_interval_ms.or(file.signals_interval_ms),
             simulated_step_ms: self.simulated_step_ms.or(file.simulated_step_ms),
+            simulated_infra_dir: self
+                .simulated_infra_dir
+                .or_else(|| file.simulated_infra_dir.map(|d| relative_to(&path, d))),
         })
     }
 
@@ -222,13 +262,34 @@ impl NodeArgs {
                 "--cluster-name {cluster_name:?} must be non-empty without spaces"
             )));
         }
+        let backends: Vec<String> = match self.backends.as_deref().map(str::trim) {
+            None => BACKENDS.iter().map(|b| b.to_string()).collect(),
+            Some("none") | Some("") => Vec::new(),
+            Some(list) => list.split(',').map(|b| b.trim().to_string()).collect(),
+        };
+        if let Some(unknown) = backends.iter().find(|b| !BACKENDS.contains(&b.as_str())) {
+            return Err(ConfigError::Conflict(format!(
+                "--backends: unknown runtime type {unknown:?}; expected some of {} (or none)",
+                BACKENDS.join(",")
+            )));
+        }
+        let lease_ms = self.operation_lease_ms.unwrap_or(3_000);
+        if lease_ms < 300 {
+            return Err(ConfigError::TooSmall { flag: "operation-lease-ms", min: 300, value: lease_ms });
+        }
+        let signals_ms = self.signals_interval_ms.unwrap_or(5_000);
+        if signals_ms < 100 {
+            return Err(ConfigError::TooSmall { flag: "signals-interval-ms", min: 100, value: signals_ms });
+        }
+        let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from(format!("runtimeai-{id}.data")));
         Ok(NodeConfig {
             id,
             http,
             grpc,
             advertise_http,
             advertise_grpc,
-            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from(format!("runtimeai-{id}.data"))),
+            simulated_infra_dir: self.simulated_infra_dir.unwrap_or_else(|| data_dir.join("simulated-infra")),
+            data_dir,
             initial_cluster,
             cluster_name,
             log_format: self.log_format.unwrap_or_default(),
@@ -238,6 +299,11 @@ impl NodeArgs {
             snapshot_catchup_entries: self.snapshot_catchup_entries.unwrap_or(1_000),
             snapshot_chunk_bytes,
             max_body_bytes: self.max_body_bytes.unwrap_or(1 << 20).max(1024),
+            backends,
+            site: self.site.filter(|s| !s.is_empty()),
+            zone: self.zone.filter(|z| !z.is_empty()),
+            operation_lease: Duration::from_millis(lease_ms),
+            signals_interval: Duration::from_millis(signals_ms),
             simulated_step: Duration::from_millis(self.simulated_step_ms.unwrap_or(200).max(1)),
         })
     }

@@ -1,25 +1,50 @@
-//! A stand-in executor until real backends land: on the leader, it walks every active
-//! operation through `queued → running → succeeded`, one step per tick, through raft like any
-//! other change. It touches no infrastructure; it exists so the API's asynchronous contract can
-//! be used and tested end to end, and it is replaced, not kept, by the scheduler and backends.
+//! The executor every node runs: it works the operations the leader assigned to this node, and
+//! reports its runtimes' signals.
+//!
+//! For each assignment (operation + fencing token) it starts one worker, which renews the
+//! lease, marks the operation `running`, calls the backend for each action not yet completed
+//! (checking before each call that the assignment is still its own), reports progress after
+//! each, and ends the operation. Every report carries the token, so apply refuses the reports
+//! of an executor that was superseded; the backend refuses its calls too.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::ServerState;
-use runtimeai_model::{Actor, OperationProgress, OperationStatus};
-use runtimeai_raft::{Command, Op, Replica};
+use runtimeai_model::{
+    Actor, Operation, OperationError, OperationProgress, OperationStatus, RuntimeSignals, RuntimeState,
+};
+use runtimeai_raft::{ClusterError, Command, CommandReply, Op, Rejection, Replica};
+use tokio::sync::watch;
+
+use crate::backend::{Backend, BackendCall, BackendError};
+
+#[derive(Debug, Clone)]
+pub struct ExecutorOptions {
+    pub node_id: u64,
+    /// The lease the leader grants; the worker renews it every third of it.
+    pub lease: Duration,
+    pub signals_interval: Duration,
+}
 
 /// Runs until `stop` turns true.
-pub async fn run_simulated(replica: Arc<Replica>, step: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn run(replica: Arc<Replica>, backend: Backend, options: ExecutorOptions, mut stop: watch::Receiver<bool>) {
+    let mut workers: HashMap<String, (u64, tokio::task::JoinHandle<()>)> = HashMap::new();
+    let mut signals = tokio::time::interval(options.signals_interval);
+    signals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = stop.wait_for(|stop| *stop) => return,
-            _ = tokio::time::sleep(step) => {}
-        }
-        if replica.metrics().state != ServerState::Leader {
+        let report = tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => break,
+            _ = signals.tick() => true,
+            _ = poll.tick() => false,
+        };
+        if report {
+            report_signals(&replica, &backend, &options).await;
             continue;
         }
+        workers.retain(|_, (_, handle)| !handle.is_finished());
         let operations = match replica.state.active_operations() {
             Ok(operations) => operations,
             Err(e) => {
@@ -28,26 +53,234 @@ pub async fn run_simulated(replica: Arc<Replica>, step: Duration, mut stop: toki
             }
         };
         for operation in operations {
-            let (status, percent, message) = match operation.status {
-                OperationStatus::Queued => (OperationStatus::Running, 50, "simulated backend: working"),
-                OperationStatus::Running => (OperationStatus::Succeeded, 100, "simulated backend: done"),
-                _ => continue,
-            };
-            let command = Command {
-                at: chrono::Utc::now(),
-                actor: Actor::System,
-                idempotency: None,
-                op: Op::AdvanceOperation {
-                    operation_id: operation.id.clone(),
-                    status,
-                    progress: Some(OperationProgress { percent, message: Some(message.into()) }),
-                    error: None,
-                },
-            };
-            // A rejection here means the operation moved on meanwhile (e.g. it was cancelled).
-            if let Err(e) = replica.propose(command).await {
-                tracing::debug!(operation = %operation.id, error = %e, "cannot advance operation");
+            let Some(assignment) = &operation.assignment else { continue };
+            let mine = assignment.node_id == options.node_id
+                && matches!(operation.status, OperationStatus::Queued | OperationStatus::Running);
+            if !mine || workers.get(&operation.id).is_some_and(|(token, _)| *token == assignment.token) {
+                continue;
             }
+            let token = assignment.token;
+            tracing::info!(operation = %operation.id, token, attempt = operation.attempts, "executing");
+            let worker = Worker {
+                replica: replica.clone(),
+                backend: backend.clone(),
+                options: options.clone(),
+                operation_id: operation.id.clone(),
+                token,
+            };
+            let handle = tokio::spawn(worker.run());
+            if let Some((_, old)) = workers.insert(operation.id.clone(), (token, handle)) {
+                old.abort();
+            }
+        }
+    }
+    for (_, (_, handle)) in workers {
+        handle.abort();
+    }
+}
+
+/// Proposes the signals of this node's runtimes that changed since they were last recorded.
+async fn report_signals(replica: &Replica, backend: &Backend, options: &ExecutorOptions) {
+    let (Ok(runtimes), Ok(settings)) = (replica.state.list_runtimes(), replica.state.settings()) else { return };
+    let mut changed = Vec::new();
+    for runtime in runtimes {
+        if runtime.placement.as_ref().is_none_or(|p| p.node_id != options.node_id)
+            || matches!(runtime.state, RuntimeState::Creating | RuntimeState::Deleting)
+        {
+            continue;
+        }
+        let observed = backend.observe(&runtime, &settings.sizes, options.node_id).await;
+        let same = |old: &RuntimeSignals| RuntimeSignals { observed_at: old.observed_at, ..observed.clone() } == *old;
+        if !runtime.signals.as_ref().is_some_and(same) {
+            changed.push((runtime.id, observed));
+        }
+    }
+    if changed.is_empty() || replica.metrics().current_leader.is_none() {
+        return;
+    }
+    let count = changed.len();
+    let command = system_command(Op::ReportSignals { signals: changed });
+    match replica.propose(command).await {
+        Ok(_) => tracing::debug!(runtimes = count, "reported signals"),
+        Err(e) => tracing::debug!(error = %e, "cannot report signals now; next round will"),
+    }
+}
+
+fn system_command(op: Op) -> Command {
+    Command { at: chrono::Utc::now(), actor: Actor::System, idempotency: None, op }
+}
+
+/// Why a worker stops before the end.
+enum Stop {
+    /// The assignment is no longer ours (superseded, cancelled, finished): nothing to report.
+    Superseded,
+    /// The cluster did not take a report within the deadline; the lease will expire and the
+    /// leader will hand the operation on.
+    Unreachable(ClusterError),
+}
+
+struct Worker {
+    replica: Arc<Replica>,
+    backend: Backend,
+    options: ExecutorOptions,
+    operation_id: String,
+    token: u64,
+}
+
+impl Worker {
+    async fn run(self) {
+        let (done_tx, done_rx) = watch::channel(false);
+        let renewer = tokio::spawn(renew_lease(
+            self.replica.clone(),
+            self.operation_id.clone(),
+            self.token,
+            self.options.lease,
+            done_rx,
+        ));
+        match self.work().await {
+            Ok(status) => tracing::info!(operation = %self.operation_id, token = self.token, status, "operation ended"),
+            Err(Stop::Superseded) => {
+                tracing::info!(operation = %self.operation_id, token = self.token, "assignment superseded; stopping")
+            }
+            Err(Stop::Unreachable(e)) => {
+                tracing::warn!(operation = %self.operation_id, error = %e, "cannot report; leaving it to the lease")
+            }
+        }
+        let _ = done_tx.send(true);
+        let _ = renewer.await;
+    }
+
+    /// The operation as this node sees it, if the assignment is still ours.
+    fn current(&self) -> Result<Operation, Stop> {
+        match self.replica.state.get_operation(&self.operation_id) {
+            Ok(Some(op))
+                if op.assignment.as_ref().is_some_and(|a| a.token == self.token) && !op.status.is_terminal() =>
+            {
+                Ok(op)
+            }
+            _ => Err(Stop::Superseded),
+        }
+    }
+
+    async fn work(&self) -> Result<&'static str, Stop> {
+        let operation = self.current()?;
+        let steps = operation.action.steps().to_vec();
+        let total = steps.len().max(1) as u32;
+        if operation.status == OperationStatus::Queued {
+            let message = format!("started on node {}", self.options.node_id);
+            self.report(OperationStatus::Running, 0, message, None, None).await?;
+        }
+        let start = operation.completed_actions as usize;
+        for (index, action) in steps.iter().enumerate().skip(start) {
+            // Fencing, locally: the assignment must still be ours (and the operation not
+            // cancelled) before every backend call. The local replica may lag behind our own
+            // reports, so `queued` still counts.
+            let operation = self.current()?;
+            let runtime = match self.replica.state.get_runtime(&operation.runtime_id) {
+                Ok(Some(runtime)) => runtime,
+                _ => return Err(Stop::Superseded),
+            };
+            let call = BackendCall {
+                operation_id: self.operation_id.clone(),
+                step: index as u32,
+                token: self.token,
+                runtime,
+                action: action.clone(),
+            };
+            match self.backend.execute(call).await {
+                Ok(message) => {
+                    let completed = index as u32 + 1;
+                    self.report(OperationStatus::Running, completed * 100 / total, message, Some(completed), None)
+                        .await?;
+                }
+                Err(BackendError::Fenced { .. }) => return Err(Stop::Superseded),
+                Err(e) => {
+                    let error = OperationError { code: "backend_failed".into(), message: e.to_string() };
+                    let progress = format!("{} failed", action.kind());
+                    self.report(
+                        OperationStatus::Failed,
+                        index as u32 * 100 / total,
+                        progress,
+                        None,
+                        Some((index, error)),
+                    )
+                    .await?;
+                    return Ok("failed");
+                }
+            }
+        }
+        self.report(OperationStatus::Succeeded, 100, "done".into(), Some(total), None).await?;
+        Ok("succeeded")
+    }
+
+    /// Proposes a report with the fencing token, retrying while the cluster is between leaders
+    /// (bounded by the lease: past it, the operation is someone else's).
+    async fn report(
+        &self,
+        status: OperationStatus,
+        percent: u32,
+        message: String,
+        completed_actions: Option<u32>,
+        failure: Option<(usize, OperationError)>,
+    ) -> Result<(), Stop> {
+        let (failed_action, error) = match failure {
+            Some((index, error)) => (Some(index as u32), Some(error)),
+            None => (None, None),
+        };
+        let op = Op::AdvanceOperation {
+            operation_id: self.operation_id.clone(),
+            status,
+            progress: Some(OperationProgress { percent: percent.min(100) as u8, message: Some(message) }),
+            error,
+            token: Some(self.token),
+            completed_actions,
+            failed_action,
+        };
+        propose_until(&self.replica, op, self.options.lease * 3).await
+    }
+}
+
+/// Proposes `op` until it is applied, refused (→ [`Stop::Superseded`]), or `deadline` passes.
+async fn propose_until(replica: &Replica, op: Op, deadline: Duration) -> Result<(), Stop> {
+    let started = tokio::time::Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match replica.propose(system_command(op.clone())).await {
+            Ok(CommandReply::Rejected(rejection)) => {
+                tracing::debug!(%rejection, "report refused");
+                return Err(Stop::Superseded);
+            }
+            Ok(_) => return Ok(()),
+            Err(e) if started.elapsed() >= deadline => return Err(Stop::Unreachable(e)),
+            Err(e) => {
+                tracing::debug!(error = %e, "report not taken yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+/// Renews the lease every third of it until `done`, or until the assignment is lost.
+async fn renew_lease(
+    replica: Arc<Replica>,
+    operation_id: String,
+    token: u64,
+    lease: Duration,
+    mut done: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = done.wait_for(|done| *done) => return,
+            _ = tokio::time::sleep(lease / 3) => {}
+        }
+        let op = Op::RenewLease { operation_id: operation_id.clone(), token, lease_ms: lease.as_millis() as u64 };
+        match replica.propose(system_command(op)).await {
+            Ok(CommandReply::Rejected(Rejection::StaleToken { .. } | Rejection::IllegalOperationStatus { .. })) => {
+                return
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(operation = %operation_id, error = %e, "cannot renew the lease now"),
         }
     }
 }

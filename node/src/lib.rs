@@ -1,9 +1,12 @@
 //! The `runtimeai` node: configuration, wiring of the replicated core and the REST API into
-//! one process ([`server::run`]), and the `dev` command that starts a local cluster.
+//! one process ([`server::run`]), the leader's [`scheduler`], the [`executor`] every node runs
+//! with its [`backend`] drivers, and the `dev` command that starts a local cluster.
 
+pub mod backend;
 pub mod config;
 pub mod dev;
 pub mod executor;
+pub mod scheduler;
 pub mod server;
 
 /// Completes on SIGINT or SIGTERM.

@@ -19,7 +19,9 @@ use runtimeai_raft::state_machine::StateMachineStore;
 use runtimeai_raft::store::DataDir;
 use runtimeai_raft::{Command, Op, Raft, Replica, ReplicaOptions};
 
+use crate::backend::{Backend, SimulatedBackend};
 use crate::config::NodeConfig;
+use crate::executor::ExecutorOptions;
 
 /// Runs a node until `shutdown` completes, then stops it cleanly.
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -102,8 +104,30 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
 
     bootstrap(&config, &raft, data.fresh).await?;
     let registration = tokio::spawn(register(replica.clone(), config.clone()));
-    let executor =
-        tokio::spawn(crate::executor::run_simulated(replica.clone(), config.simulated_step, stop_rx.clone()));
+    let scheduler = tokio::spawn(crate::scheduler::run(
+        replica.clone(),
+        crate::scheduler::SchedulerOptions { lease: config.operation_lease },
+        stop_rx.clone(),
+    ));
+    let executor = match config.backends.is_empty() {
+        true => None,
+        false => {
+            let dir = &config.simulated_infra_dir;
+            let simulated = SimulatedBackend::new(dir.clone(), config.simulated_step, config.id)
+                .with_context(|| format!("cannot prepare the simulated driver's directory {}", dir.display()))?;
+            let options = ExecutorOptions {
+                node_id: config.id,
+                lease: config.operation_lease,
+                signals_interval: config.signals_interval,
+            };
+            Some(tokio::spawn(crate::executor::run(
+                replica.clone(),
+                Backend::Simulated(simulated),
+                options,
+                stop_rx.clone(),
+            )))
+        }
+    };
 
     // A raft that stopped on a storage error cannot serve; exit so a supervisor restarts the
     // node (recovery replays the log) instead of leaving it up and useless.
@@ -117,7 +141,10 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), executor).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), scheduler).await;
+    if let Some(executor) = executor {
+        let _ = tokio::time::timeout(Duration::from_secs(5), executor).await;
+    }
     let stopped_cleanly = raft.shutdown().await;
     // Stop RocksDB's background threads before the process exits: tearing the library down
     // under a running compaction aborts the process. Everything written is already in the WAL.
@@ -178,6 +205,9 @@ async fn register(replica: Arc<Replica>, config: NodeConfig) {
         grpc_addr: config.advertise_grpc.clone(),
         http_addr: config.advertise_http.clone(),
         version: runtimeai_api::VERSION.to_string(),
+        backends: config.backends.clone(),
+        site: config.site.clone(),
+        zone: config.zone.clone(),
     };
     let mut delay = Duration::from_millis(100);
     loop {

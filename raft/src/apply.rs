@@ -8,9 +8,11 @@ use std::collections::HashMap;
 use rocksdb::{IteratorMode, WriteBatch, DB};
 use serde::Serialize;
 
+use runtimeai_engine::policy;
 use runtimeai_model::{
-    ClusterSettings, Event, EventSeverity, IdempotencyRecord, JsonObject, LifecycleAction, Operation, OperationError,
-    OperationProgress, OperationStatus, Policy, Runtime, RuntimeSnapshot, RuntimeState, Timestamp,
+    Actor, Approval, Assignment, ClusterSettings, Event, EventSeverity, IdempotencyRecord, JsonObject, LifecycleAction,
+    Operation, OperationError, OperationProgress, OperationStatus, Policy, PolicyDecision, Runtime, RuntimeSnapshot,
+    RuntimeState, Timestamp, Verdict,
 };
 
 use crate::codec;
@@ -64,6 +66,21 @@ impl<'a> Txn<'a> {
         matches!(self.overlay.get(&(cf_name, key.to_vec())), Some(None))
     }
 
+    /// Every record of a column family, as this batch sees it.
+    fn scan<T: serde::de::DeserializeOwned>(&self, cf_name: &'static str) -> Result<Vec<T>, StorageError> {
+        let mut records = std::collections::BTreeMap::new();
+        for item in self.db.iterator_cf(cf(self.db, cf_name), IteratorMode::Start) {
+            let (key, value) = item.map_err(read_err)?;
+            records.insert(key.to_vec(), Some(value.to_vec()));
+        }
+        for ((name, key), value) in &self.overlay {
+            if *name == cf_name {
+                records.insert(key.clone(), value.clone());
+            }
+        }
+        records.into_values().flatten().map(|b| codec::decode("state record", &b).map_err(read_err)).collect()
+    }
+
     fn delete(&mut self, cf_name: &'static str, key: Vec<u8>) {
         self.batch.delete_cf(cf(self.db, cf_name), &key);
         self.overlay.insert((cf_name, key), None);
@@ -93,10 +110,13 @@ pub(crate) fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> 
         }
     }
     let at = command.at;
-    let retention = settings(txn)?;
-    let mut events = EventWriter { index, at, actor: command.actor.clone(), written: 0, retention };
+    let settings = settings(txn)?;
+    let actor = command.actor.clone();
+    let mut events = EventWriter { index, at, actor: command.actor.clone(), written: 0, retention: settings.clone() };
     let reply = match command.op {
-        Op::CreateRuntime { runtime, operation } => create_runtime(txn, &mut events, runtime, operation)?,
+        Op::CreateRuntime { runtime, operation } => {
+            create_runtime(txn, &mut events, &settings, runtime, Operation { requested_by: actor, ..operation })?
+        }
         Op::UpdateRuntime { runtime, expected_version } => {
             update_runtime(txn, &mut events, at, runtime, expected_version)?
         }
@@ -117,15 +137,62 @@ pub(crate) fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> 
             }
         }
         Op::BeginOperation { operation, expected_version } => {
-            begin_operation(txn, &mut events, at, operation, expected_version)?
+            let operation = Operation { requested_by: actor, ..operation };
+            begin_operation(txn, &mut events, &settings, operation, expected_version)?
         }
-        Op::AdvanceOperation { operation_id, status, progress, error } => {
-            advance_operation(txn, &mut events, at, &operation_id, status, progress, error)?
+        Op::AdvanceOperation { operation_id, status, progress, error, token, completed_actions, failed_action } => {
+            let report = Report { status, progress, error, token, completed_actions, failed_action };
+            advance_operation(txn, &mut events, &operation_id, report)?
+        }
+        Op::DecideApproval { operation_id, approve, reason } => {
+            decide_approval(txn, &mut events, &actor, &operation_id, approve, reason)?
+        }
+        Op::AssignOperation { operation_id, node_id, lease_ms, expected_token } => {
+            let assignment = Assignment {
+                node_id,
+                token: index,
+                lease_until: at + chrono::Duration::milliseconds(lease_ms.min(86_400_000) as i64),
+            };
+            assign_operation(txn, &mut events, &settings, &operation_id, assignment, expected_token)?
+        }
+        Op::RenewLease { operation_id, token, lease_ms } => match load_operation(txn, &operation_id)? {
+            Err(rejection) => CommandReply::Rejected(rejection),
+            Ok(mut operation) => match check_token(&operation, Some(token)) {
+                Err(rejection) => CommandReply::Rejected(rejection),
+                Ok(()) if operation.status.is_terminal() => {
+                    CommandReply::Rejected(status_rejection(&operation, "running"))
+                }
+                Ok(()) => {
+                    if let Some(assignment) = &mut operation.assignment {
+                        assignment.lease_until = at + chrono::Duration::milliseconds(lease_ms.min(86_400_000) as i64);
+                    }
+                    put_operation(txn, &operation)?;
+                    CommandReply::Operation(operation)
+                }
+            },
+        },
+        Op::ReportSignals { signals } => {
+            let mut recorded = 0;
+            for (runtime_id, observed) in signals {
+                if let Some(mut runtime) = txn.get::<Runtime>(CF_RUNTIMES, runtime_id.as_bytes())? {
+                    // Observations are not changes: no version bump, no event.
+                    runtime.signals = Some(observed);
+                    txn.put(CF_RUNTIMES, runtime_id.into_bytes(), &runtime)?;
+                    recorded += 1;
+                }
+            }
+            CommandReply::SignalsRecorded(recorded)
         }
         Op::SubmitIntent { intent, operation } => {
             let operation = match operation {
                 None => None,
-                Some(operation) => match begin_operation(txn, &mut events, at, operation, None)? {
+                Some(operation) => match begin_operation(
+                    txn,
+                    &mut events,
+                    &settings,
+                    Operation { requested_by: actor, ..operation },
+                    None,
+                )? {
                     CommandReply::Operation(operation) => Some(operation),
                     rejected => return finish(txn, at, command.idempotency, rejected),
                 },
@@ -268,8 +335,9 @@ fn put_operation(txn: &mut Txn<'_>, operation: &Operation) -> Result<(), Storage
 fn create_runtime(
     txn: &mut Txn<'_>,
     events: &mut EventWriter,
+    settings: &ClusterSettings,
     runtime: Runtime,
-    operation: Operation,
+    mut operation: Operation,
 ) -> Result<CommandReply, StorageError> {
     if let Some(existing) = txn.get::<Runtime>(CF_RUNTIMES, runtime.id.as_bytes())? {
         // Ids are fresh per request: the same id and operation again is a retry of a create
@@ -285,6 +353,10 @@ fn create_runtime(
     if let Some(existing_id) = txn.get::<String>(CF_RUNTIME_NAMES, &name)? {
         return Ok(CommandReply::Rejected(Rejection::NameTaken { name: runtime.name, existing_id }));
     }
+    let decisions = evaluate_policies(txn, settings, &runtime, &operation)?;
+    if let Some(rejection) = judge(txn, events, &runtime.id, &mut operation, decisions)? {
+        return Ok(CommandReply::Rejected(rejection));
+    }
     txn.put(CF_RUNTIME_NAMES, name, &runtime.id)?;
     txn.put(CF_RUNTIMES, runtime.id.as_bytes().to_vec(), &runtime)?;
     put_operation(txn, &operation)?;
@@ -292,8 +364,68 @@ fn create_runtime(
     data.insert("name".into(), runtime.name.clone().into());
     data.insert("type".into(), runtime.runtime_type.as_str().into());
     data.insert("operation_id".into(), operation.id.clone().into());
+    data.insert("status".into(), operation.status.as_str().into());
     events.write(txn, &runtime.id, "runtime.created", EventSeverity::Info, JsonObject(data))?;
     Ok(CommandReply::Created { runtime, operation })
+}
+
+/// The policy decisions on an operation's actions, for the runtime as it was before it.
+fn evaluate_policies(
+    txn: &Txn<'_>,
+    settings: &ClusterSettings,
+    runtime: &Runtime,
+    operation: &Operation,
+) -> Result<Vec<PolicyDecision>, StorageError> {
+    let policies: Vec<Policy> = txn.scan(CF_POLICIES)?;
+    let before = Runtime { state: operation.prior_state, ..runtime.clone() };
+    let request = policy::Request {
+        runtime: &before,
+        actions: operation.action.steps(),
+        actor: &operation.requested_by,
+        mode: operation.policy_mode,
+        sizes: &settings.sizes,
+    };
+    Ok(policy::evaluate(&policies, request))
+}
+
+fn decision_data(operation: &Operation, decision: &PolicyDecision) -> JsonObject {
+    let mut data = serde_json::Map::new();
+    data.insert("operation_id".into(), operation.id.clone().into());
+    data.insert("decision".into(), serde_json::to_value(decision).unwrap_or_default());
+    JsonObject(data)
+}
+
+/// Records the decisions on the operation and acts on the overall verdict: a denial is a
+/// rejection (with its event), approval parks the operation in `pending_approval`.
+fn judge(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter,
+    runtime_id: &str,
+    operation: &mut Operation,
+    decisions: Vec<PolicyDecision>,
+) -> Result<Option<Rejection>, StorageError> {
+    let deciding = policy::deciding(&decisions).cloned();
+    operation.decisions = decisions;
+    let Some(decision) = deciding else { return Ok(None) };
+    match decision.verdict {
+        Verdict::Allow => Ok(None),
+        Verdict::Deny => {
+            events.write(
+                txn,
+                runtime_id,
+                "policy.denied",
+                EventSeverity::Warning,
+                decision_data(operation, &decision),
+            )?;
+            Ok(Some(Rejection::PolicyDenied { decision }))
+        }
+        Verdict::RequireApproval => {
+            operation.status = OperationStatus::PendingApproval;
+            let data = decision_data(operation, &decision);
+            events.write(txn, runtime_id, "policy.approval_required", EventSeverity::Warning, data)?;
+            Ok(None)
+        }
+    }
 }
 
 fn update_runtime(
@@ -326,10 +458,11 @@ fn update_runtime(
 fn begin_operation(
     txn: &mut Txn<'_>,
     events: &mut EventWriter,
-    at: Timestamp,
+    settings: &ClusterSettings,
     operation: Operation,
     expected_version: Option<u64>,
 ) -> Result<CommandReply, StorageError> {
+    let at = events.at;
     let mut runtime = match load_runtime(txn, &operation.runtime_id, expected_version)? {
         Err(rejection) => return Ok(CommandReply::Rejected(rejection)),
         Ok(runtime) => runtime,
@@ -350,7 +483,11 @@ fn begin_operation(
             }))
         }
     };
-    let operation = Operation { prior_state: runtime.state, ..operation };
+    let mut operation = Operation { prior_state: runtime.state, ..operation };
+    let decisions = evaluate_policies(txn, settings, &runtime, &operation)?;
+    if let Some(rejection) = judge(txn, events, &runtime.id, &mut operation, decisions)? {
+        return Ok(CommandReply::Rejected(rejection));
+    }
     let from = runtime.state;
     runtime.state = during;
     runtime.active_operation = Some(operation.id.clone());
@@ -361,38 +498,89 @@ fn begin_operation(
     Ok(CommandReply::Operation(operation))
 }
 
-fn advance_operation(
-    txn: &mut Txn<'_>,
-    events: &mut EventWriter,
-    at: Timestamp,
-    operation_id: &str,
+/// What an executor (or a client's cancel) reports about an operation.
+struct Report {
     status: OperationStatus,
     progress: Option<OperationProgress>,
     error: Option<OperationError>,
+    token: Option<u64>,
+    completed_actions: Option<u32>,
+    failed_action: Option<u32>,
+}
+
+fn load_operation(txn: &Txn<'_>, id: &str) -> Result<Result<Operation, Rejection>, StorageError> {
+    Ok(txn
+        .get::<Operation>(CF_OPERATIONS, id.as_bytes())?
+        .ok_or_else(|| Rejection::NotFound { kind: "operation".into(), id: id.into() }))
+}
+
+/// A report with a fencing token must carry the current assignment's.
+fn check_token(operation: &Operation, token: Option<u64>) -> Result<(), Rejection> {
+    let current = operation.assignment.as_ref().map(|a| a.token);
+    match token {
+        Some(token) if current != Some(token) => {
+            Err(Rejection::StaleToken { operation_id: operation.id.clone(), token: Some(token), current })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn status_rejection(operation: &Operation, to: &str) -> Rejection {
+    Rejection::IllegalOperationStatus {
+        id: operation.id.clone(),
+        from: operation.status.as_str().into(),
+        to: to.into(),
+    }
+}
+
+fn advance_operation(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter,
+    operation_id: &str,
+    report: Report,
 ) -> Result<CommandReply, StorageError> {
     use OperationStatus::*;
-    let Some(mut operation) = txn.get::<Operation>(CF_OPERATIONS, operation_id.as_bytes())? else {
-        return Ok(CommandReply::Rejected(Rejection::NotFound { kind: "operation".into(), id: operation_id.into() }));
+    let mut operation = match load_operation(txn, operation_id)? {
+        Err(rejection) => return Ok(CommandReply::Rejected(rejection)),
+        Ok(operation) => operation,
     };
+    if let Err(rejection) = check_token(&operation, report.token) {
+        return Ok(CommandReply::Rejected(rejection));
+    }
+    let status = report.status;
     let legal = matches!(
         (operation.status, status),
         (Queued | PendingApproval, Running | Failed | Cancelled) | (Running, Running | Succeeded | Failed | Cancelled)
     );
     if !legal {
-        return Ok(CommandReply::Rejected(Rejection::IllegalOperationStatus {
-            id: operation.id,
-            from: operation.status.as_str().into(),
-            to: status.as_str().into(),
-        }));
+        return Ok(CommandReply::Rejected(status_rejection(&operation, status.as_str())));
     }
     operation.status = status;
-    operation.progress = progress.or(operation.progress);
-    operation.error = error;
+    operation.progress = report.progress.or(operation.progress);
+    operation.error = report.error;
+    if let Some(completed) = report.completed_actions {
+        operation.completed_actions = completed;
+    }
+    if report.failed_action.is_some() {
+        operation.failed_action = report.failed_action;
+    }
     operation.version += 1;
     if !status.is_terminal() {
         put_operation(txn, &operation)?;
         return Ok(CommandReply::Operation(operation));
     }
+    finish_operation(txn, events, operation)
+}
+
+/// Ends an operation (its status already terminal): applies a success's effect to the runtime,
+/// or puts the runtime back where it was, and frees the runtime for the next operation.
+fn finish_operation(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter,
+    mut operation: Operation,
+) -> Result<CommandReply, StorageError> {
+    use OperationStatus::*;
+    let at = events.at;
     operation.finished_at = Some(at);
     let Some(mut runtime) = txn.get::<Runtime>(CF_RUNTIMES, operation.runtime_id.as_bytes())? else {
         put_operation(txn, &operation)?;
@@ -400,7 +588,7 @@ fn advance_operation(
     };
     let from = runtime.state;
     runtime.active_operation = None;
-    if status == Succeeded {
+    if operation.status == Succeeded {
         let mut done = Runtime { state: operation.prior_state, ..runtime.clone() };
         match apply_success(&mut done, &operation.action, at) {
             Ok(()) => runtime = done,
@@ -429,6 +617,111 @@ fn advance_operation(
     } else {
         save_runtime(txn, at, &mut runtime)?;
     }
+    Ok(CommandReply::Operation(operation))
+}
+
+fn decide_approval(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter,
+    actor: &Actor,
+    operation_id: &str,
+    approve: bool,
+    reason: Option<String>,
+) -> Result<CommandReply, StorageError> {
+    let mut operation = match load_operation(txn, operation_id)? {
+        Err(rejection) => return Ok(CommandReply::Rejected(rejection)),
+        Ok(operation) => operation,
+    };
+    if operation.status != OperationStatus::PendingApproval {
+        let to = if approve { "queued (approve)" } else { "cancelled (reject)" };
+        return Ok(CommandReply::Rejected(status_rejection(&operation, to)));
+    }
+    if approve && matches!(actor, Actor::Agent(_)) && *actor == operation.requested_by {
+        return Ok(CommandReply::Rejected(Rejection::SelfApproval {
+            operation_id: operation.id,
+            actor: actor.to_string(),
+        }));
+    }
+    let at = events.at;
+    operation.approval = Some(Approval { approved: approve, by: actor.to_string(), at, reason: reason.clone() });
+    operation.version += 1;
+    let mut data = serde_json::Map::new();
+    data.insert("operation_id".into(), operation.id.clone().into());
+    data.insert("by".into(), actor.to_string().into());
+    data.insert("reason".into(), reason.clone().into());
+    let runtime_id = operation.runtime_id.clone();
+    if approve {
+        operation.status = OperationStatus::Queued;
+        put_operation(txn, &operation)?;
+        events.write(txn, &runtime_id, "operation.approved", EventSeverity::Info, JsonObject(data))?;
+        return Ok(CommandReply::Operation(operation));
+    }
+    events.write(txn, &runtime_id, "operation.rejected", EventSeverity::Info, JsonObject(data))?;
+    operation.status = OperationStatus::Cancelled;
+    operation.error = Some(OperationError {
+        code: "rejected".into(),
+        message: format!("rejected by {actor}: {}", reason.unwrap_or_default()),
+    });
+    finish_operation(txn, events, operation)
+}
+
+fn assign_operation(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter,
+    settings: &ClusterSettings,
+    operation_id: &str,
+    assignment: Assignment,
+    expected_token: Option<u64>,
+) -> Result<CommandReply, StorageError> {
+    let mut operation = match load_operation(txn, operation_id)? {
+        Err(rejection) => return Ok(CommandReply::Rejected(rejection)),
+        Ok(operation) => operation,
+    };
+    if !matches!(operation.status, OperationStatus::Queued | OperationStatus::Running) {
+        return Ok(CommandReply::Rejected(status_rejection(&operation, "assigned")));
+    }
+    let current = operation.assignment.as_ref().map(|a| a.token);
+    if current != expected_token {
+        return Ok(CommandReply::Rejected(Rejection::StaleToken {
+            operation_id: operation.id,
+            token: expected_token,
+            current,
+        }));
+    }
+    if operation.status == OperationStatus::Queued {
+        // Right before it runs: the policies of now, not of when it was accepted.
+        let runtime = txn.get::<Runtime>(CF_RUNTIMES, operation.runtime_id.as_bytes())?;
+        if let Some(runtime) = runtime {
+            let decisions = evaluate_policies(txn, settings, &runtime, &operation)?;
+            let approved = operation.approval.as_ref().is_some_and(|a| a.approved);
+            let verdict = policy::overall(&decisions);
+            if verdict == Verdict::RequireApproval && approved {
+                operation.decisions = decisions;
+            } else if let Some(rejection) = judge(txn, events, &runtime.id, &mut operation, decisions)? {
+                let Rejection::PolicyDenied { decision } = &rejection else { unreachable!("judge only denies") };
+                operation.status = OperationStatus::Failed;
+                operation.error =
+                    Some(OperationError { code: "policy_denied".into(), message: decision.reason.clone() });
+                operation.failed_action = Some(decision.action_index);
+                operation.version += 1;
+                return finish_operation(txn, events, operation);
+            } else if operation.status == OperationStatus::PendingApproval {
+                operation.version += 1;
+                put_operation(txn, &operation)?;
+                return Ok(CommandReply::Operation(operation));
+            }
+        }
+    }
+    operation.attempts += 1;
+    operation.version += 1;
+    let mut data = serde_json::Map::new();
+    data.insert("operation_id".into(), operation.id.clone().into());
+    data.insert("node_id".into(), assignment.node_id.into());
+    data.insert("token".into(), assignment.token.into());
+    data.insert("attempt".into(), operation.attempts.into());
+    operation.assignment = Some(assignment);
+    put_operation(txn, &operation)?;
+    events.write(txn, &operation.runtime_id, "operation.assigned", EventSeverity::Info, JsonObject(data))?;
     Ok(CommandReply::Operation(operation))
 }
 
@@ -469,29 +762,21 @@ fn apply_one(runtime: &mut Runtime, action: &LifecycleAction, at: Timestamp) -> 
 
 /// What a succeeded action changes in the runtime's record besides its state.
 fn apply_effect(runtime: &mut Runtime, action: &LifecycleAction, at: Timestamp) {
-    match action {
-        LifecycleAction::Scale { size, resources } => {
-            if size.is_some() {
-                runtime.spec.size = size.clone();
-            }
-            if resources.is_some() {
-                runtime.spec.resources = resources.clone();
-            }
-        }
-        LifecycleAction::Snapshot { snapshot_id, name, description } => runtime.snapshots.push(RuntimeSnapshot {
+    action.apply_to_spec(&mut runtime.spec);
+    if let LifecycleAction::Snapshot { snapshot_id, name, description } = action {
+        runtime.snapshots.push(RuntimeSnapshot {
             id: snapshot_id.clone(),
             name: name.clone(),
             description: description.clone(),
             created_at: at,
-        }),
-        _ => {}
+        });
     }
 }
 
 /// Writes the events of one command, keyed so that a runtime's events sort in log order.
 pub(crate) struct EventWriter {
     index: u64,
-    at: runtimeai_model::Timestamp,
+    at: Timestamp,
     actor: runtimeai_model::Actor,
     written: u32,
     retention: ClusterSettings,

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use runtimeai_model::{
     Actor, ClusterSettings, Intent, NodeInfo, Operation, OperationError, OperationProgress, OperationStatus, Policy,
-    Runtime, Timestamp,
+    PolicyDecision, Runtime, RuntimeSignals, Timestamp,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,19 +54,55 @@ pub enum Op {
         labels: BTreeMap<String, Option<String>>,
         expected_version: Option<u64>,
     },
-    /// Accept a lifecycle operation on a runtime: checks the transition and that no other
-    /// operation is active, then queues it.
+    /// Accept a lifecycle operation on a runtime: checks the transition, that no other
+    /// operation is active, and the policies (deny: refused; require approval: parked in
+    /// `pending_approval`), then queues it.
     BeginOperation {
         operation: Operation,
         expected_version: Option<u64>,
     },
     /// Move an operation on (`running`, progress) or end it (`succeeded`, `failed`,
     /// `cancelled`); ending it applies its effect to the runtime.
+    ///
+    /// An executor's report carries its fencing token and is refused unless it is the current
+    /// assignment's; a report without one (a client's cancel) needs none.
     AdvanceOperation {
         operation_id: String,
         status: OperationStatus,
         progress: Option<OperationProgress>,
         error: Option<OperationError>,
+        token: Option<u64>,
+        /// How many actions the backend has completed so far.
+        completed_actions: Option<u32>,
+        /// For a failure: the index of the action that failed.
+        failed_action: Option<u32>,
+    },
+    /// Approve (→ `queued`) or reject (→ `cancelled`) an operation a policy parked in
+    /// `pending_approval`. An agent may not approve its own request.
+    DecideApproval {
+        operation_id: String,
+        approve: bool,
+        reason: Option<String>,
+    },
+    /// The leader hands an operation to an executor node. The entry's log index becomes the
+    /// fencing token; the lease runs `lease_ms` from the command's time. `expected_token` is the
+    /// assignment the leader saw (none for a first assignment): a stale view is refused.
+    /// Policies are checked again here, right before the operation runs.
+    AssignOperation {
+        operation_id: String,
+        node_id: u64,
+        lease_ms: u64,
+        expected_token: Option<u64>,
+    },
+    /// The executor holding `token` extends its lease to `lease_ms` from the command's time.
+    RenewLease {
+        operation_id: String,
+        token: u64,
+        lease_ms: u64,
+    },
+    /// What executors observed of their runtimes.
+    ReportSignals {
+        signals: Vec<(String, RuntimeSignals)>,
     },
     /// Record an intent and, unless it is a dry run or its plan is empty, begin the operation
     /// that carries its plan out (checked like any `BeginOperation`).
@@ -100,6 +136,10 @@ impl Op {
             Op::PatchLabels { .. } => "patch_labels",
             Op::BeginOperation { .. } => "begin_operation",
             Op::AdvanceOperation { .. } => "advance_operation",
+            Op::DecideApproval { .. } => "decide_approval",
+            Op::AssignOperation { .. } => "assign_operation",
+            Op::RenewLease { .. } => "renew_lease",
+            Op::ReportSignals { .. } => "report_signals",
             Op::SubmitIntent { .. } => "submit_intent",
             Op::CreatePolicy { .. } => "create_policy",
             Op::DeletePolicy { .. } => "delete_policy",
@@ -128,6 +168,8 @@ pub enum CommandReply {
         id: String,
     },
     NodeRegistered,
+    /// Signals recorded (for so many runtimes).
+    SignalsRecorded(u32),
     Settings(ClusterSettings),
     Rejected(Rejection),
     /// Replies to membership and blank entries, which carry no command.
@@ -153,4 +195,10 @@ pub enum Rejection {
     OperationInProgress { runtime_id: String, operation_id: String },
     #[error("operation {id} cannot go from {from} to {to}")]
     IllegalOperationStatus { id: String, from: String, to: String },
+    #[error("{}", .decision.reason)]
+    PolicyDenied { decision: PolicyDecision },
+    #[error("{actor} asked for operation {operation_id} and cannot approve it; another actor must")]
+    SelfApproval { operation_id: String, actor: String },
+    #[error("operation {operation_id}: fencing token {token:?} is stale (the current assignment's is {current:?})")]
+    StaleToken { operation_id: String, token: Option<u64>, current: Option<u64> },
 }

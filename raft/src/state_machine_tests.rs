@@ -7,8 +7,8 @@ use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload, LogId, Membership};
 
 use runtimeai_model::{
-    Actor, ClusterSettings, LifecycleAction, Operation, OperationStatus, Runtime, RuntimeSpec, RuntimeState,
-    RuntimeType,
+    Actor, ClusterSettings, LifecycleAction, Operation, OperationStatus, PolicyMode, Runtime, RuntimeSpec,
+    RuntimeState, RuntimeType,
 };
 
 use super::StateMachineStore;
@@ -43,6 +43,8 @@ fn runtime(id: &str, name: &str) -> Runtime {
         version: 1,
         active_operation: Some(format!("op_create_{id}")),
         snapshots: vec![],
+        placement: None,
+        signals: None,
     }
 }
 
@@ -58,6 +60,13 @@ fn operation(id: &str, runtime_id: &str, action: LifecycleAction) -> Operation {
         progress: None,
         error: None,
         failed_action: None,
+        completed_actions: 0,
+        requested_by: Actor::Agent("planner".into()),
+        policy_mode: PolicyMode::Balanced,
+        decisions: vec![],
+        approval: None,
+        assignment: None,
+        attempts: 0,
         version: 1,
     }
 }
@@ -74,7 +83,15 @@ fn begin(op_id: &str, runtime_id: &str, action: LifecycleAction) -> Op {
 }
 
 fn advance(op_id: &str, status: OperationStatus) -> Op {
-    Op::AdvanceOperation { operation_id: op_id.into(), status, progress: None, error: None }
+    Op::AdvanceOperation {
+        operation_id: op_id.into(),
+        status,
+        progress: None,
+        error: None,
+        token: None,
+        completed_actions: None,
+        failed_action: None,
+    }
 }
 
 fn command(op: Op) -> Command {
@@ -368,7 +385,7 @@ async fn a_snapshot_of_another_format_version_is_refused() {
 #[tokio::test]
 async fn events_are_kept_within_the_retention_count_and_age() {
     let (_dir, mut sm) = open();
-    let settings = ClusterSettings { event_retention_count: 3, event_retention_days: 1 };
+    let settings = ClusterSettings { event_retention_count: 3, event_retention_days: 1, ..Default::default() };
     apply(&mut sm, vec![Op::SetSettings { settings }]).await;
     running(&mut sm, "rt_a", "web").await;
     for i in 0..4 {

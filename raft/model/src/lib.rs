@@ -14,8 +14,9 @@ mod runtime;
 pub use json::JsonObject;
 pub use lifecycle::{IllegalTransition, LifecycleAction};
 pub use records::{
-    Actor, ClusterSettings, Event, EventSeverity, IdempotencyRecord, Intent, NodeInfo, Operation, OperationError,
-    OperationProgress, OperationStatus, Policy, PolicyRule,
+    default_sizes, Actor, Approval, Assignment, ClusterSettings, Event, EventSeverity, IdempotencyRecord, Intent,
+    NodeInfo, Operation, OperationError, OperationProgress, OperationStatus, Placement, Policy, PolicyDecision,
+    PolicyMode, PolicyRule, RuntimeSignals, SizeEntry, Verdict,
 };
 pub use runtime::{
     BackendKind, BackendRef, EgressPolicy, Exposure, Isolation, NetworkingProfile, ResourceProfile, Runtime,

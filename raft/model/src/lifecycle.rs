@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ResourceProfile, RuntimeState};
+use crate::{ResourceProfile, RuntimeSpec, RuntimeState};
 
 /// A lifecycle action, with its parameters, as an operation carries it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,6 +56,26 @@ impl LifecycleAction {
             LifecycleAction::Restore { .. } => "restore",
             LifecycleAction::Delete => "delete",
             LifecycleAction::Sequence { .. } => "execute",
+        }
+    }
+
+    /// The single actions this action consists of: a sequence's actions, or itself.
+    pub fn steps(&self) -> &[LifecycleAction] {
+        match self {
+            LifecycleAction::Sequence { actions } => actions,
+            action => std::slice::from_ref(action),
+        }
+    }
+
+    /// What a succeeded action changes in a runtime's spec (a scale's new size or resources).
+    pub fn apply_to_spec(&self, spec: &mut RuntimeSpec) {
+        if let LifecycleAction::Scale { size, resources } = self {
+            if size.is_some() {
+                spec.size = size.clone();
+            }
+            if resources.is_some() {
+                spec.resources = resources.clone();
+            }
         }
     }
 

@@ -22,6 +22,17 @@ impl Actor {
     }
 }
 
+impl std::fmt::Display for Actor {
+    /// `human:<name>`, `agent:<name>` or `system`, as the `X-Actor` header spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Actor::Human(name) => write!(f, "human:{name}"),
+            Actor::Agent(name) => write!(f, "agent:{name}"),
+            Actor::System => f.write_str("system"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventSeverity {
@@ -111,7 +122,149 @@ pub struct Operation {
     /// For a sequence that failed: the index of the action that failed (later ones were skipped).
     #[serde(default)]
     pub failed_action: Option<u32>,
+    /// How many of the operation's actions the backend has completed (a taken-over operation
+    /// resumes from here).
+    #[serde(default)]
+    pub completed_actions: u32,
+    /// Who asked for it: an agent may not approve its own request.
+    pub requested_by: Actor,
+    /// The mode its policies were evaluated in (again right before it runs).
+    pub policy_mode: PolicyMode,
+    /// One policy decision per action, naming the rule that made it.
+    #[serde(default)]
+    pub decisions: Vec<PolicyDecision>,
+    /// Who approved or rejected it, when a policy required approval.
+    #[serde(default)]
+    pub approval: Option<Approval>,
+    /// The executor running it, with its fencing token and lease.
+    #[serde(default)]
+    pub assignment: Option<Assignment>,
+    /// How many times the operation was assigned to an executor.
+    #[serde(default)]
+    pub attempts: u32,
     pub version: u64,
+}
+
+/// How the engine treats an action that no policy rule matches (and how cautiously the planner
+/// plans). See `runtimeai_engine::policy` for the table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyMode {
+    #[default]
+    SafeFirst,
+    Balanced,
+    Aggressive,
+}
+
+impl PolicyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyMode::SafeFirst => "safe_first",
+            PolicyMode::Balanced => "balanced",
+            PolicyMode::Aggressive => "aggressive",
+        }
+    }
+}
+
+/// What a policy decision lets happen; ordered from least to most restrictive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Allow,
+    RequireApproval,
+    Deny,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::RequireApproval => "require_approval",
+            Verdict::Deny => "deny",
+        }
+    }
+}
+
+/// The policy engine's decision on one action, naming the rule that made it (or the mode, when
+/// no rule matched).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PolicyDecision {
+    /// The action's type (`create`, `stop`, `scale`, ...).
+    pub action: String,
+    /// Its position in the operation's list of actions.
+    pub action_index: u32,
+    pub verdict: Verdict,
+    /// The deciding policy; none when the policy mode decided.
+    pub policy_id: Option<String>,
+    pub policy_name: Option<String>,
+    /// The deciding rule's position in its policy, and its kind.
+    pub rule_index: Option<u32>,
+    pub rule_kind: Option<String>,
+    pub reason: String,
+}
+
+/// A human's (or another agent's) answer to a `require_approval` decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Approval {
+    pub approved: bool,
+    /// `human:<name>` or `agent:<name>`.
+    pub by: String,
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub reason: Option<String>,
+}
+
+/// Which executor runs an operation. The token is the raft log index of the assignment: every
+/// later assignment has a larger one, and reports or backend calls with a smaller one are
+/// refused (fencing). The lease ends at `lease_until` unless the executor renews it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Assignment {
+    pub node_id: u64,
+    pub token: u64,
+    pub lease_until: chrono::DateTime<chrono::Utc>,
+}
+
+/// One entry of the size catalogue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SizeEntry {
+    /// The size's name, e.g. `medium`.
+    pub name: String,
+    /// vCPUs per replica.
+    pub cpu: f64,
+    /// Memory per replica, as a Kubernetes quantity (`4Gi`).
+    pub memory: String,
+    /// Replicas the size runs with.
+    pub replicas: i64,
+    /// What the size costs per hour (any currency, used consistently).
+    pub cost_per_hour: f64,
+}
+
+/// Where a runtime is placed: the node whose executor serves it, and that node's site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Placement {
+    pub node_id: u64,
+    #[serde(default)]
+    pub site: Option<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+/// What the executor last observed of a runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RuntimeSignals {
+    /// vCPUs in use (as the backend reports them).
+    pub cpu: f64,
+    /// Memory in use, as a Kubernetes quantity.
+    pub memory: String,
+    /// `healthy`, `degraded`, `unhealthy` or `stopped`.
+    pub health: String,
+    pub cost_per_hour: f64,
+    /// Request latency, when the backend knows it.
+    #[serde(default)]
+    pub latency_ms: Option<f64>,
+    pub observed_at: chrono::DateTime<chrono::Utc>,
+    /// The node that observed them.
+    pub node_id: u64,
 }
 
 /// A goal plus constraints submitted for a runtime.
@@ -126,13 +279,15 @@ pub struct Intent {
     pub constraints: JsonObject,
     #[serde(default)]
     pub context: JsonObject,
-    /// `safe_first`, `balanced` or `aggressive`.
-    pub policy_mode: String,
+    pub policy_mode: PolicyMode,
     pub dry_run: bool,
     /// The planned actions, in order.
     pub planned: Vec<LifecycleAction>,
-    /// Why each action was chosen, and which options constraints ruled out.
+    /// Why each action was chosen.
     pub rationale: Vec<String>,
+    /// Options the constraints ruled out, each naming the constraint.
+    #[serde(default)]
+    pub blocked: Vec<String>,
     /// What the operator or agent should consider next.
     pub recommendations: Vec<String>,
     pub created_at: chrono::DateTime<chrono::Utc>,
@@ -184,10 +339,17 @@ pub struct NodeInfo {
     pub grpc_addr: String,
     pub http_addr: String,
     pub version: String,
+    /// The runtime types this node's executor serves (`vm`, `vcluster`, `sandbox`, ...).
+    #[serde(default)]
+    pub backends: Vec<String>,
+    #[serde(default)]
+    pub site: Option<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
 }
 
 /// Cluster-wide settings, replicated so that every node applies the same rules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSettings {
     /// Events kept per runtime; older ones are dropped first.
@@ -196,10 +358,30 @@ pub struct ClusterSettings {
     /// Events older than this many days are dropped.
     #[schema(minimum = 1)]
     pub event_retention_days: u64,
+    /// The size catalogue, smallest first: what `size` names mean and what they cost.
+    #[serde(default = "default_sizes")]
+    pub sizes: Vec<SizeEntry>,
+}
+
+/// The catalogue a new cluster starts with.
+pub fn default_sizes() -> Vec<SizeEntry> {
+    let entry = |name: &str, cpu: f64, memory: &str, replicas: i64, cost_per_hour: f64| SizeEntry {
+        name: name.into(),
+        cpu,
+        memory: memory.into(),
+        replicas,
+        cost_per_hour,
+    };
+    vec![
+        entry("small", 1.0, "2Gi", 1, 0.05),
+        entry("medium", 2.0, "4Gi", 1, 0.10),
+        entry("large", 4.0, "8Gi", 2, 0.40),
+        entry("xlarge", 8.0, "16Gi", 3, 1.20),
+    ]
 }
 
 impl Default for ClusterSettings {
     fn default() -> Self {
-        ClusterSettings { event_retention_count: 1000, event_retention_days: 30 }
+        ClusterSettings { event_retention_count: 1000, event_retention_days: 30, sizes: default_sizes() }
     }
 }

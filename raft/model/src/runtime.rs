@@ -154,9 +154,9 @@ fn default_true() -> bool {
 /// The desired shape of a runtime.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RuntimeSpec {
-    /// T-shirt size: small, medium, large or xlarge.
+    /// T-shirt size from the cluster's catalogue (by default small, medium, large or xlarge).
     #[serde(default)]
-    #[schema(pattern = "^(small|medium|large|xlarge)$")]
+    #[schema(pattern = "^[a-z0-9-]{1,63}$")]
     pub size: Option<String>,
     #[serde(default)]
     pub resources: Option<ResourceProfile>,
@@ -195,4 +195,17 @@ pub struct Runtime {
     /// Snapshots taken, oldest first.
     #[serde(default)]
     pub snapshots: Vec<RuntimeSnapshot>,
+    /// The node (and site) whose executor serves this runtime.
+    #[serde(default)]
+    pub placement: Option<crate::Placement>,
+    /// What its executor last observed.
+    #[serde(default)]
+    pub signals: Option<crate::RuntimeSignals>,
+}
+
+impl Runtime {
+    /// The environment policies are scoped by: the `env` label.
+    pub fn env(&self) -> Option<&str> {
+        self.labels.get("env").map(String::as_str)
+    }
 }

@@ -1,0 +1,120 @@
+//! The leader's scheduler: hands each queued operation to a live executor node, and takes an
+//! operation back from an executor whose lease ran out.
+//!
+//! An assignment is a raft command; its log index is the fencing token. The leader prefers the
+//! node the runtime is placed on; if that node is unreachable, another live node that serves
+//! the runtime's type in the same site. A lease is only judged expired by a leader that has led
+//! for at least one lease period, so a fresh leader does not take operations from executors
+//! that could not renew during the election.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ServerState;
+use runtimeai_model::{NodeInfo, Operation, OperationStatus, Runtime};
+use runtimeai_raft::{Command, CommandReply, Op, Replica};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone)]
+pub struct SchedulerOptions {
+    pub lease: Duration,
+}
+
+/// Runs until `stop` turns true; acts only while this node leads.
+pub async fn run(replica: Arc<Replica>, options: SchedulerOptions, mut stop: watch::Receiver<bool>) {
+    let tick = (options.lease / 6).clamp(Duration::from_millis(50), Duration::from_millis(500));
+    let mut leading_since: Option<(u64, tokio::time::Instant)> = None;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let metrics = replica.metrics();
+        if metrics.state != ServerState::Leader {
+            leading_since = None;
+            continue;
+        }
+        let term = metrics.current_term;
+        if leading_since.is_none_or(|(t, _)| t != term) {
+            leading_since = Some((term, tokio::time::Instant::now()));
+        }
+        let settled = leading_since.is_some_and(|(_, since)| since.elapsed() >= options.lease);
+        if let Err(e) = schedule(&replica, &options, settled).await {
+            tracing::debug!(error = %e, "scheduling round failed");
+        }
+    }
+}
+
+async fn schedule(replica: &Replica, options: &SchedulerOptions, settled: bool) -> anyhow::Result<()> {
+    let operations = replica.state.active_operations()?;
+    if operations.is_empty() {
+        return Ok(());
+    }
+    let nodes = replica.state.nodes()?;
+    let reachable: Vec<u64> =
+        replica.members().await.into_iter().filter(|m| m.reachable == Some(true)).map(|m| m.id).collect();
+    let now = chrono::Utc::now();
+    for operation in operations {
+        if !matches!(operation.status, OperationStatus::Queued | OperationStatus::Running) {
+            continue;
+        }
+        let expired = match &operation.assignment {
+            None => false,
+            Some(a) => settled && a.lease_until < now,
+        };
+        if operation.assignment.is_some() && !expired {
+            continue;
+        }
+        let Some(runtime) = replica.state.get_runtime(&operation.runtime_id)? else { continue };
+        let Some(node) = choose(&runtime, &operation, &nodes, &reachable) else {
+            tracing::debug!(operation = %operation.id, "no live executor for it yet");
+            continue;
+        };
+        let expected_token = operation.assignment.as_ref().map(|a| a.token);
+        if let Some(previous) = &operation.assignment {
+            tracing::warn!(operation = %operation.id, from = previous.node_id, to = node, "lease expired; reassigning");
+        }
+        let command = Command {
+            at: chrono::Utc::now(),
+            actor: runtimeai_model::Actor::System,
+            idempotency: None,
+            op: Op::AssignOperation {
+                operation_id: operation.id.clone(),
+                node_id: node,
+                lease_ms: options.lease.as_millis() as u64,
+                expected_token,
+            },
+        };
+        match replica.propose(command).await? {
+            CommandReply::Operation(op) => {
+                tracing::debug!(operation = %op.id, node, status = op.status.as_str(), "assigned")
+            }
+            other => tracing::debug!(operation = %operation.id, reply = ?other, "assignment refused"),
+        }
+    }
+    Ok(())
+}
+
+/// The executor for an operation: the runtime's node if it is live, else the live node serving
+/// the runtime's type in its site with the lowest id, preferring one other than the executor
+/// whose lease expired.
+fn choose(runtime: &Runtime, operation: &Operation, nodes: &[NodeInfo], reachable: &[u64]) -> Option<u64> {
+    let placed = runtime.placement.as_ref();
+    if let Some(placement) = placed {
+        let previous = operation.assignment.as_ref().map(|a| a.node_id);
+        if reachable.contains(&placement.node_id) && previous != Some(placement.node_id) {
+            return Some(placement.node_id);
+        }
+    }
+    let site = placed.and_then(|p| p.site.clone());
+    let previous = operation.assignment.as_ref().map(|a| a.node_id);
+    let mut candidates: Vec<u64> = nodes
+        .iter()
+        .filter(|n| reachable.contains(&n.node_id))
+        .filter(|n| n.backends.iter().any(|b| b == runtime.runtime_type.as_str()))
+        .filter(|n| site.is_none() || n.site == site)
+        .map(|n| n.node_id)
+        .collect();
+    candidates.sort_by_key(|id| (Some(*id) == previous, *id));
+    candidates.first().copied()
+}

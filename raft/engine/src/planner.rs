@@ -1,0 +1,717 @@
+//! The deterministic planner: goal + constraints + the runtime's signals → an ordered list of
+//! actions with a rationale for each, the options the constraints ruled out, and what to
+//! consider next. Pure: the same input always gives the same plan. It never guesses: a goal it
+//! does not understand, or a constraint it cannot read, is an error naming what it does know.
+//!
+//! Goals (matched on the goal's words, case-insensitive), and the options tried in order:
+//! - **scale** to a named size (`scale to large`) or a replica count (`scale to 3 replicas`);
+//! - **raise availability** (`improve availability`, `high availability`): one more replica
+//!   (at least 2); **lower availability**: one replica fewer (at least 1);
+//! - **reduce cost** (`cost`, `cheaper`, `save`): one size down, else one replica fewer, else
+//!   (`aggressive`, outside production) stop the runtime;
+//! - **improve performance / latency**: one size up, else one more replica;
+//! - **recover** (`recover`, `heal`, `fix`, `repair`): start a stopped runtime, restart one that
+//!   is in error, degraded or reported unhealthy; nothing for a healthy one;
+//! - **prepare for a change** (`prepare`, `snapshot`, `backup`): a snapshot;
+//! - **start**, **stop**, **restart**.
+//!
+//! Constraints: `latency: "<50ms"` (keeps the size at the catalogue's second size or above, or
+//! at the current size when the observed latency already misses the target), `availability:
+//! "high" | "normal" | "low"` (high: at least 2 replicas and the second size), `cost:
+//! "optimize"` (nothing that raises cost), and a budget (`max_cost_per_hour`,
+//! `max_cost_per_month`, or `budget: {…}` holding either). An option that would violate one is
+//! not planned; `blocked` names the constraint and the option.
+//!
+//! `policy_mode` shapes plans: `safe_first` takes a snapshot before anything destructive and
+//! never stops a runtime unless the goal says stop; `aggressive` may stop an idle
+//! non-production runtime to save cost.
+
+use runtimeai_model::{LifecycleAction, PolicyMode, Runtime, RuntimeSpec, RuntimeState, SizeEntry};
+use serde_json::{Map, Value};
+
+use crate::catalogue::{Catalogue, HOURS_PER_MONTH};
+use crate::policy::is_destructive;
+
+/// The goals this planner understands, as its 422 answer lists them.
+pub const UNDERSTOOD_GOALS: &[&str] = &[
+    "scale to <size>",
+    "scale to <n> replicas",
+    "improve availability",
+    "lower availability",
+    "reduce cost",
+    "improve performance / reduce latency",
+    "recover",
+    "prepare for a change (snapshot)",
+    "start",
+    "stop",
+    "restart",
+];
+
+/// The constraints this planner reads.
+pub const KNOWN_CONSTRAINTS: &[&str] =
+    &["latency", "availability", "cost", "budget", "max_cost_per_hour", "max_cost_per_month"];
+
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInput<'a> {
+    pub runtime: &'a Runtime,
+    pub goal: &'a str,
+    pub constraints: &'a Map<String, Value>,
+    /// Free-form context; `env` counts like the runtime's `env` label.
+    pub context: &'a Map<String, Value>,
+    /// Signals the caller observed (`health`, `latency_ms`, `cpu_utilization`); they override
+    /// what the runtime's executor last reported.
+    pub signals: &'a Map<String, Value>,
+    pub mode: PolicyMode,
+    pub sizes: &'a [SizeEntry],
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub actions: Vec<LifecycleAction>,
+    /// Why each action was chosen (and why nothing was, for an empty plan).
+    pub rationale: Vec<String>,
+    /// Options the constraints ruled out, naming the constraint.
+    pub blocked: Vec<String>,
+    pub recommendations: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PlanError {
+    NotUnderstood,
+    /// Every option would violate a constraint; each entry names constraint and option.
+    Blocked(Vec<String>),
+    /// A constraint the planner cannot read: (field path, message).
+    BadConstraint(String, String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Availability {
+    High,
+    Normal,
+    Low,
+}
+
+#[derive(Debug, Default)]
+struct Constraints {
+    latency_ms: Option<f64>,
+    availability: Option<Availability>,
+    cost_optimize: bool,
+    max_cost_per_hour: Option<f64>,
+}
+
+fn bad(path: &str, message: impl Into<String>) -> PlanError {
+    PlanError::BadConstraint(format!("$.constraints.{path}"), message.into())
+}
+
+fn parse_latency(value: &Value) -> Option<f64> {
+    match value {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => {
+            let s = s.trim().trim_start_matches(['<', '=', ' ']).trim();
+            let (number, scale) = match s.strip_suffix("ms") {
+                Some(ms) => (ms, 1.0),
+                None => (s.strip_suffix('s').unwrap_or(s), if s.ends_with('s') { 1000.0 } else { 1.0 }),
+            };
+            number.trim().parse::<f64>().ok().map(|n| n * scale)
+        }
+        _ => None,
+    }
+    .filter(|ms| ms.is_finite() && *ms > 0.0)
+}
+
+fn parse_money(path: &str, value: &Value) -> Result<f64, PlanError> {
+    value.as_f64().filter(|v| v.is_finite() && *v >= 0.0).ok_or_else(|| bad(path, "expected a number of at least 0"))
+}
+
+impl Constraints {
+    fn parse(map: &Map<String, Value>) -> Result<Constraints, PlanError> {
+        let mut c = Constraints::default();
+        let mut limit = |hourly: Option<f64>| {
+            if let Some(h) = hourly {
+                c.max_cost_per_hour = Some(c.max_cost_per_hour.map_or(h, |m: f64| m.min(h)));
+            }
+        };
+        for (key, value) in map {
+            match key.as_str() {
+                "latency" => {}
+                "availability" => {}
+                "cost" => {}
+                "max_cost_per_hour" => limit(Some(parse_money(key, value)?)),
+                "max_cost_per_month" => limit(Some(parse_money(key, value)? / HOURS_PER_MONTH)),
+                "budget" => {
+                    let Some(budget) = value.as_object() else {
+                        return Err(bad(key, "expected {max_cost_per_hour: n} or {max_cost_per_month: n}"));
+                    };
+                    if budget.is_empty() {
+                        return Err(bad(key, "expected {max_cost_per_hour: n} or {max_cost_per_month: n}"));
+                    }
+                    for (inner, v) in budget {
+                        let path = format!("budget.{inner}");
+                        match inner.as_str() {
+                            "max_cost_per_hour" => limit(Some(parse_money(&path, v)?)),
+                            "max_cost_per_month" => limit(Some(parse_money(&path, v)? / HOURS_PER_MONTH)),
+                            _ => return Err(bad(&path, "a budget takes max_cost_per_hour or max_cost_per_month")),
+                        }
+                    }
+                }
+                _ => {
+                    return Err(bad(
+                        key,
+                        format!("unknown constraint; known ones are {}", KNOWN_CONSTRAINTS.join(", ")),
+                    ))
+                }
+            }
+        }
+        if let Some(value) = map.get("latency") {
+            c.latency_ms =
+                Some(parse_latency(value).ok_or_else(|| bad("latency", "expected a target like \"<50ms\""))?);
+        }
+        if let Some(value) = map.get("availability") {
+            c.availability = Some(match value.as_str() {
+                Some("high") => Availability::High,
+                Some("normal" | "standard") => Availability::Normal,
+                Some("low") => Availability::Low,
+                _ => return Err(bad("availability", "expected high, normal or low")),
+            });
+        }
+        if let Some(value) = map.get("cost") {
+            c.cost_optimize = match value.as_str() {
+                Some("optimize" | "minimize") => true,
+                Some("any" | "ignore") => false,
+                _ => return Err(bad("cost", "expected optimize or any")),
+            };
+        }
+        Ok(c)
+    }
+}
+
+/// One thing the planner might do, and the spec it leads to.
+struct Option_ {
+    label: String,
+    actions: Vec<LifecycleAction>,
+    spec: RuntimeSpec,
+    /// The runtime runs afterwards (a stop does not).
+    running: bool,
+    why: String,
+}
+
+struct Planner<'a> {
+    input: PlanInput<'a>,
+    catalogue: Catalogue<'a>,
+    constraints: Constraints,
+    blocked: Vec<String>,
+}
+
+fn has_word(goal: &str, words: &[&str]) -> bool {
+    goal.split(|c: char| !c.is_ascii_alphanumeric()).any(|w| words.contains(&w))
+}
+
+fn number_in(goal: &str) -> Option<i64> {
+    goal.split(|c: char| !c.is_ascii_alphanumeric()).find_map(|w| w.parse().ok())
+}
+
+impl Planner<'_> {
+    fn current_index(&self) -> usize {
+        self.catalogue.effective_index(&self.input.runtime.spec)
+    }
+
+    fn size_name(&self, index: usize) -> &str {
+        self.catalogue.sizes.get(index).map_or("?", |s| s.name.as_str())
+    }
+
+    fn observed_latency(&self) -> Option<f64> {
+        self.input
+            .signals
+            .get("latency_ms")
+            .and_then(Value::as_f64)
+            .or_else(|| self.input.runtime.signals.as_ref().and_then(|s| s.latency_ms))
+    }
+
+    fn health(&self) -> Option<String> {
+        self.input
+            .signals
+            .get("health")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or_else(|| self.input.runtime.signals.as_ref().map(|s| s.health.clone()))
+    }
+
+    fn production(&self) -> bool {
+        self.input.context.get("env").and_then(Value::as_str) == Some("production")
+            || self.input.runtime.env() == Some("production")
+    }
+
+    /// The reasons an option breaks the constraints (empty: it is allowed).
+    fn violations(&self, option: &Option_) -> Vec<String> {
+        let c = &self.constraints;
+        let mut why = Vec::new();
+        let now = &self.input.runtime.spec;
+        let (old_index, new_index) =
+            (self.catalogue.effective_index(now), self.catalogue.effective_index(&option.spec));
+        let new_replicas = self.catalogue.replicas(&option.spec);
+        let old_cost = self.catalogue.running_cost(now);
+        let new_cost = if option.running { self.catalogue.running_cost(&option.spec) } else { 0.0 };
+        if let Some(target) = c.latency_ms {
+            let missing = self.observed_latency().is_some_and(|observed| observed > target);
+            let old_replicas = self.catalogue.replicas(now);
+            let violates = if missing {
+                // Already too slow: nothing may take capacity away.
+                new_index < old_index || new_replicas < old_replicas || !option.running
+            } else {
+                target <= 100.0 && (new_index < 1.min(self.catalogue.sizes.len() - 1) || !option.running)
+            };
+            if violates {
+                why.push(format!("latency <{target}ms"));
+            }
+        }
+        if c.availability == Some(Availability::High) {
+            let floor = 1.min(self.catalogue.sizes.len() - 1);
+            if new_index < floor || new_replicas < 2 || !option.running {
+                why.push("availability high (at least 2 replicas and the second size)".to_string());
+            }
+        }
+        if c.cost_optimize && new_cost > old_cost + 1e-9 {
+            why.push(format!("cost optimize (cost would rise from {old_cost:.2}/h to {new_cost:.2}/h)"));
+        }
+        if let Some(limit) = c.max_cost_per_hour {
+            if new_cost > limit + 1e-9 && new_cost > old_cost - 1e-9 {
+                why.push(format!("budget {limit:.2}/h (cost would be {new_cost:.2}/h)"));
+            }
+        }
+        if self.input.mode == PolicyMode::SafeFirst && !option.running && self.production() {
+            why.push("safe_first never stops a production runtime unasked".to_string());
+        }
+        why
+    }
+
+    /// The first option the constraints allow; the others are recorded as blocked.
+    fn choose(&mut self, options: Vec<Option_>) -> Result<Option<Option_>, PlanError> {
+        let tried = !options.is_empty();
+        for option in options {
+            let violations = self.violations(&option);
+            if violations.is_empty() {
+                return Ok(Some(option));
+            }
+            for v in violations {
+                self.blocked.push(format!("{v}: {} ruled out", option.label));
+            }
+        }
+        if tried {
+            return Err(PlanError::Blocked(std::mem::take(&mut self.blocked)));
+        }
+        Ok(None)
+    }
+
+    fn resize(&self, index: usize, why: String) -> Option_ {
+        let size = self.size_name(index).to_string();
+        let action = LifecycleAction::Scale { size: Some(size.clone()), resources: None };
+        let mut spec = self.input.runtime.spec.clone();
+        action.apply_to_spec(&mut spec);
+        Option_ { label: format!("scaling to {size}"), actions: vec![action], spec, running: true, why }
+    }
+
+    fn replicas(&self, count: i64, why: String) -> Option_ {
+        let resources = Catalogue::with_replicas(&self.input.runtime.spec, count);
+        let action = LifecycleAction::Scale { size: None, resources: Some(resources) };
+        let mut spec = self.input.runtime.spec.clone();
+        action.apply_to_spec(&mut spec);
+        Option_ { label: format!("scaling to {count} replica(s)"), actions: vec![action], spec, running: true, why }
+    }
+}
+
+fn snapshot(reason: &str) -> LifecycleAction {
+    LifecycleAction::Snapshot {
+        snapshot_id: String::new(),
+        name: "before-change".to_string(),
+        description: Some(reason.to_string()),
+    }
+}
+
+/// Plans `input.goal` for `input.runtime`.
+pub fn plan(input: PlanInput<'_>) -> Result<Plan, PlanError> {
+    let constraints = Constraints::parse(input.constraints)?;
+    let mut p = Planner { input, catalogue: Catalogue::new(input.sizes), constraints, blocked: Vec::new() };
+    let goal = input.goal.to_ascii_lowercase();
+    let runtime = input.runtime;
+    let current = p.current_index();
+    let current_name = p.size_name(current).to_string();
+    let replicas = p.catalogue.replicas(&runtime.spec);
+    let last = p.catalogue.sizes.len().saturating_sub(1);
+    let mut recommendations = Vec::new();
+    let mut nothing = None;
+    let named_size = p.catalogue.sizes.iter().position(|s| has_word(&goal, &[s.name.as_str()]));
+    let availability_word = has_word(&goal, &["availability", "available", "ha", "redundancy", "redundant"]);
+    let lower_word = has_word(&goal, &["lower", "reduce", "decrease", "less", "fewer", "drop"]);
+
+    let options: Vec<Option_> = if has_word(&goal, &["scale", "size", "resize"])
+        && has_word(&goal, &["replica", "replicas"])
+    {
+        let Some(count) = number_in(&goal).filter(|n| (1..=1000).contains(n)) else {
+            return Err(PlanError::NotUnderstood);
+        };
+        if count == replicas {
+            nothing = Some(format!("already {count} replica(s): nothing to do"));
+            vec![]
+        } else {
+            vec![p.replicas(count, format!("scale from {replicas} to {count} replica(s) as asked"))]
+        }
+    } else if has_word(&goal, &["scale", "size", "resize"]) && named_size.is_some() {
+        let target = named_size.unwrap_or(current);
+        if target == current {
+            nothing = Some(format!("already {current_name}: nothing to do"));
+            vec![]
+        } else {
+            vec![p.resize(target, format!("scale from {current_name} to {} as asked", p.size_name(target)))]
+        }
+    } else if availability_word && lower_word {
+        if replicas <= 1 {
+            nothing = Some("already a single replica".to_string());
+            vec![]
+        } else {
+            vec![p.replicas(
+                replicas - 1,
+                format!("one replica fewer ({replicas} → {}) lowers availability and cost", replicas - 1),
+            )]
+        }
+    } else if availability_word {
+        let target = (replicas + 1).max(2);
+        recommendations.push("spread replicas across zones where the backend allows it".to_string());
+        vec![p.replicas(target, format!("more replicas ({replicas} → {target}) survive the loss of one"))]
+    } else if has_word(&goal, &["cost", "costs", "cheaper", "save", "spend"]) {
+        let mut options = Vec::new();
+        if current > 0 {
+            options.push(p.resize(
+                current - 1,
+                format!("one size down ({current_name} → {}) lowers cost per hour", p.size_name(current - 1)),
+            ));
+        }
+        if replicas > 1 {
+            options.push(
+                p.replicas(replicas - 1, format!("one replica fewer ({replicas} → {}) lowers cost", replicas - 1)),
+            );
+        }
+        if input.mode == PolicyMode::Aggressive && !p.production() && runtime.state == RuntimeState::Running {
+            options.push(Option_ {
+                label: "stopping the runtime".into(),
+                actions: vec![LifecycleAction::Stop { force: false, timeout_seconds: None }],
+                spec: runtime.spec.clone(),
+                running: false,
+                why: "aggressive: already minimal, stop it while idle (outside production)".into(),
+            });
+        }
+        if options.is_empty() {
+            nothing = Some("already the smallest size with one replica".to_string());
+            recommendations.push("stop the runtime when it is idle to save more".to_string());
+        } else {
+            recommendations.push("watch latency and error rates after the change".to_string());
+        }
+        options
+    } else if has_word(&goal, &["performance", "latency", "faster", "speed", "perf", "throughput"]) {
+        let mut options = Vec::new();
+        if current < last {
+            options.push(p.resize(
+                current + 1,
+                format!("one size up ({current_name} → {}) adds CPU and memory", p.size_name(current + 1)),
+            ));
+        }
+        options.push(
+            p.replicas(replicas + 1, format!("one more replica ({replicas} → {}) spreads the load", replicas + 1)),
+        );
+        recommendations.push("compare latency before and after the change".to_string());
+        options
+    } else if has_word(&goal, &["recover", "heal", "fix", "repair"]) {
+        let health = p.health();
+        let unhealthy = matches!(health.as_deref(), Some("unhealthy" | "degraded"));
+        recommendations.push("check the runtime's events for the cause".to_string());
+        let (action, why) = match runtime.state {
+            RuntimeState::Stopped => (LifecycleAction::Start, "the runtime is stopped: start it".to_string()),
+            RuntimeState::Error | RuntimeState::Degraded => {
+                (LifecycleAction::Restart, format!("the runtime is {}: restart it", runtime.state.as_str()))
+            }
+            RuntimeState::Running if unhealthy => (
+                LifecycleAction::Restart,
+                format!("the runtime reports {}: restart it", health.as_deref().unwrap_or_default()),
+            ),
+            state => {
+                nothing =
+                    Some(format!("the runtime is {} and reports no ill health: nothing to recover", state.as_str()));
+                (LifecycleAction::Restart, String::new())
+            }
+        };
+        if nothing.is_some() {
+            vec![]
+        } else {
+            vec![Option_ {
+                label: action.kind().into(),
+                actions: vec![action],
+                spec: runtime.spec.clone(),
+                running: true,
+                why,
+            }]
+        }
+    } else if has_word(&goal, &["prepare", "snapshot", "backup"]) {
+        vec![Option_ {
+            label: "a snapshot".into(),
+            actions: vec![snapshot("taken by the planner before a change")],
+            spec: runtime.spec.clone(),
+            running: runtime.state != RuntimeState::Stopped,
+            why: "a snapshot makes the coming change reversible".into(),
+        }]
+    } else if has_word(&goal, &["stop", "shutdown"]) {
+        recommendations.push("start it again with the goal \"start\" or POST .../lifecycle/start".to_string());
+        let why = if p.production() { "stop asked explicitly (production runtime)" } else { "stop as asked" };
+        // Asked explicitly: the "never stop unasked" rule does not apply.
+        return Ok(Plan {
+            actions: vec![LifecycleAction::Stop { force: false, timeout_seconds: None }],
+            rationale: vec![why.to_string()],
+            blocked: vec![],
+            recommendations,
+        });
+    } else if has_word(&goal, &["restart", "reboot"]) {
+        vec![Option_ {
+            label: "restart".into(),
+            actions: vec![LifecycleAction::Restart],
+            spec: runtime.spec.clone(),
+            running: true,
+            why: "restart as asked".into(),
+        }]
+    } else if has_word(&goal, &["start", "boot"]) {
+        vec![Option_ {
+            label: "start".into(),
+            actions: vec![LifecycleAction::Start],
+            spec: runtime.spec.clone(),
+            running: true,
+            why: "start as asked".into(),
+        }]
+    } else {
+        return Err(PlanError::NotUnderstood);
+    };
+
+    let Some(chosen) = p.choose(options)? else {
+        return Ok(Plan {
+            actions: vec![],
+            rationale: vec![nothing.unwrap_or_else(|| "nothing to do".into())],
+            blocked: p.blocked,
+            recommendations,
+        });
+    };
+    let mut actions = Vec::new();
+    let mut rationale = Vec::new();
+    let destructive = chosen.actions.iter().any(|a| is_destructive(a, runtime, p.catalogue));
+    if input.mode == PolicyMode::SafeFirst && destructive {
+        actions.push(snapshot("taken by the planner before a destructive change"));
+        rationale.push("safe_first: snapshot first, to roll back if needed".to_string());
+    }
+    actions.extend(chosen.actions);
+    rationale.push(chosen.why);
+    Ok(Plan { actions, rationale, blocked: p.blocked, recommendations })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runtimeai_model::{default_sizes, ResourceProfile, RuntimeSignals, RuntimeType};
+    use serde_json::json;
+
+    fn runtime(size: &str, state: RuntimeState) -> Runtime {
+        Runtime {
+            id: "rt_1".into(),
+            name: "r".into(),
+            runtime_type: RuntimeType::Vm,
+            state,
+            tenant_id: None,
+            labels: Default::default(),
+            capabilities: vec![],
+            backend: None,
+            spec: RuntimeSpec { size: Some(size.into()), ..Default::default() },
+            created_at: chrono::DateTime::UNIX_EPOCH,
+            updated_at: None,
+            version: 1,
+            active_operation: None,
+            snapshots: vec![],
+            placement: None,
+            signals: None,
+        }
+    }
+
+    fn map(value: Value) -> Map<String, Value> {
+        value.as_object().cloned().unwrap_or_default()
+    }
+
+    fn run(rt: &Runtime, goal: &str, constraints: Value, mode: PolicyMode) -> Result<Plan, PlanError> {
+        let sizes = default_sizes();
+        let (constraints, empty) = (map(constraints), Map::new());
+        plan(PlanInput {
+            runtime: rt,
+            goal,
+            constraints: &constraints,
+            context: &empty,
+            signals: &empty,
+            mode,
+            sizes: &sizes,
+        })
+    }
+
+    fn kinds(plan: &Plan) -> Vec<&'static str> {
+        plan.actions.iter().map(LifecycleAction::kind).collect()
+    }
+
+    fn scale_size(plan: &Plan) -> Option<String> {
+        plan.actions.iter().find_map(|a| match a {
+            LifecycleAction::Scale { size, .. } => size.clone(),
+            _ => None,
+        })
+    }
+
+    fn scale_replicas(plan: &Plan) -> Option<i64> {
+        plan.actions.iter().find_map(|a| match a {
+            LifecycleAction::Scale { resources: Some(r), .. } => r.replicas,
+            _ => None,
+        })
+    }
+
+    use PolicyMode::*;
+    use RuntimeState::*;
+
+    #[test]
+    fn reduce_cost_downsizes_and_safe_first_snapshots_first() {
+        let plan = run(&runtime("large", Running), "Reduce cost", json!({}), SafeFirst).unwrap();
+        assert_eq!(kinds(&plan), ["snapshot", "scale"]);
+        assert_eq!(scale_size(&plan).as_deref(), Some("medium"));
+        assert_eq!(plan.rationale.len(), 2);
+        let aggressive = run(&runtime("large", Running), "reduce cost", json!({}), Aggressive).unwrap();
+        assert_eq!(kinds(&aggressive), ["scale"], "no snapshot outside safe_first");
+        // Smallest size, one replica: nothing in safe_first, a stop when aggressive outside production.
+        let small = runtime("small", Running);
+        assert!(run(&small, "reduce cost", json!({}), SafeFirst).unwrap().actions.is_empty());
+        assert_eq!(kinds(&run(&small, "save money", json!({}), Aggressive).unwrap()), ["stop"]);
+        let mut prod = small.clone();
+        prod.labels.insert("env".into(), "production".into());
+        assert!(run(&prod, "reduce cost", json!({}), Aggressive).unwrap().actions.is_empty());
+    }
+
+    #[test]
+    fn constraints_rule_out_options_and_say_which() {
+        // latency keeps medium from going small: the fallback (fewer replicas) does not exist → blocked.
+        let err = run(&runtime("medium", Running), "reduce cost", json!({"latency": "<50ms"}), SafeFirst).unwrap_err();
+        let PlanError::Blocked(reasons) = err else { panic!("{err:?}") };
+        assert!(reasons[0].contains("latency <50ms") && reasons[0].contains("scaling to small"), "{reasons:?}");
+        // High availability: large's 2 replicas may not become medium's 1, nor 1 of large...
+        let err =
+            run(&runtime("large", Running), "reduce cost", json!({"availability": "high"}), Balanced).unwrap_err();
+        assert!(matches!(err, PlanError::Blocked(ref r) if r.len() == 2), "{err:?}");
+        // ...but with 3 explicit replicas, one size down keeps enough of them.
+        let mut three = runtime("large", Running);
+        three.spec.resources = Some(ResourceProfile { replicas: Some(3), ..Default::default() });
+        let plan = run(&three, "reduce cost", json!({"availability": "high"}), Balanced).unwrap();
+        assert_eq!(scale_size(&plan).as_deref(), Some("medium"));
+        // cost optimize rules out both performance options.
+        let err =
+            run(&runtime("small", Running), "improve latency", json!({"cost": "optimize"}), Balanced).unwrap_err();
+        let PlanError::Blocked(reasons) = err else { panic!("{err:?}") };
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        // A budget of 0.08/h rules out both medium and two replicas of small (0.10/h each).
+        let err = run(&runtime("small", Running), "improve performance", json!({"max_cost_per_hour": 0.08}), Balanced)
+            .unwrap_err();
+        assert!(matches!(err, PlanError::Blocked(ref r) if r.len() == 2 && r[0].contains("budget 0.08/h")), "{err:?}");
+        // With a catalogue where medium is dear, the extra replica of small is the plan.
+        let mut sizes = default_sizes();
+        sizes[1].cost_per_hour = 0.5;
+        let (rt, constraints, empty) = (runtime("small", Running), map(json!({"max_cost_per_hour": 0.1})), Map::new());
+        let input = PlanInput {
+            runtime: &rt,
+            goal: "improve performance",
+            constraints: &constraints,
+            context: &empty,
+            signals: &empty,
+            mode: Balanced,
+            sizes: &sizes,
+        };
+        let planned = super::plan(input).unwrap();
+        assert_eq!(scale_replicas(&planned), Some(2));
+        assert!(
+            planned.blocked.iter().any(|b| b.contains("budget 0.10/h") && b.contains("scaling to medium")),
+            "{:?}",
+            planned.blocked
+        );
+        let monthly = json!({"budget": {"max_cost_per_month": 30.0}});
+        assert!(matches!(
+            run(&runtime("small", Running), "scale to large", monthly, Balanced),
+            Err(PlanError::Blocked(_))
+        ));
+    }
+
+    #[test]
+    fn availability_goals_change_replicas_within_constraints() {
+        let plan = run(&runtime("medium", Running), "improve availability", json!({}), Balanced).unwrap();
+        assert_eq!(scale_replicas(&plan), Some(2));
+        let mut two = runtime("medium", Running);
+        two.spec.resources = Some(ResourceProfile { replicas: Some(2), ..Default::default() });
+        let lower = run(&two, "lower availability", json!({}), SafeFirst).unwrap();
+        assert_eq!(kinds(&lower), ["snapshot", "scale"], "fewer replicas is destructive");
+        assert_eq!(scale_replicas(&lower), Some(1));
+        assert!(matches!(
+            run(&two, "reduce availability", json!({"availability": "high"}), Balanced),
+            Err(PlanError::Blocked(_))
+        ));
+        let scale = run(&runtime("small", Running), "scale to 3 replicas", json!({}), Balanced).unwrap();
+        assert_eq!(scale_replicas(&scale), Some(3));
+    }
+
+    #[test]
+    fn recover_follows_state_and_health() {
+        assert_eq!(kinds(&run(&runtime("small", Stopped), "recover", json!({}), SafeFirst).unwrap()), ["start"]);
+        assert_eq!(kinds(&run(&runtime("small", Error), "heal it", json!({}), SafeFirst).unwrap()), ["restart"]);
+        let healthy = run(&runtime("small", Running), "recover", json!({}), SafeFirst).unwrap();
+        assert!(healthy.actions.is_empty() && healthy.rationale[0].contains("nothing to recover"));
+        let mut sick = runtime("small", Running);
+        sick.signals = Some(RuntimeSignals {
+            cpu: 1.0,
+            memory: "2Gi".into(),
+            health: "unhealthy".into(),
+            cost_per_hour: 0.05,
+            latency_ms: None,
+            observed_at: chrono::DateTime::UNIX_EPOCH,
+            node_id: 1,
+        });
+        assert_eq!(kinds(&run(&sick, "recover", json!({}), SafeFirst).unwrap()), ["restart"]);
+    }
+
+    #[test]
+    fn other_goals_and_the_ones_it_refuses() {
+        let rt = runtime("medium", Running);
+        assert_eq!(kinds(&run(&rt, "prepare for an upgrade", json!({}), SafeFirst).unwrap()), ["snapshot"]);
+        assert_eq!(kinds(&run(&rt, "stop", json!({}), SafeFirst).unwrap()), ["stop"]);
+        assert_eq!(kinds(&run(&rt, "please restart", json!({}), SafeFirst).unwrap()), ["restart"]);
+        assert_eq!(kinds(&run(&runtime("small", Stopped), "start", json!({}), SafeFirst).unwrap()), ["start"]);
+        assert_eq!(kinds(&run(&rt, "scale to xlarge", json!({}), SafeFirst).unwrap()), ["scale"]);
+        assert!(run(&rt, "scale to medium", json!({}), SafeFirst).unwrap().actions.is_empty());
+        assert_eq!(run(&rt, "make it web scale", json!({}), SafeFirst), Err(PlanError::NotUnderstood));
+        assert_eq!(run(&rt, "scale to many replicas", json!({}), SafeFirst), Err(PlanError::NotUnderstood));
+        let err = run(&rt, "reduce cost", json!({"colour": "blue"}), SafeFirst).unwrap_err();
+        assert!(matches!(err, PlanError::BadConstraint(ref path, _) if path == "$.constraints.colour"), "{err:?}");
+        let err = run(&rt, "reduce cost", json!({"latency": "fast"}), SafeFirst).unwrap_err();
+        assert!(matches!(err, PlanError::BadConstraint(ref path, _) if path == "$.constraints.latency"), "{err:?}");
+    }
+
+    #[test]
+    fn observed_latency_above_target_forbids_any_downsize() {
+        let sizes = default_sizes();
+        let rt = runtime("xlarge", Running);
+        let (constraints, signals, empty) =
+            (map(json!({"latency": "<200ms"})), map(json!({"latency_ms": 350.0})), Map::new());
+        let input = PlanInput {
+            runtime: &rt,
+            goal: "reduce cost",
+            constraints: &constraints,
+            context: &empty,
+            signals: &signals,
+            mode: Balanced,
+            sizes: &sizes,
+        };
+        // Too slow already: neither one size down nor one replica fewer.
+        let Err(PlanError::Blocked(reasons)) = plan(input) else { panic!("a downsize was planned") };
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert!(reasons.iter().all(|r| r.contains("latency <200ms")), "{reasons:?}");
+    }
+}

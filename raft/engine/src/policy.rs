@@ -1,0 +1,606 @@
+//! The policy engine: which of a request's actions may run, and which rule says so.
+//!
+//! A policy applies to a runtime when its `tenant_id` is unset or the runtime's, and its
+//! `scope_env` is unset or the runtime's `env` label. A rule applies to an action when every
+//! key of its selector matches (a missing key matches anything):
+//!
+//! | selector key | matches |
+//! |---|---|
+//! | `runtime_type` | a type or list of types (`vm`, `vcluster`, `sandbox`, `agent_runtime`) |
+//! | `actions` | an action or list of actions (`create`, `start`, `stop`, `restart`, `scale`, `snapshot`, `restore`, `delete`) |
+//! | `labels` | an object of labels the runtime must carry |
+//! | `actor` | `human`, `agent`, `system`, or one actor such as `agent:planner-bot` (or a list) |
+//!
+//! Rule kinds, and what a matching rule decides:
+//! - `deny_action`: deny. `allow_action`: allow. `require_approval`: require approval.
+//!   (Each takes an optional `params.reason`, shown in the decision.)
+//! - `budget_guardrail` (`params.max_cost_per_hour` or `params.max_cost_per_month`): deny an
+//!   action that raises the runtime's cost above the limit, priced by the size catalogue.
+//! - `data_egress` (`params.deny_public_exposure`, `params.deny_open_egress`, both default
+//!   true): deny bringing up (create, start) a runtime exposed publicly or with open egress.
+//!
+//! **Precedence**: deny beats require-approval beats allow; among rules of the same verdict the
+//! first policy (oldest id) and its first rule name the decision. When no rule matches, the
+//! policy mode decides:
+//!
+//! | mode | no rule matches: non-destructive | no rule matches: destructive | destructive, explicitly allowed |
+//! |---|---|---|---|
+//! | `safe_first` | require approval | require approval | require approval |
+//! | `balanced` | allow | allow; require approval in `env=production` | allow |
+//! | `aggressive` | allow | allow | allow |
+//!
+//! So `safe_first` runs on its own only what an `allow_action` rule allows, and never runs a
+//! destructive action without a human. Destructive actions: stop, delete, restore, and a scale
+//! that lowers cpu, size or replicas.
+
+use runtimeai_model::{
+    Actor, LifecycleAction, Policy, PolicyDecision, PolicyMode, PolicyRule, Runtime, RuntimeState, SizeEntry, Verdict,
+};
+use serde_json::{Map, Value};
+
+use crate::Catalogue;
+
+/// Rule kinds of the seed.
+pub const RULE_KINDS: &[&str] = &["deny_action", "allow_action", "require_approval", "budget_guardrail", "data_egress"];
+
+/// Action names a selector may list.
+pub const ACTION_NAMES: &[&str] = &["create", "start", "stop", "restart", "scale", "snapshot", "restore", "delete"];
+
+const RUNTIME_TYPES: &[&str] = &["vm", "vcluster", "sandbox", "agent_runtime"];
+
+/// What is asked: actions (in order) on a runtime, by an actor, in a mode.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The runtime before the first action (for a create: the new record, `creating`).
+    pub runtime: &'a Runtime,
+    pub actions: &'a [LifecycleAction],
+    pub actor: &'a Actor,
+    pub mode: PolicyMode,
+    pub sizes: &'a [SizeEntry],
+}
+
+/// One decision per action. Policies are considered oldest first.
+pub fn evaluate(policies: &[Policy], request: Request<'_>) -> Vec<PolicyDecision> {
+    let catalogue = Catalogue::new(request.sizes);
+    let mut policies: Vec<&Policy> = policies.iter().filter(|p| in_scope(p, request.runtime)).collect();
+    policies.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut before = request.runtime.clone();
+    let mut decisions = Vec::new();
+    for (index, action) in request.actions.iter().enumerate() {
+        let mut after = before.clone();
+        if let Ok((_, state)) = action.transition(before.state) {
+            after.state = state;
+        }
+        action.apply_to_spec(&mut after.spec);
+        if *action == LifecycleAction::Create {
+            // Before a create nothing runs (and nothing costs).
+            before.state = RuntimeState::Stopped;
+        }
+        let step = Step { action, before: &before, after: &after, catalogue, actor: request.actor };
+        decisions.push(decide(&policies, &step, index as u32, request.mode));
+        before = after;
+    }
+    decisions
+}
+
+/// The most restrictive verdict of a set of decisions (allow when there are none).
+pub fn overall(decisions: &[PolicyDecision]) -> Verdict {
+    decisions.iter().map(|d| d.verdict).max().unwrap_or(Verdict::Allow)
+}
+
+/// The decision that sets the overall verdict (the first of the most restrictive ones).
+pub fn deciding(decisions: &[PolicyDecision]) -> Option<&PolicyDecision> {
+    let verdict = overall(decisions);
+    decisions.iter().find(|d| d.verdict == verdict)
+}
+
+/// Whether an action takes something away: stop, delete, restore, or a scale down.
+pub fn is_destructive(action: &LifecycleAction, before: &Runtime, catalogue: Catalogue<'_>) -> bool {
+    match action {
+        LifecycleAction::Stop { .. } | LifecycleAction::Delete | LifecycleAction::Restore { .. } => true,
+        LifecycleAction::Scale { .. } => {
+            let mut after = before.spec.clone();
+            action.apply_to_spec(&mut after);
+            let cpu = |spec: &runtimeai_model::RuntimeSpec| {
+                spec.resources
+                    .as_ref()
+                    .and_then(|r| r.cpu)
+                    .unwrap_or_else(|| catalogue.sizes.get(catalogue.effective_index(spec)).map_or(0.0, |s| s.cpu))
+            };
+            catalogue.effective_index(&after) < catalogue.effective_index(&before.spec)
+                || catalogue.replicas(&after) < catalogue.replicas(&before.spec)
+                || cpu(&after) < cpu(&before.spec)
+        }
+        LifecycleAction::Sequence { actions } => actions.iter().any(|a| is_destructive(a, before, catalogue)),
+        _ => false,
+    }
+}
+
+struct Step<'a> {
+    action: &'a LifecycleAction,
+    before: &'a Runtime,
+    after: &'a Runtime,
+    catalogue: Catalogue<'a>,
+    actor: &'a Actor,
+}
+
+fn in_scope(policy: &Policy, runtime: &Runtime) -> bool {
+    (policy.tenant_id.is_none() || policy.tenant_id == runtime.tenant_id)
+        && (policy.scope_env.is_none() || policy.scope_env.as_deref() == runtime.env())
+}
+
+fn decide(policies: &[&Policy], step: &Step<'_>, index: u32, mode: PolicyMode) -> PolicyDecision {
+    let action = step.action.kind();
+    let mut winner: Option<PolicyDecision> = None;
+    for policy in policies {
+        for (rule_index, rule) in policy.rules.iter().enumerate() {
+            if !selector_matches(&rule.selector.0, step) {
+                continue;
+            }
+            let Some((verdict, reason)) = rule_verdict(rule, step) else { continue };
+            if winner.as_ref().is_some_and(|w| w.verdict >= verdict) {
+                continue;
+            }
+            winner = Some(PolicyDecision {
+                action: action.to_string(),
+                action_index: index,
+                verdict,
+                policy_id: Some(policy.id.clone()),
+                policy_name: Some(policy.name.clone()),
+                rule_index: Some(rule_index as u32),
+                rule_kind: Some(rule.kind.clone()),
+                reason,
+            });
+        }
+    }
+    let destructive = is_destructive(step.action, step.before, step.catalogue);
+    match winner {
+        Some(mut decision) => {
+            if decision.verdict == Verdict::Allow && destructive && mode == PolicyMode::SafeFirst {
+                decision.verdict = Verdict::RequireApproval;
+                decision.reason = format!(
+                    "{}; but safe_first runs destructive actions ({action}) only once approved",
+                    decision.reason
+                );
+            }
+            decision
+        }
+        None => {
+            let production = step.before.env() == Some("production");
+            let (verdict, reason) = match mode {
+                PolicyMode::SafeFirst if destructive => {
+                    (Verdict::RequireApproval, format!("safe_first: {action} is destructive and needs approval"))
+                }
+                PolicyMode::SafeFirst => (
+                    Verdict::RequireApproval,
+                    format!("safe_first: no allow_action rule covers {action}, so a human must approve it"),
+                ),
+                PolicyMode::Balanced if destructive && production => (
+                    Verdict::RequireApproval,
+                    format!("balanced: {action} is destructive in production and needs approval"),
+                ),
+                PolicyMode::Balanced => (Verdict::Allow, format!("balanced: no rule matches {action}")),
+                PolicyMode::Aggressive => (Verdict::Allow, format!("aggressive: no rule matches {action}")),
+            };
+            PolicyDecision {
+                action: action.to_string(),
+                action_index: index,
+                verdict,
+                policy_id: None,
+                policy_name: None,
+                rule_index: None,
+                rule_kind: None,
+                reason,
+            }
+        }
+    }
+}
+
+/// What a matching rule decides about the step, if it has a say in it.
+fn rule_verdict(rule: &PolicyRule, step: &Step<'_>) -> Option<(Verdict, String)> {
+    let params = &rule.params.0;
+    let given_reason = params.get("reason").and_then(Value::as_str).map(str::to_string);
+    let action = step.action.kind();
+    match rule.kind.as_str() {
+        "deny_action" => Some((Verdict::Deny, given_reason.unwrap_or_else(|| format!("{action} is denied")))),
+        "allow_action" => Some((Verdict::Allow, given_reason.unwrap_or_else(|| format!("{action} is allowed")))),
+        "require_approval" => {
+            Some((Verdict::RequireApproval, given_reason.unwrap_or_else(|| format!("{action} needs approval"))))
+        }
+        "budget_guardrail" => {
+            let limit = budget_limit(params)?;
+            let before = step.catalogue.cost(step.before);
+            let after = step.catalogue.cost(step.after);
+            (after > limit + 1e-9 && after > before).then(|| {
+                (
+                    Verdict::Deny,
+                    format!("{action} would raise the cost to {after:.2}/h, above the budget of {limit:.2}/h"),
+                )
+            })
+        }
+        "data_egress" => {
+            let brings_up = matches!(step.action, LifecycleAction::Create | LifecycleAction::Start);
+            let networking = step.after.spec.networking.clone().unwrap_or_default();
+            let flag = |name: &str| params.get(name).and_then(Value::as_bool).unwrap_or(true);
+            let public = flag("deny_public_exposure") && networking.exposure == runtimeai_model::Exposure::Public;
+            let open = flag("deny_open_egress") && networking.egress_policy == runtimeai_model::EgressPolicy::Open;
+            (brings_up && (public || open)).then(|| {
+                let what = if public { "public exposure" } else { "open egress" };
+                (Verdict::Deny, format!("{action} would bring up a runtime with {what}, which this policy forbids"))
+            })
+        }
+        _ => None,
+    }
+}
+
+/// A budget rule's limit per hour.
+fn budget_limit(params: &Map<String, Value>) -> Option<f64> {
+    let hourly = params.get("max_cost_per_hour").and_then(Value::as_f64);
+    let monthly =
+        params.get("max_cost_per_month").and_then(Value::as_f64).map(|m| m / crate::catalogue::HOURS_PER_MONTH);
+    match (hourly, monthly) {
+        (Some(h), Some(m)) => Some(h.min(m)),
+        (h, m) => h.or(m),
+    }
+}
+
+fn one_or_many(value: &Value) -> Vec<&str> {
+    match value {
+        Value::String(s) => vec![s.as_str()],
+        Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn selector_matches(selector: &Map<String, Value>, step: &Step<'_>) -> bool {
+    selector.iter().all(|(key, value)| match key.as_str() {
+        "runtime_type" => one_or_many(value).contains(&step.before.runtime_type.as_str()),
+        "actions" => one_or_many(value).contains(&step.action.kind()),
+        "labels" => value.as_object().is_some_and(|labels| {
+            labels
+                .iter()
+                .all(|(k, v)| v.as_str().is_some_and(|v| step.before.labels.get(k).map(String::as_str) == Some(v)))
+        }),
+        "actor" => {
+            let full = step.actor.to_string();
+            one_or_many(value).iter().any(|a| *a == step.actor.kind() || *a == full)
+        }
+        _ => false,
+    })
+}
+
+/// Checks a rule as submitted: `Err((path below the rule, message))`.
+pub fn validate_rule(rule: &PolicyRule) -> Result<(), (String, String)> {
+    if !RULE_KINDS.contains(&rule.kind.as_str()) {
+        return Err(("kind".into(), format!("unknown rule kind {:?}; kinds are {}", rule.kind, RULE_KINDS.join(", "))));
+    }
+    for (key, value) in &rule.selector.0 {
+        let path = format!("selector.{key}");
+        let strings = |allowed: Option<&[&str]>| -> Result<(), (String, String)> {
+            let items: Vec<&Value> = match value {
+                Value::Array(items) if !items.is_empty() => items.iter().collect(),
+                Value::String(_) => vec![value],
+                _ => return Err((path.clone(), "expected a string or a non-empty list of strings".into())),
+            };
+            for item in items {
+                let Some(text) = item.as_str() else {
+                    return Err((path.clone(), "expected a string or a non-empty list of strings".into()));
+                };
+                if let Some(allowed) = allowed {
+                    if !allowed.contains(&text) {
+                        return Err((
+                            path.clone(),
+                            format!("unknown value {text:?}; expected one of {}", allowed.join(", ")),
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        };
+        match key.as_str() {
+            "runtime_type" => strings(Some(RUNTIME_TYPES))?,
+            "actions" => strings(Some(ACTION_NAMES))?,
+            "actor" => {
+                strings(None)?;
+                for actor in one_or_many(value) {
+                    let valid = matches!(actor, "human" | "agent" | "system")
+                        || actor
+                            .split_once(':')
+                            .is_some_and(|(kind, name)| matches!(kind, "human" | "agent") && !name.is_empty());
+                    if !valid {
+                        return Err((
+                            path.clone(),
+                            format!("{actor:?} is not human, agent, system, human:<name> or agent:<name>"),
+                        ));
+                    }
+                }
+            }
+            "labels" => {
+                if !value.as_object().is_some_and(|labels| labels.values().all(Value::is_string)) {
+                    return Err((path, "expected an object of string labels".into()));
+                }
+            }
+            _ => return Err((path, "unknown selector key; keys are runtime_type, actions, labels, actor".into())),
+        }
+    }
+    let params = &rule.params.0;
+    let allowed: &[&str] = match rule.kind.as_str() {
+        "budget_guardrail" => &["max_cost_per_hour", "max_cost_per_month"],
+        "data_egress" => &["deny_public_exposure", "deny_open_egress"],
+        _ => &["reason"],
+    };
+    for (key, value) in params {
+        let path = format!("params.{key}");
+        if !allowed.contains(&key.as_str()) {
+            return Err((path, format!("{} takes only {}", rule.kind, allowed.join(", "))));
+        }
+        let ok = match key.as_str() {
+            "max_cost_per_hour" | "max_cost_per_month" => value.as_f64().is_some_and(|v| v.is_finite() && v >= 0.0),
+            "deny_public_exposure" | "deny_open_egress" => value.is_boolean(),
+            _ => value.is_string(),
+        };
+        if !ok {
+            return Err((
+                path,
+                "has the wrong type (limits are numbers ≥ 0, flags are booleans, reasons strings)".into(),
+            ));
+        }
+    }
+    if rule.kind == "budget_guardrail" && budget_limit(params).is_none() {
+        return Err(("params".into(), "budget_guardrail needs max_cost_per_hour or max_cost_per_month".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runtimeai_model::{
+        default_sizes, EgressPolicy, Exposure, JsonObject, NetworkingProfile, RuntimeSpec, RuntimeType,
+    };
+    use serde_json::json;
+
+    fn runtime(env: Option<&str>, size: &str, state: RuntimeState) -> Runtime {
+        Runtime {
+            id: "rt_1".into(),
+            name: "r".into(),
+            runtime_type: RuntimeType::Vm,
+            state,
+            tenant_id: Some("acme".into()),
+            labels: env.map(|e| [("env".to_string(), e.to_string())].into()).unwrap_or_default(),
+            capabilities: vec![],
+            backend: None,
+            spec: RuntimeSpec { size: Some(size.into()), ..Default::default() },
+            created_at: chrono::DateTime::UNIX_EPOCH,
+            updated_at: None,
+            version: 1,
+            active_operation: None,
+            snapshots: vec![],
+            placement: None,
+            signals: None,
+        }
+    }
+
+    fn rule(kind: &str, selector: Value, params: Value) -> PolicyRule {
+        let object = |v: Value| JsonObject(v.as_object().cloned().unwrap_or_default());
+        PolicyRule { kind: kind.into(), selector: object(selector), params: object(params) }
+    }
+
+    fn policy(id: &str, env: Option<&str>, rules: Vec<PolicyRule>) -> Policy {
+        Policy {
+            id: id.into(),
+            name: format!("{id}-name"),
+            tenant_id: None,
+            scope_env: env.map(String::from),
+            rules,
+            created_at: chrono::DateTime::UNIX_EPOCH,
+            version: 1,
+        }
+    }
+
+    fn decide_one(
+        policies: &[Policy],
+        rt: &Runtime,
+        action: LifecycleAction,
+        actor: Actor,
+        mode: PolicyMode,
+    ) -> PolicyDecision {
+        let sizes = default_sizes();
+        let actions = [action];
+        evaluate(policies, Request { runtime: rt, actions: &actions, actor: &actor, mode, sizes: &sizes }).remove(0)
+    }
+
+    fn stop() -> LifecycleAction {
+        LifecycleAction::Stop { force: false, timeout_seconds: None }
+    }
+
+    fn scale(size: &str) -> LifecycleAction {
+        LifecycleAction::Scale { size: Some(size.into()), resources: None }
+    }
+
+    #[test]
+    fn deny_beats_approval_beats_allow_whatever_their_order() {
+        let rt = runtime(Some("production"), "medium", RuntimeState::Running);
+        let allow = rule("allow_action", json!({"actions": ["restart"]}), json!({}));
+        let approve = rule("require_approval", json!({"actions": "restart"}), json!({}));
+        let deny = rule("deny_action", json!({"actions": ["restart"]}), json!({"reason": "frozen"}));
+        // (rules in policy order, expected verdict, expected deciding policy)
+        let table = [
+            (vec![allow.clone(), approve.clone(), deny.clone()], Verdict::Deny, 2),
+            (vec![deny.clone(), allow.clone()], Verdict::Deny, 0),
+            (vec![allow.clone(), approve.clone()], Verdict::RequireApproval, 1),
+            (vec![approve.clone(), allow.clone()], Verdict::RequireApproval, 0),
+            (vec![allow.clone()], Verdict::Allow, 0),
+        ];
+        for mode in [PolicyMode::SafeFirst, PolicyMode::Balanced, PolicyMode::Aggressive] {
+            for (rules, verdict, deciding) in &table {
+                let policies: Vec<Policy> =
+                    rules.iter().enumerate().map(|(i, r)| policy(&format!("pol_{i}"), None, vec![r.clone()])).collect();
+                let d = decide_one(&policies, &rt, LifecycleAction::Restart, Actor::Agent("bot".into()), mode);
+                assert_eq!(d.verdict, *verdict, "{mode:?} {rules:?}");
+                assert_eq!(d.policy_id.as_deref(), Some(format!("pol_{deciding}").as_str()), "{d:?}");
+                assert_eq!(d.rule_kind.as_deref(), Some(rules[*deciding].kind.as_str()));
+            }
+        }
+    }
+
+    #[test]
+    fn with_no_matching_rule_the_mode_decides() {
+        let dev = runtime(Some("dev"), "medium", RuntimeState::Running);
+        let prod = runtime(Some("production"), "medium", RuntimeState::Running);
+        let bot = || Actor::Agent("bot".into());
+        use PolicyMode::*;
+        use Verdict::*;
+        // (mode, runtime, action, expected)
+        let table = [
+            (SafeFirst, &dev, LifecycleAction::Restart, RequireApproval),
+            (SafeFirst, &dev, stop(), RequireApproval),
+            (Balanced, &dev, LifecycleAction::Restart, Allow),
+            (Balanced, &dev, stop(), Allow),
+            (Balanced, &prod, stop(), RequireApproval),
+            (Balanced, &prod, scale("small"), RequireApproval),
+            (Balanced, &prod, scale("large"), Allow),
+            (Aggressive, &prod, stop(), Allow),
+            (Aggressive, &prod, LifecycleAction::Delete, Allow),
+        ];
+        for (mode, rt, action, expected) in table {
+            let d = decide_one(&[], rt, action.clone(), bot(), mode);
+            assert_eq!(d.verdict, expected, "{mode:?} {action:?} in {:?}", rt.env());
+            assert!(d.policy_id.is_none() && d.reason.starts_with(mode.as_str()), "{d:?}");
+        }
+        // safe_first: an explicit allow runs a non-destructive action, not a destructive one.
+        let allow_all = policy("pol_a", None, vec![rule("allow_action", json!({}), json!({}))]);
+        let d = decide_one(std::slice::from_ref(&allow_all), &dev, LifecycleAction::Restart, bot(), SafeFirst);
+        assert_eq!((d.verdict, d.policy_id.as_deref()), (Allow, Some("pol_a")));
+        let d = decide_one(&[allow_all], &dev, scale("small"), bot(), SafeFirst);
+        assert_eq!((d.verdict, d.policy_id.as_deref()), (RequireApproval, Some("pol_a")));
+    }
+
+    #[test]
+    fn scope_and_selectors_narrow_rules() {
+        let prod = runtime(Some("production"), "medium", RuntimeState::Running);
+        let dev = runtime(Some("dev"), "medium", RuntimeState::Running);
+        let deny_agents = policy(
+            "pol_1",
+            Some("production"),
+            vec![rule(
+                "deny_action",
+                json!({"actions": ["stop"], "actor": "agent", "runtime_type": ["vm"]}),
+                json!({}),
+            )],
+        );
+        let policies = [deny_agents];
+        let mode = PolicyMode::Aggressive;
+        assert_eq!(decide_one(&policies, &prod, stop(), Actor::Agent("a".into()), mode).verdict, Verdict::Deny);
+        assert_eq!(decide_one(&policies, &prod, stop(), Actor::Human("h".into()), mode).verdict, Verdict::Allow);
+        assert_eq!(decide_one(&policies, &dev, stop(), Actor::Agent("a".into()), mode).verdict, Verdict::Allow);
+        let mut other_tenant = policies[0].clone();
+        other_tenant.tenant_id = Some("globex".into());
+        assert_eq!(decide_one(&[other_tenant], &prod, stop(), Actor::Agent("a".into()), mode).verdict, Verdict::Allow);
+        let by_label = policy("pol_2", None, vec![rule("deny_action", json!({"labels": {"tier": "db"}}), json!({}))]);
+        let mut db = dev.clone();
+        db.labels.insert("tier".into(), "db".into());
+        assert_eq!(
+            decide_one(std::slice::from_ref(&by_label), &db, stop(), Actor::System, mode).verdict,
+            Verdict::Deny
+        );
+        assert_eq!(decide_one(&[by_label], &dev, stop(), Actor::System, mode).verdict, Verdict::Allow);
+    }
+
+    #[test]
+    fn budget_guardrail_denies_raising_cost_above_the_limit_only() {
+        let rt = runtime(None, "medium", RuntimeState::Running);
+        let budget =
+            policy("pol_b", None, vec![rule("budget_guardrail", json!({}), json!({"max_cost_per_hour": 0.2}))]);
+        let policies = [budget];
+        let mode = PolicyMode::Aggressive;
+        let d = decide_one(&policies, &rt, scale("large"), Actor::System, mode);
+        assert_eq!(d.verdict, Verdict::Deny);
+        assert!(d.reason.contains("0.40/h") && d.reason.contains("0.20/h"), "{}", d.reason);
+        assert_eq!(decide_one(&policies, &rt, scale("small"), Actor::System, mode).verdict, Verdict::Allow);
+        // Already over budget: going down is still allowed, starting is not.
+        let big = runtime(None, "xlarge", RuntimeState::Stopped);
+        assert_eq!(decide_one(&policies, &big, LifecycleAction::Start, Actor::System, mode).verdict, Verdict::Deny);
+        let monthly =
+            policy("pol_m", None, vec![rule("budget_guardrail", json!({}), json!({"max_cost_per_month": 100.0}))]);
+        // 100/month ≈ 0.137/h: medium (0.10) fits, large (0.40) does not.
+        assert_eq!(
+            decide_one(std::slice::from_ref(&monthly), &rt, scale("large"), Actor::System, mode).verdict,
+            Verdict::Deny
+        );
+        let mut creating = runtime(None, "medium", RuntimeState::Creating);
+        assert_eq!(
+            decide_one(std::slice::from_ref(&monthly), &creating, LifecycleAction::Create, Actor::System, mode).verdict,
+            Verdict::Allow
+        );
+        creating.spec.size = Some("large".into());
+        assert_eq!(
+            decide_one(&[monthly], &creating, LifecycleAction::Create, Actor::System, mode).verdict,
+            Verdict::Deny
+        );
+    }
+
+    #[test]
+    fn data_egress_keeps_public_runtimes_out_of_production() {
+        let egress = policy("pol_e", Some("production"), vec![rule("data_egress", json!({}), json!({}))]);
+        let mut rt = runtime(Some("production"), "small", RuntimeState::Creating);
+        rt.spec.networking =
+            Some(NetworkingProfile { exposure: Exposure::Public, egress_policy: EgressPolicy::Restricted });
+        let mode = PolicyMode::Aggressive;
+        let d = decide_one(std::slice::from_ref(&egress), &rt, LifecycleAction::Create, Actor::System, mode);
+        assert_eq!((d.verdict, d.rule_kind.as_deref()), (Verdict::Deny, Some("data_egress")));
+        rt.spec.networking = Some(NetworkingProfile { exposure: Exposure::Private, egress_policy: EgressPolicy::Open });
+        assert_eq!(
+            decide_one(std::slice::from_ref(&egress), &rt, LifecycleAction::Create, Actor::System, mode).verdict,
+            Verdict::Deny
+        );
+        let lenient = policy(
+            "pol_l",
+            Some("production"),
+            vec![rule("data_egress", json!({}), json!({"deny_open_egress": false}))],
+        );
+        assert_eq!(decide_one(&[lenient], &rt, LifecycleAction::Create, Actor::System, mode).verdict, Verdict::Allow);
+        rt.state = RuntimeState::Running;
+        assert_eq!(
+            decide_one(&[egress], &rt, stop(), Actor::System, mode).verdict,
+            Verdict::Allow,
+            "stopping reduces exposure"
+        );
+    }
+
+    #[test]
+    fn a_sequence_is_judged_action_by_action_on_the_projected_runtime() {
+        let rt = runtime(None, "medium", RuntimeState::Running);
+        let budget =
+            policy("pol_b", None, vec![rule("budget_guardrail", json!({}), json!({"max_cost_per_hour": 0.5}))]);
+        let sizes = default_sizes();
+        let actions = [scale("large"), stop(), LifecycleAction::Start, scale("xlarge")];
+        let actor = Actor::System;
+        let decisions = evaluate(
+            &[budget],
+            Request { runtime: &rt, actions: &actions, actor: &actor, mode: PolicyMode::Aggressive, sizes: &sizes },
+        );
+        let verdicts: Vec<Verdict> = decisions.iter().map(|d| d.verdict).collect();
+        assert_eq!(verdicts, [Verdict::Allow, Verdict::Allow, Verdict::Allow, Verdict::Deny]);
+        assert_eq!(decisions[3].action_index, 3);
+        assert_eq!(overall(&decisions), Verdict::Deny);
+        assert_eq!(deciding(&decisions).map(|d| d.action_index), Some(3));
+    }
+
+    #[test]
+    fn rules_are_validated_with_the_offending_field() {
+        let bad = [
+            (rule("deny_everything", json!({}), json!({})), "kind"),
+            (rule("deny_action", json!({"actions": ["explode"]}), json!({})), "selector.actions"),
+            (rule("deny_action", json!({"colour": "red"}), json!({})), "selector.colour"),
+            (rule("deny_action", json!({"actor": "robot"}), json!({})), "selector.actor"),
+            (rule("budget_guardrail", json!({}), json!({})), "params"),
+            (rule("budget_guardrail", json!({}), json!({"max_cost_per_hour": "cheap"})), "params.max_cost_per_hour"),
+            (rule("data_egress", json!({}), json!({"deny_public_exposure": "yes"})), "params.deny_public_exposure"),
+        ];
+        for (rule, path) in bad {
+            assert_eq!(validate_rule(&rule).unwrap_err().0, path, "{rule:?}");
+        }
+        assert!(validate_rule(&rule("allow_action", json!({"actor": ["agent:x", "human"]}), json!({}))).is_ok());
+    }
+}
