@@ -330,12 +330,12 @@ async fn operations_can_be_cancelled_until_they_finish() -> anyhow::Result<()> {
 async fn policies_are_created_listed_and_deleted_through_any_node() -> anyhow::Result<()> {
     let cluster = cluster().await?;
     let body = json!({"name": "no-public-prod", "scope_env": "production", "rules": [
-        {"kind": "data_egress", "params": {"exposure": "public"}},
-        {"kind": "require_approval", "selector": {"action": "stop"}}
+        {"kind": "data_egress", "params": {"deny_open_egress": false}},
+        {"kind": "require_approval", "selector": {"actions": ["stop"]}}
     ]});
     let created = cluster.call(2, Method::POST, "/v1/policies", Some(&body), &[("tenant_id", "acme")]).await?;
     assert_eq!(created.status, 201, "{created:?}");
-    assert_eq!(created.body["rules"][0]["params"]["exposure"], "public", "free-form JSON survives the log");
+    assert_eq!(created.body["rules"][0]["params"]["deny_open_egress"], false, "free-form JSON survives the log");
     let id = created.body["id"].as_str().unwrap();
     let listed =
         cluster.call(3, Method::GET, "/v1/policies?scope_env=production", None, &[("tenant_id", "acme")]).await?;
@@ -428,7 +428,13 @@ async fn every_node_serves_the_committed_openapi_document() -> anyhow::Result<()
 async fn event_retention_is_a_cluster_setting_every_node_applies() -> anyhow::Result<()> {
     let cluster = cluster().await?;
     let defaults = cluster.call(1, Method::GET, "/v1/cluster/settings", None, &[]).await?;
-    assert_eq!(defaults.body, json!({"event_retention_count": 1000, "event_retention_days": 30}));
+    assert_eq!(
+        (defaults.body["event_retention_count"].as_u64(), defaults.body["event_retention_days"].as_u64()),
+        (Some(1000), Some(30))
+    );
+    let names: Vec<&str> =
+        defaults.body["sizes"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["small", "medium", "large", "xlarge"]);
     let bad = cluster
         .call(
             2,
@@ -466,6 +472,26 @@ async fn event_retention_is_a_cluster_setting_every_node_applies() -> anyhow::Re
         assert_eq!(items.len(), 4, "node {via}: {events:?}");
         assert_eq!(items.last().unwrap()["data"]["labels"]["round"], "2");
     }
+
+    phase("the size catalogue is a setting too: sizes are checked against it");
+    let catalogue = json!({"event_retention_count": 1000, "event_retention_days": 30, "sizes": [
+        {"name": "tiny", "cpu": 0.5, "memory": "1Gi", "replicas": 1, "cost_per_hour": 0.01},
+        {"name": "huge", "cpu": 16.0, "memory": "64Gi", "replicas": 2, "cost_per_hour": 3.0}
+    ]});
+    let set = cluster.call(3, Method::PUT, "/v1/cluster/settings", Some(&catalogue), &[]).await?;
+    assert_eq!(set.status, 200, "{set:?}");
+    let unordered = json!({"event_retention_count": 1, "event_retention_days": 1, "sizes": [
+        {"name": "huge", "cpu": 16.0, "memory": "64Gi", "replicas": 2, "cost_per_hour": 3.0},
+        {"name": "tiny", "cpu": 0.5, "memory": "1Gi", "replicas": 1, "cost_per_hour": 0.01}
+    ]});
+    let refused = cluster.call(1, Method::PUT, "/v1/cluster/settings", Some(&unordered), &[]).await?;
+    assert!(is_problem(&refused, 422), "{refused:?}");
+    let medium = json!({"name": "m", "type": "vm", "spec": {"size": "medium"}});
+    let refused = cluster.call(1, Method::POST, "/v1/runtimes", Some(&medium), &[]).await?;
+    assert!(is_problem(&refused, 422), "{refused:?}");
+    assert!(refused.body["detail"].as_str().unwrap().contains("tiny, huge"), "{refused:?}");
+    let tiny = json!({"name": "t", "type": "vm", "spec": {"size": "tiny"}});
+    assert_eq!(cluster.call(2, Method::POST, "/v1/runtimes", Some(&tiny), &[]).await?.status, 201);
     Ok(())
 }
 
@@ -480,7 +506,7 @@ async fn agents_execute_a_checked_list_of_actions_as_one_operation() -> anyhow::
     let execute = format!("/v1/runtimes/{id}/actions/execute");
 
     phase("stop, scale, snapshot, start in one operation, with the key in the body, through two nodes");
-    let body = json!({"idempotency_key": "plan-42", "actions": [
+    let body = json!({"idempotency_key": "plan-42", "policy_mode": "balanced", "actions": [
         {"type": "stop", "params": {"force": true}},
         {"type": "scale", "params": {"size": "large"}},
         {"type": "snapshot", "params": {"name": "pre-change"}},
@@ -547,7 +573,7 @@ async fn agents_execute_a_checked_list_of_actions_as_one_operation() -> anyhow::
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
     let cluster = cluster().await?;
-    let body = json!({"name": "risk-api", "type": "vm", "spec": {"size": "large"}, "labels": {"env": "production"}});
+    let body = json!({"name": "risk-api", "type": "vm", "spec": {"size": "large", "resources": {"replicas": 3}}, "labels": {"env": "production"}});
     let created = cluster.call(1, Method::POST, "/v1/runtimes", Some(&body), &[]).await?;
     let id = created.body["id"].as_str().unwrap().to_string();
     cluster.wait_operation(1, created.body["active_operation"].as_str().unwrap(), SETTLE).await?;
@@ -568,8 +594,15 @@ async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
         .call(3, Method::POST, &format!("/v1/runtimes/{id}/intent"), Some(&intent_body), &[("x-actor", "agent:finops")])
         .await?;
     assert_eq!(submitted.status, 202, "{submitted:?}");
-    assert_eq!(submitted.body["status"], "accepted");
+    assert_eq!(submitted.body["status"], "pending_approval", "safe_first: a downsize waits for a human");
+    let decisions = submitted.body["decisions"].as_array().unwrap();
+    assert_eq!(decisions.len(), 2, "one decision per planned action: {submitted:?}");
     let operation_id = submitted.body["operation_id"].as_str().unwrap();
+    let approve = format!("/v1/operations/{operation_id}/approve");
+    let own = cluster.call(1, Method::POST, &approve, None, &[("x-actor", "agent:finops")]).await?;
+    assert!(is_problem(&own, 403), "the agent cannot approve its own intent: {own:?}");
+    let approved = cluster.call(2, Method::POST, &approve, None, &[("x-actor", "human:cfo")]).await?;
+    assert_eq!(approved.status, 200, "{approved:?}");
     assert_eq!(cluster.wait_operation(1, operation_id, SETTLE).await?["status"], "succeeded");
     let intent_id = submitted.body["intent_id"].as_str().unwrap();
     let record = cluster.call(2, Method::GET, &format!("/v1/runtimes/{id}/intent/{intent_id}"), None, &[]).await?;
@@ -593,12 +626,12 @@ async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
             1,
             Method::POST,
             &format!("/v1/runtimes/{id}/intent"),
-            Some(&json!({"goal": "reduce cost", "constraints": {"availability": "high"}})),
+            Some(&json!({"goal": "improve performance", "constraints": {"cost": "optimize"}})),
             &[],
         )
         .await?;
     assert!(is_problem(&blocked, 422), "{blocked:?}");
-    assert!(blocked.body["detail"].as_str().unwrap().contains("availability high"), "{blocked:?}");
+    assert!(blocked.body["detail"].as_str().unwrap().contains("cost optimize"), "{blocked:?}");
     let unknown = cluster
         .call(2, Method::POST, &format!("/v1/runtimes/{id}/intent"), Some(&json!({"goal": "make it web scale"})), &[])
         .await?;
@@ -638,7 +671,13 @@ async fn every_read_endpoint_answers_the_same_through_every_node() -> anyhow::Re
     let snap = cluster.call(2, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/snapshot"), None, &[]).await?;
     cluster.wait_operation(3, snap.body["id"].as_str().unwrap(), SETTLE).await?;
     let intent = cluster
-        .call(3, Method::POST, &format!("/v1/runtimes/{id}/intent"), Some(&json!({"goal": "restart"})), &[])
+        .call(
+            3,
+            Method::POST,
+            &format!("/v1/runtimes/{id}/intent"),
+            Some(&json!({"goal": "restart", "policy_mode": "balanced"})),
+            &[],
+        )
         .await?;
     let intent_id = intent.body["intent_id"].as_str().unwrap().to_string();
     cluster.wait_operation(1, intent.body["operation_id"].as_str().unwrap(), SETTLE).await?;

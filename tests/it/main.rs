@@ -2,5 +2,6 @@
 
 mod api;
 mod cli;
+mod engine;
 mod replication;
 mod startup;

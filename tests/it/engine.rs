@@ -1,0 +1,278 @@
+//! The runtime engine end to end: policy decisions and approvals, and the scheduler handing
+//! operations to executors with fenced leases while executors and leaders die.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use runtimeai_tests::{phase, Cluster, ClusterOptions, Response};
+
+const SETTLE: Duration = Duration::from_secs(20);
+
+fn problem(response: &Response, status: u16, kind: &str) -> bool {
+    response.status == status
+        && response.header("content-type") == Some("application/problem+json")
+        && response.body["type"].as_str().is_some_and(|t| t.ends_with(kind))
+}
+
+async fn events_of(cluster: &Cluster, via: u64, id: &str) -> anyhow::Result<Vec<Value>> {
+    let events = cluster.call(via, Method::GET, &format!("/v1/runtimes/{id}/events?limit=1000"), None, &[]).await?;
+    Ok(events.body["items"].as_array().cloned().unwrap_or_default())
+}
+
+const AGENT: (&str, &str) = ("x-actor", "agent:ops-bot");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_decide_every_action_and_name_the_rule_that_did() -> anyhow::Result<()> {
+    let cluster =
+        Cluster::start(3, ClusterOptions { extra_args: vec!["--simulated-step-ms".into(), "50".into()] }).await?;
+    let body = json!({"name": "prod-db", "type": "vm", "spec": {"size": "medium"}, "labels": {"env": "production"}});
+    let created = cluster.call(1, Method::POST, "/v1/runtimes", Some(&body), &[]).await?;
+    assert_eq!(created.status, 201, "{created:?}");
+    let id = created.body["id"].as_str().unwrap().to_string();
+    cluster.wait_operation(1, created.body["active_operation"].as_str().unwrap(), SETTLE).await?;
+    let lifecycle = |action: &str| format!("/v1/runtimes/{id}/lifecycle/{action}");
+
+    phase("a production policy with one rule of each kind");
+    let policy = json!({"name": "prod-guard", "scope_env": "production", "rules": [
+        {"kind": "deny_action", "selector": {"actions": ["delete"], "actor": "agent"}, "params": {"reason": "agents never delete production"}},
+        {"kind": "require_approval", "selector": {"actions": ["stop"]}},
+        {"kind": "allow_action", "selector": {"actions": ["restart", "snapshot"]}},
+        {"kind": "budget_guardrail", "params": {"max_cost_per_hour": 0.2}},
+        {"kind": "data_egress"}
+    ]});
+    let created_policy = cluster.call(2, Method::POST, "/v1/policies", Some(&policy), &[]).await?;
+    assert_eq!(created_policy.status, 201, "{created_policy:?}");
+    let policy_id = created_policy.body["id"].as_str().unwrap().to_string();
+    let bad_rule = json!({"name": "bad", "rules": [{"kind": "deny_action", "selector": {"actions": ["explode"]}}]});
+    let refused = cluster.call(2, Method::POST, "/v1/policies", Some(&bad_rule), &[]).await?;
+    assert!(problem(&refused, 400, "validation"), "{refused:?}");
+    assert_eq!(refused.body["errors"][0]["path"], "$.rules[0].selector.actions");
+
+    phase("deny: an agent's delete is refused with the policy and rule, and an event says so");
+    let denied = cluster.call(3, Method::DELETE, &format!("/v1/runtimes/{id}"), None, &[AGENT]).await?;
+    assert!(problem(&denied, 403, "policy-denied"), "{denied:?}");
+    assert_eq!(denied.body["decision"]["policy_id"], policy_id.as_str());
+    assert_eq!(
+        (denied.body["decision"]["rule_index"].as_u64(), denied.body["decision"]["rule_kind"].as_str()),
+        (Some(0), Some("deny_action"))
+    );
+    assert!(denied.body["detail"].as_str().unwrap().contains("agents never delete production"), "{denied:?}");
+    let events = events_of(&cluster, 1, &id).await?;
+    let denial = events.iter().find(|e| e["type"] == "policy.denied").expect("a policy.denied event");
+    assert_eq!(denial["data"]["decision"]["policy_id"], policy_id.as_str());
+    assert_eq!(denial["actor"], "agent");
+
+    phase("budget: scaling past 0.2/h is denied by the guardrail rule");
+    let scale = cluster.call(1, Method::POST, &lifecycle("scale"), Some(&json!({"size": "large"})), &[AGENT]).await?;
+    assert!(problem(&scale, 403, "policy-denied"), "{scale:?}");
+    assert_eq!(scale.body["decision"]["rule_kind"], "budget_guardrail");
+    assert!(scale.body["detail"].as_str().unwrap().contains("0.40/h"), "{scale:?}");
+
+    phase("allow: an explicitly allowed restart runs for an agent in safe_first");
+    let restart = cluster.call(2, Method::POST, &lifecycle("restart"), None, &[AGENT]).await?;
+    assert_eq!(restart.status, 202, "{restart:?}");
+    assert_eq!(restart.body["status"], "queued");
+    assert_eq!(restart.body["policy_mode"], "safe_first", "agents default to safe_first");
+    assert_eq!(restart.body["decisions"][0]["verdict"], "allow");
+    assert_eq!(restart.body["decisions"][0]["rule_index"], 2);
+    let done = cluster.wait_operation(3, restart.body["id"].as_str().unwrap(), SETTLE).await?;
+    assert_eq!(done["status"], "succeeded", "{done}");
+
+    phase("require approval: the agent's stop waits; the agent cannot approve it, a human can");
+    let stop = cluster.call(3, Method::POST, &lifecycle("stop"), None, &[AGENT]).await?;
+    assert_eq!(stop.status, 202, "{stop:?}");
+    assert_eq!(stop.body["status"], "pending_approval");
+    assert_eq!(stop.body["decisions"][0]["rule_kind"], "require_approval");
+    let stop_id = stop.body["id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let parked = cluster.call(1, Method::GET, &format!("/v1/operations/{stop_id}"), None, &[]).await?;
+    assert_eq!(parked.body["status"], "pending_approval", "nothing runs before approval: {parked:?}");
+    let approve = format!("/v1/operations/{stop_id}/approve");
+    let own = cluster.call(1, Method::POST, &approve, None, &[AGENT]).await?;
+    assert!(problem(&own, 403, "self-approval"), "{own:?}");
+    let approved = cluster
+        .call(2, Method::POST, &approve, Some(&json!({"reason": "maintenance window"})), &[("x-actor", "human:alice")])
+        .await?;
+    assert_eq!(approved.status, 200, "{approved:?}");
+    assert_eq!(approved.body["approval"]["by"], "human:alice");
+    let done = cluster.wait_operation(1, &stop_id, SETTLE).await?;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let again = cluster.call(3, Method::POST, &approve, None, &[("x-actor", "human:alice")]).await?;
+    assert!(problem(&again, 409, "illegal-operation-status"), "{again:?}");
+
+    phase("no rule matches an agent's start: safe_first asks a human; a rejection needs a reason and ends it");
+    let start = cluster.call(1, Method::POST, &lifecycle("start"), None, &[AGENT]).await?;
+    assert_eq!(start.body["status"], "pending_approval", "{start:?}");
+    assert!(start.body["decisions"][0]["policy_id"].is_null());
+    assert!(start.body["decisions"][0]["reason"].as_str().unwrap().starts_with("safe_first"), "{start:?}");
+    let reject = format!("/v1/operations/{}/reject", start.body["id"].as_str().unwrap());
+    let no_reason = cluster.call(2, Method::POST, &reject, Some(&json!({})), &[("x-actor", "human:bob")]).await?;
+    assert!(problem(&no_reason, 400, "validation"), "{no_reason:?}");
+    let rejected = cluster
+        .call(2, Method::POST, &reject, Some(&json!({"reason": "not now"})), &[("x-actor", "human:bob")])
+        .await?;
+    assert_eq!(rejected.status, 200, "{rejected:?}");
+    assert_eq!(
+        (rejected.body["status"].as_str(), rejected.body["error"]["code"].as_str()),
+        (Some("cancelled"), Some("rejected"))
+    );
+    let runtime = cluster.call(3, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    assert_eq!((runtime.body["state"].as_str(), runtime.body["active_operation"].as_str()), (Some("stopped"), None));
+
+    phase("checked again right before it runs: a deny added after approval fails the operation");
+    let start = cluster.call(1, Method::POST, &lifecycle("start"), None, &[AGENT]).await?;
+    assert_eq!(start.body["status"], "pending_approval", "{start:?}");
+    let freeze = json!({"name": "freeze", "rules": [{"kind": "deny_action", "selector": {"actions": ["start"]}, "params": {"reason": "change freeze"}}]});
+    let freeze = cluster.call(3, Method::POST, "/v1/policies", Some(&freeze), &[]).await?;
+    assert_eq!(freeze.status, 201, "{freeze:?}");
+    let start_id = start.body["id"].as_str().unwrap();
+    let approved = cluster
+        .call(2, Method::POST, &format!("/v1/operations/{start_id}/approve"), None, &[("x-actor", "human:alice")])
+        .await?;
+    assert_eq!(approved.status, 200, "{approved:?}");
+    let done = cluster.wait_operation(3, start_id, SETTLE).await?;
+    assert_eq!(
+        (done["status"].as_str(), done["error"]["code"].as_str()),
+        (Some("failed"), Some("policy_denied")),
+        "{done}"
+    );
+    assert!(done["error"]["message"].as_str().unwrap().contains("change freeze"), "{done}");
+    let runtime = cluster.call(1, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    assert_eq!(runtime.body["state"], "stopped");
+
+    phase("data egress: a public runtime may not come up in production, elsewhere it may");
+    let public = |name: &str, env: &str| json!({"name": name, "type": "sandbox", "labels": {"env": env}, "spec": {"networking": {"exposure": "public"}}});
+    let refused = cluster.call(2, Method::POST, "/v1/runtimes", Some(&public("edge", "production")), &[]).await?;
+    assert!(problem(&refused, 403, "policy-denied"), "{refused:?}");
+    assert_eq!(refused.body["decision"]["rule_kind"], "data_egress");
+    let allowed = cluster.call(2, Method::POST, "/v1/runtimes", Some(&public("edge", "staging")), &[]).await?;
+    assert_eq!(allowed.status, 201, "{allowed:?}");
+
+    phase("placement: a site no node serves is refused");
+    let mars = json!({"name": "far", "type": "vm", "labels": {"site": "mars"}});
+    let refused = cluster.call(1, Method::POST, "/v1/runtimes", Some(&mars), &[]).await?;
+    assert!(problem(&refused, 422, "invalid-value"), "{refused:?}");
+    assert!(refused.body["detail"].as_str().unwrap().contains("mars"), "{refused:?}");
+    Ok(())
+}
+
+/// Reads the shared journal of the simulated driver: (operation, step) → times applied.
+fn journal(path: &std::path::Path) -> BTreeMap<(String, u32), usize> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut applied = BTreeMap::new();
+    for line in text.lines() {
+        let field = |name: &str| {
+            line.split_whitespace().find_map(|f| f.strip_prefix(&format!("{name}="))).unwrap_or_default().to_string()
+        };
+        *applied.entry((field("operation"), field("step").parse().unwrap_or(u32::MAX))).or_insert(0) += 1;
+    }
+    applied
+}
+
+/// Waits until the operation runs (through `via`) and returns its executor node.
+async fn running_on(cluster: &Cluster, via: u64, operation: &str) -> anyhow::Result<u64> {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let op = cluster.call(via, Method::GET, &format!("/v1/operations/{operation}"), None, &[]).await?;
+        if op.body["status"] == "running" {
+            if let Some(node) = op.body["assignment"]["node_id"].as_u64() {
+                return Ok(node);
+            }
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "operation never ran: {:?}", op.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Checks that every step of the operation was applied by the backend exactly once.
+fn applied_exactly_once(infra: &std::path::Path, operation: &str, steps: u32) {
+    let applied = journal(&infra.join("journal"));
+    for step in 0..steps {
+        assert_eq!(applied.get(&(operation.to_string(), step)), Some(&1), "step {step} of {operation}: {applied:?}");
+    }
+    assert!(!applied.contains_key(&(operation.to_string(), steps)), "no step beyond the plan: {applied:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_finish_exactly_once_when_their_executor_or_the_leader_dies() -> anyhow::Result<()> {
+    let infra = tempfile::tempdir()?;
+    let args = [
+        "--simulated-step-ms",
+        "1200",
+        "--operation-lease-ms",
+        "1500",
+        "--signals-interval-ms",
+        "300",
+        "--simulated-infra-dir",
+        infra.path().to_str().unwrap(),
+    ];
+    let mut cluster =
+        Cluster::start(3, ClusterOptions { extra_args: args.iter().map(|a| a.to_string()).collect() }).await?;
+    let created =
+        cluster.call(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "batch", "type": "sandbox"})), &[]).await?;
+    assert_eq!(created.status, 201, "{created:?}");
+    let id = created.body["id"].as_str().unwrap().to_string();
+    let create_op = created.body["active_operation"].as_str().unwrap().to_string();
+    assert_eq!(cluster.wait_operation(1, &create_op, SETTLE).await?["status"], "succeeded");
+    applied_exactly_once(infra.path(), &create_op, 1);
+
+    phase("the executor reports signals that GET .../status shows");
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let status = cluster.call(2, Method::GET, &format!("/v1/runtimes/{id}/status"), None, &[]).await?;
+        if status.body["signals"]["health"] == "healthy" {
+            assert_eq!(status.body["health"], "ok");
+            assert!(status.body["signals"]["cost_per_hour"].as_f64().is_some_and(|c| c > 0.0), "{status:?}");
+            assert!(status.body["placement"]["node_id"].as_u64().is_some(), "{status:?}");
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no signals: {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    phase("kill the executor mid-operation: another takes over after the lease, and each step runs once");
+    let execute = format!("/v1/runtimes/{id}/actions/execute");
+    let body =
+        json!({"actions": [{"type": "stop"}, {"type": "scale", "params": {"size": "large"}}, {"type": "start"}]});
+    let accepted = cluster.call(1, Method::POST, &execute, Some(&body), &[]).await?;
+    assert_eq!(accepted.status, 202, "{accepted:?}");
+    let operation = accepted.body["id"].as_str().unwrap().to_string();
+    let executor = running_on(&cluster, 1, &operation).await?;
+    cluster.kill(executor);
+    let via = cluster.running()[0];
+    let done = cluster.wait_operation(via, &operation, Duration::from_secs(40)).await?;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert!(done["attempts"].as_u64().unwrap() >= 2, "taken over: {done}");
+    assert_ne!(done["assignment"]["node_id"].as_u64(), Some(executor), "{done}");
+    applied_exactly_once(infra.path(), &operation, 3);
+    let runtime = cluster.call(via, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    assert_eq!(
+        (runtime.body["state"].as_str(), runtime.body["spec"]["size"].as_str()),
+        (Some("running"), Some("large"))
+    );
+    let succeeded = events_of(&cluster, via, &id)
+        .await?
+        .iter()
+        .filter(|e| e["type"] == "operation.succeeded" && e["data"]["operation_id"] == operation.as_str())
+        .count();
+    assert_eq!(succeeded, 1, "finished once");
+    cluster.spawn(executor)?;
+    cluster.wait_ready(executor, SETTLE).await?;
+
+    phase("kill the leader mid-operation: the operation still finishes, each step once");
+    let body = json!({"actions": [{"type": "restart"}, {"type": "snapshot", "params": {"name": "after"}}]});
+    let accepted = cluster.call(executor, Method::POST, &execute, Some(&body), &[]).await?;
+    assert_eq!(accepted.status, 202, "{accepted:?}");
+    let operation = accepted.body["id"].as_str().unwrap().to_string();
+    running_on(&cluster, executor, &operation).await?;
+    let leader = cluster.wait_leader(SETTLE).await?;
+    cluster.kill(leader);
+    let via = cluster.running()[0];
+    let done = cluster.wait_operation(via, &operation, Duration::from_secs(40)).await?;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    applied_exactly_once(infra.path(), &operation, 2);
+    Ok(())
+}
