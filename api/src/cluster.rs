@@ -70,6 +70,13 @@ pub struct MemberView {
     pub role: String,
     /// Whether the leader currently reaches the member (`null` when no leader answers).
     pub reachable: Option<bool>,
+    /// Runtime types the member's executor serves (empty until it has registered).
+    #[serde(default)]
+    pub backends: Vec<String>,
+    #[serde(default)]
+    pub site: Option<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -108,19 +115,29 @@ pub(crate) async fn cluster_status(State(state): State<AppState>) -> Result<Json
 
 async fn cluster_view(state: &AppState) -> Result<ClusterView, Problem> {
     let metrics = state.replica.metrics();
-    let announced: HashMap<NodeId, String> =
-        state.replica.state.nodes()?.into_iter().map(|info| (info.node_id, info.http_addr)).collect();
+    let announced: HashMap<NodeId, runtimeai_model::NodeInfo> =
+        state.replica.state.nodes()?.into_iter().map(|info| (info.node_id, info)).collect();
     let members = state
         .replica
         .members()
         .await
         .into_iter()
-        .map(|m| MemberView {
-            id: m.id,
-            http: if m.id == state.replica.id { Some(state.http_addr.clone()) } else { announced.get(&m.id).cloned() },
-            grpc: m.grpc_addr,
-            role: if m.voter { "voter" } else { "learner" }.to_string(),
-            reachable: m.reachable,
+        .map(|m| {
+            let info = announced.get(&m.id);
+            MemberView {
+                id: m.id,
+                http: if m.id == state.replica.id {
+                    Some(state.http_addr.clone())
+                } else {
+                    info.map(|i| i.http_addr.clone())
+                },
+                grpc: m.grpc_addr,
+                role: if m.voter { "voter" } else { "learner" }.to_string(),
+                reachable: m.reachable,
+                backends: info.map(|i| i.backends.clone()).unwrap_or_default(),
+                site: info.and_then(|i| i.site.clone()),
+                zone: info.and_then(|i| i.zone.clone()),
+            }
         })
         .collect();
     let role = match metrics.state {

@@ -163,6 +163,7 @@ pub(crate) fn new_operation(
         error: None,
         failed_action: None,
         completed_actions: 0,
+        action_messages: Vec::new(),
         requested_by,
         policy_mode,
         decisions: Vec::new(),

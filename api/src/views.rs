@@ -80,14 +80,25 @@ fn action_results(operation: &Operation) -> Option<Vec<ActionResultView>> {
         .iter()
         .enumerate()
         .map(|(i, action)| {
+            let said = operation.action_messages.get(i).filter(|m| !m.is_empty()).cloned();
             let (status, message) = match operation.status {
-                OperationStatus::Succeeded => ("succeeded", None),
+                OperationStatus::Succeeded => ("succeeded", said),
                 OperationStatus::Failed if failed == Some(i) => {
                     ("failed", operation.error.as_ref().map(|e| e.message.clone()))
                 }
-                OperationStatus::Failed if failed.is_some_and(|f| i < f) => ("succeeded", None),
-                _ if i < completed => ("succeeded", None),
-                OperationStatus::Failed | OperationStatus::Cancelled => ("skipped", None),
+                _ if i < completed => ("succeeded", said),
+                OperationStatus::Failed => {
+                    let why = match (failed, &operation.error) {
+                        (Some(f), _) => format!("skipped: action {f} failed"),
+                        (None, Some(error)) => format!("skipped: {}", error.message),
+                        (None, None) => "skipped".to_string(),
+                    };
+                    ("skipped", Some(why))
+                }
+                OperationStatus::Cancelled => {
+                    let why = operation.error.as_ref().map_or("operation cancelled".to_string(), |e| e.message.clone());
+                    ("skipped", Some(format!("skipped: {why}")))
+                }
                 OperationStatus::Running if i == completed => ("running", None),
                 _ => ("pending", None),
             };

@@ -86,6 +86,10 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             initial.clone(),
             "--cluster-name".into(),
             "runtimeai-dev".into(),
+            // One pretend infrastructure for all members, as real nodes share a hypervisor or
+            // an API server: a step retried on another node after a failover converges.
+            "--simulated-infra-dir".into(),
+            args.data_dir.join("simulated-infra").display().to_string(),
         ];
         let command_line = format!("{} {} 2>>{}", exe.display(), node_args.join(" "), log_path.display());
         let child = Command::new(&exe)

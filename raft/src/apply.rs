@@ -365,6 +365,7 @@ fn create_runtime(
     data.insert("type".into(), runtime.runtime_type.as_str().into());
     data.insert("operation_id".into(), operation.id.clone().into());
     data.insert("status".into(), operation.status.as_str().into());
+    data.insert("decisions".into(), serde_json::to_value(&operation.decisions).unwrap_or_default());
     events.write(txn, &runtime.id, "runtime.created", EventSeverity::Info, JsonObject(data))?;
     Ok(CommandReply::Created { runtime, operation })
 }
@@ -494,7 +495,10 @@ fn begin_operation(
     save_runtime(txn, at, &mut runtime)?;
     put_operation(txn, &operation)?;
     let event_type = format!("lifecycle.{}", operation.action.kind());
-    events.write(txn, &runtime.id, &event_type, EventSeverity::Info, operation_data(&operation, from, during))?;
+    let mut data = operation_data(&operation, from, during);
+    // Every decision, allowing ones included, is on record with the rule that made it.
+    data.0.insert("decisions".into(), serde_json::to_value(&operation.decisions).unwrap_or_default());
+    events.write(txn, &runtime.id, &event_type, EventSeverity::Info, data)?;
     Ok(CommandReply::Operation(operation))
 }
 
@@ -556,10 +560,18 @@ fn advance_operation(
         return Ok(CommandReply::Rejected(status_rejection(&operation, status.as_str())));
     }
     operation.status = status;
+    let message = report.progress.as_ref().and_then(|p| p.message.clone());
     operation.progress = report.progress.or(operation.progress);
     operation.error = report.error;
     if let Some(completed) = report.completed_actions {
         operation.completed_actions = completed;
+        if let (OperationStatus::Running, Some(message), Some(index)) = (status, message, completed.checked_sub(1)) {
+            let index = index as usize;
+            if operation.action_messages.len() <= index {
+                operation.action_messages.resize(index + 1, String::new());
+            }
+            operation.action_messages[index] = message;
+        }
     }
     if report.failed_action.is_some() {
         operation.failed_action = report.failed_action;

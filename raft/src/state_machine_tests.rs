@@ -61,6 +61,7 @@ fn operation(id: &str, runtime_id: &str, action: LifecycleAction) -> Operation {
         error: None,
         failed_action: None,
         completed_actions: 0,
+        action_messages: vec![],
         requested_by: Actor::Agent("planner".into()),
         policy_mode: PolicyMode::Balanced,
         decisions: vec![],

@@ -247,6 +247,10 @@ async fn operations_finish_exactly_once_when_their_executor_or_the_leader_dies()
     assert_eq!(done["status"], "succeeded", "{done}");
     assert!(done["attempts"].as_u64().unwrap() >= 2, "taken over: {done}");
     assert_ne!(done["assignment"]["node_id"].as_u64(), Some(executor), "{done}");
+    let messages: Vec<&str> =
+        done["results"].as_array().unwrap().iter().filter_map(|r| r["message"].as_str()).collect();
+    assert_eq!(messages.len(), 3, "each action says how it went: {done}");
+    assert!(messages.iter().all(|m| m.contains("simulated driver") || m.contains("already applied")), "{messages:?}");
     applied_exactly_once(infra.path(), &operation, 3);
     let runtime = cluster.call(via, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
     assert_eq!(

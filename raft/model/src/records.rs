@@ -126,6 +126,9 @@ pub struct Operation {
     /// resumes from here).
     #[serde(default)]
     pub completed_actions: u32,
+    /// What the backend said about each completed action, in order.
+    #[serde(default)]
+    pub action_messages: Vec<String>,
     /// Who asked for it: an agent may not approve its own request.
     pub requested_by: Actor,
     /// The mode its policies were evaluated in (again right before it runs).
