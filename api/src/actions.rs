@@ -97,7 +97,7 @@ fn unsupported(index: usize, what: &str) -> Problem {
 }
 
 /// Turns one requested action into what the operation will run.
-fn lifecycle_action(
+pub(crate) fn lifecycle_action(
     action: &Action,
     index: usize,
     capabilities: &[String],

@@ -124,39 +124,61 @@ fn planned(actions: &[LifecycleAction]) -> Vec<PlannedAction> {
     actions.iter().map(|a| PlannedAction { action_type: a.kind(), params: crate::views::action_params(a) }).collect()
 }
 
-/// Runs the planner; a goal it does not understand is 422 with the goals it does.
-fn make_plan(input: PlanInput<'_>) -> Result<planner::Plan, Problem> {
-    match planner::plan(input) {
-        Ok(mut plan) => {
-            // Snapshots get their ids here, where ids are made.
-            for action in &mut plan.actions {
-                if let LifecycleAction::Snapshot { snapshot_id, .. } = action {
-                    *snapshot_id = new_id("snap");
-                }
-            }
-            Ok(plan)
-        }
-        Err(PlanError::NotUnderstood) => {
-            let goal = input.goal;
+/// A planner error as the client sees it: 422 naming the goals or constraints at fault.
+fn plan_problem(error: PlanError, goal: &str) -> Problem {
+    match error {
+        PlanError::NotUnderstood => {
             let mut problem = Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "goal-not-understood",
                 format!("the planner does not understand {goal:?}; it understands: {}", UNDERSTOOD_GOALS.join("; ")),
             );
             problem.errors.push(FieldError { path: "$.goal".into(), message: "not understood".into() });
-            Err(problem)
+            problem
         }
-        Err(PlanError::BadConstraint(path, message)) => Err(Problem::invalid_field(path, message)),
-        Err(PlanError::Blocked(reasons)) => {
+        PlanError::BadConstraint(path, message) => Problem::invalid_field(path, message),
+        PlanError::Blocked(reasons) => {
             let mut problem = Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "blocked-by-constraint",
                 format!("no plan satisfies the constraints: {}", reasons.join("; ")),
             );
             problem.errors.push(FieldError { path: "$.constraints".into(), message: reasons.join("; ") });
-            Err(problem)
+            problem
         }
     }
+}
+
+/// Plans a goal: the deterministic planner, or, for a goal it does not understand, the
+/// external planner when one is configured (its plan checked against the same constraints).
+async fn plan_goal(state: &AppState, input: PlanInput<'_>) -> Result<planner::Plan, Problem> {
+    let mut plan = match (planner::plan(input), &state.external_planner) {
+        (Err(PlanError::NotUnderstood), Some(external)) => {
+            let proposed =
+                external.plan(input.runtime, input.goal, input.constraints, input.context, input.sizes).await?;
+            let violations = planner::check_plan(input, &proposed.actions).map_err(|e| plan_problem(e, input.goal))?;
+            if !violations.is_empty() {
+                return Err(plan_problem(PlanError::Blocked(violations), input.goal));
+            }
+            let model = external.model();
+            planner::Plan {
+                actions: proposed.actions,
+                rationale: proposed.rationale.into_iter().map(|r| format!("external planner ({model}): {r}")).collect(),
+                blocked: Vec::new(),
+                recommendations: vec![format!(
+                    "this plan came from the external planner ({model}); review it, the policies still apply"
+                )],
+            }
+        }
+        (result, _) => result.map_err(|e| plan_problem(e, input.goal))?,
+    };
+    // Snapshots get their ids here, where ids are made.
+    for action in &mut plan.actions {
+        if let LifecycleAction::Snapshot { snapshot_id, .. } = action {
+            *snapshot_id = new_id("snap");
+        }
+    }
+    Ok(plan)
 }
 
 /// Submit an intent: planned now, executed as one operation.
@@ -172,15 +194,19 @@ pub(crate) async fn submit_intent(
     let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
     let sizes = sizes(&state)?;
     let no_signals = Map::new();
-    let plan = make_plan(PlanInput {
-        runtime: &runtime,
-        goal: &request.goal,
-        constraints: &request.constraints,
-        context: &request.context,
-        signals: &no_signals,
-        mode: request.policy_mode,
-        sizes: &sizes,
-    })?;
+    let plan = plan_goal(
+        &state,
+        PlanInput {
+            runtime: &runtime,
+            goal: &request.goal,
+            constraints: &request.constraints,
+            context: &request.context,
+            signals: &no_signals,
+            mode: request.policy_mode,
+            sizes: &sizes,
+        },
+    )
+    .await?;
     let now = chrono::Utc::now();
     let actor = actor(&headers)?;
     let operation = (!request.dry_run && !plan.actions.is_empty()).then(|| {
@@ -301,15 +327,19 @@ pub(crate) async fn plan_actions(
     let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
     let sizes = sizes(&state)?;
     let no_context = Map::new();
-    let plan = make_plan(PlanInput {
-        runtime: &runtime,
-        goal: &request.goal,
-        constraints: &request.constraints,
-        context: &no_context,
-        signals: &request.signals,
-        mode: request.policy_mode,
-        sizes: &sizes,
-    })?;
+    let plan = plan_goal(
+        &state,
+        PlanInput {
+            runtime: &runtime,
+            goal: &request.goal,
+            constraints: &request.constraints,
+            context: &no_context,
+            signals: &request.signals,
+            mode: request.policy_mode,
+            sizes: &sizes,
+        },
+    )
+    .await?;
     Ok(Json(ActionPlan {
         actions: planned(&plan.actions),
         rationale: plan.rationale,

@@ -13,6 +13,7 @@
 
 pub mod actions;
 pub mod cluster;
+pub mod external_planner;
 mod extract;
 pub mod intents;
 mod mutation;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub log_stats: Arc<runtimeai_raft::log_store::LogStats>,
     /// Largest request body accepted, in bytes (larger ones get 413).
     pub max_body_bytes: usize,
+    /// Asked for goals the deterministic planner does not understand, when configured.
+    pub external_planner: Option<Arc<external_planner::ExternalPlanner>>,
 }
 
 /// The whole REST surface of a node.

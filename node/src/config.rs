@@ -98,6 +98,17 @@ pub struct NodeArgs {
     /// How often the executor reports its runtimes' signals, in milliseconds [default: 5000].
     #[arg(long, env = "RUNTIMEAI_SIGNALS_INTERVAL_MS")]
     pub signals_interval_ms: Option<u64>,
+    /// Base URL of an OpenAI-compatible chat API (e.g. `https://api.openai.com/v1`) asked for
+    /// a plan when the deterministic planner does not understand a goal. Its key, if it needs
+    /// one, comes from the environment variable RUNTIMEAI_PLANNER_API_KEY [default: none].
+    #[arg(long, env = "RUNTIMEAI_PLANNER_URL")]
+    pub planner_url: Option<String>,
+    /// The model the external planner asks [default: gpt-4o-mini].
+    #[arg(long, env = "RUNTIMEAI_PLANNER_MODEL")]
+    pub planner_model: Option<String>,
+    /// How long to wait for the external planner, in milliseconds [default: 30000].
+    #[arg(long, env = "RUNTIMEAI_PLANNER_TIMEOUT_MS")]
+    pub planner_timeout_ms: Option<u64>,
     /// Time one backend call of the simulated driver takes, in milliseconds [default: 200].
     #[arg(long, env = "RUNTIMEAI_SIMULATED_STEP_MS")]
     pub simulated_step_ms: Option<u64>,
@@ -139,6 +150,8 @@ pub struct NodeConfig {
     pub signals_interval: Duration,
     pub simulated_step: Duration,
     pub simulated_infra_dir: PathBuf,
+    /// The external planner, if configured.
+    pub planner: Option<runtimeai_api::external_planner::ExternalPlannerConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +204,9 @@ impl NodeArgs {
             zone: self.zone.or(file.zone),
             operation_lease_ms: self.operation_lease_ms.or(file.operation_lease_ms),
             signals_interval_ms: self.signals_interval_ms.or(file.signals_interval_ms),
+            planner_url: self.planner_url.or(file.planner_url),
+            planner_model: self.planner_model.or(file.planner_model),
+            planner_timeout_ms: self.planner_timeout_ms.or(file.planner_timeout_ms),
             simulated_step_ms: self.simulated_step_ms.or(file.simulated_step_ms),
             simulated_infra_dir: self
                 .simulated_infra_dir
@@ -282,6 +298,24 @@ impl NodeArgs {
             return Err(ConfigError::TooSmall { flag: "signals-interval-ms", min: 100, value: signals_ms });
         }
         let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from(format!("runtimeai-{id}.data")));
+        let planner = match self.planner_url.filter(|u| !u.is_empty()) {
+            None => None,
+            Some(url) => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(ConfigError::BadAddress {
+                        flag: "planner-url",
+                        value: url,
+                        reason: "expected an http:// or https:// URL".into(),
+                    });
+                }
+                Some(runtimeai_api::external_planner::ExternalPlannerConfig {
+                    url,
+                    model: self.planner_model.unwrap_or_else(|| "gpt-4o-mini".to_string()),
+                    api_key: std::env::var("RUNTIMEAI_PLANNER_API_KEY").ok().filter(|k| !k.is_empty()),
+                    timeout: Duration::from_millis(self.planner_timeout_ms.unwrap_or(30_000).max(100)),
+                })
+            }
+        };
         Ok(NodeConfig {
             id,
             http,
@@ -305,6 +339,7 @@ impl NodeArgs {
             operation_lease: Duration::from_millis(lease_ms),
             signals_interval: Duration::from_millis(signals_ms),
             simulated_step: Duration::from_millis(self.simulated_step_ms.unwrap_or(200).max(1)),
+            planner,
         })
     }
 }

@@ -83,12 +83,20 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         );
     let grpc_task = tokio::spawn(grpc);
 
+    let external_planner = match config.planner.clone() {
+        None => None,
+        Some(planner) => Some(Arc::new(
+            runtimeai_api::external_planner::ExternalPlanner::new(planner)
+                .context("cannot set up the external planner")?,
+        )),
+    };
     let app = runtimeai_api::router(AppState {
         replica: replica.clone(),
         http_addr: config.advertise_http.clone(),
         grpc_addr: config.advertise_grpc.clone(),
         log_stats,
         max_body_bytes: config.max_body_bytes,
+        external_planner,
     });
     let http = axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     let http_task = tokio::spawn(async move { http.await });

@@ -280,3 +280,96 @@ async fn operations_finish_exactly_once_when_their_executor_or_the_leader_dies()
     applied_exactly_once(infra.path(), &operation, 2);
     Ok(())
 }
+
+/// A stand-in for an OpenAI-compatible chat endpoint (no model runs in the tests): it answers
+/// by a keyword of the goal and counts its calls.
+async fn fake_model() -> anyhow::Result<(String, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move |axum::Json(request): axum::Json<Value>| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let asked = request["messages"][1]["content"].as_str().unwrap_or_default().to_string();
+                let content = if asked.contains("nightly") {
+                    json!({"actions": [
+                        {"type": "snapshot", "params": {"name": "pre-batch"}},
+                        {"type": "scale", "params": {"size": "large"}}
+                    ], "rationale": ["a restore point first", "more cpu for the batch"]})
+                    .to_string()
+                } else if asked.contains("gigantic") {
+                    json!({"actions": [{"type": "scale", "params": {"size": "gigantic"}}]}).to_string()
+                } else {
+                    "Have you tried turning it off and on again?".to_string()
+                };
+                axum::Json(json!({"choices": [{"message": {"role": "assistant", "content": content}}]}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/v1", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, calls))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_planner_plans_goals_the_deterministic_one_does_not_know() -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+    let (url, calls) = fake_model().await?;
+    let args = ["--simulated-step-ms", "50", "--planner-url", &url, "--planner-model", "stand-in"];
+    let cluster =
+        Cluster::start(3, ClusterOptions { extra_args: args.iter().map(|a| a.to_string()).collect() }).await?;
+    let created =
+        cluster.call(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "etl", "type": "vm"})), &[]).await?;
+    let id = created.body["id"].as_str().unwrap().to_string();
+    cluster.wait_operation(1, created.body["active_operation"].as_str().unwrap(), SETTLE).await?;
+
+    phase("a goal the deterministic planner knows never reaches the model");
+    let plan = format!("/v1/runtimes/{id}/actions/plan");
+    let known = cluster.call(2, Method::POST, &plan, Some(&json!({"goal": "restart"})), &[]).await?;
+    assert_eq!(known.status, 200, "{known:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+
+    phase("an unknown goal is planned by the model, in the API's own action schema");
+    let goal = json!({"goal": "get ready for the nightly batch", "policy_mode": "balanced"});
+    let planned = cluster.call(3, Method::POST, &plan, Some(&goal), &[]).await?;
+    assert_eq!(planned.status, 200, "{planned:?}");
+    let kinds: Vec<&str> =
+        planned.body["actions"].as_array().unwrap().iter().map(|a| a["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["snapshot", "scale"]);
+    assert!(planned.body["rationale"][0].as_str().unwrap().starts_with("external planner (stand-in)"), "{planned:?}");
+
+    phase("as an intent it runs like any plan");
+    let intent = cluster.call(1, Method::POST, &format!("/v1/runtimes/{id}/intent"), Some(&goal), &[]).await?;
+    assert_eq!((intent.status, intent.body["status"].as_str()), (202, Some("accepted")), "{intent:?}");
+    let done = cluster.wait_operation(2, intent.body["operation_id"].as_str().unwrap(), SETTLE).await?;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let runtime = cluster.call(3, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    assert_eq!(runtime.body["spec"]["size"], "large");
+
+    phase("its plans meet the constraints, and output the API would refuse is a 502");
+    let budget = json!({"goal": "shrink for the nightly batch", "constraints": {"max_cost_per_hour": 0.1}});
+    let runtime_small = cluster
+        .call(
+            1,
+            Method::POST,
+            "/v1/runtimes",
+            Some(&json!({"name": "etl2", "type": "vm", "spec": {"size": "small"}})),
+            &[],
+        )
+        .await?;
+    let small_id = runtime_small.body["id"].as_str().unwrap().to_string();
+    cluster.wait_operation(1, runtime_small.body["active_operation"].as_str().unwrap(), SETTLE).await?;
+    let blocked =
+        cluster.call(1, Method::POST, &format!("/v1/runtimes/{small_id}/actions/plan"), Some(&budget), &[]).await?;
+    assert!(problem(&blocked, 422, "blocked-by-constraint"), "{blocked:?}");
+    let invalid = cluster.call(2, Method::POST, &plan, Some(&json!({"goal": "make it gigantic"})), &[]).await?;
+    assert!(problem(&invalid, 502, "planner-output-invalid"), "{invalid:?}");
+    assert!(invalid.body["detail"].as_str().unwrap().contains("gigantic"), "{invalid:?}");
+    let chatty = cluster.call(3, Method::POST, &plan, Some(&json!({"goal": "do the thing"})), &[]).await?;
+    assert!(problem(&chatty, 502, "planner-output-invalid"), "{chatty:?}");
+    Ok(())
+}

@@ -319,6 +319,29 @@ impl Planner<'_> {
     }
 }
 
+/// Checks a plan made elsewhere (the external planner) against the same constraints: the
+/// violations, each naming the constraint; empty when the plan is acceptable.
+pub fn check_plan(input: PlanInput<'_>, actions: &[LifecycleAction]) -> Result<Vec<String>, PlanError> {
+    let constraints = Constraints::parse(input.constraints)?;
+    let p = Planner { input, catalogue: Catalogue::new(input.sizes), constraints, blocked: Vec::new() };
+    let mut spec = input.runtime.spec.clone();
+    let mut state = input.runtime.state;
+    for action in actions {
+        action.apply_to_spec(&mut spec);
+        if let Ok((_, after)) = action.transition(state) {
+            state = after;
+        }
+    }
+    let option = Option_ {
+        label: "the external plan".into(),
+        actions: actions.to_vec(),
+        spec,
+        running: !matches!(state, RuntimeState::Stopped | RuntimeState::Deleted),
+        why: String::new(),
+    };
+    Ok(p.violations(&option).into_iter().map(|v| format!("{v}: {} ruled out", option.label)).collect())
+}
+
 fn snapshot(reason: &str) -> LifecycleAction {
     LifecycleAction::Snapshot {
         snapshot_id: String::new(),
@@ -692,6 +715,26 @@ mod tests {
         assert!(matches!(err, PlanError::BadConstraint(ref path, _) if path == "$.constraints.colour"), "{err:?}");
         let err = run(&rt, "reduce cost", json!({"latency": "fast"}), SafeFirst).unwrap_err();
         assert!(matches!(err, PlanError::BadConstraint(ref path, _) if path == "$.constraints.latency"), "{err:?}");
+    }
+
+    #[test]
+    fn plans_made_elsewhere_meet_the_same_constraints() {
+        let sizes = default_sizes();
+        let rt = runtime("small", Running);
+        let (constraints, empty) = (map(json!({"max_cost_per_hour": 0.2})), Map::new());
+        let input = PlanInput {
+            runtime: &rt,
+            goal: "whatever the model was asked",
+            constraints: &constraints,
+            context: &empty,
+            signals: &empty,
+            mode: Balanced,
+            sizes: &sizes,
+        };
+        let to = |size: &str| LifecycleAction::Scale { size: Some(size.into()), resources: None };
+        assert!(check_plan(input, &[to("medium")]).unwrap().is_empty());
+        let violations = check_plan(input, &[to("large")]).unwrap();
+        assert!(violations[0].contains("budget 0.20/h") && violations[0].contains("external plan"), "{violations:?}");
     }
 
     #[test]
