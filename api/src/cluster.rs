@@ -43,8 +43,9 @@ pub(crate) async fn health() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok", "version": VERSION }))
 }
 
-/// Ready for traffic: a leader is known and this node has applied everything the leader had
-/// committed when asked (a read-index round trip, bounded to two seconds).
+/// Ready for traffic: a leader is known, this node has applied everything the leader had
+/// committed when asked (a read-index round trip, bounded to two seconds), and it has announced
+/// itself (addresses, backends) in the replicated state.
 #[utoipa::path(get, path = "/readyz", tag = "Health",
     responses((status = 200, description = "ready", body = Object), ProblemResponses))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, Problem> {
@@ -55,6 +56,9 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Result<impl IntoRes
     match tokio::time::timeout(Duration::from_secs(2), state.replica.read_barrier()).await {
         Err(_) => Err(Problem::unavailable("has not caught up with the leader's commit index within 2s")),
         Ok(Err(e)) => Err(Problem::unavailable(format!("not ready: {e}"))),
+        Ok(Ok(())) if !state.replica.state.nodes()?.iter().any(|n| n.node_id == state.replica.id) => {
+            Err(Problem::unavailable("has not announced its addresses and backends to the cluster yet"))
+        }
         Ok(Ok(())) => Ok(Json(serde_json::json!({ "status": "ready", "leader_id": leader }))),
     }
 }

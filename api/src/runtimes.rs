@@ -183,10 +183,10 @@ pub(crate) fn sizes(state: &AppState) -> Result<Vec<SizeEntry>, Problem> {
 /// label, if it has one), the one with the fewest runtimes; ties go to the lowest node id.
 fn place(state: &AppState, runtime_type: RuntimeType, labels: &BTreeMap<String, String>) -> Result<Placement, Problem> {
     let site = labels.get("site");
-    let candidates: Vec<_> = state
-        .replica
-        .state
-        .nodes()?
+    let nodes = state.replica.state.nodes()?;
+    let members = state.replica.metrics().membership_config.nodes().count();
+    let unannounced = members > nodes.len();
+    let candidates: Vec<_> = nodes
         .into_iter()
         .filter(|n| n.backends.iter().any(|b| b == runtime_type.as_str()))
         .filter(|n| site.is_none() || n.site.as_ref() == site)
@@ -195,6 +195,13 @@ fn place(state: &AppState, runtime_type: RuntimeType, labels: &BTreeMap<String, 
     let load = |node: u64| runtimes.iter().filter(|r| r.placement.as_ref().is_some_and(|p| p.node_id == node)).count();
     let chosen = candidates.into_iter().min_by_key(|n| (load(n.node_id), n.node_id)).ok_or_else(|| {
         let where_ = site.map(|s| format!(" in site {s:?}")).unwrap_or_default();
+        if unannounced {
+            // A member that has not announced itself yet may serve it: ask to retry.
+            return Problem::unavailable(format!(
+                "no announced node executes {} runtimes{where_} yet; some members have not announced themselves",
+                runtime_type.as_str()
+            ));
+        }
         validate::invalid(
             "$.type",
             format!("no node of the cluster executes {} runtimes{where_}", runtime_type.as_str()),
