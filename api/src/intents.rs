@@ -77,6 +77,24 @@ pub struct ActionPlan {
     /// Options the constraints ruled out, each naming the constraint.
     pub blocked: Vec<String>,
     pub recommendations: Vec<String>,
+    /// What the policies would decide on each action if it were executed now (by the same
+    /// actor, in the same mode).
+    pub decisions: Vec<PolicyDecision>,
+}
+
+/// What the policies would decide on `actions` now: a preview for plans that do not run.
+fn preview_decisions(
+    state: &AppState,
+    headers: &HeaderMap,
+    runtime: &runtimeai_model::Runtime,
+    actions: &[LifecycleAction],
+    mode: PolicyMode,
+) -> Result<Vec<PolicyDecision>, Problem> {
+    let policies = state.replica.state.list_policies()?;
+    let sizes = sizes(state)?;
+    let actor = actor(headers)?;
+    let request = runtimeai_engine::policy::Request { runtime, actions, actor: &actor, mode, sizes: &sizes };
+    Ok(runtimeai_engine::policy::evaluate(&policies, request))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -92,7 +110,8 @@ pub struct IntentResponse {
     /// Options the constraints ruled out, each naming the constraint.
     pub blocked: Vec<String>,
     pub recommendations: Vec<String>,
-    /// The policy decision on each planned action (none for a dry run: nothing was asked).
+    /// The policy decision on each planned action: as made when the operation was accepted, or,
+    /// for a dry run, what the policies would decide now.
     pub decisions: Vec<PolicyDecision>,
 }
 
@@ -237,10 +256,14 @@ pub(crate) async fn submit_intent(
                 Some(OperationStatus::PendingApproval) => "pending_approval",
                 Some(_) => "accepted",
             };
+            let decisions = match &operation {
+                Some(operation) => operation.decisions.clone(),
+                None => preview_decisions(&state, &headers, &runtime, &intent.planned, intent.policy_mode)?,
+            };
             let response = IntentResponse {
                 intent_id: intent.id,
                 status,
-                decisions: operation.as_ref().map(|o| o.decisions.clone()).unwrap_or_default(),
+                decisions,
                 operation_id: operation.map(|o| o.id),
                 planned_actions: planned(&intent.planned),
                 rationale: intent.rationale,
@@ -316,7 +339,7 @@ pub(crate) async fn get_intent(
 
 /// Ask for a plan (no execution).
 #[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/actions/plan", tag = "Actions",
-    params(("runtime_id" = String, Path), TenantId), request_body = ActionPlanRequest,
+    params(("runtime_id" = String, Path), TenantId, XActor), request_body = ActionPlanRequest,
     responses((status = 200, description = "Action plan", body = ActionPlan), ProblemResponses))]
 pub(crate) async fn plan_actions(
     State(state): State<AppState>,
@@ -340,7 +363,9 @@ pub(crate) async fn plan_actions(
         },
     )
     .await?;
+    let decisions = preview_decisions(&state, &headers, &runtime, &plan.actions, request.policy_mode)?;
     Ok(Json(ActionPlan {
+        decisions,
         actions: planned(&plan.actions),
         rationale: plan.rationale,
         blocked: plan.blocked,

@@ -655,6 +655,7 @@ async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
     assert_eq!(dry.body["status"], "planned");
     assert!(dry.body["operation_id"].is_null());
     assert_eq!(dry.body["planned_actions"][0]["params"]["size"], "large");
+    assert_eq!(dry.body["decisions"][0]["verdict"], "require_approval", "a dry run previews the policies: {dry:?}");
     let runtime = cluster.call(1, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
     assert_eq!(runtime.body["spec"]["size"], "medium", "a dry run changes nothing");
     Ok(())
