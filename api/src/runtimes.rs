@@ -236,22 +236,14 @@ pub(crate) async fn create_runtime(
     let operation = new_operation(&id, LifecycleAction::Create, RuntimeState::Creating, now, actor, mode);
     let placement = place(&state, request.runtime_type, &request.labels)?;
     let runtime = Runtime {
-        id: id.clone(),
-        name: request.name.clone(),
-        runtime_type: request.runtime_type,
-        state: RuntimeState::Creating,
         tenant_id,
         labels: request.labels.clone(),
         capabilities: CAPABILITIES.iter().map(|c| c.to_string()).collect(),
         backend: Some(BackendRef { kind: BackendKind::Custom, reference: format!("simulated/{id}") }),
         spec: request.spec.clone(),
-        created_at: now,
-        updated_at: None,
-        version: 1,
         active_operation: Some(operation.id.clone()),
-        snapshots: Vec::new(),
         placement: Some(placement),
-        signals: None,
+        ..Runtime::new(id.clone(), request.name.clone(), request.runtime_type, now)
     };
     match propose(&state, &headers, "POST /v1/runtimes", &request, Op::CreateRuntime { runtime, operation }).await? {
         CommandReply::Created { runtime, .. } => Ok(runtime_response(StatusCode::CREATED, &runtime)),

@@ -163,22 +163,8 @@ mod tests {
             step,
             token,
             runtime: Runtime {
-                id: "rt_1".into(),
-                name: "r".into(),
-                runtime_type: runtimeai_model::RuntimeType::Vm,
                 state: RuntimeState::Running,
-                tenant_id: None,
-                labels: Default::default(),
-                capabilities: vec![],
-                backend: None,
-                spec: Default::default(),
-                created_at: chrono::DateTime::UNIX_EPOCH,
-                updated_at: None,
-                version: 1,
-                active_operation: None,
-                snapshots: vec![],
-                placement: None,
-                signals: None,
+                ..Runtime::new("rt_1", "r", runtimeai_model::RuntimeType::Vm, chrono::DateTime::UNIX_EPOCH)
             },
             action: LifecycleAction::Restart,
         }

@@ -95,17 +95,11 @@ async fn schedule(replica: &Replica, options: &SchedulerOptions, settled: bool) 
     Ok(())
 }
 
-/// The executor for an operation: the runtime's node if it is live, else the live node serving
-/// the runtime's type in its site with the lowest id, preferring one other than the executor
-/// whose lease expired.
+/// The executor for an operation: the runtime's node if it is live and still serves the
+/// runtime's type, else the live node serving that type in the runtime's site with the lowest id,
+/// preferring one other than the executor whose lease expired.
 fn choose(runtime: &Runtime, operation: &Operation, nodes: &[NodeInfo], reachable: &[u64]) -> Option<u64> {
     let placed = runtime.placement.as_ref();
-    if let Some(placement) = placed {
-        let previous = operation.assignment.as_ref().map(|a| a.node_id);
-        if reachable.contains(&placement.node_id) && previous != Some(placement.node_id) {
-            return Some(placement.node_id);
-        }
-    }
     let site = placed.and_then(|p| p.site.clone());
     let previous = operation.assignment.as_ref().map(|a| a.node_id);
     let mut candidates: Vec<u64> = nodes
@@ -115,6 +109,49 @@ fn choose(runtime: &Runtime, operation: &Operation, nodes: &[NodeInfo], reachabl
         .filter(|n| site.is_none() || n.site == site)
         .map(|n| n.node_id)
         .collect();
-    candidates.sort_by_key(|id| (Some(*id) == previous, *id));
+    // Order: the runtime's own node first, then by id; the executor that let its lease expire last.
+    candidates.sort_by_key(|id| (Some(*id) == previous, Some(*id) != placed.map(|p| p.node_id), *id));
     candidates.first().copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runtimeai_model::{Assignment, Placement, RuntimeType};
+
+    fn node(id: u64, backends: &[&str], site: Option<&str>) -> NodeInfo {
+        NodeInfo {
+            node_id: id,
+            grpc_addr: String::new(),
+            http_addr: String::new(),
+            version: String::new(),
+            backends: backends.iter().map(|b| b.to_string()).collect(),
+            site: site.map(String::from),
+            zone: None,
+        }
+    }
+
+    #[test]
+    fn the_runtimes_node_first_then_a_live_peer_in_its_site() {
+        let epoch = chrono::DateTime::UNIX_EPOCH;
+        let mut runtime = Runtime::new("rt", "r", RuntimeType::Vm, epoch);
+        runtime.placement = Some(Placement { node_id: 2, site: Some("eu".into()), zone: None });
+        let nodes = [
+            node(1, &["vm"], Some("eu")),
+            node(2, &["vm"], Some("eu")),
+            node(3, &["vm"], Some("us")),
+            node(4, &["sandbox"], Some("eu")),
+        ];
+        let json = serde_json::json!({
+            "id": "op", "runtime_id": "rt", "action": "restart", "prior_state": "running", "status": "queued",
+            "created_at": epoch, "requested_by": "system", "policy_mode": "balanced", "version": 1
+        });
+        let mut operation: Operation = serde_json::from_value(json).unwrap();
+        assert_eq!(choose(&runtime, &operation, &nodes, &[1, 2, 3, 4]), Some(2), "its own node");
+        assert_eq!(choose(&runtime, &operation, &nodes, &[1, 3, 4]), Some(1), "a live peer in its site");
+        assert_eq!(choose(&runtime, &operation, &nodes, &[3, 4]), None, "nobody in its site serves vm");
+        operation.assignment = Some(Assignment { node_id: 2, token: 7, lease_until: epoch });
+        assert_eq!(choose(&runtime, &operation, &nodes, &[1, 2]), Some(1), "not the one whose lease expired");
+        assert_eq!(choose(&runtime, &operation, &nodes, &[2]), Some(2), "unless it is the only one");
+    }
 }

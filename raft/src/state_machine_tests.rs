@@ -7,8 +7,7 @@ use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload, LogId, Membership};
 
 use runtimeai_model::{
-    Actor, ClusterSettings, LifecycleAction, Operation, OperationStatus, PolicyMode, Runtime, RuntimeSpec,
-    RuntimeState, RuntimeType,
+    Actor, ClusterSettings, LifecycleAction, Operation, OperationStatus, PolicyMode, Runtime, RuntimeState, RuntimeType,
 };
 
 use super::StateMachineStore;
@@ -29,22 +28,10 @@ fn at(seconds: i64) -> runtimeai_model::Timestamp {
 
 fn runtime(id: &str, name: &str) -> Runtime {
     Runtime {
-        id: id.into(),
-        name: name.into(),
-        runtime_type: RuntimeType::Vm,
-        state: RuntimeState::Creating,
         tenant_id: Some("acme".into()),
         labels: BTreeMap::from([("env".into(), "prod".into())]),
-        capabilities: vec![],
-        backend: None,
-        spec: RuntimeSpec::default(),
-        created_at: at(0),
-        updated_at: None,
-        version: 1,
         active_operation: Some(format!("op_create_{id}")),
-        snapshots: vec![],
-        placement: None,
-        signals: None,
+        ..Runtime::new(id, name, RuntimeType::Vm, at(0))
     }
 }
 

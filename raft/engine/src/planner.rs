@@ -537,24 +537,8 @@ mod tests {
     use serde_json::json;
 
     fn runtime(size: &str, state: RuntimeState) -> Runtime {
-        Runtime {
-            id: "rt_1".into(),
-            name: "r".into(),
-            runtime_type: RuntimeType::Vm,
-            state,
-            tenant_id: None,
-            labels: Default::default(),
-            capabilities: vec![],
-            backend: None,
-            spec: RuntimeSpec { size: Some(size.into()), ..Default::default() },
-            created_at: chrono::DateTime::UNIX_EPOCH,
-            updated_at: None,
-            version: 1,
-            active_operation: None,
-            snapshots: vec![],
-            placement: None,
-            signals: None,
-        }
+        let spec = RuntimeSpec { size: Some(size.into()), ..Default::default() };
+        Runtime { state, spec, ..Runtime::new("rt_1", "r", RuntimeType::Vm, chrono::DateTime::UNIX_EPOCH) }
     }
 
     fn map(value: Value) -> Map<String, Value> {

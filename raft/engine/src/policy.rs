@@ -362,22 +362,11 @@ mod tests {
 
     fn runtime(env: Option<&str>, size: &str, state: RuntimeState) -> Runtime {
         Runtime {
-            id: "rt_1".into(),
-            name: "r".into(),
-            runtime_type: RuntimeType::Vm,
             state,
             tenant_id: Some("acme".into()),
             labels: env.map(|e| [("env".to_string(), e.to_string())].into()).unwrap_or_default(),
-            capabilities: vec![],
-            backend: None,
             spec: RuntimeSpec { size: Some(size.into()), ..Default::default() },
-            created_at: chrono::DateTime::UNIX_EPOCH,
-            updated_at: None,
-            version: 1,
-            active_operation: None,
-            snapshots: vec![],
-            placement: None,
-            signals: None,
+            ..Runtime::new("rt_1", "r", RuntimeType::Vm, chrono::DateTime::UNIX_EPOCH)
         }
     }
 

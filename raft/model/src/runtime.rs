@@ -204,6 +204,33 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// A runtime as it is first recorded: `creating`, version 1, nothing else set yet.
+    pub fn new(
+        id: impl Into<String>,
+        name: impl Into<String>,
+        runtime_type: RuntimeType,
+        created_at: crate::Timestamp,
+    ) -> Runtime {
+        Runtime {
+            id: id.into(),
+            name: name.into(),
+            runtime_type,
+            state: RuntimeState::Creating,
+            tenant_id: None,
+            labels: BTreeMap::new(),
+            capabilities: Vec::new(),
+            backend: None,
+            spec: RuntimeSpec::default(),
+            created_at,
+            updated_at: None,
+            version: 1,
+            active_operation: None,
+            snapshots: Vec::new(),
+            placement: None,
+            signals: None,
+        }
+    }
+
     /// The environment policies are scoped by: the `env` label.
     pub fn env(&self) -> Option<&str> {
         self.labels.get("env").map(String::as_str)
