@@ -74,9 +74,9 @@ pub struct MemberView {
     pub role: String,
     /// Whether the leader currently reaches the member (`null` when no leader answers).
     pub reachable: Option<bool>,
-    /// Runtime types the member's executor serves (empty until it has registered).
+    /// The backends the member's executor drives (empty until it has registered).
     #[serde(default)]
-    pub backends: Vec<String>,
+    pub backends: Vec<runtimeai_model::BackendInfo>,
     #[serde(default)]
     pub site: Option<String>,
     #[serde(default)]

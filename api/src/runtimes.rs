@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use runtimeai_model::{
-    Actor, BackendKind, BackendRef, Event, LifecycleAction, Operation, OperationStatus, Placement, PolicyMode,
-    ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec, RuntimeState, RuntimeType, SizeEntry, Timestamp,
+    Actor, BackendInfo, BackendKind, BackendRef, Event, LifecycleAction, Operation, OperationStatus, Placement,
+    PolicyMode, ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec, RuntimeState, RuntimeType, SizeEntry,
+    Timestamp,
 };
 use runtimeai_raft::{CommandReply, Op};
 
@@ -40,8 +41,14 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/v1/runtimes/{runtime_id}/lifecycle/restore", post(restore_runtime))
 }
 
-/// Everything a runtime of any type can do today (the in-process simulated backend).
-const CAPABILITIES: &[&str] = &["start", "stop", "restart", "scale", "snapshot", "restore", "delete"];
+/// The seed's backend kinds, by driver.
+fn backend_kind(driver: &str) -> BackendKind {
+    match driver {
+        "libvirt" => BackendKind::VmBackend,
+        "kubernetes" => BackendKind::VclusterBackend,
+        _ => BackendKind::Custom,
+    }
+}
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -180,19 +187,44 @@ pub(crate) fn sizes(state: &AppState) -> Result<Vec<SizeEntry>, Problem> {
 }
 
 /// Where a new runtime goes: among the nodes whose executor serves its type (and its `site`
-/// label, if it has one), the one with the fewest runtimes; ties go to the lowest node id.
-fn place(state: &AppState, runtime_type: RuntimeType, labels: &BTreeMap<String, String>) -> Result<Placement, Problem> {
+/// label, if it has one), the one with the fewest runtimes; ties go to the lowest node id. The
+/// backend it lands on says what the runtime can do.
+fn place(
+    state: &AppState,
+    runtime_type: RuntimeType,
+    labels: &BTreeMap<String, String>,
+) -> Result<(Placement, BackendInfo), Problem> {
     let site = labels.get("site");
     let nodes = state.replica.state.nodes()?;
     let members = state.replica.metrics().membership_config.nodes().count();
     let unannounced = members > nodes.len();
     let candidates: Vec<_> = nodes
         .into_iter()
-        .filter(|n| n.backends.iter().any(|b| b == runtime_type.as_str()))
+        .filter(|n| n.backends.iter().any(|b| b.runtime_type == runtime_type.as_str()))
         .filter(|n| site.is_none() || n.site.as_ref() == site)
         .collect();
     let runtimes = state.replica.state.list_runtimes()?;
     let load = |node: u64| runtimes.iter().filter(|r| r.placement.as_ref().is_some_and(|p| p.node_id == node)).count();
+    let available = || {
+        let mut offered: Vec<String> = state
+            .replica
+            .state
+            .nodes()
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|n| {
+                let site = n.site.clone().map(|s| format!(" in site {s}")).unwrap_or_default();
+                n.backends.iter().map(move |b| format!("{} ({}{site})", b.runtime_type, b.driver))
+            })
+            .collect();
+        offered.sort();
+        offered.dedup();
+        if offered.is_empty() {
+            "nothing".to_string()
+        } else {
+            offered.join(", ")
+        }
+    };
     let chosen = candidates.into_iter().min_by_key(|n| (load(n.node_id), n.node_id)).ok_or_else(|| {
         let where_ = site.map(|s| format!(" in site {s:?}")).unwrap_or_default();
         if unannounced {
@@ -204,10 +236,20 @@ fn place(state: &AppState, runtime_type: RuntimeType, labels: &BTreeMap<String, 
         }
         validate::invalid(
             "$.type",
-            format!("no node of the cluster executes {} runtimes{where_}", runtime_type.as_str()),
+            format!(
+                "no node of the cluster executes {} runtimes{where_}; available: {}",
+                runtime_type.as_str(),
+                available()
+            ),
         )
     })?;
-    Ok(Placement { node_id: chosen.node_id, site: chosen.site, zone: chosen.zone })
+    let backend = chosen
+        .backends
+        .iter()
+        .find(|b| b.runtime_type == runtime_type.as_str())
+        .cloned()
+        .expect("chosen among the nodes serving the type");
+    Ok((Placement { node_id: chosen.node_id, site: chosen.site, zone: chosen.zone }, backend))
 }
 
 /// Create a runtime. It starts in `creating`; its create operation is `active_operation`.
@@ -234,12 +276,15 @@ pub(crate) async fn create_runtime(
     let actor = actor(&headers)?;
     let mode = default_mode(&actor);
     let operation = new_operation(&id, LifecycleAction::Create, RuntimeState::Creating, now, actor, mode);
-    let placement = place(&state, request.runtime_type, &request.labels)?;
+    let (placement, backend) = place(&state, request.runtime_type, &request.labels)?;
     let runtime = Runtime {
         tenant_id,
         labels: request.labels.clone(),
-        capabilities: CAPABILITIES.iter().map(|c| c.to_string()).collect(),
-        backend: Some(BackendRef { kind: BackendKind::Custom, reference: format!("simulated/{id}") }),
+        capabilities: backend.capabilities.clone(),
+        backend: Some(BackendRef {
+            kind: backend_kind(&backend.driver),
+            reference: format!("{}/{id}", backend.driver),
+        }),
         spec: request.spec.clone(),
         active_operation: Some(operation.id.clone()),
         placement: Some(placement),
@@ -412,6 +457,20 @@ pub(crate) async fn begin_in_mode(
     mode: Option<PolicyMode>,
 ) -> Result<Response, Problem> {
     let runtime = read_runtime(state, headers, runtime_id, Consistency::Linearizable).await?;
+    for (i, step) in action.steps().iter().enumerate() {
+        let kind = step.kind();
+        if kind != "delete" && !runtime.capabilities.iter().any(|c| c == kind) {
+            let path = if matches!(action, LifecycleAction::Sequence { .. }) {
+                format!("$.actions[{i}].type")
+            } else {
+                "$".into()
+            };
+            return Err(validate::invalid(
+                &path,
+                format!("this runtime's backend cannot {kind} (capabilities: {})", runtime.capabilities.join(", ")),
+            ));
+        }
+    }
     let actor = actor(headers)?;
     let mode = mode.unwrap_or_else(|| default_mode(&actor));
     let operation = new_operation(runtime_id, action, runtime.state, chrono::Utc::now(), actor, mode);

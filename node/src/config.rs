@@ -8,10 +8,55 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use runtimeai_model::RuntimeType;
 use serde::Deserialize;
 
 /// Runtime types an executor can serve.
 pub const BACKENDS: &[&str] = &["vm", "vcluster", "sandbox", "agent_runtime"];
+
+/// Which driver runs a runtime type's operations on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Driver {
+    /// Fenced and idempotent, but changes no infrastructure (`--simulated-*`).
+    Simulated,
+}
+
+/// One `--backends` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub runtime_type: RuntimeType,
+    pub driver: Driver,
+}
+
+/// Parses `--backends`: `none`, or `<type>[=<driver>[:<target>]]` entries.
+fn parse_backends(text: Option<&str>) -> Result<Vec<BackendSpec>, ConfigError> {
+    let text = text.map(str::trim).unwrap_or("vm,vcluster,sandbox,agent_runtime");
+    if text == "none" || text.is_empty() {
+        return Ok(Vec::new());
+    }
+    let bad = |entry: &str, why: String| ConfigError::Conflict(format!("--backends {entry:?}: {why}"));
+    let mut specs: Vec<BackendSpec> = Vec::new();
+    for entry in text.split(',').map(str::trim) {
+        let (kind, driver) = entry.split_once('=').unwrap_or((entry, ""));
+        let runtime_type = match kind {
+            "vm" => RuntimeType::Vm,
+            "vcluster" => RuntimeType::Vcluster,
+            "sandbox" => RuntimeType::Sandbox,
+            "agent_runtime" => RuntimeType::AgentRuntime,
+            _ => return Err(bad(entry, format!("unknown runtime type; expected one of {}", BACKENDS.join(", ")))),
+        };
+        let (name, _target) = driver.split_once(':').unwrap_or((driver, ""));
+        let driver = match name {
+            "" | "simulated" => Driver::Simulated,
+            other => return Err(bad(entry, format!("unknown driver {other:?}; drivers: simulated"))),
+        };
+        if specs.iter().any(|s| s.runtime_type == runtime_type) {
+            return Err(bad(entry, "names a runtime type twice".into()));
+        }
+        specs.push(BackendSpec { runtime_type, driver });
+    }
+    Ok(specs)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -80,9 +125,10 @@ pub struct NodeArgs {
     /// Largest REST request body accepted, in bytes; larger ones get 413 [default: 1048576].
     #[arg(long, env = "RUNTIMEAI_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
-    /// Runtime types this node's executor serves, comma-separated (`vm,vcluster,sandbox,
-    /// agent_runtime`); `none` for a node that only votes and serves the API
-    /// [default: all of them].
+    /// The backends this node's executor drives, comma-separated, one per runtime type:
+    /// `<type>[=<driver>[:<target>]]`, e.g. `vm=simulated,sandbox`. Types: vm, vcluster,
+    /// sandbox, agent_runtime; drivers: simulated. `none` for a node that only votes and serves
+    /// the API [default: every type, simulated].
     #[arg(long, env = "RUNTIMEAI_BACKENDS")]
     pub backends: Option<String>,
     /// The site this node is in (runtimes labelled `site=<name>` are placed on its nodes).
@@ -142,8 +188,8 @@ pub struct NodeConfig {
     pub snapshot_catchup_entries: u64,
     pub snapshot_chunk_bytes: u64,
     pub max_body_bytes: usize,
-    /// Runtime types this node executes (`vm`, `vcluster`, `sandbox`, `agent_runtime`).
-    pub backends: Vec<String>,
+    /// The backends this node drives, one per runtime type.
+    pub backends: Vec<BackendSpec>,
     pub site: Option<String>,
     pub zone: Option<String>,
     pub operation_lease: Duration,
@@ -278,17 +324,7 @@ impl NodeArgs {
                 "--cluster-name {cluster_name:?} must be non-empty without spaces"
             )));
         }
-        let backends: Vec<String> = match self.backends.as_deref().map(str::trim) {
-            None => BACKENDS.iter().map(|b| b.to_string()).collect(),
-            Some("none") | Some("") => Vec::new(),
-            Some(list) => list.split(',').map(|b| b.trim().to_string()).collect(),
-        };
-        if let Some(unknown) = backends.iter().find(|b| !BACKENDS.contains(&b.as_str())) {
-            return Err(ConfigError::Conflict(format!(
-                "--backends: unknown runtime type {unknown:?}; expected some of {} (or none)",
-                BACKENDS.join(",")
-            )));
-        }
+        let backends = parse_backends(self.backends.as_deref())?;
         let lease_ms = self.operation_lease_ms.unwrap_or(3_000);
         if lease_ms < 300 {
             return Err(ConfigError::TooSmall { flag: "operation-lease-ms", min: 300, value: lease_ms });

@@ -11,13 +11,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use runtimeai_engine::Catalogue;
 use runtimeai_model::{
-    Actor, Operation, OperationError, OperationProgress, OperationStatus, RuntimeSignals, RuntimeState,
+    Actor, Operation, OperationError, OperationProgress, OperationStatus, Runtime, RuntimeSignals, RuntimeState,
+    SizeEntry,
 };
 use runtimeai_raft::{ClusterError, Command, CommandReply, Op, Rejection, Replica};
 use tokio::sync::watch;
 
-use crate::backend::{Backend, BackendCall, BackendError};
+use crate::backend::{self, BackendError, Backends, CallContext, Observed, Resources, RuntimeBackend};
 
 #[derive(Debug, Clone)]
 pub struct ExecutorOptions {
@@ -28,7 +30,7 @@ pub struct ExecutorOptions {
 }
 
 /// Runs until `stop` turns true.
-pub async fn run(replica: Arc<Replica>, backend: Backend, options: ExecutorOptions, mut stop: watch::Receiver<bool>) {
+pub async fn run(replica: Arc<Replica>, backends: Backends, options: ExecutorOptions, mut stop: watch::Receiver<bool>) {
     let mut workers: HashMap<String, (u64, tokio::task::JoinHandle<()>)> = HashMap::new();
     let mut signals = tokio::time::interval(options.signals_interval);
     signals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -41,7 +43,7 @@ pub async fn run(replica: Arc<Replica>, backend: Backend, options: ExecutorOptio
             _ = poll.tick() => false,
         };
         if report {
-            report_signals(&replica, &backend, &options).await;
+            report_signals(&replica, &backends, &options).await;
             continue;
         }
         workers.retain(|_, (_, handle)| !handle.is_finished());
@@ -63,7 +65,7 @@ pub async fn run(replica: Arc<Replica>, backend: Backend, options: ExecutorOptio
             tracing::info!(operation = %operation.id, token, attempt = operation.attempts, "executing");
             let worker = Worker {
                 replica: replica.clone(),
-                backend: backend.clone(),
+                backends: backends.clone(),
                 options: options.clone(),
                 operation_id: operation.id.clone(),
                 token,
@@ -80,7 +82,7 @@ pub async fn run(replica: Arc<Replica>, backend: Backend, options: ExecutorOptio
 }
 
 /// Proposes the signals of this node's runtimes that changed since they were last recorded.
-async fn report_signals(replica: &Replica, backend: &Backend, options: &ExecutorOptions) {
+async fn report_signals(replica: &Replica, backends: &Backends, options: &ExecutorOptions) {
     let (Ok(runtimes), Ok(settings)) = (replica.state.list_runtimes(), replica.state.settings()) else { return };
     let mut changed = Vec::new();
     for runtime in runtimes {
@@ -89,10 +91,18 @@ async fn report_signals(replica: &Replica, backend: &Backend, options: &Executor
         {
             continue;
         }
-        let observed = backend.observe(&runtime, &settings.sizes, options.node_id).await;
-        let same = |old: &RuntimeSignals| RuntimeSignals { observed_at: old.observed_at, ..observed.clone() } == *old;
+        let Some(backend) = backends.get(runtime.runtime_type) else { continue };
+        let observed = match backend.status(&runtime).await {
+            Ok(observed) => observed,
+            Err(e) => {
+                tracing::debug!(runtime = %runtime.id, error = %e, "cannot observe the runtime now");
+                continue;
+            }
+        };
+        let signals = signals(&runtime, &observed, &settings.sizes, options.node_id);
+        let same = |old: &RuntimeSignals| RuntimeSignals { observed_at: old.observed_at, ..signals.clone() } == *old;
         if !runtime.signals.as_ref().is_some_and(same) {
-            changed.push((runtime.id, observed));
+            changed.push((runtime.id, signals));
         }
     }
     if changed.is_empty() || replica.metrics().current_leader.is_none() {
@@ -103,6 +113,31 @@ async fn report_signals(replica: &Replica, backend: &Backend, options: &Executor
     match replica.propose(command).await {
         Ok(_) => tracing::debug!(runtimes = count, "reported signals"),
         Err(e) => tracing::debug!(error = %e, "cannot report signals now; next round will"),
+    }
+}
+
+/// What the API shows of an observation: usage where the backend measures it (else the
+/// allocation), health, and the cost of what runs.
+fn signals(runtime: &Runtime, observed: &Observed, sizes: &[SizeEntry], node_id: u64) -> RuntimeSignals {
+    let allocated = Resources::of(runtime, sizes);
+    let (cpu, memory_bytes, latency_ms, health) = match observed {
+        Observed::Running { cpu, memory_bytes, latency_ms } => {
+            let cpu = if *cpu > 0.0 { *cpu } else { allocated.cpu * allocated.replicas as f64 };
+            let memory = if *memory_bytes > 0 { *memory_bytes } else { allocated.memory_bytes };
+            (cpu, memory, *latency_ms, "healthy")
+        }
+        Observed::Stopped => (0.0, 0, None, "stopped"),
+        Observed::Failed(_) => (0.0, 0, None, "unhealthy"),
+        Observed::Missing => (0.0, 0, None, "missing"),
+    };
+    RuntimeSignals {
+        cpu,
+        memory: format!("{}Mi", memory_bytes >> 20),
+        health: health.to_string(),
+        cost_per_hour: if health == "healthy" { Catalogue::new(sizes).cost(runtime) } else { 0.0 },
+        latency_ms,
+        observed_at: chrono::Utc::now(),
+        node_id,
     }
 }
 
@@ -121,7 +156,7 @@ enum Stop {
 
 struct Worker {
     replica: Arc<Replica>,
-    backend: Backend,
+    backends: Backends,
     options: ExecutorOptions,
     operation_id: String,
     token: u64,
@@ -180,14 +215,8 @@ impl Worker {
                 Ok(Some(runtime)) => runtime,
                 _ => return Err(Stop::Superseded),
             };
-            let call = BackendCall {
-                operation_id: self.operation_id.clone(),
-                step: index as u32,
-                token: self.token,
-                runtime,
-                action: action.clone(),
-            };
-            match self.backend.execute(call).await {
+            let cx = CallContext { operation_id: self.operation_id.clone(), step: index as u32, token: self.token };
+            match self.call(&cx, &runtime, action).await {
                 Ok(message) => {
                     let completed = index as u32 + 1;
                     self.report(OperationStatus::Running, completed * 100 / total, message, Some(completed), None)
@@ -195,7 +224,12 @@ impl Worker {
                 }
                 Err(BackendError::Fenced { .. }) => return Err(Stop::Superseded),
                 Err(e) => {
-                    let error = OperationError { code: "backend_failed".into(), message: e.to_string() };
+                    let code = match e {
+                        BackendError::Unsupported(_) => "unsupported",
+                        BackendError::Retryable(_) => "backend_unavailable",
+                        _ => "backend_failed",
+                    };
+                    let error = OperationError { code: code.into(), message: e.to_string() };
                     let progress = format!("{} failed", action.kind());
                     self.report(
                         OperationStatus::Failed,
@@ -211,6 +245,36 @@ impl Worker {
         }
         self.report(OperationStatus::Succeeded, 100, "done".into(), Some(total), None).await?;
         Ok("succeeded")
+    }
+
+    /// One backend call; retryable errors are retried with backoff (five tries, about 6 s).
+    async fn call(
+        &self,
+        cx: &CallContext,
+        runtime: &Runtime,
+        action: &runtimeai_model::LifecycleAction,
+    ) -> Result<String, BackendError> {
+        let Some(backend) = self.backends.get(runtime.runtime_type) else {
+            return Err(BackendError::Unsupported(format!(
+                "node {} has no backend for {} runtimes",
+                self.options.node_id,
+                runtime.runtime_type.as_str()
+            )));
+        };
+        let sizes = self.replica.state.settings().map(|s| s.sizes).unwrap_or_default();
+        let mut delay = Duration::from_millis(200);
+        for attempt in 1.. {
+            match backend::execute(backend.as_ref() as &dyn RuntimeBackend, cx, runtime, action, &sizes).await {
+                Err(BackendError::Retryable(message)) if attempt < 5 => {
+                    tracing::warn!(operation = %cx.operation_id, attempt, %message, "backend call failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    self.current().map_err(|_| BackendError::Fenced { token: cx.token, newer: cx.token + 1 })?;
+                }
+                result => return result,
+            }
+        }
+        unreachable!("the loop returns")
     }
 
     /// Proposes a report with the fencing token, retrying while the cluster is between leaders

@@ -96,8 +96,10 @@ async fn schedule(replica: &Replica, options: &SchedulerOptions, settled: bool) 
 }
 
 /// The executor for an operation: the runtime's node if it is live and still serves the
-/// runtime's type, else the live node serving that type in the runtime's site with the lowest id,
-/// preferring one other than the executor whose lease expired.
+/// runtime's type, else (when that backend is shared, so other nodes reach the same
+/// infrastructure) the live node serving that type in the runtime's site with the lowest id,
+/// preferring one other than the executor whose lease expired. A node-local runtime waits for
+/// its node.
 fn choose(runtime: &Runtime, operation: &Operation, nodes: &[NodeInfo], reachable: &[u64]) -> Option<u64> {
     let placed = runtime.placement.as_ref();
     let site = placed.and_then(|p| p.site.clone());
@@ -105,7 +107,12 @@ fn choose(runtime: &Runtime, operation: &Operation, nodes: &[NodeInfo], reachabl
     let mut candidates: Vec<u64> = nodes
         .iter()
         .filter(|n| reachable.contains(&n.node_id))
-        .filter(|n| n.backends.iter().any(|b| b == runtime.runtime_type.as_str()))
+        .filter(|n| {
+            n.backends.iter().any(|b| {
+                b.runtime_type == runtime.runtime_type.as_str()
+                    && (b.shared || Some(n.node_id) == placed.map(|p| p.node_id))
+            })
+        })
         .filter(|n| site.is_none() || n.site == site)
         .map(|n| n.node_id)
         .collect();
@@ -125,7 +132,15 @@ mod tests {
             grpc_addr: String::new(),
             http_addr: String::new(),
             version: String::new(),
-            backends: backends.iter().map(|b| b.to_string()).collect(),
+            backends: backends
+                .iter()
+                .map(|b| runtimeai_model::BackendInfo {
+                    runtime_type: b.to_string(),
+                    driver: "simulated".into(),
+                    shared: true,
+                    capabilities: vec![],
+                })
+                .collect(),
             site: site.map(String::from),
             zone: None,
         }
@@ -153,5 +168,15 @@ mod tests {
         operation.assignment = Some(Assignment { node_id: 2, token: 7, lease_until: epoch });
         assert_eq!(choose(&runtime, &operation, &nodes, &[1, 2]), Some(1), "not the one whose lease expired");
         assert_eq!(choose(&runtime, &operation, &nodes, &[2]), Some(2), "unless it is the only one");
+        let local: Vec<NodeInfo> = nodes
+            .iter()
+            .cloned()
+            .map(|mut n| {
+                n.backends.iter_mut().for_each(|b| b.shared = false);
+                n
+            })
+            .collect();
+        assert_eq!(choose(&runtime, &operation, &local, &[1, 2]), Some(2), "node-local: only its own node");
+        assert_eq!(choose(&runtime, &operation, &local, &[1, 3]), None, "node-local: it waits for its node");
     }
 }

@@ -19,7 +19,9 @@ use runtimeai_raft::state_machine::StateMachineStore;
 use runtimeai_raft::store::DataDir;
 use runtimeai_raft::{Command, Op, Raft, Replica, ReplicaOptions};
 
-use crate::backend::{Backend, SimulatedBackend};
+use crate::backend::simulated::SimulatedBackend;
+use crate::backend::Backends;
+use crate::config::Driver;
 use crate::config::NodeConfig;
 use crate::executor::ExecutorOptions;
 
@@ -111,31 +113,21 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     );
 
     bootstrap(&config, &raft, data.fresh).await?;
-    let registration = tokio::spawn(register(replica.clone(), config.clone()));
     let scheduler = tokio::spawn(crate::scheduler::run(
         replica.clone(),
         crate::scheduler::SchedulerOptions { lease: config.operation_lease },
         stop_rx.clone(),
     ));
-    let executor = match config.backends.is_empty() {
-        true => None,
-        false => {
-            let dir = &config.simulated_infra_dir;
-            let simulated = SimulatedBackend::new(dir.clone(), config.simulated_step, config.id)
-                .with_context(|| format!("cannot prepare the simulated driver's directory {}", dir.display()))?;
-            let options = ExecutorOptions {
-                node_id: config.id,
-                lease: config.operation_lease,
-                signals_interval: config.signals_interval,
-            };
-            Some(tokio::spawn(crate::executor::run(
-                replica.clone(),
-                Backend::Simulated(simulated),
-                options,
-                stop_rx.clone(),
-            )))
-        }
-    };
+    let backends = build_backends(&config)?;
+    let registration = tokio::spawn(register(replica.clone(), config.clone(), backends.info()));
+    let executor = (!backends.is_empty()).then(|| {
+        let options = ExecutorOptions {
+            node_id: config.id,
+            lease: config.operation_lease,
+            signals_interval: config.signals_interval,
+        };
+        tokio::spawn(crate::executor::run(replica.clone(), backends, options, stop_rx.clone()))
+    });
 
     // A raft that stopped on a storage error cannot serve; exit so a supervisor restarts the
     // node (recovery replays the log) instead of leaving it up and useless.
@@ -160,6 +152,29 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     tracing::info!(node = config.id, "stopped");
     outcome?;
     stopped_cleanly.map_err(|e| anyhow::anyhow!("raft did not stop cleanly: {e}"))
+}
+
+/// The drivers `--backends` asks for.
+fn build_backends(config: &NodeConfig) -> anyhow::Result<Backends> {
+    let mut backends = Backends::default();
+    let mut simulated = None;
+    for spec in &config.backends {
+        let backend: Arc<dyn crate::backend::RuntimeBackend> = match &spec.driver {
+            Driver::Simulated => {
+                if simulated.is_none() {
+                    let dir = &config.simulated_infra_dir;
+                    let driver =
+                        SimulatedBackend::new(dir.clone(), config.simulated_step, config.id).with_context(|| {
+                            format!("cannot prepare the simulated driver's directory {}", dir.display())
+                        })?;
+                    simulated = Some(Arc::new(driver));
+                }
+                simulated.clone().expect("just set")
+            }
+        };
+        backends.insert(spec.runtime_type, backend);
+    }
+    Ok(backends)
 }
 
 /// Completes with the reason if raft stops on its own (a fatal storage error).
@@ -207,13 +222,13 @@ async fn bootstrap(config: &NodeConfig, raft: &Raft, fresh: bool) -> anyhow::Res
 
 /// Announces this node's addresses in the replicated state once it is a member and a leader is
 /// known, so that every node can show them in `GET /v1/cluster`.
-async fn register(replica: Arc<Replica>, config: NodeConfig) {
+async fn register(replica: Arc<Replica>, config: NodeConfig, backends: Vec<runtimeai_model::BackendInfo>) {
     let info = NodeInfo {
         node_id: config.id,
         grpc_addr: config.advertise_grpc.clone(),
         http_addr: config.advertise_http.clone(),
         version: runtimeai_api::VERSION.to_string(),
-        backends: config.backends.clone(),
+        backends,
         site: config.site.clone(),
         zone: config.zone.clone(),
     };

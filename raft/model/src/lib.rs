@@ -14,8 +14,8 @@ mod runtime;
 pub use json::JsonObject;
 pub use lifecycle::{IllegalTransition, LifecycleAction};
 pub use records::{
-    default_sizes, Actor, Approval, Assignment, ClusterSettings, Event, EventSeverity, IdempotencyRecord, Intent,
-    NodeInfo, Operation, OperationError, OperationProgress, OperationStatus, Placement, Policy, PolicyDecision,
+    default_sizes, Actor, Approval, Assignment, BackendInfo, ClusterSettings, Event, EventSeverity, IdempotencyRecord,
+    Intent, NodeInfo, Operation, OperationError, OperationProgress, OperationStatus, Placement, Policy, PolicyDecision,
     PolicyMode, PolicyRule, RuntimeSignals, SizeEntry, Verdict,
 };
 pub use runtime::{

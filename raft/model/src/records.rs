@@ -342,13 +342,28 @@ pub struct NodeInfo {
     pub grpc_addr: String,
     pub http_addr: String,
     pub version: String,
-    /// The runtime types this node's executor serves (`vm`, `vcluster`, `sandbox`, ...).
+    /// The backends this node's executor drives, one per runtime type it serves.
     #[serde(default)]
-    pub backends: Vec<String>,
+    pub backends: Vec<BackendInfo>,
     #[serde(default)]
     pub site: Option<String>,
     #[serde(default)]
     pub zone: Option<String>,
+}
+
+/// A backend a node drives: which runtime type, with which driver, what it can do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BackendInfo {
+    /// `vm`, `vcluster`, `sandbox` or `agent_runtime`.
+    pub runtime_type: String,
+    /// `libvirt`, `kubernetes`, `process` or `simulated`.
+    pub driver: String,
+    /// Whether other nodes reach the same infrastructure (a runtime's operations may then run
+    /// on any node with the same backend); a node-local backend's runtimes are driven only by
+    /// the node they are placed on.
+    pub shared: bool,
+    /// The actions it supports; a runtime placed on it gets these as its `capabilities`.
+    pub capabilities: Vec<String>,
 }
 
 /// Cluster-wide settings, replicated so that every node applies the same rules.

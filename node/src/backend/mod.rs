@@ -1,0 +1,318 @@
+//! The adapter contract between the engine and the infrastructure, and the drivers that
+//! implement it.
+//!
+//! # Correctness requirements of a driver
+//! - **Idempotent, keyed by the call**: every call carries the operation id, the action's index
+//!   in its operation (the step) and the fencing token ([`CallContext`]). A call retried after a
+//!   crash — the executor's or the backend's — must converge to the same end state: create
+//!   something that exists already → success; stop something stopped → success.
+//! - **Fenced**: a driver must refuse a call whose token is older than one it has already seen
+//!   for the operation ([`BackendError::Fenced`]): that executor was superseded. [`StepLedger`]
+//!   does this (and remembers applied steps) for drivers without a place of their own to keep it.
+//! - **Classified errors**: [`BackendError::Retryable`] (the executor retries with backoff while
+//!   it holds the lease), [`BackendError::Permanent`] (the operation fails with the message),
+//!   [`BackendError::Unsupported`] (the runtime cannot do this; capabilities should have said so).
+//! - **Capabilities are the truth**: a runtime gets its backend's [`RuntimeBackend::capabilities`]
+//!   when it is created; the API refuses any other action with 422 before anything is queued.
+//! - **Status never lies**: [`RuntimeBackend::status`] reports what the infrastructure has,
+//!   including that it has nothing ([`Observed::Missing`]); the executor compares it with the
+//!   replicated state (drift).
+
+pub mod simulated;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use runtimeai_engine::Catalogue;
+use runtimeai_model::{BackendInfo, LifecycleAction, Runtime, RuntimeType, SizeEntry};
+
+/// What every backend call carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallContext {
+    pub operation_id: String,
+    /// The action's index within its operation.
+    pub step: u32,
+    /// The fencing token of the executor's assignment.
+    pub token: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A newer assignment of the operation has reached the backend: this executor must stop.
+    #[error("fenced: token {token} is older than {newer}, held by a newer executor")]
+    Fenced { token: u64, newer: u64 },
+    /// Worth trying again (a daemon restarting, a timeout).
+    #[error("{0}")]
+    Retryable(String),
+    /// Will not work however often it is tried.
+    #[error("{0}")]
+    Permanent(String),
+    /// The backend cannot do this at all.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+}
+
+impl From<std::io::Error> for BackendError {
+    fn from(error: std::io::Error) -> Self {
+        BackendError::Retryable(format!("backend I/O: {error}"))
+    }
+}
+
+/// Resources a runtime runs with, resolved from its spec and the size catalogue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resources {
+    pub cpu: f64,
+    pub memory_bytes: u64,
+    pub replicas: i64,
+}
+
+impl Resources {
+    /// The spec's own resources where it names them, else its size's.
+    pub fn of(runtime: &Runtime, sizes: &[SizeEntry]) -> Resources {
+        let catalogue = Catalogue::new(sizes);
+        let size = sizes.get(catalogue.effective_index(&runtime.spec));
+        let own = runtime.spec.resources.as_ref();
+        let memory = own.and_then(|r| r.memory.clone()).or(size.map(|s| s.memory.clone())).unwrap_or_default();
+        Resources {
+            cpu: own.and_then(|r| r.cpu).or(size.map(|s| s.cpu)).unwrap_or(1.0),
+            memory_bytes: quantity_bytes(&memory).unwrap_or(1 << 30),
+            replicas: catalogue.replicas(&runtime.spec),
+        }
+    }
+}
+
+/// Bytes in a Kubernetes quantity such as `512Mi` or `8Gi`.
+pub fn quantity_bytes(value: &str) -> Option<u64> {
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (number, suffix) = value.split_at(split);
+    let factor: u64 = match suffix {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" | "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        _ => return None,
+    };
+    number.parse::<u64>().ok()?.checked_mul(factor)
+}
+
+/// What a backend has of a runtime.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observed {
+    Running {
+        cpu: f64,
+        memory_bytes: u64,
+        latency_ms: Option<f64>,
+    },
+    Stopped,
+    /// Exists but failed (a crashed process, a domain in a crashed state).
+    Failed(String),
+    /// The backend has nothing for this runtime.
+    Missing,
+}
+
+/// The adapter contract (see the module docs for what each call must guarantee). `Ok` carries a
+/// message for the operation's progress.
+#[async_trait::async_trait]
+pub trait RuntimeBackend: Send + Sync + std::fmt::Debug {
+    /// The driver's name: `libvirt`, `kubernetes`, `process`, `simulated`.
+    fn driver(&self) -> &'static str;
+    /// Whether other nodes can reach the same infrastructure.
+    fn shared(&self) -> bool;
+    /// The actions runtimes on this backend support.
+    fn capabilities(&self) -> &'static [&'static str];
+    async fn create(&self, cx: &CallContext, runtime: &Runtime, resources: &Resources) -> Result<String, BackendError>;
+    async fn delete(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError>;
+    async fn start(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError>;
+    async fn stop(
+        &self,
+        cx: &CallContext,
+        runtime: &Runtime,
+        force: bool,
+        timeout: std::time::Duration,
+    ) -> Result<String, BackendError>;
+    async fn restart(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError>;
+    async fn scale(&self, cx: &CallContext, runtime: &Runtime, target: &Resources) -> Result<String, BackendError>;
+    async fn snapshot(
+        &self,
+        cx: &CallContext,
+        runtime: &Runtime,
+        snapshot_id: &str,
+        name: &str,
+    ) -> Result<String, BackendError>;
+    async fn restore(&self, cx: &CallContext, runtime: &Runtime, snapshot_id: &str) -> Result<String, BackendError>;
+    /// The snapshot ids the backend holds for the runtime.
+    async fn list_snapshots(&self, runtime: &Runtime) -> Result<Vec<String>, BackendError>;
+    /// What the backend has of the runtime now.
+    async fn status(&self, runtime: &Runtime) -> Result<Observed, BackendError>;
+}
+
+/// Carries out one action through the contract. `runtime` is the record before the action;
+/// the target of a scale is resolved against the catalogue here.
+pub async fn execute(
+    backend: &dyn RuntimeBackend,
+    cx: &CallContext,
+    runtime: &Runtime,
+    action: &LifecycleAction,
+    sizes: &[SizeEntry],
+) -> Result<String, BackendError> {
+    if !matches!(action, LifecycleAction::Create | LifecycleAction::Delete)
+        && !backend.capabilities().contains(&action.kind())
+    {
+        return Err(BackendError::Unsupported(format!("{} runtimes cannot {}", backend.driver(), action.kind())));
+    }
+    match action {
+        LifecycleAction::Create => backend.create(cx, runtime, &Resources::of(runtime, sizes)).await,
+        LifecycleAction::Delete => backend.delete(cx, runtime).await,
+        LifecycleAction::Start => backend.start(cx, runtime).await,
+        LifecycleAction::Stop { force, timeout_seconds } => {
+            let timeout = std::time::Duration::from_secs(timeout_seconds.unwrap_or(30));
+            backend.stop(cx, runtime, *force, timeout).await
+        }
+        LifecycleAction::Restart => backend.restart(cx, runtime).await,
+        LifecycleAction::Scale { .. } => {
+            let mut target = runtime.clone();
+            action.apply_to_spec(&mut target.spec);
+            backend.scale(cx, runtime, &Resources::of(&target, sizes)).await
+        }
+        LifecycleAction::Snapshot { snapshot_id, name, .. } => backend.snapshot(cx, runtime, snapshot_id, name).await,
+        LifecycleAction::Restore { snapshot_id } => backend.restore(cx, runtime, snapshot_id).await,
+        LifecycleAction::Sequence { .. } => {
+            Err(BackendError::Permanent("a sequence reaches the backend one action at a time".into()))
+        }
+    }
+}
+
+/// The backends of one node, by runtime type.
+#[derive(Debug, Clone, Default)]
+pub struct Backends {
+    by_type: HashMap<RuntimeType, Arc<dyn RuntimeBackend>>,
+}
+
+impl Backends {
+    pub fn insert(&mut self, runtime_type: RuntimeType, backend: Arc<dyn RuntimeBackend>) {
+        self.by_type.insert(runtime_type, backend);
+    }
+
+    pub fn get(&self, runtime_type: RuntimeType) -> Option<&Arc<dyn RuntimeBackend>> {
+        self.by_type.get(&runtime_type)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_type.is_empty()
+    }
+
+    /// What this node announces to the cluster.
+    pub fn info(&self) -> Vec<BackendInfo> {
+        let mut info: Vec<BackendInfo> = self
+            .by_type
+            .iter()
+            .map(|(runtime_type, backend)| BackendInfo {
+                runtime_type: runtime_type.as_str().to_string(),
+                driver: backend.driver().to_string(),
+                shared: backend.shared(),
+                capabilities: backend.capabilities().iter().map(|c| c.to_string()).collect(),
+            })
+            .collect();
+        info.sort_by(|a, b| a.runtime_type.cmp(&b.runtime_type));
+        info
+    }
+}
+
+/// Fencing and step memory for drivers without a place of their own to keep them: a directory
+/// with the highest token seen per operation and a marker per applied step, under a lock file
+/// shared by every process using the directory.
+#[derive(Debug, Clone)]
+pub struct StepLedger {
+    dir: PathBuf,
+}
+
+/// Whether a step still has to be applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Fresh,
+    AlreadyApplied,
+}
+
+impl StepLedger {
+    pub fn open(dir: PathBuf) -> std::io::Result<StepLedger> {
+        std::fs::create_dir_all(dir.join("fence"))?;
+        std::fs::create_dir_all(dir.join("done"))?;
+        Ok(StepLedger { dir })
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// Runs `apply` for the step unless a newer token was seen (fenced) or the step was already
+    /// applied; the check, the work and the record happen under the lock.
+    pub fn run<T>(
+        &self,
+        cx: &CallContext,
+        apply: impl FnOnce() -> Result<T, BackendError>,
+    ) -> Result<(Step, Option<T>), BackendError> {
+        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(self.dir.join("lock"))?;
+        lock.lock()?;
+        let fence = self.dir.join("fence").join(&cx.operation_id);
+        let newest: u64 = std::fs::read_to_string(&fence).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0);
+        if cx.token < newest {
+            return Err(BackendError::Fenced { token: cx.token, newer: newest });
+        }
+        if cx.token > newest {
+            std::fs::write(&fence, cx.token.to_string())?;
+        }
+        let marker = self.dir.join("done").join(format!("{}.{}", cx.operation_id, cx.step));
+        if marker.exists() {
+            return Ok((Step::AlreadyApplied, None));
+        }
+        let value = apply()?;
+        std::fs::write(&marker, b"")?;
+        Ok((Step::Fresh, Some(value)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cx(token: u64, step: u32) -> CallContext {
+        CallContext { operation_id: "op_1".into(), step, token }
+    }
+
+    #[test]
+    fn the_ledger_applies_each_step_once_and_fences_older_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = StepLedger::open(dir.path().to_path_buf()).unwrap();
+        let applied = std::cell::Cell::new(0);
+        let apply = || {
+            applied.set(applied.get() + 1);
+            Ok(())
+        };
+        assert_eq!(ledger.run(&cx(5, 0), apply).unwrap().0, Step::Fresh);
+        assert_eq!(ledger.run(&cx(5, 0), apply).unwrap().0, Step::AlreadyApplied);
+        assert_eq!(ledger.run(&cx(9, 1), apply).unwrap().0, Step::Fresh);
+        let fenced = ledger.run(&cx(5, 2), apply).unwrap_err();
+        assert!(matches!(fenced, BackendError::Fenced { token: 5, newer: 9 }), "{fenced}");
+        let failed = ledger.run(&cx(9, 2), || Err::<(), _>(BackendError::Retryable("later".into())));
+        assert!(failed.is_err());
+        assert_eq!(ledger.run(&cx(9, 2), apply).unwrap().0, Step::Fresh, "a failed step is not marked");
+        assert_eq!(applied.get(), 3);
+    }
+
+    #[test]
+    fn resources_come_from_the_spec_or_its_size() {
+        let sizes = runtimeai_model::default_sizes();
+        let mut runtime = Runtime::new("rt", "r", RuntimeType::Vm, chrono::DateTime::UNIX_EPOCH);
+        runtime.spec.size = Some("large".into());
+        assert_eq!(Resources::of(&runtime, &sizes), Resources { cpu: 4.0, memory_bytes: 8 << 30, replicas: 2 });
+        runtime.spec.resources =
+            Some(runtimeai_model::ResourceProfile { memory: Some("512Mi".into()), ..Default::default() });
+        assert_eq!(Resources::of(&runtime, &sizes).memory_bytes, 512 << 20);
+    }
+}

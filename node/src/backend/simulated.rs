@@ -1,0 +1,140 @@
+//! A stand-in driver with the contract of a real one: it changes no infrastructure, but it is
+//! fenced and idempotent through a [`StepLedger`] in a directory several nodes may share (as they
+//! would share a hypervisor or an API server), and it keeps a journal with one line per applied
+//! step, which tests count. It knows what it was asked for, not how a workload behaves: its
+//! status is the replicated record's, its cpu and memory the allocation, and it has no latency.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use runtimeai_model::{Runtime, RuntimeState};
+
+use super::{BackendError, CallContext, Observed, Resources, RuntimeBackend, Step, StepLedger};
+
+#[derive(Debug, Clone)]
+pub struct SimulatedBackend {
+    ledger: StepLedger,
+    /// How long one call takes.
+    step: Duration,
+    node_id: u64,
+}
+
+const CAPABILITIES: &[&str] = &["start", "stop", "restart", "scale", "snapshot", "restore"];
+
+impl SimulatedBackend {
+    pub fn new(dir: PathBuf, step: Duration, node_id: u64) -> std::io::Result<SimulatedBackend> {
+        Ok(SimulatedBackend { ledger: StepLedger::open(dir)?, step, node_id })
+    }
+
+    /// The journal: one line per step applied, across every node sharing the directory.
+    pub fn journal_path(&self) -> PathBuf {
+        self.ledger.dir().join("journal")
+    }
+
+    async fn apply(&self, cx: &CallContext, runtime: &Runtime, action: &str) -> Result<String, BackendError> {
+        // The work itself: an executor killed now leaves nothing behind.
+        tokio::time::sleep(self.step).await;
+        let (this, cx, runtime_id, action) = (self.clone(), cx.clone(), runtime.id.clone(), action.to_string());
+        tokio::task::spawn_blocking(move || {
+            let (step, _) = this.ledger.run(&cx, || {
+                let mut journal = std::fs::OpenOptions::new().create(true).append(true).open(this.journal_path())?;
+                writeln!(
+                    journal,
+                    "applied operation={} step={} action={action} runtime={runtime_id} token={} node={}",
+                    cx.operation_id, cx.step, cx.token, this.node_id
+                )?;
+                journal.sync_data()?;
+                Ok(())
+            })?;
+            Ok(match step {
+                Step::AlreadyApplied => format!("{action} already applied (a retry converges)"),
+                Step::Fresh => format!("{action} done by the simulated driver on node {}", this.node_id),
+            })
+        })
+        .await
+        .map_err(|e| BackendError::Retryable(format!("backend task: {e}")))?
+    }
+}
+
+#[async_trait::async_trait]
+impl RuntimeBackend for SimulatedBackend {
+    fn driver(&self) -> &'static str {
+        "simulated"
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn capabilities(&self) -> &'static [&'static str] {
+        CAPABILITIES
+    }
+
+    async fn create(&self, cx: &CallContext, runtime: &Runtime, _: &Resources) -> Result<String, BackendError> {
+        self.apply(cx, runtime, "create").await
+    }
+
+    async fn delete(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        self.apply(cx, runtime, "delete").await
+    }
+
+    async fn start(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        self.apply(cx, runtime, "start").await
+    }
+
+    async fn stop(&self, cx: &CallContext, runtime: &Runtime, _: bool, _: Duration) -> Result<String, BackendError> {
+        self.apply(cx, runtime, "stop").await
+    }
+
+    async fn restart(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        self.apply(cx, runtime, "restart").await
+    }
+
+    async fn scale(&self, cx: &CallContext, runtime: &Runtime, _: &Resources) -> Result<String, BackendError> {
+        self.apply(cx, runtime, "scale").await
+    }
+
+    async fn snapshot(&self, cx: &CallContext, runtime: &Runtime, _: &str, _: &str) -> Result<String, BackendError> {
+        self.apply(cx, runtime, "snapshot").await
+    }
+
+    async fn restore(&self, cx: &CallContext, runtime: &Runtime, _: &str) -> Result<String, BackendError> {
+        self.apply(cx, runtime, "restore").await
+    }
+
+    async fn list_snapshots(&self, runtime: &Runtime) -> Result<Vec<String>, BackendError> {
+        Ok(runtime.snapshots.iter().map(|s| s.id.clone()).collect())
+    }
+
+    async fn status(&self, runtime: &Runtime) -> Result<Observed, BackendError> {
+        Ok(match runtime.state {
+            RuntimeState::Running | RuntimeState::Degraded => {
+                Observed::Running { cpu: 0.0, memory_bytes: 0, latency_ms: None }
+            }
+            RuntimeState::Error => Observed::Failed("the runtime is in error".into()),
+            _ => Observed::Stopped,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn steps_apply_once_and_older_tokens_are_fenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = SimulatedBackend::new(dir.path().to_path_buf(), Duration::from_millis(1), 1).unwrap();
+        let runtime = Runtime::new("rt_1", "r", runtimeai_model::RuntimeType::Vm, chrono::DateTime::UNIX_EPOCH);
+        let cx = |token, step| CallContext { operation_id: "op_1".into(), step, token };
+        backend.restart(&cx(5, 0), &runtime).await.unwrap();
+        let again = backend.restart(&cx(5, 0), &runtime).await.unwrap();
+        assert!(again.contains("already applied"), "{again}");
+        backend.restart(&cx(9, 1), &runtime).await.unwrap();
+        let fenced = backend.restart(&cx(5, 2), &runtime).await.unwrap_err();
+        assert!(matches!(fenced, BackendError::Fenced { token: 5, newer: 9 }), "{fenced}");
+        let journal = std::fs::read_to_string(backend.journal_path()).unwrap();
+        assert_eq!(journal.lines().count(), 2, "{journal}");
+    }
+}
