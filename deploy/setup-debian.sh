@@ -3,11 +3,12 @@
 #   g++            RocksDB is C++ (built by the rocksdb crate)
 #   libclang-dev   bindgen generates RocksDB's Rust bindings through libclang
 #   pkg-config     locating system libraries
+#   libvirt-dev    the VM backend links libvirt's client library (the `virt` crate)
 #   python3-venv   a private environment for schemathesis, the API fuzzer the tests run
 # protoc is not needed: the .proto files are compiled in pure Rust (protox).
 set -euo pipefail
 
-packages=(g++ libclang-dev pkg-config python3 python3-venv)
+packages=(g++ libclang-dev pkg-config libvirt-dev python3 python3-venv)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -84,9 +84,14 @@ impl Response {
 /// Options every node of a test cluster gets.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
-    /// Extra `runtimeai node` flags, e.g. `["--snapshot-count", "20"]`.
+    /// Extra `runtimeai node` flags, e.g. `["--snapshot-count", "20"]`. Without a
+    /// `--backends` among them, nodes get [`TEST_BACKENDS`].
     pub extra_args: Vec<String>,
 }
+
+/// The drivers test nodes use unless a test names its own: libvirt's built-in test hypervisor
+/// for VMs, isolated processes for sandboxes and agents, the simulated driver for vClusters.
+pub const TEST_BACKENDS: &str = "vm=libvirt:test:///default,sandbox=process,agent_runtime=process,vcluster=simulated";
 
 pub struct Node {
     pub id: u64,
@@ -174,6 +179,7 @@ impl Cluster {
             .arg(&node.data_dir)
             .args(["--heartbeat-ms", "100", "--election-timeout-ms", "500"])
             .args(&extra)
+            .args(if extra.iter().any(|a| a == "--backends") { vec![] } else { vec!["--backends", TEST_BACKENDS] })
             .env("RUST_LOG", "info,openraft=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -360,6 +366,20 @@ impl Drop for Cluster {
         }
         for id in ids {
             self.kill(id);
+        }
+        kill_processes_under(self.dir.path());
+    }
+}
+
+/// SIGKILLs every process working in a directory below `dir`: the sandboxes that nodes killed
+/// with SIGKILL left behind (a node stops its sandboxes only when it shuts down cleanly).
+pub fn kill_processes_under(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else { continue };
+        if cwd.starts_with(dir) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
     }
 }

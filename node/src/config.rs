@@ -19,7 +19,14 @@ pub const BACKENDS: &[&str] = &["vm", "vcluster", "sandbox", "agent_runtime"];
 pub enum Driver {
     /// Fenced and idempotent, but changes no infrastructure (`--simulated-*`).
     Simulated,
+    /// VMs through libvirt at this URI.
+    Libvirt { uri: String },
+    /// Isolated local processes (sandboxes and agent runtimes).
+    Process,
 }
+
+/// `--backends` when it is not given.
+pub const DEFAULT_BACKENDS: &str = "vm=libvirt:qemu:///system,sandbox=process,agent_runtime=process";
 
 /// One `--backends` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,7 +37,7 @@ pub struct BackendSpec {
 
 /// Parses `--backends`: `none`, or `<type>[=<driver>[:<target>]]` entries.
 fn parse_backends(text: Option<&str>) -> Result<Vec<BackendSpec>, ConfigError> {
-    let text = text.map(str::trim).unwrap_or("vm,vcluster,sandbox,agent_runtime");
+    let text = text.map(str::trim).unwrap_or(DEFAULT_BACKENDS);
     if text == "none" || text.is_empty() {
         return Ok(Vec::new());
     }
@@ -45,10 +52,24 @@ fn parse_backends(text: Option<&str>) -> Result<Vec<BackendSpec>, ConfigError> {
             "agent_runtime" => RuntimeType::AgentRuntime,
             _ => return Err(bad(entry, format!("unknown runtime type; expected one of {}", BACKENDS.join(", ")))),
         };
-        let (name, _target) = driver.split_once(':').unwrap_or((driver, ""));
-        let driver = match name {
-            "" | "simulated" => Driver::Simulated,
-            other => return Err(bad(entry, format!("unknown driver {other:?}; drivers: simulated"))),
+        let (name, target) = driver.split_once(':').unwrap_or((driver, ""));
+        let default_driver = match runtime_type {
+            RuntimeType::Vm => "libvirt",
+            RuntimeType::Sandbox | RuntimeType::AgentRuntime => "process",
+            RuntimeType::Vcluster => "simulated",
+        };
+        let driver = match (if name.is_empty() { default_driver } else { name }, runtime_type) {
+            ("simulated", _) => Driver::Simulated,
+            ("libvirt", RuntimeType::Vm) => {
+                Driver::Libvirt { uri: if target.is_empty() { "qemu:///system".into() } else { target.into() } }
+            }
+            ("process", RuntimeType::Sandbox | RuntimeType::AgentRuntime) => Driver::Process,
+            ("libvirt" | "process", _) => {
+                return Err(bad(entry, format!("the {name} driver does not run {kind} runtimes")));
+            }
+            (other, _) => {
+                return Err(bad(entry, format!("unknown driver {other:?}; drivers: libvirt, process, simulated")))
+            }
         };
         if specs.iter().any(|s| s.runtime_type == runtime_type) {
             return Err(bad(entry, "names a runtime type twice".into()));
@@ -126,9 +147,11 @@ pub struct NodeArgs {
     #[arg(long, env = "RUNTIMEAI_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
     /// The backends this node's executor drives, comma-separated, one per runtime type:
-    /// `<type>[=<driver>[:<target>]]`, e.g. `vm=simulated,sandbox`. Types: vm, vcluster,
-    /// sandbox, agent_runtime; drivers: simulated. `none` for a node that only votes and serves
-    /// the API [default: every type, simulated].
+    /// `<type>[=<driver>[:<target>]]`. Drivers: `libvirt[:<uri>]` for vm (default URI
+    /// qemu:///system; test:///default is libvirt's built-in test hypervisor), `process` for
+    /// sandbox and agent_runtime, `simulated` for any type (changes no infrastructure). `none`
+    /// for a node that only votes and serves the API
+    /// [default: vm=libvirt:qemu:///system,sandbox=process,agent_runtime=process].
     #[arg(long, env = "RUNTIMEAI_BACKENDS")]
     pub backends: Option<String>,
     /// The site this node is in (runtimes labelled `site=<name>` are placed on its nodes).

@@ -10,6 +10,9 @@ use clap::Args;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+/// What `runtimeai dev` nodes drive.
+pub const DEV_BACKENDS: &str = "vm=libvirt:test:///default,sandbox=process,agent_runtime=process,vcluster=simulated";
+
 /// Prints a line to stdout, ignoring a closed pipe (`runtimeai dev | head` must not panic).
 macro_rules! say {
     ($($arg:tt)*) => {{
@@ -90,6 +93,11 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             // an API server: a step retried on another node after a failover converges.
             "--simulated-infra-dir".into(),
             args.data_dir.join("simulated-infra").display().to_string(),
+            // Real drivers that need nothing installed: libvirt's built-in test hypervisor
+            // for VMs, isolated processes for sandboxes; vClusters are simulated (no
+            // Kubernetes API server here).
+            "--backends".into(),
+            DEV_BACKENDS.into(),
         ];
         let command_line = format!("{} {} 2>>{}", exe.display(), node_args.join(" "), log_path.display());
         let child = Command::new(&exe)

@@ -19,6 +19,8 @@ use runtimeai_raft::state_machine::StateMachineStore;
 use runtimeai_raft::store::DataDir;
 use runtimeai_raft::{Command, Op, Raft, Replica, ReplicaOptions};
 
+use crate::backend::libvirt::LibvirtBackend;
+use crate::backend::sandbox::SandboxBackend;
 use crate::backend::simulated::SimulatedBackend;
 use crate::backend::Backends;
 use crate::config::Driver;
@@ -33,6 +35,13 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     let grpc_listener =
         TcpListener::bind(config.grpc).await.with_context(|| format!("cannot listen for gRPC on {}", config.grpc))?;
 
+    // Drivers next: a libvirt that cannot be reached is refused before the store is touched.
+    for spec in &config.backends {
+        if let Driver::Libvirt { uri } = &spec.driver {
+            LibvirtBackend::probe(uri)
+                .map_err(|e| anyhow::anyhow!("cannot use libvirt at {uri} (--backends vm=libvirt:<uri>): {e}"))?;
+        }
+    }
     let data = DataDir::open(&config.data_dir, config.id, &config.cluster_name)?;
     let log_store = LogStore::new(data.db.clone());
     let log_stats = log_store.stats();
@@ -120,6 +129,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     ));
     let backends = build_backends(&config)?;
     let registration = tokio::spawn(register(replica.clone(), config.clone(), backends.info()));
+    let drivers = backends.clone();
     let executor = (!backends.is_empty()).then(|| {
         let options = ExecutorOptions {
             node_id: config.id,
@@ -145,6 +155,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     if let Some(executor) = executor {
         let _ = tokio::time::timeout(Duration::from_secs(5), executor).await;
     }
+    let _ = tokio::time::timeout(Duration::from_secs(10), drivers.shutdown()).await;
     let stopped_cleanly = raft.shutdown().await;
     // Stop RocksDB's background threads before the process exits: tearing the library down
     // under a running compaction aborts the process. Everything written is already in the WAL.
@@ -158,6 +169,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
 fn build_backends(config: &NodeConfig) -> anyhow::Result<Backends> {
     let mut backends = Backends::default();
     let mut simulated = None;
+    let mut sandboxes = None;
     for spec in &config.backends {
         let backend: Arc<dyn crate::backend::RuntimeBackend> = match &spec.driver {
             Driver::Simulated => {
@@ -170,6 +182,21 @@ fn build_backends(config: &NodeConfig) -> anyhow::Result<Backends> {
                     simulated = Some(Arc::new(driver));
                 }
                 simulated.clone().expect("just set")
+            }
+            Driver::Libvirt { uri } => {
+                let dir = config.data_dir.join("backends").join("libvirt");
+                let driver = LibvirtBackend::connect(uri, dir)
+                    .map_err(|e| anyhow::anyhow!("cannot use libvirt at {uri} (--backends vm=libvirt:<uri>): {e}"))?;
+                Arc::new(driver)
+            }
+            Driver::Process => {
+                if sandboxes.is_none() {
+                    let dir = config.data_dir.join("backends").join("sandboxes");
+                    let driver = SandboxBackend::new(dir.clone())
+                        .with_context(|| format!("cannot prepare the sandbox directory {}", dir.display()))?;
+                    sandboxes = Some(Arc::new(driver));
+                }
+                sandboxes.clone().expect("just set")
             }
         };
         backends.insert(spec.runtime_type, backend);

@@ -7,8 +7,17 @@ use std::time::Duration;
 
 use runtimeai_tests::{binary, free_port, phase};
 
+/// Runs `runtimeai node` with `args` (and, unless they name their own, backends that need no
+/// hypervisor, so that each case meets the check it is about).
 fn node(args: &[&str]) -> Output {
-    Command::new(binary()).arg("node").args(args).env("RUST_LOG", "warn").output().expect("run runtimeai")
+    let backends: &[&str] = if args.contains(&"--backends") { &[] } else { &["--backends", "sandbox=process"] };
+    Command::new(binary())
+        .arg("node")
+        .args(args)
+        .args(backends)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run runtimeai")
 }
 
 /// Asserts a refused start: non-zero exit, an `error:` line naming `expected`, no panic.
@@ -54,6 +63,29 @@ fn conflicting_or_malformed_flags_are_refused_with_one_line() {
             ],
             "does not list",
         ),
+        (
+            vec!["--id", "1", "--http", &http, "--grpc", &grpc, "--data-dir", data, "--backends", "vm=process"],
+            "does not run vm",
+        ),
+        (
+            vec!["--id", "1", "--http", &http, "--grpc", &grpc, "--data-dir", data, "--backends", "gpu"],
+            "unknown runtime type",
+        ),
+        (
+            vec![
+                "--id",
+                "1",
+                "--http",
+                &http,
+                "--grpc",
+                &grpc,
+                "--data-dir",
+                data,
+                "--backends",
+                "vm=libvirt:nowhere:///x",
+            ],
+            "cannot use libvirt at nowhere:///x",
+        ),
     ];
     for (args, expected) in cases {
         assert_refused(&node(&args), expected);
@@ -90,7 +122,7 @@ fn make_store(data: &Path) {
     std::fs::write(
         &config,
         format!(
-            "http = \"{http}\"\ngrpc = \"{grpc}\"\ndata-dir = \"{}\"\ninitial-cluster = \"1={grpc}\"\n",
+            "http = \"{http}\"\ngrpc = \"{grpc}\"\ndata-dir = \"{}\"\ninitial-cluster = \"1={grpc}\"\nbackends = \"sandbox=process\"\n",
             data.file_name().unwrap().to_str().unwrap()
         ),
     )

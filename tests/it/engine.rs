@@ -200,6 +200,9 @@ fn applied_exactly_once(infra: &std::path::Path, operation: &str, steps: u32) {
 async fn operations_finish_exactly_once_when_their_executor_or_the_leader_dies() -> anyhow::Result<()> {
     let infra = tempfile::tempdir()?;
     let args = [
+        // A shared backend, so that another node can take an operation over.
+        "--backends",
+        "vm=simulated,sandbox=simulated",
         "--simulated-step-ms",
         "1200",
         "--operation-lease-ms",

@@ -18,6 +18,8 @@
 //!   including that it has nothing ([`Observed::Missing`]); the executor compares it with the
 //!   replicated state (drift).
 
+pub mod libvirt;
+pub mod sandbox;
 pub mod simulated;
 
 use std::collections::HashMap;
@@ -150,6 +152,8 @@ pub trait RuntimeBackend: Send + Sync + std::fmt::Debug {
     async fn list_snapshots(&self, runtime: &Runtime) -> Result<Vec<String>, BackendError>;
     /// What the backend has of the runtime now.
     async fn status(&self, runtime: &Runtime) -> Result<Observed, BackendError>;
+    /// The node is shutting down cleanly: release what must not outlive it.
+    async fn shutdown(&self) {}
 }
 
 /// Carries out one action through the contract. `runtime` is the record before the action;
@@ -205,6 +209,18 @@ impl Backends {
 
     pub fn is_empty(&self) -> bool {
         self.by_type.is_empty()
+    }
+
+    /// Tells every driver the node is shutting down (each once, though it may serve several types).
+    pub async fn shutdown(&self) {
+        let mut seen: Vec<*const ()> = Vec::new();
+        for backend in self.by_type.values() {
+            let key = Arc::as_ptr(backend) as *const ();
+            if !seen.contains(&key) {
+                seen.push(key);
+                backend.shutdown().await;
+            }
+        }
     }
 
     /// What this node announces to the cluster.

@@ -164,6 +164,14 @@ pub struct RuntimeSpec {
     pub networking: Option<NetworkingProfile>,
     #[serde(default)]
     pub security: Option<SecurityProfile>,
+    /// For `sandbox` and `agent_runtime`: the program to run and its arguments (default: an
+    /// idle process). It runs in the sandbox's private work directory.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Environment variables for `command` (nothing else of the node's environment is passed
+    /// on but `PATH`).
+    #[serde(default)]
+    pub env: Option<BTreeMap<String, String>>,
 }
 
 /// A manageable execution environment with lifecycle, intent and feedback.

@@ -1,0 +1,478 @@
+//! Virtual machines through libvirt (the `virt` crate).
+//!
+//! A runtime is the domain `rtai-<runtime id>`, defined from the RuntimeSpec (vCPUs, memory, on
+//! QEMU a thin qcow2 disk made with `qemu-img`), with the runtime's id, name and labels in the
+//! domain's metadata so a domain can be matched back to its runtime. start = create,
+//! stop = shutdown, then (with `force`) destroy after the timeout, restart = reboot, scale =
+//! vCPUs and memory (live where the domain allows it, else in the configuration for the next
+//! boot, and the message says so), snapshot / restore = libvirt domain snapshots named by the
+//! snapshot id. Every call converges when repeated.
+//!
+//! The connection URI is configuration: `qemu:///system` on a hypervisor host, libvirt's
+//! built-in `test:///default` driver anywhere (its domains live in the node's connection, so
+//! they are gone when the node restarts). A libvirt host is node-local: a VM's operations run
+//! on the node it is placed on.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use runtimeai_model::Runtime;
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState};
+use virt::enumutil::Enum;
+use virt::error::ErrorNumber;
+use virt::sys;
+
+use super::{BackendError, CallContext, Observed, Resources, RuntimeBackend, StepLedger};
+
+/// XML namespace of the metadata RuntimeAI keeps in its domains.
+pub const METADATA_NS: &str = "https://runtimeai.dev/xmlns/runtime/1";
+
+const CAPABILITIES: &[&str] = &["start", "stop", "restart", "scale", "snapshot", "restore"];
+
+#[derive(Debug)]
+pub struct LibvirtBackend {
+    uri: String,
+    /// One connection for the node's life (the test driver's state lives in it); reopened
+    /// after a connection-level failure.
+    connection: Mutex<Option<Connect>>,
+    ledger: StepLedger,
+    /// Where QEMU disks are made (unused by the test driver).
+    disk_dir: PathBuf,
+}
+
+fn classify(error: virt::error::Error) -> BackendError {
+    let message = format!("libvirt: {}", error.message());
+    match error.code() {
+        Enum::Known(
+            ErrorNumber::SystemError
+            | ErrorNumber::Rpc
+            | ErrorNumber::NoConnect
+            | ErrorNumber::OperationTimeout
+            | ErrorNumber::AgentUnresponsive,
+        ) => BackendError::Retryable(message),
+        Enum::Known(ErrorNumber::NoSupport | ErrorNumber::ArgumentUnsupported) => BackendError::Unsupported(message),
+        _ => BackendError::Permanent(message),
+    }
+}
+
+fn is_missing(error: &virt::error::Error) -> bool {
+    matches!(error.code(), Enum::Known(ErrorNumber::NoDomain | ErrorNumber::NoDomainSnapshot))
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&apos;")
+}
+
+/// The domain's name for a runtime.
+pub fn domain_name(runtime: &Runtime) -> String {
+    format!("rtai-{}", runtime.id)
+}
+
+impl LibvirtBackend {
+    /// Checks that `uri` can be opened, without keeping anything (a node checks its drivers
+    /// before it touches its store).
+    pub fn probe(uri: &str) -> Result<(), BackendError> {
+        Connect::open(Some(uri)).map(drop).map_err(classify)
+    }
+
+    /// Opens the connection now, so a wrong URI is a clear error at start.
+    pub fn connect(uri: &str, state_dir: PathBuf) -> Result<LibvirtBackend, BackendError> {
+        let connection = Connect::open(Some(uri)).map_err(classify)?;
+        let ledger = StepLedger::open(state_dir.join("ledger"))?;
+        let disk_dir = state_dir.join("disks");
+        std::fs::create_dir_all(&disk_dir)?;
+        Ok(LibvirtBackend { uri: uri.to_string(), connection: Mutex::new(Some(connection)), ledger, disk_dir })
+    }
+
+    fn is_test_driver(&self) -> bool {
+        self.uri.starts_with("test:")
+    }
+
+    fn connection(&self) -> Result<Connect, BackendError> {
+        let mut guard = self.connection.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.as_ref().is_none_or(|c| !c.is_alive().unwrap_or(false)) {
+            *guard = Some(Connect::open(Some(&self.uri)).map_err(classify)?);
+        }
+        Ok(guard.clone().expect("just opened"))
+    }
+
+    /// Runs blocking libvirt work on the blocking pool, fenced and remembered by the ledger.
+    async fn step<F>(&self, cx: &CallContext, work: F) -> Result<String, BackendError>
+    where
+        F: FnOnce(&Connect) -> Result<String, BackendError> + Send + 'static,
+    {
+        let connection = self.connection()?;
+        let ledger = self.ledger.clone();
+        let cx = cx.clone();
+        tokio::task::spawn_blocking(move || {
+            let (step, message) = ledger.run(&cx, || work(&connection))?;
+            Ok(match step {
+                super::Step::AlreadyApplied => "already applied (a retry converges)".to_string(),
+                super::Step::Fresh => message.unwrap_or_default(),
+            })
+        })
+        .await
+        .map_err(|e| BackendError::Retryable(format!("libvirt task: {e}")))?
+    }
+
+    fn domain_xml(&self, runtime: &Runtime, resources: &Resources, disk: Option<&PathBuf>) -> String {
+        let memory_kib = (resources.memory_bytes / 1024).max(65_536);
+        let vcpus = resources.cpu.ceil().max(1.0) as u32;
+        let kind = if self.is_test_driver() {
+            "test"
+        } else if kvm_usable() {
+            "kvm"
+        } else {
+            "qemu"
+        };
+        let labels: String = runtime
+            .labels
+            .iter()
+            .map(|(k, v)| format!("<runtimeai:label key=\"{}\" value=\"{}\"/>", escape(k), escape(v)))
+            .collect();
+        let devices = match disk {
+            Some(path) => format!(
+                "<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+                 <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+                 <console type='pty'/></devices>",
+                escape(&path.display().to_string())
+            ),
+            None => String::new(),
+        };
+        format!(
+            "<domain type='{kind}'><name>{name}</name>\
+             <metadata><runtimeai:runtime xmlns:runtimeai=\"{METADATA_NS}\" id=\"{id}\" name=\"{rname}\">{labels}</runtimeai:runtime></metadata>\
+             <memory unit='KiB'>{memory_kib}</memory><currentMemory unit='KiB'>{memory_kib}</currentMemory>\
+             <vcpu placement='static'>{vcpus}</vcpu>\
+             <os><type arch='x86_64'>hvm</type><boot dev='hd'/></os>{devices}</domain>",
+            name = domain_name(runtime),
+            id = escape(&runtime.id),
+            rname = escape(&runtime.name),
+        )
+    }
+
+    fn disk_path(&self, runtime: &Runtime) -> PathBuf {
+        self.disk_dir.join(format!("{}.qcow2", domain_name(runtime)))
+    }
+}
+
+/// Whether KVM can be used (else QEMU emulates in software).
+fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+}
+
+fn lookup(connection: &Connect, name: &str) -> Result<Option<Domain>, BackendError> {
+    match connection.lookup_domain_by_name(name) {
+        Ok(domain) => Ok(Some(domain)),
+        Err(e) if is_missing(&e) => Ok(None),
+        Err(e) => Err(classify(e)),
+    }
+}
+
+fn domain(connection: &Connect, name: &str) -> Result<Domain, BackendError> {
+    lookup(connection, name)?.ok_or_else(|| {
+        BackendError::Permanent(format!("libvirt has no domain {name}: it was removed outside RuntimeAI"))
+    })
+}
+
+fn active(domain: &Domain) -> Result<bool, BackendError> {
+    domain.is_active().map_err(classify)
+}
+
+#[async_trait::async_trait]
+impl RuntimeBackend for LibvirtBackend {
+    fn driver(&self) -> &'static str {
+        "libvirt"
+    }
+
+    fn shared(&self) -> bool {
+        false
+    }
+
+    fn capabilities(&self) -> &'static [&'static str] {
+        CAPABILITIES
+    }
+
+    async fn create(&self, cx: &CallContext, runtime: &Runtime, resources: &Resources) -> Result<String, BackendError> {
+        let name = domain_name(runtime);
+        let disk = (!self.is_test_driver()).then(|| self.disk_path(runtime));
+        if let Some(path) = &disk {
+            if !path.exists() {
+                let output = tokio::process::Command::new("qemu-img")
+                    .args(["create", "-q", "-f", "qcow2"])
+                    .arg(path)
+                    .arg("1G")
+                    .output()
+                    .await
+                    .map_err(|e| BackendError::Permanent(format!("cannot run qemu-img: {e}")))?;
+                if !output.status.success() {
+                    return Err(BackendError::Permanent(format!(
+                        "qemu-img create failed: {}",
+                        String::from_utf8_lossy(&output.stderr).trim()
+                    )));
+                }
+            }
+        }
+        let xml = self.domain_xml(runtime, resources, disk.as_ref());
+        self.step(cx, move |connection| {
+            let domain = match lookup(connection, &name)? {
+                Some(domain) => domain,
+                None => connection.define_domain_xml(&xml).map_err(classify)?,
+            };
+            if !active(&domain)? {
+                domain.create().map_err(classify)?;
+            }
+            Ok(format!("domain {name} defined and started"))
+        })
+        .await
+    }
+
+    async fn delete(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        let name = domain_name(runtime);
+        let disk = self.disk_path(runtime);
+        self.step(cx, move |connection| {
+            if let Some(domain) = lookup(connection, &name)? {
+                if active(&domain)? {
+                    domain.destroy().map_err(classify)?;
+                }
+                domain.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA).map_err(classify)?;
+            }
+            if disk.exists() {
+                std::fs::remove_file(&disk)?;
+            }
+            Ok(format!("domain {name} removed"))
+        })
+        .await
+    }
+
+    async fn start(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        let name = domain_name(runtime);
+        self.step(cx, move |connection| {
+            let domain = domain(connection, &name)?;
+            if !active(&domain)? {
+                domain.create().map_err(classify)?;
+            }
+            Ok(format!("domain {name} running"))
+        })
+        .await
+    }
+
+    async fn stop(
+        &self,
+        cx: &CallContext,
+        runtime: &Runtime,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<String, BackendError> {
+        let name = domain_name(runtime);
+        self.step(cx, move |connection| {
+            let domain = domain(connection, &name)?;
+            if !active(&domain)? {
+                return Ok(format!("domain {name} already shut off"));
+            }
+            // A guest may ignore the ACPI request (or have no OS to hear it): wait, then, with
+            // force, power it off.
+            let _ = domain.shutdown();
+            let deadline = std::time::Instant::now() + timeout;
+            while std::time::Instant::now() < deadline {
+                if !active(&domain)? {
+                    return Ok(format!("domain {name} shut down"));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            if !force {
+                return Err(BackendError::Permanent(format!(
+                    "domain {name} did not shut down within {}s; stop with force to power it off",
+                    timeout.as_secs()
+                )));
+            }
+            domain.destroy().map_err(classify)?;
+            Ok(format!("domain {name} powered off after {}s without a clean shutdown", timeout.as_secs()))
+        })
+        .await
+    }
+
+    async fn restart(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        let name = domain_name(runtime);
+        self.step(cx, move |connection| {
+            let domain = domain(connection, &name)?;
+            if active(&domain)? {
+                domain.reboot(sys::VIR_DOMAIN_REBOOT_DEFAULT).map_err(classify)?;
+                Ok(format!("domain {name} rebooted"))
+            } else {
+                domain.create().map_err(classify)?;
+                Ok(format!("domain {name} was shut off: started"))
+            }
+        })
+        .await
+    }
+
+    async fn scale(&self, cx: &CallContext, runtime: &Runtime, target: &Resources) -> Result<String, BackendError> {
+        let name = domain_name(runtime);
+        let vcpus = target.cpu.ceil().max(1.0) as u32;
+        let memory_kib = (target.memory_bytes / 1024).max(65_536);
+        self.step(cx, move |connection| {
+            let domain = domain(connection, &name)?;
+            let config = sys::VIR_DOMAIN_AFFECT_CONFIG;
+            let live = sys::VIR_DOMAIN_AFFECT_LIVE;
+            // The configuration first (maximums, then current values), so the next boot has it.
+            domain.set_vcpus_flags(vcpus, sys::VIR_DOMAIN_VCPU_MAXIMUM | config).map_err(classify)?;
+            domain.set_vcpus_flags(vcpus, config).map_err(classify)?;
+            domain.set_memory_flags(memory_kib, sys::VIR_DOMAIN_MEM_MAXIMUM | config).map_err(classify)?;
+            domain.set_memory_flags(memory_kib, config).map_err(classify)?;
+            if !active(&domain)? {
+                return Ok(format!("domain {name}: {vcpus} vCPUs, {} MiB from its next start", memory_kib / 1024));
+            }
+            let live_ok =
+                domain.set_vcpus_flags(vcpus, live).is_ok() && domain.set_memory_flags(memory_kib, live).is_ok();
+            Ok(if live_ok {
+                format!("domain {name}: {vcpus} vCPUs, {} MiB, applied live", memory_kib / 1024)
+            } else {
+                format!(
+                    "domain {name}: {vcpus} vCPUs, {} MiB in its configuration; restart required to take effect",
+                    memory_kib / 1024
+                )
+            })
+        })
+        .await
+    }
+
+    async fn snapshot(
+        &self,
+        cx: &CallContext,
+        runtime: &Runtime,
+        snapshot_id: &str,
+        label: &str,
+    ) -> Result<String, BackendError> {
+        let name = domain_name(runtime);
+        let xml = format!(
+            "<domainsnapshot><name>{}</name><description>{}</description></domainsnapshot>",
+            escape(snapshot_id),
+            escape(label)
+        );
+        let snapshot_id = snapshot_id.to_string();
+        self.step(cx, move |connection| {
+            let domain = domain(connection, &name)?;
+            match Domain::lookup_snapshot_by_name(&domain, &snapshot_id, 0) {
+                Ok(_) => Ok(format!("snapshot {snapshot_id} of {name} exists")),
+                Err(e) if is_missing(&e) => {
+                    domain.create_snapshot_xml(&xml, 0).map_err(classify)?;
+                    Ok(format!("snapshot {snapshot_id} of {name} taken"))
+                }
+                Err(e) => Err(classify(e)),
+            }
+        })
+        .await
+    }
+
+    async fn restore(&self, cx: &CallContext, runtime: &Runtime, snapshot_id: &str) -> Result<String, BackendError> {
+        let name = domain_name(runtime);
+        let snapshot_id = snapshot_id.to_string();
+        self.step(cx, move |connection| {
+            let domain = domain(connection, &name)?;
+            let snapshot = Domain::lookup_snapshot_by_name(&domain, &snapshot_id, 0).map_err(|e| {
+                if is_missing(&e) {
+                    BackendError::Permanent(format!("libvirt has no snapshot {snapshot_id} of {name}"))
+                } else {
+                    classify(e)
+                }
+            })?;
+            snapshot.revert(0).map_err(classify)?;
+            Ok(format!("domain {name} reverted to snapshot {snapshot_id}"))
+        })
+        .await
+    }
+
+    async fn list_snapshots(&self, runtime: &Runtime) -> Result<Vec<String>, BackendError> {
+        let name = domain_name(runtime);
+        let connection = self.connection()?;
+        tokio::task::spawn_blocking(move || {
+            let domain = domain(&connection, &name)?;
+            let snapshots = domain.list_all_snapshots(0).map_err(classify)?;
+            snapshots.iter().map(|s| s.name().map_err(classify)).collect()
+        })
+        .await
+        .map_err(|e| BackendError::Retryable(format!("libvirt task: {e}")))?
+    }
+
+    async fn status(&self, runtime: &Runtime) -> Result<Observed, BackendError> {
+        let name = domain_name(runtime);
+        let connection = self.connection()?;
+        tokio::task::spawn_blocking(move || {
+            let Some(domain) = lookup(&connection, &name)? else { return Ok(Observed::Missing) };
+            let info = domain.info().map_err(classify)?;
+            Ok(match info.state {
+                Enum::Known(DomainState::Running | DomainState::Blocked | DomainState::Paused) => Observed::Running {
+                    cpu: f64::from(info.nr_virt_cpu),
+                    memory_bytes: info.memory * 1024,
+                    latency_ms: None,
+                },
+                Enum::Known(DomainState::Crashed) => Observed::Failed(format!("domain {name} crashed")),
+                _ => Observed::Stopped,
+            })
+        })
+        .await
+        .map_err(|e| BackendError::Retryable(format!("libvirt task: {e}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runtimeai_model::{RuntimeType, SizeEntry};
+
+    fn cx(operation: &str) -> CallContext {
+        CallContext { operation_id: operation.into(), step: 0, token: 1 }
+    }
+
+    /// The whole lifecycle against libvirt's own test driver (the real library, its built-in
+    /// hypervisor): every call twice, to show it converges.
+    #[tokio::test]
+    async fn a_vm_goes_through_its_lifecycle_on_the_test_driver() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LibvirtBackend::connect("test:///default", dir.path().to_path_buf()).unwrap();
+        let mut runtime = Runtime::new("rt_lifecycle", "web", RuntimeType::Vm, chrono::DateTime::UNIX_EPOCH);
+        runtime.labels.insert("team".into(), "risk & ops".into());
+        let sizes: Vec<SizeEntry> = runtimeai_model::default_sizes();
+        runtime.spec.size = Some("small".into());
+        let small = Resources::of(&runtime, &sizes);
+        for attempt in ["op_create", "op_create_retry"] {
+            let message = backend.create(&cx(attempt), &runtime, &small).await.unwrap();
+            assert!(message.contains("rtai-rt_lifecycle"), "{message}");
+        }
+        let Observed::Running { cpu, memory_bytes, .. } = backend.status(&runtime).await.unwrap() else {
+            panic!("not running")
+        };
+        assert_eq!((cpu, memory_bytes), (1.0, 2 << 30));
+        let connection = backend.connection().unwrap();
+        let domain = connection.lookup_domain_by_name("rtai-rt_lifecycle").unwrap();
+        let metadata = domain.metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(METADATA_NS), 0).unwrap();
+        assert!(metadata.contains("id=\"rt_lifecycle\"") && metadata.contains("risk &amp; ops"), "{metadata}");
+
+        backend.stop(&cx("op_stop"), &runtime, false, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(backend.status(&runtime).await.unwrap(), Observed::Stopped);
+        backend.stop(&cx("op_stop_again"), &runtime, false, Duration::from_secs(5)).await.unwrap();
+        let large = Resources { cpu: 4.0, memory_bytes: 8 << 30, replicas: 1 };
+        let message = backend.scale(&cx("op_scale"), &runtime, &large).await.unwrap();
+        assert!(message.contains("next start"), "{message}");
+        backend.start(&cx("op_start"), &runtime).await.unwrap();
+        let Observed::Running { cpu, .. } = backend.status(&runtime).await.unwrap() else { panic!("not running") };
+        assert_eq!(cpu, 4.0, "the new size after the boot");
+
+        backend.snapshot(&cx("op_snap"), &runtime, "snap_1", "before").await.unwrap();
+        backend.snapshot(&cx("op_snap_retry"), &runtime, "snap_1", "before").await.unwrap();
+        assert_eq!(backend.list_snapshots(&runtime).await.unwrap(), ["snap_1"]);
+        backend.restore(&cx("op_restore"), &runtime, "snap_1").await.unwrap();
+        let missing = backend.restore(&cx("op_restore_bad"), &runtime, "snap_404").await.unwrap_err();
+        assert!(matches!(missing, BackendError::Permanent(_)), "{missing}");
+        backend.restart(&cx("op_restart"), &runtime).await.unwrap();
+
+        backend.delete(&cx("op_delete"), &runtime).await.unwrap();
+        backend.delete(&cx("op_delete_retry"), &runtime).await.unwrap();
+        assert_eq!(backend.status(&runtime).await.unwrap(), Observed::Missing);
+        let gone = backend.start(&cx("op_start_gone"), &runtime).await.unwrap_err();
+        assert!(gone.to_string().contains("outside RuntimeAI"), "{gone}");
+    }
+}

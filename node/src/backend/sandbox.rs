@@ -1,0 +1,624 @@
+//! Agent sandboxes as isolated local processes (driver `process`), for runtimes of type
+//! `sandbox` (isolated, usually short-lived) and `agent_runtime` (a long-running agent,
+//! restarted with backoff when it fails).
+//!
+//! A sandbox runs its spec's `command` in a private work directory under util-linux's
+//! `unshare`: its own PID, mount, IPC and UTS namespaces (it sees only its own processes), and
+//! its own network namespace — nothing but a down loopback, so no egress — unless the spec's
+//! `egress_policy` is `open`. Memory is bounded with `RLIMIT_AS` (inherited by everything it
+//! starts); cpu is not limited — that needs cgroup v2, which hosts like this one do not mount
+//! (the start message says so). Its environment is only `PATH`, `HOME` (the work directory) and
+//! the spec's `env`.
+//!
+//! Each sandbox has a directory `<root>/<runtime id>/` with `work/`, `pid` (pid and start time,
+//! so a reused pid is not mistaken for it), `exit` (how it ended), `stdout.log`, `stderr.log`,
+//! `snapshots/<id>.tar`. start → spawn (idempotent: a live process is kept), stop → SIGTERM to
+//! its process group, SIGKILL after the timeout, restart = stop + start, scale → new limits from
+//! the next start (the message says a restart is needed), snapshot → a tar of the work
+//! directory, restore → the work directory replaced by the archive (restarted if it ran).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use runtimeai_model::{EgressPolicy, Runtime, RuntimeType};
+
+use super::{BackendError, CallContext, Observed, Resources, RuntimeBackend, Step, StepLedger};
+
+const CAPABILITIES: &[&str] = &["start", "stop", "restart", "scale", "snapshot", "restore"];
+
+/// The command of a sandbox whose spec names none: an idle process.
+const IDLE: &[&str] = &["sleep", "infinity"];
+
+#[derive(Debug, Clone)]
+pub struct SandboxBackend {
+    root: PathBuf,
+    ledger: StepLedger,
+    /// Pauses between restarts of a failing agent: doubling from `backoff_min` to `backoff_max`.
+    backoff_min: Duration,
+    backoff_max: Duration,
+}
+
+/// How a sandbox was launched: what its limits and isolation are, recorded for status.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Launch {
+    pid: i32,
+    /// The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat).
+    start_ticks: u64,
+    memory_bytes: u64,
+    network_isolated: bool,
+}
+
+impl SandboxBackend {
+    pub fn new(root: PathBuf) -> std::io::Result<SandboxBackend> {
+        std::fs::create_dir_all(&root)?;
+        let ledger = StepLedger::open(root.join(".ledger"))?;
+        Ok(SandboxBackend { root, ledger, backoff_min: Duration::from_secs(1), backoff_max: Duration::from_secs(60) })
+    }
+
+    /// Shorter restart pauses (tests).
+    pub fn with_backoff(mut self, min: Duration, max: Duration) -> SandboxBackend {
+        self.backoff_min = min;
+        self.backoff_max = max;
+        self
+    }
+
+    fn dir(&self, runtime: &Runtime) -> PathBuf {
+        self.root.join(&runtime.id)
+    }
+
+    /// Runs one fenced, remembered step.
+    async fn step<F, Fut>(&self, cx: &CallContext, work: F) -> Result<String, BackendError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<String, BackendError>>,
+    {
+        // The ledger's check is synchronous and cheap; the work is async (it waits on processes).
+        match self.ledger.run(cx, || Ok(()))? {
+            (Step::AlreadyApplied, _) => Ok("already applied (a retry converges)".to_string()),
+            (Step::Fresh, _) => work().await,
+        }
+    }
+
+    fn launched(&self, runtime: &Runtime) -> Option<Launch> {
+        let text = std::fs::read_to_string(self.dir(runtime).join("pid")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// The launch record, if that process is still alive (and is the same process).
+    fn alive(&self, runtime: &Runtime) -> Option<Launch> {
+        self.launched(runtime).filter(|launch| start_ticks(launch.pid) == Some(launch.start_ticks))
+    }
+
+    /// Starts the sandbox unless it runs; a supervisor task reaps it and, for an agent runtime,
+    /// restarts it with backoff when it fails.
+    fn spawn(&self, runtime: &Runtime, resources: &Resources) -> Result<String, BackendError> {
+        if self.alive(runtime).is_some() {
+            return Ok("already running".to_string());
+        }
+        let dir = self.dir(runtime);
+        std::fs::create_dir_all(dir.join("work"))?;
+        let _ = std::fs::remove_file(dir.join("exit"));
+        let _ = std::fs::remove_file(dir.join("stopping"));
+        let launch = launch(runtime, &dir, resources.memory_bytes)?;
+        let isolated = launch.network_isolated;
+        std::fs::write(dir.join("pid"), serde_json::to_vec(&launch).unwrap_or_default())?;
+        if runtime.runtime_type == RuntimeType::AgentRuntime {
+            let supervisor = Supervisor {
+                backend: self.clone(),
+                runtime: Arc::new(runtime.clone()),
+                memory_bytes: resources.memory_bytes,
+            };
+            tokio::spawn(supervisor.run(launch.clone()));
+        } else {
+            tokio::spawn(reap(dir.clone(), launch.clone()));
+        }
+        let egress = if isolated { "no network egress" } else { "open egress" };
+        Ok(format!(
+            "sandbox started (pid {}; own pid/mount/ipc/uts namespaces, {egress}, memory ≤ {} MiB; cpu not limited without cgroup v2)",
+            launch.pid,
+            resources.memory_bytes >> 20
+        ))
+    }
+
+    /// SIGTERM to the sandbox's process group, SIGKILL after `timeout`.
+    async fn terminate(&self, runtime: &Runtime, timeout: Duration) -> Result<String, BackendError> {
+        let dir = self.dir(runtime);
+        let Some(launch) = self.alive(runtime) else { return Ok("not running".to_string()) };
+        std::fs::write(dir.join("stopping"), b"")?;
+        let group = Pid::from_raw(launch.pid);
+        let _ = killpg(group, Signal::SIGTERM);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if start_ticks(launch.pid) != Some(launch.start_ticks) {
+                return Ok(format!("pid {} ended on SIGTERM", launch.pid));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = killpg(group, Signal::SIGKILL);
+        for _ in 0..100 {
+            if start_ticks(launch.pid) != Some(launch.start_ticks) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(format!("pid {} killed after {}s without ending on SIGTERM", launch.pid, timeout.as_secs()))
+    }
+}
+
+/// Spawns the command under `unshare`, in its own session, with its limits.
+fn launch(runtime: &Runtime, dir: &Path, memory_bytes: u64) -> Result<Launch, BackendError> {
+    let command: Vec<String> = match &runtime.spec.command {
+        Some(command) if !command.is_empty() => command.clone(),
+        _ => IDLE.iter().map(|s| s.to_string()).collect(),
+    };
+    let open_egress = runtime.spec.networking.as_ref().is_some_and(|n| n.egress_policy == EgressPolicy::Open);
+    let mut unshare = std::process::Command::new("unshare");
+    unshare.args(["--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--ipc", "--uts"]);
+    if !open_egress {
+        unshare.arg("--net");
+    }
+    unshare.arg("--").args(&command);
+    let work = dir.join("work");
+    unshare
+        .current_dir(&work)
+        .env_clear()
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", &work)
+        .envs(runtime.spec.env.clone().unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stdout.log"))?)
+        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stderr.log"))?);
+    // The memory bound covers unshare and everything it starts (limits are inherited).
+    let limit = memory_bytes.max(64 << 20);
+    // SAFETY: only async-signal-safe calls between fork and exec (setsid, setrlimit).
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        unshare.pre_exec(move || {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, limit, limit)
+                .map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let child = unshare.spawn().map_err(|e| BackendError::Permanent(format!("cannot start unshare: {e}")))?;
+    // A task reaps the child by its pid (`reap`); the handle itself is not needed.
+    let pid = child.id() as i32;
+    drop(child);
+    let start_ticks = start_ticks(pid).ok_or_else(|| BackendError::Retryable("the sandbox exited at once".into()))?;
+    Ok(Launch { pid, start_ticks, memory_bytes: limit, network_isolated: !open_egress })
+}
+
+/// Field 22 of /proc/<pid>/stat: when the process started, which tells a reused pid apart.
+fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after it follow the last ')'.
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// Waits for the sandbox's process and records how it ended in `exit`.
+async fn reap(dir: PathBuf, launch: Launch) -> Option<i32> {
+    let pid = Pid::from_raw(launch.pid);
+    let status = tokio::task::spawn_blocking(move || nix::sys::wait::waitpid(pid, None)).await.ok()?.ok()?;
+    let (code, text) = match status {
+        nix::sys::wait::WaitStatus::Exited(_, code) => (code, format!("exited with status {code}")),
+        nix::sys::wait::WaitStatus::Signaled(_, signal, _) => (128 + signal as i32, format!("killed by {signal}")),
+        other => (-1, format!("{other:?}")),
+    };
+    let _ = std::fs::write(dir.join("exit"), &text);
+    Some(code)
+}
+
+/// Keeps an agent runtime running: when it ends without being asked to, it is started again
+/// after a pause that doubles with each failure in a row.
+struct Supervisor {
+    backend: SandboxBackend,
+    runtime: Arc<Runtime>,
+    memory_bytes: u64,
+}
+
+impl Supervisor {
+    async fn run(self, mut launch: Launch) {
+        let dir = self.backend.dir(&self.runtime);
+        let mut pause = self.backend.backoff_min;
+        loop {
+            let code = reap(dir.clone(), launch.clone()).await;
+            if dir.join("stopping").exists() || !dir.exists() {
+                return;
+            }
+            let restarts = std::fs::read_to_string(dir.join("restarts")).ok().and_then(|t| t.trim().parse().ok());
+            let restarts: u64 = restarts.unwrap_or(0) + 1;
+            let _ = std::fs::write(dir.join("restarts"), restarts.to_string());
+            tracing::warn!(runtime = %self.runtime.id, ?code, restarts, pause_ms = pause.as_millis() as u64, "agent ended; restarting");
+            tokio::time::sleep(pause).await;
+            if dir.join("stopping").exists() {
+                return;
+            }
+            pause = (pause * 2).min(self.backend.backoff_max);
+            match launch_again(&self.runtime, &dir, self.memory_bytes) {
+                Ok(next) => launch = next,
+                Err(e) => {
+                    tracing::warn!(runtime = %self.runtime.id, error = %e, "cannot restart the agent");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn launch_again(runtime: &Runtime, dir: &Path, memory_bytes: u64) -> Result<Launch, BackendError> {
+    let launch = launch(runtime, dir, memory_bytes)?;
+    let _ = std::fs::remove_file(dir.join("exit"));
+    std::fs::write(dir.join("pid"), serde_json::to_vec(&launch).unwrap_or_default())?;
+    Ok(launch)
+}
+
+/// Runs `tar` with `args`, as a permanent error when it fails.
+async fn tar(args: &[&std::ffi::OsStr]) -> Result<(), BackendError> {
+    let output = tokio::process::Command::new("tar")
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| BackendError::Permanent(format!("cannot run tar: {e}")))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(BackendError::Permanent(format!("tar failed: {}", String::from_utf8_lossy(&output.stderr).trim())))
+    }
+}
+
+#[async_trait::async_trait]
+impl RuntimeBackend for SandboxBackend {
+    fn driver(&self) -> &'static str {
+        "process"
+    }
+
+    fn shared(&self) -> bool {
+        false
+    }
+
+    fn capabilities(&self) -> &'static [&'static str] {
+        CAPABILITIES
+    }
+
+    async fn create(&self, cx: &CallContext, runtime: &Runtime, resources: &Resources) -> Result<String, BackendError> {
+        self.step(cx, || async { self.spawn(runtime, resources) }).await
+    }
+
+    async fn delete(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        self.step(cx, || async {
+            self.terminate(runtime, Duration::from_secs(10)).await?;
+            let dir = self.dir(runtime);
+            if dir.exists() {
+                tokio::fs::remove_dir_all(&dir).await?;
+            }
+            Ok("sandbox removed".to_string())
+        })
+        .await
+    }
+
+    async fn start(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        let memory = self.launched(runtime).map(|l| l.memory_bytes).unwrap_or(1 << 30);
+        let resources = Resources { cpu: 1.0, memory_bytes: memory, replicas: 1 };
+        self.step(cx, || async { self.spawn(runtime, &resources) }).await
+    }
+
+    async fn stop(
+        &self,
+        cx: &CallContext,
+        runtime: &Runtime,
+        _force: bool,
+        timeout: Duration,
+    ) -> Result<String, BackendError> {
+        self.step(cx, || self.terminate(runtime, timeout)).await
+    }
+
+    async fn restart(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        let memory = self.launched(runtime).map(|l| l.memory_bytes).unwrap_or(1 << 30);
+        let resources = Resources { cpu: 1.0, memory_bytes: memory, replicas: 1 };
+        self.step(cx, || async {
+            let stopped = self.terminate(runtime, Duration::from_secs(10)).await?;
+            let started = self.spawn(runtime, &resources)?;
+            Ok(format!("{stopped}; {started}"))
+        })
+        .await
+    }
+
+    async fn scale(&self, cx: &CallContext, runtime: &Runtime, target: &Resources) -> Result<String, BackendError> {
+        self.step(cx, || async {
+            let path = self.dir(runtime).join("pid");
+            let Some(mut launch) = self.launched(runtime) else {
+                return Ok(format!("memory ≤ {} MiB from its next start", target.memory_bytes >> 20));
+            };
+            launch.memory_bytes = target.memory_bytes;
+            std::fs::write(&path, serde_json::to_vec(&launch).unwrap_or_default())?;
+            Ok(format!("memory ≤ {} MiB recorded; restart required to take effect", target.memory_bytes >> 20))
+        })
+        .await
+    }
+
+    async fn snapshot(
+        &self,
+        cx: &CallContext,
+        runtime: &Runtime,
+        snapshot_id: &str,
+        _: &str,
+    ) -> Result<String, BackendError> {
+        self.step(cx, || async {
+            let dir = self.dir(runtime);
+            let snapshots = dir.join("snapshots");
+            std::fs::create_dir_all(&snapshots)?;
+            let archive = snapshots.join(format!("{snapshot_id}.tar"));
+            tar(&["-cf".as_ref(), archive.as_os_str(), "-C".as_ref(), dir.join("work").as_os_str(), ".".as_ref()])
+                .await?;
+            Ok(format!("work directory archived as {snapshot_id}"))
+        })
+        .await
+    }
+
+    async fn restore(&self, cx: &CallContext, runtime: &Runtime, snapshot_id: &str) -> Result<String, BackendError> {
+        let memory = self.launched(runtime).map(|l| l.memory_bytes).unwrap_or(1 << 30);
+        let resources = Resources { cpu: 1.0, memory_bytes: memory, replicas: 1 };
+        self.step(cx, || async {
+            let dir = self.dir(runtime);
+            let archive = dir.join("snapshots").join(format!("{snapshot_id}.tar"));
+            if !archive.exists() {
+                return Err(BackendError::Permanent(format!("no archive for snapshot {snapshot_id}")));
+            }
+            let was_running = self.alive(runtime).is_some();
+            self.terminate(runtime, Duration::from_secs(10)).await?;
+            let work = dir.join("work");
+            if work.exists() {
+                tokio::fs::remove_dir_all(&work).await?;
+            }
+            std::fs::create_dir_all(&work)?;
+            tar(&["-xf".as_ref(), archive.as_os_str(), "-C".as_ref(), work.as_os_str()]).await?;
+            if was_running {
+                self.spawn(runtime, &resources)?;
+                return Ok(format!("work directory restored from {snapshot_id}; restarted"));
+            }
+            Ok(format!("work directory restored from {snapshot_id}"))
+        })
+        .await
+    }
+
+    async fn list_snapshots(&self, runtime: &Runtime) -> Result<Vec<String>, BackendError> {
+        let mut ids = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir(runtime).join("snapshots")) {
+            for entry in entries.flatten() {
+                if let Some(id) = entry.file_name().to_str().and_then(|n| n.strip_suffix(".tar")) {
+                    ids.push(id.to_string());
+                }
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Sandboxes are the node's children: a clean shutdown ends them (as systemd's default
+    /// `KillMode=control-group` would), SIGTERM then SIGKILL after two seconds. After a SIGKILL
+    /// of the node they keep running and the restarted node finds them by their pid files.
+    async fn shutdown(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return };
+        let mut ended = 0;
+        for entry in entries.flatten() {
+            let Ok(text) = std::fs::read_to_string(entry.path().join("pid")) else { continue };
+            let Ok(launch) = serde_json::from_str::<Launch>(&text) else { continue };
+            if start_ticks(launch.pid) != Some(launch.start_ticks) {
+                continue;
+            }
+            let group = Pid::from_raw(launch.pid);
+            let _ = killpg(group, Signal::SIGTERM);
+            for _ in 0..40 {
+                if start_ticks(launch.pid) != Some(launch.start_ticks) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let _ = killpg(group, Signal::SIGKILL);
+            ended += 1;
+        }
+        if ended > 0 {
+            tracing::info!(sandboxes = ended, "ended this node's sandboxes on shutdown");
+        }
+    }
+
+    async fn status(&self, runtime: &Runtime) -> Result<Observed, BackendError> {
+        let dir = self.dir(runtime);
+        if !dir.exists() {
+            return Ok(Observed::Missing);
+        }
+        if let Some(launch) = self.alive(runtime) {
+            let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", launch.pid))
+                .ok()
+                .and_then(|s| {
+                    s.lines().find_map(|l| {
+                        l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches("kB").trim().to_string())
+                    })
+                })
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            return Ok(Observed::Running { cpu: 0.0, memory_bytes: rss_kib * 1024, latency_ms: None });
+        }
+        match std::fs::read_to_string(dir.join("exit")) {
+            Ok(how) if how.contains("status 0") || dir.join("stopping").exists() => Ok(Observed::Stopped),
+            Ok(how) => Ok(Observed::Failed(how)),
+            Err(_) if self.launched(runtime).is_some() => Ok(Observed::Failed("ended while the node was down".into())),
+            Err(_) => Ok(Observed::Stopped),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runtimeai_model::NetworkingProfile;
+
+    /// Whether this kernel lets us make the namespaces; the tests say so when it does not.
+    fn namespaces_allowed() -> bool {
+        let probe = std::process::Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc", "--mount", "--ipc", "--uts", "--net", "true"])
+            .status();
+        match probe {
+            Ok(status) if status.success() => true,
+            other => {
+                eprintln!("skipped: this kernel or user cannot create namespaces with unshare ({other:?})");
+                false
+            }
+        }
+    }
+
+    fn sandbox(id: &str, command: &str) -> Runtime {
+        let mut runtime = Runtime::new(id, id, RuntimeType::Sandbox, chrono::DateTime::UNIX_EPOCH);
+        runtime.spec.command = Some(vec!["sh".into(), "-c".into(), command.into()]);
+        runtime
+    }
+
+    fn cx(operation: &str) -> CallContext {
+        CallContext { operation_id: operation.into(), step: 0, token: 1 }
+    }
+
+    const ONE_GIB: Resources = Resources { cpu: 1.0, memory_bytes: 1 << 30, replicas: 1 };
+
+    /// Waits for a file the sandbox writes in its work directory.
+    async fn read_when_there(path: PathBuf) -> String {
+        for _ in 0..200 {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                if !text.is_empty() {
+                    return text;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("{} never appeared", path.display());
+    }
+
+    async fn wait_status(backend: &SandboxBackend, runtime: &Runtime, done: impl Fn(&Observed) -> bool) -> Observed {
+        for _ in 0..200 {
+            let observed = backend.status(runtime).await.unwrap();
+            if done(&observed) {
+                return observed;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("status never settled: {:?}", backend.status(runtime).await);
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_sees_only_itself_and_its_own_directory() {
+        if !namespaces_allowed() {
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap();
+        let mut runtime = sandbox(
+            "rt_ps",
+            "ls /proc | grep -c '^[0-9]' > pids; echo \"$HOME\" > home; echo \"$SECRET\" > secret; sleep 30",
+        );
+        runtime.spec.env = Some([("SECRET".to_string(), "only-mine".to_string())].into());
+        let message = backend.create(&cx("op_create"), &runtime, &ONE_GIB).await.unwrap();
+        assert!(message.contains("no network egress"), "{message}");
+        let work = root.path().join("rt_ps").join("work");
+        let pids: u32 = read_when_there(work.join("pids")).await.trim().parse().unwrap();
+        let host_pids = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().parse::<u32>().is_ok())
+            .count();
+        assert!(pids <= 4 && host_pids > pids as usize, "the sandbox sees {pids} processes, the host {host_pids}");
+        assert_eq!(read_when_there(work.join("home")).await.trim(), work.display().to_string());
+        assert_eq!(read_when_there(work.join("secret")).await.trim(), "only-mine");
+        assert!(matches!(backend.status(&runtime).await.unwrap(), Observed::Running { .. }));
+        let again = backend.create(&cx("op_create_retry"), &runtime, &ONE_GIB).await.unwrap();
+        assert!(again.contains("already running"), "a retry keeps the live process: {again}");
+
+        let stopped = backend.stop(&cx("op_stop"), &runtime, false, Duration::from_secs(5)).await.unwrap();
+        assert!(stopped.contains("SIGTERM"), "{stopped}");
+        assert_eq!(wait_status(&backend, &runtime, |o| *o == Observed::Stopped).await, Observed::Stopped);
+        backend.delete(&cx("op_delete"), &runtime).await.unwrap();
+        assert_eq!(backend.status(&runtime).await.unwrap(), Observed::Missing);
+    }
+
+    #[tokio::test]
+    async fn memory_beyond_the_limit_is_refused() {
+        if !namespaces_allowed() {
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap();
+        let grab = "python3 -c \"b = bytearray(700 * 1024 * 1024); open('grabbed', 'w').write('yes')\"";
+        let small = Resources { cpu: 1.0, memory_bytes: 256 << 20, replicas: 1 };
+        let capped = sandbox("rt_small", grab);
+        backend.create(&cx("op_small"), &capped, &small).await.unwrap();
+        let observed = wait_status(&backend, &capped, |o| !matches!(o, Observed::Running { .. })).await;
+        assert!(matches!(observed, Observed::Failed(_)), "{observed:?}");
+        assert!(!root.path().join("rt_small/work/grabbed").exists(), "700 MiB fit under a 256 MiB limit");
+        let roomy = sandbox("rt_big", grab);
+        backend.create(&cx("op_big"), &roomy, &Resources { memory_bytes: 2 << 30, ..small }).await.unwrap();
+        assert_eq!(read_when_there(root.path().join("rt_big/work/grabbed")).await, "yes");
+    }
+
+    #[tokio::test]
+    async fn egress_is_closed_unless_the_spec_opens_it() {
+        if !namespaces_allowed() {
+            return;
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let probe = format!(
+            "python3 -c \"import socket\ntry:\n socket.create_connection(('127.0.0.1', {port}), timeout=2); r = 'connected'\nexcept OSError as e:\n r = 'refused'\nopen('egress', 'w').write(r)\""
+        );
+        let root = tempfile::tempdir().unwrap();
+        let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap();
+        backend.create(&cx("op_closed"), &sandbox("rt_closed", &probe), &ONE_GIB).await.unwrap();
+        assert_eq!(read_when_there(root.path().join("rt_closed/work/egress")).await, "refused");
+        let mut open = sandbox("rt_open", &probe);
+        open.spec.networking = Some(NetworkingProfile { egress_policy: EgressPolicy::Open, ..Default::default() });
+        backend.create(&cx("op_open"), &open, &ONE_GIB).await.unwrap();
+        assert_eq!(read_when_there(root.path().join("rt_open/work/egress")).await, "connected");
+    }
+
+    #[tokio::test]
+    async fn work_survives_snapshot_and_restore_and_agents_are_restarted() {
+        if !namespaces_allowed() {
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let backend = SandboxBackend::new(root.path().to_path_buf())
+            .unwrap()
+            .with_backoff(Duration::from_millis(50), Duration::from_millis(200));
+        let runtime = sandbox("rt_files", "echo one > data; sleep 30");
+        backend.create(&cx("op_create"), &runtime, &ONE_GIB).await.unwrap();
+        let data = root.path().join("rt_files/work/data");
+        assert_eq!(read_when_there(data.clone()).await, "one\n");
+        backend.snapshot(&cx("op_snap"), &runtime, "snap_1", "first").await.unwrap();
+        std::fs::write(&data, "two\n").unwrap();
+        backend.restore(&cx("op_restore"), &runtime, "snap_1").await.unwrap();
+        assert_eq!(read_when_there(data).await, "one\n");
+        assert_eq!(backend.list_snapshots(&runtime).await.unwrap(), ["snap_1"]);
+        backend.delete(&cx("op_delete"), &runtime).await.unwrap();
+
+        let mut agent = sandbox("rt_agent", "echo run >> runs; exit 3");
+        agent.runtime_type = RuntimeType::AgentRuntime;
+        backend.create(&cx("op_agent"), &agent, &ONE_GIB).await.unwrap();
+        let runs = root.path().join("rt_agent/work/runs");
+        for _ in 0..200 {
+            if std::fs::read_to_string(&runs).unwrap_or_default().lines().count() >= 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(std::fs::read_to_string(&runs).unwrap().lines().count() >= 3, "a failing agent is restarted");
+        backend.stop(&cx("op_agent_stop"), &agent, false, Duration::from_secs(2)).await.unwrap();
+        let restarts: u64 =
+            std::fs::read_to_string(root.path().join("rt_agent/restarts")).unwrap().trim().parse().unwrap();
+        assert!(restarts >= 2, "{restarts}");
+    }
+}
