@@ -99,6 +99,21 @@ async fn report_signals(replica: &Replica, backends: &Backends, options: &Execut
                 continue;
             }
         };
+        if runtime.active_operation.is_none() {
+            if let Some(drift) = converge(backend.as_ref(), &runtime, &observed, &settings.sizes).await {
+                tracing::warn!(runtime = %runtime.id, observed = %drift.observed, action = %drift.action, "drift");
+                let op = Op::RecordDrift {
+                    runtime_id: runtime.id.clone(),
+                    observed: drift.observed,
+                    action: drift.action,
+                    state: drift.state,
+                };
+                if let Err(e) = replica.propose(system_command(op)).await {
+                    tracing::debug!(runtime = %runtime.id, error = %e, "cannot record drift now; next round will");
+                }
+                continue;
+            }
+        }
         let signals = signals(&runtime, &observed, &settings.sizes, options.node_id);
         let same = |old: &RuntimeSignals| RuntimeSignals { observed_at: old.observed_at, ..signals.clone() } == *old;
         if !runtime.signals.as_ref().is_some_and(same) {
@@ -113,6 +128,76 @@ async fn report_signals(replica: &Replica, backends: &Backends, options: &Execut
     match replica.propose(command).await {
         Ok(_) => tracing::debug!(runtimes = count, "reported signals"),
         Err(e) => tracing::debug!(error = %e, "cannot report signals now; next round will"),
+    }
+}
+
+/// What an executor found and did about a runtime whose backend differs from its record.
+struct Drift {
+    observed: String,
+    action: String,
+    state: Option<RuntimeState>,
+}
+
+/// Compares what the backend has with what the record says, and converges where it can: a VM
+/// or agent that should run is re-created or started, one that should not is stopped; a
+/// sandbox whose command ended is recorded as stopped (or in error, if it failed). What cannot
+/// be converged marks the runtime `degraded` or `error`. Never silent: every case is an event.
+async fn converge(
+    backend: &dyn RuntimeBackend,
+    runtime: &Runtime,
+    observed: &Observed,
+    sizes: &[SizeEntry],
+) -> Option<Drift> {
+    use RuntimeState::*;
+    let cx = CallContext {
+        operation_id: format!("drift-{}-{}", runtime.id, chrono::Utc::now().timestamp_millis()),
+        step: 0,
+        token: 1,
+    };
+    let drift = |observed: &str, action: String, state: Option<RuntimeState>| {
+        Some(Drift { observed: observed.into(), action, state })
+    };
+    let short_lived = runtime.runtime_type == runtimeai_model::RuntimeType::Sandbox;
+    match (runtime.state, observed) {
+        (Running | Degraded, Observed::Missing) => {
+            match backend.create(&cx, runtime, &Resources::of(runtime, sizes)).await {
+                Ok(_) => drift("missing from the backend", "re-created from the spec".into(), Some(Running)),
+                Err(e) => drift("missing from the backend", format!("could not re-create it: {e}"), Some(Error)),
+            }
+        }
+        (Running | Degraded, Observed::Stopped) if short_lived => {
+            drift("its command ended", "recorded as stopped".into(), Some(Stopped))
+        }
+        (Running | Degraded, Observed::Failed(why)) if short_lived => {
+            drift(why, "recorded as failed".into(), Some(Error))
+        }
+        (Running | Degraded, Observed::Stopped | Observed::Failed(_)) => {
+            let what = match observed {
+                Observed::Failed(why) => why.clone(),
+                _ => "not running".to_string(),
+            };
+            match backend.start(&cx, runtime).await {
+                Ok(_) => drift(&what, "started again".into(), Some(Running)),
+                Err(e) => drift(&what, format!("could not start it: {e}"), Some(Degraded)),
+            }
+        }
+        (Degraded, Observed::Running { .. }) => drift("running again", "recorded as running".into(), Some(Running)),
+        (Stopped, Observed::Running { .. }) => match backend.stop(&cx, runtime, true, Duration::from_secs(30)).await {
+            Ok(_) => drift("running though stopped", "stopped again".into(), None),
+            Err(e) => drift("running though stopped", format!("could not stop it: {e}"), Some(Degraded)),
+        },
+        (Stopped, Observed::Missing) if !short_lived => {
+            let created = backend.create(&cx, runtime, &Resources::of(runtime, sizes)).await;
+            let stopped = match created {
+                Ok(_) => backend.stop(&cx, runtime, true, Duration::from_secs(30)).await,
+                Err(e) => Err(e),
+            };
+            match stopped {
+                Ok(_) => drift("missing from the backend", "re-created from the spec, stopped".into(), None),
+                Err(e) => drift("missing from the backend", format!("could not re-create it: {e}"), Some(Error)),
+            }
+        }
+        _ => None,
     }
 }
 

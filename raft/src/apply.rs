@@ -171,6 +171,33 @@ pub(crate) fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> 
                 }
             },
         },
+        Op::RecordDrift { runtime_id, observed, action, state } => match load_runtime(txn, &runtime_id, None)? {
+            Err(rejection) => CommandReply::Rejected(rejection),
+            Ok(runtime) if runtime.active_operation.is_some() => {
+                CommandReply::Rejected(Rejection::OperationInProgress {
+                    operation_id: runtime.active_operation.clone().unwrap_or_default(),
+                    runtime_id,
+                })
+            }
+            Ok(mut runtime) => {
+                let from = runtime.state;
+                if let Some(state) = state {
+                    runtime.state = state;
+                }
+                save_runtime(txn, at, &mut runtime)?;
+                let mut data = serde_json::Map::new();
+                data.insert("observed".into(), observed.into());
+                data.insert("action".into(), action.into());
+                data.insert("from_state".into(), from.as_str().into());
+                data.insert("to_state".into(), runtime.state.as_str().into());
+                let severity = match runtime.state {
+                    RuntimeState::Error => EventSeverity::Critical,
+                    _ => EventSeverity::Warning,
+                };
+                events.write(txn, &runtime.id, "runtime.drift", severity, JsonObject(data))?;
+                CommandReply::Runtime(runtime)
+            }
+        },
         Op::ReportSignals { signals } => {
             let mut recorded = 0;
             for (runtime_id, observed) in signals {

@@ -100,6 +100,15 @@ pub enum Op {
         token: u64,
         lease_ms: u64,
     },
+    /// An executor found its backend differing from the replicated state: records what differs
+    /// and what it did (an event), and moves the runtime to `state` if given. Refused while an
+    /// operation is active on the runtime (the operation owns it then).
+    RecordDrift {
+        runtime_id: String,
+        observed: String,
+        action: String,
+        state: Option<runtimeai_model::RuntimeState>,
+    },
     /// What executors observed of their runtimes.
     ReportSignals {
         signals: Vec<(String, RuntimeSignals)>,
@@ -140,6 +149,7 @@ impl Op {
             Op::AssignOperation { .. } => "assign_operation",
             Op::RenewLease { .. } => "renew_lease",
             Op::ReportSignals { .. } => "report_signals",
+            Op::RecordDrift { .. } => "record_drift",
             Op::SubmitIntent { .. } => "submit_intent",
             Op::CreatePolicy { .. } => "create_policy",
             Op::DeletePolicy { .. } => "delete_policy",

@@ -376,3 +376,63 @@ async fn an_external_planner_plans_goals_the_deterministic_one_does_not_know() -
     assert!(problem(&chatty, 502, "planner-output-invalid"), "{chatty:?}");
     Ok(())
 }
+
+/// The `runtime.drift` events of a runtime.
+async fn drift_events(cluster: &Cluster, via: u64, id: &str) -> anyhow::Result<Vec<Value>> {
+    Ok(events_of(cluster, via, id).await?.into_iter().filter(|e| e["type"] == "runtime.drift").collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_differs_from_the_backend_is_converged_or_reported() -> anyhow::Result<()> {
+    let args = ["--signals-interval-ms", "300"];
+    let mut cluster =
+        Cluster::start(3, ClusterOptions { extra_args: args.iter().map(|a| a.to_string()).collect() }).await?;
+    let vm = cluster.call(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "drifty", "type": "vm"})), &[]).await?;
+    assert_eq!(vm.status, 201, "{vm:?}");
+    let vm_id = vm.body["id"].as_str().unwrap().to_string();
+    let vm_node = vm.body["placement"]["node_id"].as_u64().unwrap();
+    assert_eq!(vm.body["backend"]["kind"], "vm_backend");
+    cluster.wait_operation(1, vm.body["active_operation"].as_str().unwrap(), SETTLE).await?;
+    let sandbox =
+        cluster.call(2, Method::POST, "/v1/runtimes", Some(&json!({"name": "crashy", "type": "sandbox"})), &[]).await?;
+    let sandbox_id = sandbox.body["id"].as_str().unwrap().to_string();
+    let sandbox_node = sandbox.body["placement"]["node_id"].as_u64().unwrap();
+    cluster.wait_operation(2, sandbox.body["active_operation"].as_str().unwrap(), SETTLE).await?;
+
+    phase("the VM's node restarts: libvirt's test hypervisor lost the domain, the executor re-creates it");
+    cluster.kill(vm_node);
+    cluster.spawn(vm_node)?;
+    cluster.wait_ready(vm_node, SETTLE).await?;
+    let via = if vm_node == 1 { 2 } else { 1 };
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    let drift = loop {
+        if let Some(drift) = drift_events(&cluster, via, &vm_id).await?.pop() {
+            break drift;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no drift recorded for the VM");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(drift["data"]["observed"], "missing from the backend", "{drift}");
+    assert_eq!(drift["data"]["action"], "re-created from the spec", "{drift}");
+    let runtime = cluster.call(via, Method::GET, &format!("/v1/runtimes/{vm_id}"), None, &[]).await?;
+    assert_eq!(runtime.body["state"], "running");
+
+    phase("a sandbox killed outside RuntimeAI is marked in error, with what happened");
+    let pid_file = cluster.node(sandbox_node).data_dir.join("backends/sandboxes").join(&sandbox_id).join("pid");
+    let launch: Value = serde_json::from_str(&std::fs::read_to_string(&pid_file)?)?;
+    let pid = launch["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let runtime = cluster.call(via, Method::GET, &format!("/v1/runtimes/{sandbox_id}"), None, &[]).await?;
+        if runtime.body["state"] == "error" {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the killed sandbox was not noticed: {runtime:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drift = drift_events(&cluster, via, &sandbox_id).await?.pop().expect("a drift event");
+    assert!(drift["data"]["observed"].as_str().unwrap().contains("SIGKILL"), "{drift}");
+    assert_eq!(drift["severity"], "critical");
+    Ok(())
+}

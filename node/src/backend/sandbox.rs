@@ -127,13 +127,17 @@ impl SandboxBackend {
     /// SIGTERM to the sandbox's process group, SIGKILL after `timeout`.
     async fn terminate(&self, runtime: &Runtime, timeout: Duration) -> Result<String, BackendError> {
         let dir = self.dir(runtime);
-        let Some(launch) = self.alive(runtime) else { return Ok("not running".to_string()) };
+        let Some(launch) = self.alive(runtime) else {
+            kill_strays(&dir);
+            return Ok("not running".to_string());
+        };
         std::fs::write(dir.join("stopping"), b"")?;
         let group = Pid::from_raw(launch.pid);
         let _ = killpg(group, Signal::SIGTERM);
         let deadline = tokio::time::Instant::now() + timeout;
         while tokio::time::Instant::now() < deadline {
             if start_ticks(launch.pid) != Some(launch.start_ticks) {
+                kill_strays(&dir);
                 return Ok(format!("pid {} ended on SIGTERM", launch.pid));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -145,6 +149,7 @@ impl SandboxBackend {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        kill_strays(&dir);
         Ok(format!("pid {} killed after {}s without ending on SIGTERM", launch.pid, timeout.as_secs()))
     }
 }
@@ -190,6 +195,23 @@ fn launch(runtime: &Runtime, dir: &Path, memory_bytes: u64) -> Result<Launch, Ba
     drop(child);
     let start_ticks = start_ticks(pid).ok_or_else(|| BackendError::Retryable("the sandbox exited at once".into()))?;
     Ok(Launch { pid, start_ticks, memory_bytes: limit, network_isolated: !open_egress })
+}
+
+/// SIGKILLs every process whose working directory is below `dir`: whatever of a sandbox
+/// escaped its process group (the group is the first line of defence).
+fn kill_strays(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else { continue };
+        // A deleted directory reads back as "<path> (deleted)".
+        let cwd = PathBuf::from(cwd.to_string_lossy().trim_end_matches(" (deleted)"));
+        if cwd.starts_with(dir) && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+            killed += 1;
+        }
+    }
+    killed
 }
 
 /// Field 22 of /proc/<pid>/stat: when the process started, which tells a reused pid apart.
@@ -239,7 +261,8 @@ impl Supervisor {
             let _ = std::fs::write(dir.join("restarts"), restarts.to_string());
             tracing::warn!(runtime = %self.runtime.id, ?code, restarts, pause_ms = pause.as_millis() as u64, "agent ended; restarting");
             tokio::time::sleep(pause).await;
-            if dir.join("stopping").exists() {
+            if dir.join("stopping").exists() || self.backend.alive(&self.runtime).is_some() {
+                // Stopped meanwhile, or started by someone else (who supervises it now).
                 return;
             }
             pause = (pause * 2).min(self.backend.backoff_max);
@@ -426,6 +449,7 @@ impl RuntimeBackend for SandboxBackend {
             let _ = killpg(group, Signal::SIGKILL);
             ended += 1;
         }
+        kill_strays(&self.root);
         if ended > 0 {
             tracing::info!(sandboxes = ended, "ended this node's sandboxes on shutdown");
         }
