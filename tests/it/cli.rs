@@ -87,6 +87,8 @@ fn conflicting_or_malformed_flags_are_refused_with_one_line() {
             "cannot use libvirt at nowhere:///x",
         ),
     ];
+    let refused = node(&["--id", "1", "--data-dir", data, "--backends", "vm=libvirt:nowhere:///x"]);
+    assert_eq!(String::from_utf8_lossy(&refused.stderr).lines().count(), 1, "libvirt's own printing is silenced");
     for (args, expected) in cases {
         assert_refused(&node(&args), expected);
     }

@@ -74,11 +74,14 @@ impl LibvirtBackend {
     /// Checks that `uri` can be opened, without keeping anything (a node checks its drivers
     /// before it touches its store).
     pub fn probe(uri: &str) -> Result<(), BackendError> {
+        // libvirt prints every error itself unless told not to; ours say it once, with context.
+        virt::error::clear_error_callback();
         Connect::open(Some(uri)).map(drop).map_err(classify)
     }
 
     /// Opens the connection now, so a wrong URI is a clear error at start.
     pub fn connect(uri: &str, state_dir: PathBuf) -> Result<LibvirtBackend, BackendError> {
+        virt::error::clear_error_callback();
         let connection = Connect::open(Some(uri)).map_err(classify)?;
         let ledger = StepLedger::open(state_dir.join("ledger"))?;
         let disk_dir = state_dir.join("disks");
