@@ -18,7 +18,8 @@ pub struct OperationView {
     pub kind: &'static str,
     #[schema(value_type = Object)]
     pub params: Value,
-    /// For `execute`: how each action went.
+    /// How each action went (one entry, or one per action of an `execute`), with what the
+    /// backend said.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub results: Option<Vec<ActionResultView>>,
     /// `queued → running → succeeded | failed | cancelled` (or `pending_approval`).
@@ -71,9 +72,9 @@ pub(crate) fn action_params(action: &LifecycleAction) -> Value {
     }
 }
 
-/// Per-action results of a sequence, derived from the operation's status.
+/// Per-action results, derived from the operation's status and what the backend said.
 fn action_results(operation: &Operation) -> Option<Vec<ActionResultView>> {
-    let LifecycleAction::Sequence { actions } = &operation.action else { return None };
+    let actions = operation.action.steps();
     let failed = operation.failed_action.map(|i| i as usize);
     let completed = operation.completed_actions as usize;
     let results = actions

@@ -3,5 +3,6 @@
 mod api;
 mod cli;
 mod engine;
+mod hypervisor;
 mod replication;
 mod startup;

@@ -161,9 +161,11 @@ impl LibvirtBackend {
     }
 }
 
-/// Whether KVM can be used (else QEMU emulates in software).
+/// Whether QEMU (which libvirt runs as an unprivileged user of group `kvm`) can use KVM: the
+/// device must be open to its group. Else QEMU emulates in software.
 fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata("/dev/kvm").is_ok_and(|m| m.permissions().mode() & 0o060 == 0o060)
 }
 
 fn lookup(connection: &Connect, name: &str) -> Result<Option<Domain>, BackendError> {
