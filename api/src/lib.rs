@@ -47,6 +47,15 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Asked for goals the deterministic planner does not understand, when configured.
     pub external_planner: Option<Arc<external_planner::ExternalPlanner>>,
+    /// This node's Kubernetes backend, which knows the virtual clusters' kubeconfigs.
+    pub kubeconfigs: Option<Arc<dyn KubeconfigSource>>,
+}
+
+/// Where a node finds the kubeconfig a virtual cluster published.
+#[async_trait::async_trait]
+pub trait KubeconfigSource: Send + Sync {
+    /// `Ok(None)`: not published (yet).
+    async fn kubeconfig(&self, runtime: &runtimeai_model::Runtime) -> Result<Option<String>, String>;
 }
 
 /// The whole REST surface of a node.

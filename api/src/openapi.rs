@@ -103,6 +103,7 @@ pub enum ProblemResponses {
         crate::runtimes::create_runtime, crate::runtimes::list_runtimes, crate::runtimes::get_runtime,
         crate::runtimes::patch_runtime, crate::runtimes::delete_runtime, crate::runtimes::runtime_status,
         crate::runtimes::runtime_operations, crate::runtimes::runtime_snapshots, crate::runtimes::runtime_events,
+        crate::runtimes::runtime_kubeconfig,
         crate::runtimes::start_runtime, crate::runtimes::stop_runtime, crate::runtimes::restart_runtime,
         crate::runtimes::scale_runtime, crate::runtimes::snapshot_runtime, crate::runtimes::restore_runtime,
         crate::actions::execute_actions, crate::intents::plan_actions, crate::intents::submit_intent,

@@ -33,6 +33,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/v1/runtimes/{runtime_id}/operations", get(runtime_operations))
         .route("/v1/runtimes/{runtime_id}/snapshots", get(runtime_snapshots))
         .route("/v1/runtimes/{runtime_id}/events", get(runtime_events))
+        .route("/v1/runtimes/{runtime_id}/kubeconfig", get(runtime_kubeconfig))
         .route("/v1/runtimes/{runtime_id}/lifecycle/start", post(start_runtime))
         .route("/v1/runtimes/{runtime_id}/lifecycle/stop", post(stop_runtime))
         .route("/v1/runtimes/{runtime_id}/lifecycle/restart", post(restart_runtime))
@@ -832,4 +833,37 @@ pub(crate) async fn runtime_events(
         .map(EventView::from)
         .collect();
     Ok(Json(EventList { items }))
+}
+
+/// A vcluster's kubeconfig, as its control plane published it (`application/yaml`).
+#[utoipa::path(get, path = "/v1/runtimes/{runtime_id}/kubeconfig", tag = "Runtimes",
+    params(("runtime_id" = String, Path), TenantId),
+    responses((status = 200, description = "The virtual cluster's kubeconfig", content_type = "application/yaml", body = String),
+        ProblemResponses))]
+pub(crate) async fn runtime_kubeconfig(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    PathParam(runtime_id): PathParam<String>,
+) -> Result<Response, Problem> {
+    let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
+    if runtime.runtime_type != RuntimeType::Vcluster {
+        return Err(Problem::not_found(format!(
+            "runtime {runtime_id} is a {}, not a vcluster: it has no kubeconfig",
+            runtime.runtime_type.as_str()
+        )));
+    }
+    let Some(source) = &state.kubeconfigs else {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "no-kubernetes-backend",
+            "this node has no Kubernetes backend (--backends vcluster=kubernetes:<kubeconfig>); its vclusters have no kubeconfig to give",
+        ));
+    };
+    match source.kubeconfig(&runtime).await {
+        Ok(Some(kubeconfig)) => Ok(([(header::CONTENT_TYPE, "application/yaml")], kubeconfig).into_response()),
+        Ok(None) => {
+            Err(Problem::unavailable(format!("vcluster {} has not published its kubeconfig yet", runtime.name)))
+        }
+        Err(e) => Err(Problem::new(StatusCode::BAD_GATEWAY, "kubernetes-error", e)),
+    }
 }

@@ -23,6 +23,8 @@ pub enum Driver {
     Libvirt { uri: String },
     /// Isolated local processes (sandboxes and agent runtimes).
     Process,
+    /// vClusters on the host cluster of this kubeconfig.
+    Kubernetes { kubeconfig: PathBuf },
 }
 
 /// `--backends` when it is not given.
@@ -64,11 +66,20 @@ fn parse_backends(text: Option<&str>) -> Result<Vec<BackendSpec>, ConfigError> {
                 Driver::Libvirt { uri: if target.is_empty() { "qemu:///system".into() } else { target.into() } }
             }
             ("process", RuntimeType::Sandbox | RuntimeType::AgentRuntime) => Driver::Process,
-            ("libvirt" | "process", _) => {
+            ("kubernetes", RuntimeType::Vcluster) if !target.is_empty() => {
+                Driver::Kubernetes { kubeconfig: PathBuf::from(target) }
+            }
+            ("kubernetes", RuntimeType::Vcluster) => {
+                return Err(bad(entry, "give the host cluster's kubeconfig: vcluster=kubernetes:<path>".into()));
+            }
+            ("libvirt" | "process" | "kubernetes", _) => {
                 return Err(bad(entry, format!("the {name} driver does not run {kind} runtimes")));
             }
             (other, _) => {
-                return Err(bad(entry, format!("unknown driver {other:?}; drivers: libvirt, process, simulated")))
+                return Err(bad(
+                    entry,
+                    format!("unknown driver {other:?}; drivers: libvirt, process, kubernetes, simulated"),
+                ))
             }
         };
         if specs.iter().any(|s| s.runtime_type == runtime_type) {
@@ -149,7 +160,8 @@ pub struct NodeArgs {
     /// The backends this node's executor drives, comma-separated, one per runtime type:
     /// `<type>[=<driver>[:<target>]]`. Drivers: `libvirt[:<uri>]` for vm (default URI
     /// qemu:///system; test:///default is libvirt's built-in test hypervisor), `process` for
-    /// sandbox and agent_runtime, `simulated` for any type (changes no infrastructure). `none`
+    /// sandbox and agent_runtime, `kubernetes:<kubeconfig>` for vcluster, `simulated` for any
+    /// type (changes no infrastructure). `none`
     /// for a node that only votes and serves the API
     /// [default: vm=libvirt:qemu:///system,sandbox=process,agent_runtime=process].
     #[arg(long, env = "RUNTIMEAI_BACKENDS")]

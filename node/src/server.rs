@@ -22,6 +22,7 @@ use runtimeai_raft::{Command, Op, Raft, Replica, ReplicaOptions};
 use crate::backend::libvirt::LibvirtBackend;
 use crate::backend::sandbox::SandboxBackend;
 use crate::backend::simulated::SimulatedBackend;
+use crate::backend::vcluster::VclusterBackend;
 use crate::backend::Backends;
 use crate::config::Driver;
 use crate::config::NodeConfig;
@@ -37,9 +38,18 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
 
     // Drivers next: a libvirt that cannot be reached is refused before the store is touched.
     for spec in &config.backends {
-        if let Driver::Libvirt { uri } = &spec.driver {
-            LibvirtBackend::probe(uri)
-                .map_err(|e| anyhow::anyhow!("cannot use libvirt at {uri} (--backends vm=libvirt:<uri>): {e}"))?;
+        match &spec.driver {
+            Driver::Libvirt { uri } => LibvirtBackend::probe(uri)
+                .map_err(|e| anyhow::anyhow!("cannot use libvirt at {uri} (--backends vm=libvirt:<uri>): {e}"))?,
+            Driver::Kubernetes { kubeconfig } => {
+                kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot read kubeconfig {} (--backends vcluster=kubernetes:<path>): {e}",
+                        kubeconfig.display()
+                    )
+                })?;
+            }
+            Driver::Simulated | Driver::Process => {}
         }
     }
     let data = DataDir::open(&config.data_dir, config.id, &config.cluster_name)?;
@@ -94,6 +104,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         );
     let grpc_task = tokio::spawn(grpc);
 
+    let (backends, kubeconfigs) = build_backends(&config).await?;
     let external_planner = match config.planner.clone() {
         None => None,
         Some(planner) => Some(Arc::new(
@@ -108,6 +119,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         log_stats,
         max_body_bytes: config.max_body_bytes,
         external_planner,
+        kubeconfigs,
     });
     let http = axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     let http_task = tokio::spawn(async move { http.await });
@@ -127,7 +139,6 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         crate::scheduler::SchedulerOptions { lease: config.operation_lease },
         stop_rx.clone(),
     ));
-    let backends = build_backends(&config)?;
     let registration = tokio::spawn(register(replica.clone(), config.clone(), backends.info()));
     let drivers = backends.clone();
     let executor = (!backends.is_empty()).then(|| {
@@ -166,8 +177,12 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
 }
 
 /// The drivers `--backends` asks for.
-fn build_backends(config: &NodeConfig) -> anyhow::Result<Backends> {
+/// Also returns the Kubernetes backend, which serves `GET /v1/runtimes/{id}/kubeconfig`.
+async fn build_backends(
+    config: &NodeConfig,
+) -> anyhow::Result<(Backends, Option<Arc<dyn runtimeai_api::KubeconfigSource>>)> {
     let mut backends = Backends::default();
+    let mut kubeconfigs: Option<Arc<dyn runtimeai_api::KubeconfigSource>> = None;
     let mut simulated = None;
     let mut sandboxes = None;
     for spec in &config.backends {
@@ -189,6 +204,14 @@ fn build_backends(config: &NodeConfig) -> anyhow::Result<Backends> {
                     .map_err(|e| anyhow::anyhow!("cannot use libvirt at {uri} (--backends vm=libvirt:<uri>): {e}"))?;
                 Arc::new(driver)
             }
+            Driver::Kubernetes { kubeconfig } => {
+                let driver = VclusterBackend::from_kubeconfig(kubeconfig)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot use the host cluster of {}: {e}", kubeconfig.display()))?;
+                let driver = Arc::new(driver);
+                kubeconfigs = Some(driver.clone());
+                driver
+            }
             Driver::Process => {
                 if sandboxes.is_none() {
                     let dir = config.data_dir.join("backends").join("sandboxes");
@@ -201,7 +224,7 @@ fn build_backends(config: &NodeConfig) -> anyhow::Result<Backends> {
         };
         backends.insert(spec.runtime_type, backend);
     }
-    Ok(backends)
+    Ok((backends, kubeconfigs))
 }
 
 /// Completes with the reason if raft stops on its own (a fatal storage error).

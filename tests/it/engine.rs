@@ -151,6 +151,15 @@ async fn policies_decide_every_action_and_name_the_rule_that_did() -> anyhow::Re
     let allowed = cluster.call(2, Method::POST, "/v1/runtimes", Some(&public("edge", "staging")), &[]).await?;
     assert_eq!(allowed.status, 201, "{allowed:?}");
 
+    phase("a kubeconfig only for vclusters, and only from a node with a Kubernetes backend");
+    let vm_kubeconfig = cluster.call(1, Method::GET, &format!("/v1/runtimes/{id}/kubeconfig"), None, &[]).await?;
+    assert!(problem(&vm_kubeconfig, 404, "not-found"), "{vm_kubeconfig:?}");
+    let vc =
+        cluster.call(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "vc", "type": "vcluster"})), &[]).await?;
+    let vc_id = vc.body["id"].as_str().unwrap();
+    let simulated = cluster.call(2, Method::GET, &format!("/v1/runtimes/{vc_id}/kubeconfig"), None, &[]).await?;
+    assert!(problem(&simulated, 409, "no-kubernetes-backend"), "{simulated:?}");
+
     phase("placement: a site no node serves is refused");
     let mars = json!({"name": "far", "type": "vm", "labels": {"site": "mars"}});
     let refused = cluster.call(1, Method::POST, "/v1/runtimes", Some(&mars), &[]).await?;

@@ -21,6 +21,7 @@
 pub mod libvirt;
 pub mod sandbox;
 pub mod simulated;
+pub mod vcluster;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
