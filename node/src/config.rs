@@ -166,6 +166,10 @@ pub struct NodeArgs {
     /// [default: vm=libvirt:qemu:///system,sandbox=process,agent_runtime=process].
     #[arg(long, env = "RUNTIMEAI_BACKENDS")]
     pub backends: Option<String>,
+    /// The libvirt network VMs join when their networking lets them reach out (open egress,
+    /// or internal/public exposure); other VMs get no network interface [default: default].
+    #[arg(long, env = "RUNTIMEAI_LIBVIRT_NETWORK")]
+    pub libvirt_network: Option<String>,
     /// The site this node is in (runtimes labelled `site=<name>` are placed on its nodes).
     #[arg(long, env = "RUNTIMEAI_SITE")]
     pub site: Option<String>,
@@ -227,6 +231,7 @@ pub struct NodeConfig {
     pub backends: Vec<BackendSpec>,
     pub site: Option<String>,
     pub zone: Option<String>,
+    pub libvirt_network: String,
     pub operation_lease: Duration,
     pub signals_interval: Duration,
     pub simulated_step: Duration,
@@ -282,6 +287,7 @@ impl NodeArgs {
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
             backends: self.backends.or(file.backends),
             site: self.site.or(file.site),
+            libvirt_network: self.libvirt_network.or(file.libvirt_network),
             zone: self.zone.or(file.zone),
             operation_lease_ms: self.operation_lease_ms.or(file.operation_lease_ms),
             signals_interval_ms: self.signals_interval_ms.or(file.signals_interval_ms),
@@ -406,6 +412,7 @@ impl NodeArgs {
             max_body_bytes: self.max_body_bytes.unwrap_or(1 << 20).max(1024),
             backends,
             site: self.site.filter(|s| !s.is_empty()),
+            libvirt_network: self.libvirt_network.filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into()),
             zone: self.zone.filter(|z| !z.is_empty()),
             operation_lease: Duration::from_millis(lease_ms),
             signals_interval: Duration::from_millis(signals_ms),

@@ -200,7 +200,7 @@ async fn build_backends(
             }
             Driver::Libvirt { uri } => {
                 let dir = config.data_dir.join("backends").join("libvirt");
-                let driver = LibvirtBackend::connect(uri, dir)
+                let driver = LibvirtBackend::connect(uri, dir, &config.libvirt_network)
                     .map_err(|e| anyhow::anyhow!("cannot use libvirt at {uri} (--backends vm=libvirt:<uri>): {e}"))?;
                 Arc::new(driver)
             }

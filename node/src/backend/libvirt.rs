@@ -1,7 +1,8 @@
 //! Virtual machines through libvirt (the `virt` crate).
 //!
 //! A runtime is the domain `rtai-<runtime id>`, defined from the RuntimeSpec (vCPUs, memory, on
-//! QEMU a thin qcow2 disk made with `qemu-img`), with the runtime's id, name and labels in the
+//! QEMU a thin qcow2 disk made with `qemu-img`, a network interface on `--libvirt-network` only
+//! when its networking lets it reach out), with the runtime's id, name and labels in the
 //! domain's metadata so a domain can be matched back to its runtime. start = create,
 //! stop = shutdown, then (with `force`) destroy after the timeout, restart = reboot, scale =
 //! vCPUs and memory (live where the domain allows it, else in the configuration for the next
@@ -40,6 +41,9 @@ pub struct LibvirtBackend {
     ledger: StepLedger,
     /// Where QEMU disks are made (unused by the test driver).
     disk_dir: PathBuf,
+    /// The libvirt network a VM joins when its spec lets it talk to the outside (open egress,
+    /// or internal/public exposure); otherwise it gets no network interface at all.
+    network: String,
 }
 
 fn classify(error: virt::error::Error) -> BackendError {
@@ -80,13 +84,19 @@ impl LibvirtBackend {
     }
 
     /// Opens the connection now, so a wrong URI is a clear error at start.
-    pub fn connect(uri: &str, state_dir: PathBuf) -> Result<LibvirtBackend, BackendError> {
+    pub fn connect(uri: &str, state_dir: PathBuf, network: &str) -> Result<LibvirtBackend, BackendError> {
         virt::error::clear_error_callback();
         let connection = Connect::open(Some(uri)).map_err(classify)?;
         let ledger = StepLedger::open(state_dir.join("ledger"))?;
         let disk_dir = state_dir.join("disks");
         std::fs::create_dir_all(&disk_dir)?;
-        Ok(LibvirtBackend { uri: uri.to_string(), connection: Mutex::new(Some(connection)), ledger, disk_dir })
+        Ok(LibvirtBackend {
+            uri: uri.to_string(),
+            connection: Mutex::new(Some(connection)),
+            ledger,
+            disk_dir,
+            network: network.to_string(),
+        })
     }
 
     fn is_test_driver(&self) -> bool {
@@ -135,15 +145,27 @@ impl LibvirtBackend {
             .iter()
             .map(|(k, v)| format!("<runtimeai:label key=\"{}\" value=\"{}\"/>", escape(k), escape(v)))
             .collect();
-        let devices = match disk {
-            Some(path) => format!(
-                "<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
-                 <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
-                 <console type='pty'/></devices>",
+        let mut devices = String::new();
+        if let Some(path) = disk {
+            devices.push_str(&format!(
+                "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+                 <source file='{}'/><target dev='vda' bus='virtio'/></disk>",
                 escape(&path.display().to_string())
-            ),
-            None => String::new(),
-        };
+            ));
+        }
+        let networking = runtime.spec.networking.clone().unwrap_or_default();
+        let reaches_out = networking.egress_policy == runtimeai_model::EgressPolicy::Open
+            || networking.exposure != runtimeai_model::Exposure::Private;
+        if reaches_out {
+            devices.push_str(&format!(
+                "<interface type='network'><source network='{}'/><model type='virtio'/></interface>",
+                escape(&self.network)
+            ));
+        }
+        if disk.is_some() {
+            devices.push_str("<console type='pty'/>");
+        }
+        let devices = if devices.is_empty() { devices } else { format!("<devices>{devices}</devices>") };
         format!(
             "<domain type='{kind}'><name>{name}</name>\
              <metadata><runtimeai:runtime xmlns:runtimeai=\"{METADATA_NS}\" id=\"{id}\" name=\"{rname}\">{labels}</runtimeai:runtime></metadata>\
@@ -437,7 +459,7 @@ mod tests {
     #[tokio::test]
     async fn a_vm_goes_through_its_lifecycle_on_the_test_driver() {
         let dir = tempfile::tempdir().unwrap();
-        let backend = LibvirtBackend::connect("test:///default", dir.path().to_path_buf()).unwrap();
+        let backend = LibvirtBackend::connect("test:///default", dir.path().to_path_buf(), "default").unwrap();
         let mut runtime = Runtime::new("rt_lifecycle", "web", RuntimeType::Vm, chrono::DateTime::UNIX_EPOCH);
         runtime.labels.insert("team".into(), "risk & ops".into());
         let sizes: Vec<SizeEntry> = runtimeai_model::default_sizes();
@@ -455,6 +477,18 @@ mod tests {
         let domain = connection.lookup_domain_by_name("rtai-rt_lifecycle").unwrap();
         let metadata = domain.metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(METADATA_NS), 0).unwrap();
         assert!(metadata.contains("id=\"rt_lifecycle\"") && metadata.contains("risk &amp; ops"), "{metadata}");
+
+        let xml = domain.xml_desc(0).unwrap();
+        assert!(!xml.contains("<interface"), "a private VM with restricted egress has no network interface: {xml}");
+        let mut open = Runtime::new("rt_open", "edge", RuntimeType::Vm, chrono::DateTime::UNIX_EPOCH);
+        open.spec.networking = Some(runtimeai_model::NetworkingProfile {
+            egress_policy: runtimeai_model::EgressPolicy::Open,
+            ..Default::default()
+        });
+        backend.create(&cx("op_open"), &open, &small).await.unwrap();
+        let xml = connection.lookup_domain_by_name("rtai-rt_open").unwrap().xml_desc(0).unwrap();
+        assert!(xml.contains("<source network='default'"), "open egress joins the libvirt network: {xml}");
+        backend.delete(&cx("op_open_delete"), &open).await.unwrap();
 
         backend.stop(&cx("op_stop"), &runtime, false, Duration::from_secs(5)).await.unwrap();
         assert_eq!(backend.status(&runtime).await.unwrap(), Observed::Stopped);
