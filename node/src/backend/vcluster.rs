@@ -12,17 +12,22 @@
 //! count kept in an annotation) and back, the data volume kept. restart = a rollout (a pod
 //! template annotation naming the operation). scale = the control plane's replicas and
 //! resources. snapshot = a CSI `VolumeSnapshot` of the data volume; restore = the volume
-//! re-created from it while the control plane is paused. status from the StatefulSet.
+//! re-created from it while the control plane is paused. status from the StatefulSet. A create
+//! succeeds once the control plane is ready (watched).
 //!
 //! The host cluster is the same for every node given the same kubeconfig: the backend is
 //! shared, so another node can take an operation over.
 
 use std::time::Duration;
 
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, WatchEvent,
+    WatchParams,
+};
 use kube::Client;
 use runtimeai_model::Runtime;
 use serde::de::DeserializeOwned;
@@ -39,6 +44,8 @@ const CAPABILITIES: &[&str] = &["start", "stop", "restart", "scale", "snapshot",
 #[derive(Clone)]
 pub struct VclusterBackend {
     client: Client,
+    /// How long a create waits for the control plane to be ready.
+    ready_timeout: Duration,
 }
 
 impl std::fmt::Debug for VclusterBackend {
@@ -135,7 +142,47 @@ fn k8s_name(text: &str) -> String {
 
 impl VclusterBackend {
     pub fn new(client: Client) -> VclusterBackend {
-        VclusterBackend { client }
+        VclusterBackend { client, ready_timeout: Duration::from_secs(300) }
+    }
+
+    /// Watches the control plane's StatefulSet until all its replicas are ready. A stream that
+    /// ends (the API server closes watches) is watched again until the timeout; past it the
+    /// error is retryable (a retried create re-applies, then waits again).
+    async fn wait_ready(&self, runtime: &Runtime) -> Result<i32, BackendError> {
+        let api = self.api::<StatefulSet>(runtime);
+        let selector = format!("metadata.name={}", runtime.name);
+        let deadline = tokio::time::Instant::now() + self.ready_timeout;
+        let ready = |set: &StatefulSet| {
+            let wanted = set.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+            let ready = set.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
+            (ready >= wanted).then_some(ready)
+        };
+        while tokio::time::Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now()).as_secs().clamp(1, 290) as u32;
+            let params = WatchParams::default().fields(&selector).timeout(left);
+            let mut events = api.watch(&params, "0").await.map_err(classify)?.boxed();
+            while let Some(event) = events.try_next().await.map_err(classify)? {
+                match event {
+                    WatchEvent::Added(set) | WatchEvent::Modified(set) => {
+                        if let Some(count) = ready(&set) {
+                            return Ok(count);
+                        }
+                    }
+                    WatchEvent::Deleted(_) => {
+                        return Err(BackendError::Permanent(format!(
+                            "StatefulSet {} was deleted while starting",
+                            runtime.name
+                        )))
+                    }
+                    WatchEvent::Error(status) => return Err(classify(kube::Error::Api(status))),
+                    WatchEvent::Bookmark(_) => {}
+                }
+            }
+        }
+        Err(BackendError::Retryable(format!(
+            "the vcluster control plane was not ready within {}s",
+            self.ready_timeout.as_secs()
+        )))
     }
 
     /// A client for the host cluster of `kubeconfig`.
@@ -264,7 +311,8 @@ impl RuntimeBackend for VclusterBackend {
         });
         self.apply(&self.api::<Service>(runtime), &name, service).await?;
         self.apply(&self.api::<StatefulSet>(runtime), &name, statefulset(runtime, resources)).await?;
-        Ok(format!("vcluster {name} applied in namespace {ns}"))
+        let ready = self.wait_ready(runtime).await?;
+        Ok(format!("vcluster {name} in namespace {ns}: control plane ready ({ready} replica(s))"))
     }
 
     async fn delete(&self, _: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
@@ -428,10 +476,12 @@ mod tests {
         check: Box<dyn Fn(&Value) + Send>,
         status: u16,
         answer: Value,
+        /// The answer is a watch stream: one JSON event per line (`answer` holds the events).
+        body_stream: bool,
     }
 
     fn exchange(method: Method, path: impl Into<String>, query: &'static str, status: u16, answer: Value) -> Exchange {
-        Exchange { method, path: path.into(), query, check: Box::new(|_| {}), status, answer }
+        Exchange { method, path: path.into(), query, check: Box::new(|_| {}), status, answer, body_stream: false }
     }
 
     fn checked(mut exchange: Exchange, check: impl Fn(&Value) + Send + 'static) -> Exchange {
@@ -467,7 +517,12 @@ mod tests {
                 let body: Value = serde_json::from_slice(&bytes).unwrap();
                 (expected.check)(&body);
             }
-            let answer = serde_json::to_vec(&expected.answer).unwrap();
+            let answer = match (&expected.answer, expected.body_stream) {
+                (Value::Array(events), true) => {
+                    events.iter().map(|e| e.to_string() + "\n").collect::<String>().into_bytes()
+                }
+                (answer, _) => serde_json::to_vec(answer).unwrap(),
+            };
             send.send_response(Response::builder().status(expected.status).body(Body::from(answer)).unwrap());
         }
     }
@@ -502,6 +557,10 @@ mod tests {
         let rt = runtime();
         let resources = Resources { cpu: 2.0, memory_bytes: 4 << 30, replicas: 1 };
         let set = statefulset(&rt, &resources);
+        let mut starting = stored(set.clone());
+        starting["status"] = json!({"replicas": 1, "readyReplicas": 0});
+        let mut ready = starting.clone();
+        ready["status"]["readyReplicas"] = json!(1);
         let ours = |body: &Value| {
             assert_eq!(body["metadata"]["labels"]["app.kubernetes.io/managed-by"], "runtimeai", "{body}");
             assert_eq!(body["metadata"]["labels"]["runtimeai.dev/runtime-id"], "rt_01abc", "{body}");
@@ -600,10 +659,24 @@ mod tests {
                     assert_eq!(b["spec"]["volumeClaimTemplates"][0]["metadata"]["name"], "data");
                 },
             ),
+            // The control plane comes up: a watch stream of the StatefulSet, not ready, then ready.
+            Exchange {
+                body_stream: true,
+                ..exchange(
+                    Method::GET,
+                    format!("/apis/apps/v1/namespaces/{NS}/statefulsets"),
+                    "watch=true",
+                    200,
+                    Value::Array(vec![
+                        json!({"type": "ADDED", "object": starting}),
+                        json!({"type": "MODIFIED", "object": ready}),
+                    ]),
+                )
+            },
         ];
         let (backend, server) = backend(script);
         let message = backend.create(&cx(), &rt, &resources).await.unwrap();
-        assert!(message.contains(NS), "{message}");
+        assert!(message.contains(NS) && message.contains("ready (1 replica"), "{message}");
         server.await.unwrap();
     }
 
