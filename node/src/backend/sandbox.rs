@@ -5,9 +5,10 @@
 //! A sandbox runs its spec's `command` in a private work directory under util-linux's
 //! `unshare`: its own PID, mount, IPC and UTS namespaces (it sees only its own processes), and
 //! its own network namespace — nothing but a down loopback, so no egress — unless the spec's
-//! `egress_policy` is `open`. Memory is bounded with `RLIMIT_AS` (inherited by everything it
-//! starts); cpu is not limited — that needs cgroup v2, which hosts like this one do not mount
-//! (the start message says so). Its environment is only `PATH`, `HOME` (the work directory) and
+//! `egress_policy` is `open`. CPU and memory are limited by a cgroup of its own — cgroup v2
+//! where the host has it, else the v1 `memory` and `cpu` controllers (`/sys/fs/cgroup/…/runtimeai/
+//! <runtime id>`) — and, on a host with neither, memory by `RLIMIT_AS` (cpu then unlimited; the
+//! start message says which). Its environment is only `PATH`, `HOME` (the work directory) and
 //! the spec's `env`.
 //!
 //! Each sandbox has a directory `<root>/<runtime id>/` with `work/`, `pid` (pid and start time,
@@ -37,26 +38,127 @@ const IDLE: &[&str] = &["sleep", "infinity"];
 pub struct SandboxBackend {
     root: PathBuf,
     ledger: StepLedger,
+    cgroups: Option<Cgroups>,
     /// Pauses between restarts of a failing agent: doubling from `backoff_min` to `backoff_max`.
     backoff_min: Duration,
     backoff_max: Duration,
 }
 
 /// How a sandbox was launched: what its limits and isolation are, recorded for status.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Launch {
     pid: i32,
     /// The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat).
     start_ticks: u64,
     memory_bytes: u64,
+    #[serde(default = "one_cpu")]
+    cpu: f64,
     network_isolated: bool,
+}
+
+fn one_cpu() -> f64 {
+    1.0
+}
+
+/// The cgroups sandboxes run in: cgroup v2 where the host has it, else cgroup v1's `memory`
+/// and `cpu` controllers.
+#[derive(Debug, Clone)]
+enum Cgroups {
+    V2 { root: PathBuf },
+    V1 { memory: PathBuf, cpu: PathBuf },
+}
+
+/// The CFS period the cpu quota is a share of, in microseconds.
+const CPU_PERIOD_US: u64 = 100_000;
+
+impl Cgroups {
+    fn detect() -> Option<Cgroups> {
+        let fs = Path::new("/sys/fs/cgroup");
+        if let Ok(controllers) = std::fs::read_to_string(fs.join("cgroup.controllers")) {
+            if controllers.split_whitespace().any(|c| c == "memory")
+                && controllers.split_whitespace().any(|c| c == "cpu")
+            {
+                return Some(Cgroups::V2 { root: fs.join("runtimeai") });
+            }
+        }
+        let (memory, cpu) = (fs.join("memory"), fs.join("cpu"));
+        (memory.join("memory.limit_in_bytes").exists() && cpu.join("cpu.cfs_quota_us").exists())
+            .then(|| Cgroups::V1 { memory: memory.join("runtimeai"), cpu: cpu.join("runtimeai") })
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Cgroups::V2 { .. } => "cgroup v2",
+            Cgroups::V1 { .. } => "cgroup v1",
+        }
+    }
+
+    fn dirs(&self, id: &str) -> Vec<PathBuf> {
+        match self {
+            Cgroups::V2 { root } => vec![root.join(id)],
+            Cgroups::V1 { memory, cpu } => vec![memory.join(id), cpu.join(id)],
+        }
+    }
+
+    /// Creates the sandbox's groups and sets their limits; returns the `cgroup.procs` files a
+    /// process joins them through.
+    fn prepare(&self, id: &str, cpu: f64, memory_bytes: u64) -> std::io::Result<Vec<PathBuf>> {
+        if let Cgroups::V2 { root } = self {
+            std::fs::create_dir_all(root)?;
+            let enable = "+cpu +memory";
+            let _ = std::fs::write(root.parent().unwrap_or(root).join("cgroup.subtree_control"), enable);
+            std::fs::write(root.join("cgroup.subtree_control"), enable)?;
+        }
+        for dir in self.dirs(id) {
+            std::fs::create_dir_all(&dir)?;
+        }
+        self.set_limits(id, cpu, memory_bytes)?;
+        Ok(self.dirs(id).into_iter().map(|d| d.join("cgroup.procs")).collect())
+    }
+
+    /// Sets the limits (also while the sandbox runs: cgroups apply them live).
+    fn set_limits(&self, id: &str, cpu: f64, memory_bytes: u64) -> std::io::Result<()> {
+        let quota = ((cpu * CPU_PERIOD_US as f64) as u64).max(1_000);
+        match self {
+            Cgroups::V2 { root } => {
+                std::fs::write(root.join(id).join("memory.max"), memory_bytes.to_string())?;
+                std::fs::write(root.join(id).join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"))
+            }
+            Cgroups::V1 { memory, cpu: cpu_root } => {
+                std::fs::write(memory.join(id).join("memory.limit_in_bytes"), memory_bytes.to_string())?;
+                std::fs::write(cpu_root.join(id).join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string())?;
+                std::fs::write(cpu_root.join(id).join("cpu.cfs_quota_us"), quota.to_string())
+            }
+        }
+    }
+
+    /// Memory in use by the sandbox's processes, as the cgroup counts it.
+    fn memory_usage(&self, id: &str) -> Option<u64> {
+        let file = match self {
+            Cgroups::V2 { root } => root.join(id).join("memory.current"),
+            Cgroups::V1 { memory, .. } => memory.join(id).join("memory.usage_in_bytes"),
+        };
+        std::fs::read_to_string(file).ok()?.trim().parse().ok()
+    }
+
+    fn remove(&self, id: &str) {
+        for dir in self.dirs(id) {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 impl SandboxBackend {
     pub fn new(root: PathBuf) -> std::io::Result<SandboxBackend> {
         std::fs::create_dir_all(&root)?;
         let ledger = StepLedger::open(root.join(".ledger"))?;
-        Ok(SandboxBackend { root, ledger, backoff_min: Duration::from_secs(1), backoff_max: Duration::from_secs(60) })
+        Ok(SandboxBackend {
+            root,
+            ledger,
+            cgroups: Cgroups::detect(),
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+        })
     }
 
     /// Shorter restart pauses (tests).
@@ -83,6 +185,16 @@ impl SandboxBackend {
         }
     }
 
+    /// The limits the sandbox last ran (or was scaled) with.
+    fn last_resources(&self, runtime: &Runtime) -> Resources {
+        let launch = self.launched(runtime);
+        Resources {
+            cpu: launch.as_ref().map_or(1.0, |l| l.cpu),
+            memory_bytes: launch.as_ref().map_or(1 << 30, |l| l.memory_bytes),
+            replicas: 1,
+        }
+    }
+
     fn launched(&self, runtime: &Runtime) -> Option<Launch> {
         let text = std::fs::read_to_string(self.dir(runtime).join("pid")).ok()?;
         serde_json::from_str(&text).ok()
@@ -103,25 +215,26 @@ impl SandboxBackend {
         std::fs::create_dir_all(dir.join("work"))?;
         let _ = std::fs::remove_file(dir.join("exit"));
         let _ = std::fs::remove_file(dir.join("stopping"));
-        let launch = launch(runtime, &dir, resources.memory_bytes)?;
+        let launch = launch(runtime, &dir, resources, self.cgroups.as_ref())?;
         let isolated = launch.network_isolated;
         std::fs::write(dir.join("pid"), serde_json::to_vec(&launch).unwrap_or_default())?;
         if runtime.runtime_type == RuntimeType::AgentRuntime {
-            let supervisor = Supervisor {
-                backend: self.clone(),
-                runtime: Arc::new(runtime.clone()),
-                memory_bytes: resources.memory_bytes,
-            };
+            let supervisor =
+                Supervisor { backend: self.clone(), runtime: Arc::new(runtime.clone()), resources: resources.clone() };
             tokio::spawn(supervisor.run(launch.clone()));
         } else {
             tokio::spawn(reap(dir.clone(), launch.clone()));
         }
         let egress = if isolated { "no network egress" } else { "open egress" };
-        Ok(format!(
-            "sandbox started (pid {}; own pid/mount/ipc/uts namespaces, {egress}, memory ≤ {} MiB; cpu not limited without cgroup v2)",
-            launch.pid,
-            resources.memory_bytes >> 20
-        ))
+        let limits = match &self.cgroups {
+            Some(cgroups) => {
+                format!("memory ≤ {} MiB and cpu ≤ {} by {}", launch.memory_bytes >> 20, launch.cpu, cgroups.name())
+            }
+            None => {
+                format!("memory ≤ {} MiB by RLIMIT_AS; cpu not limited (no cgroups here)", launch.memory_bytes >> 20)
+            }
+        };
+        Ok(format!("sandbox started (pid {}; own pid/mount/ipc/uts namespaces, {egress}, {limits})", launch.pid))
     }
 
     /// SIGTERM to the sandbox's process group, SIGKILL after `timeout`.
@@ -154,8 +267,14 @@ impl SandboxBackend {
     }
 }
 
-/// Spawns the command under `unshare`, in its own session, with its limits.
-fn launch(runtime: &Runtime, dir: &Path, memory_bytes: u64) -> Result<Launch, BackendError> {
+/// Spawns the command under `unshare`, in its own session and cgroup, with its limits.
+fn launch(
+    runtime: &Runtime,
+    dir: &Path,
+    resources: &Resources,
+    cgroups: Option<&Cgroups>,
+) -> Result<Launch, BackendError> {
+    let memory_bytes = resources.memory_bytes;
     let command: Vec<String> = match &runtime.spec.command {
         Some(command) if !command.is_empty() => command.clone(),
         _ => IDLE.iter().map(|s| s.to_string()).collect(),
@@ -177,15 +296,35 @@ fn launch(runtime: &Runtime, dir: &Path, memory_bytes: u64) -> Result<Launch, Ba
         .stdin(Stdio::null())
         .stdout(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stdout.log"))?)
         .stderr(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stderr.log"))?);
-    // The memory bound covers unshare and everything it starts (limits are inherited).
+    // The bounds cover unshare and everything it starts (cgroups and limits are inherited).
     let limit = memory_bytes.max(64 << 20);
-    // SAFETY: only async-signal-safe calls between fork and exec (setsid, setrlimit).
+    let cpu = resources.cpu.max(0.01);
+    let join: Vec<std::ffi::CString> = match cgroups {
+        Some(cgroups) => cgroups
+            .prepare(&runtime.id, cpu, limit)
+            .map_err(|e| BackendError::Retryable(format!("cannot set up the sandbox's cgroup: {e}")))?
+            .into_iter()
+            .filter_map(|p| std::ffi::CString::new(p.into_os_string().into_encoded_bytes()).ok())
+            .collect(),
+        None => Vec::new(),
+    };
+    let rlimit = cgroups.is_none();
+    // SAFETY: only async-signal-safe calls between fork and exec: setsid, open/write/close of
+    // paths prepared before the fork, setrlimit.
     unsafe {
         use std::os::unix::process::CommandExt;
         unshare.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
-            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, limit, limit)
-                .map_err(std::io::Error::from)?;
+            for procs in &join {
+                // "0" moves the writing process: the child joins before it execs anything.
+                let fd = nix::fcntl::open(procs.as_c_str(), nix::fcntl::OFlag::O_WRONLY, nix::sys::stat::Mode::empty())
+                    .map_err(std::io::Error::from)?;
+                nix::unistd::write(&fd, b"0").map_err(std::io::Error::from)?;
+            }
+            if rlimit {
+                nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, limit, limit)
+                    .map_err(std::io::Error::from)?;
+            }
             Ok(())
         });
     }
@@ -194,7 +333,7 @@ fn launch(runtime: &Runtime, dir: &Path, memory_bytes: u64) -> Result<Launch, Ba
     let pid = child.id() as i32;
     drop(child);
     let start_ticks = start_ticks(pid).ok_or_else(|| BackendError::Retryable("the sandbox exited at once".into()))?;
-    Ok(Launch { pid, start_ticks, memory_bytes: limit, network_isolated: !open_egress })
+    Ok(Launch { pid, start_ticks, memory_bytes: limit, cpu, network_isolated: !open_egress })
 }
 
 /// SIGKILLs every process whose working directory is below `dir`: whatever of a sandbox
@@ -244,7 +383,7 @@ async fn reap(dir: PathBuf, launch: Launch) -> Option<i32> {
 struct Supervisor {
     backend: SandboxBackend,
     runtime: Arc<Runtime>,
-    memory_bytes: u64,
+    resources: Resources,
 }
 
 impl Supervisor {
@@ -266,7 +405,7 @@ impl Supervisor {
                 return;
             }
             pause = (pause * 2).min(self.backend.backoff_max);
-            match launch_again(&self.runtime, &dir, self.memory_bytes) {
+            match launch_again(&self.runtime, &dir, &self.resources, self.backend.cgroups.as_ref()) {
                 Ok(next) => launch = next,
                 Err(e) => {
                     tracing::warn!(runtime = %self.runtime.id, error = %e, "cannot restart the agent");
@@ -277,8 +416,13 @@ impl Supervisor {
     }
 }
 
-fn launch_again(runtime: &Runtime, dir: &Path, memory_bytes: u64) -> Result<Launch, BackendError> {
-    let launch = launch(runtime, dir, memory_bytes)?;
+fn launch_again(
+    runtime: &Runtime,
+    dir: &Path,
+    resources: &Resources,
+    cgroups: Option<&Cgroups>,
+) -> Result<Launch, BackendError> {
+    let launch = launch(runtime, dir, resources, cgroups)?;
     let _ = std::fs::remove_file(dir.join("exit"));
     std::fs::write(dir.join("pid"), serde_json::to_vec(&launch).unwrap_or_default())?;
     Ok(launch)
@@ -323,14 +467,16 @@ impl RuntimeBackend for SandboxBackend {
             if dir.exists() {
                 tokio::fs::remove_dir_all(&dir).await?;
             }
+            if let Some(cgroups) = &self.cgroups {
+                cgroups.remove(&runtime.id);
+            }
             Ok("sandbox removed".to_string())
         })
         .await
     }
 
     async fn start(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
-        let memory = self.launched(runtime).map(|l| l.memory_bytes).unwrap_or(1 << 30);
-        let resources = Resources { cpu: 1.0, memory_bytes: memory, replicas: 1 };
+        let resources = self.last_resources(runtime);
         self.step(cx, || async { self.spawn(runtime, &resources) }).await
     }
 
@@ -345,8 +491,7 @@ impl RuntimeBackend for SandboxBackend {
     }
 
     async fn restart(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
-        let memory = self.launched(runtime).map(|l| l.memory_bytes).unwrap_or(1 << 30);
-        let resources = Resources { cpu: 1.0, memory_bytes: memory, replicas: 1 };
+        let resources = self.last_resources(runtime);
         self.step(cx, || async {
             let stopped = self.terminate(runtime, Duration::from_secs(10)).await?;
             let started = self.spawn(runtime, &resources)?;
@@ -358,12 +503,23 @@ impl RuntimeBackend for SandboxBackend {
     async fn scale(&self, cx: &CallContext, runtime: &Runtime, target: &Resources) -> Result<String, BackendError> {
         self.step(cx, || async {
             let path = self.dir(runtime).join("pid");
+            let limits = format!("memory ≤ {} MiB, cpu ≤ {}", target.memory_bytes >> 20, target.cpu);
             let Some(mut launch) = self.launched(runtime) else {
-                return Ok(format!("memory ≤ {} MiB from its next start", target.memory_bytes >> 20));
+                return Ok(format!("{limits} from its next start"));
             };
             launch.memory_bytes = target.memory_bytes;
+            launch.cpu = target.cpu;
             std::fs::write(&path, serde_json::to_vec(&launch).unwrap_or_default())?;
-            Ok(format!("memory ≤ {} MiB recorded; restart required to take effect", target.memory_bytes >> 20))
+            match (&self.cgroups, self.alive(runtime).is_some()) {
+                (Some(cgroups), true) => {
+                    cgroups
+                        .set_limits(&runtime.id, target.cpu, target.memory_bytes)
+                        .map_err(|e| BackendError::Retryable(format!("cannot change the cgroup's limits: {e}")))?;
+                    Ok(format!("{limits}, applied live ({})", cgroups.name()))
+                }
+                (Some(_), false) => Ok(format!("{limits} from its next start")),
+                (None, _) => Ok(format!("{limits} recorded; restart required to take effect")),
+            }
         })
         .await
     }
@@ -388,8 +544,7 @@ impl RuntimeBackend for SandboxBackend {
     }
 
     async fn restore(&self, cx: &CallContext, runtime: &Runtime, snapshot_id: &str) -> Result<String, BackendError> {
-        let memory = self.launched(runtime).map(|l| l.memory_bytes).unwrap_or(1 << 30);
-        let resources = Resources { cpu: 1.0, memory_bytes: memory, replicas: 1 };
+        let resources = self.last_resources(runtime);
         self.step(cx, || async {
             let dir = self.dir(runtime);
             let archive = dir.join("snapshots").join(format!("{snapshot_id}.tar"));
@@ -461,6 +616,9 @@ impl RuntimeBackend for SandboxBackend {
             return Ok(Observed::Missing);
         }
         if let Some(launch) = self.alive(runtime) {
+            if let Some(used) = self.cgroups.as_ref().and_then(|c| c.memory_usage(&runtime.id)) {
+                return Ok(Observed::Running { cpu: 0.0, memory_bytes: used, latency_ms: None });
+            }
             let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", launch.pid))
                 .ok()
                 .and_then(|s| {
@@ -577,7 +735,7 @@ mod tests {
         }
         let root = tempfile::tempdir().unwrap();
         let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap();
-        let grab = "python3 -c \"b = bytearray(700 * 1024 * 1024); open('grabbed', 'w').write('yes')\"";
+        let grab = "python3 -c \"b = b'x' * (700 * 1024 * 1024); open('grabbed', 'w').write('yes')\"";
         let small = Resources { cpu: 1.0, memory_bytes: 256 << 20, replicas: 1 };
         let capped = sandbox("rt_small", grab);
         backend.create(&cx("op_small"), &capped, &small).await.unwrap();
@@ -587,6 +745,30 @@ mod tests {
         let roomy = sandbox("rt_big", grab);
         backend.create(&cx("op_big"), &roomy, &Resources { memory_bytes: 2 << 30, ..small }).await.unwrap();
         assert_eq!(read_when_there(root.path().join("rt_big/work/grabbed")).await, "yes");
+    }
+
+    #[tokio::test]
+    async fn cpu_is_limited_by_the_sandboxes_cgroup() {
+        if !namespaces_allowed() {
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap();
+        let Some(cgroups) = backend.cgroups.clone() else {
+            eprintln!("skipped: this host has neither cgroup v2 nor the cgroup v1 cpu and memory controllers");
+            return;
+        };
+        let spin = "python3 -c \"import os, time\nt = time.time()\nwhile time.time() - t < 2: pass\nc = os.times()\nopen('cpu', 'w').write(str(c.user + c.system))\"";
+        let runtime = sandbox("rt_spin", spin);
+        let message = backend
+            .create(&cx("op_spin"), &runtime, &Resources { cpu: 0.2, memory_bytes: 256 << 20, replicas: 1 })
+            .await
+            .unwrap();
+        assert!(message.contains(cgroups.name()) && message.contains("cpu ≤ 0.2"), "{message}");
+        let used: f64 = read_when_there(root.path().join("rt_spin/work/cpu")).await.parse().unwrap();
+        assert!(used < 0.8, "2 s of spinning at 0.2 cpu used {used:.2} s of cpu");
+        backend.delete(&cx("op_spin_delete"), &runtime).await.unwrap();
+        assert!(cgroups.dirs("rt_spin").iter().all(|d| !d.exists()), "its cgroups are removed with it");
     }
 
     #[tokio::test]
