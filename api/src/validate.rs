@@ -3,6 +3,7 @@
 
 use axum::http::StatusCode;
 
+pub use runtimeai_engine::catalogue::quantity_bytes;
 use runtimeai_engine::Catalogue;
 use runtimeai_model::{ResourceProfile, RuntimeSpec, SizeEntry};
 
@@ -40,26 +41,6 @@ pub fn size(value: &str, path: &str, sizes: &[SizeEntry]) -> Result<(), Problem>
     } else {
         Err(invalid(path, format!("unknown size {value:?}; known sizes: {}", catalogue.names().join(", "))))
     }
-}
-
-/// Bytes in a Kubernetes quantity such as `512Mi`, `8Gi` or `1G`.
-pub fn quantity_bytes(value: &str) -> Option<u64> {
-    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
-    let (number, suffix) = value.split_at(split);
-    let number: u64 = number.parse().ok()?;
-    let factor: u64 = match suffix {
-        "" => 1,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        "k" | "K" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        _ => return None,
-    };
-    number.checked_mul(factor)
 }
 
 pub fn resources(value: &ResourceProfile, path: &str) -> Result<(), Problem> {

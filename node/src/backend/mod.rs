@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use runtimeai_engine::catalogue::quantity_bytes;
 use runtimeai_engine::Catalogue;
 use runtimeai_model::{BackendInfo, LifecycleAction, Runtime, RuntimeType, SizeEntry};
 
@@ -83,25 +84,6 @@ impl Resources {
             replicas: catalogue.replicas(&runtime.spec),
         }
     }
-}
-
-/// Bytes in a Kubernetes quantity such as `512Mi` or `8Gi`.
-pub fn quantity_bytes(value: &str) -> Option<u64> {
-    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
-    let (number, suffix) = value.split_at(split);
-    let factor: u64 = match suffix {
-        "" => 1,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        "k" | "K" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        _ => return None,
-    };
-    number.parse::<u64>().ok()?.checked_mul(factor)
 }
 
 /// What a backend has of a runtime.

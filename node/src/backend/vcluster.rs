@@ -444,7 +444,8 @@ impl RuntimeBackend for VclusterBackend {
             .get("cpu")
             .map(|q| q.0.trim_end_matches('m').parse::<f64>().unwrap_or(0.0) / 1000.0)
             .unwrap_or(0.0);
-        let memory = resources.get("memory").and_then(|q| super::quantity_bytes(&q.0)).unwrap_or(0);
+        let memory =
+            resources.get("memory").and_then(|q| runtimeai_engine::catalogue::quantity_bytes(&q.0)).unwrap_or(0);
         Ok(Observed::Running {
             cpu: cpu * f64::from(ready.max(1)),
             memory_bytes: memory * ready.max(1) as u64,

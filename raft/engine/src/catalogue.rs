@@ -3,6 +3,25 @@
 
 use runtimeai_model::{ResourceProfile, Runtime, RuntimeSpec, RuntimeState, SizeEntry};
 
+/// Bytes in a Kubernetes quantity such as `512Mi`, `8Gi` or `1G`.
+pub fn quantity_bytes(value: &str) -> Option<u64> {
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (number, suffix) = value.split_at(split);
+    let factor: u64 = match suffix {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" | "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        _ => return None,
+    };
+    number.parse::<u64>().ok()?.checked_mul(factor)
+}
+
 /// A view of the catalogue with the questions the engine asks of it.
 #[derive(Debug, Clone, Copy)]
 pub struct Catalogue<'a> {
