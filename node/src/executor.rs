@@ -171,6 +171,9 @@ async fn converge(
         (Running | Degraded, Observed::Failed(why)) if short_lived => {
             drift(why, "recorded as failed".into(), Some(Error))
         }
+        // Reported once; starting again would not help a crash-looping control plane.
+        (Degraded, Observed::Failed(_)) => None,
+        (Running, Observed::Failed(why)) if backend.shared() => drift(why, "marked degraded".into(), Some(Degraded)),
         (Running | Degraded, Observed::Stopped | Observed::Failed(_)) => {
             let what = match observed {
                 Observed::Failed(why) => why.clone(),

@@ -12,7 +12,8 @@
 //! count kept in an annotation) and back, the data volume kept. restart = a rollout (a pod
 //! template annotation naming the operation). scale = the control plane's replicas and
 //! resources. snapshot = a CSI `VolumeSnapshot` of the data volume; restore = the volume
-//! re-created from it while the control plane is paused. status from the StatefulSet. A create
+//! re-created from it while the control plane is paused. status from the StatefulSet and its
+//! pods' container states (a crash-looping control plane is failed). A create
 //! succeeds once the control plane is ready (watched).
 //!
 //! The host cluster is the same for every node given the same kubeconfig: the backend is
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, WatchEvent,
@@ -432,6 +433,22 @@ impl RuntimeBackend for VclusterBackend {
             return Ok(Observed::Stopped);
         }
         let ready = set.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
+        // A pod that cannot run says why in its container statuses.
+        let selector = format!("app.kubernetes.io/instance={}", runtime.name);
+        let pods = self.api::<Pod>(runtime).list(&ListParams::default().labels(&selector)).await.map_err(classify)?;
+        for pod in &pods.items {
+            let statuses = pod.status.as_ref().and_then(|s| s.container_statuses.clone()).unwrap_or_default();
+            for status in statuses {
+                let waiting = status.state.and_then(|s| s.waiting).and_then(|w| w.reason);
+                if let Some(
+                    reason @ ("CrashLoopBackOff" | "ImagePullBackOff" | "ErrImagePull" | "CreateContainerConfigError"),
+                ) = waiting.as_deref()
+                {
+                    let name = pod.metadata.name.clone().unwrap_or_default();
+                    return Ok(Observed::Failed(format!("pod {name}: {reason}")));
+                }
+            }
+        }
         let resources = set
             .spec
             .as_ref()
@@ -701,7 +718,26 @@ mod tests {
                 assert_eq!(b["spec"]["replicas"], 2, "resumed with the kept count");
                 assert!(b["metadata"]["annotations"][PAUSED_REPLICAS].is_null(), "the annotation is removed");
             }),
+            exchange(Method::GET, &path, "", 200, running.clone()),
+            exchange(
+                Method::GET,
+                format!("/api/v1/namespaces/{NS}/pods"),
+                "labelSelector=app.kubernetes.io%2Finstance%3Dteam-a",
+                200,
+                json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [
+                    {"metadata": {"name": "team-a-0"}, "status": {"containerStatuses": [{"name": "syncer", "ready": true, "restartCount": 0, "image": VCLUSTER_IMAGE, "imageID": "", "state": {"running": {}}}]}}
+                ]}),
+            ),
             exchange(Method::GET, &path, "", 200, running),
+            exchange(
+                Method::GET,
+                format!("/api/v1/namespaces/{NS}/pods"),
+                "",
+                200,
+                json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [
+                    {"metadata": {"name": "team-a-0"}, "status": {"containerStatuses": [{"name": "syncer", "ready": false, "restartCount": 7, "image": VCLUSTER_IMAGE, "imageID": "", "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}}
+                ]}),
+            ),
         ];
         let (backend, server) = backend(script);
         backend.stop(&cx(), &rt, false, Duration::from_secs(1)).await.unwrap();
@@ -709,6 +745,8 @@ mod tests {
         let message = backend.start(&cx(), &rt).await.unwrap();
         assert!(message.contains("2 replica"), "{message}");
         assert!(matches!(backend.status(&rt).await.unwrap(), Observed::Running { .. }));
+        let crashing = backend.status(&rt).await.unwrap();
+        assert_eq!(crashing, Observed::Failed("pod team-a-0: CrashLoopBackOff".into()), "pod conditions count");
         server.await.unwrap();
     }
 
