@@ -122,10 +122,18 @@ impl Cgroups {
         match self {
             Cgroups::V2 { root } => {
                 std::fs::write(root.join(id).join("memory.max"), memory_bytes.to_string())?;
+                // No swapping past the limit, where the host has swap accounting.
+                let _ = std::fs::write(root.join(id).join("memory.swap.max"), "0");
                 std::fs::write(root.join(id).join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"))
             }
             Cgroups::V1 { memory, cpu: cpu_root } => {
-                std::fs::write(memory.join(id).join("memory.limit_in_bytes"), memory_bytes.to_string())?;
+                let group = memory.join(id);
+                // No swapping past the limit. memory+swap may never be below memory, so it is
+                // set both before (when growing) and after (when shrinking) the memory limit.
+                let memsw = group.join("memory.memsw.limit_in_bytes");
+                let _ = std::fs::write(&memsw, memory_bytes.to_string());
+                std::fs::write(group.join("memory.limit_in_bytes"), memory_bytes.to_string())?;
+                let _ = std::fs::write(&memsw, memory_bytes.to_string());
                 std::fs::write(cpu_root.join(id).join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string())?;
                 std::fs::write(cpu_root.join(id).join("cpu.cfs_quota_us"), quota.to_string())
             }
