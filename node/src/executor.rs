@@ -204,6 +204,15 @@ async fn converge(
     }
 }
 
+/// Bytes as a Kubernetes quantity, in the largest unit that keeps it exact enough to read.
+fn quantity(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}Gi", b >> 30),
+        b if b >= 16 << 20 => format!("{}Mi", b >> 20),
+        b => format!("{}Ki", b >> 10),
+    }
+}
+
 /// What the API shows of an observation: usage where the backend measures it (else the
 /// allocation), health, and the cost of what runs.
 fn signals(runtime: &Runtime, observed: &Observed, sizes: &[SizeEntry], node_id: u64) -> RuntimeSignals {
@@ -220,7 +229,7 @@ fn signals(runtime: &Runtime, observed: &Observed, sizes: &[SizeEntry], node_id:
     };
     RuntimeSignals {
         cpu,
-        memory: format!("{}Mi", memory_bytes >> 20),
+        memory: quantity(memory_bytes),
         health: health.to_string(),
         cost_per_hour: if health == "healthy" { Catalogue::new(sizes).cost(runtime) } else { 0.0 },
         latency_ms,
@@ -434,5 +443,15 @@ async fn renew_lease(
             Ok(_) => {}
             Err(e) => tracing::debug!(operation = %operation_id, error = %e, "cannot renew the lease now"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn memory_reads_as_a_quantity() {
+        assert_eq!(super::quantity(2 << 30), "2Gi");
+        assert_eq!(super::quantity(300 << 20), "300Mi");
+        assert_eq!(super::quantity(700 << 10), "700Ki");
     }
 }
