@@ -4,5 +4,6 @@ mod api;
 mod cli;
 mod engine;
 mod hypervisor;
+mod linearizable;
 mod replication;
 mod startup;
