@@ -201,6 +201,13 @@ impl Cluster {
         }
     }
 
+    /// Sends `signal` to node `id`'s process (SIGSTOP pauses it, SIGCONT resumes it).
+    pub fn signal(&self, id: u64, signal: nix::sys::signal::Signal) {
+        if let Some(child) = self.nodes.get(&id).and_then(|n| n.child.as_ref()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
+        }
+    }
+
     pub fn node(&self, id: u64) -> &Node {
         self.nodes.get(&id).unwrap_or_else(|| panic!("no node {id}"))
     }

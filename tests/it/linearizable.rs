@@ -1,6 +1,7 @@
-//! Reads and conditional writes (`If-Match`) of one runtime, through every node, while the
-//! leader is killed: the history the clients saw must be linearizable (checked with
-//! `runtimeai_chaos::linearizability`).
+//! Reads and conditional writes (`If-Match`) of one runtime, through every node, while a fault
+//! hits the leader (SIGKILL; SIGSTOP for a while, then SIGCONT): the history the clients saw
+//! must be linearizable (checked with `runtimeai_chaos::linearizability`), and once the fault is
+//! over, writes succeed again through every node within a bound.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,8 +19,14 @@ fn register(body: &serde_json::Value) -> Option<String> {
     Some(format!("{}:{}", body["version"].as_u64()?, body["labels"]["v"].as_str().unwrap_or("")))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn if_match_writes_and_reads_stay_linearizable_across_a_leader_kill() -> anyhow::Result<()> {
+/// A fault against the leader, run while the workload runs.
+enum Fault {
+    Kill,
+    /// Paused for this long, then resumed.
+    Pause(Duration),
+}
+
+async fn workload_under(fault: Fault) -> anyhow::Result<()> {
     let mut cluster = Cluster::start(3, ClusterOptions::default()).await?;
     let created =
         cluster.call(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "reg", "type": "vcluster"})), &[]).await?;
@@ -37,7 +44,7 @@ async fn if_match_writes_and_reads_stay_linearizable_across_a_leader_kill() -> a
     }]));
     let urls: Vec<String> = (1..=3).map(|n| cluster.node(n).url(&format!("/v1/runtimes/{id}"))).collect();
 
-    phase("four clients read and write through every node for 8 s; the leader is killed at 3 s");
+    phase("four clients read and write through every node for 8 s; the fault hits the leader at 3 s");
     let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
     let mut workers = Vec::new();
     for worker in 0..4u64 {
@@ -90,7 +97,14 @@ async fn if_match_writes_and_reads_stay_linearizable_across_a_leader_kill() -> a
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let leader = cluster.wait_leader(Duration::from_secs(10)).await?;
-    cluster.kill(leader);
+    match fault {
+        Fault::Kill => cluster.kill(leader),
+        Fault::Pause(pause) => {
+            cluster.signal(leader, nix::sys::signal::Signal::SIGSTOP);
+            tokio::time::sleep(pause).await;
+            cluster.signal(leader, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
     for worker in workers {
         worker.await?;
     }
@@ -99,5 +113,29 @@ async fn if_match_writes_and_reads_stay_linearizable_across_a_leader_kill() -> a
     phase(&format!("{} operations recorded, {writes} writes won their compare-and-set", history.len()));
     assert!(writes > 5, "the workload made progress: {writes} writes");
     assert_eq!(check(&Register, &history), Verdict::Linearizable, "history: {history:?}");
+
+    phase("healed: a write through every live node succeeds within 10 s");
+    for via in cluster.running() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let patch = json!({"labels": {"healed": via.to_string()}});
+            let response = cluster.call(via, Method::PATCH, &format!("/v1/runtimes/{id}"), Some(&patch), &[]).await;
+            if response.is_ok_and(|r| r.status == 200) {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "node {via} still refuses writes 10 s after the fault");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn if_match_writes_and_reads_stay_linearizable_across_a_leader_kill() -> anyhow::Result<()> {
+    workload_under(Fault::Kill).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn if_match_writes_and_reads_stay_linearizable_while_the_leader_is_paused() -> anyhow::Result<()> {
+    workload_under(Fault::Pause(Duration::from_secs(3))).await
 }
