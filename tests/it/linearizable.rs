@@ -1,5 +1,6 @@
 //! Reads and conditional writes (`If-Match`) of one runtime, through every node, while a fault
-//! hits the leader (SIGKILL; SIGSTOP for a while, then SIGCONT): the history the clients saw
+//! hits the cluster (the leader SIGKILLed; the leader SIGSTOPped for a while, then SIGCONT; every
+//! node restarted in turn): the history the clients saw
 //! must be linearizable (checked with `runtimeai_chaos::linearizability`), and once the fault is
 //! over, writes succeed again through every node within a bound.
 
@@ -24,6 +25,8 @@ enum Fault {
     Kill,
     /// Paused for this long, then resumed.
     Pause(Duration),
+    /// Every node in turn SIGKILLed and started again, each waited for until ready.
+    RollingRestart,
 }
 
 async fn workload_under(fault: Fault) -> anyhow::Result<()> {
@@ -43,14 +46,18 @@ async fn workload_under(fault: Fault) -> anyhow::Result<()> {
         ret: Some(now()),
     }]));
     let urls: Vec<String> = (1..=3).map(|n| cluster.node(n).url(&format!("/v1/runtimes/{id}"))).collect();
+    let duration = match fault {
+        Fault::RollingRestart => Duration::from_secs(14),
+        _ => Duration::from_secs(8),
+    };
 
-    phase("four clients read and write through every node for 8 s; the fault hits the leader at 3 s");
+    phase(&format!("four clients read and write through every node for {duration:?}; the fault starts at 3 s"));
     let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
     let mut workers = Vec::new();
     for worker in 0..4u64 {
         let (client, history, urls, id) = (client.clone(), history.clone(), urls.clone(), id.clone());
         workers.push(tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(8);
+            let deadline = Instant::now() + duration;
             let mut i = 0u64;
             while Instant::now() < deadline {
                 i += 1;
@@ -104,6 +111,13 @@ async fn workload_under(fault: Fault) -> anyhow::Result<()> {
             tokio::time::sleep(pause).await;
             cluster.signal(leader, nix::sys::signal::Signal::SIGCONT);
         }
+        Fault::RollingRestart => {
+            for node in 1..=3 {
+                cluster.kill(node);
+                cluster.spawn(node)?;
+                cluster.wait_ready(node, Duration::from_secs(20)).await?;
+            }
+        }
     }
     for worker in workers {
         worker.await?;
@@ -138,4 +152,9 @@ async fn if_match_writes_and_reads_stay_linearizable_across_a_leader_kill() -> a
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn if_match_writes_and_reads_stay_linearizable_while_the_leader_is_paused() -> anyhow::Result<()> {
     workload_under(Fault::Pause(Duration::from_secs(3))).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn if_match_writes_and_reads_stay_linearizable_through_a_rolling_restart() -> anyhow::Result<()> {
+    workload_under(Fault::RollingRestart).await
 }
