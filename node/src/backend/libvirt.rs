@@ -30,8 +30,6 @@ use super::{BackendError, CallContext, Observed, Resources, RuntimeBackend, Step
 /// XML namespace of the metadata RuntimeAI keeps in its domains.
 pub const METADATA_NS: &str = "https://runtimeai.dev/xmlns/runtime/1";
 
-const CAPABILITIES: &[&str] = &["start", "stop", "restart", "scale", "snapshot", "restore"];
-
 #[derive(Debug)]
 pub struct LibvirtBackend {
     uri: String,
@@ -219,7 +217,7 @@ impl RuntimeBackend for LibvirtBackend {
     }
 
     fn capabilities(&self) -> &'static [&'static str] {
-        CAPABILITIES
+        super::LIFECYCLE
     }
 
     async fn create(&self, cx: &CallContext, runtime: &Runtime, resources: &Resources) -> Result<String, BackendError> {

@@ -31,6 +31,9 @@ use runtimeai_engine::catalogue::quantity_bytes;
 use runtimeai_engine::Catalogue;
 use runtimeai_model::{BackendInfo, LifecycleAction, Runtime, RuntimeType, SizeEntry};
 
+/// The lifecycle actions every driver built so far supports (create and delete always are).
+pub const LIFECYCLE: &[&str] = &["start", "stop", "restart", "scale", "snapshot", "restore"];
+
 /// What every backend call carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallContext {

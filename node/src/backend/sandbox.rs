@@ -29,8 +29,6 @@ use runtimeai_model::{EgressPolicy, Runtime, RuntimeType};
 
 use super::{BackendError, CallContext, Observed, Resources, RuntimeBackend, Step, StepLedger};
 
-const CAPABILITIES: &[&str] = &["start", "stop", "restart", "scale", "snapshot", "restore"];
-
 /// The command of a sandbox whose spec names none: an idle process.
 const IDLE: &[&str] = &["sleep", "infinity"];
 
@@ -461,7 +459,7 @@ impl RuntimeBackend for SandboxBackend {
     }
 
     fn capabilities(&self) -> &'static [&'static str] {
-        CAPABILITIES
+        super::LIFECYCLE
     }
 
     async fn create(&self, cx: &CallContext, runtime: &Runtime, resources: &Resources) -> Result<String, BackendError> {

@@ -20,8 +20,6 @@ pub struct SimulatedBackend {
     node_id: u64,
 }
 
-const CAPABILITIES: &[&str] = &["start", "stop", "restart", "scale", "snapshot", "restore"];
-
 impl SimulatedBackend {
     pub fn new(dir: PathBuf, step: Duration, node_id: u64) -> std::io::Result<SimulatedBackend> {
         Ok(SimulatedBackend { ledger: StepLedger::open(dir)?, step, node_id })
@@ -68,7 +66,7 @@ impl RuntimeBackend for SimulatedBackend {
     }
 
     fn capabilities(&self) -> &'static [&'static str] {
-        CAPABILITIES
+        super::LIFECYCLE
     }
 
     async fn create(&self, cx: &CallContext, runtime: &Runtime, _: &Resources) -> Result<String, BackendError> {

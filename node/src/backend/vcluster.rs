@@ -40,7 +40,6 @@ use super::{BackendError, CallContext, Observed, Resources, RuntimeBackend};
 pub const VCLUSTER_IMAGE: &str = "ghcr.io/loft-sh/vcluster-oss:0.26.0";
 const MANAGER: &str = "runtimeai";
 const PAUSED_REPLICAS: &str = "runtimeai.dev/paused-replicas";
-const CAPABILITIES: &[&str] = &["start", "stop", "restart", "scale", "snapshot", "restore"];
 
 #[derive(Clone)]
 pub struct VclusterBackend {
@@ -271,7 +270,7 @@ impl RuntimeBackend for VclusterBackend {
     }
 
     fn capabilities(&self) -> &'static [&'static str] {
-        CAPABILITIES
+        super::LIFECYCLE
     }
 
     async fn create(&self, _: &CallContext, runtime: &Runtime, resources: &Resources) -> Result<String, BackendError> {
