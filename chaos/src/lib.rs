@@ -1,10 +1,21 @@
-//! Fault injection against real RuntimeAI clusters, workload histories, and the
-//! linearizability and invariant checkers that judge them.
+//! Fault injection against real RuntimeAI clusters, and the checkers that judge what clients
+//! saw: the proof that the cluster keeps its promises while nodes die and networks split, the
+//! way etcd's robustness tests and Jepsen prove theirs.
 //!
-//! Built so far: [`linearizability`], the checker (Wing–Gong–Lowe search over per-key
-//! histories, with a register/compare-and-set model). The fault injection, the workload and the
-//! `runtimeai-chaos` binary are still to come; until they land, the multi-process tests in
-//! `tests/` (kill, restart, membership changes against real `runtimeai` processes) are the fault
-//! coverage.
+//! - [`cluster`]: real `runtimeai` processes on loopback (also the integration tests' harness);
+//! - [`proxy`]: a TCP proxy per ordered pair of nodes: partitions, one-way cuts, loss, delay;
+//! - [`disk`]: data directories that fill up or turn read-only;
+//! - [`workload`]: concurrent clients recording a history of invoke / ok / fail / unknown;
+//! - [`linearizability`] and [`checks`]: the Wing–Gong–Lowe checker and the invariants;
+//! - [`scenario`]: the named fault schedules `runtimeai-chaos run --scenario` runs;
+//! - [`report`]: the one-screen summary, `report.json` and the PNG timeline.
 
+pub mod checks;
+pub mod cluster;
+pub mod disk;
+pub mod error;
 pub mod linearizability;
+pub mod proxy;
+pub mod report;
+pub mod scenario;
+pub mod workload;

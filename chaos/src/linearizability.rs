@@ -28,7 +28,7 @@ pub trait Model {
 }
 
 /// One operation of a history.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Operation<I, O> {
     /// Which independent object it acts on.
     pub key: String,
@@ -131,7 +131,7 @@ impl Events {
 }
 
 /// An operation of a history of `M`.
-type HistoryOp<M> = Operation<<M as Model>::Input, <M as Model>::Output>;
+pub type HistoryOp<M> = Operation<<M as Model>::Input, <M as Model>::Output>;
 
 /// Checks one key's operations.
 fn check_key<M: Model>(model: &M, key: &str, ops: &[&HistoryOp<M>]) -> Verdict {
@@ -198,7 +198,8 @@ pub fn check<M: Model>(model: &M, history: &[HistoryOp<M>]) -> Verdict {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Register;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RegisterInput {
     Read,
     Write(String),
@@ -209,7 +210,8 @@ pub enum RegisterInput {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RegisterOutput {
     /// What a read saw (`None`: nothing written yet).
     Value(Option<String>),
@@ -242,6 +244,76 @@ impl Model for Register {
                 Some(if state.as_deref() == Some(from) { Some(to.clone()) } else { state.clone() })
             }
             _ => None,
+        }
+    }
+}
+
+/// The register of [`Register`] when nothing is known of its value at the start: the model of
+/// a window cut out of a longer history. It never rejects what the full model would accept
+/// from some state, so a window it rejects is a real violation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RegisterFromAnyState;
+
+impl Model for RegisterFromAnyState {
+    /// `None` while the value is still unknown.
+    type State = Option<Option<String>>;
+    type Input = RegisterInput;
+    type Output = RegisterOutput;
+
+    fn init(&self) -> Self::State {
+        None
+    }
+
+    fn step(&self, state: &Self::State, input: &Self::Input, output: &Self::Output) -> Option<Self::State> {
+        use RegisterInput::*;
+        use RegisterOutput::*;
+        match state {
+            Some(known) => Register.step(known, input, output).map(Some),
+            None => Some(match (input, output) {
+                (Read, Value(seen)) => Some(seen.clone()),
+                (Write(value), _) => Some(Some(value.clone())),
+                (Cas { to, .. }, Swapped(true)) => Some(Some(to.clone())),
+                // A failed or unanswered compare-and-set leaves the value unknown.
+                _ => None,
+            }),
+        }
+    }
+}
+
+/// The smallest stretch of `ops` (one key's operations) that is still not linearizable on its
+/// own, judged from an unknown starting value. Operations are cut only where that is sound: at
+/// the front, one that returned before every other was called; at the back, one called after
+/// every other returned.
+pub fn minimal_window<I: Clone, O: Clone>(ops: &[Operation<I, O>]) -> Vec<Operation<I, O>>
+where
+    RegisterFromAnyState: Model<Input = I, Output = O>,
+{
+    let mut window: Vec<Operation<I, O>> = ops.to_vec();
+    window.sort_by_key(|o| o.call);
+    let fails = |w: &[Operation<I, O>]| check(&RegisterFromAnyState, w) != Verdict::Linearizable;
+    if !fails(&window) {
+        return window;
+    }
+    loop {
+        let mut cut = false;
+        if window.len() > 1 {
+            let first = &window[0];
+            let first_ret = first.ret.unwrap_or(u64::MAX);
+            if window[1..].iter().all(|o| o.call > first_ret) && fails(&window[1..]) {
+                window.remove(0);
+                cut = true;
+            }
+        }
+        if window.len() > 1 {
+            let last = &window[window.len() - 1];
+            let rest = &window[..window.len() - 1];
+            if rest.iter().all(|o| o.ret.is_some_and(|r| r < last.call)) && fails(rest) {
+                window.pop();
+                cut = true;
+            }
+        }
+        if !cut {
+            return window;
         }
     }
 }
@@ -384,5 +456,22 @@ mod tests {
         let read = history.iter().position(|o| o.input == Read && matches!(o.output, Value(Some(_)))).unwrap();
         history[read].output = Value(v("never-written"));
         assert!(matches!(check(&Register, &history), Verdict::NotLinearizable { .. }));
+    }
+
+    #[test]
+    fn the_minimal_window_keeps_only_the_write_and_the_stale_read() {
+        let history = vec![
+            op(Write("a".into()), Written, 0, Some(1)),
+            op(Read, Value(v("a")), 2, Some(3)),
+            op(Write("b".into()), Written, 4, Some(5)),
+            op(Read, Value(v("a")), 6, Some(7)),
+            op(Write("c".into()), Written, 8, Some(9)),
+            op(Read, Value(v("c")), 10, Some(11)),
+        ];
+        assert_ne!(check(&Register, &history), Verdict::Linearizable);
+        let window = minimal_window(&history);
+        assert_eq!(window, vec![history[2].clone(), history[3].clone()]);
+        let fine: Vec<_> = history.iter().take(3).cloned().collect();
+        assert_eq!(minimal_window(&fine).len(), 3, "a linearizable history is returned whole");
     }
 }

@@ -131,6 +131,11 @@ pub struct NodeArgs {
     /// later with `POST /v1/cluster/members`.
     #[arg(long, env = "RUNTIMEAI_INITIAL_CLUSTER")]
     pub initial_cluster: Option<String>,
+    /// Reach these peers at other addresses than the ones they announce, as
+    /// `id=host:port,...`: a port forward or NAT between nodes, or the fault-injecting proxy of
+    /// `runtimeai-chaos`. Affects only this node's outgoing connections [default: none].
+    #[arg(long, env = "RUNTIMEAI_PEER_ROUTES")]
+    pub peer_routes: Option<String>,
     /// Name shared by all members; a node refuses data and peers of another cluster
     /// [default: runtimeai].
     #[arg(long, env = "RUNTIMEAI_CLUSTER_NAME")]
@@ -219,6 +224,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Founding members (id → gRPC address); empty for a node that joins later.
     pub initial_cluster: BTreeMap<u64, String>,
+    /// Peers this node dials elsewhere than at their announced address (id → address).
+    pub peer_routes: BTreeMap<u64, String>,
     pub cluster_name: String,
     pub log_format: LogFormat,
     pub heartbeat: Duration,
@@ -252,8 +259,8 @@ pub enum ConfigError {
     ZeroId,
     #[error("--{flag} {value:?}: {reason}")]
     BadAddress { flag: &'static str, value: String, reason: String },
-    #[error("--initial-cluster: {0}")]
-    InitialCluster(String),
+    #[error("--{flag}: {message}")]
+    MemberList { flag: &'static str, message: String },
     #[error("{0}")]
     Conflict(String),
     #[error("--{flag} must be at least {min}, got {value}")]
@@ -277,6 +284,7 @@ impl NodeArgs {
             advertise_grpc: self.advertise_grpc.or(file.advertise_grpc),
             data_dir: self.data_dir.or_else(|| file.data_dir.map(|d| relative_to(&path, d))),
             initial_cluster: self.initial_cluster.or(file.initial_cluster),
+            peer_routes: self.peer_routes.or(file.peer_routes),
             cluster_name: self.cluster_name.or(file.cluster_name),
             log_format: self.log_format.or(file.log_format),
             heartbeat_ms: self.heartbeat_ms.or(file.heartbeat_ms),
@@ -322,7 +330,11 @@ impl NodeArgs {
         };
         let initial_cluster = match self.initial_cluster.as_deref() {
             None | Some("") => BTreeMap::new(),
-            Some(text) => parse_initial_cluster(text)?,
+            Some(text) => parse_member_addrs("initial-cluster", text)?,
+        };
+        let peer_routes = match self.peer_routes.as_deref() {
+            None | Some("") => BTreeMap::new(),
+            Some(text) => parse_member_addrs("peer-routes", text)?,
         };
         if !initial_cluster.is_empty() {
             match initial_cluster.get(&id) {
@@ -402,6 +414,7 @@ impl NodeArgs {
             simulated_infra_dir: self.simulated_infra_dir.unwrap_or_else(|| data_dir.join("simulated-infra")),
             data_dir,
             initial_cluster,
+            peer_routes,
             cluster_name,
             log_format: self.log_format.unwrap_or_default(),
             heartbeat: Duration::from_millis(heartbeat_ms),
@@ -457,25 +470,22 @@ fn peer_addr(flag: &'static str, value: &str) -> Result<String, ConfigError> {
     }
 }
 
-/// Parses `1=127.0.0.1:7101,2=127.0.0.1:7102` (etcd style).
-pub fn parse_initial_cluster(text: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+/// Parses `1=127.0.0.1:7101,2=127.0.0.1:7102` (etcd style), the value of `--{flag}`.
+pub fn parse_member_addrs(flag: &'static str, text: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+    let error = |message: String| ConfigError::MemberList { flag, message };
     let mut members = BTreeMap::new();
     for item in text.split(',').map(str::trim) {
-        let (id, addr) =
-            item.split_once('=').ok_or_else(|| ConfigError::InitialCluster(format!("{item:?} is not id=host:port")))?;
-        let id: u64 = id
-            .trim()
-            .parse()
-            .map_err(|_| ConfigError::InitialCluster(format!("{id:?} in {item:?} is not a node id")))?;
+        let (id, addr) = item.split_once('=').ok_or_else(|| error(format!("{item:?} is not id=host:port")))?;
+        let id: u64 = id.trim().parse().map_err(|_| error(format!("{id:?} in {item:?} is not a node id")))?;
         if id == 0 {
-            return Err(ConfigError::InitialCluster("node ids start at 1".into()));
+            return Err(error("node ids start at 1".into()));
         }
-        let addr = peer_addr("initial-cluster", addr.trim())?;
+        let addr = peer_addr(flag, addr.trim())?;
         if members.values().any(|a| *a == addr) {
-            return Err(ConfigError::InitialCluster(format!("address {addr} is listed twice")));
+            return Err(error(format!("address {addr} is listed twice")));
         }
         if members.insert(id, addr).is_some() {
-            return Err(ConfigError::InitialCluster(format!("node {id} is listed twice")));
+            return Err(error(format!("node {id} is listed twice")));
         }
     }
     Ok(members)
@@ -503,6 +513,10 @@ mod tests {
         assert_eq!(config.cluster_name, "runtimeai");
         assert_eq!(config.heartbeat, Duration::from_millis(100));
         assert_eq!(config.data_dir, PathBuf::from("runtimeai-1.data"));
+        assert!(config.peer_routes.is_empty());
+        let routed = NodeArgs { peer_routes: Some("2=127.0.0.1:9102, 3=127.0.0.1:9103".into()), ..args(1) };
+        let config = routed.resolve().unwrap();
+        assert_eq!(config.peer_routes.get(&3).map(String::as_str), Some("127.0.0.1:9103"));
     }
 
     #[test]
@@ -519,6 +533,8 @@ mod tests {
             (NodeArgs { initial_cluster: Some("1:127.0.0.1:7101".into()), ..args(1) }, "not id=host:port"),
             (NodeArgs { initial_cluster: Some("2=127.0.0.1:7102".into()), ..args(1) }, "does not list"),
             (NodeArgs { grpc: Some("127.0.0.1:7109".into()), ..args(1) }, "gRPC address is"),
+            (NodeArgs { peer_routes: Some("2=127.0.0.1".into()), ..args(1) }, "--peer-routes"),
+            (NodeArgs { peer_routes: Some("2=127.0.0.1:1,2=127.0.0.1:2".into()), ..args(1) }, "listed twice"),
             (NodeArgs { election_timeout_ms: Some(100), ..args(1) }, "three heartbeats"),
         ];
         for (args, expected) in cases {

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use runtimeai_api::AppState;
 use runtimeai_model::{Actor, NodeInfo};
 use runtimeai_raft::log_store::LogStore;
-use runtimeai_raft::network::{Network, PeerHealth};
+use runtimeai_raft::network::{Network, PeerHealth, PeerRoutes};
 use runtimeai_raft::service::{ClusterService, RaftService};
 use runtimeai_raft::state_machine::StateMachineStore;
 use runtimeai_raft::store::DataDir;
@@ -58,7 +58,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     let state = StateMachineStore::new(data.db.clone(), data.snapshot_path())
         .map_err(|e| anyhow::anyhow!("cannot read the snapshot in {}: {e}", config.data_dir.display()))?;
     let health = Arc::new(PeerHealth::default());
-    let network = Network::new(config.cluster_name.clone(), health.clone());
+    let routes = Arc::new(PeerRoutes::new(config.peer_routes.clone()));
+    let network = Network::new(config.cluster_name.clone(), health.clone(), routes.clone());
     let raft_config = openraft::Config {
         cluster_name: config.cluster_name.clone(),
         heartbeat_interval: config.heartbeat.as_millis() as u64,
@@ -84,6 +85,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         state,
         config.cluster_name.clone(),
         health,
+        routes,
         ReplicaOptions {
             reachable_window: (config.heartbeat * 5).max(Duration::from_millis(500)),
             ..Default::default()

@@ -40,6 +40,26 @@ pub(crate) fn channel(addr: &str) -> Result<Channel, String> {
     Ok(endpoint.connect_lazy())
 }
 
+/// Where this node dials each peer. By default a peer is reached at the gRPC address it
+/// announced to the cluster (its membership entry); a route overrides that for this node only:
+/// a port forward, a NAT, or the fault-injecting proxy of the chaos tests, which puts its own
+/// listener between every ordered pair of nodes.
+#[derive(Debug, Clone, Default)]
+pub struct PeerRoutes {
+    routes: HashMap<NodeId, String>,
+}
+
+impl PeerRoutes {
+    pub fn new(routes: impl IntoIterator<Item = (NodeId, String)>) -> PeerRoutes {
+        PeerRoutes { routes: routes.into_iter().collect() }
+    }
+
+    /// The address to dial `peer` at, given the one it announced.
+    pub fn dial<'a>(&'a self, peer: NodeId, announced: &'a str) -> &'a str {
+        self.routes.get(&peer).map(String::as_str).unwrap_or(announced)
+    }
+}
+
 /// What this node last saw of each peer it sends raft RPCs to.
 #[derive(Default)]
 pub struct PeerHealth {
@@ -96,11 +116,12 @@ impl PeerHealth {
 pub struct Network {
     cluster: String,
     health: Arc<PeerHealth>,
+    routes: Arc<PeerRoutes>,
 }
 
 impl Network {
-    pub fn new(cluster: String, health: Arc<PeerHealth>) -> Network {
-        Network { cluster, health }
+    pub fn new(cluster: String, health: Arc<PeerHealth>, routes: Arc<PeerRoutes>) -> Network {
+        Network { cluster, health, routes }
     }
 }
 
@@ -108,10 +129,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        let addr = self.routes.dial(target, &node.addr).to_string();
         PeerClient {
             target,
-            addr: node.addr.clone(),
-            client: channel(&node.addr).map(RaftClient::new),
+            client: channel(&addr).map(RaftClient::new),
+            addr,
             cluster: self.cluster.clone(),
             health: self.health.clone(),
         }

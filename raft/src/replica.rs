@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 use crate::codec;
 use crate::command::{Command, CommandReply};
 use crate::error::ClusterError;
-use crate::network::{channel, PeerHealth};
+use crate::network::{channel, PeerHealth, PeerRoutes};
 use crate::state_machine::StateMachineStore;
 use crate::types::{NodeId, Raft, RaftMetrics};
 
@@ -61,6 +61,7 @@ pub struct Replica {
     pub state: StateMachineStore,
     cluster: String,
     health: Arc<PeerHealth>,
+    routes: Arc<PeerRoutes>,
     options: ReplicaOptions,
     clients: Mutex<HashMap<NodeId, (String, ClusterClient<Channel>)>>,
 }
@@ -72,9 +73,10 @@ impl Replica {
         state: StateMachineStore,
         cluster: String,
         health: Arc<PeerHealth>,
+        routes: Arc<PeerRoutes>,
         options: ReplicaOptions,
     ) -> Replica {
-        Replica { id, raft, state, cluster, health, options, clients: Mutex::new(HashMap::new()) }
+        Replica { id, raft, state, cluster, health, routes, options, clients: Mutex::new(HashMap::new()) }
     }
 
     pub fn cluster_name(&self) -> &str {
@@ -347,7 +349,9 @@ impl Replica {
         }
     }
 
+    /// A client for `node`, announced at `addr` (dialled through this node's [`PeerRoutes`]).
     fn client(&self, node: NodeId, addr: &str) -> Result<ClusterClient<Channel>, ClusterError> {
+        let addr = self.routes.dial(node, addr);
         let mut clients = self.clients.lock().expect("client cache lock");
         if let Some((cached_addr, client)) = clients.get(&node) {
             if cached_addr == addr {

@@ -73,7 +73,9 @@ impl pb::raft_server::Raft for RaftService {
             data: chunk.data,
             done: header.done,
         };
-        if rpc.done {
+        if rpc.offset == 0 {
+            tracing::info!(snapshot = %rpc.meta, bytes = rpc.data.len(), done = rpc.done, "receiving a snapshot: first chunk");
+        } else if rpc.done {
             tracing::info!(snapshot = %rpc.meta, offset = rpc.offset, bytes = rpc.data.len(), "receiving the last chunk of a snapshot");
         } else {
             tracing::debug!(snapshot = %rpc.meta, offset = rpc.offset, bytes = rpc.data.len(), "receiving a snapshot chunk");

@@ -124,6 +124,7 @@ async fn a_new_node_catches_up_by_snapshot_and_becomes_a_voter() -> anyhow::Resu
         extra_args: ["--snapshot-count", "20", "--snapshot-catchup-entries", "0", "--snapshot-chunk-bytes", "1024"]
             .map(String::from)
             .to_vec(),
+        ..Default::default()
     };
     let mut cluster = Cluster::start(3, options).await?;
     phase("write enough for the leader to snapshot and purge its log");

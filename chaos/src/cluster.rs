@@ -1,0 +1,480 @@
+//! Real `runtimeai` processes on loopback: each cluster gets a temporary directory and free
+//! ports, is talked to over HTTP, and its nodes are killed with real signals. Optionally every
+//! link between nodes runs through the harness's proxies ([`crate::proxy`]) and every node's
+//! data directory sits on a disk the harness can fill ([`crate::disk`]).
+//!
+//! The binary is found through `RUNTIMEAI_BIN`, or next to the running executable in cargo's
+//! target directory (build it first: `cargo build --bin runtimeai`).
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::disk::IsolatedDisk;
+use crate::error::{Error, Result};
+use crate::proxy::Network;
+
+/// The `runtimeai` executable under test.
+///
+/// # Panics
+/// When it cannot be found (see [`find_binary`] for the fallible form).
+pub fn binary() -> PathBuf {
+    find_binary().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `RUNTIMEAI_BIN`, else `runtimeai` next to this executable (for `runtimeai-chaos`) or one
+/// directory up (for a test binary in `target/<profile>/deps`).
+pub fn find_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("RUNTIMEAI_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().map_err(Error::io("locate this executable"))?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    [dir.join("runtimeai"), dir.parent().unwrap_or(dir).join("runtimeai")]
+        .into_iter()
+        .find(|path| path.exists())
+        .ok_or_else(|| {
+            Error::Cluster(format!(
+                "runtimeai binary not found near {}; run `cargo build --bin runtimeai` or set RUNTIMEAI_BIN",
+                exe.display()
+            ))
+        })
+}
+
+/// Ports the harness hands out lie below Linux's ephemeral range (32768–60999 by default), so a
+/// killed node's port is never taken by some client's outgoing connection before the node comes
+/// back on it; and no port is handed out twice in one test process.
+const HARNESS_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// The first of `count` consecutive ports on 127.0.0.1 that are free now and were never handed
+/// out before in this process.
+pub fn free_port_range(count: u16) -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let span = HARNESS_PORTS.end - HARNESS_PORTS.start;
+    // Start where another test process (another binary) is unlikely to be.
+    let _ = NEXT.compare_exchange(0, (std::process::id() % span as u32) as u16 + 1, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(count, Ordering::SeqCst) % span;
+        let base = HARNESS_PORTS.start + offset;
+        if base + count > HARNESS_PORTS.end {
+            continue;
+        }
+        let held: Vec<_> = (0..count).filter_map(|i| TcpListener::bind(("127.0.0.1", base + i)).ok()).collect();
+        if held.len() == count as usize {
+            return base;
+        }
+    }
+    panic!("no {count} consecutive free ports in {HARNESS_PORTS:?}");
+}
+
+/// A free TCP port on 127.0.0.1 (see [`free_port_range`]).
+pub fn free_port() -> u16 {
+    free_port_range(1)
+}
+
+/// A response as tests look at it.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Options every node of a cluster gets.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// Extra `runtimeai node` flags, e.g. `["--snapshot-count", "20"]`. Without a
+    /// `--backends` among them, nodes get [`TEST_BACKENDS`].
+    pub extra_args: Vec<String>,
+    /// Route every link between founding members through a proxy the harness controls
+    /// ([`Cluster::network`]); the seed drives its random losses and delays.
+    pub proxied: Option<u64>,
+    /// Give every node a data directory on a tmpfs of this many bytes that the harness can
+    /// fill or remount read-only ([`Cluster::disk`]).
+    pub isolated_disk_bytes: Option<u64>,
+}
+
+/// The drivers test nodes use unless a test names its own: libvirt's built-in test hypervisor
+/// for VMs, isolated processes for sandboxes and agents, the simulated driver for vClusters.
+pub const TEST_BACKENDS: &str = "vm=libvirt:test:///default,sandbox=process,agent_runtime=process,vcluster=simulated";
+
+pub struct Node {
+    pub id: u64,
+    pub http: String,
+    pub grpc: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    initial_cluster: Option<String>,
+    peer_routes: Option<String>,
+    disk: Option<IsolatedDisk>,
+}
+
+impl Node {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+/// A cluster of real processes. Dropping it kills them all.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: BTreeMap<u64, Node>,
+    pub options: ClusterOptions,
+    pub client: reqwest::Client,
+    /// The proxies between founding members, when the cluster was started `proxied`.
+    pub network: Option<Arc<Network>>,
+}
+
+impl Cluster {
+    /// Starts `size` founding members and waits until every one is ready.
+    pub async fn start(size: u64, options: ClusterOptions) -> Result<Cluster> {
+        let dir = tempfile::Builder::new()
+            .prefix("runtimeai-it-")
+            .tempdir()
+            .map_err(Error::io("create a temporary directory"))?;
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
+        let mut cluster = Cluster { dir, nodes: BTreeMap::new(), options, client, network: None };
+        let mut initial = Vec::new();
+        for id in 1..=size {
+            let node = cluster.new_node(id)?;
+            initial.push(format!("{id}={}", node.grpc));
+            cluster.nodes.insert(id, node);
+        }
+        if let Some(seed) = cluster.options.proxied {
+            let targets: BTreeMap<u64, SocketAddr> = cluster
+                .nodes
+                .iter()
+                .map(|(id, node)| (*id, node.grpc.parse().expect("harness address")))
+                .collect();
+            let network =
+                Network::start(&targets, || SocketAddr::from(([127, 0, 0, 1], free_port())), seed).await?;
+            for (id, node) in cluster.nodes.iter_mut() {
+                node.peer_routes = Some(network.routes_of(*id));
+            }
+            cluster.network = Some(Arc::new(network));
+        }
+        let initial = initial.join(",");
+        for id in 1..=size {
+            cluster.nodes.get_mut(&id).expect("node").initial_cluster = Some(initial.clone());
+            cluster.spawn(id)?;
+        }
+        for id in 1..=size {
+            cluster.wait_ready(id, Duration::from_secs(60)).await?;
+        }
+        Ok(cluster)
+    }
+
+    fn new_node(&self, id: u64) -> Result<Node> {
+        let data_dir = self.dir.path().join(format!("node-{id}"));
+        let disk = match self.options.isolated_disk_bytes {
+            Some(bytes) => Some(IsolatedDisk::mount(&data_dir, bytes)?),
+            None => None,
+        };
+        Ok(Node {
+            id,
+            http: format!("127.0.0.1:{}", free_port()),
+            grpc: format!("127.0.0.1:{}", free_port()),
+            data_dir,
+            log: self.dir.path().join(format!("node-{id}.log")),
+            child: None,
+            initial_cluster: None,
+            peer_routes: None,
+            disk,
+        })
+    }
+
+    /// Adds a node process that is not (yet) a member: it waits to be added. It is reached
+    /// directly, not through the proxies.
+    pub fn start_joiner(&mut self, id: u64) -> Result<()> {
+        let node = self.new_node(id)?;
+        self.nodes.insert(id, node);
+        self.spawn(id)
+    }
+
+    /// The disk under node `id`'s data directory, when the cluster has isolated disks.
+    pub fn disk(&self, id: u64) -> Option<&IsolatedDisk> {
+        self.nodes.get(&id).and_then(|n| n.disk.as_ref())
+    }
+
+    /// Starts (or restarts) node `id`'s process.
+    pub fn spawn(&mut self, id: u64) -> Result<()> {
+        let extra = self.options.extra_args.clone();
+        let binary = find_binary()?;
+        let node = self.nodes.get_mut(&id).ok_or_else(|| Error::Cluster(format!("no node {id}")))?;
+        if node.child.is_some() {
+            return Err(Error::Cluster(format!("node {id} is already running")));
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .map_err(Error::io(format!("open {}", node.log.display())))?;
+        let mut command = match &node.disk {
+            Some(disk) => disk.command(&binary),
+            None => Command::new(&binary),
+        };
+        command
+            .arg("node")
+            .args(["--id", &id.to_string(), "--http", &node.http, "--grpc", &node.grpc])
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(["--heartbeat-ms", "100", "--election-timeout-ms", "500"])
+            .args(&extra)
+            .args(if extra.iter().any(|a| a == "--backends") { vec![] } else { vec!["--backends", TEST_BACKENDS] })
+            .env("RUST_LOG", "info,openraft=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(initial) = &node.initial_cluster {
+            command.args(["--initial-cluster", initial]);
+        }
+        if let Some(routes) = &node.peer_routes {
+            command.args(["--peer-routes", routes]);
+        }
+        node.child = Some(command.spawn().map_err(Error::io(format!("start node {id}")))?);
+        Ok(())
+    }
+
+    /// Whether node `id`'s process has exited on its own, and with which status.
+    pub fn exited(&mut self, id: u64) -> Option<std::process::ExitStatus> {
+        let node = self.nodes.get_mut(&id)?;
+        let status = node.child.as_mut()?.try_wait().ok()??;
+        node.child = None;
+        Some(status)
+    }
+
+    /// SIGKILL: the process gets no chance to clean up.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(node) = self.nodes.get_mut(&id) {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// Sends `signal` to node `id`'s process (SIGSTOP pauses it, SIGCONT resumes it).
+    pub fn signal(&self, id: u64, signal: nix::sys::signal::Signal) {
+        if let Some(child) = self.nodes.get(&id).and_then(|n| n.child.as_ref()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
+        }
+    }
+
+    pub fn node(&self, id: u64) -> &Node {
+        self.nodes.get(&id).unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    pub fn running(&self) -> Vec<u64> {
+        self.nodes.values().filter(|n| n.is_running()).map(|n| n.id).collect()
+    }
+
+    /// Waits until `GET /readyz` on node `id` answers 200.
+    pub async fn wait_ready(&self, id: u64, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let url = self.node(id).url("/readyz");
+        loop {
+            if let Ok(response) = self.client.get(&url).timeout(Duration::from_secs(3)).send().await {
+                if response.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Cluster(format!(
+                    "node {id} not ready after {timeout:?}\n{}",
+                    self.log_tail(id, 30)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn cluster_view(&self, id: u64) -> Result<Value> {
+        let response = self.client.get(self.node(id).url("/v1/cluster")).timeout(Duration::from_secs(3)).send().await?;
+        Ok(response.error_for_status()?.json().await?)
+    }
+
+    /// Waits until every running node names the same leader, which is itself running, and
+    /// returns it.
+    pub async fn wait_leader(&self, timeout: Duration) -> Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut leaders = Vec::new();
+            for id in self.running() {
+                let leader = self.cluster_view(id).await.ok().and_then(|v| v["leader_id"].as_u64());
+                leaders.push(leader);
+            }
+            if let Some(Some(first)) = leaders.first() {
+                if leaders.iter().all(|l| *l == Some(*first)) && self.running().contains(first) {
+                    return Ok(*first);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Cluster(format!("no agreed leader after {timeout:?}: {leaders:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `POST /v1/runtimes` through node `via`; returns the status and body.
+    pub async fn create_runtime(&self, via: u64, name: &str) -> Result<(u16, Value)> {
+        let response = self
+            .client
+            .post(self.node(via).url("/v1/runtimes"))
+            .json(&serde_json::json!({ "name": name, "type": "vm", "labels": { "test": "true" } }))
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Creates a runtime through `via`, retrying on 503 (e.g. during an election) until
+    /// `timeout`; returns the created runtime's id.
+    pub async fn create_runtime_eventually(&self, via: u64, name: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.create_runtime(via, name).await {
+                Ok((201, body)) => {
+                    return body["id"]
+                        .as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| Error::Cluster(format!("create {name}: no id in {body}")))
+                }
+                Ok((503, _)) | Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return Err(Error::Cluster(format!("create {name} through node {via}: {other:?}"))),
+            }
+        }
+    }
+
+    /// Any request through node `via`: returns status, headers and the JSON body (`null` when
+    /// there is none). `body` is sent as JSON when given.
+    pub async fn call(
+        &self,
+        via: u64,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> Result<Response> {
+        let mut request = self.client.request(method, self.node(via).url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await?;
+        let body =
+            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        Ok(Response { status, headers, body })
+    }
+
+    /// Polls `GET /v1/operations/{id}` through `via` until the operation has finished.
+    pub async fn wait_operation(&self, via: u64, id: &str, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let response = self.call(via, reqwest::Method::GET, &format!("/v1/operations/{id}"), None, &[]).await?;
+            let status = response.body["status"].as_str().unwrap_or("").to_string();
+            if ["succeeded", "failed", "cancelled"].contains(&status.as_str()) {
+                return Ok(response.body);
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Cluster(format!(
+                    "operation {id} did not finish within {timeout:?}: {}",
+                    response.body
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `GET /v1/runtimes/{id}` through node `via`; `stale` reads the local replica.
+    pub async fn get_runtime(&self, via: u64, id: &str, stale: bool) -> Result<(u16, Value)> {
+        let query = if stale { "?consistency=stale" } else { "" };
+        let response = self.client.get(self.node(via).url(&format!("/v1/runtimes/{id}{query}"))).send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Waits until node `via` holds every runtime in `ids` in its local replica.
+    pub async fn wait_replicated(&self, via: u64, ids: &[String], timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        for id in ids {
+            loop {
+                if let Ok((200, _)) = self.get_runtime(via, id, true).await {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(Error::Cluster(format!(
+                        "node {via} does not hold runtime {id} after {timeout:?}\n{}",
+                        self.log_tail(via, 30)
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The last `lines` lines of node `id`'s log.
+    pub fn log_tail(&self, id: u64, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.node(id).log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        let start = all.len().saturating_sub(lines);
+        format!("--- node {id} log (last {lines} lines)\n{}", all[start..].join("\n"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        if std::thread::panicking() {
+            for id in &ids {
+                eprintln!("{}", self.log_tail(*id, 40));
+            }
+        }
+        for id in ids {
+            self.kill(id);
+        }
+        kill_processes_under(self.dir.path());
+    }
+}
+
+/// SIGKILLs every process working in a directory below `dir`: the sandboxes that nodes killed
+/// with SIGKILL left behind (a node stops its sandboxes only when it shuts down cleanly).
+pub fn kill_processes_under(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else { continue };
+        if cwd.starts_with(dir) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}

@@ -1,0 +1,638 @@
+//! The named scenarios and the run that drives one: start a cluster, run the workload, inject the
+//! scenario's faults in the middle of it, heal everything, check that the cluster accepts writes
+//! again (liveness), then judge the history and the cluster's state ([`crate::checks`]).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::checks::{self, CheckResult, Violation};
+use crate::cluster::{Cluster, ClusterOptions};
+use crate::error::{Error, Result};
+use crate::proxy::DirectionFaults;
+use crate::workload::{self, Call, History, Outcome, Record, Targets, WorkloadOptions};
+
+/// What a scenario needs of the cluster it runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    Nothing,
+    /// Links between nodes through the harness's proxies.
+    Network,
+    /// Data directories on disks the harness can fill.
+    Disks,
+}
+
+/// A named fault schedule.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    pub name: &'static str,
+    /// What it injects, for `runtimeai-chaos list` and the README.
+    pub injects: &'static str,
+    needs: Needs,
+    /// Extra node flags.
+    node_args: &'static [&'static str],
+}
+
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "kill-leader",
+        injects: "SIGKILL the leader; restart it after the fault window",
+        needs: Needs::Nothing,
+        node_args: &[],
+    },
+    Scenario {
+        name: "pause-leader",
+        injects: "SIGSTOP the leader for the fault window, then SIGCONT (a leader that wakes up deposed)",
+        needs: Needs::Nothing,
+        node_args: &[],
+    },
+    Scenario {
+        name: "rolling-restart",
+        injects: "SIGKILL and restart every node in turn, each back and ready before the next",
+        needs: Needs::Nothing,
+        node_args: &[],
+    },
+    Scenario {
+        name: "kill-during-snapshot-install",
+        injects: "stop a follower until the leader's log is purged past it, restart it, SIGKILL it as the \
+                  snapshot's first chunk arrives, restart it again",
+        needs: Needs::Nothing,
+        node_args: &["--snapshot-count", "40", "--snapshot-catchup-entries", "0", "--snapshot-chunk-bytes", "1024"],
+    },
+    Scenario {
+        name: "partition-leader",
+        injects: "cut the leader off from every other node (both directions)",
+        needs: Needs::Network,
+        node_args: &[],
+    },
+    Scenario {
+        name: "partition-minority",
+        injects: "cut a minority of followers off from the majority, which keeps the leader",
+        needs: Needs::Network,
+        node_args: &[],
+    },
+    Scenario {
+        name: "bridge",
+        injects: "split the cluster in two sides that cannot reach each other, with one node (the bridge) \
+                  reaching both; the leader on one side",
+        needs: Needs::Network,
+        node_args: &[],
+    },
+    Scenario {
+        name: "one-way-leader",
+        injects: "nothing the leader sends arrives anywhere; what others send to it still arrives",
+        needs: Needs::Network,
+        node_args: &[],
+    },
+    Scenario {
+        name: "lossy-network",
+        injects: "every link loses 50 % of its packets (retransmitted after 200 ms, doubling)",
+        needs: Needs::Network,
+        node_args: &[],
+    },
+    Scenario {
+        name: "slow-network",
+        injects: "every link delays every packet 75 ± 50 ms",
+        needs: Needs::Network,
+        node_args: &[],
+    },
+    Scenario {
+        name: "membership-change",
+        injects: "add a new node, then remove the leader from the cluster, while clients write",
+        needs: Needs::Nothing,
+        node_args: &[],
+    },
+    Scenario {
+        name: "disk-full",
+        injects: "fill a follower's data disk; the node must stop with a clear error and recover once space \
+                  is back",
+        needs: Needs::Disks,
+        node_args: &["--snapshot-count", "40"],
+    },
+    Scenario {
+        name: "disk-read-only",
+        injects: "restart a follower on a read-only data disk; it must refuse to start with a clear error, \
+                  and start and catch up once the disk is writable",
+        needs: Needs::Disks,
+        node_args: &[],
+    },
+];
+
+pub fn find(name: &str) -> Option<&'static Scenario> {
+    SCENARIOS.iter().find(|s| s.name == name)
+}
+
+/// How to run a scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunOptions {
+    pub scenario: String,
+    #[serde(with = "humantime_serde_compat")]
+    pub duration: Duration,
+    pub seed: u64,
+    pub nodes: u64,
+    pub clients: usize,
+}
+
+mod humantime_serde_compat {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+/// A fault as it happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultRecord {
+    pub fault: String,
+    pub start_us: u64,
+    pub end_us: u64,
+}
+
+/// Everything a run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub options: RunOptions,
+    pub faults: Vec<FaultRecord>,
+    pub checks: Vec<CheckResult>,
+    pub violation: Option<Violation>,
+    /// Per node: how long after the faults ended its first write succeeded.
+    pub heal_ms: BTreeMap<u64, u64>,
+    pub records: Vec<Record>,
+    pub passed: bool,
+}
+
+/// What a fault schedule works with.
+struct FaultContext {
+    cluster: Cluster,
+    history: History,
+    targets: Targets,
+    /// Current voting members.
+    members: Vec<u64>,
+    faults: Vec<FaultRecord>,
+    /// How long each fault lasts.
+    hold: Duration,
+    rng: rand::rngs::StdRng,
+    /// Checks a scenario adds (e.g. that a node with a full disk stopped).
+    checks: Vec<CheckResult>,
+}
+
+impl FaultContext {
+    fn begin(&self) -> u64 {
+        self.history.now()
+    }
+
+    fn end(&mut self, fault: String, start_us: u64) {
+        eprintln!("  fault: {fault} ({:.1}s)", (self.history.now() - start_us) as f64 / 1e6);
+        self.faults.push(FaultRecord { fault, start_us, end_us: self.history.now() });
+    }
+
+    async fn leader(&self) -> Result<u64> {
+        self.cluster.wait_leader(Duration::from_secs(15)).await
+    }
+
+    async fn followers(&self) -> Result<(u64, Vec<u64>)> {
+        let leader = self.leader().await?;
+        Ok((leader, self.members.iter().copied().filter(|n| *n != leader).collect()))
+    }
+
+    fn network(&self) -> Result<Arc<crate::proxy::Network>> {
+        self.cluster.network.clone().ok_or_else(|| Error::Cluster("the cluster has no proxied network".into()))
+    }
+
+    async fn restart(&mut self, node: u64) -> Result<()> {
+        self.cluster.spawn(node)?;
+        self.cluster.wait_ready(node, Duration::from_secs(30)).await
+    }
+
+    fn add_check(&mut self, name: &'static str, passed: bool, detail: String) {
+        self.checks.push(CheckResult { name, passed, detail });
+    }
+}
+
+/// Starts the cluster, runs workload and faults, heals, checks. An `Err` is a harness failure
+/// (the run could not be made), not a verdict.
+pub async fn run(scenario: &Scenario, options: RunOptions) -> Result<RunResult> {
+    let infra = tempfile::Builder::new().prefix("runtimeai-chaos-infra-").tempdir().map_err(Error::io("temp dir"))?;
+    let mut args: Vec<String> = vec![
+        "--backends".into(),
+        "vcluster=simulated".into(),
+        "--simulated-step-ms".into(),
+        "50".into(),
+        "--operation-lease-ms".into(),
+        "1500".into(),
+        "--simulated-infra-dir".into(),
+        infra.path().display().to_string(),
+    ];
+    args.extend(scenario.node_args.iter().map(|a| a.to_string()));
+    let cluster_options = ClusterOptions {
+        extra_args: args,
+        proxied: (scenario.needs == Needs::Network).then_some(options.seed),
+        isolated_disk_bytes: (scenario.needs == Needs::Disks).then_some(512 << 20),
+    };
+    let cluster = Cluster::start(options.nodes, cluster_options).await?;
+    let members: Vec<u64> = (1..=options.nodes).collect();
+
+    // The registers: runtimes only the workload's If-Match writes change.
+    let mut registers = Vec::new();
+    for i in 0..3 {
+        let created = create_vcluster(&cluster, 1, &format!("register-{i}")).await?;
+        let id = created.body["id"].as_str().unwrap_or_default().to_string();
+        if let Some(operation) = created.body["active_operation"].as_str() {
+            cluster.wait_operation(1, operation, Duration::from_secs(20)).await?;
+        }
+        registers.push(id);
+    }
+
+    let history = History::new(Instant::now());
+    // Each register's value when the run starts, as a completed read at time 0.
+    for register in &registers {
+        let now = cluster.call(1, reqwest::Method::GET, &format!("/v1/runtimes/{register}"), None, &[]).await?;
+        history.push(register_read(1, register, &now.body, 0, history.now()));
+    }
+    let targets: Targets = Arc::new(Mutex::new(members.iter().map(|n| (*n, format!("http://{}", cluster.node(*n).http))).collect()));
+    let workload_options = WorkloadOptions {
+        clients: options.clients,
+        duration: options.duration,
+        seed: options.seed,
+        request_timeout: Duration::from_secs(3),
+        create_retries: 3,
+    };
+    let workload = {
+        let (targets, registers, history) = (targets.clone(), registers.clone(), history.clone());
+        tokio::spawn(async move { workload::run(&workload_options, targets, registers, history).await })
+    };
+
+    let mut cx = FaultContext {
+        cluster,
+        history: history.clone(),
+        targets,
+        members,
+        faults: Vec::new(),
+        hold: (options.duration / 2).max(Duration::from_secs(2)),
+        rng: rand::rngs::StdRng::seed_from_u64(options.seed),
+        checks: Vec::new(),
+    };
+    tokio::time::sleep(options.duration / 5).await;
+    let injected = inject(scenario.name, &mut cx).await;
+    let _ = workload.await;
+    heal_everything(&mut cx).await;
+    injected?;
+    let faults_over = Instant::now();
+
+    // Liveness: every member takes a write again within a bound.
+    let mut heal_ms = BTreeMap::new();
+    let mut stuck = Vec::new();
+    for &node in &cx.members {
+        let deadline = faults_over + Duration::from_secs(20);
+        loop {
+            let name = format!("heal-{node}-{}", heal_ms.len());
+            if create_vcluster(&cx.cluster, node, &name).await.is_ok() {
+                heal_ms.insert(node, faults_over.elapsed().as_millis() as u64);
+                break;
+            }
+            if Instant::now() > deadline {
+                stuck.push(node);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let liveness = CheckResult {
+        name: "heals",
+        passed: stuck.is_empty(),
+        detail: if stuck.is_empty() {
+            format!("every member took a write within {} ms of the faults ending", heal_ms.values().max().unwrap_or(&0))
+        } else {
+            format!("nodes {stuck:?} still refuse writes 20 s after the faults ended")
+        },
+    };
+
+    // A final linearizable read of each register through every member closes the history: an
+    // acknowledged write that was lost shows up as a read no order explains.
+    for register in &registers {
+        for &node in &cx.members {
+            let invoke = history.now();
+            if let Ok(now) = cx.cluster.call(node, reqwest::Method::GET, &format!("/v1/runtimes/{register}"), None, &[]).await {
+                if now.status == 200 {
+                    history.push(register_read(node, register, &now.body, invoke, history.now()));
+                }
+            }
+        }
+    }
+
+    let records = history.records();
+    let (linearizable, violation) = checks::linearizable(&records);
+    let mut results = vec![linearizable];
+    results.push(checks::acknowledged_writes(&cx.cluster, &cx.members, &records, Duration::from_secs(30)).await);
+    results.push(checks::backend_at_most_once(&infra.path().join("journal")));
+    results.push(checks::idempotency(&records));
+    results.push(checks::events_in_order(&cx.cluster, &cx.members, &records).await);
+    results.push(liveness);
+    results.append(&mut cx.checks);
+    let progress = records.iter().filter(|r| r.outcome == Outcome::Ok && !matches!(r.call, Call::ReadRegister)).count();
+    results.push(CheckResult {
+        name: "progress",
+        passed: progress > 0,
+        detail: format!("{progress} writes and reads succeeded during the run"),
+    });
+    let passed = results.iter().all(|c| c.passed);
+    Ok(RunResult { options, faults: cx.faults, checks: results, violation, heal_ms, records, passed })
+}
+
+/// Creates a runtime of the type every chaos node serves, through `via`.
+async fn create_vcluster(cluster: &Cluster, via: u64, name: &str) -> Result<crate::cluster::Response> {
+    let body = json!({"name": name, "type": "vcluster", "labels": {"chaos": "harness"}});
+    let created = cluster.call(via, reqwest::Method::POST, "/v1/runtimes", Some(&body), &[]).await?;
+    match created.status {
+        201 => Ok(created),
+        status => Err(Error::Cluster(format!("create {name} through node {via}: {status} {}", created.body))),
+    }
+}
+
+fn register_read(node: u64, register: &str, body: &serde_json::Value, invoke_us: u64, complete_us: u64) -> Record {
+    Record {
+        client: usize::MAX,
+        node,
+        call: Call::ReadRegister,
+        runtime: Some(register.to_string()),
+        invoke_us,
+        complete_us,
+        outcome: Outcome::Ok,
+        status: Some(200),
+        detail: workload::register_value(body).unwrap_or_default(),
+    }
+}
+
+/// Undoes whatever a fault left behind: links healed, paused nodes resumed, stopped members
+/// started again, disks given back their space.
+async fn heal_everything(cx: &mut FaultContext) {
+    if let Some(network) = &cx.cluster.network {
+        network.heal();
+    }
+    for node in cx.members.clone() {
+        cx.cluster.signal(node, Signal::SIGCONT);
+        if let Some(disk) = cx.cluster.disk(node) {
+            let _ = disk.set_read_only(false);
+            let _ = disk.free();
+        }
+        if cx.cluster.exited(node).is_some() || !cx.cluster.node(node).is_running() {
+            let _ = cx.restart(node).await;
+        }
+    }
+}
+
+async fn inject(name: &str, cx: &mut FaultContext) -> Result<()> {
+    let hold = cx.hold;
+    match name {
+        "kill-leader" => {
+            let leader = cx.leader().await?;
+            let start = cx.begin();
+            cx.cluster.kill(leader);
+            tokio::time::sleep(hold).await;
+            cx.restart(leader).await?;
+            cx.end(format!("SIGKILL leader {leader}, restarted"), start);
+        }
+        "pause-leader" => {
+            let leader = cx.leader().await?;
+            let start = cx.begin();
+            cx.cluster.signal(leader, Signal::SIGSTOP);
+            tokio::time::sleep(hold).await;
+            cx.cluster.signal(leader, Signal::SIGCONT);
+            cx.end(format!("SIGSTOP leader {leader}, then SIGCONT"), start);
+        }
+        "rolling-restart" => {
+            for node in cx.members.clone() {
+                let start = cx.begin();
+                cx.cluster.kill(node);
+                cx.restart(node).await?;
+                cx.end(format!("restart node {node}"), start);
+            }
+        }
+        "kill-during-snapshot-install" => kill_during_snapshot_install(cx).await?,
+        "partition-leader" => {
+            let (leader, followers) = cx.followers().await?;
+            let network = cx.network()?;
+            let start = cx.begin();
+            network.partition(&[vec![leader], followers]);
+            tokio::time::sleep(hold).await;
+            network.heal();
+            cx.end(format!("partition: leader {leader} alone"), start);
+        }
+        "partition-minority" => {
+            let (leader, mut followers) = cx.followers().await?;
+            let minority_size = (cx.members.len() - 1) / 2;
+            let minority: Vec<u64> = followers.drain(..minority_size).collect();
+            followers.push(leader);
+            let network = cx.network()?;
+            let start = cx.begin();
+            network.partition(&[minority.clone(), followers.clone()]);
+            tokio::time::sleep(hold).await;
+            network.heal();
+            cx.end(format!("partition: {minority:?} | {followers:?}"), start);
+        }
+        "bridge" => {
+            let (leader, mut followers) = cx.followers().await?;
+            let bridge = followers.remove(cx.rng.gen_range(0..followers.len()));
+            let network = cx.network()?;
+            let start = cx.begin();
+            network.partition(&[vec![leader], followers.clone()]);
+            tokio::time::sleep(hold).await;
+            network.heal();
+            cx.end(format!("bridge: {leader} | {followers:?}, node {bridge} sees both"), start);
+        }
+        "one-way-leader" => {
+            let (leader, followers) = cx.followers().await?;
+            let network = cx.network()?;
+            let start = cx.begin();
+            for follower in &followers {
+                network.cut_one_way(leader, *follower);
+            }
+            tokio::time::sleep(hold).await;
+            network.heal();
+            cx.end(format!("one way: nothing from leader {leader} arrives"), start);
+        }
+        "lossy-network" => {
+            let network = cx.network()?;
+            let start = cx.begin();
+            network.degrade_all(DirectionFaults { loss: 0.5, ..Default::default() });
+            tokio::time::sleep(hold).await;
+            network.heal();
+            cx.end("50 % packet loss on every link".into(), start);
+        }
+        "slow-network" => {
+            let network = cx.network()?;
+            let start = cx.begin();
+            let faults = DirectionFaults {
+                delay: Duration::from_millis(75),
+                jitter: Duration::from_millis(50),
+                ..Default::default()
+            };
+            network.degrade_all(faults);
+            tokio::time::sleep(hold).await;
+            network.heal();
+            cx.end("75 ± 50 ms delay on every link".into(), start);
+        }
+        "membership-change" => membership_change(cx).await?,
+        "disk-full" => disk_full(cx).await?,
+        "disk-read-only" => disk_read_only(cx).await?,
+        other => return Err(Error::Cluster(format!("unknown scenario {other}"))),
+    }
+    Ok(())
+}
+
+async fn kill_during_snapshot_install(cx: &mut FaultContext) -> Result<()> {
+    let (leader, followers) = cx.followers().await?;
+    let follower = followers[cx.rng.gen_range(0..followers.len())];
+    let behind = cx.cluster.cluster_view(follower).await?["last_applied"].as_u64().unwrap_or(0);
+    let start = cx.begin();
+    cx.cluster.kill(follower);
+    // Wait until the leader has purged its log past the follower: only a snapshot helps it now.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let purged = cx.cluster.cluster_view(leader).await.ok().and_then(|v| v["purged_index"].as_u64());
+        if purged.is_some_and(|p| p > behind) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Cluster(format!("leader {leader} never purged its log past index {behind}")));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = cx.cluster.node(follower).log.clone();
+    let marker = "receiving a snapshot: first chunk";
+    let count = || std::fs::read_to_string(&log).unwrap_or_default().matches(marker).count();
+    let before = count();
+    cx.cluster.spawn(follower)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count() == before {
+        if Instant::now() > deadline {
+            return Err(Error::Cluster(format!("node {follower} never started installing a snapshot")));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cx.cluster.kill(follower);
+    cx.end(format!("node {follower} SIGKILLed while installing a snapshot"), start);
+    let start = cx.begin();
+    cx.restart(follower).await?;
+    cx.end(format!("node {follower} restarted, catches up"), start);
+    Ok(())
+}
+
+async fn membership_change(cx: &mut FaultContext) -> Result<()> {
+    let new = cx.cluster.nodes.keys().max().copied().unwrap_or(0) + 1;
+    let start = cx.begin();
+    cx.cluster.start_joiner(new)?;
+    let (leader, followers) = cx.followers().await?;
+    let via = followers.first().copied().unwrap_or(leader);
+    let body = json!({"id": new, "grpc": cx.cluster.node(new).grpc});
+    let added = cx.cluster.call(via, reqwest::Method::POST, "/v1/cluster/members", Some(&body), &[]).await?;
+    if added.status != 201 {
+        return Err(Error::Cluster(format!("adding node {new}: {} {}", added.status, added.body)));
+    }
+    cx.members.push(new);
+    cx.targets.lock().expect("targets").insert(new, format!("http://{}", cx.cluster.node(new).http));
+    cx.end(format!("node {new} added"), start);
+
+    tokio::time::sleep(cx.hold / 2).await;
+    let leader = cx.leader().await?;
+    let via = cx.members.iter().copied().find(|n| *n != leader).unwrap_or(new);
+    let start = cx.begin();
+    // Clients stop sending to the node before it leaves, as a load balancer drains it.
+    cx.targets.lock().expect("targets").remove(&leader);
+    let removed =
+        cx.cluster.call(via, reqwest::Method::DELETE, &format!("/v1/cluster/members/{leader}"), None, &[]).await?;
+    if !(200..300).contains(&removed.status) {
+        return Err(Error::Cluster(format!("removing leader {leader}: {} {}", removed.status, removed.body)));
+    }
+    cx.members.retain(|n| *n != leader);
+    cx.cluster.signal(leader, Signal::SIGTERM);
+    cx.end(format!("leader {leader} removed"), start);
+    Ok(())
+}
+
+async fn disk_full(cx: &mut FaultContext) -> Result<()> {
+    let (_, followers) = cx.followers().await?;
+    let node = followers[cx.rng.gen_range(0..followers.len())];
+    let start = cx.begin();
+    cx.cluster.disk(node).ok_or_else(|| Error::Cluster("no isolated disk".into()))?.fill()?;
+    let deadline = Instant::now() + cx.hold;
+    let mut exit = None;
+    while Instant::now() < deadline {
+        if let Some(status) = cx.cluster.exited(node) {
+            exit = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(&cx.cluster.node(node).log).unwrap_or_default();
+    let reason = log.lines().rev().find(|l| l.contains("No space left on device")).unwrap_or("").to_string();
+    let stopped_cleanly = exit.is_some_and(|s| !s.success()) && !reason.is_empty();
+    cx.add_check(
+        "full-disk-stops-the-node",
+        stopped_cleanly,
+        match exit {
+            Some(status) => format!("node {node} stopped ({status}) saying: {}", tail(&reason)),
+            None => format!("node {node} still runs on a full disk after {:?}", cx.hold),
+        },
+    );
+    cx.cluster.kill(node);
+    cx.cluster.disk(node).expect("disk").free()?;
+    cx.end(format!("node {node}'s disk full"), start);
+    let start = cx.begin();
+    cx.restart(node).await?;
+    cx.end(format!("node {node} restarted with space"), start);
+    Ok(())
+}
+
+async fn disk_read_only(cx: &mut FaultContext) -> Result<()> {
+    let (_, followers) = cx.followers().await?;
+    let node = followers[cx.rng.gen_range(0..followers.len())];
+    let start = cx.begin();
+    cx.cluster.kill(node);
+    let disk = cx.cluster.disk(node).ok_or_else(|| Error::Cluster("no isolated disk".into()))?;
+    disk.set_read_only(true)?;
+    cx.cluster.spawn(node)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut exit = None;
+    while Instant::now() < deadline {
+        if let Some(status) = cx.cluster.exited(node) {
+            exit = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(&cx.cluster.node(node).log).unwrap_or_default();
+    let reason = log.lines().rev().find(|l| l.contains("Read-only file system")).unwrap_or("").to_string();
+    cx.add_check(
+        "read-only-disk-refused",
+        exit.is_some_and(|s| !s.success()) && !reason.is_empty(),
+        match exit {
+            Some(status) => format!("node {node} refused to start ({status}): {}", tail(&reason)),
+            None => format!("node {node} still runs on a read-only disk after 20 s"),
+        },
+    );
+    cx.cluster.kill(node);
+    tokio::time::sleep(cx.hold.saturating_sub(Duration::from_secs(1))).await;
+    cx.cluster.disk(node).expect("disk").set_read_only(false)?;
+    cx.end(format!("node {node}'s disk read-only"), start);
+    let start = cx.begin();
+    cx.restart(node).await?;
+    cx.end(format!("node {node} restarted on a writable disk"), start);
+    Ok(())
+}
+
+/// The end of a long log line, enough to show the error.
+fn tail(line: &str) -> String {
+    let chars: Vec<char> = line.chars().collect();
+    chars[chars.len().saturating_sub(160)..].iter().collect()
+}
+
+/// Where a run's files go.
+pub fn run_dir(base: &std::path::Path, options: &RunOptions) -> PathBuf {
+    base.join(format!("{}-seed{}", options.scenario, options.seed))
+}
