@@ -8,7 +8,9 @@
 # protoc is not needed: the .proto files are compiled in pure Rust (protox).
 set -euo pipefail
 
-packages=(g++ libclang-dev pkg-config libvirt-dev python3 python3-venv)
+# fonts-dejavu-core: the font runtimeai-chaos draws its timelines with; util-linux: unshare and
+# nsenter for its disk faults.
+packages=(g++ libclang-dev pkg-config libvirt-dev python3 python3-venv fonts-dejavu-core util-linux)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

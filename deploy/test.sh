@@ -11,8 +11,8 @@ trap 'rm -f "$test_log"' EXIT
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
-step "build the runtimeai binary the integration tests start"
-cargo build --bin runtimeai
+step "build the binaries the integration tests start (runtimeai, runtimeai-chaos)"
+cargo build --bins
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test"
@@ -21,9 +21,20 @@ cargo test --workspace --no-fail-fast 2>&1 | tee "$test_log" || status=$?
 step "schemathesis against a live cluster"
 fuzz=passed
 deploy/schemathesis.sh "$CARGO_TARGET_DIR/debug/runtimeai" 90 || { fuzz=failed; status=1; }
+step "chaos: every scenario in a short run"
+chaos=passed
+chaos_log=$(mktemp)
+"$CARGO_TARGET_DIR/debug/runtimeai-chaos" run --scenario all --duration 15s --seed "${CHAOS_SEED:-1}" \
+  --out "$CARGO_TARGET_DIR/chaos-reports" | tee "$chaos_log" || { chaos=failed; status=1; }
+chaos_passed=$(grep -oE '^chaos: [0-9]+ scenarios passed' "$chaos_log" | grep -oE '[0-9]+' || echo 0)
+chaos_failed=$(grep -oE ', [0-9]+ failed' "$chaos_log" | tail -1 | grep -oE '[0-9]+' || echo 1)
+rm -f "$chaos_log"
 passed=$(grep -oE '^test result: .* ([0-9]+) passed' "$test_log" | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -oE '[0-9]+ failed;' "$test_log" | awk '{s+=$1} END {print s+0}')
 [ "$fuzz" = passed ] && passed=$((passed + 1)) || failed=$((failed + 1))
+passed=$((passed + chaos_passed))
+failed=$((failed + chaos_failed))
+[ "$chaos" = passed ] || [ "$chaos_failed" -gt 0 ] || failed=$((failed + 1))
 step "done"
 echo "tests: ${passed} passed, ${failed} failed"
 exit "$status"

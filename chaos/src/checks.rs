@@ -28,8 +28,13 @@ impl CheckResult {
         match problems.is_empty() {
             true => CheckResult { name, passed: true, detail: fine },
             false => {
-                let more = if problems.len() > 5 { format!(" (and {} more)", problems.len() - 5) } else { String::new() };
-                CheckResult { name, passed: false, detail: format!("{}{more}", problems[..problems.len().min(5)].join("; ")) }
+                let more =
+                    if problems.len() > 5 { format!(" (and {} more)", problems.len() - 5) } else { String::new() };
+                CheckResult {
+                    name,
+                    passed: false,
+                    detail: format!("{}{more}", problems[..problems.len().min(5)].join("; ")),
+                }
             }
         }
     }
@@ -53,9 +58,9 @@ pub fn linearizable(records: &[Record]) -> (CheckResult, Option<Violation>) {
             let detail = format!("{} register operations ({writes} writes won) are linearizable", history.len());
             (CheckResult { name: "linearizable", passed: true, detail }, None)
         }
-        Verdict::NotLinearizable { key, linearized, operations } => {
+        Verdict::NotLinearizable { key, linearized, operations, stuck } => {
             let ops: Vec<_> = history.iter().filter(|o| o.key == key).cloned().collect();
-            let window = minimal_window(&ops);
+            let window = minimal_window(&ops, stuck);
             let detail = format!(
                 "runtime {key}: no order explains its {operations} operations (at most {linearized} fit); the \
                  smallest failing window has {} operations",
@@ -126,7 +131,8 @@ struct Acknowledged {
 }
 
 fn acknowledged(records: &[Record]) -> Acknowledged {
-    let mut ack = Acknowledged { runtimes: BTreeSet::new(), operations: BTreeMap::new(), label_writes: BTreeMap::new() };
+    let mut ack =
+        Acknowledged { runtimes: BTreeSet::new(), operations: BTreeMap::new(), label_writes: BTreeMap::new() };
     for record in records {
         let Some(runtime) = &record.runtime else { continue };
         match (&record.call, record.outcome) {
@@ -157,7 +163,12 @@ async fn get(cluster: &Cluster, via: u64, path: &str) -> Option<(u16, Value)> {
 
 /// No acknowledged write is lost: every acknowledged runtime is in every member's own replica,
 /// every acknowledged operation exists there and has finished.
-pub async fn acknowledged_writes(cluster: &Cluster, members: &[u64], records: &[Record], wait: Duration) -> CheckResult {
+pub async fn acknowledged_writes(
+    cluster: &Cluster,
+    members: &[u64],
+    records: &[Record],
+    wait: Duration,
+) -> CheckResult {
     let ack = acknowledged(records);
     let deadline = Instant::now() + wait;
     let mut problems = Vec::new();
@@ -301,7 +312,8 @@ mod tests {
     fn a_step_in_the_journal_twice_is_caught() {
         let dir = tempfile::tempdir().unwrap();
         let journal = dir.path().join("journal");
-        std::fs::write(&journal, "applied operation=a step=0 action=start\napplied operation=a step=1 action=x\n").unwrap();
+        std::fs::write(&journal, "applied operation=a step=0 action=start\napplied operation=a step=1 action=x\n")
+            .unwrap();
         assert!(backend_at_most_once(&journal).passed);
         std::fs::write(&journal, "applied operation=a step=0 action=start\napplied operation=a step=0 action=start\n")
             .unwrap();

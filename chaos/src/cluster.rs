@@ -163,13 +163,9 @@ impl Cluster {
             cluster.nodes.insert(id, node);
         }
         if let Some(seed) = cluster.options.proxied {
-            let targets: BTreeMap<u64, SocketAddr> = cluster
-                .nodes
-                .iter()
-                .map(|(id, node)| (*id, node.grpc.parse().expect("harness address")))
-                .collect();
-            let network =
-                Network::start(&targets, || SocketAddr::from(([127, 0, 0, 1], free_port())), seed).await?;
+            let targets: BTreeMap<u64, SocketAddr> =
+                cluster.nodes.iter().map(|(id, node)| (*id, node.grpc.parse().expect("harness address"))).collect();
+            let network = Network::start(&targets, || SocketAddr::from(([127, 0, 0, 1], free_port())), seed).await?;
             for (id, node) in cluster.nodes.iter_mut() {
                 node.peer_routes = Some(network.routes_of(*id));
             }
@@ -240,7 +236,11 @@ impl Cluster {
             .args(["--id", &id.to_string(), "--http", &node.http, "--grpc", &node.grpc])
             .arg("--data-dir")
             .arg(&node.data_dir)
-            .args(["--heartbeat-ms", "100", "--election-timeout-ms", "500"])
+            .args(if extra.iter().any(|a| a == "--heartbeat-ms") {
+                vec![]
+            } else {
+                vec!["--heartbeat-ms", "100", "--election-timeout-ms", "500"]
+            })
             .args(&extra)
             .args(if extra.iter().any(|a| a == "--backends") { vec![] } else { vec!["--backends", TEST_BACKENDS] })
             .env("RUST_LOG", "info,openraft=info")
@@ -318,15 +318,22 @@ impl Cluster {
     /// Waits until every running node names the same leader, which is itself running, and
     /// returns it.
     pub async fn wait_leader(&self, timeout: Duration) -> Result<u64> {
+        self.wait_leader_among(&self.running(), timeout).await
+    }
+
+    /// Waits until every node of `nodes` that runs names the same leader, which is itself
+    /// running, and returns it (nodes outside `nodes`, e.g. one waiting to join, are not asked).
+    pub async fn wait_leader_among(&self, nodes: &[u64], timeout: Duration) -> Result<u64> {
         let deadline = Instant::now() + timeout;
         loop {
+            let running: Vec<u64> = self.running().into_iter().filter(|n| nodes.contains(n)).collect();
             let mut leaders = Vec::new();
-            for id in self.running() {
-                let leader = self.cluster_view(id).await.ok().and_then(|v| v["leader_id"].as_u64());
+            for id in &running {
+                let leader = self.cluster_view(*id).await.ok().and_then(|v| v["leader_id"].as_u64());
                 leaders.push(leader);
             }
             if let Some(Some(first)) = leaders.first() {
-                if leaders.iter().all(|l| *l == Some(*first)) && self.running().contains(first) {
+                if leaders.iter().all(|l| *l == Some(*first)) && running.contains(first) {
                     return Ok(*first);
                 }
             }

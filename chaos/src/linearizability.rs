@@ -50,6 +50,9 @@ pub enum Verdict {
         key: String,
         linearized: usize,
         operations: usize,
+        /// Index (among the key's operations, in history order) of the operation the deepest
+        /// attempt could not place: the unplaced one that returned first.
+        stuck: usize,
     },
 }
 
@@ -142,11 +145,16 @@ fn check_key<M: Model>(model: &M, key: &str, ops: &[&HistoryOp<M>]) -> Verdict {
     let mut stack: Vec<(usize, M::State)> = Vec::new();
     let mut state = model.init();
     let mut best = 0;
+    let mut best_set = linearized.clone();
+    let stuck = |placed: &[bool]| {
+        (0..ops.len()).filter(|i| !placed[*i]).min_by_key(|i| ops[*i].ret.unwrap_or(u64::MAX)).unwrap_or(0)
+    };
     let mut cursor = events.nodes[0].next;
     while events.nodes[0].next != events.end() {
         if cursor == events.end() {
             // Only returns of linearized operations can be left at the end; nothing to try.
-            return Verdict::NotLinearizable { key: key.to_string(), linearized: best, operations: ops.len() };
+            let stuck = stuck(&best_set);
+            return Verdict::NotLinearizable { key: key.to_string(), linearized: best, operations: ops.len(), stuck };
         }
         let event = events.nodes[cursor];
         if event.is_call {
@@ -157,7 +165,10 @@ fn check_key<M: Model>(model: &M, key: &str, ops: &[&HistoryOp<M>]) -> Verdict {
                     stack.push((event.op, state));
                     state = next_state;
                     events.lift(event.op);
-                    best = best.max(stack.len());
+                    if stack.len() > best {
+                        best = stack.len();
+                        best_set.clone_from(&linearized);
+                    }
                     cursor = events.nodes[0].next;
                     continue;
                 }
@@ -167,7 +178,13 @@ fn check_key<M: Model>(model: &M, key: &str, ops: &[&HistoryOp<M>]) -> Verdict {
         } else {
             // The return of an operation not linearized yet: undo the last choice.
             let Some((op, previous)) = stack.pop() else {
-                return Verdict::NotLinearizable { key: key.to_string(), linearized: best, operations: ops.len() };
+                let stuck = stuck(&best_set);
+                return Verdict::NotLinearizable {
+                    key: key.to_string(),
+                    linearized: best,
+                    operations: ops.len(),
+                    stuck,
+                };
             };
             events.unlift(op);
             linearized[op] = false;
@@ -280,41 +297,50 @@ impl Model for RegisterFromAnyState {
     }
 }
 
-/// The smallest stretch of `ops` (one key's operations) that is still not linearizable on its
-/// own, judged from an unknown starting value. Operations are cut only where that is sound: at
-/// the front, one that returned before every other was called; at the back, one called after
-/// every other returned.
-pub fn minimal_window<I: Clone, O: Clone>(ops: &[Operation<I, O>]) -> Vec<Operation<I, O>>
+/// The smallest stretch of one key's operations, around the operation the search could not
+/// place (`stuck`, see [`Verdict::NotLinearizable`]), that is still not linearizable on its
+/// own, judged from an unknown starting value. The history is cut only at quiet moments, when
+/// no answered operation is in flight (what comes after such a moment cannot be ordered before
+/// what came before it), so a window that fails shows a real violation. Operations whose answer
+/// never came stay in a window once called: they may take effect at any later time.
+pub fn minimal_window<I: Clone, O: Clone>(ops: &[Operation<I, O>], stuck: usize) -> Vec<Operation<I, O>>
 where
     RegisterFromAnyState: Model<Input = I, Output = O>,
 {
-    let mut window: Vec<Operation<I, O>> = ops.to_vec();
-    window.sort_by_key(|o| o.call);
     let fails = |w: &[Operation<I, O>]| check(&RegisterFromAnyState, w) != Verdict::Linearizable;
-    if !fails(&window) {
-        return window;
+    let Some(stuck_op) = ops.get(stuck) else { return ops.to_vec() };
+    // Quiet moments: returns that no answered operation straddles.
+    let mut quiet: Vec<u64> = ops
+        .iter()
+        .filter_map(|o| o.ret)
+        .filter(|&t| !ops.iter().any(|o| o.ret.is_some_and(|r| o.call < t && t < r)))
+        .collect();
+    quiet.sort_unstable();
+    quiet.dedup();
+    let end = stuck_op.ret.and_then(|r| quiet.iter().copied().find(|&t| t >= r)).unwrap_or(u64::MAX);
+    let window = |from: u64| -> Vec<Operation<I, O>> {
+        let mut w: Vec<_> = ops
+            .iter()
+            .filter(|o| o.call <= end && (o.call >= from || o.ret.is_none()))
+            .filter(|o| o.ret.is_none_or(|r| r >= from))
+            .cloned()
+            .collect();
+        w.sort_by_key(|o| o.call);
+        w
+    };
+    for &from in quiet.iter().rev().filter(|&&t| t <= stuck_op.call) {
+        let candidate = window(from);
+        if fails(&candidate) {
+            return candidate;
+        }
     }
-    loop {
-        let mut cut = false;
-        if window.len() > 1 {
-            let first = &window[0];
-            let first_ret = first.ret.unwrap_or(u64::MAX);
-            if window[1..].iter().all(|o| o.call > first_ret) && fails(&window[1..]) {
-                window.remove(0);
-                cut = true;
-            }
-        }
-        if window.len() > 1 {
-            let last = &window[window.len() - 1];
-            let rest = &window[..window.len() - 1];
-            if rest.iter().all(|o| o.ret.is_some_and(|r| r < last.call)) && fails(rest) {
-                window.pop();
-                cut = true;
-            }
-        }
-        if !cut {
-            return window;
-        }
+    let whole = window(0);
+    if fails(&whole) {
+        whole
+    } else {
+        let mut all = ops.to_vec();
+        all.sort_by_key(|o| o.call);
+        all
     }
 }
 
@@ -468,10 +494,9 @@ mod tests {
             op(Write("c".into()), Written, 8, Some(9)),
             op(Read, Value(v("c")), 10, Some(11)),
         ];
-        assert_ne!(check(&Register, &history), Verdict::Linearizable);
-        let window = minimal_window(&history);
+        let Verdict::NotLinearizable { stuck, .. } = check(&Register, &history) else { panic!("not caught") };
+        assert_eq!(stuck, 3, "the stale read cannot be placed");
+        let window = minimal_window(&history, stuck);
         assert_eq!(window, vec![history[2].clone(), history[3].clone()]);
-        let fine: Vec<_> = history.iter().take(3).cloned().collect();
-        assert_eq!(minimal_window(&fine).len(), 3, "a linearizable history is returned whole");
     }
 }

@@ -11,7 +11,11 @@ use runtimeai_chaos::report;
 use runtimeai_chaos::scenario::{self, RunOptions, SCENARIOS};
 
 #[derive(Parser)]
-#[command(name = "runtimeai-chaos", version, about = "Fault injection and linearizability checking against real RuntimeAI clusters")]
+#[command(
+    name = "runtimeai-chaos",
+    version,
+    about = "Fault injection and linearizability checking against real RuntimeAI clusters"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -81,15 +85,16 @@ fn main() -> ExitCode {
             };
             let mut failed = Vec::new();
             for s in &chosen {
+                let dir = scenario::run_dir(&out, s.name, seed);
                 let options = RunOptions {
                     scenario: s.name.to_string(),
                     duration,
                     seed,
                     nodes,
                     clients: clients as usize,
+                    dir: dir.clone(),
                 };
                 eprintln!("=== {} — {}", s.name, s.injects);
-                let dir = scenario::run_dir(&out, &options);
                 match runtime.block_on(scenario::run(s, options)) {
                     Ok(result) => match report::write(&result, &dir) {
                         Ok(summary) => {
@@ -114,7 +119,12 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            println!("chaos: {} scenarios passed, {} failed{}", chosen.len() - failed.len(), failed.len(), if failed.is_empty() { String::new() } else { format!(": {}", failed.join(", ")) });
+            println!(
+                "chaos: {} scenarios passed, {} failed{}",
+                chosen.len() - failed.len(),
+                failed.len(),
+                if failed.is_empty() { String::new() } else { format!(": {}", failed.join(", ")) }
+            );
             if failed.is_empty() {
                 ExitCode::SUCCESS
             } else {

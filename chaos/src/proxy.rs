@@ -174,7 +174,7 @@ impl Network {
         seed: u64,
     ) -> Result<Network> {
         let mut links = BTreeMap::new();
-        for (&from, _) in nodes {
+        for &from in nodes.keys() {
             for (&to, &target) in nodes {
                 if from != to {
                     let link_seed = seed ^ (from << 32 | to);

@@ -19,7 +19,9 @@ pub struct Window {
     pub ok: usize,
     pub failed: usize,
     pub indeterminate: usize,
-    /// Share of calls that succeeded, in percent.
+    /// Share of calls the cluster answered (a success, or a definite refusal such as 412 or
+    /// 409: the node was up and decided), in percent. Timeouts, resets, refused connections and
+    /// 5xx count as unavailable.
     pub availability: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -29,7 +31,11 @@ impl Window {
     fn of<'a>(records: impl Iterator<Item = &'a Record>) -> Window {
         let mut window = Window::default();
         let mut latencies = Vec::new();
+        let mut answered = 0;
         for record in records {
+            if record.outcome == Outcome::Ok || record.status.is_some_and(|s| (400..500).contains(&s)) {
+                answered += 1;
+            }
             match record.outcome {
                 Outcome::Ok => {
                     window.ok += 1;
@@ -40,7 +46,7 @@ impl Window {
             }
         }
         let total = window.ok + window.failed + window.indeterminate;
-        window.availability = if total == 0 { 100.0 } else { 100.0 * window.ok as f64 / total as f64 };
+        window.availability = if total == 0 { 100.0 } else { 100.0 * answered as f64 / total as f64 };
         latencies.sort_by(f64::total_cmp);
         let at = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)));
         window.p50_ms = at(0.5).copied().unwrap_or(0.0);
@@ -145,10 +151,15 @@ pub fn write(result: &RunResult, dir: &Path) -> Result<String> {
     }
     text.push_str("checks:\n");
     for check in &result.checks {
-        text.push_str(&format!("  {} {:<28} {}\n", if check.passed { "PASS" } else { "FAIL" }, check.name, check.detail));
+        text.push_str(&format!(
+            "  {} {:<28} {}\n",
+            if check.passed { "PASS" } else { "FAIL" },
+            check.name,
+            check.detail
+        ));
     }
     text.push_str(&format!("verdict: {}\n", if result.passed { "PASS" } else { "FAIL" }));
-    text.push_str(&format!("files: {}/{{report.json,history.json,timeline.png}}", dir.display()));
+    text.push_str(&format!("files: {}/{{report.json,history.json,timeline.png,node-*.log}}", dir.display()));
     if result.violation.is_some() {
         text.push_str(" and violation.json (the smallest failing window)");
     }
@@ -185,12 +196,12 @@ fn register_font() -> std::result::Result<(), String> {
     static REGISTERED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     REGISTERED
         .get_or_init(|| {
-            let bytes = FONT_PATHS
-                .iter()
-                .find_map(|p| std::fs::read(p).ok())
-                .ok_or_else(|| format!("no DejaVu font found ({}); install fonts-dejavu-core", FONT_PATHS.join(", ")))?;
+            let bytes = FONT_PATHS.iter().find_map(|p| std::fs::read(p).ok()).ok_or_else(|| {
+                format!("no DejaVu font found ({}); install fonts-dejavu-core", FONT_PATHS.join(", "))
+            })?;
             let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-            plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| "invalid font".to_string())
+            plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+                .map_err(|_| "invalid font".to_string())
         })
         .clone()
 }
@@ -220,7 +231,8 @@ fn plot_timeline(result: &RunResult, path: &Path) -> std::result::Result<(), Str
         chart.configure_mesh().x_desc("seconds since the run started").y_desc("latency (ms, log)").draw()?;
         let shade = RGBColor(255, 120, 120).mix(0.18);
         for fault in &result.faults {
-            let (start, end) = (fault.start_us as f64 / 1e6, (fault.end_us as f64 / 1e6).max(fault.start_us as f64 / 1e6 + 0.05));
+            let (start, end) =
+                (fault.start_us as f64 / 1e6, (fault.end_us as f64 / 1e6).max(fault.start_us as f64 / 1e6 + 0.05));
             chart.draw_series(std::iter::once(Rectangle::new([(start, 0.1), (end, max_ms)], shade.filled())))?;
             chart.draw_series(std::iter::once(Text::new(
                 fault.fault.clone(),
@@ -270,11 +282,17 @@ mod tests {
             status: None,
             detail: String::new(),
         };
-        let records =
-            [record(Outcome::Ok, 0, 2_000), record(Outcome::Ok, 0, 4_000), record(Outcome::Fail, 0, 1), record(Outcome::Unknown, 0, 1)];
+        let refused = Record { status: Some(412), ..record(Outcome::Fail, 0, 1) };
+        let records = [
+            record(Outcome::Ok, 0, 2_000),
+            record(Outcome::Ok, 0, 4_000),
+            record(Outcome::Fail, 0, 1),
+            record(Outcome::Unknown, 0, 1),
+            refused,
+        ];
         let window = Window::of(records.iter());
-        assert_eq!((window.ok, window.failed, window.indeterminate), (2, 1, 1));
-        assert_eq!(window.availability, 50.0);
+        assert_eq!((window.ok, window.failed, window.indeterminate), (2, 2, 1));
+        assert_eq!(window.availability, 60.0, "a 412 is an answer; no answer and a failed connection are not");
         assert_eq!(window.p99_ms, 4.0);
     }
 }

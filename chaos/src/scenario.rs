@@ -39,6 +39,11 @@ pub struct Scenario {
     node_args: &'static [&'static str],
 }
 
+/// Raft timing for links with round trips up to ~250 ms: openraft gives each replication RPC one
+/// heartbeat interval, so the interval must exceed the worst round trip (etcd's tuning guide says
+/// the same of its heartbeat).
+const WAN_TUNING: &[&str] = &["--heartbeat-ms", "300", "--election-timeout-ms", "1500"];
+
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "kill-leader",
@@ -63,7 +68,7 @@ pub const SCENARIOS: &[Scenario] = &[
         injects: "stop a follower until the leader's log is purged past it, restart it, SIGKILL it as the \
                   snapshot's first chunk arrives, restart it again",
         needs: Needs::Nothing,
-        node_args: &["--snapshot-count", "40", "--snapshot-catchup-entries", "0", "--snapshot-chunk-bytes", "1024"],
+        node_args: &["--snapshot-count", "100", "--snapshot-catchup-entries", "0", "--snapshot-chunk-bytes", "8192"],
     },
     Scenario {
         name: "partition-leader",
@@ -92,15 +97,17 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "lossy-network",
-        injects: "every link loses 50 % of its packets (retransmitted after 200 ms, doubling)",
+        injects: "every link loses 50 % of its packets (retransmitted after 200 ms, doubling); nodes tuned \
+                  for such links (heartbeat 300 ms, election timeout 1.5 s)",
         needs: Needs::Network,
-        node_args: &[],
+        node_args: WAN_TUNING,
     },
     Scenario {
         name: "slow-network",
-        injects: "every link delays every packet 75 ± 50 ms",
+        injects: "every link delays every packet 75 ± 50 ms; nodes tuned for such links (heartbeat 300 ms, \
+                  election timeout 1.5 s)",
         needs: Needs::Network,
-        node_args: &[],
+        node_args: WAN_TUNING,
     },
     Scenario {
         name: "membership-change",
@@ -137,6 +144,9 @@ pub struct RunOptions {
     pub seed: u64,
     pub nodes: u64,
     pub clients: usize,
+    /// Where the run's files go; the nodes' logs are copied there at the end.
+    #[serde(skip)]
+    pub dir: PathBuf,
 }
 
 mod humantime_serde_compat {
@@ -192,7 +202,7 @@ impl FaultContext {
     }
 
     async fn leader(&self) -> Result<u64> {
-        self.cluster.wait_leader(Duration::from_secs(15)).await
+        self.cluster.wait_leader_among(&self.members, Duration::from_secs(15)).await
     }
 
     async fn followers(&self) -> Result<(u64, Vec<u64>)> {
@@ -254,7 +264,8 @@ pub async fn run(scenario: &Scenario, options: RunOptions) -> Result<RunResult> 
         let now = cluster.call(1, reqwest::Method::GET, &format!("/v1/runtimes/{register}"), None, &[]).await?;
         history.push(register_read(1, register, &now.body, 0, history.now()));
     }
-    let targets: Targets = Arc::new(Mutex::new(members.iter().map(|n| (*n, format!("http://{}", cluster.node(*n).http))).collect()));
+    let targets: Targets =
+        Arc::new(Mutex::new(members.iter().map(|n| (*n, format!("http://{}", cluster.node(*n).http))).collect()));
     let workload_options = WorkloadOptions {
         clients: options.clients,
         duration: options.duration,
@@ -317,7 +328,9 @@ pub async fn run(scenario: &Scenario, options: RunOptions) -> Result<RunResult> 
     for register in &registers {
         for &node in &cx.members {
             let invoke = history.now();
-            if let Ok(now) = cx.cluster.call(node, reqwest::Method::GET, &format!("/v1/runtimes/{register}"), None, &[]).await {
+            if let Ok(now) =
+                cx.cluster.call(node, reqwest::Method::GET, &format!("/v1/runtimes/{register}"), None, &[]).await
+            {
                 if now.status == 200 {
                     history.push(register_read(node, register, &now.body, invoke, history.now()));
                 }
@@ -341,6 +354,10 @@ pub async fn run(scenario: &Scenario, options: RunOptions) -> Result<RunResult> 
         detail: format!("{progress} writes and reads succeeded during the run"),
     });
     let passed = results.iter().all(|c| c.passed);
+    std::fs::create_dir_all(&options.dir).map_err(Error::io(format!("create {}", options.dir.display())))?;
+    for (id, node) in &cx.cluster.nodes {
+        let _ = std::fs::copy(&node.log, options.dir.join(format!("node-{id}.log")));
+    }
     Ok(RunResult { options, faults: cx.faults, checks: results, violation, heal_ms, records, passed })
 }
 
@@ -632,7 +649,7 @@ fn tail(line: &str) -> String {
     chars[chars.len().saturating_sub(160)..].iter().collect()
 }
 
-/// Where a run's files go.
-pub fn run_dir(base: &std::path::Path, options: &RunOptions) -> PathBuf {
-    base.join(format!("{}-seed{}", options.scenario, options.seed))
+/// Where the files of a run of `scenario` with `seed` go, under `base`.
+pub fn run_dir(base: &std::path::Path, scenario: &str, seed: u64) -> PathBuf {
+    base.join(format!("{scenario}-seed{seed}"))
 }

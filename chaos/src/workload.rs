@@ -7,6 +7,10 @@
 //! - **reads** of those runtimes through every node,
 //!
 //! recording each call as invoke / ok / fail / unknown with its times.
+//!
+//! Clients pick a node at random for every call, as a round-robin load balancer would, and
+//! like one with passive health checks (HAProxy's `observe`, Envoy's outlier detection) they
+//! leave a node alone for a while after it timed out, refused the connection or answered 503.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -109,13 +113,18 @@ pub fn register_history(records: &[Record]) -> Vec<Operation<RegisterInput, Regi
         .filter_map(|r| {
             let key = r.runtime.clone()?;
             let (input, output) = match (&r.call, r.outcome) {
-                (Call::ReadRegister, Outcome::Ok) => (RegisterInput::Read, RegisterOutput::Value(Some(r.detail.clone()))),
+                (Call::ReadRegister, Outcome::Ok) => {
+                    (RegisterInput::Read, RegisterOutput::Value(Some(r.detail.clone())))
+                }
                 (Call::WriteRegister { from, to }, outcome) => {
                     let input = RegisterInput::Cas { from: from.clone(), to: to.clone() };
-                    match outcome {
-                        Outcome::Ok => (input, RegisterOutput::Swapped(true)),
-                        Outcome::Fail => (input, RegisterOutput::Swapped(false)),
-                        Outcome::Unknown => (input, RegisterOutput::Unknown),
+                    match (outcome, r.status) {
+                        (Outcome::Ok, _) => (input, RegisterOutput::Swapped(true)),
+                        // Only 412 says the comparison failed; other refusals (never sent, 4xx)
+                        // mean the write had no effect at all, which is no operation.
+                        (Outcome::Fail, Some(412)) => (input, RegisterOutput::Swapped(false)),
+                        (Outcome::Fail, _) => return None,
+                        (Outcome::Unknown, _) => (input, RegisterOutput::Unknown),
                     }
                 }
                 _ => return None,
@@ -164,6 +173,7 @@ pub async fn run(options: &WorkloadOptions, targets: Targets, registers: Vec<Str
             sequence: 0,
             seed: options.seed,
             create_retries: options.create_retries,
+            ejected: BTreeMap::new(),
         };
         tasks.push(tokio::spawn(worker.run(deadline)));
     }
@@ -184,7 +194,12 @@ struct Worker {
     sequence: u64,
     seed: u64,
     create_retries: u32,
+    /// Nodes this client avoids until the given time.
+    ejected: BTreeMap<u64, Instant>,
 }
+
+/// How long a client leaves a node alone after it failed to answer.
+const EJECTION: Duration = Duration::from_secs(2);
 
 /// A call that got no answer.
 #[derive(Debug, Clone)]
@@ -216,12 +231,17 @@ impl Worker {
 
     /// A node to send the next call to, and its base URL.
     fn pick_node(&mut self) -> Option<(u64, String)> {
-        let targets = self.targets.lock().expect("targets lock");
-        if targets.is_empty() {
+        let targets = self.targets.lock().expect("targets lock").clone();
+        let now = Instant::now();
+        self.ejected.retain(|_, until| *until > now);
+        let healthy: Vec<_> = targets.iter().filter(|(id, _)| !self.ejected.contains_key(id)).collect();
+        // With every node ejected, any node is better than none.
+        let candidates = if healthy.is_empty() { targets.iter().collect() } else { healthy };
+        if candidates.is_empty() {
             return None;
         }
-        let index = self.rng.gen_range(0..targets.len());
-        targets.iter().nth(index).map(|(id, url)| (*id, url.clone()))
+        let (id, url) = candidates[self.rng.gen_range(0..candidates.len())];
+        Some((*id, url.clone()))
     }
 
     async fn send(
@@ -245,9 +265,14 @@ impl Worker {
         Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
     }
 
-    fn record(&self, node: u64, call: Call, runtime: Option<String>, invoke_us: u64, answer: &Answer, ok: Outcome) {
+    fn record(&mut self, node: u64, call: Call, runtime: Option<String>, invoke_us: u64, answer: &Answer, ok: Outcome) {
+        if matches!(answer, Err(_) | Ok((503, _))) {
+            self.ejected.insert(node, Instant::now() + EJECTION);
+        }
         let (status, detail) = match answer {
-            Ok((status, body)) => (Some(*status), body["detail"].as_str().or(body["title"].as_str()).unwrap_or("").into()),
+            Ok((status, body)) => {
+                (Some(*status), body["detail"].as_str().or(body["title"].as_str()).unwrap_or("").into())
+            }
             Err(error) => (None, error.message.clone()),
         };
         self.history.push(Record {
@@ -318,10 +343,12 @@ impl Worker {
             let Some((node, base)) = self.pick_node() else { return };
             let invoke = self.history.now();
             let answer = self
-                .send(reqwest::Method::POST, format!("{base}/v1/runtimes"), Some(body.clone()), &[(
-                    "idempotency-key",
-                    key.clone(),
-                )])
+                .send(
+                    reqwest::Method::POST,
+                    format!("{base}/v1/runtimes"),
+                    Some(body.clone()),
+                    &[("idempotency-key", key.clone())],
+                )
                 .await;
             let outcome = match &answer {
                 Ok((201, _)) => Outcome::Ok,

@@ -10,7 +10,8 @@ use runtimeai_tests::{phase, Cluster, ClusterOptions};
 const SETTLE: Duration = Duration::from_secs(30);
 
 async fn cluster() -> anyhow::Result<Cluster> {
-    Cluster::start(3, ClusterOptions { extra_args: vec!["--simulated-step-ms".into(), "50".into()], ..Default::default() }).await
+    let options = ClusterOptions { extra_args: vec!["--simulated-step-ms".into(), "50".into()], ..Default::default() };
+    Ok(Cluster::start(3, options).await?)
 }
 
 fn is_problem(response: &runtimeai_tests::Response, status: u16) -> bool {
@@ -308,8 +309,11 @@ async fn idempotency_keys_return_the_first_reply_on_any_node() -> anyhow::Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_can_be_cancelled_until_they_finish() -> anyhow::Result<()> {
-    let cluster =
-        Cluster::start(3, ClusterOptions { extra_args: vec!["--simulated-step-ms".into(), "1500".into()], ..Default::default() }).await?;
+    let cluster = Cluster::start(
+        3,
+        ClusterOptions { extra_args: vec!["--simulated-step-ms".into(), "1500".into()], ..Default::default() },
+    )
+    .await?;
     let created =
         cluster.call(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "slow", "type": "vm"})), &[]).await?;
     let id = created.body["id"].as_str().unwrap().to_string();

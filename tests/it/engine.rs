@@ -26,8 +26,11 @@ const AGENT: (&str, &str) = ("x-actor", "agent:ops-bot");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_decide_every_action_and_name_the_rule_that_did() -> anyhow::Result<()> {
-    let cluster =
-        Cluster::start(3, ClusterOptions { extra_args: vec!["--simulated-step-ms".into(), "50".into()], ..Default::default() }).await?;
+    let cluster = Cluster::start(
+        3,
+        ClusterOptions { extra_args: vec!["--simulated-step-ms".into(), "50".into()], ..Default::default() },
+    )
+    .await?;
     let body = json!({"name": "prod-db", "type": "vm", "spec": {"size": "medium"}, "labels": {"env": "production"}});
     let created = cluster.call(1, Method::POST, "/v1/runtimes", Some(&body), &[]).await?;
     assert_eq!(created.status, 201, "{created:?}");
@@ -221,8 +224,11 @@ async fn operations_finish_exactly_once_when_their_executor_or_the_leader_dies()
         "--simulated-infra-dir",
         infra.path().to_str().unwrap(),
     ];
-    let mut cluster =
-        Cluster::start(3, ClusterOptions { extra_args: args.iter().map(|a| a.to_string()).collect(), ..Default::default() }).await?;
+    let mut cluster = Cluster::start(
+        3,
+        ClusterOptions { extra_args: args.iter().map(|a| a.to_string()).collect(), ..Default::default() },
+    )
+    .await?;
     let created =
         cluster.call(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "batch", "type": "sandbox"})), &[]).await?;
     assert_eq!(created.status, 201, "{created:?}");
@@ -332,8 +338,11 @@ async fn an_external_planner_plans_goals_the_deterministic_one_does_not_know() -
     use std::sync::atomic::Ordering;
     let (url, calls) = fake_model().await?;
     let args = ["--simulated-step-ms", "50", "--planner-url", &url, "--planner-model", "stand-in"];
-    let cluster =
-        Cluster::start(3, ClusterOptions { extra_args: args.iter().map(|a| a.to_string()).collect(), ..Default::default() }).await?;
+    let cluster = Cluster::start(
+        3,
+        ClusterOptions { extra_args: args.iter().map(|a| a.to_string()).collect(), ..Default::default() },
+    )
+    .await?;
     let created =
         cluster.call(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "etl", "type": "vm"})), &[]).await?;
     let id = created.body["id"].as_str().unwrap().to_string();
@@ -394,8 +403,11 @@ async fn drift_events(cluster: &Cluster, via: u64, id: &str) -> anyhow::Result<V
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_differs_from_the_backend_is_converged_or_reported() -> anyhow::Result<()> {
     let args = ["--signals-interval-ms", "300"];
-    let mut cluster =
-        Cluster::start(3, ClusterOptions { extra_args: args.iter().map(|a| a.to_string()).collect(), ..Default::default() }).await?;
+    let mut cluster = Cluster::start(
+        3,
+        ClusterOptions { extra_args: args.iter().map(|a| a.to_string()).collect(), ..Default::default() },
+    )
+    .await?;
     let vm = cluster.call(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "drifty", "type": "vm"})), &[]).await?;
     assert_eq!(vm.status, 201, "{vm:?}");
     let vm_id = vm.body["id"].as_str().unwrap().to_string();

@@ -60,8 +60,11 @@ async fn a_vm_lives_its_whole_lifecycle_on_qemu() -> anyhow::Result<()> {
         return Ok(());
     }
     let args = ["--backends", "vm=libvirt:qemu:///system", "--signals-interval-ms", "300"];
-    let cluster =
-        Cluster::start(1, ClusterOptions { extra_args: args.iter().map(|a| a.to_string()).collect(), ..Default::default() }).await?;
+    let cluster = Cluster::start(
+        1,
+        ClusterOptions { extra_args: args.iter().map(|a| a.to_string()).collect(), ..Default::default() },
+    )
+    .await?;
     let long = Duration::from_secs(120);
     let tiny = json!({"event_retention_count": 1000, "event_retention_days": 30, "sizes": [
         {"name": "tiny", "cpu": 1.0, "memory": "64Mi", "replicas": 1, "cost_per_hour": 0.01},

@@ -1,9 +1,9 @@
 //! Multi-process integration tests: real `runtimeai` processes on loopback.
 
 mod api;
+mod chaos_cli;
 mod cli;
 mod engine;
 mod hypervisor;
-mod linearizable;
 mod replication;
 mod startup;
