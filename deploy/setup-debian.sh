@@ -8,9 +8,10 @@
 # protoc is not needed: the .proto files are compiled in pure Rust (protox).
 set -euo pipefail
 
-# fonts-dejavu-core: the font runtimeai-chaos draws its timelines with; util-linux: unshare and
-# nsenter for its disk faults.
-packages=(g++ libclang-dev pkg-config libvirt-dev python3 python3-venv fonts-dejavu-core util-linux)
+# fonts-dejavu-core: the font runtimeai-chaos and runtimeai-bench draw with; util-linux: unshare
+# and nsenter for the chaos disk faults; etcd-server: the yardstick runtimeai-bench measures
+# against (Debian starts nothing here: the bench runs its own members).
+packages=(g++ libclang-dev pkg-config libvirt-dev python3 python3-venv fonts-dejavu-core util-linux etcd-server)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -11,7 +11,7 @@ trap 'rm -f "$test_log"' EXIT
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
-step "build the binaries the integration tests start (runtimeai, runtimeai-chaos)"
+step "build the binaries the integration tests start (runtimeai, runtimeai-chaos, runtimeai-bench)"
 cargo build --bins
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
@@ -29,10 +29,14 @@ chaos_log=$(mktemp)
 chaos_passed=$(grep -oE '^chaos: [0-9]+ scenarios passed' "$chaos_log" | grep -oE '[0-9]+' || echo 0)
 chaos_failed=$(grep -oE ', [0-9]+ failed' "$chaos_log" | tail -1 | grep -oE '[0-9]+' || echo 1)
 rm -f "$chaos_log"
+step "benchmark smoke run (runtimeai-bench --smoke)"
+bench=passed
+"$CARGO_TARGET_DIR/debug/runtimeai-bench" --smoke --out "$CARGO_TARGET_DIR/bench-smoke" >/dev/null || { bench=failed; status=1; }
 passed=$(grep -oE '^test result: .* ([0-9]+) passed' "$test_log" | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -oE '[0-9]+ failed;' "$test_log" | awk '{s+=$1} END {print s+0}')
 [ "$fuzz" = passed ] && passed=$((passed + 1)) || failed=$((failed + 1))
 passed=$((passed + chaos_passed))
+[ "$bench" = passed ] && passed=$((passed + 1)) || failed=$((failed + 1))
 failed=$((failed + chaos_failed))
 [ "$chaos" = passed ] || [ "$chaos_failed" -gt 0 ] || failed=$((failed + 1))
 step "done"

@@ -1,6 +1,7 @@
-//! Fault injection against real RuntimeAI clusters, and the checkers that judge what clients
-//! saw: the proof that the cluster keeps its promises while nodes die and networks split, the
-//! way etcd's robustness tests and Jepsen prove theirs.
+//! Real RuntimeAI clusters under faults and under load: fault injection and the checkers that
+//! judge what clients saw (the proof that the cluster keeps its promises while nodes die and
+//! networks split, the way etcd's robustness tests and Jepsen prove theirs), and benchmarks
+//! against etcd on the same machine.
 //!
 //! - [`cluster`]: real `runtimeai` processes on loopback (also the integration tests' harness);
 //! - [`proxy`]: a TCP proxy per ordered pair of nodes: partitions, one-way cuts, loss, delay;
@@ -8,12 +9,16 @@
 //! - [`workload`]: concurrent clients recording a history of invoke / ok / fail / unknown;
 //! - [`linearizability`] and [`checks`]: the Wing–Gong–Lowe checker and the invariants;
 //! - [`scenario`]: the named fault schedules `runtimeai-chaos run --scenario` runs;
-//! - [`report`]: the one-screen summary, `report.json` and the PNG timeline.
+//! - [`report`]: the one-screen summary, `report.json` and the PNG timeline;
+//! - [`etcd`] and [`bench`]: an etcd cluster beside ours, and `runtimeai-bench`, which measures
+//!   both with the same client.
 
+pub mod bench;
 pub mod checks;
 pub mod cluster;
 pub mod disk;
 pub mod error;
+pub mod etcd;
 pub mod linearizability;
 pub mod proxy;
 pub mod report;

@@ -192,7 +192,8 @@ const FONT_PATHS: &[&str] = &[
     "/usr/share/fonts/TTF/DejaVuSans.ttf",
 ];
 
-fn register_font() -> std::result::Result<(), String> {
+/// Makes the DejaVu font plotters' `sans-serif` (once per process).
+pub(crate) fn register_font() -> std::result::Result<(), String> {
     static REGISTERED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     REGISTERED
         .get_or_init(|| {

@@ -1,0 +1,509 @@
+//! Benchmarks: a RuntimeAI cluster and an etcd cluster side by side on this machine, driven by
+//! the same HTTP client at the same concurrency with the same payload size, plus the failover gap
+//! of each and how RuntimeAI copes with many runtimes.
+//!
+//! RuntimeAI: `POST /v1/runtimes` (a vcluster on the simulated driver, so every create also
+//! schedules and runs its operation, as in production), `GET /v1/runtimes/{id}` linearizable
+//! and `?consistency=stale`. etcd: its v3 JSON gateway, `POST /v3/kv/put` with a value the size
+//! of a runtime's record, `POST /v3/kv/range` linearizable and `serializable`. Calls go to every
+//! member in turn, as through a round-robin load balancer.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use plotters::prelude::*;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::cluster::{Cluster, ClusterOptions};
+use crate::error::{Error, Result};
+use crate::etcd::{base64, EtcdCluster};
+
+/// What to measure.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchOptions {
+    pub concurrency: Vec<usize>,
+    #[serde(serialize_with = "as_secs")]
+    pub duration: Duration,
+    /// Runtimes created for the scale measurements (0 skips them).
+    pub runtimes: usize,
+    pub failover: bool,
+}
+
+fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// One system, one kind of call, one concurrency.
+#[derive(Debug, Clone, Serialize)]
+pub struct Level {
+    pub system: &'static str,
+    pub workload: &'static str,
+    pub clients: usize,
+    pub ok: usize,
+    pub errors: usize,
+    pub per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Failover {
+    pub system: &'static str,
+    /// From the leader's SIGKILL to the first write acknowledged after it.
+    pub gap_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Scale {
+    pub runtimes: usize,
+    pub create_seconds: f64,
+    pub creates_per_second: f64,
+    /// Per node, the most resident memory while creating.
+    pub peak_rss_mib: BTreeMap<u64, f64>,
+    /// Per node, resident memory once all are created.
+    pub rss_mib: BTreeMap<u64, f64>,
+    /// Per node, how much resident memory grew while creating, scaled to 100 000 runtimes.
+    pub growth_mib_per_100k: BTreeMap<u64, f64>,
+    /// A new node added with `POST /v1/cluster/members` until it is a caught-up voter.
+    pub catch_up_seconds: f64,
+    /// A node SIGKILLed and started again until `/readyz`.
+    pub restart_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResults {
+    pub options: BenchOptions,
+    /// Bytes of a runtime's record as the API returns it: the etcd value size.
+    pub payload_bytes: usize,
+    pub levels: Vec<Level>,
+    pub failover: Vec<Failover>,
+    pub scale: Option<Scale>,
+}
+
+/// Latencies of one load run.
+struct Load {
+    latencies_us: Vec<u64>,
+    errors: usize,
+    elapsed: Duration,
+}
+
+/// Runs `clients` concurrent loops for `duration`, each sending `request(client, i, target)`
+/// to the targets in turn; a 2xx counts as done.
+async fn drive<F>(http: &reqwest::Client, targets: &[String], clients: usize, duration: Duration, request: F) -> Load
+where
+    F: Fn(&reqwest::Client, usize, u64, &str) -> reqwest::RequestBuilder + Send + Sync + 'static,
+{
+    let request = Arc::new(request);
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let (http, targets, request) = (http.clone(), targets.to_vec(), request.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0;
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                let target = &targets[(client + i as usize) % targets.len()];
+                let sent = Instant::now();
+                let ok = match request(&http, client, i, target).send().await {
+                    Ok(response) => {
+                        let ok = response.status().is_success();
+                        let _ = response.bytes().await;
+                        ok
+                    }
+                    Err(_) => false,
+                };
+                if ok {
+                    latencies.push(sent.elapsed().as_micros() as u64);
+                } else {
+                    errors += 1;
+                }
+                i += 1;
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut load = Load { latencies_us: Vec::new(), errors: 0, elapsed: Duration::ZERO };
+    for task in tasks {
+        if let Ok((latencies, errors)) = task.await {
+            load.latencies_us.extend(latencies);
+            load.errors += errors;
+        }
+    }
+    load.elapsed = started.elapsed();
+    load
+}
+
+fn level(system: &'static str, workload: &'static str, clients: usize, mut load: Load) -> Level {
+    load.latencies_us.sort_unstable();
+    let at = |q: f64| {
+        let v = &load.latencies_us;
+        v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0
+    };
+    Level {
+        system,
+        workload,
+        clients,
+        ok: load.latencies_us.len(),
+        errors: load.errors,
+        per_second: load.latencies_us.len() as f64 / load.elapsed.as_secs_f64(),
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        p999_ms: at(0.999),
+    }
+}
+
+fn http_client(clients: usize) -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(clients.max(1))
+        .tcp_nodelay(true)
+        .build()?)
+}
+
+/// Unique names across every load run of a process.
+static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+
+fn create_request(http: &reqwest::Client, base: &str) -> reqwest::RequestBuilder {
+    let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+    http.post(format!("{base}/v1/runtimes")).json(&json!({
+        "name": format!("bench-{n}"),
+        "type": "vcluster",
+        "labels": {"bench": "true", "team": "platform"},
+    }))
+}
+
+fn put_request(http: &reqwest::Client, base: &str, value: &str) -> reqwest::RequestBuilder {
+    let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+    http.post(format!("{base}/v3/kv/put"))
+        .json(&json!({"key": base64(format!("bench/{n}").as_bytes()), "value": value}))
+}
+
+/// Node flags of the benchmarked cluster: fsync'd storage is the default; the simulated driver
+/// runs each create's operation without infrastructure.
+fn runtimeai_options() -> ClusterOptions {
+    let args = ["--backends", "vcluster=simulated", "--simulated-step-ms", "1", "--signals-interval-ms", "60000"];
+    ClusterOptions { extra_args: args.iter().map(|a| a.to_string()).collect(), ..Default::default() }
+}
+
+/// Runs every measurement; `progress` hears what is going on.
+pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<BenchResults> {
+    let max_clients = options.concurrency.iter().copied().max().unwrap_or(1);
+    let http = http_client(max_clients)?;
+
+    progress("starting a 3-node RuntimeAI cluster and a 3-member etcd cluster");
+    let mut runtimeai = Cluster::start(3, runtimeai_options()).await?;
+    let mut etcd = EtcdCluster::start(3).await?;
+    let ours: Vec<String> = (1..=3).map(|n| format!("http://{}", runtimeai.node(n).http)).collect();
+    let theirs: Vec<String> = etcd.members.iter().map(|m| m.client_url.clone()).collect();
+
+    // The payload: a runtime's record as the API returns it.
+    let sample = create_request(&http, &ours[0]).send().await?;
+    let sample_id = sample.json::<serde_json::Value>().await?["id"].as_str().unwrap_or_default().to_string();
+    let record = http.get(format!("{}/v1/runtimes/{sample_id}", ours[0])).send().await?.bytes().await?;
+    let payload_bytes = record.len();
+    let value = base64(&vec![b'x'; payload_bytes]);
+
+    let mut levels = Vec::new();
+    for &clients in &options.concurrency {
+        progress(&format!("writes, {clients} clients, {:?} each system", options.duration));
+        let load = drive(&http, &ours, clients, options.duration, |h, _, _, base| create_request(h, base)).await;
+        levels.push(level("runtimeai", "write", clients, load));
+        let v = value.clone();
+        let load =
+            drive(&http, &theirs, clients, options.duration, move |h, _, _, base| put_request(h, base, &v)).await;
+        levels.push(level("etcd", "write", clients, load));
+    }
+    // Reads of a fixed set of keys written above.
+    let etcd_key = base64(b"bench/read");
+    http.post(format!("{}/v3/kv/put", theirs[0])).json(&json!({"key": etcd_key, "value": value})).send().await?;
+    for &clients in &options.concurrency {
+        progress(&format!("reads, {clients} clients"));
+        for (workload, query) in [("read-linearizable", ""), ("read-stale", "?consistency=stale")] {
+            let path = format!("/v1/runtimes/{sample_id}{query}");
+            let load =
+                drive(&http, &ours, clients, options.duration / 2, move |h, _, _, base| h.get(format!("{base}{path}")))
+                    .await;
+            levels.push(level("runtimeai", workload, clients, load));
+            let body = json!({"key": etcd_key, "serializable": workload == "read-stale"});
+            let load = drive(&http, &theirs, clients, options.duration / 2, move |h, _, _, base| {
+                h.post(format!("{base}/v3/kv/range")).json(&body)
+            })
+            .await;
+            levels.push(level("etcd", workload, clients, load));
+        }
+    }
+
+    let mut failover = Vec::new();
+    if options.failover {
+        progress("failover: SIGKILL each system's leader under a steady write load");
+        let leader = runtimeai.wait_leader(Duration::from_secs(10)).await?;
+        let gap = failover_gap(&http, &ours, || runtimeai.kill(leader), |h, base| create_request(h, base)).await;
+        failover.push(Failover { system: "runtimeai", gap_ms: gap });
+        runtimeai.spawn(leader)?;
+        runtimeai.wait_ready(leader, Duration::from_secs(30)).await?;
+        let leader = etcd.wait_leader(Duration::from_secs(10)).await?;
+        let v = value.clone();
+        let gap = failover_gap(&http, &theirs, || etcd.kill(leader), move |h, base| put_request(h, base, &v)).await;
+        failover.push(Failover { system: "etcd", gap_ms: gap });
+    }
+    drop(etcd);
+
+    let scale = if options.runtimes > 0 {
+        Some(scale(&http, &mut runtimeai, options.runtimes, &progress).await?)
+    } else {
+        None
+    };
+    Ok(BenchResults { options, payload_bytes, levels, failover, scale })
+}
+
+/// Writes with 16 clients through every member, SIGKILLs the leader after 2 s, and returns the
+/// time from the kill to the first write acknowledged after it, in milliseconds.
+async fn failover_gap<K, F>(http: &reqwest::Client, targets: &[String], kill: K, request: F) -> f64
+where
+    K: FnOnce(),
+    F: Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder + Send + Sync + 'static,
+{
+    let started = Instant::now();
+    let killed_at_us = Arc::new(AtomicU64::new(u64::MAX));
+    let first_after_us = Arc::new(AtomicU64::new(u64::MAX));
+    let request = Arc::new(request);
+    let mut tasks = Vec::new();
+    for client in 0..16usize {
+        let (http, targets, request) = (http.clone(), targets.to_vec(), request.clone());
+        let (killed_at_us, first_after_us) = (killed_at_us.clone(), first_after_us.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = client;
+            while started.elapsed() < Duration::from_secs(12) {
+                i += 1;
+                let base = &targets[i % targets.len()];
+                let sent = started.elapsed().as_micros() as u64;
+                let ok = matches!(
+                    request(&http, base).timeout(Duration::from_secs(2)).send().await,
+                    Ok(r) if r.status().is_success()
+                );
+                let done = started.elapsed().as_micros() as u64;
+                if ok && sent > killed_at_us.load(Ordering::SeqCst) {
+                    first_after_us.fetch_min(done, Ordering::SeqCst);
+                    return;
+                }
+                if !ok {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    killed_at_us.store(started.elapsed().as_micros() as u64, Ordering::SeqCst);
+    kill();
+    for task in tasks {
+        let _ = task.await;
+    }
+    let (killed, first) = (killed_at_us.load(Ordering::SeqCst), first_after_us.load(Ordering::SeqCst));
+    if first == u64::MAX {
+        f64::INFINITY
+    } else {
+        (first - killed) as f64 / 1000.0
+    }
+}
+
+/// VmRSS and VmHWM of a process, in MiB.
+fn memory_mib(pid: u32) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse::<f64>()
+            .ok()
+            .map(|kib| kib / 1024.0)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+async fn scale(
+    http: &reqwest::Client,
+    cluster: &mut Cluster,
+    runtimes: usize,
+    progress: &impl Fn(&str),
+) -> Result<Scale> {
+    progress(&format!("scale: create {runtimes} runtimes with 128 clients"));
+    let targets: Vec<String> = (1..=3).map(|n| format!("http://{}", cluster.node(n).http)).collect();
+    let before: BTreeMap<u64, f64> =
+        (1..=3).filter_map(|n| Some((n, cluster.node(n).pid().and_then(memory_mib)?.0))).collect();
+    let remaining = Arc::new(AtomicU64::new(runtimes as u64));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client in 0..128usize {
+        let (http, targets, remaining) = (http.clone(), targets.clone(), remaining.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = client;
+            while remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                loop {
+                    i += 1;
+                    let response = create_request(&http, &targets[i % targets.len()]).send().await;
+                    if response.is_ok_and(|r| r.status().as_u16() == 201) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let create_seconds = started.elapsed().as_secs_f64();
+    let mut result =
+        Scale { runtimes, create_seconds, creates_per_second: runtimes as f64 / create_seconds, ..Default::default() };
+    for node in 1..=3 {
+        if let Some((rss, peak)) = cluster.node(node).pid().and_then(memory_mib) {
+            result.peak_rss_mib.insert(node, peak);
+            result.rss_mib.insert(node, rss);
+            let growth = rss - before.get(&node).copied().unwrap_or(0.0);
+            result.growth_mib_per_100k.insert(node, growth * 100_000.0 / runtimes as f64);
+        }
+    }
+
+    progress("scale: add a fourth node; it catches up by snapshot");
+    cluster.start_joiner(4)?;
+    let started = Instant::now();
+    let added = http
+        .post(format!("{}/v1/cluster/members", targets[0]))
+        .json(&json!({"id": 4, "grpc": cluster.node(4).grpc}))
+        .timeout(Duration::from_secs(600))
+        .send()
+        .await?;
+    if added.status().as_u16() != 201 {
+        return Err(Error::Cluster(format!(
+            "adding node 4: {} {}",
+            added.status(),
+            added.text().await.unwrap_or_default()
+        )));
+    }
+    result.catch_up_seconds = started.elapsed().as_secs_f64();
+
+    progress("scale: restart a node with that state");
+    cluster.kill(3);
+    let started = Instant::now();
+    cluster.spawn(3)?;
+    cluster.wait_ready(3, Duration::from_secs(600)).await?;
+    result.restart_seconds = started.elapsed().as_secs_f64();
+    Ok(result)
+}
+
+/// `bench-results.json`, `bench-results.md` and `bench.png` in `dir`; returns the markdown.
+pub fn write(results: &BenchResults, dir: &Path) -> Result<String> {
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
+    let json_path = dir.join("bench-results.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(results)?)
+        .map_err(Error::io(format!("write {}", json_path.display())))?;
+    let markdown = markdown(results);
+    let md_path = dir.join("bench-results.md");
+    std::fs::write(&md_path, &markdown).map_err(Error::io(format!("write {}", md_path.display())))?;
+    if let Err(e) = plot(results, &dir.join("bench.png")) {
+        return Ok(format!("{markdown}\n(no plot: {e})\n"));
+    }
+    Ok(markdown)
+}
+
+fn markdown(results: &BenchResults) -> String {
+    let mut text = String::new();
+    text.push_str(&format!(
+        "Payload {} bytes (a runtime's record). {:.0} s per write level, half that per read level.\n\n",
+        results.payload_bytes,
+        results.options.duration.as_secs_f64()
+    ));
+    text.push_str("| workload | clients | RuntimeAI ops/s | etcd ops/s | ratio | RuntimeAI p50 / p99 / p999 ms | etcd p50 / p99 / p999 ms | errors (ours / etcd) |\n");
+    text.push_str("|---|---|---|---|---|---|---|---|\n");
+    for ours in results.levels.iter().filter(|l| l.system == "runtimeai") {
+        let Some(theirs) = results
+            .levels
+            .iter()
+            .find(|l| l.system == "etcd" && l.workload == ours.workload && l.clients == ours.clients)
+        else {
+            continue;
+        };
+        text.push_str(&format!(
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {} / {} |\n",
+            ours.workload,
+            ours.clients,
+            ours.per_second,
+            theirs.per_second,
+            ours.per_second / theirs.per_second.max(f64::MIN_POSITIVE),
+            ours.p50_ms,
+            ours.p99_ms,
+            ours.p999_ms,
+            theirs.p50_ms,
+            theirs.p99_ms,
+            theirs.p999_ms,
+            ours.errors,
+            theirs.errors
+        ));
+    }
+    if !results.failover.is_empty() {
+        text.push_str("\n| failover (SIGKILL the leader under 16 writing clients) | gap to the first acknowledged write |\n|---|---|\n");
+        for f in &results.failover {
+            text.push_str(&format!("| {} | {:.0} ms |\n", f.system, f.gap_ms));
+        }
+    }
+    if let Some(s) = &results.scale {
+        let max = |m: &BTreeMap<u64, f64>| m.values().copied().fold(0.0, f64::max);
+        text.push_str(&format!(
+            "\n| scale | {} runtimes |\n|---|---|\n| create through the API (128 clients) | {:.1} s ({:.0}/s) |\n| peak resident memory, largest node | {:.0} MiB |\n| resident memory at the end, largest node | {:.0} MiB |\n| resident memory growth per 100 000 runtimes, largest node | {:.0} MiB |\n| a new node catches up (snapshot) and becomes a voter | {:.1} s |\n| a node restarts with that state until ready | {:.1} s |\n",
+            s.runtimes,
+            s.create_seconds,
+            s.creates_per_second,
+            max(&s.peak_rss_mib),
+            max(&s.rss_mib),
+            max(&s.growth_mib_per_100k),
+            s.catch_up_seconds,
+            s.restart_seconds
+        ));
+    }
+    text
+}
+
+fn plot(results: &BenchResults, path: &Path) -> std::result::Result<(), String> {
+    crate::report::register_font()?;
+    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let (left, right) = root.split_horizontally(700);
+        let writes: Vec<&Level> = results.levels.iter().filter(|l| l.workload == "write").collect();
+        let max_clients = writes.iter().map(|l| l.clients).max().unwrap_or(1) as f64 * 1.5;
+        let panels: [(&DrawingArea<_, _>, &str, fn(&Level) -> f64); 2] =
+            [(&left, "writes per second", |l| l.per_second), (&right, "p99 write latency (ms)", |l| l.p99_ms)];
+        for (area, title, value) in panels {
+            let max_y = writes.iter().map(|l| value(l)).fold(1.0, f64::max) * 1.2;
+            let mut chart = ChartBuilder::on(area)
+                .caption(format!("{title} vs clients"), ("sans-serif", 20))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(70)
+                .build_cartesian_2d((0.8f64..max_clients).log_scale(), 0f64..max_y)?;
+            chart.configure_mesh().x_desc("concurrent clients").y_desc(title).draw()?;
+            for (system, color) in [("runtimeai", RGBColor(30, 90, 200)), ("etcd", RGBColor(220, 110, 0))] {
+                let points: Vec<(f64, f64)> =
+                    writes.iter().filter(|l| l.system == system).map(|l| (l.clients as f64, value(l))).collect();
+                chart
+                    .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+                    .label(system)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+                chart.draw_series(points.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
+            }
+            chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
+        }
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| format!("drawing {}: {e}", path.display()))
+}

@@ -1,0 +1,85 @@
+//! `runtimeai-bench`: a 3-node RuntimeAI cluster and a 3-member etcd cluster on this machine,
+//! measured side by side (see `runtimeai_chaos::bench`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use runtimeai_chaos::bench::{self, BenchOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "runtimeai-bench",
+    version,
+    about = "Measure a RuntimeAI cluster side by side with etcd on this machine"
+)]
+struct Cli {
+    /// Concurrent clients per level, comma-separated.
+    #[arg(long, default_value = "1,16,64,256", value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// How long each write level runs per system (reads run half as long).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Runtimes to create for the scale measurements (0: skip them).
+    #[arg(long, default_value_t = 100_000)]
+    runtimes: usize,
+    /// Skip the failover measurement.
+    #[arg(long)]
+    no_failover: bool,
+    /// A run of a few seconds with tiny sizes, so the tool never rots (CI runs this).
+    #[arg(long)]
+    smoke: bool,
+    /// Where bench-results.json, bench-results.md and bench.png go.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let options = if cli.smoke {
+        BenchOptions { concurrency: vec![1, 8], duration: Duration::from_secs(1), runtimes: 300, failover: true }
+    } else {
+        BenchOptions {
+            concurrency: cli.concurrency,
+            duration: cli.duration,
+            runtimes: cli.runtimes,
+            failover: !cli.no_failover,
+        }
+    };
+    if options.concurrency.is_empty() || options.concurrency.iter().any(|c| !(1..=1024).contains(c)) {
+        eprintln!("error: --concurrency takes numbers from 1 to 1024, e.g. 1,16,64,256");
+        return ExitCode::from(2);
+    }
+    if options.duration < Duration::from_millis(500) {
+        eprintln!("error: --duration must be at least 500ms");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let started = std::time::Instant::now();
+    let progress = |what: &str| eprintln!("[{:>6.1}s] {what}", started.elapsed().as_secs_f64());
+    match runtime.block_on(bench::run(options, progress)) {
+        Ok(results) => match bench::write(&results, &cli.out) {
+            Ok(markdown) => {
+                println!("{markdown}");
+                println!("written: {}/{{bench-results.json,bench-results.md,bench.png}}", cli.out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
