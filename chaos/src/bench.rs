@@ -244,7 +244,7 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
     if options.failover {
         progress("failover: SIGKILL each system's leader under a steady write load");
         let leader = runtimeai.wait_leader(Duration::from_secs(10)).await?;
-        let gap = failover_gap(&http, &ours, || runtimeai.kill(leader), |h, base| create_request(h, base)).await;
+        let gap = failover_gap(&http, &ours, || runtimeai.kill(leader), create_request).await;
         failover.push(Failover { system: "runtimeai", gap_ms: gap });
         runtimeai.spawn(leader)?;
         runtimeai.wait_ready(leader, Duration::from_secs(30)).await?;
@@ -480,9 +480,9 @@ fn plot(results: &BenchResults, path: &Path) -> std::result::Result<(), String> 
         let (left, right) = root.split_horizontally(700);
         let writes: Vec<&Level> = results.levels.iter().filter(|l| l.workload == "write").collect();
         let max_clients = writes.iter().map(|l| l.clients).max().unwrap_or(1) as f64 * 1.5;
-        let panels: [(&DrawingArea<_, _>, &str, fn(&Level) -> f64); 2] =
-            [(&left, "writes per second", |l| l.per_second), (&right, "p99 write latency (ms)", |l| l.p99_ms)];
-        for (area, title, value) in panels {
+        let metrics: [(&str, fn(&Level) -> f64); 2] =
+            [("writes per second", |l| l.per_second), ("p99 write latency (ms)", |l| l.p99_ms)];
+        for (area, (title, value)) in [&left, &right].into_iter().zip(metrics) {
             let max_y = writes.iter().map(|l| value(l)).fold(1.0, f64::max) * 1.2;
             let mut chart = ChartBuilder::on(area)
                 .caption(format!("{title} vs clients"), ("sans-serif", 20))
