@@ -472,6 +472,9 @@ fn markdown(results: &BenchResults) -> String {
     text
 }
 
+/// A plotted quantity: its title and how to read it off a level.
+type Metric = (&'static str, fn(&Level) -> f64);
+
 fn plot(results: &BenchResults, path: &Path) -> std::result::Result<(), String> {
     crate::report::register_font()?;
     let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
@@ -480,8 +483,7 @@ fn plot(results: &BenchResults, path: &Path) -> std::result::Result<(), String> 
         let (left, right) = root.split_horizontally(700);
         let writes: Vec<&Level> = results.levels.iter().filter(|l| l.workload == "write").collect();
         let max_clients = writes.iter().map(|l| l.clients).max().unwrap_or(1) as f64 * 1.5;
-        let metrics: [(&str, fn(&Level) -> f64); 2] =
-            [("writes per second", |l| l.per_second), ("p99 write latency (ms)", |l| l.p99_ms)];
+        let metrics: [Metric; 2] = [("writes per second", |l| l.per_second), ("p99 write latency (ms)", |l| l.p99_ms)];
         for (area, (title, value)) in [&left, &right].into_iter().zip(metrics) {
             let max_y = writes.iter().map(|l| value(l)).fold(1.0, f64::max) * 1.2;
             let mut chart = ChartBuilder::on(area)
