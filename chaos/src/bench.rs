@@ -30,7 +30,13 @@ pub struct BenchOptions {
     pub duration: Duration,
     /// Runtimes created for the scale measurements (0 skips them).
     pub runtimes: usize,
-    pub failover: bool,
+    /// Extra `runtimeai node` flags for every node (a tuning to measure).
+    pub node_args: Vec<String>,
+    /// How many times each system's leader is SIGKILLed for the failover gap.
+    pub failover_rounds: usize,
+    /// Where the RuntimeAI nodes' logs are copied at the end.
+    #[serde(skip)]
+    pub log_dir: Option<std::path::PathBuf>,
 }
 
 fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -54,8 +60,19 @@ pub struct Level {
 #[derive(Debug, Clone, Serialize)]
 pub struct Failover {
     pub system: &'static str,
-    /// From the leader's SIGKILL to the first write acknowledged after it.
-    pub gap_ms: f64,
+    /// From the leader's SIGKILL to the first write acknowledged after it, per round.
+    pub gaps_ms: Vec<f64>,
+    pub median_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Failover {
+    fn new(system: &'static str, mut gaps_ms: Vec<f64>) -> Failover {
+        gaps_ms.sort_by(f64::total_cmp);
+        let median_ms = gaps_ms.get(gaps_ms.len() / 2).copied().unwrap_or(f64::NAN);
+        let max_ms = gaps_ms.last().copied().unwrap_or(f64::NAN);
+        Failover { system, gaps_ms, median_ms, max_ms }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -187,9 +204,11 @@ fn put_request(http: &reqwest::Client, base: &str, value: &str) -> reqwest::Requ
 
 /// Node flags of the benchmarked cluster: fsync'd storage is the default; the simulated driver
 /// runs each create's operation without infrastructure.
-fn runtimeai_options() -> ClusterOptions {
+fn runtimeai_options(node_args: &[String]) -> ClusterOptions {
     let args = ["--backends", "vcluster=simulated", "--simulated-step-ms", "1", "--signals-interval-ms", "60000"];
-    ClusterOptions { extra_args: args.iter().map(|a| a.to_string()).collect(), ..Default::default() }
+    let mut extra_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    extra_args.extend(node_args.iter().cloned());
+    ClusterOptions { extra_args, ..Default::default() }
 }
 
 /// Runs every measurement; `progress` hears what is going on.
@@ -198,7 +217,7 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
     let http = http_client(max_clients)?;
 
     progress("starting a 3-node RuntimeAI cluster and a 3-member etcd cluster");
-    let mut runtimeai = Cluster::start(3, runtimeai_options()).await?;
+    let mut runtimeai = Cluster::start(3, runtimeai_options(&options.node_args)).await?;
     let mut etcd = EtcdCluster::start(3).await?;
     let ours: Vec<String> = (1..=3).map(|n| format!("http://{}", runtimeai.node(n).http)).collect();
     let theirs: Vec<String> = etcd.members.iter().map(|m| m.client_url.clone()).collect();
@@ -241,17 +260,28 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
     }
 
     let mut failover = Vec::new();
-    if options.failover {
-        progress("failover: SIGKILL each system's leader under a steady write load");
-        let leader = runtimeai.wait_leader(Duration::from_secs(10)).await?;
-        let gap = failover_gap(&http, &ours, || runtimeai.kill(leader), create_request).await;
-        failover.push(Failover { system: "runtimeai", gap_ms: gap });
-        runtimeai.spawn(leader)?;
-        runtimeai.wait_ready(leader, Duration::from_secs(30)).await?;
-        let leader = etcd.wait_leader(Duration::from_secs(10)).await?;
-        let v = value.clone();
-        let gap = failover_gap(&http, &theirs, || etcd.kill(leader), move |h, base| put_request(h, base, &v)).await;
-        failover.push(Failover { system: "etcd", gap_ms: gap });
+    if options.failover_rounds > 0 {
+        let rounds = options.failover_rounds;
+        progress(&format!("failover: SIGKILL each system's leader under a steady write load, {rounds} times"));
+        let mut gaps = Vec::new();
+        for _ in 0..rounds {
+            let leader = runtimeai.wait_leader(Duration::from_secs(10)).await?;
+            gaps.push(failover_gap(&http, &ours, || runtimeai.kill(leader), create_request).await);
+            runtimeai.spawn(leader)?;
+            runtimeai.wait_ready(leader, Duration::from_secs(30)).await?;
+        }
+        failover.push(Failover::new("runtimeai", gaps));
+        let mut gaps = Vec::new();
+        for _ in 0..rounds {
+            let leader = etcd.wait_leader(Duration::from_secs(10)).await?;
+            let v = value.clone();
+            gaps.push(
+                failover_gap(&http, &theirs, || etcd.kill(leader), move |h, base| put_request(h, base, &v)).await,
+            );
+            etcd.restart(leader)?;
+            etcd.wait_leader(Duration::from_secs(30)).await?;
+        }
+        failover.push(Failover::new("etcd", gaps));
     }
     drop(etcd);
 
@@ -260,6 +290,12 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
     } else {
         None
     };
+    if let Some(dir) = &options.log_dir {
+        std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
+        for (id, node) in &runtimeai.nodes {
+            let _ = std::fs::copy(&node.log, dir.join(format!("runtimeai-node-{id}.log")));
+        }
+    }
     Ok(BenchResults { options, payload_bytes, levels, failover, scale })
 }
 
@@ -450,9 +486,18 @@ fn markdown(results: &BenchResults) -> String {
         ));
     }
     if !results.failover.is_empty() {
-        text.push_str("\n| failover (SIGKILL the leader under 16 writing clients) | gap to the first acknowledged write |\n|---|---|\n");
+        text.push_str(
+            "\n| failover (SIGKILL the leader under 16 writing clients) | gap to the first acknowledged write: median | max | every round |\n|---|---|---|---|\n",
+        );
         for f in &results.failover {
-            text.push_str(&format!("| {} | {:.0} ms |\n", f.system, f.gap_ms));
+            let rounds: Vec<String> = f.gaps_ms.iter().map(|g| format!("{g:.0}")).collect();
+            text.push_str(&format!(
+                "| {} | {:.0} ms | {:.0} ms | {} |\n",
+                f.system,
+                f.median_ms,
+                f.max_ms,
+                rounds.join(", ")
+            ));
         }
     }
     if let Some(s) = &results.scale {

@@ -236,11 +236,6 @@ impl Cluster {
             .args(["--id", &id.to_string(), "--http", &node.http, "--grpc", &node.grpc])
             .arg("--data-dir")
             .arg(&node.data_dir)
-            .args(if extra.iter().any(|a| a == "--heartbeat-ms") {
-                vec![]
-            } else {
-                vec!["--heartbeat-ms", "100", "--election-timeout-ms", "500"]
-            })
             .args(&extra)
             .args(if extra.iter().any(|a| a == "--backends") { vec![] } else { vec!["--backends", TEST_BACKENDS] })
             .env("RUST_LOG", "info,openraft=info")

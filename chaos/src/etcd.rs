@@ -16,6 +16,9 @@ pub struct EtcdMember {
     /// `http://127.0.0.1:<port>`: the client URL (JSON gateway at `/v3/...`).
     pub client_url: String,
     child: Option<Child>,
+    /// How to start it again (after the first start: joining the existing cluster).
+    command: Vec<String>,
+    log: PathBuf,
 }
 
 pub struct EtcdCluster {
@@ -35,6 +38,28 @@ pub fn base64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+impl EtcdMember {
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(Error::io(format!("open {}", self.log.display())))?;
+        let child = Command::new(etcd_binary())
+            .args(&self.command)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| Error::Unsupported {
+                fault: "an etcd cluster".into(),
+                reason: format!("cannot run {}: {e} (install Debian's etcd-server)", etcd_binary().display()),
+            })?;
+        self.child = Some(child);
+        Ok(())
+    }
+}
+
 impl EtcdCluster {
     /// Starts `size` members and waits until the cluster has a leader.
     pub async fn start(size: usize) -> Result<EtcdCluster> {
@@ -52,24 +77,41 @@ impl EtcdCluster {
         let initial = initial.join(",");
         let mut members = Vec::new();
         for (name, peer, client_url) in &peers {
-            let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).map_err(Error::io("etcd log"))?;
-            let child = Command::new(etcd_binary())
-                .args(["--name", name])
-                .arg("--data-dir")
-                .arg(dir.path().join(name))
-                .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
-                .args(["--listen-client-urls", client_url, "--advertise-client-urls", client_url])
-                .args(["--initial-cluster", &initial, "--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", "runtimeai-bench", "--log-level", "warn"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .map_err(|e| Error::Unsupported {
-                    fault: "an etcd cluster".into(),
-                    reason: format!("cannot run {}: {e} (install Debian's etcd-server)", etcd_binary().display()),
-                })?;
-            members.push(EtcdMember { name: name.clone(), client_url: client_url.clone(), child: Some(child) });
+            let data_dir = dir.path().join(name).display().to_string();
+            let command: Vec<String> = [
+                "--name",
+                name,
+                "--data-dir",
+                &data_dir,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--listen-client-urls",
+                client_url,
+                "--advertise-client-urls",
+                client_url,
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "runtimeai-bench",
+                "--log-level",
+                "warn",
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+            let mut member = EtcdMember {
+                name: name.clone(),
+                client_url: client_url.clone(),
+                child: None,
+                command,
+                log: dir.path().join(format!("{name}.log")),
+            };
+            member.spawn()?;
+            members.push(member);
         }
         let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
         let cluster = EtcdCluster { _dir: dir, members, client };
@@ -115,6 +157,15 @@ impl EtcdCluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Starts member `index` again on its data (it rejoins the cluster it was in).
+    pub fn restart(&mut self, index: usize) -> Result<()> {
+        let member = &mut self.members[index];
+        if member.child.is_none() {
+            member.spawn()?;
+        }
+        Ok(())
     }
 
     /// The process id of member `index` while it runs.

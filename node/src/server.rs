@@ -141,6 +141,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         crate::scheduler::SchedulerOptions { lease: config.operation_lease },
         stop_rx.clone(),
     ));
+    let watchdog = tokio::spawn(runtimeai_raft::watchdog::run(replica.clone(), config.heartbeat, stop_rx.clone()));
     let registration = tokio::spawn(register(replica.clone(), config.clone(), backends.info()));
     let drivers = backends.clone();
     let executor = (!backends.is_empty()).then(|| {
@@ -165,6 +166,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), scheduler).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), watchdog).await;
     if let Some(executor) = executor {
         let _ = tokio::time::timeout(Duration::from_secs(5), executor).await;
     }

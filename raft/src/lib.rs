@@ -9,6 +9,7 @@
 //! - [`state_machine`]: deterministic apply, snapshots, and reads for the API.
 //! - [`network`] / [`service`]: raft and cluster RPCs, client and server.
 //! - [`replica`]: propose, read linearizably and change membership from any node.
+//! - [`watchdog`]: an election at once when the leader's process is gone.
 
 // openraft's StorageError and RPCError are large by design, and the storage and network traits
 // return them; boxing them at every call would only hide that.
@@ -25,6 +26,7 @@ pub mod service;
 pub mod state_machine;
 pub mod store;
 pub mod types;
+pub mod watchdog;
 
 pub use command::{Command, CommandReply, IdempotencyClaim, Op, Rejection};
 pub use error::{ClusterError, DataDirError};

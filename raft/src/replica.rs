@@ -64,6 +64,8 @@ pub struct Replica {
     routes: Arc<PeerRoutes>,
     options: ReplicaOptions,
     clients: Mutex<HashMap<NodeId, (String, ClusterClient<Channel>)>>,
+    /// When this node last received an AppendEntries (heartbeat or entries) from a leader.
+    leader_contact: Mutex<Option<Instant>>,
 }
 
 impl Replica {
@@ -76,11 +78,58 @@ impl Replica {
         routes: Arc<PeerRoutes>,
         options: ReplicaOptions,
     ) -> Replica {
-        Replica { id, raft, state, cluster, health, routes, options, clients: Mutex::new(HashMap::new()) }
+        Replica {
+            id,
+            raft,
+            state,
+            cluster,
+            health,
+            routes,
+            options,
+            clients: Mutex::new(HashMap::new()),
+            leader_contact: Mutex::new(None),
+        }
     }
 
     pub fn cluster_name(&self) -> &str {
         &self.cluster
+    }
+
+    /// Records that a leader's AppendEntries arrived.
+    pub(crate) fn heard_from_leader(&self) {
+        *self.leader_contact.lock().expect("leader contact lock") = Some(Instant::now());
+    }
+
+    /// Time since a leader's AppendEntries last arrived.
+    pub(crate) fn since_leader_contact(&self) -> Option<Duration> {
+        self.leader_contact.lock().expect("leader contact lock").map(|at| at.elapsed())
+    }
+
+    /// Whether this node's log reaches at least as far as every other member's that answers
+    /// (ties go to the lowest id), leaving out `except`: the node best placed to win an election.
+    pub(crate) async fn has_longest_log(&self, except: NodeId) -> bool {
+        let metrics = self.metrics();
+        let mine = (metrics.last_log_index, std::cmp::Reverse(self.id));
+        for (id, node) in metrics.membership_config.nodes() {
+            if *id == self.id || *id == except {
+                continue;
+            }
+            let Ok(mut client) = self.client(*id, &node.addr) else { continue };
+            let mut request = tonic::Request::new(PeerStatusRequest { cluster: self.cluster.clone() });
+            request.set_timeout(Duration::from_millis(200));
+            if let Ok(reply) = client.peer_status(request).await {
+                if (reply.into_inner().last_log_index, std::cmp::Reverse(*id)) > mine {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// The address this node dials `node` at (its announced address through [`PeerRoutes`]).
+    pub(crate) fn dial_address(&self, node: NodeId, metrics: &RaftMetrics) -> Option<String> {
+        let announced = metrics.membership_config.nodes().find(|(id, _)| **id == node).map(|(_, n)| n.addr.clone())?;
+        Some(self.routes.dial(node, &announced).to_string())
     }
 
     pub fn metrics(&self) -> RaftMetrics {
@@ -396,10 +445,16 @@ impl Replica {
         let deadline = Instant::now() + self.options.request_deadline;
         let mut backoff = Duration::from_millis(20);
         loop {
+            let leader_before = self.metrics().current_leader;
             match attempt().await {
                 Err(e) if retry_on(&e) && Instant::now() + backoff < deadline => {
                     tracing::debug!(error = %e, backoff_ms = backoff.as_millis() as u64, "retrying request");
-                    tokio::time::sleep(backoff).await;
+                    // Retry as soon as this node learns of another leader (a failover ends), or
+                    // after the backoff, whichever comes first.
+                    let mut metrics = self.raft.metrics();
+                    let new_leader =
+                        metrics.wait_for(|m| m.current_leader.is_some() && m.current_leader != leader_before);
+                    let _ = tokio::time::timeout(backoff, new_leader).await;
                     backoff = (backoff * 2).min(Duration::from_millis(400));
                 }
                 other => return other,

@@ -50,6 +50,7 @@ impl pb::raft_server::Raft for RaftService {
         let request = request.into_inner();
         check_cluster(&self.replica, &request.cluster)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode("append entries", &request.payload)?;
+        self.replica.heard_from_leader();
         let result = self.replica.raft.append_entries(rpc).await;
         Ok(Response::new(pb::RaftReply { payload: encode("raft reply", &result)? }))
     }
@@ -156,6 +157,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                 last_contact_ms: since.map(|d| d.as_millis() as u64),
             })
             .collect();
-        Ok(Response::new(pb::PeerStatusReply { leader_id: self.replica.id, peers }))
+        let last_log_index = self.replica.metrics().last_log_index;
+        Ok(Response::new(pb::PeerStatusReply { leader_id: self.replica.id, peers, last_log_index }))
     }
 }

@@ -25,9 +25,13 @@ struct Cli {
     /// Runtimes to create for the scale measurements (0: skip them).
     #[arg(long, default_value_t = 100_000)]
     runtimes: usize,
-    /// Skip the failover measurement.
-    #[arg(long)]
-    no_failover: bool,
+    /// How many times each system's leader is SIGKILLed for the failover gap (0: skip it).
+    #[arg(long, default_value_t = 5)]
+    failover_rounds: usize,
+    /// An extra `runtimeai node` flag for every node, e.g. `--node-arg=--election-timeout-ms=300`
+    /// (repeatable): measure a tuning.
+    #[arg(long = "node-arg", allow_hyphen_values = true)]
+    node_args: Vec<String>,
     /// A run of a few seconds with tiny sizes, so the tool never rots (CI runs this).
     #[arg(long)]
     smoke: bool,
@@ -39,13 +43,22 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let options = if cli.smoke {
-        BenchOptions { concurrency: vec![1, 8], duration: Duration::from_secs(1), runtimes: 300, failover: true }
+        BenchOptions {
+            concurrency: vec![1, 8],
+            duration: Duration::from_secs(1),
+            runtimes: 300,
+            failover_rounds: 1,
+            node_args: cli.node_args,
+            log_dir: Some(cli.out.clone()),
+        }
     } else {
         BenchOptions {
             concurrency: cli.concurrency,
             duration: cli.duration,
             runtimes: cli.runtimes,
-            failover: !cli.no_failover,
+            failover_rounds: cli.failover_rounds,
+            node_args: cli.node_args,
+            log_dir: Some(cli.out.clone()),
         }
     };
     if options.concurrency.is_empty() || options.concurrency.iter().any(|c| !(1..=1024).contains(c)) {
