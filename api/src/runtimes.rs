@@ -204,8 +204,8 @@ fn place(
         .filter(|n| n.backends.iter().any(|b| b.runtime_type == runtime_type.as_str()))
         .filter(|n| site.is_none() || n.site.as_ref() == site)
         .collect();
-    let runtimes = state.replica.state.list_runtimes()?;
-    let load = |node: u64| runtimes.iter().filter(|r| r.placement.as_ref().is_some_and(|p| p.node_id == node)).count();
+    let counts = state.replica.state.placement_counts()?;
+    let load = |node: u64| counts.get(&node).copied().unwrap_or(0);
     let available = || {
         let mut offered: Vec<String> = state
             .replica

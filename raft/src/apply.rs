@@ -3,7 +3,7 @@
 //! Every function here reads only the command and the store (through [`Txn`]), so every
 //! replica computes the same result. Refusals are [`Rejection`] replies, not errors.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use rocksdb::{IteratorMode, WriteBatch, DB};
 use serde::Serialize;
@@ -68,7 +68,7 @@ impl<'a> Txn<'a> {
 
     /// Every record of a column family, as this batch sees it.
     fn scan<T: serde::de::DeserializeOwned>(&self, cf_name: &'static str) -> Result<Vec<T>, StorageError> {
-        let mut records = std::collections::BTreeMap::new();
+        let mut records = BTreeMap::new();
         for item in self.db.iterator_cf(cf(self.db, cf_name), IteratorMode::Start) {
             let (key, value) = item.map_err(read_err)?;
             records.insert(key.to_vec(), Some(value.to_vec()));
@@ -88,6 +88,33 @@ impl<'a> Txn<'a> {
 }
 
 const SETTINGS_KEY: &[u8] = b"cluster";
+
+/// Runtimes placed on each node (in `CF_SETTINGS`), kept by apply so that placing a new runtime
+/// reads one record instead of every runtime.
+pub(crate) const PLACEMENT_COUNTS_KEY: &[u8] = b"placement-counts";
+
+/// Runtimes per node as this batch sees them (counted from the runtimes themselves the first
+/// time, for a store written before the counts were kept).
+pub(crate) fn placement_counts(txn: &Txn<'_>) -> Result<BTreeMap<u64, u64>, StorageError> {
+    if let Some(counts) = txn.get(CF_SETTINGS, PLACEMENT_COUNTS_KEY)? {
+        return Ok(counts);
+    }
+    let mut counts = BTreeMap::new();
+    for runtime in txn.scan::<Runtime>(CF_RUNTIMES)? {
+        if let Some(placement) = runtime.placement {
+            *counts.entry(placement.node_id).or_default() += 1;
+        }
+    }
+    Ok(counts)
+}
+
+fn count_placement(txn: &mut Txn<'_>, runtime: &Runtime, added: bool) -> Result<(), StorageError> {
+    let Some(placement) = &runtime.placement else { return Ok(()) };
+    let mut counts = placement_counts(txn)?;
+    let count = counts.entry(placement.node_id).or_default();
+    *count = if added { *count + 1 } else { count.saturating_sub(1) };
+    txn.put(CF_SETTINGS, PLACEMENT_COUNTS_KEY.to_vec(), &counts)
+}
 
 /// The cluster-wide settings in force.
 pub(crate) fn settings(txn: &Txn<'_>) -> Result<ClusterSettings, StorageError> {
@@ -384,6 +411,8 @@ fn create_runtime(
     if let Some(rejection) = judge(txn, events, &runtime.id, &mut operation, decisions)? {
         return Ok(CommandReply::Rejected(rejection));
     }
+    // Counted before the runtime is stored: a first count from the runtimes must not see it.
+    count_placement(txn, &runtime, true)?;
     txn.put(CF_RUNTIME_NAMES, name, &runtime.id)?;
     txn.put(CF_RUNTIMES, runtime.id.as_bytes().to_vec(), &runtime)?;
     put_operation(txn, &operation)?;
@@ -651,6 +680,7 @@ fn finish_operation(
     events.write(txn, &runtime.id, &event_type, severity, operation_data(&operation, from, runtime.state))?;
     if runtime.state == RuntimeState::Deleted {
         txn.delete(CF_RUNTIME_NAMES, name_key(runtime.tenant_id.as_deref(), &runtime.name));
+        count_placement(txn, &runtime, false)?;
         txn.delete(CF_RUNTIMES, runtime.id.as_bytes().to_vec());
         events.write(txn, &runtime.id, "runtime.deleted", EventSeverity::Info, JsonObject::default())?;
     } else {

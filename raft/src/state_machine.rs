@@ -8,6 +8,7 @@
 //! takes from them is re-applied from the log on restart. Before a snapshot lets the log be
 //! purged, the write-ahead log is synced.
 
+use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -160,6 +161,11 @@ impl StateMachineStore {
     /// The cluster-wide settings in force.
     pub fn settings(&self) -> Result<runtimeai_model::ClusterSettings, StorageError> {
         Ok(self.get(crate::store::CF_SETTINGS, b"cluster")?.unwrap_or_default())
+    }
+
+    /// How many runtimes are placed on each node.
+    pub fn placement_counts(&self) -> Result<BTreeMap<u64, u64>, StorageError> {
+        crate::apply::placement_counts(&crate::apply::Txn::new(&self.db))
     }
 
     /// What members announced about themselves (`RegisterNode`).

@@ -405,3 +405,28 @@ async fn events_are_kept_within_the_retention_count_and_age() {
     let events = sm.runtime_events("rt_a").unwrap();
     assert_eq!(events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>(), ["runtime.labels"]);
 }
+
+#[tokio::test]
+async fn runtimes_per_node_are_counted_as_they_are_placed_and_deleted() {
+    let (_dir, mut sm) = open();
+    let placed = |id: &str, name: &str, node: u64| {
+        let mut op = create(id, name);
+        if let Op::CreateRuntime { runtime, .. } = &mut op {
+            runtime.placement = Some(runtimeai_model::Placement { node_id: node, site: None, zone: None });
+        }
+        op
+    };
+    apply(&mut sm, vec![placed("rt_a", "a", 1), placed("rt_b", "b", 2), placed("rt_c", "c", 2)]).await;
+    assert_eq!(sm.placement_counts().unwrap(), [(1, 1), (2, 2)].into_iter().collect());
+    for op in ["op_create_rt_b"] {
+        apply(&mut sm, vec![advance(op, OperationStatus::Running), advance(op, OperationStatus::Succeeded)]).await;
+    }
+    let delete = vec![
+        begin("op_del_b", "rt_b", LifecycleAction::Delete),
+        advance("op_del_b", OperationStatus::Running),
+        advance("op_del_b", OperationStatus::Succeeded),
+    ];
+    apply(&mut sm, delete).await;
+    assert_eq!(sm.get_runtime("rt_b").unwrap(), None);
+    assert_eq!(sm.placement_counts().unwrap(), [(1, 1), (2, 1)].into_iter().collect());
+}
