@@ -218,7 +218,7 @@ pub async fn acknowledged_writes(
     )
 }
 
-/// Every runtime's events are in order (strictly rising `seq`), the same on every member, and
+/// Every runtime's events are in order (`seq` never decreasing, ids unique), the same on every member, and
 /// complete: each acknowledged operation has its events, and the label events number at least
 /// the acknowledged label writes and at most those plus the unanswered ones.
 pub async fn events_in_order(cluster: &Cluster, members: &[u64], records: &[Record]) -> CheckResult {
@@ -239,9 +239,12 @@ pub async fn events_in_order(cluster: &Cluster, members: &[u64], records: &[Reco
         }
         let Some((&first_node, first)) = streams.iter().next() else { continue };
         checked += 1;
+        // In log order: `seq` (the log index that wrote an event) never decreases; events of one
+        // entry (one command, or a batch of them) share it and no id repeats.
         let seqs: Vec<u64> = first.iter().filter_map(|e| e["seq"].as_u64()).collect();
-        if seqs.windows(2).any(|w| w[0] >= w[1]) {
-            problems.push(format!("events of {runtime} out of order on node {first_node}: {seqs:?}"));
+        let unique: BTreeSet<&str> = first.iter().filter_map(|e| e["id"].as_str()).collect();
+        if seqs.windows(2).any(|w| w[0] > w[1]) || unique.len() != first.len() {
+            problems.push(format!("events of {runtime} out of order or repeated on node {first_node}: {seqs:?}"));
         }
         let ids = |events: &Vec<Value>| events.iter().map(|e| e["id"].clone()).collect::<Vec<_>>();
         for (node, events) in &streams {

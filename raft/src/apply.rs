@@ -30,11 +30,14 @@ pub(crate) struct Txn<'a> {
     db: &'a DB,
     pub(crate) batch: WriteBatch,
     overlay: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>,
+    /// Events written so far by the log entry being applied (all its commands, if it is a
+    /// batch): numbers them within the entry.
+    events_in_entry: u32,
 }
 
 impl<'a> Txn<'a> {
     pub(crate) fn new(db: &'a DB) -> Self {
-        Txn { db, batch: WriteBatch::default(), overlay: HashMap::new() }
+        Txn { db, batch: WriteBatch::default(), overlay: HashMap::new(), events_in_entry: 0 }
     }
 
     fn get<T: serde::de::DeserializeOwned>(
@@ -124,9 +127,14 @@ pub(crate) fn settings(txn: &Txn<'_>) -> Result<ClusterSettings, StorageError> {
 /// How long an idempotency key is remembered.
 pub const IDEMPOTENCY_RETENTION_MS: i64 = 24 * 60 * 60 * 1000;
 
-/// Applies one command at log index `index`. Rejections are replies; only store failures are
-/// errors (and stop the node: a replica must not skip an entry).
-pub(crate) fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<CommandReply, StorageError> {
+/// Applies the command of the log entry at `index`. Rejections are replies; only store failures
+/// are errors (and stop the node: a replica must not skip an entry).
+pub(crate) fn apply_entry(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<CommandReply, StorageError> {
+    txn.events_in_entry = 0;
+    apply_command(txn, index, command)
+}
+
+fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<CommandReply, StorageError> {
     if let Some(claim) = &command.idempotency {
         let record: Option<IdempotencyRecord> = txn.get(CF_IDEMPOTENCY, claim.key.as_bytes())?;
         if let Some(record) = record {
@@ -139,8 +147,15 @@ pub(crate) fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> 
     let at = command.at;
     let settings = settings(txn)?;
     let actor = command.actor.clone();
-    let mut events = EventWriter { index, at, actor: command.actor.clone(), written: 0, retention: settings.clone() };
+    let mut events = EventWriter { index, at, actor: command.actor.clone(), retention: settings.clone() };
     let reply = match command.op {
+        Op::Batch(commands) => {
+            let mut replies = Vec::with_capacity(commands.len());
+            for command in commands {
+                replies.push(apply_command(txn, index, command)?);
+            }
+            CommandReply::Batch(replies)
+        }
         Op::CreateRuntime { runtime, operation } => {
             create_runtime(txn, &mut events, &settings, runtime, Operation { requested_by: actor, ..operation })?
         }
@@ -847,7 +862,6 @@ pub(crate) struct EventWriter {
     index: u64,
     at: Timestamp,
     actor: runtimeai_model::Actor,
-    written: u32,
     retention: ClusterSettings,
 }
 
@@ -863,8 +877,8 @@ impl EventWriter {
         severity: EventSeverity,
         data: JsonObject,
     ) -> Result<(), StorageError> {
-        let sub = self.written;
-        self.written += 1;
+        let sub = txn.events_in_entry;
+        txn.events_in_entry += 1;
         let event = Event {
             id: format!("ev_{:016x}_{sub}", self.index),
             runtime_id: runtime_id.to_string(),

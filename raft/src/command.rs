@@ -134,6 +134,10 @@ pub enum Op {
     SetSettings {
         settings: ClusterSettings,
     },
+    /// Several commands in one log entry, applied in order as if they were entries of their own
+    /// (the leader batches concurrent proposals: one entry, one append, one replication, one
+    /// apply for all of them). Replied to with [`CommandReply::Batch`], one reply each.
+    Batch(Vec<Command>),
 }
 
 impl Op {
@@ -155,6 +159,7 @@ impl Op {
             Op::DeletePolicy { .. } => "delete_policy",
             Op::RegisterNode { .. } => "register_node",
             Op::SetSettings { .. } => "set_settings",
+            Op::Batch(..) => "batch",
         }
     }
 }
@@ -184,6 +189,8 @@ pub enum CommandReply {
     Rejected(Rejection),
     /// Replies to membership and blank entries, which carry no command.
     Empty,
+    /// The replies to an [`Op::Batch`], in its order.
+    Batch(Vec<CommandReply>),
 }
 
 /// Why apply refused a command. Deterministic: every replica refuses the same way.

@@ -8,7 +8,8 @@
 //! - [`log_store`]: the raft log, with group commit (one fsync for many appends).
 //! - [`state_machine`]: deterministic apply, snapshots, and reads for the API.
 //! - [`network`] / [`service`]: raft and cluster RPCs, client and server.
-//! - [`replica`]: propose, read linearizably and change membership from any node.
+//! - [`replica`]: propose (batched on the leader), read linearizably and change membership from
+//!   any node.
 //! - [`watchdog`]: an election at once when the leader's process is gone.
 
 // openraft's StorageError and RPCError are large by design, and the storage and network traits
@@ -16,6 +17,7 @@
 #![allow(clippy::result_large_err)]
 
 mod apply;
+mod batcher;
 pub mod codec;
 pub mod command;
 pub mod error;

@@ -12,6 +12,7 @@ use runtimeai_proto::cluster_client::ClusterClient;
 use runtimeai_proto::{AddMemberRequest, ForwardRequest, PeerStatusRequest, ReadIndexRequest, RemoveMemberRequest};
 use tonic::transport::Channel;
 
+use crate::batcher::Batcher;
 use crate::codec;
 use crate::command::{Command, CommandReply};
 use crate::error::ClusterError;
@@ -66,6 +67,7 @@ pub struct Replica {
     clients: Mutex<HashMap<NodeId, (String, ClusterClient<Channel>)>>,
     /// When this node last received an AppendEntries (heartbeat or entries) from a leader.
     leader_contact: Mutex<Option<Instant>>,
+    batcher: Batcher,
 }
 
 impl Replica {
@@ -80,7 +82,6 @@ impl Replica {
     ) -> Replica {
         Replica {
             id,
-            raft,
             state,
             cluster,
             health,
@@ -88,6 +89,8 @@ impl Replica {
             options,
             clients: Mutex::new(HashMap::new()),
             leader_contact: Mutex::new(None),
+            batcher: Batcher::start(raft.clone()),
+            raft,
         }
     }
 
@@ -164,11 +167,11 @@ impl Replica {
             }
         }
         let deadline = self.options.request_deadline;
-        let Ok(written) = tokio::time::timeout(deadline, self.raft.client_write(command.clone())).await else {
+        let Ok(written) = tokio::time::timeout(deadline, self.batcher.write(command.clone())).await else {
             return Err(ClusterError::Timeout(deadline.as_millis() as u64));
         };
         match written {
-            Ok(response) => Ok(response.data),
+            Ok(reply) => Ok(reply),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => {
                 let (leader, addr) = self.leader_of(to, hops_left)?;
                 let payload = codec::encode("command", &command).map_err(internal)?;

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use runtimeai_model::{Event, NodeInfo, Operation, Policy, Runtime};
 
-use crate::apply::{apply_command, Txn};
+use crate::apply::{apply_entry, Txn};
 use crate::codec::{self, FORMAT_VERSION};
 use crate::command::CommandReply;
 use crate::store::{
@@ -299,7 +299,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             last_applied = Some(entry.log_id);
             let reply = match entry.payload {
                 EntryPayload::Blank => CommandReply::Empty,
-                EntryPayload::Normal(command) => apply_command(&mut txn, entry.log_id.index, command)?,
+                EntryPayload::Normal(command) => apply_entry(&mut txn, entry.log_id.index, command)?,
                 EntryPayload::Membership(membership) => {
                     txn.put(
                         CF_SM_META,

@@ -430,3 +430,33 @@ async fn runtimes_per_node_are_counted_as_they_are_placed_and_deleted() {
     assert_eq!(sm.get_runtime("rt_b").unwrap(), None);
     assert_eq!(sm.placement_counts().unwrap(), [(1, 1), (2, 1)].into_iter().collect());
 }
+
+#[tokio::test]
+async fn a_batch_applies_its_commands_in_order_in_one_entry_each_with_its_own_reply() {
+    let (_dir, mut sm) = open();
+    let op = "op_create_rt_a";
+    let batch = Op::Batch(
+        [
+            create("rt_a", "web"),
+            create("rt_b", "web"),
+            advance(op, OperationStatus::Running),
+            advance(op, OperationStatus::Succeeded),
+        ]
+        .into_iter()
+        .map(command)
+        .collect(),
+    );
+    let replies = apply(&mut sm, vec![batch]).await;
+    let CommandReply::Batch(replies) = &replies[0] else { panic!("a batch gets a batch of replies: {replies:?}") };
+    assert_eq!(replies.len(), 4);
+    assert!(matches!(&replies[0], CommandReply::Created { runtime, .. } if runtime.id == "rt_a"));
+    assert!(matches!(&replies[1], CommandReply::Rejected(Rejection::NameTaken { .. })), "{:?}", replies[1]);
+    assert!(matches!(&replies[3], CommandReply::Operation(o) if o.status == OperationStatus::Succeeded));
+    assert_eq!(state_of(&sm, "rt_a"), Some(RuntimeState::Running), "later commands see earlier ones");
+    assert_eq!(sm.last_applied().unwrap().map(|l| l.index), Some(1), "one log entry");
+    let events = sm.runtime_events("rt_a").unwrap();
+    assert_eq!(events.len(), 2, "created and succeeded: {events:?}");
+    assert!(events.iter().all(|e| e.seq == 1), "events of one entry share its index");
+    let ids: std::collections::BTreeSet<_> = events.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids.len(), events.len(), "no event overwrites another: {events:?}");
+}

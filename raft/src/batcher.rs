@@ -1,0 +1,99 @@
+//! Proposal batching on the leader: proposals that arrive while earlier ones are still being
+//! written travel together as one log entry ([`Op::Batch`]): one append, one fsync, one
+//! replication message and one apply for all of them, where openraft 0.9 would write and
+//! replicate each on its own. A lone proposal is written as it is.
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::BasicNode;
+use runtimeai_model::Actor;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::command::{Command, CommandReply, Op};
+use crate::types::{NodeId, Raft};
+
+/// At most this many commands share an entry.
+const MAX_BATCH: usize = 256;
+/// Entries being written at once; proposals arriving meanwhile wait and form the next batch.
+const MAX_IN_FLIGHT: usize = 4;
+
+pub(crate) type WriteResult = Result<CommandReply, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>>;
+
+struct Proposal {
+    command: Command,
+    reply: oneshot::Sender<WriteResult>,
+}
+
+/// The sending side; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Batcher {
+    proposals: mpsc::UnboundedSender<Proposal>,
+}
+
+impl Batcher {
+    /// Starts the batching task (it ends when every `Batcher` is dropped).
+    pub(crate) fn start(raft: Raft) -> Batcher {
+        let (proposals, queue) = mpsc::unbounded_channel();
+        tokio::spawn(run(raft, queue));
+        Batcher { proposals }
+    }
+
+    /// Writes `command` through raft (with others, if others are waiting) and returns its reply.
+    pub(crate) async fn write(&self, command: Command) -> WriteResult {
+        let (reply, answer) = oneshot::channel();
+        if self.proposals.send(Proposal { command, reply }).is_err() {
+            return Err(RaftError::Fatal(openraft::error::Fatal::Stopped));
+        }
+        answer.await.unwrap_or(Err(RaftError::Fatal(openraft::error::Fatal::Stopped)))
+    }
+}
+
+async fn run(raft: Raft, mut queue: mpsc::UnboundedReceiver<Proposal>) {
+    let in_flight = std::sync::Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(proposal) => batch.push(proposal),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            write(&raft, batch).await;
+        });
+    }
+}
+
+async fn write(raft: &Raft, mut batch: Vec<Proposal>) {
+    if batch.len() == 1 {
+        let proposal = batch.remove(0);
+        let _ = proposal.reply.send(raft.client_write(proposal.command).await.map(|r| r.data));
+        return;
+    }
+    let at = batch[0].command.at;
+    let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+    let entry = Command { at, actor: Actor::System, idempotency: None, op: Op::Batch(commands) };
+    match raft.client_write(entry).await {
+        Ok(response) => match response.data {
+            CommandReply::Batch(answers) if answers.len() == replies.len() => {
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(Ok(answer));
+                }
+            }
+            other => {
+                // Apply answers a batch with a batch of the same length; anything else is a bug.
+                tracing::error!(reply = ?other, "a batch of proposals got an unexpected reply");
+                for reply in replies {
+                    let _ = reply.send(Err(RaftError::Fatal(openraft::error::Fatal::Panicked)));
+                }
+            }
+        },
+        Err(error) => {
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
