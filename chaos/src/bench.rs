@@ -231,6 +231,7 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
 
     let mut levels = Vec::new();
     for &clients in &options.concurrency {
+        quiesce(&runtimeai, &progress).await;
         progress(&format!("writes, {clients} clients, {:?} each system", options.duration));
         let load = drive(&http, &ours, clients, options.duration, |h, _, _, base| create_request(h, base)).await;
         levels.push(level("runtimeai", "write", clients, load));
@@ -243,6 +244,7 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
     let etcd_key = base64(b"bench/read");
     http.post(format!("{}/v3/kv/put", theirs[0])).json(&json!({"key": etcd_key, "value": value})).send().await?;
     for &clients in &options.concurrency {
+        quiesce(&runtimeai, &progress).await;
         progress(&format!("reads, {clients} clients"));
         for (workload, query) in [("read-linearizable", ""), ("read-stale", "?consistency=stale")] {
             let path = format!("/v1/runtimes/{sample_id}{query}");
@@ -297,6 +299,30 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
         }
     }
     Ok(BenchResults { options, payload_bytes, levels, failover, scale })
+}
+
+/// Waits (up to a minute) until the cluster has finished the work earlier levels queued: every
+/// create schedules an operation that executors run afterwards, and a level should not pay for
+/// the one before it. Quiet = the leader applied nothing new for half a second.
+async fn quiesce(cluster: &Cluster, progress: &impl Fn(&str)) {
+    let started = Instant::now();
+    let mut last = None;
+    let mut quiet_since = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        let Ok(leader) = cluster.wait_leader(Duration::from_secs(5)).await else { return };
+        let applied = cluster.cluster_view(leader).await.ok().and_then(|v| v["last_applied"].as_u64());
+        if applied != last {
+            last = applied;
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() >= Duration::from_millis(500) {
+            if started.elapsed() > Duration::from_secs(1) {
+                progress(&format!("(waited {:.1} s for queued operations to finish)", started.elapsed().as_secs_f64()));
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    progress("(operations still running after 60 s; measuring anyway)");
 }
 
 /// Writes with 16 clients through every member, SIGKILLs the leader after 2 s, and returns the

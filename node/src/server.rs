@@ -101,7 +101,14 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         .add_service(RaftService::new(replica.clone()))
         .add_service(ClusterService::new(replica.clone()))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            // Small raft messages and replies must leave at once: with Nagle's algorithm on,
+            // a reply waits for the peer's delayed ACK (40 ms) and so does every commit.
+            tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), |stream| {
+                if let Ok(stream) = &stream {
+                    let _ = stream.set_nodelay(true);
+                }
+                stream
+            }),
             stopped(stop_rx.clone()),
         );
     let grpc_task = tokio::spawn(grpc);
@@ -122,6 +129,9 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         max_body_bytes: config.max_body_bytes,
         external_planner,
         kubeconfigs,
+    });
+    let http_listener = axum::serve::ListenerExt::tap_io(http_listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
     });
     let http = axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     let http_task = tokio::spawn(async move { http.await });
