@@ -100,6 +100,7 @@ pub struct BenchResults {
     pub levels: Vec<Level>,
     pub failover: Vec<Failover>,
     pub scale: Option<Scale>,
+    pub scale_error: Option<String>,
 }
 
 /// Latencies of one load run.
@@ -287,10 +288,17 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
     }
     drop(etcd);
 
-    let scale = if options.runtimes > 0 {
-        Some(scale(&http, &mut runtimeai, options.runtimes, &progress).await?)
+    // A failed scale measurement is reported, not allowed to lose the figures above.
+    let (scale, scale_error) = if options.runtimes == 0 {
+        (None, None)
     } else {
-        None
+        match scale(&http, &mut runtimeai, options.runtimes, &progress).await {
+            Ok(scale) => (Some(scale), None),
+            Err(e) => {
+                progress(&format!("scale measurement failed: {e}"));
+                (None, Some(e.to_string()))
+            }
+        }
     };
     if let Some(dir) = &options.log_dir {
         std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
@@ -298,7 +306,7 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
             let _ = std::fs::copy(&node.log, dir.join(format!("runtimeai-node-{id}.log")));
         }
     }
-    Ok(BenchResults { options, payload_bytes, levels, failover, scale })
+    Ok(BenchResults { options, payload_bytes, levels, failover, scale, scale_error })
 }
 
 /// Waits (up to a minute) until the cluster has finished the work earlier levels queued: every
@@ -438,18 +446,25 @@ async fn scale(
     progress("scale: add a fourth node; it catches up by snapshot");
     cluster.start_joiner(4)?;
     let started = Instant::now();
-    let added = http
-        .post(format!("{}/v1/cluster/members", targets[0]))
-        .json(&json!({"id": 4, "grpc": cluster.node(4).grpc}))
-        .timeout(Duration::from_secs(600))
-        .send()
-        .await?;
-    if added.status().as_u16() != 201 {
-        return Err(Error::Cluster(format!(
-            "adding node 4: {} {}",
-            added.status(),
-            added.text().await.unwrap_or_default()
-        )));
+    // The API waits a minute for the learner to catch up, then answers 409 and leaves it a
+    // learner; asking again resumes the wait.
+    loop {
+        let added = http
+            .post(format!("{}/v1/cluster/members", targets[0]))
+            .json(&json!({"id": 4, "grpc": cluster.node(4).grpc}))
+            .timeout(Duration::from_secs(120))
+            .send()
+            .await?;
+        match added.status().as_u16() {
+            201 => break,
+            409 if started.elapsed() < Duration::from_secs(900) => {
+                progress(&format!("(node 4 still catching up after {:.0} s)", started.elapsed().as_secs_f64()))
+            }
+            status => {
+                let body = added.text().await.unwrap_or_default();
+                return Err(Error::Cluster(format!("adding node 4: {status} {body}")));
+            }
+        }
     }
     result.catch_up_seconds = started.elapsed().as_secs_f64();
 
@@ -525,6 +540,9 @@ fn markdown(results: &BenchResults) -> String {
                 rounds.join(", ")
             ));
         }
+    }
+    if let Some(error) = &results.scale_error {
+        text.push_str(&format!("\nScale measurement failed: {error}\n"));
     }
     if let Some(s) = &results.scale {
         let max = |m: &BTreeMap<u64, f64>| m.values().copied().fold(0.0, f64::max);

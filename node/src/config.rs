@@ -152,8 +152,8 @@ pub struct NodeArgs {
     /// Build a snapshot after this many applied entries [default: 10000].
     #[arg(long, env = "RUNTIMEAI_SNAPSHOT_COUNT")]
     pub snapshot_count: Option<u64>,
-    /// Entries kept behind a snapshot so slow followers catch up from the log
-    /// [default: 1000].
+    /// Entries kept behind a snapshot so slow followers catch up from the log, and a follower
+    /// that installed a snapshot finds the entries written meanwhile [default: 5000].
     #[arg(long, env = "RUNTIMEAI_SNAPSHOT_CATCHUP_ENTRIES")]
     pub snapshot_catchup_entries: Option<u64>,
     /// Largest piece of a snapshot sent to a follower in one RPC, in bytes [default: 3145728].
@@ -420,7 +420,7 @@ impl NodeArgs {
             heartbeat: Duration::from_millis(heartbeat_ms),
             election_timeout: Duration::from_millis(election_ms),
             snapshot_count,
-            snapshot_catchup_entries: self.snapshot_catchup_entries.unwrap_or(1_000),
+            snapshot_catchup_entries: self.snapshot_catchup_entries.unwrap_or(5_000),
             snapshot_chunk_bytes,
             max_body_bytes: self.max_body_bytes.unwrap_or(1 << 20).max(1024),
             backends,

@@ -13,7 +13,11 @@ use std::time::Duration;
 use openraft::ServerState;
 use runtimeai_model::{NodeInfo, Operation, OperationStatus, Runtime};
 use runtimeai_raft::{Command, CommandReply, Op, Replica};
+use futures::StreamExt;
 use tokio::sync::watch;
+
+/// Assignments of one scheduling round proposed at once.
+const MAX_ASSIGNMENTS_IN_FLIGHT: usize = 256;
 
 #[derive(Debug, Clone)]
 pub struct SchedulerOptions {
@@ -54,6 +58,7 @@ async fn schedule(replica: &Replica, options: &SchedulerOptions, settled: bool) 
     let reachable: Vec<u64> =
         replica.members().await.into_iter().filter(|m| m.reachable == Some(true)).map(|m| m.id).collect();
     let now = chrono::Utc::now();
+    let mut assignments = Vec::new();
     for operation in operations {
         if !matches!(operation.status, OperationStatus::Queued | OperationStatus::Running) {
             continue;
@@ -74,7 +79,7 @@ async fn schedule(replica: &Replica, options: &SchedulerOptions, settled: bool) 
         if let Some(previous) = &operation.assignment {
             tracing::warn!(operation = %operation.id, from = previous.node_id, to = node, "lease expired; reassigning");
         }
-        let command = Command {
+        assignments.push(Command {
             at: chrono::Utc::now(),
             actor: runtimeai_model::Actor::System,
             idempotency: None,
@@ -84,12 +89,21 @@ async fn schedule(replica: &Replica, options: &SchedulerOptions, settled: bool) 
                 lease_ms: options.lease.as_millis() as u64,
                 expected_token,
             },
-        };
-        match replica.propose(command).await? {
+        });
+    }
+    // Proposed together, the assignments of one round share log entries (the leader batches
+    // concurrent proposals); one at a time, a backlog drains at one commit per assignment.
+    let outcomes = futures::stream::iter(assignments)
+        .map(|command| replica.propose(command))
+        .buffer_unordered(MAX_ASSIGNMENTS_IN_FLIGHT)
+        .collect::<Vec<_>>()
+        .await;
+    for outcome in outcomes {
+        match outcome? {
             CommandReply::Operation(op) => {
-                tracing::debug!(operation = %op.id, node, status = op.status.as_str(), "assigned")
+                tracing::debug!(operation = %op.id, status = op.status.as_str(), "assigned")
             }
-            other => tracing::debug!(operation = %operation.id, reply = ?other, "assignment refused"),
+            other => tracing::debug!(reply = ?other, "assignment refused"),
         }
     }
     Ok(())
