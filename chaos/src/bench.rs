@@ -99,6 +99,7 @@ pub struct BenchResults {
     pub payload_bytes: usize,
     pub levels: Vec<Level>,
     pub failover: Vec<Failover>,
+    pub failover_error: Option<String>,
     pub scale: Option<Scale>,
     pub scale_error: Option<String>,
 }
@@ -262,30 +263,28 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
         }
     }
 
-    let mut failover = Vec::new();
-    if options.failover_rounds > 0 {
-        let rounds = options.failover_rounds;
-        progress(&format!("failover: SIGKILL each system's leader under a steady write load, {rounds} times"));
-        let mut gaps = Vec::new();
-        for _ in 0..rounds {
-            let leader = runtimeai.wait_leader(Duration::from_secs(10)).await?;
-            gaps.push(failover_gap(&http, &ours, || runtimeai.kill(leader), create_request).await);
-            runtimeai.spawn(leader)?;
-            runtimeai.wait_ready(leader, Duration::from_secs(30)).await?;
+    let (failover, failover_error) = if options.failover_rounds == 0 {
+        (Vec::new(), None)
+    } else {
+        match failover_rounds(
+            &http,
+            &mut runtimeai,
+            &mut etcd,
+            &ours,
+            &theirs,
+            &value,
+            options.failover_rounds,
+            &progress,
+        )
+        .await
+        {
+            Ok(failover) => (failover, None),
+            Err(e) => {
+                progress(&format!("failover measurement failed: {e}"));
+                (Vec::new(), Some(e.to_string()))
+            }
         }
-        failover.push(Failover::new("runtimeai", gaps));
-        let mut gaps = Vec::new();
-        for _ in 0..rounds {
-            let leader = etcd.wait_leader(Duration::from_secs(10)).await?;
-            let v = value.clone();
-            gaps.push(
-                failover_gap(&http, &theirs, || etcd.kill(leader), move |h, base| put_request(h, base, &v)).await,
-            );
-            etcd.restart(leader)?;
-            etcd.wait_leader(Duration::from_secs(30)).await?;
-        }
-        failover.push(Failover::new("etcd", gaps));
-    }
+    };
     drop(etcd);
 
     // A failed scale measurement is reported, not allowed to lose the figures above.
@@ -306,7 +305,7 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
             let _ = std::fs::copy(&node.log, dir.join(format!("runtimeai-node-{id}.log")));
         }
     }
-    Ok(BenchResults { options, payload_bytes, levels, failover, scale, scale_error })
+    Ok(BenchResults { options, payload_bytes, levels, failover, failover_error, scale, scale_error })
 }
 
 /// Waits (up to a minute) until the cluster has finished the work earlier levels queued: every
@@ -331,6 +330,40 @@ async fn quiesce(cluster: &Cluster, progress: &impl Fn(&str)) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     progress("(operations still running after 60 s; measuring anyway)");
+}
+
+/// SIGKILLs each system's leader `rounds` times under a steady write load.
+#[allow(clippy::too_many_arguments)]
+async fn failover_rounds(
+    http: &reqwest::Client,
+    runtimeai: &mut Cluster,
+    etcd: &mut EtcdCluster,
+    ours: &[String],
+    theirs: &[String],
+    value: &str,
+    rounds: usize,
+    progress: &impl Fn(&str),
+) -> Result<Vec<Failover>> {
+    let mut failover = Vec::new();
+    progress(&format!("failover: SIGKILL each system's leader under a steady write load, {rounds} times"));
+    let mut gaps = Vec::new();
+    for _ in 0..rounds {
+        let leader = runtimeai.wait_leader(Duration::from_secs(10)).await?;
+        gaps.push(failover_gap(http, ours, || runtimeai.kill(leader), create_request).await);
+        runtimeai.spawn(leader)?;
+        runtimeai.wait_ready(leader, Duration::from_secs(120)).await?;
+    }
+    failover.push(Failover::new("runtimeai", gaps));
+    let mut gaps = Vec::new();
+    for _ in 0..rounds {
+        let leader = etcd.wait_leader(Duration::from_secs(10)).await?;
+        let v = value.to_string();
+        gaps.push(failover_gap(http, theirs, || etcd.kill(leader), move |h, base| put_request(h, base, &v)).await);
+        etcd.restart(leader)?;
+        etcd.wait_leader(Duration::from_secs(30)).await?;
+    }
+    failover.push(Failover::new("etcd", gaps));
+    Ok(failover)
 }
 
 /// Writes with 16 clients through every member, SIGKILLs the leader after 2 s, and returns the
@@ -540,6 +573,9 @@ fn markdown(results: &BenchResults) -> String {
                 rounds.join(", ")
             ));
         }
+    }
+    if let Some(error) = &results.failover_error {
+        text.push_str(&format!("\nFailover measurement failed: {error}\n"));
     }
     if let Some(error) = &results.scale_error {
         text.push_str(&format!("\nScale measurement failed: {error}\n"));

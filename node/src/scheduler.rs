@@ -10,10 +10,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use openraft::ServerState;
 use runtimeai_model::{NodeInfo, Operation, OperationStatus, Runtime};
 use runtimeai_raft::{Command, CommandReply, Op, Replica};
-use futures::StreamExt;
 use tokio::sync::watch;
 
 /// Assignments of one scheduling round proposed at once.

@@ -69,7 +69,9 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         max_in_snapshot_log_to_keep: config.snapshot_catchup_entries,
         install_snapshot_timeout: 10_000,
         snapshot_max_chunk_size: config.snapshot_chunk_bytes,
-        max_payload_entries: 1_000,
+        // Entries can be batches of up to 64 commands: 64 of them keep one AppendEntries to a few
+        // MiB, which a lagging follower takes well within the RPC timeout (one heartbeat).
+        max_payload_entries: 64,
         ..Default::default()
     }
     .validate()

@@ -12,7 +12,7 @@ use crate::command::{Command, CommandReply, Op};
 use crate::types::{NodeId, Raft};
 
 /// At most this many commands share an entry.
-const MAX_BATCH: usize = 256;
+const MAX_BATCH: usize = 64;
 /// Entries being written at once; proposals arriving meanwhile wait and form the next batch.
 const MAX_IN_FLIGHT: usize = 4;
 
