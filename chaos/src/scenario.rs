@@ -577,17 +577,8 @@ async fn disk_full(cx: &mut FaultContext) -> Result<()> {
     let node = followers[cx.rng.gen_range(0..followers.len())];
     let start = cx.begin();
     cx.cluster.disk(node).ok_or_else(|| Error::Cluster("no isolated disk".into()))?.fill()?;
-    let deadline = Instant::now() + cx.hold;
-    let mut exit = None;
-    while Instant::now() < deadline {
-        if let Some(status) = cx.cluster.exited(node) {
-            exit = Some(status);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let log = std::fs::read_to_string(&cx.cluster.node(node).log).unwrap_or_default();
-    let reason = log.lines().rev().find(|l| l.contains("No space left on device")).unwrap_or("").to_string();
+    let hold = cx.hold;
+    let (exit, reason) = exit_and_reason(cx, node, hold, "No space left on device").await;
     let stopped_cleanly = exit.is_some_and(|s| !s.success()) && !reason.is_empty();
     cx.add_check(
         "full-disk-stops-the-node",
@@ -614,17 +605,7 @@ async fn disk_read_only(cx: &mut FaultContext) -> Result<()> {
     let disk = cx.cluster.disk(node).ok_or_else(|| Error::Cluster("no isolated disk".into()))?;
     disk.set_read_only(true)?;
     cx.cluster.spawn(node)?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut exit = None;
-    while Instant::now() < deadline {
-        if let Some(status) = cx.cluster.exited(node) {
-            exit = Some(status);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let log = std::fs::read_to_string(&cx.cluster.node(node).log).unwrap_or_default();
-    let reason = log.lines().rev().find(|l| l.contains("Read-only file system")).unwrap_or("").to_string();
+    let (exit, reason) = exit_and_reason(cx, node, Duration::from_secs(20), "Read-only file system").await;
     cx.add_check(
         "read-only-disk-refused",
         exit.is_some_and(|s| !s.success()) && !reason.is_empty(),
@@ -641,6 +622,26 @@ async fn disk_read_only(cx: &mut FaultContext) -> Result<()> {
     cx.restart(node).await?;
     cx.end(format!("node {node} restarted on a writable disk"), start);
     Ok(())
+}
+
+/// Waits up to `within` for node `node` to exit; returns its exit status and the last line of
+/// its log that mentions `error` (the reason it gave).
+async fn exit_and_reason(
+    cx: &mut FaultContext,
+    node: u64,
+    within: Duration,
+    error: &str,
+) -> (Option<std::process::ExitStatus>, String) {
+    let deadline = Instant::now() + within;
+    let mut exit = None;
+    while exit.is_none() && Instant::now() < deadline {
+        exit = cx.cluster.exited(node);
+        if exit.is_none() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let log = std::fs::read_to_string(&cx.cluster.node(node).log).unwrap_or_default();
+    (exit, log.lines().rev().find(|l| l.contains(error)).unwrap_or("").to_string())
 }
 
 /// The end of a long log line, enough to show the error.
