@@ -214,6 +214,20 @@ impl FaultContext {
         self.cluster.network.clone().ok_or_else(|| Error::Cluster("the cluster has no proxied network".into()))
     }
 
+    /// A follower picked by the run's seed, and the leader.
+    async fn random_follower(&mut self) -> Result<(u64, u64)> {
+        let (leader, followers) = self.followers().await?;
+        Ok((followers[self.rng.gen_range(0..followers.len())], leader))
+    }
+
+    /// Restarts node `node` and records the time until it is ready as the fault `what`.
+    async fn restart_recorded(&mut self, node: u64, what: String) -> Result<()> {
+        let start = self.begin();
+        self.restart(node).await?;
+        self.end(what, start);
+        Ok(())
+    }
+
     async fn restart(&mut self, node: u64) -> Result<()> {
         self.cluster.spawn(node)?;
         self.cluster.wait_ready(node, Duration::from_secs(30)).await
@@ -503,8 +517,7 @@ async fn inject(name: &str, cx: &mut FaultContext) -> Result<()> {
 }
 
 async fn kill_during_snapshot_install(cx: &mut FaultContext) -> Result<()> {
-    let (leader, followers) = cx.followers().await?;
-    let follower = followers[cx.rng.gen_range(0..followers.len())];
+    let (follower, leader) = cx.random_follower().await?;
     let behind = cx.cluster.cluster_view(follower).await?["last_applied"].as_u64().unwrap_or(0);
     let start = cx.begin();
     cx.cluster.kill(follower);
@@ -534,10 +547,7 @@ async fn kill_during_snapshot_install(cx: &mut FaultContext) -> Result<()> {
     }
     cx.cluster.kill(follower);
     cx.end(format!("node {follower} SIGKILLed while installing a snapshot"), start);
-    let start = cx.begin();
-    cx.restart(follower).await?;
-    cx.end(format!("node {follower} restarted, catches up"), start);
-    Ok(())
+    cx.restart_recorded(follower, format!("node {follower} restarted, catches up")).await
 }
 
 async fn membership_change(cx: &mut FaultContext) -> Result<()> {
@@ -573,8 +583,7 @@ async fn membership_change(cx: &mut FaultContext) -> Result<()> {
 }
 
 async fn disk_full(cx: &mut FaultContext) -> Result<()> {
-    let (_, followers) = cx.followers().await?;
-    let node = followers[cx.rng.gen_range(0..followers.len())];
+    let (node, _) = cx.random_follower().await?;
     let start = cx.begin();
     cx.cluster.disk(node).ok_or_else(|| Error::Cluster("no isolated disk".into()))?.fill()?;
     let hold = cx.hold;
@@ -591,15 +600,11 @@ async fn disk_full(cx: &mut FaultContext) -> Result<()> {
     cx.cluster.kill(node);
     cx.cluster.disk(node).expect("disk").free()?;
     cx.end(format!("node {node}'s disk full"), start);
-    let start = cx.begin();
-    cx.restart(node).await?;
-    cx.end(format!("node {node} restarted with space"), start);
-    Ok(())
+    cx.restart_recorded(node, format!("node {node} restarted with space")).await
 }
 
 async fn disk_read_only(cx: &mut FaultContext) -> Result<()> {
-    let (_, followers) = cx.followers().await?;
-    let node = followers[cx.rng.gen_range(0..followers.len())];
+    let (node, _) = cx.random_follower().await?;
     let start = cx.begin();
     cx.cluster.kill(node);
     let disk = cx.cluster.disk(node).ok_or_else(|| Error::Cluster("no isolated disk".into()))?;
@@ -618,10 +623,7 @@ async fn disk_read_only(cx: &mut FaultContext) -> Result<()> {
     tokio::time::sleep(cx.hold.saturating_sub(Duration::from_secs(1))).await;
     cx.cluster.disk(node).expect("disk").set_read_only(false)?;
     cx.end(format!("node {node}'s disk read-only"), start);
-    let start = cx.begin();
-    cx.restart(node).await?;
-    cx.end(format!("node {node} restarted on a writable disk"), start);
-    Ok(())
+    cx.restart_recorded(node, format!("node {node} restarted on a writable disk")).await
 }
 
 /// Waits up to `within` for node `node` to exit; returns its exit status and the last line of
