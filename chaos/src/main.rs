@@ -100,12 +100,18 @@ fn main() -> ExitCode {
                         Ok(summary) => {
                             println!("{summary}");
                             if !result.passed {
-                                failed.push(s.name);
+                                let why: Vec<String> = result
+                                    .checks
+                                    .iter()
+                                    .filter(|c| !c.passed)
+                                    .map(|c| format!("{}: {}", c.name, c.detail))
+                                    .collect();
+                                failed.push((s.name, why.join("; ")));
                             }
                         }
                         Err(e) => {
                             eprintln!("error: writing the report of {}: {e}", s.name);
-                            failed.push(s.name);
+                            failed.push((s.name, format!("writing the report: {e}")));
                         }
                     },
                     Err(e) => {
@@ -115,7 +121,7 @@ fn main() -> ExitCode {
                             s.name,
                             humantime::format_duration(duration)
                         );
-                        failed.push(s.name);
+                        failed.push((s.name, format!("could not run: {e}")));
                     }
                 }
             }
@@ -123,8 +129,16 @@ fn main() -> ExitCode {
                 "chaos: {} scenarios passed, {} failed{}",
                 chosen.len() - failed.len(),
                 failed.len(),
-                if failed.is_empty() { String::new() } else { format!(": {}", failed.join(", ")) }
+                if failed.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", failed.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", "))
+                }
             );
+            // Repeated at the end so that a log's tail (all a CI page may show) says why.
+            for (name, why) in &failed {
+                println!("  {name}: {why}");
+            }
             if failed.is_empty() {
                 ExitCode::SUCCESS
             } else {

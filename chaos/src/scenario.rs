@@ -68,7 +68,7 @@ pub const SCENARIOS: &[Scenario] = &[
         injects: "stop a follower until the leader's log is purged past it, restart it, SIGKILL it as the \
                   snapshot's first chunk arrives, restart it again",
         needs: Needs::Nothing,
-        node_args: &["--snapshot-count", "100", "--snapshot-catchup-entries", "0", "--snapshot-chunk-bytes", "8192"],
+        node_args: &["--snapshot-count", "100", "--snapshot-catchup-entries", "100", "--snapshot-chunk-bytes", "8192"],
     },
     Scenario {
         name: "partition-leader",
@@ -518,10 +518,11 @@ async fn inject(name: &str, cx: &mut FaultContext) -> Result<()> {
 
 async fn kill_during_snapshot_install(cx: &mut FaultContext) -> Result<()> {
     let (follower, leader) = cx.random_follower().await?;
-    let behind = cx.cluster.cluster_view(follower).await?["last_applied"].as_u64().unwrap_or(0);
     let start = cx.begin();
     cx.cluster.kill(follower);
-    // Wait until the leader has purged its log past the follower: only a snapshot helps it now.
+    // The follower's log may hold entries it had not applied yet, but none the leader lacks:
+    // once the leader has purged past its own last index of this moment, only a snapshot helps.
+    let behind = cx.cluster.cluster_view(leader).await?["last_log_index"].as_u64().unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let purged = cx.cluster.cluster_view(leader).await.ok().and_then(|v| v["purged_index"].as_u64());
