@@ -34,26 +34,25 @@ pub async fn run(replica: Arc<Replica>, backends: Backends, options: ExecutorOpt
     let mut workers: HashMap<String, (u64, tokio::task::JoinHandle<()>)> = HashMap::new();
     let mut signals = tokio::time::interval(options.signals_interval);
     signals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut poll = tokio::time::interval(Duration::from_millis(100));
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Woken by every change to the unfinished operations; the tick restarts, now and then,
+    // a worker that gave up while the cluster was unreachable.
+    let mut changed = replica.state.watch_active_operations();
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let report = tokio::select! {
             _ = stop.wait_for(|stop| *stop) => break,
             _ = signals.tick() => true,
-            _ = poll.tick() => false,
+            _ = changed.changed() => false,
+            _ = retry.tick() => false,
         };
         if report {
             report_signals(&replica, &backends, &options).await;
             continue;
         }
+        changed.mark_unchanged();
         workers.retain(|_, (_, handle)| !handle.is_finished());
-        let operations = match replica.state.active_operations() {
-            Ok(operations) => operations,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the operation queue");
-                continue;
-            }
-        };
+        let operations = replica.state.operations_assigned_to(options.node_id);
         for operation in operations {
             let Some(assignment) = &operation.assignment else { continue };
             let mine = assignment.node_id == options.node_id
@@ -303,6 +302,7 @@ impl Worker {
             self.report(OperationStatus::Running, 0, message, None, None).await?;
         }
         let start = operation.completed_actions as usize;
+        let mut last_message = "done".to_string();
         for (index, action) in steps.iter().enumerate().skip(start) {
             // Fencing, locally: the assignment must still be ours (and the operation not
             // cancelled) before every backend call. The local replica may lag behind our own
@@ -314,6 +314,8 @@ impl Worker {
             };
             let cx = CallContext { operation_id: self.operation_id.clone(), step: index as u32, token: self.token };
             match self.call(&cx, &runtime, action).await {
+                // The last step's outcome goes with the success: one replicated write fewer.
+                Ok(message) if index + 1 == steps.len() => last_message = message,
                 Ok(message) => {
                     let completed = index as u32 + 1;
                     self.report(OperationStatus::Running, completed * 100 / total, message, Some(completed), None)
@@ -340,7 +342,7 @@ impl Worker {
                 }
             }
         }
-        self.report(OperationStatus::Succeeded, 100, "done".into(), Some(total), None).await?;
+        self.report(OperationStatus::Succeeded, 100, last_message, Some(steps.len() as u32), None).await?;
         Ok("succeeded")
     }
 

@@ -26,13 +26,18 @@ pub struct SchedulerOptions {
 
 /// Runs until `stop` turns true; acts only while this node leads.
 pub async fn run(replica: Arc<Replica>, options: SchedulerOptions, mut stop: watch::Receiver<bool>) {
+    // A round runs when the unfinished operations change (a new one is queued at once), and
+    // on a tick, which notices leases running out.
     let tick = (options.lease / 6).clamp(Duration::from_millis(50), Duration::from_millis(500));
+    let mut changed = replica.state.watch_active_operations();
     let mut leading_since: Option<(u64, tokio::time::Instant)> = None;
     loop {
         tokio::select! {
             _ = stop.wait_for(|stop| *stop) => return,
+            _ = changed.changed() => {}
             _ = tokio::time::sleep(tick) => {}
         }
+        changed.mark_unchanged();
         let metrics = replica.metrics();
         if metrics.state != ServerState::Leader {
             leading_since = None;
@@ -50,26 +55,25 @@ pub async fn run(replica: Arc<Replica>, options: SchedulerOptions, mut stop: wat
 }
 
 async fn schedule(replica: &Replica, options: &SchedulerOptions, settled: bool) -> anyhow::Result<()> {
-    let operations = replica.state.active_operations()?;
-    if operations.is_empty() {
+    let now = chrono::Utc::now();
+    let unassigned: Vec<Operation> = replica
+        .state
+        .active_operations()?
+        .into_iter()
+        .filter(|operation| matches!(operation.status, OperationStatus::Queued | OperationStatus::Running))
+        .filter(|operation| match &operation.assignment {
+            None => true,
+            Some(a) => settled && a.lease_until < now,
+        })
+        .collect();
+    if unassigned.is_empty() {
         return Ok(());
     }
     let nodes = replica.state.nodes()?;
     let reachable: Vec<u64> =
         replica.members().await.into_iter().filter(|m| m.reachable == Some(true)).map(|m| m.id).collect();
-    let now = chrono::Utc::now();
     let mut assignments = Vec::new();
-    for operation in operations {
-        if !matches!(operation.status, OperationStatus::Queued | OperationStatus::Running) {
-            continue;
-        }
-        let expired = match &operation.assignment {
-            None => false,
-            Some(a) => settled && a.lease_until < now,
-        };
-        if operation.assignment.is_some() && !expired {
-            continue;
-        }
+    for operation in unassigned {
         let Some(runtime) = replica.state.get_runtime(&operation.runtime_id)? else { continue };
         let Some(node) = choose(&runtime, &operation, &nodes, &reachable) else {
             tracing::debug!(operation = %operation.id, "no live executor for it yet");

@@ -29,15 +29,26 @@ use crate::types::StorageError;
 pub(crate) struct Txn<'a> {
     db: &'a DB,
     pub(crate) batch: WriteBatch,
-    overlay: HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>,
+    /// Per column family, what this batch wrote (`None`: deleted). Kept per family so that a
+    /// scan of one (the policies, on every evaluation) does not walk every key of the batch.
+    overlay: HashMap<&'static str, BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
     /// Events written so far by the log entry being applied (all its commands, if it is a
     /// batch): numbers them within the entry.
     events_in_entry: u32,
+    /// Every operation written, in order: once the batch is on disk, the state machine's
+    /// in-memory set of unfinished operations follows them.
+    pub(crate) operations_written: Vec<Operation>,
 }
 
 impl<'a> Txn<'a> {
     pub(crate) fn new(db: &'a DB) -> Self {
-        Txn { db, batch: WriteBatch::default(), overlay: HashMap::new(), events_in_entry: 0 }
+        Txn {
+            db,
+            batch: WriteBatch::default(),
+            overlay: HashMap::new(),
+            events_in_entry: 0,
+            operations_written: Vec::new(),
+        }
     }
 
     fn get<T: serde::de::DeserializeOwned>(
@@ -45,7 +56,7 @@ impl<'a> Txn<'a> {
         cf_name: &'static str,
         key: &[u8],
     ) -> Result<Option<T>, StorageError> {
-        let bytes = match self.overlay.get(&(cf_name, key.to_vec())) {
+        let bytes = match self.overlay.get(cf_name).and_then(|written| written.get(key)) {
             Some(value) => value.clone(),
             None => self.db.get_cf(cf(self.db, cf_name), key).map_err(read_err)?,
         };
@@ -60,13 +71,13 @@ impl<'a> Txn<'a> {
     ) -> Result<(), StorageError> {
         let bytes = codec::encode("state record", value).map_err(write_err)?;
         self.batch.put_cf(cf(self.db, cf_name), &key, &bytes);
-        self.overlay.insert((cf_name, key), Some(bytes));
+        self.overlay.entry(cf_name).or_default().insert(key, Some(bytes));
         Ok(())
     }
 
     /// Whether `key` was deleted earlier in this batch.
     fn deleted(&self, cf_name: &'static str, key: &[u8]) -> bool {
-        matches!(self.overlay.get(&(cf_name, key.to_vec())), Some(None))
+        matches!(self.overlay.get(cf_name).and_then(|written| written.get(key)), Some(None))
     }
 
     /// Every record of a column family, as this batch sees it.
@@ -76,17 +87,15 @@ impl<'a> Txn<'a> {
             let (key, value) = item.map_err(read_err)?;
             records.insert(key.to_vec(), Some(value.to_vec()));
         }
-        for ((name, key), value) in &self.overlay {
-            if *name == cf_name {
-                records.insert(key.clone(), value.clone());
-            }
+        for (key, value) in self.overlay.get(cf_name).into_iter().flatten() {
+            records.insert(key.clone(), value.clone());
         }
         records.into_values().flatten().map(|b| codec::decode("state record", &b).map_err(read_err)).collect()
     }
 
     fn delete(&mut self, cf_name: &'static str, key: Vec<u8>) {
         self.batch.delete_cf(cf(self.db, cf_name), &key);
-        self.overlay.insert((cf_name, key), None);
+        self.overlay.entry(cf_name).or_default().insert(key, None);
     }
 }
 
@@ -398,7 +407,9 @@ fn put_operation(txn: &mut Txn<'_>, operation: &Operation) -> Result<(), Storage
     }
     let mut key = event_prefix(&operation.runtime_id);
     key.extend_from_slice(operation.id.as_bytes());
-    txn.put(CF_RUNTIME_OPERATIONS, key, &())
+    txn.put(CF_RUNTIME_OPERATIONS, key, &())?;
+    txn.operations_written.push(operation.clone());
+    Ok(())
 }
 
 fn create_runtime(
@@ -635,8 +646,11 @@ fn advance_operation(
     operation.progress = report.progress.or(operation.progress);
     operation.error = report.error;
     if let Some(completed) = report.completed_actions {
+        // An executor reports its last step's outcome with the success itself.
+        let says_step = status == OperationStatus::Running
+            || (status == OperationStatus::Succeeded && completed > operation.completed_actions);
         operation.completed_actions = completed;
-        if let (OperationStatus::Running, Some(message), Some(index)) = (status, message, completed.checked_sub(1)) {
+        if let (true, Some(message), Some(index)) = (says_step, message, completed.checked_sub(1)) {
             let index = index as usize;
             if operation.action_messages.len() <= index {
                 operation.action_messages.resize(index + 1, String::new());
@@ -865,6 +879,13 @@ pub(crate) struct EventWriter {
     retention: ClusterSettings,
 }
 
+/// Where `CF_EVENT_COUNTS` keeps the time of a runtime's oldest event (runtime ids hold no NUL).
+fn oldest_event_key(runtime_id: &str) -> Vec<u8> {
+    let mut key = event_prefix(runtime_id);
+    key.extend_from_slice(b"oldest");
+    key
+}
+
 /// At most this many old events are dropped per event written, to bound the work of one apply.
 const PRUNE_BATCH: usize = 64;
 
@@ -898,16 +919,34 @@ impl EventWriter {
 
     /// Drops the runtime's oldest events while it has more than the retention count or they
     /// are older than the retention age (measured from the command's time, not a clock).
+    /// The time of the oldest event kept is remembered beside the count, so that the common
+    /// case (nothing to drop) reads no event.
     fn enforce_retention(&self, txn: &mut Txn<'_>, runtime_id: &str) -> Result<(), StorageError> {
-        let mut count: u64 = txn.get::<u64>(CF_EVENT_COUNTS, runtime_id.as_bytes())?.unwrap_or(0) + 1;
+        let previous: u64 = txn.get::<u64>(CF_EVENT_COUNTS, runtime_id.as_bytes())?.unwrap_or(0);
+        let mut count = previous + 1;
         let max_age = chrono::Duration::days(self.retention.event_retention_days.min(100_000) as i64);
         let cutoff = self.at - max_age;
+        let oldest_key = oldest_event_key(runtime_id);
+        let oldest: Option<Timestamp> =
+            if previous == 0 { Some(self.at) } else { txn.get(CF_EVENT_COUNTS, &oldest_key)? };
+        if count <= self.retention.event_retention_count && oldest.is_some_and(|ts| ts >= cutoff) {
+            if previous == 0 {
+                txn.put(CF_EVENT_COUNTS, oldest_key, &self.at)?;
+            }
+            return txn.put(CF_EVENT_COUNTS, runtime_id.as_bytes().to_vec(), &count);
+        }
         let prefix = event_prefix(runtime_id);
         let mut expired = Vec::new();
+        // Unknown when the pruning stops at its batch limit: the next event written looks again.
+        let mut oldest_kept = Some(self.at);
         let iter = txn.db.iterator_cf(cf(txn.db, CF_EVENTS), IteratorMode::From(&prefix, rocksdb::Direction::Forward));
         for item in iter {
             let (key, value) = item.map_err(read_err)?;
-            if !key.starts_with(&prefix) || expired.len() >= PRUNE_BATCH {
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            if expired.len() >= PRUNE_BATCH {
+                oldest_kept = None;
                 break;
             }
             if txn.deleted(CF_EVENTS, &key) {
@@ -916,6 +955,7 @@ impl EventWriter {
             }
             let event: Event = codec::decode("event", &value).map_err(read_err)?;
             if count <= self.retention.event_retention_count && event.ts >= cutoff {
+                oldest_kept = Some(event.ts);
                 break;
             }
             expired.push(key.to_vec());
@@ -923,6 +963,10 @@ impl EventWriter {
         }
         for key in expired {
             txn.delete(CF_EVENTS, key);
+        }
+        match oldest_kept {
+            Some(ts) => txn.put(CF_EVENT_COUNTS, oldest_key, &ts)?,
+            None => txn.delete(CF_EVENT_COUNTS, oldest_key),
         }
         txn.put(CF_EVENT_COUNTS, runtime_id.as_bytes().to_vec(), &count)
     }

@@ -7,16 +7,22 @@
 //! same write-ahead log as the raft log, after the entries they come from, so whatever a crash
 //! takes from them is re-applied from the log on restart. Before a snapshot lets the log be
 //! purged, the write-ahead log is synced.
+//!
+//! The unfinished operations are also kept in memory (loaded at open, followed by apply,
+//! reloaded by a snapshot install): the scheduler and every executor read them on each change,
+//! and scanning RocksDB's index of them, full of the tombstones finished operations leave,
+//! cost more than applying.
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{AnyError, EntryPayload, OptionalSend, StorageIOError};
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use runtimeai_model::{Event, NodeInfo, Operation, Policy, Runtime};
 
@@ -59,6 +65,10 @@ pub struct StateMachineStore {
     db: Arc<DB>,
     snapshot_path: PathBuf,
     current_snapshot: Arc<Mutex<Option<CurrentSnapshot>>>,
+    /// The operations not finished yet, by id: what `CF_ACTIVE_OPERATIONS` indexes, in memory.
+    active_operations: Arc<RwLock<BTreeMap<String, Operation>>>,
+    /// Bumped whenever an unfinished operation is written or one finishes.
+    active_operations_changed: Arc<watch::Sender<u64>>,
 }
 
 pub(crate) fn read_err(e: impl std::error::Error + 'static) -> StorageError {
@@ -80,7 +90,47 @@ impl StateMachineStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(read_err(e)),
         };
-        Ok(StateMachineStore { db, snapshot_path, current_snapshot: Arc::new(Mutex::new(current)) })
+        let store = StateMachineStore {
+            db,
+            snapshot_path,
+            current_snapshot: Arc::new(Mutex::new(current)),
+            active_operations: Arc::default(),
+            active_operations_changed: Arc::new(watch::channel(0).0),
+        };
+        store.reload_active_operations()?;
+        Ok(store)
+    }
+
+    /// Reads the unfinished operations from the store (at open and after a snapshot install).
+    fn reload_active_operations(&self) -> Result<(), StorageError> {
+        let mut active = BTreeMap::new();
+        for item in self.db.iterator_cf(cf(&self.db, CF_ACTIVE_OPERATIONS), IteratorMode::Start) {
+            let (key, _) = item.map_err(read_err)?;
+            let id = String::from_utf8_lossy(&key).into_owned();
+            if let Some(operation) = self.get_operation(&id)? {
+                active.insert(id, operation);
+            }
+        }
+        *self.active_operations.write().expect("active operations lock") = active;
+        self.active_operations_changed.send_modify(|version| *version += 1);
+        Ok(())
+    }
+
+    /// Follows the operations an applied batch wrote, in the order it wrote them.
+    fn follow_operations(&self, written: Vec<Operation>) {
+        if written.is_empty() {
+            return;
+        }
+        let mut active = self.active_operations.write().expect("active operations lock");
+        for operation in written {
+            if operation.status.is_terminal() {
+                active.remove(&operation.id);
+            } else {
+                active.insert(operation.id.clone(), operation);
+            }
+        }
+        drop(active);
+        self.active_operations_changed.send_modify(|version| *version += 1);
     }
 
     fn get<T: serde::de::DeserializeOwned>(&self, cf_name: &str, key: &[u8]) -> Result<Option<T>, StorageError> {
@@ -134,13 +184,19 @@ impl StateMachineStore {
 
     /// Operations not finished yet (queued, pending approval or running), oldest first.
     pub fn active_operations(&self) -> Result<Vec<Operation>, StorageError> {
-        let mut operations = Vec::new();
-        for item in self.db.iterator_cf(cf(&self.db, CF_ACTIVE_OPERATIONS), IteratorMode::Start) {
-            let (key, _) = item.map_err(read_err)?;
-            let id = String::from_utf8_lossy(&key);
-            operations.extend(self.get_operation(&id)?);
-        }
-        Ok(operations)
+        Ok(self.active_operations.read().expect("active operations lock").values().cloned().collect())
+    }
+
+    /// The unfinished operations assigned to `node_id`, ordered by id.
+    pub fn operations_assigned_to(&self, node_id: u64) -> Vec<Operation> {
+        let active = self.active_operations.read().expect("active operations lock");
+        active.values().filter(|op| op.assignment.as_ref().is_some_and(|a| a.node_id == node_id)).cloned().collect()
+    }
+
+    /// Changes whenever the set of unfinished operations or one of them changes: the scheduler
+    /// and the executors wait on it instead of polling.
+    pub fn watch_active_operations(&self) -> watch::Receiver<u64> {
+        self.active_operations_changed.subscribe()
     }
 
     /// A runtime's operations, oldest first.
@@ -253,6 +309,7 @@ impl StateMachineStore {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         self.db.write_opt(batch, &opts).map_err(write_err)?;
+        self.reload_active_operations()?;
         self.save_snapshot(meta, bytes)
     }
 }
@@ -317,6 +374,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
         self.db.write_opt(txn.batch, &opts).map_err(write_err)?;
+        self.follow_operations(txn.operations_written);
         Ok(replies)
     }
 

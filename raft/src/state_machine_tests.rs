@@ -129,6 +129,79 @@ async fn names_are_unique_per_tenant_even_within_one_batch() {
 }
 
 #[tokio::test]
+async fn unfinished_operations_are_followed_in_memory_and_reloaded_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataDir::open(&dir.path().join("data"), 1, "test").unwrap();
+    let mut sm = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
+    let mut changes = sm.watch_active_operations();
+    changes.mark_unchanged();
+    apply(&mut sm, vec![create("rt_a", "web"), create("rt_b", "db")]).await;
+    assert!(changes.has_changed().unwrap(), "queuing operations wakes the watchers");
+    changes.mark_unchanged();
+    let assign = Op::AssignOperation {
+        operation_id: "op_create_rt_a".into(),
+        node_id: 2,
+        lease_ms: 10_000,
+        expected_token: None,
+    };
+    apply(&mut sm, vec![assign]).await;
+    assert!(changes.has_changed().unwrap(), "an assignment wakes the watchers");
+    let assigned: Vec<String> = sm.operations_assigned_to(2).into_iter().map(|o| o.id).collect();
+    assert_eq!(assigned, ["op_create_rt_a"]);
+    assert!(sm.operations_assigned_to(1).is_empty());
+
+    apply(
+        &mut sm,
+        vec![
+            advance("op_create_rt_b", OperationStatus::Running),
+            advance("op_create_rt_b", OperationStatus::Succeeded),
+        ],
+    )
+    .await;
+    let active: Vec<String> = sm.active_operations().unwrap().into_iter().map(|o| o.id).collect();
+    assert_eq!(active, ["op_create_rt_a"], "a finished operation leaves the set");
+    changes.mark_unchanged();
+    apply(&mut sm, vec![create("rt_c", "cache")]).await;
+    let before_reopen = sm.active_operations().unwrap();
+    assert_eq!(before_reopen.len(), 2);
+
+    let reopened = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
+    assert_eq!(reopened.active_operations().unwrap(), before_reopen, "the set is read back from the store");
+    assert_eq!(reopened.operations_assigned_to(2), sm.operations_assigned_to(2));
+}
+
+#[tokio::test]
+async fn a_success_that_completes_the_last_step_records_its_message() {
+    let (_dir, mut sm) = open();
+    apply(&mut sm, vec![create("rt_a", "web"), create("rt_b", "db")]).await;
+    let report = |op: &str, status, completed, message: &str| Op::AdvanceOperation {
+        operation_id: op.into(),
+        status,
+        progress: Some(runtimeai_model::OperationProgress { percent: 100, message: Some(message.into()) }),
+        error: None,
+        token: None,
+        completed_actions: Some(completed),
+        failed_action: None,
+    };
+    apply(
+        &mut sm,
+        vec![
+            advance("op_create_rt_a", OperationStatus::Running),
+            report("op_create_rt_a", OperationStatus::Succeeded, 1, "vm defined and booted"),
+            advance("op_create_rt_b", OperationStatus::Running),
+            report("op_create_rt_b", OperationStatus::Running, 1, "vm defined and booted"),
+            report("op_create_rt_b", OperationStatus::Succeeded, 1, "done"),
+        ],
+    )
+    .await;
+    for id in ["op_create_rt_a", "op_create_rt_b"] {
+        let operation = sm.get_operation(id).unwrap().unwrap();
+        assert_eq!(operation.status, OperationStatus::Succeeded);
+        assert_eq!(operation.action_messages, ["vm defined and booted"], "{id}");
+    }
+}
+
+#[tokio::test]
 async fn updates_and_label_patches_check_the_expected_version() {
     let (_dir, mut sm) = open();
     apply(&mut sm, vec![create("rt_a", "web")]).await;
@@ -404,6 +477,25 @@ async fn events_are_kept_within_the_retention_count_and_age() {
     sm.apply(vec![entry(last + 1, later)]).await.unwrap();
     let events = sm.runtime_events("rt_a").unwrap();
     assert_eq!(events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>(), ["runtime.labels"]);
+}
+
+#[tokio::test]
+async fn events_past_the_retention_age_go_even_when_few() {
+    let (_dir, mut sm) = open();
+    let settings = ClusterSettings { event_retention_count: 100, event_retention_days: 1, ..Default::default() };
+    apply(&mut sm, vec![Op::SetSettings { settings }]).await;
+    running(&mut sm, "rt_a", "web").await;
+    let patch = || Op::PatchLabels { runtime_id: "rt_a".into(), labels: BTreeMap::new(), expected_version: None };
+    apply(&mut sm, vec![patch()]).await;
+    let kept = sm.runtime_events("rt_a").unwrap().len();
+    assert!(kept >= 3, "well within the count, all kept: {kept}");
+
+    let last = sm.last_applied().unwrap().unwrap().index;
+    let later = Command { at: at(2 * 24 * 60 * 60), ..command(patch()) };
+    sm.apply(vec![entry(last + 1, later)]).await.unwrap();
+    let events = sm.runtime_events("rt_a").unwrap();
+    assert_eq!(events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>(), ["runtime.labels"]);
+    assert_eq!(events[0].ts, at(2 * 24 * 60 * 60));
 }
 
 #[tokio::test]
