@@ -314,8 +314,10 @@ async fn operations_can_be_cancelled_until_they_finish() -> anyhow::Result<()> {
         ClusterOptions { extra_args: vec!["--simulated-step-ms".into(), "1500".into()], ..Default::default() },
     )
     .await?;
+    // A vCluster: the simulated driver takes 1.5 s per call (libvirt's test driver takes none,
+    // and an operation starts as soon as it is queued).
     let created =
-        cluster.call(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "slow", "type": "vm"})), &[]).await?;
+        cluster.call(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "slow", "type": "vcluster"})), &[]).await?;
     let id = created.body["id"].as_str().unwrap().to_string();
     let op = created.body["active_operation"].as_str().unwrap().to_string();
     let busy = cluster.call(2, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/stop"), None, &[]).await?;
