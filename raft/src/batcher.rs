@@ -1,7 +1,8 @@
 //! Proposal batching on the leader: proposals that arrive while earlier ones are still being
 //! written travel together as one log entry ([`Op::Batch`]): one append, one fsync, one
 //! replication message and one apply for all of them, where openraft 0.9 would write and
-//! replicate each on its own. A lone proposal is written as it is.
+//! replicate each on its own. A lone proposal is written as it is. A batch a follower forwarded
+//! (see [`crate::forwarding`]) is one proposal here, and may share an entry with others.
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
@@ -51,10 +52,15 @@ async fn run(raft: Raft, mut queue: mpsc::UnboundedReceiver<Proposal>) {
     let in_flight = std::sync::Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     while let Some(first) = queue.recv().await {
         let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+        // Counted in commands: a follower's forwarded batch is one proposal of many commands.
+        let mut commands = weight(&first.command);
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        while commands < MAX_BATCH {
             match queue.try_recv() {
-                Ok(proposal) => batch.push(proposal),
+                Ok(proposal) => {
+                    commands += weight(&proposal.command);
+                    batch.push(proposal);
+                }
                 Err(_) => break,
             }
         }
@@ -63,6 +69,13 @@ async fn run(raft: Raft, mut queue: mpsc::UnboundedReceiver<Proposal>) {
             let _permit = permit;
             write(&raft, batch).await;
         });
+    }
+}
+
+fn weight(command: &Command) -> usize {
+    match &command.op {
+        Op::Batch(commands) => commands.len(),
+        _ => 1,
     }
 }
 

@@ -21,6 +21,7 @@ mod batcher;
 pub mod codec;
 pub mod command;
 pub mod error;
+mod forwarding;
 pub mod log_store;
 pub mod network;
 pub mod replica;

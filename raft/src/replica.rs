@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use runtimeai_proto::cluster_client::ClusterClient;
-use runtimeai_proto::{AddMemberRequest, ForwardRequest, PeerStatusRequest, ReadIndexRequest, RemoveMemberRequest};
+use runtimeai_proto::{AddMemberRequest, PeerStatusRequest, ReadIndexRequest, RemoveMemberRequest};
 use tonic::transport::Channel;
 
 use crate::batcher::Batcher;
 use crate::codec;
 use crate::command::{Command, CommandReply};
 use crate::error::ClusterError;
+use crate::forwarding::Forwarder;
 use crate::network::{channel, PeerHealth, PeerRoutes};
 use crate::state_machine::StateMachineStore;
 use crate::types::{NodeId, Raft, RaftMetrics};
@@ -68,6 +69,7 @@ pub struct Replica {
     /// When this node last received an AppendEntries (heartbeat or entries) from a leader.
     leader_contact: Mutex<Option<Instant>>,
     batcher: Batcher,
+    forwarder: Forwarder,
 }
 
 impl Replica {
@@ -80,7 +82,9 @@ impl Replica {
         routes: Arc<PeerRoutes>,
         options: ReplicaOptions,
     ) -> Replica {
+        let forwarder = Forwarder::start(cluster.clone(), options.request_deadline);
         Replica {
+            forwarder,
             id,
             state,
             cluster,
@@ -174,15 +178,8 @@ impl Replica {
             Ok(reply) => Ok(reply),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => {
                 let (leader, addr) = self.leader_of(to, hops_left)?;
-                let payload = codec::encode("command", &command).map_err(internal)?;
-                let mut client = self.client(leader, &addr)?;
-                let request = self.request(ForwardRequest {
-                    cluster: self.cluster.clone(),
-                    hops_left: hops_left - 1,
-                    command: payload,
-                });
-                let reply = client.forward(request).await.map_err(|s| self.transport_error(leader, s))?;
-                decode_reply(&reply.into_inner().payload)?
+                let client = self.client(leader, &addr)?;
+                self.forwarder.forward(leader, client, hops_left - 1, command).await
             }
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 Err(ClusterError::Invalid(e.to_string()))
@@ -425,13 +422,7 @@ impl Replica {
     /// A transport failure talking to the leader. Whether the request reached it is unknown
     /// unless the connection was never made, so only that case counts as "never applied".
     fn transport_error(&self, leader: NodeId, status: tonic::Status) -> ClusterError {
-        if never_sent(&status) {
-            ClusterError::LeaderUnreachable { leader, reason: status.message().to_string() }
-        } else if status.code() == tonic::Code::DeadlineExceeded {
-            ClusterError::Timeout(self.options.request_deadline.as_millis() as u64)
-        } else {
-            ClusterError::Internal(format!("leader {leader} failed the request: {}", status.message()))
-        }
+        transport_error(leader, status, self.options.request_deadline)
     }
 
     /// Runs `attempt` until it succeeds, fails with an error `retry_on` does not accept, or the
@@ -463,6 +454,18 @@ impl Replica {
                 other => return other,
             }
         }
+    }
+}
+
+/// A transport failure talking to the leader. Whether the request reached it is unknown
+/// unless the connection was never made, so only that case counts as "never applied".
+pub(crate) fn transport_error(leader: NodeId, status: tonic::Status, deadline: Duration) -> ClusterError {
+    if never_sent(&status) {
+        ClusterError::LeaderUnreachable { leader, reason: status.message().to_string() }
+    } else if status.code() == tonic::Code::DeadlineExceeded {
+        ClusterError::Timeout(deadline.as_millis() as u64)
+    } else {
+        ClusterError::Internal(format!("leader {leader} failed the request: {}", status.message()))
     }
 }
 

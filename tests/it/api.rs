@@ -721,3 +721,46 @@ async fn every_read_endpoint_answers_the_same_through_every_node() -> anyhow::Re
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_through_a_follower_each_get_their_own_answer() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let leader = cluster.wait_leader(SETTLE).await?;
+    let follower = (1..=3).find(|n| *n != leader).expect("a follower");
+    phase("64 creates at once through one follower (forwarded to the leader in batches); 16 names twice");
+    let names: Vec<String> = (0..64).map(|i| format!("batch-{}", i % 48)).collect();
+    let cluster = &cluster;
+    let calls = names.iter().map(|name| {
+        let body = json!({"name": name, "type": "vcluster"});
+        async move { (name.clone(), cluster.call(follower, Method::POST, "/v1/runtimes", Some(&body), &[]).await) }
+    });
+    let mut created = std::collections::BTreeMap::new();
+    let mut refused = 0;
+    for (name, response) in futures::future::join_all(calls).await {
+        let response = response?;
+        match response.status {
+            201 => {
+                assert_eq!(response.body["name"], name.as_str(), "its own runtime: {response:?}");
+                assert!(created.insert(name, response.body["id"].clone()).is_none(), "one create per name");
+            }
+            409 => {
+                assert!(is_problem(&response, 409), "{response:?}");
+                let detail = response.body["detail"].as_str().unwrap_or_default();
+                assert!(detail.contains(&format!("{name:?}")) || detail.contains(&name), "about {name}: {detail}");
+                refused += 1;
+            }
+            other => panic!("create {name}: {other} {response:?}"),
+        }
+    }
+    assert_eq!((created.len(), refused), (48, 16), "each name created once, each second try refused");
+    let listed = cluster.call(leader, Method::GET, "/v1/runtimes?page_size=100", None, &[]).await?;
+    let mut listed: Vec<(String, Value)> = listed.body["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap_or_default().to_string(), r["id"].clone()))
+        .collect();
+    listed.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(listed, created.into_iter().collect::<Vec<_>>(), "what was acknowledged is what exists");
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! Forwarding batches on followers: the writes a follower passes on to the leader while
+//! earlier ones are still on the way travel together, as one `Forward` RPC carrying an
+//! [`Op::Batch`], and the leader answers them with one [`CommandReply::Batch`]. Under load most
+//! writes arrive at followers (a load balancer spreads clients over every node, and executors
+//! report from every node), and one RPC per write cost the leader more than applying them.
+//!
+//! What a caller sees is unchanged: its own reply, or the error the whole batch met (a transport
+//! failure leaves every command of the batch with the same unknown outcome it would have had
+//! alone).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use runtimeai_model::Actor;
+use runtimeai_proto::cluster_client::ClusterClient;
+use runtimeai_proto::ForwardRequest;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tonic::transport::Channel;
+
+use crate::codec;
+use crate::command::{Command, CommandReply, Op};
+use crate::error::ClusterError;
+use crate::types::NodeId;
+
+/// At most this many commands share one RPC (and so one entry of the leader's log).
+pub(crate) const MAX_FORWARD_BATCH: usize = 64;
+/// RPCs on the way at once; writes arriving meanwhile wait and form the next batch.
+const MAX_IN_FLIGHT: usize = 4;
+
+/// What the leader answered, or why it could not be asked.
+pub(crate) type Forwarded = Result<CommandReply, ClusterError>;
+
+struct Pending {
+    leader: NodeId,
+    client: ClusterClient<Channel>,
+    hops_left: u32,
+    command: Command,
+    reply: oneshot::Sender<Forwarded>,
+}
+
+/// The sending side; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Forwarder {
+    pending: mpsc::UnboundedSender<Pending>,
+}
+
+impl Forwarder {
+    /// Starts the forwarding task (it ends when every `Forwarder` is dropped).
+    pub(crate) fn start(cluster: String, deadline: Duration) -> Forwarder {
+        let (pending, queue) = mpsc::unbounded_channel();
+        tokio::spawn(run(Arc::new(Link { cluster, deadline }), queue));
+        Forwarder { pending }
+    }
+
+    /// Sends `command` to `leader` (through `client`), with others bound there if any wait.
+    pub(crate) async fn forward(
+        &self,
+        leader: NodeId,
+        client: ClusterClient<Channel>,
+        hops_left: u32,
+        command: Command,
+    ) -> Forwarded {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || ClusterError::Stopped("the node is shutting down".into());
+        if self.pending.send(Pending { leader, client, hops_left, command, reply }).is_err() {
+            return Err(stopped());
+        }
+        answer.await.unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+/// What every RPC carries.
+struct Link {
+    cluster: String,
+    deadline: Duration,
+}
+
+async fn run(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Pending>) {
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+        let mut waiting = vec![first];
+        while waiting.len() < MAX_FORWARD_BATCH {
+            match queue.try_recv() {
+                Ok(pending) => waiting.push(pending),
+                Err(_) => break,
+            }
+        }
+        // Almost always one group: every write goes to the one leader with the same hop budget.
+        let mut groups: BTreeMap<(NodeId, u32), Vec<Pending>> = BTreeMap::new();
+        for pending in waiting {
+            groups.entry((pending.leader, pending.hops_left)).or_default().push(pending);
+        }
+        let link = link.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            for ((leader, hops_left), group) in groups {
+                send(&link, leader, hops_left, group).await;
+            }
+        });
+    }
+}
+
+async fn send(link: &Link, leader: NodeId, hops_left: u32, mut group: Vec<Pending>) {
+    let mut client = group[0].client.clone();
+    let alone = group.len() == 1;
+    let (commands, replies): (Vec<Command>, Vec<oneshot::Sender<Forwarded>>) = if alone {
+        let pending = group.remove(0);
+        (vec![pending.command], vec![pending.reply])
+    } else {
+        group.into_iter().map(|p| (p.command, p.reply)).unzip()
+    };
+    let command = if alone {
+        commands.into_iter().next().expect("one command")
+    } else {
+        Command { at: commands[0].at, actor: Actor::System, idempotency: None, op: Op::Batch(commands) }
+    };
+    let count = replies.len();
+    let answer = ask(link, leader, hops_left, &mut client, &command).await;
+    match answer {
+        Ok(CommandReply::Batch(answers)) if !alone && answers.len() == count => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(Ok(answer));
+            }
+        }
+        Ok(answer) if alone => {
+            let _ = replies.into_iter().next().expect("one reply").send(Ok(answer));
+        }
+        Ok(other) => {
+            // The leader answers a batch with a batch of the same length; anything else is a bug.
+            tracing::error!(reply = ?other, "a forwarded batch got an unexpected reply");
+            for reply in replies {
+                let _ = reply.send(Err(ClusterError::Internal("unexpected reply to a forwarded batch".into())));
+            }
+        }
+        Err(error) => {
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+/// One `Forward` RPC.
+async fn ask(
+    link: &Link,
+    leader: NodeId,
+    hops_left: u32,
+    client: &mut ClusterClient<Channel>,
+    command: &Command,
+) -> Forwarded {
+    let payload = codec::encode("command", command).map_err(|e| ClusterError::Internal(e.to_string()))?;
+    let mut request =
+        tonic::Request::new(ForwardRequest { cluster: link.cluster.clone(), hops_left, command: payload });
+    request.set_timeout(link.deadline);
+    let reply = client.forward(request).await.map_err(|s| crate::replica::transport_error(leader, s, link.deadline))?;
+    codec::decode::<Forwarded>("forwarded reply", &reply.into_inner().payload)
+        .map_err(|e| ClusterError::Internal(e.to_string()))?
+}
