@@ -81,7 +81,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     let raft = Raft::new(config.id, Arc::new(raft_config), network, log_store, state.clone())
         .await
         .map_err(|e| anyhow::anyhow!("cannot start raft from {}: {e}", config.data_dir.display()))?;
-    let replica = Arc::new(Replica::new(
+    let replica = Replica::new(
         config.id,
         raft.clone(),
         state,
@@ -92,7 +92,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
             reachable_window: (config.heartbeat * 5).max(Duration::from_millis(500)),
             ..Default::default()
         },
-    ));
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -24,6 +24,7 @@ pub mod error;
 mod forwarding;
 pub mod log_store;
 pub mod network;
+mod read_index;
 pub mod replica;
 pub mod service;
 pub mod state_machine;

@@ -18,6 +18,7 @@ use crate::command::{Command, CommandReply};
 use crate::error::ClusterError;
 use crate::forwarding::Forwarder;
 use crate::network::{channel, PeerHealth, PeerRoutes};
+use crate::read_index::ReadIndexBatcher;
 use crate::state_machine::StateMachineStore;
 use crate::types::{NodeId, Raft, RaftMetrics};
 
@@ -70,6 +71,7 @@ pub struct Replica {
     leader_contact: Mutex<Option<Instant>>,
     batcher: Batcher,
     forwarder: Forwarder,
+    read_indexes: ReadIndexBatcher,
 }
 
 impl Replica {
@@ -81,10 +83,11 @@ impl Replica {
         health: Arc<PeerHealth>,
         routes: Arc<PeerRoutes>,
         options: ReplicaOptions,
-    ) -> Replica {
+    ) -> Arc<Replica> {
         let forwarder = Forwarder::start(cluster.clone(), options.request_deadline);
-        Replica {
+        Arc::new_cyclic(|replica| Replica {
             forwarder,
+            read_indexes: ReadIndexBatcher::start(replica.clone()),
             id,
             state,
             cluster,
@@ -95,7 +98,7 @@ impl Replica {
             leader_contact: Mutex::new(None),
             batcher: Batcher::start(raft.clone()),
             raft,
-        }
+        })
     }
 
     pub fn cluster_name(&self) -> &str {
@@ -203,8 +206,14 @@ impl Replica {
         Ok(())
     }
 
-    /// The log index a linearizable read must wait for, obtained from the leader.
+    /// The log index a linearizable read that begins now must wait for, obtained from the
+    /// leader in a round shared with the reads waiting alongside (see [`crate::read_index`]).
     pub(crate) async fn read_index(&self, hops_left: u32) -> Result<u64, ClusterError> {
+        self.read_indexes.read_index(hops_left).await
+    }
+
+    /// One round: asks the leader (or, here, a quorum) for the read index.
+    pub(crate) async fn read_index_now(&self, hops_left: u32) -> Result<u64, ClusterError> {
         let outcome = tokio::time::timeout(self.options.request_deadline, self.raft.get_read_log_id()).await;
         match outcome {
             Err(_) => Err(ClusterError::NoQuorum("leadership could not be confirmed in time".into())),

@@ -764,3 +764,28 @@ async fn concurrent_writes_through_a_follower_each_get_their_own_answer() -> any
     assert_eq!(listed, created.into_iter().collect::<Vec<_>>(), "what was acknowledged is what exists");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_sharing_a_read_index_see_every_write_acknowledged_before_them() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    let leader = cluster.wait_leader(SETTLE).await?;
+    let follower = (1..=3).find(|n| *n != leader).expect("a follower");
+    let created = cluster
+        .call(leader, Method::POST, "/v1/runtimes", Some(&json!({"name": "reg", "type": "vcluster"})), &[])
+        .await?;
+    let path = format!("/v1/runtimes/{}", created.body["id"].as_str().expect("id"));
+    let cluster = &cluster;
+    for round in 0..5 {
+        phase(&format!("round {round}: a label written through the leader, then 32 reads at once through a follower"));
+        let patch = json!({"labels": {"round": round.to_string()}});
+        let patched = cluster.call(leader, Method::PATCH, &path, Some(&patch), &[]).await?;
+        assert_eq!(patched.status, 200, "{patched:?}");
+        let reads = (0..32).map(|_| cluster.call(follower, Method::GET, &path, None, &[]));
+        for read in futures::future::join_all(reads).await {
+            let read = read?;
+            assert_eq!(read.status, 200, "{read:?}");
+            assert_eq!(read.body["labels"]["round"], round.to_string(), "a read after the write sees it");
+        }
+    }
+    Ok(())
+}
