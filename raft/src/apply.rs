@@ -3,6 +3,7 @@
 //! Every function here reads only the command and the store (through [`Txn`]), so every
 //! replica computes the same result. Refusals are [`Rejection`] replies, not errors.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 
 use rocksdb::{IteratorMode, WriteBatch, DB};
@@ -38,6 +39,10 @@ pub(crate) struct Txn<'a> {
     /// Every operation written, in order: once the batch is on disk, the state machine's
     /// in-memory set of unfinished operations follows them.
     pub(crate) operations_written: Vec<Operation>,
+    /// The settings and the policies, decoded once per apply call (every command reads the
+    /// settings, every lifecycle command the policies) until a command writes them.
+    settings: RefCell<Option<ClusterSettings>>,
+    policies: RefCell<Option<std::sync::Arc<Vec<Policy>>>>,
 }
 
 impl<'a> Txn<'a> {
@@ -48,6 +53,8 @@ impl<'a> Txn<'a> {
             overlay: HashMap::new(),
             events_in_entry: 0,
             operations_written: Vec::new(),
+            settings: RefCell::new(None),
+            policies: RefCell::new(None),
         }
     }
 
@@ -70,9 +77,18 @@ impl<'a> Txn<'a> {
         value: &T,
     ) -> Result<(), StorageError> {
         let bytes = codec::encode("state record", value).map_err(write_err)?;
+        self.forget_cached(cf_name);
         self.batch.put_cf(cf(self.db, cf_name), &key, &bytes);
         self.overlay.entry(cf_name).or_default().insert(key, Some(bytes));
         Ok(())
+    }
+
+    fn forget_cached(&mut self, cf_name: &'static str) {
+        match cf_name {
+            CF_SETTINGS => *self.settings.get_mut() = None,
+            CF_POLICIES => *self.policies.get_mut() = None,
+            _ => {}
+        }
     }
 
     /// Whether `key` was deleted earlier in this batch.
@@ -94,6 +110,7 @@ impl<'a> Txn<'a> {
     }
 
     fn delete(&mut self, cf_name: &'static str, key: Vec<u8>) {
+        self.forget_cached(cf_name);
         self.batch.delete_cf(cf(self.db, cf_name), &key);
         self.overlay.entry(cf_name).or_default().insert(key, None);
     }
@@ -130,7 +147,12 @@ fn count_placement(txn: &mut Txn<'_>, runtime: &Runtime, added: bool) -> Result<
 
 /// The cluster-wide settings in force.
 pub(crate) fn settings(txn: &Txn<'_>) -> Result<ClusterSettings, StorageError> {
-    Ok(txn.get(CF_SETTINGS, SETTINGS_KEY)?.unwrap_or_default())
+    if let Some(settings) = txn.settings.borrow().as_ref() {
+        return Ok(settings.clone());
+    }
+    let settings: ClusterSettings = txn.get(CF_SETTINGS, SETTINGS_KEY)?.unwrap_or_default();
+    *txn.settings.borrow_mut() = Some(settings.clone());
+    Ok(settings)
 }
 
 /// How long an idempotency key is remembered.
@@ -459,7 +481,15 @@ fn evaluate_policies(
     runtime: &Runtime,
     operation: &Operation,
 ) -> Result<Vec<PolicyDecision>, StorageError> {
-    let policies: Vec<Policy> = txn.scan(CF_POLICIES)?;
+    let cached = txn.policies.borrow().clone();
+    let policies = match cached {
+        Some(policies) => policies,
+        None => {
+            let policies = std::sync::Arc::new(txn.scan::<Policy>(CF_POLICIES)?);
+            *txn.policies.borrow_mut() = Some(policies.clone());
+            policies
+        }
+    };
     let before = Runtime { state: operation.prior_state, ..runtime.clone() };
     let request = policy::Request {
         runtime: &before,

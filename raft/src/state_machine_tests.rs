@@ -202,6 +202,45 @@ async fn a_success_that_completes_the_last_step_records_its_message() {
 }
 
 #[tokio::test]
+async fn a_policy_or_setting_written_earlier_in_a_batch_applies_to_the_commands_after_it() {
+    let (_dir, mut sm) = open();
+    running(&mut sm, "rt_a", "web").await;
+    running(&mut sm, "rt_b", "db").await;
+    running(&mut sm, "rt_c", "cache").await;
+    let deny_stop = runtimeai_model::Policy {
+        id: "pol_deny_stop".into(),
+        name: "no-stops".into(),
+        tenant_id: None,
+        scope_env: None,
+        rules: vec![runtimeai_model::PolicyRule {
+            kind: "deny_action".into(),
+            selector: runtimeai_model::JsonObject(
+                serde_json::json!({"actions": ["stop"]}).as_object().cloned().unwrap_or_default(),
+            ),
+            params: Default::default(),
+        }],
+        created_at: at(0),
+        version: 1,
+    };
+    let stop = LifecycleAction::Stop { force: false, timeout_seconds: None };
+    let settings = ClusterSettings { event_retention_count: 1, ..Default::default() };
+    let replies = apply(
+        &mut sm,
+        vec![
+            begin("op_stop_a", "rt_a", stop.clone()),
+            Op::CreatePolicy { policy: deny_stop },
+            begin("op_stop_b", "rt_b", stop),
+            Op::SetSettings { settings },
+            Op::PatchLabels { runtime_id: "rt_c".into(), labels: BTreeMap::new(), expected_version: None },
+        ],
+    )
+    .await;
+    assert!(matches!(&replies[0], CommandReply::Operation(_)), "before the policy: {:?}", replies[0]);
+    assert!(matches!(&replies[2], CommandReply::Rejected(Rejection::PolicyDenied { .. })), "{:?}", replies[2]);
+    assert_eq!(sm.runtime_events("rt_c").unwrap().len(), 1, "the new retention holds for the next event");
+}
+
+#[tokio::test]
 async fn updates_and_label_patches_check_the_expected_version() {
     let (_dir, mut sm) = open();
     apply(&mut sm, vec![create("rt_a", "web")]).await;
