@@ -8,9 +8,7 @@ use clap::{Parser, Subcommand};
 use runtimeai_node::config::{LogFormat, NodeArgs};
 use runtimeai_node::{dev, server};
 
-/// glibc's allocator spent about a quarter of a loaded node's CPU (allocating, freeing,
-/// consolidating); mimalloc's thread-local free lists make the many small, short-lived
-/// allocations of request handling and apply cheap.
+/// mimalloc: see `runtimeai_node::allocator` for why, and for its tuning.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -34,6 +32,7 @@ enum Commands {
 }
 
 fn main() -> ExitCode {
+    runtimeai_node::allocator::return_freed_memory_promptly();
     let cli = Cli::parse();
     let result = match cli.command {
         Commands::Node(args) => run_node(args),
