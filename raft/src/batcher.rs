@@ -9,6 +9,7 @@ use openraft::BasicNode;
 use runtimeai_model::Actor;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::coalesce::{holding, next_group};
 use crate::command::{Command, CommandReply, Op};
 use crate::types::{NodeId, Raft};
 
@@ -50,25 +51,12 @@ impl Batcher {
 
 async fn run(raft: Raft, mut queue: mpsc::UnboundedReceiver<Proposal>) {
     let in_flight = std::sync::Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    while let Some(first) = queue.recv().await {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
-        // Counted in commands: a follower's forwarded batch is one proposal of many commands.
-        let mut commands = weight(&first.command);
-        let mut batch = vec![first];
-        while commands < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(proposal) => {
-                    commands += weight(&proposal.command);
-                    batch.push(proposal);
-                }
-                Err(_) => break,
-            }
-        }
+    // Counted in commands: a follower's forwarded batch is one proposal of many commands.
+    while let Some((permit, batch)) =
+        next_group(&mut queue, &in_flight, MAX_BATCH, |proposal: &Proposal| weight(&proposal.command)).await
+    {
         let raft = raft.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            write(&raft, batch).await;
-        });
+        tokio::spawn(holding(permit, async move { write(&raft, batch).await }));
     }
 }
 

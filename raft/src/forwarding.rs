@@ -18,6 +18,7 @@ use runtimeai_proto::ForwardRequest;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::Channel;
 
+use crate::coalesce::{holding, next_group};
 use crate::codec;
 use crate::command::{Command, CommandReply, Op};
 use crate::error::ClusterError;
@@ -78,27 +79,18 @@ struct Link {
 
 async fn run(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Pending>) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    while let Some(first) = queue.recv().await {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
-        let mut waiting = vec![first];
-        while waiting.len() < MAX_FORWARD_BATCH {
-            match queue.try_recv() {
-                Ok(pending) => waiting.push(pending),
-                Err(_) => break,
-            }
-        }
+    while let Some((permit, waiting)) = next_group(&mut queue, &in_flight, MAX_FORWARD_BATCH, |_| 1).await {
         // Almost always one group: every write goes to the one leader with the same hop budget.
         let mut groups: BTreeMap<(NodeId, u32), Vec<Pending>> = BTreeMap::new();
         for pending in waiting {
             groups.entry((pending.leader, pending.hops_left)).or_default().push(pending);
         }
         let link = link.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
+        tokio::spawn(holding(permit, async move {
             for ((leader, hops_left), group) in groups {
                 send(&link, leader, hops_left, group).await;
             }
-        });
+        }));
     }
 }
 

@@ -18,6 +18,7 @@
 
 mod apply;
 mod batcher;
+mod coalesce;
 pub mod codec;
 pub mod command;
 pub mod error;

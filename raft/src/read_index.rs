@@ -10,6 +10,7 @@ use std::sync::{Arc, Weak};
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::coalesce::{holding, next_group};
 use crate::error::ClusterError;
 use crate::replica::Replica;
 
@@ -46,23 +47,20 @@ impl ReadIndexBatcher {
 
 async fn run(replica: Weak<Replica>, mut queue: mpsc::UnboundedReceiver<Waiting>) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    while let Some(first) = queue.recv().await {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
-        // Everything queued by now began before the round below starts.
+    // Everything queued by now began before the round below starts.
+    while let Some((permit, waiting)) = next_group(&mut queue, &in_flight, usize::MAX, |_| 1).await {
         let mut rounds: BTreeMap<u32, Vec<oneshot::Sender<Result<u64, ClusterError>>>> = BTreeMap::new();
-        rounds.entry(first.hops_left).or_default().push(first.reply);
-        while let Ok(waiting) = queue.try_recv() {
-            rounds.entry(waiting.hops_left).or_default().push(waiting.reply);
+        for read in waiting {
+            rounds.entry(read.hops_left).or_default().push(read.reply);
         }
         let Some(replica) = replica.upgrade() else { return };
-        tokio::spawn(async move {
-            let _permit = permit;
+        tokio::spawn(holding(permit, async move {
             for (hops_left, replies) in rounds {
                 let index = replica.read_index_now(hops_left).await;
                 for reply in replies {
                     let _ = reply.send(index.clone());
                 }
             }
-        });
+        }));
     }
 }

@@ -1,0 +1,94 @@
+//! The one pattern behind proposal batching ([`crate::batcher`]), forwarding batches
+//! ([`crate::forwarding`]) and shared read-index rounds ([`crate::read_index`]): while a few
+//! groups are on their way, whatever arrives waits, and leaves as the next group.
+//!
+//! A group holds its slot until it is done or [`MAX_HOLD`] has passed, whichever is first: a
+//! group stuck on a leader that is gone (its RPC runs until the request deadline) must not
+//! hold back the groups behind it, which would go to the new leader.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+/// Waits for an item and a free slot of `in_flight`, then takes whatever else is queued by
+/// now, up to `max` counted by `weight` (the first item always goes). The permit is the slot:
+/// hold it until the group is done. `None` once every sender is gone.
+pub(crate) async fn next_group<T>(
+    queue: &mut mpsc::UnboundedReceiver<T>,
+    in_flight: &Arc<Semaphore>,
+    max: usize,
+    weight: impl Fn(&T) -> usize,
+) -> Option<(OwnedSemaphorePermit, Vec<T>)> {
+    let first = queue.recv().await?;
+    let permit = in_flight.clone().acquire_owned().await.ok()?;
+    let mut taken = weight(&first);
+    let mut group = vec![first];
+    while taken < max {
+        match queue.try_recv() {
+            Ok(item) => {
+                taken += weight(&item);
+                group.push(item);
+            }
+            Err(_) => break,
+        }
+    }
+    Some((permit, group))
+}
+
+/// How long a group keeps its slot at most; groups take milliseconds when all is well.
+pub(crate) const MAX_HOLD: Duration = Duration::from_millis(100);
+
+/// Runs `work`, giving the slot back when it is done or after [`MAX_HOLD`].
+pub(crate) async fn holding<F: Future>(permit: OwnedSemaphorePermit, work: F) -> F::Output {
+    tokio::pin!(work);
+    tokio::select! {
+        done = &mut work => done,
+        _ = tokio::time::sleep(MAX_HOLD) => {
+            drop(permit);
+            work.await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_group_is_what_waits_up_to_the_limit_by_weight() {
+        let (send, mut queue) = mpsc::unbounded_channel();
+        let in_flight = Arc::new(Semaphore::new(1));
+        for n in [3, 1, 2, 5, 1] {
+            send.send(n).unwrap();
+        }
+        let (permit, group) = next_group(&mut queue, &in_flight, 4, |n| *n).await.unwrap();
+        assert_eq!(group, [3, 1], "stops once the limit is reached");
+        assert_eq!(in_flight.available_permits(), 0, "the group holds the slot");
+        drop(permit);
+        let (permit, group) = next_group(&mut queue, &in_flight, 4, |n| *n).await.unwrap();
+        assert_eq!(group, [2, 5], "the limit counts weight, and the first item always goes");
+        drop(permit);
+        drop(send);
+        let (permit, group) = next_group(&mut queue, &in_flight, 4, |n| *n).await.unwrap();
+        assert_eq!(group, [1], "what was sent before the senders went");
+        drop(permit);
+        assert!(next_group(&mut queue, &in_flight, 4, |n| *n).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stuck_group_gives_its_slot_back() {
+        let in_flight = Arc::new(Semaphore::new(1));
+        let permit = in_flight.clone().acquire_owned().await.unwrap();
+        let stuck = tokio::spawn(holding(permit, tokio::time::sleep(Duration::from_secs(60))));
+        let freed = tokio::time::timeout(MAX_HOLD * 20, in_flight.clone().acquire_owned()).await;
+        assert!(freed.is_ok(), "the slot comes back while the stuck group still runs");
+        assert!(!stuck.is_finished());
+        stuck.abort();
+        drop(freed);
+        let quick = in_flight.clone().acquire_owned().await.unwrap();
+        assert_eq!(holding(quick, async { 7 }).await, 7);
+        assert_eq!(in_flight.available_permits(), 1, "given back when done");
+    }
+}
