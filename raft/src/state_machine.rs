@@ -267,6 +267,8 @@ impl StateMachineStore {
         let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
         let file = SnapshotFile { format_version: FORMAT_VERSION, meta: meta.clone(), column_families };
         let bytes = codec::encode("snapshot", &file).map_err(write_err)?;
+        // The decoded copy of the whole state goes before the encoded one is copied again.
+        drop(file);
         self.save_snapshot(&meta, bytes.clone())?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }
