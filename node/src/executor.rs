@@ -55,9 +55,8 @@ pub async fn run(replica: Arc<Replica>, backends: Backends, options: ExecutorOpt
         let operations = replica.state.operations_assigned_to(options.node_id);
         for operation in operations {
             let Some(assignment) = &operation.assignment else { continue };
-            let mine = assignment.node_id == options.node_id
-                && matches!(operation.status, OperationStatus::Queued | OperationStatus::Running);
-            if !mine || workers.get(&operation.id).is_some_and(|(token, _)| *token == assignment.token) {
+            let workable = matches!(operation.status, OperationStatus::Queued | OperationStatus::Running);
+            if !workable || workers.get(&operation.id).is_some_and(|(token, _)| *token == assignment.token) {
                 continue;
             }
             let token = assignment.token;
