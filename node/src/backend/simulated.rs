@@ -36,11 +36,24 @@ impl SimulatedBackend {
         let (this, cx, runtime_id, action) = (self.clone(), cx.clone(), runtime.id.clone(), action.to_string());
         tokio::task::spawn_blocking(move || {
             let (step, _) = this.ledger.run(&cx, || {
+                // The ledger records a step as done after this returns; a crash in between
+                // must not apply it twice. A pending mark says "may have been applied": then
+                // the journal (the pretend infrastructure) is looked at, as a real driver
+                // would look at its hypervisor.
+                let pending = this.ledger.dir().join(format!("pending-{}.{}", cx.operation_id, cx.step));
+                let entry = format!("applied operation={} step={} ", cx.operation_id, cx.step);
+                if pending.exists() {
+                    let journal = std::fs::read_to_string(this.journal_path()).unwrap_or_default();
+                    if journal.lines().any(|line| line.starts_with(&entry)) {
+                        return Ok(());
+                    }
+                }
+                std::fs::write(&pending, b"")?;
                 let mut journal = std::fs::OpenOptions::new().create(true).append(true).open(this.journal_path())?;
                 writeln!(
                     journal,
-                    "applied operation={} step={} action={action} runtime={runtime_id} token={} node={}",
-                    cx.operation_id, cx.step, cx.token, this.node_id
+                    "{entry}action={action} runtime={runtime_id} token={} node={}",
+                    cx.token, this.node_id
                 )?;
                 journal.sync_data()?;
                 Ok(())
@@ -134,5 +147,21 @@ mod tests {
         assert!(matches!(fenced, BackendError::Fenced { token: 5, newer: 9 }), "{fenced}");
         let journal = std::fs::read_to_string(backend.journal_path()).unwrap();
         assert_eq!(journal.lines().count(), 2, "{journal}");
+    }
+
+    #[tokio::test]
+    async fn a_crash_between_the_work_and_its_record_does_not_apply_the_step_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = SimulatedBackend::new(dir.path().to_path_buf(), Duration::from_millis(1), 1).unwrap();
+        let runtime = Runtime::new("rt_1", "r", runtimeai_model::RuntimeType::Vm, chrono::DateTime::UNIX_EPOCH);
+        let cx = CallContext { operation_id: "op_1".into(), step: 0, token: 5 };
+        backend.restart(&cx, &runtime).await.unwrap();
+        // What an executor killed right after the journal line leaves: no done mark.
+        std::fs::remove_file(dir.path().join("done").join("op_1.0")).unwrap();
+        backend.restart(&cx, &runtime).await.unwrap();
+        let journal = std::fs::read_to_string(backend.journal_path()).unwrap();
+        assert_eq!(journal.lines().count(), 1, "{journal}");
+        let again = backend.restart(&cx, &runtime).await.unwrap();
+        assert!(again.contains("already applied"), "recorded as done now: {again}");
     }
 }
