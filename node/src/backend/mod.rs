@@ -18,13 +18,15 @@
 //!   including that it has nothing ([`Observed::Missing`]); the executor compares it with the
 //!   replicated state (drift).
 
+mod ledger;
 pub mod libvirt;
 pub mod sandbox;
 pub mod simulated;
 pub mod vcluster;
 
+pub use ledger::{Step, StepLedger};
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use runtimeai_engine::catalogue::quantity_bytes;
@@ -226,86 +228,9 @@ impl Backends {
     }
 }
 
-/// Fencing and step memory for drivers without a place of their own to keep them: a directory
-/// with the highest token seen per operation and a marker per applied step, under a lock file
-/// shared by every process using the directory.
-#[derive(Debug, Clone)]
-pub struct StepLedger {
-    dir: PathBuf,
-}
-
-/// Whether a step still has to be applied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    Fresh,
-    AlreadyApplied,
-}
-
-impl StepLedger {
-    pub fn open(dir: PathBuf) -> std::io::Result<StepLedger> {
-        std::fs::create_dir_all(dir.join("fence"))?;
-        std::fs::create_dir_all(dir.join("done"))?;
-        Ok(StepLedger { dir })
-    }
-
-    pub fn dir(&self) -> &std::path::Path {
-        &self.dir
-    }
-
-    /// Runs `apply` for the step unless a newer token was seen (fenced) or the step was already
-    /// applied; the check, the work and the record happen under the lock.
-    pub fn run<T>(
-        &self,
-        cx: &CallContext,
-        apply: impl FnOnce() -> Result<T, BackendError>,
-    ) -> Result<(Step, Option<T>), BackendError> {
-        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(self.dir.join("lock"))?;
-        lock.lock()?;
-        let fence = self.dir.join("fence").join(&cx.operation_id);
-        let newest: u64 = std::fs::read_to_string(&fence).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0);
-        if cx.token < newest {
-            return Err(BackendError::Fenced { token: cx.token, newer: newest });
-        }
-        if cx.token > newest {
-            std::fs::write(&fence, cx.token.to_string())?;
-        }
-        let marker = self.dir.join("done").join(format!("{}.{}", cx.operation_id, cx.step));
-        if marker.exists() {
-            return Ok((Step::AlreadyApplied, None));
-        }
-        let value = apply()?;
-        std::fs::write(&marker, b"")?;
-        Ok((Step::Fresh, Some(value)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn cx(token: u64, step: u32) -> CallContext {
-        CallContext { operation_id: "op_1".into(), step, token }
-    }
-
-    #[test]
-    fn the_ledger_applies_each_step_once_and_fences_older_tokens() {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = StepLedger::open(dir.path().to_path_buf()).unwrap();
-        let applied = std::cell::Cell::new(0);
-        let apply = || {
-            applied.set(applied.get() + 1);
-            Ok(())
-        };
-        assert_eq!(ledger.run(&cx(5, 0), apply).unwrap().0, Step::Fresh);
-        assert_eq!(ledger.run(&cx(5, 0), apply).unwrap().0, Step::AlreadyApplied);
-        assert_eq!(ledger.run(&cx(9, 1), apply).unwrap().0, Step::Fresh);
-        let fenced = ledger.run(&cx(5, 2), apply).unwrap_err();
-        assert!(matches!(fenced, BackendError::Fenced { token: 5, newer: 9 }), "{fenced}");
-        let failed = ledger.run(&cx(9, 2), || Err::<(), _>(BackendError::Retryable("later".into())));
-        assert!(failed.is_err());
-        assert_eq!(ledger.run(&cx(9, 2), apply).unwrap().0, Step::Fresh, "a failed step is not marked");
-        assert_eq!(applied.get(), 3);
-    }
 
     #[test]
     fn resources_come_from_the_spec_or_its_size() {

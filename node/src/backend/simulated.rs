@@ -35,27 +35,20 @@ impl SimulatedBackend {
         tokio::time::sleep(self.step).await;
         let (this, cx, runtime_id, action) = (self.clone(), cx.clone(), runtime.id.clone(), action.to_string());
         tokio::task::spawn_blocking(move || {
-            let (step, _) = this.ledger.run(&cx, || {
-                // The ledger records a step as done after this returns; a crash in between
-                // must not apply it twice. A pending mark says "may have been applied": then
-                // the journal (the pretend infrastructure) is looked at, as a real driver
-                // would look at its hypervisor.
-                let pending = this.ledger.dir().join(format!("pending-{}.{}", cx.operation_id, cx.step));
-                let entry = format!("applied operation={} step={} ", cx.operation_id, cx.step);
-                if pending.exists() {
-                    let journal = std::fs::read_to_string(this.journal_path()).unwrap_or_default();
-                    if journal.lines().any(|line| line.starts_with(&entry)) {
-                        return Ok(());
-                    }
-                }
-                std::fs::write(&pending, b"")?;
+            let entry = format!("applied operation={} step={} ", cx.operation_id, cx.step);
+            // A step cut off by a crash after its work looks at the journal (the pretend
+            // infrastructure), as a real driver would look at its hypervisor.
+            let in_journal = || {
+                let journal = std::fs::read_to_string(this.journal_path()).unwrap_or_default();
+                Ok(journal.lines().any(|line| line.starts_with(&entry)))
+            };
+            let (step, _) = this.ledger.run_probed(&cx, in_journal, || {
+                // Not fsync'd: the journal stands for infrastructure outside this process, and
+                // it has to outlive a killed process, not a machine.
                 let mut journal = std::fs::OpenOptions::new().create(true).append(true).open(this.journal_path())?;
-                writeln!(
-                    journal,
-                    "{entry}action={action} runtime={runtime_id} token={} node={}",
-                    cx.token, this.node_id
-                )?;
-                journal.sync_data()?;
+                let line =
+                    format!("{entry}action={action} runtime={runtime_id} token={} node={}\n", cx.token, this.node_id);
+                journal.write_all(line.as_bytes())?;
                 Ok(())
             })?;
             Ok(match step {
@@ -156,8 +149,12 @@ mod tests {
         let runtime = Runtime::new("rt_1", "r", runtimeai_model::RuntimeType::Vm, chrono::DateTime::UNIX_EPOCH);
         let cx = CallContext { operation_id: "op_1".into(), step: 0, token: 5 };
         backend.restart(&cx, &runtime).await.unwrap();
-        // What an executor killed right after the journal line leaves: no done mark.
-        std::fs::remove_file(dir.path().join("done").join("op_1.0")).unwrap();
+        // What an executor killed right after the journal line leaves: the step pending, not done.
+        let ledger = dir.path().join("ledger");
+        let records = std::fs::read_to_string(&ledger).unwrap();
+        assert!(records.ends_with("done op_1 0\n"), "{records}");
+        std::fs::write(&ledger, records.trim_end_matches("done op_1 0\n")).unwrap();
+        let backend = SimulatedBackend::new(dir.path().to_path_buf(), Duration::from_millis(1), 1).unwrap();
         backend.restart(&cx, &runtime).await.unwrap();
         let journal = std::fs::read_to_string(backend.journal_path()).unwrap();
         assert_eq!(journal.lines().count(), 1, "{journal}");
