@@ -240,6 +240,9 @@ fn system_command(op: Op) -> Command {
     Command { at: chrono::Utc::now(), actor: Actor::System, idempotency: None, op }
 }
 
+/// How long a first backend call runs before the operation is reported `running`.
+const RUNNING_AFTER: Duration = Duration::from_millis(25);
+
 /// Why a worker stops before the end.
 enum Stop {
     /// The assignment is no longer ours (superseded, cancelled, finished): nothing to report.
@@ -296,10 +299,9 @@ impl Worker {
         let operation = self.current()?;
         let steps = operation.action.steps().to_vec();
         let total = steps.len().max(1) as u32;
-        if operation.status == OperationStatus::Queued {
-            let message = format!("started on node {}", self.options.node_id);
-            self.report(OperationStatus::Running, 0, message, None, None).await?;
-        }
+        // `running` is reported once the first call outlasts RUNNING_AFTER: a quick step goes
+        // from `queued` straight to its outcome, one replicated write fewer.
+        let mut running = operation.status != OperationStatus::Queued;
         let start = operation.completed_actions as usize;
         let mut last_message = "done".to_string();
         for (index, action) in steps.iter().enumerate().skip(start) {
@@ -312,7 +314,21 @@ impl Worker {
                 _ => return Err(Stop::Superseded),
             };
             let cx = CallContext { operation_id: self.operation_id.clone(), step: index as u32, token: self.token };
-            match self.call(&cx, &runtime, action).await {
+            let call = self.call(&cx, &runtime, action);
+            tokio::pin!(call);
+            let outcome = match running {
+                true => call.await,
+                false => match tokio::time::timeout(RUNNING_AFTER, &mut call).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        let message = format!("started on node {}", self.options.node_id);
+                        self.report(OperationStatus::Running, 0, message, None, None).await?;
+                        call.await
+                    }
+                },
+            };
+            running = true;
+            match outcome {
                 // The last step's outcome goes with the success: one replicated write fewer.
                 Ok(message) if index + 1 == steps.len() => last_message = message,
                 Ok(message) => {

@@ -1,20 +1,25 @@
 //! The leader's scheduler: hands each queued operation to a live executor node, and takes an
 //! operation back from an executor whose lease ran out.
 //!
-//! An assignment is a raft command; its log index is the fencing token. The leader prefers the
-//! node the runtime is placed on; if that node is unreachable, another live node that serves
-//! the runtime's type in the same site. A lease is only judged expired by a leader that has led
-//! for at least one lease period, so a fresh leader does not take operations from executors
-//! that could not renew during the election.
+//! An assignment is a raft command; its log index is the fencing token. Most operations never
+//! need one of their own: the leader offers an executor in the very entry that queues the
+//! operation ([`LeaderAssigner`], called by the leader's proposal batcher), and the rounds here
+//! pick up the rest (no live executor then, a lease expired, a leader change in between). The
+//! leader prefers the node the runtime is placed on; if that node is unreachable, another live
+//! node that serves the runtime's type in the same site. A lease is only judged expired by a
+//! leader that has led for at least one lease period, so a fresh leader does not take
+//! operations from executors that could not renew during the election.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
 use openraft::ServerState;
-use runtimeai_model::{NodeInfo, Operation, OperationStatus, Runtime};
-use runtimeai_raft::{Command, CommandReply, Op, Replica};
+use runtimeai_model::{Assignment, NodeInfo, Operation, OperationStatus, Runtime};
+use runtimeai_raft::state_machine::StateMachineStore;
+use runtimeai_raft::{Assigner, Command, CommandReply, Op, Replica};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// Assignments of one scheduling round proposed at once.
 const MAX_ASSIGNMENTS_IN_FLIGHT: usize = 256;
@@ -24,13 +29,59 @@ pub struct SchedulerOptions {
     pub lease: Duration,
 }
 
+/// What the leader knows of the executors: who serves what, and whom it reaches.
+struct ExecutorView {
+    nodes: Vec<NodeInfo>,
+    reachable: Vec<u64>,
+    taken: Instant,
+}
+
+/// Offers an executor for the operation a command queues, from the leader's latest view (kept
+/// by [`run`] while this node leads; no offer without a fresh one).
+pub struct LeaderAssigner {
+    state: StateMachineStore,
+    lease: Duration,
+    /// How old a view may be and still be offered from.
+    fresh_for: Duration,
+    view: RwLock<Option<ExecutorView>>,
+}
+
+impl Assigner for LeaderAssigner {
+    fn offer(&self, command: &mut Command) {
+        let view = self.view.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(view) = view.as_ref().filter(|view| view.taken.elapsed() <= self.fresh_for) else { return };
+        let lease_until = command.at + self.lease;
+        let offer = |runtime: &Runtime, operation: &mut Operation| {
+            if let Some(node_id) = choose(runtime, operation, &view.nodes, &view.reachable) {
+                operation.assignment = Some(Assignment { node_id, token: 0, lease_until });
+            }
+        };
+        match &mut command.op {
+            Op::CreateRuntime { runtime, operation } => offer(runtime, operation),
+            Op::BeginOperation { operation, .. } => {
+                if let Ok(Some(runtime)) = self.state.get_runtime(&operation.runtime_id) {
+                    offer(&runtime, operation);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Runs until `stop` turns true; acts only while this node leads.
 pub async fn run(replica: Arc<Replica>, options: SchedulerOptions, mut stop: watch::Receiver<bool>) {
     // A round runs when the unfinished operations change (a new one is queued at once), and
     // on a tick, which notices leases running out.
     let tick = (options.lease / 6).clamp(Duration::from_millis(50), Duration::from_millis(500));
+    let assigner = Arc::new(LeaderAssigner {
+        state: replica.state.clone(),
+        lease: options.lease,
+        fresh_for: tick * 4,
+        view: RwLock::new(None),
+    });
+    replica.set_assigner(assigner.clone());
     let mut changed = replica.state.watch_active_operations();
-    let mut leading_since: Option<(u64, tokio::time::Instant)> = None;
+    let mut leading_since: Option<(u64, Instant)> = None;
     loop {
         tokio::select! {
             _ = stop.wait_for(|stop| *stop) => return,
@@ -41,20 +92,40 @@ pub async fn run(replica: Arc<Replica>, options: SchedulerOptions, mut stop: wat
         let metrics = replica.metrics();
         if metrics.state != ServerState::Leader {
             leading_since = None;
+            *assigner.view.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
             continue;
         }
         let term = metrics.current_term;
         if leading_since.is_none_or(|(t, _)| t != term) {
-            leading_since = Some((term, tokio::time::Instant::now()));
+            leading_since = Some((term, Instant::now()));
+        }
+        let stale =
+            assigner.view.read().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|v| v.taken.elapsed() >= tick);
+        if stale {
+            match look_at_executors(&replica).await {
+                Ok(view) => *assigner.view.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(view),
+                Err(e) => tracing::debug!(error = %e, "cannot read the executors now"),
+            }
         }
         let settled = leading_since.is_some_and(|(_, since)| since.elapsed() >= options.lease);
-        if let Err(e) = schedule(&replica, &options, settled).await {
+        if let Err(e) = schedule(&replica, &assigner, &options, settled).await {
             tracing::debug!(error = %e, "scheduling round failed");
         }
     }
 }
 
-async fn schedule(replica: &Replica, options: &SchedulerOptions, settled: bool) -> anyhow::Result<()> {
+async fn look_at_executors(replica: &Replica) -> anyhow::Result<ExecutorView> {
+    let nodes = replica.state.nodes()?;
+    let reachable = replica.members().await.into_iter().filter(|m| m.reachable == Some(true)).map(|m| m.id).collect();
+    Ok(ExecutorView { nodes, reachable, taken: Instant::now() })
+}
+
+async fn schedule(
+    replica: &Replica,
+    assigner: &LeaderAssigner,
+    options: &SchedulerOptions,
+    settled: bool,
+) -> anyhow::Result<()> {
     let now = chrono::Utc::now();
     let unassigned: Vec<Operation> = replica
         .state
@@ -69,31 +140,32 @@ async fn schedule(replica: &Replica, options: &SchedulerOptions, settled: bool) 
     if unassigned.is_empty() {
         return Ok(());
     }
-    let nodes = replica.state.nodes()?;
-    let reachable: Vec<u64> =
-        replica.members().await.into_iter().filter(|m| m.reachable == Some(true)).map(|m| m.id).collect();
     let mut assignments = Vec::new();
-    for operation in unassigned {
-        let Some(runtime) = replica.state.get_runtime(&operation.runtime_id)? else { continue };
-        let Some(node) = choose(&runtime, &operation, &nodes, &reachable) else {
-            tracing::debug!(operation = %operation.id, "no live executor for it yet");
-            continue;
-        };
-        let expected_token = operation.assignment.as_ref().map(|a| a.token);
-        if let Some(previous) = &operation.assignment {
-            tracing::warn!(operation = %operation.id, from = previous.node_id, to = node, "lease expired; reassigning");
+    {
+        let view = assigner.view.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(view) = view.as_ref() else { return Ok(()) };
+        for operation in unassigned {
+            let Some(runtime) = replica.state.get_runtime(&operation.runtime_id)? else { continue };
+            let Some(node) = choose(&runtime, &operation, &view.nodes, &view.reachable) else {
+                tracing::debug!(operation = %operation.id, "no live executor for it yet");
+                continue;
+            };
+            let expected_token = operation.assignment.as_ref().map(|a| a.token);
+            if let Some(previous) = &operation.assignment {
+                tracing::warn!(operation = %operation.id, from = previous.node_id, to = node, "lease expired; reassigning");
+            }
+            assignments.push(Command {
+                at: chrono::Utc::now(),
+                actor: runtimeai_model::Actor::System,
+                idempotency: None,
+                op: Op::AssignOperation {
+                    operation_id: operation.id.clone(),
+                    node_id: node,
+                    lease_ms: options.lease.as_millis() as u64,
+                    expected_token,
+                },
+            });
         }
-        assignments.push(Command {
-            at: chrono::Utc::now(),
-            actor: runtimeai_model::Actor::System,
-            idempotency: None,
-            op: Op::AssignOperation {
-                operation_id: operation.id.clone(),
-                node_id: node,
-                lease_ms: options.lease.as_millis() as u64,
-                expected_token,
-            },
-        });
     }
     // Proposed together, the assignments of one round share log entries (the leader batches
     // concurrent proposals); one at a time, a backlog drains at one commit per assignment.
@@ -142,7 +214,7 @@ fn choose(runtime: &Runtime, operation: &Operation, nodes: &[NodeInfo], reachabl
 #[cfg(test)]
 mod tests {
     use super::*;
-    use runtimeai_model::{Assignment, Placement, RuntimeType};
+    use runtimeai_model::{Placement, RuntimeType};
 
     fn node(id: u64, backends: &[&str], site: Option<&str>) -> NodeInfo {
         NodeInfo {

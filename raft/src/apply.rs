@@ -455,6 +455,7 @@ fn create_runtime(
     if let Some(existing_id) = txn.get::<String>(CF_RUNTIME_NAMES, &name)? {
         return Ok(CommandReply::Rejected(Rejection::NameTaken { name: runtime.name, existing_id }));
     }
+    let offered = operation.assignment.take();
     let decisions = evaluate_policies(txn, settings, &runtime, &operation)?;
     if let Some(rejection) = judge(txn, events, &runtime.id, &mut operation, decisions)? {
         return Ok(CommandReply::Rejected(rejection));
@@ -463,7 +464,6 @@ fn create_runtime(
     count_placement(txn, &runtime, true)?;
     txn.put(CF_RUNTIME_NAMES, name, &runtime.id)?;
     txn.put(CF_RUNTIMES, runtime.id.as_bytes().to_vec(), &runtime)?;
-    put_operation(txn, &operation)?;
     let mut data = serde_json::Map::new();
     data.insert("name".into(), runtime.name.clone().into());
     data.insert("type".into(), runtime.runtime_type.as_str().into());
@@ -471,6 +471,8 @@ fn create_runtime(
     data.insert("status".into(), operation.status.as_str().into());
     data.insert("decisions".into(), serde_json::to_value(&operation.decisions).unwrap_or_default());
     events.write(txn, &runtime.id, "runtime.created", EventSeverity::Info, JsonObject(data))?;
+    hand_over_offered(txn, events, &mut operation, offered)?;
+    put_operation(txn, &operation)?;
     Ok(CommandReply::Created { runtime, operation })
 }
 
@@ -596,7 +598,8 @@ fn begin_operation(
             }))
         }
     };
-    let mut operation = Operation { prior_state: runtime.state, ..operation };
+    let offered = operation.assignment.clone();
+    let mut operation = Operation { prior_state: runtime.state, assignment: None, ..operation };
     let decisions = evaluate_policies(txn, settings, &runtime, &operation)?;
     if let Some(rejection) = judge(txn, events, &runtime.id, &mut operation, decisions)? {
         return Ok(CommandReply::Rejected(rejection));
@@ -605,12 +608,13 @@ fn begin_operation(
     runtime.state = during;
     runtime.active_operation = Some(operation.id.clone());
     save_runtime(txn, at, &mut runtime)?;
-    put_operation(txn, &operation)?;
     let event_type = format!("lifecycle.{}", operation.action.kind());
     let mut data = operation_data(&operation, from, during);
     // Every decision, allowing ones included, is on record with the rule that made it.
     data.0.insert("decisions".into(), serde_json::to_value(&operation.decisions).unwrap_or_default());
     events.write(txn, &runtime.id, &event_type, EventSeverity::Info, data)?;
+    hand_over_offered(txn, events, &mut operation, offered)?;
+    put_operation(txn, &operation)?;
     Ok(CommandReply::Operation(operation))
 }
 
@@ -664,10 +668,11 @@ fn advance_operation(
         return Ok(CommandReply::Rejected(rejection));
     }
     let status = report.status;
+    // An executor whose first step was quick reports its outcome without `running` first.
     let legal = matches!(
         (operation.status, status),
         (Queued | PendingApproval, Running | Failed | Cancelled) | (Running, Running | Succeeded | Failed | Cancelled)
-    );
+    ) || (operation.status == Queued && status == Succeeded && report.token.is_some());
     if !legal {
         return Ok(CommandReply::Rejected(status_rejection(&operation, status.as_str())));
     }
@@ -840,17 +845,45 @@ fn assign_operation(
             }
         }
     }
-    operation.attempts += 1;
     operation.version += 1;
+    hand_over(txn, events, &mut operation, assignment)?;
+    put_operation(txn, &operation)?;
+    Ok(CommandReply::Operation(operation))
+}
+
+/// Hands an operation to an executor (the caller stores the operation).
+fn hand_over(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter,
+    operation: &mut Operation,
+    assignment: Assignment,
+) -> Result<(), StorageError> {
+    operation.attempts += 1;
     let mut data = serde_json::Map::new();
     data.insert("operation_id".into(), operation.id.clone().into());
     data.insert("node_id".into(), assignment.node_id.into());
     data.insert("token".into(), assignment.token.into());
     data.insert("attempt".into(), operation.attempts.into());
     operation.assignment = Some(assignment);
-    put_operation(txn, &operation)?;
-    events.write(txn, &operation.runtime_id, "operation.assigned", EventSeverity::Info, JsonObject(data))?;
-    Ok(CommandReply::Operation(operation))
+    events.write(txn, &operation.runtime_id, "operation.assigned", EventSeverity::Info, JsonObject(data))
+}
+
+/// The leader may offer an executor in the entry that queues an operation (see
+/// `Replica::set_assigner`), saving an `AssignOperation` entry. The offer is taken if the
+/// operation was queued (not parked for approval); the entry's index is its fencing token.
+fn hand_over_offered(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter,
+    operation: &mut Operation,
+    offered: Option<Assignment>,
+) -> Result<(), StorageError> {
+    match offered {
+        Some(offer) if operation.status == OperationStatus::Queued => {
+            let assignment = Assignment { token: events.index, ..offer };
+            hand_over(txn, events, operation, assignment)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Applies a succeeded action (each action of a sequence in turn) to the runtime: its new state

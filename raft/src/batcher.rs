@@ -7,6 +7,8 @@
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
 use runtimeai_model::Actor;
+use std::sync::{Arc, RwLock};
+
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::coalesce::{holding, next_group};
@@ -20,6 +22,17 @@ const MAX_IN_FLIGHT: usize = 4;
 
 pub(crate) type WriteResult = Result<CommandReply, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>>;
 
+/// The leader's scheduler, asked about every command before it is proposed: it may hand the
+/// operation a command queues to an executor in the same entry ([`Operation::assignment`],
+/// whose token apply sets to the entry's index), one `AssignOperation` entry fewer.
+///
+/// [`Operation::assignment`]: runtimeai_model::Operation::assignment
+pub trait Assigner: Send + Sync {
+    fn offer(&self, command: &mut Command);
+}
+
+type SharedAssigner = Arc<RwLock<Option<Arc<dyn Assigner>>>>;
+
 struct Proposal {
     command: Command,
     reply: oneshot::Sender<WriteResult>,
@@ -29,14 +42,20 @@ struct Proposal {
 #[derive(Clone)]
 pub(crate) struct Batcher {
     proposals: mpsc::UnboundedSender<Proposal>,
+    assigner: SharedAssigner,
 }
 
 impl Batcher {
     /// Starts the batching task (it ends when every `Batcher` is dropped).
     pub(crate) fn start(raft: Raft) -> Batcher {
         let (proposals, queue) = mpsc::unbounded_channel();
-        tokio::spawn(run(raft, queue));
-        Batcher { proposals }
+        let assigner = SharedAssigner::default();
+        tokio::spawn(run(raft, queue, assigner.clone()));
+        Batcher { proposals, assigner }
+    }
+
+    pub(crate) fn set_assigner(&self, assigner: Arc<dyn Assigner>) {
+        *self.assigner.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(assigner);
     }
 
     /// Writes `command` through raft (with others, if others are waiting) and returns its reply.
@@ -49,14 +68,27 @@ impl Batcher {
     }
 }
 
-async fn run(raft: Raft, mut queue: mpsc::UnboundedReceiver<Proposal>) {
-    let in_flight = std::sync::Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+async fn run(raft: Raft, mut queue: mpsc::UnboundedReceiver<Proposal>, assigner: SharedAssigner) {
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     // Counted in commands: a follower's forwarded batch is one proposal of many commands.
-    while let Some((permit, batch)) =
+    while let Some((permit, mut batch)) =
         next_group(&mut queue, &in_flight, MAX_BATCH, |proposal: &Proposal| weight(&proposal.command)).await
     {
+        let assigner = assigner.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        if let Some(assigner) = assigner {
+            for proposal in &mut batch {
+                offer(assigner.as_ref(), &mut proposal.command);
+            }
+        }
         let raft = raft.clone();
         tokio::spawn(holding(permit, async move { write(&raft, batch).await }));
+    }
+}
+
+fn offer(assigner: &dyn Assigner, command: &mut Command) {
+    match &mut command.op {
+        Op::Batch(commands) => commands.iter_mut().for_each(|command| offer(assigner, command)),
+        _ => assigner.offer(command),
     }
 }
 

@@ -33,6 +33,7 @@ pub mod store;
 pub mod types;
 pub mod watchdog;
 
+pub use batcher::Assigner;
 pub use command::{Command, CommandReply, IdempotencyClaim, Op, Rejection};
 pub use error::{ClusterError, DataDirError};
 pub use replica::{MemberStatus, Replica, ReplicaOptions};

@@ -12,7 +12,7 @@ use runtimeai_proto::cluster_client::ClusterClient;
 use runtimeai_proto::{AddMemberRequest, PeerStatusRequest, ReadIndexRequest, RemoveMemberRequest};
 use tonic::transport::Channel;
 
-use crate::batcher::Batcher;
+use crate::batcher::{Assigner, Batcher};
 use crate::codec;
 use crate::command::{Command, CommandReply};
 use crate::error::ClusterError;
@@ -99,6 +99,11 @@ impl Replica {
             batcher: Batcher::start(raft.clone()),
             raft,
         })
+    }
+
+    /// Lets the leader's scheduler hand operations to executors in the entries that queue them.
+    pub fn set_assigner(&self, assigner: Arc<dyn Assigner>) {
+        self.batcher.set_assigner(assigner);
     }
 
     pub fn cluster_name(&self) -> &str {

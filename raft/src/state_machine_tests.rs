@@ -591,3 +591,62 @@ async fn a_batch_applies_its_commands_in_order_in_one_entry_each_with_its_own_re
     let ids: std::collections::BTreeSet<_> = events.iter().map(|e| e.id.clone()).collect();
     assert_eq!(ids.len(), events.len(), "no event overwrites another: {events:?}");
 }
+
+#[tokio::test]
+async fn an_executor_offered_with_the_entry_that_queues_the_operation_holds_it_with_that_entrys_index() {
+    let (_dir, mut sm) = open();
+    let offer = Some(runtimeai_model::Assignment { node_id: 3, token: 0, lease_until: at(4) });
+    let mut offered_create = create("rt_a", "web");
+    if let Op::CreateRuntime { operation, .. } = &mut offered_create {
+        operation.assignment = offer.clone();
+    }
+    apply(&mut sm, vec![offered_create]).await;
+    let created = sm.get_operation("op_create_rt_a").unwrap().unwrap();
+    let assignment = created.assignment.clone().expect("taken with the create");
+    assert_eq!((assignment.node_id, assignment.token, assignment.lease_until), (3, 1, at(4)), "token = entry index");
+    assert_eq!(created.attempts, 1);
+    assert_eq!(sm.operations_assigned_to(3).len(), 1);
+    let kinds: Vec<String> = sm.runtime_events("rt_a").unwrap().into_iter().map(|e| e.event_type).collect();
+    assert_eq!(kinds, ["runtime.created", "operation.assigned"]);
+
+    // A quick step: straight from queued to succeeded, with the holder's token only.
+    let finish = |token| Op::AdvanceOperation {
+        operation_id: "op_create_rt_a".into(),
+        status: OperationStatus::Succeeded,
+        progress: None,
+        error: None,
+        token,
+        completed_actions: Some(1),
+        failed_action: None,
+    };
+    let replies = apply(&mut sm, vec![finish(None), finish(Some(7)), finish(Some(1))]).await;
+    assert!(matches!(&replies[0], CommandReply::Rejected(Rejection::IllegalOperationStatus { .. })), "{replies:?}");
+    assert!(matches!(&replies[1], CommandReply::Rejected(Rejection::StaleToken { .. })), "{replies:?}");
+    assert!(matches!(&replies[2], CommandReply::Operation(op) if op.status == OperationStatus::Succeeded));
+    assert_eq!(state_of(&sm, "rt_a"), Some(RuntimeState::Running));
+
+    // An operation parked for approval is not handed to anyone.
+    let approval = runtimeai_model::Policy {
+        id: "pol_approve_stop".into(),
+        name: "approve-stops".into(),
+        tenant_id: None,
+        scope_env: None,
+        rules: vec![runtimeai_model::PolicyRule {
+            kind: "require_approval".into(),
+            selector: runtimeai_model::JsonObject(
+                serde_json::json!({"actions": ["stop"]}).as_object().cloned().unwrap_or_default(),
+            ),
+            params: Default::default(),
+        }],
+        created_at: at(0),
+        version: 1,
+    };
+    let mut offered_stop = begin("op_stop_a", "rt_a", LifecycleAction::Stop { force: false, timeout_seconds: None });
+    if let Op::BeginOperation { operation, .. } = &mut offered_stop {
+        operation.assignment = offer;
+    }
+    apply(&mut sm, vec![Op::CreatePolicy { policy: approval }, offered_stop]).await;
+    let parked = sm.get_operation("op_stop_a").unwrap().unwrap();
+    assert_eq!(parked.status, OperationStatus::PendingApproval);
+    assert_eq!((parked.assignment, parked.attempts), (None, 0));
+}

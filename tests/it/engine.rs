@@ -81,8 +81,17 @@ async fn policies_decide_every_action_and_name_the_rule_that_did() -> anyhow::Re
     assert_eq!(restart.body["policy_mode"], "safe_first", "agents default to safe_first");
     assert_eq!(restart.body["decisions"][0]["verdict"], "allow");
     assert_eq!(restart.body["decisions"][0]["rule_index"], 2);
-    let done = cluster.wait_operation(3, restart.body["id"].as_str().unwrap(), SETTLE).await?;
+    let restart_id = restart.body["id"].as_str().unwrap();
+    let done = cluster.wait_operation(3, restart_id, SETTLE).await?;
     assert_eq!(done["status"], "succeeded", "{done}");
+    let events = events_of(&cluster, 1, &id).await?;
+    let queued = events.iter().find(|e| e["type"] == "lifecycle.restart").expect("a lifecycle.restart event");
+    let assigned = events
+        .iter()
+        .find(|e| e["type"] == "operation.assigned" && e["data"]["operation_id"] == restart_id)
+        .expect("an operation.assigned event");
+    assert_eq!(assigned["seq"], queued["seq"], "the leader handed it to an executor in the entry that queued it");
+    assert_eq!(assigned["data"]["token"], queued["seq"], "that entry's index is the fencing token");
 
     phase("require approval: the agent's stop waits; the agent cannot approve it, a human can");
     let stop = cluster.call(3, Method::POST, &lifecycle("stop"), None, &[AGENT]).await?;
