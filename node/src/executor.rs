@@ -60,7 +60,7 @@ pub async fn run(replica: Arc<Replica>, backends: Backends, options: ExecutorOpt
                 continue;
             }
             let token = assignment.token;
-            tracing::info!(operation = %operation.id, token, attempt = operation.attempts, "executing");
+            tracing::debug!(operation = %operation.id, token, attempt = operation.attempts, "executing");
             let worker = Worker {
                 replica: replica.clone(),
                 backends: backends.clone(),

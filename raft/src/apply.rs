@@ -5,6 +5,7 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use rocksdb::{IteratorMode, WriteBatch, DB};
 use serde::Serialize;
@@ -39,10 +40,12 @@ pub(crate) struct Txn<'a> {
     /// Every operation written, in order: once the batch is on disk, the state machine's
     /// in-memory set of unfinished operations follows them.
     pub(crate) operations_written: Vec<Operation>,
+    /// Whether a member's announcement was written: the state machine then reads them again.
+    pub(crate) nodes_written: bool,
     /// The settings and the policies, decoded once per apply call (every command reads the
     /// settings, every lifecycle command the policies) until a command writes them.
-    settings: RefCell<Option<ClusterSettings>>,
-    policies: RefCell<Option<std::sync::Arc<Vec<Policy>>>>,
+    settings: RefCell<Option<Arc<ClusterSettings>>>,
+    policies: RefCell<Option<Arc<Vec<Policy>>>>,
 }
 
 impl<'a> Txn<'a> {
@@ -53,6 +56,7 @@ impl<'a> Txn<'a> {
             overlay: HashMap::new(),
             events_in_entry: 0,
             operations_written: Vec::new(),
+            nodes_written: false,
             settings: RefCell::new(None),
             policies: RefCell::new(None),
         }
@@ -87,6 +91,7 @@ impl<'a> Txn<'a> {
         match cf_name {
             CF_SETTINGS => *self.settings.get_mut() = None,
             CF_POLICIES => *self.policies.get_mut() = None,
+            CF_NODES => self.nodes_written = true,
             _ => {}
         }
     }
@@ -146,11 +151,11 @@ fn count_placement(txn: &mut Txn<'_>, runtime: &Runtime, added: bool) -> Result<
 }
 
 /// The cluster-wide settings in force.
-pub(crate) fn settings(txn: &Txn<'_>) -> Result<ClusterSettings, StorageError> {
+pub(crate) fn settings(txn: &Txn<'_>) -> Result<Arc<ClusterSettings>, StorageError> {
     if let Some(settings) = txn.settings.borrow().as_ref() {
         return Ok(settings.clone());
     }
-    let settings: ClusterSettings = txn.get(CF_SETTINGS, SETTINGS_KEY)?.unwrap_or_default();
+    let settings = Arc::new(txn.get::<ClusterSettings>(CF_SETTINGS, SETTINGS_KEY)?.unwrap_or_default());
     *txn.settings.borrow_mut() = Some(settings.clone());
     Ok(settings)
 }
@@ -487,7 +492,7 @@ fn evaluate_policies(
     let policies = match cached {
         Some(policies) => policies,
         None => {
-            let policies = std::sync::Arc::new(txn.scan::<Policy>(CF_POLICIES)?);
+            let policies = Arc::new(txn.scan::<Policy>(CF_POLICIES)?);
             *txn.policies.borrow_mut() = Some(policies.clone());
             policies
         }
@@ -939,7 +944,7 @@ pub(crate) struct EventWriter {
     index: u64,
     at: Timestamp,
     actor: runtimeai_model::Actor,
-    retention: ClusterSettings,
+    retention: Arc<ClusterSettings>,
 }
 
 /// Where `CF_EVENT_COUNTS` keeps the time of a runtime's oldest event (runtime ids hold no NUL).

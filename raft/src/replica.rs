@@ -178,6 +178,16 @@ impl Replica {
                 )));
             }
         }
+        // A follower that knows the leader forwards at once; otherwise raft says where to go.
+        if metrics.state != ServerState::Leader {
+            if let Some(leader) = metrics.current_leader.filter(|leader| *leader != self.id) {
+                let node = metrics.membership_config.nodes().find(|(id, _)| **id == leader).map(|(_, n)| n.clone());
+                let (leader, addr) =
+                    self.leader_of(ForwardToLeader { leader_id: Some(leader), leader_node: node }, hops_left)?;
+                let client = self.client(leader, &addr)?;
+                return self.forwarder.forward(leader, client, hops_left - 1, command).await;
+            }
+        }
         let deadline = self.options.request_deadline;
         let Ok(written) = tokio::time::timeout(deadline, self.batcher.write(command.clone())).await else {
             return Err(ClusterError::Timeout(deadline.as_millis() as u64));

@@ -69,6 +69,8 @@ pub struct StateMachineStore {
     active_operations: Arc<RwLock<BTreeMap<String, Operation>>>,
     /// Bumped whenever an unfinished operation is written or one finishes.
     active_operations_changed: Arc<watch::Sender<u64>>,
+    /// What `CF_NODES` holds (every create reads it to place the runtime), in memory.
+    nodes: Arc<RwLock<Vec<NodeInfo>>>,
 }
 
 pub(crate) fn read_err(e: impl std::error::Error + 'static) -> StorageError {
@@ -96,8 +98,10 @@ impl StateMachineStore {
             current_snapshot: Arc::new(Mutex::new(current)),
             active_operations: Arc::default(),
             active_operations_changed: Arc::new(watch::channel(0).0),
+            nodes: Arc::default(),
         };
         store.reload_active_operations()?;
+        store.reload_nodes()?;
         Ok(store)
     }
 
@@ -225,8 +229,14 @@ impl StateMachineStore {
     }
 
     /// What members announced about themselves (`RegisterNode`).
+    /// The members' announcements (kept in memory, read from the store when one is written).
     pub fn nodes(&self) -> Result<Vec<NodeInfo>, StorageError> {
-        self.scan(CF_NODES, b"")
+        Ok(self.nodes.read().expect("nodes lock").clone())
+    }
+
+    fn reload_nodes(&self) -> Result<(), StorageError> {
+        *self.nodes.write().expect("nodes lock") = self.scan(CF_NODES, b"")?;
+        Ok(())
     }
 
     pub fn last_applied(&self) -> Result<Option<LogId>, StorageError> {
@@ -312,6 +322,7 @@ impl StateMachineStore {
         opts.set_sync(true);
         self.db.write_opt(batch, &opts).map_err(write_err)?;
         self.reload_active_operations()?;
+        self.reload_nodes()?;
         self.save_snapshot(meta, bytes)
     }
 }
@@ -377,6 +388,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         opts.set_sync(false);
         self.db.write_opt(txn.batch, &opts).map_err(write_err)?;
         self.follow_operations(txn.operations_written);
+        if txn.nodes_written {
+            self.reload_nodes()?;
+        }
         Ok(replies)
     }
 

@@ -447,9 +447,10 @@ async fn a_snapshot_carries_the_whole_state_to_another_replica() {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
         payload: EntryPayload::Membership(membership),
     }];
-    for i in 0..50u64 {
+    for i in 0..49u64 {
         entries.push(entry(2 + i, command(create(&format!("rt_{i:03}"), &format!("n{i}")))));
     }
+    entries.push(entry(51, command(Op::RegisterNode { info: node_info(2, "127.0.0.1:7002") })));
     source.apply(entries).await.unwrap();
     let snapshot = source.build_snapshot().await.unwrap();
     assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(51));
@@ -461,6 +462,7 @@ async fn a_snapshot_carries_the_whole_state_to_another_replica() {
     assert_eq!(target.list_runtimes().unwrap(), source.list_runtimes().unwrap());
     assert_eq!(target.runtime_events("rt_007").unwrap(), source.runtime_events("rt_007").unwrap());
     assert_eq!(target.active_operations().unwrap(), source.active_operations().unwrap());
+    assert_eq!(target.nodes().unwrap(), [node_info(2, "127.0.0.1:7002")], "the members' announcements too");
     let (applied, stored_membership) = target.applied_state().await.unwrap();
     assert_eq!(applied.map(|l| l.index), Some(51));
     assert_eq!(stored_membership.membership().voter_ids().collect::<Vec<_>>(), vec![1, 2, 3]);
@@ -649,4 +651,31 @@ async fn an_executor_offered_with_the_entry_that_queues_the_operation_holds_it_w
     let parked = sm.get_operation("op_stop_a").unwrap().unwrap();
     assert_eq!(parked.status, OperationStatus::PendingApproval);
     assert_eq!((parked.assignment, parked.attempts), (None, 0));
+}
+
+fn node_info(node_id: u64, grpc_addr: &str) -> runtimeai_model::NodeInfo {
+    runtimeai_model::NodeInfo {
+        node_id,
+        grpc_addr: grpc_addr.into(),
+        http_addr: String::new(),
+        version: "test".into(),
+        backends: vec![],
+        site: None,
+        zone: None,
+    }
+}
+
+#[tokio::test]
+async fn member_announcements_are_read_from_memory_and_follow_every_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataDir::open(&dir.path().join("data"), 1, "test").unwrap();
+    let mut sm = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
+    assert!(sm.nodes().unwrap().is_empty());
+    let announce = |id, addr: &str| Op::RegisterNode { info: node_info(id, addr) };
+    apply(&mut sm, vec![announce(2, "127.0.0.1:7002"), announce(1, "127.0.0.1:7001")]).await;
+    assert_eq!(sm.nodes().unwrap(), [node_info(1, "127.0.0.1:7001"), node_info(2, "127.0.0.1:7002")]);
+    apply(&mut sm, vec![announce(2, "127.0.0.1:9002")]).await;
+    assert_eq!(sm.nodes().unwrap()[1].grpc_addr, "127.0.0.1:9002", "a new announcement replaces the old");
+    let reopened = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
+    assert_eq!(reopened.nodes().unwrap(), sm.nodes().unwrap(), "read back from the store at open");
 }
