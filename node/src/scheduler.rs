@@ -127,16 +127,10 @@ async fn schedule(
     settled: bool,
 ) -> anyhow::Result<()> {
     let now = chrono::Utc::now();
-    let unassigned: Vec<Operation> = replica
-        .state
-        .active_operations()?
-        .into_iter()
-        .filter(|operation| matches!(operation.status, OperationStatus::Queued | OperationStatus::Running))
-        .filter(|operation| match &operation.assignment {
-            None => true,
-            Some(a) => settled && a.lease_until < now,
-        })
-        .collect();
+    let unassigned = replica.state.active_operations_where(|operation| {
+        matches!(operation.status, OperationStatus::Queued | OperationStatus::Running)
+            && operation.assignment.as_ref().is_none_or(|a| settled && a.lease_until < now)
+    });
     if unassigned.is_empty() {
         return Ok(());
     }

@@ -5,12 +5,17 @@
 //! callback waiting at that moment, syncs the write-ahead log once, and completes them all: one
 //! fsync serves every append that arrived while the previous one ran. openraft acknowledges a
 //! write only after the callback, so nothing is acknowledged before it is on disk.
+//!
+//! The newest entries are also kept in memory as appended ([`RecentEntries`]): the leader reads
+//! each entry back once per follower to replicate it, and every node once more to apply it, right
+//! after appending it; copying it from memory costs less than reading and decoding it again.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, StorageIOError};
@@ -47,6 +52,72 @@ pub struct LogStore {
     db: Arc<DB>,
     syncer: Arc<Syncer>,
     stats: Arc<LogStats>,
+    recent: Arc<Mutex<RecentEntries>>,
+}
+
+/// The tail of the log, in memory: consecutive entries ending with the last one appended
+/// (a truncation drops its end, a purge its start), bounded in count and encoded size.
+#[derive(Default)]
+struct RecentEntries {
+    entries: VecDeque<(Entry, usize)>,
+    bytes: usize,
+}
+
+const RECENT_MAX_ENTRIES: usize = 1024;
+const RECENT_MAX_BYTES: usize = 16 << 20;
+
+impl RecentEntries {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(entry, _)| entry.log_id.index)
+    }
+
+    fn push(&mut self, entry: Entry, size: usize) {
+        let follows = self.entries.back().is_none_or(|(last, _)| last.log_id.index + 1 == entry.log_id.index);
+        if !follows {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        self.entries.push_back((entry, size));
+        self.bytes += size;
+        while self.entries.len() > RECENT_MAX_ENTRIES || self.bytes > RECENT_MAX_BYTES {
+            let Some((_, size)) = self.entries.pop_front() else { break };
+            self.bytes -= size;
+        }
+    }
+
+    /// Drops the entries from `index` on.
+    fn truncate(&mut self, index: u64) {
+        while self.entries.back().is_some_and(|(entry, _)| entry.log_id.index >= index) {
+            let Some((_, size)) = self.entries.pop_back() else { break };
+            self.bytes -= size;
+        }
+    }
+
+    /// Drops the entries up to `index`.
+    fn purge(&mut self, index: u64) {
+        while self.entries.front().is_some_and(|(entry, _)| entry.log_id.index <= index) {
+            let Some((_, size)) = self.entries.pop_front() else { break };
+            self.bytes -= size;
+        }
+    }
+
+    /// The entries of `range` if they are all here, from `start` on.
+    fn get(&self, start: u64, range: &impl RangeBounds<u64>) -> Option<Vec<Entry>> {
+        let first = self.first_index()?;
+        if start < first {
+            return None;
+        }
+        let skip = (start - first) as usize;
+        Some(
+            self.entries
+                .iter()
+                .skip(skip)
+                .map(|(e, _)| e)
+                .take_while(|e| range.contains(&e.log_id.index))
+                .cloned()
+                .collect(),
+        )
+    }
 }
 
 /// The group-commit thread. Dropping the last handle stops it and waits for it, so its hold on
@@ -77,7 +148,7 @@ impl LogStore {
             .spawn(move || sync_loop(syncer_db, pending, syncer_stats))
             .expect("spawn the log sync thread");
         let syncer = Arc::new(Syncer { flushes: Some(flushes), thread: Some(thread) });
-        LogStore { db, syncer, stats }
+        LogStore { db, syncer, stats, recent: Arc::default() }
     }
 
     pub fn stats(&self) -> Arc<LogStats> {
@@ -140,6 +211,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => i + 1,
             Bound::Unbounded => 0,
         };
+        if let Some(entries) = self.recent.lock().expect("recent entries lock").get(start, &range) {
+            return Ok(entries);
+        }
         let mut entries = Vec::new();
         let iter = self.db.iterator_cf(self.log_cf(), IteratorMode::From(&log_key(start), Direction::Forward));
         for item in iter {
@@ -198,15 +272,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = WriteBatch::default();
+        let mut appended = Vec::new();
         self.stats.appends.fetch_add(1, Ordering::Relaxed);
         for entry in entries {
             self.stats.entries.fetch_add(1, Ordering::Relaxed);
             let bytes = codec::encode("log entry", &entry).map_err(|e| StorageIOError::write_logs(&e))?;
-            batch.put_cf(self.log_cf(), log_key(entry.log_id.index), bytes);
+            batch.put_cf(self.log_cf(), log_key(entry.log_id.index), &bytes);
+            appended.push((entry, bytes.len()));
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
-        self.db.write_opt(batch, &opts).map_err(|e| StorageIOError::write_logs(&e))?;
+        let written = self.db.write_opt(batch, &opts);
+        {
+            let mut recent = self.recent.lock().expect("recent entries lock");
+            match written {
+                Ok(()) => appended.into_iter().for_each(|(entry, size)| recent.push(entry, size)),
+                Err(_) => *recent = RecentEntries::default(),
+            }
+        }
+        written.map_err(|e| StorageIOError::write_logs(&e))?;
         let flushes = self.syncer.flushes.as_ref().expect("the syncer runs while a store handle exists");
         if let Err(mpsc::SendError(callback)) = flushes.send(callback) {
             // The syncer thread died (it cannot stop while handles exist); sync here instead.
@@ -219,6 +303,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(self.log_cf(), log_key(log_id.index), log_key(u64::MAX));
         batch.delete_cf(self.log_cf(), log_key(u64::MAX));
+        self.recent.lock().expect("recent entries lock").truncate(log_id.index);
         self.db.write(batch).map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
@@ -228,6 +313,45 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let meta = codec::encode("raft metadata", &log_id).map_err(|e| StorageIOError::write_logs(&e))?;
         batch.put_cf(cf(&self.db, CF_RAFT_META), KEY_LAST_PURGED, meta);
         batch.delete_range_cf(self.log_cf(), log_key(0), log_key(log_id.index + 1));
+        self.recent.lock().expect("recent entries lock").purge(log_id.index);
         self.db.write(batch).map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    fn entry(term: u64, index: u64) -> Entry {
+        Entry { log_id: LogId::new(CommittedLeaderId::new(term, 1), index), payload: EntryPayload::Blank }
+    }
+
+    fn ids(entries: Option<Vec<Entry>>) -> Option<Vec<(u64, u64)>> {
+        entries.map(|entries| entries.iter().map(|e| (e.log_id.leader_id.term, e.log_id.index)).collect())
+    }
+
+    // How the tail agrees with the store through appends, truncations and purges is what
+    // openraft's storage suite checks (`storage_suite.rs`), reading through this cache.
+    #[test]
+    fn the_tail_in_memory_follows_appends_truncations_and_purges() {
+        let mut recent = RecentEntries::default();
+        (1..=10).for_each(|i| recent.push(entry(1, i), 100));
+        assert_eq!(ids(recent.get(3, &(3..6))), Some(vec![(1, 3), (1, 4), (1, 5)]));
+        assert_eq!(ids(recent.get(0, &(0..6))), None, "what it does not hold is read from the store");
+        recent.truncate(7);
+        (7..=8).for_each(|i| recent.push(entry(2, i), 100));
+        assert_eq!(ids(recent.get(5, &(5..))), Some(vec![(1, 5), (1, 6), (2, 7), (2, 8)]), "the new end only");
+        recent.purge(5);
+        assert_eq!(recent.first_index(), Some(6));
+        assert_eq!(recent.bytes, 300);
+        recent.push(entry(2, 20), 100);
+        assert_eq!(ids(recent.get(20, &(20..))), Some(vec![(2, 20)]), "a gap starts the tail afresh");
+        assert_eq!(ids(recent.get(6, &(6..))), None);
+        (21..=21 + RECENT_MAX_ENTRIES as u64).for_each(|i| recent.push(entry(2, i), 1));
+        assert_eq!(recent.entries.len(), RECENT_MAX_ENTRIES, "bounded");
+        recent.push(entry(2, 22 + RECENT_MAX_ENTRIES as u64), RECENT_MAX_BYTES);
+        assert_eq!(recent.entries.len(), 1, "bounded in bytes too");
     }
 }

@@ -187,14 +187,19 @@ impl StateMachineStore {
     }
 
     /// Operations not finished yet (queued, pending approval or running), oldest first.
-    pub fn active_operations(&self) -> Result<Vec<Operation>, StorageError> {
-        Ok(self.active_operations.read().expect("active operations lock").values().cloned().collect())
+    pub fn active_operations(&self) -> Vec<Operation> {
+        self.active_operations_where(|_| true)
+    }
+
+    /// The unfinished operations `keep` keeps, ordered by id (only those are copied).
+    pub fn active_operations_where(&self, keep: impl Fn(&Operation) -> bool) -> Vec<Operation> {
+        let active = self.active_operations.read().expect("active operations lock");
+        active.values().filter(|operation| keep(operation)).cloned().collect()
     }
 
     /// The unfinished operations assigned to `node_id`, ordered by id.
     pub fn operations_assigned_to(&self, node_id: u64) -> Vec<Operation> {
-        let active = self.active_operations.read().expect("active operations lock");
-        active.values().filter(|op| op.assignment.as_ref().is_some_and(|a| a.node_id == node_id)).cloned().collect()
+        self.active_operations_where(|op| op.assignment.as_ref().is_some_and(|a| a.node_id == node_id))
     }
 
     /// Changes whenever the set of unfinished operations or one of them changes: the scheduler

@@ -125,7 +125,7 @@ async fn names_are_unique_per_tenant_even_within_one_batch() {
     assert!(matches!(&replies[2], CommandReply::Created { .. }), "another tenant may reuse the name");
     assert_eq!(sm.list_runtimes().unwrap().len(), 2);
     assert_eq!(sm.last_applied().unwrap().map(|l| l.index), Some(3));
-    assert_eq!(sm.active_operations().unwrap().len(), 2, "each create queues an operation");
+    assert_eq!(sm.active_operations().len(), 2, "each create queues an operation");
 }
 
 #[tokio::test]
@@ -158,15 +158,15 @@ async fn unfinished_operations_are_followed_in_memory_and_reloaded_at_open() {
         ],
     )
     .await;
-    let active: Vec<String> = sm.active_operations().unwrap().into_iter().map(|o| o.id).collect();
+    let active: Vec<String> = sm.active_operations().into_iter().map(|o| o.id).collect();
     assert_eq!(active, ["op_create_rt_a"], "a finished operation leaves the set");
     changes.mark_unchanged();
     apply(&mut sm, vec![create("rt_c", "cache")]).await;
-    let before_reopen = sm.active_operations().unwrap();
+    let before_reopen = sm.active_operations();
     assert_eq!(before_reopen.len(), 2);
 
     let reopened = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
-    assert_eq!(reopened.active_operations().unwrap(), before_reopen, "the set is read back from the store");
+    assert_eq!(reopened.active_operations(), before_reopen, "the set is read back from the store");
     assert_eq!(reopened.operations_assigned_to(2), sm.operations_assigned_to(2));
 }
 
@@ -309,7 +309,7 @@ async fn lifecycle_operations_follow_the_transition_table_one_at_a_time() {
     assert_eq!(finished.finished_at, Some(at(1)));
     assert_eq!(state_of(&sm, "rt_a"), Some(RuntimeState::Stopped));
     assert!(sm.get_runtime("rt_a").unwrap().unwrap().active_operation.is_none());
-    assert!(sm.active_operations().unwrap().is_empty());
+    assert!(sm.active_operations().is_empty());
     let again = apply(&mut sm, vec![advance("op_stop", OperationStatus::Running)]).await;
     assert!(matches!(again[0], CommandReply::Rejected(Rejection::IllegalOperationStatus { .. })), "{:?}", again[0]);
 
@@ -461,7 +461,7 @@ async fn a_snapshot_carries_the_whole_state_to_another_replica() {
     assert!(target.get_runtime("rt_stale").unwrap().is_none(), "install replaces the whole state");
     assert_eq!(target.list_runtimes().unwrap(), source.list_runtimes().unwrap());
     assert_eq!(target.runtime_events("rt_007").unwrap(), source.runtime_events("rt_007").unwrap());
-    assert_eq!(target.active_operations().unwrap(), source.active_operations().unwrap());
+    assert_eq!(target.active_operations(), source.active_operations());
     assert_eq!(target.nodes().unwrap(), [node_info(2, "127.0.0.1:7002")], "the members' announcements too");
     let (applied, stored_membership) = target.applied_state().await.unwrap();
     assert_eq!(applied.map(|l| l.index), Some(51));
