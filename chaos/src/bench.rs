@@ -291,6 +291,12 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
     let (scale, scale_error) = if options.runtimes == 0 {
         (None, None)
     } else {
+        // On a fresh cluster, so that its time and memory are those of the runtimes it
+        // creates, not of what the levels above left behind.
+        progress("scale: starting a fresh 3-node RuntimeAI cluster");
+        save_logs(&runtimeai, options.log_dir.as_deref(), "levels")?;
+        drop(runtimeai);
+        runtimeai = Cluster::start(3, runtimeai_options(&options.node_args)).await?;
         match scale(&http, &mut runtimeai, options.runtimes, &progress).await {
             Ok(scale) => (Some(scale), None),
             Err(e) => {
@@ -299,13 +305,18 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
             }
         }
     };
-    if let Some(dir) = &options.log_dir {
-        std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
-        for (id, node) in &runtimeai.nodes {
-            let _ = std::fs::copy(&node.log, dir.join(format!("runtimeai-node-{id}.log")));
-        }
-    }
+    save_logs(&runtimeai, options.log_dir.as_deref(), if options.runtimes == 0 { "levels" } else { "scale" })?;
     Ok(BenchResults { options, payload_bytes, levels, failover, failover_error, scale, scale_error })
+}
+
+/// Copies the nodes' logs into `dir` (if given), named `runtimeai-<phase>-node-<id>.log`.
+fn save_logs(cluster: &Cluster, dir: Option<&Path>, phase: &str) -> Result<()> {
+    let Some(dir) = dir else { return Ok(()) };
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
+    for (id, node) in &cluster.nodes {
+        let _ = std::fs::copy(&node.log, dir.join(format!("runtimeai-{phase}-node-{id}.log")));
+    }
+    Ok(())
 }
 
 /// Waits (up to a minute) until the cluster has finished the work earlier levels queued: every
