@@ -316,16 +316,17 @@ impl Worker {
             let cx = CallContext { operation_id: self.operation_id.clone(), step: index as u32, token: self.token };
             let call = self.call(&cx, &runtime, action);
             tokio::pin!(call);
-            let outcome = match running {
-                true => call.await,
-                false => match tokio::time::timeout(RUNNING_AFTER, &mut call).await {
+            let outcome = if running {
+                call.await
+            } else {
+                match tokio::time::timeout(RUNNING_AFTER, &mut call).await {
                     Ok(outcome) => outcome,
                     Err(_) => {
                         let message = format!("started on node {}", self.options.node_id);
                         self.report(OperationStatus::Running, 0, message, None, None).await?;
                         call.await
                     }
-                },
+                }
             };
             running = true;
             match outcome {

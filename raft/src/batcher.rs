@@ -4,11 +4,11 @@
 //! replicate each on its own. A lone proposal is written as it is. A batch a follower forwarded
 //! (see [`crate::forwarding`]) is one proposal here, and may share an entry with others.
 
+use std::sync::{Arc, RwLock};
+
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
 use runtimeai_model::Actor;
-use std::sync::{Arc, RwLock};
-
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::coalesce::{holding, next_group};

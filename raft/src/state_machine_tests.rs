@@ -101,6 +101,25 @@ fn state_of(sm: &StateMachineStore, id: &str) -> Option<RuntimeState> {
     sm.get_runtime(id).unwrap().map(|r| r.state)
 }
 
+/// A policy with one rule of `kind` about stops.
+fn stop_policy(id: &str, kind: &str) -> runtimeai_model::Policy {
+    runtimeai_model::Policy {
+        id: id.into(),
+        name: id.replace('_', "-"),
+        tenant_id: None,
+        scope_env: None,
+        rules: vec![runtimeai_model::PolicyRule {
+            kind: kind.into(),
+            selector: runtimeai_model::JsonObject(
+                serde_json::json!({"actions": ["stop"]}).as_object().cloned().unwrap_or_default(),
+            ),
+            params: Default::default(),
+        }],
+        created_at: at(0),
+        version: 1,
+    }
+}
+
 /// Creates runtime `id` and runs its create operation to success.
 async fn running(sm: &mut StateMachineStore, id: &str, name: &str) {
     let op = format!("op_create_{id}");
@@ -207,21 +226,7 @@ async fn a_policy_or_setting_written_earlier_in_a_batch_applies_to_the_commands_
     running(&mut sm, "rt_a", "web").await;
     running(&mut sm, "rt_b", "db").await;
     running(&mut sm, "rt_c", "cache").await;
-    let deny_stop = runtimeai_model::Policy {
-        id: "pol_deny_stop".into(),
-        name: "no-stops".into(),
-        tenant_id: None,
-        scope_env: None,
-        rules: vec![runtimeai_model::PolicyRule {
-            kind: "deny_action".into(),
-            selector: runtimeai_model::JsonObject(
-                serde_json::json!({"actions": ["stop"]}).as_object().cloned().unwrap_or_default(),
-            ),
-            params: Default::default(),
-        }],
-        created_at: at(0),
-        version: 1,
-    };
+    let deny_stop = stop_policy("pol_deny_stop", "deny_action");
     let stop = LifecycleAction::Stop { force: false, timeout_seconds: None };
     let settings = ClusterSettings { event_retention_count: 1, ..Default::default() };
     let replies = apply(
@@ -628,21 +633,7 @@ async fn an_executor_offered_with_the_entry_that_queues_the_operation_holds_it_w
     assert_eq!(state_of(&sm, "rt_a"), Some(RuntimeState::Running));
 
     // An operation parked for approval is not handed to anyone.
-    let approval = runtimeai_model::Policy {
-        id: "pol_approve_stop".into(),
-        name: "approve-stops".into(),
-        tenant_id: None,
-        scope_env: None,
-        rules: vec![runtimeai_model::PolicyRule {
-            kind: "require_approval".into(),
-            selector: runtimeai_model::JsonObject(
-                serde_json::json!({"actions": ["stop"]}).as_object().cloned().unwrap_or_default(),
-            ),
-            params: Default::default(),
-        }],
-        created_at: at(0),
-        version: 1,
-    };
+    let approval = stop_policy("pol_approve_stop", "require_approval");
     let mut offered_stop = begin("op_stop_a", "rt_a", LifecycleAction::Stop { force: false, timeout_seconds: None });
     if let Op::BeginOperation { operation, .. } = &mut offered_stop {
         operation.assignment = offer;
