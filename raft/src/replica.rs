@@ -182,10 +182,8 @@ impl Replica {
         if metrics.state != ServerState::Leader {
             if let Some(leader) = metrics.current_leader.filter(|leader| *leader != self.id) {
                 let node = metrics.membership_config.nodes().find(|(id, _)| **id == leader).map(|(_, n)| n.clone());
-                let (leader, addr) =
-                    self.leader_of(ForwardToLeader { leader_id: Some(leader), leader_node: node }, hops_left)?;
-                let client = self.client(leader, &addr)?;
-                return self.forwarder.forward(leader, client, hops_left - 1, command).await;
+                let to = ForwardToLeader { leader_id: Some(leader), leader_node: node };
+                return self.forward_write(to, hops_left, command).await;
             }
         }
         let deadline = self.options.request_deadline;
@@ -195,15 +193,25 @@ impl Replica {
         match written {
             Ok(reply) => Ok(reply),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => {
-                let (leader, addr) = self.leader_of(to, hops_left)?;
-                let client = self.client(leader, &addr)?;
-                self.forwarder.forward(leader, client, hops_left - 1, command).await
+                self.forward_write(to, hops_left, command).await
             }
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 Err(ClusterError::Invalid(e.to_string()))
             }
             Err(RaftError::Fatal(e)) => Err(ClusterError::Stopped(e.to_string())),
         }
+    }
+
+    /// Sends a write to the leader `to` names (batched with other forwarded writes).
+    async fn forward_write(
+        &self,
+        to: ForwardToLeader<NodeId, BasicNode>,
+        hops_left: u32,
+        command: Command,
+    ) -> Result<CommandReply, ClusterError> {
+        let (leader, addr) = self.leader_of(to, hops_left)?;
+        let client = self.client(leader, &addr)?;
+        self.forwarder.forward(leader, client, hops_left - 1, command).await
     }
 
     /// Waits until this node's state machine reflects every write acknowledged before the call

@@ -124,20 +124,20 @@ impl Ledger {
             return Err(BackendError::Fenced { token: cx.token, newer: newest });
         }
         if cx.token > newest {
-            self.append(&format!("fence {id} {}", cx.token))?;
+            self.append(Record::Fence(id, cx.token))?;
         }
         if done {
             return Ok((Step::AlreadyApplied, None));
         }
         if pending && applied()? {
-            self.append(&format!("done {id} {}", cx.step))?;
+            self.append(Record::Done(id, cx.step))?;
             return Ok((Step::AlreadyApplied, None));
         }
         if !pending {
-            self.append(&format!("pending {id} {}", cx.step))?;
+            self.append(Record::Pending(id, cx.step))?;
         }
         let value = apply()?;
-        self.append(&format!("done {id} {}", cx.step))?;
+        self.append(Record::Done(id, cx.step))?;
         Ok((Step::Fresh, Some(value)))
     }
 
@@ -164,13 +164,11 @@ impl Ledger {
         Ok(())
     }
 
-    fn append(&mut self, line: &str) -> Result<(), std::io::Error> {
-        let record = format!("{line}\n");
-        self.file.write_all(record.as_bytes())?;
-        self.read_to += record.len() as u64;
-        if let Some(record) = Record::parse(line) {
-            self.remember(record);
-        }
+    fn append(&mut self, record: Record<'_>) -> Result<(), std::io::Error> {
+        let line = format!("{record}\n");
+        self.file.write_all(line.as_bytes())?;
+        self.read_to += line.len() as u64;
+        self.remember(record);
         Ok(())
     }
 
@@ -196,6 +194,17 @@ enum Record<'a> {
     Fence(&'a str, u64),
     Pending(&'a str, u32),
     Done(&'a str, u32),
+}
+
+/// The text form [`Record::parse`] reads.
+impl std::fmt::Display for Record<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Record::Fence(id, token) => write!(f, "fence {id} {token}"),
+            Record::Pending(id, step) => write!(f, "pending {id} {step}"),
+            Record::Done(id, step) => write!(f, "done {id} {step}"),
+        }
+    }
 }
 
 impl<'a> Record<'a> {
