@@ -52,13 +52,17 @@ pub async fn run(replica: Arc<Replica>, backends: Backends, options: ExecutorOpt
         }
         changed.mark_unchanged();
         workers.retain(|_, (_, handle)| !handle.is_finished());
-        let operations = replica.state.operations_assigned_to(options.node_id);
-        for operation in operations {
+        // Only the operations this node is not already working on at their current token are
+        // copied out (a wake per applied batch must not copy every operation in flight).
+        let node_id = options.node_id;
+        let new_work = replica.state.active_operations_where(|operation| {
+            let Some(assignment) = &operation.assignment else { return false };
+            assignment.node_id == node_id
+                && matches!(operation.status, OperationStatus::Queued | OperationStatus::Running)
+                && !workers.get(&operation.id).is_some_and(|(token, _)| *token == assignment.token)
+        });
+        for operation in new_work {
             let Some(assignment) = &operation.assignment else { continue };
-            let workable = matches!(operation.status, OperationStatus::Queued | OperationStatus::Running);
-            if !workable || workers.get(&operation.id).is_some_and(|(token, _)| *token == assignment.token) {
-                continue;
-            }
             let token = assignment.token;
             tracing::debug!(operation = %operation.id, token, attempt = operation.attempts, "executing");
             let worker = Worker {
@@ -271,7 +275,7 @@ impl Worker {
             done_rx,
         ));
         match self.work().await {
-            Ok(status) => tracing::info!(operation = %self.operation_id, token = self.token, status, "operation ended"),
+            Ok(status) => tracing::debug!(operation = %self.operation_id, token = self.token, status, "operation ended"),
             Err(Stop::Superseded) => {
                 tracing::info!(operation = %self.operation_id, token = self.token, "assignment superseded; stopping")
             }

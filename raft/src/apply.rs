@@ -947,11 +947,16 @@ pub(crate) struct EventWriter {
     retention: Arc<ClusterSettings>,
 }
 
-/// Where `CF_EVENT_COUNTS` keeps the time of a runtime's oldest event (runtime ids hold no NUL).
-fn oldest_event_key(runtime_id: &str) -> Vec<u8> {
-    let mut key = event_prefix(runtime_id);
-    key.extend_from_slice(b"oldest");
-    key
+/// What `CF_EVENT_COUNTS` keeps per runtime, so that the common case of retention (nothing to
+/// drop) reads one record and no event.
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
+struct EventTally {
+    /// How many events the runtime has.
+    count: u64,
+    /// The time of its oldest event, when known (unknown after a pruning that stopped at its
+    /// batch limit: the next event written looks again).
+    #[serde(with = "runtimeai_model::timestamp::option")]
+    oldest: Option<Timestamp>,
 }
 
 /// At most this many old events are dropped per event written, to bound the work of one apply.
@@ -990,22 +995,17 @@ impl EventWriter {
     /// The time of the oldest event kept is remembered beside the count, so that the common
     /// case (nothing to drop) reads no event.
     fn enforce_retention(&self, txn: &mut Txn<'_>, runtime_id: &str) -> Result<(), StorageError> {
-        let previous: u64 = txn.get::<u64>(CF_EVENT_COUNTS, runtime_id.as_bytes())?.unwrap_or(0);
-        let mut count = previous + 1;
+        let tally_key = runtime_id.as_bytes().to_vec();
+        let previous: EventTally = txn.get(CF_EVENT_COUNTS, &tally_key)?.unwrap_or_default();
+        let mut count = previous.count + 1;
+        let oldest = if previous.count == 0 { Some(self.at) } else { previous.oldest };
         let max_age = chrono::Duration::days(self.retention.event_retention_days.min(100_000) as i64);
         let cutoff = self.at - max_age;
-        let oldest_key = oldest_event_key(runtime_id);
-        let oldest: Option<Timestamp> =
-            if previous == 0 { Some(self.at) } else { txn.get(CF_EVENT_COUNTS, &oldest_key)? };
         if count <= self.retention.event_retention_count && oldest.is_some_and(|ts| ts >= cutoff) {
-            if previous == 0 {
-                txn.put(CF_EVENT_COUNTS, oldest_key, &self.at)?;
-            }
-            return txn.put(CF_EVENT_COUNTS, runtime_id.as_bytes().to_vec(), &count);
+            return txn.put(CF_EVENT_COUNTS, tally_key, &EventTally { count, oldest });
         }
         let prefix = event_prefix(runtime_id);
         let mut expired = Vec::new();
-        // Unknown when the pruning stops at its batch limit: the next event written looks again.
         let mut oldest_kept = Some(self.at);
         let iter = txn.db.iterator_cf(cf(txn.db, CF_EVENTS), IteratorMode::From(&prefix, rocksdb::Direction::Forward));
         for item in iter {
@@ -1032,10 +1032,6 @@ impl EventWriter {
         for key in expired {
             txn.delete(CF_EVENTS, key);
         }
-        match oldest_kept {
-            Some(ts) => txn.put(CF_EVENT_COUNTS, oldest_key, &ts)?,
-            None => txn.delete(CF_EVENT_COUNTS, oldest_key),
-        }
-        txn.put(CF_EVENT_COUNTS, runtime_id.as_bytes().to_vec(), &count)
+        txn.put(CF_EVENT_COUNTS, tally_key, &EventTally { count, oldest: oldest_kept })
     }
 }

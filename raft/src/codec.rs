@@ -10,7 +10,7 @@ use serde::Serialize;
 
 /// Version of everything this module writes to disk or to the wire. Stored in every data
 /// directory and every snapshot; a node refuses data written under another version.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

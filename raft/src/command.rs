@@ -18,6 +18,7 @@ use runtimeai_model::{
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Command {
     /// When the proposing node accepted the request.
+    #[serde(with = "runtimeai_model::timestamp")]
     pub at: Timestamp,
     pub actor: Actor,
     /// Makes a retried request return the first reply instead of applying twice.

@@ -166,25 +166,28 @@ impl Replica {
     }
 
     async fn propose_once(&self, command: Command, hops_left: u32) -> Result<CommandReply, ClusterError> {
-        let metrics = self.metrics();
-        if metrics.state == ServerState::Leader {
+        // Read in place: copying the whole metrics on every write showed in profiles.
+        let (is_leader, quiet_ms, forward_to) = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            let is_leader = metrics.state == ServerState::Leader;
+            let forward_to = metrics.current_leader.filter(|leader| !is_leader && *leader != self.id).map(|leader| {
+                let node = metrics.membership_config.nodes().find(|(id, _)| **id == leader).map(|(_, n)| n.clone());
+                ForwardToLeader { leader_id: Some(leader), leader_node: node }
+            });
+            (is_leader, metrics.millis_since_quorum_ack, forward_to)
+        };
+        if is_leader {
             // A leader cut off from its quorum cannot commit; say so at once instead of making
             // the client wait for the deadline (nothing has been proposed yet).
             let lease = self.options.reachable_window.as_millis() as u64;
-            if metrics.millis_since_quorum_ack.is_some_and(|ms| ms > lease) {
-                return Err(ClusterError::NoQuorum(format!(
-                    "the leader has not heard from a quorum for {} ms",
-                    metrics.millis_since_quorum_ack.unwrap_or_default()
-                )));
+            if let Some(ms) = quiet_ms.filter(|ms| *ms > lease) {
+                return Err(ClusterError::NoQuorum(format!("the leader has not heard from a quorum for {ms} ms")));
             }
         }
         // A follower that knows the leader forwards at once; otherwise raft says where to go.
-        if metrics.state != ServerState::Leader {
-            if let Some(leader) = metrics.current_leader.filter(|leader| *leader != self.id) {
-                let node = metrics.membership_config.nodes().find(|(id, _)| **id == leader).map(|(_, n)| n.clone());
-                let to = ForwardToLeader { leader_id: Some(leader), leader_node: node };
-                return self.forward_write(to, hops_left, command).await;
-            }
+        if let Some(to) = forward_to {
+            return self.forward_write(to, hops_left, command).await;
         }
         let deadline = self.options.request_deadline;
         let Ok(written) = tokio::time::timeout(deadline, self.batcher.write(command.clone())).await else {

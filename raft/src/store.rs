@@ -45,7 +45,7 @@ pub(crate) const CF_ACTIVE_OPERATIONS: &str = "active_operations";
 pub(crate) const CF_RUNTIME_OPERATIONS: &str = "runtime_operations";
 /// Cluster-wide settings (one record).
 pub(crate) const CF_SETTINGS: &str = "settings";
-/// `runtime id` → how many events the runtime has (for count-based retention).
+/// `runtime id` → how many events the runtime has and when its oldest is from (for retention).
 pub(crate) const CF_EVENT_COUNTS: &str = "event_counts";
 /// `time (BE ms) \0 key` → (): idempotency records by age, for pruning.
 pub(crate) const CF_IDEMPOTENCY_BY_TIME: &str = "idempotency_by_time";

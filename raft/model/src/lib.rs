@@ -10,6 +10,7 @@ mod json;
 mod lifecycle;
 mod records;
 mod runtime;
+pub mod timestamp;
 
 pub use json::JsonObject;
 pub use lifecycle::{IllegalTransition, LifecycleAction};
@@ -23,5 +24,5 @@ pub use runtime::{
     RuntimeSnapshot, RuntimeSpec, RuntimeState, RuntimeType, SecurityProfile,
 };
 
-/// Timestamps are UTC, serialized as RFC 3339.
+/// Timestamps are UTC: RFC 3339 in JSON, numbers in the binary codec (see [`timestamp`]).
 pub type Timestamp = chrono::DateTime<chrono::Utc>;

@@ -51,6 +51,7 @@ pub struct Event {
     #[serde(rename = "type")]
     pub event_type: String,
     pub severity: EventSeverity,
+    #[serde(with = "crate::timestamp")]
     pub ts: chrono::DateTime<chrono::Utc>,
     pub actor: Actor,
     #[serde(default)]
@@ -112,8 +113,9 @@ pub struct Operation {
     /// cancelled while the runtime is in a transitional state).
     pub prior_state: RuntimeState,
     pub status: OperationStatus,
+    #[serde(with = "crate::timestamp")]
     pub created_at: chrono::DateTime<chrono::Utc>,
-    #[serde(default)]
+    #[serde(default, with = "crate::timestamp::option")]
     pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
     #[serde(default)]
     pub progress: Option<OperationProgress>,
@@ -212,6 +214,7 @@ pub struct Approval {
     pub approved: bool,
     /// `human:<name>` or `agent:<name>`.
     pub by: String,
+    #[serde(with = "crate::timestamp")]
     pub at: chrono::DateTime<chrono::Utc>,
     pub reason: Option<String>,
 }
@@ -223,6 +226,7 @@ pub struct Approval {
 pub struct Assignment {
     pub node_id: u64,
     pub token: u64,
+    #[serde(with = "crate::timestamp")]
     pub lease_until: chrono::DateTime<chrono::Utc>,
 }
 
@@ -265,6 +269,7 @@ pub struct RuntimeSignals {
     /// Request latency, when the backend knows it.
     #[serde(default)]
     pub latency_ms: Option<f64>,
+    #[serde(with = "crate::timestamp")]
     pub observed_at: chrono::DateTime<chrono::Utc>,
     /// The node that observed them.
     pub node_id: u64,
@@ -293,6 +298,7 @@ pub struct Intent {
     pub blocked: Vec<String>,
     /// What the operator or agent should consider next.
     pub recommendations: Vec<String>,
+    #[serde(with = "crate::timestamp")]
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub version: u64,
 }
@@ -320,6 +326,7 @@ pub struct Policy {
     #[serde(default)]
     pub scope_env: Option<String>,
     pub rules: Vec<PolicyRule>,
+    #[serde(with = "crate::timestamp")]
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub version: u64,
 }
@@ -332,6 +339,7 @@ pub struct IdempotencyRecord {
     pub fingerprint: String,
     /// The codec-encoded reply of the original request.
     pub reply: Vec<u8>,
+    #[serde(with = "crate::timestamp")]
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 

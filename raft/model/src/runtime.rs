@@ -64,6 +64,7 @@ pub struct RuntimeSnapshot {
     pub name: String,
     #[serde(default)]
     pub description: Option<String>,
+    #[serde(with = "crate::timestamp")]
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
@@ -192,8 +193,9 @@ pub struct Runtime {
     pub backend: Option<BackendRef>,
     #[serde(default)]
     pub spec: RuntimeSpec,
+    #[serde(with = "crate::timestamp")]
     pub created_at: chrono::DateTime<chrono::Utc>,
-    #[serde(default)]
+    #[serde(default, with = "crate::timestamp::option")]
     pub updated_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Bumped by every change; the API's `ETag` and `If-Match` are built on it.
     pub version: u64,
