@@ -158,7 +158,7 @@ pub(crate) async fn execute_actions(
         return Err(Problem::invalid_field("$.actions", "give 1 to 20 actions"));
     }
     let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
-    let sizes = sizes(&state)?;
+    let sizes = sizes(&state);
     let actions = request
         .actions
         .iter()

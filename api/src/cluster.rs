@@ -56,7 +56,7 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Result<impl IntoRes
     match tokio::time::timeout(Duration::from_secs(2), state.replica.read_barrier()).await {
         Err(_) => Err(Problem::unavailable("has not caught up with the leader's commit index within 2s")),
         Ok(Err(e)) => Err(Problem::unavailable(format!("not ready: {e}"))),
-        Ok(Ok(())) if !state.replica.state.nodes()?.iter().any(|n| n.node_id == state.replica.id) => {
+        Ok(Ok(())) if !state.replica.state.nodes().iter().any(|n| n.node_id == state.replica.id) => {
             Err(Problem::unavailable("has not announced its addresses and backends to the cluster yet"))
         }
         Ok(Ok(())) => Ok(Json(serde_json::json!({ "status": "ready", "leader_id": leader }))),
@@ -120,7 +120,7 @@ pub(crate) async fn cluster_status(State(state): State<AppState>) -> Result<Json
 async fn cluster_view(state: &AppState) -> Result<ClusterView, Problem> {
     let metrics = state.replica.metrics();
     let announced: HashMap<NodeId, runtimeai_model::NodeInfo> =
-        state.replica.state.nodes()?.into_iter().map(|info| (info.node_id, info)).collect();
+        state.replica.state.nodes().iter().map(|info| (info.node_id, info.clone())).collect();
     let members = state
         .replica
         .members()
@@ -219,7 +219,7 @@ pub(crate) async fn remove_member(
     responses((status = 200, description = "OK", body = ClusterSettings), ProblemResponses))]
 pub(crate) async fn get_settings(State(state): State<AppState>) -> Result<Json<ClusterSettings>, Problem> {
     state.replica.read_barrier().await?;
-    Ok(Json(state.replica.state.settings()?))
+    Ok(Json(ClusterSettings::clone(&state.replica.state.settings())))
 }
 
 /// Replace the cluster-wide settings; every node applies them from the next change on.

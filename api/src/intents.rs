@@ -91,7 +91,7 @@ fn preview_decisions(
     mode: PolicyMode,
 ) -> Result<Vec<PolicyDecision>, Problem> {
     let policies = state.replica.state.list_policies()?;
-    let sizes = sizes(state)?;
+    let sizes = sizes(state);
     let actor = actor(headers)?;
     let request = runtimeai_engine::policy::Request { runtime, actions, actor: &actor, mode, sizes: &sizes };
     Ok(runtimeai_engine::policy::evaluate(&policies, request))
@@ -211,7 +211,7 @@ pub(crate) async fn submit_intent(
     Body(request): Body<IntentRequest>,
 ) -> Result<Response, Problem> {
     let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
-    let sizes = sizes(&state)?;
+    let sizes = sizes(&state);
     let no_signals = Map::new();
     let plan = plan_goal(
         &state,
@@ -348,7 +348,7 @@ pub(crate) async fn plan_actions(
     Body(request): Body<ActionPlanRequest>,
 ) -> Result<Json<ActionPlan>, Problem> {
     let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
-    let sizes = sizes(&state)?;
+    let sizes = sizes(&state);
     let no_context = Map::new();
     let plan = plan_goal(
         &state,

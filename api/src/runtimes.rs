@@ -183,8 +183,19 @@ pub(crate) fn new_operation(
 }
 
 /// The cluster's size catalogue, as replicated.
-pub(crate) fn sizes(state: &AppState) -> Result<Vec<SizeEntry>, Problem> {
-    Ok(state.replica.state.settings()?.sizes)
+pub(crate) fn sizes(state: &AppState) -> SizeCatalogue {
+    SizeCatalogue(state.replica.state.settings())
+}
+
+/// The size catalogue inside the settings in force (shared, not copied per request).
+pub(crate) struct SizeCatalogue(std::sync::Arc<runtimeai_model::ClusterSettings>);
+
+impl std::ops::Deref for SizeCatalogue {
+    type Target = [SizeEntry];
+
+    fn deref(&self) -> &[SizeEntry] {
+        &self.0.sizes
+    }
 }
 
 /// Where a new runtime goes: among the nodes whose executor serves its type (and its `site`
@@ -196,11 +207,10 @@ fn place(
     labels: &BTreeMap<String, String>,
 ) -> Result<(Placement, BackendInfo), Problem> {
     let site = labels.get("site");
-    let nodes = state.replica.state.nodes()?;
-    let members = state.replica.metrics().membership_config.nodes().count();
-    let unannounced = members > nodes.len();
+    let nodes = state.replica.state.nodes();
+    let unannounced = state.replica.member_count() > nodes.len();
     let candidates: Vec<_> = nodes
-        .into_iter()
+        .iter()
         .filter(|n| n.backends.iter().any(|b| b.runtime_type == runtime_type.as_str()))
         .filter(|n| site.is_none() || n.site.as_ref() == site)
         .collect();
@@ -211,7 +221,6 @@ fn place(
             .replica
             .state
             .nodes()
-            .unwrap_or_default()
             .iter()
             .flat_map(|n| {
                 let site = n.site.clone().map(|s| format!(" in site {s}")).unwrap_or_default();
@@ -250,7 +259,7 @@ fn place(
         .find(|b| b.runtime_type == runtime_type.as_str())
         .cloned()
         .expect("chosen among the nodes serving the type");
-    Ok((Placement { node_id: chosen.node_id, site: chosen.site, zone: chosen.zone }, backend))
+    Ok((Placement { node_id: chosen.node_id, site: chosen.site.clone(), zone: chosen.zone.clone() }, backend))
 }
 
 /// Create a runtime. It starts in `creating`; its create operation is `active_operation`.
@@ -263,7 +272,7 @@ pub(crate) async fn create_runtime(
     Body(request): Body<RuntimeCreateRequest>,
 ) -> Result<Response, Problem> {
     validate::name(&request.name, "$.name")?;
-    validate::spec(&request.spec, "$.spec", &sizes(&state)?)?;
+    validate::spec(&request.spec, "$.spec", &sizes(&state))?;
     let labels = request.labels.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect();
     validate::labels(&labels, "$.labels")?;
     let tenant_id = match (&request.tenant_id, tenant(&headers)?) {
@@ -613,7 +622,7 @@ pub(crate) async fn scale_runtime(
     PathParam(runtime_id): PathParam<String>,
     Body(request): Body<LifecycleScaleRequest>,
 ) -> Result<Response, Problem> {
-    let action = request.to_action("$", &sizes(&state)?)?;
+    let action = request.to_action("$", &sizes(&state))?;
     begin(&state, &headers, &runtime_id, "lifecycle/scale", action, &request).await
 }
 

@@ -59,7 +59,7 @@ pub async fn run(replica: Arc<Replica>, backends: Backends, options: ExecutorOpt
             let Some(assignment) = &operation.assignment else { return false };
             assignment.node_id == node_id
                 && matches!(operation.status, OperationStatus::Queued | OperationStatus::Running)
-                && !workers.get(&operation.id).is_some_and(|(token, _)| *token == assignment.token)
+                && workers.get(&operation.id).is_none_or(|(token, _)| *token != assignment.token)
         });
         for operation in new_work {
             let Some(assignment) = &operation.assignment else { continue };
@@ -85,7 +85,8 @@ pub async fn run(replica: Arc<Replica>, backends: Backends, options: ExecutorOpt
 
 /// Proposes the signals of this node's runtimes that changed since they were last recorded.
 async fn report_signals(replica: &Replica, backends: &Backends, options: &ExecutorOptions) {
-    let (Ok(runtimes), Ok(settings)) = (replica.state.list_runtimes(), replica.state.settings()) else { return };
+    let Ok(runtimes) = replica.state.list_runtimes() else { return };
+    let settings = replica.state.settings();
     let mut changed = Vec::new();
     for runtime in runtimes {
         if runtime.placement.as_ref().is_none_or(|p| p.node_id != options.node_id)
@@ -275,7 +276,9 @@ impl Worker {
             done_rx,
         ));
         match self.work().await {
-            Ok(status) => tracing::debug!(operation = %self.operation_id, token = self.token, status, "operation ended"),
+            Ok(status) => {
+                tracing::debug!(operation = %self.operation_id, token = self.token, status, "operation ended")
+            }
             Err(Stop::Superseded) => {
                 tracing::info!(operation = %self.operation_id, token = self.token, "assignment superseded; stopping")
             }
@@ -289,12 +292,8 @@ impl Worker {
 
     /// The operation as this node sees it, if the assignment is still ours.
     fn current(&self) -> Result<Operation, Stop> {
-        match self.replica.state.get_operation(&self.operation_id) {
-            Ok(Some(op))
-                if op.assignment.as_ref().is_some_and(|a| a.token == self.token) && !op.status.is_terminal() =>
-            {
-                Ok(op)
-            }
+        match self.replica.state.active_operation(&self.operation_id) {
+            Some(op) if op.assignment.as_ref().is_some_and(|a| a.token == self.token) => Ok(op),
             _ => Err(Stop::Superseded),
         }
     }
@@ -380,10 +379,11 @@ impl Worker {
                 runtime.runtime_type.as_str()
             )));
         };
-        let sizes = self.replica.state.settings().map(|s| s.sizes).unwrap_or_default();
+        let settings = self.replica.state.settings();
         let mut delay = Duration::from_millis(200);
         for attempt in 1.. {
-            match backend::execute(backend.as_ref() as &dyn RuntimeBackend, cx, runtime, action, &sizes).await {
+            match backend::execute(backend.as_ref() as &dyn RuntimeBackend, cx, runtime, action, &settings.sizes).await
+            {
                 Err(BackendError::Retryable(message)) if attempt < 5 => {
                     tracing::warn!(operation = %cx.operation_id, attempt, %message, "backend call failed; retrying");
                     tokio::time::sleep(delay).await;

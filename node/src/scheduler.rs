@@ -31,7 +31,7 @@ pub struct SchedulerOptions {
 
 /// What the leader knows of the executors: who serves what, and whom it reaches.
 struct ExecutorView {
-    nodes: Vec<NodeInfo>,
+    nodes: Arc<Vec<NodeInfo>>,
     reachable: Vec<u64>,
     taken: Instant,
 }
@@ -115,7 +115,7 @@ pub async fn run(replica: Arc<Replica>, options: SchedulerOptions, mut stop: wat
 }
 
 async fn look_at_executors(replica: &Replica) -> anyhow::Result<ExecutorView> {
-    let nodes = replica.state.nodes()?;
+    let nodes = replica.state.nodes();
     let reachable = replica.members().await.into_iter().filter(|m| m.reachable == Some(true)).map(|m| m.id).collect();
     Ok(ExecutorView { nodes, reachable, taken: Instant::now() })
 }

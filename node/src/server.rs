@@ -303,7 +303,7 @@ async fn register(replica: Arc<Replica>, config: NodeConfig, backends: Vec<runti
         let metrics = replica.metrics();
         let member = metrics.membership_config.nodes().any(|(id, _)| *id == config.id);
         if member && metrics.current_leader.is_some() {
-            let known = replica.state.nodes().map(|nodes| nodes.contains(&info)).unwrap_or(false);
+            let known = replica.state.nodes().contains(&info);
             if known {
                 return;
             }

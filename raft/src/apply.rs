@@ -42,6 +42,8 @@ pub(crate) struct Txn<'a> {
     pub(crate) operations_written: Vec<Operation>,
     /// Whether a member's announcement was written: the state machine then reads them again.
     pub(crate) nodes_written: bool,
+    /// Whether the cluster settings were written: the state machine then reads them again.
+    pub(crate) settings_written: bool,
     /// The settings and the policies, decoded once per apply call (every command reads the
     /// settings, every lifecycle command the policies) until a command writes them.
     settings: RefCell<Option<Arc<ClusterSettings>>>,
@@ -57,6 +59,7 @@ impl<'a> Txn<'a> {
             events_in_entry: 0,
             operations_written: Vec::new(),
             nodes_written: false,
+            settings_written: false,
             settings: RefCell::new(None),
             policies: RefCell::new(None),
         }
@@ -81,15 +84,19 @@ impl<'a> Txn<'a> {
         value: &T,
     ) -> Result<(), StorageError> {
         let bytes = codec::encode("state record", value).map_err(write_err)?;
-        self.forget_cached(cf_name);
+        self.forget_cached(cf_name, &key);
         self.batch.put_cf(cf(self.db, cf_name), &key, &bytes);
         self.overlay.entry(cf_name).or_default().insert(key, Some(bytes));
         Ok(())
     }
 
-    fn forget_cached(&mut self, cf_name: &'static str) {
+    fn forget_cached(&mut self, cf_name: &'static str, key: &[u8]) {
         match cf_name {
-            CF_SETTINGS => *self.settings.get_mut() = None,
+            // The placement counts live beside the settings and change with every create.
+            CF_SETTINGS if key == SETTINGS_KEY => {
+                *self.settings.get_mut() = None;
+                self.settings_written = true;
+            }
             CF_POLICIES => *self.policies.get_mut() = None,
             CF_NODES => self.nodes_written = true,
             _ => {}
@@ -115,13 +122,13 @@ impl<'a> Txn<'a> {
     }
 
     fn delete(&mut self, cf_name: &'static str, key: Vec<u8>) {
-        self.forget_cached(cf_name);
+        self.forget_cached(cf_name, &key);
         self.batch.delete_cf(cf(self.db, cf_name), &key);
         self.overlay.entry(cf_name).or_default().insert(key, None);
     }
 }
 
-const SETTINGS_KEY: &[u8] = b"cluster";
+pub(crate) const SETTINGS_KEY: &[u8] = b"cluster";
 
 /// Runtimes placed on each node (in `CF_SETTINGS`), kept by apply so that placing a new runtime
 /// reads one record instead of every runtime.
@@ -425,18 +432,26 @@ fn save_runtime(txn: &mut Txn<'_>, at: Timestamp, runtime: &mut Runtime) -> Resu
     txn.put(CF_RUNTIMES, runtime.id.as_bytes().to_vec(), runtime)
 }
 
+/// Writes an operation that already exists. Its indexes (the runtime's list, the unfinished
+/// set) were written with it and do not change, except that a finished one leaves the set.
 fn put_operation(txn: &mut Txn<'_>, operation: &Operation) -> Result<(), StorageError> {
     txn.put(CF_OPERATIONS, operation.id.as_bytes().to_vec(), operation)?;
     if operation.status.is_terminal() {
         txn.delete(CF_ACTIVE_OPERATIONS, operation.id.as_bytes().to_vec());
-    } else {
+    }
+    txn.operations_written.push(operation.clone());
+    Ok(())
+}
+
+/// Writes a new operation with its indexes.
+fn put_new_operation(txn: &mut Txn<'_>, operation: &Operation) -> Result<(), StorageError> {
+    if !operation.status.is_terminal() {
         txn.put(CF_ACTIVE_OPERATIONS, operation.id.as_bytes().to_vec(), &operation.runtime_id)?;
     }
     let mut key = event_prefix(&operation.runtime_id);
     key.extend_from_slice(operation.id.as_bytes());
     txn.put(CF_RUNTIME_OPERATIONS, key, &())?;
-    txn.operations_written.push(operation.clone());
-    Ok(())
+    put_operation(txn, operation)
 }
 
 fn create_runtime(
@@ -477,7 +492,7 @@ fn create_runtime(
     data.insert("decisions".into(), serde_json::to_value(&operation.decisions).unwrap_or_default());
     events.write(txn, &runtime.id, "runtime.created", EventSeverity::Info, JsonObject(data))?;
     hand_over_offered(txn, events, &mut operation, offered)?;
-    put_operation(txn, &operation)?;
+    put_new_operation(txn, &operation)?;
     Ok(CommandReply::Created { runtime, operation })
 }
 
@@ -497,7 +512,11 @@ fn evaluate_policies(
             policies
         }
     };
-    let before = Runtime { state: operation.prior_state, ..runtime.clone() };
+    let before = if runtime.state == operation.prior_state {
+        std::borrow::Cow::Borrowed(runtime)
+    } else {
+        std::borrow::Cow::Owned(Runtime { state: operation.prior_state, ..runtime.clone() })
+    };
     let request = policy::Request {
         runtime: &before,
         actions: operation.action.steps(),
@@ -619,7 +638,7 @@ fn begin_operation(
     data.0.insert("decisions".into(), serde_json::to_value(&operation.decisions).unwrap_or_default());
     events.write(txn, &runtime.id, &event_type, EventSeverity::Info, data)?;
     hand_over_offered(txn, events, &mut operation, offered)?;
-    put_operation(txn, &operation)?;
+    put_new_operation(txn, &operation)?;
     Ok(CommandReply::Operation(operation))
 }
 

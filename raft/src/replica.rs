@@ -147,6 +147,11 @@ impl Replica {
         Some(self.routes.dial(node, &announced).to_string())
     }
 
+    /// How many members (voters and learners) the cluster has, read in place.
+    pub fn member_count(&self) -> usize {
+        self.raft.metrics().borrow().membership_config.nodes().count()
+    }
+
     pub fn metrics(&self) -> RaftMetrics {
         self.raft.metrics().borrow().clone()
     }

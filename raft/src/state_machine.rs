@@ -24,7 +24,7 @@ use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use runtimeai_model::{Event, NodeInfo, Operation, Policy, Runtime};
+use runtimeai_model::{ClusterSettings, Event, NodeInfo, Operation, Policy, Runtime};
 
 use crate::apply::{apply_entry, Txn};
 use crate::codec::{self, FORMAT_VERSION};
@@ -70,7 +70,10 @@ pub struct StateMachineStore {
     /// Bumped whenever an unfinished operation is written or one finishes.
     active_operations_changed: Arc<watch::Sender<u64>>,
     /// What `CF_NODES` holds (every create reads it to place the runtime), in memory.
-    nodes: Arc<RwLock<Vec<NodeInfo>>>,
+    nodes: Arc<RwLock<Arc<Vec<NodeInfo>>>>,
+    /// The cluster settings (every create validates against their sizes, every executor step
+    /// reads them), in memory.
+    settings: Arc<RwLock<Arc<ClusterSettings>>>,
 }
 
 pub(crate) fn read_err(e: impl std::error::Error + 'static) -> StorageError {
@@ -99,9 +102,11 @@ impl StateMachineStore {
             active_operations: Arc::default(),
             active_operations_changed: Arc::new(watch::channel(0).0),
             nodes: Arc::default(),
+            settings: Arc::default(),
         };
         store.reload_active_operations()?;
         store.reload_nodes()?;
+        store.reload_settings()?;
         Ok(store)
     }
 
@@ -197,6 +202,11 @@ impl StateMachineStore {
         active.values().filter(|operation| keep(operation)).cloned().collect()
     }
 
+    /// An unfinished operation, from memory (`None` once it has finished).
+    pub fn active_operation(&self, id: &str) -> Option<Operation> {
+        self.active_operations.read().expect("active operations lock").get(id).cloned()
+    }
+
     /// The unfinished operations assigned to `node_id`, ordered by id.
     pub fn operations_assigned_to(&self, node_id: u64) -> Vec<Operation> {
         self.active_operations_where(|op| op.assignment.as_ref().is_some_and(|a| a.node_id == node_id))
@@ -223,9 +233,15 @@ impl StateMachineStore {
         Ok(operations)
     }
 
-    /// The cluster-wide settings in force.
-    pub fn settings(&self) -> Result<runtimeai_model::ClusterSettings, StorageError> {
-        Ok(self.get(crate::store::CF_SETTINGS, b"cluster")?.unwrap_or_default())
+    /// The cluster-wide settings in force (kept in memory, read from the store when written).
+    pub fn settings(&self) -> Arc<ClusterSettings> {
+        self.settings.read().expect("settings lock").clone()
+    }
+
+    fn reload_settings(&self) -> Result<(), StorageError> {
+        let settings = self.get(crate::store::CF_SETTINGS, crate::apply::SETTINGS_KEY)?.unwrap_or_default();
+        *self.settings.write().expect("settings lock") = Arc::new(settings);
+        Ok(())
     }
 
     /// How many runtimes are placed on each node.
@@ -235,12 +251,12 @@ impl StateMachineStore {
 
     /// What members announced about themselves (`RegisterNode`).
     /// The members' announcements (kept in memory, read from the store when one is written).
-    pub fn nodes(&self) -> Result<Vec<NodeInfo>, StorageError> {
-        Ok(self.nodes.read().expect("nodes lock").clone())
+    pub fn nodes(&self) -> Arc<Vec<NodeInfo>> {
+        self.nodes.read().expect("nodes lock").clone()
     }
 
     fn reload_nodes(&self) -> Result<(), StorageError> {
-        *self.nodes.write().expect("nodes lock") = self.scan(CF_NODES, b"")?;
+        *self.nodes.write().expect("nodes lock") = Arc::new(self.scan(CF_NODES, b"")?);
         Ok(())
     }
 
@@ -328,6 +344,7 @@ impl StateMachineStore {
         self.db.write_opt(batch, &opts).map_err(write_err)?;
         self.reload_active_operations()?;
         self.reload_nodes()?;
+        self.reload_settings()?;
         self.save_snapshot(meta, bytes)
     }
 }
@@ -374,7 +391,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             last_applied = Some(entry.log_id);
             let reply = match entry.payload {
                 EntryPayload::Blank => CommandReply::Empty,
-                EntryPayload::Normal(command) => apply_entry(&mut txn, entry.log_id.index, command)?,
+                EntryPayload::Normal(command) => {
+                    apply_entry(&mut txn, entry.log_id.index, Arc::unwrap_or_clone(command))?
+                }
                 EntryPayload::Membership(membership) => {
                     txn.put(
                         CF_SM_META,
@@ -395,6 +414,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.follow_operations(txn.operations_written);
         if txn.nodes_written {
             self.reload_nodes()?;
+        }
+        if txn.settings_written {
+            self.reload_settings()?;
         }
         Ok(replies)
     }

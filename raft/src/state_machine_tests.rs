@@ -87,7 +87,10 @@ fn command(op: Op) -> Command {
 }
 
 fn entry(index: u64, command: Command) -> Entry {
-    Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(command) }
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(std::sync::Arc::new(command)),
+    }
 }
 
 /// Applies `ops` as consecutive log entries starting after what is applied.
@@ -467,7 +470,7 @@ async fn a_snapshot_carries_the_whole_state_to_another_replica() {
     assert_eq!(target.list_runtimes().unwrap(), source.list_runtimes().unwrap());
     assert_eq!(target.runtime_events("rt_007").unwrap(), source.runtime_events("rt_007").unwrap());
     assert_eq!(target.active_operations(), source.active_operations());
-    assert_eq!(target.nodes().unwrap(), [node_info(2, "127.0.0.1:7002")], "the members' announcements too");
+    assert_eq!(*target.nodes(), [node_info(2, "127.0.0.1:7002")], "the members' announcements too");
     let (applied, stored_membership) = target.applied_state().await.unwrap();
     assert_eq!(applied.map(|l| l.index), Some(51));
     assert_eq!(stored_membership.membership().voter_ids().collect::<Vec<_>>(), vec![1, 2, 3]);
@@ -661,12 +664,12 @@ async fn member_announcements_are_read_from_memory_and_follow_every_write() {
     let dir = tempfile::tempdir().unwrap();
     let data = DataDir::open(&dir.path().join("data"), 1, "test").unwrap();
     let mut sm = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
-    assert!(sm.nodes().unwrap().is_empty());
+    assert!(sm.nodes().is_empty());
     let announce = |id, addr: &str| Op::RegisterNode { info: node_info(id, addr) };
     apply(&mut sm, vec![announce(2, "127.0.0.1:7002"), announce(1, "127.0.0.1:7001")]).await;
-    assert_eq!(sm.nodes().unwrap(), [node_info(1, "127.0.0.1:7001"), node_info(2, "127.0.0.1:7002")]);
+    assert_eq!(*sm.nodes(), [node_info(1, "127.0.0.1:7001"), node_info(2, "127.0.0.1:7002")]);
     apply(&mut sm, vec![announce(2, "127.0.0.1:9002")]).await;
-    assert_eq!(sm.nodes().unwrap()[1].grpc_addr, "127.0.0.1:9002", "a new announcement replaces the old");
+    assert_eq!(sm.nodes()[1].grpc_addr, "127.0.0.1:9002", "a new announcement replaces the old");
     let reopened = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
-    assert_eq!(reopened.nodes().unwrap(), sm.nodes().unwrap(), "read back from the store at open");
+    assert_eq!(reopened.nodes(), sm.nodes(), "read back from the store at open");
 }
