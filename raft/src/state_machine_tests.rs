@@ -459,9 +459,11 @@ async fn a_snapshot_carries_the_whole_state_to_another_replica() {
         entries.push(entry(2 + i, command(create(&format!("rt_{i:03}"), &format!("n{i}")))));
     }
     entries.push(entry(51, command(Op::RegisterNode { info: node_info(2, "127.0.0.1:7002") })));
+    let settings = ClusterSettings { event_retention_count: 7, ..Default::default() };
+    entries.push(entry(52, command(Op::SetSettings { settings })));
     source.apply(entries).await.unwrap();
     let snapshot = source.build_snapshot().await.unwrap();
-    assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(51));
+    assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(52));
 
     let (_dir2, mut target) = open();
     apply(&mut target, vec![create("rt_stale", "stale")]).await;
@@ -471,8 +473,9 @@ async fn a_snapshot_carries_the_whole_state_to_another_replica() {
     assert_eq!(target.runtime_events("rt_007").unwrap(), source.runtime_events("rt_007").unwrap());
     assert_eq!(target.active_operations(), source.active_operations());
     assert_eq!(*target.nodes(), [node_info(2, "127.0.0.1:7002")], "the members' announcements too");
+    assert_eq!(target.settings().event_retention_count, 7, "and the settings, as served from memory");
     let (applied, stored_membership) = target.applied_state().await.unwrap();
-    assert_eq!(applied.map(|l| l.index), Some(51));
+    assert_eq!(applied.map(|l| l.index), Some(52));
     assert_eq!(stored_membership.membership().voter_ids().collect::<Vec<_>>(), vec![1, 2, 3]);
     let current = target.get_current_snapshot().await.unwrap().expect("installed snapshot is kept");
     assert_eq!(current.meta, snapshot.meta);
@@ -672,4 +675,27 @@ async fn member_announcements_are_read_from_memory_and_follow_every_write() {
     assert_eq!(sm.nodes()[1].grpc_addr, "127.0.0.1:9002", "a new announcement replaces the old");
     let reopened = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
     assert_eq!(reopened.nodes(), sm.nodes(), "read back from the store at open");
+}
+
+#[tokio::test]
+async fn settings_are_served_from_memory_and_follow_their_writes_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataDir::open(&dir.path().join("data"), 1, "test").unwrap();
+    let mut sm = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
+    assert_eq!(*sm.settings(), ClusterSettings::default());
+    let settings = ClusterSettings { event_retention_count: 5, ..Default::default() };
+    apply(&mut sm, vec![Op::SetSettings { settings: settings.clone() }]).await;
+    let before = sm.settings();
+    assert_eq!(*before, settings);
+    // A create writes the placement counts beside the settings: the settings stay as they were
+    // (the same shared value, not read again).
+    let mut placed = create("rt_a", "a");
+    if let Op::CreateRuntime { runtime, .. } = &mut placed {
+        runtime.placement = Some(runtimeai_model::Placement { node_id: 1, site: None, zone: None });
+    }
+    apply(&mut sm, vec![placed]).await;
+    assert_eq!(sm.placement_counts().unwrap(), BTreeMap::from([(1, 1)]));
+    assert!(std::sync::Arc::ptr_eq(&before, &sm.settings()));
+    let reopened = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
+    assert_eq!(*reopened.settings(), settings, "read back from the store at open");
 }
