@@ -207,11 +207,6 @@ impl StateMachineStore {
         self.active_operations.read().expect("active operations lock").get(id).cloned()
     }
 
-    /// The unfinished operations assigned to `node_id`, ordered by id.
-    pub fn operations_assigned_to(&self, node_id: u64) -> Vec<Operation> {
-        self.active_operations_where(|op| op.assignment.as_ref().is_some_and(|a| a.node_id == node_id))
-    }
-
     /// Changes whenever the set of unfinished operations or one of them changes: the scheduler
     /// and the executors wait on it instead of polling.
     pub fn watch_active_operations(&self) -> watch::Receiver<u64> {
