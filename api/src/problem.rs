@@ -93,7 +93,8 @@ impl From<ClusterError> for Problem {
             | ClusterError::TooManyHops
             | ClusterError::LeaderUnreachable { .. }
             | ClusterError::Stopped(_)
-            | ClusterError::Timeout(_) => Problem::unavailable(error.to_string()),
+            | ClusterError::Timeout(_)
+            | ClusterError::ConnectionLost { .. } => Problem::unavailable(error.to_string()),
             ClusterError::Invalid(_) => Problem::new(StatusCode::CONFLICT, "cluster-conflict", error.to_string()),
             ClusterError::NotFound(_) => Problem::not_found(error.to_string()),
             ClusterError::Internal(_) => {

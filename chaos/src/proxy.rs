@@ -14,9 +14,16 @@
 //!
 //! One-way faults cut one direction of a pair's traffic: "`a` cannot reach `b`" cuts the
 //! forward direction of `a → b` and the backward direction of `b → a`.
+//!
+//! Apart from faults of links, the connections open at one moment can be **stalled**: they
+//! deliver nothing more, in either direction, until an endpoint closes them, while connections
+//! opened later work. That is what a TCP connection left deep in retransmission backoff by a bad
+//! spell looks like once the network is fine again (Linux backs off to 120 s between
+//! retransmissions and gives up only after ~15 minutes): only a new connection gets through.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -63,20 +70,40 @@ const MAX_RETRANSMISSION: Duration = Duration::from_secs(3);
 struct LinkProxy {
     listen: SocketAddr,
     faults: watch::Sender<LinkFaults>,
+    /// Connections are numbered from 1 as they are accepted; this many have been.
+    accepted: Arc<AtomicU64>,
+    /// Connections numbered up to this one are stalled (see the module's documentation).
+    stalled_through: watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What one proxied connection obeys: its link's faults, and whether it has been stalled.
+#[derive(Clone)]
+struct ConnectionFaults {
+    link: watch::Receiver<LinkFaults>,
+    stalled_through: watch::Receiver<u64>,
+    number: u64,
+}
+
+impl ConnectionFaults {
+    fn stalled(&self) -> bool {
+        *self.stalled_through.borrow() >= self.number
+    }
 }
 
 impl LinkProxy {
     async fn start(listen: SocketAddr, target: SocketAddr, seed: u64) -> Result<LinkProxy> {
         let listener = TcpListener::bind(listen).await.map_err(Error::io(format!("proxy listen on {listen}")))?;
         let listen = listener.local_addr().map_err(Error::io("proxy address"))?;
-        let (faults, watcher) = watch::channel(LinkFaults::default());
+        let (faults, link) = watch::channel(LinkFaults::default());
+        let (stalled_through, stalls) = watch::channel(0u64);
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = accepted.clone();
         let task = tokio::spawn(async move {
-            let mut connection = 0u64;
             while let Ok((inbound, _)) = listener.accept().await {
-                connection += 1;
-                let watcher = watcher.clone();
-                let seed = seed ^ connection.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let number = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                let faults = ConnectionFaults { link: link.clone(), stalled_through: stalls.clone(), number };
+                let seed = seed ^ number.wrapping_mul(0x9e37_79b9_7f4a_7c15);
                 tokio::spawn(async move {
                     // A node that is down refuses; so does its proxy (the dialler sees a reset).
                     let Ok(outbound) = TcpStream::connect(target).await else { return };
@@ -84,14 +111,19 @@ impl LinkProxy {
                     let _ = outbound.set_nodelay(true);
                     let (in_read, in_write) = inbound.into_split();
                     let (out_read, out_write) = outbound.into_split();
-                    let forward = pump(in_read, out_write, watcher.clone(), |f| f.forward, seed);
-                    let backward = pump(out_read, in_write, watcher, |f| f.backward, seed.rotate_left(17));
+                    let forward = pump(in_read, out_write, faults.clone(), |f| f.forward, seed);
+                    let backward = pump(out_read, in_write, faults, |f| f.backward, seed.rotate_left(17));
                     // When either side closes, the whole connection goes.
                     tokio::select! { _ = forward => {}, _ = backward => {} }
                 });
             }
         });
-        Ok(LinkProxy { listen, faults, task })
+        Ok(LinkProxy { listen, faults, accepted, stalled_through, task })
+    }
+
+    /// Stalls every connection accepted so far.
+    fn stall_open_connections(&self) {
+        self.stalled_through.send_replace(self.accepted.load(Ordering::SeqCst));
     }
 }
 
@@ -103,15 +135,19 @@ impl Drop for LinkProxy {
 
 /// Copies one direction of a connection, applying that direction's faults: a reader stamps each
 /// chunk with the time it may be delivered, a writer delivers chunks in order at those times.
+/// A stalled connection's bytes go nowhere (the stream never resumes, so holding them would be
+/// the same), and it still ends when its sender closes it.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    faults: watch::Receiver<LinkFaults>,
+    connection: ConnectionFaults,
     direction: fn(&LinkFaults) -> DirectionFaults,
     seed: u64,
 ) {
     let (chunks, mut due) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let faults = connection.link.clone();
     let mut cut_watch = faults.clone();
+    let writer_sees = connection.clone();
     let reader = async move {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut last_release = Instant::now();
@@ -121,6 +157,9 @@ async fn pump(
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            if connection.stalled() {
+                continue;
+            }
             let now = Instant::now();
             let f = direction(&faults.borrow());
             let mut hold = f.delay;
@@ -147,6 +186,9 @@ async fn pump(
             // A cut direction holds everything back until it heals.
             if cut_watch.wait_for(|f| !direction(f).cut).await.is_err() {
                 return;
+            }
+            if writer_sees.stalled() {
+                continue;
             }
             if to.write_all(&chunk).await.is_err() {
                 return;
@@ -257,6 +299,16 @@ impl Network {
         }
     }
 
+    /// Every connection open now from another node to `to` delivers nothing more until an
+    /// endpoint closes it; links stay healthy, so connections opened from now on work.
+    pub fn stall_open_connections_to(&self, to: u64) {
+        for ((_, dialled), proxy) in &self.links {
+            if *dialled == to {
+                proxy.stall_open_connections();
+            }
+        }
+    }
+
     /// The faults in force, link by link (`"1->2"` → faults).
     pub fn faults(&self) -> BTreeMap<String, LinkFaults> {
         let state = self.state.lock().expect("network state");
@@ -347,6 +399,24 @@ mod tests {
         assert!(slowest >= FIRST_RETRANSMISSION, "a 50 % lossy link retransmits: {slowest:?}");
         network.heal();
         assert!(round_trip(&mut stream, b"fast").await < Duration::from_millis(200));
+    }
+
+    #[tokio::test]
+    async fn a_stalled_connection_delivers_nothing_more_while_new_connections_work() {
+        let (network, addr) = echo_link().await;
+        let mut stalled = TcpStream::connect(addr).await.unwrap();
+        assert!(round_trip(&mut stalled, b"before").await < Duration::from_millis(200));
+        network.stall_open_connections_to(2);
+        stalled.write_all(b"during").await.unwrap();
+        let mut got = [0u8; 6];
+        let answer = tokio::time::timeout(Duration::from_millis(500), stalled.read_exact(&mut got)).await;
+        assert!(answer.is_err(), "a stalled connection delivers nothing: {answer:?}");
+        assert!(network.faults().is_empty(), "the links themselves are healthy");
+        let mut fresh = TcpStream::connect(addr).await.unwrap();
+        assert!(round_trip(&mut fresh, b"after").await < Duration::from_millis(200));
+        network.heal();
+        let late = tokio::time::timeout(Duration::from_millis(300), stalled.read_exact(&mut got)).await;
+        assert!(late.is_err(), "healing the links does not revive a stalled connection: {late:?}");
     }
 
     #[tokio::test]

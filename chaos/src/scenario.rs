@@ -39,6 +39,11 @@ pub struct Scenario {
     node_args: &'static [&'static str],
 }
 
+/// How soon every member must take writes again after its connections stall: an election
+/// (up to 1 s with the default timing) plus the keep-alive that finds a dead connection (3 s),
+/// with room for a loaded machine.
+const RECOVER_WITHIN: Duration = Duration::from_secs(8);
+
 /// Raft timing for links with round trips up to ~250 ms: openraft gives each replication RPC one
 /// heartbeat interval, so the interval must exceed the worst round trip (etcd's tuning guide says
 /// the same of its heartbeat).
@@ -108,6 +113,14 @@ pub const SCENARIOS: &[Scenario] = &[
                   election timeout 1.5 s)",
         needs: Needs::Network,
         node_args: WAN_TUNING,
+    },
+    Scenario {
+        name: "stalled-connections",
+        injects: "the connections the followers opened to the leader (forwarded writes, read indexes) stop \
+                  delivering, as TCP connections left in retransmission backoff by a bad spell do; the links \
+                  are fine, so new connections get through",
+        needs: Needs::Network,
+        node_args: &[],
     },
     Scenario {
         name: "membership-change",
@@ -310,30 +323,15 @@ pub async fn run(scenario: &Scenario, options: RunOptions) -> Result<RunResult> 
     let faults_over = Instant::now();
 
     // Liveness: every member takes a write again within a bound.
-    let mut heal_ms = BTreeMap::new();
-    let mut stuck = Vec::new();
-    for &node in &cx.members {
-        let deadline = faults_over + Duration::from_secs(20);
-        loop {
-            let name = format!("heal-{node}-{}", heal_ms.len());
-            if create_vcluster(&cx.cluster, node, &name).await.is_ok() {
-                heal_ms.insert(node, faults_over.elapsed().as_millis() as u64);
-                break;
-            }
-            if Instant::now() > deadline {
-                stuck.push(node);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    let (heal_ms, stuck) =
+        writes_through_every_member(&cx.cluster, &cx.members, "heal", faults_over, HEAL_WITHIN).await;
     let liveness = CheckResult {
         name: "heals",
         passed: stuck.is_empty(),
         detail: if stuck.is_empty() {
             format!("every member took a write within {} ms of the faults ending", heal_ms.values().max().unwrap_or(&0))
         } else {
-            format!("nodes {stuck:?} still refuse writes 20 s after the faults ended")
+            format!("{} s after the faults ended, {}", HEAL_WITHIN.as_secs(), refusals(&stuck))
         },
     };
 
@@ -376,6 +374,60 @@ pub async fn run(scenario: &Scenario, options: RunOptions) -> Result<RunResult> 
 }
 
 /// Creates a runtime of the type every chaos node serves, through `via`.
+/// How soon after the faults end every member must take writes again.
+const HEAL_WITHIN: Duration = Duration::from_secs(20);
+
+/// A member that took no write in time: its id, how many writes it refused, and the last
+/// refusal (what a client would have seen).
+struct Refusing {
+    node: u64,
+    refused: usize,
+    last: String,
+}
+
+/// Writes through each of `members` in turn until it takes one or `within` has passed since
+/// `since`: when each took its first (ms after `since`), and the members that took none.
+async fn writes_through_every_member(
+    cluster: &Cluster,
+    members: &[u64],
+    prefix: &str,
+    since: Instant,
+    within: Duration,
+) -> (BTreeMap<u64, u64>, Vec<Refusing>) {
+    let mut took = BTreeMap::new();
+    let mut stuck = Vec::new();
+    for &node in members {
+        let mut refused = 0;
+        loop {
+            let name = format!("{prefix}-{node}-{refused}");
+            match create_vcluster(cluster, node, &name).await {
+                Ok(_) => {
+                    took.insert(node, since.elapsed().as_millis() as u64);
+                    break;
+                }
+                Err(refusal) => {
+                    refused += 1;
+                    if since.elapsed() > within {
+                        stuck.push(Refusing { node, refused, last: refusal.to_string() });
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    (took, stuck)
+}
+
+fn refusals(stuck: &[Refusing]) -> String {
+    let nodes: Vec<u64> = stuck.iter().map(|r| r.node).collect();
+    let why: Vec<String> = stuck
+        .iter()
+        .map(|r| format!("node {} refused {} writes, the last with: {}", r.node, r.refused, r.last))
+        .collect();
+    format!("nodes {nodes:?} still refuse writes; {}", why.join("; "))
+}
+
 async fn create_vcluster(cluster: &Cluster, via: u64, name: &str) -> Result<crate::cluster::Response> {
     let body = json!({"name": name, "type": "vcluster", "labels": {"chaos": "harness"}});
     let created = cluster.call(via, reqwest::Method::POST, "/v1/runtimes", Some(&body), &[]).await?;
@@ -507,6 +559,31 @@ async fn inject(name: &str, cx: &mut FaultContext) -> Result<()> {
             tokio::time::sleep(hold).await;
             network.heal();
             cx.end("75 ± 50 ms delay on every link".into(), start);
+        }
+        "stalled-connections" => {
+            let leader = cx.leader().await?;
+            let network = cx.network()?;
+            let start = cx.begin();
+            let stalled = Instant::now();
+            network.stall_open_connections_to(leader);
+            // Nothing heals a stalled connection but closing it: the nodes must notice and dial
+            // again, in about the time an election takes, not when the kernel gives up.
+            let (took, stuck) =
+                writes_through_every_member(&cx.cluster, &cx.members.clone(), "unstall", stalled, RECOVER_WITHIN).await;
+            cx.add_check(
+                "recovers",
+                stuck.is_empty(),
+                if stuck.is_empty() {
+                    format!(
+                        "every member took a write within {} ms of its connections stalling",
+                        took.values().max().unwrap_or(&0)
+                    )
+                } else {
+                    format!("{} s after the connections stalled, {}", RECOVER_WITHIN.as_secs(), refusals(&stuck))
+                },
+            );
+            tokio::time::sleep(hold.saturating_sub(stalled.elapsed())).await;
+            cx.end(format!("connections to leader {leader} stalled"), start);
         }
         "membership-change" => membership_change(cx).await?,
         "disk-full" => disk_full(cx).await?,

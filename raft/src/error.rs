@@ -64,6 +64,9 @@ pub enum ClusterError {
     /// The cluster did not answer within the request's deadline; the outcome is unknown.
     #[error("timed out after {0} ms; the request may or may not have been applied")]
     Timeout(u64),
+    /// The connection to the leader broke after the request was sent; the outcome is unknown.
+    #[error("lost the connection to the leader (node {leader}) mid-request ({reason}); the request may or may not have been applied")]
+    ConnectionLost { leader: NodeId, reason: String },
 }
 
 impl ClusterError {
@@ -82,6 +85,6 @@ impl ClusterError {
     /// Whether the same request may succeed if the client tries again shortly (for a write
     /// whose outcome is unknown, with an idempotency key).
     pub fn is_retryable(&self) -> bool {
-        self.never_applied() || matches!(self, ClusterError::Timeout(_))
+        self.never_applied() || matches!(self, ClusterError::Timeout(_) | ClusterError::ConnectionLost { .. })
     }
 }

@@ -497,16 +497,32 @@ impl Replica {
     }
 }
 
-/// A transport failure talking to the leader. Whether the request reached it is unknown
-/// unless the connection was never made, so only that case counts as "never applied".
+/// A failure talking to the leader. Whether the request reached it is unknown unless the
+/// connection was never made, so only that case counts as "never applied"; a deadline that
+/// passed (on either side) and a connection that broke mid-request both leave the outcome
+/// unknown; anything else the leader answered with is an internal error.
 pub(crate) fn transport_error(leader: NodeId, status: tonic::Status, deadline: Duration) -> ClusterError {
     if never_sent(&status) {
         ClusterError::LeaderUnreachable { leader, reason: status.message().to_string() }
-    } else if status.code() == tonic::Code::DeadlineExceeded {
+    } else if status.code() == tonic::Code::DeadlineExceeded || caused_by::<tonic::TimeoutExpired>(&status) {
         ClusterError::Timeout(deadline.as_millis() as u64)
+    } else if caused_by::<tonic::transport::Error>(&status) {
+        ClusterError::ConnectionLost { leader, reason: status.message().to_string() }
     } else {
         ClusterError::Internal(format!("leader {leader} failed the request: {}", status.message()))
     }
+}
+
+/// Whether an error of type `E` is among the causes of `status`.
+fn caused_by<E: std::error::Error + 'static>(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(err) = source {
+        if err.is::<E>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 fn decode_reply<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<Result<T, ClusterError>, ClusterError> {
@@ -520,22 +536,7 @@ fn internal(e: impl std::fmt::Display) -> ClusterError {
 /// True when the request certainly did not reach the peer: the connection could not be made.
 /// A connection that broke mid-request does not count: the peer may have acted on it.
 fn never_sent(status: &tonic::Status) -> bool {
-    if status.code() != tonic::Code::Unavailable {
-        return false;
-    }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
-                return true;
-            }
-        }
-        if err.to_string().contains("tcp connect error") {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+    status.code() == tonic::Code::Unavailable && caused_by::<tonic::ConnectError>(status)
 }
 
 fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ClusterError {
@@ -560,5 +561,46 @@ mod tests {
         assert!(never_sent(&status), "{status:?}");
         assert!(!never_sent(&tonic::Status::unavailable("connection reset by peer")));
         assert!(!never_sent(&tonic::Status::deadline_exceeded("slow")));
+        let error = transport_error(2, status, Duration::from_secs(5));
+        assert!(error.never_applied(), "{error:?}");
+    }
+
+    /// A peer that accepts connections and then never sends a byte, as a connection stuck in
+    /// retransmission backoff looks from this end.
+    async fn silent_peer() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_call_past_its_deadline_has_an_unknown_outcome_not_an_internal_error() {
+        let mut client = ClusterClient::new(channel(&silent_peer().await).unwrap());
+        let mut request = tonic::Request::new(PeerStatusRequest { cluster: "c".into() });
+        request.set_timeout(Duration::from_millis(200));
+        let status = client.peer_status(request).await.unwrap_err();
+        let error = transport_error(2, status, Duration::from_millis(200));
+        assert!(matches!(error, ClusterError::Timeout(200)), "{error:?}");
+        assert!(error.is_retryable() && !error.never_applied());
+    }
+
+    #[tokio::test]
+    async fn a_dead_connection_is_found_by_keep_alive_and_the_call_fails_as_connection_lost() {
+        let mut client = ClusterClient::new(channel(&silent_peer().await).unwrap());
+        let started = Instant::now();
+        // No deadline: only the keep-alive can end this call.
+        let status = client.peer_status(PeerStatusRequest { cluster: "c".into() }).await.unwrap_err();
+        let waited = started.elapsed();
+        assert!(waited < Duration::from_secs(10), "the keep-alive gave up after {waited:?}");
+        let error = transport_error(2, status, Duration::from_secs(5));
+        assert!(matches!(error, ClusterError::ConnectionLost { leader: 2, .. }), "{error:?}");
+        assert!(error.is_retryable() && !error.never_applied());
+        assert!(error.to_string().contains("may or may not have been applied"), "{error}");
     }
 }
