@@ -26,11 +26,12 @@ use crate::store::{
 };
 use crate::types::StorageError;
 
-/// The writes of one `apply` call: a RocksDB batch plus an overlay, so that a command sees the
-/// effects of the commands before it in the same batch.
+/// The writes of one `apply` call, so that a command sees the effects of the commands before it
+/// in the same batch; they go to RocksDB as one batch ([`Txn::into_batch`]), each key once with
+/// its last value (a batch of creates rewrites the placement counts and each runtime's event
+/// tally several times).
 pub(crate) struct Txn<'a> {
     db: &'a DB,
-    pub(crate) batch: WriteBatch,
     /// Per column family, what this batch wrote (`None`: deleted). Kept per family so that a
     /// scan of one (the policies, on every evaluation) does not walk every key of the batch.
     overlay: HashMap<&'static str, BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
@@ -54,7 +55,6 @@ impl<'a> Txn<'a> {
     pub(crate) fn new(db: &'a DB) -> Self {
         Txn {
             db,
-            batch: WriteBatch::default(),
             overlay: HashMap::new(),
             events_in_entry: 0,
             operations_written: Vec::new(),
@@ -70,11 +70,13 @@ impl<'a> Txn<'a> {
         cf_name: &'static str,
         key: &[u8],
     ) -> Result<Option<T>, StorageError> {
-        let bytes = match self.overlay.get(cf_name).and_then(|written| written.get(key)) {
-            Some(value) => value.clone(),
-            None => self.db.get_cf(cf(self.db, cf_name), key).map_err(read_err)?,
-        };
-        bytes.map(|b| codec::decode("state record", &b)).transpose().map_err(read_err)
+        let decode = |bytes: &[u8]| codec::decode("state record", bytes).map_err(read_err);
+        match self.overlay.get(cf_name).and_then(|written| written.get(key)) {
+            Some(written) => written.as_deref().map(decode).transpose(),
+            None => {
+                self.db.get_pinned_cf(cf(self.db, cf_name), key).map_err(read_err)?.as_deref().map(decode).transpose()
+            }
+        }
     }
 
     pub(crate) fn put<T: Serialize>(
@@ -85,9 +87,23 @@ impl<'a> Txn<'a> {
     ) -> Result<(), StorageError> {
         let bytes = codec::encode("state record", value).map_err(write_err)?;
         self.forget_cached(cf_name, &key);
-        self.batch.put_cf(cf(self.db, cf_name), &key, &bytes);
         self.overlay.entry(cf_name).or_default().insert(key, Some(bytes));
         Ok(())
+    }
+
+    /// Everything written, as one RocksDB batch: each key once, with its last value.
+    pub(crate) fn into_batch(self) -> WriteBatch {
+        let mut batch = WriteBatch::default();
+        for (cf_name, written) in self.overlay {
+            let family = cf(self.db, cf_name);
+            for (key, value) in written {
+                match value {
+                    Some(value) => batch.put_cf(family, key, value),
+                    None => batch.delete_cf(family, key),
+                }
+            }
+        }
+        batch
     }
 
     fn forget_cached(&mut self, cf_name: &'static str, key: &[u8]) {
@@ -123,7 +139,6 @@ impl<'a> Txn<'a> {
 
     fn delete(&mut self, cf_name: &'static str, key: Vec<u8>) {
         self.forget_cached(cf_name, &key);
-        self.batch.delete_cf(cf(self.db, cf_name), &key);
         self.overlay.entry(cf_name).or_default().insert(key, None);
     }
 }
@@ -1052,5 +1067,40 @@ impl EventWriter {
             txn.delete(CF_EVENTS, key);
         }
         txn.put(CF_EVENT_COUNTS, tally_key, &EventTally { count, oldest: oldest_kept })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::DataDir;
+
+    #[test]
+    fn a_batch_sees_its_own_writes_and_stores_each_key_once_with_its_last_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::open(&dir.path().join("data"), 1, "test").unwrap();
+        let db = &data.db;
+        db.put_cf(cf(db, CF_SETTINGS), b"gone", codec::encode("test", &7u64).unwrap()).unwrap();
+
+        let mut txn = Txn::new(db);
+        txn.put(CF_SETTINGS, b"counts".to_vec(), &1u64).unwrap();
+        txn.put(CF_SETTINGS, b"counts".to_vec(), &2u64).unwrap();
+        assert_eq!(txn.get::<u64>(CF_SETTINGS, b"counts").unwrap(), Some(2), "a later command sees the last value");
+        assert_eq!(txn.get::<u64>(CF_SETTINGS, b"gone").unwrap(), Some(7), "unwritten keys come from the store");
+        txn.delete(CF_SETTINGS, b"gone".to_vec());
+        assert_eq!(txn.get::<u64>(CF_SETTINGS, b"gone").unwrap(), None);
+        txn.put(CF_SETTINGS, b"back".to_vec(), &3u64).unwrap();
+        txn.delete(CF_SETTINGS, b"back".to_vec());
+        txn.put(CF_SETTINGS, b"back".to_vec(), &4u64).unwrap();
+
+        let batch = txn.into_batch();
+        assert_eq!(batch.len(), 3, "one write per key, however often the batch wrote it");
+        db.write(batch).unwrap();
+        let stored = |key: &[u8]| {
+            db.get_cf(cf(db, CF_SETTINGS), key).unwrap().map(|b| codec::decode::<u64>("test", &b).unwrap())
+        };
+        assert_eq!(stored(b"counts"), Some(2));
+        assert_eq!(stored(b"gone"), None);
+        assert_eq!(stored(b"back"), Some(4));
     }
 }

@@ -405,12 +405,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
-        self.db.write_opt(txn.batch, &opts).map_err(write_err)?;
-        self.follow_operations(txn.operations_written);
-        if txn.nodes_written {
+        let (operations_written, nodes_written, settings_written) =
+            (std::mem::take(&mut txn.operations_written), txn.nodes_written, txn.settings_written);
+        self.db.write_opt(txn.into_batch(), &opts).map_err(write_err)?;
+        self.follow_operations(operations_written);
+        if nodes_written {
             self.reload_nodes()?;
         }
-        if txn.settings_written {
+        if settings_written {
             self.reload_settings()?;
         }
         Ok(replies)
