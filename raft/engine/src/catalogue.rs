@@ -74,8 +74,13 @@ impl<'a> Catalogue<'a> {
 
     /// What a runtime costs per hour in its state: nothing unless it runs (or is coming up).
     pub fn cost(&self, runtime: &Runtime) -> f64 {
-        match runtime.state {
-            RuntimeState::Running | RuntimeState::Degraded | RuntimeState::Creating => self.running_cost(&runtime.spec),
+        self.cost_in(runtime.state, &runtime.spec)
+    }
+
+    /// What a runtime with `spec` costs per hour in `state`.
+    pub fn cost_in(&self, state: RuntimeState, spec: &RuntimeSpec) -> f64 {
+        match state {
+            RuntimeState::Running | RuntimeState::Degraded | RuntimeState::Creating => self.running_cost(spec),
             _ => 0.0,
         }
     }

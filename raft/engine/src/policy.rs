@@ -33,8 +33,11 @@
 //! destructive action without a human. Destructive actions: stop, delete, restore, and a scale
 //! that lowers cpu, size or replicas.
 
+use std::borrow::Cow;
+
 use runtimeai_model::{
-    Actor, LifecycleAction, Policy, PolicyDecision, PolicyMode, PolicyRule, Runtime, RuntimeState, SizeEntry, Verdict,
+    Actor, LifecycleAction, Policy, PolicyDecision, PolicyMode, PolicyRule, Runtime, RuntimeSpec, RuntimeState,
+    SizeEntry, Verdict,
 };
 use serde_json::{Map, Value};
 
@@ -64,23 +67,43 @@ pub fn evaluate(policies: &[Policy], request: Request<'_>) -> Vec<PolicyDecision
     let catalogue = Catalogue::new(request.sizes);
     let mut policies: Vec<&Policy> = policies.iter().filter(|p| in_scope(p, request.runtime)).collect();
     policies.sort_by(|a, b| a.id.cmp(&b.id));
-    let mut before = request.runtime.clone();
+    let runtime = request.runtime;
+    // Only the state and the spec change along the actions; the spec is copied only by an
+    // action that changes it (a scale), not per action (this runs in every create's apply).
+    let mut before = Side { state: runtime.state, spec: Cow::Borrowed(&runtime.spec) };
     let mut decisions = Vec::new();
     for (index, action) in request.actions.iter().enumerate() {
-        let mut after = before.clone();
-        if let Ok((_, state)) = action.transition(before.state) {
-            after.state = state;
-        }
-        action.apply_to_spec(&mut after.spec);
+        let state = action.transition(before.state).map_or(before.state, |(_, after)| after);
+        let spec = match action {
+            LifecycleAction::Scale { .. } => {
+                let mut spec = before.spec.clone().into_owned();
+                action.apply_to_spec(&mut spec);
+                Cow::Owned(spec)
+            }
+            _ => before.spec.clone(),
+        };
+        let after = Side { state, spec };
         if *action == LifecycleAction::Create {
             // Before a create nothing runs (and nothing costs).
             before.state = RuntimeState::Stopped;
         }
-        let step = Step { action, before: &before, after: &after, catalogue, actor: request.actor };
+        let step = Step { action, runtime, before: &before, after: &after, catalogue, actor: request.actor };
         decisions.push(decide(&policies, &step, index as u32, request.mode));
         before = after;
     }
     decisions
+}
+
+/// A runtime's state and spec before or after one action of a request.
+struct Side<'a> {
+    state: RuntimeState,
+    spec: Cow<'a, RuntimeSpec>,
+}
+
+impl Side<'_> {
+    fn cost(&self, catalogue: Catalogue<'_>) -> f64 {
+        catalogue.cost_in(self.state, &self.spec)
+    }
 }
 
 /// The most restrictive verdict of a set of decisions (allow when there are none).
@@ -96,10 +119,15 @@ pub fn deciding(decisions: &[PolicyDecision]) -> Option<&PolicyDecision> {
 
 /// Whether an action takes something away: stop, delete, restore, or a scale down.
 pub fn is_destructive(action: &LifecycleAction, before: &Runtime, catalogue: Catalogue<'_>) -> bool {
+    destroys(action, &before.spec, catalogue)
+}
+
+/// [`is_destructive`] for a runtime whose spec is `before`.
+fn destroys(action: &LifecycleAction, before: &RuntimeSpec, catalogue: Catalogue<'_>) -> bool {
     match action {
         LifecycleAction::Stop { .. } | LifecycleAction::Delete | LifecycleAction::Restore { .. } => true,
         LifecycleAction::Scale { .. } => {
-            let mut after = before.spec.clone();
+            let mut after = before.clone();
             action.apply_to_spec(&mut after);
             let cpu = |spec: &runtimeai_model::RuntimeSpec| {
                 spec.resources
@@ -107,19 +135,21 @@ pub fn is_destructive(action: &LifecycleAction, before: &Runtime, catalogue: Cat
                     .and_then(|r| r.cpu)
                     .unwrap_or_else(|| catalogue.sizes.get(catalogue.effective_index(spec)).map_or(0.0, |s| s.cpu))
             };
-            catalogue.effective_index(&after) < catalogue.effective_index(&before.spec)
-                || catalogue.replicas(&after) < catalogue.replicas(&before.spec)
-                || cpu(&after) < cpu(&before.spec)
+            catalogue.effective_index(&after) < catalogue.effective_index(before)
+                || catalogue.replicas(&after) < catalogue.replicas(before)
+                || cpu(&after) < cpu(before)
         }
-        LifecycleAction::Sequence { actions } => actions.iter().any(|a| is_destructive(a, before, catalogue)),
+        LifecycleAction::Sequence { actions } => actions.iter().any(|a| destroys(a, before, catalogue)),
         _ => false,
     }
 }
 
 struct Step<'a> {
     action: &'a LifecycleAction,
-    before: &'a Runtime,
-    after: &'a Runtime,
+    /// The runtime as the request found it: its type, labels and tenant do not change.
+    runtime: &'a Runtime,
+    before: &'a Side<'a>,
+    after: &'a Side<'a>,
     catalogue: Catalogue<'a>,
     actor: &'a Actor,
 }
@@ -153,7 +183,7 @@ fn decide(policies: &[&Policy], step: &Step<'_>, index: u32, mode: PolicyMode) -
             });
         }
     }
-    let destructive = is_destructive(step.action, step.before, step.catalogue);
+    let destructive = destroys(step.action, &step.before.spec, step.catalogue);
     match winner {
         Some(mut decision) => {
             if decision.verdict == Verdict::Allow && destructive && mode == PolicyMode::SafeFirst {
@@ -166,7 +196,7 @@ fn decide(policies: &[&Policy], step: &Step<'_>, index: u32, mode: PolicyMode) -
             decision
         }
         None => {
-            let production = step.before.env() == Some("production");
+            let production = step.runtime.env() == Some("production");
             let (verdict, reason) = match mode {
                 PolicyMode::SafeFirst if destructive => {
                     (Verdict::RequireApproval, format!("safe_first: {action} is destructive and needs approval"))
@@ -209,8 +239,8 @@ fn rule_verdict(rule: &PolicyRule, step: &Step<'_>) -> Option<(Verdict, String)>
         }
         "budget_guardrail" => {
             let limit = budget_limit(params)?;
-            let before = step.catalogue.cost(step.before);
-            let after = step.catalogue.cost(step.after);
+            let before = step.before.cost(step.catalogue);
+            let after = step.after.cost(step.catalogue);
             (after > limit + 1e-9 && after > before).then(|| {
                 (
                     Verdict::Deny,
@@ -254,12 +284,12 @@ fn one_or_many(value: &Value) -> Vec<&str> {
 
 fn selector_matches(selector: &Map<String, Value>, step: &Step<'_>) -> bool {
     selector.iter().all(|(key, value)| match key.as_str() {
-        "runtime_type" => one_or_many(value).contains(&step.before.runtime_type.as_str()),
+        "runtime_type" => one_or_many(value).contains(&step.runtime.runtime_type.as_str()),
         "actions" => one_or_many(value).contains(&step.action.kind()),
         "labels" => value.as_object().is_some_and(|labels| {
             labels
                 .iter()
-                .all(|(k, v)| v.as_str().is_some_and(|v| step.before.labels.get(k).map(String::as_str) == Some(v)))
+                .all(|(k, v)| v.as_str().is_some_and(|v| step.runtime.labels.get(k).map(String::as_str) == Some(v)))
         }),
         "actor" => {
             let full = step.actor.to_string();
