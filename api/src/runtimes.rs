@@ -2,6 +2,7 @@
 //! calls (start, stop, restart, scale, snapshot, restore) that each become an operation.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -300,7 +301,15 @@ pub(crate) async fn create_runtime(
         placement: Some(placement),
         ..Runtime::new(id.clone(), request.name.clone(), request.runtime_type, now)
     };
-    match propose(&state, &headers, "POST /v1/runtimes", &request, Op::CreateRuntime { runtime, operation }).await? {
+    match propose(
+        &state,
+        &headers,
+        "POST /v1/runtimes",
+        &request,
+        Op::CreateRuntime { runtime: Arc::new(runtime), operation },
+    )
+    .await?
+    {
         CommandReply::Created { runtime, .. } => Ok(runtime_response(StatusCode::CREATED, &runtime)),
         other => Err(Problem::unexpected_reply(other)),
     }

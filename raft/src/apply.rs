@@ -473,7 +473,7 @@ fn create_runtime(
     txn: &mut Txn<'_>,
     events: &mut EventWriter,
     settings: &ClusterSettings,
-    runtime: Runtime,
+    runtime: Arc<Runtime>,
     mut operation: Operation,
 ) -> Result<CommandReply, StorageError> {
     if let Some(existing) = txn.get::<Runtime>(CF_RUNTIMES, runtime.id.as_bytes())? {
@@ -481,14 +481,15 @@ fn create_runtime(
         // whose reply was lost, and gets the same answer.
         if let Some(first_operation) = txn.get::<Operation>(CF_OPERATIONS, operation.id.as_bytes())? {
             if existing.created_at == runtime.created_at && first_operation.runtime_id == runtime.id {
-                return Ok(CommandReply::Created { runtime: existing, operation: first_operation });
+                return Ok(CommandReply::Created { runtime: Arc::new(existing), operation: first_operation });
             }
         }
-        return Ok(CommandReply::Rejected(Rejection::AlreadyExists { kind: "runtime".into(), id: runtime.id }));
+        let id = runtime.id.clone();
+        return Ok(CommandReply::Rejected(Rejection::AlreadyExists { kind: "runtime".into(), id }));
     }
     let name = name_key(runtime.tenant_id.as_deref(), &runtime.name);
     if let Some(existing_id) = txn.get::<String>(CF_RUNTIME_NAMES, &name)? {
-        return Ok(CommandReply::Rejected(Rejection::NameTaken { name: runtime.name, existing_id }));
+        return Ok(CommandReply::Rejected(Rejection::NameTaken { name: runtime.name.clone(), existing_id }));
     }
     let offered = operation.assignment.take();
     let decisions = evaluate_policies(txn, settings, &runtime, &operation)?;

@@ -9,6 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use runtimeai_model::{
     Actor, ClusterSettings, Intent, NodeInfo, Operation, OperationError, OperationProgress, OperationStatus, Policy,
@@ -39,9 +40,10 @@ pub struct IdempotencyClaim {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
     /// Create a runtime (state `creating`) and the operation that brings it up. The proposer
-    /// filled in ids, timestamps and version 1.
+    /// filled in ids, timestamps and version 1. The runtime is stored as proposed and comes back
+    /// in the reply: shared, so that neither apply (on every member) nor the reply copies it.
     CreateRuntime {
-        runtime: Runtime,
+        runtime: Arc<Runtime>,
         operation: Operation,
     },
     /// Replace a runtime's record; `expected_version` is the `If-Match` precondition.
@@ -171,7 +173,7 @@ pub enum CommandReply {
     Runtime(Runtime),
     /// A runtime created together with its first operation.
     Created {
-        runtime: Runtime,
+        runtime: Arc<Runtime>,
         operation: Operation,
     },
     Operation(Operation),

@@ -66,7 +66,7 @@ fn operation(id: &str, runtime_id: &str, action: LifecycleAction) -> Operation {
 
 fn create(id: &str, name: &str) -> Op {
     Op::CreateRuntime {
-        runtime: runtime(id, name),
+        runtime: std::sync::Arc::new(runtime(id, name)),
         operation: operation(&format!("op_create_{id}"), id, LifecycleAction::Create),
     }
 }
@@ -141,7 +141,7 @@ async fn names_are_unique_per_tenant_even_within_one_batch() {
     let (_dir, mut sm) = open();
     let mut other_tenant = create("rt_c", "web");
     if let Op::CreateRuntime { runtime, .. } = &mut other_tenant {
-        runtime.tenant_id = None;
+        std::sync::Arc::make_mut(runtime).tenant_id = None;
     }
     let replies = apply(&mut sm, vec![create("rt_a", "web"), create("rt_b", "web"), other_tenant]).await;
     assert!(matches!(&replies[0], CommandReply::Created { runtime, .. } if runtime.id == "rt_a"));
@@ -440,7 +440,7 @@ async fn a_retried_create_gets_the_same_reply_and_no_second_event() {
     let (_dir, mut sm) = open();
     let mut clash = create("rt_a", "other");
     if let Op::CreateRuntime { runtime, operation } = &mut clash {
-        runtime.created_at = at(5);
+        std::sync::Arc::make_mut(runtime).created_at = at(5);
         operation.id = "op_other".into();
     }
     let replies = apply(&mut sm, vec![create("rt_a", "web"), create("rt_a", "web"), clash]).await;
@@ -561,7 +561,8 @@ async fn runtimes_per_node_are_counted_as_they_are_placed_and_deleted() {
     let placed = |id: &str, name: &str, node: u64| {
         let mut op = create(id, name);
         if let Op::CreateRuntime { runtime, .. } = &mut op {
-            runtime.placement = Some(runtimeai_model::Placement { node_id: node, site: None, zone: None });
+            std::sync::Arc::make_mut(runtime).placement =
+                Some(runtimeai_model::Placement { node_id: node, site: None, zone: None });
         }
         op
     };
@@ -696,7 +697,8 @@ async fn settings_are_served_from_memory_and_follow_their_writes_only() {
     // (the same shared value, not read again).
     let mut placed = create("rt_a", "a");
     if let Op::CreateRuntime { runtime, .. } = &mut placed {
-        runtime.placement = Some(runtimeai_model::Placement { node_id: 1, site: None, zone: None });
+        std::sync::Arc::make_mut(runtime).placement =
+            Some(runtimeai_model::Placement { node_id: 1, site: None, zone: None });
     }
     apply(&mut sm, vec![placed]).await;
     assert_eq!(sm.placement_counts().unwrap(), BTreeMap::from([(1, 1)]));

@@ -4,8 +4,10 @@
 //! step, which tests count. It knows what it was asked for, not how a workload behaves: its
 //! status is the replicated record's, its cpu and memory the allocation, and it has no latency.
 
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use runtimeai_model::{Runtime, RuntimeState};
@@ -15,6 +17,9 @@ use super::{BackendError, CallContext, Observed, Resources, RuntimeBackend, Step
 #[derive(Debug, Clone)]
 pub struct SimulatedBackend {
     ledger: StepLedger,
+    /// The journal, open for appending (every step writes a line; reopening it per step showed
+    /// in profiles).
+    journal: Arc<File>,
     /// How long one call takes.
     step: Duration,
     node_id: u64,
@@ -22,7 +27,9 @@ pub struct SimulatedBackend {
 
 impl SimulatedBackend {
     pub fn new(dir: PathBuf, step: Duration, node_id: u64) -> std::io::Result<SimulatedBackend> {
-        Ok(SimulatedBackend { ledger: StepLedger::open(dir)?, step, node_id })
+        let ledger = StepLedger::open(dir)?;
+        let journal = Arc::new(OpenOptions::new().create(true).append(true).open(ledger.dir().join("journal"))?);
+        Ok(SimulatedBackend { ledger, journal, step, node_id })
     }
 
     /// The journal: one line per step applied, across every node sharing the directory.
@@ -44,11 +51,11 @@ impl SimulatedBackend {
             };
             let (step, _) = this.ledger.run_probed(&cx, in_journal, || {
                 // Not fsync'd: the journal stands for infrastructure outside this process, and
-                // it has to outlive a killed process, not a machine.
-                let mut journal = std::fs::OpenOptions::new().create(true).append(true).open(this.journal_path())?;
+                // it has to outlive a killed process, not a machine. One write per line, in
+                // append mode: lines from nodes sharing the journal do not interleave.
                 let line =
                     format!("{entry}action={action} runtime={runtime_id} token={} node={}\n", cx.token, this.node_id);
-                journal.write_all(line.as_bytes())?;
+                (&*this.journal).write_all(line.as_bytes())?;
                 Ok(())
             })?;
             Ok(match step {
