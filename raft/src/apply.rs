@@ -202,11 +202,10 @@ fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<Comm
             return codec::decode("idempotent reply", &record.reply).map_err(read_err);
         }
     }
-    let at = command.at;
+    let Command { at, actor, idempotency, op } = command;
     let settings = settings(txn)?;
-    let actor = command.actor.clone();
-    let mut events = EventWriter { index, at, actor: command.actor.clone(), retention: settings.clone() };
-    let reply = match command.op {
+    let mut events = EventWriter { index, at, actor: &actor, retention: settings.clone() };
+    let reply = match op {
         Op::Batch(commands) => {
             let mut replies = Vec::with_capacity(commands.len());
             for command in commands {
@@ -214,9 +213,13 @@ fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<Comm
             }
             CommandReply::Batch(replies)
         }
-        Op::CreateRuntime { runtime, operation } => {
-            create_runtime(txn, &mut events, &settings, runtime, Operation { requested_by: actor, ..operation })?
-        }
+        Op::CreateRuntime { runtime, operation } => create_runtime(
+            txn,
+            &mut events,
+            &settings,
+            runtime,
+            Operation { requested_by: actor.clone(), ..operation },
+        )?,
         Op::UpdateRuntime { runtime, expected_version } => {
             update_runtime(txn, &mut events, at, runtime, expected_version)?
         }
@@ -237,7 +240,7 @@ fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<Comm
             }
         }
         Op::BeginOperation { operation, expected_version } => {
-            let operation = Operation { requested_by: actor, ..operation };
+            let operation = Operation { requested_by: actor.clone(), ..operation };
             begin_operation(txn, &mut events, &settings, operation, expected_version)?
         }
         Op::AdvanceOperation { operation_id, status, progress, error, token, completed_actions, failed_action } => {
@@ -317,11 +320,11 @@ fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<Comm
                     txn,
                     &mut events,
                     &settings,
-                    Operation { requested_by: actor, ..operation },
+                    Operation { requested_by: actor.clone(), ..operation },
                     None,
                 )? {
                     CommandReply::Operation(operation) => Some(operation),
-                    rejected => return finish(txn, at, command.idempotency, rejected),
+                    rejected => return finish(txn, at, idempotency, rejected),
                 },
             };
             txn.put(CF_INTENTS, intent.id.as_bytes().to_vec(), &intent)?;
@@ -352,7 +355,7 @@ fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<Comm
             CommandReply::Settings(settings)
         }
     };
-    finish(txn, at, command.idempotency, reply)
+    finish(txn, at, idempotency, reply)
 }
 
 /// Remembers the reply under the command's idempotency key, if it has one.
@@ -471,7 +474,7 @@ fn put_new_operation(txn: &mut Txn<'_>, operation: &Operation) -> Result<(), Sto
 
 fn create_runtime(
     txn: &mut Txn<'_>,
-    events: &mut EventWriter,
+    events: &mut EventWriter<'_>,
     settings: &ClusterSettings,
     runtime: Arc<Runtime>,
     mut operation: Operation,
@@ -554,7 +557,7 @@ fn decision_data(operation: &Operation, decision: &PolicyDecision) -> JsonObject
 /// rejection (with its event), approval parks the operation in `pending_approval`.
 fn judge(
     txn: &mut Txn<'_>,
-    events: &mut EventWriter,
+    events: &mut EventWriter<'_>,
     runtime_id: &str,
     operation: &mut Operation,
     decisions: Vec<PolicyDecision>,
@@ -585,7 +588,7 @@ fn judge(
 
 fn update_runtime(
     txn: &mut Txn<'_>,
-    events: &mut EventWriter,
+    events: &mut EventWriter<'_>,
     at: Timestamp,
     mut runtime: Runtime,
     expected_version: Option<u64>,
@@ -612,7 +615,7 @@ fn update_runtime(
 
 fn begin_operation(
     txn: &mut Txn<'_>,
-    events: &mut EventWriter,
+    events: &mut EventWriter<'_>,
     settings: &ClusterSettings,
     operation: Operation,
     expected_version: Option<u64>,
@@ -695,7 +698,7 @@ fn status_rejection(operation: &Operation, to: &str) -> Rejection {
 
 fn advance_operation(
     txn: &mut Txn<'_>,
-    events: &mut EventWriter,
+    events: &mut EventWriter<'_>,
     operation_id: &str,
     report: Report,
 ) -> Result<CommandReply, StorageError> {
@@ -748,7 +751,7 @@ fn advance_operation(
 /// or puts the runtime back where it was, and frees the runtime for the next operation.
 fn finish_operation(
     txn: &mut Txn<'_>,
-    events: &mut EventWriter,
+    events: &mut EventWriter<'_>,
     mut operation: Operation,
 ) -> Result<CommandReply, StorageError> {
     use OperationStatus::*;
@@ -795,7 +798,7 @@ fn finish_operation(
 
 fn decide_approval(
     txn: &mut Txn<'_>,
-    events: &mut EventWriter,
+    events: &mut EventWriter<'_>,
     actor: &Actor,
     operation_id: &str,
     approve: bool,
@@ -840,7 +843,7 @@ fn decide_approval(
 
 fn assign_operation(
     txn: &mut Txn<'_>,
-    events: &mut EventWriter,
+    events: &mut EventWriter<'_>,
     settings: &ClusterSettings,
     operation_id: &str,
     assignment: Assignment,
@@ -894,7 +897,7 @@ fn assign_operation(
 /// Hands an operation to an executor (the caller stores the operation).
 fn hand_over(
     txn: &mut Txn<'_>,
-    events: &mut EventWriter,
+    events: &mut EventWriter<'_>,
     operation: &mut Operation,
     assignment: Assignment,
 ) -> Result<(), StorageError> {
@@ -913,7 +916,7 @@ fn hand_over(
 /// operation was queued (not parked for approval); the entry's index is its fencing token.
 fn hand_over_offered(
     txn: &mut Txn<'_>,
-    events: &mut EventWriter,
+    events: &mut EventWriter<'_>,
     operation: &mut Operation,
     offered: Option<Assignment>,
 ) -> Result<(), StorageError> {
@@ -975,10 +978,10 @@ fn apply_effect(runtime: &mut Runtime, action: &LifecycleAction, at: Timestamp) 
 }
 
 /// Writes the events of one command, keyed so that a runtime's events sort in log order.
-pub(crate) struct EventWriter {
+pub(crate) struct EventWriter<'a> {
     index: u64,
     at: Timestamp,
-    actor: runtimeai_model::Actor,
+    actor: &'a runtimeai_model::Actor,
     retention: Arc<ClusterSettings>,
 }
 
@@ -997,7 +1000,23 @@ struct EventTally {
 /// At most this many old events are dropped per event written, to bound the work of one apply.
 const PRUNE_BATCH: usize = 64;
 
-impl EventWriter {
+/// An [`Event`] as apply stores it, borrowed from what apply has at hand: the same fields in the
+/// same order, so the same bytes (`an_event_record_is_stored_as_an_event`).
+#[derive(Serialize)]
+struct EventRecord<'a> {
+    id: &'a str,
+    runtime_id: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    severity: EventSeverity,
+    #[serde(with = "runtimeai_model::timestamp")]
+    ts: Timestamp,
+    actor: &'a runtimeai_model::Actor,
+    data: &'a JsonObject,
+    seq: u64,
+}
+
+impl EventWriter<'_> {
     fn write(
         &mut self,
         txn: &mut Txn<'_>,
@@ -1008,14 +1027,14 @@ impl EventWriter {
     ) -> Result<(), StorageError> {
         let sub = txn.events_in_entry;
         txn.events_in_entry += 1;
-        let event = Event {
-            id: format!("ev_{:016x}_{sub}", self.index),
-            runtime_id: runtime_id.to_string(),
-            event_type: event_type.to_string(),
+        let event = EventRecord {
+            id: &format!("ev_{:016x}_{sub}", self.index),
+            runtime_id,
+            event_type,
             severity,
             ts: self.at,
-            actor: self.actor.clone(),
-            data,
+            actor: self.actor,
+            data: &data,
             seq: self.index,
         };
         let mut key = event_prefix(runtime_id);
@@ -1075,6 +1094,38 @@ impl EventWriter {
 mod tests {
     use super::*;
     use crate::store::DataDir;
+
+    #[test]
+    fn an_event_record_is_stored_as_an_event() {
+        let actor = runtimeai_model::Actor::Agent("planner".into());
+        let mut data = serde_json::Map::new();
+        data.insert("operation_id".into(), "op_1".into());
+        let data = JsonObject(data);
+        let ts = chrono::DateTime::from_timestamp(1_700_000_000, 123_456_789).unwrap();
+        let record = EventRecord {
+            id: "ev_1_0",
+            runtime_id: "rt_1",
+            event_type: "runtime.created",
+            severity: EventSeverity::Warning,
+            ts,
+            actor: &actor,
+            data: &data,
+            seq: 7,
+        };
+        let event = Event {
+            id: "ev_1_0".into(),
+            runtime_id: "rt_1".into(),
+            event_type: "runtime.created".into(),
+            severity: EventSeverity::Warning,
+            ts,
+            actor: actor.clone(),
+            data: data.clone(),
+            seq: 7,
+        };
+        let bytes = codec::encode("test", &record).unwrap();
+        assert_eq!(bytes, codec::encode("test", &event).unwrap());
+        assert_eq!(codec::decode::<Event>("test", &bytes).unwrap(), event);
+    }
 
     #[test]
     fn a_batch_sees_its_own_writes_and_stores_each_key_once_with_its_last_value() {
