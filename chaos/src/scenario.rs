@@ -569,7 +569,7 @@ async fn inject(name: &str, cx: &mut FaultContext) -> Result<()> {
             // Nothing heals a stalled connection but closing it: the nodes must notice and dial
             // again, in about the time an election takes, not when the kernel gives up.
             let (took, stuck) =
-                writes_through_every_member(&cx.cluster, &cx.members.clone(), "unstall", stalled, RECOVER_WITHIN).await;
+                writes_through_every_member(&cx.cluster, &cx.members, "unstall", stalled, RECOVER_WITHIN).await;
             cx.add_check(
                 "recovers",
                 stuck.is_empty(),
