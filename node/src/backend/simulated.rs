@@ -28,13 +28,13 @@ pub struct SimulatedBackend {
 impl SimulatedBackend {
     pub fn new(dir: PathBuf, step: Duration, node_id: u64) -> std::io::Result<SimulatedBackend> {
         let ledger = StepLedger::open(dir)?;
-        let journal = Arc::new(OpenOptions::new().create(true).append(true).open(ledger.dir().join("journal"))?);
+        let journal = Arc::new(OpenOptions::new().create(true).append(true).open(journal_in(ledger.dir()))?);
         Ok(SimulatedBackend { ledger, journal, step, node_id })
     }
 
     /// The journal: one line per step applied, across every node sharing the directory.
     pub fn journal_path(&self) -> PathBuf {
-        self.ledger.dir().join("journal")
+        journal_in(self.ledger.dir())
     }
 
     async fn apply(&self, cx: &CallContext, runtime: &Runtime, action: &str) -> Result<String, BackendError> {
@@ -66,6 +66,11 @@ impl SimulatedBackend {
         .await
         .map_err(|e| BackendError::Retryable(format!("backend task: {e}")))?
     }
+}
+
+/// Where the journal of a ledger directory is.
+fn journal_in(dir: &std::path::Path) -> PathBuf {
+    dir.join("journal")
 }
 
 #[async_trait::async_trait]
