@@ -86,6 +86,9 @@ pub struct Scale {
     pub rss_mib: BTreeMap<u64, f64>,
     /// Per node, how much resident memory grew while creating, scaled to 100 000 runtimes.
     pub growth_mib_per_100k: BTreeMap<u64, f64>,
+    /// CPU time of all three members per create, its operation run and recorded included: the
+    /// figure to compare builds by, steadier on a shared machine than throughput.
+    pub cpu_ms_per_create: f64,
     /// A new node added with `POST /v1/cluster/members` until it is a caught-up voter.
     pub catch_up_seconds: f64,
     /// A node SIGKILLed and started again until `/readyz`.
@@ -443,6 +446,16 @@ fn memory_mib(pid: u32) -> Option<(f64, f64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime, fields 14 and 15 of proc(5), in clock ticks (USER_HZ, 100 on Linux).
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 async fn scale(
     http: &reqwest::Client,
     cluster: &mut Cluster,
@@ -453,6 +466,9 @@ async fn scale(
     let targets: Vec<String> = (1..=3).map(|n| format!("http://{}", cluster.node(n).http)).collect();
     let before: BTreeMap<u64, f64> =
         (1..=3).filter_map(|n| Some((n, cluster.node(n).pid().and_then(memory_mib)?.0))).collect();
+    let members_cpu =
+        |cluster: &Cluster| (1..=3).filter_map(|n| cluster.node(n).pid().and_then(cpu_seconds)).sum::<f64>();
+    let cpu_before = members_cpu(cluster);
     let remaining = Arc::new(AtomicU64::new(runtimes as u64));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -476,8 +492,15 @@ async fn scale(
         let _ = task.await;
     }
     let create_seconds = started.elapsed().as_secs_f64();
-    let mut result =
-        Scale { runtimes, create_seconds, creates_per_second: runtimes as f64 / create_seconds, ..Default::default() };
+    quiesce(cluster, progress).await;
+    let cpu_ms_per_create = (members_cpu(cluster) - cpu_before) * 1000.0 / runtimes as f64;
+    let mut result = Scale {
+        runtimes,
+        create_seconds,
+        creates_per_second: runtimes as f64 / create_seconds,
+        cpu_ms_per_create,
+        ..Default::default()
+    };
     for node in 1..=3 {
         if let Some((rss, peak)) = cluster.node(node).pid().and_then(memory_mib) {
             result.peak_rss_mib.insert(node, peak);
@@ -594,13 +617,14 @@ fn markdown(results: &BenchResults) -> String {
     if let Some(s) = &results.scale {
         let max = |m: &BTreeMap<u64, f64>| m.values().copied().fold(0.0, f64::max);
         text.push_str(&format!(
-            "\n| scale | {} runtimes |\n|---|---|\n| create through the API (128 clients) | {:.1} s ({:.0}/s) |\n| peak resident memory, largest node | {:.0} MiB |\n| resident memory at the end, largest node | {:.0} MiB |\n| resident memory growth per 100 000 runtimes, largest node | {:.0} MiB |\n| a new node catches up (snapshot) and becomes a voter | {:.1} s |\n| a node restarts with that state until ready | {:.1} s |\n",
+            "\n| scale | {} runtimes |\n|---|---|\n| create through the API (128 clients) | {:.1} s ({:.0}/s) |\n| peak resident memory, largest node | {:.0} MiB |\n| resident memory at the end, largest node | {:.0} MiB |\n| resident memory growth per 100 000 runtimes, largest node | {:.0} MiB |\n| CPU time of the three members per create (its operation included) | {:.2} ms |\n| a new node catches up (snapshot) and becomes a voter | {:.1} s |\n| a node restarts with that state until ready | {:.1} s |\n",
             s.runtimes,
             s.create_seconds,
             s.creates_per_second,
             max(&s.peak_rss_mib),
             max(&s.rss_mib),
             max(&s.growth_mib_per_100k),
+            s.cpu_ms_per_create,
             s.catch_up_seconds,
             s.restart_seconds
         ));
@@ -644,4 +668,23 @@ fn plot(results: &BenchResults, path: &Path) -> std::result::Result<(), String> 
         Ok(())
     };
     draw().map_err(|e| format!("drawing {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_cpu_time_is_read_and_grows_with_work() {
+        let pid = std::process::id();
+        let before = cpu_seconds(pid).expect("our own /proc/<pid>/stat");
+        let started = Instant::now();
+        let mut spin = 0u64;
+        while started.elapsed() < Duration::from_millis(400) {
+            spin = std::hint::black_box(spin.wrapping_add(1));
+        }
+        let used = cpu_seconds(pid).unwrap() - before;
+        assert!(used >= 0.2, "400 ms of spinning counted as {used} s of CPU");
+        assert_eq!(cpu_seconds(u32::MAX), None, "no such process");
+    }
 }
