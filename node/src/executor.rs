@@ -72,7 +72,9 @@ pub async fn run(replica: Arc<Replica>, backends: Backends, options: ExecutorOpt
                 operation_id: operation.id.clone(),
                 token,
             };
-            let handle = tokio::spawn(worker.run());
+            // Boxed: the task then holds a pointer, not the whole (large) future, which tokio
+            // would otherwise copy as the task starts and ends.
+            let handle = tokio::spawn(Box::pin(worker.run()));
             if let Some((_, old)) = workers.insert(operation.id.clone(), (token, handle)) {
                 old.abort();
             }
@@ -267,15 +269,16 @@ struct Worker {
 
 impl Worker {
     async fn run(self) {
-        let (done_tx, done_rx) = watch::channel(false);
-        let renewer = tokio::spawn(renew_lease(
-            self.replica.clone(),
-            self.operation_id.clone(),
-            self.token,
-            self.options.lease,
-            done_rx,
-        ));
-        match self.work().await {
+        // The lease is renewed beside the work, in the same task: most operations end before
+        // the first renewal is due, and a task of its own per operation showed in profiles.
+        let work = self.work();
+        tokio::pin!(work);
+        let outcome = tokio::select! {
+            outcome = &mut work => outcome,
+            // The assignment was lost: the work finds out at its next check or report.
+            () = renew_lease(&self.replica, &self.operation_id, self.token, self.options.lease) => work.await,
+        };
+        match outcome {
             Ok(status) => {
                 tracing::debug!(operation = %self.operation_id, token = self.token, status, "operation ended")
             }
@@ -286,8 +289,6 @@ impl Worker {
                 tracing::warn!(operation = %self.operation_id, error = %e, "cannot report; leaving it to the lease")
             }
         }
-        let _ = done_tx.send(true);
-        let _ = renewer.await;
     }
 
     /// The operation as this node sees it, if the assignment is still ours.
@@ -444,20 +445,11 @@ async fn propose_until(replica: &Replica, op: Op, deadline: Duration) -> Result<
     }
 }
 
-/// Renews the lease every third of it until `done`, or until the assignment is lost.
-async fn renew_lease(
-    replica: Arc<Replica>,
-    operation_id: String,
-    token: u64,
-    lease: Duration,
-    mut done: watch::Receiver<bool>,
-) {
+/// Renews the lease every third of it; returns when the assignment is lost.
+async fn renew_lease(replica: &Replica, operation_id: &str, token: u64, lease: Duration) {
     loop {
-        tokio::select! {
-            _ = done.wait_for(|done| *done) => return,
-            _ = tokio::time::sleep(lease / 3) => {}
-        }
-        let op = Op::RenewLease { operation_id: operation_id.clone(), token, lease_ms: lease.as_millis() as u64 };
+        tokio::time::sleep(lease / 3).await;
+        let op = Op::RenewLease { operation_id: operation_id.to_string(), token, lease_ms: lease.as_millis() as u64 };
         match replica.propose(system_command(op)).await {
             Ok(CommandReply::Rejected(Rejection::StaleToken { .. } | Rejection::IllegalOperationStatus { .. })) => {
                 return

@@ -706,3 +706,71 @@ async fn settings_are_served_from_memory_and_follow_their_writes_only() {
     let reopened = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
     assert_eq!(*reopened.settings(), settings, "read back from the store at open");
 }
+
+/// Apply's cost per create and per success report, in batches as the leader writes them: a
+/// figure to compare builds by (run with `cargo test --release -p runtimeai-raft apply_cost --
+/// --ignored --nocapture`); asserts only that every create and report was taken.
+#[tokio::test]
+#[ignore = "a measurement, not a check: run by hand"]
+async fn apply_cost() {
+    const BATCH: usize = 32;
+    const ROUNDS: usize = 6;
+    const PER_ROUND: usize = 4096;
+    let (_dir, mut sm) = open();
+    let mut best = (f64::MAX, f64::MAX);
+    let mut n = 0usize;
+    for _ in 0..ROUNDS {
+        let (mut creating, mut finishing) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+        for _ in 0..PER_ROUND / BATCH {
+            let ids: Vec<String> = (n..n + BATCH).map(|i| format!("rt_{i:026}")).collect();
+            n += BATCH;
+            let creates = ids.iter().map(|id| {
+                let mut op = create(id, id);
+                if let Op::CreateRuntime { runtime, operation } = &mut op {
+                    let runtime = std::sync::Arc::make_mut(runtime);
+                    runtime.capabilities =
+                        ["start", "stop", "restart", "scale", "snapshot", "restore"].map(String::from).to_vec();
+                    runtime.placement = Some(runtimeai_model::Placement { node_id: 1, site: None, zone: None });
+                    operation.assignment =
+                        Some(runtimeai_model::Assignment { node_id: 1, token: 0, lease_until: at(3) });
+                }
+                command(op)
+            });
+            let index = sm.last_applied().unwrap().map_or(1, |l| l.index + 1);
+            let started = std::time::Instant::now();
+            let replies = sm.apply(vec![entry(index, command(Op::Batch(creates.collect())))]).await.unwrap();
+            creating += started.elapsed();
+            assert!(
+                matches!(&replies[..], [CommandReply::Batch(r)] if r.iter().all(|r| matches!(r, CommandReply::Created { .. }))),
+                "{replies:?}"
+            );
+            let reports = ids.iter().map(|id| {
+                command(Op::AdvanceOperation {
+                    operation_id: format!("op_create_{id}"),
+                    status: OperationStatus::Succeeded,
+                    progress: Some(runtimeai_model::OperationProgress {
+                        percent: 100,
+                        message: Some("create done by the simulated driver on node 1".into()),
+                    }),
+                    error: None,
+                    token: Some(index),
+                    completed_actions: Some(1),
+                    failed_action: None,
+                })
+            });
+            let started = std::time::Instant::now();
+            let replies = sm.apply(vec![entry(index + 1, command(Op::Batch(reports.collect())))]).await.unwrap();
+            finishing += started.elapsed();
+            assert!(
+                matches!(&replies[..], [CommandReply::Batch(r)] if r.iter().all(|r| matches!(r, CommandReply::Operation(_)))),
+                "{replies:?}"
+            );
+        }
+        let per = |d: std::time::Duration| d.as_secs_f64() * 1e6 / PER_ROUND as f64;
+        best = (best.0.min(per(creating)), best.1.min(per(finishing)));
+    }
+    println!(
+        "apply: {:.1} µs per create, {:.1} µs per success report (best of {ROUNDS} rounds of {PER_ROUND})",
+        best.0, best.1
+    );
+}

@@ -165,10 +165,25 @@ fn open_db(path: &Path, info_log_dir: &Path, create: bool) -> Result<DB, DataDir
     opts.set_keep_log_file_num(4);
     // Small control-plane records: keep memtables modest so memory per node stays bounded.
     opts.set_write_buffer_size(16 << 20);
-    let cfs =
-        LOG_CFS.iter().chain(STATE_MACHINE_CFS).map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
-    DB::open_cf_descriptors(&opts, path, cfs)
+    let log_cfs = LOG_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+    let state_cfs = STATE_MACHINE_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, state_machine_cf_options()));
+    DB::open_cf_descriptors(&opts, path, log_cfs.chain(state_cfs))
         .map_err(|e| DataDirError::Open { path: path.to_path_buf(), reason: e.into_string() })
+}
+
+/// Apply looks up keys that are mostly absent (a new runtime's id and name, a runtime's first
+/// event tally): bloom filters, on disk and in the memtable, answer those without searching
+/// every table file and the memtable's skip list. Filters are per table file, so files written
+/// without them stay readable.
+fn state_machine_cf_options() -> Options {
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    table.set_whole_key_filtering(true);
+    let mut opts = Options::default();
+    opts.set_block_based_table_factory(&table);
+    opts.set_memtable_prefix_bloom_ratio(0.02);
+    opts.set_memtable_whole_key_filtering(true);
+    opts
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new file, never a mix.
