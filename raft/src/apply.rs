@@ -234,7 +234,7 @@ fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<Comm
                         };
                     }
                     save_runtime(txn, at, &mut runtime)?;
-                    events.write(txn, &runtime.id, "runtime.labels", EventSeverity::Info, labels_data(&runtime))?;
+                    events.write(txn, &runtime.id, "runtime.labels", EventSeverity::Info, &labels_data(&runtime))?;
                     CommandReply::Runtime(runtime)
                 }
             }
@@ -297,7 +297,7 @@ fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<Comm
                     RuntimeState::Error => EventSeverity::Critical,
                     _ => EventSeverity::Warning,
                 };
-                events.write(txn, &runtime.id, "runtime.drift", severity, JsonObject(data))?;
+                events.write(txn, &runtime.id, "runtime.drift", severity, &JsonObject(data))?;
                 CommandReply::Runtime(runtime)
             }
         },
@@ -412,17 +412,16 @@ fn labels_data(runtime: &Runtime) -> JsonObject {
     JsonObject(data)
 }
 
-fn operation_data(operation: &Operation, from: RuntimeState, to: RuntimeState) -> JsonObject {
-    let mut data = serde_json::Map::new();
-    data.insert("operation_id".into(), operation.id.clone().into());
-    data.insert("action".into(), operation.action.kind().into());
-    data.insert("status".into(), operation.status.as_str().into());
-    data.insert("from_state".into(), from.as_str().into());
-    data.insert("to_state".into(), to.as_str().into());
-    if let Some(error) = &operation.error {
-        data.insert("error".into(), format!("{}: {}", error.code, error.message).into());
-    }
-    JsonObject(data)
+fn operation_data(operation: &Operation, from: RuntimeState, to: RuntimeState) -> JsonText<OperationData<'_>> {
+    JsonText(OperationData {
+        action: operation.action.kind(),
+        decisions: None,
+        error: operation.error.as_ref().map(|error| format!("{}: {}", error.code, error.message)),
+        from_state: from.as_str(),
+        operation_id: &operation.id,
+        status: operation.status.as_str(),
+        to_state: to.as_str(),
+    })
 }
 
 /// Loads a runtime and checks an `If-Match` version.
@@ -503,13 +502,14 @@ fn create_runtime(
     count_placement(txn, &runtime, true)?;
     txn.put(CF_RUNTIME_NAMES, name, &runtime.id)?;
     txn.put(CF_RUNTIMES, runtime.id.as_bytes().to_vec(), &runtime)?;
-    let mut data = serde_json::Map::new();
-    data.insert("name".into(), runtime.name.clone().into());
-    data.insert("type".into(), runtime.runtime_type.as_str().into());
-    data.insert("operation_id".into(), operation.id.clone().into());
-    data.insert("status".into(), operation.status.as_str().into());
-    data.insert("decisions".into(), serde_json::to_value(&operation.decisions).unwrap_or_default());
-    events.write(txn, &runtime.id, "runtime.created", EventSeverity::Info, JsonObject(data))?;
+    let data = JsonText(CreatedData {
+        decisions: &operation.decisions,
+        name: &runtime.name,
+        operation_id: &operation.id,
+        status: operation.status.as_str(),
+        runtime_type: runtime.runtime_type.as_str(),
+    });
+    events.write(txn, &runtime.id, "runtime.created", EventSeverity::Info, &data)?;
     hand_over_offered(txn, events, &mut operation, offered)?;
     put_new_operation(txn, &operation)?;
     Ok(CommandReply::Created { runtime, operation })
@@ -573,14 +573,14 @@ fn judge(
                 runtime_id,
                 "policy.denied",
                 EventSeverity::Warning,
-                decision_data(operation, &decision),
+                &decision_data(operation, &decision),
             )?;
             Ok(Some(Rejection::PolicyDenied { decision }))
         }
         Verdict::RequireApproval => {
             operation.status = OperationStatus::PendingApproval;
             let data = decision_data(operation, &decision);
-            events.write(txn, runtime_id, "policy.approval_required", EventSeverity::Warning, data)?;
+            events.write(txn, runtime_id, "policy.approval_required", EventSeverity::Warning, &data)?;
             Ok(None)
         }
     }
@@ -609,7 +609,7 @@ fn update_runtime(
     runtime.version = current.version;
     runtime.created_at = current.created_at;
     save_runtime(txn, at, &mut runtime)?;
-    events.write(txn, &runtime.id, "runtime.updated", EventSeverity::Info, JsonObject::default())?;
+    events.write(txn, &runtime.id, "runtime.updated", EventSeverity::Info, &JsonObject::default())?;
     Ok(CommandReply::Runtime(runtime))
 }
 
@@ -654,8 +654,8 @@ fn begin_operation(
     let event_type = format!("lifecycle.{}", operation.action.kind());
     let mut data = operation_data(&operation, from, during);
     // Every decision, allowing ones included, is on record with the rule that made it.
-    data.0.insert("decisions".into(), serde_json::to_value(&operation.decisions).unwrap_or_default());
-    events.write(txn, &runtime.id, &event_type, EventSeverity::Info, data)?;
+    data.0.decisions = Some(&operation.decisions);
+    events.write(txn, &runtime.id, &event_type, EventSeverity::Info, &data)?;
     hand_over_offered(txn, events, &mut operation, offered)?;
     put_new_operation(txn, &operation)?;
     Ok(CommandReply::Operation(operation))
@@ -784,12 +784,12 @@ fn finish_operation(
     put_operation(txn, &operation)?;
     let severity = if operation.status == Failed { EventSeverity::Warning } else { EventSeverity::Info };
     let event_type = format!("operation.{}", operation.status.as_str());
-    events.write(txn, &runtime.id, &event_type, severity, operation_data(&operation, from, runtime.state))?;
+    events.write(txn, &runtime.id, &event_type, severity, &operation_data(&operation, from, runtime.state))?;
     if runtime.state == RuntimeState::Deleted {
         txn.delete(CF_RUNTIME_NAMES, name_key(runtime.tenant_id.as_deref(), &runtime.name));
         count_placement(txn, &runtime, false)?;
         txn.delete(CF_RUNTIMES, runtime.id.as_bytes().to_vec());
-        events.write(txn, &runtime.id, "runtime.deleted", EventSeverity::Info, JsonObject::default())?;
+        events.write(txn, &runtime.id, "runtime.deleted", EventSeverity::Info, &JsonObject::default())?;
     } else {
         save_runtime(txn, at, &mut runtime)?;
     }
@@ -829,10 +829,10 @@ fn decide_approval(
     if approve {
         operation.status = OperationStatus::Queued;
         put_operation(txn, &operation)?;
-        events.write(txn, &runtime_id, "operation.approved", EventSeverity::Info, JsonObject(data))?;
+        events.write(txn, &runtime_id, "operation.approved", EventSeverity::Info, &JsonObject(data))?;
         return Ok(CommandReply::Operation(operation));
     }
-    events.write(txn, &runtime_id, "operation.rejected", EventSeverity::Info, JsonObject(data))?;
+    events.write(txn, &runtime_id, "operation.rejected", EventSeverity::Info, &JsonObject(data))?;
     operation.status = OperationStatus::Cancelled;
     operation.error = Some(OperationError {
         code: "rejected".into(),
@@ -902,13 +902,15 @@ fn hand_over(
     assignment: Assignment,
 ) -> Result<(), StorageError> {
     operation.attempts += 1;
-    let mut data = serde_json::Map::new();
-    data.insert("operation_id".into(), operation.id.clone().into());
-    data.insert("node_id".into(), assignment.node_id.into());
-    data.insert("token".into(), assignment.token.into());
-    data.insert("attempt".into(), operation.attempts.into());
+    let data = JsonText(AssignedData {
+        attempt: operation.attempts,
+        node_id: assignment.node_id,
+        operation_id: &operation.id,
+        token: assignment.token,
+    });
+    events.write(txn, &operation.runtime_id, "operation.assigned", EventSeverity::Info, &data)?;
     operation.assignment = Some(assignment);
-    events.write(txn, &operation.runtime_id, "operation.assigned", EventSeverity::Info, JsonObject(data))
+    Ok(())
 }
 
 /// The leader may offer an executor in the entry that queues an operation (see
@@ -1003,7 +1005,7 @@ const PRUNE_BATCH: usize = 64;
 /// An [`Event`] as apply stores it, borrowed from what apply has at hand: the same fields in the
 /// same order, so the same bytes (`an_event_record_is_stored_as_an_event`).
 #[derive(Serialize)]
-struct EventRecord<'a> {
+struct EventRecord<'a, D: Serialize + ?Sized> {
     id: &'a str,
     runtime_id: &'a str,
     #[serde(rename = "type")]
@@ -1012,18 +1014,69 @@ struct EventRecord<'a> {
     #[serde(with = "runtimeai_model::timestamp")]
     ts: Timestamp,
     actor: &'a runtimeai_model::Actor,
-    data: &'a JsonObject,
+    data: &'a D,
     seq: u64,
 }
 
+/// Event data built from borrowed fields, stored the way a [`JsonObject`] is (JSON text in the
+/// binary formats), so that it reads back as one; building a `serde_json::Map` of copies first
+/// showed in profiles. Fields in the order a map would list them (by name).
+struct JsonText<T>(T);
+
+impl<T: Serialize> Serialize for JsonText<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            self.0.serialize(serializer)
+        } else {
+            let text = serde_json::to_string(&self.0).map_err(serde::ser::Error::custom)?;
+            serializer.serialize_str(&text)
+        }
+    }
+}
+
+/// `runtime.created`'s data.
+#[derive(Serialize)]
+struct CreatedData<'a> {
+    decisions: &'a [PolicyDecision],
+    name: &'a str,
+    operation_id: &'a str,
+    status: &'a str,
+    #[serde(rename = "type")]
+    runtime_type: &'a str,
+}
+
+/// `operation.assigned`'s data.
+#[derive(Serialize)]
+struct AssignedData<'a> {
+    attempt: u32,
+    node_id: u64,
+    operation_id: &'a str,
+    token: u64,
+}
+
+/// The data of an operation's events (`lifecycle.<action>` when it begins, with the policy
+/// decisions; `operation.<status>` when it ends).
+#[derive(Serialize)]
+struct OperationData<'a> {
+    action: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    decisions: Option<&'a [PolicyDecision]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    from_state: &'a str,
+    operation_id: &'a str,
+    status: &'a str,
+    to_state: &'a str,
+}
+
 impl EventWriter<'_> {
-    fn write(
+    fn write<D: Serialize + ?Sized>(
         &mut self,
         txn: &mut Txn<'_>,
         runtime_id: &str,
         event_type: &str,
         severity: EventSeverity,
-        data: JsonObject,
+        data: &D,
     ) -> Result<(), StorageError> {
         let sub = txn.events_in_entry;
         txn.events_in_entry += 1;
@@ -1034,7 +1087,7 @@ impl EventWriter<'_> {
             severity,
             ts: self.at,
             actor: self.actor,
-            data: &data,
+            data,
             seq: self.index,
         };
         let mut key = event_prefix(runtime_id);
@@ -1125,6 +1178,58 @@ mod tests {
         let bytes = codec::encode("test", &record).unwrap();
         assert_eq!(bytes, codec::encode("test", &event).unwrap());
         assert_eq!(codec::decode::<Event>("test", &bytes).unwrap(), event);
+    }
+
+    #[test]
+    fn event_data_built_from_borrowed_fields_reads_back_as_a_json_object() {
+        let decision = PolicyDecision {
+            action: "create".into(),
+            action_index: 0,
+            verdict: Verdict::Allow,
+            policy_id: None,
+            policy_name: None,
+            rule_index: None,
+            rule_kind: None,
+            reason: "balanced: no rule matches create".into(),
+        };
+        /// The data as a stored event holds it, read back as the API reads it.
+        fn stored<T: Serialize>(data: &T) -> serde_json::Value {
+            let object: JsonObject = codec::decode("data", &codec::encode("data", data).unwrap()).unwrap();
+            serde_json::Value::Object(object.0)
+        }
+        let created = JsonText(CreatedData {
+            decisions: std::slice::from_ref(&decision),
+            name: "web",
+            operation_id: "op_1",
+            status: "queued",
+            runtime_type: "vm",
+        });
+        assert_eq!(
+            stored(&created),
+            serde_json::json!({"decisions": [serde_json::to_value(&decision).unwrap()], "name": "web",
+                "operation_id": "op_1", "status": "queued", "type": "vm"})
+        );
+        let assigned = JsonText(AssignedData { attempt: 2, node_id: 3, operation_id: "op_1", token: 41 });
+        assert_eq!(
+            stored(&assigned),
+            serde_json::json!({"attempt": 2, "node_id": 3, "operation_id": "op_1", "token": 41})
+        );
+        let ended = JsonText(OperationData {
+            action: "start",
+            decisions: None,
+            error: Some("backend_failed: no disk".into()),
+            from_state: "starting",
+            operation_id: "op_1",
+            status: "failed",
+            to_state: "stopped",
+        });
+        assert_eq!(
+            stored(&ended),
+            serde_json::json!({"action": "start", "error": "backend_failed: no disk", "from_state": "starting",
+                "operation_id": "op_1", "status": "failed", "to_state": "stopped"})
+        );
+        // In the API's JSON (human-readable), the data is the object itself.
+        assert_eq!(serde_json::to_value(&assigned).unwrap()["token"], 41);
     }
 
     #[test]
