@@ -764,9 +764,21 @@ fn finish_operation(
     let from = runtime.state;
     runtime.active_operation = None;
     if operation.status == Succeeded {
-        let mut done = Runtime { state: operation.prior_state, ..runtime.clone() };
-        match apply_success(&mut done, &operation.action, at) {
-            Ok(()) => runtime = done,
+        let applied = match &operation.action {
+            // A sequence may fail part way: its actions are applied to a copy.
+            LifecycleAction::Sequence { .. } => {
+                let mut done = Runtime { state: operation.prior_state, ..runtime.clone() };
+                apply_success(&mut done, &operation.action, at).map(|()| runtime = done)
+            }
+            // A single action changes the runtime only once it cannot fail any more; on a
+            // failure the state is set below.
+            action => {
+                runtime.state = operation.prior_state;
+                apply_success(&mut runtime, action, at)
+            }
+        };
+        match applied {
+            Ok(()) => {}
             Err((failed_action, error)) => {
                 operation.status = Failed;
                 operation.error = Some(error);
@@ -949,6 +961,8 @@ fn apply_success(
     }
 }
 
+/// Applies one succeeded action; it fails, if at all, before it changes the runtime
+/// (`finish_operation` relies on that).
 fn apply_one(runtime: &mut Runtime, action: &LifecycleAction, at: Timestamp) -> Result<(), OperationError> {
     if let LifecycleAction::Restore { snapshot_id } = action {
         if !runtime.has_snapshot(snapshot_id) {

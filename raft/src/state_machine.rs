@@ -355,7 +355,10 @@ fn check_snapshot_version(file: &SnapshotFile) -> Result<(), StorageError> {
 }
 
 pub(crate) fn event_prefix(runtime_id: &str) -> Vec<u8> {
-    let mut key = runtime_id.as_bytes().to_vec();
+    // Room for what follows in a key (an event's position, an operation's id), so that
+    // completing the key does not reallocate it.
+    let mut key = Vec::with_capacity(runtime_id.len() + 1 + 32);
+    key.extend_from_slice(runtime_id.as_bytes());
     key.push(0);
     key
 }
