@@ -12,9 +12,9 @@ use serde::Serialize;
 
 use runtimeai_engine::policy;
 use runtimeai_model::{
-    Actor, Approval, Assignment, ClusterSettings, Event, EventSeverity, IdempotencyRecord, JsonObject, LifecycleAction,
-    Operation, OperationError, OperationProgress, OperationStatus, Policy, PolicyDecision, Runtime, RuntimeSnapshot,
-    RuntimeState, Timestamp, Verdict,
+    Actor, Approval, Assignment, ClusterSettings, Event, EventSeverity, IdempotencyRecord, JsonObject, JsonText,
+    LifecycleAction, Operation, OperationError, OperationProgress, OperationStatus, Policy, PolicyDecision, Runtime,
+    RuntimeSnapshot, RuntimeState, Timestamp, Verdict,
 };
 
 use crate::codec;
@@ -1032,23 +1032,8 @@ struct EventRecord<'a, D: Serialize + ?Sized> {
     seq: u64,
 }
 
-/// Event data built from borrowed fields, stored the way a [`JsonObject`] is (JSON text in the
-/// binary formats), so that it reads back as one; building a `serde_json::Map` of copies first
-/// showed in profiles. Fields in the order a map would list them (by name).
-struct JsonText<T>(T);
-
-impl<T: Serialize> Serialize for JsonText<T> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        if serializer.is_human_readable() {
-            self.0.serialize(serializer)
-        } else {
-            let text = serde_json::to_string(&self.0).map_err(serde::ser::Error::custom)?;
-            serializer.serialize_str(&text)
-        }
-    }
-}
-
-/// `runtime.created`'s data.
+/// `runtime.created`'s data (the event data types list their fields in the order a map would:
+/// by name).
 #[derive(Serialize)]
 struct CreatedData<'a> {
     decisions: &'a [PolicyDecision],

@@ -22,6 +22,17 @@ impl From<serde_json::Map<String, serde_json::Value>> for JsonObject {
 
 impl Serialize for JsonObject {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        JsonText(&self.0).serialize(serializer)
+    }
+}
+
+/// Any serializable value written the way a [`JsonObject`] is: itself in human-readable
+/// formats, JSON text in binary ones; an object reads back as a `JsonObject`. For data built
+/// from borrowed fields, without a map of copies.
+pub struct JsonText<T>(pub T);
+
+impl<T: Serialize> Serialize for JsonText<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         if serializer.is_human_readable() {
             self.0.serialize(serializer)
         } else {

@@ -12,7 +12,7 @@ mod records;
 mod runtime;
 pub mod timestamp;
 
-pub use json::JsonObject;
+pub use json::{JsonObject, JsonText};
 pub use lifecycle::{IllegalTransition, LifecycleAction};
 pub use records::{
     default_sizes, Actor, Approval, Assignment, BackendInfo, ClusterSettings, Event, EventSeverity, IdempotencyRecord,
