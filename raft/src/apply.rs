@@ -40,7 +40,7 @@ pub(crate) struct Txn<'a> {
     events_in_entry: u32,
     /// Every operation written, in order: once the batch is on disk, the state machine's
     /// in-memory set of unfinished operations follows them.
-    pub(crate) operations_written: Vec<Operation>,
+    pub(crate) operations_written: Vec<OperationWritten>,
     /// Whether a member's announcement was written: the state machine then reads them again.
     pub(crate) nodes_written: bool,
     /// Whether the cluster settings were written: the state machine then reads them again.
@@ -456,8 +456,19 @@ fn put_operation(txn: &mut Txn<'_>, operation: &Operation) -> Result<(), Storage
     if operation.status.is_terminal() {
         txn.delete(CF_ACTIVE_OPERATIONS, operation.id.as_bytes().to_vec());
     }
-    txn.operations_written.push(operation.clone());
+    txn.operations_written.push(if operation.status.is_terminal() {
+        OperationWritten::Finished(operation.id.clone())
+    } else {
+        OperationWritten::Unfinished(Box::new(operation.clone()))
+    });
     Ok(())
+}
+
+/// An operation written by apply, as the in-memory set of unfinished operations follows it: a
+/// finished one only leaves the set, so only its id is kept.
+pub(crate) enum OperationWritten {
+    Unfinished(Box<Operation>),
+    Finished(String),
 }
 
 /// Writes a new operation with its indexes.

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use runtimeai_model::{ClusterSettings, Event, NodeInfo, Operation, Policy, Runtime};
 
-use crate::apply::{apply_entry, Txn};
+use crate::apply::{apply_entry, OperationWritten, Txn};
 use crate::codec::{self, FORMAT_VERSION};
 use crate::command::CommandReply;
 use crate::store::{
@@ -126,17 +126,16 @@ impl StateMachineStore {
     }
 
     /// Follows the operations an applied batch wrote, in the order it wrote them.
-    fn follow_operations(&self, written: Vec<Operation>) {
+    fn follow_operations(&self, written: Vec<OperationWritten>) {
         if written.is_empty() {
             return;
         }
         let mut active = self.active_operations.write().expect("active operations lock");
         for operation in written {
-            if operation.status.is_terminal() {
-                active.remove(&operation.id);
-            } else {
-                active.insert(operation.id.clone(), operation);
-            }
+            match operation {
+                OperationWritten::Unfinished(operation) => active.insert(operation.id.clone(), *operation),
+                OperationWritten::Finished(id) => active.remove(&id),
+            };
         }
         drop(active);
         self.active_operations_changed.send_modify(|version| *version += 1);
