@@ -453,14 +453,13 @@ fn save_runtime(txn: &mut Txn<'_>, at: Timestamp, runtime: &mut Runtime) -> Resu
 /// set) were written with it and do not change, except that a finished one leaves the set.
 fn put_operation(txn: &mut Txn<'_>, operation: &Operation) -> Result<(), StorageError> {
     txn.put(CF_OPERATIONS, operation.id.as_bytes().to_vec(), operation)?;
-    if operation.status.is_terminal() {
+    let written = if operation.status.is_terminal() {
         txn.delete(CF_ACTIVE_OPERATIONS, operation.id.as_bytes().to_vec());
-    }
-    txn.operations_written.push(if operation.status.is_terminal() {
         OperationWritten::Finished(operation.id.clone())
     } else {
         OperationWritten::Unfinished(Box::new(operation.clone()))
-    });
+    };
+    txn.operations_written.push(written);
     Ok(())
 }
 
