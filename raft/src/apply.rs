@@ -49,6 +49,10 @@ pub(crate) struct Txn<'a> {
     /// settings, every lifecycle command the policies) until a command writes them.
     settings: RefCell<Option<Arc<ClusterSettings>>>,
     policies: RefCell<Option<Arc<Vec<Policy>>>>,
+    /// The unfinished operations as the store holds them before this batch (the state machine
+    /// keeps them in memory): an executor's report or lease renewal finds its operation here
+    /// instead of reading and decoding it from the store.
+    unfinished: Option<&'a BTreeMap<String, Operation>>,
 }
 
 impl<'a> Txn<'a> {
@@ -62,6 +66,23 @@ impl<'a> Txn<'a> {
             settings_written: false,
             settings: RefCell::new(None),
             policies: RefCell::new(None),
+            unfinished: None,
+        }
+    }
+
+    /// Lets reads of operations start from `unfinished`, which must be exactly the unfinished
+    /// operations the store holds when this batch begins.
+    pub(crate) fn reading_unfinished(self, unfinished: &'a BTreeMap<String, Operation>) -> Self {
+        Txn { unfinished: Some(unfinished), ..self }
+    }
+
+    /// An operation as this batch sees it: as written earlier in the batch, else as the store
+    /// holds it (from memory if it is unfinished).
+    fn operation(&self, id: &str) -> Result<Option<Operation>, StorageError> {
+        let written_here = self.overlay.get(CF_OPERATIONS).is_some_and(|written| written.contains_key(id.as_bytes()));
+        match self.unfinished.and_then(|unfinished| unfinished.get(id)) {
+            Some(operation) if !written_here => Ok(Some(operation.clone())),
+            _ => self.get(CF_OPERATIONS, id.as_bytes()),
         }
     }
 
@@ -682,9 +703,7 @@ struct Report {
 }
 
 fn load_operation(txn: &Txn<'_>, id: &str) -> Result<Result<Operation, Rejection>, StorageError> {
-    Ok(txn
-        .get::<Operation>(CF_OPERATIONS, id.as_bytes())?
-        .ok_or_else(|| Rejection::NotFound { kind: "operation".into(), id: id.into() }))
+    Ok(txn.operation(id)?.ok_or_else(|| Rejection::NotFound { kind: "operation".into(), id: id.into() }))
 }
 
 /// A report with a fencing token must carry the current assignment's.

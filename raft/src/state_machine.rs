@@ -381,7 +381,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut txn = Txn::new(&self.db);
+        let unfinished = self.active_operations.read().expect("active operations lock");
+        let mut txn = Txn::new(&self.db).reading_unfinished(&unfinished);
         let mut replies = Vec::new();
         let mut last_applied = None;
         for entry in entries {
@@ -410,6 +411,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let (operations_written, nodes_written, settings_written) =
             (std::mem::take(&mut txn.operations_written), txn.nodes_written, txn.settings_written);
         self.db.write_opt(txn.into_batch(), &opts).map_err(write_err)?;
+        drop(unfinished);
         self.follow_operations(operations_written);
         if nodes_written {
             self.reload_nodes()?;

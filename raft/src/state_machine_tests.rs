@@ -198,6 +198,30 @@ async fn unfinished_operations_are_followed_in_memory_and_reloaded_at_open() {
 }
 
 #[tokio::test]
+async fn a_report_sees_its_operation_as_written_before_it_whether_unfinished_or_finished() {
+    let (_dir, mut sm) = open();
+    apply(&mut sm, vec![create("rt_a", "web")]).await;
+    let op = "op_create_rt_a";
+    // Unfinished (read from memory) and then rewritten earlier in the same batch (read from
+    // the batch): the success must see `running`, version 2, not the queued version 1.
+    let replies =
+        apply(&mut sm, vec![advance(op, OperationStatus::Running), advance(op, OperationStatus::Succeeded)]).await;
+    assert!(
+        matches!(&replies[1], CommandReply::Operation(o) if o.status == OperationStatus::Succeeded && o.version == 3),
+        "{replies:?}"
+    );
+    assert!(sm.active_operations().is_empty());
+    // Finished: read from the store, and a further report is refused by its status.
+    let replies = apply(&mut sm, vec![advance(op, OperationStatus::Running)]).await;
+    assert!(
+        matches!(&replies[0], CommandReply::Rejected(Rejection::IllegalOperationStatus { from, .. }) if from == "succeeded"),
+        "{replies:?}"
+    );
+    let replies = apply(&mut sm, vec![advance("op_missing", OperationStatus::Running)]).await;
+    assert!(matches!(&replies[0], CommandReply::Rejected(Rejection::NotFound { .. })), "{replies:?}");
+}
+
+#[tokio::test]
 async fn a_success_that_completes_the_last_step_records_its_message() {
     let (_dir, mut sm) = open();
     apply(&mut sm, vec![create("rt_a", "web"), create("rt_b", "db")]).await;
