@@ -12,7 +12,7 @@ use runtimeai_model::Actor;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::coalesce::{holding, next_group};
-use crate::command::{Command, CommandReply, Op};
+use crate::command::{Command, CommandReply, LoggedCommand, Op};
 use crate::types::{NodeId, Raft};
 
 /// At most this many commands share an entry.
@@ -102,13 +102,13 @@ fn weight(command: &Command) -> usize {
 async fn write(raft: &Raft, mut batch: Vec<Proposal>) {
     if batch.len() == 1 {
         let proposal = batch.remove(0);
-        let _ = proposal.reply.send(raft.client_write(Arc::new(proposal.command)).await.map(|r| r.data));
+        let _ = proposal.reply.send(raft.client_write(LoggedCommand::new(proposal.command)).await.map(|r| r.data));
         return;
     }
     let at = batch[0].command.at;
     let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
     let entry = Command { at, actor: Actor::System, idempotency: None, op: Op::Batch(commands) };
-    match raft.client_write(Arc::new(entry)).await {
+    match raft.client_write(LoggedCommand::new(entry)).await {
         Ok(response) => match response.data {
             CommandReply::Batch(answers) if answers.len() == replies.len() => {
                 for (reply, answer) in replies.into_iter().zip(answers) {

@@ -10,7 +10,9 @@ use serde::Serialize;
 
 /// Version of everything this module writes to disk or to the wire. Stored in every data
 /// directory and every snapshot; a node refuses data written under another version.
-pub const FORMAT_VERSION: u32 = 3;
+/// 4: a log entry holds its command as the command's own encoding, length-prefixed
+/// ([`crate::command::LoggedCommand`]).
+pub const FORMAT_VERSION: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

@@ -222,3 +222,156 @@ pub enum Rejection {
     #[error("operation {operation_id}: fencing token {token:?} is stale (the current assignment's is {current:?})")]
     StaleToken { operation_id: String, token: Option<u64>, current: Option<u64> },
 }
+
+/// A command as the raft log carries it: shared, and encoded at most once.
+///
+/// The leader's log tail, each follower's replication stream and apply hold the same one. Its
+/// encoding is made the first time it is needed (the leader's log append) and kept: the leader
+/// sends each follower those bytes, and a follower keeps the bytes it received and writes them
+/// to its own log. Before, the leader encoded every entry once for its log and once per
+/// follower, and each follower encoded again what it had just decoded. In an entry the command
+/// is its own encoding as a length-prefixed byte string.
+#[derive(Clone)]
+pub struct LoggedCommand(Arc<Logged>);
+
+struct Logged {
+    command: Command,
+    encoded: std::sync::OnceLock<Box<[u8]>>,
+}
+
+impl LoggedCommand {
+    pub fn new(command: Command) -> LoggedCommand {
+        LoggedCommand(Arc::new(Logged { command, encoded: std::sync::OnceLock::new() }))
+    }
+
+    pub fn command(&self) -> &Command {
+        &self.0.command
+    }
+
+    /// The command, taken out if this is its last holder, else copied.
+    pub fn into_command(self) -> Command {
+        match Arc::try_unwrap(self.0) {
+            Ok(logged) => logged.command,
+            Err(shared) => shared.command.clone(),
+        }
+    }
+
+    fn encoded(&self) -> Result<&[u8], crate::codec::CodecError> {
+        if let Some(bytes) = self.0.encoded.get() {
+            return Ok(bytes);
+        }
+        let bytes = crate::codec::encode("command", &self.0.command)?.into_boxed_slice();
+        Ok(self.0.encoded.get_or_init(|| bytes))
+    }
+
+    fn decoded(bytes: Box<[u8]>) -> Result<LoggedCommand, crate::codec::CodecError> {
+        let command = crate::codec::decode("command", &bytes)?;
+        Ok(LoggedCommand(Arc::new(Logged { command, encoded: std::sync::OnceLock::from(bytes) })))
+    }
+}
+
+impl std::fmt::Debug for LoggedCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.command.fmt(f)
+    }
+}
+
+impl PartialEq for LoggedCommand {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.command == other.0.command
+    }
+}
+
+impl Serialize for LoggedCommand {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.encoded().map_err(serde::ser::Error::custom)?)
+    }
+}
+
+impl<'de> Deserialize<'de> for LoggedCommand {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Bytes;
+        impl<'de> serde::de::Visitor<'de> for Bytes {
+            type Value = LoggedCommand;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an encoded command")
+            }
+
+            fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<LoggedCommand, E> {
+                LoggedCommand::decoded(bytes.into()).map_err(E::custom)
+            }
+
+            fn visit_byte_buf<E: serde::de::Error>(self, bytes: Vec<u8>) -> Result<LoggedCommand, E> {
+                LoggedCommand::decoded(bytes.into_boxed_slice()).map_err(E::custom)
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<LoggedCommand, A::Error> {
+                let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(byte) = seq.next_element()? {
+                    bytes.push(byte);
+                }
+                self.visit_byte_buf(bytes)
+            }
+        }
+        deserializer.deserialize_bytes(Bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec;
+    use crate::types::Entry;
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+
+    fn entry(command: LoggedCommand) -> Entry {
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), 7), payload: EntryPayload::Normal(command) }
+    }
+
+    fn sample() -> Command {
+        let at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let report = |id: &str| Command {
+            at,
+            actor: Actor::System,
+            idempotency: None,
+            op: Op::AdvanceOperation {
+                operation_id: id.into(),
+                status: OperationStatus::Succeeded,
+                progress: None,
+                error: None,
+                token: Some(3),
+                completed_actions: Some(1),
+                failed_action: None,
+            },
+        };
+        Command { at, actor: Actor::System, idempotency: None, op: Op::Batch(vec![report("op_a"), report("op_b")]) }
+    }
+
+    #[test]
+    fn a_follower_writes_the_bytes_the_leader_encoded_once() {
+        let leader = entry(LoggedCommand::new(sample()));
+        let sent = codec::encode("entry", &leader).unwrap();
+        let command_bytes = codec::encode("command", &sample()).unwrap();
+        assert!(
+            sent.windows(command_bytes.len()).any(|w| w == command_bytes),
+            "the entry carries the command's own encoding"
+        );
+        assert_eq!(codec::encode("entry", &leader).unwrap(), sent, "the second encoding is the first");
+
+        let received: Entry = codec::decode("entry", &sent).unwrap();
+        let EntryPayload::Normal(command) = &received.payload else { panic!("{received:?}") };
+        assert_eq!(command.command(), &sample());
+        assert_eq!(codec::encode("entry", &received).unwrap(), sent, "the follower's log holds the same bytes");
+        assert_eq!(command.clone().into_command(), sample(), "a shared command is copied out");
+    }
+
+    #[test]
+    fn a_damaged_command_inside_an_entry_is_an_error_not_a_panic() {
+        let mut sent = codec::encode("entry", &entry(LoggedCommand::new(sample()))).unwrap();
+        let last = sent.len() - 1;
+        sent[last] = 0xff;
+        assert!(codec::decode::<Entry>("entry", &sent).is_err());
+        assert!(codec::decode::<Entry>("entry", &sent[..sent.len() / 2]).is_err());
+    }
+}

@@ -389,9 +389,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             last_applied = Some(entry.log_id);
             let reply = match entry.payload {
                 EntryPayload::Blank => CommandReply::Empty,
-                EntryPayload::Normal(command) => {
-                    apply_entry(&mut txn, entry.log_id.index, Arc::unwrap_or_clone(command))?
-                }
+                EntryPayload::Normal(command) => apply_entry(&mut txn, entry.log_id.index, command.into_command())?,
                 EntryPayload::Membership(membership) => {
                     txn.put(
                         CF_SM_META,

@@ -94,7 +94,7 @@ fn command(op: Op) -> Command {
 fn entry(index: u64, command: Command) -> Entry {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(std::sync::Arc::new(command)),
+        payload: EntryPayload::Normal(crate::command::LoggedCommand::new(command)),
     }
 }
 

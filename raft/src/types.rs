@@ -2,18 +2,17 @@
 
 use std::io::Cursor;
 
-use crate::command::{Command, CommandReply};
+use crate::command::{CommandReply, LoggedCommand};
 
 /// A member's id, as given by `--id`.
 pub type NodeId = u64;
 
 openraft::declare_raft_types!(
-    /// The raft types of a RuntimeAI cluster: typed commands in (shared: the log's tail, each
-    /// follower's replication stream and apply hold the same one, where copying a batch of
-    /// commands for each showed in profiles; encoded as the command itself), typed replies
-    /// out, members addressed by their gRPC endpoint, snapshots as one encoded buffer.
+    /// The raft types of a RuntimeAI cluster: typed commands in (shared and encoded once, see
+    /// [`LoggedCommand`]), typed replies out, members addressed by their gRPC endpoint,
+    /// snapshots as one encoded buffer.
     pub TypeConfig:
-        D = std::sync::Arc<Command>,
+        D = LoggedCommand,
         R = CommandReply,
         NodeId = NodeId,
         Node = openraft::BasicNode,
