@@ -81,11 +81,19 @@ pub async fn run(replica: Arc<Replica>, options: SchedulerOptions, mut stop: wat
     });
     replica.set_assigner(assigner.clone());
     let mut changed = replica.state.watch_active_operations();
+    // A follower waits for leadership, not for every applied batch.
+    let mut server = replica.raft.server_metrics();
     let mut leading_since: Option<(u64, Instant)> = None;
     loop {
+        let leading = server.borrow_and_update().state == ServerState::Leader;
         tokio::select! {
             _ = stop.wait_for(|stop| *stop) => return,
-            _ = changed.changed() => {}
+            _ = changed.changed(), if leading => {}
+            leadership = server.changed() => {
+                if leadership.is_err() {
+                    return; // raft has stopped
+                }
+            }
             _ = tokio::time::sleep(tick) => {}
         }
         changed.mark_unchanged();

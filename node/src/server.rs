@@ -244,14 +244,24 @@ async fn build_backends(
 }
 
 /// Completes with the reason if raft stops on its own (a fatal storage error).
+///
+/// Looks when the server metrics change (leadership and membership; raft closes them as it
+/// stops) and once a second, not on every change of the full metrics: those change several
+/// times per log entry, and each change woke this task on a loaded node.
 async fn raft_stopped(raft: Raft) -> String {
-    let mut metrics = raft.metrics();
+    let metrics = raft.metrics();
+    let mut server = raft.server_metrics();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
+        let closed = tokio::select! {
+            changed = server.changed() => changed.is_err(),
+            _ = tick.tick() => false,
+        };
         if let Err(fatal) = &metrics.borrow().running_state {
             tracing::error!(error = %fatal, "raft stopped");
             return fatal.to_string();
         }
-        if metrics.changed().await.is_err() {
+        if closed {
             return "raft metrics closed".to_string();
         }
     }
