@@ -215,7 +215,7 @@ fn place(
         .filter(|n| n.backends.iter().any(|b| b.runtime_type == runtime_type.as_str()))
         .filter(|n| site.is_none() || n.site.as_ref() == site)
         .collect();
-    let counts = state.replica.state.placement_counts()?;
+    let counts = state.replica.state.placement_counts();
     let load = |node: u64| counts.get(&node).copied().unwrap_or(0);
     let available = || {
         let mut offered: Vec<String> = state

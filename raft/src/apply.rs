@@ -45,6 +45,8 @@ pub(crate) struct Txn<'a> {
     pub(crate) nodes_written: bool,
     /// Whether the cluster settings were written: the state machine then reads them again.
     pub(crate) settings_written: bool,
+    /// Whether the runtimes per node were written: the state machine then reads them again.
+    pub(crate) placement_written: bool,
     /// The settings and the policies, decoded once per apply call (every command reads the
     /// settings, every lifecycle command the policies) until a command writes them.
     settings: RefCell<Option<Arc<ClusterSettings>>>,
@@ -64,6 +66,7 @@ impl<'a> Txn<'a> {
             operations_written: Vec::new(),
             nodes_written: false,
             settings_written: false,
+            placement_written: false,
             settings: RefCell::new(None),
             policies: RefCell::new(None),
             unfinished: None,
@@ -134,6 +137,7 @@ impl<'a> Txn<'a> {
                 *self.settings.get_mut() = None;
                 self.settings_written = true;
             }
+            CF_SETTINGS if key == PLACEMENT_COUNTS_KEY => self.placement_written = true,
             CF_POLICIES => *self.policies.get_mut() = None,
             CF_NODES => self.nodes_written = true,
             _ => {}

@@ -167,10 +167,12 @@ impl Replica {
         command: Command,
         hops_left: u32,
     ) -> Result<CommandReply, ClusterError> {
-        self.retry_until_deadline(ClusterError::never_applied, || self.propose_once(command.clone(), hops_left)).await
+        self.retry_until_deadline(ClusterError::never_applied, || self.propose_once(&command, hops_left)).await
     }
 
-    async fn propose_once(&self, command: Command, hops_left: u32) -> Result<CommandReply, ClusterError> {
+    /// One attempt; `command` is copied once, into the batcher or the forwarder (a forwarded
+    /// batch arriving at the leader had been copied twice).
+    async fn propose_once(&self, command: &Command, hops_left: u32) -> Result<CommandReply, ClusterError> {
         // Read in place: copying the whole metrics on every write showed in profiles.
         let (is_leader, quiet_ms, forward_to) = {
             let metrics = self.raft.metrics();
@@ -192,7 +194,7 @@ impl Replica {
         }
         // A follower that knows the leader forwards at once; otherwise raft says where to go.
         if let Some(to) = forward_to {
-            return self.forward_write(to, hops_left, command).await;
+            return self.forward_write(to, hops_left, command.clone()).await;
         }
         let deadline = self.options.request_deadline;
         let Ok(written) = tokio::time::timeout(deadline, self.batcher.write(command.clone())).await else {
@@ -200,8 +202,9 @@ impl Replica {
         };
         match written {
             Ok(reply) => Ok(reply),
+            // Leadership moved between the look at the metrics and the write (rare).
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => {
-                self.forward_write(to, hops_left, command).await
+                self.forward_write(to, hops_left, command.clone()).await
             }
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 Err(ClusterError::Invalid(e.to_string()))
@@ -479,7 +482,7 @@ impl Replica {
         let deadline = Instant::now() + self.options.request_deadline;
         let mut backoff = Duration::from_millis(20);
         loop {
-            let leader_before = self.metrics().current_leader;
+            let leader_before = self.raft.metrics().borrow().current_leader;
             match attempt().await {
                 Err(e) if retry_on(&e) && Instant::now() + backoff < deadline => {
                     tracing::debug!(error = %e, backoff_ms = backoff.as_millis() as u64, "retrying request");

@@ -74,6 +74,8 @@ pub struct StateMachineStore {
     /// The cluster settings (every create validates against their sizes, every executor step
     /// reads them), in memory.
     settings: Arc<RwLock<Arc<ClusterSettings>>>,
+    /// Runtimes per node (every create reads them to place the runtime), in memory.
+    placement: Arc<RwLock<Arc<BTreeMap<u64, u64>>>>,
 }
 
 pub(crate) fn read_err(e: impl std::error::Error + 'static) -> StorageError {
@@ -103,10 +105,12 @@ impl StateMachineStore {
             active_operations_changed: Arc::new(watch::channel(0).0),
             nodes: Arc::default(),
             settings: Arc::default(),
+            placement: Arc::default(),
         };
         store.reload_active_operations()?;
         store.reload_nodes()?;
         store.reload_settings()?;
+        store.reload_placement()?;
         Ok(store)
     }
 
@@ -238,9 +242,16 @@ impl StateMachineStore {
         Ok(())
     }
 
-    /// How many runtimes are placed on each node.
-    pub fn placement_counts(&self) -> Result<BTreeMap<u64, u64>, StorageError> {
-        crate::apply::placement_counts(&crate::apply::Txn::new(&self.db))
+    /// How many runtimes are placed on each node (kept in memory, read from the store when
+    /// written).
+    pub fn placement_counts(&self) -> Arc<BTreeMap<u64, u64>> {
+        self.placement.read().expect("placement lock").clone()
+    }
+
+    fn reload_placement(&self) -> Result<(), StorageError> {
+        let counts = crate::apply::placement_counts(&crate::apply::Txn::new(&self.db))?;
+        *self.placement.write().expect("placement lock") = Arc::new(counts);
+        Ok(())
     }
 
     /// What members announced about themselves (`RegisterNode`).
@@ -339,6 +350,7 @@ impl StateMachineStore {
         self.reload_active_operations()?;
         self.reload_nodes()?;
         self.reload_settings()?;
+        self.reload_placement()?;
         self.save_snapshot(meta, bytes)
     }
 }
@@ -406,8 +418,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
-        let (operations_written, nodes_written, settings_written) =
-            (std::mem::take(&mut txn.operations_written), txn.nodes_written, txn.settings_written);
+        let (operations_written, nodes_written, settings_written, placement_written) = (
+            std::mem::take(&mut txn.operations_written),
+            txn.nodes_written,
+            txn.settings_written,
+            txn.placement_written,
+        );
         self.db.write_opt(txn.into_batch(), &opts).map_err(write_err)?;
         drop(unfinished);
         self.follow_operations(operations_written);
@@ -416,6 +432,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         if settings_written {
             self.reload_settings()?;
+        }
+        if placement_written {
+            self.reload_placement()?;
         }
         Ok(replies)
     }

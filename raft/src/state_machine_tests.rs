@@ -495,7 +495,13 @@ async fn a_snapshot_carries_the_whole_state_to_another_replica() {
     assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(52));
 
     let (_dir2, mut target) = open();
-    apply(&mut target, vec![create("rt_stale", "stale")]).await;
+    let mut stale = create("rt_stale", "stale");
+    if let Op::CreateRuntime { runtime, .. } = &mut stale {
+        std::sync::Arc::make_mut(runtime).placement =
+            Some(runtimeai_model::Placement { node_id: 9, site: None, zone: None });
+    }
+    apply(&mut target, vec![stale]).await;
+    assert_eq!(*target.placement_counts(), BTreeMap::from([(9, 1)]));
     target.install_snapshot(&snapshot.meta, snapshot.snapshot).await.unwrap();
     assert!(target.get_runtime("rt_stale").unwrap().is_none(), "install replaces the whole state");
     assert_eq!(target.list_runtimes().unwrap(), source.list_runtimes().unwrap());
@@ -503,6 +509,7 @@ async fn a_snapshot_carries_the_whole_state_to_another_replica() {
     assert_eq!(target.active_operations(), source.active_operations());
     assert_eq!(*target.nodes(), [node_info(2, "127.0.0.1:7002")], "the members' announcements too");
     assert_eq!(target.settings().event_retention_count, 7, "and the settings, as served from memory");
+    assert_eq!(target.placement_counts(), source.placement_counts(), "and the runtimes per node");
     let (applied, stored_membership) = target.applied_state().await.unwrap();
     assert_eq!(applied.map(|l| l.index), Some(52));
     assert_eq!(stored_membership.membership().voter_ids().collect::<Vec<_>>(), vec![1, 2, 3]);
@@ -591,7 +598,7 @@ async fn runtimes_per_node_are_counted_as_they_are_placed_and_deleted() {
         op
     };
     apply(&mut sm, vec![placed("rt_a", "a", 1), placed("rt_b", "b", 2), placed("rt_c", "c", 2)]).await;
-    assert_eq!(sm.placement_counts().unwrap(), [(1, 1), (2, 2)].into_iter().collect());
+    assert_eq!(*sm.placement_counts(), [(1, 1), (2, 2)].into_iter().collect());
     for op in ["op_create_rt_b"] {
         apply(&mut sm, vec![advance(op, OperationStatus::Running), advance(op, OperationStatus::Succeeded)]).await;
     }
@@ -602,7 +609,7 @@ async fn runtimes_per_node_are_counted_as_they_are_placed_and_deleted() {
     ];
     apply(&mut sm, delete).await;
     assert_eq!(sm.get_runtime("rt_b").unwrap(), None);
-    assert_eq!(sm.placement_counts().unwrap(), [(1, 1), (2, 1)].into_iter().collect());
+    assert_eq!(*sm.placement_counts(), [(1, 1), (2, 1)].into_iter().collect());
 }
 
 #[tokio::test]
@@ -725,7 +732,7 @@ async fn settings_are_served_from_memory_and_follow_their_writes_only() {
             Some(runtimeai_model::Placement { node_id: 1, site: None, zone: None });
     }
     apply(&mut sm, vec![placed]).await;
-    assert_eq!(sm.placement_counts().unwrap(), BTreeMap::from([(1, 1)]));
+    assert_eq!(*sm.placement_counts(), BTreeMap::from([(1, 1)]));
     assert!(std::sync::Arc::ptr_eq(&before, &sm.settings()));
     let reopened = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
     assert_eq!(*reopened.settings(), settings, "read back from the store at open");
