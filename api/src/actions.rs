@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use runtimeai_model::{LifecycleAction, PolicyMode, SizeEntry};
+use runtimeai_model::{Capability, LifecycleAction, PolicyMode, SizeEntry};
 
 use crate::extract::{Body, Consistency, PathParam};
 use crate::openapi::{IdempotencyKey, IfMatch, ProblemResponses, TenantId, XActor};
@@ -100,12 +100,12 @@ fn unsupported(index: usize, what: &str) -> Problem {
 pub(crate) fn lifecycle_action(
     action: &Action,
     index: usize,
-    capabilities: &[String],
+    capabilities: &[Capability],
     sizes: &[SizeEntry],
 ) -> Result<LifecycleAction, Problem> {
     let kind =
         serde_json::to_value(action.action_type).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-    if !capabilities.contains(&kind) {
+    if !capabilities.iter().any(|c| *c == kind) {
         return Err(unsupported(
             index,
             &format!("this runtime cannot {kind} (capabilities: {})", capabilities.join(", ")),

@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use runtimeai_model::{LifecycleAction, Runtime, SizeEntry};
+use runtimeai_model::{Capability, LifecycleAction, Runtime, SizeEntry};
 
 use crate::actions::{lifecycle_action, Action};
 use crate::problem::Problem;
@@ -131,7 +131,7 @@ impl ExternalPlanner {
 }
 
 /// Parses the model's answer and checks each action as `actions/execute` would.
-fn parse(content: &str, capabilities: &[String], sizes: &[SizeEntry]) -> Result<ExternalPlan, Problem> {
+fn parse(content: &str, capabilities: &[Capability], sizes: &[SizeEntry]) -> Result<ExternalPlan, Problem> {
     let text = content.trim();
     let text = text.strip_prefix("```json").or_else(|| text.strip_prefix("```")).unwrap_or(text);
     let text = text.strip_suffix("```").unwrap_or(text).trim();
@@ -155,8 +155,8 @@ fn parse(content: &str, capabilities: &[String], sizes: &[SizeEntry]) -> Result<
 mod tests {
     use super::*;
 
-    fn capabilities() -> Vec<String> {
-        ["start", "stop", "restart", "scale", "snapshot", "restore"].iter().map(|c| c.to_string()).collect()
+    fn capabilities() -> Vec<Capability> {
+        runtimeai_model::LIFECYCLE_ACTIONS.iter().map(|c| runtimeai_model::capability(c)).collect()
     }
 
     #[test]

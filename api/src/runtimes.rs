@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use runtimeai_model::{
-    Actor, BackendInfo, BackendKind, BackendRef, Event, LifecycleAction, Operation, OperationStatus, Placement,
-    PolicyMode, ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec, RuntimeState, RuntimeType, SizeEntry,
-    Timestamp,
+    capability, Actor, BackendInfo, BackendKind, BackendRef, Event, LifecycleAction, Operation, OperationStatus,
+    Placement, PolicyMode, ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec, RuntimeState, RuntimeType,
+    SizeEntry, Timestamp,
 };
 use runtimeai_raft::{CommandReply, Op};
 
@@ -291,7 +291,7 @@ pub(crate) async fn create_runtime(
     let runtime = Runtime {
         tenant_id,
         labels: request.labels.clone(),
-        capabilities: backend.capabilities.clone(),
+        capabilities: backend.capabilities.iter().map(|c| capability(c)).collect(),
         backend: Some(BackendRef {
             kind: backend_kind(&backend.driver),
             reference: format!("{}/{id}", backend.driver),

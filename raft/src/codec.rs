@@ -123,6 +123,22 @@ mod tests {
     }
 
     #[test]
+    fn capabilities_are_stored_as_the_names_they_always_were() {
+        use runtimeai_model::{capability, Capability};
+        let names = vec![capability("start"), capability("hibernate")];
+        let bytes = encode("capabilities", &names).unwrap();
+        assert_eq!(bytes, direct(&vec!["start".to_string(), "hibernate".to_string()]));
+        let at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let runtime = runtimeai_model::Runtime {
+            capabilities: names,
+            ..runtimeai_model::Runtime::new("rt_a", "web", runtimeai_model::RuntimeType::Vm, at)
+        };
+        let back: runtimeai_model::Runtime = decode("runtime", &encode("runtime", &runtime).unwrap()).unwrap();
+        assert_eq!(back, runtime);
+        assert!(matches!(back.capabilities[0], Capability::Borrowed("start")));
+    }
+
+    #[test]
     fn truncated_input_is_an_error_not_a_panic() {
         let bytes = encode("string", &"a fairly long string".to_string()).unwrap();
         assert!(decode::<String>("string", &bytes[..bytes.len() / 2]).is_err());

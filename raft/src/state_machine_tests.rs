@@ -759,8 +759,9 @@ async fn apply_cost() {
                 let mut op = create(id, id);
                 if let Op::CreateRuntime { runtime, operation } = &mut op {
                     let runtime = std::sync::Arc::make_mut(runtime);
-                    runtime.capabilities =
-                        ["start", "stop", "restart", "scale", "snapshot", "restore"].map(String::from).to_vec();
+                    runtime.capabilities = ["start", "stop", "restart", "scale", "snapshot", "restore"]
+                        .map(runtimeai_model::Capability::from)
+                        .to_vec();
                     runtime.placement = Some(runtimeai_model::Placement { node_id: 1, site: None, zone: None });
                     operation.assignment =
                         Some(runtimeai_model::Assignment { node_id: 1, token: 0, lease_until: at(3) });

@@ -34,7 +34,7 @@ use runtimeai_engine::Catalogue;
 use runtimeai_model::{BackendInfo, LifecycleAction, Runtime, RuntimeType, SizeEntry};
 
 /// The lifecycle actions every driver built so far supports (create and delete always are).
-pub const LIFECYCLE: &[&str] = &["start", "stop", "restart", "scale", "snapshot", "restore"];
+pub const LIFECYCLE: &[&str] = runtimeai_model::LIFECYCLE_ACTIONS;
 
 /// What every backend call carries.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,8 +20,9 @@ pub use records::{
     PolicyMode, PolicyRule, RuntimeSignals, SizeEntry, Verdict,
 };
 pub use runtime::{
-    BackendKind, BackendRef, EgressPolicy, Exposure, Isolation, NetworkingProfile, ResourceProfile, Runtime,
-    RuntimeSnapshot, RuntimeSpec, RuntimeState, RuntimeType, SecurityProfile,
+    capability, BackendKind, BackendRef, Capability, EgressPolicy, Exposure, Isolation, NetworkingProfile,
+    ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec, RuntimeState, RuntimeType, SecurityProfile,
+    LIFECYCLE_ACTIONS,
 };
 
 /// Timestamps are UTC: RFC 3339 in JSON, numbers in the binary codec (see [`timestamp`]).

@@ -175,6 +175,72 @@ pub struct RuntimeSpec {
     pub env: Option<BTreeMap<String, String>>,
 }
 
+/// Something a runtime's backend can do (`start`, `stop`, ...), by the name the backend gives it;
+/// stored and sent as that name.
+///
+/// A runtime is decoded several times for every create across the cluster (apply on each
+/// member, the executor, replication, forwarding), and its capabilities were six of its
+/// allocations each time: the names every backend uses ([`LIFECYCLE_ACTIONS`]) decode to the
+/// static text instead.
+pub type Capability = std::borrow::Cow<'static, str>;
+
+/// The lifecycle actions a backend may support besides create and delete (which every backend
+/// does): what a runtime's capabilities are made of.
+pub const LIFECYCLE_ACTIONS: &[&str] = &["start", "stop", "restart", "scale", "snapshot", "restore"];
+
+/// `name` as a [`Capability`]: the static text if it is one of [`LIFECYCLE_ACTIONS`].
+pub fn capability(name: &str) -> Capability {
+    match LIFECYCLE_ACTIONS.iter().find(|known| **known == name) {
+        Some(known) => Capability::Borrowed(known),
+        None => Capability::Owned(name.to_string()),
+    }
+}
+
+mod capabilities {
+    use super::{capability, Capability};
+
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Capability>, D::Error> {
+        struct Names;
+        impl<'de> serde::de::Visitor<'de> for Names {
+            type Value = Vec<Capability>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of capability names")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Capability>, A::Error> {
+                let mut names = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+                while let Some(Name(name)) = seq.next_element()? {
+                    names.push(name);
+                }
+                Ok(names)
+            }
+        }
+
+        /// One name, read without allocating when the input lends it and it is a known one.
+        struct Name(Capability);
+        impl<'de> serde::Deserialize<'de> for Name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Name, D::Error> {
+                struct Text;
+                impl serde::de::Visitor<'_> for Text {
+                    type Value = Name;
+
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("a capability name")
+                    }
+
+                    fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Name, E> {
+                        Ok(Name(capability(name)))
+                    }
+                }
+                deserializer.deserialize_str(Text)
+            }
+        }
+
+        deserializer.deserialize_seq(Names)
+    }
+}
+
 /// A manageable execution environment with lifecycle, intent and feedback.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Runtime {
@@ -187,8 +253,9 @@ pub struct Runtime {
     pub tenant_id: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub capabilities: Vec<String>,
+    #[serde(default, deserialize_with = "capabilities::deserialize")]
+    #[schema(value_type = Vec<String>)]
+    pub capabilities: Vec<Capability>,
     #[serde(default)]
     pub backend: Option<BackendRef>,
     #[serde(default)]
@@ -244,5 +311,30 @@ impl Runtime {
     /// The environment policies are scoped by: the `env` label.
     pub fn env(&self) -> Option<&str> {
         self.labels.get("env").map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capabilities_read_back_as_the_names_sent_known_ones_without_a_copy() {
+        let at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let mut runtime = Runtime::new("rt_a", "web", RuntimeType::Vm, at);
+        runtime.capabilities = vec![capability("start"), capability("hibernate")];
+        let json = serde_json::to_value(&runtime).unwrap();
+        assert_eq!(json["capabilities"], serde_json::json!(["start", "hibernate"]));
+        let back: Runtime = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, runtime);
+        assert!(matches!(back.capabilities[0], Capability::Borrowed("start")), "a known name is the static text");
+        assert!(matches!(&back.capabilities[1], Capability::Owned(name) if name == "hibernate"));
+        let text = serde_json::to_string(&runtime).unwrap();
+        assert_eq!(serde_json::from_str::<Runtime>(&text).unwrap(), runtime);
+        let mut missing = json;
+        missing.as_object_mut().unwrap().remove("capabilities");
+        assert!(serde_json::from_value::<Runtime>(missing).unwrap().capabilities.is_empty());
+        let wrong = serde_json::json!({"capabilities": [7]});
+        assert!(serde_json::from_value::<Runtime>(wrong).is_err());
     }
 }
