@@ -71,6 +71,16 @@ fn create(id: &str, name: &str) -> Op {
     }
 }
 
+/// A create of a runtime placed on `node`.
+fn placed(id: &str, name: &str, node: u64) -> Op {
+    let mut op = create(id, name);
+    if let Op::CreateRuntime { runtime, .. } = &mut op {
+        std::sync::Arc::make_mut(runtime).placement =
+            Some(runtimeai_model::Placement { node_id: node, site: None, zone: None });
+    }
+    op
+}
+
 fn begin(op_id: &str, runtime_id: &str, action: LifecycleAction) -> Op {
     Op::BeginOperation { operation: operation(op_id, runtime_id, action), expected_version: None }
 }
@@ -495,12 +505,7 @@ async fn a_snapshot_carries_the_whole_state_to_another_replica() {
     assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(52));
 
     let (_dir2, mut target) = open();
-    let mut stale = create("rt_stale", "stale");
-    if let Op::CreateRuntime { runtime, .. } = &mut stale {
-        std::sync::Arc::make_mut(runtime).placement =
-            Some(runtimeai_model::Placement { node_id: 9, site: None, zone: None });
-    }
-    apply(&mut target, vec![stale]).await;
+    apply(&mut target, vec![placed("rt_stale", "stale", 9)]).await;
     assert_eq!(*target.placement_counts(), BTreeMap::from([(9, 1)]));
     target.install_snapshot(&snapshot.meta, snapshot.snapshot).await.unwrap();
     assert!(target.get_runtime("rt_stale").unwrap().is_none(), "install replaces the whole state");
@@ -589,14 +594,6 @@ async fn events_past_the_retention_age_go_even_when_few() {
 #[tokio::test]
 async fn runtimes_per_node_are_counted_as_they_are_placed_and_deleted() {
     let (_dir, mut sm) = open();
-    let placed = |id: &str, name: &str, node: u64| {
-        let mut op = create(id, name);
-        if let Op::CreateRuntime { runtime, .. } = &mut op {
-            std::sync::Arc::make_mut(runtime).placement =
-                Some(runtimeai_model::Placement { node_id: node, site: None, zone: None });
-        }
-        op
-    };
     apply(&mut sm, vec![placed("rt_a", "a", 1), placed("rt_b", "b", 2), placed("rt_c", "c", 2)]).await;
     assert_eq!(*sm.placement_counts(), [(1, 1), (2, 2)].into_iter().collect());
     for op in ["op_create_rt_b"] {
@@ -726,12 +723,7 @@ async fn settings_are_served_from_memory_and_follow_their_writes_only() {
     assert_eq!(*before, settings);
     // A create writes the placement counts beside the settings: the settings stay as they were
     // (the same shared value, not read again).
-    let mut placed = create("rt_a", "a");
-    if let Op::CreateRuntime { runtime, .. } = &mut placed {
-        std::sync::Arc::make_mut(runtime).placement =
-            Some(runtimeai_model::Placement { node_id: 1, site: None, zone: None });
-    }
-    apply(&mut sm, vec![placed]).await;
+    apply(&mut sm, vec![placed("rt_a", "a", 1)]).await;
     assert_eq!(*sm.placement_counts(), BTreeMap::from([(1, 1)]));
     assert!(std::sync::Arc::ptr_eq(&before, &sm.settings()));
     let reopened = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
