@@ -9,6 +9,13 @@
 //! The newest entries are also kept in memory as appended ([`RecentEntries`]): the leader reads
 //! each entry back once per follower to replicate it, and every node once more to apply it, right
 //! after appending it; copying it from memory costs less than reading and decoding it again.
+//!
+//! Purges are carried out by a thread of their own ([`purge_loop`]). The state machine's writes
+//! skip the write-ahead log (see `store.rs`), so before entries are deleted the state machine is
+//! flushed, and a flush takes a while; openraft calls `purge` from its core task, whose
+//! heartbeats must not wait for that. So `purge` records the purge point in memory (entries up to
+//! it are no longer read from then on) and the thread flushes, then deletes them and records the
+//! point on disk. A crash before that leaves them in the log: harmless, the next purge takes them.
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
@@ -22,7 +29,7 @@ use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, StorageIOError};
 use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
 
 use crate::codec;
-use crate::store::{cf, CF_LOG, CF_RAFT_META};
+use crate::store::{cf, flush_state_machine, CF_LOG, CF_RAFT_META};
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 const KEY_VOTE: &[u8] = b"vote";
@@ -50,7 +57,12 @@ impl LogStats {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    syncer: Arc<Syncer>,
+    syncer: Arc<Worker<LogFlushed<TypeConfig>>>,
+    purger: Arc<Worker<LogId>>,
+    /// The newest purge point asked for; the purger deletes up to it soon after.
+    purged: Arc<Mutex<Option<LogId>>>,
+    /// Why the purger failed, if it did: the next append fails with it, which stops raft.
+    purge_failure: Arc<Mutex<Option<String>>>,
     stats: Arc<LogStats>,
     recent: Arc<Mutex<RecentEntries>>,
 }
@@ -120,17 +132,36 @@ impl RecentEntries {
     }
 }
 
-/// The group-commit thread. Dropping the last handle stops it and waits for it, so its hold on
-/// the database ends before the drop returns (RocksDB must not be torn down by process exit
-/// while a thread still uses it).
-struct Syncer {
-    flushes: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
+/// A thread of the log store that works through what is sent to it: the group-commit syncer,
+/// the purger. Dropping the last handle stops it once its work is done and waits for it, so its
+/// hold on the database ends before the drop returns (RocksDB must not be torn down by process
+/// exit while a thread still uses it).
+struct Worker<T> {
+    work: Option<mpsc::Sender<T>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Drop for Syncer {
+impl<T: Send + 'static> Worker<T> {
+    fn spawn(name: &str, body: impl FnOnce(mpsc::Receiver<T>) + Send + 'static) -> Worker<T> {
+        let (work, pending) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || body(pending))
+            .unwrap_or_else(|e| panic!("spawn the {name} thread: {e}"));
+        Worker { work: Some(work), thread: Some(thread) }
+    }
+
+    /// Hands `item` to the thread; gives it back if the thread is gone (it cannot stop while
+    /// handles exist, so only if it panicked).
+    fn send(&self, item: T) -> Result<(), T> {
+        let work = self.work.as_ref().expect("the thread runs while a handle exists");
+        work.send(item).map_err(|mpsc::SendError(item)| item)
+    }
+}
+
+impl<T> Drop for Worker<T> {
     fn drop(&mut self) {
-        self.flushes.take();
+        self.work.take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -139,16 +170,30 @@ impl Drop for Syncer {
 
 impl LogStore {
     pub fn new(db: Arc<DB>) -> LogStore {
-        let (flushes, pending) = mpsc::channel();
-        let syncer_db = db.clone();
         let stats = Arc::new(LogStats::default());
-        let syncer_stats = stats.clone();
-        let thread = std::thread::Builder::new()
-            .name("raft-log-sync".into())
-            .spawn(move || sync_loop(syncer_db, pending, syncer_stats))
-            .expect("spawn the log sync thread");
-        let syncer = Arc::new(Syncer { flushes: Some(flushes), thread: Some(thread) });
-        LogStore { db, syncer, stats, recent: Arc::default() }
+        let syncer = Worker::spawn("raft-log-sync", {
+            let (db, stats) = (db.clone(), stats.clone());
+            move |pending| sync_loop(db, pending, stats)
+        });
+        let purge_failure = Arc::new(Mutex::new(None));
+        let purger = Worker::spawn("raft-log-purge", {
+            let (db, failure) = (db.clone(), purge_failure.clone());
+            move |pending| purge_loop(db, pending, failure)
+        });
+        LogStore {
+            db,
+            syncer: Arc::new(syncer),
+            purger: Arc::new(purger),
+            purged: Arc::default(),
+            purge_failure,
+            stats,
+            recent: Arc::default(),
+        }
+    }
+
+    /// The first index not purged.
+    fn first_kept(&self) -> u64 {
+        self.purged.lock().expect("purge point lock").map_or(0, |purged| purged.index + 1)
     }
 
     pub fn stats(&self) -> Arc<LogStats> {
@@ -201,6 +246,29 @@ fn sync_loop(db: Arc<DB>, pending: mpsc::Receiver<LogFlushed<TypeConfig>>, stats
     }
 }
 
+/// Deletes purged entries, each time after flushing the state machine (whose state on disk must
+/// not lack what the deleted entries did). Purge points come in order; only the newest waiting
+/// one matters.
+fn purge_loop(db: Arc<DB>, pending: mpsc::Receiver<LogId>, failure: Arc<Mutex<Option<String>>>) {
+    while let Ok(first) = pending.recv() {
+        let log_id = pending.try_iter().last().unwrap_or(first);
+        if let Err(e) = purge_now(&db, &log_id) {
+            tracing::error!(error = %e, "purging the raft log failed");
+            failure.lock().expect("purge failure lock").get_or_insert(e);
+        }
+    }
+}
+
+fn purge_now(db: &DB, log_id: &LogId) -> Result<(), String> {
+    flush_state_machine(db).map_err(|e| format!("flushing the state machine before a purge: {e}"))?;
+    // Record the purge point in the same batch, so a crash never leaves a hole unexplained.
+    let mut batch = WriteBatch::default();
+    let meta = codec::encode("raft metadata", log_id).map_err(|e| e.to_string())?;
+    batch.put_cf(cf(db, CF_RAFT_META), KEY_LAST_PURGED, meta);
+    batch.delete_range_cf(cf(db, CF_LOG), log_key(0), log_key(log_id.index + 1));
+    db.write(batch).map_err(|e| format!("deleting purged log entries: {e}"))
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
@@ -211,6 +279,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => i + 1,
             Bound::Unbounded => 0,
         };
+        // Purged entries may wait for the purger a while; they are gone all the same.
+        let start = start.max(self.first_kept());
         if let Some(entries) = self.recent.lock().expect("recent entries lock").get(start, &range) {
             return Ok(entries);
         }
@@ -237,7 +307,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged_log_id: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
+        let on_disk: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
+        let last_purged_log_id = on_disk.max(*self.purged.lock().expect("purge point lock"));
         let last_log_id = self.last_log_id()?.or(last_purged_log_id);
         Ok(LogState { last_purged_log_id, last_log_id })
     }
@@ -271,6 +342,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        if let Some(failure) = self.purge_failure.lock().expect("purge failure lock").clone() {
+            return Err(StorageIOError::write_logs(AnyError::error(failure)).into());
+        }
         let mut batch = WriteBatch::default();
         let mut appended = Vec::new();
         self.stats.appends.fetch_add(1, Ordering::Relaxed);
@@ -291,9 +365,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         }
         written.map_err(|e| StorageIOError::write_logs(&e))?;
-        let flushes = self.syncer.flushes.as_ref().expect("the syncer runs while a store handle exists");
-        if let Err(mpsc::SendError(callback)) = flushes.send(callback) {
-            // The syncer thread died (it cannot stop while handles exist); sync here instead.
+        if let Err(callback) = self.syncer.send(callback) {
+            // The syncer thread died; sync here instead.
             callback.log_io_completed(self.db.flush_wal(true).map_err(std::io::Error::other));
         }
         Ok(())
@@ -308,13 +381,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        // Record the purge point first (same batch), so a crash never leaves a hole unexplained.
-        let mut batch = WriteBatch::default();
-        let meta = codec::encode("raft metadata", &log_id).map_err(|e| StorageIOError::write_logs(&e))?;
-        batch.put_cf(cf(&self.db, CF_RAFT_META), KEY_LAST_PURGED, meta);
-        batch.delete_range_cf(self.log_cf(), log_key(0), log_key(log_id.index + 1));
+        *self.purged.lock().expect("purge point lock") = Some(log_id);
         self.recent.lock().expect("recent entries lock").purge(log_id.index);
-        self.db.write(batch).map_err(|e| StorageIOError::write_logs(&e).into())
+        if let Err(log_id) = self.purger.send(log_id) {
+            // The purger thread died; purge here instead.
+            purge_now(&self.db, &log_id).map_err(|e| StorageIOError::write_logs(AnyError::error(e)))?;
+        }
+        Ok(())
     }
 }
 
@@ -330,6 +403,48 @@ mod tests {
 
     fn ids(entries: Option<Vec<Entry>>) -> Option<Vec<(u64, u64)>> {
         entries.map(|entries| entries.iter().map(|e| (e.log_id.leader_id.term, e.log_id.index)).collect())
+    }
+
+    /// Entries a purge covers are gone for readers at once; the purger deletes them from disk
+    /// only after the state machine's memtables (written without the write-ahead log) are
+    /// flushed, and records the purge point there.
+    #[tokio::test]
+    async fn a_purge_hides_its_entries_at_once_and_deletes_them_after_flushing_the_state_machine() {
+        use crate::store::{DataDir, CF_SETTINGS};
+
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::open(&dir.path().join("data"), 1, "purge").unwrap();
+        let db = data.db.clone();
+        for index in 1..=10 {
+            db.put_cf(cf(&db, CF_LOG), log_key(index), codec::encode("log entry", &entry(1, index)).unwrap()).unwrap();
+        }
+        let mut no_wal = WriteOptions::default();
+        no_wal.disable_wal(true);
+        db.put_cf_opt(cf(&db, CF_SETTINGS), b"applied", b"state", &no_wal).unwrap();
+        let in_memtable = |db: &DB| {
+            db.property_int_value_cf(cf(db, CF_SETTINGS), "rocksdb.num-entries-active-mem-table").unwrap().unwrap()
+        };
+        assert_eq!(in_memtable(&db), 1);
+
+        let mut store = LogStore::new(db.clone());
+        store.purge(entry(1, 5).log_id).await.unwrap();
+        assert_eq!(
+            ids(Some(store.try_get_log_entries(0..100).await.unwrap())),
+            Some((6..=10).map(|i| (1, i)).collect())
+        );
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(5));
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(10));
+        drop(store); // waits for the purger
+
+        assert_eq!(in_memtable(&db), 0, "the state machine was flushed");
+        let on_disk: Vec<u64> = db
+            .iterator_cf(cf(&db, CF_LOG), IteratorMode::Start)
+            .map(|item| u64::from_be_bytes(item.unwrap().0.as_ref().try_into().unwrap()))
+            .collect();
+        assert_eq!(on_disk, (6..=10).collect::<Vec<_>>());
+        let state = LogStore::new(db).get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(5), "the purge point is on disk");
     }
 
     // How the tail agrees with the store through appends, truncations and purges is what

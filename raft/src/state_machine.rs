@@ -3,10 +3,11 @@
 //!
 //! Apply is deterministic: it reads only the command and the store. The writes of one `apply`
 //! call go into one RocksDB batch together with the new `last_applied`, so a crash leaves the
-//! state either before or after that batch. They are not synced on their own: they sit in the
-//! same write-ahead log as the raft log, after the entries they come from, so whatever a crash
-//! takes from them is re-applied from the log on restart. Before a snapshot lets the log be
-//! purged, the write-ahead log is synced.
+//! state either before or after that batch. They skip the write-ahead log (the entries they
+//! come from are in it, synced) and reach disk by atomic memtable flushes: a crash takes the
+//! batches applied since the last flush, and `last applied` with them, and the node re-applies
+//! those entries from its log before it serves. The log store flushes the state machine before
+//! it purges entries (see `store.rs`).
 //!
 //! The unfinished operations are also kept in memory (loaded at open, followed by apply,
 //! reloaded by a snapshot install): the scheduler and every executor read them on each change,
@@ -274,8 +275,6 @@ impl StateMachineStore {
     }
 
     fn build(&self) -> Result<Snapshot, StorageError> {
-        // The state about to be captured must be on disk before the log behind it is purged.
-        self.db.flush_wal(true).map_err(write_err)?;
         let view = self.db.snapshot();
         let decode_meta = |key: &[u8]| -> Result<Option<Vec<u8>>, StorageError> {
             view.get_cf(cf(&self.db, CF_SM_META), key).map_err(read_err)
@@ -416,8 +415,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if let Some(last_applied) = last_applied {
             txn.put(CF_SM_META, KEY_LAST_APPLIED.to_vec(), &last_applied)?;
         }
+        // No write-ahead log: the log entries are in it already; see the module's docs.
         let mut opts = WriteOptions::default();
-        opts.set_sync(false);
+        opts.disable_wal(true);
         let (operations_written, nodes_written, settings_written, placement_written) = (
             std::mem::take(&mut txn.operations_written),
             txn.nodes_written,

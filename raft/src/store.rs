@@ -8,15 +8,20 @@
 //! <data-dir>/snapshot      the latest state-machine snapshot, replaced atomically
 //! <data-dir>/logs/         RocksDB's diagnostic log
 //! ```
-//! One database means one write-ahead log: a log append synced to disk also makes every
-//! state-machine write before it durable, and recovery replays both in the order they were made.
+//! The raft log is written through RocksDB's write-ahead log and synced (group commit). The state
+//! machine's writes skip that log: every one of them is the result of log entries already in it,
+//! so what a crash takes from them apply re-runs from the log on restart. They reach disk by
+//! memtable flushes, which are atomic across column families (`atomic_flush`), so the state on
+//! disk is always the state after one apply batch, `last applied` included, never a mix; and
+//! before log entries are purged the state machine is flushed ([`flush_state_machine`]), so the
+//! log still holds every entry that the state on disk lacks.
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+use rocksdb::{ColumnFamilyDescriptor, FlushOptions, Options, DB};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::FORMAT_VERSION;
@@ -163,6 +168,9 @@ fn open_db(path: &Path, info_log_dir: &Path, create: bool) -> Result<DB, DataDir
     opts.set_paranoid_checks(true);
     opts.set_max_background_jobs(2);
     opts.set_keep_log_file_num(4);
+    // The state machine's writes are not in the write-ahead log: a flush must persist all
+    // families as of one moment, or a crash could leave one apply batch half on disk.
+    opts.set_atomic_flush(true);
     // Small control-plane records: keep memtables modest so memory per node stays bounded.
     opts.set_write_buffer_size(16 << 20);
     let log_cfs = LOG_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
@@ -193,6 +201,16 @@ fn state_machine_cf_options(name: &str) -> Options {
         opts.set_memtable_whole_key_filtering(true);
     }
     opts
+}
+
+/// Writes the state machine's memtables to table files (all its families as of one moment) and
+/// waits until they are on disk. The state machine skips the write-ahead log, so this is what
+/// makes the state it reached durable; the log must not be purged past it before this.
+pub(crate) fn flush_state_machine(db: &DB) -> Result<(), rocksdb::Error> {
+    let families: Vec<_> = STATE_MACHINE_CFS.iter().map(|name| cf(db, name)).collect();
+    let mut opts = FlushOptions::default();
+    opts.set_wait(true);
+    db.flush_cfs_opt(&families, &opts)
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new file, never a mix.
