@@ -131,7 +131,7 @@ async fn cluster_view(state: &AppState) -> Result<ClusterView, Problem> {
             MemberView {
                 id: m.id,
                 http: if m.id == state.replica.id {
-                    Some(state.http_addr.clone())
+                    Some(state.http_addr.to_string())
                 } else {
                     info.map(|i| i.http_addr.clone())
                 },

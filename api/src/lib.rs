@@ -38,9 +38,9 @@ pub use problem::Problem;
 #[derive(Clone)]
 pub struct AppState {
     pub replica: Arc<Replica>,
-    /// This node's own addresses, as shown in `GET /v1/cluster`.
-    pub http_addr: String,
-    pub grpc_addr: String,
+    /// This node's own REST address, as shown in `GET /v1/cluster`. (Shared text: the state is
+    /// cloned for every request.)
+    pub http_addr: Arc<str>,
     /// Disk work of this node's raft log, shown in `GET /v1/cluster`.
     pub log_stats: Arc<runtimeai_raft::log_store::LogStats>,
     /// Largest request body accepted, in bytes (larger ones get 413).

@@ -125,8 +125,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     };
     let app = runtimeai_api::router(AppState {
         replica: replica.clone(),
-        http_addr: config.advertise_http.clone(),
-        grpc_addr: config.advertise_grpc.clone(),
+        http_addr: config.advertise_http.as_str().into(),
         log_stats,
         max_body_bytes: config.max_body_bytes,
         external_planner,
