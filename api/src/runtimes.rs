@@ -188,6 +188,21 @@ pub(crate) fn sizes(state: &AppState) -> SizeCatalogue {
     SizeCatalogue(state.replica.state.settings())
 }
 
+/// Runs `check` against the size catalogue. A refusal is confirmed against the catalogue as the
+/// cluster has it now (after a read barrier): this node's replica may not yet have applied a
+/// settings change acknowledged through another node, and a client behind a load balancer must
+/// not have a size refused that the cluster has.
+pub(crate) async fn check_sizes<T>(
+    state: &AppState,
+    check: impl Fn(&[SizeEntry]) -> Result<T, Problem>,
+) -> Result<T, Problem> {
+    if let Ok(checked) = check(&sizes(state)) {
+        return Ok(checked);
+    }
+    state.replica.read_barrier().await?;
+    check(&sizes(state))
+}
+
 /// The size catalogue inside the settings in force (shared, not copied per request).
 pub(crate) struct SizeCatalogue(std::sync::Arc<runtimeai_model::ClusterSettings>);
 
@@ -273,7 +288,7 @@ pub(crate) async fn create_runtime(
     Body(request): Body<RuntimeCreateRequest>,
 ) -> Result<Response, Problem> {
     validate::name(&request.name, "$.name")?;
-    validate::spec(&request.spec, "$.spec", &sizes(&state))?;
+    check_sizes(&state, |sizes| validate::spec(&request.spec, "$.spec", sizes)).await?;
     let labels = request.labels.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect();
     validate::labels(&labels, "$.labels")?;
     let tenant_id = match (&request.tenant_id, tenant(&headers)?) {
@@ -631,7 +646,7 @@ pub(crate) async fn scale_runtime(
     PathParam(runtime_id): PathParam<String>,
     Body(request): Body<LifecycleScaleRequest>,
 ) -> Result<Response, Problem> {
-    let action = request.to_action("$", &sizes(&state))?;
+    let action = check_sizes(&state, |sizes| request.to_action("$", sizes)).await?;
     begin(&state, &headers, &runtime_id, "lifecycle/scale", action, &request).await
 }
 

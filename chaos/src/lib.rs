@@ -11,7 +11,8 @@
 //! - [`scenario`]: the named fault schedules `runtimeai-chaos run --scenario` runs;
 //! - [`report`]: the one-screen summary, `report.json` and the PNG timeline;
 //! - [`etcd`] and [`bench`]: an etcd cluster beside ours, and `runtimeai-bench`, which measures
-//!   both with the same client.
+//!   both with the same client;
+//! - [`interrupt`]: a tool stopped by Ctrl-C or SIGTERM stops the clusters it started.
 
 pub mod bench;
 pub mod checks;
@@ -19,6 +20,7 @@ pub mod cluster;
 pub mod disk;
 pub mod error;
 pub mod etcd;
+pub mod interrupt;
 pub mod linearizability;
 pub mod proxy;
 pub mod report;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use runtimeai_chaos::interrupt::interrupted;
 use runtimeai_chaos::report;
 use runtimeai_chaos::scenario::{self, RunOptions, SCENARIOS};
 
@@ -95,7 +96,21 @@ fn main() -> ExitCode {
                     dir: dir.clone(),
                 };
                 eprintln!("=== {} — {}", s.name, s.injects);
-                match runtime.block_on(scenario::run(s, options)) {
+                // Interrupted, the run is dropped, and with it the cluster it started.
+                let outcome = runtime.block_on(async {
+                    tokio::select! {
+                        outcome = scenario::run(s, options) => Ok(outcome),
+                        signal = interrupted() => Err(signal),
+                    }
+                });
+                let outcome = match outcome {
+                    Ok(outcome) => outcome,
+                    Err(signal) => {
+                        eprintln!("{}: stopped scenario {} and its cluster", signal.name(), s.name);
+                        return signal.exit_code();
+                    }
+                };
+                match outcome {
                     Ok(result) => match report::write(&result, &dir) {
                         Ok(summary) => {
                             println!("{summary}");

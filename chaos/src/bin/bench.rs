@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use runtimeai_chaos::bench::{self, BenchOptions};
+use runtimeai_chaos::interrupt::interrupted;
 
 #[derive(Parser)]
 #[command(
@@ -78,7 +79,22 @@ fn main() -> ExitCode {
     };
     let started = std::time::Instant::now();
     let progress = |what: &str| eprintln!("[{:>6.1}s] {what}", started.elapsed().as_secs_f64());
-    match runtime.block_on(bench::run(options, progress)) {
+    // Interrupted, the run is dropped, and with it the clusters it started (their processes
+    // are killed), before the tool exits.
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = bench::run(options, progress) => Ok(outcome),
+            signal = interrupted() => Err(signal),
+        }
+    });
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(signal) => {
+            eprintln!("{}: stopped the benchmark and its clusters; nothing written", signal.name());
+            return signal.exit_code();
+        }
+    };
+    match outcome {
         Ok(results) => match bench::write(&results, &cli.out) {
             Ok(markdown) => {
                 println!("{markdown}");
