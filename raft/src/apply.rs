@@ -7,8 +7,9 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use openraft::AnyError;
 use rocksdb::{IteratorMode, WriteBatch, DB};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use runtimeai_engine::policy;
 use runtimeai_model::{
@@ -1049,20 +1050,60 @@ struct EventTally {
 /// At most this many old events are dropped per event written, to bound the work of one apply.
 const PRUNE_BATCH: usize = 64;
 
-/// An [`Event`] as apply stores it, borrowed from what apply has at hand: the same fields in the
-/// same order, so the same bytes (`an_event_record_is_stored_as_an_event`).
+/// An [`Event`] as apply stores it, borrowed from what apply has at hand. Its id, runtime id and
+/// sequence number are not stored: its key holds them (`runtime id \0 seq sub`; see
+/// [`event_from_stored`]), so storing them again, and formatting the id, cost every event.
 #[derive(Serialize)]
 struct EventRecord<'a, D: Serialize + ?Sized> {
-    id: &'a str,
-    runtime_id: &'a str,
     #[serde(rename = "type")]
     event_type: &'a str,
     severity: EventSeverity,
     #[serde(with = "runtimeai_model::timestamp")]
     ts: Timestamp,
-    actor: &'a runtimeai_model::Actor,
+    actor: &'a Actor,
     data: &'a D,
-    seq: u64,
+}
+
+/// An [`EventRecord`] read back.
+#[derive(Deserialize)]
+struct StoredEvent {
+    #[serde(rename = "type")]
+    event_type: String,
+    severity: EventSeverity,
+    #[serde(with = "runtimeai_model::timestamp")]
+    ts: Timestamp,
+    actor: Actor,
+    data: JsonObject,
+}
+
+/// Bytes after a runtime's id in an event's key: `\0`, the entry's index, the event's number in it.
+const EVENT_KEY_SUFFIX: usize = 1 + 8 + 4;
+
+/// The event stored under `key` as `value`, whole again: id, runtime id and sequence number from
+/// the key.
+pub(crate) fn event_from_stored(key: &[u8], value: &[u8]) -> Result<Event, StorageError> {
+    let malformed = || read_err(AnyError::error(format!("malformed event key {key:?}")));
+    let split = key.len().checked_sub(EVENT_KEY_SUFFIX).ok_or_else(malformed)?;
+    let (runtime_id, suffix) = key.split_at(split);
+    let runtime_id = std::str::from_utf8(runtime_id).map_err(|_| malformed())?;
+    let seq = u64::from_be_bytes(suffix[1..9].try_into().map_err(|_| malformed())?);
+    let sub = u32::from_be_bytes(suffix[9..13].try_into().map_err(|_| malformed())?);
+    let stored: StoredEvent = codec::decode("event", value).map_err(read_err)?;
+    Ok(Event {
+        id: event_id(seq, sub),
+        runtime_id: runtime_id.to_string(),
+        event_type: stored.event_type,
+        severity: stored.severity,
+        ts: stored.ts,
+        actor: stored.actor,
+        data: stored.data,
+        seq,
+    })
+}
+
+/// An event's id: the log index of the entry that wrote it and its number within the entry.
+fn event_id(seq: u64, sub: u32) -> String {
+    format!("ev_{seq:016x}_{sub}")
 }
 
 /// `runtime.created`'s data (the event data types list their fields in the order a map would:
@@ -1112,16 +1153,7 @@ impl EventWriter<'_> {
     ) -> Result<(), StorageError> {
         let sub = txn.events_in_entry;
         txn.events_in_entry += 1;
-        let event = EventRecord {
-            id: &format!("ev_{:016x}_{sub}", self.index),
-            runtime_id,
-            event_type,
-            severity,
-            ts: self.at,
-            actor: self.actor,
-            data,
-            seq: self.index,
-        };
+        let event = EventRecord { event_type, severity, ts: self.at, actor: self.actor, data };
         let mut key = event_prefix(runtime_id);
         key.extend_from_slice(&self.index.to_be_bytes());
         key.extend_from_slice(&sub.to_be_bytes());
@@ -1160,7 +1192,7 @@ impl EventWriter<'_> {
                 // Dropped earlier in this same batch: the database does not know yet.
                 continue;
             }
-            let event: Event = codec::decode("event", &value).map_err(read_err)?;
+            let event: StoredEvent = codec::decode("event", &value).map_err(read_err)?;
             if count <= self.retention.event_retention_count && event.ts >= cutoff {
                 oldest_kept = Some(event.ts);
                 break;
@@ -1181,35 +1213,37 @@ mod tests {
     use crate::store::DataDir;
 
     #[test]
-    fn an_event_record_is_stored_as_an_event() {
+    fn an_event_reads_back_whole_with_its_id_runtime_and_sequence_from_its_key() {
         let actor = runtimeai_model::Actor::Agent("planner".into());
         let mut data = serde_json::Map::new();
         data.insert("operation_id".into(), "op_1".into());
         let data = JsonObject(data);
         let ts = chrono::DateTime::from_timestamp(1_700_000_000, 123_456_789).unwrap();
         let record = EventRecord {
-            id: "ev_1_0",
-            runtime_id: "rt_1",
             event_type: "runtime.created",
             severity: EventSeverity::Warning,
             ts,
             actor: &actor,
             data: &data,
-            seq: 7,
         };
-        let event = Event {
-            id: "ev_1_0".into(),
-            runtime_id: "rt_1".into(),
-            event_type: "runtime.created".into(),
-            severity: EventSeverity::Warning,
-            ts,
-            actor: actor.clone(),
-            data: data.clone(),
-            seq: 7,
-        };
-        let bytes = codec::encode("test", &record).unwrap();
-        assert_eq!(bytes, codec::encode("test", &event).unwrap());
-        assert_eq!(codec::decode::<Event>("test", &bytes).unwrap(), event);
+        let mut key = event_prefix("rt_1");
+        key.extend_from_slice(&0x2au64.to_be_bytes());
+        key.extend_from_slice(&3u32.to_be_bytes());
+        let event = event_from_stored(&key, &codec::encode("test", &record).unwrap()).unwrap();
+        assert_eq!(
+            event,
+            Event {
+                id: "ev_000000000000002a_3".into(),
+                runtime_id: "rt_1".into(),
+                event_type: "runtime.created".into(),
+                severity: EventSeverity::Warning,
+                ts,
+                actor,
+                data,
+                seq: 42,
+            }
+        );
+        assert!(event_from_stored(b"short", b"").is_err(), "a key too short for an event's is an error");
     }
 
     #[test]

@@ -11,8 +11,9 @@ use serde::Serialize;
 /// Version of everything this module writes to disk or to the wire. Stored in every data
 /// directory and every snapshot; a node refuses data written under another version.
 /// 4: a log entry holds its command as the command's own encoding, length-prefixed
-/// ([`crate::command::LoggedCommand`]).
-pub const FORMAT_VERSION: u32 = 4;
+/// ([`crate::command::LoggedCommand`]). 5: an event is stored without its id, runtime id and
+/// sequence number, which its key holds (`crate::apply::EventRecord`).
+pub const FORMAT_VERSION: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use runtimeai_model::{ClusterSettings, Event, NodeInfo, Operation, Policy, Runtime};
 
-use crate::apply::{apply_entry, OperationWritten, Txn};
+use crate::apply::{apply_entry, event_from_stored, OperationWritten, Txn};
 use crate::codec::{self, FORMAT_VERSION};
 use crate::command::CommandReply;
 use crate::store::{
@@ -175,7 +175,18 @@ impl StateMachineStore {
 
     /// A runtime's events in the order they were written.
     pub fn runtime_events(&self, runtime_id: &str) -> Result<Vec<Event>, StorageError> {
-        self.scan(CF_EVENTS, &event_prefix(runtime_id))
+        let prefix = event_prefix(runtime_id);
+        let iter =
+            self.db.iterator_cf(cf(&self.db, CF_EVENTS), IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+        let mut events = Vec::new();
+        for item in iter {
+            let (key, value) = item.map_err(read_err)?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            events.push(event_from_stored(&key, &value)?);
+        }
+        Ok(events)
     }
 
     pub fn get_operation(&self, id: &str) -> Result<Option<Operation>, StorageError> {
