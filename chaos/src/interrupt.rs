@@ -16,6 +16,21 @@ pub async fn interrupted() -> Interrupt {
     }
 }
 
+/// Runs `work` to its end on `runtime`, unless SIGINT or SIGTERM comes first: then `work` is
+/// dropped (and with it the clusters it holds, whose processes are killed) and the signal is
+/// returned.
+pub fn run_unless_interrupted<F: std::future::Future>(
+    runtime: &tokio::runtime::Runtime,
+    work: F,
+) -> Result<F::Output, Interrupt> {
+    runtime.block_on(async {
+        tokio::select! {
+            outcome = work => Ok(outcome),
+            signal = interrupted() => Err(signal),
+        }
+    })
+}
+
 /// The signal that stopped a tool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Interrupt {

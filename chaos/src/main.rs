@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use runtimeai_chaos::interrupt::interrupted;
+use runtimeai_chaos::interrupt::run_unless_interrupted;
 use runtimeai_chaos::report;
 use runtimeai_chaos::scenario::{self, RunOptions, SCENARIOS};
 
@@ -96,14 +96,7 @@ fn main() -> ExitCode {
                     dir: dir.clone(),
                 };
                 eprintln!("=== {} — {}", s.name, s.injects);
-                // Interrupted, the run is dropped, and with it the cluster it started.
-                let outcome = runtime.block_on(async {
-                    tokio::select! {
-                        outcome = scenario::run(s, options) => Ok(outcome),
-                        signal = interrupted() => Err(signal),
-                    }
-                });
-                let outcome = match outcome {
+                let outcome = match run_unless_interrupted(&runtime, scenario::run(s, options)) {
                     Ok(outcome) => outcome,
                     Err(signal) => {
                         eprintln!("{}: stopped scenario {} and its cluster", signal.name(), s.name);

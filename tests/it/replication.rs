@@ -97,22 +97,9 @@ async fn every_acknowledged_write_survives_killing_all_nodes() -> anyhow::Result
         ids.push(cluster.create_runtime_eventually(1 + i % 3, &format!("durable-{i}"), SETTLE).await?);
     }
     phase("SIGKILL all three at once, then restart them");
-    for id in 1..=3 {
-        cluster.kill(id);
-    }
-    for id in 1..=3 {
-        cluster.spawn(id)?;
-    }
-    for id in 1..=3 {
-        cluster.wait_ready(id, SETTLE).await?;
-    }
+    kill_all_and_restart(&mut cluster).await?;
     phase("every acknowledged write is there, through every node");
-    for via in 1..=3 {
-        for id in &ids {
-            let (status, body) = cluster.get_runtime(via, id, false).await?;
-            assert_eq!(status, 200, "runtime {id} through node {via}: {body}");
-        }
-    }
+    assert_readable_through_every_node(&cluster, &ids).await?;
     let list: serde_json::Value = cluster.client.get(cluster.node(2).url("/v1/runtimes")).send().await?.json().await?;
     assert_eq!(list["items"].as_array().map(Vec::len), Some(30), "{list}");
     Ok(())
@@ -134,36 +121,15 @@ async fn every_acknowledged_write_survives_killing_all_nodes_after_they_purged_t
         ids.push(cluster.create_runtime_eventually(1 + i % 3, &format!("purged-{i}"), SETTLE).await?);
     }
     for node in 1..=3 {
-        let deadline = std::time::Instant::now() + SETTLE;
-        loop {
-            let view = cluster.cluster_view(node).await?;
-            if view["purged_index"].as_u64().unwrap_or(0) > 0 {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "node {node} never purged its log: {view}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_purged(&cluster, node).await?;
     }
     phase("a few writes more, then SIGKILL all three at once and restart them");
     for i in 60..70u64 {
         ids.push(cluster.create_runtime_eventually(1 + i % 3, &format!("purged-{i}"), SETTLE).await?);
     }
-    for id in 1..=3 {
-        cluster.kill(id);
-    }
-    for id in 1..=3 {
-        cluster.spawn(id)?;
-    }
-    for id in 1..=3 {
-        cluster.wait_ready(id, SETTLE).await?;
-    }
+    kill_all_and_restart(&mut cluster).await?;
     phase("every acknowledged write is there, through every node");
-    for via in 1..=3 {
-        for id in &ids {
-            let (status, body) = cluster.get_runtime(via, id, false).await?;
-            assert_eq!(status, 200, "runtime {id} through node {via}: {body}");
-        }
-    }
+    assert_readable_through_every_node(&cluster, &ids).await?;
     Ok(())
 }
 
@@ -182,16 +148,7 @@ async fn a_new_node_catches_up_by_snapshot_and_becomes_a_voter() -> anyhow::Resu
         ids.push(cluster.create_runtime_eventually(1 + i % 3, &format!("snap-{i}"), SETTLE).await?);
     }
     let leader = cluster.wait_leader(SETTLE).await?;
-    let deadline = std::time::Instant::now() + SETTLE;
-    loop {
-        let view = cluster.cluster_view(leader).await?;
-        if view["purged_index"].as_u64().unwrap_or(0) > 0 {
-            eprintln!("leader purged its log up to {}", view["purged_index"]);
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "leader never purged its log: {view}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_purged(&cluster, leader).await?;
 
     phase("start node 4 and add it through a follower");
     cluster.start_joiner(4)?;
@@ -304,4 +261,43 @@ async fn cluster_status_reports_roles_and_reachability() -> anyhow::Result<()> {
         cluster.client.get(cluster.node(follower).url("/healthz")).send().await?.json().await?;
     assert_eq!(health["status"], "ok");
     Ok(())
+}
+
+/// SIGKILLs all three nodes at once, then starts them again and waits until they are ready.
+async fn kill_all_and_restart(cluster: &mut Cluster) -> anyhow::Result<()> {
+    for id in 1..=3 {
+        cluster.kill(id);
+    }
+    for id in 1..=3 {
+        cluster.spawn(id)?;
+    }
+    for id in 1..=3 {
+        cluster.wait_ready(id, SETTLE).await?;
+    }
+    Ok(())
+}
+
+/// Every runtime of `ids` reads (linearizably) through every node.
+async fn assert_readable_through_every_node(cluster: &Cluster, ids: &[String]) -> anyhow::Result<()> {
+    for via in 1..=3 {
+        for id in ids {
+            let (status, body) = cluster.get_runtime(via, id, false).await?;
+            assert_eq!(status, 200, "runtime {id} through node {via}: {body}");
+        }
+    }
+    Ok(())
+}
+
+/// Waits until `node` has purged (some of) its log behind a snapshot.
+async fn wait_purged(cluster: &Cluster, node: u64) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let view = cluster.cluster_view(node).await?;
+        if view["purged_index"].as_u64().unwrap_or(0) > 0 {
+            eprintln!("node {node} purged its log up to {}", view["purged_index"]);
+            return Ok(());
+        }
+        assert!(std::time::Instant::now() < deadline, "node {node} never purged its log: {view}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

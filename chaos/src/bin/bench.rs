@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use runtimeai_chaos::bench::{self, BenchOptions};
-use runtimeai_chaos::interrupt::interrupted;
+use runtimeai_chaos::interrupt::run_unless_interrupted;
 
 #[derive(Parser)]
 #[command(
@@ -79,15 +79,7 @@ fn main() -> ExitCode {
     };
     let started = std::time::Instant::now();
     let progress = |what: &str| eprintln!("[{:>6.1}s] {what}", started.elapsed().as_secs_f64());
-    // Interrupted, the run is dropped, and with it the clusters it started (their processes
-    // are killed), before the tool exits.
-    let outcome = runtime.block_on(async {
-        tokio::select! {
-            outcome = bench::run(options, progress) => Ok(outcome),
-            signal = interrupted() => Err(signal),
-        }
-    });
-    let outcome = match outcome {
+    let outcome = match run_unless_interrupted(&runtime, bench::run(options, progress)) {
         Ok(outcome) => outcome,
         Err(signal) => {
             eprintln!("{}: stopped the benchmark and its clusters; nothing written", signal.name());
