@@ -309,7 +309,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let on_disk: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
         let last_purged_log_id = on_disk.max(*self.purged.lock().expect("purge point lock"));
-        let last_log_id = self.last_log_id()?.or(last_purged_log_id);
+        // Entries waiting for the purger are still on disk; a purge may also reach past the last
+        // entry (after a snapshot install), so the purge point is the floor.
+        let last_log_id = self.last_log_id()?.max(last_purged_log_id);
         Ok(LogState { last_purged_log_id, last_log_id })
     }
 
@@ -443,8 +445,16 @@ mod tests {
             .map(|item| u64::from_be_bytes(item.unwrap().0.as_ref().try_into().unwrap()))
             .collect();
         assert_eq!(on_disk, (6..=10).collect::<Vec<_>>());
-        let state = LogStore::new(db).get_log_state().await.unwrap();
+        let mut reopened = LogStore::new(db);
+        let state = reopened.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(5), "the purge point is on disk");
+
+        // A purge past the last entry (after a snapshot install): the last log id is the purge
+        // point, even while the entries behind it wait for the purger.
+        reopened.purge(entry(1, 12).log_id).await.unwrap();
+        let state = reopened.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(12));
+        assert!(reopened.try_get_log_entries(0..100).await.unwrap().is_empty());
     }
 
     // How the tail agrees with the store through appends, truncations and purges is what
