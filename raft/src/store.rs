@@ -171,13 +171,21 @@ fn open_db(path: &Path, info_log_dir: &Path, create: bool) -> Result<DB, DataDir
     // The state machine's writes are not in the write-ahead log: a flush must persist all
     // families as of one moment, or a crash could leave one apply batch half on disk.
     opts.set_atomic_flush(true);
-    // Small control-plane records: keep memtables modest so memory per node stays bounded.
-    opts.set_write_buffer_size(16 << 20);
-    let log_cfs = LOG_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+    let log_cfs = LOG_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, family_options()));
     let state_cfs =
         STATE_MACHINE_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, state_machine_cf_options(name)));
     DB::open_cf_descriptors(&opts, path, log_cfs.chain(state_cfs))
         .map_err(|e| DataDirError::Open { path: path.to_path_buf(), reason: e.into_string() })
+}
+
+/// What every column family starts from. Memtables are sized per family (a database-wide
+/// `write_buffer_size` reaches only the default family): small control-plane records, sixteen
+/// families, and a node's memory bounded (at RocksDB's default of 64 MiB, two memtables per
+/// family could hold 2 GiB).
+fn family_options() -> Options {
+    let mut opts = Options::default();
+    opts.set_write_buffer_size(16 << 20);
+    opts
 }
 
 /// Column families apply looks up keys in that are mostly absent: a new runtime's id and name,
@@ -194,7 +202,7 @@ fn state_machine_cf_options(name: &str) -> Options {
     let mut table = rocksdb::BlockBasedOptions::default();
     table.set_bloom_filter(10.0, false);
     table.set_whole_key_filtering(true);
-    let mut opts = Options::default();
+    let mut opts = family_options();
     opts.set_block_based_table_factory(&table);
     if LOOKED_UP_ABSENT_CFS.contains(&name) {
         opts.set_memtable_prefix_bloom_ratio(0.02);
