@@ -4,7 +4,7 @@
 /// races its work against this: dropping the work drops the clusters it holds, whose `Drop`
 /// kills their processes, where the signal's default action would end the tool at once and
 /// leave its nodes and etcd members running. Never completes if the handlers cannot be set.
-pub async fn interrupted() -> Interrupt {
+async fn interrupted() -> Interrupt {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
     else {
