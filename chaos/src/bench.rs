@@ -55,6 +55,10 @@ pub struct Level {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub p999_ms: f64,
+    /// CPU time (user + system) the system's three members spent per successful call, from
+    /// `/proc`: for RuntimeAI's writes until the operations they queued had run. The figure that
+    /// moves least between runs on a shared machine: throughput is cores over this.
+    pub cpu_ms_per_op: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -162,7 +166,13 @@ where
     load
 }
 
-fn level(system: &'static str, workload: &'static str, clients: usize, mut load: Load) -> Level {
+fn level(
+    system: &'static str,
+    workload: &'static str,
+    clients: usize,
+    mut load: Load,
+    members_cpu_seconds: f64,
+) -> Level {
     load.latencies_us.sort_unstable();
     let at = |q: f64| {
         let v = &load.latencies_us;
@@ -178,6 +188,7 @@ fn level(system: &'static str, workload: &'static str, clients: usize, mut load:
         p50_ms: at(0.5),
         p99_ms: at(0.99),
         p999_ms: at(0.999),
+        cpu_ms_per_op: members_cpu_seconds * 1000.0 / load.latencies_us.len().max(1) as f64,
     }
 }
 
@@ -238,12 +249,16 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
     for &clients in &options.concurrency {
         quiesce(&runtimeai, &progress).await;
         progress(&format!("writes, {clients} clients, {:?} each system", options.duration));
+        let cpu = runtimeai_cpu(&runtimeai);
         let load = drive(&http, &ours, clients, options.duration, |h, _, _, base| create_request(h, base)).await;
-        levels.push(level("runtimeai", "write", clients, load));
+        // The operations the creates queued are part of their cost.
+        quiesce(&runtimeai, &progress).await;
+        levels.push(level("runtimeai", "write", clients, load, runtimeai_cpu(&runtimeai) - cpu));
         let v = value.clone();
+        let cpu = etcd_cpu(&etcd);
         let load =
             drive(&http, &theirs, clients, options.duration, move |h, _, _, base| put_request(h, base, &v)).await;
-        levels.push(level("etcd", "write", clients, load));
+        levels.push(level("etcd", "write", clients, load, etcd_cpu(&etcd) - cpu));
     }
     // Reads of a fixed set of keys written above.
     let etcd_key = base64(b"bench/read");
@@ -253,16 +268,18 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
         progress(&format!("reads, {clients} clients"));
         for (workload, query) in [("read-linearizable", ""), ("read-stale", "?consistency=stale")] {
             let path = format!("/v1/runtimes/{sample_id}{query}");
+            let cpu = runtimeai_cpu(&runtimeai);
             let load =
                 drive(&http, &ours, clients, options.duration / 2, move |h, _, _, base| h.get(format!("{base}{path}")))
                     .await;
-            levels.push(level("runtimeai", workload, clients, load));
+            levels.push(level("runtimeai", workload, clients, load, runtimeai_cpu(&runtimeai) - cpu));
             let body = json!({"key": etcd_key, "serializable": workload == "read-stale"});
+            let cpu = etcd_cpu(&etcd);
             let load = drive(&http, &theirs, clients, options.duration / 2, move |h, _, _, base| {
                 h.post(format!("{base}/v3/kv/range")).json(&body)
             })
             .await;
-            levels.push(level("etcd", workload, clients, load));
+            levels.push(level("etcd", workload, clients, load, etcd_cpu(&etcd) - cpu));
         }
     }
 
@@ -446,6 +463,16 @@ fn memory_mib(pid: u32) -> Option<(f64, f64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// CPU time the RuntimeAI cluster's members have used so far, in seconds.
+fn runtimeai_cpu(cluster: &Cluster) -> f64 {
+    cluster.nodes.values().filter_map(|node| node.pid().and_then(cpu_seconds)).sum()
+}
+
+/// CPU time the etcd cluster's members have used so far, in seconds.
+fn etcd_cpu(etcd: &EtcdCluster) -> f64 {
+    (0..etcd.members.len()).filter_map(|i| etcd.pid(i).and_then(cpu_seconds)).sum()
+}
+
 /// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -466,9 +493,7 @@ async fn scale(
     let targets: Vec<String> = (1..=3).map(|n| format!("http://{}", cluster.node(n).http)).collect();
     let before: BTreeMap<u64, f64> =
         (1..=3).filter_map(|n| Some((n, cluster.node(n).pid().and_then(memory_mib)?.0))).collect();
-    let members_cpu =
-        |cluster: &Cluster| (1..=3).filter_map(|n| cluster.node(n).pid().and_then(cpu_seconds)).sum::<f64>();
-    let cpu_before = members_cpu(cluster);
+    let cpu_before = runtimeai_cpu(cluster);
     let remaining = Arc::new(AtomicU64::new(runtimes as u64));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -493,7 +518,7 @@ async fn scale(
     }
     let create_seconds = started.elapsed().as_secs_f64();
     quiesce(cluster, progress).await;
-    let cpu_ms_per_create = (members_cpu(cluster) - cpu_before) * 1000.0 / runtimes as f64;
+    let cpu_ms_per_create = (runtimeai_cpu(cluster) - cpu_before) * 1000.0 / runtimes as f64;
     let mut result = Scale {
         runtimes,
         create_seconds,
@@ -566,8 +591,8 @@ fn markdown(results: &BenchResults) -> String {
         results.payload_bytes,
         results.options.duration.as_secs_f64()
     ));
-    text.push_str("| workload | clients | RuntimeAI ops/s | etcd ops/s | ratio | RuntimeAI p50 / p99 / p999 ms | etcd p50 / p99 / p999 ms | errors (ours / etcd) |\n");
-    text.push_str("|---|---|---|---|---|---|---|---|\n");
+    text.push_str("| workload | clients | RuntimeAI ops/s | etcd ops/s | ratio | RuntimeAI p50 / p99 / p999 ms | etcd p50 / p99 / p999 ms | members' CPU ms per op (ours / etcd) | errors (ours / etcd) |\n");
+    text.push_str("|---|---|---|---|---|---|---|---|---|\n");
     for ours in results.levels.iter().filter(|l| l.system == "runtimeai") {
         let Some(theirs) = results
             .levels
@@ -577,7 +602,7 @@ fn markdown(results: &BenchResults) -> String {
             continue;
         };
         text.push_str(&format!(
-            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {} / {} |\n",
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {:.3} / {:.3} | {} / {} |\n",
             ours.workload,
             ours.clients,
             ours.per_second,
@@ -589,6 +614,8 @@ fn markdown(results: &BenchResults) -> String {
             theirs.p50_ms,
             theirs.p99_ms,
             theirs.p999_ms,
+            ours.cpu_ms_per_op,
+            theirs.cpu_ms_per_op,
             ours.errors,
             theirs.errors
         ));

@@ -96,14 +96,59 @@ impl StepLedger {
         applied: impl FnOnce() -> Result<bool, BackendError>,
         apply: impl FnOnce() -> Result<T, BackendError>,
     ) -> Result<(Step, Option<T>), BackendError> {
+        self.lock()?.run_probed(cx, applied, apply)
+    }
+
+    /// Takes the ledger, waiting while another thread or process holds it.
+    pub fn lock(&self) -> Result<LockedLedger<'_>, BackendError> {
+        let ledger = self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        ledger.file.lock()?;
+        Ok(LockedLedger { ledger })
+    }
+
+    /// Takes the ledger if nobody else holds it, without waiting: `None` when another thread
+    /// or process does. For callers on an async runtime, which then wait on a blocking thread.
+    pub fn try_lock(&self) -> Result<Option<LockedLedger<'_>>, BackendError> {
+        let ledger = match self.inner.try_lock() {
+            Ok(ledger) => ledger,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+        };
+        match ledger.file.try_lock() {
+            Ok(()) => Ok(Some(LockedLedger { ledger })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+        }
+    }
+}
+
+/// The ledger, held by this thread (the in-process mutex and the file lock); released on drop.
+pub struct LockedLedger<'a> {
+    ledger: std::sync::MutexGuard<'a, Ledger>,
+}
+
+impl LockedLedger<'_> {
+    /// [`StepLedger::run_probed`] with the ledger already held.
+    pub fn run_probed<T>(
+        mut self,
+        cx: &CallContext,
+        applied: impl FnOnce() -> Result<bool, BackendError>,
+        apply: impl FnOnce() -> Result<T, BackendError>,
+    ) -> Result<(Step, Option<T>), BackendError> {
         if cx.operation_id.is_empty() || cx.operation_id.contains(char::is_whitespace) {
             return Err(BackendError::Permanent(format!("operation id {:?} cannot key a ledger", cx.operation_id)));
         }
-        let mut ledger = self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        ledger.file.lock()?;
-        let outcome = ledger.decide_and_apply(cx, applied, apply);
-        ledger.file.unlock()?;
-        outcome
+        self.ledger.decide_and_apply(cx, applied, apply)
+    }
+}
+
+impl Drop for LockedLedger<'_> {
+    /// Releases the file lock, then (as the guard drops) the in-process one. Unlocking an open
+    /// file does not fail in practice; if it did, the other processes would wait on it.
+    fn drop(&mut self) {
+        if let Err(e) = self.ledger.file.unlock() {
+            tracing::warn!(error = %e, "cannot release the step ledger's file lock");
+        }
     }
 }
 
@@ -302,6 +347,21 @@ mod tests {
         assert!(ran.get(), "the work did not happen: it runs");
         let text = std::fs::read_to_string(dir.path().join("ledger")).unwrap();
         assert!(text.lines().all(|line| Record::parse(line).is_some()), "every line a record: {text:?}");
+    }
+
+    #[test]
+    fn try_lock_gives_up_while_another_thread_or_process_holds_the_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, other) = (StepLedger::open(dir.path().into()).unwrap(), StepLedger::open(dir.path().into()).unwrap());
+        let held = one.lock().unwrap();
+        assert!(one.try_lock().unwrap().is_none(), "held in this process");
+        // Another open of the file stands for another process: `flock` is per open file.
+        assert!(other.try_lock().unwrap().is_none(), "held through another open file");
+        drop(held);
+        let taken = other.try_lock().unwrap().expect("free again");
+        assert_eq!(taken.run_probed(&cx(5, 0), || Ok(false), || Ok(())).unwrap().0, Step::Fresh);
+        let again = one.try_lock().unwrap().expect("released after the step");
+        assert_eq!(again.run_probed(&cx(5, 0), || Ok(false), || Ok(())).unwrap().0, Step::AlreadyApplied);
     }
 
     #[test]

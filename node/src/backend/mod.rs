@@ -24,7 +24,7 @@ pub mod sandbox;
 pub mod simulated;
 pub mod vcluster;
 
-pub use ledger::{Step, StepLedger};
+pub use ledger::{LockedLedger, Step, StepLedger};
 
 use std::collections::HashMap;
 use std::sync::Arc;
