@@ -12,8 +12,9 @@ use serde::Serialize;
 /// directory and every snapshot; a node refuses data written under another version.
 /// 4: a log entry holds its command as the command's own encoding, length-prefixed
 /// ([`crate::command::LoggedCommand`]). 5: an event is stored without its id, runtime id and
-/// sequence number, which its key holds (`crate::apply::EventRecord`).
-pub const FORMAT_VERSION: u32 = 5;
+/// sequence number, which its key holds (`crate::apply::EventRecord`). 6: a snapshot is a
+/// stream of length-prefixed records (`crate::snapshot_file`), not one bincode value.
+pub const FORMAT_VERSION: u32 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

@@ -28,6 +28,7 @@ pub mod network;
 mod read_index;
 pub mod replica;
 pub mod service;
+mod snapshot_file;
 pub mod state_machine;
 pub mod store;
 pub mod types;

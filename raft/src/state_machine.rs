@@ -22,16 +22,17 @@ use std::sync::{Arc, Mutex, RwLock};
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{AnyError, EntryPayload, OptionalSend, StorageIOError};
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use runtimeai_model::{ClusterSettings, Event, NodeInfo, Operation, Policy, Runtime};
 
 use crate::apply::{apply_entry, event_from_stored, OperationWritten, Txn};
-use crate::codec::{self, FORMAT_VERSION};
+use crate::codec;
 use crate::command::CommandReply;
+use crate::error::DataDirError;
+use crate::snapshot_file::{self, SnapshotFormatError, SnapshotReader, SnapshotWriter};
 use crate::store::{
-    cf, write_atomically, CF_ACTIVE_OPERATIONS, CF_EVENTS, CF_NODES, CF_OPERATIONS, CF_POLICIES, CF_RUNTIMES,
+    cf, write_atomically_with, CF_ACTIVE_OPERATIONS, CF_EVENTS, CF_NODES, CF_OPERATIONS, CF_POLICIES, CF_RUNTIMES,
     CF_RUNTIME_OPERATIONS, CF_SM_META, STATE_MACHINE_CFS,
 };
 use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
@@ -41,23 +42,11 @@ const KEY_MEMBERSHIP: &[u8] = b"membership";
 /// Upper bound for range deletes: every key we write sorts below it.
 const KEY_MAX: [u8; 32] = [0xff; 32];
 
-/// One column family's key-value pairs, in key order.
-type ColumnFamilyDump = (String, Vec<(Vec<u8>, Vec<u8>)>);
-
-/// A snapshot as stored on disk and sent to followers: the state machine's column families at
-/// one log position.
-#[derive(Serialize, Deserialize)]
-struct SnapshotFile {
-    format_version: u32,
-    meta: SnapshotMeta,
-    column_families: Vec<ColumnFamilyDump>,
-}
-
-/// The latest snapshot, kept in memory to serve followers without re-reading the file.
+/// The latest snapshot's metadata; its state is in the snapshot file (`snapshot_file.rs`),
+/// read when a follower needs it.
 #[derive(Clone)]
 struct CurrentSnapshot {
     meta: SnapshotMeta,
-    bytes: Arc<Vec<u8>>,
 }
 
 /// RocksDB-backed [`RaftStateMachine`], also the read side for the API. Clones share state.
@@ -87,13 +76,31 @@ pub(crate) fn write_err(e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::write_state_machine(&e).into()
 }
 
+/// Writing a snapshot fails on I/O; reading one, on bytes that are not one.
+impl From<SnapshotFormatError> for StorageError {
+    fn from(e: SnapshotFormatError) -> Self {
+        match e {
+            SnapshotFormatError::Io(_) | SnapshotFormatError::TooLarge { .. } => {
+                StorageIOError::write_snapshot(None, AnyError::new(&e)).into()
+            }
+            _ => StorageIOError::read_snapshot(None, AnyError::new(&e)).into(),
+        }
+    }
+}
+
+/// The snapshot file is the one file the state machine writes itself.
+impl From<DataDirError> for StorageError {
+    fn from(e: DataDirError) -> Self {
+        StorageIOError::write_snapshot(None, AnyError::new(&e)).into()
+    }
+}
+
 impl StateMachineStore {
     pub fn new(db: Arc<DB>, snapshot_path: PathBuf) -> Result<StateMachineStore, StorageError> {
-        let current = match std::fs::read(&snapshot_path) {
-            Ok(bytes) => {
-                let file: SnapshotFile = codec::decode("snapshot", &bytes).map_err(read_err)?;
-                check_snapshot_version(&file)?;
-                Some(CurrentSnapshot { meta: file.meta, bytes: Arc::new(bytes) })
+        let current = match std::fs::File::open(&snapshot_path) {
+            Ok(file) => {
+                let meta = snapshot_file::read_meta(std::io::BufReader::new(file))?;
+                Some(CurrentSnapshot { meta })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(read_err(e)),
@@ -285,6 +292,8 @@ impl StateMachineStore {
         Ok(self.get(CF_SM_META, KEY_MEMBERSHIP)?.unwrap_or_default())
     }
 
+    /// Writes the state machine, as of one RocksDB snapshot, to the snapshot file as it reads
+    /// it: no copy of the state is held in memory.
     fn build(&self) -> Result<Snapshot, StorageError> {
         let view = self.db.snapshot();
         let decode_meta = |key: &[u8]| -> Result<Option<Vec<u8>>, StorageError> {
@@ -297,58 +306,47 @@ impl StateMachineStore {
             .transpose()
             .map_err(read_err)?
             .unwrap_or_default();
-        let mut column_families = Vec::new();
-        for name in STATE_MACHINE_CFS.iter().filter(|n| **n != CF_SM_META) {
-            let mut pairs = Vec::new();
-            for item in view.iterator_cf(cf(&self.db, name), IteratorMode::Start) {
-                let (k, v) = item.map_err(read_err)?;
-                pairs.push((k.to_vec(), v.to_vec()));
-            }
-            column_families.push((name.to_string(), pairs));
-        }
         let snapshot_id = match &last_applied {
             Some(id) => format!("{}-{}", id.leader_id.term, id.index),
             None => "empty".to_string(),
         };
         let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
-        let file = SnapshotFile { format_version: FORMAT_VERSION, meta: meta.clone(), column_families };
-        let bytes = codec::encode("snapshot", &file).map_err(write_err)?;
-        // The decoded copy of the whole state goes before the encoded one is copied again.
-        drop(file);
-        self.save_snapshot(&meta, bytes.clone())?;
+        let write = |out: &mut dyn std::io::Write| -> Result<(), StorageError> {
+            let mut writer = SnapshotWriter::new(out, &meta)?;
+            for name in STATE_MACHINE_CFS.iter().filter(|n| **n != CF_SM_META) {
+                let records = view.iterator_cf(cf(&self.db, name), IteratorMode::Start).map(|r| r.map_err(read_err));
+                writer.family(name, records)?;
+            }
+            writer.finish()?;
+            Ok(())
+        };
+        write_atomically_with(&self.snapshot_path, write)?;
+        *self.current_snapshot.lock().expect("snapshot lock") = Some(CurrentSnapshot { meta: meta.clone() });
+        // openraft keeps only the metadata of a snapshot it asked for; the state is read back
+        // from the file, as for a follower.
+        let bytes = std::fs::read(&self.snapshot_path).map_err(read_err)?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }
 
-    fn save_snapshot(&self, meta: &SnapshotMeta, bytes: Vec<u8>) -> Result<(), StorageError> {
-        write_atomically(&self.snapshot_path, &bytes)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e)))?;
-        *self.current_snapshot.lock().expect("snapshot lock") =
-            Some(CurrentSnapshot { meta: meta.clone(), bytes: Arc::new(bytes) });
-        Ok(())
-    }
-
     fn install(&self, meta: &SnapshotMeta, bytes: Vec<u8>) -> Result<(), StorageError> {
-        let file: SnapshotFile = codec::decode("snapshot", &bytes).map_err(read_err)?;
-        check_snapshot_version(&file)?;
-        if file.meta.last_log_id != meta.last_log_id {
+        let reader = SnapshotReader::open(&bytes)?;
+        if reader.meta.last_log_id != meta.last_log_id {
             return Err(read_err(AnyError::error(format!(
                 "snapshot content is at {:?} but its metadata says {:?}",
-                file.meta.last_log_id, meta.last_log_id
+                reader.meta.last_log_id, meta.last_log_id
             ))));
         }
         let mut batch = WriteBatch::default();
         for name in STATE_MACHINE_CFS {
             batch.delete_range_cf(cf(&self.db, name), b"".as_slice(), KEY_MAX.as_slice());
         }
-        for (name, pairs) in &file.column_families {
-            if !STATE_MACHINE_CFS.contains(&name.as_str()) || name == CF_SM_META {
+        reader.for_each(|name, key, value| {
+            if !STATE_MACHINE_CFS.contains(&name) || name == CF_SM_META {
                 return Err(read_err(AnyError::error(format!("snapshot holds unknown column family {name:?}"))));
             }
-            let handle = cf(&self.db, name);
-            for (k, v) in pairs {
-                batch.put_cf(handle, k, v);
-            }
-        }
+            batch.put_cf(cf(&self.db, name), key, value);
+            Ok(())
+        })?;
         let meta_cf = cf(&self.db, CF_SM_META);
         if let Some(last_log_id) = &meta.last_log_id {
             batch.put_cf(meta_cf, KEY_LAST_APPLIED, codec::encode("state record", last_log_id).map_err(write_err)?);
@@ -361,18 +359,10 @@ impl StateMachineStore {
         self.reload_nodes()?;
         self.reload_settings()?;
         self.reload_placement()?;
-        self.save_snapshot(meta, bytes)
+        write_atomically_with(&self.snapshot_path, |out| out.write_all(&bytes).map_err(write_err))?;
+        *self.current_snapshot.lock().expect("snapshot lock") = Some(CurrentSnapshot { meta: meta.clone() });
+        Ok(())
     }
-}
-
-fn check_snapshot_version(file: &SnapshotFile) -> Result<(), StorageError> {
-    if file.format_version != FORMAT_VERSION {
-        return Err(read_err(AnyError::error(format!(
-            "snapshot format version {} is not supported (this build reads {})",
-            file.format_version, FORMAT_VERSION
-        ))));
-    }
-    Ok(())
 }
 
 pub(crate) fn event_prefix(runtime_id: &str) -> Vec<u8> {
@@ -469,8 +459,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let current = self.current_snapshot.lock().expect("snapshot lock").clone();
-        Ok(current.map(|c| Snapshot { meta: c.meta, snapshot: Box::new(Cursor::new(c.bytes.as_ref().clone())) }))
+        let Some(current) = self.current_snapshot.lock().expect("snapshot lock").clone() else { return Ok(None) };
+        let bytes = std::fs::read(&self.snapshot_path).map_err(read_err)?;
+        Ok(Some(Snapshot { meta: current.meta, snapshot: Box::new(Cursor::new(bytes)) }))
     }
 }
 

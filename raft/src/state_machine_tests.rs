@@ -797,4 +797,11 @@ async fn apply_cost() {
         "apply: {:.1} µs per create, {:.1} µs per success report (best of {ROUNDS} rounds of {PER_ROUND})",
         best.0, best.1
     );
+    let started = std::time::Instant::now();
+    let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    println!(
+        "snapshot of {n} runtimes: built in {:.2} s, {:.1} MiB",
+        started.elapsed().as_secs_f64(),
+        snapshot.snapshot.get_ref().len() as f64 / (1 << 20) as f64
+    );
 }

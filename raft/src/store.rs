@@ -223,9 +223,20 @@ pub(crate) fn flush_state_machine(db: &DB) -> Result<(), rocksdb::Error> {
 
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new file, never a mix.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
+    write_atomically_with(path, |out| out.write_all(bytes).map_err(|e| io(path, e)))
+}
+
+/// Replaces the file at `path` with what `write` writes (buffered), synced, or leaves it as it
+/// was: the new content goes to a temporary file that is renamed over it.
+pub(crate) fn write_atomically_with<E: From<DataDirError>>(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> Result<(), E>,
+) -> Result<(), E> {
     let tmp = path.with_extension("tmp");
-    let mut file = fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
-    file.write_all(bytes).map_err(|e| io(&tmp, e))?;
+    let file = fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    write(&mut out)?;
+    let file = out.into_inner().map_err(|e| io(&tmp, e.into_error()))?;
     file.sync_all().map_err(|e| io(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| io(path, e))?;
     if let Some(dir) = path.parent() {

@@ -1,0 +1,221 @@
+//! The snapshot format: the state machine's column families at one log position, written as a
+//! stream so that building one holds no copy of the state in memory.
+//!
+//! ```text
+//! u32 format version
+//! u32 n, n bytes              the snapshot's metadata (bincode)
+//! per column family:
+//!   u32 n, n bytes            its name
+//!   per record, in key order:
+//!     u32 n, n bytes          key
+//!     u32 n, n bytes          value
+//!   u32 END                   end of the family
+//! u32 END                     end of the snapshot
+//! ```
+//! Integers are little-endian; `END` is `u32::MAX`, never a length. The writer reads from the
+//! store's iterators and writes to the file as it goes; the reader walks the bytes a follower
+//! received (or the file) without copying records out of them.
+
+use std::io::Write;
+
+use crate::codec::{self, FORMAT_VERSION};
+use crate::types::SnapshotMeta;
+
+const END: u32 = u32::MAX;
+
+/// What a snapshot's bytes can be refused for.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotFormatError {
+    #[error("snapshot format version {found} is not supported (this build reads {FORMAT_VERSION})")]
+    Version { found: u32 },
+    #[error("snapshot is cut short at byte {at}")]
+    Truncated { at: usize },
+    #[error("snapshot metadata cannot be decoded: {0}")]
+    Meta(String),
+    #[error("snapshot names a column family that is not UTF-8")]
+    FamilyName,
+    #[error("a record of {len} bytes does not fit a snapshot")]
+    TooLarge { len: usize },
+    #[error("writing the snapshot: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Writes a snapshot to `out`, one column family after another.
+pub(crate) struct SnapshotWriter<W: Write> {
+    out: W,
+}
+
+impl<W: Write> SnapshotWriter<W> {
+    pub(crate) fn new(mut out: W, meta: &SnapshotMeta) -> Result<Self, SnapshotFormatError> {
+        out.write_all(&FORMAT_VERSION.to_le_bytes())?;
+        let meta = codec::encode("snapshot metadata", meta).map_err(|e| SnapshotFormatError::Meta(e.to_string()))?;
+        let mut writer = SnapshotWriter { out };
+        writer.field(&meta)?;
+        Ok(writer)
+    }
+
+    /// Writes one column family's records (in the order given: key order from an iterator).
+    pub(crate) fn family<E>(
+        &mut self,
+        name: &str,
+        records: impl IntoIterator<Item = Result<(impl AsRef<[u8]>, impl AsRef<[u8]>), E>>,
+    ) -> Result<(), E>
+    where
+        E: From<SnapshotFormatError>,
+    {
+        self.field(name.as_bytes())?;
+        for record in records {
+            let (key, value) = record?;
+            self.field(key.as_ref())?;
+            self.field(value.as_ref())?;
+        }
+        Ok(self.out.write_all(&END.to_le_bytes()).map_err(SnapshotFormatError::from)?)
+    }
+
+    /// Ends the snapshot and hands back the output.
+    pub(crate) fn finish(mut self) -> Result<W, SnapshotFormatError> {
+        self.out.write_all(&END.to_le_bytes())?;
+        Ok(self.out)
+    }
+
+    fn field(&mut self, bytes: &[u8]) -> Result<(), SnapshotFormatError> {
+        let len = u32::try_from(bytes.len())
+            .ok()
+            .filter(|len| *len != END)
+            .ok_or(SnapshotFormatError::TooLarge { len: bytes.len() })?;
+        self.out.write_all(&len.to_le_bytes())?;
+        Ok(self.out.write_all(bytes)?)
+    }
+}
+
+/// Reads a snapshot's bytes: its metadata at once, its records on demand.
+pub(crate) struct SnapshotReader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    pub(crate) meta: SnapshotMeta,
+}
+
+impl<'a> SnapshotReader<'a> {
+    /// Checks the format version and decodes the metadata; nothing else is read.
+    pub(crate) fn open(bytes: &'a [u8]) -> Result<Self, SnapshotFormatError> {
+        let mut reader = SnapshotReader { bytes, at: 0, meta: SnapshotMeta::default() };
+        let found = reader.u32()?;
+        if found != FORMAT_VERSION {
+            return Err(SnapshotFormatError::Version { found });
+        }
+        let meta = reader.field()?.ok_or(SnapshotFormatError::Truncated { at: reader.at })?;
+        reader.meta = codec::decode("snapshot metadata", meta).map_err(|e| SnapshotFormatError::Meta(e.to_string()))?;
+        Ok(reader)
+    }
+
+    /// Calls `record(family, key, value)` for every record, in the order written.
+    pub(crate) fn for_each<E>(mut self, mut record: impl FnMut(&str, &[u8], &[u8]) -> Result<(), E>) -> Result<(), E>
+    where
+        E: From<SnapshotFormatError>,
+    {
+        while let Some(name) = self.field()? {
+            let name = std::str::from_utf8(name).map_err(|_| SnapshotFormatError::FamilyName)?;
+            while let Some(key) = self.field()? {
+                let value = self.field()?.ok_or(SnapshotFormatError::Truncated { at: self.at })?;
+                record(name, key, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn u32(&mut self) -> Result<u32, SnapshotFormatError> {
+        let bytes = self.take(4)?;
+        Ok(u32::from_le_bytes(bytes.try_into().expect("four bytes taken")))
+    }
+
+    /// A length-prefixed field, or `None` at an end marker.
+    fn field(&mut self) -> Result<Option<&'a [u8]>, SnapshotFormatError> {
+        match self.u32()? {
+            END => Ok(None),
+            len => self.take(len as usize).map(Some),
+        }
+    }
+
+    fn take(&mut self, len: usize) -> Result<&'a [u8], SnapshotFormatError> {
+        let end = self.at.checked_add(len).filter(|end| *end <= self.bytes.len());
+        let end = end.ok_or(SnapshotFormatError::Truncated { at: self.at })?;
+        let taken = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(taken)
+    }
+}
+
+/// Reads only a snapshot file's metadata (a node's start must not read its whole state).
+pub(crate) fn read_meta(mut file: impl std::io::Read) -> Result<SnapshotMeta, SnapshotFormatError> {
+    let mut word = [0u8; 4];
+    let mut read_u32 = |file: &mut dyn std::io::Read| -> Result<u32, SnapshotFormatError> {
+        file.read_exact(&mut word).map_err(|_| SnapshotFormatError::Truncated { at: 0 })?;
+        Ok(u32::from_le_bytes(word))
+    };
+    let found = read_u32(&mut file)?;
+    if found != FORMAT_VERSION {
+        return Err(SnapshotFormatError::Version { found });
+    }
+    let len = read_u32(&mut file)?;
+    if len == END {
+        return Err(SnapshotFormatError::Truncated { at: 4 });
+    }
+    let mut meta = vec![0; len as usize];
+    file.read_exact(&mut meta).map_err(|_| SnapshotFormatError::Truncated { at: 8 })?;
+    codec::decode("snapshot metadata", &meta).map_err(|e| SnapshotFormatError::Meta(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> SnapshotMeta {
+        SnapshotMeta { snapshot_id: "1-42".into(), ..Default::default() }
+    }
+
+    /// A column family's name and records, as a test writes them.
+    type Family<'a> = (&'a str, &'a [(&'a [u8], &'a [u8])]);
+    /// A record as read back: family, key, value.
+    type ReadRecord = (String, Vec<u8>, Vec<u8>);
+
+    fn written(families: &[Family<'_>]) -> Vec<u8> {
+        let mut writer = SnapshotWriter::new(Vec::new(), &meta()).unwrap();
+        for (name, records) in families {
+            let records = records.iter().map(|(k, v)| Ok::<_, SnapshotFormatError>((*k, *v)));
+            writer.family(name, records).unwrap();
+        }
+        writer.finish().unwrap()
+    }
+
+    fn read(bytes: &[u8]) -> Result<Vec<ReadRecord>, SnapshotFormatError> {
+        let mut records = Vec::new();
+        SnapshotReader::open(bytes)?.for_each(|family, key, value| {
+            records.push((family.to_string(), key.to_vec(), value.to_vec()));
+            Ok::<_, SnapshotFormatError>(())
+        })?;
+        Ok(records)
+    }
+
+    #[test]
+    fn records_read_back_in_order_with_their_family_and_the_metadata() {
+        let bytes = written(&[("runtimes", &[(b"a", b"1"), (b"b", b"")]), ("empty", &[]), ("events", &[(b"", b"x")])]);
+        assert_eq!(SnapshotReader::open(&bytes).unwrap().meta, meta());
+        assert_eq!(read_meta(&bytes[..]).unwrap(), meta(), "the metadata alone, from a reader");
+        let expected = [("runtimes", &b"a"[..], &b"1"[..]), ("runtimes", b"b", b""), ("events", b"", b"x")]
+            .map(|(f, k, v)| (f.to_string(), k.to_vec(), v.to_vec()));
+        assert_eq!(read(&bytes).unwrap(), expected);
+    }
+
+    #[test]
+    fn a_snapshot_cut_short_or_of_another_version_is_refused() {
+        let bytes = written(&[("runtimes", &[(b"a", b"1")])]);
+        for cut in [0, 3, 8, bytes.len() - 9, bytes.len() - 1] {
+            let error = read(&bytes[..cut]).unwrap_err();
+            assert!(matches!(error, SnapshotFormatError::Truncated { .. }), "cut at {cut}: {error}");
+        }
+        let mut other = bytes.clone();
+        other[..4].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+        let error = read(&other).unwrap_err();
+        assert!(matches!(error, SnapshotFormatError::Version { found } if found == FORMAT_VERSION + 1), "{error}");
+    }
+}
