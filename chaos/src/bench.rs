@@ -714,4 +714,34 @@ mod tests {
         assert!(used >= 0.2, "400 ms of spinning counted as {used} s of CPU");
         assert_eq!(cpu_seconds(u32::MAX), None, "no such process");
     }
+
+    #[test]
+    fn a_level_reports_cpu_per_successful_call_and_the_table_shows_both_systems() {
+        let load = |latencies_us: Vec<u64>| Load { latencies_us, errors: 1, elapsed: Duration::from_secs(2) };
+        let ours = level("runtimeai", "write", 4, load(vec![3000, 1000, 2000, 4000]), 0.010);
+        assert_eq!((ours.ok, ours.errors, ours.per_second), (4, 1, 2.0));
+        assert_eq!(ours.cpu_ms_per_op, 2.5, "10 ms of CPU over 4 successful calls; the failed one is not a call done");
+        let theirs = level("etcd", "write", 4, load(vec![1000, 1000]), 0.003);
+        assert_eq!(theirs.cpu_ms_per_op, 1.5);
+        let options = BenchOptions {
+            concurrency: vec![4],
+            duration: Duration::from_secs(2),
+            runtimes: 0,
+            failover_rounds: 0,
+            node_args: Vec::new(),
+            log_dir: None,
+        };
+        let results = BenchResults {
+            options,
+            payload_bytes: 600,
+            levels: vec![ours, theirs],
+            failover: Vec::new(),
+            failover_error: None,
+            scale: None,
+            scale_error: None,
+        };
+        let table = markdown(&results);
+        assert!(table.contains("| write | 4 | 2 | 1 | 2.00 |"), "{table}");
+        assert!(table.contains("| 2.500 / 1.500 | 1 / 1 |"), "{table}");
+    }
 }
