@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{AnyError, EntryPayload, OptionalSend, StorageIOError};
@@ -42,19 +42,13 @@ const KEY_MEMBERSHIP: &[u8] = b"membership";
 /// Upper bound for range deletes: every key we write sorts below it.
 const KEY_MAX: [u8; 32] = [0xff; 32];
 
-/// The latest snapshot's metadata; its state is in the snapshot file (`snapshot_file.rs`),
-/// read when a follower needs it.
-#[derive(Clone)]
-struct CurrentSnapshot {
-    meta: SnapshotMeta,
-}
-
 /// RocksDB-backed [`RaftStateMachine`], also the read side for the API. Clones share state.
 #[derive(Clone)]
 pub struct StateMachineStore {
     db: Arc<DB>,
+    /// The latest snapshot (`snapshot_file.rs`), read when a follower needs it; nothing of it
+    /// is kept in memory.
     snapshot_path: PathBuf,
-    current_snapshot: Arc<Mutex<Option<CurrentSnapshot>>>,
     /// The operations not finished yet, by id: what `CF_ACTIVE_OPERATIONS` indexes, in memory.
     active_operations: Arc<RwLock<BTreeMap<String, Operation>>>,
     /// Bumped whenever an unfinished operation is written or one finishes.
@@ -97,18 +91,15 @@ impl From<DataDirError> for StorageError {
 
 impl StateMachineStore {
     pub fn new(db: Arc<DB>, snapshot_path: PathBuf) -> Result<StateMachineStore, StorageError> {
-        let current = match std::fs::File::open(&snapshot_path) {
-            Ok(file) => {
-                let meta = snapshot_file::read_meta(std::io::BufReader::new(file))?;
-                Some(CurrentSnapshot { meta })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        // A snapshot this build cannot read is refused now, not when a follower needs it.
+        match std::fs::File::open(&snapshot_path) {
+            Ok(file) => drop(snapshot_file::read_meta(std::io::BufReader::new(file))?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(read_err(e)),
-        };
+        }
         let store = StateMachineStore {
             db,
             snapshot_path,
-            current_snapshot: Arc::new(Mutex::new(current)),
             active_operations: Arc::default(),
             active_operations_changed: Arc::new(watch::channel(0).0),
             nodes: Arc::default(),
@@ -321,7 +312,6 @@ impl StateMachineStore {
             Ok(())
         };
         write_atomically_with(&self.snapshot_path, write)?;
-        *self.current_snapshot.lock().expect("snapshot lock") = Some(CurrentSnapshot { meta: meta.clone() });
         // openraft keeps only the metadata of a snapshot it asked for; the state is read back
         // from the file, as for a follower.
         let bytes = std::fs::read(&self.snapshot_path).map_err(read_err)?;
@@ -359,9 +349,7 @@ impl StateMachineStore {
         self.reload_nodes()?;
         self.reload_settings()?;
         self.reload_placement()?;
-        write_atomically_with(&self.snapshot_path, |out| out.write_all(&bytes).map_err(write_err))?;
-        *self.current_snapshot.lock().expect("snapshot lock") = Some(CurrentSnapshot { meta: meta.clone() });
-        Ok(())
+        write_atomically_with(&self.snapshot_path, |out| out.write_all(&bytes).map_err(write_err))
     }
 }
 
@@ -459,9 +447,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let Some(current) = self.current_snapshot.lock().expect("snapshot lock").clone() else { return Ok(None) };
-        let bytes = std::fs::read(&self.snapshot_path).map_err(read_err)?;
-        Ok(Some(Snapshot { meta: current.meta, snapshot: Box::new(Cursor::new(bytes)) }))
+        let bytes = match std::fs::read(&self.snapshot_path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(read_err(e)),
+        };
+        // The metadata is the file's own, so the two always agree (a follower checks).
+        let meta = SnapshotReader::open(&bytes)?.meta;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) }))
     }
 }
 
