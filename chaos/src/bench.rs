@@ -246,8 +246,9 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
     let value = base64(&vec![b'x'; payload_bytes]);
 
     let mut levels = Vec::new();
+    // The sample's operation; each level then waits for its own (below).
+    quiesce(&runtimeai, &progress).await;
     for &clients in &options.concurrency {
-        quiesce(&runtimeai, &progress).await;
         progress(&format!("writes, {clients} clients, {:?} each system", options.duration));
         let cpu = runtimeai_cpu(&runtimeai);
         let load = drive(&http, &ours, clients, options.duration, |h, _, _, base| create_request(h, base)).await;

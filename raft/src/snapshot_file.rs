@@ -16,7 +16,7 @@
 //! store's iterators and writes to the file as it goes; the reader walks the bytes a follower
 //! received (or the file) without copying records out of them.
 
-use std::io::Write;
+use std::io::{Read, Write};
 
 use crate::codec::{self, FORMAT_VERSION};
 use crate::types::SnapshotMeta;
@@ -69,7 +69,8 @@ impl<W: Write> SnapshotWriter<W> {
             self.field(key.as_ref())?;
             self.field(value.as_ref())?;
         }
-        Ok(self.out.write_all(&END.to_le_bytes()).map_err(SnapshotFormatError::from)?)
+        self.out.write_all(&END.to_le_bytes()).map_err(SnapshotFormatError::from)?;
+        Ok(())
     }
 
     /// Ends the snapshot and hands back the output.
@@ -145,24 +146,18 @@ impl<'a> SnapshotReader<'a> {
     }
 }
 
-/// Reads only a snapshot file's metadata (a node's start must not read its whole state).
-pub(crate) fn read_meta(mut file: impl std::io::Read) -> Result<SnapshotMeta, SnapshotFormatError> {
-    let mut word = [0u8; 4];
-    let mut read_u32 = |file: &mut dyn std::io::Read| -> Result<u32, SnapshotFormatError> {
-        file.read_exact(&mut word).map_err(|_| SnapshotFormatError::Truncated { at: 0 })?;
-        Ok(u32::from_le_bytes(word))
-    };
-    let found = read_u32(&mut file)?;
-    if found != FORMAT_VERSION {
-        return Err(SnapshotFormatError::Version { found });
+/// Reads only a snapshot file's metadata (a node's start must not read its whole state): the
+/// version and the metadata's length, then the metadata, parsed as any snapshot's start is.
+pub(crate) fn read_meta(mut file: impl Read) -> Result<SnapshotMeta, SnapshotFormatError> {
+    let mut header = Vec::with_capacity(256);
+    (&mut file).take(8).read_to_end(&mut header)?;
+    if let Some(len) = header.get(4..8) {
+        let len = u32::from_le_bytes(len.try_into().expect("four bytes"));
+        if len != END {
+            file.take(u64::from(len)).read_to_end(&mut header)?;
+        }
     }
-    let len = read_u32(&mut file)?;
-    if len == END {
-        return Err(SnapshotFormatError::Truncated { at: 4 });
-    }
-    let mut meta = vec![0; len as usize];
-    file.read_exact(&mut meta).map_err(|_| SnapshotFormatError::Truncated { at: 8 })?;
-    codec::decode("snapshot metadata", &meta).map_err(|e| SnapshotFormatError::Meta(e.to_string()))
+    SnapshotReader::open(&header).map(|reader| reader.meta)
 }
 
 #[cfg(test)]
@@ -217,5 +212,12 @@ mod tests {
         other[..4].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         let error = read(&other).unwrap_err();
         assert!(matches!(error, SnapshotFormatError::Version { found } if found == FORMAT_VERSION + 1), "{error}");
+        // The metadata alone (a node's start) is refused alike.
+        let error = read_meta(&other[..]).unwrap_err();
+        assert!(matches!(error, SnapshotFormatError::Version { .. }), "{error}");
+        for cut in [0, 3, 8, 9] {
+            let error = read_meta(&bytes[..cut]).unwrap_err();
+            assert!(matches!(error, SnapshotFormatError::Truncated { .. }), "metadata cut at {cut}: {error}");
+        }
     }
 }
