@@ -15,13 +15,14 @@
 //! cost more than applying.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{AnyError, EntryPayload, OptionalSend, StorageIOError};
 use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use runtimeai_model::{ClusterSettings, Event, NodeInfo, Operation, Policy, Runtime};
@@ -312,10 +313,22 @@ impl StateMachineStore {
             Ok(())
         };
         write_atomically_with(&self.snapshot_path, write)?;
-        // openraft keeps only the metadata of a snapshot it asked for; the state is read back
-        // from the file, as for a follower.
-        let bytes = std::fs::read(&self.snapshot_path).map_err(read_err)?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+        // The file itself, open: openraft reads it only to send it; nothing is read back.
+        let file = std::fs::File::open(&self.snapshot_path).map_err(read_err)?;
+        Ok(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) })
+    }
+
+    /// The latest snapshot, open, with the metadata of that very file (a concurrent build
+    /// replaces the path, not what an open file reads).
+    fn current(&self) -> Result<Option<Snapshot>, StorageError> {
+        let mut file = match std::fs::File::open(&self.snapshot_path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(read_err(e)),
+        };
+        let meta = snapshot_file::read_meta(std::io::BufReader::new(&mut file))?;
+        file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) }))
     }
 
     fn install(&self, meta: &SnapshotMeta, bytes: Vec<u8>) -> Result<(), StorageError> {
@@ -432,29 +445,37 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    /// An unnamed file beside the snapshot (gone with its last handle, so an interrupted
+    /// transfer leaves nothing behind); the chunks are written to it as they arrive.
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let dir = self.snapshot_path.parent().map(PathBuf::from).unwrap_or_default();
+        let file = tokio::task::spawn_blocking(move || tempfile::tempfile_in(dir)).await.map_err(write_err)?;
+        Ok(Box::new(tokio::fs::File::from_std(file.map_err(write_err)?)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
         let this = self.clone();
         let meta = meta.clone();
-        tokio::task::spawn_blocking(move || this.install(&meta, snapshot.into_inner())).await.map_err(write_err)?
+        // Chunks still on their way to the file land (or fail) before it is read.
+        let mut snapshot = snapshot;
+        snapshot.flush().await.map_err(write_err)?;
+        let mut file = snapshot.into_std().await;
+        tokio::task::spawn_blocking(move || {
+            let mut bytes = Vec::new();
+            file.seek(SeekFrom::Start(0)).and_then(|_| file.read_to_end(&mut bytes)).map_err(read_err)?;
+            this.install(&meta, bytes)
+        })
+        .await
+        .map_err(write_err)?
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let bytes = match std::fs::read(&self.snapshot_path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(read_err(e)),
-        };
-        // The metadata is the file's own, so the two always agree (a follower checks).
-        let meta = SnapshotReader::open(&bytes)?.meta;
-        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) }))
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.current()).await.map_err(read_err)?
     }
 }
 

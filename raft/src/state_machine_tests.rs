@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use chrono::TimeZone;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload, LogId, Membership};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use runtimeai_model::{
     Actor, ClusterSettings, LifecycleAction, Operation, OperationStatus, PolicyMode, Runtime, RuntimeState, RuntimeType,
@@ -523,15 +524,43 @@ async fn a_snapshot_carries_the_whole_state_to_another_replica() {
 }
 
 #[tokio::test]
+async fn a_snapshot_handed_out_stays_itself_when_a_newer_build_replaces_the_file() {
+    let (_dir, mut sm) = open();
+    apply(&mut sm, vec![create("rt_a", "web")]).await;
+    let older = sm.get_current_snapshot().await.unwrap();
+    assert!(older.is_none(), "no snapshot before the first build");
+    sm.build_snapshot().await.unwrap();
+    let mut sending = sm.get_current_snapshot().await.unwrap().expect("the built snapshot");
+    apply(&mut sm, vec![create("rt_b", "db")]).await;
+    let newer = sm.build_snapshot().await.unwrap();
+    assert_ne!(newer.meta, sending.meta);
+
+    // What a follower is being sent is the older file, whole, and its metadata is that file's.
+    let (_dir2, mut target) = open();
+    let mut received = target.begin_receiving_snapshot().await.unwrap();
+    tokio::io::copy(&mut sending.snapshot, &mut received).await.unwrap();
+    target.install_snapshot(&sending.meta, received).await.unwrap();
+    assert!(target.get_runtime("rt_a").unwrap().is_some());
+    assert!(target.get_runtime("rt_b").unwrap().is_none(), "the newer build is not in it");
+    let current = target.get_current_snapshot().await.unwrap().expect("kept by the follower");
+    assert_eq!(current.meta, sending.meta);
+    assert_eq!(sm.get_current_snapshot().await.unwrap().expect("newer").meta, newer.meta);
+}
+
+#[tokio::test]
 async fn a_snapshot_of_another_format_version_is_refused() {
     let (_dir, mut source) = open();
     apply(&mut source, vec![create("rt_a", "web")]).await;
-    let snapshot = source.build_snapshot().await.unwrap();
-    let mut bytes = snapshot.snapshot.into_inner();
+    let mut snapshot = source.build_snapshot().await.unwrap();
+    let mut bytes = Vec::new();
+    snapshot.snapshot.read_to_end(&mut bytes).await.unwrap();
     // The format version is the first field (a varint): make it another version.
     bytes[0] = 99;
     let (_dir2, mut target) = open();
-    let err = target.install_snapshot(&snapshot.meta, Box::new(std::io::Cursor::new(bytes))).await.unwrap_err();
+    // Received as a follower receives it: written into the file the state machine hands out.
+    let mut received = target.begin_receiving_snapshot().await.unwrap();
+    received.write_all(&bytes).await.unwrap();
+    let err = target.install_snapshot(&snapshot.meta, received).await.unwrap_err();
     assert!(err.to_string().contains("format version"), "{err}");
     assert!(target.get_runtime("rt_a").unwrap().is_none());
 }
@@ -802,6 +831,6 @@ async fn apply_cost() {
     println!(
         "snapshot of {n} runtimes: built in {:.2} s, {:.1} MiB",
         started.elapsed().as_secs_f64(),
-        snapshot.snapshot.get_ref().len() as f64 / (1 << 20) as f64
+        snapshot.snapshot.metadata().await.unwrap().len() as f64 / (1 << 20) as f64
     );
 }

@@ -1,7 +1,5 @@
 //! openraft's type configuration for RuntimeAI.
 
-use std::io::Cursor;
-
 use crate::command::{CommandReply, LoggedCommand};
 
 /// A member's id, as given by `--id`.
@@ -10,14 +8,14 @@ pub type NodeId = u64;
 openraft::declare_raft_types!(
     /// The raft types of a RuntimeAI cluster: typed commands in (shared and encoded once, see
     /// [`LoggedCommand`]), typed replies out, members addressed by their gRPC endpoint,
-    /// snapshots as one encoded buffer.
+    /// snapshots as files (`snapshot_file.rs`: built, sent and received without a copy in memory).
     pub TypeConfig:
         D = LoggedCommand,
         R = CommandReply,
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
