@@ -11,13 +11,14 @@ use openraft::BasicNode;
 use runtimeai_model::Actor;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::coalesce::{holding, next_group};
+use crate::coalesce::{holding, next_write_group};
 use crate::command::{Command, CommandReply, LoggedCommand, Op};
 use crate::types::{NodeId, Raft};
 
 /// At most this many commands share an entry.
 const MAX_BATCH: usize = 64;
-/// Entries being written at once; proposals arriving meanwhile wait and form the next batch.
+/// Entries being written at once, at most; proposals arriving meanwhile wait and form the next
+/// batch, which leaves when the entries on their way are done or once it is full.
 const MAX_IN_FLIGHT: usize = 4;
 
 pub(crate) type WriteResult = Result<CommandReply, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>>;
@@ -72,7 +73,10 @@ async fn run(raft: Raft, mut queue: mpsc::UnboundedReceiver<Proposal>, assigner:
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     // Counted in commands: a follower's forwarded batch is one proposal of many commands.
     while let Some((permit, mut batch)) =
-        next_group(&mut queue, &in_flight, MAX_BATCH, |proposal: &Proposal| weight(&proposal.command)).await
+        next_write_group(&mut queue, &in_flight, MAX_IN_FLIGHT as u32, MAX_BATCH, |proposal: &Proposal| {
+            weight(&proposal.command)
+        })
+        .await
     {
         let assigner = assigner.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         if let Some(assigner) = assigner {

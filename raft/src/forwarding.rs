@@ -18,7 +18,7 @@ use runtimeai_proto::ForwardRequest;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::Channel;
 
-use crate::coalesce::{holding, next_group};
+use crate::coalesce::{holding, next_write_group};
 use crate::codec;
 use crate::command::{Command, CommandReply, Op};
 use crate::error::ClusterError;
@@ -26,7 +26,8 @@ use crate::types::NodeId;
 
 /// At most this many commands share one RPC (and so one entry of the leader's log).
 pub(crate) const MAX_FORWARD_BATCH: usize = 64;
-/// RPCs on the way at once; writes arriving meanwhile wait and form the next batch.
+/// RPCs on the way at once, at most; writes arriving meanwhile wait and form the next batch,
+/// which leaves when the RPCs on their way are done or once it is full.
 const MAX_IN_FLIGHT: usize = 4;
 
 /// What the leader answered, or why it could not be asked.
@@ -79,7 +80,9 @@ struct Link {
 
 async fn run(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Pending>) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    while let Some((permit, waiting)) = next_group(&mut queue, &in_flight, MAX_FORWARD_BATCH, |_| 1).await {
+    while let Some((permit, waiting)) =
+        next_write_group(&mut queue, &in_flight, MAX_IN_FLIGHT as u32, MAX_FORWARD_BATCH, |_| 1).await
+    {
         // Almost always one group: every write goes to the one leader with the same hop budget.
         let mut groups: BTreeMap<(NodeId, u32), Vec<Pending>> = BTreeMap::new();
         for pending in waiting {
