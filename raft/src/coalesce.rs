@@ -27,16 +27,27 @@ pub(crate) async fn next_group<T>(
     let permit = in_flight.clone().acquire_owned().await.ok()?;
     let mut taken = weight(&first);
     let mut group = vec![first];
-    while taken < max {
+    take_queued(queue, &mut group, &mut taken, max, &weight);
+    Some((permit, group))
+}
+
+/// Moves what is queued now into `group`, while `taken` (by `weight`) is below `max`.
+fn take_queued<T>(
+    queue: &mut mpsc::UnboundedReceiver<T>,
+    group: &mut Vec<T>,
+    taken: &mut usize,
+    max: usize,
+    weight: &impl Fn(&T) -> usize,
+) {
+    while *taken < max {
         match queue.try_recv() {
             Ok(item) => {
-                taken += weight(&item);
+                *taken += weight(&item);
                 group.push(item);
             }
             Err(_) => break,
         }
     }
-    Some((permit, group))
 }
 
 /// Like [`next_group`], for writes, where every group costs a log entry (an append, an fsync, a
@@ -57,19 +68,8 @@ pub(crate) async fn next_write_group<T>(
     let first = queue.recv().await?;
     let mut taken = weight(&first);
     let mut group = vec![first];
-    let take_queued = |queue: &mut mpsc::UnboundedReceiver<T>, group: &mut Vec<T>, taken: &mut usize| {
-        while *taken < max {
-            match queue.try_recv() {
-                Ok(item) => {
-                    *taken += weight(&item);
-                    group.push(item);
-                }
-                Err(_) => break,
-            }
-        }
-    };
     loop {
-        take_queued(queue, &mut group, &mut taken);
+        take_queued(queue, &mut group, &mut taken, max, &weight);
         if taken >= max {
             let permit = in_flight.clone().acquire_owned().await.ok()?;
             return Some((permit, group));
@@ -80,7 +80,7 @@ pub(crate) async fn next_write_group<T>(
                 let mut all = idle.ok()?;
                 let one = all.split(1)?;
                 drop(all);
-                take_queued(queue, &mut group, &mut taken);
+                take_queued(queue, &mut group, &mut taken, max, &weight);
                 return Some((one, group));
             }
             item = queue.recv() => match item {
