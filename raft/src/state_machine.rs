@@ -92,12 +92,6 @@ impl From<DataDirError> for StorageError {
 
 impl StateMachineStore {
     pub fn new(db: Arc<DB>, snapshot_path: PathBuf) -> Result<StateMachineStore, StorageError> {
-        // A snapshot this build cannot read is refused now, not when a follower needs it.
-        match std::fs::File::open(&snapshot_path) {
-            Ok(file) => drop(snapshot_file::read_meta(std::io::BufReader::new(file))?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(read_err(e)),
-        }
         let store = StateMachineStore {
             db,
             snapshot_path,
@@ -107,6 +101,8 @@ impl StateMachineStore {
             settings: Arc::default(),
             placement: Arc::default(),
         };
+        // A snapshot this build cannot read is refused now, not when a follower needs it.
+        store.current()?;
         store.reload_active_operations()?;
         store.reload_nodes()?;
         store.reload_settings()?;
