@@ -319,8 +319,13 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
         drop(runtimeai);
         // Snapshots often enough, and little log kept behind them, that the fourth node
         // catches up by snapshot (at the defaults, 100 000 runtimes fit in fewer entries than
-        // a snapshot waits for, and it would replay the log).
-        let mut scale_args = vec!["--snapshot-count=1000".to_string(), "--snapshot-catchup-entries=100".to_string()];
+        // a snapshot waits for, and it would replay the log). A flag given with --node-arg
+        // wins: a node refuses the same flag twice.
+        let mut scale_args: Vec<String> = [("--snapshot-count", "1000"), ("--snapshot-catchup-entries", "100")]
+            .into_iter()
+            .filter(|(flag, _)| !options.node_args.iter().any(|arg| arg.starts_with(flag)))
+            .map(|(flag, value)| format!("{flag}={value}"))
+            .collect();
         scale_args.extend(options.node_args.iter().cloned());
         runtimeai = Cluster::start(3, runtimeai_options(&scale_args)).await?;
         match scale(&http, &mut runtimeai, options.runtimes, &progress).await {
