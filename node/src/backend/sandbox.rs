@@ -17,20 +17,34 @@
 //! its process group, SIGKILL after the timeout, restart = stop + start, scale → new limits from
 //! the next start (the message says a restart is needed), snapshot → a tar of the work
 //! directory, restore → the work directory replaced by the archive (restarted if it ran).
+//!
+//! A stop is over only when nothing of the sandbox can write to its directory any more: its
+//! watcher (the task that reaps it and, for an agent, restarts it) is told first, so it starts
+//! nothing new; then the process group is signalled; then every process left in its cgroup or
+//! working below its directory is killed and waited for; last, the watcher is waited for, so
+//! that its record of how the process ended is written. Delete and restore touch the directory
+//! only after that.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use runtimeai_model::{EgressPolicy, Runtime, RuntimeType};
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::{BackendError, CallContext, Observed, Resources, RuntimeBackend, Step, StepLedger};
 
 /// The command of a sandbox whose spec names none: an idle process.
 const IDLE: &[&str] = &["sleep", "infinity"];
+
+/// How long a stop waits for SIGKILLed processes to be gone (and their watcher to record it)
+/// before it reports a retryable error: only a process stuck in the kernel takes longer.
+const KILL_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct SandboxBackend {
@@ -40,6 +54,43 @@ pub struct SandboxBackend {
     /// Pauses between restarts of a failing agent: doubling from `backoff_min` to `backoff_max`.
     backoff_min: Duration,
     backoff_max: Duration,
+    watchers: Watchers,
+}
+
+/// The task watching each sandbox this node started, by runtime id.
+#[derive(Debug, Clone, Default)]
+struct Watchers(Arc<Mutex<HashMap<String, Watcher>>>);
+
+/// The task that reaps a sandbox's process and records how it ended (for an agent runtime, a
+/// [`Supervisor`] that also starts it again), and the switch that tells it the sandbox is
+/// being stopped.
+#[derive(Debug)]
+struct Watcher {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watchers {
+    /// Watches a newly started sandbox; a watcher it replaces is told to stop.
+    fn insert(&self, id: &str, stop: watch::Sender<bool>, task: tokio::task::JoinHandle<()>) {
+        let replaced = self.lock().insert(id.to_string(), Watcher { stop, task });
+        if let Some(old) = replaced {
+            old.stop.send_replace(true);
+        }
+    }
+
+    /// Tells the sandbox's watcher that it is being stopped and hands it over, to be waited
+    /// for. Once this returns the watcher starts no new process: a [`Supervisor`] launches
+    /// only while it holds the switch's read guard and sees it unset.
+    fn stop(&self, id: &str) -> Option<Watcher> {
+        let watcher = self.lock().remove(id)?;
+        watcher.stop.send_replace(true);
+        Some(watcher)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Watcher>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// How a sandbox was launched: what its limits and isolation are, recorded for status.
@@ -147,6 +198,12 @@ impl Cgroups {
         std::fs::read_to_string(file).ok()?.trim().parse().ok()
     }
 
+    /// The processes in the sandbox's groups.
+    fn processes(&self, id: &str) -> Vec<i32> {
+        let procs = self.dirs(id).into_iter().filter_map(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok());
+        procs.flat_map(|text| text.lines().filter_map(|line| line.trim().parse().ok()).collect::<Vec<_>>()).collect()
+    }
+
     fn remove(&self, id: &str) {
         for dir in self.dirs(id) {
             let _ = std::fs::remove_dir(dir);
@@ -164,6 +221,7 @@ impl SandboxBackend {
             cgroups: Cgroups::detect(),
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
+            watchers: Watchers::default(),
         })
     }
 
@@ -224,13 +282,22 @@ impl SandboxBackend {
         let launch = launch(runtime, &dir, resources, self.cgroups.as_ref())?;
         let isolated = launch.network_isolated;
         std::fs::write(dir.join("pid"), serde_json::to_vec(&launch).unwrap_or_default())?;
-        if runtime.runtime_type == RuntimeType::AgentRuntime {
-            let supervisor =
-                Supervisor { backend: self.clone(), runtime: Arc::new(runtime.clone()), resources: resources.clone() };
-            tokio::spawn(supervisor.run(launch.clone()));
+        let (stop, stopped) = watch::channel(false);
+        let task = if runtime.runtime_type == RuntimeType::AgentRuntime {
+            let supervisor = Supervisor {
+                backend: self.clone(),
+                runtime: Arc::new(runtime.clone()),
+                resources: resources.clone(),
+                stopped,
+            };
+            tokio::spawn(supervisor.run(launch.clone()))
         } else {
-            tokio::spawn(reap(dir.clone(), launch.clone()));
-        }
+            let (dir, launch) = (dir.clone(), launch.clone());
+            tokio::spawn(async move {
+                reap(dir, launch).await;
+            })
+        };
+        self.watchers.insert(&runtime.id, stop, task);
         let egress = if isolated { "no network egress" } else { "open egress" };
         let limits = match &self.cgroups {
             Some(cgroups) => {
@@ -243,34 +310,78 @@ impl SandboxBackend {
         Ok(format!("sandbox started (pid {}; own pid/mount/ipc/uts namespaces, {egress}, {limits})", launch.pid))
     }
 
-    /// SIGTERM to the sandbox's process group, SIGKILL after `timeout`.
+    /// Stops the sandbox: SIGTERM to its process group, SIGKILL after `timeout`; returns once
+    /// nothing of it runs and its watcher has recorded how it ended (see the module's doc).
     async fn terminate(&self, runtime: &Runtime, timeout: Duration) -> Result<String, BackendError> {
         let dir = self.dir(runtime);
-        let Some(launch) = self.alive(runtime) else {
-            kill_strays(&dir);
-            return Ok("not running".to_string());
-        };
-        std::fs::write(dir.join("stopping"), b"")?;
-        let group = Pid::from_raw(launch.pid);
-        let _ = killpg(group, Signal::SIGTERM);
-        let deadline = tokio::time::Instant::now() + timeout;
-        while tokio::time::Instant::now() < deadline {
-            if start_ticks(launch.pid) != Some(launch.start_ticks) {
-                kill_strays(&dir);
-                return Ok(format!("pid {} ended on SIGTERM", launch.pid));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let watcher = self.watchers.stop(&runtime.id);
+        if dir.exists() {
+            // Also when it is not running: an agent waiting to be restarted stays stopped.
+            std::fs::write(dir.join("stopping"), b"")?;
         }
-        let _ = killpg(group, Signal::SIGKILL);
-        for _ in 0..100 {
-            if start_ticks(launch.pid) != Some(launch.start_ticks) {
-                break;
+        let outcome = match self.alive(runtime) {
+            Some(launch) => end_process_group(&launch, timeout).await,
+            None => "not running".to_string(),
+        };
+        self.end_remaining(&runtime.id, &dir).await?;
+        if let Some(watcher) = watcher {
+            tokio::time::timeout(KILL_WAIT, watcher.task)
+                .await
+                .map_err(|_| BackendError::Retryable("the sandbox's watcher did not see its process end".to_string()))?
+                .map_err(|e| BackendError::Retryable(format!("the sandbox's watcher failed: {e}")))?;
+        }
+        Ok(outcome)
+    }
+
+    /// The live processes of the sandbox: those in its cgroups and any working below its
+    /// directory (what left its process group; with no cgroups, the only other trace).
+    fn remaining_processes(&self, id: &str, dir: &Path) -> Vec<i32> {
+        let mut pids = self.cgroups.as_ref().map(|c| c.processes(id)).unwrap_or_default();
+        pids.extend(processes_working_below(dir));
+        pids.sort_unstable();
+        pids.dedup();
+        pids.retain(|&pid| start_ticks(pid).is_some());
+        pids
+    }
+
+    /// SIGKILLs whatever is left of the sandbox and waits until none of it runs.
+    async fn end_remaining(&self, id: &str, dir: &Path) -> Result<(), BackendError> {
+        let deadline = Instant::now() + KILL_WAIT;
+        loop {
+            let pids = self.remaining_processes(id, dir);
+            if pids.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(BackendError::Retryable(format!("processes {pids:?} of the sandbox outlived SIGKILL")));
+            }
+            for pid in pids {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        kill_strays(&dir);
-        Ok(format!("pid {} killed after {}s without ending on SIGTERM", launch.pid, timeout.as_secs()))
     }
+}
+
+/// SIGTERM to the process group led by `launch`, SIGKILL if it has not ended after `timeout`;
+/// returns once its leader has ended, saying how.
+async fn end_process_group(launch: &Launch, timeout: Duration) -> String {
+    let ended = || start_ticks(launch.pid) != Some(launch.start_ticks);
+    let group = Pid::from_raw(launch.pid);
+    let _ = killpg(group, Signal::SIGTERM);
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if ended() {
+            return format!("pid {} ended on SIGTERM", launch.pid);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = killpg(group, Signal::SIGKILL);
+    let deadline = Instant::now() + KILL_WAIT;
+    while !ended() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    format!("pid {} killed after {}s without ending on SIGTERM", launch.pid, timeout.as_secs())
 }
 
 /// Spawns the command under `unshare`, in its own session and cgroup, with its limits.
@@ -342,21 +453,27 @@ fn launch(
     Ok(Launch { pid, start_ticks, memory_bytes: limit, cpu, network_isolated: !open_egress })
 }
 
-/// SIGKILLs every process whose working directory is below `dir`: whatever of a sandbox
-/// escaped its process group (the group is the first line of defence).
-fn kill_strays(dir: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
-    let mut killed = 0;
+/// The processes whose working directory is below `dir`.
+fn processes_working_below(dir: &Path) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut pids = Vec::new();
     for entry in entries.flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
         let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else { continue };
         // A deleted directory reads back as "<path> (deleted)".
         let cwd = PathBuf::from(cwd.to_string_lossy().trim_end_matches(" (deleted)"));
-        if cwd.starts_with(dir) && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
-            killed += 1;
+        if cwd.starts_with(dir) {
+            pids.push(pid);
         }
     }
-    killed
+    pids
+}
+
+/// SIGKILLs every process working below `dir`: whatever of a sandbox escaped its process group.
+fn kill_strays(dir: &Path) {
+    for pid in processes_working_below(dir) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
 }
 
 /// Field 22 of /proc/<pid>/stat: when the process started, which tells a reused pid apart.
@@ -390,27 +507,34 @@ struct Supervisor {
     backend: SandboxBackend,
     runtime: Arc<Runtime>,
     resources: Resources,
+    /// Set when the agent is being stopped (or another watcher took over).
+    stopped: watch::Receiver<bool>,
 }
 
 impl Supervisor {
-    async fn run(self, mut launch: Launch) {
+    async fn run(mut self, mut launch: Launch) {
         let dir = self.backend.dir(&self.runtime);
         let mut pause = self.backend.backoff_min;
         loop {
             let code = reap(dir.clone(), launch.clone()).await;
-            if dir.join("stopping").exists() || !dir.exists() {
+            if *self.stopped.borrow() {
                 return;
             }
             let restarts = std::fs::read_to_string(dir.join("restarts")).ok().and_then(|t| t.trim().parse().ok());
             let restarts: u64 = restarts.unwrap_or(0) + 1;
             let _ = std::fs::write(dir.join("restarts"), restarts.to_string());
             tracing::warn!(runtime = %self.runtime.id, ?code, restarts, pause_ms = pause.as_millis() as u64, "agent ended; restarting");
-            tokio::time::sleep(pause).await;
-            if dir.join("stopping").exists() || self.backend.alive(&self.runtime).is_some() {
-                // Stopped meanwhile, or started by someone else (who supervises it now).
-                return;
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                // Stopped, or the switch's owner is gone: either way no restart.
+                _ = self.stopped.changed() => return,
             }
             pause = (pause * 2).min(self.backend.backoff_max);
+            // Held while launching: a stop waits until the new process is on record, then ends it.
+            let stopped = self.stopped.borrow();
+            if *stopped || self.backend.alive(&self.runtime).is_some() {
+                return;
+            }
             match launch_again(&self.runtime, &dir, &self.resources, self.backend.cgroups.as_ref()) {
                 Ok(next) => launch = next,
                 Err(e) => {
@@ -676,28 +800,57 @@ mod tests {
 
     const ONE_GIB: Resources = Resources { cpu: 1.0, memory_bytes: 1 << 30, replicas: 1 };
 
-    /// Waits for a file the sandbox writes in its work directory.
-    async fn read_when_there(path: PathBuf) -> String {
-        for _ in 0..200 {
-            if let Ok(text) = std::fs::read_to_string(&path) {
-                if !text.is_empty() {
-                    return text;
-                }
+    /// A sandbox root that kills whatever still runs in it when the test ends, passed or failed:
+    /// a failed test must not hang on the reaper of a process that never ends.
+    struct TestRoot(tempfile::TempDir);
+
+    impl TestRoot {
+        fn new() -> TestRoot {
+            TestRoot(tempfile::tempdir().unwrap())
+        }
+    }
+
+    impl std::ops::Deref for TestRoot {
+        type Target = tempfile::TempDir;
+        fn deref(&self) -> &tempfile::TempDir {
+            &self.0
+        }
+    }
+
+    impl Drop for TestRoot {
+        fn drop(&mut self) {
+            kill_strays(self.0.path());
+        }
+    }
+
+    /// How long a test waits for something it expects: long, because a loaded 2-core machine
+    /// can be slow to start a process; a wait that succeeds ends as soon as it does.
+    const PATIENCE: Duration = Duration::from_secs(60);
+
+    /// Polls `probe` until it yields a value; panics, saying `what`, after [`PATIENCE`].
+    async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(value) = probe().await {
+                return value;
             }
+            assert!(Instant::now() < deadline, "{what}: not within {PATIENCE:?}");
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("{} never appeared", path.display());
+    }
+
+    /// Waits for a file the sandbox writes in its work directory.
+    async fn read_when_there(path: PathBuf) -> String {
+        let what = format!("{} appears", path.display());
+        eventually(&what, async || std::fs::read_to_string(&path).ok().filter(|text| !text.is_empty())).await
     }
 
     async fn wait_status(backend: &SandboxBackend, runtime: &Runtime, done: impl Fn(&Observed) -> bool) -> Observed {
-        for _ in 0..200 {
-            let observed = backend.status(runtime).await.unwrap();
-            if done(&observed) {
-                return observed;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("status never settled: {:?}", backend.status(runtime).await);
+        eventually("the status settles", async || Some(backend.status(runtime).await.unwrap()).filter(&done)).await
+    }
+
+    fn lines(path: &Path) -> usize {
+        std::fs::read_to_string(path).unwrap_or_default().lines().count()
     }
 
     #[tokio::test]
@@ -705,7 +858,7 @@ mod tests {
         if !namespaces_allowed() {
             return;
         }
-        let root = tempfile::tempdir().unwrap();
+        let root = TestRoot::new();
         let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap();
         let mut runtime = sandbox(
             "rt_ps",
@@ -739,7 +892,7 @@ mod tests {
         if !namespaces_allowed() {
             return;
         }
-        let root = tempfile::tempdir().unwrap();
+        let root = TestRoot::new();
         let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap();
         let grab = "python3 -c \"b = b'x' * (700 * 1024 * 1024); open('grabbed', 'w').write('yes')\"";
         let small = Resources { cpu: 1.0, memory_bytes: 256 << 20, replicas: 1 };
@@ -758,7 +911,7 @@ mod tests {
         if !namespaces_allowed() {
             return;
         }
-        let root = tempfile::tempdir().unwrap();
+        let root = TestRoot::new();
         let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap();
         let Some(cgroups) = backend.cgroups.clone() else {
             eprintln!("skipped: this host has neither cgroup v2 nor the cgroup v1 cpu and memory controllers");
@@ -787,7 +940,7 @@ mod tests {
         let probe = format!(
             "python3 -c \"import socket\ntry:\n socket.create_connection(('127.0.0.1', {port}), timeout=2); r = 'connected'\nexcept OSError as e:\n r = 'refused'\nopen('egress', 'w').write(r)\""
         );
-        let root = tempfile::tempdir().unwrap();
+        let root = TestRoot::new();
         let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap();
         backend.create(&cx("op_closed"), &sandbox("rt_closed", &probe), &ONE_GIB).await.unwrap();
         assert_eq!(read_when_there(root.path().join("rt_closed/work/egress")).await, "refused");
@@ -802,35 +955,103 @@ mod tests {
         if !namespaces_allowed() {
             return;
         }
-        let root = tempfile::tempdir().unwrap();
+        let root = TestRoot::new();
         let backend = SandboxBackend::new(root.path().to_path_buf())
             .unwrap()
             .with_backoff(Duration::from_millis(50), Duration::from_millis(200));
-        let runtime = sandbox("rt_files", "echo one > data; sleep 30");
+        let runtime = sandbox("rt_files", "[ -e data ] || echo one > data; echo started >> starts; sleep 30");
         backend.create(&cx("op_create"), &runtime, &ONE_GIB).await.unwrap();
-        let data = root.path().join("rt_files/work/data");
-        assert_eq!(read_when_there(data.clone()).await, "one\n");
+        let work = root.path().join("rt_files/work");
+        assert_eq!(read_when_there(work.join("data")).await, "one\n");
         backend.snapshot(&cx("op_snap"), &runtime, "snap_1", "first").await.unwrap();
-        std::fs::write(&data, "two\n").unwrap();
+        std::fs::write(work.join("data"), "two\n").unwrap();
+        std::fs::write(work.join("later"), "made after the snapshot").unwrap();
         backend.restore(&cx("op_restore"), &runtime, "snap_1").await.unwrap();
-        assert_eq!(read_when_there(data).await, "one\n");
+        assert_eq!(std::fs::read_to_string(work.join("data")).unwrap(), "one\n");
+        assert!(!work.join("later").exists(), "a restore brings back the archive, not a merge");
+        // The archive holds one start; the restored sandbox, started again, adds its own.
+        eventually("the restored sandbox runs again", async || (lines(&work.join("starts")) == 2).then_some(())).await;
         assert_eq!(backend.list_snapshots(&runtime).await.unwrap(), ["snap_1"]);
         backend.delete(&cx("op_delete"), &runtime).await.unwrap();
+        assert_eq!(backend.status(&runtime).await.unwrap(), Observed::Missing);
 
         let mut agent = sandbox("rt_agent", "echo run >> runs; exit 3");
         agent.runtime_type = RuntimeType::AgentRuntime;
         backend.create(&cx("op_agent"), &agent, &ONE_GIB).await.unwrap();
         let runs = root.path().join("rt_agent/work/runs");
-        for _ in 0..200 {
-            if std::fs::read_to_string(&runs).unwrap_or_default().lines().count() >= 3 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        assert!(std::fs::read_to_string(&runs).unwrap().lines().count() >= 3, "a failing agent is restarted");
+        eventually("a failing agent is restarted twice", async || (lines(&runs) >= 3).then_some(())).await;
         backend.stop(&cx("op_agent_stop"), &agent, false, Duration::from_secs(2)).await.unwrap();
         let restarts: u64 =
             std::fs::read_to_string(root.path().join("rt_agent/restarts")).unwrap().trim().parse().unwrap();
         assert!(restarts >= 2, "{restarts}");
+    }
+
+    /// The processes of a sandbox still alive: none may be left once a delete returns.
+    fn left_behind(backend: &SandboxBackend, root: &Path, id: &str) -> Vec<i32> {
+        backend.remaining_processes(id, &root.join(id))
+    }
+
+    /// The race behind a flaky delete: a sandbox that was just (re)started writes to its
+    /// directory (its log, its files, its watcher's record of how it ended) while the delete
+    /// removes it. Repeated, because the window is small.
+    #[tokio::test]
+    async fn a_delete_right_after_a_restore_or_restart_leaves_nothing_behind() {
+        if !namespaces_allowed() {
+            return;
+        }
+        let root = TestRoot::new();
+        let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap();
+        let writer = "trap 'date >> ticks; exit' TERM; while :; do echo tick; date >> ticks; mkdir -p d/$$; done";
+        for round in 0..8 {
+            let id = format!("rt_race_{round}");
+            let mut runtime = sandbox(&id, writer);
+            if round % 2 == 1 {
+                runtime.runtime_type = RuntimeType::AgentRuntime;
+            }
+            backend.create(&cx(&format!("op_c{round}")), &runtime, &ONE_GIB).await.unwrap();
+            read_when_there(root.path().join(&id).join("work/ticks")).await;
+            // Many files make a delete take long enough for a late writer to land in it.
+            let many = root.path().join(&id).join("work/many");
+            std::fs::create_dir_all(&many).unwrap();
+            for file in 0..3000 {
+                std::fs::write(many.join(file.to_string()), b"x").unwrap();
+            }
+            backend.snapshot(&cx(&format!("op_s{round}")), &runtime, "s", "").await.unwrap();
+            if round % 4 < 2 {
+                backend.restore(&cx(&format!("op_r{round}")), &runtime, "s").await.unwrap();
+            } else {
+                backend.restart(&cx(&format!("op_r{round}")), &runtime).await.unwrap();
+            }
+            backend.delete(&cx(&format!("op_d{round}")), &runtime).await.unwrap();
+            assert!(!root.path().join(&id).exists(), "round {round}: the directory is gone");
+            assert_eq!(left_behind(&backend, root.path(), &id), Vec::<i32>::new(), "round {round}");
+            assert_eq!(backend.status(&runtime).await.unwrap(), Observed::Missing);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_agent_stopped_while_it_waits_to_be_restarted_stays_stopped() {
+        if !namespaces_allowed() {
+            return;
+        }
+        let root = TestRoot::new();
+        let pause = Duration::from_millis(400);
+        let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap().with_backoff(pause, pause);
+        let mut agent = sandbox("rt_pausing", "echo run >> runs; exit 3");
+        agent.runtime_type = RuntimeType::AgentRuntime;
+        backend.create(&cx("op_create"), &agent, &ONE_GIB).await.unwrap();
+        let dir = root.path().join("rt_pausing");
+        // It has failed and its supervisor waits out the pause before starting it again.
+        eventually("the agent fails once", async || dir.join("restarts").exists().then_some(())).await;
+        let message = backend.stop(&cx("op_stop"), &agent, false, Duration::from_secs(2)).await.unwrap();
+        let runs = lines(&dir.join("work/runs"));
+        // Three pauses: a supervisor that missed the stop would have started it again by now.
+        tokio::time::sleep(pause * 3).await;
+        assert_eq!(lines(&dir.join("work/runs")), runs, "stopped ({message}), yet started again");
+        assert_eq!(backend.status(&agent).await.unwrap(), Observed::Stopped);
+        backend.start(&cx("op_start"), &agent).await.unwrap();
+        eventually("a start runs it again", async || (lines(&dir.join("work/runs")) > runs).then_some(())).await;
+        backend.delete(&cx("op_delete"), &agent).await.unwrap();
+        assert!(!dir.exists());
     }
 }
