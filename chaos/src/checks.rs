@@ -161,6 +161,47 @@ async fn get(cluster: &Cluster, via: u64, path: &str) -> Option<(u16, Value)> {
     Some((response.status, response.body))
 }
 
+/// `GET path` through `via` until it answers 200 or `deadline` passes (one try at least): the
+/// body, or the last answer. A failed request or another status is only "not yet".
+async fn get_ok(cluster: &Cluster, via: u64, path: &str, deadline: Instant) -> Result<Value, String> {
+    loop {
+        let last = match cluster.call(via, reqwest::Method::GET, path, None, &[]).await {
+            Ok(response) if response.status == 200 => return Ok(response.body),
+            Ok(response) => format!("{} {}", response.status, response.body),
+            Err(error) => error.to_string(),
+        };
+        if Instant::now() > deadline {
+            return Err(last);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How long a check waits for each thing it looks at to become true (a runtime replicated, a
+/// runtime's events the same everywhere), until one never does; after that, one look at each of
+/// the rest: the check has failed already, and a node that is down would otherwise make it wait
+/// that long for every runtime.
+struct Patience {
+    wait: Duration,
+    spent: bool,
+}
+
+impl Patience {
+    fn new(wait: Duration) -> Patience {
+        Patience { wait, spent: false }
+    }
+
+    /// When the wait for the next thing ends.
+    fn deadline(&self) -> Instant {
+        Instant::now() + if self.spent { Duration::ZERO } else { self.wait }
+    }
+
+    /// One thing never became true.
+    fn give_up(&mut self) {
+        self.spent = true;
+    }
+}
+
 /// No acknowledged write is lost: every acknowledged runtime is in every member's own replica,
 /// every acknowledged operation exists there and has finished.
 pub async fn acknowledged_writes(
@@ -170,25 +211,20 @@ pub async fn acknowledged_writes(
     wait: Duration,
 ) -> CheckResult {
     let ack = acknowledged(records);
-    let deadline = Instant::now() + wait;
+    let mut patience = Patience::new(wait);
     let mut problems = Vec::new();
     for &node in members {
         for runtime in &ack.runtimes {
             let path = format!("/v1/runtimes/{runtime}?consistency=stale");
-            loop {
-                match get(cluster, node, &path).await {
-                    Some((200, _)) => break,
-                    answer if Instant::now() > deadline => {
-                        problems.push(format!("node {node} lost acknowledged runtime {runtime}: {answer:?}"));
-                        break;
-                    }
-                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
+            if let Err(answer) = get_ok(cluster, node, &path, patience.deadline()).await {
+                problems.push(format!("node {node} lost acknowledged runtime {runtime}: {answer}"));
+                patience.give_up();
             }
         }
     }
     let via = members.first().copied().unwrap_or(1);
     for operation in ack.operations.keys() {
+        let deadline = patience.deadline();
         loop {
             let answer = get(cluster, via, &format!("/v1/operations/{operation}")).await;
             let status = answer.as_ref().and_then(|(_, body)| body["status"].as_str().map(str::to_string));
@@ -200,6 +236,7 @@ pub async fn acknowledged_writes(
                 }
                 _ if Instant::now() > deadline => {
                     problems.push(format!("operation {operation} did not finish: {status:?}"));
+                    patience.give_up();
                     break;
                 }
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -218,6 +255,10 @@ pub async fn acknowledged_writes(
     )
 }
 
+/// How long the members may take to serve the same events of a runtime: events of operations
+/// still in flight may be arriving, and a loaded node answers slowly. Only a failure waits this.
+const EVENTS_AGREE_WITHIN: Duration = Duration::from_secs(60);
+
 /// Every runtime's events are in order (`seq` never decreasing, ids unique), the same on every member, and
 /// complete: each acknowledged operation has its events, and the label events number at least
 /// the acknowledged label writes and at most those plus the unanswered ones.
@@ -227,15 +268,12 @@ pub async fn events_in_order(cluster: &Cluster, members: &[u64], records: &[Reco
     runtimes.extend(ack.label_writes.keys().cloned());
     let mut problems = Vec::new();
     let mut checked = 0;
+    let mut patience = Patience::new(EVENTS_AGREE_WITHIN);
     for runtime in &runtimes {
-        let mut streams: BTreeMap<u64, Vec<Value>> = BTreeMap::new();
-        for &node in members {
-            match get(cluster, node, &format!("/v1/runtimes/{runtime}/events?limit=1000")).await {
-                Some((200, body)) => {
-                    streams.insert(node, body["items"].as_array().cloned().unwrap_or_default());
-                }
-                other => problems.push(format!("node {node}: events of {runtime}: {other:?}")),
-            }
+        let (streams, disagreement) = agreed_events(cluster, members, runtime, patience.deadline()).await;
+        if let Some(disagreement) = disagreement {
+            problems.push(disagreement);
+            patience.give_up();
         }
         let Some((&first_node, first)) = streams.iter().next() else { continue };
         checked += 1;
@@ -245,16 +283,6 @@ pub async fn events_in_order(cluster: &Cluster, members: &[u64], records: &[Reco
         let unique: BTreeSet<&str> = first.iter().filter_map(|e| e["id"].as_str()).collect();
         if seqs.windows(2).any(|w| w[0] > w[1]) || unique.len() != first.len() {
             problems.push(format!("events of {runtime} out of order or repeated on node {first_node}: {seqs:?}"));
-        }
-        let ids = |events: &Vec<Value>| events.iter().map(|e| e["id"].clone()).collect::<Vec<_>>();
-        for (node, events) in &streams {
-            if ids(events) != ids(first) {
-                problems.push(format!(
-                    "events of {runtime} differ: node {first_node} has {}, node {node} has {}",
-                    first.len(),
-                    events.len()
-                ));
-            }
         }
         let operations: BTreeSet<&str> = first.iter().filter_map(|e| e["data"]["operation_id"].as_str()).collect();
         for (operation, _) in ack.operations.iter().filter(|(_, r)| *r == runtime) {
@@ -276,6 +304,55 @@ pub async fn events_in_order(cluster: &Cluster, members: &[u64], records: &[Reco
         problems,
         format!("events of {checked} runtimes in order, identical on {} members, none missing", members.len()),
     )
+}
+
+/// Each member's events of `runtime`, read again until every member answers and all serve the
+/// same ones or `deadline` passes: the streams last read, and what was wrong with them if the
+/// members never agreed.
+async fn agreed_events(
+    cluster: &Cluster,
+    members: &[u64],
+    runtime: &str,
+    deadline: Instant,
+) -> (BTreeMap<u64, Vec<Value>>, Option<String>) {
+    let path = format!("/v1/runtimes/{runtime}/events?limit=1000");
+    loop {
+        let mut streams = BTreeMap::new();
+        let mut problems = Vec::new();
+        for &node in members {
+            match get_ok(cluster, node, &path, deadline).await {
+                Ok(body) => {
+                    streams.insert(node, body["items"].as_array().cloned().unwrap_or_default());
+                }
+                Err(answer) => problems.push(format!("node {node}: events of {runtime}: {answer}")),
+            }
+        }
+        problems.extend(differences(runtime, &streams));
+        if problems.is_empty() {
+            return (streams, None);
+        }
+        if Instant::now() > deadline {
+            return (streams, Some(problems.join("; ")));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The members whose events of `runtime` (their ids, in order) differ from the first member's.
+fn differences(runtime: &str, streams: &BTreeMap<u64, Vec<Value>>) -> Vec<String> {
+    let ids = |events: &Vec<Value>| events.iter().map(|e| e["id"].clone()).collect::<Vec<_>>();
+    let Some((first_node, first)) = streams.iter().next() else { return Vec::new() };
+    streams
+        .iter()
+        .filter(|(_, events)| ids(events) != ids(first))
+        .map(|(node, events)| {
+            format!(
+                "events of {runtime} differ: node {first_node} has {}, node {node} has {}",
+                first.len(),
+                events.len()
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]

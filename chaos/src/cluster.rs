@@ -165,7 +165,9 @@ impl Cluster {
         if let Some(seed) = cluster.options.proxied {
             let targets: BTreeMap<u64, SocketAddr> =
                 cluster.nodes.iter().map(|(id, node)| (*id, node.grpc.parse().expect("harness address"))).collect();
-            let network = Network::start(&targets, || SocketAddr::from(([127, 0, 0, 1], free_port())), seed).await?;
+            // Port 0: each proxy binds a port the kernel picks and holds it, so nothing can take
+            // it between picking and binding (nodes' ports cannot be held: their process binds).
+            let network = Network::start(&targets, || SocketAddr::from(([127, 0, 0, 1], 0)), seed).await?;
             for (id, node) in cluster.nodes.iter_mut() {
                 node.peer_routes = Some(network.routes_of(*id));
             }
@@ -341,22 +343,31 @@ impl Cluster {
 
     /// `POST /v1/runtimes` through node `via`; returns the status and body.
     pub async fn create_runtime(&self, via: u64, name: &str) -> Result<(u16, Value)> {
-        let response = self
+        self.create_runtime_keyed(via, name, None).await
+    }
+
+    /// [`Cluster::create_runtime`], with an `Idempotency-Key` when given.
+    async fn create_runtime_keyed(&self, via: u64, name: &str, key: Option<&str>) -> Result<(u16, Value)> {
+        let mut request = self
             .client
             .post(self.node(via).url("/v1/runtimes"))
-            .json(&serde_json::json!({ "name": name, "type": "vm", "labels": { "test": "true" } }))
-            .send()
-            .await?;
+            .json(&serde_json::json!({ "name": name, "type": "vm", "labels": { "test": "true" } }));
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        let response = request.send().await?;
         let status = response.status().as_u16();
         Ok((status, response.json().await.unwrap_or(Value::Null)))
     }
 
-    /// Creates a runtime through `via`, retrying on 503 (e.g. during an election) until
-    /// `timeout`; returns the created runtime's id.
+    /// Creates a runtime through `via`, retrying on 503 (e.g. during an election) or a lost
+    /// answer until `timeout`; returns the created runtime's id. Every attempt carries one
+    /// idempotency key, so a retry of an attempt that did apply gets its answer, not a 409.
     pub async fn create_runtime_eventually(&self, via: u64, name: &str, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;
+        let key = format!("eventually-{name}-{}", rand::random::<u64>());
         loop {
-            match self.create_runtime(via, name).await {
+            match self.create_runtime_keyed(via, name, Some(&key)).await {
                 Ok((201, body)) => {
                     return body["id"]
                         .as_str()
@@ -381,7 +392,24 @@ impl Cluster {
         body: Option<&Value>,
         headers: &[(&str, &str)],
     ) -> Result<Response> {
+        self.call_within(via, method, path, body, headers, None).await
+    }
+
+    /// [`Cluster::call`] with its own timeout instead of the client's 15 s, for requests that
+    /// block while the cluster works (adding a member answers once it has caught up).
+    pub async fn call_within(
+        &self,
+        via: u64,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+        timeout: Option<Duration>,
+    ) -> Result<Response> {
         let mut request = self.client.request(method, self.node(via).url(path));
+        if let Some(timeout) = timeout {
+            request = request.timeout(timeout);
+        }
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
@@ -397,20 +425,24 @@ impl Cluster {
         Ok(Response { status, headers, body })
     }
 
-    /// Polls `GET /v1/operations/{id}` through `via` until the operation has finished.
+    /// Polls `GET /v1/operations/{id}` through `via` until the operation has finished. A failed
+    /// request or an error status (e.g. 503 during an election) means "not finished yet": only
+    /// the deadline ends the wait, and the last answer is what its error shows.
     pub async fn wait_operation(&self, via: u64, id: &str, timeout: Duration) -> Result<Value> {
         let deadline = Instant::now() + timeout;
         loop {
-            let response = self.call(via, reqwest::Method::GET, &format!("/v1/operations/{id}"), None, &[]).await?;
-            let status = response.body["status"].as_str().unwrap_or("").to_string();
-            if ["succeeded", "failed", "cancelled"].contains(&status.as_str()) {
-                return Ok(response.body);
-            }
+            let last = match self.call(via, reqwest::Method::GET, &format!("/v1/operations/{id}"), None, &[]).await {
+                Ok(response) => {
+                    let status = response.body["status"].as_str().unwrap_or("");
+                    if response.status == 200 && ["succeeded", "failed", "cancelled"].contains(&status) {
+                        return Ok(response.body);
+                    }
+                    format!("{} {}", response.status, response.body)
+                }
+                Err(error) => error.to_string(),
+            };
             if Instant::now() > deadline {
-                return Err(Error::Cluster(format!(
-                    "operation {id} did not finish within {timeout:?}: {}",
-                    response.body
-                )));
+                return Err(Error::Cluster(format!("operation {id} did not finish within {timeout:?}: {last}")));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

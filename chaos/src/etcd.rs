@@ -115,7 +115,7 @@ impl EtcdCluster {
         }
         let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
         let cluster = EtcdCluster { _dir: dir, members, client };
-        cluster.wait_leader(Duration::from_secs(30)).await?;
+        cluster.wait_leader(Duration::from_secs(60)).await?;
         Ok(cluster)
     }
 

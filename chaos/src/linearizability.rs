@@ -440,7 +440,8 @@ mod tests {
     }
 
     /// A long concurrent history produced by a real sequential register (so it is
-    /// linearizable by construction) is accepted, and quickly; corrupting one read is caught.
+    /// linearizable by construction) is accepted; corrupting one read is caught. (How fast the
+    /// search is belongs to benchmarks: a wall-clock bound here fails on a loaded machine.)
     #[test]
     fn long_histories_are_decided() {
         let mut seed = 42u64;
@@ -476,9 +477,7 @@ mod tests {
             history.push(op(input, output, call, Some(ret)));
             time += 5;
         }
-        let started = std::time::Instant::now();
         assert_eq!(check(&Register, &history), Verdict::Linearizable);
-        assert!(started.elapsed() < std::time::Duration::from_secs(5), "took {:?}", started.elapsed());
         let read = history.iter().position(|o| o.input == Read && matches!(o.output, Value(Some(_)))).unwrap();
         history[read].output = Value(v("never-written"));
         assert!(matches!(check(&Register, &history), Verdict::NotLinearizable { .. }));

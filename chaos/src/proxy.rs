@@ -338,20 +338,17 @@ mod tests {
         let mut nodes = BTreeMap::new();
         nodes.insert(1, "127.0.0.1:1".parse().unwrap());
         nodes.insert(2, target);
-        let network = Network::start(
-            &nodes,
-            || {
-                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                l.local_addr().unwrap()
-            },
-            7,
-        )
-        .await
-        .unwrap();
+        // Port 0: each proxy's listener picks its own free port and keeps it, so no other
+        // process can take it between picking and binding.
+        let network = Network::start(&nodes, || "127.0.0.1:0".parse().unwrap(), 7).await.unwrap();
         let route = network.routes_of(1);
         let addr = route.strip_prefix("2=").unwrap().parse().unwrap();
         (network, addr)
     }
+
+    /// The most a loopback round trip through a healthy proxy may take. Generous: a loaded
+    /// machine may not run the proxy's tasks for a while; only the lower bounds measure faults.
+    const HEALTHY: Duration = Duration::from_secs(2);
 
     async fn round_trip(stream: &mut TcpStream, text: &[u8]) -> Duration {
         let started = Instant::now();
@@ -366,7 +363,7 @@ mod tests {
     async fn a_cut_holds_bytes_back_until_it_heals_and_the_stream_stays_intact() {
         let (network, addr) = echo_link().await;
         let mut stream = TcpStream::connect(addr).await.unwrap();
-        assert!(round_trip(&mut stream, b"before").await < Duration::from_millis(200));
+        assert!(round_trip(&mut stream, b"before").await < HEALTHY);
         network.cut_one_way(1, 2);
         assert_eq!(network.faults().len(), 2, "{:?}", network.faults());
         stream.write_all(b"during").await.unwrap();
@@ -398,14 +395,14 @@ mod tests {
         }
         assert!(slowest >= FIRST_RETRANSMISSION, "a 50 % lossy link retransmits: {slowest:?}");
         network.heal();
-        assert!(round_trip(&mut stream, b"fast").await < Duration::from_millis(200));
+        assert!(round_trip(&mut stream, b"fast").await < HEALTHY);
     }
 
     #[tokio::test]
     async fn a_stalled_connection_delivers_nothing_more_while_new_connections_work() {
         let (network, addr) = echo_link().await;
         let mut stalled = TcpStream::connect(addr).await.unwrap();
-        assert!(round_trip(&mut stalled, b"before").await < Duration::from_millis(200));
+        assert!(round_trip(&mut stalled, b"before").await < HEALTHY);
         network.stall_open_connections_to(2);
         stalled.write_all(b"during").await.unwrap();
         let mut got = [0u8; 6];
@@ -413,7 +410,7 @@ mod tests {
         assert!(answer.is_err(), "a stalled connection delivers nothing: {answer:?}");
         assert!(network.faults().is_empty(), "the links themselves are healthy");
         let mut fresh = TcpStream::connect(addr).await.unwrap();
-        assert!(round_trip(&mut fresh, b"after").await < Duration::from_millis(200));
+        assert!(round_trip(&mut fresh, b"after").await < HEALTHY);
         network.heal();
         let late = tokio::time::timeout(Duration::from_millis(300), stalled.read_exact(&mut got)).await;
         assert!(late.is_err(), "healing the links does not revive a stalled connection: {late:?}");
