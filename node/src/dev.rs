@@ -13,6 +13,10 @@ use nix::unistd::Pid;
 /// What `runtimeai dev` nodes drive.
 pub const DEV_BACKENDS: &str = "vm=libvirt:test:///default,sandbox=process,agent_runtime=process,vcluster=simulated";
 
+/// How long dev waits for its cluster before giving up: generous, since a loaded machine can
+/// take long to start three nodes, and dev goes on as soon as the cluster is ready.
+const READY_WITHIN: Duration = Duration::from_secs(180);
+
 /// Prints a line to stdout, ignoring a closed pipe (`runtimeai dev | head` must not panic).
 macro_rules! say {
     ($($arg:tt)*) => {{
@@ -146,8 +150,8 @@ async fn supervise(members: &mut [Member]) -> anyhow::Result<()> {
                      -d '{{\"name\":\"demo\",\"type\":\"vm\"}}'"
                 );
                 say!("Ctrl-C stops the cluster (data stays in the data directory).");
-            } else if started.elapsed() > Duration::from_secs(60) {
-                anyhow::bail!("the cluster did not become ready within 60s; see the node logs");
+            } else if started.elapsed() > READY_WITHIN {
+                anyhow::bail!("the cluster did not become ready within {READY_WITHIN:?}; see the node logs");
             }
         }
         tokio::select! {

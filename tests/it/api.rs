@@ -5,9 +5,9 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use runtimeai_tests::{phase, Cluster, ClusterOptions};
+use runtimeai_tests::{phase, Cluster, ClusterOptions, Eventually, EVENTUALLY};
 
-const SETTLE: Duration = Duration::from_secs(30);
+const SETTLE: Duration = EVENTUALLY;
 
 async fn cluster() -> anyhow::Result<Cluster> {
     let options = ClusterOptions { extra_args: vec!["--simulated-step-ms".into(), "50".into()], ..Default::default() };
@@ -28,7 +28,7 @@ async fn a_runtime_goes_through_its_whole_lifecycle_across_nodes() -> anyhow::Re
     let cluster = cluster().await?;
     phase("create through node 1; the create operation is followed through node 2");
     let created = cluster
-        .call(
+        .call_eventually(
             1,
             Method::POST,
             "/v1/runtimes",
@@ -44,7 +44,7 @@ async fn a_runtime_goes_through_its_whole_lifecycle_across_nodes() -> anyhow::Re
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["kind"], "create");
     assert_eq!(done["progress"]["percent"], 100);
-    let runtime = cluster.call(3, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    let runtime = cluster.call_eventually(3, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
     assert_eq!(runtime.body["state"], "running");
 
     phase("stop, start, scale, snapshot, restore — each through a different node");
@@ -57,8 +57,9 @@ async fn a_runtime_goes_through_its_whole_lifecycle_across_nodes() -> anyhow::Re
     ];
     for (via, action, body, expected_state) in steps {
         let body = if body.is_null() { None } else { Some(&body) };
-        let accepted =
-            cluster.call(via, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/{action}"), body, &[]).await?;
+        let accepted = cluster
+            .call_eventually(via, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/{action}"), body, &[])
+            .await?;
         assert_eq!(accepted.status, 202, "{action}: {accepted:?}");
         assert_eq!(accepted.body["status"], "queued");
         assert_eq!(accepted.body["kind"], action);
@@ -66,16 +67,17 @@ async fn a_runtime_goes_through_its_whole_lifecycle_across_nodes() -> anyhow::Re
         assert_eq!(location, format!("/v1/operations/{}", accepted.body["id"].as_str().unwrap()));
         let done = cluster.wait_operation(via, accepted.body["id"].as_str().unwrap(), SETTLE).await?;
         assert_eq!(done["status"], "succeeded", "{action}: {done}");
-        let runtime = cluster.call(1 + via % 3, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+        let runtime =
+            cluster.call_eventually(1 + via % 3, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
         assert_eq!(runtime.body["state"], expected_state, "after {action}: {}", runtime.body);
     }
-    let runtime = cluster.call(1, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    let runtime = cluster.call_eventually(1, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
     assert_eq!(runtime.body["spec"]["size"], "large");
-    let snapshots = cluster.call(2, Method::GET, &format!("/v1/runtimes/{id}/snapshots"), None, &[]).await?;
+    let snapshots = cluster.call_eventually(2, Method::GET, &format!("/v1/runtimes/{id}/snapshots"), None, &[]).await?;
     assert_eq!(snapshots.body["items"][0]["name"], "before-upgrade", "{snapshots:?}");
     let snapshot_id = snapshots.body["items"][0]["id"].as_str().unwrap().to_string();
     let restore = cluster
-        .call(
+        .call_eventually(
             3,
             Method::POST,
             &format!("/v1/runtimes/{id}/lifecycle/restore"),
@@ -87,13 +89,15 @@ async fn a_runtime_goes_through_its_whole_lifecycle_across_nodes() -> anyhow::Re
     assert_eq!(cluster.wait_operation(1, restore.body["id"].as_str().unwrap(), SETTLE).await?["status"], "succeeded");
 
     phase("illegal transitions and unknown things are problems");
-    let again = cluster.call(1, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/start"), None, &[]).await?;
+    let again =
+        cluster.call_eventually(1, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/start"), None, &[]).await?;
     assert!(is_problem(&again, 409), "{again:?}");
     assert!(again.body["detail"].as_str().unwrap().contains("running"), "{again:?}");
-    let unknown = cluster.call(2, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/explode"), None, &[]).await?;
+    let unknown =
+        cluster.call_eventually(2, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/explode"), None, &[]).await?;
     assert!(is_problem(&unknown, 404), "{unknown:?}");
     let missing = cluster
-        .call(
+        .call_eventually(
             2,
             Method::POST,
             &format!("/v1/runtimes/{id}/lifecycle/restore"),
@@ -104,49 +108,77 @@ async fn a_runtime_goes_through_its_whole_lifecycle_across_nodes() -> anyhow::Re
     assert!(is_problem(&missing, 404), "{missing:?}");
 
     phase("the runtime's operations and events tell the story in order");
-    let operations = cluster.call(3, Method::GET, &format!("/v1/runtimes/{id}/operations"), None, &[]).await?;
+    let operations =
+        cluster.call_eventually(3, Method::GET, &format!("/v1/runtimes/{id}/operations"), None, &[]).await?;
     let kinds: Vec<&str> =
         operations.body["items"].as_array().unwrap().iter().map(|o| o["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["create", "stop", "start", "scale", "snapshot", "restart", "restore"]);
-    let events = cluster.call(1, Method::GET, &format!("/v1/runtimes/{id}/events?limit=1000"), None, &[]).await?;
+    let events =
+        cluster.call_eventually(1, Method::GET, &format!("/v1/runtimes/{id}/events?limit=1000"), None, &[]).await?;
     let items = events.body["items"].as_array().unwrap();
     // One entry may write several events (an operation queued and handed to its executor):
     // they share its seq and are numbered within it by their id's last part.
-    let order: Vec<(u64, u64)> = items
-        .iter()
-        .map(|e| {
-            let within = e["id"].as_str().unwrap().rsplit('_').next().unwrap().parse().unwrap();
-            (e["seq"].as_u64().unwrap(), within)
-        })
-        .collect();
+    let order: Vec<(u64, u64)> = items.iter().map(seq_and_number).collect();
     assert!(order.windows(2).all(|w| w[0] < w[1]), "events in log order: {order:?}");
-    assert!(order.windows(2).any(|w| w[0].0 == w[1].0), "an operation assigned in the entry that queued it");
+    // The leader hands an operation to an executor in the entry that queues it when its view of
+    // the executors is fresh, else in an entry of its own: either way, that entry's index is the
+    // fencing token, and it is never before the operation was queued.
+    for operation in operations.body["items"].as_array().unwrap() {
+        let about: Vec<&Value> = items.iter().filter(|e| e["data"]["operation_id"] == operation["id"]).collect();
+        let queued = about.first().unwrap_or_else(|| panic!("no event about {operation}"));
+        assert_ne!(queued["type"], "operation.assigned", "queued first: {about:?}");
+        let assigned: Vec<&&Value> = about.iter().filter(|e| e["type"] == "operation.assigned").collect();
+        assert!(!assigned.is_empty(), "never assigned: {about:?}");
+        for event in assigned {
+            assert_eq!(event["data"]["token"], event["seq"], "the assigning entry's index is the token: {event}");
+            assert!(event["seq"].as_u64() >= queued["seq"].as_u64(), "{about:?}");
+        }
+    }
     assert_eq!(items[0]["type"], "runtime.created");
     assert_eq!(items[0]["actor"], "human");
     assert!(items.iter().any(|e| e["type"] == "lifecycle.scale" && e["data"]["action"] == "scale"));
     assert!(items.iter().any(|e| e["actor"] == "system"), "the executor's progress is the system's");
-    let limited = cluster.call(2, Method::GET, &format!("/v1/runtimes/{id}/events?limit=2"), None, &[]).await?;
+    let limited =
+        cluster.call_eventually(2, Method::GET, &format!("/v1/runtimes/{id}/events?limit=2"), None, &[]).await?;
     assert_eq!(limited.body["items"].as_array().unwrap().len(), 2);
     let last_ts = items.last().unwrap()["ts"].as_str().unwrap();
     let since = cluster
-        .call(3, Method::GET, &format!("/v1/runtimes/{id}/events?since={}", last_ts.replace('+', "%2B")), None, &[])
+        .call_eventually(
+            3,
+            Method::GET,
+            &format!("/v1/runtimes/{id}/events?since={}", last_ts.replace('+', "%2B")),
+            None,
+            &[],
+        )
         .await?;
     let recent = since.body["items"].as_array().unwrap();
     assert!(!recent.is_empty() && recent.len() < items.len(), "{since:?}");
 
     phase("delete: 202, deleting, then gone; the name is free and the audit trail stays");
-    let deleted = cluster.call(2, Method::DELETE, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    let deleted = cluster.call_eventually(2, Method::DELETE, &format!("/v1/runtimes/{id}"), None, &[]).await?;
     assert_eq!(deleted.status, 202, "{deleted:?}");
     assert_eq!(cluster.wait_operation(3, deleted.body["id"].as_str().unwrap(), SETTLE).await?["status"], "succeeded");
-    let gone = cluster.call(1, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    let gone = cluster.call_eventually(1, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
     assert!(is_problem(&gone, 404), "{gone:?}");
-    let trail = cluster.call(3, Method::GET, &format!("/v1/runtimes/{id}/events?limit=1000"), None, &[]).await?;
-    assert_eq!(trail.body["items"].as_array().unwrap().last().unwrap()["type"], "runtime.deleted");
+    let trail =
+        cluster.call_eventually(3, Method::GET, &format!("/v1/runtimes/{id}/events?limit=1000"), None, &[]).await?;
+    let trail = trail.body["items"].as_array().unwrap();
+    assert_eq!(trail.last().unwrap()["type"], "runtime.deleted");
+    // The entry that ends the delete writes two events: numbered 0 and 1 within its seq.
+    let ending: Vec<(u64, u64)> = trail[trail.len() - 2..].iter().map(seq_and_number).collect();
+    assert_eq!(trail[trail.len() - 2]["type"], "operation.succeeded", "{trail:?}");
+    assert_eq!((ending[0].0, ending[0].1, ending[1].1), (ending[1].0, 0, 1), "{trail:?}");
     let reuse = cluster
-        .call(3, Method::POST, "/v1/runtimes", Some(&json!({"name": "finance-prod", "type": "vm"})), &[])
+        .call_eventually(3, Method::POST, "/v1/runtimes", Some(&json!({"name": "finance-prod", "type": "vm"})), &[])
         .await?;
     assert_eq!(reuse.status, 201, "{reuse:?}");
     Ok(())
+}
+
+/// An event's seq (the index of the entry that wrote it) and its number within that entry.
+fn seq_and_number(event: &Value) -> (u64, u64) {
+    let within = event["id"].as_str().unwrap().rsplit('_').next().unwrap().parse().unwrap();
+    (event["seq"].as_u64().unwrap(), within)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,11 +241,11 @@ async fn bad_input_gets_the_right_problem_and_writes_nothing() -> anyhow::Result
         .await?;
     assert_eq!(response.status(), 413);
     phase("nothing malformed was written");
-    let list = cluster.call(3, Method::GET, "/v1/runtimes", None, &[]).await?;
+    let list = cluster.call_eventually(3, Method::GET, "/v1/runtimes", None, &[]).await?;
     assert_eq!(list.body["items"].as_array().unwrap().len(), 0, "{list:?}");
-    let unknown = cluster.call(1, Method::GET, "/v1/operations/op_nope", None, &[]).await?;
+    let unknown = cluster.call_eventually(1, Method::GET, "/v1/operations/op_nope", None, &[]).await?;
     assert!(is_problem(&unknown, 404));
-    let bad_size = cluster.call(1, Method::GET, "/v1/runtimes?page_size=0", None, &[]).await?;
+    let bad_size = cluster.call_eventually(1, Method::GET, "/v1/runtimes?page_size=0", None, &[]).await?;
     assert!(is_problem(&bad_size, 400), "{bad_size:?}");
     Ok(())
 }
@@ -227,43 +259,52 @@ async fn etags_guard_updates_and_lists_filter_and_page() -> anyhow::Result<()> {
     {
         let tenant = if i == 4 { "globex" } else { "acme" };
         let body = json!({"name": format!("rt-{i}"), "type": kind, "labels": {"env": env}});
-        let created =
-            cluster.call(1 + i as u64 % 3, Method::POST, "/v1/runtimes", Some(&body), &[("tenant_id", tenant)]).await?;
+        let created = cluster
+            .call_eventually(1 + i as u64 % 3, Method::POST, "/v1/runtimes", Some(&body), &[("tenant_id", tenant)])
+            .await?;
         assert_eq!(created.status, 201, "{created:?}");
         ids.push(created.body["id"].as_str().unwrap().to_string());
         // Let the create finish: the executor's progress changes the version too.
         cluster.wait_operation(1, created.body["active_operation"].as_str().unwrap(), SETTLE).await?;
     }
     phase("PATCH with the current ETag succeeds and bumps it; a stale one is 412");
-    let read = cluster.call(2, Method::GET, &format!("/v1/runtimes/{}", ids[0]), None, &[]).await?;
+    let read = cluster.call_eventually(2, Method::GET, &format!("/v1/runtimes/{}", ids[0]), None, &[]).await?;
     let etag = read.header("etag").unwrap().to_string();
     let patch = json!({"labels": {"team": "risk", "env": null}});
     let patched = cluster
-        .call(3, Method::PATCH, &format!("/v1/runtimes/{}", ids[0]), Some(&patch), &[("if-match", &etag)])
+        .call_eventually(3, Method::PATCH, &format!("/v1/runtimes/{}", ids[0]), Some(&patch), &[("if-match", &etag)])
         .await?;
     assert_eq!(patched.status, 200, "{patched:?}");
     assert_eq!(patched.body["labels"], json!({"team": "risk"}));
     assert_ne!(patched.header("etag").unwrap(), etag);
     let stale = cluster
-        .call(1, Method::PATCH, &format!("/v1/runtimes/{}", ids[0]), Some(&patch), &[("if-match", &etag)])
+        .call_eventually(1, Method::PATCH, &format!("/v1/runtimes/{}", ids[0]), Some(&patch), &[("if-match", &etag)])
         .await?;
     assert!(is_problem(&stale, 412), "{stale:?}");
     let stale_stop = cluster
-        .call(1, Method::POST, &format!("/v1/runtimes/{}/lifecycle/stop", ids[0]), None, &[("if-match", "\"1\"")])
+        .call_eventually(
+            1,
+            Method::POST,
+            &format!("/v1/runtimes/{}/lifecycle/stop", ids[0]),
+            None,
+            &[("if-match", "\"1\"")],
+        )
         .await?;
     assert!(is_problem(&stale_stop, 412), "{stale_stop:?}");
 
     phase("filters: tenant header, type, label selector; pages");
-    let acme = cluster.call(2, Method::GET, "/v1/runtimes", None, &[("tenant_id", "acme")]).await?;
+    let acme = cluster.call_eventually(2, Method::GET, "/v1/runtimes", None, &[("tenant_id", "acme")]).await?;
     assert_eq!(acme.body["items"].as_array().unwrap().len(), 4);
-    let hidden =
-        cluster.call(2, Method::GET, &format!("/v1/runtimes/{}", ids[4]), None, &[("tenant_id", "acme")]).await?;
+    let hidden = cluster
+        .call_eventually(2, Method::GET, &format!("/v1/runtimes/{}", ids[4]), None, &[("tenant_id", "acme")])
+        .await?;
     assert!(is_problem(&hidden, 404), "another tenant's runtime is not found: {hidden:?}");
-    let vms = cluster.call(3, Method::GET, "/v1/runtimes?type=vm", None, &[("tenant_id", "acme")]).await?;
+    let vms = cluster.call_eventually(3, Method::GET, "/v1/runtimes?type=vm", None, &[("tenant_id", "acme")]).await?;
     assert_eq!(vms.body["items"].as_array().unwrap().len(), 2);
-    let prod = cluster.call(1, Method::GET, "/v1/runtimes?label_selector=env%3Dprod", None, &[]).await?;
+    let prod = cluster.call_eventually(1, Method::GET, "/v1/runtimes?label_selector=env%3Dprod", None, &[]).await?;
     assert_eq!(prod.body["items"].as_array().unwrap().len(), 3, "{prod:?}");
-    let not_prod = cluster.call(1, Method::GET, "/v1/runtimes?label_selector=env!%3Dprod,!team", None, &[]).await?;
+    let not_prod =
+        cluster.call_eventually(1, Method::GET, "/v1/runtimes?label_selector=env!%3Dprod,!team", None, &[]).await?;
     assert_eq!(not_prod.body["items"].as_array().unwrap().len(), 1, "{not_prod:?}");
     let mut seen = Vec::new();
     let mut token = String::new();
@@ -273,7 +314,7 @@ async fn etags_guard_updates_and_lists_filter_and_page() -> anyhow::Result<()> {
         } else {
             format!("/v1/runtimes?page_size=2&page_token={token}")
         };
-        let page = cluster.call(2, Method::GET, &path, None, &[]).await?;
+        let page = cluster.call_eventually(2, Method::GET, &path, None, &[]).await?;
         seen.extend(page.body["items"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_string()));
         match page.body["next_page_token"].as_str() {
             Some(next) => token = next.to_string(),
@@ -288,15 +329,18 @@ async fn etags_guard_updates_and_lists_filter_and_page() -> anyhow::Result<()> {
 async fn idempotency_keys_return_the_first_reply_on_any_node() -> anyhow::Result<()> {
     let cluster = cluster().await?;
     let body = json!({"name": "once", "type": "sandbox"});
-    let first = cluster.call(1, Method::POST, "/v1/runtimes", Some(&body), &[("idempotency-key", "k-1")]).await?;
+    let first =
+        cluster.call_eventually(1, Method::POST, "/v1/runtimes", Some(&body), &[("idempotency-key", "k-1")]).await?;
     assert_eq!(first.status, 201);
     for via in [2, 3, 1] {
-        let retry = cluster.call(via, Method::POST, "/v1/runtimes", Some(&body), &[("idempotency-key", "k-1")]).await?;
+        let retry = cluster
+            .call_eventually(via, Method::POST, "/v1/runtimes", Some(&body), &[("idempotency-key", "k-1")])
+            .await?;
         assert_eq!(retry.status, 201, "{retry:?}");
         assert_eq!(retry.body["id"], first.body["id"], "same runtime, not a second one");
     }
     let reused = cluster
-        .call(
+        .call_eventually(
             2,
             Method::POST,
             "/v1/runtimes",
@@ -309,7 +353,7 @@ async fn idempotency_keys_return_the_first_reply_on_any_node() -> anyhow::Result
     let stop_op = cluster.wait_operation(2, first.body["active_operation"].as_str().unwrap(), SETTLE).await?;
     assert_eq!(stop_op["status"], "succeeded");
     let stop_path = format!("/v1/runtimes/{id}/lifecycle/stop");
-    let stop = |via| cluster.call(via, Method::POST, &stop_path, None, &[("idempotency-key", "stop-1")]);
+    let stop = |via| cluster.call_eventually(via, Method::POST, &stop_path, None, &[("idempotency-key", "stop-1")]);
     let (a, b) = (stop(3).await?, stop(1).await?);
     assert_eq!((a.status, b.status), (202, 202), "{a:?} {b:?}");
     assert_eq!(a.body["id"], b.body["id"], "one stop operation");
@@ -318,25 +362,28 @@ async fn idempotency_keys_return_the_first_reply_on_any_node() -> anyhow::Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_can_be_cancelled_until_they_finish() -> anyhow::Result<()> {
+    // A vCluster, whose simulated driver here takes ten minutes per call (libvirt's test driver
+    // takes none, and an operation starts as soon as it is queued): the create is still under
+    // way however slowly the requests below are served. The cluster is this test's own.
     let cluster = Cluster::start(
         3,
-        ClusterOptions { extra_args: vec!["--simulated-step-ms".into(), "1500".into()], ..Default::default() },
+        ClusterOptions { extra_args: vec!["--simulated-step-ms".into(), "600000".into()], ..Default::default() },
     )
     .await?;
-    // A vCluster: the simulated driver takes 1.5 s per call (libvirt's test driver takes none,
-    // and an operation starts as soon as it is queued).
-    let created =
-        cluster.call(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "slow", "type": "vcluster"})), &[]).await?;
+    let created = cluster
+        .call_eventually(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "slow", "type": "vcluster"})), &[])
+        .await?;
     let id = created.body["id"].as_str().unwrap().to_string();
     let op = created.body["active_operation"].as_str().unwrap().to_string();
-    let busy = cluster.call(2, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/stop"), None, &[]).await?;
+    let busy =
+        cluster.call_eventually(2, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/stop"), None, &[]).await?;
     assert!(is_problem(&busy, 409), "one operation at a time: {busy:?}");
-    let cancelled = cluster.call(3, Method::POST, &format!("/v1/operations/{op}/cancel"), None, &[]).await?;
+    let cancelled = cluster.call_eventually(3, Method::POST, &format!("/v1/operations/{op}/cancel"), None, &[]).await?;
     assert_eq!(cancelled.status, 200, "{cancelled:?}");
     assert_eq!(cancelled.body["status"], "cancelled");
-    let runtime = cluster.call(1, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    let runtime = cluster.call_eventually(1, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
     assert_eq!(runtime.body["state"], "error", "a cancelled create leaves no backend: {runtime:?}");
-    let twice = cluster.call(2, Method::POST, &format!("/v1/operations/{op}/cancel"), None, &[]).await?;
+    let twice = cluster.call_eventually(2, Method::POST, &format!("/v1/operations/{op}/cancel"), None, &[]).await?;
     assert!(is_problem(&twice, 409), "{twice:?}");
     Ok(())
 }
@@ -348,17 +395,19 @@ async fn policies_are_created_listed_and_deleted_through_any_node() -> anyhow::R
         {"kind": "data_egress", "params": {"deny_open_egress": false}},
         {"kind": "require_approval", "selector": {"actions": ["stop"]}}
     ]});
-    let created = cluster.call(2, Method::POST, "/v1/policies", Some(&body), &[("tenant_id", "acme")]).await?;
+    let created =
+        cluster.call_eventually(2, Method::POST, "/v1/policies", Some(&body), &[("tenant_id", "acme")]).await?;
     assert_eq!(created.status, 201, "{created:?}");
     assert_eq!(created.body["rules"][0]["params"]["deny_open_egress"], false, "free-form JSON survives the log");
     let id = created.body["id"].as_str().unwrap();
-    let listed =
-        cluster.call(3, Method::GET, "/v1/policies?scope_env=production", None, &[("tenant_id", "acme")]).await?;
+    let listed = cluster
+        .call_eventually(3, Method::GET, "/v1/policies?scope_env=production", None, &[("tenant_id", "acme")])
+        .await?;
     assert_eq!(listed.body["items"].as_array().unwrap().len(), 1);
-    let other_env = cluster.call(3, Method::GET, "/v1/policies?scope_env=staging", None, &[]).await?;
+    let other_env = cluster.call_eventually(3, Method::GET, "/v1/policies?scope_env=staging", None, &[]).await?;
     assert_eq!(other_env.body["items"].as_array().unwrap().len(), 0);
     let bad = cluster
-        .call(
+        .call_eventually(
             1,
             Method::POST,
             "/v1/policies",
@@ -368,9 +417,9 @@ async fn policies_are_created_listed_and_deleted_through_any_node() -> anyhow::R
         .await?;
     assert!(is_problem(&bad, 400), "{bad:?}");
     assert_eq!(bad.body["errors"][0]["path"], "$.rules[0].kind");
-    let deleted = cluster.call(1, Method::DELETE, &format!("/v1/policies/{id}"), None, &[]).await?;
+    let deleted = cluster.call_eventually(1, Method::DELETE, &format!("/v1/policies/{id}"), None, &[]).await?;
     assert_eq!(deleted.status, 204);
-    let gone = cluster.call(2, Method::GET, &format!("/v1/policies/{id}"), None, &[]).await?;
+    let gone = cluster.call_eventually(2, Method::GET, &format!("/v1/policies/{id}"), None, &[]).await?;
     assert!(is_problem(&gone, 404));
     Ok(())
 }
@@ -410,7 +459,7 @@ async fn every_acknowledged_create_is_applied_exactly_once_across_a_leader_kill(
     phase("every acknowledged create is there exactly once, on both survivors");
     for via in &followers {
         let list = cluster
-            .call(*via, Method::GET, "/v1/runtimes?label_selector=stream%3Dyes&page_size=200", None, &[])
+            .call_eventually(*via, Method::GET, "/v1/runtimes?label_selector=stream%3Dyes&page_size=200", None, &[])
             .await?;
         let mut names: Vec<String> =
             list.body["items"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap().to_string()).collect();
@@ -432,7 +481,7 @@ async fn every_node_serves_the_committed_openapi_document() -> anyhow::Result<()
     let cluster = Cluster::start(3, ClusterOptions::default()).await?;
     let committed: Value = serde_json::from_str(include_str!("../../api/openapi.json"))?;
     for via in 1..=3 {
-        let served = cluster.call(via, Method::GET, "/v1/openapi.json", None, &[]).await?;
+        let served = cluster.call_eventually(via, Method::GET, "/v1/openapi.json", None, &[]).await?;
         assert_eq!(served.status, 200);
         assert!(served.body == committed, "node {via} serves a document that differs from api/openapi.json");
     }
@@ -442,7 +491,7 @@ async fn every_node_serves_the_committed_openapi_document() -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_retention_is_a_cluster_setting_every_node_applies() -> anyhow::Result<()> {
     let cluster = cluster().await?;
-    let defaults = cluster.call(1, Method::GET, "/v1/cluster/settings", None, &[]).await?;
+    let defaults = cluster.call_eventually(1, Method::GET, "/v1/cluster/settings", None, &[]).await?;
     assert_eq!(
         (defaults.body["event_retention_count"].as_u64(), defaults.body["event_retention_days"].as_u64()),
         (Some(1000), Some(30))
@@ -451,7 +500,7 @@ async fn event_retention_is_a_cluster_setting_every_node_applies() -> anyhow::Re
         defaults.body["sizes"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["small", "medium", "large", "xlarge"]);
     let bad = cluster
-        .call(
+        .call_eventually(
             2,
             Method::PUT,
             "/v1/cluster/settings",
@@ -461,7 +510,7 @@ async fn event_retention_is_a_cluster_setting_every_node_applies() -> anyhow::Re
         .await?;
     assert!(is_problem(&bad, 422), "{bad:?}");
     let set = cluster
-        .call(
+        .call_eventually(
             2,
             Method::PUT,
             "/v1/cluster/settings",
@@ -470,19 +519,23 @@ async fn event_retention_is_a_cluster_setting_every_node_applies() -> anyhow::Re
         )
         .await?;
     assert_eq!(set.status, 200, "{set:?}");
-    let created =
-        cluster.call(3, Method::POST, "/v1/runtimes", Some(&json!({"name": "chatty", "type": "vm"})), &[]).await?;
+    let created = cluster
+        .call_eventually(3, Method::POST, "/v1/runtimes", Some(&json!({"name": "chatty", "type": "vm"})), &[])
+        .await?;
     let id = created.body["id"].as_str().unwrap().to_string();
     cluster.wait_operation(1, created.body["active_operation"].as_str().unwrap(), SETTLE).await?;
     for i in 0..3 {
         let patch = json!({"labels": {"round": i.to_string()}});
         assert_eq!(
-            cluster.call(1 + i % 3, Method::PATCH, &format!("/v1/runtimes/{id}"), Some(&patch), &[]).await?.status,
+            cluster
+                .call_eventually(1 + i % 3, Method::PATCH, &format!("/v1/runtimes/{id}"), Some(&patch), &[])
+                .await?
+                .status,
             200
         );
     }
     for via in 1..=3 {
-        let events = cluster.call(via, Method::GET, &format!("/v1/runtimes/{id}/events"), None, &[]).await?;
+        let events = cluster.call_eventually(via, Method::GET, &format!("/v1/runtimes/{id}/events"), None, &[]).await?;
         let items = events.body["items"].as_array().unwrap();
         assert_eq!(items.len(), 4, "node {via}: {events:?}");
         assert_eq!(items.last().unwrap()["data"]["labels"]["round"], "2");
@@ -493,20 +546,20 @@ async fn event_retention_is_a_cluster_setting_every_node_applies() -> anyhow::Re
         {"name": "tiny", "cpu": 0.5, "memory": "1Gi", "replicas": 1, "cost_per_hour": 0.01},
         {"name": "huge", "cpu": 16.0, "memory": "64Gi", "replicas": 2, "cost_per_hour": 3.0}
     ]});
-    let set = cluster.call(3, Method::PUT, "/v1/cluster/settings", Some(&catalogue), &[]).await?;
+    let set = cluster.call_eventually(3, Method::PUT, "/v1/cluster/settings", Some(&catalogue), &[]).await?;
     assert_eq!(set.status, 200, "{set:?}");
     let unordered = json!({"event_retention_count": 1, "event_retention_days": 1, "sizes": [
         {"name": "huge", "cpu": 16.0, "memory": "64Gi", "replicas": 2, "cost_per_hour": 3.0},
         {"name": "tiny", "cpu": 0.5, "memory": "1Gi", "replicas": 1, "cost_per_hour": 0.01}
     ]});
-    let refused = cluster.call(1, Method::PUT, "/v1/cluster/settings", Some(&unordered), &[]).await?;
+    let refused = cluster.call_eventually(1, Method::PUT, "/v1/cluster/settings", Some(&unordered), &[]).await?;
     assert!(is_problem(&refused, 422), "{refused:?}");
     let medium = json!({"name": "m", "type": "vm", "spec": {"size": "medium"}});
-    let refused = cluster.call(1, Method::POST, "/v1/runtimes", Some(&medium), &[]).await?;
+    let refused = cluster.call_eventually(1, Method::POST, "/v1/runtimes", Some(&medium), &[]).await?;
     assert!(is_problem(&refused, 422), "{refused:?}");
     assert!(refused.body["detail"].as_str().unwrap().contains("tiny, huge"), "{refused:?}");
     let tiny = json!({"name": "t", "type": "vm", "spec": {"size": "tiny"}});
-    assert_eq!(cluster.call(2, Method::POST, "/v1/runtimes", Some(&tiny), &[]).await?.status, 201);
+    assert_eq!(cluster.call_eventually(2, Method::POST, "/v1/runtimes", Some(&tiny), &[]).await?.status, 201);
     Ok(())
 }
 
@@ -514,7 +567,7 @@ async fn event_retention_is_a_cluster_setting_every_node_applies() -> anyhow::Re
 async fn agents_execute_a_checked_list_of_actions_as_one_operation() -> anyhow::Result<()> {
     let cluster = cluster().await?;
     let created = cluster
-        .call(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "agentic", "type": "vcluster"})), &[])
+        .call_eventually(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "agentic", "type": "vcluster"})), &[])
         .await?;
     let id = created.body["id"].as_str().unwrap().to_string();
     cluster.wait_operation(1, created.body["active_operation"].as_str().unwrap(), SETTLE).await?;
@@ -527,13 +580,15 @@ async fn agents_execute_a_checked_list_of_actions_as_one_operation() -> anyhow::
         {"type": "snapshot", "params": {"name": "pre-change"}},
         {"type": "start"}
     ]});
-    let accepted = cluster.call(2, Method::POST, &execute, Some(&body), &[("x-actor", "agent:planner")]).await?;
+    let accepted =
+        cluster.call_eventually(2, Method::POST, &execute, Some(&body), &[("x-actor", "agent:planner")]).await?;
     assert_eq!(accepted.status, 202, "{accepted:?}");
     assert_eq!(accepted.body["kind"], "execute");
     let statuses: Vec<&str> =
         accepted.body["results"].as_array().unwrap().iter().map(|r| r["status"].as_str().unwrap()).collect();
     assert_eq!(statuses, ["pending"; 4]);
-    let replay = cluster.call(3, Method::POST, &execute, Some(&body), &[("x-actor", "agent:planner")]).await?;
+    let replay =
+        cluster.call_eventually(3, Method::POST, &execute, Some(&body), &[("x-actor", "agent:planner")]).await?;
     assert_eq!(replay.body["id"], accepted.body["id"], "the idempotency key in the body works like the header");
     let done = cluster.wait_operation(1, accepted.body["id"].as_str().unwrap(), SETTLE).await?;
     assert_eq!(done["status"], "succeeded", "{done}");
@@ -547,11 +602,11 @@ async fn agents_execute_a_checked_list_of_actions_as_one_operation() -> anyhow::
         results,
         [("stop", "succeeded"), ("scale", "succeeded"), ("snapshot", "succeeded"), ("start", "succeeded")]
     );
-    let runtime = cluster.call(3, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    let runtime = cluster.call_eventually(3, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
     assert_eq!(runtime.body["state"], "running");
     assert_eq!(runtime.body["spec"]["size"], "large");
     assert_eq!(runtime.body["snapshots"][0]["name"], "pre-change");
-    let events = cluster.call(2, Method::GET, &format!("/v1/runtimes/{id}/events"), None, &[]).await?;
+    let events = cluster.call_eventually(2, Method::GET, &format!("/v1/runtimes/{id}/events"), None, &[]).await?;
     let execute_event =
         events.body["items"].as_array().unwrap().iter().find(|e| e["type"] == "lifecycle.execute").cloned().unwrap();
     assert_eq!(
@@ -574,13 +629,14 @@ async fn agents_execute_a_checked_list_of_actions_as_one_operation() -> anyhow::
         (json!({"actions": []}), 400, Some("$.actions")),
     ];
     for (body, status, path) in cases {
-        let response = cluster.call(1, Method::POST, &execute, Some(&body), &[]).await?;
+        let response = cluster.call_eventually(1, Method::POST, &execute, Some(&body), &[]).await?;
         assert!(is_problem(&response, status), "{body}: {response:?}");
         if let Some(path) = path {
             assert_eq!(response.body["errors"][0]["path"], path, "{body}: {response:?}");
         }
     }
-    let operations = cluster.call(3, Method::GET, &format!("/v1/runtimes/{id}/operations"), None, &[]).await?;
+    let operations =
+        cluster.call_eventually(3, Method::GET, &format!("/v1/runtimes/{id}/operations"), None, &[]).await?;
     assert_eq!(operations.body["items"].as_array().unwrap().len(), 2, "refused requests queue nothing");
     Ok(())
 }
@@ -589,13 +645,19 @@ async fn agents_execute_a_checked_list_of_actions_as_one_operation() -> anyhow::
 async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
     let cluster = cluster().await?;
     let body = json!({"name": "risk-api", "type": "vm", "spec": {"size": "large", "resources": {"replicas": 3}}, "labels": {"env": "production"}});
-    let created = cluster.call(1, Method::POST, "/v1/runtimes", Some(&body), &[]).await?;
+    let created = cluster.call_eventually(1, Method::POST, "/v1/runtimes", Some(&body), &[]).await?;
     let id = created.body["id"].as_str().unwrap().to_string();
     cluster.wait_operation(1, created.body["active_operation"].as_str().unwrap(), SETTLE).await?;
 
     phase("actions/plan answers without running anything");
     let plan = cluster
-        .call(2, Method::POST, &format!("/v1/runtimes/{id}/actions/plan"), Some(&json!({"goal": "reduce cost"})), &[])
+        .call_eventually(
+            2,
+            Method::POST,
+            &format!("/v1/runtimes/{id}/actions/plan"),
+            Some(&json!({"goal": "reduce cost"})),
+            &[],
+        )
         .await?;
     assert_eq!(plan.status, 200, "{plan:?}");
     let kinds: Vec<&str> =
@@ -606,7 +668,13 @@ async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
     phase("an intent through a follower: planned, then executed as one operation");
     let intent_body = json!({"goal": "reduce cost while keeping latency < 50ms", "constraints": {"availability": "high"}, "context": {"env": "production"}});
     let submitted = cluster
-        .call(3, Method::POST, &format!("/v1/runtimes/{id}/intent"), Some(&intent_body), &[("x-actor", "agent:finops")])
+        .call_eventually(
+            3,
+            Method::POST,
+            &format!("/v1/runtimes/{id}/intent"),
+            Some(&intent_body),
+            &[("x-actor", "agent:finops")],
+        )
         .await?;
     assert_eq!(submitted.status, 202, "{submitted:?}");
     assert_eq!(submitted.body["status"], "pending_approval", "safe_first: a downsize waits for a human");
@@ -614,13 +682,14 @@ async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
     assert_eq!(decisions.len(), 2, "one decision per planned action: {submitted:?}");
     let operation_id = submitted.body["operation_id"].as_str().unwrap();
     let approve = format!("/v1/operations/{operation_id}/approve");
-    let own = cluster.call(1, Method::POST, &approve, None, &[("x-actor", "agent:finops")]).await?;
+    let own = cluster.call_eventually(1, Method::POST, &approve, None, &[("x-actor", "agent:finops")]).await?;
     assert!(is_problem(&own, 403), "the agent cannot approve its own intent: {own:?}");
-    let approved = cluster.call(2, Method::POST, &approve, None, &[("x-actor", "human:cfo")]).await?;
+    let approved = cluster.call_eventually(2, Method::POST, &approve, None, &[("x-actor", "human:cfo")]).await?;
     assert_eq!(approved.status, 200, "{approved:?}");
     assert_eq!(cluster.wait_operation(1, operation_id, SETTLE).await?["status"], "succeeded");
     let intent_id = submitted.body["intent_id"].as_str().unwrap();
-    let record = cluster.call(2, Method::GET, &format!("/v1/runtimes/{id}/intent/{intent_id}"), None, &[]).await?;
+    let record =
+        cluster.call_eventually(2, Method::GET, &format!("/v1/runtimes/{id}/intent/{intent_id}"), None, &[]).await?;
     assert_eq!(record.status, 200, "{record:?}");
     assert_eq!(record.body["status"], "succeeded");
     assert_eq!(record.body["request"]["goal"], intent_body["goal"]);
@@ -632,12 +701,12 @@ async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
         .collect();
     assert_eq!(executed, ["succeeded", "succeeded"]);
     assert!(!record.body["result"]["recommendations"].as_array().unwrap().is_empty());
-    let runtime = cluster.call(1, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    let runtime = cluster.call_eventually(1, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
     assert_eq!(runtime.body["spec"]["size"], "medium");
 
     phase("a constraint that rules out the only option, and a goal the planner does not know, are 422");
     let blocked = cluster
-        .call(
+        .call_eventually(
             1,
             Method::POST,
             &format!("/v1/runtimes/{id}/intent"),
@@ -648,7 +717,13 @@ async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
     assert!(is_problem(&blocked, 422), "{blocked:?}");
     assert!(blocked.body["detail"].as_str().unwrap().contains("cost optimize"), "{blocked:?}");
     let unknown = cluster
-        .call(2, Method::POST, &format!("/v1/runtimes/{id}/intent"), Some(&json!({"goal": "make it web scale"})), &[])
+        .call_eventually(
+            2,
+            Method::POST,
+            &format!("/v1/runtimes/{id}/intent"),
+            Some(&json!({"goal": "make it web scale"})),
+            &[],
+        )
         .await?;
     assert!(is_problem(&unknown, 422), "{unknown:?}");
     assert!(
@@ -658,7 +733,7 @@ async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
 
     phase("a dry run plans and runs nothing");
     let dry = cluster
-        .call(
+        .call_eventually(
             3,
             Method::POST,
             &format!("/v1/runtimes/{id}/intent"),
@@ -671,7 +746,7 @@ async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
     assert!(dry.body["operation_id"].is_null());
     assert_eq!(dry.body["planned_actions"][0]["params"]["size"], "large");
     assert_eq!(dry.body["decisions"][0]["verdict"], "require_approval", "a dry run previews the policies: {dry:?}");
-    let runtime = cluster.call(1, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    let runtime = cluster.call_eventually(1, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
     assert_eq!(runtime.body["spec"]["size"], "medium", "a dry run changes nothing");
     Ok(())
 }
@@ -679,15 +754,17 @@ async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_read_endpoint_answers_the_same_through_every_node() -> anyhow::Result<()> {
     let cluster = cluster().await?;
-    let created =
-        cluster.call(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "same", "type": "sandbox"})), &[]).await?;
+    let created = cluster
+        .call_eventually(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "same", "type": "sandbox"})), &[])
+        .await?;
     let id = created.body["id"].as_str().unwrap().to_string();
     let create_op = created.body["active_operation"].as_str().unwrap().to_string();
     cluster.wait_operation(2, &create_op, SETTLE).await?;
-    let snap = cluster.call(2, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/snapshot"), None, &[]).await?;
+    let snap =
+        cluster.call_eventually(2, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/snapshot"), None, &[]).await?;
     cluster.wait_operation(3, snap.body["id"].as_str().unwrap(), SETTLE).await?;
     let intent = cluster
-        .call(
+        .call_eventually(
             3,
             Method::POST,
             &format!("/v1/runtimes/{id}/intent"),
@@ -698,7 +775,13 @@ async fn every_read_endpoint_answers_the_same_through_every_node() -> anyhow::Re
     let intent_id = intent.body["intent_id"].as_str().unwrap().to_string();
     cluster.wait_operation(1, intent.body["operation_id"].as_str().unwrap(), SETTLE).await?;
     let policy = cluster
-        .call(1, Method::POST, "/v1/policies", Some(&json!({"name": "p", "rules": [{"kind": "deny_action"}]})), &[])
+        .call_eventually(
+            1,
+            Method::POST,
+            "/v1/policies",
+            Some(&json!({"name": "p", "rules": [{"kind": "deny_action"}]})),
+            &[],
+        )
         .await?;
     let policy_id = policy.body["id"].as_str().unwrap().to_string();
     let paths = [
@@ -715,18 +798,29 @@ async fn every_read_endpoint_answers_the_same_through_every_node() -> anyhow::Re
         "/v1/cluster/settings".to_string(),
         "/v1/health".to_string(),
     ];
+    // Executors report their runtimes' signals now and then: a report committed between two of
+    // the three reads changes the answer, so the three are read again until they agree (the
+    // reads are linearizable: with no write in between they must).
     for path in &paths {
-        let mut bodies = Vec::new();
-        for via in 1..=3 {
-            let response = cluster.call(via, Method::GET, path, None, &[]).await?;
-            assert_eq!(response.status, 200, "GET {path} through node {via}: {response:?}");
-            let mut body = response.body;
-            if let Some(object) = body.as_object_mut() {
-                object.remove("observed_at");
+        let mut tries = 0;
+        loop {
+            let mut bodies = Vec::new();
+            for via in 1..=3 {
+                let response = cluster.call_eventually(via, Method::GET, path, None, &[]).await?;
+                assert_eq!(response.status, 200, "GET {path} through node {via}: {response:?}");
+                let mut body = response.body;
+                if let Some(object) = body.as_object_mut() {
+                    object.remove("observed_at");
+                }
+                bodies.push(body);
             }
-            bodies.push(body);
+            if bodies.windows(2).all(|w| w[0] == w[1]) {
+                break;
+            }
+            tries += 1;
+            assert!(tries < 20, "GET {path} differs between nodes, {tries} times in a row: {bodies:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(bodies.windows(2).all(|w| w[0] == w[1]), "GET {path} differs between nodes: {bodies:?}");
     }
     Ok(())
 }
@@ -737,11 +831,15 @@ async fn concurrent_writes_through_a_follower_each_get_their_own_answer() -> any
     let leader = cluster.wait_leader(SETTLE).await?;
     let follower = (1..=3).find(|n| *n != leader).expect("a follower");
     phase("64 creates at once through one follower (forwarded to the leader in batches); 16 names twice");
+    // Under load a create may be answered 503 with Retry-After: it is asked again, with the
+    // idempotency key it was sent with (see `call_eventually`), so each still has one outcome.
     let names: Vec<String> = (0..64).map(|i| format!("batch-{}", i % 48)).collect();
     let cluster = &cluster;
     let calls = names.iter().map(|name| {
         let body = json!({"name": name, "type": "vcluster"});
-        async move { (name.clone(), cluster.call(follower, Method::POST, "/v1/runtimes", Some(&body), &[]).await) }
+        async move {
+            (name.clone(), cluster.call_eventually(follower, Method::POST, "/v1/runtimes", Some(&body), &[]).await)
+        }
     });
     let mut created = std::collections::BTreeMap::new();
     let mut refused = 0;
@@ -762,7 +860,7 @@ async fn concurrent_writes_through_a_follower_each_get_their_own_answer() -> any
         }
     }
     assert_eq!((created.len(), refused), (48, 16), "each name created once, each second try refused");
-    let listed = cluster.call(leader, Method::GET, "/v1/runtimes?page_size=100", None, &[]).await?;
+    let listed = cluster.call_eventually(leader, Method::GET, "/v1/runtimes?page_size=100", None, &[]).await?;
     let mut listed: Vec<(String, Value)> = listed.body["items"]
         .as_array()
         .expect("items")
@@ -780,16 +878,16 @@ async fn reads_sharing_a_read_index_see_every_write_acknowledged_before_them() -
     let leader = cluster.wait_leader(SETTLE).await?;
     let follower = (1..=3).find(|n| *n != leader).expect("a follower");
     let created = cluster
-        .call(leader, Method::POST, "/v1/runtimes", Some(&json!({"name": "reg", "type": "vcluster"})), &[])
+        .call_eventually(leader, Method::POST, "/v1/runtimes", Some(&json!({"name": "reg", "type": "vcluster"})), &[])
         .await?;
     let path = format!("/v1/runtimes/{}", created.body["id"].as_str().expect("id"));
     let cluster = &cluster;
     for round in 0..5 {
         phase(&format!("round {round}: a label written through the leader, then 32 reads at once through a follower"));
         let patch = json!({"labels": {"round": round.to_string()}});
-        let patched = cluster.call(leader, Method::PATCH, &path, Some(&patch), &[]).await?;
+        let patched = cluster.call_eventually(leader, Method::PATCH, &path, Some(&patch), &[]).await?;
         assert_eq!(patched.status, 200, "{patched:?}");
-        let reads = (0..32).map(|_| cluster.call(follower, Method::GET, &path, None, &[]));
+        let reads = (0..32).map(|_| cluster.call_eventually(follower, Method::GET, &path, None, &[]));
         for read in futures::future::join_all(reads).await {
             let read = read?;
             assert_eq!(read.status, 200, "{read:?}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::json;
 
-use runtimeai_tests::{phase, Cluster, ClusterOptions};
+use runtimeai_tests::{phase, Cluster, ClusterOptions, Eventually};
 
 fn run(program: &str, args: &[&str]) -> Result<(), String> {
     match Command::new(program).args(args).output() {
@@ -44,13 +44,16 @@ fn hypervisor() -> Result<(), String> {
             run(daemon, &["-d"])?;
         }
     }
-    for _ in 0..50 {
+    // A freshly started libvirtd on a loaded machine can take a while to answer: a generous
+    // wait, since giving up here skips the test silently.
+    let deadline = std::time::Instant::now() + runtimeai_tests::EVENTUALLY;
+    while std::time::Instant::now() < deadline {
         if run("virsh", &["-c", "qemu:///system", "version"]).is_ok() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    Err("libvirtd did not answer on qemu:///system".into())
+    Err(format!("libvirtd did not answer on qemu:///system within {:?}", runtimeai_tests::EVENTUALLY))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,11 +73,11 @@ async fn a_vm_lives_its_whole_lifecycle_on_qemu() -> anyhow::Result<()> {
         {"name": "tiny", "cpu": 1.0, "memory": "64Mi", "replicas": 1, "cost_per_hour": 0.01},
         {"name": "wee", "cpu": 2.0, "memory": "96Mi", "replicas": 1, "cost_per_hour": 0.02}
     ]});
-    assert_eq!(cluster.call(1, Method::PUT, "/v1/cluster/settings", Some(&tiny), &[]).await?.status, 200);
+    assert_eq!(cluster.call_eventually(1, Method::PUT, "/v1/cluster/settings", Some(&tiny), &[]).await?.status, 200);
 
     phase("create: a qcow2 disk, a domain defined with our metadata, started");
     let created = cluster
-        .call(
+        .call_eventually(
             1,
             Method::POST,
             "/v1/runtimes",
@@ -97,7 +100,7 @@ async fn a_vm_lives_its_whole_lifecycle_on_qemu() -> anyhow::Result<()> {
         let cluster = &cluster;
         let path = lifecycle(action);
         async move {
-            let accepted = cluster.call(1, Method::POST, &path, body.as_ref(), &[]).await?;
+            let accepted = cluster.call_eventually(1, Method::POST, &path, body.as_ref(), &[]).await?;
             anyhow::ensure!(accepted.status == 202, "{action}: {accepted:?}");
             let done = cluster.wait_operation(1, accepted.body["id"].as_str().unwrap(), long).await?;
             anyhow::ensure!(done["status"] == "succeeded", "{action}: {done}");
@@ -115,7 +118,7 @@ async fn a_vm_lives_its_whole_lifecycle_on_qemu() -> anyhow::Result<()> {
     let state = Command::new("virsh").args(["-c", "qemu:///system", "domstate", &domain]).output()?;
     assert_eq!(String::from_utf8_lossy(&state.stdout).trim(), "shut off");
     step("start", None).await?;
-    let accepted = cluster.call(1, Method::DELETE, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    let accepted = cluster.call_eventually(1, Method::DELETE, &format!("/v1/runtimes/{id}"), None, &[]).await?;
     let done = cluster.wait_operation(1, accepted.body["id"].as_str().unwrap(), long).await?;
     assert_eq!(done["status"], "succeeded", "{done}");
     let gone = Command::new("virsh").args(["-c", "qemu:///system", "domstate", &domain]).output()?;

@@ -5,7 +5,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use runtimeai_tests::{binary, free_port_range, phase, Cluster, ClusterOptions};
+use runtimeai_tests::{binary, free_port_range, phase, Cluster, ClusterOptions, EVENTUALLY};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_start_in_any_order_and_stay_not_ready_until_a_quorum_is_up() -> anyhow::Result<()> {
@@ -14,10 +14,11 @@ async fn nodes_start_in_any_order_and_stay_not_ready_until_a_quorum_is_up() -> a
     for id in 1..=3 {
         cluster.kill(id);
     }
+    // A restart appends to the node's log: only what this start writes counts below.
+    let log_before = std::fs::metadata(&cluster.node(3).log)?.len();
     cluster.spawn(3)?;
     // Without a quorum there is no leader: not ready, and writes are 503 with Retry-After.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let ready = cluster.client.get(cluster.node(3).url("/readyz")).send().await?;
+    let ready = first_answer(&cluster, &cluster.node(3).url("/readyz")).await?;
     assert_eq!(ready.status(), 503);
     assert_eq!(ready.headers()["content-type"], "application/problem+json");
     let write = cluster
@@ -28,19 +29,39 @@ async fn nodes_start_in_any_order_and_stay_not_ready_until_a_quorum_is_up() -> a
         .await?;
     assert_eq!(write.status(), 503);
     assert!(write.headers().contains_key("retry-after"));
-    let log = std::fs::read_to_string(&cluster.node(3).log)?;
-    assert!(log.contains("peer unreachable; retrying with backoff"), "{}", cluster.log_tail(3, 20));
+    let deadline = Instant::now() + EVENTUALLY;
+    loop {
+        let log = std::fs::read(&cluster.node(3).log)?;
+        let new = String::from_utf8_lossy(log.get(log_before as usize..).unwrap_or_default());
+        if new.contains("peer unreachable; retrying with backoff") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no unreachable peer logged\n{}", cluster.log_tail(3, 20));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     phase("start node 2: a quorum forms and both become ready");
     cluster.spawn(2)?;
-    cluster.wait_ready(3, Duration::from_secs(30)).await?;
-    cluster.wait_ready(2, Duration::from_secs(30)).await?;
-    let id = cluster.create_runtime_eventually(3, "after-quorum", Duration::from_secs(30)).await?;
+    cluster.wait_ready(3, EVENTUALLY).await?;
+    cluster.wait_ready(2, EVENTUALLY).await?;
+    let id = cluster.create_runtime_eventually(3, "after-quorum", EVENTUALLY).await?;
     phase("node 1 comes back last and catches up");
     cluster.spawn(1)?;
-    cluster.wait_ready(1, Duration::from_secs(30)).await?;
-    cluster.wait_replicated(1, &[id], Duration::from_secs(30)).await?;
+    cluster.wait_ready(1, EVENTUALLY).await?;
+    cluster.wait_replicated(1, &[id], EVENTUALLY).await?;
     Ok(())
+}
+
+/// The first HTTP answer from `url`: a node just started may not listen yet.
+async fn first_answer(cluster: &Cluster, url: &str) -> anyhow::Result<reqwest::Response> {
+    let deadline = Instant::now() + EVENTUALLY;
+    loop {
+        match cluster.client.get(url).send().await {
+            Ok(response) => return Ok(response),
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 #[test]
@@ -68,7 +89,8 @@ fn runtimeai_dev_starts_a_ready_cluster_and_stops_it_on_ctrl_c() {
             let _ = lines_tx.send(line);
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(90);
+    // Longer than dev itself waits for its cluster (180 s), so that dev's own message shows.
+    let deadline = Instant::now() + Duration::from_secs(200);
     let mut seen = Vec::new();
     while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
         let ready = line.contains("cluster ready");
