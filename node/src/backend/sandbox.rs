@@ -333,6 +333,15 @@ impl SandboxBackend {
         Ok(outcome)
     }
 
+    /// Archives the work directory to `archive`; a running sandbox is archived live, and the
+    /// answer says so (a file it writes meanwhile may be archived half-written).
+    async fn archive_work(&self, runtime: &Runtime, archive: &Path) -> Result<&'static str, BackendError> {
+        let running = self.alive(runtime).is_some();
+        let work = self.dir(runtime).join("work");
+        tar(&["-cf".as_ref(), archive.as_os_str(), "-C".as_ref(), work.as_os_str(), ".".as_ref()], running).await?;
+        Ok(if running { " (archived while it ran: a file written meanwhile may be torn)" } else { "" })
+    }
+
     /// The live processes of the sandbox: those in its cgroups and any working below its
     /// directory (what left its process group; with no cgroups, the only other trace).
     fn remaining_processes(&self, id: &str, dir: &Path) -> Vec<i32> {
@@ -449,7 +458,11 @@ fn launch(
     // A task reaps the child by its pid (`reap`); the handle itself is not needed.
     let pid = child.id() as i32;
     drop(child);
-    let start_ticks = start_ticks(pid).ok_or_else(|| BackendError::Retryable("the sandbox exited at once".into()))?;
+    // Our child is not reaped before `reap` waits for it: its entry is there even if it has
+    // already ended (a command that exits at once has still started).
+    let start_ticks = process_stat(pid)
+        .ok_or_else(|| BackendError::Retryable(format!("pid {pid} of the sandbox vanished before it was reaped")))?
+        .start_ticks;
     Ok(Launch { pid, start_ticks, memory_bytes: limit, cpu, network_isolated: !open_egress })
 }
 
@@ -476,16 +489,24 @@ fn kill_strays(dir: &Path) {
     }
 }
 
-/// Field 22 of /proc/<pid>/stat: when the process started, which tells a reused pid apart.
+/// Field 22 of /proc/<pid>/stat: when the process started, which tells a reused pid apart;
+/// `None` once it has ended (a zombie has ended: it only waits to be reaped).
 fn start_ticks(pid: i32) -> Option<u64> {
+    process_stat(pid).filter(|stat| !stat.ended).map(|stat| stat.start_ticks)
+}
+
+/// What /proc/<pid>/stat says of a process that exists, ended or not.
+struct ProcessStat {
+    start_ticks: u64,
+    ended: bool,
+}
+
+fn process_stat(pid: i32) -> Option<ProcessStat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces; the fields after it follow the last ')'.
     let after = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = after.split_whitespace().collect();
-    if fields.first() == Some(&"Z") {
-        return None;
-    }
-    fields.get(19)?.parse().ok()
+    Some(ProcessStat { start_ticks: fields.get(19)?.parse().ok()?, ended: fields.first() == Some(&"Z") })
 }
 
 /// Waits for the sandbox's process and records how it ended in `exit`.
@@ -558,14 +579,16 @@ fn launch_again(
     Ok(launch)
 }
 
-/// Runs `tar` with `args`, as a permanent error when it fails.
-async fn tar(args: &[&std::ffi::OsStr]) -> Result<(), BackendError> {
+/// Runs `tar` with `args`, as a permanent error when it fails. With `files_may_change`, its
+/// exit status 1 (GNU tar: a file changed while it was read; the archive is complete) is not
+/// a failure.
+async fn tar(args: &[&std::ffi::OsStr], files_may_change: bool) -> Result<(), BackendError> {
     let output = tokio::process::Command::new("tar")
         .args(args)
         .output()
         .await
         .map_err(|e| BackendError::Permanent(format!("cannot run tar: {e}")))?;
-    if output.status.success() {
+    if output.status.success() || (files_may_change && output.status.code() == Some(1)) {
         Ok(())
     } else {
         Err(BackendError::Permanent(format!("tar failed: {}", String::from_utf8_lossy(&output.stderr).trim())))
@@ -666,9 +689,8 @@ impl RuntimeBackend for SandboxBackend {
             let snapshots = dir.join("snapshots");
             std::fs::create_dir_all(&snapshots)?;
             let archive = snapshots.join(format!("{snapshot_id}.tar"));
-            tar(&["-cf".as_ref(), archive.as_os_str(), "-C".as_ref(), dir.join("work").as_os_str(), ".".as_ref()])
-                .await?;
-            Ok(format!("work directory archived as {snapshot_id}"))
+            let how = self.archive_work(runtime, &archive).await?;
+            Ok(format!("work directory archived as {snapshot_id}{how}"))
         })
         .await
     }
@@ -688,7 +710,7 @@ impl RuntimeBackend for SandboxBackend {
                 tokio::fs::remove_dir_all(&work).await?;
             }
             std::fs::create_dir_all(&work)?;
-            tar(&["-xf".as_ref(), archive.as_os_str(), "-C".as_ref(), work.as_os_str()]).await?;
+            tar(&["-xf".as_ref(), archive.as_os_str(), "-C".as_ref(), work.as_os_str()], false).await?;
             if was_running {
                 self.spawn(runtime, &resources)?;
                 return Ok(format!("work directory restored from {snapshot_id}; restarted"));
@@ -882,7 +904,9 @@ mod tests {
 
         let stopped = backend.stop(&cx("op_stop"), &runtime, false, Duration::from_secs(5)).await.unwrap();
         assert!(stopped.contains("SIGTERM"), "{stopped}");
-        assert_eq!(wait_status(&backend, &runtime, |o| *o == Observed::Stopped).await, Observed::Stopped);
+        // A stop returns once the sandbox's end is on record: stopped at once, not after a while.
+        assert!(root.path().join("rt_ps/exit").exists(), "how it ended is recorded before the stop returns");
+        assert_eq!(backend.status(&runtime).await.unwrap(), Observed::Stopped);
         backend.delete(&cx("op_delete"), &runtime).await.unwrap();
         assert_eq!(backend.status(&runtime).await.unwrap(), Observed::Missing);
     }
@@ -1016,12 +1040,17 @@ mod tests {
             for file in 0..3000 {
                 std::fs::write(many.join(file.to_string()), b"x").unwrap();
             }
-            backend.snapshot(&cx(&format!("op_s{round}")), &runtime, "s", "").await.unwrap();
+            // It writes all the time: the snapshot is taken live, and says so.
+            let archived = backend.snapshot(&cx(&format!("op_s{round}")), &runtime, "s", "").await.unwrap();
+            assert!(archived.contains("archived while it ran"), "{archived}");
             if round % 4 < 2 {
                 backend.restore(&cx(&format!("op_r{round}")), &runtime, "s").await.unwrap();
             } else {
                 backend.restart(&cx(&format!("op_r{round}")), &runtime).await.unwrap();
             }
+            let stopped = backend.stop(&cx(&format!("op_st{round}")), &runtime, false, Duration::from_secs(5)).await;
+            assert!(root.path().join(&id).join("exit").exists(), "round {round}: {stopped:?}, its end not on record");
+            backend.start(&cx(&format!("op_st{round}_again")), &runtime).await.unwrap();
             backend.delete(&cx(&format!("op_d{round}")), &runtime).await.unwrap();
             assert!(!root.path().join(&id).exists(), "round {round}: the directory is gone");
             assert_eq!(left_behind(&backend, root.path(), &id), Vec::<i32>::new(), "round {round}");
