@@ -161,22 +161,6 @@ async fn get(cluster: &Cluster, via: u64, path: &str) -> Option<(u16, Value)> {
     Some((response.status, response.body))
 }
 
-/// `GET path` through `via` until it answers 200 or `deadline` passes (one try at least): the
-/// body, or the last answer. A failed request or another status is only "not yet".
-async fn get_ok(cluster: &Cluster, via: u64, path: &str, deadline: Instant) -> Result<Value, String> {
-    loop {
-        let last = match cluster.call(via, reqwest::Method::GET, path, None, &[]).await {
-            Ok(response) if response.status == 200 => return Ok(response.body),
-            Ok(response) => format!("{} {}", response.status, response.body),
-            Err(error) => error.to_string(),
-        };
-        if Instant::now() > deadline {
-            return Err(last);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// How long a check waits for each thing it looks at to become true (a runtime replicated, a
 /// runtime's events the same everywhere), until one never does; after that, one look at each of
 /// the rest: the check has failed already, and a node that is down would otherwise make it wait
@@ -216,7 +200,7 @@ pub async fn acknowledged_writes(
     for &node in members {
         for runtime in &ack.runtimes {
             let path = format!("/v1/runtimes/{runtime}?consistency=stale");
-            if let Err(answer) = get_ok(cluster, node, &path, patience.deadline()).await {
+            if let Err(answer) = cluster.get_ok(node, &path, patience.deadline()).await {
                 problems.push(format!("node {node} lost acknowledged runtime {runtime}: {answer}"));
                 patience.give_up();
             }
@@ -320,7 +304,7 @@ async fn agreed_events(
         let mut streams = BTreeMap::new();
         let mut problems = Vec::new();
         for &node in members {
-            match get_ok(cluster, node, &path, deadline).await {
+            match cluster.get_ok(node, &path, deadline).await {
                 Ok(body) => {
                     streams.insert(node, body["items"].as_array().cloned().unwrap_or_default());
                 }

@@ -425,6 +425,23 @@ impl Cluster {
         Ok(Response { status, headers, body })
     }
 
+    /// `GET path` through `via` until it answers 200 or `deadline` passes (one try at least): the
+    /// body, or the last answer. A failed request or another status (e.g. 503 during an
+    /// election) is only "not yet".
+    pub async fn get_ok(&self, via: u64, path: &str, deadline: Instant) -> std::result::Result<Value, String> {
+        loop {
+            let last = match self.call(via, reqwest::Method::GET, path, None, &[]).await {
+                Ok(response) if response.status == 200 => return Ok(response.body),
+                Ok(response) => format!("{} {}", response.status, response.body),
+                Err(error) => error.to_string(),
+            };
+            if Instant::now() > deadline {
+                return Err(last);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Polls `GET /v1/operations/{id}` through `via` until the operation has finished. A failed
     /// request or an error status (e.g. 503 during an election) means "not finished yet": only
     /// the deadline ends the wait, and the last answer is what its error shows.

@@ -467,21 +467,10 @@ async fn create_register(cluster: &Cluster, name: &str) -> Result<String> {
     Ok(created.body["id"].as_str().unwrap_or_default().to_string())
 }
 
-/// `GET path` through `via` until it answers 200 or `within` has passed: a failed request or
-/// another status (e.g. 503 during an election) is retried; the last one is the error.
+/// `GET path` through `via` until it answers 200 or `within` has passed ([`Cluster::get_ok`]).
 async fn get_eventually(cluster: &Cluster, via: u64, path: &str, within: Duration) -> Result<serde_json::Value> {
-    let deadline = Instant::now() + within;
-    loop {
-        let last = match cluster.call(via, reqwest::Method::GET, path, None, &[]).await {
-            Ok(response) if response.status == 200 => return Ok(response.body),
-            Ok(response) => format!("{} {}", response.status, response.body),
-            Err(error) => error.to_string(),
-        };
-        if Instant::now() > deadline {
-            return Err(Error::Cluster(format!("GET {path} through node {via} after {within:?}: {last}")));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let last = cluster.get_ok(via, path, Instant::now() + within).await;
+    last.map_err(|last| Error::Cluster(format!("GET {path} through node {via} after {within:?}: {last}")))
 }
 
 /// Creates a runtime of the type every chaos node serves, through `via`.
