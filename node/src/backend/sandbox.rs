@@ -745,15 +745,9 @@ impl RuntimeBackend for SandboxBackend {
             if start_ticks(launch.pid) != Some(launch.start_ticks) {
                 continue;
             }
-            let group = Pid::from_raw(launch.pid);
-            let _ = killpg(group, Signal::SIGTERM);
-            for _ in 0..40 {
-                if start_ticks(launch.pid) != Some(launch.start_ticks) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            let _ = killpg(group, Signal::SIGKILL);
+            end_process_group(&launch, Duration::from_secs(2)).await;
+            // What is left of its group once the leader has ended.
+            let _ = killpg(Pid::from_raw(launch.pid), Signal::SIGKILL);
             ended += 1;
         }
         kill_strays(&self.root);
@@ -1082,5 +1076,31 @@ mod tests {
         eventually("a start runs it again", async || (lines(&dir.join("work/runs")) > runs).then_some(())).await;
         backend.delete(&cx("op_delete"), &agent).await.unwrap();
         assert!(!dir.exists());
+    }
+
+    #[tokio::test]
+    async fn a_clean_shutdown_ends_every_sandbox_of_the_node() {
+        if !namespaces_allowed() {
+            return;
+        }
+        let root = TestRoot::new();
+        let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap();
+        let quiet = sandbox("rt_quiet", "sleep 300");
+        // Ignores SIGTERM: the shutdown must SIGKILL it after its grace period.
+        let stubborn = sandbox("rt_stubborn", "trap '' TERM; echo up > up; while :; do sleep 1; done");
+        for runtime in [&quiet, &stubborn] {
+            backend.create(&cx(&format!("op_{}", runtime.id)), runtime, &ONE_GIB).await.unwrap();
+        }
+        read_when_there(root.path().join("rt_stubborn/work/up")).await;
+        backend.shutdown().await;
+        for runtime in [&quiet, &stubborn] {
+            let left = eventually("the sandbox's processes end", async || {
+                let left = left_behind(&backend, root.path(), &runtime.id);
+                left.is_empty().then_some(left)
+            })
+            .await;
+            assert_eq!(left, Vec::<i32>::new(), "{}", runtime.id);
+            assert!(backend.alive(runtime).is_none(), "{} still runs", runtime.id);
+        }
     }
 }
