@@ -8,7 +8,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use runtimeai_model::{Operation, OperationStatus};
+use runtimeai_model::Operation;
 use runtimeai_raft::{CommandReply, Op};
 
 use crate::extract::{tenant, Body, Consistency, OptionalBody, PathParam, QueryParams};
@@ -72,15 +72,7 @@ pub(crate) async fn cancel_operation(
     PathParam(operation_id): PathParam<String>,
 ) -> Result<Json<OperationView>, Problem> {
     read_operation(&state, &headers, &operation_id, Consistency::Linearizable).await?;
-    let op = Op::AdvanceOperation {
-        operation_id: operation_id.clone(),
-        status: OperationStatus::Cancelled,
-        progress: None,
-        error: None,
-        token: None,
-        completed_actions: None,
-        failed_action: None,
-    };
+    let op = Op::CancelOperation { operation_id: operation_id.clone() };
     match propose(&state, &headers, &format!("POST /v1/operations/{operation_id}/cancel"), &(), op).await? {
         CommandReply::Operation(operation) => Ok(Json(OperationView::from(&operation))),
         other => Err(Problem::unexpected_reply(other)),

@@ -118,6 +118,7 @@ impl From<Rejection> for Problem {
             Rejection::IllegalOperationStatus { .. } => (StatusCode::CONFLICT, "illegal-operation-status"),
             Rejection::PolicyDenied { .. } => (StatusCode::FORBIDDEN, "policy-denied"),
             Rejection::SelfApproval { .. } => (StatusCode::FORBIDDEN, "self-approval"),
+            Rejection::NotPermitted { .. } => (StatusCode::FORBIDDEN, "forbidden"),
             Rejection::StaleToken { .. } => (StatusCode::CONFLICT, "stale-fencing-token"),
         };
         let mut problem = Problem::new(status, kind, rejection.to_string());

@@ -810,10 +810,7 @@ pub struct EventView {
 
 impl From<Event> for EventView {
     fn from(event: Event) -> Self {
-        let actor_name = match &event.actor {
-            runtimeai_model::Actor::Human(n) | runtimeai_model::Actor::Agent(n) => Some(n.clone()),
-            runtimeai_model::Actor::System => None,
-        };
+        let actor_name = event.actor.name().map(str::to_string);
         EventView {
             id: event.id,
             runtime_id: event.runtime_id,

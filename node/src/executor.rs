@@ -416,7 +416,7 @@ impl Worker {
             status,
             progress: Some(OperationProgress { percent: percent.min(100) as u8, message: Some(message) }),
             error,
-            token: Some(self.token),
+            token: self.token,
             completed_actions,
             failed_action,
         };

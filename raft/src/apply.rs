@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use runtimeai_engine::policy;
 use runtimeai_model::{
-    Actor, Approval, Assignment, ClusterSettings, Event, EventSeverity, IdempotencyRecord, JsonObject, JsonText,
+    Actor, ApiKey, Approval, Assignment, ClusterSettings, Event, EventSeverity, IdempotencyRecord, JsonObject, JsonText,
     LifecycleAction, Operation, OperationError, OperationProgress, OperationStatus, Policy, PolicyDecision, Runtime,
     RuntimeSnapshot, RuntimeState, Timestamp, Verdict,
 };
@@ -23,7 +23,7 @@ use crate::command::{Command, CommandReply, IdempotencyClaim, Op, Rejection};
 use crate::state_machine::{event_prefix, name_key, read_err, write_err};
 use crate::store::{
     cf, CF_ACTIVE_OPERATIONS, CF_EVENTS, CF_EVENT_COUNTS, CF_IDEMPOTENCY, CF_IDEMPOTENCY_BY_TIME, CF_INTENTS, CF_NODES,
-    CF_OPERATIONS, CF_POLICIES, CF_RUNTIMES, CF_RUNTIME_NAMES, CF_RUNTIME_OPERATIONS, CF_SETTINGS,
+    CF_OPERATIONS, CF_POLICIES, CF_RUNTIMES, CF_RUNTIME_NAMES, CF_RUNTIME_OPERATIONS, CF_SETTINGS, CF_API_KEYS,
 };
 use crate::types::StorageError;
 
@@ -48,6 +48,8 @@ pub(crate) struct Txn<'a> {
     pub(crate) settings_written: bool,
     /// Whether the runtimes per node were written: the state machine then reads them again.
     pub(crate) placement_written: bool,
+    /// Whether an API key was written: the state machine then reads them again.
+    pub(crate) api_keys_written: bool,
     /// The settings and the policies, decoded once per apply call (every command reads the
     /// settings, every lifecycle command the policies) until a command writes them.
     settings: RefCell<Option<Arc<ClusterSettings>>>,
@@ -68,6 +70,7 @@ impl<'a> Txn<'a> {
             nodes_written: false,
             settings_written: false,
             placement_written: false,
+            api_keys_written: false,
             settings: RefCell::new(None),
             policies: RefCell::new(None),
             unfinished: None,
@@ -270,7 +273,18 @@ fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<Comm
             begin_operation(txn, &mut events, &settings, operation, expected_version)?
         }
         Op::AdvanceOperation { operation_id, status, progress, error, token, completed_actions, failed_action } => {
-            let report = Report { status, progress, error, token, completed_actions, failed_action };
+            let report = Report { status, progress, error, token: Some(token), completed_actions, failed_action };
+            advance_operation(txn, &mut events, &operation_id, report)?
+        }
+        Op::CancelOperation { operation_id } => {
+            let report = Report {
+                status: OperationStatus::Cancelled,
+                progress: None,
+                error: None,
+                token: None,
+                completed_actions: None,
+                failed_action: None,
+            };
             advance_operation(txn, &mut events, &operation_id, report)?
         }
         Op::DecideApproval { operation_id, approve, reason } => {
@@ -361,27 +375,94 @@ fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<Comm
                 CommandReply::Rejected(Rejection::AlreadyExists { kind: "policy".into(), id: policy.id })
             } else {
                 txn.put(CF_POLICIES, policy.id.as_bytes().to_vec(), &policy)?;
+                let data = audit_data(&[("policy_id", &policy.id), ("name", &policy.name)], policy.tenant_id.as_deref());
+                events.write(txn, AUDIT_STREAM, "policy.created", EventSeverity::Info, &data)?;
                 CommandReply::Policy(policy)
             }
         }
-        Op::DeletePolicy { id } => {
-            if txn.get::<Policy>(CF_POLICIES, id.as_bytes())?.is_none() {
-                CommandReply::Rejected(Rejection::NotFound { kind: "policy".into(), id })
-            } else {
+        Op::DeletePolicy { id } => match txn.get::<Policy>(CF_POLICIES, id.as_bytes())? {
+            None => CommandReply::Rejected(Rejection::NotFound { kind: "policy".into(), id }),
+            Some(policy) => {
                 txn.delete(CF_POLICIES, id.as_bytes().to_vec());
+                let data = audit_data(&[("policy_id", &id), ("name", &policy.name)], policy.tenant_id.as_deref());
+                events.write(txn, AUDIT_STREAM, "policy.deleted", EventSeverity::Warning, &data)?;
                 CommandReply::Deleted { id }
             }
-        }
+        },
         Op::RegisterNode { info } => {
             txn.put(CF_NODES, info.node_id.to_be_bytes().to_vec(), &info)?;
             CommandReply::NodeRegistered
         }
         Op::SetSettings { settings } => {
             txn.put(CF_SETTINGS, SETTINGS_KEY.to_vec(), &settings)?;
+            let retention = format!("{} events, {} days", settings.event_retention_count, settings.event_retention_days);
+            let data = audit_data(&[("event_retention", &retention)], None);
+            events.write(txn, AUDIT_STREAM, "settings.changed", EventSeverity::Warning, &data)?;
             CommandReply::Settings(settings)
         }
+        Op::CreateApiKey { key, replaces } => create_api_key(txn, &mut events, key, replaces)?,
+        Op::RevokeApiKey { id } => match txn.get::<ApiKey>(CF_API_KEYS, id.as_bytes())? {
+            None => CommandReply::Rejected(Rejection::NotFound { kind: "API key".into(), id }),
+            Some(mut key) => {
+                if key.revoked_at.is_none() {
+                    key.revoked_at = Some(at);
+                    txn.put(CF_API_KEYS, id.as_bytes().to_vec(), &key)?;
+                    txn.api_keys_written = true;
+                    let data = audit_data(&[("key_id", &key.id), ("principal", &key.principal.name)], None);
+                    events.write(txn, AUDIT_STREAM, "apikey.revoked", EventSeverity::Warning, &data)?;
+                }
+                CommandReply::ApiKey(key)
+            }
+        },
     };
     finish(txn, at, idempotency, reply)
+}
+
+/// The events stream of changes to the cluster itself (policies, keys, settings): the audit
+/// feed admins read at `GET /v1/audit`. Runtime ids start with `rt_`, so it is no runtime's.
+pub const AUDIT_STREAM: &str = "cluster";
+
+/// An audit event's data: the named fields and the tenant the change concerns, if any.
+fn audit_data(fields: &[(&str, &str)], tenant: Option<&str>) -> JsonObject {
+    let mut data: serde_json::Map<String, serde_json::Value> =
+        fields.iter().map(|(name, value)| (name.to_string(), (*value).into())).collect();
+    data.insert("tenant_id".into(), tenant.into());
+    JsonObject(data)
+}
+
+/// Stores a new API key, revoking the one it replaces (a rotation) in the same entry.
+fn create_api_key(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter<'_>,
+    key: ApiKey,
+    replaces: Option<String>,
+) -> Result<CommandReply, StorageError> {
+    if txn.get::<ApiKey>(CF_API_KEYS, key.id.as_bytes())?.is_some() {
+        return Ok(CommandReply::Rejected(Rejection::AlreadyExists { kind: "API key".into(), id: key.id }));
+    }
+    if let Some(old_id) = &replaces {
+        let Some(mut old) = txn.get::<ApiKey>(CF_API_KEYS, old_id.as_bytes())? else {
+            return Ok(CommandReply::Rejected(Rejection::NotFound { kind: "API key".into(), id: old_id.clone() }));
+        };
+        if old.revoked_at.is_some() {
+            return Ok(CommandReply::Rejected(Rejection::IllegalOperationStatus {
+                id: old_id.clone(),
+                from: "revoked".into(),
+                to: "rotated".into(),
+            }));
+        }
+        old.revoked_at = Some(events.at);
+        txn.put(CF_API_KEYS, old_id.as_bytes().to_vec(), &old)?;
+    }
+    txn.put(CF_API_KEYS, key.id.as_bytes().to_vec(), &key)?;
+    txn.api_keys_written = true;
+    let roles = key.principal.roles.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>().join(",");
+    let mut fields = vec![("key_id", key.id.as_str()), ("principal", &key.principal.name), ("roles", &roles)];
+    if let Some(old_id) = &replaces {
+        fields.push(("replaces", old_id));
+    }
+    events.write(txn, AUDIT_STREAM, "apikey.created", EventSeverity::Info, &audit_data(&fields, None))?;
+    Ok(CommandReply::ApiKey(key))
 }
 
 /// Remembers the reply under the command's idempotency key, if it has one.
@@ -858,7 +939,13 @@ fn decide_approval(
         let to = if approve { "queued (approve)" } else { "cancelled (reject)" };
         return Ok(CommandReply::Rejected(status_rejection(&operation, to)));
     }
-    if approve && matches!(actor, Actor::Agent(_)) && *actor == operation.requested_by {
+    // Agents decide nothing, and nobody approves their own request (four eyes). Checked here,
+    // where every replica agrees, whatever path the command took.
+    if matches!(actor, Actor::Agent(_)) {
+        let what = format!("{} operation {}", if approve { "approve" } else { "reject" }, operation.id);
+        return Ok(CommandReply::Rejected(Rejection::NotPermitted { actor: actor.to_string(), what }));
+    }
+    if approve && *actor == operation.requested_by {
         return Ok(CommandReply::Rejected(Rejection::SelfApproval {
             operation_id: operation.id,
             actor: actor.to_string(),

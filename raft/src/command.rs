@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use runtimeai_model::{
-    Actor, ClusterSettings, Intent, NodeInfo, Operation, OperationError, OperationProgress, OperationStatus, Policy,
+    Actor, ApiKey, ClusterSettings, Intent, NodeInfo, Operation, OperationError, OperationProgress, OperationStatus, Policy,
     PolicyDecision, Runtime, RuntimeSignals, Timestamp,
 };
 
@@ -67,21 +67,25 @@ pub enum Op {
     /// Move an operation on (`running`, progress) or end it (`succeeded`, `failed`,
     /// `cancelled`); ending it applies its effect to the runtime.
     ///
-    /// An executor's report carries its fencing token and is refused unless it is the current
-    /// assignment's; a report without one (a client's cancel) needs none.
+    /// Only executors send it: the report carries its fencing token and is refused unless it
+    /// is the current assignment's. (A client cancels with [`Op::CancelOperation`].)
     AdvanceOperation {
         operation_id: String,
         status: OperationStatus,
         progress: Option<OperationProgress>,
         error: Option<OperationError>,
-        token: Option<u64>,
+        token: u64,
         /// How many actions the backend has completed so far.
         completed_actions: Option<u32>,
         /// For a failure: the index of the action that failed.
         failed_action: Option<u32>,
     },
+    /// A client cancels a queued, parked or running operation (→ `cancelled`).
+    CancelOperation {
+        operation_id: String,
+    },
     /// Approve (→ `queued`) or reject (→ `cancelled`) an operation a policy parked in
-    /// `pending_approval`. An agent may not approve its own request.
+    /// `pending_approval`. Nobody decides on their own request, and agents decide nothing.
     DecideApproval {
         operation_id: String,
         approve: bool,
@@ -137,6 +141,15 @@ pub enum Op {
     SetSettings {
         settings: ClusterSettings,
     },
+    /// Store a new API key (its id must be new); `replaces` (a rotation) is revoked with it.
+    CreateApiKey {
+        key: ApiKey,
+        replaces: Option<String>,
+    },
+    /// Revoke an API key: it authenticates nothing from this entry on, on every node.
+    RevokeApiKey {
+        id: String,
+    },
     /// Several commands in one log entry, applied in order as if they were entries of their own
     /// (the leader batches concurrent proposals: one entry, one append, one replication, one
     /// apply for all of them). Replied to with [`CommandReply::Batch`], one reply each.
@@ -152,6 +165,7 @@ impl Op {
             Op::PatchLabels { .. } => "patch_labels",
             Op::BeginOperation { .. } => "begin_operation",
             Op::AdvanceOperation { .. } => "advance_operation",
+            Op::CancelOperation { .. } => "cancel_operation",
             Op::DecideApproval { .. } => "decide_approval",
             Op::AssignOperation { .. } => "assign_operation",
             Op::RenewLease { .. } => "renew_lease",
@@ -162,6 +176,8 @@ impl Op {
             Op::DeletePolicy { .. } => "delete_policy",
             Op::RegisterNode { .. } => "register_node",
             Op::SetSettings { .. } => "set_settings",
+            Op::CreateApiKey { .. } => "create_api_key",
+            Op::RevokeApiKey { .. } => "revoke_api_key",
             Op::Batch(..) => "batch",
         }
     }
@@ -189,6 +205,7 @@ pub enum CommandReply {
     /// Signals recorded (for so many runtimes).
     SignalsRecorded(u32),
     Settings(ClusterSettings),
+    ApiKey(ApiKey),
     Rejected(Rejection),
     /// Replies to membership and blank entries, which carry no command.
     Empty,
@@ -217,8 +234,10 @@ pub enum Rejection {
     IllegalOperationStatus { id: String, from: String, to: String },
     #[error("{}", .decision.reason)]
     PolicyDenied { decision: PolicyDecision },
-    #[error("{actor} asked for operation {operation_id} and cannot approve it; another actor must")]
+    #[error("{actor} asked for operation {operation_id} and cannot decide on it; another principal must")]
     SelfApproval { operation_id: String, actor: String },
+    #[error("{actor} may not {what}")]
+    NotPermitted { actor: String, what: String },
     #[error("operation {operation_id}: fencing token {token:?} is stale (the current assignment's is {current:?})")]
     StaleToken { operation_id: String, token: Option<u64>, current: Option<u64> },
 }
@@ -340,7 +359,7 @@ mod tests {
                 status: OperationStatus::Succeeded,
                 progress: None,
                 error: None,
-                token: Some(3),
+                token: 3,
                 completed_actions: Some(1),
                 failed_action: None,
             },

@@ -14,7 +14,7 @@
 //! and scanning RocksDB's index of them, full of the tombstones finished operations leave,
 //! cost more than applying.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -25,7 +25,7 @@ use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
-use runtimeai_model::{ClusterSettings, Event, NodeInfo, Operation, Policy, Runtime};
+use runtimeai_model::{ApiKey, ClusterSettings, Event, NodeInfo, Operation, Policy, Runtime};
 
 use crate::apply::{apply_entry, event_from_stored, OperationWritten, Txn};
 use crate::codec;
@@ -33,7 +33,7 @@ use crate::command::CommandReply;
 use crate::error::DataDirError;
 use crate::snapshot_file::{self, SnapshotFormatError, SnapshotReader, SnapshotWriter};
 use crate::store::{
-    cf, write_atomically_with, CF_ACTIVE_OPERATIONS, CF_EVENTS, CF_NODES, CF_OPERATIONS, CF_POLICIES, CF_RUNTIMES,
+    cf, write_atomically_with, CF_ACTIVE_OPERATIONS, CF_API_KEYS, CF_EVENTS, CF_NODES, CF_OPERATIONS, CF_POLICIES, CF_RUNTIMES,
     CF_RUNTIME_OPERATIONS, CF_SM_META, STATE_MACHINE_CFS,
 };
 use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
@@ -61,6 +61,9 @@ pub struct StateMachineStore {
     settings: Arc<RwLock<Arc<ClusterSettings>>>,
     /// Runtimes per node (every create reads them to place the runtime), in memory.
     placement: Arc<RwLock<Arc<BTreeMap<u64, u64>>>>,
+    /// Every API key by id (every request is authenticated against them), in memory: checking
+    /// a key reads no disk and writes nothing.
+    api_keys: Arc<RwLock<Arc<HashMap<String, ApiKey>>>>,
 }
 
 pub(crate) fn read_err(e: impl std::error::Error + 'static) -> StorageError {
@@ -100,6 +103,7 @@ impl StateMachineStore {
             nodes: Arc::default(),
             settings: Arc::default(),
             placement: Arc::default(),
+            api_keys: Arc::default(),
         };
         // A snapshot this build cannot read is refused now, not when a follower needs it.
         store.current()?;
@@ -107,6 +111,7 @@ impl StateMachineStore {
         store.reload_nodes()?;
         store.reload_settings()?;
         store.reload_placement()?;
+        store.reload_api_keys()?;
         Ok(store)
     }
 
@@ -272,6 +277,22 @@ impl StateMachineStore {
         Ok(())
     }
 
+    /// The API key with this id, revoked or not.
+    pub fn api_key(&self, id: &str) -> Option<ApiKey> {
+        self.api_keys.read().expect("api keys lock").get(id).cloned()
+    }
+
+    /// Every API key, revoked ones included.
+    pub fn api_keys(&self) -> Arc<HashMap<String, ApiKey>> {
+        self.api_keys.read().expect("api keys lock").clone()
+    }
+
+    fn reload_api_keys(&self) -> Result<(), StorageError> {
+        let keys: Vec<ApiKey> = self.scan(CF_API_KEYS, b"")?;
+        *self.api_keys.write().expect("api keys lock") = Arc::new(keys.into_iter().map(|k| (k.id.clone(), k)).collect());
+        Ok(())
+    }
+
     pub fn last_applied(&self) -> Result<Option<LogId>, StorageError> {
         self.get(CF_SM_META, KEY_LAST_APPLIED)
     }
@@ -358,6 +379,7 @@ impl StateMachineStore {
         self.reload_nodes()?;
         self.reload_settings()?;
         self.reload_placement()?;
+        self.reload_api_keys()?;
         write_atomically_with(&self.snapshot_path, |out| out.write_all(&bytes).map_err(write_err))
     }
 }
@@ -416,11 +438,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // No write-ahead log: the log entries are in it already; see the module's docs.
         let mut opts = WriteOptions::default();
         opts.disable_wal(true);
-        let (operations_written, nodes_written, settings_written, placement_written) = (
+        let (operations_written, nodes_written, settings_written, placement_written, api_keys_written) = (
             std::mem::take(&mut txn.operations_written),
             txn.nodes_written,
             txn.settings_written,
             txn.placement_written,
+            txn.api_keys_written,
         );
         self.db.write_opt(txn.into_batch(), &opts).map_err(write_err)?;
         drop(unfinished);
@@ -433,6 +456,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         if placement_written {
             self.reload_placement()?;
+        }
+        if api_keys_written {
+            self.reload_api_keys()?;
         }
         Ok(replies)
     }

@@ -86,13 +86,21 @@ fn begin(op_id: &str, runtime_id: &str, action: LifecycleAction) -> Op {
     Op::BeginOperation { operation: operation(op_id, runtime_id, action), expected_version: None }
 }
 
+/// The token of "the executor that holds the operation": [`apply`] assigns the operation to
+/// node 1 first if nobody holds it, and sends the report with the assignment's token.
+const HOLDER: u64 = u64::MAX;
+
+/// An executor's report (or, for `cancelled`, a client's cancel).
 fn advance(op_id: &str, status: OperationStatus) -> Op {
+    if status == OperationStatus::Cancelled {
+        return Op::CancelOperation { operation_id: op_id.into() };
+    }
     Op::AdvanceOperation {
         operation_id: op_id.into(),
         status,
         progress: None,
         error: None,
-        token: None,
+        token: HOLDER,
         completed_actions: None,
         failed_action: None,
     }
@@ -109,11 +117,42 @@ fn entry(index: u64, command: Command) -> Entry {
     }
 }
 
-/// Applies `ops` as consecutive log entries starting after what is applied.
+/// Applies `ops` as consecutive log entries starting after what is applied, in one apply call
+/// up to each report from the [`HOLDER`]: that one gets the token of the operation's
+/// assignment (assigned to node 1 by an entry of its own first, if nobody holds it).
 async fn apply(sm: &mut StateMachineStore, ops: Vec<Op>) -> Vec<CommandReply> {
+    let mut replies = Vec::new();
+    let mut pending = Vec::new();
+    for mut op in ops {
+        if let Op::AdvanceOperation { operation_id, token: token @ HOLDER, .. } = &mut op {
+            replies.extend(apply_entries(sm, std::mem::take(&mut pending)).await);
+            *token = holder_token(sm, operation_id).await;
+        }
+        pending.push(op);
+    }
+    replies.extend(apply_entries(sm, pending).await);
+    replies
+}
+
+async fn apply_entries(sm: &mut StateMachineStore, ops: Vec<Op>) -> Vec<CommandReply> {
+    if ops.is_empty() {
+        return Vec::new();
+    }
     let next = sm.last_applied().unwrap().map_or(1, |l| l.index + 1);
     let entries: Vec<Entry> = ops.into_iter().enumerate().map(|(i, op)| entry(next + i as u64, command(op))).collect();
     sm.apply(entries).await.unwrap()
+}
+
+/// The token of whoever holds operation `id`, assigning it to node 1 if nobody does (and it
+/// can be); a token nobody holds if it cannot.
+async fn holder_token(sm: &mut StateMachineStore, id: &str) -> u64 {
+    let token = |sm: &StateMachineStore| sm.get_operation(id).unwrap().and_then(|op| op.assignment).map(|a| a.token);
+    if let Some(token) = token(sm) {
+        return token;
+    }
+    let assign = Op::AssignOperation { operation_id: id.into(), node_id: 1, lease_ms: 60_000, expected_token: None };
+    apply_entries(sm, vec![assign]).await;
+    token(sm).unwrap_or(HOLDER - 1)
 }
 
 fn state_of(sm: &StateMachineStore, id: &str) -> Option<RuntimeState> {
@@ -214,11 +253,11 @@ async fn a_report_sees_its_operation_as_written_before_it_whether_unfinished_or_
     apply(&mut sm, vec![create("rt_a", "web")]).await;
     let op = "op_create_rt_a";
     // Unfinished (read from memory) and then rewritten earlier in the same batch (read from
-    // the batch): the success must see `running`, version 2, not the queued version 1.
+    // the batch): the success must see `running`, version 3, not the assigned version 2.
     let replies =
         apply(&mut sm, vec![advance(op, OperationStatus::Running), advance(op, OperationStatus::Succeeded)]).await;
     assert!(
-        matches!(&replies[1], CommandReply::Operation(o) if o.status == OperationStatus::Succeeded && o.version == 3),
+        matches!(&replies[1], CommandReply::Operation(o) if o.status == OperationStatus::Succeeded && o.version == 4),
         "{replies:?}"
     );
     assert!(sm.active_operations().is_empty());
@@ -241,7 +280,7 @@ async fn a_success_that_completes_the_last_step_records_its_message() {
         status,
         progress: Some(runtimeai_model::OperationProgress { percent: 100, message: Some(message.into()) }),
         error: None,
-        token: None,
+        token: HOLDER,
         completed_actions: Some(completed),
         failed_action: None,
     };
@@ -367,7 +406,14 @@ async fn lifecycle_operations_follow_the_transition_table_one_at_a_time() {
     let events: Vec<String> = sm.runtime_events("rt_a").unwrap().iter().map(|e| e.event_type.clone()).collect();
     assert_eq!(
         events,
-        ["runtime.created", "operation.succeeded", "lifecycle.stop", "operation.succeeded"],
+        [
+            "runtime.created",
+            "operation.assigned",
+            "operation.succeeded",
+            "lifecycle.stop",
+            "operation.assigned",
+            "operation.succeeded"
+        ],
         "every change has its event, in order"
     );
 }
@@ -657,13 +703,19 @@ async fn runtimes_per_node_are_counted_as_they_are_placed_and_deleted() {
 async fn a_batch_applies_its_commands_in_order_in_one_entry_each_with_its_own_reply() {
     let (_dir, mut sm) = open();
     let op = "op_create_rt_a";
+    // Taken by node 1 with the create: its token is the entry's index, 1.
+    let mut offered_create = create("rt_a", "web");
+    if let Op::CreateRuntime { operation, .. } = &mut offered_create {
+        operation.assignment = Some(runtimeai_model::Assignment { node_id: 1, token: 0, lease_until: at(4) });
+    }
+    let report = |status| match advance(op, status) {
+        Op::AdvanceOperation { operation_id, status, progress, error, completed_actions, failed_action, .. } => {
+            Op::AdvanceOperation { operation_id, status, progress, error, token: 1, completed_actions, failed_action }
+        }
+        other => other,
+    };
     let batch = Op::Batch(
-        [
-            create("rt_a", "web"),
-            create("rt_b", "web"),
-            advance(op, OperationStatus::Running),
-            advance(op, OperationStatus::Succeeded),
-        ]
+        [offered_create, create("rt_b", "web"), report(OperationStatus::Running), report(OperationStatus::Succeeded)]
         .into_iter()
         .map(command)
         .collect(),
@@ -677,7 +729,7 @@ async fn a_batch_applies_its_commands_in_order_in_one_entry_each_with_its_own_re
     assert_eq!(state_of(&sm, "rt_a"), Some(RuntimeState::Running), "later commands see earlier ones");
     assert_eq!(sm.last_applied().unwrap().map(|l| l.index), Some(1), "one log entry");
     let events = sm.runtime_events("rt_a").unwrap();
-    assert_eq!(events.len(), 2, "created and succeeded: {events:?}");
+    assert_eq!(events.len(), 3, "created, assigned and succeeded: {events:?}");
     assert!(events.iter().all(|e| e.seq == 1), "events of one entry share its index");
     let ids: std::collections::BTreeSet<_> = events.iter().map(|e| e.id.clone()).collect();
     assert_eq!(ids.len(), events.len(), "no event overwrites another: {events:?}");
@@ -700,7 +752,8 @@ async fn an_executor_offered_with_the_entry_that_queues_the_operation_holds_it_w
     let kinds: Vec<String> = sm.runtime_events("rt_a").unwrap().into_iter().map(|e| e.event_type).collect();
     assert_eq!(kinds, ["runtime.created", "operation.assigned"]);
 
-    // A quick step: straight from queued to succeeded, with the holder's token only.
+    // A quick step: straight from queued to succeeded, with the holder's token only (a report
+    // cannot lack one: the type has no such value, and a client's cancel is another command).
     let finish = |token| Op::AdvanceOperation {
         operation_id: "op_create_rt_a".into(),
         status: OperationStatus::Succeeded,
@@ -710,10 +763,9 @@ async fn an_executor_offered_with_the_entry_that_queues_the_operation_holds_it_w
         completed_actions: Some(1),
         failed_action: None,
     };
-    let replies = apply(&mut sm, vec![finish(None), finish(Some(7)), finish(Some(1))]).await;
-    assert!(matches!(&replies[0], CommandReply::Rejected(Rejection::IllegalOperationStatus { .. })), "{replies:?}");
-    assert!(matches!(&replies[1], CommandReply::Rejected(Rejection::StaleToken { .. })), "{replies:?}");
-    assert!(matches!(&replies[2], CommandReply::Operation(op) if op.status == OperationStatus::Succeeded));
+    let replies = apply(&mut sm, vec![finish(7), finish(1)]).await;
+    assert!(matches!(&replies[0], CommandReply::Rejected(Rejection::StaleToken { .. })), "{replies:?}");
+    assert!(matches!(&replies[1], CommandReply::Operation(op) if op.status == OperationStatus::Succeeded));
     assert_eq!(state_of(&sm, "rt_a"), Some(RuntimeState::Running));
 
     // An operation parked for approval is not handed to anyone.
@@ -821,7 +873,7 @@ async fn apply_cost() {
                         message: Some("create done by the simulated driver on node 1".into()),
                     }),
                     error: None,
-                    token: Some(index),
+                    token: index,
                     completed_actions: Some(1),
                     failed_action: None,
                 })
@@ -848,4 +900,93 @@ async fn apply_cost() {
         started.elapsed().as_secs_f64(),
         snapshot.snapshot.metadata().await.unwrap().len() as f64 / (1 << 20) as f64
     );
+}
+
+fn command_by(actor: Actor, op: Op) -> Command {
+    Command { at: at(1), actor, idempotency: None, op }
+}
+
+/// Applies one command from `actor` as the next entry.
+async fn apply_as(sm: &mut StateMachineStore, actor: Actor, op: Op) -> CommandReply {
+    let next = sm.last_applied().unwrap().map_or(1, |l| l.index + 1);
+    sm.apply(vec![entry(next, command_by(actor, op))]).await.unwrap().remove(0)
+}
+
+#[tokio::test]
+async fn nobody_approves_their_own_request_and_agents_decide_nothing_whatever_path_the_command_took() {
+    let (_dir, mut sm) = open();
+    running(&mut sm, "rt_a", "web").await;
+    apply(&mut sm, vec![Op::CreatePolicy { policy: stop_policy("pol_approve_stop", "require_approval") }]).await;
+    let stop = LifecycleAction::Stop { force: false, timeout_seconds: None };
+    let mut parked = operation("op_stop", "rt_a", stop);
+    parked.prior_state = RuntimeState::Running;
+    let alice = Actor::Human("alice".into());
+    let begun = apply_as(&mut sm, alice.clone(), Op::BeginOperation { operation: parked, expected_version: None }).await;
+    assert!(matches!(&begun, CommandReply::Operation(o) if o.status == OperationStatus::PendingApproval), "{begun:?}");
+    let decide = |approve| Op::DecideApproval { operation_id: "op_stop".into(), approve, reason: Some("x".into()) };
+
+    let own = apply_as(&mut sm, alice.clone(), decide(true)).await;
+    assert!(matches!(own, CommandReply::Rejected(Rejection::SelfApproval { .. })), "{own:?}");
+    for approve in [true, false] {
+        let agent = apply_as(&mut sm, Actor::Agent("bot".into()), decide(approve)).await;
+        assert!(matches!(agent, CommandReply::Rejected(Rejection::NotPermitted { .. })), "{agent:?}");
+    }
+    assert_eq!(sm.get_operation("op_stop").unwrap().unwrap().status, OperationStatus::PendingApproval);
+    let bob = apply_as(&mut sm, Actor::Human("bob".into()), decide(true)).await;
+    assert!(matches!(&bob, CommandReply::Operation(o) if o.status == OperationStatus::Queued), "{bob:?}");
+    assert_eq!(bob_approval(&sm), Some("human:bob".to_string()));
+}
+
+fn bob_approval(sm: &StateMachineStore) -> Option<String> {
+    sm.get_operation("op_stop").unwrap().unwrap().approval.map(|a| a.by)
+}
+
+fn api_key(id: &str) -> runtimeai_model::ApiKey {
+    runtimeai_model::ApiKey {
+        id: id.into(),
+        principal: runtimeai_model::Principal {
+            name: "ci".into(),
+            kind: runtimeai_model::PrincipalKind::Service,
+            tenants: vec!["acme".into()],
+            roles: vec![runtimeai_model::Role::Operator],
+            agent_mode: None,
+        },
+        secret_sha256: "00".repeat(32),
+        created_at: at(0),
+        created_by: "human:root".into(),
+        expires_at: None,
+        revoked_at: None,
+    }
+}
+
+#[tokio::test]
+async fn keys_are_read_from_memory_follow_every_write_and_a_rotation_revokes_the_old_one_in_the_same_entry() {
+    let (dir, mut sm) = open();
+    let create = |id: &str, replaces: Option<&str>| Op::CreateApiKey {
+        key: api_key(id),
+        replaces: replaces.map(str::to_string),
+    };
+    let replies = apply(&mut sm, vec![create("k1", None), create("k1", None)]).await;
+    assert!(matches!(&replies[0], CommandReply::ApiKey(k) if k.id == "k1"), "{replies:?}");
+    assert!(matches!(&replies[1], CommandReply::Rejected(Rejection::AlreadyExists { .. })), "{replies:?}");
+    assert!(sm.api_key("k1").is_some_and(|k| k.revoked_at.is_none()));
+
+    let rotated = apply(&mut sm, vec![create("k2", Some("k1"))]).await;
+    assert!(matches!(&rotated[0], CommandReply::ApiKey(k) if k.id == "k2"), "{rotated:?}");
+    assert_eq!(sm.api_key("k1").and_then(|k| k.revoked_at), Some(at(1)), "revoked with the rotation");
+    let again = apply(&mut sm, vec![create("k3", Some("k1")), create("k4", Some("missing"))]).await;
+    assert!(matches!(&again[0], CommandReply::Rejected(Rejection::IllegalOperationStatus { .. })), "{again:?}");
+    assert!(matches!(&again[1], CommandReply::Rejected(Rejection::NotFound { .. })), "{again:?}");
+
+    let revoked = apply(&mut sm, vec![Op::RevokeApiKey { id: "k2".into() }]).await;
+    assert!(matches!(&revoked[0], CommandReply::ApiKey(k) if k.revoked_at.is_some()), "{revoked:?}");
+    assert!(sm.api_key("k2").is_some_and(|k| k.revoked_at.is_some()), "in memory at once");
+
+    let audit: Vec<String> =
+        sm.runtime_events(crate::apply::AUDIT_STREAM).unwrap().into_iter().map(|e| e.event_type).collect();
+    assert_eq!(audit, ["apikey.created", "apikey.created", "apikey.revoked"], "key changes are audited");
+    drop(sm);
+    let data = DataDir::open(&dir.path().join("data"), 1, "test").unwrap();
+    let reopened = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
+    assert_eq!(reopened.api_keys().len(), 2, "read back from the store");
 }

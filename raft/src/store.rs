@@ -54,6 +54,8 @@ pub(crate) const CF_SETTINGS: &str = "settings";
 pub(crate) const CF_EVENT_COUNTS: &str = "event_counts";
 /// `time (BE ms) \0 key` → (): idempotency records by age, for pruning.
 pub(crate) const CF_IDEMPOTENCY_BY_TIME: &str = "idempotency_by_time";
+/// `key id` → API key (the principal and the SHA-256 of its secret; revoked keys stay).
+pub(crate) const CF_API_KEYS: &str = "api_keys";
 
 /// Column families that make up the state machine, and so a snapshot.
 pub(crate) const STATE_MACHINE_CFS: &[&str] = &[
@@ -71,6 +73,7 @@ pub(crate) const STATE_MACHINE_CFS: &[&str] = &[
     CF_IDEMPOTENCY_BY_TIME,
     CF_SETTINGS,
     CF_EVENT_COUNTS,
+    CF_API_KEYS,
 ];
 
 /// Column families of the raft log itself; the rest of the database is the state machine.

@@ -9,7 +9,7 @@
 //! | `runtime_type` | a type or list of types (`vm`, `vcluster`, `sandbox`, `agent_runtime`) |
 //! | `actions` | an action or list of actions (`create`, `start`, `stop`, `restart`, `scale`, `snapshot`, `restore`, `delete`) |
 //! | `labels` | an object of labels the runtime must carry |
-//! | `actor` | `human`, `agent`, `system`, or one actor such as `agent:planner-bot` (or a list) |
+//! | `actor` | `human`, `agent`, `service`, `system`, or one actor such as `agent:planner-bot` (or a list) |
 //!
 //! Rule kinds, and what a matching rule decides:
 //! - `deny_action`: deny. `allow_action`: allow. `require_approval`: require approval.
@@ -333,14 +333,14 @@ pub fn validate_rule(rule: &PolicyRule) -> Result<(), (String, String)> {
             "actor" => {
                 strings(None)?;
                 for actor in one_or_many(value) {
-                    let valid = matches!(actor, "human" | "agent" | "system")
+                    let valid = matches!(actor, "human" | "agent" | "service" | "system")
                         || actor
                             .split_once(':')
-                            .is_some_and(|(kind, name)| matches!(kind, "human" | "agent") && !name.is_empty());
+                            .is_some_and(|(kind, name)| matches!(kind, "human" | "agent" | "service") && !name.is_empty());
                     if !valid {
                         return Err((
                             path.clone(),
-                            format!("{actor:?} is not human, agent, system, human:<name> or agent:<name>"),
+                            format!("{actor:?} is not human, agent, service, system or <kind>:<name>"),
                         ));
                     }
                 }

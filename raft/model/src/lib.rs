@@ -6,12 +6,14 @@
 //! raft codec's binary format for the log and snapshots; [`JsonObject`] bridges free-form JSON
 //! fields across both.
 
+mod access;
 mod json;
 mod lifecycle;
 mod records;
 mod runtime;
 pub mod timestamp;
 
+pub use access::{strictness, AgentMode, ApiKey, Principal, PrincipalKind, Role, ALL_TENANTS};
 pub use json::{JsonObject, JsonText};
 pub use lifecycle::{IllegalTransition, LifecycleAction};
 pub use records::{

@@ -8,26 +8,38 @@ use crate::{JsonObject, LifecycleAction, RuntimeState};
 pub enum Actor {
     Human(String),
     Agent(String),
+    /// An automation acting under a service principal (a pipeline, another control plane).
+    Service(String),
     System,
 }
 
 impl Actor {
-    /// The seed's coarse actor kind: `human`, `agent` or `system`.
+    /// The coarse actor kind: `human`, `agent`, `service` or `system`.
     pub fn kind(&self) -> &'static str {
         match self {
             Actor::Human(_) => "human",
             Actor::Agent(_) => "agent",
+            Actor::Service(_) => "service",
             Actor::System => "system",
+        }
+    }
+
+    /// The principal's name; `None` for the system.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Actor::Human(name) | Actor::Agent(name) | Actor::Service(name) => Some(name),
+            Actor::System => None,
         }
     }
 }
 
 impl std::fmt::Display for Actor {
-    /// `human:<name>`, `agent:<name>` or `system`, as the `X-Actor` header spells it.
+    /// `human:<name>`, `agent:<name>`, `service:<name>` or `system`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Actor::Human(name) => write!(f, "human:{name}"),
             Actor::Agent(name) => write!(f, "agent:{name}"),
+            Actor::Service(name) => write!(f, "service:{name}"),
             Actor::System => f.write_str("system"),
         }
     }
