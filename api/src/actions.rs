@@ -4,7 +4,7 @@
 //! sequence against the transition table, each action against the policies (in apply).
 
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::HeaderValue;
 use axum::response::Response;
 use axum::routing::post;
 use axum::Router;
@@ -15,7 +15,8 @@ use utoipa::ToSchema;
 use runtimeai_model::{Capability, LifecycleAction, PolicyMode, SizeEntry};
 
 use crate::extract::{Body, Consistency, PathParam};
-use crate::openapi::{IdempotencyKey, IfMatch, ProblemResponses, TenantId, XActor};
+use crate::openapi::{IdempotencyKey, IfMatch, ProblemResponses, TenantId};
+use crate::auth::Caller;
 use crate::problem::Problem;
 use crate::runtimes::{
     begin_in_mode, read_runtime, sizes, LifecycleRestoreRequest, LifecycleScaleRequest, LifecycleSnapshotRequest,
@@ -145,19 +146,19 @@ pub(crate) fn lifecycle_action(
 
 /// Execute a deterministic list of actions (the agent tool-call contract).
 #[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/actions/execute", tag = "Actions",
-    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId, XActor),
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId),
     request_body = ActionExecutionRequest,
     responses((status = 202, description = "Accepted", body = OperationView), ProblemResponses))]
 pub(crate) async fn execute_actions(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(runtime_id): PathParam<String>,
     Body(request): Body<ActionExecutionRequest>,
 ) -> Result<Response, Problem> {
     if request.actions.is_empty() || request.actions.len() > 20 {
         return Err(Problem::invalid_field("$.actions", "give 1 to 20 actions"));
     }
-    let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
+    let runtime = read_runtime(&state, &caller, &runtime_id, Consistency::Linearizable).await?;
     let sizes = sizes(&state);
     let actions = request
         .actions
@@ -174,19 +175,19 @@ pub(crate) async fn execute_actions(
             }
         }
     }
-    let mut headers = headers;
+    let mut caller = caller;
     if let Some(key) = &request.idempotency_key {
-        match headers.get("idempotency-key").map(|v| v.to_str().unwrap_or_default().to_string()) {
+        match caller.headers.get("idempotency-key").map(|v| v.to_str().unwrap_or_default().to_string()) {
             Some(header) if header != *key => {
                 return Err(Problem::invalid_field("$.idempotency_key", "differs from the Idempotency-Key header"))
             }
             _ => {
                 let value = HeaderValue::from_str(key)
                     .map_err(|_| Problem::invalid_field("$.idempotency_key", "must be visible ASCII"))?;
-                headers.insert("idempotency-key", value);
+                caller.headers.insert("idempotency-key", value);
             }
         }
     }
     let action = LifecycleAction::Sequence { actions };
-    begin_in_mode(&state, &headers, &runtime_id, "actions/execute", action, &request, request.policy_mode).await
+    begin_in_mode(&state, &caller, &runtime_id, "actions/execute", action, &request, request.policy_mode).await
 }

@@ -17,6 +17,7 @@ use runtimeai_raft::NodeId;
 
 use crate::extract::{Body, PathParam};
 use crate::openapi::ProblemResponses;
+use crate::auth::Caller;
 use crate::problem::Problem;
 use crate::{AppState, VERSION};
 
@@ -32,7 +33,7 @@ pub(crate) fn routes() -> Router<AppState> {
 }
 
 /// The process is alive and serving HTTP.
-#[utoipa::path(get, path = "/healthz", tag = "Health", responses((status = 200, description = "alive", body = Object)))]
+#[utoipa::path(get, path = "/healthz", tag = "Health", security(()), responses((status = 200, description = "alive", body = Object)))]
 pub(crate) async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok" }))
 }
@@ -46,7 +47,7 @@ pub(crate) async fn health() -> impl IntoResponse {
 /// Ready for traffic: a leader is known, this node has applied everything the leader had
 /// committed when asked (a read-index round trip, bounded to two seconds), and it has announced
 /// itself (addresses, backends) in the replicated state.
-#[utoipa::path(get, path = "/readyz", tag = "Health",
+#[utoipa::path(get, path = "/readyz", tag = "Health", security(()),
     responses((status = 200, description = "ready", body = Object), ProblemResponses))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, Problem> {
     let metrics = state.replica.metrics();
@@ -101,6 +102,8 @@ pub struct ClusterView {
     /// This node's log writes since it started: group commit makes `log_syncs` much smaller
     /// than `log_appends` under load.
     pub storage: StorageView,
+    /// Requests this node refused as unauthenticated since it started.
+    pub auth_failures: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -166,6 +169,7 @@ async fn cluster_view(state: &AppState) -> Result<ClusterView, Problem> {
             let (log_appends, log_entries, log_syncs) = state.log_stats.get();
             StorageView { log_appends, log_entries, log_syncs }
         },
+        auth_failures: state.auth_failures.total(),
     })
 }
 
@@ -227,7 +231,7 @@ pub(crate) async fn get_settings(State(state): State<AppState>) -> Result<Json<C
     responses((status = 200, description = "OK", body = ClusterSettings), ProblemResponses))]
 pub(crate) async fn put_settings(
     State(state): State<AppState>,
-    headers: axum::http::HeaderMap,
+    caller: Caller,
     Body(settings): Body<ClusterSettings>,
 ) -> Result<Json<ClusterSettings>, Problem> {
     if settings.event_retention_count == 0 || settings.event_retention_count > 1_000_000 {
@@ -244,7 +248,7 @@ pub(crate) async fn put_settings(
         }
     }
     let op = runtimeai_raft::Op::SetSettings { settings: settings.clone() };
-    match crate::mutation::propose(&state, &headers, "PUT /v1/cluster/settings", &settings, op).await? {
+    match crate::mutation::propose(&state, &caller, "PUT /v1/cluster/settings", &settings, op).await? {
         runtimeai_raft::CommandReply::Settings(settings) => Ok(Json(settings)),
         other => Err(Problem::unexpected_reply(other)),
     }

@@ -1,5 +1,5 @@
 //! Extractors and request helpers whose failures are problem+json: bodies, paths, queries, and
-//! the headers every mutation reads (tenant, actor, `If-Match`, `Idempotency-Key`).
+//! the headers every mutation reads (tenant, `If-Match`, `Idempotency-Key`).
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -7,8 +7,6 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
-
-use runtimeai_model::Actor;
 
 use crate::problem::Problem;
 
@@ -149,21 +147,10 @@ fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>
     }
 }
 
-/// The `tenant_id` header, which scopes lists and reads (a principal's tenant replaces it once
-/// authentication lands).
+/// The `tenant_id` header: which of the principal's tenants a request acts in (see
+/// [`crate::auth::Caller`]).
 pub fn tenant(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     Ok(header_text(headers, "tenant_id")?.or(header_text(headers, "tenant-id")?).map(str::to_string))
-}
-
-/// Who is asking, from `X-Actor: human:<name>` or `agent:<name>` (until authentication lands);
-/// `human:anonymous` when absent.
-pub fn actor(headers: &HeaderMap) -> Result<Actor, Problem> {
-    let Some(value) = header_text(headers, "x-actor")? else { return Ok(Actor::Human("anonymous".into())) };
-    match value.split_once(':') {
-        Some(("human", name)) if !name.is_empty() => Ok(Actor::Human(name.to_string())),
-        Some(("agent", name)) if !name.is_empty() => Ok(Actor::Agent(name.to_string())),
-        _ => Err(Problem::invalid_field("X-Actor", "expected human:<name> or agent:<name>")),
-    }
 }
 
 /// The version an `If-Match` header requires (`"3"`, `W/"3"` or `*` for any).

@@ -2,7 +2,7 @@
 //! `actions/plan` (the same planner, without execution).
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -14,9 +14,10 @@ use runtimeai_engine::planner::{self, PlanError, PlanInput, UNDERSTOOD_GOALS};
 use runtimeai_model::{Intent, JsonObject, LifecycleAction, OperationStatus, PolicyDecision, PolicyMode};
 use runtimeai_raft::{CommandReply, Op};
 
-use crate::extract::{actor, Body, Consistency, PathParam, QueryParams};
+use crate::auth::{Caller, Permission};
+use crate::extract::{Body, Consistency, PathParam, QueryParams};
 use crate::mutation::{new_id, propose};
-use crate::openapi::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId, XActor};
+use crate::openapi::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId};
 use crate::problem::{FieldError, Problem};
 use crate::runtimes::{new_operation, read_runtime, sizes, ReadParams};
 use crate::views::{ActionResultView, OperationView};
@@ -85,14 +86,14 @@ pub struct ActionPlan {
 /// What the policies would decide on `actions` now: a preview for plans that do not run.
 fn preview_decisions(
     state: &AppState,
-    headers: &HeaderMap,
+    caller: &Caller,
     runtime: &runtimeai_model::Runtime,
     actions: &[LifecycleAction],
     mode: PolicyMode,
 ) -> Result<Vec<PolicyDecision>, Problem> {
     let policies = state.replica.state.list_policies()?;
     let sizes = sizes(state);
-    let actor = actor(headers)?;
+    let actor = caller.actor();
     let request = runtimeai_engine::policy::Request { runtime, actions, actor: &actor, mode, sizes: &sizes };
     Ok(runtimeai_engine::policy::evaluate(&policies, request))
 }
@@ -202,15 +203,19 @@ async fn plan_goal(state: &AppState, input: PlanInput<'_>) -> Result<planner::Pl
 
 /// Submit an intent: planned now, executed as one operation.
 #[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/intent", tag = "Intent",
-    params(("runtime_id" = String, Path), IdempotencyKey, TenantId, XActor), request_body = IntentRequest,
+    params(("runtime_id" = String, Path), IdempotencyKey, TenantId), request_body = IntentRequest,
     responses((status = 202, description = "Accepted (planned + executed async)", body = IntentResponse), ProblemResponses))]
 pub(crate) async fn submit_intent(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(runtime_id): PathParam<String>,
     Body(request): Body<IntentRequest>,
 ) -> Result<Response, Problem> {
-    let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
+    if !request.dry_run {
+        caller.require(Permission::Operate)?;
+    }
+    caller.policy_mode(Some(request.policy_mode))?;
+    let runtime = read_runtime(&state, &caller, &runtime_id, Consistency::Linearizable).await?;
     let sizes = sizes(&state);
     let no_signals = Map::new();
     let plan = plan_goal(
@@ -227,7 +232,7 @@ pub(crate) async fn submit_intent(
     )
     .await?;
     let now = chrono::Utc::now();
-    let actor = actor(&headers)?;
+    let actor = caller.actor();
     let operation = (!request.dry_run && !plan.actions.is_empty()).then(|| {
         let action = LifecycleAction::Sequence { actions: plan.actions.clone() };
         new_operation(&runtime_id, action, runtime.state, now, actor, request.policy_mode)
@@ -249,7 +254,7 @@ pub(crate) async fn submit_intent(
         version: 1,
     };
     let route = format!("POST /v1/runtimes/{runtime_id}/intent");
-    match propose(&state, &headers, &route, &request, Op::SubmitIntent { intent, operation }).await? {
+    match propose(&state, &caller, &route, &request, Op::SubmitIntent { intent, operation }).await? {
         CommandReply::Intent { intent, operation } => {
             let status = match operation.as_ref().map(|o| o.status) {
                 None => "planned",
@@ -258,7 +263,7 @@ pub(crate) async fn submit_intent(
             };
             let decisions = match &operation {
                 Some(operation) => operation.decisions.clone(),
-                None => preview_decisions(&state, &headers, &runtime, &intent.planned, intent.policy_mode)?,
+                None => preview_decisions(&state, &caller, &runtime, &intent.planned, intent.policy_mode)?,
             };
             let response = IntentResponse {
                 intent_id: intent.id,
@@ -282,13 +287,13 @@ pub(crate) async fn submit_intent(
     responses((status = 200, description = "OK", body = IntentRecord), ProblemResponses))]
 pub(crate) async fn get_intent(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam((runtime_id, intent_id)): PathParam<(String, String)>,
     QueryParams(params): QueryParams<ReadParams>,
 ) -> Result<Json<IntentRecord>, Problem> {
     params.consistency.prepare(&state.replica).await?;
     // Another tenant's runtime hides its intents; a deleted runtime's intents stay readable.
-    if let Err(hidden) = read_runtime(&state, &headers, &runtime_id, Consistency::Stale).await {
+    if let Err(hidden) = read_runtime(&state, &caller, &runtime_id, Consistency::Stale).await {
         if state.replica.state.get_runtime(&runtime_id)?.is_some() {
             return Err(hidden);
         }
@@ -339,15 +344,16 @@ pub(crate) async fn get_intent(
 
 /// Ask for a plan (no execution).
 #[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/actions/plan", tag = "Actions",
-    params(("runtime_id" = String, Path), TenantId, XActor), request_body = ActionPlanRequest,
+    params(("runtime_id" = String, Path), TenantId), request_body = ActionPlanRequest,
     responses((status = 200, description = "Action plan", body = ActionPlan), ProblemResponses))]
 pub(crate) async fn plan_actions(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(runtime_id): PathParam<String>,
     Body(request): Body<ActionPlanRequest>,
 ) -> Result<Json<ActionPlan>, Problem> {
-    let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
+    caller.policy_mode(Some(request.policy_mode))?;
+    let runtime = read_runtime(&state, &caller, &runtime_id, Consistency::Linearizable).await?;
     let sizes = sizes(&state);
     let no_context = Map::new();
     let plan = plan_goal(
@@ -363,7 +369,7 @@ pub(crate) async fn plan_actions(
         },
     )
     .await?;
-    let decisions = preview_decisions(&state, &headers, &runtime, &plan.actions, request.policy_mode)?;
+    let decisions = preview_decisions(&state, &caller, &runtime, &plan.actions, request.policy_mode)?;
     Ok(Json(ActionPlan {
         decisions,
         actions: planned(&plan.actions),

@@ -10,12 +10,16 @@
 //! - [`operations`]: follow or cancel an asynchronous operation.
 //! - [`policies`]: safety policies (enforced in apply by `runtimeai_engine`).
 //! - [`intents`], [`actions`]: the planner and the agents' action contract.
+//! - [`auth`]: authentication (API keys) and authorization (roles, tenants, agent modes) of
+//!   every request; [`keys`]: the keys themselves, who am I, and the audit feed.
 
 pub mod actions;
+pub mod auth;
 pub mod cluster;
 pub mod external_planner;
 mod extract;
 pub mod intents;
+pub mod keys;
 mod mutation;
 pub mod openapi;
 pub mod operations;
@@ -49,6 +53,8 @@ pub struct AppState {
     pub external_planner: Option<Arc<external_planner::ExternalPlanner>>,
     /// This node's Kubernetes backend, which knows the virtual clusters' kubeconfigs.
     pub kubeconfigs: Option<Arc<dyn KubeconfigSource>>,
+    /// Requests this node refused as unauthenticated (shown in `GET /v1/cluster`).
+    pub auth_failures: Arc<auth::AuthFailures>,
 }
 
 /// Where a node finds the kubeconfig a virtual cluster published.
@@ -61,6 +67,7 @@ pub trait KubeconfigSource: Send + Sync {
 /// The whole REST surface of a node.
 pub fn router(state: AppState) -> Router {
     let max_body_bytes = state.max_body_bytes;
+    let guard = axum::middleware::from_fn_with_state(state.clone(), auth::guard);
     Router::new()
         .merge(cluster::routes())
         .merge(runtimes::routes())
@@ -68,7 +75,10 @@ pub fn router(state: AppState) -> Router {
         .merge(intents::routes())
         .merge(operations::routes())
         .merge(policies::routes())
+        .merge(keys::routes())
         .route("/v1/openapi.json", axum::routing::get(openapi::openapi_json))
+        // Every routed request is authenticated and authorized before its handler runs.
+        .route_layer(guard)
         .fallback(|| async { Problem::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "method not allowed on this endpoint")

@@ -1,13 +1,13 @@
 //! The one path every write takes: stamp the command (time, actor, idempotency claim), propose
 //! it through the cluster, and turn a rejection into its problem.
 
-use axum::http::HeaderMap;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use runtimeai_raft::{Command, CommandReply, IdempotencyClaim, Op};
 
-use crate::extract::{actor, idempotency_key, tenant};
+use crate::extract::idempotency_key;
+use crate::auth::Caller;
 use crate::problem::Problem;
 use crate::AppState;
 
@@ -18,24 +18,24 @@ use crate::AppState;
 /// request reusing the key gets 422.
 pub async fn propose(
     state: &AppState,
-    headers: &HeaderMap,
+    caller: &Caller,
     route: &str,
     body: &impl Serialize,
     op: Op,
 ) -> Result<CommandReply, Problem> {
-    let idempotency = match idempotency_key(headers)? {
+    let idempotency = match idempotency_key(&caller.headers)? {
         None => None,
         Some(key) => {
-            let tenant = tenant(headers)?.unwrap_or_default();
+            let scope = caller.idempotency_scope();
             let mut digest = Sha256::new();
             digest.update(route.as_bytes());
             digest.update([0]);
             digest.update(serde_json::to_vec(body).unwrap_or_default());
             let fingerprint = digest.finalize().iter().map(|b| format!("{b:02x}")).collect();
-            Some(IdempotencyClaim { key: format!("{tenant}/{key}"), fingerprint })
+            Some(IdempotencyClaim { key: format!("{scope}/{key}"), fingerprint })
         }
     };
-    let command = Command { at: chrono::Utc::now(), actor: actor(headers)?, idempotency, op };
+    let command = Command { at: chrono::Utc::now(), actor: caller.actor(), idempotency, op };
     match state.replica.propose(command).await? {
         CommandReply::Rejected(rejection) => Err(rejection.into()),
         reply => Ok(reply),

@@ -33,15 +33,6 @@ pub struct TenantId {
     pub tenant_id: Option<String>,
 }
 
-/// `X-Actor`: who acts (until authentication lands), recorded on events.
-#[derive(IntoParams)]
-#[into_params(parameter_in = Header)]
-pub struct XActor {
-    /// `human:<name>` or `agent:<name>`; `human:anonymous` when absent.
-    #[param(rename = "X-Actor")]
-    pub x_actor: Option<String>,
-}
-
 /// `consistency`: `linearizable` (default) or `stale` (this node's replica as it is).
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -66,6 +57,13 @@ pub enum ProblemResponses {
     /// `If-Match` does not match the current version.
     #[response(status = 412, content_type = "application/problem+json")]
     PreconditionFailed(Problem),
+    /// No credentials, or credentials that are not valid (with `WWW-Authenticate`).
+    #[response(status = 401, content_type = "application/problem+json")]
+    Unauthorized(Problem),
+    /// The principal may not: no role grants it, an agent's mode forbids it, a tenant not
+    /// granted, or a policy denies the action.
+    #[response(status = 403, content_type = "application/problem+json")]
+    Forbidden(Problem),
     /// The body is over the size limit.
     #[response(status = 413, content_type = "application/problem+json")]
     TooLarge(Problem),
@@ -91,10 +89,12 @@ pub enum ProblemResponses {
         license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
     servers((url = "/", description = "any node of the cluster")),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
     components(schemas(Problem, crate::problem::FieldError)),
     tags(
         (name = "Runtimes"), (name = "Lifecycle"), (name = "Intent"), (name = "Actions"), (name = "Events"), (name = "Policies"), (name = "Operations"),
-        (name = "Cluster"), (name = "Health")
+        (name = "Cluster"), (name = "Auth"), (name = "Health")
     ),
     paths(
         crate::cluster::health, crate::cluster::healthz, crate::cluster::readyz, crate::cluster::cluster_status,
@@ -112,10 +112,23 @@ pub enum ProblemResponses {
         crate::operations::approve_operation, crate::operations::reject_operation,
         crate::policies::create_policy, crate::policies::list_policies, crate::policies::get_policy,
         crate::policies::delete_policy,
+        crate::keys::whoami, crate::keys::audit, crate::keys::create_key, crate::keys::list_keys,
+        crate::keys::get_key, crate::keys::revoke_key, crate::keys::rotate_key,
         openapi_json,
     )
 )]
 pub struct ApiDoc;
+
+/// Every request but the probes carries an API key: `Authorization: Bearer rai_<id>_<secret>`.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let scheme = HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("An API key")).build();
+        openapi.components.get_or_insert_with(Default::default).add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
 
 /// This document.
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "Health",
@@ -197,6 +210,27 @@ mod tests {
         for op in NOT_YET_SERVED {
             assert!(!served.contains(*op), "{op} is served now: remove it from NOT_YET_SERVED");
         }
+    }
+
+    #[test]
+    fn every_route_of_the_served_document_says_what_it_needs_and_only_the_probes_are_public() {
+        use crate::auth::{route_access, Access, ROUTES};
+        let served = served();
+        for op in &served {
+            let (method, path) = op.split_once(' ').unwrap();
+            let method: axum::http::Method = method.to_uppercase().parse().unwrap();
+            let access = route_access(&method, path);
+            assert!(access.is_some(), "{op} has no entry in auth::ROUTES: it would be refused to everyone");
+            let public = matches!(path, "/healthz" | "/readyz");
+            assert_eq!(access == Some(Access::Public), public, "{op}");
+        }
+        for (method, path, _) in ROUTES {
+            let op = format!("{} {path}", method.to_lowercase());
+            assert!(served.contains(&op), "auth::ROUTES lists {op}, which the document does not serve");
+        }
+        let doc: serde_json::Value = serde_json::from_str(&document()).unwrap();
+        assert_eq!(doc["security"], serde_json::json!([{"bearer": []}]), "bearer keys by default");
+        assert_eq!(doc["paths"]["/healthz"]["get"]["security"], serde_json::json!([{}]), "the probes are public");
     }
 
     #[test]

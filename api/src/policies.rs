@@ -3,7 +3,7 @@
 //! again right before it runs.
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -13,9 +13,10 @@ use utoipa::{IntoParams, ToSchema};
 use runtimeai_model::{JsonObject, Policy, PolicyRule};
 use runtimeai_raft::{CommandReply, Op};
 
-use crate::extract::{tenant, Body, Consistency, PathParam, QueryParams};
+use crate::extract::{Body, Consistency, PathParam, QueryParams};
 use crate::mutation::{new_id, propose};
-use crate::openapi::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId, XActor};
+use crate::openapi::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId};
+use crate::auth::Caller;
 use crate::problem::Problem;
 use crate::{validate, AppState};
 
@@ -65,19 +66,19 @@ pub struct PolicyList {
     pub items: Vec<Policy>,
 }
 
-#[utoipa::path(post, path = "/v1/policies", tag = "Policies", params(IdempotencyKey, TenantId, XActor),
+#[utoipa::path(post, path = "/v1/policies", tag = "Policies", params(IdempotencyKey, TenantId),
     request_body = PolicyCreateRequest,
     responses((status = 201, description = "Created", body = Policy), ProblemResponses))]
 pub(crate) async fn create_policy(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     Body(request): Body<PolicyCreateRequest>,
 ) -> Result<Response, Problem> {
     validate::name(&request.name, "$.name")?;
     let policy = Policy {
         id: new_id("pol"),
         name: request.name.clone(),
-        tenant_id: request.tenant_id.clone().or(tenant(&headers)?),
+        tenant_id: caller.tenant_for_new(request.tenant_id.as_deref(), "$.tenant_id")?,
         scope_env: request.scope_env.clone(),
         rules: request
             .rules
@@ -98,22 +99,27 @@ pub(crate) async fn create_policy(
         runtimeai_engine::policy::validate_rule(rule)
             .map_err(|(path, message)| Problem::invalid_field(format!("$.rules[{i}].{path}"), message))?;
     }
-    match propose(&state, &headers, "POST /v1/policies", &request, Op::CreatePolicy { policy }).await? {
+    match propose(&state, &caller, "POST /v1/policies", &request, Op::CreatePolicy { policy }).await? {
         CommandReply::Policy(policy) => Ok((StatusCode::CREATED, Json(policy)).into_response()),
         other => Err(Problem::unexpected_reply(other)),
     }
 }
 
+/// A cluster-wide policy (no tenant) applies to every tenant's runtimes, so every reader sees
+/// it; a tenant's policy is seen in that tenant only.
+fn visible(caller: &Caller, policy: &Policy) -> bool {
+    policy.tenant_id.is_none() || caller.sees(policy.tenant_id.as_deref())
+}
+
 async fn read_policy(
     state: &AppState,
-    headers: &HeaderMap,
+    caller: &Caller,
     id: &str,
     consistency: Consistency,
 ) -> Result<Policy, Problem> {
     consistency.prepare(&state.replica).await?;
-    let tenant = tenant(headers)?;
     match state.replica.state.get_policy(id)? {
-        Some(policy) if tenant.is_none() || policy.tenant_id == tenant => Ok(policy),
+        Some(policy) if visible(caller, &policy) => Ok(policy),
         _ => Err(Problem::not_found(format!("policy {id} not found"))),
     }
 }
@@ -123,43 +129,50 @@ async fn read_policy(
     responses((status = 200, description = "OK", body = Policy), ProblemResponses))]
 pub(crate) async fn get_policy(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(policy_id): PathParam<String>,
     QueryParams(params): QueryParams<crate::runtimes::ReadParams>,
 ) -> Result<Json<Policy>, Problem> {
-    Ok(Json(read_policy(&state, &headers, &policy_id, params.consistency).await?))
+    Ok(Json(read_policy(&state, &caller, &policy_id, params.consistency).await?))
 }
 
 #[utoipa::path(get, path = "/v1/policies", tag = "Policies", params(PolicyListParams, TenantId),
     responses((status = 200, description = "OK", body = PolicyList), ProblemResponses))]
 pub(crate) async fn list_policies(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     QueryParams(params): QueryParams<PolicyListParams>,
 ) -> Result<Json<PolicyList>, Problem> {
     params.consistency.prepare(&state.replica).await?;
-    let tenant = tenant(&headers)?;
     let items = state
         .replica
         .state
         .list_policies()?
         .into_iter()
-        .filter(|p| tenant.is_none() || p.tenant_id == tenant)
+        .filter(|p| visible(&caller, p))
         .filter(|p| params.scope_env.is_none() || p.scope_env == params.scope_env)
         .collect();
     Ok(Json(PolicyList { items }))
 }
 
 #[utoipa::path(delete, path = "/v1/policies/{policy_id}", tag = "Policies",
-    params(("policy_id" = String, Path), IdempotencyKey, TenantId, XActor),
+    params(("policy_id" = String, Path), IdempotencyKey, TenantId),
     responses((status = 204, description = "Deleted"), ProblemResponses))]
 pub(crate) async fn delete_policy(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(policy_id): PathParam<String>,
 ) -> Result<StatusCode, Problem> {
-    read_policy(&state, &headers, &policy_id, Consistency::Linearizable).await?;
+    let policy = read_policy(&state, &caller, &policy_id, Consistency::Linearizable).await?;
+    // A tenant's policy admin reads the cluster-wide policies but removes only its tenants'.
+    if !caller.principal.may_see(policy.tenant_id.as_deref()) {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{} may not remove a cluster-wide policy", caller.actor()),
+        ));
+    }
     let op = Op::DeletePolicy { id: policy_id.clone() };
-    propose(&state, &headers, &format!("DELETE /v1/policies/{policy_id}"), &(), op).await?;
+    propose(&state, &caller, &format!("DELETE /v1/policies/{policy_id}"), &(), op).await?;
     Ok(StatusCode::NO_CONTENT)
 }

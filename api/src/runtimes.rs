@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -19,9 +19,10 @@ use runtimeai_model::{
 };
 use runtimeai_raft::{CommandReply, Op};
 
-use crate::extract::{actor, if_match, tenant, Body, Consistency, OptionalBody, PathParam, QueryParams};
+use crate::extract::{if_match, Body, Consistency, OptionalBody, PathParam, QueryParams};
 use crate::mutation::{new_id, propose};
-use crate::openapi::{ConsistencyParam, IdempotencyKey, IfMatch, ProblemResponses, TenantId, XActor};
+use crate::openapi::{ConsistencyParam, IdempotencyKey, IfMatch, ProblemResponses, TenantId};
+use crate::auth::Caller;
 use crate::problem::Problem;
 use crate::views::OperationView;
 use crate::{validate, AppState};
@@ -129,25 +130,14 @@ pub(crate) fn operation_response(operation: &Operation) -> Response {
 /// Reads a runtime as the request's consistency and tenant allow; 404 otherwise.
 pub(crate) async fn read_runtime(
     state: &AppState,
-    headers: &HeaderMap,
+    caller: &Caller,
     id: &str,
     consistency: Consistency,
 ) -> Result<Runtime, Problem> {
-    let tenant = tenant(headers)?;
     consistency.prepare(&state.replica).await?;
     match state.replica.state.get_runtime(id)? {
-        Some(runtime) if tenant.is_none() || runtime.tenant_id == tenant => Ok(runtime),
+        Some(runtime) if caller.sees(runtime.tenant_id.as_deref()) => Ok(runtime),
         _ => Err(Problem::not_found(format!("runtime {id} not found"))),
-    }
-}
-
-/// The policy mode of a request that names none: `safe_first` for agents, `balanced` for
-/// humans and unattributed callers (the VM-style API behaves as operators expect; agents are
-/// safe by default).
-pub(crate) fn default_mode(actor: &Actor) -> PolicyMode {
-    match actor {
-        Actor::Agent(_) => PolicyMode::SafeFirst,
-        _ => PolicyMode::Balanced,
     }
 }
 
@@ -280,27 +270,22 @@ fn place(
 
 /// Create a runtime. It starts in `creating`; its create operation is `active_operation`.
 #[utoipa::path(post, path = "/v1/runtimes", tag = "Runtimes",
-    params(IdempotencyKey, TenantId, XActor), request_body = RuntimeCreateRequest,
+    params(IdempotencyKey, TenantId), request_body = RuntimeCreateRequest,
     responses((status = 201, description = "Created", body = Runtime), ProblemResponses))]
 pub(crate) async fn create_runtime(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     Body(request): Body<RuntimeCreateRequest>,
 ) -> Result<Response, Problem> {
     validate::name(&request.name, "$.name")?;
     check_sizes(&state, |sizes| validate::spec(&request.spec, "$.spec", sizes)).await?;
     let labels = request.labels.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect();
     validate::labels(&labels, "$.labels")?;
-    let tenant_id = match (&request.tenant_id, tenant(&headers)?) {
-        (Some(body), Some(header)) if *body != header => {
-            return Err(Problem::invalid_field("$.tenant_id", "differs from the tenant_id header"))
-        }
-        (body, header) => body.clone().or(header),
-    };
+    let tenant_id = caller.tenant_for_new(request.tenant_id.as_deref(), "$.tenant_id")?;
     let now = chrono::Utc::now();
     let id = new_id("rt");
-    let actor = actor(&headers)?;
-    let mode = default_mode(&actor);
+    let actor = caller.actor();
+    let mode = caller.policy_mode(None)?;
     let operation = new_operation(&id, LifecycleAction::Create, RuntimeState::Creating, now, actor, mode);
     let (placement, backend) = place(&state, request.runtime_type, &request.labels)?;
     let runtime = Runtime {
@@ -318,7 +303,7 @@ pub(crate) async fn create_runtime(
     };
     match propose(
         &state,
-        &headers,
+        &caller,
         "POST /v1/runtimes",
         &request,
         Op::CreateRuntime { runtime: Arc::new(runtime), operation },
@@ -336,11 +321,11 @@ pub(crate) async fn create_runtime(
     responses((status = 200, description = "OK", body = Runtime), ProblemResponses))]
 pub(crate) async fn get_runtime(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(runtime_id): PathParam<String>,
     QueryParams(params): QueryParams<ReadParams>,
 ) -> Result<Response, Problem> {
-    let runtime = read_runtime(&state, &headers, &runtime_id, params.consistency).await?;
+    let runtime = read_runtime(&state, &caller, &runtime_id, params.consistency).await?;
     Ok(runtime_response(StatusCode::OK, &runtime))
 }
 
@@ -392,10 +377,9 @@ fn selects(terms: &[LabelTerm], labels: &BTreeMap<String, String>) -> bool {
     responses((status = 200, description = "OK", body = RuntimeList), ProblemResponses))]
 pub(crate) async fn list_runtimes(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     QueryParams(params): QueryParams<ListParams>,
 ) -> Result<Json<RuntimeList>, Problem> {
-    let tenant = tenant(&headers)?;
     let page_size = params.page_size.unwrap_or(50);
     if !(1..=200).contains(&page_size) {
         return Err(Problem::invalid_field("page_size", "must be between 1 and 200"));
@@ -409,7 +393,7 @@ pub(crate) async fn list_runtimes(
         .list_runtimes()?
         .into_iter()
         .filter(|r| r.id > after)
-        .filter(|r| tenant.is_none() || r.tenant_id == tenant)
+        .filter(|r| caller.sees(r.tenant_id.as_deref()))
         .filter(|r| params.runtime_type.is_none_or(|t| r.runtime_type == t))
         .filter(|r| params.state.is_none_or(|s| r.state == s))
         .filter(|r| selects(&selector, &r.labels))
@@ -435,22 +419,22 @@ pub struct RuntimePatch {
 
 /// Change a runtime's labels (JSON merge patch; `null` removes a label).
 #[utoipa::path(patch, path = "/v1/runtimes/{runtime_id}", tag = "Runtimes",
-    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId, XActor), request_body = RuntimePatch,
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId), request_body = RuntimePatch,
     responses((status = 200, description = "OK", body = Runtime), ProblemResponses))]
 pub(crate) async fn patch_runtime(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(runtime_id): PathParam<String>,
     Body(patch): Body<RuntimePatch>,
 ) -> Result<Response, Problem> {
     validate::labels(&patch.labels, "$.labels")?;
-    read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
+    read_runtime(&state, &caller, &runtime_id, Consistency::Linearizable).await?;
     let op = Op::PatchLabels {
         runtime_id: runtime_id.clone(),
         labels: patch.labels.clone(),
-        expected_version: if_match(&headers)?,
+        expected_version: if_match(&caller.headers)?,
     };
-    match propose(&state, &headers, &format!("PATCH /v1/runtimes/{runtime_id}"), &patch, op).await? {
+    match propose(&state, &caller, &format!("PATCH /v1/runtimes/{runtime_id}"), &patch, op).await? {
         CommandReply::Runtime(runtime) => Ok(runtime_response(StatusCode::OK, &runtime)),
         other => Err(Problem::unexpected_reply(other)),
     }
@@ -458,39 +442,39 @@ pub(crate) async fn patch_runtime(
 
 /// Delete a runtime (asynchronous: `deleting`, then gone).
 #[utoipa::path(delete, path = "/v1/runtimes/{runtime_id}", tag = "Runtimes",
-    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId, XActor),
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId),
     responses((status = 202, description = "Accepted (async delete)", body = OperationView), ProblemResponses))]
 pub(crate) async fn delete_runtime(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(runtime_id): PathParam<String>,
 ) -> Result<Response, Problem> {
-    begin(&state, &headers, &runtime_id, "delete", LifecycleAction::Delete, &()).await
+    begin(&state, &caller, &runtime_id, "delete", LifecycleAction::Delete, &()).await
 }
 
 /// Queues `action` on a runtime: 202 with the operation, or why not.
 pub(crate) async fn begin(
     state: &AppState,
-    headers: &HeaderMap,
+    caller: &Caller,
     runtime_id: &str,
     route: &str,
     action: LifecycleAction,
     body: &impl Serialize,
 ) -> Result<Response, Problem> {
-    begin_in_mode(state, headers, runtime_id, route, action, body, None).await
+    begin_in_mode(state, caller, runtime_id, route, action, body, None).await
 }
 
 /// [`begin`] in a given policy mode (none: the actor's default).
 pub(crate) async fn begin_in_mode(
     state: &AppState,
-    headers: &HeaderMap,
+    caller: &Caller,
     runtime_id: &str,
     route: &str,
     action: LifecycleAction,
     body: &impl Serialize,
     mode: Option<PolicyMode>,
 ) -> Result<Response, Problem> {
-    let runtime = read_runtime(state, headers, runtime_id, Consistency::Linearizable).await?;
+    let runtime = read_runtime(state, caller, runtime_id, Consistency::Linearizable).await?;
     for (i, step) in action.steps().iter().enumerate() {
         let kind = step.kind();
         if kind != "delete" && !runtime.capabilities.iter().any(|c| c == kind) {
@@ -505,11 +489,11 @@ pub(crate) async fn begin_in_mode(
             ));
         }
     }
-    let actor = actor(headers)?;
-    let mode = mode.unwrap_or_else(|| default_mode(&actor));
+    let actor = caller.actor();
+    let mode = caller.policy_mode(mode)?;
     let operation = new_operation(runtime_id, action, runtime.state, chrono::Utc::now(), actor, mode);
-    let op = Op::BeginOperation { operation, expected_version: if_match(headers)? };
-    match propose(state, headers, &format!("POST /v1/runtimes/{runtime_id}/{route}"), body, op).await? {
+    let op = Op::BeginOperation { operation, expected_version: if_match(&caller.headers)? };
+    match propose(state, caller, &format!("POST /v1/runtimes/{runtime_id}/{route}"), body, op).await? {
         CommandReply::Operation(operation) => Ok(operation_response(&operation)),
         other => Err(Problem::unexpected_reply(other)),
     }
@@ -596,92 +580,92 @@ pub struct LifecycleRestoreRequest {
 
 /// Start a stopped runtime.
 #[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/lifecycle/start", tag = "Lifecycle",
-    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId, XActor),
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId),
     request_body(content = Option<LifecycleStartRequest>),
     responses((status = 202, description = "Accepted", body = OperationView), ProblemResponses))]
 pub(crate) async fn start_runtime(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(runtime_id): PathParam<String>,
     OptionalBody(request): OptionalBody<LifecycleStartRequest>,
 ) -> Result<Response, Problem> {
-    begin(&state, &headers, &runtime_id, "lifecycle/start", LifecycleAction::Start, &request).await
+    begin(&state, &caller, &runtime_id, "lifecycle/start", LifecycleAction::Start, &request).await
 }
 
 /// Stop a running runtime (cleanly, or forced).
 #[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/lifecycle/stop", tag = "Lifecycle",
-    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId, XActor),
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId),
     request_body(content = Option<LifecycleStopRequest>),
     responses((status = 202, description = "Accepted", body = OperationView), ProblemResponses))]
 pub(crate) async fn stop_runtime(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(runtime_id): PathParam<String>,
     OptionalBody(request): OptionalBody<LifecycleStopRequest>,
 ) -> Result<Response, Problem> {
     let action = LifecycleAction::Stop { force: request.force, timeout_seconds: request.timeout_seconds };
-    begin(&state, &headers, &runtime_id, "lifecycle/stop", action, &request).await
+    begin(&state, &caller, &runtime_id, "lifecycle/stop", action, &request).await
 }
 
 /// Restart a running runtime.
 #[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/lifecycle/restart", tag = "Lifecycle",
-    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId, XActor),
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId),
     responses((status = 202, description = "Accepted", body = OperationView), ProblemResponses))]
 pub(crate) async fn restart_runtime(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(runtime_id): PathParam<String>,
 ) -> Result<Response, Problem> {
-    begin(&state, &headers, &runtime_id, "lifecycle/restart", LifecycleAction::Restart, &()).await
+    begin(&state, &caller, &runtime_id, "lifecycle/restart", LifecycleAction::Restart, &()).await
 }
 
 /// Scale a runtime to a size or explicit resources.
 #[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/lifecycle/scale", tag = "Lifecycle",
-    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId, XActor),
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId),
     request_body = LifecycleScaleRequest,
     responses((status = 202, description = "Accepted", body = OperationView), ProblemResponses))]
 pub(crate) async fn scale_runtime(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(runtime_id): PathParam<String>,
     Body(request): Body<LifecycleScaleRequest>,
 ) -> Result<Response, Problem> {
     let action = check_sizes(&state, |sizes| request.to_action("$", sizes)).await?;
-    begin(&state, &headers, &runtime_id, "lifecycle/scale", action, &request).await
+    begin(&state, &caller, &runtime_id, "lifecycle/scale", action, &request).await
 }
 
 /// Take a snapshot (VM snapshot / vCluster backup).
 #[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/lifecycle/snapshot", tag = "Lifecycle",
-    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId, XActor),
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId),
     request_body(content = Option<LifecycleSnapshotRequest>),
     responses((status = 202, description = "Accepted", body = OperationView), ProblemResponses))]
 pub(crate) async fn snapshot_runtime(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(runtime_id): PathParam<String>,
     OptionalBody(request): OptionalBody<LifecycleSnapshotRequest>,
 ) -> Result<Response, Problem> {
     let action = request.to_action("$")?;
-    begin(&state, &headers, &runtime_id, "lifecycle/snapshot", action, &request).await
+    begin(&state, &caller, &runtime_id, "lifecycle/snapshot", action, &request).await
 }
 
 /// Restore a runtime from one of its snapshots.
 #[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/lifecycle/restore", tag = "Lifecycle",
-    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId, XActor),
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId),
     request_body = LifecycleRestoreRequest,
     responses((status = 202, description = "Accepted", body = OperationView), ProblemResponses))]
 pub(crate) async fn restore_runtime(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(runtime_id): PathParam<String>,
     Body(request): Body<LifecycleRestoreRequest>,
 ) -> Result<Response, Problem> {
-    let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
+    let runtime = read_runtime(&state, &caller, &runtime_id, Consistency::Linearizable).await?;
     if !runtime.has_snapshot(&request.snapshot_id) {
         return Err(Problem::not_found(format!("runtime {runtime_id} has no snapshot {}", request.snapshot_id)));
     }
     let action = LifecycleAction::Restore { snapshot_id: request.snapshot_id.clone() };
-    begin(&state, &headers, &runtime_id, "lifecycle/restore", action, &request).await
+    begin(&state, &caller, &runtime_id, "lifecycle/restore", action, &request).await
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -707,11 +691,11 @@ pub struct RuntimeStatus {
     responses((status = 200, description = "OK", body = RuntimeStatus), ProblemResponses))]
 pub(crate) async fn runtime_status(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(runtime_id): PathParam<String>,
     QueryParams(params): QueryParams<ReadParams>,
 ) -> Result<Json<RuntimeStatus>, Problem> {
-    let runtime = read_runtime(&state, &headers, &runtime_id, params.consistency).await?;
+    let runtime = read_runtime(&state, &caller, &runtime_id, params.consistency).await?;
     let reported = runtime.signals.as_ref().map(|s| s.health.as_str());
     let health = match (runtime.state, reported) {
         (RuntimeState::Error, _) | (_, Some("unhealthy")) => "critical",
@@ -746,11 +730,11 @@ pub struct OperationList {
     responses((status = 200, description = "OK", body = OperationList), ProblemResponses))]
 pub(crate) async fn runtime_operations(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(runtime_id): PathParam<String>,
     QueryParams(params): QueryParams<ReadParams>,
 ) -> Result<Json<OperationList>, Problem> {
-    read_runtime(&state, &headers, &runtime_id, params.consistency).await?;
+    read_runtime(&state, &caller, &runtime_id, params.consistency).await?;
     let items = state.replica.state.runtime_operations(&runtime_id)?.iter().map(OperationView::from).collect();
     Ok(Json(OperationList { items }))
 }
@@ -766,11 +750,11 @@ pub struct SnapshotList {
     responses((status = 200, description = "OK", body = SnapshotList), ProblemResponses))]
 pub(crate) async fn runtime_snapshots(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(runtime_id): PathParam<String>,
     QueryParams(params): QueryParams<ReadParams>,
 ) -> Result<Json<SnapshotList>, Problem> {
-    let runtime = read_runtime(&state, &headers, &runtime_id, params.consistency).await?;
+    let runtime = read_runtime(&state, &caller, &runtime_id, params.consistency).await?;
     Ok(Json(SnapshotList { items: runtime.snapshots }))
 }
 
@@ -837,7 +821,7 @@ pub struct EventList {
     responses((status = 200, description = "OK", body = EventList), ProblemResponses))]
 pub(crate) async fn runtime_events(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(runtime_id): PathParam<String>,
     QueryParams(params): QueryParams<EventParams>,
 ) -> Result<Json<EventList>, Problem> {
@@ -846,12 +830,16 @@ pub(crate) async fn runtime_events(
         return Err(Problem::invalid_field("limit", "must be between 1 and 1000"));
     }
     params.consistency.prepare(&state.replica).await?;
-    let tenant = tenant(&headers)?;
+    // The audit feed is stored as events too, but is not a runtime's (`GET /v1/audit`).
+    if runtime_id == runtimeai_raft::AUDIT_STREAM {
+        return Err(Problem::not_found(format!("runtime {runtime_id} not found")));
+    }
     let runtime = state.replica.state.get_runtime(&runtime_id)?;
     let events = state.replica.state.runtime_events(&runtime_id)?;
+    // A deleted runtime's tenant is gone with it: its events are for principals of every tenant.
     let visible = match &runtime {
-        Some(runtime) => tenant.is_none() || runtime.tenant_id == tenant,
-        None => !events.is_empty() && tenant.is_none(),
+        Some(runtime) => caller.sees(runtime.tenant_id.as_deref()),
+        None => !events.is_empty() && caller.sees(None),
     };
     if !visible {
         return Err(Problem::not_found(format!("runtime {runtime_id} not found")));
@@ -872,10 +860,10 @@ pub(crate) async fn runtime_events(
         ProblemResponses))]
 pub(crate) async fn runtime_kubeconfig(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     PathParam(runtime_id): PathParam<String>,
 ) -> Result<Response, Problem> {
-    let runtime = read_runtime(&state, &headers, &runtime_id, Consistency::Linearizable).await?;
+    let runtime = read_runtime(&state, &caller, &runtime_id, Consistency::Linearizable).await?;
     if runtime.runtime_type != RuntimeType::Vcluster {
         return Err(Problem::not_found(format!(
             "runtime {runtime_id} is a {}, not a vcluster: it has no kubeconfig",

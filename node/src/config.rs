@@ -207,6 +207,12 @@ pub struct NodeArgs {
     /// the same pretend infrastructure [default: <data-dir>/simulated-infra].
     #[arg(long, env = "RUNTIMEAI_SIMULATED_INFRA_DIR")]
     pub simulated_infra_dir: Option<PathBuf>,
+    /// A file holding the first cluster admin's API key (`rai_<id>_<secret>`, secret of at
+    /// least 32 characters). The node that initializes the cluster, and any node given this,
+    /// makes sure the key exists. Without it the initializing node makes one and writes it to
+    /// `<data-dir>/admin.key` (mode 0600) [default: none].
+    #[arg(long, env = "RUNTIMEAI_BOOTSTRAP_ADMIN_KEY_FILE")]
+    pub bootstrap_admin_key_file: Option<PathBuf>,
 }
 
 /// A checked configuration.
@@ -245,6 +251,8 @@ pub struct NodeConfig {
     pub simulated_infra_dir: PathBuf,
     /// The external planner, if configured.
     pub planner: Option<runtimeai_api::external_planner::ExternalPlannerConfig>,
+    /// The first admin's key, from `--bootstrap-admin-key-file`.
+    pub bootstrap_admin_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -306,6 +314,9 @@ impl NodeArgs {
             simulated_infra_dir: self
                 .simulated_infra_dir
                 .or_else(|| file.simulated_infra_dir.map(|d| relative_to(&path, d))),
+            bootstrap_admin_key_file: self
+                .bootstrap_admin_key_file
+                .or_else(|| file.bootstrap_admin_key_file.map(|d| relative_to(&path, d))),
         })
     }
 
@@ -431,6 +442,7 @@ impl NodeArgs {
             signals_interval: Duration::from_millis(signals_ms),
             simulated_step: Duration::from_millis(self.simulated_step_ms.unwrap_or(200).max(1)),
             planner,
+            bootstrap_admin_key_file: self.bootstrap_admin_key_file,
         })
     }
 }

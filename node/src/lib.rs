@@ -2,6 +2,7 @@
 //! one process ([`server::run`]), the leader's [`scheduler`], the [`executor`] every node runs
 //! with its [`backend`] drivers, and the `dev` command that starts a local cluster.
 
+pub mod admin_key;
 pub mod backend;
 pub mod config;
 pub mod dev;

@@ -134,6 +134,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         max_body_bytes: config.max_body_bytes,
         external_planner,
         kubeconfigs,
+        auth_failures: Arc::default(),
     });
     let http_listener = axum::serve::ListenerExt::tap_io(http_listener, |tcp| {
         let _ = tcp.set_nodelay(true);
@@ -150,7 +151,11 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         "node started"
     );
 
+    let initializes = data.fresh && config.initial_cluster.keys().next() == Some(&config.id);
+    let admin_key =
+        crate::admin_key::bootstrap_key(config.bootstrap_admin_key_file.as_deref(), &config.data_dir, initializes)?;
     bootstrap(&config, &raft, data.fresh).await?;
+    let admin_key = admin_key.map(|key| tokio::spawn(crate::admin_key::ensure(replica.clone(), key)));
     let scheduler = tokio::spawn(crate::scheduler::run(
         replica.clone(),
         crate::scheduler::SchedulerOptions { lease: config.operation_lease },
@@ -177,6 +182,9 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     };
     tracing::info!(node = config.id, "shutting down");
     registration.abort();
+    if let Some(task) = admin_key {
+        task.abort();
+    }
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;

@@ -34,6 +34,7 @@ pub mod store;
 pub mod types;
 pub mod watchdog;
 
+pub use apply::AUDIT_STREAM;
 pub use batcher::Assigner;
 pub use command::{Command, CommandReply, IdempotencyClaim, Op, Rejection};
 pub use error::{ClusterError, DataDirError};
