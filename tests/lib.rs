@@ -42,6 +42,17 @@ pub trait Eventually {
         headers: &[(&str, &str)],
     ) -> anyhow::Result<Response>;
 
+    /// [`Eventually::call_eventually`] with the credentials of `token` instead of the admin's.
+    async fn call_eventually_as(
+        &self,
+        token: &str,
+        via: u64,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Response>;
+
     /// `GET path` through `via`, as [`Eventually::call_eventually`].
     async fn get_eventually(&self, via: u64, path: &str) -> anyhow::Result<Response>;
 
@@ -59,25 +70,19 @@ impl Eventually for Cluster {
         body: Option<&Value>,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<Response> {
-        let has_key = headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("idempotency-key"))
-            || body.is_some_and(|b| b.get("idempotency_key").is_some());
-        let key = (![reqwest::Method::GET, reqwest::Method::HEAD].contains(&method) && !has_key).then(fresh_key);
-        let mut headers = headers.to_vec();
-        if let Some(key) = &key {
-            headers.push(("idempotency-key", key));
-        }
-        let deadline = Instant::now() + EVENTUALLY;
-        loop {
-            let outcome = self.call(via, method.clone(), path, body, &headers).await;
-            let retry = match &outcome {
-                Ok(response) => response.status == 503 && response.header("retry-after").is_some(),
-                Err(_) => true,
-            };
-            if !retry || Instant::now() > deadline {
-                return Ok(outcome?);
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        call_retrying(self, None, via, method, path, body, headers).await
+    }
+
+    async fn call_eventually_as(
+        &self,
+        token: &str,
+        via: u64,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Response> {
+        call_retrying(self, Some(token), via, method, path, body, headers).await
     }
 
     async fn get_eventually(&self, via: u64, path: &str) -> anyhow::Result<Response> {
@@ -99,8 +104,63 @@ impl Eventually for Cluster {
     }
 }
 
+/// The retry loop of [`Eventually::call_eventually`], as the admin (`token` none) or as `token`.
+async fn call_retrying(
+    cluster: &Cluster,
+    token: Option<&str>,
+    via: u64,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&Value>,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Response> {
+    let has_key = headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("idempotency-key"))
+        || body.is_some_and(|b| b.get("idempotency_key").is_some());
+    let key = (![reqwest::Method::GET, reqwest::Method::HEAD].contains(&method) && !has_key).then(fresh_key);
+    let mut headers = headers.to_vec();
+    if let Some(key) = &key {
+        headers.push(("idempotency-key", key));
+    }
+    let deadline = Instant::now() + EVENTUALLY;
+    loop {
+        let outcome = match token {
+            None => cluster.call(via, method.clone(), path, body, &headers).await,
+            Some(token) => cluster.call_as(Some(token), via, method.clone(), path, body, &headers).await,
+        };
+        let retry = match &outcome {
+            Ok(response) => response.status == 503 && response.header("retry-after").is_some(),
+            Err(_) => true,
+        };
+        if !retry || Instant::now() > deadline {
+            return Ok(outcome?);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// An idempotency key no other request of this test process uses.
 fn fresh_key() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     format!("it-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst))
+}
+
+/// Makes an API key through node `via` (as the admin) and returns its token: a principal
+/// `name` of `kind` (`human`, `agent`, `service`) in `tenants` with `roles`, and for an agent a
+/// `mode`.
+pub async fn key_for(
+    cluster: &Cluster,
+    via: u64,
+    name: &str,
+    kind: &str,
+    tenants: &[&str],
+    roles: &[&str],
+    mode: Option<&str>,
+) -> anyhow::Result<String> {
+    let mut body = serde_json::json!({"name": name, "kind": kind, "tenants": tenants, "roles": roles});
+    if let Some(mode) = mode {
+        body["agent_mode"] = mode.into();
+    }
+    let made = cluster.call_eventually(via, reqwest::Method::POST, "/v1/keys", Some(&body), &[]).await?;
+    anyhow::ensure!(made.status == 201, "cannot make a key for {name}: {made:?}");
+    Ok(made.body["token"].as_str().unwrap_or_default().to_string())
 }

@@ -195,7 +195,10 @@ pub enum AuthFailure {
 }
 
 /// Checks a bearer token against the keys in the replicated state.
-pub fn authenticate_key(state: &runtimeai_raft::state_machine::StateMachineStore, token: &str) -> Result<Principal, AuthFailure> {
+pub fn authenticate_key(
+    state: &runtimeai_raft::state_machine::StateMachineStore,
+    token: &str,
+) -> Result<Principal, AuthFailure> {
     let token = parse_token(token).ok_or(AuthFailure::Malformed)?;
     let digest = secret_digest(token.secret);
     let key = state.api_key(token.id).ok_or(AuthFailure::UnknownKey)?;
@@ -240,7 +243,12 @@ impl AuthFailures {
 }
 
 /// Authenticates and authorizes every routed request, and hands the handler its [`Caller`].
-pub async fn guard(State(state): State<AppState>, matched: Option<MatchedPath>, mut request: Request, next: Next) -> Response {
+pub async fn guard(
+    State(state): State<AppState>,
+    matched: Option<MatchedPath>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let path = matched.as_ref().map(|m| m.as_str()).unwrap_or("");
     // Unlisted routes are refused to everyone: fail closed.
     let access = route_access(request.method(), path).unwrap_or(Access::Needs(Permission::ManageCluster));
@@ -397,9 +405,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Problem> {
         // Only `guard` puts one there; a handler reached without it refuses.
-        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
-            Problem::new(StatusCode::UNAUTHORIZED, "unauthenticated", "authentication required")
-        })
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| Problem::new(StatusCode::UNAUTHORIZED, "unauthenticated", "authentication required"))
     }
 }
 
@@ -437,7 +447,14 @@ mod tests {
         assert_eq!(parsed.id, key.id);
         assert_eq!(secret_digest(parsed.secret), key.secret_sha256);
         assert_ne!(secret_digest(&new_secret()), key.secret_sha256);
-        for bad in ["", "rai_", "rai_x_short", "Bearer x", "rai__0123456789abcdef0123456789abcdef", "xyz_a_0123456789abcdef0123456789abcdef"] {
+        for bad in [
+            "",
+            "rai_",
+            "rai_x_short",
+            "Bearer x",
+            "rai__0123456789abcdef0123456789abcdef",
+            "xyz_a_0123456789abcdef0123456789abcdef",
+        ] {
             assert!(parse_token(bad).is_none(), "{bad:?}");
         }
     }

@@ -15,9 +15,9 @@ use utoipa::ToSchema;
 use runtimeai_model::ClusterSettings;
 use runtimeai_raft::NodeId;
 
+use crate::auth::Caller;
 use crate::extract::{Body, PathParam};
 use crate::openapi::ProblemResponses;
-use crate::auth::Caller;
 use crate::problem::Problem;
 use crate::{AppState, VERSION};
 

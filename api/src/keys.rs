@@ -42,7 +42,11 @@ pub struct WhoAmI {
 #[utoipa::path(get, path = "/v1/auth/whoami", tag = "Auth",
     responses((status = 200, description = "OK", body = WhoAmI), ProblemResponses))]
 pub(crate) async fn whoami(caller: Caller) -> Json<WhoAmI> {
-    Json(WhoAmI { principal: Principal::clone(&caller.principal), actor: caller.actor().to_string(), tenant_id: caller.tenant })
+    Json(WhoAmI {
+        principal: Principal::clone(&caller.principal),
+        actor: caller.actor().to_string(),
+        tenant_id: caller.tenant,
+    })
 }
 
 /// A new API key's principal.
@@ -110,7 +114,9 @@ fn check_principal(request: &KeyCreateRequest) -> Result<(), Problem> {
     if request.tenants.is_empty() {
         return Err(Problem::invalid_field("$.tenants", "give at least one tenant (or \"*\" for all)"));
     }
-    if let Some(i) = request.tenants.iter().position(|t| t.is_empty() || t.len() > 63 || (t.contains('*') && t != ALL_TENANTS)) {
+    if let Some(i) =
+        request.tenants.iter().position(|t| t.is_empty() || t.len() > 63 || (t.contains('*') && t != ALL_TENANTS))
+    {
         return Err(Problem::invalid_field(format!("$.tenants[{i}]"), "a tenant id (1 to 63 characters) or \"*\""));
     }
     if request.roles.is_empty() {
@@ -119,7 +125,10 @@ fn check_principal(request: &KeyCreateRequest) -> Result<(), Problem> {
     let agent = request.kind == PrincipalKind::Agent;
     if agent {
         if let Some(i) = request.roles.iter().position(|r| !matches!(r, Role::Agent | Role::Viewer)) {
-            return Err(Problem::invalid_field(format!("$.roles[{i}]"), "an agent takes the roles agent or viewer only"));
+            return Err(Problem::invalid_field(
+                format!("$.roles[{i}]"),
+                "an agent takes the roles agent or viewer only",
+            ));
         }
     } else if request.agent_mode.is_some() {
         return Err(Problem::invalid_field("$.agent_mode", "only agents have a mode"));

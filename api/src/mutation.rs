@@ -6,8 +6,8 @@ use sha2::{Digest, Sha256};
 
 use runtimeai_raft::{Command, CommandReply, IdempotencyClaim, Op};
 
-use crate::extract::idempotency_key;
 use crate::auth::Caller;
+use crate::extract::idempotency_key;
 use crate::problem::Problem;
 use crate::AppState;
 

@@ -10,10 +10,10 @@ use utoipa::ToSchema;
 use runtimeai_model::Operation;
 use runtimeai_raft::{CommandReply, Op};
 
+use crate::auth::Caller;
 use crate::extract::{Body, Consistency, OptionalBody, PathParam, QueryParams};
 use crate::mutation::propose;
 use crate::openapi::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId};
-use crate::auth::Caller;
 use crate::problem::Problem;
 use crate::runtimes::ReadParams;
 use crate::views::OperationView;

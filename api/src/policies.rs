@@ -13,10 +13,10 @@ use utoipa::{IntoParams, ToSchema};
 use runtimeai_model::{JsonObject, Policy, PolicyRule};
 use runtimeai_raft::{CommandReply, Op};
 
+use crate::auth::Caller;
 use crate::extract::{Body, Consistency, PathParam, QueryParams};
 use crate::mutation::{new_id, propose};
 use crate::openapi::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId};
-use crate::auth::Caller;
 use crate::problem::Problem;
 use crate::{validate, AppState};
 
@@ -111,12 +111,7 @@ fn visible(caller: &Caller, policy: &Policy) -> bool {
     policy.tenant_id.is_none() || caller.sees(policy.tenant_id.as_deref())
 }
 
-async fn read_policy(
-    state: &AppState,
-    caller: &Caller,
-    id: &str,
-    consistency: Consistency,
-) -> Result<Policy, Problem> {
+async fn read_policy(state: &AppState, caller: &Caller, id: &str, consistency: Consistency) -> Result<Policy, Problem> {
     consistency.prepare(&state.replica).await?;
     match state.replica.state.get_policy(id)? {
         Some(policy) if visible(caller, &policy) => Ok(policy),

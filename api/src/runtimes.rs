@@ -19,10 +19,10 @@ use runtimeai_model::{
 };
 use runtimeai_raft::{CommandReply, Op};
 
+use crate::auth::Caller;
 use crate::extract::{if_match, Body, Consistency, OptionalBody, PathParam, QueryParams};
 use crate::mutation::{new_id, propose};
 use crate::openapi::{ConsistencyParam, IdempotencyKey, IfMatch, ProblemResponses, TenantId};
-use crate::auth::Caller;
 use crate::problem::Problem;
 use crate::views::OperationView;
 use crate::{validate, AppState};

@@ -196,8 +196,12 @@ fn level(
     }
 }
 
-fn http_client(clients: usize) -> Result<reqwest::Client> {
+/// A client for either system; for ours it authenticates as the admin (etcd's gateway reads
+/// `Authorization` as an etcd token, so its client sends none).
+fn http_client(clients: usize, ours: bool) -> Result<reqwest::Client> {
+    let headers = if ours { crate::cluster::admin_headers() } else { Default::default() };
     Ok(reqwest::Client::builder()
+        .default_headers(headers)
         .timeout(Duration::from_secs(10))
         .pool_max_idle_per_host(clients.max(1))
         .tcp_nodelay(true)
@@ -234,7 +238,7 @@ fn runtimeai_options(node_args: &[String]) -> ClusterOptions {
 /// Runs every measurement; `progress` hears what is going on.
 pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<BenchResults> {
     let max_clients = options.concurrency.iter().copied().max().unwrap_or(1);
-    let http = http_client(max_clients)?;
+    let (http, etcd_http) = (http_client(max_clients, true)?, http_client(max_clients, false)?);
 
     progress("starting a 3-node RuntimeAI cluster and a 3-member etcd cluster");
     let mut runtimeai = Cluster::start(3, runtimeai_options(&options.node_args)).await?;
@@ -262,12 +266,12 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
         let v = value.clone();
         let cpu = etcd_cpu(&etcd);
         let load =
-            drive(&http, &theirs, clients, options.duration, move |h, _, _, base| put_request(h, base, &v)).await;
+            drive(&etcd_http, &theirs, clients, options.duration, move |h, _, _, base| put_request(h, base, &v)).await;
         levels.push(level("etcd", "write", clients, load, etcd_cpu(&etcd) - cpu));
     }
     // Reads of a fixed set of keys written above.
     let etcd_key = base64(b"bench/read");
-    http.post(format!("{}/v3/kv/put", theirs[0])).json(&json!({"key": etcd_key, "value": value})).send().await?;
+    etcd_http.post(format!("{}/v3/kv/put", theirs[0])).json(&json!({"key": etcd_key, "value": value})).send().await?;
     for &clients in &options.concurrency {
         quiesce(&runtimeai, &progress).await;
         progress(&format!("reads, {clients} clients"));
@@ -280,7 +284,7 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
             levels.push(level("runtimeai", workload, clients, load, runtimeai_cpu(&runtimeai) - cpu));
             let body = json!({"key": etcd_key, "serializable": workload == "read-stale"});
             let cpu = etcd_cpu(&etcd);
-            let load = drive(&http, &theirs, clients, options.duration / 2, move |h, _, _, base| {
+            let load = drive(&etcd_http, &theirs, clients, options.duration / 2, move |h, _, _, base| {
                 h.post(format!("{base}/v3/kv/range")).json(&body)
             })
             .await;
@@ -292,7 +296,7 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
         (Vec::new(), None)
     } else {
         match failover_rounds(
-            &http,
+            [&http, &etcd_http],
             &mut runtimeai,
             &mut etcd,
             &ours,
@@ -381,7 +385,7 @@ async fn quiesce(cluster: &Cluster, progress: &impl Fn(&str)) {
 /// SIGKILLs each system's leader `rounds` times under a steady write load.
 #[allow(clippy::too_many_arguments)]
 async fn failover_rounds(
-    http: &reqwest::Client,
+    [http, etcd_http]: [&reqwest::Client; 2],
     runtimeai: &mut Cluster,
     etcd: &mut EtcdCluster,
     ours: &[String],
@@ -404,7 +408,7 @@ async fn failover_rounds(
     for _ in 0..rounds {
         let leader = etcd.wait_leader(SETTLE).await?;
         let v = value.to_string();
-        gaps.push(failover_gap(http, theirs, || etcd.kill(leader), move |h, base| put_request(h, base, &v)).await);
+        gaps.push(failover_gap(etcd_http, theirs, || etcd.kill(leader), move |h, base| put_request(h, base, &v)).await);
         etcd.restart(leader)?;
         etcd.wait_leader(SETTLE).await?;
     }

@@ -90,6 +90,16 @@ impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+
+    /// Status, headers and the JSON body (`null` when there is none, a string when not JSON).
+    async fn read(response: reqwest::Response) -> Result<Response> {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await?;
+        let body =
+            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        Ok(Response { status, headers, body })
+    }
 }
 
 /// Options every node of a cluster gets.
@@ -137,7 +147,27 @@ impl Node {
     }
 }
 
+/// The API key of the first admin of every cluster this process starts (given to each node
+/// with `--bootstrap-admin-key-file`): random per process, so one client serves every cluster.
+pub fn admin_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        let secret: String = (0..4).map(|_| format!("{:016x}", rand::random::<u64>())).collect();
+        format!("rai_harness_{secret}")
+    })
+}
+
+/// Default headers that authenticate a client as the clusters' first admin.
+pub fn admin_headers() -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", admin_token())).expect("ASCII token");
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    headers
+}
+
 /// A cluster of real processes. Dropping it kills them all.
+///
+/// Its [`Cluster::client`] authenticates as the admin; [`Cluster::call_as`] as anyone else.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: BTreeMap<u64, Node>,
@@ -154,7 +184,9 @@ impl Cluster {
             .prefix("runtimeai-it-")
             .tempdir()
             .map_err(Error::io("create a temporary directory"))?;
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
+        let client =
+            reqwest::Client::builder().timeout(Duration::from_secs(15)).default_headers(admin_headers()).build()?;
+        std::fs::write(dir.path().join("admin.key"), admin_token()).map_err(Error::io("write the admin key"))?;
         let mut cluster = Cluster { dir, nodes: BTreeMap::new(), options, client, network: None };
         let mut initial = Vec::new();
         for id in 1..=size {
@@ -238,6 +270,8 @@ impl Cluster {
             .args(["--id", &id.to_string(), "--http", &node.http, "--grpc", &node.grpc])
             .arg("--data-dir")
             .arg(&node.data_dir)
+            .arg("--bootstrap-admin-key-file")
+            .arg(self.dir.path().join("admin.key"))
             .args(&extra)
             .args(if extra.iter().any(|a| a == "--backends") { vec![] } else { vec!["--backends", TEST_BACKENDS] })
             .env("RUST_LOG", "info,openraft=info")
@@ -395,6 +429,30 @@ impl Cluster {
         self.call_within(via, method, path, body, headers, None).await
     }
 
+    /// [`Cluster::call`] with the credentials of `token` (none: no `Authorization` header).
+    pub async fn call_as(
+        &self,
+        token: Option<&str>,
+        via: u64,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> Result<Response> {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
+        let mut request = client.request(method, self.node(via).url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        Response::read(request.send().await?).await
+    }
+
     /// [`Cluster::call`] with its own timeout instead of the client's 15 s, for requests that
     /// block while the cluster works (adding a member answers once it has caught up).
     pub async fn call_within(
@@ -416,13 +474,7 @@ impl Cluster {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request.send().await?;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let text = response.text().await?;
-        let body =
-            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
-        Ok(Response { status, headers, body })
+        Response::read(request.send().await?).await
     }
 
     /// `GET path` through `via` until it answers 200 or `deadline` passes (one try at least): the

@@ -157,6 +157,7 @@ pub async fn run(options: &WorkloadOptions, targets: Targets, registers: Vec<Str
     let client = reqwest::Client::builder()
         .timeout(options.request_timeout)
         .pool_idle_timeout(Duration::from_secs(5))
+        .default_headers(crate::cluster::admin_headers())
         .build()
         .expect("HTTP client");
     let deadline = Instant::now() + options.duration;

@@ -6,7 +6,7 @@
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,8 +38,7 @@ pub fn bootstrap_key(given: Option<&Path>, data_dir: &Path, initializes: bool) -
         Some(path) => read_token(path)?,
         None if generated.exists() => read_token(&generated)?,
         None if initializes => {
-            let token = format!("rai_admin_{}", new_secret());
-            write_private(&generated, &token)?;
+            let token = generate_file(&generated)?;
             tracing::warn!(
                 file = %generated.display(),
                 "made the first cluster admin's API key; keep the file safe (or pass --bootstrap-admin-key-file)"
@@ -61,7 +60,8 @@ pub fn bootstrap_key(given: Option<&Path>, data_dir: &Path, initializes: bool) -
 }
 
 fn read_token(path: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the admin key {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the admin key {}", path.display()))?;
     let token = text.trim().to_string();
     if parse_token(&token).is_none() {
         anyhow::bail!(
@@ -73,8 +73,15 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// Makes a new admin token and writes it to a new file at `path` that only its owner can read.
+pub fn generate_file(path: &Path) -> anyhow::Result<String> {
+    let token = format!("rai_admin_{}", new_secret());
+    write_private(path, &token)?;
+    Ok(token)
+}
+
 /// Writes `text` to a new file only its owner can read.
-fn write_private(path: &PathBuf, text: &str) -> anyhow::Result<()> {
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -67,6 +67,12 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         initial.push(format!("{id}=127.0.0.1:{}", port(args.grpc_port, id)?));
     }
     let initial = initial.join(",");
+    // Authentication is on, as in production: the first admin's key is made once and kept
+    // with the data.
+    let admin_key = args.data_dir.join(crate::admin_key::GENERATED_FILE);
+    if !admin_key.exists() {
+        crate::admin_key::generate_file(&admin_key)?;
+    }
 
     let mut members: Vec<Member> = Vec::new();
     for id in 1..=args.nodes {
@@ -102,6 +108,8 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             // Kubernetes API server here).
             "--backends".into(),
             DEV_BACKENDS.into(),
+            "--bootstrap-admin-key-file".into(),
+            admin_key.display().to_string(),
         ];
         let command_line = format!("{} {} 2>>{}", exe.display(), node_args.join(" "), log_path.display());
         let child = Command::new(&exe)
@@ -116,12 +124,12 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let outcome = runtime.block_on(supervise(&mut members));
+    let outcome = runtime.block_on(supervise(&mut members, &admin_key));
     stop_all(&mut members);
     outcome
 }
 
-async fn supervise(members: &mut [Member]) -> anyhow::Result<()> {
+async fn supervise(members: &mut [Member], admin_key: &std::path::Path) -> anyhow::Result<()> {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
     let started = Instant::now();
     let first = members[0].http.clone();
@@ -143,11 +151,15 @@ async fn supervise(members: &mut [Member]) -> anyhow::Result<()> {
             let ready = client.get(format!("http://{first}/readyz")).send().await.map(|r| r.status().is_success());
             if matches!(ready, Ok(true)) {
                 announced = true;
-                say!("\ncluster ready in {:.1}s. Try:", started.elapsed().as_secs_f64());
-                say!("  curl -s http://{first}/v1/cluster");
                 say!(
-                    "  curl -s -XPOST http://{first}/v1/runtimes -H 'content-type: application/json' \
-                     -d '{{\"name\":\"demo\",\"type\":\"vm\"}}'"
+                    "\ncluster ready in {:.1}s. Every request needs the admin's API key. Try:",
+                    started.elapsed().as_secs_f64()
+                );
+                say!("  export RUNTIMEAI_TOKEN=$(cat {})", admin_key.display());
+                say!("  curl -s http://{first}/v1/cluster -H \"Authorization: Bearer $RUNTIMEAI_TOKEN\"");
+                say!(
+                    "  curl -s -XPOST http://{first}/v1/runtimes -H \"Authorization: Bearer $RUNTIMEAI_TOKEN\" \
+                     -H 'content-type: application/json' -d '{{\"name\":\"demo\",\"type\":\"vm\"}}'"
                 );
                 say!("Ctrl-C stops the cluster (data stays in the data directory).");
             } else if started.elapsed() > READY_WITHIN {

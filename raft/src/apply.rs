@@ -13,17 +13,18 @@ use serde::{Deserialize, Serialize};
 
 use runtimeai_engine::policy;
 use runtimeai_model::{
-    Actor, ApiKey, Approval, Assignment, ClusterSettings, Event, EventSeverity, IdempotencyRecord, JsonObject, JsonText,
-    LifecycleAction, Operation, OperationError, OperationProgress, OperationStatus, Policy, PolicyDecision, Runtime,
-    RuntimeSnapshot, RuntimeState, Timestamp, Verdict,
+    Actor, ApiKey, Approval, Assignment, ClusterSettings, Event, EventSeverity, IdempotencyRecord, JsonObject,
+    JsonText, LifecycleAction, Operation, OperationError, OperationProgress, OperationStatus, Policy, PolicyDecision,
+    Runtime, RuntimeSnapshot, RuntimeState, Timestamp, Verdict,
 };
 
 use crate::codec;
 use crate::command::{Command, CommandReply, IdempotencyClaim, Op, Rejection};
 use crate::state_machine::{event_prefix, name_key, read_err, write_err};
 use crate::store::{
-    cf, CF_ACTIVE_OPERATIONS, CF_EVENTS, CF_EVENT_COUNTS, CF_IDEMPOTENCY, CF_IDEMPOTENCY_BY_TIME, CF_INTENTS, CF_NODES,
-    CF_OPERATIONS, CF_POLICIES, CF_RUNTIMES, CF_RUNTIME_NAMES, CF_RUNTIME_OPERATIONS, CF_SETTINGS, CF_API_KEYS,
+    cf, CF_ACTIVE_OPERATIONS, CF_API_KEYS, CF_EVENTS, CF_EVENT_COUNTS, CF_IDEMPOTENCY, CF_IDEMPOTENCY_BY_TIME,
+    CF_INTENTS, CF_NODES, CF_OPERATIONS, CF_POLICIES, CF_RUNTIMES, CF_RUNTIME_NAMES, CF_RUNTIME_OPERATIONS,
+    CF_SETTINGS,
 };
 use crate::types::StorageError;
 
@@ -375,7 +376,8 @@ fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<Comm
                 CommandReply::Rejected(Rejection::AlreadyExists { kind: "policy".into(), id: policy.id })
             } else {
                 txn.put(CF_POLICIES, policy.id.as_bytes().to_vec(), &policy)?;
-                let data = audit_data(&[("policy_id", &policy.id), ("name", &policy.name)], policy.tenant_id.as_deref());
+                let data =
+                    audit_data(&[("policy_id", &policy.id), ("name", &policy.name)], policy.tenant_id.as_deref());
                 events.write(txn, AUDIT_STREAM, "policy.created", EventSeverity::Info, &data)?;
                 CommandReply::Policy(policy)
             }
@@ -395,7 +397,8 @@ fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<Comm
         }
         Op::SetSettings { settings } => {
             txn.put(CF_SETTINGS, SETTINGS_KEY.to_vec(), &settings)?;
-            let retention = format!("{} events, {} days", settings.event_retention_count, settings.event_retention_days);
+            let retention =
+                format!("{} events, {} days", settings.event_retention_count, settings.event_retention_days);
             let data = audit_data(&[("event_retention", &retention)], None);
             events.write(txn, AUDIT_STREAM, "settings.changed", EventSeverity::Warning, &data)?;
             CommandReply::Settings(settings)

@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use runtimeai_model::{
-    Actor, ApiKey, ClusterSettings, Intent, NodeInfo, Operation, OperationError, OperationProgress, OperationStatus, Policy,
-    PolicyDecision, Runtime, RuntimeSignals, Timestamp,
+    Actor, ApiKey, ClusterSettings, Intent, NodeInfo, Operation, OperationError, OperationProgress, OperationStatus,
+    Policy, PolicyDecision, Runtime, RuntimeSignals, Timestamp,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -33,8 +33,8 @@ use crate::command::CommandReply;
 use crate::error::DataDirError;
 use crate::snapshot_file::{self, SnapshotFormatError, SnapshotReader, SnapshotWriter};
 use crate::store::{
-    cf, write_atomically_with, CF_ACTIVE_OPERATIONS, CF_API_KEYS, CF_EVENTS, CF_NODES, CF_OPERATIONS, CF_POLICIES, CF_RUNTIMES,
-    CF_RUNTIME_OPERATIONS, CF_SM_META, STATE_MACHINE_CFS,
+    cf, write_atomically_with, CF_ACTIVE_OPERATIONS, CF_API_KEYS, CF_EVENTS, CF_NODES, CF_OPERATIONS, CF_POLICIES,
+    CF_RUNTIMES, CF_RUNTIME_OPERATIONS, CF_SM_META, STATE_MACHINE_CFS,
 };
 use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
@@ -289,7 +289,8 @@ impl StateMachineStore {
 
     fn reload_api_keys(&self) -> Result<(), StorageError> {
         let keys: Vec<ApiKey> = self.scan(CF_API_KEYS, b"")?;
-        *self.api_keys.write().expect("api keys lock") = Arc::new(keys.into_iter().map(|k| (k.id.clone(), k)).collect());
+        *self.api_keys.write().expect("api keys lock") =
+            Arc::new(keys.into_iter().map(|k| (k.id.clone(), k)).collect());
         Ok(())
     }
 

@@ -716,9 +716,9 @@ async fn a_batch_applies_its_commands_in_order_in_one_entry_each_with_its_own_re
     };
     let batch = Op::Batch(
         [offered_create, create("rt_b", "web"), report(OperationStatus::Running), report(OperationStatus::Succeeded)]
-        .into_iter()
-        .map(command)
-        .collect(),
+            .into_iter()
+            .map(command)
+            .collect(),
     );
     let replies = apply(&mut sm, vec![batch]).await;
     let CommandReply::Batch(replies) = &replies[0] else { panic!("a batch gets a batch of replies: {replies:?}") };
@@ -921,7 +921,8 @@ async fn nobody_approves_their_own_request_and_agents_decide_nothing_whatever_pa
     let mut parked = operation("op_stop", "rt_a", stop);
     parked.prior_state = RuntimeState::Running;
     let alice = Actor::Human("alice".into());
-    let begun = apply_as(&mut sm, alice.clone(), Op::BeginOperation { operation: parked, expected_version: None }).await;
+    let begun =
+        apply_as(&mut sm, alice.clone(), Op::BeginOperation { operation: parked, expected_version: None }).await;
     assert!(matches!(&begun, CommandReply::Operation(o) if o.status == OperationStatus::PendingApproval), "{begun:?}");
     let decide = |approve| Op::DecideApproval { operation_id: "op_stop".into(), approve, reason: Some("x".into()) };
 

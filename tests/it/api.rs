@@ -5,7 +5,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use runtimeai_tests::{phase, Cluster, ClusterOptions, Eventually, EVENTUALLY};
+use runtimeai_tests::{key_for, phase, Cluster, ClusterOptions, Eventually, EVENTUALLY};
 
 const SETTLE: Duration = EVENTUALLY;
 
@@ -572,6 +572,8 @@ async fn agents_execute_a_checked_list_of_actions_as_one_operation() -> anyhow::
     let id = created.body["id"].as_str().unwrap().to_string();
     cluster.wait_operation(1, created.body["active_operation"].as_str().unwrap(), SETTLE).await?;
     let execute = format!("/v1/runtimes/{id}/actions/execute");
+    // An automation in balanced mode: an agent principal may ask for safe_first only.
+    let planner = key_for(&cluster, 1, "planner", "service", &["*"], &["operator"], None).await?;
 
     phase("stop, scale, snapshot, start in one operation, with the key in the body, through two nodes");
     let body = json!({"idempotency_key": "plan-42", "policy_mode": "balanced", "actions": [
@@ -580,15 +582,13 @@ async fn agents_execute_a_checked_list_of_actions_as_one_operation() -> anyhow::
         {"type": "snapshot", "params": {"name": "pre-change"}},
         {"type": "start"}
     ]});
-    let accepted =
-        cluster.call_eventually(2, Method::POST, &execute, Some(&body), &[("x-actor", "agent:planner")]).await?;
+    let accepted = cluster.call_eventually_as(&planner, 2, Method::POST, &execute, Some(&body), &[]).await?;
     assert_eq!(accepted.status, 202, "{accepted:?}");
     assert_eq!(accepted.body["kind"], "execute");
     let statuses: Vec<&str> =
         accepted.body["results"].as_array().unwrap().iter().map(|r| r["status"].as_str().unwrap()).collect();
     assert_eq!(statuses, ["pending"; 4]);
-    let replay =
-        cluster.call_eventually(3, Method::POST, &execute, Some(&body), &[("x-actor", "agent:planner")]).await?;
+    let replay = cluster.call_eventually_as(&planner, 3, Method::POST, &execute, Some(&body), &[]).await?;
     assert_eq!(replay.body["id"], accepted.body["id"], "the idempotency key in the body works like the header");
     let done = cluster.wait_operation(1, accepted.body["id"].as_str().unwrap(), SETTLE).await?;
     assert_eq!(done["status"], "succeeded", "{done}");
@@ -611,7 +611,7 @@ async fn agents_execute_a_checked_list_of_actions_as_one_operation() -> anyhow::
         events.body["items"].as_array().unwrap().iter().find(|e| e["type"] == "lifecycle.execute").cloned().unwrap();
     assert_eq!(
         (execute_event["actor"].as_str(), execute_event["actor_name"].as_str()),
-        (Some("agent"), Some("planner"))
+        (Some("service"), Some("planner"))
     );
 
     phase("every action is checked before anything is queued");
@@ -666,15 +666,11 @@ async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
     assert!(!plan.body["rationale"].as_array().unwrap().is_empty());
 
     phase("an intent through a follower: planned, then executed as one operation");
+    let finops = key_for(&cluster, 1, "finops", "agent", &["*"], &["agent"], Some("act")).await?;
+    let cfo = key_for(&cluster, 2, "cfo", "human", &["*"], &["approver"], None).await?;
     let intent_body = json!({"goal": "reduce cost while keeping latency < 50ms", "constraints": {"availability": "high"}, "context": {"env": "production"}});
     let submitted = cluster
-        .call_eventually(
-            3,
-            Method::POST,
-            &format!("/v1/runtimes/{id}/intent"),
-            Some(&intent_body),
-            &[("x-actor", "agent:finops")],
-        )
+        .call_eventually_as(&finops, 3, Method::POST, &format!("/v1/runtimes/{id}/intent"), Some(&intent_body), &[])
         .await?;
     assert_eq!(submitted.status, 202, "{submitted:?}");
     assert_eq!(submitted.body["status"], "pending_approval", "safe_first: a downsize waits for a human");
@@ -682,9 +678,9 @@ async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
     assert_eq!(decisions.len(), 2, "one decision per planned action: {submitted:?}");
     let operation_id = submitted.body["operation_id"].as_str().unwrap();
     let approve = format!("/v1/operations/{operation_id}/approve");
-    let own = cluster.call_eventually(1, Method::POST, &approve, None, &[("x-actor", "agent:finops")]).await?;
+    let own = cluster.call_eventually_as(&finops, 1, Method::POST, &approve, None, &[]).await?;
     assert!(is_problem(&own, 403), "the agent cannot approve its own intent: {own:?}");
-    let approved = cluster.call_eventually(2, Method::POST, &approve, None, &[("x-actor", "human:cfo")]).await?;
+    let approved = cluster.call_eventually_as(&cfo, 2, Method::POST, &approve, None, &[]).await?;
     assert_eq!(approved.status, 200, "{approved:?}");
     assert_eq!(cluster.wait_operation(1, operation_id, SETTLE).await?["status"], "succeeded");
     let intent_id = submitted.body["intent_id"].as_str().unwrap();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use runtimeai_tests::{phase, Cluster, ClusterOptions, Eventually, Response, EVENTUALLY};
+use runtimeai_tests::{key_for, phase, Cluster, ClusterOptions, Eventually, Response, EVENTUALLY};
 
 const SETTLE: Duration = EVENTUALLY;
 
@@ -23,8 +23,6 @@ async fn events_of(cluster: &Cluster, via: u64, id: &str) -> anyhow::Result<Vec<
     Ok(events.body["items"].as_array().cloned().unwrap_or_default())
 }
 
-const AGENT: (&str, &str) = ("x-actor", "agent:ops-bot");
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_decide_every_action_and_name_the_rule_that_did() -> anyhow::Result<()> {
     let cluster = Cluster::start(
@@ -38,6 +36,9 @@ async fn policies_decide_every_action_and_name_the_rule_that_did() -> anyhow::Re
     let id = created.body["id"].as_str().unwrap().to_string();
     cluster.wait_operation(1, created.body["active_operation"].as_str().unwrap(), SETTLE).await?;
     let lifecycle = |action: &str| format!("/v1/runtimes/{id}/lifecycle/{action}");
+    let agent = key_for(&cluster, 1, "ops-bot", "agent", &["*"], &["agent"], Some("act")).await?;
+    let alice = key_for(&cluster, 2, "alice", "human", &["*"], &["approver"], None).await?;
+    let bob = key_for(&cluster, 3, "bob", "human", &["*"], &["approver"], None).await?;
 
     phase("a production policy with one rule of each kind");
     let policy = json!({"name": "prod-guard", "scope_env": "production", "rules": [
@@ -56,7 +57,8 @@ async fn policies_decide_every_action_and_name_the_rule_that_did() -> anyhow::Re
     assert_eq!(refused.body["errors"][0]["path"], "$.rules[0].selector.actions");
 
     phase("deny: an agent's delete is refused with the policy and rule, and an event says so");
-    let denied = cluster.call_eventually(3, Method::DELETE, &format!("/v1/runtimes/{id}"), None, &[AGENT]).await?;
+    let denied =
+        cluster.call_eventually_as(&agent, 3, Method::DELETE, &format!("/v1/runtimes/{id}"), None, &[]).await?;
     assert!(problem(&denied, 403, "policy-denied"), "{denied:?}");
     assert_eq!(denied.body["decision"]["policy_id"], policy_id.as_str());
     assert_eq!(
@@ -71,14 +73,14 @@ async fn policies_decide_every_action_and_name_the_rule_that_did() -> anyhow::Re
 
     phase("budget: scaling past 0.2/h is denied by the guardrail rule");
     let scale = cluster
-        .call_eventually(1, Method::POST, &lifecycle("scale"), Some(&json!({"size": "large"})), &[AGENT])
+        .call_eventually_as(&agent, 1, Method::POST, &lifecycle("scale"), Some(&json!({"size": "large"})), &[])
         .await?;
     assert!(problem(&scale, 403, "policy-denied"), "{scale:?}");
     assert_eq!(scale.body["decision"]["rule_kind"], "budget_guardrail");
     assert!(scale.body["detail"].as_str().unwrap().contains("0.40/h"), "{scale:?}");
 
     phase("allow: an explicitly allowed restart runs for an agent in safe_first");
-    let restart = cluster.call_eventually(2, Method::POST, &lifecycle("restart"), None, &[AGENT]).await?;
+    let restart = cluster.call_eventually_as(&agent, 2, Method::POST, &lifecycle("restart"), None, &[]).await?;
     assert_eq!(restart.status, 202, "{restart:?}");
     assert_eq!(restart.body["status"], "queued");
     assert_eq!(restart.body["policy_mode"], "safe_first", "agents default to safe_first");
@@ -100,7 +102,7 @@ async fn policies_decide_every_action_and_name_the_rule_that_did() -> anyhow::Re
     assert_eq!(assigned["data"]["token"], assigned["seq"], "that entry's index is the fencing token");
 
     phase("require approval: the agent's stop waits; the agent cannot approve it, a human can");
-    let stop = cluster.call_eventually(3, Method::POST, &lifecycle("stop"), None, &[AGENT]).await?;
+    let stop = cluster.call_eventually_as(&agent, 3, Method::POST, &lifecycle("stop"), None, &[]).await?;
     assert_eq!(stop.status, 202, "{stop:?}");
     assert_eq!(stop.body["status"], "pending_approval");
     assert_eq!(stop.body["decisions"][0]["rule_kind"], "require_approval");
@@ -109,36 +111,31 @@ async fn policies_decide_every_action_and_name_the_rule_that_did() -> anyhow::Re
     let parked = cluster.call_eventually(1, Method::GET, &format!("/v1/operations/{stop_id}"), None, &[]).await?;
     assert_eq!(parked.body["status"], "pending_approval", "nothing runs before approval: {parked:?}");
     let approve = format!("/v1/operations/{stop_id}/approve");
-    let own = cluster.call_eventually(1, Method::POST, &approve, None, &[AGENT]).await?;
-    assert!(problem(&own, 403, "self-approval"), "{own:?}");
+    let own = cluster.call_eventually_as(&agent, 1, Method::POST, &approve, None, &[]).await?;
+    assert!(problem(&own, 403, "forbidden"), "an agent approves nothing: {own:?}");
+    let forged =
+        cluster.call_eventually_as(&agent, 1, Method::POST, &approve, None, &[("x-actor", "human:alice")]).await?;
+    assert!(problem(&forged, 403, "forbidden"), "X-Actor says nothing about who acts: {forged:?}");
     let approved = cluster
-        .call_eventually(
-            2,
-            Method::POST,
-            &approve,
-            Some(&json!({"reason": "maintenance window"})),
-            &[("x-actor", "human:alice")],
-        )
+        .call_eventually_as(&alice, 2, Method::POST, &approve, Some(&json!({"reason": "maintenance window"})), &[])
         .await?;
     assert_eq!(approved.status, 200, "{approved:?}");
     assert_eq!(approved.body["approval"]["by"], "human:alice");
     let done = cluster.wait_operation(1, &stop_id, SETTLE).await?;
     assert_eq!(done["status"], "succeeded", "{done}");
-    let again = cluster.call_eventually(3, Method::POST, &approve, None, &[("x-actor", "human:alice")]).await?;
+    let again = cluster.call_eventually_as(&alice, 3, Method::POST, &approve, None, &[]).await?;
     assert!(problem(&again, 409, "illegal-operation-status"), "{again:?}");
 
     phase("no rule matches an agent's start: safe_first asks a human; a rejection needs a reason and ends it");
-    let start = cluster.call_eventually(1, Method::POST, &lifecycle("start"), None, &[AGENT]).await?;
+    let start = cluster.call_eventually_as(&agent, 1, Method::POST, &lifecycle("start"), None, &[]).await?;
     assert_eq!(start.body["status"], "pending_approval", "{start:?}");
     assert!(start.body["decisions"][0]["policy_id"].is_null());
     assert!(start.body["decisions"][0]["reason"].as_str().unwrap().starts_with("safe_first"), "{start:?}");
     let reject = format!("/v1/operations/{}/reject", start.body["id"].as_str().unwrap());
-    let no_reason =
-        cluster.call_eventually(2, Method::POST, &reject, Some(&json!({})), &[("x-actor", "human:bob")]).await?;
+    let no_reason = cluster.call_eventually_as(&bob, 2, Method::POST, &reject, Some(&json!({})), &[]).await?;
     assert!(problem(&no_reason, 400, "validation"), "{no_reason:?}");
-    let rejected = cluster
-        .call_eventually(2, Method::POST, &reject, Some(&json!({"reason": "not now"})), &[("x-actor", "human:bob")])
-        .await?;
+    let rejected =
+        cluster.call_eventually_as(&bob, 2, Method::POST, &reject, Some(&json!({"reason": "not now"})), &[]).await?;
     assert_eq!(rejected.status, 200, "{rejected:?}");
     assert_eq!(
         (rejected.body["status"].as_str(), rejected.body["error"]["code"].as_str()),
@@ -148,20 +145,14 @@ async fn policies_decide_every_action_and_name_the_rule_that_did() -> anyhow::Re
     assert_eq!((runtime.body["state"].as_str(), runtime.body["active_operation"].as_str()), (Some("stopped"), None));
 
     phase("checked again right before it runs: a deny added after approval fails the operation");
-    let start = cluster.call_eventually(1, Method::POST, &lifecycle("start"), None, &[AGENT]).await?;
+    let start = cluster.call_eventually_as(&agent, 1, Method::POST, &lifecycle("start"), None, &[]).await?;
     assert_eq!(start.body["status"], "pending_approval", "{start:?}");
     let freeze = json!({"name": "freeze", "rules": [{"kind": "deny_action", "selector": {"actions": ["start"]}, "params": {"reason": "change freeze"}}]});
     let freeze = cluster.call_eventually(3, Method::POST, "/v1/policies", Some(&freeze), &[]).await?;
     assert_eq!(freeze.status, 201, "{freeze:?}");
     let start_id = start.body["id"].as_str().unwrap();
     let approved = cluster
-        .call_eventually(
-            2,
-            Method::POST,
-            &format!("/v1/operations/{start_id}/approve"),
-            None,
-            &[("x-actor", "human:alice")],
-        )
+        .call_eventually_as(&alice, 2, Method::POST, &format!("/v1/operations/{start_id}/approve"), None, &[])
         .await?;
     assert_eq!(approved.status, 200, "{approved:?}");
     let done = cluster.wait_operation(3, start_id, SETTLE).await?;

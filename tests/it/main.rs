@@ -6,4 +6,5 @@ mod cli;
 mod engine;
 mod hypervisor;
 mod replication;
+mod security;
 mod startup;

@@ -334,9 +334,9 @@ pub fn validate_rule(rule: &PolicyRule) -> Result<(), (String, String)> {
                 strings(None)?;
                 for actor in one_or_many(value) {
                     let valid = matches!(actor, "human" | "agent" | "service" | "system")
-                        || actor
-                            .split_once(':')
-                            .is_some_and(|(kind, name)| matches!(kind, "human" | "agent" | "service") && !name.is_empty());
+                        || actor.split_once(':').is_some_and(|(kind, name)| {
+                            matches!(kind, "human" | "agent" | "service") && !name.is_empty()
+                        });
                     if !valid {
                         return Err((
                             path.clone(),
