@@ -39,7 +39,8 @@ pub(crate) async fn healthz() -> impl IntoResponse {
 }
 
 /// The seed API's health check.
-#[utoipa::path(get, path = "/v1/health", tag = "Health", responses((status = 200, description = "OK", body = Object)))]
+#[utoipa::path(get, path = "/v1/health", tag = "Health",
+    responses((status = 200, description = "OK", body = Object), ProblemResponses))]
 pub(crate) async fn health() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok", "version": VERSION }))
 }

@@ -135,7 +135,7 @@ impl utoipa::Modify for BearerAuth {
 
 /// This document.
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "Health",
-    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object)))]
+    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object), ProblemResponses))]
 pub(crate) async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }

@@ -782,7 +782,7 @@ pub struct EventView {
     pub event_type: String,
     pub severity: runtimeai_model::EventSeverity,
     pub ts: chrono::DateTime<chrono::Utc>,
-    /// `human`, `agent` or `system`.
+    /// `human`, `agent`, `service` or `system`.
     pub actor: &'static str,
     /// The actor's name (`alice`, `planner`), absent for the system.
     pub actor_name: Option<String>,

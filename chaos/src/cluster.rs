@@ -321,15 +321,17 @@ impl Cluster {
         self.nodes.values().filter(|n| n.is_running()).map(|n| n.id).collect()
     }
 
-    /// Waits until `GET /readyz` on node `id` answers 200.
+    /// Waits until `GET /readyz` on node `id` answers 200 and the node takes the admin's key
+    /// (the bootstrap key is stored once there is a leader, possibly after the first readiness).
     pub async fn wait_ready(&self, id: u64, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let url = self.node(id).url("/readyz");
+        let ok = |path: &str| {
+            let request = self.client.get(self.node(id).url(path)).timeout(Duration::from_secs(3));
+            async move { request.send().await.is_ok_and(|r| r.status().is_success()) }
+        };
         loop {
-            if let Ok(response) = self.client.get(&url).timeout(Duration::from_secs(3)).send().await {
-                if response.status().is_success() {
-                    return Ok(());
-                }
+            if ok("/readyz").await && ok("/v1/auth/whoami").await {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(Error::Cluster(format!(

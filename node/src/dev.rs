@@ -130,9 +130,16 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
 }
 
 async fn supervise(members: &mut [Member], admin_key: &std::path::Path) -> anyhow::Result<()> {
+    let token = std::fs::read_to_string(admin_key).context("cannot read the admin key")?;
     let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
+    // Ready once the first node is ready and takes the admin's key (stored once a leader is
+    // elected, possibly just after readiness).
     let started = Instant::now();
     let first = members[0].http.clone();
+    let ready = |path: &'static str| {
+        let request = client.get(format!("http://{first}{path}")).bearer_auth(token.trim());
+        async move { request.send().await.is_ok_and(|r| r.status().is_success()) }
+    };
     let mut announced = false;
     let shutdown = crate::shutdown_signal();
     tokio::pin!(shutdown);
@@ -148,8 +155,7 @@ async fn supervise(members: &mut [Member], admin_key: &std::path::Path) -> anyho
             anyhow::bail!("every node has exited; see the node logs in the data directory");
         }
         if !announced {
-            let ready = client.get(format!("http://{first}/readyz")).send().await.map(|r| r.status().is_success());
-            if matches!(ready, Ok(true)) {
+            if ready("/readyz").await && ready("/v1/auth/whoami").await {
                 announced = true;
                 say!(
                     "\ncluster ready in {:.1}s. Every request needs the admin's API key. Try:",

@@ -13,8 +13,10 @@ use serde::Serialize;
 /// 4: a log entry holds its command as the command's own encoding, length-prefixed
 /// ([`crate::command::LoggedCommand`]). 5: an event is stored without its id, runtime id and
 /// sequence number, which its key holds (`crate::apply::EventRecord`). 6: a snapshot is a
-/// stream of length-prefixed records (`crate::snapshot_file`), not one bincode value.
-pub const FORMAT_VERSION: u32 = 6;
+/// stream of length-prefixed records (`crate::snapshot_file`), not one bincode value. 7: API
+/// keys (their column family and commands), `Actor::Service`, `Op::CancelOperation`, and an
+/// executor's report whose fencing token is not optional.
+pub const FORMAT_VERSION: u32 = 7;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

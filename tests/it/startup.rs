@@ -103,9 +103,13 @@ fn runtimeai_dev_starts_a_ready_cluster_and_stops_it_on_ctrl_c() {
     assert_eq!(seen.iter().filter(|l| l.starts_with("node ") && l.contains("http://")).count(), 3, "{seen:?}");
     assert!(!seen.iter().any(|l| l.contains("exited")), "{seen:?}");
 
-    phase("the printed endpoint serves the cluster");
-    let view = http_get(&format!("127.0.0.1:{http}"), "/v1/cluster");
+    phase("the printed endpoint serves the cluster to the admin's key, and no one without a key");
+    let token = std::fs::read_to_string(dir.path().join("dev/admin.key")).unwrap();
+    let authorization = format!("Authorization: Bearer {}", token.trim());
+    let view = http_get(&format!("127.0.0.1:{http}"), "/v1/cluster", &authorization);
     assert!(view.contains("\"leader_id\""), "{view}");
+    let refused = http_get(&format!("127.0.0.1:{http}"), "/v1/cluster", "X-Nothing: 1");
+    assert!(refused.starts_with("HTTP/1.0 401"), "{refused}");
 
     phase("SIGINT stops the whole cluster cleanly");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
@@ -127,11 +131,11 @@ impl Drop for DevProcess {
     }
 }
 
-fn http_get(addr: &str, path: &str) -> String {
+fn http_get(addr: &str, path: &str, header: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\n{header}\r\n\r\n").unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     response
