@@ -3,7 +3,7 @@
 # the cluster serves: no response may be a 5xx or differ from the document. Bounded in time.
 # Membership changes are left out: random ids and addresses would take the cluster apart; so are
 # revoking and rotating keys by id (a lucky id would lock the run out). Requests authenticate as
-# the admin `runtimeai dev` made.
+# the admin `runtimeai dev` made, over HTTPS checked against dev's CA.
 #   usage: deploy/schemathesis.sh <path to the runtimeai binary> [max seconds]
 set -euo pipefail
 binary=$1
@@ -60,7 +60,8 @@ cat > schemathesis.toml <<'TOML'
 [checks.not_a_server_error]
 expected-statuses = ["2xx", "3xx", "4xx", "503"]
 TOML
-"$venv/bin/st" --config-file schemathesis.toml run "http://127.0.0.1:$http/v1/openapi.json" \
+"$venv/bin/st" --config-file schemathesis.toml run "https://127.0.0.1:$http/v1/openapi.json" \
+  --tls-verify "$work/dev/certs/ca.pem" \
   --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
   --phases examples,coverage,fuzzing --max-examples 15 --max-time "$max_time" --seed 1 \
   --suppress-health-check too_slow,filter_too_much --request-timeout 30 \

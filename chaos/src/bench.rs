@@ -199,13 +199,8 @@ fn level(
 /// A client for either system; for ours it authenticates as the admin (etcd's gateway reads
 /// `Authorization` as an etcd token, so its client sends none).
 fn http_client(clients: usize, ours: bool) -> Result<reqwest::Client> {
-    let headers = if ours { crate::cluster::admin_headers() } else { Default::default() };
-    Ok(reqwest::Client::builder()
-        .default_headers(headers)
-        .timeout(Duration::from_secs(10))
-        .pool_max_idle_per_host(clients.max(1))
-        .tcp_nodelay(true)
-        .build()?)
+    let builder = if ours { crate::cluster::admin_client_builder()? } else { reqwest::Client::builder() };
+    Ok(builder.timeout(Duration::from_secs(10)).pool_max_idle_per_host(clients.max(1)).tcp_nodelay(true).build()?)
 }
 
 /// Unique names across every load run of a process.
@@ -243,7 +238,7 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
     progress("starting a 3-node RuntimeAI cluster and a 3-member etcd cluster");
     let mut runtimeai = Cluster::start(3, runtimeai_options(&options.node_args)).await?;
     let mut etcd = EtcdCluster::start(3).await?;
-    let ours: Vec<String> = (1..=3).map(|n| format!("http://{}", runtimeai.node(n).http)).collect();
+    let ours: Vec<String> = (1..=3).map(|n| runtimeai.node(n).base_url()).collect();
     let theirs: Vec<String> = etcd.members.iter().map(|m| m.client_url.clone()).collect();
 
     // The payload: a runtime's record as the API returns it.
@@ -509,7 +504,7 @@ async fn scale(
     progress: &impl Fn(&str),
 ) -> Result<Scale> {
     progress(&format!("scale: create {runtimes} runtimes with 128 clients"));
-    let targets: Vec<String> = (1..=3).map(|n| format!("http://{}", cluster.node(n).http)).collect();
+    let targets: Vec<String> = (1..=3).map(|n| cluster.node(n).base_url()).collect();
     let before: BTreeMap<u64, f64> =
         (1..=3).filter_map(|n| Some((n, cluster.node(n).pid().and_then(memory_mib)?.0))).collect();
     let cpu_before = runtimeai_cpu(cluster);

@@ -133,8 +133,13 @@ pub struct Node {
 }
 
 impl Node {
+    /// `https://host:port`: nodes serve REST over TLS with a certificate of the harness's CA.
+    pub fn base_url(&self) -> String {
+        format!("https://{}", self.http)
+    }
+
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.http, path)
+        format!("{}{}", self.base_url(), path)
     }
 
     pub fn is_running(&self) -> bool {
@@ -155,6 +160,52 @@ pub fn admin_token() -> &'static str {
         let secret: String = (0..4).map(|_| format!("{:016x}", rand::random::<u64>())).collect();
         format!("rai_harness_{secret}")
     })
+}
+
+/// The CA every cluster of this process gets its certificates from (made once per process with
+/// `runtimeai certs ca`, in a directory of its own under the system's temporary directory).
+pub fn harness_ca() -> Result<&'static Path> {
+    static CA: std::sync::OnceLock<std::result::Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let made = CA.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("runtimeai-harness-ca-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        certs(&["ca", "--dir", &dir.display().to_string()])?;
+        Ok(dir)
+    });
+    made.as_deref().map_err(|e| Error::Cluster(e.clone()))
+}
+
+/// Runs `runtimeai certs <args>`.
+fn certs(args: &[&str]) -> std::result::Result<(), String> {
+    let binary = find_binary().map_err(|e| e.to_string())?;
+    let output = Command::new(binary).arg("certs").args(args).output().map_err(|e| format!("runtimeai certs: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("runtimeai certs {args:?}: {}", String::from_utf8_lossy(&output.stderr)));
+    }
+    Ok(())
+}
+
+/// The TLS flags of node `id` of the cluster in `dir`: its member certificate on both ports.
+fn tls_args(dir: &Path, id: u64) -> Result<Vec<String>> {
+    let cert = dir.join("certs").join(format!("node-{id}.pem")).display().to_string();
+    let key = dir.join("certs").join(format!("node-{id}-key.pem")).display().to_string();
+    let ca = harness_ca()?.join("ca.pem").display().to_string();
+    Ok(["--tls-cert", &cert, "--tls-key", &key, "--peer-cert", &cert, "--peer-key", &key, "--peer-ca", &ca]
+        .iter()
+        .map(|a| a.to_string())
+        .collect())
+}
+
+/// A client builder that trusts the harness's CA: for requests of anyone, credentials apart.
+pub fn client_builder() -> Result<reqwest::ClientBuilder> {
+    let pem = std::fs::read(harness_ca()?.join("ca.pem")).map_err(Error::io("read the harness CA"))?;
+    let ca = reqwest::Certificate::from_pem(&pem)?;
+    Ok(reqwest::Client::builder().add_root_certificate(ca).tls_built_in_root_certs(false))
+}
+
+/// A client builder that trusts the harness's CA and authenticates as the clusters' admin.
+pub fn admin_client_builder() -> Result<reqwest::ClientBuilder> {
+    Ok(client_builder()?.default_headers(admin_headers()))
 }
 
 /// Default headers that authenticate a client as the clusters' first admin.
@@ -184,8 +235,7 @@ impl Cluster {
             .prefix("runtimeai-it-")
             .tempdir()
             .map_err(Error::io("create a temporary directory"))?;
-        let client =
-            reqwest::Client::builder().timeout(Duration::from_secs(15)).default_headers(admin_headers()).build()?;
+        let client = admin_client_builder()?.timeout(Duration::from_secs(15)).build()?;
         std::fs::write(dir.path().join("admin.key"), admin_token()).map_err(Error::io("write the admin key"))?;
         let mut cluster = Cluster { dir, nodes: BTreeMap::new(), options, client, network: None };
         let mut initial = Vec::new();
@@ -218,6 +268,11 @@ impl Cluster {
 
     fn new_node(&self, id: u64) -> Result<Node> {
         let data_dir = self.dir.path().join(format!("node-{id}"));
+        // Its member certificate, for both ports, from the harness's CA.
+        let ca = harness_ca()?.display().to_string();
+        let out = self.dir.path().join("certs").display().to_string();
+        certs(&["node", "--dir", &ca, "--out", &out, "--id", &id.to_string(), "--hosts", "127.0.0.1,localhost"])
+            .map_err(Error::Cluster)?;
         let disk = match self.options.isolated_disk_bytes {
             Some(bytes) => Some(IsolatedDisk::mount(&data_dir, bytes)?),
             None => None,
@@ -272,6 +327,7 @@ impl Cluster {
             .arg(&node.data_dir)
             .arg("--bootstrap-admin-key-file")
             .arg(self.dir.path().join("admin.key"))
+            .args(if extra.iter().any(|a| a == "--insecure") { Vec::new() } else { tls_args(self.dir.path(), id)? })
             .args(&extra)
             .args(if extra.iter().any(|a| a == "--backends") { vec![] } else { vec!["--backends", TEST_BACKENDS] })
             .env("RUST_LOG", "info,openraft=info")
@@ -441,7 +497,7 @@ impl Cluster {
         body: Option<&Value>,
         headers: &[(&str, &str)],
     ) -> Result<Response> {
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
+        let client = client_builder()?.timeout(Duration::from_secs(15)).build()?;
         let mut request = client.request(method, self.node(via).url(path));
         if let Some(token) = token {
             request = request.bearer_auth(token);

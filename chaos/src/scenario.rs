@@ -291,8 +291,7 @@ pub async fn run(scenario: &Scenario, options: RunOptions) -> Result<RunResult> 
         let now = get_eventually(&cluster, 1, &format!("/v1/runtimes/{register}"), SETTLE).await?;
         history.push(register_read(1, register, &now, 0, history.now()));
     }
-    let targets: Targets =
-        Arc::new(Mutex::new(members.iter().map(|n| (*n, format!("http://{}", cluster.node(*n).http))).collect()));
+    let targets: Targets = Arc::new(Mutex::new(members.iter().map(|n| (*n, cluster.node(*n).base_url())).collect()));
     let workload_options = WorkloadOptions {
         clients: options.clients,
         duration: options.duration,
@@ -737,7 +736,7 @@ async fn membership_change(cx: &mut FaultContext) -> Result<()> {
     let body = json!({"id": new, "grpc": cx.cluster.node(new).grpc});
     change_membership(&cx.cluster, via, reqwest::Method::POST, "/v1/cluster/members", Some(&body)).await?;
     cx.members.push(new);
-    cx.targets.lock().expect("targets").insert(new, format!("http://{}", cx.cluster.node(new).http));
+    cx.targets.lock().expect("targets").insert(new, cx.cluster.node(new).base_url());
     cx.end(format!("node {new} added"), start);
 
     tokio::time::sleep(cx.hold / 2).await;

@@ -154,10 +154,10 @@ pub type Targets = Arc<Mutex<BTreeMap<u64, String>>>;
 /// Runs the clients until `options.duration` is over, against `registers` (runtime ids that
 /// only this workload writes).
 pub async fn run(options: &WorkloadOptions, targets: Targets, registers: Vec<String>, history: History) {
-    let client = reqwest::Client::builder()
+    let client = crate::cluster::admin_client_builder()
+        .expect("the harness CA")
         .timeout(options.request_timeout)
         .pool_idle_timeout(Duration::from_secs(5))
-        .default_headers(crate::cluster::admin_headers())
         .build()
         .expect("HTTP client");
     let deadline = Instant::now() + options.duration;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use runtimeai_model::RuntimeType;
+use runtimeai_raft::tls::TlsFiles;
 use serde::Deserialize;
 
 /// Runtime types an executor can serve.
@@ -213,6 +214,30 @@ pub struct NodeArgs {
     /// `<data-dir>/admin.key` (mode 0600) [default: none].
     #[arg(long, env = "RUNTIMEAI_BOOTSTRAP_ADMIN_KEY_FILE")]
     pub bootstrap_admin_key_file: Option<PathBuf>,
+    /// The REST port's certificate (PEM, chain first); with --tls-key the port speaks HTTPS only.
+    #[arg(long, env = "RUNTIMEAI_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "RUNTIMEAI_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Ask REST clients for a certificate signed by this CA (PEM); a client that sends one is authenticated by it (its subject's common name is the principal: a key with that name gives its roles) [default: none].
+    #[arg(long, env = "RUNTIMEAI_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// This member's certificate for the gRPC port, naming it with the URI SAN urn:runtimeai:member:<id> (`runtimeai certs node`).
+    #[arg(long, env = "RUNTIMEAI_PEER_CERT")]
+    pub peer_cert: Option<PathBuf>,
+    /// The private key of --peer-cert (PEM).
+    #[arg(long, env = "RUNTIMEAI_PEER_KEY")]
+    pub peer_key: Option<PathBuf>,
+    /// The cluster's CA (PEM): peers are accepted, and dialled, only with certificates it signed.
+    #[arg(long, env = "RUNTIMEAI_PEER_CA")]
+    pub peer_ca: Option<PathBuf>,
+    /// Run without TLS on the REST and gRPC ports: anyone who reaches a port can read what
+    /// it carries, and the gRPC port believes whoever calls it. For a trusted test network
+    /// only; the node says so loudly in its log.
+    #[arg(long, env = "RUNTIMEAI_INSECURE")]
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// A checked configuration.
@@ -253,6 +278,12 @@ pub struct NodeConfig {
     pub planner: Option<runtimeai_api::external_planner::ExternalPlannerConfig>,
     /// The first admin's key, from `--bootstrap-admin-key-file`.
     pub bootstrap_admin_key_file: Option<PathBuf>,
+    /// HTTPS for the REST port (`--tls-cert`, `--tls-key`, `--client-ca`); `None` only with
+    /// `--insecure`.
+    pub rest_tls: Option<runtimeai_raft::tls::TlsFiles>,
+    /// Mutual TLS between members (`--peer-cert`, `--peer-key`, `--peer-ca`); `None` only with
+    /// `--insecure`.
+    pub peer_tls: Option<runtimeai_raft::tls::TlsFiles>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -317,6 +348,13 @@ impl NodeArgs {
             bootstrap_admin_key_file: self
                 .bootstrap_admin_key_file
                 .or_else(|| file.bootstrap_admin_key_file.map(|d| relative_to(&path, d))),
+            tls_cert: self.tls_cert.or_else(|| file.tls_cert.map(|d| relative_to(&path, d))),
+            tls_key: self.tls_key.or_else(|| file.tls_key.map(|d| relative_to(&path, d))),
+            client_ca: self.client_ca.or_else(|| file.client_ca.map(|d| relative_to(&path, d))),
+            peer_cert: self.peer_cert.or_else(|| file.peer_cert.map(|d| relative_to(&path, d))),
+            peer_key: self.peer_key.or_else(|| file.peer_key.map(|d| relative_to(&path, d))),
+            peer_ca: self.peer_ca.or_else(|| file.peer_ca.map(|d| relative_to(&path, d))),
+            insecure: self.insecure || file.insecure,
         })
     }
 
@@ -326,6 +364,8 @@ impl NodeArgs {
         if id == 0 {
             return Err(ConfigError::ZeroId);
         }
+        // Checked last, so that a malformed flag is reported as such before the TLS choice.
+        let tls = tls_files(&self);
         let http = listen_addr("http", self.http.as_deref().unwrap_or("127.0.0.1:8080"))?;
         let grpc = listen_addr("grpc", self.grpc.as_deref().unwrap_or("127.0.0.1:7100"))?;
         if http == grpc {
@@ -416,6 +456,7 @@ impl NodeArgs {
                 })
             }
         };
+        let (rest_tls, peer_tls) = tls?;
         Ok(NodeConfig {
             id,
             http,
@@ -443,8 +484,46 @@ impl NodeArgs {
             simulated_step: Duration::from_millis(self.simulated_step_ms.unwrap_or(200).max(1)),
             planner,
             bootstrap_admin_key_file: self.bootstrap_admin_key_file,
+            rest_tls,
+            peer_tls,
         })
     }
+}
+
+/// The TLS files of both ports: each port gets all of its files or none, and a node without
+/// both refuses to start unless `--insecure` says so.
+fn tls_files(args: &NodeArgs) -> Result<(Option<TlsFiles>, Option<TlsFiles>), ConfigError> {
+    let rest = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert: cert.clone(), key: key.clone(), ca: args.client_ca.clone() }),
+        (None, None) if args.client_ca.is_none() => None,
+        _ => {
+            return Err(ConfigError::Conflict(
+                "HTTPS needs both --tls-cert and --tls-key (and --client-ca only with them)".into(),
+            ))
+        }
+    };
+    let peer = match (&args.peer_cert, &args.peer_key, &args.peer_ca) {
+        (Some(cert), Some(key), Some(ca)) => {
+            Some(TlsFiles { cert: cert.clone(), key: key.clone(), ca: Some(ca.clone()) })
+        }
+        (None, None, None) => None,
+        _ => {
+            return Err(ConfigError::Conflict(
+                "mutual TLS between members needs --peer-cert, --peer-key and --peer-ca".into(),
+            ))
+        }
+    };
+    if (rest.is_none() || peer.is_none()) && !args.insecure {
+        let missing = match (&rest, &peer) {
+            (None, None) => "--tls-cert/--tls-key (REST) and --peer-cert/--peer-key/--peer-ca (members)",
+            (None, _) => "--tls-cert/--tls-key (REST)",
+            _ => "--peer-cert/--peer-key/--peer-ca (members)",
+        };
+        return Err(ConfigError::Conflict(format!(
+            "no TLS: give {missing} (`runtimeai certs` makes them), or --insecure to run in plain text on a trusted network"
+        )));
+    }
+    Ok((rest, peer))
 }
 
 /// A path in a config file is relative to the file.

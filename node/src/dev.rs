@@ -73,6 +73,11 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     if !admin_key.exists() {
         crate::admin_key::generate_file(&admin_key)?;
     }
+    // TLS too: a CA of its own, and a certificate per member for both its ports.
+    let certs = args.data_dir.join("certs");
+    if !certs.join("ca.pem").exists() {
+        crate::certs::make_ca(&certs, 3650)?;
+    }
 
     let mut members: Vec<Member> = Vec::new();
     for id in 1..=args.nodes {
@@ -85,7 +90,12 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             .open(&log_path)
             .with_context(|| format!("cannot open {}", log_path.display()))?;
         let data_dir = args.data_dir.join(format!("node-{id}"));
-        let node_args: Vec<String> = vec![
+        let (cert, key) = (certs.join(format!("node-{id}.pem")), certs.join(format!("node-{id}-key.pem")));
+        if !cert.exists() {
+            crate::certs::make_node(&certs, None, id, &["localhost".into(), "127.0.0.1".into()], 365)?;
+        }
+        let tls = [("--tls-cert", &cert), ("--tls-key", &key), ("--peer-cert", &cert), ("--peer-key", &key)];
+        let mut node_args: Vec<String> = vec![
             "node".into(),
             "--id".into(),
             id.to_string(),
@@ -110,7 +120,12 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             DEV_BACKENDS.into(),
             "--bootstrap-admin-key-file".into(),
             admin_key.display().to_string(),
+            "--peer-ca".into(),
+            ca_of(&args.data_dir).display().to_string(),
         ];
+        for (flag, path) in tls {
+            node_args.extend([flag.to_string(), path.display().to_string()]);
+        }
         let command_line = format!("{} {} 2>>{}", exe.display(), node_args.join(" "), log_path.display());
         let child = Command::new(&exe)
             .args(&node_args)
@@ -119,25 +134,34 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             .stderr(log)
             .spawn()
             .with_context(|| format!("cannot start node {id}"))?;
-        say!("node {id}: http://{http}  (grpc {grpc}, log {})", log_path.display());
+        say!("node {id}: https://{http}  (grpc {grpc}, log {})", log_path.display());
         members.push(Member { id, http, command_line, child, exited: false });
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let outcome = runtime.block_on(supervise(&mut members, &admin_key));
+    let outcome = runtime.block_on(supervise(&mut members, &admin_key, &ca_of(&args.data_dir)));
     stop_all(&mut members);
     outcome
 }
 
-async fn supervise(members: &mut [Member], admin_key: &std::path::Path) -> anyhow::Result<()> {
+/// The CA dev's members have their certificates from.
+fn ca_of(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("certs").join("ca.pem")
+}
+
+async fn supervise(members: &mut [Member], admin_key: &std::path::Path, ca: &std::path::Path) -> anyhow::Result<()> {
     let token = std::fs::read_to_string(admin_key).context("cannot read the admin key")?;
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
+    let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+        .timeout(Duration::from_secs(3))
+        .build()?;
     // Ready once the first node is ready and takes the admin's key (stored once a leader is
     // elected, possibly just after readiness).
     let started = Instant::now();
     let first = members[0].http.clone();
     let ready = |path: &'static str| {
-        let request = client.get(format!("http://{first}{path}")).bearer_auth(token.trim());
+        let request = client.get(format!("https://{first}{path}")).bearer_auth(token.trim());
         async move { request.send().await.is_ok_and(|r| r.status().is_success()) }
     };
     let mut announced = false;
@@ -161,10 +185,10 @@ async fn supervise(members: &mut [Member], admin_key: &std::path::Path) -> anyho
                     "\ncluster ready in {:.1}s. Every request needs the admin's API key. Try:",
                     started.elapsed().as_secs_f64()
                 );
-                say!("  export RUNTIMEAI_TOKEN=$(cat {})", admin_key.display());
-                say!("  curl -s http://{first}/v1/cluster -H \"Authorization: Bearer $RUNTIMEAI_TOKEN\"");
+                say!("  export RUNTIMEAI_TOKEN=$(cat {}) CURL_CA_BUNDLE={}", admin_key.display(), ca.display());
+                say!("  curl -s https://{first}/v1/cluster -H \"Authorization: Bearer $RUNTIMEAI_TOKEN\"");
                 say!(
-                    "  curl -s -XPOST http://{first}/v1/runtimes -H \"Authorization: Bearer $RUNTIMEAI_TOKEN\" \
+                    "  curl -s -XPOST https://{first}/v1/runtimes -H \"Authorization: Bearer $RUNTIMEAI_TOKEN\" \
                      -H 'content-type: application/json' -d '{{\"name\":\"demo\",\"type\":\"vm\"}}'"
                 );
                 say!("Ctrl-C stops the cluster (data stays in the data directory).");

@@ -4,11 +4,13 @@
 
 pub mod admin_key;
 pub mod backend;
+pub mod certs;
 pub mod config;
 pub mod dev;
 pub mod executor;
 pub mod scheduler;
 pub mod server;
+pub mod transport;
 
 /// Completes on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {

@@ -33,6 +33,8 @@ enum Commands {
     Dev(dev::DevArgs),
     /// Print the REST API's OpenAPI 3.1 document (as served at /v1/openapi.json).
     Openapi,
+    /// Make the TLS certificates of a cluster: a CA, members' and clients' certificates.
+    Certs(runtimeai_node::certs::CertsArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Commands::Node(args) => run_node(args),
         Commands::Dev(args) => dev::run(args),
+        Commands::Certs(args) => runtimeai_node::certs::run(args),
         Commands::Openapi => {
             use std::io::Write;
             std::io::stdout().write_all(runtimeai_api::openapi::document().as_bytes()).map_err(anyhow::Error::from)

@@ -14,7 +14,6 @@ use runtimeai_api::AppState;
 use runtimeai_model::{Actor, NodeInfo};
 use runtimeai_raft::log_store::LogStore;
 use runtimeai_raft::network::{Network, PeerHealth, PeerRoutes};
-use runtimeai_raft::service::{ClusterService, RaftService};
 use runtimeai_raft::state_machine::StateMachineStore;
 use runtimeai_raft::store::DataDir;
 use runtimeai_raft::{Command, Op, Raft, Replica, ReplicaOptions};
@@ -52,13 +51,15 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
             Driver::Simulated | Driver::Process => {}
         }
     }
+    // Certificates next: a missing or bad file is refused before the store is touched.
+    let transport = crate::transport::Transport::load(&config)?;
     let data = DataDir::open(&config.data_dir, config.id, &config.cluster_name)?;
     let log_store = LogStore::new(data.db.clone());
     let log_stats = log_store.stats();
     let state = StateMachineStore::new(data.db.clone(), data.snapshot_path())
         .map_err(|e| anyhow::anyhow!("cannot read the snapshot in {}: {e}", config.data_dir.display()))?;
     let health = Arc::new(PeerHealth::default());
-    let routes = Arc::new(PeerRoutes::new(config.peer_routes.clone()));
+    let routes = Arc::new(PeerRoutes::new(config.peer_routes.clone(), transport.peer_client.clone()));
     let network = Network::new(config.cluster_name.clone(), health.clone(), routes.clone());
     let raft_config = openraft::Config {
         cluster_name: config.cluster_name.clone(),
@@ -103,21 +104,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
-    let grpc = tonic::transport::Server::builder()
-        .add_service(RaftService::new(replica.clone()))
-        .add_service(ClusterService::new(replica.clone()))
-        .serve_with_incoming_shutdown(
-            // Small raft messages and replies must leave at once: with Nagle's algorithm on,
-            // a reply waits for the peer's delayed ACK (40 ms) and so does every commit.
-            tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), |stream| {
-                if let Ok(stream) = &stream {
-                    let _ = stream.set_nodelay(true);
-                }
-                stream
-            }),
-            stopped(stop_rx.clone()),
-        );
-    let grpc_task = tokio::spawn(grpc);
+    let grpc_task = transport.serve_peers(grpc_listener, replica.clone(), stop_rx.clone(), stopped(stop_rx.clone()));
+    let tls_watch = transport.watch(stop_rx.clone());
 
     let (backends, kubeconfigs) = build_backends(&config).await?;
     let external_planner = match config.planner.clone() {
@@ -136,11 +124,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         kubeconfigs,
         auth_failures: Arc::default(),
     });
-    let http_listener = axum::serve::ListenerExt::tap_io(http_listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let http = axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
-    let http_task = tokio::spawn(async move { http.await });
+    let http_task = transport.serve_rest(http_listener, app, stop_rx.clone(), stopped(stop_rx.clone()));
 
     tracing::info!(
         node = config.id,
@@ -190,6 +174,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), scheduler).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), watchdog).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), tls_watch).await;
     if let Some(executor) = executor {
         let _ = tokio::time::timeout(Duration::from_secs(5), executor).await;
     }

@@ -49,9 +49,9 @@ pub(crate) struct Forwarder {
 
 impl Forwarder {
     /// Starts the forwarding task (it ends when every `Forwarder` is dropped).
-    pub(crate) fn start(cluster: String, deadline: Duration) -> Forwarder {
+    pub(crate) fn start(from: crate::types::NodeId, cluster: String, deadline: Duration) -> Forwarder {
         let (pending, queue) = mpsc::unbounded_channel();
-        tokio::spawn(run(Arc::new(Link { cluster, deadline }), queue));
+        tokio::spawn(run(Arc::new(Link { from, cluster, deadline }), queue));
         Forwarder { pending }
     }
 
@@ -74,6 +74,8 @@ impl Forwarder {
 
 /// What every RPC carries.
 struct Link {
+    /// This node: a forward says who sends it (its certificate must agree).
+    from: crate::types::NodeId,
     cluster: String,
     deadline: Duration,
 }
@@ -146,8 +148,12 @@ async fn ask(
     command: &Command,
 ) -> Forwarded {
     let payload = codec::encode("command", command).map_err(|e| ClusterError::Internal(e.to_string()))?;
-    let mut request =
-        tonic::Request::new(ForwardRequest { cluster: link.cluster.clone(), hops_left, command: payload });
+    let mut request = tonic::Request::new(ForwardRequest {
+        cluster: link.cluster.clone(),
+        hops_left,
+        command: payload,
+        from: link.from,
+    });
     request.set_timeout(link.deadline);
     let reply = client.forward(request).await.map_err(|s| crate::replica::transport_error(leader, s, link.deadline))?;
     codec::decode::<Forwarded>("forwarded reply", &reply.into_inner().payload)

@@ -8,6 +8,7 @@
 //! - [`log_store`]: the raft log, with group commit (one fsync for many appends).
 //! - [`state_machine`]: deterministic apply, snapshots, and reads for the API.
 //! - [`network`] / [`service`]: raft and cluster RPCs, client and server.
+//! - [`tls`]: mutual TLS between members (and the REST port's TLS), reloaded without a restart.
 //! - [`replica`]: propose (batched on the leader), read linearizably and change membership from
 //!   any node.
 //! - [`watchdog`]: an election at once when the leader's process is gone.
@@ -31,6 +32,7 @@ pub mod service;
 mod snapshot_file;
 pub mod state_machine;
 pub mod store;
+pub mod tls;
 pub mod types;
 pub mod watchdog;
 

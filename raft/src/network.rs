@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
 use crate::codec;
+use crate::tls::ClientTls;
 use crate::types::{NodeId, SnapshotMeta, TypeConfig, Vote};
 
 /// The parts of a snapshot chunk other than its data, as sent in [`SnapshotChunk::header`].
@@ -38,8 +39,10 @@ const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// refusing forwarded writes for 10–20 s with the 5 s + 5 s this had been.
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Opens a lazily connecting channel to a peer's gRPC address (`host:port`).
-pub(crate) fn channel(addr: &str) -> Result<Channel, String> {
+/// Opens a lazily connecting channel to a peer's gRPC address (`host:port`): over TLS as a
+/// member when `tls` is given (the configuration in force at each connection: replaced
+/// certificates are used without a restart), else in plain text.
+pub(crate) fn channel(addr: &str, tls: Option<Arc<ClientTls>>) -> Result<Channel, String> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| format!("invalid peer address {addr:?}: {e}"))?
         .connect_timeout(Duration::from_millis(500))
@@ -49,21 +52,38 @@ pub(crate) fn channel(addr: &str) -> Result<Channel, String> {
         // Idle channels too: a follower's channel to the leader may sit unused between writes,
         // and a dead one should be found before a write needs it.
         .keep_alive_while_idle(true);
-    Ok(endpoint.connect_lazy())
+    let Some(tls) = tls else { return Ok(endpoint.connect_lazy()) };
+    let addr = addr.to_string();
+    Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_: tonic::codegen::http::Uri| {
+        let (tls, addr) = (tls.clone(), addr.clone());
+        async move { crate::tls::connect(&tls, &addr).await.map(hyper_util::rt::TokioIo::new) }
+    })))
 }
 
 /// Where this node dials each peer. By default a peer is reached at the gRPC address it
 /// announced to the cluster (its membership entry); a route overrides that for this node only:
 /// a port forward, a NAT, or the fault-injecting proxy of the chaos tests, which puts its own
 /// listener between every ordered pair of nodes.
-#[derive(Debug, Clone, Default)]
+///
+/// It also holds how this node proves who it is to them: its member certificate, when the
+/// cluster runs with peer TLS.
+#[derive(Clone, Default)]
 pub struct PeerRoutes {
     routes: HashMap<NodeId, String>,
+    tls: Option<Arc<ClientTls>>,
 }
 
 impl PeerRoutes {
-    pub fn new(routes: impl IntoIterator<Item = (NodeId, String)>) -> PeerRoutes {
-        PeerRoutes { routes: routes.into_iter().collect() }
+    pub fn new(routes: impl IntoIterator<Item = (NodeId, String)>, tls: Option<Arc<ClientTls>>) -> PeerRoutes {
+        PeerRoutes { routes: routes.into_iter().collect(), tls }
+    }
+
+    /// A channel to `peer`, announced at `announced`, dialled where this node routes it; and
+    /// the address dialled.
+    pub(crate) fn channel(&self, peer: NodeId, announced: &str) -> (String, Result<Channel, String>) {
+        let addr = self.dial(peer, announced).to_string();
+        let channel = channel(&addr, self.tls.clone());
+        (addr, channel)
     }
 
     /// The address to dial `peer` at, given the one it announced.
@@ -141,10 +161,10 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
-        let addr = self.routes.dial(target, &node.addr).to_string();
+        let (addr, channel) = self.routes.channel(target, &node.addr);
         PeerClient {
             target,
-            client: channel(&addr).map(RaftClient::new),
+            client: channel.map(RaftClient::new),
             addr,
             cluster: self.cluster.clone(),
             health: self.health.clone(),

@@ -17,7 +17,7 @@ use crate::codec;
 use crate::command::{Command, CommandReply};
 use crate::error::ClusterError;
 use crate::forwarding::Forwarder;
-use crate::network::{channel, PeerHealth, PeerRoutes};
+use crate::network::{PeerHealth, PeerRoutes};
 use crate::read_index::ReadIndexBatcher;
 use crate::state_machine::StateMachineStore;
 use crate::types::{NodeId, Raft, RaftMetrics};
@@ -84,7 +84,7 @@ impl Replica {
         routes: Arc<PeerRoutes>,
         options: ReplicaOptions,
     ) -> Arc<Replica> {
-        let forwarder = Forwarder::start(cluster.clone(), options.request_deadline);
+        let forwarder = Forwarder::start(id, cluster.clone(), options.request_deadline);
         Arc::new_cyclic(|replica| Replica {
             forwarder,
             read_indexes: ReadIndexBatcher::start(replica.clone()),
@@ -443,16 +443,16 @@ impl Replica {
 
     /// A client for `node`, announced at `addr` (dialled through this node's [`PeerRoutes`]).
     fn client(&self, node: NodeId, addr: &str) -> Result<ClusterClient<Channel>, ClusterError> {
-        let addr = self.routes.dial(node, addr);
+        let dialled = self.routes.dial(node, addr);
         let mut clients = self.clients.lock().expect("client cache lock");
         if let Some((cached_addr, client)) = clients.get(&node) {
-            if cached_addr == addr {
+            if cached_addr == dialled {
                 return Ok(client.clone());
             }
         }
-        let channel = channel(addr).map_err(ClusterError::Invalid)?;
-        let client = ClusterClient::new(channel);
-        clients.insert(node, (addr.to_string(), client.clone()));
+        let (dialled, channel) = self.routes.channel(node, addr);
+        let client = ClusterClient::new(channel.map_err(ClusterError::Invalid)?);
+        clients.insert(node, (dialled, client.clone()));
         Ok(client)
     }
 
@@ -555,11 +555,12 @@ fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::network::channel;
 
     #[tokio::test]
     async fn a_refused_connection_counts_as_never_sent() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut client = ClusterClient::new(channel(&format!("127.0.0.1:{port}")).unwrap());
+        let mut client = ClusterClient::new(channel(&format!("127.0.0.1:{port}"), None).unwrap());
         let status = client.peer_status(PeerStatusRequest { cluster: "c".into() }).await.unwrap_err();
         assert!(never_sent(&status), "{status:?}");
         assert!(!never_sent(&tonic::Status::unavailable("connection reset by peer")));
@@ -584,7 +585,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_past_its_deadline_has_an_unknown_outcome_not_an_internal_error() {
-        let mut client = ClusterClient::new(channel(&silent_peer().await).unwrap());
+        let mut client = ClusterClient::new(channel(&silent_peer().await, None).unwrap());
         let mut request = tonic::Request::new(PeerStatusRequest { cluster: "c".into() });
         request.set_timeout(Duration::from_millis(200));
         let status = client.peer_status(request).await.unwrap_err();
@@ -595,7 +596,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dead_connection_is_found_by_keep_alive_and_the_call_fails_as_connection_lost() {
-        let mut client = ClusterClient::new(channel(&silent_peer().await).unwrap());
+        let mut client = ClusterClient::new(channel(&silent_peer().await, None).unwrap());
         let started = Instant::now();
         // No deadline: only the keep-alive can end this call.
         let status = client.peer_status(PeerStatusRequest { cluster: "c".into() }).await.unwrap_err();

@@ -25,6 +25,46 @@ fn check_cluster(replica: &Replica, cluster: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// With peer TLS, who may call: only a member's certificate (checked against the cluster's CA
+/// in the handshake) gets past this, and when the request claims to come from a member (a
+/// leader's or candidate's vote, a forward's sender) the claim must be the certificate's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerCheck {
+    /// Plain-text gRPC (`--insecure`): whoever reaches the port is believed.
+    Trusting,
+    MutualTls,
+}
+
+impl PeerCheck {
+    /// The member the caller's certificate names (`None` when trusting); refused without one.
+    fn caller<T>(self, request: &Request<T>) -> Result<Option<NodeId>, Status> {
+        if self == PeerCheck::Trusting {
+            return Ok(None);
+        }
+        let identity = request.extensions().get::<crate::tls::PeerIdentity>();
+        match identity.and_then(|peer| peer.member_id()) {
+            Some(member) => Ok(Some(member)),
+            None => {
+                tracing::warn!(remote = ?identity.map(|p| p.remote), "refusing a peer RPC without a member certificate");
+                Err(Status::unauthenticated("a member certificate of this cluster is required"))
+            }
+        }
+    }
+}
+
+/// A request's claim to come from member `claimed` must be its certificate's.
+fn check_claim(caller: Option<NodeId>, claimed: Option<NodeId>) -> Result<(), Status> {
+    match (caller, claimed) {
+        (Some(member), Some(claimed)) if member != claimed => {
+            tracing::warn!(member, claimed, "refusing a peer RPC that claims another member's id");
+            Err(Status::permission_denied(format!(
+                "the certificate is member {member}'s; the request claims {claimed}"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn encode<T: serde::Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, Status> {
     codec::encode(what, value).map_err(|e| Status::internal(e.to_string()))
 }
@@ -36,37 +76,44 @@ fn decode<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> R
 /// openraft's RPCs, received.
 pub struct RaftService {
     replica: Arc<Replica>,
+    peers: PeerCheck,
 }
 
 impl RaftService {
-    pub fn new(replica: Arc<Replica>) -> pb::raft_server::RaftServer<RaftService> {
-        pb::raft_server::RaftServer::new(RaftService { replica }).max_decoding_message_size(64 << 20)
+    pub fn new(replica: Arc<Replica>, peers: PeerCheck) -> pb::raft_server::RaftServer<RaftService> {
+        pb::raft_server::RaftServer::new(RaftService { replica, peers }).max_decoding_message_size(64 << 20)
     }
 }
 
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
     async fn append_entries(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        let caller = self.peers.caller(&request)?;
         let request = request.into_inner();
         check_cluster(&self.replica, &request.cluster)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode("append entries", &request.payload)?;
+        check_claim(caller, rpc.vote.leader_id().voted_for())?;
         self.replica.heard_from_leader();
         let result = self.replica.raft.append_entries(rpc).await;
         Ok(Response::new(pb::RaftReply { payload: encode("raft reply", &result)? }))
     }
 
     async fn vote(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        let caller = self.peers.caller(&request)?;
         let request = request.into_inner();
         check_cluster(&self.replica, &request.cluster)?;
         let rpc: VoteRequest<NodeId> = decode("vote", &request.payload)?;
+        check_claim(caller, rpc.vote.leader_id().voted_for())?;
         let result = self.replica.raft.vote(rpc).await;
         Ok(Response::new(pb::RaftReply { payload: encode("raft reply", &result)? }))
     }
 
     async fn install_snapshot(&self, request: Request<pb::SnapshotChunk>) -> Result<Response<pb::RaftReply>, Status> {
+        let caller = self.peers.caller(&request)?;
         let chunk = request.into_inner();
         check_cluster(&self.replica, &chunk.cluster)?;
         let header: SnapshotChunkHeader = decode("snapshot chunk", &chunk.header)?;
+        check_claim(caller, header.vote.leader_id().voted_for())?;
         let rpc = InstallSnapshotRequest::<TypeConfig> {
             vote: header.vote,
             meta: header.meta,
@@ -89,18 +136,21 @@ impl pb::raft_server::Raft for RaftService {
 /// Requests served by (or passed on towards) the leader.
 pub struct ClusterService {
     replica: Arc<Replica>,
+    peers: PeerCheck,
 }
 
 impl ClusterService {
-    pub fn new(replica: Arc<Replica>) -> pb::cluster_server::ClusterServer<ClusterService> {
-        pb::cluster_server::ClusterServer::new(ClusterService { replica }).max_decoding_message_size(64 << 20)
+    pub fn new(replica: Arc<Replica>, peers: PeerCheck) -> pb::cluster_server::ClusterServer<ClusterService> {
+        pb::cluster_server::ClusterServer::new(ClusterService { replica, peers }).max_decoding_message_size(64 << 20)
     }
 }
 
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterService {
     async fn forward(&self, request: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardReply>, Status> {
+        let caller = self.peers.caller(&request)?;
         let request = request.into_inner();
+        check_claim(caller, Some(request.from))?;
         check_cluster(&self.replica, &request.cluster)?;
         let command: Command = decode("command", &request.command)?;
         let result = self.replica.propose_with_hops(command, request.hops_left).await;
@@ -108,6 +158,7 @@ impl pb::cluster_server::Cluster for ClusterService {
     }
 
     async fn read_index(&self, request: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexReply>, Status> {
+        self.peers.caller(&request)?;
         let request = request.into_inner();
         check_cluster(&self.replica, &request.cluster)?;
         let result: Result<u64, ClusterError> = self.replica.read_index(request.hops_left).await;
@@ -115,6 +166,7 @@ impl pb::cluster_server::Cluster for ClusterService {
     }
 
     async fn add_member(&self, request: Request<pb::AddMemberRequest>) -> Result<Response<pb::AdminReply>, Status> {
+        self.peers.caller(&request)?;
         let request = request.into_inner();
         check_cluster(&self.replica, &request.cluster)?;
         let replica = self.replica.clone();
@@ -131,6 +183,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::AdminReply>, Status> {
+        self.peers.caller(&request)?;
         let request = request.into_inner();
         check_cluster(&self.replica, &request.cluster)?;
         let replica = self.replica.clone();
@@ -145,6 +198,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::PeerStatusRequest>,
     ) -> Result<Response<pb::PeerStatusReply>, Status> {
+        self.peers.caller(&request)?;
         let request = request.into_inner();
         check_cluster(&self.replica, &request.cluster)?;
         let peers = self

@@ -8,12 +8,15 @@ use std::time::Duration;
 use runtimeai_tests::{binary, free_port, phase};
 
 /// Runs `runtimeai node` with `args` (and, unless they name their own, backends that need no
-/// hypervisor, so that each case meets the check it is about).
+/// hypervisor and `--insecure`, so that each case meets the check it is about).
 fn node(args: &[&str]) -> Output {
     let backends: &[&str] = if args.contains(&"--backends") { &[] } else { &["--backends", "sandbox=process"] };
+    let tls = args.iter().any(|a| a.starts_with("--tls") || a.starts_with("--peer") || *a == "--secure");
+    let args: Vec<&str> = args.iter().copied().filter(|a| *a != "--secure").collect();
     Command::new(binary())
         .arg("node")
-        .args(args)
+        .args(&args)
+        .args(if tls { &[][..] } else { &["--insecure"][..] })
         .args(backends)
         .env("RUST_LOG", "warn")
         .output()
@@ -42,6 +45,34 @@ fn conflicting_or_malformed_flags_are_refused_with_one_line() {
     let (http, grpc) = (addr(), addr());
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--http", &http, "--grpc", &grpc, "--data-dir", data], "--id is required"),
+        (vec!["--id", "1", "--http", &http, "--grpc", &grpc, "--data-dir", data, "--secure"], "no TLS: give"),
+        (
+            vec!["--id", "1", "--http", &http, "--grpc", &grpc, "--data-dir", data, "--tls-cert", "/nonexistent"],
+            "HTTPS needs both --tls-cert and --tls-key",
+        ),
+        (
+            vec![
+                "--id",
+                "1",
+                "--http",
+                &http,
+                "--grpc",
+                &grpc,
+                "--data-dir",
+                data,
+                "--tls-cert",
+                "/nonexistent",
+                "--tls-key",
+                "/nonexistent",
+                "--peer-cert",
+                "/nonexistent",
+                "--peer-key",
+                "/nonexistent",
+                "--peer-ca",
+                "/nonexistent",
+            ],
+            "cannot read /nonexistent",
+        ),
         (vec!["--id", "1", "--http", "nonsense", "--grpc", &grpc, "--data-dir", data], "expected host:port"),
         (vec!["--id", "1", "--http", &http, "--grpc", &http, "--data-dir", data], "both use"),
         (
@@ -124,7 +155,7 @@ fn make_store(data: &Path) {
     std::fs::write(
         &config,
         format!(
-            "http = \"{http}\"\ngrpc = \"{grpc}\"\ndata-dir = \"{}\"\ninitial-cluster = \"1={grpc}\"\nbackends = \"sandbox=process\"\n",
+            "http = \"{http}\"\ngrpc = \"{grpc}\"\ndata-dir = \"{}\"\ninitial-cluster = \"1={grpc}\"\nbackends = \"sandbox=process\"\ninsecure = true\n",
             data.file_name().unwrap().to_str().unwrap()
         ),
     )
@@ -152,6 +183,7 @@ fn make_store(data: &Path) {
     let line: serde_json::Value = serde_json::from_str(first).unwrap_or_else(|e| panic!("{first:?} is not JSON: {e}"));
     assert!(line["fields"]["message"].is_string(), "{line}");
     assert!(logs.contains("\"stopped\""), "a clean stop is logged: {logs}");
+    assert!(logs.contains("--insecure: a port runs in plain text"), "plain text is an opt-out, said loudly: {logs}");
 }
 
 /// A minimal HTTP/1.0 readiness probe (no curl needed).

@@ -100,16 +100,22 @@ fn runtimeai_dev_starts_a_ready_cluster_and_stops_it_on_ctrl_c() {
         }
     }
     assert!(seen.iter().any(|l| l.contains("cluster ready")), "dev never reported ready: {seen:?}");
-    assert_eq!(seen.iter().filter(|l| l.starts_with("node ") && l.contains("http://")).count(), 3, "{seen:?}");
+    assert_eq!(seen.iter().filter(|l| l.starts_with("node ") && l.contains("https://")).count(), 3, "{seen:?}");
     assert!(!seen.iter().any(|l| l.contains("exited")), "{seen:?}");
 
-    phase("the printed endpoint serves the cluster to the admin's key, and no one without a key");
+    phase("the printed endpoint serves the cluster over TLS from dev's CA, to the admin's key only");
     let token = std::fs::read_to_string(dir.path().join("dev/admin.key")).unwrap();
-    let authorization = format!("Authorization: Bearer {}", token.trim());
-    let view = http_get(&format!("127.0.0.1:{http}"), "/v1/cluster", &authorization);
+    let ca = std::fs::read(dir.path().join("dev/certs/ca.pem")).unwrap();
+    let client = reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap();
+    let url = format!("https://127.0.0.1:{http}/v1/cluster");
+    let view = client.get(&url).bearer_auth(token.trim()).send().unwrap().text().unwrap();
     assert!(view.contains("\"leader_id\""), "{view}");
-    let refused = http_get(&format!("127.0.0.1:{http}"), "/v1/cluster", "X-Nothing: 1");
-    assert!(refused.starts_with("HTTP/1.0 401"), "{refused}");
+    assert_eq!(client.get(&url).send().unwrap().status(), 401);
+    let plain = http_get(&format!("127.0.0.1:{http}"), "/v1/cluster");
+    assert!(!plain.starts_with("HTTP/"), "no plain-text HTTP on a TLS port: {plain:?}");
 
     phase("SIGINT stops the whole cluster cleanly");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
@@ -131,12 +137,12 @@ impl Drop for DevProcess {
     }
 }
 
-fn http_get(addr: &str, path: &str, header: &str) -> String {
+fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\n{header}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    String::from_utf8_lossy(&response).into_owned()
 }

@@ -1,0 +1,150 @@
+//! A node's two ports as its configuration asks: HTTPS for REST and mutual TLS between members
+//! (both reloaded from their files without a restart), or plain text with `--insecure`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use runtimeai_raft::service::{ClusterService, PeerCheck, RaftService};
+use runtimeai_raft::tls::{self, ClientTls, Reload, ServerTls, TlsConnection};
+use runtimeai_raft::Replica;
+
+use crate::config::NodeConfig;
+
+/// The TLS configurations this node serves and dials with.
+#[derive(Clone, Default)]
+pub struct Transport {
+    pub rest: Option<Arc<ServerTls>>,
+    pub peer_server: Option<Arc<ServerTls>>,
+    pub peer_client: Option<Arc<ClientTls>>,
+}
+
+impl Transport {
+    /// Reads the certificates the configuration names (a bad file refuses the start).
+    pub fn load(config: &NodeConfig) -> anyhow::Result<Transport> {
+        let rest = match &config.rest_tls {
+            None => None,
+            Some(files) => Some(tls::server("REST", files.clone()).context("cannot set up HTTPS (--tls-*)")?),
+        };
+        let (peer_server, peer_client) = match &config.peer_tls {
+            None => (None, None),
+            Some(files) => (
+                Some(tls::server("peer server", files.clone()).context("cannot set up peer TLS (--peer-*)")?),
+                Some(tls::client(files.clone()).context("cannot set up peer TLS (--peer-*)")?),
+            ),
+        };
+        if rest.is_none() || peer_server.is_none() {
+            tracing::warn!(
+                rest_tls = rest.is_some(),
+                peer_tls = peer_server.is_some(),
+                "--insecure: a port runs in plain text; whoever reaches it can read it, and the gRPC port believes \
+                 whoever calls it. Use only on a trusted test network"
+            );
+        }
+        Ok(Transport { rest, peer_server, peer_client })
+    }
+
+    /// Reloads the certificates when their files change or on SIGHUP, until `stop`.
+    pub fn watch(&self, stop: watch::Receiver<bool>) -> JoinHandle<()> {
+        let mut configs: Vec<Arc<dyn Reload>> = Vec::new();
+        if let Some(rest) = &self.rest {
+            configs.push(rest.clone());
+        }
+        if let (Some(server), Some(client)) = (&self.peer_server, &self.peer_client) {
+            configs.push(server.clone());
+            configs.push(client.clone());
+        }
+        tokio::spawn(tls::watch(configs, stop))
+    }
+
+    /// Serves the raft and cluster services on `listener` until `stopped`.
+    pub fn serve_peers(
+        &self,
+        listener: TcpListener,
+        replica: Arc<Replica>,
+        stop: watch::Receiver<bool>,
+        stopped: impl Future<Output = ()> + Send + 'static,
+    ) -> JoinHandle<Result<(), tonic::transport::Error>> {
+        let check = if self.peer_server.is_some() { PeerCheck::MutualTls } else { PeerCheck::Trusting };
+        let router = tonic::transport::Server::builder()
+            .add_service(RaftService::new(replica.clone(), check))
+            .add_service(ClusterService::new(replica, check));
+        match &self.peer_server {
+            Some(server) => {
+                let connections = tls::accept(listener, server.clone(), stop);
+                let incoming = tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::ReceiverStream::new(connections),
+                    Ok::<_, std::io::Error>,
+                );
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+            }
+            None => {
+                // Small raft messages and replies must leave at once: with Nagle's algorithm on,
+                // a reply waits for the peer's delayed ACK (40 ms) and so does every commit.
+                let incoming =
+                    tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |stream| {
+                        if let Ok(stream) = &stream {
+                            let _ = stream.set_nodelay(true);
+                        }
+                        stream
+                    });
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+            }
+        }
+    }
+
+    /// Serves the REST API on `listener` until `stopped`.
+    pub fn serve_rest(
+        &self,
+        listener: TcpListener,
+        app: axum::Router,
+        stop: watch::Receiver<bool>,
+        stopped: impl Future<Output = ()> + Send + 'static,
+    ) -> JoinHandle<std::io::Result<()>> {
+        match &self.rest {
+            Some(server) => {
+                let local = listener.local_addr().ok();
+                let connections = tls::accept(listener, server.clone(), stop);
+                let listener = TlsListener { connections, local };
+                tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await })
+            }
+            None => {
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await })
+            }
+        }
+    }
+}
+
+/// Established TLS connections, as axum takes them.
+struct TlsListener {
+    connections: mpsc::Receiver<TlsConnection>,
+    local: Option<SocketAddr>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsConnection;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TlsConnection, SocketAddr) {
+        match self.connections.recv().await {
+            Some(connection) => {
+                let remote = connection.peer.remote;
+                (connection, remote)
+            }
+            // The accept loop stopped: the server is shutting down.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.local.ok_or_else(|| std::io::Error::other("no local address"))
+    }
+}
