@@ -1,5 +1,7 @@
 //! Who is asking, and may they. Every request but `/healthz` and `/readyz` is authenticated by
-//! an API key checked against the replicated state (in memory: no disk read, no write), then
+//! an API key checked against the replicated state (in memory: no disk read, no write), or by
+//! a client certificate of `--client-ca` whose common name a valid key's principal bears, or by
+//! an OIDC token ([`crate::oidc`]), then
 //! authorized: [`ROUTES`] names what each route needs, [`grants`] what each role allows, and an
 //! agent's mode narrows that further. The outcome reaches handlers as a [`Caller`], the only
 //! source of the actor and the tenants a request acts in (no header says who acts).
@@ -26,6 +28,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use runtimeai_model::{strictness, Actor, AgentMode, ApiKey, PolicyMode, Principal, PrincipalKind, Role};
+use runtimeai_raft::tls::TlsConnection;
 
 use crate::problem::Problem;
 use crate::AppState;
@@ -255,7 +258,11 @@ pub async fn guard(
     if access == Access::Public {
         return next.run(request).await;
     }
-    let principal = match bearer(request.headers()).map(|token| authenticate_key(&state.replica.state, token)) {
+    let by_key = bearer(request.headers()).map(|token| match (&state.oidc, token.starts_with("rai_")) {
+        (Some(oidc), false) => oidc.authenticate(token),
+        _ => authenticate_key(&state.replica.state, token),
+    });
+    let principal = match by_key.or_else(|| certificate_principal(&state, &request)) {
         Some(Ok(principal)) => principal,
         Some(Err(failure)) => return unauthorized(&state, failure, path),
         None => return unauthorized(&state, AuthFailure::NoCredentials, path),
@@ -272,6 +279,61 @@ pub async fn guard(
         }
         Err(problem) => problem.into_response(),
     }
+}
+
+/// The certificate the client presented on the request's TLS connection (checked against
+/// `--client-ca` in the handshake), if any.
+#[derive(Clone, Debug)]
+pub struct ClientCertificate(pub Option<rustls_pki_types::CertificateDer<'static>>);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for ClientCertificate {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        ClientCertificate(stream.io().peer.certificate.clone())
+    }
+}
+
+/// Established TLS connections, as axum takes them.
+pub struct TlsListener {
+    connections: tokio::sync::mpsc::Receiver<TlsConnection>,
+    local: Option<std::net::SocketAddr>,
+}
+
+impl TlsListener {
+    pub fn new(connections: tokio::sync::mpsc::Receiver<TlsConnection>, local: Option<std::net::SocketAddr>) -> Self {
+        TlsListener { connections, local }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsConnection;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (TlsConnection, std::net::SocketAddr) {
+        match self.connections.recv().await {
+            Some(connection) => {
+                let remote = connection.peer.remote;
+                (connection, remote)
+            }
+            // The accept loop stopped: the server is shutting down.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.local.ok_or_else(|| std::io::Error::other("no local address"))
+    }
+}
+
+/// The principal of a client certificate: the principal of a valid API key named as the
+/// certificate's common name (the key gives the roles and tenants; revoking it ends both).
+fn certificate_principal(state: &AppState, request: &Request) -> Option<Result<Principal, AuthFailure>> {
+    let axum::extract::ConnectInfo(ClientCertificate(cert)) =
+        request.extensions().get::<axum::extract::ConnectInfo<ClientCertificate>>()?;
+    let name = runtimeai_raft::tls::common_name_of(cert.as_ref()?)?;
+    let now = chrono::Utc::now();
+    let keys = state.replica.state.api_keys();
+    let key = keys.values().find(|k| k.principal.name == name && k.is_valid_at(now));
+    Some(key.map(|k| k.principal.clone()).ok_or(AuthFailure::UnknownKey))
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

@@ -21,6 +21,7 @@ mod extract;
 pub mod intents;
 pub mod keys;
 mod mutation;
+pub mod oidc;
 pub mod openapi;
 pub mod operations;
 pub mod policies;
@@ -55,6 +56,8 @@ pub struct AppState {
     pub kubeconfigs: Option<Arc<dyn KubeconfigSource>>,
     /// Requests this node refused as unauthenticated (shown in `GET /v1/cluster`).
     pub auth_failures: Arc<auth::AuthFailures>,
+    /// OIDC bearer tokens, when configured (`--oidc-*`).
+    pub oidc: Option<Arc<oidc::Oidc>>,
 }
 
 /// Where a node finds the kubeconfig a virtual cluster published.

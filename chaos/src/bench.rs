@@ -196,10 +196,11 @@ fn level(
     }
 }
 
-/// A client for either system; for ours it authenticates as the admin (etcd's gateway reads
-/// `Authorization` as an etcd token, so its client sends none).
+/// An HTTPS client for either system (both serve certificates of the harness's CA); for ours
+/// it authenticates as the admin (etcd's gateway reads `Authorization` as an etcd token, so its
+/// client sends none).
 fn http_client(clients: usize, ours: bool) -> Result<reqwest::Client> {
-    let builder = if ours { crate::cluster::admin_client_builder()? } else { reqwest::Client::builder() };
+    let builder = if ours { crate::cluster::admin_client_builder()? } else { crate::cluster::client_builder()? };
     Ok(builder.timeout(Duration::from_secs(10)).pool_max_idle_per_host(clients.max(1)).tcp_nodelay(true).build()?)
 }
 

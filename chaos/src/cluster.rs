@@ -176,7 +176,7 @@ pub fn harness_ca() -> Result<&'static Path> {
 }
 
 /// Runs `runtimeai certs <args>`.
-fn certs(args: &[&str]) -> std::result::Result<(), String> {
+pub(crate) fn certs(args: &[&str]) -> std::result::Result<(), String> {
     let binary = find_binary().map_err(|e| e.to_string())?;
     let output = Command::new(binary).arg("certs").args(args).output().map_err(|e| format!("runtimeai certs: {e}"))?;
     if !output.status.success() {
@@ -185,14 +185,32 @@ fn certs(args: &[&str]) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// The TLS flags of node `id` of the cluster in `dir`: its member certificate on both ports.
+/// Sends `request` with `headers` and `body` (as JSON), and reads the answer.
+async fn send(
+    mut request: reqwest::RequestBuilder,
+    body: Option<&Value>,
+    headers: &[(&str, &str)],
+) -> Result<Response> {
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    Response::read(request.send().await?).await
+}
+
+/// The TLS flags of node `id` of the cluster in `dir`: its member certificate on both ports,
+/// and client certificates of the harness's CA taken on the REST port.
 fn tls_args(dir: &Path, id: u64) -> Result<Vec<String>> {
     let cert = dir.join("certs").join(format!("node-{id}.pem")).display().to_string();
     let key = dir.join("certs").join(format!("node-{id}-key.pem")).display().to_string();
     let ca = harness_ca()?.join("ca.pem").display().to_string();
-    Ok(["--tls-cert", &cert, "--tls-key", &key, "--peer-cert", &cert, "--peer-key", &key, "--peer-ca", &ca]
-        .iter()
-        .map(|a| a.to_string())
+    let flags = ["--tls-cert", &cert, "--tls-key", &key, "--client-ca", &ca];
+    Ok(flags
+        .into_iter()
+        .chain(["--peer-cert", &cert, "--peer-key", &key, "--peer-ca", &ca])
+        .map(str::to_string)
         .collect())
 }
 
@@ -502,13 +520,7 @@ impl Cluster {
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        Response::read(request.send().await?).await
+        send(request, body, headers).await
     }
 
     /// [`Cluster::call`] with its own timeout instead of the client's 15 s, for requests that
@@ -526,13 +538,7 @@ impl Cluster {
         if let Some(timeout) = timeout {
             request = request.timeout(timeout);
         }
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        Response::read(request.send().await?).await
+        send(request, body, headers).await
     }
 
     /// `GET path` through `via` until it answers 200 or `deadline` passes (one try at least): the

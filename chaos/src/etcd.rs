@@ -1,6 +1,7 @@
 //! A real etcd cluster on loopback, the yardstick of the benchmarks: Debian's `etcd` (package
 //! etcd-server), one process per member with its default durability (fsync on every commit),
-//! talked to through its v3 JSON gateway.
+//! talked to through its v3 JSON gateway. Like RuntimeAI's clusters it runs TLS on both sides:
+//! HTTPS for clients, mutual TLS between members, with certificates of the harness's CA.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -13,7 +14,7 @@ use crate::error::{Error, Result};
 
 pub struct EtcdMember {
     pub name: String,
-    /// `http://127.0.0.1:<port>`: the client URL (JSON gateway at `/v3/...`).
+    /// `https://127.0.0.1:<port>`: the client URL (JSON gateway at `/v3/...`).
     pub client_url: String,
     child: Option<Child>,
     /// How to start it again (after the first start: joining the existing cluster).
@@ -68,17 +69,49 @@ impl EtcdCluster {
             .map(|i| {
                 (
                     format!("e{i}"),
-                    format!("http://127.0.0.1:{}", free_port()),
-                    format!("http://127.0.0.1:{}", free_port()),
+                    format!("https://127.0.0.1:{}", free_port()),
+                    format!("https://127.0.0.1:{}", free_port()),
                 )
             })
             .collect();
+        let ca_dir = crate::cluster::harness_ca()?;
+        let ca = ca_dir.join("ca.pem").display().to_string();
+        let certs = dir.path().join("certs");
         let initial: Vec<String> = peers.iter().map(|(name, peer, _)| format!("{name}={peer}")).collect();
         let initial = initial.join(",");
         let mut members = Vec::new();
-        for (name, peer, client_url) in &peers {
+        for (i, (name, peer, client_url)) in peers.iter().enumerate() {
             let data_dir = dir.path().join(name).display().to_string();
+            let id = (i + 1).to_string();
+            let (out, ca_path) = (certs.display().to_string(), ca_dir.display().to_string());
+            crate::cluster::certs(&[
+                "node",
+                "--dir",
+                &ca_path,
+                "--out",
+                &out,
+                "--id",
+                &id,
+                "--hosts",
+                "127.0.0.1,localhost",
+            ])
+            .map_err(Error::Cluster)?;
+            let cert = certs.join(format!("node-{id}.pem")).display().to_string();
+            let key = certs.join(format!("node-{id}-key.pem")).display().to_string();
             let command: Vec<String> = [
+                "--cert-file",
+                &cert,
+                "--key-file",
+                &key,
+                "--trusted-ca-file",
+                &ca,
+                "--peer-cert-file",
+                &cert,
+                "--peer-key-file",
+                &key,
+                "--peer-trusted-ca-file",
+                &ca,
+                "--peer-client-cert-auth",
                 "--name",
                 name,
                 "--data-dir",
@@ -113,7 +146,7 @@ impl EtcdCluster {
             member.spawn()?;
             members.push(member);
         }
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+        let client = crate::cluster::client_builder()?.timeout(Duration::from_secs(5)).build()?;
         let cluster = EtcdCluster { _dir: dir, members, client };
         cluster.wait_leader(Duration::from_secs(60)).await?;
         Ok(cluster)

@@ -220,7 +220,7 @@ pub struct NodeArgs {
     /// The private key of --tls-cert (PEM).
     #[arg(long, env = "RUNTIMEAI_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
-    /// Ask REST clients for a certificate signed by this CA (PEM); a client that sends one is authenticated by it (its subject's common name is the principal: a key with that name gives its roles) [default: none].
+    /// Ask REST clients for a certificate signed by this CA (PEM), not required: a client that sends one and no API key is authenticated by it, as the principal of a valid API key whose name is the certificate's common name [default: none].
     #[arg(long, env = "RUNTIMEAI_CLIENT_CA")]
     pub client_ca: Option<PathBuf>,
     /// This member's certificate for the gRPC port, naming it with the URI SAN urn:runtimeai:member:<id> (`runtimeai certs node`).
@@ -238,6 +238,30 @@ pub struct NodeArgs {
     #[arg(long, env = "RUNTIMEAI_INSECURE")]
     #[serde(default)]
     pub insecure: bool,
+    /// OIDC: the issuer (`iss`) tokens must name; with --oidc-audience and --oidc-jwks-file, bearer tokens that are not API keys are checked as JWTs [default: none].
+    #[arg(long, env = "RUNTIMEAI_OIDC_ISSUER")]
+    pub oidc_issuer: Option<String>,
+    /// OIDC: the audience (`aud`) tokens must name.
+    #[arg(long, env = "RUNTIMEAI_OIDC_AUDIENCE")]
+    pub oidc_audience: Option<String>,
+    /// OIDC: the issuer's signing keys (a JWKS document), re-read when the file changes.
+    #[arg(long, env = "RUNTIMEAI_OIDC_JWKS_FILE")]
+    pub oidc_jwks_file: Option<PathBuf>,
+    /// OIDC: the claim naming the principal [default: sub].
+    #[arg(long, env = "RUNTIMEAI_OIDC_NAME_CLAIM")]
+    pub oidc_name_claim: Option<String>,
+    /// OIDC: the claim listing its tenants [default: tenants].
+    #[arg(long, env = "RUNTIMEAI_OIDC_TENANTS_CLAIM")]
+    pub oidc_tenants_claim: Option<String>,
+    /// OIDC: the claim listing its roles [default: roles].
+    #[arg(long, env = "RUNTIMEAI_OIDC_ROLES_CLAIM")]
+    pub oidc_roles_claim: Option<String>,
+    /// OIDC: the claim giving its kind, human, agent or service [default: kind; absent: human].
+    #[arg(long, env = "RUNTIMEAI_OIDC_KIND_CLAIM")]
+    pub oidc_kind_claim: Option<String>,
+    /// OIDC: the claim giving an agent's mode [default: agent_mode].
+    #[arg(long, env = "RUNTIMEAI_OIDC_AGENT_MODE_CLAIM")]
+    pub oidc_agent_mode_claim: Option<String>,
 }
 
 /// A checked configuration.
@@ -284,6 +308,8 @@ pub struct NodeConfig {
     /// Mutual TLS between members (`--peer-cert`, `--peer-key`, `--peer-ca`); `None` only with
     /// `--insecure`.
     pub peer_tls: Option<runtimeai_raft::tls::TlsFiles>,
+    /// OIDC bearer tokens (`--oidc-*`), if configured.
+    pub oidc: Option<runtimeai_api::oidc::OidcConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -355,6 +381,14 @@ impl NodeArgs {
             peer_key: self.peer_key.or_else(|| file.peer_key.map(|d| relative_to(&path, d))),
             peer_ca: self.peer_ca.or_else(|| file.peer_ca.map(|d| relative_to(&path, d))),
             insecure: self.insecure || file.insecure,
+            oidc_issuer: self.oidc_issuer.or(file.oidc_issuer),
+            oidc_audience: self.oidc_audience.or(file.oidc_audience),
+            oidc_jwks_file: self.oidc_jwks_file.or_else(|| file.oidc_jwks_file.map(|d| relative_to(&path, d))),
+            oidc_name_claim: self.oidc_name_claim.or(file.oidc_name_claim),
+            oidc_tenants_claim: self.oidc_tenants_claim.or(file.oidc_tenants_claim),
+            oidc_roles_claim: self.oidc_roles_claim.or(file.oidc_roles_claim),
+            oidc_kind_claim: self.oidc_kind_claim.or(file.oidc_kind_claim),
+            oidc_agent_mode_claim: self.oidc_agent_mode_claim.or(file.oidc_agent_mode_claim),
         })
     }
 
@@ -366,6 +400,7 @@ impl NodeArgs {
         }
         // Checked last, so that a malformed flag is reported as such before the TLS choice.
         let tls = tls_files(&self);
+        let oidc = oidc_config(&self);
         let http = listen_addr("http", self.http.as_deref().unwrap_or("127.0.0.1:8080"))?;
         let grpc = listen_addr("grpc", self.grpc.as_deref().unwrap_or("127.0.0.1:7100"))?;
         if http == grpc {
@@ -457,6 +492,7 @@ impl NodeArgs {
             }
         };
         let (rest_tls, peer_tls) = tls?;
+        let oidc = oidc?;
         Ok(NodeConfig {
             id,
             http,
@@ -486,6 +522,7 @@ impl NodeArgs {
             bootstrap_admin_key_file: self.bootstrap_admin_key_file,
             rest_tls,
             peer_tls,
+            oidc,
         })
     }
 }
@@ -524,6 +561,28 @@ fn tls_files(args: &NodeArgs) -> Result<(Option<TlsFiles>, Option<TlsFiles>), Co
         )));
     }
     Ok((rest, peer))
+}
+
+/// OIDC, when issuer, audience and keys are all given (some without the others is an error).
+fn oidc_config(args: &NodeArgs) -> Result<Option<runtimeai_api::oidc::OidcConfig>, ConfigError> {
+    let (issuer, audience, jwks_file) = match (&args.oidc_issuer, &args.oidc_audience, &args.oidc_jwks_file) {
+        (None, None, None) => return Ok(None),
+        (Some(issuer), Some(audience), Some(jwks)) => (issuer.clone(), audience.clone(), jwks.clone()),
+        _ => {
+            return Err(ConfigError::Conflict("OIDC needs --oidc-issuer, --oidc-audience and --oidc-jwks-file".into()))
+        }
+    };
+    let claim = |given: &Option<String>, default: &str| given.clone().unwrap_or_else(|| default.to_string());
+    Ok(Some(runtimeai_api::oidc::OidcConfig {
+        issuer,
+        audience,
+        jwks_file,
+        name_claim: claim(&args.oidc_name_claim, "sub"),
+        tenants_claim: claim(&args.oidc_tenants_claim, "tenants"),
+        roles_claim: claim(&args.oidc_roles_claim, "roles"),
+        kind_claim: claim(&args.oidc_kind_claim, "kind"),
+        agent_mode_claim: claim(&args.oidc_agent_mode_claim, "agent_mode"),
+    }))
 }
 
 /// A path in a config file is relative to the file.
@@ -592,8 +651,30 @@ mod tests {
             http: Some("127.0.0.1:8081".into()),
             grpc: Some("127.0.0.1:7101".into()),
             initial_cluster: Some("1=127.0.0.1:7101,2=127.0.0.1:7102,3=127.0.0.1:7103".into()),
+            insecure: true,
             ..NodeArgs::default()
         }
+    }
+
+    #[test]
+    fn tls_is_all_of_a_ports_files_or_an_explicit_insecure() {
+        let secure = NodeArgs { insecure: false, ..args(1) };
+        assert!(secure.clone().resolve().unwrap_err().to_string().contains("no TLS: give"));
+        let file = |name: &str| Some(PathBuf::from(name));
+        let rest_only = NodeArgs { tls_cert: file("c"), tls_key: file("k"), ..secure.clone() };
+        assert!(rest_only.clone().resolve().unwrap_err().to_string().contains("--peer-cert/--peer-key/--peer-ca"));
+        let half_peer = NodeArgs { peer_cert: file("c"), peer_key: file("k"), ..rest_only.clone() };
+        assert!(half_peer
+            .clone()
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("needs --peer-cert, --peer-key and --peer-ca"));
+        let both = NodeArgs { peer_ca: file("ca"), ..half_peer }.resolve().unwrap();
+        assert_eq!(both.rest_tls.map(|t| t.ca), Some(None), "no client certificates asked for without --client-ca");
+        assert_eq!(both.peer_tls.and_then(|t| t.ca), file("ca"));
+        let insecure = args(1).resolve().unwrap();
+        assert!(insecure.rest_tls.is_none() && insecure.peer_tls.is_none());
     }
 
     #[test]
@@ -640,7 +721,8 @@ mod tests {
         let file = dir.path().join("node.toml");
         std::fs::write(&file, "id = 2\nhttp = \"127.0.0.1:8082\"\ngrpc = \"127.0.0.1:7102\"\ndata-dir = \"n2\"\n")
             .unwrap();
-        let cli = NodeArgs { config: Some(file), http: Some("127.0.0.1:9000".into()), ..NodeArgs::default() };
+        let cli =
+            NodeArgs { config: Some(file), http: Some("127.0.0.1:9000".into()), insecure: true, ..NodeArgs::default() };
         let config = cli.with_file().unwrap().resolve().unwrap();
         assert_eq!(config.id, 2);
         assert_eq!(config.http.to_string(), "127.0.0.1:9000");

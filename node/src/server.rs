@@ -53,6 +53,10 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     }
     // Certificates next: a missing or bad file is refused before the store is touched.
     let transport = crate::transport::Transport::load(&config)?;
+    let oidc = match &config.oidc {
+        None => None,
+        Some(oidc) => Some(Arc::new(runtimeai_api::oidc::Oidc::new(oidc.clone()).context("cannot set up OIDC")?)),
+    };
     let data = DataDir::open(&config.data_dir, config.id, &config.cluster_name)?;
     let log_store = LogStore::new(data.db.clone());
     let log_stats = log_store.stats();
@@ -105,7 +109,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     };
 
     let grpc_task = transport.serve_peers(grpc_listener, replica.clone(), stop_rx.clone(), stopped(stop_rx.clone()));
-    let tls_watch = transport.watch(stop_rx.clone());
+    let tls_watch = transport.watch(oidc.clone(), stop_rx.clone());
 
     let (backends, kubeconfigs) = build_backends(&config).await?;
     let external_planner = match config.planner.clone() {
@@ -123,6 +127,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         external_planner,
         kubeconfigs,
         auth_failures: Arc::default(),
+        oidc: oidc.clone(),
     });
     let http_task = transport.serve_rest(http_listener, app, stop_rx.clone(), stopped(stop_rx.clone()));
 

@@ -2,16 +2,15 @@
 //! (both reloaded from their files without a restart), or plain text with `--insecure`.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use runtimeai_raft::service::{ClusterService, PeerCheck, RaftService};
-use runtimeai_raft::tls::{self, ClientTls, Reload, ServerTls, TlsConnection};
+use runtimeai_raft::tls::{self, ClientTls, Reload, ServerTls};
 use runtimeai_raft::Replica;
 
 use crate::config::NodeConfig;
@@ -29,12 +28,12 @@ impl Transport {
     pub fn load(config: &NodeConfig) -> anyhow::Result<Transport> {
         let rest = match &config.rest_tls {
             None => None,
-            Some(files) => Some(tls::server("REST", files.clone()).context("cannot set up HTTPS (--tls-*)")?),
+            Some(files) => Some(tls::rest_server(files.clone()).context("cannot set up HTTPS (--tls-*)")?),
         };
         let (peer_server, peer_client) = match &config.peer_tls {
             None => (None, None),
             Some(files) => (
-                Some(tls::server("peer server", files.clone()).context("cannot set up peer TLS (--peer-*)")?),
+                Some(tls::peer_server(files.clone()).context("cannot set up peer TLS (--peer-*)")?),
                 Some(tls::client(files.clone()).context("cannot set up peer TLS (--peer-*)")?),
             ),
         };
@@ -49,9 +48,13 @@ impl Transport {
         Ok(Transport { rest, peer_server, peer_client })
     }
 
-    /// Reloads the certificates when their files change or on SIGHUP, until `stop`.
-    pub fn watch(&self, stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    /// Reloads the certificates (and the OIDC keys) when their files change or on SIGHUP,
+    /// until `stop`.
+    pub fn watch(&self, oidc: Option<Arc<runtimeai_api::oidc::Oidc>>, stop: watch::Receiver<bool>) -> JoinHandle<()> {
         let mut configs: Vec<Arc<dyn Reload>> = Vec::new();
+        if let Some(oidc) = oidc {
+            configs.push(oidc);
+        }
         if let Some(rest) = &self.rest {
             configs.push(rest.clone());
         }
@@ -110,7 +113,9 @@ impl Transport {
             Some(server) => {
                 let local = listener.local_addr().ok();
                 let connections = tls::accept(listener, server.clone(), stop);
-                let listener = TlsListener { connections, local };
+                let listener = runtimeai_api::auth::TlsListener::new(connections, local);
+                // Each request learns the client certificate of its connection, if any.
+                let app = app.into_make_service_with_connect_info::<runtimeai_api::auth::ClientCertificate>();
                 tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await })
             }
             None => {
@@ -120,31 +125,5 @@ impl Transport {
                 tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await })
             }
         }
-    }
-}
-
-/// Established TLS connections, as axum takes them.
-struct TlsListener {
-    connections: mpsc::Receiver<TlsConnection>,
-    local: Option<SocketAddr>,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsConnection;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (TlsConnection, SocketAddr) {
-        match self.connections.recv().await {
-            Some(connection) => {
-                let remote = connection.peer.remote;
-                (connection, remote)
-            }
-            // The accept loop stopped: the server is shutting down.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.local.ok_or_else(|| std::io::Error::other("no local address"))
     }
 }

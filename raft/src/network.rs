@@ -42,7 +42,7 @@ const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Opens a lazily connecting channel to a peer's gRPC address (`host:port`): over TLS as a
 /// member when `tls` is given (the configuration in force at each connection: replaced
 /// certificates are used without a restart), else in plain text.
-pub(crate) fn channel(addr: &str, tls: Option<Arc<ClientTls>>) -> Result<Channel, String> {
+pub fn channel(addr: &str, tls: Option<Arc<ClientTls>>) -> Result<Channel, String> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| format!("invalid peer address {addr:?}: {e}"))?
         .connect_timeout(Duration::from_millis(500))

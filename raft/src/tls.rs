@@ -73,7 +73,8 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_path_buf(), source })
 }
 
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// The certificates of a PEM file, in order.
+pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -192,15 +193,24 @@ impl<T> Reloading<T> {
     }
 }
 
-fn build_server(files: &TlsFiles) -> Result<rustls::ServerConfig, TlsError> {
+/// A peer server: every client must present a certificate of the CA.
+fn build_peer_server(files: &TlsFiles) -> Result<rustls::ServerConfig, TlsError> {
+    build_server(files, true)
+}
+
+/// A REST server: a client certificate is checked when sent, but not required (keys still work).
+fn build_rest_server(files: &TlsFiles) -> Result<rustls::ServerConfig, TlsError> {
+    build_server(files, false)
+}
+
+fn build_server(files: &TlsFiles, require_client_cert: bool) -> Result<rustls::ServerConfig, TlsError> {
     let builder = rustls::ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let builder = match &files.ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
-                .build()
-                .map_err(|e| TlsError::Verifier(e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider());
+            let verifier = if require_client_cert { verifier } else { verifier.allow_unauthenticated() };
+            builder.with_client_cert_verifier(verifier.build().map_err(|e| TlsError::Verifier(e.to_string()))?)
         }
     };
     let mut config = builder.with_single_cert(certificates(&files.cert)?, private_key(&files.key)?)?;
@@ -218,9 +228,15 @@ fn build_client(files: &TlsFiles) -> Result<rustls::ClientConfig, TlsError> {
     Ok(config)
 }
 
-/// A server configuration from `files` (client certificates required when `files.ca` is set).
-pub fn server(name: &'static str, files: TlsFiles) -> Result<Arc<ServerTls>, TlsError> {
-    Reloading::load(name, files, build_server)
+/// The REST port's configuration: client certificates of `files.ca`, if set, are checked when
+/// sent and not required.
+pub fn rest_server(files: TlsFiles) -> Result<Arc<ServerTls>, TlsError> {
+    Reloading::load("REST", files, build_rest_server)
+}
+
+/// The peer port's configuration: every caller must present a certificate of `files.ca`.
+pub fn peer_server(files: TlsFiles) -> Result<Arc<ServerTls>, TlsError> {
+    Reloading::load("peer server", files, build_peer_server)
 }
 
 /// A peer's dialing configuration: its certificate, and the cluster's CA to check others by.

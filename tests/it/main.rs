@@ -8,3 +8,4 @@ mod hypervisor;
 mod replication;
 mod security;
 mod startup;
+mod tls;
