@@ -292,7 +292,8 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsL
     }
 }
 
-/// Established TLS connections, as axum takes them.
+/// Established TLS connections, as axum takes them (here beside [`ClientCertificate`], whose
+/// connect info is read from them).
 pub struct TlsListener {
     connections: tokio::sync::mpsc::Receiver<TlsConnection>,
     local: Option<std::net::SocketAddr>,

@@ -188,11 +188,13 @@ pub struct AddMemberRequest {
     responses((status = 201, description = "Added and promoted to voter", body = ClusterView), ProblemResponses))]
 pub(crate) async fn add_member(
     State(state): State<AppState>,
+    caller: Caller,
     Body(request): Body<AddMemberRequest>,
 ) -> Result<impl IntoResponse, Problem> {
     if request.grpc.parse::<std::net::SocketAddr>().is_err() && !request.grpc.contains(':') {
         return Err(Problem::invalid_field("$.grpc", "expected host:port"));
     }
+    audit_membership(&state, &caller, "add", request.id, Some(request.grpc.clone())).await?;
     let replica = state.replica.clone();
     // Run to completion even if the client goes away: a half-done change helps nobody.
     tokio::spawn(async move { replica.add_member(request.id, request.grpc).await })
@@ -209,14 +211,28 @@ pub(crate) async fn add_member(
     responses((status = 200, description = "Removed", body = ClusterView), ProblemResponses))]
 pub(crate) async fn remove_member(
     State(state): State<AppState>,
+    caller: Caller,
     PathParam(node_id): PathParam<NodeId>,
 ) -> Result<impl IntoResponse, Problem> {
+    audit_membership(&state, &caller, "remove", node_id, None).await?;
     let replica = state.replica.clone();
     tokio::spawn(async move { replica.remove_member(node_id).await })
         .await
         .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
     state.replica.read_barrier().await?;
     Ok(Json(cluster_view(&state).await?))
+}
+
+/// Puts the membership change the caller asks for on the audit feed, before it is made.
+async fn audit_membership(
+    state: &AppState,
+    caller: &Caller,
+    change: &str,
+    node_id: NodeId,
+    grpc_addr: Option<String>,
+) -> Result<(), Problem> {
+    let op = runtimeai_raft::Op::AuditMembership { change: change.to_string(), node_id, grpc_addr };
+    crate::mutation::propose(state, caller, &format!("{change} member {node_id}"), &(), op).await.map(|_| ())
 }
 
 /// Cluster-wide settings (event retention, the size catalogue).
@@ -235,11 +251,20 @@ pub(crate) async fn put_settings(
     caller: Caller,
     Body(settings): Body<ClusterSettings>,
 ) -> Result<Json<ClusterSettings>, Problem> {
-    if settings.event_retention_count == 0 || settings.event_retention_count > 1_000_000 {
-        return Err(crate::validate::invalid("$.event_retention_count", "must be between 1 and 1000000"));
+    // The floor keeps the audit trail: no caller, admins included, can have it wiped.
+    let (count_floor, days_floor) =
+        (runtimeai_model::EVENT_RETENTION_FLOOR_COUNT, runtimeai_model::EVENT_RETENTION_FLOOR_DAYS);
+    if !(count_floor..=1_000_000).contains(&settings.event_retention_count) {
+        return Err(crate::validate::invalid(
+            "$.event_retention_count",
+            format!("must be between {count_floor} and 1000000"),
+        ));
     }
-    if settings.event_retention_days == 0 || settings.event_retention_days > 36_500 {
-        return Err(crate::validate::invalid("$.event_retention_days", "must be between 1 and 36500"));
+    if !(days_floor..=36_500).contains(&settings.event_retention_days) {
+        return Err(crate::validate::invalid(
+            "$.event_retention_days",
+            format!("must be between {days_floor} and 36500"),
+        ));
     }
     runtimeai_engine::Catalogue::validate(&settings.sizes)
         .map_err(|(path, message)| crate::validate::invalid(&path, message))?;

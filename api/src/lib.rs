@@ -10,8 +10,9 @@
 //! - [`operations`]: follow or cancel an asynchronous operation.
 //! - [`policies`]: safety policies (enforced in apply by `runtimeai_engine`).
 //! - [`intents`], [`actions`]: the planner and the agents' action contract.
-//! - [`auth`]: authentication (API keys) and authorization (roles, tenants, agent modes) of
-//!   every request; [`keys`]: the keys themselves, who am I, and the audit feed.
+//! - [`auth`]: authentication (API keys, client certificates, [`oidc`] tokens) and
+//!   authorization (roles, tenants, agent modes) of every request; [`keys`]: the keys
+//!   themselves, who am I, and the audit feed.
 
 pub mod actions;
 pub mod auth;

@@ -233,6 +233,10 @@ fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<Comm
         }
     }
     let Command { at, actor, idempotency, op } = command;
+    if op.is_node_only() && actor != Actor::System {
+        let what = format!("send {} (only nodes do)", op.name());
+        return Ok(CommandReply::Rejected(Rejection::NotPermitted { actor: actor.to_string(), what }));
+    }
     let settings = settings(txn)?;
     let mut events = EventWriter { index, at, actor: &actor, retention: settings.clone() };
     let reply = match op {
@@ -404,6 +408,16 @@ fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<Comm
             CommandReply::Settings(settings)
         }
         Op::CreateApiKey { key, replaces } => create_api_key(txn, &mut events, key, replaces)?,
+        Op::AuditMembership { change, node_id, grpc_addr } => {
+            let node = node_id.to_string();
+            let mut fields = vec![("node_id", node.as_str())];
+            if let Some(addr) = &grpc_addr {
+                fields.push(("grpc", addr));
+            }
+            let severity = EventSeverity::Warning;
+            events.write(txn, AUDIT_STREAM, &format!("member.{change}"), severity, &audit_data(&fields, None))?;
+            CommandReply::Audited
+        }
         Op::RevokeApiKey { id } => match txn.get::<ApiKey>(CF_API_KEYS, id.as_bytes())? {
             None => CommandReply::Rejected(Rejection::NotFound { kind: "API key".into(), id }),
             Some(mut key) => {

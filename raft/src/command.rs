@@ -150,6 +150,13 @@ pub enum Op {
     RevokeApiKey {
         id: String,
     },
+    /// Record in the audit feed that the actor asked for a membership change (before it is
+    /// made: a change that fails halfway is on record too).
+    AuditMembership {
+        change: String,
+        node_id: u64,
+        grpc_addr: Option<String>,
+    },
     /// Several commands in one log entry, applied in order as if they were entries of their own
     /// (the leader batches concurrent proposals: one entry, one append, one replication, one
     /// apply for all of them). Replied to with [`CommandReply::Batch`], one reply each.
@@ -157,6 +164,20 @@ pub enum Op {
 }
 
 impl Op {
+    /// Whether only a node's own machinery (executor, scheduler, registration) sends it, as
+    /// the system: from anyone else — a client's command carried by a forward — apply refuses it.
+    pub fn is_node_only(&self) -> bool {
+        matches!(
+            self,
+            Op::RegisterNode { .. }
+                | Op::AssignOperation { .. }
+                | Op::AdvanceOperation { .. }
+                | Op::RenewLease { .. }
+                | Op::ReportSignals { .. }
+                | Op::RecordDrift { .. }
+        )
+    }
+
     /// Short name for logs.
     pub fn name(&self) -> &'static str {
         match self {
@@ -178,6 +199,7 @@ impl Op {
             Op::SetSettings { .. } => "set_settings",
             Op::CreateApiKey { .. } => "create_api_key",
             Op::RevokeApiKey { .. } => "revoke_api_key",
+            Op::AuditMembership { .. } => "audit_membership",
             Op::Batch(..) => "batch",
         }
     }
@@ -202,6 +224,8 @@ pub enum CommandReply {
         id: String,
     },
     NodeRegistered,
+    /// An audit event was written.
+    Audited,
     /// Signals recorded (for so many runtimes).
     SignalsRecorded(u32),
     Settings(ClusterSettings),

@@ -106,8 +106,10 @@ fn advance(op_id: &str, status: OperationStatus) -> Op {
     }
 }
 
+/// A command as it would be proposed: by the system for what only nodes send, else by an agent.
 fn command(op: Op) -> Command {
-    Command { at: at(1), actor: Actor::Agent("planner".into()), idempotency: None, op }
+    let actor = if op.is_node_only() { Actor::System } else { Actor::Agent("planner".into()) };
+    Command { at: at(1), actor, idempotency: None, op }
 }
 
 fn entry(index: u64, command: Command) -> Entry {
@@ -990,4 +992,33 @@ async fn keys_are_read_from_memory_follow_every_write_and_a_rotation_revokes_the
     let data = DataDir::open(&dir.path().join("data"), 1, "test").unwrap();
     let reopened = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
     assert_eq!(reopened.api_keys().len(), 2, "read back from the store");
+}
+
+#[tokio::test]
+async fn what_only_nodes_send_is_refused_from_anyone_else() {
+    let (_dir, mut sm) = open();
+    apply(&mut sm, vec![create("rt_a", "web")]).await;
+    let report = Op::AdvanceOperation {
+        operation_id: "op_create_rt_a".into(),
+        status: OperationStatus::Succeeded,
+        progress: None,
+        error: None,
+        token: 0,
+        completed_actions: None,
+        failed_action: None,
+    };
+    let assign = Op::AssignOperation {
+        operation_id: "op_create_rt_a".into(),
+        node_id: 9,
+        lease_ms: 60_000,
+        expected_token: None,
+    };
+    let register = Op::RegisterNode { info: node_info(9, "10.0.0.9:7100") };
+    for op in [report, assign, register] {
+        let name = op.name();
+        let reply = apply_as(&mut sm, Actor::Human("mallory".into()), op).await;
+        assert!(matches!(reply, CommandReply::Rejected(Rejection::NotPermitted { .. })), "{name}: {reply:?}");
+    }
+    assert_eq!(state_of(&sm, "rt_a"), Some(RuntimeState::Creating), "nothing changed");
+    assert!(sm.nodes().is_empty());
 }

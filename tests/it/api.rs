@@ -504,17 +504,18 @@ async fn event_retention_is_a_cluster_setting_every_node_applies() -> anyhow::Re
             2,
             Method::PUT,
             "/v1/cluster/settings",
-            Some(&json!({"event_retention_count": 0, "event_retention_days": 1})),
+            Some(&json!({"event_retention_count": 99, "event_retention_days": 30})),
             &[],
         )
         .await?;
-    assert!(is_problem(&bad, 422), "{bad:?}");
+    assert!(is_problem(&bad, 422), "below the floor: {bad:?}");
+    assert_eq!(bad.body["errors"][0]["path"], "$.event_retention_count", "{bad:?}");
     let set = cluster
         .call_eventually(
             2,
             Method::PUT,
             "/v1/cluster/settings",
-            Some(&json!({"event_retention_count": 4, "event_retention_days": 30})),
+            Some(&json!({"event_retention_count": 100, "event_retention_days": 30})),
             &[],
         )
         .await?;
@@ -524,7 +525,7 @@ async fn event_retention_is_a_cluster_setting_every_node_applies() -> anyhow::Re
         .await?;
     let id = created.body["id"].as_str().unwrap().to_string();
     cluster.wait_operation(1, created.body["active_operation"].as_str().unwrap(), SETTLE).await?;
-    for i in 0..3 {
+    for i in 0..100 {
         let patch = json!({"labels": {"round": i.to_string()}});
         assert_eq!(
             cluster
@@ -535,10 +536,12 @@ async fn event_retention_is_a_cluster_setting_every_node_applies() -> anyhow::Re
         );
     }
     for via in 1..=3 {
-        let events = cluster.call_eventually(via, Method::GET, &format!("/v1/runtimes/{id}/events"), None, &[]).await?;
+        let path = format!("/v1/runtimes/{id}/events?limit=1000");
+        let events = cluster.call_eventually(via, Method::GET, &path, None, &[]).await?;
         let items = events.body["items"].as_array().unwrap();
-        assert_eq!(items.len(), 4, "node {via}: {events:?}");
-        assert_eq!(items.last().unwrap()["data"]["labels"]["round"], "2");
+        assert_eq!(items.len(), 100, "node {via}: the oldest dropped past 100");
+        assert_eq!(items.last().unwrap()["data"]["labels"]["round"], "99");
+        assert_ne!(items[0]["type"], "runtime.created", "node {via}: the oldest went first");
     }
 
     phase("the size catalogue is a setting too: sizes are checked against it");
@@ -548,7 +551,7 @@ async fn event_retention_is_a_cluster_setting_every_node_applies() -> anyhow::Re
     ]});
     let set = cluster.call_eventually(3, Method::PUT, "/v1/cluster/settings", Some(&catalogue), &[]).await?;
     assert_eq!(set.status, 200, "{set:?}");
-    let unordered = json!({"event_retention_count": 1, "event_retention_days": 1, "sizes": [
+    let unordered = json!({"event_retention_count": 1000, "event_retention_days": 30, "sizes": [
         {"name": "huge", "cpu": 16.0, "memory": "64Gi", "replicas": 2, "cost_per_hour": 3.0},
         {"name": "tiny", "cpu": 0.5, "memory": "1Gi", "replicas": 1, "cost_per_hour": 0.01}
     ]});

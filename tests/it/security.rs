@@ -296,9 +296,11 @@ async fn keys_are_shown_once_revoked_everywhere_at_once_rotated_and_audited() ->
     phase("key and policy changes are in the audit feed, which is no runtime's events");
     let policy = json!({"name": "audited", "rules": [{"kind": "require_approval", "selector": {"actions": ["stop"]}}]});
     assert_eq!(cluster.call_eventually(1, Method::POST, "/v1/policies", Some(&policy), &[]).await?.status, 201);
+    let removed = cluster.call_eventually(1, Method::DELETE, "/v1/cluster/members/99", None, &[]).await?;
+    assert!(removed.status >= 400, "no member 99: {removed:?}");
     let audit = cluster.call_eventually(2, Method::GET, "/v1/audit", None, &[]).await?;
     let kinds: Vec<&str> = audit.body["items"].as_array().unwrap().iter().filter_map(|e| e["type"].as_str()).collect();
-    for kind in ["apikey.created", "apikey.revoked", "policy.created"] {
+    for kind in ["apikey.created", "apikey.revoked", "policy.created", "member.remove"] {
         assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
     }
     assert!(

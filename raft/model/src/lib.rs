@@ -19,7 +19,8 @@ pub use lifecycle::{IllegalTransition, LifecycleAction};
 pub use records::{
     default_sizes, Actor, Approval, Assignment, BackendInfo, ClusterSettings, Event, EventSeverity, IdempotencyRecord,
     Intent, NodeInfo, Operation, OperationError, OperationProgress, OperationStatus, Placement, Policy, PolicyDecision,
-    PolicyMode, PolicyRule, RuntimeSignals, SizeEntry, Verdict,
+    PolicyMode, PolicyRule, RuntimeSignals, SizeEntry, Verdict, EVENT_RETENTION_FLOOR_COUNT,
+    EVENT_RETENTION_FLOOR_DAYS,
 };
 pub use runtime::{
     capability, BackendKind, BackendRef, Capability, EgressPolicy, Exposure, Isolation, NetworkingProfile,

@@ -390,16 +390,22 @@ pub struct BackendInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSettings {
-    /// Events kept per runtime; older ones are dropped first.
-    #[schema(minimum = 1)]
+    /// Events kept per runtime (and in the audit feed); older ones are dropped first. At least
+    /// [`EVENT_RETENTION_FLOOR_COUNT`]: no API call wipes the audit trail.
+    #[schema(minimum = 100)]
     pub event_retention_count: u64,
-    /// Events older than this many days are dropped.
-    #[schema(minimum = 1)]
+    /// Events older than this many days are dropped; at least [`EVENT_RETENTION_FLOOR_DAYS`].
+    #[schema(minimum = 7)]
     pub event_retention_days: u64,
     /// The size catalogue, smallest first: what `size` names mean and what they cost.
     #[serde(default = "default_sizes")]
     pub sizes: Vec<SizeEntry>,
 }
+
+/// The fewest events per runtime the API lets a cluster keep.
+pub const EVENT_RETENTION_FLOOR_COUNT: u64 = 100;
+/// The shortest event retention, in days, the API lets a cluster set.
+pub const EVENT_RETENTION_FLOOR_DAYS: u64 = 7;
 
 /// The catalogue a new cluster starts with.
 pub fn default_sizes() -> Vec<SizeEntry> {
