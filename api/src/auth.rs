@@ -258,11 +258,15 @@ pub async fn guard(
     if access == Access::Public {
         return next.run(request).await;
     }
-    let by_key = bearer(request.headers()).map(|token| match (&state.oidc, token.starts_with("rai_")) {
-        (Some(oidc), false) => oidc.authenticate(token),
-        _ => authenticate_key(&state.replica.state, token),
-    });
-    let principal = match by_key.or_else(|| certificate_principal(&state, &request)) {
+    let mut outcome = credentials(&state, &request);
+    if matches!(outcome, Some(Err(AuthFailure::UnknownKey))) {
+        // A key made through another node a moment ago may not be applied here yet: catch up
+        // with the leader once (a linearizable read) before refusing it.
+        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), state.replica.read_barrier()).await {
+            outcome = credentials(&state, &request);
+        }
+    }
+    let principal = match outcome {
         Some(Ok(principal)) => principal,
         Some(Err(failure)) => return unauthorized(&state, failure, path),
         None => return unauthorized(&state, AuthFailure::NoCredentials, path),
@@ -335,6 +339,16 @@ fn certificate_principal(state: &AppState, request: &Request) -> Option<Result<P
     let keys = state.replica.state.api_keys();
     let key = keys.values().find(|k| k.principal.name == name && k.is_valid_at(now));
     Some(key.map(|k| k.principal.clone()).ok_or(AuthFailure::UnknownKey))
+}
+
+/// The principal the request's credentials name: its bearer token (an API key, or an OIDC
+/// token when configured), else its client certificate; `None` without credentials.
+fn credentials(state: &AppState, request: &Request) -> Option<Result<Principal, AuthFailure>> {
+    let by_token = bearer(request.headers()).map(|token| match (&state.oidc, token.starts_with("rai_")) {
+        (Some(oidc), false) => oidc.authenticate(token),
+        _ => authenticate_key(&state.replica.state, token),
+    });
+    by_token.or_else(|| certificate_principal(state, request))
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

@@ -19,7 +19,7 @@ use runtimeai_model::{
 };
 use runtimeai_raft::{CommandReply, Op};
 
-use crate::auth::Caller;
+use crate::auth::{Caller, Permission};
 use crate::extract::{if_match, Body, Consistency, OptionalBody, PathParam, QueryParams};
 use crate::mutation::{new_id, propose};
 use crate::openapi::{ConsistencyParam, IdempotencyKey, IfMatch, ProblemResponses, TenantId};
@@ -428,7 +428,8 @@ pub(crate) async fn patch_runtime(
     Body(patch): Body<RuntimePatch>,
 ) -> Result<Response, Problem> {
     validate::labels(&patch.labels, "$.labels")?;
-    read_runtime(&state, &caller, &runtime_id, Consistency::Linearizable).await?;
+    let runtime = read_runtime(&state, &caller, &runtime_id, Consistency::Linearizable).await?;
+    check_scope_change(&state, &caller, &runtime, &patch)?;
     let op = Op::PatchLabels {
         runtime_id: runtime_id.clone(),
         labels: patch.labels.clone(),
@@ -437,6 +438,42 @@ pub(crate) async fn patch_runtime(
     match propose(&state, &caller, &format!("PATCH /v1/runtimes/{runtime_id}"), &patch, op).await? {
         CommandReply::Runtime(runtime) => Ok(runtime_response(StatusCode::OK, &runtime)),
         other => Err(Problem::unexpected_reply(other)),
+    }
+}
+
+/// The `env` label puts a runtime in the scope of policies (`scope_env`): changing it while
+/// such a policy applies to the runtime's tenant would take the runtime out of (or into) their
+/// scope, so it takes the right to change policies — an operator or an agent cannot escape a
+/// production policy by relabelling the runtime `env=dev`.
+fn check_scope_change(
+    state: &AppState,
+    caller: &Caller,
+    runtime: &Runtime,
+    patch: &RuntimePatch,
+) -> Result<(), Problem> {
+    let Some(new_env) = patch.labels.get("env") else { return Ok(()) };
+    if new_env.as_deref() == runtime.labels.get("env").map(String::as_str)
+        || caller.require(Permission::ManagePolicies).is_ok()
+    {
+        return Ok(());
+    }
+    let scoped = state
+        .replica
+        .state
+        .list_policies()?
+        .into_iter()
+        .find(|p| p.scope_env.is_some() && (p.tenant_id.is_none() || p.tenant_id == runtime.tenant_id));
+    match scoped {
+        None => Ok(()),
+        Some(policy) => Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "policy-scope",
+            format!(
+                "the env label decides which policies apply to this runtime (policy {:?} is scoped by it); changing it \
+                 takes the policy_admin role",
+                policy.name
+            ),
+        )),
     }
 }
 

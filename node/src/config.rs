@@ -657,6 +657,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configurations_are_complete_and_secure() {
+        for i in 1..=3 {
+            let file = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../deploy/examples/node-{i}.toml"));
+            let config = NodeArgs { config: Some(file), ..NodeArgs::default() }.with_file().unwrap().resolve().unwrap();
+            assert_eq!(config.id, i);
+            assert!(config.rest_tls.is_some() && config.peer_tls.is_some(), "node {i} runs TLS on both ports");
+            assert!(config.bootstrap_admin_key_file.is_some());
+        }
+    }
+
+    #[test]
     fn tls_is_all_of_a_ports_files_or_an_explicit_insecure() {
         let secure = NodeArgs { insecure: false, ..args(1) };
         assert!(secure.clone().resolve().unwrap_err().to_string().contains("no TLS: give"));

@@ -248,6 +248,23 @@ async fn agents_are_bound_by_their_keys_and_nobody_approves_their_own_request() 
     let own = cluster.call_eventually_as(&ops, 1, Method::POST, &self_approve, None, &[]).await?;
     assert!(problem(&own, 403, "self-approval"), "{own:?}");
     assert_eq!(cluster.call_eventually(2, Method::POST, &self_approve, None, &[]).await?.status, 200, "the admin may");
+
+    phase("moving the runtime out of a policy's scope (its env label) is not for operators or agents");
+    let scoped = json!({"name": "prod-only", "scope_env": "production", "rules": [{"kind": "require_approval", "selector": {"actions": ["delete"]}}]});
+    assert_eq!(cluster.call_eventually(1, Method::POST, "/v1/policies", Some(&scoped), &[]).await?.status, 201);
+    let relabel = json!({"labels": {"env": "dev"}});
+    for token in [&ops, &actor] {
+        let moved = cluster
+            .call_eventually_as(token, 2, Method::PATCH, &format!("/v1/runtimes/{id}"), Some(&relabel), &[])
+            .await?;
+        assert!(problem(&moved, 403, "policy-scope"), "{moved:?}");
+    }
+    let other = json!({"labels": {"team": "db"}});
+    let labelled =
+        cluster.call_eventually_as(&ops, 3, Method::PATCH, &format!("/v1/runtimes/{id}"), Some(&other), &[]).await?;
+    assert_eq!(labelled.status, 200, "other labels are the operator's: {labelled:?}");
+    let moved = cluster.call_eventually(3, Method::PATCH, &format!("/v1/runtimes/{id}"), Some(&relabel), &[]).await?;
+    assert_eq!(moved.status, 200, "a policy admin may: {moved:?}");
     Ok(())
 }
 

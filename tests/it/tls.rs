@@ -132,8 +132,9 @@ async fn certificates_replaced_on_disk_are_used_by_new_connections_without_a_res
         let created = cluster.call_eventually(via, Method::POST, "/v1/runtimes", Some(&body), &[]).await?;
         assert_eq!(created.status, 201, "through node {via}: {created:?}");
     }
-    let view = cluster.cluster_view(1).await?;
-    assert!(view["members"].as_array().unwrap().iter().all(|m| m["reachable"] != false), "{view}");
+    let all_reachable =
+        |view: &serde_json::Value| view["members"].as_array().is_some_and(|m| m.iter().all(|m| m["reachable"] == true));
+    cluster.wait_view(1, "every member reachable again", all_reachable).await?;
     Ok(())
 }
 

@@ -65,11 +65,23 @@ impl<'a> Catalogue<'a> {
     }
 
     /// What a spec costs per hour while running: its size's price, scaled by its replica count
-    /// relative to the size's.
+    /// relative to the size's, and by how far explicit `resources` (cpu, memory) exceed what
+    /// the size gives: a `small` with 64 CPUs is priced as 64 of them, not as a `small`.
     pub fn running_cost(&self, spec: &RuntimeSpec) -> f64 {
         let Some(size) = self.sizes.get(self.effective_index(spec)) else { return 0.0 };
         let base = size.replicas.max(1) as f64;
-        size.cost_per_hour * self.replicas(spec) as f64 / base
+        size.cost_per_hour * self.replicas(spec) as f64 / base * Self::excess(spec, size)
+    }
+
+    /// How many times over a spec's explicit cpu or memory exceeds its size's (at least 1).
+    fn excess(spec: &RuntimeSpec, size: &SizeEntry) -> f64 {
+        let Some(resources) = &spec.resources else { return 1.0 };
+        let cpu = resources.cpu.filter(|_| size.cpu > 0.0).map_or(1.0, |cpu| cpu / size.cpu);
+        let memory = match (resources.memory.as_deref().and_then(quantity_bytes), quantity_bytes(&size.memory)) {
+            (Some(asked), Some(given)) if given > 0 => asked as f64 / given as f64,
+            _ => 1.0,
+        };
+        cpu.max(memory).max(1.0)
     }
 
     /// What a runtime costs per hour in its state: nothing unless it runs (or is coming up).

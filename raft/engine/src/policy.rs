@@ -554,9 +554,23 @@ mod tests {
         );
         creating.spec.size = Some("large".into());
         assert_eq!(
-            decide_one(&[monthly], &creating, LifecycleAction::Create, Actor::System, mode).verdict,
+            decide_one(std::slice::from_ref(&monthly), &creating, LifecycleAction::Create, Actor::System, mode).verdict,
             Verdict::Deny
         );
+        // Explicit resources are priced too: a `small` asking for 64 CPUs or 1 TiB is not small.
+        for resources in [json!({"cpu": 64.0}), json!({"memory": "1Ti"})] {
+            let mut greedy = runtime(None, "small", RuntimeState::Creating);
+            greedy.spec.resources = Some(serde_json::from_value(resources.clone()).unwrap());
+            let d = decide_one(std::slice::from_ref(&monthly), &greedy, LifecycleAction::Create, Actor::System, mode);
+            assert_eq!(d.verdict, Verdict::Deny, "{resources}: {}", d.reason);
+            let scaled =
+                LifecycleAction::Scale { size: None, resources: Some(serde_json::from_value(resources).unwrap()) };
+            let small = runtime(None, "small", RuntimeState::Running);
+            assert_eq!(
+                decide_one(std::slice::from_ref(&monthly), &small, scaled, Actor::System, mode).verdict,
+                Verdict::Deny
+            );
+        }
     }
 
     #[test]
