@@ -38,6 +38,10 @@ pub struct BenchOptions {
     pub node_args: Vec<String>,
     /// How many times each system's leader is SIGKILLed for the failover gap.
     pub failover_rounds: usize,
+    /// Both systems without TLS (RuntimeAI `--insecure`, etcd on http): the baseline that shows
+    /// what TLS costs. API keys are checked either way.
+    #[serde(default)]
+    pub plaintext: bool,
     /// Where the RuntimeAI nodes' logs are copied at the end.
     #[serde(skip)]
     pub log_dir: Option<std::path::PathBuf>,
@@ -224,11 +228,11 @@ fn put_request(http: &reqwest::Client, base: &str, value: &str) -> reqwest::Requ
 
 /// Node flags of the benchmarked cluster: fsync'd storage is the default; the simulated driver
 /// runs each create's operation without infrastructure.
-fn runtimeai_options(node_args: &[String]) -> ClusterOptions {
+fn runtimeai_options(node_args: &[String], plaintext: bool) -> ClusterOptions {
     let args = ["--backends", "vcluster=simulated", "--simulated-step-ms", "1", "--signals-interval-ms", "60000"];
     let mut extra_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     extra_args.extend(node_args.iter().cloned());
-    ClusterOptions { extra_args, ..Default::default() }
+    ClusterOptions { extra_args, plaintext, ..Default::default() }
 }
 
 /// Runs every measurement; `progress` hears what is going on.
@@ -237,8 +241,8 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
     let (http, etcd_http) = (http_client(max_clients, true)?, http_client(max_clients, false)?);
 
     progress("starting a 3-node RuntimeAI cluster and a 3-member etcd cluster");
-    let mut runtimeai = Cluster::start(3, runtimeai_options(&options.node_args)).await?;
-    let mut etcd = EtcdCluster::start(3).await?;
+    let mut runtimeai = Cluster::start(3, runtimeai_options(&options.node_args, options.plaintext)).await?;
+    let mut etcd = EtcdCluster::start(3, !options.plaintext).await?;
     let ours: Vec<String> = (1..=3).map(|n| runtimeai.node(n).base_url()).collect();
     let theirs: Vec<String> = etcd.members.iter().map(|m| m.client_url.clone()).collect();
 
@@ -331,7 +335,7 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
             .map(|(flag, value)| format!("{flag}={value}"))
             .collect();
         scale_args.extend(options.node_args.iter().cloned());
-        runtimeai = Cluster::start(3, runtimeai_options(&scale_args)).await?;
+        runtimeai = Cluster::start(3, runtimeai_options(&scale_args, options.plaintext)).await?;
         match scale(&http, &mut runtimeai, options.runtimes, &progress).await {
             Ok(scale) => (Some(scale), None),
             Err(e) => {
@@ -601,8 +605,14 @@ pub fn write(results: &BenchResults, dir: &Path) -> Result<String> {
 
 fn markdown(results: &BenchResults) -> String {
     let mut text = String::new();
+    let transport = if results.options.plaintext {
+        "Both systems in plain text (`--plaintext`)"
+    } else {
+        "Both systems with TLS for clients and mutual TLS between members"
+    };
     text.push_str(&format!(
-        "Payload {} bytes (a runtime's record). {:.0} s per write level, half that per read level.\n\n",
+        "Payload {} bytes (a runtime's record). {:.0} s per write level, half that per read level. {transport}; \
+         every RuntimeAI request carries an API key.\n\n",
         results.payload_bytes,
         results.options.duration.as_secs_f64()
     ));
@@ -766,6 +776,7 @@ mod tests {
             runtimes: 0,
             failover_rounds: 0,
             node_args: Vec::new(),
+            plaintext: false,
             log_dir: None,
         };
         let results = BenchResults {

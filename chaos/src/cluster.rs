@@ -114,6 +114,9 @@ pub struct ClusterOptions {
     /// Give every node a data directory on a tmpfs of this many bytes that the harness can
     /// fill or remount read-only ([`Cluster::disk`]).
     pub isolated_disk_bytes: Option<u64>,
+    /// Run the nodes `--insecure`: plain HTTP and gRPC, no certificates (the benchmark's
+    /// baseline for what TLS costs). Off: TLS on both ports, as in production.
+    pub plaintext: bool,
 }
 
 /// The drivers test nodes use unless a test names its own: libvirt's built-in test hypervisor
@@ -130,12 +133,15 @@ pub struct Node {
     initial_cluster: Option<String>,
     peer_routes: Option<String>,
     disk: Option<IsolatedDisk>,
+    /// Whether it serves TLS (with its member certificate) or runs `--insecure`.
+    tls: bool,
 }
 
 impl Node {
-    /// `https://host:port`: nodes serve REST over TLS with a certificate of the harness's CA.
+    /// `https://host:port` (a certificate of the harness's CA), or `http://` for a cluster
+    /// started [`ClusterOptions::plaintext`].
     pub fn base_url(&self) -> String {
-        format!("https://{}", self.http)
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.http)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -287,10 +293,13 @@ impl Cluster {
     fn new_node(&self, id: u64) -> Result<Node> {
         let data_dir = self.dir.path().join(format!("node-{id}"));
         // Its member certificate, for both ports, from the harness's CA.
-        let ca = harness_ca()?.display().to_string();
-        let out = self.dir.path().join("certs").display().to_string();
-        certs(&["node", "--dir", &ca, "--out", &out, "--id", &id.to_string(), "--hosts", "127.0.0.1,localhost"])
-            .map_err(Error::Cluster)?;
+        let tls = !self.options.plaintext;
+        if tls {
+            let ca = harness_ca()?.display().to_string();
+            let out = self.dir.path().join("certs").display().to_string();
+            certs(&["node", "--dir", &ca, "--out", &out, "--id", &id.to_string(), "--hosts", "127.0.0.1,localhost"])
+                .map_err(Error::Cluster)?;
+        }
         let disk = match self.options.isolated_disk_bytes {
             Some(bytes) => Some(IsolatedDisk::mount(&data_dir, bytes)?),
             None => None,
@@ -305,6 +314,7 @@ impl Cluster {
             initial_cluster: None,
             peer_routes: None,
             disk,
+            tls,
         })
     }
 
@@ -345,7 +355,7 @@ impl Cluster {
             .arg(&node.data_dir)
             .arg("--bootstrap-admin-key-file")
             .arg(self.dir.path().join("admin.key"))
-            .args(if extra.iter().any(|a| a == "--insecure") { Vec::new() } else { tls_args(self.dir.path(), id)? })
+            .args(if node.tls { tls_args(self.dir.path(), id)? } else { vec!["--insecure".to_string()] })
             .args(&extra)
             .args(if extra.iter().any(|a| a == "--backends") { vec![] } else { vec!["--backends", TEST_BACKENDS] })
             .env("RUST_LOG", "info,openraft=info")

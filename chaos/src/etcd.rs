@@ -61,81 +61,74 @@ impl EtcdMember {
     }
 }
 
+/// Member `id`'s TLS flags: HTTPS for clients (not asked for a certificate: with
+/// `--trusted-ca-file`, etcd 3.4's JSON gateway refuses clients without one, and RuntimeAI's REST
+/// port does not require one either), mutual TLS between members, certificates of the harness's
+/// CA written to `certs`.
+fn tls_flags(certs: &std::path::Path, id: usize) -> Result<Vec<String>> {
+    let ca_dir = crate::cluster::harness_ca()?;
+    let (out, ca_path, id) = (certs.display().to_string(), ca_dir.display().to_string(), id.to_string());
+    let args = ["node", "--dir", &ca_path, "--out", &out, "--id", &id, "--hosts", "127.0.0.1,localhost"];
+    crate::cluster::certs(&args).map_err(Error::Cluster)?;
+    let cert = certs.join(format!("node-{id}.pem")).display().to_string();
+    let key = certs.join(format!("node-{id}-key.pem")).display().to_string();
+    let ca = ca_dir.join("ca.pem").display().to_string();
+    let flags = ["--cert-file", &cert, "--key-file", &key, "--peer-cert-file", &cert, "--peer-key-file", &key];
+    Ok(flags
+        .into_iter()
+        .chain(["--peer-trusted-ca-file", &ca, "--peer-client-cert-auth"])
+        .map(str::to_string)
+        .collect())
+}
+
 impl EtcdCluster {
-    /// Starts `size` members and waits until the cluster has a leader.
-    pub async fn start(size: usize) -> Result<EtcdCluster> {
+    /// Starts `size` members (with TLS, or on plain http) and waits until the cluster has a
+    /// leader.
+    pub async fn start(size: usize, tls: bool) -> Result<EtcdCluster> {
         let dir = tempfile::Builder::new().prefix("runtimeai-bench-etcd-").tempdir().map_err(Error::io("temp dir"))?;
+        let scheme = if tls { "https" } else { "http" };
         let peers: Vec<(String, String, String)> = (1..=size)
             .map(|i| {
                 (
                     format!("e{i}"),
-                    format!("https://127.0.0.1:{}", free_port()),
-                    format!("https://127.0.0.1:{}", free_port()),
+                    format!("{scheme}://127.0.0.1:{}", free_port()),
+                    format!("{scheme}://127.0.0.1:{}", free_port()),
                 )
             })
             .collect();
-        let ca_dir = crate::cluster::harness_ca()?;
-        let ca = ca_dir.join("ca.pem").display().to_string();
         let certs = dir.path().join("certs");
         let initial: Vec<String> = peers.iter().map(|(name, peer, _)| format!("{name}={peer}")).collect();
         let initial = initial.join(",");
         let mut members = Vec::new();
         for (i, (name, peer, client_url)) in peers.iter().enumerate() {
             let data_dir = dir.path().join(name).display().to_string();
-            let id = (i + 1).to_string();
-            let (out, ca_path) = (certs.display().to_string(), ca_dir.display().to_string());
-            crate::cluster::certs(&[
-                "node",
-                "--dir",
-                &ca_path,
-                "--out",
-                &out,
-                "--id",
-                &id,
-                "--hosts",
-                "127.0.0.1,localhost",
-            ])
-            .map_err(Error::Cluster)?;
-            let cert = certs.join(format!("node-{id}.pem")).display().to_string();
-            let key = certs.join(format!("node-{id}-key.pem")).display().to_string();
-            let command: Vec<String> = [
-                "--cert-file",
-                &cert,
-                "--key-file",
-                &key,
-                // No --trusted-ca-file: like RuntimeAI's REST port, clients are not asked for a
-                // certificate (with it, etcd 3.4's JSON gateway refuses clients without one).
-                "--peer-cert-file",
-                &cert,
-                "--peer-key-file",
-                &key,
-                "--peer-trusted-ca-file",
-                &ca,
-                "--peer-client-cert-auth",
-                "--name",
-                name,
-                "--data-dir",
-                &data_dir,
-                "--listen-peer-urls",
-                peer,
-                "--initial-advertise-peer-urls",
-                peer,
-                "--listen-client-urls",
-                client_url,
-                "--advertise-client-urls",
-                client_url,
-                "--initial-cluster",
-                &initial,
-                "--initial-cluster-state",
-                "new",
-                "--initial-cluster-token",
-                "runtimeai-bench",
-                "--log-level",
-                "warn",
-            ]
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
+            let mut command = if tls { tls_flags(&certs, i + 1)? } else { Vec::new() };
+            command.extend(
+                [
+                    "--name",
+                    name,
+                    "--data-dir",
+                    &data_dir,
+                    "--listen-peer-urls",
+                    peer,
+                    "--initial-advertise-peer-urls",
+                    peer,
+                    "--listen-client-urls",
+                    client_url,
+                    "--advertise-client-urls",
+                    client_url,
+                    "--initial-cluster",
+                    &initial,
+                    "--initial-cluster-state",
+                    "new",
+                    "--initial-cluster-token",
+                    "runtimeai-bench",
+                    "--log-level",
+                    "warn",
+                ]
+                .iter()
+                .map(|a| a.to_string()),
+            );
             let mut member = EtcdMember {
                 name: name.clone(),
                 client_url: client_url.clone(),

@@ -276,6 +276,7 @@ pub async fn run(scenario: &Scenario, options: RunOptions) -> Result<RunResult> 
         extra_args: args,
         proxied: (scenario.needs == Needs::Network).then_some(options.seed),
         isolated_disk_bytes: (scenario.needs == Needs::Disks).then_some(512 << 20),
+        plaintext: false,
     };
     let cluster = Cluster::start(options.nodes, cluster_options).await?;
     let members: Vec<u64> = (1..=options.nodes).collect();

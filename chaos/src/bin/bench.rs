@@ -36,6 +36,9 @@ struct Cli {
     /// A run of a few seconds with tiny sizes, so the tool never rots (CI runs this).
     #[arg(long)]
     smoke: bool,
+    /// Both systems without TLS (the baseline for what TLS costs; keys are still checked).
+    #[arg(long)]
+    plaintext: bool,
     /// Where bench-results.json, bench-results.md and bench.png go.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
             runtimes: 300,
             failover_rounds: 1,
             node_args: cli.node_args,
+            plaintext: cli.plaintext,
             log_dir: Some(cli.out.clone()),
         }
     } else {
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
             runtimes: cli.runtimes,
             failover_rounds: cli.failover_rounds,
             node_args: cli.node_args,
+            plaintext: cli.plaintext,
             log_dir: Some(cli.out.clone()),
         }
     };
