@@ -1,5 +1,6 @@
 //! OIDC bearer tokens: JWTs of one issuer, for one audience, signed by a key of its JWKS (a
-//! file, reloaded when it changes). Only asymmetric algorithms are taken, each only with a key
+//! file, reloaded when it changes, or a URL, fetched at start, every five minutes and soon
+//! after a token names a key it lacks). Only asymmetric algorithms are taken, each only with a key
 //! of its own type (RS*/PS* with RSA, ES* with EC, EdDSA with OKP): `alg: none`, HS256 signed
 //! with a public key, an unknown `kid`, an expired or not-yet-valid token, another issuer or
 //! audience are all refused. Claims name the principal, its kind, tenants, roles and mode.
@@ -22,7 +23,7 @@ use crate::auth::AuthFailure;
 pub struct OidcConfig {
     pub issuer: String,
     pub audience: String,
-    pub jwks_file: PathBuf,
+    pub jwks: JwksSource,
     /// The claim naming the principal [default: sub].
     pub name_claim: String,
     /// A list (or one string) of tenants [default: tenants].
@@ -35,8 +36,18 @@ pub struct OidcConfig {
     pub agent_mode_claim: String,
 }
 
+/// Where the issuer's signing keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    File(PathBuf),
+    /// Fetched over HTTPS (or HTTP), cached; see [`keep_fresh`].
+    Url(String),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OidcError {
+    #[error("cannot fetch the JWKS from {url}: {reason}")]
+    Fetch { url: String, reason: String },
     #[error("cannot read the JWKS file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a JWKS document: {reason}")]
@@ -52,29 +63,59 @@ pub struct Oidc {
     keys: RwLock<JwkSet>,
     modified: Mutex<Option<SystemTime>>,
     cache: Mutex<HashMap<String, (Principal, u64)>>,
+    /// A token named a key the set lacks: a URL source is fetched again soon.
+    key_missing: std::sync::atomic::AtomicBool,
 }
 
 impl Oidc {
+    /// A verifier of `config`'s tokens. A JWKS file is read now (a bad one refuses the start);
+    /// a URL is fetched by [`keep_fresh`] (until then every token is refused).
     pub fn new(config: OidcConfig) -> Result<Oidc, OidcError> {
-        let keys = read_jwks(&config.jwks_file)?;
-        let modified = std::fs::metadata(&config.jwks_file).and_then(|m| m.modified()).ok();
-        Ok(Oidc { config, keys: RwLock::new(keys), modified: Mutex::new(modified), cache: Mutex::default() })
+        let (keys, modified) = match &config.jwks {
+            JwksSource::File(path) => (read_jwks(path)?, std::fs::metadata(path).and_then(|m| m.modified()).ok()),
+            JwksSource::Url(_) => (JwkSet { keys: Vec::new() }, None),
+        };
+        Ok(Oidc {
+            config,
+            keys: RwLock::new(keys),
+            modified: Mutex::new(modified),
+            cache: Mutex::default(),
+            key_missing: Default::default(),
+        })
+    }
+
+    /// Takes a new key set: tokens are checked against it from now on.
+    fn replace_keys(&self, keys: JwkSet) {
+        *self.keys.write().expect("jwks lock") = keys;
+        self.cache.lock().expect("token cache lock").clear();
+    }
+
+    /// Fetches the key set from its URL (nothing for a file).
+    pub async fn fetch(&self, client: &reqwest::Client) -> Result<(), OidcError> {
+        let JwksSource::Url(url) = &self.config.jwks else { return Ok(()) };
+        let failed = |reason: String| OidcError::Fetch { url: url.clone(), reason };
+        let response = client.get(url).send().await.map_err(|e| failed(e.to_string()))?;
+        let response = response.error_for_status().map_err(|e| failed(e.to_string()))?;
+        let keys: JwkSet = response.json().await.map_err(|e| failed(e.to_string()))?;
+        self.key_missing.store(false, std::sync::atomic::Ordering::Relaxed);
+        self.replace_keys(keys);
+        Ok(())
     }
 
     /// Re-reads the JWKS file if it changed (or `force`); a bad file is logged and the keys
     /// stay as they were.
     pub fn reload(&self, force: bool) -> bool {
-        let modified = std::fs::metadata(&self.config.jwks_file).and_then(|m| m.modified()).ok();
+        let JwksSource::File(path) = &self.config.jwks else { return false };
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
         let mut seen = self.modified.lock().expect("jwks lock");
         if !force && modified == *seen {
             return false;
         }
         *seen = modified;
-        match read_jwks(&self.config.jwks_file) {
+        match read_jwks(path) {
             Ok(keys) => {
-                *self.keys.write().expect("jwks lock") = keys;
-                self.cache.lock().expect("token cache lock").clear();
-                tracing::info!(file = %self.config.jwks_file.display(), "reloaded the OIDC keys");
+                self.replace_keys(keys);
+                tracing::info!(file = %path.display(), "reloaded the OIDC keys");
                 true
             }
             Err(e) => {
@@ -111,8 +152,11 @@ impl Oidc {
             Some(kid) => keys.find(kid),
             None if keys.keys.len() == 1 => keys.keys.first(),
             None => None,
-        }
-        .ok_or(AuthFailure::UnknownKey)?;
+        };
+        let Some(jwk) = jwk else {
+            self.key_missing.store(true, std::sync::atomic::Ordering::Relaxed);
+            return Err(AuthFailure::UnknownKey);
+        };
         let fits = match &jwk.algorithm {
             AlgorithmParameters::RSA(_) => matches!(
                 header.alg,
@@ -161,6 +205,42 @@ impl Oidc {
         let agent_mode: Option<AgentMode> =
             claims.get(&self.config.agent_mode_claim).and_then(Value::as_str).and_then(parse);
         Some(Principal { name, kind, tenants: strings(&self.config.tenants_claim), roles, agent_mode })
+    }
+}
+
+/// Keeps a URL key set fresh until `stop`: fetched at start (every 5 s until it answers), every
+/// five minutes, and — at most every 30 s — soon after a token names a key the set lacks (the
+/// issuer rotated its keys).
+pub async fn keep_fresh(oidc: std::sync::Arc<Oidc>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    use std::time::{Duration, Instant};
+    let Ok(client) = reqwest::Client::builder().timeout(Duration::from_secs(10)).build() else { return };
+    let mut last: Option<Instant> = None;
+    loop {
+        let due = match last {
+            None => true,
+            Some(at) => {
+                at.elapsed() >= Duration::from_secs(300)
+                    || (oidc.key_missing.load(std::sync::atomic::Ordering::Relaxed)
+                        && at.elapsed() >= Duration::from_secs(30))
+            }
+        };
+        if due {
+            match oidc.fetch(&client).await {
+                Ok(()) => {
+                    last = Some(Instant::now());
+                    tracing::info!("fetched the OIDC keys");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot fetch the OIDC keys; trying again");
+                    last = last.map(|_| Instant::now() - Duration::from_secs(295));
+                }
+            }
+        }
+        let wait = if last.is_none() { Duration::from_secs(5) } else { Duration::from_secs(1) };
+        tokio::select! {
+            _ = async { let _ = stop.wait_for(|stop| *stop).await; } => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
     }
 }
 
@@ -214,11 +294,15 @@ mod tests {
     fn oidc(dir: &tempfile::TempDir, keys: &[&Value]) -> Oidc {
         let jwks_file = dir.path().join("jwks.json");
         std::fs::write(&jwks_file, json!({ "keys": keys }).to_string()).unwrap();
+        with_source(JwksSource::File(jwks_file))
+    }
+
+    fn with_source(jwks: JwksSource) -> Oidc {
         let claim = |name: &str| name.to_string();
         Oidc::new(OidcConfig {
             issuer: ISSUER.into(),
             audience: AUDIENCE.into(),
-            jwks_file,
+            jwks,
             name_claim: claim("sub"),
             tenants_claim: claim("tenants"),
             roles_claim: claim("roles"),
@@ -309,5 +393,50 @@ mod tests {
         std::fs::write(dir.path().join("jwks.json"), "not json").unwrap();
         assert!(!oidc.reload(true), "a bad file keeps the keys");
         assert!(oidc.authenticate(&sign(Algorithm::ES256, "k2", &new, &claims(json!({})))).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_key_set_served_at_a_url_is_fetched_and_fetched_again_when_a_token_names_a_new_key() {
+        let ((old, old_jwk), (new, new_jwk)) = (ec_key("u1"), ec_key("u2"));
+        let served = std::sync::Arc::new(RwLock::new(json!({"keys": [old_jwk]})));
+        let app = axum::Router::new().route(
+            "/jwks.json",
+            axum::routing::get({
+                let served = served.clone();
+                move || async move { axum::Json(served.read().unwrap().clone()) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let oidc = std::sync::Arc::new(with_source(JwksSource::Url(url)));
+        let old_token = sign(Algorithm::ES256, "u1", &old, &claims(json!({})));
+        assert_eq!(oidc.authenticate(&old_token).unwrap_err(), AuthFailure::UnknownKey, "nothing fetched yet");
+
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let refresher = tokio::spawn(keep_fresh(oidc.clone(), stopped));
+        let eventually = |token: String| {
+            let oidc = oidc.clone();
+            async move {
+                for _ in 0..100 {
+                    if oidc.authenticate(&token).is_ok() {
+                        return true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                false
+            }
+        };
+        assert!(eventually(old_token).await, "fetched at start");
+
+        // The issuer rotates: a token of the new key is refused until the set is fetched again.
+        *served.write().unwrap() = json!({"keys": [new_jwk]});
+        let new_token = sign(Algorithm::ES256, "u2", &new, &claims(json!({})));
+        assert_eq!(oidc.authenticate(&new_token).unwrap_err(), AuthFailure::UnknownKey);
+        assert!(oidc.key_missing.load(std::sync::atomic::Ordering::Relaxed), "the miss is noted");
+        oidc.fetch(&reqwest::Client::new()).await.unwrap();
+        assert!(oidc.authenticate(&new_token).is_ok());
+        let _ = stop.send(true);
+        refresher.await.unwrap();
     }
 }

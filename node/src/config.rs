@@ -247,6 +247,10 @@ pub struct NodeArgs {
     /// OIDC: the issuer's signing keys (a JWKS document), re-read when the file changes.
     #[arg(long, env = "RUNTIMEAI_OIDC_JWKS_FILE")]
     pub oidc_jwks_file: Option<PathBuf>,
+    /// OIDC: the issuer's signing keys at a URL (instead of --oidc-jwks-file), fetched at
+    /// start, every five minutes, and when a token names a key not yet fetched.
+    #[arg(long, env = "RUNTIMEAI_OIDC_JWKS_URL")]
+    pub oidc_jwks_url: Option<String>,
     /// OIDC: the claim naming the principal [default: sub].
     #[arg(long, env = "RUNTIMEAI_OIDC_NAME_CLAIM")]
     pub oidc_name_claim: Option<String>,
@@ -384,6 +388,7 @@ impl NodeArgs {
             oidc_issuer: self.oidc_issuer.or(file.oidc_issuer),
             oidc_audience: self.oidc_audience.or(file.oidc_audience),
             oidc_jwks_file: self.oidc_jwks_file.or_else(|| file.oidc_jwks_file.map(|d| relative_to(&path, d))),
+            oidc_jwks_url: self.oidc_jwks_url.or(file.oidc_jwks_url),
             oidc_name_claim: self.oidc_name_claim.or(file.oidc_name_claim),
             oidc_tenants_claim: self.oidc_tenants_claim.or(file.oidc_tenants_claim),
             oidc_roles_claim: self.oidc_roles_claim.or(file.oidc_roles_claim),
@@ -565,18 +570,35 @@ fn tls_files(args: &NodeArgs) -> Result<(Option<TlsFiles>, Option<TlsFiles>), Co
 
 /// OIDC, when issuer, audience and keys are all given (some without the others is an error).
 fn oidc_config(args: &NodeArgs) -> Result<Option<runtimeai_api::oidc::OidcConfig>, ConfigError> {
-    let (issuer, audience, jwks_file) = match (&args.oidc_issuer, &args.oidc_audience, &args.oidc_jwks_file) {
+    use runtimeai_api::oidc::JwksSource;
+    let jwks = match (&args.oidc_jwks_file, &args.oidc_jwks_url) {
+        (Some(file), None) => Some(JwksSource::File(file.clone())),
+        (None, Some(url)) if url.starts_with("https://") || url.starts_with("http://") => {
+            Some(JwksSource::Url(url.clone()))
+        }
+        (None, Some(url)) => {
+            let reason = "expected an https:// URL".to_string();
+            return Err(ConfigError::BadAddress { flag: "oidc-jwks-url", value: url.clone(), reason });
+        }
+        (None, None) => None,
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Conflict("give --oidc-jwks-file or --oidc-jwks-url, not both".into()))
+        }
+    };
+    let (issuer, audience, jwks) = match (&args.oidc_issuer, &args.oidc_audience, jwks) {
         (None, None, None) => return Ok(None),
-        (Some(issuer), Some(audience), Some(jwks)) => (issuer.clone(), audience.clone(), jwks.clone()),
+        (Some(issuer), Some(audience), Some(jwks)) => (issuer.clone(), audience.clone(), jwks),
         _ => {
-            return Err(ConfigError::Conflict("OIDC needs --oidc-issuer, --oidc-audience and --oidc-jwks-file".into()))
+            return Err(ConfigError::Conflict(
+                "OIDC needs --oidc-issuer, --oidc-audience and --oidc-jwks-file or --oidc-jwks-url".into(),
+            ))
         }
     };
     let claim = |given: &Option<String>, default: &str| given.clone().unwrap_or_else(|| default.to_string());
     Ok(Some(runtimeai_api::oidc::OidcConfig {
         issuer,
         audience,
-        jwks_file,
+        jwks,
         name_claim: claim(&args.oidc_name_claim, "sub"),
         tenants_claim: claim(&args.oidc_tenants_claim, "tenants"),
         roles_claim: claim(&args.oidc_roles_claim, "roles"),
@@ -654,6 +676,33 @@ mod tests {
             insecure: true,
             ..NodeArgs::default()
         }
+    }
+
+    #[test]
+    fn oidc_takes_an_issuer_an_audience_and_one_source_of_keys() {
+        use runtimeai_api::oidc::JwksSource;
+        let oidc = |file: Option<&str>, url: Option<&str>| NodeArgs {
+            oidc_issuer: Some("https://idp".into()),
+            oidc_audience: Some("runtimeai".into()),
+            oidc_jwks_file: file.map(PathBuf::from),
+            oidc_jwks_url: url.map(str::to_string),
+            ..args(1)
+        };
+        let by_url = oidc(None, Some("https://idp/keys")).resolve().unwrap().oidc.unwrap();
+        assert_eq!(by_url.jwks, JwksSource::Url("https://idp/keys".into()));
+        assert_eq!((by_url.name_claim.as_str(), by_url.roles_claim.as_str()), ("sub", "roles"));
+        let by_file = oidc(Some("keys.json"), None).resolve().unwrap().oidc.unwrap();
+        assert_eq!(by_file.jwks, JwksSource::File("keys.json".into()));
+        for (bad, expected) in [
+            (oidc(Some("k"), Some("https://idp/keys")), "not both"),
+            (oidc(None, Some("ftp://idp/keys")), "https:// URL"),
+            (oidc(None, None), "needs --oidc-issuer"),
+            (NodeArgs { oidc_issuer: Some("https://idp".into()), ..args(1) }, "needs --oidc-issuer"),
+        ] {
+            let error = bad.resolve().unwrap_err().to_string();
+            assert!(error.contains(expected), "{error}");
+        }
+        assert!(args(1).resolve().unwrap().oidc.is_none());
     }
 
     #[test]

@@ -110,6 +110,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
 
     let grpc_task = transport.serve_peers(grpc_listener, replica.clone(), stop_rx.clone(), stopped(stop_rx.clone()));
     let tls_watch = transport.watch(oidc.clone(), stop_rx.clone());
+    let oidc_keys = oidc.clone().map(|oidc| tokio::spawn(runtimeai_api::oidc::keep_fresh(oidc, stop_rx.clone())));
 
     let (backends, kubeconfigs) = build_backends(&config).await?;
     let external_planner = match config.planner.clone() {
@@ -180,6 +181,9 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     let _ = tokio::time::timeout(Duration::from_secs(5), scheduler).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), watchdog).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), tls_watch).await;
+    if let Some(task) = oidc_keys {
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+    }
     if let Some(executor) = executor {
         let _ = tokio::time::timeout(Duration::from_secs(5), executor).await;
     }
