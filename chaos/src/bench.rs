@@ -291,6 +291,7 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
             levels.push(level("etcd", workload, clients, load, etcd_cpu(&etcd) - cpu));
         }
     }
+    levels.extend(authentication_cost(&http, &ours, &runtimeai, max_clients, options.duration / 2, &progress).await);
 
     let (failover, failover_error) = if options.failover_rounds == 0 {
         (Vec::new(), None)
@@ -381,6 +382,30 @@ async fn quiesce(cluster: &Cluster, progress: &impl Fn(&str)) {
     }
     progress("(operations still running after 60 s; measuring anyway)");
 }
+
+/// What authentication costs a request: the same trivial answer without a key check
+/// (`/healthz`, public) and with one (`/v1/health`), at `clients` clients, through every node.
+async fn authentication_cost(
+    http: &reqwest::Client,
+    ours: &[String],
+    runtimeai: &Cluster,
+    clients: usize,
+    duration: Duration,
+    progress: &impl Fn(&str),
+) -> Vec<Level> {
+    progress(&format!("authentication: /healthz (no key checked) against /v1/health (key checked), {clients} clients"));
+    let mut levels = Vec::new();
+    for (workload, path) in [(PROBE_WITHOUT_KEY, "/healthz"), (PROBE_WITH_KEY, "/v1/health")] {
+        let cpu = runtimeai_cpu(runtimeai);
+        let load = drive(http, ours, clients, duration, move |h, _, _, base| h.get(format!("{base}{path}"))).await;
+        levels.push(level("runtimeai", workload, clients, load, runtimeai_cpu(runtimeai) - cpu));
+    }
+    levels
+}
+
+/// The two workloads of [`authentication_cost`].
+const PROBE_WITHOUT_KEY: &str = "probe without a key check (/healthz)";
+const PROBE_WITH_KEY: &str = "probe with a key check (/v1/health)";
 
 /// SIGKILLs each system's leader `rounds` times under a steady write load.
 #[allow(clippy::too_many_arguments)]
@@ -644,6 +669,17 @@ fn markdown(results: &BenchResults) -> String {
             ours.errors,
             theirs.errors
         ));
+    }
+    let probes: Vec<&Level> =
+        results.levels.iter().filter(|l| [PROBE_WITHOUT_KEY, PROBE_WITH_KEY].contains(&l.workload)).collect();
+    if !probes.is_empty() {
+        text.push_str("\n| what authentication costs (RuntimeAI alone) | clients | ops/s | p50 / p99 ms | members' CPU ms per request |\n|---|---|---|---|---|\n");
+        for l in probes {
+            text.push_str(&format!(
+                "| {} | {} | {:.0} | {:.1} / {:.1} | {:.3} |\n",
+                l.workload, l.clients, l.per_second, l.p50_ms, l.p99_ms, l.cpu_ms_per_op
+            ));
+        }
     }
     if !results.failover.is_empty() {
         text.push_str(
