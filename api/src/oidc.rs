@@ -213,6 +213,10 @@ impl Oidc {
 /// issuer rotated its keys).
 pub async fn keep_fresh(oidc: std::sync::Arc<Oidc>, mut stop: tokio::sync::watch::Receiver<bool>) {
     use std::time::{Duration, Instant};
+    // A file is re-read by the certificate watcher (`Reload`); nothing to fetch.
+    if matches!(oidc.config.jwks, JwksSource::File(_)) {
+        return;
+    }
     let Ok(client) = reqwest::Client::builder().timeout(Duration::from_secs(10)).build() else { return };
     let mut last: Option<Instant> = None;
     loop {

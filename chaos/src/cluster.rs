@@ -248,6 +248,8 @@ pub struct Cluster {
     pub nodes: BTreeMap<u64, Node>,
     pub options: ClusterOptions,
     pub client: reqwest::Client,
+    /// A client that trusts the harness's CA and sends no credentials of its own.
+    anonymous: reqwest::Client,
     /// The proxies between founding members, when the cluster was started `proxied`.
     pub network: Option<Arc<Network>>,
 }
@@ -260,8 +262,9 @@ impl Cluster {
             .tempdir()
             .map_err(Error::io("create a temporary directory"))?;
         let client = admin_client_builder()?.timeout(Duration::from_secs(15)).build()?;
+        let anonymous = client_builder()?.timeout(Duration::from_secs(15)).build()?;
         std::fs::write(dir.path().join("admin.key"), admin_token()).map_err(Error::io("write the admin key"))?;
-        let mut cluster = Cluster { dir, nodes: BTreeMap::new(), options, client, network: None };
+        let mut cluster = Cluster { dir, nodes: BTreeMap::new(), options, client, anonymous, network: None };
         let mut initial = Vec::new();
         for id in 1..=size {
             let node = cluster.new_node(id)?;
@@ -525,8 +528,7 @@ impl Cluster {
         body: Option<&Value>,
         headers: &[(&str, &str)],
     ) -> Result<Response> {
-        let client = client_builder()?.timeout(Duration::from_secs(15)).build()?;
-        let mut request = client.request(method, self.node(via).url(path));
+        let mut request = self.anonymous.request(method, self.node(via).url(path));
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }

@@ -8,13 +8,12 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 
 use runtimeai_api::auth::{new_secret, parse_token, secret_digest};
 use runtimeai_model::{Actor, ApiKey, Principal, PrincipalKind, Role, ALL_TENANTS};
-use runtimeai_raft::{Command, CommandReply, Op, Rejection, Replica};
+use runtimeai_raft::{CommandReply, Op, Rejection, Replica};
 
 /// The file the initializing node writes a generated admin token to.
 pub const GENERATED_FILE: &str = "admin.key";
@@ -94,28 +93,16 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 /// Proposes the key once this node is a member and a leader is known, until it is stored or
 /// found there already (a revoked bootstrap key stays revoked: its record exists).
 pub async fn ensure(replica: Arc<Replica>, key: ApiKey) {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let metrics = replica.metrics();
-        let member = metrics.membership_config.nodes().any(|(id, _)| *id == replica.id);
-        if member && metrics.current_leader.is_some() {
-            if replica.state.api_key(&key.id).is_some() {
-                return;
-            }
-            let op = Op::CreateApiKey { key: key.clone(), replaces: None };
-            let command = Command { at: chrono::Utc::now(), actor: Actor::System, idempotency: None, op };
-            match replica.propose(command).await {
-                Ok(CommandReply::ApiKey(_)) => {
-                    tracing::info!(key_id = %key.id, "stored the bootstrap admin key");
-                    return;
-                }
-                Ok(CommandReply::Rejected(Rejection::AlreadyExists { .. })) => return,
-                Ok(other) => tracing::warn!(reply = ?other, "unexpected reply storing the bootstrap admin key"),
-                Err(e) => tracing::debug!(error = %e, "cannot store the bootstrap admin key yet"),
-            }
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
+    let reply = crate::server::propose_until_stored(
+        &replica,
+        "store the bootstrap admin key",
+        |replica| replica.state.api_key(&key.id).is_some(),
+        || Op::CreateApiKey { key: key.clone(), replaces: None },
+        |reply| matches!(reply, CommandReply::ApiKey(_) | CommandReply::Rejected(Rejection::AlreadyExists { .. })),
+    )
+    .await;
+    if let Some(CommandReply::ApiKey(_)) = reply {
+        tracing::info!(key_id = %key.id, "stored the bootstrap admin key");
     }
 }
 

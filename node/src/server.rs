@@ -301,6 +301,37 @@ async fn bootstrap(config: &NodeConfig, raft: &Raft, fresh: bool) -> anyhow::Res
     Ok(())
 }
 
+/// Proposes `op()` as the system once this node is a member and a leader is known, until
+/// `stored` finds it in the replicated state or a reply `settles` it (other replies and errors
+/// are tried again, backing off from 100 ms to 2 s). The settling reply; none when the state
+/// already held it.
+pub(crate) async fn propose_until_stored(
+    replica: &Replica,
+    what: &str,
+    stored: impl Fn(&Replica) -> bool,
+    op: impl Fn() -> Op,
+    settles: impl Fn(&runtimeai_raft::CommandReply) -> bool,
+) -> Option<runtimeai_raft::CommandReply> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let metrics = replica.metrics();
+        let member = metrics.membership_config.nodes().any(|(id, _)| *id == replica.id);
+        if member && metrics.current_leader.is_some() {
+            if stored(replica) {
+                return None;
+            }
+            let command = Command { at: chrono::Utc::now(), actor: Actor::System, idempotency: None, op: op() };
+            match replica.propose(command).await {
+                Ok(reply) if settles(&reply) => return Some(reply),
+                Ok(other) => tracing::warn!(what, reply = ?other, "unexpected reply; trying again"),
+                Err(e) => tracing::debug!(what, error = %e, "cannot propose yet"),
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
 /// Announces this node's addresses in the replicated state once it is a member and a leader is
 /// known, so that every node can show them in `GET /v1/cluster`.
 async fn register(replica: Arc<Replica>, config: NodeConfig, backends: Vec<runtimeai_model::BackendInfo>) {
@@ -313,30 +344,15 @@ async fn register(replica: Arc<Replica>, config: NodeConfig, backends: Vec<runti
         site: config.site.clone(),
         zone: config.zone.clone(),
     };
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let metrics = replica.metrics();
-        let member = metrics.membership_config.nodes().any(|(id, _)| *id == config.id);
-        if member && metrics.current_leader.is_some() {
-            let known = replica.state.nodes().contains(&info);
-            if known {
-                return;
-            }
-            let command = Command {
-                at: chrono::Utc::now(),
-                actor: Actor::System,
-                idempotency: None,
-                op: Op::RegisterNode { info: info.clone() },
-            };
-            match replica.propose(command).await {
-                Ok(_) => {
-                    tracing::info!(http = %info.http_addr, "registered this node's addresses with the cluster");
-                    return;
-                }
-                Err(e) => tracing::debug!(error = %e, "cannot register yet"),
-            }
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
+    let reply = propose_until_stored(
+        &replica,
+        "register",
+        |replica| replica.state.nodes().contains(&info),
+        || Op::RegisterNode { info: info.clone() },
+        |_| true,
+    )
+    .await;
+    if reply.is_some() {
+        tracing::info!(http = %info.http_addr, "registered this node's addresses with the cluster");
     }
 }
