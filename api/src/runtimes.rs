@@ -19,7 +19,7 @@ use runtimeai_model::{
 };
 use runtimeai_raft::{CommandReply, Op};
 
-use crate::auth::{Caller, Permission};
+use crate::auth::Caller;
 use crate::extract::{if_match, Body, Consistency, OptionalBody, PathParam, QueryParams};
 use crate::mutation::{new_id, propose};
 use crate::openapi::{ConsistencyParam, IdempotencyKey, IfMatch, ProblemResponses, TenantId};
@@ -417,10 +417,14 @@ pub struct RuntimePatch {
     pub labels: BTreeMap<String, Option<String>>,
 }
 
-/// Change a runtime's labels (JSON merge patch; `null` removes a label).
+/// Change a runtime's labels (JSON merge patch; `null` removes a label). Labels decide which
+/// policies apply, so the policies judge the change as the action `relabel`: 200 with the
+/// runtime when allowed, 202 with an operation in `pending_approval` when a human must approve
+/// it (a relabel that would leave a policy's scope, such as its `env`), 403 when denied.
 #[utoipa::path(patch, path = "/v1/runtimes/{runtime_id}", tag = "Runtimes",
     params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId), request_body = RuntimePatch,
-    responses((status = 200, description = "OK", body = Runtime), ProblemResponses))]
+    responses((status = 200, description = "OK", body = Runtime),
+        (status = 202, description = "Waits for approval", body = OperationView), ProblemResponses))]
 pub(crate) async fn patch_runtime(
     State(state): State<AppState>,
     caller: Caller,
@@ -429,51 +433,14 @@ pub(crate) async fn patch_runtime(
 ) -> Result<Response, Problem> {
     validate::labels(&patch.labels, "$.labels")?;
     let runtime = read_runtime(&state, &caller, &runtime_id, Consistency::Linearizable).await?;
-    check_scope_change(&state, &caller, &runtime, &patch)?;
-    let op = Op::PatchLabels {
-        runtime_id: runtime_id.clone(),
-        labels: patch.labels.clone(),
-        expected_version: if_match(&caller.headers)?,
-    };
+    let action = LifecycleAction::Relabel { labels: patch.labels.clone() };
+    let mode = caller.policy_mode(None)?;
+    let operation = new_operation(&runtime_id, action, runtime.state, chrono::Utc::now(), caller.actor(), mode);
+    let op = Op::PatchLabels { operation, expected_version: if_match(&caller.headers)? };
     match propose(&state, &caller, &format!("PATCH /v1/runtimes/{runtime_id}"), &patch, op).await? {
         CommandReply::Runtime(runtime) => Ok(runtime_response(StatusCode::OK, &runtime)),
+        CommandReply::Operation(operation) => Ok(operation_response(&operation)),
         other => Err(Problem::unexpected_reply(other)),
-    }
-}
-
-/// The `env` label puts a runtime in the scope of policies (`scope_env`): changing it while
-/// such a policy applies to the runtime's tenant would take the runtime out of (or into) their
-/// scope, so it takes the right to change policies — an operator or an agent cannot escape a
-/// production policy by relabelling the runtime `env=dev`.
-fn check_scope_change(
-    state: &AppState,
-    caller: &Caller,
-    runtime: &Runtime,
-    patch: &RuntimePatch,
-) -> Result<(), Problem> {
-    let Some(new_env) = patch.labels.get("env") else { return Ok(()) };
-    if new_env.as_deref() == runtime.labels.get("env").map(String::as_str)
-        || caller.require(Permission::ManagePolicies).is_ok()
-    {
-        return Ok(());
-    }
-    let scoped = state
-        .replica
-        .state
-        .list_policies()?
-        .into_iter()
-        .find(|p| p.scope_env.is_some() && (p.tenant_id.is_none() || p.tenant_id == runtime.tenant_id));
-    match scoped {
-        None => Ok(()),
-        Some(policy) => Err(Problem::new(
-            StatusCode::FORBIDDEN,
-            "policy-scope",
-            format!(
-                "the env label decides which policies apply to this runtime (policy {:?} is scoped by it); changing it \
-                 takes the policy_admin role",
-                policy.name
-            ),
-        )),
     }
 }
 

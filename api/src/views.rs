@@ -14,7 +14,8 @@ pub struct OperationView {
     pub id: String,
     pub runtime_id: String,
     /// The action: `create`, `start`, `stop`, `restart`, `scale`, `snapshot`, `restore`,
-    /// `delete`, or `execute` (a list of actions).
+    /// `delete`, `relabel` (a change of labels waiting for approval), or `execute` (a list of
+    /// actions).
     pub kind: &'static str,
     #[schema(value_type = Object)]
     pub params: Value,
@@ -65,6 +66,7 @@ pub(crate) fn action_params(action: &LifecycleAction) -> Value {
             serde_json::json!({ "snapshot_id": snapshot_id, "name": name, "description": description })
         }
         LifecycleAction::Restore { snapshot_id } => serde_json::json!({ "snapshot_id": snapshot_id }),
+        LifecycleAction::Relabel { labels } => serde_json::json!({ "labels": labels }),
         LifecycleAction::Sequence { actions } => serde_json::json!({
             "actions": actions.iter().map(|a| serde_json::json!({"type": a.kind(), "params": action_params(a)})).collect::<Vec<_>>()
         }),

@@ -257,21 +257,9 @@ fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<Comm
         Op::UpdateRuntime { runtime, expected_version } => {
             update_runtime(txn, &mut events, at, runtime, expected_version)?
         }
-        Op::PatchLabels { runtime_id, labels, expected_version } => {
-            match load_runtime(txn, &runtime_id, expected_version)? {
-                Err(rejection) => CommandReply::Rejected(rejection),
-                Ok(mut runtime) => {
-                    for (key, value) in labels {
-                        match value {
-                            Some(value) => runtime.labels.insert(key, value),
-                            None => runtime.labels.remove(&key),
-                        };
-                    }
-                    save_runtime(txn, at, &mut runtime)?;
-                    events.write(txn, &runtime.id, "runtime.labels", EventSeverity::Info, &labels_data(&runtime))?;
-                    CommandReply::Runtime(runtime)
-                }
-            }
+        Op::PatchLabels { operation, expected_version } => {
+            let operation = Operation { requested_by: actor.clone(), ..operation };
+            patch_labels(txn, &mut events, &settings, operation, expected_version)?
         }
         Op::BeginOperation { operation, expected_version } => {
             let operation = Operation { requested_by: actor.clone(), ..operation };
@@ -747,6 +735,45 @@ fn update_runtime(
     Ok(CommandReply::Runtime(runtime))
 }
 
+/// See [`Op::PatchLabels`].
+fn patch_labels(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter<'_>,
+    settings: &ClusterSettings,
+    operation: Operation,
+    expected_version: Option<u64>,
+) -> Result<CommandReply, StorageError> {
+    let at = events.at;
+    let mut runtime = match load_runtime(txn, &operation.runtime_id, expected_version)? {
+        Err(rejection) => return Ok(CommandReply::Rejected(rejection)),
+        Ok(runtime) => runtime,
+    };
+    let mut operation = Operation { prior_state: runtime.state, assignment: None, ..operation };
+    let decisions = evaluate_policies(txn, settings, &runtime, &operation)?;
+    if policy::overall(&decisions) == Verdict::RequireApproval {
+        // Waiting for approval, the relabel holds the runtime like any operation.
+        if let Some(active) = &runtime.active_operation {
+            return Ok(CommandReply::Rejected(Rejection::OperationInProgress {
+                runtime_id: runtime.id,
+                operation_id: active.clone(),
+            }));
+        }
+    }
+    if let Some(rejection) = judge(txn, events, &runtime.id, &mut operation, decisions)? {
+        return Ok(CommandReply::Rejected(rejection));
+    }
+    if operation.status == OperationStatus::PendingApproval {
+        runtime.active_operation = Some(operation.id.clone());
+        save_runtime(txn, at, &mut runtime)?;
+        put_new_operation(txn, &operation)?;
+        return Ok(CommandReply::Operation(operation));
+    }
+    operation.action.apply_to_labels(&mut runtime.labels);
+    save_runtime(txn, at, &mut runtime)?;
+    events.write(txn, &runtime.id, "runtime.labels", EventSeverity::Info, &labels_data(&runtime))?;
+    Ok(CommandReply::Runtime(runtime))
+}
+
 fn begin_operation(
     txn: &mut Txn<'_>,
     events: &mut EventWriter<'_>,
@@ -977,9 +1004,14 @@ fn decide_approval(
     data.insert("reason".into(), reason.clone().into());
     let runtime_id = operation.runtime_id.clone();
     if approve {
+        events.write(txn, &runtime_id, "operation.approved", EventSeverity::Info, &JsonObject(data))?;
+        if !operation.action.needs_backend() {
+            // Nothing for an executor to do (a relabel): approved is done.
+            operation.status = OperationStatus::Succeeded;
+            return finish_operation(txn, events, operation);
+        }
         operation.status = OperationStatus::Queued;
         put_operation(txn, &operation)?;
-        events.write(txn, &runtime_id, "operation.approved", EventSeverity::Info, &JsonObject(data))?;
         return Ok(CommandReply::Operation(operation));
     }
     events.write(txn, &runtime_id, "operation.rejected", EventSeverity::Info, &JsonObject(data))?;
@@ -1121,6 +1153,7 @@ fn apply_one(runtime: &mut Runtime, action: &LifecycleAction, at: Timestamp) -> 
 /// What a succeeded action changes in the runtime's record besides its state.
 fn apply_effect(runtime: &mut Runtime, action: &LifecycleAction, at: Timestamp) {
     action.apply_to_spec(&mut runtime.spec);
+    action.apply_to_labels(&mut runtime.labels);
     if let LifecycleAction::Snapshot { snapshot_id, name, description } = action {
         runtime.snapshots.push(RuntimeSnapshot {
             id: snapshot_id.clone(),

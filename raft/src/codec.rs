@@ -15,8 +15,9 @@ use serde::Serialize;
 /// sequence number, which its key holds (`crate::apply::EventRecord`). 6: a snapshot is a
 /// stream of length-prefixed records (`crate::snapshot_file`), not one bincode value. 7: API
 /// keys (their column family and commands), `Actor::Service`, `Op::CancelOperation`, and an
-/// executor's report whose fencing token is not optional.
-pub const FORMAT_VERSION: u32 = 7;
+/// executor's report whose fencing token is not optional. 8: `LifecycleAction::Relabel`, and
+/// `Op::PatchLabels` carries the relabel as an operation.
+pub const FORMAT_VERSION: u32 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

@@ -8,7 +8,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use runtimeai_model::{
@@ -51,10 +50,12 @@ pub enum Op {
         runtime: Runtime,
         expected_version: Option<u64>,
     },
-    /// Merge labels into a runtime (`None` removes a label).
+    /// Change a runtime's labels: `operation` carries the [`LifecycleAction::Relabel`], which the
+    /// policies judge. Allowed, the labels change at once (no operation is stored); needing
+    /// approval, the operation waits in `pending_approval` and applies them once approved;
+    /// denied, it is refused.
     PatchLabels {
-        runtime_id: String,
-        labels: BTreeMap<String, Option<String>>,
+        operation: Operation,
         expected_version: Option<u64>,
     },
     /// Accept a lifecycle operation on a runtime: checks the transition, that no other

@@ -8,7 +8,8 @@ use openraft::{CommittedLeaderId, EntryPayload, LogId, Membership};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use runtimeai_model::{
-    Actor, ClusterSettings, LifecycleAction, Operation, OperationStatus, PolicyMode, Runtime, RuntimeState, RuntimeType,
+    Actor, ClusterSettings, LabelPatch, LifecycleAction, Operation, OperationStatus, PolicyMode, Runtime, RuntimeState,
+    RuntimeType,
 };
 
 use super::StateMachineStore;
@@ -39,6 +40,12 @@ fn runtime(id: &str, name: &str) -> Runtime {
         active_operation: Some(format!("op_create_{id}")),
         ..Runtime::new(id, name, RuntimeType::Vm, at(0))
     }
+}
+
+/// A change of labels, as the API proposes it.
+fn relabel(runtime_id: &str, labels: LabelPatch, expected_version: Option<u64>) -> Op {
+    let operation = operation(&format!("op_relabel_{runtime_id}"), runtime_id, LifecycleAction::Relabel { labels });
+    Op::PatchLabels { operation, expected_version }
 }
 
 fn operation(id: &str, runtime_id: &str, action: LifecycleAction) -> Operation {
@@ -320,7 +327,7 @@ async fn a_policy_or_setting_written_earlier_in_a_batch_applies_to_the_commands_
             Op::CreatePolicy { policy: deny_stop },
             begin("op_stop_b", "rt_b", stop),
             Op::SetSettings { settings },
-            Op::PatchLabels { runtime_id: "rt_c".into(), labels: BTreeMap::new(), expected_version: None },
+            relabel("rt_c", BTreeMap::new(), None),
         ],
     )
     .await;
@@ -341,11 +348,7 @@ async fn updates_and_label_patches_check_the_expected_version() {
             Op::UpdateRuntime { runtime: renamed.clone(), expected_version: Some(7) },
             Op::UpdateRuntime { runtime: renamed.clone(), expected_version: Some(1) },
             create("rt_b", "web"),
-            Op::PatchLabels {
-                runtime_id: "rt_a".into(),
-                labels: BTreeMap::from([("env".into(), None), ("team".into(), Some("risk".into()))]),
-                expected_version: Some(2),
-            },
+            relabel("rt_a", BTreeMap::from([("env".into(), None), ("team".into(), Some("risk".into()))]), Some(2)),
         ],
     )
     .await;
@@ -655,10 +658,7 @@ async fn events_are_kept_within_the_retention_count_and_age() {
     assert_eq!(*seqs.last().unwrap(), last, "the newest are kept");
 
     // Two days later, one new event: everything older than a day goes.
-    let later = Command {
-        at: at(2 * 24 * 60 * 60),
-        ..command(Op::PatchLabels { runtime_id: "rt_a".into(), labels: BTreeMap::new(), expected_version: None })
-    };
+    let later = Command { at: at(2 * 24 * 60 * 60), ..command(relabel("rt_a", BTreeMap::new(), None)) };
     sm.apply(vec![entry(last + 1, later)]).await.unwrap();
     let events = sm.runtime_events("rt_a").unwrap();
     assert_eq!(events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>(), ["runtime.labels"]);
@@ -670,7 +670,7 @@ async fn events_past_the_retention_age_go_even_when_few() {
     let settings = ClusterSettings { event_retention_count: 100, event_retention_days: 1, ..Default::default() };
     apply(&mut sm, vec![Op::SetSettings { settings }]).await;
     running(&mut sm, "rt_a", "web").await;
-    let patch = || Op::PatchLabels { runtime_id: "rt_a".into(), labels: BTreeMap::new(), expected_version: None };
+    let patch = || relabel("rt_a", BTreeMap::new(), None);
     apply(&mut sm, vec![patch()]).await;
     let kept = sm.runtime_events("rt_a").unwrap().len();
     assert!(kept >= 3, "well within the count, all kept: {kept}");
@@ -938,6 +938,39 @@ async fn nobody_approves_their_own_request_and_agents_decide_nothing_whatever_pa
     let bob = apply_as(&mut sm, Actor::Human("bob".into()), decide(true)).await;
     assert!(matches!(&bob, CommandReply::Operation(o) if o.status == OperationStatus::Queued), "{bob:?}");
     assert_eq!(bob_approval(&sm), Some("human:bob".to_string()));
+}
+
+#[tokio::test]
+async fn a_relabel_out_of_a_scoped_policy_waits_for_approval_holds_the_runtime_and_applies_once_approved() {
+    let (_dir, mut sm) = open();
+    running(&mut sm, "rt_a", "web").await;
+    let to_prod = relabel("rt_a", BTreeMap::from([("env".into(), Some("production".into()))]), None);
+    apply(&mut sm, vec![to_prod]).await;
+    let mut scoped = stop_policy("pol_prod", "deny_action");
+    scoped.scope_env = Some("production".into());
+    apply(&mut sm, vec![Op::CreatePolicy { policy: scoped }]).await;
+    let bot = Actor::Agent("bot".into());
+    let escape = || relabel("rt_a", BTreeMap::from([("env".into(), Some("dev".into()))]), None);
+    let parked = apply_as(&mut sm, bot.clone(), escape()).await;
+    let CommandReply::Operation(parked) = parked else { panic!("not parked: {parked:?}") };
+    assert_eq!((parked.status, parked.action.kind()), (OperationStatus::PendingApproval, "relabel"));
+    let runtime = sm.get_runtime("rt_a").unwrap().unwrap();
+    assert_eq!((runtime.env(), runtime.active_operation.as_deref()), (Some("production"), Some(parked.id.as_str())));
+    let again = apply_as(&mut sm, bot.clone(), escape()).await;
+    assert!(matches!(again, CommandReply::Rejected(Rejection::OperationInProgress { .. })), "{again:?}");
+    let stop = begin("op_stop", "rt_a", LifecycleAction::Stop { force: false, timeout_seconds: None });
+    let busy = apply_as(&mut sm, bot.clone(), stop).await;
+    assert!(matches!(busy, CommandReply::Rejected(Rejection::OperationInProgress { .. })), "{busy:?}");
+    let other =
+        apply_as(&mut sm, bot.clone(), relabel("rt_a", BTreeMap::from([("team".into(), Some("x".into()))]), None));
+    assert!(matches!(other.await, CommandReply::Runtime(r) if r.labels["team"] == "x"), "other labels need no one");
+
+    let decide = Op::DecideApproval { operation_id: parked.id.clone(), approve: true, reason: None };
+    let approved = apply_as(&mut sm, Actor::Human("olga".into()), decide).await;
+    assert!(matches!(&approved, CommandReply::Operation(o) if o.status == OperationStatus::Succeeded), "{approved:?}");
+    let runtime = sm.get_runtime("rt_a").unwrap().unwrap();
+    assert_eq!((runtime.env(), runtime.active_operation.as_deref()), (Some("dev"), None));
+    assert_eq!(runtime.state, RuntimeState::Running);
 }
 
 fn bob_approval(sm: &StateMachineStore) -> Option<String> {

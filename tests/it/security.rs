@@ -247,24 +247,37 @@ async fn agents_are_bound_by_their_keys_and_nobody_approves_their_own_request() 
     let self_approve = format!("/v1/operations/{}/approve", start.body["id"].as_str().unwrap());
     let own = cluster.call_eventually_as(&ops, 1, Method::POST, &self_approve, None, &[]).await?;
     assert!(problem(&own, 403, "self-approval"), "{own:?}");
-    assert_eq!(cluster.call_eventually(2, Method::POST, &self_approve, None, &[]).await?.status, 200, "the admin may");
+    let admin_approved = cluster.call_eventually(2, Method::POST, &self_approve, None, &[]).await?;
+    assert_eq!(admin_approved.status, 200, "the admin may: {admin_approved:?}");
+    cluster.wait_operation(1, start.body["id"].as_str().unwrap(), EVENTUALLY).await?;
 
-    phase("moving the runtime out of a policy's scope (its env label) is not for operators or agents");
+    phase("a relabel out of a policy's scope (its env) waits for a human; other labels do not");
     let scoped = json!({"name": "prod-only", "scope_env": "production", "rules": [{"kind": "require_approval", "selector": {"actions": ["delete"]}}]});
     assert_eq!(cluster.call_eventually(1, Method::POST, "/v1/policies", Some(&scoped), &[]).await?.status, 201);
-    let relabel = json!({"labels": {"env": "dev"}});
-    for token in [&ops, &actor] {
-        let moved = cluster
-            .call_eventually_as(token, 2, Method::PATCH, &format!("/v1/runtimes/{id}"), Some(&relabel), &[])
-            .await?;
-        assert!(problem(&moved, 403, "policy-scope"), "{moved:?}");
-    }
+    let runtime_path = format!("/v1/runtimes/{id}");
     let other = json!({"labels": {"team": "db"}});
-    let labelled =
-        cluster.call_eventually_as(&ops, 3, Method::PATCH, &format!("/v1/runtimes/{id}"), Some(&other), &[]).await?;
-    assert_eq!(labelled.status, 200, "other labels are the operator's: {labelled:?}");
-    let moved = cluster.call_eventually(3, Method::PATCH, &format!("/v1/runtimes/{id}"), Some(&relabel), &[]).await?;
-    assert_eq!(moved.status, 200, "a policy admin may: {moved:?}");
+    let labelled = cluster.call_eventually_as(&ops, 3, Method::PATCH, &runtime_path, Some(&other), &[]).await?;
+    assert_eq!((labelled.status, labelled.body["labels"]["team"].as_str()), (200, Some("db")), "{labelled:?}");
+    let escape = json!({"labels": {"env": "dev"}});
+    let parked = cluster.call_eventually_as(&ops, 2, Method::PATCH, &runtime_path, Some(&escape), &[]).await?;
+    assert_eq!((parked.status, parked.body["status"].as_str()), (202, Some("pending_approval")), "{parked:?}");
+    assert_eq!(
+        (parked.body["kind"].as_str(), parked.body["requested_by"].as_str()),
+        (Some("relabel"), Some("human:olga"))
+    );
+    assert!(parked.body["decisions"].to_string().contains("prod-only"), "the decision names the policy: {parked:?}");
+    let unchanged = cluster.call_eventually_as(&ops, 1, Method::GET, &runtime_path, None, &[]).await?;
+    assert_eq!(unchanged.body["labels"]["env"], "production", "nothing changes before approval: {unchanged:?}");
+    let approve = format!("/v1/operations/{}/approve", parked.body["id"].as_str().unwrap());
+    let by_agent = cluster.call_eventually_as(&actor, 1, Method::POST, &approve, None, &[]).await?;
+    assert!(problem(&by_agent, 403, "forbidden"), "{by_agent:?}");
+    let by_self = cluster.call_eventually_as(&ops, 1, Method::POST, &approve, None, &[]).await?;
+    assert!(problem(&by_self, 403, "self-approval"), "{by_self:?}");
+    let by_admin = cluster.call_eventually(3, Method::POST, &approve, None, &[]).await?;
+    assert_eq!((by_admin.status, by_admin.body["status"].as_str()), (200, Some("succeeded")), "{by_admin:?}");
+    let moved = cluster.call_eventually_as(&ops, 2, Method::GET, &runtime_path, None, &[]).await?;
+    assert_eq!(moved.body["labels"]["env"], "dev", "approved, the label changed: {moved:?}");
+    assert!(moved.body["active_operation"].is_null(), "{moved:?}");
     Ok(())
 }
 

@@ -177,6 +177,9 @@ pub async fn execute(
         LifecycleAction::Sequence { .. } => {
             Err(BackendError::Permanent("a sequence reaches the backend one action at a time".into()))
         }
+        LifecycleAction::Relabel { .. } => {
+            Err(BackendError::Permanent("a relabel changes only the record; no backend carries it out".into()))
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 //! | selector key | matches |
 //! |---|---|
 //! | `runtime_type` | a type or list of types (`vm`, `vcluster`, `sandbox`, `agent_runtime`) |
-//! | `actions` | an action or list of actions (`create`, `start`, `stop`, `restart`, `scale`, `snapshot`, `restore`, `delete`) |
+//! | `actions` | an action or list of actions (`create`, `start`, `stop`, `restart`, `scale`, `snapshot`, `restore`, `delete`, `relabel`) |
 //! | `labels` | an object of labels the runtime must carry |
 //! | `actor` | `human`, `agent`, `service`, `system`, or one actor such as `agent:planner-bot` (or a list) |
 //!
@@ -30,10 +30,17 @@
 //! | `aggressive` | allow | allow | allow |
 //!
 //! So `safe_first` runs on its own only what an `allow_action` rule allows, and never runs a
-//! destructive action without a human. Destructive actions: stop, delete, restore, and a scale
-//! that lowers cpu, size or replicas.
+//! destructive action without a human. Destructive actions: stop, delete, restore, a scale
+//! that lowers cpu, size or replicas, and a relabel that leaves a policy's scope.
+//!
+//! **Relabels.** Labels decide which policies apply, so a change of labels (`relabel`) is judged
+//! by the policies that apply *before* it. A relabel that would take the runtime out of a
+//! policy's scope (its `scope_env`) or out of a rule's `labels` selector needs approval in every
+//! mode unless a rule decides on `relabel` explicitly: nobody escapes a production policy by
+//! calling the runtime `env=dev`.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use runtimeai_model::{
     Actor, LifecycleAction, Policy, PolicyDecision, PolicyMode, PolicyRule, Runtime, RuntimeSpec, RuntimeState,
@@ -47,7 +54,8 @@ use crate::Catalogue;
 pub const RULE_KINDS: &[&str] = &["deny_action", "allow_action", "require_approval", "budget_guardrail", "data_egress"];
 
 /// Action names a selector may list.
-pub const ACTION_NAMES: &[&str] = &["create", "start", "stop", "restart", "scale", "snapshot", "restore", "delete"];
+pub const ACTION_NAMES: &[&str] =
+    &["create", "start", "stop", "restart", "scale", "snapshot", "restore", "delete", "relabel"];
 
 const RUNTIME_TYPES: &[&str] = &["vm", "vcluster", "sandbox", "agent_runtime"];
 
@@ -159,6 +167,27 @@ fn in_scope(policy: &Policy, runtime: &Runtime) -> bool {
         && (policy.scope_env.is_none() || policy.scope_env.as_deref() == runtime.env())
 }
 
+/// The first policy (of those applying now) out of whose scope a relabel would take the
+/// runtime: its `scope_env` or a rule's `labels` selector matches now and would not after.
+fn scope_left<'p>(policies: &[&'p Policy], step: &Step<'_>) -> Option<&'p Policy> {
+    if !matches!(step.action, LifecycleAction::Relabel { .. }) {
+        return None;
+    }
+    let mut after = step.runtime.labels.clone();
+    step.action.apply_to_labels(&mut after);
+    policies.iter().copied().find(|policy| {
+        let env_left = policy.scope_env.as_ref().is_some_and(|env| after.get("env") != Some(env));
+        env_left
+            || policy.rules.iter().any(|rule| {
+                rule.selector
+                    .0
+                    .get("labels")
+                    .and_then(Value::as_object)
+                    .is_some_and(|wanted| carries(&step.runtime.labels, wanted) && !carries(&after, wanted))
+            })
+    })
+}
+
 fn decide(policies: &[&Policy], step: &Step<'_>, index: u32, mode: PolicyMode) -> PolicyDecision {
     let action = step.action.kind();
     let mut winner: Option<PolicyDecision> = None;
@@ -183,7 +212,8 @@ fn decide(policies: &[&Policy], step: &Step<'_>, index: u32, mode: PolicyMode) -
             });
         }
     }
-    let destructive = destroys(step.action, &step.before.spec, step.catalogue);
+    let left = scope_left(policies, step);
+    let destructive = left.is_some() || destroys(step.action, &step.before.spec, step.catalogue);
     match winner {
         Some(mut decision) => {
             if decision.verdict == Verdict::Allow && destructive && mode == PolicyMode::SafeFirst {
@@ -198,6 +228,13 @@ fn decide(policies: &[&Policy], step: &Step<'_>, index: u32, mode: PolicyMode) -
         None => {
             let production = step.runtime.env() == Some("production");
             let (verdict, reason) = match mode {
+                _ if left.is_some() => (
+                    Verdict::RequireApproval,
+                    format!(
+                        "relabel would take the runtime out of the scope of policy {:?}, so a human must approve it",
+                        left.map_or("", |p| p.name.as_str())
+                    ),
+                ),
                 PolicyMode::SafeFirst if destructive => {
                     (Verdict::RequireApproval, format!("safe_first: {action} is destructive and needs approval"))
                 }
@@ -282,15 +319,16 @@ fn one_or_many(value: &Value) -> Vec<&str> {
     }
 }
 
+/// Whether `labels` carry every label of a selector's `labels` object.
+fn carries(labels: &BTreeMap<String, String>, wanted: &Map<String, Value>) -> bool {
+    wanted.iter().all(|(k, v)| v.as_str().is_some_and(|v| labels.get(k).map(String::as_str) == Some(v)))
+}
+
 fn selector_matches(selector: &Map<String, Value>, step: &Step<'_>) -> bool {
     selector.iter().all(|(key, value)| match key.as_str() {
         "runtime_type" => one_or_many(value).contains(&step.runtime.runtime_type.as_str()),
         "actions" => one_or_many(value).contains(&step.action.kind()),
-        "labels" => value.as_object().is_some_and(|labels| {
-            labels
-                .iter()
-                .all(|(k, v)| v.as_str().is_some_and(|v| step.runtime.labels.get(k).map(String::as_str) == Some(v)))
-        }),
+        "labels" => value.as_object().is_some_and(|wanted| carries(&step.runtime.labels, wanted)),
         "actor" => {
             let full = step.actor.to_string();
             one_or_many(value).iter().any(|a| *a == step.actor.kind() || *a == full)
@@ -493,6 +531,58 @@ mod tests {
         assert_eq!((d.verdict, d.policy_id.as_deref()), (Allow, Some("pol_a")));
         let d = decide_one(&[allow_all], &dev, scale("small"), bot(), SafeFirst);
         assert_eq!((d.verdict, d.policy_id.as_deref()), (RequireApproval, Some("pol_a")));
+    }
+
+    fn relabel(key: &str, value: Option<&str>) -> LifecycleAction {
+        LifecycleAction::Relabel { labels: [(key.to_string(), value.map(String::from))].into() }
+    }
+
+    #[test]
+    fn a_relabel_out_of_a_policys_scope_needs_approval_in_every_mode_unless_a_rule_decides() {
+        use PolicyMode::*;
+        use Verdict::*;
+        let mut prod = runtime(Some("production"), "medium", RuntimeState::Running);
+        prod.labels.insert("tier".into(), "db".into());
+        let bot = || Actor::Agent("bot".into());
+        let scoped =
+            policy("pol_p", Some("production"), vec![rule("deny_action", json!({"actions": "stop"}), json!({}))]);
+        let by_label = policy(
+            "pol_l",
+            None,
+            vec![rule("require_approval", json!({"labels": {"tier": "db"}, "actions": "delete"}), json!({}))],
+        );
+        // (policies, change, mode, expected, policy named)
+        let table = [
+            (vec![scoped.clone()], relabel("env", Some("dev")), Aggressive, RequireApproval, Some("pol_p-name")),
+            (vec![scoped.clone()], relabel("env", None), Balanced, RequireApproval, Some("pol_p-name")),
+            (vec![scoped.clone()], relabel("team", Some("x")), Aggressive, Allow, None),
+            (vec![scoped.clone()], relabel("env", Some("production")), Balanced, Allow, None),
+            (vec![by_label.clone()], relabel("tier", Some("web")), Aggressive, RequireApproval, Some("pol_l-name")),
+            (vec![by_label.clone()], relabel("env", Some("dev")), Aggressive, Allow, None),
+            (vec![], relabel("env", Some("dev")), Aggressive, Allow, None),
+            (vec![], relabel("env", Some("dev")), SafeFirst, RequireApproval, None),
+        ];
+        for (policies, change, mode, expected, named) in table {
+            let d = decide_one(&policies, &prod, change.clone(), bot(), mode);
+            assert_eq!(d.verdict, expected, "{mode:?} {change:?}: {d:?}");
+            assert_eq!(d.action, "relabel");
+            if let Some(name) = named {
+                assert!(d.reason.contains(name), "the reason names the policy left: {d:?}");
+            }
+        }
+        // A rule on `relabel` decides explicitly: deny is deny, allow lets it through (but
+        // safe_first still asks, a scope-leaving relabel being destructive).
+        for (kind, mode, expected) in [
+            ("deny_action", Aggressive, Deny),
+            ("allow_action", Balanced, Allow),
+            ("allow_action", SafeFirst, RequireApproval),
+        ] {
+            let decides = rule(kind, json!({"actions": "relabel"}), json!({}));
+            let policies = [policy("pol_p", Some("production"), vec![decides])];
+            let d = decide_one(&policies, &prod, relabel("env", Some("dev")), bot(), mode);
+            assert_eq!((d.verdict, d.policy_id.as_deref()), (expected, Some("pol_p")), "{kind} {mode:?}");
+        }
+        assert!(validate_rule(&rule("deny_action", json!({"actions": "relabel"}), json!({}))).is_ok());
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub mod timestamp;
 
 pub use access::{strictness, AgentMode, ApiKey, Principal, PrincipalKind, Role, ALL_TENANTS};
 pub use json::{JsonObject, JsonText};
-pub use lifecycle::{IllegalTransition, LifecycleAction};
+pub use lifecycle::{IllegalTransition, LabelPatch, LifecycleAction};
 pub use records::{
     default_sizes, Actor, Approval, Assignment, BackendInfo, ClusterSettings, Event, EventSeverity, IdempotencyRecord,
     Intent, NodeInfo, Operation, OperationError, OperationProgress, OperationStatus, Placement, Policy, PolicyDecision,

@@ -1,9 +1,14 @@
 //! What each lifecycle action may do to a runtime: the one transition table that the API (to
 //! answer early) and the state machine (to decide, in apply) both use.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{ResourceProfile, RuntimeSpec, RuntimeState};
+
+/// A change of labels as a JSON merge patch: a value sets a label, `None` removes it.
+pub type LabelPatch = BTreeMap<String, Option<String>>;
 
 /// A lifecycle action, with its parameters, as an operation carries it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,6 +38,11 @@ pub enum LifecycleAction {
     Sequence {
         actions: Vec<LifecycleAction>,
     },
+    /// A change of the runtime's labels. Labels decide which policies apply to a runtime, so
+    /// policies judge a relabel like any action; it needs no backend (see [`Self::needs_backend`]).
+    Relabel {
+        labels: LabelPatch,
+    },
 }
 
 /// Why an action cannot run on a runtime in its current state.
@@ -56,6 +66,25 @@ impl LifecycleAction {
             LifecycleAction::Restore { .. } => "restore",
             LifecycleAction::Delete => "delete",
             LifecycleAction::Sequence { .. } => "execute",
+            LifecycleAction::Relabel { .. } => "relabel",
+        }
+    }
+
+    /// Whether an executor carries the action out. A relabel changes only the record: once
+    /// allowed (or approved) it is applied at once.
+    pub fn needs_backend(&self) -> bool {
+        !matches!(self, LifecycleAction::Relabel { .. })
+    }
+
+    /// What a succeeded relabel makes of `labels`.
+    pub fn apply_to_labels(&self, labels: &mut BTreeMap<String, String>) {
+        if let LifecycleAction::Relabel { labels: patch } = self {
+            for (key, value) in patch {
+                match value {
+                    Some(value) => labels.insert(key.clone(), value.clone()),
+                    None => labels.remove(key),
+                };
+            }
         }
     }
 
@@ -90,6 +119,7 @@ impl LifecycleAction {
     /// | scale, snapshot | running, stopped, degraded | unchanged | unchanged |
     /// | restore | running, stopped, degraded, error | unchanged | unchanged |
     /// | delete | any but deleting, deleted | deleting | deleted (record removed) |
+    /// | relabel (once approved) | any but deleting, deleted | unchanged | unchanged |
     ///
     /// `start` on a running runtime (or `stop` on a stopped one) is refused with 409 rather than
     /// treated as a no-op, so that an agent learns the state it assumed was wrong.
@@ -116,7 +146,7 @@ impl LifecycleAction {
                 matches!(state, Running | Stopped | Degraded)
             }
             LifecycleAction::Restore { .. } => matches!(state, Running | Stopped | Degraded | Error),
-            LifecycleAction::Delete => !matches!(state, Deleting | Deleted),
+            LifecycleAction::Delete | LifecycleAction::Relabel { .. } => !matches!(state, Deleting | Deleted),
             LifecycleAction::Sequence { .. } => unreachable!("handled above"),
         };
         if !allowed {
