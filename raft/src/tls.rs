@@ -23,6 +23,9 @@ use tokio::sync::{mpsc, watch};
 
 /// How long a client may take to complete its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closed connection still reads (and drops) what the client sends: see
+/// [`TlsConnection`]'s `poll_shutdown`.
+const LINGER: Duration = Duration::from_secs(5);
 /// How often the certificate files are checked for changes.
 const RELOAD_EVERY: Duration = Duration::from_secs(2);
 /// A certificate that expires within this is logged at every reload check (once an hour).
@@ -296,9 +299,45 @@ impl PeerIdentity {
 }
 
 /// An established server-side TLS connection, with who is at the other end.
+///
+/// Closing it lingers, as nginx's `lingering_close` does: a server that answers before it has
+/// read the whole request (413 for a body over the limit, 400 for a malformed header) and then
+/// closes its socket with the rest unread makes the kernel send a reset, which can destroy the
+/// answer before the client reads it; the client sees "connection reset" or "EOF in violation of
+/// protocol" instead of the status. So after `close_notify` and the TCP half-close, the
+/// connection reads and drops whatever still arrives, until the client closes or [`LINGER`]
+/// has passed.
 pub struct TlsConnection {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     pub peer: PeerIdentity,
+    /// Set once the TLS session is shut down: when lingering ends.
+    lingering_until: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl TlsConnection {
+    fn new(stream: tokio_rustls::server::TlsStream<TcpStream>, peer: PeerIdentity) -> Self {
+        TlsConnection { stream, peer, lingering_until: None }
+    }
+
+    /// Reads and drops raw bytes from the socket until the client closes it, an error, or the
+    /// deadline.
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let deadline = self.lingering_until.get_or_insert_with(|| Box::pin(tokio::time::sleep(LINGER)));
+        let tcp = self.stream.get_mut().0;
+        let mut scratch = [0u8; 8192];
+        loop {
+            if std::future::Future::poll(deadline.as_mut(), cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut *tcp).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                // The client closed (or the socket failed): nothing more to wait for.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
 }
 
 impl AsyncRead for TlsConnection {
@@ -317,7 +356,12 @@ impl AsyncWrite for TlsConnection {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.lingering_until.is_none() {
+            // `close_notify`, then the TCP half-close.
+            std::task::ready!(Pin::new(&mut this.stream).poll_shutdown(cx))?;
+        }
+        this.poll_linger(cx)
     }
 
     fn poll_write_vectored(
@@ -377,9 +421,8 @@ pub fn accept(
                             .peer_certificates()
                             .and_then(|c| c.first())
                             .map(|c| c.clone().into_owned());
-                        let _ = established
-                            .send(TlsConnection { stream, peer: PeerIdentity { remote, certificate } })
-                            .await;
+                        let _ =
+                            established.send(TlsConnection::new(stream, PeerIdentity { remote, certificate })).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake refused"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),

@@ -9,6 +9,34 @@ use runtimeai_tests::{key_for, phase, Cluster, ClusterOptions, Eventually, EVENT
 
 const SETTLE: Duration = EVENTUALLY;
 
+/// POSTs an 8 MiB body `times` with Python's `http.client`, which sends the whole body before
+/// reading the answer: the statuses it got, or the names of the errors it met instead.
+async fn answered_before_the_body_is_read(cluster: &Cluster, times: usize) -> anyhow::Result<Vec<String>> {
+    const CLIENT: &str = r#"
+import http.client, os, ssl, sys
+host, port = sys.argv[1].rsplit(":", 1)
+context = ssl.create_default_context(cafile=sys.argv[2])
+body = b"{" + b" " * (8 << 20) + b"}"
+headers = {"Authorization": "Bearer " + os.environ["TOKEN"], "Content-Type": "application/json"}
+for _ in range(int(sys.argv[3])):
+    connection = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+    try:
+        connection.request("POST", "/v1/runtimes", body=body, headers=headers)
+        print(connection.getresponse().status)
+    except Exception as e:
+        print(type(e).__name__)
+    connection.close()
+"#;
+    let ca = runtimeai_tests::harness_ca()?.join("ca.pem");
+    let output = tokio::process::Command::new("python3")
+        .args(["-c", CLIENT, &cluster.node(1).http, &ca.display().to_string(), &times.to_string()])
+        .env("TOKEN", runtimeai_tests::admin_token())
+        .output()
+        .await?;
+    anyhow::ensure!(output.status.success(), "python3: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(String::from_utf8_lossy(&output.stdout).split_whitespace().map(str::to_string).collect())
+}
+
 async fn cluster() -> anyhow::Result<Cluster> {
     let options = ClusterOptions { extra_args: vec!["--simulated-step-ms".into(), "50".into()], ..Default::default() };
     Ok(Cluster::start(3, options).await?)
@@ -240,6 +268,9 @@ async fn bad_input_gets_the_right_problem_and_writes_nothing() -> anyhow::Result
         .send()
         .await?;
     assert_eq!(response.status(), 413);
+    phase("a client that sends its whole body before it reads (Python's http.client) gets the 413 too, not a reset");
+    let statuses = answered_before_the_body_is_read(&cluster, 3).await?;
+    assert_eq!(statuses, ["413", "413", "413"], "the answer must reach the client");
     phase("nothing malformed was written");
     let list = cluster.call_eventually(3, Method::GET, "/v1/runtimes", None, &[]).await?;
     assert_eq!(list.body["items"].as_array().unwrap().len(), 0, "{list:?}");
