@@ -23,9 +23,10 @@ use tokio::sync::{mpsc, watch};
 
 /// How long a client may take to complete its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a closed connection still reads (and drops) what the client sends: see
-/// [`TlsConnection`]'s `poll_shutdown`.
+/// How long a closed connection still reads (and drops) what the client sends, at most, and how
+/// long it waits for more when nothing comes: see [`TlsConnection`]'s `poll_shutdown`.
 const LINGER: Duration = Duration::from_secs(5);
+const LINGER_QUIET: Duration = Duration::from_millis(500);
 /// How often the certificate files are checked for changes.
 const RELOAD_EVERY: Duration = Duration::from_secs(2);
 /// A certificate that expires within this is logged at every reload check (once an hour).
@@ -305,33 +306,45 @@ impl PeerIdentity {
 /// closes its socket with the rest unread makes the kernel send a reset, which can destroy the
 /// answer before the client reads it; the client sees "connection reset" or "EOF in violation of
 /// protocol" instead of the status. So after `close_notify` and the TCP half-close, the
-/// connection reads and drops whatever still arrives, until the client closes or [`LINGER`]
-/// has passed.
+/// connection reads and drops whatever still arrives, until the client closes, nothing has come
+/// for [`LINGER_QUIET`] (an idle client keeps no shutdown waiting), or [`LINGER`] has passed.
 pub struct TlsConnection {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     pub peer: PeerIdentity,
-    /// Set once the TLS session is shut down: when lingering ends.
-    lingering_until: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Set once the TLS session is shut down.
+    linger: Option<Linger>,
+}
+
+/// The deadlines of a lingering close: the whole of it, and the wait for the next bytes.
+struct Linger {
+    total: Pin<Box<tokio::time::Sleep>>,
+    quiet: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl TlsConnection {
     fn new(stream: tokio_rustls::server::TlsStream<TcpStream>, peer: PeerIdentity) -> Self {
-        TlsConnection { stream, peer, lingering_until: None }
+        TlsConnection { stream, peer, linger: None }
     }
 
-    /// Reads and drops raw bytes from the socket until the client closes it, an error, or the
+    /// Reads and drops raw bytes from the socket until the client closes it, an error, or a
     /// deadline.
     fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let deadline = self.lingering_until.get_or_insert_with(|| Box::pin(tokio::time::sleep(LINGER)));
+        use std::future::Future;
+        let linger = self.linger.get_or_insert_with(|| Linger {
+            total: Box::pin(tokio::time::sleep(LINGER)),
+            quiet: Box::pin(tokio::time::sleep(LINGER_QUIET)),
+        });
         let tcp = self.stream.get_mut().0;
         let mut scratch = [0u8; 8192];
         loop {
-            if std::future::Future::poll(deadline.as_mut(), cx).is_ready() {
+            if linger.total.as_mut().poll(cx).is_ready() || linger.quiet.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ok(()));
             }
             let mut buf = ReadBuf::new(&mut scratch);
             match Pin::new(&mut *tcp).poll_read(cx, &mut buf) {
-                Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    linger.quiet.as_mut().reset(tokio::time::Instant::now() + LINGER_QUIET);
+                }
                 // The client closed (or the socket failed): nothing more to wait for.
                 Poll::Ready(_) => return Poll::Ready(Ok(())),
                 Poll::Pending => return Poll::Pending,
@@ -357,7 +370,7 @@ impl AsyncWrite for TlsConnection {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        if this.lingering_until.is_none() {
+        if this.linger.is_none() {
             // `close_notify`, then the TCP half-close.
             std::task::ready!(Pin::new(&mut this.stream).poll_shutdown(cx))?;
         }
