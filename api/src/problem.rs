@@ -94,9 +94,13 @@ impl From<ClusterError> for Problem {
             | ClusterError::LeaderUnreachable { .. }
             | ClusterError::Stopped(_)
             | ClusterError::Timeout(_)
-            | ClusterError::ConnectionLost { .. } => Problem::unavailable(error.to_string()),
+            | ClusterError::ConnectionLost { .. }
+            | ClusterError::Overloaded { .. } => Problem::unavailable(error.to_string()),
             ClusterError::Invalid(_) => Problem::new(StatusCode::CONFLICT, "cluster-conflict", error.to_string()),
             ClusterError::NotFound(_) => Problem::not_found(error.to_string()),
+            ClusterError::TooLarge { .. } => {
+                Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "command-too-large", error.to_string())
+            }
             ClusterError::Internal(_) => {
                 tracing::error!(%error, "internal error serving a request");
                 Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", error.to_string())

@@ -334,6 +334,8 @@ pub enum ConfigError {
     Conflict(String),
     #[error("--{flag} must be at least {min}, got {value}")]
     TooSmall { flag: &'static str, min: u64, value: u64 },
+    #[error("--{flag} must be at most {max}, got {value}")]
+    TooLarge { flag: &'static str, max: u64, value: u64 },
 }
 
 impl NodeArgs {
@@ -461,6 +463,15 @@ impl NodeArgs {
         let snapshot_chunk_bytes = self.snapshot_chunk_bytes.unwrap_or(3 << 20);
         if snapshot_chunk_bytes < 1024 {
             return Err(ConfigError::TooSmall { flag: "snapshot-chunk-bytes", min: 1024, value: snapshot_chunk_bytes });
+        }
+        // A chunk is one gRPC message, with room to spare for its header.
+        let max_chunk = (runtimeai_raft::limits::MAX_MESSAGE_BYTES / 2) as u64;
+        if snapshot_chunk_bytes > max_chunk {
+            return Err(ConfigError::TooLarge {
+                flag: "snapshot-chunk-bytes",
+                max: max_chunk,
+                value: snapshot_chunk_bytes,
+            });
         }
         let cluster_name = self.cluster_name.unwrap_or_else(|| "runtimeai".to_string());
         if cluster_name.is_empty() || cluster_name.chars().any(|c| c.is_control() || c.is_whitespace()) {
@@ -768,6 +779,7 @@ mod tests {
             (NodeArgs { peer_routes: Some("2=127.0.0.1".into()), ..args(1) }, "--peer-routes"),
             (NodeArgs { peer_routes: Some("2=127.0.0.1:1,2=127.0.0.1:2".into()), ..args(1) }, "listed twice"),
             (NodeArgs { election_timeout_ms: Some(100), ..args(1) }, "three heartbeats"),
+            (NodeArgs { snapshot_chunk_bytes: Some(1 << 30), ..args(1) }, "snapshot-chunk-bytes must be at most"),
         ];
         for (args, expected) in cases {
             let err = args.clone().resolve().expect_err(&format!("{args:?} must be refused"));

@@ -13,9 +13,11 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::coalesce::{holding, next_write_group};
 use crate::command::{Command, CommandReply, LoggedCommand, Op};
+use crate::limits;
 use crate::types::{NodeId, Raft};
 
-/// At most this many commands share an entry.
+/// At most this many commands share an entry, and no more once it holds
+/// [`limits::BATCH_BYTES`].
 const MAX_BATCH: usize = 64;
 /// Entries being written at once, at most; proposals arriving meanwhile wait and form the next
 /// batch, which leaves when the entries on their way are done or once it is full.
@@ -36,6 +38,8 @@ type SharedAssigner = Arc<RwLock<Option<Arc<dyn Assigner>>>>;
 
 struct Proposal {
     command: Command,
+    /// Its encoded size.
+    bytes: usize,
     reply: oneshot::Sender<WriteResult>,
 }
 
@@ -59,10 +63,11 @@ impl Batcher {
         *self.assigner.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(assigner);
     }
 
-    /// Writes `command` through raft (with others, if others are waiting) and returns its reply.
-    pub(crate) async fn write(&self, command: Command) -> WriteResult {
+    /// Writes `command` (`bytes` long, encoded) through raft (with others, if others are
+    /// waiting) and returns its reply.
+    pub(crate) async fn write(&self, command: Command, bytes: usize) -> WriteResult {
         let (reply, answer) = oneshot::channel();
-        if self.proposals.send(Proposal { command, reply }).is_err() {
+        if self.proposals.send(Proposal { command, bytes, reply }).is_err() {
             return Err(RaftError::Fatal(openraft::error::Fatal::Stopped));
         }
         answer.await.unwrap_or(Err(RaftError::Fatal(openraft::error::Fatal::Stopped)))
@@ -71,10 +76,11 @@ impl Batcher {
 
 async fn run(raft: Raft, mut queue: mpsc::UnboundedReceiver<Proposal>, assigner: SharedAssigner) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    // Counted in commands: a follower's forwarded batch is one proposal of many commands.
+    // Counted in commands and bytes: a follower's forwarded batch is one proposal of many
+    // commands.
     while let Some((permit, mut batch)) =
-        next_write_group(&mut queue, &in_flight, MAX_IN_FLIGHT as u32, MAX_BATCH, |proposal: &Proposal| {
-            weight(&proposal.command)
+        next_write_group(&mut queue, &in_flight, MAX_IN_FLIGHT as u32, limits::BATCH_BYTES, |proposal: &Proposal| {
+            weight(proposal)
         })
         .await
     {
@@ -96,11 +102,12 @@ fn offer(assigner: &dyn Assigner, command: &mut Command) {
     }
 }
 
-fn weight(command: &Command) -> usize {
-    match &command.op {
+fn weight(proposal: &Proposal) -> usize {
+    let commands = match &proposal.command.op {
         Op::Batch(commands) => commands.len(),
         _ => 1,
-    }
+    };
+    limits::batch_weight(proposal.bytes, commands, MAX_BATCH)
 }
 
 async fn write(raft: &Raft, mut batch: Vec<Proposal>) {

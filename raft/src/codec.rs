@@ -63,6 +63,23 @@ pub fn encode<T: Serialize + ?Sized>(what: &'static str, value: &T) -> Result<Ve
     encoded.map_err(|source| CodecError::Encode { what, source })
 }
 
+/// How many bytes [`encode`] would make of `value`, counted without keeping them.
+pub fn encoded_len<T: Serialize + ?Sized>(what: &'static str, value: &T) -> Result<usize, CodecError> {
+    let mut counter = Counter(0);
+    bincode::serde::encode_into_writer(value, &mut counter, config())
+        .map_err(|source| CodecError::Encode { what, source })?;
+    Ok(counter.0)
+}
+
+struct Counter(usize);
+
+impl bincode::enc::write::Writer for &mut Counter {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0 += bytes.len();
+        Ok(())
+    }
+}
+
 thread_local! {
     /// [`encode`]'s buffer.
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };

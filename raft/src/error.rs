@@ -58,6 +58,13 @@ pub enum ClusterError {
     /// This node is shutting down or its raft stopped.
     #[error("node is shutting down: {0}")]
     Stopped(String),
+    /// The node has as many writes in flight as it takes ([`crate::limits::MAX_PENDING_BYTES`]);
+    /// this one was not proposed.
+    #[error("this node has {pending_bytes} bytes of writes in flight and takes no more for now; retry shortly")]
+    Overloaded { pending_bytes: usize },
+    /// The command is larger than any log entry may hold; it was not proposed.
+    #[error("the request makes a command of {bytes} bytes; a command holds at most {max} bytes")]
+    TooLarge { bytes: usize, max: usize },
     /// A store or codec failure on the serving node.
     #[error("internal error: {0}")]
     Internal(String),
@@ -79,6 +86,7 @@ impl ClusterError {
                 | ClusterError::NoQuorum(_)
                 | ClusterError::TooManyHops
                 | ClusterError::LeaderUnreachable { .. }
+                | ClusterError::Overloaded { .. }
         )
     }
 

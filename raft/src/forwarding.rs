@@ -22,9 +22,11 @@ use crate::coalesce::{holding, next_write_group};
 use crate::codec;
 use crate::command::{Command, CommandReply, Op};
 use crate::error::ClusterError;
+use crate::limits;
 use crate::types::NodeId;
 
-/// At most this many commands share one RPC (and so one entry of the leader's log).
+/// At most this many commands share one RPC (and so one entry of the leader's log), and no
+/// more once they hold [`limits::BATCH_BYTES`].
 pub(crate) const MAX_FORWARD_BATCH: usize = 64;
 /// RPCs on the way at once, at most; writes arriving meanwhile wait and form the next batch,
 /// which leaves when the RPCs on their way are done or once it is full.
@@ -38,6 +40,8 @@ struct Pending {
     client: ClusterClient<Channel>,
     hops_left: u32,
     command: Command,
+    /// Its encoded size.
+    bytes: usize,
     reply: oneshot::Sender<Forwarded>,
 }
 
@@ -55,17 +59,19 @@ impl Forwarder {
         Forwarder { pending }
     }
 
-    /// Sends `command` to `leader` (through `client`), with others bound there if any wait.
+    /// Sends `command` (`bytes` long, encoded) to `leader` (through `client`), with others bound
+    /// there if any wait.
     pub(crate) async fn forward(
         &self,
         leader: NodeId,
         client: ClusterClient<Channel>,
         hops_left: u32,
         command: Command,
+        bytes: usize,
     ) -> Forwarded {
         let (reply, answer) = oneshot::channel();
         let stopped = || ClusterError::Stopped("the node is shutting down".into());
-        if self.pending.send(Pending { leader, client, hops_left, command, reply }).is_err() {
+        if self.pending.send(Pending { leader, client, hops_left, command, bytes, reply }).is_err() {
             return Err(stopped());
         }
         answer.await.unwrap_or_else(|_| Err(stopped()))
@@ -83,7 +89,10 @@ struct Link {
 async fn run(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Pending>) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     while let Some((permit, waiting)) =
-        next_write_group(&mut queue, &in_flight, MAX_IN_FLIGHT as u32, MAX_FORWARD_BATCH, |_| 1).await
+        next_write_group(&mut queue, &in_flight, MAX_IN_FLIGHT as u32, limits::BATCH_BYTES, |pending: &Pending| {
+            limits::batch_weight(pending.bytes, 1, MAX_FORWARD_BATCH)
+        })
+        .await
     {
         // Almost always one group: every write goes to the one leader with the same hop budget.
         let mut groups: BTreeMap<(NodeId, u32), Vec<Pending>> = BTreeMap::new();

@@ -24,6 +24,7 @@ pub mod codec;
 pub mod command;
 pub mod error;
 mod forwarding;
+pub mod limits;
 pub mod log_store;
 pub mod network;
 mod read_index;

@@ -29,6 +29,7 @@ use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, StorageIOError};
 use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
 
 use crate::codec;
+use crate::limits;
 use crate::store::{cf, flush_state_machine, CF_LOG, CF_RAFT_META};
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
@@ -113,22 +114,24 @@ impl RecentEntries {
         }
     }
 
-    /// The entries of `range` if they are all here, from `start` on.
-    fn get(&self, start: u64, range: &impl RangeBounds<u64>) -> Option<Vec<Entry>> {
+    /// The entries of `range` from `start` on, up to `max_bytes` (the first always), if they
+    /// are all here.
+    fn get(&self, start: u64, range: &impl RangeBounds<u64>, max_bytes: usize) -> Option<Vec<Entry>> {
         let first = self.first_index()?;
         if start < first {
             return None;
         }
         let skip = (start - first) as usize;
-        Some(
-            self.entries
-                .iter()
-                .skip(skip)
-                .map(|(e, _)| e)
-                .take_while(|e| range.contains(&e.log_id.index))
-                .cloned()
-                .collect(),
-        )
+        let mut bytes = 0;
+        let mut entries = Vec::new();
+        for (entry, size) in self.entries.iter().skip(skip) {
+            bytes += size;
+            if !range.contains(&entry.log_id.index) || (bytes > max_bytes && !entries.is_empty()) {
+                break;
+            }
+            entries.push(entry.clone());
+        }
+        Some(entries)
     }
 }
 
@@ -274,6 +277,19 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
+        self.entries_within(range, usize::MAX)
+    }
+
+    /// What replication sends: the entries of `start..end` up to [`limits::APPEND_BYTES`],
+    /// and always the first (see [`crate::limits`]).
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
+        self.entries_within(start..end, limits::APPEND_BYTES)
+    }
+}
+
+impl LogStore {
+    /// The entries of `range`, in order, up to `max_bytes` encoded (the first one always).
+    fn entries_within<RB: RangeBounds<u64>>(&self, range: RB, max_bytes: usize) -> Result<Vec<Entry>, StorageError> {
         let start = match range.start_bound() {
             Bound::Included(i) => *i,
             Bound::Excluded(i) => i + 1,
@@ -281,10 +297,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         // Purged entries may wait for the purger a while; they are gone all the same.
         let start = start.max(self.first_kept());
-        if let Some(entries) = self.recent.lock().expect("recent entries lock").get(start, &range) {
+        if let Some(entries) = self.recent.lock().expect("recent entries lock").get(start, &range, max_bytes) {
             return Ok(entries);
         }
         let mut entries = Vec::new();
+        let mut bytes = 0;
         let iter = self.db.iterator_cf(self.log_cf(), IteratorMode::From(&log_key(start), Direction::Forward));
         for item in iter {
             let (key, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
@@ -293,7 +310,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
                     .try_into()
                     .map_err(|_| StorageIOError::read_logs(AnyError::error(format!("malformed log key {key:?}"))))?,
             );
-            if !range.contains(&index) {
+            bytes += value.len();
+            if !range.contains(&index) || (bytes > max_bytes && !entries.is_empty()) {
                 break;
             }
             let entry: Entry = codec::decode("log entry", &value).map_err(|e| StorageIOError::read_logs(&e))?;
@@ -457,23 +475,50 @@ mod tests {
         assert!(reopened.try_get_log_entries(0..100).await.unwrap().is_empty());
     }
 
+    #[tokio::test]
+    async fn replication_reads_stop_at_their_byte_budget_but_always_take_one_entry() {
+        use crate::store::DataDir;
+
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::open(&dir.path().join("data"), 1, "budget").unwrap();
+        let db = data.db.clone();
+        let size = codec::encode("log entry", &entry(1, 1)).unwrap().len();
+        for index in 1..=10 {
+            db.put_cf(cf(&db, CF_LOG), log_key(index), codec::encode("log entry", &entry(1, index)).unwrap()).unwrap();
+        }
+        let store = LogStore::new(db);
+        let read = |max| ids(Some(store.entries_within(2..9, max).unwrap())).unwrap();
+        assert_eq!(read(3 * size), [(1, 2), (1, 3), (1, 4)], "from disk");
+        assert_eq!(read(1), [(1, 2)], "one entry larger than the budget still goes");
+        assert_eq!(read(usize::MAX).len(), 7);
+
+        let mut recent = RecentEntries::default();
+        (1..=10).for_each(|i| recent.push(entry(1, i), 100));
+        assert_eq!(ids(recent.get(3, &(3..), 250)), Some(vec![(1, 3), (1, 4)]), "from the tail in memory");
+        assert_eq!(ids(recent.get(3, &(3..), 10)), Some(vec![(1, 3)]));
+    }
+
     // How the tail agrees with the store through appends, truncations and purges is what
     // openraft's storage suite checks (`storage_suite.rs`), reading through this cache.
     #[test]
     fn the_tail_in_memory_follows_appends_truncations_and_purges() {
         let mut recent = RecentEntries::default();
         (1..=10).for_each(|i| recent.push(entry(1, i), 100));
-        assert_eq!(ids(recent.get(3, &(3..6))), Some(vec![(1, 3), (1, 4), (1, 5)]));
-        assert_eq!(ids(recent.get(0, &(0..6))), None, "what it does not hold is read from the store");
+        assert_eq!(ids(recent.get(3, &(3..6), usize::MAX)), Some(vec![(1, 3), (1, 4), (1, 5)]));
+        assert_eq!(ids(recent.get(0, &(0..6), usize::MAX)), None, "what it does not hold is read from the store");
         recent.truncate(7);
         (7..=8).for_each(|i| recent.push(entry(2, i), 100));
-        assert_eq!(ids(recent.get(5, &(5..))), Some(vec![(1, 5), (1, 6), (2, 7), (2, 8)]), "the new end only");
+        assert_eq!(
+            ids(recent.get(5, &(5..), usize::MAX)),
+            Some(vec![(1, 5), (1, 6), (2, 7), (2, 8)]),
+            "the new end only"
+        );
         recent.purge(5);
         assert_eq!(recent.first_index(), Some(6));
         assert_eq!(recent.bytes, 300);
         recent.push(entry(2, 20), 100);
-        assert_eq!(ids(recent.get(20, &(20..))), Some(vec![(2, 20)]), "a gap starts the tail afresh");
-        assert_eq!(ids(recent.get(6, &(6..))), None);
+        assert_eq!(ids(recent.get(20, &(20..), usize::MAX)), Some(vec![(2, 20)]), "a gap starts the tail afresh");
+        assert_eq!(ids(recent.get(6, &(6..), usize::MAX)), None);
         (21..=21 + RECENT_MAX_ENTRIES as u64).for_each(|i| recent.push(entry(2, i), 1));
         assert_eq!(recent.entries.len(), RECENT_MAX_ENTRIES, "bounded");
         recent.push(entry(2, 22 + RECENT_MAX_ENTRIES as u64), RECENT_MAX_BYTES);

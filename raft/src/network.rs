@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -18,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
 use crate::codec;
+use crate::limits;
 use crate::tls::ClientTls;
 use crate::types::{NodeId, SnapshotMeta, TypeConfig, Vote};
 
@@ -164,7 +167,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         let (addr, channel) = self.routes.channel(target, &node.addr);
         PeerClient {
             target,
-            client: channel.map(RaftClient::new),
+            client: channel.map(|c| RaftClient::new(c).max_decoding_message_size(limits::MAX_MESSAGE_BYTES)),
             addr,
             cluster: self.cluster.clone(),
             health: self.health.clone(),
@@ -188,9 +191,13 @@ impl PeerClient {
         self.client.clone().map_err(|reason| Unreachable::new(&std::io::Error::other(reason)))
     }
 
+    /// A request with a deadline past openraft's own (`hard_ttl`), which it enforces itself:
+    /// a slow RPC must reach openraft as a timeout, retried at once, not as this transport's
+    /// "unreachable", which would back replication off for half a second with no heartbeat,
+    /// long enough for the follower to call an election.
     fn request<T>(&self, message: T, option: &RPCOption) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
-        request.set_timeout(option.hard_ttl());
+        request.set_timeout(option.hard_ttl() * 3 / 2);
         request
     }
 
@@ -217,6 +224,14 @@ impl PeerClient {
     }
 }
 
+/// For an AppendEntries of `entries` entries that encodes to more than one gRPC message may
+/// hold: about how many entries would fit, which openraft sends next. (The log store's reads for
+/// replication stay far below the limit: this is the guard should one ever not.)
+fn entries_that_fit(entries: usize, payload: usize) -> Option<u64> {
+    (payload > limits::MAX_MESSAGE_BYTES && entries > 1)
+        .then(|| (entries as u64 * limits::MAX_MESSAGE_BYTES as u64 / payload as u64).max(1))
+}
+
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
@@ -224,6 +239,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let payload = codec::encode("append entries", &rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if let Some(fits) = entries_that_fit(rpc.entries.len(), payload.len()) {
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fits)));
+        }
         let request = self.request(RaftRequest { cluster: self.cluster.clone(), payload }, &option);
         let outcome = self.client()?.append_entries(request).await;
         self.finish(outcome)
@@ -247,5 +265,19 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let request = self.request(RaftRequest { cluster: self.cluster.clone(), payload }, &option);
         let outcome = self.client()?.vote(request).await;
         self.finish(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_append_too_large_for_one_message_asks_for_fewer_entries() {
+        let max = limits::MAX_MESSAGE_BYTES;
+        assert_eq!(entries_that_fit(64, max), None);
+        assert_eq!(entries_that_fit(64, 2 * max), Some(32));
+        assert_eq!(entries_that_fit(3, 100 * max), Some(1), "at least one");
+        assert_eq!(entries_that_fit(1, 2 * max), None, "one entry cannot be split");
     }
 }

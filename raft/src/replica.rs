@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
+use runtimeai_model::Actor;
 use runtimeai_proto::cluster_client::ClusterClient;
 use runtimeai_proto::{AddMemberRequest, PeerStatusRequest, ReadIndexRequest, RemoveMemberRequest};
 use tonic::transport::Channel;
@@ -17,6 +18,7 @@ use crate::codec;
 use crate::command::{Command, CommandReply};
 use crate::error::ClusterError;
 use crate::forwarding::Forwarder;
+use crate::limits;
 use crate::network::{PeerHealth, PeerRoutes};
 use crate::read_index::ReadIndexBatcher;
 use crate::state_machine::StateMachineStore;
@@ -72,6 +74,8 @@ pub struct Replica {
     batcher: Batcher,
     forwarder: Forwarder,
     read_indexes: ReadIndexBatcher,
+    /// Client writes taken in and not yet answered.
+    pending_writes: limits::PendingWrites,
 }
 
 impl Replica {
@@ -97,6 +101,7 @@ impl Replica {
             clients: Mutex::new(HashMap::new()),
             leader_contact: Mutex::new(None),
             batcher: Batcher::start(raft.clone()),
+            pending_writes: limits::PendingWrites::default(),
             raft,
         })
     }
@@ -158,21 +163,44 @@ impl Replica {
 
     /// Proposes `command` through the leader and returns the state machine's reply once the
     /// entry is committed on a quorum and applied.
+    ///
+    /// A command larger than [`limits::MAX_COMMAND_BYTES`] is refused before anything is sent,
+    /// and so is a client's while the node has [`limits::MAX_PENDING_BYTES`] of them in flight
+    /// (the node's own commands, executor reports and the like, always go: they are small, and
+    /// what finishes work).
     pub async fn propose(&self, command: Command) -> Result<CommandReply, ClusterError> {
-        self.propose_with_hops(command, MAX_FORWARD_HOPS).await
+        let bytes = codec::encoded_len("command", &command).map_err(internal)?;
+        if bytes > limits::MAX_COMMAND_BYTES {
+            return Err(ClusterError::TooLarge { bytes, max: limits::MAX_COMMAND_BYTES });
+        }
+        let _admitted = match command.actor {
+            Actor::System => None,
+            _ => Some(
+                self.pending_writes.admit(bytes).map_err(|pending_bytes| ClusterError::Overloaded { pending_bytes })?,
+            ),
+        };
+        self.propose_sized(command, bytes, MAX_FORWARD_HOPS).await
     }
 
-    pub(crate) async fn propose_with_hops(
+    /// [`Self::propose`] for a command a follower forwarded (`bytes` long: one client's, or a
+    /// batch of them).
+    pub(crate) async fn propose_sized(
         &self,
         command: Command,
+        bytes: usize,
         hops_left: u32,
     ) -> Result<CommandReply, ClusterError> {
-        self.retry_until_deadline(ClusterError::never_applied, || self.propose_once(&command, hops_left)).await
+        self.retry_until_deadline(ClusterError::never_applied, || self.propose_once(&command, bytes, hops_left)).await
     }
 
     /// One attempt; `command` is copied once, into the batcher or the forwarder (a forwarded
     /// batch arriving at the leader had been copied twice).
-    async fn propose_once(&self, command: &Command, hops_left: u32) -> Result<CommandReply, ClusterError> {
+    async fn propose_once(
+        &self,
+        command: &Command,
+        bytes: usize,
+        hops_left: u32,
+    ) -> Result<CommandReply, ClusterError> {
         // Read in place: copying the whole metrics on every write showed in profiles.
         let (is_leader, quiet_ms, forward_to) = {
             let metrics = self.raft.metrics();
@@ -194,17 +222,17 @@ impl Replica {
         }
         // A follower that knows the leader forwards at once; otherwise raft says where to go.
         if let Some(to) = forward_to {
-            return self.forward_write(to, hops_left, command.clone()).await;
+            return self.forward_write(to, hops_left, command.clone(), bytes).await;
         }
         let deadline = self.options.request_deadline;
-        let Ok(written) = tokio::time::timeout(deadline, self.batcher.write(command.clone())).await else {
+        let Ok(written) = tokio::time::timeout(deadline, self.batcher.write(command.clone(), bytes)).await else {
             return Err(ClusterError::Timeout(deadline.as_millis() as u64));
         };
         match written {
             Ok(reply) => Ok(reply),
             // Leadership moved between the look at the metrics and the write (rare).
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => {
-                self.forward_write(to, hops_left, command.clone()).await
+                self.forward_write(to, hops_left, command.clone(), bytes).await
             }
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 Err(ClusterError::Invalid(e.to_string()))
@@ -219,10 +247,11 @@ impl Replica {
         to: ForwardToLeader<NodeId, BasicNode>,
         hops_left: u32,
         command: Command,
+        bytes: usize,
     ) -> Result<CommandReply, ClusterError> {
         let (leader, addr) = self.leader_of(to, hops_left)?;
         let client = self.client(leader, &addr)?;
-        self.forwarder.forward(leader, client, hops_left - 1, command).await
+        self.forwarder.forward(leader, client, hops_left - 1, command, bytes).await
     }
 
     /// Waits until this node's state machine reflects every write acknowledged before the call
@@ -451,7 +480,8 @@ impl Replica {
             }
         }
         let (dialled, channel) = self.routes.channel(node, addr);
-        let client = ClusterClient::new(channel.map_err(ClusterError::Invalid)?);
+        let client = ClusterClient::new(channel.map_err(ClusterError::Invalid)?)
+            .max_decoding_message_size(limits::MAX_MESSAGE_BYTES);
         clients.insert(node, (dialled, client.clone()));
         Ok(client)
     }

@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use crate::codec;
 use crate::command::Command;
 use crate::error::ClusterError;
+use crate::limits;
 use crate::network::SnapshotChunkHeader;
 use crate::replica::Replica;
 use crate::types::{NodeId, TypeConfig};
@@ -81,7 +82,8 @@ pub struct RaftService {
 
 impl RaftService {
     pub fn new(replica: Arc<Replica>, peers: PeerCheck) -> pb::raft_server::RaftServer<RaftService> {
-        pb::raft_server::RaftServer::new(RaftService { replica, peers }).max_decoding_message_size(64 << 20)
+        pb::raft_server::RaftServer::new(RaftService { replica, peers })
+            .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
     }
 }
 
@@ -141,7 +143,8 @@ pub struct ClusterService {
 
 impl ClusterService {
     pub fn new(replica: Arc<Replica>, peers: PeerCheck) -> pb::cluster_server::ClusterServer<ClusterService> {
-        pb::cluster_server::ClusterServer::new(ClusterService { replica, peers }).max_decoding_message_size(64 << 20)
+        pb::cluster_server::ClusterServer::new(ClusterService { replica, peers })
+            .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
     }
 }
 
@@ -153,7 +156,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         check_claim(caller, Some(request.from))?;
         check_cluster(&self.replica, &request.cluster)?;
         let command: Command = decode("command", &request.command)?;
-        let result = self.replica.propose_with_hops(command, request.hops_left).await;
+        let result = self.replica.propose_sized(command, request.command.len(), request.hops_left).await;
         Ok(Response::new(pb::ForwardReply { payload: encode("forwarded reply", &result)? }))
     }
 

@@ -5,6 +5,7 @@ mod chaos_cli;
 mod cli;
 mod engine;
 mod hypervisor;
+mod load;
 mod replication;
 mod security;
 mod startup;
