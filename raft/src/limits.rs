@@ -33,7 +33,7 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// sheds writes (503 with `Retry-After`, certainly not applied) instead of queueing them: a
 /// backlog no deadline can drain only turns into timeouts with unknown outcomes, and into
 /// memory. A command arriving while none wait is always taken.
-pub const MAX_PENDING_BYTES: usize = 32 << 20;
+pub const MAX_PENDING_BYTES: usize = 16 << 20;
 
 /// The bytes of client commands a node has in flight (see [`MAX_PENDING_BYTES`]).
 #[derive(Debug, Default)]

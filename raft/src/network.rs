@@ -191,14 +191,14 @@ impl PeerClient {
         self.client.clone().map_err(|reason| Unreachable::new(&std::io::Error::other(reason)))
     }
 
-    /// A request with a deadline past openraft's own (`hard_ttl`), which it enforces itself:
-    /// a slow RPC must reach openraft as a timeout, retried at once, not as this transport's
-    /// "unreachable", which would back replication off for half a second with no heartbeat,
-    /// long enough for the follower to call an election.
-    fn request<T>(&self, message: T, option: &RPCOption) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request.set_timeout(option.hard_ttl() * 3 / 2);
-        request
+    /// A request without a deadline of its own: openraft bounds every RPC with its own
+    /// (`hard_ttl`) and drops the call when it passes, which cancels the request. A deadline
+    /// here would race it, and when a busy node polls both late this one wins: the slow RPC
+    /// then reaches openraft as "unreachable", which backs replication off for half a second
+    /// with no heartbeat, long enough for the follower to call an election; as a timeout it is
+    /// sent again at once. (Snapshot chunks, which openraft leaves to the transport, keep one.)
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        tonic::Request::new(message)
     }
 
     /// Turns a transport outcome into openraft's terms, and keeps the peer's health current.
@@ -236,13 +236,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
-        option: RPCOption,
+        _option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let payload = codec::encode("append entries", &rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         if let Some(fits) = entries_that_fit(rpc.entries.len(), payload.len()) {
             return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fits)));
         }
-        let request = self.request(RaftRequest { cluster: self.cluster.clone(), payload }, &option);
+        let request = self.request(RaftRequest { cluster: self.cluster.clone(), payload });
         let outcome = self.client()?.append_entries(request).await;
         self.finish(outcome)
     }
@@ -255,14 +255,15 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let header = SnapshotChunkHeader { vote: rpc.vote, meta: rpc.meta, offset: rpc.offset, done: rpc.done };
         let header = codec::encode("snapshot chunk", &header).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let chunk = SnapshotChunk { cluster: self.cluster.clone(), header, data: rpc.data };
-        let request = self.request(chunk, &option);
+        let mut request = self.request(chunk);
+        request.set_timeout(option.hard_ttl());
         let outcome = self.client()?.install_snapshot(request).await;
         self.finish(outcome)
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> RpcResult<VoteResponse<NodeId>> {
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, _option: RPCOption) -> RpcResult<VoteResponse<NodeId>> {
         let payload = codec::encode("vote", &rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let request = self.request(RaftRequest { cluster: self.cluster.clone(), payload }, &option);
+        let request = self.request(RaftRequest { cluster: self.cluster.clone(), payload });
         let outcome = self.client()?.vote(request).await;
         self.finish(outcome)
     }
