@@ -129,6 +129,13 @@ pub const SCENARIOS: &[Scenario] = &[
         node_args: &[],
     },
     Scenario {
+        name: "large-writes",
+        injects: "bursts of 30 creates of ~900 kB each through every member at once, for the fault window: \
+                  each is created or shed with Retry-After, and the leader stays",
+        needs: Needs::Nothing,
+        node_args: &[],
+    },
+    Scenario {
         name: "membership-change",
         injects: "add a new node, then remove the leader from the cluster, while clients write",
         needs: Needs::Nothing,
@@ -543,6 +550,7 @@ async fn inject(name: &str, cx: &mut FaultContext) -> Result<()> {
             }
         }
         "kill-during-snapshot-install" => kill_during_snapshot_install(cx).await?,
+        "large-writes" => large_writes(cx).await?,
         "partition-leader" => {
             let (leader, followers) = cx.followers().await?;
             let network = cx.network()?;
@@ -751,6 +759,66 @@ async fn membership_change(cx: &mut FaultContext) -> Result<()> {
     cx.members.retain(|n| *n != leader);
     cx.cluster.signal(leader, Signal::SIGTERM);
     cx.end(format!("leader {leader} removed"), start);
+    Ok(())
+}
+
+/// Creates per burst of [`large_writes`], and the size of each one's environment.
+const LARGE_BURST: u64 = 30;
+const LARGE_ENV_BYTES: usize = 900_000;
+
+/// Bursts of large creates through every member for the fault window, beside the workload. Each
+/// must be created, or refused with 503/429 and `Retry-After` (shed); nothing else, and the
+/// leader (and its term) must stay.
+async fn large_writes(cx: &mut FaultContext) -> Result<()> {
+    let leader = cx.leader().await?;
+    let term_before = cx.cluster.cluster_view(leader).await?["term"].as_u64();
+    let start = cx.begin();
+    let deadline = Instant::now() + cx.hold;
+    let blob = "y".repeat(LARGE_ENV_BYTES);
+    let (mut created, mut shed, mut wrong, mut bursts) = (0, 0, Vec::new(), 0);
+    while Instant::now() < deadline {
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..LARGE_BURST {
+            let via = cx.members[i as usize % cx.members.len()];
+            let request = cx.cluster.client.post(cx.cluster.node(via).url("/v1/runtimes")).timeout(SETTLE).json(
+                &json!({"name": format!("large-{bursts}-{i}"), "type": "vcluster", "spec": {"env": {"BLOB": blob}}}),
+            );
+            calls.spawn(async move { request.send().await });
+        }
+        while let Some(answer) = calls.join_next().await {
+            match answer.map_err(|e| Error::Cluster(e.to_string()))? {
+                Ok(response) if response.status() == 201 => created += 1,
+                Ok(response)
+                    if matches!(response.status().as_u16(), 429 | 503)
+                        && response.headers().contains_key("retry-after") =>
+                {
+                    shed += 1
+                }
+                Ok(response) => {
+                    wrong.push(format!("{}: {}", response.status(), response.text().await.unwrap_or_default()))
+                }
+                Err(error) => wrong.push(error.to_string()),
+            }
+        }
+        bursts += 1;
+    }
+    cx.end(format!("{bursts} bursts of {LARGE_BURST} creates of {LARGE_ENV_BYTES} B"), start);
+    let answered = format!("{created} created, {shed} shed with Retry-After, {} otherwise", wrong.len());
+    cx.add_check(
+        "large-writes-created-or-shed",
+        wrong.is_empty() && created > 0,
+        match wrong.first() {
+            Some(first) => format!("{answered}; first: {}", tail(first)),
+            None => answered,
+        },
+    );
+    let after = cx.leader().await?;
+    let term_after = cx.cluster.cluster_view(after).await?["term"].as_u64();
+    cx.add_check(
+        "large-writes-keep-the-leader",
+        after == leader && term_after == term_before,
+        format!("leader {leader} in term {term_before:?} before, {after} in term {term_after:?} after"),
+    );
     Ok(())
 }
 
