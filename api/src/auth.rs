@@ -28,7 +28,6 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use runtimeai_model::{strictness, Actor, AgentMode, ApiKey, PolicyMode, Principal, PrincipalKind, Role};
-use runtimeai_raft::tls::TlsConnection;
 
 use crate::problem::Problem;
 use crate::AppState;
@@ -289,45 +288,6 @@ pub async fn guard(
 /// `--client-ca` in the handshake), if any.
 #[derive(Clone, Debug)]
 pub struct ClientCertificate(pub Option<rustls_pki_types::CertificateDer<'static>>);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for ClientCertificate {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        ClientCertificate(stream.io().peer.certificate.clone())
-    }
-}
-
-/// Established TLS connections, as axum takes them (here beside [`ClientCertificate`], whose
-/// connect info is read from them).
-pub struct TlsListener {
-    connections: tokio::sync::mpsc::Receiver<TlsConnection>,
-    local: Option<std::net::SocketAddr>,
-}
-
-impl TlsListener {
-    pub fn new(connections: tokio::sync::mpsc::Receiver<TlsConnection>, local: Option<std::net::SocketAddr>) -> Self {
-        TlsListener { connections, local }
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsConnection;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (TlsConnection, std::net::SocketAddr) {
-        match self.connections.recv().await {
-            Some(connection) => {
-                let remote = connection.peer.remote;
-                (connection, remote)
-            }
-            // The accept loop stopped: the server is shutting down.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.local.ok_or_else(|| std::io::Error::other("no local address"))
-    }
-}
 
 /// The principal of a client certificate: the principal of a valid API key named as the
 /// certificate's common name (the key gives the roles and tenants; revoking it ends both).

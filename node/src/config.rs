@@ -163,6 +163,14 @@ pub struct NodeArgs {
     /// Largest REST request body accepted, in bytes; larger ones get 413 [default: 1048576].
     #[arg(long, env = "RUNTIMEAI_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// How long a REST client may take to send a request's headers before the connection is
+    /// closed (slow-loris), in milliseconds [default: 10000].
+    #[arg(long, env = "RUNTIMEAI_HEADER_READ_TIMEOUT_MS")]
+    pub header_read_timeout_ms: Option<u64>,
+    /// REST connections a node holds at most; past it, new ones are closed at once
+    /// [default: 10000].
+    #[arg(long, env = "RUNTIMEAI_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// The backends this node's executor drives, comma-separated, one per runtime type:
     /// `<type>[=<driver>[:<target>]]`. Drivers: `libvirt[:<uri>]` for vm (default URI
     /// qemu:///system; test:///default is libvirt's built-in test hypervisor), `process` for
@@ -293,6 +301,8 @@ pub struct NodeConfig {
     pub snapshot_catchup_entries: u64,
     pub snapshot_chunk_bytes: u64,
     pub max_body_bytes: usize,
+    /// Bounds on REST connections.
+    pub http_limits: crate::http::HttpLimits,
     /// The backends this node drives, one per runtime type.
     pub backends: Vec<BackendSpec>,
     pub site: Option<String>,
@@ -339,6 +349,23 @@ pub enum ConfigError {
 }
 
 impl NodeArgs {
+    fn http_limits(&self) -> Result<crate::http::HttpLimits, ConfigError> {
+        let defaults = crate::http::HttpLimits::default();
+        let header_ms = self.header_read_timeout_ms.unwrap_or(defaults.header_read_timeout.as_millis() as u64);
+        if header_ms < 100 {
+            return Err(ConfigError::TooSmall { flag: "header-read-timeout-ms", min: 100, value: header_ms });
+        }
+        let max_connections = self.max_connections.unwrap_or(defaults.max_connections);
+        if max_connections < 16 {
+            return Err(ConfigError::TooSmall { flag: "max-connections", min: 16, value: max_connections as u64 });
+        }
+        Ok(crate::http::HttpLimits {
+            header_read_timeout: Duration::from_millis(header_ms),
+            max_connections,
+            ..defaults
+        })
+    }
+
     /// Layers the TOML file (if any) under these flags.
     pub fn with_file(self) -> Result<NodeArgs, ConfigError> {
         let Some(path) = self.config.clone() else { return Ok(self) };
@@ -364,6 +391,8 @@ impl NodeArgs {
             snapshot_catchup_entries: self.snapshot_catchup_entries.or(file.snapshot_catchup_entries),
             snapshot_chunk_bytes: self.snapshot_chunk_bytes.or(file.snapshot_chunk_bytes),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
+            header_read_timeout_ms: self.header_read_timeout_ms.or(file.header_read_timeout_ms),
+            max_connections: self.max_connections.or(file.max_connections),
             backends: self.backends.or(file.backends),
             site: self.site.or(file.site),
             libvirt_network: self.libvirt_network.or(file.libvirt_network),
@@ -401,6 +430,7 @@ impl NodeArgs {
 
     /// Checks every option and fills in defaults.
     pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
+        let http_limits = self.http_limits()?;
         let id = self.id.ok_or(ConfigError::MissingId)?;
         if id == 0 {
             return Err(ConfigError::ZeroId);
@@ -527,6 +557,7 @@ impl NodeArgs {
             snapshot_catchup_entries: self.snapshot_catchup_entries.unwrap_or(5_000),
             snapshot_chunk_bytes,
             max_body_bytes: self.max_body_bytes.unwrap_or(1 << 20).max(1024),
+            http_limits,
             backends,
             site: self.site.filter(|s| !s.is_empty()),
             libvirt_network: self.libvirt_network.filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into()),

@@ -8,6 +8,7 @@ pub mod certs;
 pub mod config;
 pub mod dev;
 pub mod executor;
+pub mod http;
 pub mod scheduler;
 pub mod server;
 pub mod transport;

@@ -130,7 +130,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         auth_failures: Arc::default(),
         oidc: oidc.clone(),
     });
-    let http_task = transport.serve_rest(http_listener, app, stop_rx.clone(), stopped(stop_rx.clone()));
+    let http_task = transport.serve_rest(http_listener, app, config.http_limits, stop_rx.clone());
 
     tracing::info!(
         node = config.id,

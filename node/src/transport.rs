@@ -3,6 +3,10 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use runtimeai_api::auth::ClientCertificate;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -14,6 +18,7 @@ use runtimeai_raft::tls::{self, ClientTls, Reload, ServerTls};
 use runtimeai_raft::Replica;
 
 use crate::config::NodeConfig;
+use crate::http::{self, HttpLimits};
 
 /// The TLS configurations this node serves and dials with.
 #[derive(Clone, Default)]
@@ -101,28 +106,42 @@ impl Transport {
         }
     }
 
-    /// Serves the REST API on `listener` until `stopped`.
+    /// Serves the REST API on `listener` until `stop`, within `limits`.
     pub fn serve_rest(
         &self,
         listener: TcpListener,
         app: axum::Router,
+        limits: HttpLimits,
         stop: watch::Receiver<bool>,
-        stopped: impl Future<Output = ()> + Send + 'static,
-    ) -> JoinHandle<std::io::Result<()>> {
+    ) -> JoinHandle<()> {
+        // Connections still open at shutdown get this long to finish their requests.
+        let drain = Duration::from_secs(4);
         match &self.rest {
             Some(server) => {
-                let local = listener.local_addr().ok();
-                let connections = tls::accept(listener, server.clone(), stop);
-                let listener = runtimeai_api::auth::TlsListener::new(connections, local);
+                let connections = tls::accept(listener, server.clone(), stop.clone());
                 // Each request learns the client certificate of its connection, if any.
-                let app = app.into_make_service_with_connect_info::<runtimeai_api::auth::ClientCertificate>();
-                tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await })
+                let incoming = tokio_stream::wrappers::ReceiverStream::new(connections).map(|connection| {
+                    let certificate = ClientCertificate(connection.peer.certificate.clone());
+                    (connection, certificate)
+                });
+                tokio::spawn(http::serve(incoming, app, limits, stop, drain))
             }
             None => {
-                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                    let _ = tcp.set_nodelay(true);
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).filter_map(|accepted| async {
+                    match accepted {
+                        Ok(tcp) => {
+                            let _ = tcp.set_nodelay(true);
+                            Some((tcp, ClientCertificate(None)))
+                        }
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off instead of spinning.
+                            tracing::warn!(error = %e, "cannot accept a connection");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            None
+                        }
+                    }
                 });
-                tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped).await })
+                tokio::spawn(http::serve(Box::pin(incoming), app, limits, stop, drain))
             }
         }
     }

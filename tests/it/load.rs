@@ -75,3 +75,57 @@ async fn large_writes_from_many_clients_succeed_or_are_shed_and_never_wedge_repl
     assert_eq!(one.body["spec"]["env"]["BLOB"].as_str().map(str::len), Some(900_000), "whole");
     Ok(())
 }
+
+/// Opens a connection to `addr` that sends the start of a request's headers and then nothing.
+async fn slow_client(addr: &str) -> std::io::Result<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ").await?;
+    Ok(tcp)
+}
+
+/// Whether the server closed `tcp` within `within` (EOF or reset).
+async fn closed_within(tcp: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(within, tcp.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_loris_connections_are_closed_and_past_the_cap_refused_while_others_are_served() -> anyhow::Result<()> {
+    let args = ["--header-read-timeout-ms", "1000", "--max-connections", "64"].map(String::from).to_vec();
+    let cluster = Cluster::start(1, ClusterOptions { extra_args: args, plaintext: true, ..Default::default() }).await?;
+    let addr = cluster.node(1).http.clone();
+
+    phase("48 connections send half their headers and stop; another client is served meanwhile");
+    let mut slow = Vec::new();
+    for _ in 0..48 {
+        slow.push(slow_client(&addr).await?);
+    }
+    let started = std::time::Instant::now();
+    let served = cluster.call(1, Method::GET, "/v1/cluster", None, &[]).await?;
+    assert_eq!(served.status, 200, "{:?}", served.body);
+    eprintln!("served in {:?} beside 48 slow connections", started.elapsed());
+
+    phase("past the cap of 64 connections, a new one is closed at once");
+    for _ in 0..16 {
+        slow.push(slow_client(&addr).await?);
+    }
+    let mut over = slow_client(&addr).await?;
+    let closed = closed_within(&mut over, Duration::from_millis(300)).await;
+    assert!(closed, "a connection past the cap is closed at once, not when its headers time out (1 s)");
+
+    phase("the slow ones are closed once the header-read timeout passes, and the node serves again");
+    for (i, tcp) in slow.iter_mut().enumerate() {
+        assert!(closed_within(tcp, Duration::from_secs(10)).await, "slow connection {i} still open");
+    }
+    let again = cluster.call_eventually(1, Method::GET, "/v1/cluster", None, &[]).await?;
+    assert_eq!(again.status, 200);
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! Serving the REST API on established connections, with the bounds a hostile client meets:
+//! a request's headers must arrive within [`HttpLimits::header_read_timeout`] (slow-loris), a
+//! node holds at most [`HttpLimits::max_connections`] (the next is closed at once, and
+//! counted), and an HTTP/2 connection carries at most [`HttpLimits::max_streams`] requests at
+//! once. `axum::serve` sets none of these (hyper reads headers without a deadline unless given
+//! a timer), so connections are served here with hyper's own builder.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use futures::{Stream, StreamExt};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{watch, Semaphore};
+use tower::ServiceExt;
+
+use runtimeai_api::auth::ClientCertificate;
+
+/// The bounds of [`serve`].
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub max_streams: u32,
+}
+
+impl Default for HttpLimits {
+    fn default() -> HttpLimits {
+        HttpLimits { header_read_timeout: Duration::from_secs(10), max_connections: 10_000, max_streams: 256 }
+    }
+}
+
+/// Connections a node closed at once because it held [`HttpLimits::max_connections`].
+pub static REFUSED_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Serves `app` on each connection of `incoming` (with the client certificate it came with),
+/// until `incoming` ends or `stop` turns true; then lets the open connections finish what they
+/// are doing, for at most `drain`.
+pub async fn serve<IO>(
+    mut incoming: impl Stream<Item = (IO, ClientCertificate)> + Unpin,
+    app: axum::Router,
+    limits: HttpLimits,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let (closing, _) = watch::channel(false);
+    loop {
+        let accepted = tokio::select! {
+            _ = turned_true(&mut stop) => break,
+            accepted = incoming.next() => accepted,
+        };
+        let Some((io, certificate)) = accepted else { break };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let refused = REFUSED_CONNECTIONS.fetch_add(1, Ordering::Relaxed) + 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    refused,
+                    max = limits.max_connections,
+                    "connection limit reached; closing new connections"
+                );
+            }
+            continue;
+        };
+        let app = app.clone();
+        let mut closing = closing.subscribe();
+        tokio::spawn(async move {
+            let connect_info = ConnectInfo(certificate);
+            let service = app.map_request(move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(connect_info.clone());
+                request.map(axum::body::Body::new)
+            });
+            let builder = builder(limits);
+            let connection =
+                builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service));
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = &mut connection => {}
+                _ = turned_true(&mut closing) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            drop(slot);
+        });
+    }
+    let _ = closing.send(true);
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(drain, slots.acquire_many(all)).await;
+}
+
+async fn turned_true(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|set| *set).await;
+}
+
+fn builder(limits: HttpLimits) -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_streams)
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
