@@ -735,6 +735,12 @@ fn update_runtime(
     Ok(CommandReply::Runtime(runtime))
 }
 
+/// The refusal of a new operation on a runtime that has one on its way.
+fn busy(runtime: &Runtime) -> Option<Rejection> {
+    let active = runtime.active_operation.as_ref()?;
+    Some(Rejection::OperationInProgress { runtime_id: runtime.id.clone(), operation_id: active.clone() })
+}
+
 /// See [`Op::PatchLabels`].
 fn patch_labels(
     txn: &mut Txn<'_>,
@@ -752,11 +758,8 @@ fn patch_labels(
     let decisions = evaluate_policies(txn, settings, &runtime, &operation)?;
     if policy::overall(&decisions) == Verdict::RequireApproval {
         // Waiting for approval, the relabel holds the runtime like any operation.
-        if let Some(active) = &runtime.active_operation {
-            return Ok(CommandReply::Rejected(Rejection::OperationInProgress {
-                runtime_id: runtime.id,
-                operation_id: active.clone(),
-            }));
+        if let Some(busy) = busy(&runtime) {
+            return Ok(CommandReply::Rejected(busy));
         }
     }
     if let Some(rejection) = judge(txn, events, &runtime.id, &mut operation, decisions)? {
@@ -786,11 +789,8 @@ fn begin_operation(
         Err(rejection) => return Ok(CommandReply::Rejected(rejection)),
         Ok(runtime) => runtime,
     };
-    if let Some(active) = &runtime.active_operation {
-        return Ok(CommandReply::Rejected(Rejection::OperationInProgress {
-            runtime_id: runtime.id,
-            operation_id: active.clone(),
-        }));
+    if let Some(busy) = busy(&runtime) {
+        return Ok(CommandReply::Rejected(busy));
     }
     let during = match operation.action.transition(runtime.state) {
         Ok((during, _)) => during,
