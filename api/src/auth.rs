@@ -255,9 +255,18 @@ pub async fn guard(
     // Unlisted routes are refused to everyone: fail closed.
     let access = route_access(request.method(), path).unwrap_or(Access::Needs(Permission::ManageCluster));
     if access == Access::Public {
+        if let Err(problem) = by_address(&state, &request) {
+            return problem.into_response();
+        }
         return next.run(request).await;
     }
     let mut outcome = credentials(&state, &request);
+    if !matches!(outcome, Some(Ok(_))) {
+        // No valid credentials: the client's address pays, before a read barrier is spent.
+        if let Err(problem) = by_address(&state, &request) {
+            return problem.into_response();
+        }
+    }
     if matches!(outcome, Some(Err(AuthFailure::UnknownKey))) {
         // A key made through another node a moment ago may not be applied here yet: catch up
         // with the leader once (a linearizable read) before refusing it.
@@ -270,6 +279,9 @@ pub async fn guard(
         Some(Err(failure)) => return unauthorized(&state, failure, path),
         None => return unauthorized(&state, AuthFailure::NoCredentials, path),
     };
+    if let Err(problem) = state.rate_limits.principal(|| principal.actor().to_string()) {
+        return problem.into_response();
+    }
     if let Access::Needs(permission) = access {
         if !may(&principal, permission) {
             return forbidden(&principal, permission).into_response();
@@ -281,6 +293,14 @@ pub async fn guard(
             next.run(request).await
         }
         Err(problem) => problem.into_response(),
+    }
+}
+
+/// One request from the client's address (when the connection's is known) against its rate.
+fn by_address(state: &AppState, request: &Request) -> Result<(), Problem> {
+    match request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>() {
+        Some(axum::extract::ConnectInfo(remote)) => state.rate_limits.address(remote.ip()),
+        None => Ok(()),
     }
 }
 

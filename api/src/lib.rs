@@ -28,6 +28,7 @@ pub mod operations;
 pub mod policies;
 pub mod problem;
 pub mod runtimes;
+pub mod throttle;
 mod validate;
 mod views;
 
@@ -59,6 +60,8 @@ pub struct AppState {
     pub auth_failures: Arc<auth::AuthFailures>,
     /// OIDC bearer tokens, when configured (`--oidc-*`).
     pub oidc: Option<Arc<oidc::Oidc>>,
+    /// Per-principal and per-address request rates (`--rate-limit-*`).
+    pub rate_limits: Arc<throttle::RateLimits>,
 }
 
 /// Where a node finds the kubeconfig a virtual cluster published.

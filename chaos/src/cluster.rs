@@ -121,6 +121,8 @@ pub struct ClusterOptions {
 
 /// The drivers test nodes use unless a test names its own: libvirt's built-in test hypervisor
 /// for VMs, isolated processes for sandboxes and agents, the simulated driver for vClusters.
+const RATE_LIMITS_OFF: [&str; 4] = ["--rate-limit-principal", "0", "--rate-limit-address", "0"];
+
 pub const TEST_BACKENDS: &str = "vm=libvirt:test:///default,sandbox=process,agent_runtime=process,vcluster=simulated";
 
 pub struct Node {
@@ -361,6 +363,9 @@ impl Cluster {
             .args(if node.tls { tls_args(self.dir.path(), id)? } else { vec!["--insecure".to_string()] })
             .args(&extra)
             .args(if extra.iter().any(|a| a == "--backends") { vec![] } else { vec!["--backends", TEST_BACKENDS] })
+            // Rate limits off unless asked for: tests and benchmarks send from one address, as
+            // one admin, faster than a client should (`tests/it/load.rs` tests the limits).
+            .args(if extra.iter().any(|a| a.starts_with("--rate-limit")) { vec![] } else { RATE_LIMITS_OFF.to_vec() })
             .env("RUST_LOG", "info,openraft=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

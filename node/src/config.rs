@@ -171,6 +171,14 @@ pub struct NodeArgs {
     /// [default: 10000].
     #[arg(long, env = "RUNTIMEAI_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Requests per second one principal may make to this node (bursts of a second's worth;
+    /// past it 429 with Retry-After); 0 turns the limit off [default: 1000].
+    #[arg(long, env = "RUNTIMEAI_RATE_LIMIT_PRINCIPAL")]
+    pub rate_limit_principal: Option<u32>,
+    /// Requests per second one client address may make to this node without valid credentials
+    /// (the probes, and failed authentications); 0 turns the limit off [default: 100].
+    #[arg(long, env = "RUNTIMEAI_RATE_LIMIT_ADDRESS")]
+    pub rate_limit_address: Option<u32>,
     /// The backends this node's executor drives, comma-separated, one per runtime type:
     /// `<type>[=<driver>[:<target>]]`. Drivers: `libvirt[:<uri>]` for vm (default URI
     /// qemu:///system; test:///default is libvirt's built-in test hypervisor), `process` for
@@ -303,6 +311,8 @@ pub struct NodeConfig {
     pub max_body_bytes: usize,
     /// Bounds on REST connections.
     pub http_limits: crate::http::HttpLimits,
+    /// Per-client request rates.
+    pub rate_limits: runtimeai_api::throttle::RateLimitConfig,
     /// The backends this node drives, one per runtime type.
     pub backends: Vec<BackendSpec>,
     pub site: Option<String>,
@@ -393,6 +403,8 @@ impl NodeArgs {
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
             header_read_timeout_ms: self.header_read_timeout_ms.or(file.header_read_timeout_ms),
             max_connections: self.max_connections.or(file.max_connections),
+            rate_limit_principal: self.rate_limit_principal.or(file.rate_limit_principal),
+            rate_limit_address: self.rate_limit_address.or(file.rate_limit_address),
             backends: self.backends.or(file.backends),
             site: self.site.or(file.site),
             libvirt_network: self.libvirt_network.or(file.libvirt_network),
@@ -431,6 +443,11 @@ impl NodeArgs {
     /// Checks every option and fills in defaults.
     pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
         let http_limits = self.http_limits()?;
+        let rate_defaults = runtimeai_api::throttle::RateLimitConfig::default();
+        let rate_limits = runtimeai_api::throttle::RateLimitConfig {
+            per_principal: self.rate_limit_principal.unwrap_or(rate_defaults.per_principal),
+            per_address: self.rate_limit_address.unwrap_or(rate_defaults.per_address),
+        };
         let id = self.id.ok_or(ConfigError::MissingId)?;
         if id == 0 {
             return Err(ConfigError::ZeroId);
@@ -558,6 +575,7 @@ impl NodeArgs {
             snapshot_chunk_bytes,
             max_body_bytes: self.max_body_bytes.unwrap_or(1 << 20).max(1024),
             http_limits,
+            rate_limits,
             backends,
             site: self.site.filter(|s| !s.is_empty()),
             libvirt_network: self.libvirt_network.filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into()),

@@ -5,6 +5,7 @@
 //! once. `axum::serve` sets none of these (hyper reads headers without a deadline unless given
 //! a timer), so connections are served here with hyper's own builder.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,11 +38,12 @@ impl Default for HttpLimits {
 /// Connections a node closed at once because it held [`HttpLimits::max_connections`].
 pub static REFUSED_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 
-/// Serves `app` on each connection of `incoming` (with the client certificate it came with),
+/// Serves `app` on each connection of `incoming` (with the client's address and the certificate
+/// it presented; requests see both as `ConnectInfo`),
 /// until `incoming` ends or `stop` turns true; then lets the open connections finish what they
 /// are doing, for at most `drain`.
 pub async fn serve<IO>(
-    mut incoming: impl Stream<Item = (IO, ClientCertificate)> + Unpin,
+    mut incoming: impl Stream<Item = (IO, SocketAddr, ClientCertificate)> + Unpin,
     app: axum::Router,
     limits: HttpLimits,
     mut stop: watch::Receiver<bool>,
@@ -56,7 +58,7 @@ pub async fn serve<IO>(
             _ = turned_true(&mut stop) => break,
             accepted = incoming.next() => accepted,
         };
-        let Some((io, certificate)) = accepted else { break };
+        let Some((io, remote, certificate)) = accepted else { break };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             let refused = REFUSED_CONNECTIONS.fetch_add(1, Ordering::Relaxed) + 1;
             if refused.is_power_of_two() {
@@ -71,9 +73,10 @@ pub async fn serve<IO>(
         let app = app.clone();
         let mut closing = closing.subscribe();
         tokio::spawn(async move {
-            let connect_info = ConnectInfo(certificate);
+            let certificate = ConnectInfo(certificate);
             let service = app.map_request(move |mut request: axum::http::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(connect_info.clone());
+                request.extensions_mut().insert(certificate.clone());
+                request.extensions_mut().insert(ConnectInfo(remote));
                 request.map(axum::body::Body::new)
             });
             let builder = builder(limits);

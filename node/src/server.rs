@@ -129,6 +129,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         kubeconfigs,
         auth_failures: Arc::default(),
         oidc: oidc.clone(),
+        rate_limits: Arc::new(runtimeai_api::throttle::RateLimits::new(config.rate_limits)),
     });
     let http_task = transport.serve_rest(http_listener, app, config.http_limits, stop_rx.clone());
 

@@ -121,8 +121,8 @@ impl Transport {
                 let connections = tls::accept(listener, server.clone(), stop.clone());
                 // Each request learns the client certificate of its connection, if any.
                 let incoming = tokio_stream::wrappers::ReceiverStream::new(connections).map(|connection| {
-                    let certificate = ClientCertificate(connection.peer.certificate.clone());
-                    (connection, certificate)
+                    let (remote, certificate) = (connection.peer.remote, connection.peer.certificate.clone());
+                    (connection, remote, ClientCertificate(certificate))
                 });
                 tokio::spawn(http::serve(incoming, app, limits, stop, drain))
             }
@@ -131,7 +131,8 @@ impl Transport {
                     match accepted {
                         Ok(tcp) => {
                             let _ = tcp.set_nodelay(true);
-                            Some((tcp, ClientCertificate(None)))
+                            let remote = tcp.peer_addr().ok()?;
+                            Some((tcp, remote, ClientCertificate(None)))
                         }
                         Err(e) => {
                             // Out of file descriptors and the like: back off instead of spinning.

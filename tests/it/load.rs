@@ -129,3 +129,40 @@ async fn slow_loris_connections_are_closed_and_past_the_cap_refused_while_others
     assert_eq!(again.status, 200);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_past_its_rate_gets_429_with_retry_after_and_others_are_still_served() -> anyhow::Result<()> {
+    let args = ["--rate-limit-principal", "20", "--rate-limit-address", "10"].map(String::from).to_vec();
+    let cluster = Cluster::start(1, ClusterOptions { extra_args: args, ..Default::default() }).await?;
+    let viewer = runtimeai_tests::key_for(&cluster, 1, "quiet", "human", &["*"], &["viewer"], None).await?;
+    let statuses = |answers: &[runtimeai_tests::Response]| {
+        let mut counts = BTreeMap::<u16, usize>::new();
+        answers.iter().for_each(|a| *counts.entry(a.status).or_default() += 1);
+        counts
+    };
+
+    phase("the admin sends 60 requests at once: past a second's worth, 429 with Retry-After");
+    let greedy =
+        futures::future::join_all((0..60).map(|_| cluster.call(1, Method::GET, "/v1/runtimes", None, &[]))).await;
+    let greedy: Vec<_> = greedy.into_iter().collect::<Result<_, _>>()?;
+    let limited: Vec<_> = greedy.iter().filter(|a| a.status == 429).collect();
+    assert!(!limited.is_empty() && limited.len() < 60, "{:?}", statuses(&greedy));
+    assert!(limited.iter().all(|a| a.header("retry-after").is_some()), "Retry-After on every 429");
+    assert_eq!(limited[0].body["type"], "https://runtimeai.dev/problems/rate-limited", "{:?}", limited[0].body);
+
+    phase("meanwhile another principal is served");
+    let quiet = cluster.call_as(Some(&viewer), 1, Method::GET, "/v1/runtimes", None, &[]).await?;
+    assert_eq!(quiet.status, 200, "{:?}", quiet.body);
+
+    phase("guessing keys from one address: past its rate, 429 before any key is looked up");
+    let forged = "rai_k0000000000000000000000000_0000000000000000000000000000000000000000000";
+    let guesses = futures::future::join_all(
+        (0..30).map(|_| cluster.call_as(Some(forged), 1, Method::GET, "/v1/runtimes", None, &[])),
+    )
+    .await;
+    let guesses: Vec<_> = guesses.into_iter().collect::<Result<_, _>>()?;
+    let counts = statuses(&guesses);
+    assert!(counts.get(&429).is_some_and(|n| *n > 0) && counts.get(&401).is_some_and(|n| *n > 0), "{counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), counts[&401] + counts[&429], "only 401 and 429: {counts:?}");
+    Ok(())
+}
