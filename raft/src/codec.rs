@@ -16,8 +16,9 @@ use serde::Serialize;
 /// stream of length-prefixed records (`crate::snapshot_file`), not one bincode value. 7: API
 /// keys (their column family and commands), `Actor::Service`, `Op::CancelOperation`, and an
 /// executor's report whose fencing token is not optional. 8: `LifecycleAction::Relabel`, and
-/// `Op::PatchLabels` carries the relabel as an operation.
-pub const FORMAT_VERSION: u32 = 8;
+/// `Op::PatchLabels` carries the relabel as an operation. 9: a snapshot ends with the CRC-32 of
+/// its bytes.
+pub const FORMAT_VERSION: u32 = 9;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

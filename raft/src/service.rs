@@ -13,6 +13,7 @@ use crate::error::ClusterError;
 use crate::limits;
 use crate::network::SnapshotChunkHeader;
 use crate::replica::Replica;
+use crate::snapshot_file;
 use crate::types::{NodeId, TypeConfig};
 
 fn check_cluster(replica: &Replica, cluster: &str) -> Result<(), Status> {
@@ -78,12 +79,62 @@ fn decode<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> R
 pub struct RaftService {
     replica: Arc<Replica>,
     peers: PeerCheck,
+    /// The snapshot being received, checked chunk by chunk.
+    transfer: std::sync::Mutex<Option<Transfer>>,
+}
+
+/// A snapshot transfer under way: which snapshot, where its next chunk starts, and the checksum
+/// of what has arrived.
+struct Transfer {
+    snapshot_id: String,
+    next_offset: u64,
+    checksum: snapshot_file::Checksum,
 }
 
 impl RaftService {
     pub fn new(replica: Arc<Replica>, peers: PeerCheck) -> pb::raft_server::RaftServer<RaftService> {
-        pb::raft_server::RaftServer::new(RaftService { replica, peers })
+        pb::raft_server::RaftServer::new(RaftService { replica, peers, transfer: Default::default() })
             .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
+    }
+}
+
+impl RaftService {
+    /// Follows a snapshot's chunks as they arrive and refuses the last one when the whole does
+    /// not match its checksum, before openraft installs it: the leader's send fails and it
+    /// sends the snapshot again. (A chunk sent again, or out of order, is left to openraft.)
+    fn check_transfer(&self, rpc: &InstallSnapshotRequest<TypeConfig>) -> Result<(), Status> {
+        let mut transfer = self.transfer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        follow(&mut transfer, rpc).map_err(|corrupt| {
+            tracing::error!(snapshot = %rpc.meta, error = %corrupt, "refusing a corrupt snapshot; the leader will send it again");
+            Status::data_loss(format!("snapshot {}: {corrupt}", rpc.meta.snapshot_id))
+        })
+    }
+}
+
+/// Takes one chunk into the transfer under way (a chunk at offset 0 starts one); at the last,
+/// whether the whole matches its checksum.
+fn follow(
+    transfer: &mut Option<Transfer>,
+    rpc: &InstallSnapshotRequest<TypeConfig>,
+) -> Result<(), snapshot_file::SnapshotFormatError> {
+    if rpc.offset == 0 {
+        let snapshot_id = rpc.meta.snapshot_id.clone();
+        *transfer = Some(Transfer { snapshot_id, next_offset: 0, checksum: Default::default() });
+    }
+    let Some(under_way) =
+        transfer.as_mut().filter(|t| t.snapshot_id == rpc.meta.snapshot_id && t.next_offset == rpc.offset)
+    else {
+        return Ok(());
+    };
+    under_way.checksum.update(&rpc.data);
+    under_way.next_offset += rpc.data.len() as u64;
+    match (rpc.done, transfer.take()) {
+        (true, Some(done)) => done.checksum.check(),
+        (false, under_way) => {
+            *transfer = under_way;
+            Ok(())
+        }
+        (true, None) => Ok(()),
     }
 }
 
@@ -130,6 +181,7 @@ impl pb::raft_server::Raft for RaftService {
         } else {
             tracing::debug!(snapshot = %rpc.meta, offset = rpc.offset, bytes = rpc.data.len(), "receiving a snapshot chunk");
         }
+        self.check_transfer(&rpc)?;
         let result = self.replica.raft.install_snapshot(rpc).await;
         Ok(Response::new(pb::RaftReply { payload: encode("raft reply", &result)? }))
     }
@@ -216,5 +268,47 @@ impl pb::cluster_server::Cluster for ClusterService {
             .collect();
         let last_log_index = self.replica.metrics().last_log_index;
         Ok(Response::new(pb::PeerStatusReply { leader_id: self.replica.id, peers, last_log_index }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::SnapshotMeta;
+
+    fn chunks(bytes: &[u8], size: usize) -> Vec<InstallSnapshotRequest<TypeConfig>> {
+        let meta = SnapshotMeta { snapshot_id: "1-9".into(), ..Default::default() };
+        let count = bytes.len().div_ceil(size);
+        (0..count)
+            .map(|i| InstallSnapshotRequest {
+                vote: Default::default(),
+                meta: meta.clone(),
+                offset: (i * size) as u64,
+                data: bytes[i * size..((i + 1) * size).min(bytes.len())].to_vec(),
+                done: i + 1 == count,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_transfer_is_checked_chunk_by_chunk_and_a_chunk_sent_again_counts_once() {
+        let mut bytes = b"any snapshot bytes".to_vec();
+        let crc = crc32fast::hash(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        let mut transfer = None;
+        let sent = chunks(&bytes, 5);
+        for (i, chunk) in sent.iter().enumerate() {
+            follow(&mut transfer, chunk).unwrap();
+            if i == 1 {
+                follow(&mut transfer, chunk).expect("the same chunk again changes nothing");
+            }
+        }
+        assert!(transfer.is_none(), "done");
+        let mut flipped = bytes.clone();
+        flipped[7] ^= 0x04;
+        let results: Vec<_> = chunks(&flipped, 5).iter().map(|chunk| follow(&mut transfer, chunk)).collect();
+        let last = results.last().unwrap();
+        assert!(matches!(last, Err(snapshot_file::SnapshotFormatError::Checksum { .. })), "{last:?}");
+        assert!(results[..results.len() - 1].iter().all(Result::is_ok), "refused at the last chunk");
     }
 }

@@ -11,10 +11,13 @@
 //!     u32 n, n bytes          value
 //!   u32 END                   end of the family
 //! u32 END                     end of the snapshot
+//! u32 CRC-32                  of every byte before it
 //! ```
 //! Integers are little-endian; `END` is `u32::MAX`, never a length. The writer reads from the
 //! store's iterators and writes to the file as it goes; the reader walks the bytes a follower
-//! received (or the file) without copying records out of them.
+//! received (or the file) without copying records out of them. The checksum is checked before
+//! anything is read ([`SnapshotReader::open`]), over a file ([`verify`]) and over the chunks
+//! of a transfer as they arrive ([`Checksum`]).
 
 use std::io::{Read, Write};
 
@@ -36,17 +39,78 @@ pub enum SnapshotFormatError {
     FamilyName,
     #[error("a record of {len} bytes does not fit a snapshot")]
     TooLarge { len: usize },
+    #[error("snapshot checksum mismatch: its bytes hash to {computed:08x}, its trailer says {stored:08x}")]
+    Checksum { computed: u32, stored: u32 },
     #[error("writing the snapshot: {0}")]
     Io(#[from] std::io::Error),
 }
 
+/// The CRC-32 of a snapshot's bytes, fed in pieces (a file's blocks, a transfer's chunks): every
+/// byte but the last four, which are the checksum they must match.
+#[derive(Default)]
+pub(crate) struct Checksum {
+    hasher: crc32fast::Hasher,
+    /// The last (up to) four bytes seen, not yet hashed: the trailer, once all is fed.
+    held: Vec<u8>,
+}
+
+impl Checksum {
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
+        self.held.extend_from_slice(bytes);
+        let hash = self.held.len().saturating_sub(4);
+        self.hasher.update(&self.held[..hash]);
+        self.held.drain(..hash);
+    }
+
+    /// Whether the bytes fed so far end with the checksum of the rest.
+    pub(crate) fn check(self) -> Result<(), SnapshotFormatError> {
+        let stored: [u8; 4] = self.held.try_into().map_err(|_| SnapshotFormatError::Truncated { at: 0 })?;
+        let (computed, stored) = (self.hasher.finalize(), u32::from_le_bytes(stored));
+        if computed != stored {
+            return Err(SnapshotFormatError::Checksum { computed, stored });
+        }
+        Ok(())
+    }
+}
+
+/// Checks a snapshot file's checksum, reading it in blocks.
+pub(crate) fn verify(mut file: impl Read) -> Result<(), SnapshotFormatError> {
+    let mut checksum = Checksum::default();
+    let mut block = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut block)? {
+            0 => return checksum.check(),
+            n => checksum.update(&block[..n]),
+        }
+    }
+}
+
+/// Passes writes on to `out`, hashing them.
+struct Hashing<W> {
+    out: W,
+    hasher: crc32fast::Hasher,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let written = self.out.write(bytes)?;
+        self.hasher.update(&bytes[..written]);
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
 /// Writes a snapshot to `out`, one column family after another.
 pub(crate) struct SnapshotWriter<W: Write> {
-    out: W,
+    out: Hashing<W>,
 }
 
 impl<W: Write> SnapshotWriter<W> {
-    pub(crate) fn new(mut out: W, meta: &SnapshotMeta) -> Result<Self, SnapshotFormatError> {
+    pub(crate) fn new(out: W, meta: &SnapshotMeta) -> Result<Self, SnapshotFormatError> {
+        let mut out = Hashing { out, hasher: crc32fast::Hasher::new() };
         out.write_all(&FORMAT_VERSION.to_le_bytes())?;
         let meta = codec::encode("snapshot metadata", meta).map_err(|e| SnapshotFormatError::Meta(e.to_string()))?;
         let mut writer = SnapshotWriter { out };
@@ -73,10 +137,12 @@ impl<W: Write> SnapshotWriter<W> {
         Ok(())
     }
 
-    /// Ends the snapshot and hands back the output.
+    /// Ends the snapshot, with its checksum, and hands back the output.
     pub(crate) fn finish(mut self) -> Result<W, SnapshotFormatError> {
         self.out.write_all(&END.to_le_bytes())?;
-        Ok(self.out)
+        let Hashing { mut out, hasher } = self.out;
+        out.write_all(&hasher.finalize().to_le_bytes())?;
+        Ok(out)
     }
 
     fn field(&mut self, bytes: &[u8]) -> Result<(), SnapshotFormatError> {
@@ -97,8 +163,18 @@ pub(crate) struct SnapshotReader<'a> {
 }
 
 impl<'a> SnapshotReader<'a> {
-    /// Checks the format version and decodes the metadata; nothing else is read.
+    /// Checks the checksum, then the format version, and decodes the metadata; nothing else
+    /// is read.
     pub(crate) fn open(bytes: &'a [u8]) -> Result<Self, SnapshotFormatError> {
+        let mut checksum = Checksum::default();
+        checksum.update(bytes);
+        checksum.check()?;
+        SnapshotReader::without_checksum(&bytes[..bytes.len() - 4])
+    }
+
+    /// [`Self::open`] without the checksum (which needs every byte: a node's start reads only
+    /// the metadata).
+    fn without_checksum(bytes: &'a [u8]) -> Result<Self, SnapshotFormatError> {
         let mut reader = SnapshotReader { bytes, at: 0, meta: SnapshotMeta::default() };
         let found = reader.u32()?;
         if found != FORMAT_VERSION {
@@ -157,7 +233,7 @@ pub(crate) fn read_meta(mut file: impl Read) -> Result<SnapshotMeta, SnapshotFor
             file.take(u64::from(len)).read_to_end(&mut header)?;
         }
     }
-    SnapshotReader::open(&header).map(|reader| reader.meta)
+    SnapshotReader::without_checksum(&header).map(|reader| reader.meta)
 }
 
 #[cfg(test)]
@@ -202,16 +278,36 @@ mod tests {
     }
 
     #[test]
+    fn one_flipped_bit_anywhere_is_refused_by_its_checksum_whole_from_a_file_or_chunk_by_chunk() {
+        let bytes = written(&[("runtimes", &[(b"a", b"1"), (b"b", b"22")]), ("events", &[(b"e", b"x")])]);
+        assert!(verify(&bytes[..]).is_ok());
+        for at in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x10;
+            let refused = |e: &SnapshotFormatError| matches!(e, SnapshotFormatError::Checksum { .. });
+            assert!(read(&bad).is_err_and(|e| refused(&e)), "byte {at} flipped, read whole");
+            assert!(verify(&bad[..]).is_err_and(|e| refused(&e)), "byte {at} flipped, from a file");
+            let mut chunked = Checksum::default();
+            bad.chunks(3).for_each(|chunk| chunked.update(chunk));
+            assert!(chunked.check().is_err_and(|e| refused(&e)), "byte {at} flipped, in chunks");
+        }
+        let mut chunked = Checksum::default();
+        bytes.chunks(5).for_each(|chunk| chunked.update(chunk));
+        assert!(chunked.check().is_ok());
+    }
+
+    #[test]
     fn a_snapshot_cut_short_or_of_another_version_is_refused() {
         let bytes = written(&[("runtimes", &[(b"a", b"1")])]);
         for cut in [0, 3, 8, bytes.len() - 9, bytes.len() - 1] {
             let error = read(&bytes[..cut]).unwrap_err();
-            assert!(matches!(error, SnapshotFormatError::Truncated { .. }), "cut at {cut}: {error}");
+            assert!(
+                matches!(error, SnapshotFormatError::Truncated { .. } | SnapshotFormatError::Checksum { .. }),
+                "cut at {cut}: {error}"
+            );
         }
         let mut other = bytes.clone();
         other[..4].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
-        let error = read(&other).unwrap_err();
-        assert!(matches!(error, SnapshotFormatError::Version { found } if found == FORMAT_VERSION + 1), "{error}");
         // The metadata alone (a node's start) is refused alike.
         let error = read_meta(&other[..]).unwrap_err();
         assert!(matches!(error, SnapshotFormatError::Version { .. }), "{error}");

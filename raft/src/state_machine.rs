@@ -337,7 +337,9 @@ impl StateMachineStore {
     }
 
     /// The latest snapshot, open, with the metadata of that very file (a concurrent build
-    /// replaces the path, not what an open file reads).
+    /// replaces the path, not what an open file reads). Its checksum is checked first (at a
+    /// node's start and before it is sent): a corrupt file is set aside (`.corrupt`) and a new
+    /// snapshot built from the state, which is intact in the store.
     fn current(&self) -> Result<Option<Snapshot>, StorageError> {
         let mut file = match std::fs::File::open(&self.snapshot_path) {
             Ok(file) => file,
@@ -345,6 +347,18 @@ impl StateMachineStore {
             Err(e) => return Err(read_err(e)),
         };
         let meta = snapshot_file::read_meta(std::io::BufReader::new(&mut file))?;
+        file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+        if let Err(corrupt) = snapshot_file::verify(std::io::BufReader::new(&mut file)) {
+            let aside = self.snapshot_path.with_extension("corrupt");
+            tracing::error!(
+                path = %self.snapshot_path.display(),
+                set_aside = %aside.display(),
+                error = %corrupt,
+                "the snapshot file is corrupt; setting it aside and building a new one from the state"
+            );
+            std::fs::rename(&self.snapshot_path, &aside).map_err(write_err)?;
+            return self.build().map(Some);
+        }
         file.seek(SeekFrom::Start(0)).map_err(read_err)?;
         Ok(Some(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) }))
     }

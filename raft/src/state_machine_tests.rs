@@ -620,8 +620,12 @@ async fn a_snapshot_of_another_format_version_is_refused() {
     let mut snapshot = source.build_snapshot().await.unwrap();
     let mut bytes = Vec::new();
     snapshot.snapshot.read_to_end(&mut bytes).await.unwrap();
-    // The format version is the first field (a varint): make it another version.
+    // The format version is the first field: make it another version, with a checksum that
+    // matches (else the checksum refuses it first).
     bytes[0] = 99;
+    let body = bytes.len() - 4;
+    let crc = crc32fast::hash(&bytes[..body]);
+    bytes[body..].copy_from_slice(&crc.to_le_bytes());
     let (_dir2, mut target) = open();
     // Received as a follower receives it: written into the file the state machine hands out.
     let mut received = target.begin_receiving_snapshot().await.unwrap();
@@ -629,6 +633,38 @@ async fn a_snapshot_of_another_format_version_is_refused() {
     let err = target.install_snapshot(&snapshot.meta, received).await.unwrap_err();
     assert!(err.to_string().contains("format version"), "{err}");
     assert!(target.get_runtime("rt_a").unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_corrupt_snapshot_is_refused_on_install_and_set_aside_and_rebuilt_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataDir::open(&dir.path().join("data"), 1, "test").unwrap();
+    let mut source = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
+    apply(&mut source, vec![create("rt_a", "web")]).await;
+    let mut snapshot = source.build_snapshot().await.unwrap();
+    let mut bytes = Vec::new();
+    snapshot.snapshot.read_to_end(&mut bytes).await.unwrap();
+    let mut flipped = bytes.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x01;
+
+    let (_dir2, mut target) = open();
+    let mut received = target.begin_receiving_snapshot().await.unwrap();
+    received.write_all(&flipped).await.unwrap();
+    let err = target.install_snapshot(&snapshot.meta, received).await.unwrap_err();
+    assert!(err.to_string().contains("checksum"), "{err}");
+    assert!(target.get_runtime("rt_a").unwrap().is_none(), "nothing installed");
+
+    // The node's own file damaged on disk: opening the store sets it aside and builds anew.
+    drop(source);
+    std::fs::write(data.snapshot_path(), &flipped).unwrap();
+    let mut reopened = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
+    assert!(data.snapshot_path().with_extension("corrupt").exists(), "kept for a look");
+    let mut current = reopened.get_current_snapshot().await.unwrap().expect("a snapshot again");
+    let mut rebuilt = Vec::new();
+    current.snapshot.read_to_end(&mut rebuilt).await.unwrap();
+    assert!(crate::snapshot_file::verify(&rebuilt[..]).is_ok());
+    assert_eq!(current.meta.last_log_id, snapshot.meta.last_log_id);
 }
 
 #[tokio::test]
