@@ -390,15 +390,17 @@ pub(crate) async fn list_runtimes(
     let mut items: Vec<Runtime> = state
         .replica
         .state
-        .list_runtimes()?
-        .into_iter()
-        .filter(|r| r.id > after)
-        .filter(|r| caller.sees(r.tenant_id.as_deref()))
-        .filter(|r| params.runtime_type.is_none_or(|t| r.runtime_type == t))
-        .filter(|r| params.state.is_none_or(|s| r.state == s))
-        .filter(|r| selects(&selector, &r.labels))
+        .runtimes_after(&after)
+        .filter(|r| {
+            r.as_ref().map_or(true, |r| {
+                caller.sees(r.tenant_id.as_deref())
+                    && params.runtime_type.is_none_or(|t| r.runtime_type == t)
+                    && params.state.is_none_or(|s| r.state == s)
+                    && selects(&selector, &r.labels)
+            })
+        })
         .take(page_size + 1)
-        .collect();
+        .collect::<Result<_, _>>()?;
     let next_page_token = if items.len() > page_size {
         items.truncate(page_size);
         items.last().map(|r| r.id.clone())

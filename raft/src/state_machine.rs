@@ -173,6 +173,20 @@ impl StateMachineStore {
         self.scan(CF_RUNTIMES, b"")
     }
 
+    /// The runtimes with ids after `after`, in id order, each read and decoded only when the
+    /// caller takes it: a page reads what it shows (and what its filters pass over), not every
+    /// runtime.
+    pub fn runtimes_after<'a>(&'a self, after: &str) -> impl Iterator<Item = Result<Runtime, StorageError>> + 'a {
+        let after = after.as_bytes().to_vec();
+        self.db
+            .iterator_cf(cf(&self.db, CF_RUNTIMES), IteratorMode::From(&after, rocksdb::Direction::Forward))
+            .filter(move |item| item.as_ref().map_or(true, |(key, _)| key.as_ref() != after.as_slice()))
+            .map(|item| {
+                let (_, value) = item.map_err(read_err)?;
+                codec::decode("state record", &value).map_err(read_err)
+            })
+    }
+
     /// A runtime's events in the order they were written.
     pub fn runtime_events(&self, runtime_id: &str) -> Result<Vec<Event>, StorageError> {
         let prefix = event_prefix(runtime_id);

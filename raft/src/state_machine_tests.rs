@@ -1091,3 +1091,17 @@ async fn what_only_nodes_send_is_refused_from_anyone_else() {
     assert_eq!(state_of(&sm, "rt_a"), Some(RuntimeState::Creating), "nothing changed");
     assert!(sm.nodes().is_empty());
 }
+
+#[tokio::test]
+async fn runtimes_are_read_after_a_page_token_one_at_a_time_as_taken() {
+    let (_dir, mut sm) = open();
+    apply(&mut sm, vec![create("rt_a", "a"), create("rt_b", "b"), create("rt_c", "c")]).await;
+    let ids = |after: &str, take: usize| -> Vec<String> {
+        sm.runtimes_after(after).take(take).map(|r| r.unwrap().id).collect()
+    };
+    assert_eq!(ids("", 10), ["rt_a", "rt_b", "rt_c"]);
+    assert_eq!(ids("rt_a", 10), ["rt_b", "rt_c"], "the token itself is not repeated");
+    assert_eq!(ids("rt_b0", 10), ["rt_c"], "a token between ids");
+    assert_eq!(ids("", 2), ["rt_a", "rt_b"]);
+    assert!(ids("rt_c", 10).is_empty());
+}
