@@ -87,7 +87,7 @@ pub async fn run(replica: Arc<Replica>, backends: Backends, options: ExecutorOpt
 
 /// Proposes the signals of this node's runtimes that changed since they were last recorded.
 async fn report_signals(replica: &Replica, backends: &Backends, options: &ExecutorOptions) {
-    let Ok(runtimes) = replica.state.list_runtimes() else { return };
+    let Ok(runtimes) = replica.state.runtimes_on(options.node_id) else { return };
     let settings = replica.state.settings();
     let mut changed = Vec::new();
     for runtime in runtimes {

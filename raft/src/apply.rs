@@ -23,8 +23,8 @@ use crate::command::{Command, CommandReply, IdempotencyClaim, Op, Rejection};
 use crate::state_machine::{event_prefix, name_key, read_err, write_err};
 use crate::store::{
     cf, CF_ACTIVE_OPERATIONS, CF_API_KEYS, CF_EVENTS, CF_EVENT_COUNTS, CF_IDEMPOTENCY, CF_IDEMPOTENCY_BY_TIME,
-    CF_INTENTS, CF_NODES, CF_OPERATIONS, CF_POLICIES, CF_RUNTIMES, CF_RUNTIME_NAMES, CF_RUNTIME_OPERATIONS,
-    CF_SETTINGS,
+    CF_INTENTS, CF_NODES, CF_OPERATIONS, CF_POLICIES, CF_RUNTIMES, CF_RUNTIMES_BY_NODE, CF_RUNTIME_NAMES,
+    CF_RUNTIME_OPERATIONS, CF_SETTINGS,
 };
 use crate::types::StorageError;
 
@@ -194,12 +194,25 @@ pub(crate) fn placement_counts(txn: &Txn<'_>) -> Result<BTreeMap<u64, u64>, Stor
     Ok(counts)
 }
 
+/// Records a runtime placed on its node (`added`) or gone from it: the node's count, and its
+/// entry in the node's index.
 fn count_placement(txn: &mut Txn<'_>, runtime: &Runtime, added: bool) -> Result<(), StorageError> {
     let Some(placement) = &runtime.placement else { return Ok(()) };
     let mut counts = placement_counts(txn)?;
     let count = counts.entry(placement.node_id).or_default();
     *count = if added { *count + 1 } else { count.saturating_sub(1) };
+    let key = by_node_key(placement.node_id, &runtime.id);
+    if added {
+        txn.put(CF_RUNTIMES_BY_NODE, key, &())?;
+    } else {
+        txn.delete(CF_RUNTIMES_BY_NODE, key);
+    }
     txn.put(CF_SETTINGS, PLACEMENT_COUNTS_KEY.to_vec(), &counts)
+}
+
+/// The key of a runtime in [`CF_RUNTIMES_BY_NODE`].
+pub(crate) fn by_node_key(node_id: u64, runtime_id: &str) -> Vec<u8> {
+    [&node_id.to_be_bytes()[..], runtime_id.as_bytes()].concat()
 }
 
 /// The cluster-wide settings in force.
@@ -730,6 +743,9 @@ fn update_runtime(
     }
     runtime.version = current.version;
     runtime.created_at = current.created_at;
+    // Where a runtime runs is decided when it is created (and indexed by node): an update
+    // does not move it.
+    runtime.placement = current.placement;
     save_runtime(txn, at, &mut runtime)?;
     events.write(txn, &runtime.id, "runtime.updated", EventSeverity::Info, &JsonObject::default())?;
     Ok(CommandReply::Runtime(runtime))

@@ -17,7 +17,7 @@ use serde::Serialize;
 /// keys (their column family and commands), `Actor::Service`, `Op::CancelOperation`, and an
 /// executor's report whose fencing token is not optional. 8: `LifecycleAction::Relabel`, and
 /// `Op::PatchLabels` carries the relabel as an operation. 9: a snapshot ends with the CRC-32 of
-/// its bytes.
+/// its bytes; the index of runtimes by node (`runtimes_by_node`).
 pub const FORMAT_VERSION: u32 = 9;
 
 #[derive(Debug, thiserror::Error)]

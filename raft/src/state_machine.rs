@@ -34,7 +34,7 @@ use crate::error::DataDirError;
 use crate::snapshot_file::{self, SnapshotFormatError, SnapshotReader, SnapshotWriter};
 use crate::store::{
     cf, write_atomically_with, CF_ACTIVE_OPERATIONS, CF_API_KEYS, CF_EVENTS, CF_NODES, CF_OPERATIONS, CF_POLICIES,
-    CF_RUNTIMES, CF_RUNTIME_OPERATIONS, CF_SM_META, STATE_MACHINE_CFS,
+    CF_RUNTIMES, CF_RUNTIMES_BY_NODE, CF_RUNTIME_OPERATIONS, CF_SM_META, STATE_MACHINE_CFS,
 };
 use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
@@ -171,6 +171,22 @@ impl StateMachineStore {
     /// Every runtime, ordered by id (ids are time-ordered, so this is creation order).
     pub fn list_runtimes(&self) -> Result<Vec<Runtime>, StorageError> {
         self.scan(CF_RUNTIMES, b"")
+    }
+
+    /// The runtimes placed on node `node_id`, in id order: read through the node's index, not
+    /// by decoding every runtime (an executor's rounds).
+    pub fn runtimes_on(&self, node_id: u64) -> Result<Vec<Runtime>, StorageError> {
+        let prefix = node_id.to_be_bytes();
+        let iter = self
+            .db
+            .iterator_cf(cf(&self.db, CF_RUNTIMES_BY_NODE), IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+        let mut runtimes = Vec::new();
+        for item in iter {
+            let (key, _) = item.map_err(read_err)?;
+            let Some(id) = key.strip_prefix(prefix.as_slice()) else { break };
+            runtimes.extend(self.get_runtime(&String::from_utf8_lossy(id))?);
+        }
+        Ok(runtimes)
     }
 
     /// The runtimes with ids after `after`, in id order, each read and decoded only when the

@@ -720,7 +720,7 @@ async fn events_past_the_retention_age_go_even_when_few() {
 }
 
 #[tokio::test]
-async fn runtimes_per_node_are_counted_as_they_are_placed_and_deleted() {
+async fn runtimes_per_node_are_counted_and_indexed_as_they_are_placed_and_deleted() {
     let (_dir, mut sm) = open();
     apply(&mut sm, vec![placed("rt_a", "a", 1), placed("rt_b", "b", 2), placed("rt_c", "c", 2)]).await;
     assert_eq!(*sm.placement_counts(), [(1, 1), (2, 2)].into_iter().collect());
@@ -732,9 +732,13 @@ async fn runtimes_per_node_are_counted_as_they_are_placed_and_deleted() {
         advance("op_del_b", OperationStatus::Running),
         advance("op_del_b", OperationStatus::Succeeded),
     ];
+    let on = |sm: &StateMachineStore, node| sm.runtimes_on(node).unwrap().into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!((on(&sm, 1), on(&sm, 2)), (vec!["rt_a".to_string()], vec!["rt_b".to_string(), "rt_c".to_string()]));
     apply(&mut sm, delete).await;
     assert_eq!(sm.get_runtime("rt_b").unwrap(), None);
     assert_eq!(*sm.placement_counts(), [(1, 1), (2, 1)].into_iter().collect());
+    assert_eq!(on(&sm, 2), ["rt_c"], "the node's index follows the delete");
+    assert!(on(&sm, 3).is_empty());
 }
 
 #[tokio::test]

@@ -56,6 +56,8 @@ pub(crate) const CF_EVENT_COUNTS: &str = "event_counts";
 pub(crate) const CF_IDEMPOTENCY_BY_TIME: &str = "idempotency_by_time";
 /// `key id` → API key (the principal and the SHA-256 of its secret; revoked keys stay).
 pub(crate) const CF_API_KEYS: &str = "api_keys";
+/// `node id (BE u64) runtime id` → (): the runtimes placed on each node, for its executor.
+pub(crate) const CF_RUNTIMES_BY_NODE: &str = "runtimes_by_node";
 
 /// Column families that make up the state machine, and so a snapshot.
 pub(crate) const STATE_MACHINE_CFS: &[&str] = &[
@@ -74,6 +76,7 @@ pub(crate) const STATE_MACHINE_CFS: &[&str] = &[
     CF_SETTINGS,
     CF_EVENT_COUNTS,
     CF_API_KEYS,
+    CF_RUNTIMES_BY_NODE,
 ];
 
 /// Column families of the raft log itself; the rest of the database is the state machine.
