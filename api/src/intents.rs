@@ -307,6 +307,8 @@ pub(crate) async fn get_intent(
     };
     let view = operation.as_ref().map(OperationView::from);
     let status = match operation.as_ref().map(|o| o.status) {
+        // Its operation is past the cluster's retention.
+        None if intent.operation_id.is_some() => "expired",
         None => "planned",
         Some(OperationStatus::PendingApproval) => "pending_approval",
         Some(OperationStatus::Queued) => "accepted",

@@ -20,6 +20,7 @@ use runtimeai_model::{
 
 use crate::codec;
 use crate::command::{Command, CommandReply, IdempotencyClaim, Op, Rejection};
+use crate::retention::{self, Ended};
 use crate::state_machine::{event_prefix, name_key, read_err, write_err};
 use crate::store::{
     cf, CF_ACTIVE_OPERATIONS, CF_API_KEYS, CF_EVENTS, CF_EVENT_COUNTS, CF_IDEMPOTENCY, CF_IDEMPOTENCY_BY_TIME,
@@ -33,7 +34,7 @@ use crate::types::StorageError;
 /// its last value (a batch of creates rewrites the placement counts and each runtime's event
 /// tally several times).
 pub(crate) struct Txn<'a> {
-    db: &'a DB,
+    pub(crate) db: &'a DB,
     /// Per column family, what this batch wrote (`None`: deleted). Kept per family so that a
     /// scan of one (the policies, on every evaluation) does not walk every key of the batch.
     overlay: HashMap<&'static str, BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
@@ -150,7 +151,7 @@ impl<'a> Txn<'a> {
     }
 
     /// Whether `key` was deleted earlier in this batch.
-    fn deleted(&self, cf_name: &'static str, key: &[u8]) -> bool {
+    pub(crate) fn deleted(&self, cf_name: &'static str, key: &[u8]) -> bool {
         matches!(self.overlay.get(cf_name).and_then(|written| written.get(key)), Some(None))
     }
 
@@ -167,7 +168,7 @@ impl<'a> Txn<'a> {
         records.into_values().flatten().map(|b| codec::decode("state record", &b).map_err(read_err)).collect()
     }
 
-    fn delete(&mut self, cf_name: &'static str, key: Vec<u8>) {
+    pub(crate) fn delete(&mut self, cf_name: &'static str, key: Vec<u8>) {
         self.forget_cached(cf_name, &key);
         self.overlay.entry(cf_name).or_default().insert(key, None);
     }
@@ -232,7 +233,13 @@ pub const IDEMPOTENCY_RETENTION_MS: i64 = 24 * 60 * 60 * 1000;
 /// are errors (and stop the node: a replica must not skip an entry).
 pub(crate) fn apply_entry(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<CommandReply, StorageError> {
     txn.events_in_entry = 0;
-    apply_command(txn, index, command)
+    let at = command.at;
+    let reply = apply_command(txn, index, command)?;
+    if index.is_multiple_of(retention::PRUNE_EVERY) {
+        let days = settings(txn)?.event_retention_days;
+        retention::prune(txn, at, days)?;
+    }
+    Ok(reply)
 }
 
 fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<CommandReply, StorageError> {
@@ -374,6 +381,7 @@ fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<Comm
                 },
             };
             txn.put(CF_INTENTS, intent.id.as_bytes().to_vec(), &intent)?;
+            retention::ended(txn, at, Ended::Intent, &intent.id, &intent.runtime_id)?;
             CommandReply::Intent { intent, operation }
         }
         Op::CreatePolicy { policy } => {
@@ -932,6 +940,7 @@ fn finish_operation(
     use OperationStatus::*;
     let at = events.at;
     operation.finished_at = Some(at);
+    retention::ended(txn, at, Ended::Operation, &operation.id, &operation.runtime_id)?;
     let Some(mut runtime) = txn.get::<Runtime>(CF_RUNTIMES, operation.runtime_id.as_bytes())? else {
         put_operation(txn, &operation)?;
         return Ok(CommandReply::Operation(operation));
@@ -976,6 +985,7 @@ fn finish_operation(
         txn.delete(CF_RUNTIME_NAMES, name_key(runtime.tenant_id.as_deref(), &runtime.name));
         count_placement(txn, &runtime, false)?;
         txn.delete(CF_RUNTIMES, runtime.id.as_bytes().to_vec());
+        retention::ended(txn, at, Ended::Runtime, &runtime.id, &runtime.id)?;
         events.write(txn, &runtime.id, "runtime.deleted", EventSeverity::Info, &JsonObject::default())?;
     } else {
         save_runtime(txn, at, &mut runtime)?;

@@ -29,6 +29,7 @@ pub mod log_store;
 pub mod network;
 mod read_index;
 pub mod replica;
+mod retention;
 pub mod service;
 mod snapshot_file;
 pub mod state_machine;

@@ -1109,3 +1109,54 @@ async fn runtimes_are_read_after_a_page_token_one_at_a_time_as_taken() {
     assert_eq!(ids("", 2), ["rt_a", "rt_b"]);
     assert!(ids("rt_c", 10).is_empty());
 }
+
+#[tokio::test]
+async fn finished_operations_intents_and_deleted_runtimes_events_go_once_past_the_retention() {
+    let (_dir, mut sm) = open();
+    let settings = ClusterSettings { event_retention_days: 1, ..Default::default() };
+    apply(&mut sm, vec![Op::SetSettings { settings }]).await;
+    running(&mut sm, "rt_a", "kept").await;
+    running(&mut sm, "rt_b", "gone").await;
+    let delete = vec![
+        begin("op_del_b", "rt_b", LifecycleAction::Delete),
+        advance("op_del_b", OperationStatus::Running),
+        advance("op_del_b", OperationStatus::Succeeded),
+    ];
+    apply(&mut sm, delete).await;
+    let dry_run = runtimeai_model::Intent {
+        id: "int_1".into(),
+        runtime_id: "rt_a".into(),
+        operation_id: None,
+        goal: "reduce cost".into(),
+        constraints: Default::default(),
+        context: Default::default(),
+        policy_mode: PolicyMode::SafeFirst,
+        dry_run: true,
+        planned: vec![],
+        rationale: vec![],
+        blocked: vec![],
+        recommendations: vec![],
+        created_at: at(0),
+        version: 1,
+    };
+    apply(&mut sm, vec![Op::SubmitIntent { intent: dry_run, operation: None }]).await;
+    assert!(sm.get_intent("int_1").unwrap().is_some());
+    assert!(!sm.runtime_events("rt_b").unwrap().is_empty(), "a deleted runtime's events stay a while");
+    assert!(sm.get_operation("op_create_rt_a").unwrap().is_some());
+
+    // Two days later, up to the next pruning entry.
+    let later = at(2 * 24 * 60 * 60);
+    let mut next = sm.last_applied().unwrap().unwrap().index + 1;
+    while next % crate::retention::PRUNE_EVERY != 1 {
+        let patch = Command { at: later, ..command(relabel("rt_a", BTreeMap::new(), None)) };
+        sm.apply(vec![entry(next, patch)]).await.unwrap();
+        next += 1;
+    }
+    assert!(sm.get_operation("op_create_rt_a").unwrap().is_none(), "a finished operation past the retention");
+    assert!(sm.get_operation("op_del_b").unwrap().is_none());
+    assert!(sm.runtime_operations("rt_a").unwrap().is_empty(), "and its index entry");
+    assert!(sm.runtime_events("rt_b").unwrap().is_empty(), "a deleted runtime's events");
+    assert!(sm.get_intent("int_1").unwrap().is_none(), "an intent");
+    assert!(sm.get_runtime("rt_a").unwrap().is_some(), "runtimes stay");
+    assert!(!sm.runtime_events("rt_a").unwrap().is_empty(), "a live runtime's recent events stay");
+}

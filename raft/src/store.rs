@@ -56,6 +56,9 @@ pub(crate) const CF_EVENT_COUNTS: &str = "event_counts";
 pub(crate) const CF_IDEMPOTENCY_BY_TIME: &str = "idempotency_by_time";
 /// `key id` → API key (the principal and the SHA-256 of its secret; revoked keys stay).
 pub(crate) const CF_API_KEYS: &str = "api_keys";
+/// `time ended (BE u64 ms) kind (u8) id` → runtime id: finished operations, deleted runtimes and
+/// intents by age, for their retention (`crate::retention`).
+pub(crate) const CF_HISTORY_BY_TIME: &str = "history_by_time";
 /// `node id (BE u64) runtime id` → (): the runtimes placed on each node, for its executor.
 pub(crate) const CF_RUNTIMES_BY_NODE: &str = "runtimes_by_node";
 
@@ -77,6 +80,7 @@ pub(crate) const STATE_MACHINE_CFS: &[&str] = &[
     CF_EVENT_COUNTS,
     CF_API_KEYS,
     CF_RUNTIMES_BY_NODE,
+    CF_HISTORY_BY_TIME,
 ];
 
 /// Column families of the raft log itself; the rest of the database is the state machine.
