@@ -97,6 +97,31 @@ pub struct ListParams {
     pub consistency: Consistency,
 }
 
+/// A page of a list that has no filters: its size and where it starts.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct PageParams {
+    #[serde(default)]
+    #[param(minimum = 1, maximum = 200)]
+    pub page_size: Option<usize>,
+    /// The `next_page_token` of the page before.
+    #[serde(default)]
+    pub page_token: Option<String>,
+    #[serde(default)]
+    #[param(value_type = Option<String>, pattern = "^(linearizable|stale)$")]
+    pub consistency: Consistency,
+}
+
+/// A page's size from `page_size`: 50 unless given, and 1 to 200.
+fn page_size(asked: Option<usize>) -> Result<usize, Problem> {
+    let size = asked.unwrap_or(50);
+    if !(1..=200).contains(&size) {
+        return Err(Problem::invalid_field("page_size", "must be between 1 and 200"));
+    }
+    Ok(size)
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RuntimeList {
     pub items: Vec<Runtime>,
@@ -380,10 +405,7 @@ pub(crate) async fn list_runtimes(
     caller: Caller,
     QueryParams(params): QueryParams<ListParams>,
 ) -> Result<Json<RuntimeList>, Problem> {
-    let page_size = params.page_size.unwrap_or(50);
-    if !(1..=200).contains(&page_size) {
-        return Err(Problem::invalid_field("page_size", "must be between 1 and 200"));
-    }
+    let page_size = page_size(params.page_size)?;
     let selector = parse_selector(params.label_selector.as_deref().unwrap_or(""))?;
     params.consistency.prepare(&state.replica).await?;
     let after = params.page_token.unwrap_or_default();
@@ -728,21 +750,31 @@ pub(crate) async fn runtime_status(
 #[derive(Debug, Serialize, ToSchema)]
 pub struct OperationList {
     pub items: Vec<OperationView>,
+    /// Where the next page starts, when there is one.
+    pub next_page_token: Option<String>,
 }
 
-/// A runtime's operations, oldest first.
+/// A runtime's operations, oldest first, a page at a time.
 #[utoipa::path(get, path = "/v1/runtimes/{runtime_id}/operations", tag = "Operations",
-    params(("runtime_id" = String, Path), ConsistencyParam, TenantId),
+    params(("runtime_id" = String, Path), PageParams, TenantId),
     responses((status = 200, description = "OK", body = OperationList), ProblemResponses))]
 pub(crate) async fn runtime_operations(
     State(state): State<AppState>,
     caller: Caller,
     PathParam(runtime_id): PathParam<String>,
-    QueryParams(params): QueryParams<ReadParams>,
+    QueryParams(params): QueryParams<PageParams>,
 ) -> Result<Json<OperationList>, Problem> {
+    let page_size = page_size(params.page_size)?;
     read_runtime(&state, &caller, &runtime_id, params.consistency).await?;
-    let items = state.replica.state.runtime_operations(&runtime_id)?.iter().map(OperationView::from).collect();
-    Ok(Json(OperationList { items }))
+    let after = params.page_token.unwrap_or_default();
+    let mut operations = state.replica.state.runtime_operations_after(&runtime_id, &after, page_size + 1)?;
+    let next_page_token = if operations.len() > page_size {
+        operations.truncate(page_size);
+        operations.last().map(|o| o.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(OperationList { items: operations.iter().map(OperationView::from).collect(), next_page_token }))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

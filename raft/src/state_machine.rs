@@ -260,14 +260,33 @@ impl StateMachineStore {
 
     /// A runtime's operations, oldest first.
     pub fn runtime_operations(&self, runtime_id: &str) -> Result<Vec<Operation>, StorageError> {
+        self.runtime_operations_after(runtime_id, "", usize::MAX)
+    }
+
+    /// Up to `limit` of a runtime's operations with ids after `after` (ids are time-ordered:
+    /// creation order), read through the runtime's index: a page reads what it shows.
+    pub fn runtime_operations_after(
+        &self,
+        runtime_id: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<Operation>, StorageError> {
         let prefix = event_prefix(runtime_id);
+        let mut start = prefix.clone();
+        start.extend_from_slice(after.as_bytes());
         let mut operations = Vec::new();
         let iter = self
             .db
-            .iterator_cf(cf(&self.db, CF_RUNTIME_OPERATIONS), IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+            .iterator_cf(cf(&self.db, CF_RUNTIME_OPERATIONS), IteratorMode::From(&start, rocksdb::Direction::Forward));
         for item in iter {
             let (key, _) = item.map_err(read_err)?;
             let Some(id) = key.strip_prefix(prefix.as_slice()) else { break };
+            if operations.len() >= limit {
+                break;
+            }
+            if !after.is_empty() && id == after.as_bytes() {
+                continue;
+            }
             operations.extend(self.get_operation(&String::from_utf8_lossy(id))?);
         }
         Ok(operations)

@@ -141,6 +141,23 @@ async fn a_runtime_goes_through_its_whole_lifecycle_across_nodes() -> anyhow::Re
     let kinds: Vec<&str> =
         operations.body["items"].as_array().unwrap().iter().map(|o| o["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["create", "stop", "start", "scale", "snapshot", "restart", "restore"]);
+    let mut paged = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = match &token {
+            None => format!("/v1/runtimes/{id}/operations?page_size=3"),
+            Some(token) => format!("/v1/runtimes/{id}/operations?page_size=3&page_token={token}"),
+        };
+        let page = cluster.call_eventually(2, Method::GET, &page, None, &[]).await?;
+        let items = page.body["items"].as_array().unwrap();
+        assert!(items.len() <= 3, "{page:?}");
+        paged.extend(items.iter().map(|o| o["kind"].as_str().unwrap().to_string()));
+        match page.body["next_page_token"].as_str() {
+            Some(next) => token = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(paged, kinds, "pages of 3 hold every operation once, in order");
     let events =
         cluster.call_eventually(1, Method::GET, &format!("/v1/runtimes/{id}/events?limit=1000"), None, &[]).await?;
     let items = events.body["items"].as_array().unwrap();
