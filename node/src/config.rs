@@ -171,6 +171,10 @@ pub struct NodeArgs {
     /// [default: 10000].
     #[arg(long, env = "RUNTIMEAI_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// REST requests a node works on at once; past it, new ones get 503 with Retry-After at
+    /// once [default: 1024].
+    #[arg(long, env = "RUNTIMEAI_MAX_INFLIGHT")]
+    pub max_inflight: Option<usize>,
     /// Requests per second one principal may make to this node (bursts of a second's worth;
     /// past it 429 with Retry-After); 0 turns the limit off [default: 1000].
     #[arg(long, env = "RUNTIMEAI_RATE_LIMIT_PRINCIPAL")]
@@ -369,9 +373,14 @@ impl NodeArgs {
         if max_connections < 16 {
             return Err(ConfigError::TooSmall { flag: "max-connections", min: 16, value: max_connections as u64 });
         }
+        let max_inflight = self.max_inflight.unwrap_or(defaults.max_inflight);
+        if max_inflight < 4 {
+            return Err(ConfigError::TooSmall { flag: "max-inflight", min: 4, value: max_inflight as u64 });
+        }
         Ok(crate::http::HttpLimits {
             header_read_timeout: Duration::from_millis(header_ms),
             max_connections,
+            max_inflight,
             ..defaults
         })
     }
@@ -403,6 +412,7 @@ impl NodeArgs {
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
             header_read_timeout_ms: self.header_read_timeout_ms.or(file.header_read_timeout_ms),
             max_connections: self.max_connections.or(file.max_connections),
+            max_inflight: self.max_inflight.or(file.max_inflight),
             rate_limit_principal: self.rate_limit_principal.or(file.rate_limit_principal),
             rate_limit_address: self.rate_limit_address.or(file.rate_limit_address),
             backends: self.backends.or(file.backends),

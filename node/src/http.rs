@@ -1,8 +1,10 @@
 //! Serving the REST API on established connections, with the bounds a hostile client meets:
 //! a request's headers must arrive within [`HttpLimits::header_read_timeout`] (slow-loris), a
 //! node holds at most [`HttpLimits::max_connections`] (the next is closed at once, and
-//! counted), and an HTTP/2 connection carries at most [`HttpLimits::max_streams`] requests at
-//! once. `axum::serve` sets none of these (hyper reads headers without a deadline unless given
+//! counted), an HTTP/2 connection carries at most [`HttpLimits::max_streams`] requests at
+//! once, and a node works on at most [`HttpLimits::max_inflight`] requests at once (the next
+//! is shed with 503 and `Retry-After` before it costs anything, as the Kubernetes API
+//! server's `--max-requests-inflight`). `axum::serve` sets none of these (hyper reads headers without a deadline unless given
 //! a timer), so connections are served here with hyper's own builder.
 
 use std::net::SocketAddr;
@@ -27,12 +29,33 @@ pub struct HttpLimits {
     pub header_read_timeout: Duration,
     pub max_connections: usize,
     pub max_streams: u32,
+    pub max_inflight: usize,
 }
 
 impl Default for HttpLimits {
     fn default() -> HttpLimits {
-        HttpLimits { header_read_timeout: Duration::from_secs(10), max_connections: 10_000, max_streams: 256 }
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            max_streams: 256,
+            max_inflight: 1_024,
+        }
     }
+}
+
+/// `app`, shedding requests past `max_inflight` at once.
+fn shedding(app: axum::Router, max_inflight: usize) -> axum::Router {
+    let shed = |_: tower::BoxError| async {
+        runtimeai_api::problem::Problem::unavailable(
+            "this node is working on as many requests as it takes (--max-inflight); retry shortly",
+        )
+    };
+    app.layer(
+        tower::ServiceBuilder::new()
+            .layer(axum::error_handling::HandleErrorLayer::new(shed))
+            .load_shed()
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(max_inflight)),
+    )
 }
 
 /// Connections a node closed at once because it held [`HttpLimits::max_connections`].
@@ -51,6 +74,7 @@ pub async fn serve<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let app = shedding(app, limits.max_inflight);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let (closing, _) = watch::channel(false);
     loop {

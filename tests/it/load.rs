@@ -166,3 +166,39 @@ async fn a_client_past_its_rate_gets_429_with_retry_after_and_others_are_still_s
     assert_eq!(counts.values().sum::<usize>(), counts[&401] + counts[&429], "only 401 and 429: {counts:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_requests_in_flight_a_node_sheds_with_503_and_serves_again() -> anyhow::Result<()> {
+    let args = ["--max-inflight", "4"].map(String::from).to_vec();
+    let cluster = Arc::new(Cluster::start(1, ClusterOptions { extra_args: args, ..Default::default() }).await?);
+
+    phase("40 creates of ~900 kB at once against a node that works on 4 requests at a time");
+    let mut writers = tokio::task::JoinSet::new();
+    for i in 0..40u64 {
+        let cluster = cluster.clone();
+        writers.spawn(async move {
+            let body =
+                json!({"name": format!("heavy-{i}"), "type": "vm", "spec": {"env": {"BLOB": "z".repeat(900_000)}}});
+            cluster.call_within(1, Method::POST, "/v1/runtimes", Some(&body), &[], Some(Duration::from_secs(60))).await
+        });
+    }
+    let mut statuses = BTreeMap::<u16, usize>::new();
+    while let Some(answer) = writers.join_next().await {
+        let answer = answer??;
+        *statuses.entry(answer.status).or_default() += 1;
+        if answer.status == 503 {
+            assert!(answer.header("retry-after").is_some(), "{:?}", answer.body);
+            let detail = answer.body["detail"].as_str().unwrap_or_default();
+            assert!(detail.contains("max-inflight") || detail.contains("in flight"), "{detail}");
+        } else {
+            assert_eq!(answer.status, 201, "{:?}", answer.body);
+        }
+    }
+    eprintln!("statuses: {statuses:?}");
+    assert!(statuses.get(&503).is_some_and(|n| *n > 0), "some shed: {statuses:?}");
+    assert!(statuses.get(&201).is_some_and(|n| *n > 0), "some served: {statuses:?}");
+
+    phase("once they are answered, the node serves again");
+    cluster.create_runtime_eventually(1, "light", EVENTUALLY).await?;
+    Ok(())
+}
