@@ -43,12 +43,15 @@ impl Default for HttpLimits {
     }
 }
 
-/// `app`, shedding requests past `max_inflight` at once.
+/// `app`, shedding requests past `max_inflight` at once. A shed request's body is not read,
+/// so its connection cannot carry another request: the answer says so (`Connection: close`),
+/// or the client would send its next request on a connection the server is closing.
 fn shedding(app: axum::Router, max_inflight: usize) -> axum::Router {
     let shed = |_: tower::BoxError| async {
-        runtimeai_api::problem::Problem::unavailable(
+        let problem = runtimeai_api::problem::Problem::unavailable(
             "this node is working on as many requests as it takes (--max-inflight); retry shortly",
-        )
+        );
+        ([(axum::http::header::CONNECTION, "close")], problem)
     };
     app.layer(
         tower::ServiceBuilder::new()

@@ -26,7 +26,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closed connection still reads (and drops) what the client sends, at most, and how
 /// long it waits for more when nothing comes: see [`TlsConnection`]'s `poll_shutdown`.
 const LINGER: Duration = Duration::from_secs(5);
-const LINGER_QUIET: Duration = Duration::from_millis(500);
+const LINGER_QUIET: Duration = Duration::from_secs(2);
 /// How often the certificate files are checked for changes.
 const RELOAD_EVERY: Duration = Duration::from_secs(2);
 /// A certificate that expires within this is logged at every reload check (once an hour).
@@ -307,7 +307,7 @@ impl PeerIdentity {
 /// answer before the client reads it; the client sees "connection reset" or "EOF in violation of
 /// protocol" instead of the status. So after `close_notify` and the TCP half-close, the
 /// connection reads and drops whatever still arrives, until the client closes, nothing has come
-/// for [`LINGER_QUIET`] (an idle client keeps no shutdown waiting), or [`LINGER`] has passed.
+/// for [`LINGER_QUIET`] (an idle client holds a shutdown no longer), or [`LINGER`] has passed.
 pub struct TlsConnection {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     pub peer: PeerIdentity,

@@ -172,13 +172,13 @@ async fn past_its_requests_in_flight_a_node_sheds_with_503_and_serves_again() ->
     let args = ["--max-inflight", "4"].map(String::from).to_vec();
     let cluster = Arc::new(Cluster::start(1, ClusterOptions { extra_args: args, ..Default::default() }).await?);
 
-    phase("40 creates of ~900 kB at once against a node that works on 4 requests at a time");
+    phase("40 creates of ~200 kB at once against a node that works on 4 requests at a time");
     let mut writers = tokio::task::JoinSet::new();
     for i in 0..40u64 {
         let cluster = cluster.clone();
         writers.spawn(async move {
             let body =
-                json!({"name": format!("heavy-{i}"), "type": "vm", "spec": {"env": {"BLOB": "z".repeat(900_000)}}});
+                json!({"name": format!("heavy-{i}"), "type": "vm", "spec": {"env": {"BLOB": "z".repeat(200_000)}}});
             cluster.call_within(1, Method::POST, "/v1/runtimes", Some(&body), &[], Some(Duration::from_secs(60))).await
         });
     }
