@@ -55,11 +55,15 @@ pub(crate) struct Checksum {
 }
 
 impl Checksum {
+    /// Feeds the next bytes: all but the last four seen so far are hashed, without copying.
     pub(crate) fn update(&mut self, bytes: &[u8]) {
-        self.held.extend_from_slice(bytes);
-        let hash = self.held.len().saturating_sub(4);
-        self.hasher.update(&self.held[..hash]);
-        self.held.drain(..hash);
+        let hash = (self.held.len() + bytes.len()).saturating_sub(4);
+        let from_held = hash.min(self.held.len());
+        self.hasher.update(&self.held[..from_held]);
+        self.held.drain(..from_held);
+        let from_bytes = hash - from_held;
+        self.hasher.update(&bytes[..from_bytes]);
+        self.held.extend_from_slice(&bytes[from_bytes..]);
     }
 
     /// Whether the bytes fed so far end with the checksum of the rest.
