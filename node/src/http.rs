@@ -4,8 +4,9 @@
 //! counted), an HTTP/2 connection carries at most [`HttpLimits::max_streams`] requests at
 //! once, and a node works on at most [`HttpLimits::max_inflight`] requests at once (the next
 //! is shed with 503 and `Retry-After` before it costs anything, as the Kubernetes API
-//! server's `--max-requests-inflight`). `axum::serve` sets none of these (hyper reads headers without a deadline unless given
-//! a timer), so connections are served here with hyper's own builder.
+//! server's `--max-requests-inflight`). `axum::serve` sets none of these (hyper reads headers
+//! without a deadline unless given a timer), so connections are served here with hyper's own
+//! builder.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,9 +66,8 @@ fn shedding(app: axum::Router, max_inflight: usize) -> axum::Router {
 pub static REFUSED_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 
 /// Serves `app` on each connection of `incoming` (with the client's address and the certificate
-/// it presented; requests see both as `ConnectInfo`),
-/// until `incoming` ends or `stop` turns true; then lets the open connections finish what they
-/// are doing, for at most `drain`.
+/// it presented; requests see both as `ConnectInfo`) until `incoming` ends or `stop` turns
+/// true; then lets the open connections finish what they are doing, for at most `drain`.
 pub async fn serve<IO>(
     mut incoming: impl Stream<Item = (IO, SocketAddr, ClientCertificate)> + Unpin,
     app: axum::Router,

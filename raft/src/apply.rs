@@ -212,7 +212,7 @@ fn count_placement(txn: &mut Txn<'_>, runtime: &Runtime, added: bool) -> Result<
 }
 
 /// The key of a runtime in [`CF_RUNTIMES_BY_NODE`].
-pub(crate) fn by_node_key(node_id: u64, runtime_id: &str) -> Vec<u8> {
+fn by_node_key(node_id: u64, runtime_id: &str) -> Vec<u8> {
     [&node_id.to_be_bytes()[..], runtime_id.as_bytes()].concat()
 }
 
@@ -608,10 +608,15 @@ fn put_new_operation(txn: &mut Txn<'_>, operation: &Operation) -> Result<(), Sto
     if !operation.status.is_terminal() {
         txn.put(CF_ACTIVE_OPERATIONS, operation.id.as_bytes().to_vec(), &operation.runtime_id)?;
     }
-    let mut key = event_prefix(&operation.runtime_id);
-    key.extend_from_slice(operation.id.as_bytes());
-    txn.put(CF_RUNTIME_OPERATIONS, key, &())?;
+    txn.put(CF_RUNTIME_OPERATIONS, runtime_operation_key(&operation.runtime_id, &operation.id), &())?;
     put_operation(txn, operation)
+}
+
+/// The key of an operation in its runtime's index ([`CF_RUNTIME_OPERATIONS`]).
+pub(crate) fn runtime_operation_key(runtime_id: &str, operation_id: &str) -> Vec<u8> {
+    let mut key = event_prefix(runtime_id);
+    key.extend_from_slice(operation_id.as_bytes());
+    key
 }
 
 fn create_runtime(

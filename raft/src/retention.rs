@@ -9,7 +9,7 @@
 
 use rocksdb::IteratorMode;
 
-use crate::apply::Txn;
+use crate::apply::{runtime_operation_key, Txn};
 use crate::state_machine::{event_prefix, read_err};
 use crate::store::{
     cf, CF_EVENTS, CF_EVENT_COUNTS, CF_HISTORY_BY_TIME, CF_INTENTS, CF_OPERATIONS, CF_RUNTIME_OPERATIONS,
@@ -31,6 +31,12 @@ pub(crate) enum Ended {
     Runtime = 2,
     /// An intent, recorded when it is submitted (a dry run never finishes).
     Intent = 3,
+}
+
+impl Ended {
+    fn from_byte(byte: u8) -> Option<Ended> {
+        [Ended::Operation, Ended::Runtime, Ended::Intent].into_iter().find(|ended| *ended as u8 == byte)
+    }
 }
 
 fn key(at: Timestamp, ended: Ended, id: &str) -> Vec<u8> {
@@ -55,7 +61,9 @@ pub(crate) fn prune(txn: &mut Txn<'_>, now: Timestamp, days: u64) -> Result<(), 
     let mut expired = Vec::new();
     for item in txn.db.iterator_cf(cf(txn.db, CF_HISTORY_BY_TIME), IteratorMode::Start) {
         let (key, value) = item.map_err(read_err)?;
-        let (Some(time), Some(&kind)) = (key.get(..8), key.get(8)) else { continue };
+        let (Some(time), Some(kind)) = (key.get(..8), key.get(8).copied().and_then(Ended::from_byte)) else {
+            continue;
+        };
         if u64::from_be_bytes(time.try_into().expect("eight bytes")) >= cutoff || expired.len() >= PRUNE_BATCH {
             break;
         }
@@ -67,18 +75,16 @@ pub(crate) fn prune(txn: &mut Txn<'_>, now: Timestamp, days: u64) -> Result<(), 
     }
     for (key, kind, id, runtime_id) in expired {
         let done = match kind {
-            k if k == Ended::Operation as u8 => {
+            Ended::Operation => {
                 txn.delete(CF_OPERATIONS, id.as_bytes().to_vec());
-                let mut index = event_prefix(&runtime_id);
-                index.extend_from_slice(id.as_bytes());
-                txn.delete(CF_RUNTIME_OPERATIONS, index);
+                txn.delete(CF_RUNTIME_OPERATIONS, runtime_operation_key(&runtime_id, &id));
                 true
             }
-            k if k == Ended::Intent as u8 => {
+            Ended::Intent => {
                 txn.delete(CF_INTENTS, id.as_bytes().to_vec());
                 true
             }
-            _ => drop_events(txn, &id)?,
+            Ended::Runtime => drop_events(txn, &id)?,
         };
         if done {
             txn.delete(CF_HISTORY_BY_TIME, key);
@@ -91,6 +97,7 @@ pub(crate) fn prune(txn: &mut Txn<'_>, now: Timestamp, days: u64) -> Result<(), 
 fn drop_events(txn: &mut Txn<'_>, runtime_id: &str) -> Result<bool, StorageError> {
     let prefix = event_prefix(runtime_id);
     let mut keys = Vec::new();
+    let mut more = false;
     let iter = txn.db.iterator_cf(cf(txn.db, CF_EVENTS), IteratorMode::From(&prefix, rocksdb::Direction::Forward));
     for item in iter {
         let (key, _) = item.map_err(read_err)?;
@@ -101,12 +108,14 @@ fn drop_events(txn: &mut Txn<'_>, runtime_id: &str) -> Result<bool, StorageError
             continue;
         }
         if keys.len() >= PRUNE_BATCH {
-            keys.iter().cloned().for_each(|key| txn.delete(CF_EVENTS, key));
-            return Ok(false);
+            more = true;
+            break;
         }
         keys.push(key.to_vec());
     }
     keys.into_iter().for_each(|key| txn.delete(CF_EVENTS, key));
-    txn.delete(CF_EVENT_COUNTS, runtime_id.as_bytes().to_vec());
-    Ok(true)
+    if !more {
+        txn.delete(CF_EVENT_COUNTS, runtime_id.as_bytes().to_vec());
+    }
+    Ok(!more)
 }

@@ -96,9 +96,7 @@ impl RaftService {
         pb::raft_server::RaftServer::new(RaftService { replica, peers, transfer: Default::default() })
             .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
     }
-}
 
-impl RaftService {
     /// Follows a snapshot's chunks as they arrive and refuses the last one when the whole does
     /// not match its checksum, before openraft installs it: the leader's send fails and it
     /// sends the snapshot again. (A chunk sent again, or out of order, is left to openraft.)
@@ -128,14 +126,10 @@ fn follow(
     };
     under_way.checksum.update(&rpc.data);
     under_way.next_offset += rpc.data.len() as u64;
-    match (rpc.done, transfer.take()) {
-        (true, Some(done)) => done.checksum.check(),
-        (false, under_way) => {
-            *transfer = under_way;
-            Ok(())
-        }
-        (true, None) => Ok(()),
+    if !rpc.done {
+        return Ok(());
     }
+    transfer.take().map_or(Ok(()), |done| done.checksum.check())
 }
 
 #[tonic::async_trait]

@@ -176,17 +176,30 @@ impl StateMachineStore {
     /// The runtimes placed on node `node_id`, in id order: read through the node's index, not
     /// by decoding every runtime (an executor's rounds).
     pub fn runtimes_on(&self, node_id: u64) -> Result<Vec<Runtime>, StorageError> {
-        let prefix = node_id.to_be_bytes();
-        let iter = self
-            .db
-            .iterator_cf(cf(&self.db, CF_RUNTIMES_BY_NODE), IteratorMode::From(&prefix, rocksdb::Direction::Forward));
         let mut runtimes = Vec::new();
-        for item in iter {
-            let (key, _) = item.map_err(read_err)?;
-            let Some(id) = key.strip_prefix(prefix.as_slice()) else { break };
-            runtimes.extend(self.get_runtime(&String::from_utf8_lossy(id))?);
+        for id in self.index_ids(CF_RUNTIMES_BY_NODE, &node_id.to_be_bytes(), "") {
+            runtimes.extend(self.get_runtime(&id?)?);
         }
         Ok(runtimes)
+    }
+
+    /// The ids an index family holds under `prefix` (`prefix id` → ()), in key order, from the
+    /// first after `after` on.
+    fn index_ids<'a>(
+        &'a self,
+        cf_name: &str,
+        prefix: &'a [u8],
+        after: &'a str,
+    ) -> impl Iterator<Item = Result<String, StorageError>> + 'a {
+        let start = [prefix, after.as_bytes()].concat();
+        self.db
+            .iterator_cf(cf(&self.db, cf_name), IteratorMode::From(&start, rocksdb::Direction::Forward))
+            .map(move |item| {
+                let (key, _) = item.map_err(read_err)?;
+                Ok(key.strip_prefix(prefix).map(|id| String::from_utf8_lossy(id).into_owned()))
+            })
+            .map_while(Result::transpose)
+            .filter(move |id| id.as_ref().map_or(true, |id| after.is_empty() || id != after))
     }
 
     /// The runtimes with ids after `after`, in id order, each read and decoded only when the
@@ -272,22 +285,12 @@ impl StateMachineStore {
         limit: usize,
     ) -> Result<Vec<Operation>, StorageError> {
         let prefix = event_prefix(runtime_id);
-        let mut start = prefix.clone();
-        start.extend_from_slice(after.as_bytes());
         let mut operations = Vec::new();
-        let iter = self
-            .db
-            .iterator_cf(cf(&self.db, CF_RUNTIME_OPERATIONS), IteratorMode::From(&start, rocksdb::Direction::Forward));
-        for item in iter {
-            let (key, _) = item.map_err(read_err)?;
-            let Some(id) = key.strip_prefix(prefix.as_slice()) else { break };
+        for id in self.index_ids(CF_RUNTIME_OPERATIONS, &prefix, after) {
             if operations.len() >= limit {
                 break;
             }
-            if !after.is_empty() && id == after.as_bytes() {
-                continue;
-            }
-            operations.extend(self.get_operation(&String::from_utf8_lossy(id))?);
+            operations.extend(self.get_operation(&id?)?);
         }
         Ok(operations)
     }

@@ -17,6 +17,27 @@ async fn cluster() -> anyhow::Result<Cluster> {
     Ok(Cluster::start(3, options).await?)
 }
 
+/// `count` creates named `<name>-<i>` with a `spec.env` of `bytes` bytes, sent at once through
+/// nodes 1 to `nodes` in turn: each one's answer, in the order sent.
+async fn large_creates_at_once(
+    cluster: &Arc<Cluster>,
+    name: &str,
+    count: u64,
+    bytes: usize,
+    nodes: u64,
+) -> anyhow::Result<Vec<runtimeai_tests::Response>> {
+    let calls = (0..count).map(|i| {
+        let cluster = cluster.clone();
+        let body = json!({"name": format!("{name}-{i}"), "type": "vm", "spec": {"env": {"BLOB": "y".repeat(bytes)}}});
+        tokio::spawn(async move {
+            let timeout = Some(Duration::from_secs(60));
+            let answer = cluster.call_within(1 + i % nodes, Method::POST, "/v1/runtimes", Some(&body), &[], timeout);
+            answer.await.map_err(|e| anyhow::anyhow!("create {i}: {e}"))
+        })
+    });
+    futures::future::try_join_all(calls).await?.into_iter().collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_writes_from_many_clients_succeed_or_are_shed_and_never_wedge_replication() -> anyhow::Result<()> {
     let cluster = Arc::new(cluster().await?);
@@ -37,23 +58,10 @@ async fn large_writes_from_many_clients_succeed_or_are_shed_and_never_wedge_repl
     );
 
     phase("60 creates of ~900 kB each, at once, through all three nodes");
-    let mut writers = tokio::task::JoinSet::new();
-    for i in 0..60u64 {
-        let cluster = cluster.clone();
-        writers.spawn(async move {
-            let body =
-                json!({"name": format!("big-{i}"), "type": "vm", "spec": {"env": {"BLOB": "y".repeat(900_000)}}});
-            let answer = cluster
-                .call_within(1 + i % 3, Method::POST, "/v1/runtimes", Some(&body), &[], Some(Duration::from_secs(60)))
-                .await;
-            (i, answer)
-        });
-    }
+    let answers = large_creates_at_once(&cluster, "big", 60, 900_000, 3).await?;
     let mut statuses = BTreeMap::<u16, usize>::new();
     let mut created = Vec::new();
-    while let Some(joined) = writers.join_next().await {
-        let (i, answer) = joined?;
-        let answer = answer.map_err(|e| anyhow::anyhow!("create {i}: {e}"))?;
+    for (i, answer) in answers.into_iter().enumerate() {
         *statuses.entry(answer.status).or_default() += 1;
         match answer.status {
             201 => created.push(answer.body["id"].as_str().unwrap().to_string()),
@@ -173,18 +181,9 @@ async fn past_its_requests_in_flight_a_node_sheds_with_503_and_serves_again() ->
     let cluster = Arc::new(Cluster::start(1, ClusterOptions { extra_args: args, ..Default::default() }).await?);
 
     phase("40 creates of ~200 kB at once against a node that works on 4 requests at a time");
-    let mut writers = tokio::task::JoinSet::new();
-    for i in 0..40u64 {
-        let cluster = cluster.clone();
-        writers.spawn(async move {
-            let body =
-                json!({"name": format!("heavy-{i}"), "type": "vm", "spec": {"env": {"BLOB": "z".repeat(200_000)}}});
-            cluster.call_within(1, Method::POST, "/v1/runtimes", Some(&body), &[], Some(Duration::from_secs(60))).await
-        });
-    }
+    let answers = large_creates_at_once(&cluster, "heavy", 40, 200_000, 1).await?;
     let mut statuses = BTreeMap::<u16, usize>::new();
-    while let Some(answer) = writers.join_next().await {
-        let answer = answer??;
+    for answer in answers {
         *statuses.entry(answer.status).or_default() += 1;
         if answer.status == 503 {
             assert!(answer.header("retry-after").is_some(), "{:?}", answer.body);
