@@ -392,6 +392,16 @@ impl Caller {
         self.principal.may_see(tenant) && self.tenant.as_deref().is_none_or(|chosen| Some(chosen) == tenant)
     }
 
+    /// The one tenant whose objects are all the caller sees, if it sees one tenant's only (the
+    /// header chose it, or the principal has no other).
+    pub fn only_tenant(&self) -> Option<String> {
+        match (&self.tenant, self.principal.all_tenants(), self.principal.tenants.as_slice()) {
+            (Some(chosen), _, _) => Some(chosen.clone()),
+            (None, false, [only]) => Some(only.clone()),
+            _ => None,
+        }
+    }
+
     /// 403 unless the principal may.
     pub fn require(&self, permission: Permission) -> Result<(), Problem> {
         if may(&self.principal, permission) {

@@ -12,7 +12,7 @@ use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use runtimeai_model::ClusterSettings;
+use runtimeai_model::{ClusterSettings, SettingsUsage};
 use runtimeai_raft::NodeId;
 
 use crate::auth::Caller;
@@ -235,12 +235,24 @@ async fn audit_membership(
     crate::mutation::propose(state, caller, &format!("{change} member {node_id}"), &(), op).await.map(|_| ())
 }
 
-/// Cluster-wide settings (event retention, the size catalogue).
+/// Cluster-wide settings (event retention, the size catalogue, the limits) and the usage
+/// against the limits.
 #[utoipa::path(get, path = "/v1/cluster/settings", tag = "Cluster",
     responses((status = 200, description = "OK", body = ClusterSettings), ProblemResponses))]
 pub(crate) async fn get_settings(State(state): State<AppState>) -> Result<Json<ClusterSettings>, Problem> {
     state.replica.read_barrier().await?;
-    Ok(Json(ClusterSettings::clone(&state.replica.state.settings())))
+    Ok(Json(with_usage(&state, ClusterSettings::clone(&state.replica.state.settings()))?))
+}
+
+/// `settings` with what the cluster holds against their limits.
+fn with_usage(state: &AppState, settings: ClusterSettings) -> Result<ClusterSettings, Problem> {
+    let store = &state.replica.state;
+    let usage = SettingsUsage {
+        runtimes: store.runtime_total()?,
+        runtimes_per_tenant: store.runtimes_per_tenant()?,
+        policies: store.list_policies()?.len() as u64,
+    };
+    Ok(ClusterSettings { usage: Some(usage), ..settings })
 }
 
 /// Replace the cluster-wide settings; every node applies them from the next change on.
@@ -249,8 +261,10 @@ pub(crate) async fn get_settings(State(state): State<AppState>) -> Result<Json<C
 pub(crate) async fn put_settings(
     State(state): State<AppState>,
     caller: Caller,
-    Body(settings): Body<ClusterSettings>,
+    Body(mut settings): Body<ClusterSettings>,
 ) -> Result<Json<ClusterSettings>, Problem> {
+    // What a `GET` reported; not a setting.
+    settings.usage = None;
     // The floor keeps the audit trail: no caller, admins included, can have it wiped.
     let (count_floor, days_floor) =
         (runtimeai_model::EVENT_RETENTION_FLOOR_COUNT, runtimeai_model::EVENT_RETENTION_FLOOR_DAYS);
@@ -273,9 +287,15 @@ pub(crate) async fn put_settings(
             return Err(crate::validate::invalid(&format!("$.sizes[{i}].memory"), "not a quantity such as 4Gi"));
         }
     }
+    for (name, value, range) in settings.limits.ranges() {
+        if !range.contains(&value) {
+            let message = format!("must be between {} and {}", range.start(), range.end());
+            return Err(crate::validate::invalid(&format!("$.limits.{name}"), message));
+        }
+    }
     let op = runtimeai_raft::Op::SetSettings { settings: settings.clone() };
     match crate::mutation::propose(&state, &caller, "PUT /v1/cluster/settings", &settings, op).await? {
-        runtimeai_raft::CommandReply::Settings(settings) => Ok(Json(settings)),
+        runtimeai_raft::CommandReply::Settings(settings) => Ok(Json(with_usage(&state, settings)?)),
         other => Err(Problem::unexpected_reply(other)),
     }
 }

@@ -21,6 +21,10 @@ pub struct Problem {
     /// For a policy denial: the decision, naming the policy and rule.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decision: Option<Box<runtimeai_model::PolicyDecision>>,
+    /// For a request over a limit: which setting (`limits.<setting>` of the cluster settings),
+    /// its value, and what the request needed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<Box<runtimeai_model::LimitExceeded>>,
     #[serde(skip)]
     #[schema(ignore)]
     pub retry_after_secs: Option<u64>,
@@ -42,6 +46,7 @@ impl Problem {
             detail: detail.into(),
             errors: Vec::new(),
             decision: None,
+            limit: None,
             retry_after_secs: None,
         }
     }
@@ -124,6 +129,7 @@ impl From<Rejection> for Problem {
             Rejection::SelfApproval { .. } => (StatusCode::FORBIDDEN, "self-approval"),
             Rejection::NotPermitted { .. } => (StatusCode::FORBIDDEN, "forbidden"),
             Rejection::StaleToken { .. } => (StatusCode::CONFLICT, "stale-fencing-token"),
+            Rejection::LimitExceeded(exceeded) => return exceeded.clone().into(),
         };
         let mut problem = Problem::new(status, kind, rejection.to_string());
         if let Rejection::PolicyDenied { decision } = rejection {
@@ -137,6 +143,15 @@ impl From<Rejection> for Problem {
                 format!("action {} ({}) denied: {}{named}", decision.action_index, decision.action, decision.reason);
             problem.decision = Some(Box::new(decision));
         }
+        problem
+    }
+}
+
+/// 422 `limit-exceeded`, naming the setting.
+impl From<runtimeai_model::LimitExceeded> for Problem {
+    fn from(exceeded: runtimeai_model::LimitExceeded) -> Problem {
+        let mut problem = Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "limit-exceeded", exceeded.to_string());
+        problem.limit = Some(Box::new(exceeded));
         problem
     }
 }

@@ -13,11 +13,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use runtimeai_model::{
-    capability, Actor, BackendInfo, BackendKind, BackendRef, Event, LifecycleAction, Operation, OperationStatus,
-    Placement, PolicyMode, ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec, RuntimeState, RuntimeType,
-    SizeEntry, Timestamp,
+    capability, Actor, BackendInfo, BackendKind, BackendRef, ClusterSettings, Event, LifecycleAction, Operation,
+    OperationStatus, Placement, PolicyMode, ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec, RuntimeState,
+    RuntimeType, SizeEntry, Timestamp,
 };
-use runtimeai_raft::{CommandReply, Op};
+use runtimeai_raft::{CommandReply, Op, RuntimeField};
 
 use crate::auth::Caller;
 use crate::extract::{if_match, Body, Consistency, OptionalBody, PathParam, QueryParams};
@@ -203,19 +203,19 @@ pub(crate) fn sizes(state: &AppState) -> SizeCatalogue {
     SizeCatalogue(state.replica.state.settings())
 }
 
-/// Runs `check` against the size catalogue. A refusal is confirmed against the catalogue as the
-/// cluster has it now (after a read barrier): this node's replica may not yet have applied a
-/// settings change acknowledged through another node, and a client behind a load balancer must
-/// not have a size refused that the cluster has.
-pub(crate) async fn check_sizes<T>(
+/// Runs `check` against the cluster settings (the size catalogue, the limits). A refusal is
+/// confirmed against the settings as the cluster has them now (after a read barrier): this
+/// node's replica may not yet have applied a settings change acknowledged through another node,
+/// and a client behind a load balancer must not have a size refused that the cluster has.
+pub(crate) async fn check_settings<T>(
     state: &AppState,
-    check: impl Fn(&[SizeEntry]) -> Result<T, Problem>,
+    check: impl Fn(&ClusterSettings) -> Result<T, Problem>,
 ) -> Result<T, Problem> {
-    if let Ok(checked) = check(&sizes(state)) {
+    if let Ok(checked) = check(&state.replica.state.settings()) {
         return Ok(checked);
     }
     state.replica.read_barrier().await?;
-    check(&sizes(state))
+    check(&state.replica.state.settings())
 }
 
 /// The size catalogue inside the settings in force (shared, not copied per request).
@@ -303,7 +303,7 @@ pub(crate) async fn create_runtime(
     Body(request): Body<RuntimeCreateRequest>,
 ) -> Result<Response, Problem> {
     validate::name(&request.name, "$.name")?;
-    check_sizes(&state, |sizes| validate::spec(&request.spec, "$.spec", sizes)).await?;
+    check_settings(&state, |settings| validate::spec(&request.spec, "$.spec", &settings.sizes)).await?;
     let labels = request.labels.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect();
     validate::labels(&labels, "$.labels")?;
     let tenant_id = caller.tenant_for_new(request.tenant_id.as_deref(), "$.tenant_id")?;
@@ -326,6 +326,8 @@ pub(crate) async fn create_runtime(
         placement: Some(placement),
         ..Runtime::new(id.clone(), request.name.clone(), request.runtime_type, now)
     };
+    // Refused here, before it costs the log anything; apply checks again (and the quota).
+    check_settings(&state, |settings| settings.limits.check_runtime(&runtime).map_err(Problem::from)).await?;
     match propose(
         &state,
         &caller,
@@ -409,18 +411,17 @@ pub(crate) async fn list_runtimes(
     let selector = parse_selector(params.label_selector.as_deref().unwrap_or(""))?;
     params.consistency.prepare(&state.replica).await?;
     let after = params.page_token.unwrap_or_default();
+    // The indexes narrow the read to the runtimes of one tenant, type or state; what is read is
+    // still checked against the caller and the selector.
+    let mut fields = Vec::new();
+    fields.extend(caller.only_tenant().map(RuntimeField::Tenant));
+    fields.extend(params.runtime_type.map(RuntimeField::Type));
+    fields.extend(params.state.map(RuntimeField::State));
     let mut items: Vec<Runtime> = state
         .replica
         .state
-        .runtimes_after(&after)
-        .filter(|r| {
-            r.as_ref().map_or(true, |r| {
-                caller.sees(r.tenant_id.as_deref())
-                    && params.runtime_type.is_none_or(|t| r.runtime_type == t)
-                    && params.state.is_none_or(|s| r.state == s)
-                    && selects(&selector, &r.labels)
-            })
-        })
+        .runtimes_where(&fields, &after)?
+        .filter(|r| r.as_ref().map_or(true, |r| caller.sees(r.tenant_id.as_deref()) && selects(&selector, &r.labels)))
         .take(page_size + 1)
         .collect::<Result<_, _>>()?;
     let next_page_token = if items.len() > page_size {
@@ -658,7 +659,7 @@ pub(crate) async fn scale_runtime(
     PathParam(runtime_id): PathParam<String>,
     Body(request): Body<LifecycleScaleRequest>,
 ) -> Result<Response, Problem> {
-    let action = check_sizes(&state, |sizes| request.to_action("$", sizes)).await?;
+    let action = check_settings(&state, |settings| request.to_action("$", &settings.sizes)).await?;
     begin(&state, &caller, &runtime_id, "lifecycle/scale", action, &request).await
 }
 

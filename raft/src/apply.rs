@@ -21,6 +21,7 @@ use runtimeai_model::{
 use crate::codec;
 use crate::command::{Command, CommandReply, IdempotencyClaim, Op, Rejection};
 use crate::retention::{self, Ended};
+use crate::runtime_index::{self, RuntimeField};
 use crate::state_machine::{event_prefix, name_key, read_err, write_err};
 use crate::store::{
     cf, CF_ACTIVE_OPERATIONS, CF_API_KEYS, CF_EVENTS, CF_EVENT_COUNTS, CF_IDEMPOTENCY, CF_IDEMPOTENCY_BY_TIME,
@@ -95,7 +96,7 @@ impl<'a> Txn<'a> {
         }
     }
 
-    fn get<T: serde::de::DeserializeOwned>(
+    pub(crate) fn get<T: serde::de::DeserializeOwned>(
         &self,
         cf_name: &'static str,
         key: &[u8],
@@ -337,10 +338,11 @@ fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<Comm
             }
             Ok(mut runtime) => {
                 let from = runtime.state;
+                let was = RuntimeField::of(&runtime);
                 if let Some(state) = state {
                     runtime.state = state;
                 }
-                save_runtime(txn, at, &mut runtime)?;
+                save_runtime(txn, at, &mut runtime, &was)?;
                 let mut data = serde_json::Map::new();
                 data.insert("observed".into(), observed.into());
                 data.insert("action".into(), action.into());
@@ -384,17 +386,7 @@ fn apply_command(txn: &mut Txn<'_>, index: u64, command: Command) -> Result<Comm
             retention::ended(txn, at, Ended::Intent, &intent.id, &intent.runtime_id)?;
             CommandReply::Intent { intent, operation }
         }
-        Op::CreatePolicy { policy } => {
-            if txn.get::<Policy>(CF_POLICIES, policy.id.as_bytes())?.is_some() {
-                CommandReply::Rejected(Rejection::AlreadyExists { kind: "policy".into(), id: policy.id })
-            } else {
-                txn.put(CF_POLICIES, policy.id.as_bytes().to_vec(), &policy)?;
-                let data =
-                    audit_data(&[("policy_id", &policy.id), ("name", &policy.name)], policy.tenant_id.as_deref());
-                events.write(txn, AUDIT_STREAM, "policy.created", EventSeverity::Info, &data)?;
-                CommandReply::Policy(policy)
-            }
-        }
+        Op::CreatePolicy { policy } => create_policy(txn, &mut events, &settings, policy)?,
         Op::DeletePolicy { id } => match txn.get::<Policy>(CF_POLICIES, id.as_bytes())? {
             None => CommandReply::Rejected(Rejection::NotFound { kind: "policy".into(), id }),
             Some(policy) => {
@@ -576,10 +568,33 @@ fn check_version(expected: Option<u64>, actual: u64) -> Result<(), Rejection> {
     }
 }
 
-fn save_runtime(txn: &mut Txn<'_>, at: Timestamp, runtime: &mut Runtime) -> Result<(), StorageError> {
+/// Writes a changed runtime; `was` is what it was indexed under before the change.
+fn save_runtime(
+    txn: &mut Txn<'_>,
+    at: Timestamp,
+    runtime: &mut Runtime,
+    was: &[RuntimeField],
+) -> Result<(), StorageError> {
     runtime.version += 1;
     runtime.updated_at = Some(at);
+    runtime_index::reindex(txn, &runtime.id, Some(was), Some(&RuntimeField::of(runtime)))?;
     txn.put(CF_RUNTIMES, runtime.id.as_bytes().to_vec(), runtime)
+}
+
+/// A new runtime against the limits on one runtime and its tenant's quota.
+fn check_new_runtime(
+    txn: &Txn<'_>,
+    settings: &ClusterSettings,
+    runtime: &Runtime,
+) -> Result<Result<(), Rejection>, StorageError> {
+    if let Err(exceeded) = settings.limits.check_runtime(runtime) {
+        return Ok(Err(exceeded.into()));
+    }
+    let Some(tenant) = &runtime.tenant_id else { return Ok(Ok(())) };
+    let count = runtime_index::count(txn, &RuntimeField::Tenant(tenant.clone()))? as usize;
+    let what = format!("the number of runtimes of tenant {tenant} with this one");
+    let quota = settings.limits.runtimes_per_tenant;
+    Ok(runtimeai_model::within_limit("runtimes_per_tenant", quota, count + 1, &what).map_err(Rejection::from))
 }
 
 /// Writes an operation that already exists. Its indexes (the runtime's list, the unfinished
@@ -641,6 +656,9 @@ fn create_runtime(
     if let Some(existing_id) = txn.get::<String>(CF_RUNTIME_NAMES, &name)? {
         return Ok(CommandReply::Rejected(Rejection::NameTaken { name: runtime.name.clone(), existing_id }));
     }
+    if let Err(rejection) = check_new_runtime(txn, settings, &runtime)? {
+        return Ok(CommandReply::Rejected(rejection));
+    }
     let offered = operation.assignment.take();
     let decisions = evaluate_policies(txn, settings, &runtime, &operation)?;
     if let Some(rejection) = judge(txn, events, &runtime.id, &mut operation, decisions)? {
@@ -648,6 +666,7 @@ fn create_runtime(
     }
     // Counted before the runtime is stored: a first count from the runtimes must not see it.
     count_placement(txn, &runtime, true)?;
+    runtime_index::reindex(txn, &runtime.id, None, Some(&RuntimeField::of(&runtime)))?;
     txn.put(CF_RUNTIME_NAMES, name, &runtime.id)?;
     txn.put(CF_RUNTIMES, runtime.id.as_bytes().to_vec(), &runtime)?;
     let data = JsonText(CreatedData {
@@ -663,6 +682,16 @@ fn create_runtime(
     Ok(CommandReply::Created { runtime, operation })
 }
 
+/// Every policy, as this batch sees them (decoded once per batch until one is written).
+fn policies(txn: &Txn<'_>) -> Result<Arc<Vec<Policy>>, StorageError> {
+    if let Some(policies) = txn.policies.borrow().as_ref() {
+        return Ok(policies.clone());
+    }
+    let policies = Arc::new(txn.scan::<Policy>(CF_POLICIES)?);
+    *txn.policies.borrow_mut() = Some(policies.clone());
+    Ok(policies)
+}
+
 /// The policy decisions on an operation's actions, for the runtime as it was before it.
 fn evaluate_policies(
     txn: &Txn<'_>,
@@ -670,15 +699,7 @@ fn evaluate_policies(
     runtime: &Runtime,
     operation: &Operation,
 ) -> Result<Vec<PolicyDecision>, StorageError> {
-    let cached = txn.policies.borrow().clone();
-    let policies = match cached {
-        Some(policies) => policies,
-        None => {
-            let policies = Arc::new(txn.scan::<Policy>(CF_POLICIES)?);
-            *txn.policies.borrow_mut() = Some(policies.clone());
-            policies
-        }
-    };
+    let policies = policies(txn)?;
     let before = if runtime.state == operation.prior_state {
         std::borrow::Cow::Borrowed(runtime)
     } else {
@@ -758,8 +779,11 @@ fn update_runtime(
     runtime.created_at = current.created_at;
     // Where a runtime runs is decided when it is created (and indexed by node): an update
     // does not move it.
-    runtime.placement = current.placement;
-    save_runtime(txn, at, &mut runtime)?;
+    runtime.placement = current.placement.clone();
+    if let Err(exceeded) = settings(txn)?.limits.check_runtime(&runtime) {
+        return Ok(CommandReply::Rejected(exceeded.into()));
+    }
+    save_runtime(txn, at, &mut runtime, &RuntimeField::of(&current))?;
     events.write(txn, &runtime.id, "runtime.updated", EventSeverity::Info, &JsonObject::default())?;
     Ok(CommandReply::Runtime(runtime))
 }
@@ -783,6 +807,12 @@ fn patch_labels(
         Err(rejection) => return Ok(CommandReply::Rejected(rejection)),
         Ok(runtime) => runtime,
     };
+    let mut relabeled = runtime.labels.clone();
+    operation.action.apply_to_labels(&mut relabeled);
+    if let Err(exceeded) = settings.limits.check_labels(&relabeled) {
+        return Ok(CommandReply::Rejected(exceeded.into()));
+    }
+    let was = RuntimeField::of(&runtime);
     let mut operation = Operation { prior_state: runtime.state, assignment: None, ..operation };
     let decisions = evaluate_policies(txn, settings, &runtime, &operation)?;
     if policy::overall(&decisions) == Verdict::RequireApproval {
@@ -796,12 +826,12 @@ fn patch_labels(
     }
     if operation.status == OperationStatus::PendingApproval {
         runtime.active_operation = Some(operation.id.clone());
-        save_runtime(txn, at, &mut runtime)?;
+        save_runtime(txn, at, &mut runtime, &was)?;
         put_new_operation(txn, &operation)?;
         return Ok(CommandReply::Operation(operation));
     }
-    operation.action.apply_to_labels(&mut runtime.labels);
-    save_runtime(txn, at, &mut runtime)?;
+    runtime.labels = relabeled;
+    save_runtime(txn, at, &mut runtime, &was)?;
     events.write(txn, &runtime.id, "runtime.labels", EventSeverity::Info, &labels_data(&runtime))?;
     Ok(CommandReply::Runtime(runtime))
 }
@@ -831,6 +861,9 @@ fn begin_operation(
             }))
         }
     };
+    if let Err(exceeded) = check_snapshots(settings, &runtime, &operation.action) {
+        return Ok(CommandReply::Rejected(exceeded.into()));
+    }
     let offered = operation.assignment.clone();
     let mut operation = Operation { prior_state: runtime.state, assignment: None, ..operation };
     let decisions = evaluate_policies(txn, settings, &runtime, &operation)?;
@@ -838,9 +871,10 @@ fn begin_operation(
         return Ok(CommandReply::Rejected(rejection));
     }
     let from = runtime.state;
+    let was = RuntimeField::of(&runtime);
     runtime.state = during;
     runtime.active_operation = Some(operation.id.clone());
-    save_runtime(txn, at, &mut runtime)?;
+    save_runtime(txn, at, &mut runtime, &was)?;
     let event_type = format!("lifecycle.{}", operation.action.kind());
     let mut data = operation_data(&operation, from, during);
     // Every decision, allowing ones included, is on record with the rule that made it.
@@ -849,6 +883,52 @@ fn begin_operation(
     hand_over_offered(txn, events, &mut operation, offered)?;
     put_new_operation(txn, &operation)?;
     Ok(CommandReply::Operation(operation))
+}
+
+fn create_policy(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter<'_>,
+    settings: &ClusterSettings,
+    policy: Policy,
+) -> Result<CommandReply, StorageError> {
+    if txn.get::<Policy>(CF_POLICIES, policy.id.as_bytes())?.is_some() {
+        return Ok(CommandReply::Rejected(Rejection::AlreadyExists { kind: "policy".into(), id: policy.id }));
+    }
+    let count = policies(txn)?.len() + 1;
+    let within = settings.limits.check_policy(&policy).and_then(|()| {
+        runtimeai_model::within_limit(
+            "policies",
+            settings.limits.policies,
+            count,
+            "the number of policies with this one",
+        )
+    });
+    if let Err(exceeded) = within {
+        return Ok(CommandReply::Rejected(exceeded.into()));
+    }
+    txn.put(CF_POLICIES, policy.id.as_bytes().to_vec(), &policy)?;
+    let data = audit_data(&[("policy_id", &policy.id), ("name", &policy.name)], policy.tenant_id.as_deref());
+    events.write(txn, AUDIT_STREAM, "policy.created", EventSeverity::Info, &data)?;
+    Ok(CommandReply::Policy(policy))
+}
+
+/// The snapshots a runtime would have once `action` succeeds, against their cap.
+fn check_snapshots(
+    settings: &ClusterSettings,
+    runtime: &Runtime,
+    action: &LifecycleAction,
+) -> Result<(), runtimeai_model::LimitExceeded> {
+    let taken = action.steps().iter().filter(|step| matches!(step, LifecycleAction::Snapshot { .. })).count();
+    if taken == 0 {
+        return Ok(());
+    }
+    let what = "the number of snapshots with this one";
+    runtimeai_model::within_limit(
+        "snapshots_per_runtime",
+        settings.limits.snapshots_per_runtime,
+        runtime.snapshots.len() + taken,
+        what,
+    )
 }
 
 /// What an executor (or a client's cancel) reports about an operation.
@@ -951,6 +1031,7 @@ fn finish_operation(
         return Ok(CommandReply::Operation(operation));
     };
     let from = runtime.state;
+    let was = RuntimeField::of(&runtime);
     runtime.active_operation = None;
     if operation.status == Succeeded {
         let applied = match &operation.action {
@@ -989,11 +1070,12 @@ fn finish_operation(
     if runtime.state == RuntimeState::Deleted {
         txn.delete(CF_RUNTIME_NAMES, name_key(runtime.tenant_id.as_deref(), &runtime.name));
         count_placement(txn, &runtime, false)?;
+        runtime_index::reindex(txn, &runtime.id, Some(&was), None)?;
         txn.delete(CF_RUNTIMES, runtime.id.as_bytes().to_vec());
         retention::ended(txn, at, Ended::Runtime, &runtime.id, &runtime.id)?;
         events.write(txn, &runtime.id, "runtime.deleted", EventSeverity::Info, &JsonObject::default())?;
     } else {
-        save_runtime(txn, at, &mut runtime)?;
+        save_runtime(txn, at, &mut runtime, &was)?;
     }
     Ok(CommandReply::Operation(operation))
 }

@@ -17,8 +17,9 @@ use serde::Serialize;
 /// keys (their column family and commands), `Actor::Service`, `Op::CancelOperation`, and an
 /// executor's report whose fencing token is not optional. 8: `LifecycleAction::Relabel`, and
 /// `Op::PatchLabels` carries the relabel as an operation. 9: a snapshot ends with the CRC-32 of
-/// its bytes; the index of runtimes by node (`runtimes_by_node`).
-pub const FORMAT_VERSION: u32 = 9;
+/// its bytes; the index of runtimes by node (`runtimes_by_node`). 10: the indexes of runtimes by
+/// tenant, type and state with their counts, `ClusterSettings::limits` and `Rejection::LimitExceeded`.
+pub const FORMAT_VERSION: u32 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

@@ -265,6 +265,8 @@ pub enum Rejection {
     NotPermitted { actor: String, what: String },
     #[error("operation {operation_id}: fencing token {token:?} is stale (the current assignment's is {current:?})")]
     StaleToken { operation_id: String, token: Option<u64>, current: Option<u64> },
+    #[error(transparent)]
+    LimitExceeded(#[from] runtimeai_model::LimitExceeded),
 }
 
 /// A command as the raft log carries it: shared, and encoded at most once.

@@ -30,6 +30,7 @@ pub mod network;
 mod read_index;
 pub mod replica;
 mod retention;
+pub mod runtime_index;
 pub mod service;
 mod snapshot_file;
 pub mod state_machine;
@@ -43,6 +44,7 @@ pub use batcher::Assigner;
 pub use command::{Command, CommandReply, IdempotencyClaim, Op, Rejection};
 pub use error::{ClusterError, DataDirError};
 pub use replica::{MemberStatus, Replica, ReplicaOptions};
+pub use runtime_index::RuntimeField;
 pub use types::{NodeId, Raft, TypeConfig};
 
 #[cfg(test)]

@@ -31,10 +31,12 @@ use crate::apply::{apply_entry, event_from_stored, OperationWritten, Txn};
 use crate::codec;
 use crate::command::CommandReply;
 use crate::error::DataDirError;
+use crate::runtime_index::{RuntimeField, TENANT_COUNT_PREFIX, TYPE_COUNT_PREFIX};
 use crate::snapshot_file::{self, SnapshotFormatError, SnapshotReader, SnapshotWriter};
 use crate::store::{
     cf, write_atomically_with, CF_ACTIVE_OPERATIONS, CF_API_KEYS, CF_EVENTS, CF_NODES, CF_OPERATIONS, CF_POLICIES,
-    CF_RUNTIMES, CF_RUNTIMES_BY_NODE, CF_RUNTIME_OPERATIONS, CF_SM_META, STATE_MACHINE_CFS,
+    CF_RUNTIMES, CF_RUNTIMES_BY_FIELD, CF_RUNTIMES_BY_NODE, CF_RUNTIME_COUNTS, CF_RUNTIME_OPERATIONS, CF_SM_META,
+    STATE_MACHINE_CFS,
 };
 use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
@@ -177,7 +179,7 @@ impl StateMachineStore {
     /// by decoding every runtime (an executor's rounds).
     pub fn runtimes_on(&self, node_id: u64) -> Result<Vec<Runtime>, StorageError> {
         let mut runtimes = Vec::new();
-        for id in self.index_ids(CF_RUNTIMES_BY_NODE, &node_id.to_be_bytes(), "") {
+        for id in self.index_ids(CF_RUNTIMES_BY_NODE, node_id.to_be_bytes().to_vec(), "") {
             runtimes.extend(self.get_runtime(&id?)?);
         }
         Ok(runtimes)
@@ -188,15 +190,15 @@ impl StateMachineStore {
     fn index_ids<'a>(
         &'a self,
         cf_name: &str,
-        prefix: &'a [u8],
+        prefix: Vec<u8>,
         after: &'a str,
     ) -> impl Iterator<Item = Result<String, StorageError>> + 'a {
-        let start = [prefix, after.as_bytes()].concat();
+        let start = [&prefix, after.as_bytes()].concat();
         self.db
             .iterator_cf(cf(&self.db, cf_name), IteratorMode::From(&start, rocksdb::Direction::Forward))
             .map(move |item| {
                 let (key, _) = item.map_err(read_err)?;
-                Ok(key.strip_prefix(prefix).map(|id| String::from_utf8_lossy(id).into_owned()))
+                Ok(key.strip_prefix(prefix.as_slice()).map(|id| String::from_utf8_lossy(id).into_owned()))
             })
             .map_while(Result::transpose)
             .filter(move |id| id.as_ref().map_or(true, |id| after.is_empty() || id != after))
@@ -214,6 +216,58 @@ impl StateMachineStore {
                 let (_, value) = item.map_err(read_err)?;
                 codec::decode("state record", &value).map_err(read_err)
             })
+    }
+
+    /// The runtimes with ids after `after` that have every value of `fields`, in id order,
+    /// read through the index of whichever value has the fewest runtimes (every runtime if
+    /// `fields` is empty): a filtered page reads the runtimes of that set, not all of them.
+    pub fn runtimes_where<'a>(
+        &'a self,
+        fields: &'a [RuntimeField],
+        after: &'a str,
+    ) -> Result<Box<dyn Iterator<Item = Result<Runtime, StorageError>> + 'a>, StorageError> {
+        let mut smallest: Option<(u64, &RuntimeField)> = None;
+        for field in fields {
+            let count = self.runtime_count(field)?;
+            if smallest.is_none_or(|(fewest, _)| count < fewest) {
+                smallest = Some((count, field));
+            }
+        }
+        let Some((_, chosen)) = smallest else { return Ok(Box::new(self.runtimes_after(after))) };
+        let runtimes = self
+            .index_ids(CF_RUNTIMES_BY_FIELD, chosen.index_prefix(), after)
+            .filter_map(|id| id.and_then(|id| self.get_runtime(&id)).transpose())
+            .filter(move |runtime| runtime.as_ref().map_or(true, |r| fields.iter().all(|field| field.matches(r))));
+        Ok(Box::new(runtimes))
+    }
+
+    /// How many runtimes have `field`'s value.
+    pub fn runtime_count(&self, field: &RuntimeField) -> Result<u64, StorageError> {
+        Ok(self.get::<u64>(CF_RUNTIME_COUNTS, &field.count_key())?.unwrap_or(0))
+    }
+
+    /// How many runtimes each tenant has (tenants with none are left out).
+    pub fn runtimes_per_tenant(&self) -> Result<BTreeMap<String, u64>, StorageError> {
+        self.counts_under(TENANT_COUNT_PREFIX)
+    }
+
+    /// How many runtimes there are (every runtime has one type).
+    pub fn runtime_total(&self) -> Result<u64, StorageError> {
+        Ok(self.counts_under(TYPE_COUNT_PREFIX)?.values().sum())
+    }
+
+    /// The counts of [`CF_RUNTIME_COUNTS`] whose keys begin with `prefix`, by the rest of the key.
+    fn counts_under(&self, prefix: &str) -> Result<BTreeMap<String, u64>, StorageError> {
+        let prefix = prefix.as_bytes();
+        let mut counts = BTreeMap::new();
+        let start = IteratorMode::From(prefix, rocksdb::Direction::Forward);
+        for item in self.db.iterator_cf(cf(&self.db, CF_RUNTIME_COUNTS), start) {
+            let (key, value) = item.map_err(read_err)?;
+            let Some(tenant) = key.strip_prefix(prefix) else { break };
+            let count: u64 = codec::decode("state record", &value).map_err(read_err)?;
+            counts.insert(String::from_utf8_lossy(tenant).into_owned(), count);
+        }
+        Ok(counts)
     }
 
     /// A runtime's events in the order they were written.
@@ -286,7 +340,7 @@ impl StateMachineStore {
     ) -> Result<Vec<Operation>, StorageError> {
         let prefix = event_prefix(runtime_id);
         let mut operations = Vec::new();
-        for id in self.index_ids(CF_RUNTIME_OPERATIONS, &prefix, after) {
+        for id in self.index_ids(CF_RUNTIME_OPERATIONS, prefix, after) {
             if operations.len() >= limit {
                 break;
             }

@@ -1160,3 +1160,167 @@ async fn finished_operations_intents_and_deleted_runtimes_events_go_once_past_th
     assert!(sm.get_runtime("rt_a").unwrap().is_some(), "runtimes stay");
     assert!(!sm.runtime_events("rt_a").unwrap().is_empty(), "a live runtime's recent events stay");
 }
+
+/// A create of a runtime of `tenant` and `runtime_type`.
+fn create_of(id: &str, tenant: &str, runtime_type: RuntimeType) -> Op {
+    let mut op = create(id, id);
+    if let Op::CreateRuntime { runtime, .. } = &mut op {
+        let runtime = std::sync::Arc::make_mut(runtime);
+        runtime.tenant_id = Some(tenant.into());
+        runtime.runtime_type = runtime_type;
+    }
+    op
+}
+
+/// Every filter's answer through the indexes, and every count, against a scan of all runtimes.
+fn assert_indexes_match_the_runtimes(sm: &StateMachineStore) {
+    use crate::RuntimeField::*;
+    let all = sm.list_runtimes().unwrap();
+    let mut filters = vec![vec![]];
+    for runtime in &all {
+        for field in [Tenant(runtime.tenant_id.clone().unwrap()), Type(runtime.runtime_type), State(runtime.state)] {
+            filters.push(vec![field]);
+        }
+        filters.push(vec![Tenant("acme".into()), State(runtime.state), Type(runtime.runtime_type)]);
+    }
+    filters.push(vec![State(RuntimeState::Degraded)]);
+    for fields in filters {
+        let through_index: Vec<String> = sm.runtimes_where(&fields, "").unwrap().map(|r| r.unwrap().id).collect();
+        let scanned: Vec<String> =
+            all.iter().filter(|r| fields.iter().all(|f| f.matches(r))).map(|r| r.id.clone()).collect();
+        assert_eq!(through_index, scanned, "{fields:?}");
+        if let [field] = fields.as_slice() {
+            assert_eq!(sm.runtime_count(field).unwrap(), scanned.len() as u64, "{field:?}");
+        }
+    }
+    assert_eq!(sm.runtime_total().unwrap(), all.len() as u64);
+}
+
+#[tokio::test]
+async fn runtimes_are_indexed_by_tenant_type_and_state_through_every_change_and_a_snapshot() {
+    let (_dir, mut sm) = open();
+    apply(
+        &mut sm,
+        vec![
+            create_of("rt_a", "acme", RuntimeType::Vm),
+            create_of("rt_b", "acme", RuntimeType::Sandbox),
+            create_of("rt_c", "globex", RuntimeType::Vm),
+            create_of("rt_d", "globex", RuntimeType::Vcluster),
+        ],
+    )
+    .await;
+    assert_indexes_match_the_runtimes(&sm);
+    for op in ["op_create_rt_a", "op_create_rt_b", "op_create_rt_c"] {
+        apply(&mut sm, vec![advance(op, OperationStatus::Running), advance(op, OperationStatus::Succeeded)]).await;
+    }
+    apply(&mut sm, vec![advance("op_create_rt_d", OperationStatus::Failed)]).await;
+    assert_indexes_match_the_runtimes(&sm);
+    apply(
+        &mut sm,
+        vec![
+            begin("op_stop", "rt_a", LifecycleAction::Stop { force: false, timeout_seconds: None }),
+            begin("op_del", "rt_c", LifecycleAction::Delete),
+        ],
+    )
+    .await;
+    assert_indexes_match_the_runtimes(&sm);
+    let drift = Op::RecordDrift {
+        runtime_id: "rt_b".into(),
+        observed: "gone".into(),
+        action: "marked".into(),
+        state: Some(RuntimeState::Degraded),
+    };
+    apply(
+        &mut sm,
+        vec![advance("op_stop", OperationStatus::Running), advance("op_stop", OperationStatus::Succeeded), drift],
+    )
+    .await;
+    apply(&mut sm, vec![advance("op_del", OperationStatus::Running), advance("op_del", OperationStatus::Succeeded)])
+        .await;
+    assert_indexes_match_the_runtimes(&sm);
+    assert_eq!(sm.runtimes_per_tenant().unwrap(), BTreeMap::from([("acme".into(), 2), ("globex".into(), 1)]));
+    let page: Vec<String> = sm
+        .runtimes_where(&[crate::RuntimeField::Tenant("acme".into())], "rt_a")
+        .unwrap()
+        .map(|r| r.unwrap().id)
+        .collect();
+    assert_eq!(page, ["rt_b"], "a page starts after its token");
+
+    // A replica that installs the snapshot has the same indexes and counts.
+    let snapshot = sm.build_snapshot().await.unwrap();
+    let (_other_dir, mut other) = open();
+    other.install_snapshot(&snapshot.meta, snapshot.snapshot).await.unwrap();
+    assert_indexes_match_the_runtimes(&other);
+    assert_eq!(other.runtimes_per_tenant().unwrap(), sm.runtimes_per_tenant().unwrap());
+}
+
+/// The reply's `LimitExceeded`, naming its setting.
+fn exceeded_setting(reply: &CommandReply) -> &str {
+    match reply {
+        CommandReply::Rejected(Rejection::LimitExceeded(exceeded)) => &exceeded.setting,
+        other => panic!("expected a limit refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn every_limit_is_checked_in_apply_and_names_its_setting() {
+    let (_dir, mut sm) = open();
+    let limits = runtimeai_model::Limits {
+        labels_per_runtime: 2,
+        env_bytes: 10,
+        snapshots_per_runtime: 1,
+        policies: 1,
+        rules_per_policy: 1,
+        runtimes_per_tenant: 2,
+        ..Default::default()
+    };
+    apply(&mut sm, vec![Op::SetSettings { settings: ClusterSettings { limits, ..Default::default() } }]).await;
+
+    let mut big_env = create("rt_env", "env");
+    if let Op::CreateRuntime { runtime, .. } = &mut big_env {
+        std::sync::Arc::make_mut(runtime).spec.env = Some(BTreeMap::from([("KEY".into(), "12345678".into())]));
+    }
+    let replies = apply(&mut sm, vec![big_env]).await;
+    assert_eq!(exceeded_setting(&replies[0]), "env_bytes");
+    assert_eq!(sm.get_runtime("rt_env").unwrap(), None);
+
+    running(&mut sm, "rt_s", "snap").await;
+    let snapshot = |id: &str| LifecycleAction::Snapshot { snapshot_id: id.into(), name: id.into(), description: None };
+    let first = vec![
+        begin("op_s1", "rt_s", snapshot("s1")),
+        advance("op_s1", OperationStatus::Running),
+        advance("op_s1", OperationStatus::Succeeded),
+    ];
+    apply(&mut sm, first).await;
+    let replies = apply(&mut sm, vec![begin("op_s2", "rt_s", snapshot("s2"))]).await;
+    assert_eq!(exceeded_setting(&replies[0]), "snapshots_per_runtime");
+
+    // The quota is the tenant's: acme's third runtime (rt_s is its first) is refused, globex's
+    // first is not.
+    let replies =
+        apply(&mut sm, vec![create("rt_a", "a"), create("rt_b", "b"), create_of("rt_g", "globex", RuntimeType::Vm)])
+            .await;
+    assert!(matches!(replies[0], CommandReply::Created { .. }), "{:?}", replies[0]);
+    assert_eq!(exceeded_setting(&replies[1]), "runtimes_per_tenant");
+    assert!(matches!(replies[2], CommandReply::Created { .. }), "{:?}", replies[2]);
+
+    let three_labels = BTreeMap::from([("a".into(), Some("1".into())), ("b".into(), Some("2".into()))]);
+    let replies = apply(&mut sm, vec![relabel("rt_a", three_labels, None)]).await;
+    assert_eq!(exceeded_setting(&replies[0]), "labels_per_runtime", "env=prod plus two");
+    assert_eq!(sm.get_runtime("rt_a").unwrap().unwrap().labels.len(), 1, "nothing changed");
+
+    let mut two_rules = stop_policy("pol_two", "deny_action");
+    two_rules.rules.push(two_rules.rules[0].clone());
+    let replies = apply(
+        &mut sm,
+        vec![
+            Op::CreatePolicy { policy: two_rules },
+            Op::CreatePolicy { policy: stop_policy("pol_1", "deny_action") },
+            Op::CreatePolicy { policy: stop_policy("pol_2", "deny_action") },
+        ],
+    )
+    .await;
+    assert_eq!(exceeded_setting(&replies[0]), "rules_per_policy");
+    assert!(matches!(replies[1], CommandReply::Policy(_)), "{:?}", replies[1]);
+    assert_eq!(exceeded_setting(&replies[2]), "policies");
+}

@@ -61,6 +61,10 @@ pub(crate) const CF_API_KEYS: &str = "api_keys";
 pub(crate) const CF_HISTORY_BY_TIME: &str = "history_by_time";
 /// `node id (BE u64) runtime id` → (): the runtimes placed on each node, for its executor.
 pub(crate) const CF_RUNTIMES_BY_NODE: &str = "runtimes_by_node";
+/// `field=value \0 runtime id` → (): runtimes by tenant, type and state (`crate::runtime_index`).
+pub(crate) const CF_RUNTIMES_BY_FIELD: &str = "runtimes_by_field";
+/// `field=value` → how many runtimes have it (`crate::runtime_index`).
+pub(crate) const CF_RUNTIME_COUNTS: &str = "runtime_counts";
 
 /// Column families that make up the state machine, and so a snapshot.
 pub(crate) const STATE_MACHINE_CFS: &[&str] = &[
@@ -81,6 +85,8 @@ pub(crate) const STATE_MACHINE_CFS: &[&str] = &[
     CF_API_KEYS,
     CF_RUNTIMES_BY_NODE,
     CF_HISTORY_BY_TIME,
+    CF_RUNTIMES_BY_FIELD,
+    CF_RUNTIME_COUNTS,
 ];
 
 /// Column families of the raft log itself; the rest of the database is the state machine.

@@ -17,10 +17,10 @@ pub use access::{strictness, AgentMode, ApiKey, Principal, PrincipalKind, Role, 
 pub use json::{JsonObject, JsonText};
 pub use lifecycle::{IllegalTransition, LabelPatch, LifecycleAction};
 pub use records::{
-    default_sizes, Actor, Approval, Assignment, BackendInfo, ClusterSettings, Event, EventSeverity, IdempotencyRecord,
-    Intent, NodeInfo, Operation, OperationError, OperationProgress, OperationStatus, Placement, Policy, PolicyDecision,
-    PolicyMode, PolicyRule, RuntimeSignals, SizeEntry, Verdict, EVENT_RETENTION_FLOOR_COUNT,
-    EVENT_RETENTION_FLOOR_DAYS,
+    default_sizes, within_limit, Actor, Approval, Assignment, BackendInfo, ClusterSettings, Event, EventSeverity,
+    IdempotencyRecord, Intent, LimitExceeded, Limits, NodeInfo, Operation, OperationError, OperationProgress,
+    OperationStatus, Placement, Policy, PolicyDecision, PolicyMode, PolicyRule, RuntimeSignals, SettingsUsage,
+    SizeEntry, Verdict, EVENT_RETENTION_FLOOR_COUNT, EVENT_RETENTION_FLOOR_DAYS,
 };
 pub use runtime::{
     capability, BackendKind, BackendRef, Capability, EgressPolicy, Exposure, Isolation, NetworkingProfile,

@@ -1,3 +1,5 @@
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{JsonObject, LifecycleAction, RuntimeState};
@@ -400,6 +402,145 @@ pub struct ClusterSettings {
     /// The size catalogue, smallest first: what `size` names mean and what they cost.
     #[serde(default = "default_sizes")]
     pub sizes: Vec<SizeEntry>,
+    /// What one runtime, policy or tenant may hold: every create and change is checked against
+    /// them (422 `limit-exceeded` naming the setting).
+    #[serde(default)]
+    pub limits: Limits,
+    /// What the cluster holds against [`Limits`], as `GET /v1/cluster/settings` reports it;
+    /// ignored in a `PUT`.
+    #[serde(default)]
+    #[schema(read_only)]
+    pub usage: Option<SettingsUsage>,
+}
+
+/// Caps on what a client may store, so that no request and no tenant costs the cluster
+/// without bound (etcd's `--max-request-bytes` and quota, Kubernetes' ResourceQuota).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Labels per runtime.
+    #[schema(minimum = 1, maximum = 1024)]
+    pub labels_per_runtime: u64,
+    /// Bytes of a label key.
+    #[schema(minimum = 1, maximum = 253)]
+    pub label_key_bytes: u64,
+    /// Bytes of a label value.
+    #[schema(minimum = 1, maximum = 253)]
+    pub label_value_bytes: u64,
+    /// Bytes of a runtime's `spec.env`, names and values together.
+    #[schema(minimum = 0, maximum = 1048576)]
+    pub env_bytes: u64,
+    /// Bytes of a runtime's `spec.command`, every argument together.
+    #[schema(minimum = 0, maximum = 1048576)]
+    pub command_bytes: u64,
+    /// Snapshots one runtime keeps.
+    #[schema(minimum = 0, maximum = 10000)]
+    pub snapshots_per_runtime: u64,
+    /// Policies in the cluster.
+    #[schema(minimum = 1, maximum = 100000)]
+    pub policies: u64,
+    /// Rules in one policy.
+    #[schema(minimum = 1, maximum = 1000)]
+    pub rules_per_policy: u64,
+    /// Runtimes one tenant may have (runtimes of no tenant are not counted).
+    #[schema(minimum = 0, maximum = 10000000)]
+    pub runtimes_per_tenant: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            labels_per_runtime: 64,
+            label_key_bytes: 63,
+            label_value_bytes: 63,
+            env_bytes: 1 << 20,
+            command_bytes: 64 << 10,
+            snapshots_per_runtime: 100,
+            policies: 1000,
+            rules_per_policy: 100,
+            runtimes_per_tenant: 10_000,
+        }
+    }
+}
+
+/// A limit a request would pass: which setting, its value, and what the request needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error, utoipa::ToSchema)]
+#[error("{what} is {actual}, over the limit of {limit} (setting limits.{setting})")]
+pub struct LimitExceeded {
+    /// The field of [`Limits`].
+    pub setting: String,
+    pub limit: u64,
+    pub actual: u64,
+    /// What was measured, for the message.
+    pub what: String,
+}
+
+impl Limits {
+    /// Each limit by its setting's name with the range it may be set to.
+    pub fn ranges(&self) -> [(&'static str, u64, std::ops::RangeInclusive<u64>); 9] {
+        [
+            ("labels_per_runtime", self.labels_per_runtime, 1..=1024),
+            ("label_key_bytes", self.label_key_bytes, 1..=253),
+            ("label_value_bytes", self.label_value_bytes, 1..=253),
+            ("env_bytes", self.env_bytes, 0..=1 << 20),
+            ("command_bytes", self.command_bytes, 0..=1 << 20),
+            ("snapshots_per_runtime", self.snapshots_per_runtime, 0..=10_000),
+            ("policies", self.policies, 1..=100_000),
+            ("rules_per_policy", self.rules_per_policy, 1..=1000),
+            ("runtimes_per_tenant", self.runtimes_per_tenant, 0..=10_000_000),
+        ]
+    }
+
+    /// A runtime's labels and spec against the limits on one runtime.
+    pub fn check_runtime(&self, runtime: &crate::Runtime) -> Result<(), LimitExceeded> {
+        self.check_labels(&runtime.labels)?;
+        let env = runtime.spec.env.iter().flatten().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        within_limit("env_bytes", self.env_bytes, env, "the size of spec.env in bytes")?;
+        let command = runtime.spec.command.iter().flatten().map(String::len).sum::<usize>();
+        within_limit("command_bytes", self.command_bytes, command, "the size of spec.command in bytes")?;
+        let snapshots = runtime.snapshots.len();
+        within_limit("snapshots_per_runtime", self.snapshots_per_runtime, snapshots, "the number of snapshots")
+    }
+
+    /// Labels against their count and sizes.
+    pub fn check_labels(&self, labels: &BTreeMap<String, String>) -> Result<(), LimitExceeded> {
+        within_limit("labels_per_runtime", self.labels_per_runtime, labels.len(), "the number of labels")?;
+        for (key, value) in labels {
+            within_limit("label_key_bytes", self.label_key_bytes, key.len(), &format!("label key {key:?}'s size"))?;
+            within_limit(
+                "label_value_bytes",
+                self.label_value_bytes,
+                value.len(),
+                &format!("label {key:?}'s value size"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A policy's rules against their cap.
+    pub fn check_policy(&self, policy: &Policy) -> Result<(), LimitExceeded> {
+        within_limit("rules_per_policy", self.rules_per_policy, policy.rules.len(), "the number of rules")
+    }
+}
+
+/// `Err` if `actual` is over `limit`.
+pub fn within_limit(setting: &str, limit: u64, actual: usize, what: &str) -> Result<(), LimitExceeded> {
+    let actual = actual as u64;
+    if actual <= limit {
+        return Ok(());
+    }
+    Err(LimitExceeded { setting: setting.into(), limit, actual, what: what.into() })
+}
+
+/// What the cluster holds against its [`Limits`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SettingsUsage {
+    /// Runtimes in the cluster.
+    pub runtimes: u64,
+    /// Runtimes per tenant (tenants with none are left out).
+    pub runtimes_per_tenant: BTreeMap<String, u64>,
+    /// Policies in the cluster.
+    pub policies: u64,
 }
 
 /// The fewest events per runtime the API lets a cluster keep.
@@ -426,6 +567,12 @@ pub fn default_sizes() -> Vec<SizeEntry> {
 
 impl Default for ClusterSettings {
     fn default() -> Self {
-        ClusterSettings { event_retention_count: 1000, event_retention_days: 30, sizes: default_sizes() }
+        ClusterSettings {
+            event_retention_count: 1000,
+            event_retention_days: 30,
+            sizes: default_sizes(),
+            limits: Limits::default(),
+            usage: None,
+        }
     }
 }
