@@ -13,11 +13,11 @@ use runtimeai_model::{AgentMode, ApiKey, Principal, PrincipalKind, Role, ALL_TEN
 use runtimeai_raft::{CommandReply, Op};
 
 use crate::auth::{new_key, Caller};
-use crate::extract::{Body, OptionalBody, PathParam};
+use crate::extract::{Body, OptionalBody, PathParam, QueryParams};
 use crate::mutation::propose;
 use crate::openapi::{IdempotencyKey, ProblemResponses};
 use crate::problem::Problem;
-use crate::runtimes::{EventList, EventView};
+use crate::runtimes::{EventList, EventParams};
 use crate::AppState;
 
 pub(crate) fn routes() -> Router<AppState> {
@@ -251,11 +251,14 @@ pub(crate) async fn rotate_key(
     store_key(&state, &caller, &route, &request, key, token, Some(key_id)).await
 }
 
-/// The cluster's audit feed: policy, key and settings changes, oldest first.
-#[utoipa::path(get, path = "/v1/audit", tag = "Auth",
+/// The cluster's audit feed: policy, key and settings changes, oldest first, a page at a time
+/// (`after` the last event's id for the next).
+#[utoipa::path(get, path = "/v1/audit", tag = "Auth", params(EventParams),
     responses((status = 200, description = "OK", body = EventList), ProblemResponses))]
-pub(crate) async fn audit(State(state): State<AppState>) -> Result<Json<EventList>, Problem> {
-    state.replica.read_barrier().await?;
-    let events = state.replica.state.runtime_events(runtimeai_raft::AUDIT_STREAM)?;
-    Ok(Json(EventList { items: events.into_iter().map(EventView::from).collect() }))
+pub(crate) async fn audit(
+    State(state): State<AppState>,
+    QueryParams(params): QueryParams<EventParams>,
+) -> Result<Json<EventList>, Problem> {
+    params.consistency.prepare(&state.replica).await?;
+    Ok(Json(EventList { items: params.page(&state, runtimeai_raft::AUDIT_STREAM)? }))
 }

@@ -27,7 +27,7 @@ pub struct Problem {
     pub limit: Option<Box<runtimeai_model::LimitExceeded>>,
     #[serde(skip)]
     #[schema(ignore)]
-    pub retry_after_secs: Option<u64>,
+    pub retry_after_secs: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]

@@ -17,6 +17,7 @@ use runtimeai_model::{
     OperationStatus, Placement, PolicyMode, ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec, RuntimeState,
     RuntimeType, SizeEntry, Timestamp,
 };
+use runtimeai_raft::state_machine::NotAnEventId;
 use runtimeai_raft::{CommandReply, Op, RuntimeField};
 
 use crate::auth::Caller;
@@ -801,6 +802,11 @@ pub(crate) async fn runtime_snapshots(
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventParams {
+    /// Only events after the event with this id (the `id` of the last one you have): the next
+    /// page, read from there.
+    #[serde(default)]
+    #[param(value_type = Option<String>, pattern = "^ev_[0-9a-f]{16}_[0-9]+$")]
+    pub after: Option<String>,
     /// Only events at or after this time (RFC 3339).
     #[serde(default)]
     pub since: Option<chrono::DateTime<chrono::Utc>>,
@@ -864,32 +870,50 @@ pub(crate) async fn runtime_events(
     PathParam(runtime_id): PathParam<String>,
     QueryParams(params): QueryParams<EventParams>,
 ) -> Result<Json<EventList>, Problem> {
-    let limit = params.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(Problem::invalid_field("limit", "must be between 1 and 1000"));
-    }
     params.consistency.prepare(&state.replica).await?;
     // The audit feed is stored as events too, but is not a runtime's (`GET /v1/audit`).
     if runtime_id == runtimeai_raft::AUDIT_STREAM {
         return Err(Problem::not_found(format!("runtime {runtime_id} not found")));
     }
-    let runtime = state.replica.state.get_runtime(&runtime_id)?;
-    let events = state.replica.state.runtime_events(&runtime_id)?;
+    let store = &state.replica.state;
     // A deleted runtime's tenant is gone with it: its events are for principals of every tenant.
-    let visible = match &runtime {
+    let visible = match store.get_runtime(&runtime_id)? {
         Some(runtime) => caller.sees(runtime.tenant_id.as_deref()),
-        None => !events.is_empty() && caller.sees(None),
+        None => caller.sees(None) && store.runtime_events_after(&runtime_id, None).next().is_some(),
     };
     if !visible {
         return Err(Problem::not_found(format!("runtime {runtime_id} not found")));
     }
-    let items = events
-        .into_iter()
-        .filter(|e| params.since.is_none_or(|since| e.ts >= since))
-        .take(limit)
-        .map(EventView::from)
-        .collect();
-    Ok(Json(EventList { items }))
+    Ok(Json(EventList { items: params.page(&state, &runtime_id)? }))
+}
+
+impl EventParams {
+    /// The page of `stream`'s events these parameters ask for, read from the cursor on: the
+    /// events it shows and those `since` passes over, not the whole feed.
+    pub(crate) fn page(&self, state: &AppState, stream: &str) -> Result<Vec<EventView>, Problem> {
+        let limit = self.limit.unwrap_or(100);
+        if !(1..=1000).contains(&limit) {
+            return Err(Problem::invalid_field("limit", "must be between 1 and 1000"));
+        }
+        let after = match &self.after {
+            None => None,
+            Some(after) => {
+                Some(after.parse().map_err(|e: NotAnEventId| Problem::invalid_field("after", e.to_string()))?)
+            }
+        };
+        let events = state.replica.state.runtime_events_after(stream, after);
+        let mut items = Vec::new();
+        for event in events {
+            let event = event?;
+            if self.since.is_none_or(|since| event.ts >= since) {
+                items.push(EventView::from(event));
+            }
+            if items.len() == limit {
+                break;
+            }
+        }
+        Ok(items)
+    }
 }
 
 /// A vcluster's kubeconfig, as its control plane published it (`application/yaml`).

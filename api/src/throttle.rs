@@ -102,7 +102,7 @@ fn too_many(wait: Duration, who: &str) -> Problem {
         "rate-limited",
         format!("{who} is over its request rate on this node; retry after {} ms", wait.as_millis()),
     );
-    problem.retry_after_secs = Some(wait.as_secs().max(1));
+    problem.retry_after_secs = Some(wait.as_secs().clamp(1, u32::MAX as u64) as u32);
     problem
 }
 

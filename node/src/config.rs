@@ -167,6 +167,11 @@ pub struct NodeArgs {
     /// closed (slow-loris), in milliseconds [default: 10000].
     #[arg(long, env = "RUNTIMEAI_HEADER_READ_TIMEOUT_MS")]
     pub header_read_timeout_ms: Option<u64>,
+    /// How long a REST request may take from its headers to its answer, body upload included;
+    /// past it 504 `request-timeout` (a write may still take effect: retry it with the same
+    /// Idempotency-Key), in milliseconds [default: 60000].
+    #[arg(long, env = "RUNTIMEAI_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
     /// REST connections a node holds at most; past it, new ones are closed at once
     /// [default: 10000].
     #[arg(long, env = "RUNTIMEAI_MAX_CONNECTIONS")]
@@ -369,6 +374,10 @@ impl NodeArgs {
         if header_ms < 100 {
             return Err(ConfigError::TooSmall { flag: "header-read-timeout-ms", min: 100, value: header_ms });
         }
+        let request_ms = self.request_timeout_ms.unwrap_or(defaults.request_timeout.as_millis() as u64);
+        if request_ms < 1000 {
+            return Err(ConfigError::TooSmall { flag: "request-timeout-ms", min: 1000, value: request_ms });
+        }
         let max_connections = self.max_connections.unwrap_or(defaults.max_connections);
         if max_connections < 16 {
             return Err(ConfigError::TooSmall { flag: "max-connections", min: 16, value: max_connections as u64 });
@@ -379,6 +388,7 @@ impl NodeArgs {
         }
         Ok(crate::http::HttpLimits {
             header_read_timeout: Duration::from_millis(header_ms),
+            request_timeout: Duration::from_millis(request_ms),
             max_connections,
             max_inflight,
             ..defaults
@@ -411,6 +421,7 @@ impl NodeArgs {
             snapshot_chunk_bytes: self.snapshot_chunk_bytes.or(file.snapshot_chunk_bytes),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
             header_read_timeout_ms: self.header_read_timeout_ms.or(file.header_read_timeout_ms),
+            request_timeout_ms: self.request_timeout_ms.or(file.request_timeout_ms),
             max_connections: self.max_connections.or(file.max_connections),
             max_inflight: self.max_inflight.or(file.max_inflight),
             rate_limit_principal: self.rate_limit_principal.or(file.rate_limit_principal),

@@ -1,6 +1,6 @@
 //! Serving the REST API on established connections, with the bounds a hostile client meets:
-//! a request's headers must arrive within [`HttpLimits::header_read_timeout`] (slow-loris), a
-//! node holds at most [`HttpLimits::max_connections`] (the next is closed at once, and
+//! a request's headers must arrive within [`HttpLimits::header_read_timeout`] (slow-loris), its
+//! answer within [`HttpLimits::request_timeout`] (a slow body, a stuck handler), a node holds at most [`HttpLimits::max_connections`] (the next is closed at once, and
 //! counted), an HTTP/2 connection carries at most [`HttpLimits::max_streams`] requests at
 //! once, and a node works on at most [`HttpLimits::max_inflight`] requests at once (the next
 //! is shed with 503 and `Retry-After` before it costs anything, as the Kubernetes API
@@ -28,6 +28,7 @@ use runtimeai_api::auth::ClientCertificate;
 #[derive(Debug, Clone, Copy)]
 pub struct HttpLimits {
     pub header_read_timeout: Duration,
+    pub request_timeout: Duration,
     pub max_connections: usize,
     pub max_streams: u32,
     pub max_inflight: usize,
@@ -37,6 +38,7 @@ impl Default for HttpLimits {
     fn default() -> HttpLimits {
         HttpLimits {
             header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             max_streams: 256,
             max_inflight: 1_024,
@@ -44,21 +46,34 @@ impl Default for HttpLimits {
     }
 }
 
-/// `app`, shedding requests past `max_inflight` at once. A shed request's body is not read,
-/// so its connection cannot carry another request: the answer says so (`Connection: close`),
-/// or the client would send its next request on a connection the server is closing.
-fn shedding(app: axum::Router, max_inflight: usize) -> axum::Router {
-    let shed = |_: tower::BoxError| async {
-        let problem = runtimeai_api::problem::Problem::unavailable(
-            "this node is working on as many requests as it takes (--max-inflight); retry shortly",
-        );
+/// `app`, shedding requests past `max_inflight` at once and ending those that take longer than
+/// `request_timeout` once admitted. Such a request's body may be unread, so its connection
+/// cannot carry another request: the answer says so (`Connection: close`), or the client would
+/// send its next request on a connection the server is closing.
+fn bounded(app: axum::Router, limits: HttpLimits) -> axum::Router {
+    let refuse = move |error: tower::BoxError| async move {
+        use runtimeai_api::problem::Problem;
+        let problem = if error.is::<tower::timeout::error::Elapsed>() {
+            let ms = limits.request_timeout.as_millis();
+            Problem::new(
+                axum::http::StatusCode::GATEWAY_TIMEOUT,
+                "request-timeout",
+                format!(
+                    "the request took longer than {ms} ms (--request-timeout-ms) and was abandoned; a write may \
+                     still take effect: retry it with the same Idempotency-Key"
+                ),
+            )
+        } else {
+            Problem::unavailable("this node is working on as many requests as it takes (--max-inflight); retry shortly")
+        };
         ([(axum::http::header::CONNECTION, "close")], problem)
     };
     app.layer(
         tower::ServiceBuilder::new()
-            .layer(axum::error_handling::HandleErrorLayer::new(shed))
+            .layer(axum::error_handling::HandleErrorLayer::new(refuse))
             .load_shed()
-            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(max_inflight)),
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_inflight))
+            .timeout(limits.request_timeout),
     )
 }
 
@@ -77,7 +92,7 @@ pub async fn serve<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let app = shedding(app, limits.max_inflight);
+    let app = bounded(app, limits);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let (closing, _) = watch::channel(false);
     loop {

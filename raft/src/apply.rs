@@ -1356,6 +1356,20 @@ fn event_id(seq: u64, sub: u32) -> String {
     format!("ev_{seq:016x}_{sub}")
 }
 
+/// Where the event with id `id` sits in its runtime's feed (the key suffix after the `\0`):
+/// its entry's index and its number in the entry. `None` if `id` is not an event id.
+pub(crate) fn event_position(id: &str) -> Option<[u8; 12]> {
+    let (seq, sub) = id.strip_prefix("ev_")?.split_once('_')?;
+    if seq.len() != 16 {
+        return None;
+    }
+    let (seq, sub) = (u64::from_str_radix(seq, 16).ok()?, sub.parse::<u32>().ok()?);
+    let mut position = [0; 12];
+    position[..8].copy_from_slice(&seq.to_be_bytes());
+    position[8..].copy_from_slice(&sub.to_be_bytes());
+    Some(position)
+}
+
 /// `runtime.created`'s data (the event data types list their fields in the order a map would:
 /// by name).
 #[derive(Serialize)]

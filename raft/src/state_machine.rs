@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use runtimeai_model::{ApiKey, ClusterSettings, Event, NodeInfo, Operation, Policy, Runtime};
 
-use crate::apply::{apply_entry, event_from_stored, OperationWritten, Txn};
+use crate::apply::{apply_entry, event_from_stored, event_position, OperationWritten, Txn};
 use crate::codec;
 use crate::command::CommandReply;
 use crate::error::DataDirError;
@@ -41,6 +41,23 @@ use crate::store::{
 use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
 const KEY_LAST_APPLIED: &[u8] = b"last_applied";
+
+/// A place in a runtime's events: just after the event whose id it was made from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventCursor([u8; 12]);
+
+impl std::str::FromStr for EventCursor {
+    type Err = NotAnEventId;
+
+    fn from_str(id: &str) -> Result<EventCursor, NotAnEventId> {
+        event_position(id).map(EventCursor).ok_or_else(|| NotAnEventId(id.to_string()))
+    }
+}
+
+/// A cursor that names no event.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not an event id (ev_<16 hex digits>_<number>)")]
+pub struct NotAnEventId(pub String);
 const KEY_MEMBERSHIP: &[u8] = b"membership";
 /// Upper bound for range deletes: every key we write sorts below it.
 const KEY_MAX: [u8; 32] = [0xff; 32];
@@ -272,18 +289,31 @@ impl StateMachineStore {
 
     /// A runtime's events in the order they were written.
     pub fn runtime_events(&self, runtime_id: &str) -> Result<Vec<Event>, StorageError> {
+        self.runtime_events_after(runtime_id, None).collect()
+    }
+
+    /// A runtime's events after `after` (from the first if `None`), in the order they were
+    /// written, each read only when the caller takes it.
+    pub fn runtime_events_after<'a>(
+        &'a self,
+        runtime_id: &str,
+        after: Option<EventCursor>,
+    ) -> impl Iterator<Item = Result<Event, StorageError>> + 'a {
         let prefix = event_prefix(runtime_id);
-        let iter =
-            self.db.iterator_cf(cf(&self.db, CF_EVENTS), IteratorMode::From(&prefix, rocksdb::Direction::Forward));
-        let mut events = Vec::new();
-        for item in iter {
-            let (key, value) = item.map_err(read_err)?;
-            if !key.starts_with(&prefix) {
-                break;
-            }
-            events.push(event_from_stored(&key, &value)?);
+        let mut start = prefix.clone();
+        if let Some(EventCursor(position)) = after {
+            start.extend_from_slice(&position);
         }
-        Ok(events)
+        let skip = after.is_some().then(|| start.clone());
+        self.db
+            .iterator_cf(cf(&self.db, CF_EVENTS), IteratorMode::From(&start, rocksdb::Direction::Forward))
+            .map(move |item| {
+                let (key, value) = item.map_err(read_err)?;
+                Ok(key.starts_with(&prefix).then_some((key, value)))
+            })
+            .map_while(Result::transpose)
+            .filter(move |item| item.as_ref().map_or(true, |(key, _)| skip.as_deref() != Some(key)))
+            .map(|item| item.and_then(|(key, value)| event_from_stored(&key, &value)))
     }
 
     pub fn get_operation(&self, id: &str) -> Result<Option<Operation>, StorageError> {
