@@ -400,7 +400,14 @@ fn selects(terms: &[LabelTerm], labels: &BTreeMap<String, String>) -> bool {
     })
 }
 
-/// List runtimes, oldest first, a page at a time.
+/// Runtimes a list page reads at most (after the indexes narrowed it): a page whose filters pass
+/// over more ends there, with fewer items (even none) and a `next_page_token`, as a Kubernetes
+/// list with a selector may. Every list call costs at most this much, whatever it asks.
+pub const LIST_SCAN_BUDGET: usize = 2000;
+
+/// List runtimes, oldest first, a page at a time. A page may hold fewer than `page_size` items,
+/// even none, when its filters pass over many runtimes: the list has ended only when
+/// `next_page_token` is absent.
 #[utoipa::path(get, path = "/v1/runtimes", tag = "Runtimes", params(ListParams, TenantId),
     responses((status = 200, description = "OK", body = RuntimeList), ProblemResponses))]
 pub(crate) async fn list_runtimes(
@@ -418,19 +425,9 @@ pub(crate) async fn list_runtimes(
     fields.extend(caller.only_tenant().map(RuntimeField::Tenant));
     fields.extend(params.runtime_type.map(RuntimeField::Type));
     fields.extend(params.state.map(RuntimeField::State));
-    let mut items: Vec<Runtime> = state
-        .replica
-        .state
-        .runtimes_where(&fields, &after)?
-        .filter(|r| r.as_ref().map_or(true, |r| caller.sees(r.tenant_id.as_deref()) && selects(&selector, &r.labels)))
-        .take(page_size + 1)
-        .collect::<Result<_, _>>()?;
-    let next_page_token = if items.len() > page_size {
-        items.truncate(page_size);
-        items.last().map(|r| r.id.clone())
-    } else {
-        None
-    };
+    let keep = |runtime: &Runtime| caller.sees(runtime.tenant_id.as_deref()) && selects(&selector, &runtime.labels);
+    let page = runtimeai_raft::state_machine::PageRequest { after: &after, size: page_size, budget: LIST_SCAN_BUDGET };
+    let (items, next_page_token) = state.replica.state.runtimes_page(&fields, page, keep)?;
     Ok(Json(RuntimeList { items, next_page_token }))
 }
 

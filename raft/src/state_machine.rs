@@ -42,6 +42,14 @@ use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMem
 
 const KEY_LAST_APPLIED: &[u8] = b"last_applied";
 
+/// Which page of a list: after which id, how many items, how many records read at most.
+#[derive(Debug, Clone, Copy)]
+pub struct PageRequest<'a> {
+    pub after: &'a str,
+    pub size: usize,
+    pub budget: usize,
+}
+
 /// A place in a runtime's events: just after the event whose id it was made from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventCursor([u8; 12]);
@@ -256,6 +264,35 @@ impl StateMachineStore {
             .filter_map(|id| id.and_then(|id| self.get_runtime(&id)).transpose())
             .filter(move |runtime| runtime.as_ref().map_or(true, |r| fields.iter().all(|field| field.matches(r))));
         Ok(Box::new(runtimes))
+    }
+
+    /// A page of the runtimes [`StateMachineStore::runtimes_where`] yields that `keep` keeps, and
+    /// the token of the next page (`None`: the list has ended). It reads at most `page.budget`
+    /// runtimes: past that it ends early, with fewer items, even none, and a token to go on from.
+    pub fn runtimes_page(
+        &self,
+        fields: &[RuntimeField],
+        page: PageRequest<'_>,
+        keep: impl Fn(&Runtime) -> bool,
+    ) -> Result<(Vec<Runtime>, Option<String>), StorageError> {
+        let mut items: Vec<Runtime> = Vec::new();
+        let mut last_read = None;
+        for (read, runtime) in self.runtimes_where(fields, page.after)?.enumerate() {
+            if read == page.budget {
+                return Ok((items, last_read));
+            }
+            let runtime = runtime?;
+            last_read = Some(runtime.id.clone());
+            if !keep(&runtime) {
+                continue;
+            }
+            if items.len() == page.size {
+                let next = items.last().map(|r| r.id.clone());
+                return Ok((items, next));
+            }
+            items.push(runtime);
+        }
+        Ok((items, None))
     }
 
     /// How many runtimes have `field`'s value.

@@ -1324,3 +1324,33 @@ async fn every_limit_is_checked_in_apply_and_names_its_setting() {
     assert!(matches!(replies[1], CommandReply::Policy(_)), "{:?}", replies[1]);
     assert_eq!(exceeded_setting(&replies[2]), "policies");
 }
+
+#[tokio::test]
+async fn a_page_reads_at_most_its_budget_and_a_token_goes_on_from_where_it_stopped() {
+    let (_dir, mut sm) = open();
+    let ids: Vec<String> = (0..10).map(|i| format!("rt_{i:02}")).collect();
+    apply(&mut sm, ids.iter().map(|id| create(id, id)).collect()).await;
+    let page = |after: &str, size: usize, budget: usize| {
+        let request = super::PageRequest { after, size, budget };
+        let keep = |r: &Runtime| r.id.ends_with('7') || r.id.ends_with('9');
+        let (items, next) = sm.runtimes_page(&[], request, keep).unwrap();
+        (items.into_iter().map(|r| r.id).collect::<Vec<_>>(), next)
+    };
+    assert_eq!(page("", 1, 100), (vec!["rt_07".to_string()], Some("rt_07".into())), "a full page");
+    assert_eq!(page("rt_07", 1, 100), (vec!["rt_09".to_string()], None), "the last page has no token");
+    assert_eq!(page("", 5, 4), (vec![], Some("rt_03".into())), "four read, none kept: an empty page and a token");
+    assert_eq!(page("rt_03", 5, 4), (vec!["rt_07".to_string()], Some("rt_07".into())), "on from there");
+    assert_eq!(page("rt_07", 5, 4), (vec!["rt_09".to_string()], None));
+    // Every runtime, followed page by page with the smallest budget, exactly once.
+    let (mut seen, mut after) = (Vec::new(), String::new());
+    loop {
+        let request = super::PageRequest { after: &after, size: 3, budget: 1 };
+        let (items, next) = sm.runtimes_page(&[], request, |_| true).unwrap();
+        seen.extend(items.into_iter().map(|r| r.id));
+        match next {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids);
+}
