@@ -1,9 +1,10 @@
 //! Hostile clients the load scenarios set loose beside the workload: a flood (one principal as
 //! fast as it can), slow-loris connections (a TLS handshake, then a request's headers a byte a
 //! second) and a list storm (hundreds of list calls at once). Each runs on a thread of its own,
-//! with its own runtime, so that it competes with the cluster for the machine as another client
-//! process would, not with the workload's clients for the harness's runtime; it runs until
-//! stopped and counts what it got.
+//! with its own runtime, at nice 19: an attacker's CPU is its own machine's, and on the one
+//! machine a test has, the hostile client takes only what the cluster and the workload leave
+//! (what it costs the *nodes* to answer it is what a scenario measures). It runs until stopped
+//! and counts what it got.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -34,6 +35,9 @@ impl<K: Ord + Send + 'static> Hostile<K> {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::spawn(move || {
+            // SAFETY: setpriority takes integers only and touches no memory of ours. Best
+            // effort: at normal priority the attack is only harder on the cluster.
+            let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
             runtime.block_on(run_loops(loops, Arc::new(call), stopped))
         });
@@ -69,9 +73,27 @@ where
     counted
 }
 
-/// The status of `request`'s answer; 0 if none came.
+/// The status of `request`'s answer, read whole (so that its connection serves the next); 0 if
+/// none came.
 pub async fn status_of(request: reqwest::RequestBuilder) -> u16 {
-    request.send().await.map_or(0, |answer| answer.status().as_u16())
+    match request.send().await {
+        Ok(answer) => {
+            let status = answer.status().as_u16();
+            answer.bytes().await.map_or(0, |_| status)
+        }
+        Err(_) => 0,
+    }
+}
+
+/// Raises this process's limit of open files to the most it may have: a thousand slow-loris
+/// connections are past a shell's default of 1024.
+pub fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
 }
 
 /// How a slow-loris connection ended.

@@ -28,7 +28,7 @@ pub struct Window {
 }
 
 impl Window {
-    fn of<'a>(records: impl Iterator<Item = &'a Record>) -> Window {
+    pub(crate) fn of<'a>(records: impl Iterator<Item = &'a Record>) -> Window {
         let mut window = Window::default();
         let mut latencies = Vec::new();
         let mut answered = 0;

@@ -18,6 +18,8 @@ use crate::error::{Error, Result};
 use crate::proxy::DirectionFaults;
 use crate::workload::{self, Call, History, Outcome, Record, Targets, WorkloadOptions};
 
+mod load;
+
 /// What a scenario needs of the cluster it runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Needs {
@@ -136,6 +138,30 @@ pub const SCENARIOS: &[Scenario] = &[
         node_args: &[],
     },
     Scenario {
+        name: "flood",
+        injects: "one principal sends creates to the leader as fast as 32 connections allow, for the fault \
+                  window (nodes limit a principal to 100 requests/s): it gets 429s, and the workload's calls \
+                  through the other nodes keep their p99 within 2x of the quiet run's",
+        needs: Needs::Nothing,
+        node_args: &["--rate-limit-principal", load::FLOOD_RATE],
+    },
+    Scenario {
+        name: "slow-loris",
+        injects: "1,000 TLS connections spread over the members send a request's headers a byte a second \
+                  (a new one for each the server closes) for at least 12 s: the nodes close them on their \
+                  10 s header-read timeout, and the workload keeps its p99 within 2x of the quiet run's",
+        needs: Needs::Nothing,
+        node_args: &[],
+    },
+    Scenario {
+        name: "list-storm",
+        injects: "300 clients list at once (every page, by state, by type, by a selector nothing matches, \
+                  from random places) over 1,000 runtimes per second of --duration (5,000 to 100,000), \
+                  for the fault window: each node's memory grows less than 256 MiB, and writes go on",
+        needs: Needs::Nothing,
+        node_args: &[],
+    },
+    Scenario {
         name: "membership-change",
         injects: "add a new node, then remove the leader from the cluster, while clients write",
         needs: Needs::Nothing,
@@ -215,6 +241,8 @@ struct FaultContext {
     rng: rand::rngs::StdRng,
     /// Checks a scenario adds (e.g. that a node with a full disk stopped).
     checks: Vec<CheckResult>,
+    /// Bounds on the workload while a hostile client was at it, judged once the run is over.
+    slowdowns: Vec<load::SlowdownBound>,
 }
 
 impl FaultContext {
@@ -288,6 +316,9 @@ pub async fn run(scenario: &Scenario, options: RunOptions) -> Result<RunResult> 
     let cluster = Cluster::start(options.nodes, cluster_options).await?;
     let members: Vec<u64> = (1..=options.nodes).collect();
 
+    if scenario.name == "list-storm" {
+        load::populate(&cluster, load::storm_runtimes(options.duration)).await?;
+    }
     let mut registers = Vec::new();
     for i in 0..3 {
         registers.push(create_register(&cluster, &format!("register-{i}")).await?);
@@ -321,6 +352,7 @@ pub async fn run(scenario: &Scenario, options: RunOptions) -> Result<RunResult> 
         hold: (options.duration / 2).max(Duration::from_secs(2)),
         rng: rand::rngs::StdRng::seed_from_u64(options.seed),
         checks: Vec::new(),
+        slowdowns: Vec::new(),
     };
     tokio::time::sleep(options.duration / 5).await;
     let injected = inject(scenario.name, &mut cx).await;
@@ -341,6 +373,7 @@ pub async fn run(scenario: &Scenario, options: RunOptions) -> Result<RunResult> 
     results.push(checks::events_in_order(&cx.cluster, &cx.members, &records).await);
     results.push(liveness);
     results.append(&mut cx.checks);
+    results.extend(cx.slowdowns.iter().map(|bound| bound.judge(&records, &cx.faults)));
     let progress = records.iter().filter(|r| r.outcome == Outcome::Ok && !matches!(r.call, Call::ReadRegister)).count();
     results.push(CheckResult {
         name: "progress",
@@ -550,7 +583,10 @@ async fn inject(name: &str, cx: &mut FaultContext) -> Result<()> {
             }
         }
         "kill-during-snapshot-install" => kill_during_snapshot_install(cx).await?,
-        "large-writes" => large_writes(cx).await?,
+        "large-writes" => load::large_writes(cx).await?,
+        "flood" => load::flood(cx).await?,
+        "slow-loris" => load::slow_loris(cx).await?,
+        "list-storm" => load::list_storm(cx).await?,
         "partition-leader" => {
             let (leader, followers) = cx.followers().await?;
             let network = cx.network()?;
@@ -759,66 +795,6 @@ async fn membership_change(cx: &mut FaultContext) -> Result<()> {
     cx.members.retain(|n| *n != leader);
     cx.cluster.signal(leader, Signal::SIGTERM);
     cx.end(format!("leader {leader} removed"), start);
-    Ok(())
-}
-
-/// Creates per burst of [`large_writes`], and the size of each one's environment.
-const LARGE_BURST: u64 = 30;
-const LARGE_ENV_BYTES: usize = 900_000;
-
-/// Bursts of large creates through every member for the fault window, beside the workload. Each
-/// must be created, or refused with 503/429 and `Retry-After` (shed); nothing else, and the
-/// leader (and its term) must stay.
-async fn large_writes(cx: &mut FaultContext) -> Result<()> {
-    let leader = cx.leader().await?;
-    let term_before = cx.cluster.cluster_view(leader).await?["term"].as_u64();
-    let start = cx.begin();
-    let deadline = Instant::now() + cx.hold;
-    let blob = "y".repeat(LARGE_ENV_BYTES);
-    let (mut created, mut shed, mut wrong, mut bursts) = (0, 0, Vec::new(), 0);
-    while Instant::now() < deadline {
-        let mut calls = tokio::task::JoinSet::new();
-        for i in 0..LARGE_BURST {
-            let via = cx.members[i as usize % cx.members.len()];
-            let request = cx.cluster.client.post(cx.cluster.node(via).url("/v1/runtimes")).timeout(SETTLE).json(
-                &json!({"name": format!("large-{bursts}-{i}"), "type": "vcluster", "spec": {"env": {"BLOB": blob}}}),
-            );
-            calls.spawn(async move { request.send().await });
-        }
-        while let Some(answer) = calls.join_next().await {
-            match answer.map_err(|e| Error::Cluster(e.to_string()))? {
-                Ok(response) if response.status() == 201 => created += 1,
-                Ok(response)
-                    if matches!(response.status().as_u16(), 429 | 503)
-                        && response.headers().contains_key("retry-after") =>
-                {
-                    shed += 1
-                }
-                Ok(response) => {
-                    wrong.push(format!("{}: {}", response.status(), response.text().await.unwrap_or_default()))
-                }
-                Err(error) => wrong.push(error.to_string()),
-            }
-        }
-        bursts += 1;
-    }
-    cx.end(format!("{bursts} bursts of {LARGE_BURST} creates of {LARGE_ENV_BYTES} B"), start);
-    let answered = format!("{created} created, {shed} shed with Retry-After, {} otherwise", wrong.len());
-    cx.add_check(
-        "large-writes-created-or-shed",
-        wrong.is_empty() && created > 0,
-        match wrong.first() {
-            Some(first) => format!("{answered}; first: {}", tail(first)),
-            None => answered,
-        },
-    );
-    let after = cx.leader().await?;
-    let term_after = cx.cluster.cluster_view(after).await?["term"].as_u64();
-    cx.add_check(
-        "large-writes-keep-the-leader",
-        after == leader && term_after == term_before,
-        format!("leader {leader} in term {term_before:?} before, {after} in term {term_after:?} after"),
-    );
     Ok(())
 }
 

@@ -77,6 +77,26 @@ fn bounded(app: axum::Router, limits: HttpLimits) -> axum::Router {
     )
 }
 
+/// Raises this process's limit of open files to the most it may have (the soft limit to the
+/// hard one, as a systemd unit's `LimitNOFILE` would): a node holds a file per connection, and
+/// a shell's default of 1024 would refuse connections long before `max_connections`. Says so if
+/// even the hard limit is short of it.
+pub fn raise_open_files_limit(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let open_files = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() { hard } else { soft };
+    // Beside the connections: the store's files, peers, the executors' children.
+    let needed = max_connections as u64 + 1024;
+    if open_files < needed {
+        tracing::warn!(
+            open_files,
+            max_connections,
+            "this process may open only {open_files} files; --max-connections {max_connections} needs about \
+             {needed} (raise the hard limit: LimitNOFILE in the systemd unit, ulimit -Hn)"
+        );
+    }
+}
+
 /// Connections a node closed at once because it held [`HttpLimits::max_connections`].
 pub static REFUSED_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 

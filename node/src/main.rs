@@ -65,6 +65,7 @@ fn one_line(error: &anyhow::Error) -> String {
 fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let config = args.with_file()?.resolve()?;
     init_tracing(config.log_format);
+    runtimeai_node::http::raise_open_files_limit(config.http_limits.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(server::run(config, runtimeai_node::shutdown_signal()))
 }
