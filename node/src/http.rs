@@ -9,7 +9,7 @@
 //! builder.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,13 +68,65 @@ fn bounded(app: axum::Router, limits: HttpLimits) -> axum::Router {
         };
         ([(axum::http::header::CONNECTION, "close")], problem)
     };
-    app.layer(
+    app.layer(axum::middleware::from_fn(close_when_body_unread)).layer(
         tower::ServiceBuilder::new()
             .layer(axum::error_handling::HandleErrorLayer::new(refuse))
             .load_shed()
             .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_inflight))
             .timeout(limits.request_timeout),
     )
+}
+
+/// Marks the answer to an HTTP/1 request whose body was not read to its end (refused before it:
+/// 401, 413, 429...) `Connection: close`. Hyper does not read the rest either and closes the
+/// connection after answering; without the header a pooled client would send its next request
+/// on a connection the server is closing, and get "connection closed before message completed".
+async fn close_when_body_unread(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use hyper::body::Body as _;
+    if request.version() >= axum::http::Version::HTTP_2 || request.body().is_end_stream() {
+        return next.run(request).await;
+    }
+    let read = Arc::new(AtomicBool::new(false));
+    let request = request.map(|body| axum::body::Body::new(ReadToEnd { body, read: read.clone() }));
+    let mut response = next.run(request).await;
+    if !read.load(Ordering::Relaxed) {
+        let close = axum::http::HeaderValue::from_static("close");
+        response.headers_mut().insert(axum::http::header::CONNECTION, close);
+    }
+    response
+}
+
+/// A request body that notes when it has been read to its end.
+struct ReadToEnd {
+    body: axum::body::Body,
+    read: Arc<AtomicBool>,
+}
+
+impl hyper::body::Body for ReadToEnd {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) || self.body.is_end_stream() {
+            self.read.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Raises this process's limit of open files to the most it may have (the soft limit to the

@@ -132,7 +132,7 @@ impl Transport {
                         Ok(tcp) => {
                             let _ = tcp.set_nodelay(true);
                             let remote = tcp.peer_addr().ok()?;
-                            Some((tcp, remote, ClientCertificate(None)))
+                            Some((tls::PlainConnection::new(tcp), remote, ClientCertificate(None)))
                         }
                         Err(e) => {
                             // Out of file descriptors and the like: back off instead of spinning.

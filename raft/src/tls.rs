@@ -325,31 +325,67 @@ impl TlsConnection {
     fn new(stream: tokio_rustls::server::TlsStream<TcpStream>, peer: PeerIdentity) -> Self {
         TlsConnection { stream, peer, linger: None }
     }
+}
 
-    /// Reads and drops raw bytes from the socket until the client closes it, an error, or a
-    /// deadline.
-    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        use std::future::Future;
-        let linger = self.linger.get_or_insert_with(|| Linger {
-            total: Box::pin(tokio::time::sleep(LINGER)),
-            quiet: Box::pin(tokio::time::sleep(LINGER_QUIET)),
-        });
-        let tcp = self.stream.get_mut().0;
-        let mut scratch = [0u8; 8192];
-        loop {
-            if linger.total.as_mut().poll(cx).is_ready() || linger.quiet.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ok(()));
-            }
-            let mut buf = ReadBuf::new(&mut scratch);
-            match Pin::new(&mut *tcp).poll_read(cx, &mut buf) {
-                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
-                    linger.quiet.as_mut().reset(tokio::time::Instant::now() + LINGER_QUIET);
-                }
-                // The client closed (or the socket failed): nothing more to wait for.
-                Poll::Ready(_) => return Poll::Ready(Ok(())),
-                Poll::Pending => return Poll::Pending,
-            }
+/// Reads and drops raw bytes from `tcp` (whose sending side is shut down) until the client
+/// closes it, an error, or one of `linger`'s deadlines (set on the first call).
+fn poll_linger(tcp: &mut TcpStream, linger: &mut Option<Linger>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    use std::future::Future;
+    let linger = linger.get_or_insert_with(|| Linger {
+        total: Box::pin(tokio::time::sleep(LINGER)),
+        quiet: Box::pin(tokio::time::sleep(LINGER_QUIET)),
+    });
+    let mut scratch = [0u8; 8192];
+    loop {
+        if linger.total.as_mut().poll(cx).is_ready() || linger.quiet.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(()));
         }
+        let mut buf = ReadBuf::new(&mut scratch);
+        match Pin::new(&mut *tcp).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                linger.quiet.as_mut().reset(tokio::time::Instant::now() + LINGER_QUIET);
+            }
+            // The client closed (or the socket failed): nothing more to wait for.
+            Poll::Ready(_) => return Poll::Ready(Ok(())),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+}
+
+/// A plain-text connection (`--insecure`) whose close lingers as a [`TlsConnection`]'s does.
+pub struct PlainConnection {
+    tcp: TcpStream,
+    /// Set once the sending side is shut down.
+    linger: Option<Linger>,
+}
+
+impl PlainConnection {
+    pub fn new(tcp: TcpStream) -> Self {
+        PlainConnection { tcp, linger: None }
+    }
+}
+
+impl AsyncRead for PlainConnection {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PlainConnection {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.linger.is_none() {
+            std::task::ready!(Pin::new(&mut this.tcp).poll_shutdown(cx))?;
+        }
+        poll_linger(&mut this.tcp, &mut this.linger, cx)
     }
 }
 
@@ -374,7 +410,7 @@ impl AsyncWrite for TlsConnection {
             // `close_notify`, then the TCP half-close.
             std::task::ready!(Pin::new(&mut this.stream).poll_shutdown(cx))?;
         }
-        this.poll_linger(cx)
+        poll_linger(this.stream.get_mut().0, &mut this.linger, cx)
     }
 
     fn poll_write_vectored(

@@ -285,6 +285,27 @@ async fn bad_input_gets_the_right_problem_and_writes_nothing() -> anyhow::Result
         .send()
         .await?;
     assert_eq!(response.status(), 413);
+    phase("an answer given before the body was read says Connection: close, and a pooled client's next request works");
+    let pooled = runtimeai_tests::admin_client_builder()?.http1_only().build()?;
+    let anonymous = runtimeai_tests::client_builder()?.http1_only().build()?;
+    let body = format!("{{\"name\": \"a\", \"type\": \"vm\", \"labels\": {{\"x\": \"{}\"}}}}", "y".repeat(2 << 20));
+    for round in 0..5 {
+        for (client, status) in [(&pooled, 413), (&anonymous, 401)] {
+            let refused = client
+                .post(cluster.node(2).url("/v1/runtimes"))
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await?;
+            assert_eq!(refused.status(), status, "round {round}");
+            let connection = refused.headers().get("connection").and_then(|v| v.to_str().ok());
+            assert_eq!(connection, Some("close"), "round {round}: the {status} says the connection closes");
+            let next = client.get(cluster.node(2).url("/healthz")).send().await;
+            assert!(next.as_ref().is_ok_and(|r| r.status() == 200), "round {round}: the next request: {next:?}");
+        }
+    }
+    let small = pooled.get(cluster.node(2).url("/v1/cluster")).send().await?;
+    assert_eq!(small.headers().get("connection"), None, "a request read whole keeps its connection");
     phase("a client that sends its whole body before it reads (Python's http.client) gets the 413 too, not a reset");
     let statuses = answered_before_the_body_is_read(&cluster, 3).await?;
     assert_eq!(statuses, ["413", "413", "413"], "the answer must reach the client");

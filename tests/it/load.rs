@@ -171,6 +171,22 @@ async fn slow_loris_connections_are_closed_and_past_the_cap_refused_while_others
     let again = cluster.call_eventually(1, Method::GET, "/v1/cluster", None, &[]).await?;
     assert_eq!(again.status, 200);
 
+    phase("plain text too: a client that sends a whole 8 MiB body before it reads gets the 413, not a reset");
+    let mut eager = tokio::net::TcpStream::connect(&addr).await?;
+    let body_len = 8 << 20;
+    let request = format!(
+        "POST /v1/runtimes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {body_len}\r\n\r\n",
+        runtimeai_tests::admin_token()
+    );
+    {
+        use tokio::io::AsyncWriteExt;
+        eager.write_all(request.as_bytes()).await?;
+        eager.write_all(&vec![b' '; body_len]).await?;
+    }
+    let answer = read_until_closed(&mut eager, Duration::from_secs(20)).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{}", answer.lines().next().unwrap_or("(nothing)"));
+
     phase("a request whose body never finishes arriving is answered 504 once the request timeout passes");
     let started = std::time::Instant::now();
     let mut stalled = slow_body(&addr).await?;
