@@ -15,8 +15,8 @@ use utoipa::ToSchema;
 use runtimeai_model::{Capability, LifecycleAction, PolicyMode, SizeEntry};
 
 use crate::auth::Caller;
+use crate::doc_types::{IdempotencyKey, IfMatch, ProblemResponses, TenantId};
 use crate::extract::{Body, Consistency, PathParam};
-use crate::openapi::{IdempotencyKey, IfMatch, ProblemResponses, TenantId};
 use crate::problem::Problem;
 use crate::runtimes::{
     begin_in_mode, read_runtime, sizes, LifecycleRestoreRequest, LifecycleScaleRequest, LifecycleSnapshotRequest,

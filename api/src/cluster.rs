@@ -16,8 +16,8 @@ use runtimeai_model::{ClusterSettings, SettingsUsage};
 use runtimeai_raft::NodeId;
 
 use crate::auth::Caller;
+use crate::doc_types::ProblemResponses;
 use crate::extract::{Body, PathParam};
-use crate::openapi::ProblemResponses;
 use crate::problem::Problem;
 use crate::{AppState, VERSION};
 

@@ -15,9 +15,9 @@ use runtimeai_model::{Intent, JsonObject, LifecycleAction, OperationStatus, Poli
 use runtimeai_raft::{CommandReply, Op};
 
 use crate::auth::{Caller, Permission};
+use crate::doc_types::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId};
 use crate::extract::{Body, Consistency, PathParam, QueryParams};
 use crate::mutation::{new_id, propose};
-use crate::openapi::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId};
 use crate::problem::{FieldError, Problem};
 use crate::runtimes::{new_operation, read_runtime, sizes, ReadParams};
 use crate::views::{ActionResultView, OperationView};

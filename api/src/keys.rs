@@ -13,9 +13,9 @@ use runtimeai_model::{AgentMode, ApiKey, Principal, PrincipalKind, Role, ALL_TEN
 use runtimeai_raft::{CommandReply, Op};
 
 use crate::auth::{new_key, Caller};
+use crate::doc_types::{IdempotencyKey, ProblemResponses};
 use crate::extract::{Body, OptionalBody, PathParam, QueryParams};
 use crate::mutation::propose;
-use crate::openapi::{IdempotencyKey, ProblemResponses};
 use crate::problem::Problem;
 use crate::runtimes::{EventList, EventParams};
 use crate::AppState;

@@ -17,6 +17,7 @@
 pub mod actions;
 pub mod auth;
 pub mod cluster;
+pub mod doc_types;
 pub mod external_planner;
 mod extract;
 pub mod intents;

@@ -11,9 +11,9 @@ use runtimeai_model::Operation;
 use runtimeai_raft::{CommandReply, Op};
 
 use crate::auth::Caller;
+use crate::doc_types::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId};
 use crate::extract::{Body, Consistency, OptionalBody, PathParam, QueryParams};
 use crate::mutation::propose;
-use crate::openapi::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId};
 use crate::problem::Problem;
 use crate::runtimes::ReadParams;
 use crate::views::OperationView;

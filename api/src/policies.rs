@@ -14,9 +14,9 @@ use runtimeai_model::{JsonObject, Policy, PolicyRule};
 use runtimeai_raft::{CommandReply, Op};
 
 use crate::auth::Caller;
+use crate::doc_types::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId};
 use crate::extract::{Body, Consistency, PathParam, QueryParams};
 use crate::mutation::{new_id, propose};
-use crate::openapi::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId};
 use crate::problem::Problem;
 use crate::{validate, AppState};
 

@@ -21,9 +21,9 @@ use runtimeai_raft::state_machine::NotAnEventId;
 use runtimeai_raft::{CommandReply, Op, RuntimeField};
 
 use crate::auth::Caller;
+use crate::doc_types::{ConsistencyParam, IdempotencyKey, IfMatch, ProblemResponses, TenantId};
 use crate::extract::{if_match, Body, Consistency, OptionalBody, PathParam, QueryParams};
 use crate::mutation::{new_id, propose};
-use crate::openapi::{ConsistencyParam, IdempotencyKey, IfMatch, ProblemResponses, TenantId};
 use crate::problem::Problem;
 use crate::views::OperationView;
 use crate::{validate, AppState};

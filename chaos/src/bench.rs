@@ -318,35 +318,47 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
     drop(etcd);
 
     // A failed scale measurement is reported, not allowed to lose the figures above.
-    let (scale, scale_error) = if options.runtimes == 0 {
-        (None, None)
-    } else {
-        // On a fresh cluster, so that its time and memory are those of the runtimes it
-        // creates, not of what the levels above left behind.
-        progress("scale: starting a fresh 3-node RuntimeAI cluster");
-        save_logs(&runtimeai, options.log_dir.as_deref(), "levels")?;
-        drop(runtimeai);
-        // Snapshots often enough, and little log kept behind them, that the fourth node
-        // catches up by snapshot (at the defaults, 100 000 runtimes fit in fewer entries than
-        // a snapshot waits for, and it would replay the log). A flag given with --node-arg
-        // wins: a node refuses the same flag twice.
-        let mut scale_args: Vec<String> = [("--snapshot-count", "1000"), ("--snapshot-catchup-entries", "100")]
-            .into_iter()
-            .filter(|(flag, _)| !options.node_args.iter().any(|arg| arg.starts_with(flag)))
-            .map(|(flag, value)| format!("{flag}={value}"))
-            .collect();
-        scale_args.extend(options.node_args.iter().cloned());
-        runtimeai = Cluster::start(3, runtimeai_options(&scale_args, options.plaintext)).await?;
-        match scale(&http, &mut runtimeai, options.runtimes, &progress).await {
+    let (scale, scale_error) = match options.runtimes {
+        0 => (None, None),
+        _ => match measure_scale(&options, &http, &mut runtimeai, &progress).await? {
             Ok(scale) => (Some(scale), None),
-            Err(e) => {
-                progress(&format!("scale measurement failed: {e}"));
-                (None, Some(e.to_string()))
-            }
-        }
+            Err(e) => (None, Some(e)),
+        },
     };
     save_logs(&runtimeai, options.log_dir.as_deref(), if options.runtimes == 0 { "levels" } else { "scale" })?;
     Ok(BenchResults { options, payload_bytes, levels, failover, failover_error, scale, scale_error })
+}
+
+/// The scale measurement, on a fresh cluster that replaces `runtimeai` (so that its time and
+/// memory are those of the runtimes it creates, not of what the levels left behind). `Err` of
+/// the outer result: the harness failed; of the inner: the measurement did, and why.
+async fn measure_scale(
+    options: &BenchOptions,
+    http: &reqwest::Client,
+    runtimeai: &mut Cluster,
+    progress: &impl Fn(&str),
+) -> Result<std::result::Result<Scale, String>> {
+    progress("scale: starting a fresh 3-node RuntimeAI cluster");
+    save_logs(runtimeai, options.log_dir.as_deref(), "levels")?;
+    // Snapshots often enough, and little log kept behind them, that the fourth node catches up
+    // by snapshot (at the defaults, 100 000 runtimes fit in fewer entries than a snapshot waits
+    // for, and it would replay the log). A flag given with --node-arg wins: a node refuses the
+    // same flag twice.
+    let mut scale_args: Vec<String> = [("--snapshot-count", "1000"), ("--snapshot-catchup-entries", "100")]
+        .into_iter()
+        .filter(|(flag, _)| !options.node_args.iter().any(|arg| arg.starts_with(flag)))
+        .map(|(flag, value)| format!("{flag}={value}"))
+        .collect();
+    scale_args.extend(options.node_args.iter().cloned());
+    // The levels' cluster stops before the fresh one starts (and goes once it is replaced).
+    for node in runtimeai.running() {
+        runtimeai.kill(node);
+    }
+    *runtimeai = Cluster::start(3, runtimeai_options(&scale_args, options.plaintext)).await?;
+    Ok(scale(http, runtimeai, options.runtimes, progress).await.map_err(|e| {
+        progress(&format!("scale measurement failed: {e}"));
+        e.to_string()
+    }))
 }
 
 /// Copies the nodes' logs into `dir` (if given), named `runtimeai-<phase>-node-<id>.log`.

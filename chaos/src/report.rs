@@ -11,49 +11,7 @@ use serde::Serialize;
 use crate::checks::CheckResult;
 use crate::error::{Error, Result};
 use crate::scenario::{FaultRecord, RunResult};
-use crate::workload::{Outcome, Record};
-
-/// Counts and latency of the calls started within a stretch of time.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Window {
-    pub ok: usize,
-    pub failed: usize,
-    pub indeterminate: usize,
-    /// Share of calls the cluster answered (a success, or a definite refusal such as 412 or
-    /// 409: the node was up and decided), in percent. Timeouts, resets, refused connections and
-    /// 5xx count as unavailable.
-    pub availability: f64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-}
-
-impl Window {
-    pub(crate) fn of<'a>(records: impl Iterator<Item = &'a Record>) -> Window {
-        let mut window = Window::default();
-        let mut latencies = Vec::new();
-        let mut answered = 0;
-        for record in records {
-            if record.outcome == Outcome::Ok || record.status.is_some_and(|s| (400..500).contains(&s)) {
-                answered += 1;
-            }
-            match record.outcome {
-                Outcome::Ok => {
-                    window.ok += 1;
-                    latencies.push((record.complete_us - record.invoke_us) as f64 / 1000.0);
-                }
-                Outcome::Fail => window.failed += 1,
-                Outcome::Unknown => window.indeterminate += 1,
-            }
-        }
-        let total = window.ok + window.failed + window.indeterminate;
-        window.availability = if total == 0 { 100.0 } else { 100.0 * answered as f64 / total as f64 };
-        latencies.sort_by(f64::total_cmp);
-        let at = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)));
-        window.p50_ms = at(0.5).copied().unwrap_or(0.0);
-        window.p99_ms = at(0.99).copied().unwrap_or(0.0);
-        window
-    }
-}
+use crate::workload::{Outcome, Record, Window};
 
 #[derive(Debug, Serialize)]
 struct FaultReport<'a> {

@@ -15,10 +15,10 @@ use serde_json::json;
 use crate::checks::{self, CheckResult, Violation};
 use crate::cluster::{Cluster, ClusterOptions};
 use crate::error::{Error, Result};
-use crate::proxy::DirectionFaults;
 use crate::workload::{self, Call, History, Outcome, Record, Targets, WorkloadOptions};
 
 mod load;
+mod network;
 
 /// What a scenario needs of the cluster it runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -587,94 +587,13 @@ async fn inject(name: &str, cx: &mut FaultContext) -> Result<()> {
         "flood" => load::flood(cx).await?,
         "slow-loris" => load::slow_loris(cx).await?,
         "list-storm" => load::list_storm(cx).await?,
-        "partition-leader" => {
-            let (leader, followers) = cx.followers().await?;
-            let network = cx.network()?;
-            let start = cx.begin();
-            network.partition(&[vec![leader], followers]);
-            tokio::time::sleep(hold).await;
-            network.heal();
-            cx.end(format!("partition: leader {leader} alone"), start);
-        }
-        "partition-minority" => {
-            let (leader, mut followers) = cx.followers().await?;
-            let minority_size = (cx.members.len() - 1) / 2;
-            let minority: Vec<u64> = followers.drain(..minority_size).collect();
-            followers.push(leader);
-            let network = cx.network()?;
-            let start = cx.begin();
-            network.partition(&[minority.clone(), followers.clone()]);
-            tokio::time::sleep(hold).await;
-            network.heal();
-            cx.end(format!("partition: {minority:?} | {followers:?}"), start);
-        }
-        "bridge" => {
-            let (leader, mut followers) = cx.followers().await?;
-            let bridge = followers.remove(cx.rng.gen_range(0..followers.len()));
-            let network = cx.network()?;
-            let start = cx.begin();
-            network.partition(&[vec![leader], followers.clone()]);
-            tokio::time::sleep(hold).await;
-            network.heal();
-            cx.end(format!("bridge: {leader} | {followers:?}, node {bridge} sees both"), start);
-        }
-        "one-way-leader" => {
-            let (leader, followers) = cx.followers().await?;
-            let network = cx.network()?;
-            let start = cx.begin();
-            for follower in &followers {
-                network.cut_one_way(leader, *follower);
-            }
-            tokio::time::sleep(hold).await;
-            network.heal();
-            cx.end(format!("one way: nothing from leader {leader} arrives"), start);
-        }
-        "lossy-network" => {
-            let network = cx.network()?;
-            let start = cx.begin();
-            network.degrade_all(DirectionFaults { loss: 0.5, ..Default::default() });
-            tokio::time::sleep(hold).await;
-            network.heal();
-            cx.end("50 % packet loss on every link".into(), start);
-        }
-        "slow-network" => {
-            let network = cx.network()?;
-            let start = cx.begin();
-            let faults = DirectionFaults {
-                delay: Duration::from_millis(75),
-                jitter: Duration::from_millis(50),
-                ..Default::default()
-            };
-            network.degrade_all(faults);
-            tokio::time::sleep(hold).await;
-            network.heal();
-            cx.end("75 ± 50 ms delay on every link".into(), start);
-        }
-        "stalled-connections" => {
-            let leader = cx.leader().await?;
-            let network = cx.network()?;
-            let start = cx.begin();
-            let stalled = Instant::now();
-            network.stall_open_connections_to(leader);
-            // Nothing heals a stalled connection but closing it: the nodes must notice and dial
-            // again, in about the time an election takes, not when the kernel gives up.
-            let (took, stuck) =
-                writes_through_every_member(&cx.cluster, &cx.members, "unstall", stalled, RECOVER_WITHIN).await;
-            cx.add_check(
-                "recovers",
-                stuck.is_empty(),
-                if stuck.is_empty() {
-                    format!(
-                        "every member took a write within {} ms of its connections stalling",
-                        took.values().max().unwrap_or(&0)
-                    )
-                } else {
-                    format!("{} s after the connections stalled, {}", RECOVER_WITHIN.as_secs(), refusals(&stuck))
-                },
-            );
-            tokio::time::sleep(hold.saturating_sub(stalled.elapsed())).await;
-            cx.end(format!("connections to leader {leader} stalled"), start);
-        }
+        "partition-leader"
+        | "partition-minority"
+        | "bridge"
+        | "one-way-leader"
+        | "lossy-network"
+        | "slow-network"
+        | "stalled-connections" => network::inject(name, cx).await?,
         "membership-change" => membership_change(cx).await?,
         "disk-full" => disk_full(cx).await?,
         "disk-read-only" => disk_read_only(cx).await?,

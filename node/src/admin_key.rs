@@ -93,14 +93,14 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 /// Proposes the key once this node is a member and a leader is known, until it is stored or
 /// found there already (a revoked bootstrap key stays revoked: its record exists).
 pub async fn ensure(replica: Arc<Replica>, key: ApiKey) {
-    let reply = crate::server::propose_until_stored(
-        &replica,
-        "store the bootstrap admin key",
-        |replica| replica.state.api_key(&key.id).is_some(),
-        || Op::CreateApiKey { key: key.clone(), replaces: None },
-        |reply| matches!(reply, CommandReply::ApiKey(_) | CommandReply::Rejected(Rejection::AlreadyExists { .. })),
-    )
-    .await;
+    let reply = replica
+        .propose_until_stored(
+            "store the bootstrap admin key",
+            |replica| replica.state.api_key(&key.id).is_some(),
+            || Op::CreateApiKey { key: key.clone(), replaces: None },
+            |reply| matches!(reply, CommandReply::ApiKey(_) | CommandReply::Rejected(Rejection::AlreadyExists { .. })),
+        )
+        .await;
     if let Some(CommandReply::ApiKey(_)) = reply {
         tracing::info!(key_id = %key.id, "stored the bootstrap admin key");
     }

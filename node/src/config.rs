@@ -464,6 +464,10 @@ impl NodeArgs {
     /// Checks every option and fills in defaults.
     pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
         let http_limits = self.http_limits()?;
+        let (heartbeat_ms, election_ms) = self.raft_timing()?;
+        let (snapshot_count, snapshot_chunk_bytes) = self.snapshot_sizes()?;
+        let (lease_ms, signals_ms) = self.executor_timing()?;
+        let planner = self.planner()?;
         let rate_defaults = runtimeai_api::throttle::RateLimitConfig::default();
         let rate_limits = runtimeai_api::throttle::RateLimitConfig {
             per_principal: self.rate_limit_principal.unwrap_or(rate_defaults.per_principal),
@@ -497,50 +501,7 @@ impl NodeArgs {
             None | Some("") => BTreeMap::new(),
             Some(text) => parse_member_addrs("peer-routes", text)?,
         };
-        if !initial_cluster.is_empty() {
-            match initial_cluster.get(&id) {
-                None => {
-                    return Err(ConfigError::Conflict(format!(
-                        "--initial-cluster does not list this node's --id {id}; list every founding member, or omit \
-                         --initial-cluster on a node that joins later"
-                    )))
-                }
-                Some(addr) if *addr != advertise_grpc => {
-                    return Err(ConfigError::Conflict(format!(
-                        "--initial-cluster gives node {id} the address {addr}, but this node's gRPC address is \
-                         {advertise_grpc} (--grpc / --advertise-grpc)"
-                    )))
-                }
-                Some(_) => {}
-            }
-        }
-        let heartbeat_ms = self.heartbeat_ms.unwrap_or(100);
-        if heartbeat_ms < 10 {
-            return Err(ConfigError::TooSmall { flag: "heartbeat-ms", min: 10, value: heartbeat_ms });
-        }
-        let election_ms = self.election_timeout_ms.unwrap_or(500);
-        if election_ms < 3 * heartbeat_ms {
-            return Err(ConfigError::Conflict(format!(
-                "--election-timeout-ms ({election_ms}) must be at least three heartbeats (3 × {heartbeat_ms} ms)"
-            )));
-        }
-        let snapshot_count = self.snapshot_count.unwrap_or(10_000);
-        if snapshot_count < 10 {
-            return Err(ConfigError::TooSmall { flag: "snapshot-count", min: 10, value: snapshot_count });
-        }
-        let snapshot_chunk_bytes = self.snapshot_chunk_bytes.unwrap_or(3 << 20);
-        if snapshot_chunk_bytes < 1024 {
-            return Err(ConfigError::TooSmall { flag: "snapshot-chunk-bytes", min: 1024, value: snapshot_chunk_bytes });
-        }
-        // A chunk is one gRPC message, with room to spare for its header.
-        let max_chunk = (runtimeai_raft::limits::MAX_MESSAGE_BYTES / 2) as u64;
-        if snapshot_chunk_bytes > max_chunk {
-            return Err(ConfigError::TooLarge {
-                flag: "snapshot-chunk-bytes",
-                max: max_chunk,
-                value: snapshot_chunk_bytes,
-            });
-        }
+        check_initial_cluster(&initial_cluster, id, &advertise_grpc)?;
         let cluster_name = self.cluster_name.unwrap_or_else(|| "runtimeai".to_string());
         if cluster_name.is_empty() || cluster_name.chars().any(|c| c.is_control() || c.is_whitespace()) {
             return Err(ConfigError::Conflict(format!(
@@ -548,33 +509,7 @@ impl NodeArgs {
             )));
         }
         let backends = parse_backends(self.backends.as_deref())?;
-        let lease_ms = self.operation_lease_ms.unwrap_or(3_000);
-        if lease_ms < 300 {
-            return Err(ConfigError::TooSmall { flag: "operation-lease-ms", min: 300, value: lease_ms });
-        }
-        let signals_ms = self.signals_interval_ms.unwrap_or(5_000);
-        if signals_ms < 100 {
-            return Err(ConfigError::TooSmall { flag: "signals-interval-ms", min: 100, value: signals_ms });
-        }
         let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from(format!("runtimeai-{id}.data")));
-        let planner = match self.planner_url.filter(|u| !u.is_empty()) {
-            None => None,
-            Some(url) => {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return Err(ConfigError::BadAddress {
-                        flag: "planner-url",
-                        value: url,
-                        reason: "expected an http:// or https:// URL".into(),
-                    });
-                }
-                Some(runtimeai_api::external_planner::ExternalPlannerConfig {
-                    url,
-                    model: self.planner_model.unwrap_or_else(|| "gpt-4o-mini".to_string()),
-                    api_key: std::env::var("RUNTIMEAI_PLANNER_API_KEY").ok().filter(|k| !k.is_empty()),
-                    timeout: Duration::from_millis(self.planner_timeout_ms.unwrap_or(30_000).max(100)),
-                })
-            }
-        };
         let (rest_tls, peer_tls) = tls?;
         let oidc = oidc?;
         Ok(NodeConfig {
@@ -610,6 +545,88 @@ impl NodeArgs {
             peer_tls,
             oidc,
         })
+    }
+}
+
+impl NodeArgs {
+    /// `--heartbeat-ms` and `--election-timeout-ms`, checked against each other.
+    fn raft_timing(&self) -> Result<(u64, u64), ConfigError> {
+        let heartbeat_ms = self.heartbeat_ms.unwrap_or(100);
+        if heartbeat_ms < 10 {
+            return Err(ConfigError::TooSmall { flag: "heartbeat-ms", min: 10, value: heartbeat_ms });
+        }
+        let election_ms = self.election_timeout_ms.unwrap_or(500);
+        if election_ms < 3 * heartbeat_ms {
+            return Err(ConfigError::Conflict(format!(
+                "--election-timeout-ms ({election_ms}) must be at least three heartbeats (3 × {heartbeat_ms} ms)"
+            )));
+        }
+        Ok((heartbeat_ms, election_ms))
+    }
+
+    /// `--snapshot-count` and `--snapshot-chunk-bytes` (a chunk is one gRPC message, with room to
+    /// spare for its header).
+    fn snapshot_sizes(&self) -> Result<(u64, u64), ConfigError> {
+        let snapshot_count = self.snapshot_count.unwrap_or(10_000);
+        if snapshot_count < 10 {
+            return Err(ConfigError::TooSmall { flag: "snapshot-count", min: 10, value: snapshot_count });
+        }
+        let chunk_bytes = self.snapshot_chunk_bytes.unwrap_or(3 << 20);
+        if chunk_bytes < 1024 {
+            return Err(ConfigError::TooSmall { flag: "snapshot-chunk-bytes", min: 1024, value: chunk_bytes });
+        }
+        let max_chunk = (runtimeai_raft::limits::MAX_MESSAGE_BYTES / 2) as u64;
+        if chunk_bytes > max_chunk {
+            return Err(ConfigError::TooLarge { flag: "snapshot-chunk-bytes", max: max_chunk, value: chunk_bytes });
+        }
+        Ok((snapshot_count, chunk_bytes))
+    }
+
+    /// `--operation-lease-ms` and `--signals-interval-ms`.
+    fn executor_timing(&self) -> Result<(u64, u64), ConfigError> {
+        let lease_ms = self.operation_lease_ms.unwrap_or(3_000);
+        if lease_ms < 300 {
+            return Err(ConfigError::TooSmall { flag: "operation-lease-ms", min: 300, value: lease_ms });
+        }
+        let signals_ms = self.signals_interval_ms.unwrap_or(5_000);
+        if signals_ms < 100 {
+            return Err(ConfigError::TooSmall { flag: "signals-interval-ms", min: 100, value: signals_ms });
+        }
+        Ok((lease_ms, signals_ms))
+    }
+
+    /// The external planner `--planner-url` names, if any.
+    fn planner(&self) -> Result<Option<runtimeai_api::external_planner::ExternalPlannerConfig>, ConfigError> {
+        let Some(url) = self.planner_url.clone().filter(|u| !u.is_empty()) else { return Ok(None) };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            let reason = "expected an http:// or https:// URL".into();
+            return Err(ConfigError::BadAddress { flag: "planner-url", value: url, reason });
+        }
+        Ok(Some(runtimeai_api::external_planner::ExternalPlannerConfig {
+            url,
+            model: self.planner_model.clone().unwrap_or_else(|| "gpt-4o-mini".to_string()),
+            api_key: std::env::var("RUNTIMEAI_PLANNER_API_KEY").ok().filter(|k| !k.is_empty()),
+            timeout: Duration::from_millis(self.planner_timeout_ms.unwrap_or(30_000).max(100)),
+        }))
+    }
+}
+
+/// A founding member's `--initial-cluster` lists itself, at its own gRPC address.
+fn check_initial_cluster(
+    initial_cluster: &BTreeMap<u64, String>,
+    id: u64,
+    advertise_grpc: &str,
+) -> Result<(), ConfigError> {
+    match initial_cluster.get(&id) {
+        None if !initial_cluster.is_empty() => Err(ConfigError::Conflict(format!(
+            "--initial-cluster does not list this node's --id {id}; list every founding member, or omit \
+             --initial-cluster on a node that joins later"
+        ))),
+        Some(addr) if addr != advertise_grpc => Err(ConfigError::Conflict(format!(
+            "--initial-cluster gives node {id} the address {addr}, but this node's gRPC address is \
+             {advertise_grpc} (--grpc / --advertise-grpc)"
+        ))),
+        _ => Ok(()),
     }
 }
 

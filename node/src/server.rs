@@ -11,12 +11,12 @@ use openraft::{BasicNode, SnapshotPolicy};
 use tokio::net::TcpListener;
 
 use runtimeai_api::AppState;
-use runtimeai_model::{Actor, NodeInfo};
+use runtimeai_model::NodeInfo;
 use runtimeai_raft::log_store::LogStore;
 use runtimeai_raft::network::{Network, PeerHealth, PeerRoutes};
 use runtimeai_raft::state_machine::StateMachineStore;
 use runtimeai_raft::store::DataDir;
-use runtimeai_raft::{Command, Op, Raft, Replica, ReplicaOptions};
+use runtimeai_raft::{Op, Raft, Replica, ReplicaOptions};
 
 use crate::backend::libvirt::LibvirtBackend;
 use crate::backend::sandbox::SandboxBackend;
@@ -34,8 +34,75 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         TcpListener::bind(config.http).await.with_context(|| format!("cannot listen for HTTP on {}", config.http))?;
     let grpc_listener =
         TcpListener::bind(config.grpc).await.with_context(|| format!("cannot listen for gRPC on {}", config.grpc))?;
-
     // Drivers next: a libvirt that cannot be reached is refused before the store is touched.
+    probe_backends(&config)?;
+    // Certificates next: a missing or bad file is refused before the store is touched.
+    let transport = crate::transport::Transport::load(&config)?;
+    let oidc = match &config.oidc {
+        None => None,
+        Some(oidc) => Some(Arc::new(runtimeai_api::oidc::Oidc::new(oidc.clone()).context("cannot set up OIDC")?)),
+    };
+    let data = DataDir::open(&config.data_dir, config.id, &config.cluster_name)?;
+    let (raft, replica, log_stats) = start_raft(&config, &data, &transport).await?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let grpc_task = transport.serve_peers(grpc_listener, replica.clone(), stop_rx.clone(), stopped(stop_rx.clone()));
+    let tls_watch = transport.watch(oidc.clone(), stop_rx.clone());
+    let oidc_keys = oidc.clone().map(|oidc| tokio::spawn(runtimeai_api::oidc::keep_fresh(oidc, stop_rx.clone())));
+    let (backends, kubeconfigs) = build_backends(&config).await?;
+    let app = api_router(&config, &replica, log_stats, kubeconfigs, oidc)?;
+    let http_task = transport.serve_rest(http_listener, app, config.http_limits, stop_rx.clone());
+    tracing::info!(
+        node = config.id,
+        http = %config.http,
+        grpc = %config.grpc,
+        data_dir = %config.data_dir.display(),
+        cluster = %config.cluster_name,
+        "node started"
+    );
+
+    let initializes = data.fresh && config.initial_cluster.keys().next() == Some(&config.id);
+    let admin_key =
+        crate::admin_key::bootstrap_key(config.bootstrap_admin_key_file.as_deref(), &config.data_dir, initializes)?;
+    bootstrap(&config, &raft, data.fresh).await?;
+    let admin_key = admin_key.map(|key| tokio::spawn(crate::admin_key::ensure(replica.clone(), key)));
+    let workers = Workers::spawn(&config, &replica, backends, &stop_rx);
+
+    // A raft that stopped on a storage error cannot serve; exit so a supervisor restarts the
+    // node (recovery replays the log) instead of leaving it up and useless.
+    let fatal = raft_stopped(raft.clone());
+    let outcome = tokio::select! {
+        _ = shutdown => Ok(()),
+        reason = fatal => Err(anyhow::anyhow!("raft stopped: {reason}")),
+    };
+    tracing::info!(node = config.id, "shutting down");
+    workers.registration.abort();
+    if let Some(task) = admin_key {
+        task.abort();
+    }
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;
+    workers.stop().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), tls_watch).await;
+    if let Some(task) = oidc_keys {
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+    }
+    let stopped_cleanly = raft.shutdown().await;
+    // Stop RocksDB's background threads before the process exits: tearing the library down
+    // under a running compaction aborts the process. Everything written is already in the WAL.
+    data.db.cancel_all_background_work(true);
+    tracing::info!(node = config.id, "stopped");
+    outcome?;
+    stopped_cleanly.map_err(|e| anyhow::anyhow!("raft did not stop cleanly: {e}"))
+}
+
+/// Checks that every driver `--backends` names can be used: libvirt answers, a kubeconfig
+/// reads.
+fn probe_backends(config: &NodeConfig) -> anyhow::Result<()> {
     for spec in &config.backends {
         match &spec.driver {
             Driver::Libvirt { uri } => LibvirtBackend::probe(uri)
@@ -51,21 +118,12 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
             Driver::Simulated | Driver::Process => {}
         }
     }
-    // Certificates next: a missing or bad file is refused before the store is touched.
-    let transport = crate::transport::Transport::load(&config)?;
-    let oidc = match &config.oidc {
-        None => None,
-        Some(oidc) => Some(Arc::new(runtimeai_api::oidc::Oidc::new(oidc.clone()).context("cannot set up OIDC")?)),
-    };
-    let data = DataDir::open(&config.data_dir, config.id, &config.cluster_name)?;
-    let log_store = LogStore::new(data.db.clone());
-    let log_stats = log_store.stats();
-    let state = StateMachineStore::new(data.db.clone(), data.snapshot_path())
-        .map_err(|e| anyhow::anyhow!("cannot read the snapshot in {}: {e}", config.data_dir.display()))?;
-    let health = Arc::new(PeerHealth::default());
-    let routes = Arc::new(PeerRoutes::new(config.peer_routes.clone(), transport.peer_client.clone()));
-    let network = Network::new(config.cluster_name.clone(), health.clone(), routes.clone());
-    let raft_config = openraft::Config {
+    Ok(())
+}
+
+/// openraft's configuration from the node's flags.
+fn raft_config(config: &NodeConfig) -> anyhow::Result<openraft::Config> {
+    openraft::Config {
         cluster_name: config.cluster_name.clone(),
         heartbeat_interval: config.heartbeat.as_millis() as u64,
         election_timeout_min: config.election_timeout.as_millis() as u64,
@@ -84,35 +142,43 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         ..Default::default()
     }
     .validate()
-    .context("invalid raft configuration")?;
-    // Raft::new re-applies committed entries the state machine had not persisted, so the node
-    // never serves a half-restored state.
-    let raft = Raft::new(config.id, Arc::new(raft_config), network, log_store, state.clone())
+    .context("invalid raft configuration")
+}
+
+/// Opens the log and the state machine in `data`, and starts raft on them (which re-applies
+/// committed entries the state machine had not persisted, so the node never serves a
+/// half-restored state); the replica that serves them, and the log's statistics.
+async fn start_raft(
+    config: &NodeConfig,
+    data: &DataDir,
+    transport: &crate::transport::Transport,
+) -> anyhow::Result<(Raft, Arc<Replica>, Arc<runtimeai_raft::log_store::LogStats>)> {
+    let log_store = LogStore::new(data.db.clone());
+    let log_stats = log_store.stats();
+    let state = StateMachineStore::new(data.db.clone(), data.snapshot_path())
+        .map_err(|e| anyhow::anyhow!("cannot read the snapshot in {}: {e}", config.data_dir.display()))?;
+    let health = Arc::new(PeerHealth::default());
+    let routes = Arc::new(PeerRoutes::new(config.peer_routes.clone(), transport.peer_client.clone()));
+    let network = Network::new(config.cluster_name.clone(), health.clone(), routes.clone());
+    let raft = Raft::new(config.id, Arc::new(raft_config(config)?), network, log_store, state.clone())
         .await
         .map_err(|e| anyhow::anyhow!("cannot start raft from {}: {e}", config.data_dir.display()))?;
-    let replica = Replica::new(
-        config.id,
-        raft.clone(),
-        state,
-        config.cluster_name.clone(),
-        health,
-        routes,
-        ReplicaOptions {
-            reachable_window: (config.heartbeat * 5).max(Duration::from_millis(500)),
-            ..Default::default()
-        },
-    );
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
+    let options = ReplicaOptions {
+        reachable_window: (config.heartbeat * 5).max(Duration::from_millis(500)),
+        ..Default::default()
     };
+    let replica = Replica::new(config.id, raft.clone(), state, config.cluster_name.clone(), health, routes, options);
+    Ok((raft, replica, log_stats))
+}
 
-    let grpc_task = transport.serve_peers(grpc_listener, replica.clone(), stop_rx.clone(), stopped(stop_rx.clone()));
-    let tls_watch = transport.watch(oidc.clone(), stop_rx.clone());
-    let oidc_keys = oidc.clone().map(|oidc| tokio::spawn(runtimeai_api::oidc::keep_fresh(oidc, stop_rx.clone())));
-
-    let (backends, kubeconfigs) = build_backends(&config).await?;
+/// The REST API over `replica`.
+fn api_router(
+    config: &NodeConfig,
+    replica: &Arc<Replica>,
+    log_stats: Arc<runtimeai_raft::log_store::LogStats>,
+    kubeconfigs: Option<Arc<dyn runtimeai_api::KubeconfigSource>>,
+    oidc: Option<Arc<runtimeai_api::oidc::Oidc>>,
+) -> anyhow::Result<axum::Router> {
     let external_planner = match config.planner.clone() {
         None => None,
         Some(planner) => Some(Arc::new(
@@ -120,7 +186,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
                 .context("cannot set up the external planner")?,
         )),
     };
-    let app = runtimeai_api::router(AppState {
+    Ok(runtimeai_api::router(AppState {
         replica: replica.clone(),
         http_addr: config.advertise_http.as_str().into(),
         log_stats,
@@ -128,74 +194,57 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         external_planner,
         kubeconfigs,
         auth_failures: Arc::default(),
-        oidc: oidc.clone(),
+        oidc,
         rate_limits: Arc::new(runtimeai_api::throttle::RateLimits::new(config.rate_limits)),
-    });
-    let http_task = transport.serve_rest(http_listener, app, config.http_limits, stop_rx.clone());
+    }))
+}
 
-    tracing::info!(
-        node = config.id,
-        http = %config.http,
-        grpc = %config.grpc,
-        data_dir = %config.data_dir.display(),
-        cluster = %config.cluster_name,
-        "node started"
-    );
+/// What a node runs beside its servers: its announcement, the scheduler, the watchdog and,
+/// with backends, the executor; stopped in order when the node shuts down.
+struct Workers {
+    registration: tokio::task::JoinHandle<()>,
+    scheduler: tokio::task::JoinHandle<()>,
+    watchdog: tokio::task::JoinHandle<()>,
+    executor: Option<tokio::task::JoinHandle<()>>,
+    drivers: Backends,
+}
 
-    let initializes = data.fresh && config.initial_cluster.keys().next() == Some(&config.id);
-    let admin_key =
-        crate::admin_key::bootstrap_key(config.bootstrap_admin_key_file.as_deref(), &config.data_dir, initializes)?;
-    bootstrap(&config, &raft, data.fresh).await?;
-    let admin_key = admin_key.map(|key| tokio::spawn(crate::admin_key::ensure(replica.clone(), key)));
-    let scheduler = tokio::spawn(crate::scheduler::run(
-        replica.clone(),
-        crate::scheduler::SchedulerOptions { lease: config.operation_lease },
-        stop_rx.clone(),
-    ));
-    let watchdog = tokio::spawn(runtimeai_raft::watchdog::run(replica.clone(), config.heartbeat, stop_rx.clone()));
-    let registration = tokio::spawn(register(replica.clone(), config.clone(), backends.info()));
-    let drivers = backends.clone();
-    let executor = (!backends.is_empty()).then(|| {
-        let options = ExecutorOptions {
-            node_id: config.id,
-            lease: config.operation_lease,
-            signals_interval: config.signals_interval,
-        };
-        tokio::spawn(crate::executor::run(replica.clone(), backends, options, stop_rx.clone()))
-    });
+impl Workers {
+    fn spawn(
+        config: &NodeConfig,
+        replica: &Arc<Replica>,
+        backends: Backends,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Workers {
+        let scheduler_options = crate::scheduler::SchedulerOptions { lease: config.operation_lease };
+        let drivers = backends.clone();
+        let executor = (!backends.is_empty()).then(|| {
+            let options = ExecutorOptions {
+                node_id: config.id,
+                lease: config.operation_lease,
+                signals_interval: config.signals_interval,
+            };
+            tokio::spawn(crate::executor::run(replica.clone(), backends.clone(), options, stop.clone()))
+        });
+        Workers {
+            registration: tokio::spawn(register(replica.clone(), config.clone(), drivers.info())),
+            scheduler: tokio::spawn(crate::scheduler::run(replica.clone(), scheduler_options, stop.clone())),
+            watchdog: tokio::spawn(runtimeai_raft::watchdog::run(replica.clone(), config.heartbeat, stop.clone())),
+            executor,
+            drivers,
+        }
+    }
 
-    // A raft that stopped on a storage error cannot serve; exit so a supervisor restarts the
-    // node (recovery replays the log) instead of leaving it up and useless.
-    let fatal = raft_stopped(raft.clone());
-    let outcome = tokio::select! {
-        _ = shutdown => Ok(()),
-        reason = fatal => Err(anyhow::anyhow!("raft stopped: {reason}")),
-    };
-    tracing::info!(node = config.id, "shutting down");
-    registration.abort();
-    if let Some(task) = admin_key {
-        task.abort();
+    /// Stops them once the node's stop signal is sent: each gets a bound, then the drivers
+    /// release what they hold.
+    async fn stop(self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.scheduler).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.watchdog).await;
+        if let Some(executor) = self.executor {
+            let _ = tokio::time::timeout(Duration::from_secs(5), executor).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.drivers.shutdown()).await;
     }
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), scheduler).await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), watchdog).await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), tls_watch).await;
-    if let Some(task) = oidc_keys {
-        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
-    }
-    if let Some(executor) = executor {
-        let _ = tokio::time::timeout(Duration::from_secs(5), executor).await;
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(10), drivers.shutdown()).await;
-    let stopped_cleanly = raft.shutdown().await;
-    // Stop RocksDB's background threads before the process exits: tearing the library down
-    // under a running compaction aborts the process. Everything written is already in the WAL.
-    data.db.cancel_all_background_work(true);
-    tracing::info!(node = config.id, "stopped");
-    outcome?;
-    stopped_cleanly.map_err(|e| anyhow::anyhow!("raft did not stop cleanly: {e}"))
 }
 
 /// The drivers `--backends` asks for.
@@ -302,37 +351,6 @@ async fn bootstrap(config: &NodeConfig, raft: &Raft, fresh: bool) -> anyhow::Res
     Ok(())
 }
 
-/// Proposes `op()` as the system once this node is a member and a leader is known, until
-/// `stored` finds it in the replicated state or a reply `settles` it (other replies and errors
-/// are tried again, backing off from 100 ms to 2 s). The settling reply; none when the state
-/// already held it.
-pub(crate) async fn propose_until_stored(
-    replica: &Replica,
-    what: &str,
-    stored: impl Fn(&Replica) -> bool,
-    op: impl Fn() -> Op,
-    settles: impl Fn(&runtimeai_raft::CommandReply) -> bool,
-) -> Option<runtimeai_raft::CommandReply> {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let metrics = replica.metrics();
-        let member = metrics.membership_config.nodes().any(|(id, _)| *id == replica.id);
-        if member && metrics.current_leader.is_some() {
-            if stored(replica) {
-                return None;
-            }
-            let command = Command { at: chrono::Utc::now(), actor: Actor::System, idempotency: None, op: op() };
-            match replica.propose(command).await {
-                Ok(reply) if settles(&reply) => return Some(reply),
-                Ok(other) => tracing::warn!(what, reply = ?other, "unexpected reply; trying again"),
-                Err(e) => tracing::debug!(what, error = %e, "cannot propose yet"),
-            }
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
-    }
-}
-
 /// Announces this node's addresses in the replicated state once it is a member and a leader is
 /// known, so that every node can show them in `GET /v1/cluster`.
 async fn register(replica: Arc<Replica>, config: NodeConfig, backends: Vec<runtimeai_model::BackendInfo>) {
@@ -345,14 +363,14 @@ async fn register(replica: Arc<Replica>, config: NodeConfig, backends: Vec<runti
         site: config.site.clone(),
         zone: config.zone.clone(),
     };
-    let reply = propose_until_stored(
-        &replica,
-        "register",
-        |replica| replica.state.nodes().contains(&info),
-        || Op::RegisterNode { info: info.clone() },
-        |_| true,
-    )
-    .await;
+    let reply = replica
+        .propose_until_stored(
+            "register",
+            |replica| replica.state.nodes().contains(&info),
+            || Op::RegisterNode { info: info.clone() },
+            |_| true,
+        )
+        .await;
     if reply.is_some() {
         tracing::info!(http = %info.http_addr, "registered this node's addresses with the cluster");
     }

@@ -12,7 +12,7 @@ use serde::Serialize;
 /// directory and every snapshot; a node refuses data written under another version.
 /// 4: a log entry holds its command as the command's own encoding, length-prefixed
 /// ([`crate::command::LoggedCommand`]). 5: an event is stored without its id, runtime id and
-/// sequence number, which its key holds (`crate::apply::EventRecord`). 6: a snapshot is a
+/// sequence number, which its key holds (`crate::apply::events::EventRecord`). 6: a snapshot is a
 /// stream of length-prefixed records (`crate::snapshot_file`), not one bincode value. 7: API
 /// keys (their column family and commands), `Actor::Service`, `Op::CancelOperation`, and an
 /// executor's report whose fencing token is not optional. 8: `LifecycleAction::Relabel`, and

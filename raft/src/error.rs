@@ -1,6 +1,7 @@
 //! Errors of the replicated core, one enum per concern. Each knows whether a retry may help.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -95,4 +96,38 @@ impl ClusterError {
     pub fn is_retryable(&self) -> bool {
         self.never_applied() || matches!(self, ClusterError::Timeout(_) | ClusterError::ConnectionLost { .. })
     }
+}
+
+/// A failure talking to the leader. Whether the request reached it is unknown unless the
+/// connection was never made, so only that case counts as "never applied"; a deadline that
+/// passed (on either side) and a connection that broke mid-request both leave the outcome
+/// unknown; anything else the leader answered with is an internal error.
+pub(crate) fn transport_error(leader: NodeId, status: tonic::Status, deadline: Duration) -> ClusterError {
+    if never_sent(&status) {
+        ClusterError::LeaderUnreachable { leader, reason: status.message().to_string() }
+    } else if status.code() == tonic::Code::DeadlineExceeded || caused_by::<tonic::TimeoutExpired>(&status) {
+        ClusterError::Timeout(deadline.as_millis() as u64)
+    } else if caused_by::<tonic::transport::Error>(&status) {
+        ClusterError::ConnectionLost { leader, reason: status.message().to_string() }
+    } else {
+        ClusterError::Internal(format!("leader {leader} failed the request: {}", status.message()))
+    }
+}
+
+/// Whether an error of type `E` is among the causes of `status`.
+fn caused_by<E: std::error::Error + 'static>(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(err) = source {
+        if err.is::<E>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// True when the request certainly did not reach the peer: the connection could not be made.
+/// A connection that broke mid-request does not count: the peer may have acted on it.
+pub(crate) fn never_sent(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable && caused_by::<tonic::ConnectError>(status)
 }

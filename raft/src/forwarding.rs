@@ -164,7 +164,7 @@ async fn ask(
         from: link.from,
     });
     request.set_timeout(link.deadline);
-    let reply = client.forward(request).await.map_err(|s| crate::replica::transport_error(leader, s, link.deadline))?;
+    let reply = client.forward(request).await.map_err(|s| crate::error::transport_error(leader, s, link.deadline))?;
     codec::decode::<Forwarded>("forwarded reply", &reply.into_inner().payload)
         .map_err(|e| ClusterError::Internal(e.to_string()))?
 }

@@ -24,6 +24,7 @@ pub mod codec;
 pub mod command;
 pub mod error;
 mod forwarding;
+mod keys;
 pub mod limits;
 pub mod log_store;
 pub mod network;
@@ -36,6 +37,7 @@ mod snapshot_file;
 pub mod state_machine;
 pub mod store;
 pub mod tls;
+mod txn;
 pub mod types;
 pub mod watchdog;
 

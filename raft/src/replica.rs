@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 use crate::batcher::{Assigner, Batcher};
 use crate::codec;
 use crate::command::{Command, CommandReply};
-use crate::error::ClusterError;
+use crate::error::{transport_error, ClusterError};
 use crate::forwarding::Forwarder;
 use crate::limits;
 use crate::network::{PeerHealth, PeerRoutes};
@@ -79,6 +79,38 @@ pub struct Replica {
 }
 
 impl Replica {
+    /// Proposes `op()` as the system once this node is a member and a leader is known, until
+    /// `stored` finds it in the replicated state or a reply `settles` it (other replies and
+    /// errors are tried again, backing off from 100 ms to 2 s): how a node writes what it owns
+    /// (its announcement, the bootstrap admin key). The settling reply; none when the state
+    /// already held it.
+    pub async fn propose_until_stored(
+        &self,
+        what: &str,
+        stored: impl Fn(&Replica) -> bool,
+        op: impl Fn() -> crate::Op,
+        settles: impl Fn(&CommandReply) -> bool,
+    ) -> Option<CommandReply> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let metrics = self.metrics();
+            let member = metrics.membership_config.nodes().any(|(id, _)| *id == self.id);
+            if member && metrics.current_leader.is_some() {
+                if stored(self) {
+                    return None;
+                }
+                let command = Command { at: chrono::Utc::now(), actor: Actor::System, idempotency: None, op: op() };
+                match self.propose(command).await {
+                    Ok(reply) if settles(&reply) => return Some(reply),
+                    Ok(other) => tracing::warn!(what, reply = ?other, "unexpected reply; trying again"),
+                    Err(e) => tracing::debug!(what, error = %e, "cannot propose yet"),
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
     pub fn new(
         id: NodeId,
         raft: Raft,
@@ -530,46 +562,12 @@ impl Replica {
     }
 }
 
-/// A failure talking to the leader. Whether the request reached it is unknown unless the
-/// connection was never made, so only that case counts as "never applied"; a deadline that
-/// passed (on either side) and a connection that broke mid-request both leave the outcome
-/// unknown; anything else the leader answered with is an internal error.
-pub(crate) fn transport_error(leader: NodeId, status: tonic::Status, deadline: Duration) -> ClusterError {
-    if never_sent(&status) {
-        ClusterError::LeaderUnreachable { leader, reason: status.message().to_string() }
-    } else if status.code() == tonic::Code::DeadlineExceeded || caused_by::<tonic::TimeoutExpired>(&status) {
-        ClusterError::Timeout(deadline.as_millis() as u64)
-    } else if caused_by::<tonic::transport::Error>(&status) {
-        ClusterError::ConnectionLost { leader, reason: status.message().to_string() }
-    } else {
-        ClusterError::Internal(format!("leader {leader} failed the request: {}", status.message()))
-    }
-}
-
-/// Whether an error of type `E` is among the causes of `status`.
-fn caused_by<E: std::error::Error + 'static>(status: &tonic::Status) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
-    while let Some(err) = source {
-        if err.is::<E>() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
-}
-
 fn decode_reply<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<Result<T, ClusterError>, ClusterError> {
     codec::decode("forwarded reply", payload).map_err(internal)
 }
 
 fn internal(e: impl std::fmt::Display) -> ClusterError {
     ClusterError::Internal(e.to_string())
-}
-
-/// True when the request certainly did not reach the peer: the connection could not be made.
-/// A connection that broke mid-request does not count: the peer may have acted on it.
-fn never_sent(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::Unavailable && caused_by::<tonic::ConnectError>(status)
 }
 
 fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ClusterError {
@@ -585,6 +583,7 @@ fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::never_sent;
     use crate::network::channel;
 
     #[tokio::test]

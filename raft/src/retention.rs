@@ -9,12 +9,12 @@
 
 use rocksdb::IteratorMode;
 
-use crate::apply::{runtime_operation_key, Txn};
-use crate::state_machine::{event_prefix, read_err};
+use crate::keys::{event_prefix, runtime_operation_key};
 use crate::store::{
     cf, CF_EVENTS, CF_EVENT_COUNTS, CF_HISTORY_BY_TIME, CF_INTENTS, CF_OPERATIONS, CF_RUNTIME_OPERATIONS,
 };
-use crate::types::StorageError;
+use crate::txn::Txn;
+use crate::types::{read_err, StorageError};
 use runtimeai_model::Timestamp;
 
 /// Log entries between two prunes.

@@ -7,8 +7,8 @@
 
 use runtimeai_model::{Runtime, RuntimeState, RuntimeType};
 
-use crate::apply::Txn;
 use crate::store::{CF_RUNTIMES_BY_FIELD, CF_RUNTIME_COUNTS};
+use crate::txn::Txn;
 use crate::types::StorageError;
 
 /// A value of an indexed field that a list may filter on.

@@ -27,10 +27,12 @@ use tokio::sync::watch;
 
 use runtimeai_model::{ApiKey, ClusterSettings, Event, NodeInfo, Operation, Policy, Runtime};
 
-use crate::apply::{apply_entry, event_from_stored, event_position, OperationWritten, Txn};
+use crate::apply::apply_entry;
+use crate::apply::events::event_from_stored;
 use crate::codec;
 use crate::command::CommandReply;
 use crate::error::DataDirError;
+use crate::keys::{event_position, event_prefix};
 use crate::runtime_index::{RuntimeField, TENANT_COUNT_PREFIX, TYPE_COUNT_PREFIX};
 use crate::snapshot_file::{self, SnapshotFormatError, SnapshotReader, SnapshotWriter};
 use crate::store::{
@@ -38,7 +40,10 @@ use crate::store::{
     CF_RUNTIMES, CF_RUNTIMES_BY_FIELD, CF_RUNTIMES_BY_NODE, CF_RUNTIME_COUNTS, CF_RUNTIME_OPERATIONS, CF_SM_META,
     STATE_MACHINE_CFS,
 };
-use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use crate::txn::{OperationWritten, Txn};
+use crate::types::{
+    read_err, write_err, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
 
 const KEY_LAST_APPLIED: &[u8] = b"last_applied";
 
@@ -91,14 +96,6 @@ pub struct StateMachineStore {
     /// Every API key by id (every request is authenticated against them), in memory: checking
     /// a key reads no disk and writes nothing.
     api_keys: Arc<RwLock<Arc<HashMap<String, ApiKey>>>>,
-}
-
-pub(crate) fn read_err(e: impl std::error::Error + 'static) -> StorageError {
-    StorageIOError::read_state_machine(&e).into()
-}
-
-pub(crate) fn write_err(e: impl std::error::Error + 'static) -> StorageError {
-    StorageIOError::write_state_machine(&e).into()
 }
 
 /// Writing a snapshot fails on I/O; reading one, on bytes that are not one.
@@ -422,7 +419,7 @@ impl StateMachineStore {
     }
 
     fn reload_settings(&self) -> Result<(), StorageError> {
-        let settings = self.get(crate::store::CF_SETTINGS, crate::apply::SETTINGS_KEY)?.unwrap_or_default();
+        let settings = self.get(crate::store::CF_SETTINGS, crate::keys::SETTINGS_KEY)?.unwrap_or_default();
         *self.settings.write().expect("settings lock") = Arc::new(settings);
         Ok(())
     }
@@ -434,7 +431,7 @@ impl StateMachineStore {
     }
 
     fn reload_placement(&self) -> Result<(), StorageError> {
-        let counts = crate::apply::placement_counts(&crate::apply::Txn::new(&self.db))?;
+        let counts = crate::apply::runtimes::placement_counts(&Txn::new(&self.db))?;
         *self.placement.write().expect("placement lock") = Arc::new(counts);
         Ok(())
     }
@@ -570,22 +567,6 @@ impl StateMachineStore {
         self.reload_api_keys()?;
         write_atomically_with(&self.snapshot_path, |out| out.write_all(&bytes).map_err(write_err))
     }
-}
-
-pub(crate) fn event_prefix(runtime_id: &str) -> Vec<u8> {
-    // Room for what follows in a key (an event's position, an operation's id), so that
-    // completing the key does not reallocate it.
-    let mut key = Vec::with_capacity(runtime_id.len() + 1 + 32);
-    key.extend_from_slice(runtime_id.as_bytes());
-    key.push(0);
-    key
-}
-
-pub(crate) fn name_key(tenant: Option<&str>, name: &str) -> Vec<u8> {
-    let mut key = tenant.unwrap_or("").as_bytes().to_vec();
-    key.push(0);
-    key.extend_from_slice(name.as_bytes());
-    key
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {

@@ -28,3 +28,13 @@ pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
 pub type Snapshot = openraft::Snapshot<TypeConfig>;
 pub type StorageError = openraft::StorageError<NodeId>;
 pub type RaftMetrics = openraft::RaftMetrics<NodeId, openraft::BasicNode>;
+
+/// A failure to read the state machine's store, as openraft reports it.
+pub(crate) fn read_err(e: impl std::error::Error + 'static) -> StorageError {
+    openraft::StorageIOError::read_state_machine(&e).into()
+}
+
+/// A failure to write the state machine's store, as openraft reports it.
+pub(crate) fn write_err(e: impl std::error::Error + 'static) -> StorageError {
+    openraft::StorageIOError::write_state_machine(&e).into()
+}

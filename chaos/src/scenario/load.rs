@@ -14,8 +14,7 @@ use crate::checks::CheckResult;
 use crate::cluster::{Cluster, Response};
 use crate::error::{Error, Result};
 use crate::hostile::{self, Hostile, SlowEnd};
-use crate::report::Window;
-use crate::workload::{Call, Outcome, Record};
+use crate::workload::{Call, Outcome, Record, Window};
 
 /// How much slower the workload's p99 may get while a hostile client is at it (issue 20: "within
 /// 2× of the quiet run").

@@ -354,162 +354,18 @@ fn snapshot(reason: &str) -> LifecycleAction {
 pub fn plan(input: PlanInput<'_>) -> Result<Plan, PlanError> {
     let constraints = Constraints::parse(input.constraints)?;
     let mut p = Planner { input, catalogue: Catalogue::new(input.sizes), constraints, blocked: Vec::new() };
-    let goal = input.goal.to_ascii_lowercase();
-    let runtime = input.runtime;
-    let current = p.current_index();
-    let current_name = p.size_name(current).to_string();
-    let replicas = p.catalogue.replicas(&runtime.spec);
-    let last = p.catalogue.sizes.len().saturating_sub(1);
-    let mut recommendations = Vec::new();
-    let mut nothing = None;
-    let named_size = p.catalogue.sizes.iter().position(|s| has_word(&goal, &[s.name.as_str()]));
-    let availability_word = has_word(&goal, &["availability", "available", "ha", "redundancy", "redundant"]);
-    let lower_word = has_word(&goal, &["lower", "reduce", "decrease", "less", "fewer", "drop"]);
-
-    let options: Vec<Option_> = if has_word(&goal, &["scale", "size", "resize"])
-        && has_word(&goal, &["replica", "replicas"])
-    {
-        let Some(count) = number_in(&goal).filter(|n| (1..=1000).contains(n)) else {
-            return Err(PlanError::NotUnderstood);
-        };
-        if count == replicas {
-            nothing = Some(format!("already {count} replica(s): nothing to do"));
-            vec![]
-        } else {
-            vec![p.replicas(count, format!("scale from {replicas} to {count} replica(s) as asked"))]
-        }
-    } else if has_word(&goal, &["scale", "size", "resize"]) && named_size.is_some() {
-        let target = named_size.unwrap_or(current);
-        if target == current {
-            nothing = Some(format!("already {current_name}: nothing to do"));
-            vec![]
-        } else {
-            vec![p.resize(target, format!("scale from {current_name} to {} as asked", p.size_name(target)))]
-        }
-    } else if availability_word && lower_word {
-        if replicas <= 1 {
-            nothing = Some("already a single replica".to_string());
-            vec![]
-        } else {
-            vec![p.replicas(
-                replicas - 1,
-                format!("one replica fewer ({replicas} → {}) lowers availability and cost", replicas - 1),
-            )]
-        }
-    } else if availability_word {
-        let target = (replicas + 1).max(2);
-        recommendations.push("spread replicas across zones where the backend allows it".to_string());
-        vec![p.replicas(target, format!("more replicas ({replicas} → {target}) survive the loss of one"))]
-    } else if has_word(&goal, &["cost", "costs", "cheaper", "save", "spend"]) {
-        let mut options = Vec::new();
-        if current > 0 {
-            options.push(p.resize(
-                current - 1,
-                format!("one size down ({current_name} → {}) lowers cost per hour", p.size_name(current - 1)),
-            ));
-        }
-        if replicas > 1 {
-            options.push(
-                p.replicas(replicas - 1, format!("one replica fewer ({replicas} → {}) lowers cost", replicas - 1)),
-            );
-        }
-        if input.mode == PolicyMode::Aggressive && !p.production() && runtime.state == RuntimeState::Running {
-            options.push(Option_ {
-                label: "stopping the runtime".into(),
-                actions: vec![LifecycleAction::Stop { force: false, timeout_seconds: None }],
-                spec: runtime.spec.clone(),
-                running: false,
-                why: "aggressive: already minimal, stop it while idle (outside production)".into(),
-            });
-        }
-        if options.is_empty() {
-            nothing = Some("already the smallest size with one replica".to_string());
-            recommendations.push("stop the runtime when it is idle to save more".to_string());
-        } else {
-            recommendations.push("watch latency and error rates after the change".to_string());
-        }
-        options
-    } else if has_word(&goal, &["performance", "latency", "faster", "speed", "perf", "throughput"]) {
-        let mut options = Vec::new();
-        if current < last {
-            options.push(p.resize(
-                current + 1,
-                format!("one size up ({current_name} → {}) adds CPU and memory", p.size_name(current + 1)),
-            ));
-        }
-        options.push(
-            p.replicas(replicas + 1, format!("one more replica ({replicas} → {}) spreads the load", replicas + 1)),
-        );
-        recommendations.push("compare latency before and after the change".to_string());
-        options
-    } else if has_word(&goal, &["recover", "heal", "fix", "repair"]) {
-        let health = p.health();
-        let unhealthy = matches!(health.as_deref(), Some("unhealthy" | "degraded"));
-        recommendations.push("check the runtime's events for the cause".to_string());
-        let (action, why) = match runtime.state {
-            RuntimeState::Stopped => (LifecycleAction::Start, "the runtime is stopped: start it".to_string()),
-            RuntimeState::Error | RuntimeState::Degraded => {
-                (LifecycleAction::Restart, format!("the runtime is {}: restart it", runtime.state.as_str()))
-            }
-            RuntimeState::Running if unhealthy => (
-                LifecycleAction::Restart,
-                format!("the runtime reports {}: restart it", health.as_deref().unwrap_or_default()),
-            ),
-            state => {
-                nothing =
-                    Some(format!("the runtime is {} and reports no ill health: nothing to recover", state.as_str()));
-                (LifecycleAction::Restart, String::new())
-            }
-        };
-        if nothing.is_some() {
-            vec![]
-        } else {
-            vec![Option_ {
-                label: action.kind().into(),
-                actions: vec![action],
-                spec: runtime.spec.clone(),
-                running: true,
-                why,
-            }]
-        }
-    } else if has_word(&goal, &["prepare", "snapshot", "backup"]) {
-        vec![Option_ {
-            label: "a snapshot".into(),
-            actions: vec![snapshot("taken by the planner before a change")],
-            spec: runtime.spec.clone(),
-            running: runtime.state != RuntimeState::Stopped,
-            why: "a snapshot makes the coming change reversible".into(),
-        }]
-    } else if has_word(&goal, &["stop", "shutdown"]) {
-        recommendations.push("start it again with the goal \"start\" or POST .../lifecycle/start".to_string());
-        let why = if p.production() { "stop asked explicitly (production runtime)" } else { "stop as asked" };
+    let goal = Goal::parse(input.goal, &p.catalogue)?;
+    if goal == Goal::Stop {
         // Asked explicitly: the "never stop unasked" rule does not apply.
+        let why = if p.production() { "stop asked explicitly (production runtime)" } else { "stop as asked" };
         return Ok(Plan {
             actions: vec![LifecycleAction::Stop { force: false, timeout_seconds: None }],
             rationale: vec![why.to_string()],
             blocked: vec![],
-            recommendations,
+            recommendations: vec!["start it again with the goal \"start\" or POST .../lifecycle/start".to_string()],
         });
-    } else if has_word(&goal, &["restart", "reboot"]) {
-        vec![Option_ {
-            label: "restart".into(),
-            actions: vec![LifecycleAction::Restart],
-            spec: runtime.spec.clone(),
-            running: true,
-            why: "restart as asked".into(),
-        }]
-    } else if has_word(&goal, &["start", "boot"]) {
-        vec![Option_ {
-            label: "start".into(),
-            actions: vec![LifecycleAction::Start],
-            spec: runtime.spec.clone(),
-            running: true,
-            why: "start as asked".into(),
-        }]
-    } else {
-        return Err(PlanError::NotUnderstood);
-    };
-
+    }
+    let Options { options, nothing, recommendations } = p.options(goal);
     let Some(chosen) = p.choose(options)? else {
         return Ok(Plan {
             actions: vec![],
@@ -520,7 +376,7 @@ pub fn plan(input: PlanInput<'_>) -> Result<Plan, PlanError> {
     };
     let mut actions = Vec::new();
     let mut rationale = Vec::new();
-    let destructive = chosen.actions.iter().any(|a| is_destructive(a, runtime, p.catalogue));
+    let destructive = chosen.actions.iter().any(|a| is_destructive(a, input.runtime, p.catalogue));
     if input.mode == PolicyMode::SafeFirst && destructive {
         actions.push(snapshot("taken by the planner before a destructive change"));
         rationale.push("safe_first: snapshot first, to roll back if needed".to_string());
@@ -528,6 +384,215 @@ pub fn plan(input: PlanInput<'_>) -> Result<Plan, PlanError> {
     actions.extend(chosen.actions);
     rationale.push(chosen.why);
     Ok(Plan { actions, rationale, blocked: p.blocked, recommendations })
+}
+
+/// What a goal asks for, read from its words (the first reading that fits, in this order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Goal {
+    /// "scale to 3 replicas"
+    Replicas(i64),
+    /// "resize to large": an index in the catalogue.
+    Size(usize),
+    /// "lower availability"
+    LessAvailability,
+    /// "high availability"
+    Availability,
+    Cost,
+    Performance,
+    Recover,
+    Snapshot,
+    Stop,
+    Restart,
+    Start,
+}
+
+impl Goal {
+    fn parse(text: &str, catalogue: &Catalogue<'_>) -> Result<Goal, PlanError> {
+        let goal = text.to_ascii_lowercase();
+        let scale = has_word(&goal, &["scale", "size", "resize"]);
+        let named_size = catalogue.sizes.iter().position(|s| has_word(&goal, &[s.name.as_str()]));
+        let availability = has_word(&goal, &["availability", "available", "ha", "redundancy", "redundant"]);
+        Ok(if scale && has_word(&goal, &["replica", "replicas"]) {
+            let count = number_in(&goal).filter(|n| (1..=1000).contains(n)).ok_or(PlanError::NotUnderstood)?;
+            Goal::Replicas(count)
+        } else if let (true, Some(index)) = (scale, named_size) {
+            Goal::Size(index)
+        } else if availability && has_word(&goal, &["lower", "reduce", "decrease", "less", "fewer", "drop"]) {
+            Goal::LessAvailability
+        } else if availability {
+            Goal::Availability
+        } else if has_word(&goal, &["cost", "costs", "cheaper", "save", "spend"]) {
+            Goal::Cost
+        } else if has_word(&goal, &["performance", "latency", "faster", "speed", "perf", "throughput"]) {
+            Goal::Performance
+        } else if has_word(&goal, &["recover", "heal", "fix", "repair"]) {
+            Goal::Recover
+        } else if has_word(&goal, &["prepare", "snapshot", "backup"]) {
+            Goal::Snapshot
+        } else if has_word(&goal, &["stop", "shutdown"]) {
+            Goal::Stop
+        } else if has_word(&goal, &["restart", "reboot"]) {
+            Goal::Restart
+        } else if has_word(&goal, &["start", "boot"]) {
+            Goal::Start
+        } else {
+            return Err(PlanError::NotUnderstood);
+        })
+    }
+}
+
+/// The ways to a goal the planner weighs, best first; why there is nothing to do when there
+/// are none; and what it recommends either way.
+#[derive(Default)]
+struct Options {
+    options: Vec<Option_>,
+    nothing: Option<String>,
+    recommendations: Vec<String>,
+}
+
+impl Options {
+    fn nothing(why: impl Into<String>) -> Options {
+        Options { nothing: Some(why.into()), ..Default::default() }
+    }
+
+    fn of(options: Vec<Option_>) -> Options {
+        Options { options, ..Default::default() }
+    }
+
+    fn recommending(mut self, recommendation: &str) -> Options {
+        self.recommendations.push(recommendation.to_string());
+        self
+    }
+}
+
+impl Planner<'_> {
+    /// The options for `goal` (`plan` answers [`Goal::Stop`] itself: asked explicitly, a stop
+    /// is neither weighed nor preceded by a snapshot).
+    fn options(&self, goal: Goal) -> Options {
+        let replicas = self.catalogue.replicas(&self.input.runtime.spec);
+        let current = self.current_index();
+        let current_name = self.size_name(current).to_string();
+        match goal {
+            Goal::Replicas(count) if count == replicas => {
+                Options::nothing(format!("already {count} replica(s): nothing to do"))
+            }
+            Goal::Replicas(count) => {
+                Options::of(vec![self.replicas(count, format!("scale from {replicas} to {count} replica(s) as asked"))])
+            }
+            Goal::Size(target) if target == current => {
+                Options::nothing(format!("already {current_name}: nothing to do"))
+            }
+            Goal::Size(target) => {
+                let why = format!("scale from {current_name} to {} as asked", self.size_name(target));
+                Options::of(vec![self.resize(target, why)])
+            }
+            Goal::LessAvailability if replicas <= 1 => Options::nothing("already a single replica"),
+            Goal::LessAvailability => {
+                let why = format!("one replica fewer ({replicas} → {}) lowers availability and cost", replicas - 1);
+                Options::of(vec![self.replicas(replicas - 1, why)])
+            }
+            Goal::Availability => {
+                let target = (replicas + 1).max(2);
+                let why = format!("more replicas ({replicas} → {target}) survive the loss of one");
+                Options::of(vec![self.replicas(target, why)])
+                    .recommending("spread replicas across zones where the backend allows it")
+            }
+            Goal::Cost => self.cheaper(current, &current_name, replicas),
+            Goal::Performance => self.faster(current, &current_name, replicas),
+            Goal::Recover => self.recovery(),
+            Goal::Snapshot => Options::of(vec![Option_ {
+                label: "a snapshot".into(),
+                actions: vec![snapshot("taken by the planner before a change")],
+                spec: self.input.runtime.spec.clone(),
+                running: self.input.runtime.state != RuntimeState::Stopped,
+                why: "a snapshot makes the coming change reversible".into(),
+            }]),
+            Goal::Restart => self.as_asked("restart", LifecycleAction::Restart),
+            Goal::Start => self.as_asked("start", LifecycleAction::Start),
+            Goal::Stop => self.as_asked("stop", LifecycleAction::Stop { force: false, timeout_seconds: None }),
+        }
+    }
+
+    /// One size down, one replica fewer, and (aggressive, outside production) stopping.
+    fn cheaper(&self, current: usize, current_name: &str, replicas: i64) -> Options {
+        let runtime = self.input.runtime;
+        let mut options = Vec::new();
+        if current > 0 {
+            let why = format!("one size down ({current_name} → {}) lowers cost per hour", self.size_name(current - 1));
+            options.push(self.resize(current - 1, why));
+        }
+        if replicas > 1 {
+            let why = format!("one replica fewer ({replicas} → {}) lowers cost", replicas - 1);
+            options.push(self.replicas(replicas - 1, why));
+        }
+        if self.input.mode == PolicyMode::Aggressive && !self.production() && runtime.state == RuntimeState::Running {
+            options.push(Option_ {
+                label: "stopping the runtime".into(),
+                actions: vec![LifecycleAction::Stop { force: false, timeout_seconds: None }],
+                spec: runtime.spec.clone(),
+                running: false,
+                why: "aggressive: already minimal, stop it while idle (outside production)".into(),
+            });
+        }
+        if options.is_empty() {
+            Options::nothing("already the smallest size with one replica")
+                .recommending("stop the runtime when it is idle to save more")
+        } else {
+            Options::of(options).recommending("watch latency and error rates after the change")
+        }
+    }
+
+    /// One size up, one more replica.
+    fn faster(&self, current: usize, current_name: &str, replicas: i64) -> Options {
+        let mut options = Vec::new();
+        if current + 1 < self.catalogue.sizes.len() {
+            let why = format!("one size up ({current_name} → {}) adds CPU and memory", self.size_name(current + 1));
+            options.push(self.resize(current + 1, why));
+        }
+        let why = format!("one more replica ({replicas} → {}) spreads the load", replicas + 1);
+        options.push(self.replicas(replicas + 1, why));
+        Options::of(options).recommending("compare latency before and after the change")
+    }
+
+    /// Start a stopped runtime, restart a broken or unhealthy one; else nothing.
+    fn recovery(&self) -> Options {
+        let runtime = self.input.runtime;
+        let health = self.health();
+        let unhealthy = matches!(health.as_deref(), Some("unhealthy" | "degraded"));
+        let (action, why) = match runtime.state {
+            RuntimeState::Stopped => (LifecycleAction::Start, "the runtime is stopped: start it".to_string()),
+            RuntimeState::Error | RuntimeState::Degraded => {
+                (LifecycleAction::Restart, format!("the runtime is {}: restart it", runtime.state.as_str()))
+            }
+            RuntimeState::Running if unhealthy => (
+                LifecycleAction::Restart,
+                format!("the runtime reports {}: restart it", health.as_deref().unwrap_or_default()),
+            ),
+            state => {
+                let why = format!("the runtime is {} and reports no ill health: nothing to recover", state.as_str());
+                return Options::nothing(why).recommending("check the runtime's events for the cause");
+            }
+        };
+        let option = Option_ {
+            label: action.kind().into(),
+            actions: vec![action],
+            spec: runtime.spec.clone(),
+            running: true,
+            why,
+        };
+        Options::of(vec![option]).recommending("check the runtime's events for the cause")
+    }
+
+    /// The one action the goal names.
+    fn as_asked(&self, label: &str, action: LifecycleAction) -> Options {
+        Options::of(vec![Option_ {
+            label: label.into(),
+            actions: vec![action],
+            spec: self.input.runtime.spec.clone(),
+            running: true,
+            why: format!("{label} as asked"),
+        }])
+    }
 }
 
 #[cfg(test)]
