@@ -368,8 +368,9 @@ impl<'de> Deserialize<'de> for LoggedCommand {
 mod tests {
     use super::*;
     use crate::codec;
-    use crate::types::Entry;
     use openraft::{CommittedLeaderId, EntryPayload, LogId};
+
+    type Entry = openraft::Entry<crate::TypeConfig>;
 
     fn entry(command: LoggedCommand) -> Entry {
         Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), 7), payload: EntryPayload::Normal(command) }

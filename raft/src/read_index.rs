@@ -12,7 +12,12 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::coalesce::{holding, next_group};
 use crate::error::ClusterError;
-use crate::replica::Replica;
+
+/// What runs a round: obtains a read index now (the replica: from the leader, or as the leader
+/// with a quorum's confirmation).
+pub(crate) trait ReadIndexSource: Send + Sync + 'static {
+    fn read_index_now(&self, hops_left: u32) -> impl std::future::Future<Output = Result<u64, ClusterError>> + Send;
+}
 
 /// Rounds running at once; reads arriving meanwhile wait and form the next one.
 const MAX_IN_FLIGHT: usize = 4;
@@ -30,7 +35,7 @@ pub(crate) struct ReadIndexBatcher {
 
 impl ReadIndexBatcher {
     /// Starts the task that runs rounds for `replica` (it ends with the replica).
-    pub(crate) fn start(replica: Weak<Replica>) -> ReadIndexBatcher {
+    pub(crate) fn start(replica: Weak<impl ReadIndexSource>) -> ReadIndexBatcher {
         let (waiting, queue) = mpsc::unbounded_channel();
         tokio::spawn(run(replica, queue));
         ReadIndexBatcher { waiting }
@@ -45,7 +50,7 @@ impl ReadIndexBatcher {
     }
 }
 
-async fn run(replica: Weak<Replica>, mut queue: mpsc::UnboundedReceiver<Waiting>) {
+async fn run(replica: Weak<impl ReadIndexSource>, mut queue: mpsc::UnboundedReceiver<Waiting>) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     // Everything queued by now began before the round below starts.
     while let Some((permit, waiting)) = next_group(&mut queue, &in_flight, usize::MAX, |_| 1).await {

@@ -20,7 +20,7 @@ use crate::error::{transport_error, ClusterError};
 use crate::forwarding::Forwarder;
 use crate::limits;
 use crate::network::{PeerHealth, PeerRoutes};
-use crate::read_index::ReadIndexBatcher;
+use crate::read_index::{ReadIndexBatcher, ReadIndexSource};
 use crate::state_machine::StateMachineStore;
 use crate::types::{NodeId, Raft, RaftMetrics};
 
@@ -308,7 +308,7 @@ impl Replica {
     }
 
     /// One round: asks the leader (or, here, a quorum) for the read index.
-    pub(crate) async fn read_index_now(&self, hops_left: u32) -> Result<u64, ClusterError> {
+    async fn read_index_round(&self, hops_left: u32) -> Result<u64, ClusterError> {
         let outcome = tokio::time::timeout(self.options.request_deadline, self.raft.get_read_log_id()).await;
         match outcome {
             Err(_) => Err(ClusterError::NoQuorum("leadership could not be confirmed in time".into())),
@@ -577,6 +577,12 @@ fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -
         }
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => ClusterError::Invalid(e.to_string()),
         RaftError::Fatal(e) => ClusterError::Stopped(e.to_string()),
+    }
+}
+
+impl ReadIndexSource for Replica {
+    fn read_index_now(&self, hops_left: u32) -> impl std::future::Future<Output = Result<u64, ClusterError>> + Send {
+        self.read_index_round(hops_left)
     }
 }
 
