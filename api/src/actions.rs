@@ -189,5 +189,5 @@ pub(crate) async fn execute_actions(
         }
     }
     let action = LifecycleAction::Sequence { actions };
-    begin_in_mode(&state, &caller, &runtime_id, "actions/execute", action, &request, request.policy_mode).await
+    begin_in_mode(&state, &caller, &runtime_id, action, &request, request.policy_mode).await
 }

@@ -288,7 +288,8 @@ pub async fn guard(
         }
     }
     match Caller::new(principal, request.headers()) {
-        Ok(caller) => {
+        Ok(mut caller) => {
+            caller.request = format!("{} {}", request.method(), request.uri().path());
             request.extensions_mut().insert(caller);
             next.run(request).await
         }
@@ -364,6 +365,9 @@ pub struct Caller {
     /// The tenant the `tenant_id` header chose; `None`: all of the principal's.
     pub tenant: Option<String>,
     pub headers: HeaderMap,
+    /// The request's method and path as the client sent them (`DELETE /v1/runtimes/rt_…`):
+    /// with its body, what an idempotency key's fingerprint covers.
+    pub request: String,
 }
 
 impl Caller {
@@ -379,7 +383,7 @@ impl Caller {
                 ));
             }
         }
-        Ok(Caller { principal: Arc::new(principal), tenant, headers: headers.clone() })
+        Ok(Caller { principal: Arc::new(principal), tenant, headers: headers.clone(), request: String::new() })
     }
 
     pub fn actor(&self) -> Actor {

@@ -232,7 +232,7 @@ async fn audit_membership(
     grpc_addr: Option<String>,
 ) -> Result<(), Problem> {
     let op = runtimeai_raft::Op::AuditMembership { change: change.to_string(), node_id, grpc_addr };
-    crate::mutation::propose(state, caller, &format!("{change} member {node_id}"), &(), op).await.map(|_| ())
+    crate::mutation::propose(state, caller, &(change, node_id), op).await.map(|_| ())
 }
 
 /// Cluster-wide settings (event retention, the size catalogue, the limits) and the usage
@@ -294,7 +294,7 @@ pub(crate) async fn put_settings(
         }
     }
     let op = runtimeai_raft::Op::SetSettings { settings: settings.clone() };
-    match crate::mutation::propose(&state, &caller, "PUT /v1/cluster/settings", &settings, op).await? {
+    match crate::mutation::propose(&state, &caller, &settings, op).await? {
         runtimeai_raft::CommandReply::Settings(settings) => Ok(Json(with_usage(&state, settings)?)),
         other => Err(Problem::unexpected_reply(other)),
     }

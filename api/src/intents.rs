@@ -253,8 +253,7 @@ pub(crate) async fn submit_intent(
         created_at: now,
         version: 1,
     };
-    let route = format!("POST /v1/runtimes/{runtime_id}/intent");
-    match propose(&state, &caller, &route, &request, Op::SubmitIntent { intent, operation }).await? {
+    match propose(&state, &caller, &request, Op::SubmitIntent { intent, operation }).await? {
         CommandReply::Intent { intent, operation } => {
             let status = match operation.as_ref().map(|o| o.status) {
                 None => "planned",

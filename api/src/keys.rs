@@ -156,14 +156,13 @@ pub(crate) async fn create_key(
         agent_mode: (request.kind == PrincipalKind::Agent).then(|| request.agent_mode.unwrap_or_default()),
     };
     let (key, token) = new_key(principal, &caller.actor(), request.expires_at);
-    store_key(&state, &caller, "POST /v1/keys", &request, key, token, None).await
+    store_key(&state, &caller, &request, key, token, None).await
 }
 
 /// Proposes a new key (revoking `replaces`); 201 with its token.
 async fn store_key(
     state: &AppState,
     caller: &Caller,
-    route: &str,
     body: &impl Serialize,
     key: ApiKey,
     token: String,
@@ -172,7 +171,7 @@ async fn store_key(
     // An idempotent retry gets the first reply, whose key has another secret: it must not be
     // shown a token that authenticates nothing.
     let id = key.id.clone();
-    match propose(state, caller, route, body, Op::CreateApiKey { key, replaces }).await? {
+    match propose(state, caller, body, Op::CreateApiKey { key, replaces }).await? {
         CommandReply::ApiKey(key) if key.id == id => {
             Ok((StatusCode::CREATED, Json(NewKey { token, key: key.into() })).into_response())
         }
@@ -217,7 +216,7 @@ pub(crate) async fn revoke_key(
     PathParam(key_id): PathParam<String>,
 ) -> Result<Json<KeyView>, Problem> {
     let op = Op::RevokeApiKey { id: key_id.clone() };
-    match propose(&state, &caller, &format!("DELETE /v1/keys/{key_id}"), &(), op).await? {
+    match propose(&state, &caller, &(), op).await? {
         CommandReply::ApiKey(key) => Ok(Json(key.into())),
         other => Err(Problem::unexpected_reply(other)),
     }
@@ -247,8 +246,7 @@ pub(crate) async fn rotate_key(
         return Err(Problem::invalid_field("$.expires_at", "must be in the future"));
     }
     let (key, token) = new_key(old.principal, &caller.actor(), request.expires_at.or(old.expires_at));
-    let route = format!("POST /v1/keys/{key_id}/rotate");
-    store_key(&state, &caller, &route, &request, key, token, Some(key_id)).await
+    store_key(&state, &caller, &request, key, token, Some(key_id)).await
 }
 
 /// The cluster's audit feed: policy, key and settings changes, oldest first, a page at a time

@@ -11,7 +11,8 @@ use crate::extract::idempotency_key;
 use crate::problem::Problem;
 use crate::AppState;
 
-/// Proposes `op` on behalf of the request identified by `route` (method and path) and `body`.
+/// Proposes `op` on behalf of the caller's request, identified by its method and path (as the
+/// client sent them) and `body` (what the request asks, beyond its path).
 ///
 /// With an `Idempotency-Key` header the reply is remembered in the replicated state: a retry
 /// of the same request — on any node, after any failover — gets the first reply; another
@@ -19,27 +20,39 @@ use crate::AppState;
 pub async fn propose(
     state: &AppState,
     caller: &Caller,
-    route: &str,
     body: &impl Serialize,
     op: Op,
 ) -> Result<CommandReply, Problem> {
-    let idempotency = match idempotency_key(&caller.headers)? {
-        None => None,
-        Some(key) => {
-            let scope = caller.idempotency_scope();
-            let mut digest = Sha256::new();
-            digest.update(route.as_bytes());
-            digest.update([0]);
-            digest.update(serde_json::to_vec(body).unwrap_or_default());
-            let fingerprint = digest.finalize().iter().map(|b| format!("{b:02x}")).collect();
-            Some(IdempotencyClaim { key: format!("{scope}/{key}"), fingerprint })
-        }
-    };
+    let idempotency = claim(caller, body)?;
     let command = Command { at: chrono::Utc::now(), actor: caller.actor(), idempotency, op };
     match state.replica.propose(command).await? {
         CommandReply::Rejected(rejection) => Err(rejection.into()),
         reply => Ok(reply),
     }
+}
+
+/// The reply already given to the caller's request under its idempotency key, if there is one
+/// in this node's state: for a retry whose first attempt changed what the handler checks before
+/// it proposes (a delete that is done: the runtime is gone, and the retry must still get the
+/// first answer, not 404). Read it after a read barrier, as the handler's own check is.
+pub fn replayed(state: &AppState, caller: &Caller, body: &impl Serialize) -> Result<Option<CommandReply>, Problem> {
+    let Some(claim) = claim(caller, body)? else { return Ok(None) };
+    match state.replica.state.idempotent_reply(&claim)? {
+        Some(CommandReply::Rejected(rejection)) => Err(rejection.into()),
+        reply => Ok(reply),
+    }
+}
+
+/// The caller's idempotency claim: its key (scoped to the principal) and a fingerprint of the
+/// request's method, path and `body`.
+fn claim(caller: &Caller, body: &impl Serialize) -> Result<Option<IdempotencyClaim>, Problem> {
+    let Some(key) = idempotency_key(&caller.headers)? else { return Ok(None) };
+    let mut digest = Sha256::new();
+    digest.update(caller.request.as_bytes());
+    digest.update([0]);
+    digest.update(serde_json::to_vec(body).unwrap_or_default());
+    let fingerprint = digest.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok(Some(IdempotencyClaim { key: format!("{}/{key}", caller.idempotency_scope()), fingerprint }))
 }
 
 /// A fresh, time-ordered id with a type prefix (`rt_…`, `op_…`).

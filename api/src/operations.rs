@@ -72,7 +72,7 @@ pub(crate) async fn cancel_operation(
 ) -> Result<Json<OperationView>, Problem> {
     read_operation(&state, &caller, &operation_id, Consistency::Linearizable).await?;
     let op = Op::CancelOperation { operation_id: operation_id.clone() };
-    match propose(&state, &caller, &format!("POST /v1/operations/{operation_id}/cancel"), &(), op).await? {
+    match propose(&state, &caller, &(), op).await? {
         CommandReply::Operation(operation) => Ok(Json(OperationView::from(&operation))),
         other => Err(Problem::unexpected_reply(other)),
     }
@@ -94,9 +94,8 @@ async fn decide(
     request: &ApprovalRequest,
 ) -> Result<Json<OperationView>, Problem> {
     read_operation(state, caller, operation_id, Consistency::Linearizable).await?;
-    let verb = if approve { "approve" } else { "reject" };
     let op = Op::DecideApproval { operation_id: operation_id.to_string(), approve, reason: request.reason.clone() };
-    match propose(state, caller, &format!("POST /v1/operations/{operation_id}/{verb}"), request, op).await? {
+    match propose(state, caller, request, op).await? {
         CommandReply::Operation(operation) => Ok(Json(OperationView::from(&operation))),
         other => Err(Problem::unexpected_reply(other)),
     }

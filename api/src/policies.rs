@@ -99,7 +99,7 @@ pub(crate) async fn create_policy(
         runtimeai_engine::policy::validate_rule(rule)
             .map_err(|(path, message)| Problem::invalid_field(format!("$.rules[{i}].{path}"), message))?;
     }
-    match propose(&state, &caller, "POST /v1/policies", &request, Op::CreatePolicy { policy }).await? {
+    match propose(&state, &caller, &request, Op::CreatePolicy { policy }).await? {
         CommandReply::Policy(policy) => Ok((StatusCode::CREATED, Json(policy)).into_response()),
         other => Err(Problem::unexpected_reply(other)),
     }
@@ -168,6 +168,6 @@ pub(crate) async fn delete_policy(
         ));
     }
     let op = Op::DeletePolicy { id: policy_id.clone() };
-    propose(&state, &caller, &format!("DELETE /v1/policies/{policy_id}"), &(), op).await?;
+    propose(&state, &caller, &(), op).await?;
     Ok(StatusCode::NO_CONTENT)
 }

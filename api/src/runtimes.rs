@@ -329,15 +329,7 @@ pub(crate) async fn create_runtime(
     };
     // Refused here, before it costs the log anything; apply checks again (and the quota).
     check_settings(&state, |settings| settings.limits.check_runtime(&runtime).map_err(Problem::from)).await?;
-    match propose(
-        &state,
-        &caller,
-        "POST /v1/runtimes",
-        &request,
-        Op::CreateRuntime { runtime: Arc::new(runtime), operation },
-    )
-    .await?
-    {
+    match propose(&state, &caller, &request, Op::CreateRuntime { runtime: Arc::new(runtime), operation }).await? {
         CommandReply::Created { runtime, .. } => Ok(runtime_response(StatusCode::CREATED, &runtime)),
         other => Err(Problem::unexpected_reply(other)),
     }
@@ -460,7 +452,7 @@ pub(crate) async fn patch_runtime(
     let mode = caller.policy_mode(None)?;
     let operation = new_operation(&runtime_id, action, runtime.state, chrono::Utc::now(), caller.actor(), mode);
     let op = Op::PatchLabels { operation, expected_version: if_match(&caller.headers)? };
-    match propose(&state, &caller, &format!("PATCH /v1/runtimes/{runtime_id}"), &patch, op).await? {
+    match propose(&state, &caller, &patch, op).await? {
         CommandReply::Runtime(runtime) => Ok(runtime_response(StatusCode::OK, &runtime)),
         CommandReply::Operation(operation) => Ok(operation_response(&operation)),
         other => Err(Problem::unexpected_reply(other)),
@@ -476,7 +468,7 @@ pub(crate) async fn delete_runtime(
     caller: Caller,
     PathParam(runtime_id): PathParam<String>,
 ) -> Result<Response, Problem> {
-    begin(&state, &caller, &runtime_id, "delete", LifecycleAction::Delete, &()).await
+    begin(&state, &caller, &runtime_id, LifecycleAction::Delete, &()).await
 }
 
 /// Queues `action` on a runtime: 202 with the operation, or why not.
@@ -484,11 +476,10 @@ pub(crate) async fn begin(
     state: &AppState,
     caller: &Caller,
     runtime_id: &str,
-    route: &str,
     action: LifecycleAction,
     body: &impl Serialize,
 ) -> Result<Response, Problem> {
-    begin_in_mode(state, caller, runtime_id, route, action, body, None).await
+    begin_in_mode(state, caller, runtime_id, action, body, None).await
 }
 
 /// [`begin`] in a given policy mode (none: the actor's default).
@@ -496,12 +487,19 @@ pub(crate) async fn begin_in_mode(
     state: &AppState,
     caller: &Caller,
     runtime_id: &str,
-    route: &str,
     action: LifecycleAction,
     body: &impl Serialize,
     mode: Option<PolicyMode>,
 ) -> Result<Response, Problem> {
-    let runtime = read_runtime(state, caller, runtime_id, Consistency::Linearizable).await?;
+    let runtime = match read_runtime(state, caller, runtime_id, Consistency::Linearizable).await {
+        // A retried delete whose first attempt is done finds no runtime: it gets that answer.
+        Err(gone) if gone.status == 404 => match crate::mutation::replayed(state, caller, body)? {
+            Some(CommandReply::Operation(operation)) => return Ok(operation_response(&operation)),
+            Some(other) => return Err(Problem::unexpected_reply(other)),
+            None => return Err(gone),
+        },
+        read => read?,
+    };
     for (i, step) in action.steps().iter().enumerate() {
         let kind = step.kind();
         if kind != "delete" && !runtime.capabilities.iter().any(|c| c == kind) {
@@ -520,7 +518,7 @@ pub(crate) async fn begin_in_mode(
     let mode = caller.policy_mode(mode)?;
     let operation = new_operation(runtime_id, action, runtime.state, chrono::Utc::now(), actor, mode);
     let op = Op::BeginOperation { operation, expected_version: if_match(&caller.headers)? };
-    match propose(state, caller, &format!("POST /v1/runtimes/{runtime_id}/{route}"), body, op).await? {
+    match propose(state, caller, body, op).await? {
         CommandReply::Operation(operation) => Ok(operation_response(&operation)),
         other => Err(Problem::unexpected_reply(other)),
     }
@@ -616,7 +614,7 @@ pub(crate) async fn start_runtime(
     PathParam(runtime_id): PathParam<String>,
     OptionalBody(request): OptionalBody<LifecycleStartRequest>,
 ) -> Result<Response, Problem> {
-    begin(&state, &caller, &runtime_id, "lifecycle/start", LifecycleAction::Start, &request).await
+    begin(&state, &caller, &runtime_id, LifecycleAction::Start, &request).await
 }
 
 /// Stop a running runtime (cleanly, or forced).
@@ -631,7 +629,7 @@ pub(crate) async fn stop_runtime(
     OptionalBody(request): OptionalBody<LifecycleStopRequest>,
 ) -> Result<Response, Problem> {
     let action = LifecycleAction::Stop { force: request.force, timeout_seconds: request.timeout_seconds };
-    begin(&state, &caller, &runtime_id, "lifecycle/stop", action, &request).await
+    begin(&state, &caller, &runtime_id, action, &request).await
 }
 
 /// Restart a running runtime.
@@ -643,7 +641,7 @@ pub(crate) async fn restart_runtime(
     caller: Caller,
     PathParam(runtime_id): PathParam<String>,
 ) -> Result<Response, Problem> {
-    begin(&state, &caller, &runtime_id, "lifecycle/restart", LifecycleAction::Restart, &()).await
+    begin(&state, &caller, &runtime_id, LifecycleAction::Restart, &()).await
 }
 
 /// Scale a runtime to a size or explicit resources.
@@ -658,7 +656,7 @@ pub(crate) async fn scale_runtime(
     Body(request): Body<LifecycleScaleRequest>,
 ) -> Result<Response, Problem> {
     let action = check_settings(&state, |settings| request.to_action("$", &settings.sizes)).await?;
-    begin(&state, &caller, &runtime_id, "lifecycle/scale", action, &request).await
+    begin(&state, &caller, &runtime_id, action, &request).await
 }
 
 /// Take a snapshot (VM snapshot / vCluster backup).
@@ -673,7 +671,7 @@ pub(crate) async fn snapshot_runtime(
     OptionalBody(request): OptionalBody<LifecycleSnapshotRequest>,
 ) -> Result<Response, Problem> {
     let action = request.to_action("$")?;
-    begin(&state, &caller, &runtime_id, "lifecycle/snapshot", action, &request).await
+    begin(&state, &caller, &runtime_id, action, &request).await
 }
 
 /// Restore a runtime from one of its snapshots.
@@ -692,7 +690,7 @@ pub(crate) async fn restore_runtime(
         return Err(Problem::not_found(format!("runtime {runtime_id} has no snapshot {}", request.snapshot_id)));
     }
     let action = LifecycleAction::Restore { snapshot_id: request.snapshot_id.clone() };
-    begin(&state, &caller, &runtime_id, "lifecycle/restore", action, &request).await
+    begin(&state, &caller, &runtime_id, action, &request).await
 }
 
 #[derive(Debug, Serialize, ToSchema)]

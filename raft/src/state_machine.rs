@@ -292,6 +292,12 @@ impl StateMachineStore {
         Ok((items, None))
     }
 
+    /// The reply a command with `claim`'s idempotency key was answered with, if one was applied
+    /// (a refusal if it was another request): what a retry gets without proposing again.
+    pub fn idempotent_reply(&self, claim: &crate::IdempotencyClaim) -> Result<Option<CommandReply>, StorageError> {
+        crate::apply::idempotency::replay(&Txn::new(&self.db), claim)
+    }
+
     /// How many runtimes have `field`'s value.
     pub fn runtime_count(&self, field: &RuntimeField) -> Result<u64, StorageError> {
         Ok(self.get::<u64>(CF_RUNTIME_COUNTS, &field.count_key())?.unwrap_or(0))

@@ -426,6 +426,23 @@ async fn idempotency_keys_return_the_first_reply_on_any_node() -> anyhow::Result
     let (a, b) = (stop(3).await?, stop(1).await?);
     assert_eq!((a.status, b.status), (202, 202), "{a:?} {b:?}");
     assert_eq!(a.body["id"], b.body["id"], "one stop operation");
+
+    phase("a key is bound to its request's method and path: another runtime's delete with it is refused");
+    let other = cluster.create_runtime_eventually(1, "spared", SETTLE).await?;
+    cluster.wait_operation(2, a.body["id"].as_str().unwrap(), SETTLE).await?;
+    let path = format!("/v1/runtimes/{id}");
+    let delete = |via| cluster.call_eventually(via, Method::DELETE, &path, None, &[("idempotency-key", "del-1")]);
+    let deleted = delete(2).await?;
+    assert_eq!(deleted.status, 202, "{deleted:?}");
+    let retried = delete(3).await?;
+    assert_eq!(retried.body["id"], deleted.body["id"], "the retry gets the first delete's operation: {retried:?}");
+    let misused = cluster
+        .call_eventually(1, Method::DELETE, &format!("/v1/runtimes/{other}"), None, &[("idempotency-key", "del-1")])
+        .await?;
+    assert!(is_problem(&misused, 422), "{misused:?}");
+    let spared = cluster.call_eventually(1, Method::GET, &format!("/v1/runtimes/{other}"), None, &[]).await?;
+    assert_eq!(spared.status, 200, "{spared:?}");
+    assert_ne!(spared.body["state"], "deleting");
     Ok(())
 }
 

@@ -8,7 +8,7 @@
 
 mod cluster;
 pub(crate) mod events;
-mod idempotency;
+pub(crate) mod idempotency;
 pub(crate) mod operations;
 mod policies;
 pub(crate) mod runtimes;
