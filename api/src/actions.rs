@@ -1,4 +1,5 @@
-//! The agents' deterministic contract: `POST /v1/runtimes/{id}/actions/execute` runs a list of
+//! The agents' deterministic contract: `POST /v1/runtimes/{id}/actions/plan` proposes a list of
+//! actions for a goal (nothing runs), `POST /v1/runtimes/{id}/actions/execute` runs a list of
 //! actions, in order, as one operation. Every action is checked before anything is queued:
 //! its parameters against its schema, its type against the runtime's capabilities, the whole
 //! sequence against the transition table, each action against the policies (in apply).
@@ -6,15 +7,20 @@
 use axum::extract::State;
 use axum::http::HeaderValue;
 use axum::response::Response;
-use axum::routing::post;
-use axum::Router;
+use axum::Json;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use runtimeai_model::{Capability, LifecycleAction, PolicyMode, SizeEntry};
+use runtimeai_engine::planner::PlanInput;
+use runtimeai_model::{Capability, LifecycleAction, PolicyDecision, PolicyMode, SizeEntry};
+
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::Caller;
+use crate::planning::{plan_goal, planned, preview_decisions, PlannedAction};
 use crate::doc_types::{IdempotencyKey, IfMatch, ProblemResponses, TenantId};
 use crate::extract::{Body, Consistency, PathParam};
 use crate::problem::Problem;
@@ -25,8 +31,71 @@ use crate::runtimes::{
 use crate::views::OperationView;
 use crate::AppState;
 
-pub(crate) fn routes() -> Router<AppState> {
-    Router::new().route("/v1/runtimes/{runtime_id}/actions/execute", post(execute_actions))
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(plan_actions)).routes(routes!(execute_actions))
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ActionPlanRequest {
+    pub goal: String,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub signals: Map<String, Value>,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub constraints: Map<String, Value>,
+    #[serde(default)]
+    pub policy_mode: PolicyMode,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActionPlan {
+    pub actions: Vec<PlannedAction>,
+    pub rationale: Vec<String>,
+    /// Options the constraints ruled out, each naming the constraint.
+    pub blocked: Vec<String>,
+    pub recommendations: Vec<String>,
+    /// What the policies would decide on each action if it were executed now (by the same
+    /// actor, in the same mode).
+    pub decisions: Vec<PolicyDecision>,
+}
+
+/// Ask for a plan (no execution).
+#[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/actions/plan", tag = "Actions",
+    params(("runtime_id" = String, Path), TenantId), request_body = ActionPlanRequest,
+    responses((status = 200, description = "Action plan", body = ActionPlan), ProblemResponses))]
+pub(crate) async fn plan_actions(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam(runtime_id): PathParam<String>,
+    Body(request): Body<ActionPlanRequest>,
+) -> Result<Json<ActionPlan>, Problem> {
+    caller.policy_mode(Some(request.policy_mode))?;
+    let runtime = read_runtime(&state, &caller, &runtime_id, Consistency::Linearizable).await?;
+    let sizes = sizes(&state);
+    let no_context = Map::new();
+    let plan = plan_goal(
+        &state,
+        PlanInput {
+            runtime: &runtime,
+            goal: &request.goal,
+            constraints: &request.constraints,
+            context: &no_context,
+            signals: &request.signals,
+            mode: request.policy_mode,
+            sizes: &sizes,
+        },
+    )
+    .await?;
+    let decisions = preview_decisions(&state, &caller, &runtime, &plan.actions, request.policy_mode)?;
+    Ok(Json(ActionPlan {
+        decisions,
+        actions: planned(&plan.actions),
+        rationale: plan.rationale,
+        blocked: plan.blocked,
+        recommendations: plan.recommendations,
+    }))
 }
 
 /// The seed's action types.

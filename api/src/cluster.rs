@@ -6,8 +6,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{delete, get};
-use axum::{Json, Router};
+use axum::Json;
 use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -15,21 +14,24 @@ use utoipa::ToSchema;
 use runtimeai_model::{ClusterSettings, SettingsUsage};
 use runtimeai_raft::NodeId;
 
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
 use crate::auth::Caller;
 use crate::doc_types::ProblemResponses;
 use crate::extract::{Body, PathParam};
 use crate::problem::Problem;
 use crate::{AppState, VERSION};
 
-pub(crate) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/v1/health", get(health))
-        .route("/v1/cluster", get(cluster_status))
-        .route("/v1/cluster/members", axum::routing::post(add_member))
-        .route("/v1/cluster/members/{node_id}", delete(remove_member))
-        .route("/v1/cluster/settings", get(get_settings).put(put_settings))
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(health))
+        .routes(routes!(cluster_status))
+        .routes(routes!(add_member))
+        .routes(routes!(remove_member))
+        .routes(routes!(get_settings, put_settings))
 }
 
 /// The process is alive and serving HTTP.

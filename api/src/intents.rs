@@ -1,33 +1,32 @@
-//! Intents (a goal plus constraints becomes a checked plan, then an operation) and
-//! `actions/plan` (the same planner, without execution).
+//! Intents: a goal plus constraints becomes a checked plan, then one operation.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use runtimeai_engine::planner::{self, PlanError, PlanInput, UNDERSTOOD_GOALS};
+use runtimeai_engine::planner::PlanInput;
 use runtimeai_model::{Intent, JsonObject, LifecycleAction, OperationStatus, PolicyDecision, PolicyMode};
 use runtimeai_raft::{CommandReply, Op};
+
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::{Caller, Permission};
 use crate::doc_types::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId};
 use crate::extract::{Body, Consistency, PathParam, QueryParams};
 use crate::mutation::{new_id, propose};
-use crate::problem::{FieldError, Problem};
+use crate::planning::{plan_goal, planned, preview_decisions, PlannedAction};
+use crate::problem::Problem;
 use crate::runtimes::{new_operation, read_runtime, sizes, ReadParams};
 use crate::views::{ActionResultView, OperationView};
 use crate::AppState;
 
-pub(crate) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/runtimes/{runtime_id}/intent", post(submit_intent))
-        .route("/v1/runtimes/{runtime_id}/intent/{intent_id}", get(get_intent))
-        .route("/v1/runtimes/{runtime_id}/actions/plan", post(plan_actions))
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(submit_intent)).routes(routes!(get_intent))
 }
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -46,56 +45,6 @@ pub struct IntentRequest {
     /// Plan only: nothing runs.
     #[serde(default)]
     pub dry_run: bool,
-}
-
-#[derive(Debug, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ActionPlanRequest {
-    pub goal: String,
-    #[serde(default)]
-    #[schema(value_type = Object)]
-    pub signals: Map<String, Value>,
-    #[serde(default)]
-    #[schema(value_type = Object)]
-    pub constraints: Map<String, Value>,
-    #[serde(default)]
-    pub policy_mode: PolicyMode,
-}
-
-/// One planned action, in the shape `actions/execute` takes.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct PlannedAction {
-    #[serde(rename = "type")]
-    pub action_type: &'static str,
-    #[schema(value_type = Object)]
-    pub params: Value,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ActionPlan {
-    pub actions: Vec<PlannedAction>,
-    pub rationale: Vec<String>,
-    /// Options the constraints ruled out, each naming the constraint.
-    pub blocked: Vec<String>,
-    pub recommendations: Vec<String>,
-    /// What the policies would decide on each action if it were executed now (by the same
-    /// actor, in the same mode).
-    pub decisions: Vec<PolicyDecision>,
-}
-
-/// What the policies would decide on `actions` now: a preview for plans that do not run.
-fn preview_decisions(
-    state: &AppState,
-    caller: &Caller,
-    runtime: &runtimeai_model::Runtime,
-    actions: &[LifecycleAction],
-    mode: PolicyMode,
-) -> Result<Vec<PolicyDecision>, Problem> {
-    let policies = state.replica.state.list_policies()?;
-    let sizes = sizes(state);
-    let actor = caller.actor();
-    let request = runtimeai_engine::policy::Request { runtime, actions, actor: &actor, mode, sizes: &sizes };
-    Ok(runtimeai_engine::policy::evaluate(&policies, request))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -138,67 +87,6 @@ pub struct IntentRecord {
     pub result: IntentResult,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
-}
-
-fn planned(actions: &[LifecycleAction]) -> Vec<PlannedAction> {
-    actions.iter().map(|a| PlannedAction { action_type: a.kind(), params: crate::views::action_params(a) }).collect()
-}
-
-/// A planner error as the client sees it: 422 naming the goals or constraints at fault.
-fn plan_problem(error: PlanError, goal: &str) -> Problem {
-    match error {
-        PlanError::NotUnderstood => {
-            let mut problem = Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "goal-not-understood",
-                format!("the planner does not understand {goal:?}; it understands: {}", UNDERSTOOD_GOALS.join("; ")),
-            );
-            problem.errors.push(FieldError { path: "$.goal".into(), message: "not understood".into() });
-            problem
-        }
-        PlanError::BadConstraint(path, message) => Problem::invalid_field(path, message),
-        PlanError::Blocked(reasons) => {
-            let mut problem = Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "blocked-by-constraint",
-                format!("no plan satisfies the constraints: {}", reasons.join("; ")),
-            );
-            problem.errors.push(FieldError { path: "$.constraints".into(), message: reasons.join("; ") });
-            problem
-        }
-    }
-}
-
-/// Plans a goal: the deterministic planner, or, for a goal it does not understand, the
-/// external planner when one is configured (its plan checked against the same constraints).
-async fn plan_goal(state: &AppState, input: PlanInput<'_>) -> Result<planner::Plan, Problem> {
-    let mut plan = match (planner::plan(input), &state.external_planner) {
-        (Err(PlanError::NotUnderstood), Some(external)) => {
-            let proposed =
-                external.plan(input.runtime, input.goal, input.constraints, input.context, input.sizes).await?;
-            let violations = planner::check_plan(input, &proposed.actions).map_err(|e| plan_problem(e, input.goal))?;
-            if !violations.is_empty() {
-                return Err(plan_problem(PlanError::Blocked(violations), input.goal));
-            }
-            let model = external.model();
-            planner::Plan {
-                actions: proposed.actions,
-                rationale: proposed.rationale.into_iter().map(|r| format!("external planner ({model}): {r}")).collect(),
-                blocked: Vec::new(),
-                recommendations: vec![format!(
-                    "this plan came from the external planner ({model}); review it, the policies still apply"
-                )],
-            }
-        }
-        (result, _) => result.map_err(|e| plan_problem(e, input.goal))?,
-    };
-    // Snapshots get their ids here, where ids are made.
-    for action in &mut plan.actions {
-        if let LifecycleAction::Snapshot { snapshot_id, .. } = action {
-            *snapshot_id = new_id("snap");
-        }
-    }
-    Ok(plan)
 }
 
 /// Submit an intent: planned now, executed as one operation.
@@ -340,42 +228,5 @@ pub(crate) async fn get_intent(
         },
         created_at: intent.created_at,
         finished_at: operation.and_then(|o| o.finished_at),
-    }))
-}
-
-/// Ask for a plan (no execution).
-#[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/actions/plan", tag = "Actions",
-    params(("runtime_id" = String, Path), TenantId), request_body = ActionPlanRequest,
-    responses((status = 200, description = "Action plan", body = ActionPlan), ProblemResponses))]
-pub(crate) async fn plan_actions(
-    State(state): State<AppState>,
-    caller: Caller,
-    PathParam(runtime_id): PathParam<String>,
-    Body(request): Body<ActionPlanRequest>,
-) -> Result<Json<ActionPlan>, Problem> {
-    caller.policy_mode(Some(request.policy_mode))?;
-    let runtime = read_runtime(&state, &caller, &runtime_id, Consistency::Linearizable).await?;
-    let sizes = sizes(&state);
-    let no_context = Map::new();
-    let plan = plan_goal(
-        &state,
-        PlanInput {
-            runtime: &runtime,
-            goal: &request.goal,
-            constraints: &request.constraints,
-            context: &no_context,
-            signals: &request.signals,
-            mode: request.policy_mode,
-            sizes: &sizes,
-        },
-    )
-    .await?;
-    let decisions = preview_decisions(&state, &caller, &runtime, &plan.actions, request.policy_mode)?;
-    Ok(Json(ActionPlan {
-        decisions,
-        actions: planned(&plan.actions),
-        rationale: plan.rationale,
-        blocked: plan.blocked,
-        recommendations: plan.recommendations,
     }))
 }

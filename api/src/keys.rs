@@ -4,13 +4,15 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use runtimeai_model::{AgentMode, ApiKey, Principal, PrincipalKind, Role, ALL_TENANTS};
 use runtimeai_raft::{CommandReply, Op};
+
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::{new_key, Caller};
 use crate::doc_types::{IdempotencyKey, ProblemResponses};
@@ -20,13 +22,13 @@ use crate::problem::Problem;
 use crate::runtimes::{EventList, EventParams};
 use crate::AppState;
 
-pub(crate) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/auth/whoami", get(whoami))
-        .route("/v1/audit", get(audit))
-        .route("/v1/keys", get(list_keys).post(create_key))
-        .route("/v1/keys/{key_id}", get(get_key).delete(revoke_key))
-        .route("/v1/keys/{key_id}/rotate", post(rotate_key))
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(whoami))
+        .routes(routes!(audit))
+        .routes(routes!(list_keys, create_key))
+        .routes(routes!(get_key, revoke_key))
+        .routes(routes!(rotate_key))
 }
 
 /// Who the credentials of this request are, and the tenant it acts in.

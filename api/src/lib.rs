@@ -26,6 +26,7 @@ mod mutation;
 pub mod oidc;
 pub mod openapi;
 pub mod operations;
+mod planning;
 pub mod policies;
 pub mod problem;
 pub mod runtimes;
@@ -72,11 +73,11 @@ pub trait KubeconfigSource: Send + Sync {
     async fn kubeconfig(&self, runtime: &runtimeai_model::Runtime) -> Result<Option<String>, String>;
 }
 
-/// The whole REST surface of a node.
-pub fn router(state: AppState) -> Router {
-    let max_body_bytes = state.max_body_bytes;
-    let guard = axum::middleware::from_fn_with_state(state.clone(), auth::guard);
-    Router::new()
+/// Every route with its OpenAPI description, in one place: the router and the document are
+/// both made from it ([`router`], [`openapi::document`]).
+pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    use utoipa::OpenApi;
+    utoipa_axum::router::OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(cluster::routes())
         .merge(runtimes::routes())
         .merge(actions::routes())
@@ -84,7 +85,15 @@ pub fn router(state: AppState) -> Router {
         .merge(operations::routes())
         .merge(policies::routes())
         .merge(keys::routes())
-        .route("/v1/openapi.json", axum::routing::get(openapi::openapi_json))
+        .routes(utoipa_axum::routes!(openapi::openapi_json))
+}
+
+/// The whole REST surface of a node.
+pub fn router(state: AppState) -> Router {
+    let max_body_bytes = state.max_body_bytes;
+    let guard = axum::middleware::from_fn_with_state(state.clone(), auth::guard);
+    let (routes, _) = routes().split_for_parts();
+    routes
         // Every routed request is authenticated and authorized before its handler runs.
         .route_layer(guard)
         .fallback(|| async { Problem::not_found("no such endpoint") })

@@ -25,26 +25,6 @@ use crate::problem::Problem;
     tags(
         (name = "Runtimes"), (name = "Lifecycle"), (name = "Intent"), (name = "Actions"), (name = "Events"), (name = "Policies"), (name = "Operations"),
         (name = "Cluster"), (name = "Auth"), (name = "Health")
-    ),
-    paths(
-        crate::cluster::health, crate::cluster::healthz, crate::cluster::readyz, crate::cluster::cluster_status,
-        crate::cluster::add_member, crate::cluster::remove_member, crate::cluster::get_settings,
-        crate::cluster::put_settings,
-        crate::runtimes::create_runtime, crate::runtimes::list_runtimes, crate::runtimes::get_runtime,
-        crate::runtimes::patch_runtime, crate::runtimes::delete_runtime, crate::runtimes::runtime_status,
-        crate::runtimes::runtime_operations, crate::runtimes::runtime_snapshots, crate::runtimes::runtime_events,
-        crate::runtimes::runtime_kubeconfig,
-        crate::runtimes::start_runtime, crate::runtimes::stop_runtime, crate::runtimes::restart_runtime,
-        crate::runtimes::scale_runtime, crate::runtimes::snapshot_runtime, crate::runtimes::restore_runtime,
-        crate::actions::execute_actions, crate::intents::plan_actions, crate::intents::submit_intent,
-        crate::intents::get_intent,
-        crate::operations::get_operation, crate::operations::cancel_operation,
-        crate::operations::approve_operation, crate::operations::reject_operation,
-        crate::policies::create_policy, crate::policies::list_policies, crate::policies::get_policy,
-        crate::policies::delete_policy,
-        crate::keys::whoami, crate::keys::audit, crate::keys::create_key, crate::keys::list_keys,
-        crate::keys::get_key, crate::keys::revoke_key, crate::keys::rotate_key,
-        openapi_json,
     )
 )]
 pub struct ApiDoc;
@@ -67,12 +47,18 @@ impl utoipa::Modify for BearerAuth {
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "Health",
     responses((status = 200, description = "The OpenAPI 3.1 document", body = Object), ProblemResponses))]
 pub(crate) async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+    Json(api().clone())
+}
+
+/// The document, made once from the routes.
+fn api() -> &'static utoipa::openapi::OpenApi {
+    static API: std::sync::OnceLock<utoipa::openapi::OpenApi> = std::sync::OnceLock::new();
+    API.get_or_init(|| crate::routes().into_openapi())
 }
 
 /// The document as committed in `api/openapi.json`.
 pub fn document() -> String {
-    ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serializes") + "\n"
+    api().to_pretty_json().expect("the OpenAPI document serializes") + "\n"
 }
 
 #[cfg(test)]

@@ -2,13 +2,15 @@
 //! `pending_approval`.
 
 use axum::extract::State;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use runtimeai_model::Operation;
 use runtimeai_raft::{CommandReply, Op};
+
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::Caller;
 use crate::doc_types::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId};
@@ -19,12 +21,12 @@ use crate::runtimes::ReadParams;
 use crate::views::OperationView;
 use crate::AppState;
 
-pub(crate) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/operations/{operation_id}", get(get_operation))
-        .route("/v1/operations/{operation_id}/cancel", post(cancel_operation))
-        .route("/v1/operations/{operation_id}/approve", post(approve_operation))
-        .route("/v1/operations/{operation_id}/reject", post(reject_operation))
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(get_operation))
+        .routes(routes!(cancel_operation))
+        .routes(routes!(approve_operation))
+        .routes(routes!(reject_operation))
 }
 
 /// Reads an operation, hidden (404) from another tenant: its runtime's, or, once the runtime is

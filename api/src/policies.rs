@@ -5,13 +5,15 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use runtimeai_model::{JsonObject, Policy, PolicyRule};
 use runtimeai_raft::{CommandReply, Op};
+
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::Caller;
 use crate::doc_types::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId};
@@ -20,10 +22,8 @@ use crate::mutation::{new_id, propose};
 use crate::problem::Problem;
 use crate::{validate, AppState};
 
-pub(crate) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/policies", get(list_policies).post(create_policy))
-        .route("/v1/policies/{policy_id}", get(get_policy).delete(delete_policy))
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list_policies, create_policy)).routes(routes!(get_policy, delete_policy))
 }
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]

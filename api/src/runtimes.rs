@@ -7,8 +7,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -20,6 +19,9 @@ use runtimeai_model::{
 use runtimeai_raft::state_machine::NotAnEventId;
 use runtimeai_raft::{CommandReply, Op, RuntimeField};
 
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
 use crate::auth::Caller;
 use crate::doc_types::{ConsistencyParam, IdempotencyKey, IfMatch, ProblemResponses, TenantId};
 use crate::extract::{if_match, Body, Consistency, OptionalBody, PathParam, QueryParams};
@@ -28,21 +30,21 @@ use crate::problem::Problem;
 use crate::views::OperationView;
 use crate::{validate, AppState};
 
-pub(crate) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/runtimes", get(list_runtimes).post(create_runtime))
-        .route("/v1/runtimes/{runtime_id}", get(get_runtime).patch(patch_runtime).delete(delete_runtime))
-        .route("/v1/runtimes/{runtime_id}/status", get(runtime_status))
-        .route("/v1/runtimes/{runtime_id}/operations", get(runtime_operations))
-        .route("/v1/runtimes/{runtime_id}/snapshots", get(runtime_snapshots))
-        .route("/v1/runtimes/{runtime_id}/events", get(runtime_events))
-        .route("/v1/runtimes/{runtime_id}/kubeconfig", get(runtime_kubeconfig))
-        .route("/v1/runtimes/{runtime_id}/lifecycle/start", post(start_runtime))
-        .route("/v1/runtimes/{runtime_id}/lifecycle/stop", post(stop_runtime))
-        .route("/v1/runtimes/{runtime_id}/lifecycle/restart", post(restart_runtime))
-        .route("/v1/runtimes/{runtime_id}/lifecycle/scale", post(scale_runtime))
-        .route("/v1/runtimes/{runtime_id}/lifecycle/snapshot", post(snapshot_runtime))
-        .route("/v1/runtimes/{runtime_id}/lifecycle/restore", post(restore_runtime))
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_runtimes, create_runtime))
+        .routes(routes!(get_runtime, patch_runtime, delete_runtime))
+        .routes(routes!(runtime_status))
+        .routes(routes!(runtime_operations))
+        .routes(routes!(runtime_snapshots))
+        .routes(routes!(runtime_events))
+        .routes(routes!(runtime_kubeconfig))
+        .routes(routes!(start_runtime))
+        .routes(routes!(stop_runtime))
+        .routes(routes!(restart_runtime))
+        .routes(routes!(scale_runtime))
+        .routes(routes!(snapshot_runtime))
+        .routes(routes!(restore_runtime))
 }
 
 /// The seed's backend kinds, by driver.

@@ -1,0 +1,102 @@
+//! Planning a goal for a runtime, shared by intents and `actions/plan`: the deterministic
+//! planner (or the external one for goals it does not understand), the planned actions in the
+//! shape `actions/execute` takes, and what the policies would decide on them.
+
+use axum::http::StatusCode;
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use runtimeai_engine::planner::{self, PlanError, PlanInput, UNDERSTOOD_GOALS};
+use runtimeai_model::{LifecycleAction, PolicyDecision, PolicyMode};
+
+use crate::auth::Caller;
+use crate::mutation::new_id;
+use crate::problem::{FieldError, Problem};
+use crate::runtimes::sizes;
+use crate::AppState;
+
+/// One planned action, in the shape `actions/execute` takes.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PlannedAction {
+    #[serde(rename = "type")]
+    pub action_type: &'static str,
+    #[schema(value_type = Object)]
+    pub params: Value,
+}
+
+/// What the policies would decide on `actions` now: a preview for plans that do not run.
+pub(crate) fn preview_decisions(
+    state: &AppState,
+    caller: &Caller,
+    runtime: &runtimeai_model::Runtime,
+    actions: &[LifecycleAction],
+    mode: PolicyMode,
+) -> Result<Vec<PolicyDecision>, Problem> {
+    let policies = state.replica.state.list_policies()?;
+    let sizes = sizes(state);
+    let actor = caller.actor();
+    let request = runtimeai_engine::policy::Request { runtime, actions, actor: &actor, mode, sizes: &sizes };
+    Ok(runtimeai_engine::policy::evaluate(&policies, request))
+}
+
+pub(crate) fn planned(actions: &[LifecycleAction]) -> Vec<PlannedAction> {
+    actions.iter().map(|a| PlannedAction { action_type: a.kind(), params: crate::views::action_params(a) }).collect()
+}
+
+/// A planner error as the client sees it: 422 naming the goals or constraints at fault.
+fn plan_problem(error: PlanError, goal: &str) -> Problem {
+    match error {
+        PlanError::NotUnderstood => {
+            let mut problem = Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "goal-not-understood",
+                format!("the planner does not understand {goal:?}; it understands: {}", UNDERSTOOD_GOALS.join("; ")),
+            );
+            problem.errors.push(FieldError { path: "$.goal".into(), message: "not understood".into() });
+            problem
+        }
+        PlanError::BadConstraint(path, message) => Problem::invalid_field(path, message),
+        PlanError::Blocked(reasons) => {
+            let mut problem = Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "blocked-by-constraint",
+                format!("no plan satisfies the constraints: {}", reasons.join("; ")),
+            );
+            problem.errors.push(FieldError { path: "$.constraints".into(), message: reasons.join("; ") });
+            problem
+        }
+    }
+}
+
+/// Plans a goal: the deterministic planner, or, for a goal it does not understand, the
+/// external planner when one is configured (its plan checked against the same constraints).
+pub(crate) async fn plan_goal(state: &AppState, input: PlanInput<'_>) -> Result<planner::Plan, Problem> {
+    let mut plan = match (planner::plan(input), &state.external_planner) {
+        (Err(PlanError::NotUnderstood), Some(external)) => {
+            let proposed =
+                external.plan(input.runtime, input.goal, input.constraints, input.context, input.sizes).await?;
+            let violations = planner::check_plan(input, &proposed.actions).map_err(|e| plan_problem(e, input.goal))?;
+            if !violations.is_empty() {
+                return Err(plan_problem(PlanError::Blocked(violations), input.goal));
+            }
+            let model = external.model();
+            planner::Plan {
+                actions: proposed.actions,
+                rationale: proposed.rationale.into_iter().map(|r| format!("external planner ({model}): {r}")).collect(),
+                blocked: Vec::new(),
+                recommendations: vec![format!(
+                    "this plan came from the external planner ({model}); review it, the policies still apply"
+                )],
+            }
+        }
+        (result, _) => result.map_err(|e| plan_problem(e, input.goal))?,
+    };
+    // Snapshots get their ids here, where ids are made.
+    for action in &mut plan.actions {
+        if let LifecycleAction::Snapshot { snapshot_id, .. } = action {
+            *snapshot_id = new_id("snap");
+        }
+    }
+    Ok(plan)
+}
