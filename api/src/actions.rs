@@ -20,9 +20,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::Caller;
-use crate::planning::{plan_goal, planned, preview_decisions, PlannedAction};
 use crate::doc_types::{IdempotencyKey, IfMatch, ProblemResponses, TenantId};
 use crate::extract::{Body, Consistency, PathParam};
+use crate::planning::{plan_goal, planned, preview_decisions, PlannedAction};
 use crate::problem::Problem;
 use crate::runtimes::{
     begin_in_mode, read_runtime, sizes, LifecycleRestoreRequest, LifecycleScaleRequest, LifecycleSnapshotRequest,

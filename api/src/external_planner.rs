@@ -156,7 +156,7 @@ mod tests {
     use super::*;
 
     fn capabilities() -> Vec<Capability> {
-        runtimeai_model::LIFECYCLE_ACTIONS.iter().map(|c| runtimeai_model::capability(c)).collect()
+        runtimeai_model::ActionKind::ON_BACKENDS.iter().map(|c| runtimeai_model::capability(c.as_str())).collect()
     }
 
     #[test]

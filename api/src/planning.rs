@@ -20,7 +20,7 @@ use crate::AppState;
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PlannedAction {
     #[serde(rename = "type")]
-    pub action_type: &'static str,
+    pub action_type: runtimeai_model::ActionKind,
     #[schema(value_type = Object)]
     pub params: Value,
 }

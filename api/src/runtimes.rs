@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use runtimeai_model::{
-    capability, Actor, BackendInfo, BackendKind, BackendRef, ClusterSettings, Event, LifecycleAction, Operation,
-    OperationStatus, Placement, PolicyMode, ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec, RuntimeState,
-    RuntimeType, SizeEntry, Timestamp,
+    capability, ActionKind, Actor, BackendInfo, BackendKind, BackendRef, ClusterSettings, Event, LifecycleAction,
+    Operation, OperationStatus, Placement, PolicyMode, ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec,
+    RuntimeState, RuntimeType, SizeEntry, Timestamp,
 };
 use runtimeai_raft::state_machine::NotAnEventId;
 use runtimeai_raft::{CommandReply, Op, RuntimeField};
@@ -504,7 +504,7 @@ pub(crate) async fn begin_in_mode(
     };
     for (i, step) in action.steps().iter().enumerate() {
         let kind = step.kind();
-        if kind != "delete" && !runtime.capabilities.iter().any(|c| c == kind) {
+        if kind != ActionKind::Delete && !runtime.capabilities.iter().any(|c| c == kind.as_str()) {
             let path = if matches!(action, LifecycleAction::Sequence { .. }) {
                 format!("$.actions[{i}].type")
             } else {

@@ -16,7 +16,7 @@ pub struct OperationView {
     /// The action: `create`, `start`, `stop`, `restart`, `scale`, `snapshot`, `restore`,
     /// `delete`, `relabel` (a change of labels waiting for approval), or `execute` (a list of
     /// actions).
-    pub kind: &'static str,
+    pub kind: runtimeai_model::ActionKind,
     #[schema(value_type = Object)]
     pub params: Value,
     /// How each action went (one entry, or one per action of an `execute`), with what the
@@ -47,7 +47,7 @@ pub struct OperationView {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ActionResultView {
     /// The action's type (`stop`, `scale`, ...).
-    pub action: &'static str,
+    pub action: runtimeai_model::ActionKind,
     #[schema(value_type = Object)]
     pub params: Value,
     /// `pending`, `running`, `succeeded`, `failed` or `skipped` (after a failure, or when

@@ -993,7 +993,10 @@ async fn a_relabel_out_of_a_scoped_policy_waits_for_approval_holds_the_runtime_a
     let escape = || relabel("rt_a", BTreeMap::from([("env".into(), Some("dev".into()))]), None);
     let parked = apply_as(&mut sm, bot.clone(), escape()).await;
     let CommandReply::Operation(parked) = parked else { panic!("not parked: {parked:?}") };
-    assert_eq!((parked.status, parked.action.kind()), (OperationStatus::PendingApproval, "relabel"));
+    assert_eq!(
+        (parked.status, parked.action.kind()),
+        (OperationStatus::PendingApproval, runtimeai_model::ActionKind::Relabel)
+    );
     let runtime = sm.get_runtime("rt_a").unwrap().unwrap();
     assert_eq!((runtime.env(), runtime.active_operation.as_deref()), (Some("production"), Some(parked.id.as_str())));
     let again = apply_as(&mut sm, bot.clone(), escape()).await;

@@ -216,7 +216,7 @@ impl RuntimeBackend for LibvirtBackend {
         false
     }
 
-    fn capabilities(&self) -> &'static [&'static str] {
+    fn capabilities(&self) -> &'static [runtimeai_model::ActionKind] {
         super::LIFECYCLE
     }
 

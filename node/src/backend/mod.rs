@@ -34,7 +34,7 @@ use runtimeai_engine::Catalogue;
 use runtimeai_model::{BackendInfo, LifecycleAction, Runtime, RuntimeType, SizeEntry};
 
 /// The lifecycle actions every driver built so far supports (create and delete always are).
-pub const LIFECYCLE: &[&str] = runtimeai_model::LIFECYCLE_ACTIONS;
+pub const LIFECYCLE: &[runtimeai_model::ActionKind] = &runtimeai_model::ActionKind::ON_BACKENDS;
 
 /// What every backend call carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +115,7 @@ pub trait RuntimeBackend: Send + Sync + std::fmt::Debug {
     /// Whether other nodes can reach the same infrastructure.
     fn shared(&self) -> bool;
     /// The actions runtimes on this backend support.
-    fn capabilities(&self) -> &'static [&'static str];
+    fn capabilities(&self) -> &'static [runtimeai_model::ActionKind];
     async fn create(&self, cx: &CallContext, runtime: &Runtime, resources: &Resources) -> Result<String, BackendError>;
     async fn delete(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError>;
     async fn start(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError>;

@@ -605,7 +605,7 @@ impl RuntimeBackend for SandboxBackend {
         false
     }
 
-    fn capabilities(&self) -> &'static [&'static str] {
+    fn capabilities(&self) -> &'static [runtimeai_model::ActionKind] {
         super::LIFECYCLE
     }
 

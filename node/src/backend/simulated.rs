@@ -99,7 +99,7 @@ impl RuntimeBackend for SimulatedBackend {
         true
     }
 
-    fn capabilities(&self) -> &'static [&'static str] {
+    fn capabilities(&self) -> &'static [runtimeai_model::ActionKind] {
         super::LIFECYCLE
     }
 

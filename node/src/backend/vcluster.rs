@@ -269,7 +269,7 @@ impl RuntimeBackend for VclusterBackend {
         true
     }
 
-    fn capabilities(&self) -> &'static [&'static str] {
+    fn capabilities(&self) -> &'static [runtimeai_model::ActionKind] {
         super::LIFECYCLE
     }
 

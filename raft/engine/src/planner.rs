@@ -574,7 +574,7 @@ impl Planner<'_> {
             }
         };
         let option = Option_ {
-            label: action.kind().into(),
+            label: action.kind().as_str().into(),
             actions: vec![action],
             spec: runtime.spec.clone(),
             running: true,
@@ -625,7 +625,7 @@ mod tests {
     }
 
     fn kinds(plan: &Plan) -> Vec<&'static str> {
-        plan.actions.iter().map(LifecycleAction::kind).collect()
+        plan.actions.iter().map(|a| a.kind().as_str()).collect()
     }
 
     fn scale_size(plan: &Plan) -> Option<String> {

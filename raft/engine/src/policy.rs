@@ -43,8 +43,8 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use runtimeai_model::{
-    Actor, LifecycleAction, Policy, PolicyDecision, PolicyMode, PolicyRule, Runtime, RuntimeSpec, RuntimeState,
-    SizeEntry, Verdict,
+    ActionKind, Actor, LifecycleAction, Policy, PolicyDecision, PolicyMode, PolicyRule, Runtime, RuntimeSpec,
+    RuntimeState, SizeEntry, Verdict,
 };
 use serde_json::{Map, Value};
 
@@ -52,10 +52,6 @@ use crate::Catalogue;
 
 /// Rule kinds of the seed.
 pub const RULE_KINDS: &[&str] = &["deny_action", "allow_action", "require_approval", "budget_guardrail", "data_egress"];
-
-/// Action names a selector may list.
-pub const ACTION_NAMES: &[&str] =
-    &["create", "start", "stop", "restart", "scale", "snapshot", "restore", "delete", "relabel"];
 
 const RUNTIME_TYPES: &[&str] = &["vm", "vcluster", "sandbox", "agent_runtime"];
 
@@ -327,7 +323,7 @@ fn carries(labels: &BTreeMap<String, String>, wanted: &Map<String, Value>) -> bo
 fn selector_matches(selector: &Map<String, Value>, step: &Step<'_>) -> bool {
     selector.iter().all(|(key, value)| match key.as_str() {
         "runtime_type" => one_or_many(value).contains(&step.runtime.runtime_type.as_str()),
-        "actions" => one_or_many(value).contains(&step.action.kind()),
+        "actions" => one_or_many(value).contains(&step.action.kind().as_str()),
         "labels" => value.as_object().is_some_and(|wanted| carries(&step.runtime.labels, wanted)),
         "actor" => {
             let full = step.actor.to_string();
@@ -367,7 +363,11 @@ pub fn validate_rule(rule: &PolicyRule) -> Result<(), (String, String)> {
         };
         match key.as_str() {
             "runtime_type" => strings(Some(RUNTIME_TYPES))?,
-            "actions" => strings(Some(ACTION_NAMES))?,
+            "actions" => {
+                let names: Vec<&str> =
+                    ActionKind::ALL.into_iter().filter(|kind| kind.selectable()).map(ActionKind::as_str).collect();
+                strings(Some(&names))?
+            }
             "actor" => {
                 strings(None)?;
                 for actor in one_or_many(value) {

@@ -15,7 +15,7 @@ pub mod timestamp;
 
 pub use access::{strictness, AgentMode, ApiKey, Principal, PrincipalKind, Role, ALL_TENANTS};
 pub use json::{JsonObject, JsonText};
-pub use lifecycle::{IllegalTransition, LabelPatch, LifecycleAction};
+pub use lifecycle::{ActionKind, IllegalTransition, LabelPatch, LifecycleAction};
 pub use records::{
     default_sizes, within_limit, Actor, Approval, Assignment, BackendInfo, ClusterSettings, Event, EventSeverity,
     IdempotencyRecord, Intent, LimitExceeded, Limits, NodeInfo, Operation, OperationError, OperationProgress,
@@ -25,7 +25,6 @@ pub use records::{
 pub use runtime::{
     capability, BackendKind, BackendRef, Capability, EgressPolicy, Exposure, Isolation, NetworkingProfile,
     ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec, RuntimeState, RuntimeType, SecurityProfile,
-    LIFECYCLE_ACTIONS,
 };
 
 /// Timestamps are UTC: RFC 3339 in JSON, numbers in the binary codec (see [`timestamp`]).

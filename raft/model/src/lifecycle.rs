@@ -7,6 +7,84 @@ use serde::{Deserialize, Serialize};
 
 use crate::{ResourceProfile, RuntimeSpec, RuntimeState};
 
+/// What kind of action an action is: the one list of action names, which operations, events,
+/// policy selectors and backends' capabilities all use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionKind {
+    Create,
+    Start,
+    Stop,
+    Restart,
+    Scale,
+    Snapshot,
+    Restore,
+    Delete,
+    /// A sequence of actions run as one operation (`actions/execute`, an intent's plan).
+    Execute,
+    Relabel,
+}
+
+impl ActionKind {
+    /// Every kind.
+    pub const ALL: [ActionKind; 10] = [
+        ActionKind::Create,
+        ActionKind::Start,
+        ActionKind::Stop,
+        ActionKind::Restart,
+        ActionKind::Scale,
+        ActionKind::Snapshot,
+        ActionKind::Restore,
+        ActionKind::Delete,
+        ActionKind::Execute,
+        ActionKind::Relabel,
+    ];
+
+    /// What a backend may support besides create and delete (which every backend does): what a
+    /// runtime's capabilities are made of.
+    pub const ON_BACKENDS: [ActionKind; 6] = [
+        ActionKind::Start,
+        ActionKind::Stop,
+        ActionKind::Restart,
+        ActionKind::Scale,
+        ActionKind::Snapshot,
+        ActionKind::Restore,
+    ];
+
+    /// Its name, as operations, events, selectors and capabilities spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionKind::Create => "create",
+            ActionKind::Start => "start",
+            ActionKind::Stop => "stop",
+            ActionKind::Restart => "restart",
+            ActionKind::Scale => "scale",
+            ActionKind::Snapshot => "snapshot",
+            ActionKind::Restore => "restore",
+            ActionKind::Delete => "delete",
+            ActionKind::Execute => "execute",
+            ActionKind::Relabel => "relabel",
+        }
+    }
+
+    /// The kind named `name`.
+    pub fn named(name: &str) -> Option<ActionKind> {
+        ActionKind::ALL.into_iter().find(|kind| kind.as_str() == name)
+    }
+
+    /// Whether a policy selector may name it (one action of a sequence is judged by its own
+    /// kind, so `execute` is not one).
+    pub fn selectable(self) -> bool {
+        self != ActionKind::Execute
+    }
+}
+
+impl std::fmt::Display for ActionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A change of labels as a JSON merge patch: a value sets a label, `None` removes it.
 pub type LabelPatch = BTreeMap<String, Option<String>>;
 
@@ -54,19 +132,19 @@ pub struct IllegalTransition {
 }
 
 impl LifecycleAction {
-    /// The action's name, as operations and events show it.
-    pub fn kind(&self) -> &'static str {
+    /// What kind of action it is.
+    pub fn kind(&self) -> ActionKind {
         match self {
-            LifecycleAction::Create => "create",
-            LifecycleAction::Start => "start",
-            LifecycleAction::Stop { .. } => "stop",
-            LifecycleAction::Restart => "restart",
-            LifecycleAction::Scale { .. } => "scale",
-            LifecycleAction::Snapshot { .. } => "snapshot",
-            LifecycleAction::Restore { .. } => "restore",
-            LifecycleAction::Delete => "delete",
-            LifecycleAction::Sequence { .. } => "execute",
-            LifecycleAction::Relabel { .. } => "relabel",
+            LifecycleAction::Create => ActionKind::Create,
+            LifecycleAction::Start => ActionKind::Start,
+            LifecycleAction::Stop { .. } => ActionKind::Stop,
+            LifecycleAction::Restart => ActionKind::Restart,
+            LifecycleAction::Scale { .. } => ActionKind::Scale,
+            LifecycleAction::Snapshot { .. } => ActionKind::Snapshot,
+            LifecycleAction::Restore { .. } => ActionKind::Restore,
+            LifecycleAction::Delete => ActionKind::Delete,
+            LifecycleAction::Sequence { .. } => ActionKind::Execute,
+            LifecycleAction::Relabel { .. } => ActionKind::Relabel,
         }
     }
 
@@ -150,7 +228,7 @@ impl LifecycleAction {
             LifecycleAction::Sequence { .. } => unreachable!("handled above"),
         };
         if !allowed {
-            return Err(IllegalTransition { action: self.kind(), state: state.as_str() });
+            return Err(IllegalTransition { action: self.kind().as_str(), state: state.as_str() });
         }
         Ok(match self {
             LifecycleAction::Create => (Creating, Running),
@@ -164,6 +242,16 @@ impl LifecycleAction {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn every_action_kind_is_named_one_way_in_rust_in_json_and_on_disk() {
+        for kind in ActionKind::ALL {
+            assert_eq!(ActionKind::named(kind.as_str()), Some(kind));
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str(), "{kind:?}");
+        }
+        assert_eq!(ActionKind::named("hibernate"), None);
+        assert!(ActionKind::ON_BACKENDS.iter().all(|kind| kind.selectable()));
+    }
     use super::*;
     use RuntimeState::*;
 

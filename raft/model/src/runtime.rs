@@ -2,6 +2,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ActionKind;
+
 /// What kind of execution environment a runtime is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -180,18 +182,14 @@ pub struct RuntimeSpec {
 ///
 /// A runtime is decoded several times for every create across the cluster (apply on each
 /// member, the executor, replication, forwarding), and its capabilities were six of its
-/// allocations each time: the names every backend uses ([`LIFECYCLE_ACTIONS`]) decode to the
-/// static text instead.
+/// allocations each time: the names of [`ActionKind::ON_BACKENDS`] decode to the static text
+/// instead. (A backend may name an action this build does not know: it is kept as it came.)
 pub type Capability = std::borrow::Cow<'static, str>;
 
-/// The lifecycle actions a backend may support besides create and delete (which every backend
-/// does): what a runtime's capabilities are made of.
-pub const LIFECYCLE_ACTIONS: &[&str] = &["start", "stop", "restart", "scale", "snapshot", "restore"];
-
-/// `name` as a [`Capability`]: the static text if it is one of [`LIFECYCLE_ACTIONS`].
+/// `name` as a [`Capability`]: the static text if it names one of [`ActionKind::ON_BACKENDS`].
 pub fn capability(name: &str) -> Capability {
-    match LIFECYCLE_ACTIONS.iter().find(|known| **known == name) {
-        Some(known) => Capability::Borrowed(known),
+    match ActionKind::ON_BACKENDS.into_iter().find(|known| known.as_str() == name) {
+        Some(known) => Capability::Borrowed(known.as_str()),
         None => Capability::Owned(name.to_string()),
     }
 }

@@ -8,7 +8,7 @@ use rocksdb::IteratorMode;
 use serde::{Deserialize, Serialize};
 
 use runtimeai_model::{
-    Actor, ClusterSettings, Event, EventSeverity, JsonObject, JsonText, Operation, PolicyDecision, Runtime,
+    ActionKind, Actor, ClusterSettings, Event, EventSeverity, JsonObject, JsonText, Operation, PolicyDecision, Runtime,
     RuntimeState, Timestamp,
 };
 
@@ -155,7 +155,7 @@ pub(crate) struct AssignedData<'a> {
 /// decisions; `operation.<status>` when it ends).
 #[derive(Serialize)]
 pub(crate) struct OperationData<'a> {
-    pub(crate) action: &'a str,
+    pub(crate) action: ActionKind,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) decisions: Option<&'a [PolicyDecision]>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -305,7 +305,7 @@ mod tests {
             serde_json::json!({"attempt": 2, "node_id": 3, "operation_id": "op_1", "token": 41})
         );
         let ended = JsonText(OperationData {
-            action: "start",
+            action: ActionKind::Start,
             decisions: None,
             error: Some("backend_failed: no disk".into()),
             from_state: "starting",
