@@ -11,7 +11,7 @@ use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use runtimeai_model::{ClusterSettings, SettingsUsage};
+use runtimeai_model::{ClusterSettings, MembershipChange, SettingsUsage};
 use runtimeai_raft::NodeId;
 
 use utoipa_axum::router::OpenApiRouter;
@@ -196,7 +196,7 @@ pub(crate) async fn add_member(
     if request.grpc.parse::<std::net::SocketAddr>().is_err() && !request.grpc.contains(':') {
         return Err(Problem::invalid_field("$.grpc", "expected host:port"));
     }
-    audit_membership(&state, &caller, "add", request.id, Some(request.grpc.clone())).await?;
+    audit_membership(&state, &caller, MembershipChange::Add, request.id, Some(request.grpc.clone())).await?;
     let replica = state.replica.clone();
     // Run to completion even if the client goes away: a half-done change helps nobody.
     tokio::spawn(async move { replica.add_member(request.id, request.grpc).await })
@@ -216,7 +216,7 @@ pub(crate) async fn remove_member(
     caller: Caller,
     PathParam(node_id): PathParam<NodeId>,
 ) -> Result<impl IntoResponse, Problem> {
-    audit_membership(&state, &caller, "remove", node_id, None).await?;
+    audit_membership(&state, &caller, MembershipChange::Remove, node_id, None).await?;
     let replica = state.replica.clone();
     tokio::spawn(async move { replica.remove_member(node_id).await })
         .await
@@ -229,11 +229,11 @@ pub(crate) async fn remove_member(
 async fn audit_membership(
     state: &AppState,
     caller: &Caller,
-    change: &str,
+    change: MembershipChange,
     node_id: NodeId,
     grpc_addr: Option<String>,
 ) -> Result<(), Problem> {
-    let op = runtimeai_raft::Op::AuditMembership { change: change.to_string(), node_id, grpc_addr };
+    let op = runtimeai_raft::Op::AuditMembership { change, node_id, grpc_addr };
     crate::mutation::propose(state, caller, &(change, node_id), op).await.map(|_| ())
 }
 

@@ -18,7 +18,8 @@ use serde::Serialize;
 /// executor's report whose fencing token is not optional. 8: `LifecycleAction::Relabel`, and
 /// `Op::PatchLabels` carries the relabel as an operation. 9: a snapshot ends with the CRC-32 of
 /// its bytes; the index of runtimes by node (`runtimes_by_node`). 10: the indexes of runtimes by
-/// tenant, type and state with their counts, `ClusterSettings::limits` and `Rejection::LimitExceeded`.
+/// tenant, type and state with their counts, `ClusterSettings::limits`, `Rejection::LimitExceeded`,
+/// and a membership change audited as a `MembershipChange`, not text.
 pub const FORMAT_VERSION: u32 = 10;
 
 #[derive(Debug, thiserror::Error)]

@@ -154,7 +154,7 @@ pub enum Op {
     /// Record in the audit feed that the actor asked for a membership change (before it is
     /// made: a change that fails halfway is on record too).
     AuditMembership {
-        change: String,
+        change: runtimeai_model::MembershipChange,
         node_id: u64,
         grpc_addr: Option<String>,
     },

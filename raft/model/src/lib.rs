@@ -18,9 +18,9 @@ pub use json::{JsonObject, JsonText};
 pub use lifecycle::{ActionKind, IllegalTransition, LabelPatch, LifecycleAction};
 pub use records::{
     default_sizes, within_limit, Actor, Approval, Assignment, BackendInfo, ClusterSettings, Event, EventSeverity,
-    IdempotencyRecord, Intent, LimitExceeded, Limits, NodeInfo, Operation, OperationError, OperationProgress,
-    OperationStatus, Placement, Policy, PolicyDecision, PolicyMode, PolicyRule, RuntimeSignals, SettingsUsage,
-    SizeEntry, Verdict, EVENT_RETENTION_FLOOR_COUNT, EVENT_RETENTION_FLOOR_DAYS,
+    EventType, IdempotencyRecord, Intent, LimitExceeded, Limits, MembershipChange, NodeInfo, Operation, OperationError,
+    OperationProgress, OperationStatus, Placement, Policy, PolicyDecision, PolicyMode, PolicyRule, RuntimeSignals,
+    SettingsUsage, SizeEntry, Verdict, EVENT_RETENTION_FLOOR_COUNT, EVENT_RETENTION_FLOOR_DAYS,
 };
 pub use runtime::{
     capability, BackendKind, BackendRef, Capability, EgressPolicy, Exposure, Isolation, NetworkingProfile,

@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{JsonObject, LifecycleAction, RuntimeState};
+use crate::{ActionKind, JsonObject, LifecycleAction, RuntimeState};
 
 /// Who asked for a change: recorded on every event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +72,77 @@ pub struct Event {
     pub data: JsonObject,
     /// Raft log index of the entry that wrote the event: orders a runtime's events.
     pub seq: u64,
+}
+
+/// What an event records. Apply writes events by their type; they are stored and shown by its
+/// dotted name ([`EventType::name`]: `runtime.created`, `lifecycle.stop`, `member.add`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    RuntimeCreated,
+    RuntimeUpdated,
+    RuntimeLabels,
+    RuntimeDrift,
+    RuntimeDeleted,
+    /// An operation of this kind began.
+    Lifecycle(ActionKind),
+    /// An operation ended so (succeeded, failed, cancelled).
+    Operation(OperationStatus),
+    OperationApproved,
+    OperationRejected,
+    OperationAssigned,
+    PolicyDenied,
+    PolicyApprovalRequired,
+    PolicyCreated,
+    PolicyDeleted,
+    ApiKeyCreated,
+    ApiKeyRevoked,
+    SettingsChanged,
+    /// A membership change, audited before it is made.
+    Member(MembershipChange),
+}
+
+impl EventType {
+    /// The dotted name events carry.
+    pub fn name(self) -> std::borrow::Cow<'static, str> {
+        use std::borrow::Cow::{Borrowed, Owned};
+        match self {
+            EventType::RuntimeCreated => Borrowed("runtime.created"),
+            EventType::RuntimeUpdated => Borrowed("runtime.updated"),
+            EventType::RuntimeLabels => Borrowed("runtime.labels"),
+            EventType::RuntimeDrift => Borrowed("runtime.drift"),
+            EventType::RuntimeDeleted => Borrowed("runtime.deleted"),
+            EventType::Lifecycle(kind) => Owned(format!("lifecycle.{kind}")),
+            EventType::Operation(status) => Owned(format!("operation.{}", status.as_str())),
+            EventType::OperationApproved => Borrowed("operation.approved"),
+            EventType::OperationRejected => Borrowed("operation.rejected"),
+            EventType::OperationAssigned => Borrowed("operation.assigned"),
+            EventType::PolicyDenied => Borrowed("policy.denied"),
+            EventType::PolicyApprovalRequired => Borrowed("policy.approval_required"),
+            EventType::PolicyCreated => Borrowed("policy.created"),
+            EventType::PolicyDeleted => Borrowed("policy.deleted"),
+            EventType::ApiKeyCreated => Borrowed("apikey.created"),
+            EventType::ApiKeyRevoked => Borrowed("apikey.revoked"),
+            EventType::SettingsChanged => Borrowed("settings.changed"),
+            EventType::Member(change) => Owned(format!("member.{}", change.as_str())),
+        }
+    }
+}
+
+/// A change of the cluster's membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MembershipChange {
+    Add,
+    Remove,
+}
+
+impl MembershipChange {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MembershipChange::Add => "add",
+            MembershipChange::Remove => "remove",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -574,5 +645,19 @@ impl Default for ClusterSettings {
             limits: Limits::default(),
             usage: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod event_type_tests {
+    use super::*;
+
+    #[test]
+    fn event_types_keep_the_names_clients_see() {
+        assert_eq!(EventType::RuntimeCreated.name(), "runtime.created");
+        assert_eq!(EventType::Lifecycle(ActionKind::Stop).name(), "lifecycle.stop");
+        assert_eq!(EventType::Operation(OperationStatus::Succeeded).name(), "operation.succeeded");
+        assert_eq!(EventType::Member(MembershipChange::Remove).name(), "member.remove");
+        assert_eq!(EventType::PolicyApprovalRequired.name(), "policy.approval_required");
     }
 }

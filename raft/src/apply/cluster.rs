@@ -1,7 +1,7 @@
 //! The cluster's own records: settings, API keys, members' announcements, and the audit of
 //! membership changes.
 
-use runtimeai_model::{ApiKey, ClusterSettings, EventSeverity, NodeInfo};
+use runtimeai_model::{ApiKey, ClusterSettings, EventSeverity, EventType, MembershipChange, NodeInfo};
 
 use super::events::{audit_data, EventWriter, AUDIT_STREAM};
 use crate::command::{CommandReply, Rejection};
@@ -41,7 +41,7 @@ pub(crate) fn create_api_key(
     if let Some(old_id) = &replaces {
         fields.push(("replaces", old_id));
     }
-    events.write(txn, AUDIT_STREAM, "apikey.created", EventSeverity::Info, &audit_data(&fields, None))?;
+    events.write(txn, AUDIT_STREAM, EventType::ApiKeyCreated, EventSeverity::Info, &audit_data(&fields, None))?;
     Ok(CommandReply::ApiKey(key))
 }
 
@@ -53,7 +53,7 @@ pub(crate) fn set_settings(
     txn.put(CF_SETTINGS, SETTINGS_KEY.to_vec(), &settings)?;
     let retention = format!("{} events, {} days", settings.event_retention_count, settings.event_retention_days);
     let data = audit_data(&[("event_retention", &retention)], None);
-    events.write(txn, AUDIT_STREAM, "settings.changed", EventSeverity::Warning, &data)?;
+    events.write(txn, AUDIT_STREAM, EventType::SettingsChanged, EventSeverity::Warning, &data)?;
     Ok(CommandReply::Settings(settings))
 }
 
@@ -61,7 +61,7 @@ pub(crate) fn set_settings(
 pub(crate) fn audit_membership(
     txn: &mut Txn<'_>,
     events: &mut EventWriter<'_>,
-    change: &str,
+    change: MembershipChange,
     node_id: u64,
     grpc_addr: Option<String>,
 ) -> Result<CommandReply, StorageError> {
@@ -71,7 +71,7 @@ pub(crate) fn audit_membership(
         fields.push(("grpc", addr));
     }
     let severity = EventSeverity::Warning;
-    events.write(txn, AUDIT_STREAM, &format!("member.{change}"), severity, &audit_data(&fields, None))?;
+    events.write(txn, AUDIT_STREAM, EventType::Member(change), severity, &audit_data(&fields, None))?;
     Ok(CommandReply::Audited)
 }
 
@@ -88,7 +88,7 @@ pub(crate) fn revoke_api_key(
         txn.put(CF_API_KEYS, id.as_bytes().to_vec(), &key)?;
         txn.api_keys_written = true;
         let data = audit_data(&[("key_id", &key.id), ("principal", &key.principal.name)], None);
-        events.write(txn, AUDIT_STREAM, "apikey.revoked", EventSeverity::Warning, &data)?;
+        events.write(txn, AUDIT_STREAM, EventType::ApiKeyRevoked, EventSeverity::Warning, &data)?;
     }
     Ok(CommandReply::ApiKey(key))
 }

@@ -8,8 +8,8 @@ use rocksdb::IteratorMode;
 use serde::{Deserialize, Serialize};
 
 use runtimeai_model::{
-    ActionKind, Actor, ClusterSettings, Event, EventSeverity, JsonObject, JsonText, Operation, PolicyDecision, Runtime,
-    RuntimeState, Timestamp,
+    ActionKind, Actor, ClusterSettings, Event, EventSeverity, EventType, JsonObject, JsonText, Operation,
+    PolicyDecision, Runtime, RuntimeState, Timestamp,
 };
 
 use crate::codec;
@@ -171,13 +171,14 @@ impl EventWriter<'_> {
         &mut self,
         txn: &mut Txn<'_>,
         runtime_id: &str,
-        event_type: &str,
+        event_type: EventType,
         severity: EventSeverity,
         data: &D,
     ) -> Result<(), StorageError> {
         let sub = txn.events_in_entry;
         txn.events_in_entry += 1;
-        let event = EventRecord { event_type, severity, ts: self.at, actor: self.actor, data };
+        let name = event_type.name();
+        let event = EventRecord { event_type: &name, severity, ts: self.at, actor: self.actor, data };
         let mut key = event_prefix(runtime_id);
         key.extend_from_slice(&self.index.to_be_bytes());
         key.extend_from_slice(&sub.to_be_bytes());

@@ -114,7 +114,7 @@ fn apply_op(
         Op::SetSettings { settings } => cluster::set_settings(txn, events, settings)?,
         Op::CreateApiKey { key, replaces } => cluster::create_api_key(txn, events, key, replaces)?,
         Op::AuditMembership { change, node_id, grpc_addr } => {
-            cluster::audit_membership(txn, events, &change, node_id, grpc_addr)?
+            cluster::audit_membership(txn, events, change, node_id, grpc_addr)?
         }
         Op::RevokeApiKey { id } => cluster::revoke_api_key(txn, events, id)?,
     })

@@ -4,8 +4,9 @@
 
 use runtimeai_engine::policy;
 use runtimeai_model::{
-    Actor, Approval, Assignment, ClusterSettings, EventSeverity, JsonObject, JsonText, LifecycleAction, Operation,
-    OperationError, OperationProgress, OperationStatus, Runtime, RuntimeSnapshot, RuntimeState, Timestamp, Verdict,
+    Actor, Approval, Assignment, ClusterSettings, EventSeverity, EventType, JsonObject, JsonText, LifecycleAction,
+    Operation, OperationError, OperationProgress, OperationStatus, Runtime, RuntimeSnapshot, RuntimeState, Timestamp,
+    Verdict,
 };
 
 use super::events::{operation_data, AssignedData, EventWriter};
@@ -83,11 +84,10 @@ pub(crate) fn begin_operation(
     runtime.state = during;
     runtime.active_operation = Some(operation.id.clone());
     save_runtime(txn, at, &mut runtime, &was)?;
-    let event_type = format!("lifecycle.{}", operation.action.kind());
     let mut data = operation_data(&operation, from, during);
     // Every decision, allowing ones included, is on record with the rule that made it.
     data.0.decisions = Some(&operation.decisions);
-    events.write(txn, &runtime.id, &event_type, EventSeverity::Info, &data)?;
+    events.write(txn, &runtime.id, EventType::Lifecycle(operation.action.kind()), EventSeverity::Info, &data)?;
     hand_over_offered(txn, events, &mut operation, offered)?;
     put_new_operation(txn, &operation)?;
     Ok(CommandReply::Operation(operation))
@@ -246,15 +246,20 @@ pub(crate) fn finish_operation(
     }
     put_operation(txn, &operation)?;
     let severity = if operation.status == Failed { EventSeverity::Warning } else { EventSeverity::Info };
-    let event_type = format!("operation.{}", operation.status.as_str());
-    events.write(txn, &runtime.id, &event_type, severity, &operation_data(&operation, from, runtime.state))?;
+    events.write(
+        txn,
+        &runtime.id,
+        EventType::Operation(operation.status),
+        severity,
+        &operation_data(&operation, from, runtime.state),
+    )?;
     if runtime.state == RuntimeState::Deleted {
         txn.delete(CF_RUNTIME_NAMES, name_key(runtime.tenant_id.as_deref(), &runtime.name));
         count_placement(txn, &runtime, false)?;
         runtime_index::reindex(txn, &runtime.id, Some(&was), None)?;
         txn.delete(CF_RUNTIMES, runtime.id.as_bytes().to_vec());
         retention::ended(txn, at, Ended::Runtime, &runtime.id, &runtime.id)?;
-        events.write(txn, &runtime.id, "runtime.deleted", EventSeverity::Info, &JsonObject::default())?;
+        events.write(txn, &runtime.id, EventType::RuntimeDeleted, EventSeverity::Info, &JsonObject::default())?;
     } else {
         save_runtime(txn, at, &mut runtime, &was)?;
     }
@@ -298,7 +303,7 @@ pub(crate) fn decide_approval(
     data.insert("reason".into(), reason.clone().into());
     let runtime_id = operation.runtime_id.clone();
     if approve {
-        events.write(txn, &runtime_id, "operation.approved", EventSeverity::Info, &JsonObject(data))?;
+        events.write(txn, &runtime_id, EventType::OperationApproved, EventSeverity::Info, &JsonObject(data))?;
         if !operation.action.needs_backend() {
             // Nothing for an executor to do (a relabel): approved is done.
             operation.status = OperationStatus::Succeeded;
@@ -308,7 +313,7 @@ pub(crate) fn decide_approval(
         put_operation(txn, &operation)?;
         return Ok(CommandReply::Operation(operation));
     }
-    events.write(txn, &runtime_id, "operation.rejected", EventSeverity::Info, &JsonObject(data))?;
+    events.write(txn, &runtime_id, EventType::OperationRejected, EventSeverity::Info, &JsonObject(data))?;
     operation.status = OperationStatus::Cancelled;
     operation.error = Some(OperationError {
         code: "rejected".into(),
@@ -384,7 +389,7 @@ pub(crate) fn hand_over(
         operation_id: &operation.id,
         token: assignment.token,
     });
-    events.write(txn, &operation.runtime_id, "operation.assigned", EventSeverity::Info, &data)?;
+    events.write(txn, &operation.runtime_id, EventType::OperationAssigned, EventSeverity::Info, &data)?;
     operation.assignment = Some(assignment);
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use runtimeai_engine::policy;
 use runtimeai_model::{
-    ClusterSettings, EventSeverity, Operation, OperationStatus, Policy, PolicyDecision, Runtime, Verdict,
+    ClusterSettings, EventSeverity, EventType, Operation, OperationStatus, Policy, PolicyDecision, Runtime, Verdict,
 };
 
 use super::events::{audit_data, decision_data, EventWriter, AUDIT_STREAM};
@@ -52,7 +52,7 @@ pub(crate) fn judge(
             events.write(
                 txn,
                 runtime_id,
-                "policy.denied",
+                EventType::PolicyDenied,
                 EventSeverity::Warning,
                 &decision_data(operation, &decision),
             )?;
@@ -61,7 +61,7 @@ pub(crate) fn judge(
         Verdict::RequireApproval => {
             operation.status = OperationStatus::PendingApproval;
             let data = decision_data(operation, &decision);
-            events.write(txn, runtime_id, "policy.approval_required", EventSeverity::Warning, &data)?;
+            events.write(txn, runtime_id, EventType::PolicyApprovalRequired, EventSeverity::Warning, &data)?;
             Ok(None)
         }
     }
@@ -90,7 +90,7 @@ pub(crate) fn create_policy(
     }
     txn.put(CF_POLICIES, policy.id.as_bytes().to_vec(), &policy)?;
     let data = audit_data(&[("policy_id", &policy.id), ("name", &policy.name)], policy.tenant_id.as_deref());
-    events.write(txn, AUDIT_STREAM, "policy.created", EventSeverity::Info, &data)?;
+    events.write(txn, AUDIT_STREAM, EventType::PolicyCreated, EventSeverity::Info, &data)?;
     Ok(CommandReply::Policy(policy))
 }
 
@@ -104,6 +104,6 @@ pub(crate) fn delete_policy(
     };
     txn.delete(CF_POLICIES, id.as_bytes().to_vec());
     let data = audit_data(&[("policy_id", &id), ("name", &policy.name)], policy.tenant_id.as_deref());
-    events.write(txn, AUDIT_STREAM, "policy.deleted", EventSeverity::Warning, &data)?;
+    events.write(txn, AUDIT_STREAM, EventType::PolicyDeleted, EventSeverity::Warning, &data)?;
     Ok(CommandReply::Deleted { id })
 }

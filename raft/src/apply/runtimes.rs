@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use runtimeai_engine::policy;
 use runtimeai_model::{
-    ClusterSettings, EventSeverity, JsonObject, JsonText, Operation, OperationStatus, Runtime, RuntimeState, Timestamp,
-    Verdict,
+    ClusterSettings, EventSeverity, EventType, JsonObject, JsonText, Operation, OperationStatus, Runtime, RuntimeState,
+    Timestamp, Verdict,
 };
 
 use super::events::{labels_data, CreatedData, EventWriter};
@@ -141,7 +141,7 @@ pub(crate) fn create_runtime(
         status: operation.status.as_str(),
         runtime_type: runtime.runtime_type.as_str(),
     });
-    events.write(txn, &runtime.id, "runtime.created", EventSeverity::Info, &data)?;
+    events.write(txn, &runtime.id, EventType::RuntimeCreated, EventSeverity::Info, &data)?;
     hand_over_offered(txn, events, &mut operation, offered)?;
     put_new_operation(txn, &operation)?;
     Ok(CommandReply::Created { runtime, operation })
@@ -176,7 +176,7 @@ pub(crate) fn update_runtime(
         return Ok(CommandReply::Rejected(exceeded.into()));
     }
     save_runtime(txn, at, &mut runtime, &RuntimeField::of(&current))?;
-    events.write(txn, &runtime.id, "runtime.updated", EventSeverity::Info, &JsonObject::default())?;
+    events.write(txn, &runtime.id, EventType::RuntimeUpdated, EventSeverity::Info, &JsonObject::default())?;
     Ok(CommandReply::Runtime(runtime))
 }
 
@@ -224,7 +224,7 @@ pub(crate) fn patch_labels(
     }
     runtime.labels = relabeled;
     save_runtime(txn, at, &mut runtime, &was)?;
-    events.write(txn, &runtime.id, "runtime.labels", EventSeverity::Info, &labels_data(&runtime))?;
+    events.write(txn, &runtime.id, EventType::RuntimeLabels, EventSeverity::Info, &labels_data(&runtime))?;
     Ok(CommandReply::Runtime(runtime))
 }
 
@@ -259,7 +259,7 @@ pub(crate) fn record_drift(
         RuntimeState::Error => EventSeverity::Critical,
         _ => EventSeverity::Warning,
     };
-    events.write(txn, &runtime.id, "runtime.drift", severity, &JsonObject(data))?;
+    events.write(txn, &runtime.id, EventType::RuntimeDrift, severity, &JsonObject(data))?;
     Ok(CommandReply::Runtime(runtime))
 }
 
