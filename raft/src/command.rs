@@ -45,11 +45,6 @@ pub enum Op {
         runtime: Arc<Runtime>,
         operation: Operation,
     },
-    /// Replace a runtime's record; `expected_version` is the `If-Match` precondition.
-    UpdateRuntime {
-        runtime: Runtime,
-        expected_version: Option<u64>,
-    },
     /// Change a runtime's labels: `operation` carries the [`LifecycleAction::Relabel`], which the
     /// policies judge. Allowed, the labels change at once (no operation is stored); needing
     /// approval, the operation waits in `pending_approval` and applies them once approved;
@@ -183,7 +178,6 @@ impl Op {
     pub fn name(&self) -> &'static str {
         match self {
             Op::CreateRuntime { .. } => "create_runtime",
-            Op::UpdateRuntime { .. } => "update_runtime",
             Op::PatchLabels { .. } => "patch_labels",
             Op::BeginOperation { .. } => "begin_operation",
             Op::AdvanceOperation { .. } => "advance_operation",

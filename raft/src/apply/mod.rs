@@ -75,9 +75,6 @@ fn apply_op(
         Op::CreateRuntime { runtime, operation } => {
             runtimes::create_runtime(txn, events, &settings, runtime, by_actor(operation))?
         }
-        Op::UpdateRuntime { runtime, expected_version } => {
-            runtimes::update_runtime(txn, events, at, runtime, expected_version)?
-        }
         Op::PatchLabels { operation, expected_version } => {
             runtimes::patch_labels(txn, events, &settings, by_actor(operation), expected_version)?
         }

@@ -147,39 +147,6 @@ pub(crate) fn create_runtime(
     Ok(CommandReply::Created { runtime, operation })
 }
 
-pub(crate) fn update_runtime(
-    txn: &mut Txn<'_>,
-    events: &mut EventWriter<'_>,
-    at: Timestamp,
-    mut runtime: Runtime,
-    expected_version: Option<u64>,
-) -> Result<CommandReply, StorageError> {
-    let current = match load_runtime(txn, &runtime.id, expected_version)? {
-        Err(rejection) => return Ok(CommandReply::Rejected(rejection)),
-        Ok(current) => current,
-    };
-    let old_name = name_key(current.tenant_id.as_deref(), &current.name);
-    let new_name = name_key(runtime.tenant_id.as_deref(), &runtime.name);
-    if old_name != new_name {
-        if let Some(existing_id) = txn.get::<String>(CF_RUNTIME_NAMES, &new_name)? {
-            return Ok(CommandReply::Rejected(Rejection::NameTaken { name: runtime.name, existing_id }));
-        }
-        txn.delete(CF_RUNTIME_NAMES, old_name);
-        txn.put(CF_RUNTIME_NAMES, new_name, &runtime.id)?;
-    }
-    runtime.version = current.version;
-    runtime.created_at = current.created_at;
-    // Where a runtime runs is decided when it is created (and indexed by node): an update
-    // does not move it.
-    runtime.placement = current.placement.clone();
-    if let Err(exceeded) = txn.settings()?.limits.check_runtime(&runtime) {
-        return Ok(CommandReply::Rejected(exceeded.into()));
-    }
-    save_runtime(txn, at, &mut runtime, &RuntimeField::of(&current))?;
-    events.write(txn, &runtime.id, EventType::RuntimeUpdated, EventSeverity::Info, &JsonObject::default())?;
-    Ok(CommandReply::Runtime(runtime))
-}
-
 /// The refusal of a new operation on a runtime that has one on its way.
 pub(crate) fn busy(runtime: &Runtime) -> Option<Rejection> {
     let active = runtime.active_operation.as_ref()?;
