@@ -11,6 +11,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use runtimeai_engine::placement;
 use runtimeai_model::{
     capability, ActionKind, Actor, BackendInfo, BackendKind, BackendRef, ClusterSettings, Event, LifecycleAction,
     Operation, OperationStatus, Placement, PolicyMode, ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec,
@@ -232,68 +233,33 @@ impl std::ops::Deref for SizeCatalogue {
     }
 }
 
-/// Where a new runtime goes: among the nodes whose executor serves its type (and its `site`
-/// label, if it has one), the one with the fewest runtimes; ties go to the lowest node id. The
-/// backend it lands on says what the runtime can do.
+/// Where a new runtime goes (`runtimeai_engine::placement`), or why nowhere: 503 while members
+/// have not announced what they serve (one of them may), else 422 listing what the cluster has.
 fn place(
     state: &AppState,
     runtime_type: RuntimeType,
     labels: &BTreeMap<String, String>,
 ) -> Result<(Placement, BackendInfo), Problem> {
-    let site = labels.get("site");
+    let site = labels.get("site").map(String::as_str);
     let nodes = state.replica.state.nodes();
-    let unannounced = state.replica.member_count() > nodes.len();
-    let candidates: Vec<_> = nodes
-        .iter()
-        .filter(|n| n.backends.iter().any(|b| b.runtime_type == runtime_type.as_str()))
-        .filter(|n| site.is_none() || n.site.as_ref() == site)
-        .collect();
     let counts = state.replica.state.placement_counts();
-    let load = |node: u64| counts.get(&node).copied().unwrap_or(0);
-    let available = || {
-        let mut offered: Vec<String> = state
-            .replica
-            .state
-            .nodes()
-            .iter()
-            .flat_map(|n| {
-                let site = n.site.clone().map(|s| format!(" in site {s}")).unwrap_or_default();
-                n.backends.iter().map(move |b| format!("{} ({}{site})", b.runtime_type, b.driver))
-            })
-            .collect();
-        offered.sort();
-        offered.dedup();
-        if offered.is_empty() {
-            "nothing".to_string()
-        } else {
-            offered.join(", ")
-        }
-    };
-    let chosen = candidates.into_iter().min_by_key(|n| (load(n.node_id), n.node_id)).ok_or_else(|| {
-        let where_ = site.map(|s| format!(" in site {s:?}")).unwrap_or_default();
-        if unannounced {
-            // A member that has not announced itself yet may serve it: ask to retry.
-            return Problem::unavailable(format!(
-                "no announced node executes {} runtimes{where_} yet; some members have not announced themselves",
-                runtime_type.as_str()
-            ));
-        }
-        validate::invalid(
-            "$.type",
-            format!(
-                "no node of the cluster executes {} runtimes{where_}; available: {}",
-                runtime_type.as_str(),
-                available()
-            ),
-        )
-    })?;
-    let backend = chosen
-        .backends
-        .iter()
-        .find(|b| b.runtime_type == runtime_type.as_str())
-        .cloned()
-        .expect("chosen among the nodes serving the type");
-    Ok((Placement { node_id: chosen.node_id, site: chosen.site.clone(), zone: chosen.zone.clone() }, backend))
+    if let Some((placement, backend)) = placement::place(&nodes, &counts, runtime_type, site) {
+        return Ok((placement, backend.clone()));
+    }
+    let where_ = site.map(|s| format!(" in site {s:?}")).unwrap_or_default();
+    if state.replica.member_count() > nodes.len() {
+        // A member that has not announced itself yet may serve it: ask to retry.
+        return Err(Problem::unavailable(format!(
+            "no announced node executes {} runtimes{where_} yet; some members have not announced themselves",
+            runtime_type.as_str()
+        )));
+    }
+    let offered = placement::offered(&nodes);
+    let available = if offered.is_empty() { "nothing".to_string() } else { offered.join(", ") };
+    Err(validate::invalid(
+        "$.type",
+        format!("no node of the cluster executes {} runtimes{where_}; available: {available}", runtime_type.as_str()),
+    ))
 }
 
 /// Create a runtime. It starts in `creating`; its create operation is `active_operation`.
