@@ -63,7 +63,7 @@ TOML
 "$venv/bin/st" --config-file schemathesis.toml run "https://127.0.0.1:$http/v1/openapi.json" \
   --tls-verify "$work/dev/certs/ca.pem" \
   --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
-  --phases examples,coverage,fuzzing --max-examples 15 --max-time "$max_time" --seed 1 \
+  --phases examples,coverage,fuzzing,stateful --max-examples 15 --max-time "$max_time" --seed 1 \
   --suppress-health-check too_slow,filter_too_much --request-timeout 30 \
   -H "Authorization: Bearer $(cat "$work/dev/admin.key")" \
   --exclude-path-regex '^/v1/(cluster/members|keys/)' --no-color

@@ -11,7 +11,7 @@ use crate::problem::Problem;
 #[into_params(parameter_in = Header)]
 pub struct IfMatch {
     /// An ETag such as `"3"`, or `*`.
-    #[param(rename = "If-Match")]
+    #[param(rename = "If-Match", pattern = r#"^(\*|(W/)?"[0-9]{1,19}")$"#)]
     pub if_match: Option<String>,
 }
 
@@ -20,7 +20,7 @@ pub struct IfMatch {
 #[into_params(parameter_in = Header)]
 pub struct IdempotencyKey {
     /// 1 to 255 characters, unique per intended change; remembered for 24 hours.
-    #[param(rename = "Idempotency-Key")]
+    #[param(rename = "Idempotency-Key", pattern = "^[!-~]{1,255}$")]
     pub idempotency_key: Option<String>,
 }
 

@@ -46,19 +46,75 @@ impl utoipa::Modify for BearerAuth {
 /// This document.
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "Health",
     responses((status = 200, description = "The OpenAPI 3.1 document", body = Object), ProblemResponses))]
-pub(crate) async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+pub(crate) async fn openapi_json() -> Json<serde_json::Value> {
     Json(api().clone())
 }
 
 /// The document, made once from the routes.
-fn api() -> &'static utoipa::openapi::OpenApi {
-    static API: std::sync::OnceLock<utoipa::openapi::OpenApi> = std::sync::OnceLock::new();
-    API.get_or_init(|| crate::routes().into_openapi())
+fn api() -> &'static serde_json::Value {
+    static API: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    API.get_or_init(|| {
+        let mut api = serde_json::to_value(crate::routes().into_openapi()).unwrap_or_default();
+        link_created_ids(&mut api);
+        api
+    })
 }
 
 /// The document as committed in `api/openapi.json`.
 pub fn document() -> String {
-    api().to_pretty_json().expect("the OpenAPI document serializes") + "\n"
+    serde_json::to_string_pretty(api()).unwrap_or_default() + "\n"
+}
+
+/// The answers that make something new, and where its id is: `(path, method, status, the path
+/// parameter it fills, where in the answer it is)`.
+const PRODUCERS: &[(&str, &str, &str, &str, &str)] = &[
+    ("/v1/runtimes", "post", "201", "runtime_id", "$response.body#/id"),
+    ("/v1/policies", "post", "201", "policy_id", "$response.body#/id"),
+    ("/v1/runtimes/{runtime_id}/intent", "post", "202", "intent_id", "$response.body#/intent_id"),
+    ("/v1/runtimes/{runtime_id}/lifecycle/stop", "post", "202", "operation_id", "$response.body#/id"),
+    ("/v1/runtimes/{runtime_id}/lifecycle/snapshot", "post", "202", "operation_id", "$response.body#/id"),
+    ("/v1/runtimes/{runtime_id}/actions/execute", "post", "202", "operation_id", "$response.body#/id"),
+];
+
+/// OpenAPI links from each answer that makes something (see [`PRODUCERS`]) to every operation
+/// that takes its id in its path (the other path parameters taken from the request), so that a
+/// client, or schemathesis's stateful phase, can follow a create to what it enables. (Written
+/// into the JSON: utoipa 5 serializes a link's `operationId` as `operation_id`.)
+fn link_created_ids(api: &mut serde_json::Value) {
+    let mut consumers = Vec::new();
+    for (path, item) in api["paths"].as_object().into_iter().flatten() {
+        for operation in item.as_object().into_iter().flat_map(|item| item.values()) {
+            if let Some(id) = operation["operationId"].as_str() {
+                consumers.push((path.clone(), id.to_string()));
+            }
+        }
+    }
+    for (source, method, status, param, expression) in PRODUCERS {
+        let mut links = serde_json::Map::new();
+        for (path, operation_id) in &consumers {
+            let params: Vec<&str> = path.split('{').skip(1).filter_map(|p| p.split_once('}')).map(|(p, _)| p).collect();
+            if !params.contains(param) {
+                continue;
+            }
+            let mut values = serde_json::Map::new();
+            for p in &params {
+                if p == param {
+                    values.insert(p.to_string(), (*expression).into());
+                } else if source.contains(&format!("{{{p}}}")) {
+                    values.insert(p.to_string(), format!("$request.path.{p}").into());
+                }
+            }
+            if values.len() == params.len() {
+                links.insert(
+                    operation_id.clone(),
+                    serde_json::json!({"operationId": operation_id, "parameters": values}),
+                );
+            }
+        }
+        if let Some(response) = api["paths"][*source][*method]["responses"][*status].as_object_mut() {
+            response.insert("links".into(), serde_json::Value::Object(links));
+        }
+    }
 }
 
 #[cfg(test)]
