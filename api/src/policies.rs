@@ -29,7 +29,7 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleRequest {
-    pub kind: String,
+    pub kind: runtimeai_model::RuleKind,
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub selector: Option<serde_json::Map<String, serde_json::Value>>,
@@ -84,7 +84,7 @@ pub(crate) async fn create_policy(
             .rules
             .iter()
             .map(|r| PolicyRule {
-                kind: r.kind.clone(),
+                kind: r.kind,
                 selector: JsonObject(r.selector.clone().unwrap_or_default()),
                 params: JsonObject(r.params.clone().unwrap_or_default()),
             })

@@ -135,7 +135,7 @@ impl From<Rejection> for Problem {
         if let Rejection::PolicyDenied { decision } = rejection {
             let named = match (&decision.policy_name, decision.rule_index) {
                 (Some(name), Some(rule)) => {
-                    format!(" (policy {name}, rule {rule}: {})", decision.rule_kind.as_deref().unwrap_or("?"))
+                    format!(" (policy {name}, rule {rule}: {})", decision.rule_kind.map_or("?", |kind| kind.as_str()))
                 }
                 _ => String::new(),
             };

@@ -19,8 +19,9 @@ use serde::Serialize;
 /// `Op::PatchLabels` carries the relabel as an operation. 9: a snapshot ends with the CRC-32 of
 /// its bytes; the index of runtimes by node (`runtimes_by_node`). 10: the indexes of runtimes by
 /// tenant, type and state with their counts, `ClusterSettings::limits`, `Rejection::LimitExceeded`,
-/// a membership change audited as a `MembershipChange`, not text, and no `Op::UpdateRuntime` (no
-/// request made it; a runtime changes by its lifecycle and its labels).
+/// a membership change audited as a `MembershipChange`, a rule's kind as a `RuleKind` and a
+/// decision's action as an `ActionKind`, not text, and no `Op::UpdateRuntime` (no request made it;
+/// a runtime changes by its lifecycle and its labels).
 pub const FORMAT_VERSION: u32 = 10;
 
 #[derive(Debug, thiserror::Error)]

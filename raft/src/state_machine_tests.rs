@@ -176,7 +176,7 @@ fn stop_policy(id: &str, kind: &str) -> runtimeai_model::Policy {
         tenant_id: None,
         scope_env: None,
         rules: vec![runtimeai_model::PolicyRule {
-            kind: kind.into(),
+            kind: runtimeai_model::RuleKind::named(kind).expect("a rule kind"),
             selector: runtimeai_model::JsonObject(
                 serde_json::json!({"actions": ["stop"]}).as_object().cloned().unwrap_or_default(),
             ),

@@ -43,15 +43,12 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use runtimeai_model::{
-    ActionKind, Actor, LifecycleAction, Policy, PolicyDecision, PolicyMode, PolicyRule, Runtime, RuntimeSpec,
+    ActionKind, Actor, LifecycleAction, Policy, PolicyDecision, PolicyMode, PolicyRule, RuleKind, Runtime, RuntimeSpec,
     RuntimeState, SizeEntry, Verdict,
 };
 use serde_json::{Map, Value};
 
 use crate::Catalogue;
-
-/// Rule kinds of the seed.
-pub const RULE_KINDS: &[&str] = &["deny_action", "allow_action", "require_approval", "budget_guardrail", "data_egress"];
 
 const RUNTIME_TYPES: &[&str] = &["vm", "vcluster", "sandbox", "agent_runtime"];
 
@@ -197,13 +194,13 @@ fn decide(policies: &[&Policy], step: &Step<'_>, index: u32, mode: PolicyMode) -
                 continue;
             }
             winner = Some(PolicyDecision {
-                action: action.to_string(),
+                action,
                 action_index: index,
                 verdict,
                 policy_id: Some(policy.id.clone()),
                 policy_name: Some(policy.name.clone()),
                 rule_index: Some(rule_index as u32),
-                rule_kind: Some(rule.kind.clone()),
+                rule_kind: Some(rule.kind),
                 reason,
             });
         }
@@ -246,7 +243,7 @@ fn decide(policies: &[&Policy], step: &Step<'_>, index: u32, mode: PolicyMode) -
                 PolicyMode::Aggressive => (Verdict::Allow, format!("aggressive: no rule matches {action}")),
             };
             PolicyDecision {
-                action: action.to_string(),
+                action,
                 action_index: index,
                 verdict,
                 policy_id: None,
@@ -264,13 +261,13 @@ fn rule_verdict(rule: &PolicyRule, step: &Step<'_>) -> Option<(Verdict, String)>
     let params = &rule.params.0;
     let given_reason = params.get("reason").and_then(Value::as_str).map(str::to_string);
     let action = step.action.kind();
-    match rule.kind.as_str() {
-        "deny_action" => Some((Verdict::Deny, given_reason.unwrap_or_else(|| format!("{action} is denied")))),
-        "allow_action" => Some((Verdict::Allow, given_reason.unwrap_or_else(|| format!("{action} is allowed")))),
-        "require_approval" => {
+    match rule.kind {
+        RuleKind::DenyAction => Some((Verdict::Deny, given_reason.unwrap_or_else(|| format!("{action} is denied")))),
+        RuleKind::AllowAction => Some((Verdict::Allow, given_reason.unwrap_or_else(|| format!("{action} is allowed")))),
+        RuleKind::RequireApproval => {
             Some((Verdict::RequireApproval, given_reason.unwrap_or_else(|| format!("{action} needs approval"))))
         }
-        "budget_guardrail" => {
+        RuleKind::BudgetGuardrail => {
             let limit = budget_limit(params)?;
             let before = step.before.cost(step.catalogue);
             let after = step.after.cost(step.catalogue);
@@ -281,7 +278,7 @@ fn rule_verdict(rule: &PolicyRule, step: &Step<'_>) -> Option<(Verdict, String)>
                 )
             })
         }
-        "data_egress" => {
+        RuleKind::DataEgress => {
             let brings_up = matches!(step.action, LifecycleAction::Create | LifecycleAction::Start);
             let networking = step.after.spec.networking.clone().unwrap_or_default();
             let flag = |name: &str| params.get(name).and_then(Value::as_bool).unwrap_or(true);
@@ -292,7 +289,6 @@ fn rule_verdict(rule: &PolicyRule, step: &Step<'_>) -> Option<(Verdict, String)>
                 (Verdict::Deny, format!("{action} would bring up a runtime with {what}, which this policy forbids"))
             })
         }
-        _ => None,
     }
 }
 
@@ -335,9 +331,6 @@ fn selector_matches(selector: &Map<String, Value>, step: &Step<'_>) -> bool {
 
 /// Checks a rule as submitted: `Err((path below the rule, message))`.
 pub fn validate_rule(rule: &PolicyRule) -> Result<(), (String, String)> {
-    if !RULE_KINDS.contains(&rule.kind.as_str()) {
-        return Err(("kind".into(), format!("unknown rule kind {:?}; kinds are {}", rule.kind, RULE_KINDS.join(", "))));
-    }
     for (key, value) in &rule.selector.0 {
         let path = format!("selector.{key}");
         let strings = |allowed: Option<&[&str]>| -> Result<(), (String, String)> {
@@ -392,10 +385,10 @@ pub fn validate_rule(rule: &PolicyRule) -> Result<(), (String, String)> {
         }
     }
     let params = &rule.params.0;
-    let allowed: &[&str] = match rule.kind.as_str() {
-        "budget_guardrail" => &["max_cost_per_hour", "max_cost_per_month"],
-        "data_egress" => &["deny_public_exposure", "deny_open_egress"],
-        _ => &["reason"],
+    let allowed: &[&str] = match rule.kind {
+        RuleKind::BudgetGuardrail => &["max_cost_per_hour", "max_cost_per_month"],
+        RuleKind::DataEgress => &["deny_public_exposure", "deny_open_egress"],
+        RuleKind::DenyAction | RuleKind::AllowAction | RuleKind::RequireApproval => &["reason"],
     };
     for (key, value) in params {
         let path = format!("params.{key}");
@@ -414,7 +407,7 @@ pub fn validate_rule(rule: &PolicyRule) -> Result<(), (String, String)> {
             ));
         }
     }
-    if rule.kind == "budget_guardrail" && budget_limit(params).is_none() {
+    if rule.kind == RuleKind::BudgetGuardrail && budget_limit(params).is_none() {
         return Err(("params".into(), "budget_guardrail needs max_cost_per_hour or max_cost_per_month".into()));
     }
     Ok(())
@@ -440,7 +433,11 @@ mod tests {
 
     fn rule(kind: &str, selector: Value, params: Value) -> PolicyRule {
         let object = |v: Value| JsonObject(v.as_object().cloned().unwrap_or_default());
-        PolicyRule { kind: kind.into(), selector: object(selector), params: object(params) }
+        PolicyRule {
+            kind: RuleKind::named(kind).expect("a rule kind"),
+            selector: object(selector),
+            params: object(params),
+        }
     }
 
     fn policy(id: &str, env: Option<&str>, rules: Vec<PolicyRule>) -> Policy {
@@ -496,7 +493,7 @@ mod tests {
                 let d = decide_one(&policies, &rt, LifecycleAction::Restart, Actor::Agent("bot".into()), mode);
                 assert_eq!(d.verdict, *verdict, "{mode:?} {rules:?}");
                 assert_eq!(d.policy_id.as_deref(), Some(format!("pol_{deciding}").as_str()), "{d:?}");
-                assert_eq!(d.rule_kind.as_deref(), Some(rules[*deciding].kind.as_str()));
+                assert_eq!(d.rule_kind, Some(rules[*deciding].kind));
             }
         }
     }
@@ -565,7 +562,7 @@ mod tests {
         for (policies, change, mode, expected, named) in table {
             let d = decide_one(&policies, &prod, change.clone(), bot(), mode);
             assert_eq!(d.verdict, expected, "{mode:?} {change:?}: {d:?}");
-            assert_eq!(d.action, "relabel");
+            assert_eq!(d.action, ActionKind::Relabel);
             if let Some(name) = named {
                 assert!(d.reason.contains(name), "the reason names the policy left: {d:?}");
             }
@@ -671,7 +668,7 @@ mod tests {
             Some(NetworkingProfile { exposure: Exposure::Public, egress_policy: EgressPolicy::Restricted });
         let mode = PolicyMode::Aggressive;
         let d = decide_one(std::slice::from_ref(&egress), &rt, LifecycleAction::Create, Actor::System, mode);
-        assert_eq!((d.verdict, d.rule_kind.as_deref()), (Verdict::Deny, Some("data_egress")));
+        assert_eq!((d.verdict, d.rule_kind), (Verdict::Deny, Some(RuleKind::DataEgress)));
         rt.spec.networking = Some(NetworkingProfile { exposure: Exposure::Private, egress_policy: EgressPolicy::Open });
         assert_eq!(
             decide_one(std::slice::from_ref(&egress), &rt, LifecycleAction::Create, Actor::System, mode).verdict,
@@ -712,8 +709,9 @@ mod tests {
 
     #[test]
     fn rules_are_validated_with_the_offending_field() {
+        let unknown = serde_json::from_value::<PolicyRule>(json!({"kind": "deny_everything"}));
+        assert!(unknown.unwrap_err().to_string().contains("unknown variant"), "a kind is one of RuleKind's, by type");
         let bad = [
-            (rule("deny_everything", json!({}), json!({})), "kind"),
             (rule("deny_action", json!({"actions": ["explode"]}), json!({})), "selector.actions"),
             (rule("deny_action", json!({"colour": "red"}), json!({})), "selector.colour"),
             (rule("deny_action", json!({"actor": "robot"}), json!({})), "selector.actor"),

@@ -19,8 +19,8 @@ pub use lifecycle::{ActionKind, IllegalTransition, LabelPatch, LifecycleAction};
 pub use records::{
     default_sizes, within_limit, Actor, Approval, Assignment, BackendInfo, ClusterSettings, Event, EventSeverity,
     EventType, IdempotencyRecord, Intent, LimitExceeded, Limits, MembershipChange, NodeInfo, Operation, OperationError,
-    OperationProgress, OperationStatus, Placement, Policy, PolicyDecision, PolicyMode, PolicyRule, RuntimeSignals,
-    SettingsUsage, SizeEntry, Verdict, EVENT_RETENTION_FLOOR_COUNT, EVENT_RETENTION_FLOOR_DAYS,
+    OperationProgress, OperationStatus, Placement, Policy, PolicyDecision, PolicyMode, PolicyRule, RuleKind,
+    RuntimeSignals, SettingsUsage, SizeEntry, Verdict, EVENT_RETENTION_FLOOR_COUNT, EVENT_RETENTION_FLOOR_DAYS,
 };
 pub use runtime::{
     capability, BackendKind, BackendRef, Capability, EgressPolicy, Exposure, Isolation, NetworkingProfile,

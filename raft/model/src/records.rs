@@ -279,8 +279,8 @@ impl Verdict {
 /// no rule matched).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PolicyDecision {
-    /// The action's type (`create`, `stop`, `scale`, ...).
-    pub action: String,
+    /// The action's kind.
+    pub action: ActionKind,
     /// Its position in the operation's list of actions.
     pub action_index: u32,
     pub verdict: Verdict,
@@ -289,7 +289,7 @@ pub struct PolicyDecision {
     pub policy_name: Option<String>,
     /// The deciding rule's position in its policy, and its kind.
     pub rule_index: Option<u32>,
-    pub rule_kind: Option<String>,
+    pub rule_kind: Option<RuleKind>,
     pub reason: String,
 }
 
@@ -388,11 +388,55 @@ pub struct Intent {
     pub version: u64,
 }
 
+/// What a policy rule does to the actions its selector matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleKind {
+    DenyAction,
+    AllowAction,
+    RequireApproval,
+    /// Denies what would take the cost per hour (or month) past `params.max_cost_per_hour`
+    /// (or `max_cost_per_month`).
+    BudgetGuardrail,
+    /// Denies public exposure or open egress when bringing a runtime up.
+    DataEgress,
+}
+
+impl RuleKind {
+    pub const ALL: [RuleKind; 5] = [
+        RuleKind::DenyAction,
+        RuleKind::AllowAction,
+        RuleKind::RequireApproval,
+        RuleKind::BudgetGuardrail,
+        RuleKind::DataEgress,
+    ];
+
+    /// The kind named `name`.
+    pub fn named(name: &str) -> Option<RuleKind> {
+        RuleKind::ALL.into_iter().find(|kind| kind.as_str() == name)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleKind::DenyAction => "deny_action",
+            RuleKind::AllowAction => "allow_action",
+            RuleKind::RequireApproval => "require_approval",
+            RuleKind::BudgetGuardrail => "budget_guardrail",
+            RuleKind::DataEgress => "data_egress",
+        }
+    }
+}
+
+impl std::fmt::Display for RuleKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One rule of a policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PolicyRule {
-    /// `deny_action`, `allow_action`, `require_approval`, `budget_guardrail` or `data_egress`.
-    pub kind: String,
+    pub kind: RuleKind,
     #[serde(default)]
     #[schema(value_type = Object)]
     pub selector: JsonObject,

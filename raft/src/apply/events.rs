@@ -274,7 +274,7 @@ mod tests {
     #[test]
     fn event_data_built_from_borrowed_fields_reads_back_as_a_json_object() {
         let decision = PolicyDecision {
-            action: "create".into(),
+            action: ActionKind::Create,
             action_index: 0,
             verdict: Verdict::Allow,
             policy_id: None,
