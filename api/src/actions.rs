@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use runtimeai_engine::planner::PlanInput;
 use runtimeai_model::{Capability, LifecycleAction, PolicyDecision, PolicyMode, SizeEntry};
 
 use utoipa_axum::router::OpenApiRouter;
@@ -22,7 +21,7 @@ use utoipa_axum::routes;
 use crate::auth::Caller;
 use crate::doc_types::{IdempotencyKey, IfMatch, ProblemResponses, TenantId};
 use crate::extract::{Body, Consistency, PathParam};
-use crate::planning::{plan_goal, planned, preview_decisions, PlannedAction};
+use crate::planning::{plan_for, planned, preview_decisions, Ask, PlannedAction};
 use crate::problem::Problem;
 use crate::runtimes::{
     begin_in_mode, read_runtime, sizes, LifecycleRestoreRequest, LifecycleScaleRequest, LifecycleSnapshotRequest,
@@ -71,23 +70,15 @@ pub(crate) async fn plan_actions(
     PathParam(runtime_id): PathParam<String>,
     Body(request): Body<ActionPlanRequest>,
 ) -> Result<Json<ActionPlan>, Problem> {
-    caller.policy_mode(Some(request.policy_mode))?;
-    let runtime = read_runtime(&state, &caller, &runtime_id, Consistency::Linearizable).await?;
-    let sizes = sizes(&state);
     let no_context = Map::new();
-    let plan = plan_goal(
-        &state,
-        PlanInput {
-            runtime: &runtime,
-            goal: &request.goal,
-            constraints: &request.constraints,
-            context: &no_context,
-            signals: &request.signals,
-            mode: request.policy_mode,
-            sizes: &sizes,
-        },
-    )
-    .await?;
+    let ask = Ask {
+        goal: &request.goal,
+        constraints: &request.constraints,
+        context: &no_context,
+        signals: &request.signals,
+        mode: request.policy_mode,
+    };
+    let (runtime, plan) = plan_for(&state, &caller, &runtime_id, ask).await?;
     let decisions = preview_decisions(&state, &caller, &runtime, &plan.actions, request.policy_mode)?;
     Ok(Json(ActionPlan {
         decisions,

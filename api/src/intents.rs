@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use runtimeai_engine::planner::PlanInput;
 use runtimeai_model::{Intent, JsonObject, LifecycleAction, OperationStatus, PolicyDecision, PolicyMode};
 use runtimeai_raft::{CommandReply, Op};
 
@@ -19,9 +18,9 @@ use crate::auth::{Caller, Permission};
 use crate::doc_types::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId};
 use crate::extract::{Body, Consistency, PathParam, QueryParams};
 use crate::mutation::{new_id, propose};
-use crate::planning::{plan_goal, planned, preview_decisions, PlannedAction};
+use crate::planning::{plan_for, planned, preview_decisions, Ask, PlannedAction};
 use crate::problem::Problem;
-use crate::runtimes::{new_operation, read_runtime, sizes, ReadParams};
+use crate::runtimes::{new_operation, read_runtime, ReadParams};
 use crate::views::{ActionResultView, OperationView};
 use crate::AppState;
 
@@ -102,23 +101,15 @@ pub(crate) async fn submit_intent(
     if !request.dry_run {
         caller.require(Permission::Operate)?;
     }
-    caller.policy_mode(Some(request.policy_mode))?;
-    let runtime = read_runtime(&state, &caller, &runtime_id, Consistency::Linearizable).await?;
-    let sizes = sizes(&state);
     let no_signals = Map::new();
-    let plan = plan_goal(
-        &state,
-        PlanInput {
-            runtime: &runtime,
-            goal: &request.goal,
-            constraints: &request.constraints,
-            context: &request.context,
-            signals: &no_signals,
-            mode: request.policy_mode,
-            sizes: &sizes,
-        },
-    )
-    .await?;
+    let ask = Ask {
+        goal: &request.goal,
+        constraints: &request.constraints,
+        context: &request.context,
+        signals: &no_signals,
+        mode: request.policy_mode,
+    };
+    let (runtime, plan) = plan_for(&state, &caller, &runtime_id, ask).await?;
     let now = chrono::Utc::now();
     let actor = caller.actor();
     let operation = (!request.dry_run && !plan.actions.is_empty()).then(|| {

@@ -11,9 +11,10 @@ use runtimeai_engine::planner::{self, PlanError, PlanInput, UNDERSTOOD_GOALS};
 use runtimeai_model::{LifecycleAction, PolicyDecision, PolicyMode};
 
 use crate::auth::Caller;
+use crate::extract::Consistency;
 use crate::mutation::new_id;
 use crate::problem::{FieldError, Problem};
-use crate::runtimes::sizes;
+use crate::runtimes::{read_runtime, sizes};
 use crate::AppState;
 
 /// One planned action, in the shape `actions/execute` takes.
@@ -99,4 +100,39 @@ pub(crate) async fn plan_goal(state: &AppState, input: PlanInput<'_>) -> Result<
         }
     }
     Ok(plan)
+}
+
+/// What a planning request asks for a runtime: the parts intents and `actions/plan` share.
+pub(crate) struct Ask<'a> {
+    pub goal: &'a str,
+    pub constraints: &'a serde_json::Map<String, Value>,
+    /// An intent's context (none for a plan request).
+    pub context: &'a serde_json::Map<String, Value>,
+    /// A plan request's signals (none for an intent: the runtime's own are used).
+    pub signals: &'a serde_json::Map<String, Value>,
+    pub mode: PolicyMode,
+}
+
+/// The runtime `runtime_id` as the caller may see it now, and the plan for `ask` on it (after
+/// checking the caller may ask for that policy mode).
+pub(crate) async fn plan_for(
+    state: &AppState,
+    caller: &Caller,
+    runtime_id: &str,
+    ask: Ask<'_>,
+) -> Result<(runtimeai_model::Runtime, planner::Plan), Problem> {
+    caller.policy_mode(Some(ask.mode))?;
+    let runtime = read_runtime(state, caller, runtime_id, Consistency::Linearizable).await?;
+    let sizes = sizes(state);
+    let input = PlanInput {
+        runtime: &runtime,
+        goal: ask.goal,
+        constraints: ask.constraints,
+        context: ask.context,
+        signals: ask.signals,
+        mode: ask.mode,
+        sizes: &sizes,
+    };
+    let plan = plan_goal(state, input).await?;
+    Ok((runtime, plan))
 }
