@@ -31,15 +31,25 @@ pub async fn propose(
     }
 }
 
-/// The reply already given to the caller's request under its idempotency key, if there is one
-/// in this node's state: for a retry whose first attempt changed what the handler checks before
-/// it proposes (a delete that is done: the runtime is gone, and the retry must still get the
-/// first answer, not 404). Read it after a read barrier, as the handler's own check is.
-pub fn replayed(state: &AppState, caller: &Caller, body: &impl Serialize) -> Result<Option<CommandReply>, Problem> {
-    let Some(claim) = claim(caller, body)? else { return Ok(None) };
+/// For a handler that reads what a write changes before it proposes the write, when that read
+/// found nothing (`gone`, a 404): the reply already given to this very request under its
+/// idempotency key, if its first attempt was applied (a delete that is done: the retry must
+/// still get the first answer, not 404); else `gone`. The handler's read came after a read
+/// barrier, so this node's state holds the remembered reply if the cluster does.
+pub fn replayed_when_gone(
+    state: &AppState,
+    caller: &Caller,
+    body: &impl Serialize,
+    gone: Problem,
+) -> Result<CommandReply, Problem> {
+    let claim = match claim(caller, body)? {
+        Some(claim) if gone.status == 404 => claim,
+        _ => return Err(gone),
+    };
     match state.replica.state.idempotent_reply(&claim)? {
         Some(CommandReply::Rejected(rejection)) => Err(rejection.into()),
-        reply => Ok(reply),
+        Some(reply) => Ok(reply),
+        None => Err(gone),
     }
 }
 

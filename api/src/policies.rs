@@ -158,7 +158,14 @@ pub(crate) async fn delete_policy(
     caller: Caller,
     PathParam(policy_id): PathParam<String>,
 ) -> Result<StatusCode, Problem> {
-    let policy = read_policy(&state, &caller, &policy_id, Consistency::Linearizable).await?;
+    let policy = match read_policy(&state, &caller, &policy_id, Consistency::Linearizable).await {
+        Ok(policy) => policy,
+        // A retried delete whose first attempt is done finds no policy: it gets that answer.
+        Err(gone) => match crate::mutation::replayed_when_gone(&state, &caller, &(), gone)? {
+            CommandReply::Deleted { .. } => return Ok(StatusCode::NO_CONTENT),
+            other => return Err(Problem::unexpected_reply(other)),
+        },
+    };
     // A tenant's policy admin reads the cluster-wide policies but removes only its tenants'.
     if !caller.principal.may_see(policy.tenant_id.as_deref()) {
         return Err(Problem::new(

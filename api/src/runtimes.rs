@@ -460,13 +460,12 @@ pub(crate) async fn begin_in_mode(
     mode: Option<PolicyMode>,
 ) -> Result<Response, Problem> {
     let runtime = match read_runtime(state, caller, runtime_id, Consistency::Linearizable).await {
+        Ok(runtime) => runtime,
         // A retried delete whose first attempt is done finds no runtime: it gets that answer.
-        Err(gone) if gone.status == 404 => match crate::mutation::replayed(state, caller, body)? {
-            Some(CommandReply::Operation(operation)) => return Ok(operation_response(&operation)),
-            Some(other) => return Err(Problem::unexpected_reply(other)),
-            None => return Err(gone),
+        Err(gone) => match crate::mutation::replayed_when_gone(state, caller, body, gone)? {
+            CommandReply::Operation(operation) => return Ok(operation_response(&operation)),
+            other => return Err(Problem::unexpected_reply(other)),
         },
-        read => read?,
     };
     for (i, step) in action.steps().iter().enumerate() {
         let kind = step.kind();

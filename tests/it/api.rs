@@ -503,8 +503,13 @@ async fn policies_are_created_listed_and_deleted_through_any_node() -> anyhow::R
         .await?;
     assert!(is_problem(&bad, 400), "{bad:?}");
     assert_eq!(bad.body["errors"][0]["path"], "$.rules[0].kind");
-    let deleted = cluster.call_eventually(1, Method::DELETE, &format!("/v1/policies/{id}"), None, &[]).await?;
+    let path = format!("/v1/policies/{id}");
+    let deleted = cluster.call_eventually(1, Method::DELETE, &path, None, &[("idempotency-key", "del-pol")]).await?;
     assert_eq!(deleted.status, 204);
+    let retried = cluster.call_eventually(3, Method::DELETE, &path, None, &[("idempotency-key", "del-pol")]).await?;
+    assert_eq!(retried.status, 204, "a retry of a delete that is done gets its answer: {retried:?}");
+    let unkeyed = cluster.call_eventually(2, Method::DELETE, &path, None, &[]).await?;
+    assert!(is_problem(&unkeyed, 404), "without the key, the policy is gone: {unkeyed:?}");
     let gone = cluster.call_eventually(2, Method::GET, &format!("/v1/policies/{id}"), None, &[]).await?;
     assert!(is_problem(&gone, 404));
     Ok(())
