@@ -7,7 +7,8 @@
 //! - [`proxy`]: a TCP proxy per ordered pair of nodes: partitions, one-way cuts, loss, delay;
 //! - [`disk`]: data directories that fill up or turn read-only;
 //! - [`workload`]: concurrent clients recording a history of invoke / ok / fail / unknown;
-//! - [`hostile`]: the clients the load scenarios set loose beside it (flood, slow-loris, list storm);
+//! - [`hostile`]: the clients the load scenarios set loose beside it (flood, slow-loris, list
+//!   storm);
 //! - [`linearizability`] and [`checks`]: the Wing–Gong–Lowe checker and the invariants;
 //! - [`scenario`]: the named fault schedules `runtimeai-chaos run --scenario` runs;
 //! - [`report`]: the one-screen summary, `report.json` and the PNG timeline;

@@ -1,10 +1,11 @@
 //! Serving the REST API on established connections, with the bounds a hostile client meets:
 //! a request's headers must arrive within [`HttpLimits::header_read_timeout`] (slow-loris), its
-//! answer within [`HttpLimits::request_timeout`] (a slow body, a stuck handler), a node holds at most [`HttpLimits::max_connections`] (the next is closed at once, and
-//! counted), an HTTP/2 connection carries at most [`HttpLimits::max_streams`] requests at
-//! once, and a node works on at most [`HttpLimits::max_inflight`] requests at once (the next
-//! is shed with 503 and `Retry-After` before it costs anything, as the Kubernetes API
-//! server's `--max-requests-inflight`). `axum::serve` sets none of these (hyper reads headers
+//! answer within [`HttpLimits::request_timeout`] (a slow body, a stuck handler), a node holds at
+//! most [`HttpLimits::max_connections`] (the next is closed at once, and counted), an HTTP/2
+//! connection carries at most [`HttpLimits::max_streams`] requests at once, and a node works on
+//! at most [`HttpLimits::max_inflight`] requests at once (the next is shed with 503 and
+//! `Retry-After` before it costs anything, as the Kubernetes API server's
+//! `--max-requests-inflight`). `axum::serve` sets none of these (hyper reads headers
 //! without a deadline unless given a timer), so connections are served here with hyper's own
 //! builder.
 

@@ -9,13 +9,14 @@
 
 use rocksdb::IteratorMode;
 
+use runtimeai_model::Timestamp;
+
 use crate::keys::{event_prefix, runtime_operation_key};
 use crate::store::{
     cf, CF_EVENTS, CF_EVENT_COUNTS, CF_HISTORY_BY_TIME, CF_INTENTS, CF_OPERATIONS, CF_RUNTIME_OPERATIONS,
 };
 use crate::txn::Txn;
 use crate::types::{read_err, StorageError};
-use runtimeai_model::Timestamp;
 
 /// Log entries between two prunes.
 pub(crate) const PRUNE_EVERY: u64 = 64;

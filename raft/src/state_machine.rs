@@ -46,6 +46,9 @@ use crate::types::{
 };
 
 const KEY_LAST_APPLIED: &[u8] = b"last_applied";
+const KEY_MEMBERSHIP: &[u8] = b"membership";
+/// Upper bound for range deletes: every key we write sorts below it.
+const KEY_MAX: [u8; 32] = [0xff; 32];
 
 /// Which page of a list: after which id, how many items, how many records read at most.
 #[derive(Debug, Clone, Copy)]
@@ -71,9 +74,6 @@ impl std::str::FromStr for EventCursor {
 #[derive(Debug, thiserror::Error)]
 #[error("{0:?} is not an event id (ev_<16 hex digits>_<number>)")]
 pub struct NotAnEventId(pub String);
-const KEY_MEMBERSHIP: &[u8] = b"membership";
-/// Upper bound for range deletes: every key we write sorts below it.
-const KEY_MAX: [u8; 32] = [0xff; 32];
 
 /// RocksDB-backed [`RaftStateMachine`], also the read side for the API. Clones share state.
 #[derive(Clone)]
@@ -192,8 +192,10 @@ impl StateMachineStore {
         self.get(CF_RUNTIMES, id.as_bytes())
     }
 
-    /// Every runtime, ordered by id (ids are time-ordered, so this is creation order).
-    pub fn list_runtimes(&self) -> Result<Vec<Runtime>, StorageError> {
+    /// Every runtime, ordered by id (ids are time-ordered, so this is creation order). For tests:
+    /// the API reads a page at a time ([`StateMachineStore::runtimes_page`]).
+    #[cfg(test)]
+    pub(crate) fn list_runtimes(&self) -> Result<Vec<Runtime>, StorageError> {
         self.scan(CF_RUNTIMES, b"")
     }
 
@@ -395,8 +397,10 @@ impl StateMachineStore {
         self.active_operations_changed.subscribe()
     }
 
-    /// A runtime's operations, oldest first.
-    pub fn runtime_operations(&self, runtime_id: &str) -> Result<Vec<Operation>, StorageError> {
+    /// A runtime's operations, oldest first. For tests: the API reads a page at a time
+    /// ([`StateMachineStore::runtime_operations_after`]).
+    #[cfg(test)]
+    pub(crate) fn runtime_operations(&self, runtime_id: &str) -> Result<Vec<Operation>, StorageError> {
         self.runtime_operations_after(runtime_id, "", usize::MAX)
     }
 

@@ -213,12 +213,11 @@ const STORM_MEMORY_GROWTH_MIB: u64 = 256;
 /// Creates `count` runtimes through every member, 64 at a time, before the workload starts.
 pub(super) async fn populate(cluster: &Cluster, count: u64) -> Result<()> {
     let started = Instant::now();
-    let members: Vec<u64> = cluster.nodes.keys().copied().collect();
+    let urls: Vec<String> = cluster.nodes.values().map(|node| node.url("/v1/runtimes")).collect();
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut creators: tokio::task::JoinSet<Result<()>> = tokio::task::JoinSet::new();
     for worker in 0..64 {
-        let (client, next, members) = (cluster.client.clone(), next.clone(), members.clone());
-        let urls: Vec<String> = members.iter().map(|id| cluster.node(*id).url("/v1/runtimes")).collect();
+        let (client, next, urls) = (cluster.client.clone(), next.clone(), urls.clone());
         creators.spawn(async move {
             loop {
                 let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
