@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -124,13 +124,20 @@ pub fn tls_client(ca_pem: &std::path::Path) -> Result<Arc<rustls::ClientConfig>>
     Ok(Arc::new(config))
 }
 
-/// One slow-loris connection to `addr` (`127.0.0.1:port`): a TLS handshake, then a request's
-/// headers a byte every second, never ending, until the server closes it or `stopped` is set.
-pub async fn slow_loris(addr: String, tls: Arc<rustls::ClientConfig>, stopped: Arc<AtomicBool>) -> SlowEnd {
+/// One slow-loris connection to `addr` (`127.0.0.1:port`): a TLS handshake (counted in
+/// `handshaken`), then a request's headers a byte every second, never ending, until the server
+/// closes it or `stopped` is set.
+pub async fn slow_loris(
+    addr: String,
+    tls: Arc<rustls::ClientConfig>,
+    handshaken: Arc<AtomicUsize>,
+    stopped: Arc<AtomicBool>,
+) -> SlowEnd {
     let Ok(tcp) = tokio::net::TcpStream::connect(&addr).await else { return SlowEnd::Refused };
     let connector = tokio_rustls::TlsConnector::from(tls);
     let name = ServerName::try_from("127.0.0.1").expect("an IP address is a server name");
     let Ok(tls) = connector.connect(name, tcp).await else { return SlowEnd::Refused };
+    handshaken.fetch_add(1, Ordering::Relaxed);
     let (mut read, mut write) = tokio::io::split(tls);
     let started = Instant::now();
     let headers = b"GET /v1/cluster HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ".iter().chain(std::iter::repeat(&b'a'));

@@ -148,8 +148,8 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "slow-loris",
         injects: "1,000 TLS connections spread over the members send a request's headers a byte a second \
-                  (a new one for each the server closes) for at least 12 s: the nodes close them on their \
-                  10 s header-read timeout, and the workload keeps its p99 within 2x of the quiet run's",
+                  (a new one for each the server closes) for 15 s once all are open: the nodes close every \
+                  one on their 10 s header-read timeout, and the workload keeps its p99 within 2x of the quiet run's",
         needs: Needs::Nothing,
         node_args: &[],
     },
