@@ -197,10 +197,7 @@ pub enum AuthFailure {
 }
 
 /// Checks a bearer token against the keys in the replicated state.
-pub fn authenticate_key(
-    state: &runtimeai_raft::state_machine::StateMachineStore,
-    token: &str,
-) -> Result<Principal, AuthFailure> {
+pub fn authenticate_key(state: &runtimeai_raft::StateReader, token: &str) -> Result<Principal, AuthFailure> {
     let token = parse_token(token).ok_or(AuthFailure::Malformed)?;
     let digest = secret_digest(token.secret);
     let key = state.api_key(token.id).ok_or(AuthFailure::UnknownKey)?;
@@ -317,7 +314,7 @@ fn certificate_principal(state: &AppState, request: &Request) -> Option<Result<P
         request.extensions().get::<axum::extract::ConnectInfo<ClientCertificate>>()?;
     let name = runtimeai_raft::tls::common_name_of(cert.as_ref()?)?;
     let now = chrono::Utc::now();
-    let keys = state.replica.state.api_keys();
+    let keys = state.replica.state().api_keys();
     let key = keys.values().find(|k| k.principal.name == name && k.is_valid_at(now));
     Some(key.map(|k| k.principal.clone()).ok_or(AuthFailure::UnknownKey))
 }
@@ -327,7 +324,7 @@ fn certificate_principal(state: &AppState, request: &Request) -> Option<Result<P
 fn credentials(state: &AppState, request: &Request) -> Option<Result<Principal, AuthFailure>> {
     let by_token = bearer(request.headers()).map(|token| match (&state.oidc, token.starts_with("rai_")) {
         (Some(oidc), false) => oidc.authenticate(token),
-        _ => authenticate_key(&state.replica.state, token),
+        _ => authenticate_key(state.replica.state(), token),
     });
     by_token.or_else(|| certificate_principal(state, request))
 }

@@ -60,7 +60,7 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Result<impl IntoRes
     match tokio::time::timeout(Duration::from_secs(2), state.replica.read_barrier()).await {
         Err(_) => Err(Problem::unavailable("has not caught up with the leader's commit index within 2s")),
         Ok(Err(e)) => Err(Problem::unavailable(format!("not ready: {e}"))),
-        Ok(Ok(())) if !state.replica.state.nodes().iter().any(|n| n.node_id == state.replica.id) => {
+        Ok(Ok(())) if !state.replica.state().nodes().iter().any(|n| n.node_id == state.replica.id) => {
             Err(Problem::unavailable("has not announced its addresses and backends to the cluster yet"))
         }
         Ok(Ok(())) => Ok(Json(serde_json::json!({ "status": "ready", "leader_id": leader }))),
@@ -126,7 +126,7 @@ pub(crate) async fn cluster_status(State(state): State<AppState>) -> Result<Json
 async fn cluster_view(state: &AppState) -> Result<ClusterView, Problem> {
     let metrics = state.replica.metrics();
     let announced: HashMap<NodeId, runtimeai_model::NodeInfo> =
-        state.replica.state.nodes().iter().map(|info| (info.node_id, info.clone())).collect();
+        state.replica.state().nodes().iter().map(|info| (info.node_id, info.clone())).collect();
     let members = state
         .replica
         .members()
@@ -243,12 +243,12 @@ async fn audit_membership(
     responses((status = 200, description = "OK", body = ClusterSettings), ProblemResponses))]
 pub(crate) async fn get_settings(State(state): State<AppState>) -> Result<Json<ClusterSettings>, Problem> {
     state.replica.read_barrier().await?;
-    Ok(Json(with_usage(&state, ClusterSettings::clone(&state.replica.state.settings()))?))
+    Ok(Json(with_usage(&state, ClusterSettings::clone(&state.replica.state().settings()))?))
 }
 
 /// `settings` with what the cluster holds against their limits.
 fn with_usage(state: &AppState, settings: ClusterSettings) -> Result<ClusterSettings, Problem> {
-    let store = &state.replica.state;
+    let store = &state.replica.state();
     let usage = SettingsUsage {
         runtimes: store.runtime_total()?,
         runtimes_per_tenant: store.runtimes_per_tenant()?,

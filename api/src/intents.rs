@@ -172,15 +172,15 @@ pub(crate) async fn get_intent(
     params.consistency.prepare(&state.replica).await?;
     // Another tenant's runtime hides its intents; a deleted runtime's intents stay readable.
     if let Err(hidden) = read_runtime(&state, &caller, &runtime_id, Consistency::Stale).await {
-        if state.replica.state.get_runtime(&runtime_id)?.is_some() {
+        if state.replica.state().get_runtime(&runtime_id)?.is_some() {
             return Err(hidden);
         }
     }
     let not_found = || Problem::not_found(format!("intent {intent_id} not found on runtime {runtime_id}"));
     let intent =
-        state.replica.state.get_intent(&intent_id)?.filter(|i| i.runtime_id == runtime_id).ok_or_else(not_found)?;
+        state.replica.state().get_intent(&intent_id)?.filter(|i| i.runtime_id == runtime_id).ok_or_else(not_found)?;
     let operation = match &intent.operation_id {
-        Some(id) => state.replica.state.get_operation(id)?,
+        Some(id) => state.replica.state().get_operation(id)?,
         None => None,
     };
     let view = operation.as_ref().map(OperationView::from);

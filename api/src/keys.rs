@@ -190,14 +190,14 @@ async fn store_key(
     responses((status = 200, description = "OK", body = KeyList), ProblemResponses))]
 pub(crate) async fn list_keys(State(state): State<AppState>) -> Result<Json<KeyList>, Problem> {
     state.replica.read_barrier().await?;
-    let mut items: Vec<KeyView> = state.replica.state.api_keys().values().cloned().map(KeyView::from).collect();
+    let mut items: Vec<KeyView> = state.replica.state().api_keys().values().cloned().map(KeyView::from).collect();
     items.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(Json(KeyList { items }))
 }
 
 async fn read_key(state: &AppState, id: &str) -> Result<ApiKey, Problem> {
     state.replica.read_barrier().await?;
-    state.replica.state.api_key(id).ok_or_else(|| Problem::not_found(format!("API key {id} not found")))
+    state.replica.state().api_key(id).ok_or_else(|| Problem::not_found(format!("API key {id} not found")))
 }
 
 #[utoipa::path(get, path = "/v1/keys/{key_id}", tag = "Auth", params(("key_id" = String, Path)),

@@ -46,7 +46,7 @@ pub fn replayed_when_gone(
         Some(claim) if gone.status == 404 => claim,
         _ => return Err(gone),
     };
-    match state.replica.state.idempotent_reply(&claim)? {
+    match state.replica.state().idempotent_reply(&claim)? {
         Some(CommandReply::Rejected(rejection)) => Err(rejection.into()),
         Some(reply) => Ok(reply),
         None => Err(gone),

@@ -39,8 +39,8 @@ async fn read_operation(
 ) -> Result<Operation, Problem> {
     consistency.prepare(&state.replica).await?;
     let not_found = || Problem::not_found(format!("operation {id} not found"));
-    let operation = state.replica.state.get_operation(id)?.ok_or_else(not_found)?;
-    let runtime = state.replica.state.get_runtime(&operation.runtime_id)?;
+    let operation = state.replica.state().get_operation(id)?.ok_or_else(not_found)?;
+    let runtime = state.replica.state().get_runtime(&operation.runtime_id)?;
     let tenant = runtime.as_ref().and_then(|r| r.tenant_id.as_deref());
     if !caller.sees(tenant) {
         return Err(not_found());

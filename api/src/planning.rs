@@ -34,7 +34,7 @@ pub(crate) fn preview_decisions(
     actions: &[LifecycleAction],
     mode: PolicyMode,
 ) -> Result<Vec<PolicyDecision>, Problem> {
-    let policies = state.replica.state.list_policies()?;
+    let policies = state.replica.state().list_policies()?;
     let sizes = sizes(state);
     let actor = caller.actor();
     let request = runtimeai_engine::policy::Request { runtime, actions, actor: &actor, mode, sizes: &sizes };

@@ -113,7 +113,7 @@ fn visible(caller: &Caller, policy: &Policy) -> bool {
 
 async fn read_policy(state: &AppState, caller: &Caller, id: &str, consistency: Consistency) -> Result<Policy, Problem> {
     consistency.prepare(&state.replica).await?;
-    match state.replica.state.get_policy(id)? {
+    match state.replica.state().get_policy(id)? {
         Some(policy) if visible(caller, &policy) => Ok(policy),
         _ => Err(Problem::not_found(format!("policy {id} not found"))),
     }
@@ -141,7 +141,7 @@ pub(crate) async fn list_policies(
     params.consistency.prepare(&state.replica).await?;
     let items = state
         .replica
-        .state
+        .state()
         .list_policies()?
         .into_iter()
         .filter(|p| visible(&caller, p))

@@ -17,7 +17,7 @@ use runtimeai_model::{
     Operation, OperationStatus, Placement, PolicyMode, ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec,
     RuntimeState, RuntimeType, SizeEntry, Timestamp,
 };
-use runtimeai_raft::state_machine::NotAnEventId;
+use runtimeai_raft::state_reader::NotAnEventId;
 use runtimeai_raft::{CommandReply, Op, RuntimeField};
 
 use utoipa_axum::router::OpenApiRouter;
@@ -164,7 +164,7 @@ pub(crate) async fn read_runtime(
     consistency: Consistency,
 ) -> Result<Runtime, Problem> {
     consistency.prepare(&state.replica).await?;
-    match state.replica.state.get_runtime(id)? {
+    match state.replica.state().get_runtime(id)? {
         Some(runtime) if caller.sees(runtime.tenant_id.as_deref()) => Ok(runtime),
         _ => Err(Problem::not_found(format!("runtime {id} not found"))),
     }
@@ -204,7 +204,7 @@ pub(crate) fn new_operation(
 
 /// The cluster's size catalogue, as replicated.
 pub(crate) fn sizes(state: &AppState) -> SizeCatalogue {
-    SizeCatalogue(state.replica.state.settings())
+    SizeCatalogue(state.replica.state().settings())
 }
 
 /// Runs `check` against the cluster settings (the size catalogue, the limits). A refusal is
@@ -215,11 +215,11 @@ pub(crate) async fn check_settings<T>(
     state: &AppState,
     check: impl Fn(&ClusterSettings) -> Result<T, Problem>,
 ) -> Result<T, Problem> {
-    if let Ok(checked) = check(&state.replica.state.settings()) {
+    if let Ok(checked) = check(&state.replica.state().settings()) {
         return Ok(checked);
     }
     state.replica.read_barrier().await?;
-    check(&state.replica.state.settings())
+    check(&state.replica.state().settings())
 }
 
 /// The size catalogue inside the settings in force (shared, not copied per request).
@@ -241,8 +241,8 @@ fn place(
     labels: &BTreeMap<String, String>,
 ) -> Result<(Placement, BackendInfo), Problem> {
     let site = labels.get("site").map(String::as_str);
-    let nodes = state.replica.state.nodes();
-    let counts = state.replica.state.placement_counts();
+    let nodes = state.replica.state().nodes();
+    let counts = state.replica.state().placement_counts();
     if let Some((placement, backend)) = placement::place(&nodes, &counts, runtime_type, site) {
         return Ok((placement, backend.clone()));
     }
@@ -386,8 +386,8 @@ pub(crate) async fn list_runtimes(
     fields.extend(params.runtime_type.map(RuntimeField::Type));
     fields.extend(params.state.map(RuntimeField::State));
     let keep = |runtime: &Runtime| caller.sees(runtime.tenant_id.as_deref()) && selects(&selector, &runtime.labels);
-    let page = runtimeai_raft::state_machine::PageRequest { after: &after, size: page_size, budget: LIST_SCAN_BUDGET };
-    let (items, next_page_token) = state.replica.state.runtimes_page(&fields, page, keep)?;
+    let page = runtimeai_raft::state_reader::PageRequest { after: &after, size: page_size, budget: LIST_SCAN_BUDGET };
+    let (items, next_page_token) = state.replica.state().runtimes_page(&fields, page, keep)?;
     Ok(Json(RuntimeList { items, next_page_token }))
 }
 
@@ -731,7 +731,7 @@ pub(crate) async fn runtime_operations(
     let page_size = page_size(params.page_size)?;
     read_runtime(&state, &caller, &runtime_id, params.consistency).await?;
     let after = params.page_token.unwrap_or_default();
-    let mut operations = state.replica.state.runtime_operations_after(&runtime_id, &after, page_size + 1)?;
+    let mut operations = state.replica.state().runtime_operations_after(&runtime_id, &after, page_size + 1)?;
     let next_page_token = if operations.len() > page_size {
         operations.truncate(page_size);
         operations.last().map(|o| o.id.clone())
@@ -837,7 +837,7 @@ pub(crate) async fn runtime_events(
     if runtime_id == runtimeai_raft::AUDIT_STREAM {
         return Err(Problem::not_found(format!("runtime {runtime_id} not found")));
     }
-    let store = &state.replica.state;
+    let store = &state.replica.state();
     // A deleted runtime's tenant is gone with it: its events are for principals of every tenant.
     let visible = match store.get_runtime(&runtime_id)? {
         Some(runtime) => caller.sees(runtime.tenant_id.as_deref()),
@@ -863,7 +863,7 @@ impl EventParams {
                 Some(after.parse().map_err(|e: NotAnEventId| Problem::invalid_field("after", e.to_string()))?)
             }
         };
-        let events = state.replica.state.runtime_events_after(stream, after);
+        let events = state.replica.state().runtime_events_after(stream, after);
         let mut items = Vec::new();
         for event in events {
             let event = event?;

@@ -96,7 +96,7 @@ pub async fn ensure(replica: Arc<Replica>, key: ApiKey) {
     let reply = replica
         .propose_until_stored(
             "store the bootstrap admin key",
-            |replica| replica.state.api_key(&key.id).is_some(),
+            |replica| replica.state().api_key(&key.id).is_some(),
             || Op::CreateApiKey { key: key.clone(), replaces: None },
             |reply| matches!(reply, CommandReply::ApiKey(_) | CommandReply::Rejected(Rejection::AlreadyExists { .. })),
         )

@@ -36,7 +36,7 @@ pub async fn run(replica: Arc<Replica>, backends: Backends, options: ExecutorOpt
     signals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Woken by every change to the unfinished operations; the tick restarts, now and then,
     // a worker that gave up while the cluster was unreachable.
-    let mut changed = replica.state.watch_active_operations();
+    let mut changed = replica.state().watch_active_operations();
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -55,7 +55,7 @@ pub async fn run(replica: Arc<Replica>, backends: Backends, options: ExecutorOpt
         // Only the operations this node is not already working on at their current token are
         // copied out (a wake per applied batch must not copy every operation in flight).
         let node_id = options.node_id;
-        let new_work = replica.state.active_operations_where(|operation| {
+        let new_work = replica.state().active_operations_where(|operation| {
             let Some(assignment) = &operation.assignment else { return false };
             assignment.node_id == node_id
                 && matches!(operation.status, OperationStatus::Queued | OperationStatus::Running)
@@ -87,8 +87,8 @@ pub async fn run(replica: Arc<Replica>, backends: Backends, options: ExecutorOpt
 
 /// Proposes the signals of this node's runtimes that changed since they were last recorded.
 async fn report_signals(replica: &Replica, backends: &Backends, options: &ExecutorOptions) {
-    let Ok(runtimes) = replica.state.runtimes_on(options.node_id) else { return };
-    let settings = replica.state.settings();
+    let Ok(runtimes) = replica.state().runtimes_on(options.node_id) else { return };
+    let settings = replica.state().settings();
     let mut changed = Vec::new();
     for runtime in runtimes {
         if runtime.placement.as_ref().is_none_or(|p| p.node_id != options.node_id)
@@ -293,7 +293,7 @@ impl Worker {
 
     /// The operation as this node sees it, if the assignment is still ours.
     fn current(&self) -> Result<Operation, Stop> {
-        match self.replica.state.active_operation(&self.operation_id) {
+        match self.replica.state().active_operation(&self.operation_id) {
             Some(op) if op.assignment.as_ref().is_some_and(|a| a.token == self.token) => Ok(op),
             _ => Err(Stop::Superseded),
         }
@@ -313,7 +313,7 @@ impl Worker {
             // cancelled) before every backend call. The local replica may lag behind our own
             // reports, so `queued` still counts.
             let operation = self.current()?;
-            let runtime = match self.replica.state.get_runtime(&operation.runtime_id) {
+            let runtime = match self.replica.state().get_runtime(&operation.runtime_id) {
                 Ok(Some(runtime)) => runtime,
                 _ => return Err(Stop::Superseded),
             };
@@ -380,7 +380,7 @@ impl Worker {
                 runtime.runtime_type.as_str()
             )));
         };
-        let settings = self.replica.state.settings();
+        let settings = self.replica.state().settings();
         let mut delay = Duration::from_millis(200);
         for attempt in 1.. {
             match backend::execute(backend.as_ref() as &dyn RuntimeBackend, cx, runtime, action, &settings.sizes).await

@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use openraft::ServerState;
 use runtimeai_model::{Assignment, NodeInfo, Operation, OperationStatus, Runtime};
-use runtimeai_raft::state_machine::StateMachineStore;
+use runtimeai_raft::StateReader;
 use runtimeai_raft::{Assigner, Command, CommandReply, Op, Replica};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -39,7 +39,7 @@ struct ExecutorView {
 /// Offers an executor for the operation a command queues, from the leader's latest view (kept
 /// by [`run`] while this node leads; no offer without a fresh one).
 pub struct LeaderAssigner {
-    state: StateMachineStore,
+    state: StateReader,
     lease: Duration,
     /// How old a view may be and still be offered from.
     fresh_for: Duration,
@@ -74,15 +74,15 @@ pub async fn run(replica: Arc<Replica>, options: SchedulerOptions, mut stop: wat
     // on a tick, which notices leases running out.
     let tick = (options.lease / 6).clamp(Duration::from_millis(50), Duration::from_millis(500));
     let assigner = Arc::new(LeaderAssigner {
-        state: replica.state.clone(),
+        state: replica.state().clone(),
         lease: options.lease,
         fresh_for: tick * 4,
         view: RwLock::new(None),
     });
     replica.set_assigner(assigner.clone());
-    let mut changed = replica.state.watch_active_operations();
+    let mut changed = replica.state().watch_active_operations();
     // A follower waits for leadership, not for every applied batch.
-    let mut server = replica.raft.server_metrics();
+    let mut server = replica.server_metrics();
     let mut leading_since: Option<(u64, Instant)> = None;
     loop {
         let leading = server.borrow_and_update().state == ServerState::Leader;
@@ -123,7 +123,7 @@ pub async fn run(replica: Arc<Replica>, options: SchedulerOptions, mut stop: wat
 }
 
 async fn look_at_executors(replica: &Replica) -> anyhow::Result<ExecutorView> {
-    let nodes = replica.state.nodes();
+    let nodes = replica.state().nodes();
     let reachable = replica.members().await.into_iter().filter(|m| m.reachable == Some(true)).map(|m| m.id).collect();
     Ok(ExecutorView { nodes, reachable, taken: Instant::now() })
 }
@@ -135,7 +135,7 @@ async fn schedule(
     settled: bool,
 ) -> anyhow::Result<()> {
     let now = chrono::Utc::now();
-    let unassigned = replica.state.active_operations_where(|operation| {
+    let unassigned = replica.state().active_operations_where(|operation| {
         matches!(operation.status, OperationStatus::Queued | OperationStatus::Running)
             && operation.assignment.as_ref().is_none_or(|a| settled && a.lease_until < now)
     });
@@ -147,7 +147,7 @@ async fn schedule(
         let view = assigner.view.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         let Some(view) = view.as_ref() else { return Ok(()) };
         for operation in unassigned {
-            let Some(runtime) = replica.state.get_runtime(&operation.runtime_id)? else { continue };
+            let Some(runtime) = replica.state().get_runtime(&operation.runtime_id)? else { continue };
             let Some(node) = choose(&runtime, &operation, &view.nodes, &view.reachable) else {
                 tracing::debug!(operation = %operation.id, "no live executor for it yet");
                 continue;

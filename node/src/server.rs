@@ -167,7 +167,15 @@ async fn start_raft(
         reachable_window: (config.heartbeat * 5).max(Duration::from_millis(500)),
         ..Default::default()
     };
-    let replica = Replica::new(config.id, raft.clone(), state, config.cluster_name.clone(), health, routes, options);
+    let replica = Replica::new(
+        config.id,
+        raft.clone(),
+        state.reader().clone(),
+        config.cluster_name.clone(),
+        health,
+        routes,
+        options,
+    );
     Ok((raft, replica, log_stats))
 }
 
@@ -366,7 +374,7 @@ async fn register(replica: Arc<Replica>, config: NodeConfig, backends: Vec<runti
     let reply = replica
         .propose_until_stored(
             "register",
-            |replica| replica.state.nodes().contains(&info),
+            |replica| replica.state().nodes().contains(&info),
             || Op::RegisterNode { info: info.clone() },
             |_| true,
         )

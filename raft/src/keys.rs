@@ -23,6 +23,11 @@ pub(crate) fn name_key(tenant: Option<&str>, name: &str) -> Vec<u8> {
 /// The cluster settings' record in `CF_SETTINGS`.
 pub(crate) const SETTINGS_KEY: &[u8] = b"cluster";
 
+/// The state machine's own records in `CF_SM_META`: the last entry it applied and the
+/// membership in force.
+pub(crate) const KEY_LAST_APPLIED: &[u8] = b"last_applied";
+pub(crate) const KEY_MEMBERSHIP: &[u8] = b"membership";
+
 /// Runtimes placed on each node (in `CF_SETTINGS`), kept by apply so that placing a new runtime
 /// reads one record instead of every runtime.
 pub(crate) const PLACEMENT_COUNTS_KEY: &[u8] = b"placement-counts";

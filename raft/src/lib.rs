@@ -6,7 +6,8 @@
 //! - [`command`]: the typed commands the state machine applies and its replies.
 //! - [`store`]: a node's data directory (identity check, one RocksDB for log and state).
 //! - [`log_store`]: the raft log, with group commit (one fsync for many appends).
-//! - [`state_machine`]: deterministic apply, snapshots, and reads for the API.
+//! - [`state_machine`]: deterministic apply and snapshots.
+//! - [`state_reader`]: the applied state, read only: what the API, scheduler and executors see.
 //! - [`network`] / [`service`]: raft and cluster RPCs, client and server.
 //! - [`tls`]: mutual TLS between members (and the REST port's TLS), reloaded without a restart.
 //! - [`replica`]: propose (batched on the leader), read linearizably and change membership from
@@ -35,6 +36,7 @@ pub mod runtime_index;
 pub mod service;
 mod snapshot_file;
 pub mod state_machine;
+pub mod state_reader;
 pub mod store;
 pub mod tls;
 mod txn;
@@ -47,6 +49,7 @@ pub use command::{Command, CommandReply, IdempotencyClaim, Op, Rejection};
 pub use error::{ClusterError, DataDirError};
 pub use replica::{MemberStatus, Replica, ReplicaOptions};
 pub use runtime_index::RuntimeField;
+pub use state_reader::StateReader;
 pub use types::{NodeId, Raft, TypeConfig};
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use crate::forwarding::Forwarder;
 use crate::limits;
 use crate::network::{PeerHealth, PeerRoutes};
 use crate::read_index::{ReadIndexBatcher, ReadIndexSource};
-use crate::state_machine::StateMachineStore;
+use crate::state_reader::StateReader;
 use crate::types::{NodeId, Raft, RaftMetrics};
 
 /// How many times a request may be passed on between nodes before it gives up.
@@ -62,8 +62,8 @@ pub struct MemberStatus {
 /// The handle shared by the REST API and the gRPC services of one node.
 pub struct Replica {
     pub id: NodeId,
-    pub raft: Raft,
-    pub state: StateMachineStore,
+    pub(crate) raft: Raft,
+    state: StateReader,
     cluster: String,
     health: Arc<PeerHealth>,
     routes: Arc<PeerRoutes>,
@@ -114,7 +114,7 @@ impl Replica {
     pub fn new(
         id: NodeId,
         raft: Raft,
-        state: StateMachineStore,
+        state: StateReader,
         cluster: String,
         health: Arc<PeerHealth>,
         routes: Arc<PeerRoutes>,
@@ -141,6 +141,19 @@ impl Replica {
     /// Lets the leader's scheduler hand operations to executors in the entries that queue them.
     pub fn set_assigner(&self, assigner: Arc<dyn Assigner>) {
         self.batcher.set_assigner(assigner);
+    }
+
+    /// The replicated state as this node has applied it (a linearizable read first waits on
+    /// [`Replica::read_barrier`]).
+    pub fn state(&self) -> &StateReader {
+        &self.state
+    }
+
+    /// Changes when this node's raft role or leader changes.
+    pub fn server_metrics(
+        &self,
+    ) -> tokio::sync::watch::Receiver<openraft::metrics::RaftServerMetrics<NodeId, BasicNode>> {
+        self.raft.server_metrics()
     }
 
     pub fn cluster_name(&self) -> &str {

@@ -1331,7 +1331,7 @@ async fn a_page_reads_at_most_its_budget_and_a_token_goes_on_from_where_it_stopp
     let ids: Vec<String> = (0..10).map(|i| format!("rt_{i:02}")).collect();
     apply(&mut sm, ids.iter().map(|id| create(id, id)).collect()).await;
     let page = |after: &str, size: usize, budget: usize| {
-        let request = super::PageRequest { after, size, budget };
+        let request = crate::state_reader::PageRequest { after, size, budget };
         let keep = |r: &Runtime| r.id.ends_with('7') || r.id.ends_with('9');
         let (items, next) = sm.runtimes_page(&[], request, keep).unwrap();
         (items.into_iter().map(|r| r.id).collect::<Vec<_>>(), next)
@@ -1344,7 +1344,7 @@ async fn a_page_reads_at_most_its_budget_and_a_token_goes_on_from_where_it_stopp
     // Every runtime, followed page by page with the smallest budget, exactly once.
     let (mut seen, mut after) = (Vec::new(), String::new());
     loop {
-        let request = super::PageRequest { after: &after, size: 3, budget: 1 };
+        let request = crate::state_reader::PageRequest { after: &after, size: 3, budget: 1 };
         let (items, next) = sm.runtimes_page(&[], request, |_| true).unwrap();
         seen.extend(items.into_iter().map(|r| r.id));
         match next {
