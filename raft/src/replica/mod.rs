@@ -1,16 +1,16 @@
 //! A node's handle on the replicated state: propose commands, read linearizably, change
 //! membership — from any node. When this node is not the leader, the request goes to the leader
-//! over gRPC with a hop budget; a leader change on the way is retried within a deadline.
+//! over gRPC with a hop budget ([`at_leader`]); a leader change on the way is retried within a
+//! deadline.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
-use openraft::{BasicNode, ChangeMembers, ServerState};
+use openraft::{BasicNode, ServerState};
 use runtimeai_model::Actor;
 use runtimeai_proto::cluster_client::ClusterClient;
-use runtimeai_proto::{AddMemberRequest, PeerStatusRequest, ReadIndexRequest, RemoveMemberRequest};
+use runtimeai_proto::PeerStatusRequest;
 use tonic::transport::Channel;
 
 use crate::batcher::{Assigner, Batcher};
@@ -23,6 +23,10 @@ use crate::network::{PeerHealth, PeerRoutes};
 use crate::read_index::{ReadIndexBatcher, ReadIndexSource};
 use crate::state_reader::StateReader;
 use crate::types::{NodeId, Raft, RaftMetrics};
+
+mod at_leader;
+
+use at_leader::{AddMember, ReadIndex, RemoveMember, Write};
 
 /// How many times a request may be passed on between nodes before it gives up.
 pub const MAX_FORWARD_HOPS: u32 = 3;
@@ -235,68 +239,8 @@ impl Replica {
         bytes: usize,
         hops_left: u32,
     ) -> Result<CommandReply, ClusterError> {
-        self.retry_until_deadline(ClusterError::never_applied, || self.propose_once(&command, bytes, hops_left)).await
-    }
-
-    /// One attempt; `command` is copied once, into the batcher or the forwarder (a forwarded
-    /// batch arriving at the leader had been copied twice).
-    async fn propose_once(
-        &self,
-        command: &Command,
-        bytes: usize,
-        hops_left: u32,
-    ) -> Result<CommandReply, ClusterError> {
-        // Read in place: copying the whole metrics on every write showed in profiles.
-        let (is_leader, quiet_ms, forward_to) = {
-            let metrics = self.raft.metrics();
-            let metrics = metrics.borrow();
-            let is_leader = metrics.state == ServerState::Leader;
-            let forward_to = metrics.current_leader.filter(|leader| !is_leader && *leader != self.id).map(|leader| {
-                let node = metrics.membership_config.nodes().find(|(id, _)| **id == leader).map(|(_, n)| n.clone());
-                ForwardToLeader { leader_id: Some(leader), leader_node: node }
-            });
-            (is_leader, metrics.millis_since_quorum_ack, forward_to)
-        };
-        if is_leader {
-            // A leader cut off from its quorum cannot commit; say so at once instead of making
-            // the client wait for the deadline (nothing has been proposed yet).
-            let lease = self.options.reachable_window.as_millis() as u64;
-            if let Some(ms) = quiet_ms.filter(|ms| *ms > lease) {
-                return Err(ClusterError::NoQuorum(format!("the leader has not heard from a quorum for {ms} ms")));
-            }
-        }
-        // A follower that knows the leader forwards at once; otherwise raft says where to go.
-        if let Some(to) = forward_to {
-            return self.forward_write(to, hops_left, command.clone(), bytes).await;
-        }
-        let deadline = self.options.request_deadline;
-        let Ok(written) = tokio::time::timeout(deadline, self.batcher.write(command.clone(), bytes)).await else {
-            return Err(ClusterError::Timeout(deadline.as_millis() as u64));
-        };
-        match written {
-            Ok(reply) => Ok(reply),
-            // Leadership moved between the look at the metrics and the write (rare).
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => {
-                self.forward_write(to, hops_left, command.clone(), bytes).await
-            }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(ClusterError::Invalid(e.to_string()))
-            }
-            Err(RaftError::Fatal(e)) => Err(ClusterError::Stopped(e.to_string())),
-        }
-    }
-
-    /// Sends a write to the leader `to` names (batched with other forwarded writes).
-    async fn forward_write(
-        &self,
-        to: ForwardToLeader<NodeId, BasicNode>,
-        hops_left: u32,
-        command: Command,
-        bytes: usize,
-    ) -> Result<CommandReply, ClusterError> {
-        let (leader, addr) = self.leader_of(to, hops_left)?;
-        let client = self.client(leader, &addr)?;
-        self.forwarder.forward(leader, client, hops_left - 1, command, bytes).await
+        let write = Write { command: &command, bytes };
+        self.retry_until_deadline(ClusterError::never_applied, || self.at_leader(&write, hops_left)).await
     }
 
     /// Waits until this node's state machine reflects every write acknowledged before the call
@@ -320,27 +264,6 @@ impl Replica {
         self.read_indexes.read_index(hops_left).await
     }
 
-    /// One round: asks the leader (or, here, a quorum) for the read index.
-    async fn read_index_round(&self, hops_left: u32) -> Result<u64, ClusterError> {
-        let outcome = tokio::time::timeout(self.options.request_deadline, self.raft.get_read_log_id()).await;
-        match outcome {
-            Err(_) => Err(ClusterError::NoQuorum("leadership could not be confirmed in time".into())),
-            Ok(Ok((read_log_id, _applied))) => Ok(read_log_id.map_or(0, |id| id.index)),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(to)))) => {
-                let (leader, addr) = self.leader_of(to, hops_left)?;
-                let mut client = self.client(leader, &addr)?;
-                let request =
-                    self.request(ReadIndexRequest { cluster: self.cluster.clone(), hops_left: hops_left - 1 });
-                let reply = client.read_index(request).await.map_err(|s| self.transport_error(leader, s))?;
-                decode_reply(&reply.into_inner().payload)?
-            }
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
-                Err(ClusterError::NoQuorum(e.to_string()))
-            }
-            Ok(Err(RaftError::Fatal(e))) => Err(ClusterError::Stopped(e.to_string())),
-        }
-    }
-
     /// Adds a node: first as a learner (it catches up from the log or a snapshot), then, once
     /// caught up, as a voter.
     pub async fn add_member(&self, id: NodeId, grpc_addr: String) -> Result<(), ClusterError> {
@@ -353,48 +276,7 @@ impl Replica {
         grpc_addr: String,
         hops_left: u32,
     ) -> Result<(), ClusterError> {
-        if self.leader_here() {
-            let node = BasicNode::new(grpc_addr.clone());
-            let membership = self.metrics().membership_config.clone();
-            if let Some(existing) = membership.nodes().find(|(nid, _)| **nid == id).map(|(_, n)| n.addr.clone()) {
-                if existing != grpc_addr {
-                    return Err(ClusterError::Invalid(format!(
-                        "node {id} is already a member at {existing}; remove it first to change its address"
-                    )));
-                }
-            }
-            // Blocking: returns once the learner has caught up (from the log or a snapshot).
-            let catch_up = self.options.catch_up_deadline;
-            match tokio::time::timeout(catch_up, self.raft.add_learner(id, node, true)).await {
-                Ok(added) => {
-                    added.map_err(membership_error)?;
-                }
-                Err(_) => {
-                    return Err(ClusterError::Invalid(format!(
-                        "node {id} was added as a learner but has not caught up within {}s (is it running at \
-                         {grpc_addr}?); it stays a learner until this request is repeated",
-                        catch_up.as_secs()
-                    )))
-                }
-            }
-            self.raft
-                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-                .await
-                .map_err(membership_error)?;
-            return Ok(());
-        }
-        let (leader, addr) = self.known_leader(hops_left)?;
-        let mut client = self.client(leader, &addr)?;
-        let mut request = tonic::Request::new(AddMemberRequest {
-            cluster: self.cluster.clone(),
-            hops_left: hops_left - 1,
-            node_id: id,
-            grpc_addr,
-        });
-        // Catching up a learner can take a while (snapshot transfer).
-        request.set_timeout(self.options.catch_up_deadline + self.options.request_deadline);
-        let reply = client.add_member(request).await.map_err(|s| self.transport_error(leader, s))?;
-        decode_reply(&reply.into_inner().payload)?
+        self.at_leader(&AddMember { id, grpc_addr }, hops_left).await
     }
 
     /// Removes a voter or learner from the cluster.
@@ -403,30 +285,7 @@ impl Replica {
     }
 
     pub(crate) async fn remove_member_with_hops(&self, id: NodeId, hops_left: u32) -> Result<(), ClusterError> {
-        if self.leader_here() {
-            let membership = self.metrics().membership_config.clone();
-            let voters: BTreeSet<NodeId> = membership.membership().voter_ids().collect();
-            let change = if voters.contains(&id) {
-                if voters.len() == 1 {
-                    return Err(ClusterError::Invalid(format!(
-                        "node {id} is the last voter; a cluster cannot remove its last voter"
-                    )));
-                }
-                ChangeMembers::RemoveVoters(BTreeSet::from([id]))
-            } else if membership.nodes().any(|(nid, _)| *nid == id) {
-                ChangeMembers::RemoveNodes(BTreeSet::from([id]))
-            } else {
-                return Err(ClusterError::NotFound(format!("node {id} is not a member")));
-            };
-            self.raft.change_membership(change, false).await.map_err(membership_error)?;
-            return Ok(());
-        }
-        let (leader, addr) = self.known_leader(hops_left)?;
-        let mut client = self.client(leader, &addr)?;
-        let request =
-            self.request(RemoveMemberRequest { cluster: self.cluster.clone(), hops_left: hops_left - 1, node_id: id });
-        let reply = client.remove_member(request).await.map_err(|s| self.transport_error(leader, s))?;
-        decode_reply(&reply.into_inner().payload)?
+        self.at_leader(&RemoveMember { id }, hops_left).await
     }
 
     /// Every member with its role and whether the leader reaches it.
@@ -484,37 +343,6 @@ impl Replica {
             .collect()
     }
 
-    fn leader_here(&self) -> bool {
-        let metrics = self.metrics();
-        metrics.state == ServerState::Leader && metrics.current_leader == Some(self.id)
-    }
-
-    fn known_leader(&self, hops_left: u32) -> Result<(NodeId, String), ClusterError> {
-        let metrics = self.metrics();
-        let leader_id = metrics.current_leader;
-        let leader_node =
-            leader_id.and_then(|l| metrics.membership_config.nodes().find(|(id, _)| **id == l).map(|(_, n)| n.clone()));
-        self.leader_of(ForwardToLeader { leader_id, leader_node }, hops_left)
-    }
-
-    fn leader_of(
-        &self,
-        to: ForwardToLeader<NodeId, BasicNode>,
-        hops_left: u32,
-    ) -> Result<(NodeId, String), ClusterError> {
-        if hops_left == 0 {
-            return Err(ClusterError::TooManyHops);
-        }
-        match (to.leader_id, to.leader_node) {
-            (Some(leader), _) if leader == self.id => {
-                Err(ClusterError::NoLeader("this node is stepping up or down as leader".into()))
-            }
-            (Some(leader), Some(node)) => Ok((leader, node.addr)),
-            (Some(leader), None) => Err(ClusterError::NoLeader(format!("leader {leader} has no known address"))),
-            (None, _) => Err(ClusterError::NoLeader("an election is in progress or there is no quorum".into())),
-        }
-    }
-
     /// A client for `node`, announced at `addr` (dialled through this node's [`PeerRoutes`]).
     fn client(&self, node: NodeId, addr: &str) -> Result<ClusterClient<Channel>, ClusterError> {
         let dialled = self.routes.dial(node, addr);
@@ -529,12 +357,6 @@ impl Replica {
             .max_decoding_message_size(limits::MAX_MESSAGE_BYTES);
         clients.insert(node, (dialled, client.clone()));
         Ok(client)
-    }
-
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request.set_timeout(self.options.request_deadline);
-        request
     }
 
     /// A transport failure talking to the leader. Whether the request reached it is unknown
@@ -575,27 +397,13 @@ impl Replica {
     }
 }
 
-fn decode_reply<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<Result<T, ClusterError>, ClusterError> {
-    codec::decode("forwarded reply", payload).map_err(internal)
-}
-
 fn internal(e: impl std::fmt::Display) -> ClusterError {
     ClusterError::Internal(e.to_string())
 }
 
-fn membership_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ClusterError {
-    match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
-            ClusterError::NoLeader("leadership moved during the membership change".into())
-        }
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => ClusterError::Invalid(e.to_string()),
-        RaftError::Fatal(e) => ClusterError::Stopped(e.to_string()),
-    }
-}
-
 impl ReadIndexSource for Replica {
     fn read_index_now(&self, hops_left: u32) -> impl std::future::Future<Output = Result<u64, ClusterError>> + Send {
-        self.read_index_round(hops_left)
+        self.at_leader(&ReadIndex, hops_left)
     }
 }
 
