@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use runtimeai_model::{ClusterSettings, MembershipChange, SettingsUsage};
-use runtimeai_raft::NodeId;
+use runtimeai_raft::command::{AuditMembership, SetSettings};
+use runtimeai_raft::{CommandReply, NodeId, Op};
 
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -233,7 +234,7 @@ async fn audit_membership(
     node_id: NodeId,
     grpc_addr: Option<String>,
 ) -> Result<(), Problem> {
-    let op = runtimeai_raft::Op::AuditMembership { change, node_id, grpc_addr };
+    let op = Op::AuditMembership(AuditMembership { change, node_id, grpc_addr });
     crate::mutation::propose(state, caller, &(change, node_id), op).await.map(|_| ())
 }
 
@@ -295,9 +296,9 @@ pub(crate) async fn put_settings(
             return Err(crate::validate::invalid(&format!("$.limits.{name}"), message));
         }
     }
-    let op = runtimeai_raft::Op::SetSettings { settings: settings.clone() };
+    let op = Op::SetSettings(SetSettings { settings: settings.clone() });
     match crate::mutation::propose(&state, &caller, &settings, op).await? {
-        runtimeai_raft::CommandReply::Settings(settings) => Ok(Json(with_usage(&state, settings)?)),
+        CommandReply::Settings(settings) => Ok(Json(with_usage(&state, settings)?)),
         other => Err(Problem::unexpected_reply(other)),
     }
 }

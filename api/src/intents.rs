@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use runtimeai_model::{Intent, JsonObject, LifecycleAction, OperationStatus, PolicyDecision, PolicyMode};
+use runtimeai_raft::command::SubmitIntent;
 use runtimeai_raft::{CommandReply, Op};
 
 use utoipa_axum::router::OpenApiRouter;
@@ -132,7 +133,7 @@ pub(crate) async fn submit_intent(
         created_at: now,
         version: 1,
     };
-    match propose(&state, &caller, &request, Op::SubmitIntent { intent, operation }).await? {
+    match propose(&state, &caller, &request, Op::SubmitIntent(SubmitIntent { intent, operation })).await? {
         CommandReply::Intent { intent, operation } => {
             let status = match operation.as_ref().map(|o| o.status) {
                 None => "planned",

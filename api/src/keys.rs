@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use runtimeai_model::{AgentMode, ApiKey, Principal, PrincipalKind, Role, ALL_TENANTS};
+use runtimeai_raft::command::{CreateApiKey, RevokeApiKey};
 use runtimeai_raft::{CommandReply, Op};
 
 use utoipa_axum::router::OpenApiRouter;
@@ -173,7 +174,7 @@ async fn store_key(
     // An idempotent retry gets the first reply, whose key has another secret: it must not be
     // shown a token that authenticates nothing.
     let id = key.id.clone();
-    match propose(state, caller, body, Op::CreateApiKey { key, replaces }).await? {
+    match propose(state, caller, body, Op::CreateApiKey(CreateApiKey { key, replaces })).await? {
         CommandReply::ApiKey(key) if key.id == id => {
             Ok((StatusCode::CREATED, Json(NewKey { token, key: key.into() })).into_response())
         }
@@ -217,7 +218,7 @@ pub(crate) async fn revoke_key(
     caller: Caller,
     PathParam(key_id): PathParam<String>,
 ) -> Result<Json<KeyView>, Problem> {
-    let op = Op::RevokeApiKey { id: key_id.clone() };
+    let op = Op::RevokeApiKey(RevokeApiKey { id: key_id.clone() });
     match propose(&state, &caller, &(), op).await? {
         CommandReply::ApiKey(key) => Ok(Json(key.into())),
         other => Err(Problem::unexpected_reply(other)),

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use runtimeai_model::Operation;
+use runtimeai_raft::command::{CancelOperation, DecideApproval};
 use runtimeai_raft::{CommandReply, Op};
 
 use utoipa_axum::router::OpenApiRouter;
@@ -73,7 +74,7 @@ pub(crate) async fn cancel_operation(
     PathParam(operation_id): PathParam<String>,
 ) -> Result<Json<OperationView>, Problem> {
     read_operation(&state, &caller, &operation_id, Consistency::Linearizable).await?;
-    let op = Op::CancelOperation { operation_id: operation_id.clone() };
+    let op = Op::CancelOperation(CancelOperation { operation_id: operation_id.clone() });
     match propose(&state, &caller, &(), op).await? {
         CommandReply::Operation(operation) => Ok(Json(OperationView::from(&operation))),
         other => Err(Problem::unexpected_reply(other)),
@@ -96,7 +97,11 @@ async fn decide(
     request: &ApprovalRequest,
 ) -> Result<Json<OperationView>, Problem> {
     read_operation(state, caller, operation_id, Consistency::Linearizable).await?;
-    let op = Op::DecideApproval { operation_id: operation_id.to_string(), approve, reason: request.reason.clone() };
+    let op = Op::DecideApproval(DecideApproval {
+        operation_id: operation_id.to_string(),
+        approve,
+        reason: request.reason.clone(),
+    });
     match propose(state, caller, request, op).await? {
         CommandReply::Operation(operation) => Ok(Json(OperationView::from(&operation))),
         other => Err(Problem::unexpected_reply(other)),

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use runtimeai_model::{JsonObject, Policy, PolicyRule};
+use runtimeai_raft::command::{CreatePolicy, DeletePolicy};
 use runtimeai_raft::{CommandReply, Op};
 
 use utoipa_axum::router::OpenApiRouter;
@@ -99,7 +100,7 @@ pub(crate) async fn create_policy(
         runtimeai_engine::policy::validate_rule(rule)
             .map_err(|(path, message)| Problem::invalid_field(format!("$.rules[{i}].{path}"), message))?;
     }
-    match propose(&state, &caller, &request, Op::CreatePolicy { policy }).await? {
+    match propose(&state, &caller, &request, Op::CreatePolicy(CreatePolicy { policy })).await? {
         CommandReply::Policy(policy) => Ok((StatusCode::CREATED, Json(policy)).into_response()),
         other => Err(Problem::unexpected_reply(other)),
     }
@@ -174,7 +175,7 @@ pub(crate) async fn delete_policy(
             format!("{} may not remove a cluster-wide policy", caller.actor()),
         ));
     }
-    let op = Op::DeletePolicy { id: policy_id.clone() };
+    let op = Op::DeletePolicy(DeletePolicy { id: policy_id.clone() });
     propose(&state, &caller, &(), op).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -17,6 +17,7 @@ use runtimeai_model::{
     Operation, OperationStatus, Placement, PolicyMode, ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec,
     RuntimeState, RuntimeType, SizeEntry, Timestamp,
 };
+use runtimeai_raft::command::{BeginOperation, CreateRuntime, PatchLabels};
 use runtimeai_raft::state_reader::NotAnEventId;
 use runtimeai_raft::{CommandReply, Op, RuntimeField};
 
@@ -297,7 +298,9 @@ pub(crate) async fn create_runtime(
     };
     // Refused here, before it costs the log anything; apply checks again (and the quota).
     check_settings(&state, |settings| settings.limits.check_runtime(&runtime).map_err(Problem::from)).await?;
-    match propose(&state, &caller, &request, Op::CreateRuntime { runtime: Arc::new(runtime), operation }).await? {
+    match propose(&state, &caller, &request, Op::CreateRuntime(CreateRuntime { runtime: Arc::new(runtime), operation }))
+        .await?
+    {
         CommandReply::Created { runtime, .. } => Ok(runtime_response(StatusCode::CREATED, &runtime)),
         other => Err(Problem::unexpected_reply(other)),
     }
@@ -419,7 +422,7 @@ pub(crate) async fn patch_runtime(
     let action = LifecycleAction::Relabel { labels: patch.labels.clone() };
     let mode = caller.policy_mode(None)?;
     let operation = new_operation(&runtime_id, action, runtime.state, chrono::Utc::now(), caller.actor(), mode);
-    let op = Op::PatchLabels { operation, expected_version: if_match(&caller.headers)? };
+    let op = Op::PatchLabels(PatchLabels { operation, expected_version: if_match(&caller.headers)? });
     match propose(&state, &caller, &patch, op).await? {
         CommandReply::Runtime(runtime) => Ok(runtime_response(StatusCode::OK, &runtime)),
         CommandReply::Operation(operation) => Ok(operation_response(&operation)),
@@ -484,7 +487,7 @@ pub(crate) async fn begin_in_mode(
     let actor = caller.actor();
     let mode = caller.policy_mode(mode)?;
     let operation = new_operation(runtime_id, action, runtime.state, chrono::Utc::now(), actor, mode);
-    let op = Op::BeginOperation { operation, expected_version: if_match(&caller.headers)? };
+    let op = Op::BeginOperation(BeginOperation { operation, expected_version: if_match(&caller.headers)? });
     match propose(state, caller, body, op).await? {
         CommandReply::Operation(operation) => Ok(operation_response(&operation)),
         other => Err(Problem::unexpected_reply(other)),

@@ -13,6 +13,7 @@ use anyhow::Context;
 
 use runtimeai_api::auth::{new_secret, parse_token, secret_digest};
 use runtimeai_model::{Actor, ApiKey, Principal, PrincipalKind, Role, ALL_TENANTS};
+use runtimeai_raft::command::CreateApiKey;
 use runtimeai_raft::{CommandReply, Op, Rejection, Replica};
 
 /// The file the initializing node writes a generated admin token to.
@@ -97,7 +98,7 @@ pub async fn ensure(replica: Arc<Replica>, key: ApiKey) {
         .propose_until_stored(
             "store the bootstrap admin key",
             |replica| replica.state().api_key(&key.id).is_some(),
-            || Op::CreateApiKey { key: key.clone(), replaces: None },
+            || Op::CreateApiKey(CreateApiKey { key: key.clone(), replaces: None }),
             |reply| matches!(reply, CommandReply::ApiKey(_) | CommandReply::Rejected(Rejection::AlreadyExists { .. })),
         )
         .await;

@@ -16,6 +16,7 @@ use runtimeai_model::{
     Actor, Operation, OperationError, OperationProgress, OperationStatus, Runtime, RuntimeSignals, RuntimeState,
     SizeEntry,
 };
+use runtimeai_raft::command::{AdvanceOperation, RecordDrift, RenewLease, ReportSignals};
 use runtimeai_raft::{ClusterError, Command, CommandReply, Op, Rejection, Replica};
 use tokio::sync::watch;
 
@@ -107,12 +108,12 @@ async fn report_signals(replica: &Replica, backends: &Backends, options: &Execut
         if runtime.active_operation.is_none() {
             if let Some(drift) = converge(backend.as_ref(), &runtime, &observed, &settings.sizes).await {
                 tracing::warn!(runtime = %runtime.id, observed = %drift.observed, action = %drift.action, "drift");
-                let op = Op::RecordDrift {
+                let op = Op::RecordDrift(RecordDrift {
                     runtime_id: runtime.id.clone(),
                     observed: drift.observed,
                     action: drift.action,
                     state: drift.state,
-                };
+                });
                 if let Err(e) = replica.propose(system_command(op)).await {
                     tracing::debug!(runtime = %runtime.id, error = %e, "cannot record drift now; next round will");
                 }
@@ -129,7 +130,7 @@ async fn report_signals(replica: &Replica, backends: &Backends, options: &Execut
         return;
     }
     let count = changed.len();
-    let command = system_command(Op::ReportSignals { signals: changed });
+    let command = system_command(Op::ReportSignals(ReportSignals { signals: changed }));
     match replica.propose(command).await {
         Ok(_) => tracing::debug!(runtimes = count, "reported signals"),
         Err(e) => tracing::debug!(error = %e, "cannot report signals now; next round will"),
@@ -411,7 +412,7 @@ impl Worker {
             Some((index, error)) => (Some(index as u32), Some(error)),
             None => (None, None),
         };
-        let op = Op::AdvanceOperation {
+        let op = Op::AdvanceOperation(AdvanceOperation {
             operation_id: self.operation_id.clone(),
             status,
             progress: Some(OperationProgress { percent: percent.min(100) as u8, message: Some(message) }),
@@ -419,7 +420,7 @@ impl Worker {
             token: self.token,
             completed_actions,
             failed_action,
-        };
+        });
         propose_until(&self.replica, op, self.options.lease * 3).await
     }
 }
@@ -449,7 +450,11 @@ async fn propose_until(replica: &Replica, op: Op, deadline: Duration) -> Result<
 async fn renew_lease(replica: &Replica, operation_id: &str, token: u64, lease: Duration) {
     loop {
         tokio::time::sleep(lease / 3).await;
-        let op = Op::RenewLease { operation_id: operation_id.to_string(), token, lease_ms: lease.as_millis() as u64 };
+        let op = Op::RenewLease(RenewLease {
+            operation_id: operation_id.to_string(),
+            token,
+            lease_ms: lease.as_millis() as u64,
+        });
         match replica.propose(system_command(op)).await {
             Ok(CommandReply::Rejected(Rejection::StaleToken { .. } | Rejection::IllegalOperationStatus { .. })) => {
                 return

@@ -16,6 +16,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use openraft::ServerState;
 use runtimeai_model::{Assignment, NodeInfo, Operation, OperationStatus, Runtime};
+use runtimeai_raft::command::{AssignOperation, BeginOperation, CreateRuntime};
 use runtimeai_raft::StateReader;
 use runtimeai_raft::{Assigner, Command, CommandReply, Op, Replica};
 use tokio::sync::watch;
@@ -57,8 +58,8 @@ impl Assigner for LeaderAssigner {
             }
         };
         match &mut command.op {
-            Op::CreateRuntime { runtime, operation } => offer(runtime, operation),
-            Op::BeginOperation { operation, .. } => {
+            Op::CreateRuntime(CreateRuntime { runtime, operation }) => offer(runtime, operation),
+            Op::BeginOperation(BeginOperation { operation, .. }) => {
                 if let Ok(Some(runtime)) = self.state.get_runtime(&operation.runtime_id) {
                     offer(&runtime, operation);
                 }
@@ -160,12 +161,12 @@ async fn schedule(
                 at: chrono::Utc::now(),
                 actor: runtimeai_model::Actor::System,
                 idempotency: None,
-                op: Op::AssignOperation {
+                op: Op::AssignOperation(AssignOperation {
                     operation_id: operation.id.clone(),
                     node_id: node,
                     lease_ms: options.lease.as_millis() as u64,
                     expected_token,
-                },
+                }),
             });
         }
     }

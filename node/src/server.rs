@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 
 use runtimeai_api::AppState;
 use runtimeai_model::NodeInfo;
+use runtimeai_raft::command::RegisterNode;
 use runtimeai_raft::log_store::LogStore;
 use runtimeai_raft::network::{Network, PeerHealth, PeerRoutes};
 use runtimeai_raft::state_machine::StateMachineStore;
@@ -375,7 +376,7 @@ async fn register(replica: Arc<Replica>, config: NodeConfig, backends: Vec<runti
         .propose_until_stored(
             "register",
             |replica| replica.state().nodes().contains(&info),
-            || Op::RegisterNode { info: info.clone() },
+            || Op::RegisterNode(RegisterNode { info: info.clone() }),
             |_| true,
         )
         .await;

@@ -34,125 +34,31 @@ pub struct IdempotencyClaim {
     pub fingerprint: String,
 }
 
+/// What a command does: one variant per kind, each wrapping a struct of the same name that
+/// says what it carries and how apply checks it. (A variant wrapping a struct encodes as the
+/// struct variant it replaced did: the log's format is unchanged.)
 // Commands and replies are built once and moved; boxing variants would buy nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
-    /// Create a runtime (state `creating`) and the operation that brings it up. The proposer
-    /// filled in ids, timestamps and version 1. The runtime is stored as proposed and comes back
-    /// in the reply: shared, so that neither apply (on every member) nor the reply copies it.
-    CreateRuntime {
-        runtime: Arc<Runtime>,
-        operation: Operation,
-    },
-    /// Change a runtime's labels: `operation` carries the [`LifecycleAction::Relabel`], which the
-    /// policies judge. Allowed, the labels change at once (no operation is stored); needing
-    /// approval, the operation waits in `pending_approval` and applies them once approved;
-    /// denied, it is refused.
-    PatchLabels {
-        operation: Operation,
-        expected_version: Option<u64>,
-    },
-    /// Accept a lifecycle operation on a runtime: checks the transition, that no other
-    /// operation is active, and the policies (deny: refused; require approval: parked in
-    /// `pending_approval`), then queues it.
-    BeginOperation {
-        operation: Operation,
-        expected_version: Option<u64>,
-    },
-    /// Move an operation on (`running`, progress) or end it (`succeeded`, `failed`,
-    /// `cancelled`); ending it applies its effect to the runtime.
-    ///
-    /// Only executors send it: the report carries its fencing token and is refused unless it
-    /// is the current assignment's. (A client cancels with [`Op::CancelOperation`].)
-    AdvanceOperation {
-        operation_id: String,
-        status: OperationStatus,
-        progress: Option<OperationProgress>,
-        error: Option<OperationError>,
-        token: u64,
-        /// How many actions the backend has completed so far.
-        completed_actions: Option<u32>,
-        /// For a failure: the index of the action that failed.
-        failed_action: Option<u32>,
-    },
-    /// A client cancels a queued, parked or running operation (→ `cancelled`).
-    CancelOperation {
-        operation_id: String,
-    },
-    /// Approve (→ `queued`) or reject (→ `cancelled`) an operation a policy parked in
-    /// `pending_approval`. Nobody decides on their own request, and agents decide nothing.
-    DecideApproval {
-        operation_id: String,
-        approve: bool,
-        reason: Option<String>,
-    },
-    /// The leader hands an operation to an executor node. The entry's log index becomes the
-    /// fencing token; the lease runs `lease_ms` from the command's time. `expected_token` is the
-    /// assignment the leader saw (none for a first assignment): a stale view is refused.
-    /// Policies are checked again here, right before the operation runs.
-    AssignOperation {
-        operation_id: String,
-        node_id: u64,
-        lease_ms: u64,
-        expected_token: Option<u64>,
-    },
-    /// The executor holding `token` extends its lease to `lease_ms` from the command's time.
-    RenewLease {
-        operation_id: String,
-        token: u64,
-        lease_ms: u64,
-    },
-    /// An executor found its backend differing from the replicated state: records what differs
-    /// and what it did (an event), and moves the runtime to `state` if given. Refused while an
-    /// operation is active on the runtime (the operation owns it then).
-    RecordDrift {
-        runtime_id: String,
-        observed: String,
-        action: String,
-        state: Option<runtimeai_model::RuntimeState>,
-    },
-    /// What executors observed of their runtimes.
-    ReportSignals {
-        signals: Vec<(String, RuntimeSignals)>,
-    },
-    /// Record an intent and, unless it is a dry run or its plan is empty, begin the operation
-    /// that carries its plan out (checked like any `BeginOperation`).
-    SubmitIntent {
-        intent: Intent,
-        operation: Option<Operation>,
-    },
-    /// Create a policy (its id must be new).
-    CreatePolicy {
-        policy: Policy,
-    },
-    DeletePolicy {
-        id: String,
-    },
-    /// A member announces its addresses (kept in the replicated state for `GET /v1/cluster`).
-    RegisterNode {
-        info: NodeInfo,
-    },
-    /// Replace the cluster-wide settings.
-    SetSettings {
-        settings: ClusterSettings,
-    },
-    /// Store a new API key (its id must be new); `replaces` (a rotation) is revoked with it.
-    CreateApiKey {
-        key: ApiKey,
-        replaces: Option<String>,
-    },
-    /// Revoke an API key: it authenticates nothing from this entry on, on every node.
-    RevokeApiKey {
-        id: String,
-    },
-    /// Record in the audit feed that the actor asked for a membership change (before it is
-    /// made: a change that fails halfway is on record too).
-    AuditMembership {
-        change: runtimeai_model::MembershipChange,
-        node_id: u64,
-        grpc_addr: Option<String>,
-    },
+    CreateRuntime(CreateRuntime),
+    PatchLabels(PatchLabels),
+    BeginOperation(BeginOperation),
+    AdvanceOperation(AdvanceOperation),
+    CancelOperation(CancelOperation),
+    DecideApproval(DecideApproval),
+    AssignOperation(AssignOperation),
+    RenewLease(RenewLease),
+    RecordDrift(RecordDrift),
+    ReportSignals(ReportSignals),
+    SubmitIntent(SubmitIntent),
+    CreatePolicy(CreatePolicy),
+    DeletePolicy(DeletePolicy),
+    RegisterNode(RegisterNode),
+    SetSettings(SetSettings),
+    CreateApiKey(CreateApiKey),
+    RevokeApiKey(RevokeApiKey),
+    AuditMembership(AuditMembership),
     /// Several commands in one log entry, applied in order as if they were entries of their own
     /// (the leader batches concurrent proposals: one entry, one append, one replication, one
     /// apply for all of them). Replied to with [`CommandReply::Batch`], one reply each.
@@ -165,39 +71,190 @@ impl Op {
     pub fn is_node_only(&self) -> bool {
         matches!(
             self,
-            Op::RegisterNode { .. }
-                | Op::AssignOperation { .. }
-                | Op::AdvanceOperation { .. }
-                | Op::RenewLease { .. }
-                | Op::ReportSignals { .. }
-                | Op::RecordDrift { .. }
+            Op::RegisterNode(..)
+                | Op::AssignOperation(..)
+                | Op::AdvanceOperation(..)
+                | Op::RenewLease(..)
+                | Op::ReportSignals(..)
+                | Op::RecordDrift(..)
         )
     }
 
     /// Short name for logs.
     pub fn name(&self) -> &'static str {
         match self {
-            Op::CreateRuntime { .. } => "create_runtime",
-            Op::PatchLabels { .. } => "patch_labels",
-            Op::BeginOperation { .. } => "begin_operation",
-            Op::AdvanceOperation { .. } => "advance_operation",
-            Op::CancelOperation { .. } => "cancel_operation",
-            Op::DecideApproval { .. } => "decide_approval",
-            Op::AssignOperation { .. } => "assign_operation",
-            Op::RenewLease { .. } => "renew_lease",
-            Op::ReportSignals { .. } => "report_signals",
-            Op::RecordDrift { .. } => "record_drift",
-            Op::SubmitIntent { .. } => "submit_intent",
-            Op::CreatePolicy { .. } => "create_policy",
-            Op::DeletePolicy { .. } => "delete_policy",
-            Op::RegisterNode { .. } => "register_node",
-            Op::SetSettings { .. } => "set_settings",
-            Op::CreateApiKey { .. } => "create_api_key",
-            Op::RevokeApiKey { .. } => "revoke_api_key",
-            Op::AuditMembership { .. } => "audit_membership",
+            Op::CreateRuntime(..) => "create_runtime",
+            Op::PatchLabels(..) => "patch_labels",
+            Op::BeginOperation(..) => "begin_operation",
+            Op::AdvanceOperation(..) => "advance_operation",
+            Op::CancelOperation(..) => "cancel_operation",
+            Op::DecideApproval(..) => "decide_approval",
+            Op::AssignOperation(..) => "assign_operation",
+            Op::RenewLease(..) => "renew_lease",
+            Op::ReportSignals(..) => "report_signals",
+            Op::RecordDrift(..) => "record_drift",
+            Op::SubmitIntent(..) => "submit_intent",
+            Op::CreatePolicy(..) => "create_policy",
+            Op::DeletePolicy(..) => "delete_policy",
+            Op::RegisterNode(..) => "register_node",
+            Op::SetSettings(..) => "set_settings",
+            Op::CreateApiKey(..) => "create_api_key",
+            Op::RevokeApiKey(..) => "revoke_api_key",
+            Op::AuditMembership(..) => "audit_membership",
             Op::Batch(..) => "batch",
         }
     }
+}
+
+/// Create a runtime (state `creating`) and the operation that brings it up. The proposer
+/// filled in ids, timestamps and version 1. The runtime is stored as proposed and comes back
+/// in the reply: shared, so that neither apply (on every member) nor the reply copies it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateRuntime {
+    pub runtime: Arc<Runtime>,
+    pub operation: Operation,
+}
+
+/// Change a runtime's labels: `operation` carries the [`LifecycleAction::Relabel`], which the
+/// policies judge. Allowed, the labels change at once (no operation is stored); needing
+/// approval, the operation waits in `pending_approval` and applies them once approved;
+/// denied, it is refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PatchLabels {
+    pub operation: Operation,
+    pub expected_version: Option<u64>,
+}
+
+/// Accept a lifecycle operation on a runtime: checks the transition, that no other
+/// operation is active, and the policies (deny: refused; require approval: parked in
+/// `pending_approval`), then queues it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BeginOperation {
+    pub operation: Operation,
+    pub expected_version: Option<u64>,
+}
+
+/// Move an operation on (`running`, progress) or end it (`succeeded`, `failed`,
+/// `cancelled`); ending it applies its effect to the runtime.
+///
+/// Only executors send it: the report carries its fencing token and is refused unless it
+/// is the current assignment's. (A client cancels with [`Op::CancelOperation`].)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdvanceOperation {
+    pub operation_id: String,
+    pub status: OperationStatus,
+    pub progress: Option<OperationProgress>,
+    pub error: Option<OperationError>,
+    pub token: u64,
+    /// How many actions the backend has completed so far.
+    pub completed_actions: Option<u32>,
+    /// For a failure: the index of the action that failed.
+    pub failed_action: Option<u32>,
+}
+
+/// A client cancels a queued, parked or running operation (→ `cancelled`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelOperation {
+    pub operation_id: String,
+}
+
+/// Approve (→ `queued`) or reject (→ `cancelled`) an operation a policy parked in
+/// `pending_approval`. Nobody decides on their own request, and agents decide nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecideApproval {
+    pub operation_id: String,
+    pub approve: bool,
+    pub reason: Option<String>,
+}
+
+/// The leader hands an operation to an executor node. The entry's log index becomes the
+/// fencing token; the lease runs `lease_ms` from the command's time. `expected_token` is the
+/// assignment the leader saw (none for a first assignment): a stale view is refused.
+/// Policies are checked again here, right before the operation runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AssignOperation {
+    pub operation_id: String,
+    pub node_id: u64,
+    pub lease_ms: u64,
+    pub expected_token: Option<u64>,
+}
+
+/// The executor holding `token` extends its lease to `lease_ms` from the command's time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RenewLease {
+    pub operation_id: String,
+    pub token: u64,
+    pub lease_ms: u64,
+}
+
+/// An executor found its backend differing from the replicated state: records what differs
+/// and what it did (an event), and moves the runtime to `state` if given. Refused while an
+/// operation is active on the runtime (the operation owns it then).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordDrift {
+    pub runtime_id: String,
+    pub observed: String,
+    pub action: String,
+    pub state: Option<runtimeai_model::RuntimeState>,
+}
+
+/// What executors observed of their runtimes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportSignals {
+    pub signals: Vec<(String, RuntimeSignals)>,
+}
+
+/// Record an intent and, unless it is a dry run or its plan is empty, begin the operation
+/// that carries its plan out (checked like any `BeginOperation`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmitIntent {
+    pub intent: Intent,
+    pub operation: Option<Operation>,
+}
+
+/// Create a policy (its id must be new).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreatePolicy {
+    pub policy: Policy,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeletePolicy {
+    pub id: String,
+}
+
+/// A member announces its addresses (kept in the replicated state for `GET /v1/cluster`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterNode {
+    pub info: NodeInfo,
+}
+
+/// Replace the cluster-wide settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetSettings {
+    pub settings: ClusterSettings,
+}
+
+/// Store a new API key (its id must be new); `replaces` (a rotation) is revoked with it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateApiKey {
+    pub key: ApiKey,
+    pub replaces: Option<String>,
+}
+
+/// Revoke an API key: it authenticates nothing from this entry on, on every node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevokeApiKey {
+    pub id: String,
+}
+
+/// Record in the audit feed that the actor asked for a membership change (before it is
+/// made: a change that fails halfway is on record too).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditMembership {
+    pub change: runtimeai_model::MembershipChange,
+    pub node_id: u64,
+    pub grpc_addr: Option<String>,
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -366,6 +423,28 @@ mod tests {
 
     type Entry = openraft::Entry<crate::TypeConfig>;
 
+    #[test]
+    fn a_variant_wrapping_a_struct_encodes_as_the_struct_variant_it_replaced() {
+        #[derive(Serialize)]
+        enum Before {
+            _First { _n: u8 },
+            Second { id: String, approve: bool },
+        }
+        #[derive(Serialize)]
+        struct Second {
+            id: String,
+            approve: bool,
+        }
+        #[derive(Serialize)]
+        enum After {
+            _First(u8),
+            Second(Second),
+        }
+        let before = codec::encode("test", &Before::Second { id: "op_1".into(), approve: true }).unwrap();
+        let after = codec::encode("test", &After::Second(Second { id: "op_1".into(), approve: true })).unwrap();
+        assert_eq!(before, after);
+    }
+
     fn entry(command: LoggedCommand) -> Entry {
         Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), 7), payload: EntryPayload::Normal(command) }
     }
@@ -376,7 +455,7 @@ mod tests {
             at,
             actor: Actor::System,
             idempotency: None,
-            op: Op::AdvanceOperation {
+            op: Op::AdvanceOperation(AdvanceOperation {
                 operation_id: id.into(),
                 status: OperationStatus::Succeeded,
                 progress: None,
@@ -384,7 +463,7 @@ mod tests {
                 token: 3,
                 completed_actions: Some(1),
                 failed_action: None,
-            },
+            }),
         };
         Command { at, actor: Actor::System, idempotency: None, op: Op::Batch(vec![report("op_a"), report("op_b")]) }
     }

@@ -13,6 +13,10 @@ use runtimeai_model::{
 };
 
 use super::StateMachineStore;
+use crate::command::{
+    AdvanceOperation, AssignOperation, BeginOperation, CancelOperation, CreateApiKey, CreatePolicy, CreateRuntime,
+    DecideApproval, PatchLabels, RecordDrift, RegisterNode, RevokeApiKey, SetSettings, SubmitIntent,
+};
 use crate::command::{Command, CommandReply, IdempotencyClaim, Op, Rejection};
 use crate::store::DataDir;
 use crate::types::Entry;
@@ -45,7 +49,7 @@ fn runtime(id: &str, name: &str) -> Runtime {
 /// A change of labels, as the API proposes it.
 fn relabel(runtime_id: &str, labels: LabelPatch, expected_version: Option<u64>) -> Op {
     let operation = operation(&format!("op_relabel_{runtime_id}"), runtime_id, LifecycleAction::Relabel { labels });
-    Op::PatchLabels { operation, expected_version }
+    Op::PatchLabels(PatchLabels { operation, expected_version })
 }
 
 fn operation(id: &str, runtime_id: &str, action: LifecycleAction) -> Operation {
@@ -73,16 +77,16 @@ fn operation(id: &str, runtime_id: &str, action: LifecycleAction) -> Operation {
 }
 
 fn create(id: &str, name: &str) -> Op {
-    Op::CreateRuntime {
+    Op::CreateRuntime(CreateRuntime {
         runtime: std::sync::Arc::new(runtime(id, name)),
         operation: operation(&format!("op_create_{id}"), id, LifecycleAction::Create),
-    }
+    })
 }
 
 /// A create of a runtime placed on `node`.
 fn placed(id: &str, name: &str, node: u64) -> Op {
     let mut op = create(id, name);
-    if let Op::CreateRuntime { runtime, .. } = &mut op {
+    if let Op::CreateRuntime(CreateRuntime { runtime, .. }) = &mut op {
         std::sync::Arc::make_mut(runtime).placement =
             Some(runtimeai_model::Placement { node_id: node, site: None, zone: None });
     }
@@ -90,7 +94,7 @@ fn placed(id: &str, name: &str, node: u64) -> Op {
 }
 
 fn begin(op_id: &str, runtime_id: &str, action: LifecycleAction) -> Op {
-    Op::BeginOperation { operation: operation(op_id, runtime_id, action), expected_version: None }
+    Op::BeginOperation(BeginOperation { operation: operation(op_id, runtime_id, action), expected_version: None })
 }
 
 /// The token of "the executor that holds the operation": [`apply`] assigns the operation to
@@ -100,9 +104,9 @@ const HOLDER: u64 = u64::MAX;
 /// An executor's report (or, for `cancelled`, a client's cancel).
 fn advance(op_id: &str, status: OperationStatus) -> Op {
     if status == OperationStatus::Cancelled {
-        return Op::CancelOperation { operation_id: op_id.into() };
+        return Op::CancelOperation(CancelOperation { operation_id: op_id.into() });
     }
-    Op::AdvanceOperation {
+    Op::AdvanceOperation(AdvanceOperation {
         operation_id: op_id.into(),
         status,
         progress: None,
@@ -110,7 +114,7 @@ fn advance(op_id: &str, status: OperationStatus) -> Op {
         token: HOLDER,
         completed_actions: None,
         failed_action: None,
-    }
+    })
 }
 
 /// A command as it would be proposed: by the system for what only nodes send, else by an agent.
@@ -133,7 +137,7 @@ async fn apply(sm: &mut StateMachineStore, ops: Vec<Op>) -> Vec<CommandReply> {
     let mut replies = Vec::new();
     let mut pending = Vec::new();
     for mut op in ops {
-        if let Op::AdvanceOperation { operation_id, token: token @ HOLDER, .. } = &mut op {
+        if let Op::AdvanceOperation(AdvanceOperation { operation_id, token: token @ HOLDER, .. }) = &mut op {
             replies.extend(apply_entries(sm, std::mem::take(&mut pending)).await);
             *token = holder_token(sm, operation_id).await;
         }
@@ -159,7 +163,12 @@ async fn holder_token(sm: &mut StateMachineStore, id: &str) -> u64 {
     if let Some(token) = token(sm) {
         return token;
     }
-    let assign = Op::AssignOperation { operation_id: id.into(), node_id: 1, lease_ms: 60_000, expected_token: None };
+    let assign = Op::AssignOperation(AssignOperation {
+        operation_id: id.into(),
+        node_id: 1,
+        lease_ms: 60_000,
+        expected_token: None,
+    });
     apply_entries(sm, vec![assign]).await;
     token(sm).unwrap_or(HOLDER - 1)
 }
@@ -199,7 +208,7 @@ async fn running(sm: &mut StateMachineStore, id: &str, name: &str) {
 async fn names_are_unique_per_tenant_even_within_one_batch() {
     let (_dir, mut sm) = open();
     let mut other_tenant = create("rt_c", "web");
-    if let Op::CreateRuntime { runtime, .. } = &mut other_tenant {
+    if let Op::CreateRuntime(CreateRuntime { runtime, .. }) = &mut other_tenant {
         std::sync::Arc::make_mut(runtime).tenant_id = None;
     }
     let replies = apply(&mut sm, vec![create("rt_a", "web"), create("rt_b", "web"), other_tenant]).await;
@@ -224,12 +233,12 @@ async fn unfinished_operations_are_followed_in_memory_and_reloaded_at_open() {
     apply(&mut sm, vec![create("rt_a", "web"), create("rt_b", "db")]).await;
     assert!(changes.has_changed().unwrap(), "queuing operations wakes the watchers");
     changes.mark_unchanged();
-    let assign = Op::AssignOperation {
+    let assign = Op::AssignOperation(AssignOperation {
         operation_id: "op_create_rt_a".into(),
         node_id: 2,
         lease_ms: 10_000,
         expected_token: None,
-    };
+    });
     apply(&mut sm, vec![assign]).await;
     assert!(changes.has_changed().unwrap(), "an assignment wakes the watchers");
     let assigned: Vec<String> = assigned_to(&sm, 2).into_iter().map(|o| o.id).collect();
@@ -284,14 +293,16 @@ async fn a_report_sees_its_operation_as_written_before_it_whether_unfinished_or_
 async fn a_success_that_completes_the_last_step_records_its_message() {
     let (_dir, mut sm) = open();
     apply(&mut sm, vec![create("rt_a", "web"), create("rt_b", "db")]).await;
-    let report = |op: &str, status, completed, message: &str| Op::AdvanceOperation {
-        operation_id: op.into(),
-        status,
-        progress: Some(runtimeai_model::OperationProgress { percent: 100, message: Some(message.into()) }),
-        error: None,
-        token: HOLDER,
-        completed_actions: Some(completed),
-        failed_action: None,
+    let report = |op: &str, status, completed, message: &str| {
+        Op::AdvanceOperation(AdvanceOperation {
+            operation_id: op.into(),
+            status,
+            progress: Some(runtimeai_model::OperationProgress { percent: 100, message: Some(message.into()) }),
+            error: None,
+            token: HOLDER,
+            completed_actions: Some(completed),
+            failed_action: None,
+        })
     };
     apply(
         &mut sm,
@@ -324,9 +335,9 @@ async fn a_policy_or_setting_written_earlier_in_a_batch_applies_to_the_commands_
         &mut sm,
         vec![
             begin("op_stop_a", "rt_a", stop.clone()),
-            Op::CreatePolicy { policy: deny_stop },
+            Op::CreatePolicy(CreatePolicy { policy: deny_stop }),
             begin("op_stop_b", "rt_b", stop),
-            Op::SetSettings { settings },
+            Op::SetSettings(SetSettings { settings }),
             relabel("rt_c", BTreeMap::new(), None),
         ],
     )
@@ -522,7 +533,7 @@ async fn an_idempotency_key_replays_the_first_reply_and_refuses_other_requests()
 async fn a_retried_create_gets_the_same_reply_and_no_second_event() {
     let (_dir, mut sm) = open();
     let mut clash = create("rt_a", "other");
-    if let Op::CreateRuntime { runtime, operation } = &mut clash {
+    if let Op::CreateRuntime(CreateRuntime { runtime, operation }) = &mut clash {
         std::sync::Arc::make_mut(runtime).created_at = at(5);
         operation.id = "op_other".into();
     }
@@ -546,9 +557,9 @@ async fn a_snapshot_carries_the_whole_state_to_another_replica() {
     for i in 0..49u64 {
         entries.push(entry(2 + i, command(create(&format!("rt_{i:03}"), &format!("n{i}")))));
     }
-    entries.push(entry(51, command(Op::RegisterNode { info: node_info(2, "127.0.0.1:7002") })));
+    entries.push(entry(51, command(Op::RegisterNode(RegisterNode { info: node_info(2, "127.0.0.1:7002") }))));
     let settings = ClusterSettings { event_retention_count: 7, ..Default::default() };
-    entries.push(entry(52, command(Op::SetSettings { settings })));
+    entries.push(entry(52, command(Op::SetSettings(SetSettings { settings }))));
     source.apply(entries).await.unwrap();
     let snapshot = source.build_snapshot().await.unwrap();
     assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(52));
@@ -668,7 +679,7 @@ async fn a_corrupt_snapshot_is_refused_on_install_and_set_aside_and_rebuilt_on_o
 async fn events_are_kept_within_the_retention_count_and_age() {
     let (_dir, mut sm) = open();
     let settings = ClusterSettings { event_retention_count: 3, event_retention_days: 1, ..Default::default() };
-    apply(&mut sm, vec![Op::SetSettings { settings }]).await;
+    apply(&mut sm, vec![Op::SetSettings(SetSettings { settings })]).await;
     running(&mut sm, "rt_a", "web").await;
     for i in 0..4 {
         let op = format!("op_snap_{i}");
@@ -701,7 +712,7 @@ async fn events_are_kept_within_the_retention_count_and_age() {
 async fn events_past_the_retention_age_go_even_when_few() {
     let (_dir, mut sm) = open();
     let settings = ClusterSettings { event_retention_count: 100, event_retention_days: 1, ..Default::default() };
-    apply(&mut sm, vec![Op::SetSettings { settings }]).await;
+    apply(&mut sm, vec![Op::SetSettings(SetSettings { settings })]).await;
     running(&mut sm, "rt_a", "web").await;
     let patch = || relabel("rt_a", BTreeMap::new(), None);
     apply(&mut sm, vec![patch()]).await;
@@ -744,13 +755,27 @@ async fn a_batch_applies_its_commands_in_order_in_one_entry_each_with_its_own_re
     let op = "op_create_rt_a";
     // Taken by node 1 with the create: its token is the entry's index, 1.
     let mut offered_create = create("rt_a", "web");
-    if let Op::CreateRuntime { operation, .. } = &mut offered_create {
+    if let Op::CreateRuntime(CreateRuntime { operation, .. }) = &mut offered_create {
         operation.assignment = Some(runtimeai_model::Assignment { node_id: 1, token: 0, lease_until: at(4) });
     }
     let report = |status| match advance(op, status) {
-        Op::AdvanceOperation { operation_id, status, progress, error, completed_actions, failed_action, .. } => {
-            Op::AdvanceOperation { operation_id, status, progress, error, token: 1, completed_actions, failed_action }
-        }
+        Op::AdvanceOperation(AdvanceOperation {
+            operation_id,
+            status,
+            progress,
+            error,
+            completed_actions,
+            failed_action,
+            ..
+        }) => Op::AdvanceOperation(AdvanceOperation {
+            operation_id,
+            status,
+            progress,
+            error,
+            token: 1,
+            completed_actions,
+            failed_action,
+        }),
         other => other,
     };
     let batch = Op::Batch(
@@ -779,7 +804,7 @@ async fn an_executor_offered_with_the_entry_that_queues_the_operation_holds_it_w
     let (_dir, mut sm) = open();
     let offer = Some(runtimeai_model::Assignment { node_id: 3, token: 0, lease_until: at(4) });
     let mut offered_create = create("rt_a", "web");
-    if let Op::CreateRuntime { operation, .. } = &mut offered_create {
+    if let Op::CreateRuntime(CreateRuntime { operation, .. }) = &mut offered_create {
         operation.assignment = offer.clone();
     }
     apply(&mut sm, vec![offered_create]).await;
@@ -793,14 +818,16 @@ async fn an_executor_offered_with_the_entry_that_queues_the_operation_holds_it_w
 
     // A quick step: straight from queued to succeeded, with the holder's token only (a report
     // cannot lack one: the type has no such value, and a client's cancel is another command).
-    let finish = |token| Op::AdvanceOperation {
-        operation_id: "op_create_rt_a".into(),
-        status: OperationStatus::Succeeded,
-        progress: None,
-        error: None,
-        token,
-        completed_actions: Some(1),
-        failed_action: None,
+    let finish = |token| {
+        Op::AdvanceOperation(AdvanceOperation {
+            operation_id: "op_create_rt_a".into(),
+            status: OperationStatus::Succeeded,
+            progress: None,
+            error: None,
+            token,
+            completed_actions: Some(1),
+            failed_action: None,
+        })
     };
     let replies = apply(&mut sm, vec![finish(7), finish(1)]).await;
     assert!(matches!(&replies[0], CommandReply::Rejected(Rejection::StaleToken { .. })), "{replies:?}");
@@ -810,10 +837,10 @@ async fn an_executor_offered_with_the_entry_that_queues_the_operation_holds_it_w
     // An operation parked for approval is not handed to anyone.
     let approval = stop_policy("pol_approve_stop", "require_approval");
     let mut offered_stop = begin("op_stop_a", "rt_a", LifecycleAction::Stop { force: false, timeout_seconds: None });
-    if let Op::BeginOperation { operation, .. } = &mut offered_stop {
+    if let Op::BeginOperation(BeginOperation { operation, .. }) = &mut offered_stop {
         operation.assignment = offer;
     }
-    apply(&mut sm, vec![Op::CreatePolicy { policy: approval }, offered_stop]).await;
+    apply(&mut sm, vec![Op::CreatePolicy(CreatePolicy { policy: approval }), offered_stop]).await;
     let parked = sm.get_operation("op_stop_a").unwrap().unwrap();
     assert_eq!(parked.status, OperationStatus::PendingApproval);
     assert_eq!((parked.assignment, parked.attempts), (None, 0));
@@ -837,7 +864,7 @@ async fn member_announcements_are_read_from_memory_and_follow_every_write() {
     let data = DataDir::open(&dir.path().join("data"), 1, "test").unwrap();
     let mut sm = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
     assert!(sm.nodes().is_empty());
-    let announce = |id, addr: &str| Op::RegisterNode { info: node_info(id, addr) };
+    let announce = |id, addr: &str| Op::RegisterNode(RegisterNode { info: node_info(id, addr) });
     apply(&mut sm, vec![announce(2, "127.0.0.1:7002"), announce(1, "127.0.0.1:7001")]).await;
     assert_eq!(*sm.nodes(), [node_info(1, "127.0.0.1:7001"), node_info(2, "127.0.0.1:7002")]);
     apply(&mut sm, vec![announce(2, "127.0.0.1:9002")]).await;
@@ -853,7 +880,7 @@ async fn settings_are_served_from_memory_and_follow_their_writes_only() {
     let mut sm = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
     assert_eq!(*sm.settings(), ClusterSettings::default());
     let settings = ClusterSettings { event_retention_count: 5, ..Default::default() };
-    apply(&mut sm, vec![Op::SetSettings { settings: settings.clone() }]).await;
+    apply(&mut sm, vec![Op::SetSettings(SetSettings { settings: settings.clone() })]).await;
     let before = sm.settings();
     assert_eq!(*before, settings);
     // A create writes the placement counts beside the settings: the settings stay as they were
@@ -884,7 +911,7 @@ async fn apply_cost() {
             n += BATCH;
             let creates = ids.iter().map(|id| {
                 let mut op = create(id, id);
-                if let Op::CreateRuntime { runtime, operation } = &mut op {
+                if let Op::CreateRuntime(CreateRuntime { runtime, operation }) = &mut op {
                     let runtime = std::sync::Arc::make_mut(runtime);
                     runtime.capabilities = ["start", "stop", "restart", "scale", "snapshot", "restore"]
                         .map(runtimeai_model::Capability::from)
@@ -904,7 +931,7 @@ async fn apply_cost() {
                 "{replies:?}"
             );
             let reports = ids.iter().map(|id| {
-                command(Op::AdvanceOperation {
+                command(Op::AdvanceOperation(AdvanceOperation {
                     operation_id: format!("op_create_{id}"),
                     status: OperationStatus::Succeeded,
                     progress: Some(runtimeai_model::OperationProgress {
@@ -915,7 +942,7 @@ async fn apply_cost() {
                     token: index,
                     completed_actions: Some(1),
                     failed_action: None,
-                })
+                }))
             });
             let started = std::time::Instant::now();
             let replies = sm.apply(vec![entry(index + 1, command(Op::Batch(reports.collect())))]).await.unwrap();
@@ -955,15 +982,25 @@ async fn apply_as(sm: &mut StateMachineStore, actor: Actor, op: Op) -> CommandRe
 async fn nobody_approves_their_own_request_and_agents_decide_nothing_whatever_path_the_command_took() {
     let (_dir, mut sm) = open();
     running(&mut sm, "rt_a", "web").await;
-    apply(&mut sm, vec![Op::CreatePolicy { policy: stop_policy("pol_approve_stop", "require_approval") }]).await;
+    apply(
+        &mut sm,
+        vec![Op::CreatePolicy(CreatePolicy { policy: stop_policy("pol_approve_stop", "require_approval") })],
+    )
+    .await;
     let stop = LifecycleAction::Stop { force: false, timeout_seconds: None };
     let mut parked = operation("op_stop", "rt_a", stop);
     parked.prior_state = RuntimeState::Running;
     let alice = Actor::Human("alice".into());
-    let begun =
-        apply_as(&mut sm, alice.clone(), Op::BeginOperation { operation: parked, expected_version: None }).await;
+    let begun = apply_as(
+        &mut sm,
+        alice.clone(),
+        Op::BeginOperation(BeginOperation { operation: parked, expected_version: None }),
+    )
+    .await;
     assert!(matches!(&begun, CommandReply::Operation(o) if o.status == OperationStatus::PendingApproval), "{begun:?}");
-    let decide = |approve| Op::DecideApproval { operation_id: "op_stop".into(), approve, reason: Some("x".into()) };
+    let decide = |approve| {
+        Op::DecideApproval(DecideApproval { operation_id: "op_stop".into(), approve, reason: Some("x".into()) })
+    };
 
     let own = apply_as(&mut sm, alice.clone(), decide(true)).await;
     assert!(matches!(own, CommandReply::Rejected(Rejection::SelfApproval { .. })), "{own:?}");
@@ -985,7 +1022,7 @@ async fn a_relabel_out_of_a_scoped_policy_waits_for_approval_holds_the_runtime_a
     apply(&mut sm, vec![to_prod]).await;
     let mut scoped = stop_policy("pol_prod", "deny_action");
     scoped.scope_env = Some("production".into());
-    apply(&mut sm, vec![Op::CreatePolicy { policy: scoped }]).await;
+    apply(&mut sm, vec![Op::CreatePolicy(CreatePolicy { policy: scoped })]).await;
     let bot = Actor::Agent("bot".into());
     let escape = || relabel("rt_a", BTreeMap::from([("env".into(), Some("dev".into()))]), None);
     let parked = apply_as(&mut sm, bot.clone(), escape()).await;
@@ -1005,7 +1042,7 @@ async fn a_relabel_out_of_a_scoped_policy_waits_for_approval_holds_the_runtime_a
         apply_as(&mut sm, bot.clone(), relabel("rt_a", BTreeMap::from([("team".into(), Some("x".into()))]), None));
     assert!(matches!(other.await, CommandReply::Runtime(r) if r.labels["team"] == "x"), "other labels need no one");
 
-    let decide = Op::DecideApproval { operation_id: parked.id.clone(), approve: true, reason: None };
+    let decide = Op::DecideApproval(DecideApproval { operation_id: parked.id.clone(), approve: true, reason: None });
     let approved = apply_as(&mut sm, Actor::Human("olga".into()), decide).await;
     assert!(matches!(&approved, CommandReply::Operation(o) if o.status == OperationStatus::Succeeded), "{approved:?}");
     let runtime = sm.get_runtime("rt_a").unwrap().unwrap();
@@ -1038,9 +1075,8 @@ fn api_key(id: &str) -> runtimeai_model::ApiKey {
 #[tokio::test]
 async fn keys_are_read_from_memory_follow_every_write_and_a_rotation_revokes_the_old_one_in_the_same_entry() {
     let (dir, mut sm) = open();
-    let create = |id: &str, replaces: Option<&str>| Op::CreateApiKey {
-        key: api_key(id),
-        replaces: replaces.map(str::to_string),
+    let create = |id: &str, replaces: Option<&str>| {
+        Op::CreateApiKey(CreateApiKey { key: api_key(id), replaces: replaces.map(str::to_string) })
     };
     let replies = apply(&mut sm, vec![create("k1", None), create("k1", None)]).await;
     assert!(matches!(&replies[0], CommandReply::ApiKey(k) if k.id == "k1"), "{replies:?}");
@@ -1054,7 +1090,7 @@ async fn keys_are_read_from_memory_follow_every_write_and_a_rotation_revokes_the
     assert!(matches!(&again[0], CommandReply::Rejected(Rejection::IllegalOperationStatus { .. })), "{again:?}");
     assert!(matches!(&again[1], CommandReply::Rejected(Rejection::NotFound { .. })), "{again:?}");
 
-    let revoked = apply(&mut sm, vec![Op::RevokeApiKey { id: "k2".into() }]).await;
+    let revoked = apply(&mut sm, vec![Op::RevokeApiKey(RevokeApiKey { id: "k2".into() })]).await;
     assert!(matches!(&revoked[0], CommandReply::ApiKey(k) if k.revoked_at.is_some()), "{revoked:?}");
     assert!(sm.api_key("k2").is_some_and(|k| k.revoked_at.is_some()), "in memory at once");
 
@@ -1071,7 +1107,7 @@ async fn keys_are_read_from_memory_follow_every_write_and_a_rotation_revokes_the
 async fn what_only_nodes_send_is_refused_from_anyone_else() {
     let (_dir, mut sm) = open();
     apply(&mut sm, vec![create("rt_a", "web")]).await;
-    let report = Op::AdvanceOperation {
+    let report = Op::AdvanceOperation(AdvanceOperation {
         operation_id: "op_create_rt_a".into(),
         status: OperationStatus::Succeeded,
         progress: None,
@@ -1079,14 +1115,14 @@ async fn what_only_nodes_send_is_refused_from_anyone_else() {
         token: 0,
         completed_actions: None,
         failed_action: None,
-    };
-    let assign = Op::AssignOperation {
+    });
+    let assign = Op::AssignOperation(AssignOperation {
         operation_id: "op_create_rt_a".into(),
         node_id: 9,
         lease_ms: 60_000,
         expected_token: None,
-    };
-    let register = Op::RegisterNode { info: node_info(9, "10.0.0.9:7100") };
+    });
+    let register = Op::RegisterNode(RegisterNode { info: node_info(9, "10.0.0.9:7100") });
     for op in [report, assign, register] {
         let name = op.name();
         let reply = apply_as(&mut sm, Actor::Human("mallory".into()), op).await;
@@ -1114,7 +1150,7 @@ async fn runtimes_are_read_after_a_page_token_one_at_a_time_as_taken() {
 async fn finished_operations_intents_and_deleted_runtimes_events_go_once_past_the_retention() {
     let (_dir, mut sm) = open();
     let settings = ClusterSettings { event_retention_days: 1, ..Default::default() };
-    apply(&mut sm, vec![Op::SetSettings { settings }]).await;
+    apply(&mut sm, vec![Op::SetSettings(SetSettings { settings })]).await;
     running(&mut sm, "rt_a", "kept").await;
     running(&mut sm, "rt_b", "gone").await;
     let delete = vec![
@@ -1139,7 +1175,7 @@ async fn finished_operations_intents_and_deleted_runtimes_events_go_once_past_th
         created_at: at(0),
         version: 1,
     };
-    apply(&mut sm, vec![Op::SubmitIntent { intent: dry_run, operation: None }]).await;
+    apply(&mut sm, vec![Op::SubmitIntent(SubmitIntent { intent: dry_run, operation: None })]).await;
     assert!(sm.get_intent("int_1").unwrap().is_some());
     assert!(!sm.runtime_events("rt_b").unwrap().is_empty(), "a deleted runtime's events stay a while");
     assert!(sm.get_operation("op_create_rt_a").unwrap().is_some());
@@ -1164,7 +1200,7 @@ async fn finished_operations_intents_and_deleted_runtimes_events_go_once_past_th
 /// A create of a runtime of `tenant` and `runtime_type`.
 fn create_of(id: &str, tenant: &str, runtime_type: RuntimeType) -> Op {
     let mut op = create(id, id);
-    if let Op::CreateRuntime { runtime, .. } = &mut op {
+    if let Op::CreateRuntime(CreateRuntime { runtime, .. }) = &mut op {
         let runtime = std::sync::Arc::make_mut(runtime);
         runtime.tenant_id = Some(tenant.into());
         runtime.runtime_type = runtime_type;
@@ -1224,12 +1260,12 @@ async fn runtimes_are_indexed_by_tenant_type_and_state_through_every_change_and_
     )
     .await;
     assert_indexes_match_the_runtimes(&sm);
-    let drift = Op::RecordDrift {
+    let drift = Op::RecordDrift(RecordDrift {
         runtime_id: "rt_b".into(),
         observed: "gone".into(),
         action: "marked".into(),
         state: Some(RuntimeState::Degraded),
-    };
+    });
     apply(
         &mut sm,
         vec![advance("op_stop", OperationStatus::Running), advance("op_stop", OperationStatus::Succeeded), drift],
@@ -1274,10 +1310,11 @@ async fn every_limit_is_checked_in_apply_and_names_its_setting() {
         runtimes_per_tenant: 2,
         ..Default::default()
     };
-    apply(&mut sm, vec![Op::SetSettings { settings: ClusterSettings { limits, ..Default::default() } }]).await;
+    apply(&mut sm, vec![Op::SetSettings(SetSettings { settings: ClusterSettings { limits, ..Default::default() } })])
+        .await;
 
     let mut big_env = create("rt_env", "env");
-    if let Op::CreateRuntime { runtime, .. } = &mut big_env {
+    if let Op::CreateRuntime(CreateRuntime { runtime, .. }) = &mut big_env {
         std::sync::Arc::make_mut(runtime).spec.env = Some(BTreeMap::from([("KEY".into(), "12345678".into())]));
     }
     let replies = apply(&mut sm, vec![big_env]).await;
@@ -1314,9 +1351,9 @@ async fn every_limit_is_checked_in_apply_and_names_its_setting() {
     let replies = apply(
         &mut sm,
         vec![
-            Op::CreatePolicy { policy: two_rules },
-            Op::CreatePolicy { policy: stop_policy("pol_1", "deny_action") },
-            Op::CreatePolicy { policy: stop_policy("pol_2", "deny_action") },
+            Op::CreatePolicy(CreatePolicy { policy: two_rules }),
+            Op::CreatePolicy(CreatePolicy { policy: stop_policy("pol_1", "deny_action") }),
+            Op::CreatePolicy(CreatePolicy { policy: stop_policy("pol_2", "deny_action") }),
         ],
     )
     .await;

@@ -15,6 +15,11 @@ pub(crate) mod runtimes;
 
 use runtimeai_model::{Actor, Assignment, Operation};
 
+use crate::command::{
+    AdvanceOperation, AssignOperation, AuditMembership, BeginOperation, CancelOperation, CreateApiKey, CreatePolicy,
+    CreateRuntime, DecideApproval, DeletePolicy, PatchLabels, RecordDrift, RegisterNode, RenewLease, ReportSignals,
+    RevokeApiKey, SetSettings, SubmitIntent,
+};
 use crate::command::{Command, CommandReply, Op, Rejection};
 use crate::retention;
 use crate::txn::Txn;
@@ -72,47 +77,55 @@ fn apply_op(
             }
             CommandReply::Batch(replies)
         }
-        Op::CreateRuntime { runtime, operation } => {
+        Op::CreateRuntime(CreateRuntime { runtime, operation }) => {
             runtimes::create_runtime(txn, events, &settings, runtime, by_actor(operation))?
         }
-        Op::PatchLabels { operation, expected_version } => {
+        Op::PatchLabels(PatchLabels { operation, expected_version }) => {
             runtimes::patch_labels(txn, events, &settings, by_actor(operation), expected_version)?
         }
-        Op::RecordDrift { runtime_id, observed, action, state } => {
+        Op::RecordDrift(RecordDrift { runtime_id, observed, action, state }) => {
             runtimes::record_drift(txn, events, runtime_id, observed, action, state)?
         }
-        Op::ReportSignals { signals } => runtimes::report_signals(txn, signals)?,
-        Op::BeginOperation { operation, expected_version } => {
+        Op::ReportSignals(ReportSignals { signals }) => runtimes::report_signals(txn, signals)?,
+        Op::BeginOperation(BeginOperation { operation, expected_version }) => {
             operations::begin_operation(txn, events, &settings, by_actor(operation), expected_version)?
         }
-        Op::AdvanceOperation { operation_id, status, progress, error, token, completed_actions, failed_action } => {
+        Op::AdvanceOperation(AdvanceOperation {
+            operation_id,
+            status,
+            progress,
+            error,
+            token,
+            completed_actions,
+            failed_action,
+        }) => {
             let report = Report { status, progress, error, token: Some(token), completed_actions, failed_action };
             operations::advance_operation(txn, events, &operation_id, report)?
         }
-        Op::CancelOperation { operation_id } => {
+        Op::CancelOperation(CancelOperation { operation_id }) => {
             operations::advance_operation(txn, events, &operation_id, Report::cancel())?
         }
-        Op::DecideApproval { operation_id, approve, reason } => {
+        Op::DecideApproval(DecideApproval { operation_id, approve, reason }) => {
             operations::decide_approval(txn, events, actor, &operation_id, approve, reason)?
         }
-        Op::AssignOperation { operation_id, node_id, lease_ms, expected_token } => {
+        Op::AssignOperation(AssignOperation { operation_id, node_id, lease_ms, expected_token }) => {
             let assignment = Assignment { node_id, token: index, lease_until: operations::lease_until(at, lease_ms) };
             operations::assign_operation(txn, events, &settings, &operation_id, assignment, expected_token)?
         }
-        Op::RenewLease { operation_id, token, lease_ms } => {
+        Op::RenewLease(RenewLease { operation_id, token, lease_ms }) => {
             operations::renew_lease(txn, at, &operation_id, token, lease_ms)?
         }
-        Op::SubmitIntent { intent, operation } => {
+        Op::SubmitIntent(SubmitIntent { intent, operation }) => {
             operations::submit_intent(txn, events, &settings, intent, operation.map(by_actor))?
         }
-        Op::CreatePolicy { policy } => policies::create_policy(txn, events, &settings, policy)?,
-        Op::DeletePolicy { id } => policies::delete_policy(txn, events, id)?,
-        Op::RegisterNode { info } => cluster::register_node(txn, info)?,
-        Op::SetSettings { settings } => cluster::set_settings(txn, events, settings)?,
-        Op::CreateApiKey { key, replaces } => cluster::create_api_key(txn, events, key, replaces)?,
-        Op::AuditMembership { change, node_id, grpc_addr } => {
+        Op::CreatePolicy(CreatePolicy { policy }) => policies::create_policy(txn, events, &settings, policy)?,
+        Op::DeletePolicy(DeletePolicy { id }) => policies::delete_policy(txn, events, id)?,
+        Op::RegisterNode(RegisterNode { info }) => cluster::register_node(txn, info)?,
+        Op::SetSettings(SetSettings { settings }) => cluster::set_settings(txn, events, settings)?,
+        Op::CreateApiKey(CreateApiKey { key, replaces }) => cluster::create_api_key(txn, events, key, replaces)?,
+        Op::AuditMembership(AuditMembership { change, node_id, grpc_addr }) => {
             cluster::audit_membership(txn, events, change, node_id, grpc_addr)?
         }
-        Op::RevokeApiKey { id } => cluster::revoke_api_key(txn, events, id)?,
+        Op::RevokeApiKey(RevokeApiKey { id }) => cluster::revoke_api_key(txn, events, id)?,
     })
 }
