@@ -9,7 +9,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use runtimeai_model::{JsonObject, Policy, PolicyRule};
+use runtimeai_model::{Policy, PolicyRule};
 use runtimeai_raft::command::{CreatePolicy, DeletePolicy};
 use runtimeai_raft::{CommandReply, Op};
 
@@ -29,18 +29,6 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RuleRequest {
-    pub kind: runtimeai_model::RuleKind,
-    #[serde(default)]
-    #[schema(value_type = Option<Object>)]
-    pub selector: Option<serde_json::Map<String, serde_json::Value>>,
-    #[serde(default)]
-    #[schema(value_type = Option<Object>)]
-    pub params: Option<serde_json::Map<String, serde_json::Value>>,
-}
-
-#[derive(Debug, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct PolicyCreateRequest {
     #[schema(pattern = "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub name: String,
@@ -48,7 +36,7 @@ pub struct PolicyCreateRequest {
     pub tenant_id: Option<String>,
     #[serde(default)]
     pub scope_env: Option<String>,
-    pub rules: Vec<RuleRequest>,
+    pub rules: Vec<PolicyRule>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -81,15 +69,7 @@ pub(crate) async fn create_policy(
         name: request.name.clone(),
         tenant_id: caller.tenant_for_new(request.tenant_id.as_deref(), "$.tenant_id")?,
         scope_env: request.scope_env.clone(),
-        rules: request
-            .rules
-            .iter()
-            .map(|r| PolicyRule {
-                kind: r.kind,
-                selector: JsonObject(r.selector.clone().unwrap_or_default()),
-                params: JsonObject(r.params.clone().unwrap_or_default()),
-            })
-            .collect(),
+        rules: request.rules.clone(),
         created_at: chrono::Utc::now(),
         version: 1,
     };
@@ -97,8 +77,7 @@ pub(crate) async fn create_policy(
         return Err(Problem::invalid_field("$.rules", "a policy needs at least one rule"));
     }
     for (i, rule) in policy.rules.iter().enumerate() {
-        runtimeai_engine::policy::validate_rule(rule)
-            .map_err(|(path, message)| Problem::invalid_field(format!("$.rules[{i}].{path}"), message))?;
+        rule.check().map_err(|(path, message)| Problem::invalid_field(format!("$.rules[{i}].{path}"), message))?;
     }
     match propose(&state, &caller, &request, Op::CreatePolicy(CreatePolicy { policy })).await? {
         CommandReply::Policy(policy) => Ok((StatusCode::CREATED, Json(policy)).into_response()),

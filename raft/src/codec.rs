@@ -21,8 +21,9 @@ use serde::Serialize;
 /// tenant, type and state with their counts, `ClusterSettings::limits`, `Rejection::LimitExceeded`,
 /// a membership change audited as a `MembershipChange`, a rule's kind as a `RuleKind` and a
 /// decision's action as an `ActionKind`, not text, and no `Op::UpdateRuntime` (no request made it;
-/// a runtime changes by its lifecycle and its labels).
-pub const FORMAT_VERSION: u32 = 10;
+/// a runtime changes by its lifecycle and its labels). 11: a policy rule's selector and
+/// parameters are typed (`runtimeai_model::Selector`, `RuleParams`), not JSON text.
+pub const FORMAT_VERSION: u32 = 11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

@@ -184,13 +184,8 @@ fn stop_policy(id: &str, kind: &str) -> runtimeai_model::Policy {
         name: id.replace('_', "-"),
         tenant_id: None,
         scope_env: None,
-        rules: vec![runtimeai_model::PolicyRule {
-            kind: runtimeai_model::RuleKind::named(kind).expect("a rule kind"),
-            selector: runtimeai_model::JsonObject(
-                serde_json::json!({"actions": ["stop"]}).as_object().cloned().unwrap_or_default(),
-            ),
-            params: Default::default(),
-        }],
+        rules: vec![serde_json::from_value(serde_json::json!({"kind": kind, "selector": {"actions": ["stop"]}}))
+            .expect("a rule")],
         created_at: at(0),
         version: 1,
     }

@@ -54,7 +54,7 @@ async fn policies_decide_every_action_and_name_the_rule_that_did() -> anyhow::Re
     let bad_rule = json!({"name": "bad", "rules": [{"kind": "deny_action", "selector": {"actions": ["explode"]}}]});
     let refused = cluster.call_eventually(2, Method::POST, "/v1/policies", Some(&bad_rule), &[]).await?;
     assert!(problem(&refused, 400, "validation"), "{refused:?}");
-    assert_eq!(refused.body["errors"][0]["path"], "$.rules[0].selector.actions");
+    assert_eq!(refused.body["errors"][0]["path"], "$.rules[0].selector.actions[0]");
 
     phase("deny: an agent's delete is refused with the policy and rule, and an event says so");
     let denied =

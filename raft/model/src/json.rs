@@ -1,6 +1,6 @@
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// A free-form JSON object (policy selectors, action parameters, event data).
+/// A free-form JSON object (an intent's constraints and context, event data).
 ///
 /// In human-readable formats (the REST API's JSON) it is the object itself. In binary formats
 /// (the raft log and snapshots) it travels as JSON text, because those formats cannot describe

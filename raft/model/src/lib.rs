@@ -10,6 +10,7 @@ mod access;
 mod json;
 mod lifecycle;
 mod records;
+mod rules;
 mod runtime;
 pub mod timestamp;
 
@@ -19,9 +20,10 @@ pub use lifecycle::{ActionKind, IllegalTransition, LabelPatch, LifecycleAction};
 pub use records::{
     default_sizes, within_limit, Actor, Approval, Assignment, BackendInfo, ClusterSettings, Event, EventSeverity,
     EventType, IdempotencyRecord, Intent, LimitExceeded, Limits, MembershipChange, NodeInfo, Operation, OperationError,
-    OperationProgress, OperationStatus, Placement, Policy, PolicyDecision, PolicyMode, PolicyRule, RuleKind,
-    RuntimeSignals, SettingsUsage, SizeEntry, Verdict, EVENT_RETENTION_FLOOR_COUNT, EVENT_RETENTION_FLOOR_DAYS,
+    OperationProgress, OperationStatus, Placement, Policy, PolicyDecision, PolicyMode, RuntimeSignals, SettingsUsage,
+    SizeEntry, Verdict, EVENT_RETENTION_FLOOR_COUNT, EVENT_RETENTION_FLOOR_DAYS,
 };
+pub use rules::{ActorPattern, PolicyRule, RuleKind, RuleParams, Selector};
 pub use runtime::{
     capability, BackendKind, BackendRef, Capability, EgressPolicy, Exposure, Isolation, NetworkingProfile,
     ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec, RuntimeState, RuntimeType, SecurityProfile,

@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ActionKind, JsonObject, LifecycleAction, RuntimeState};
+use crate::{ActionKind, JsonObject, LifecycleAction, PolicyRule, RuleKind, RuntimeState};
 
 /// Who asked for a change: recorded on every event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -386,63 +386,6 @@ pub struct Intent {
     #[serde(with = "crate::timestamp")]
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub version: u64,
-}
-
-/// What a policy rule does to the actions its selector matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum RuleKind {
-    DenyAction,
-    AllowAction,
-    RequireApproval,
-    /// Denies what would take the cost per hour (or month) past `params.max_cost_per_hour`
-    /// (or `max_cost_per_month`).
-    BudgetGuardrail,
-    /// Denies public exposure or open egress when bringing a runtime up.
-    DataEgress,
-}
-
-impl RuleKind {
-    pub const ALL: [RuleKind; 5] = [
-        RuleKind::DenyAction,
-        RuleKind::AllowAction,
-        RuleKind::RequireApproval,
-        RuleKind::BudgetGuardrail,
-        RuleKind::DataEgress,
-    ];
-
-    /// The kind named `name`.
-    pub fn named(name: &str) -> Option<RuleKind> {
-        RuleKind::ALL.into_iter().find(|kind| kind.as_str() == name)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RuleKind::DenyAction => "deny_action",
-            RuleKind::AllowAction => "allow_action",
-            RuleKind::RequireApproval => "require_approval",
-            RuleKind::BudgetGuardrail => "budget_guardrail",
-            RuleKind::DataEgress => "data_egress",
-        }
-    }
-}
-
-impl std::fmt::Display for RuleKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// One rule of a policy.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct PolicyRule {
-    pub kind: RuleKind,
-    #[serde(default)]
-    #[schema(value_type = Object)]
-    pub selector: JsonObject,
-    #[serde(default)]
-    #[schema(value_type = Object)]
-    pub params: JsonObject,
 }
 
 /// A set of safety rules, scoped by tenant and environment.
