@@ -9,15 +9,34 @@
 set -euo pipefail
 
 # fonts-dejavu-core: the font runtimeai-chaos and runtimeai-bench draw with; util-linux: unshare
-# and nsenter for the chaos disk faults; etcd-server: the yardstick runtimeai-bench measures
-# against (Debian starts nothing here: the bench runs its own members).
-packages=(g++ libclang-dev pkg-config libvirt-dev python3 python3-venv fonts-dejavu-core util-linux etcd-server)
+# and nsenter for the chaos disk faults, mount for sandboxes' layers; etcd-server: the yardstick
+# runtimeai-bench measures against (Debian starts nothing here: the bench runs its own members).
+# Sandboxes: crun (the OCI runtime that runs them), tini (their PID 1, tini-static), busybox-static
+# (the default image), e2fsprogs (each sandbox's writable layer is an ext4 file system of its own),
+# skopeo and umoci (pull images from registries and unpack them); docker-registry: the registry the
+# tests push images to and pull them from (Debian starts nothing here: the tests run their own).
+packages=(g++ libclang-dev pkg-config libvirt-dev python3 python3-venv fonts-dejavu-core util-linux etcd-server
+  crun tini busybox-static e2fsprogs skopeo umoci docker-registry)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
 
+# crun refuses a hybrid cgroup layout whose unified (v2) hierarchy holds controllers beside the v1
+# hierarchies (some VMs put hugetlb there). As root, each such controller gets a v1 hierarchy of
+# its own, which moves it out of the unified one (nothing uses it there: no group enables it).
+move_unified_controllers() {
+  local unified=/sys/fs/cgroup/unified/cgroup.controllers
+  [ -r "$unified" ] && [ -d /sys/fs/cgroup/memory ] && [ "$(id -u)" -eq 0 ] || return 0
+  for controller in $(cat "$unified"); do
+    echo "moving the $controller cgroup controller to a v1 hierarchy, so that crun can run sandboxes" >&2
+    mkdir -p "/sys/fs/cgroup/$controller"
+    mount -t cgroup -o "$controller" cgroup "/sys/fs/cgroup/$controller" \
+      || echo "warning: could not move $controller; sandboxes will not start here" >&2
+  done
+}
+
+install_missing() {
 if ! command -v apt-get >/dev/null; then
   echo "error: missing packages (${missing[*]}) and no apt-get to install them; install them by hand" >&2
   exit 1
@@ -30,3 +49,7 @@ fi
 echo "installing system packages: ${missing[*]}" >&2
 $sudo apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+[ ${#missing[@]} -eq 0 ] || install_missing
+move_unified_controllers

@@ -28,7 +28,8 @@ pub struct IdempotencyKey {
 #[derive(IntoParams)]
 #[into_params(parameter_in = Header)]
 pub struct TenantId {
-    /// Optional tenant identifier for multi-tenancy.
+    /// Optional tenant identifier for multi-tenancy (visible ASCII, as every header we read).
+    #[param(pattern = "^[!-~]{1,255}$")]
     pub tenant_id: Option<String>,
 }
 

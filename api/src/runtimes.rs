@@ -273,6 +273,7 @@ pub(crate) async fn create_runtime(
     Body(request): Body<RuntimeCreateRequest>,
 ) -> Result<Response, Problem> {
     validate::name(&request.name, "$.name")?;
+    validate::image(request.spec.image.as_deref(), request.runtime_type, "$.spec.image")?;
     check_settings(&state, |settings| validate::spec(&request.spec, "$.spec", &settings.sizes)).await?;
     let labels = request.labels.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect();
     validate::labels(&labels, "$.labels")?;

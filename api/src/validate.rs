@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 
 pub use runtimeai_engine::catalogue::quantity_bytes;
 use runtimeai_engine::Catalogue;
-use runtimeai_model::{ResourceProfile, RuntimeSpec, SizeEntry};
+use runtimeai_model::{ResourceProfile, RuntimeSpec, RuntimeType, SizeEntry};
 
 use crate::problem::{FieldError, Problem};
 
@@ -74,6 +74,24 @@ pub fn spec(value: &RuntimeSpec, path: &str, sizes: &[SizeEntry]) -> Result<(), 
     }
     if let Some(resources) = &value.resources {
         self::resources(resources, &format!("{path}.resources"))?;
+    }
+    Ok(())
+}
+
+/// An image is a sandbox's (VMs start from an empty disk so far), named as a registry names it.
+pub fn image(value: Option<&str>, runtime_type: RuntimeType, path: &str) -> Result<(), Problem> {
+    let Some(image) = value else { return Ok(()) };
+    if !matches!(runtime_type, RuntimeType::Sandbox | RuntimeType::AgentRuntime) {
+        return Err(invalid(path, "only sandboxes and agent runtimes start from an image so far"));
+    }
+    let well_formed = image.len() <= 255
+        && image.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && image.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:/@-".contains(&b));
+    if !well_formed {
+        return Err(invalid(
+            path,
+            "an image is `busybox` or a registry's reference such as registry.example.com/team/tool:1.2",
+        ));
     }
     Ok(())
 }

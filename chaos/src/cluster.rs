@@ -106,7 +106,7 @@ impl Response {
 #[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
     /// Extra `runtimeai node` flags, e.g. `["--snapshot-count", "20"]`. Without a
-    /// `--backends` among them, nodes get [`TEST_BACKENDS`].
+    /// `--backends` among them, nodes get [`TEST_BACKENDS`] (sandboxes simulated where they cannot run).
     pub extra_args: Vec<String>,
     /// Route every link between founding members through a proxy the harness controls
     /// ([`Cluster::network`]); the seed drives its random losses and delays.
@@ -119,11 +119,24 @@ pub struct ClusterOptions {
     pub plaintext: bool,
 }
 
-/// The drivers test nodes use unless a test names its own: libvirt's built-in test hypervisor
-/// for VMs, isolated processes for sandboxes and agents, the simulated driver for vClusters.
 const RATE_LIMITS_OFF: [&str; 4] = ["--rate-limit-principal", "0", "--rate-limit-address", "0"];
 
+/// The drivers test nodes use unless a test names its own: libvirt's built-in test hypervisor
+/// for VMs, containers under crun for sandboxes and agents, the simulated driver for vClusters.
 pub const TEST_BACKENDS: &str = "vm=libvirt:test:///default,sandbox=process,agent_runtime=process,vcluster=simulated";
+/// [`TEST_BACKENDS`] where sandboxes cannot run (not root, no crun): simulated sandboxes.
+const TEST_BACKENDS_WITHOUT_SANDBOXES: &str =
+    "vm=libvirt:test:///default,sandbox=simulated,agent_runtime=simulated,vcluster=simulated";
+
+/// The test backends this machine can run.
+fn test_backends() -> &'static str {
+    let sandboxes = nix::unistd::geteuid().is_root() && Path::new("/usr/bin/crun").exists();
+    if sandboxes {
+        TEST_BACKENDS
+    } else {
+        TEST_BACKENDS_WITHOUT_SANDBOXES
+    }
+}
 
 pub struct Node {
     pub id: u64,
@@ -362,7 +375,7 @@ impl Cluster {
             .arg(self.dir.path().join("admin.key"))
             .args(if node.tls { tls_args(self.dir.path(), id)? } else { vec!["--insecure".to_string()] })
             .args(&extra)
-            .args(if extra.iter().any(|a| a == "--backends") { vec![] } else { vec!["--backends", TEST_BACKENDS] })
+            .args(if extra.iter().any(|a| a == "--backends") { vec![] } else { vec!["--backends", test_backends()] })
             // Rate limits off unless asked for: tests and benchmarks send from one address, as
             // one admin, faster than a client should (`tests/it/load.rs` tests the limits).
             .args(if extra.iter().any(|a| a.starts_with("--rate-limit")) { vec![] } else { RATE_LIMITS_OFF.to_vec() })
@@ -647,6 +660,45 @@ impl Drop for Cluster {
             self.kill(id);
         }
         kill_processes_under(self.dir.path());
+        end_sandboxes_under(self.dir.path());
+        unmount_under(self.dir.path());
+    }
+}
+
+/// Kills and removes the sandboxes of every node below `dir` (their `<data-dir>.sandboxes/.crun`
+/// state): nodes killed with SIGKILL leave them running, and a container's processes, in a
+/// mount namespace of their own, do not show where their files are.
+pub fn end_sandboxes_under(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let state = entry.path().join(".crun");
+        if !state.is_dir() {
+            continue;
+        }
+        let crun = |args: &[&str]| {
+            std::process::Command::new("/usr/bin/crun").arg("--root").arg(&state).args(args).output().ok()
+        };
+        let Some(listed) = crun(&["list", "--quiet"]) else { continue };
+        for id in String::from_utf8_lossy(&listed.stdout).lines().map(str::trim).filter(|id| !id.is_empty()) {
+            crun(&["kill", "--all", id, "KILL"]);
+            crun(&["delete", "--force", id]);
+        }
+    }
+}
+
+/// Unmounts (lazily, innermost first) every file system mounted below `dir`: the layers and
+/// roots of sandboxes that nodes killed with SIGKILL left mounted.
+pub fn unmount_under(dir: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let mut points: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|point| point.starts_with(dir))
+        .collect();
+    points.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
+    for point in points {
+        let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

@@ -233,6 +233,15 @@ pub struct NodeArgs {
     /// the same pretend infrastructure [default: <data-dir>/simulated-infra].
     #[arg(long, env = "RUNTIMEAI_SIMULATED_INFRA_DIR")]
     pub simulated_infra_dir: Option<PathBuf>,
+    /// Where this node keeps its sandboxes (their layers, logs and snapshots) and their images:
+    /// outside the data directory, so that sandboxes filling a disk do not fill raft's
+    /// [default: <data-dir>.sandboxes].
+    #[arg(long, env = "RUNTIMEAI_SANDBOX_DIR")]
+    pub sandbox_dir: Option<PathBuf>,
+    /// Registries (`host:port`, comma-separated) that sandbox images are pulled from over plain
+    /// HTTP, without TLS: for a registry on a trusted network only (logged at start).
+    #[arg(long, env = "RUNTIMEAI_INSECURE_REGISTRY")]
+    pub insecure_registry: Option<String>,
     /// A file holding the first cluster admin's API key (`rai_<id>_<secret>`, secret of at
     /// least 32 characters). The node that initializes the cluster, and any node given this,
     /// makes sure the key exists. Without it the initializing node makes one and writes it to
@@ -331,6 +340,8 @@ pub struct NodeConfig {
     pub signals_interval: Duration,
     pub simulated_step: Duration,
     pub simulated_infra_dir: PathBuf,
+    pub sandbox_dir: PathBuf,
+    pub insecure_registries: Vec<String>,
     /// The external planner, if configured.
     pub planner: Option<runtimeai_api::external_planner::ExternalPlannerConfig>,
     /// The first admin's key, from `--bootstrap-admin-key-file`.
@@ -439,6 +450,8 @@ impl NodeArgs {
             simulated_infra_dir: self
                 .simulated_infra_dir
                 .or_else(|| file.simulated_infra_dir.map(|d| relative_to(&path, d))),
+            sandbox_dir: self.sandbox_dir.or_else(|| file.sandbox_dir.map(|d| relative_to(&path, d))),
+            insecure_registry: self.insecure_registry.or(file.insecure_registry),
             bootstrap_admin_key_file: self
                 .bootstrap_admin_key_file
                 .or_else(|| file.bootstrap_admin_key_file.map(|d| relative_to(&path, d))),
@@ -519,6 +532,15 @@ impl NodeArgs {
             advertise_http,
             advertise_grpc,
             simulated_infra_dir: self.simulated_infra_dir.unwrap_or_else(|| data_dir.join("simulated-infra")),
+            sandbox_dir: self.sandbox_dir.unwrap_or_else(|| PathBuf::from(format!("{}.sandboxes", data_dir.display()))),
+            insecure_registries: self
+                .insecure_registry
+                .iter()
+                .flat_map(|list| list.split(','))
+                .map(str::trim)
+                .filter(|registry| !registry.is_empty())
+                .map(str::to_string)
+                .collect(),
             data_dir,
             initial_cluster,
             peer_routes,

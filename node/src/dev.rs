@@ -12,6 +12,20 @@ use nix::unistd::Pid;
 
 /// What `runtimeai dev` nodes drive.
 pub const DEV_BACKENDS: &str = "vm=libvirt:test:///default,sandbox=process,agent_runtime=process,vcluster=simulated";
+/// [`DEV_BACKENDS`] on a machine that cannot run sandboxes (not root, or no crun): simulated.
+const DEV_BACKENDS_WITHOUT_SANDBOXES: &str =
+    "vm=libvirt:test:///default,sandbox=simulated,agent_runtime=simulated,vcluster=simulated";
+
+/// The backends dev's nodes use here, saying why sandboxes are simulated if they are.
+fn dev_backends() -> &'static str {
+    match crate::backend::sandbox::unavailable() {
+        None => DEV_BACKENDS,
+        Some(why) => {
+            eprintln!("note: sandboxes are simulated in this dev cluster: {why}");
+            DEV_BACKENDS_WITHOUT_SANDBOXES
+        }
+    }
+}
 
 /// How long dev waits for its cluster before giving up: generous, since a loaded machine can
 /// take long to start three nodes, and dev goes on as soon as the cluster is ready.
@@ -79,6 +93,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         crate::certs::make_ca(&certs, 3650)?;
     }
 
+    let backends = dev_backends();
     let mut members: Vec<Member> = Vec::new();
     for id in 1..=args.nodes {
         let http = format!("127.0.0.1:{}", port(args.http_port, id)?);
@@ -117,7 +132,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             // for VMs, isolated processes for sandboxes; vClusters are simulated (no
             // Kubernetes API server here).
             "--backends".into(),
-            DEV_BACKENDS.into(),
+            backends.into(),
             "--bootstrap-admin-key-file".into(),
             admin_key.display().to_string(),
             "--peer-ca".into(),

@@ -20,7 +20,7 @@ use runtimeai_raft::store::DataDir;
 use runtimeai_raft::{Op, Raft, Replica, ReplicaOptions};
 
 use crate::backend::libvirt::LibvirtBackend;
-use crate::backend::sandbox::SandboxBackend;
+use crate::backend::sandbox::{IdRange, SandboxBackend};
 use crate::backend::simulated::SimulatedBackend;
 use crate::backend::vcluster::VclusterBackend;
 use crate::backend::Backends;
@@ -294,8 +294,15 @@ async fn build_backends(
             }
             Driver::Process => {
                 if sandboxes.is_none() {
-                    let dir = config.data_dir.join("backends").join("sandboxes");
-                    let driver = SandboxBackend::new(dir.clone())
+                    let dir = config.sandbox_dir.clone();
+                    if !config.insecure_registries.is_empty() {
+                        tracing::warn!(
+                            registries = ?config.insecure_registries,
+                            "pulling sandbox images from these registries without TLS (--insecure-registry)"
+                        );
+                    }
+                    let registries = config.insecure_registries.clone();
+                    let driver = SandboxBackend::new(dir.clone(), IdRange::default(), registries)
                         .with_context(|| format!("cannot prepare the sandbox directory {}", dir.display()))?;
                     sandboxes = Some(Arc::new(driver));
                 }

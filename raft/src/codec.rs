@@ -22,7 +22,8 @@ use serde::Serialize;
 /// a membership change audited as a `MembershipChange`, a rule's kind as a `RuleKind` and a
 /// decision's action as an `ActionKind`, not text, and no `Op::UpdateRuntime` (no request made it;
 /// a runtime changes by its lifecycle and its labels). 11: a policy rule's selector and
-/// parameters are typed (`runtimeai_model::Selector`, `RuleParams`), not JSON text.
+/// parameters are typed (`runtimeai_model::Selector`, `RuleParams`), not JSON text;
+/// `RuntimeSpec::image`.
 pub const FORMAT_VERSION: u32 = 11;
 
 #[derive(Debug, thiserror::Error)]

@@ -471,7 +471,8 @@ async fn what_differs_from_the_backend_is_converged_or_reported() -> anyhow::Res
     assert_eq!(runtime.body["state"], "running");
 
     phase("a sandbox killed outside RuntimeAI is marked in error, with what happened");
-    let pid_file = cluster.node(sandbox_node).data_dir.join("backends/sandboxes").join(&sandbox_id).join("pid");
+    let sandboxes = std::path::PathBuf::from(format!("{}.sandboxes", cluster.node(sandbox_node).data_dir.display()));
+    let pid_file = sandboxes.join(&sandbox_id).join("pid");
     let launch: Value = serde_json::from_str(&std::fs::read_to_string(&pid_file)?)?;
     let pid = launch["pid"].as_i64().unwrap() as i32;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;

@@ -99,6 +99,19 @@ impl StepLedger {
         self.lock()?.run_probed(cx, applied, apply)
     }
 
+    /// Starts a step whose work is asynchronous (the ledger is not held while it runs): fenced
+    /// like [`run`](Self::run), [`Step::AlreadyApplied`] if it was finished, else recorded as
+    /// begun. Its work must converge when repeated: a step begun and cut off is done again.
+    pub fn begin(&self, cx: &CallContext) -> Result<Step, BackendError> {
+        self.lock()?.ledger.begin(cx, || Ok(false))
+    }
+
+    /// Records a step [`begin`](Self::begin) started as done, once its work has happened;
+    /// refused if a newer executor of the operation has come meanwhile.
+    pub fn finish(&self, cx: &CallContext) -> Result<(), BackendError> {
+        self.lock()?.ledger.finish(cx)
+    }
+
     /// Takes the ledger, waiting while another thread or process holds it.
     pub fn lock(&self) -> Result<LockedLedger<'_>, BackendError> {
         let ledger = self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -135,9 +148,6 @@ impl LockedLedger<'_> {
         applied: impl FnOnce() -> Result<bool, BackendError>,
         apply: impl FnOnce() -> Result<T, BackendError>,
     ) -> Result<(Step, Option<T>), BackendError> {
-        if cx.operation_id.is_empty() || cx.operation_id.contains(char::is_whitespace) {
-            return Err(BackendError::Permanent(format!("operation id {:?} cannot key a ledger", cx.operation_id)));
-        }
         self.ledger.decide_and_apply(cx, applied, apply)
     }
 }
@@ -153,12 +163,41 @@ impl Drop for LockedLedger<'_> {
 }
 
 impl Ledger {
+    fn finish(&mut self, cx: &CallContext) -> Result<(), BackendError> {
+        self.catch_up()?;
+        let id = cx.operation_id.as_str();
+        let newest = self.operations.get(id).map_or(0, |record| record.newest_token);
+        if cx.token < newest {
+            return Err(BackendError::Fenced { token: cx.token, newer: newest });
+        }
+        self.append(Record::Done(id, cx.step))?;
+        Ok(())
+    }
+
     fn decide_and_apply<T>(
         &mut self,
         cx: &CallContext,
         applied: impl FnOnce() -> Result<bool, BackendError>,
         apply: impl FnOnce() -> Result<T, BackendError>,
     ) -> Result<(Step, Option<T>), BackendError> {
+        if self.begin(cx, applied)? == Step::AlreadyApplied {
+            return Ok((Step::AlreadyApplied, None));
+        }
+        let value = apply()?;
+        self.append(Record::Done(&cx.operation_id, cx.step))?;
+        Ok((Step::Fresh, Some(value)))
+    }
+
+    /// Fences the call, then: [`Step::AlreadyApplied`] if the step is done (or was begun and
+    /// `applied` finds its work happened: then recorded as done), else records it as begun.
+    fn begin(
+        &mut self,
+        cx: &CallContext,
+        applied: impl FnOnce() -> Result<bool, BackendError>,
+    ) -> Result<Step, BackendError> {
+        if cx.operation_id.is_empty() || cx.operation_id.contains(char::is_whitespace) {
+            return Err(BackendError::Permanent(format!("operation id {:?} cannot key a ledger", cx.operation_id)));
+        }
         self.catch_up()?;
         let id = cx.operation_id.as_str();
         let (newest, done, pending) = match self.operations.get(id) {
@@ -172,18 +211,16 @@ impl Ledger {
             self.append(Record::Fence(id, cx.token))?;
         }
         if done {
-            return Ok((Step::AlreadyApplied, None));
+            return Ok(Step::AlreadyApplied);
         }
         if pending && applied()? {
             self.append(Record::Done(id, cx.step))?;
-            return Ok((Step::AlreadyApplied, None));
+            return Ok(Step::AlreadyApplied);
         }
         if !pending {
             self.append(Record::Pending(id, cx.step))?;
         }
-        let value = apply()?;
-        self.append(Record::Done(id, cx.step))?;
-        Ok((Step::Fresh, Some(value)))
+        Ok(Step::Fresh)
     }
 
     /// Reads the records appended since the last look (the caller holds the file lock).
@@ -274,6 +311,21 @@ mod tests {
 
     fn cx(token: u64, step: u32) -> CallContext {
         CallContext { operation_id: "op_1".into(), step, token }
+    }
+
+    #[test]
+    fn an_asynchronous_step_is_done_only_once_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = StepLedger::open(dir.path().to_path_buf()).unwrap();
+        assert_eq!(ledger.begin(&cx(5, 0)).unwrap(), Step::Fresh);
+        // Cut off before its work happened (a crash, an error): a retry does it again.
+        assert_eq!(ledger.begin(&cx(5, 0)).unwrap(), Step::Fresh);
+        ledger.finish(&cx(5, 0)).unwrap();
+        assert_eq!(ledger.begin(&cx(5, 0)).unwrap(), Step::AlreadyApplied);
+        // A newer executor began the next step meanwhile: the older one's finish is refused.
+        assert_eq!(ledger.begin(&cx(5, 1)).unwrap(), Step::Fresh);
+        assert_eq!(ledger.begin(&cx(7, 1)).unwrap(), Step::Fresh);
+        assert!(matches!(ledger.finish(&cx(5, 1)), Err(BackendError::Fenced { token: 5, newer: 7 })));
     }
 
     #[test]

@@ -167,12 +167,18 @@ pub struct RuntimeSpec {
     pub networking: Option<NetworkingProfile>,
     #[serde(default)]
     pub security: Option<SecurityProfile>,
+    /// For `sandbox` and `agent_runtime`: the OCI image it starts from, `busybox` (the
+    /// default, made on each node) or a registry's image (`registry.example.com/team/tool:1.2`,
+    /// or `...@sha256:<digest>`).
+    #[serde(default)]
+    #[schema(pattern = "^[a-z0-9][a-zA-Z0-9._:/@-]{0,254}$")]
+    pub image: Option<String>,
     /// For `sandbox` and `agent_runtime`: the program to run and its arguments (default: an
-    /// idle process). It runs in the sandbox's private work directory.
+    /// idle process). It runs in the sandbox's working directory, `/work`.
     #[serde(default)]
     pub command: Option<Vec<String>>,
-    /// Environment variables for `command` (nothing else of the node's environment is passed
-    /// on but `PATH`).
+    /// Environment variables for `command`, beside `PATH` and `HOME` (nothing of the node's
+    /// environment is passed on).
     #[serde(default)]
     pub env: Option<BTreeMap<String, String>>,
 }

@@ -1,29 +1,34 @@
-//! Agent sandboxes as isolated local processes (driver `process`), for runtimes of type
-//! `sandbox` (isolated, usually short-lived) and `agent_runtime` (a long-running agent,
-//! restarted with backoff when it fails).
+//! Agent sandboxes (driver `process`), for runtimes of type `sandbox` (isolated, usually
+//! short-lived) and `agent_runtime` (a long-running agent, restarted with backoff when it
+//! fails): OCI containers run by `crun`, one per runtime.
 //!
-//! A sandbox runs its spec's `command` in a private work directory under util-linux's
-//! `unshare`: its own PID, mount, IPC and UTS namespaces (it sees only its own processes), and
-//! its own network namespace — nothing but a down loopback, so no egress — unless the spec's
-//! `egress_policy` is `open`. CPU and memory are limited by a cgroup of its own — cgroup v2
-//! where the host has it, else the v1 `memory` and `cpu` controllers (`/sys/fs/cgroup/…/runtimeai/
-//! <runtime id>`) — and, on a host with neither, memory by `RLIMIT_AS` (cpu then unlimited; the
-//! start message says which). Its environment is only `PATH`, `HOME` (the work directory) and
-//! the spec's `env`.
+//! A sandbox starts from an image ([`image`]) under a writable layer of its own ([`layer`]),
+//! as an unprivileged user of the node's id range with few capabilities, a seccomp filter, its
+//! own namespaces and cgroup limits ([`bundle`] says exactly what). The node's helper programs
+//! (`crun`, `tini`, `mount`, ...) are found by absolute path when the node starts ([`Tools`]),
+//! never through a sandbox's environment. Sandboxes need root on the node (to map their ids).
 //!
-//! Each sandbox has a directory `<root>/<runtime id>/` with `work/`, `pid` (pid and start time,
-//! so a reused pid is not mistaken for it), `exit` (how it ended), `stdout.log`, `stderr.log`,
-//! `snapshots/<id>.tar`. start → spawn (idempotent: a live process is kept), stop → SIGTERM to
-//! its process group, SIGKILL after the timeout, restart = stop + start, scale → new limits from
-//! the next start (the message says a restart is needed), snapshot → a tar of the work
-//! directory, restore → the work directory replaced by the archive (restarted if it ran).
+//! Each sandbox has a directory `<sandbox-dir>/<runtime id>/` with its layer, `bundle/` (the
+//! OCI configuration), `pid` (the `crun run` process: pid and start time, so a reused pid is not
+//! mistaken for it), `exit` (how it ended), `stdout.log`, `stderr.log`,
+//! `snapshots/<id>.tar` (its layer). start → `crun run` (idempotent: a live one is kept), stop
+//! → SIGTERM to the sandbox (its `tini` passes it on), SIGKILL to all of it after the timeout,
+//! restart = stop + start, scale → new cgroup limits, live, snapshot → a tar of its layer,
+//! restore → its layer replaced by the archive (restarted if it ran).
 //!
-//! A stop is over only when nothing of the sandbox can write to its directory any more: its
-//! watcher (the task that reaps it and, for an agent, restarts it) is told first, so it starts
-//! nothing new; then the process group is signalled; then every process left in its cgroup or
-//! working below its directory is killed and waited for; last, the watcher is waited for, so
-//! that its record of how the process ended is written. Delete and restore touch the directory
-//! only after that.
+//! A stop is over only when nothing of the sandbox runs any more: its watcher (the task that
+//! reaps it and, for an agent, restarts it) is told first, so it starts nothing new; then the
+//! sandbox is signalled; then every process left in its cgroup or working below its directory
+//! is killed and waited for; last, the watcher is waited for, so that its record of how the
+//! process ended is written. Delete and restore touch the directory only after that.
+
+mod bundle;
+mod cgroups;
+mod image;
+mod layer;
+
+pub use bundle::IdRange;
+pub use image::DEFAULT_IMAGE;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,26 +36,91 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use runtimeai_model::{EgressPolicy, Runtime, RuntimeType};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{BackendError, CallContext, Observed, Resources, RuntimeBackend, Step, StepLedger};
-
-/// The command of a sandbox whose spec names none: an idle process.
-const IDLE: &[&str] = &["sleep", "infinity"];
+use bundle::Launching;
+use cgroups::Cgroups;
+use image::ImageStore;
+use layer::Layer;
 
 /// How long a stop waits for SIGKILLed processes to be gone (and their watcher to record it)
 /// before it reports a retryable error: only a process stuck in the kernel takes longer.
 const KILL_WAIT: Duration = Duration::from_secs(30);
+
+/// The host programs sandboxes need, by absolute path.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub crun: PathBuf,
+    /// A statically linked `tini`: the sandbox's PID 1, whatever its image holds.
+    pub init: PathBuf,
+    /// A statically linked BusyBox: the default image.
+    pub busybox: PathBuf,
+    pub mount: PathBuf,
+    pub mkfs_ext4: PathBuf,
+    pub tar: PathBuf,
+    /// Pulls images from registries.
+    pub skopeo: PathBuf,
+    /// Unpacks them.
+    pub umoci: PathBuf,
+}
+
+impl Tools {
+    /// Finds each program in the system's directories (not through `PATH`).
+    pub fn find() -> Result<Tools, String> {
+        let find = |name: &str| -> Result<PathBuf, String> {
+            ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
+                .iter()
+                .map(|dir| Path::new(dir).join(name))
+                .find(|path| path.is_file())
+                .ok_or_else(|| {
+                    format!("{name} is not in /usr/bin, /usr/sbin, /bin or /sbin (deploy/setup-debian.sh installs it)")
+                })
+        };
+        Ok(Tools {
+            crun: find("crun")?,
+            init: find("tini-static")?,
+            busybox: find("busybox")?,
+            mount: find("mount")?,
+            mkfs_ext4: find("mkfs.ext4")?,
+            tar: find("tar")?,
+            skopeo: find("skopeo")?,
+            umoci: find("umoci")?,
+        })
+    }
+}
+
+/// Why this node cannot run sandboxes, if it cannot.
+pub fn unavailable() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("sandboxes need the node to run as root (to map their users to the node's id range)".into());
+    }
+    if let Err(missing) = Tools::find() {
+        return Some(missing);
+    }
+    let unified = std::fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers").unwrap_or_default();
+    if !unified.trim().is_empty() {
+        return Some(format!(
+            "crun cannot use this host's cgroups: the unified hierarchy holds controllers ({}) beside cgroup v1's; \
+             deploy/setup-debian.sh moves them to v1",
+            unified.trim()
+        ));
+    }
+    None
+}
 
 #[derive(Debug, Clone)]
 pub struct SandboxBackend {
     root: PathBuf,
     ledger: StepLedger,
     cgroups: Option<Cgroups>,
+    tools: Arc<Tools>,
+    images: Arc<ImageStore>,
+    ids: IdRange,
     /// Pauses between restarts of a failing agent: doubling from `backoff_min` to `backoff_max`.
     backoff_min: Duration,
     backoff_max: Duration,
@@ -109,116 +179,23 @@ fn one_cpu() -> f64 {
     1.0
 }
 
-/// The cgroups sandboxes run in: cgroup v2 where the host has it, else cgroup v1's `memory`
-/// and `cpu` controllers.
-#[derive(Debug, Clone)]
-enum Cgroups {
-    V2 { root: PathBuf },
-    V1 { memory: PathBuf, cpu: PathBuf },
-}
-
-/// The CFS period the cpu quota is a share of, in microseconds.
-const CPU_PERIOD_US: u64 = 100_000;
-
-impl Cgroups {
-    fn detect() -> Option<Cgroups> {
-        let fs = Path::new("/sys/fs/cgroup");
-        if let Ok(controllers) = std::fs::read_to_string(fs.join("cgroup.controllers")) {
-            if controllers.split_whitespace().any(|c| c == "memory")
-                && controllers.split_whitespace().any(|c| c == "cpu")
-            {
-                return Some(Cgroups::V2 { root: fs.join("runtimeai") });
-            }
-        }
-        let (memory, cpu) = (fs.join("memory"), fs.join("cpu"));
-        (memory.join("memory.limit_in_bytes").exists() && cpu.join("cpu.cfs_quota_us").exists())
-            .then(|| Cgroups::V1 { memory: memory.join("runtimeai"), cpu: cpu.join("runtimeai") })
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Cgroups::V2 { .. } => "cgroup v2",
-            Cgroups::V1 { .. } => "cgroup v1",
-        }
-    }
-
-    fn dirs(&self, id: &str) -> Vec<PathBuf> {
-        match self {
-            Cgroups::V2 { root } => vec![root.join(id)],
-            Cgroups::V1 { memory, cpu } => vec![memory.join(id), cpu.join(id)],
-        }
-    }
-
-    /// Creates the sandbox's groups and sets their limits; returns the `cgroup.procs` files a
-    /// process joins them through.
-    fn prepare(&self, id: &str, cpu: f64, memory_bytes: u64) -> std::io::Result<Vec<PathBuf>> {
-        if let Cgroups::V2 { root } = self {
-            std::fs::create_dir_all(root)?;
-            let enable = "+cpu +memory";
-            let _ = std::fs::write(root.parent().unwrap_or(root).join("cgroup.subtree_control"), enable);
-            std::fs::write(root.join("cgroup.subtree_control"), enable)?;
-        }
-        for dir in self.dirs(id) {
-            std::fs::create_dir_all(&dir)?;
-        }
-        self.set_limits(id, cpu, memory_bytes)?;
-        Ok(self.dirs(id).into_iter().map(|d| d.join("cgroup.procs")).collect())
-    }
-
-    /// Sets the limits (also while the sandbox runs: cgroups apply them live).
-    fn set_limits(&self, id: &str, cpu: f64, memory_bytes: u64) -> std::io::Result<()> {
-        let quota = ((cpu * CPU_PERIOD_US as f64) as u64).max(1_000);
-        match self {
-            Cgroups::V2 { root } => {
-                std::fs::write(root.join(id).join("memory.max"), memory_bytes.to_string())?;
-                // No swapping past the limit, where the host has swap accounting.
-                let _ = std::fs::write(root.join(id).join("memory.swap.max"), "0");
-                std::fs::write(root.join(id).join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"))
-            }
-            Cgroups::V1 { memory, cpu: cpu_root } => {
-                let group = memory.join(id);
-                // No swapping past the limit. memory+swap may never be below memory, so it is
-                // set both before (when growing) and after (when shrinking) the memory limit.
-                let memsw = group.join("memory.memsw.limit_in_bytes");
-                let _ = std::fs::write(&memsw, memory_bytes.to_string());
-                std::fs::write(group.join("memory.limit_in_bytes"), memory_bytes.to_string())?;
-                let _ = std::fs::write(&memsw, memory_bytes.to_string());
-                std::fs::write(cpu_root.join(id).join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string())?;
-                std::fs::write(cpu_root.join(id).join("cpu.cfs_quota_us"), quota.to_string())
-            }
-        }
-    }
-
-    /// Memory in use by the sandbox's processes, as the cgroup counts it.
-    fn memory_usage(&self, id: &str) -> Option<u64> {
-        let file = match self {
-            Cgroups::V2 { root } => root.join(id).join("memory.current"),
-            Cgroups::V1 { memory, .. } => memory.join(id).join("memory.usage_in_bytes"),
-        };
-        std::fs::read_to_string(file).ok()?.trim().parse().ok()
-    }
-
-    /// The processes in the sandbox's groups.
-    fn processes(&self, id: &str) -> Vec<i32> {
-        let procs = self.dirs(id).into_iter().filter_map(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok());
-        procs.flat_map(|text| text.lines().filter_map(|line| line.trim().parse().ok()).collect::<Vec<_>>()).collect()
-    }
-
-    fn remove(&self, id: &str) {
-        for dir in self.dirs(id) {
-            let _ = std::fs::remove_dir(dir);
-        }
-    }
-}
-
 impl SandboxBackend {
-    pub fn new(root: PathBuf) -> std::io::Result<SandboxBackend> {
+    /// A backend keeping its sandboxes in `root`, their users mapped to `ids`; an error says
+    /// why this node cannot run sandboxes ([`unavailable`]).
+    pub fn new(root: PathBuf, ids: IdRange, insecure_registries: Vec<String>) -> std::io::Result<SandboxBackend> {
+        if let Some(why) = unavailable() {
+            return Err(std::io::Error::other(why));
+        }
+        let tools = Tools::find().map_err(std::io::Error::other)?;
         std::fs::create_dir_all(&root)?;
         let ledger = StepLedger::open(root.join(".ledger"))?;
         Ok(SandboxBackend {
+            images: Arc::new(ImageStore::new(root.join(".images"), ids, insecure_registries)),
             root,
             ledger,
             cgroups: Cgroups::detect(),
+            tools: Arc::new(tools),
+            ids,
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             watchers: Watchers::default(),
@@ -242,10 +219,15 @@ impl SandboxBackend {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<String, BackendError>>,
     {
-        // The ledger's check is synchronous and cheap; the work is async (it waits on processes).
-        match self.ledger.run(cx, || Ok(()))? {
-            (Step::AlreadyApplied, _) => Ok("already applied (a retry converges)".to_string()),
-            (Step::Fresh, _) => work().await,
+        // The work is async (it waits on processes): the step is on record as done only once
+        // it has happened, so a step cut off by a crash is done again (each converges).
+        match self.ledger.begin(cx)? {
+            Step::AlreadyApplied => Ok("already applied (a retry converges)".to_string()),
+            Step::Fresh => {
+                let done = work().await?;
+                self.ledger.finish(cx)?;
+                Ok(done)
+            }
         }
     }
 
@@ -271,21 +253,27 @@ impl SandboxBackend {
 
     /// Starts the sandbox unless it runs; a supervisor task reaps it and, for an agent runtime,
     /// restarts it with backoff when it fails.
-    fn spawn(&self, runtime: &Runtime, resources: &Resources) -> Result<String, BackendError> {
+    async fn spawn(&self, runtime: &Runtime, resources: &Resources) -> Result<String, BackendError> {
         if self.alive(runtime).is_some() {
             return Ok("already running".to_string());
         }
+        // Pulling an image blocks (and may take a while): not on the runtime's threads.
+        let (images, tools, reference) = (self.images.clone(), self.tools.clone(), runtime.spec.image.clone());
+        let image = tokio::task::spawn_blocking(move || images.rootfs(&tools, reference.as_deref()))
+            .await
+            .map_err(|e| BackendError::Retryable(format!("the image pull failed: {e}")))??;
         let dir = self.dir(runtime);
-        std::fs::create_dir_all(dir.join("work"))?;
+        std::fs::create_dir_all(&dir)?;
         let _ = std::fs::remove_file(dir.join("exit"));
         let _ = std::fs::remove_file(dir.join("stopping"));
-        let launch = launch(runtime, &dir, resources, self.cgroups.as_ref())?;
+        let launch = self.launch(runtime, &dir, resources, &image)?;
         let isolated = launch.network_isolated;
         std::fs::write(dir.join("pid"), serde_json::to_vec(&launch).unwrap_or_default())?;
         let (stop, stopped) = watch::channel(false);
         let task = if runtime.runtime_type == RuntimeType::AgentRuntime {
             let supervisor = Supervisor {
                 backend: self.clone(),
+                image: image.clone(),
                 runtime: Arc::new(runtime.clone()),
                 resources: resources.clone(),
                 stopped,
@@ -299,18 +287,18 @@ impl SandboxBackend {
         };
         self.watchers.insert(&runtime.id, stop, task);
         let egress = if isolated { "no network egress" } else { "open egress" };
-        let limits = match &self.cgroups {
-            Some(cgroups) => {
-                format!("memory ≤ {} MiB and cpu ≤ {} by {}", launch.memory_bytes >> 20, launch.cpu, cgroups.name())
-            }
-            None => {
-                format!("memory ≤ {} MiB by RLIMIT_AS; cpu not limited (no cgroups here)", launch.memory_bytes >> 20)
-            }
-        };
-        Ok(format!("sandbox started (pid {}; own pid/mount/ipc/uts namespaces, {egress}, {limits})", launch.pid))
+        let cgroups = self.cgroups.as_ref().map_or("cgroups", Cgroups::name);
+        let limits = format!(
+            "memory ≤ {} MiB, cpu ≤ {}, ≤ {} processes by {cgroups}",
+            launch.memory_bytes >> 20,
+            launch.cpu,
+            bundle::PIDS_MAX
+        );
+        let user = format!("root mapped to host uid {}", self.ids.base);
+        Ok(format!("sandbox started (crun pid {}; {user}, own namespaces, {egress}, {limits})", launch.pid))
     }
 
-    /// Stops the sandbox: SIGTERM to its process group, SIGKILL after `timeout`; returns once
+    /// Stops the sandbox: SIGTERM to it, SIGKILL to all of it after `timeout`; returns once
     /// nothing of it runs and its watcher has recorded how it ended (see the module's doc).
     async fn terminate(&self, runtime: &Runtime, timeout: Duration) -> Result<String, BackendError> {
         let dir = self.dir(runtime);
@@ -320,10 +308,11 @@ impl SandboxBackend {
             std::fs::write(dir.join("stopping"), b"")?;
         }
         let outcome = match self.alive(runtime) {
-            Some(launch) => end_process_group(&launch, timeout).await,
+            Some(launch) => self.end_container(&runtime.id, &launch, timeout).await,
             None => "not running".to_string(),
         };
         self.end_remaining(&runtime.id, &dir).await?;
+        self.crun(&["delete", "--force", &runtime.id]).await;
         if let Some(watcher) = watcher {
             tokio::time::timeout(KILL_WAIT, watcher.task)
                 .await
@@ -333,12 +322,56 @@ impl SandboxBackend {
         Ok(outcome)
     }
 
-    /// Archives the work directory to `archive`; a running sandbox is archived live, and the
+    /// Runs `crun` on this backend's containers; what it says is logged, not returned (a
+    /// container already gone is what a retried stop expects).
+    async fn crun(&self, args: &[&str]) {
+        let state = self.root.join(".crun");
+        let output = tokio::process::Command::new(&self.tools.crun)
+            .arg("--root")
+            .arg(&state)
+            .args(args)
+            .env_clear()
+            .output()
+            .await;
+        match output {
+            Ok(output) if output.status.success() => {}
+            Ok(output) => tracing::debug!(?args, stderr = %String::from_utf8_lossy(&output.stderr).trim(), "crun"),
+            Err(e) => tracing::warn!(?args, error = %e, "cannot run crun"),
+        }
+    }
+
+    /// SIGTERM to the sandbox's init (which passes it on), SIGKILL to every process of it if
+    /// `launch` has not ended after `timeout`; returns once it has, saying how.
+    async fn end_container(&self, id: &str, launch: &Launch, timeout: Duration) -> String {
+        let ended = || start_ticks(launch.pid) != Some(launch.start_ticks);
+        self.crun(&["kill", id, "TERM"]).await;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if ended() {
+                return format!("pid {} ended on SIGTERM", launch.pid);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.crun(&["kill", "--all", id, "KILL"]).await;
+        // `crun run` itself, should the container be gone already.
+        let _ = kill(Pid::from_raw(launch.pid), Signal::SIGKILL);
+        let deadline = Instant::now() + KILL_WAIT;
+        while !ended() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        format!("pid {} killed after {}s without ending on SIGTERM", launch.pid, timeout.as_secs())
+    }
+
+    /// Archives the sandbox's layer to `archive`; a running sandbox is archived live, and the
     /// answer says so (a file it writes meanwhile may be archived half-written).
-    async fn archive_work(&self, runtime: &Runtime, archive: &Path) -> Result<&'static str, BackendError> {
+    async fn archive_layer(&self, runtime: &Runtime, archive: &Path) -> Result<&'static str, BackendError> {
         let running = self.alive(runtime).is_some();
-        let work = self.dir(runtime).join("work");
-        tar(&["-cf".as_ref(), archive.as_os_str(), "-C".as_ref(), work.as_os_str(), ".".as_ref()], running).await?;
+        let layer = Layer::of(&self.dir(runtime));
+        layer.mount_layer(&self.tools, self.ids)?;
+        let upper = layer.upper();
+        let args = ["--numeric-owner", "-cf"].map(std::ffi::OsStr::new);
+        let args = [&args[..], &[archive.as_os_str(), "-C".as_ref(), upper.as_os_str(), ".".as_ref()]].concat();
+        tar(&self.tools.tar, &args, running).await?;
         Ok(if running { " (archived while it ran: a file written meanwhile may be torn)" } else { "" })
     }
 
@@ -372,98 +405,63 @@ impl SandboxBackend {
     }
 }
 
-/// SIGTERM to the process group led by `launch`, SIGKILL if it has not ended after `timeout`;
-/// returns once its leader has ended, saying how.
-async fn end_process_group(launch: &Launch, timeout: Duration) -> String {
-    let ended = || start_ticks(launch.pid) != Some(launch.start_ticks);
-    let group = Pid::from_raw(launch.pid);
-    let _ = killpg(group, Signal::SIGTERM);
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if ended() {
-            return format!("pid {} ended on SIGTERM", launch.pid);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = killpg(group, Signal::SIGKILL);
-    let deadline = Instant::now() + KILL_WAIT;
-    while !ended() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    format!("pid {} killed after {}s without ending on SIGTERM", launch.pid, timeout.as_secs())
-}
-
-/// Spawns the command under `unshare`, in its own session and cgroup, with its limits.
-fn launch(
-    runtime: &Runtime,
-    dir: &Path,
-    resources: &Resources,
-    cgroups: Option<&Cgroups>,
-) -> Result<Launch, BackendError> {
-    let memory_bytes = resources.memory_bytes;
-    let command: Vec<String> = match &runtime.spec.command {
-        Some(command) if !command.is_empty() => command.clone(),
-        _ => IDLE.iter().map(|s| s.to_string()).collect(),
-    };
-    let open_egress = runtime.spec.networking.as_ref().is_some_and(|n| n.egress_policy == EgressPolicy::Open);
-    let mut unshare = std::process::Command::new("unshare");
-    unshare.args(["--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--ipc", "--uts"]);
-    if !open_egress {
-        unshare.arg("--net");
-    }
-    unshare.arg("--").args(&command);
-    let work = dir.join("work");
-    unshare
-        .current_dir(&work)
-        .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("HOME", &work)
-        .envs(runtime.spec.env.clone().unwrap_or_default())
-        .stdin(Stdio::null())
-        .stdout(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stdout.log"))?)
-        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stderr.log"))?);
-    // The bounds cover unshare and everything it starts (cgroups and limits are inherited).
-    let limit = memory_bytes.max(64 << 20);
-    let cpu = resources.cpu.max(0.01);
-    let join: Vec<std::ffi::CString> = match cgroups {
-        Some(cgroups) => cgroups
-            .prepare(&runtime.id, cpu, limit)
-            .map_err(|e| BackendError::Retryable(format!("cannot set up the sandbox's cgroup: {e}")))?
-            .into_iter()
-            .filter_map(|p| std::ffi::CString::new(p.into_os_string().into_encoded_bytes()).ok())
-            .collect(),
-        None => Vec::new(),
-    };
-    let rlimit = cgroups.is_none();
-    // SAFETY: only async-signal-safe calls between fork and exec: setsid, open/write/close of
-    // paths prepared before the fork, setrlimit.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        unshare.pre_exec(move || {
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
-            for procs in &join {
-                // "0" moves the writing process: the child joins before it execs anything.
-                let fd = nix::fcntl::open(procs.as_c_str(), nix::fcntl::OFlag::O_WRONLY, nix::sys::stat::Mode::empty())
-                    .map_err(std::io::Error::from)?;
-                nix::unistd::write(&fd, b"0").map_err(std::io::Error::from)?;
-            }
-            if rlimit {
-                nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, limit, limit)
-                    .map_err(std::io::Error::from)?;
-            }
-            Ok(())
+impl SandboxBackend {
+    /// Mounts the sandbox's root, writes its OCI configuration and runs it with `crun run`, in
+    /// a session of its own, its output appended to its logs.
+    fn launch(
+        &self,
+        runtime: &Runtime,
+        dir: &Path,
+        resources: &Resources,
+        image: &Path,
+    ) -> Result<Launch, BackendError> {
+        let rootfs = Layer::of(dir).mount(&self.tools, image, self.ids)?;
+        let open_egress = runtime.spec.networking.as_ref().is_some_and(|n| n.egress_policy == EgressPolicy::Open);
+        let (cpu, memory_bytes) = (resources.cpu.max(0.01), resources.memory_bytes.max(64 << 20));
+        let config = bundle::config(&Launching {
+            id: &runtime.id,
+            command: runtime.spec.command.as_deref(),
+            env: runtime.spec.env.as_ref(),
+            open_egress,
+            cpu,
+            memory_bytes,
+            rootfs: &rootfs,
+            init: &self.tools.init,
+            ids: self.ids,
         });
+        let bundle = dir.join("bundle");
+        std::fs::create_dir_all(&bundle)?;
+        std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config).unwrap_or_default())?;
+        // A container of this id that a crash left behind would refuse the new one.
+        let state = self.root.join(".crun");
+        let _ = std::process::Command::new(&self.tools.crun)
+            .arg("--root")
+            .arg(&state)
+            .args(["delete", "--force", &runtime.id])
+            .env_clear()
+            .output();
+        let mut crun = std::process::Command::new(&self.tools.crun);
+        crun.arg("--root").arg(&state).arg("run").arg("--bundle").arg(&bundle).arg(&runtime.id);
+        crun.env_clear()
+            .stdin(Stdio::null())
+            .stdout(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stdout.log"))?)
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stderr.log"))?);
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            crun.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+        }
+        let child = crun.spawn().map_err(|e| BackendError::Permanent(format!("cannot start crun: {e}")))?;
+        // A task reaps the child by its pid (`reap`); the handle itself is not needed.
+        let pid = child.id() as i32;
+        drop(child);
+        // Our child is not reaped before `reap` waits for it: its entry is there even if it has
+        // already ended (a command that exits at once has still started).
+        let start_ticks = process_stat(pid)
+            .ok_or_else(|| BackendError::Retryable(format!("pid {pid} of the sandbox vanished before it was reaped")))?
+            .start_ticks;
+        Ok(Launch { pid, start_ticks, memory_bytes, cpu, network_isolated: !open_egress })
     }
-    let child = unshare.spawn().map_err(|e| BackendError::Permanent(format!("cannot start unshare: {e}")))?;
-    // A task reaps the child by its pid (`reap`); the handle itself is not needed.
-    let pid = child.id() as i32;
-    drop(child);
-    // Our child is not reaped before `reap` waits for it: its entry is there even if it has
-    // already ended (a command that exits at once has still started).
-    let start_ticks = process_stat(pid)
-        .ok_or_else(|| BackendError::Retryable(format!("pid {pid} of the sandbox vanished before it was reaped")))?
-        .start_ticks;
-    Ok(Launch { pid, start_ticks, memory_bytes: limit, cpu, network_isolated: !open_egress })
 }
 
 /// The processes whose working directory is below `dir`.
@@ -526,6 +524,8 @@ async fn reap(dir: PathBuf, launch: Launch) -> Option<i32> {
 /// after a pause that doubles with each failure in a row.
 struct Supervisor {
     backend: SandboxBackend,
+    /// The image's root file system it was started from.
+    image: PathBuf,
     runtime: Arc<Runtime>,
     resources: Resources,
     /// Set when the agent is being stopped (or another watcher took over).
@@ -556,7 +556,7 @@ impl Supervisor {
             if *stopped || self.backend.alive(&self.runtime).is_some() {
                 return;
             }
-            match launch_again(&self.runtime, &dir, &self.resources, self.backend.cgroups.as_ref()) {
+            match launch_again(&self.backend, &self.runtime, &dir, &self.resources, &self.image) {
                 Ok(next) => launch = next,
                 Err(e) => {
                     tracing::warn!(runtime = %self.runtime.id, error = %e, "cannot restart the agent");
@@ -568,12 +568,13 @@ impl Supervisor {
 }
 
 fn launch_again(
+    backend: &SandboxBackend,
     runtime: &Runtime,
     dir: &Path,
     resources: &Resources,
-    cgroups: Option<&Cgroups>,
+    image: &Path,
 ) -> Result<Launch, BackendError> {
-    let launch = launch(runtime, dir, resources, cgroups)?;
+    let launch = backend.launch(runtime, dir, resources, image)?;
     let _ = std::fs::remove_file(dir.join("exit"));
     std::fs::write(dir.join("pid"), serde_json::to_vec(&launch).unwrap_or_default())?;
     Ok(launch)
@@ -582,9 +583,10 @@ fn launch_again(
 /// Runs `tar` with `args`, as a permanent error when it fails. With `files_may_change`, its
 /// exit status 1 (GNU tar: a file changed while it was read; the archive is complete) is not
 /// a failure.
-async fn tar(args: &[&std::ffi::OsStr], files_may_change: bool) -> Result<(), BackendError> {
-    let output = tokio::process::Command::new("tar")
+async fn tar(program: &Path, args: &[&std::ffi::OsStr], files_may_change: bool) -> Result<(), BackendError> {
+    let output = tokio::process::Command::new(program)
         .args(args)
+        .env_clear()
         .output()
         .await
         .map_err(|e| BackendError::Permanent(format!("cannot run tar: {e}")))?;
@@ -610,13 +612,14 @@ impl RuntimeBackend for SandboxBackend {
     }
 
     async fn create(&self, cx: &CallContext, runtime: &Runtime, resources: &Resources) -> Result<String, BackendError> {
-        self.step(cx, || async { self.spawn(runtime, resources) }).await
+        self.step(cx, || self.spawn(runtime, resources)).await
     }
 
     async fn delete(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
         self.step(cx, || async {
             self.terminate(runtime, Duration::from_secs(10)).await?;
             let dir = self.dir(runtime);
+            Layer::of(&dir).unmount()?;
             if dir.exists() {
                 tokio::fs::remove_dir_all(&dir).await?;
             }
@@ -630,7 +633,7 @@ impl RuntimeBackend for SandboxBackend {
 
     async fn start(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
         let resources = self.last_resources(runtime);
-        self.step(cx, || async { self.spawn(runtime, &resources) }).await
+        self.step(cx, || self.spawn(runtime, &resources)).await
     }
 
     async fn stop(
@@ -647,7 +650,7 @@ impl RuntimeBackend for SandboxBackend {
         let resources = self.last_resources(runtime);
         self.step(cx, || async {
             let stopped = self.terminate(runtime, Duration::from_secs(10)).await?;
-            let started = self.spawn(runtime, &resources)?;
+            let started = self.spawn(runtime, &resources).await?;
             Ok(format!("{stopped}; {started}"))
         })
         .await
@@ -689,8 +692,8 @@ impl RuntimeBackend for SandboxBackend {
             let snapshots = dir.join("snapshots");
             std::fs::create_dir_all(&snapshots)?;
             let archive = snapshots.join(format!("{snapshot_id}.tar"));
-            let how = self.archive_work(runtime, &archive).await?;
-            Ok(format!("work directory archived as {snapshot_id}{how}"))
+            let how = self.archive_layer(runtime, &archive).await?;
+            Ok(format!("its layer archived as {snapshot_id}{how}"))
         })
         .await
     }
@@ -705,17 +708,18 @@ impl RuntimeBackend for SandboxBackend {
             }
             let was_running = self.alive(runtime).is_some();
             self.terminate(runtime, Duration::from_secs(10)).await?;
-            let work = dir.join("work");
-            if work.exists() {
-                tokio::fs::remove_dir_all(&work).await?;
-            }
-            std::fs::create_dir_all(&work)?;
-            tar(&["-xf".as_ref(), archive.as_os_str(), "-C".as_ref(), work.as_os_str()], false).await?;
+            let layer = Layer::of(&dir);
+            layer.unmount()?;
+            layer.mount_layer(&self.tools, self.ids)?;
+            let upper = layer.clear(self.ids)?;
+            let args = ["--numeric-owner", "-xf"].map(std::ffi::OsStr::new);
+            let args = [&args[..], &[archive.as_os_str(), "-C".as_ref(), upper.as_os_str()]].concat();
+            tar(&self.tools.tar, &args, false).await?;
             if was_running {
-                self.spawn(runtime, &resources)?;
-                return Ok(format!("work directory restored from {snapshot_id}; restarted"));
+                self.spawn(runtime, &resources).await?;
+                return Ok(format!("its layer restored from {snapshot_id}; restarted"));
             }
-            Ok(format!("work directory restored from {snapshot_id}"))
+            Ok(format!("its layer restored from {snapshot_id}"))
         })
         .await
     }
@@ -745,9 +749,8 @@ impl RuntimeBackend for SandboxBackend {
             if start_ticks(launch.pid) != Some(launch.start_ticks) {
                 continue;
             }
-            end_process_group(&launch, Duration::from_secs(2)).await;
-            // What is left of its group once the leader has ended.
-            let _ = killpg(Pid::from_raw(launch.pid), Signal::SIGKILL);
+            let id = entry.file_name().to_string_lossy().into_owned();
+            self.end_container(&id, &launch, Duration::from_secs(2)).await;
             ended += 1;
         }
         kill_strays(&self.root);
@@ -790,18 +793,22 @@ mod tests {
     use super::*;
     use runtimeai_model::NetworkingProfile;
 
-    /// Whether this kernel lets us make the namespaces; the tests say so when it does not.
-    fn namespaces_allowed() -> bool {
-        let probe = std::process::Command::new("unshare")
-            .args(["--pid", "--fork", "--mount-proc", "--mount", "--ipc", "--uts", "--net", "true"])
-            .status();
-        match probe {
-            Ok(status) if status.success() => true,
-            other => {
-                eprintln!("skipped: this kernel or user cannot create namespaces with unshare ({other:?})");
-                false
-            }
-        }
+    /// Whether this node can run sandboxes (root, crun and the rest, usable cgroups); the tests
+    /// say so when it cannot, and fail instead where `RUNTIMEAI_REQUIRE_SANDBOXES` is set (CI).
+    fn sandboxes_allowed() -> bool {
+        let Some(why) = unavailable() else { return true };
+        assert!(std::env::var_os("RUNTIMEAI_REQUIRE_SANDBOXES").is_none(), "sandboxes are required here: {why}");
+        eprintln!("skipped: {why}");
+        false
+    }
+
+    fn backend_in(root: &TestRoot) -> SandboxBackend {
+        SandboxBackend::new(root.path().to_path_buf(), IdRange::default(), vec![]).unwrap()
+    }
+
+    /// The sandbox's working directory, as the host sees it (in its layer).
+    fn work(root: &TestRoot, id: &str) -> PathBuf {
+        root.path().join(id).join("layer/upper/work")
     }
 
     fn sandbox(id: &str, command: &str) -> Runtime {
@@ -833,8 +840,22 @@ mod tests {
         }
     }
 
+    /// Ends whatever of the test's sandboxes still runs and unmounts their roots, so that the
+    /// directory can go.
     impl Drop for TestRoot {
         fn drop(&mut self) {
+            let Ok(tools) = Tools::find() else { return };
+            let Ok(entries) = std::fs::read_dir(self.0.path()) else { return };
+            for entry in entries.flatten() {
+                let id = entry.file_name().to_string_lossy().into_owned();
+                let state = self.0.path().join(".crun");
+                let crun = |args: &[&str]| {
+                    let _ = std::process::Command::new(&tools.crun).arg("--root").arg(&state).args(args).output();
+                };
+                crun(&["kill", "--all", &id, "KILL"]);
+                crun(&["delete", "--force", &id]);
+                let _ = Layer::of(&entry.path()).unmount();
+            }
             kill_strays(self.0.path());
         }
     }
@@ -871,11 +892,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_sandbox_sees_only_itself_and_its_own_directory() {
-        if !namespaces_allowed() {
+        if !sandboxes_allowed() {
             return;
         }
         let root = TestRoot::new();
-        let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap();
+        let backend = backend_in(&root);
         let mut runtime = sandbox(
             "rt_ps",
             "ls /proc | grep -c '^[0-9]' > pids; echo \"$HOME\" > home; echo \"$SECRET\" > secret; sleep 30",
@@ -883,14 +904,14 @@ mod tests {
         runtime.spec.env = Some([("SECRET".to_string(), "only-mine".to_string())].into());
         let message = backend.create(&cx("op_create"), &runtime, &ONE_GIB).await.unwrap();
         assert!(message.contains("no network egress"), "{message}");
-        let work = root.path().join("rt_ps").join("work");
+        let work = work(&root, "rt_ps");
         let pids: u32 = read_when_there(work.join("pids")).await.trim().parse().unwrap();
         let host_pids = std::fs::read_dir("/proc")
             .unwrap()
             .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().parse::<u32>().is_ok())
             .count();
         assert!(pids <= 4 && host_pids > pids as usize, "the sandbox sees {pids} processes, the host {host_pids}");
-        assert_eq!(read_when_there(work.join("home")).await.trim(), work.display().to_string());
+        assert_eq!(read_when_there(work.join("home")).await.trim(), "/work");
         assert_eq!(read_when_there(work.join("secret")).await.trim(), "only-mine");
         assert!(matches!(backend.status(&runtime).await.unwrap(), Observed::Running { .. }));
         let again = backend.create(&cx("op_create_retry"), &runtime, &ONE_GIB).await.unwrap();
@@ -905,81 +926,301 @@ mod tests {
         assert_eq!(backend.status(&runtime).await.unwrap(), Observed::Missing);
     }
 
+    /// The attacks a sandbox's code might try, each shown to fail from inside.
     #[tokio::test]
-    async fn memory_beyond_the_limit_is_refused() {
-        if !namespaces_allowed() {
+    async fn a_sandbox_cannot_reach_the_host_the_kernel_or_other_sandboxes() {
+        if !sandboxes_allowed() {
             return;
         }
         let root = TestRoot::new();
-        let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap();
-        let grab = "python3 -c \"b = b'x' * (700 * 1024 * 1024); open('grabbed', 'w').write('yes')\"";
+        let backend = backend_in(&root);
+        // What must stay out of reach: a file of the host and another sandbox's.
+        let host_secret = root.path().join("host-secret");
+        std::fs::write(&host_secret, "the host's").unwrap();
+        let other = sandbox("rt_other", "echo theirs > mine; sleep 60");
+        backend.create(&cx("op_other"), &other, &ONE_GIB).await.unwrap();
+        read_when_there(work(&root, "rt_other").join("mine")).await;
+        let attacks = [
+            format!("cat {} > host_secret 2>&1", host_secret.display()),
+            format!("cat {}/rt_other/layer/upper/work/mine > other_secret 2>&1", root.path().display()),
+            "cat /etc/shadow > shadow 2>&1".to_string(),
+            "id -u > uid".to_string(),
+            "mount -t tmpfs none /tmp > mount 2>&1; echo $? >> mount".to_string(),
+            "echo x > /tmp/m.ko; insmod /tmp/m.ko > module 2>&1; echo $? >> module".to_string(),
+            "ping -c 1 -W 1 127.0.0.1 > raw 2>&1; echo $? >> raw".to_string(),
+            "nsenter -t 1 -m true > nsenter 2>&1; echo $? >> nsenter".to_string(),
+            "(for i in $(seq 1 1000); do sleep 60 & done) 2> forks; echo done > forked".to_string(),
+            "dd if=/dev/zero of=big bs=1M count=1500 2> fill; echo $? > filled".to_string(),
+        ];
+        let runtime = sandbox("rt_attacker", &format!("{}; sleep 60", attacks.join("; ")));
+        backend.create(&cx("op_attack"), &runtime, &ONE_GIB).await.unwrap();
+        let work = work(&root, "rt_attacker");
+        read_when_there(work.join("filled")).await;
+        let read = |name: &str| std::fs::read_to_string(work.join(name)).unwrap_or_default();
+        assert!(read("host_secret").contains("No such file"), "{}", read("host_secret"));
+        assert!(read("other_secret").contains("No such file"), "{}", read("other_secret"));
+        assert!(read("shadow").contains("No such file"), "{}", read("shadow"));
+        assert_eq!(read("uid").trim(), "0", "root inside");
+        // Outside, every process of it is an unprivileged user of the node's range.
+        let cgroups = backend.cgroups.clone().unwrap();
+        let pids = cgroups.processes("rt_attacker");
+        assert!(!pids.is_empty());
+        for pid in &pids {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let uid: u32 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(uid >= IdRange::default().base, "pid {pid} runs as host uid {uid}");
+        }
+        // Each attack's output ends with its exit status: refused, for want of permission.
+        for (attack, file) in [("mount", "mount"), ("insmod", "module"), ("nsenter", "nsenter"), ("ping", "raw")] {
+            let output = read(file);
+            let status = output.lines().last().unwrap_or_default();
+            let refused = output.contains("not permitted") || output.contains("permission denied");
+            assert!(status != "0" && !status.is_empty() && refused, "{attack}: {output}");
+        }
+        // A fork bomb stops at the pids limit, and the sandbox still answers.
+        assert_eq!(read("forked"), "done\n");
+        assert!(read("forks").contains("fork"), "{}", read("forks"));
+        assert!(pids.len() as u64 <= bundle::PIDS_MAX, "{} processes", pids.len());
+        // Filling its disk fills its layer only.
+        assert_ne!(read("filled").trim(), "0", "{}", read("fill"));
+        let big = std::fs::metadata(work.join("big")).map(|m| m.len()).unwrap_or(0);
+        assert!(big < layer::LAYER_BYTES, "wrote {big} bytes");
+        // And it stops at once: tini passes SIGTERM on to the command.
+        let started = Instant::now();
+        let stopped = backend.stop(&cx("op_stop"), &other, false, Duration::from_secs(10)).await.unwrap();
+        assert!(
+            stopped.contains("SIGTERM") && started.elapsed() < Duration::from_secs(1),
+            "{stopped} in {:?}",
+            started.elapsed()
+        );
+    }
+
+    /// The node's helpers are found at start, by absolute path: a `PATH` in a sandbox's
+    /// environment reaches only the sandbox.
+    #[tokio::test]
+    async fn a_path_in_the_spec_changes_nothing_outside_the_sandbox() {
+        if !sandboxes_allowed() {
+            return;
+        }
+        let root = TestRoot::new();
+        let backend = backend_in(&root);
+        let decoys = root.path().join("decoys");
+        std::fs::create_dir_all(&decoys).unwrap();
+        let marker = root.path().join("decoy-ran");
+        for helper in ["crun", "mount", "tar", "mkfs.ext4", "tini-static", "unshare"] {
+            let script = decoys.join(helper);
+            std::fs::write(&script, format!("#!/bin/sh\necho {helper} >> {}\n", marker.display())).unwrap();
+            std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
+        let mut runtime = sandbox("rt_path", "echo \"$PATH\" > path; sleep 60");
+        runtime.spec.env = Some([("PATH".to_string(), format!("{}:/bin", decoys.display()))].into());
+        backend.create(&cx("op_path"), &runtime, &ONE_GIB).await.unwrap();
+        assert_eq!(
+            read_when_there(work(&root, "rt_path").join("path")).await.trim(),
+            format!("{}:/bin", decoys.display())
+        );
+        backend.snapshot(&cx("op_snap"), &runtime, "s", "").await.unwrap();
+        backend.restart(&cx("op_restart"), &runtime).await.unwrap();
+        backend.delete(&cx("op_delete"), &runtime).await.unwrap();
+        assert!(!marker.exists(), "a decoy ran: {}", std::fs::read_to_string(&marker).unwrap_or_default());
+    }
+
+    /// A registry of our own (Debian's `docker-registry`) on a free port of loopback, killed
+    /// when dropped.
+    struct Registry {
+        process: std::process::Child,
+        address: String,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Registry {
+        async fn start() -> Registry {
+            let dir = tempfile::tempdir().unwrap();
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let address = format!("127.0.0.1:{port}");
+            let config = dir.path().join("config.yml");
+            let storage = dir.path().join("storage");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {address}\n",
+                    storage.display()
+                ),
+            )
+            .unwrap();
+            let process = std::process::Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("docker-registry (deploy/setup-debian.sh installs it)");
+            let registry = Registry { process, address, _dir: dir };
+            eventually("the registry answers", async || {
+                tokio::net::TcpStream::connect(&registry.address).await.ok().map(drop)
+            })
+            .await;
+            registry
+        }
+
+        /// Pushes an image of BusyBox with `marker` at `/marker` as `<address>/tools:1`; returns
+        /// the manifest's digest.
+        fn push_tool_image(&self, marker: &str) -> String {
+            let work = tempfile::tempdir().unwrap();
+            let layout = work.path().join("layout");
+            let bundle = work.path().join("bundle");
+            let umoci = |args: &[&str]| {
+                let status = std::process::Command::new("umoci").args(args).status().unwrap();
+                assert!(status.success(), "umoci {args:?}");
+            };
+            let image = format!("{}:tools", layout.display());
+            umoci(&["init", "--layout", &layout.display().to_string()]);
+            umoci(&["new", "--image", &image]);
+            umoci(&["unpack", "--image", &image, &bundle.display().to_string()]);
+            let rootfs = bundle.join("rootfs");
+            std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+            std::fs::copy("/usr/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+            for applet in ["sh", "cat", "sleep", "echo"] {
+                std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+            }
+            std::fs::write(rootfs.join("marker"), marker).unwrap();
+            umoci(&["repack", "--image", &image, &bundle.display().to_string()]);
+            let digest_file = work.path().join("digest");
+            let status = std::process::Command::new("skopeo")
+                .args(["copy", "--quiet", "--dest-tls-verify=false", "--digestfile"])
+                .arg(&digest_file)
+                .arg(format!("oci:{image}"))
+                .arg(format!("docker://{}/tools:1", self.address))
+                .status()
+                .unwrap();
+            assert!(status.success(), "skopeo push");
+            std::fs::read_to_string(digest_file).unwrap().trim().to_string()
+        }
+    }
+
+    impl Drop for Registry {
+        fn drop(&mut self) {
+            let _ = self.process.kill();
+            let _ = self.process.wait();
+        }
+    }
+
+    #[tokio::test]
+    async fn an_image_is_pulled_from_a_registry_by_tag_or_by_digest_and_checked() {
+        if !sandboxes_allowed() {
+            return;
+        }
+        let registry = Registry::start().await;
+        let digest = registry.push_tool_image("from the registry");
+        let root = TestRoot::new();
+        let backend =
+            SandboxBackend::new(root.path().to_path_buf(), IdRange::default(), vec![registry.address.clone()]).unwrap();
+        let mut by_tag = sandbox("rt_tagged", "cat /marker > seen; sleep 60");
+        by_tag.spec.image = Some(format!("{}/tools:1", registry.address));
+        backend.create(&cx("op_tagged"), &by_tag, &ONE_GIB).await.unwrap();
+        assert_eq!(read_when_there(work(&root, "rt_tagged").join("seen")).await, "from the registry");
+        let mut by_digest = sandbox("rt_pinned", "cat /marker > seen; sleep 60");
+        by_digest.spec.image = Some(format!("{}/tools@{digest}", registry.address));
+        backend.create(&cx("op_pinned"), &by_digest, &ONE_GIB).await.unwrap();
+        assert_eq!(read_when_there(work(&root, "rt_pinned").join("seen")).await, "from the registry");
+        // A digest the registry's image does not have: refused, nothing started.
+        let mut forged = sandbox("rt_forged", "sleep 60");
+        let wrong = format!("sha256:{}", "0".repeat(64));
+        forged.spec.image = Some(format!("{}/tools@{wrong}", registry.address));
+        let refused = backend.create(&cx("op_forged"), &forged, &ONE_GIB).await.unwrap_err();
+        assert!(matches!(refused, BackendError::Permanent(_)), "{refused}");
+        // Without TLS only where the operator said so.
+        let strict = SandboxBackend::new(root.path().join("strict"), IdRange::default(), vec![]).unwrap();
+        let refused = strict.create(&cx("op_strict"), &sandbox_with_image("rt_strict", &by_tag), &ONE_GIB).await;
+        assert!(refused.unwrap_err().to_string().contains("cannot pull"));
+    }
+
+    fn sandbox_with_image(id: &str, like: &Runtime) -> Runtime {
+        let mut runtime = sandbox(id, "sleep 60");
+        runtime.spec.image = like.spec.image.clone();
+        runtime
+    }
+
+    #[tokio::test]
+    async fn memory_beyond_the_limit_is_refused() {
+        if !sandboxes_allowed() {
+            return;
+        }
+        let root = TestRoot::new();
+        let backend = backend_in(&root);
+        let grab = "dd if=/dev/zero of=/dev/null bs=700M count=1 && echo yes > grabbed";
         let small = Resources { cpu: 1.0, memory_bytes: 256 << 20, replicas: 1 };
         let capped = sandbox("rt_small", grab);
         backend.create(&cx("op_small"), &capped, &small).await.unwrap();
         let observed = wait_status(&backend, &capped, |o| !matches!(o, Observed::Running { .. })).await;
         assert!(matches!(observed, Observed::Failed(_)), "{observed:?}");
-        assert!(!root.path().join("rt_small/work/grabbed").exists(), "700 MiB fit under a 256 MiB limit");
+        assert!(!work(&root, "rt_small").join("grabbed").exists(), "700 MiB fit under a 256 MiB limit");
         let roomy = sandbox("rt_big", grab);
         backend.create(&cx("op_big"), &roomy, &Resources { memory_bytes: 2 << 30, ..small }).await.unwrap();
-        assert_eq!(read_when_there(root.path().join("rt_big/work/grabbed")).await, "yes");
+        assert_eq!(read_when_there(work(&root, "rt_big").join("grabbed")).await, "yes\n");
     }
 
     #[tokio::test]
     async fn cpu_is_limited_by_the_sandboxes_cgroup() {
-        if !namespaces_allowed() {
+        if !sandboxes_allowed() {
             return;
         }
         let root = TestRoot::new();
-        let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap();
-        let Some(cgroups) = backend.cgroups.clone() else {
-            eprintln!("skipped: this host has neither cgroup v2 nor the cgroup v1 cpu and memory controllers");
-            return;
-        };
-        let spin = "python3 -c \"import os, time\nt = time.time()\nwhile time.time() - t < 2: pass\nc = os.times()\nopen('cpu', 'w').write(str(c.user + c.system))\"";
-        let runtime = sandbox("rt_spin", spin);
+        let backend = backend_in(&root);
+        let cgroups = backend.cgroups.clone().expect("crun runs only where there are cgroups");
+        let runtime = sandbox("rt_spin", "echo spinning > spinning; while :; do :; done");
         let message = backend
             .create(&cx("op_spin"), &runtime, &Resources { cpu: 0.2, memory_bytes: 256 << 20, replicas: 1 })
             .await
             .unwrap();
         assert!(message.contains(cgroups.name()) && message.contains("cpu ≤ 0.2"), "{message}");
-        let used: f64 = read_when_there(root.path().join("rt_spin/work/cpu")).await.parse().unwrap();
-        assert!(used < 0.8, "2 s of spinning at 0.2 cpu used {used:.2} s of cpu");
+        read_when_there(work(&root, "rt_spin").join("spinning")).await;
+        let used = || cgroups.cpu_usage_ns("rt_spin").expect("the sandbox's cpu use");
+        let (before, started) = (used(), Instant::now());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let spent = (used() - before) as f64 / 1e9 / started.elapsed().as_secs_f64();
+        assert!(spent > 0.05 && spent < 0.4, "a spinning sandbox limited to 0.2 cpu used {spent:.2} cpu");
         backend.delete(&cx("op_spin_delete"), &runtime).await.unwrap();
         assert!(cgroups.dirs("rt_spin").iter().all(|d| !d.exists()), "its cgroups are removed with it");
     }
 
     #[tokio::test]
     async fn egress_is_closed_unless_the_spec_opens_it() {
-        if !namespaces_allowed() {
+        if !sandboxes_allowed() {
             return;
         }
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let probe = format!(
-            "python3 -c \"import socket\ntry:\n socket.create_connection(('127.0.0.1', {port}), timeout=2); r = 'connected'\nexcept OSError as e:\n r = 'refused'\nopen('egress', 'w').write(r)\""
-        );
+        // `-e true`: once connected, nc runs `true` and ends.
+        let probe = format!("if nc -w 2 127.0.0.1 {port} -e true; then echo connected; else echo refused; fi > egress");
         let root = TestRoot::new();
-        let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap();
+        let backend = backend_in(&root);
         backend.create(&cx("op_closed"), &sandbox("rt_closed", &probe), &ONE_GIB).await.unwrap();
-        assert_eq!(read_when_there(root.path().join("rt_closed/work/egress")).await, "refused");
+        assert_eq!(read_when_there(work(&root, "rt_closed").join("egress")).await, "refused\n");
         let mut open = sandbox("rt_open", &probe);
         open.spec.networking = Some(NetworkingProfile { egress_policy: EgressPolicy::Open, ..Default::default() });
         backend.create(&cx("op_open"), &open, &ONE_GIB).await.unwrap();
-        assert_eq!(read_when_there(root.path().join("rt_open/work/egress")).await, "connected");
+        assert_eq!(read_when_there(work(&root, "rt_open").join("egress")).await, "connected\n");
     }
 
     #[tokio::test]
     async fn work_survives_snapshot_and_restore_and_agents_are_restarted() {
-        if !namespaces_allowed() {
+        if !sandboxes_allowed() {
             return;
         }
         let root = TestRoot::new();
-        let backend = SandboxBackend::new(root.path().to_path_buf())
-            .unwrap()
-            .with_backoff(Duration::from_millis(50), Duration::from_millis(200));
+        let backend = backend_in(&root).with_backoff(Duration::from_millis(50), Duration::from_millis(200));
         let runtime = sandbox("rt_files", "[ -e data ] || echo one > data; echo started >> starts; sleep 30");
         backend.create(&cx("op_create"), &runtime, &ONE_GIB).await.unwrap();
-        let work = root.path().join("rt_files/work");
+        let work = work(&root, "rt_files");
         assert_eq!(read_when_there(work.join("data")).await, "one\n");
         backend.snapshot(&cx("op_snap"), &runtime, "snap_1", "first").await.unwrap();
         std::fs::write(work.join("data"), "two\n").unwrap();
@@ -993,10 +1234,10 @@ mod tests {
         backend.delete(&cx("op_delete"), &runtime).await.unwrap();
         assert_eq!(backend.status(&runtime).await.unwrap(), Observed::Missing);
 
-        let mut agent = sandbox("rt_agent", "echo run >> runs; exit 3");
+        let mut agent = sandbox("rt_agent", "echo run; exit 3");
         agent.runtime_type = RuntimeType::AgentRuntime;
         backend.create(&cx("op_agent"), &agent, &ONE_GIB).await.unwrap();
-        let runs = root.path().join("rt_agent/work/runs");
+        let runs = root.path().join("rt_agent/stdout.log");
         eventually("a failing agent is restarted twice", async || (lines(&runs) >= 3).then_some(())).await;
         backend.stop(&cx("op_agent_stop"), &agent, false, Duration::from_secs(2)).await.unwrap();
         let restarts: u64 =
@@ -1014,11 +1255,11 @@ mod tests {
     /// removes it. Repeated, because the window is small.
     #[tokio::test]
     async fn a_delete_right_after_a_restore_or_restart_leaves_nothing_behind() {
-        if !namespaces_allowed() {
+        if !sandboxes_allowed() {
             return;
         }
         let root = TestRoot::new();
-        let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap();
+        let backend = backend_in(&root);
         let writer = "trap 'date >> ticks; exit' TERM; while :; do echo tick; date >> ticks; mkdir -p d/$$; done";
         for round in 0..8 {
             let id = format!("rt_race_{round}");
@@ -1027,9 +1268,9 @@ mod tests {
                 runtime.runtime_type = RuntimeType::AgentRuntime;
             }
             backend.create(&cx(&format!("op_c{round}")), &runtime, &ONE_GIB).await.unwrap();
-            read_when_there(root.path().join(&id).join("work/ticks")).await;
+            read_when_there(work(&root, &id).join("ticks")).await;
             // Many files make a delete take long enough for a late writer to land in it.
-            let many = root.path().join(&id).join("work/many");
+            let many = root.path().join(&id).join("many");
             std::fs::create_dir_all(&many).unwrap();
             for file in 0..3000 {
                 std::fs::write(many.join(file.to_string()), b"x").unwrap();
@@ -1054,44 +1295,44 @@ mod tests {
 
     #[tokio::test]
     async fn an_agent_stopped_while_it_waits_to_be_restarted_stays_stopped() {
-        if !namespaces_allowed() {
+        if !sandboxes_allowed() {
             return;
         }
         let root = TestRoot::new();
         let pause = Duration::from_millis(400);
-        let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap().with_backoff(pause, pause);
-        let mut agent = sandbox("rt_pausing", "echo run >> runs; exit 3");
+        let backend = backend_in(&root).with_backoff(pause, pause);
+        let mut agent = sandbox("rt_pausing", "echo run; exit 3");
         agent.runtime_type = RuntimeType::AgentRuntime;
         backend.create(&cx("op_create"), &agent, &ONE_GIB).await.unwrap();
         let dir = root.path().join("rt_pausing");
         // It has failed and its supervisor waits out the pause before starting it again.
         eventually("the agent fails once", async || dir.join("restarts").exists().then_some(())).await;
         let message = backend.stop(&cx("op_stop"), &agent, false, Duration::from_secs(2)).await.unwrap();
-        let runs = lines(&dir.join("work/runs"));
+        let runs = lines(&dir.join("stdout.log"));
         // Three pauses: a supervisor that missed the stop would have started it again by now.
         tokio::time::sleep(pause * 3).await;
-        assert_eq!(lines(&dir.join("work/runs")), runs, "stopped ({message}), yet started again");
+        assert_eq!(lines(&dir.join("stdout.log")), runs, "stopped ({message}), yet started again");
         assert_eq!(backend.status(&agent).await.unwrap(), Observed::Stopped);
         backend.start(&cx("op_start"), &agent).await.unwrap();
-        eventually("a start runs it again", async || (lines(&dir.join("work/runs")) > runs).then_some(())).await;
+        eventually("a start runs it again", async || (lines(&dir.join("stdout.log")) > runs).then_some(())).await;
         backend.delete(&cx("op_delete"), &agent).await.unwrap();
         assert!(!dir.exists());
     }
 
     #[tokio::test]
     async fn a_clean_shutdown_ends_every_sandbox_of_the_node() {
-        if !namespaces_allowed() {
+        if !sandboxes_allowed() {
             return;
         }
         let root = TestRoot::new();
-        let backend = SandboxBackend::new(root.path().to_path_buf()).unwrap();
+        let backend = backend_in(&root);
         let quiet = sandbox("rt_quiet", "sleep 300");
         // Ignores SIGTERM: the shutdown must SIGKILL it after its grace period.
         let stubborn = sandbox("rt_stubborn", "trap '' TERM; echo up > up; while :; do sleep 1; done");
         for runtime in [&quiet, &stubborn] {
             backend.create(&cx(&format!("op_{}", runtime.id)), runtime, &ONE_GIB).await.unwrap();
         }
-        read_when_there(root.path().join("rt_stubborn/work/up")).await;
+        read_when_there(work(&root, "rt_stubborn").join("up")).await;
         backend.shutdown().await;
         for runtime in [&quiet, &stubborn] {
             let left = eventually("the sandbox's processes end", async || {
