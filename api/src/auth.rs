@@ -89,6 +89,8 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("GET", "/v1/runtimes/{runtime_id}/events", Needs(Read)),
         // The virtual cluster's admin credentials: whoever may drive the runtime.
         ("GET", "/v1/runtimes/{runtime_id}/kubeconfig", Needs(Operate)),
+        // A command in a sandbox: whoever may drive the runtime (and the policies say yes).
+        ("POST", "/v1/runtimes/{runtime_id}/exec", Needs(Operate)),
         ("POST", "/v1/runtimes/{runtime_id}/lifecycle/start", Needs(Operate)),
         ("POST", "/v1/runtimes/{runtime_id}/lifecycle/stop", Needs(Operate)),
         ("POST", "/v1/runtimes/{runtime_id}/lifecycle/restart", Needs(Operate)),

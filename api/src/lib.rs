@@ -18,6 +18,7 @@ pub mod actions;
 pub mod auth;
 pub mod cluster;
 pub mod doc_types;
+pub mod exec;
 pub mod external_planner;
 mod extract;
 pub mod intents;
@@ -58,6 +59,8 @@ pub struct AppState {
     pub external_planner: Option<Arc<external_planner::ExternalPlanner>>,
     /// This node's Kubernetes backend, which knows the virtual clusters' kubeconfigs.
     pub kubeconfigs: Option<Arc<dyn KubeconfigSource>>,
+    /// This node's sandbox backend, which runs commands in the sandboxes it hosts.
+    pub sandboxes: Option<Arc<dyn exec::SandboxShell>>,
     /// Requests this node refused as unauthenticated (shown in `GET /v1/cluster`).
     pub auth_failures: Arc<auth::AuthFailures>,
     /// OIDC bearer tokens, when configured (`--oidc-*`).
@@ -80,6 +83,7 @@ pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
     utoipa_axum::router::OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(cluster::routes())
         .merge(runtimes::routes())
+        .merge(exec::routes())
         .merge(actions::routes())
         .merge(intents::routes())
         .merge(operations::routes())

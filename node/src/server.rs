@@ -53,8 +53,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     let grpc_task = transport.serve_peers(grpc_listener, replica.clone(), stop_rx.clone(), stopped(stop_rx.clone()));
     let tls_watch = transport.watch(oidc.clone(), stop_rx.clone());
     let oidc_keys = oidc.clone().map(|oidc| tokio::spawn(runtimeai_api::oidc::keep_fresh(oidc, stop_rx.clone())));
-    let (backends, kubeconfigs) = build_backends(&config).await?;
-    let app = api_router(&config, &replica, log_stats, kubeconfigs, oidc)?;
+    let BuiltBackends { backends, kubeconfigs, sandboxes } = build_backends(&config).await?;
+    let app = api_router(&config, &replica, log_stats, ApiSources { kubeconfigs, sandboxes }, oidc)?;
     let http_task = transport.serve_rest(http_listener, app, config.http_limits, stop_rx.clone());
     tracing::info!(
         node = config.id,
@@ -180,12 +180,18 @@ async fn start_raft(
     Ok((raft, replica, log_stats))
 }
 
+/// What this node's backends serve the API: vclusters' kubeconfigs, commands in sandboxes.
+struct ApiSources {
+    kubeconfigs: Option<Arc<dyn runtimeai_api::KubeconfigSource>>,
+    sandboxes: Option<Arc<dyn runtimeai_api::exec::SandboxShell>>,
+}
+
 /// The REST API over `replica`.
 fn api_router(
     config: &NodeConfig,
     replica: &Arc<Replica>,
     log_stats: Arc<runtimeai_raft::log_store::LogStats>,
-    kubeconfigs: Option<Arc<dyn runtimeai_api::KubeconfigSource>>,
+    sources: ApiSources,
     oidc: Option<Arc<runtimeai_api::oidc::Oidc>>,
 ) -> anyhow::Result<axum::Router> {
     let external_planner = match config.planner.clone() {
@@ -195,17 +201,21 @@ fn api_router(
                 .context("cannot set up the external planner")?,
         )),
     };
-    Ok(runtimeai_api::router(AppState {
+    let state = AppState {
         replica: replica.clone(),
         http_addr: config.advertise_http.as_str().into(),
         log_stats,
         max_body_bytes: config.max_body_bytes,
         external_planner,
-        kubeconfigs,
+        kubeconfigs: sources.kubeconfigs,
+        sandboxes: sources.sandboxes,
         auth_failures: Arc::default(),
         oidc,
         rate_limits: Arc::new(runtimeai_api::throttle::RateLimits::new(config.rate_limits)),
-    }))
+    };
+    // Commands other members take for sandboxes this node hosts run here.
+    replica.set_host_calls(Arc::new(runtimeai_api::exec::ForwardedExecs::new(state.clone())));
+    Ok(runtimeai_api::router(state))
 }
 
 /// What a node runs beside its servers: its announcement, the scheduler, the watchdog and,
@@ -256,11 +266,16 @@ impl Workers {
     }
 }
 
-/// The drivers `--backends` asks for.
-/// Also returns the Kubernetes backend, which serves `GET /v1/runtimes/{id}/kubeconfig`.
-async fn build_backends(
-    config: &NodeConfig,
-) -> anyhow::Result<(Backends, Option<Arc<dyn runtimeai_api::KubeconfigSource>>)> {
+/// The drivers `--backends` asks for, and those of them that also serve the API.
+struct BuiltBackends {
+    backends: Backends,
+    /// The Kubernetes backend, which serves `GET /v1/runtimes/{id}/kubeconfig`.
+    kubeconfigs: Option<Arc<dyn runtimeai_api::KubeconfigSource>>,
+    /// The sandbox backend, which serves `POST /v1/runtimes/{id}/exec`.
+    sandboxes: Option<Arc<dyn runtimeai_api::exec::SandboxShell>>,
+}
+
+async fn build_backends(config: &NodeConfig) -> anyhow::Result<BuiltBackends> {
     let mut backends = Backends::default();
     let mut kubeconfigs: Option<Arc<dyn runtimeai_api::KubeconfigSource>> = None;
     let mut simulated = None;
@@ -311,7 +326,8 @@ async fn build_backends(
         };
         backends.insert(spec.runtime_type, backend);
     }
-    Ok((backends, kubeconfigs))
+    let sandboxes = sandboxes.map(|shell| shell as Arc<dyn runtimeai_api::exec::SandboxShell>);
+    Ok(BuiltBackends { backends, kubeconfigs, sandboxes })
 }
 
 /// Completes with the reason if raft stops on its own (a fatal storage error).

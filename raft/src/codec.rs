@@ -23,7 +23,8 @@ use serde::Serialize;
 /// decision's action as an `ActionKind`, not text, and no `Op::UpdateRuntime` (no request made it;
 /// a runtime changes by its lifecycle and its labels). 11: a policy rule's selector and
 /// parameters are typed (`runtimeai_model::Selector`, `RuleParams`), not JSON text;
-/// `RuntimeSpec::image`.
+/// `RuntimeSpec::image`; exec (`ActionKind::Exec`, `LifecycleAction::Exec`, `EventType::RuntimeExec`,
+/// `Op::RecordExec`).
 pub const FORMAT_VERSION: u32 = 11;
 
 #[derive(Debug, thiserror::Error)]

@@ -59,6 +59,7 @@ pub enum Op {
     CreateApiKey(CreateApiKey),
     RevokeApiKey(RevokeApiKey),
     AuditMembership(AuditMembership),
+    RecordExec(RecordExec),
     /// Several commands in one log entry, applied in order as if they were entries of their own
     /// (the leader batches concurrent proposals: one entry, one append, one replication, one
     /// apply for all of them). Replied to with [`CommandReply::Batch`], one reply each.
@@ -101,6 +102,7 @@ impl Op {
             Op::CreateApiKey(..) => "create_api_key",
             Op::RevokeApiKey(..) => "revoke_api_key",
             Op::AuditMembership(..) => "audit_membership",
+            Op::RecordExec(..) => "record_exec",
             Op::Batch(..) => "batch",
         }
     }
@@ -255,6 +257,18 @@ pub struct AuditMembership {
     pub change: runtimeai_model::MembershipChange,
     pub node_id: u64,
     pub grpc_addr: Option<String>,
+}
+
+/// Record that a command ran in a runtime (`POST /v1/runtimes/{id}/exec`), by the command's
+/// actor, on the node that hosts it: an event `runtime.exec` with the command and how it ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordExec {
+    pub runtime_id: String,
+    pub command: Vec<String>,
+    /// `None` when it did not end on its own (timed out, cut off).
+    pub exit_code: Option<i32>,
+    pub duration_ms: u64,
+    pub node_id: u64,
 }
 
 #[allow(clippy::large_enum_variant)]

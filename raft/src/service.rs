@@ -196,6 +196,22 @@ impl ClusterService {
 
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterService {
+    type OnHostStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::HostChunk, Status>> + Send>>;
+
+    async fn on_host(&self, request: Request<pb::HostRequest>) -> Result<Response<Self::OnHostStream>, Status> {
+        let caller = self.peers.caller(&request)?;
+        let request = request.into_inner();
+        check_claim(caller, Some(request.from))?;
+        check_cluster(&self.replica, &request.cluster)?;
+        let host =
+            self.replica.host_calls().ok_or_else(|| Status::unavailable("this node serves no host calls yet"))?;
+        let output = host.call(request.payload).await.map_err(Status::failed_precondition)?;
+        let chunks = futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(output), |payload| {
+            Ok(pb::HostChunk { payload })
+        });
+        Ok(Response::new(Box::pin(chunks)))
+    }
+
     async fn forward(&self, request: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardReply>, Status> {
         let caller = self.peers.caller(&request)?;
         let request = request.into_inner();

@@ -7,6 +7,7 @@ mod engine;
 mod hypervisor;
 mod load;
 mod replication;
+mod sandbox;
 mod security;
 mod startup;
 mod tls;

@@ -180,6 +180,9 @@ pub async fn execute(
         LifecycleAction::Relabel { .. } => {
             Err(BackendError::Permanent("a relabel changes only the record; no backend carries it out".into()))
         }
+        LifecycleAction::Exec { .. } => {
+            Err(BackendError::Permanent("an exec is never an operation: the API runs it on the sandbox's node".into()))
+        }
     }
 }
 

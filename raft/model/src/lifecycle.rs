@@ -23,11 +23,14 @@ pub enum ActionKind {
     /// A sequence of actions run as one operation (`actions/execute`, an intent's plan).
     Execute,
     Relabel,
+    /// A command run in a running sandbox (`POST /v1/runtimes/{id}/exec`): judged by the
+    /// policies, never an operation.
+    Exec,
 }
 
 impl ActionKind {
     /// Every kind.
-    pub const ALL: [ActionKind; 10] = [
+    pub const ALL: [ActionKind; 11] = [
         ActionKind::Create,
         ActionKind::Start,
         ActionKind::Stop,
@@ -38,6 +41,7 @@ impl ActionKind {
         ActionKind::Delete,
         ActionKind::Execute,
         ActionKind::Relabel,
+        ActionKind::Exec,
     ];
 
     /// What a backend may support besides create and delete (which every backend does): what a
@@ -64,6 +68,7 @@ impl ActionKind {
             ActionKind::Delete => "delete",
             ActionKind::Execute => "execute",
             ActionKind::Relabel => "relabel",
+            ActionKind::Exec => "exec",
         }
     }
 
@@ -121,6 +126,11 @@ pub enum LifecycleAction {
     Relabel {
         labels: LabelPatch,
     },
+    /// A command run in a running sandbox: the policies judge it like an action, but it is
+    /// carried out at once by the node that hosts the sandbox, never queued as an operation.
+    Exec {
+        command: Vec<String>,
+    },
 }
 
 /// Why an action cannot run on a runtime in its current state.
@@ -145,6 +155,7 @@ impl LifecycleAction {
             LifecycleAction::Delete => ActionKind::Delete,
             LifecycleAction::Sequence { .. } => ActionKind::Execute,
             LifecycleAction::Relabel { .. } => ActionKind::Relabel,
+            LifecycleAction::Exec { .. } => ActionKind::Exec,
         }
     }
 
@@ -198,6 +209,7 @@ impl LifecycleAction {
     /// | restore | running, stopped, degraded, error | unchanged | unchanged |
     /// | delete | any but deleting, deleted | deleting | deleted (record removed) |
     /// | relabel (once approved) | any but deleting, deleted | unchanged | unchanged |
+    /// | exec (never an operation) | running, degraded | unchanged | unchanged |
     ///
     /// `start` on a running runtime (or `stop` on a stopped one) is refused with 409 rather than
     /// treated as a no-op, so that an agent learns the state it assumed was wrong.
@@ -225,6 +237,7 @@ impl LifecycleAction {
             }
             LifecycleAction::Restore { .. } => matches!(state, Running | Stopped | Degraded | Error),
             LifecycleAction::Delete | LifecycleAction::Relabel { .. } => !matches!(state, Deleting | Deleted),
+            LifecycleAction::Exec { .. } => matches!(state, Running | Degraded),
             LifecycleAction::Sequence { .. } => unreachable!("handled above"),
         };
         if !allowed {

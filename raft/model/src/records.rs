@@ -83,6 +83,8 @@ pub enum EventType {
     RuntimeLabels,
     RuntimeDrift,
     RuntimeDeleted,
+    /// A command ran in the runtime (who, what, how it ended).
+    RuntimeExec,
     /// An operation of this kind began.
     Lifecycle(ActionKind),
     /// An operation ended so (succeeded, failed, cancelled).
@@ -111,6 +113,7 @@ impl EventType {
             EventType::RuntimeLabels => Borrowed("runtime.labels"),
             EventType::RuntimeDrift => Borrowed("runtime.drift"),
             EventType::RuntimeDeleted => Borrowed("runtime.deleted"),
+            EventType::RuntimeExec => Borrowed("runtime.exec"),
             EventType::Lifecycle(kind) => Owned(format!("lifecycle.{kind}")),
             EventType::Operation(status) => Owned(format!("operation.{}", status.as_str())),
             EventType::OperationApproved => Borrowed("operation.approved"),

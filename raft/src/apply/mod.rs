@@ -127,5 +127,6 @@ fn apply_op(
             cluster::audit_membership(txn, events, change, node_id, grpc_addr)?
         }
         Op::RevokeApiKey(RevokeApiKey { id }) => cluster::revoke_api_key(txn, events, id)?,
+        Op::RecordExec(exec) => runtimes::record_exec(txn, events, exec)?,
     })
 }

@@ -13,7 +13,7 @@ use runtimeai_model::{
 use super::events::{labels_data, CreatedData, EventWriter};
 use super::operations::{hand_over_offered, put_new_operation};
 use super::policies::{evaluate_policies, judge};
-use crate::command::{CommandReply, Rejection};
+use crate::command::{CommandReply, RecordExec, Rejection};
 use crate::keys::{by_node_key, name_key, PLACEMENT_COUNTS_KEY};
 use crate::runtime_index::{self, RuntimeField};
 use crate::store::{CF_OPERATIONS, CF_RUNTIMES, CF_RUNTIMES_BY_NODE, CF_RUNTIME_NAMES, CF_SETTINGS};
@@ -196,6 +196,28 @@ pub(crate) fn patch_labels(
 }
 
 /// See [`crate::command::Op::RecordDrift`].
+/// Writes the `runtime.exec` event of a command that ran in the runtime (see [`RecordExec`]).
+pub(crate) fn record_exec(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter<'_>,
+    exec: RecordExec,
+) -> Result<CommandReply, StorageError> {
+    let runtime = match load_runtime(txn, &exec.runtime_id, None)? {
+        Err(rejection) => return Ok(CommandReply::Rejected(rejection)),
+        Ok(runtime) => runtime,
+    };
+    let data = serde_json::json!({
+        "command": exec.command,
+        "exit_code": exec.exit_code,
+        "duration_ms": exec.duration_ms,
+        "node_id": exec.node_id,
+    });
+    let data = JsonObject(data.as_object().cloned().unwrap_or_default());
+    let severity = if exec.exit_code == Some(0) { EventSeverity::Info } else { EventSeverity::Warning };
+    events.write(txn, &runtime.id, EventType::RuntimeExec, severity, &data)?;
+    Ok(CommandReply::Audited)
+}
+
 pub(crate) fn record_drift(
     txn: &mut Txn<'_>,
     events: &mut EventWriter<'_>,

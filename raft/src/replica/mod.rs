@@ -80,6 +80,17 @@ pub struct Replica {
     read_indexes: ReadIndexBatcher,
     /// Client writes taken in and not yet answered.
     pending_writes: limits::PendingWrites,
+    /// What serves the calls members pass here about runtimes this node hosts, once set.
+    host_calls: std::sync::OnceLock<Arc<dyn HostCalls>>,
+}
+
+/// Serves a call another member's API took about a runtime this node hosts (a command in a
+/// sandbox, its logs): the payload says what and for whom, and the answer comes back line by
+/// line as it is made. (The API crate gives both their meaning; the replica only carries them
+/// between members, as it carries writes to the leader.)
+#[async_trait::async_trait]
+pub trait HostCalls: Send + Sync {
+    async fn call(&self, payload: Vec<u8>) -> Result<tokio::sync::mpsc::Receiver<Vec<u8>>, String>;
 }
 
 impl Replica {
@@ -138,8 +149,44 @@ impl Replica {
             leader_contact: Mutex::new(None),
             batcher: Batcher::start(raft.clone()),
             pending_writes: limits::PendingWrites::default(),
+            host_calls: std::sync::OnceLock::new(),
             raft,
         })
+    }
+
+    /// Sets what serves the calls other members pass here (once; later calls are ignored).
+    pub fn set_host_calls(&self, host: Arc<dyn HostCalls>) {
+        let _ = self.host_calls.set(host);
+    }
+
+    pub(crate) fn host_calls(&self) -> Option<Arc<dyn HostCalls>> {
+        self.host_calls.get().cloned()
+    }
+
+    /// Passes a call (`payload`, for [`HostCalls::call`]) to member `node`, which hosts the
+    /// runtime, over the members' channel; the answer's lines as they come.
+    pub async fn call_on_host(
+        &self,
+        node: NodeId,
+        payload: Vec<u8>,
+    ) -> Result<tokio::sync::mpsc::Receiver<Vec<u8>>, ClusterError> {
+        let metrics = self.metrics();
+        let Some(addr) = metrics.membership_config.nodes().find(|(id, _)| **id == node).map(|(_, n)| n.addr.clone())
+        else {
+            return Err(ClusterError::NotFound(format!("node {node} is not a member")));
+        };
+        let mut client = self.client(node, &addr)?;
+        let request = runtimeai_proto::HostRequest { cluster: self.cluster.clone(), from: self.id, payload };
+        let mut chunks = client.on_host(request).await.map_err(|s| self.transport_error(node, s))?.into_inner();
+        let (lines, answer) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Ok(Some(chunk)) = chunks.message().await {
+                if lines.send(chunk.payload).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(answer)
     }
 
     /// Lets the leader's scheduler hand operations to executors in the entries that queue them.

@@ -57,6 +57,11 @@ pub(super) struct Launching<'a> {
     pub ids: IdRange,
 }
 
+/// What every sandbox process's environment starts with (its spec's `env` may override it).
+pub(super) fn base_env() -> Vec<String> {
+    vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(), format!("HOME={WORK}")]
+}
+
 /// The bundle's `config.json`.
 pub(super) fn config(launching: &Launching<'_>) -> Value {
     let command: Vec<&str> = match launching.command {
@@ -65,8 +70,7 @@ pub(super) fn config(launching: &Launching<'_>) -> Value {
     };
     let mut args = vec![INIT, "-g", "--"];
     args.extend(command);
-    let mut env =
-        vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(), format!("HOME={WORK}")];
+    let mut env = base_env();
     env.extend(launching.env.into_iter().flatten().map(|(name, value)| format!("{name}={value}")));
     let caps = CAPABILITIES;
     json!({

@@ -24,6 +24,7 @@
 
 mod bundle;
 mod cgroups;
+mod exec;
 mod image;
 mod layer;
 
@@ -738,8 +739,9 @@ impl RuntimeBackend for SandboxBackend {
     }
 
     /// Sandboxes are the node's children: a clean shutdown ends them (as systemd's default
-    /// `KillMode=control-group` would), SIGTERM then SIGKILL after two seconds. After a SIGKILL
-    /// of the node they keep running and the restarted node finds them by their pid files.
+    /// `KillMode=control-group` would), SIGTERM then SIGKILL after two seconds, and unmounts
+    /// their roots. After a SIGKILL of the node they keep running and the restarted node finds
+    /// them by their pid files.
     async fn shutdown(&self) {
         let Ok(entries) = std::fs::read_dir(&self.root) else { return };
         let mut ended = 0;
@@ -751,9 +753,16 @@ impl RuntimeBackend for SandboxBackend {
             }
             let id = entry.file_name().to_string_lossy().into_owned();
             self.end_container(&id, &launch, Duration::from_secs(2)).await;
+            self.crun(&["delete", "--force", &id]).await;
             ended += 1;
         }
         kill_strays(&self.root);
+        // Nothing of this node's sandboxes is left mounted: a restart mounts what it starts.
+        for entry in std::fs::read_dir(&self.root).into_iter().flatten().flatten() {
+            if let Err(e) = Layer::of(&entry.path()).unmount() {
+                tracing::warn!(sandbox = %entry.path().display(), error = %e, "cannot unmount a sandbox's root");
+            }
+        }
         if ended > 0 {
             tracing::info!(sandboxes = ended, "ended this node's sandboxes on shutdown");
         }
@@ -1001,6 +1010,53 @@ mod tests {
             "{stopped} in {:?}",
             started.elapsed()
         );
+    }
+
+    /// A command run in a sandbox (`crun exec`) is held like the sandbox's own processes.
+    #[tokio::test]
+    async fn a_command_run_in_a_sandbox_is_held_as_the_sandbox_is() {
+        use runtimeai_api::exec::{ExecOutput, ExecRequest, SandboxShell};
+        if !sandboxes_allowed() {
+            return;
+        }
+        let root = TestRoot::new();
+        let backend = backend_in(&root);
+        let runtime = sandbox("rt_exec", "grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status > held; sleep 60");
+        backend.create(&cx("op_exec"), &runtime, &ONE_GIB).await.unwrap();
+        let own = read_when_there(work(&root, "rt_exec").join("held")).await;
+        let request = ExecRequest {
+            command: vec![
+                "grep".into(),
+                "-E".into(),
+                "^(CapEff|NoNewPrivs|Seccomp):".into(),
+                "/proc/self/status".into(),
+            ],
+            env: Default::default(),
+            working_dir: None,
+            stdin: None,
+            timeout_seconds: Some(10),
+        };
+        let mut output = backend.exec(&runtime, request).await.unwrap();
+        let mut printed = String::new();
+        let mut ended = None;
+        while let Some(line) = output.recv().await {
+            match line {
+                ExecOutput::Stdout(text) => printed.push_str(&text),
+                ExecOutput::Exit { exit_code, .. } => ended = Some(exit_code),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(ended, Some(Some(0)));
+        assert_eq!(printed, own, "an exec's capabilities, no_new_privs and seccomp are the sandbox's");
+        assert!(own.contains("NoNewPrivs:\t1") && own.contains("Seccomp:\t2"), "{own}");
+        let stopped = sandbox("rt_not_running", "sleep 60");
+        let refused = backend
+            .exec(
+                &stopped,
+                ExecRequest { command: vec!["id".into()], ..serde_json::from_str("{\"command\":[\"id\"]}").unwrap() },
+            )
+            .await;
+        assert!(refused.is_err());
     }
 
     /// The node's helpers are found at start, by absolute path: a `PATH` in a sandbox's
@@ -1342,6 +1398,10 @@ mod tests {
             .await;
             assert_eq!(left, Vec::<i32>::new(), "{}", runtime.id);
             assert!(backend.alive(runtime).is_none(), "{} still runs", runtime.id);
+            let dir = root.path().join(&runtime.id);
+            for point in [dir.join("rootfs"), dir.join("layer")] {
+                assert!(!layer::is_mount_point(&point), "{} is still mounted", point.display());
+            }
         }
     }
 }

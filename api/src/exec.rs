@@ -1,0 +1,311 @@
+//! Running a command in a sandbox: `POST /v1/runtimes/{id}/exec`, answered with the command's
+//! output as it comes, one JSON object per line (`application/x-ndjson`): `{"stdout": "..."}`,
+//! `{"stderr": "..."}`, and last `{"exit": {"exit_code": 0, "duration_ms": 12, "timed_out":
+//! false}}` (or `{"error": "..."}` if it could not run). Output is text: bytes that are not
+//! UTF-8 arrive as U+FFFD.
+//!
+//! The policies judge an exec as the action `exec` (deny: 403 `policy-denied`; approval: 403
+//! `approval-required`, as a command's output cannot wait for a human). Any node takes the call:
+//! the node that hosts the sandbox runs it (the call goes there over the members' channel, as a
+//! write goes to the leader), and records a `runtime.exec` event with who ran what and how it
+//! ended.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::body::Body as HttpBody;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use runtimeai_model::{Actor, LifecycleAction, Runtime, RuntimeType, Verdict};
+use runtimeai_raft::command::RecordExec;
+use runtimeai_raft::{Command, Op};
+
+use crate::auth::Caller;
+use crate::doc_types::{ProblemResponses, TenantId};
+use crate::extract::{Body, Consistency, PathParam};
+use crate::problem::Problem;
+use crate::runtimes::read_runtime;
+use crate::AppState;
+
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(exec))
+}
+
+/// Longest an exec may run, and how long when the request does not say.
+pub const MAX_EXEC_SECONDS: u64 = 3600;
+const DEFAULT_EXEC_SECONDS: u64 = 60;
+/// Largest command (its arguments together) and environment.
+const MAX_COMMAND_BYTES: usize = 64 << 10;
+
+/// A command to run in a running sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// The program and its arguments (the program is looked up in the sandbox's `PATH`).
+    #[schema(min_items = 1)]
+    pub command: Vec<String>,
+    /// Variables added to the sandbox's environment for this command.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// An absolute directory in the sandbox (default `/work`).
+    #[serde(default)]
+    #[schema(pattern = "^/")]
+    pub working_dir: Option<String>,
+    /// What the command reads on its standard input (nothing by default).
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// How long it may run before it is killed (default 60, at most 3600).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub timeout_seconds: Option<u64>,
+}
+
+impl ExecRequest {
+    /// How long it may run.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_seconds.unwrap_or(DEFAULT_EXEC_SECONDS))
+    }
+
+    fn check(&self) -> Result<(), Problem> {
+        if self.command.is_empty() || self.command[0].is_empty() {
+            return Err(Problem::invalid_field("$.command", "name the program to run"));
+        }
+        let bytes: usize = self.command.iter().map(String::len).sum::<usize>()
+            + self.env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        if bytes > MAX_COMMAND_BYTES {
+            return Err(Problem::invalid_field(
+                "$.command",
+                format!("command and env exceed {MAX_COMMAND_BYTES} bytes"),
+            ));
+        }
+        if let Some((name, _)) = self.env.iter().find(|(name, _)| name.is_empty() || name.contains(['=', '\0'])) {
+            return Err(Problem::invalid_field(format!("$.env.{name}"), "not a variable name"));
+        }
+        if self.working_dir.as_ref().is_some_and(|dir| !dir.starts_with('/')) {
+            return Err(Problem::invalid_field("$.working_dir", "an absolute path in the sandbox"));
+        }
+        if self.timeout_seconds.is_some_and(|s| !(1..=MAX_EXEC_SECONDS).contains(&s)) {
+            return Err(Problem::invalid_field("$.timeout_seconds", format!("between 1 and {MAX_EXEC_SECONDS}")));
+        }
+        Ok(())
+    }
+}
+
+/// One line of an exec's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecOutput {
+    Stdout(String),
+    Stderr(String),
+    /// The last line: how it ended.
+    Exit {
+        /// `None` when it was killed (timed out, or the sandbox stopped).
+        exit_code: Option<i32>,
+        duration_ms: u64,
+        timed_out: bool,
+    },
+    /// The last line when the command could not run.
+    Error(String),
+}
+
+/// Where a node runs commands in the sandboxes it hosts (its sandbox backend).
+#[async_trait::async_trait]
+pub trait SandboxShell: Send + Sync {
+    /// Starts `request` in `runtime` (hosted here); its output, ending with [`ExecOutput::Exit`]
+    /// or [`ExecOutput::Error`]. `Err`: it could not start (the message says why).
+    async fn exec(&self, runtime: &Runtime, request: ExecRequest) -> Result<mpsc::Receiver<ExecOutput>, String>;
+}
+
+/// Run a command in a running sandbox; its output streams back as it comes.
+#[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/exec", tag = "Runtimes",
+    params(("runtime_id" = String, Path), TenantId), request_body = ExecRequest,
+    responses((status = 200, description = "The command's output, one JSON object per line, ending with how it ended",
+        content_type = "application/x-ndjson", body = ExecOutput), ProblemResponses))]
+pub(crate) async fn exec(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam(runtime_id): PathParam<String>,
+    Body(request): Body<ExecRequest>,
+) -> Result<Response, Problem> {
+    request.check()?;
+    let runtime = read_runtime(&state, &caller, &runtime_id, Consistency::Linearizable).await?;
+    if !matches!(runtime.runtime_type, RuntimeType::Sandbox | RuntimeType::AgentRuntime) {
+        return Err(Problem::invalid_field(
+            "$",
+            format!("{} runtimes take no commands", runtime.runtime_type.as_str()),
+        ));
+    }
+    let action = LifecycleAction::Exec { command: request.command.clone() };
+    action
+        .transition(runtime.state)
+        .map_err(|e| Problem::new(StatusCode::CONFLICT, "illegal-transition", e.to_string()))?;
+    judge(&state, &caller, &runtime, action)?;
+    let recorder = Recorder::new(&state, caller.actor(), &runtime_id, &request.command);
+    let host = runtime.placement.as_ref().map(|p| p.node_id);
+    let (lines, body) = mpsc::channel::<Result<String, std::io::Error>>(16);
+    match host {
+        Some(node) if node == state.replica.id => {
+            let output = run_here(&state, &runtime, request).await.map_err(Problem::unavailable)?;
+            tokio::spawn(relay(output, recorder, lines, |line| Ok(line_of(line))));
+        }
+        Some(node) => {
+            let forwarded = Forwarded { runtime_id: runtime_id.clone(), actor: recorder.actor.clone(), request };
+            let payload = serde_json::to_vec(&forwarded).map_err(|e| Problem::unavailable(e.to_string()))?;
+            let mut from_host = state.replica.call_on_host(node, payload).await?;
+            tokio::spawn(async move {
+                while let Some(line) = from_host.recv().await {
+                    let text = String::from_utf8_lossy(&line).into_owned() + "\n";
+                    if lines.send(Ok(text)).await.is_err() {
+                        return; // the client left: dropping the stream ends the command
+                    }
+                }
+            });
+        }
+        None => {
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                "not-placed",
+                format!("runtime {runtime_id} runs nowhere yet"),
+            ))
+        }
+    }
+    let body = HttpBody::from_stream(tokio_stream::wrappers::ReceiverStream::new(body));
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}
+
+/// Starts `request` in `runtime`, which this node hosts.
+async fn run_here(
+    state: &AppState,
+    runtime: &Runtime,
+    request: ExecRequest,
+) -> Result<mpsc::Receiver<ExecOutput>, String> {
+    let shell = state.sandboxes.clone().ok_or("this node runs no sandboxes")?;
+    shell.exec(runtime, request).await
+}
+
+/// The JSON line of one output.
+fn line_of(output: &ExecOutput) -> String {
+    serde_json::to_string(output).unwrap_or_default() + "\n"
+}
+
+/// What one member asks the member hosting a sandbox to run (the payload of
+/// `Replica::call_on_host`).
+#[derive(Serialize, Deserialize)]
+struct Forwarded {
+    runtime_id: String,
+    actor: Actor,
+    request: ExecRequest,
+}
+
+/// Runs what other members' APIs took for sandboxes this node hosts (authorized and judged
+/// there), and records their events here.
+pub struct ForwardedExecs {
+    state: AppState,
+}
+
+impl ForwardedExecs {
+    pub fn new(state: AppState) -> ForwardedExecs {
+        ForwardedExecs { state }
+    }
+}
+
+#[async_trait::async_trait]
+impl runtimeai_raft::replica::HostCalls for ForwardedExecs {
+    async fn call(&self, payload: Vec<u8>) -> Result<mpsc::Receiver<Vec<u8>>, String> {
+        let forwarded: Forwarded = serde_json::from_slice(&payload).map_err(|e| format!("a malformed exec: {e}"))?;
+        let runtime = self
+            .state
+            .replica
+            .state()
+            .get_runtime(&forwarded.runtime_id)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("runtime {} not found", forwarded.runtime_id))?;
+        if runtime.placement.as_ref().map(|p| p.node_id) != Some(self.state.replica.id) {
+            return Err(format!("runtime {} is not hosted on node {}", runtime.id, self.state.replica.id));
+        }
+        let recorder = Recorder::new(&self.state, forwarded.actor, &runtime.id, &forwarded.request.command);
+        let output = run_here(&self.state, &runtime, forwarded.request).await?;
+        let (lines, answer) = mpsc::channel(16);
+        tokio::spawn(relay(output, recorder, lines, |line| line_of(line).trim_end().as_bytes().to_vec()));
+        Ok(answer)
+    }
+}
+
+/// The policies' verdict on an exec: allowed, or a 403 naming the deciding rule.
+fn judge(state: &AppState, caller: &Caller, runtime: &Runtime, action: LifecycleAction) -> Result<(), Problem> {
+    let mode = caller.policy_mode(None)?;
+    let decisions = crate::planning::preview_decisions(state, caller, runtime, &[action], mode)?;
+    let Some(decision) = runtimeai_engine::policy::deciding(&decisions).cloned() else { return Ok(()) };
+    match decision.verdict {
+        Verdict::Allow => Ok(()),
+        Verdict::Deny => Err(runtimeai_raft::Rejection::PolicyDenied { decision }.into()),
+        Verdict::RequireApproval => {
+            let mut problem = Problem::new(
+                StatusCode::FORBIDDEN,
+                "approval-required",
+                format!("exec needs approval ({}), and a command's output cannot wait for one", decision.reason),
+            );
+            problem.decision = Some(Box::new(decision));
+            Err(problem)
+        }
+    }
+}
+
+/// Records the `runtime.exec` event once the command has ended.
+struct Recorder {
+    state: AppState,
+    actor: Actor,
+    runtime_id: String,
+    command: Vec<String>,
+    started: std::time::Instant,
+}
+
+impl Recorder {
+    fn new(state: &AppState, actor: Actor, runtime_id: &str, command: &[String]) -> Recorder {
+        let started = std::time::Instant::now();
+        Recorder { state: state.clone(), actor, runtime_id: runtime_id.to_string(), command: command.to_vec(), started }
+    }
+
+    async fn record(self, exit_code: Option<i32>) {
+        let exec = RecordExec {
+            runtime_id: self.runtime_id,
+            command: self.command,
+            exit_code,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            node_id: self.state.replica.id,
+        };
+        let command =
+            Command { at: chrono::Utc::now(), actor: self.actor, idempotency: None, op: Op::RecordExec(exec) };
+        if let Err(e) = self.state.replica.propose(command).await {
+            tracing::warn!(error = %e, "cannot record an exec's event");
+        }
+    }
+}
+
+/// Passes `output` on to `lines` (each encoded by `encode`) until it ends or nobody listens
+/// (which ends the command), then records the exec's event.
+async fn relay<T: Send + 'static>(
+    mut output: mpsc::Receiver<ExecOutput>,
+    recorder: Recorder,
+    lines: mpsc::Sender<T>,
+    encode: fn(&ExecOutput) -> T,
+) {
+    let mut exit_code = None;
+    while let Some(line) = output.recv().await {
+        if let ExecOutput::Exit { exit_code: code, .. } = &line {
+            exit_code = *code;
+        }
+        if lines.send(encode(&line)).await.is_err() {
+            break;
+        }
+    }
+    drop(output);
+    recorder.record(exit_code).await;
+}

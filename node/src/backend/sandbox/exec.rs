@@ -1,0 +1,90 @@
+//! Commands run in a running sandbox (`crun exec`: the sandbox's namespaces, user, limits,
+//! capabilities and seccomp filter), their output passed on as it comes. A command that
+//! outlives its timeout, or whose caller goes away, is killed.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use runtimeai_api::exec::{ExecOutput, ExecRequest, SandboxShell};
+use runtimeai_model::Runtime;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::bundle::{self, WORK};
+use super::SandboxBackend;
+
+#[async_trait::async_trait]
+impl SandboxShell for SandboxBackend {
+    async fn exec(&self, runtime: &Runtime, request: ExecRequest) -> Result<mpsc::Receiver<ExecOutput>, String> {
+        if self.alive(runtime).is_none() {
+            return Err(format!("sandbox {} is not running on this node", runtime.id));
+        }
+        let pid_file = self.dir(runtime).join(format!("exec-{}.pid", ulid::Ulid::new()));
+        let mut crun = tokio::process::Command::new(&self.tools.crun);
+        crun.arg("--root").arg(self.root.join(".crun")).arg("exec").arg("--pid-file").arg(&pid_file);
+        // crun exec keeps the sandbox's namespaces, user, capabilities and seccomp filter, but
+        // not its no_new_privs unless told.
+        crun.arg("--no-new-privs");
+        crun.arg("--cwd").arg(request.working_dir.as_deref().unwrap_or(WORK));
+        // `--env` replaces the process's environment: the sandbox's own first, then the call's.
+        let env =
+            bundle::base_env().into_iter().chain(runtime.spec.env.iter().flatten().map(|(n, v)| format!("{n}={v}")));
+        for variable in env.chain(request.env.iter().map(|(name, value)| format!("{name}={value}"))) {
+            crun.arg("--env").arg(variable);
+        }
+        crun.arg(&runtime.id).args(&request.command);
+        let stdin = if request.stdin.is_some() { Stdio::piped() } else { Stdio::null() };
+        crun.env_clear().stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        let mut child = crun.spawn().map_err(|e| format!("cannot run crun exec: {e}"))?;
+        if let (Some(input), Some(mut pipe)) = (request.stdin.clone(), child.stdin.take()) {
+            tokio::spawn(async move {
+                let _ = pipe.write_all(input.as_bytes()).await;
+            });
+        }
+        let (output, answer) = mpsc::channel(64);
+        let readers = [
+            tokio::spawn(pass_on(child.stdout.take(), output.clone(), ExecOutput::Stdout)),
+            tokio::spawn(pass_on(child.stderr.take(), output.clone(), ExecOutput::Stderr)),
+        ];
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let timeout = request.timeout();
+            let (exit_code, timed_out) = tokio::select! {
+                status = child.wait() => (status.ok().and_then(|s| s.code()), false),
+                _ = tokio::time::sleep(timeout) => (None, true),
+                _ = output.closed() => (None, false),
+            };
+            if exit_code.is_none() {
+                // Timed out or abandoned: the command itself (crun exec only waits for it).
+                if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse().ok()) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+                let _ = child.kill().await;
+            }
+            for reader in readers {
+                let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+            }
+            let _ = std::fs::remove_file(&pid_file);
+            let duration_ms = started.elapsed().as_millis() as u64;
+            let _ = output.send(ExecOutput::Exit { exit_code, duration_ms, timed_out }).await;
+        });
+        Ok(answer)
+    }
+}
+
+/// Sends what `pipe` yields, chunk by chunk, as text, until it ends or nobody listens.
+async fn pass_on(
+    pipe: Option<impl AsyncRead + Unpin>,
+    output: mpsc::Sender<ExecOutput>,
+    wrap: fn(String) -> ExecOutput,
+) {
+    let Some(mut pipe) = pipe else { return };
+    let mut buffer = vec![0u8; 8192];
+    while let Ok(read) = pipe.read(&mut buffer).await {
+        if read == 0 || output.send(wrap(String::from_utf8_lossy(&buffer[..read]).into_owned())).await.is_err() {
+            return;
+        }
+    }
+}

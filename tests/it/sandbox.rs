@@ -1,0 +1,121 @@
+//! Using a sandbox through the API: a command runs in it through any node, its output streams
+//! back, the policies judge it, and it is on record.
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use runtimeai_tests::{key_for, phase, Cluster, ClusterOptions, Eventually, Response, EVENTUALLY};
+
+/// The lines of an exec's NDJSON answer.
+fn lines(response: &Response) -> Vec<Value> {
+    match &response.body {
+        Value::String(text) => text.lines().map(|line| serde_json::from_str(line).expect("a JSON line")).collect(),
+        one => vec![one.clone()],
+    }
+}
+
+/// What a stream (`stdout` or `stderr`) of an exec printed.
+fn printed(lines: &[Value], stream: &str) -> String {
+    lines.iter().filter_map(|line| line[stream].as_str()).collect()
+}
+
+async fn exec(cluster: &Cluster, token: Option<&str>, via: u64, id: &str, body: Value) -> anyhow::Result<Response> {
+    let path = format!("/v1/runtimes/{id}/exec");
+    Ok(match token {
+        None => cluster.call(via, Method::POST, &path, Some(&body), &[]).await?,
+        Some(token) => cluster.call_as(Some(token), via, Method::POST, &path, Some(&body), &[]).await?,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_runs_in_a_sandbox_through_any_node_and_is_on_record() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(std::env::var_os("RUNTIMEAI_REQUIRE_SANDBOXES").is_none(), "sandboxes need root");
+        eprintln!("skipped: sandboxes need root");
+        return Ok(());
+    }
+    let cluster = Cluster::start(3, ClusterOptions::default()).await?;
+    let created = cluster
+        .call_eventually(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "shell", "type": "sandbox"})), &[])
+        .await?;
+    assert_eq!(created.status, 201, "{created:?}");
+    let id = created.body["id"].as_str().unwrap().to_string();
+    let host = created.body["placement"]["node_id"].as_u64().unwrap();
+    let other = host % 3 + 1;
+    cluster.wait_operation(1, created.body["active_operation"].as_str().unwrap(), EVENTUALLY).await?;
+
+    phase("a command through a node that does not host the sandbox: its output, its input, how it ended");
+    let script = "echo out; echo err >&2; read line; echo got:$line; exit 3";
+    let ran = exec(&cluster, None, other, &id, json!({"command": ["sh", "-c", script], "stdin": "typed\n"})).await?;
+    assert_eq!((ran.status, ran.header("content-type")), (200, Some("application/x-ndjson")), "{ran:?}");
+    let output = lines(&ran);
+    assert_eq!(printed(&output, "stdout"), "out\ngot:typed\n", "{output:?}");
+    assert_eq!(printed(&output, "stderr"), "err\n", "{output:?}");
+    let last = output.last().unwrap();
+    assert_eq!((last["exit"]["exit_code"].as_i64(), last["exit"]["timed_out"].as_bool()), (Some(3), Some(false)));
+
+    phase("its environment and working directory; a command past its timeout is killed");
+    let body =
+        json!({"command": ["sh", "-c", "echo $GREETING; pwd"], "env": {"GREETING": "hi"}, "working_dir": "/tmp"});
+    let ran = exec(&cluster, None, host, &id, body).await?;
+    assert_eq!(printed(&lines(&ran), "stdout"), "hi\n/tmp\n", "{ran:?}");
+    let started = std::time::Instant::now();
+    let slow = exec(&cluster, None, other, &id, json!({"command": ["sleep", "30"], "timeout_seconds": 1})).await?;
+    let last = lines(&slow).pop().unwrap();
+    assert_eq!((last["exit"]["exit_code"].clone(), last["exit"]["timed_out"].clone()), (Value::Null, json!(true)));
+    assert!(started.elapsed() < std::time::Duration::from_secs(15), "{:?}", started.elapsed());
+
+    phase("refused: a bad request, a viewer, another tenant, a policy that denies exec");
+    let empty = exec(&cluster, None, other, &id, json!({"command": []})).await?;
+    assert_eq!(empty.status, 400, "{empty:?}");
+    let viewer = key_for(&cluster, 1, "watcher", "human", &["*"], &["viewer"], None).await?;
+    let refused = exec(&cluster, Some(&viewer), other, &id, json!({"command": ["id"]})).await?;
+    assert_eq!(refused.status, 403, "{refused:?}");
+    let stranger = key_for(&cluster, 1, "stranger", "human", &["globex"], &["operator"], None).await?;
+    let hidden = exec(&cluster, Some(&stranger), other, &id, json!({"command": ["id"]})).await?;
+    assert_eq!(hidden.status, 404, "{hidden:?}");
+    let policy = json!({"name": "no-shells", "rules": [{"kind": "deny_action", "selector": {"actions": ["exec"]},
+        "params": {"reason": "no shells here"}}]});
+    let made = cluster.call_eventually(1, Method::POST, "/v1/policies", Some(&policy), &[]).await?;
+    assert_eq!(made.status, 201, "{made:?}");
+    let denied = exec(&cluster, None, other, &id, json!({"command": ["id"]})).await?;
+    assert_eq!((denied.status, denied.body["decision"]["action"].as_str()), (403, Some("exec")), "{denied:?}");
+    assert!(denied.body["detail"].as_str().unwrap().contains("no shells here"), "{denied:?}");
+    let policy_id = made.body["id"].as_str().unwrap();
+    cluster.call_eventually(1, Method::DELETE, &format!("/v1/policies/{policy_id}"), None, &[]).await?;
+
+    phase("an agent in its default mode needs a rule that allows exec");
+    let agent = key_for(&cluster, 1, "coder", "agent", &["*"], &["agent"], Some("act")).await?;
+    let waits = exec(&cluster, Some(&agent), other, &id, json!({"command": ["id"]})).await?;
+    assert_eq!(
+        (waits.status, waits.body["type"].as_str().map(|t| t.ends_with("approval-required"))),
+        (403, Some(true))
+    );
+
+    phase("each exec is an event: who ran what, and how it ended");
+    let path = format!("/v1/runtimes/{id}/events?limit=1000");
+    let deadline = std::time::Instant::now() + EVENTUALLY;
+    let execs = loop {
+        let events = cluster.call_eventually(other, Method::GET, &path, None, &[]).await?.body["items"].clone();
+        let execs: Vec<Value> =
+            events.as_array().into_iter().flatten().filter(|e| e["type"] == "runtime.exec").cloned().collect();
+        // Recorded by the host once each command has ended: the last may lag the answer.
+        if execs.len() >= 3 || std::time::Instant::now() > deadline {
+            break execs;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(execs.len(), 3, "{execs:?}");
+    assert_eq!(execs[0]["data"]["command"], json!(["sh", "-c", script]));
+    assert_eq!(execs[0]["data"]["exit_code"], 3);
+    assert_eq!(execs[0]["data"]["node_id"], host);
+    assert_eq!(execs[2]["data"]["exit_code"], Value::Null, "the timed-out one");
+
+    phase("a stopped sandbox takes no commands");
+    let stop =
+        cluster.call_eventually(1, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/stop"), None, &[]).await?;
+    cluster.wait_operation(1, stop.body["id"].as_str().unwrap(), EVENTUALLY).await?;
+    let stopped = exec(&cluster, None, other, &id, json!({"command": ["id"]})).await?;
+    assert_eq!(stopped.status, 409, "{stopped:?}");
+    Ok(())
+}
