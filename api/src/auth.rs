@@ -91,6 +91,8 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("GET", "/v1/runtimes/{runtime_id}/kubeconfig", Needs(Operate)),
         // A command in a sandbox: whoever may drive the runtime (and the policies say yes).
         ("POST", "/v1/runtimes/{runtime_id}/exec", Needs(Operate)),
+        // What its command printed, as `kubectl logs` lets a viewer read.
+        ("GET", "/v1/runtimes/{runtime_id}/logs", Needs(Read)),
         ("POST", "/v1/runtimes/{runtime_id}/lifecycle/start", Needs(Operate)),
         ("POST", "/v1/runtimes/{runtime_id}/lifecycle/stop", Needs(Operate)),
         ("POST", "/v1/runtimes/{runtime_id}/lifecycle/restart", Needs(Operate)),

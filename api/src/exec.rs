@@ -30,6 +30,7 @@ use runtimeai_raft::{Command, Op};
 use crate::auth::Caller;
 use crate::doc_types::{ProblemResponses, TenantId};
 use crate::extract::{Body, Consistency, PathParam};
+use crate::on_host::{self, HostCall};
 use crate::problem::Problem;
 use crate::runtimes::read_runtime;
 use crate::AppState;
@@ -115,12 +116,20 @@ pub enum ExecOutput {
     Error(String),
 }
 
-/// Where a node runs commands in the sandboxes it hosts (its sandbox backend).
+/// Where a node runs commands in the sandboxes it hosts and reads their logs (its sandbox
+/// backend).
 #[async_trait::async_trait]
 pub trait SandboxShell: Send + Sync {
     /// Starts `request` in `runtime` (hosted here); its output, ending with [`ExecOutput::Exit`]
     /// or [`ExecOutput::Error`]. `Err`: it could not start (the message says why).
     async fn exec(&self, runtime: &Runtime, request: ExecRequest) -> Result<mpsc::Receiver<ExecOutput>, String>;
+
+    /// The logs `request` asks for of `runtime` (hosted here), chunk by chunk.
+    async fn logs(
+        &self,
+        runtime: &Runtime,
+        request: crate::logs::LogsRequest,
+    ) -> Result<mpsc::Receiver<Vec<u8>>, String>;
 }
 
 /// Run a command in a running sandbox; its output streams back as it comes.
@@ -147,95 +156,38 @@ pub(crate) async fn exec(
         .transition(runtime.state)
         .map_err(|e| Problem::new(StatusCode::CONFLICT, "illegal-transition", e.to_string()))?;
     judge(&state, &caller, &runtime, action)?;
-    let recorder = Recorder::new(&state, caller.actor(), &runtime_id, &request.command);
-    let host = runtime.placement.as_ref().map(|p| p.node_id);
-    let (lines, body) = mpsc::channel::<Result<String, std::io::Error>>(16);
-    match host {
-        Some(node) if node == state.replica.id => {
-            let output = run_here(&state, &runtime, request).await.map_err(Problem::unavailable)?;
-            tokio::spawn(relay(output, recorder, lines, |line| Ok(line_of(line))));
+    let host = runtime.placement.as_ref().map(|p| p.node_id).ok_or_else(|| {
+        Problem::new(StatusCode::CONFLICT, "not-placed", format!("runtime {runtime_id} runs nowhere yet"))
+    })?;
+    let lines = if host == state.replica.id {
+        let run = ExecRun::new(&state, caller.actor(), &runtime_id, &request.command);
+        run.start_here(&state, &runtime, request).await.map_err(Problem::unavailable)?
+    } else {
+        let call = HostCall::Exec { runtime_id: runtime_id.clone(), actor: caller.actor(), request };
+        on_host::pass_to(&state, host, &call).await?
+    };
+    Ok(streamed(lines, "application/x-ndjson", |mut line| {
+        line.push(b'\n');
+        line
+    }))
+}
+
+/// An answer whose body is what `chunks` yields (each made into bytes by `frame`), as it comes.
+pub(crate) fn streamed(
+    mut chunks: mpsc::Receiver<Vec<u8>>,
+    content_type: &'static str,
+    frame: fn(Vec<u8>) -> Vec<u8>,
+) -> Response {
+    let (body, stream) = mpsc::channel::<Result<Vec<u8>, std::io::Error>>(16);
+    tokio::spawn(async move {
+        while let Some(chunk) = chunks.recv().await {
+            if body.send(Ok(frame(chunk))).await.is_err() {
+                return; // the client left: dropping `chunks` ends what produces them
+            }
         }
-        Some(node) => {
-            let forwarded = Forwarded { runtime_id: runtime_id.clone(), actor: recorder.actor.clone(), request };
-            let payload = serde_json::to_vec(&forwarded).map_err(|e| Problem::unavailable(e.to_string()))?;
-            let mut from_host = state.replica.call_on_host(node, payload).await?;
-            tokio::spawn(async move {
-                while let Some(line) = from_host.recv().await {
-                    let text = String::from_utf8_lossy(&line).into_owned() + "\n";
-                    if lines.send(Ok(text)).await.is_err() {
-                        return; // the client left: dropping the stream ends the command
-                    }
-                }
-            });
-        }
-        None => {
-            return Err(Problem::new(
-                StatusCode::CONFLICT,
-                "not-placed",
-                format!("runtime {runtime_id} runs nowhere yet"),
-            ))
-        }
-    }
-    let body = HttpBody::from_stream(tokio_stream::wrappers::ReceiverStream::new(body));
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
-}
-
-/// Starts `request` in `runtime`, which this node hosts.
-async fn run_here(
-    state: &AppState,
-    runtime: &Runtime,
-    request: ExecRequest,
-) -> Result<mpsc::Receiver<ExecOutput>, String> {
-    let shell = state.sandboxes.clone().ok_or("this node runs no sandboxes")?;
-    shell.exec(runtime, request).await
-}
-
-/// The JSON line of one output.
-fn line_of(output: &ExecOutput) -> String {
-    serde_json::to_string(output).unwrap_or_default() + "\n"
-}
-
-/// What one member asks the member hosting a sandbox to run (the payload of
-/// `Replica::call_on_host`).
-#[derive(Serialize, Deserialize)]
-struct Forwarded {
-    runtime_id: String,
-    actor: Actor,
-    request: ExecRequest,
-}
-
-/// Runs what other members' APIs took for sandboxes this node hosts (authorized and judged
-/// there), and records their events here.
-pub struct ForwardedExecs {
-    state: AppState,
-}
-
-impl ForwardedExecs {
-    pub fn new(state: AppState) -> ForwardedExecs {
-        ForwardedExecs { state }
-    }
-}
-
-#[async_trait::async_trait]
-impl runtimeai_raft::replica::HostCalls for ForwardedExecs {
-    async fn call(&self, payload: Vec<u8>) -> Result<mpsc::Receiver<Vec<u8>>, String> {
-        let forwarded: Forwarded = serde_json::from_slice(&payload).map_err(|e| format!("a malformed exec: {e}"))?;
-        let runtime = self
-            .state
-            .replica
-            .state()
-            .get_runtime(&forwarded.runtime_id)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("runtime {} not found", forwarded.runtime_id))?;
-        if runtime.placement.as_ref().map(|p| p.node_id) != Some(self.state.replica.id) {
-            return Err(format!("runtime {} is not hosted on node {}", runtime.id, self.state.replica.id));
-        }
-        let recorder = Recorder::new(&self.state, forwarded.actor, &runtime.id, &forwarded.request.command);
-        let output = run_here(&self.state, &runtime, forwarded.request).await?;
-        let (lines, answer) = mpsc::channel(16);
-        tokio::spawn(relay(output, recorder, lines, |line| line_of(line).trim_end().as_bytes().to_vec()));
-        Ok(answer)
-    }
+    });
+    let stream = HttpBody::from_stream(tokio_stream::wrappers::ReceiverStream::new(stream));
+    ([(header::CONTENT_TYPE, content_type)], stream).into_response()
 }
 
 /// The policies' verdict on an exec: allowed, or a 403 naming the deciding rule.
@@ -258,8 +210,9 @@ fn judge(state: &AppState, caller: &Caller, runtime: &Runtime, action: Lifecycle
     }
 }
 
-/// Records the `runtime.exec` event once the command has ended.
-struct Recorder {
+/// One exec on the node that hosts the sandbox: runs it, passes its output on as JSON lines,
+/// and records the `runtime.exec` event once it has ended.
+pub(crate) struct ExecRun {
     state: AppState,
     actor: Actor,
     runtime_id: String,
@@ -267,10 +220,40 @@ struct Recorder {
     started: std::time::Instant,
 }
 
-impl Recorder {
-    fn new(state: &AppState, actor: Actor, runtime_id: &str, command: &[String]) -> Recorder {
+impl ExecRun {
+    pub(crate) fn new(state: &AppState, actor: Actor, runtime_id: &str, command: &[String]) -> ExecRun {
         let started = std::time::Instant::now();
-        Recorder { state: state.clone(), actor, runtime_id: runtime_id.to_string(), command: command.to_vec(), started }
+        ExecRun { state: state.clone(), actor, runtime_id: runtime_id.to_string(), command: command.to_vec(), started }
+    }
+
+    /// Starts `request` in `runtime` (hosted here); its output lines, JSON without newlines.
+    pub(crate) async fn start_here(
+        self,
+        state: &AppState,
+        runtime: &Runtime,
+        request: ExecRequest,
+    ) -> Result<mpsc::Receiver<Vec<u8>>, String> {
+        let shell = state.sandboxes.clone().ok_or("this node runs no sandboxes")?;
+        let output = shell.exec(runtime, request).await?;
+        let (lines, answer) = mpsc::channel(16);
+        tokio::spawn(self.relay(output, lines));
+        Ok(answer)
+    }
+
+    /// Passes `output` on until it ends or nobody listens (which ends the command), then
+    /// records the exec.
+    async fn relay(self, mut output: mpsc::Receiver<ExecOutput>, lines: mpsc::Sender<Vec<u8>>) {
+        let mut exit_code = None;
+        while let Some(line) = output.recv().await {
+            if let ExecOutput::Exit { exit_code: code, .. } = &line {
+                exit_code = *code;
+            }
+            if lines.send(serde_json::to_vec(&line).unwrap_or_default()).await.is_err() {
+                break;
+            }
+        }
+        drop(output);
+        self.record(exit_code).await;
     }
 
     async fn record(self, exit_code: Option<i32>) {
@@ -287,25 +270,4 @@ impl Recorder {
             tracing::warn!(error = %e, "cannot record an exec's event");
         }
     }
-}
-
-/// Passes `output` on to `lines` (each encoded by `encode`) until it ends or nobody listens
-/// (which ends the command), then records the exec's event.
-async fn relay<T: Send + 'static>(
-    mut output: mpsc::Receiver<ExecOutput>,
-    recorder: Recorder,
-    lines: mpsc::Sender<T>,
-    encode: fn(&ExecOutput) -> T,
-) {
-    let mut exit_code = None;
-    while let Some(line) = output.recv().await {
-        if let ExecOutput::Exit { exit_code: code, .. } = &line {
-            exit_code = *code;
-        }
-        if lines.send(encode(&line)).await.is_err() {
-            break;
-        }
-    }
-    drop(output);
-    recorder.record(exit_code).await;
 }

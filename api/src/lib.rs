@@ -23,8 +23,10 @@ pub mod external_planner;
 mod extract;
 pub mod intents;
 pub mod keys;
+pub mod logs;
 mod mutation;
 pub mod oidc;
+pub mod on_host;
 pub mod openapi;
 pub mod operations;
 mod planning;
@@ -84,6 +86,7 @@ pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(cluster::routes())
         .merge(runtimes::routes())
         .merge(exec::routes())
+        .merge(logs::routes())
         .merge(actions::routes())
         .merge(intents::routes())
         .merge(operations::routes())

@@ -213,8 +213,8 @@ fn api_router(
         oidc,
         rate_limits: Arc::new(runtimeai_api::throttle::RateLimits::new(config.rate_limits)),
     };
-    // Commands other members take for sandboxes this node hosts run here.
-    replica.set_host_calls(Arc::new(runtimeai_api::exec::ForwardedExecs::new(state.clone())));
+    // Calls other members take about runtimes this node hosts (exec, logs) are served here.
+    replica.set_host_calls(Arc::new(runtimeai_api::on_host::HostCallsServer::new(state.clone())));
     Ok(runtimeai_api::router(state))
 }
 

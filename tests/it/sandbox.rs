@@ -111,6 +111,30 @@ async fn a_command_runs_in_a_sandbox_through_any_node_and_is_on_record() -> anyh
     assert_eq!(execs[0]["data"]["node_id"], host);
     assert_eq!(execs[2]["data"]["exit_code"], Value::Null, "the timed-out one");
 
+    phase("its logs, through any node: the last lines, or all of one output");
+    let talker = json!({"name": "talker", "type": "sandbox",
+        "spec": {"command": ["sh", "-c", "for i in 1 2 3; do echo said $i; done; echo whoops >&2; sleep 600"]}});
+    let made = cluster.call_eventually(1, Method::POST, "/v1/runtimes", Some(&talker), &[]).await?;
+    let talker_id = made.body["id"].as_str().unwrap().to_string();
+    let talker_host = made.body["placement"]["node_id"].as_u64().unwrap();
+    cluster.wait_operation(1, made.body["active_operation"].as_str().unwrap(), EVENTUALLY).await?;
+    let logs_path = format!("/v1/runtimes/{talker_id}/logs?tail=2");
+    let deadline = std::time::Instant::now() + EVENTUALLY;
+    let tail = loop {
+        let tail = cluster.call_eventually(talker_host % 3 + 1, Method::GET, &logs_path, None, &[]).await?;
+        if tail.body == json!("said 2\nsaid 3\n") || std::time::Instant::now() > deadline {
+            break tail;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!((tail.status, tail.body.clone()), (200, json!("said 2\nsaid 3\n")), "{tail:?}");
+    let errors = cluster
+        .call(talker_host, Method::GET, &format!("/v1/runtimes/{talker_id}/logs?stream=stderr"), None, &[])
+        .await?;
+    assert_eq!(errors.body, json!("whoops\n"), "{errors:?}");
+    let read_only = cluster.call_as(Some(&viewer), other, Method::GET, &logs_path, None, &[]).await?;
+    assert_eq!(read_only.status, 200, "a viewer reads logs, as `kubectl logs`: {read_only:?}");
+
     phase("a stopped sandbox takes no commands");
     let stop =
         cluster.call_eventually(1, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/stop"), None, &[]).await?;

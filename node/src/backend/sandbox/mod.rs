@@ -24,9 +24,9 @@
 
 mod bundle;
 mod cgroups;
-mod exec;
 mod image;
 mod layer;
+mod shell;
 
 pub use bundle::IdRange;
 pub use image::DEFAULT_IMAGE;
@@ -270,6 +270,7 @@ impl SandboxBackend {
         let launch = self.launch(runtime, &dir, resources, &image)?;
         let isolated = launch.network_isolated;
         std::fs::write(dir.join("pid"), serde_json::to_vec(&launch).unwrap_or_default())?;
+        self.until_created(&runtime.id, &launch).await;
         let (stop, stopped) = watch::channel(false);
         let task = if runtime.runtime_type == RuntimeType::AgentRuntime {
             let supervisor = Supervisor {
@@ -297,6 +298,16 @@ impl SandboxBackend {
         );
         let user = format!("root mapped to host uid {}", self.ids.base);
         Ok(format!("sandbox started (crun pid {}; {user}, own namespaces, {egress}, {limits})", launch.pid))
+    }
+
+    /// Waits (a few seconds at most) until `crun run` has made the container (its state is on
+    /// disk) or has ended: a start that succeeded means a sandbox that takes commands.
+    async fn until_created(&self, id: &str, launch: &Launch) {
+        let state = self.root.join(".crun").join(id).join("status");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !state.exists() && start_ticks(launch.pid) == Some(launch.start_ticks) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Stops the sandbox: SIGTERM to it, SIGKILL to all of it after `timeout`; returns once
@@ -581,6 +592,25 @@ fn launch_again(
     Ok(launch)
 }
 
+/// How much of each output a sandbox keeps: past it, the log moves to `<name>.1` (replacing the
+/// one there) and starts again, so a chatty sandbox holds at most twice this per output.
+const LOG_CAP_BYTES: u64 = 8 << 20;
+
+/// Rotates a sandbox's logs that are past [`LOG_CAP_BYTES`] (on each status look: every few
+/// seconds). Copy, then truncate: the sandbox appends to the same open file, from its new end.
+fn rotate_logs(dir: &Path) {
+    for name in ["stdout.log", "stderr.log"] {
+        let log = dir.join(name);
+        if std::fs::metadata(&log).is_ok_and(|m| m.len() > LOG_CAP_BYTES) {
+            let rotated = dir.join(format!("{name}.1"));
+            let copied = std::fs::copy(&log, &rotated);
+            if let Err(e) = copied.and_then(|_| std::fs::OpenOptions::new().write(true).open(&log)?.set_len(0)) {
+                tracing::warn!(log = %log.display(), error = %e, "cannot rotate a sandbox's log");
+            }
+        }
+    }
+}
+
 /// Runs `tar` with `args`, as a permanent error when it fails. With `files_may_change`, its
 /// exit status 1 (GNU tar: a file changed while it was read; the archive is complete) is not
 /// a failure.
@@ -773,6 +803,7 @@ impl RuntimeBackend for SandboxBackend {
         if !dir.exists() {
             return Ok(Observed::Missing);
         }
+        rotate_logs(&dir);
         if let Some(launch) = self.alive(runtime) {
             if let Some(used) = self.cgroups.as_ref().and_then(|c| c.memory_usage(&runtime.id)) {
                 return Ok(Observed::Running { cpu: 0.0, memory_bytes: used, latency_ms: None });
@@ -1057,6 +1088,61 @@ mod tests {
             )
             .await;
         assert!(refused.is_err());
+    }
+
+    /// Everything `logs` yields until it ends (or `within` passes: a followed log ends when the
+    /// sandbox does).
+    async fn read_logs(backend: &SandboxBackend, runtime: &Runtime, query: &str, within: Duration) -> String {
+        use runtimeai_api::exec::SandboxShell;
+        let request: runtimeai_api::logs::LogsRequest = serde_json::from_str(query).unwrap();
+        let mut chunks = backend.logs(runtime, request).await.unwrap();
+        let mut text = String::new();
+        let deadline = Instant::now() + within;
+        while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, chunks.recv()).await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        text
+    }
+
+    #[tokio::test]
+    async fn logs_are_tailed_followed_and_rotated_at_their_cap() {
+        if !sandboxes_allowed() {
+            return;
+        }
+        let root = TestRoot::new();
+        let backend = backend_in(&root);
+        let script = "for i in 1 2 3 4 5; do echo line $i; done; echo oops >&2; \
+                      while [ ! -e go ]; do sleep 0.1; done; echo later; sleep 60";
+        let runtime = sandbox("rt_logs", script);
+        backend.create(&cx("op_logs"), &runtime, &ONE_GIB).await.unwrap();
+        let out = root.path().join("rt_logs/stdout.log");
+        eventually("it has printed", async || (lines(&out) == 5).then_some(())).await;
+        let quick = Duration::from_secs(5);
+        assert_eq!(read_logs(&backend, &runtime, "{}", quick).await, "line 1\nline 2\nline 3\nline 4\nline 5\n");
+        assert_eq!(read_logs(&backend, &runtime, r#"{"tail": 2}"#, quick).await, "line 4\nline 5\n");
+        assert_eq!(read_logs(&backend, &runtime, r#"{"stream": "stderr"}"#, quick).await, "oops\n");
+        // Followed: what it writes next arrives while the answer is open.
+        let follower = {
+            let (backend, runtime) = (backend.clone(), runtime.clone());
+            tokio::spawn(async move {
+                read_logs(&backend, &runtime, r#"{"tail": 1, "follow": true}"#, Duration::from_secs(3)).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Through the sandbox (a file put into its layer from outside would not be seen).
+        let go = serde_json::from_str(r#"{"command": ["touch", "/work/go"]}"#).unwrap();
+        let mut touched = runtimeai_api::exec::SandboxShell::exec(&backend, &runtime, go).await.unwrap();
+        while touched.recv().await.is_some() {}
+        assert_eq!(follower.await.unwrap(), "line 5\nlater\n");
+        // Past the cap the log is rotated: the newest output stays, the older moves to `.1`.
+        let chatty = sandbox("rt_chatty", "head -c 9000000 /dev/zero | tr '\\0' x; echo; echo newest; sleep 60");
+        backend.create(&cx("op_chatty"), &chatty, &ONE_GIB).await.unwrap();
+        let log = root.path().join("rt_chatty/stdout.log");
+        eventually("it has printed 9 MB", async || (lines(&log) == 2).then_some(())).await;
+        backend.status(&chatty).await.unwrap();
+        let kept = std::fs::metadata(&log).unwrap().len();
+        let rotated = std::fs::metadata(root.path().join("rt_chatty/stdout.log.1")).unwrap().len();
+        assert!(kept < 1024 && rotated > LOG_CAP_BYTES, "kept {kept}, rotated {rotated}");
     }
 
     /// The node's helpers are found at start, by absolute path: a `PATH` in a sandbox's

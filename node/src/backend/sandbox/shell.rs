@@ -1,6 +1,7 @@
-//! Commands run in a running sandbox (`crun exec`: the sandbox's namespaces, user, limits,
-//! capabilities and seccomp filter), their output passed on as it comes. A command that
-//! outlives its timeout, or whose caller goes away, is killed.
+//! What the API asks of a sandbox this node hosts: commands run in it (`crun exec`: the
+//! sandbox's namespaces, user, limits, capabilities and seccomp filter), their output passed on
+//! as it comes — a command that outlives its timeout, or whose caller goes away, is killed —
+//! and its logs, tailed and followed.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -8,8 +9,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use runtimeai_api::exec::{ExecOutput, ExecRequest, SandboxShell};
+use runtimeai_api::logs::{LogStream, LogsRequest};
 use runtimeai_model::Runtime;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::bundle::{self, WORK};
@@ -72,6 +74,87 @@ impl SandboxShell for SandboxBackend {
         });
         Ok(answer)
     }
+
+    async fn logs(&self, runtime: &Runtime, request: LogsRequest) -> Result<mpsc::Receiver<Vec<u8>>, String> {
+        let dir = self.dir(runtime);
+        if !dir.exists() {
+            return Err(format!("sandbox {} has no logs on this node", runtime.id));
+        }
+        let file = dir.join(match request.stream {
+            LogStream::Stdout => "stdout.log",
+            LogStream::Stderr => "stderr.log",
+        });
+        let (output, answer) = mpsc::channel(16);
+        let (backend, runtime) = (self.clone(), runtime.clone());
+        tokio::spawn(async move {
+            let mut offset = match request.tail {
+                Some(lines) => tail_offset(&file, lines).await,
+                None => 0,
+            };
+            loop {
+                // Whether it ran before this look: what it wrote until it ended is still sent.
+                let running = backend.alive(&runtime).is_some();
+                if !send_from(&file, &mut offset, &output).await || !request.follow || !running {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(FOLLOW_POLL) => {}
+                    _ = output.closed() => return,
+                }
+            }
+        });
+        Ok(answer)
+    }
+}
+
+/// How often a followed log is looked at for more.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+/// Sends what `file` holds from `offset` on (from its start if it was rotated meanwhile), and
+/// moves `offset` past it; `false` when nobody listens any more.
+async fn send_from(file: &std::path::Path, offset: &mut u64, output: &mpsc::Sender<Vec<u8>>) -> bool {
+    let Ok(mut log) = tokio::fs::File::open(file).await else { return true };
+    let length = log.metadata().await.map(|m| m.len()).unwrap_or(0);
+    if length < *offset {
+        *offset = 0;
+    }
+    if log.seek(std::io::SeekFrom::Start(*offset)).await.is_err() {
+        return true;
+    }
+    let mut buffer = vec![0u8; 64 << 10];
+    loop {
+        match log.read(&mut buffer).await {
+            Ok(0) | Err(_) => return true,
+            Ok(read) => {
+                *offset += read as u64;
+                if output.send(buffer[..read].to_vec()).await.is_err() {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Where the last `lines` lines of `file` begin (looking at its last 4 MiB at most).
+async fn tail_offset(file: &std::path::Path, lines: u64) -> u64 {
+    let Ok(bytes) = tokio::fs::read(file).await else { return 0 };
+    if lines == 0 {
+        return bytes.len() as u64;
+    }
+    let window = bytes.len().saturating_sub(4 << 20);
+    let text = &bytes[window..];
+    // A last line without its newline counts as a line; a trailing newline ends the last one.
+    let body = text.strip_suffix(b"\n").unwrap_or(text);
+    let mut seen = 0;
+    for (at, byte) in body.iter().enumerate().rev() {
+        if *byte == b'\n' {
+            seen += 1;
+            if seen == lines {
+                return (window + at + 1) as u64;
+            }
+        }
+    }
+    window as u64
 }
 
 /// Sends what `pipe` yields, chunk by chunk, as text, until it ends or nobody listens.

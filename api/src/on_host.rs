@@ -1,0 +1,75 @@
+//! Calls about a runtime that only the node hosting it can serve (a command in a sandbox, its
+//! logs). Any node takes them from clients, authorizes and judges them, and — when the runtime
+//! lives elsewhere — passes them to the host over the members' channel
+//! (`Replica::call_on_host`), as a write goes to the leader. The host serves what members pass
+//! it here ([`HostCallsServer`]).
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use runtimeai_model::{Actor, Runtime};
+
+use crate::exec::{ExecRequest, ExecRun};
+use crate::logs::LogsRequest;
+use crate::problem::Problem;
+use crate::AppState;
+
+/// What one member asks the member that hosts a runtime to do.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum HostCall {
+    /// Run a command, for `actor` (who the event names).
+    Exec { runtime_id: String, actor: Actor, request: ExecRequest },
+    /// Read its logs.
+    Logs { runtime_id: String, request: LogsRequest },
+}
+
+impl HostCall {
+    fn runtime_id(&self) -> &str {
+        match self {
+            HostCall::Exec { runtime_id, .. } | HostCall::Logs { runtime_id, .. } => runtime_id,
+        }
+    }
+}
+
+/// Passes `call` to member `node` (the runtime's host); its answer, chunk by chunk.
+pub(crate) async fn pass_to(state: &AppState, node: u64, call: &HostCall) -> Result<mpsc::Receiver<Vec<u8>>, Problem> {
+    let payload = serde_json::to_vec(call).map_err(|e| Problem::unavailable(e.to_string()))?;
+    Ok(state.replica.call_on_host(node, payload).await?)
+}
+
+/// Serves the calls other members pass to this node about the runtimes it hosts.
+pub struct HostCallsServer {
+    state: AppState,
+}
+
+impl HostCallsServer {
+    pub fn new(state: AppState) -> HostCallsServer {
+        HostCallsServer { state }
+    }
+
+    /// The runtime a call is about, if this node hosts it.
+    fn hosted(&self, runtime_id: &str) -> Result<Runtime, String> {
+        let runtime = self.state.replica.state().get_runtime(runtime_id).map_err(|e| e.to_string())?;
+        let runtime = runtime.ok_or_else(|| format!("runtime {runtime_id} not found"))?;
+        if runtime.placement.as_ref().map(|p| p.node_id) != Some(self.state.replica.id) {
+            return Err(format!("runtime {runtime_id} is not hosted on node {}", self.state.replica.id));
+        }
+        Ok(runtime)
+    }
+}
+
+#[async_trait::async_trait]
+impl runtimeai_raft::replica::HostCalls for HostCallsServer {
+    async fn call(&self, payload: Vec<u8>) -> Result<mpsc::Receiver<Vec<u8>>, String> {
+        let call: HostCall = serde_json::from_slice(&payload).map_err(|e| format!("a malformed host call: {e}"))?;
+        let runtime = self.hosted(call.runtime_id())?;
+        match call {
+            HostCall::Exec { actor, request, .. } => {
+                let run = ExecRun::new(&self.state, actor, &runtime.id, &request.command);
+                run.start_here(&self.state, &runtime, request).await
+            }
+            HostCall::Logs { request, .. } => crate::logs::read_here(&self.state, &runtime, request).await,
+        }
+    }
+}
