@@ -93,6 +93,9 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("POST", "/v1/runtimes/{runtime_id}/exec", Needs(Operate)),
         // What its command printed, as `kubectl logs` lets a viewer read.
         ("GET", "/v1/runtimes/{runtime_id}/logs", Needs(Read)),
+        // A sandbox's files, read or written from inside it: whoever may drive it.
+        ("GET", "/v1/runtimes/{runtime_id}/files/{path}", Needs(Operate)),
+        ("PUT", "/v1/runtimes/{runtime_id}/files/{path}", Needs(Operate)),
         ("POST", "/v1/runtimes/{runtime_id}/lifecycle/start", Needs(Operate)),
         ("POST", "/v1/runtimes/{runtime_id}/lifecycle/stop", Needs(Operate)),
         ("POST", "/v1/runtimes/{runtime_id}/lifecycle/restart", Needs(Operate)),

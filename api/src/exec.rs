@@ -130,6 +130,13 @@ pub trait SandboxShell: Send + Sync {
         runtime: &Runtime,
         request: crate::logs::LogsRequest,
     ) -> Result<mpsc::Receiver<Vec<u8>>, String>;
+
+    /// A file of `runtime` (hosted here), read as its own user, up to
+    /// [`crate::files::MAX_FILE_BYTES`].
+    async fn read_file(&self, runtime: &Runtime, path: &str) -> Result<Vec<u8>, crate::files::FileError>;
+
+    /// Writes a file of `runtime` (hosted here) as its own user, making its parent directories.
+    async fn write_file(&self, runtime: &Runtime, path: &str, content: Vec<u8>) -> Result<(), crate::files::FileError>;
 }
 
 /// Run a command in a running sandbox; its output streams back as it comes.

@@ -21,6 +21,7 @@ pub mod doc_types;
 pub mod exec;
 pub mod external_planner;
 mod extract;
+pub mod files;
 pub mod intents;
 pub mod keys;
 pub mod logs;
@@ -87,6 +88,7 @@ pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(runtimes::routes())
         .merge(exec::routes())
         .merge(logs::routes())
+        .merge(files::routes())
         .merge(actions::routes())
         .merge(intents::routes())
         .merge(operations::routes())

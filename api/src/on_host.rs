@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use runtimeai_model::{Actor, Runtime};
 
 use crate::exec::{ExecRequest, ExecRun};
+use crate::files;
 use crate::logs::LogsRequest;
 use crate::problem::Problem;
 use crate::AppState;
@@ -22,12 +23,39 @@ pub(crate) enum HostCall {
     Exec { runtime_id: String, actor: Actor, request: ExecRequest },
     /// Read its logs.
     Logs { runtime_id: String, request: LogsRequest },
+    /// Read one of its files.
+    ReadFile { runtime_id: String, path: String },
+    /// Write one of its files.
+    WriteFile {
+        runtime_id: String,
+        path: String,
+        #[serde(with = "base64_bytes")]
+        content: Vec<u8>,
+    },
+}
+
+/// Bytes as base64 text in the call's JSON (a third larger, not four times).
+mod base64_bytes {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        base64::engine::general_purpose::STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
 }
 
 impl HostCall {
     fn runtime_id(&self) -> &str {
         match self {
-            HostCall::Exec { runtime_id, .. } | HostCall::Logs { runtime_id, .. } => runtime_id,
+            HostCall::Exec { runtime_id, .. }
+            | HostCall::Logs { runtime_id, .. }
+            | HostCall::ReadFile { runtime_id, .. }
+            | HostCall::WriteFile { runtime_id, .. } => runtime_id,
         }
     }
 }
@@ -70,6 +98,11 @@ impl runtimeai_raft::replica::HostCalls for HostCallsServer {
                 run.start_here(&self.state, &runtime, request).await
             }
             HostCall::Logs { request, .. } => crate::logs::read_here(&self.state, &runtime, request).await,
+            HostCall::ReadFile { path, .. } => Ok(files::framed(files::read_here(&self.state, &runtime, &path).await)),
+            HostCall::WriteFile { path, content, .. } => {
+                let written = files::write_here(&self.state, &runtime, &path, content).await;
+                Ok(files::framed(written.map(|()| Vec::new())))
+            }
         }
     }
 }

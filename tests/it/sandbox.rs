@@ -135,6 +135,29 @@ async fn a_command_runs_in_a_sandbox_through_any_node_and_is_on_record() -> anyh
     let read_only = cluster.call_as(Some(&viewer), other, Method::GET, &logs_path, None, &[]).await?;
     assert_eq!(read_only.status, 200, "a viewer reads logs, as `kubectl logs`: {read_only:?}");
 
+    phase("its files, through any node: written and read back as they are, from inside");
+    let file = |path: &str| cluster.node(other).url(&format!("/v1/runtimes/{id}/files/{path}"));
+    let binary: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    let put = cluster.client.put(file("%2Fwork%2Fdata%2Fblob.bin")).body(binary.clone()).send().await?;
+    assert_eq!(put.status(), 204, "{:?}", put.text().await);
+    let got = cluster.client.get(file("%2Fwork%2Fdata%2Fblob.bin")).send().await?;
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().await?.to_vec(), binary, "the bytes come back as they went");
+    let relative = cluster.client.put(file("notes.txt")).body("hello from outside").send().await?;
+    assert_eq!(relative.status(), 204);
+    let seen = exec(&cluster, None, host, &id, json!({"command": ["cat", "/work/notes.txt"]})).await?;
+    assert_eq!(printed(&lines(&seen), "stdout"), "hello from outside");
+    let missing =
+        cluster.call(other, Method::GET, &format!("/v1/runtimes/{id}/files/%2Fetc%2Fshadow"), None, &[]).await?;
+    assert_eq!(missing.status, 404, "{missing:?}");
+    let escape =
+        cluster.call(other, Method::GET, &format!("/v1/runtimes/{id}/files/..%2F..%2Fetc%2Fpasswd"), None, &[]).await?;
+    assert_eq!(escape.status, 400, "{escape:?}");
+    let not_allowed = cluster
+        .call_as(Some(&viewer), other, Method::GET, &format!("/v1/runtimes/{id}/files/notes.txt"), None, &[])
+        .await?;
+    assert_eq!(not_allowed.status, 403, "a viewer reads no files: {not_allowed:?}");
+
     phase("a stopped sandbox takes no commands");
     let stop =
         cluster.call_eventually(1, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/stop"), None, &[]).await?;

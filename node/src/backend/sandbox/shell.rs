@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use runtimeai_api::exec::{ExecOutput, ExecRequest, SandboxShell};
+use runtimeai_api::files::{FileError, MAX_FILE_BYTES};
 use runtimeai_api::logs::{LogStream, LogsRequest};
 use runtimeai_model::Runtime;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
@@ -75,6 +76,21 @@ impl SandboxShell for SandboxBackend {
         Ok(answer)
     }
 
+    async fn read_file(&self, runtime: &Runtime, path: &str) -> Result<Vec<u8>, FileError> {
+        match self.run_inside(runtime, &["cat", path], None, MAX_FILE_BYTES).await? {
+            (Some(0), content, _) => Ok(content),
+            (_, _, errors) => Err(refused(path, &errors)),
+        }
+    }
+
+    async fn write_file(&self, runtime: &Runtime, path: &str, content: Vec<u8>) -> Result<(), FileError> {
+        let script = r#"mkdir -p "$(dirname "$1")" && cat > "$1""#;
+        match self.run_inside(runtime, &["sh", "-c", script, "sh", path], Some(content), 0).await? {
+            (Some(0), _, _) => Ok(()),
+            (_, _, errors) => Err(refused(path, &errors)),
+        }
+    }
+
     async fn logs(&self, runtime: &Runtime, request: LogsRequest) -> Result<mpsc::Receiver<Vec<u8>>, String> {
         let dir = self.dir(runtime);
         if !dir.exists() {
@@ -104,6 +120,65 @@ impl SandboxShell for SandboxBackend {
             }
         });
         Ok(answer)
+    }
+}
+
+impl SandboxBackend {
+    /// Runs `command` in the sandbox to its end (60 s at most), `stdin` as its input; its exit
+    /// code, what it printed (up to `limit` bytes and one more) and its error output.
+    async fn run_inside(
+        &self,
+        runtime: &Runtime,
+        command: &[&str],
+        stdin: Option<Vec<u8>>,
+        limit: u64,
+    ) -> Result<(Option<i32>, Vec<u8>, String), FileError> {
+        if self.alive(runtime).is_none() {
+            return Err(FileError::Failed(format!("sandbox {} is not running on this node", runtime.id)));
+        }
+        let mut crun = tokio::process::Command::new(&self.tools.crun);
+        crun.arg("--root").arg(self.root.join(".crun")).args(["exec", "--no-new-privs", "--cwd", WORK]);
+        for variable in bundle::base_env() {
+            crun.arg("--env").arg(variable);
+        }
+        crun.arg(&runtime.id).args(command).env_clear().kill_on_drop(true);
+        crun.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        let mut child =
+            crun.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| FileError::Failed(e.to_string()))?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            tokio::spawn(async move {
+                let _ = pipe.write_all(&input).await;
+            });
+        }
+        let (Some(stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(FileError::Failed("crun exec gave no output pipes".into()));
+        };
+        let mut printed = Vec::new();
+        let reading = async {
+            let _ = stdout.take(limit + 1).read_to_end(&mut printed).await;
+            if printed.len() as u64 > limit {
+                return None; // too much: the command is killed with `child`
+            }
+            let mut errors = String::new();
+            let _ = stderr.read_to_string(&mut errors).await;
+            Some(errors)
+        };
+        let errors = match tokio::time::timeout(Duration::from_secs(60), reading).await {
+            Err(_) => return Err(FileError::Failed("the sandbox did not answer within 60 s".into())),
+            Ok(None) => return Err(FileError::TooLarge),
+            Ok(Some(errors)) => errors,
+        };
+        let code = child.wait().await.ok().and_then(|status| status.code());
+        Ok((code, printed, errors))
+    }
+}
+
+/// A file call's refusal, from what the command in the sandbox said.
+fn refused(path: &str, errors: &str) -> FileError {
+    if errors.contains("No such file") {
+        FileError::NotFound(format!("{path}: no such file in the sandbox"))
+    } else {
+        FileError::Failed(format!("{path}: {}", errors.trim()))
     }
 }
 

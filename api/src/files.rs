@@ -1,0 +1,186 @@
+//! A sandbox's files: `PUT /v1/runtimes/{id}/files/{path}` writes one (its body, raw; parent
+//! directories made), `GET` reads one back (raw, up to 8 MiB). The path is the file's in the
+//! sandbox, percent-encoded as one segment (`%2Fwork%2Fmain.py`; a relative one is under
+//! `/work`). The node that hosts the sandbox reads and writes it from inside, as the sandbox's
+//! own user: a path cannot leave the sandbox, and what its user may not touch stays untouched.
+//! Any node takes the call, as for exec.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use runtimeai_model::{Runtime, RuntimeType};
+
+use crate::auth::Caller;
+use crate::doc_types::{ProblemResponses, TenantId};
+use crate::extract::{Consistency, PathParam};
+use crate::on_host::{self, HostCall};
+use crate::problem::Problem;
+use crate::runtimes::read_runtime;
+use crate::AppState;
+
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(read_file, write_file))
+}
+
+/// The largest file read back.
+pub const MAX_FILE_BYTES: u64 = 8 << 20;
+
+/// Why a file could not be read or written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum FileError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("the file holds more than {MAX_FILE_BYTES} bytes")]
+    TooLarge,
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<FileError> for Problem {
+    fn from(error: FileError) -> Problem {
+        match error {
+            FileError::NotFound(detail) => Problem::not_found(detail),
+            FileError::TooLarge => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "file-too-large", error.to_string()),
+            FileError::Failed(detail) => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "file-refused", detail),
+        }
+    }
+}
+
+/// The file's path in the sandbox: absolute, without `..` or NUL (a relative one is under
+/// `/work`).
+fn sandbox_path(path: &str) -> Result<String, Problem> {
+    let path = if path.starts_with('/') { path.to_string() } else { format!("/work/{path}") };
+    if path.contains('\0') || path.split('/').any(|part| part == "..") || path.ends_with('/') || path.len() > 4096 {
+        return Err(Problem::invalid_field("$.path", "a file's path in the sandbox, without `..`"));
+    }
+    Ok(path)
+}
+
+/// The runtime, if it is a running sandbox the caller may see.
+async fn running_sandbox(state: &AppState, caller: &Caller, runtime_id: &str) -> Result<Runtime, Problem> {
+    let runtime = read_runtime(state, caller, runtime_id, Consistency::Linearizable).await?;
+    if !matches!(runtime.runtime_type, RuntimeType::Sandbox | RuntimeType::AgentRuntime) {
+        return Err(Problem::invalid_field(
+            "$",
+            format!("{} runtimes have no files here", runtime.runtime_type.as_str()),
+        ));
+    }
+    let action = runtimeai_model::LifecycleAction::Exec { command: Vec::new() };
+    action
+        .transition(runtime.state)
+        .map_err(|e| Problem::new(StatusCode::CONFLICT, "illegal-transition", e.to_string()))?;
+    Ok(runtime)
+}
+
+/// Read a file of a running sandbox.
+#[utoipa::path(get, path = "/v1/runtimes/{runtime_id}/files/{path}", tag = "Runtimes",
+    params(("runtime_id" = String, Path), ("path" = String, Path, description = "percent-encoded"), TenantId),
+    responses((status = 200, description = "The file", content_type = "application/octet-stream", body = Vec<u8>),
+        ProblemResponses))]
+pub(crate) async fn read_file(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam((runtime_id, path)): PathParam<(String, String)>,
+) -> Result<Response, Problem> {
+    let path = sandbox_path(&path)?;
+    let runtime = running_sandbox(&state, &caller, &runtime_id).await?;
+    let content = match host_of(&state, &runtime)? {
+        None => read_here(&state, &runtime, &path).await?,
+        Some(node) => answer(on_host::pass_to(&state, node, &HostCall::ReadFile { runtime_id, path }).await?).await?,
+    };
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], content).into_response())
+}
+
+/// Write a file of a running sandbox (its parent directories are made).
+#[utoipa::path(put, path = "/v1/runtimes/{runtime_id}/files/{path}", tag = "Runtimes",
+    params(("runtime_id" = String, Path), ("path" = String, Path, description = "percent-encoded"), TenantId),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 204, description = "Written"), ProblemResponses))]
+pub(crate) async fn write_file(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam((runtime_id, path)): PathParam<(String, String)>,
+    content: Bytes,
+) -> Result<Response, Problem> {
+    let path = sandbox_path(&path)?;
+    let runtime = running_sandbox(&state, &caller, &runtime_id).await?;
+    match host_of(&state, &runtime)? {
+        None => write_here(&state, &runtime, &path, content.to_vec()).await?,
+        Some(node) => {
+            let call = HostCall::WriteFile { runtime_id, path, content: content.to_vec() };
+            answer(on_host::pass_to(&state, node, &call).await?).await?;
+        }
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `None` when this node hosts the runtime, else the node that does.
+fn host_of(state: &AppState, runtime: &Runtime) -> Result<Option<u64>, Problem> {
+    let node = runtime.placement.as_ref().map(|p| p.node_id).ok_or_else(|| {
+        Problem::new(StatusCode::CONFLICT, "not-placed", format!("runtime {} runs nowhere yet", runtime.id))
+    })?;
+    Ok((node != state.replica.id).then_some(node))
+}
+
+pub(crate) async fn read_here(state: &AppState, runtime: &Runtime, path: &str) -> Result<Vec<u8>, FileError> {
+    let sandboxes = state.sandboxes.clone().ok_or_else(|| FileError::Failed("this node runs no sandboxes".into()))?;
+    sandboxes.read_file(runtime, path).await
+}
+
+pub(crate) async fn write_here(
+    state: &AppState,
+    runtime: &Runtime,
+    path: &str,
+    content: Vec<u8>,
+) -> Result<(), FileError> {
+    let sandboxes = state.sandboxes.clone().ok_or_else(|| FileError::Failed("this node runs no sandboxes".into()))?;
+    sandboxes.write_file(runtime, path, content).await
+}
+
+/// A file call's answer as the host sends it: the outcome (JSON), then the content in pieces
+/// of 1 MiB, if any.
+pub(crate) fn framed(outcome: Result<Vec<u8>, FileError>) -> tokio::sync::mpsc::Receiver<Vec<u8>> {
+    let (head, body) = match outcome {
+        Ok(content) => (Ok::<(), FileError>(()), content),
+        Err(error) => (Err(error), Vec::new()),
+    };
+    let pieces: Vec<Vec<u8>> = body.chunks(1 << 20).map(<[u8]>::to_vec).collect();
+    let (chunks, answer) = tokio::sync::mpsc::channel(pieces.len() + 1);
+    let _ = chunks.try_send(serde_json::to_vec(&head).unwrap_or_default());
+    for piece in pieces {
+        let _ = chunks.try_send(piece);
+    }
+    answer
+}
+
+/// Reads a [`framed`] answer: the content, or the host's error.
+async fn answer(mut chunks: tokio::sync::mpsc::Receiver<Vec<u8>>) -> Result<Vec<u8>, Problem> {
+    let head = chunks.recv().await.ok_or_else(|| Problem::unavailable("the sandbox's node did not answer"))?;
+    let outcome: Result<(), FileError> =
+        serde_json::from_slice(&head).map_err(|e| Problem::unavailable(format!("a malformed answer: {e}")))?;
+    outcome?;
+    let mut content = Vec::new();
+    while let Some(chunk) = chunks.recv().await {
+        content.extend(chunk);
+    }
+    Ok(content)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_is_the_sandboxes_and_cannot_climb_out() {
+        assert_eq!(sandbox_path("main.py").unwrap(), "/work/main.py");
+        assert_eq!(sandbox_path("/tmp/x").unwrap(), "/tmp/x");
+        for bad in ["../etc/passwd", "/work/../../etc/shadow", "/tmp/", "a\0b"] {
+            assert_eq!(sandbox_path(bad).unwrap_err().status, 400, "{bad:?}");
+        }
+    }
+}
