@@ -1,8 +1,7 @@
 //! Running a command in a sandbox: `POST /v1/runtimes/{id}/exec`, answered with the command's
 //! output as it comes, one JSON object per line (`application/x-ndjson`): `{"stdout": "..."}`,
 //! `{"stderr": "..."}`, and last `{"exit": {"exit_code": 0, "duration_ms": 12, "timed_out":
-//! false}}` (or `{"error": "..."}` if it could not run). Output is text: bytes that are not
-//! UTF-8 arrive as U+FFFD.
+//! false}}`. Output is text: bytes that are not UTF-8 arrive as U+FFFD.
 //!
 //! The policies judge an exec as the action `exec` (deny: 403 `policy-denied`; approval: 403
 //! `approval-required`, as a command's output cannot wait for a human). Any node takes the call:
@@ -23,16 +22,15 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use runtimeai_model::{Actor, LifecycleAction, Runtime, RuntimeType, Verdict};
+use runtimeai_model::{Actor, LifecycleAction, Runtime, Verdict};
 use runtimeai_raft::command::RecordExec;
 use runtimeai_raft::{Command, Op};
 
 use crate::auth::Caller;
 use crate::doc_types::{ProblemResponses, TenantId};
-use crate::extract::{Body, Consistency, PathParam};
-use crate::on_host::{self, HostCall};
+use crate::extract::{Body, PathParam};
+use crate::on_host::{self, Host, HostCall};
 use crate::problem::Problem;
-use crate::runtimes::read_runtime;
 use crate::AppState;
 
 pub(crate) fn routes() -> OpenApiRouter<AppState> {
@@ -112,16 +110,14 @@ pub enum ExecOutput {
         duration_ms: u64,
         timed_out: bool,
     },
-    /// The last line when the command could not run.
-    Error(String),
 }
 
 /// Where a node runs commands in the sandboxes it hosts and reads their logs (its sandbox
 /// backend).
 #[async_trait::async_trait]
 pub trait SandboxShell: Send + Sync {
-    /// Starts `request` in `runtime` (hosted here); its output, ending with [`ExecOutput::Exit`]
-    /// or [`ExecOutput::Error`]. `Err`: it could not start (the message says why).
+    /// Starts `request` in `runtime` (hosted here); its output, ending with
+    /// [`ExecOutput::Exit`]. `Err`: it could not start (the message says why).
     async fn exec(&self, runtime: &Runtime, request: ExecRequest) -> Result<mpsc::Receiver<ExecOutput>, String>;
 
     /// The logs `request` asks for of `runtime` (hosted here), chunk by chunk.
@@ -151,27 +147,17 @@ pub(crate) async fn exec(
     Body(request): Body<ExecRequest>,
 ) -> Result<Response, Problem> {
     request.check()?;
-    let runtime = read_runtime(&state, &caller, &runtime_id, Consistency::Linearizable).await?;
-    if !matches!(runtime.runtime_type, RuntimeType::Sandbox | RuntimeType::AgentRuntime) {
-        return Err(Problem::invalid_field(
-            "$",
-            format!("{} runtimes take no commands", runtime.runtime_type.as_str()),
-        ));
-    }
-    let action = LifecycleAction::Exec { command: request.command.clone() };
-    action
-        .transition(runtime.state)
-        .map_err(|e| Problem::new(StatusCode::CONFLICT, "illegal-transition", e.to_string()))?;
-    judge(&state, &caller, &runtime, action)?;
-    let host = runtime.placement.as_ref().map(|p| p.node_id).ok_or_else(|| {
-        Problem::new(StatusCode::CONFLICT, "not-placed", format!("runtime {runtime_id} runs nowhere yet"))
-    })?;
-    let lines = if host == state.replica.id {
-        let run = ExecRun::new(&state, caller.actor(), &runtime_id, &request.command);
-        run.start_here(&state, &runtime, request).await.map_err(Problem::unavailable)?
-    } else {
-        let call = HostCall::Exec { runtime_id: runtime_id.clone(), actor: caller.actor(), request };
-        on_host::pass_to(&state, host, &call).await?
+    let runtime = on_host::sandbox(&state, &caller, &runtime_id, true, "commands").await?;
+    judge(&state, &caller, &runtime, LifecycleAction::Exec { command: request.command.clone() })?;
+    let lines = match Host::of(&state, &runtime)? {
+        Host::Here => {
+            let run = ExecRun::new(&state, caller.actor(), &runtime_id, &request.command);
+            run.start_here(&state, &runtime, request).await.map_err(on_host::refused)?
+        }
+        Host::Member(node) => {
+            let call = HostCall::Exec { runtime_id: runtime_id.clone(), actor: caller.actor(), request };
+            on_host::pass_to(&state, node, &call).await?
+        }
     };
     Ok(streamed(lines, "application/x-ndjson", |mut line| {
         line.push(b'\n');

@@ -13,14 +13,13 @@ use serde::{Deserialize, Serialize};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use runtimeai_model::{Runtime, RuntimeType};
+use runtimeai_model::Runtime;
 
 use crate::auth::Caller;
 use crate::doc_types::{ProblemResponses, TenantId};
-use crate::extract::{Consistency, PathParam};
-use crate::on_host::{self, HostCall};
+use crate::extract::PathParam;
+use crate::on_host::{self, Host, HostCall};
 use crate::problem::Problem;
-use crate::runtimes::read_runtime;
 use crate::AppState;
 
 pub(crate) fn routes() -> OpenApiRouter<AppState> {
@@ -61,22 +60,6 @@ fn sandbox_path(path: &str) -> Result<String, Problem> {
     Ok(path)
 }
 
-/// The runtime, if it is a running sandbox the caller may see.
-async fn running_sandbox(state: &AppState, caller: &Caller, runtime_id: &str) -> Result<Runtime, Problem> {
-    let runtime = read_runtime(state, caller, runtime_id, Consistency::Linearizable).await?;
-    if !matches!(runtime.runtime_type, RuntimeType::Sandbox | RuntimeType::AgentRuntime) {
-        return Err(Problem::invalid_field(
-            "$",
-            format!("{} runtimes have no files here", runtime.runtime_type.as_str()),
-        ));
-    }
-    let action = runtimeai_model::LifecycleAction::Exec { command: Vec::new() };
-    action
-        .transition(runtime.state)
-        .map_err(|e| Problem::new(StatusCode::CONFLICT, "illegal-transition", e.to_string()))?;
-    Ok(runtime)
-}
-
 /// Read a file of a running sandbox.
 #[utoipa::path(get, path = "/v1/runtimes/{runtime_id}/files/{path}", tag = "Runtimes",
     params(("runtime_id" = String, Path), ("path" = String, Path, description = "percent-encoded"), TenantId),
@@ -88,10 +71,12 @@ pub(crate) async fn read_file(
     PathParam((runtime_id, path)): PathParam<(String, String)>,
 ) -> Result<Response, Problem> {
     let path = sandbox_path(&path)?;
-    let runtime = running_sandbox(&state, &caller, &runtime_id).await?;
-    let content = match host_of(&state, &runtime)? {
-        None => read_here(&state, &runtime, &path).await?,
-        Some(node) => answer(on_host::pass_to(&state, node, &HostCall::ReadFile { runtime_id, path }).await?).await?,
+    let runtime = on_host::sandbox(&state, &caller, &runtime_id, true, "files").await?;
+    let content = match Host::of(&state, &runtime)? {
+        Host::Here => read_here(&state, &runtime, &path).await?,
+        Host::Member(node) => {
+            answer(on_host::pass_to(&state, node, &HostCall::ReadFile { runtime_id, path }).await?).await?
+        }
     };
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], content).into_response())
 }
@@ -108,23 +93,15 @@ pub(crate) async fn write_file(
     content: Bytes,
 ) -> Result<Response, Problem> {
     let path = sandbox_path(&path)?;
-    let runtime = running_sandbox(&state, &caller, &runtime_id).await?;
-    match host_of(&state, &runtime)? {
-        None => write_here(&state, &runtime, &path, content.to_vec()).await?,
-        Some(node) => {
+    let runtime = on_host::sandbox(&state, &caller, &runtime_id, true, "files").await?;
+    match Host::of(&state, &runtime)? {
+        Host::Here => write_here(&state, &runtime, &path, content.to_vec()).await?,
+        Host::Member(node) => {
             let call = HostCall::WriteFile { runtime_id, path, content: content.to_vec() };
             answer(on_host::pass_to(&state, node, &call).await?).await?;
         }
     }
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-/// `None` when this node hosts the runtime, else the node that does.
-fn host_of(state: &AppState, runtime: &Runtime) -> Result<Option<u64>, Problem> {
-    let node = runtime.placement.as_ref().map(|p| p.node_id).ok_or_else(|| {
-        Problem::new(StatusCode::CONFLICT, "not-placed", format!("runtime {} runs nowhere yet", runtime.id))
-    })?;
-    Ok((node != state.replica.id).then_some(node))
 }
 
 pub(crate) async fn read_here(state: &AppState, runtime: &Runtime, path: &str) -> Result<Vec<u8>, FileError> {

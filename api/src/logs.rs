@@ -4,7 +4,6 @@
 //! node takes the call; the node that hosts the sandbox reads them.
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -12,15 +11,14 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use runtimeai_model::{Runtime, RuntimeType};
+use runtimeai_model::Runtime;
 
 use crate::auth::Caller;
 use crate::doc_types::{ProblemResponses, TenantId};
 use crate::exec::streamed;
-use crate::extract::{Consistency, PathParam, QueryParams};
-use crate::on_host::{self, HostCall};
+use crate::extract::{PathParam, QueryParams};
+use crate::on_host::{self, Host, HostCall};
 use crate::problem::Problem;
-use crate::runtimes::read_runtime;
 use crate::AppState;
 
 pub(crate) fn routes() -> OpenApiRouter<AppState> {
@@ -70,18 +68,10 @@ pub(crate) async fn logs(
     if request.tail.is_some_and(|lines| lines > 100_000) {
         return Err(Problem::invalid_field("$.tail", "at most 100000"));
     }
-    let runtime = read_runtime(&state, &caller, &runtime_id, Consistency::Linearizable).await?;
-    if !matches!(runtime.runtime_type, RuntimeType::Sandbox | RuntimeType::AgentRuntime) {
-        let message = format!("{} runtimes keep no logs here", runtime.runtime_type.as_str());
-        return Err(Problem::invalid_field("$", message));
-    }
-    let host = runtime.placement.as_ref().map(|p| p.node_id).ok_or_else(|| {
-        Problem::new(StatusCode::CONFLICT, "not-placed", format!("runtime {runtime_id} runs nowhere yet"))
-    })?;
-    let chunks = if host == state.replica.id {
-        read_here(&state, &runtime, request).await.map_err(Problem::unavailable)?
-    } else {
-        on_host::pass_to(&state, host, &HostCall::Logs { runtime_id, request }).await?
+    let runtime = on_host::sandbox(&state, &caller, &runtime_id, false, "logs").await?;
+    let chunks = match Host::of(&state, &runtime)? {
+        Host::Here => read_here(&state, &runtime, request).await.map_err(on_host::refused)?,
+        Host::Member(node) => on_host::pass_to(&state, node, &HostCall::Logs { runtime_id, request }).await?,
     };
     Ok(streamed(chunks, "text/plain; charset=utf-8", |chunk| chunk))
 }

@@ -7,12 +7,16 @@
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use runtimeai_model::{Actor, Runtime};
+use axum::http::StatusCode;
+use runtimeai_model::{Actor, LifecycleAction, Runtime, RuntimeType};
 
+use crate::auth::Caller;
 use crate::exec::{ExecRequest, ExecRun};
+use crate::extract::Consistency;
 use crate::files;
 use crate::logs::LogsRequest;
 use crate::problem::Problem;
+use crate::runtimes::read_runtime;
 use crate::AppState;
 
 /// What one member asks the member that hosts a runtime to do.
@@ -58,6 +62,52 @@ impl HostCall {
             | HostCall::WriteFile { runtime_id, .. } => runtime_id,
         }
     }
+}
+
+/// The sandbox (or agent runtime) `runtime_id` as `caller` may see it, read linearizably; with
+/// `running`, only if it is running (409 otherwise). `what` names the call in a refusal.
+pub(crate) async fn sandbox(
+    state: &AppState,
+    caller: &Caller,
+    runtime_id: &str,
+    running: bool,
+    what: &str,
+) -> Result<Runtime, Problem> {
+    let runtime = read_runtime(state, caller, runtime_id, Consistency::Linearizable).await?;
+    if !matches!(runtime.runtime_type, RuntimeType::Sandbox | RuntimeType::AgentRuntime) {
+        let message =
+            format!("{} runtimes have no {what}: only sandboxes and agent runtimes", runtime.runtime_type.as_str());
+        return Err(Problem::invalid_field("$", message));
+    }
+    if running {
+        let exec = LifecycleAction::Exec { command: Vec::new() };
+        exec.transition(runtime.state)
+            .map_err(|e| Problem::new(StatusCode::CONFLICT, "illegal-transition", e.to_string()))?;
+    }
+    Ok(runtime)
+}
+
+/// Where a call about `runtime` is served.
+pub(crate) enum Host {
+    /// This node hosts it.
+    Here,
+    /// Member `node` does.
+    Member(u64),
+}
+
+impl Host {
+    pub(crate) fn of(state: &AppState, runtime: &Runtime) -> Result<Host, Problem> {
+        let node = runtime.placement.as_ref().map(|p| p.node_id).ok_or_else(|| {
+            Problem::new(StatusCode::CONFLICT, "not-placed", format!("runtime {} runs nowhere yet", runtime.id))
+        })?;
+        Ok(if node == state.replica.id { Host::Here } else { Host::Member(node) })
+    }
+}
+
+/// The host's refusal of a call (the sandbox is not running there, say): 409, as when a member
+/// passes it on (`ClusterError::Invalid`).
+pub(crate) fn refused(why: String) -> Problem {
+    Problem::new(StatusCode::CONFLICT, "cluster-conflict", why)
 }
 
 /// Passes `call` to member `node` (the runtime's host); its answer, chunk by chunk.

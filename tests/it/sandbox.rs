@@ -158,6 +158,24 @@ async fn a_command_runs_in_a_sandbox_through_any_node_and_is_on_record() -> anyh
         .await?;
     assert_eq!(not_allowed.status, 403, "a viewer reads no files: {not_allowed:?}");
 
+    phase("a sandbox that died behind the cluster's back: 409, from any node, never a 500");
+    let sandboxes = std::path::PathBuf::from(format!("{}.sandboxes", cluster.node(talker_host).data_dir.display()));
+    let launch: Value = serde_json::from_str(&std::fs::read_to_string(sandboxes.join(&talker_id).join("pid"))?)?;
+    let crun = nix::unistd::Pid::from_raw(launch["pid"].as_i64().unwrap() as i32);
+    let state = sandboxes.join(".crun").join(&talker_id).join("state.json");
+    let init: Option<i32> = std::fs::read_to_string(&state)
+        .ok()
+        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+        .and_then(|v| v["pid"].as_i64())
+        .map(|p| p as i32);
+    for pid in init.into_iter().map(nix::unistd::Pid::from_raw).chain([crun]) {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    for via in [talker_host, talker_host % 3 + 1] {
+        let dead = exec(&cluster, None, via, &talker_id, json!({"command": ["id"]})).await?;
+        assert_eq!(dead.status, 409, "{dead:?}");
+    }
+
     phase("a stopped sandbox takes no commands");
     let stop =
         cluster.call_eventually(1, Method::POST, &format!("/v1/runtimes/{id}/lifecycle/stop"), None, &[]).await?;

@@ -177,7 +177,12 @@ impl Replica {
         };
         let mut client = self.client(node, &addr)?;
         let request = runtimeai_proto::HostRequest { cluster: self.cluster.clone(), from: self.id, payload };
-        let mut chunks = client.on_host(request).await.map_err(|s| self.transport_error(node, s))?.into_inner();
+        let answer = client.on_host(request).await.map_err(|status| match status.code() {
+            // The host refused the call (the sandbox is not running there, say): its reason.
+            tonic::Code::FailedPrecondition => ClusterError::Invalid(status.message().to_string()),
+            _ => self.transport_error(node, status),
+        });
+        let mut chunks = answer?.into_inner();
         let (lines, answer) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             while let Ok(Some(chunk)) = chunks.message().await {
