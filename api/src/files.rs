@@ -9,45 +9,19 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-
-use runtimeai_model::Runtime;
 
 use crate::auth::Caller;
 use crate::doc_types::{ProblemResponses, TenantId};
 use crate::extract::PathParam;
-use crate::on_host::{self, Host, HostCall};
+use crate::on_host::{self, read_file_here, write_file_here, Host, HostCall};
 use crate::problem::Problem;
+use crate::sandbox_io::FileError;
 use crate::AppState;
 
 pub(crate) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(read_file, write_file))
-}
-
-/// The largest file read back.
-pub const MAX_FILE_BYTES: u64 = 8 << 20;
-
-/// Why a file could not be read or written.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-pub enum FileError {
-    #[error("{0}")]
-    NotFound(String),
-    #[error("the file holds more than {MAX_FILE_BYTES} bytes")]
-    TooLarge,
-    #[error("{0}")]
-    Failed(String),
-}
-
-impl From<FileError> for Problem {
-    fn from(error: FileError) -> Problem {
-        match error {
-            FileError::NotFound(detail) => Problem::not_found(detail),
-            FileError::TooLarge => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "file-too-large", error.to_string()),
-            FileError::Failed(detail) => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "file-refused", detail),
-        }
-    }
 }
 
 /// The file's path in the sandbox: absolute, without `..` or NUL (a relative one is under
@@ -73,7 +47,7 @@ pub(crate) async fn read_file(
     let path = sandbox_path(&path)?;
     let runtime = on_host::sandbox(&state, &caller, &runtime_id, true, "files").await?;
     let content = match Host::of(&state, &runtime)? {
-        Host::Here => read_here(&state, &runtime, &path).await?,
+        Host::Here => read_file_here(&state, &runtime, &path).await?,
         Host::Member(node) => {
             answer(on_host::pass_to(&state, node, &HostCall::ReadFile { runtime_id, path }).await?).await?
         }
@@ -95,44 +69,13 @@ pub(crate) async fn write_file(
     let path = sandbox_path(&path)?;
     let runtime = on_host::sandbox(&state, &caller, &runtime_id, true, "files").await?;
     match Host::of(&state, &runtime)? {
-        Host::Here => write_here(&state, &runtime, &path, content.to_vec()).await?,
+        Host::Here => write_file_here(&state, &runtime, &path, content.to_vec()).await?,
         Host::Member(node) => {
             let call = HostCall::WriteFile { runtime_id, path, content: content.to_vec() };
             answer(on_host::pass_to(&state, node, &call).await?).await?;
         }
     }
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-pub(crate) async fn read_here(state: &AppState, runtime: &Runtime, path: &str) -> Result<Vec<u8>, FileError> {
-    let sandboxes = state.sandboxes.clone().ok_or_else(|| FileError::Failed("this node runs no sandboxes".into()))?;
-    sandboxes.read_file(runtime, path).await
-}
-
-pub(crate) async fn write_here(
-    state: &AppState,
-    runtime: &Runtime,
-    path: &str,
-    content: Vec<u8>,
-) -> Result<(), FileError> {
-    let sandboxes = state.sandboxes.clone().ok_or_else(|| FileError::Failed("this node runs no sandboxes".into()))?;
-    sandboxes.write_file(runtime, path, content).await
-}
-
-/// A file call's answer as the host sends it: the outcome (JSON), then the content in pieces
-/// of 1 MiB, if any.
-pub(crate) fn framed(outcome: Result<Vec<u8>, FileError>) -> tokio::sync::mpsc::Receiver<Vec<u8>> {
-    let (head, body) = match outcome {
-        Ok(content) => (Ok::<(), FileError>(()), content),
-        Err(error) => (Err(error), Vec::new()),
-    };
-    let pieces: Vec<Vec<u8>> = body.chunks(1 << 20).map(<[u8]>::to_vec).collect();
-    let (chunks, answer) = tokio::sync::mpsc::channel(pieces.len() + 1);
-    let _ = chunks.try_send(serde_json::to_vec(&head).unwrap_or_default());
-    for piece in pieces {
-        let _ = chunks.try_send(piece);
-    }
-    answer
 }
 
 /// Reads a [`framed`] answer: the content, or the host's error.

@@ -18,13 +18,13 @@ pub mod actions;
 pub mod auth;
 pub mod cluster;
 pub mod doc_types;
-pub mod exec;
+mod exec;
 pub mod external_planner;
 mod extract;
-pub mod files;
+mod files;
 pub mod intents;
 pub mod keys;
-pub mod logs;
+mod logs;
 mod mutation;
 pub mod oidc;
 pub mod on_host;
@@ -34,6 +34,7 @@ mod planning;
 pub mod policies;
 pub mod problem;
 pub mod runtimes;
+pub mod sandbox_io;
 pub mod throttle;
 mod validate;
 mod views;
@@ -63,7 +64,7 @@ pub struct AppState {
     /// This node's Kubernetes backend, which knows the virtual clusters' kubeconfigs.
     pub kubeconfigs: Option<Arc<dyn KubeconfigSource>>,
     /// This node's sandbox backend, which runs commands in the sandboxes it hosts.
-    pub sandboxes: Option<Arc<dyn exec::SandboxShell>>,
+    pub sandboxes: Option<Arc<dyn sandbox_io::SandboxShell>>,
     /// Requests this node refused as unauthenticated (shown in `GET /v1/cluster`).
     pub auth_failures: Arc<auth::AuthFailures>,
     /// OIDC bearer tokens, when configured (`--oidc-*`).

@@ -5,52 +5,19 @@
 
 use axum::extract::State;
 use axum::response::Response;
-use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
-use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use runtimeai_model::Runtime;
-
 use crate::auth::Caller;
 use crate::doc_types::{ProblemResponses, TenantId};
-use crate::exec::streamed;
 use crate::extract::{PathParam, QueryParams};
-use crate::on_host::{self, Host, HostCall};
+use crate::on_host::{self, logs_here, streamed, Host, HostCall};
 use crate::problem::Problem;
+use crate::sandbox_io::LogsRequest;
 use crate::AppState;
 
 pub(crate) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(logs))
-}
-
-/// Which output of the sandbox's command.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum LogStream {
-    #[default]
-    Stdout,
-    Stderr,
-}
-
-/// What to read.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub struct LogsRequest {
-    /// `stdout` (default) or `stderr`.
-    #[serde(default)]
-    #[param(inline)]
-    pub stream: LogStream,
-    /// Only the last so many lines (all the node keeps when absent).
-    #[serde(default)]
-    #[param(minimum = 0, maximum = 100000)]
-    pub tail: Option<u64>,
-    /// Keep the answer open and pass on what is written next, until the sandbox stops or the
-    /// client leaves.
-    #[serde(default)]
-    pub follow: bool,
 }
 
 /// What the sandbox's command wrote, as plain text (kept up to a cap, older output rotated
@@ -70,18 +37,8 @@ pub(crate) async fn logs(
     }
     let runtime = on_host::sandbox(&state, &caller, &runtime_id, false, "logs").await?;
     let chunks = match Host::of(&state, &runtime)? {
-        Host::Here => read_here(&state, &runtime, request).await.map_err(on_host::refused)?,
+        Host::Here => logs_here(&state, &runtime, request).await.map_err(on_host::refused)?,
         Host::Member(node) => on_host::pass_to(&state, node, &HostCall::Logs { runtime_id, request }).await?,
     };
     Ok(streamed(chunks, "text/plain; charset=utf-8", |chunk| chunk))
-}
-
-/// The logs of `runtime`, which this node hosts.
-pub(crate) async fn read_here(
-    state: &AppState,
-    runtime: &Runtime,
-    request: LogsRequest,
-) -> Result<mpsc::Receiver<Vec<u8>>, String> {
-    let sandboxes = state.sandboxes.clone().ok_or("this node runs no sandboxes")?;
-    sandboxes.logs(runtime, request).await
 }

@@ -2,21 +2,24 @@
 //! logs). Any node takes them from clients, authorizes and judges them, and — when the runtime
 //! lives elsewhere — passes them to the host over the members' channel
 //! (`Replica::call_on_host`), as a write goes to the leader. The host serves what members pass
-//! it here ([`HostCallsServer`]).
+//! it here ([`HostCallsServer`]), with the same functions that serve a call taken on the host
+//! itself ([`ExecRun`], [`logs_here`], [`read_file_here`], [`write_file_here`]).
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use axum::http::StatusCode;
+use axum::body::Body as HttpBody;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use runtimeai_model::{Actor, LifecycleAction, Runtime, RuntimeType};
+use runtimeai_raft::command::RecordExec;
+use runtimeai_raft::{Command, Op};
 
 use crate::auth::Caller;
-use crate::exec::{ExecRequest, ExecRun};
 use crate::extract::Consistency;
-use crate::files;
-use crate::logs::LogsRequest;
 use crate::problem::Problem;
 use crate::runtimes::read_runtime;
+use crate::sandbox_io::{ExecOutput, ExecRequest, FileError, LogsRequest};
 use crate::AppState;
 
 /// What one member asks the member that hosts a runtime to do.
@@ -147,12 +150,133 @@ impl runtimeai_raft::replica::HostCalls for HostCallsServer {
                 let run = ExecRun::new(&self.state, actor, &runtime.id, &request.command);
                 run.start_here(&self.state, &runtime, request).await
             }
-            HostCall::Logs { request, .. } => crate::logs::read_here(&self.state, &runtime, request).await,
-            HostCall::ReadFile { path, .. } => Ok(files::framed(files::read_here(&self.state, &runtime, &path).await)),
+            HostCall::Logs { request, .. } => logs_here(&self.state, &runtime, request).await,
+            HostCall::ReadFile { path, .. } => Ok(framed(read_file_here(&self.state, &runtime, &path).await)),
             HostCall::WriteFile { path, content, .. } => {
-                let written = files::write_here(&self.state, &runtime, &path, content).await;
-                Ok(files::framed(written.map(|()| Vec::new())))
+                let written = write_file_here(&self.state, &runtime, &path, content).await;
+                Ok(framed(written.map(|()| Vec::new())))
             }
         }
     }
+}
+
+/// An answer whose body is what `chunks` yields (each made into bytes by `frame`), as it comes.
+pub(crate) fn streamed(
+    mut chunks: mpsc::Receiver<Vec<u8>>,
+    content_type: &'static str,
+    frame: fn(Vec<u8>) -> Vec<u8>,
+) -> Response {
+    let (body, stream) = mpsc::channel::<Result<Vec<u8>, std::io::Error>>(16);
+    tokio::spawn(async move {
+        while let Some(chunk) = chunks.recv().await {
+            if body.send(Ok(frame(chunk))).await.is_err() {
+                return; // the client left: dropping `chunks` ends what produces them
+            }
+        }
+    });
+    let stream = HttpBody::from_stream(tokio_stream::wrappers::ReceiverStream::new(stream));
+    ([(header::CONTENT_TYPE, content_type)], stream).into_response()
+}
+
+/// One exec on the node that hosts the sandbox: runs it, passes its output on as JSON lines,
+/// and records the `runtime.exec` event once it has ended.
+pub(crate) struct ExecRun {
+    state: AppState,
+    actor: Actor,
+    runtime_id: String,
+    command: Vec<String>,
+    started: std::time::Instant,
+}
+
+impl ExecRun {
+    pub(crate) fn new(state: &AppState, actor: Actor, runtime_id: &str, command: &[String]) -> ExecRun {
+        let started = std::time::Instant::now();
+        ExecRun { state: state.clone(), actor, runtime_id: runtime_id.to_string(), command: command.to_vec(), started }
+    }
+
+    /// Starts `request` in `runtime` (hosted here); its output lines, JSON without newlines.
+    pub(crate) async fn start_here(
+        self,
+        state: &AppState,
+        runtime: &Runtime,
+        request: ExecRequest,
+    ) -> Result<mpsc::Receiver<Vec<u8>>, String> {
+        let shell = state.sandboxes.clone().ok_or("this node runs no sandboxes")?;
+        let output = shell.exec(runtime, request).await?;
+        let (lines, answer) = mpsc::channel(16);
+        tokio::spawn(self.relay(output, lines));
+        Ok(answer)
+    }
+
+    /// Passes `output` on until it ends or nobody listens (which ends the command), then
+    /// records the exec.
+    async fn relay(self, mut output: mpsc::Receiver<ExecOutput>, lines: mpsc::Sender<Vec<u8>>) {
+        let mut exit_code = None;
+        while let Some(line) = output.recv().await {
+            if let ExecOutput::Exit { exit_code: code, .. } = &line {
+                exit_code = *code;
+            }
+            if lines.send(serde_json::to_vec(&line).unwrap_or_default()).await.is_err() {
+                break;
+            }
+        }
+        drop(output);
+        self.record(exit_code).await;
+    }
+
+    async fn record(self, exit_code: Option<i32>) {
+        let exec = RecordExec {
+            runtime_id: self.runtime_id,
+            command: self.command,
+            exit_code,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            node_id: self.state.replica.id,
+        };
+        let command =
+            Command { at: chrono::Utc::now(), actor: self.actor, idempotency: None, op: Op::RecordExec(exec) };
+        if let Err(e) = self.state.replica.propose(command).await {
+            tracing::warn!(error = %e, "cannot record an exec's event");
+        }
+    }
+}
+
+/// The logs of `runtime`, which this node hosts.
+pub(crate) async fn logs_here(
+    state: &AppState,
+    runtime: &Runtime,
+    request: LogsRequest,
+) -> Result<mpsc::Receiver<Vec<u8>>, String> {
+    let sandboxes = state.sandboxes.clone().ok_or("this node runs no sandboxes")?;
+    sandboxes.logs(runtime, request).await
+}
+
+pub(crate) async fn read_file_here(state: &AppState, runtime: &Runtime, path: &str) -> Result<Vec<u8>, FileError> {
+    let sandboxes = state.sandboxes.clone().ok_or_else(|| FileError::Failed("this node runs no sandboxes".into()))?;
+    sandboxes.read_file(runtime, path).await
+}
+
+pub(crate) async fn write_file_here(
+    state: &AppState,
+    runtime: &Runtime,
+    path: &str,
+    content: Vec<u8>,
+) -> Result<(), FileError> {
+    let sandboxes = state.sandboxes.clone().ok_or_else(|| FileError::Failed("this node runs no sandboxes".into()))?;
+    sandboxes.write_file(runtime, path, content).await
+}
+
+/// A file call's answer as the host sends it: the outcome (JSON), then the content in pieces
+/// of 1 MiB, if any.
+pub(crate) fn framed(outcome: Result<Vec<u8>, FileError>) -> tokio::sync::mpsc::Receiver<Vec<u8>> {
+    let (head, body) = match outcome {
+        Ok(content) => (Ok::<(), FileError>(()), content),
+        Err(error) => (Err(error), Vec::new()),
+    };
+    let pieces: Vec<Vec<u8>> = body.chunks(1 << 20).map(<[u8]>::to_vec).collect();
+    let (chunks, answer) = tokio::sync::mpsc::channel(pieces.len() + 1);
+    let _ = chunks.try_send(serde_json::to_vec(&head).unwrap_or_default());
+    for piece in pieces {
+        let _ = chunks.try_send(piece);
+    }
+    answer
 }

@@ -183,7 +183,7 @@ async fn start_raft(
 /// What this node's backends serve the API: vclusters' kubeconfigs, commands in sandboxes.
 struct ApiSources {
     kubeconfigs: Option<Arc<dyn runtimeai_api::KubeconfigSource>>,
-    sandboxes: Option<Arc<dyn runtimeai_api::exec::SandboxShell>>,
+    sandboxes: Option<Arc<dyn runtimeai_api::sandbox_io::SandboxShell>>,
 }
 
 /// The REST API over `replica`.
@@ -272,7 +272,7 @@ struct BuiltBackends {
     /// The Kubernetes backend, which serves `GET /v1/runtimes/{id}/kubeconfig`.
     kubeconfigs: Option<Arc<dyn runtimeai_api::KubeconfigSource>>,
     /// The sandbox backend, which serves `POST /v1/runtimes/{id}/exec`.
-    sandboxes: Option<Arc<dyn runtimeai_api::exec::SandboxShell>>,
+    sandboxes: Option<Arc<dyn runtimeai_api::sandbox_io::SandboxShell>>,
 }
 
 async fn build_backends(config: &NodeConfig) -> anyhow::Result<BuiltBackends> {
@@ -326,7 +326,7 @@ async fn build_backends(config: &NodeConfig) -> anyhow::Result<BuiltBackends> {
         };
         backends.insert(spec.runtime_type, backend);
     }
-    let sandboxes = sandboxes.map(|shell| shell as Arc<dyn runtimeai_api::exec::SandboxShell>);
+    let sandboxes = sandboxes.map(|shell| shell as Arc<dyn runtimeai_api::sandbox_io::SandboxShell>);
     Ok(BuiltBackends { backends, kubeconfigs, sandboxes })
 }
 

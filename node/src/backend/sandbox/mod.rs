@@ -1046,7 +1046,7 @@ mod tests {
     /// A command run in a sandbox (`crun exec`) is held like the sandbox's own processes.
     #[tokio::test]
     async fn a_command_run_in_a_sandbox_is_held_as_the_sandbox_is() {
-        use runtimeai_api::exec::{ExecOutput, ExecRequest, SandboxShell};
+        use runtimeai_api::sandbox_io::{ExecOutput, ExecRequest, SandboxShell};
         if !sandboxes_allowed() {
             return;
         }
@@ -1093,8 +1093,8 @@ mod tests {
     /// Everything `logs` yields until it ends (or `within` passes: a followed log ends when the
     /// sandbox does).
     async fn read_logs(backend: &SandboxBackend, runtime: &Runtime, query: &str, within: Duration) -> String {
-        use runtimeai_api::exec::SandboxShell;
-        let request: runtimeai_api::logs::LogsRequest = serde_json::from_str(query).unwrap();
+        use runtimeai_api::sandbox_io::SandboxShell;
+        let request: runtimeai_api::sandbox_io::LogsRequest = serde_json::from_str(query).unwrap();
         let mut chunks = backend.logs(runtime, request).await.unwrap();
         let mut text = String::new();
         let deadline = Instant::now() + within;
@@ -1131,7 +1131,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(500)).await;
         // Through the sandbox (a file put into its layer from outside would not be seen).
         let go = serde_json::from_str(r#"{"command": ["touch", "/work/go"]}"#).unwrap();
-        let mut touched = runtimeai_api::exec::SandboxShell::exec(&backend, &runtime, go).await.unwrap();
+        let mut touched = runtimeai_api::sandbox_io::SandboxShell::exec(&backend, &runtime, go).await.unwrap();
         while touched.recv().await.is_some() {}
         assert_eq!(follower.await.unwrap(), "line 5\nlater\n");
         // Past the cap the log is rotated: the newest output stays, the older moves to `.1`.

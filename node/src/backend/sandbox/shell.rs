@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use runtimeai_api::exec::{ExecOutput, ExecRequest, SandboxShell};
-use runtimeai_api::files::{FileError, MAX_FILE_BYTES};
-use runtimeai_api::logs::{LogStream, LogsRequest};
+use runtimeai_api::sandbox_io::{ExecOutput, ExecRequest, SandboxShell};
+use runtimeai_api::sandbox_io::{FileError, MAX_FILE_BYTES};
+use runtimeai_api::sandbox_io::{LogStream, LogsRequest};
 use runtimeai_model::Runtime;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::mpsc;

@@ -1,0 +1,162 @@
+//! What the API asks of the node that hosts a sandbox, and what it gets back: a command
+//! ([`ExecRequest`], [`ExecOutput`]), its logs ([`LogsRequest`]), its files ([`FileError`]), and
+//! the backend that serves them ([`SandboxShell`]). Plain types, shared by the handlers
+//! (`exec`, `logs`, `files`), the calls passed between members (`on_host`) and the node.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use utoipa::{IntoParams, ToSchema};
+
+use runtimeai_model::Runtime;
+
+use crate::problem::Problem;
+
+/// Longest an exec may run, and how long when the request does not say.
+pub const MAX_EXEC_SECONDS: u64 = 3600;
+const DEFAULT_EXEC_SECONDS: u64 = 60;
+/// Largest command (its arguments together) and environment.
+const MAX_COMMAND_BYTES: usize = 64 << 10;
+
+/// A command to run in a running sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// The program and its arguments (the program is looked up in the sandbox's `PATH`).
+    #[schema(min_items = 1)]
+    pub command: Vec<String>,
+    /// Variables added to the sandbox's environment for this command.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// An absolute directory in the sandbox (default `/work`).
+    #[serde(default)]
+    #[schema(pattern = "^/")]
+    pub working_dir: Option<String>,
+    /// What the command reads on its standard input (nothing by default).
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// How long it may run before it is killed (default 60, at most 3600).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub timeout_seconds: Option<u64>,
+}
+
+impl ExecRequest {
+    /// How long it may run.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_seconds.unwrap_or(DEFAULT_EXEC_SECONDS))
+    }
+
+    pub(crate) fn check(&self) -> Result<(), Problem> {
+        if self.command.is_empty() || self.command[0].is_empty() {
+            return Err(Problem::invalid_field("$.command", "name the program to run"));
+        }
+        let bytes: usize = self.command.iter().map(String::len).sum::<usize>()
+            + self.env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        if bytes > MAX_COMMAND_BYTES {
+            return Err(Problem::invalid_field(
+                "$.command",
+                format!("command and env exceed {MAX_COMMAND_BYTES} bytes"),
+            ));
+        }
+        if let Some((name, _)) = self.env.iter().find(|(name, _)| name.is_empty() || name.contains(['=', '\0'])) {
+            return Err(Problem::invalid_field(format!("$.env.{name}"), "not a variable name"));
+        }
+        if self.working_dir.as_ref().is_some_and(|dir| !dir.starts_with('/')) {
+            return Err(Problem::invalid_field("$.working_dir", "an absolute path in the sandbox"));
+        }
+        if self.timeout_seconds.is_some_and(|s| !(1..=MAX_EXEC_SECONDS).contains(&s)) {
+            return Err(Problem::invalid_field("$.timeout_seconds", format!("between 1 and {MAX_EXEC_SECONDS}")));
+        }
+        Ok(())
+    }
+}
+
+/// One line of an exec's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecOutput {
+    Stdout(String),
+    Stderr(String),
+    /// The last line: how it ended.
+    Exit {
+        /// `None` when it was killed (timed out, or the sandbox stopped).
+        exit_code: Option<i32>,
+        duration_ms: u64,
+        timed_out: bool,
+    },
+}
+
+/// Where a node runs commands in the sandboxes it hosts and reads their logs (its sandbox
+/// backend).
+#[async_trait::async_trait]
+pub trait SandboxShell: Send + Sync {
+    /// Starts `request` in `runtime` (hosted here); its output, ending with
+    /// [`ExecOutput::Exit`]. `Err`: it could not start (the message says why).
+    async fn exec(&self, runtime: &Runtime, request: ExecRequest) -> Result<mpsc::Receiver<ExecOutput>, String>;
+
+    /// The logs `request` asks for of `runtime` (hosted here), chunk by chunk.
+    async fn logs(&self, runtime: &Runtime, request: LogsRequest) -> Result<mpsc::Receiver<Vec<u8>>, String>;
+
+    /// A file of `runtime` (hosted here), read as its own user, up to
+    /// [`MAX_FILE_BYTES`].
+    async fn read_file(&self, runtime: &Runtime, path: &str) -> Result<Vec<u8>, FileError>;
+
+    /// Writes a file of `runtime` (hosted here) as its own user, making its parent directories.
+    async fn write_file(&self, runtime: &Runtime, path: &str, content: Vec<u8>) -> Result<(), FileError>;
+}
+
+/// Which output of the sandbox's command.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    #[default]
+    Stdout,
+    Stderr,
+}
+
+/// What to read.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct LogsRequest {
+    /// `stdout` (default) or `stderr`.
+    #[serde(default)]
+    #[param(inline)]
+    pub stream: LogStream,
+    /// Only the last so many lines (all the node keeps when absent).
+    #[serde(default)]
+    #[param(minimum = 0, maximum = 100000)]
+    pub tail: Option<u64>,
+    /// Keep the answer open and pass on what is written next, until the sandbox stops or the
+    /// client leaves.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+/// The largest file read back.
+pub const MAX_FILE_BYTES: u64 = 8 << 20;
+
+/// Why a file could not be read or written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum FileError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("the file holds more than {MAX_FILE_BYTES} bytes")]
+    TooLarge,
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<FileError> for Problem {
+    fn from(error: FileError) -> Problem {
+        match error {
+            FileError::NotFound(detail) => Problem::not_found(detail),
+            FileError::TooLarge => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "file-too-large", error.to_string()),
+            FileError::Failed(detail) => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "file-refused", detail),
+        }
+    }
+}
