@@ -334,17 +334,18 @@ impl SandboxBackend {
         Ok(outcome)
     }
 
+    /// `crun` on this backend's containers (their state in `<sandbox-dir>/.crun`), with an
+    /// empty environment.
+    fn crun_command(&self) -> std::process::Command {
+        let mut crun = std::process::Command::new(&self.tools.crun);
+        crun.arg("--root").arg(self.root.join(".crun")).env_clear();
+        crun
+    }
+
     /// Runs `crun` on this backend's containers; what it says is logged, not returned (a
     /// container already gone is what a retried stop expects).
     async fn crun(&self, args: &[&str]) {
-        let state = self.root.join(".crun");
-        let output = tokio::process::Command::new(&self.tools.crun)
-            .arg("--root")
-            .arg(&state)
-            .args(args)
-            .env_clear()
-            .output()
-            .await;
+        let output = tokio::process::Command::from(self.crun_command()).args(args).output().await;
         match output {
             Ok(output) if output.status.success() => {}
             Ok(output) => tracing::debug!(?args, stderr = %String::from_utf8_lossy(&output.stderr).trim(), "crun"),
@@ -445,17 +446,10 @@ impl SandboxBackend {
         std::fs::create_dir_all(&bundle)?;
         std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config).unwrap_or_default())?;
         // A container of this id that a crash left behind would refuse the new one.
-        let state = self.root.join(".crun");
-        let _ = std::process::Command::new(&self.tools.crun)
-            .arg("--root")
-            .arg(&state)
-            .args(["delete", "--force", &runtime.id])
-            .env_clear()
-            .output();
-        let mut crun = std::process::Command::new(&self.tools.crun);
-        crun.arg("--root").arg(&state).arg("run").arg("--bundle").arg(&bundle).arg(&runtime.id);
-        crun.env_clear()
-            .stdin(Stdio::null())
+        let _ = self.crun_command().args(["delete", "--force", &runtime.id]).output();
+        let mut crun = self.crun_command();
+        crun.arg("run").arg("--bundle").arg(&bundle).arg(&runtime.id);
+        crun.stdin(Stdio::null())
             .stdout(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stdout.log"))?)
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("stderr.log"))?);
         // SAFETY: setsid is async-signal-safe.

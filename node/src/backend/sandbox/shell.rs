@@ -3,6 +3,7 @@
 //! as it comes — a command that outlives its timeout, or whose caller goes away, is killed —
 //! and its logs, tailed and followed.
 
+use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -25,27 +26,11 @@ impl SandboxShell for SandboxBackend {
             return Err(format!("sandbox {} is not running on this node", runtime.id));
         }
         let pid_file = self.dir(runtime).join(format!("exec-{}.pid", ulid::Ulid::new()));
-        let mut crun = tokio::process::Command::new(&self.tools.crun);
-        crun.arg("--root").arg(self.root.join(".crun")).arg("exec").arg("--pid-file").arg(&pid_file);
-        // crun exec keeps the sandbox's namespaces, user, capabilities and seccomp filter, but
-        // not its no_new_privs unless told.
-        crun.arg("--no-new-privs");
-        crun.arg("--cwd").arg(request.working_dir.as_deref().unwrap_or(WORK));
-        // `--env` replaces the process's environment: the sandbox's own first, then the call's.
-        let env =
-            bundle::base_env().into_iter().chain(runtime.spec.env.iter().flatten().map(|(n, v)| format!("{n}={v}")));
-        for variable in env.chain(request.env.iter().map(|(name, value)| format!("{name}={value}"))) {
-            crun.arg("--env").arg(variable);
-        }
-        crun.arg(&runtime.id).args(&request.command);
-        let stdin = if request.stdin.is_some() { Stdio::piped() } else { Stdio::null() };
-        crun.env_clear().stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-        let mut child = crun.spawn().map_err(|e| format!("cannot run crun exec: {e}"))?;
-        if let (Some(input), Some(mut pipe)) = (request.stdin.clone(), child.stdin.take()) {
-            tokio::spawn(async move {
-                let _ = pipe.write_all(input.as_bytes()).await;
-            });
-        }
+        let cwd = request.working_dir.as_deref().unwrap_or(WORK);
+        let mut crun = self.exec_command(runtime, cwd, &request.env, Some(&pid_file));
+        crun.args(&request.command);
+        let stdin = request.stdin.clone().map(String::into_bytes);
+        let mut child = spawn_fed(crun, stdin).map_err(|e| format!("cannot run crun exec: {e}"))?;
         let (output, answer) = mpsc::channel(64);
         let readers = [
             tokio::spawn(pass_on(child.stdout.take(), output.clone(), ExecOutput::Stdout)),
@@ -124,6 +109,31 @@ impl SandboxShell for SandboxBackend {
 }
 
 impl SandboxBackend {
+    /// `crun exec` in the sandbox, as its own processes run: its namespaces, user,
+    /// capabilities and seccomp filter (which crun exec keeps), no_new_privs (which it keeps only
+    /// when told), its environment with `extra` over it (`--env` replaces the whole
+    /// environment), in `cwd`. The caller adds the command.
+    fn exec_command(
+        &self,
+        runtime: &Runtime,
+        cwd: &str,
+        extra: &BTreeMap<String, String>,
+        pid_file: Option<&std::path::Path>,
+    ) -> tokio::process::Command {
+        let mut crun = tokio::process::Command::from(self.crun_command());
+        crun.args(["exec", "--no-new-privs", "--cwd", cwd]);
+        if let Some(pid_file) = pid_file {
+            crun.arg("--pid-file").arg(pid_file);
+        }
+        let own = runtime.spec.env.iter().flatten().chain(extra).map(|(name, value)| format!("{name}={value}"));
+        for variable in bundle::base_env().into_iter().chain(own) {
+            crun.arg("--env").arg(variable);
+        }
+        crun.arg(&runtime.id);
+        crun.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        crun
+    }
+
     /// Runs `command` in the sandbox to its end (60 s at most), `stdin` as its input; its exit
     /// code, what it printed (up to `limit` bytes and one more) and its error output.
     async fn run_inside(
@@ -136,20 +146,9 @@ impl SandboxBackend {
         if self.alive(runtime).is_none() {
             return Err(FileError::Failed(format!("sandbox {} is not running on this node", runtime.id)));
         }
-        let mut crun = tokio::process::Command::new(&self.tools.crun);
-        crun.arg("--root").arg(self.root.join(".crun")).args(["exec", "--no-new-privs", "--cwd", WORK]);
-        for variable in bundle::base_env() {
-            crun.arg("--env").arg(variable);
-        }
-        crun.arg(&runtime.id).args(command).env_clear().kill_on_drop(true);
-        crun.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
-        let mut child =
-            crun.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| FileError::Failed(e.to_string()))?;
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            tokio::spawn(async move {
-                let _ = pipe.write_all(&input).await;
-            });
-        }
+        let mut crun = self.exec_command(runtime, WORK, &BTreeMap::new(), None);
+        crun.args(command);
+        let mut child = spawn_fed(crun, stdin).map_err(|e| FileError::Failed(e.to_string()))?;
         let (Some(stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
             return Err(FileError::Failed("crun exec gave no output pipes".into()));
         };
@@ -171,6 +170,18 @@ impl SandboxBackend {
         let code = child.wait().await.ok().and_then(|status| status.code());
         Ok((code, printed, errors))
     }
+}
+
+/// Starts `command` with `stdin` written to its input (then closed), or with none.
+fn spawn_fed(mut command: tokio::process::Command, stdin: Option<Vec<u8>>) -> std::io::Result<tokio::process::Child> {
+    command.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    let mut child = command.spawn()?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        tokio::spawn(async move {
+            let _ = pipe.write_all(&input).await;
+        });
+    }
+    Ok(child)
 }
 
 /// A file call's refusal, from what the command in the sandbox said.
