@@ -8,7 +8,8 @@
 set -euo pipefail
 binary=$1
 max_time=${2:-90}
-source "$(dirname "$0")/env.sh"
+deploy=$(cd "$(dirname "$0")" && pwd)
+source "$deploy/env.sh"
 
 venv="$HOME/.cache/runtimeai/venv"
 if [ ! -x "$venv/bin/st" ]; then
@@ -36,6 +37,8 @@ PY
 }
 http=$(free_base); grpc=$(free_base)
 work=$(mktemp -d)
+# mktemp makes it 0700; the sandboxes' users (host uid 100000 and up) must pass through it.
+chmod 755 "$work"
 setsid "$binary" dev --data-dir "$work/dev" --http-port "$http" --grpc-port "$grpc" > "$work/dev.out" 2>&1 &
 dev=$!
 # The nodes end their sandboxes and unmount their roots when they stop; whatever a node that did
@@ -67,23 +70,22 @@ cat > schemathesis.toml <<'TOML'
 [checks.not_a_server_error]
 expected-statuses = ["2xx", "3xx", "4xx", "503"]
 TOML
-# A fresh Idempotency-Key for every request: the generator draws the same few keys ("0", "A")
-# for different requests, which the API rightly refuses (422 idempotency-key-reused) before it
-# looks at anything else, so most mutating calls never reached the code behind them.
-cat > fresh_keys.py <<'PY'
-import uuid
-import schemathesis
-
-@schemathesis.hook
-def map_headers(ctx, headers):
-    if headers and "Idempotency-Key" in headers:
-        headers["Idempotency-Key"] = str(uuid.uuid4())
-    return headers
-PY
-PYTHONPATH="$work" SCHEMATHESIS_HOOKS=fresh_keys "$venv/bin/st" --config-file schemathesis.toml run "https://127.0.0.1:$http/v1/openapi.json" \
-  --tls-verify "$work/dev/certs/ca.pem" \
-  --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
-  --phases examples,coverage,fuzzing,stateful --max-examples 15 --max-time "$max_time" --seed 1 \
-  --suppress-health-check too_slow,filter_too_much --request-timeout 30 \
-  -H "Authorization: Bearer $(cat "$work/dev/admin.key")" \
-  --exclude-path-regex '^/v1/(cluster/members|keys/)' --no-color
+# The hooks (deploy/schemathesis_hooks.py) say to the generator what the document cannot (fresh
+# idempotency keys, a tenant header that agrees with the body, policies scoped to env=fuzz) and
+# make, before the run, the data random ids never find (a running sandbox, a snapshot, operations
+# waiting for another principal's approval).
+export RUNTIMEAI_URL="https://127.0.0.1:$http" RUNTIMEAI_CA="$work/dev/certs/ca.pem" RUNTIMEAI_TOKEN="$(cat "$work/dev/admin.key")"
+# Two runs: the settings change the rules every other request is judged by (sizes, limits,
+# quotas), so a random catalogue or a quota of 0 would make later valid requests fail for reasons
+# of their own; they are fuzzed on their own, after the rest, without fixtures.
+fuzz() {
+  PYTHONPATH="$deploy" SCHEMATHESIS_HOOKS=schemathesis_hooks "$venv/bin/st" --config-file schemathesis.toml run \
+    "https://127.0.0.1:$http/v1/openapi.json" --tls-verify "$work/dev/certs/ca.pem" \
+    --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
+    --max-examples 15 --seed 1 \
+    --suppress-health-check too_slow,filter_too_much --request-timeout 30 \
+    -H "Authorization: Bearer $RUNTIMEAI_TOKEN" --no-color "$@"
+}
+fuzz --max-time "$max_time" --phases examples,coverage,fuzzing,stateful \
+  --exclude-path-regex '^/v1/(cluster/members|cluster/settings|keys/)'
+RUNTIMEAI_FIXTURES=0 fuzz --max-time 30 --phases examples,coverage,fuzzing --include-path /v1/cluster/settings

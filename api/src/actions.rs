@@ -125,6 +125,7 @@ pub struct Action {
 #[serde(deny_unknown_fields)]
 pub struct ActionExecutionRequest {
     /// 1 to 20 actions, run in order; a failure skips the rest.
+    #[schema(min_items = 1, max_items = 20)]
     pub actions: Vec<Action>,
     /// Same as the `Idempotency-Key` header.
     #[serde(default)]
@@ -147,12 +148,11 @@ fn params<T: DeserializeOwned + Default>(action: &Action, index: usize) -> Resul
     }
 }
 
+/// An action the runtime cannot take (409: the request is well formed, the runtime's backend
+/// lacks the capability).
 fn unsupported(index: usize, what: &str) -> Problem {
-    let mut problem = Problem::new(
-        axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-        "unsupported-action",
-        format!("$.actions[{index}]: {what}"),
-    );
+    let mut problem =
+        Problem::new(axum::http::StatusCode::CONFLICT, "unsupported-action", format!("$.actions[{index}]: {what}"));
     problem.errors.push(crate::problem::FieldError { path: format!("$.actions[{index}].type"), message: what.into() });
     problem
 }

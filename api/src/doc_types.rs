@@ -10,8 +10,8 @@ use crate::problem::Problem;
 #[derive(IntoParams)]
 #[into_params(parameter_in = Header)]
 pub struct IfMatch {
-    /// An ETag such as `"3"`, or `*`.
-    #[param(rename = "If-Match", pattern = r#"^(\*|(W/)?"[0-9]{1,19}")$"#)]
+    /// An ETag such as `"3"`, or `*` (or empty) for any version.
+    #[param(rename = "If-Match", nullable = false, pattern = r#"^(|\*|(W/)?"[0-9]{1,19}")$"#)]
     pub if_match: Option<String>,
 }
 
@@ -20,7 +20,7 @@ pub struct IfMatch {
 #[into_params(parameter_in = Header)]
 pub struct IdempotencyKey {
     /// 1 to 255 characters, unique per intended change; remembered for 24 hours.
-    #[param(rename = "Idempotency-Key", pattern = "^[!-~]{1,255}$")]
+    #[param(rename = "Idempotency-Key", nullable = false, pattern = "^[!-~]{1,255}$")]
     pub idempotency_key: Option<String>,
 }
 
@@ -29,7 +29,7 @@ pub struct IdempotencyKey {
 #[into_params(parameter_in = Header)]
 pub struct TenantId {
     /// Optional tenant identifier for multi-tenancy (visible ASCII, as every header we read).
-    #[param(pattern = "^[!-~]{1,255}$")]
+    #[param(nullable = false, pattern = "^[!-~]{1,255}$")]
     pub tenant_id: Option<String>,
 }
 
@@ -85,3 +85,9 @@ pub enum ProblemResponses {
     #[response(status = 504, content_type = "application/problem+json")]
     Timeout(Problem),
 }
+
+/// A file's bytes as they are (`application/octet-stream`): a binary string, not a JSON array.
+#[derive(utoipa::ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+pub struct FileBytes(Vec<u8>);

@@ -14,7 +14,8 @@ use crate::problem::Problem;
 /// offending field, a body over the limit 413, another media type 415.
 pub struct Body<T>(pub T);
 
-/// Like [`Body`], but an empty body means `T::default()` (for optional request bodies).
+/// Like [`Body`], but an empty body, or JSON `null`, means `T::default()` (for optional request
+/// bodies).
 pub struct OptionalBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
@@ -40,7 +41,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalB
         if !json {
             return Err(unsupported_media_type());
         }
-        parse(&bytes).map(OptionalBody)
+        parse::<Option<T>>(&bytes).map(|body| OptionalBody(body.unwrap_or_default()))
     }
 }
 
@@ -74,18 +75,51 @@ async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<(bool, Byt
     Ok((json, bytes))
 }
 
+/// `bytes` as a `T`. A whole number written with a fraction (`30.0`) is the integer it equals, as
+/// JSON Schema counts it: only when reading the body as written fails on such a number is it read
+/// again with those numbers made integers (so the common case costs one pass).
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            Problem::new(StatusCode::BAD_REQUEST, "malformed-json", format!("malformed JSON: {inner}"))
-        } else {
-            let path = if path == "." { "$".to_string() } else { format!("$.{path}") };
-            Problem::invalid_field(path, inner.to_string())
+    let error = match serde_path_to_error::deserialize(&mut deserializer) {
+        Ok(value) => return Ok(value),
+        Err(error) => error,
+    };
+    if error.inner().to_string().starts_with("invalid type: floating point") {
+        if let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(bytes) {
+            whole_numbers_as_integers(&mut value);
+            return serde_path_to_error::deserialize(value).map_err(refusal);
         }
-    })
+    }
+    Err(refusal(error))
+}
+
+fn refusal(error: serde_path_to_error::Error<serde_json::Error>) -> Problem {
+    let path = error.path().to_string();
+    let inner = error.into_inner();
+    if inner.is_syntax() || inner.is_eof() {
+        Problem::new(StatusCode::BAD_REQUEST, "malformed-json", format!("malformed JSON: {inner}"))
+    } else {
+        let path = if path == "." { "$".to_string() } else { format!("$.{path}") };
+        Problem::invalid_field(path, inner.to_string())
+    }
+}
+
+/// Replaces every number in `value` that is a whole number within 64 bits (`30.0`) by the integer.
+fn whole_numbers_as_integers(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Number(number) => {
+            if let Some(float) = number.as_f64().filter(|f| number.is_f64() && f.fract() == 0.0) {
+                if float >= 0.0 && float < u64::MAX as f64 {
+                    *number = (float as u64).into();
+                } else if float < 0.0 && float >= i64::MIN as f64 {
+                    *number = (float as i64).into();
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(whole_numbers_as_integers),
+        serde_json::Value::Object(fields) => fields.values_mut().for_each(whole_numbers_as_integers),
+        _ => {}
+    }
 }
 
 /// Path parameters, with problem+json rejections.
@@ -153,11 +187,12 @@ pub fn tenant(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     Ok(header_text(headers, "tenant_id")?.or(header_text(headers, "tenant-id")?).map(str::to_string))
 }
 
-/// The version an `If-Match` header requires (`"3"`, `W/"3"` or `*` for any).
+/// The version an `If-Match` header requires (`"3"`, `W/"3"`; `*` for any, and an empty one, an
+/// empty list of tags in RFC 9110's terms, asks for nothing either).
 pub fn if_match(headers: &HeaderMap) -> Result<Option<u64>, Problem> {
     let Some(value) = header_text(headers, "if-match")? else { return Ok(None) };
     let value = value.trim();
-    if value == "*" {
+    if value == "*" || value.is_empty() {
         return Ok(None);
     }
     value
@@ -174,5 +209,50 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
         None => Ok(None),
         Some(key) if !key.is_empty() && key.len() <= 255 => Ok(Some(key.to_string())),
         Some(_) => Err(Problem::invalid_field("Idempotency-Key", "must be 1 to 255 characters")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, serde::Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Stop {
+        #[serde(default)]
+        timeout_seconds: Option<u64>,
+        #[serde(default)]
+        replicas: Option<i64>,
+    }
+
+    #[test]
+    fn a_whole_number_written_with_a_fraction_is_that_integer() {
+        let stop: Stop = parse(br#"{"timeout_seconds": 30.0, "replicas": -2.0}"#).unwrap();
+        assert_eq!(stop, Stop { timeout_seconds: Some(30), replicas: Some(-2) });
+        for refused in [r#"{"timeout_seconds": 30.5}"#, r#"{"timeout_seconds": -1.0}"#, r#"{"timeout_seconds": 1e300}"#]
+        {
+            let problem = parse::<Stop>(refused.as_bytes()).unwrap_err();
+            assert_eq!((problem.status, problem.errors[0].path.as_str()), (400, "$.timeout_seconds"), "{refused}");
+        }
+    }
+
+    #[test]
+    fn an_optional_body_may_be_null_and_a_required_one_may_not() {
+        let none: Option<Stop> = parse(b"null").unwrap();
+        assert_eq!(none.unwrap_or_default(), Stop::default());
+        assert_eq!(parse::<Stop>(b"null").unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn an_empty_if_match_asks_for_no_version_and_a_bad_one_is_refused() {
+        let headers = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("if-match", value.parse().unwrap());
+            headers
+        };
+        assert_eq!(if_match(&headers("")).unwrap(), None);
+        assert_eq!(if_match(&headers("*")).unwrap(), None);
+        assert_eq!(if_match(&headers("W/\"7\"")).unwrap(), Some(7));
+        assert_eq!(if_match(&headers("seven")).unwrap_err().status, 400);
     }
 }

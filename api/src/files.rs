@@ -13,7 +13,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::Caller;
-use crate::doc_types::{ProblemResponses, TenantId};
+use crate::doc_types::{FileBytes, ProblemResponses, TenantId};
 use crate::extract::PathParam;
 use crate::on_host::{self, read_file_here, write_file_here, Host, HostCall};
 use crate::problem::Problem;
@@ -37,7 +37,7 @@ fn sandbox_path(path: &str) -> Result<String, Problem> {
 /// Read a file of a running sandbox.
 #[utoipa::path(get, path = "/v1/runtimes/{runtime_id}/files/{path}", tag = "Runtimes",
     params(("runtime_id" = String, Path), ("path" = String, Path, description = "percent-encoded"), TenantId),
-    responses((status = 200, description = "The file", content_type = "application/octet-stream", body = Vec<u8>),
+    responses((status = 200, description = "The file", content_type = "application/octet-stream", body = FileBytes),
         ProblemResponses))]
 pub(crate) async fn read_file(
     State(state): State<AppState>,
@@ -58,7 +58,7 @@ pub(crate) async fn read_file(
 /// Write a file of a running sandbox (its parent directories are made).
 #[utoipa::path(put, path = "/v1/runtimes/{runtime_id}/files/{path}", tag = "Runtimes",
     params(("runtime_id" = String, Path), ("path" = String, Path, description = "percent-encoded"), TenantId),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    request_body(content = FileBytes, content_type = "application/octet-stream"),
     responses((status = 204, description = "Written"), ProblemResponses))]
 pub(crate) async fn write_file(
     State(state): State<AppState>,

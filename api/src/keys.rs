@@ -57,10 +57,14 @@ pub(crate) async fn whoami(caller: Caller) -> Json<WhoAmI> {
 #[serde(deny_unknown_fields)]
 pub struct KeyCreateRequest {
     /// The principal's name (1 to 128 characters: letters, digits, `.-_@`).
+    #[schema(pattern = "^[A-Za-z0-9._@-]{1,128}$")]
     pub name: String,
     pub kind: PrincipalKind,
     /// Tenants it acts in (`*` for all).
+    #[schema(min_items = 1)]
     pub tenants: Vec<String>,
+    /// An agent takes the roles `agent` or `viewer` only.
+    #[schema(min_items = 1)]
     pub roles: Vec<Role>,
     /// For agents: `read_only`, `suggest_only` (default) or `act`.
     #[serde(default)]

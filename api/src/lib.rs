@@ -35,6 +35,7 @@ pub mod policies;
 pub mod problem;
 pub mod runtimes;
 pub mod sandbox_io;
+mod schema_rules;
 pub mod throttle;
 mod validate;
 mod views;

@@ -68,7 +68,9 @@ impl HostCall {
 }
 
 /// The sandbox (or agent runtime) `runtime_id` as `caller` may see it, read linearizably; with
-/// `running`, only if it is running (409 otherwise). `what` names the call in a refusal.
+/// `running`, only if it is running (409 otherwise). A runtime of another type is 409
+/// `not-a-sandbox`: the request is well formed, the runtime it names has no such thing. `what`
+/// names the call in a refusal.
 pub(crate) async fn sandbox(
     state: &AppState,
     caller: &Caller,
@@ -80,7 +82,7 @@ pub(crate) async fn sandbox(
     if !matches!(runtime.runtime_type, RuntimeType::Sandbox | RuntimeType::AgentRuntime) {
         let message =
             format!("{} runtimes have no {what}: only sandboxes and agent runtimes", runtime.runtime_type.as_str());
-        return Err(Problem::invalid_field("$", message));
+        return Err(Problem::new(StatusCode::CONFLICT, "not-a-sandbox", message));
     }
     if running {
         let exec = LifecycleAction::Exec { command: Vec::new() };
@@ -251,7 +253,8 @@ pub(crate) async fn logs_here(
 }
 
 pub(crate) async fn read_file_here(state: &AppState, runtime: &Runtime, path: &str) -> Result<Vec<u8>, FileError> {
-    let sandboxes = state.sandboxes.clone().ok_or_else(|| FileError::Failed("this node runs no sandboxes".into()))?;
+    let sandboxes =
+        state.sandboxes.clone().ok_or_else(|| FileError::NotRunning("this node runs no sandboxes".into()))?;
     sandboxes.read_file(runtime, path).await
 }
 
@@ -261,7 +264,8 @@ pub(crate) async fn write_file_here(
     path: &str,
     content: Vec<u8>,
 ) -> Result<(), FileError> {
-    let sandboxes = state.sandboxes.clone().ok_or_else(|| FileError::Failed("this node runs no sandboxes".into()))?;
+    let sandboxes =
+        state.sandboxes.clone().ok_or_else(|| FileError::NotRunning("this node runs no sandboxes".into()))?;
     sandboxes.write_file(runtime, path, content).await
 }
 

@@ -2,11 +2,15 @@
 //! at `GET /v1/openapi.json` and committed as `api/openapi.json`. It is a superset of the
 //! seed document (`servers: /v1` there, the same absolute paths here).
 
+use axum::extract::State;
 use axum::Json;
 use utoipa::OpenApi;
 
+use runtimeai_model::ClusterSettings;
+
 use crate::doc_types::ProblemResponses;
 use crate::problem::Problem;
+use crate::AppState;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -43,11 +47,22 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// This document.
+/// This document, with what this cluster's settings allow now (its sizes, label lengths): read
+/// after a read barrier, or as this node knows them while there is no leader to confirm them.
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "Health",
     responses((status = 200, description = "The OpenAPI 3.1 document", body = Object), ProblemResponses))]
-pub(crate) async fn openapi_json() -> Json<serde_json::Value> {
-    Json(api().clone())
+pub(crate) async fn openapi_json(State(state): State<AppState>) -> Json<serde_json::Value> {
+    if let Err(e) = state.replica.read_barrier().await {
+        tracing::debug!(error = %e, "serving the OpenAPI document with this node's settings");
+    }
+    Json(with_settings(&state.replica.state().settings()))
+}
+
+/// The document with the rules validation enforces under `settings` written in.
+fn with_settings(settings: &ClusterSettings) -> serde_json::Value {
+    let mut api = api().clone();
+    crate::schema_rules::write(&mut api, settings);
+    api
 }
 
 /// The document, made once from the routes.
@@ -60,9 +75,9 @@ fn api() -> &'static serde_json::Value {
     })
 }
 
-/// The document as committed in `api/openapi.json`.
+/// The document as committed in `api/openapi.json`: that of a cluster with the default settings.
 pub fn document() -> String {
-    serde_json::to_string_pretty(api()).unwrap_or_default() + "\n"
+    serde_json::to_string_pretty(&with_settings(&ClusterSettings::default())).unwrap_or_default() + "\n"
 }
 
 /// The answers that make something new, and where its id is: `(path, method, status, the path

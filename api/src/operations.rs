@@ -84,9 +84,18 @@ pub(crate) async fn cancel_operation(
 #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApprovalRequest {
-    /// Why (required to reject; recorded with the decision and its event).
+    /// Why (recorded with the decision and its event).
     #[serde(default)]
     pub reason: Option<String>,
+}
+
+/// A rejection, which always says why.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RejectionRequest {
+    /// Why (recorded with the decision and its event): not blank.
+    #[schema(min_length = 1, pattern = r"\S")]
+    pub reason: String,
 }
 
 async fn decide(
@@ -128,16 +137,16 @@ pub(crate) async fn approve_operation(
 /// runtime stays as it was.
 #[utoipa::path(post, path = "/v1/operations/{operation_id}/reject", tag = "Operations",
     params(("operation_id" = String, Path), IdempotencyKey, TenantId),
-    request_body = ApprovalRequest,
+    request_body = RejectionRequest,
     responses((status = 200, description = "Rejected: cancelled", body = OperationView), ProblemResponses))]
 pub(crate) async fn reject_operation(
     State(state): State<AppState>,
     caller: Caller,
     PathParam(operation_id): PathParam<String>,
-    Body(request): Body<ApprovalRequest>,
+    Body(request): Body<RejectionRequest>,
 ) -> Result<Json<OperationView>, Problem> {
-    if request.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+    if request.reason.trim().is_empty() {
         return Err(Problem::invalid_field("$.reason", "a rejection needs a reason"));
     }
-    decide(&state, &caller, &operation_id, false, &request).await
+    decide(&state, &caller, &operation_id, false, &ApprovalRequest { reason: Some(request.reason) }).await
 }

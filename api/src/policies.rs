@@ -36,6 +36,7 @@ pub struct PolicyCreateRequest {
     pub tenant_id: Option<String>,
     #[serde(default)]
     pub scope_env: Option<String>,
+    #[schema(min_items = 1)]
     pub rules: Vec<PolicyRule>,
 }
 

@@ -771,7 +771,7 @@ pub struct EventParams {
     /// Only events after the event with this id (the `id` of the last one you have): the next
     /// page, read from there.
     #[serde(default)]
-    #[param(value_type = Option<String>, pattern = "^ev_[0-9a-f]{16}_[0-9]+$")]
+    #[param(value_type = Option<String>, pattern = "^ev_[0-9a-f]{16}_[0-9]{1,9}$")]
     pub after: Option<String>,
     /// Only events at or after this time (RFC 3339).
     #[serde(default)]

@@ -149,6 +149,9 @@ pub enum FileError {
     TooLarge,
     #[error("{0}")]
     Failed(String),
+    /// The sandbox is not running where the call went (stopped, or being restarted).
+    #[error("{0}")]
+    NotRunning(String),
 }
 
 impl From<FileError> for Problem {
@@ -157,6 +160,7 @@ impl From<FileError> for Problem {
             FileError::NotFound(detail) => Problem::not_found(detail),
             FileError::TooLarge => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "file-too-large", error.to_string()),
             FileError::Failed(detail) => Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "file-refused", detail),
+            FileError::NotRunning(detail) => Problem::new(StatusCode::CONFLICT, "not-running", detail),
         }
     }
 }

@@ -16,9 +16,11 @@ pub const DEV_BACKENDS: &str = "vm=libvirt:test:///default,sandbox=process,agent
 const DEV_BACKENDS_WITHOUT_SANDBOXES: &str =
     "vm=libvirt:test:///default,sandbox=simulated,agent_runtime=simulated,vcluster=simulated";
 
-/// The backends dev's nodes use here, saying why sandboxes are simulated if they are.
-fn dev_backends() -> &'static str {
-    match crate::backend::sandbox::unavailable() {
+/// The backends dev's nodes use here, their data (and sandboxes) in `data_dir`, saying why
+/// sandboxes are simulated if they are.
+fn dev_backends(data_dir: &std::path::Path) -> &'static str {
+    use crate::backend::sandbox::{unavailable, unreachable, IdRange};
+    match unavailable().or_else(|| unreachable(data_dir, IdRange::default())) {
         None => DEV_BACKENDS,
         Some(why) => {
             eprintln!("note: sandboxes are simulated in this dev cluster: {why}");
@@ -93,7 +95,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         crate::certs::make_ca(&certs, 3650)?;
     }
 
-    let backends = dev_backends();
+    let backends = dev_backends(&args.data_dir);
     let mut members: Vec<Member> = Vec::new();
     for id in 1..=args.nodes {
         let http = format!("127.0.0.1:{}", port(args.http_port, id)?);

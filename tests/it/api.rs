@@ -654,6 +654,13 @@ async fn event_retention_is_a_cluster_setting_every_node_applies() -> anyhow::Re
     assert!(refused.body["detail"].as_str().unwrap().contains("tiny, huge"), "{refused:?}");
     let tiny = json!({"name": "t", "type": "vm", "spec": {"size": "tiny"}});
     assert_eq!(cluster.call_eventually(2, Method::POST, "/v1/runtimes", Some(&tiny), &[]).await?.status, 201);
+
+    phase("every node's OpenAPI document names the sizes the cluster has now");
+    for via in 1..=3 {
+        let document = cluster.call_eventually(via, Method::GET, "/v1/openapi.json", None, &[]).await?.body;
+        let scale = &document["components"]["schemas"]["LifecycleScaleRequest"]["allOf"][0];
+        assert_eq!(scale["properties"]["size"]["enum"], json!(["tiny", "huge", null]), "node {via}: {scale}");
+    }
     Ok(())
 }
 
@@ -712,7 +719,7 @@ async fn agents_execute_a_checked_list_of_actions_as_one_operation() -> anyhow::
     let cases = [
         (json!({"actions": [{"type": "start"}]}), 409, None),
         (json!({"actions": [{"type": "stop"}, {"type": "stop"}]}), 409, None),
-        (json!({"actions": [{"type": "migrate"}]}), 422, Some("$.actions[0].type")),
+        (json!({"actions": [{"type": "migrate"}]}), 409, Some("$.actions[0].type")),
         (
             json!({"actions": [{"type": "stop"}, {"type": "scale", "params": {"size": "huge"}}]}),
             422,

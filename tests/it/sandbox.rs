@@ -68,6 +68,15 @@ async fn a_command_runs_in_a_sandbox_through_any_node_and_is_on_record() -> anyh
     phase("refused: a bad request, a viewer, another tenant, a policy that denies exec");
     let empty = exec(&cluster, None, other, &id, json!({"command": []})).await?;
     assert_eq!(empty.status, 400, "{empty:?}");
+    let vm = json!({"name": "box", "type": "vm"});
+    let vm = cluster.call_eventually(1, Method::POST, "/v1/runtimes", Some(&vm), &[]).await?;
+    let vm = vm.body["id"].as_str().unwrap().to_string();
+    let no_shell = exec(&cluster, None, other, &vm, json!({"command": ["id"]})).await?;
+    let no_logs = cluster.call(other, Method::GET, &format!("/v1/runtimes/{vm}/logs"), None, &[]).await?;
+    for refused in [no_shell, no_logs] {
+        let kind = refused.body["type"].as_str();
+        assert_eq!((refused.status, kind), (409, Some("https://runtimeai.dev/problems/not-a-sandbox")), "{refused:?}");
+    }
     let viewer = key_for(&cluster, 1, "watcher", "human", &["*"], &["viewer"], None).await?;
     let refused = exec(&cluster, Some(&viewer), other, &id, json!({"command": ["id"]})).await?;
     assert_eq!(refused.status, 403, "{refused:?}");

@@ -323,14 +323,20 @@ pub struct Assignment {
 #[serde(deny_unknown_fields)]
 pub struct SizeEntry {
     /// The size's name, e.g. `medium`.
+    #[schema(pattern = "^[a-z0-9-]{1,63}$")]
     pub name: String,
-    /// vCPUs per replica.
+    /// vCPUs per replica (listed sizes never get smaller).
+    #[schema(exclusive_minimum = 0.0, maximum = 1024.0)]
     pub cpu: f64,
     /// Memory per replica, as a Kubernetes quantity (`4Gi`).
+    #[schema(pattern = "^0*[1-9][0-9]*(Ki|Mi|Gi|Ti|k|K|M|G|T)?$")]
     pub memory: String,
     /// Replicas the size runs with.
+    #[schema(minimum = 1, maximum = 1000)]
     pub replicas: i64,
-    /// What the size costs per hour (any currency, used consistently).
+    /// What the size costs per hour (any currency, used consistently; listed sizes never get
+    /// cheaper).
+    #[schema(minimum = 0.0)]
     pub cost_per_hour: f64,
 }
 
@@ -455,13 +461,14 @@ pub struct BackendInfo {
 pub struct ClusterSettings {
     /// Events kept per runtime (and in the audit feed); older ones are dropped first. At least
     /// [`EVENT_RETENTION_FLOOR_COUNT`]: no API call wipes the audit trail.
-    #[schema(minimum = 100)]
+    #[schema(minimum = 100, maximum = 1000000)]
     pub event_retention_count: u64,
     /// Events older than this many days are dropped; at least [`EVENT_RETENTION_FLOOR_DAYS`].
-    #[schema(minimum = 7)]
+    #[schema(minimum = 7, maximum = 36500)]
     pub event_retention_days: u64,
     /// The size catalogue, smallest first: what `size` names mean and what they cost.
     #[serde(default = "default_sizes")]
+    #[schema(min_items = 1)]
     pub sizes: Vec<SizeEntry>,
     /// What one runtime, policy or tenant may hold: every create and change is checked against
     /// them (422 `limit-exceeded` naming the setting).

@@ -90,14 +90,19 @@ pub struct BackendRef {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ResourceProfile {
+    /// vCPUs, above 0 and at most 1024.
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 1024.0)]
     pub cpu: Option<f64>,
+    /// A quantity as Kubernetes writes it: `512Mi`, `8Gi`, `1G`, or bytes.
     #[serde(default)]
+    #[schema(pattern = "^0*[1-9][0-9]*(Ki|Mi|Gi|Ti|k|K|M|G|T)?$")]
     pub memory: Option<String>,
     #[serde(default)]
     pub gpu: Option<String>,
     #[serde(default)]
     /// Signed so that a negative count is refused as invalid (422), not as malformed.
+    #[schema(minimum = 0, maximum = 10000)]
     pub replicas: Option<i64>,
 }
 

@@ -114,6 +114,29 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
+/// Why the sandboxes' users (host uids from `ids.base`, neither owner nor group of the node's
+/// directories) could not reach `dir`: crun makes each sandbox's root private as the sandbox's
+/// own root, so every directory on the way must let others pass (`o+x`), as a home directory
+/// made `0700` does not. `None` when they can.
+pub fn unreachable(dir: &Path, ids: IdRange) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let existing = dir.ancestors().find(|d| d.exists())?;
+    let existing = existing.canonicalize().ok()?;
+    let closed = existing.ancestors().find_map(|d| {
+        let meta = std::fs::metadata(d).ok()?;
+        (meta.mode() & 0o001 == 0 && meta.uid() != ids.base).then_some((d.to_path_buf(), meta.mode() & 0o7777))
+    })?;
+    let (blocking, mode) = closed;
+    Some(format!(
+        "the sandboxes' users (host uid {} and up) cannot reach {}: {} is mode {mode:o}, which others may not pass \
+         through; `chmod o+x {}`, or choose a --sandbox-dir they can reach",
+        ids.base,
+        dir.display(),
+        blocking.display(),
+        blocking.display()
+    ))
+}
+
 #[derive(Debug, Clone)]
 pub struct SandboxBackend {
     root: PathBuf,
@@ -189,6 +212,9 @@ impl SandboxBackend {
         }
         let tools = Tools::find().map_err(std::io::Error::other)?;
         std::fs::create_dir_all(&root)?;
+        if let Some(why) = unreachable(&root, ids) {
+            return Err(std::io::Error::other(why));
+        }
         let ledger = StepLedger::open(root.join(".ledger"))?;
         Ok(SandboxBackend {
             images: Arc::new(ImageStore::new(root.join(".images"), ids, insecure_registries)),
@@ -834,6 +860,24 @@ mod tests {
         assert!(std::env::var_os("RUNTIMEAI_REQUIRE_SANDBOXES").is_none(), "sandboxes are required here: {why}");
         eprintln!("skipped: {why}");
         false
+    }
+
+    #[test]
+    fn a_sandbox_dir_its_users_cannot_reach_is_named_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("data/node-1.sandboxes");
+        std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let why = unreachable(&dir, IdRange::default()).expect("a 0700 directory on the way");
+        assert!(why.contains(&format!("{} is mode 700", home.path().display())), "{why}");
+        assert!(why.contains("chmod o+x"), "{why}");
+        std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        assert_eq!(unreachable(&dir, IdRange::default()), None);
+        if nix::unistd::geteuid().is_root() && unavailable().is_none() {
+            std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+            let refused = SandboxBackend::new(dir, IdRange::default(), vec![]).unwrap_err();
+            assert!(refused.to_string().contains("chmod o+x"), "{refused}");
+        }
     }
 
     fn backend_in(root: &TestRoot) -> SandboxBackend {

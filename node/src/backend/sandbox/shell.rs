@@ -144,7 +144,7 @@ impl SandboxBackend {
         limit: u64,
     ) -> Result<(Option<i32>, Vec<u8>, String), FileError> {
         if self.alive(runtime).is_none() {
-            return Err(FileError::Failed(format!("sandbox {} is not running on this node", runtime.id)));
+            return Err(FileError::NotRunning(format!("sandbox {} is not running on this node", runtime.id)));
         }
         let mut crun = self.exec_command(runtime, WORK, &BTreeMap::new(), None);
         crun.args(command);
@@ -184,9 +184,12 @@ fn spawn_fed(mut command: tokio::process::Command, stdin: Option<Vec<u8>>) -> st
     Ok(child)
 }
 
-/// A file call's refusal, from what the command in the sandbox said.
+/// A file call's refusal, from what the command in the sandbox said (or crun, when the sandbox
+/// ended before it could enter it).
 fn refused(path: &str, errors: &str) -> FileError {
-    if errors.contains("No such file") {
+    if errors.contains("setns(") {
+        FileError::NotRunning(format!("{path}: the sandbox stopped before the call could enter it"))
+    } else if errors.contains("No such file") {
         FileError::NotFound(format!("{path}: no such file in the sandbox"))
     } else {
         FileError::Failed(format!("{path}: {}", errors.trim()))

@@ -1,0 +1,151 @@
+//! What validation enforces that the schemas derived from the types cannot say, written into the
+//! OpenAPI document: rules across fields (a rule's parameters follow its kind, an agent's roles,
+//! an image only for sandboxes), patterns of map keys and list items, and what the cluster's
+//! settings allow (its sizes, how long labels may be). A client that follows the document sends
+//! what the API accepts; schemathesis checks that it does, in CI.
+//!
+//! Only schemas that describe requests are changed here, so a value the cluster holds from before
+//! (a size since taken out of the catalogue) never makes an answer disagree with the document.
+
+use serde_json::{json, Value};
+
+use runtimeai_model::{ActionKind, ClusterSettings};
+
+/// Label keys and values as `validate::labels` accepts them.
+const LABEL_KEY: &str = "^[A-Za-z0-9._/-]+$";
+const LABEL_VALUE: &str = "^[A-Za-z0-9._-]*$";
+
+/// Words that make a goal one the planner understands (`runtimeai_engine::planner::Goal`),
+/// lower case, between characters that are not ASCII letters or digits.
+const GOAL_WORDS: &str = "availability|available|ha|redundancy|redundant|cost|costs|cheaper|save|spend|performance|\
+latency|faster|speed|perf|throughput|recover|heal|fix|repair|prepare|snapshot|backup|stop|shutdown|restart|reboot|\
+start|boot";
+
+/// Writes the rules into `api`, with `settings` for what the cluster's settings decide.
+pub(crate) fn write(api: &mut Value, settings: &ClusterSettings) {
+    let sizes: Vec<Value> = settings.sizes.iter().map(|size| Value::from(size.name.clone())).collect();
+    let schemas = &mut api["components"]["schemas"];
+    let limits = &settings.limits;
+    let label_map = |nullable: bool| {
+        let value = json!({"type": if nullable { json!(["string", "null"]) } else { json!("string") },
+            "pattern": LABEL_VALUE, "maxLength": limits.label_value_bytes});
+        json!({"type": "object", "maxProperties": limits.labels_per_runtime, "additionalProperties": value,
+            "propertyNames": {"type": "string", "pattern": LABEL_KEY, "maxLength": limits.label_key_bytes}})
+    };
+    let size_of = |sizes: &[Value]| {
+        let names: Vec<Value> = sizes.iter().cloned().chain([Value::Null]).collect();
+        json!({"properties": {"size": {"enum": names}}})
+    };
+
+    schemas["RuntimeCreateRequest"]["properties"]["labels"] = label_map(false);
+    schemas["RuntimeCreateRequest"]["allOf"] = json!([{"properties": {"spec": size_of(&sizes)}}]);
+    schemas["RuntimeCreateRequest"]["oneOf"] = json!([
+        {"properties": {"type": {"enum": ["sandbox", "agent_runtime"]}}},
+        {"properties": {"type": {"enum": ["vm", "vcluster"]}, "spec": {"properties": {"image": {"type": "null"}}}}},
+    ]);
+    schemas["RuntimePatch"]["properties"]["labels"] = label_map(true);
+
+    let scale = &mut schemas["LifecycleScaleRequest"];
+    scale["allOf"] = json!([size_of(&sizes)]);
+    scale["anyOf"] = json!([
+        {"required": ["size"], "properties": {"size": {"type": "string"}}},
+        {"required": ["resources"], "properties": {"resources": {"type": "object"}}},
+    ]);
+    write_action(schemas);
+    write_key(schemas);
+    write_policy_rule(schemas);
+
+    let exec = &mut schemas["ExecRequest"]["properties"];
+    exec["command"]["prefixItems"] = json!([{"type": "string", "minLength": 1}]);
+    exec["env"]["propertyNames"] = json!({"type": "string", "pattern": "^[^=\\u0000]+$"});
+
+    let goal = json!({"type": "string", "pattern": goal_pattern(&sizes),
+        "description": "What to achieve, in words the planner knows: scale to <size> or to <n> replicas, \
+            improve or lower availability, reduce cost, improve performance, recover, prepare (snapshot), \
+            stop, restart, start."});
+    for request in ["ActionPlanRequest", "IntentRequest"] {
+        schemas[request]["properties"]["goal"] = goal.clone();
+        schemas[request]["properties"]["constraints"] = constraints();
+    }
+}
+
+/// A goal the planner understands: one of [`GOAL_WORDS`], or a scale to a size or a count.
+fn goal_pattern(sizes: &[Value]) -> String {
+    let sizes: Vec<&str> = sizes.iter().filter_map(Value::as_str).collect();
+    let word = |words: &str| format!("(^|.*[^A-Za-z0-9])({words})([^A-Za-z0-9].*|$)");
+    let targets = format!("{}|([1-9][0-9]{{0,2}}|1000) replicas?", sizes.join("|"));
+    let scale = format!("^([^0-9]*[^A-Za-z0-9])?(scale|size|resize) (to )?({targets})([^A-Za-z0-9][^0-9]*)?$");
+    format!("^{}$|{scale}", word(GOAL_WORDS))
+}
+
+/// The constraints the planner reads (`runtimeai_engine::planner::Constraints`).
+fn constraints() -> Value {
+    let money = json!({"type": "number", "minimum": 0});
+    json!({"type": "object", "additionalProperties": false, "properties": {
+        "latency": {"description": "A target such as \"<50ms\" or \"0.2s\", or milliseconds.", "oneOf": [
+            {"type": "number", "exclusiveMinimum": 0},
+            {"type": "string", "pattern": "^[<= ]*([1-9][0-9]{0,5}(\\.[0-9]{1,3})?|0\\.[0-9]{0,2}[1-9])(ms|s)?$"},
+        ]},
+        "availability": {"enum": ["high", "normal", "standard", "low"]},
+        "cost": {"enum": ["optimize", "minimize", "any", "ignore"]},
+        "max_cost_per_hour": money,
+        "max_cost_per_month": money,
+        "budget": {"type": "object", "minProperties": 1, "additionalProperties": false,
+            "properties": {"max_cost_per_hour": money, "max_cost_per_month": money}},
+    }})
+}
+
+/// An action's parameters are those of its lifecycle call; no backend takes sub-targets yet.
+fn write_action(schemas: &mut Value) {
+    let params =
+        |schema: &str| json!({"oneOf": [{"type": "null"}, {"$ref": format!("#/components/schemas/{schema}")}]});
+    let action = &mut schemas["Action"];
+    action["properties"]["target"] = json!({"type": "null", "description": "Sub-targets: no backend takes them yet."});
+    action["oneOf"] = json!([
+        {"properties": {"type": {"enum": ["start", "restart"]}, "params": params("LifecycleStartRequest")}},
+        {"properties": {"type": {"const": "stop"}, "params": params("LifecycleStopRequest")}},
+        {"properties": {"type": {"const": "snapshot"}, "params": params("LifecycleSnapshotRequest")}},
+        {"required": ["params"], "properties": {"type": {"const": "scale"},
+            "params": {"$ref": "#/components/schemas/LifecycleScaleRequest"}}},
+        {"required": ["params"], "properties": {"type": {"const": "restore"},
+            "params": {"$ref": "#/components/schemas/LifecycleRestoreRequest"}}},
+        {"properties": {"type": {"enum": ["migrate", "rollout_restart", "tune_policy", "attach_observer",
+            "detach_observer"]}}},
+    ]);
+}
+
+/// An agent's key takes the roles `agent` and `viewer` only; only an agent has a mode.
+fn write_key(schemas: &mut Value) {
+    let key = &mut schemas["KeyCreateRequest"];
+    key["properties"]["tenants"]["items"] = json!({"type": "string", "pattern": "^(\\*|[^*]{1,63})$"});
+    key["oneOf"] = json!([
+        {"properties": {"kind": {"const": "agent"}, "roles": {"items": {"enum": ["agent", "viewer"]}}}},
+        {"properties": {"kind": {"enum": ["human", "service"]}, "agent_mode": {"type": "null"}}},
+    ]);
+}
+
+/// A rule's parameters follow its kind (`PolicyRule::check`); a selector names actors by kind or
+/// as `<kind>:<name>`, and actions that are judged on their own (not `execute`).
+fn write_policy_rule(schemas: &mut Value) {
+    let selectable: Vec<&str> =
+        ActionKind::ALL.into_iter().filter(|k| k.selectable()).map(ActionKind::as_str).collect();
+    let selector = &mut schemas["Selector"]["properties"];
+    selector["actions"]["items"] = json!({"enum": selectable});
+    selector["actor"]["items"] =
+        json!({"type": "string", "pattern": "^(human|agent|service|system|(human|agent|service):.+)$"});
+    let only = |names: &[&str]| {
+        let all = ["reason", "max_cost_per_hour", "max_cost_per_month", "deny_public_exposure", "deny_open_egress"];
+        let others: serde_json::Map<String, Value> =
+            all.iter().filter(|n| !names.contains(n)).map(|n| (n.to_string(), json!({"type": "null"}))).collect();
+        json!({"properties": others})
+    };
+    let limit = |name: &str| json!({"required": [name], "properties": {name: {"type": "number"}}});
+    schemas["PolicyRule"]["oneOf"] = json!([
+        {"properties": {"kind": {"enum": ["deny_action", "allow_action", "require_approval"]}, "params": only(&["reason"])}},
+        {"required": ["params"], "properties": {"kind": {"const": "budget_guardrail"},
+            "params": {"allOf": [only(&["max_cost_per_hour", "max_cost_per_month"]),
+                {"anyOf": [limit("max_cost_per_hour"), limit("max_cost_per_month")]}]}}},
+        {"properties": {"kind": {"const": "data_egress"},
+            "params": only(&["deny_public_exposure", "deny_open_egress"])}},
+    ]);
+}

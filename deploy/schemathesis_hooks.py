@@ -1,0 +1,201 @@
+"""schemathesis hooks for RuntimeAI (used by deploy/schemathesis.sh).
+
+What the OpenAPI document cannot say, said to the generator for the cases meant to be valid:
+- every mutating request gets a fresh Idempotency-Key (the generator draws the same few keys for
+  different requests, which the API rightly refuses with 422 idempotency-key-reused);
+- the tenant_id header agrees with a body's tenant_id (a rule across header and body);
+- the policies the fuzzer makes apply only to runtimes labelled env=fuzz, so that one random
+  deny-everything rule does not turn every later request of the run into a 403;
+- an If-Match it makes up names a version that never was: a valid case asks for any (`*`);
+- a command it makes up runs at most 5 s, and logs are read without `follow` (which never ends).
+And how to read the answers that are not JSON: exec's lines (NDJSON) and a file's bytes.
+And the data that random ids never find, made before the run as its own principals would make it
+(schemathesis's advice for "missing test data"): a running sandbox for exec, logs and files, a
+vcluster for its kubeconfig, a runtime with a snapshot to restore and an intent to read, and
+operations another principal asked for that wait for approval (nobody may approve their own).
+"""
+
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+import ssl
+import uuid
+
+import schemathesis
+from schemathesis import GenerationMode
+
+URL = os.environ["RUNTIMEAI_URL"]
+ADMIN = os.environ["RUNTIMEAI_TOKEN"]
+TLS = ssl.create_default_context(cafile=os.environ["RUNTIMEAI_CA"])
+
+
+def call(method, path, body=None, token=ADMIN):
+    raw = isinstance(body, bytes)
+    data = body if raw or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(URL + path, data=data, method=method)
+    request.add_header("Authorization", f"Bearer {token}")
+    request.add_header("Idempotency-Key", str(uuid.uuid4()))
+    if data is not None:
+        request.add_header("Content-Type", "application/octet-stream" if raw else "application/json")
+    try:
+        response = urllib.request.urlopen(request, context=TLS, timeout=30)
+    except urllib.error.HTTPError as error:
+        raise RuntimeError(f"fixture: {method} {path}: {error.code} {error.read().decode(errors='replace')}") from error
+    with response:
+        answer = response.read()
+        return json.loads(answer) if answer and response.headers.get_content_type().endswith("json") else None
+
+
+def wait_until(path, done, token=ADMIN):
+    for _ in range(300):
+        value = call("GET", path, token=token)
+        if done(value):
+            return value
+        time.sleep(0.2)
+    raise RuntimeError(f"fixture: {path} never got ready")
+
+
+class Fixtures:
+    """The data random ids never find, made on first use and made again when the fuzzer has
+    changed it (it finds the ids in lists too, and stops, scales and deletes what it finds)."""
+
+    def __init__(self):
+        self.made = 0
+        self.kept = {}
+        self.operator = call("POST", "/v1/keys", {"name": "fixture-operator", "kind": "human", "tenants": ["*"],
+                                                  "roles": ["operator"]})["token"]
+        call("POST", "/v1/policies", {"name": "fixture-approval", "scope_env": "fixture-approval",
+                                      "rules": [{"kind": "require_approval", "selector": {"actions": "snapshot"}}]})
+
+    def runtime(self, kind, token=ADMIN, labels=None):
+        self.made += 1
+        body = {"name": f"fixture-{self.made}", "type": kind, "labels": labels or {}}
+        made = call("POST", "/v1/runtimes", body, token)
+        wait_until(f"/v1/runtimes/{made['id']}", lambda r: r["state"] == "running", token)
+        return made["id"]
+
+    def still(self, name, good, make):
+        """The fixture `name` if `good(path)` still holds of it, else a new one from `make()`."""
+        kept = self.kept.get(name)
+        try:
+            if kept is not None and good(kept):
+                return kept
+        except RuntimeError:
+            pass
+        self.kept[name] = make()
+        return self.kept[name]
+
+    def running(self, kind):
+        state = lambda ids: call("GET", f"/v1/runtimes/{ids['runtime_id']}")["state"] == "running"
+        return self.still(kind, state, lambda: {"runtime_id": self.runtime(kind)})
+
+    def sandbox(self):
+        """A running sandbox with a file to read, `fixture.txt`."""
+        def make():
+            made = self.runtime("sandbox")
+            for attempt in range(50):
+                try:
+                    call("PUT", f"/v1/runtimes/{made}/files/fixture.txt", b"kept for reading\n")
+                    break
+                except RuntimeError:
+                    if attempt == 49:
+                        raise
+                    time.sleep(0.2)
+            return {"runtime_id": made, "path": "fixture.txt"}
+        state = lambda ids: call("GET", f"/v1/runtimes/{ids['runtime_id']}")["state"] == "running"
+        return self.still("sandbox", state, make)
+
+    def waiting(self, decision):
+        """An operation the operator asked for that waits for approval."""
+        def make():
+            held = self.runtime("vm", self.operator, {"env": "fixture-approval"})
+            asked = call("POST", f"/v1/runtimes/{held}/lifecycle/snapshot", {}, self.operator)
+            return {"operation_id": asked["id"]}
+        waits = lambda ids: call("GET", f"/v1/operations/{ids['operation_id']}")["status"] == "pending_approval"
+        return self.still(decision, waits, make)
+
+    def snapshot(self):
+        """A running VM with a snapshot, and an intent planned for it."""
+        def make():
+            kept = self.runtime("vm")
+            made = call("POST", f"/v1/runtimes/{kept}/lifecycle/snapshot", {"name": "fixture"})
+            wait_until(f"/v1/operations/{made['id']}", lambda o: o["status"] == "succeeded")
+            snapshot_id = call("GET", f"/v1/runtimes/{kept}/snapshots")["items"][0]["id"]
+            intent = call("POST", f"/v1/runtimes/{kept}/intent", {"goal": "prepare for a change", "dry_run": True})
+            return {"runtime_id": kept, "snapshot_id": snapshot_id, "intent_id": intent["intent_id"]}
+        has = lambda ids: any(s["id"] == ids["snapshot_id"]
+                              for s in call("GET", f"/v1/runtimes/{ids['runtime_id']}/snapshots")["items"])
+        return self.still("snapshot", has, make)
+
+    def for_operation(self, label):
+        """The ids a valid case of the operation `label` needs, if it needs some."""
+        if label == "GET /v1/runtimes/{runtime_id}/files/{path}":
+            return self.sandbox()
+        if label.endswith(("/logs", "/exec", "/files/{path}")):
+            return {"runtime_id": self.sandbox()["runtime_id"]}
+        if label.endswith("/kubeconfig"):
+            return self.running("vcluster")
+        if label.endswith(("/lifecycle/restore", "/intent/{intent_id}")):
+            ids = self.snapshot()
+            return {k: ids[k] for k in ("runtime_id", "snapshot_id" if label.endswith("restore") else "intent_id")}
+        for decision in ("approve", "reject", "cancel"):
+            if label == f"POST /v1/operations/{{operation_id}}/{decision}":
+                return self.waiting(decision)
+        return {}
+
+
+FIXTURES = Fixtures() if os.environ.get("RUNTIMEAI_FIXTURES", "1") == "1" else None
+
+
+@schemathesis.hook
+def map_case(ctx, case):
+    label = f"{case.method.upper()} {case.operation.path}"
+    # A followed log never ends (until the sandbox does), valid case or not.
+    if label == "GET /v1/runtimes/{runtime_id}/logs" and (case.query or {}).get("follow") in (True, "true"):
+        case.query["follow"] = "false"
+    if case.meta is not None and case.meta.generation.mode != GenerationMode.POSITIVE:
+        return case
+    headers = case.headers if case.headers is not None else {}
+    body = case.body if isinstance(case.body, dict) else None
+    if "Idempotency-Key" in headers:
+        headers["Idempotency-Key"] = str(uuid.uuid4())
+    if "If-Match" in headers:
+        headers["If-Match"] = "*"
+
+    tenant = body.get("tenant_id") if body is not None else None
+    if isinstance(tenant, str) and "tenant_id" in headers:
+        if re.fullmatch(r"[!-~]{1,255}", tenant):
+            headers["tenant_id"] = tenant
+        else:
+            del headers["tenant_id"]
+    if label == "POST /v1/policies" and body is not None:
+        body["scope_env"] = "fuzz"
+    if label == "POST /v1/runtimes/{runtime_id}/exec" and body is not None:
+        body["timeout_seconds"] = min(body.get("timeout_seconds") or 5, 5)
+    fixture = FIXTURES.for_operation(label) if FIXTURES is not None else {}
+    if fixture:
+        headers.pop("tenant_id", None)
+    for name, value in fixture.items():
+        if name == "snapshot_id":
+            if body is not None:
+                body["snapshot_id"] = value
+        else:
+            case.path_parameters[name] = value
+    return case
+
+
+@schemathesis.deserializer("application/x-ndjson")
+def ndjson(ctx, response):
+    """Exec's answer: a JSON object per line; the last, how the command ended, which every answer
+    has, is checked against the line's schema (every line is, in tests/it/sandbox.rs)."""
+    lines = [json.loads(line) for line in response.content.splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+@schemathesis.deserializer("application/octet-stream")
+def raw(ctx, response):
+    """A file's bytes, as the string of them the document describes (`format: binary`)."""
+    return response.content.decode("latin-1")
