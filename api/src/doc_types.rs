@@ -51,7 +51,9 @@ pub enum ProblemResponses {
     /// No such resource (or another tenant's).
     #[response(status = 404, content_type = "application/problem+json")]
     NotFound(Problem),
-    /// Illegal state transition, name clash, operation in progress.
+    /// Illegal state transition, name clash, operation in progress; what the runtime as it is
+    /// cannot do (an action its backend lacks, a call only sandboxes take, a plan the
+    /// constraints block).
     #[response(status = 409, content_type = "application/problem+json")]
     Conflict(Problem),
     /// `If-Match` does not match the current version.

@@ -45,7 +45,8 @@ pub(crate) fn planned(actions: &[LifecycleAction]) -> Vec<PlannedAction> {
     actions.iter().map(|a| PlannedAction { action_type: a.kind(), params: crate::views::action_params(a) }).collect()
 }
 
-/// A planner error as the client sees it: 422 naming the goals or constraints at fault.
+/// A planner error as the client sees it: 422 naming the goal or constraint at fault; 409 when
+/// the request is sound but no way from the runtime as it is now meets the constraints.
 fn plan_problem(error: PlanError, goal: &str) -> Problem {
     match error {
         PlanError::NotUnderstood => {
@@ -60,7 +61,7 @@ fn plan_problem(error: PlanError, goal: &str) -> Problem {
         PlanError::BadConstraint(path, message) => Problem::invalid_field(path, message),
         PlanError::Blocked(reasons) => {
             let mut problem = Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
+                StatusCode::CONFLICT,
                 "blocked-by-constraint",
                 format!("no plan satisfies the constraints: {}", reasons.join("; ")),
             );

@@ -414,7 +414,7 @@ async fn an_external_planner_plans_goals_the_deterministic_one_does_not_know() -
     let blocked = cluster
         .call_eventually(1, Method::POST, &format!("/v1/runtimes/{small_id}/actions/plan"), Some(&budget), &[])
         .await?;
-    assert!(problem(&blocked, 422, "blocked-by-constraint"), "{blocked:?}");
+    assert!(problem(&blocked, 409, "blocked-by-constraint"), "{blocked:?}");
     let invalid =
         cluster.call_eventually(2, Method::POST, &plan, Some(&json!({"goal": "make it gigantic"})), &[]).await?;
     assert!(problem(&invalid, 502, "planner-output-invalid"), "{invalid:?}");
