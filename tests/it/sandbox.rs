@@ -39,6 +39,8 @@ async fn a_command_runs_in_a_sandbox_through_any_node_and_is_on_record() -> anyh
         .call_eventually(1, Method::POST, "/v1/runtimes", Some(&json!({"name": "shell", "type": "sandbox"})), &[])
         .await?;
     assert_eq!(created.status, 201, "{created:?}");
+    let capabilities = created.body["capabilities"].as_array().unwrap();
+    assert!(capabilities.contains(&json!("exec")), "a sandbox says it takes commands: {capabilities:?}");
     let id = created.body["id"].as_str().unwrap().to_string();
     let host = created.body["placement"]["node_id"].as_u64().unwrap();
     let other = host % 3 + 1;
@@ -191,5 +193,18 @@ async fn a_command_runs_in_a_sandbox_through_any_node_and_is_on_record() -> anyh
     cluster.wait_operation(1, stop.body["id"].as_str().unwrap(), EVENTUALLY).await?;
     let stopped = exec(&cluster, None, other, &id, json!({"command": ["id"]})).await?;
     assert_eq!(stopped.status, 409, "{stopped:?}");
+
+    phase("an agent runtime from the python image runs Python through any node");
+    let coder =
+        json!({"name": "coder", "type": "agent_runtime", "spec": {"image": "python", "command": ["sleep", "600"]}});
+    let coder = cluster.call_eventually(1, Method::POST, "/v1/runtimes", Some(&coder), &[]).await?;
+    assert_eq!(coder.status, 201, "{coder:?}");
+    cluster.wait_operation(1, coder.body["active_operation"].as_str().unwrap(), EVENTUALLY).await?;
+    let coder_id = coder.body["id"].as_str().unwrap();
+    let program =
+        json!({"command": ["python3", "-c", "import sys, json; print(json.dumps(sys.version_info[:2]), 6 * 7)"]});
+    let ran = exec(&cluster, None, other, coder_id, program).await?;
+    let python = printed(&lines(&ran), "stdout");
+    assert!(python.starts_with("[3, ") && python.ends_with(" 42\n"), "{ran:?}");
     Ok(())
 }

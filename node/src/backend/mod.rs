@@ -34,7 +34,18 @@ use runtimeai_engine::Catalogue;
 use runtimeai_model::{BackendInfo, LifecycleAction, Runtime, RuntimeType, SizeEntry};
 
 /// The lifecycle actions every driver built so far supports (create and delete always are).
-pub const LIFECYCLE: &[runtimeai_model::ActionKind] = &runtimeai_model::ActionKind::ON_BACKENDS;
+pub const LIFECYCLE: &[runtimeai_model::ActionKind] = &[
+    runtimeai_model::ActionKind::Start,
+    runtimeai_model::ActionKind::Stop,
+    runtimeai_model::ActionKind::Restart,
+    runtimeai_model::ActionKind::Scale,
+    runtimeai_model::ActionKind::Snapshot,
+    runtimeai_model::ActionKind::Restore,
+];
+
+/// What a sandbox (or agent runtime) under crun does: the lifecycle, and `exec` (with logs and
+/// files), which the node that hosts it carries out at once, not as an operation.
+pub const SANDBOX: &[runtimeai_model::ActionKind] = &runtimeai_model::ActionKind::ON_BACKENDS;
 
 /// What every backend call carries.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -46,13 +46,14 @@ impl ActionKind {
 
     /// What a backend may support besides create and delete (which every backend does): what a
     /// runtime's capabilities are made of.
-    pub const ON_BACKENDS: [ActionKind; 6] = [
+    pub const ON_BACKENDS: [ActionKind; 7] = [
         ActionKind::Start,
         ActionKind::Stop,
         ActionKind::Restart,
         ActionKind::Scale,
         ActionKind::Snapshot,
         ActionKind::Restore,
+        ActionKind::Exec,
     ];
 
     /// Its name, as operations, events, selectors and capabilities spell it.

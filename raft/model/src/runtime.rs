@@ -173,8 +173,9 @@ pub struct RuntimeSpec {
     #[serde(default)]
     pub security: Option<SecurityProfile>,
     /// For `sandbox` and `agent_runtime`: the OCI image it starts from, `busybox` (the
-    /// default, made on each node) or a registry's image (`registry.example.com/team/tool:1.2`,
-    /// or `...@sha256:<digest>`).
+    /// default, made on each node), `python` (BusyBox's tools with the node's Python 3, made on
+    /// each node) or a registry's image (`registry.example.com/team/tool:1.2`, or
+    /// `...@sha256:<digest>`).
     #[serde(default)]
     #[schema(pattern = "^[a-z0-9][a-zA-Z0-9._:/@-]{0,254}$")]
     pub image: Option<String>,

@@ -7,6 +7,10 @@
 //! `busybox-static`, installed by `deploy/setup-debian.sh`): a shell and the usual tools, nothing
 //! else. Its name carries the digest of that binary, so a new BusyBox makes a new image.
 //!
+//! The `python` image, for agents, is BusyBox's tools with the node's Python 3: its interpreter,
+//! its standard library (without its tests) and every shared library they link, found by `ldd`,
+//! each at the path the loader looks for it. Its name carries the interpreter's digest.
+//!
 //! Any other image is pulled from its registry by `skopeo` into the store's OCI layout (skopeo
 //! checks every blob against its digest), tagged there by the reference, and unpacked by
 //! `umoci` with its ids mapped into the node's range, once per manifest digest. A registry
@@ -23,6 +27,8 @@ use crate::backend::BackendError;
 
 /// The image a sandbox starts from when its spec names none.
 pub const DEFAULT_IMAGE: &str = "busybox";
+/// The image with Python 3 for agents, made on the node.
+pub const PYTHON_IMAGE: &str = "python";
 
 #[derive(Debug)]
 pub(super) struct ImageStore {
@@ -46,6 +52,7 @@ impl ImageStore {
         std::fs::create_dir_all(&self.root)?;
         match reference {
             None | Some(DEFAULT_IMAGE) => self.default_rootfs(tools),
+            Some(PYTHON_IMAGE) => self.python_rootfs(tools),
             Some(reference) => self.pulled_rootfs(tools, reference),
         }
     }
@@ -90,17 +97,45 @@ impl ImageStore {
     /// The root file system of the default image, made on first use.
     fn default_rootfs(&self, tools: &Tools) -> Result<PathBuf, BackendError> {
         let busybox = std::fs::read(&tools.busybox)?;
-        let digest: String = Sha256::digest(&busybox).iter().take(12).map(|b| format!("{b:02x}")).collect();
-        let image = self.root.join(format!("busybox-{digest}"));
+        self.made_rootfs("busybox", &busybox, |rootfs| self.make_busybox(tools, &busybox, rootfs))
+    }
+
+    /// The root file system of the `python` image, made on first use.
+    fn python_rootfs(&self, tools: &Tools) -> Result<PathBuf, BackendError> {
+        let (Some(python), Some(ldd)) = (&tools.python3, &tools.ldd) else {
+            return Err(BackendError::Permanent(
+                "this node has no python3 (and ldd) in /usr/bin to make the python image from".into(),
+            ));
+        };
+        let python = python.canonicalize()?;
+        let busybox = std::fs::read(&tools.busybox)?;
+        let interpreter = std::fs::read(&python)?;
+        self.made_rootfs("python", &[&interpreter[..], &busybox].concat(), |rootfs| {
+            self.make_busybox(tools, &busybox, rootfs)?;
+            add_python(&python, ldd, rootfs)?;
+            chown_tree(rootfs, self.ids.base)
+        })
+    }
+
+    /// The root file system of the image `name` made from `source` (its digest names the image),
+    /// made by `make` into a partial directory first, so that a crash leaves no half image.
+    fn made_rootfs(
+        &self,
+        name: &str,
+        source: &[u8],
+        make: impl FnOnce(&Path) -> Result<(), BackendError>,
+    ) -> Result<PathBuf, BackendError> {
+        let digest: String = Sha256::digest(source).iter().take(12).map(|b| format!("{b:02x}")).collect();
+        let image = self.root.join(format!("{name}-{digest}"));
         let rootfs = image.join("rootfs");
         if rootfs.exists() {
             return Ok(rootfs);
         }
-        let partial = self.root.join(format!(".busybox-{digest}.partial"));
+        let partial = self.root.join(format!(".{name}-{digest}.partial"));
         if partial.exists() {
             std::fs::remove_dir_all(&partial)?;
         }
-        self.make_busybox(tools, &busybox, &partial)?;
+        make(&partial)?;
         std::fs::create_dir_all(&image)?;
         std::fs::rename(&partial, &rootfs)?;
         Ok(rootfs)
@@ -154,6 +189,79 @@ fn chown_tree(root: &Path, id: u32) -> Result<(), BackendError> {
             chown_tree(&path, id)?;
         } else {
             std::os::unix::fs::lchown(&path, Some(id), Some(id))?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies the interpreter `python` (as `python3` and `python` too), its standard library without
+/// its tests, and every shared library those link into `rootfs`, each at its path on the node.
+fn add_python(python: &Path, ldd: &Path, rootfs: &Path) -> Result<(), BackendError> {
+    let failed = |what: &str, e: &dyn std::fmt::Display| BackendError::Permanent(format!("python image: {what}: {e}"));
+    let asked = std::process::Command::new(python)
+        .args(["-I", "-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"])
+        .env_clear()
+        .output()
+        .map_err(|e| failed("cannot ask python3 where its library is", &e))?;
+    let stdlib = PathBuf::from(String::from_utf8_lossy(&asked.stdout).trim());
+    if !asked.status.success() || !stdlib.is_absolute() {
+        return Err(failed("python3 named no library", &String::from_utf8_lossy(&asked.stderr)));
+    }
+    let inside = |path: &Path| rootfs.join(path.strip_prefix("/").unwrap_or(path));
+    let mut linked = vec![python.to_path_buf()];
+    copy_tree(&stdlib, &inside(&stdlib), &mut linked)?;
+    std::fs::create_dir_all(inside(python).parent().unwrap_or(rootfs))?;
+    std::fs::copy(python, inside(python))?;
+    for alias in ["usr/bin/python3", "usr/bin/python"] {
+        if !rootfs.join(alias).exists() {
+            symlink(python, rootfs.join(alias))?;
+        }
+    }
+    let mut libraries = std::collections::BTreeSet::new();
+    for object in &linked {
+        let listed = std::process::Command::new(ldd)
+            .arg(object)
+            .env_clear()
+            .output()
+            .map_err(|e| failed("cannot run ldd", &e))?;
+        for line in String::from_utf8_lossy(&listed.stdout).lines() {
+            // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            let path = line.split("=>").last().unwrap_or_default().trim().split(" (").next().unwrap_or_default();
+            if path.starts_with('/') {
+                libraries.insert(PathBuf::from(path));
+            }
+        }
+    }
+    for library in libraries {
+        let target = inside(&library);
+        std::fs::create_dir_all(target.parent().unwrap_or(rootfs))?;
+        // The file itself, not a link to it: the loader finds it by the name it was listed by.
+        std::fs::copy(&library, &target)?;
+    }
+    Ok(())
+}
+
+/// Copies the directory `from` to `to` (files, directories and links; not `test` directories or
+/// `__pycache__`), listing each shared object copied in `shared`.
+fn copy_tree(from: &Path, to: &Path, shared: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == "test" || name == "tests" || name == "__pycache__" || name == "idlelib" || name == "tkinter" {
+            continue;
+        }
+        let (source, target) = (entry.path(), to.join(&name));
+        let kind = entry.file_type()?;
+        if kind.is_symlink() {
+            symlink(std::fs::read_link(&source)?, &target)?;
+        } else if kind.is_dir() {
+            copy_tree(&source, &target, shared)?;
+        } else if kind.is_file() {
+            std::fs::copy(&source, &target)?;
+            if source.extension().is_some_and(|e| e == "so") {
+                shared.push(source);
+            }
         }
     }
     Ok(())

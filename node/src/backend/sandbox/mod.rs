@@ -68,6 +68,10 @@ pub struct Tools {
     pub skopeo: PathBuf,
     /// Unpacks them.
     pub umoci: PathBuf,
+    /// The node's Python and the loader's list of what a program links: the `python` image is
+    /// made from them (absent: that image is refused).
+    pub python3: Option<PathBuf>,
+    pub ldd: Option<PathBuf>,
 }
 
 impl Tools {
@@ -91,6 +95,8 @@ impl Tools {
             tar: find("tar")?,
             skopeo: find("skopeo")?,
             umoci: find("umoci")?,
+            python3: find("python3").ok(),
+            ldd: find("ldd").ok(),
         })
     }
 }
@@ -659,7 +665,7 @@ impl RuntimeBackend for SandboxBackend {
     }
 
     fn capabilities(&self) -> &'static [runtimeai_model::ActionKind] {
-        super::LIFECYCLE
+        super::SANDBOX
     }
 
     async fn create(&self, cx: &CallContext, runtime: &Runtime, resources: &Resources) -> Result<String, BackendError> {
@@ -1126,6 +1132,26 @@ mod tests {
             )
             .await;
         assert!(refused.is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_agent_runs_python_in_the_python_image() {
+        if !sandboxes_allowed() {
+            return;
+        }
+        let root = TestRoot::new();
+        let backend = backend_in(&root);
+        let program = "import json, os, sqlite3, hashlib, ssl, urllib.request; \
+            db = sqlite3.connect(':memory:'); db.execute('create table t (x)'); db.execute('insert into t values (41)'); \
+            (x,) = db.execute('select x + 1 from t').fetchone(); \
+            open('out', 'w').write(json.dumps({'x': x, 'uid': os.getuid(), 'cwd': os.getcwd(), \
+                'sha': hashlib.sha256(b'a').hexdigest()[:8]}))";
+        let mut runtime = sandbox("rt_python", &format!("python3 -c \"{program}\"; sleep 60"));
+        runtime.spec.image = Some(image::PYTHON_IMAGE.into());
+        backend.create(&cx("op_python"), &runtime, &ONE_GIB).await.unwrap();
+        let out = read_when_there(work(&root, "rt_python").join("out")).await;
+        let out: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(out, serde_json::json!({"x": 42, "uid": 0, "cwd": "/work", "sha": "ca978112"}));
     }
 
     /// Everything `logs` yields until it ends (or `within` passes: a followed log ends when the
