@@ -140,11 +140,16 @@ pub struct ActionExecutionRequest {
 fn params<T: DeserializeOwned + Default>(action: &Action, index: usize) -> Result<T, Problem> {
     match &action.params {
         None => Ok(T::default()),
-        Some(map) => serde_path_to_error::deserialize(serde_json::Value::Object(map.clone())).map_err(|e| {
-            let path = e.path().to_string();
-            let field = if path == "." { String::new() } else { format!(".{path}") };
-            Problem::invalid_field(format!("$.actions[{index}].params{field}"), e.into_inner().to_string())
-        }),
+        Some(map) => {
+            let mut params = serde_json::Value::Object(map.clone());
+            // As for a body: `30.0` is the integer 30.
+            crate::extract::whole_numbers_as_integers(&mut params);
+            serde_path_to_error::deserialize(params).map_err(|e| {
+                let path = e.path().to_string();
+                let field = if path == "." { String::new() } else { format!(".{path}") };
+                Problem::invalid_field(format!("$.actions[{index}].params{field}"), e.into_inner().to_string())
+            })
+        }
     }
 }
 

@@ -105,7 +105,7 @@ fn refusal(error: serde_path_to_error::Error<serde_json::Error>) -> Problem {
 }
 
 /// Replaces every number in `value` that is a whole number within 64 bits (`30.0`) by the integer.
-fn whole_numbers_as_integers(value: &mut serde_json::Value) {
+pub(crate) fn whole_numbers_as_integers(value: &mut serde_json::Value) {
     match value {
         serde_json::Value::Number(number) => {
             if let Some(float) = number.as_f64().filter(|f| number.is_f64() && f.fract() == 0.0) {

@@ -96,6 +96,9 @@ pub struct ListParams {
     pub page_token: Option<String>,
     /// Kubernetes equality selector: `env=prod,tier!=gold,team,!legacy`.
     #[serde(default)]
+    #[param(
+        pattern = r"^[\t ]*(![^,]*|[^,]*=[^,]*|[A-Za-z0-9._/-]*)[\t ]*(,[\t ]*(![^,]*|[^,]*=[^,]*|[A-Za-z0-9._/-]*)[\t ]*)*$"
+    )]
     pub label_selector: Option<String>,
     #[serde(default)]
     #[param(value_type = Option<String>, pattern = "^(linearizable|stale)$")]

@@ -801,7 +801,7 @@ async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
     let runtime = cluster.call_eventually(1, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
     assert_eq!(runtime.body["spec"]["size"], "medium");
 
-    phase("a constraint that rules out the only option, and a goal the planner does not know, are 422");
+    phase("a constraint that rules out the only option is 409, a goal the planner does not know 422");
     let blocked = cluster
         .call_eventually(
             1,
@@ -811,7 +811,7 @@ async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
             &[],
         )
         .await?;
-    assert!(is_problem(&blocked, 422), "{blocked:?}");
+    assert!(is_problem(&blocked, 409), "{blocked:?}");
     assert!(blocked.body["detail"].as_str().unwrap().contains("cost optimize"), "{blocked:?}");
     let unknown = cluster
         .call_eventually(
