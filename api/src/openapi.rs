@@ -55,13 +55,14 @@ pub(crate) async fn openapi_json(State(state): State<AppState>) -> Json<serde_js
     if let Err(e) = state.replica.read_barrier().await {
         tracing::debug!(error = %e, "serving the OpenAPI document with this node's settings");
     }
-    Json(with_settings(&state.replica.state().settings()))
+    Json(with_settings(&state.replica.state().settings(), state.external_planner.is_some()))
 }
 
-/// The document with the rules validation enforces under `settings` written in.
-fn with_settings(settings: &ClusterSettings) -> serde_json::Value {
+/// The document with the rules validation enforces under `settings` written in (`any_goal`:
+/// an external planner takes any goal).
+fn with_settings(settings: &ClusterSettings, any_goal: bool) -> serde_json::Value {
     let mut api = api().clone();
-    crate::schema_rules::write(&mut api, settings);
+    crate::schema_rules::write(&mut api, settings, any_goal);
     api
 }
 
@@ -77,7 +78,7 @@ fn api() -> &'static serde_json::Value {
 
 /// The document as committed in `api/openapi.json`: that of a cluster with the default settings.
 pub fn document() -> String {
-    serde_json::to_string_pretty(&with_settings(&ClusterSettings::default())).unwrap_or_default() + "\n"
+    serde_json::to_string_pretty(&with_settings(&ClusterSettings::default(), false)).unwrap_or_default() + "\n"
 }
 
 /// The answers that make something new, and where its id is: `(path, method, status, the path

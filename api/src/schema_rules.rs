@@ -21,8 +21,9 @@ const GOAL_WORDS: &str = "availability|available|ha|redundancy|redundant|cost|co
 latency|faster|speed|perf|throughput|recover|heal|fix|repair|prepare|snapshot|backup|stop|shutdown|restart|reboot|\
 start|boot";
 
-/// Writes the rules into `api`, with `settings` for what the cluster's settings decide.
-pub(crate) fn write(api: &mut Value, settings: &ClusterSettings) {
+/// Writes the rules into `api`, with `settings` for what the cluster's settings decide; with
+/// `any_goal` (an external planner takes the goals this one does not know) goals are free text.
+pub(crate) fn write(api: &mut Value, settings: &ClusterSettings, any_goal: bool) {
     let sizes: Vec<Value> = settings.sizes.iter().map(|size| Value::from(size.name.clone())).collect();
     let schemas = &mut api["components"]["schemas"];
     let limits = &settings.limits;
@@ -59,10 +60,14 @@ pub(crate) fn write(api: &mut Value, settings: &ClusterSettings) {
     exec["command"]["prefixItems"] = json!([{"type": "string", "minLength": 1}]);
     exec["env"]["propertyNames"] = json!({"type": "string", "pattern": "^[^=\\u0000]+$"});
 
-    let goal = json!({"type": "string", "pattern": goal_pattern(&sizes),
+    let mut goal = json!({"type": "string", "pattern": goal_pattern(&sizes),
         "description": "What to achieve, in words the planner knows: scale to <size> or to <n> replicas, \
             improve or lower availability, reduce cost, improve performance, recover, prepare (snapshot), \
             stop, restart, start."});
+    if any_goal {
+        goal = json!({"type": "string", "minLength": 1,
+            "description": "What to achieve: the planner's own words, or anything for the external planner."});
+    }
     for request in ["ActionPlanRequest", "IntentRequest"] {
         schemas[request]["properties"]["goal"] = goal.clone();
         schemas[request]["properties"]["constraints"] = constraints();
@@ -148,4 +153,30 @@ fn write_policy_rule(schemas: &mut Value) {
         {"properties": {"kind": {"const": "data_egress"},
             "params": only(&["deny_public_exposure", "deny_open_egress"])}},
     ]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The document may be stricter than the planner, never looser: every word it names, and each
+    /// form of scaling it allows, is a goal the planner understands.
+    #[test]
+    fn every_goal_the_document_allows_is_one_the_planner_understands() {
+        let sizes = runtimeai_model::default_sizes();
+        let pattern =
+            regex::Regex::new(&goal_pattern(&sizes.iter().map(|s| Value::from(s.name.clone())).collect::<Vec<_>>()))
+                .unwrap();
+        let mut goals: Vec<String> = GOAL_WORDS.split('|').map(|word| format!("please {word} now")).collect();
+        goals.extend(
+            ["scale to large", "resize xlarge", "scale to 3 replicas", "scale to 1000 replica"].map(String::from),
+        );
+        for goal in &goals {
+            assert!(pattern.is_match(goal), "the document refuses {goal:?}");
+            assert!(runtimeai_engine::planner::understands(goal, &sizes), "the planner does not understand {goal:?}");
+        }
+        for refused in ["", "make it nice", "scale to 1001 replicas"] {
+            assert!(!pattern.is_match(refused), "the document allows {refused:?}");
+        }
+    }
 }

@@ -389,6 +389,11 @@ async fn an_external_planner_plans_goals_the_deterministic_one_does_not_know() -
     assert_eq!(kinds, ["snapshot", "scale"]);
     assert!(planned.body["rationale"][0].as_str().unwrap().starts_with("external planner (stand-in)"), "{planned:?}");
 
+    phase("the document served with an external planner takes any goal");
+    let document = cluster.call_eventually(2, Method::GET, "/v1/openapi.json", None, &[]).await?.body;
+    let goal_schema = &document["components"]["schemas"]["IntentRequest"]["properties"]["goal"];
+    assert!(goal_schema.get("pattern").is_none() && goal_schema["minLength"] == 1, "{goal_schema}");
+
     phase("as an intent it runs like any plan");
     let intent =
         cluster.call_eventually(1, Method::POST, &format!("/v1/runtimes/{id}/intent"), Some(&goal), &[]).await?;

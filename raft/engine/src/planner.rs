@@ -351,6 +351,12 @@ fn snapshot(reason: &str) -> LifecycleAction {
 }
 
 /// Plans `input.goal` for `input.runtime`.
+/// Whether the planner understands `goal` with the size catalogue `sizes` (it may still find
+/// nothing to do, or be blocked by constraints).
+pub fn understands(goal: &str, sizes: &[SizeEntry]) -> bool {
+    Goal::parse(goal, &Catalogue::new(sizes)).is_ok()
+}
+
 pub fn plan(input: PlanInput<'_>) -> Result<Plan, PlanError> {
     let constraints = Constraints::parse(input.constraints)?;
     let mut p = Planner { input, catalogue: Catalogue::new(input.sizes), constraints, blocked: Vec::new() };
