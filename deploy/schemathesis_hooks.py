@@ -9,10 +9,11 @@ What the OpenAPI document cannot say, said to the generator for the cases meant 
 - an If-Match it makes up names a version that never was: a valid case asks for any (`*`);
 - a command it makes up runs at most 5 s, and logs are read without `follow` (which never ends).
 And how to read the answers that are not JSON: exec's lines (NDJSON) and a file's bytes.
-And the data that random ids never find, made before the run as its own principals would make it
-(schemathesis's advice for "missing test data"): a running sandbox for exec, logs and files, a
-vcluster for its kubeconfig, a runtime with a snapshot to restore and an intent to read, and
-operations another principal asked for that wait for approval (nobody may approve their own).
+And the data random ids never find, made on first use as its own principals would make it, and
+made again when the fuzzer has changed it (schemathesis's advice for "missing test data"): a
+running sandbox for exec, logs and files, a vcluster for its kubeconfig, a stopped VM to start, a
+runtime with a snapshot to restore and an intent to read, and operations another principal asked
+for that wait for approval (nobody may approve their own).
 """
 
 import json
@@ -108,6 +109,16 @@ class Fixtures:
         state = lambda ids: call("GET", f"/v1/runtimes/{ids['runtime_id']}")["state"] == "running"
         return self.still("sandbox", state, make)
 
+    def stopped(self):
+        """A stopped VM, for a start to start."""
+        def make():
+            made = self.runtime("vm")
+            stop = call("POST", f"/v1/runtimes/{made}/lifecycle/stop", {})
+            wait_until(f"/v1/operations/{stop['id']}", lambda o: o["status"] == "succeeded")
+            return {"runtime_id": made}
+        state = lambda ids: call("GET", f"/v1/runtimes/{ids['runtime_id']}")["state"] == "stopped"
+        return self.still("stopped", state, make)
+
     def waiting(self, decision):
         """An operation the operator asked for that waits for approval."""
         def make():
@@ -136,6 +147,8 @@ class Fixtures:
             return self.sandbox()
         if label.endswith(("/logs", "/exec", "/files/{path}")):
             return {"runtime_id": self.sandbox()["runtime_id"]}
+        if label == "POST /v1/runtimes/{runtime_id}/lifecycle/start":
+            return self.stopped()
         if label.endswith("/kubeconfig"):
             return self.running("vcluster")
         if label.endswith(("/lifecycle/restore", "/intent/{intent_id}")):
