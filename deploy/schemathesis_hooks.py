@@ -41,10 +41,17 @@ def call(method, path, body=None, token=ADMIN):
     request.add_header("Idempotency-Key", str(uuid.uuid4()))
     if data is not None:
         request.add_header("Content-Type", "application/octet-stream" if raw else "application/json")
-    try:
-        response = urllib.request.urlopen(request, context=TLS, timeout=30)
-    except urllib.error.HTTPError as error:
-        raise RuntimeError(f"fixture: {method} {path}: {error.code} {error.read().decode(errors='replace')}") from error
+    for attempt in range(50):
+        try:
+            response = urllib.request.urlopen(request, context=TLS, timeout=30)
+            break
+        except urllib.error.HTTPError as error:
+            # A 503 with Retry-After (an election on a loaded machine) is asked again, briefly.
+            if error.code == 503 and attempt < 49:
+                time.sleep(0.2)
+                continue
+            detail = error.read().decode(errors="replace")
+            raise RuntimeError(f"fixture: {method} {path}: {error.code} {detail}") from error
     with response:
         answer = response.read()
         return json.loads(answer) if answer and response.headers.get_content_type().endswith("json") else None
