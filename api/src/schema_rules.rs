@@ -9,7 +9,7 @@
 
 use serde_json::{json, Value};
 
-use runtimeai_model::{ActionKind, ClusterSettings};
+use runtimeai_model::{ActionKind, ClusterSettings, RuleKind};
 
 /// Label keys and values as `validate::labels` accepts them.
 const LABEL_KEY: &str = "^[A-Za-z0-9._/-]+$";
@@ -138,21 +138,23 @@ fn write_policy_rule(schemas: &mut Value) {
     selector["actions"]["items"] = json!({"enum": selectable});
     selector["actor"]["items"] =
         json!({"type": "string", "pattern": "^(human|agent|service|system|(human|agent|service):.+)$"});
-    let only = |names: &[&str]| {
-        let all = ["reason", "max_cost_per_hour", "max_cost_per_month", "deny_public_exposure", "deny_open_egress"];
-        let others: serde_json::Map<String, Value> =
-            all.iter().filter(|n| !names.contains(n)).map(|n| (n.to_string(), json!({"type": "null"}))).collect();
-        json!({"properties": others})
+    let every_param: Vec<&str> = RuleKind::ALL.iter().flat_map(|kind| kind.params()).copied().collect();
+    let branch = |kind: RuleKind| {
+        let others: serde_json::Map<String, Value> = every_param
+            .iter()
+            .filter(|name| !kind.params().contains(name))
+            .map(|name| (name.to_string(), json!({"type": "null"})))
+            .collect();
+        let mut branch = json!({"properties": {"kind": {"const": kind.as_str()}, "params": {"properties": others}}});
+        if kind == RuleKind::BudgetGuardrail {
+            // A budget needs one of its limits.
+            let limit = |name: &&str| json!({"required": [name], "properties": {*name: {"type": "number"}}});
+            branch["required"] = json!(["params"]);
+            branch["properties"]["params"]["anyOf"] = kind.params().iter().map(limit).collect();
+        }
+        branch
     };
-    let limit = |name: &str| json!({"required": [name], "properties": {name: {"type": "number"}}});
-    schemas["PolicyRule"]["oneOf"] = json!([
-        {"properties": {"kind": {"enum": ["deny_action", "allow_action", "require_approval"]}, "params": only(&["reason"])}},
-        {"required": ["params"], "properties": {"kind": {"const": "budget_guardrail"},
-            "params": {"allOf": [only(&["max_cost_per_hour", "max_cost_per_month"]),
-                {"anyOf": [limit("max_cost_per_hour"), limit("max_cost_per_month")]}]}}},
-        {"properties": {"kind": {"const": "data_egress"},
-            "params": only(&["deny_public_exposure", "deny_open_egress"])}},
-    ]);
+    schemas["PolicyRule"]["oneOf"] = RuleKind::ALL.into_iter().map(branch).collect();
 }
 
 #[cfg(test)]

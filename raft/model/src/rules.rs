@@ -33,6 +33,15 @@ pub enum RuleKind {
 }
 
 impl RuleKind {
+    /// Every kind.
+    pub const ALL: [RuleKind; 5] = [
+        RuleKind::DenyAction,
+        RuleKind::AllowAction,
+        RuleKind::RequireApproval,
+        RuleKind::BudgetGuardrail,
+        RuleKind::DataEgress,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RuleKind::DenyAction => "deny_action",

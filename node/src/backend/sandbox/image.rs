@@ -97,7 +97,10 @@ impl ImageStore {
     /// The root file system of the default image, made on first use.
     fn default_rootfs(&self, tools: &Tools) -> Result<PathBuf, BackendError> {
         let busybox = std::fs::read(&tools.busybox)?;
-        self.made_rootfs("busybox", &busybox, |rootfs| self.make_busybox(tools, &busybox, rootfs))
+        self.made_rootfs("busybox", &busybox, |rootfs| {
+            self.make_busybox(tools, &busybox, rootfs)?;
+            chown_tree(rootfs, self.ids.base)
+        })
     }
 
     /// The root file system of the `python` image, made on first use.
@@ -167,7 +170,7 @@ impl ImageStore {
         )?;
         std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
         std::fs::write(rootfs.join("etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n")?;
-        chown_tree(rootfs, self.ids.base)
+        Ok(())
     }
 }
 
