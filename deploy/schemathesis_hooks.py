@@ -2,12 +2,15 @@
 
 What the OpenAPI document cannot say, said to the generator for the cases meant to be valid:
 - every mutating request gets a fresh Idempotency-Key (the generator draws the same few keys for
-  different requests, which the API rightly refuses with 422 idempotency-key-reused);
+  different requests, which the API rightly refuses with 422 idempotency-key-reused), the same in
+  the header and in a body's `idempotency_key`;
 - the tenant_id header agrees with a body's tenant_id (a rule across header and body);
 - the policies the fuzzer makes apply only to runtimes labelled env=fuzz, so that one random
   deny-everything rule does not turn every later request of the run into a 403;
 - an If-Match it makes up names a version that never was: a valid case asks for any (`*`);
-- a command it makes up runs at most 5 s, and logs are read without `follow` (which never ends).
+- a command it makes up runs at most 5 s, and logs are read without `follow` (which never ends);
+- a size catalogue lists its sizes smallest first (cpu and cost never decrease: a rule across the
+  items of an array).
 And how to read the answers that are not JSON: exec's lines (NDJSON) and a file's bytes.
 And the data random ids never find, made on first use as its own principals would make it, and
 made again when the fuzzer has changed it (schemathesis's advice for "missing test data"): a
@@ -182,6 +185,9 @@ def map_case(ctx, case):
     body = case.body if isinstance(case.body, dict) else None
     if "Idempotency-Key" in headers:
         headers["Idempotency-Key"] = str(uuid.uuid4())
+    if body is not None and isinstance(body.get("idempotency_key"), str):
+        # Said twice, the key must agree: header and body are one key.
+        body["idempotency_key"] = headers.get("Idempotency-Key", str(uuid.uuid4()))
     if "If-Match" in headers:
         headers["If-Match"] = "*"
 
@@ -193,6 +199,8 @@ def map_case(ctx, case):
             del headers["tenant_id"]
     if label == "POST /v1/policies" and body is not None:
         body["scope_env"] = "fuzz"
+    if label == "PUT /v1/cluster/settings" and body is not None and isinstance(body.get("sizes"), list):
+        smallest_first(body["sizes"])
     if label == "POST /v1/runtimes/{runtime_id}/exec" and body is not None:
         body["timeout_seconds"] = min(body.get("timeout_seconds") or 5, 5)
     fixture = FIXTURES.for_operation(label) if FIXTURES is not None else {}
@@ -205,6 +213,20 @@ def map_case(ctx, case):
         else:
             case.path_parameters[name] = value
     return case
+
+
+def smallest_first(sizes):
+    """Orders a generated catalogue by cpu and raises each price to at least the one before."""
+    if not all(isinstance(s, dict) and isinstance(s.get("cpu"), (int, float)) for s in sizes):
+        return
+    sizes.sort(key=lambda s: s["cpu"])
+    floor = None
+    for size in sizes:
+        cost = size.get("cost_per_hour")
+        if isinstance(cost, (int, float)) and floor is not None and cost < floor:
+            size["cost_per_hour"] = floor
+        if isinstance(size.get("cost_per_hour"), (int, float)):
+            floor = size["cost_per_hour"]
 
 
 @schemathesis.deserializer("application/x-ndjson")

@@ -102,6 +102,8 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("POST", "/v1/runtimes/{runtime_id}/lifecycle/scale", Needs(Operate)),
         ("POST", "/v1/runtimes/{runtime_id}/lifecycle/snapshot", Needs(Operate)),
         ("POST", "/v1/runtimes/{runtime_id}/lifecycle/restore", Needs(Operate)),
+        ("POST", "/v1/runtimes/{runtime_id}/lifecycle/pause", Needs(Operate)),
+        ("POST", "/v1/runtimes/{runtime_id}/lifecycle/resume", Needs(Operate)),
         // A dry run plans; the handler asks for `operate` when the intent is to be carried out.
         ("POST", "/v1/runtimes/{runtime_id}/intent", Needs(Plan)),
         ("GET", "/v1/runtimes/{runtime_id}/intent/{intent_id}", Needs(Read)),

@@ -44,6 +44,8 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(start_runtime))
         .routes(routes!(stop_runtime))
         .routes(routes!(restart_runtime))
+        .routes(routes!(pause_runtime))
+        .routes(routes!(resume_runtime))
         .routes(routes!(scale_runtime))
         .routes(routes!(snapshot_runtime))
         .routes(routes!(restore_runtime))
@@ -616,6 +618,31 @@ pub(crate) async fn restart_runtime(
     PathParam(runtime_id): PathParam<String>,
 ) -> Result<Response, Problem> {
     begin(&state, &caller, &runtime_id, LifecycleAction::Restart, &()).await
+}
+
+/// Pause a running runtime: its processes frozen with their memory kept (a sandbox's cgroup
+/// freezer, a VM suspended), using no CPU until resumed.
+#[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/lifecycle/pause", tag = "Lifecycle",
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId),
+    responses((status = 202, description = "Accepted", body = OperationView), ProblemResponses))]
+pub(crate) async fn pause_runtime(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam(runtime_id): PathParam<String>,
+) -> Result<Response, Problem> {
+    begin(&state, &caller, &runtime_id, LifecycleAction::Pause, &()).await
+}
+
+/// Resume a paused runtime where it was.
+#[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/lifecycle/resume", tag = "Lifecycle",
+    params(("runtime_id" = String, Path), IfMatch, IdempotencyKey, TenantId),
+    responses((status = 202, description = "Accepted", body = OperationView), ProblemResponses))]
+pub(crate) async fn resume_runtime(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam(runtime_id): PathParam<String>,
+) -> Result<Response, Problem> {
+    begin(&state, &caller, &runtime_id, LifecycleAction::Resume, &()).await
 }
 
 /// Scale a runtime to a size or explicit resources.

@@ -191,10 +191,23 @@ async fn converge(
             }
         }
         (Degraded, Observed::Running { .. }) => drift("running again", "recorded as running".into(), Some(Running)),
-        (Stopped, Observed::Running { .. }) => match backend.stop(&cx, runtime, true, Duration::from_secs(30)).await {
-            Ok(_) => drift("running though stopped", "stopped again".into(), None),
-            Err(e) => drift("running though stopped", format!("could not stop it: {e}"), Some(Degraded)),
+        (Running | Degraded, Observed::Paused) => match backend.resume(&cx, runtime).await {
+            Ok(_) => drift("paused though running", "resumed".into(), Some(Running)),
+            Err(e) => drift("paused though running", format!("could not resume it: {e}"), Some(Degraded)),
         },
+        (Paused, Observed::Running { .. }) => match backend.pause(&cx, runtime).await {
+            Ok(_) => drift("running though paused", "paused again".into(), None),
+            Err(e) => drift("running though paused", format!("could not pause it: {e}"), Some(Degraded)),
+        },
+        (Paused, Observed::Stopped) => drift("ended while paused", "recorded as stopped".into(), Some(Stopped)),
+        (Paused, Observed::Failed(why)) => drift(why, "recorded as failed".into(), Some(Error)),
+        (Paused, Observed::Missing) => drift("missing from the backend", "recorded as failed".into(), Some(Error)),
+        (Stopped, Observed::Running { .. } | Observed::Paused) => {
+            match backend.stop(&cx, runtime, true, Duration::from_secs(30)).await {
+                Ok(_) => drift("running though stopped", "stopped again".into(), None),
+                Err(e) => drift("running though stopped", format!("could not stop it: {e}"), Some(Degraded)),
+            }
+        }
         (Stopped, Observed::Missing) if !short_lived => {
             let created = backend.create(&cx, runtime, &Resources::of(runtime, sizes)).await;
             let stopped = match created {
@@ -230,6 +243,7 @@ fn signals(runtime: &Runtime, observed: &Observed, sizes: &[SizeEntry], node_id:
             (cpu, memory, *latency_ms, "healthy")
         }
         Observed::Stopped => (0.0, 0, None, "stopped"),
+        Observed::Paused => (0.0, 0, None, "paused"),
         Observed::Failed(_) => (0.0, 0, None, "unhealthy"),
         Observed::Missing => (0.0, 0, None, "missing"),
     };

@@ -24,8 +24,9 @@ use serde::Serialize;
 /// a runtime changes by its lifecycle and its labels). 11: a policy rule's selector and
 /// parameters are typed (`runtimeai_model::Selector`, `RuleParams`), not JSON text;
 /// `RuntimeSpec::image`; exec (`ActionKind::Exec`, `LifecycleAction::Exec`, `EventType::RuntimeExec`,
-/// `Op::RecordExec`).
-pub const FORMAT_VERSION: u32 = 11;
+/// `Op::RecordExec`). 12: pause and resume (`ActionKind::Pause`/`Resume`, their
+/// `LifecycleAction`s, `RuntimeState::Paused`).
+pub const FORMAT_VERSION: u32 = 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

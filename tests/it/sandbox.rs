@@ -72,6 +72,7 @@ async fn a_command_runs_in_a_sandbox_through_any_node_and_is_on_record() -> anyh
     assert_eq!(empty.status, 400, "{empty:?}");
     let vm = json!({"name": "box", "type": "vm"});
     let vm = cluster.call_eventually(1, Method::POST, "/v1/runtimes", Some(&vm), &[]).await?;
+    let vm_created = vm.body["active_operation"].as_str().unwrap().to_string();
     let vm = vm.body["id"].as_str().unwrap().to_string();
     let no_shell = exec(&cluster, None, other, &vm, json!({"command": ["id"]})).await?;
     let no_logs = cluster.call(other, Method::GET, &format!("/v1/runtimes/{vm}/logs"), None, &[]).await?;
@@ -186,6 +187,44 @@ async fn a_command_runs_in_a_sandbox_through_any_node_and_is_on_record() -> anyh
         let dead = exec(&cluster, None, via, &talker_id, json!({"command": ["id"]})).await?;
         assert_eq!(dead.status, 409, "{dead:?}");
     }
+
+    phase("paused through any node: frozen, no commands or files; resumed where it was");
+    let lifecycle = |what: &str| format!("/v1/runtimes/{id}/lifecycle/{what}");
+    let paused = cluster.call_eventually(other, Method::POST, &lifecycle("pause"), None, &[]).await?;
+    assert_eq!(paused.status, 202, "{paused:?}");
+    let done = cluster.wait_operation(1, paused.body["id"].as_str().unwrap(), EVENTUALLY).await?;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let (_, record) = cluster.get_runtime(other, &id, false).await?;
+    assert_eq!(record["state"], "paused", "{record}");
+    let freeze = std::path::Path::new("/sys/fs/cgroup/runtimeai").join(&id).join("cgroup.freeze");
+    if freeze.exists() {
+        assert_eq!(std::fs::read_to_string(&freeze)?.trim(), "1", "the host's cgroup is frozen");
+    }
+    let frozen = exec(&cluster, None, other, &id, json!({"command": ["id"]})).await?;
+    assert_eq!(frozen.status, 409, "a paused sandbox takes no commands: {frozen:?}");
+    let notes = cluster.client.get(file("notes.txt")).send().await?;
+    assert_eq!(notes.status(), 409, "its files are read from inside, which is frozen: {:?}", notes.text().await);
+    let twice = cluster.call_eventually(other, Method::POST, &lifecycle("pause"), None, &[]).await?;
+    assert_eq!(twice.status, 409, "{twice:?}");
+    let resumed = cluster.call_eventually(host, Method::POST, &lifecycle("resume"), None, &[]).await?;
+    cluster.wait_operation(1, resumed.body["id"].as_str().unwrap(), EVENTUALLY).await?;
+    let (_, record) = cluster.get_runtime(other, &id, false).await?;
+    assert_eq!(record["state"], "running", "{record}");
+    let again = exec(&cluster, None, other, &id, json!({"command": ["cat", "/work/notes.txt"]})).await?;
+    assert_eq!(printed(&lines(&again), "stdout"), "hello from outside", "{again:?}");
+    cluster.wait_operation(1, &vm_created, EVENTUALLY).await?;
+    let vm_paused =
+        cluster.call_eventually(other, Method::POST, &format!("/v1/runtimes/{vm}/lifecycle/pause"), None, &[]).await?;
+    assert_eq!(vm_paused.status, 202, "a VM is suspended as well: {vm_paused:?}");
+    let agent_pause = cluster.call_as(Some(&agent), other, Method::POST, &lifecycle("pause"), None, &[]).await?;
+    assert_eq!(
+        (agent_pause.status, agent_pause.body["status"].as_str()),
+        (202, Some("pending_approval")),
+        "an agent in its default mode needs approval to pause (it stops service): {agent_pause:?}"
+    );
+    let withdrawn = format!("/v1/operations/{}/cancel", agent_pause.body["id"].as_str().unwrap());
+    let withdrawn = cluster.call_eventually(1, Method::POST, &withdrawn, None, &[]).await?;
+    assert_eq!(withdrawn.status, 200, "{withdrawn:?}");
 
     phase("a stopped sandbox takes no commands");
     let stop =

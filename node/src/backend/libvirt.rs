@@ -206,6 +206,11 @@ fn active(domain: &Domain) -> Result<bool, BackendError> {
     domain.is_active().map_err(classify)
 }
 
+fn paused(domain: &Domain) -> Result<bool, BackendError> {
+    let state = domain.info().map_err(classify)?.state;
+    Ok(matches!(state, Enum::Known(DomainState::Paused)))
+}
+
 #[async_trait::async_trait]
 impl RuntimeBackend for LibvirtBackend {
     fn driver(&self) -> &'static str {
@@ -217,7 +222,7 @@ impl RuntimeBackend for LibvirtBackend {
     }
 
     fn capabilities(&self) -> &'static [runtimeai_model::ActionKind] {
-        super::LIFECYCLE
+        super::LIFECYCLE_AND_PAUSE
     }
 
     async fn create(&self, cx: &CallContext, runtime: &Runtime, resources: &Resources) -> Result<String, BackendError> {
@@ -296,6 +301,10 @@ impl RuntimeBackend for LibvirtBackend {
             let domain = domain(connection, &name)?;
             if !active(&domain)? {
                 return Ok(format!("domain {name} already shut off"));
+            }
+            // A suspended guest hears no ACPI request: it runs again first.
+            if paused(&domain)? {
+                domain.resume().map_err(classify)?;
             }
             // A guest may ignore the ACPI request (or have no OS to hear it): wait, then, with
             // force, power it off.
@@ -410,6 +419,33 @@ impl RuntimeBackend for LibvirtBackend {
         .await
     }
 
+    async fn pause(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        let name = domain_name(runtime);
+        self.step(cx, move |connection| {
+            let domain = domain(connection, &name)?;
+            if !active(&domain)? {
+                return Err(BackendError::Permanent(format!("domain {name} is shut off: nothing to pause")));
+            }
+            if !paused(&domain)? {
+                domain.suspend().map_err(classify)?;
+            }
+            Ok(format!("domain {name} suspended, its memory kept"))
+        })
+        .await
+    }
+
+    async fn resume(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        let name = domain_name(runtime);
+        self.step(cx, move |connection| {
+            let domain = domain(connection, &name)?;
+            if paused(&domain)? {
+                domain.resume().map_err(classify)?;
+            }
+            Ok(format!("domain {name} running again"))
+        })
+        .await
+    }
+
     async fn list_snapshots(&self, runtime: &Runtime) -> Result<Vec<String>, BackendError> {
         let name = domain_name(runtime);
         let connection = self.connection()?;
@@ -429,7 +465,8 @@ impl RuntimeBackend for LibvirtBackend {
             let Some(domain) = lookup(&connection, &name)? else { return Ok(Observed::Missing) };
             let info = domain.info().map_err(classify)?;
             Ok(match info.state {
-                Enum::Known(DomainState::Running | DomainState::Blocked | DomainState::Paused) => Observed::Running {
+                Enum::Known(DomainState::Paused) => Observed::Paused,
+                Enum::Known(DomainState::Running | DomainState::Blocked) => Observed::Running {
                     cpu: f64::from(info.nr_virt_cpu),
                     memory_bytes: info.memory * 1024,
                     latency_ms: None,
@@ -505,6 +542,18 @@ mod tests {
         let missing = backend.restore(&cx("op_restore_bad"), &runtime, "snap_404").await.unwrap_err();
         assert!(matches!(missing, BackendError::Permanent(_)), "{missing}");
         backend.restart(&cx("op_restart"), &runtime).await.unwrap();
+
+        for attempt in ["op_pause", "op_pause_retry"] {
+            backend.pause(&cx(attempt), &runtime).await.unwrap();
+        }
+        assert_eq!(backend.status(&runtime).await.unwrap(), Observed::Paused);
+        backend.resume(&cx("op_resume"), &runtime).await.unwrap();
+        assert!(matches!(backend.status(&runtime).await.unwrap(), Observed::Running { .. }));
+        backend.pause(&cx("op_pause_before_stop"), &runtime).await.unwrap();
+        backend.stop(&cx("op_stop_paused"), &runtime, true, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(backend.status(&runtime).await.unwrap(), Observed::Stopped, "a suspended domain stops");
+        let off = backend.pause(&cx("op_pause_off"), &runtime).await.unwrap_err();
+        assert!(off.to_string().contains("shut off"), "{off}");
 
         backend.delete(&cx("op_delete"), &runtime).await.unwrap();
         backend.delete(&cx("op_delete_retry"), &runtime).await.unwrap();

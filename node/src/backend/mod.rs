@@ -43,8 +43,22 @@ pub const LIFECYCLE: &[runtimeai_model::ActionKind] = &[
     runtimeai_model::ActionKind::Restore,
 ];
 
-/// What a sandbox (or agent runtime) under crun does: the lifecycle, and `exec` (with logs and
-/// files), which the node that hosts it carries out at once, not as an operation.
+/// The lifecycle, and pause and resume: what drivers that can freeze a runtime with its memory
+/// do (libvirt suspends a domain; the simulated driver pretends to).
+pub const LIFECYCLE_AND_PAUSE: &[runtimeai_model::ActionKind] = &[
+    runtimeai_model::ActionKind::Start,
+    runtimeai_model::ActionKind::Stop,
+    runtimeai_model::ActionKind::Restart,
+    runtimeai_model::ActionKind::Scale,
+    runtimeai_model::ActionKind::Snapshot,
+    runtimeai_model::ActionKind::Restore,
+    runtimeai_model::ActionKind::Pause,
+    runtimeai_model::ActionKind::Resume,
+];
+
+/// What a sandbox (or agent runtime) under crun does: the lifecycle, pause and resume (its
+/// cgroup frozen), and `exec` (with logs and files), which the node that hosts it carries out
+/// at once, not as an operation.
 pub const SANDBOX: &[runtimeai_model::ActionKind] = &runtimeai_model::ActionKind::ON_BACKENDS;
 
 /// What every backend call carries.
@@ -111,6 +125,8 @@ pub enum Observed {
         latency_ms: Option<f64>,
     },
     Stopped,
+    /// Frozen, its memory kept.
+    Paused,
     /// Exists but failed (a crashed process, a domain in a crashed state).
     Failed(String),
     /// The backend has nothing for this runtime.
@@ -147,6 +163,14 @@ pub trait RuntimeBackend: Send + Sync + std::fmt::Debug {
         name: &str,
     ) -> Result<String, BackendError>;
     async fn restore(&self, cx: &CallContext, runtime: &Runtime, snapshot_id: &str) -> Result<String, BackendError>;
+    /// Freezes a running runtime, keeping its memory (only drivers whose capabilities say so).
+    async fn pause(&self, _: &CallContext, _: &Runtime) -> Result<String, BackendError> {
+        Err(BackendError::Unsupported(format!("{} runtimes cannot pause", self.driver())))
+    }
+    /// Thaws a paused runtime.
+    async fn resume(&self, _: &CallContext, _: &Runtime) -> Result<String, BackendError> {
+        Err(BackendError::Unsupported(format!("{} runtimes cannot resume", self.driver())))
+    }
     /// The snapshot ids the backend holds for the runtime.
     async fn list_snapshots(&self, runtime: &Runtime) -> Result<Vec<String>, BackendError>;
     /// What the backend has of the runtime now.
@@ -185,6 +209,8 @@ pub async fn execute(
         }
         LifecycleAction::Snapshot { snapshot_id, name, .. } => backend.snapshot(cx, runtime, snapshot_id, name).await,
         LifecycleAction::Restore { snapshot_id } => backend.restore(cx, runtime, snapshot_id).await,
+        LifecycleAction::Pause => backend.pause(cx, runtime).await,
+        LifecycleAction::Resume => backend.resume(cx, runtime).await,
         LifecycleAction::Sequence { .. } => {
             Err(BackendError::Permanent("a sequence reaches the backend one action at a time".into()))
         }

@@ -100,7 +100,7 @@ impl RuntimeBackend for SimulatedBackend {
     }
 
     fn capabilities(&self) -> &'static [runtimeai_model::ActionKind] {
-        super::LIFECYCLE
+        super::LIFECYCLE_AND_PAUSE
     }
 
     async fn create(&self, cx: &CallContext, runtime: &Runtime, _: &Resources) -> Result<String, BackendError> {
@@ -135,6 +135,14 @@ impl RuntimeBackend for SimulatedBackend {
         self.apply(cx, runtime, "restore").await
     }
 
+    async fn pause(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        self.apply(cx, runtime, "pause").await
+    }
+
+    async fn resume(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        self.apply(cx, runtime, "resume").await
+    }
+
     async fn list_snapshots(&self, runtime: &Runtime) -> Result<Vec<String>, BackendError> {
         Ok(runtime.snapshots.iter().map(|s| s.id.clone()).collect())
     }
@@ -145,6 +153,7 @@ impl RuntimeBackend for SimulatedBackend {
                 Observed::Running { cpu: 0.0, memory_bytes: 0, latency_ms: None }
             }
             RuntimeState::Error => Observed::Failed("the runtime is in error".into()),
+            RuntimeState::Paused => Observed::Paused,
             _ => Observed::Stopped,
         })
     }

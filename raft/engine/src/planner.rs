@@ -336,7 +336,7 @@ pub fn check_plan(input: PlanInput<'_>, actions: &[LifecycleAction]) -> Result<V
         label: "the external plan".into(),
         actions: actions.to_vec(),
         spec,
-        running: !matches!(state, RuntimeState::Stopped | RuntimeState::Deleted),
+        running: !matches!(state, RuntimeState::Stopped | RuntimeState::Paused | RuntimeState::Deleted),
         why: String::new(),
     };
     Ok(p.violations(&option).into_iter().map(|v| format!("{v}: {} ruled out", option.label)).collect())
@@ -510,7 +510,7 @@ impl Planner<'_> {
                 label: "a snapshot".into(),
                 actions: vec![snapshot("taken by the planner before a change")],
                 spec: self.input.runtime.spec.clone(),
-                running: self.input.runtime.state != RuntimeState::Stopped,
+                running: !matches!(self.input.runtime.state, RuntimeState::Stopped | RuntimeState::Paused),
                 why: "a snapshot makes the coming change reversible".into(),
             }]),
             Goal::Restart => self.as_asked("restart", LifecycleAction::Restart),
@@ -567,6 +567,7 @@ impl Planner<'_> {
         let unhealthy = matches!(health.as_deref(), Some("unhealthy" | "degraded"));
         let (action, why) = match runtime.state {
             RuntimeState::Stopped => (LifecycleAction::Start, "the runtime is stopped: start it".to_string()),
+            RuntimeState::Paused => (LifecycleAction::Resume, "the runtime is paused: resume it".to_string()),
             RuntimeState::Error | RuntimeState::Degraded => {
                 (LifecycleAction::Restart, format!("the runtime is {}: restart it", runtime.state.as_str()))
             }
@@ -739,6 +740,7 @@ mod tests {
     #[test]
     fn recover_follows_state_and_health() {
         assert_eq!(kinds(&run(&runtime("small", Stopped), "recover", json!({}), SafeFirst).unwrap()), ["start"]);
+        assert_eq!(kinds(&run(&runtime("small", Paused), "recover", json!({}), SafeFirst).unwrap()), ["resume"]);
         assert_eq!(kinds(&run(&runtime("small", Error), "heal it", json!({}), SafeFirst).unwrap()), ["restart"]);
         let healthy = run(&runtime("small", Running), "recover", json!({}), SafeFirst).unwrap();
         assert!(healthy.actions.is_empty() && healthy.rationale[0].contains("nothing to recover"));

@@ -115,7 +115,7 @@ pub fn deciding(decisions: &[PolicyDecision]) -> Option<&PolicyDecision> {
     decisions.iter().find(|d| d.verdict == verdict)
 }
 
-/// Whether an action takes something away: stop, delete, restore, or a scale down.
+/// Whether an action takes something away: stop, pause, delete, restore, or a scale down.
 pub fn is_destructive(action: &LifecycleAction, before: &Runtime, catalogue: Catalogue<'_>) -> bool {
     destroys(action, &before.spec, catalogue)
 }
@@ -123,7 +123,10 @@ pub fn is_destructive(action: &LifecycleAction, before: &Runtime, catalogue: Cat
 /// [`is_destructive`] for a runtime whose spec is `before`.
 fn destroys(action: &LifecycleAction, before: &RuntimeSpec, catalogue: Catalogue<'_>) -> bool {
     match action {
-        LifecycleAction::Stop { .. } | LifecycleAction::Delete | LifecycleAction::Restore { .. } => true,
+        LifecycleAction::Stop { .. }
+        | LifecycleAction::Pause
+        | LifecycleAction::Delete
+        | LifecycleAction::Restore { .. } => true,
         LifecycleAction::Scale { .. } => {
             let mut after = before.clone();
             action.apply_to_spec(&mut after);
@@ -396,6 +399,8 @@ mod tests {
             (Balanced, &dev, LifecycleAction::Restart, Allow),
             (Balanced, &dev, stop(), Allow),
             (Balanced, &prod, stop(), RequireApproval),
+            (Balanced, &prod, LifecycleAction::Pause, RequireApproval),
+            (Balanced, &prod, LifecycleAction::Resume, Allow),
             (Balanced, &prod, scale("small"), RequireApproval),
             (Balanced, &prod, scale("large"), Allow),
             (Aggressive, &prod, stop(), Allow),

@@ -26,11 +26,14 @@ pub enum ActionKind {
     /// A command run in a running sandbox (`POST /v1/runtimes/{id}/exec`): judged by the
     /// policies, never an operation.
     Exec,
+    /// Freezes a running runtime, keeping its memory.
+    Pause,
+    Resume,
 }
 
 impl ActionKind {
     /// Every kind.
-    pub const ALL: [ActionKind; 11] = [
+    pub const ALL: [ActionKind; 13] = [
         ActionKind::Create,
         ActionKind::Start,
         ActionKind::Stop,
@@ -42,11 +45,13 @@ impl ActionKind {
         ActionKind::Execute,
         ActionKind::Relabel,
         ActionKind::Exec,
+        ActionKind::Pause,
+        ActionKind::Resume,
     ];
 
     /// What a backend may support besides create and delete (which every backend does): what a
     /// runtime's capabilities are made of.
-    pub const ON_BACKENDS: [ActionKind; 7] = [
+    pub const ON_BACKENDS: [ActionKind; 9] = [
         ActionKind::Start,
         ActionKind::Stop,
         ActionKind::Restart,
@@ -54,6 +59,8 @@ impl ActionKind {
         ActionKind::Snapshot,
         ActionKind::Restore,
         ActionKind::Exec,
+        ActionKind::Pause,
+        ActionKind::Resume,
     ];
 
     /// Its name, as operations, events, selectors and capabilities spell it.
@@ -70,6 +77,8 @@ impl ActionKind {
             ActionKind::Execute => "execute",
             ActionKind::Relabel => "relabel",
             ActionKind::Exec => "exec",
+            ActionKind::Pause => "pause",
+            ActionKind::Resume => "resume",
         }
     }
 
@@ -132,6 +141,8 @@ pub enum LifecycleAction {
     Exec {
         command: Vec<String>,
     },
+    Pause,
+    Resume,
 }
 
 /// Why an action cannot run on a runtime in its current state.
@@ -157,6 +168,8 @@ impl LifecycleAction {
             LifecycleAction::Sequence { .. } => ActionKind::Execute,
             LifecycleAction::Relabel { .. } => ActionKind::Relabel,
             LifecycleAction::Exec { .. } => ActionKind::Exec,
+            LifecycleAction::Pause => ActionKind::Pause,
+            LifecycleAction::Resume => ActionKind::Resume,
         }
     }
 
@@ -204,9 +217,12 @@ impl LifecycleAction {
     /// | action | allowed from | while running | after success |
     /// |---|---|---|---|
     /// | start | stopped, error | unchanged | running |
-    /// | stop | running, degraded, error | unchanged | stopped |
+    /// | stop | running, degraded, error, paused | unchanged | stopped |
     /// | restart | running, degraded, error | unchanged | running |
-    /// | scale, snapshot | running, stopped, degraded | unchanged | unchanged |
+    /// | pause | running, degraded | unchanged | paused |
+    /// | resume | paused | unchanged | running |
+    /// | scale | running, stopped, degraded | unchanged | unchanged |
+    /// | snapshot | running, stopped, degraded, paused | unchanged | unchanged |
     /// | restore | running, stopped, degraded, error | unchanged | unchanged |
     /// | delete | any but deleting, deleted | deleting | deleted (record removed) |
     /// | relabel (once approved) | any but deleting, deleted | unchanged | unchanged |
@@ -232,10 +248,12 @@ impl LifecycleAction {
         let allowed = match self {
             LifecycleAction::Create => matches!(state, Creating),
             LifecycleAction::Start => matches!(state, Stopped | Error),
-            LifecycleAction::Stop { .. } | LifecycleAction::Restart => matches!(state, Running | Degraded | Error),
-            LifecycleAction::Scale { .. } | LifecycleAction::Snapshot { .. } => {
-                matches!(state, Running | Stopped | Degraded)
-            }
+            LifecycleAction::Stop { .. } => matches!(state, Running | Degraded | Error | Paused),
+            LifecycleAction::Restart => matches!(state, Running | Degraded | Error),
+            LifecycleAction::Scale { .. } => matches!(state, Running | Stopped | Degraded),
+            LifecycleAction::Snapshot { .. } => matches!(state, Running | Stopped | Degraded | Paused),
+            LifecycleAction::Pause => matches!(state, Running | Degraded),
+            LifecycleAction::Resume => matches!(state, Paused),
             LifecycleAction::Restore { .. } => matches!(state, Running | Stopped | Degraded | Error),
             LifecycleAction::Delete | LifecycleAction::Relabel { .. } => !matches!(state, Deleting | Deleted),
             LifecycleAction::Exec { .. } => matches!(state, Running | Degraded),
@@ -246,7 +264,8 @@ impl LifecycleAction {
         }
         Ok(match self {
             LifecycleAction::Create => (Creating, Running),
-            LifecycleAction::Start | LifecycleAction::Restart => (state, Running),
+            LifecycleAction::Start | LifecycleAction::Restart | LifecycleAction::Resume => (state, Running),
+            LifecycleAction::Pause => (state, Paused),
             LifecycleAction::Stop { .. } => (state, Stopped),
             LifecycleAction::Delete => (Deleting, Deleted),
             _ => (state, state),
@@ -276,12 +295,19 @@ mod tests {
         assert_eq!(stop.transition(Running), Ok((Running, Stopped)));
         assert_eq!(LifecycleAction::Delete.transition(Running), Ok((Deleting, Deleted)));
         assert_eq!(LifecycleAction::Create.transition(Creating), Ok((Creating, Running)));
+        assert_eq!(LifecycleAction::Pause.transition(Running), Ok((Running, Paused)));
+        assert_eq!(LifecycleAction::Resume.transition(Paused), Ok((Paused, Running)));
+        assert_eq!(stop.transition(Paused), Ok((Paused, Stopped)), "a paused runtime can be stopped");
         let refused = [
             (LifecycleAction::Start, Running),
             (stop.clone(), Stopped),
             (LifecycleAction::Restart, Creating),
             (LifecycleAction::Delete, Deleting),
             (LifecycleAction::Scale { size: None, resources: None }, Deleting),
+            (LifecycleAction::Pause, Paused),
+            (LifecycleAction::Resume, Running),
+            (LifecycleAction::Restart, Paused),
+            (LifecycleAction::Exec { command: vec!["true".into()] }, Paused),
         ];
         let sequence = LifecycleAction::Sequence {
             actions: vec![stop.clone(), LifecycleAction::Scale { size: None, resources: None }, LifecycleAction::Start],

@@ -466,7 +466,8 @@ pub struct ClusterSettings {
     /// Events older than this many days are dropped; at least [`EVENT_RETENTION_FLOOR_DAYS`].
     #[schema(minimum = 7, maximum = 36500)]
     pub event_retention_days: u64,
-    /// The size catalogue, smallest first: what `size` names mean and what they cost.
+    /// The size catalogue, smallest first (each size's `cpu` and `cost_per_hour` at least the
+    /// previous one's): what `size` names mean and what they cost.
     #[serde(default = "default_sizes")]
     #[schema(min_items = 1)]
     pub sizes: Vec<SizeEntry>,

@@ -14,7 +14,8 @@ pub enum RuntimeType {
     AgentRuntime,
 }
 
-/// Lifecycle state: `creating → running ⇄ stopped`, `degraded`, `deleting → deleted`, `error`.
+/// Lifecycle state: `creating → running ⇄ stopped`, `running ⇄ paused`, `degraded`,
+/// `deleting → deleted`, `error`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RuntimeState {
@@ -25,6 +26,9 @@ pub enum RuntimeState {
     Deleting,
     Deleted,
     Error,
+    /// Frozen with its memory kept (a sandbox's cgroup freezer, a VM suspended): it uses no
+    /// CPU until resumed.
+    Paused,
 }
 
 impl RuntimeState {
@@ -37,6 +41,7 @@ impl RuntimeState {
             RuntimeState::Deleting => "deleting",
             RuntimeState::Deleted => "deleted",
             RuntimeState::Error => "error",
+            RuntimeState::Paused => "paused",
         }
     }
 }

@@ -101,6 +101,21 @@ impl Cgroups {
         std::fs::read_to_string(file).ok()?.trim().parse().ok()
     }
 
+    /// Whether the sandbox's processes are frozen (paused), as the freezer says; `None` where
+    /// the host has no freezer to ask.
+    pub(super) fn frozen(&self, id: &str) -> Option<bool> {
+        match self {
+            Cgroups::V2 { root } => {
+                let freeze = std::fs::read_to_string(root.join(id).join("cgroup.freeze")).ok()?;
+                Some(freeze.trim() == "1")
+            }
+            Cgroups::V1 { memory, .. } => {
+                let state = memory.parent()?.parent()?.join("freezer/runtimeai").join(id).join("freezer.state");
+                Some(std::fs::read_to_string(state).ok()?.trim() != "THAWED")
+            }
+        }
+    }
+
     /// The processes in the sandbox's groups.
     pub(super) fn processes(&self, id: &str) -> Vec<i32> {
         let procs = self.dirs(id).into_iter().filter_map(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok());

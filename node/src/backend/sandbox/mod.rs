@@ -385,10 +385,33 @@ impl SandboxBackend {
         }
     }
 
+    /// Runs `crun` on a container and says why when it fails.
+    async fn crun_checked(&self, args: &[&str]) -> Result<(), BackendError> {
+        let output = tokio::process::Command::from(self.crun_command())
+            .args(args)
+            .output()
+            .await
+            .map_err(|e| BackendError::Retryable(format!("cannot run crun: {e}")))?;
+        if output.status.success() {
+            return Ok(());
+        }
+        let why = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        Err(BackendError::Retryable(format!("crun {}: {why}", args.join(" "))))
+    }
+
+    /// Whether the sandbox's processes are frozen.
+    fn frozen(&self, id: &str) -> bool {
+        self.cgroups.as_ref().and_then(|c| c.frozen(id)).unwrap_or(false)
+    }
+
     /// SIGTERM to the sandbox's init (which passes it on), SIGKILL to every process of it if
     /// `launch` has not ended after `timeout`; returns once it has, saying how.
     async fn end_container(&self, id: &str, launch: &Launch, timeout: Duration) -> String {
         let ended = || start_ticks(launch.pid) != Some(launch.start_ticks);
+        // A frozen sandbox would hear its SIGTERM only once thawed.
+        if self.frozen(id) {
+            self.crun(&["resume", id]).await;
+        }
         self.crun(&["kill", id, "TERM"]).await;
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
@@ -410,7 +433,8 @@ impl SandboxBackend {
     /// Archives the sandbox's layer to `archive`; a running sandbox is archived live, and the
     /// answer says so (a file it writes meanwhile may be archived half-written).
     async fn archive_layer(&self, runtime: &Runtime, archive: &Path) -> Result<&'static str, BackendError> {
-        let running = self.alive(runtime).is_some();
+        // A paused sandbox writes nothing: its archive is consistent.
+        let running = self.alive(runtime).is_some() && !self.frozen(&runtime.id);
         let layer = Layer::of(&self.dir(runtime));
         layer.mount_layer(&self.tools, self.ids)?;
         let upper = layer.upper();
@@ -781,6 +805,32 @@ impl RuntimeBackend for SandboxBackend {
         .await
     }
 
+    async fn pause(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        self.step(cx, || async {
+            if self.alive(runtime).is_none() {
+                return Err(BackendError::Permanent("the sandbox does not run: nothing to pause".into()));
+            }
+            if !self.frozen(&runtime.id) {
+                self.crun_checked(&["pause", &runtime.id]).await?;
+            }
+            Ok("its processes frozen, their memory kept".to_string())
+        })
+        .await
+    }
+
+    async fn resume(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        self.step(cx, || async {
+            if self.alive(runtime).is_none() {
+                return Err(BackendError::Permanent("the sandbox ended while it was paused".into()));
+            }
+            if self.frozen(&runtime.id) {
+                self.crun_checked(&["resume", &runtime.id]).await?;
+            }
+            Ok("its processes thawed".to_string())
+        })
+        .await
+    }
+
     async fn list_snapshots(&self, runtime: &Runtime) -> Result<Vec<String>, BackendError> {
         let mut ids = Vec::new();
         if let Ok(entries) = std::fs::read_dir(self.dir(runtime).join("snapshots")) {
@@ -831,6 +881,9 @@ impl RuntimeBackend for SandboxBackend {
         }
         rotate_logs(&dir);
         if let Some(launch) = self.alive(runtime) {
+            if self.frozen(&runtime.id) {
+                return Ok(Observed::Paused);
+            }
             if let Some(used) = self.cgroups.as_ref().and_then(|c| c.memory_usage(&runtime.id)) {
                 return Ok(Observed::Running { cpu: 0.0, memory_bytes: used, latency_ms: None });
             }
@@ -972,6 +1025,51 @@ mod tests {
 
     fn lines(path: &Path) -> usize {
         std::fs::read_to_string(path).unwrap_or_default().lines().count()
+    }
+
+    /// The count a sandbox's counting loop has written to `count` in its work directory.
+    fn count(root: &TestRoot, id: &str) -> u64 {
+        std::fs::read_to_string(work(root, id).join("count")).unwrap_or_default().trim().parse().unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn a_paused_sandbox_uses_no_cpu_and_resumes_where_it_was() {
+        if !sandboxes_allowed() {
+            return;
+        }
+        let root = TestRoot::new();
+        let backend = backend_in(&root);
+        // The count lives in the shell's memory: a restart would begin again from 1.
+        let counter = sandbox("rt_pause", "i=0; while :; do i=$((i+1)); echo $i > count; sleep 0.02; done");
+        backend.create(&cx("op_create"), &counter, &ONE_GIB).await.unwrap();
+        let pid = backend.launched(&counter).unwrap().pid;
+        eventually("it counts", async || (count(&root, "rt_pause") > 5).then_some(())).await;
+
+        for attempt in ["op_pause", "op_pause_retry"] {
+            backend.pause(&cx(attempt), &counter).await.unwrap();
+        }
+        assert_eq!(backend.status(&counter).await.unwrap(), Observed::Paused);
+        let frozen_at = count(&root, "rt_pause");
+        let cpu_before = backend.cgroups.as_ref().and_then(|c| c.cpu_usage_ns("rt_pause"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(count(&root, "rt_pause"), frozen_at, "a paused sandbox does not run");
+        let cpu_after = backend.cgroups.as_ref().and_then(|c| c.cpu_usage_ns("rt_pause"));
+        assert_eq!(cpu_before, cpu_after, "nor uses any CPU");
+
+        backend.resume(&cx("op_resume"), &counter).await.unwrap();
+        eventually("it counts again", async || (count(&root, "rt_pause") > frozen_at).then_some(())).await;
+        let resumed_at = count(&root, "rt_pause");
+        assert!(resumed_at > frozen_at && resumed_at < frozen_at + 50, "on from {frozen_at}, not from 1: {resumed_at}");
+        assert_eq!(backend.launched(&counter).unwrap().pid, pid, "the same process, its memory kept");
+
+        backend.pause(&cx("op_pause_again"), &counter).await.unwrap();
+        let started = Instant::now();
+        backend.stop(&cx("op_stop"), &counter, false, Duration::from_secs(10)).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5), "a paused sandbox stops at once: {:?}", started.elapsed());
+        assert_eq!(backend.status(&counter).await.unwrap(), Observed::Stopped);
+        let refused = backend.pause(&cx("op_pause_stopped"), &counter).await.unwrap_err();
+        assert!(matches!(refused, BackendError::Permanent(_)), "{refused}");
+        backend.delete(&cx("op_delete"), &counter).await.unwrap();
     }
 
     #[tokio::test]
