@@ -9,8 +9,9 @@ What the OpenAPI document cannot say, said to the generator for the cases meant 
   deny-everything rule does not turn every later request of the run into a 403;
 - an If-Match it makes up names a version that never was: a valid case asks for any (`*`);
 - a command it makes up runs at most 5 s, and logs are read without `follow` (which never ends);
-- a size catalogue lists its sizes smallest first (cpu and cost never decrease: a rule across the
-  items of an array).
+- a key's expiry is in the future (the document can say only that it is a date-time);
+- a size catalogue lists its sizes smallest first (cpu and cost never decrease) and names each
+  once: rules across the items of an array.
 And how to read the answers that are not JSON: exec's lines (NDJSON) and a file's bytes.
 And the data random ids never find, made on first use as its own principals would make it, and
 made again when the fuzzer has changed it (schemathesis's advice for "missing test data"): a
@@ -199,6 +200,9 @@ def map_case(ctx, case):
             del headers["tenant_id"]
     if label == "POST /v1/policies" and body is not None:
         body["scope_env"] = "fuzz"
+    if label == "POST /v1/keys" and body is not None and body.get("expires_at") is not None:
+        # A time the document can only call a date-time, which must be ahead of the clock.
+        body["expires_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 86400))
     if label == "PUT /v1/cluster/settings" and body is not None and isinstance(body.get("sizes"), list):
         smallest_first(body["sizes"])
     if label == "POST /v1/runtimes/{runtime_id}/exec" and body is not None:
@@ -216,9 +220,15 @@ def map_case(ctx, case):
 
 
 def smallest_first(sizes):
-    """Orders a generated catalogue by cpu and raises each price to at least the one before."""
+    """Orders a generated catalogue by cpu, raises each price to at least the one before, and
+    names each size once."""
     if not all(isinstance(s, dict) and isinstance(s.get("cpu"), (int, float)) for s in sizes):
         return
+    seen = set()
+    for i, size in enumerate(sizes):
+        if isinstance(size.get("name"), str) and size["name"] in seen:
+            size["name"] = f"{size['name'][:55]}-{i}"
+        seen.add(size.get("name"))
     sizes.sort(key=lambda s: s["cpu"])
     floor = None
     for size in sizes:

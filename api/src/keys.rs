@@ -69,7 +69,7 @@ pub struct KeyCreateRequest {
     /// For agents: `read_only`, `suggest_only` (default) or `act`.
     #[serde(default)]
     pub agent_mode: Option<AgentMode>,
-    /// When it stops authenticating (RFC 3339); never when absent.
+    /// When it stops authenticating (RFC 3339, in the future); never when absent.
     #[serde(default)]
     pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
@@ -233,7 +233,7 @@ pub(crate) async fn revoke_key(
 #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyRotateRequest {
-    /// The new key's expiry; the old key's when absent.
+    /// The new key's expiry (in the future); the old key's when absent.
     #[serde(default)]
     pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }

@@ -47,6 +47,7 @@ use axum::Router;
 
 use runtimeai_raft::Replica;
 
+pub use mutation::new_id;
 pub use problem::Problem;
 
 /// What every handler needs.

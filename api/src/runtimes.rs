@@ -14,8 +14,8 @@ use utoipa::{IntoParams, ToSchema};
 use runtimeai_engine::placement;
 use runtimeai_model::{
     capability, ActionKind, Actor, BackendInfo, BackendKind, BackendRef, ClusterSettings, Event, LifecycleAction,
-    Operation, OperationStatus, Placement, PolicyMode, ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec,
-    RuntimeState, RuntimeType, SizeEntry, Timestamp,
+    Operation, Placement, PolicyMode, ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec, RuntimeState,
+    RuntimeType, SizeEntry, Timestamp,
 };
 use runtimeai_raft::command::{BeginOperation, CreateRuntime, PatchLabels};
 use runtimeai_raft::state_reader::NotAnEventId;
@@ -185,27 +185,7 @@ pub(crate) fn new_operation(
     requested_by: Actor,
     policy_mode: PolicyMode,
 ) -> Operation {
-    Operation {
-        id: new_id("op"),
-        runtime_id: runtime_id.to_string(),
-        action,
-        prior_state,
-        status: OperationStatus::Queued,
-        created_at: at,
-        finished_at: None,
-        progress: None,
-        error: None,
-        failed_action: None,
-        completed_actions: 0,
-        action_messages: Vec::new(),
-        requested_by,
-        policy_mode,
-        decisions: Vec::new(),
-        approval: None,
-        assignment: None,
-        attempts: 0,
-        version: 1,
-    }
+    Operation::queued(new_id("op"), runtime_id, action, prior_state, at, requested_by, policy_mode)
 }
 
 /// The cluster's size catalogue, as replicated.
@@ -279,6 +259,7 @@ pub(crate) async fn create_runtime(
 ) -> Result<Response, Problem> {
     validate::name(&request.name, "$.name")?;
     validate::image(request.spec.image.as_deref(), request.runtime_type, "$.spec.image")?;
+    validate::lifetimes(&request.spec, request.runtime_type, "$.spec")?;
     check_settings(&state, |settings| validate::spec(&request.spec, "$.spec", &settings.sizes)).await?;
     let labels = request.labels.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect();
     validate::labels(&labels, "$.labels")?;
@@ -300,6 +281,8 @@ pub(crate) async fn create_runtime(
         spec: request.spec.clone(),
         active_operation: Some(operation.id.clone()),
         placement: Some(placement),
+        expires_at: request.spec.ttl_seconds.map(|ttl| now + chrono::Duration::seconds(ttl as i64)),
+        last_activity_at: Some(now),
         ..Runtime::new(id.clone(), request.name.clone(), request.runtime_type, now)
     };
     // Refused here, before it costs the log anything; apply checks again (and the quota).

@@ -42,7 +42,8 @@ pub(crate) fn write(api: &mut Value, settings: &ClusterSettings, any_goal: bool)
     schemas["RuntimeCreateRequest"]["allOf"] = json!([{"properties": {"spec": size_of(&sizes)}}]);
     schemas["RuntimeCreateRequest"]["oneOf"] = json!([
         {"properties": {"type": {"enum": ["sandbox", "agent_runtime"]}}},
-        {"properties": {"type": {"enum": ["vm", "vcluster"]}, "spec": {"properties": {"image": {"type": "null"}}}}},
+        {"properties": {"type": {"enum": ["vm", "vcluster"]},
+            "spec": {"properties": {"image": {"type": "null"}, "idle_timeout_seconds": {"type": "null"}}}}},
     ]);
     schemas["RuntimePatch"]["properties"]["labels"] = label_map(true);
 

@@ -78,6 +78,27 @@ pub fn spec(value: &RuntimeSpec, path: &str, sizes: &[SizeEntry]) -> Result<(), 
     Ok(())
 }
 
+/// The longest `ttl_seconds` or `idle_timeout_seconds` (a year).
+pub const MAX_LIFETIME_SECONDS: u64 = 31_536_000;
+
+/// A TTL and an idle timeout are 1 s to a year; only a sandbox or an agent runtime (whose use
+/// the cluster sees: commands run in it) has an idle timeout.
+pub fn lifetimes(spec: &RuntimeSpec, runtime_type: RuntimeType, path: &str) -> Result<(), Problem> {
+    for (field, value) in [("ttl_seconds", spec.ttl_seconds), ("idle_timeout_seconds", spec.idle_timeout_seconds)] {
+        if value.is_some_and(|seconds| !(1..=MAX_LIFETIME_SECONDS).contains(&seconds)) {
+            return Err(invalid(&format!("{path}.{field}"), format!("must be 1 to {MAX_LIFETIME_SECONDS} seconds")));
+        }
+    }
+    if spec.idle_timeout_seconds.is_some() && !matches!(runtime_type, RuntimeType::Sandbox | RuntimeType::AgentRuntime)
+    {
+        return Err(invalid(
+            &format!("{path}.idle_timeout_seconds"),
+            "only sandboxes and agent runtimes have an idle timeout (the cluster sees their use)",
+        ));
+    }
+    Ok(())
+}
+
 /// An image is a sandbox's (VMs start from an empty disk so far), named as a registry names it.
 pub fn image(value: Option<&str>, runtime_type: RuntimeType, path: &str) -> Result<(), Problem> {
     let Some(image) = value else { return Ok(()) };

@@ -11,12 +11,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use runtimeai_api::new_id;
 use runtimeai_engine::Catalogue;
 use runtimeai_model::{
-    Actor, Operation, OperationError, OperationProgress, OperationStatus, Runtime, RuntimeSignals, RuntimeState,
-    SizeEntry,
+    Actor, Expiry, Operation, OperationError, OperationProgress, OperationStatus, Runtime, RuntimeSignals,
+    RuntimeState, SizeEntry,
 };
-use runtimeai_raft::command::{AdvanceOperation, RecordDrift, RenewLease, ReportSignals};
+use runtimeai_raft::command::{AdvanceOperation, ExpireRuntime, RecordDrift, RenewLease, ReportSignals};
 use runtimeai_raft::{ClusterError, Command, CommandReply, Op, Rejection, Replica};
 use tokio::sync::watch;
 
@@ -86,7 +87,8 @@ pub async fn run(replica: Arc<Replica>, backends: Backends, options: ExecutorOpt
     }
 }
 
-/// Proposes the signals of this node's runtimes that changed since they were last recorded.
+/// Proposes the signals of this node's runtimes that changed since they were last recorded, the
+/// drift it converged, and the expiry of those whose TTL or idle timeout ran out.
 async fn report_signals(replica: &Replica, backends: &Backends, options: &ExecutorOptions) {
     let Ok(runtimes) = replica.state().runtimes_on(options.node_id) else { return };
     let settings = replica.state().settings();
@@ -119,6 +121,9 @@ async fn report_signals(replica: &Replica, backends: &Backends, options: &Execut
                 }
                 continue;
             }
+            if let Some(expiry) = runtime.due(chrono::Utc::now()) {
+                expire(replica, &runtime, expiry).await;
+            }
         }
         let signals = signals(&runtime, &observed, &settings.sizes, options.node_id);
         let same = |old: &RuntimeSignals| RuntimeSignals { observed_at: old.observed_at, ..signals.clone() } == *old;
@@ -134,6 +139,19 @@ async fn report_signals(replica: &Replica, backends: &Backends, options: &Execut
     match replica.propose(command).await {
         Ok(_) => tracing::debug!(runtimes = count, "reported signals"),
         Err(e) => tracing::debug!(error = %e, "cannot report signals now; next round will"),
+    }
+}
+
+/// Asks the cluster to act on a runtime whose TTL or idle timeout ran out (apply checks again
+/// at the command's time, begins the delete or stop, and records why).
+async fn expire(replica: &Replica, runtime: &Runtime, expiry: Expiry) {
+    let op = Op::ExpireRuntime(ExpireRuntime { runtime_id: runtime.id.clone(), operation_id: new_id("op") });
+    match replica.propose(system_command(op)).await {
+        Ok(CommandReply::Operation(operation)) => {
+            tracing::info!(runtime = %runtime.id, reason = ?expiry.reason, operation = %operation.id, "expired")
+        }
+        Ok(reply) => tracing::info!(runtime = %runtime.id, reason = ?expiry.reason, ?reply, "expired; not acted on"),
+        Err(e) => tracing::debug!(runtime = %runtime.id, error = %e, "cannot expire the runtime now; next round will"),
     }
 }
 

@@ -25,7 +25,9 @@ use serde::Serialize;
 /// parameters are typed (`runtimeai_model::Selector`, `RuleParams`), not JSON text;
 /// `RuntimeSpec::image`; exec (`ActionKind::Exec`, `LifecycleAction::Exec`, `EventType::RuntimeExec`,
 /// `Op::RecordExec`). 12: pause and resume (`ActionKind::Pause`/`Resume`, their
-/// `LifecycleAction`s, `RuntimeState::Paused`).
+/// `LifecycleAction`s, `RuntimeState::Paused`); a spec's `ttl_seconds` and
+/// `idle_timeout_seconds`, a runtime's `expires_at` and `last_activity_at`,
+/// `EventType::RuntimeExpired` and `Op::ExpireRuntime`.
 pub const FORMAT_VERSION: u32 = 12;
 
 #[derive(Debug, thiserror::Error)]

@@ -60,6 +60,7 @@ pub enum Op {
     RevokeApiKey(RevokeApiKey),
     AuditMembership(AuditMembership),
     RecordExec(RecordExec),
+    ExpireRuntime(ExpireRuntime),
     /// Several commands in one log entry, applied in order as if they were entries of their own
     /// (the leader batches concurrent proposals: one entry, one append, one replication, one
     /// apply for all of them). Replied to with [`CommandReply::Batch`], one reply each.
@@ -78,6 +79,7 @@ impl Op {
                 | Op::RenewLease(..)
                 | Op::ReportSignals(..)
                 | Op::RecordDrift(..)
+                | Op::ExpireRuntime(..)
         )
     }
 
@@ -103,6 +105,7 @@ impl Op {
             Op::RevokeApiKey(..) => "revoke_api_key",
             Op::AuditMembership(..) => "audit_membership",
             Op::RecordExec(..) => "record_exec",
+            Op::ExpireRuntime(..) => "expire_runtime",
             Op::Batch(..) => "batch",
         }
     }
@@ -269,6 +272,18 @@ pub struct RecordExec {
     pub exit_code: Option<i32>,
     pub duration_ms: u64,
     pub node_id: u64,
+}
+
+/// Act on a runtime whose spec's `ttl_seconds` or `idle_timeout_seconds` has run out (see
+/// `Runtime::due`, checked again at the command's time): begin its delete or stop as an
+/// operation of the system, judged by the policies, and record a `runtime.expired` event. Either
+/// way the expiry is then spent: a TTL once, an idle timeout once per idle period, so a refusal
+/// is not proposed again every round. Sent by the executor of the runtime's node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExpireRuntime {
+    pub runtime_id: String,
+    /// The id the operation gets.
+    pub operation_id: String,
 }
 
 #[allow(clippy::large_enum_variant)]

@@ -15,11 +15,13 @@ use runtimeai_model::{
 use super::StateMachineStore;
 use crate::command::{
     AdvanceOperation, AssignOperation, BeginOperation, CancelOperation, CreateApiKey, CreatePolicy, CreateRuntime,
-    DecideApproval, PatchLabels, RecordDrift, RegisterNode, RevokeApiKey, SetSettings, SubmitIntent,
+    DecideApproval, ExpireRuntime, PatchLabels, RecordDrift, RecordExec, RegisterNode, RevokeApiKey, SetSettings,
+    SubmitIntent,
 };
 use crate::command::{Command, CommandReply, IdempotencyClaim, Op, Rejection};
 use crate::store::DataDir;
 use crate::types::Entry;
+use serde_json::json;
 
 /// The unfinished operations assigned to `node_id`, ordered by id.
 fn assigned_to(sm: &StateMachineStore, node_id: u64) -> Vec<Operation> {
@@ -1385,4 +1387,91 @@ async fn a_page_reads_at_most_its_budget_and_a_token_goes_on_from_where_it_stopp
         }
     }
     assert_eq!(seen, ids);
+}
+
+/// Applies one command of `op` at `seconds` past the tests' epoch, as the next log entry.
+async fn apply_at(sm: &mut StateMachineStore, seconds: i64, op: Op) -> CommandReply {
+    let next = sm.last_applied().unwrap().map_or(1, |l| l.index + 1);
+    let command = Command { at: at(seconds), ..command(op) };
+    sm.apply(vec![entry(next, command)]).await.unwrap().remove(0)
+}
+
+fn expire(runtime_id: &str, attempt: u32) -> Op {
+    Op::ExpireRuntime(ExpireRuntime { runtime_id: runtime_id.into(), operation_id: format!("op_expire_{attempt}") })
+}
+
+/// The data of the runtime's `runtime.expired` events, oldest first.
+fn expirations(sm: &StateMachineStore, id: &str) -> Vec<serde_json::Value> {
+    let events = sm.runtime_events(id).unwrap().into_iter().filter(|e| e.event_type == "runtime.expired");
+    events.map(|e| serde_json::to_value(&e.data).unwrap()).collect()
+}
+
+#[tokio::test]
+async fn a_runtime_past_its_ttl_is_deleted_and_one_idle_too_long_is_stopped_once_per_idle_period() {
+    let (_dir, mut sm) = open();
+    let mut short_lived = create("rt_ttl", "short-lived");
+    let mut idle = create("rt_idle", "idle");
+    let mut kept = create("rt_kept", "kept");
+    for (op, ttl, idle_seconds) in
+        [(&mut short_lived, Some(10), None), (&mut idle, None, Some(30)), (&mut kept, None, Some(30))]
+    {
+        let Op::CreateRuntime(CreateRuntime { runtime, .. }) = op else { unreachable!() };
+        let runtime = std::sync::Arc::make_mut(runtime);
+        runtime.spec.ttl_seconds = ttl;
+        runtime.spec.idle_timeout_seconds = idle_seconds;
+        runtime.expires_at = ttl.map(|ttl| at(ttl as i64));
+    }
+    for (op, id) in [(short_lived, "rt_ttl"), (idle, "rt_idle"), (kept, "rt_kept")] {
+        let create_op = format!("op_create_{id}");
+        let done = [advance(&create_op, OperationStatus::Running), advance(&create_op, OperationStatus::Succeeded)];
+        apply(&mut sm, [vec![op], done.to_vec()].concat()).await;
+    }
+
+    // The TTL: nothing before its deadline; at it, a delete by the system; then it is spent.
+    let early = apply_at(&mut sm, 9, expire("rt_ttl", 1)).await;
+    assert!(matches!(early, CommandReply::Rejected(Rejection::NotPermitted { .. })), "{early:?}");
+    let CommandReply::Operation(delete) = apply_at(&mut sm, 10, expire("rt_ttl", 2)).await else { panic!("no delete") };
+    assert_eq!((delete.action, delete.requested_by), (LifecycleAction::Delete, Actor::System));
+    assert_eq!(state_of(&sm, "rt_ttl"), Some(RuntimeState::Deleting));
+    assert_eq!(sm.get_runtime("rt_ttl").unwrap().unwrap().expires_at, None);
+    let expired = expirations(&sm, "rt_ttl");
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    assert_eq!(
+        (&expired[0]["reason"], &expired[0]["action"], &expired[0]["seconds"]),
+        (&json!("ttl"), &json!("delete"), &json!(10))
+    );
+    assert_eq!(expired[0]["operation_id"], json!(delete.id));
+
+    // The idle timeout counts from the last thing done to it: a command run in it at 20 s.
+    let exec = RecordExec {
+        runtime_id: "rt_idle".into(),
+        command: vec!["ls".into()],
+        exit_code: Some(0),
+        duration_ms: 3,
+        node_id: 1,
+    };
+    apply_at(&mut sm, 20, Op::RecordExec(exec)).await;
+    let idle_early = apply_at(&mut sm, 49, expire("rt_idle", 3)).await;
+    assert!(matches!(idle_early, CommandReply::Rejected(Rejection::NotPermitted { .. })), "{idle_early:?}");
+    let CommandReply::Operation(stop) = apply_at(&mut sm, 50, expire("rt_idle", 4)).await else { panic!("no stop") };
+    assert!(matches!(stop.action, LifecycleAction::Stop { force: false, .. }), "{:?}", stop.action);
+    assert_eq!(expirations(&sm, "rt_idle")[0]["reason"], json!("idle"));
+
+    // Refused by a policy: recorded once, and not proposed again until another idle period.
+    apply(&mut sm, vec![Op::CreatePolicy(CreatePolicy { policy: stop_policy("pol_no_stops", "deny_action") })]).await;
+    let refused = apply_at(&mut sm, 60, expire("rt_kept", 5)).await;
+    assert!(matches!(refused, CommandReply::Rejected(Rejection::PolicyDenied { .. })), "{refused:?}");
+    assert_eq!(state_of(&sm, "rt_kept"), Some(RuntimeState::Running));
+    let expired = expirations(&sm, "rt_kept");
+    assert_eq!(
+        (&expired[0]["refused"], &expired[0]["decision"]["policy_id"]),
+        (&json!("stop is denied"), &json!("pol_no_stops"))
+    );
+    let again = apply_at(&mut sm, 61, expire("rt_kept", 6)).await;
+    assert!(matches!(again, CommandReply::Rejected(Rejection::NotPermitted { .. })), "spent: {again:?}");
+    assert!(matches!(
+        apply_at(&mut sm, 90, expire("rt_kept", 7)).await,
+        CommandReply::Rejected(Rejection::PolicyDenied { .. })
+    ));
+    assert_eq!(expirations(&sm, "rt_kept").len(), 2, "one record per idle period");
 }

@@ -247,3 +247,80 @@ async fn a_command_runs_in_a_sandbox_through_any_node_and_is_on_record() -> anyh
     assert!(python.starts_with("[3, ") && python.ends_with(" 42\n"), "{ran:?}");
     Ok(())
 }
+
+/// The runtime's events of `event_type`, once there are `count` of them.
+async fn events_of(cluster: &Cluster, id: &str, event_type: &str, count: usize) -> anyhow::Result<Vec<Value>> {
+    let path = format!("/v1/runtimes/{id}/events?limit=1000");
+    let deadline = std::time::Instant::now() + EVENTUALLY;
+    loop {
+        let events = cluster.call_eventually(1, Method::GET, &path, None, &[]).await?.body["items"].clone();
+        let found: Vec<Value> =
+            events.as_array().into_iter().flatten().filter(|e| e["type"] == event_type).cloned().collect();
+        if found.len() >= count || std::time::Instant::now() > deadline {
+            return Ok(found);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+fn seconds_between(earlier: &Value, later: &Value) -> f64 {
+    let time = |event: &Value| chrono::DateTime::parse_from_rfc3339(event["ts"].as_str().unwrap()).unwrap();
+    (time(later) - time(earlier)).num_milliseconds() as f64 / 1000.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_past_its_ttl_is_deleted_and_a_sandbox_left_idle_is_stopped() -> anyhow::Result<()> {
+    let options =
+        ClusterOptions { extra_args: vec!["--signals-interval-ms".into(), "300".into()], ..Default::default() };
+    let cluster = Cluster::start(1, options).await?;
+
+    phase("bad lifetimes are refused: zero, past a year, an idle timeout on a VM");
+    for (spec, field) in [
+        (json!({"ttl_seconds": 0}), "$.spec.ttl_seconds"),
+        (json!({"idle_timeout_seconds": 31_536_001}), "$.spec.idle_timeout_seconds"),
+    ] {
+        let body = json!({"name": "bad", "type": "sandbox", "spec": spec});
+        let refused = cluster.call(1, Method::POST, "/v1/runtimes", Some(&body), &[]).await?;
+        assert_eq!((refused.status, refused.body["errors"][0]["path"].as_str()), (422, Some(field)), "{refused:?}");
+    }
+    let idle_vm = json!({"name": "idle-vm", "type": "vm", "spec": {"idle_timeout_seconds": 60}});
+    let refused = cluster.call(1, Method::POST, "/v1/runtimes", Some(&idle_vm), &[]).await?;
+    assert_eq!(refused.status, 422, "{refused:?}");
+
+    phase("a VM with a TTL of 2 s is deleted by the cluster, on record as expired");
+    let brief = json!({"name": "brief", "type": "vm", "spec": {"ttl_seconds": 2}});
+    let brief = cluster.call_eventually(1, Method::POST, "/v1/runtimes", Some(&brief), &[]).await?;
+    assert_eq!(brief.status, 201, "{brief:?}");
+    let brief_id = brief.body["id"].as_str().unwrap().to_string();
+    let expires_at = chrono::DateTime::parse_from_rfc3339(brief.body["expires_at"].as_str().unwrap())?;
+    let created_at = chrono::DateTime::parse_from_rfc3339(brief.body["created_at"].as_str().unwrap())?;
+    assert_eq!((expires_at - created_at).num_seconds(), 2, "{brief:?}");
+    let expired = events_of(&cluster, &brief_id, "runtime.expired", 1).await?;
+    assert_eq!(expired.len(), 1, "expired within {EVENTUALLY:?}");
+    assert_eq!((&expired[0]["data"]["reason"], &expired[0]["data"]["action"]), (&json!("ttl"), &json!("delete")));
+    let deleted = cluster.wait_operation(1, expired[0]["data"]["operation_id"].as_str().unwrap(), EVENTUALLY).await?;
+    assert_eq!((&deleted["status"], &deleted["requested_by"]), (&json!("succeeded"), &json!("system")), "{deleted}");
+    let (status, _) = cluster.get_runtime(1, &brief_id, false).await?;
+    assert_eq!(status, 404, "the record is gone");
+    let lived = seconds_between(&json!({"ts": brief.body["created_at"]}), &expired[0]);
+    assert!(lived >= 2.0, "deleted {lived} s after its creation");
+
+    phase("a sandbox with a 4 s idle timeout: a command keeps it alive, 4 s of nothing stops it");
+    let idler = json!({"name": "idler", "type": "sandbox", "spec": {"idle_timeout_seconds": 4}});
+    let idler = cluster.call_eventually(1, Method::POST, "/v1/runtimes", Some(&idler), &[]).await?;
+    let idler_id = idler.body["id"].as_str().unwrap().to_string();
+    cluster.wait_operation(1, idler.body["active_operation"].as_str().unwrap(), EVENTUALLY).await?;
+    let ran = exec(&cluster, None, 1, &idler_id, json!({"command": ["true"]})).await?;
+    assert_eq!(ran.status, 200, "{ran:?}");
+    let exec_event = events_of(&cluster, &idler_id, "runtime.exec", 1).await?.remove(0);
+    let expired = events_of(&cluster, &idler_id, "runtime.expired", 1).await?;
+    assert_eq!(expired.len(), 1, "stopped for idling within {EVENTUALLY:?}");
+    assert_eq!((&expired[0]["data"]["reason"], &expired[0]["data"]["action"]), (&json!("idle"), &json!("stop")));
+    let idle_for = seconds_between(&exec_event, &expired[0]);
+    assert!(idle_for >= 4.0, "the timeout counts from the last command: stopped {idle_for} s after it");
+    let stopped = cluster.wait_operation(1, expired[0]["data"]["operation_id"].as_str().unwrap(), EVENTUALLY).await?;
+    assert_eq!(stopped["status"], "succeeded", "{stopped}");
+    let (_, record) = cluster.get_runtime(1, &idler_id, false).await?;
+    assert_eq!(record["state"], "stopped", "{record}");
+    Ok(())
+}

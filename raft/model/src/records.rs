@@ -101,6 +101,8 @@ pub enum EventType {
     SettingsChanged,
     /// A membership change, audited before it is made.
     Member(MembershipChange),
+    /// Its spec's `ttl_seconds` or `idle_timeout_seconds` ran out: the cluster acted on it.
+    RuntimeExpired,
 }
 
 impl EventType {
@@ -127,6 +129,7 @@ impl EventType {
             EventType::ApiKeyRevoked => Borrowed("apikey.revoked"),
             EventType::SettingsChanged => Borrowed("settings.changed"),
             EventType::Member(change) => Owned(format!("member.{}", change.as_str())),
+            EventType::RuntimeExpired => Borrowed("runtime.expired"),
         }
     }
 }
@@ -238,6 +241,41 @@ pub struct Operation {
     pub version: u64,
 }
 
+impl Operation {
+    /// A new operation as it is first proposed: queued, nothing done, version 1.
+    pub fn queued(
+        id: String,
+        runtime_id: &str,
+        action: LifecycleAction,
+        prior_state: RuntimeState,
+        at: crate::Timestamp,
+        requested_by: Actor,
+        policy_mode: PolicyMode,
+    ) -> Operation {
+        Operation {
+            id,
+            runtime_id: runtime_id.to_string(),
+            action,
+            prior_state,
+            status: OperationStatus::Queued,
+            created_at: at,
+            finished_at: None,
+            progress: None,
+            error: None,
+            failed_action: None,
+            completed_actions: 0,
+            action_messages: Vec::new(),
+            requested_by,
+            policy_mode,
+            decisions: Vec::new(),
+            approval: None,
+            assignment: None,
+            attempts: 0,
+            version: 1,
+        }
+    }
+}
+
 /// How the engine treats an action that no policy rule matches (and how cautiously the planner
 /// plans). See `runtimeai_engine::policy` for the table.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -329,7 +367,9 @@ pub struct SizeEntry {
     #[schema(exclusive_minimum = 0.0, maximum = 1024.0)]
     pub cpu: f64,
     /// Memory per replica, as a Kubernetes quantity (`4Gi`).
-    #[schema(pattern = "^0*[1-9][0-9]*(Ki|Mi|Gi|Ti|k|K|M|G|T)?$")]
+    #[schema(
+        pattern = "^0*([1-9][0-9]{0,17}|[1-9][0-9]{0,14}(Ki|k|K)|[1-9][0-9]{0,11}(Mi|M)|[1-9][0-9]{0,8}(Gi|G)|[1-9][0-9]{0,5}(Ti|T))$"
+    )]
     pub memory: String,
     /// Replicas the size runs with.
     #[schema(minimum = 1, maximum = 1000)]

@@ -101,7 +101,9 @@ pub struct ResourceProfile {
     pub cpu: Option<f64>,
     /// A quantity as Kubernetes writes it: `512Mi`, `8Gi`, `1G`, or bytes.
     #[serde(default)]
-    #[schema(pattern = "^0*[1-9][0-9]*(Ki|Mi|Gi|Ti|k|K|M|G|T)?$")]
+    #[schema(
+        pattern = "^0*([1-9][0-9]{0,17}|[1-9][0-9]{0,14}(Ki|k|K)|[1-9][0-9]{0,11}(Mi|M)|[1-9][0-9]{0,8}(Gi|G)|[1-9][0-9]{0,5}(Ti|T))$"
+    )]
     pub memory: Option<String>,
     #[serde(default)]
     pub gpu: Option<String>,
@@ -192,6 +194,33 @@ pub struct RuntimeSpec {
     /// environment is passed on).
     #[serde(default)]
     pub env: Option<BTreeMap<String, String>>,
+    /// Seconds the runtime lives: this long after its creation the cluster deletes it (the
+    /// deadline is the runtime's `expires_at`). Policies judge the delete as any other.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 31_536_000)]
+    pub ttl_seconds: Option<u64>,
+    /// For `sandbox` and `agent_runtime`: seconds it may run with nothing done to it (no
+    /// command run in it, no lifecycle call) before the cluster stops it.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 31_536_000)]
+    pub idle_timeout_seconds: Option<u64>,
+}
+
+/// Why the cluster itself acts on a runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpiryReason {
+    /// Its `ttl_seconds` ran out: it is deleted.
+    Ttl,
+    /// It sat idle for its `idle_timeout_seconds`: it is stopped.
+    Idle,
+}
+
+/// What a runtime's spec asks the cluster to do to it now (see [`Runtime::due`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expiry {
+    pub reason: ExpiryReason,
+    pub action: crate::LifecycleAction,
 }
 
 /// Something a runtime's backend can do (`start`, `stop`, ...), by the name the backend gives it;
@@ -293,6 +322,13 @@ pub struct Runtime {
     /// What its executor last observed.
     #[serde(default)]
     pub signals: Option<crate::RuntimeSignals>,
+    /// When the cluster deletes it (its creation plus `spec.ttl_seconds`); cleared once acted on.
+    #[serde(default, with = "crate::timestamp::option")]
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When someone last did something to it: created it, ran a command in it, began an
+    /// operation on it (what `spec.idle_timeout_seconds` counts from).
+    #[serde(default, with = "crate::timestamp::option")]
+    pub last_activity_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Runtime {
@@ -320,7 +356,24 @@ impl Runtime {
             snapshots: Vec::new(),
             placement: None,
             signals: None,
+            expires_at: None,
+            last_activity_at: None,
         }
+    }
+
+    /// What its spec asks the cluster to do to it at `at`, if anything: delete it once
+    /// `expires_at` has passed; stop it once it has run idle for `spec.idle_timeout_seconds`.
+    pub fn due(&self, at: crate::Timestamp) -> Option<Expiry> {
+        use RuntimeState::*;
+        if self.expires_at.is_some_and(|deadline| deadline <= at) && !matches!(self.state, Deleting | Deleted) {
+            return Some(Expiry { reason: ExpiryReason::Ttl, action: crate::LifecycleAction::Delete });
+        }
+        let idle_for = chrono::Duration::try_seconds(i64::try_from(self.spec.idle_timeout_seconds?).ok()?)?;
+        let idle_until = self.last_activity_at.unwrap_or(self.created_at).checked_add_signed(idle_for)?;
+        (self.state == Running && idle_until <= at).then_some(Expiry {
+            reason: ExpiryReason::Idle,
+            action: crate::LifecycleAction::Stop { force: false, timeout_seconds: None },
+        })
     }
 
     /// The environment policies are scoped by: the `env` label.
@@ -332,6 +385,29 @@ impl Runtime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_runtime_is_due_at_its_ttl_or_after_an_idle_timeout_and_never_overflows() {
+        let at = |s: i64| chrono::DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap();
+        let mut runtime = Runtime::new("rt_a", "web", RuntimeType::Sandbox, at(0));
+        runtime.state = RuntimeState::Running;
+        assert_eq!(runtime.due(at(1_000_000)), None, "no TTL, no idle timeout: never");
+        runtime.expires_at = Some(at(10));
+        assert_eq!(runtime.due(at(9)), None);
+        assert_eq!(runtime.due(at(10)).map(|e| e.reason), Some(ExpiryReason::Ttl));
+        runtime.state = RuntimeState::Deleting;
+        assert_eq!(runtime.due(at(10)), None, "already going");
+        runtime = Runtime { state: RuntimeState::Running, expires_at: None, ..runtime };
+        runtime.spec.idle_timeout_seconds = Some(30);
+        runtime.last_activity_at = Some(at(20));
+        assert_eq!(runtime.due(at(49)), None);
+        assert_eq!(runtime.due(at(50)).map(|e| e.reason), Some(ExpiryReason::Idle));
+        runtime.state = RuntimeState::Paused;
+        assert_eq!(runtime.due(at(50)), None, "a paused runtime uses nothing: it is not stopped for idling");
+        runtime.state = RuntimeState::Running;
+        runtime.spec.idle_timeout_seconds = Some(u64::MAX);
+        assert_eq!(runtime.due(at(50)), None, "an idle timeout past the calendar is never reached");
+    }
 
     #[test]
     fn capabilities_read_back_as_the_names_sent_known_ones_without_a_copy() {

@@ -128,5 +128,6 @@ fn apply_op(
         }
         Op::RevokeApiKey(RevokeApiKey { id }) => cluster::revoke_api_key(txn, events, id)?,
         Op::RecordExec(exec) => runtimes::record_exec(txn, events, exec)?,
+        Op::ExpireRuntime(expire) => operations::expire_runtime(txn, events, &settings, expire)?,
     })
 }

@@ -4,15 +4,16 @@
 
 use runtimeai_engine::policy;
 use runtimeai_model::{
-    Actor, Approval, Assignment, ClusterSettings, EventSeverity, EventType, JsonObject, JsonText, LifecycleAction,
-    Operation, OperationError, OperationProgress, OperationStatus, Runtime, RuntimeSnapshot, RuntimeState, Timestamp,
-    Verdict,
+    Actor, Approval, Assignment, ClusterSettings, EventSeverity, EventType, ExpiryReason, JsonObject, JsonText,
+    LifecycleAction, Operation, OperationError, OperationProgress, OperationStatus, PolicyMode, Runtime,
+    RuntimeSnapshot, RuntimeState, Timestamp, Verdict,
 };
+use serde_json::json;
 
 use super::events::{operation_data, AssignedData, EventWriter};
 use super::policies::{evaluate_policies, judge};
 use super::runtimes::{busy, count_placement, load_runtime, save_runtime};
-use crate::command::{CommandReply, Rejection};
+use crate::command::{CommandReply, ExpireRuntime, Rejection};
 use crate::keys::{name_key, runtime_operation_key};
 use crate::retention::{self, Ended};
 use crate::runtime_index::{self, RuntimeField};
@@ -87,6 +88,7 @@ pub(crate) fn begin_operation(
     let was = RuntimeField::of(&runtime);
     runtime.state = during;
     runtime.active_operation = Some(operation.id.clone());
+    runtime.last_activity_at = Some(at);
     save_runtime(txn, at, &mut runtime, &was)?;
     let mut data = operation_data(&operation, from, during);
     // Every decision, allowing ones included, is on record with the rule that made it.
@@ -95,6 +97,64 @@ pub(crate) fn begin_operation(
     hand_over_offered(txn, events, &mut operation, offered)?;
     put_new_operation(txn, &operation)?;
     Ok(CommandReply::Operation(operation))
+}
+
+/// See [`crate::command::Op::ExpireRuntime`].
+pub(crate) fn expire_runtime(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter<'_>,
+    settings: &ClusterSettings,
+    expire: ExpireRuntime,
+) -> Result<CommandReply, StorageError> {
+    let at = events.at;
+    let runtime = match load_runtime(txn, &expire.runtime_id, None)? {
+        Err(rejection) => return Ok(CommandReply::Rejected(rejection)),
+        Ok(runtime) => runtime,
+    };
+    let Some(expiry) = runtime.due(at) else {
+        let what = format!("expire runtime {}, which is not due", runtime.id);
+        return Ok(CommandReply::Rejected(Rejection::NotPermitted { actor: Actor::System.to_string(), what }));
+    };
+    if let Some(busy) = busy(&runtime) {
+        return Ok(CommandReply::Rejected(busy));
+    }
+    let operation = Operation::queued(
+        expire.operation_id,
+        &runtime.id,
+        expiry.action.clone(),
+        runtime.state,
+        at,
+        Actor::System,
+        PolicyMode::Balanced,
+    );
+    let reply = begin_operation(txn, events, settings, operation, None)?;
+    // Spent, whatever the policies said: a TTL once, an idle timeout once per idle period.
+    let Ok(mut runtime) = load_runtime(txn, &expire.runtime_id, None)? else { return Ok(reply) };
+    let was = RuntimeField::of(&runtime);
+    match expiry.reason {
+        ExpiryReason::Ttl => runtime.expires_at = None,
+        ExpiryReason::Idle => runtime.last_activity_at = Some(at),
+    }
+    save_runtime(txn, at, &mut runtime, &was)?;
+    let (outcome, severity) = match &reply {
+        CommandReply::Operation(operation) => (json!({"operation_id": operation.id}), EventSeverity::Info),
+        CommandReply::Rejected(refused @ Rejection::PolicyDenied { decision }) => {
+            (json!({"refused": refused.to_string(), "decision": decision}), EventSeverity::Warning)
+        }
+        CommandReply::Rejected(refused) => (json!({"refused": refused.to_string()}), EventSeverity::Warning),
+        _ => (json!({}), EventSeverity::Info),
+    };
+    let seconds = match expiry.reason {
+        ExpiryReason::Ttl => runtime.spec.ttl_seconds,
+        ExpiryReason::Idle => runtime.spec.idle_timeout_seconds,
+    };
+    let mut data = json!({"reason": expiry.reason, "seconds": seconds, "action": expiry.action.kind()});
+    if let (Some(data), Some(outcome)) = (data.as_object_mut(), outcome.as_object()) {
+        data.extend(outcome.clone());
+    }
+    let data = JsonObject(data.as_object().cloned().unwrap_or_default());
+    events.write(txn, &runtime.id, EventType::RuntimeExpired, severity, &data)?;
+    Ok(reply)
 }
 
 /// The snapshots a runtime would have once `action` succeeds, against their cap.

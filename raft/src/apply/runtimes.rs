@@ -202,10 +202,14 @@ pub(crate) fn record_exec(
     events: &mut EventWriter<'_>,
     exec: RecordExec,
 ) -> Result<CommandReply, StorageError> {
-    let runtime = match load_runtime(txn, &exec.runtime_id, None)? {
+    let mut runtime = match load_runtime(txn, &exec.runtime_id, None)? {
         Err(rejection) => return Ok(CommandReply::Rejected(rejection)),
         Ok(runtime) => runtime,
     };
+    // A command run in it is activity: its idle timeout counts from here.
+    let was = RuntimeField::of(&runtime);
+    runtime.last_activity_at = Some(events.at);
+    save_runtime(txn, events.at, &mut runtime, &was)?;
     let data = serde_json::json!({
         "command": exec.command,
         "exit_code": exec.exit_code,
