@@ -21,13 +21,13 @@ use utoipa_axum::routes;
 use crate::auth::Caller;
 use crate::doc_types::{IdempotencyKey, IfMatch, ProblemResponses, TenantId};
 use crate::extract::{Body, Consistency, PathParam};
-use crate::planning::{plan_for, planned, preview_decisions, Ask, PlannedAction};
+use crate::planning::{plan_for, planned, preview_decisions, Ask};
 use crate::problem::Problem;
 use crate::runtimes::{
     begin_in_mode, read_runtime, sizes, LifecycleRestoreRequest, LifecycleScaleRequest, LifecycleSnapshotRequest,
     LifecycleStartRequest, LifecycleStopRequest,
 };
-use crate::views::OperationView;
+use crate::views::{OperationView, PlannedAction};
 use crate::AppState;
 
 pub(crate) fn routes() -> OpenApiRouter<AppState> {

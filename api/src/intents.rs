@@ -19,10 +19,10 @@ use crate::auth::{Caller, Permission};
 use crate::doc_types::{ConsistencyParam, IdempotencyKey, ProblemResponses, TenantId};
 use crate::extract::{Body, Consistency, PathParam, QueryParams};
 use crate::mutation::{new_id, propose};
-use crate::planning::{plan_for, planned, preview_decisions, Ask, PlannedAction};
+use crate::planning::{plan_for, planned, preview_decisions, Ask};
 use crate::problem::Problem;
 use crate::runtimes::{new_operation, read_runtime, ReadParams};
-use crate::views::{ActionResultView, OperationView};
+use crate::views::{ActionResultView, OperationView, PlannedAction};
 use crate::AppState;
 
 pub(crate) fn routes() -> OpenApiRouter<AppState> {
@@ -50,8 +50,9 @@ pub struct IntentRequest {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct IntentResponse {
     pub intent_id: String,
-    /// The operation carrying the plan out; absent for a dry run or an empty plan.
-    pub operation_id: Option<String>,
+    /// The operation carrying the plan out; empty for a dry run or an empty plan (the seed
+    /// makes the field a required string).
+    pub operation_id: String,
     /// `planned` (dry run or nothing to do), `accepted`, or `pending_approval` (a policy wants
     /// a human: `POST /v1/operations/{id}/approve`).
     pub status: &'static str,
@@ -148,7 +149,7 @@ pub(crate) async fn submit_intent(
                 intent_id: intent.id,
                 status,
                 decisions,
-                operation_id: operation.map(|o| o.id),
+                operation_id: operation.map(|o| o.id).unwrap_or_default(),
                 planned_actions: planned(&intent.planned),
                 rationale: intent.rationale,
                 blocked: intent.blocked,

@@ -3,9 +3,7 @@
 //! shape `actions/execute` takes, and what the policies would decide on them.
 
 use axum::http::StatusCode;
-use serde::Serialize;
 use serde_json::Value;
-use utoipa::ToSchema;
 
 use runtimeai_engine::planner::{self, PlanError, PlanInput, UNDERSTOOD_GOALS};
 use runtimeai_model::{LifecycleAction, PolicyDecision, PolicyMode};
@@ -15,16 +13,8 @@ use crate::extract::Consistency;
 use crate::mutation::new_id;
 use crate::problem::{FieldError, Problem};
 use crate::runtimes::{read_runtime, sizes};
+use crate::views::PlannedAction;
 use crate::AppState;
-
-/// One planned action, in the shape `actions/execute` takes.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct PlannedAction {
-    #[serde(rename = "type")]
-    pub action_type: runtimeai_model::ActionKind,
-    #[schema(value_type = Object)]
-    pub params: Value,
-}
 
 /// What the policies would decide on `actions` now: a preview for plans that do not run.
 pub(crate) fn preview_decisions(
@@ -42,7 +32,7 @@ pub(crate) fn preview_decisions(
 }
 
 pub(crate) fn planned(actions: &[LifecycleAction]) -> Vec<PlannedAction> {
-    actions.iter().map(|a| PlannedAction { action_type: a.kind(), params: crate::views::action_params(a) }).collect()
+    actions.iter().map(PlannedAction::of).collect()
 }
 
 /// A planner error as the client sees it: 422 naming the goal or constraint at fault; 409 when

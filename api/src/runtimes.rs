@@ -683,15 +683,42 @@ pub struct RuntimeStatus {
     pub state: RuntimeState,
     /// `ok`, `warning`, `critical` or `unknown` (from the state, and the executor's health signal).
     pub health: &'static str,
-    /// What the runtime's executor last observed: cpu, memory, health, cost_per_hour,
-    /// latency_ms (when the backend knows it), observed_at, node_id. Empty until it reports.
-    #[schema(value_type = Object)]
-    pub signals: serde_json::Map<String, serde_json::Value>,
+    /// What the runtime's executor last observed, by name, each with its unit and time (the
+    /// seed's shape): `cpu` (`vCPU` measured in use, or `vCPU allocated` where the backend
+    /// measures nothing), `memory` (bytes), `health` (`healthy`, `degraded`,
+    /// `unhealthy`, `stopped`, `paused`), `cost_per_hour` (in the catalogue's currency per
+    /// hour), `latency_ms` (ms, when the backend knows it), `node_id`. Empty until it reports.
+    pub signals: BTreeMap<&'static str, Signal>,
     /// The node (and site) whose executor serves the runtime.
     pub placement: Option<Placement>,
     pub active_operation: Option<String>,
     /// When the signals were observed (now, when there are none yet).
     pub observed_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// One measured value.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Signal {
+    #[schema(value_type = Object)]
+    pub value: serde_json::Value,
+    pub unit: Option<&'static str>,
+    pub ts: chrono::DateTime<chrono::Utc>,
+}
+
+/// A runtime's signals in the seed's shape: name → value, unit, time.
+fn signal_map(signals: Option<&runtimeai_model::RuntimeSignals>) -> BTreeMap<&'static str, Signal> {
+    let Some(signals) = signals else { return BTreeMap::new() };
+    let ts = signals.observed_at;
+    let memory = runtimeai_engine::catalogue::quantity_bytes(&signals.memory);
+    let entries: [(&'static str, Option<serde_json::Value>, Option<&'static str>); 6] = [
+        ("cpu", Some(signals.cpu.into()), Some(if signals.cpu_measured { "vCPU" } else { "vCPU allocated" })),
+        ("memory", memory.map(Into::into), Some("bytes")),
+        ("health", Some(signals.health.clone().into()), None),
+        ("cost_per_hour", Some(signals.cost_per_hour.into()), Some("per hour")),
+        ("latency_ms", signals.latency_ms.map(Into::into), Some("ms")),
+        ("node_id", Some(signals.node_id.into()), None),
+    ];
+    entries.into_iter().filter_map(|(name, value, unit)| Some((name, Signal { value: value?, unit, ts }))).collect()
 }
 
 /// A runtime's state, health and signals.
@@ -713,10 +740,7 @@ pub(crate) async fn runtime_status(
         _ => "unknown",
     };
     let observed_at = runtime.signals.as_ref().map_or_else(chrono::Utc::now, |s| s.observed_at);
-    let signals = match serde_json::to_value(&runtime.signals) {
-        Ok(serde_json::Value::Object(map)) => map,
-        _ => serde_json::Map::new(),
-    };
+    let signals = signal_map(runtime.signals.as_ref());
     Ok(Json(RuntimeStatus {
         runtime_id: runtime.id,
         state: runtime.state,

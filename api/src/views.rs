@@ -43,17 +43,37 @@ pub struct OperationView {
     pub version: u64,
 }
 
-/// How one action of an `actions/execute` operation went.
+/// One action, in the shape `actions/execute` takes (the seed's `Action`).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ActionResultView {
-    /// The action's type (`stop`, `scale`, ...).
-    pub action: runtimeai_model::ActionKind,
+pub struct PlannedAction {
+    #[serde(rename = "type")]
+    pub action_type: runtimeai_model::ActionKind,
     #[schema(value_type = Object)]
     pub params: Value,
-    /// `pending`, `running`, `succeeded`, `failed` or `skipped` (after a failure, or when
-    /// cancelled or denied).
-    pub status: &'static str,
+}
+
+impl PlannedAction {
+    pub(crate) fn of(action: &LifecycleAction) -> PlannedAction {
+        PlannedAction { action_type: action.kind(), params: action_params(action) }
+    }
+}
+
+/// How an action that has run (or will not) went: the seed's `ActionResult`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ActionResultView {
+    pub action: PlannedAction,
+    pub status: ActionOutcome,
     pub message: Option<String>,
+}
+
+/// How an action ended: `skipped` after an earlier action failed, or when its operation was
+/// cancelled or denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionOutcome {
+    Succeeded,
+    Failed,
+    Skipped,
 }
 
 pub(crate) fn action_params(action: &LifecycleAction) -> Value {
@@ -74,38 +94,39 @@ pub(crate) fn action_params(action: &LifecycleAction) -> Value {
     }
 }
 
-/// Per-action results, derived from the operation's status and what the backend said.
+/// The results of the actions that have ended (an action still waiting or running has none
+/// yet: the operation's `status` and `progress` say where it is), derived from the operation's
+/// status and what the backend said.
 fn action_results(operation: &Operation) -> Option<Vec<ActionResultView>> {
-    let actions = operation.action.steps();
     let failed = operation.failed_action.map(|i| i as usize);
     let completed = operation.completed_actions as usize;
-    let results = actions
-        .iter()
-        .enumerate()
-        .map(|(i, action)| {
-            let said = operation.action_messages.get(i).filter(|m| !m.is_empty()).cloned();
-            let (status, message) = match operation.status {
-                OperationStatus::Succeeded => ("succeeded", said),
-                OperationStatus::Failed if failed == Some(i) => {
-                    ("failed", operation.error.as_ref().map(|e| e.message.clone()))
-                }
-                _ if i < completed => ("succeeded", said),
-                OperationStatus::Failed => {
-                    let why = match (failed, &operation.error) {
-                        (Some(f), _) => format!("skipped: action {f} failed"),
-                        (None, Some(error)) => format!("skipped: {}", error.message),
-                        (None, None) => "skipped".to_string(),
-                    };
-                    ("skipped", Some(why))
-                }
-                OperationStatus::Cancelled => {
-                    let why = operation.error.as_ref().map_or("operation cancelled".to_string(), |e| e.message.clone());
-                    ("skipped", Some(format!("skipped: {why}")))
-                }
-                OperationStatus::Running if i == completed => ("running", None),
-                _ => ("pending", None),
-            };
-            ActionResultView { action: action.kind(), params: action_params(action), status, message }
+    let outcome = |i: usize| -> Option<(ActionOutcome, Option<String>)> {
+        let said = operation.action_messages.get(i).filter(|m| !m.is_empty()).cloned();
+        let error = || operation.error.as_ref().map(|e| e.message.clone());
+        Some(match operation.status {
+            OperationStatus::Succeeded => (ActionOutcome::Succeeded, said),
+            OperationStatus::Failed if failed == Some(i) => (ActionOutcome::Failed, error()),
+            _ if i < completed => (ActionOutcome::Succeeded, said),
+            OperationStatus::Failed => {
+                let why = match (failed, error()) {
+                    (Some(f), _) => format!("skipped: action {f} failed"),
+                    (None, Some(error)) => format!("skipped: {error}"),
+                    (None, None) => "skipped".to_string(),
+                };
+                (ActionOutcome::Skipped, Some(why))
+            }
+            OperationStatus::Cancelled => {
+                let why = error().unwrap_or_else(|| "operation cancelled".to_string());
+                (ActionOutcome::Skipped, Some(format!("skipped: {why}")))
+            }
+            _ => return None,
+        })
+    };
+    let steps = operation.action.steps().iter().enumerate();
+    let results = steps
+        .filter_map(|(i, action)| {
+            let (status, message) = outcome(i)?;
+            Some(ActionResultView { action: PlannedAction::of(action), status, message })
         })
         .collect();
     Some(results)

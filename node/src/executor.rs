@@ -254,19 +254,25 @@ fn quantity(bytes: u64) -> String {
 /// allocation), health, and the cost of what runs.
 fn signals(runtime: &Runtime, observed: &Observed, sizes: &[SizeEntry], node_id: u64) -> RuntimeSignals {
     let allocated = Resources::of(runtime, sizes);
-    let (cpu, memory_bytes, latency_ms, health) = match observed {
+    let (measured, memory_bytes, latency_ms, health) = match observed {
         Observed::Running { cpu, memory_bytes, latency_ms } => {
-            let cpu = if *cpu > 0.0 { *cpu } else { allocated.cpu * allocated.replicas as f64 };
             let memory = if *memory_bytes > 0 { *memory_bytes } else { allocated.memory_bytes };
-            (cpu, memory, *latency_ms, "healthy")
+            (*cpu, memory, *latency_ms, "healthy")
         }
-        Observed::Stopped => (0.0, 0, None, "stopped"),
-        Observed::Paused => (0.0, 0, None, "paused"),
-        Observed::Failed(_) => (0.0, 0, None, "unhealthy"),
-        Observed::Missing => (0.0, 0, None, "missing"),
+        Observed::Stopped => (None, 0, None, "stopped"),
+        Observed::Paused => (None, 0, None, "paused"),
+        Observed::Failed(_) => (None, 0, None, "unhealthy"),
+        Observed::Missing => (None, 0, None, "missing"),
+    };
+    let cpu = match (measured, health) {
+        // To a hundredth: the noise of a measurement below that would be a new report each round.
+        (Some(used), _) => (used * 100.0).round() / 100.0,
+        (None, "healthy") => allocated.cpu * allocated.replicas as f64,
+        (None, _) => 0.0,
     };
     RuntimeSignals {
         cpu,
+        cpu_measured: measured.is_some(),
         memory: quantity(memory_bytes),
         health: health.to_string(),
         cost_per_hour: if health == "healthy" { Catalogue::new(sizes).cost(runtime) } else { 0.0 },

@@ -266,9 +266,12 @@ async fn operations_finish_exactly_once_when_their_executor_or_the_leader_dies()
     let deadline = tokio::time::Instant::now() + SETTLE;
     loop {
         let status = cluster.call_eventually(2, Method::GET, &format!("/v1/runtimes/{id}/status"), None, &[]).await?;
-        if status.body["signals"]["health"] == "healthy" {
+        if status.body["signals"]["health"]["value"] == "healthy" {
             assert_eq!(status.body["health"], "ok");
-            assert!(status.body["signals"]["cost_per_hour"].as_f64().is_some_and(|c| c > 0.0), "{status:?}");
+            assert!(status.body["signals"]["cost_per_hour"]["value"].as_f64().is_some_and(|c| c > 0.0), "{status:?}");
+            let cpu = &status.body["signals"]["cpu"];
+            let simulated = cpu["unit"] == "vCPU allocated";
+            assert!(cpu["value"].is_number() && simulated && cpu["ts"].is_string(), "the seed's shape: {cpu}");
             assert!(status.body["placement"]["node_id"].as_u64().is_some(), "{status:?}");
             break;
         }

@@ -324,3 +324,70 @@ async fn a_runtime_past_its_ttl_is_deleted_and_a_sandbox_left_idle_is_stopped() 
     assert_eq!(record["state"], "stopped", "{record}");
     Ok(())
 }
+
+/// Waits until the runtime's status shows a measured CPU use that `done` accepts; returns it.
+async fn measured_cpu(cluster: &Cluster, id: &str, done: impl Fn(f64) -> bool) -> anyhow::Result<f64> {
+    let path = format!("/v1/runtimes/{id}/status");
+    let deadline = std::time::Instant::now() + EVENTUALLY;
+    loop {
+        let status = cluster.call_eventually(1, Method::GET, &path, None, &[]).await?;
+        let cpu = &status.body["signals"]["cpu"];
+        if let Some(used) = cpu["value"].as_f64().filter(|used| cpu["unit"] == "vCPU" && done(*used)) {
+            return Ok(used);
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no such measurement: {status:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_planner_plans_from_the_cpu_a_sandbox_is_measured_to_use() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(std::env::var_os("RUNTIMEAI_REQUIRE_SANDBOXES").is_none(), "sandboxes need root");
+        eprintln!("skipped: sandboxes need root");
+        return Ok(());
+    }
+    let options =
+        ClusterOptions { extra_args: vec!["--signals-interval-ms".into(), "300".into()], ..Default::default() };
+    let cluster = Cluster::start(1, options).await?;
+    // A tenth of a vCPU below small: a spinning sandbox certainly uses more than 70 % of it,
+    // however loaded the machine; an idle one certainly not.
+    let catalogue = json!({"event_retention_count": 1000, "event_retention_days": 30, "sizes": [
+        {"name": "tiny", "cpu": 0.1, "memory": "256Mi", "replicas": 1, "cost_per_hour": 0.01},
+        {"name": "small", "cpu": 1.0, "memory": "2Gi", "replicas": 1, "cost_per_hour": 0.05},
+        {"name": "medium", "cpu": 2.0, "memory": "4Gi", "replicas": 1, "cost_per_hour": 0.10},
+        {"name": "large", "cpu": 4.0, "memory": "8Gi", "replicas": 2, "cost_per_hour": 0.40}
+    ]});
+    let set = cluster.call_eventually(1, Method::PUT, "/v1/cluster/settings", Some(&catalogue), &[]).await?;
+    assert_eq!(set.status, 200, "{set:?}");
+    let quiet = json!({"name": "quiet", "type": "sandbox", "spec": {"size": "large"}});
+    let busy = json!({"name": "busy", "type": "sandbox",
+        "spec": {"size": "small", "command": ["sh", "-c", "while :; do :; done"]}});
+    let mut ids = Vec::new();
+    for body in [quiet, busy] {
+        let made = cluster.call_eventually(1, Method::POST, "/v1/runtimes", Some(&body), &[]).await?;
+        assert_eq!(made.status, 201, "{made:?}");
+        cluster.wait_operation(1, made.body["active_operation"].as_str().unwrap(), EVENTUALLY).await?;
+        ids.push(made.body["id"].as_str().unwrap().to_string());
+    }
+    let (quiet, busy) = (&ids[0], &ids[1]);
+
+    phase("the seed's headline goal on an idle large sandbox: medium, keeping its 2 replicas");
+    let idle = measured_cpu(&cluster, quiet, |used| used < 0.05).await?;
+    let headline = json!({"goal": "reduce cost", "constraints": {"latency": "<50ms", "availability": "high"}});
+    let plan =
+        cluster.call(1, Method::POST, &format!("/v1/runtimes/{quiet}/actions/plan"), Some(&headline), &[]).await?;
+    assert_eq!(plan.status, 200, "measured {idle} vCPU in use: {plan:?}");
+    let scale = plan.body["actions"].as_array().unwrap().iter().find(|a| a["type"] == "scale").cloned();
+    let scale = scale.unwrap_or_else(|| panic!("a scale: {plan:?}"));
+    assert_eq!((&scale["params"]["size"], &scale["params"]["resources"]["replicas"]), (&json!("medium"), &json!(2)));
+
+    phase("the same goal under load: a sandbox spinning a core may not shrink to a tenth of one");
+    let used = measured_cpu(&cluster, busy, |used| used > 0.07).await?;
+    let goal = json!({"goal": "reduce cost", "constraints": {"latency": "<50ms"}});
+    let refused = cluster.call(1, Method::POST, &format!("/v1/runtimes/{busy}/actions/plan"), Some(&goal), &[]).await?;
+    assert_eq!(refused.status, 409, "measured {used} vCPU in use: {refused:?}");
+    let blocked = refused.body.to_string();
+    assert!(blocked.contains("vCPU in use, measured") && blocked.contains("scaling to tiny"), "{refused:?}");
+    Ok(())
+}

@@ -467,7 +467,8 @@ impl RuntimeBackend for LibvirtBackend {
             Ok(match info.state {
                 Enum::Known(DomainState::Paused) => Observed::Paused,
                 Enum::Known(DomainState::Running | DomainState::Blocked) => Observed::Running {
-                    cpu: f64::from(info.nr_virt_cpu),
+                    // Its vCPUs are its allocation, not its use: not a measurement.
+                    cpu: None,
                     memory_bytes: info.memory * 1024,
                     latency_ms: None,
                 },
@@ -504,12 +505,12 @@ mod tests {
             let message = backend.create(&cx(attempt), &runtime, &small).await.unwrap();
             assert!(message.contains("rtai-rt_lifecycle"), "{message}");
         }
-        let Observed::Running { cpu, memory_bytes, .. } = backend.status(&runtime).await.unwrap() else {
+        let Observed::Running { memory_bytes, .. } = backend.status(&runtime).await.unwrap() else {
             panic!("not running")
         };
-        assert_eq!((cpu, memory_bytes), (1.0, 2 << 30));
         let connection = backend.connection().unwrap();
         let domain = connection.lookup_domain_by_name("rtai-rt_lifecycle").unwrap();
+        assert_eq!((domain.info().unwrap().nr_virt_cpu, memory_bytes), (1, 2 << 30));
         let metadata = domain.metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(METADATA_NS), 0).unwrap();
         assert!(metadata.contains("id=\"rt_lifecycle\"") && metadata.contains("risk &amp; ops"), "{metadata}");
 
@@ -532,8 +533,8 @@ mod tests {
         let message = backend.scale(&cx("op_scale"), &runtime, &large).await.unwrap();
         assert!(message.contains("next start"), "{message}");
         backend.start(&cx("op_start"), &runtime).await.unwrap();
-        let Observed::Running { cpu, .. } = backend.status(&runtime).await.unwrap() else { panic!("not running") };
-        assert_eq!(cpu, 4.0, "the new size after the boot");
+        assert!(matches!(backend.status(&runtime).await.unwrap(), Observed::Running { .. }), "running");
+        assert_eq!(domain.info().unwrap().nr_virt_cpu, 4, "the new size after the boot");
 
         backend.snapshot(&cx("op_snap"), &runtime, "snap_1", "before").await.unwrap();
         backend.snapshot(&cx("op_snap_retry"), &runtime, "snap_1", "before").await.unwrap();

@@ -120,7 +120,8 @@ impl Resources {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Observed {
     Running {
-        cpu: f64,
+        /// vCPUs in use, where the backend measures or knows them.
+        cpu: Option<f64>,
         memory_bytes: u64,
         latency_ms: Option<f64>,
     },

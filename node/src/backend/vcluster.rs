@@ -456,17 +456,10 @@ impl RuntimeBackend for VclusterBackend {
             .and_then(|c| c.resources.as_ref())
             .and_then(|r| r.requests.clone())
             .unwrap_or_default();
-        let cpu = resources
-            .get("cpu")
-            .map(|q| q.0.trim_end_matches('m').parse::<f64>().unwrap_or(0.0) / 1000.0)
-            .unwrap_or(0.0);
         let memory =
             resources.get("memory").and_then(|q| runtimeai_engine::catalogue::quantity_bytes(&q.0)).unwrap_or(0);
-        Ok(Observed::Running {
-            cpu: cpu * f64::from(ready.max(1)),
-            memory_bytes: memory * ready.max(1) as u64,
-            latency_ms: None,
-        })
+        // Requests are the allocation, not a measurement of use (that needs metrics-server).
+        Ok(Observed::Running { cpu: None, memory_bytes: memory * ready.max(1) as u64, latency_ms: None })
     }
 }
 

@@ -7,16 +7,18 @@
 //! - **scale** to a named size (`scale to large`) or a replica count (`scale to 3 replicas`);
 //! - **raise availability** (`improve availability`, `high availability`): one more replica
 //!   (at least 2); **lower availability**: one replica fewer (at least 1);
-//! - **reduce cost** (`cost`, `cheaper`, `save`): one size down, else one replica fewer, else
-//!   (`aggressive`, outside production) stop the runtime;
+//! - **reduce cost** (`cost`, `cheaper`, `save`): one size down, else one size down keeping the
+//!   replicas it has, else one replica fewer, else (`aggressive`, outside production) stop the
+//!   runtime;
 //! - **improve performance / latency**: one size up, else one more replica;
 //! - **recover** (`recover`, `heal`, `fix`, `repair`): start a stopped runtime, restart one that
 //!   is in error, degraded or reported unhealthy; nothing for a healthy one;
 //! - **prepare for a change** (`prepare`, `snapshot`, `backup`): a snapshot;
 //! - **start**, **stop**, **restart**.
 //!
-//! Constraints: `latency: "<50ms"` (keeps the size at the catalogue's second size or above, or
-//! at the current size when the observed latency already misses the target), `availability:
+//! Constraints: `latency: "<50ms"` (with measured CPU use: an option may not leave less than
+//! use ÷ [`CPU_HEADROOM`] vCPUs; with none: keeps the catalogue's second size or above; with a
+//! measured latency that already misses the target: takes no capacity away), `availability:
 //! "high" | "normal" | "low"` (high: at least 2 replicas and the second size), `cost:
 //! "optimize"` (nothing that raises cost), and a budget (`max_cost_per_hour`,
 //! `max_cost_per_month`, or `budget: {…}` holding either). An option that would violate one is
@@ -31,6 +33,9 @@ use serde_json::{Map, Value};
 
 use crate::catalogue::{Catalogue, HOURS_PER_MONTH};
 use crate::policy::is_destructive;
+
+/// The share of an option's vCPUs that measured use may fill and still meet a latency target.
+pub const CPU_HEADROOM: f64 = 0.7;
 
 /// The goals this planner understands, as its 422 answer lists them.
 pub const UNDERSTOOD_GOALS: &[&str] = &[
@@ -58,7 +63,7 @@ pub struct PlanInput<'a> {
     pub constraints: &'a Map<String, Value>,
     /// Free-form context; `env` counts like the runtime's `env` label.
     pub context: &'a Map<String, Value>,
-    /// Signals the caller observed (`health`, `latency_ms`, `cpu_utilization`); they override
+    /// Signals the caller observed (`health`, `latency_ms`, `cpu` in vCPUs used); they override
     /// what the runtime's executor last reported.
     pub signals: &'a Map<String, Value>,
     pub mode: PolicyMode,
@@ -227,6 +232,49 @@ impl Planner<'_> {
             .or_else(|| self.input.runtime.signals.as_ref().and_then(|s| s.latency_ms))
     }
 
+    /// vCPUs the runtime uses, measured: what the caller observed (`cpu`), else what its
+    /// executor measured (a sandbox's cgroup). None where nothing measures it.
+    fn measured_cpu(&self) -> Option<f64> {
+        let reported = self.input.runtime.signals.as_ref().filter(|s| s.cpu_measured).map(|s| s.cpu);
+        self.input.signals.get("cpu").and_then(Value::as_f64).or(reported)
+    }
+
+    /// The vCPUs a spec runs with: its explicit cpu, else its size's, times its replicas.
+    fn capacity(&self, spec: &RuntimeSpec) -> f64 {
+        let size = self.catalogue.sizes.get(self.catalogue.effective_index(spec));
+        let cpu = spec.resources.as_ref().and_then(|r| r.cpu).or(size.map(|s| s.cpu)).unwrap_or(0.0);
+        cpu * self.catalogue.replicas(spec) as f64
+    }
+
+    /// Why an option breaks a latency target, if it does: measured latency that already misses
+    /// it forbids taking capacity away; else measured CPU use must stay within
+    /// [`CPU_HEADROOM`] of what the option leaves; with no measurement, a target of 100 ms or
+    /// less keeps at least the catalogue's second size.
+    fn latency_violation(&self, target: f64, option: &Option_) -> Option<String> {
+        let now = &self.input.runtime.spec;
+        let (old_index, new_index) =
+            (self.catalogue.effective_index(now), self.catalogue.effective_index(&option.spec));
+        let takes_capacity = new_index < old_index
+            || self.catalogue.replicas(&option.spec) < self.catalogue.replicas(now)
+            || !option.running;
+        if let Some(observed) = self.observed_latency().filter(|observed| *observed > target) {
+            return takes_capacity.then(|| format!("latency <{target}ms (measured {observed}ms already misses it)"));
+        }
+        if let Some(used) = self.measured_cpu() {
+            let capacity = if option.running { self.capacity(&option.spec) } else { 0.0 };
+            let overloaded = takes_capacity && used > CPU_HEADROOM * capacity;
+            return overloaded.then(|| {
+                format!(
+                    "latency <{target}ms ({used:.2} vCPU in use, measured, would load {capacity} vCPU past {:.0} %)",
+                    CPU_HEADROOM * 100.0
+                )
+            });
+        }
+        let floor = 1.min(self.catalogue.sizes.len() - 1);
+        (target <= 100.0 && (new_index < floor || !option.running))
+            .then(|| format!("latency <{target}ms (no measured CPU use to judge a smaller size by)"))
+    }
+
     fn health(&self) -> Option<String> {
         self.input
             .signals
@@ -246,23 +294,12 @@ impl Planner<'_> {
         let c = &self.constraints;
         let mut why = Vec::new();
         let now = &self.input.runtime.spec;
-        let (old_index, new_index) =
-            (self.catalogue.effective_index(now), self.catalogue.effective_index(&option.spec));
+        let new_index = self.catalogue.effective_index(&option.spec);
         let new_replicas = self.catalogue.replicas(&option.spec);
         let old_cost = self.catalogue.running_cost(now);
         let new_cost = if option.running { self.catalogue.running_cost(&option.spec) } else { 0.0 };
-        if let Some(target) = c.latency_ms {
-            let missing = self.observed_latency().is_some_and(|observed| observed > target);
-            let old_replicas = self.catalogue.replicas(now);
-            let violates = if missing {
-                // Already too slow: nothing may take capacity away.
-                new_index < old_index || new_replicas < old_replicas || !option.running
-            } else {
-                target <= 100.0 && (new_index < 1.min(self.catalogue.sizes.len() - 1) || !option.running)
-            };
-            if violates {
-                why.push(format!("latency <{target}ms"));
-            }
+        if let Some(violation) = c.latency_ms.and_then(|target| self.latency_violation(target, option)) {
+            why.push(violation);
         }
         if c.availability == Some(Availability::High) {
             let floor = 1.min(self.catalogue.sizes.len() - 1);
@@ -308,6 +345,27 @@ impl Planner<'_> {
         let mut spec = self.input.runtime.spec.clone();
         action.apply_to_spec(&mut spec);
         Option_ { label: format!("scaling to {size}"), actions: vec![action], spec, running: true, why }
+    }
+
+    /// A smaller size with the replica count the runtime has now (a size's own count may be
+    /// fewer).
+    fn resize_keeping(&self, index: usize, replicas: i64, why: String) -> Option_ {
+        let size = self.size_name(index).to_string();
+        let resources = Catalogue::with_replicas(&self.input.runtime.spec, replicas);
+        let action = LifecycleAction::Scale { size: Some(size.clone()), resources: Some(resources) };
+        let mut spec = self.input.runtime.spec.clone();
+        action.apply_to_spec(&mut spec);
+        Option_ {
+            label: format!("scaling to {size} with {replicas} replicas"),
+            actions: vec![action],
+            spec,
+            running: true,
+            why,
+        }
+    }
+
+    fn explicit_replicas(&self) -> Option<i64> {
+        self.input.runtime.spec.resources.as_ref().and_then(|r| r.replicas).filter(|r| *r > 0)
     }
 
     fn replicas(&self, count: i64, why: String) -> Option_ {
@@ -524,8 +582,14 @@ impl Planner<'_> {
         let runtime = self.input.runtime;
         let mut options = Vec::new();
         if current > 0 {
-            let why = format!("one size down ({current_name} → {}) lowers cost per hour", self.size_name(current - 1));
+            let smaller = self.size_name(current - 1).to_string();
+            let why = format!("one size down ({current_name} → {smaller}) lowers cost per hour");
             options.push(self.resize(current - 1, why));
+            let (smaller_replicas, explicit) = (self.catalogue.sizes[current - 1].replicas, self.explicit_replicas());
+            if explicit.is_none() && smaller_replicas < replicas {
+                let why = format!("one size down ({current_name} → {smaller}) keeping its {replicas} replicas");
+                options.push(self.resize_keeping(current - 1, replicas, why));
+            }
         }
         if replicas > 1 {
             let why = format!("one replica fewer ({replicas} → {}) lowers cost", replicas - 1);
@@ -669,16 +733,65 @@ mod tests {
         assert!(run(&prod, "reduce cost", json!({}), Aggressive).unwrap().actions.is_empty());
     }
 
+    /// A runtime of `size` whose executor measured `cpu` vCPUs in use.
+    fn measured(size: &str, cpu: f64) -> Runtime {
+        let mut rt = runtime(size, Running);
+        rt.signals = Some(RuntimeSignals {
+            cpu,
+            cpu_measured: true,
+            memory: "1Gi".into(),
+            health: "healthy".into(),
+            cost_per_hour: 0.1,
+            latency_ms: None,
+            observed_at: chrono::DateTime::UNIX_EPOCH,
+            node_id: 1,
+        });
+        rt
+    }
+
+    #[test]
+    fn measured_cpu_use_decides_what_a_latency_target_allows() {
+        let latency = json!({"latency": "<50ms"});
+        // Nearly idle: small's 1 vCPU is room enough.
+        let plan = run(&measured("medium", 0.1), "reduce cost", latency.clone(), Balanced).unwrap();
+        assert_eq!(scale_size(&plan).as_deref(), Some("small"), "{plan:?}");
+        // Busy: 1 vCPU in use would fill small; the refusal names the measurement.
+        let err = run(&measured("medium", 1.0), "reduce cost", latency.clone(), Balanced).unwrap_err();
+        let PlanError::Blocked(reasons) = err else { panic!("{err:?}") };
+        assert!(
+            reasons[0].contains("1.00 vCPU in use, measured") && reasons[0].contains("scaling to small"),
+            "{reasons:?}"
+        );
+        // An allocation is not a measurement: the cautious rule holds.
+        let mut allocated = measured("medium", 0.1);
+        allocated.signals.as_mut().unwrap().cpu_measured = false;
+        let err = run(&allocated, "reduce cost", latency, Balanced).unwrap_err();
+        assert!(matches!(err, PlanError::Blocked(ref r) if r[0].contains("no measured CPU use")), "{err:?}");
+        // The seed's headline: on an idle large, medium keeping its 2 replicas meets both
+        // constraints; a medium with 1 replica cannot be made cheaper and highly available.
+        let headline = json!({"latency": "<50ms", "availability": "high"});
+        let plan = run(&measured("large", 0.2), "reduce cost", headline.clone(), SafeFirst).unwrap();
+        assert_eq!(kinds(&plan), ["snapshot", "scale"], "{plan:?}");
+        assert!(plan.rationale.iter().any(|r| r.contains("keeping its 2 replicas")), "{plan:?}");
+        let err = run(&measured("medium", 0.2), "reduce cost", headline, SafeFirst).unwrap_err();
+        assert!(
+            matches!(err, PlanError::Blocked(ref r) if r.iter().all(|r| r.contains("availability high"))),
+            "{err:?}"
+        );
+    }
+
     #[test]
     fn constraints_rule_out_options_and_say_which() {
         // latency keeps medium from going small: the fallback (fewer replicas) does not exist → blocked.
         let err = run(&runtime("medium", Running), "reduce cost", json!({"latency": "<50ms"}), SafeFirst).unwrap_err();
         let PlanError::Blocked(reasons) = err else { panic!("{err:?}") };
         assert!(reasons[0].contains("latency <50ms") && reasons[0].contains("scaling to small"), "{reasons:?}");
-        // High availability: large's 2 replicas may not become medium's 1, nor 1 of large...
-        let err =
-            run(&runtime("large", Running), "reduce cost", json!({"availability": "high"}), Balanced).unwrap_err();
-        assert!(matches!(err, PlanError::Blocked(ref r) if r.len() == 2), "{err:?}");
+        // High availability: large's 2 replicas may not become medium's 1, nor 1 of large; medium
+        // keeping the 2 replicas is the plan.
+        let plan = run(&runtime("large", Running), "reduce cost", json!({"availability": "high"}), Balanced).unwrap();
+        assert_eq!(plan.blocked.len(), 1, "{plan:?}");
+        let LifecycleAction::Scale { size, resources } = &plan.actions[0] else { panic!("{plan:?}") };
+        assert_eq!((size.as_deref(), resources.as_ref().and_then(|r| r.replicas)), (Some("medium"), Some(2)));
         // ...but with 3 explicit replicas, one size down keeps enough of them.
         let mut three = runtime("large", Running);
         three.spec.resources = Some(ResourceProfile { replicas: Some(3), ..Default::default() });
@@ -747,6 +860,7 @@ mod tests {
         let mut sick = runtime("small", Running);
         sick.signals = Some(RuntimeSignals {
             cpu: 1.0,
+            cpu_measured: false,
             memory: "2Gi".into(),
             health: "unhealthy".into(),
             cost_per_hour: 0.05,
@@ -809,9 +923,10 @@ mod tests {
             mode: Balanced,
             sizes: &sizes,
         };
-        // Too slow already: neither one size down nor one replica fewer.
+        // Too slow already: neither one size down (with its replicas or with today's) nor one
+        // replica fewer.
         let Err(PlanError::Blocked(reasons)) = plan(input) else { panic!("a downsize was planned") };
-        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert_eq!(reasons.len(), 3, "{reasons:?}");
         assert!(reasons.iter().all(|r| r.contains("latency <200ms")), "{reasons:?}");
     }
 }

@@ -393,8 +393,11 @@ pub struct Placement {
 /// What the executor last observed of a runtime.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RuntimeSignals {
-    /// vCPUs in use (as the backend reports them).
+    /// vCPUs in use: measured when `cpu_measured`, else the allocation.
     pub cpu: f64,
+    /// Whether `cpu` was measured (a sandbox's cgroup) rather than taken from the allocation.
+    #[serde(default)]
+    pub cpu_measured: bool,
     /// Memory in use, as a Kubernetes quantity.
     pub memory: String,
     /// `healthy`, `degraded`, `unhealthy` or `stopped`.

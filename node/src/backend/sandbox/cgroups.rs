@@ -75,9 +75,7 @@ impl Cgroups {
         format!("/runtimeai/{id}")
     }
 
-    /// CPU time the sandbox's processes have used, in nanoseconds. (Read by the tests; the
-    /// measured signals of issue 22 will report it.)
-    #[cfg(test)]
+    /// CPU time the sandbox's processes have used, in nanoseconds.
     pub(super) fn cpu_usage_ns(&self, id: &str) -> Option<u64> {
         match self {
             Cgroups::V2 { root } => {

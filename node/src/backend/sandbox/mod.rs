@@ -155,6 +155,8 @@ pub struct SandboxBackend {
     backoff_min: Duration,
     backoff_max: Duration,
     watchers: Watchers,
+    /// Each sandbox's CPU time at its last status look, and when: what its use is measured from.
+    cpu_samples: Arc<Mutex<HashMap<String, (u64, Instant)>>>,
 }
 
 /// The task watching each sandbox this node started, by runtime id.
@@ -232,6 +234,7 @@ impl SandboxBackend {
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             watchers: Watchers::default(),
+            cpu_samples: Arc::default(),
         })
     }
 
@@ -397,6 +400,17 @@ impl SandboxBackend {
         }
         let why = String::from_utf8_lossy(&output.stderr).trim().to_string();
         Err(BackendError::Retryable(format!("crun {}: {why}", args.join(" "))))
+    }
+
+    /// The vCPUs the sandbox used since the previous look (its cgroup's CPU time over the time
+    /// between); none at the first look, or without cgroups.
+    fn cpu_in_use(&self, id: &str) -> Option<f64> {
+        let used = self.cgroups.as_ref()?.cpu_usage_ns(id)?;
+        let now = Instant::now();
+        let mut samples = self.cpu_samples.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (before, then) = samples.insert(id.to_string(), (used, now))?;
+        let wall = now.duration_since(then).as_nanos() as f64;
+        (wall > 0.0 && used >= before).then(|| (used - before) as f64 / wall)
     }
 
     /// Whether the sandbox's processes are frozen.
@@ -707,6 +721,7 @@ impl RuntimeBackend for SandboxBackend {
             if let Some(cgroups) = &self.cgroups {
                 cgroups.remove(&runtime.id);
             }
+            self.cpu_samples.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&runtime.id);
             Ok("sandbox removed".to_string())
         })
         .await
@@ -884,8 +899,9 @@ impl RuntimeBackend for SandboxBackend {
             if self.frozen(&runtime.id) {
                 return Ok(Observed::Paused);
             }
+            let cpu = self.cpu_in_use(&runtime.id);
             if let Some(used) = self.cgroups.as_ref().and_then(|c| c.memory_usage(&runtime.id)) {
-                return Ok(Observed::Running { cpu: 0.0, memory_bytes: used, latency_ms: None });
+                return Ok(Observed::Running { cpu, memory_bytes: used, latency_ms: None });
             }
             let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", launch.pid))
                 .ok()
@@ -896,7 +912,7 @@ impl RuntimeBackend for SandboxBackend {
                 })
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            return Ok(Observed::Running { cpu: 0.0, memory_bytes: rss_kib * 1024, latency_ms: None });
+            return Ok(Observed::Running { cpu, memory_bytes: rss_kib * 1024, latency_ms: None });
         }
         match std::fs::read_to_string(dir.join("exit")) {
             Ok(how) if how.contains("status 0") || dir.join("stopping").exists() => Ok(Observed::Stopped),
@@ -1492,6 +1508,13 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let spent = (used() - before) as f64 / 1e9 / started.elapsed().as_secs_f64();
         assert!(spent > 0.05 && spent < 0.4, "a spinning sandbox limited to 0.2 cpu used {spent:.2} cpu");
+        // Its status measures the same: the CPU it used between two looks.
+        backend.status(&runtime).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Observed::Running { cpu: Some(measured), .. } = backend.status(&runtime).await.unwrap() else {
+            panic!("a running sandbox's cpu is measured")
+        };
+        assert!(measured > 0.05 && measured < 0.4, "measured {measured:.2} cpu");
         backend.delete(&cx("op_spin_delete"), &runtime).await.unwrap();
         assert!(cgroups.dirs("rt_spin").iter().all(|d| !d.exists()), "its cgroups are removed with it");
     }
