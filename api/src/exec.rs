@@ -3,14 +3,15 @@
 //! `{"stderr": "..."}`, and last `{"exit": {"exit_code": 0, "duration_ms": 12, "timed_out":
 //! false}}`. Output is text: bytes that are not UTF-8 arrive as U+FFFD.
 //!
-//! The policies judge an exec as the action `exec` (deny: 403 `policy-denied`; approval: 403
-//! `approval-required`, as a command's output cannot wait for a human). Any node takes the call:
-//! the node that hosts the sandbox runs it (the call goes there over the members' channel, as a
-//! write goes to the leader), and records a `runtime.exec` event with who ran what and how it
-//! ended.
+//! The policies judge an exec as the action `exec`: denied, 403 `policy-denied`; needing
+//! approval, it is not run now but waits as an operation (202, as a lifecycle call), and once
+//! someone else approves it the executor of the sandbox's node runs it to its end: the
+//! operation succeeds with what it printed (up to 16 KiB of each output) or fails with its exit
+//! code. Any node takes the call: the node that hosts the sandbox runs it (the call goes there
+//! over the members' channel, as a write goes to the leader), and records a `runtime.exec` event
+//! with who ran what and how it ended.
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::Response;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -22,7 +23,8 @@ use crate::doc_types::{ProblemResponses, TenantId};
 use crate::extract::{Body, PathParam};
 use crate::on_host::{self, streamed, ExecRun, Host, HostCall};
 use crate::problem::Problem;
-use crate::sandbox_io::{ExecOutput, ExecRequest};
+use crate::sandbox_io::{check_exec, ExecOutput, ExecRequest};
+use crate::views::OperationView;
 use crate::AppState;
 
 pub(crate) fn routes() -> OpenApiRouter<AppState> {
@@ -33,16 +35,21 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
 #[utoipa::path(post, path = "/v1/runtimes/{runtime_id}/exec", tag = "Runtimes",
     params(("runtime_id" = String, Path), TenantId), request_body = ExecRequest,
     responses((status = 200, description = "The command's output, one JSON object per line, ending with how it ended",
-        content_type = "application/x-ndjson", body = ExecOutput), ProblemResponses))]
+        content_type = "application/x-ndjson", body = ExecOutput),
+        (status = 202, description = "A policy wants it approved first: it waits as this operation, and runs once approved",
+        body = OperationView), ProblemResponses))]
 pub(crate) async fn exec(
     State(state): State<AppState>,
     caller: Caller,
     PathParam(runtime_id): PathParam<String>,
     Body(request): Body<ExecRequest>,
 ) -> Result<Response, Problem> {
-    request.check()?;
+    check_exec(&request)?;
     let runtime = on_host::sandbox(&state, &caller, &runtime_id, true, "commands").await?;
-    judge(&state, &caller, &runtime, LifecycleAction::Exec { command: request.command.clone() })?;
+    let action = LifecycleAction::Exec { request: request.clone() };
+    if judge(&state, &caller, &runtime, action.clone())? == Verdict::RequireApproval {
+        return crate::runtimes::begin(&state, &caller, &runtime_id, action, &request).await;
+    }
     let lines = match Host::of(&state, &runtime)? {
         Host::Here => {
             let run = ExecRun::new(&state, caller.actor(), &runtime_id, &request.command);
@@ -59,22 +66,14 @@ pub(crate) async fn exec(
     }))
 }
 
-/// The policies' verdict on an exec: allowed, or a 403 naming the deciding rule.
-fn judge(state: &AppState, caller: &Caller, runtime: &Runtime, action: LifecycleAction) -> Result<(), Problem> {
+/// The policies' verdict on an exec: allowed or needing approval, or a 403 naming the rule
+/// that denies it.
+fn judge(state: &AppState, caller: &Caller, runtime: &Runtime, action: LifecycleAction) -> Result<Verdict, Problem> {
     let mode = caller.policy_mode(None)?;
     let decisions = crate::planning::preview_decisions(state, caller, runtime, &[action], mode)?;
-    let Some(decision) = runtimeai_engine::policy::deciding(&decisions).cloned() else { return Ok(()) };
+    let Some(decision) = runtimeai_engine::policy::deciding(&decisions).cloned() else { return Ok(Verdict::Allow) };
     match decision.verdict {
-        Verdict::Allow => Ok(()),
         Verdict::Deny => Err(runtimeai_raft::Rejection::PolicyDenied { decision }.into()),
-        Verdict::RequireApproval => {
-            let mut problem = Problem::new(
-                StatusCode::FORBIDDEN,
-                "approval-required",
-                format!("exec needs approval ({}), and a command's output cannot wait for one", decision.reason),
-            );
-            problem.decision = Some(Box::new(decision));
-            Err(problem)
-        }
+        verdict => Ok(verdict),
     }
 }

@@ -85,7 +85,7 @@ pub(crate) async fn sandbox(
         return Err(Problem::new(StatusCode::CONFLICT, "not-a-sandbox", message));
     }
     if running {
-        let exec = LifecycleAction::Exec { command: Vec::new() };
+        let exec = LifecycleAction::Exec { request: ExecRequest::default() };
         exec.transition(runtime.state)
             .map_err(|e| Problem::new(StatusCode::CONFLICT, "illegal-transition", e.to_string()))?;
     }

@@ -96,13 +96,31 @@ async fn a_command_runs_in_a_sandbox_through_any_node_and_is_on_record() -> anyh
     let policy_id = made.body["id"].as_str().unwrap();
     cluster.call_eventually(1, Method::DELETE, &format!("/v1/policies/{policy_id}"), None, &[]).await?;
 
-    phase("an agent in its default mode needs a rule that allows exec");
+    phase("an agent's exec in its default mode waits for approval, then runs once, to its end");
     let agent = key_for(&cluster, 1, "coder", "agent", &["*"], &["agent"], Some("act")).await?;
-    let waits = exec(&cluster, Some(&agent), other, &id, json!({"command": ["id"]})).await?;
-    assert_eq!(
-        (waits.status, waits.body["type"].as_str().map(|t| t.ends_with("approval-required"))),
-        (403, Some(true))
-    );
+    let command = json!(["sh", "-c", "echo approved >> /work/runs; cat /work/runs; echo note >&2"]);
+    let waits = exec(&cluster, Some(&agent), other, &id, json!({"command": command})).await?;
+    assert_eq!((waits.status, waits.body["status"].as_str()), (202, Some("pending_approval")), "{waits:?}");
+    assert_eq!((&waits.body["kind"], &waits.body["params"]["command"]), (&json!("exec"), &command), "what would run");
+    let operation = waits.body["id"].as_str().unwrap().to_string();
+    let approve = format!("/v1/operations/{operation}/approve");
+    let own = cluster.call_as(Some(&agent), other, Method::POST, &approve, None, &[]).await?;
+    assert_eq!(own.status, 403, "nobody approves their own command: {own:?}");
+    let approved = cluster.call_eventually(host, Method::POST, &approve, None, &[]).await?;
+    assert_eq!(approved.status, 200, "{approved:?}");
+    let done = cluster.wait_operation(1, &operation, EVENTUALLY).await?;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let said = done["results"][0]["message"].as_str().unwrap_or_default();
+    assert!(said.starts_with("exit code 0") && said.contains("--- stdout ---\napproved\n"), "{said}");
+    assert!(said.contains("--- stderr ---\nnote"), "{said}");
+    let failing = exec(&cluster, Some(&agent), other, &id, json!({"command": ["sh", "-c", "exit 7"]})).await?;
+    let failing = failing.body["id"].as_str().unwrap().to_string();
+    cluster.call_eventually(1, Method::POST, &format!("/v1/operations/{failing}/approve"), None, &[]).await?;
+    let failed = cluster.wait_operation(1, &failing, EVENTUALLY).await?;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(failed["error"]["message"].as_str().is_some_and(|m| m.contains("exit code 7")), "{failed}");
+    let runs = exec(&cluster, None, other, &id, json!({"command": ["cat", "/work/runs"]})).await?;
+    assert_eq!(printed(&lines(&runs), "stdout"), "approved\n", "it ran once");
 
     phase("each exec is an event: who ran what, and how it ended");
     let path = format!("/v1/runtimes/{id}/events?limit=1000");
@@ -112,12 +130,12 @@ async fn a_command_runs_in_a_sandbox_through_any_node_and_is_on_record() -> anyh
         let execs: Vec<Value> =
             events.as_array().into_iter().flatten().filter(|e| e["type"] == "runtime.exec").cloned().collect();
         // Recorded by the host once each command has ended: the last may lag the answer.
-        if execs.len() >= 3 || std::time::Instant::now() > deadline {
+        if execs.len() >= 4 || std::time::Instant::now() > deadline {
             break execs;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
-    assert_eq!(execs.len(), 3, "{execs:?}");
+    assert_eq!(execs.len(), 4, "{execs:?}");
     assert_eq!(execs[0]["data"]["command"], json!(["sh", "-c", script]));
     assert_eq!(execs[0]["data"]["exit_code"], 3);
     assert_eq!(execs[0]["data"]["node_id"], host);

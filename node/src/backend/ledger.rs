@@ -106,6 +106,12 @@ impl StepLedger {
         self.lock()?.ledger.begin(cx, || Ok(false))
     }
 
+    /// As [`begin`](Self::begin), but a step a crash cut off after it began counts as done: for
+    /// work that must happen at most once (a command run in a sandbox may have done its part).
+    pub fn begin_at_most_once(&self, cx: &CallContext) -> Result<Step, BackendError> {
+        self.lock()?.ledger.begin(cx, || Ok(true))
+    }
+
     /// Records a step [`begin`](Self::begin) started as done, once its work has happened;
     /// refused if a newer executor of the operation has come meanwhile.
     pub fn finish(&self, cx: &CallContext) -> Result<(), BackendError> {

@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use runtimeai_engine::catalogue::quantity_bytes;
 use runtimeai_engine::Catalogue;
-use runtimeai_model::{BackendInfo, LifecycleAction, Runtime, RuntimeType, SizeEntry};
+use runtimeai_model::{BackendInfo, ExecRequest, LifecycleAction, Runtime, RuntimeType, SizeEntry};
 
 /// The lifecycle actions every driver built so far supports (create and delete always are).
 pub const LIFECYCLE: &[runtimeai_model::ActionKind] = &[
@@ -164,6 +164,12 @@ pub trait RuntimeBackend: Send + Sync + std::fmt::Debug {
         name: &str,
     ) -> Result<String, BackendError>;
     async fn restore(&self, cx: &CallContext, runtime: &Runtime, snapshot_id: &str) -> Result<String, BackendError>;
+    /// Runs an approved command in the runtime to its end, at most once; `Ok` with what it
+    /// printed when it exits 0, a permanent error with its exit code otherwise (only drivers
+    /// whose capabilities include `exec`).
+    async fn run_command(&self, _: &CallContext, _: &Runtime, _: &ExecRequest) -> Result<String, BackendError> {
+        Err(BackendError::Unsupported(format!("{} runtimes take no commands", self.driver())))
+    }
     /// Freezes a running runtime, keeping its memory (only drivers whose capabilities say so).
     async fn pause(&self, _: &CallContext, _: &Runtime) -> Result<String, BackendError> {
         Err(BackendError::Unsupported(format!("{} runtimes cannot pause", self.driver())))
@@ -218,9 +224,7 @@ pub async fn execute(
         LifecycleAction::Relabel { .. } => {
             Err(BackendError::Permanent("a relabel changes only the record; no backend carries it out".into()))
         }
-        LifecycleAction::Exec { .. } => {
-            Err(BackendError::Permanent("an exec is never an operation: the API runs it on the sandbox's node".into()))
-        }
+        LifecycleAction::Exec { request } => backend.run_command(cx, runtime, request).await,
     }
 }
 

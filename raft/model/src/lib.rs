@@ -7,6 +7,7 @@
 //! fields across both.
 
 mod access;
+mod exec;
 mod json;
 mod lifecycle;
 mod records;
@@ -15,6 +16,7 @@ mod runtime;
 pub mod timestamp;
 
 pub use access::{strictness, AgentMode, ApiKey, Principal, PrincipalKind, Role, ALL_TENANTS};
+pub use exec::{ExecRequest, MAX_EXEC_SECONDS};
 pub use json::{JsonObject, JsonText};
 pub use lifecycle::{ActionKind, IllegalTransition, LabelPatch, LifecycleAction};
 pub use records::{

@@ -136,10 +136,11 @@ pub enum LifecycleAction {
     Relabel {
         labels: LabelPatch,
     },
-    /// A command run in a running sandbox: the policies judge it like an action, but it is
-    /// carried out at once by the node that hosts the sandbox, never queued as an operation.
+    /// A command run in a running sandbox: the policies judge it like an action. Allowed, the
+    /// node that hosts the sandbox runs it at once and streams its output; needing approval, it
+    /// waits as an operation, and once approved the host's executor runs it to its end.
     Exec {
-        command: Vec<String>,
+        request: crate::ExecRequest,
     },
     Pause,
     Resume,
@@ -226,7 +227,7 @@ impl LifecycleAction {
     /// | restore | running, stopped, degraded, error | unchanged | unchanged |
     /// | delete | any but deleting, deleted | deleting | deleted (record removed) |
     /// | relabel (once approved) | any but deleting, deleted | unchanged | unchanged |
-    /// | exec (never an operation) | running, degraded | unchanged | unchanged |
+    /// | exec (an operation only while it waits for approval) | running, degraded | unchanged | unchanged |
     ///
     /// `start` on a running runtime (or `stop` on a stopped one) is refused with 409 rather than
     /// treated as a no-op, so that an agent learns the state it assumed was wrong.
@@ -307,7 +308,12 @@ mod tests {
             (LifecycleAction::Pause, Paused),
             (LifecycleAction::Resume, Running),
             (LifecycleAction::Restart, Paused),
-            (LifecycleAction::Exec { command: vec!["true".into()] }, Paused),
+            (
+                LifecycleAction::Exec {
+                    request: crate::ExecRequest { command: vec!["true".into()], ..Default::default() },
+                },
+                Paused,
+            ),
         ];
         let sequence = LifecycleAction::Sequence {
             actions: vec![stop.clone(), LifecycleAction::Scale { size: None, resources: None }, LifecycleAction::Start],

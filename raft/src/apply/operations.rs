@@ -54,10 +54,6 @@ pub(crate) fn begin_operation(
     expected_version: Option<u64>,
 ) -> Result<CommandReply, StorageError> {
     let at = events.at;
-    if operation.action.steps().iter().any(|step| matches!(step, runtimeai_model::LifecycleAction::Exec { .. })) {
-        let what = "queue an exec as an operation (it runs at once on the sandbox's node)".to_string();
-        return Ok(CommandReply::Rejected(Rejection::NotPermitted { actor: operation.requested_by.to_string(), what }));
-    }
     let mut runtime = match load_runtime(txn, &operation.runtime_id, expected_version)? {
         Err(rejection) => return Ok(CommandReply::Rejected(rejection)),
         Ok(runtime) => runtime,

@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use runtimeai_model::{EgressPolicy, Runtime, RuntimeType};
+use runtimeai_model::{EgressPolicy, ExecRequest, Runtime, RuntimeType};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -820,6 +820,21 @@ impl RuntimeBackend for SandboxBackend {
         .await
     }
 
+    async fn run_command(
+        &self,
+        cx: &CallContext,
+        runtime: &Runtime,
+        request: &ExecRequest,
+    ) -> Result<String, BackendError> {
+        // At most once: a command a crash cut off may have done its part; it is not run again.
+        if self.ledger.begin_at_most_once(cx)? == Step::AlreadyApplied {
+            return Ok("already run, or cut off by a crash (a command runs at most once)".to_string());
+        }
+        let outcome = self.run_to_end(runtime, request.clone()).await;
+        self.ledger.finish(cx)?;
+        outcome.map_err(BackendError::Permanent)
+    }
+
     async fn pause(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
         self.step(cx, || async {
             if self.alive(runtime).is_none() {
@@ -1046,6 +1061,33 @@ mod tests {
     /// The count a sandbox's counting loop has written to `count` in its work directory.
     fn count(root: &TestRoot, id: &str) -> u64 {
         std::fs::read_to_string(work(root, id).join("count")).unwrap_or_default().trim().parse().unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn an_approved_command_runs_once_even_when_a_crash_cut_it_off() {
+        if !sandboxes_allowed() {
+            return;
+        }
+        let root = TestRoot::new();
+        let backend = backend_in(&root);
+        let runtime = sandbox("rt_once", "sleep 600");
+        backend.create(&cx("op_create"), &runtime, &ONE_GIB).await.unwrap();
+        let append = |line: &str| ExecRequest {
+            command: vec!["sh".into(), "-c".into(), format!("echo {line} >> /work/ran; echo {line}")],
+            ..Default::default()
+        };
+        let said = backend.run_command(&cx("op_exec"), &runtime, &append("first")).await.unwrap();
+        assert!(said.starts_with("exit code 0") && said.contains("--- stdout ---\nfirst\n"), "{said}");
+        let again = backend.run_command(&cx("op_exec"), &runtime, &append("first")).await.unwrap();
+        assert!(again.contains("at most once"), "a retried step: {again}");
+        // Begun by an executor that died before it finished: not run again by the next.
+        backend.ledger.begin_at_most_once(&cx("op_cut")).unwrap();
+        backend.run_command(&cx("op_cut"), &runtime, &append("second")).await.unwrap();
+        assert_eq!(std::fs::read_to_string(work(&root, "rt_once").join("ran")).unwrap(), "first\n");
+        let exit = ExecRequest { command: vec!["sh".into(), "-c".into(), "exit 7".into()], ..Default::default() };
+        let failed = backend.run_command(&cx("op_fail"), &runtime, &exit).await.unwrap_err();
+        assert!(matches!(&failed, BackendError::Permanent(m) if m.starts_with("exit code 7")), "{failed}");
+        backend.delete(&cx("op_delete"), &runtime).await.unwrap();
     }
 
     #[tokio::test]

@@ -108,7 +108,63 @@ impl SandboxShell for SandboxBackend {
     }
 }
 
+/// How much of each output an approved command keeps in its operation.
+pub(super) const KEPT_OUTPUT_BYTES: usize = 16 << 10;
+
+/// One output of a command run to its end: the first [`KEPT_OUTPUT_BYTES`] of it, and how many
+/// bytes more there were.
+#[derive(Default)]
+struct Kept {
+    text: String,
+    dropped: usize,
+}
+
+impl Kept {
+    fn push(&mut self, chunk: &str) {
+        let room = KEPT_OUTPUT_BYTES.saturating_sub(self.text.len());
+        let mut cut = chunk.len().min(room);
+        while !chunk.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.text.push_str(&chunk[..cut]);
+        self.dropped += chunk.len() - cut;
+    }
+
+    fn section(&self, name: &str) -> String {
+        let more = if self.dropped > 0 { format!("\n… ({} bytes more)", self.dropped) } else { String::new() };
+        format!("\n--- {name} ---\n{}{more}", self.text)
+    }
+}
+
 impl SandboxBackend {
+    /// Runs `request` in the sandbox to its end and says how it went: its exit code and time,
+    /// then what it printed (kept to [`KEPT_OUTPUT_BYTES`] of each output). `Err` (permanent)
+    /// when it could not start, did not end on its own, or exited non-zero.
+    pub(super) async fn run_to_end(&self, runtime: &Runtime, request: ExecRequest) -> Result<String, String> {
+        let mut output = self.exec(runtime, request).await?;
+        let (mut stdout, mut stderr) = (Kept::default(), Kept::default());
+        let mut ended = None;
+        while let Some(line) = output.recv().await {
+            match line {
+                ExecOutput::Stdout(chunk) => stdout.push(&chunk),
+                ExecOutput::Stderr(chunk) => stderr.push(&chunk),
+                ExecOutput::Exit { exit_code, duration_ms, timed_out } => {
+                    ended = Some((exit_code, duration_ms, timed_out))
+                }
+            }
+        }
+        let printed = format!("{}{}", stdout.section("stdout"), stderr.section("stderr"));
+        match ended {
+            Some((Some(0), ms, _)) => Ok(format!("exit code 0 after {ms} ms{printed}")),
+            Some((Some(code), ms, _)) => Err(format!("exit code {code} after {ms} ms{printed}")),
+            Some((None, ms, true)) => Err(format!("killed at its timeout, after {ms} ms{printed}")),
+            Some((None, _, false)) | None => {
+                let ms = ended.map_or(0, |(_, ms, _)| ms);
+                Err(format!("killed before it ended (the sandbox stopped), after {ms} ms{printed}"))
+            }
+        }
+    }
+
     /// `crun exec` in the sandbox, as its own processes run: its namespaces, user,
     /// capabilities and seccomp filter (which crun exec keeps), no_new_privs (which it keeps only
     /// when told), its environment with `extra` over it (`--env` replaces the whole
