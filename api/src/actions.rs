@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use runtimeai_model::{Capability, LifecycleAction, PolicyDecision, PolicyMode, SizeEntry};
+use runtimeai_model::{Capability, LifecycleAction, PolicyDecision, PolicyMode, RuntimePolicy, SizeEntry};
 
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -100,10 +100,16 @@ pub enum ActionType {
     Snapshot,
     Restore,
     Migrate,
+    /// A rolling restart of a vcluster's control plane.
     RolloutRestart,
+    /// Sets the runtime's own policy: a floor on the mode its actions are judged in, a budget
+    /// (`params`: `{"mode": "safe_first", "max_cost_per_hour": 0.2}`; an absent field clears it).
     TunePolicy,
     AttachObserver,
     DetachObserver,
+    /// Beside the seed's: freeze a running runtime with its memory, and thaw it.
+    Pause,
+    Resume,
 }
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -171,7 +177,7 @@ pub(crate) fn lifecycle_action(
 ) -> Result<LifecycleAction, Problem> {
     let kind =
         serde_json::to_value(action.action_type).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-    if !capabilities.iter().any(|c| *c == kind) {
+    if action.action_type != ActionType::TunePolicy && !capabilities.iter().any(|c| *c == kind) {
         return Err(unsupported(
             index,
             &format!("this runtime cannot {kind} (capabilities: {})", capabilities.join(", ")),
@@ -205,7 +211,28 @@ pub(crate) fn lifecycle_action(
             };
             LifecycleAction::Restore { snapshot_id: p.snapshot_id }
         }
-        _ => unreachable!("not in any runtime's capabilities"),
+        ActionType::RolloutRestart => {
+            params::<LifecycleStartRequest>(action, index)?;
+            LifecycleAction::RolloutRestart
+        }
+        ActionType::Pause => {
+            params::<LifecycleStartRequest>(action, index)?;
+            LifecycleAction::Pause
+        }
+        ActionType::Resume => {
+            params::<LifecycleStartRequest>(action, index)?;
+            LifecycleAction::Resume
+        }
+        ActionType::TunePolicy => {
+            let policy: RuntimePolicy = params(action, index)?;
+            if policy.max_cost_per_hour.is_some_and(|b| !(b.is_finite() && b >= 0.0)) {
+                return Err(Problem::invalid_field(format!("{path}.max_cost_per_hour"), "a cost of at least 0"));
+            }
+            LifecycleAction::TunePolicy { policy }
+        }
+        ActionType::Migrate | ActionType::AttachObserver | ActionType::DetachObserver => {
+            return Err(unsupported(index, &format!("no backend can {kind} yet")))
+        }
     })
 }
 

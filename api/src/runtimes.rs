@@ -461,7 +461,8 @@ pub(crate) async fn begin_in_mode(
     };
     for (i, step) in action.steps().iter().enumerate() {
         let kind = step.kind();
-        if kind != ActionKind::Delete && !runtime.capabilities.iter().any(|c| c == kind.as_str()) {
+        if kind != ActionKind::Delete && !kind.record_only() && !runtime.capabilities.iter().any(|c| c == kind.as_str())
+        {
             let path = if matches!(action, LifecycleAction::Sequence { .. }) {
                 format!("$.actions[{i}].type")
             } else {
@@ -699,7 +700,7 @@ pub struct RuntimeStatus {
 /// One measured value.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Signal {
-    #[schema(value_type = Object)]
+    /// A number, or text (`health`).
     pub value: serde_json::Value,
     pub unit: Option<&'static str>,
     pub ts: chrono::DateTime<chrono::Utc>,

@@ -108,15 +108,16 @@ fn write_action(schemas: &mut Value) {
     let action = &mut schemas["Action"];
     action["properties"]["target"] = json!({"type": "null", "description": "Sub-targets: no backend takes them yet."});
     action["oneOf"] = json!([
-        {"properties": {"type": {"enum": ["start", "restart"]}, "params": params("LifecycleStartRequest")}},
+        {"properties": {"type": {"enum": ["start", "restart", "rollout_restart", "pause", "resume"]},
+            "params": params("LifecycleStartRequest")}},
         {"properties": {"type": {"const": "stop"}, "params": params("LifecycleStopRequest")}},
         {"properties": {"type": {"const": "snapshot"}, "params": params("LifecycleSnapshotRequest")}},
         {"required": ["params"], "properties": {"type": {"const": "scale"},
             "params": {"$ref": "#/components/schemas/LifecycleScaleRequest"}}},
         {"required": ["params"], "properties": {"type": {"const": "restore"},
             "params": {"$ref": "#/components/schemas/LifecycleRestoreRequest"}}},
-        {"properties": {"type": {"enum": ["migrate", "rollout_restart", "tune_policy", "attach_observer",
-            "detach_observer"]}}},
+        {"properties": {"type": {"const": "tune_policy"}, "params": params("RuntimePolicy")}},
+        {"properties": {"type": {"enum": ["migrate", "attach_observer", "detach_observer"]}}},
     ]);
 }
 

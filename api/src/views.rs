@@ -88,6 +88,7 @@ pub(crate) fn action_params(action: &LifecycleAction) -> Value {
         LifecycleAction::Restore { snapshot_id } => serde_json::json!({ "snapshot_id": snapshot_id }),
         LifecycleAction::Relabel { labels } => serde_json::json!({ "labels": labels }),
         LifecycleAction::Exec { request } => serde_json::to_value(request).unwrap_or_default(),
+        LifecycleAction::TunePolicy { policy } => serde_json::to_value(policy).unwrap_or_default(),
         LifecycleAction::Sequence { actions } => serde_json::json!({
             "actions": actions.iter().map(|a| serde_json::json!({"type": a.kind(), "params": action_params(a)})).collect::<Vec<_>>()
         }),

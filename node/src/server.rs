@@ -289,9 +289,9 @@ async fn build_backends(config: &NodeConfig) -> anyhow::Result<BuiltBackends> {
                         SimulatedBackend::new(dir.clone(), config.simulated_step, config.id).with_context(|| {
                             format!("cannot prepare the simulated driver's directory {}", dir.display())
                         })?;
-                    simulated = Some(Arc::new(driver));
+                    simulated = Some(driver);
                 }
-                simulated.clone().expect("just set")
+                Arc::new(simulated.as_ref().expect("just set").serving(spec.runtime_type))
             }
             Driver::Libvirt { uri } => {
                 let dir = config.data_dir.join("backends").join("libvirt");

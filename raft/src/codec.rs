@@ -27,7 +27,9 @@ use serde::Serialize;
 /// `Op::RecordExec`). 12: pause and resume (`ActionKind::Pause`/`Resume`, their
 /// `LifecycleAction`s, `RuntimeState::Paused`); a spec's `ttl_seconds` and
 /// `idle_timeout_seconds`, a runtime's `expires_at` and `last_activity_at`,
-/// `EventType::RuntimeExpired` and `Op::ExpireRuntime`.
+/// `EventType::RuntimeExpired` and `Op::ExpireRuntime`; `LifecycleAction::Exec` carries the whole
+/// `ExecRequest`; `rollout_restart` and `tune_policy` (`ActionKind`, `LifecycleAction`),
+/// `Runtime::policy`, `RuntimeSignals::cpu_measured`.
 pub const FORMAT_VERSION: u32 = 12;
 
 #[derive(Debug, thiserror::Error)]

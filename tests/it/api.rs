@@ -713,11 +713,41 @@ async fn agents_execute_a_checked_list_of_actions_as_one_operation() -> anyhow::
         (Some("service"), Some("planner"))
     );
 
+    phase("the seed's rollout_restart: the vcluster's control plane rolled over");
+    let rollout = json!({"policy_mode": "balanced", "actions": [{"type": "rollout_restart"}]});
+    let rolling = cluster.call_eventually_as(&planner, 3, Method::POST, &execute, Some(&rollout), &[]).await?;
+    assert_eq!(rolling.status, 202, "{rolling:?}");
+    let rolled = cluster.wait_operation(1, rolling.body["id"].as_str().unwrap(), SETTLE).await?;
+    assert_eq!(
+        (&rolled["status"], &rolled["results"][0]["action"]["type"]),
+        (&json!("succeeded"), &json!("rollout_restart"))
+    );
+
+    phase("the seed's tune_policy: the runtime's own mode and budget, then held to them");
+    let tune = json!({"policy_mode": "balanced", "actions": [{"type": "tune_policy",
+        "params": {"mode": "safe_first", "max_cost_per_hour": 0.5}}]});
+    let tuning = cluster.call_eventually_as(&planner, 2, Method::POST, &execute, Some(&tune), &[]).await?;
+    assert_eq!(tuning.status, 202, "tightening needs no approval: {tuning:?}");
+    let tuned = cluster.wait_operation(1, tuning.body["id"].as_str().unwrap(), SETTLE).await?;
+    assert_eq!(tuned["status"], "succeeded", "{tuned}");
+    let runtime = cluster.call_eventually(3, Method::GET, &format!("/v1/runtimes/{id}"), None, &[]).await?;
+    assert_eq!(runtime.body["policy"], json!({"mode": "safe_first", "max_cost_per_hour": 0.5}), "{runtime:?}");
+    let dearer = json!({"policy_mode": "balanced", "actions": [{"type": "scale", "params": {"size": "xlarge"}}]});
+    let denied = cluster.call_eventually_as(&planner, 1, Method::POST, &execute, Some(&dearer), &[]).await?;
+    assert!(is_problem(&denied, 403), "{denied:?}");
+    assert!(denied.body["detail"].as_str().is_some_and(|d| d.contains("own budget of 0.50/h")), "{denied:?}");
+    let restart = json!({"policy_mode": "balanced", "actions": [{"type": "restart"}]});
+    let waits = cluster.call_eventually_as(&planner, 1, Method::POST, &execute, Some(&restart), &[]).await?;
+    assert_eq!(waits.body["status"], "pending_approval", "judged in the runtime's safe_first: {waits:?}");
+    let cancel = format!("/v1/operations/{}/cancel", waits.body["id"].as_str().unwrap());
+    cluster.call_eventually(1, Method::POST, &cancel, None, &[]).await?;
+
     phase("every action is checked before anything is queued");
     let cases = [
         (json!({"actions": [{"type": "start"}]}), 409, None),
         (json!({"actions": [{"type": "stop"}, {"type": "stop"}]}), 409, None),
         (json!({"actions": [{"type": "migrate"}]}), 409, Some("$.actions[0].type")),
+        (json!({"actions": [{"type": "pause"}]}), 409, Some("$.actions[0].type")),
         (
             json!({"actions": [{"type": "stop"}, {"type": "scale", "params": {"size": "huge"}}]}),
             422,
@@ -736,7 +766,7 @@ async fn agents_execute_a_checked_list_of_actions_as_one_operation() -> anyhow::
     }
     let operations =
         cluster.call_eventually(3, Method::GET, &format!("/v1/runtimes/{id}/operations"), None, &[]).await?;
-    assert_eq!(operations.body["items"].as_array().unwrap().len(), 2, "refused requests queue nothing");
+    assert_eq!(operations.body["items"].as_array().unwrap().len(), 5, "refused requests queue nothing");
     Ok(())
 }
 

@@ -56,6 +56,17 @@ pub const LIFECYCLE_AND_PAUSE: &[runtimeai_model::ActionKind] = &[
     runtimeai_model::ActionKind::Resume,
 ];
 
+/// What a vcluster does: the lifecycle, and a rolling restart of its control plane.
+pub const VCLUSTER: &[runtimeai_model::ActionKind] = &[
+    runtimeai_model::ActionKind::Start,
+    runtimeai_model::ActionKind::Stop,
+    runtimeai_model::ActionKind::Restart,
+    runtimeai_model::ActionKind::Scale,
+    runtimeai_model::ActionKind::Snapshot,
+    runtimeai_model::ActionKind::Restore,
+    runtimeai_model::ActionKind::RolloutRestart,
+];
+
 /// What a sandbox (or agent runtime) under crun does: the lifecycle, pause and resume (its
 /// cgroup frozen), and `exec` (with logs and files), which the node that hosts it carries out
 /// at once, not as an operation.
@@ -170,6 +181,10 @@ pub trait RuntimeBackend: Send + Sync + std::fmt::Debug {
     async fn run_command(&self, _: &CallContext, _: &Runtime, _: &ExecRequest) -> Result<String, BackendError> {
         Err(BackendError::Unsupported(format!("{} runtimes take no commands", self.driver())))
     }
+    /// Replaces the runtime's pods one at a time (only drivers whose capabilities say so).
+    async fn rollout_restart(&self, _: &CallContext, _: &Runtime) -> Result<String, BackendError> {
+        Err(BackendError::Unsupported(format!("{} runtimes have no rollout", self.driver())))
+    }
     /// Freezes a running runtime, keeping its memory (only drivers whose capabilities say so).
     async fn pause(&self, _: &CallContext, _: &Runtime) -> Result<String, BackendError> {
         Err(BackendError::Unsupported(format!("{} runtimes cannot pause", self.driver())))
@@ -196,6 +211,7 @@ pub async fn execute(
     sizes: &[SizeEntry],
 ) -> Result<String, BackendError> {
     if !matches!(action, LifecycleAction::Create | LifecycleAction::Delete)
+        && !action.kind().record_only()
         && !backend.capabilities().contains(&action.kind())
     {
         return Err(BackendError::Unsupported(format!("{} runtimes cannot {}", backend.driver(), action.kind())));
@@ -216,6 +232,7 @@ pub async fn execute(
         }
         LifecycleAction::Snapshot { snapshot_id, name, .. } => backend.snapshot(cx, runtime, snapshot_id, name).await,
         LifecycleAction::Restore { snapshot_id } => backend.restore(cx, runtime, snapshot_id).await,
+        LifecycleAction::RolloutRestart => backend.rollout_restart(cx, runtime).await,
         LifecycleAction::Pause => backend.pause(cx, runtime).await,
         LifecycleAction::Resume => backend.resume(cx, runtime).await,
         LifecycleAction::Sequence { .. } => {
@@ -225,6 +242,12 @@ pub async fn execute(
             Err(BackendError::Permanent("a relabel changes only the record; no backend carries it out".into()))
         }
         LifecycleAction::Exec { request } => backend.run_command(cx, runtime, request).await,
+        // Applied to the record when the operation succeeds.
+        LifecycleAction::TunePolicy { policy } => {
+            let mode = policy.mode.map_or("none", |m| m.as_str());
+            let budget = policy.max_cost_per_hour.map_or("none".to_string(), |b| format!("{b:.2}/h"));
+            Ok(format!("its own policy: mode {mode}, budget {budget}"))
+        }
     }
 }
 

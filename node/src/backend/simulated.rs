@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use runtimeai_model::{Runtime, RuntimeState};
+use runtimeai_model::{ActionKind, Runtime, RuntimeState, RuntimeType};
 
 use super::{BackendError, CallContext, LockedLedger, Observed, Resources, RuntimeBackend, Step, StepLedger};
 
@@ -23,13 +23,25 @@ pub struct SimulatedBackend {
     /// How long one call takes.
     step: Duration,
     node_id: u64,
+    /// What the real driver of the runtime type it stands in for can do.
+    capabilities: &'static [ActionKind],
 }
 
 impl SimulatedBackend {
     pub fn new(dir: PathBuf, step: Duration, node_id: u64) -> std::io::Result<SimulatedBackend> {
         let ledger = StepLedger::open(dir)?;
         let journal = Arc::new(OpenOptions::new().create(true).append(true).open(journal_in(ledger.dir()))?);
-        Ok(SimulatedBackend { ledger, journal, step, node_id })
+        Ok(SimulatedBackend { ledger, journal, step, node_id, capabilities: super::LIFECYCLE_AND_PAUSE })
+    }
+
+    /// The driver standing in for `runtime_type`'s, with what that one can do (a vcluster rolls
+    /// out, a VM or sandbox pauses); the ledger and journal are shared.
+    pub fn serving(&self, runtime_type: RuntimeType) -> SimulatedBackend {
+        let capabilities = match runtime_type {
+            RuntimeType::Vcluster => super::VCLUSTER,
+            RuntimeType::Vm | RuntimeType::Sandbox | RuntimeType::AgentRuntime => super::LIFECYCLE_AND_PAUSE,
+        };
+        SimulatedBackend { capabilities, ..self.clone() }
     }
 
     /// The journal: one line per step applied, across every node sharing the directory.
@@ -99,8 +111,8 @@ impl RuntimeBackend for SimulatedBackend {
         true
     }
 
-    fn capabilities(&self) -> &'static [runtimeai_model::ActionKind] {
-        super::LIFECYCLE_AND_PAUSE
+    fn capabilities(&self) -> &'static [ActionKind] {
+        self.capabilities
     }
 
     async fn create(&self, cx: &CallContext, runtime: &Runtime, _: &Resources) -> Result<String, BackendError> {
@@ -137,6 +149,10 @@ impl RuntimeBackend for SimulatedBackend {
 
     async fn pause(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
         self.apply(cx, runtime, "pause").await
+    }
+
+    async fn rollout_restart(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        self.apply(cx, runtime, "rollout_restart").await
     }
 
     async fn resume(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {

@@ -141,6 +141,18 @@ fn k8s_name(text: &str) -> String {
 }
 
 impl VclusterBackend {
+    /// Rolls the control plane's pods over, as `kubectl rollout restart` does: a changed
+    /// annotation on the pod template. It names the operation, so a retried call asks for the
+    /// same rollout.
+    async fn rollout(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        let patch = json!({"spec": {"template": {"metadata": {"annotations": {"runtimeai.dev/restarted-by": cx.operation_id}}}}});
+        self.api::<StatefulSet>(runtime)
+            .patch(&runtime.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(classify)?;
+        Ok("control plane rolled out again".into())
+    }
+
     pub fn new(client: Client) -> VclusterBackend {
         VclusterBackend { client, ready_timeout: Duration::from_secs(300) }
     }
@@ -270,7 +282,7 @@ impl RuntimeBackend for VclusterBackend {
     }
 
     fn capabilities(&self) -> &'static [runtimeai_model::ActionKind] {
-        super::LIFECYCLE
+        super::VCLUSTER
     }
 
     async fn create(&self, _: &CallContext, runtime: &Runtime, resources: &Resources) -> Result<String, BackendError> {
@@ -344,14 +356,14 @@ impl RuntimeBackend for VclusterBackend {
         self.pause(runtime).await
     }
 
+    /// A vcluster's restart is a rollout: its pods replaced one at a time, as the StatefulSet's
+    /// update strategy says.
     async fn restart(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
-        // The annotation names the operation: a retried call asks for the same rollout.
-        let patch = json!({"spec": {"template": {"metadata": {"annotations": {"runtimeai.dev/restarted-by": cx.operation_id}}}}});
-        self.api::<StatefulSet>(runtime)
-            .patch(&runtime.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(classify)?;
-        Ok("control plane rolled out again".into())
+        self.rollout(cx, runtime).await
+    }
+
+    async fn rollout_restart(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        self.rollout(cx, runtime).await
     }
 
     async fn scale(&self, _: &CallContext, runtime: &Runtime, target: &Resources) -> Result<String, BackendError> {
@@ -687,6 +699,28 @@ mod tests {
         let (backend, server) = backend(script);
         let message = backend.create(&cx(), &rt, &resources).await.unwrap();
         assert!(message.contains(NS) && message.contains("ready (1 replica"), "{message}");
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_rollout_restart_changes_the_pod_template_as_kubectl_does() {
+        let rt = runtime();
+        let path = format!("/apis/apps/v1/namespaces/{NS}/statefulsets/team-a");
+        let running = stored(statefulset(&rt, &Resources { cpu: 1.0, memory_bytes: 2 << 30, replicas: 2 }));
+        let rolled = |b: &serde_json::Value| {
+            let annotations = &b["spec"]["template"]["metadata"]["annotations"];
+            assert_eq!(annotations["runtimeai.dev/restarted-by"], "op_1", "names the operation: {b}");
+            assert!(b["spec"]["replicas"].is_null(), "a merge patch of the template only: {b}");
+        };
+        let script = vec![
+            checked(exchange(Method::PATCH, &path, "", 200, running.clone()), rolled),
+            checked(exchange(Method::PATCH, &path, "", 200, running), rolled),
+        ];
+        let (backend, server) = backend(script);
+        assert!(backend.capabilities().contains(&runtimeai_model::ActionKind::RolloutRestart));
+        let message = backend.rollout_restart(&cx(), &rt).await.unwrap();
+        assert!(message.contains("rolled out"), "{message}");
+        backend.rollout_restart(&cx(), &rt).await.unwrap();
         server.await.unwrap();
     }
 

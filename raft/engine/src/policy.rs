@@ -63,6 +63,8 @@ pub struct Request<'a> {
 /// One decision per action. Policies are considered oldest first.
 pub fn evaluate(policies: &[Policy], request: Request<'_>) -> Vec<PolicyDecision> {
     let catalogue = Catalogue::new(request.sizes);
+    // The runtime's own policy sets a floor on the mode.
+    let mode = request.runtime.policy.mode_for(request.mode);
     let mut policies: Vec<&Policy> = policies.iter().filter(|p| in_scope(p, request.runtime)).collect();
     policies.sort_by(|a, b| a.id.cmp(&b.id));
     let runtime = request.runtime;
@@ -86,7 +88,7 @@ pub fn evaluate(policies: &[Policy], request: Request<'_>) -> Vec<PolicyDecision
             before.state = RuntimeState::Stopped;
         }
         let step = Step { action, runtime, before: &before, after: &after, catalogue, actor: request.actor };
-        decisions.push(decide(&policies, &step, index as u32, request.mode));
+        decisions.push(own_budget(&step, index as u32).unwrap_or_else(|| decide(&policies, &step, index as u32, mode)));
         before = after;
     }
     decisions
@@ -115,7 +117,8 @@ pub fn deciding(decisions: &[PolicyDecision]) -> Option<&PolicyDecision> {
     decisions.iter().find(|d| d.verdict == verdict)
 }
 
-/// Whether an action takes something away: stop, pause, delete, restore, or a scale down.
+/// Whether an action takes something away: stop, pause, delete, restore, or a scale down (a
+/// looser own policy is judged destructive too, in `decide`).
 pub fn is_destructive(action: &LifecycleAction, before: &Runtime, catalogue: Catalogue<'_>) -> bool {
     destroys(action, &before.spec, catalogue)
 }
@@ -143,6 +146,26 @@ fn destroys(action: &LifecycleAction, before: &RuntimeSpec, catalogue: Catalogue
         LifecycleAction::Sequence { actions } => actions.iter().any(|a| destroys(a, before, catalogue)),
         _ => false,
     }
+}
+
+/// The runtime's own budget's verdict on a step: a denial when the step would raise its cost
+/// above it.
+fn own_budget(step: &Step<'_>, index: u32) -> Option<PolicyDecision> {
+    let limit = step.runtime.policy.max_cost_per_hour?;
+    let (before, after) = (step.before.cost(step.catalogue), step.after.cost(step.catalogue));
+    let action = step.action.kind();
+    (after > limit + 1e-9 && after > before).then(|| PolicyDecision {
+        action,
+        action_index: index,
+        verdict: Verdict::Deny,
+        policy_id: None,
+        policy_name: None,
+        rule_index: None,
+        rule_kind: None,
+        reason: format!(
+            "{action} would raise the cost to {after:.2}/h, above the runtime's own budget of {limit:.2}/h"
+        ),
+    })
 }
 
 struct Step<'a> {
@@ -205,7 +228,9 @@ fn decide(policies: &[&Policy], step: &Step<'_>, index: u32, mode: PolicyMode) -
         }
     }
     let left = scope_left(policies, step);
-    let destructive = left.is_some() || destroys(step.action, &step.before.spec, step.catalogue);
+    let loosens =
+        matches!(step.action, LifecycleAction::TunePolicy { policy } if step.runtime.policy.loosened_by(policy));
+    let destructive = left.is_some() || loosens || destroys(step.action, &step.before.spec, step.catalogue);
     match winner {
         Some(mut decision) => {
             if decision.verdict == Verdict::Allow && destructive && mode == PolicyMode::SafeFirst {
@@ -357,6 +382,32 @@ mod tests {
 
     fn scale(size: &str) -> LifecycleAction {
         LifecycleAction::Scale { size: Some(size.into()), resources: None }
+    }
+
+    #[test]
+    fn a_runtimes_own_policy_raises_the_mode_caps_the_cost_and_is_loosened_only_with_approval() {
+        use runtimeai_model::RuntimePolicy;
+        let bot = || Actor::Agent("bot".into());
+        let mut rt = runtime(Some("production"), "medium", RuntimeState::Running);
+        rt.policy = RuntimePolicy { mode: Some(PolicyMode::SafeFirst), max_cost_per_hour: Some(0.15) };
+        // A restart an agent asks for in balanced mode is judged in the runtime's safe_first.
+        let d = decide_one(&[], &rt, LifecycleAction::Restart, bot(), PolicyMode::Balanced);
+        assert_eq!(d.verdict, Verdict::RequireApproval, "{d:?}");
+        assert!(d.reason.starts_with("safe_first"), "{d:?}");
+        // Its budget: large (0.40/h) is denied, whoever asks and whatever the mode.
+        let d = decide_one(&[], &rt, scale("large"), Actor::Human("ops".into()), PolicyMode::Aggressive);
+        assert_eq!(d.verdict, Verdict::Deny, "{d:?}");
+        assert!(d.reason.contains("the runtime's own budget of 0.15/h"), "{d:?}");
+        // Tightening is allowed where loosening needs a human (it takes a safeguard away).
+        let tune =
+            |mode, budget| LifecycleAction::TunePolicy { policy: RuntimePolicy { mode, max_cost_per_hour: budget } };
+        rt.policy = RuntimePolicy { mode: Some(PolicyMode::Balanced), max_cost_per_hour: Some(0.15) };
+        let tighter = decide_one(&[], &rt, tune(Some(PolicyMode::SafeFirst), Some(0.1)), bot(), PolicyMode::Balanced);
+        assert_eq!(tighter.verdict, Verdict::Allow, "{tighter:?}");
+        for looser in [tune(Some(PolicyMode::Aggressive), Some(0.15)), tune(Some(PolicyMode::Balanced), None)] {
+            let d = decide_one(&[], &rt, looser.clone(), bot(), PolicyMode::Balanced);
+            assert_eq!(d.verdict, Verdict::RequireApproval, "{looser:?}: {d:?}");
+        }
     }
 
     #[test]

@@ -28,8 +28,8 @@ pub use records::{
 pub use rules::{ActorPattern, PolicyRule, RuleKind, RuleParams, Selector};
 pub use runtime::{
     capability, BackendKind, BackendRef, Capability, EgressPolicy, Expiry, ExpiryReason, Exposure, Isolation,
-    NetworkingProfile, ResourceProfile, Runtime, RuntimeSnapshot, RuntimeSpec, RuntimeState, RuntimeType,
-    SecurityProfile,
+    NetworkingProfile, ResourceProfile, Runtime, RuntimePolicy, RuntimeSnapshot, RuntimeSpec, RuntimeState,
+    RuntimeType, SecurityProfile,
 };
 
 /// Timestamps are UTC: RFC 3339 in JSON, numbers in the binary codec (see [`timestamp`]).

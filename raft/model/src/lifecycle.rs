@@ -29,11 +29,15 @@ pub enum ActionKind {
     /// Freezes a running runtime, keeping its memory.
     Pause,
     Resume,
+    /// Replaces a vcluster's control-plane pods one at a time (`kubectl rollout restart`).
+    RolloutRestart,
+    /// Sets the runtime's own policy mode and budget; a change of the record, as a relabel.
+    TunePolicy,
 }
 
 impl ActionKind {
     /// Every kind.
-    pub const ALL: [ActionKind; 13] = [
+    pub const ALL: [ActionKind; 15] = [
         ActionKind::Create,
         ActionKind::Start,
         ActionKind::Stop,
@@ -47,11 +51,13 @@ impl ActionKind {
         ActionKind::Exec,
         ActionKind::Pause,
         ActionKind::Resume,
+        ActionKind::RolloutRestart,
+        ActionKind::TunePolicy,
     ];
 
     /// What a backend may support besides create and delete (which every backend does): what a
     /// runtime's capabilities are made of.
-    pub const ON_BACKENDS: [ActionKind; 9] = [
+    pub const ON_BACKENDS: [ActionKind; 10] = [
         ActionKind::Start,
         ActionKind::Stop,
         ActionKind::Restart,
@@ -61,7 +67,14 @@ impl ActionKind {
         ActionKind::Exec,
         ActionKind::Pause,
         ActionKind::Resume,
+        ActionKind::RolloutRestart,
     ];
+
+    /// Whether it changes only the runtime's record (no backend carries it out, and every
+    /// runtime takes it, whatever its backend's capabilities).
+    pub fn record_only(self) -> bool {
+        matches!(self, ActionKind::Relabel | ActionKind::TunePolicy)
+    }
 
     /// Its name, as operations, events, selectors and capabilities spell it.
     pub fn as_str(self) -> &'static str {
@@ -79,6 +92,8 @@ impl ActionKind {
             ActionKind::Exec => "exec",
             ActionKind::Pause => "pause",
             ActionKind::Resume => "resume",
+            ActionKind::RolloutRestart => "rollout_restart",
+            ActionKind::TunePolicy => "tune_policy",
         }
     }
 
@@ -144,6 +159,14 @@ pub enum LifecycleAction {
     },
     Pause,
     Resume,
+    /// A rolling restart of a vcluster's control plane: its pods replaced one at a time.
+    RolloutRestart,
+    /// Sets the runtime's own policy (see [`crate::RuntimePolicy`]) to exactly this; it needs no
+    /// backend, and the policies judge it (a looser one is destructive: it takes a safeguard
+    /// away).
+    TunePolicy {
+        policy: crate::RuntimePolicy,
+    },
 }
 
 /// Why an action cannot run on a runtime in its current state.
@@ -171,13 +194,15 @@ impl LifecycleAction {
             LifecycleAction::Exec { .. } => ActionKind::Exec,
             LifecycleAction::Pause => ActionKind::Pause,
             LifecycleAction::Resume => ActionKind::Resume,
+            LifecycleAction::RolloutRestart => ActionKind::RolloutRestart,
+            LifecycleAction::TunePolicy { .. } => ActionKind::TunePolicy,
         }
     }
 
     /// Whether an executor carries the action out. A relabel changes only the record: once
     /// allowed (or approved) it is applied at once.
     pub fn needs_backend(&self) -> bool {
-        !matches!(self, LifecycleAction::Relabel { .. })
+        !self.kind().record_only()
     }
 
     /// What a succeeded relabel makes of `labels`.
@@ -219,14 +244,14 @@ impl LifecycleAction {
     /// |---|---|---|---|
     /// | start | stopped, error | unchanged | running |
     /// | stop | running, degraded, error, paused | unchanged | stopped |
-    /// | restart | running, degraded, error | unchanged | running |
+    /// | restart, rollout_restart | running, degraded, error | unchanged | running |
     /// | pause | running, degraded | unchanged | paused |
     /// | resume | paused | unchanged | running |
     /// | scale | running, stopped, degraded | unchanged | unchanged |
     /// | snapshot | running, stopped, degraded, paused | unchanged | unchanged |
     /// | restore | running, stopped, degraded, error | unchanged | unchanged |
     /// | delete | any but deleting, deleted | deleting | deleted (record removed) |
-    /// | relabel (once approved) | any but deleting, deleted | unchanged | unchanged |
+    /// | relabel (once approved), tune_policy | any but deleting, deleted | unchanged | unchanged |
     /// | exec (an operation only while it waits for approval) | running, degraded | unchanged | unchanged |
     ///
     /// `start` on a running runtime (or `stop` on a stopped one) is refused with 409 rather than
@@ -250,13 +275,15 @@ impl LifecycleAction {
             LifecycleAction::Create => matches!(state, Creating),
             LifecycleAction::Start => matches!(state, Stopped | Error),
             LifecycleAction::Stop { .. } => matches!(state, Running | Degraded | Error | Paused),
-            LifecycleAction::Restart => matches!(state, Running | Degraded | Error),
+            LifecycleAction::Restart | LifecycleAction::RolloutRestart => matches!(state, Running | Degraded | Error),
             LifecycleAction::Scale { .. } => matches!(state, Running | Stopped | Degraded),
             LifecycleAction::Snapshot { .. } => matches!(state, Running | Stopped | Degraded | Paused),
             LifecycleAction::Pause => matches!(state, Running | Degraded),
             LifecycleAction::Resume => matches!(state, Paused),
             LifecycleAction::Restore { .. } => matches!(state, Running | Stopped | Degraded | Error),
-            LifecycleAction::Delete | LifecycleAction::Relabel { .. } => !matches!(state, Deleting | Deleted),
+            LifecycleAction::Delete | LifecycleAction::Relabel { .. } | LifecycleAction::TunePolicy { .. } => {
+                !matches!(state, Deleting | Deleted)
+            }
             LifecycleAction::Exec { .. } => matches!(state, Running | Degraded),
             LifecycleAction::Sequence { .. } => unreachable!("handled above"),
         };
@@ -265,7 +292,10 @@ impl LifecycleAction {
         }
         Ok(match self {
             LifecycleAction::Create => (Creating, Running),
-            LifecycleAction::Start | LifecycleAction::Restart | LifecycleAction::Resume => (state, Running),
+            LifecycleAction::Start
+            | LifecycleAction::Restart
+            | LifecycleAction::RolloutRestart
+            | LifecycleAction::Resume => (state, Running),
             LifecycleAction::Pause => (state, Paused),
             LifecycleAction::Stop { .. } => (state, Stopped),
             LifecycleAction::Delete => (Deleting, Deleted),

@@ -206,6 +206,37 @@ pub struct RuntimeSpec {
     pub idle_timeout_seconds: Option<u64>,
 }
 
+/// A runtime's own policy, set by the seed's `tune_policy` action: the least strict mode
+/// actions on it are judged in, and the most it may cost. Policies apply besides it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimePolicy {
+    /// Actions on it are judged in this mode, or in a stricter one a request asks for.
+    #[serde(default)]
+    pub mode: Option<crate::PolicyMode>,
+    /// An action that would make it cost more per hour than this is denied.
+    #[serde(default)]
+    #[schema(minimum = 0)]
+    pub max_cost_per_hour: Option<f64>,
+}
+
+impl RuntimePolicy {
+    /// The mode a request in `asked` is judged in: the stricter of the two.
+    pub fn mode_for(&self, asked: crate::PolicyMode) -> crate::PolicyMode {
+        match self.mode {
+            Some(own) if crate::strictness(own) > crate::strictness(asked) => own,
+            _ => asked,
+        }
+    }
+
+    /// Whether `next` takes a safeguard away: a less strict mode, or a higher (or no) budget.
+    pub fn loosened_by(&self, next: &RuntimePolicy) -> bool {
+        let strictness = |mode: Option<crate::PolicyMode>| mode.map_or(0, crate::strictness);
+        let budget = |policy: &RuntimePolicy| policy.max_cost_per_hour.unwrap_or(f64::INFINITY);
+        strictness(next.mode) < strictness(self.mode) || budget(next) > budget(self)
+    }
+}
+
 /// Why the cluster itself acts on a runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -322,6 +353,9 @@ pub struct Runtime {
     /// What its executor last observed.
     #[serde(default)]
     pub signals: Option<crate::RuntimeSignals>,
+    /// Its own policy (`tune_policy`): a floor on the mode its actions are judged in, a budget.
+    #[serde(default)]
+    pub policy: RuntimePolicy,
     /// When the cluster deletes it (its creation plus `spec.ttl_seconds`); cleared once acted on.
     #[serde(default, with = "crate::timestamp::option")]
     pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
@@ -356,6 +390,7 @@ impl Runtime {
             snapshots: Vec::new(),
             placement: None,
             signals: None,
+            policy: RuntimePolicy::default(),
             expires_at: None,
             last_activity_at: None,
         }

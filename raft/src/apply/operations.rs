@@ -513,6 +513,9 @@ pub(crate) fn apply_one(runtime: &mut Runtime, action: &LifecycleAction, at: Tim
 pub(crate) fn apply_effect(runtime: &mut Runtime, action: &LifecycleAction, at: Timestamp) {
     action.apply_to_spec(&mut runtime.spec);
     action.apply_to_labels(&mut runtime.labels);
+    if let LifecycleAction::TunePolicy { policy } = action {
+        runtime.policy = policy.clone();
+    }
     if let LifecycleAction::Snapshot { snapshot_id, name, description } = action {
         runtime.snapshots.push(RuntimeSnapshot {
             id: snapshot_id.clone(),
