@@ -15,8 +15,9 @@ set -euo pipefail
 # (the default image), e2fsprogs (each sandbox's writable layer is an ext4 file system of its own),
 # skopeo and umoci (pull images from registries and unpack them); docker-registry: the registry the
 # tests push images to and pull them from (Debian starts nothing here: the tests run their own).
+# VMs: genisoimage (a VM's cloud-init NoCloud seed is an ISO 9660 image labelled cidata).
 packages=(g++ libclang-dev pkg-config libvirt-dev python3 python3-venv fonts-dejavu-core util-linux etcd-server
-  crun tini busybox-static e2fsprogs skopeo umoci docker-registry)
+  crun tini busybox-static e2fsprogs skopeo umoci docker-registry genisoimage)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

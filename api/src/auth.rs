@@ -93,6 +93,7 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("POST", "/v1/runtimes/{runtime_id}/exec", Needs(Operate)),
         // What its command printed, as `kubectl logs` lets a viewer read.
         ("GET", "/v1/runtimes/{runtime_id}/logs", Needs(Read)),
+        ("GET", "/v1/runtimes/{runtime_id}/console", Needs(Read)),
         // A sandbox's files, read or written from inside it: whoever may drive it.
         ("GET", "/v1/runtimes/{runtime_id}/files/{path}", Needs(Operate)),
         ("PUT", "/v1/runtimes/{runtime_id}/files/{path}", Needs(Operate)),

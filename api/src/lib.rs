@@ -17,6 +17,7 @@
 pub mod actions;
 pub mod auth;
 pub mod cluster;
+mod console;
 pub mod doc_types;
 mod exec;
 pub mod external_planner;
@@ -67,6 +68,8 @@ pub struct AppState {
     pub kubeconfigs: Option<Arc<dyn KubeconfigSource>>,
     /// This node's sandbox backend, which runs commands in the sandboxes it hosts.
     pub sandboxes: Option<Arc<dyn sandbox_io::SandboxShell>>,
+    /// This node's VM backend, which keeps the serial console output of the VMs it hosts.
+    pub consoles: Option<Arc<dyn ConsoleSource>>,
     /// Requests this node refused as unauthenticated (shown in `GET /v1/cluster`).
     pub auth_failures: Arc<auth::AuthFailures>,
     /// OIDC bearer tokens, when configured (`--oidc-*`).
@@ -82,6 +85,13 @@ pub trait KubeconfigSource: Send + Sync {
     async fn kubeconfig(&self, runtime: &runtimeai_model::Runtime) -> Result<Option<String>, String>;
 }
 
+/// Where a node reads what the serial consoles of the VMs it hosts printed.
+#[async_trait::async_trait]
+pub trait ConsoleSource: Send + Sync {
+    /// The last `bytes` bytes the VM's console printed (empty before it printed anything).
+    async fn console(&self, runtime: &runtimeai_model::Runtime, bytes: u64) -> Result<Vec<u8>, String>;
+}
+
 /// Every route with its OpenAPI description, in one place: the router and the document are
 /// both made from it ([`router`], [`openapi::document`]).
 pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
@@ -91,6 +101,7 @@ pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(runtimes::routes())
         .merge(exec::routes())
         .merge(logs::routes())
+        .merge(console::routes())
         .merge(files::routes())
         .merge(actions::routes())
         .merge(intents::routes())

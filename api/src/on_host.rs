@@ -30,6 +30,8 @@ pub(crate) enum HostCall {
     Exec { runtime_id: String, actor: Actor, request: ExecRequest },
     /// Read its logs.
     Logs { runtime_id: String, request: LogsRequest },
+    /// Read the last `bytes` of a VM's serial console.
+    Console { runtime_id: String, bytes: u64 },
     /// Read one of its files.
     ReadFile { runtime_id: String, path: String },
     /// Write one of its files.
@@ -61,6 +63,7 @@ impl HostCall {
         match self {
             HostCall::Exec { runtime_id, .. }
             | HostCall::Logs { runtime_id, .. }
+            | HostCall::Console { runtime_id, .. }
             | HostCall::ReadFile { runtime_id, .. }
             | HostCall::WriteFile { runtime_id, .. } => runtime_id,
         }
@@ -153,6 +156,7 @@ impl runtimeai_raft::replica::HostCalls for HostCallsServer {
                 run.start_here(&self.state, &runtime, request).await
             }
             HostCall::Logs { request, .. } => logs_here(&self.state, &runtime, request).await,
+            HostCall::Console { bytes, .. } => console_here(&self.state, &runtime, bytes).await,
             HostCall::ReadFile { path, .. } => Ok(framed(read_file_here(&self.state, &runtime, &path).await)),
             HostCall::WriteFile { path, content, .. } => {
                 let written = write_file_here(&self.state, &runtime, &path, content).await;
@@ -240,6 +244,22 @@ impl ExecRun {
             tracing::warn!(error = %e, "cannot record an exec's event");
         }
     }
+}
+
+/// The last `bytes` of a VM's serial console, read on this node (its host).
+pub(crate) async fn console_here(
+    state: &AppState,
+    runtime: &Runtime,
+    bytes: u64,
+) -> Result<mpsc::Receiver<Vec<u8>>, String> {
+    let consoles = state
+        .consoles
+        .as_ref()
+        .ok_or_else(|| format!("node {} keeps no VM consoles: its VMs are not run by libvirt", state.replica.id))?;
+    let output = consoles.console(runtime, bytes).await?;
+    let (chunks, answer) = mpsc::channel(1);
+    let _ = chunks.try_send(output);
+    Ok(answer)
 }
 
 /// The logs of `runtime`, which this node hosts.

@@ -260,6 +260,7 @@ pub(crate) async fn create_runtime(
     validate::name(&request.name, "$.name")?;
     validate::image(request.spec.image.as_deref(), request.runtime_type, "$.spec.image")?;
     validate::lifetimes(&request.spec, request.runtime_type, "$.spec")?;
+    validate::cloud_init(&request.spec, request.runtime_type, "$.spec")?;
     check_settings(&state, |settings| validate::spec(&request.spec, "$.spec", &settings.sizes)).await?;
     let labels = request.labels.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect();
     validate::labels(&labels, "$.labels")?;
@@ -686,7 +687,8 @@ pub struct RuntimeStatus {
     pub health: &'static str,
     /// What the runtime's executor last observed, by name, each with its unit and time (the
     /// seed's shape): `cpu` (`vCPU` measured in use, or `vCPU allocated` where the backend
-    /// measures nothing), `memory` (bytes), `health` (`healthy`, `degraded`,
+    /// measures nothing), `memory` (bytes), `disk` (bytes of a sandbox's writable layer in
+    /// use), `health` (`healthy`, `degraded`,
     /// `unhealthy`, `stopped`, `paused`), `cost_per_hour` (in the catalogue's currency per
     /// hour), `latency_ms` (ms, when the backend knows it), `node_id`. Empty until it reports.
     pub signals: BTreeMap<&'static str, Signal>,
@@ -711,9 +713,10 @@ fn signal_map(signals: Option<&runtimeai_model::RuntimeSignals>) -> BTreeMap<&'s
     let Some(signals) = signals else { return BTreeMap::new() };
     let ts = signals.observed_at;
     let memory = runtimeai_engine::catalogue::quantity_bytes(&signals.memory);
-    let entries: [(&'static str, Option<serde_json::Value>, Option<&'static str>); 6] = [
+    let entries: [(&'static str, Option<serde_json::Value>, Option<&'static str>); 7] = [
         ("cpu", Some(signals.cpu.into()), Some(if signals.cpu_measured { "vCPU" } else { "vCPU allocated" })),
         ("memory", memory.map(Into::into), Some("bytes")),
+        ("disk", signals.disk_bytes.map(Into::into), Some("bytes")),
         ("health", Some(signals.health.clone().into()), None),
         ("cost_per_hour", Some(signals.cost_per_hour.into()), Some("per hour")),
         ("latency_ms", signals.latency_ms.map(Into::into), Some("ms")),

@@ -40,10 +40,16 @@ pub(crate) fn write(api: &mut Value, settings: &ClusterSettings, any_goal: bool)
 
     schemas["RuntimeCreateRequest"]["properties"]["labels"] = label_map(false);
     schemas["RuntimeCreateRequest"]["allOf"] = json!([{"properties": {"spec": size_of(&sizes)}}]);
+    let none = json!({"type": "null"});
     schemas["RuntimeCreateRequest"]["oneOf"] = json!([
-        {"properties": {"type": {"enum": ["sandbox", "agent_runtime"]}}},
-        {"properties": {"type": {"enum": ["vm", "vcluster"]},
-            "spec": {"properties": {"image": {"type": "null"}, "idle_timeout_seconds": {"type": "null"}}}}},
+        {"properties": {"type": {"enum": ["sandbox", "agent_runtime"]},
+            "spec": {"properties": {"user_data": none, "ssh_authorized_keys": none}}}},
+        {"properties": {"type": {"const": "vm"}, "spec": {"properties": {"idle_timeout_seconds": none,
+            "image": {"type": ["string", "null"], "pattern": "^[a-z0-9][a-z0-9._-]{0,62}$"},
+            "ssh_authorized_keys": {"type": ["array", "null"],
+                "items": {"type": "string", "pattern": "^(ssh-|ecdsa-|sk-)[^\\n\\r\\u0000]{0,8188}$"}}}}}},
+        {"properties": {"type": {"const": "vcluster"}, "spec": {"properties": {"image": none,
+            "idle_timeout_seconds": none, "user_data": none, "ssh_authorized_keys": none}}}},
     ]);
     schemas["RuntimePatch"]["properties"]["labels"] = label_map(true);
 

@@ -99,20 +99,64 @@ pub fn lifetimes(spec: &RuntimeSpec, runtime_type: RuntimeType, path: &str) -> R
     Ok(())
 }
 
-/// An image is a sandbox's (VMs start from an empty disk so far), named as a registry names it.
+/// An image is a sandbox's (an OCI reference) or a VM's (a name in its node's image store);
+/// vclusters have none.
 pub fn image(value: Option<&str>, runtime_type: RuntimeType, path: &str) -> Result<(), Problem> {
     let Some(image) = value else { return Ok(()) };
-    if !matches!(runtime_type, RuntimeType::Sandbox | RuntimeType::AgentRuntime) {
-        return Err(invalid(path, "only sandboxes and agent runtimes start from an image so far"));
+    let starts_well = image.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit());
+    match runtime_type {
+        RuntimeType::Vcluster => Err(invalid(path, "a vcluster starts from no image")),
+        RuntimeType::Vm => {
+            let ok = image.len() <= 63
+                && starts_well
+                && image.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+            if ok {
+                Ok(())
+            } else {
+                Err(invalid(
+                    path,
+                    "a VM image is named by 1-63 of [a-z0-9._-], as `runtimeai vm-image import` named it",
+                ))
+            }
+        }
+        RuntimeType::Sandbox | RuntimeType::AgentRuntime => {
+            let ok = image.len() <= 255
+                && starts_well
+                && image.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:/@-".contains(&b));
+            if ok {
+                Ok(())
+            } else {
+                Err(invalid(
+                    path,
+                    "an image is `busybox` or a registry's reference such as registry.example.com/team/tool:1.2",
+                ))
+            }
+        }
     }
-    let well_formed = image.len() <= 255
-        && image.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && image.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:/@-".contains(&b));
-    if !well_formed {
-        return Err(invalid(
-            path,
-            "an image is `busybox` or a registry's reference such as registry.example.com/team/tool:1.2",
-        ));
+}
+
+/// Largest cloud-init user data.
+pub const MAX_USER_DATA_BYTES: usize = 64 << 10;
+
+/// Cloud-init data is a VM's: user data up to 64 KiB, up to 32 SSH public keys of one line each.
+pub fn cloud_init(spec: &RuntimeSpec, runtime_type: RuntimeType, path: &str) -> Result<(), Problem> {
+    let given = spec.user_data.is_some() || spec.ssh_authorized_keys.is_some();
+    if given && runtime_type != RuntimeType::Vm {
+        let field = if spec.user_data.is_some() { "user_data" } else { "ssh_authorized_keys" };
+        return Err(invalid(&format!("{path}.{field}"), "only VMs take cloud-init data"));
+    }
+    if spec.user_data.as_ref().is_some_and(|data| data.len() > MAX_USER_DATA_BYTES) {
+        return Err(invalid(&format!("{path}.user_data"), format!("at most {MAX_USER_DATA_BYTES} bytes")));
+    }
+    let keys = spec.ssh_authorized_keys.as_deref().unwrap_or_default();
+    if keys.len() > 32 {
+        return Err(invalid(&format!("{path}.ssh_authorized_keys"), "at most 32 keys"));
+    }
+    for (i, key) in keys.iter().enumerate() {
+        let one_line = !key.is_empty() && key.len() <= 8192 && !key.contains(['\n', '\r', '\0']);
+        if !one_line || !["ssh-", "ecdsa-", "sk-"].iter().any(|kind| key.starts_with(kind)) {
+            return Err(invalid(&format!("{path}.ssh_authorized_keys[{i}]"), "an OpenSSH public key on one line"));
+        }
     }
     Ok(())
 }

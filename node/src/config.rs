@@ -99,6 +99,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// How QEMU runs a VM's vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmAccel {
+    /// KVM where QEMU may open `/dev/kvm`, else TCG.
+    #[default]
+    Auto,
+    Kvm,
+    /// QEMU's software emulation: slower, but it runs where KVM is absent or does not work
+    /// (some nested virtualization).
+    Tcg,
+}
+
 /// `runtimeai node` flags. Every flag is also `RUNTIMEAI_<FLAG>` in the environment and
 /// `<flag> = ...` in the TOML file given by `--config`; flags beat the environment, which beats
 /// the file.
@@ -201,6 +214,9 @@ pub struct NodeArgs {
     /// or internal/public exposure); other VMs get no network interface [default: default].
     #[arg(long, env = "RUNTIMEAI_LIBVIRT_NETWORK")]
     pub libvirt_network: Option<String>,
+    /// How QEMU runs VMs: `kvm`, `tcg` (software) or `auto` (KVM where usable) [default: auto].
+    #[arg(long, env = "RUNTIMEAI_VM_ACCEL")]
+    pub vm_accel: Option<VmAccel>,
     /// The site this node is in (runtimes labelled `site=<name>` are placed on its nodes).
     #[arg(long, env = "RUNTIMEAI_SITE")]
     pub site: Option<String>,
@@ -336,6 +352,7 @@ pub struct NodeConfig {
     pub site: Option<String>,
     pub zone: Option<String>,
     pub libvirt_network: String,
+    pub vm_accel: VmAccel,
     pub operation_lease: Duration,
     pub signals_interval: Duration,
     pub simulated_step: Duration,
@@ -440,6 +457,7 @@ impl NodeArgs {
             backends: self.backends.or(file.backends),
             site: self.site.or(file.site),
             libvirt_network: self.libvirt_network.or(file.libvirt_network),
+            vm_accel: self.vm_accel.or(file.vm_accel),
             zone: self.zone.or(file.zone),
             operation_lease_ms: self.operation_lease_ms.or(file.operation_lease_ms),
             signals_interval_ms: self.signals_interval_ms.or(file.signals_interval_ms),
@@ -557,6 +575,7 @@ impl NodeArgs {
             backends,
             site: self.site.filter(|s| !s.is_empty()),
             libvirt_network: self.libvirt_network.filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into()),
+            vm_accel: self.vm_accel.unwrap_or_default(),
             zone: self.zone.filter(|z| !z.is_empty()),
             operation_lease: Duration::from_millis(lease_ms),
             signals_interval: Duration::from_millis(signals_ms),

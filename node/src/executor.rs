@@ -254,15 +254,15 @@ fn quantity(bytes: u64) -> String {
 /// allocation), health, and the cost of what runs.
 fn signals(runtime: &Runtime, observed: &Observed, sizes: &[SizeEntry], node_id: u64) -> RuntimeSignals {
     let allocated = Resources::of(runtime, sizes);
-    let (measured, memory_bytes, latency_ms, health) = match observed {
-        Observed::Running { cpu, memory_bytes, latency_ms } => {
+    let (measured, disk_bytes, memory_bytes, latency_ms, health) = match observed {
+        Observed::Running { cpu, disk_bytes, memory_bytes, latency_ms } => {
             let memory = if *memory_bytes > 0 { *memory_bytes } else { allocated.memory_bytes };
-            (*cpu, memory, *latency_ms, "healthy")
+            (*cpu, *disk_bytes, memory, *latency_ms, "healthy")
         }
-        Observed::Stopped => (None, 0, None, "stopped"),
-        Observed::Paused => (None, 0, None, "paused"),
-        Observed::Failed(_) => (None, 0, None, "unhealthy"),
-        Observed::Missing => (None, 0, None, "missing"),
+        Observed::Stopped => (None, None, 0, None, "stopped"),
+        Observed::Paused => (None, None, 0, None, "paused"),
+        Observed::Failed(_) => (None, None, 0, None, "unhealthy"),
+        Observed::Missing => (None, None, 0, None, "missing"),
     };
     let cpu = match (measured, health) {
         // To a hundredth: the noise of a measurement below that would be a new report each round.
@@ -273,6 +273,8 @@ fn signals(runtime: &Runtime, observed: &Observed, sizes: &[SizeEntry], node_id:
     RuntimeSignals {
         cpu,
         cpu_measured: measured.is_some(),
+        // To a MiB, for the same reason.
+        disk_bytes: disk_bytes.map(|bytes| bytes >> 20 << 20),
         memory: quantity(memory_bytes),
         health: health.to_string(),
         cost_per_hour: if health == "healthy" { Catalogue::new(sizes).cost(runtime) } else { 0.0 },

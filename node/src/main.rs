@@ -35,6 +35,24 @@ enum Commands {
     Openapi,
     /// Make the TLS certificates of a cluster: a CA, members' and clients' certificates.
     Certs(runtimeai_node::certs::CertsArgs),
+    /// A node's VM images: what a VM's `spec.image` names.
+    #[command(subcommand)]
+    VmImage(VmImageCommand),
+}
+
+#[derive(Subcommand)]
+enum VmImageCommand {
+    /// Import a disk image (any format qemu-img reads), or a directory holding `disk.qcow2`
+    /// and/or `kernel`, `initrd` and `cmdline`, into the node's store (`<data-dir>/vm-images`).
+    Import {
+        /// The image's name: 1-63 of [a-z0-9._-].
+        name: String,
+        /// The disk image or directory to import.
+        source: std::path::PathBuf,
+        /// The node's data directory.
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -43,6 +61,10 @@ fn main() -> ExitCode {
         Commands::Node(args) => run_node(args),
         Commands::Dev(args) => dev::run(args),
         Commands::Certs(args) => runtimeai_node::certs::run(args),
+        Commands::VmImage(VmImageCommand::Import { name, source, data_dir }) => {
+            let store = runtimeai_node::backend::vm_boot::VmImageStore::in_data_dir(&data_dir);
+            store.import(&name, &source).map(|said| println!("{said}")).map_err(anyhow::Error::msg)
+        }
         Commands::Openapi => {
             use std::io::Write;
             std::io::stdout().write_all(runtimeai_api::openapi::document().as_bytes()).map_err(anyhow::Error::from)

@@ -23,6 +23,7 @@ use crate::backend::libvirt::LibvirtBackend;
 use crate::backend::sandbox::{IdRange, SandboxBackend};
 use crate::backend::simulated::SimulatedBackend;
 use crate::backend::vcluster::VclusterBackend;
+use crate::backend::vm_boot::VmImageStore;
 use crate::backend::Backends;
 use crate::config::Driver;
 use crate::config::NodeConfig;
@@ -53,8 +54,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     let grpc_task = transport.serve_peers(grpc_listener, replica.clone(), stop_rx.clone(), stopped(stop_rx.clone()));
     let tls_watch = transport.watch(oidc.clone(), stop_rx.clone());
     let oidc_keys = oidc.clone().map(|oidc| tokio::spawn(runtimeai_api::oidc::keep_fresh(oidc, stop_rx.clone())));
-    let BuiltBackends { backends, kubeconfigs, sandboxes } = build_backends(&config).await?;
-    let app = api_router(&config, &replica, log_stats, ApiSources { kubeconfigs, sandboxes }, oidc)?;
+    let BuiltBackends { backends, sources } = build_backends(&config).await?;
+    let app = api_router(&config, &replica, log_stats, sources, oidc)?;
     let http_task = transport.serve_rest(http_listener, app, config.http_limits, stop_rx.clone());
     tracing::info!(
         node = config.id,
@@ -180,10 +181,13 @@ async fn start_raft(
     Ok((raft, replica, log_stats))
 }
 
-/// What this node's backends serve the API: vclusters' kubeconfigs, commands in sandboxes.
+/// What this node's backends serve the API: vclusters' kubeconfigs (the Kubernetes backend),
+/// commands in sandboxes (the sandbox backend), VMs' consoles (libvirt).
+#[derive(Default)]
 struct ApiSources {
     kubeconfigs: Option<Arc<dyn runtimeai_api::KubeconfigSource>>,
     sandboxes: Option<Arc<dyn runtimeai_api::sandbox_io::SandboxShell>>,
+    consoles: Option<Arc<dyn runtimeai_api::ConsoleSource>>,
 }
 
 /// The REST API over `replica`.
@@ -209,6 +213,7 @@ fn api_router(
         external_planner,
         kubeconfigs: sources.kubeconfigs,
         sandboxes: sources.sandboxes,
+        consoles: sources.consoles,
         auth_failures: Arc::default(),
         oidc,
         rate_limits: Arc::new(runtimeai_api::throttle::RateLimits::new(config.rate_limits)),
@@ -269,15 +274,12 @@ impl Workers {
 /// The drivers `--backends` asks for, and those of them that also serve the API.
 struct BuiltBackends {
     backends: Backends,
-    /// The Kubernetes backend, which serves `GET /v1/runtimes/{id}/kubeconfig`.
-    kubeconfigs: Option<Arc<dyn runtimeai_api::KubeconfigSource>>,
-    /// The sandbox backend, which serves `POST /v1/runtimes/{id}/exec`.
-    sandboxes: Option<Arc<dyn runtimeai_api::sandbox_io::SandboxShell>>,
+    sources: ApiSources,
 }
 
 async fn build_backends(config: &NodeConfig) -> anyhow::Result<BuiltBackends> {
     let mut backends = Backends::default();
-    let mut kubeconfigs: Option<Arc<dyn runtimeai_api::KubeconfigSource>> = None;
+    let mut sources = ApiSources::default();
     let mut simulated = None;
     let mut sandboxes = None;
     for spec in &config.backends {
@@ -296,15 +298,19 @@ async fn build_backends(config: &NodeConfig) -> anyhow::Result<BuiltBackends> {
             Driver::Libvirt { uri } => {
                 let dir = config.data_dir.join("backends").join("libvirt");
                 let driver = LibvirtBackend::connect(uri, dir, &config.libvirt_network)
-                    .map_err(|e| anyhow::anyhow!("cannot use libvirt at {uri} (--backends vm=libvirt:<uri>): {e}"))?;
-                Arc::new(driver)
+                    .map_err(|e| anyhow::anyhow!("cannot use libvirt at {uri} (--backends vm=libvirt:<uri>): {e}"))?
+                    .with_images(VmImageStore::in_data_dir(&config.data_dir))
+                    .with_accel(config.vm_accel);
+                let driver = Arc::new(driver);
+                sources.consoles = Some(driver.clone());
+                driver
             }
             Driver::Kubernetes { kubeconfig } => {
                 let driver = VclusterBackend::from_kubeconfig(kubeconfig)
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot use the host cluster of {}: {e}", kubeconfig.display()))?;
                 let driver = Arc::new(driver);
-                kubeconfigs = Some(driver.clone());
+                sources.kubeconfigs = Some(driver.clone());
                 driver
             }
             Driver::Process => {
@@ -326,8 +332,8 @@ async fn build_backends(config: &NodeConfig) -> anyhow::Result<BuiltBackends> {
         };
         backends.insert(spec.runtime_type, backend);
     }
-    let sandboxes = sandboxes.map(|shell| shell as Arc<dyn runtimeai_api::sandbox_io::SandboxShell>);
-    Ok(BuiltBackends { backends, kubeconfigs, sandboxes })
+    sources.sandboxes = sandboxes.map(|shell| shell as Arc<dyn runtimeai_api::sandbox_io::SandboxShell>);
+    Ok(BuiltBackends { backends, sources })
 }
 
 /// Completes with the reason if raft stops on its own (a fatal storage error).

@@ -76,6 +76,9 @@ async fn a_command_runs_in_a_sandbox_through_any_node_and_is_on_record() -> anyh
     let vm = vm.body["id"].as_str().unwrap().to_string();
     let no_shell = exec(&cluster, None, other, &vm, json!({"command": ["id"]})).await?;
     let no_logs = cluster.call(other, Method::GET, &format!("/v1/runtimes/{vm}/logs"), None, &[]).await?;
+    let no_console = cluster.call(other, Method::GET, &format!("/v1/runtimes/{id}/console"), None, &[]).await?;
+    let kind = no_console.body["type"].as_str();
+    assert_eq!((no_console.status, kind), (409, Some("https://runtimeai.dev/problems/not-a-vm")), "{no_console:?}");
     for refused in [no_shell, no_logs] {
         let kind = refused.body["type"].as_str();
         assert_eq!((refused.status, kind), (409, Some("https://runtimeai.dev/problems/not-a-sandbox")), "{refused:?}");

@@ -14,7 +14,7 @@
 //! they are gone when the node restarts). A libvirt host is node-local: a VM's operations run
 //! on the node it is placed on.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -25,7 +25,9 @@ use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 use virt::sys;
 
-use super::{BackendError, CallContext, Observed, Resources, RuntimeBackend, StepLedger};
+use super::vm_boot::{self, DirectBoot, VmImageStore};
+use super::{BackendError, CallContext, CpuMeter, Observed, Resources, RuntimeBackend, StepLedger};
+use crate::config::VmAccel;
 
 /// XML namespace of the metadata RuntimeAI keeps in its domains.
 pub const METADATA_NS: &str = "https://runtimeai.dev/xmlns/runtime/1";
@@ -42,6 +44,22 @@ pub struct LibvirtBackend {
     /// The libvirt network a VM joins when its spec lets it talk to the outside (open egress,
     /// or internal/public exposure); otherwise it gets no network interface at all.
     network: String,
+    /// Each domain's CPU time at its last status look.
+    cpu: CpuMeter,
+    /// The node's VM images, which `spec.image` names.
+    images: VmImageStore,
+    accel: VmAccel,
+}
+
+/// What a domain is given besides its vCPUs and memory.
+#[derive(Default)]
+struct Media<'a> {
+    disk: Option<&'a Path>,
+    /// The cloud-init NoCloud seed, as a CD-ROM.
+    seed: Option<&'a Path>,
+    /// Where its serial console's output is kept.
+    console: Option<&'a Path>,
+    kernel: Option<&'a DirectBoot>,
 }
 
 fn classify(error: virt::error::Error) -> BackendError {
@@ -94,7 +112,22 @@ impl LibvirtBackend {
             ledger,
             disk_dir,
             network: network.to_string(),
+            cpu: CpuMeter::default(),
+            images: VmImageStore::new(state_dir.join("images")),
+            accel: VmAccel::Auto,
         })
+    }
+
+    /// Runs QEMU's vCPUs as `accel` says.
+    pub fn with_accel(mut self, accel: VmAccel) -> LibvirtBackend {
+        self.accel = accel;
+        self
+    }
+
+    /// Takes VM images from `images` (the node's store) rather than its state directory's.
+    pub fn with_images(mut self, images: VmImageStore) -> LibvirtBackend {
+        self.images = images;
+        self
     }
 
     fn is_test_driver(&self) -> bool {
@@ -128,27 +161,34 @@ impl LibvirtBackend {
         .map_err(|e| BackendError::Retryable(format!("libvirt task: {e}")))?
     }
 
-    fn domain_xml(&self, runtime: &Runtime, resources: &Resources, disk: Option<&PathBuf>) -> String {
+    fn domain_xml(&self, runtime: &Runtime, resources: &Resources, media: &Media<'_>) -> String {
         let memory_kib = (resources.memory_bytes / 1024).max(65_536);
         let vcpus = resources.cpu.ceil().max(1.0) as u32;
-        let kind = if self.is_test_driver() {
-            "test"
-        } else if kvm_usable() {
-            "kvm"
-        } else {
-            "qemu"
+        let kind = match self.accel {
+            _ if self.is_test_driver() => "test",
+            VmAccel::Kvm => "kvm",
+            VmAccel::Auto if kvm_usable() => "kvm",
+            VmAccel::Auto | VmAccel::Tcg => "qemu",
         };
         let labels: String = runtime
             .labels
             .iter()
             .map(|(k, v)| format!("<runtimeai:label key=\"{}\" value=\"{}\"/>", escape(k), escape(v)))
             .collect();
+        let path = |p: &Path| escape(&p.display().to_string());
         let mut devices = String::new();
-        if let Some(path) = disk {
+        if let Some(disk) = media.disk {
             devices.push_str(&format!(
                 "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
                  <source file='{}'/><target dev='vda' bus='virtio'/></disk>",
-                escape(&path.display().to_string())
+                path(disk)
+            ));
+        }
+        if let Some(seed) = media.seed {
+            devices.push_str(&format!(
+                "<disk type='file' device='cdrom'><driver name='qemu' type='raw'/><source file='{}'/>\
+                 <target dev='hdc' bus='ide'/><readonly/></disk>",
+                path(seed)
             ));
         }
         let networking = runtime.spec.networking.clone().unwrap_or_default();
@@ -160,16 +200,30 @@ impl LibvirtBackend {
                 escape(&self.network)
             ));
         }
-        if disk.is_some() {
-            devices.push_str("<console type='pty'/>");
+        if let Some(console) = media.console {
+            // A pty for `virsh console`, its output also appended to a file the API serves.
+            devices.push_str(&format!(
+                "<serial type='pty'><log file='{}' append='on'/><target port='0'/></serial>\
+                 <console type='pty'><target type='serial' port='0'/></console>",
+                path(console)
+            ));
         }
+        let os = match media.kernel {
+            Some(boot) => format!(
+                "<kernel>{}</kernel><initrd>{}</initrd><cmdline>{}</cmdline>",
+                path(&boot.kernel),
+                path(&boot.initrd),
+                escape(&boot.cmdline)
+            ),
+            None => "<boot dev='hd'/>".to_string(),
+        };
         let devices = if devices.is_empty() { devices } else { format!("<devices>{devices}</devices>") };
         format!(
             "<domain type='{kind}'><name>{name}</name>\
              <metadata><runtimeai:runtime xmlns:runtimeai=\"{METADATA_NS}\" id=\"{id}\" name=\"{rname}\">{labels}</runtimeai:runtime></metadata>\
              <memory unit='KiB'>{memory_kib}</memory><currentMemory unit='KiB'>{memory_kib}</currentMemory>\
              <vcpu placement='static'>{vcpus}</vcpu>\
-             <os><type arch='x86_64'>hvm</type><boot dev='hd'/></os>{devices}</domain>",
+             <os><type arch='x86_64'>hvm</type>{os}</os>{devices}</domain>",
             name = domain_name(runtime),
             id = escape(&runtime.id),
             rname = escape(&runtime.name),
@@ -178,6 +232,28 @@ impl LibvirtBackend {
 
     fn disk_path(&self, runtime: &Runtime) -> PathBuf {
         self.disk_dir.join(format!("{}.qcow2", domain_name(runtime)))
+    }
+
+    fn seed_path(&self, runtime: &Runtime) -> PathBuf {
+        self.disk_dir.join(format!("{}-seed.iso", domain_name(runtime)))
+    }
+
+    /// Where the domain's serial console output is kept (appended across its boots).
+    fn console_path(&self, runtime: &Runtime) -> PathBuf {
+        self.disk_dir.join(format!("{}.console", domain_name(runtime)))
+    }
+}
+
+#[async_trait::async_trait]
+impl runtimeai_api::ConsoleSource for LibvirtBackend {
+    async fn console(&self, runtime: &Runtime, bytes: u64) -> Result<Vec<u8>, String> {
+        if self.is_test_driver() {
+            return Err("the test hypervisor runs no guests: there is no console".to_string());
+        }
+        let path = self.console_path(runtime);
+        tokio::task::spawn_blocking(move || vm_boot::last_bytes(&path, bytes))
+            .await
+            .map_err(|e| format!("console task: {e}"))?
     }
 }
 
@@ -227,25 +303,24 @@ impl RuntimeBackend for LibvirtBackend {
 
     async fn create(&self, cx: &CallContext, runtime: &Runtime, resources: &Resources) -> Result<String, BackendError> {
         let name = domain_name(runtime);
-        let disk = (!self.is_test_driver()).then(|| self.disk_path(runtime));
+        let image = runtime.spec.image.as_deref().map(|image| self.images.image(image)).transpose()?;
+        let image = image.unwrap_or_default();
+        // The test driver runs nothing: no disk, seed or console for it.
+        let real = !self.is_test_driver();
+        let disk = real.then(|| self.disk_path(runtime));
         if let Some(path) = &disk {
-            if !path.exists() {
-                let output = tokio::process::Command::new("qemu-img")
-                    .args(["create", "-q", "-f", "qcow2"])
-                    .arg(path)
-                    .arg("1G")
-                    .output()
-                    .await
-                    .map_err(|e| BackendError::Permanent(format!("cannot run qemu-img: {e}")))?;
-                if !output.status.success() {
-                    return Err(BackendError::Permanent(format!(
-                        "qemu-img create failed: {}",
-                        String::from_utf8_lossy(&output.stderr).trim()
-                    )));
-                }
-            }
+            vm_boot::make_disk(path, image.disk.as_deref()).await?;
         }
-        let xml = self.domain_xml(runtime, resources, disk.as_ref());
+        let seed = self.seed_path(runtime);
+        let seeded = real && vm_boot::make_seed(&seed, runtime).await?;
+        let console = self.console_path(runtime);
+        let media = Media {
+            disk: disk.as_deref(),
+            seed: seeded.then_some(seed.as_path()),
+            console: real.then_some(console.as_path()),
+            kernel: image.kernel.as_ref(),
+        };
+        let xml = self.domain_xml(runtime, resources, &media);
         self.step(cx, move |connection| {
             let domain = match lookup(connection, &name)? {
                 Some(domain) => domain,
@@ -261,7 +336,8 @@ impl RuntimeBackend for LibvirtBackend {
 
     async fn delete(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
         let name = domain_name(runtime);
-        let disk = self.disk_path(runtime);
+        let (disk, seed, console) = (self.disk_path(runtime), self.seed_path(runtime), self.console_path(runtime));
+        self.cpu.forget(&runtime.id);
         self.step(cx, move |connection| {
             if let Some(domain) = lookup(connection, &name)? {
                 if active(&domain)? {
@@ -269,8 +345,10 @@ impl RuntimeBackend for LibvirtBackend {
                 }
                 domain.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA).map_err(classify)?;
             }
-            if disk.exists() {
-                std::fs::remove_file(&disk)?;
+            for file in [&disk, &seed, &console] {
+                if file.exists() {
+                    std::fs::remove_file(file)?;
+                }
             }
             Ok(format!("domain {name} removed"))
         })
@@ -461,14 +539,16 @@ impl RuntimeBackend for LibvirtBackend {
     async fn status(&self, runtime: &Runtime) -> Result<Observed, BackendError> {
         let name = domain_name(runtime);
         let connection = self.connection()?;
+        let (meter, id) = (self.cpu.clone(), runtime.id.clone());
         tokio::task::spawn_blocking(move || {
             let Some(domain) = lookup(&connection, &name)? else { return Ok(Observed::Missing) };
             let info = domain.info().map_err(classify)?;
             Ok(match info.state {
                 Enum::Known(DomainState::Paused) => Observed::Paused,
                 Enum::Known(DomainState::Running | DomainState::Blocked) => Observed::Running {
-                    // Its vCPUs are its allocation, not its use: not a measurement.
-                    cpu: None,
+                    // The CPU time the hypervisor counts for the domain, between two looks.
+                    cpu: meter.look(&id, info.cpu_time),
+                    disk_bytes: None,
                     memory_bytes: info.memory * 1024,
                     latency_ms: None,
                 },

@@ -23,6 +23,7 @@ pub mod libvirt;
 pub mod sandbox;
 pub mod simulated;
 pub mod vcluster;
+pub mod vm_boot;
 
 pub use ledger::{LockedLedger, Step, StepLedger};
 
@@ -71,6 +72,30 @@ pub const VCLUSTER: &[runtimeai_model::ActionKind] = &[
 /// cgroup frozen), and `exec` (with logs and files), which the node that hosts it carries out
 /// at once, not as an operation.
 pub const SANDBOX: &[runtimeai_model::ActionKind] = &runtimeai_model::ActionKind::ON_BACKENDS;
+
+/// Measures the vCPUs runtimes use from their cumulative CPU time (a cgroup's, a domain's): the
+/// time used between two looks over the time between them.
+#[derive(Debug, Clone, Default)]
+pub struct CpuMeter {
+    samples: Arc<std::sync::Mutex<HashMap<String, (u64, std::time::Instant)>>>,
+}
+
+impl CpuMeter {
+    /// Records `used_ns` for runtime `id` and returns its use since the previous look; none at
+    /// the first look (or when the counter went back, as a restarted process's does).
+    pub fn look(&self, id: &str, used_ns: u64) -> Option<f64> {
+        let now = std::time::Instant::now();
+        let mut samples = self.samples.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (before, then) = samples.insert(id.to_string(), (used_ns, now))?;
+        let wall = now.duration_since(then).as_nanos() as f64;
+        (wall > 0.0 && used_ns >= before).then(|| (used_ns - before) as f64 / wall)
+    }
+
+    /// Forgets a runtime that is gone.
+    pub fn forget(&self, id: &str) {
+        self.samples.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(id);
+    }
+}
 
 /// What every backend call carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,8 +156,10 @@ impl Resources {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Observed {
     Running {
-        /// vCPUs in use, where the backend measures or knows them.
+        /// vCPUs in use, where the backend measures them.
         cpu: Option<f64>,
+        /// Bytes of its own storage in use, where the backend measures them.
+        disk_bytes: Option<u64>,
         memory_bytes: u64,
         latency_ms: Option<f64>,
     },

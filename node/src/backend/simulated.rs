@@ -166,7 +166,7 @@ impl RuntimeBackend for SimulatedBackend {
     async fn status(&self, runtime: &Runtime) -> Result<Observed, BackendError> {
         Ok(match runtime.state {
             RuntimeState::Running | RuntimeState::Degraded => {
-                Observed::Running { cpu: None, memory_bytes: 0, latency_ms: None }
+                Observed::Running { cpu: None, disk_bytes: None, memory_bytes: 0, latency_ms: None }
             }
             RuntimeState::Error => Observed::Failed("the runtime is in error".into()),
             RuntimeState::Paused => Observed::Paused,

@@ -471,7 +471,12 @@ impl RuntimeBackend for VclusterBackend {
         let memory =
             resources.get("memory").and_then(|q| runtimeai_engine::catalogue::quantity_bytes(&q.0)).unwrap_or(0);
         // Requests are the allocation, not a measurement of use (that needs metrics-server).
-        Ok(Observed::Running { cpu: None, memory_bytes: memory * ready.max(1) as u64, latency_ms: None })
+        Ok(Observed::Running {
+            cpu: None,
+            disk_bytes: None,
+            memory_bytes: memory * ready.max(1) as u64,
+            latency_ms: None,
+        })
     }
 }
 

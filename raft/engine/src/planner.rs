@@ -739,6 +739,7 @@ mod tests {
         rt.signals = Some(RuntimeSignals {
             cpu,
             cpu_measured: true,
+            disk_bytes: None,
             memory: "1Gi".into(),
             health: "healthy".into(),
             cost_per_hour: 0.1,
@@ -861,6 +862,7 @@ mod tests {
         sick.signals = Some(RuntimeSignals {
             cpu: 1.0,
             cpu_measured: false,
+            disk_bytes: None,
             memory: "2Gi".into(),
             health: "unhealthy".into(),
             cost_per_hour: 0.05,

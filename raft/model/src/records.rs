@@ -395,9 +395,13 @@ pub struct Placement {
 pub struct RuntimeSignals {
     /// vCPUs in use: measured when `cpu_measured`, else the allocation.
     pub cpu: f64,
-    /// Whether `cpu` was measured (a sandbox's cgroup) rather than taken from the allocation.
+    /// Whether `cpu` was measured (a sandbox's cgroup, a domain's CPU time) rather than taken
+    /// from the allocation.
     #[serde(default)]
     pub cpu_measured: bool,
+    /// Bytes of its own storage in use (a sandbox's writable layer), where measured.
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
     /// Memory in use, as a Kubernetes quantity.
     pub memory: String,
     /// `healthy`, `degraded`, `unhealthy` or `stopped`.

@@ -179,13 +179,24 @@ pub struct RuntimeSpec {
     pub networking: Option<NetworkingProfile>,
     #[serde(default)]
     pub security: Option<SecurityProfile>,
-    /// For `sandbox` and `agent_runtime`: the OCI image it starts from, `busybox` (the
+    /// What it starts from. For `sandbox` and `agent_runtime`: an OCI image, `busybox` (the
     /// default, made on each node), `python` (BusyBox's tools with the node's Python 3, made on
     /// each node) or a registry's image (`registry.example.com/team/tool:1.2`, or
-    /// `...@sha256:<digest>`).
+    /// `...@sha256:<digest>`). For `vm`: the name of an image in its node's VM image store
+    /// (`runtimeai vm-image import`); its disk is a copy-on-write overlay of the image's (an
+    /// empty disk without one).
     #[serde(default)]
     #[schema(pattern = "^[a-z0-9][a-zA-Z0-9._:/@-]{0,254}$")]
     pub image: Option<String>,
+    /// For `vm`: cloud-init user data (`#cloud-config` YAML or a script), given to the guest
+    /// as a NoCloud seed; at most 64 KiB.
+    #[serde(default)]
+    #[schema(max_length = 65536)]
+    pub user_data: Option<String>,
+    /// For `vm`: SSH public keys cloud-init installs for the guest's default user.
+    #[serde(default)]
+    #[schema(max_items = 32)]
+    pub ssh_authorized_keys: Option<Vec<String>>,
     /// For `sandbox` and `agent_runtime`: the program to run and its arguments (default: an
     /// idle process). It runs in the sandbox's working directory, `/work`.
     #[serde(default)]

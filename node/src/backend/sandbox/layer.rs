@@ -36,6 +36,18 @@ impl Layer {
         self.dir.join("layer")
     }
 
+    /// Bytes in use on the layer's file system (what the sandbox wrote, and the file system's
+    /// own), while it is mounted.
+    pub(super) fn used_bytes(&self) -> Option<u64> {
+        let at = self.mounted_at();
+        if !is_mount_point(&at) {
+            return None;
+        }
+        let stats = nix::sys::statvfs::statvfs(&at).ok()?;
+        let used_blocks = (stats.blocks() as u64).saturating_sub(stats.blocks_free() as u64);
+        Some(used_blocks * stats.fragment_size() as u64)
+    }
+
     /// What the sandbox wrote, as the host sees it.
     pub(super) fn upper(&self) -> PathBuf {
         self.mounted_at().join("upper")

@@ -43,7 +43,7 @@ use runtimeai_model::{EgressPolicy, ExecRequest, Runtime, RuntimeType};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{BackendError, CallContext, Observed, Resources, RuntimeBackend, Step, StepLedger};
+use super::{BackendError, CallContext, CpuMeter, Observed, Resources, RuntimeBackend, Step, StepLedger};
 use bundle::Launching;
 use cgroups::Cgroups;
 use image::ImageStore;
@@ -155,8 +155,8 @@ pub struct SandboxBackend {
     backoff_min: Duration,
     backoff_max: Duration,
     watchers: Watchers,
-    /// Each sandbox's CPU time at its last status look, and when: what its use is measured from.
-    cpu_samples: Arc<Mutex<HashMap<String, (u64, Instant)>>>,
+    /// Each sandbox's CPU time at its last status look: what its use is measured from.
+    cpu: CpuMeter,
 }
 
 /// The task watching each sandbox this node started, by runtime id.
@@ -234,7 +234,7 @@ impl SandboxBackend {
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             watchers: Watchers::default(),
-            cpu_samples: Arc::default(),
+            cpu: CpuMeter::default(),
         })
     }
 
@@ -405,12 +405,7 @@ impl SandboxBackend {
     /// The vCPUs the sandbox used since the previous look (its cgroup's CPU time over the time
     /// between); none at the first look, or without cgroups.
     fn cpu_in_use(&self, id: &str) -> Option<f64> {
-        let used = self.cgroups.as_ref()?.cpu_usage_ns(id)?;
-        let now = Instant::now();
-        let mut samples = self.cpu_samples.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (before, then) = samples.insert(id.to_string(), (used, now))?;
-        let wall = now.duration_since(then).as_nanos() as f64;
-        (wall > 0.0 && used >= before).then(|| (used - before) as f64 / wall)
+        self.cpu.look(id, self.cgroups.as_ref()?.cpu_usage_ns(id)?)
     }
 
     /// Whether the sandbox's processes are frozen.
@@ -721,7 +716,7 @@ impl RuntimeBackend for SandboxBackend {
             if let Some(cgroups) = &self.cgroups {
                 cgroups.remove(&runtime.id);
             }
-            self.cpu_samples.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&runtime.id);
+            self.cpu.forget(&runtime.id);
             Ok("sandbox removed".to_string())
         })
         .await
@@ -914,9 +909,9 @@ impl RuntimeBackend for SandboxBackend {
             if self.frozen(&runtime.id) {
                 return Ok(Observed::Paused);
             }
-            let cpu = self.cpu_in_use(&runtime.id);
+            let (cpu, disk_bytes) = (self.cpu_in_use(&runtime.id), Layer::of(&dir).used_bytes());
             if let Some(used) = self.cgroups.as_ref().and_then(|c| c.memory_usage(&runtime.id)) {
-                return Ok(Observed::Running { cpu, memory_bytes: used, latency_ms: None });
+                return Ok(Observed::Running { cpu, disk_bytes, memory_bytes: used, latency_ms: None });
             }
             let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", launch.pid))
                 .ok()
@@ -927,7 +922,7 @@ impl RuntimeBackend for SandboxBackend {
                 })
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            return Ok(Observed::Running { cpu, memory_bytes: rss_kib * 1024, latency_ms: None });
+            return Ok(Observed::Running { cpu, disk_bytes, memory_bytes: rss_kib * 1024, latency_ms: None });
         }
         match std::fs::read_to_string(dir.join("exit")) {
             Ok(how) if how.contains("status 0") || dir.join("stopping").exists() => Ok(Observed::Stopped),
@@ -1233,6 +1228,15 @@ mod tests {
         assert_ne!(read("filled").trim(), "0", "{}", read("fill"));
         let big = std::fs::metadata(work.join("big")).map(|m| m.len()).unwrap_or(0);
         assert!(big < layer::LAYER_BYTES, "wrote {big} bytes");
+        // Its status measures the full layer, and the other sandbox's nearly empty one.
+        let Observed::Running { disk_bytes: Some(full), .. } = backend.status(&runtime).await.unwrap() else {
+            panic!("a running sandbox's disk is measured")
+        };
+        assert!(full >= big && full <= layer::LAYER_BYTES, "{full} bytes in use, {big} written");
+        let Observed::Running { disk_bytes: Some(other_used), .. } = backend.status(&other).await.unwrap() else {
+            panic!("a running sandbox's disk is measured")
+        };
+        assert!(other_used < 64 << 20, "{other_used} bytes in use by a sandbox that wrote a line");
         // And it stops at once: tini passes SIGTERM on to the command.
         let started = Instant::now();
         let stopped = backend.stop(&cx("op_stop"), &other, false, Duration::from_secs(10)).await.unwrap();
