@@ -15,9 +15,10 @@ What the OpenAPI document cannot say, said to the generator for the cases meant 
 And how to read the answers that are not JSON: exec's lines (NDJSON) and a file's bytes.
 And the data random ids never find, made on first use as its own principals would make it, and
 made again when the fuzzer has changed it (schemathesis's advice for "missing test data"): a
-running sandbox for exec, logs and files, a vcluster for its kubeconfig, a stopped VM to start, a
-runtime with a snapshot to restore and an intent to read, and operations another principal asked
-for that wait for approval (nobody may approve their own).
+running sandbox for exec, logs and files, a vcluster for its kubeconfig, a stopped VM to start
+(and read the console of), a paused VM to resume, a runtime with a snapshot to restore and an
+intent to read, and operations another principal asked for that wait for approval (nobody may
+approve their own).
 """
 
 import json
@@ -130,6 +131,16 @@ class Fixtures:
         state = lambda ids: call("GET", f"/v1/runtimes/{ids['runtime_id']}")["state"] == "stopped"
         return self.still("stopped", state, make)
 
+    def paused(self):
+        """A paused VM, for a resume to resume."""
+        def make():
+            made = self.runtime("vm")
+            pause = call("POST", f"/v1/runtimes/{made}/lifecycle/pause", {})
+            wait_until(f"/v1/operations/{pause['id']}", lambda o: o["status"] == "succeeded")
+            return {"runtime_id": made}
+        state = lambda ids: call("GET", f"/v1/runtimes/{ids['runtime_id']}")["state"] == "paused"
+        return self.still("paused", state, make)
+
     def waiting(self, decision):
         """An operation the operator asked for that waits for approval."""
         def make():
@@ -160,6 +171,10 @@ class Fixtures:
             return {"runtime_id": self.sandbox()["runtime_id"]}
         if label == "POST /v1/runtimes/{runtime_id}/lifecycle/start":
             return self.stopped()
+        if label == "POST /v1/runtimes/{runtime_id}/lifecycle/resume":
+            return self.paused()
+        if label.endswith("/console"):
+            return {"runtime_id": self.stopped()["runtime_id"]}
         if label.endswith("/kubeconfig"):
             return self.running("vcluster")
         if label.endswith(("/lifecycle/restore", "/intent/{intent_id}")):

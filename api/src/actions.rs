@@ -112,6 +112,20 @@ pub enum ActionType {
     Resume,
 }
 
+impl ActionType {
+    /// The lifecycle action of a type whose only parameter is a reason, as for `start`.
+    fn plain(self) -> Option<LifecycleAction> {
+        Some(match self {
+            ActionType::Start => LifecycleAction::Start,
+            ActionType::Restart => LifecycleAction::Restart,
+            ActionType::RolloutRestart => LifecycleAction::RolloutRestart,
+            ActionType::Pause => LifecycleAction::Pause,
+            ActionType::Resume => LifecycleAction::Resume,
+            _ => return None,
+        })
+    }
+}
+
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Action {
@@ -162,10 +176,7 @@ fn params<T: DeserializeOwned + Default>(action: &Action, index: usize) -> Resul
 /// An action the runtime cannot take (409: the request is well formed, the runtime's backend
 /// lacks the capability).
 fn unsupported(index: usize, what: &str) -> Problem {
-    let mut problem =
-        Problem::new(axum::http::StatusCode::CONFLICT, "unsupported-action", format!("$.actions[{index}]: {what}"));
-    problem.errors.push(crate::problem::FieldError { path: format!("$.actions[{index}].type"), message: what.into() });
-    problem
+    Problem::unsupported_action(format!("$.actions[{index}].type"), what)
 }
 
 /// Turns one requested action into what the operation will run.
@@ -187,15 +198,11 @@ pub(crate) fn lifecycle_action(
         return Err(unsupported(index, "sub-targets are not supported by this runtime's backend"));
     }
     let path = format!("$.actions[{index}].params");
+    if let Some(plain) = action.action_type.plain() {
+        params::<LifecycleStartRequest>(action, index)?;
+        return Ok(plain);
+    }
     Ok(match action.action_type {
-        ActionType::Start => {
-            params::<LifecycleStartRequest>(action, index)?;
-            LifecycleAction::Start
-        }
-        ActionType::Restart => {
-            params::<LifecycleStartRequest>(action, index)?;
-            LifecycleAction::Restart
-        }
         ActionType::Stop => {
             let p: LifecycleStopRequest = params(action, index)?;
             LifecycleAction::Stop { force: p.force, timeout_seconds: p.timeout_seconds }
@@ -211,18 +218,6 @@ pub(crate) fn lifecycle_action(
             };
             LifecycleAction::Restore { snapshot_id: p.snapshot_id }
         }
-        ActionType::RolloutRestart => {
-            params::<LifecycleStartRequest>(action, index)?;
-            LifecycleAction::RolloutRestart
-        }
-        ActionType::Pause => {
-            params::<LifecycleStartRequest>(action, index)?;
-            LifecycleAction::Pause
-        }
-        ActionType::Resume => {
-            params::<LifecycleStartRequest>(action, index)?;
-            LifecycleAction::Resume
-        }
         ActionType::TunePolicy => {
             let policy: RuntimePolicy = params(action, index)?;
             if policy.max_cost_per_hour.is_some_and(|b| !(b.is_finite() && b >= 0.0)) {
@@ -233,6 +228,7 @@ pub(crate) fn lifecycle_action(
         ActionType::Migrate | ActionType::AttachObserver | ActionType::DetachObserver => {
             return Err(unsupported(index, &format!("no backend can {kind} yet")))
         }
+        plain => unreachable!("{plain:?} is taken above"),
     })
 }
 

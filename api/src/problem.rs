@@ -59,6 +59,15 @@ impl Problem {
         problem
     }
 
+    /// 409 `unsupported-action`: the request is well formed, but the runtime's backend cannot
+    /// do what `path` names.
+    pub fn unsupported_action(path: impl Into<String>, what: impl Into<String>) -> Problem {
+        let (path, what) = (path.into(), what.into());
+        let mut problem = Problem::new(StatusCode::CONFLICT, "unsupported-action", format!("{path}: {what}"));
+        problem.errors.push(FieldError { path, message: what });
+        problem
+    }
+
     pub fn not_found(detail: impl Into<String>) -> Problem {
         Problem::new(StatusCode::NOT_FOUND, "not-found", detail)
     }

@@ -469,8 +469,8 @@ pub(crate) async fn begin_in_mode(
             } else {
                 "$".into()
             };
-            return Err(validate::invalid(
-                &path,
+            return Err(Problem::unsupported_action(
+                path,
                 format!("this runtime's backend cannot {kind} (capabilities: {})", runtime.capabilities.join(", ")),
             ));
         }

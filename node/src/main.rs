@@ -47,8 +47,8 @@ enum VmImageCommand {
     Import {
         /// The image's name: 1-63 of [a-z0-9._-].
         name: String,
-        /// The disk image or directory to import.
-        source: std::path::PathBuf,
+        /// The disk image (a path, or an http(s) URL) or the directory to import.
+        source: String,
         /// The node's data directory.
         #[arg(long)]
         data_dir: std::path::PathBuf,

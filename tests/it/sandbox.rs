@@ -41,6 +41,10 @@ async fn a_command_runs_in_a_sandbox_through_any_node_and_is_on_record() -> anyh
     assert_eq!(created.status, 201, "{created:?}");
     let capabilities = created.body["capabilities"].as_array().unwrap();
     assert!(capabilities.contains(&json!("exec")), "a sandbox says it takes commands: {capabilities:?}");
+    assert!(
+        capabilities.contains(&json!("pause")) && !capabilities.contains(&json!("rollout_restart")),
+        "{capabilities:?}"
+    );
     let id = created.body["id"].as_str().unwrap().to_string();
     let host = created.body["placement"]["node_id"].as_u64().unwrap();
     let other = host % 3 + 1;

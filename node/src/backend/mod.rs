@@ -32,46 +32,35 @@ use std::sync::Arc;
 
 use runtimeai_engine::catalogue::quantity_bytes;
 use runtimeai_engine::Catalogue;
-use runtimeai_model::{BackendInfo, ExecRequest, LifecycleAction, Runtime, RuntimeType, SizeEntry};
+use runtimeai_model::{ActionKind, BackendInfo, ExecRequest, LifecycleAction, Runtime, RuntimeType, SizeEntry};
 
-/// The lifecycle actions every driver built so far supports (create and delete always are).
-pub const LIFECYCLE: &[runtimeai_model::ActionKind] = &[
-    runtimeai_model::ActionKind::Start,
-    runtimeai_model::ActionKind::Stop,
-    runtimeai_model::ActionKind::Restart,
-    runtimeai_model::ActionKind::Scale,
-    runtimeai_model::ActionKind::Snapshot,
-    runtimeai_model::ActionKind::Restore,
-];
+/// The lifecycle actions every driver supports (besides create and delete, which every driver
+/// does), and those a driver adds to them.
+macro_rules! lifecycle_and {
+    ($($extra:ident),*) => {
+        &[
+            ActionKind::Start,
+            ActionKind::Stop,
+            ActionKind::Restart,
+            ActionKind::Scale,
+            ActionKind::Snapshot,
+            ActionKind::Restore,
+            $(ActionKind::$extra,)*
+        ]
+    };
+}
 
 /// The lifecycle, and pause and resume: what drivers that can freeze a runtime with its memory
 /// do (libvirt suspends a domain; the simulated driver pretends to).
-pub const LIFECYCLE_AND_PAUSE: &[runtimeai_model::ActionKind] = &[
-    runtimeai_model::ActionKind::Start,
-    runtimeai_model::ActionKind::Stop,
-    runtimeai_model::ActionKind::Restart,
-    runtimeai_model::ActionKind::Scale,
-    runtimeai_model::ActionKind::Snapshot,
-    runtimeai_model::ActionKind::Restore,
-    runtimeai_model::ActionKind::Pause,
-    runtimeai_model::ActionKind::Resume,
-];
+pub const LIFECYCLE_AND_PAUSE: &[ActionKind] = lifecycle_and!(Pause, Resume);
 
 /// What a vcluster does: the lifecycle, and a rolling restart of its control plane.
-pub const VCLUSTER: &[runtimeai_model::ActionKind] = &[
-    runtimeai_model::ActionKind::Start,
-    runtimeai_model::ActionKind::Stop,
-    runtimeai_model::ActionKind::Restart,
-    runtimeai_model::ActionKind::Scale,
-    runtimeai_model::ActionKind::Snapshot,
-    runtimeai_model::ActionKind::Restore,
-    runtimeai_model::ActionKind::RolloutRestart,
-];
+pub const VCLUSTER: &[ActionKind] = lifecycle_and!(RolloutRestart);
 
 /// What a sandbox (or agent runtime) under crun does: the lifecycle, pause and resume (its
 /// cgroup frozen), and `exec` (with logs and files), which the node that hosts it carries out
 /// at once, not as an operation.
-pub const SANDBOX: &[runtimeai_model::ActionKind] = &runtimeai_model::ActionKind::ON_BACKENDS;
+pub const SANDBOX: &[ActionKind] = lifecycle_and!(Pause, Resume, Exec);
 
 /// Measures the vCPUs runtimes use from their cumulative CPU time (a cgroup's, a domain's): the
 /// time used between two looks over the time between them.

@@ -78,9 +78,10 @@ impl VmImageStore {
     }
 
     /// Imports `source` as image `name`: a directory's `disk.qcow2`, `kernel`, `initrd` and
-    /// `cmdline` are copied; a file is converted to the image's qcow2 disk by `qemu-img`. The
-    /// image appears whole or not at all (made beside the store, then renamed into it).
-    pub fn import(&self, name: &str, source: &Path) -> Result<String, String> {
+    /// `cmdline` are copied; a file, or what an `http(s)://` URL serves, is converted to the
+    /// image's qcow2 disk by `qemu-img`. The image appears whole or not at all (made beside the
+    /// store, then renamed into it).
+    pub fn import(&self, name: &str, source: &str) -> Result<String, String> {
         let valid = name.len() <= 63
             && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
             && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
@@ -95,8 +96,17 @@ impl VmImageStore {
         let partial = self.dir.join(format!(".{name}.partial"));
         let _ = std::fs::remove_dir_all(&partial);
         std::fs::create_dir_all(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
-        let copied =
-            if source.is_dir() { copy_parts(source, &partial) } else { convert(source, &partial.join("disk.qcow2")) };
+        let copied = if source.starts_with("http://") || source.starts_with("https://") {
+            let fetched = partial.join("fetched");
+            download(source, &fetched).and_then(|_| convert(&fetched, &partial.join("disk.qcow2"))).map(|what| {
+                let _ = std::fs::remove_file(&fetched);
+                format!("{what} from {source}")
+            })
+        } else if Path::new(source).is_dir() {
+            copy_parts(Path::new(source), &partial)
+        } else {
+            convert(Path::new(source), &partial.join("disk.qcow2"))
+        };
         let made = copied.and_then(|what| {
             std::fs::rename(&partial, &target).map_err(|e| format!("{}: {e}", target.display()))?;
             Ok(what)
@@ -123,6 +133,23 @@ fn copy_parts(source: &Path, to: &Path) -> Result<String, String> {
         return Err(format!("{} holds neither disk.qcow2 nor a kernel and an initrd", source.display()));
     }
     Ok(found.join(", "))
+}
+
+/// Fetches `url` to `to`, as it comes (a cloud image is hundreds of megabytes).
+fn download(url: &str, to: &Path) -> Result<(), String> {
+    use std::io::Write;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let mut response = reqwest::get(url).await.map_err(|e| format!("{url}: {e}"))?;
+        if !response.status().is_success() {
+            return Err(format!("{url}: {}", response.status()));
+        }
+        let mut file = std::fs::File::create(to).map_err(|e| format!("{}: {e}", to.display()))?;
+        while let Some(chunk) = response.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+            file.write_all(&chunk).map_err(|e| format!("{}: {e}", to.display()))?;
+        }
+        Ok(())
+    })
 }
 
 /// Converts a disk image of any format `qemu-img` reads to qcow2.
@@ -236,22 +263,70 @@ mod tests {
         let source = root.path().join("guest");
         std::fs::create_dir_all(&source).unwrap();
         std::fs::write(source.join("cmdline"), "console=ttyS0\n").unwrap();
-        let refused = store.import("guest", &source).unwrap_err();
+        let source_text = source.to_str().unwrap();
+        let refused = store.import("guest", source_text).unwrap_err();
         assert!(refused.contains("neither disk.qcow2 nor a kernel"), "{refused}");
         assert!(!store.dir().join("guest").exists(), "nothing half-made is left");
         for part in ["kernel", "initrd"] {
             std::fs::write(source.join(part), part).unwrap();
         }
-        let said = store.import("guest", &source).unwrap();
+        let said = store.import("guest", source_text).unwrap();
         assert!(said.contains("kernel, initrd, cmdline"), "{said}");
         let image = store.image("guest").unwrap();
         let boot = image.kernel.expect("booted by its kernel");
         assert_eq!((boot.cmdline.as_str(), image.disk), ("console=ttyS0", None));
-        assert!(store.import("guest", &source).unwrap_err().contains("imported already"));
-        assert!(store.import("../escape", &source).unwrap_err().contains("[a-z0-9._-]"));
+        assert!(store.import("guest", source_text).unwrap_err().contains("imported already"));
+        assert!(store.import("../escape", source_text).unwrap_err().contains("[a-z0-9._-]"));
         let missing = store.image("nothing").unwrap_err().to_string();
         assert!(missing.contains("runtimeai vm-image import nothing"), "{missing}");
         assert!(store.image("..").is_err());
+    }
+
+    /// Serves `body` at `/disk.raw` (and 404 elsewhere) to two HTTP requests; its port.
+    fn serve_twice(body: Vec<u8>) -> u16 {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().take(2).flatten() {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request = String::new();
+                reader.read_line(&mut request).unwrap();
+                while reader.read_line(&mut String::new()).map(|n| n > 2).unwrap_or(false) {}
+                if request.starts_with("GET /disk.raw ") {
+                    let head =
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+                    stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(&body)).unwrap();
+                } else {
+                    stream
+                        .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .unwrap();
+                }
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn a_disk_is_imported_from_a_url_as_qcow2() {
+        if std::process::Command::new("qemu-img").arg("--version").output().is_err() {
+            eprintln!("skipped: no qemu-img here");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let store = VmImageStore::new(root.path().join("images"));
+        let port = serve_twice(vec![0u8; 1 << 20]);
+        let missing = store.import("web", &format!("http://127.0.0.1:{port}/nothing.raw")).unwrap_err();
+        assert!(missing.contains("404"), "{missing}");
+        let said = store.import("web", &format!("http://127.0.0.1:{port}/disk.raw")).unwrap();
+        assert!(said.contains("disk.qcow2 from http://"), "{said}");
+        let disk = store.image("web").unwrap().disk.expect("a disk");
+        let info = std::process::Command::new("qemu-img").args(["info", "--output=json"]).arg(&disk).output().unwrap();
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!((info["format"].as_str(), info["virtual-size"].as_u64()), (Some("qcow2"), Some(1 << 20)), "{info}");
+        let kept: Vec<_> =
+            std::fs::read_dir(store.dir().join("web")).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(kept, ["disk.qcow2"], "the download does not stay");
     }
 
     #[test]
