@@ -8,7 +8,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::json;
 
-use runtimeai_tests::{phase, Cluster, ClusterOptions, Eventually};
+use runtimeai_tests::{key_for, phase, Cluster, ClusterOptions, Eventually};
 
 fn run(program: &str, args: &[&str]) -> Result<(), String> {
     match Command::new(program).args(args).output() {
@@ -87,7 +87,8 @@ async fn a_vm_lives_its_whole_lifecycle_on_qemu() -> anyhow::Result<()> {
         .await?;
     assert_eq!(created.status, 201, "{created:?}");
     let id = created.body["id"].as_str().unwrap().to_string();
-    let domain = format!("rtai-{id}");
+    let mut domains = Domains::default();
+    let domain = domains.of(&id);
     let done = cluster.wait_operation(1, created.body["active_operation"].as_str().unwrap(), long).await?;
     assert_eq!(done["status"], "succeeded", "{done}");
     let state = Command::new("virsh").args(["-c", "qemu:///system", "domstate", &domain]).output()?;
@@ -142,6 +143,28 @@ async fn a_vm_lives_its_whole_lifecycle_on_qemu() -> anyhow::Result<()> {
     let gone = Command::new("virsh").args(["-c", "qemu:///system", "domstate", &domain]).output()?;
     assert!(!gone.status.success(), "the domain is undefined");
     Ok(())
+}
+
+/// Destroys and undefines, when dropped, the domains of the runtimes a test made: a test that
+/// fails midway must not leave guests running after its cluster is gone.
+#[derive(Default)]
+struct Domains(Vec<String>);
+
+impl Domains {
+    fn of(&mut self, runtime_id: &str) -> String {
+        let domain = format!("rtai-{runtime_id}");
+        self.0.push(domain.clone());
+        domain
+    }
+}
+
+impl Drop for Domains {
+    fn drop(&mut self) {
+        for domain in &self.0 {
+            let _ = Command::new("virsh").args(["-c", "qemu:///system", "destroy", domain]).output();
+            let _ = Command::new("virsh").args(["-c", "qemu:///system", "undefine", domain]).output();
+        }
+    }
 }
 
 /// The modules the guest needs to read its NoCloud seed from QEMU's IDE CD-ROM, in load order.
@@ -298,6 +321,8 @@ async fn a_vm_boots_its_image_reads_its_user_data_and_prints_to_its_console() ->
     let created = cluster.call_eventually(1, Method::POST, "/v1/runtimes", Some(&body), &[]).await?;
     assert_eq!(created.status, 201, "{created:?}");
     let id = created.body["id"].as_str().unwrap().to_string();
+    let mut domains = Domains::default();
+    domains.of(&id);
     let done = cluster.wait_operation(1, created.body["active_operation"].as_str().unwrap(), long).await?;
     assert_eq!(done["status"], "succeeded", "{done}");
     let disk = Command::new("qemu-img")
@@ -326,6 +351,10 @@ async fn a_vm_boots_its_image_reads_its_user_data_and_prints_to_its_console() ->
         "{printed}"
     );
     assert!(printed.contains(&format!("instance-id: {id}")) && printed.contains(key), "{printed}");
+
+    let stranger = key_for(&cluster, 1, "stranger", "human", &["globex"], &["operator"], None).await?;
+    let hidden = cluster.call_as(Some(&stranger), 1, Method::GET, &console, None, &[]).await?;
+    assert_eq!(hidden.status, 404, "another tenant's VM console is not there: {hidden:?}");
 
     phase("deleted: its disk, seed and console go with it");
     let accepted = cluster.call_eventually(1, Method::DELETE, &format!("/v1/runtimes/{id}"), None, &[]).await?;
