@@ -123,6 +123,9 @@ fn copy_parts(source: &Path, to: &Path) -> Result<String, String> {
     let mut found = Vec::new();
     for part in ["disk.qcow2", "kernel", "initrd", "cmdline"] {
         let from = source.join(part);
+        if from.exists() && part == "disk.qcow2" {
+            stands_alone(&from)?;
+        }
         if from.exists() {
             std::fs::copy(&from, to.join(part)).map_err(|e| format!("{}: {e}", from.display()))?;
             found.push(part);
@@ -152,8 +155,27 @@ fn download(url: &str, to: &Path) -> Result<(), String> {
     })
 }
 
+/// Refuses a disk image that names a backing file: converting or booting it would read that
+/// file of the node (a crafted qcow2 naming `/etc/shadow` copies the host's into the image).
+fn stands_alone(disk: &Path) -> Result<(), String> {
+    let output = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(disk)
+        .output()
+        .map_err(|e| format!("cannot run qemu-img: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("qemu-img info {}: {}", disk.display(), String::from_utf8_lossy(&output.stderr).trim()));
+    }
+    let info: serde_json::Value = serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())?;
+    match info.get("backing-filename").and_then(|b| b.as_str()) {
+        Some(backing) => Err(format!("{} names a backing file ({backing}): an image must stand alone", disk.display())),
+        None => Ok(()),
+    }
+}
+
 /// Converts a disk image of any format `qemu-img` reads to qcow2.
 fn convert(source: &Path, to: &Path) -> Result<String, String> {
+    stands_alone(source)?;
     let output = std::process::Command::new("qemu-img")
         .args(["convert", "-O", "qcow2"])
         .arg(source)
@@ -327,6 +349,35 @@ mod tests {
         let kept: Vec<_> =
             std::fs::read_dir(store.dir().join("web")).unwrap().flatten().map(|e| e.file_name()).collect();
         assert_eq!(kept, ["disk.qcow2"], "the download does not stay");
+    }
+
+    #[test]
+    fn a_disk_that_names_a_backing_file_of_the_node_is_refused() {
+        if std::process::Command::new("qemu-img").arg("--version").output().is_err() {
+            eprintln!("skipped: no qemu-img here");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let secret = root.path().join("host-secret");
+        std::fs::write(&secret, "the node's").unwrap();
+        let crafted = root.path().join("crafted.qcow2");
+        let made = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&secret)
+            .arg(&crafted)
+            .arg("1M")
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let store = VmImageStore::new(root.path().join("images"));
+        let refused = store.import("evil", crafted.to_str().unwrap()).unwrap_err();
+        assert!(refused.contains("names a backing file"), "{refused}");
+        let dir = root.path().join("evil-dir");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(&crafted, dir.join("disk.qcow2")).unwrap();
+        let refused = store.import("evil", dir.to_str().unwrap()).unwrap_err();
+        assert!(refused.contains("names a backing file"), "{refused}");
+        assert!(!store.dir().join("evil").exists());
     }
 
     #[test]
