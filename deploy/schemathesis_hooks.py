@@ -121,25 +121,23 @@ class Fixtures:
         state = lambda ids: call("GET", f"/v1/runtimes/{ids['runtime_id']}")["state"] == "running"
         return self.still("sandbox", state, make)
 
-    def stopped(self):
-        """A stopped VM, for a start to start."""
+    def vm_in(self, state, action):
+        """A VM in `state`, brought there by the lifecycle call `action`."""
         def make():
             made = self.runtime("vm")
-            stop = call("POST", f"/v1/runtimes/{made}/lifecycle/stop", {})
-            wait_until(f"/v1/operations/{stop['id']}", lambda o: o["status"] == "succeeded")
+            done = call("POST", f"/v1/runtimes/{made}/lifecycle/{action}", {})
+            wait_until(f"/v1/operations/{done['id']}", lambda o: o["status"] == "succeeded")
             return {"runtime_id": made}
-        state = lambda ids: call("GET", f"/v1/runtimes/{ids['runtime_id']}")["state"] == "stopped"
-        return self.still("stopped", state, make)
+        holds = lambda ids: call("GET", f"/v1/runtimes/{ids['runtime_id']}")["state"] == state
+        return self.still(state, holds, make)
+
+    def stopped(self):
+        """A stopped VM, for a start to start."""
+        return self.vm_in("stopped", "stop")
 
     def paused(self):
         """A paused VM, for a resume to resume."""
-        def make():
-            made = self.runtime("vm")
-            pause = call("POST", f"/v1/runtimes/{made}/lifecycle/pause", {})
-            wait_until(f"/v1/operations/{pause['id']}", lambda o: o["status"] == "succeeded")
-            return {"runtime_id": made}
-        state = lambda ids: call("GET", f"/v1/runtimes/{ids['runtime_id']}")["state"] == "paused"
-        return self.still("paused", state, make)
+        return self.vm_in("paused", "pause")
 
     def waiting(self, decision):
         """An operation the operator asked for that waits for approval."""
