@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use runtimeai_model::{Capability, LifecycleAction, PolicyDecision, PolicyMode, RuntimePolicy, SizeEntry};
+use runtimeai_model::{Capability, LifecycleAction, Placement, PolicyDecision, PolicyMode, RuntimePolicy, SizeEntry};
 
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -21,6 +21,7 @@ use utoipa_axum::routes;
 use crate::auth::Caller;
 use crate::doc_types::{IdempotencyKey, IfMatch, ProblemResponses, TenantId};
 use crate::extract::{Body, Consistency, PathParam};
+use crate::migration::{can_migrate, Destinations, LifecycleMigrateRequest};
 use crate::planning::{plan_for, planned, preview_decisions, Ask};
 use crate::problem::Problem;
 use crate::runtimes::{
@@ -131,7 +132,8 @@ impl ActionType {
 pub struct Action {
     #[serde(rename = "type")]
     pub action_type: ActionType,
-    /// Optional sub-target (component / namespace / node); not supported by any backend yet.
+    /// What the action is aimed at besides the runtime: `migrate` takes `{"node": <node id>}`
+    /// (its destination; by default the cluster chooses); other actions take none.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub target: Option<serde_json::Map<String, serde_json::Value>>,
@@ -179,12 +181,17 @@ fn unsupported(index: usize, what: &str) -> Problem {
     Problem::unsupported_action(format!("$.actions[{index}].type"), what)
 }
 
+/// Where a `migrate` action may take the runtime: the destination for a requested node (or
+/// the cluster's choice), or why there is none.
+pub(crate) type Destination<'a> = &'a dyn Fn(Option<u64>, &str) -> Result<Placement, Problem>;
+
 /// Turns one requested action into what the operation will run.
 pub(crate) fn lifecycle_action(
     action: &Action,
     index: usize,
     capabilities: &[Capability],
     sizes: &[SizeEntry],
+    destination: Destination<'_>,
 ) -> Result<LifecycleAction, Problem> {
     let kind =
         serde_json::to_value(action.action_type).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
@@ -194,8 +201,11 @@ pub(crate) fn lifecycle_action(
             &format!("this runtime cannot {kind} (capabilities: {})", capabilities.join(", ")),
         ));
     }
-    if action.target.is_some() {
-        return Err(unsupported(index, "sub-targets are not supported by this runtime's backend"));
+    if action.target.is_some() && action.action_type != ActionType::Migrate {
+        return Err(Problem::invalid_field(
+            format!("$.actions[{index}].target"),
+            format!("{kind} takes no target (only migrate does: {{\"node\": <node id>}})"),
+        ));
     }
     let path = format!("$.actions[{index}].params");
     if let Some(plain) = action.action_type.plain() {
@@ -225,11 +235,38 @@ pub(crate) fn lifecycle_action(
             }
             LifecycleAction::TunePolicy { policy }
         }
-        ActionType::Migrate | ActionType::AttachObserver | ActionType::DetachObserver => {
+        ActionType::Migrate => {
+            let node = migration_target(action, index)?;
+            let to = destination(node, &format!("$.actions[{index}]"))?;
+            LifecycleAction::Migrate { to, rebuild: false }
+        }
+        ActionType::AttachObserver | ActionType::DetachObserver => {
             return Err(unsupported(index, &format!("no backend can {kind} yet")))
         }
         plain => unreachable!("{plain:?} is taken above"),
     })
+}
+
+/// The node a `migrate` action names: `target.node`, or `params.node_id` as the lifecycle
+/// call takes it (the same if both); none lets the cluster choose.
+fn migration_target(action: &Action, index: usize) -> Result<Option<u64>, Problem> {
+    let by_params = params::<LifecycleMigrateRequest>(action, index)?.node_id;
+    let mut by_target = None;
+    for (key, value) in action.target.iter().flatten() {
+        let path = format!("$.actions[{index}].target.{key}");
+        match (key.as_str(), value.as_u64()) {
+            ("node", Some(node)) => by_target = Some(node),
+            ("node", None) => return Err(Problem::invalid_field(path, "a node id (an integer of at least 0)")),
+            _ => return Err(Problem::invalid_field(path, "migrate's target is {\"node\": <node id>}")),
+        }
+    }
+    match (by_target, by_params) {
+        (Some(target), Some(param)) if target != param => Err(Problem::invalid_field(
+            format!("$.actions[{index}].target.node"),
+            format!("names node {target}, params.node_id node {param}"),
+        )),
+        (target, param) => Ok(target.or(param)),
+    }
 }
 
 /// Execute a deterministic list of actions (the agent tool-call contract).
@@ -248,11 +285,27 @@ pub(crate) async fn execute_actions(
     }
     let runtime = read_runtime(&state, &caller, &runtime_id, Consistency::Linearizable).await?;
     let sizes = sizes(&state);
+    let migrates = request.actions.iter().any(|a| a.action_type == ActionType::Migrate);
+    if migrates && request.actions.len() > 1 {
+        return Err(Problem::invalid_field(
+            "$.actions",
+            "migrate runs alone: its destination's executor carries it out",
+        ));
+    }
+    let destinations = match migrates && can_migrate(&runtime, "$.actions[0].type").is_ok() {
+        true => Some(Destinations::read(&state).await?),
+        false => None,
+    };
+    let destination = |node: Option<u64>, path: &str| match &destinations {
+        Some(destinations) => destinations.choose(&runtime, node, path),
+        // Read whenever the runtime can migrate: without them, it cannot.
+        None => can_migrate(&runtime, path).and(Err(Problem::unsupported_action(path, "this runtime cannot migrate"))),
+    };
     let actions = request
         .actions
         .iter()
         .enumerate()
-        .map(|(i, action)| lifecycle_action(action, i, &runtime.capabilities, &sizes))
+        .map(|(i, action)| lifecycle_action(action, i, &runtime.capabilities, &sizes, &destination))
         .collect::<Result<Vec<_>, _>>()?;
     for (i, action) in actions.iter().enumerate() {
         if let LifecycleAction::Restore { snapshot_id } = action {

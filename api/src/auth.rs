@@ -66,6 +66,7 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("GET", "/v1/cluster", Needs(Read)),
         ("POST", "/v1/cluster/members", Needs(ManageCluster)),
         ("DELETE", "/v1/cluster/members/{node_id}", Needs(ManageCluster)),
+        ("POST", "/v1/cluster/members/{node_id}/evacuate", Needs(ManageCluster)),
         ("GET", "/v1/cluster/settings", Needs(Read)),
         ("PUT", "/v1/cluster/settings", Needs(ManageCluster)),
         ("GET", "/v1/audit", Needs(ManageCluster)),
@@ -105,6 +106,7 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("POST", "/v1/runtimes/{runtime_id}/lifecycle/restore", Needs(Operate)),
         ("POST", "/v1/runtimes/{runtime_id}/lifecycle/pause", Needs(Operate)),
         ("POST", "/v1/runtimes/{runtime_id}/lifecycle/resume", Needs(Operate)),
+        ("POST", "/v1/runtimes/{runtime_id}/lifecycle/migrate", Needs(Operate)),
         // A dry run plans; the handler asks for `operate` when the intent is to be carried out.
         ("POST", "/v1/runtimes/{runtime_id}/intent", Needs(Plan)),
         ("GET", "/v1/runtimes/{runtime_id}/intent/{intent_id}", Needs(Read)),

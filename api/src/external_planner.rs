@@ -145,7 +145,11 @@ fn parse(content: &str, capabilities: &[Capability], sizes: &[SizeEntry]) -> Res
         .iter()
         .enumerate()
         .map(|(i, action)| {
-            lifecycle_action(action, i, capabilities, sizes).map_err(|p| invalid(format!("is refused: {}", p.detail)))
+            let no_migration = |_: Option<u64>, path: &str| {
+                Err(Problem::invalid_field(path, "a plan does not migrate; ask for it with lifecycle/migrate"))
+            };
+            lifecycle_action(action, i, capabilities, sizes, &no_migration)
+                .map_err(|p| invalid(format!("is refused: {}", p.detail)))
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ExternalPlan { actions, rationale: plan.rationale })

@@ -26,6 +26,7 @@ mod files;
 pub mod intents;
 pub mod keys;
 mod logs;
+pub mod migration;
 mod mutation;
 pub mod oidc;
 pub mod on_host;
@@ -70,6 +71,8 @@ pub struct AppState {
     pub sandboxes: Option<Arc<dyn sandbox_io::SandboxShell>>,
     /// This node's VM backend, which keeps the serial console output of the VMs it hosts.
     pub consoles: Option<Arc<dyn ConsoleSource>>,
+    /// What packs the runtimes this node hosts for their migration to another node.
+    pub exports: Option<Arc<dyn RuntimeExports>>,
     /// Requests this node refused as unauthenticated (shown in `GET /v1/cluster`).
     pub auth_failures: Arc<auth::AuthFailures>,
     /// OIDC bearer tokens, when configured (`--oidc-*`).
@@ -92,6 +95,20 @@ pub trait ConsoleSource: Send + Sync {
     async fn console(&self, runtime: &runtimeai_model::Runtime, bytes: u64) -> Result<Vec<u8>, String>;
 }
 
+/// Where a node packs a runtime it hosts for a cold migration (the node's executor and
+/// backends; checked by the host-call server first: the operation, its destination, its token).
+#[async_trait::async_trait]
+pub trait RuntimeExports: Send + Sync {
+    /// Stops `runtime` and streams its export for migration `operation_id`, whose destination's
+    /// assignment holds `token`.
+    async fn export(
+        &self,
+        runtime: &runtimeai_model::Runtime,
+        operation_id: &str,
+        token: u64,
+    ) -> Result<tokio::sync::mpsc::Receiver<Vec<u8>>, String>;
+}
+
 /// Every route with its OpenAPI description, in one place: the router and the document are
 /// both made from it ([`router`], [`openapi::document`]).
 pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
@@ -104,6 +121,7 @@ pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(console::routes())
         .merge(files::routes())
         .merge(actions::routes())
+        .merge(migration::routes())
         .merge(intents::routes())
         .merge(operations::routes())
         .merge(policies::routes())

@@ -41,6 +41,15 @@ pub(crate) enum HostCall {
         #[serde(with = "base64_bytes")]
         content: Vec<u8>,
     },
+    /// Stop it and hand over what this node holds of it, for migration `operation_id`, whose
+    /// destination asks with its assignment's fencing `token`.
+    Export { runtime_id: String, operation_id: String, token: u64 },
+}
+
+/// What a migration's destination sends the runtime's node to have the runtime exported.
+pub fn export_call(runtime_id: &str, operation_id: &str, token: u64) -> Vec<u8> {
+    let call = HostCall::Export { runtime_id: runtime_id.into(), operation_id: operation_id.into(), token };
+    serde_json::to_vec(&call).unwrap_or_default()
 }
 
 /// Bytes as base64 text in the call's JSON (a third larger, not four times).
@@ -65,7 +74,8 @@ impl HostCall {
             | HostCall::Logs { runtime_id, .. }
             | HostCall::Console { runtime_id, .. }
             | HostCall::ReadFile { runtime_id, .. }
-            | HostCall::WriteFile { runtime_id, .. } => runtime_id,
+            | HostCall::WriteFile { runtime_id, .. }
+            | HostCall::Export { runtime_id, .. } => runtime_id,
         }
     }
 }
@@ -162,6 +172,35 @@ impl runtimeai_raft::replica::HostCalls for HostCallsServer {
                 let written = write_file_here(&self.state, &runtime, &path, content).await;
                 Ok(framed(written.map(|()| Vec::new())))
             }
+            HostCall::Export { operation_id, token, .. } => {
+                self.migrating(&runtime, &operation_id, token).await?;
+                let exports = self.state.exports.as_ref().ok_or("this node exports no runtimes")?;
+                exports.export(&runtime, &operation_id, token).await
+            }
+        }
+    }
+}
+
+impl HostCallsServer {
+    /// Checks that `operation_id` migrates `runtime` away from this node and that `token` is
+    /// its current assignment's, waiting a little for this node to apply that assignment.
+    async fn migrating(&self, runtime: &Runtime, operation_id: &str, token: u64) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let operation = self.state.replica.state().active_operation(operation_id);
+            let current = operation.as_ref().and_then(|op| op.assignment.as_ref()).map(|a| a.token);
+            if let Some(operation) = operation.as_ref().filter(|_| current == Some(token)) {
+                let away =
+                    operation.action.migration_destination().is_some_and(|to| to.node_id != self.state.replica.id);
+                if operation.runtime_id != runtime.id || !away {
+                    return Err(format!("operation {operation_id} does not migrate runtime {} away", runtime.id));
+                }
+                return Ok(());
+            }
+            if current.is_some_and(|current| current > token) || tokio::time::Instant::now() >= deadline {
+                return Err(format!("operation {operation_id} is not assigned with token {token} (a stale executor?)"));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 }

@@ -107,23 +107,28 @@ fn constraints() -> Value {
     }})
 }
 
-/// An action's parameters are those of its lifecycle call; no backend takes sub-targets yet.
+/// An action's parameters are those of its lifecycle call; only `migrate` takes a target (its
+/// destination node).
 fn write_action(schemas: &mut Value) {
     let params =
         |schema: &str| json!({"oneOf": [{"type": "null"}, {"$ref": format!("#/components/schemas/{schema}")}]});
+    let no_target = json!({"type": "null"});
+    let node = json!({"oneOf": [{"type": "null"}, {"type": "object", "additionalProperties": false,
+        "properties": {"node": {"type": "integer", "minimum": 0}}}]});
     let action = &mut schemas["Action"];
-    action["properties"]["target"] = json!({"type": "null", "description": "Sub-targets: no backend takes them yet."});
     action["oneOf"] = json!([
         {"properties": {"type": {"enum": ["start", "restart", "rollout_restart", "pause", "resume"]},
-            "params": params("LifecycleStartRequest")}},
-        {"properties": {"type": {"const": "stop"}, "params": params("LifecycleStopRequest")}},
-        {"properties": {"type": {"const": "snapshot"}, "params": params("LifecycleSnapshotRequest")}},
+            "params": params("LifecycleStartRequest"), "target": no_target}},
+        {"properties": {"type": {"const": "stop"}, "params": params("LifecycleStopRequest"), "target": no_target}},
+        {"properties": {"type": {"const": "snapshot"}, "params": params("LifecycleSnapshotRequest"),
+            "target": no_target}},
         {"required": ["params"], "properties": {"type": {"const": "scale"},
-            "params": {"$ref": "#/components/schemas/LifecycleScaleRequest"}}},
+            "params": {"$ref": "#/components/schemas/LifecycleScaleRequest"}, "target": no_target}},
         {"required": ["params"], "properties": {"type": {"const": "restore"},
-            "params": {"$ref": "#/components/schemas/LifecycleRestoreRequest"}}},
-        {"properties": {"type": {"const": "tune_policy"}, "params": params("RuntimePolicy")}},
-        {"properties": {"type": {"enum": ["migrate", "attach_observer", "detach_observer"]}}},
+            "params": {"$ref": "#/components/schemas/LifecycleRestoreRequest"}, "target": no_target}},
+        {"properties": {"type": {"const": "tune_policy"}, "params": params("RuntimePolicy"), "target": no_target}},
+        {"properties": {"type": {"const": "migrate"}, "params": params("LifecycleMigrateRequest"), "target": node}},
+        {"properties": {"type": {"enum": ["attach_observer", "detach_observer"]}, "target": no_target}},
     ]);
 }
 

@@ -48,13 +48,21 @@ pub struct OperationView {
 pub struct PlannedAction {
     #[serde(rename = "type")]
     pub action_type: runtimeai_model::ActionKind,
+    /// What the action is aimed at besides the runtime: for `migrate`, `{"node": <node id>}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub target: Option<Value>,
     #[schema(value_type = Object)]
     pub params: Value,
 }
 
 impl PlannedAction {
     pub(crate) fn of(action: &LifecycleAction) -> PlannedAction {
-        PlannedAction { action_type: action.kind(), params: action_params(action) }
+        let target = match action {
+            LifecycleAction::Migrate { to, .. } => Some(serde_json::json!({ "node": to.node_id })),
+            _ => None,
+        };
+        PlannedAction { action_type: action.kind(), target, params: action_params(action) }
     }
 }
 
@@ -89,6 +97,9 @@ pub(crate) fn action_params(action: &LifecycleAction) -> Value {
         LifecycleAction::Relabel { labels } => serde_json::json!({ "labels": labels }),
         LifecycleAction::Exec { request } => serde_json::to_value(request).unwrap_or_default(),
         LifecycleAction::TunePolicy { policy } => serde_json::to_value(policy).unwrap_or_default(),
+        LifecycleAction::Migrate { to, rebuild } => {
+            serde_json::json!({ "to_node": to.node_id, "site": to.site, "rebuild": rebuild })
+        }
         LifecycleAction::Sequence { actions } => serde_json::json!({
             "actions": actions.iter().map(|a| serde_json::json!({"type": a.kind(), "params": action_params(a)})).collect::<Vec<_>>()
         }),

@@ -14,14 +14,15 @@ use std::time::Duration;
 use runtimeai_api::new_id;
 use runtimeai_engine::Catalogue;
 use runtimeai_model::{
-    Actor, Expiry, Operation, OperationError, OperationProgress, OperationStatus, Runtime, RuntimeSignals,
-    RuntimeState, SizeEntry,
+    Actor, Expiry, LifecycleAction, Operation, OperationError, OperationProgress, OperationStatus, Runtime,
+    RuntimeSignals, RuntimeState, SizeEntry,
 };
 use runtimeai_raft::command::{AdvanceOperation, ExpireRuntime, RecordDrift, RenewLease, ReportSignals};
 use runtimeai_raft::{ClusterError, Command, CommandReply, Op, Rejection, Replica};
 use tokio::sync::watch;
 
 use crate::backend::{self, BackendError, Backends, CallContext, Observed, Resources, RuntimeBackend};
+use crate::migration::Arrival;
 
 #[derive(Debug, Clone)]
 pub struct ExecutorOptions {
@@ -29,6 +30,8 @@ pub struct ExecutorOptions {
     /// The lease the leader grants; the worker renews it every third of it.
     pub lease: Duration,
     pub signals_interval: Duration,
+    /// Where migrations' exports are kept while they pass through this node.
+    pub staging: std::path::PathBuf,
 }
 
 /// Runs until `stop` turns true.
@@ -90,6 +93,7 @@ pub async fn run(replica: Arc<Replica>, backends: Backends, options: ExecutorOpt
 /// Proposes the signals of this node's runtimes that changed since they were last recorded, the
 /// drift it converged, and the expiry of those whose TTL or idle timeout ran out.
 async fn report_signals(replica: &Replica, backends: &Backends, options: &ExecutorOptions) {
+    crate::migration::remove_left_behind(replica, backends, options.node_id).await;
     let Ok(runtimes) = replica.state().runtimes_on(options.node_id) else { return };
     let settings = replica.state().settings();
     let mut changed = Vec::new();
@@ -412,7 +416,7 @@ impl Worker {
         &self,
         cx: &CallContext,
         runtime: &Runtime,
-        action: &runtimeai_model::LifecycleAction,
+        action: &LifecycleAction,
     ) -> Result<String, BackendError> {
         let Some(backend) = self.backends.get(runtime.runtime_type) else {
             return Err(BackendError::Unsupported(format!(
@@ -424,8 +428,19 @@ impl Worker {
         let settings = self.replica.state().settings();
         let mut delay = Duration::from_millis(200);
         for attempt in 1.. {
-            match backend::execute(backend.as_ref() as &dyn RuntimeBackend, cx, runtime, action, &settings.sizes).await
-            {
+            let outcome = match action {
+                LifecycleAction::Migrate { rebuild, .. } => {
+                    let arrival = Arrival {
+                        replica: &self.replica,
+                        backend: backend.as_ref(),
+                        staging: &self.options.staging,
+                        resources: Resources::of(runtime, &settings.sizes),
+                    };
+                    arrival.arrive(cx, runtime, *rebuild).await
+                }
+                action => backend::execute(backend.as_ref(), cx, runtime, action, &settings.sizes).await,
+            };
+            match outcome {
                 Err(BackendError::Retryable(message)) if attempt < 5 => {
                     tracing::warn!(operation = %cx.operation_id, attempt, %message, "backend call failed; retrying");
                     tokio::time::sleep(delay).await;

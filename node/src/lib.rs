@@ -1,6 +1,7 @@
 //! The `runtimeai` node: configuration, wiring of the replicated core and the REST API into
 //! one process ([`server::run`]), the leader's [`scheduler`], the [`executor`] every node runs
-//! with its [`backend`] drivers, and the `dev` command that starts a local cluster.
+//! with its [`backend`] drivers and the [`migration`] of runtimes between nodes, and the `dev`
+//! command that starts a local cluster.
 
 pub mod admin_key;
 pub mod backend;
@@ -9,6 +10,7 @@ pub mod config;
 pub mod dev;
 pub mod executor;
 pub mod http;
+pub mod migration;
 pub mod scheduler;
 pub mod server;
 pub mod transport;

@@ -192,8 +192,15 @@ async fn schedule(
 /// runtime's type, else (when that backend is shared, so other nodes reach the same
 /// infrastructure) the live node serving that type in the runtime's site with the lowest id,
 /// preferring one other than the executor whose lease expired. A node-local runtime waits for
-/// its node.
+/// its node; a migration, for its destination.
 fn choose(runtime: &Runtime, operation: &Operation, nodes: &[NodeInfo], reachable: &[u64]) -> Option<u64> {
+    // A migration is carried out by its destination, and waits for it.
+    if let Some(to) = operation.action.migration_destination() {
+        let serves = nodes.iter().any(|n| {
+            n.node_id == to.node_id && n.backends.iter().any(|b| b.runtime_type == runtime.runtime_type.as_str())
+        });
+        return (serves && reachable.contains(&to.node_id)).then_some(to.node_id);
+    }
     let placed = runtime.placement.as_ref();
     let site = placed.and_then(|p| p.site.clone());
     let previous = operation.assignment.as_ref().map(|a| a.node_id);
@@ -271,5 +278,9 @@ mod tests {
             .collect();
         assert_eq!(choose(&runtime, &operation, &local, &[1, 2]), Some(2), "node-local: only its own node");
         assert_eq!(choose(&runtime, &operation, &local, &[1, 3]), None, "node-local: it waits for its node");
+        let to = Placement { node_id: 1, site: Some("eu".into()), zone: None };
+        operation.action = runtimeai_model::LifecycleAction::Migrate { to, rebuild: false };
+        assert_eq!(choose(&runtime, &operation, &local, &[1, 2]), Some(1), "a migration: its destination");
+        assert_eq!(choose(&runtime, &operation, &local, &[2, 3]), None, "which it waits for");
     }
 }

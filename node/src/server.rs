@@ -182,12 +182,14 @@ async fn start_raft(
 }
 
 /// What this node's backends serve the API: vclusters' kubeconfigs (the Kubernetes backend),
-/// commands in sandboxes (the sandbox backend), VMs' consoles (libvirt).
+/// commands in sandboxes (the sandbox backend), VMs' consoles (libvirt), exports of the
+/// runtimes it hosts for their migration (any node-local backend).
 #[derive(Default)]
 struct ApiSources {
     kubeconfigs: Option<Arc<dyn runtimeai_api::KubeconfigSource>>,
     sandboxes: Option<Arc<dyn runtimeai_api::sandbox_io::SandboxShell>>,
     consoles: Option<Arc<dyn runtimeai_api::ConsoleSource>>,
+    exports: Option<Arc<dyn runtimeai_api::RuntimeExports>>,
 }
 
 /// The REST API over `replica`.
@@ -214,6 +216,7 @@ fn api_router(
         kubeconfigs: sources.kubeconfigs,
         sandboxes: sources.sandboxes,
         consoles: sources.consoles,
+        exports: sources.exports,
         auth_failures: Arc::default(),
         oidc,
         rate_limits: Arc::new(runtimeai_api::throttle::RateLimits::new(config.rate_limits)),
@@ -247,6 +250,7 @@ impl Workers {
                 node_id: config.id,
                 lease: config.operation_lease,
                 signals_interval: config.signals_interval,
+                staging: crate::migration::staging_dir(&config.data_dir),
             };
             tokio::spawn(crate::executor::run(replica.clone(), backends.clone(), options, stop.clone()))
         });
@@ -333,6 +337,9 @@ async fn build_backends(config: &NodeConfig) -> anyhow::Result<BuiltBackends> {
         backends.insert(spec.runtime_type, backend);
     }
     sources.sandboxes = sandboxes.map(|shell| shell as Arc<dyn runtimeai_api::sandbox_io::SandboxShell>);
+    if !backends.is_empty() {
+        sources.exports = Some(crate::migration::exports(&backends, &config.data_dir));
+    }
     Ok(BuiltBackends { backends, sources })
 }
 

@@ -29,8 +29,9 @@ use serde::Serialize;
 /// `idle_timeout_seconds`, a runtime's `expires_at` and `last_activity_at`,
 /// `EventType::RuntimeExpired` and `Op::ExpireRuntime`; `LifecycleAction::Exec` carries the whole
 /// `ExecRequest`; `rollout_restart` and `tune_policy` (`ActionKind`, `LifecycleAction`),
-/// `Runtime::policy`, `RuntimeSignals::cpu_measured`.
-pub const FORMAT_VERSION: u32 = 12;
+/// `Runtime::policy`, `RuntimeSignals::cpu_measured`. 13: migration (`ActionKind::Migrate`,
+/// `LifecycleAction::Migrate`, `EventType::RuntimeMigrated`).
+pub const FORMAT_VERSION: u32 = 13;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

@@ -747,6 +747,50 @@ async fn runtimes_per_node_are_counted_and_indexed_as_they_are_placed_and_delete
 }
 
 #[tokio::test]
+async fn a_migration_moves_the_runtime_its_index_and_counts_and_a_rebuild_drops_its_snapshots() {
+    let (_dir, mut sm) = open();
+    let op = "op_create_rt_a";
+    let created =
+        vec![placed("rt_a", "a", 1), advance(op, OperationStatus::Running), advance(op, OperationStatus::Succeeded)];
+    apply(&mut sm, created).await;
+    let snapshot = LifecycleAction::Snapshot { snapshot_id: "snap_1".into(), name: "before".into(), description: None };
+    let to = |node_id| runtimeai_model::Placement { node_id, site: None, zone: None };
+    let migrate = |node, rebuild| LifecycleAction::Migrate { to: to(node), rebuild };
+    let run = |op: &str, action| {
+        vec![begin(op, "rt_a", action), advance(op, OperationStatus::Running), advance(op, OperationStatus::Succeeded)]
+    };
+    apply(&mut sm, run("op_snap", snapshot)).await;
+    let failed = vec![
+        begin("op_fails", "rt_a", migrate(2, false)),
+        advance("op_fails", OperationStatus::Running),
+        advance("op_fails", OperationStatus::Failed),
+    ];
+    apply(&mut sm, failed).await;
+    let on = |sm: &StateMachineStore, node| sm.runtimes_on(node).unwrap().into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(on(&sm, 1), ["rt_a"], "a failed migration moves nothing");
+
+    apply(&mut sm, run("op_cold", migrate(2, false))).await;
+    let record = sm.get_runtime("rt_a").unwrap().unwrap();
+    assert_eq!((record.placement, record.state), (Some(to(2)), RuntimeState::Running));
+    assert_eq!(record.snapshots.len(), 1, "a cold migration takes its snapshots along");
+    assert_eq!((on(&sm, 1), on(&sm, 2)), (vec![], vec!["rt_a".to_string()]));
+    assert_eq!(*sm.placement_counts(), [(1, 0), (2, 1)].into_iter().collect());
+
+    apply(&mut sm, run("op_rebuild", migrate(3, true))).await;
+    let record = sm.get_runtime("rt_a").unwrap().unwrap();
+    assert_eq!((record.placement, record.snapshots.len()), (Some(to(3)), 0), "a rebuild loses what its node held");
+    let moves: Vec<_> = sm
+        .runtime_events("rt_a")
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event_type == "runtime.migrated")
+        .map(|e| (e.data.0["from_node"].clone(), e.data.0["to_node"].clone(), e.data.0["mode"].clone()))
+        .collect();
+    let json = |from: u64, to: u64, mode: &str| (from.into(), to.into(), mode.into());
+    assert_eq!(moves, [json(1, 2, "cold"), json(2, 3, "rebuild")]);
+}
+
+#[tokio::test]
 async fn a_batch_applies_its_commands_in_order_in_one_entry_each_with_its_own_reply() {
     let (_dir, mut sm) = open();
     let op = "op_create_rt_a";

@@ -6,6 +6,7 @@ mod cli;
 mod engine;
 mod hypervisor;
 mod load;
+mod migration;
 mod replication;
 mod sandbox;
 mod security;

@@ -19,6 +19,17 @@ fn printed(lines: &[Value], stream: &str) -> String {
     lines.iter().filter_map(|line| line[stream].as_str()).collect()
 }
 
+/// The file that says whether sandbox `id`'s cgroup is frozen (cgroup v2's `cgroup.freeze`, v1's
+/// `freezer.state`), below its node's group (`runtimeai/<group>/<id>`).
+fn freezer_of(id: &str) -> Option<std::path::PathBuf> {
+    let fs = std::path::Path::new("/sys/fs/cgroup");
+    let below = |root: std::path::PathBuf, file: &str| {
+        let groups = std::fs::read_dir(root).into_iter().flatten().flatten();
+        groups.map(|group| group.path().join(id).join(file)).find(|path| path.exists())
+    };
+    below(fs.join("runtimeai"), "cgroup.freeze").or_else(|| below(fs.join("freezer/runtimeai"), "freezer.state"))
+}
+
 async fn exec(cluster: &Cluster, token: Option<&str>, via: u64, id: &str, body: Value) -> anyhow::Result<Response> {
     let path = format!("/v1/runtimes/{id}/exec");
     Ok(match token {
@@ -221,10 +232,10 @@ async fn a_command_runs_in_a_sandbox_through_any_node_and_is_on_record() -> anyh
     assert_eq!(done["status"], "succeeded", "{done}");
     let (_, record) = cluster.get_runtime(other, &id, false).await?;
     assert_eq!(record["state"], "paused", "{record}");
-    let freeze = std::path::Path::new("/sys/fs/cgroup/runtimeai").join(&id).join("cgroup.freeze");
-    if freeze.exists() {
-        assert_eq!(std::fs::read_to_string(&freeze)?.trim(), "1", "the host's cgroup is frozen");
-    }
+    let freezer = freezer_of(&id);
+    let frozen_state =
+        freezer.as_ref().map(|file| std::fs::read_to_string(file).unwrap_or_default().trim().to_string());
+    assert!(matches!(frozen_state.as_deref(), Some("1" | "FROZEN")), "the host's cgroup is frozen: {freezer:?}");
     let frozen = exec(&cluster, None, other, &id, json!({"command": ["id"]})).await?;
     assert_eq!(frozen.status, 409, "a paused sandbox takes no commands: {frozen:?}");
     let notes = cluster.client.get(file("notes.txt")).send().await?;

@@ -28,6 +28,7 @@ pub mod vm_boot;
 pub use ledger::{LockedLedger, Step, StepLedger};
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use runtimeai_engine::catalogue::quantity_bytes;
@@ -54,13 +55,17 @@ macro_rules! lifecycle_and {
 /// do (libvirt suspends a domain; the simulated driver pretends to).
 pub const LIFECYCLE_AND_PAUSE: &[ActionKind] = lifecycle_and!(Pause, Resume);
 
+/// The lifecycle, pause and resume, and migration to another node (what the simulated driver
+/// does in place of a node-local one; its export is a file naming the runtime).
+pub const PAUSE_AND_MIGRATE: &[ActionKind] = lifecycle_and!(Pause, Resume, Migrate);
+
 /// What a vcluster does: the lifecycle, and a rolling restart of its control plane.
 pub const VCLUSTER: &[ActionKind] = lifecycle_and!(RolloutRestart);
 
 /// What a sandbox (or agent runtime) under crun does: the lifecycle, pause and resume (its
-/// cgroup frozen), and `exec` (with logs and files), which the node that hosts it carries out
-/// at once, not as an operation.
-pub const SANDBOX: &[ActionKind] = lifecycle_and!(Pause, Resume, Exec);
+/// cgroup frozen), `exec` (with logs and files), which the node that hosts it carries out
+/// at once, not as an operation, and migration to another node.
+pub const SANDBOX: &[ActionKind] = lifecycle_and!(Pause, Resume, Exec, Migrate);
 
 /// Measures the vCPUs runtimes use from their cumulative CPU time (a cgroup's, a domain's): the
 /// time used between two looks over the time between them.
@@ -209,6 +214,37 @@ pub trait RuntimeBackend: Send + Sync + std::fmt::Debug {
     async fn resume(&self, _: &CallContext, _: &Runtime) -> Result<String, BackendError> {
         Err(BackendError::Unsupported(format!("{} runtimes cannot resume", self.driver())))
     }
+    /// Cold migration, on the runtime's node: stops it (SIGKILL or power-off after `timeout`)
+    /// and packs what only this node holds of it (its writable data, its snapshots) into the
+    /// file `into`. Repeatable: a transfer cut off asks again. Only drivers whose capabilities
+    /// include `migrate`.
+    async fn export(
+        &self,
+        _: &CallContext,
+        _: &Runtime,
+        _: std::time::Duration,
+        _: &Path,
+    ) -> Result<String, BackendError> {
+        Err(BackendError::Unsupported(format!("{} runtimes cannot migrate", self.driver())))
+    }
+    /// On a migration's destination: makes the runtime from an [`RuntimeBackend::export`]
+    /// (`from`), or afresh from its spec (`None`: rebuilt, its node lost), and starts it if
+    /// `run`.
+    async fn import(
+        &self,
+        _: &CallContext,
+        _: &Runtime,
+        _: &Resources,
+        _: Option<&Path>,
+        _run: bool,
+    ) -> Result<String, BackendError> {
+        Err(BackendError::Unsupported(format!("{} runtimes cannot migrate", self.driver())))
+    }
+    /// The runtimes this node holds something of (the executor removes what a migration left
+    /// behind); none for a shared backend.
+    async fn held(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// The snapshot ids the backend holds for the runtime.
     async fn list_snapshots(&self, runtime: &Runtime) -> Result<Vec<String>, BackendError>;
     /// What the backend has of the runtime now.
@@ -259,6 +295,9 @@ pub async fn execute(
         }
         LifecycleAction::Exec { request } => backend.run_command(cx, runtime, request).await,
         // Applied to the record when the operation succeeds.
+        LifecycleAction::Migrate { .. } => {
+            Err(BackendError::Permanent("a migration is carried out by its destination's executor".into()))
+        }
         LifecycleAction::TunePolicy { policy } => {
             let mode = policy.mode.map_or("none", |m| m.as_str());
             let budget = policy.max_cost_per_hour.map_or("none".to_string(), |b| format!("{b:.2}/h"));
@@ -286,15 +325,24 @@ impl Backends {
         self.by_type.is_empty()
     }
 
-    /// Tells every driver the node is shutting down (each once, though it may serve several types).
-    pub async fn shutdown(&self) {
+    /// Each driver once, though it may serve several types.
+    pub fn distinct(&self) -> Vec<Arc<dyn RuntimeBackend>> {
         let mut seen: Vec<*const ()> = Vec::new();
+        let mut drivers = Vec::new();
         for backend in self.by_type.values() {
             let key = Arc::as_ptr(backend) as *const ();
             if !seen.contains(&key) {
                 seen.push(key);
-                backend.shutdown().await;
+                drivers.push(backend.clone());
             }
+        }
+        drivers
+    }
+
+    /// Tells every driver the node is shutting down.
+    pub async fn shutdown(&self) {
+        for backend in self.distinct() {
+            backend.shutdown().await;
         }
     }
 

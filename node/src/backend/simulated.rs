@@ -6,7 +6,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,7 +39,7 @@ impl SimulatedBackend {
     pub fn serving(&self, runtime_type: RuntimeType) -> SimulatedBackend {
         let capabilities = match runtime_type {
             RuntimeType::Vcluster => super::VCLUSTER,
-            RuntimeType::Vm | RuntimeType::Sandbox | RuntimeType::AgentRuntime => super::LIFECYCLE_AND_PAUSE,
+            RuntimeType::Vm | RuntimeType::Sandbox | RuntimeType::AgentRuntime => super::PAUSE_AND_MIGRATE,
         };
         SimulatedBackend { capabilities, ..self.clone() }
     }
@@ -94,6 +94,11 @@ impl SimulatedBackend {
             Step::Fresh => format!("{action} done by the simulated driver on node {}", self.node_id),
         })
     }
+}
+
+/// What the simulated driver exports of a runtime.
+fn export_of(runtime: &Runtime) -> Vec<u8> {
+    format!("simulated export of {}\n", runtime.id).into_bytes()
 }
 
 /// Where the journal of a ledger directory is.
@@ -157,6 +162,34 @@ impl RuntimeBackend for SimulatedBackend {
 
     async fn resume(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
         self.apply(cx, runtime, "resume").await
+    }
+
+    async fn export(
+        &self,
+        cx: &CallContext,
+        runtime: &Runtime,
+        _: Duration,
+        into: &Path,
+    ) -> Result<String, BackendError> {
+        std::fs::write(into, export_of(runtime))?;
+        self.apply(cx, runtime, "export").await
+    }
+
+    async fn import(
+        &self,
+        cx: &CallContext,
+        runtime: &Runtime,
+        _: &Resources,
+        from: Option<&Path>,
+        _: bool,
+    ) -> Result<String, BackendError> {
+        if let Some(from) = from {
+            let export = std::fs::read(from)?;
+            if export != export_of(runtime) {
+                return Err(BackendError::Permanent(format!("the export is not runtime {}'s", runtime.id)));
+            }
+        }
+        self.apply(cx, runtime, if from.is_some() { "import" } else { "rebuild" }).await
     }
 
     async fn list_snapshots(&self, runtime: &Runtime) -> Result<Vec<String>, BackendError> {

@@ -8,8 +8,8 @@
 //! - **raise availability** (`improve availability`, `high availability`): one more replica
 //!   (at least 2); **lower availability**: one replica fewer (at least 1);
 //! - **reduce cost** (`cost`, `cheaper`, `save`): one size down, else one size down keeping the
-//!   replicas it has, else one replica fewer, else (`aggressive`, outside production) stop the
-//!   runtime;
+//!   replicas it has, else one replica fewer, else, outside production, stop a runtime whose
+//!   measured CPU use is at most [`IDLE_CPU`] (any runtime, when `aggressive`);
 //! - **improve performance / latency**: one size up, else one more replica;
 //! - **recover** (`recover`, `heal`, `fix`, `repair`): start a stopped runtime, restart one that
 //!   is in error, degraded or reported unhealthy; nothing for a healthy one;
@@ -25,8 +25,8 @@
 //! not planned; `blocked` names the constraint and the option.
 //!
 //! `policy_mode` shapes plans: `safe_first` takes a snapshot before anything destructive and
-//! never stops a runtime unless the goal says stop; `aggressive` may stop an idle
-//! non-production runtime to save cost.
+//! never stops a runtime unless the goal says stop; `balanced` may stop a non-production runtime
+//! measured idle to save cost, `aggressive` any non-production one.
 
 use runtimeai_model::{LifecycleAction, PolicyMode, Runtime, RuntimeSpec, RuntimeState, SizeEntry};
 use serde_json::{Map, Value};
@@ -36,6 +36,10 @@ use crate::policy::is_destructive;
 
 /// The share of an option's vCPUs that measured use may fill and still meet a latency target.
 pub const CPU_HEADROOM: f64 = 0.7;
+
+/// Measured CPU use (vCPUs) at or below which a runtime counts as idle: "reduce cost" may then
+/// stop it.
+pub const IDLE_CPU: f64 = 0.02;
 
 /// The goals this planner understands, as its 422 answer lists them.
 pub const UNDERSTOOD_GOALS: &[&str] = &[
@@ -577,7 +581,8 @@ impl Planner<'_> {
         }
     }
 
-    /// One size down, one replica fewer, and (aggressive, outside production) stopping.
+    /// One size down, one replica fewer, and, outside production and not in `safe_first`,
+    /// stopping a runtime measured idle (any, when aggressive): the last resort.
     fn cheaper(&self, current: usize, current_name: &str, replicas: i64) -> Options {
         let runtime = self.input.runtime;
         let mut options = Vec::new();
@@ -595,13 +600,23 @@ impl Planner<'_> {
             let why = format!("one replica fewer ({replicas} → {}) lowers cost", replicas - 1);
             options.push(self.replicas(replicas - 1, why));
         }
-        if self.input.mode == PolicyMode::Aggressive && !self.production() && runtime.state == RuntimeState::Running {
+        let idle = self.measured_cpu().filter(|used| *used <= IDLE_CPU);
+        let (aggressive, safe_first) =
+            (self.input.mode == PolicyMode::Aggressive, self.input.mode == PolicyMode::SafeFirst);
+        let stoppable = (aggressive || idle.is_some()) && !safe_first;
+        if stoppable && !self.production() && runtime.state == RuntimeState::Running {
+            let why = match idle {
+                Some(used) => {
+                    format!("idle ({used:.2} vCPU in use, measured): stopped, it costs nothing until started")
+                }
+                None => "aggressive: already minimal, stop it while idle (outside production)".into(),
+            };
             options.push(Option_ {
                 label: "stopping the runtime".into(),
                 actions: vec![LifecycleAction::Stop { force: false, timeout_seconds: None }],
                 spec: runtime.spec.clone(),
                 running: false,
-                why: "aggressive: already minimal, stop it while idle (outside production)".into(),
+                why,
             });
         }
         if options.is_empty() {
@@ -748,6 +763,28 @@ mod tests {
             node_id: 1,
         });
         rt
+    }
+
+    #[test]
+    fn reduce_cost_stops_a_runtime_measured_idle_when_nothing_smaller_is_left() {
+        let plan = run(&measured("small", 0.01), "reduce cost", json!({}), Balanced).unwrap();
+        assert_eq!(kinds(&plan), ["stop"], "{plan:?}");
+        assert!(plan.rationale[0].contains("0.01 vCPU in use, measured"), "{plan:?}");
+        let asked_safely = run(&measured("small", 0.0), "reduce cost", json!({}), SafeFirst).unwrap();
+        assert!(asked_safely.actions.is_empty(), "safe_first stops nothing unasked: {asked_safely:?}");
+        let busy = run(&measured("small", 0.3), "reduce cost", json!({}), Balanced).unwrap();
+        assert!(busy.actions.is_empty(), "a busy one is left running: {busy:?}");
+        let larger = run(&measured("medium", 0.0), "reduce cost", json!({}), Balanced).unwrap();
+        assert_eq!(kinds(&larger), ["scale"], "a smaller size comes first: {larger:?}");
+        let mut production = measured("small", 0.0);
+        production.labels.insert("env".into(), "production".into());
+        assert!(run(&production, "reduce cost", json!({}), Balanced).unwrap().actions.is_empty());
+        let Err(PlanError::Blocked(why)) =
+            run(&measured("small", 0.0), "reduce cost", json!({"availability": "high"}), Balanced)
+        else {
+            panic!("availability high keeps it running")
+        };
+        assert!(why.iter().any(|w| w.contains("availability high") && w.contains("stopping")), "{why:?}");
     }
 
     #[test]

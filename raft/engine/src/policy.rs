@@ -117,7 +117,7 @@ pub fn deciding(decisions: &[PolicyDecision]) -> Option<&PolicyDecision> {
     decisions.iter().find(|d| d.verdict == verdict)
 }
 
-/// Whether an action takes something away: stop, pause, delete, restore, or a scale down (a
+/// Whether an action takes something away: stop, pause, delete, restore, migrate, or a scale down (a
 /// looser own policy is judged destructive too, in `decide`).
 pub fn is_destructive(action: &LifecycleAction, before: &Runtime, catalogue: Catalogue<'_>) -> bool {
     destroys(action, &before.spec, catalogue)
@@ -129,7 +129,9 @@ fn destroys(action: &LifecycleAction, before: &RuntimeSpec, catalogue: Catalogue
         LifecycleAction::Stop { .. }
         | LifecycleAction::Pause
         | LifecycleAction::Delete
-        | LifecycleAction::Restore { .. } => true,
+        | LifecycleAction::Restore { .. }
+        // A cold migration stops it; a rebuild loses what only its node held.
+        | LifecycleAction::Migrate { .. } => true,
         LifecycleAction::Scale { .. } => {
             let mut after = before.clone();
             action.apply_to_spec(&mut after);

@@ -33,11 +33,14 @@ pub enum ActionKind {
     RolloutRestart,
     /// Sets the runtime's own policy mode and budget; a change of the record, as a relabel.
     TunePolicy,
+    /// Moves a runtime to another node: cold (stopped, its data moved, started there), or
+    /// rebuilt from its spec when its node is lost (evacuation).
+    Migrate,
 }
 
 impl ActionKind {
     /// Every kind.
-    pub const ALL: [ActionKind; 15] = [
+    pub const ALL: [ActionKind; 16] = [
         ActionKind::Create,
         ActionKind::Start,
         ActionKind::Stop,
@@ -53,11 +56,12 @@ impl ActionKind {
         ActionKind::Resume,
         ActionKind::RolloutRestart,
         ActionKind::TunePolicy,
+        ActionKind::Migrate,
     ];
 
     /// What a backend may support besides create and delete (which every backend does): what a
     /// runtime's capabilities are made of.
-    pub const ON_BACKENDS: [ActionKind; 10] = [
+    pub const ON_BACKENDS: [ActionKind; 11] = [
         ActionKind::Start,
         ActionKind::Stop,
         ActionKind::Restart,
@@ -68,6 +72,7 @@ impl ActionKind {
         ActionKind::Pause,
         ActionKind::Resume,
         ActionKind::RolloutRestart,
+        ActionKind::Migrate,
     ];
 
     /// Whether it changes only the runtime's record (no backend carries it out, and every
@@ -94,6 +99,7 @@ impl ActionKind {
             ActionKind::Resume => "resume",
             ActionKind::RolloutRestart => "rollout_restart",
             ActionKind::TunePolicy => "tune_policy",
+            ActionKind::Migrate => "migrate",
         }
     }
 
@@ -167,6 +173,15 @@ pub enum LifecycleAction {
     TunePolicy {
         policy: crate::RuntimePolicy,
     },
+    /// Moves the runtime to node `to.node_id`, whose executor carries it out. Cold: the source
+    /// stops the runtime and hands over what it holds (a sandbox's writable layer and
+    /// snapshots), the destination makes it from that and starts it if it ran. `rebuild`
+    /// (evacuation of a node that is down): the destination makes it afresh from its spec; what
+    /// only the lost node held (its data, its snapshots) is gone.
+    Migrate {
+        to: crate::Placement,
+        rebuild: bool,
+    },
 }
 
 /// Why an action cannot run on a runtime in its current state.
@@ -196,6 +211,7 @@ impl LifecycleAction {
             LifecycleAction::Resume => ActionKind::Resume,
             LifecycleAction::RolloutRestart => ActionKind::RolloutRestart,
             LifecycleAction::TunePolicy { .. } => ActionKind::TunePolicy,
+            LifecycleAction::Migrate { .. } => ActionKind::Migrate,
         }
     }
 
@@ -223,6 +239,14 @@ impl LifecycleAction {
             LifecycleAction::Sequence { actions } => actions,
             action => std::slice::from_ref(action),
         }
+    }
+
+    /// The node a migration takes the runtime to: its executor must be that node.
+    pub fn migration_destination(&self) -> Option<&crate::Placement> {
+        self.steps().iter().find_map(|action| match action {
+            LifecycleAction::Migrate { to, .. } => Some(to),
+            _ => None,
+        })
     }
 
     /// What a succeeded action changes in a runtime's spec (a scale's new size or resources).
@@ -253,6 +277,7 @@ impl LifecycleAction {
     /// | delete | any but deleting, deleted | deleting | deleted (record removed) |
     /// | relabel (once approved), tune_policy | any but deleting, deleted | unchanged | unchanged |
     /// | exec (an operation only while it waits for approval) | running, degraded | unchanged | unchanged |
+    /// | migrate | running, stopped, degraded, error | unchanged | stopped if it was, else running |
     ///
     /// `start` on a running runtime (or `stop` on a stopped one) is refused with 409 rather than
     /// treated as a no-op, so that an agent learns the state it assumed was wrong.
@@ -285,6 +310,8 @@ impl LifecycleAction {
                 !matches!(state, Deleting | Deleted)
             }
             LifecycleAction::Exec { .. } => matches!(state, Running | Degraded),
+            // Not paused: a cold migration would lose the memory a pause keeps.
+            LifecycleAction::Migrate { .. } => matches!(state, Running | Stopped | Degraded | Error),
             LifecycleAction::Sequence { .. } => unreachable!("handled above"),
         };
         if !allowed {
@@ -299,6 +326,7 @@ impl LifecycleAction {
             LifecycleAction::Pause => (state, Paused),
             LifecycleAction::Stop { .. } => (state, Stopped),
             LifecycleAction::Delete => (Deleting, Deleted),
+            LifecycleAction::Migrate { .. } if state != Stopped => (state, Running),
             _ => (state, state),
         })
     }
@@ -345,6 +373,11 @@ mod tests {
                 Paused,
             ),
         ];
+        let migrate =
+            LifecycleAction::Migrate { to: crate::Placement { node_id: 2, site: None, zone: None }, rebuild: false };
+        assert_eq!(migrate.transition(Stopped), Ok((Stopped, Stopped)), "a stopped runtime arrives stopped");
+        assert_eq!(migrate.transition(Error), Ok((Error, Running)), "any other arrives running");
+        assert!(migrate.transition(Paused).is_err(), "a paused one would lose its memory");
         let sequence = LifecycleAction::Sequence {
             actions: vec![stop.clone(), LifecycleAction::Scale { size: None, resources: None }, LifecycleAction::Start],
         };

@@ -103,6 +103,8 @@ pub enum EventType {
     Member(MembershipChange),
     /// Its spec's `ttl_seconds` or `idle_timeout_seconds` ran out: the cluster acted on it.
     RuntimeExpired,
+    /// A migration moved it to another node (from, to, cold or rebuilt).
+    RuntimeMigrated,
 }
 
 impl EventType {
@@ -130,6 +132,7 @@ impl EventType {
             EventType::SettingsChanged => Borrowed("settings.changed"),
             EventType::Member(change) => Owned(format!("member.{}", change.as_str())),
             EventType::RuntimeExpired => Borrowed("runtime.expired"),
+            EventType::RuntimeMigrated => Borrowed("runtime.migrated"),
         }
     }
 }

@@ -5,7 +5,7 @@
 use runtimeai_engine::policy;
 use runtimeai_model::{
     Actor, Approval, Assignment, ClusterSettings, EventSeverity, EventType, ExpiryReason, JsonObject, JsonText,
-    LifecycleAction, Operation, OperationError, OperationProgress, OperationStatus, PolicyMode, Runtime,
+    LifecycleAction, Operation, OperationError, OperationProgress, OperationStatus, Placement, PolicyMode, Runtime,
     RuntimeSnapshot, RuntimeState, Timestamp, Verdict,
 };
 use serde_json::json;
@@ -273,6 +273,7 @@ pub(crate) fn finish_operation(
     };
     let from = runtime.state;
     let was = RuntimeField::of(&runtime);
+    let placed = runtime.placement.clone();
     runtime.active_operation = None;
     if operation.status == Succeeded {
         let applied = match &operation.action {
@@ -321,9 +322,39 @@ pub(crate) fn finish_operation(
         retention::ended(txn, at, Ended::Runtime, &runtime.id, &runtime.id)?;
         events.write(txn, &runtime.id, EventType::RuntimeDeleted, EventSeverity::Info, &JsonObject::default())?;
     } else {
+        if runtime.placement != placed {
+            moved(txn, events, &operation, &mut runtime, placed)?;
+        }
         save_runtime(txn, at, &mut runtime, &was)?;
     }
     Ok(CommandReply::Operation(operation))
+}
+
+/// A runtime a migration moved: the node index and counts follow it, and a `runtime.migrated`
+/// event says from where to where, and what a rebuild lost.
+fn moved(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter<'_>,
+    operation: &Operation,
+    runtime: &mut Runtime,
+    from: Option<Placement>,
+) -> Result<(), StorageError> {
+    let to = runtime.placement.clone();
+    count_placement(txn, &Runtime { placement: from.clone(), ..runtime.clone() }, false)?;
+    count_placement(txn, runtime, true)?;
+    let rebuild = operation.action.steps().iter().any(|a| matches!(a, LifecycleAction::Migrate { rebuild: true, .. }));
+    let mut data = json!({
+        "operation_id": operation.id,
+        "from_node": from.map(|p| p.node_id),
+        "to_node": to.map(|p| p.node_id),
+        "mode": if rebuild { "rebuild" } else { "cold" },
+    });
+    if let (true, Some(data)) = (rebuild, data.as_object_mut()) {
+        data.insert("lost".into(), "what only its node held: its data and its snapshots".into());
+    }
+    let data = JsonObject(data.as_object().cloned().unwrap_or_default());
+    let severity = if rebuild { EventSeverity::Warning } else { EventSeverity::Info };
+    events.write(txn, &runtime.id, EventType::RuntimeMigrated, severity, &data)
 }
 
 pub(crate) fn decide_approval(
@@ -515,6 +546,13 @@ pub(crate) fn apply_effect(runtime: &mut Runtime, action: &LifecycleAction, at: 
     action.apply_to_labels(&mut runtime.labels);
     if let LifecycleAction::TunePolicy { policy } = action {
         runtime.policy = policy.clone();
+    }
+    if let LifecycleAction::Migrate { to, rebuild } = action {
+        runtime.placement = Some(to.clone());
+        if *rebuild {
+            // Their data stayed on the lost node.
+            runtime.snapshots.clear();
+        }
     }
     if let LifecycleAction::Snapshot { snapshot_id, name, description } = action {
         runtime.snapshots.push(RuntimeSnapshot {

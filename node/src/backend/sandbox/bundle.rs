@@ -17,7 +17,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use super::cgroups::{Cgroups, CPU_PERIOD_US};
+use super::cgroups::CPU_PERIOD_US;
 
 /// Where the node's `tini` appears inside every sandbox.
 pub(super) const INIT: &str = "/.runtimeai/init";
@@ -45,6 +45,8 @@ impl Default for IdRange {
 /// What a sandbox is started with.
 pub(super) struct Launching<'a> {
     pub id: &'a str,
+    /// Its cgroups below each hierarchy's root (`/<group>/<id>`).
+    pub cgroups_path: &'a str,
     pub command: Option<&'a [String]>,
     pub env: Option<&'a BTreeMap<String, String>>,
     pub open_egress: bool,
@@ -132,7 +134,7 @@ fn linux(launching: &Launching<'_>) -> Value {
         "namespaces": namespaces,
         "uidMappings": ids,
         "gidMappings": ids,
-        "cgroupsPath": Cgroups::oci_path(launching.id),
+        "cgroupsPath": launching.cgroups_path,
         "resources": {
             "devices": [{"allow": false, "access": "rwm"}],
             "memory": {"limit": launching.memory_bytes, "swap": launching.memory_bytes},
@@ -210,6 +212,7 @@ mod tests {
     fn launching<'a>(rootfs: &'a Path, init: &'a Path, open_egress: bool) -> Launching<'a> {
         Launching {
             id: "rt_1",
+            cgroups_path: "/runtimeai/test/rt_1",
             command: None,
             env: None,
             open_egress,

@@ -1,5 +1,7 @@
 //! The cgroups a sandbox runs in, where the OCI runtime puts it (`cgroupsPath`
-//! `runtimeai/<runtime id>`): cgroup v2 where the host has it, else cgroup v1's controllers.
+//! `runtimeai/<group>/<runtime id>`, one group per sandbox directory, so that two nodes on one
+//! host — a dev cluster, a migration between them — never touch each other's sandboxes):
+//! cgroup v2 where the host has it, else cgroup v1's controllers.
 //! The runtime creates and removes them; the backend reads them (memory in use, the processes
 //! left) and changes their limits while the sandbox runs.
 
@@ -10,25 +12,44 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub(super) enum Cgroups {
     V2 { root: PathBuf },
-    V1 { memory: PathBuf, cpu: PathBuf },
+    V1 { memory: PathBuf, cpu: PathBuf, group: String },
+}
+
+/// The group of the sandboxes kept in `sandbox_dir`: `runtimeai/` and a digest of the
+/// directory's path. The OCI runtime is told to put sandbox `id` at `/<group>/<id>`
+/// (`linux.cgroupsPath`), below each hierarchy's root, where [`Cgroups::dirs`] look.
+pub(super) fn group_of(sandbox_dir: &Path) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(sandbox_dir.as_os_str().as_encoded_bytes());
+    let short: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("runtimeai/{short}")
 }
 
 /// The CFS period the cpu quota is a share of, in microseconds.
 pub(super) const CPU_PERIOD_US: u64 = 100_000;
 
 impl Cgroups {
-    pub(super) fn detect() -> Option<Cgroups> {
+    /// The host's cgroups, for sandboxes of `group` ([`group_of`]).
+    pub(super) fn detect(group: String) -> Option<Cgroups> {
         let fs = Path::new("/sys/fs/cgroup");
         if let Ok(controllers) = std::fs::read_to_string(fs.join("cgroup.controllers")) {
             if controllers.split_whitespace().any(|c| c == "memory")
                 && controllers.split_whitespace().any(|c| c == "cpu")
             {
-                return Some(Cgroups::V2 { root: fs.join("runtimeai") });
+                return Some(Cgroups::V2 { root: fs.join(&group) });
             }
         }
         let (memory, cpu) = (fs.join("memory"), fs.join("cpu"));
-        (memory.join("memory.limit_in_bytes").exists() && cpu.join("cpu.cfs_quota_us").exists())
-            .then(|| Cgroups::V1 { memory: memory.join("runtimeai"), cpu: cpu.join("runtimeai") })
+        (memory.join("memory.limit_in_bytes").exists() && cpu.join("cpu.cfs_quota_us").exists()).then(|| Cgroups::V1 {
+            memory: memory.join(&group),
+            cpu: cpu.join(&group),
+            group,
+        })
+    }
+
+    /// A cgroup v1 controller's directory for sandbox `id`.
+    fn v1(controller: &str, group: &str, id: &str) -> PathBuf {
+        Path::new("/sys/fs/cgroup").join(controller).join(group).join(id)
     }
 
     pub(super) fn name(&self) -> &'static str {
@@ -41,7 +62,7 @@ impl Cgroups {
     pub(super) fn dirs(&self, id: &str) -> Vec<PathBuf> {
         match self {
             Cgroups::V2 { root } => vec![root.join(id)],
-            Cgroups::V1 { memory, cpu } => vec![memory.join(id), cpu.join(id)],
+            Cgroups::V1 { memory, cpu, .. } => vec![memory.join(id), cpu.join(id)],
         }
     }
 
@@ -55,7 +76,7 @@ impl Cgroups {
                 let _ = std::fs::write(root.join(id).join("memory.swap.max"), "0");
                 std::fs::write(root.join(id).join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"))
             }
-            Cgroups::V1 { memory, cpu: cpu_root } => {
+            Cgroups::V1 { memory, cpu: cpu_root, .. } => {
                 let group = memory.join(id);
                 // No swapping past the limit. memory+swap may never be below memory, so it is
                 // set both before (when growing) and after (when shrinking) the memory limit.
@@ -69,12 +90,6 @@ impl Cgroups {
         }
     }
 
-    /// Where the OCI runtime is told to put the sandbox (`linux.cgroupsPath`): below each
-    /// hierarchy's root, where [`Cgroups::dirs`] look.
-    pub(super) fn oci_path(id: &str) -> String {
-        format!("/runtimeai/{id}")
-    }
-
     /// CPU time the sandbox's processes have used, in nanoseconds.
     pub(super) fn cpu_usage_ns(&self, id: &str) -> Option<u64> {
         match self {
@@ -83,8 +98,8 @@ impl Cgroups {
                 let usec = stat.lines().find_map(|line| line.strip_prefix("usage_usec "))?;
                 usec.trim().parse::<u64>().ok().map(|us| us * 1_000)
             }
-            Cgroups::V1 { cpu, .. } => {
-                let acct = cpu.parent()?.parent()?.join("cpuacct/runtimeai").join(id).join("cpuacct.usage");
+            Cgroups::V1 { group, .. } => {
+                let acct = Cgroups::v1("cpuacct", group, id).join("cpuacct.usage");
                 std::fs::read_to_string(acct).ok()?.trim().parse().ok()
             }
         }
@@ -107,8 +122,8 @@ impl Cgroups {
                 let freeze = std::fs::read_to_string(root.join(id).join("cgroup.freeze")).ok()?;
                 Some(freeze.trim() == "1")
             }
-            Cgroups::V1 { memory, .. } => {
-                let state = memory.parent()?.parent()?.join("freezer/runtimeai").join(id).join("freezer.state");
+            Cgroups::V1 { group, .. } => {
+                let state = Cgroups::v1("freezer", group, id).join("freezer.state");
                 Some(std::fs::read_to_string(state).ok()?.trim() != "THAWED")
             }
         }

@@ -147,6 +147,8 @@ pub fn unreachable(dir: &Path, ids: IdRange) -> Option<String> {
 pub struct SandboxBackend {
     root: PathBuf,
     ledger: StepLedger,
+    /// Where its sandboxes' cgroups are, below each hierarchy's root ([`cgroups::group_of`]).
+    group: String,
     cgroups: Option<Cgroups>,
     tools: Arc<Tools>,
     images: Arc<ImageStore>,
@@ -224,11 +226,13 @@ impl SandboxBackend {
             return Err(std::io::Error::other(why));
         }
         let ledger = StepLedger::open(root.join(".ledger"))?;
+        let group = cgroups::group_of(&root);
         Ok(SandboxBackend {
             images: Arc::new(ImageStore::new(root.join(".images"), ids, insecure_registries)),
             root,
             ledger,
-            cgroups: Cgroups::detect(),
+            cgroups: Cgroups::detect(group.clone()),
+            group,
             tools: Arc::new(tools),
             ids,
             backoff_min: Duration::from_secs(1),
@@ -453,6 +457,33 @@ impl SandboxBackend {
         Ok(if running { " (archived while it ran: a file written meanwhile may be torn)" } else { "" })
     }
 
+    /// Replaces what the sandbox wrote with the contents of `archive` (a tar of a layer); the
+    /// sandbox does not run.
+    async fn load_layer(&self, dir: &Path, archive: &Path) -> Result<(), BackendError> {
+        let layer = Layer::of(dir);
+        layer.unmount()?;
+        layer.mount_layer(&self.tools, self.ids)?;
+        let upper = layer.clear(self.ids)?;
+        let args = ["--numeric-owner", "-xf"].map(std::ffi::OsStr::new);
+        let args = [&args[..], &[archive.as_os_str(), "-C".as_ref(), upper.as_os_str()]].concat();
+        tar(&self.tools.tar, &args, false).await
+    }
+
+    /// Ends the sandbox and removes everything of it from this node.
+    async fn remove(&self, runtime: &Runtime) -> Result<(), BackendError> {
+        self.terminate(runtime, Duration::from_secs(10)).await?;
+        let dir = self.dir(runtime);
+        Layer::of(&dir).unmount()?;
+        if dir.exists() {
+            tokio::fs::remove_dir_all(&dir).await?;
+        }
+        if let Some(cgroups) = &self.cgroups {
+            cgroups.remove(&runtime.id);
+        }
+        self.cpu.forget(&runtime.id);
+        Ok(())
+    }
+
     /// The live processes of the sandbox: those in its cgroups and any working below its
     /// directory (what left its process group; with no cgroups, the only other trace).
     fn remaining_processes(&self, id: &str, dir: &Path) -> Vec<i32> {
@@ -496,8 +527,10 @@ impl SandboxBackend {
         let rootfs = Layer::of(dir).mount(&self.tools, image, self.ids)?;
         let open_egress = runtime.spec.networking.as_ref().is_some_and(|n| n.egress_policy == EgressPolicy::Open);
         let (cpu, memory_bytes) = (resources.cpu.max(0.01), resources.memory_bytes.max(64 << 20));
+        let cgroups_path = format!("/{}/{}", self.group, runtime.id);
         let config = bundle::config(&Launching {
             id: &runtime.id,
+            cgroups_path: &cgroups_path,
             command: runtime.spec.command.as_deref(),
             env: runtime.spec.env.as_ref(),
             open_egress,
@@ -707,16 +740,7 @@ impl RuntimeBackend for SandboxBackend {
 
     async fn delete(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
         self.step(cx, || async {
-            self.terminate(runtime, Duration::from_secs(10)).await?;
-            let dir = self.dir(runtime);
-            Layer::of(&dir).unmount()?;
-            if dir.exists() {
-                tokio::fs::remove_dir_all(&dir).await?;
-            }
-            if let Some(cgroups) = &self.cgroups {
-                cgroups.remove(&runtime.id);
-            }
-            self.cpu.forget(&runtime.id);
+            self.remove(runtime).await?;
             Ok("sandbox removed".to_string())
         })
         .await
@@ -799,13 +823,7 @@ impl RuntimeBackend for SandboxBackend {
             }
             let was_running = self.alive(runtime).is_some();
             self.terminate(runtime, Duration::from_secs(10)).await?;
-            let layer = Layer::of(&dir);
-            layer.unmount()?;
-            layer.mount_layer(&self.tools, self.ids)?;
-            let upper = layer.clear(self.ids)?;
-            let args = ["--numeric-owner", "-xf"].map(std::ffi::OsStr::new);
-            let args = [&args[..], &[archive.as_os_str(), "-C".as_ref(), upper.as_os_str()]].concat();
-            tar(&self.tools.tar, &args, false).await?;
+            self.load_layer(&dir, &archive).await?;
             if was_running {
                 self.spawn(runtime, &resources).await?;
                 return Ok(format!("its layer restored from {snapshot_id}; restarted"));
@@ -813,6 +831,87 @@ impl RuntimeBackend for SandboxBackend {
             Ok(format!("its layer restored from {snapshot_id}"))
         })
         .await
+    }
+
+    async fn export(
+        &self,
+        cx: &CallContext,
+        runtime: &Runtime,
+        timeout: Duration,
+        into: &Path,
+    ) -> Result<String, BackendError> {
+        // Fenced like any call, but done again when asked again (a transfer cut off asks
+        // for the export anew), so not skipped once on record.
+        self.ledger.begin(cx)?;
+        let stopped = self.terminate(runtime, timeout).await?;
+        let dir = self.dir(runtime);
+        let parts = into.with_extension("parts");
+        if parts.exists() {
+            std::fs::remove_dir_all(&parts)?;
+        }
+        std::fs::create_dir_all(&parts)?;
+        // Stopped: the archive is consistent.
+        self.archive_layer(runtime, &parts.join("layer.tar")).await?;
+        let mut args: Vec<&std::ffi::OsStr> = vec!["-cf".as_ref(), into.as_os_str()];
+        args.extend(["-C".as_ref(), parts.as_os_str(), "layer.tar".as_ref()]);
+        let snapshots = self.list_snapshots(runtime).await?;
+        if !snapshots.is_empty() {
+            args.extend(["-C".as_ref(), dir.as_os_str(), "snapshots".as_ref()]);
+        }
+        let packed = tar(&self.tools.tar, &args, false).await;
+        std::fs::remove_dir_all(&parts)?;
+        packed?;
+        Ok(format!("{stopped}; its layer and {} snapshots packed", snapshots.len()))
+    }
+
+    async fn import(
+        &self,
+        cx: &CallContext,
+        runtime: &Runtime,
+        resources: &Resources,
+        from: Option<&Path>,
+        run: bool,
+    ) -> Result<String, BackendError> {
+        self.step(cx, || async {
+            // What an attempt cut off, or an earlier stay on this node, left is replaced.
+            self.remove(runtime).await?;
+            let dir = self.dir(runtime);
+            std::fs::create_dir_all(&dir)?;
+            let mut done = "made afresh from its spec".to_string();
+            if let Some(from) = from {
+                let parts = dir.join("imported");
+                std::fs::create_dir_all(&parts)?;
+                let args = ["--numeric-owner", "-xf"].map(std::ffi::OsStr::new);
+                tar(
+                    &self.tools.tar,
+                    &[&args[..], &[from.as_os_str(), "-C".as_ref(), parts.as_os_str()]].concat(),
+                    false,
+                )
+                .await?;
+                self.load_layer(&dir, &parts.join("layer.tar")).await?;
+                if parts.join("snapshots").exists() {
+                    std::fs::rename(parts.join("snapshots"), dir.join("snapshots"))?;
+                }
+                std::fs::remove_dir_all(&parts)?;
+                done = "its layer and snapshots unpacked".to_string();
+            }
+            if run {
+                let started = self.spawn(runtime, resources).await?;
+                return Ok(format!("{done}; {started}"));
+            }
+            Ok(done)
+        })
+        .await
+    }
+
+    async fn held(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return Vec::new() };
+        entries
+            .flatten()
+            .filter(|entry| entry.path().is_dir())
+            .filter_map(|entry| entry.file_name().to_str().map(String::from))
+            .filter(|name| !name.starts_with('.'))
+            .collect()
     }
 
     async fn run_command(
@@ -1083,6 +1182,46 @@ mod tests {
         let failed = backend.run_command(&cx("op_fail"), &runtime, &exit).await.unwrap_err();
         assert!(matches!(&failed, BackendError::Permanent(m) if m.starts_with("exit code 7")), "{failed}");
         backend.delete(&cx("op_delete"), &runtime).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_export_carries_a_sandboxs_layer_and_snapshots_to_another_node() {
+        if !sandboxes_allowed() {
+            return;
+        }
+        let (here, there) = (TestRoot::new(), TestRoot::new());
+        let (source, destination) = (backend_in(&here), backend_in(&there));
+        assert_ne!(source.group, destination.group, "two nodes on one host never share cgroups");
+        let runtime = sandbox("rt_move", "echo $$ > pid-seen; exec sleep 1000");
+        source.create(&cx("op_create"), &runtime, &ONE_GIB).await.unwrap();
+        read_when_there(work(&here, "rt_move").join("pid-seen")).await;
+        std::fs::write(work(&here, "rt_move").join("kept"), "before the snapshot").unwrap();
+        source.snapshot(&cx("op_snap"), &runtime, "snap_1", "s").await.unwrap();
+        std::fs::write(work(&here, "rt_move").join("kept"), "after the snapshot").unwrap();
+
+        let export = here.path().join("rt_move.export");
+        let migrating = CallContext { operation_id: "op_move:export".into(), step: 0, token: 7 };
+        let said = source.export(&migrating, &runtime, Duration::from_secs(5), &export).await.unwrap();
+        assert!(said.contains("1 snapshots packed"), "{said}");
+        assert_eq!(source.status(&runtime).await.unwrap(), Observed::Stopped, "exported stopped: consistent");
+        let stale = CallContext { token: 6, ..migrating };
+        let fenced = source.export(&stale, &runtime, Duration::from_secs(5), &export).await.unwrap_err();
+        assert!(matches!(fenced, BackendError::Fenced { .. }), "{fenced}");
+
+        let arriving = CallContext { operation_id: "op_move".into(), step: 0, token: 7 };
+        destination.import(&arriving, &runtime, &ONE_GIB, Some(&export), true).await.unwrap();
+        wait_status(&destination, &runtime, |o| matches!(o, Observed::Running { .. })).await;
+        let kept = std::fs::read_to_string(work(&there, "rt_move").join("kept")).unwrap();
+        assert_eq!(kept, "after the snapshot", "what it wrote came along");
+        assert_eq!(destination.list_snapshots(&runtime).await.unwrap(), ["snap_1"]);
+        destination.restore(&cx("op_restore"), &runtime, "snap_1").await.unwrap();
+        let kept = std::fs::read_to_string(work(&there, "rt_move").join("kept")).unwrap();
+        assert_eq!(kept, "before the snapshot", "and so did its snapshot");
+        assert_eq!(source.held().await, ["rt_move"], "the source holds its copy until told otherwise");
+        source.delete(&cx("op_left_behind"), &runtime).await.unwrap();
+        assert!(source.held().await.is_empty());
+        assert!(matches!(destination.status(&runtime).await.unwrap(), Observed::Running { .. }), "untouched");
+        destination.delete(&cx("op_delete"), &runtime).await.unwrap();
     }
 
     #[tokio::test]
