@@ -213,7 +213,7 @@ pub async fn remove_left_behind(replica: &Replica, backends: &Backends, node_id:
                 step: 0,
                 token: 1,
             };
-            match backend.delete(&cx, &runtime).await {
+            match backend.release(&cx, &runtime).await {
                 Ok(_) => {
                     tracing::info!(runtime = %id, placed = ?runtime.placement, "removed what this node still held of a runtime placed elsewhere")
                 }

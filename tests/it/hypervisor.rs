@@ -285,7 +285,7 @@ async fn a_vm_boots_its_image_reads_its_user_data_and_prints_to_its_console() ->
     // machines: `--vm-accel` is for that).
     let args = ["--backends", "vm=libvirt:qemu:///system", "--signals-interval-ms", "300", "--vm-accel", "tcg"];
     let options = ClusterOptions { extra_args: args.iter().map(|a| a.to_string()).collect(), ..Default::default() };
-    let cluster = Cluster::start(1, options).await?;
+    let cluster = Cluster::start(2, options).await?;
     let long = Duration::from_secs(180);
     let sizes = json!({"event_retention_count": 1000, "event_retention_days": 30, "sizes": [
         {"name": "guest", "cpu": 1.0, "memory": "256Mi", "replicas": 1, "cost_per_hour": 0.01}]});
@@ -308,6 +308,14 @@ async fn a_vm_boots_its_image_reads_its_user_data_and_prints_to_its_console() ->
         .arg(&data_dir)
         .output()?;
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("imported already"));
+    let other_data_dir = cluster.node(2).data_dir.clone();
+    let import = Command::new(runtimeai_tests::binary())
+        .args(["vm-image", "import", "guest"])
+        .arg(&image)
+        .arg("--data-dir")
+        .arg(&other_data_dir)
+        .output()?;
+    assert!(import.status.success(), "the same image on node 2: {}", String::from_utf8_lossy(&import.stderr));
     let unknown = json!({"name": "nowhere", "type": "vm", "spec": {"size": "guest", "image": "nosuch"}});
     let unknown = cluster.call_eventually(1, Method::POST, "/v1/runtimes", Some(&unknown), &[]).await?;
     let failed = cluster.wait_operation(1, unknown.body["active_operation"].as_str().unwrap(), long).await?;
@@ -325,9 +333,13 @@ async fn a_vm_boots_its_image_reads_its_user_data_and_prints_to_its_console() ->
     domains.of(&id);
     let done = cluster.wait_operation(1, created.body["active_operation"].as_str().unwrap(), long).await?;
     assert_eq!(done["status"], "succeeded", "{done}");
+    let (host, other) = match created.body["placement"]["node_id"].as_u64() {
+        Some(1) => (data_dir.clone(), 2),
+        _ => (other_data_dir.clone(), 1),
+    };
     let disk = Command::new("qemu-img")
         .args(["info", "--force-share", "--output=json"])
-        .arg(data_dir.join(format!("backends/libvirt/disks/rtai-{id}.qcow2")))
+        .arg(host.join(format!("backends/libvirt/disks/rtai-{id}.qcow2")))
         .output()?;
     let disk: serde_json::Value = serde_json::from_slice(&disk.stdout)?;
     assert_eq!(disk["format"], "qcow2", "{disk}");
@@ -356,10 +368,39 @@ async fn a_vm_boots_its_image_reads_its_user_data_and_prints_to_its_console() ->
     let hidden = cluster.call_as(Some(&stranger), 1, Method::GET, &console, None, &[]).await?;
     assert_eq!(hidden.status, 404, "another tenant's VM console is not there: {hidden:?}");
 
+    phase("migrated to the other node: its overlay on that node's copy of the image, booted there");
+    let there = if other == 2 { other_data_dir.clone() } else { data_dir.clone() };
+    let migrate = format!("/v1/runtimes/{id}/lifecycle/migrate");
+    let accepted = cluster.call_eventually(1, Method::POST, &migrate, Some(&json!({"node_id": other})), &[]).await?;
+    assert_eq!(accepted.status, 202, "{accepted:?}");
+    let done = cluster.wait_operation(1, accepted.body["id"].as_str().unwrap(), long).await?;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let moved = there.join(format!("backends/libvirt/disks/rtai-{id}.qcow2"));
+    let disk = Command::new("qemu-img").args(["info", "--force-share", "--output=json"]).arg(&moved).output()?;
+    let disk: serde_json::Value = serde_json::from_slice(&disk.stdout)?;
+    let backing = disk["backing-filename"].as_str().unwrap_or_default();
+    assert_eq!(backing, there.join("vm-images/guest/disk.qcow2").display().to_string(), "rebased here: {disk}");
+    let deadline = std::time::Instant::now() + long;
+    let printed = loop {
+        let answer = cluster.call_eventually(other, Method::GET, &console, None, &[]).await?;
+        let text = answer.body.as_str().unwrap_or_default().to_string();
+        if text.matches("runtimeai-guest: booted").count() >= 2 || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(printed.matches("runtimeai-guest: booted").count(), 2, "its console came along, and it booted again");
+    let left = host.join(format!("backends/libvirt/disks/rtai-{id}.qcow2"));
+    let deadline = std::time::Instant::now() + long;
+    while left.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!left.exists(), "the old node removes its copy of the disk");
+
     phase("deleted: its disk, seed and console go with it");
     let accepted = cluster.call_eventually(1, Method::DELETE, &format!("/v1/runtimes/{id}"), None, &[]).await?;
     cluster.wait_operation(1, accepted.body["id"].as_str().unwrap(), long).await?;
-    let seed = data_dir.join(format!("backends/libvirt/disks/rtai-{id}-seed.iso"));
-    assert!(!seed.exists(), "the seed goes with the VM");
+    let seed = there.join(format!("backends/libvirt/disks/rtai-{id}-seed.iso"));
+    assert!(!seed.exists() && !moved.exists(), "the seed and the disk go with the VM");
     Ok(())
 }

@@ -103,12 +103,24 @@ async fn a_sandbox_moves_with_its_data_and_a_lost_nodes_sandboxes_are_rebuilt_el
         (400, Some("$.actions[0].target")),
         "{refused:?}"
     );
+    let vcluster = json!({"name": "vc", "type": "vcluster"});
+    let vcluster = cluster.call_eventually(1, Method::POST, "/v1/runtimes", Some(&vcluster), &[]).await?;
+    let vcluster_migrate = format!("/v1/runtimes/{}/lifecycle/migrate", vcluster.body["id"].as_str().unwrap());
+    let refused = cluster.call(1, Method::POST, &vcluster_migrate, None, &[]).await?;
+    assert_eq!(refused.status, 409, "a vcluster lives in the host cluster, not on a node: {refused:?}");
+
+    phase("a VM (libvirt's test hypervisor) moves with its snapshot, to a node the cluster picks");
     let vm = json!({"name": "vm", "type": "vm"});
     let vm = cluster.call_eventually(1, Method::POST, "/v1/runtimes", Some(&vm), &[]).await?;
     cluster.wait_operation(1, vm.body["active_operation"].as_str().unwrap(), EVENTUALLY).await?;
-    let vm_migrate = format!("/v1/runtimes/{}/lifecycle/migrate", vm.body["id"].as_str().unwrap());
-    let refused = cluster.call(1, Method::POST, &vm_migrate, None, &[]).await?;
-    assert_eq!(refused.status, 409, "libvirt's driver does not migrate (yet): {refused:?}");
+    let (vm_id, vm_from) = (vm.body["id"].as_str().unwrap().to_string(), vm.body["placement"]["node_id"].as_u64());
+    let vm_to = if vm_from == Some(third) { from } else { third };
+    let vm_snapshot = lifecycle(&cluster, 1, &vm_id, "snapshot", json!({})).await?;
+    let vm_moved = lifecycle(&cluster, 1, &vm_id, "migrate", json!({"node_id": vm_to})).await?;
+    assert_eq!(vm_moved["status"], "succeeded", "{vm_moved}");
+    let vm_snapshot_id = vm_snapshot["params"]["snapshot_id"].clone();
+    let reverted = lifecycle(&cluster, 1, &vm_id, "restore", json!({"snapshot_id": vm_snapshot_id})).await?;
+    assert_eq!(reverted["status"], "succeeded", "the destination's hypervisor has its snapshot: {reverted}");
 
     phase("moved by an agent's action aimed at a node, through the third node: stopped, moved, started");
     let aimed = json!({"actions": [{"type": "migrate", "target": {"node": to}}]});

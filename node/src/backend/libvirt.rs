@@ -26,6 +26,7 @@ use virt::error::ErrorNumber;
 use virt::sys;
 
 use super::vm_boot::{self, DirectBoot, VmImageStore};
+use super::vm_export::{self, Manifest};
 use super::{BackendError, CallContext, CpuMeter, Observed, Resources, RuntimeBackend, StepLedger};
 use crate::config::VmAccel;
 
@@ -230,6 +231,40 @@ impl LibvirtBackend {
         )
     }
 
+    /// Makes what the domain needs on this node (its disk unless it has one, its cloud-init
+    /// seed) and returns its definition.
+    async fn prepare(&self, runtime: &Runtime, resources: &Resources) -> Result<String, BackendError> {
+        let image = self.image_of(runtime)?;
+        // The test driver runs nothing: no disk, seed or console for it.
+        let real = !self.is_test_driver();
+        let disk = real.then(|| self.disk_path(runtime));
+        if let Some(path) = &disk {
+            vm_boot::make_disk(path, image.disk.as_deref()).await?;
+        }
+        let seed = self.seed_path(runtime);
+        let seeded = real && vm_boot::make_seed(&seed, runtime).await?;
+        let console = self.console_path(runtime);
+        let media = Media {
+            disk: disk.as_deref(),
+            seed: seeded.then_some(seed.as_path()),
+            console: real.then_some(console.as_path()),
+            kernel: image.kernel.as_ref(),
+        };
+        Ok(self.domain_xml(runtime, resources, &media))
+    }
+
+    /// The image `spec.image` names in this node's store (none: an empty disk).
+    fn image_of(&self, runtime: &Runtime) -> Result<vm_boot::BootImage, BackendError> {
+        Ok(runtime.spec.image.as_deref().map(|image| self.images.image(image)).transpose()?.unwrap_or_default())
+    }
+
+    /// The SHA-256 of the disk of the VM's image, if it has one.
+    async fn image_digest(&self, runtime: &Runtime) -> Result<Option<String>, BackendError> {
+        let Some(disk) = self.image_of(runtime)?.disk else { return Ok(None) };
+        let digest = tokio::task::spawn_blocking(move || vm_export::image_digest(&disk)).await;
+        Ok(Some(digest.map_err(|e| BackendError::Retryable(format!("digest task: {e}")))??))
+    }
+
     fn disk_path(&self, runtime: &Runtime) -> PathBuf {
         self.disk_dir.join(format!("{}.qcow2", domain_name(runtime)))
     }
@@ -287,6 +322,46 @@ fn paused(domain: &Domain) -> Result<bool, BackendError> {
     Ok(matches!(state, Enum::Known(DomainState::Paused)))
 }
 
+/// Shuts the domain down: an ACPI request, then, with `force`, power off after `timeout`.
+fn shut_down(domain: &Domain, name: &str, force: bool, timeout: Duration) -> Result<String, BackendError> {
+    if !active(domain)? {
+        return Ok(format!("domain {name} already shut off"));
+    }
+    // A suspended guest hears no ACPI request: it runs again first.
+    if paused(domain)? {
+        domain.resume().map_err(classify)?;
+    }
+    // A guest may ignore the ACPI request (or have no OS to hear it): wait, then, with force,
+    // power it off.
+    let _ = domain.shutdown();
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if !active(domain)? {
+            return Ok(format!("domain {name} shut down"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if !force {
+        return Err(BackendError::Permanent(format!(
+            "domain {name} did not shut down within {}s; stop with force to power it off",
+            timeout.as_secs()
+        )));
+    }
+    domain.destroy().map_err(classify)?;
+    Ok(format!("domain {name} powered off after {}s without a clean shutdown", timeout.as_secs()))
+}
+
+/// Powers the domain off and undefines it with its snapshots' metadata, if there is one.
+fn remove_domain(connection: &Connect, name: &str) -> Result<(), BackendError> {
+    if let Some(domain) = lookup(connection, name)? {
+        if active(&domain)? {
+            domain.destroy().map_err(classify)?;
+        }
+        domain.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA).map_err(classify)?;
+    }
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl RuntimeBackend for LibvirtBackend {
     fn driver(&self) -> &'static str {
@@ -298,29 +373,12 @@ impl RuntimeBackend for LibvirtBackend {
     }
 
     fn capabilities(&self) -> &'static [runtimeai_model::ActionKind] {
-        super::LIFECYCLE_AND_PAUSE
+        super::PAUSE_AND_MIGRATE
     }
 
     async fn create(&self, cx: &CallContext, runtime: &Runtime, resources: &Resources) -> Result<String, BackendError> {
         let name = domain_name(runtime);
-        let image = runtime.spec.image.as_deref().map(|image| self.images.image(image)).transpose()?;
-        let image = image.unwrap_or_default();
-        // The test driver runs nothing: no disk, seed or console for it.
-        let real = !self.is_test_driver();
-        let disk = real.then(|| self.disk_path(runtime));
-        if let Some(path) = &disk {
-            vm_boot::make_disk(path, image.disk.as_deref()).await?;
-        }
-        let seed = self.seed_path(runtime);
-        let seeded = real && vm_boot::make_seed(&seed, runtime).await?;
-        let console = self.console_path(runtime);
-        let media = Media {
-            disk: disk.as_deref(),
-            seed: seeded.then_some(seed.as_path()),
-            console: real.then_some(console.as_path()),
-            kernel: image.kernel.as_ref(),
-        };
-        let xml = self.domain_xml(runtime, resources, &media);
+        let xml = self.prepare(runtime, resources).await?;
         self.step(cx, move |connection| {
             let domain = match lookup(connection, &name)? {
                 Some(domain) => domain,
@@ -339,12 +397,7 @@ impl RuntimeBackend for LibvirtBackend {
         let (disk, seed, console) = (self.disk_path(runtime), self.seed_path(runtime), self.console_path(runtime));
         self.cpu.forget(&runtime.id);
         self.step(cx, move |connection| {
-            if let Some(domain) = lookup(connection, &name)? {
-                if active(&domain)? {
-                    domain.destroy().map_err(classify)?;
-                }
-                domain.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA).map_err(classify)?;
-            }
+            remove_domain(connection, &name)?;
             for file in [&disk, &seed, &console] {
                 if file.exists() {
                     std::fs::remove_file(file)?;
@@ -375,35 +428,7 @@ impl RuntimeBackend for LibvirtBackend {
         timeout: Duration,
     ) -> Result<String, BackendError> {
         let name = domain_name(runtime);
-        self.step(cx, move |connection| {
-            let domain = domain(connection, &name)?;
-            if !active(&domain)? {
-                return Ok(format!("domain {name} already shut off"));
-            }
-            // A suspended guest hears no ACPI request: it runs again first.
-            if paused(&domain)? {
-                domain.resume().map_err(classify)?;
-            }
-            // A guest may ignore the ACPI request (or have no OS to hear it): wait, then, with
-            // force, power it off.
-            let _ = domain.shutdown();
-            let deadline = std::time::Instant::now() + timeout;
-            while std::time::Instant::now() < deadline {
-                if !active(&domain)? {
-                    return Ok(format!("domain {name} shut down"));
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            if !force {
-                return Err(BackendError::Permanent(format!(
-                    "domain {name} did not shut down within {}s; stop with force to power it off",
-                    timeout.as_secs()
-                )));
-            }
-            domain.destroy().map_err(classify)?;
-            Ok(format!("domain {name} powered off after {}s without a clean shutdown", timeout.as_secs()))
-        })
-        .await
+        self.step(cx, move |connection| shut_down(&domain(connection, &name)?, &name, force, timeout)).await
     }
 
     async fn restart(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
@@ -524,6 +549,143 @@ impl RuntimeBackend for LibvirtBackend {
         .await
     }
 
+    async fn export(
+        &self,
+        cx: &CallContext,
+        runtime: &Runtime,
+        timeout: Duration,
+        into: &Path,
+    ) -> Result<String, BackendError> {
+        // Fenced, and done again when asked again (a transfer cut off asks anew).
+        self.ledger.begin(cx)?;
+        let (name, connection) = (domain_name(runtime), self.connection()?);
+        let stopped = tokio::task::spawn_blocking(move || {
+            let domain = domain(&connection, &name)?;
+            let stopped = shut_down(&domain, &name, true, timeout)?;
+            let mut snapshots = Vec::new();
+            for snapshot in domain.list_all_snapshots(0).map_err(classify)? {
+                snapshots.push((snapshot.name().map_err(classify)?, snapshot.xml_desc(0).map_err(classify)?));
+            }
+            Ok::<_, BackendError>((stopped, snapshots, domain.uuid_string().map_err(classify)?))
+        })
+        .await
+        .map_err(|e| BackendError::Retryable(format!("libvirt task: {e}")))?;
+        let (stopped, snapshots, uuid) = stopped?;
+        let (disk, console) = (self.disk_path(runtime), self.console_path(runtime));
+        let count = snapshots.len();
+        let manifest = Manifest {
+            uuid: Some(uuid),
+            image: runtime.spec.image.clone(),
+            image_sha256: self.image_digest(runtime).await?,
+            snapshots,
+            disk: disk.exists(),
+        };
+        vm_export::pack(into, &manifest, &disk, &console).await?;
+        let what = if manifest.disk { "its disk" } else { "its definition" };
+        Ok(format!("{stopped}; {what} and {count} snapshots packed"))
+    }
+
+    async fn import(
+        &self,
+        cx: &CallContext,
+        runtime: &Runtime,
+        resources: &Resources,
+        from: Option<&Path>,
+        run: bool,
+    ) -> Result<String, BackendError> {
+        if self.ledger.begin(cx)? == super::Step::AlreadyApplied {
+            return Ok("already applied (a retry converges)".to_string());
+        }
+        let (name, connection) = (domain_name(runtime), self.connection()?);
+        // A domain of this name left here (an earlier stay, an attempt cut off) is replaced.
+        let (stale, gone) = (connection.clone(), name.clone());
+        tokio::task::spawn_blocking(move || remove_domain(&stale, &gone))
+            .await
+            .map_err(|e| BackendError::Retryable(format!("libvirt task: {e}")))??;
+        let (disk, console) = (self.disk_path(runtime), self.console_path(runtime));
+        for file in [&disk, &console] {
+            if file.exists() {
+                std::fs::remove_file(file)?;
+            }
+        }
+        let manifest = match from {
+            Some(from) => vm_export::unpack(from, &disk, &console).await?,
+            None => Manifest::default(),
+        };
+        if manifest.disk {
+            let ours = self.image_digest(runtime).await?;
+            if ours != manifest.image_sha256 {
+                let image = manifest.image.as_deref().unwrap_or("none");
+                return Err(BackendError::Permanent(format!(
+                    "VM image {image:?} differs here (SHA-256 {}) from the VM's node's ({}): import the same image",
+                    ours.as_deref().unwrap_or("none"),
+                    manifest.image_sha256.as_deref().unwrap_or("none")
+                )));
+            }
+            vm_export::rebase(&disk, self.image_of(runtime)?.disk.as_deref()).await?;
+        }
+        let xml = self.prepare(runtime, resources).await?;
+        // The domain keeps its identity (its snapshots' definitions name its UUID).
+        let xml = match &manifest.uuid {
+            Some(uuid) => xml.replacen("</name>", &format!("</name><uuid>{}</uuid>", escape(uuid)), 1),
+            None => xml,
+        };
+        let count = manifest.snapshots.len();
+        let made = tokio::task::spawn_blocking(move || {
+            let domain = connection.define_domain_xml(&xml).map_err(classify)?;
+            for (_, snapshot) in &manifest.snapshots {
+                domain.create_snapshot_xml(snapshot, sys::VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE).map_err(classify)?;
+            }
+            if run {
+                domain.create().map_err(classify)?;
+            }
+            Ok::<_, BackendError>(())
+        })
+        .await
+        .map_err(|e| BackendError::Retryable(format!("libvirt task: {e}")))?;
+        made?;
+        self.ledger.finish(cx)?;
+        let how = if from.is_some() { "from its export" } else { "afresh from its spec" };
+        let started = if run { ", started" } else { "" };
+        Ok(format!("domain {name} defined {how} with {count} snapshots{started}"))
+    }
+
+    async fn held(&self) -> Vec<String> {
+        let Ok(connection) = self.connection() else { return Vec::new() };
+        let (test_driver, disk_dir) = (self.is_test_driver(), self.disk_dir.clone());
+        let held = tokio::task::spawn_blocking(move || {
+            let domains = connection.list_all_domains(0).unwrap_or_default();
+            let ids = domains.iter().filter_map(|d| d.name().ok()?.strip_prefix("rtai-").map(String::from));
+            // A hypervisor other nodes on this host may share: only the domains whose disk is ours.
+            ids.filter(|id| test_driver || disk_dir.join(format!("rtai-{id}.qcow2")).exists()).collect::<Vec<_>>()
+        });
+        held.await.unwrap_or_default()
+    }
+
+    async fn release(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        let (name, disk) = (domain_name(runtime), self.disk_path(runtime));
+        let test_driver = self.is_test_driver();
+        let ours = move |connection: &Connect| -> Result<bool, BackendError> {
+            let Some(domain) = lookup(connection, &name)? else { return Ok(false) };
+            Ok(test_driver || domain.xml_desc(0).map_err(classify)?.contains(&escape(&disk.display().to_string())))
+        };
+        let name = domain_name(runtime);
+        let (seed, console, disk) = (self.seed_path(runtime), self.console_path(runtime), self.disk_path(runtime));
+        self.cpu.forget(&runtime.id);
+        self.step(cx, move |connection| {
+            if ours(connection)? {
+                remove_domain(connection, &name)?;
+            }
+            for file in [&disk, &seed, &console] {
+                if file.exists() {
+                    std::fs::remove_file(file)?;
+                }
+            }
+            Ok(format!("what this node held of domain {name} removed"))
+        })
+        .await
+    }
+
     async fn list_snapshots(&self, runtime: &Runtime) -> Result<Vec<String>, BackendError> {
         let name = domain_name(runtime);
         let connection = self.connection()?;
@@ -568,6 +730,39 @@ mod tests {
 
     fn cx(operation: &str) -> CallContext {
         CallContext { operation_id: operation.into(), step: 0, token: 1 }
+    }
+
+    /// A VM moved between two nodes' hypervisors (the test driver): stopped for the export,
+    /// defined on the other with its snapshots, started; a stale executor's export is fenced.
+    #[tokio::test]
+    async fn a_vm_moves_to_another_node_with_its_snapshots_on_the_test_driver() {
+        let (here, there) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let source = LibvirtBackend::connect("test:///default", here.path().to_path_buf(), "default").unwrap();
+        let destination = LibvirtBackend::connect("test:///default", there.path().to_path_buf(), "default").unwrap();
+        let runtime = Runtime::new("rt_moving", "mover", RuntimeType::Vm, chrono::DateTime::UNIX_EPOCH);
+        let resources = Resources::of(&runtime, &runtimeai_model::default_sizes());
+        source.create(&cx("op_create"), &runtime, &resources).await.unwrap();
+        source.snapshot(&cx("op_snapshot"), &runtime, "snap_1", "before").await.unwrap();
+
+        let export = here.path().join("move.export");
+        let exporting = CallContext { operation_id: "op_move:export".into(), step: 0, token: 4 };
+        let said = source.export(&exporting, &runtime, Duration::from_secs(1), &export).await.unwrap();
+        assert!(said.contains("its definition and 1 snapshots packed"), "{said}");
+        assert_eq!(source.status(&runtime).await.unwrap(), Observed::Stopped, "stopped for the export");
+        let stale = CallContext { token: 3, ..exporting };
+        let fenced = source.export(&stale, &runtime, Duration::from_secs(1), &export).await.unwrap_err();
+        assert!(matches!(fenced, BackendError::Fenced { .. }), "{fenced}");
+
+        let arriving = CallContext { operation_id: "op_move".into(), step: 0, token: 4 };
+        let said = destination.import(&arriving, &runtime, &resources, Some(&export), true).await.unwrap();
+        assert!(said.contains("from its export with 1 snapshots, started"), "{said}");
+        assert!(matches!(destination.status(&runtime).await.unwrap(), Observed::Running { .. }));
+        assert_eq!(destination.list_snapshots(&runtime).await.unwrap(), ["snap_1"]);
+        destination.restore(&cx("op_restore"), &runtime, "snap_1").await.unwrap();
+        let again = destination.import(&arriving, &runtime, &resources, Some(&export), true).await.unwrap();
+        assert!(again.contains("already applied"), "a retried step converges: {again}");
+        assert!(destination.held().await.contains(&"rt_moving".to_string()));
+        destination.delete(&cx("op_delete"), &runtime).await.unwrap();
     }
 
     /// The whole lifecycle against libvirt's own test driver (the real library, its built-in

@@ -24,6 +24,7 @@ pub mod sandbox;
 pub mod simulated;
 pub mod vcluster;
 pub mod vm_boot;
+pub mod vm_export;
 
 pub use ledger::{LockedLedger, Step, StepLedger};
 
@@ -55,8 +56,8 @@ macro_rules! lifecycle_and {
 /// do (libvirt suspends a domain; the simulated driver pretends to).
 pub const LIFECYCLE_AND_PAUSE: &[ActionKind] = lifecycle_and!(Pause, Resume);
 
-/// The lifecycle, pause and resume, and migration to another node (what the simulated driver
-/// does in place of a node-local one; its export is a file naming the runtime).
+/// The lifecycle, pause and resume, and migration to another node: what libvirt's VMs do (and
+/// the simulated driver in place of a node-local one; its export is a file naming the runtime).
 pub const PAUSE_AND_MIGRATE: &[ActionKind] = lifecycle_and!(Pause, Resume, Migrate);
 
 /// What a vcluster does: the lifecycle, and a rolling restart of its control plane.
@@ -244,6 +245,11 @@ pub trait RuntimeBackend: Send + Sync + std::fmt::Debug {
     /// behind); none for a shared backend.
     async fn held(&self) -> Vec<String> {
         Vec::new()
+    }
+    /// Removes what this node holds of a runtime that is placed on another node now, touching
+    /// nothing of that node's (which may share this host).
+    async fn release(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
+        self.delete(cx, runtime).await
     }
     /// The snapshot ids the backend holds for the runtime.
     async fn list_snapshots(&self, runtime: &Runtime) -> Result<Vec<String>, BackendError>;
