@@ -64,6 +64,8 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("GET", "/v1/openapi.json", Authenticated),
         ("GET", "/v1/auth/whoami", Authenticated),
         ("GET", "/v1/cluster", Needs(Read)),
+        ("GET", "/v1/events", Needs(Read)),
+        ("GET", "/v1/events/stream", Needs(Read)),
         ("POST", "/v1/cluster/members", Needs(ManageCluster)),
         ("DELETE", "/v1/cluster/members/{node_id}", Needs(ManageCluster)),
         ("POST", "/v1/cluster/members/{node_id}/evacuate", Needs(ManageCluster)),
@@ -88,6 +90,7 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("GET", "/v1/runtimes/{runtime_id}/operations", Needs(Read)),
         ("GET", "/v1/runtimes/{runtime_id}/snapshots", Needs(Read)),
         ("GET", "/v1/runtimes/{runtime_id}/events", Needs(Read)),
+        ("GET", "/v1/runtimes/{runtime_id}/events/stream", Needs(Read)),
         // The virtual cluster's admin credentials: whoever may drive the runtime.
         ("GET", "/v1/runtimes/{runtime_id}/kubeconfig", Needs(Operate)),
         // A command in a sandbox: whoever may drive the runtime (and the policies say yes).
@@ -113,6 +116,7 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("POST", "/v1/runtimes/{runtime_id}/actions/plan", Needs(Plan)),
         ("POST", "/v1/runtimes/{runtime_id}/actions/execute", Needs(Operate)),
         ("GET", "/v1/operations/{operation_id}", Needs(Read)),
+        ("GET", "/v1/operations/{operation_id}/stream", Needs(Read)),
         ("POST", "/v1/operations/{operation_id}/cancel", Needs(Operate)),
         ("POST", "/v1/operations/{operation_id}/approve", Needs(Approve)),
         ("POST", "/v1/operations/{operation_id}/reject", Needs(Approve)),

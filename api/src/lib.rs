@@ -19,6 +19,7 @@ pub mod auth;
 pub mod cluster;
 mod console;
 pub mod doc_types;
+pub mod events;
 mod exec;
 pub mod external_planner;
 mod extract;
@@ -122,6 +123,7 @@ pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(files::routes())
         .merge(actions::routes())
         .merge(migration::routes())
+        .merge(events::routes())
         .merge(intents::routes())
         .merge(operations::routes())
         .merge(policies::routes())

@@ -28,11 +28,12 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(cancel_operation))
         .routes(routes!(approve_operation))
         .routes(routes!(reject_operation))
+        .routes(routes!(operation_stream))
 }
 
 /// Reads an operation, hidden (404) from another tenant: its runtime's, or, once the runtime is
 /// deleted, visible to principals of every tenant only.
-async fn read_operation(
+pub(crate) async fn read_operation(
     state: &AppState,
     caller: &Caller,
     id: &str,
@@ -61,6 +62,53 @@ pub(crate) async fn get_operation(
 ) -> Result<Json<OperationView>, Problem> {
     let operation = read_operation(&state, &caller, &operation_id, params.consistency).await?;
     Ok(Json(OperationView::from(&operation)))
+}
+
+/// Follow an operation as server-sent events: the operation (as `GET` shows it) each time it
+/// changes, its `id` the operation's version, until it has ended. Resumes after
+/// `Last-Event-ID` on any node; a comment every 15 s keeps the connection alive.
+#[utoipa::path(get, path = "/v1/operations/{operation_id}/stream", tag = "Operations",
+    params(("operation_id" = String, Path), TenantId),
+    responses((status = 200, description = "Server-sent events", content_type = "text/event-stream", body = String),
+        ProblemResponses))]
+pub(crate) async fn operation_stream(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: axum::http::HeaderMap,
+    PathParam(operation_id): PathParam<String>,
+) -> Result<
+    axum::response::sse::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>>,
+    Problem,
+> {
+    read_operation(&state, &caller, &operation_id, Consistency::Linearizable).await?;
+    let seen = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let applied = state.replica.state().watch_applied();
+    let follow = (state, operation_id, seen.unwrap_or(0), applied, false);
+    let stream = futures::stream::unfold(follow, |(state, id, seen, mut applied, ended)| async move {
+        if ended {
+            return None;
+        }
+        loop {
+            applied.mark_unchanged();
+            let operation = state.replica.state().get_operation(&id).ok()??;
+            if operation.version > seen {
+                let ended = operation.status.is_terminal();
+                let data = serde_json::to_string(&OperationView::from(&operation)).unwrap_or_default();
+                let event = axum::response::sse::Event::default()
+                    .id(operation.version.to_string())
+                    .event(operation.status.as_str())
+                    .data(data);
+                return Some((Ok(event), (state, id, operation.version, applied, ended)));
+            }
+            if operation.status.is_terminal() {
+                return None;
+            }
+            applied.changed().await.ok()?;
+        }
+    });
+    let keep_alive =
+        axum::response::sse::KeepAlive::new().interval(std::time::Duration::from_secs(15)).text("keep-alive");
+    Ok(axum::response::sse::Sse::new(stream).keep_alive(keep_alive))
 }
 
 /// Cancels a queued or running operation; the runtime returns to the state it had. A finished

@@ -30,8 +30,9 @@ use serde::Serialize;
 /// `EventType::RuntimeExpired` and `Op::ExpireRuntime`; `LifecycleAction::Exec` carries the whole
 /// `ExecRequest`; `rollout_restart` and `tune_policy` (`ActionKind`, `LifecycleAction`),
 /// `Runtime::policy`, `RuntimeSignals::cpu_measured`. 13: migration (`ActionKind::Migrate`,
-/// `LifecycleAction::Migrate`, `EventType::RuntimeMigrated`).
-pub const FORMAT_VERSION: u32 = 13;
+/// `LifecycleAction::Migrate`, `EventType::RuntimeMigrated`). 14: the global event feed
+/// (`event_feed`: every event's position → its stream).
+pub const FORMAT_VERSION: u32 = 14;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

@@ -114,7 +114,7 @@ fn drop_events(txn: &mut Txn<'_>, runtime_id: &str) -> Result<bool, StorageError
         }
         keys.push(key.to_vec());
     }
-    keys.into_iter().for_each(|key| txn.delete(CF_EVENTS, key));
+    keys.into_iter().for_each(|key| crate::apply::events::drop_event(txn, key));
     if !more {
         txn.delete(CF_EVENT_COUNTS, runtime_id.as_bytes().to_vec());
     }

@@ -241,6 +241,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if api_keys_written {
             self.reload_api_keys()?;
         }
+        if let Some(applied) = last_applied {
+            self.applied_up_to(applied.index);
+        }
         Ok(replies)
     }
 

@@ -703,6 +703,15 @@ async fn events_are_kept_within_the_retention_count_and_age() {
     sm.apply(vec![entry(last + 1, later)]).await.unwrap();
     let events = sm.runtime_events("rt_a").unwrap();
     assert_eq!(events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>(), ["runtime.labels"]);
+    // The global feed holds what the runtime's stream holds, and no place of an event dropped.
+    let feed: Vec<runtimeai_model::Event> = sm.events_after(None).collect::<Result<_, _>>().unwrap();
+    let audit = sm.runtime_events(crate::AUDIT_STREAM).unwrap();
+    assert_eq!(feed.len(), events.len() + audit.len(), "{feed:?}");
+    let places = sm.db.iterator_cf(crate::store::cf(&sm.db, crate::store::CF_EVENT_FEED), rocksdb::IteratorMode::Start);
+    assert_eq!(places.count(), feed.len(), "no place in the feed outlives its event");
+    let after_first: Vec<runtimeai_model::Event> =
+        sm.events_after(Some(feed[0].id.parse().unwrap())).collect::<Result<_, _>>().unwrap();
+    assert_eq!(after_first, feed[1..].to_vec(), "a cursor reads on after its event");
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use crate::command::CommandReply;
 use crate::keys::{event_position, event_prefix, KEY_LAST_APPLIED, KEY_MEMBERSHIP};
 use crate::runtime_index::{RuntimeField, TENANT_COUNT_PREFIX, TYPE_COUNT_PREFIX};
 use crate::store::{
-    cf, CF_ACTIVE_OPERATIONS, CF_API_KEYS, CF_EVENTS, CF_NODES, CF_OPERATIONS, CF_POLICIES, CF_RUNTIMES,
+    cf, CF_ACTIVE_OPERATIONS, CF_API_KEYS, CF_EVENTS, CF_EVENT_FEED, CF_NODES, CF_OPERATIONS, CF_POLICIES, CF_RUNTIMES,
     CF_RUNTIMES_BY_FIELD, CF_RUNTIMES_BY_NODE, CF_RUNTIME_COUNTS, CF_RUNTIME_OPERATIONS, CF_SM_META,
 };
 use crate::txn::{OperationWritten, Txn};
@@ -59,6 +59,9 @@ pub struct StateReader {
     pub(crate) active_operations: Arc<RwLock<BTreeMap<String, Operation>>>,
     /// Bumped whenever an unfinished operation is written or one finishes.
     active_operations_changed: Arc<watch::Sender<u64>>,
+    /// The index of the last entry applied, changed by every apply and snapshot install (event
+    /// streams wait on it).
+    applied_changed: Arc<watch::Sender<u64>>,
     /// What `CF_NODES` holds (every create reads it to place the runtime), in memory.
     nodes: Arc<RwLock<Arc<Vec<NodeInfo>>>>,
     /// The cluster settings (every create validates against their sizes, every executor step
@@ -78,6 +81,7 @@ impl StateReader {
             db,
             active_operations: Arc::default(),
             active_operations_changed: Arc::new(watch::channel(0).0),
+            applied_changed: Arc::new(watch::channel(0).0),
             nodes: Arc::default(),
             settings: Arc::default(),
             placement: Arc::default(),
@@ -93,6 +97,7 @@ impl StateReader {
         self.reload_nodes()?;
         self.reload_settings()?;
         self.reload_placement()?;
+        self.applied_changed.send_modify(|index| *index += 1);
         self.reload_api_keys()
     }
 
@@ -315,6 +320,28 @@ impl StateReader {
             .map(|item| item.and_then(|(key, value)| event_from_stored(&key, &value)))
     }
 
+    /// Every stream's events in their one global order (the log's) after `after` (from the
+    /// first if `None`), each read only when the caller takes it.
+    pub fn events_after(&self, after: Option<EventCursor>) -> impl Iterator<Item = Result<Event, StorageError>> + '_ {
+        let start = after.map(|EventCursor(position)| position.to_vec()).unwrap_or_default();
+        let skip = after.is_some().then(|| start.clone());
+        self.db
+            .iterator_cf(cf(&self.db, CF_EVENT_FEED), IteratorMode::From(&start, rocksdb::Direction::Forward))
+            .filter(move |item| item.as_ref().map_or(true, |(key, _)| skip.as_deref() != Some(&key[..])))
+            .filter_map(move |item| {
+                let read = || -> Result<Option<Event>, StorageError> {
+                    let (position, stream) = item.map_err(read_err)?;
+                    let stream: String = crate::codec::decode("event stream", &stream).map_err(read_err)?;
+                    let mut key = event_prefix(&stream);
+                    key.extend_from_slice(&position);
+                    // Gone if retention dropped it between the two reads.
+                    let value = self.db.get_cf(cf(&self.db, CF_EVENTS), &key).map_err(read_err)?;
+                    value.map(|value| event_from_stored(&key, &value)).transpose()
+                };
+                read().transpose()
+            })
+    }
+
     pub fn get_operation(&self, id: &str) -> Result<Option<Operation>, StorageError> {
         self.get(CF_OPERATIONS, id.as_bytes())
     }
@@ -350,6 +377,16 @@ impl StateReader {
 
     /// Changes whenever the set of unfinished operations or one of them changes: the scheduler
     /// and the executors wait on it instead of polling.
+    /// Changes whenever entries are applied (or a snapshot installed).
+    pub fn watch_applied(&self) -> watch::Receiver<u64> {
+        self.applied_changed.subscribe()
+    }
+
+    /// Tells those who follow the applied state that entries up to `index` are applied.
+    pub(crate) fn applied_up_to(&self, index: u64) {
+        self.applied_changed.send_replace(index);
+    }
+
     pub fn watch_active_operations(&self) -> watch::Receiver<u64> {
         self.active_operations_changed.subscribe()
     }

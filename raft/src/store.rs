@@ -42,6 +42,9 @@ pub(crate) const CF_INTENTS: &str = "intents";
 pub(crate) const CF_POLICIES: &str = "policies";
 /// `runtime id \0 seq (BE u64) sub (BE u32)` → event: a runtime's events in order.
 pub(crate) const CF_EVENTS: &str = "events";
+/// `seq (BE u64) sub (BE u32)` → the stream (runtime id, or the audit stream) the event at that
+/// position belongs to: every event in one global order (`GET /v1/events`).
+pub(crate) const CF_EVENT_FEED: &str = "event_feed";
 pub(crate) const CF_IDEMPOTENCY: &str = "idempotency";
 pub(crate) const CF_NODES: &str = "nodes";
 /// `operation id` → runtime id, for every operation not yet finished (the executor's queue).
@@ -75,6 +78,7 @@ pub(crate) const STATE_MACHINE_CFS: &[&str] = &[
     CF_INTENTS,
     CF_POLICIES,
     CF_EVENTS,
+    CF_EVENT_FEED,
     CF_IDEMPOTENCY,
     CF_NODES,
     CF_ACTIVE_OPERATIONS,

@@ -293,29 +293,22 @@ async fn a_vm_boots_its_image_reads_its_user_data_and_prints_to_its_console() ->
 
     phase("the image imported into the node's store by the CLI; a name nobody imported is refused");
     let data_dir = cluster.node(1).data_dir.clone();
-    let import = Command::new(runtimeai_tests::binary())
-        .args(["vm-image", "import", "guest"])
-        .arg(&image)
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .output()?;
-    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
-    assert!(String::from_utf8_lossy(&import.stdout).contains("disk.qcow2, kernel, initrd, cmdline"));
-    let again = Command::new(runtimeai_tests::binary())
-        .args(["vm-image", "import", "guest"])
-        .arg(&image)
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .output()?;
+    let import = |data_dir: &std::path::Path| {
+        Command::new(runtimeai_tests::binary())
+            .args(["vm-image", "import", "guest"])
+            .arg(&image)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .output()
+    };
+    let imported = import(&data_dir)?;
+    assert!(imported.status.success(), "{}", String::from_utf8_lossy(&imported.stderr));
+    assert!(String::from_utf8_lossy(&imported.stdout).contains("disk.qcow2, kernel, initrd, cmdline"));
+    let again = import(&data_dir)?;
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("imported already"));
     let other_data_dir = cluster.node(2).data_dir.clone();
-    let import = Command::new(runtimeai_tests::binary())
-        .args(["vm-image", "import", "guest"])
-        .arg(&image)
-        .arg("--data-dir")
-        .arg(&other_data_dir)
-        .output()?;
-    assert!(import.status.success(), "the same image on node 2: {}", String::from_utf8_lossy(&import.stderr));
+    let imported = import(&other_data_dir)?;
+    assert!(imported.status.success(), "the same image on node 2: {}", String::from_utf8_lossy(&imported.stderr));
     let unknown = json!({"name": "nowhere", "type": "vm", "spec": {"size": "guest", "image": "nosuch"}});
     let unknown = cluster.call_eventually(1, Method::POST, "/v1/runtimes", Some(&unknown), &[]).await?;
     let failed = cluster.wait_operation(1, unknown.body["active_operation"].as_str().unwrap(), long).await?;

@@ -4,6 +4,7 @@ mod api;
 mod chaos_cli;
 mod cli;
 mod engine;
+mod events;
 mod hypervisor;
 mod load;
 mod migration;

@@ -745,13 +745,8 @@ mod tests {
         source.snapshot(&cx("op_snapshot"), &runtime, "snap_1", "before").await.unwrap();
 
         let export = here.path().join("move.export");
-        let exporting = CallContext { operation_id: "op_move:export".into(), step: 0, token: 4 };
-        let said = source.export(&exporting, &runtime, Duration::from_secs(1), &export).await.unwrap();
+        let said = crate::backend::contract::export_fenced(&source, &runtime, &export, 4).await;
         assert!(said.contains("its definition and 1 snapshots packed"), "{said}");
-        assert_eq!(source.status(&runtime).await.unwrap(), Observed::Stopped, "stopped for the export");
-        let stale = CallContext { token: 3, ..exporting };
-        let fenced = source.export(&stale, &runtime, Duration::from_secs(1), &export).await.unwrap_err();
-        assert!(matches!(fenced, BackendError::Fenced { .. }), "{fenced}");
 
         let arriving = CallContext { operation_id: "op_move".into(), step: 0, token: 4 };
         let said = destination.import(&arriving, &runtime, &resources, Some(&export), true).await.unwrap();

@@ -369,6 +369,30 @@ impl Backends {
     }
 }
 
+/// Checks drivers' tests share.
+#[cfg(test)]
+pub(crate) mod contract {
+    use super::*;
+
+    /// Exports `runtime` for a migration with fencing token `token` into `into` and checks what
+    /// every driver must do: the runtime is stopped, and an executor with an older token is
+    /// refused. Returns what the export said.
+    pub(crate) async fn export_fenced(
+        backend: &dyn RuntimeBackend,
+        runtime: &Runtime,
+        into: &Path,
+        token: u64,
+    ) -> String {
+        let exporting = CallContext { operation_id: "op_move:export".into(), step: 0, token };
+        let said = backend.export(&exporting, runtime, std::time::Duration::from_secs(5), into).await.unwrap();
+        assert_eq!(backend.status(runtime).await.unwrap(), Observed::Stopped, "stopped for the export");
+        let stale = CallContext { token: token - 1, ..exporting };
+        let fenced = backend.export(&stale, runtime, std::time::Duration::from_secs(5), into).await.unwrap_err();
+        assert!(matches!(fenced, BackendError::Fenced { .. }), "{fenced}");
+        said
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ use runtimeai_model::{
 
 use crate::codec;
 use crate::keys::{event_id, event_prefix, EVENT_KEY_SUFFIX};
-use crate::store::{cf, CF_EVENTS, CF_EVENT_COUNTS};
+use crate::store::{cf, CF_EVENTS, CF_EVENT_COUNTS, CF_EVENT_FEED};
 use crate::txn::Txn;
 use crate::types::{read_err, StorageError};
 
@@ -130,6 +130,18 @@ pub(crate) fn event_from_stored(key: &[u8], value: &[u8]) -> Result<Event, Stora
     })
 }
 
+/// Where an event (by its key in [`CF_EVENTS`]) sits in the global feed: its key's last 12
+/// bytes, the entry's index and the event's number in it.
+pub(crate) fn feed_position(event_key: &[u8]) -> &[u8] {
+    &event_key[event_key.len().saturating_sub(12)..]
+}
+
+/// Deletes an event and its place in the global feed.
+pub(crate) fn drop_event(txn: &mut Txn<'_>, key: Vec<u8>) {
+    txn.delete(CF_EVENT_FEED, feed_position(&key).to_vec());
+    txn.delete(CF_EVENTS, key);
+}
+
 /// `runtime.created`'s data (the event data types list their fields in the order a map would:
 /// by name).
 #[derive(Serialize)]
@@ -182,6 +194,7 @@ impl EventWriter<'_> {
         let mut key = event_prefix(runtime_id);
         key.extend_from_slice(&self.index.to_be_bytes());
         key.extend_from_slice(&sub.to_be_bytes());
+        txn.put(CF_EVENT_FEED, feed_position(&key).to_vec(), &runtime_id)?;
         txn.put(CF_EVENTS, key, &event)?;
         self.enforce_retention(txn, runtime_id)
     }
@@ -226,7 +239,7 @@ impl EventWriter<'_> {
             count -= 1;
         }
         for key in expired {
-            txn.delete(CF_EVENTS, key);
+            drop_event(txn, key);
         }
         txn.put(CF_EVENT_COUNTS, tally_key, &EventTally { count, oldest: oldest_kept })
     }

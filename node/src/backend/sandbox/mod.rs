@@ -1200,13 +1200,8 @@ mod tests {
         std::fs::write(work(&here, "rt_move").join("kept"), "after the snapshot").unwrap();
 
         let export = here.path().join("rt_move.export");
-        let migrating = CallContext { operation_id: "op_move:export".into(), step: 0, token: 7 };
-        let said = source.export(&migrating, &runtime, Duration::from_secs(5), &export).await.unwrap();
-        assert!(said.contains("1 snapshots packed"), "{said}");
-        assert_eq!(source.status(&runtime).await.unwrap(), Observed::Stopped, "exported stopped: consistent");
-        let stale = CallContext { token: 6, ..migrating };
-        let fenced = source.export(&stale, &runtime, Duration::from_secs(5), &export).await.unwrap_err();
-        assert!(matches!(fenced, BackendError::Fenced { .. }), "{fenced}");
+        let said = crate::backend::contract::export_fenced(&source, &runtime, &export, 7).await;
+        assert!(said.contains("1 snapshots packed"), "exported stopped: consistent: {said}");
 
         let arriving = CallContext { operation_id: "op_move".into(), step: 0, token: 7 };
         destination.import(&arriving, &runtime, &ONE_GIB, Some(&export), true).await.unwrap();
