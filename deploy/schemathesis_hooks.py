@@ -8,7 +8,8 @@ What the OpenAPI document cannot say, said to the generator for the cases meant 
 - the policies the fuzzer makes apply only to runtimes labelled env=fuzz, so that one random
   deny-everything rule does not turn every later request of the run into a 403;
 - an If-Match it makes up names a version that never was: a valid case asks for any (`*`);
-- a command it makes up runs at most 5 s, and logs are read without `follow` (which never ends);
+- a command it makes up runs at most 5 s, logs are read without `follow` and event streams end after
+  a second (neither would end otherwise);
 - a key's expiry is in the future (the document can say only that it is a date-time);
 - a size catalogue lists its sizes smallest first (cpu and cost never decrease) and names each
   once: rules across the items of an array.
@@ -193,6 +194,9 @@ def map_case(ctx, case):
     # A followed log never ends (until the sandbox does), valid case or not.
     if label == "GET /v1/runtimes/{runtime_id}/logs" and (case.query or {}).get("follow") in (True, "true"):
         case.query["follow"] = "false"
+    # Nor does an event stream, unless it is asked to end (as a Kubernetes watch is).
+    if case.operation.path.endswith("/stream"):
+        case.query = {**(case.query or {}), "timeout_seconds": 1}
     if case.meta is not None and case.meta.generation.mode != GenerationMode.POSITIVE:
         return case
     headers = case.headers if case.headers is not None else {}
@@ -258,6 +262,12 @@ def ndjson(ctx, response):
     has, is checked against the line's schema (every line is, in tests/it/sandbox.rs)."""
     lines = [json.loads(line) for line in response.content.splitlines() if line.strip()]
     return lines[-1] if lines else None
+
+
+@schemathesis.deserializer("text/event-stream")
+def event_stream(ctx, response):
+    """Server-sent events: the stream's text, as the document describes it."""
+    return response.content.decode("utf-8")
 
 
 @schemathesis.deserializer("application/octet-stream")

@@ -57,9 +57,23 @@ pub struct FeedParams {
     /// Only events of this severity.
     #[serde(default)]
     pub severity: Option<EventSeverity>,
+    /// Streams only: end the stream after this many seconds (1 to 86400; by default it lasts
+    /// as long as the connection), as a Kubernetes watch's `timeoutSeconds` does.
+    #[serde(default)]
+    #[param(minimum = 1, maximum = 86400)]
+    pub timeout_seconds: Option<u64>,
     #[serde(default)]
     #[param(value_type = Option<String>, pattern = "^(linearizable|stale)$")]
     pub consistency: Consistency,
+}
+
+/// When a stream asked to end after `timeout_seconds` ends (400 outside 1 to 86400).
+pub(crate) fn stream_deadline(timeout_seconds: Option<u64>) -> Result<Option<tokio::time::Instant>, Problem> {
+    match timeout_seconds {
+        None => Ok(None),
+        Some(seconds @ 1..=86_400) => Ok(Some(tokio::time::Instant::now() + Duration::from_secs(seconds))),
+        Some(_) => Err(Problem::invalid_field("timeout_seconds", "must be between 1 and 86400")),
+    }
 }
 
 /// A page of the feed.
@@ -202,7 +216,8 @@ async fn follow(
     let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_string);
     let cursor = params.cursor(resume.as_deref())?;
     let applied = state.replica.state().watch_applied();
-    let follower = Follower { state, caller, params, cursor, pending: Vec::new().into_iter(), applied };
+    let deadline = stream_deadline(params.timeout_seconds)?;
+    let follower = Follower { state, caller, params, cursor, pending: Vec::new().into_iter(), applied, deadline };
     let stream = futures::stream::unfold(follower, |mut follower| async move {
         let event = follower.next().await?;
         Some((Ok(event), follower))
@@ -218,12 +233,17 @@ struct Follower {
     cursor: Option<EventCursor>,
     pending: std::vec::IntoIter<EventView>,
     applied: tokio::sync::watch::Receiver<u64>,
+    /// When the stream ends, if the client asked for an end.
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl Follower {
     /// The next event to send; `None` ends the stream (the node is stopping, or a read failed).
     async fn next(&mut self) -> Option<SseEvent> {
         loop {
+            if self.deadline.is_some_and(|deadline| tokio::time::Instant::now() >= deadline) {
+                return None;
+            }
             if let Some(event) = self.pending.next() {
                 return Some(sse_event(&event));
             }
@@ -240,7 +260,8 @@ impl Follower {
                 self.cursor = Some(cursor);
             }
             if page.items.is_empty() && page.next_after.is_none() {
-                self.applied.changed().await.ok()?;
+                let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+                tokio::time::timeout_at(self.deadline.unwrap_or(far), self.applied.changed()).await.ok()?.ok()?;
             }
             self.pending = page.items.into_iter();
         }

@@ -68,7 +68,7 @@ pub(crate) async fn get_operation(
 /// changes, its `id` the operation's version, until it has ended. Resumes after
 /// `Last-Event-ID` on any node; a comment every 15 s keeps the connection alive.
 #[utoipa::path(get, path = "/v1/operations/{operation_id}/stream", tag = "Operations",
-    params(("operation_id" = String, Path), TenantId),
+    params(("operation_id" = String, Path), StreamParams, TenantId),
     responses((status = 200, description = "Server-sent events", content_type = "text/event-stream", body = String),
         ProblemResponses))]
 pub(crate) async fn operation_stream(
@@ -76,15 +76,17 @@ pub(crate) async fn operation_stream(
     caller: Caller,
     headers: axum::http::HeaderMap,
     PathParam(operation_id): PathParam<String>,
+    QueryParams(params): QueryParams<StreamParams>,
 ) -> Result<
     axum::response::sse::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>>,
     Problem,
 > {
     read_operation(&state, &caller, &operation_id, Consistency::Linearizable).await?;
+    let deadline = crate::events::stream_deadline(params.timeout_seconds)?;
     let seen = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let applied = state.replica.state().watch_applied();
     let follow = (state, operation_id, seen.unwrap_or(0), applied, false);
-    let stream = futures::stream::unfold(follow, |(state, id, seen, mut applied, ended)| async move {
+    let stream = futures::stream::unfold(follow, move |(state, id, seen, mut applied, ended)| async move {
         if ended {
             return None;
         }
@@ -103,12 +105,24 @@ pub(crate) async fn operation_stream(
             if operation.status.is_terminal() {
                 return None;
             }
-            applied.changed().await.ok()?;
+            let far = tokio::time::Instant::now() + std::time::Duration::from_secs(86_400);
+            tokio::time::timeout_at(deadline.unwrap_or(far), applied.changed()).await.ok()?.ok()?;
         }
     });
     let keep_alive =
         axum::response::sse::KeepAlive::new().interval(std::time::Duration::from_secs(15)).text("keep-alive");
     Ok(axum::response::sse::Sse::new(stream).keep_alive(keep_alive))
+}
+
+/// A stream's parameters.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct StreamParams {
+    /// End the stream after this many seconds (1 to 86400; by default when the operation ends).
+    #[serde(default)]
+    #[param(minimum = 1, maximum = 86400)]
+    pub timeout_seconds: Option<u64>,
 }
 
 /// Cancels a queued or running operation; the runtime returns to the state it had. A finished

@@ -104,6 +104,13 @@ async fn the_feed_is_one_ordered_stream_a_client_follows_across_a_node_kill() ->
         "it ends when the operation does: {text}"
     );
 
+    let started = Instant::now();
+    let bounded = cluster.client.get(cluster.node(1).url("/v1/events/stream?timeout_seconds=1")).send().await?;
+    let text = tokio::time::timeout(EVENTUALLY, bounded.text()).await??;
+    assert!(started.elapsed() < Duration::from_secs(30) && text.contains("id: ev_"), "ends when asked to: {text}");
+    let refused = cluster.call(1, Method::GET, "/v1/events/stream?timeout_seconds=0", None, &[]).await?;
+    assert_eq!(refused.status, 400, "{refused:?}");
+
     phase("a stream through one node, that node SIGKILLed, resumed through another from Last-Event-ID");
     let (client, url) = (cluster.client.clone(), cluster.node(writer_node).url("/v1/runtimes"));
     let writer = tokio::spawn(async move {
