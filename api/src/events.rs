@@ -222,7 +222,15 @@ async fn follow(
         let event = follower.next().await?;
         Some((Ok(event), follower))
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("keep-alive")))
+    Ok(sse(stream))
+}
+
+/// A server-sent events answer of `stream`, with a keep-alive comment every 15 s.
+pub(crate) fn sse<S>(stream: S) -> Sse<axum::response::sse::KeepAliveStream<S>>
+where
+    S: futures::Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
+{
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("keep-alive"))
 }
 
 /// A stream's reader: pages of the feed, and a wait for the next applied entry between them.

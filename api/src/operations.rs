@@ -109,9 +109,7 @@ pub(crate) async fn operation_stream(
             tokio::time::timeout_at(deadline.unwrap_or(far), applied.changed()).await.ok()?.ok()?;
         }
     });
-    let keep_alive =
-        axum::response::sse::KeepAlive::new().interval(std::time::Duration::from_secs(15)).text("keep-alive");
-    Ok(axum::response::sse::Sse::new(stream).keep_alive(keep_alive))
+    Ok(crate::events::sse(stream))
 }
 
 /// A stream's parameters.
