@@ -140,7 +140,7 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "flood",
         injects: "one principal sends creates to the leader as fast as 32 connections allow, for the fault \
-                  window (nodes limit a principal to 100 requests/s): it gets 429s, and the workload's calls \
+                  window (nodes limit a principal to 40 requests/s): it gets 429s, and the workload's calls \
                   through the other nodes keep their p99 within 2x of the quiet run's",
         needs: Needs::Nothing,
         node_args: &["--rate-limit-principal", load::FLOOD_RATE],

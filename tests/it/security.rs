@@ -34,6 +34,9 @@ async fn served_operations(cluster: &Cluster) -> anyhow::Result<Vec<(Method, Str
                 .map(|part| if part.starts_with('{') { "nosuch" } else { part })
                 .collect::<Vec<_>>()
                 .join("/");
+            // A stream allowed to the caller would last as long as the connection.
+            let concrete =
+                if template.ends_with("/stream") { format!("{concrete}?timeout_seconds=1") } else { concrete };
             out.push((method.to_uppercase().parse()?, template.clone(), concrete));
         }
     }
