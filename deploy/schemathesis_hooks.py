@@ -11,6 +11,7 @@ What the OpenAPI document cannot say, said to the generator for the cases meant 
 - a command it makes up runs at most 5 s, logs are read without `follow` and event streams end after
   a second (neither would end otherwise);
 - a key's expiry is in the future (the document can say only that it is a date-time);
+- an action list runs a migration alone, and a migration names one destination, however often;
 - a size catalogue lists its sizes smallest first (cpu and cost never decrease) and names each
   once: rules across the items of an array.
 And how to read the answers that are not JSON: exec's lines (NDJSON) and a file's bytes.
@@ -222,6 +223,17 @@ def map_case(ctx, case):
         body["expires_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 86400))
     if label == "PUT /v1/cluster/settings" and body is not None and isinstance(body.get("sizes"), list):
         smallest_first(body["sizes"])
+    if label == "POST /v1/runtimes/{runtime_id}/actions/execute" and isinstance((body or {}).get("actions"), list):
+        # A rule across the items of the list (the document says it; JSON Schema cannot): a
+        # migration runs alone, its destination's executor carries it out.
+        actions = body["actions"]
+        if len(actions) > 1 and any(isinstance(a, dict) and a.get("type") == "migrate" for a in actions):
+            body["actions"] = [a for a in actions if not (isinstance(a, dict) and a.get("type") == "migrate")]
+        for action in body["actions"]:
+            # Named twice (target and params, as the lifecycle call takes it), a node must agree.
+            params, target = action.get("params"), action.get("target")
+            if isinstance(params, dict) and isinstance(target, dict) and "node" in target and "node_id" in params:
+                params["node_id"] = target["node"]
     if label == "POST /v1/runtimes/{runtime_id}/exec" and body is not None:
         body["timeout_seconds"] = min(body.get("timeout_seconds") or 5, 5)
     fixture = FIXTURES.for_operation(label) if FIXTURES is not None else {}

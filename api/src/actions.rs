@@ -146,7 +146,7 @@ pub struct Action {
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ActionExecutionRequest {
-    /// 1 to 20 actions, run in order; a failure skips the rest.
+    /// 1 to 20 actions, run in order; a failure skips the rest. A `migrate` runs alone.
     #[schema(min_items = 1, max_items = 20)]
     pub actions: Vec<Action>,
     /// Same as the `Idempotency-Key` header.
