@@ -67,6 +67,32 @@ pub struct FeedParams {
     pub consistency: Consistency,
 }
 
+/// The place after the event `after` names (400 if it names none).
+pub(crate) fn event_cursor(after: Option<&str>) -> Result<Option<EventCursor>, Problem> {
+    after.map(|id| id.parse().map_err(|e: NotAnEventId| Problem::invalid_field("after", e.to_string()))).transpose()
+}
+
+/// A page's `limit`: 100 by default, 1 to 1000 (400 otherwise).
+pub(crate) fn page_limit(limit: Option<usize>) -> Result<usize, Problem> {
+    let limit = limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(Problem::invalid_field("limit", "must be between 1 and 1000"));
+    }
+    Ok(limit)
+}
+
+/// Waits for this node to apply more entries; `None` once `deadline` passes first (or the
+/// state machine is gone).
+pub(crate) async fn more_applied(
+    applied: &mut tokio::sync::watch::Receiver<u64>,
+    deadline: Option<tokio::time::Instant>,
+) -> Option<()> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, applied.changed()).await.ok()?.ok(),
+        None => applied.changed().await.ok(),
+    }
+}
+
 /// When a stream asked to end after `timeout_seconds` ends (400 outside 1 to 86400).
 pub(crate) fn stream_deadline(timeout_seconds: Option<u64>) -> Result<Option<tokio::time::Instant>, Problem> {
     match timeout_seconds {
@@ -87,18 +113,7 @@ pub struct EventFeedPage {
 
 impl FeedParams {
     fn cursor(&self, resume: Option<&str>) -> Result<Option<EventCursor>, Problem> {
-        match resume.or(self.after.as_deref()) {
-            None => Ok(None),
-            Some(id) => id.parse().map(Some).map_err(|e: NotAnEventId| Problem::invalid_field("after", e.to_string())),
-        }
-    }
-
-    fn limit(&self) -> Result<usize, Problem> {
-        let limit = self.limit.unwrap_or(100);
-        if !(1..=1000).contains(&limit) {
-            return Err(Problem::invalid_field("limit", "must be between 1 and 1000"));
-        }
-        Ok(limit)
+        event_cursor(resume.or(self.after.as_deref()))
     }
 }
 
@@ -137,7 +152,7 @@ fn page(
     params: &FeedParams,
     cursor: Option<EventCursor>,
 ) -> Result<EventFeedPage, Problem> {
-    let limit = params.limit()?;
+    let limit = page_limit(params.limit)?;
     let mut visibility = Visibility { state, caller, tenants: HashMap::new() };
     let mut page = EventFeedPage { items: Vec::new(), next_after: None };
     let mut last = None;
@@ -185,7 +200,8 @@ pub(crate) async fn events_stream(
     headers: HeaderMap,
     QueryParams(params): QueryParams<FeedParams>,
 ) -> Result<Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>>, Problem> {
-    follow(state, caller, &headers, params).await
+    params.consistency.prepare(&state.replica).await?;
+    follow(state, caller, &headers, params)
 }
 
 /// One runtime's events as server-sent events (see `GET /v1/events/stream`).
@@ -200,19 +216,19 @@ pub(crate) async fn runtime_events_stream(
     PathParam(runtime_id): PathParam<String>,
     QueryParams(mut params): QueryParams<FeedParams>,
 ) -> Result<Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>>, Problem> {
-    crate::runtimes::read_runtime(&state, &caller, &runtime_id, Consistency::Linearizable).await?;
+    crate::runtimes::read_runtime(&state, &caller, &runtime_id, params.consistency).await?;
     params.runtime_id = Some(runtime_id);
-    follow(state, caller, &headers, params).await
+    follow(state, caller, &headers, params)
 }
 
-/// Streams the feed from the cursor on: what is there, then each event as this node applies it.
-async fn follow(
+/// Streams the feed from the cursor on: what is there, then each event as this node applies it
+/// (the caller has read as `params.consistency` asks).
+fn follow(
     state: AppState,
     caller: Caller,
     headers: &HeaderMap,
     params: FeedParams,
 ) -> Result<Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>>, Problem> {
-    params.consistency.prepare(&state.replica).await?;
     let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_string);
     let cursor = params.cursor(resume.as_deref())?;
     let applied = state.replica.state().watch_applied();
@@ -268,8 +284,7 @@ impl Follower {
                 self.cursor = Some(cursor);
             }
             if page.items.is_empty() && page.next_after.is_none() {
-                let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
-                tokio::time::timeout_at(self.deadline.unwrap_or(far), self.applied.changed()).await.ok()?.ok()?;
+                more_applied(&mut self.applied, self.deadline).await?;
             }
             self.pending = page.items.into_iter();
         }

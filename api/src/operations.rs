@@ -105,8 +105,7 @@ pub(crate) async fn operation_stream(
             if operation.status.is_terminal() {
                 return None;
             }
-            let far = tokio::time::Instant::now() + std::time::Duration::from_secs(86_400);
-            tokio::time::timeout_at(deadline.unwrap_or(far), applied.changed()).await.ok()?.ok()?;
+            crate::events::more_applied(&mut applied, deadline).await?;
         }
     });
     Ok(crate::events::sse(stream))

@@ -18,7 +18,6 @@ use runtimeai_model::{
     RuntimeType, SizeEntry, Timestamp,
 };
 use runtimeai_raft::command::{BeginOperation, CreateRuntime, PatchLabels};
-use runtimeai_raft::state_reader::NotAnEventId;
 use runtimeai_raft::{CommandReply, Op, RuntimeField};
 
 use utoipa_axum::router::OpenApiRouter;
@@ -898,16 +897,8 @@ impl EventParams {
     /// The page of `stream`'s events these parameters ask for, read from the cursor on: the
     /// events it shows and those `since` passes over, not the whole feed.
     pub(crate) fn page(&self, state: &AppState, stream: &str) -> Result<Vec<EventView>, Problem> {
-        let limit = self.limit.unwrap_or(100);
-        if !(1..=1000).contains(&limit) {
-            return Err(Problem::invalid_field("limit", "must be between 1 and 1000"));
-        }
-        let after = match &self.after {
-            None => None,
-            Some(after) => {
-                Some(after.parse().map_err(|e: NotAnEventId| Problem::invalid_field("after", e.to_string()))?)
-            }
-        };
+        let limit = crate::events::page_limit(self.limit)?;
+        let after = crate::events::event_cursor(self.after.as_deref())?;
         let events = state.replica.state().runtime_events_after(stream, after);
         let mut items = Vec::new();
         for event in events {

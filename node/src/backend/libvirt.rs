@@ -231,6 +231,32 @@ impl LibvirtBackend {
         )
     }
 
+    /// Removes the domain and this node's files of it; with `only_ours`, the domain only if its
+    /// disk is this node's (a hypervisor other nodes on the host share may hold another node's
+    /// domain of that name).
+    async fn remove_here(&self, cx: &CallContext, runtime: &Runtime, only_ours: bool) -> Result<String, BackendError> {
+        let name = domain_name(runtime);
+        let (disk, seed, console) = (self.disk_path(runtime), self.seed_path(runtime), self.console_path(runtime));
+        let test_driver = self.is_test_driver();
+        self.cpu.forget(&runtime.id);
+        self.step(cx, move |connection| {
+            let ours = || -> Result<bool, BackendError> {
+                let Some(domain) = lookup(connection, &name)? else { return Ok(false) };
+                Ok(test_driver || domain.xml_desc(0).map_err(classify)?.contains(&escape(&disk.display().to_string())))
+            };
+            if !only_ours || ours()? {
+                remove_domain(connection, &name)?;
+            }
+            remove_files(&[&disk, &seed, &console])?;
+            Ok(if only_ours {
+                format!("what this node held of domain {name} removed")
+            } else {
+                format!("domain {name} removed")
+            })
+        })
+        .await
+    }
+
     /// Makes what the domain needs on this node (its disk unless it has one, its cloud-init
     /// seed) and returns its definition.
     async fn prepare(&self, runtime: &Runtime, resources: &Resources) -> Result<String, BackendError> {
@@ -351,6 +377,14 @@ fn shut_down(domain: &Domain, name: &str, force: bool, timeout: Duration) -> Res
     Ok(format!("domain {name} powered off after {}s without a clean shutdown", timeout.as_secs()))
 }
 
+/// Removes those of `files` that exist.
+fn remove_files(files: &[&Path]) -> std::io::Result<()> {
+    for file in files.iter().filter(|file| file.exists()) {
+        std::fs::remove_file(file)?;
+    }
+    Ok(())
+}
+
 /// Powers the domain off and undefines it with its snapshots' metadata, if there is one.
 fn remove_domain(connection: &Connect, name: &str) -> Result<(), BackendError> {
     if let Some(domain) = lookup(connection, name)? {
@@ -393,19 +427,7 @@ impl RuntimeBackend for LibvirtBackend {
     }
 
     async fn delete(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
-        let name = domain_name(runtime);
-        let (disk, seed, console) = (self.disk_path(runtime), self.seed_path(runtime), self.console_path(runtime));
-        self.cpu.forget(&runtime.id);
-        self.step(cx, move |connection| {
-            remove_domain(connection, &name)?;
-            for file in [&disk, &seed, &console] {
-                if file.exists() {
-                    std::fs::remove_file(file)?;
-                }
-            }
-            Ok(format!("domain {name} removed"))
-        })
-        .await
+        self.remove_here(cx, runtime, false).await
     }
 
     async fn start(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
@@ -603,11 +625,7 @@ impl RuntimeBackend for LibvirtBackend {
             .await
             .map_err(|e| BackendError::Retryable(format!("libvirt task: {e}")))??;
         let (disk, console) = (self.disk_path(runtime), self.console_path(runtime));
-        for file in [&disk, &console] {
-            if file.exists() {
-                std::fs::remove_file(file)?;
-            }
-        }
+        remove_files(&[&disk, &console])?;
         let manifest = match from {
             Some(from) => vm_export::unpack(from, &disk, &console).await?,
             None => Manifest::default(),
@@ -663,27 +681,7 @@ impl RuntimeBackend for LibvirtBackend {
     }
 
     async fn release(&self, cx: &CallContext, runtime: &Runtime) -> Result<String, BackendError> {
-        let (name, disk) = (domain_name(runtime), self.disk_path(runtime));
-        let test_driver = self.is_test_driver();
-        let ours = move |connection: &Connect| -> Result<bool, BackendError> {
-            let Some(domain) = lookup(connection, &name)? else { return Ok(false) };
-            Ok(test_driver || domain.xml_desc(0).map_err(classify)?.contains(&escape(&disk.display().to_string())))
-        };
-        let name = domain_name(runtime);
-        let (seed, console, disk) = (self.seed_path(runtime), self.console_path(runtime), self.disk_path(runtime));
-        self.cpu.forget(&runtime.id);
-        self.step(cx, move |connection| {
-            if ours(connection)? {
-                remove_domain(connection, &name)?;
-            }
-            for file in [&disk, &seed, &console] {
-                if file.exists() {
-                    std::fs::remove_file(file)?;
-                }
-            }
-            Ok(format!("what this node held of domain {name} removed"))
-        })
-        .await
+        self.remove_here(cx, runtime, true).await
     }
 
     async fn list_snapshots(&self, runtime: &Runtime) -> Result<Vec<String>, BackendError> {
