@@ -253,6 +253,12 @@ impl SandboxBackend {
         self.root.join(&runtime.id)
     }
 
+    /// The marker a pause leaves: a frozen cgroup alone does not say paused, since crun also
+    /// freezes a container's group for a moment while it kills or deletes it.
+    fn pause_marker(&self, id: &str) -> PathBuf {
+        self.root.join(id).join("paused")
+    }
+
     /// Runs one fenced, remembered step.
     async fn step<F, Fut>(&self, cx: &CallContext, work: F) -> Result<String, BackendError>
     where
@@ -306,6 +312,7 @@ impl SandboxBackend {
         std::fs::create_dir_all(&dir)?;
         let _ = std::fs::remove_file(dir.join("exit"));
         let _ = std::fs::remove_file(dir.join("stopping"));
+        let _ = std::fs::remove_file(self.pause_marker(&runtime.id));
         let launch = self.launch(runtime, &dir, resources, &image)?;
         let isolated = launch.network_isolated;
         std::fs::write(dir.join("pid"), serde_json::to_vec(&launch).unwrap_or_default())?;
@@ -425,6 +432,7 @@ impl SandboxBackend {
         if self.frozen(id) {
             self.crun(&["resume", id]).await;
         }
+        let _ = std::fs::remove_file(self.pause_marker(id));
         self.crun(&["kill", id, "TERM"]).await;
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
@@ -937,6 +945,7 @@ impl RuntimeBackend for SandboxBackend {
             if !self.frozen(&runtime.id) {
                 self.crun_checked(&["pause", &runtime.id]).await?;
             }
+            std::fs::write(self.pause_marker(&runtime.id), b"")?;
             Ok("its processes frozen, their memory kept".to_string())
         })
         .await
@@ -950,6 +959,7 @@ impl RuntimeBackend for SandboxBackend {
             if self.frozen(&runtime.id) {
                 self.crun_checked(&["resume", &runtime.id]).await?;
             }
+            let _ = std::fs::remove_file(self.pause_marker(&runtime.id));
             Ok("its processes thawed".to_string())
         })
         .await
@@ -1005,7 +1015,7 @@ impl RuntimeBackend for SandboxBackend {
         }
         rotate_logs(&dir);
         if let Some(launch) = self.alive(runtime) {
-            if self.frozen(&runtime.id) {
+            if self.frozen(&runtime.id) && self.pause_marker(&runtime.id).exists() {
                 return Ok(Observed::Paused);
             }
             let (cpu, disk_bytes) = (self.cpu_in_use(&runtime.id), Layer::of(&dir).used_bytes());
