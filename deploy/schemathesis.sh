@@ -11,11 +11,7 @@ max_time=${2:-90}
 deploy=$(cd "$(dirname "$0")" && pwd)
 source "$deploy/env.sh"
 
-venv="$HOME/.cache/runtimeai/venv"
-if [ ! -x "$venv/bin/st" ]; then
-  /usr/bin/python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==4.32.5"
-fi
+venv=$("$deploy/python-env.sh")
 
 # Three consecutive free ports for REST and three for gRPC, below Linux's ephemeral range
 # (32768-60999): there no client's outgoing connection takes a node's port before it listens.

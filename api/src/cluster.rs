@@ -296,6 +296,7 @@ pub(crate) async fn put_settings(
             return Err(crate::validate::invalid(&format!("$.limits.{name}"), message));
         }
     }
+    crate::webhooks::check_allowed_destinations(&settings.webhook_allowed_destinations)?;
     let op = Op::SetSettings(SetSettings { settings: settings.clone() });
     match crate::mutation::propose(&state, &caller, &settings, op).await? {
         CommandReply::Settings(settings) => Ok(Json(with_usage(&state, settings)?)),

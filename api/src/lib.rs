@@ -42,6 +42,7 @@ mod schema_rules;
 pub mod throttle;
 mod validate;
 mod views;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -124,6 +125,7 @@ pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(actions::routes())
         .merge(migration::routes())
         .merge(events::routes())
+        .merge(webhooks::routes())
         .merge(intents::routes())
         .merge(operations::routes())
         .merge(policies::routes())

@@ -27,7 +27,7 @@ use crate::AppState;
     security(("bearer" = [])),
     components(schemas(Problem, crate::problem::FieldError)),
     tags(
-        (name = "Runtimes"), (name = "Lifecycle"), (name = "Intent"), (name = "Actions"), (name = "Events"), (name = "Policies"), (name = "Operations"),
+        (name = "Runtimes"), (name = "Lifecycle"), (name = "Intent"), (name = "Actions"), (name = "Events"), (name = "Webhooks"), (name = "Policies"), (name = "Operations"),
         (name = "Cluster"), (name = "Auth"), (name = "Health")
     )
 )]

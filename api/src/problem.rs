@@ -138,6 +138,7 @@ impl From<Rejection> for Problem {
             Rejection::SelfApproval { .. } => (StatusCode::FORBIDDEN, "self-approval"),
             Rejection::NotPermitted { .. } => (StatusCode::FORBIDDEN, "forbidden"),
             Rejection::StaleToken { .. } => (StatusCode::CONFLICT, "stale-fencing-token"),
+            Rejection::LeaseLost { .. } => (StatusCode::CONFLICT, "lease-lost"),
             Rejection::LimitExceeded(exceeded) => return exceeded.clone().into(),
         };
         let mut problem = Problem::new(status, kind, rejection.to_string());

@@ -14,6 +14,7 @@ pub mod migration;
 pub mod scheduler;
 pub mod server;
 pub mod transport;
+pub mod webhooks;
 
 /// Completes on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {

@@ -226,12 +226,14 @@ fn api_router(
     Ok(runtimeai_api::router(state))
 }
 
-/// What a node runs beside its servers: its announcement, the scheduler, the watchdog and,
+/// What a node runs beside its servers: its announcement, the scheduler, the watchdog, the
+/// webhook deliverer and,
 /// with backends, the executor; stopped in order when the node shuts down.
 struct Workers {
     registration: tokio::task::JoinHandle<()>,
     scheduler: tokio::task::JoinHandle<()>,
     watchdog: tokio::task::JoinHandle<()>,
+    webhooks: tokio::task::JoinHandle<()>,
     executor: Option<tokio::task::JoinHandle<()>>,
     drivers: Backends,
 }
@@ -258,6 +260,7 @@ impl Workers {
             registration: tokio::spawn(register(replica.clone(), config.clone(), drivers.info())),
             scheduler: tokio::spawn(crate::scheduler::run(replica.clone(), scheduler_options, stop.clone())),
             watchdog: tokio::spawn(runtimeai_raft::watchdog::run(replica.clone(), config.heartbeat, stop.clone())),
+            webhooks: tokio::spawn(crate::webhooks::run(replica.clone(), config.id, stop.clone())),
             executor,
             drivers,
         }
@@ -268,6 +271,7 @@ impl Workers {
     async fn stop(self) {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.scheduler).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.watchdog).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.webhooks).await;
         if let Some(executor) = self.executor {
             let _ = tokio::time::timeout(Duration::from_secs(5), executor).await;
         }

@@ -31,8 +31,10 @@ use serde::Serialize;
 /// `ExecRequest`; `rollout_restart` and `tune_policy` (`ActionKind`, `LifecycleAction`),
 /// `Runtime::policy`, `RuntimeSignals::cpu_measured`. 13: migration (`ActionKind::Migrate`,
 /// `LifecycleAction::Migrate`, `EventType::RuntimeMigrated`). 14: the global event feed
-/// (`event_feed`: every event's position → its stream).
-pub const FORMAT_VERSION: u32 = 14;
+/// (`event_feed`: every event's position → its stream). 15: webhooks (`webhooks`,
+/// `webhook_deliveries`, the delivery lease, their ops; `ClusterSettings::
+/// webhook_allowed_destinations`, `Limits::webhooks`).
+pub const FORMAT_VERSION: u32 = 15;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use runtimeai_model::{
     Actor, ApiKey, ClusterSettings, Intent, NodeInfo, Operation, OperationError, OperationProgress, OperationStatus,
-    Policy, PolicyDecision, Runtime, RuntimeSignals, Timestamp,
+    Policy, PolicyDecision, Runtime, RuntimeSignals, Timestamp, Webhook, WebhookDelivery,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +61,10 @@ pub enum Op {
     AuditMembership(AuditMembership),
     RecordExec(RecordExec),
     ExpireRuntime(ExpireRuntime),
+    CreateWebhook(CreateWebhook),
+    DeleteWebhook(DeleteWebhook),
+    ClaimDeliveries(ClaimDeliveries),
+    RecordDeliveries(RecordDeliveries),
     /// Several commands in one log entry, applied in order as if they were entries of their own
     /// (the leader batches concurrent proposals: one entry, one append, one replication, one
     /// apply for all of them). Replied to with [`CommandReply::Batch`], one reply each.
@@ -80,6 +84,8 @@ impl Op {
                 | Op::ReportSignals(..)
                 | Op::RecordDrift(..)
                 | Op::ExpireRuntime(..)
+                | Op::ClaimDeliveries(..)
+                | Op::RecordDeliveries(..)
         )
     }
 
@@ -106,6 +112,10 @@ impl Op {
             Op::AuditMembership(..) => "audit_membership",
             Op::RecordExec(..) => "record_exec",
             Op::ExpireRuntime(..) => "expire_runtime",
+            Op::CreateWebhook(..) => "create_webhook",
+            Op::DeleteWebhook(..) => "delete_webhook",
+            Op::ClaimDeliveries(..) => "claim_deliveries",
+            Op::RecordDeliveries(..) => "record_deliveries",
             Op::Batch(..) => "batch",
         }
     }
@@ -286,6 +296,41 @@ pub struct ExpireRuntime {
     pub operation_id: String,
 }
 
+/// Store a webhook subscription (its id must be new); it delivers the events written after
+/// this entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateWebhook {
+    pub webhook: Webhook,
+}
+
+/// Remove a webhook subscription and its delivery log. `tenant_id`, when given, must be the
+/// subscription's (a tenant's principal removes only its own).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeleteWebhook {
+    pub id: String,
+    pub tenant_id: Option<String>,
+}
+
+/// A node asks for the delivery lease (or renews its own): granted when it is free, has run out
+/// at the command's time, or is this node's already (then the token stays). The reply says who
+/// holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClaimDeliveries {
+    pub node_id: u64,
+    pub lease_ms: u64,
+}
+
+/// The delivering node records attempts on one subscription and how far it has delivered;
+/// refused unless `token` is the current lease's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordDeliveries {
+    pub token: u64,
+    pub webhook_id: String,
+    pub attempts: Vec<WebhookDelivery>,
+    /// Delivered (or given up on) through this event: never moves back.
+    pub delivered_through: Option<String>,
+}
+
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum CommandReply {
@@ -311,6 +356,8 @@ pub enum CommandReply {
     SignalsRecorded(u32),
     Settings(ClusterSettings),
     ApiKey(ApiKey),
+    Webhook(Webhook),
+    DeliveryLease(runtimeai_model::DeliveryLease),
     Rejected(Rejection),
     /// Replies to membership and blank entries, which carry no command.
     Empty,
@@ -347,6 +394,8 @@ pub enum Rejection {
     StaleToken { operation_id: String, token: Option<u64>, current: Option<u64> },
     #[error(transparent)]
     LimitExceeded(#[from] runtimeai_model::LimitExceeded),
+    #[error("the delivery lease {token} is no longer held (node {holder:?} holds the current one)")]
+    LeaseLost { token: u64, holder: Option<u64> },
 }
 
 /// A command as the raft log carries it: shared, and encoded at most once.

@@ -23,6 +23,9 @@ pub(crate) fn name_key(tenant: Option<&str>, name: &str) -> Vec<u8> {
 /// The cluster settings' record in `CF_SETTINGS`.
 pub(crate) const SETTINGS_KEY: &[u8] = b"cluster";
 
+/// The webhook delivery lease's record in `CF_SETTINGS`.
+pub(crate) const DELIVERY_LEASE_KEY: &[u8] = b"delivery-lease";
+
 /// The state machine's own records in `CF_SM_META`: the last entry it applied and the
 /// membership in force.
 pub(crate) const KEY_LAST_APPLIED: &[u8] = b"last_applied";

@@ -43,6 +43,7 @@ mod txn;
 pub mod types;
 pub mod watchdog;
 
+pub use apply::webhooks::DELIVERIES_KEPT;
 pub use apply::AUDIT_STREAM;
 pub use batcher::Assigner;
 pub use command::{Command, CommandReply, IdempotencyClaim, Op, Rejection};

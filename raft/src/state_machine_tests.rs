@@ -1528,3 +1528,86 @@ async fn a_runtime_past_its_ttl_is_deleted_and_one_idle_too_long_is_stopped_once
     ));
     assert_eq!(expirations(&sm, "rt_kept").len(), 2, "one record per idle period");
 }
+
+/// [`apply_at`], with the index of the entry that carried it.
+async fn indexed_at(sm: &mut StateMachineStore, seconds: i64, op: Op) -> (u64, CommandReply) {
+    let reply = apply_at(sm, seconds, op).await;
+    (sm.last_applied().unwrap().expect("applied").index, reply)
+}
+
+#[tokio::test]
+async fn one_node_at_a_time_delivers_webhooks_and_a_lost_lease_moves_no_cursor() {
+    use crate::command::{ClaimDeliveries, CreateWebhook, DeleteWebhook, RecordDeliveries};
+    use runtimeai_model::{DeliveryOutcome, Webhook, WebhookDelivery, WebhookFilter};
+    let (_dir, mut sm) = open();
+    let webhook = Webhook {
+        id: "wh_1".into(),
+        url: "https://hooks.example.com/in".into(),
+        description: None,
+        filter: WebhookFilter::default(),
+        tenant_id: Some("acme".into()),
+        audit: false,
+        secret: "whsec_c2VjcmV0".into(),
+        created_at: at(0),
+        created_by: Actor::Human("alice".into()),
+        delivered_through: String::new(),
+    };
+    let (created_at, reply) =
+        indexed_at(&mut sm, 0, Op::CreateWebhook(CreateWebhook { webhook: webhook.clone() })).await;
+    let CommandReply::Webhook(stored) = reply else { panic!("{reply:?}") };
+    assert_eq!(stored.delivered_through, crate::keys::event_id(created_at, 0), "it starts after its own creation");
+    let claim = |node_id| Op::ClaimDeliveries(ClaimDeliveries { node_id, lease_ms: 6_000 });
+    let (first_index, granted) = indexed_at(&mut sm, 1, claim(1)).await;
+    let CommandReply::DeliveryLease(lease) = granted else { panic!("{granted:?}") };
+    assert_eq!((lease.node_id, lease.token), (1, first_index));
+    let (_, refused) = indexed_at(&mut sm, 3, claim(2)).await;
+    assert!(matches!(&refused, CommandReply::DeliveryLease(l) if l.node_id == 1), "held: {refused:?}");
+    let (_, renewed) = indexed_at(&mut sm, 4, claim(1)).await;
+    assert!(
+        matches!(&renewed, CommandReply::DeliveryLease(l) if l.token == first_index && l.until == at(10)),
+        "{renewed:?}"
+    );
+    let attempt = |event: &str, node_id| WebhookDelivery {
+        event_id: event.into(),
+        attempt: 1,
+        at: at(5),
+        node_id,
+        outcome: DeliveryOutcome::Delivered,
+        status: Some(204),
+        error: None,
+        duration_ms: 3,
+    };
+    let through = crate::keys::event_id(created_at + 5, 0);
+    let record = |token, node_id, through: &str| {
+        Op::RecordDeliveries(RecordDeliveries {
+            token,
+            webhook_id: "wh_1".into(),
+            attempts: vec![attempt(through, node_id)],
+            delivered_through: Some(through.to_string()),
+        })
+    };
+    let (_, recorded) = indexed_at(&mut sm, 5, record(first_index, 1, &through)).await;
+    assert!(matches!(&recorded, CommandReply::Webhook(w) if w.delivered_through == through), "{recorded:?}");
+
+    // Node 1 goes silent; once its lease has run out, node 2 takes a new one.
+    let (second_index, taken) = indexed_at(&mut sm, 11, claim(2)).await;
+    assert!(matches!(&taken, CommandReply::DeliveryLease(l) if l.node_id == 2 && l.token == second_index), "{taken:?}");
+    let later = crate::keys::event_id(created_at + 9, 0);
+    let (_, stale) = indexed_at(&mut sm, 12, record(first_index, 1, &later)).await;
+    assert!(
+        matches!(stale, CommandReply::Rejected(Rejection::LeaseLost { holder: Some(2), .. })),
+        "node 1 came back: {stale:?}"
+    );
+    let (_, behind) = indexed_at(&mut sm, 12, record(second_index, 2, &crate::keys::event_id(created_at + 1, 0))).await;
+    assert!(matches!(&behind, CommandReply::Webhook(w) if w.delivered_through == through), "never back: {behind:?}");
+    let log = sm.webhook_deliveries("wh_1").unwrap();
+    assert_eq!(log.iter().map(|d| d.node_id).collect::<Vec<_>>(), [1, 2], "the refused record left no attempt");
+
+    let foreign = Op::DeleteWebhook(DeleteWebhook { id: "wh_1".into(), tenant_id: Some("other".into()) });
+    let (_, refused) = indexed_at(&mut sm, 13, foreign).await;
+    assert!(matches!(refused, CommandReply::Rejected(Rejection::NotFound { .. })), "{refused:?}");
+    let (_, deleted) =
+        indexed_at(&mut sm, 13, Op::DeleteWebhook(DeleteWebhook { id: "wh_1".into(), tenant_id: None })).await;
+    assert!(matches!(deleted, CommandReply::Deleted { .. }), "{deleted:?}");
+    assert!(sm.get_webhook("wh_1").unwrap().is_none() && sm.webhook_deliveries("wh_1").unwrap().is_empty());
+}

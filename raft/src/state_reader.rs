@@ -342,6 +342,25 @@ impl StateReader {
             })
     }
 
+    pub fn get_webhook(&self, id: &str) -> Result<Option<runtimeai_model::Webhook>, StorageError> {
+        self.get(crate::store::CF_WEBHOOKS, id.as_bytes())
+    }
+
+    /// Every webhook subscription, ordered by id.
+    pub fn list_webhooks(&self) -> Result<Vec<runtimeai_model::Webhook>, StorageError> {
+        self.scan(crate::store::CF_WEBHOOKS, b"")
+    }
+
+    /// A subscription's latest delivery attempts, oldest first.
+    pub fn webhook_deliveries(&self, id: &str) -> Result<Vec<runtimeai_model::WebhookDelivery>, StorageError> {
+        Ok(self.get(crate::store::CF_WEBHOOK_DELIVERIES, id.as_bytes())?.unwrap_or_default())
+    }
+
+    /// Who holds the webhook delivery lease, if anyone ever did.
+    pub fn delivery_lease(&self) -> Result<Option<runtimeai_model::DeliveryLease>, StorageError> {
+        self.get(crate::store::CF_SETTINGS, crate::keys::DELIVERY_LEASE_KEY)
+    }
+
     pub fn get_operation(&self, id: &str) -> Result<Option<Operation>, StorageError> {
         self.get(CF_OPERATIONS, id.as_bytes())
     }

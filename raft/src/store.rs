@@ -68,6 +68,10 @@ pub(crate) const CF_RUNTIMES_BY_NODE: &str = "runtimes_by_node";
 pub(crate) const CF_RUNTIMES_BY_FIELD: &str = "runtimes_by_field";
 /// `field=value` → how many runtimes have it (`crate::runtime_index`).
 pub(crate) const CF_RUNTIME_COUNTS: &str = "runtime_counts";
+/// `webhook id` → the subscription.
+pub(crate) const CF_WEBHOOKS: &str = "webhooks";
+/// `webhook id` → its latest delivery attempts, oldest first (`crate::apply::webhooks`).
+pub(crate) const CF_WEBHOOK_DELIVERIES: &str = "webhook_deliveries";
 
 /// Column families that make up the state machine, and so a snapshot.
 pub(crate) const STATE_MACHINE_CFS: &[&str] = &[
@@ -91,6 +95,8 @@ pub(crate) const STATE_MACHINE_CFS: &[&str] = &[
     CF_HISTORY_BY_TIME,
     CF_RUNTIMES_BY_FIELD,
     CF_RUNTIME_COUNTS,
+    CF_WEBHOOKS,
+    CF_WEBHOOK_DELIVERIES,
 ];
 
 /// Column families of the raft log itself; the rest of the database is the state machine.

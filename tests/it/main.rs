@@ -13,3 +13,4 @@ mod sandbox;
 mod security;
 mod startup;
 mod tls;
+mod webhooks;

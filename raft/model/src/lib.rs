@@ -14,6 +14,7 @@ mod records;
 mod rules;
 mod runtime;
 pub mod timestamp;
+mod webhooks;
 
 pub use access::{strictness, AgentMode, ApiKey, Principal, PrincipalKind, Role, ALL_TENANTS};
 pub use exec::{ExecRequest, MAX_EXEC_SECONDS};
@@ -31,6 +32,7 @@ pub use runtime::{
     NetworkingProfile, ResourceProfile, Runtime, RuntimePolicy, RuntimeSnapshot, RuntimeSpec, RuntimeState,
     RuntimeType, SecurityProfile,
 };
+pub use webhooks::{DeliveryLease, DeliveryOutcome, Webhook, WebhookDelivery, WebhookFilter};
 
 /// Timestamps are UTC: RFC 3339 in JSON, numbers in the binary codec (see [`timestamp`]).
 pub type Timestamp = chrono::DateTime<chrono::Utc>;

@@ -105,6 +105,8 @@ pub enum EventType {
     RuntimeExpired,
     /// A migration moved it to another node (from, to, cold or rebuilt).
     RuntimeMigrated,
+    WebhookCreated,
+    WebhookDeleted,
 }
 
 impl EventType {
@@ -133,6 +135,8 @@ impl EventType {
             EventType::Member(change) => Owned(format!("member.{}", change.as_str())),
             EventType::RuntimeExpired => Borrowed("runtime.expired"),
             EventType::RuntimeMigrated => Borrowed("runtime.migrated"),
+            EventType::WebhookCreated => Borrowed("webhook.created"),
+            EventType::WebhookDeleted => Borrowed("webhook.deleted"),
         }
     }
 }
@@ -530,6 +534,10 @@ pub struct ClusterSettings {
     #[serde(default)]
     #[schema(read_only)]
     pub usage: Option<SettingsUsage>,
+    /// Networks (CIDR, e.g. `127.0.0.1/32`) webhooks may be delivered to although they are
+    /// loopback, link-local, metadata or otherwise internal to a host: refused by default.
+    #[serde(default)]
+    pub webhook_allowed_destinations: Vec<String>,
 }
 
 /// Caps on what a client may store, so that no request and no tenant costs the cluster
@@ -564,6 +572,9 @@ pub struct Limits {
     /// Runtimes one tenant may have (runtimes of no tenant are not counted).
     #[schema(minimum = 0, maximum = 10000000)]
     pub runtimes_per_tenant: u64,
+    /// Webhook subscriptions in the cluster.
+    #[schema(minimum = 0, maximum = 10000)]
+    pub webhooks: u64,
 }
 
 impl Default for Limits {
@@ -578,6 +589,7 @@ impl Default for Limits {
             policies: 1000,
             rules_per_policy: 100,
             runtimes_per_tenant: 10_000,
+            webhooks: 100,
         }
     }
 }
@@ -596,7 +608,7 @@ pub struct LimitExceeded {
 
 impl Limits {
     /// Each limit by its setting's name with the range it may be set to.
-    pub fn ranges(&self) -> [(&'static str, u64, std::ops::RangeInclusive<u64>); 9] {
+    pub fn ranges(&self) -> [(&'static str, u64, std::ops::RangeInclusive<u64>); 10] {
         [
             ("labels_per_runtime", self.labels_per_runtime, 1..=1024),
             ("label_key_bytes", self.label_key_bytes, 1..=253),
@@ -607,6 +619,7 @@ impl Limits {
             ("policies", self.policies, 1..=100_000),
             ("rules_per_policy", self.rules_per_policy, 1..=1000),
             ("runtimes_per_tenant", self.runtimes_per_tenant, 0..=10_000_000),
+            ("webhooks", self.webhooks, 0..=10_000),
         ]
     }
 
@@ -692,6 +705,7 @@ impl Default for ClusterSettings {
             sizes: default_sizes(),
             limits: Limits::default(),
             usage: None,
+            webhook_allowed_destinations: Vec::new(),
         }
     }
 }

@@ -12,6 +12,7 @@ pub(crate) mod idempotency;
 pub(crate) mod operations;
 mod policies;
 pub(crate) mod runtimes;
+pub mod webhooks;
 
 use runtimeai_model::{Actor, Assignment, Operation};
 
@@ -129,5 +130,9 @@ fn apply_op(
         Op::RevokeApiKey(RevokeApiKey { id }) => cluster::revoke_api_key(txn, events, id)?,
         Op::RecordExec(exec) => runtimes::record_exec(txn, events, exec)?,
         Op::ExpireRuntime(expire) => operations::expire_runtime(txn, events, &settings, expire)?,
+        Op::CreateWebhook(create) => webhooks::create_webhook(txn, events, &settings, create.webhook)?,
+        Op::DeleteWebhook(delete) => webhooks::delete_webhook(txn, events, delete.id, delete.tenant_id)?,
+        Op::ClaimDeliveries(claim) => webhooks::claim_deliveries(txn, index, at, claim.node_id, claim.lease_ms)?,
+        Op::RecordDeliveries(record) => webhooks::record_deliveries(txn, record)?,
     })
 }

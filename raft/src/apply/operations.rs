@@ -320,7 +320,9 @@ pub(crate) fn finish_operation(
         runtime_index::reindex(txn, &runtime.id, Some(&was), None)?;
         txn.delete(CF_RUNTIMES, runtime.id.as_bytes().to_vec());
         retention::ended(txn, at, Ended::Runtime, &runtime.id, &runtime.id)?;
-        events.write(txn, &runtime.id, EventType::RuntimeDeleted, EventSeverity::Info, &JsonObject::default())?;
+        // Whose it was, for those who follow a tenant's events once the runtime is gone.
+        let data = serde_json::json!({ "tenant_id": runtime.tenant_id });
+        events.write(txn, &runtime.id, EventType::RuntimeDeleted, EventSeverity::Info, &data)?;
     } else {
         if runtime.placement != placed {
             moved(txn, events, &operation, &mut runtime, placed)?;

@@ -1,0 +1,235 @@
+//! Webhooks as a receiver meets them: every delivery's signature checked by the Standard
+//! Webhooks reference library (Python `standardwebhooks`), failures retried with the same
+//! `webhook-id`, a tenant's subscription getting its tenant's events only, internal addresses
+//! refused until allowed, and nothing lost when the node delivering is SIGKILLed.
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use runtimeai_tests::{key_for, phase, Cluster, ClusterOptions, Eventually, EVENTUALLY};
+
+/// The feed position an event id names, to compare ids by.
+fn position(id: &str) -> (u64, u32) {
+    let (seq, sub) = id.trim_start_matches("ev_").split_once('_').unwrap_or_default();
+    (u64::from_str_radix(seq, 16).unwrap_or_default(), sub.parse().unwrap_or_default())
+}
+
+/// `tests/webhook_receiver.py` under the tests' Python environment (`deploy/python-env.sh`).
+struct Receiver {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Receiver {
+    /// Listens on a free loopback port; answers the first `failures` deliveries with 500.
+    async fn start(failures: u32) -> anyhow::Result<Receiver> {
+        let home = std::env::var("HOME").unwrap_or_default();
+        let python = PathBuf::from(home).join(".cache/runtimeai/venv/bin/python");
+        anyhow::ensure!(python.exists(), "no {} (run deploy/python-env.sh)", python.display());
+        let dir = tempfile::tempdir()?;
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("webhook_receiver.py");
+        let child = Command::new(python)
+            .arg(script)
+            .args(["port", "secret", "log"].map(|f| dir.path().join(f)))
+            .arg(failures.to_string())
+            .spawn()?;
+        let port_file = dir.path().join("port");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !port_file.exists() {
+            anyhow::ensure!(Instant::now() < deadline, "the receiver did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let port = std::fs::read_to_string(port_file)?.trim().parse()?;
+        Ok(Receiver { child, dir, port })
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    fn set_secret(&self, secret: &str) -> anyhow::Result<()> {
+        Ok(std::fs::write(self.dir.path().join("secret"), secret)?)
+    }
+
+    /// What it logged, in order.
+    fn log(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default();
+        text.lines().filter_map(|line| serde_json::from_str(line).ok()).collect()
+    }
+
+    /// The runtime names of the `runtime.created` deliveries whose signature checked out, in
+    /// the order they first arrived, each once.
+    fn created_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for entry in self.log() {
+            if entry["type"] == "runtime.created" {
+                let name = entry["data"]["data"]["name"].as_str().unwrap_or_default().to_string();
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        names
+    }
+
+    async fn wait_for(&self, what: &str, done: impl Fn(&Receiver) -> bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + EVENTUALLY;
+        while !done(self) {
+            anyhow::ensure!(Instant::now() < deadline, "the receiver never got {what}: {:?}", self.log());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Creates a vcluster named `name` through node `via` (in `tenant`, if given).
+async fn create(cluster: &Cluster, via: u64, name: &str, tenant: Option<&str>) -> anyhow::Result<String> {
+    let headers: Vec<(&str, &str)> = tenant.map(|t| ("tenant_id", t)).into_iter().collect();
+    let body = json!({"name": name, "type": "vcluster"});
+    let made = cluster.call_eventually(via, Method::POST, "/v1/runtimes", Some(&body), &headers).await?;
+    anyhow::ensure!(made.status == 201, "create {name}: {made:?}");
+    Ok(made.body["id"].as_str().unwrap_or_default().to_string())
+}
+
+async fn subscribe(cluster: &Cluster, token: Option<&str>, body: Value) -> anyhow::Result<(String, String)> {
+    let made = match token {
+        Some(token) => cluster.call_eventually_as(token, 1, Method::POST, "/v1/webhooks", Some(&body), &[]).await?,
+        None => cluster.call_eventually(1, Method::POST, "/v1/webhooks", Some(&body), &[]).await?,
+    };
+    anyhow::ensure!(made.status == 201, "subscribe {body}: {made:?}");
+    assert!(made.body["webhook"].get("secret").is_none(), "the secret is shown beside, once: {made:?}");
+    let (secret, id) = (&made.body["secret"], &made.body["webhook"]["id"]);
+    Ok((id.as_str().unwrap_or_default().into(), secret.as_str().unwrap_or_default().into()))
+}
+
+async fn deliveries(cluster: &Cluster, via: u64, webhook: &str) -> anyhow::Result<Vec<Value>> {
+    let log = cluster.get_eventually(via, &format!("/v1/webhooks/{webhook}/deliveries")).await?;
+    Ok(log.body["items"].as_array().cloned().unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_signed_retried_confined_and_outlive_the_node_delivering_them() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, ClusterOptions::default()).await?;
+    cluster.wait_leader(EVENTUALLY).await?;
+
+    phase("internal destinations are refused: at once for an address, at delivery for a name");
+    for url in [
+        "http://127.0.0.1:9/",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::ffff:127.0.0.1]/",
+        "http://[::1]/",
+    ] {
+        let refused = cluster.call_eventually(2, Method::POST, "/v1/webhooks", Some(&json!({"url": url})), &[]).await?;
+        assert_eq!(refused.status, 422, "{url}: {refused:?}");
+        assert_eq!(refused.body["type"], "https://runtimeai.dev/problems/destination-refused", "{refused:?}");
+    }
+    for (url, field) in [("file:///etc/passwd", "$.url"), ("http://u:p@example.com/", "$.url")] {
+        let bad = cluster.call_eventually(2, Method::POST, "/v1/webhooks", Some(&json!({"url": url})), &[]).await?;
+        assert_eq!((bad.status, bad.body["errors"][0]["path"].as_str()), (400, Some(field)), "{bad:?}");
+    }
+    let sneaky = Receiver::start(0).await?;
+    let by_name = json!({"url": format!("http://localhost:{}/hook", sneaky.port)});
+    let (sneaky_id, sneaky_secret) = subscribe(&cluster, None, by_name).await?;
+    sneaky.set_secret(&sneaky_secret)?;
+    create(&cluster, 2, "hook-probe", None).await?;
+    let deadline = Instant::now() + EVENTUALLY;
+    let refusal = loop {
+        let log = deliveries(&cluster, 3, &sneaky_id).await?;
+        if let Some(failed) = log.iter().find(|d| d["outcome"] == "failed") {
+            break failed.clone();
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no delivery attempt was recorded: {log:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(refusal["error"].as_str().unwrap_or_default().contains("refused"), "{refusal}");
+    assert!(sneaky.log().is_empty(), "a name that resolves to loopback reached it: {:?}", sneaky.log());
+    let gone = cluster.call_eventually(1, Method::DELETE, &format!("/v1/webhooks/{sneaky_id}"), None, &[]).await?;
+    assert_eq!(gone.status, 204, "{gone:?}");
+    drop(sneaky);
+
+    phase("an allow-list opens loopback; a tenant's subscription sees its tenant only");
+    let bad_setting = {
+        let mut settings = cluster.get_eventually(1, "/v1/cluster/settings").await?.body;
+        settings["webhook_allowed_destinations"] = json!(["localhost"]);
+        cluster.call_eventually(1, Method::PUT, "/v1/cluster/settings", Some(&settings), &[]).await?
+    };
+    assert_eq!(bad_setting.status, 400, "{bad_setting:?}");
+    let mut settings = cluster.get_eventually(1, "/v1/cluster/settings").await?.body;
+    settings["webhook_allowed_destinations"] = json!(["127.0.0.1/32"]);
+    let put = cluster.call_eventually(1, Method::PUT, "/v1/cluster/settings", Some(&settings), &[]).await?;
+    assert_eq!(put.status, 200, "{put:?}");
+    let all = Receiver::start(2).await?;
+    let filter = json!({"url": all.url(), "event_types": ["runtime.created"], "description": "every tenant"});
+    let (all_id, all_secret) = subscribe(&cluster, None, filter).await?;
+    all.set_secret(&all_secret)?;
+    let acme_key = key_for(&cluster, 1, "hook-acme-operator", "human", &["acme"], &["operator"], None).await?;
+    let acme = Receiver::start(0).await?;
+    let (acme_id, acme_secret) =
+        subscribe(&cluster, Some(&acme_key), json!({"url": acme.url(), "event_types": ["runtime.*"]})).await?;
+    acme.set_secret(&acme_secret)?;
+    let listed = cluster.call_as(Some(&acme_key), 2, Method::GET, "/v1/webhooks", None, &[]).await?;
+    let ids: Vec<&str> = listed.body["items"].as_array().unwrap().iter().filter_map(|w| w["id"].as_str()).collect();
+    assert_eq!(ids, [acme_id.as_str()], "a tenant lists its own: {listed:?}");
+    let foreign =
+        cluster.call_as(Some(&acme_key), 2, Method::DELETE, &format!("/v1/webhooks/{all_id}"), None, &[]).await?;
+    assert_eq!(foreign.status, 404, "another tenant's subscription: {foreign:?}");
+
+    phase("deliveries in order, the first two refused by the receiver and retried");
+    let mut names: Vec<String> = (0..4).map(|i| format!("hook-{i}")).collect();
+    for name in &names {
+        create(&cluster, 2, name, None).await?;
+    }
+    let acme_runtime = create(&cluster, 3, "hook-acme", Some("acme")).await?;
+    create(&cluster, 3, "hook-other", Some("other")).await?;
+    names.extend(["hook-acme".to_string(), "hook-other".to_string()]);
+    all.wait_for("every runtime.created", |r| r.created_names().len() >= names.len()).await?;
+    assert_eq!(all.created_names(), names, "each, in the order they were created");
+    let log = all.log();
+    assert!(log.iter().all(|e| e.get("bad_signature").is_none()), "every signature checks out: {log:?}");
+    let refused: Vec<&Value> = log.iter().filter_map(|e| e.get("refused")).collect();
+    assert_eq!(refused.len(), 2, "{log:?}");
+    let first = log.iter().find(|e| e.get("type").is_some()).expect("a delivery");
+    assert!(refused.iter().all(|id| **id == first["id"]), "a retry keeps its webhook-id: {log:?}");
+    let attempts = deliveries(&cluster, 1, &all_id).await?;
+    let outcomes: Vec<(u64, &str, Option<u64>)> = attempts
+        .iter()
+        .take(3)
+        .map(|d| (d["attempt"].as_u64().unwrap(), d["outcome"].as_str().unwrap(), d["status"].as_u64()))
+        .collect();
+    assert_eq!(outcomes, [(1, "failed", Some(500)), (2, "failed", Some(500)), (3, "delivered", Some(204))]);
+    acme.wait_for("acme's runtime", |r| r.created_names() == ["hook-acme"]).await?;
+    let acme_log = acme.log();
+    assert!(acme_log.iter().all(|e| e["data"]["runtime_id"] == acme_runtime.as_str()), "acme's only: {acme_log:?}");
+
+    phase("the node delivering is SIGKILLed: another takes the lease, nothing is lost");
+    let holder = attempts.last().and_then(|d| d["node_id"].as_u64()).expect("a delivering node");
+    cluster.kill(holder);
+    let survivor = (1..=3).find(|n| *n != holder).unwrap();
+    let later: Vec<String> = (0..8).map(|i| format!("hook-after-{i}")).collect();
+    for name in &later {
+        create(&cluster, survivor, name, None).await?;
+    }
+    names.extend(later);
+    all.wait_for("every runtime.created after the kill", |r| r.created_names().len() >= names.len()).await?;
+    assert_eq!(all.created_names(), names, "each at least once, first seen in order");
+    let after = deliveries(&cluster, survivor, &all_id).await?;
+    let last = after.last().expect("deliveries");
+    assert_ne!(last["node_id"].as_u64(), Some(holder), "another node delivers now: {last}");
+    let record = cluster.get_eventually(survivor, &format!("/v1/webhooks/{all_id}")).await?;
+    let through = record.body["delivered_through"].as_str().map(position);
+    assert!(through >= last["event_id"].as_str().map(position), "its cursor is past what it delivered: {record:?}");
+    assert!(record.body.get("secret").is_none(), "{record:?}");
+    Ok(())
+}
