@@ -11,6 +11,7 @@ What the OpenAPI document cannot say, said to the generator for the cases meant 
 - a command it makes up runs at most 5 s, logs are read without `follow` and event streams end after
   a second (neither would end otherwise);
 - a key's expiry is in the future (the document can say only that it is a date-time);
+- a webhook's URL is a name that never resolves, and its event types are well formed;
 - an action list runs a migration alone, and a migration names one destination, however often;
 - a size catalogue lists its sizes smallest first (cpu and cost never decrease) and names each
   once: rules across the items of an array.
@@ -234,6 +235,13 @@ def map_case(ctx, case):
             params, target = action.get("params"), action.get("target")
             if isinstance(params, dict) and isinstance(target, dict) and "node" in target and "node_id" in params:
                 params["node_id"] = target["node"]
+    if label == "POST /v1/webhooks" and body is not None:
+        # Somewhere that never answers (RFC 6761's .invalid never resolves): the cluster must not
+        # POST the fuzzer's events to whatever host a random name happens to be.
+        body["url"] = f"https://fuzz-{uuid.uuid4().hex[:8]}.invalid/hook"
+        if isinstance(body.get("event_types"), list):
+            body["event_types"] = [t for t in body["event_types"]
+                                   if isinstance(t, str) and re.fullmatch(r"[a-z_]+(\.[a-z_]+)*(\.\*)?", t)]
     if label == "POST /v1/runtimes/{runtime_id}/exec" and body is not None:
         body["timeout_seconds"] = min(body.get("timeout_seconds") or 5, 5)
     fixture = FIXTURES.for_operation(label) if FIXTURES is not None else {}

@@ -86,6 +86,7 @@ pub fn document() -> String {
 const PRODUCERS: &[(&str, &str, &str, &str, &str)] = &[
     ("/v1/runtimes", "post", "201", "runtime_id", "$response.body#/id"),
     ("/v1/policies", "post", "201", "policy_id", "$response.body#/id"),
+    ("/v1/webhooks", "post", "201", "webhook_id", "$response.body#/webhook/id"),
     ("/v1/runtimes/{runtime_id}/intent", "post", "202", "intent_id", "$response.body#/intent_id"),
     ("/v1/runtimes/{runtime_id}/lifecycle/stop", "post", "202", "operation_id", "$response.body#/id"),
     ("/v1/runtimes/{runtime_id}/lifecycle/snapshot", "post", "202", "operation_id", "$response.body#/id"),

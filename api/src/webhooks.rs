@@ -41,7 +41,7 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
 #[serde(deny_unknown_fields)]
 pub struct WebhookCreateRequest {
     /// Where deliveries are POSTed: `http` or `https`, at most 2048 bytes, no credentials in it.
-    #[schema(max_length = 2048)]
+    #[schema(max_length = 2048, pattern = "^https?://[^\\s]+$")]
     pub url: String,
     #[serde(default)]
     #[schema(max_length = 256)]

@@ -321,7 +321,7 @@ pub(crate) fn finish_operation(
         txn.delete(CF_RUNTIMES, runtime.id.as_bytes().to_vec());
         retention::ended(txn, at, Ended::Runtime, &runtime.id, &runtime.id)?;
         // Whose it was, for those who follow a tenant's events once the runtime is gone.
-        let data = serde_json::json!({ "tenant_id": runtime.tenant_id });
+        let data = super::events::audit_data(&[], runtime.tenant_id.as_deref());
         events.write(txn, &runtime.id, EventType::RuntimeDeleted, EventSeverity::Info, &data)?;
     } else {
         if runtime.placement != placed {
