@@ -11,7 +11,7 @@ What the OpenAPI document cannot say, said to the generator for the cases meant 
 - a command it makes up runs at most 5 s, logs are read without `follow` and event streams end after
   a second (neither would end otherwise);
 - a key's expiry is in the future (the document can say only that it is a date-time);
-- a webhook's URL is a name that never resolves, and its event types are well formed;
+- a webhook's (and an observer's) URL is a name that never resolves, its event types well formed;
 - an action list runs a migration alone, and a migration names one destination, however often;
 - a size catalogue lists its sizes smallest first (cpu and cost never decrease) and names each
   once: rules across the items of an array.
@@ -231,6 +231,11 @@ def map_case(ctx, case):
         if len(actions) > 1 and any(isinstance(a, dict) and a.get("type") == "migrate" for a in actions):
             body["actions"] = [a for a in actions if not (isinstance(a, dict) and a.get("type") == "migrate")]
         for action in body["actions"]:
+            params = action.get("params") if isinstance(action, dict) else None
+            if action.get("type") == "attach_observer" and isinstance(params, dict):
+                params["url"] = f"https://fuzz-{uuid.uuid4().hex[:8]}.invalid/observer"
+                params.pop("secret", None)
+                well_formed_event_types(params)
             # Named twice (target and params, as the lifecycle call takes it), a node must agree.
             params, target = action.get("params"), action.get("target")
             if isinstance(params, dict) and isinstance(target, dict) and "node" in target and "node_id" in params:
@@ -239,9 +244,7 @@ def map_case(ctx, case):
         # Somewhere that never answers (RFC 6761's .invalid never resolves): the cluster must not
         # POST the fuzzer's events to whatever host a random name happens to be.
         body["url"] = f"https://fuzz-{uuid.uuid4().hex[:8]}.invalid/hook"
-        if isinstance(body.get("event_types"), list):
-            body["event_types"] = [t for t in body["event_types"]
-                                   if isinstance(t, str) and re.fullmatch(r"[a-z_]+(\.[a-z_]+)*(\.\*)?", t)]
+        well_formed_event_types(body)
     if label == "POST /v1/runtimes/{runtime_id}/exec" and body is not None:
         body["timeout_seconds"] = min(body.get("timeout_seconds") or 5, 5)
     fixture = FIXTURES.for_operation(label) if FIXTURES is not None else {}
@@ -254,6 +257,15 @@ def map_case(ctx, case):
         else:
             case.path_parameters[name] = value
     return case
+
+
+def well_formed_event_types(subscription):
+    """Keeps the event types (`runtime.created`) and families (`operation.*`) of a subscription
+    that are well formed."""
+    if isinstance(subscription.get("event_types"), list):
+        subscription["event_types"] = [t for t in subscription["event_types"]
+                                       if isinstance(t, str) and re.fullmatch(r"[a-z_]+(\.[a-z_]+){0,7}(\.\*)?", t)
+                                       and len(t) <= 64]
 
 
 def smallest_first(sizes):

@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use runtimeai_model::{Capability, LifecycleAction, Placement, PolicyDecision, PolicyMode, RuntimePolicy, SizeEntry};
+use runtimeai_model::{
+    ActionKind, Capability, LifecycleAction, Placement, PolicyDecision, PolicyMode, RuntimePolicy, SizeEntry, Webhook,
+};
 
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -185,6 +187,40 @@ fn unsupported(index: usize, what: &str) -> Problem {
 /// the cluster's choice), or why there is none.
 pub(crate) type Destination<'a> = &'a dyn Fn(Option<u64>, &str) -> Result<Placement, Problem>;
 
+/// The subscription an `attach_observer` action makes (at `path`), or why it cannot.
+pub(crate) type Observer<'a> = &'a dyn Fn(ObserverAttachRequest, &str) -> Result<Webhook, Problem>;
+
+/// `attach_observer`'s parameters: a webhook scoped to the runtime (see `POST /v1/webhooks`).
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ObserverAttachRequest {
+    /// Where its events are POSTed, signed (as for `POST /v1/webhooks`).
+    #[schema(max_length = 2048, pattern = "^https?://[^\\s]+$")]
+    pub url: String,
+    /// Event types or families (`operation.*`), at most 32; all of the runtime's when empty.
+    #[serde(default)]
+    #[schema(max_items = 32)]
+    pub event_types: Vec<String>,
+    #[serde(default)]
+    pub min_severity: Option<runtimeai_model::EventSeverity>,
+    #[serde(default)]
+    #[schema(max_length = 256)]
+    pub description: Option<String>,
+    /// The signing secret (`whsec_` and the base64 of 24 to 64 bytes); made when absent, and
+    /// read with `GET /v1/webhooks/{id}/secret`.
+    #[serde(default)]
+    #[schema(pattern = "^whsec_[A-Za-z0-9+/]{32,88}={0,2}$")]
+    pub secret: Option<String>,
+}
+
+/// `detach_observer`'s parameters.
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ObserverDetachRequest {
+    /// The observer's webhook id (`attach_observer`'s operation names it).
+    pub webhook_id: String,
+}
+
 /// Turns one requested action into what the operation will run.
 pub(crate) fn lifecycle_action(
     action: &Action,
@@ -192,10 +228,12 @@ pub(crate) fn lifecycle_action(
     capabilities: &[Capability],
     sizes: &[SizeEntry],
     destination: Destination<'_>,
+    observer: Observer<'_>,
 ) -> Result<LifecycleAction, Problem> {
     let kind =
         serde_json::to_value(action.action_type).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-    if action.action_type != ActionType::TunePolicy && !capabilities.iter().any(|c| *c == kind) {
+    let record_only = ActionKind::named(&kind).is_some_and(ActionKind::record_only);
+    if !record_only && !capabilities.iter().any(|c| *c == kind) {
         return Err(unsupported(
             index,
             &format!("this runtime cannot {kind} (capabilities: {})", capabilities.join(", ")),
@@ -240,8 +278,21 @@ pub(crate) fn lifecycle_action(
             let to = destination(node, &format!("$.actions[{index}]"))?;
             LifecycleAction::Migrate { to, rebuild: false }
         }
-        ActionType::AttachObserver | ActionType::DetachObserver => {
-            return Err(unsupported(index, &format!("no backend can {kind} yet")))
+        ActionType::AttachObserver => {
+            let Some(_) = &action.params else {
+                return Err(Problem::invalid_field(format!("{path}.url"), "attach_observer needs the url"));
+            };
+            LifecycleAction::AttachObserver { webhook: Box::new(observer(params(action, index)?, &path)?) }
+        }
+        ActionType::DetachObserver => {
+            let Some(_) = &action.params else {
+                return Err(Problem::invalid_field(
+                    format!("{path}.webhook_id"),
+                    "detach_observer needs the webhook_id",
+                ));
+            };
+            let p: ObserverDetachRequest = params(action, index)?;
+            LifecycleAction::DetachObserver { webhook_id: p.webhook_id }
         }
         plain => unreachable!("{plain:?} is taken above"),
     })
@@ -301,11 +352,15 @@ pub(crate) async fn execute_actions(
         // Read whenever the runtime can migrate: without them, it cannot.
         None => can_migrate(&runtime, path).and(Err(Problem::unsupported_action(path, "this runtime cannot migrate"))),
     };
+    let settings = state.replica.state().settings();
+    let observer = |request: ObserverAttachRequest, path: &str| {
+        crate::webhooks::observer_of(&caller, &runtime, &settings, request, path)
+    };
     let actions = request
         .actions
         .iter()
         .enumerate()
-        .map(|(i, action)| lifecycle_action(action, i, &runtime.capabilities, &sizes, &destination))
+        .map(|(i, action)| lifecycle_action(action, i, &runtime.capabilities, &sizes, &destination, &observer))
         .collect::<Result<Vec<_>, _>>()?;
     for (i, action) in actions.iter().enumerate() {
         if let LifecycleAction::Restore { snapshot_id } = action {

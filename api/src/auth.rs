@@ -71,6 +71,7 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("GET", "/v1/webhooks/{webhook_id}", Needs(Read)),
         ("DELETE", "/v1/webhooks/{webhook_id}", Needs(Operate)),
         ("GET", "/v1/webhooks/{webhook_id}/deliveries", Needs(Read)),
+        ("GET", "/v1/webhooks/{webhook_id}/secret", Needs(Operate)),
         ("POST", "/v1/cluster/members", Needs(ManageCluster)),
         ("DELETE", "/v1/cluster/members/{node_id}", Needs(ManageCluster)),
         ("POST", "/v1/cluster/members/{node_id}/evacuate", Needs(ManageCluster)),

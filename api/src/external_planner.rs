@@ -148,7 +148,10 @@ fn parse(content: &str, capabilities: &[Capability], sizes: &[SizeEntry]) -> Res
             let no_migration = |_: Option<u64>, path: &str| {
                 Err(Problem::invalid_field(path, "a plan does not migrate; ask for it with lifecycle/migrate"))
             };
-            lifecycle_action(action, i, capabilities, sizes, &no_migration)
+            let no_observer = |_: crate::actions::ObserverAttachRequest, path: &str| {
+                Err(Problem::invalid_field(path, "a plan does not attach observers; ask for it with actions/execute"))
+            };
+            lifecycle_action(action, i, capabilities, sizes, &no_migration, &no_observer)
                 .map_err(|p| invalid(format!("is refused: {}", p.detail)))
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -25,7 +25,12 @@ use crate::AppState;
     servers((url = "/", description = "any node of the cluster")),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
-    components(schemas(Problem, crate::problem::FieldError)),
+    components(schemas(
+        Problem,
+        crate::problem::FieldError,
+        crate::actions::ObserverAttachRequest,
+        crate::actions::ObserverDetachRequest
+    )),
     tags(
         (name = "Runtimes"), (name = "Lifecycle"), (name = "Intent"), (name = "Actions"), (name = "Events"), (name = "Webhooks"), (name = "Policies"), (name = "Operations"),
         (name = "Cluster"), (name = "Auth"), (name = "Health")

@@ -107,8 +107,8 @@ fn constraints() -> Value {
     }})
 }
 
-/// An action's parameters are those of its lifecycle call; only `migrate` takes a target (its
-/// destination node).
+/// An action's parameters are those of its lifecycle call (an observer's, a webhook's); only
+/// `migrate` takes a target (its destination node).
 fn write_action(schemas: &mut Value) {
     let params =
         |schema: &str| json!({"oneOf": [{"type": "null"}, {"$ref": format!("#/components/schemas/{schema}")}]});
@@ -128,7 +128,10 @@ fn write_action(schemas: &mut Value) {
             "params": {"$ref": "#/components/schemas/LifecycleRestoreRequest"}, "target": no_target}},
         {"properties": {"type": {"const": "tune_policy"}, "params": params("RuntimePolicy"), "target": no_target}},
         {"properties": {"type": {"const": "migrate"}, "params": params("LifecycleMigrateRequest"), "target": node}},
-        {"properties": {"type": {"enum": ["attach_observer", "detach_observer"]}, "target": no_target}},
+        {"required": ["params"], "properties": {"type": {"const": "attach_observer"},
+            "params": {"$ref": "#/components/schemas/ObserverAttachRequest"}, "target": no_target}},
+        {"required": ["params"], "properties": {"type": {"const": "detach_observer"},
+            "params": {"$ref": "#/components/schemas/ObserverDetachRequest"}, "target": no_target}},
     ]);
 }
 

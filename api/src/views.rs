@@ -100,6 +100,12 @@ pub(crate) fn action_params(action: &LifecycleAction) -> Value {
         LifecycleAction::Migrate { to, rebuild } => {
             serde_json::json!({ "to_node": to.node_id, "site": to.site, "rebuild": rebuild })
         }
+        // Never its secret: `GET /v1/webhooks/{id}/secret` shows it to those who may.
+        LifecycleAction::AttachObserver { webhook } => serde_json::json!({
+            "webhook_id": webhook.id, "url": webhook.url, "event_types": webhook.filter.event_types,
+            "min_severity": webhook.filter.min_severity, "description": webhook.description,
+        }),
+        LifecycleAction::DetachObserver { webhook_id } => serde_json::json!({ "webhook_id": webhook_id }),
         LifecycleAction::Sequence { actions } => serde_json::json!({
             "actions": actions.iter().map(|a| serde_json::json!({"type": a.kind(), "params": action_params(a)})).collect::<Vec<_>>()
         }),

@@ -17,10 +17,11 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use runtimeai_model::{ClusterSettings, Event, EventSeverity, Webhook, WebhookDelivery, WebhookFilter};
+use runtimeai_model::{ClusterSettings, Event, EventSeverity, Runtime, Webhook, WebhookDelivery, WebhookFilter};
 use runtimeai_raft::command::{CreateWebhook, DeleteWebhook};
 use runtimeai_raft::{CommandReply, Op};
 
+use crate::actions::ObserverAttachRequest;
 use crate::auth::{may, Caller, Permission};
 use crate::doc_types::{IdempotencyKey, ProblemResponses, TenantId};
 use crate::extract::{Body, PathParam};
@@ -34,6 +35,7 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(list_webhooks, create_webhook))
         .routes(routes!(get_webhook, delete_webhook))
         .routes(routes!(webhook_deliveries))
+        .routes(routes!(webhook_secret))
 }
 
 /// A new subscription.
@@ -129,8 +131,8 @@ pub(crate) async fn create_webhook(
 ) -> Result<Response, Problem> {
     state.replica.read_barrier().await?;
     let settings = state.replica.state().settings();
-    check_destination_url(&request.url, &settings)?;
-    check_filter(&request)?;
+    check_destination_url(&request.url, &settings, "$.url")?;
+    check_filter(request.description.as_deref(), &request.event_types, "$")?;
     if let Some(id) = &request.runtime_id {
         crate::runtimes::read_runtime(&state, &caller, id, Default::default()).await?;
     }
@@ -155,11 +157,56 @@ fn webhook_body(webhook: &Webhook) -> serde_json::Value {
     serde_json::json!({ "url": webhook.url, "description": webhook.description, "filter": webhook.filter })
 }
 
+/// A new signing secret: `whsec_` and the base64 of 32 random bytes.
+fn new_secret() -> String {
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).expect("the OS gives random bytes");
+    format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key))
+}
+
+/// The observer `attach_observer` (its params at `path`) subscribes to `runtime`'s events: a
+/// webhook of the runtime's tenant, filtered to the runtime, without the audit stream.
+pub(crate) fn observer_of(
+    caller: &Caller,
+    runtime: &Runtime,
+    settings: &ClusterSettings,
+    request: ObserverAttachRequest,
+    path: &str,
+) -> Result<Webhook, Problem> {
+    check_destination_url(&request.url, settings, &format!("{path}.url"))?;
+    check_filter(request.description.as_deref(), &request.event_types, path)?;
+    let secret = match request.secret {
+        Some(secret) => {
+            let key = secret.strip_prefix("whsec_").map(|k| base64::engine::general_purpose::STANDARD.decode(k));
+            if !key.is_some_and(|k| k.is_ok_and(|k| (24..=64).contains(&k.len()))) {
+                let message = "whsec_ and the base64 of 24 to 64 bytes";
+                return Err(Problem::invalid_field(format!("{path}.secret"), message));
+            }
+            secret
+        }
+        None => new_secret(),
+    };
+    Ok(Webhook {
+        id: new_id("wh"),
+        url: request.url,
+        description: request.description,
+        filter: WebhookFilter {
+            event_types: request.event_types,
+            runtime_id: Some(runtime.id.clone()),
+            min_severity: request.min_severity,
+        },
+        tenant_id: runtime.tenant_id.clone(),
+        audit: false,
+        secret,
+        created_at: chrono::Utc::now(),
+        created_by: caller.actor(),
+        delivered_through: String::new(),
+    })
+}
+
 /// The subscription `request` asks for, seeing what `caller` sees, with a new id and secret.
 pub(crate) fn new_webhook(caller: &Caller, request: WebhookCreateRequest) -> Result<Webhook, Problem> {
     let tenant_id = caller.tenant_for_new(None, "tenant_id")?;
-    let mut key = [0u8; 32];
-    getrandom::fill(&mut key).expect("the OS gives random bytes");
     Ok(Webhook {
         id: new_id("wh"),
         url: request.url,
@@ -171,7 +218,7 @@ pub(crate) fn new_webhook(caller: &Caller, request: WebhookCreateRequest) -> Res
         },
         tenant_id,
         audit: may(&caller.principal, Permission::ManageCluster),
-        secret: format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key)),
+        secret: new_secret(),
         created_at: chrono::Utc::now(),
         created_by: caller.actor(),
         // Apply sets it: the subscription starts after the entry that creates it.
@@ -179,30 +226,31 @@ pub(crate) fn new_webhook(caller: &Caller, request: WebhookCreateRequest) -> Res
     })
 }
 
-fn check_filter(request: &WebhookCreateRequest) -> Result<(), Problem> {
-    if request.description.as_ref().is_some_and(|d| d.len() > 256) {
-        return Err(Problem::invalid_field("$.description", "at most 256 bytes"));
+/// A subscription's description and event types (the fields under `path`).
+fn check_filter(description: Option<&str>, event_types: &[String], path: &str) -> Result<(), Problem> {
+    if description.is_some_and(|d| d.len() > 256) {
+        return Err(Problem::invalid_field(format!("{path}.description"), "at most 256 bytes"));
     }
-    if request.event_types.len() > 32 {
-        return Err(Problem::invalid_field("$.event_types", "at most 32 types"));
+    if event_types.len() > 32 {
+        return Err(Problem::invalid_field(format!("{path}.event_types"), "at most 32 types"));
     }
-    for (i, wanted) in request.event_types.iter().enumerate() {
+    for (i, wanted) in event_types.iter().enumerate() {
         let name = wanted.strip_suffix(".*").unwrap_or(wanted);
         let well_formed = !name.is_empty()
             && name.len() <= 64
             && name.split('.').all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
         if !well_formed {
             let message = "an event type such as runtime.created, or a family such as operation.*";
-            return Err(Problem::invalid_field(format!("$.event_types[{i}]"), message));
+            return Err(Problem::invalid_field(format!("{path}.event_types[{i}]"), message));
         }
     }
     Ok(())
 }
 
-/// 422 for a URL that is not an `http(s)` URL without credentials, or whose host is an address
-/// deliveries may not go to.
-pub fn check_destination_url(url: &str, settings: &ClusterSettings) -> Result<reqwest::Url, Problem> {
-    let invalid = |message: &str| Problem::invalid_field("$.url", message);
+/// 400 (naming `field`) for a URL that is not an `http(s)` URL without credentials, 422 for one
+/// whose host is an address deliveries may not go to.
+pub fn check_destination_url(url: &str, settings: &ClusterSettings, field: &str) -> Result<reqwest::Url, Problem> {
+    let invalid = |message: &str| Problem::invalid_field(field, message);
     if url.len() > 2048 {
         return Err(invalid("at most 2048 bytes"));
     }
@@ -355,6 +403,26 @@ pub(crate) async fn webhook_deliveries(
     Ok(Json(DeliveryList { items: state.replica.state().webhook_deliveries(&webhook.id)? }))
 }
 
+/// The key a subscription's deliveries are signed with.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookSecret {
+    /// `whsec_` and the base64 of the HMAC-SHA256 key.
+    pub secret: String,
+}
+
+/// The subscription's signing secret (for an observer whose secret the cluster made, or a
+/// receiver set up again); for those who may create subscriptions.
+#[utoipa::path(get, path = "/v1/webhooks/{webhook_id}/secret", tag = "Webhooks",
+    params(("webhook_id" = String, Path), TenantId),
+    responses((status = 200, description = "OK", body = WebhookSecret), ProblemResponses))]
+pub(crate) async fn webhook_secret(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam(webhook_id): PathParam<String>,
+) -> Result<Json<WebhookSecret>, Problem> {
+    Ok(Json(WebhookSecret { secret: read_webhook(&state, &caller, &webhook_id).await?.secret }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,10 +459,11 @@ mod tests {
         settings.webhook_allowed_destinations = vec!["127.0.0.1/32".into()];
         assert_eq!(refused_destination("127.0.0.1".parse().unwrap(), &settings), None);
         assert!(refused_destination("127.0.0.2".parse().unwrap(), &settings).is_some());
-        assert!(check_destination_url("http://[::1]:9/x", &settings).is_err());
-        assert!(check_destination_url("http://user:pw@example.com/", &settings).is_err());
-        assert!(check_destination_url("file:///etc/passwd", &settings).is_err());
-        assert!(check_destination_url("https://hooks.example.com/in", &settings).is_ok());
+        let check = |url: &str| check_destination_url(url, &settings, "$.url");
+        assert!(check("http://[::1]:9/x").is_err());
+        assert!(check("http://user:pw@example.com/").is_err());
+        assert!(check("file:///etc/passwd").is_err());
+        assert!(check("https://hooks.example.com/in").is_ok());
         assert!(check_allowed_destinations(&["10.0.0.0/8".into()]).is_ok());
         assert!(check_allowed_destinations(&["localhost".into()]).is_err());
     }

@@ -284,7 +284,7 @@ async fn post(webhook: &Webhook, event: Event, settings: &ClusterSettings, node_
 }
 
 async fn send(webhook: &Webhook, event: Event, settings: &ClusterSettings) -> Result<u16, String> {
-    let url = runtimeai_api::webhooks::check_destination_url(&webhook.url, settings).map_err(|p| p.detail)?;
+    let url = runtimeai_api::webhooks::check_destination_url(&webhook.url, settings, "url").map_err(|p| p.detail)?;
     let host = url.host_str().ok_or("the URL has no host")?.trim_matches(['[', ']']).to_string();
     let port = url.port_or_known_default().ok_or("the URL has no port")?;
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))

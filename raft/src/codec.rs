@@ -33,7 +33,8 @@ use serde::Serialize;
 /// `LifecycleAction::Migrate`, `EventType::RuntimeMigrated`). 14: the global event feed
 /// (`event_feed`: every event's position → its stream). 15: webhooks (`webhooks`,
 /// `webhook_deliveries`, the delivery lease, their ops; `ClusterSettings::
-/// webhook_allowed_destinations`, `Limits::webhooks`).
+/// webhook_allowed_destinations`, `Limits::webhooks`), observers (`ActionKind::AttachObserver`/
+/// `DetachObserver`, their `LifecycleAction`s).
 pub const FORMAT_VERSION: u32 = 15;
 
 #[derive(Debug, thiserror::Error)]

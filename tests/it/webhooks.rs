@@ -188,8 +188,9 @@ async fn webhooks_are_signed_retried_confined_and_outlive_the_node_delivering_th
 
     phase("deliveries in order, the first two refused by the receiver and retried");
     let mut names: Vec<String> = (0..4).map(|i| format!("hook-{i}")).collect();
+    let mut ids = Vec::new();
     for name in &names {
-        create(&cluster, 2, name, None).await?;
+        ids.push(create(&cluster, 2, name, None).await?);
     }
     let acme_runtime = create(&cluster, 3, "hook-acme", Some("acme")).await?;
     create(&cluster, 3, "hook-other", Some("other")).await?;
@@ -213,6 +214,8 @@ async fn webhooks_are_signed_retried_confined_and_outlive_the_node_delivering_th
     let acme_log = acme.log();
     assert!(acme_log.iter().all(|e| e["data"]["runtime_id"] == acme_runtime.as_str()), "acme's only: {acme_log:?}");
 
+    observers(&cluster, &ids[0], &ids[1]).await?;
+
     phase("the node delivering is SIGKILLed: another takes the lease, nothing is lost");
     let holder = attempts.last().and_then(|d| d["node_id"].as_u64()).expect("a delivering node");
     cluster.kill(holder);
@@ -231,5 +234,75 @@ async fn webhooks_are_signed_retried_confined_and_outlive_the_node_delivering_th
     let through = record.body["delivered_through"].as_str().map(position);
     assert!(through >= last["event_id"].as_str().map(position), "its cursor is past what it delivered: {record:?}");
     assert!(record.body.get("secret").is_none(), "{record:?}");
+    Ok(())
+}
+
+/// Runs `actions` on `runtime` through node 1 (as `token`, else the admin).
+async fn execute(cluster: &Cluster, token: Option<&str>, runtime: &str, actions: Value) -> anyhow::Result<Value> {
+    let path = format!("/v1/runtimes/{runtime}/actions/execute");
+    let body = json!({ "actions": actions });
+    let begun = match token {
+        Some(token) => cluster.call_eventually_as(token, 1, Method::POST, &path, Some(&body), &[]).await?,
+        None => cluster.call_eventually(1, Method::POST, &path, Some(&body), &[]).await?,
+    };
+    if begun.status != 202 {
+        return Ok(begun.body);
+    }
+    cluster.wait_operation(1, begun.body["id"].as_str().unwrap_or_default(), EVENTUALLY).await.map_err(Into::into)
+}
+
+/// The seed's `attach_observer` / `detach_observer`: an observer is a webhook scoped to the
+/// runtime, made by an operation the policies judge.
+async fn observers(cluster: &Cluster, observed: &str, other: &str) -> anyhow::Result<()> {
+    phase("an observer attached by an action gets its runtime's events only; policies judge it");
+    let policy = json!({"name": "no-agent-observers",
+        "rules": [{"kind": "deny_action", "selector": {"actions": ["attach_observer"], "actor": "agent"}}]});
+    let made = cluster.call_eventually(1, Method::POST, "/v1/policies", Some(&policy), &[]).await?;
+    assert_eq!(made.status, 201, "{made:?}");
+    let receiver = Receiver::start(0).await?;
+    // The caller's own secret (32 bytes): the receiver knows it before the first delivery.
+    let chosen = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    receiver.set_secret(chosen)?;
+    let attach = json!([{"type": "attach_observer",
+        "params": {"url": receiver.url(), "event_types": ["lifecycle.*", "operation.*"], "secret": chosen}}]);
+    let agent = key_for(cluster, 1, "hook-agent", "agent", &["*"], &["agent"], Some("act")).await?;
+    let denied = execute(cluster, Some(&agent), observed, attach.clone()).await?;
+    assert_eq!(denied["type"], "https://runtimeai.dev/problems/policy-denied", "{denied}");
+    let internal = json!([{"type": "attach_observer", "params": {"url": "http://169.254.169.254/"}}]);
+    let refused = execute(cluster, None, observed, internal).await?;
+    assert_eq!(refused["type"], "https://runtimeai.dev/problems/destination-refused", "{refused}");
+    let attached = execute(cluster, None, observed, attach).await?;
+    assert_eq!(attached["status"], "succeeded", "{attached}");
+    assert!(!attached.to_string().contains("whsec_"), "the operation does not show the secret: {attached}");
+    let observer = attached["params"]["actions"][0]["params"]["webhook_id"].as_str().expect("its webhook").to_string();
+    let secret = cluster.get_eventually(2, &format!("/v1/webhooks/{observer}/secret")).await?;
+    assert_eq!(secret.body["secret"], chosen, "{secret:?}");
+    let described = cluster.get_eventually(3, &format!("/v1/webhooks/{observer}")).await?;
+    assert_eq!(described.body["filter"]["runtime_id"], observed, "{described:?}");
+    let mut restarts = Vec::new();
+    for runtime in [other, observed] {
+        let path = format!("/v1/runtimes/{runtime}/lifecycle/restart");
+        let begun = cluster.call_eventually(2, Method::POST, &path, None, &[]).await?;
+        let id = begun.body["id"].as_str().unwrap_or_default().to_string();
+        assert_eq!(cluster.wait_operation(2, &id, EVENTUALLY).await?["status"], "succeeded");
+        restarts.push(id);
+    }
+    let ended = |r: &Receiver| {
+        r.log().iter().any(|e| e["type"] == "operation.succeeded" && e["data"]["data"]["operation_id"] == restarts[1])
+    };
+    receiver.wait_for("the observed runtime's restart", ended).await?;
+    let log = receiver.log();
+    assert!(log.iter().all(|e| e["data"]["runtime_id"] == observed), "its runtime's only, signed: {log:?}");
+    assert!(log.iter().any(|e| e["type"] == "lifecycle.restart"), "{log:?}");
+
+    let detach = json!([{"type": "detach_observer", "params": {"webhook_id": observer}}]);
+    let foreign = execute(cluster, None, other, detach.clone()).await?;
+    assert_eq!(
+        (foreign["status"].as_str(), foreign["error"]["code"].as_str()),
+        (Some("failed"), Some("observer_refused"))
+    );
+    assert_eq!(execute(cluster, None, observed, detach).await?["status"], "succeeded");
+    let gone = cluster.call_eventually(1, Method::GET, &format!("/v1/webhooks/{observer}"), None, &[]).await?;
+    assert_eq!(gone.status, 404, "{gone:?}");
     Ok(())
 }

@@ -304,6 +304,9 @@ pub async fn execute(
         LifecycleAction::Migrate { .. } => {
             Err(BackendError::Permanent("a migration is carried out by its destination's executor".into()))
         }
+        // Applied to the record when the operation succeeds.
+        LifecycleAction::AttachObserver { webhook } => Ok(format!("observer {} subscribed", webhook.id)),
+        LifecycleAction::DetachObserver { webhook_id } => Ok(format!("observer {webhook_id} unsubscribed")),
         LifecycleAction::TunePolicy { policy } => {
             let mode = policy.mode.map_or("none", |m| m.as_str());
             let budget = policy.max_cost_per_hour.map_or("none".to_string(), |b| format!("{b:.2}/h"));

@@ -36,11 +36,16 @@ pub enum ActionKind {
     /// Moves a runtime to another node: cold (stopped, its data moved, started there), or
     /// rebuilt from its spec when its node is lost (evacuation).
     Migrate,
+    /// Subscribes an observer (a webhook scoped to the runtime) to the runtime's events; a
+    /// change of the record, as a relabel.
+    AttachObserver,
+    /// Removes an observer of the runtime.
+    DetachObserver,
 }
 
 impl ActionKind {
     /// Every kind.
-    pub const ALL: [ActionKind; 16] = [
+    pub const ALL: [ActionKind; 18] = [
         ActionKind::Create,
         ActionKind::Start,
         ActionKind::Stop,
@@ -57,6 +62,8 @@ impl ActionKind {
         ActionKind::RolloutRestart,
         ActionKind::TunePolicy,
         ActionKind::Migrate,
+        ActionKind::AttachObserver,
+        ActionKind::DetachObserver,
     ];
 
     /// What a backend may support besides create and delete (which every backend does): what a
@@ -78,7 +85,10 @@ impl ActionKind {
     /// Whether it changes only the runtime's record (no backend carries it out, and every
     /// runtime takes it, whatever its backend's capabilities).
     pub fn record_only(self) -> bool {
-        matches!(self, ActionKind::Relabel | ActionKind::TunePolicy)
+        matches!(
+            self,
+            ActionKind::Relabel | ActionKind::TunePolicy | ActionKind::AttachObserver | ActionKind::DetachObserver
+        )
     }
 
     /// Its name, as operations, events, selectors and capabilities spell it.
@@ -100,6 +110,8 @@ impl ActionKind {
             ActionKind::RolloutRestart => "rollout_restart",
             ActionKind::TunePolicy => "tune_policy",
             ActionKind::Migrate => "migrate",
+            ActionKind::AttachObserver => "attach_observer",
+            ActionKind::DetachObserver => "detach_observer",
         }
     }
 
@@ -182,6 +194,14 @@ pub enum LifecycleAction {
         to: crate::Placement,
         rebuild: bool,
     },
+    /// Subscribes `webhook` (its filter names the runtime) once the operation succeeds.
+    AttachObserver {
+        webhook: Box<crate::Webhook>,
+    },
+    /// Removes the runtime's observer `webhook_id` once the operation succeeds.
+    DetachObserver {
+        webhook_id: String,
+    },
 }
 
 /// Why an action cannot run on a runtime in its current state.
@@ -212,6 +232,8 @@ impl LifecycleAction {
             LifecycleAction::RolloutRestart => ActionKind::RolloutRestart,
             LifecycleAction::TunePolicy { .. } => ActionKind::TunePolicy,
             LifecycleAction::Migrate { .. } => ActionKind::Migrate,
+            LifecycleAction::AttachObserver { .. } => ActionKind::AttachObserver,
+            LifecycleAction::DetachObserver { .. } => ActionKind::DetachObserver,
         }
     }
 
@@ -306,9 +328,11 @@ impl LifecycleAction {
             LifecycleAction::Pause => matches!(state, Running | Degraded),
             LifecycleAction::Resume => matches!(state, Paused),
             LifecycleAction::Restore { .. } => matches!(state, Running | Stopped | Degraded | Error),
-            LifecycleAction::Delete | LifecycleAction::Relabel { .. } | LifecycleAction::TunePolicy { .. } => {
-                !matches!(state, Deleting | Deleted)
-            }
+            LifecycleAction::Delete
+            | LifecycleAction::Relabel { .. }
+            | LifecycleAction::TunePolicy { .. }
+            | LifecycleAction::AttachObserver { .. }
+            | LifecycleAction::DetachObserver { .. } => !matches!(state, Deleting | Deleted),
             LifecycleAction::Exec { .. } => matches!(state, Running | Degraded),
             // Not paused: a cold migration would lose the memory a pause keeps.
             LifecycleAction::Migrate { .. } => matches!(state, Running | Stopped | Degraded | Error),

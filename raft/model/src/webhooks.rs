@@ -7,7 +7,7 @@ use crate::records::{Actor, Event, EventSeverity};
 use crate::Timestamp;
 
 /// A subscription: the events it selects go to `url`, in the feed's order, at least once.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Webhook {
     pub id: String,
     pub url: String,

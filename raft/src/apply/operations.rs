@@ -289,6 +289,10 @@ pub(crate) fn finish_operation(
                 apply_success(&mut runtime, action, at)
             }
         };
+        let applied = match applied {
+            Ok(()) => super::webhooks::observe(txn, events, &runtime.id, &operation.action)?,
+            failed => failed,
+        };
         match applied {
             Ok(()) => {}
             Err((failed_action, error)) => {

@@ -7,7 +7,8 @@
 //! refused, so two nodes never move a subscription's cursor.
 
 use runtimeai_model::{
-    within_limit, ClusterSettings, DeliveryLease, EventSeverity, EventType, Timestamp, Webhook, WebhookDelivery,
+    within_limit, ClusterSettings, DeliveryLease, EventSeverity, EventType, LifecycleAction, OperationError, Timestamp,
+    Webhook, WebhookDelivery,
 };
 
 use super::events::{audit_data, EventWriter, AUDIT_STREAM};
@@ -25,21 +26,86 @@ pub(crate) fn create_webhook(
     txn: &mut Txn<'_>,
     events: &mut EventWriter<'_>,
     settings: &ClusterSettings,
-    mut webhook: Webhook,
+    webhook: Webhook,
 ) -> Result<CommandReply, StorageError> {
+    if let Some(refused) = refuse_new(txn, settings, &webhook, 1)? {
+        return Ok(CommandReply::Rejected(refused));
+    }
+    Ok(CommandReply::Webhook(store_new(txn, events, webhook)?))
+}
+
+/// Why `webhook` (one of `adding` new ones) cannot be stored, if it cannot.
+fn refuse_new(
+    txn: &Txn<'_>,
+    settings: &ClusterSettings,
+    webhook: &Webhook,
+    adding: usize,
+) -> Result<Option<Rejection>, StorageError> {
     if txn.get::<Webhook>(CF_WEBHOOKS, webhook.id.as_bytes())?.is_some() {
-        return Ok(CommandReply::Rejected(Rejection::AlreadyExists { kind: "webhook".into(), id: webhook.id }));
+        return Ok(Some(Rejection::AlreadyExists { kind: "webhook".into(), id: webhook.id.clone() }));
     }
-    let count = txn.scan::<Webhook>(CF_WEBHOOKS)?.len() + 1;
-    if let Err(exceeded) = within_limit("webhooks", settings.limits.webhooks, count, "the number of webhooks") {
-        return Ok(CommandReply::Rejected(exceeded.into()));
+    let count = txn.scan::<Webhook>(CF_WEBHOOKS)?.len() + adding;
+    let within = within_limit("webhooks", settings.limits.webhooks, count, "the number of webhooks");
+    Ok(within.err().map(Rejection::from))
+}
+
+/// Stores a new subscription, on the audit feed; it delivers what is written after that.
+fn store_new(txn: &mut Txn<'_>, events: &mut EventWriter<'_>, mut webhook: Webhook) -> Result<Webhook, StorageError> {
+    let mut fields = vec![("webhook_id", webhook.id.as_str()), ("url", &webhook.url)];
+    if let Some(runtime_id) = &webhook.filter.runtime_id {
+        fields.push(("runtime_id", runtime_id));
     }
-    let data = audit_data(&[("webhook_id", &webhook.id), ("url", &webhook.url)], webhook.tenant_id.as_deref());
+    let data = audit_data(&fields, webhook.tenant_id.as_deref());
     events.write(txn, AUDIT_STREAM, EventType::WebhookCreated, EventSeverity::Info, &data)?;
-    // It delivers what is written after it: from the event after its own creation's.
+    // From the event after its own creation's.
     webhook.delivered_through = event_id(events.index, txn.events_in_entry - 1);
     txn.put(CF_WEBHOOKS, webhook.id.as_bytes().to_vec(), &webhook)?;
-    Ok(CommandReply::Webhook(webhook))
+    Ok(webhook)
+}
+
+/// Attaches and detaches the observers a succeeded operation on `runtime_id` names (its
+/// `attach_observer` / `detach_observer` steps), all or none: the first step that cannot be
+/// carried out fails the operation (its index within a sequence).
+pub(crate) fn observe(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter<'_>,
+    runtime_id: &str,
+    action: &LifecycleAction,
+) -> Result<Result<(), (Option<u32>, OperationError)>, StorageError> {
+    let steps = action.steps();
+    let step_index = |i: usize| matches!(action, LifecycleAction::Sequence { .. }).then_some(i as u32);
+    let settings = txn.settings()?;
+    let attaching = steps.iter().filter(|s| matches!(s, LifecycleAction::AttachObserver { .. })).count();
+    for (i, step) in steps.iter().enumerate() {
+        let why = match step {
+            LifecycleAction::AttachObserver { webhook } => {
+                refuse_new(txn, &settings, webhook, attaching)?.map(|refused| refused.to_string())
+            }
+            LifecycleAction::DetachObserver { webhook_id } => {
+                let observer = txn.get::<Webhook>(CF_WEBHOOKS, webhook_id.as_bytes())?;
+                let observes = observer.is_some_and(|w| w.filter.runtime_id.as_deref() == Some(runtime_id));
+                (!observes).then(|| format!("webhook {webhook_id} is no observer of runtime {runtime_id}"))
+            }
+            _ => None,
+        };
+        if let Some(message) = why {
+            return Ok(Err((step_index(i), OperationError { code: "observer_refused".into(), message })));
+        }
+    }
+    for step in steps {
+        match step {
+            LifecycleAction::AttachObserver { webhook } => {
+                store_new(txn, events, Webhook::clone(webhook))?;
+            }
+            LifecycleAction::DetachObserver { webhook_id } => {
+                if let Some(webhook) = txn.get::<Webhook>(CF_WEBHOOKS, webhook_id.as_bytes())? {
+                    remove(txn, events, &webhook)?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(Ok(()))
 }
 
 pub(crate) fn delete_webhook(
@@ -52,11 +118,16 @@ pub(crate) fn delete_webhook(
     let Some(webhook) = found.filter(|w| tenant_id.is_none() || w.tenant_id == tenant_id) else {
         return Ok(CommandReply::Rejected(Rejection::NotFound { kind: "webhook".into(), id }));
     };
-    txn.delete(CF_WEBHOOKS, id.as_bytes().to_vec());
-    txn.delete(CF_WEBHOOK_DELIVERIES, id.as_bytes().to_vec());
-    let data = audit_data(&[("webhook_id", &id), ("url", &webhook.url)], webhook.tenant_id.as_deref());
-    events.write(txn, AUDIT_STREAM, EventType::WebhookDeleted, EventSeverity::Info, &data)?;
+    remove(txn, events, &webhook)?;
     Ok(CommandReply::Deleted { id })
+}
+
+/// Removes a subscription and its delivery log, on the audit feed.
+fn remove(txn: &mut Txn<'_>, events: &mut EventWriter<'_>, webhook: &Webhook) -> Result<(), StorageError> {
+    txn.delete(CF_WEBHOOKS, webhook.id.as_bytes().to_vec());
+    txn.delete(CF_WEBHOOK_DELIVERIES, webhook.id.as_bytes().to_vec());
+    let data = audit_data(&[("webhook_id", &webhook.id), ("url", &webhook.url)], webhook.tenant_id.as_deref());
+    events.write(txn, AUDIT_STREAM, EventType::WebhookDeleted, EventSeverity::Info, &data)
 }
 
 /// See [`crate::command::ClaimDeliveries`]; `index` is the entry's, the token of a new lease.
