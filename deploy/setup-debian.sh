@@ -16,8 +16,10 @@ set -euo pipefail
 # skopeo and umoci (pull images from registries and unpack them); docker-registry: the registry the
 # tests push images to and pull them from (Debian starts nothing here: the tests run their own).
 # VMs: genisoimage (a VM's cloud-init NoCloud seed is an ISO 9660 image labelled cidata).
+# npm (with Node.js, unless the machine has its own): the MCP TypeScript SDK, a client the tests use.
 packages=(g++ libclang-dev pkg-config libvirt-dev python3 python3-venv fonts-dejavu-core util-linux etcd-server
   crun tini busybox-static e2fsprogs skopeo umoci docker-registry genisoimage)
+command -v npm >/dev/null || packages+=(npm)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -4,8 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 deploy/setup-debian.sh
 source deploy/env.sh
-# Real clients the tests use (schemathesis, the Standard Webhooks library).
+# Real clients the tests use (schemathesis, the Standard Webhooks library, the MCP SDKs).
 deploy/python-env.sh >/dev/null
+deploy/node-env.sh >/dev/null
 # As root (CI), the sandbox tests must run: a host that cannot run sandboxes fails them.
 [ "$(id -u)" -eq 0 ] && export RUNTIMEAI_REQUIRE_SANDBOXES=1
 start=$(date +%s)

@@ -62,6 +62,10 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("GET", "/readyz", Public),
         ("GET", "/v1/health", Needs(Read)),
         ("GET", "/v1/openapi.json", Authenticated),
+        // The MCP server: each tool call is checked again as the REST call it makes.
+        ("POST", "/mcp", Authenticated),
+        ("GET", "/mcp", Authenticated),
+        ("DELETE", "/mcp", Authenticated),
         ("GET", "/v1/auth/whoami", Authenticated),
         ("GET", "/v1/cluster", Needs(Read)),
         ("GET", "/v1/events", Needs(Read)),
@@ -121,6 +125,7 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("GET", "/v1/runtimes/{runtime_id}/intent/{intent_id}", Needs(Read)),
         ("POST", "/v1/runtimes/{runtime_id}/actions/plan", Needs(Plan)),
         ("POST", "/v1/runtimes/{runtime_id}/actions/execute", Needs(Operate)),
+        ("GET", "/v1/operations", Needs(Read)),
         ("GET", "/v1/operations/{operation_id}", Needs(Read)),
         ("GET", "/v1/operations/{operation_id}/stream", Needs(Read)),
         ("POST", "/v1/operations/{operation_id}/cancel", Needs(Operate)),

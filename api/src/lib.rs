@@ -27,6 +27,7 @@ mod files;
 pub mod intents;
 pub mod keys;
 mod logs;
+pub mod mcp;
 pub mod migration;
 mod mutation;
 pub mod oidc;
@@ -133,20 +134,25 @@ pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .routes(utoipa_axum::routes!(openapi::openapi_json))
 }
 
-/// The whole REST surface of a node.
+/// The whole REST surface of a node, and the MCP server at `/mcp` whose tools call it.
 pub fn router(state: AppState) -> Router {
     let max_body_bytes = state.max_body_bytes;
     let guard = axum::middleware::from_fn_with_state(state.clone(), auth::guard);
     let (routes, _) = routes().split_for_parts();
-    routes
+    let rest = routes
         // Every routed request is authenticated and authorized before its handler runs.
-        .route_layer(guard)
+        .route_layer(guard.clone())
         .fallback(|| async { Problem::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "method not allowed on this endpoint")
         })
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
-        .with_state(state)
+        .with_state(state);
+    // The tools' input schemas, from the document with the default settings' rules.
+    let document = serde_json::from_str(&openapi::document()).unwrap_or_default();
+    let catalogue = std::sync::Arc::new(mcp::Catalogue::from_document(&document));
+    let server = mcp::McpServer::new(catalogue, std::sync::Arc::new(mcp::InProcess(rest.clone())));
+    Router::new().route_service("/mcp", mcp::http_service(server, max_body_bytes)).route_layer(guard).merge(rest)
 }
 
 /// The version this build reports.

@@ -1,12 +1,12 @@
-//! Asynchronous operations: follow one, cancel one, approve or reject one a policy parked in
-//! `pending_approval`.
+//! Asynchronous operations: list the unfinished ones (what waits for approval), follow one,
+//! cancel one, approve or reject one a policy parked in `pending_approval`.
 
 use axum::extract::State;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use runtimeai_model::Operation;
+use runtimeai_model::{Operation, OperationStatus};
 use runtimeai_raft::command::{CancelOperation, DecideApproval};
 use runtimeai_raft::{CommandReply, Op};
 
@@ -24,6 +24,7 @@ use crate::AppState;
 
 pub(crate) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
+        .routes(routes!(list_operations))
         .routes(routes!(get_operation))
         .routes(routes!(cancel_operation))
         .routes(routes!(approve_operation))
@@ -48,6 +49,70 @@ pub(crate) async fn read_operation(
         return Err(not_found());
     }
     Ok(operation)
+}
+
+/// Which unfinished operations to list.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct OperationListParams {
+    /// Only operations in this status: `pending_approval` is what waits for a decision.
+    #[serde(default)]
+    #[param(value_type = Option<String>, pattern = "^(queued|pending_approval|running)$")]
+    pub status: Option<OperationStatus>,
+    /// Only this runtime's.
+    #[serde(default)]
+    pub runtime_id: Option<String>,
+    /// At most this many, oldest first (1 to 1000, default 100).
+    #[serde(default)]
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<usize>,
+    #[serde(default)]
+    #[param(value_type = Option<String>, pattern = "^(linearizable|stale)$")]
+    pub consistency: Consistency,
+}
+
+/// Unfinished operations.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OperationList {
+    pub items: Vec<OperationView>,
+}
+
+/// The operations not finished yet (queued, waiting for approval, running) that the caller
+/// sees, oldest first: `?status=pending_approval` is what waits for someone to approve or
+/// reject it (nobody decides on their own request).
+#[utoipa::path(get, path = "/v1/operations", tag = "Operations", params(OperationListParams, TenantId),
+    responses((status = 200, description = "OK", body = OperationList), ProblemResponses))]
+pub(crate) async fn list_operations(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(params): QueryParams<OperationListParams>,
+) -> Result<Json<OperationList>, Problem> {
+    let limit = crate::events::page_limit(params.limit)?;
+    if params.status.is_some_and(|status| status.is_terminal()) {
+        return Err(Problem::invalid_field(
+            "status",
+            "only unfinished operations are listed: queued, pending_approval or running",
+        ));
+    }
+    params.consistency.prepare(&state.replica).await?;
+    let reader = state.replica.state();
+    let mut unfinished = reader.active_operations_where(|operation| {
+        params.status.is_none_or(|status| operation.status == status)
+            && params.runtime_id.as_ref().is_none_or(|id| *id == operation.runtime_id)
+    });
+    unfinished.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    let mut items = Vec::new();
+    for operation in unfinished {
+        let runtime = reader.get_runtime(&operation.runtime_id)?;
+        if caller.sees(runtime.as_ref().and_then(|r| r.tenant_id.as_deref())) {
+            items.push(OperationView::from(&operation));
+            if items.len() == limit {
+                break;
+            }
+        }
+    }
+    Ok(Json(OperationList { items }))
 }
 
 /// Follow an operation: `queued → running → succeeded | failed | cancelled`, with progress.

@@ -10,6 +10,7 @@ pub mod config;
 pub mod dev;
 pub mod executor;
 pub mod http;
+pub mod mcp_stdio;
 pub mod migration;
 pub mod scheduler;
 pub mod server;

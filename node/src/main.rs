@@ -1,5 +1,5 @@
-//! `runtimeai`: the RuntimeAI daemon (`runtimeai node`) and a local cluster for trying it
-//! (`runtimeai dev`).
+//! `runtimeai`: the RuntimeAI daemon (`runtimeai node`), a local cluster for trying it
+//! (`runtimeai dev`), and an MCP server on stdio for local agents (`runtimeai mcp`).
 
 use std::process::ExitCode;
 
@@ -35,6 +35,8 @@ enum Commands {
     Openapi,
     /// Make the TLS certificates of a cluster: a CA, members' and clients' certificates.
     Certs(runtimeai_node::certs::CertsArgs),
+    /// An MCP server on stdio for a local agent, whose tools act on a cluster with the agent's key.
+    Mcp(runtimeai_node::mcp_stdio::McpArgs),
     /// A node's VM images: what a VM's `spec.image` names.
     #[command(subcommand)]
     VmImage(VmImageCommand),
@@ -61,6 +63,7 @@ fn main() -> ExitCode {
         Commands::Node(args) => run_node(args),
         Commands::Dev(args) => dev::run(args),
         Commands::Certs(args) => runtimeai_node::certs::run(args),
+        Commands::Mcp(args) => runtimeai_node::mcp_stdio::run(args),
         Commands::VmImage(VmImageCommand::Import { name, source, data_dir }) => {
             let store = runtimeai_node::backend::vm_boot::VmImageStore::in_data_dir(&data_dir);
             store.import(&name, &source).map(|said| println!("{said}")).map_err(anyhow::Error::msg)

@@ -8,6 +8,8 @@
 //! dies after POSTing and before recording leaves the cursor behind: the next holder posts
 //! those events again (at least once; `webhook-id` lets a receiver drop repeats). A node that
 //! lost the lease has its records refused, so it never moves a cursor another node moves.
+//! Events a filter passes over move the cursor at most every [`SKIP_RECORD_EVERY`] (the holder
+//! remembers how far it looked in between; a new holder looks through them again).
 //!
 //! Destinations are checked at every delivery, on the addresses the name resolves to then, and
 //! the request goes to exactly those addresses (no second lookup a DNS rebinding could turn
@@ -35,6 +37,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Rounds are at least this far apart (every applied entry wakes the deliverer).
 const ROUND_GAP: Duration = Duration::from_millis(100);
+/// How often a subscription's cursor is moved past events its filter passes over (in between,
+/// the holder remembers it): a busy cluster's events do not cost every subscription a write.
+const SKIP_RECORD_EVERY: Duration = Duration::from_secs(5);
 
 /// A subscription whose current event failed: when to try again, and how often it was tried.
 struct Retry {
@@ -43,18 +48,34 @@ struct Retry {
     at: Instant,
 }
 
+/// Where the holder has looked through a subscription's events, and when it last recorded it.
+struct Scanned {
+    through: String,
+    recorded_at: Instant,
+}
+
+/// How one subscription's round went.
+struct Outcome {
+    retry: Option<Retry>,
+    /// Looked through (and delivered or passed over) this far.
+    through: Option<String>,
+    recorded: bool,
+}
+
 struct Deliverer {
     replica: Arc<Replica>,
     node_id: u64,
     /// The lease this node holds: its token and when to renew it.
     held: Option<(u64, Instant)>,
     retries: HashMap<String, Retry>,
+    /// Valid while this node holds the lease (only the holder moves cursors).
+    scanned: HashMap<String, Scanned>,
 }
 
 /// Delivers webhooks whenever this node holds the lease, until `stop`.
 pub async fn run(replica: Arc<Replica>, node_id: u64, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut applied = replica.state().watch_applied();
-    let mut deliverer = Deliverer { replica, node_id, held: None, retries: HashMap::new() };
+    let mut deliverer = Deliverer { replica, node_id, held: None, retries: HashMap::new(), scanned: HashMap::new() };
     loop {
         let wait = deliverer.round().await;
         tokio::time::sleep(ROUND_GAP).await;
@@ -81,29 +102,47 @@ impl Deliverer {
             }
         };
         self.retries.retain(|id, _| webhooks.iter().any(|w| w.id == *id));
+        self.scanned.retain(|id, _| webhooks.iter().any(|w| w.id == *id));
         // A cluster without subscriptions costs no lease traffic.
         if webhooks.is_empty() {
             return Duration::from_secs(1);
         }
         let Some(token) = self.lease().await else {
             self.retries.clear();
+            self.scanned.clear();
             return Duration::from_secs(1);
         };
         let settings = self.replica.state().settings();
         let now = Instant::now();
         let due: Vec<Webhook> =
             webhooks.into_iter().filter(|w| self.retries.get(&w.id).is_none_or(|retry| retry.at <= now)).collect();
-        let deliveries = due.iter().map(|webhook| self.deliver(webhook, &settings, token));
+        let deliveries = due.iter().map(|webhook| {
+            let scanned = self.scanned.get(&webhook.id);
+            let from = scanned.map_or(webhook.delivered_through.as_str(), |s| s.through.as_str());
+            let record_skips = scanned.is_none_or(|s| s.recorded_at.elapsed() >= SKIP_RECORD_EVERY);
+            self.deliver(webhook, &settings, token, from, record_skips)
+        });
         let outcomes = futures::future::join_all(deliveries).await;
         for (webhook, outcome) in due.iter().zip(outcomes) {
             match outcome {
-                Ok(Some(retry)) => {
-                    self.retries.insert(webhook.id.clone(), retry);
+                Ok(Outcome { retry, through, recorded }) => {
+                    match retry {
+                        Some(retry) => self.retries.insert(webhook.id.clone(), retry),
+                        None => self.retries.remove(&webhook.id),
+                    };
+                    if let Some(through) = through {
+                        let recorded_at = match self.scanned.get(&webhook.id) {
+                            Some(scanned) if !recorded => scanned.recorded_at,
+                            _ => Instant::now(),
+                        };
+                        self.scanned.insert(webhook.id.clone(), Scanned { through, recorded_at });
+                    }
                 }
-                Ok(None) => {
-                    self.retries.remove(&webhook.id);
+                Err(e) => {
+                    // Perhaps the lease was lost: start again from the replicated cursors.
+                    self.scanned.clear();
+                    tracing::warn!(webhook = %webhook.id, error = %e, "cannot record webhook deliveries");
                 }
-                Err(e) => tracing::warn!(webhook = %webhook.id, error = %e, "cannot record webhook deliveries"),
             }
         }
         let earliest = self.retries.values().map(|r| r.at.saturating_duration_since(Instant::now())).min();
@@ -139,15 +178,17 @@ impl Deliverer {
         self.held.map(|(token, _)| token)
     }
 
-    /// Delivers what `webhook` has pending; `Some` retry if an event failed and will be tried
-    /// again.
+    /// Delivers what `webhook` has pending after event `from`, and records it (and, if
+    /// `record_skips`, the events its filter passed over).
     async fn deliver(
         &self,
         webhook: &Webhook,
         settings: &ClusterSettings,
         token: u64,
-    ) -> Result<Option<Retry>, String> {
-        let (events, scanned_through) = self.pending(webhook)?;
+        from: &str,
+        record_skips: bool,
+    ) -> Result<Outcome, String> {
+        let (events, scanned_through) = self.pending(webhook, from)?;
         let mut attempts = Vec::new();
         let mut delivered_through = None;
         let mut retry = None;
@@ -175,26 +216,30 @@ impl Deliverer {
         }
         // Nothing selected among what was looked at: the cursor passes over it.
         if attempts.is_empty() {
-            delivered_through = scanned_through;
+            let through = scanned_through;
+            if through.is_none() || !record_skips {
+                return Ok(Outcome { retry, through, recorded: false });
+            }
+            delivered_through = through;
         }
-        if attempts.is_empty() && delivered_through.is_none() {
-            return Ok(retry);
-        }
+        let through = delivered_through.clone();
         let record = RecordDeliveries { token, webhook_id: webhook.id.clone(), attempts, delivered_through };
         match self.replica.propose(system(Op::RecordDeliveries(record))).await {
-            Ok(CommandReply::Webhook(_)) => Ok(retry),
+            Ok(CommandReply::Webhook(_)) => Ok(Outcome { retry, through, recorded: true }),
             // Deleted meanwhile: nothing more to deliver.
-            Ok(CommandReply::Rejected(Rejection::NotFound { .. })) => Ok(None),
+            Ok(CommandReply::Rejected(Rejection::NotFound { .. })) => {
+                Ok(Outcome { retry: None, through: None, recorded: true })
+            }
             Ok(other) => Err(format!("{other:?}")),
             Err(e) => Err(e.to_string()),
         }
     }
 
-    /// The next events for `webhook` (at most [`BATCH`]), and, when there are none, the last
-    /// event looked at (for the cursor to pass over).
-    fn pending(&self, webhook: &Webhook) -> Result<(Vec<Event>, Option<String>), String> {
+    /// The next events for `webhook` after event `from` (at most [`BATCH`]), and the last event
+    /// looked at (for the cursor to pass over when none is selected).
+    fn pending(&self, webhook: &Webhook, from: &str) -> Result<(Vec<Event>, Option<String>), String> {
         let state = self.replica.state();
-        let cursor: EventCursor = webhook.delivered_through.parse().map_err(|e| format!("{e}"))?;
+        let cursor: EventCursor = from.parse().map_err(|e| format!("{e}"))?;
         let mut selected = Vec::new();
         let mut last = None;
         let mut tenants: HashMap<String, Option<String>> = HashMap::new();

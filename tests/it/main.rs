@@ -7,6 +7,7 @@ mod engine;
 mod events;
 mod hypervisor;
 mod load;
+mod mcp;
 mod migration;
 mod replication;
 mod sandbox;
