@@ -72,9 +72,9 @@ pub struct OperationListParams {
     pub consistency: Consistency,
 }
 
-/// Unfinished operations.
+/// Unfinished operations (named apart from a runtime's paged `OperationList`).
 #[derive(Debug, Serialize, ToSchema)]
-pub struct OperationList {
+pub struct UnfinishedOperations {
     pub items: Vec<OperationView>,
 }
 
@@ -82,12 +82,12 @@ pub struct OperationList {
 /// sees, oldest first: `?status=pending_approval` is what waits for someone to approve or
 /// reject it (nobody decides on their own request).
 #[utoipa::path(get, path = "/v1/operations", tag = "Operations", params(OperationListParams, TenantId),
-    responses((status = 200, description = "OK", body = OperationList), ProblemResponses))]
+    responses((status = 200, description = "OK", body = UnfinishedOperations), ProblemResponses))]
 pub(crate) async fn list_operations(
     State(state): State<AppState>,
     caller: Caller,
     QueryParams(params): QueryParams<OperationListParams>,
-) -> Result<Json<OperationList>, Problem> {
+) -> Result<Json<UnfinishedOperations>, Problem> {
     let limit = crate::events::page_limit(params.limit)?;
     if params.status.is_some_and(|status| status.is_terminal()) {
         return Err(Problem::invalid_field(
@@ -112,7 +112,7 @@ pub(crate) async fn list_operations(
             }
         }
     }
-    Ok(Json(OperationList { items }))
+    Ok(Json(UnfinishedOperations { items }))
 }
 
 /// Follow an operation: `queued → running → succeeded | failed | cancelled`, with progress.

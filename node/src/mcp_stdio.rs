@@ -29,13 +29,9 @@ pub struct McpArgs {
     pub tenant: Option<String>,
 }
 
-/// The cluster's REST API over HTTPS, as the agent's key.
-struct Remote {
-    client: reqwest::Client,
-    servers: Vec<String>,
-    token: String,
-    tenant: Option<String>,
-}
+/// The cluster's REST API over HTTPS, as the agent's key (the client crate, which passes over
+/// members it cannot reach).
+struct Remote(runtimeai_client::Client);
 
 impl Rest for Remote {
     fn call<'a>(
@@ -46,31 +42,8 @@ impl Rest for Remote {
         body: Option<Value>,
     ) -> BoxFuture<'a, Result<(u16, Value), String>> {
         Box::pin(async move {
-            let mut last = String::from("no server");
-            for server in &self.servers {
-                let url = format!("{}{path_and_query}", server.trim_end_matches('/'));
-                let method = reqwest::Method::from_bytes(method.as_str().as_bytes()).map_err(|e| e.to_string())?;
-                let mut request = self.client.request(method, &url).bearer_auth(&self.token);
-                if let Some(tenant) = &self.tenant {
-                    request = request.header("tenant_id", tenant);
-                }
-                if let Some(body) = &body {
-                    request = request.json(body);
-                }
-                match request.send().await {
-                    Ok(response) => {
-                        let status = response.status().as_u16();
-                        let bytes = response.bytes().await.map_err(|e| e.to_string())?;
-                        let body = serde_json::from_slice(&bytes)
-                            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
-                        return Ok((status, body));
-                    }
-                    // Not reached at all: the next member may answer.
-                    Err(e) if e.is_connect() => last = format!("{server}: {e}"),
-                    Err(e) => return Err(format!("{server}: {e}")),
-                }
-            }
-            Err(format!("no server answered ({last})"))
+            let method = reqwest::Method::from_bytes(method.as_str().as_bytes()).map_err(|e| e.to_string())?;
+            self.0.request_raw(method, &path_and_query, body.as_ref()).await.map_err(|e| e.to_string())
         })
     }
 }
@@ -80,18 +53,19 @@ pub fn run(args: McpArgs) -> anyhow::Result<()> {
         Some(file) => std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?,
         None => std::env::var("RUNTIMEAI_TOKEN").context("give --token-file or set RUNTIMEAI_TOKEN")?,
     };
-    let mut client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(330));
-    if let Some(ca) = &args.ca {
-        let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
-        let certificate = reqwest::Certificate::from_pem(&pem).context("the CA file is not a PEM certificate")?;
-        client = client.add_root_certificate(certificate);
-    }
-    let remote = Remote {
-        client: client.build().context("cannot make the HTTPS client")?,
-        servers: args.servers,
-        token: token.trim().to_string(),
-        tenant: args.tenant,
+    let ca_pem = match &args.ca {
+        Some(ca) => Some(std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?),
+        None => None,
     };
+    let config = runtimeai_client::ClientConfig {
+        servers: args.servers,
+        token: Some(token.trim().to_string()),
+        ca_pem,
+        tenant: args.tenant,
+        // wait_operation waits up to 5 minutes, in one tool call made of short requests.
+        timeout: Some(std::time::Duration::from_secs(60)),
+    };
+    let remote = Remote(runtimeai_client::Client::new(config)?);
     let document = serde_json::from_str(&runtimeai_api::openapi::document()).context("the OpenAPI document")?;
     let server = McpServer::new(Arc::new(Catalogue::from_document(&document)), Arc::new(remote));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -3,6 +3,7 @@
 mod api;
 mod chaos_cli;
 mod cli;
+mod client;
 mod engine;
 mod events;
 mod hypervisor;

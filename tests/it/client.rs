@@ -1,0 +1,88 @@
+//! The Rust client crate (`runtimeai-client`) against a live cluster: typed answers, problems
+//! as typed errors, failover past a member it cannot reach, waiting on operations, following
+//! the event feed, and the approval of an agent's request.
+
+use serde_json::json;
+
+use runtimeai_client::{Client, ClientConfig, ClientError, EventQuery, Lifecycle, RuntimeQuery, RuntimeState};
+use runtimeai_tests::{admin_token, harness_ca, key_for, phase, Cluster, ClusterOptions, EVENTUALLY};
+
+fn client(servers: Vec<String>, token: &str) -> anyhow::Result<Client> {
+    let ca_pem = Some(std::fs::read(harness_ca()?.join("ca.pem"))?);
+    Ok(Client::new(ClientConfig { servers, token: Some(token.into()), ca_pem, ..ClientConfig::default() })?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_crate_drives_a_cluster_with_typed_answers_and_errors() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3, ClusterOptions::default()).await?;
+    cluster.wait_leader(EVENTUALLY).await?;
+    // The first member named cannot be reached: the client goes on to the next.
+    let servers = vec!["https://127.0.0.1:1".to_string(), cluster.node(2).url(""), cluster.node(3).url("")];
+    let admin = client(servers.clone(), admin_token())?;
+
+    phase("create, wait, list, a lifecycle call, and a refusal as a typed problem");
+    let runtime = admin.create_runtime(&json!({"name": "sdk-a", "type": "vcluster"})).await?;
+    assert_eq!(runtime.name, "sdk-a");
+    let create = runtime.active_operation.clone().expect("its create operation");
+    let mut versions = Vec::new();
+    let created = admin.wait_operation(&create, EVENTUALLY, |op| versions.push(op.status.clone())).await?;
+    assert_eq!(created.status, "succeeded", "{created:?}");
+    assert!(!versions.is_empty());
+    let listed = admin.list_runtimes(&RuntimeQuery { page_size: Some(50), ..RuntimeQuery::default() }).await?;
+    assert!(listed.items.iter().any(|r| r.id == runtime.id), "{listed:?}");
+    let stop = admin.lifecycle(&runtime.id, Lifecycle::Stop, None).await?;
+    assert_eq!(admin.wait_operation(&stop.id, EVENTUALLY, |_| {}).await?.status, "succeeded");
+    assert_eq!(admin.get_runtime(&runtime.id).await?.state, RuntimeState::Stopped);
+    let again = admin.lifecycle(&runtime.id, Lifecycle::Stop, None).await.unwrap_err();
+    match &again {
+        ClientError::Api { problem } => {
+            assert_eq!(
+                (problem.status, problem.type_uri.as_str()),
+                (409, "https://runtimeai.dev/problems/illegal-transition")
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    let missing = admin.get_runtime("rt_nope/../../v1/keys").await.unwrap_err();
+    assert_eq!(missing.status(), Some(404), "an id stays one path segment: {missing:?}");
+
+    phase("events: a page, then the feed followed as it grows");
+    let page = admin.events(&EventQuery { runtime_id: Some(runtime.id.clone()), ..EventQuery::default() }).await?;
+    assert!(page.items.iter().any(|e| e.event_type == "runtime.created"), "{page:?}");
+    let after = admin.events(&EventQuery { limit: Some(1000), ..EventQuery::default() }).await?;
+    let last = after.items.last().map(|e| e.id.clone());
+    let writer = admin.clone();
+    let writes = tokio::spawn(async move {
+        for i in 0..3 {
+            writer.create_runtime(&json!({"name": format!("sdk-follow-{i}"), "type": "vcluster"})).await?;
+        }
+        Ok::<_, ClientError>(())
+    });
+    let mut followed = Vec::new();
+    let filter = EventQuery { after: last, event_type: Some("runtime.created".into()), ..EventQuery::default() };
+    admin
+        .follow_events(&filter, EVENTUALLY, |event| {
+            followed.push(event.data["name"].as_str().unwrap_or_default().to_string());
+            followed.len() < 3
+        })
+        .await?;
+    writes.await??;
+    assert_eq!(followed, ["sdk-follow-0", "sdk-follow-1", "sdk-follow-2"]);
+
+    phase("an agent's request waits for approval; a human lists and approves it");
+    let token = key_for(&cluster, 1, "sdk-agent", "agent", &["*"], &["agent"], Some("act")).await?;
+    let agent = client(servers, &token)?;
+    let start = agent.execute_actions(&runtime.id, &json!({"actions": [{"type": "start"}]})).await?;
+    assert_eq!(start.status, "pending_approval", "{start:?}");
+    let waiting = admin.unfinished_operations(Some("pending_approval")).await?;
+    assert!(waiting.items.iter().any(|op| op.id == start.id), "{waiting:?}");
+    let own = agent.decide(&start.id, true, None).await.unwrap_err();
+    assert_eq!(own.status(), Some(403), "an agent decides nothing: {own:?}");
+    admin.decide(&start.id, true, Some("fine")).await?;
+    let started = admin.wait_operation(&start.id, EVENTUALLY, |_| {}).await?;
+    assert_eq!((started.status.as_str(), started.approval.is_some()), ("succeeded", true), "{started:?}");
+
+    let nowhere = client(vec!["https://127.0.0.1:1".into()], admin_token())?;
+    assert!(matches!(nowhere.whoami().await, Err(ClientError::Unreachable(_))));
+    Ok(())
+}
