@@ -155,10 +155,30 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         members.push(Member { id, http, command_line, child, exited: false });
     }
 
+    write_context(&args.data_dir, &members)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let outcome = runtime.block_on(supervise(&mut members, &admin_key, &ca_of(&args.data_dir)));
     stop_all(&mut members);
     outcome
+}
+
+/// A CLI config with one context, `dev`, for this cluster (`<data dir>/config.toml`; its
+/// paths are relative to it): `RUNTIMEAI_CONFIG=<data dir>/config.toml runtimeai runtimes list`.
+fn write_context(data_dir: &std::path::Path, members: &[Member]) -> anyhow::Result<()> {
+    use crate::ctl::config::{ConfigFile, ContextConfig};
+    let context = ContextConfig {
+        servers: members.iter().map(|m| format!("https://{}", m.http)).collect(),
+        ca: Some(PathBuf::from("certs/ca.pem")),
+        token_file: Some(PathBuf::from(crate::admin_key::GENERATED_FILE)),
+        ..ContextConfig::default()
+    };
+    let file = ConfigFile { current_context: Some("dev".into()), contexts: [("dev".to_string(), context)].into() };
+    file.save(&data_dir.join("config.toml"))
+}
+
+/// The data directory the admin key file is in.
+fn data_dir_of(admin_key: &std::path::Path) -> PathBuf {
+    admin_key.parent().map(PathBuf::from).unwrap_or_default()
 }
 
 /// The CA dev's members have their certificates from.
@@ -208,6 +228,9 @@ async fn supervise(members: &mut [Member], admin_key: &std::path::Path, ca: &std
                     "  curl -s -XPOST https://{first}/v1/runtimes -H \"Authorization: Bearer $RUNTIMEAI_TOKEN\" \
                      -H 'content-type: application/json' -d '{{\"name\":\"demo\",\"type\":\"vm\"}}'"
                 );
+                say!("Or with the CLI (a context `dev` for this cluster is in the data directory):");
+                say!("  export RUNTIMEAI_CONFIG={}", data_dir_of(admin_key).join("config.toml").display());
+                say!("  runtimeai cluster members; runtimeai runtimes create demo --type vm --wait");
                 say!("Ctrl-C stops the cluster (data stays in the data directory).");
             } else if started.elapsed() > READY_WITHIN {
                 anyhow::bail!("the cluster did not become ready within {READY_WITHIN:?}; see the node logs");

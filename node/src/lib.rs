@@ -7,6 +7,7 @@ pub mod admin_key;
 pub mod backend;
 pub mod certs;
 pub mod config;
+pub mod ctl;
 pub mod dev;
 pub mod executor;
 pub mod http;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use runtimeai_node::config::{LogFormat, NodeArgs};
-use runtimeai_node::{dev, server};
+use runtimeai_node::{ctl, dev, server};
 
 /// mimalloc: glibc's malloc spent about a quarter of a loaded node's CPU allocating, freeing and
 /// consolidating. It runs with its defaults, which return freed memory to the OS after a second
@@ -37,6 +37,20 @@ enum Commands {
     Certs(runtimeai_node::certs::CertsArgs),
     /// An MCP server on stdio for a local agent, whose tools act on a cluster with the agent's key.
     Mcp(runtimeai_node::mcp_stdio::McpArgs),
+    /// Runtimes: list, get, create, delete, lifecycle calls (`do stop <id>`), intents, plans, actions.
+    Runtimes(ctl::RuntimesArgs),
+    /// Operations: get, watch, cancel, approve, reject, list what waits for approval.
+    Operations(ctl::OperationsArgs),
+    /// The cluster's event feed (`--follow` to keep reading).
+    Events(ctl::EventsArgs),
+    /// Policies: list, apply from a JSON or YAML file, delete.
+    Policies(ctl::PoliciesArgs),
+    /// The cluster's status and members.
+    Cluster(ctl::ClusterArgs),
+    /// The cluster-wide settings: get, set from a file.
+    Settings(ctl::SettingsArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion { shell: clap_complete::Shell },
     /// A node's VM images: what a VM's `spec.image` names.
     #[command(subcommand)]
     VmImage(VmImageCommand),
@@ -59,7 +73,26 @@ enum VmImageCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let (target, command) = match cli.command {
+        Commands::Runtimes(a) => (a.target, ctl::CtlCommand::Runtimes(a.command)),
+        Commands::Operations(a) => (a.target, ctl::CtlCommand::Operations(a.command)),
+        Commands::Events(a) => (a.target, ctl::CtlCommand::Events(a.command)),
+        Commands::Policies(a) => (a.target, ctl::CtlCommand::Policies(a.command)),
+        Commands::Cluster(a) => (a.target, ctl::CtlCommand::Cluster(a.command)),
+        Commands::Settings(a) => (a.target, ctl::CtlCommand::Settings(a.command)),
+        command => return run_command(command),
+    };
+    match ctl::run(&target, command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.status as u8)
+        }
+    }
+}
+
+fn run_command(command: Commands) -> ExitCode {
+    let result = match command {
         Commands::Node(args) => run_node(args),
         Commands::Dev(args) => dev::run(args),
         Commands::Certs(args) => runtimeai_node::certs::run(args),
@@ -72,6 +105,16 @@ fn main() -> ExitCode {
             use std::io::Write;
             std::io::stdout().write_all(runtimeai_api::openapi::document().as_bytes()).map_err(anyhow::Error::from)
         }
+        Commands::Completion { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "runtimeai",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        _ => unreachable!("the cluster's commands are run by ctl::run"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@ mod api;
 mod chaos_cli;
 mod cli;
 mod client;
+mod ctl;
 mod engine;
 mod events;
 mod hypervisor;
