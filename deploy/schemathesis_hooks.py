@@ -18,7 +18,7 @@ What the OpenAPI document cannot say, said to the generator for the cases meant 
 And how to read the answers that are not JSON: exec's lines (NDJSON) and a file's bytes.
 And the data random ids never find, made on first use as its own principals would make it, and
 made again when the fuzzer has changed it (schemathesis's advice for "missing test data"): a
-running sandbox for exec, logs and files, a vcluster for its kubeconfig, a stopped VM to start
+running sandbox for exec, logs and files, a vcluster for its kubeconfig and for intents, a stopped VM to start
 (and read the console of), a paused VM to resume, a runtime with a snapshot to restore and an
 intent to read, and operations another principal asked for that wait for approval (nobody may
 approve their own).
@@ -177,6 +177,10 @@ class Fixtures:
         if label.endswith("/console"):
             return {"runtime_id": self.stopped()["runtime_id"]}
         if label.endswith("/kubeconfig"):
+            return self.running("vcluster")
+        if label == "POST /v1/runtimes/{runtime_id}/intent":
+            # A runtime a goal can act on (the stateful phase's own runtimes are often deleted by
+            # the time it plans for one).
             return self.running("vcluster")
         if label.endswith(("/lifecycle/restore", "/intent/{intent_id}")):
             ids = self.snapshot()

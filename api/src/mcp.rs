@@ -331,17 +331,7 @@ fn request_of(spec: &ToolSpec, mut arguments: Map<String, Value>) -> Result<(Str
             Some(Value::String(value)) if !value.is_empty() => value,
             _ => return Err(format!("{name} is required (a string)")),
         };
-        let encoded: String = value
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
-        path.replace_range(start..=end, &encoded);
+        path.replace_range(start..=end, &url_encode(&value));
     }
     if spec.method != Method::GET {
         return Ok((path, Some(Value::Object(arguments))));

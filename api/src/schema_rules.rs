@@ -39,26 +39,30 @@ pub(crate) fn write(api: &mut Value, settings: &ClusterSettings, any_goal: bool)
     };
 
     schemas["RuntimeCreateRequest"]["properties"]["labels"] = label_map(false);
-    schemas["RuntimeCreateRequest"]["allOf"] = json!([{"properties": {"spec": size_of(&sizes)}}]);
     let none = json!({"type": "null"});
-    schemas["RuntimeCreateRequest"]["oneOf"] = json!([
-        {"properties": {"type": {"enum": ["sandbox", "agent_runtime"]},
-            "spec": {"properties": {"user_data": none, "ssh_authorized_keys": none}}}},
-        {"properties": {"type": {"const": "vm"}, "spec": {"properties": {"idle_timeout_seconds": none,
-            "image": {"type": ["string", "null"], "pattern": "^[a-z0-9][a-z0-9._-]{0,62}$"},
-            "ssh_authorized_keys": {"type": ["array", "null"],
-                "items": {"type": "string", "pattern": "^(ssh-|ecdsa-|sk-)[^\\n\\r\\u0000]{0,8188}$"}}}}}},
-        {"properties": {"type": {"const": "vcluster"}, "spec": {"properties": {"image": none,
-            "idle_timeout_seconds": none, "user_data": none, "ssh_authorized_keys": none}}}},
-    ]);
+    let by_type = conditions(
+        "type",
+        json!([
+            {"properties": {"type": {"enum": ["sandbox", "agent_runtime"]},
+                "spec": {"properties": {"user_data": none, "ssh_authorized_keys": none}}}},
+            {"properties": {"type": {"const": "vm"}, "spec": {"properties": {"idle_timeout_seconds": none,
+                "image": {"type": ["string", "null"], "pattern": "^[a-z0-9][a-z0-9._-]{0,62}$"},
+                "ssh_authorized_keys": {"type": ["array", "null"],
+                    "items": {"type": "string", "pattern": "^(ssh-|ecdsa-|sk-)[^\\n\\r\\u0000]{0,8188}$"}}}}}},
+            {"properties": {"type": {"const": "vcluster"}, "spec": {"properties": {"image": none,
+                "idle_timeout_seconds": none, "user_data": none, "ssh_authorized_keys": none}}}},
+        ]),
+    );
+    let mut rules = vec![json!({"properties": {"spec": size_of(&sizes)}})];
+    rules.extend(by_type);
+    schemas["RuntimeCreateRequest"]["allOf"] = Value::Array(rules);
     schemas["RuntimePatch"]["properties"]["labels"] = label_map(true);
 
     let scale = &mut schemas["LifecycleScaleRequest"];
     scale["allOf"] = json!([size_of(&sizes)]);
-    scale["anyOf"] = json!([
-        {"required": ["size"], "properties": {"size": {"type": "string"}}},
-        {"required": ["resources"], "properties": {"resources": {"type": "object"}}},
-    ]);
+    // A size, else resources (as an `anyOf` of the two would say).
+    scale["if"] = json!({"required": ["size"], "properties": {"size": {"type": "string"}}});
+    scale["else"] = json!({"required": ["resources"], "properties": {"resources": {"type": "object"}}});
     write_action(schemas);
     write_key(schemas);
     write_policy_rule(schemas);
@@ -108,41 +112,68 @@ fn constraints() -> Value {
 }
 
 /// An action's parameters are those of its lifecycle call (an observer's, a webhook's); only
-/// `migrate` takes a target (its destination node).
+/// `migrate` takes a target (its destination node). Written as a `oneOf` of whole action schemas,
+/// one per type: code generators make a type of each, fuzzers generate each.
 fn write_action(schemas: &mut Value) {
     let params =
         |schema: &str| json!({"oneOf": [{"type": "null"}, {"$ref": format!("#/components/schemas/{schema}")}]});
-    let no_target = json!({"type": "null"});
-    let node = json!({"oneOf": [{"type": "null"}, {"type": "object", "additionalProperties": false,
-        "properties": {"node": {"type": "integer", "minimum": 0}}}]});
-    let action = &mut schemas["Action"];
-    action["oneOf"] = json!([
-        {"properties": {"type": {"enum": ["start", "restart", "rollout_restart", "pause", "resume"]},
-            "params": params("LifecycleStartRequest"), "target": no_target}},
-        {"properties": {"type": {"const": "stop"}, "params": params("LifecycleStopRequest"), "target": no_target}},
-        {"properties": {"type": {"const": "snapshot"}, "params": params("LifecycleSnapshotRequest"),
-            "target": no_target}},
-        {"required": ["params"], "properties": {"type": {"const": "scale"},
-            "params": {"$ref": "#/components/schemas/LifecycleScaleRequest"}, "target": no_target}},
-        {"required": ["params"], "properties": {"type": {"const": "restore"},
-            "params": {"$ref": "#/components/schemas/LifecycleRestoreRequest"}, "target": no_target}},
-        {"properties": {"type": {"const": "tune_policy"}, "params": params("RuntimePolicy"), "target": no_target}},
-        {"properties": {"type": {"const": "migrate"}, "params": params("LifecycleMigrateRequest"), "target": node}},
-        {"required": ["params"], "properties": {"type": {"const": "attach_observer"},
-            "params": {"$ref": "#/components/schemas/ObserverAttachRequest"}, "target": no_target}},
-        {"required": ["params"], "properties": {"type": {"const": "detach_observer"},
-            "params": {"$ref": "#/components/schemas/ObserverDetachRequest"}, "target": no_target}},
-    ]);
+    let required = |schema: &str| json!({"$ref": format!("#/components/schemas/{schema}")});
+    let node = json!({"type": ["object", "null"], "additionalProperties": false,
+        "properties": {"node": {"type": "integer", "minimum": 0}}});
+    let branch = |types: Value, params: Value, params_required: bool, target: Value| {
+        let mut needed = vec!["type"];
+        if params_required {
+            needed.push("params");
+        }
+        json!({"type": "object", "additionalProperties": false, "required": needed,
+            "properties": {"type": types, "params": params, "target": target}})
+    };
+    let none = json!({"type": "null"});
+    schemas["Action"] = json!({"oneOf": [
+        branch(json!({"enum": ["start", "restart", "rollout_restart", "pause", "resume"]}),
+            params("LifecycleStartRequest"), false, none.clone()),
+        branch(json!({"const": "stop"}), params("LifecycleStopRequest"), false, none.clone()),
+        branch(json!({"const": "snapshot"}), params("LifecycleSnapshotRequest"), false, none.clone()),
+        branch(json!({"const": "scale"}), required("LifecycleScaleRequest"), true, none.clone()),
+        branch(json!({"const": "restore"}), required("LifecycleRestoreRequest"), true, none.clone()),
+        branch(json!({"const": "tune_policy"}), params("RuntimePolicy"), false, none.clone()),
+        branch(json!({"const": "migrate"}), params("LifecycleMigrateRequest"), false, node),
+        branch(json!({"const": "attach_observer"}), required("ObserverAttachRequest"), true, none.clone()),
+        branch(json!({"const": "detach_observer"}), required("ObserverDetachRequest"), true, none),
+    ]});
+}
+
+/// Rules that depend on the value of `key` (a runtime's type, a rule's kind), one branch per
+/// value, as conditions: `allOf` of `if` `key` has the branch's value `then` the rest of the
+/// branch. Validators apply them as a `oneOf` of the branches would (the values of `key` are
+/// all covered); code generators, which read a `oneOf` as a union of whole types and cannot make
+/// one of these partial branches, leave conditions alone.
+fn conditions(key: &str, branches: Value) -> Vec<Value> {
+    let Value::Array(branches) = branches else { return Vec::new() };
+    branches
+        .into_iter()
+        .map(|mut branch| {
+            let properties = branch["properties"].as_object_mut();
+            let value = properties.and_then(|p| p.remove(key)).unwrap_or(Value::Null);
+            if branch["properties"].as_object().is_some_and(|p| p.is_empty()) {
+                branch.as_object_mut().map(|b| b.remove("properties"));
+            }
+            json!({"if": {"properties": {key: value}, "required": [key]}, "then": branch})
+        })
+        .collect()
 }
 
 /// An agent's key takes the roles `agent` and `viewer` only; only an agent has a mode.
 fn write_key(schemas: &mut Value) {
     let key = &mut schemas["KeyCreateRequest"];
     key["properties"]["tenants"]["items"] = json!({"type": "string", "pattern": "^(\\*|[^*]{1,63})$"});
-    key["oneOf"] = json!([
-        {"properties": {"kind": {"const": "agent"}, "roles": {"items": {"enum": ["agent", "viewer"]}}}},
-        {"properties": {"kind": {"enum": ["human", "service"]}, "agent_mode": {"type": "null"}}},
-    ]);
+    key["allOf"] = Value::Array(conditions(
+        "kind",
+        json!([
+            {"properties": {"kind": {"const": "agent"}, "roles": {"items": {"enum": ["agent", "viewer"]}}}},
+            {"properties": {"kind": {"enum": ["human", "service"]}, "agent_mode": {"type": "null"}}},
+        ]),
+    ));
 }
 
 /// A rule's parameters follow its kind (`PolicyRule::check`); a selector names actors by kind or
@@ -170,7 +201,8 @@ fn write_policy_rule(schemas: &mut Value) {
         }
         branch
     };
-    schemas["PolicyRule"]["oneOf"] = RuleKind::ALL.into_iter().map(branch).collect();
+    let branches = RuleKind::ALL.into_iter().map(branch).collect();
+    schemas["PolicyRule"]["allOf"] = Value::Array(conditions("kind", branches));
 }
 
 #[cfg(test)]

@@ -84,5 +84,43 @@ async fn the_client_crate_drives_a_cluster_with_typed_answers_and_errors() -> an
 
     let nowhere = client(vec!["https://127.0.0.1:1".into()], admin_token())?;
     assert!(matches!(nowhere.whoami().await, Err(ClientError::Unreachable(_))));
+
+    phase("a Python client generated from the served OpenAPI document parses every answer of the tour");
+    python_tour(&cluster).await
+}
+
+/// Generates a Python client (openapi-python-client) from the document node 1 serves and runs
+/// `tests/python_client_tour.py` with it.
+async fn python_tour(cluster: &Cluster) -> anyhow::Result<()> {
+    let home = std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default());
+    let venv = home.join(".cache/runtimeai/venv-generator/bin");
+    anyhow::ensure!(venv.join("openapi-python-client").exists(), "run deploy/python-env.sh");
+    let dir = tempfile::tempdir()?;
+    let document = admin_client(cluster)?.request_raw(reqwest::Method::GET, "/v1/openapi.json", None).await?.1;
+    let path = dir.path().join("openapi.json");
+    std::fs::write(&path, document.to_string())?;
+    let generated = std::process::Command::new(venv.join("openapi-python-client"))
+        .args(["generate", "--meta", "none", "--path"])
+        .arg(&path)
+        .arg("--output-path")
+        .arg(dir.path().join("runtimeai_py"))
+        .output()?;
+    anyhow::ensure!(generated.status.success(), "the generator failed: {generated:?}");
+    let ca = harness_ca()?.join("ca.pem");
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python_client_tour.py");
+    let tour = tokio::process::Command::new(venv.join("python"))
+        .arg(script)
+        .arg(dir.path())
+        .args([cluster.node(3).url(""), admin_token().to_string()])
+        .arg(ca)
+        .output()
+        .await?;
+    let said = String::from_utf8_lossy(&tour.stdout);
+    anyhow::ensure!(tour.status.success(), "{said}{}", String::from_utf8_lossy(&tour.stderr));
+    assert!(said.contains("tour parsed") && said.lines().count() >= 20, "{said}");
     Ok(())
+}
+
+fn admin_client(cluster: &Cluster) -> anyhow::Result<Client> {
+    client(vec![cluster.node(1).url("")], admin_token())
 }
