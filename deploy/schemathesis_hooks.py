@@ -18,7 +18,8 @@ What the OpenAPI document cannot say, said to the generator for the cases meant 
 And how to read the answers that are not JSON: exec's lines (NDJSON) and a file's bytes.
 And the data random ids never find, made on first use as its own principals would make it, and
 made again when the fuzzer has changed it (schemathesis's advice for "missing test data"): a
-running sandbox for exec, logs and files, a vcluster for its kubeconfig and for intents, a stopped VM to start
+running sandbox for exec, logs and files, a vcluster for its kubeconfig, intents and restarts, a
+webhook subscription, a stopped VM to start
 (and read the console of), a paused VM to resume, a runtime with a snapshot to restore and an
 intent to read, and operations another principal asked for that wait for approval (nobody may
 approve their own).
@@ -104,6 +105,12 @@ class Fixtures:
         self.kept[name] = make()
         return self.kept[name]
 
+    def webhook(self):
+        """A subscription (to a name that never resolves), made again once the fuzzer deleted it."""
+        exists = lambda ids: call("GET", f"/v1/webhooks/{ids['webhook_id']}") is not None
+        url = f"https://fixture-{uuid.uuid4().hex[:8]}.invalid/hook"
+        return self.still("webhook", exists, lambda: {"webhook_id": call("POST", "/v1/webhooks", {"url": url})["webhook"]["id"]})
+
     def running(self, kind):
         state = lambda ids: call("GET", f"/v1/runtimes/{ids['runtime_id']}")["state"] == "running"
         return self.still(kind, state, lambda: {"runtime_id": self.runtime(kind)})
@@ -177,6 +184,10 @@ class Fixtures:
         if label.endswith("/console"):
             return {"runtime_id": self.stopped()["runtime_id"]}
         if label.endswith("/kubeconfig"):
+            return self.running("vcluster")
+        if "/v1/webhooks/{webhook_id}" in label:
+            return self.webhook()
+        if label == "POST /v1/runtimes/{runtime_id}/lifecycle/restart":
             return self.running("vcluster")
         if label == "POST /v1/runtimes/{runtime_id}/intent":
             # A runtime a goal can act on (the stateful phase's own runtimes are often deleted by

@@ -99,14 +99,46 @@ async fn the_cli_runs_every_verb_against_a_live_cluster_with_exit_codes_scripts_
     let watched = ctl(&config, &["operations", "watch", &waiting, "-o", "json"]);
     assert_eq!((code(&watched), json(&watched)["status"].as_str()), (0, Some("succeeded")));
 
-    phase("a policy applied from YAML denies the agent; settings read back");
+    phase("intents, plans, action lists, cancel, reject and delete");
+    let planned = json(&ctl(&config, &["runtimes", "plan", &id, "restart", "-o", "json"]));
+    assert!(planned["actions"].as_array().is_some_and(|a| !a.is_empty()), "{planned}");
+    let dry =
+        ctl(&config, &["runtimes", "intent", &id, "restart", "--constraint", "cost=any", "--dry-run", "-o", "json"]);
+    assert_eq!(code(&dry), 0, "{dry:?}");
+    let nothing = json(&dry)["operation_id"].as_str().is_none_or(str::is_empty);
+    assert!(nothing, "a dry run runs nothing: {}", json(&dry));
+    let actions = dir.path().join("actions.json");
+    std::fs::write(&actions, r#"{"actions": [{"type": "restart"}]}"#)?;
+    let executed = ctl(&config, &["runtimes", "execute", &id, "-f", actions.to_str().unwrap(), "--wait", "-o", "json"]);
+    assert_eq!((code(&executed), json(&executed)["kind"].as_str()), (0, Some("execute")), "{executed:?}");
+    let to_reject = json(&ctl(&config, &["runtimes", "--context", "agent", "do", "restart", &id, "-o", "json"]));
+    let to_reject = to_reject["id"].as_str().unwrap().to_string();
+    let rejected = ctl(&config, &["operations", "reject", &to_reject, "--reason", "not now", "-o", "json"]);
+    assert_eq!((code(&rejected), json(&rejected)["status"].as_str()), (0, Some("cancelled")), "{rejected:?}");
+    let watched = ctl(&config, &["operations", "watch", &to_reject]);
+    assert_eq!(code(&watched), 7, "a rejected operation ends the wait badly: {watched:?}");
+    let to_cancel = json(&ctl(&config, &["runtimes", "--context", "agent", "do", "restart", &id, "-o", "json"]));
+    let to_cancel = to_cancel["id"].as_str().unwrap().to_string();
+    assert_eq!(json(&ctl(&config, &["operations", "cancel", &to_cancel, "-o", "json"]))["status"], "cancelled");
+    assert_eq!(json(&ctl(&config, &["operations", "get", &to_cancel, "-o", "json"]))["status"], "cancelled");
+
+    phase("a policy applied from YAML denies the agent; settings read back and set");
     let policy = dir.path().join("policy.yaml");
     std::fs::write(&policy, "name: cli-no-agent-snapshots\nrules:\n  - kind: deny_action\n    selector:\n      actions: [snapshot]\n      actor: agent\n")?;
     assert_eq!(code(&ctl(&config, &["policies", "apply", "-f", policy.to_str().unwrap()])), 0);
     assert!(String::from_utf8_lossy(&ctl(&config, &["policies", "list"]).stdout).contains("cli-no-agent-snapshots"));
     assert_eq!(code(&ctl(&config, &["runtimes", "--context", "agent", "do", "snapshot", &id])), 5, "policy-denied");
-    let settings = json(&ctl(&config, &["settings", "get", "-o", "json"]));
+    let mut settings = json(&ctl(&config, &["settings", "get", "-o", "json"]));
     assert!(settings["event_retention_count"].is_u64(), "{settings}");
+    settings["event_retention_count"] = 2000.into();
+    let file = dir.path().join("settings.json");
+    std::fs::write(&file, settings.to_string())?;
+    assert_eq!(code(&ctl(&config, &["settings", "set", "-f", file.to_str().unwrap()])), 0);
+    assert_eq!(json(&ctl(&config, &["settings", "get", "-o", "json"]))["event_retention_count"], 2000);
+    let policies = json(&ctl(&config, &["policies", "list", "-o", "json"]));
+    let policy_id = policies["items"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(code(&ctl(&config, &["policies", "delete", &policy_id])), 0);
+    assert_eq!(code(&ctl(&config, &["policies", "delete", &policy_id])), 3, "gone");
 
     phase("events, and --follow printing each as it comes");
     let events = json(&ctl(&config, &["events", "--runtime", &id, "-o", "json"]));
@@ -139,5 +171,8 @@ async fn the_cli_runs_every_verb_against_a_live_cluster_with_exit_codes_scripts_
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no context \"prod\""), "{missing:?}");
     let nowhere = ctl(&config, &["cluster", "status", "--server", "https://127.0.0.1:1"]);
     assert_eq!(code(&nowhere), 6, "{nowhere:?}");
+    let deleted = ctl(&config, &["runtimes", "delete", &id, "--wait", "-o", "json"]);
+    assert_eq!(code(&deleted), 0, "{deleted:?}");
+    assert_eq!(code(&ctl(&config, &["runtimes", "get", &id])), 3, "deleted");
     Ok(())
 }

@@ -58,7 +58,10 @@ async fn the_feed_is_one_ordered_stream_a_client_follows_across_a_node_kill() ->
     assert_eq!(cluster.call_eventually(2, Method::POST, "/v1/policies", Some(&policy), &[]).await?.status, 201);
     let tenant = json!({"name": "feed-acme", "type": "vcluster"});
     let acme = cluster.call_eventually(3, Method::POST, "/v1/runtimes", Some(&tenant), &[("tenant_id", "acme")]);
-    let acme = acme.await?.body["id"].as_str().unwrap().to_string();
+    let acme = acme.await?.body;
+    // Its create ends with events of its own: wait for them, so that the feed stands still.
+    cluster.wait_operation(3, acme["active_operation"].as_str().unwrap_or_default(), EVENTUALLY).await?;
+    let acme = acme["id"].as_str().unwrap().to_string();
     let all = cluster.call_eventually(3, Method::GET, "/v1/events?limit=1000", None, &[]).await?;
     let items = all.body["items"].as_array().unwrap().clone();
     let ids: Vec<(u64, u32)> = items.iter().map(|e| position(e["id"].as_str().unwrap())).collect();

@@ -414,7 +414,8 @@ async fn runtimes(client: &Client, format: Format, command: RuntimesCommand) -> 
         RuntimesCommand::Intent { id, goal, constraints, dry_run, wait } => {
             let request = json!({"goal": goal, "constraints": pairs(&constraints)?, "dry_run": dry_run});
             let answer = client.submit_intent(&id, &request).await?;
-            match answer["operation_id"].as_str() {
+            // A dry run (or an empty plan) begins none: the seed's shape says "".
+            match answer["operation_id"].as_str().filter(|id| !id.is_empty()) {
                 Some(operation) if wait.wait => follow(client, format, operation, wait.timeout).await,
                 _ => show(
                     &answer,
