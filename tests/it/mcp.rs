@@ -191,7 +191,7 @@ async fn agents_use_the_cluster_through_mcp_within_their_permissions() -> anyhow
         "{progress:?}"
     );
 
-    phase("the TypeScript SDK's client (npm, on the machine's Node.js) meets the same server");
+    phase("the TypeScript SDK's client (npm, on the machine's Node.js): read, then get and cancel as the agent");
     let seen =
         typescript_client(&cluster, 1, &reader, json!([{"name": "get_runtime", "arguments": {"runtime_id": runtime}}]))
             .await?;
@@ -199,6 +199,17 @@ async fn agents_use_the_cluster_through_mcp_within_their_permissions() -> anyhow
     let names = tool_names(&seen);
     assert!(names.contains(&"get_operation".into()) && !names.contains(&"execute_actions".into()), "{names:?}");
     assert_eq!(seen["results"][0]["structuredContent"]["id"], runtime.as_str(), "{seen}");
+    let path = format!("/v1/runtimes/{runtime}/actions/execute");
+    let body = json!({"actions": [{"type": "restart"}]});
+    let parked = cluster.call_eventually_as(&actor, 2, Method::POST, &path, Some(&body), &[]).await?;
+    let parked = parked.body["id"].as_str().unwrap_or_default().to_string();
+    let calls = json!([
+        {"name": "get_operation", "arguments": {"operation_id": operation}},
+        {"name": "cancel_operation", "arguments": {"operation_id": parked}},
+    ]);
+    let seen = typescript_client(&cluster, 3, &actor, calls).await?;
+    assert_eq!(seen["results"][0]["structuredContent"]["status"], "succeeded", "{seen}");
+    assert_eq!(seen["results"][1]["structuredContent"]["status"], "cancelled", "{seen}");
     Ok(())
 }
 
