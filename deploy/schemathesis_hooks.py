@@ -11,7 +11,8 @@ What the OpenAPI document cannot say, said to the generator for the cases meant 
 - a command it makes up runs at most 5 s, logs are read without `follow` and event streams end after
   a second (neither would end otherwise);
 - a key's expiry is in the future (the document can say only that it is a date-time);
-- a webhook's (and an observer's) URL is a name that never resolves, its event types well formed;
+- a webhook's (and an observer's) URL is a name that never resolves, its event types well formed,
+  and the settings' webhook networks are networks;
 - an action list runs a migration alone, and a migration names one destination, however often;
 - a size catalogue lists its sizes smallest first (cpu and cost never decrease) and names each
   once: rules across the items of an array.
@@ -25,6 +26,7 @@ intent to read, and operations another principal asked for that wait for approva
 approve their own).
 """
 
+import ipaddress
 import json
 import os
 import re
@@ -239,6 +241,11 @@ def map_case(ctx, case):
         body["expires_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 86400))
     if label == "PUT /v1/cluster/settings" and body is not None and isinstance(body.get("sizes"), list):
         smallest_first(body["sizes"])
+    if label == "PUT /v1/cluster/settings" and body is not None:
+        networks = body.get("webhook_allowed_destinations")
+        if isinstance(networks, list):
+            # Networks a pattern cannot tell from look-alikes (an octet over 255).
+            body["webhook_allowed_destinations"] = [n for n in networks if is_network(n)]
     if label == "POST /v1/runtimes/{runtime_id}/actions/execute" and isinstance((body or {}).get("actions"), list):
         # A rule across the items of the list (the document says it; JSON Schema cannot): a
         # migration runs alone, its destination's executor carries it out.
@@ -272,6 +279,14 @@ def map_case(ctx, case):
         else:
             case.path_parameters[name] = value
     return case
+
+
+def is_network(text):
+    try:
+        ipaddress.ip_network(text, strict=False)
+        return "/" in text
+    except (TypeError, ValueError):
+        return False
 
 
 def well_formed_event_types(subscription):

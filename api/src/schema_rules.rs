@@ -57,6 +57,10 @@ pub(crate) fn write(api: &mut Value, settings: &ClusterSettings, any_goal: bool)
     rules.extend(by_type);
     schemas["RuntimeCreateRequest"]["allOf"] = Value::Array(rules);
     schemas["RuntimePatch"]["properties"]["labels"] = label_map(true);
+    let networks = &mut schemas["ClusterSettings"]["properties"]["webhook_allowed_destinations"];
+    networks["maxItems"] = 64.into();
+    networks["items"] = json!({"type": "string", "pattern": "^[0-9A-Fa-f:.]{2,39}/[0-9]{1,3}$",
+        "description": "A network in CIDR notation (127.0.0.1/32, fd00::/8)."});
 
     let scale = &mut schemas["LifecycleScaleRequest"];
     scale["allOf"] = json!([size_of(&sizes)]);
