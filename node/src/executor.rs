@@ -288,7 +288,8 @@ fn signals(runtime: &Runtime, observed: &Observed, sizes: &[SizeEntry], node_id:
     }
 }
 
-fn system_command(op: Op) -> Command {
+/// A command of this node's own machinery, proposed as the system.
+pub(crate) fn system_command(op: Op) -> Command {
     Command { at: chrono::Utc::now(), actor: Actor::System, idempotency: None, op }
 }
 

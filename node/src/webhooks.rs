@@ -20,10 +20,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use runtimeai_model::{Actor, ClusterSettings, DeliveryOutcome, Event, Webhook, WebhookDelivery};
+use runtimeai_model::{ClusterSettings, DeliveryOutcome, Event, Webhook, WebhookDelivery};
 use runtimeai_raft::command::{ClaimDeliveries, RecordDeliveries};
 use runtimeai_raft::state_reader::EventCursor;
-use runtimeai_raft::{Command, CommandReply, Op, Rejection, Replica, AUDIT_STREAM};
+use runtimeai_raft::{CommandReply, Op, Rejection, Replica, AUDIT_STREAM};
 
 /// How long a lease lasts; its holder renews it a third of the way through.
 pub const LEASE: Duration = Duration::from_secs(6);
@@ -162,7 +162,7 @@ impl Deliverer {
             return None;
         }
         let op = Op::ClaimDeliveries(ClaimDeliveries { node_id: self.node_id, lease_ms: LEASE.as_millis() as u64 });
-        self.held = match self.replica.propose(system(op)).await {
+        self.held = match self.replica.propose(crate::executor::system_command(op)).await {
             Ok(CommandReply::DeliveryLease(lease)) if lease.node_id == self.node_id => {
                 if self.held.is_none_or(|(token, _)| token != lease.token) {
                     tracing::info!(token = lease.token, "this node delivers webhooks now");
@@ -224,7 +224,7 @@ impl Deliverer {
         }
         let through = delivered_through.clone();
         let record = RecordDeliveries { token, webhook_id: webhook.id.clone(), attempts, delivered_through };
-        match self.replica.propose(system(Op::RecordDeliveries(record))).await {
+        match self.replica.propose(crate::executor::system_command(Op::RecordDeliveries(record))).await {
             Ok(CommandReply::Webhook(_)) => Ok(Outcome { retry, through, recorded: true }),
             // Deleted meanwhile: nothing more to deliver.
             Ok(CommandReply::Rejected(Rejection::NotFound { .. })) => {
@@ -292,10 +292,6 @@ impl Deliverer {
 /// The wait after failed attempt number `attempt`: 1 s, 2 s, 4 s, ... at most an hour.
 fn backoff(attempt: u32) -> Duration {
     Duration::from_secs(1u64 << attempt.saturating_sub(1).min(12)).min(MAX_BACKOFF)
-}
-
-fn system(op: Op) -> Command {
-    Command { at: chrono::Utc::now(), actor: Actor::System, idempotency: None, op }
 }
 
 /// One attempt: resolve, check, POST, signed. Never fails: how it went is the delivery.

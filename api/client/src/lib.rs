@@ -39,6 +39,17 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// The refusal an answer of `status` with `body` (its problem+json, else its text) is.
+    pub fn refusal(status: u16, body: &Value) -> ClientError {
+        let problem = serde_json::from_value(body.clone()).unwrap_or_else(|_| Problem {
+            status,
+            title: "Error".into(),
+            detail: body.to_string(),
+            ..Problem::default()
+        });
+        ClientError::Api { problem: Box::new(problem) }
+    }
+
     /// The HTTP status of a refusal.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -327,13 +338,7 @@ impl Client {
     ) -> Result<T, ClientError> {
         let (status, value) = self.request_raw(method, path_and_query, body).await?;
         if !(200..300).contains(&status) {
-            let problem = serde_json::from_value(value.clone()).unwrap_or_else(|_| Problem {
-                status,
-                title: "Error".into(),
-                detail: value.to_string(),
-                ..Problem::default()
-            });
-            return Err(ClientError::Api { problem: Box::new(problem) });
+            return Err(ClientError::refusal(status, &value));
         }
         serde_json::from_value(value).map_err(|e| ClientError::Decode(format!("{path_and_query}: {e}")))
     }

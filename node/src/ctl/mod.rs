@@ -578,10 +578,5 @@ fn checked((status, body): (u16, Value)) -> Result<Value, CtlError> {
     if (200..300).contains(&status) {
         return Ok(body);
     }
-    let problem = serde_json::from_value(body.clone()).unwrap_or(runtimeai_client::Problem {
-        status,
-        detail: body.to_string(),
-        ..Default::default()
-    });
-    Err(ClientError::Api { problem: Box::new(problem) }.into())
+    Err(ClientError::refusal(status, &body).into())
 }
