@@ -102,10 +102,16 @@ impl ClusterError {
 /// connection was never made, so only that case counts as "never applied"; a deadline that
 /// passed (on either side) and a connection that broke mid-request both leave the outcome
 /// unknown; anything else the leader answered with is an internal error.
+///
+/// A deadline the leader's gRPC server enforced arrives as `Cancelled` ("Timeout expired"): the
+/// server starts its clock when the request's headers arrive, before a large body has, so it
+/// can pass before the leader's own deadline does.
 pub(crate) fn transport_error(leader: NodeId, status: tonic::Status, deadline: Duration) -> ClusterError {
+    let timed_out = matches!(status.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled)
+        || caused_by::<tonic::TimeoutExpired>(&status);
     if never_sent(&status) {
         ClusterError::LeaderUnreachable { leader, reason: status.message().to_string() }
-    } else if status.code() == tonic::Code::DeadlineExceeded || caused_by::<tonic::TimeoutExpired>(&status) {
+    } else if timed_out {
         ClusterError::Timeout(deadline.as_millis() as u64)
     } else if caused_by::<tonic::transport::Error>(&status) {
         ClusterError::ConnectionLost { leader, reason: status.message().to_string() }

@@ -500,6 +500,10 @@ mod tests {
         let error = transport_error(2, status, Duration::from_millis(200));
         assert!(matches!(error, ClusterError::Timeout(200)), "{error:?}");
         assert!(error.is_retryable() && !error.never_applied());
+        // What a tonic server sends when the `grpc-timeout` it was given passes first.
+        let enforced_by_the_server = tonic::Status::cancelled("Timeout expired");
+        let error = transport_error(2, enforced_by_the_server, Duration::from_millis(200));
+        assert!(matches!(error, ClusterError::Timeout(200)), "{error:?}");
     }
 
     #[tokio::test]
