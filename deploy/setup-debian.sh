@@ -17,8 +17,10 @@ set -euo pipefail
 # tests push images to and pull them from (Debian starts nothing here: the tests run their own).
 # VMs: genisoimage (a VM's cloud-init NoCloud seed is an ISO 9660 image labelled cidata).
 # npm (with Node.js, unless the machine has its own): the MCP TypeScript SDK, a client the tests use.
+# haproxy and wrk: runtimeai-bench measures both systems through a load balancer with a standard
+# load generator; prometheus: the tests scrape /metrics with it (Debian starts none of them here).
 packages=(g++ libclang-dev pkg-config libvirt-dev python3 python3-venv fonts-dejavu-core util-linux etcd-server
-  crun tini busybox-static e2fsprogs skopeo umoci docker-registry genisoimage)
+  crun tini busybox-static e2fsprogs skopeo umoci docker-registry genisoimage haproxy wrk prometheus)
 command -v npm >/dev/null || packages+=(npm)
 missing=()
 for pkg in "${packages[@]}"; do

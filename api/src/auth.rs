@@ -61,6 +61,7 @@ pub const ROUTES: &[(&str, &str, Access)] = {
         ("GET", "/healthz", Public),
         ("GET", "/readyz", Public),
         ("GET", "/v1/health", Needs(Read)),
+        ("GET", "/metrics", Needs(Read)),
         ("GET", "/v1/openapi.json", Authenticated),
         // The MCP server: each tool call is checked again as the REST call it makes.
         ("POST", "/mcp", Authenticated),

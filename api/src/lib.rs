@@ -5,7 +5,8 @@
 //! client asks for `consistency=stale`. Every error leaves as RFC 9457 problem+json
 //! ([`problem`]).
 //!
-//! - [`cluster`]: `/v1/cluster`, membership changes, `/healthz`, `/readyz`.
+//! - [`cluster`]: `/v1/cluster`, membership changes, `/healthz`, `/readyz`; `/metrics`
+//!   (Prometheus: request durations and the write stages).
 //! - [`runtimes`]: the Runtime resource, its lifecycle, operations, snapshots and events.
 //! - [`operations`]: follow or cancel an asynchronous operation.
 //! - [`policies`]: safety policies (enforced in apply by `runtimeai_engine`).
@@ -28,6 +29,7 @@ pub mod intents;
 pub mod keys;
 mod logs;
 pub mod mcp;
+mod metrics;
 pub mod migration;
 mod mutation;
 pub mod oidc;
@@ -131,6 +133,7 @@ pub(crate) fn routes() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(operations::routes())
         .merge(policies::routes())
         .merge(keys::routes())
+        .merge(metrics::routes())
         .routes(utoipa_axum::routes!(openapi::openapi_json))
 }
 
@@ -142,6 +145,7 @@ pub fn router(state: AppState) -> Router {
     let rest = routes
         // Every routed request is authenticated and authorized before its handler runs.
         .route_layer(guard.clone())
+        .route_layer(axum::middleware::from_fn(metrics::record))
         .fallback(|| async { Problem::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "method not allowed on this endpoint")

@@ -9,12 +9,14 @@
 //! member in turn, as through a round-robin load balancer.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use plotters::prelude::*;
+use runtimeai_client::{Client, ClientConfig, ClientError, Consistency, Runtime};
 use serde::Serialize;
 use serde_json::json;
 
@@ -38,6 +40,11 @@ pub struct BenchOptions {
     pub node_args: Vec<String>,
     /// How many times each system's leader is SIGKILLed for the failover gap.
     pub failover_rounds: usize,
+    /// How the levels reach the systems.
+    pub mode: Mode,
+    /// How many times each system runs each level through the load balancer (interleaved).
+    #[serde(default)]
+    pub rounds: usize,
     /// Both systems without TLS (RuntimeAI `--insecure`, etcd on http): the baseline that shows
     /// what TLS costs. API keys are checked either way.
     #[serde(default)]
@@ -45,6 +52,19 @@ pub struct BenchOptions {
     /// Where the RuntimeAI nodes' logs are copied at the end.
     #[serde(skip)]
     pub log_dir: Option<std::path::PathBuf>,
+}
+
+/// How the benchmark's levels reach the systems.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// wrk through a haproxy per system ([`crate::balanced`]): as users send traffic.
+    Balanced,
+    /// Each system's members directly, ours with the SDK, etcd with the same HTTP stack:
+    /// for profiling.
+    Direct,
+    /// Both, one after the other.
+    Both,
 }
 
 fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -63,6 +83,10 @@ pub struct Level {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub p999_ms: f64,
+    /// Which run of the level these figures are from (1-based), when each system ran it more
+    /// than once ([`crate::balanced`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run: Option<usize>,
     /// CPU time (user + system) the system's three members spent per successful call, from
     /// `/proc`: for RuntimeAI's writes until the operations they queued had run. The figure that
     /// moves least between runs on a shared machine: throughput is cores over this.
@@ -112,7 +136,13 @@ pub struct BenchResults {
     pub options: BenchOptions,
     /// Bytes of a runtime's record as the API returns it: the etcd value size.
     pub payload_bytes: usize,
+    /// Per system, workload and concurrency, one level: through the load balancer, the median
+    /// of its runs.
     pub levels: Vec<Level>,
+    /// Every run through the load balancer, in the order they ran.
+    pub runs: Vec<Level>,
+    /// Where our creates' time went, per write level (its first run through the load balancer).
+    pub stages: Vec<crate::stages::Stage>,
     pub failover: Vec<Failover>,
     pub failover_error: Option<String>,
     pub scale: Option<Scale>,
@@ -126,33 +156,26 @@ struct Load {
     elapsed: Duration,
 }
 
-/// Runs `clients` concurrent loops for `duration`, each sending `request(client, i, target)`
-/// to the targets in turn; a 2xx counts as done.
-async fn drive<F>(http: &reqwest::Client, targets: &[String], clients: usize, duration: Duration, request: F) -> Load
+/// Runs `clients` concurrent loops for `duration`, each calling `call(target)` on the `targets`
+/// members in turn; a call that returns true counts as done.
+async fn drive<F, Fut>(targets: usize, clients: usize, duration: Duration, call: F) -> Load
 where
-    F: Fn(&reqwest::Client, usize, u64, &str) -> reqwest::RequestBuilder + Send + Sync + 'static,
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = bool> + Send,
 {
-    let request = Arc::new(request);
+    let call = Arc::new(call);
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = Vec::new();
     for client in 0..clients {
-        let (http, targets, request) = (http.clone(), targets.to_vec(), request.clone());
+        let call = call.clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0;
-            let mut i = 0u64;
+            let mut i = 0usize;
             while Instant::now() < deadline {
-                let target = &targets[(client + i as usize) % targets.len()];
                 let sent = Instant::now();
-                let ok = match request(&http, client, i, target).send().await {
-                    Ok(response) => {
-                        let ok = response.status().is_success();
-                        let _ = response.bytes().await;
-                        ok
-                    }
-                    Err(_) => false,
-                };
+                let ok = call((client + i) % targets).await;
                 if ok {
                     latencies.push(sent.elapsed().as_micros() as u64);
                 } else {
@@ -196,34 +219,58 @@ fn level(
         p50_ms: at(0.5),
         p99_ms: at(0.99),
         p999_ms: at(0.999),
+        run: None,
         cpu_ms_per_op: members_cpu_seconds * 1000.0 / load.latencies_us.len().max(1) as f64,
     }
 }
 
 /// An HTTPS client for either system (both serve certificates of the harness's CA); for ours
 /// it authenticates as the admin (etcd's gateway reads `Authorization` as an etcd token, so its
-/// client sends none).
+/// client sends none). Ours is called through the SDK ([`members`]) but for the probes.
 fn http_client(clients: usize, ours: bool) -> Result<reqwest::Client> {
     let builder = if ours { crate::cluster::admin_client_builder()? } else { crate::cluster::client_builder()? };
     Ok(builder.timeout(Duration::from_secs(10)).pool_max_idle_per_host(clients.max(1)).tcp_nodelay(true).build()?)
 }
 
+/// One SDK client (`runtimeai-client`) per member at `urls`, as the admin, each call taking at
+/// most `timeout`: the benchmark calls RuntimeAI as its users' programs do.
+fn members(urls: &[String], timeout: Duration) -> Result<Arc<Vec<Client>>> {
+    let config = crate::cluster::admin_client_config(Vec::new(), timeout)?;
+    let clients = urls.iter().map(|url| Client::new(ClientConfig { servers: vec![url.clone()], ..config.clone() }));
+    let clients: std::result::Result<Vec<Client>, _> = clients.collect();
+    Ok(Arc::new(clients.map_err(|e| Error::Cluster(e.to_string()))?))
+}
+
 /// Unique names across every load run of a process.
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
 
-fn create_request(http: &reqwest::Client, base: &str) -> reqwest::RequestBuilder {
+/// A create of the next benchmark runtime.
+fn create(client: &Client) -> impl Future<Output = Result<Runtime, ClientError>> + Send + 'static {
     let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
-    http.post(format!("{base}/v1/runtimes")).json(&json!({
-        "name": format!("bench-{n}"),
-        "type": "vcluster",
-        "labels": {"bench": "true", "team": "platform"},
-    }))
+    let client = client.clone();
+    async move {
+        let body =
+            json!({"name": format!("bench-{n}"), "type": "vcluster", "labels": {"bench": "true", "team": "platform"}});
+        client.create_runtime(&body).await
+    }
 }
 
 fn put_request(http: &reqwest::Client, base: &str, value: &str) -> reqwest::RequestBuilder {
     let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
     http.post(format!("{base}/v3/kv/put"))
         .json(&json!({"key": base64(format!("bench/{n}").as_bytes()), "value": value}))
+}
+
+/// Whether `request` is answered with a 2xx (its body read to the end).
+async fn succeeds(request: reqwest::RequestBuilder) -> bool {
+    match request.send().await {
+        Ok(response) => {
+            let ok = response.status().is_success();
+            let _ = response.bytes().await;
+            ok
+        }
+        Err(_) => false,
+    }
 }
 
 /// Node flags of the benchmarked cluster: fsync'd storage is the default; the simulated driver
@@ -241,80 +288,47 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
     let (http, etcd_http) = (http_client(max_clients, true)?, http_client(max_clients, false)?);
 
     progress("starting a 3-node RuntimeAI cluster and a 3-member etcd cluster");
-    let mut runtimeai = Cluster::start(3, runtimeai_options(&options.node_args, options.plaintext)).await?;
-    let mut etcd = EtcdCluster::start(3, !options.plaintext).await?;
+    let runtimeai = Cluster::start(3, runtimeai_options(&options.node_args, options.plaintext)).await?;
+    let etcd = EtcdCluster::start(3, !options.plaintext).await?;
     let ours: Vec<String> = (1..=3).map(|n| runtimeai.node(n).base_url()).collect();
     let theirs: Vec<String> = etcd.members.iter().map(|m| m.client_url.clone()).collect();
+    let sdk = members(&ours, Duration::from_secs(10))?;
 
     // The payload: a runtime's record as the API returns it.
-    let sample = create_request(&http, &ours[0]).send().await?;
-    let sample_id = sample.json::<serde_json::Value>().await?["id"].as_str().unwrap_or_default().to_string();
-    let record = http.get(format!("{}/v1/runtimes/{sample_id}", ours[0])).send().await?.bytes().await?;
-    let payload_bytes = record.len();
-    let value = base64(&vec![b'x'; payload_bytes]);
-
-    let mut levels = Vec::new();
-    // The sample's operation; each level then waits for its own (below).
-    quiesce(&runtimeai, &progress).await;
-    for &clients in &options.concurrency {
-        progress(&format!("writes, {clients} clients, {:?} each system", options.duration));
-        let cpu = runtimeai_cpu(&runtimeai);
-        let load = drive(&http, &ours, clients, options.duration, |h, _, _, base| create_request(h, base)).await;
-        // The operations the creates queued are part of their cost.
-        quiesce(&runtimeai, &progress).await;
-        levels.push(level("runtimeai", "write", clients, load, runtimeai_cpu(&runtimeai) - cpu));
-        let v = value.clone();
-        let cpu = etcd_cpu(&etcd);
-        let load =
-            drive(&etcd_http, &theirs, clients, options.duration, move |h, _, _, base| put_request(h, base, &v)).await;
-        levels.push(level("etcd", "write", clients, load, etcd_cpu(&etcd) - cpu));
-    }
-    // Reads of a fixed set of keys written above.
+    let sample = create(&sdk[0]).await.map_err(|e| Error::Cluster(format!("the sample create: {e}")))?;
+    let payload_bytes = serde_json::to_vec(&sample)?.len();
+    // Reads read the sample and etcd's key of the same size.
     let etcd_key = base64(b"bench/read");
+    let value = base64(&vec![b'x'; payload_bytes]);
     etcd_http.post(format!("{}/v3/kv/put", theirs[0])).json(&json!({"key": etcd_key, "value": value})).send().await?;
-    for &clients in &options.concurrency {
-        quiesce(&runtimeai, &progress).await;
-        progress(&format!("reads, {clients} clients"));
-        for (workload, query) in [("read-linearizable", ""), ("read-stale", "?consistency=stale")] {
-            let path = format!("/v1/runtimes/{sample_id}{query}");
-            let cpu = runtimeai_cpu(&runtimeai);
-            let load =
-                drive(&http, &ours, clients, options.duration / 2, move |h, _, _, base| h.get(format!("{base}{path}")))
-                    .await;
-            levels.push(level("runtimeai", workload, clients, load, runtimeai_cpu(&runtimeai) - cpu));
-            let body = json!({"key": etcd_key, "serializable": workload == "read-stale"});
-            let cpu = etcd_cpu(&etcd);
-            let load = drive(&etcd_http, &theirs, clients, options.duration / 2, move |h, _, _, base| {
-                h.post(format!("{base}/v3/kv/range")).json(&body)
-            })
-            .await;
-            levels.push(level("etcd", workload, clients, load, etcd_cpu(&etcd) - cpu));
-        }
-    }
-    levels.extend(authentication_cost(&http, &ours, &runtimeai, max_clients, options.duration / 2, &progress).await);
+    let mut systems = Systems { runtimeai, etcd, ours, theirs, sdk, etcd_http, value, etcd_key, sample_id: sample.id };
 
-    let (failover, failover_error) = if options.failover_rounds == 0 {
-        (Vec::new(), None)
-    } else {
-        match failover_rounds(
-            [&http, &etcd_http],
-            &mut runtimeai,
-            &mut etcd,
-            &ours,
-            &theirs,
-            &value,
-            options.failover_rounds,
-            &progress,
-        )
-        .await
-        {
+    // The sample's operation; each level then waits for its own.
+    quiesce(&systems.runtimeai, &progress).await;
+    let mut measured = crate::balanced::Measured::default();
+    if options.mode != Mode::Direct {
+        measured = crate::balanced::levels(&systems, &options, &progress).await?;
+    }
+    let crate::balanced::Measured { mut levels, runs, stages } = measured;
+    if options.mode != Mode::Balanced {
+        levels.extend(direct_levels(&systems, &options, &progress).await);
+    }
+    let runtimeai = &systems.runtimeai;
+    levels.extend(
+        authentication_cost(&http, &systems.ours, runtimeai, max_clients, options.duration / 2, &progress).await,
+    );
+
+    let (failover, failover_error) = match options.failover_rounds {
+        0 => (Vec::new(), None),
+        rounds => match failover_rounds(&mut systems, rounds, &progress).await {
             Ok(failover) => (failover, None),
             Err(e) => {
                 progress(&format!("failover measurement failed: {e}"));
                 (Vec::new(), Some(e.to_string()))
             }
-        }
+        },
     };
+    let Systems { mut runtimeai, etcd, .. } = systems;
     drop(etcd);
 
     // A failed scale measurement is reported, not allowed to lose the figures above.
@@ -326,7 +340,76 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
         },
     };
     save_logs(&runtimeai, options.log_dir.as_deref(), if options.runtimes == 0 { "levels" } else { "scale" })?;
-    Ok(BenchResults { options, payload_bytes, levels, failover, failover_error, scale, scale_error })
+    Ok(BenchResults { options, payload_bytes, levels, runs, stages, failover, failover_error, scale, scale_error })
+}
+
+/// The two systems under measurement and how to reach them.
+pub(crate) struct Systems {
+    pub runtimeai: Cluster,
+    pub etcd: EtcdCluster,
+    /// Our members' base URLs.
+    pub ours: Vec<String>,
+    /// etcd's members' client URLs.
+    pub theirs: Vec<String>,
+    /// An SDK client per member of ours.
+    sdk: Arc<Vec<Client>>,
+    etcd_http: reqwest::Client,
+    /// etcd's value (base64): as many bytes as a runtime's record.
+    pub value: String,
+    /// The etcd key the reads read (base64).
+    pub etcd_key: String,
+    /// The runtime the reads read.
+    pub sample_id: String,
+}
+
+/// Writes, then linearizable and stale reads, at every concurrency, each client calling the
+/// members in turn directly: ours through the SDK, etcd through its JSON gateway. For
+/// profiling; what users see goes through a load balancer ([`crate::balanced`]).
+async fn direct_levels(systems: &Systems, options: &BenchOptions, progress: &impl Fn(&str)) -> Vec<Level> {
+    let Systems { runtimeai, etcd, ours, theirs, sdk, etcd_http, value, etcd_key, sample_id } = systems;
+    let mut levels = Vec::new();
+    for &clients in &options.concurrency {
+        progress(&format!("writes, {clients} clients, {:?} each system", options.duration));
+        let cpu = runtimeai_cpu(runtimeai);
+        let members = sdk.clone();
+        let load = drive(ours.len(), clients, options.duration, move |t| {
+            let created = create(&members[t]);
+            async move { created.await.is_ok() }
+        })
+        .await;
+        // The operations the creates queued are part of their cost.
+        quiesce(runtimeai, progress).await;
+        levels.push(level("runtimeai", "write", clients, load, runtimeai_cpu(runtimeai) - cpu));
+        let cpu = etcd_cpu(etcd);
+        let (h, t, v) = (etcd_http.clone(), theirs.clone(), value.clone());
+        let load = drive(theirs.len(), clients, options.duration, move |i| succeeds(put_request(&h, &t[i], &v))).await;
+        levels.push(level("etcd", "write", clients, load, etcd_cpu(etcd) - cpu));
+    }
+    for &clients in &options.concurrency {
+        quiesce(runtimeai, progress).await;
+        progress(&format!("reads, {clients} clients"));
+        for (workload, consistency) in
+            [("read-linearizable", Consistency::Linearizable), ("read-stale", Consistency::Stale)]
+        {
+            let cpu = runtimeai_cpu(runtimeai);
+            let (members, id) = (sdk.clone(), sample_id.clone());
+            let load = drive(ours.len(), clients, options.duration / 2, move |t| {
+                let (client, id) = (members[t].clone(), id.clone());
+                async move { client.get_runtime_at(&id, consistency).await.is_ok() }
+            })
+            .await;
+            levels.push(level("runtimeai", workload, clients, load, runtimeai_cpu(runtimeai) - cpu));
+            let body = json!({"key": etcd_key, "serializable": workload == "read-stale"});
+            let cpu = etcd_cpu(etcd);
+            let (h, t) = (etcd_http.clone(), theirs.clone());
+            let load = drive(theirs.len(), clients, options.duration / 2, move |i| {
+                succeeds(h.post(format!("{}/v3/kv/range", t[i])).json(&body))
+            })
+            .await;
+            levels.push(level("etcd", workload, clients, load, etcd_cpu(etcd) - cpu));
+        }
+    }
+    levels
 }
 
 /// The scale measurement, on a fresh cluster that replaces `runtimeai` (so that its time and
@@ -374,7 +457,7 @@ fn save_logs(cluster: &Cluster, dir: Option<&Path>, phase: &str) -> Result<()> {
 /// Waits (up to a minute) until the cluster has finished the work earlier levels queued: every
 /// create schedules an operation that executors run afterwards, and a level should not pay for
 /// the one before it. Quiet = the leader applied nothing new for half a second.
-async fn quiesce(cluster: &Cluster, progress: &impl Fn(&str)) {
+pub(crate) async fn quiesce(cluster: &Cluster, progress: &impl Fn(&str)) {
     let started = Instant::now();
     let mut last = None;
     let mut quiet_since = Instant::now();
@@ -409,7 +492,9 @@ async fn authentication_cost(
     let mut levels = Vec::new();
     for (workload, path) in [(PROBE_WITHOUT_KEY, "/healthz"), (PROBE_WITH_KEY, "/v1/health")] {
         let cpu = runtimeai_cpu(runtimeai);
-        let load = drive(http, ours, clients, duration, move |h, _, _, base| h.get(format!("{base}{path}"))).await;
+        let (h, targets) = (http.clone(), ours.to_vec());
+        let load =
+            drive(ours.len(), clients, duration, move |t| succeeds(h.get(format!("{}{path}", targets[t])))).await;
         levels.push(level("runtimeai", workload, clients, load, runtimeai_cpu(runtimeai) - cpu));
     }
     levels
@@ -420,23 +505,19 @@ const PROBE_WITHOUT_KEY: &str = "probe without a key check (/healthz)";
 const PROBE_WITH_KEY: &str = "probe with a key check (/v1/health)";
 
 /// SIGKILLs each system's leader `rounds` times under a steady write load.
-#[allow(clippy::too_many_arguments)]
-async fn failover_rounds(
-    [http, etcd_http]: [&reqwest::Client; 2],
-    runtimeai: &mut Cluster,
-    etcd: &mut EtcdCluster,
-    ours: &[String],
-    theirs: &[String],
-    value: &str,
-    rounds: usize,
-    progress: &impl Fn(&str),
-) -> Result<Vec<Failover>> {
+async fn failover_rounds(systems: &mut Systems, rounds: usize, progress: &impl Fn(&str)) -> Result<Vec<Failover>> {
+    let Systems { runtimeai, etcd, ours, theirs, etcd_http, value, .. } = systems;
     let mut failover = Vec::new();
     progress(&format!("failover: SIGKILL each system's leader under a steady write load, {rounds} times"));
     let mut gaps = Vec::new();
     for _ in 0..rounds {
         let leader = runtimeai.wait_leader(SETTLE).await?;
-        gaps.push(failover_gap(http, ours, || runtimeai.kill(leader), create_request).await);
+        let sdk = members(ours, FAILOVER_CALL_TIMEOUT)?;
+        let call = move |t: usize| {
+            let created = create(&sdk[t]);
+            async move { created.await.is_ok() }
+        };
+        gaps.push(failover_gap(ours.len(), || runtimeai.kill(leader), call).await);
         runtimeai.spawn(leader)?;
         runtimeai.wait_ready(leader, Duration::from_secs(120)).await?;
     }
@@ -444,8 +525,9 @@ async fn failover_rounds(
     let mut gaps = Vec::new();
     for _ in 0..rounds {
         let leader = etcd.wait_leader(SETTLE).await?;
-        let v = value.to_string();
-        gaps.push(failover_gap(etcd_http, theirs, || etcd.kill(leader), move |h, base| put_request(h, base, &v)).await);
+        let (h, t, v) = (etcd_http.clone(), theirs.clone(), value.clone());
+        let call = move |i: usize| succeeds(put_request(&h, &t[i], &v).timeout(FAILOVER_CALL_TIMEOUT));
+        gaps.push(failover_gap(theirs.len(), || etcd.kill(leader), call).await);
         etcd.restart(leader)?;
         etcd.wait_leader(SETTLE).await?;
     }
@@ -453,31 +535,32 @@ async fn failover_rounds(
     Ok(failover)
 }
 
-/// Writes with 16 clients through every member, SIGKILLs the leader after 2 s, and returns the
-/// time from the kill to the first write acknowledged after it, in milliseconds.
-async fn failover_gap<K, F>(http: &reqwest::Client, targets: &[String], kill: K, request: F) -> f64
+/// How long a write of the failover measurement waits for its answer.
+const FAILOVER_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Writes with 16 clients, `call(member)` on the `targets` members in turn, SIGKILLs the leader
+/// after 2 s, and returns the time from the kill to the first write acknowledged after it, in
+/// milliseconds.
+async fn failover_gap<K, F, Fut>(targets: usize, kill: K, call: F) -> f64
 where
     K: FnOnce(),
-    F: Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder + Send + Sync + 'static,
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = bool> + Send,
 {
     let started = Instant::now();
     let killed_at_us = Arc::new(AtomicU64::new(u64::MAX));
     let first_after_us = Arc::new(AtomicU64::new(u64::MAX));
-    let request = Arc::new(request);
+    let call = Arc::new(call);
     let mut tasks = Vec::new();
     for client in 0..16usize {
-        let (http, targets, request) = (http.clone(), targets.to_vec(), request.clone());
+        let call = call.clone();
         let (killed_at_us, first_after_us) = (killed_at_us.clone(), first_after_us.clone());
         tasks.push(tokio::spawn(async move {
             let mut i = client;
             while started.elapsed() < Duration::from_secs(12) {
                 i += 1;
-                let base = &targets[i % targets.len()];
                 let sent = started.elapsed().as_micros() as u64;
-                let ok = matches!(
-                    request(&http, base).timeout(Duration::from_secs(2)).send().await,
-                    Ok(r) if r.status().is_success()
-                );
+                let ok = call(i % targets).await;
                 let done = started.elapsed().as_micros() as u64;
                 if ok && sent > killed_at_us.load(Ordering::SeqCst) {
                     first_after_us.fetch_min(done, Ordering::SeqCst);
@@ -520,12 +603,12 @@ fn memory_mib(pid: u32) -> Option<(f64, f64)> {
 }
 
 /// CPU time the RuntimeAI cluster's members have used so far, in seconds.
-fn runtimeai_cpu(cluster: &Cluster) -> f64 {
+pub(crate) fn runtimeai_cpu(cluster: &Cluster) -> f64 {
     cluster.nodes.values().filter_map(|node| node.pid().and_then(cpu_seconds)).sum()
 }
 
 /// CPU time the etcd cluster's members have used so far, in seconds.
-fn etcd_cpu(etcd: &EtcdCluster) -> f64 {
+pub(crate) fn etcd_cpu(etcd: &EtcdCluster) -> f64 {
     (0..etcd.members.len()).filter_map(|i| etcd.pid(i).and_then(cpu_seconds)).sum()
 }
 
@@ -553,15 +636,15 @@ async fn scale(
     let remaining = Arc::new(AtomicU64::new(runtimes as u64));
     let started = Instant::now();
     let mut tasks = Vec::new();
+    let sdk = members(&targets, Duration::from_secs(10))?;
     for client in 0..128usize {
-        let (http, targets, remaining) = (http.clone(), targets.clone(), remaining.clone());
+        let (sdk, remaining) = (sdk.clone(), remaining.clone());
         tasks.push(tokio::spawn(async move {
             let mut i = client;
             while remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
                 loop {
                     i += 1;
-                    let response = create_request(&http, &targets[i % targets.len()]).send().await;
-                    if response.is_ok_and(|r| r.status().as_u16() == 201) {
+                    if create(&sdk[i % sdk.len()]).await.is_ok() {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -647,25 +730,39 @@ fn markdown(results: &BenchResults) -> String {
     } else {
         "Both systems with TLS for clients and mutual TLS between members"
     };
+    let rounds = results.options.rounds.max(1);
+    let balanced = match results.options.mode {
+        Mode::Direct => String::new(),
+        _ => format!(
+            "Rows without \"direct\": wrk through a haproxy per system (round robin per request, keep-alive), \
+             each level run {rounds} times per system interleaved (etcd, ours, ...); the figures are each \
+             system's median run, named in the last column. "
+        ),
+    };
     text.push_str(&format!(
-        "Payload {} bytes (a runtime's record). {:.0} s per write level, half that per read level. {transport}; \
-         every RuntimeAI request carries an API key.\n\n",
+        "Payload {} bytes (a runtime's record). {:.0} s per write level, half that per read level. {balanced}\
+         {transport}; every RuntimeAI request carries an API key.\n\n",
         results.payload_bytes,
         results.options.duration.as_secs_f64()
     ));
-    text.push_str("| workload | clients | RuntimeAI ops/s | etcd ops/s | ratio | RuntimeAI p50 / p99 / p999 ms | etcd p50 / p99 / p999 ms | members' CPU ms per op (ours / etcd) | errors (ours / etcd) |\n");
-    text.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    text.push_str("| workload | clients | RuntimeAI ops/s | etcd ops/s | ratio | RuntimeAI p50 / p99 / p999 ms | etcd p50 / p99 / p999 ms | members' CPU ms per op (ours / etcd) | errors (ours / etcd) | run (ours / etcd) |\n");
+    text.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     for ours in results.levels.iter().filter(|l| l.system == "runtimeai") {
-        let Some(theirs) = results
-            .levels
-            .iter()
-            .find(|l| l.system == "etcd" && l.workload == ours.workload && l.clients == ours.clients)
-        else {
+        let Some(theirs) = results.levels.iter().find(|l| {
+            l.system == "etcd"
+                && l.workload == ours.workload
+                && l.clients == ours.clients
+                && l.run.is_some() == ours.run.is_some()
+        }) else {
             continue;
         };
+        let (workload, run) = match (ours.run, theirs.run) {
+            (Some(a), Some(b)) => (ours.workload.to_string(), format!("{a} / {b} of {rounds}")),
+            _ => (format!("{}, direct", ours.workload), "–".to_string()),
+        };
         text.push_str(&format!(
-            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {:.3} / {:.3} | {} / {} |\n",
-            ours.workload,
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} | {:.3} / {:.3} | {} / {} | {run} |\n",
+            workload,
             ours.clients,
             ours.per_second,
             theirs.per_second,
@@ -681,6 +778,15 @@ fn markdown(results: &BenchResults) -> String {
             ours.errors,
             theirs.errors
         ));
+    }
+    if !results.stages.is_empty() {
+        text.push_str("\n| where our creates' time went (first run of each write level, all members) | clients | count | mean ms | p99 ms (bucket bound) |\n|---|---|---|---|---|\n");
+        for stage in &results.stages {
+            text.push_str(&format!(
+                "| {} | {} | {} | {:.2} | {:.2} |\n",
+                stage.stage, stage.clients, stage.count, stage.mean_ms, stage.p99_ms
+            ));
+        }
     }
     let probes: Vec<&Level> =
         results.levels.iter().filter(|l| [PROBE_WITHOUT_KEY, PROBE_WITH_KEY].contains(&l.workload)).collect();
@@ -741,7 +847,10 @@ fn plot(results: &BenchResults, path: &Path) -> std::result::Result<(), String> 
         let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
         root.fill(&WHITE)?;
         let (left, right) = root.split_horizontally(700);
-        let writes: Vec<&Level> = results.levels.iter().filter(|l| l.workload == "write").collect();
+        // Through the load balancer when measured so (levels with a run), else direct.
+        let balanced = results.levels.iter().any(|l| l.run.is_some());
+        let writes: Vec<&Level> =
+            results.levels.iter().filter(|l| l.workload == "write" && l.run.is_some() == balanced).collect();
         let max_clients = writes.iter().map(|l| l.clients).max().unwrap_or(1) as f64 * 1.5;
         let metrics: [Metric; 2] = [("writes per second", |l| l.per_second), ("p99 write latency (ms)", |l| l.p99_ms)];
         for (area, (title, value)) in [&left, &right].into_iter().zip(metrics) {

@@ -247,6 +247,19 @@ pub fn admin_client_builder() -> Result<reqwest::ClientBuilder> {
     Ok(client_builder()?.default_headers(admin_headers()))
 }
 
+/// The SDK's configuration for `servers` (none yet: fill them in), trusting the harness's CA
+/// and authenticating as the clusters' first admin; each call may take `timeout`.
+pub fn admin_client_config(servers: Vec<String>, timeout: Duration) -> Result<runtimeai_client::ClientConfig> {
+    let pem = std::fs::read(harness_ca()?.join("ca.pem")).map_err(Error::io("read the harness CA"))?;
+    Ok(runtimeai_client::ClientConfig {
+        servers,
+        token: Some(admin_token().to_string()),
+        ca_pem: Some(pem),
+        tenant: None,
+        timeout: Some(timeout),
+    })
+}
+
 /// Default headers that authenticate a client as the clusters' first admin.
 pub fn admin_headers() -> reqwest::header::HeaderMap {
     let mut headers = reqwest::header::HeaderMap::new();

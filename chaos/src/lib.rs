@@ -12,10 +12,13 @@
 //! - [`linearizability`] and [`checks`]: the Wing–Gong–Lowe checker and the invariants;
 //! - [`scenario`]: the named fault schedules `runtimeai-chaos run --scenario` runs;
 //! - [`report`]: the one-screen summary, `report.json` and the PNG timeline;
-//! - [`etcd`] and [`bench`]: an etcd cluster beside ours, and `runtimeai-bench`, which measures
-//!   both with the same client;
+//! - [`etcd`], [`bench`] and [`balanced`]: an etcd cluster beside ours, and `runtimeai-bench`,
+//!   which measures both the same way: through haproxy with wrk, as users send traffic, or
+//!   directly with our SDK and the same HTTP stack for etcd, for profiling;
+//! - [`stages`]: where a create's time goes, from the nodes' `/metrics`;
 //! - [`interrupt`]: a tool stopped by Ctrl-C or SIGTERM stops the clusters it started.
 
+pub mod balanced;
 pub mod bench;
 pub mod checks;
 pub mod cluster;
@@ -28,4 +31,5 @@ pub mod linearizability;
 pub mod proxy;
 pub mod report;
 pub mod scenario;
+pub mod stages;
 pub mod workload;

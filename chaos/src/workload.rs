@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
+use runtimeai_client::{Client, ClientConfig, ClientError, Lifecycle, Relabel};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -102,7 +103,12 @@ impl History {
 
 /// The register a runtime is for the checker: its version and its label `v`.
 pub fn register_value(body: &Value) -> Option<String> {
-    Some(format!("{}:{}", body["version"].as_u64()?, body["labels"]["v"].as_str().unwrap_or("")))
+    Some(register_text(body["version"].as_u64()?, body["labels"]["v"].as_str()))
+}
+
+/// `version:label`, the value the checker compares.
+fn register_text(version: u64, label: Option<&str>) -> String {
+    format!("{version}:{}", label.unwrap_or(""))
 }
 
 /// The register operations of a history, for [`crate::linearizability::check`]: reads and
@@ -151,21 +157,38 @@ pub struct WorkloadOptions {
 /// node it takes out of the cluster).
 pub type Targets = Arc<Mutex<BTreeMap<u64, String>>>;
 
+/// One SDK client per member (by base URL), shared by the workers: each call goes to the member
+/// a worker picked, so each client names one server and never fails over by itself.
+#[derive(Clone)]
+struct Members {
+    config: ClientConfig,
+    clients: Arc<Mutex<BTreeMap<String, Client>>>,
+}
+
+impl Members {
+    fn client(&self, url: &str) -> Option<Client> {
+        let mut clients = self.clients.lock().expect("clients lock");
+        if let Some(client) = clients.get(url) {
+            return Some(client.clone());
+        }
+        let client = Client::new(ClientConfig { servers: vec![url.to_string()], ..self.config.clone() }).ok()?;
+        clients.insert(url.to_string(), client.clone());
+        Some(client)
+    }
+}
+
 /// Runs the clients until `options.duration` is over, against `registers` (runtime ids that
-/// only this workload writes).
+/// only this workload writes). They call the cluster through the SDK, `runtimeai-client`, as
+/// the admin.
 pub async fn run(options: &WorkloadOptions, targets: Targets, registers: Vec<String>, history: History) {
-    let client = crate::cluster::admin_client_builder()
-        .expect("the harness CA")
-        .timeout(options.request_timeout)
-        .pool_idle_timeout(Duration::from_secs(5))
-        .build()
-        .expect("HTTP client");
+    let config = crate::cluster::admin_client_config(Vec::new(), options.request_timeout).expect("the harness CA");
+    let members = Members { config, clients: Arc::default() };
     let deadline = Instant::now() + options.duration;
     let mut tasks = Vec::new();
     for index in 0..options.clients {
         let worker = Worker {
             index,
-            client: client.clone(),
+            members: members.clone(),
             targets: targets.clone(),
             registers: registers.clone(),
             history: history.clone(),
@@ -185,7 +208,7 @@ pub async fn run(options: &WorkloadOptions, targets: Targets, registers: Vec<Str
 
 struct Worker {
     index: usize,
-    client: reqwest::Client,
+    members: Members,
     targets: Targets,
     registers: Vec<String>,
     history: History,
@@ -202,16 +225,34 @@ struct Worker {
 /// How long a client leaves a node alone after it failed to answer.
 const EJECTION: Duration = Duration::from_secs(2);
 
-/// A call that got no answer.
-#[derive(Debug, Clone)]
-struct NoAnswer {
-    /// The connection was never made: the request was not sent.
-    never_sent: bool,
-    message: String,
+/// How a call ended, as a record keeps it.
+struct Ended {
+    outcome: Outcome,
+    status: Option<u16>,
+    /// What a read saw, the operation a lifecycle call queued, or the error.
+    detail: String,
+    /// The node did not answer, or answered 503: leave it alone for a while.
+    eject: bool,
 }
 
-/// An answer: status and body, or why none came.
-type Answer = Result<(u16, Value), NoAnswer>;
+impl Ended {
+    fn ok(status: u16, detail: String) -> Ended {
+        Ended { outcome: Outcome::Ok, status: Some(status), detail, eject: false }
+    }
+
+    /// A failed call; `outcome` is what the error says about its effect.
+    fn failed(error: &ClientError, outcome: Outcome) -> Ended {
+        match error {
+            ClientError::Api { problem } => Ended {
+                outcome,
+                status: Some(problem.status),
+                detail: if problem.detail.is_empty() { problem.title.clone() } else { problem.detail.clone() },
+                eject: problem.status == 503,
+            },
+            other => Ended { outcome, status: None, detail: other.to_string(), eject: true },
+        }
+    }
+}
 
 impl Worker {
     async fn run(mut self, deadline: Instant) {
@@ -230,8 +271,8 @@ impl Worker {
         }
     }
 
-    /// A node to send the next call to, and its base URL.
-    fn pick_node(&mut self) -> Option<(u64, String)> {
+    /// A node to send the next call to, and the client that calls it.
+    fn pick_node(&mut self) -> Option<(u64, Client)> {
         let targets = self.targets.lock().expect("targets lock").clone();
         let now = Instant::now();
         self.ejected.retain(|_, until| *until > now);
@@ -242,40 +283,13 @@ impl Worker {
             return None;
         }
         let (id, url) = candidates[self.rng.gen_range(0..candidates.len())];
-        Some((*id, url.clone()))
+        Some((*id, self.members.client(url)?))
     }
 
-    async fn send(
-        &self,
-        method: reqwest::Method,
-        url: String,
-        body: Option<Value>,
-        headers: &[(&str, String)],
-    ) -> Answer {
-        let mut request = self.client.request(method, url);
-        for (name, value) in headers {
-            request = request.header(*name, value);
-        }
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let no_answer = |e: reqwest::Error| NoAnswer { never_sent: e.is_connect(), message: e.to_string() };
-        let response = request.send().await.map_err(no_answer)?;
-        let status = response.status().as_u16();
-        let text = response.text().await.map_err(no_answer)?;
-        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
-    }
-
-    fn record(&mut self, node: u64, call: Call, runtime: Option<String>, invoke_us: u64, answer: &Answer, ok: Outcome) {
-        if matches!(answer, Err(_) | Ok((503, _))) {
+    fn record(&mut self, node: u64, call: Call, runtime: Option<String>, invoke_us: u64, ended: Ended) {
+        if ended.eject {
             self.ejected.insert(node, Instant::now() + EJECTION);
         }
-        let (status, detail) = match answer {
-            Ok((status, body)) => {
-                (Some(*status), body["detail"].as_str().or(body["title"].as_str()).unwrap_or("").into())
-            }
-            Err(error) => (None, error.message.clone()),
-        };
         self.history.push(Record {
             client: self.index,
             node,
@@ -283,57 +297,43 @@ impl Worker {
             runtime,
             invoke_us,
             complete_us: self.history.now(),
-            outcome: ok,
-            status,
-            detail,
+            outcome: ended.outcome,
+            status: ended.status,
+            detail: ended.detail,
         });
     }
 
     async fn read_then_write_register(&mut self) {
         let register = self.registers[self.rng.gen_range(0..self.registers.len())].clone();
-        let Some((node, base)) = self.pick_node() else { return };
-        let url = format!("{base}/v1/runtimes/{register}");
+        let Some((node, client)) = self.pick_node() else { return };
         let invoke = self.history.now();
-        let answer = self.send(reqwest::Method::GET, url.clone(), None, &[]).await;
-        let seen = match &answer {
-            Ok((200, body)) => register_value(body).map(|value| (value, body["version"].as_u64().unwrap_or(0))),
-            _ => None,
+        let (from, version) = match client.get_runtime(&register).await {
+            Ok(runtime) => {
+                let value = register_text(runtime.version, runtime.labels.get("v").map(String::as_str));
+                self.record(node, Call::ReadRegister, Some(register.clone()), invoke, Ended::ok(200, value.clone()));
+                (value, runtime.version)
+            }
+            Err(error) => {
+                // A failed read tells the checker nothing; it is kept for the timeline.
+                let ended = Ended::failed(&error, Outcome::Fail);
+                return self.record(node, Call::ReadRegister, Some(register), invoke, ended);
+            }
         };
-        let Some((value, version)) = seen else {
-            // A failed read tells the checker nothing; it is kept for the timeline.
-            self.record(node, Call::ReadRegister, Some(register), invoke, &answer, read_outcome(&answer));
-            return;
-        };
-        self.history.push(Record {
-            client: self.index,
-            node,
-            call: Call::ReadRegister,
-            runtime: Some(register.clone()),
-            invoke_us: invoke,
-            complete_us: self.history.now(),
-            outcome: Outcome::Ok,
-            status: Some(200),
-            detail: value.clone(),
-        });
         let label = format!("c{}-{}", self.index, self.sequence);
         let to = format!("{}:{label}", version + 1);
-        let Some((node, base)) = self.pick_node() else { return };
-        let url = format!("{base}/v1/runtimes/{register}");
+        let Some((node, client)) = self.pick_node() else { return };
         let invoke = self.history.now();
-        let answer = self
-            .send(
-                reqwest::Method::PATCH,
-                url,
-                Some(json!({"labels": {"v": label}})),
-                &[("if-match", format!("\"{version}\""))],
-            )
-            .await;
-        let outcome = match &answer {
-            Ok((200, _)) => Outcome::Ok,
-            Ok((412, _)) => Outcome::Fail,
-            other => write_outcome(other),
+        let labels = BTreeMap::from([("v".to_string(), Some(label))]);
+        let ended = match client.relabel_runtime(&register, &labels, Some(version)).await {
+            Ok(Relabel::Done(_)) => Ended::ok(200, String::new()),
+            Ok(Relabel::PendingApproval(operation)) => {
+                // No policy here asks for approval; a parked write has not taken effect yet.
+                Ended { outcome: Outcome::Unknown, status: Some(202), detail: operation.id, eject: false }
+            }
+            // 412: the comparison failed; the checker tells it from other refusals by status.
+            Err(error) => Ended::failed(&error, write_outcome(&error)),
         };
-        self.record(node, Call::WriteRegister { from: value, to }, Some(register), invoke, &answer, outcome);
+        self.record(node, Call::WriteRegister { from, to }, Some(register), invoke, ended);
     }
 
     async fn create(&mut self) {
@@ -341,26 +341,16 @@ impl Worker {
         let key = format!("chaos-{}-{}-{}", self.seed, self.index, self.sequence);
         let body = json!({"name": name, "type": "vcluster", "labels": {"chaos": "workload"}});
         for attempt in 1..=self.create_retries + 1 {
-            let Some((node, base)) = self.pick_node() else { return };
+            let Some((node, client)) = self.pick_node() else { return };
             let invoke = self.history.now();
-            let answer = self
-                .send(
-                    reqwest::Method::POST,
-                    format!("{base}/v1/runtimes"),
-                    Some(body.clone()),
-                    &[("idempotency-key", key.clone())],
-                )
-                .await;
-            let outcome = match &answer {
-                Ok((201, _)) => Outcome::Ok,
-                other => write_outcome(other),
+            let answer = client.with_idempotency_key(&key).create_runtime(&body).await;
+            let (ended, runtime) = match answer {
+                Ok(runtime) => (Ended::ok(201, String::new()), Some(runtime.id)),
+                Err(error) => (Ended::failed(&error, write_outcome(&error)), None),
             };
-            let runtime = match &answer {
-                Ok((201, body)) => body["id"].as_str().map(str::to_string),
-                _ => None,
-            };
+            let outcome = ended.outcome;
             let call = Call::Create { name: name.clone(), idempotency_key: key.clone(), attempt };
-            self.record(node, call, runtime.clone(), invoke, &answer, outcome);
+            self.record(node, call, runtime.clone(), invoke, ended);
             match outcome {
                 Outcome::Ok => {
                     self.created.extend(runtime);
@@ -375,54 +365,37 @@ impl Worker {
 
     async fn lifecycle(&mut self) {
         let runtime = self.created[self.rng.gen_range(0..self.created.len())].clone();
-        let action = ["stop", "start", "restart"][self.rng.gen_range(0..3)];
-        let Some((node, base)) = self.pick_node() else { return };
-        let key = format!("chaos-{}-{}-{}-{action}", self.seed, self.index, self.sequence);
+        let action = [Lifecycle::Stop, Lifecycle::Start, Lifecycle::Restart][self.rng.gen_range(0..3)];
+        let Some((node, client)) = self.pick_node() else { return };
+        let key = format!("chaos-{}-{}-{}-{}", self.seed, self.index, self.sequence, action.verb());
         let invoke = self.history.now();
-        let answer = self
-            .send(
-                reqwest::Method::POST,
-                format!("{base}/v1/runtimes/{runtime}/lifecycle/{action}"),
-                Some(json!({})),
-                &[("idempotency-key", key)],
-            )
-            .await;
-        let outcome = match &answer {
-            Ok((202, _)) => Outcome::Ok,
-            other => write_outcome(other),
-        };
-        let mut answer = answer;
-        if let Ok((202, body)) = &answer {
+        let answer = client.with_idempotency_key(key).lifecycle(&runtime, action, Some(&json!({}))).await;
+        let ended = match answer {
             // Keep the queued operation's id as the detail: the checks follow it to the end.
-            let id = body["id"].as_str().unwrap_or("").to_string();
-            answer = Ok((202, json!({"detail": id})));
-        }
-        self.record(node, Call::Lifecycle { action: action.into() }, Some(runtime), invoke, &answer, outcome);
+            Ok(operation) => Ended::ok(202, operation.id),
+            Err(error) => Ended::failed(&error, write_outcome(&error)),
+        };
+        self.record(node, Call::Lifecycle { action: action.verb().into() }, Some(runtime), invoke, ended);
     }
 
     async fn read_runtime(&mut self) {
         let runtime = self.created[self.rng.gen_range(0..self.created.len())].clone();
-        let Some((node, base)) = self.pick_node() else { return };
+        let Some((node, client)) = self.pick_node() else { return };
         let invoke = self.history.now();
-        let answer = self.send(reqwest::Method::GET, format!("{base}/v1/runtimes/{runtime}"), None, &[]).await;
-        self.record(node, Call::ReadRuntime, Some(runtime), invoke, &answer, read_outcome(&answer));
+        let ended = match client.get_runtime(&runtime).await {
+            Ok(_) => Ended::ok(200, String::new()),
+            Err(error) => Ended::failed(&error, Outcome::Fail),
+        };
+        self.record(node, Call::ReadRuntime, Some(runtime), invoke, ended);
     }
 }
 
-fn read_outcome(answer: &Answer) -> Outcome {
-    match answer {
-        Ok((200, _)) => Outcome::Ok,
-        _ => Outcome::Fail,
-    }
-}
-
-/// A write's outcome from an answer that is not its success status: a 4xx, or a connection
-/// that was never made, is a definite refusal; 5xx and other transport errors leave the outcome
-/// unknown.
-fn write_outcome(answer: &Answer) -> Outcome {
-    match answer {
-        Ok((status, _)) if (400..500).contains(status) => Outcome::Fail,
-        Err(NoAnswer { never_sent: true, .. }) => Outcome::Fail,
+/// A write's outcome from an error: a 4xx, or a connection that was never made, is a definite
+/// refusal; 5xx and other transport errors leave the outcome unknown.
+fn write_outcome(error: &ClientError) -> Outcome {
+    match error {
+        ClientError::Api { problem } if (400..500).contains(&problem.status) => Outcome::Fail,
+        ClientError::Unreachable(_) => Outcome::Fail,
         _ => Outcome::Unknown,
     }
 }

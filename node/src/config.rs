@@ -170,6 +170,11 @@ pub struct NodeArgs {
     /// that installed a snapshot finds the entries written meanwhile [default: 5000].
     #[arg(long, env = "RUNTIMEAI_SNAPSHOT_CATCHUP_ENTRIES")]
     pub snapshot_catchup_entries: Option<u64>,
+    /// Write groups (log entries on the leader, forwarded batches on a follower) that leave as
+    /// soon as they form; past this many on their way, new writes wait for one to be done and
+    /// go together: fewer entries, a longer wait. From 1 to 4 [default: 1].
+    #[arg(long, env = "RUNTIMEAI_WRITE_GROUPS_AT_ONCE", value_parser = clap::value_parser!(u32).range(1..=4))]
+    pub write_groups_at_once: Option<u32>,
     /// Largest piece of a snapshot sent to a follower in one RPC, in bytes [default: 3145728].
     #[arg(long, env = "RUNTIMEAI_SNAPSHOT_CHUNK_BYTES")]
     pub snapshot_chunk_bytes: Option<u64>,
@@ -342,6 +347,7 @@ pub struct NodeConfig {
     pub snapshot_count: u64,
     pub snapshot_catchup_entries: u64,
     pub snapshot_chunk_bytes: u64,
+    pub write_groups_at_once: u32,
     pub max_body_bytes: usize,
     /// Bounds on REST connections.
     pub http_limits: crate::http::HttpLimits,
@@ -447,6 +453,7 @@ impl NodeArgs {
             snapshot_count: self.snapshot_count.or(file.snapshot_count),
             snapshot_catchup_entries: self.snapshot_catchup_entries.or(file.snapshot_catchup_entries),
             snapshot_chunk_bytes: self.snapshot_chunk_bytes.or(file.snapshot_chunk_bytes),
+            write_groups_at_once: self.write_groups_at_once.or(file.write_groups_at_once),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
             header_read_timeout_ms: self.header_read_timeout_ms.or(file.header_read_timeout_ms),
             request_timeout_ms: self.request_timeout_ms.or(file.request_timeout_ms),
@@ -569,6 +576,10 @@ impl NodeArgs {
             snapshot_count,
             snapshot_catchup_entries: self.snapshot_catchup_entries.unwrap_or(5_000),
             snapshot_chunk_bytes,
+            write_groups_at_once: self
+                .write_groups_at_once
+                .unwrap_or(runtimeai_raft::replica::DEFAULT_WRITE_GROUPS_AT_ONCE)
+                .clamp(1, 4),
             max_body_bytes: self.max_body_bytes.unwrap_or(1 << 20).max(1024),
             http_limits,
             rate_limits,

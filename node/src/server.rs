@@ -167,6 +167,7 @@ async fn start_raft(
         .map_err(|e| anyhow::anyhow!("cannot start raft from {}: {e}", config.data_dir.display()))?;
     let options = ReplicaOptions {
         reachable_window: (config.heartbeat * 5).max(Duration::from_millis(500)),
+        write_groups_at_once: config.write_groups_at_once,
         ..Default::default()
     };
     let replica = Replica::new(

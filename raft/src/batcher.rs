@@ -13,8 +13,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::coalesce::{holding, next_write_group};
 use crate::command::{Command, CommandReply, LoggedCommand, Op};
-use crate::limits;
 use crate::types::{NodeId, Raft};
+use crate::{limits, metrics};
 
 /// At most this many commands share an entry, and no more once it holds
 /// [`limits::BATCH_BYTES`].
@@ -41,6 +41,8 @@ struct Proposal {
     /// Its encoded size.
     bytes: usize,
     reply: oneshot::Sender<WriteResult>,
+    /// When it reached the batcher.
+    queued: std::time::Instant,
 }
 
 /// The sending side; cheap to clone.
@@ -51,11 +53,12 @@ pub(crate) struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the batching task (it ends when every `Batcher` is dropped).
-    pub(crate) fn start(raft: Raft) -> Batcher {
+    /// Starts the batching task (it ends when every `Batcher` is dropped); `at_once` entries
+    /// leave as soon as they form (see [`crate::coalesce::next_write_group`]).
+    pub(crate) fn start(raft: Raft, at_once: u32) -> Batcher {
         let (proposals, queue) = mpsc::unbounded_channel();
         let assigner = SharedAssigner::default();
-        tokio::spawn(run(raft, queue, assigner.clone()));
+        tokio::spawn(run(raft, queue, assigner.clone(), at_once));
         Batcher { proposals, assigner }
     }
 
@@ -67,22 +70,25 @@ impl Batcher {
     /// waiting) and returns its reply.
     pub(crate) async fn write(&self, command: Command, bytes: usize) -> WriteResult {
         let (reply, answer) = oneshot::channel();
-        if self.proposals.send(Proposal { command, bytes, reply }).is_err() {
+        if self.proposals.send(Proposal { command, bytes, reply, queued: std::time::Instant::now() }).is_err() {
             return Err(RaftError::Fatal(openraft::error::Fatal::Stopped));
         }
         answer.await.unwrap_or(Err(RaftError::Fatal(openraft::error::Fatal::Stopped)))
     }
 }
 
-async fn run(raft: Raft, mut queue: mpsc::UnboundedReceiver<Proposal>, assigner: SharedAssigner) {
+async fn run(raft: Raft, mut queue: mpsc::UnboundedReceiver<Proposal>, assigner: SharedAssigner, at_once: u32) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     // Counted in commands and bytes: a follower's forwarded batch is one proposal of many
     // commands.
-    while let Some((permit, mut batch)) =
-        next_write_group(&mut queue, &in_flight, MAX_IN_FLIGHT as u32, limits::BATCH_BYTES, |proposal: &Proposal| {
-            weight(proposal)
-        })
-        .await
+    while let Some((permit, mut batch)) = next_write_group(
+        &mut queue,
+        &in_flight,
+        (MAX_IN_FLIGHT as u32, at_once),
+        limits::BATCH_BYTES,
+        |proposal: &Proposal| weight(proposal),
+    )
+    .await
     {
         let assigner = assigner.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         if let Some(assigner) = assigner {
@@ -103,23 +109,37 @@ fn offer(assigner: &dyn Assigner, command: &mut Command) {
 }
 
 fn weight(proposal: &Proposal) -> usize {
-    let commands = match &proposal.command.op {
+    limits::batch_weight(proposal.bytes, commands(proposal), MAX_BATCH)
+}
+
+/// How many commands `proposal` holds (a follower's forwarded batch holds many).
+fn commands(proposal: &Proposal) -> usize {
+    match &proposal.command.op {
         Op::Batch(commands) => commands.len(),
         _ => 1,
-    };
-    limits::batch_weight(proposal.bytes, commands, MAX_BATCH)
+    }
 }
 
 async fn write(raft: &Raft, mut batch: Vec<Proposal>) {
+    let stages = metrics::stages();
+    let proposed = std::time::Instant::now();
+    for proposal in &batch {
+        stages.batch_wait.observe(proposed.duration_since(proposal.queued).as_secs_f64());
+    }
+    stages.batch_commands.observe(batch.iter().map(commands).sum::<usize>() as f64);
     if batch.len() == 1 {
         let proposal = batch.remove(0);
-        let _ = proposal.reply.send(raft.client_write(LoggedCommand::new(proposal.command)).await.map(|r| r.data));
+        let written = raft.client_write(LoggedCommand::new(proposal.command)).await;
+        metrics::observe_since(&stages.commit, proposed);
+        let _ = proposal.reply.send(written.map(|r| r.data));
         return;
     }
     let at = batch[0].command.at;
     let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
     let entry = Command { at, actor: Actor::System, idempotency: None, op: Op::Batch(commands) };
-    match raft.client_write(LoggedCommand::new(entry)).await {
+    let written = raft.client_write(LoggedCommand::new(entry)).await;
+    metrics::observe_since(&stages.commit, proposed);
+    match written {
         Ok(response) => match response.data {
             CommandReply::Batch(answers) if answers.len() == replies.len() => {
                 for (reply, answer) in replies.into_iter().zip(answers) {

@@ -51,20 +51,24 @@ fn take_queued<T>(
 }
 
 /// Like [`next_group`], for writes, where every group costs a log entry (an append, an fsync, a
-/// replication message and an apply on every member): a group leaves at once when none is on
-/// its way; while one is, what arrives waits for it to be done and leaves with everything that
-/// arrived by then. Only a full group (`max` by `weight`) leaves at once into another free slot,
-/// so a queue longer than a group still keeps up to `slots` groups on their way.
+/// replication message and an apply on every member): a group leaves at once while fewer than
+/// `at_once` are on their way; past that, what arrives waits for one to be done and leaves with
+/// everything that arrived by then. Only a full group (`max` by `weight`) leaves at once into
+/// another free slot, so a queue longer than a group still keeps up to `slots` groups on their
+/// way.
 ///
-/// Against taking any free slot at once: 11–15 % less CPU on the members per create at 64 and
-/// 256 writing clients, with a lower p99 (interleaved benchmark runs).
+/// `at_once` = 1 against taking any free slot at once (`slots`): 11–15 % less CPU on the
+/// members per create at 64 and 256 writing clients, with a lower p99 (interleaved benchmark
+/// runs), but a lone write can wait behind another's group (see `--write-groups-at-once`).
 pub(crate) async fn next_write_group<T>(
     queue: &mut mpsc::UnboundedReceiver<T>,
     in_flight: &Arc<Semaphore>,
-    slots: u32,
+    (slots, at_once): (u32, u32),
     max: usize,
     weight: impl Fn(&T) -> usize,
 ) -> Option<(OwnedSemaphorePermit, Vec<T>)> {
+    // Free slots that mean fewer than `at_once` groups are on their way.
+    let free_enough = slots - at_once.clamp(1, slots) + 1;
     let first = queue.recv().await?;
     let mut taken = weight(&first);
     let mut group = vec![first];
@@ -75,8 +79,8 @@ pub(crate) async fn next_write_group<T>(
             return Some((permit, group));
         }
         tokio::select! {
-            // Every slot free: nothing is on its way.
-            idle = in_flight.clone().acquire_many_owned(slots) => {
+            // Fewer than `at_once` groups on their way.
+            idle = in_flight.clone().acquire_many_owned(free_enough) => {
                 let mut all = idle.ok()?;
                 let one = all.split(1)?;
                 drop(all);
@@ -143,7 +147,7 @@ mod tests {
         let (send, mut queue) = mpsc::unbounded_channel();
         let in_flight = Arc::new(Semaphore::new(3));
         send.send(1).unwrap();
-        let (first, group) = next_write_group(&mut queue, &in_flight, 3, 4, |n| *n).await.unwrap();
+        let (first, group) = next_write_group(&mut queue, &in_flight, (3, 1), 4, |n| *n).await.unwrap();
         assert_eq!(group, [1], "nothing on its way: a lone item leaves at once");
 
         // While `first` is on its way, a group that is not full waits for it.
@@ -152,7 +156,7 @@ mod tests {
         let waiting = tokio::spawn({
             let in_flight = in_flight.clone();
             async move {
-                let (permit, group) = next_write_group(&mut queue, &in_flight, 3, 4, |n| *n).await.unwrap();
+                let (permit, group) = next_write_group(&mut queue, &in_flight, (3, 1), 4, |n| *n).await.unwrap();
                 drop(permit);
                 (queue, group)
             }
@@ -172,7 +176,7 @@ mod tests {
             send.send(n).unwrap();
         }
         let (full, group) =
-            tokio::time::timeout(Duration::from_secs(5), next_write_group(&mut queue, &in_flight, 3, 4, |n| *n))
+            tokio::time::timeout(Duration::from_secs(5), next_write_group(&mut queue, &in_flight, (3, 1), 4, |n| *n))
                 .await
                 .expect("a full group does not wait")
                 .unwrap();
@@ -180,9 +184,9 @@ mod tests {
         assert_eq!(in_flight.available_permits(), 1, "two groups on their way");
         drop((busy, full));
         drop(send);
-        let (_, group) = next_write_group(&mut queue, &in_flight, 3, 4, |n| *n).await.unwrap();
+        let (_, group) = next_write_group(&mut queue, &in_flight, (3, 1), 4, |n| *n).await.unwrap();
         assert_eq!(group, [1], "what was sent before the senders went");
-        assert!(next_write_group(&mut queue, &in_flight, 3, 4, |n| *n).await.is_none());
+        assert!(next_write_group(&mut queue, &in_flight, (3, 1), 4, |n| *n).await.is_none());
     }
 
     #[tokio::test]

@@ -53,9 +53,9 @@ pub(crate) struct Forwarder {
 
 impl Forwarder {
     /// Starts the forwarding task (it ends when every `Forwarder` is dropped).
-    pub(crate) fn start(from: crate::types::NodeId, cluster: String, deadline: Duration) -> Forwarder {
+    pub(crate) fn start(from: crate::types::NodeId, cluster: String, deadline: Duration, at_once: u32) -> Forwarder {
         let (pending, queue) = mpsc::unbounded_channel();
-        tokio::spawn(run(Arc::new(Link { from, cluster, deadline }), queue));
+        tokio::spawn(run(Arc::new(Link { from, cluster, deadline, at_once }), queue));
         Forwarder { pending }
     }
 
@@ -84,15 +84,20 @@ struct Link {
     from: crate::types::NodeId,
     cluster: String,
     deadline: Duration,
+    /// Batches that leave as soon as they form (see [`crate::coalesce::next_write_group`]).
+    at_once: u32,
 }
 
 async fn run(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Pending>) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    while let Some((permit, waiting)) =
-        next_write_group(&mut queue, &in_flight, MAX_IN_FLIGHT as u32, limits::BATCH_BYTES, |pending: &Pending| {
-            limits::batch_weight(pending.bytes, 1, MAX_FORWARD_BATCH)
-        })
-        .await
+    while let Some((permit, waiting)) = next_write_group(
+        &mut queue,
+        &in_flight,
+        (MAX_IN_FLIGHT as u32, link.at_once),
+        limits::BATCH_BYTES,
+        |pending: &Pending| limits::batch_weight(pending.bytes, 1, MAX_FORWARD_BATCH),
+    )
+    .await
     {
         // Almost always one group: every write goes to the one leader with the same hop budget.
         let mut groups: BTreeMap<(NodeId, u32), Vec<Pending>> = BTreeMap::new();
@@ -164,7 +169,10 @@ async fn ask(
         from: link.from,
     });
     request.set_timeout(link.deadline);
-    let reply = client.forward(request).await.map_err(|s| crate::error::transport_error(leader, s, link.deadline))?;
+    let started = std::time::Instant::now();
+    let reply = client.forward(request).await;
+    crate::metrics::observe_since(&crate::metrics::stages().forward, started);
+    let reply = reply.map_err(|s| crate::error::transport_error(leader, s, link.deadline))?;
     codec::decode::<Forwarded>("forwarded reply", &reply.into_inner().payload)
         .map_err(|e| ClusterError::Internal(e.to_string()))?
 }

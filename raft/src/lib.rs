@@ -12,6 +12,7 @@
 //! - [`tls`]: mutual TLS between members (and the REST port's TLS), reloaded without a restart.
 //! - [`replica`]: propose (batched on the leader), read linearizably and change membership from
 //!   any node.
+//! - [`metrics`]: where a write's time goes, stage by stage (Prometheus histograms).
 //! - [`watchdog`]: an election at once when the leader's process is gone.
 
 // openraft's StorageError and RPCError are large by design, and the storage and network traits
@@ -28,6 +29,7 @@ mod forwarding;
 mod keys;
 pub mod limits;
 pub mod log_store;
+pub mod metrics;
 pub mod network;
 mod read_index;
 pub mod replica;

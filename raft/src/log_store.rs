@@ -241,7 +241,9 @@ fn sync_loop(db: Arc<DB>, pending: mpsc::Receiver<LogFlushed<TypeConfig>>, stats
     while let Ok(first) = pending.recv() {
         let mut waiting = vec![first];
         waiting.extend(pending.try_iter());
+        let started = std::time::Instant::now();
         let result = db.flush_wal(true);
+        crate::metrics::observe_since(&crate::metrics::stages().log_sync, started);
         stats.syncs.fetch_add(1, Ordering::Relaxed);
         for callback in waiting {
             callback.log_io_completed(result.clone().map_err(std::io::Error::other));

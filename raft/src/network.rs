@@ -243,7 +243,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fits)));
         }
         let request = self.request(RaftRequest { cluster: self.cluster.clone(), payload });
+        let started = std::time::Instant::now();
         let outcome = self.client()?.append_entries(request).await;
+        if !rpc.entries.is_empty() {
+            crate::metrics::observe_since(&crate::metrics::stages().replicate, started);
+        }
         self.finish(outcome)
     }
 

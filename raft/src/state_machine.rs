@@ -193,6 +193,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let started = std::time::Instant::now();
         let unfinished = self.active_operations.read().expect("active operations lock");
         let mut txn = Txn::new(&self.db).reading_unfinished(&unfinished);
         let mut replies = Vec::new();
@@ -244,6 +245,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if let Some(applied) = last_applied {
             self.applied_up_to(applied.index);
         }
+        crate::metrics::observe_since(&crate::metrics::stages().apply, started);
         Ok(replies)
     }
 

@@ -4,7 +4,9 @@
 
 use serde_json::json;
 
-use runtimeai_client::{Client, ClientConfig, ClientError, EventQuery, Lifecycle, RuntimeQuery, RuntimeState};
+use runtimeai_client::{
+    Client, ClientConfig, ClientError, Consistency, EventQuery, Lifecycle, Relabel, RuntimeQuery, RuntimeState,
+};
 use runtimeai_tests::{admin_token, harness_ca, key_for, phase, Cluster, ClusterOptions, EVENTUALLY};
 
 fn client(servers: Vec<String>, token: &str) -> anyhow::Result<Client> {
@@ -45,6 +47,25 @@ async fn the_client_crate_drives_a_cluster_with_typed_answers_and_errors() -> an
     }
     let missing = admin.get_runtime("rt_nope/../../v1/keys").await.unwrap_err();
     assert_eq!(missing.status(), Some(404), "an id stays one path segment: {missing:?}");
+
+    phase("a create retried with its idempotency key is one runtime; a relabel is checked against its version");
+    let keyed = admin.with_idempotency_key(format!("sdk-retry-{}", runtime.id));
+    let first = keyed.create_runtime(&json!({"name": "sdk-keyed", "type": "vcluster"})).await?;
+    let retried = keyed.create_runtime(&json!({"name": "sdk-keyed", "type": "vcluster"})).await?;
+    assert_eq!(first.id, retried.id, "the retry is answered as the first try");
+    let fresh = admin.create_runtime(&json!({"name": "sdk-keyed", "type": "vcluster"})).await.unwrap_err();
+    assert_eq!(fresh.status(), Some(409), "without the key it is a second create of a taken name: {fresh:?}");
+    let labels = std::collections::BTreeMap::from([("tier".to_string(), Some("gold".to_string()))]);
+    let relabeled = match admin.relabel_runtime(&first.id, &labels, Some(first.version)).await? {
+        Relabel::Done(runtime) => runtime,
+        other => panic!("no policy parks a relabel here: {other:?}"),
+    };
+    assert_eq!(relabeled.labels.get("tier").map(String::as_str), Some("gold"));
+    let stale = admin.relabel_runtime(&first.id, &labels, Some(first.version)).await.unwrap_err();
+    assert_eq!(stale.status(), Some(412), "the version moved on: {stale:?}");
+    // The member serving this client read its create's operation linearizably: it holds it.
+    let seen = admin.get_runtime_at(&runtime.id, Consistency::Stale).await?;
+    assert_eq!(seen.id, runtime.id);
 
     phase("events: a page, then the feed followed as it grows");
     let page = admin.events(&EventQuery { runtime_id: Some(runtime.id.clone()), ..EventQuery::default() }).await?;

@@ -10,6 +10,7 @@ mod events;
 mod hypervisor;
 mod load;
 mod mcp;
+mod metrics;
 mod migration;
 mod replication;
 mod sandbox;

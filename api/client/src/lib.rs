@@ -7,6 +7,7 @@
 //! member serves the API). Writes carry an idempotency key, so a write retried after a broken
 //! connection is applied once. A refusal is [`ClientError::Api`] with the problem+json.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -191,6 +192,22 @@ impl Lifecycle {
     }
 }
 
+/// How fresh a read must be: `Linearizable` (the default) reflects every write acknowledged
+/// before it; `Stale` is the serving member's replica as it is, without asking the leader.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Consistency {
+    #[default]
+    Linearizable,
+    Stale,
+}
+
+/// What a relabel came to: done, or parked until a human approves it (a policy asked for it).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Relabel {
+    Done(Box<Runtime>),
+    PendingApproval(Box<Operation>),
+}
+
 /// Which runtimes to list.
 #[derive(Debug, Clone, Default)]
 pub struct RuntimeQuery {
@@ -221,6 +238,14 @@ impl EventQuery {
         push(&mut pairs, "severity", self.severity.clone());
         pairs
     }
+}
+
+/// A 2xx answer to `path` as a `T`; any other, the refusal it is.
+fn decode<T: DeserializeOwned>(path: &str, status: u16, value: Value) -> Result<T, ClientError> {
+    if !(200..300).contains(&status) {
+        return Err(ClientError::refusal(status, &value));
+    }
+    serde_json::from_value(value).map_err(|e| ClientError::Decode(format!("{path}: {e}")))
 }
 
 fn push(pairs: &mut Vec<(&'static str, String)>, name: &'static str, value: Option<String>) {
@@ -272,6 +297,8 @@ pub struct ClientConfig {
 pub struct Client {
     http: reqwest::Client,
     config: ClientConfig,
+    /// The key every write carries ([`Client::with_idempotency_key`]); a fresh one per write if none.
+    idempotency_key: Option<String>,
 }
 
 impl Client {
@@ -285,7 +312,14 @@ impl Client {
             http = http.add_root_certificate(ca);
         }
         let http = http.build().map_err(|e| ClientError::Config(e.to_string()))?;
-        Ok(Client { http, config })
+        Ok(Client { http, config, idempotency_key: None })
+    }
+
+    /// This client, with every write it sends carrying `key` as its `Idempotency-Key`: a write
+    /// retried with the same key, even by another process, is applied once and answered as the
+    /// first time. Without it each write gets a fresh key (retried within one call only).
+    pub fn with_idempotency_key(&self, key: impl Into<String>) -> Client {
+        Client { idempotency_key: Some(key.into()), ..self.clone() }
     }
 
     /// `method path_and_query` with `body` on the first member that can be reached: the status
@@ -296,7 +330,19 @@ impl Client {
         path_and_query: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Value), ClientError> {
-        let key = (method != reqwest::Method::GET).then(|| format!("sdk-{}", ulid::Ulid::new()));
+        self.send(method, path_and_query, body, &[]).await
+    }
+
+    /// [`Client::request_raw`] with extra `headers`.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path_and_query: &str,
+        body: Option<&Value>,
+        headers: &[(&str, String)],
+    ) -> Result<(u16, Value), ClientError> {
+        let key = (method != reqwest::Method::GET)
+            .then(|| self.idempotency_key.clone().unwrap_or_else(|| format!("sdk-{}", ulid::Ulid::new())));
         let mut unreachable = Vec::new();
         for server in &self.config.servers {
             let url = format!("{}{path_and_query}", server.trim_end_matches('/'));
@@ -309,6 +355,9 @@ impl Client {
             }
             if let Some(key) = &key {
                 request = request.header("idempotency-key", key);
+            }
+            for (name, value) in headers {
+                request = request.header(*name, value);
             }
             if let Some(body) = body {
                 request = request.json(body);
@@ -337,10 +386,7 @@ impl Client {
         body: Option<&Value>,
     ) -> Result<T, ClientError> {
         let (status, value) = self.request_raw(method, path_and_query, body).await?;
-        if !(200..300).contains(&status) {
-            return Err(ClientError::refusal(status, &value));
-        }
-        serde_json::from_value(value).map_err(|e| ClientError::Decode(format!("{path_and_query}: {e}")))
+        decode(path_and_query, status, value)
     }
 
     pub async fn list_runtimes(&self, filter: &RuntimeQuery) -> Result<RuntimeList, ClientError> {
@@ -354,7 +400,33 @@ impl Client {
     }
 
     pub async fn get_runtime(&self, id: &str) -> Result<Runtime, ClientError> {
-        self.call(reqwest::Method::GET, &format!("/v1/runtimes/{}", segment(id)), None).await
+        self.get_runtime_at(id, Consistency::Linearizable).await
+    }
+
+    /// [`Client::get_runtime`] as fresh as `consistency` asks.
+    pub async fn get_runtime_at(&self, id: &str, consistency: Consistency) -> Result<Runtime, ClientError> {
+        let query = if consistency == Consistency::Stale { "?consistency=stale" } else { "" };
+        self.call(reqwest::Method::GET, &format!("/v1/runtimes/{}{query}", segment(id)), None).await
+    }
+
+    /// Changes a runtime's labels (a value sets one, `None` removes it); with `if_match`, only
+    /// if the runtime is still at that version (else a 412 refusal). Policies judge it as the
+    /// action `relabel`.
+    pub async fn relabel_runtime(
+        &self,
+        id: &str,
+        labels: &BTreeMap<String, Option<String>>,
+        if_match: Option<u64>,
+    ) -> Result<Relabel, ClientError> {
+        let path = format!("/v1/runtimes/{}", segment(id));
+        let headers: Vec<(&str, String)> = if_match.map(|v| ("if-match", format!("\"{v}\""))).into_iter().collect();
+        let body = serde_json::json!({ "labels": labels });
+        let (status, value) = self.send(reqwest::Method::PATCH, &path, Some(&body), &headers).await?;
+        if status == 202 {
+            decode(&path, status, value).map(|operation| Relabel::PendingApproval(Box::new(operation)))
+        } else {
+            decode(&path, status, value).map(|runtime| Relabel::Done(Box::new(runtime)))
+        }
     }
 
     /// Creates a runtime from a `RuntimeCreateRequest` (`{"name", "type", "spec", ...}`).

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use runtimeai_chaos::bench::{self, BenchOptions};
+use runtimeai_chaos::bench::{self, BenchOptions, Mode};
 use runtimeai_chaos::interrupt::run_unless_interrupted;
 
 #[derive(Parser)]
@@ -36,6 +36,15 @@ struct Cli {
     /// A run of a few seconds with tiny sizes, so the tool never rots (CI runs this).
     #[arg(long)]
     smoke: bool,
+    /// How the levels reach the systems: `balanced` (wrk through a haproxy per system, as users
+    /// send traffic; the README's table), `direct` (our SDK and the same HTTP stack for etcd,
+    /// straight to the members: for profiling) or `both`.
+    #[arg(long, value_enum, default_value = "balanced")]
+    mode: Mode,
+    /// Runs of each level per system through the load balancer, interleaved (etcd, ours, etcd,
+    /// ours, ...); the figures are each system's median run.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Both systems without TLS (the baseline for what TLS costs; keys are still checked).
     #[arg(long)]
     plaintext: bool,
@@ -52,6 +61,8 @@ fn main() -> ExitCode {
             duration: Duration::from_secs(1),
             runtimes: 300,
             failover_rounds: 1,
+            mode: Mode::Both,
+            rounds: 1,
             node_args: cli.node_args,
             plaintext: cli.plaintext,
             log_dir: Some(cli.out.clone()),
@@ -62,6 +73,8 @@ fn main() -> ExitCode {
             duration: cli.duration,
             runtimes: cli.runtimes,
             failover_rounds: cli.failover_rounds,
+            mode: cli.mode,
+            rounds: cli.rounds,
             node_args: cli.node_args,
             plaintext: cli.plaintext,
             log_dir: Some(cli.out.clone()),
@@ -69,6 +82,10 @@ fn main() -> ExitCode {
     };
     if options.concurrency.is_empty() || options.concurrency.iter().any(|c| !(1..=1024).contains(c)) {
         eprintln!("error: --concurrency takes numbers from 1 to 1024, e.g. 1,16,64,256");
+        return ExitCode::from(2);
+    }
+    if !(1..=9).contains(&options.rounds) {
+        eprintln!("error: --rounds takes a number from 1 to 9");
         return ExitCode::from(2);
     }
     if options.duration < Duration::from_millis(500) {

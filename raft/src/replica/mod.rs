@@ -40,7 +40,14 @@ pub struct ReplicaOptions {
     pub reachable_window: Duration,
     /// How long adding a member waits for the new node to catch up before promoting it.
     pub catch_up_deadline: Duration,
+    /// Write groups (log entries on the leader, forwarded batches on a follower) that leave as
+    /// soon as they form; past this many on their way, new writes wait for one to be done and
+    /// go together (fewer entries, a longer wait). 1 to 4.
+    pub write_groups_at_once: u32,
 }
+
+/// See [`ReplicaOptions::write_groups_at_once`].
+pub const DEFAULT_WRITE_GROUPS_AT_ONCE: u32 = 1;
 
 impl Default for ReplicaOptions {
     fn default() -> Self {
@@ -48,6 +55,7 @@ impl Default for ReplicaOptions {
             request_deadline: Duration::from_secs(5),
             reachable_window: Duration::from_secs(1),
             catch_up_deadline: Duration::from_secs(60),
+            write_groups_at_once: DEFAULT_WRITE_GROUPS_AT_ONCE,
         }
     }
 }
@@ -135,7 +143,8 @@ impl Replica {
         routes: Arc<PeerRoutes>,
         options: ReplicaOptions,
     ) -> Arc<Replica> {
-        let forwarder = Forwarder::start(id, cluster.clone(), options.request_deadline);
+        let at_once = options.write_groups_at_once;
+        let forwarder = Forwarder::start(id, cluster.clone(), options.request_deadline, at_once);
         Arc::new_cyclic(|replica| Replica {
             forwarder,
             read_indexes: ReadIndexBatcher::start(replica.clone()),
@@ -147,7 +156,7 @@ impl Replica {
             options,
             clients: Mutex::new(HashMap::new()),
             leader_contact: Mutex::new(None),
-            batcher: Batcher::start(raft.clone()),
+            batcher: Batcher::start(raft.clone(), at_once),
             pending_writes: limits::PendingWrites::default(),
             host_calls: std::sync::OnceLock::new(),
             raft,
