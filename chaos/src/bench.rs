@@ -932,21 +932,27 @@ mod tests {
             duration: Duration::from_secs(2),
             runtimes: 0,
             failover_rounds: 0,
+            mode: Mode::Direct,
+            rounds: 1,
             node_args: Vec::new(),
             plaintext: false,
             log_dir: None,
         };
+        let stage = crate::stages::Stage { clients: 4, stage: "one apply", count: 9, mean_ms: 0.5, p99_ms: 1.6 };
         let results = BenchResults {
             options,
             payload_bytes: 600,
             levels: vec![ours, theirs],
+            runs: Vec::new(),
+            stages: vec![stage],
             failover: Vec::new(),
             failover_error: None,
             scale: None,
             scale_error: None,
         };
         let table = markdown(&results);
-        assert!(table.contains("| write | 4 | 2 | 1 | 2.00 |"), "{table}");
-        assert!(table.contains("| 2.500 / 1.500 | 1 / 1 |"), "{table}");
+        assert!(table.contains("| write, direct | 4 | 2 | 1 | 2.00 |"), "{table}");
+        assert!(table.contains("| 2.500 / 1.500 | 1 / 1 | – |"), "{table}");
+        assert!(table.contains("| one apply | 4 | 9 | 0.50 | 1.60 |"), "{table}");
     }
 }

@@ -190,6 +190,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_first_groups_at_once_leave_as_they_form_and_later_ones_wait() {
+        let (send, mut queue) = mpsc::unbounded_channel();
+        let in_flight = Arc::new(Semaphore::new(3));
+        send.send(1).unwrap();
+        let (first, _) = next_write_group(&mut queue, &in_flight, (3, 2), 4, |n| *n).await.unwrap();
+        send.send(1).unwrap();
+        let (second, group) =
+            tokio::time::timeout(Duration::from_secs(5), next_write_group(&mut queue, &in_flight, (3, 2), 4, |n| *n))
+                .await
+                .expect("one on its way, two may be: the second leaves at once")
+                .unwrap();
+        assert_eq!(group, [1]);
+        send.send(1).unwrap();
+        let waiting = tokio::spawn({
+            let in_flight = in_flight.clone();
+            async move { next_write_group(&mut queue, &in_flight, (3, 2), 4, |n| *n).await.map(|(_, group)| group) }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "two on their way: the third waits although a slot is free");
+        drop(first);
+        assert_eq!(waiting.await.unwrap(), Some(vec![1]), "one is done: it leaves");
+        drop(second);
+    }
+
+    #[tokio::test]
     async fn a_stuck_group_gives_its_slot_back() {
         let in_flight = Arc::new(Semaphore::new(1));
         let permit = in_flight.clone().acquire_owned().await.unwrap();

@@ -61,10 +61,10 @@ async fn prometheus_scrapes_the_write_stages_of_every_member_with_a_read_only_ke
     let _ = prometheus.wait();
     let log = std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
     let tail: String = log.lines().rev().take(15).collect::<Vec<_>>().join("\n");
-    assert!(up.is_ok_and(|v| v >= 3.0), "every member scraped: {up:?}\n{tail}");
-    assert!(answer.is_ok_and(|v| v >= 1.0), "the leader's commits: {answer:?}");
-    assert!(creates.is_ok_and(|v| v >= 5.0), "the follower's creates by route: {creates:?}");
-    assert!(forwarded.is_ok_and(|v| v >= 1.0), "the follower's forwarding hops: {forwarded:?}");
+    assert!(up.as_ref().is_ok_and(|v| *v >= 3.0), "every member scraped: {up:?}\n{tail}");
+    assert!(answer.as_ref().is_ok_and(|v| *v >= 1.0), "the leader's commits: {answer:?}");
+    assert!(creates.as_ref().is_ok_and(|v| *v >= 5.0), "the follower's creates by route: {creates:?}");
+    assert!(forwarded.as_ref().is_ok_and(|v| *v >= 1.0), "the follower's forwarding hops: {forwarded:?}");
     Ok(())
 }
 
