@@ -173,8 +173,17 @@ class Fixtures:
                               for s in call("GET", f"/v1/runtimes/{ids['runtime_id']}/snapshots")["items"])
         return self.still("snapshot", has, make)
 
+    def existing(self):
+        """A runtime that is neither gone nor being deleted (a delete of the last one makes a new
+        one the next time)."""
+        alive = lambda ids: call("GET", f"/v1/runtimes/{ids['runtime_id']}")["state"] != "deleting"
+        return self.still("existing", alive, lambda: {"runtime_id": self.runtime("vcluster")})
+
     def for_operation(self, label):
         """The ids a valid case of the operation `label` needs, if it needs some."""
+        if label in ("DELETE /v1/runtimes/{runtime_id}", "PATCH /v1/runtimes/{runtime_id}"):
+            # The runtimes the fuzzer finds in lists are mostly deleted by the time it acts.
+            return self.existing()
         if label == "GET /v1/runtimes/{runtime_id}/files/{path}":
             return self.sandbox()
         if label.endswith(("/logs", "/exec", "/files/{path}")):

@@ -294,9 +294,12 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
     let theirs: Vec<String> = etcd.members.iter().map(|m| m.client_url.clone()).collect();
     let sdk = members(&ours, Duration::from_secs(10))?;
 
-    // The payload: a runtime's record as the API returns it.
+    // The payload: a runtime's record as the API returns it (as sent, not as a typed record
+    // would encode it again).
     let sample = create(&sdk[0]).await.map_err(|e| Error::Cluster(format!("the sample create: {e}")))?;
-    let payload_bytes = serde_json::to_vec(&sample)?.len();
+    let path = format!("/v1/runtimes/{}", sample.id);
+    let (_, record) = sdk[0].request_raw(reqwest::Method::GET, &path, None).await.map_err(|e| Error::Cluster(e.to_string()))?;
+    let payload_bytes = serde_json::to_vec(&record)?.len();
     // Reads read the sample and etcd's key of the same size.
     let etcd_key = base64(b"bench/read");
     let value = base64(&vec![b'x'; payload_bytes]);
