@@ -298,7 +298,8 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Bench
     // would encode it again).
     let sample = create(&sdk[0]).await.map_err(|e| Error::Cluster(format!("the sample create: {e}")))?;
     let path = format!("/v1/runtimes/{}", sample.id);
-    let (_, record) = sdk[0].request_raw(reqwest::Method::GET, &path, None).await.map_err(|e| Error::Cluster(e.to_string()))?;
+    let (_, record) =
+        sdk[0].request_raw(reqwest::Method::GET, &path, None).await.map_err(|e| Error::Cluster(e.to_string()))?;
     let payload_bytes = serde_json::to_vec(&record)?.len();
     // Reads read the sample and etcd's key of the same size.
     let etcd_key = base64(b"bench/read");
