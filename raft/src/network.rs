@@ -146,17 +146,38 @@ impl PeerHealth {
     }
 }
 
-/// Builds one [`PeerClient`] per replication target.
+/// Builds the [`PeerClient`]s openraft asks for: one per replication stream, and one per
+/// follower for every leadership confirmation (each linearizable read round). They share one
+/// channel per peer and address, an HTTP/2 connection that tonic dials again when it breaks: a
+/// channel per client cost a TCP connection and a mutual TLS handshake on both ends for every
+/// read round.
 #[derive(Clone)]
 pub struct Network {
     cluster: String,
     health: Arc<PeerHealth>,
     routes: Arc<PeerRoutes>,
+    channels: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
 }
 
 impl Network {
     pub fn new(cluster: String, health: Arc<PeerHealth>, routes: Arc<PeerRoutes>) -> Network {
-        Network { cluster, health, routes }
+        Network { cluster, health, routes, channels: Arc::default() }
+    }
+
+    /// The channel to `target` at its announced `addr` (as routed), made on first use.
+    fn channel(&self, target: NodeId, addr: &str) -> (String, Result<Channel, String>) {
+        let dialled = self.routes.dial(target, addr).to_string();
+        let mut channels = self.channels.lock().expect("channels lock");
+        if let Some(channel) = channels.get(&(target, dialled.clone())) {
+            return (dialled, Ok(channel.clone()));
+        }
+        let (dialled, channel) = self.routes.channel(target, addr);
+        if let Ok(channel) = &channel {
+            // A peer that moved: its old address is not dialled again.
+            channels.retain(|(peer, _), _| *peer != target);
+            channels.insert((target, dialled.clone()), channel.clone());
+        }
+        (dialled, channel)
     }
 }
 
@@ -164,7 +185,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
-        let (addr, channel) = self.routes.channel(target, &node.addr);
+        let (addr, channel) = self.channel(target, &node.addr);
         PeerClient {
             target,
             client: channel.map(|c| RaftClient::new(c).max_decoding_message_size(limits::MAX_MESSAGE_BYTES)),
@@ -284,5 +305,25 @@ mod tests {
         assert_eq!(entries_that_fit(64, 2 * max), Some(32));
         assert_eq!(entries_that_fit(3, 100 * max), Some(1), "at least one");
         assert_eq!(entries_that_fit(1, 2 * max), None, "one entry cannot be split");
+    }
+
+    #[tokio::test]
+    async fn the_clients_openraft_asks_for_share_one_channel_per_peer_and_address() {
+        let routes = Arc::new(PeerRoutes::new([(3, "127.0.0.1:9003".to_string())], None));
+        let mut network = Network::new("c".into(), Arc::default(), routes);
+        let node = |addr: &str| BasicNode { addr: addr.into() };
+        // A replication stream, then a leadership confirmation per read round, to the same peer.
+        for _ in 0..3 {
+            network.new_client(2, &node("127.0.0.1:9002")).await;
+        }
+        network.new_client(3, &node("10.0.0.3:7100")).await;
+        let dialled: Vec<(NodeId, String)> = network.channels.lock().unwrap().keys().cloned().collect();
+        assert_eq!(dialled.len(), 2, "one channel per peer: {dialled:?}");
+        assert!(dialled.contains(&(3, "127.0.0.1:9003".to_string())), "dialled as routed: {dialled:?}");
+        // A peer that moved gets a channel to its new address, in place of the old one.
+        network.new_client(2, &node("127.0.0.1:9102")).await;
+        let dialled: Vec<(NodeId, String)> = network.channels.lock().unwrap().keys().cloned().collect();
+        assert_eq!(dialled.len(), 2, "{dialled:?}");
+        assert!(dialled.contains(&(2, "127.0.0.1:9102".to_string())), "{dialled:?}");
     }
 }
