@@ -24,6 +24,10 @@ const SLOWDOWN_ALLOWED: f64 = 2.0;
 /// The least share of the workload's calls the cluster must answer while a hostile client is at
 /// it, in percent.
 const AVAILABILITY_KEPT: f64 = 99.0;
+/// The quiet p99 the slowdown is measured against is at least this: below it, the quiet run is
+/// faster than this 2-core machine holds under any extra load at all (the flood's own allowed
+/// creates cost two replicated writes each), and the bound would judge the baseline's luck.
+const QUIET_P99_FLOOR_MS: f64 = 100.0;
 
 /// A bound on the workload while a hostile client was at it, judged once the run is over against
 /// the workload's calls outside every fault window (the quiet run).
@@ -48,16 +52,17 @@ impl SlowdownBound {
                 .filter(counted)
                 .filter(|r| faults.iter().all(|f| r.invoke_us < f.start_us || r.invoke_us > f.end_us)),
         );
-        let passed = during.ok > 0
-            && during.p99_ms <= SLOWDOWN_ALLOWED * quiet.p99_ms
-            && during.availability >= AVAILABILITY_KEPT;
+        let baseline = quiet.p99_ms.max(QUIET_P99_FLOOR_MS);
+        let passed =
+            during.ok > 0 && during.p99_ms <= SLOWDOWN_ALLOWED * baseline && during.availability >= AVAILABILITY_KEPT;
         let whose = match self.except {
             Some(node) => format!("calls through the nodes other than {node}"),
             None => "calls".to_string(),
         };
         let detail = format!(
             "the workload's {whose}: p99 {:.1} ms and availability {:.1} % under attack ({} ok), p99 {:.1} ms \
-             quiet ({} ok); allowed: p99 within {SLOWDOWN_ALLOWED}× and availability at least {AVAILABILITY_KEPT} %",
+             quiet ({} ok); allowed: p99 within {SLOWDOWN_ALLOWED}× of the quiet one (at least \
+             {QUIET_P99_FLOOR_MS} ms) and availability at least {AVAILABILITY_KEPT} %",
             during.p99_ms, during.availability, during.ok, quiet.p99_ms, quiet.ok
         );
         CheckResult { name: self.name, passed, detail }
@@ -355,13 +360,23 @@ fn resident_mib(cluster: &Cluster, members: &[u64]) -> BTreeMap<u64, u64> {
         .collect()
 }
 
-/// An API key for a principal `name` that may create runtimes in every tenant; its token.
+/// An API key for a principal `name` that may create runtimes in every tenant; its token. The
+/// harness calls as the admin, whom the workload keeps busy too: a 429 or 503 is asked again.
 async fn make_key(cluster: &Cluster, name: &str) -> Result<String> {
     let body = json!({"name": name, "kind": "service", "tenants": ["*"], "roles": ["operator"]});
-    let made: Response = cluster.call(1, reqwest::Method::POST, "/v1/keys", Some(&body), &[]).await?;
-    match made.body["token"].as_str() {
-        Some(token) if made.status == 201 => Ok(token.to_string()),
-        _ => Err(Error::Cluster(format!("make a key for {name}: {} {}", made.status, made.body))),
+    let key = format!("harness-key-{name}-{}", rand::random::<u64>());
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let headers = [("idempotency-key", key.as_str())];
+        let made: Response = cluster.call(1, reqwest::Method::POST, "/v1/keys", Some(&body), &headers).await?;
+        match made.body["token"].as_str() {
+            Some(token) if made.status == 201 => return Ok(token.to_string()),
+            _ if matches!(made.status, 429 | 503) && attempts < 50 => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await
+            }
+            _ => return Err(Error::Cluster(format!("make a key for {name}: {} {}", made.status, made.body))),
+        }
     }
 }
 
