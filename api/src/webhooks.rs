@@ -76,6 +76,9 @@ pub struct WebhookView {
     pub created_by: String,
     /// The last event delivered (or given up on); the next delivery is of a later one.
     pub delivered_through: String,
+    /// Present once the runtime it observes is deleted: its `runtime.deleted` event. The
+    /// subscription is removed when delivered through it.
+    pub ends_with: Option<String>,
 }
 
 impl From<Webhook> for WebhookView {
@@ -90,6 +93,7 @@ impl From<Webhook> for WebhookView {
             created_at: webhook.created_at,
             created_by: webhook.created_by.to_string(),
             delivered_through: webhook.delivered_through,
+            ends_with: webhook.ends_with,
         }
     }
 }
@@ -201,6 +205,7 @@ pub(crate) fn observer_of(
         created_at: chrono::Utc::now(),
         created_by: caller.actor(),
         delivered_through: String::new(),
+        ends_with: None,
     })
 }
 
@@ -223,6 +228,7 @@ pub(crate) fn new_webhook(caller: &Caller, request: WebhookCreateRequest) -> Res
         created_by: caller.actor(),
         // Apply sets it: the subscription starts after the entry that creates it.
         delivered_through: String::new(),
+        ends_with: None,
     })
 }
 

@@ -214,9 +214,12 @@ impl Deliverer {
                 break;
             }
         }
-        // Nothing selected among what was looked at: the cursor passes over it.
+        // Nothing selected among what was looked at, now or in an earlier round (remembered,
+        // not yet recorded: with no new events since, nothing else would record it): the
+        // cursor passes over it.
         if attempts.is_empty() {
-            let through = scanned_through;
+            let remembered = (from != webhook.delivered_through).then(|| from.to_string());
+            let through = scanned_through.or(remembered);
             if through.is_none() || !record_skips {
                 return Ok(Outcome { retry, through, recorded: false });
             }

@@ -34,8 +34,9 @@ use serde::Serialize;
 /// (`event_feed`: every event's position → its stream). 15: webhooks (`webhooks`,
 /// `webhook_deliveries`, the delivery lease, their ops; `ClusterSettings::
 /// webhook_allowed_destinations`, `Limits::webhooks`), observers (`ActionKind::AttachObserver`/
-/// `DetachObserver`, their `LifecycleAction`s).
-pub const FORMAT_VERSION: u32 = 15;
+/// `DetachObserver`, their `LifecycleAction`s). 16: `Webhook::ends_with` (an observer ends with
+/// its runtime's deletion).
+pub const FORMAT_VERSION: u32 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

@@ -1551,6 +1551,7 @@ async fn one_node_at_a_time_delivers_webhooks_and_a_lost_lease_moves_no_cursor()
         created_at: at(0),
         created_by: Actor::Human("alice".into()),
         delivered_through: String::new(),
+        ends_with: None,
     };
     let (created_at, reply) =
         indexed_at(&mut sm, 0, Op::CreateWebhook(CreateWebhook { webhook: webhook.clone() })).await;
@@ -1610,4 +1611,63 @@ async fn one_node_at_a_time_delivers_webhooks_and_a_lost_lease_moves_no_cursor()
         indexed_at(&mut sm, 13, Op::DeleteWebhook(DeleteWebhook { id: "wh_1".into(), tenant_id: None })).await;
     assert!(matches!(deleted, CommandReply::Deleted { .. }), "{deleted:?}");
     assert!(sm.get_webhook("wh_1").unwrap().is_none() && sm.webhook_deliveries("wh_1").unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_observer_ends_once_delivered_through_its_runtimes_deletion() {
+    use crate::command::{ClaimDeliveries, CreateWebhook, RecordDeliveries};
+    use runtimeai_model::{Webhook, WebhookFilter};
+    let (_dir, mut sm) = open();
+    running(&mut sm, "rt_a", "web").await;
+    let observer = |id: &str, runtime_id: &str| Webhook {
+        id: id.into(),
+        url: "https://hooks.example.com/in".into(),
+        description: None,
+        filter: WebhookFilter { runtime_id: Some(runtime_id.into()), ..WebhookFilter::default() },
+        tenant_id: None,
+        audit: false,
+        secret: "whsec_c2VjcmV0".into(),
+        created_at: at(0),
+        created_by: Actor::Human("alice".into()),
+        delivered_through: String::new(),
+        ends_with: Some("ev_forged".into()),
+    };
+    let ghost = Op::CreateWebhook(CreateWebhook { webhook: observer("wh_ghost", "rt_gone") });
+    let refused = apply_at(&mut sm, 1, ghost).await;
+    assert!(
+        matches!(&refused, CommandReply::Rejected(Rejection::NotFound { kind, .. }) if kind == "runtime"),
+        "{refused:?}"
+    );
+    let made = apply_at(&mut sm, 1, Op::CreateWebhook(CreateWebhook { webhook: observer("wh_1", "rt_a") })).await;
+    assert!(matches!(&made, CommandReply::Webhook(w) if w.ends_with.is_none()), "a client sets no end: {made:?}");
+    let (token, _) = indexed_at(&mut sm, 2, Op::ClaimDeliveries(ClaimDeliveries { node_id: 1, lease_ms: 6_000 })).await;
+
+    apply(&mut sm, vec![begin("op_del", "rt_a", LifecycleAction::Delete), advance("op_del", OperationStatus::Running)])
+        .await;
+    apply(&mut sm, vec![advance("op_del", OperationStatus::Succeeded)]).await;
+    let events = sm.runtime_events("rt_a").unwrap();
+    let deleted = events.last().unwrap();
+    assert_eq!(deleted.event_type, "runtime.deleted");
+    let ending = sm.get_webhook("wh_1").unwrap().expect("kept until it has the deletion");
+    assert_eq!(ending.ends_with.as_deref(), Some(deleted.id.as_str()));
+
+    let record = |through: &str| {
+        Op::RecordDeliveries(RecordDeliveries {
+            token,
+            webhook_id: "wh_1".into(),
+            attempts: vec![],
+            delivered_through: Some(through.to_string()),
+        })
+    };
+    let before = &events[events.len() - 2];
+    apply_at(&mut sm, 3, record(&before.id)).await;
+    assert!(sm.get_webhook("wh_1").unwrap().is_some(), "not yet through the deletion");
+    apply_at(&mut sm, 3, record(&deleted.id)).await;
+    assert!(sm.get_webhook("wh_1").unwrap().is_none(), "gone once delivered through its runtime's last event");
+    let audit = sm.runtime_events(crate::AUDIT_STREAM).unwrap();
+    let removal = audit.last().unwrap();
+    assert_eq!(
+        (removal.event_type.as_str(), &removal.data.0["runtime_id"]),
+        ("webhook.deleted", &serde_json::json!("rt_a"))
+    );
 }

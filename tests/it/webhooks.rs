@@ -215,6 +215,7 @@ async fn webhooks_are_signed_retried_confined_and_outlive_the_node_delivering_th
     assert!(acme_log.iter().all(|e| e["data"]["runtime_id"] == acme_runtime.as_str()), "acme's only: {acme_log:?}");
 
     observers(&cluster, &ids[0], &ids[1]).await?;
+    names.push(SHORT_LIVED.into());
 
     phase("the node delivering is SIGKILLed: another takes the lease, nothing is lost");
     let holder = attempts.last().and_then(|d| d["node_id"].as_u64()).expect("a delivering node");
@@ -304,5 +305,56 @@ async fn observers(cluster: &Cluster, observed: &str, other: &str) -> anyhow::Re
     assert_eq!(execute(cluster, None, observed, detach).await?["status"], "succeeded");
     let gone = cluster.call_eventually(1, Method::GET, &format!("/v1/webhooks/{observer}"), None, &[]).await?;
     assert_eq!(gone.status, 404, "{gone:?}");
+    observers_end_with_their_runtime(cluster).await
+}
+
+/// The runtime [`observers_end_with_their_runtime`] creates and deletes.
+const SHORT_LIVED: &str = "hook-short-lived";
+
+/// An observer gets its runtime's `runtime.deleted` and is then removed (one whose filter
+/// passes over that event too); nobody can subscribe to a runtime that is gone.
+async fn observers_end_with_their_runtime(cluster: &Cluster) -> anyhow::Result<()> {
+    phase("an observer ends with its runtime's deletion, once delivered through it");
+    let runtime = create(cluster, 1, SHORT_LIVED, None).await?;
+    let described = cluster.get_eventually(1, &format!("/v1/runtimes/{runtime}")).await?;
+    let creating = described.body["active_operation"].as_str().unwrap_or_default().to_string();
+    cluster.wait_operation(1, &creating, EVENTUALLY).await?;
+    let receiver = Receiver::start(0).await?;
+    let secret = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    receiver.set_secret(secret)?;
+    let mut observers = Vec::new();
+    for event_types in [json!(["runtime.*"]), json!(["lifecycle.restart"])] {
+        let params = json!({"url": receiver.url(), "event_types": event_types, "secret": secret});
+        let attached = execute(cluster, None, &runtime, json!([{"type": "attach_observer", "params": params}])).await?;
+        assert_eq!(attached["status"], "succeeded", "{attached}");
+        observers
+            .push(attached["params"]["actions"][0]["params"]["webhook_id"].as_str().unwrap_or_default().to_string());
+    }
+    let deleted = cluster.call_eventually(2, Method::DELETE, &format!("/v1/runtimes/{runtime}"), None, &[]).await?;
+    assert_eq!(deleted.status, 202, "{deleted:?}");
+    let operation = deleted.body["id"].as_str().unwrap_or_default().to_string();
+    assert_eq!(cluster.wait_operation(2, &operation, EVENTUALLY).await?["status"], "succeeded");
+    receiver.wait_for("runtime.deleted", |r| r.log().iter().any(|e| e["type"] == "runtime.deleted")).await?;
+    let log = receiver.log();
+    assert!(log.iter().all(|e| e.get("bad_signature").is_none() && e["data"]["runtime_id"] == runtime), "{log:?}");
+    // The second passes over the deletion: its cursor moves past it within seconds.
+    let deadline = Instant::now() + EVENTUALLY;
+    for observer in &observers {
+        loop {
+            let seen = cluster.call(3, Method::GET, &format!("/v1/webhooks/{observer}"), None, &[]).await?;
+            if seen.status == 404 {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "observer {observer} outlived its runtime: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let audit = cluster.get_eventually(1, "/v1/events?runtime_id=cluster&type=webhook.deleted&limit=1000").await?;
+    let items = audit.body["items"].as_array().cloned().unwrap_or_default();
+    let removals = items.iter().filter(|e| e["data"]["runtime_id"] == runtime.as_str()).count();
+    assert_eq!(removals, 2, "each removal is audited: {audit:?}");
+    let late = json!({"url": receiver.url(), "runtime_id": runtime});
+    let refused = cluster.call_eventually(1, Method::POST, "/v1/webhooks", Some(&late), &[]).await?;
+    assert_eq!(refused.status, 404, "a subscription to a deleted runtime: {refused:?}");
     Ok(())
 }

@@ -24,6 +24,10 @@ pub struct Webhook {
     pub created_by: Actor,
     /// Delivered (or given up on) through this event id: the next delivery starts after it.
     pub delivered_through: String,
+    /// Set when the runtime its filter names is deleted: that runtime's `runtime.deleted`
+    /// event. Once delivered (or passed over) through it, the subscription is removed, since no
+    /// event can select it again.
+    pub ends_with: Option<String>,
 }
 
 /// Which events a subscription selects; every field given must match.

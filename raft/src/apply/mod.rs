@@ -133,6 +133,6 @@ fn apply_op(
         Op::CreateWebhook(create) => webhooks::create_webhook(txn, events, &settings, create.webhook)?,
         Op::DeleteWebhook(delete) => webhooks::delete_webhook(txn, events, delete.id, delete.tenant_id)?,
         Op::ClaimDeliveries(claim) => webhooks::claim_deliveries(txn, index, at, claim.node_id, claim.lease_ms)?,
-        Op::RecordDeliveries(record) => webhooks::record_deliveries(txn, record)?,
+        Op::RecordDeliveries(record) => webhooks::record_deliveries(txn, events, record)?,
     })
 }

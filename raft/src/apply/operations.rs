@@ -327,6 +327,7 @@ pub(crate) fn finish_operation(
         // Whose it was, for those who follow a tenant's events once the runtime is gone.
         let data = super::events::audit_data(&[], runtime.tenant_id.as_deref());
         events.write(txn, &runtime.id, EventType::RuntimeDeleted, EventSeverity::Info, &data)?;
+        super::webhooks::runtime_deleted(txn, events, &runtime.id)?;
     } else {
         if runtime.placement != placed {
             moved(txn, events, &operation, &mut runtime, placed)?;

@@ -7,15 +7,15 @@
 //! refused, so two nodes never move a subscription's cursor.
 
 use runtimeai_model::{
-    within_limit, ClusterSettings, DeliveryLease, EventSeverity, EventType, LifecycleAction, OperationError, Timestamp,
-    Webhook, WebhookDelivery,
+    within_limit, ClusterSettings, DeliveryLease, EventSeverity, EventType, LifecycleAction, OperationError, Runtime,
+    Timestamp, Webhook, WebhookDelivery,
 };
 
 use super::events::{audit_data, EventWriter, AUDIT_STREAM};
 use super::operations::lease_until;
 use crate::command::{CommandReply, RecordDeliveries, Rejection};
 use crate::keys::{event_id, DELIVERY_LEASE_KEY};
-use crate::store::{CF_SETTINGS, CF_WEBHOOKS, CF_WEBHOOK_DELIVERIES};
+use crate::store::{CF_RUNTIMES, CF_SETTINGS, CF_WEBHOOKS, CF_WEBHOOK_DELIVERIES};
 use crate::txn::Txn;
 use crate::types::StorageError;
 
@@ -30,6 +30,13 @@ pub(crate) fn create_webhook(
 ) -> Result<CommandReply, StorageError> {
     if let Some(refused) = refuse_new(txn, settings, &webhook, 1)? {
         return Ok(CommandReply::Rejected(refused));
+    }
+    // Checked here too, not only by the API: a runtime deleted meanwhile would leave a
+    // subscription that nothing selects and nothing removes.
+    if let Some(runtime_id) = &webhook.filter.runtime_id {
+        if txn.get::<Runtime>(CF_RUNTIMES, runtime_id.as_bytes())?.is_none() {
+            return Ok(CommandReply::Rejected(Rejection::NotFound { kind: "runtime".into(), id: runtime_id.clone() }));
+        }
     }
     Ok(CommandReply::Webhook(store_new(txn, events, webhook)?))
 }
@@ -51,12 +58,8 @@ fn refuse_new(
 
 /// Stores a new subscription, on the audit feed; it delivers what is written after that.
 fn store_new(txn: &mut Txn<'_>, events: &mut EventWriter<'_>, mut webhook: Webhook) -> Result<Webhook, StorageError> {
-    let mut fields = vec![("webhook_id", webhook.id.as_str()), ("url", &webhook.url)];
-    if let Some(runtime_id) = &webhook.filter.runtime_id {
-        fields.push(("runtime_id", runtime_id));
-    }
-    let data = audit_data(&fields, webhook.tenant_id.as_deref());
-    events.write(txn, AUDIT_STREAM, EventType::WebhookCreated, EventSeverity::Info, &data)?;
+    webhook.ends_with = None;
+    events.write(txn, AUDIT_STREAM, EventType::WebhookCreated, EventSeverity::Info, &audit(&webhook))?;
     // From the event after its own creation's.
     webhook.delivered_through = event_id(events.index, txn.events_in_entry - 1);
     txn.put(CF_WEBHOOKS, webhook.id.as_bytes().to_vec(), &webhook)?;
@@ -108,6 +111,24 @@ pub(crate) fn observe(
     Ok(Ok(()))
 }
 
+/// The runtime `runtime_id` was deleted, its last event written: the subscriptions that
+/// observe it end with that event (removed once delivered through it, see
+/// [`record_deliveries`]).
+pub(crate) fn runtime_deleted(
+    txn: &mut Txn<'_>,
+    events: &EventWriter<'_>,
+    runtime_id: &str,
+) -> Result<(), StorageError> {
+    let last = event_id(events.index, txn.events_in_entry - 1);
+    for mut webhook in txn.scan::<Webhook>(CF_WEBHOOKS)? {
+        if webhook.filter.runtime_id.as_deref() == Some(runtime_id) {
+            webhook.ends_with = Some(last.clone());
+            txn.put(CF_WEBHOOKS, webhook.id.as_bytes().to_vec(), &webhook)?;
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn delete_webhook(
     txn: &mut Txn<'_>,
     events: &mut EventWriter<'_>,
@@ -126,8 +147,16 @@ pub(crate) fn delete_webhook(
 fn remove(txn: &mut Txn<'_>, events: &mut EventWriter<'_>, webhook: &Webhook) -> Result<(), StorageError> {
     txn.delete(CF_WEBHOOKS, webhook.id.as_bytes().to_vec());
     txn.delete(CF_WEBHOOK_DELIVERIES, webhook.id.as_bytes().to_vec());
-    let data = audit_data(&[("webhook_id", &webhook.id), ("url", &webhook.url)], webhook.tenant_id.as_deref());
-    events.write(txn, AUDIT_STREAM, EventType::WebhookDeleted, EventSeverity::Info, &data)
+    events.write(txn, AUDIT_STREAM, EventType::WebhookDeleted, EventSeverity::Info, &audit(webhook))
+}
+
+/// What the audit stream says of a subscription.
+fn audit(webhook: &Webhook) -> runtimeai_model::JsonObject {
+    let mut fields = vec![("webhook_id", webhook.id.as_str()), ("url", &webhook.url)];
+    if let Some(runtime_id) = &webhook.filter.runtime_id {
+        fields.push(("runtime_id", runtime_id));
+    }
+    audit_data(&fields, webhook.tenant_id.as_deref())
 }
 
 /// See [`crate::command::ClaimDeliveries`]; `index` is the entry's, the token of a new lease.
@@ -150,7 +179,11 @@ pub(crate) fn claim_deliveries(
     Ok(CommandReply::DeliveryLease(lease))
 }
 
-pub(crate) fn record_deliveries(txn: &mut Txn<'_>, record: RecordDeliveries) -> Result<CommandReply, StorageError> {
+pub(crate) fn record_deliveries(
+    txn: &mut Txn<'_>,
+    events: &mut EventWriter<'_>,
+    record: RecordDeliveries,
+) -> Result<CommandReply, StorageError> {
     let RecordDeliveries { token, webhook_id, attempts, delivered_through } = record;
     let lease = txn.get::<DeliveryLease>(CF_SETTINGS, DELIVERY_LEASE_KEY)?;
     if lease.as_ref().map(|l| l.token) != Some(token) {
@@ -172,6 +205,9 @@ pub(crate) fn record_deliveries(txn: &mut Txn<'_>, record: RecordDeliveries) -> 
             webhook.delivered_through = through;
             txn.put(CF_WEBHOOKS, key, &webhook)?;
         }
+    }
+    if webhook.ends_with.as_deref().is_some_and(|last| !later(last, &webhook.delivered_through)) {
+        remove(txn, events, &webhook)?;
     }
     Ok(CommandReply::Webhook(webhook))
 }
