@@ -47,15 +47,48 @@ pub struct IntentRequest {
     pub dry_run: bool,
 }
 
+/// Where an intent stands, in the words of the seed (a client generated from it knows no
+/// others): one waiting for a human's approval is still `accepted`, and says so in
+/// `approval_pending`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum IntentStatus {
+    /// A dry run, or nothing to do: nothing runs.
+    Planned,
+    /// Its operation is queued, or waits for approval.
+    Accepted,
+    Executing,
+    Succeeded,
+    Failed,
+    /// Its operation was cancelled or refused at approval (only in `IntentRecord`).
+    Cancelled,
+}
+
+impl IntentStatus {
+    /// The status of an intent whose plan runs as `operation` (none: a dry run or an empty plan).
+    fn of(operation: Option<OperationStatus>) -> IntentStatus {
+        match operation {
+            None => IntentStatus::Planned,
+            Some(OperationStatus::Queued | OperationStatus::PendingApproval) => IntentStatus::Accepted,
+            Some(OperationStatus::Running) => IntentStatus::Executing,
+            Some(OperationStatus::Succeeded) => IntentStatus::Succeeded,
+            Some(OperationStatus::Failed) => IntentStatus::Failed,
+            Some(OperationStatus::Cancelled) => IntentStatus::Cancelled,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct IntentResponse {
     pub intent_id: String,
     /// The operation carrying the plan out; empty for a dry run or an empty plan (the seed
     /// makes the field a required string).
     pub operation_id: String,
-    /// `planned` (dry run or nothing to do), `accepted`, or `pending_approval` (a policy wants
-    /// a human: `POST /v1/operations/{id}/approve`).
-    pub status: &'static str,
+    /// `planned` (dry run or nothing to do) or `accepted`.
+    pub status: IntentStatus,
+    /// A policy wants a human's approval before anything runs (`POST
+    /// /v1/operations/{operation_id}/approve`).
+    pub approval_pending: bool,
     pub planned_actions: Vec<PlannedAction>,
     pub rationale: Vec<String>,
     /// Options the constraints ruled out, each naming the constraint.
@@ -82,9 +115,9 @@ pub struct IntentRecord {
     pub runtime_id: String,
     #[schema(value_type = Object)]
     pub request: Value,
-    /// `planned`, `pending_approval`, `accepted`, `executing`, `succeeded`, `failed` or
-    /// `cancelled`.
-    pub status: &'static str,
+    pub status: IntentStatus,
+    /// Its operation waits for a human's approval.
+    pub approval_pending: bool,
     pub result: IntentResult,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
@@ -136,18 +169,15 @@ pub(crate) async fn submit_intent(
     };
     match propose(&state, &caller, &request, Op::SubmitIntent(SubmitIntent { intent, operation })).await? {
         CommandReply::Intent { intent, operation } => {
-            let status = match operation.as_ref().map(|o| o.status) {
-                None => "planned",
-                Some(OperationStatus::PendingApproval) => "pending_approval",
-                Some(_) => "accepted",
-            };
+            let operation_status = operation.as_ref().map(|o| o.status);
             let decisions = match &operation {
                 Some(operation) => operation.decisions.clone(),
                 None => preview_decisions(&state, &caller, &runtime, &intent.planned, intent.policy_mode)?,
             };
             let response = IntentResponse {
                 intent_id: intent.id,
-                status,
+                status: IntentStatus::of(operation_status),
+                approval_pending: operation_status == Some(OperationStatus::PendingApproval),
                 decisions,
                 operation_id: operation.map(|o| o.id).unwrap_or_default(),
                 planned_actions: planned(&intent.planned),
@@ -186,20 +216,15 @@ pub(crate) async fn get_intent(
         None => None,
     };
     let view = operation.as_ref().map(OperationView::from);
-    let status = match operation.as_ref().map(|o| o.status) {
-        // Its operation is past the cluster's retention.
-        None if intent.operation_id.is_some() => "expired",
-        None => "planned",
-        Some(OperationStatus::PendingApproval) => "pending_approval",
-        Some(OperationStatus::Queued) => "accepted",
-        Some(OperationStatus::Running) => "executing",
-        Some(s) => s.as_str(),
-    };
-    let summary = match status {
-        "planned" if intent.planned.is_empty() => "nothing to do".to_string(),
-        "planned" => format!("{} action(s) planned, not executed (dry run)", intent.planned.len()),
-        "succeeded" => format!("{} action(s) executed", intent.planned.len()),
-        other => format!("{} action(s) planned; operation {other}", intent.planned.len()),
+    let operation_status = operation.as_ref().map(|o| o.status);
+    let planned = intent.planned.len();
+    let summary = match operation_status {
+        // Retention removes an intent before its operation; this is for safety's sake.
+        None if intent.operation_id.is_some() => format!("{planned} action(s) planned; operation gone"),
+        None if planned == 0 => "nothing to do".to_string(),
+        None => format!("{planned} action(s) planned, not executed (dry run)"),
+        Some(OperationStatus::Succeeded) => format!("{planned} action(s) executed"),
+        Some(other) => format!("{planned} action(s) planned; operation {}", other.as_str()),
     };
     let request = serde_json::json!({
         "goal": intent.goal, "constraints": intent.constraints.0, "context": intent.context.0,
@@ -210,7 +235,8 @@ pub(crate) async fn get_intent(
         intent_id: intent.id,
         runtime_id: intent.runtime_id,
         request,
-        status,
+        status: IntentStatus::of(operation_status),
+        approval_pending: operation_status == Some(OperationStatus::PendingApproval),
         result: IntentResult {
             summary,
             executed_actions: view.and_then(|v| v.results).unwrap_or_default(),

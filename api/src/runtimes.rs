@@ -133,8 +133,38 @@ fn page_size(asked: Option<usize>) -> Result<usize, Problem> {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RuntimeList {
+    #[serde(serialize_with = "runtimes_as_json")]
     pub items: Vec<Runtime>,
     pub next_page_token: Option<String>,
+}
+
+/// A runtime as its JSON answers show it: a field without a value is left out, not `null`.
+/// The user's draft (the seed) types `backend` and the spec's profiles as objects that are never
+/// null, so a client generated from it fails on `null`; an absent field is valid for the seed's
+/// schema and for ours (none of them is required).
+struct RuntimeJson<'a>(&'a Runtime);
+
+impl Serialize for RuntimeJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut value = serde_json::to_value(self.0).map_err(serde::ser::Error::custom)?;
+        drop_nulls(&mut value);
+        value.serialize(serializer)
+    }
+}
+
+fn drop_nulls(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            fields.retain(|_, field| !field.is_null());
+            fields.values_mut().for_each(drop_nulls);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(drop_nulls),
+        _ => {}
+    }
+}
+
+fn runtimes_as_json<S: serde::Serializer>(runtimes: &[Runtime], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(runtimes.iter().map(RuntimeJson))
 }
 
 fn etag(version: u64) -> HeaderValue {
@@ -142,7 +172,7 @@ fn etag(version: u64) -> HeaderValue {
 }
 
 fn runtime_response(status: StatusCode, runtime: &Runtime) -> Response {
-    let mut response = (status, Json(runtime)).into_response();
+    let mut response = (status, Json(RuntimeJson(runtime))).into_response();
     response.headers_mut().insert(header::ETAG, etag(runtime.version));
     if status == StatusCode::CREATED {
         if let Ok(value) = HeaderValue::from_str(&format!("/v1/runtimes/{}", runtime.id)) {

@@ -802,7 +802,8 @@ async fn intents_are_planned_executed_and_reported() -> anyhow::Result<()> {
         .call_eventually_as(&finops, 3, Method::POST, &format!("/v1/runtimes/{id}/intent"), Some(&intent_body), &[])
         .await?;
     assert_eq!(submitted.status, 202, "{submitted:?}");
-    assert_eq!(submitted.body["status"], "pending_approval", "safe_first: a downsize waits for a human");
+    let waits = (&submitted.body["status"], &submitted.body["approval_pending"]);
+    assert_eq!(waits, (&json!("accepted"), &json!(true)), "safe_first: a downsize waits for a human");
     let decisions = submitted.body["decisions"].as_array().unwrap();
     assert_eq!(decisions.len(), 2, "one decision per planned action: {submitted:?}");
     let operation_id = submitted.body["operation_id"].as_str().unwrap();

@@ -111,35 +111,54 @@ async fn the_client_crate_drives_a_cluster_with_typed_answers_and_errors() -> an
 }
 
 /// Generates a Python client (openapi-python-client) from the document node 1 serves and runs
-/// `tests/python_client_tour.py` with it.
+/// `tests/python_client_tour.py` with it; then one from the user's own draft (the seed) and
+/// `tests/seed_client_tour.py`.
 async fn python_tour(cluster: &Cluster) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let document = admin_client(cluster)?.request_raw(reqwest::Method::GET, "/v1/openapi.json", None).await?.1;
+    let served = dir.path().join("openapi.json");
+    std::fs::write(&served, document.to_string())?;
+    let said = generated_tour(&served, "runtimeai_py", "python_client_tour.py", &cluster.node(3).url("")).await?;
+    assert!(said.contains("tour parsed") && said.lines().count() >= 20, "{said}");
+
+    phase("a Python client generated from the seed's OpenAPI draft parses every answer, the headline intent's too");
+    let seed = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../api/seed/openapi-seed.yaml");
+    let said = generated_tour(&seed, "seed_py", "seed_client_tour.py", &cluster.node(2).url("/v1")).await?;
+    assert!(said.contains("seed tour parsed") && said.contains("get_intent 200 IntentRecord"), "{said}");
+    Ok(())
+}
+
+/// Generates package `package` from the OpenAPI `document` and runs `tests/<script>` with it
+/// against `base_url`; what the script printed.
+async fn generated_tour(
+    document: &std::path::Path,
+    package: &str,
+    script: &str,
+    base_url: &str,
+) -> anyhow::Result<String> {
     let home = std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default());
     let venv = home.join(".cache/runtimeai/venv-generator/bin");
     anyhow::ensure!(venv.join("openapi-python-client").exists(), "run deploy/python-env.sh");
     let dir = tempfile::tempdir()?;
-    let document = admin_client(cluster)?.request_raw(reqwest::Method::GET, "/v1/openapi.json", None).await?.1;
-    let path = dir.path().join("openapi.json");
-    std::fs::write(&path, document.to_string())?;
     let generated = std::process::Command::new(venv.join("openapi-python-client"))
         .args(["generate", "--meta", "none", "--path"])
-        .arg(&path)
+        .arg(document)
         .arg("--output-path")
-        .arg(dir.path().join("runtimeai_py"))
+        .arg(dir.path().join(package))
         .output()?;
     anyhow::ensure!(generated.status.success(), "the generator failed: {generated:?}");
     let ca = harness_ca()?.join("ca.pem");
-    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python_client_tour.py");
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script);
     let tour = tokio::process::Command::new(venv.join("python"))
         .arg(script)
         .arg(dir.path())
-        .args([cluster.node(3).url(""), admin_token().to_string()])
+        .args([base_url, admin_token()])
         .arg(ca)
         .output()
         .await?;
-    let said = String::from_utf8_lossy(&tour.stdout);
+    let said = String::from_utf8_lossy(&tour.stdout).into_owned();
     anyhow::ensure!(tour.status.success(), "{said}{}", String::from_utf8_lossy(&tour.stderr));
-    assert!(said.contains("tour parsed") && said.lines().count() >= 20, "{said}");
-    Ok(())
+    Ok(said)
 }
 
 fn admin_client(cluster: &Cluster) -> anyhow::Result<Client> {
