@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use plotters::prelude::*;
-use runtimeai_client::{Client, ClientConfig, ClientError, Consistency, Runtime};
+use runtimeai_client::{Client, ClientError, Consistency, Runtime};
 use serde::Serialize;
 use serde_json::json;
 
@@ -49,6 +49,9 @@ pub struct BenchOptions {
     /// what TLS costs. API keys are checked either way.
     #[serde(default)]
     pub plaintext: bool,
+    /// Only the scale measurement: no etcd, no levels, no failover.
+    #[serde(default)]
+    pub scale_only: bool,
     /// Where the RuntimeAI nodes' logs are copied at the end.
     #[serde(skip)]
     pub log_dir: Option<std::path::PathBuf>,
@@ -122,14 +125,32 @@ pub struct Scale {
     pub rss_mib: BTreeMap<u64, f64>,
     /// Per node, how much resident memory grew while creating, scaled to 100 000 runtimes.
     pub growth_mib_per_100k: BTreeMap<u64, f64>,
+    /// From the first create until every runtime created runs (its create operation run and
+    /// recorded): what "created" means to a user.
+    pub settled_seconds: f64,
     /// CPU time of all three members per create, its operation run and recorded included: the
     /// figure to compare builds by, steadier on a shared machine than throughput.
     pub cpu_ms_per_create: f64,
+    /// List pages at this size, each asked [`LIST_SAMPLES`] times in a row through a follower.
+    pub list_pages: Vec<ListPage>,
     /// A new node added with `POST /v1/cluster/members` until it is a caught-up voter.
     pub catch_up_seconds: f64,
     /// A node SIGKILLed and started again until `/readyz`.
     pub restart_seconds: f64,
 }
+
+/// Latencies of one kind of list page (50 runtimes, linearizable) at the scale measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListPage {
+    /// `first`, `middle` (after a page token halfway through) or `state=running` (filtered).
+    pub page: &'static str,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// How many times each list page is asked for.
+const LIST_SAMPLES: usize = 300;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResults {
@@ -205,10 +226,7 @@ fn level(
     members_cpu_seconds: f64,
 ) -> Level {
     load.latencies_us.sort_unstable();
-    let at = |q: f64| {
-        let v = &load.latencies_us;
-        v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0
-    };
+    let at = |q: f64| quantile_ms(&load.latencies_us, q);
     Level {
         system,
         workload,
@@ -236,9 +254,8 @@ fn http_client(clients: usize, ours: bool) -> Result<reqwest::Client> {
 /// most `timeout`: the benchmark calls RuntimeAI as its users' programs do.
 fn members(urls: &[String], timeout: Duration) -> Result<Arc<Vec<Client>>> {
     let config = crate::cluster::admin_client_config(Vec::new(), timeout)?;
-    let clients = urls.iter().map(|url| Client::new(ClientConfig { servers: vec![url.clone()], ..config.clone() }));
-    let clients: std::result::Result<Vec<Client>, _> = clients.collect();
-    Ok(Arc::new(clients.map_err(|e| Error::Cluster(e.to_string()))?))
+    let clients: Result<Vec<Client>> = urls.iter().map(|url| crate::cluster::member_client(&config, url)).collect();
+    Ok(Arc::new(clients?))
 }
 
 /// Unique names across every load run of a process.
@@ -284,6 +301,9 @@ fn runtimeai_options(node_args: &[String], plaintext: bool) -> ClusterOptions {
 
 /// Runs every measurement; `progress` hears what is going on.
 pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<BenchResults> {
+    if options.scale_only {
+        return scale_only(options, progress).await;
+    }
     let max_clients = options.concurrency.iter().copied().max().unwrap_or(1);
     let (http, etcd_http) = (http_client(max_clients, true)?, http_client(max_clients, false)?);
 
@@ -427,25 +447,53 @@ async fn measure_scale(
 ) -> Result<std::result::Result<Scale, String>> {
     progress("scale: starting a fresh 3-node RuntimeAI cluster");
     save_logs(runtimeai, options.log_dir.as_deref(), "levels")?;
-    // Snapshots often enough, and little log kept behind them, that the fourth node catches up
-    // by snapshot (at the defaults, 100 000 runtimes fit in fewer entries than a snapshot waits
-    // for, and it would replay the log). A flag given with --node-arg wins: a node refuses the
-    // same flag twice.
-    let mut scale_args: Vec<String> = [("--snapshot-count", "1000"), ("--snapshot-catchup-entries", "100")]
-        .into_iter()
-        .filter(|(flag, _)| !options.node_args.iter().any(|arg| arg.starts_with(flag)))
-        .map(|(flag, value)| format!("{flag}={value}"))
-        .collect();
-    scale_args.extend(options.node_args.iter().cloned());
     // The levels' cluster stops before the fresh one starts (and goes once it is replaced).
     for node in runtimeai.running() {
         runtimeai.kill(node);
     }
-    *runtimeai = Cluster::start(3, runtimeai_options(&scale_args, options.plaintext)).await?;
+    *runtimeai = Cluster::start(3, runtimeai_options(&scale_args(options), options.plaintext)).await?;
     Ok(scale(http, runtimeai, options.runtimes, progress).await.map_err(|e| {
         progress(&format!("scale measurement failed: {e}"));
         e.to_string()
     }))
+}
+
+/// The scale cluster's `--snapshot-count` for `runtimes` (see [`scale_args`]).
+fn scale_snapshot_count(runtimes: usize) -> usize {
+    (runtimes / 100).clamp(1_000, 10_000)
+}
+
+/// `--scale-only`: the scale measurement alone, on a cluster of its own.
+async fn scale_only(options: BenchOptions, progress: impl Fn(&str)) -> Result<BenchResults> {
+    let http = http_client(16, true)?;
+    progress("scale: starting a 3-node RuntimeAI cluster");
+    let mut runtimeai = Cluster::start(3, runtimeai_options(&scale_args(&options), options.plaintext)).await?;
+    let measured = scale(&http, &mut runtimeai, options.runtimes, &progress).await;
+    save_logs(&runtimeai, options.log_dir.as_deref(), "scale")?;
+    let (scale, scale_error) = match measured {
+        Ok(scale) => (Some(scale), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let (levels, runs, stages, failover) = Default::default();
+    Ok(BenchResults { options, payload_bytes: 0, levels, runs, stages, failover, failover_error: None, scale, scale_error })
+}
+
+/// The scale cluster's node flags: snapshots often enough, and little log kept behind them,
+/// that the fourth node catches up by snapshot (at the defaults, 100 000 runtimes fit in fewer
+/// entries than a snapshot waits for, and it would replay the log), yet no more than the
+/// default's one per 10 000 entries (each build streams the whole state: at a million runtimes,
+/// one per 1 000 entries would build back to back). A flag given with --node-arg wins: a node
+/// refuses the same flag twice.
+fn scale_args(options: &BenchOptions) -> Vec<String> {
+    let snapshot_count = scale_snapshot_count(options.runtimes).to_string();
+    let mut args: Vec<String> =
+        [("--snapshot-count", snapshot_count.as_str()), ("--snapshot-catchup-entries", "100")]
+            .into_iter()
+            .filter(|(flag, _)| !options.node_args.iter().any(|arg| arg.starts_with(flag)))
+            .map(|(flag, value)| format!("{flag}={value}"))
+            .collect();
+    args.extend(options.node_args.iter().cloned());
+    args
 }
 
 /// Copies the nodes' logs into `dir` (if given), named `runtimeai-<phase>-node-<id>.log`.
@@ -638,17 +686,22 @@ async fn scale(
         (1..=3).filter_map(|n| Some((n, cluster.node(n).pid().and_then(memory_mib)?.0))).collect();
     let cpu_before = runtimeai_cpu(cluster);
     let remaining = Arc::new(AtomicU64::new(runtimes as u64));
+    // A runtime created halfway: its id is the page token of a page in the middle.
+    let halfway = Arc::new(std::sync::OnceLock::new());
     let started = Instant::now();
     let mut tasks = Vec::new();
     let sdk = members(&targets, Duration::from_secs(10))?;
     for client in 0..128usize {
-        let (sdk, remaining) = (sdk.clone(), remaining.clone());
+        let (sdk, remaining, halfway) = (sdk.clone(), remaining.clone(), halfway.clone());
         tasks.push(tokio::spawn(async move {
             let mut i = client;
-            while remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            while let Ok(left) = remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)) {
                 loop {
                     i += 1;
-                    if create(&sdk[i % sdk.len()]).await.is_ok() {
+                    if let Ok(runtime) = create(&sdk[i % sdk.len()]).await {
+                        if left == runtimes as u64 / 2 {
+                            let _ = halfway.set(runtime.id);
+                        }
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -660,12 +713,15 @@ async fn scale(
         let _ = task.await;
     }
     let create_seconds = started.elapsed().as_secs_f64();
+    progress(&format!("scale: {runtimes} created in {create_seconds:.1} s; waiting until every one runs"));
+    let settled_seconds = settled(&sdk[0], started).await?;
     quiesce(cluster, progress).await;
     let cpu_ms_per_create = (runtimeai_cpu(cluster) - cpu_before) * 1000.0 / runtimes as f64;
     let mut result = Scale {
         runtimes,
         create_seconds,
         creates_per_second: runtimes as f64 / create_seconds,
+        settled_seconds,
         cpu_ms_per_create,
         ..Default::default()
     };
@@ -677,6 +733,10 @@ async fn scale(
             result.growth_mib_per_100k.insert(node, growth * 100_000.0 / runtimes as f64);
         }
     }
+
+    progress("scale: list pages through a follower");
+    let middle = halfway.get().cloned().unwrap_or_default();
+    result.list_pages = list_pages(&sdk[1], &middle).await?;
 
     progress("scale: add a fourth node; it catches up by snapshot");
     cluster.start_joiner(4)?;
@@ -712,6 +772,62 @@ async fn scale(
     Ok(result)
 }
 
+/// The `q` quantile of latencies `sorted_us` (ascending, microseconds), in milliseconds.
+fn quantile_ms(sorted_us: &[u64], q: f64) -> f64 {
+    let index = ((sorted_us.len() as f64 * q) as usize).min(sorted_us.len().saturating_sub(1));
+    sorted_us.get(index).copied().unwrap_or(0) as f64 / 1000.0
+}
+
+/// Waits until no runtime is still being created; the time since `started`.
+async fn settled(client: &Client, started: Instant) -> Result<f64> {
+    loop {
+        let (status, page) = client
+            .request_raw(reqwest::Method::GET, "/v1/runtimes?state=creating&page_size=1", None)
+            .await
+            .map_err(|e| Error::Cluster(e.to_string()))?;
+        let creating = page["items"].as_array().is_none_or(|items| !items.is_empty()) || page["next_page_token"].is_string();
+        if status.is_success() && !creating {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        if started.elapsed() > Duration::from_secs(3600) {
+            return Err(Error::Cluster("runtimes still creating after an hour".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Each kind of list page [`LIST_SAMPLES`] times in a row; `middle` is the page token of one
+/// halfway through.
+async fn list_pages(client: &Client, middle: &str) -> Result<Vec<ListPage>> {
+    let mut pages = Vec::new();
+    let kinds = [
+        ("first", "page_size=50".to_string()),
+        ("middle", format!("page_size=50&page_token={middle}")),
+        ("state=running", "page_size=50&state=running".to_string()),
+    ];
+    for (page, query) in kinds {
+        let path = format!("/v1/runtimes?{query}");
+        let mut latencies_us = Vec::with_capacity(LIST_SAMPLES);
+        for _ in 0..LIST_SAMPLES {
+            let asked = Instant::now();
+            let (status, body) = client
+                .request_raw(reqwest::Method::GET, &path, None)
+                .await
+                .map_err(|e| Error::Cluster(e.to_string()))?;
+            latencies_us.push(asked.elapsed().as_micros() as u64);
+            let items = body["items"].as_array().map_or(0, Vec::len);
+            if !status.is_success() || items != 50 {
+                return Err(Error::Cluster(format!("list page {page}: {status}, {items} items")));
+            }
+        }
+        latencies_us.sort_unstable();
+        let (p50_ms, p99_ms, max_ms) =
+            (quantile_ms(&latencies_us, 0.5), quantile_ms(&latencies_us, 0.99), quantile_ms(&latencies_us, 1.0));
+        pages.push(ListPage { page, p50_ms, p99_ms, max_ms });
+    }
+    Ok(pages)
+}
+
 /// `bench-results.json`, `bench-results.md` and `bench.png` in `dir`; returns the markdown.
 pub fn write(results: &BenchResults, dir: &Path) -> Result<String> {
     std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
@@ -721,6 +837,9 @@ pub fn write(results: &BenchResults, dir: &Path) -> Result<String> {
     let markdown = markdown(results);
     let md_path = dir.join("bench-results.md");
     std::fs::write(&md_path, &markdown).map_err(Error::io(format!("write {}", md_path.display())))?;
+    if results.levels.is_empty() {
+        return Ok(markdown);
+    }
     if let Err(e) = plot(results, &dir.join("bench.png")) {
         return Ok(format!("{markdown}\n(no plot: {e})\n"));
     }
@@ -728,6 +847,25 @@ pub fn write(results: &BenchResults, dir: &Path) -> Result<String> {
 }
 
 fn markdown(results: &BenchResults) -> String {
+    let mut text = String::new();
+    if !results.levels.is_empty() {
+        text.push_str(&levels_markdown(results));
+    }
+    text.push_str(&more_markdown(results));
+    if let Some(error) = &results.failover_error {
+        text.push_str(&format!("\nFailover measurement failed: {error}\n"));
+    }
+    if let Some(error) = &results.scale_error {
+        text.push_str(&format!("\nScale measurement failed: {error}\n"));
+    }
+    if let Some(scale) = &results.scale {
+        text.push_str(&scale_markdown(scale));
+    }
+    text
+}
+
+/// The levels' table, side by side.
+fn levels_markdown(results: &BenchResults) -> String {
     let mut text = String::new();
     let transport = if results.options.plaintext {
         "Both systems in plain text (`--plaintext`)"
@@ -783,6 +921,12 @@ fn markdown(results: &BenchResults) -> String {
             theirs.errors
         ));
     }
+    text
+}
+
+/// The stages of our creates, what authentication costs, and failover.
+fn more_markdown(results: &BenchResults) -> String {
+    let mut text = String::new();
     if !results.stages.is_empty() {
         text.push_str("\n| where our creates' time went (first run of each write level, all members) | clients | count | mean ms | p99 ms (bucket bound) |\n|---|---|---|---|---|\n");
         for stage in &results.stages {
@@ -818,28 +962,32 @@ fn markdown(results: &BenchResults) -> String {
             ));
         }
     }
-    if let Some(error) = &results.failover_error {
-        text.push_str(&format!("\nFailover measurement failed: {error}\n"));
-    }
-    if let Some(error) = &results.scale_error {
-        text.push_str(&format!("\nScale measurement failed: {error}\n"));
-    }
-    if let Some(s) = &results.scale {
-        let max = |m: &BTreeMap<u64, f64>| m.values().copied().fold(0.0, f64::max);
-        text.push_str(&format!(
-            "\n| scale | {} runtimes |\n|---|---|\n| create through the API (128 clients) | {:.1} s ({:.0}/s) |\n| peak resident memory, largest node | {:.0} MiB |\n| resident memory at the end, largest node | {:.0} MiB |\n| resident memory growth per 100 000 runtimes, largest node | {:.0} MiB |\n| CPU time of the three members per create (its operation included) | {:.2} ms |\n| a new node catches up by snapshot (this cluster: `--snapshot-count=1000`) and becomes a voter | {:.1} s |\n| a node restarts with that state until ready | {:.1} s |\n",
-            s.runtimes,
-            s.create_seconds,
-            s.creates_per_second,
-            max(&s.peak_rss_mib),
-            max(&s.rss_mib),
-            max(&s.growth_mib_per_100k),
-            s.cpu_ms_per_create,
-            s.catch_up_seconds,
-            s.restart_seconds
+    text
+}
+
+fn scale_markdown(s: &Scale) -> String {
+    let max = |m: &BTreeMap<u64, f64>| m.values().copied().fold(0.0, f64::max);
+    let mut rows = vec![
+        format!("| create through the API (128 clients) | {:.1} s ({:.0}/s) |", s.create_seconds, s.creates_per_second),
+        format!("| ... until every runtime runs (its create operation run) | {:.1} s |", s.settled_seconds),
+        format!("| peak resident memory, largest node | {:.0} MiB |", max(&s.peak_rss_mib)),
+        format!("| resident memory at the end, largest node | {:.0} MiB |", max(&s.rss_mib)),
+        format!("| resident memory growth per 100 000 runtimes, largest node | {:.0} MiB |", max(&s.growth_mib_per_100k)),
+        format!("| CPU time of the three members per create (its operation included) | {:.2} ms |", s.cpu_ms_per_create),
+    ];
+    for page in &s.list_pages {
+        rows.push(format!(
+            "| a list page of 50 ({}, through a follower), p50 / p99 / max | {:.1} / {:.1} / {:.1} ms |",
+            page.page, page.p50_ms, page.p99_ms, page.max_ms
         ));
     }
-    text
+    rows.push(format!(
+        "| a new node catches up by snapshot (this cluster: `--snapshot-count={}`) and becomes a voter | {:.1} s |",
+        scale_snapshot_count(s.runtimes),
+        s.catch_up_seconds
+    ));
+    rows.push(format!("| a node restarts with that state until ready | {:.1} s |", s.restart_seconds));
+    format!("\n| scale | {} runtimes |\n|---|---|\n{}\n", s.runtimes, rows.join("\n"))
 }
 
 /// A plotted quantity: its title and how to read it off a level.
@@ -940,6 +1088,7 @@ mod tests {
             rounds: 1,
             node_args: Vec::new(),
             plaintext: false,
+            scale_only: false,
             log_dir: None,
         };
         let stage = crate::stages::Stage { clients: 4, stage: "one apply", count: 9, mean_ms: 0.5, p99_ms: 1.6 };
@@ -958,5 +1107,33 @@ mod tests {
         assert!(table.contains("| write, direct | 4 | 2 | 1 | 2.00 |"), "{table}");
         assert!(table.contains("| 2.500 / 1.500 | 1 / 1 | – |"), "{table}");
         assert!(table.contains("| one apply | 4 | 9 | 0.50 | 1.60 |"), "{table}");
+    }
+
+    #[test]
+    fn the_scale_table_names_every_target_and_the_snapshot_interval_it_ran_with() {
+        let page = |page, p99_ms| ListPage { page, p50_ms: 1.0, p99_ms, max_ms: 9.0 };
+        let scale = Scale {
+            runtimes: 1_000_000,
+            create_seconds: 150.0,
+            creates_per_second: 6_666.7,
+            settled_seconds: 170.0,
+            peak_rss_mib: [(1, 900.0), (2, 1500.0)].into(),
+            list_pages: vec![page("first", 2.5), page("state=running", 4.0)],
+            catch_up_seconds: 12.0,
+            restart_seconds: 1.5,
+            ..Default::default()
+        };
+        let table = scale_markdown(&scale);
+        for row in [
+            "| scale | 1000000 runtimes |",
+            "| ... until every runtime runs (its create operation run) | 170.0 s |",
+            "| peak resident memory, largest node | 1500 MiB |",
+            "| a list page of 50 (state=running, through a follower), p50 / p99 / max | 1.0 / 4.0 / 9.0 ms |",
+            "(this cluster: `--snapshot-count=10000`) and becomes a voter | 12.0 s |",
+            "| a node restarts with that state until ready | 1.5 s |",
+        ] {
+            assert!(table.contains(row), "{row} in {table}");
+        }
+        assert_eq!(scale_snapshot_count(100_000), 1_000);
     }
 }

@@ -260,6 +260,13 @@ pub fn admin_client_config(servers: Vec<String>, timeout: Duration) -> Result<ru
     })
 }
 
+/// An SDK client of the one member at `url`, from `config` (made by [`admin_client_config`]):
+/// no failover, so each call goes to the member it is sent to.
+pub fn member_client(config: &runtimeai_client::ClientConfig, url: &str) -> Result<runtimeai_client::Client> {
+    let config = runtimeai_client::ClientConfig { servers: vec![url.to_string()], ..config.clone() };
+    runtimeai_client::Client::new(config).map_err(|e| Error::Cluster(e.to_string()))
+}
+
 /// Default headers that authenticate a client as the clusters' first admin.
 pub fn admin_headers() -> reqwest::header::HeaderMap {
     let mut headers = reqwest::header::HeaderMap::new();

@@ -171,7 +171,7 @@ impl Members {
         if let Some(client) = clients.get(url) {
             return Some(client.clone());
         }
-        let client = Client::new(ClientConfig { servers: vec![url.to_string()], ..self.config.clone() }).ok()?;
+        let client = crate::cluster::member_client(&self.config, url).ok()?;
         clients.insert(url.to_string(), client.clone());
         Some(client)
     }

@@ -81,17 +81,41 @@ impl PeerRoutes {
         PeerRoutes { routes: routes.into_iter().collect(), tls }
     }
 
-    /// A channel to `peer`, announced at `announced`, dialled where this node routes it; and
-    /// the address dialled.
-    pub(crate) fn channel(&self, peer: NodeId, announced: &str) -> (String, Result<Channel, String>) {
-        let addr = self.dial(peer, announced).to_string();
-        let channel = channel(&addr, self.tls.clone());
-        (addr, channel)
-    }
-
     /// The address to dial `peer` at, given the one it announced.
     pub fn dial<'a>(&'a self, peer: NodeId, announced: &'a str) -> &'a str {
         self.routes.get(&peer).map(String::as_str).unwrap_or(announced)
+    }
+}
+
+/// One channel per peer, made on first use and dialled where [`PeerRoutes`] says: an HTTP/2
+/// connection that tonic dials again when it breaks, shared by every client made from it. A
+/// client per call would cost a TCP connection and a mutual TLS handshake on both ends each
+/// time. Raft RPCs and the members' own calls (forwarded writes, read indexes) keep a cache each,
+/// so that a large AppendEntries never queues a small forwarded write behind it on one TCP
+/// stream.
+pub struct PeerChannels {
+    routes: Arc<PeerRoutes>,
+    channels: Mutex<HashMap<NodeId, (String, Channel)>>,
+}
+
+impl PeerChannels {
+    pub fn new(routes: Arc<PeerRoutes>) -> PeerChannels {
+        PeerChannels { routes, channels: Mutex::default() }
+    }
+
+    /// The channel to `peer` at its announced address `announced` (as routed), and the address
+    /// dialled. A peer that moved gets a new channel; its old address is not dialled again.
+    pub fn get(&self, peer: NodeId, announced: &str) -> (String, Result<Channel, String>) {
+        let dialled = self.routes.dial(peer, announced);
+        let mut channels = self.channels.lock().expect("channels lock");
+        if let Some((addr, channel)) = channels.get(&peer).filter(|(addr, _)| addr == dialled) {
+            return (addr.clone(), Ok(channel.clone()));
+        }
+        let made = channel(dialled, self.routes.tls.clone());
+        if let Ok(channel) = &made {
+            channels.insert(peer, (dialled.to_string(), channel.clone()));
+        }
+        (dialled.to_string(), made)
     }
 }
 
@@ -147,37 +171,18 @@ impl PeerHealth {
 }
 
 /// Builds the [`PeerClient`]s openraft asks for: one per replication stream, and one per
-/// follower for every leadership confirmation (each linearizable read round). They share one
-/// channel per peer and address, an HTTP/2 connection that tonic dials again when it breaks: a
-/// channel per client cost a TCP connection and a mutual TLS handshake on both ends for every
-/// read round.
+/// follower for every leadership confirmation (each linearizable read round), all on the
+/// peer's one channel ([`PeerChannels`]).
 #[derive(Clone)]
 pub struct Network {
     cluster: String,
     health: Arc<PeerHealth>,
-    routes: Arc<PeerRoutes>,
-    channels: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
+    channels: Arc<PeerChannels>,
 }
 
 impl Network {
     pub fn new(cluster: String, health: Arc<PeerHealth>, routes: Arc<PeerRoutes>) -> Network {
-        Network { cluster, health, routes, channels: Arc::default() }
-    }
-
-    /// The channel to `target` at its announced `addr` (as routed), made on first use.
-    fn channel(&self, target: NodeId, addr: &str) -> (String, Result<Channel, String>) {
-        let dialled = self.routes.dial(target, addr).to_string();
-        let mut channels = self.channels.lock().expect("channels lock");
-        if let Some(channel) = channels.get(&(target, dialled.clone())) {
-            return (dialled, Ok(channel.clone()));
-        }
-        let (dialled, channel) = self.routes.channel(target, addr);
-        if let Ok(channel) = &channel {
-            // A peer that moved: its old address is not dialled again.
-            channels.retain(|(peer, _), _| *peer != target);
-            channels.insert((target, dialled.clone()), channel.clone());
-        }
-        (dialled, channel)
+        Network { cluster, health, channels: Arc::new(PeerChannels::new(routes)) }
     }
 }
 
@@ -185,7 +190,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
-        let (addr, channel) = self.channel(target, &node.addr);
+        let (addr, channel) = self.channels.get(target, &node.addr);
         PeerClient {
             target,
             client: channel.map(|c| RaftClient::new(c).max_decoding_message_size(limits::MAX_MESSAGE_BYTES)),

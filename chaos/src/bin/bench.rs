@@ -48,6 +48,9 @@ struct Cli {
     /// Both systems without TLS (the baseline for what TLS costs; keys are still checked).
     #[arg(long)]
     plaintext: bool,
+    /// Only the scale measurement (`--runtimes` of them): no etcd, no levels, no failover.
+    #[arg(long)]
+    scale_only: bool,
     /// Where bench-results.json, bench-results.md and bench.png go.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
             rounds: 1,
             node_args: cli.node_args,
             plaintext: cli.plaintext,
+            scale_only: false,
             log_dir: Some(cli.out.clone()),
         }
     } else {
@@ -77,9 +81,14 @@ fn main() -> ExitCode {
             rounds: cli.rounds,
             node_args: cli.node_args,
             plaintext: cli.plaintext,
+            scale_only: cli.scale_only,
             log_dir: Some(cli.out.clone()),
         }
     };
+    if options.scale_only && options.runtimes == 0 {
+        eprintln!("error: --scale-only needs --runtimes above 0");
+        return ExitCode::from(2);
+    }
     if options.concurrency.is_empty() || options.concurrency.iter().any(|c| !(1..=1024).contains(c)) {
         eprintln!("error: --concurrency takes numbers from 1 to 1024, e.g. 1,16,64,256");
         return ExitCode::from(2);

@@ -3,7 +3,7 @@
 //! over gRPC with a hop budget ([`at_leader`]); a leader change on the way is retried within a
 //! deadline.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use crate::command::{Command, CommandReply};
 use crate::error::{transport_error, ClusterError};
 use crate::forwarding::Forwarder;
 use crate::limits;
-use crate::network::{PeerHealth, PeerRoutes};
+use crate::network::{PeerChannels, PeerHealth, PeerRoutes};
 use crate::read_index::{ReadIndexBatcher, ReadIndexSource};
 use crate::state_reader::StateReader;
 use crate::types::{NodeId, Raft, RaftMetrics};
@@ -80,7 +80,8 @@ pub struct Replica {
     health: Arc<PeerHealth>,
     routes: Arc<PeerRoutes>,
     options: ReplicaOptions,
-    clients: Mutex<HashMap<NodeId, (String, ClusterClient<Channel>)>>,
+    /// The members' own calls (forwarded writes, read indexes, host calls), a channel per peer.
+    channels: PeerChannels,
     /// When this node last received an AppendEntries (heartbeat or entries) from a leader.
     leader_contact: Mutex<Option<Instant>>,
     batcher: Batcher,
@@ -154,7 +155,7 @@ impl Replica {
             health,
             routes,
             options,
-            clients: Mutex::new(HashMap::new()),
+            channels: PeerChannels::new(routes.clone()),
             leader_contact: Mutex::new(None),
             batcher: Batcher::start(raft.clone(), at_once),
             pending_writes: limits::PendingWrites::default(),
@@ -406,18 +407,8 @@ impl Replica {
 
     /// A client for `node`, announced at `addr` (dialled through this node's [`PeerRoutes`]).
     fn client(&self, node: NodeId, addr: &str) -> Result<ClusterClient<Channel>, ClusterError> {
-        let dialled = self.routes.dial(node, addr);
-        let mut clients = self.clients.lock().expect("client cache lock");
-        if let Some((cached_addr, client)) = clients.get(&node) {
-            if cached_addr == dialled {
-                return Ok(client.clone());
-            }
-        }
-        let (dialled, channel) = self.routes.channel(node, addr);
-        let client = ClusterClient::new(channel.map_err(ClusterError::Invalid)?)
-            .max_decoding_message_size(limits::MAX_MESSAGE_BYTES);
-        clients.insert(node, (dialled, client.clone()));
-        Ok(client)
+        let channel = self.channels.get(node, addr).1.map_err(ClusterError::Invalid)?;
+        Ok(ClusterClient::new(channel).max_decoding_message_size(limits::MAX_MESSAGE_BYTES))
     }
 
     /// A transport failure talking to the leader. Whether the request reached it is unknown
