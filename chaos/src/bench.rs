@@ -475,7 +475,17 @@ async fn scale_only(options: BenchOptions, progress: impl Fn(&str)) -> Result<Be
         Err(e) => (None, Some(e.to_string())),
     };
     let (levels, runs, stages, failover) = Default::default();
-    Ok(BenchResults { options, payload_bytes: 0, levels, runs, stages, failover, failover_error: None, scale, scale_error })
+    Ok(BenchResults {
+        options,
+        payload_bytes: 0,
+        levels,
+        runs,
+        stages,
+        failover,
+        failover_error: None,
+        scale,
+        scale_error,
+    })
 }
 
 /// The scale cluster's node flags: snapshots often enough, and little log kept behind them,
@@ -486,12 +496,11 @@ async fn scale_only(options: BenchOptions, progress: impl Fn(&str)) -> Result<Be
 /// refuses the same flag twice.
 fn scale_args(options: &BenchOptions) -> Vec<String> {
     let snapshot_count = scale_snapshot_count(options.runtimes).to_string();
-    let mut args: Vec<String> =
-        [("--snapshot-count", snapshot_count.as_str()), ("--snapshot-catchup-entries", "100")]
-            .into_iter()
-            .filter(|(flag, _)| !options.node_args.iter().any(|arg| arg.starts_with(flag)))
-            .map(|(flag, value)| format!("{flag}={value}"))
-            .collect();
+    let mut args: Vec<String> = [("--snapshot-count", snapshot_count.as_str()), ("--snapshot-catchup-entries", "100")]
+        .into_iter()
+        .filter(|(flag, _)| !options.node_args.iter().any(|arg| arg.starts_with(flag)))
+        .map(|(flag, value)| format!("{flag}={value}"))
+        .collect();
     args.extend(options.node_args.iter().cloned());
     args
 }
@@ -785,8 +794,9 @@ async fn settled(client: &Client, started: Instant) -> Result<f64> {
             .request_raw(reqwest::Method::GET, "/v1/runtimes?state=creating&page_size=1", None)
             .await
             .map_err(|e| Error::Cluster(e.to_string()))?;
-        let creating = page["items"].as_array().is_none_or(|items| !items.is_empty()) || page["next_page_token"].is_string();
-        if status.is_success() && !creating {
+        let creating =
+            page["items"].as_array().is_none_or(|items| !items.is_empty()) || page["next_page_token"].is_string();
+        if status == 200 && !creating {
             return Ok(started.elapsed().as_secs_f64());
         }
         if started.elapsed() > Duration::from_secs(3600) {
@@ -816,7 +826,7 @@ async fn list_pages(client: &Client, middle: &str) -> Result<Vec<ListPage>> {
                 .map_err(|e| Error::Cluster(e.to_string()))?;
             latencies_us.push(asked.elapsed().as_micros() as u64);
             let items = body["items"].as_array().map_or(0, Vec::len);
-            if !status.is_success() || items != 50 {
+            if status != 200 || items != 50 {
                 return Err(Error::Cluster(format!("list page {page}: {status}, {items} items")));
             }
         }
@@ -972,8 +982,14 @@ fn scale_markdown(s: &Scale) -> String {
         format!("| ... until every runtime runs (its create operation run) | {:.1} s |", s.settled_seconds),
         format!("| peak resident memory, largest node | {:.0} MiB |", max(&s.peak_rss_mib)),
         format!("| resident memory at the end, largest node | {:.0} MiB |", max(&s.rss_mib)),
-        format!("| resident memory growth per 100 000 runtimes, largest node | {:.0} MiB |", max(&s.growth_mib_per_100k)),
-        format!("| CPU time of the three members per create (its operation included) | {:.2} ms |", s.cpu_ms_per_create),
+        format!(
+            "| resident memory growth per 100 000 runtimes, largest node | {:.0} MiB |",
+            max(&s.growth_mib_per_100k)
+        ),
+        format!(
+            "| CPU time of the three members per create (its operation included) | {:.2} ms |",
+            s.cpu_ms_per_create
+        ),
     ];
     for page in &s.list_pages {
         rows.push(format!(

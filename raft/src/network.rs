@@ -117,6 +117,13 @@ impl PeerChannels {
         }
         (dialled.to_string(), made)
     }
+
+    /// Each peer with a channel, and the address it dials.
+    #[cfg(test)]
+    fn dialled(&self) -> Vec<(NodeId, String)> {
+        let channels = self.channels.lock().expect("channels lock");
+        channels.iter().map(|(peer, (addr, _))| (*peer, addr.clone())).collect()
+    }
 }
 
 /// What this node last saw of each peer it sends raft RPCs to.
@@ -322,12 +329,12 @@ mod tests {
             network.new_client(2, &node("127.0.0.1:9002")).await;
         }
         network.new_client(3, &node("10.0.0.3:7100")).await;
-        let dialled: Vec<(NodeId, String)> = network.channels.lock().unwrap().keys().cloned().collect();
+        let dialled: Vec<(NodeId, String)> = network.channels.dialled();
         assert_eq!(dialled.len(), 2, "one channel per peer: {dialled:?}");
         assert!(dialled.contains(&(3, "127.0.0.1:9003".to_string())), "dialled as routed: {dialled:?}");
         // A peer that moved gets a channel to its new address, in place of the old one.
         network.new_client(2, &node("127.0.0.1:9102")).await;
-        let dialled: Vec<(NodeId, String)> = network.channels.lock().unwrap().keys().cloned().collect();
+        let dialled: Vec<(NodeId, String)> = network.channels.dialled();
         assert_eq!(dialled.len(), 2, "{dialled:?}");
         assert!(dialled.contains(&(2, "127.0.0.1:9102".to_string())), "{dialled:?}");
     }
