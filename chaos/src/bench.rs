@@ -125,6 +125,10 @@ pub struct Scale {
     pub rss_mib: BTreeMap<u64, f64>,
     /// Per node, how much resident memory grew while creating, scaled to 100 000 runtimes.
     pub growth_mib_per_100k: BTreeMap<u64, f64>,
+    /// What the store holds of the largest node's memory once all are created (MiB, each
+    /// `runtimeai_storage_*_bytes` gauge summed over the column families): memtables, table
+    /// readers, block caches; and its live data on disk.
+    pub store_mib: BTreeMap<String, f64>,
     /// From the first create until every runtime created runs (its create operation run and
     /// recorded): what "created" means to a user.
     pub settled_seconds: f64,
@@ -743,6 +747,10 @@ async fn scale(
         }
     }
 
+    if let Some((&largest, _)) = result.rss_mib.iter().max_by(|a, b| a.1.total_cmp(b.1)) {
+        result.store_mib = store_mib(cluster, largest).await;
+    }
+
     progress("scale: list pages through a follower");
     let middle = halfway.get().cloned().unwrap_or_default();
     result.list_pages = list_pages(&sdk[1], &middle).await?;
@@ -785,6 +793,20 @@ async fn scale(
 fn quantile_ms(sorted_us: &[u64], q: f64) -> f64 {
     let index = ((sorted_us.len() as f64 * q) as usize).min(sorted_us.len().saturating_sub(1));
     sorted_us.get(index).copied().unwrap_or(0) as f64 / 1000.0
+}
+
+/// Node `id`'s store figures from its `/metrics`, in MiB, by gauge (`memtable`, `live_data`...).
+async fn store_mib(cluster: &Cluster, id: u64) -> BTreeMap<String, f64> {
+    let Ok(response) = cluster.call(id, reqwest::Method::GET, "/metrics", None, &[]).await else {
+        return BTreeMap::new();
+    };
+    let text = response.body.as_str().unwrap_or_default();
+    let sums = crate::stages::gauge_sums(text, "runtimeai_storage_");
+    let bytes = sums.into_iter().filter_map(|(name, value)| {
+        let part = name.strip_prefix("runtimeai_storage_")?.strip_suffix("_bytes")?.to_string();
+        Some((part, value / (1024.0 * 1024.0)))
+    });
+    bytes.collect()
 }
 
 /// Waits until no runtime is still being created; the time since `started`.
@@ -991,6 +1013,10 @@ fn scale_markdown(s: &Scale) -> String {
             s.cpu_ms_per_create
         ),
     ];
+    if !s.store_mib.is_empty() {
+        let parts: Vec<String> = s.store_mib.iter().map(|(part, mib)| format!("{part} {mib:.0}")).collect();
+        rows.push(format!("| of the largest node, its store (MiB) | {} |", parts.join(", ")));
+    }
     for page in &s.list_pages {
         rows.push(format!(
             "| a list page of 50 ({}, through a follower), p50 / p99 / max | {:.1} / {:.1} / {:.1} ms |",

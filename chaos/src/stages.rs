@@ -82,6 +82,19 @@ pub fn parse(text: &str) -> BTreeMap<String, Series> {
     all
 }
 
+/// The gauges of an OpenMetrics text whose names start with `prefix`, each summed over its
+/// labels (a store's figure over its column families).
+pub fn gauge_sums(text: &str, prefix: &str) -> BTreeMap<String, f64> {
+    let mut sums = BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with(prefix)) {
+        let Some((name_and_labels, value)) = line.rsplit_once(' ') else { continue };
+        let Ok(value) = value.parse::<f64>() else { continue };
+        let name = name_and_labels.split_once('{').map_or(name_and_labels, |(name, _)| name);
+        *sums.entry(name.to_string()).or_default() += value;
+    }
+    sums
+}
+
 /// The stage histograms of every running member of `cluster`, summed.
 pub async fn scrape(cluster: &Cluster) -> BTreeMap<String, Series> {
     let mut total: BTreeMap<String, Series> = BTreeMap::new();
@@ -155,5 +168,17 @@ mod tests {
         assert!((apply.mean_ms - 20.0).abs() < 1e-9, "{apply:?}");
         // 50 of the 100 under 1 ms, 49 more under 10 ms, the last above: p99 is in the 10 ms bucket.
         assert_eq!(apply.p99_ms, 10.0);
+    }
+
+    #[test]
+    fn a_store_gauge_is_summed_over_its_column_families() {
+        let text = "# TYPE runtimeai_storage_memtable_bytes gauge\n\
+            runtimeai_storage_memtable_bytes{family=\"log\"} 1024\n\
+            runtimeai_storage_memtable_bytes{family=\"runtimes\"} 2048\n\
+            runtimeai_storage_running_flushes 1\nruntimeai_process_resident_bytes 9\n";
+        let sums = gauge_sums(text, "runtimeai_storage_");
+        assert_eq!(sums["runtimeai_storage_memtable_bytes"], 3072.0);
+        assert_eq!(sums["runtimeai_storage_running_flushes"], 1.0);
+        assert!(!sums.contains_key("runtimeai_process_resident_bytes"));
     }
 }

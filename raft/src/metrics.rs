@@ -3,14 +3,23 @@
 //! (log append, fsync, replication to a quorum, apply), each fsync of the log, each replication
 //! round trip to a follower, each apply, and each forwarding hop from a follower to the leader.
 //!
+//! Beside them, read at each scrape, the store's memory and background work per column family
+//! (memtables, table readers, block caches, live data, compactions and flushes) and the
+//! process's resident memory: what a node's memory is made of, and whether RocksDB is busy
+//! when a write's tail grows.
+//!
 //! One set per process: a process is one node, and the stages are deep inside openraft's
 //! callbacks, where passing a handle down would touch every signature on the way.
 
-use std::sync::LazyLock;
+use std::sync::{LazyLock, RwLock, Weak};
 use std::time::Instant;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
+use rocksdb::DB;
 
 /// 50 µs to about 3.3 s, doubling: from a warm apply to a write stuck behind an election.
 pub fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -71,6 +80,94 @@ pub fn register(registry: &mut Registry) {
         raft.register_with_unit(name, help, Unit::Seconds, histogram.clone());
     }
     raft.register("batch_commands", "Commands per proposed batch", s.batch_commands.clone());
+    registry.register_collector(Box::new(StorageCollector));
+}
+
+/// The store this process's node opened last (a weak handle: the metrics keep nothing open).
+static STORE: LazyLock<RwLock<Weak<DB>>> = LazyLock::new(RwLock::default);
+
+/// Makes `db` the store whose figures the metrics show.
+pub(crate) fn watch_store(db: &std::sync::Arc<DB>) {
+    *STORE.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = std::sync::Arc::downgrade(db);
+}
+
+/// Per column family, in bytes: `(metric, help, RocksDB property)`.
+const FAMILY_BYTES: [(&str, &str, &str); 4] = [
+    ("storage_memtable", "Memtables of the column family", "rocksdb.cur-size-all-mem-tables"),
+    ("storage_table_readers", "Index and filter blocks of open table files", "rocksdb.estimate-table-readers-mem"),
+    ("storage_block_cache", "The column family's block cache in use", "rocksdb.block-cache-usage"),
+    ("storage_live_data", "Live data on disk (estimate)", "rocksdb.estimate-live-data-size"),
+];
+
+/// Store-wide: `(metric, help, RocksDB property)`.
+const STORE_COUNTS: [(&str, &str, &str); 3] = [
+    ("storage_running_compactions", "Compactions running", "rocksdb.num-running-compactions"),
+    ("storage_running_flushes", "Memtable flushes running", "rocksdb.num-running-flushes"),
+    (
+        "storage_pending_compaction_bytes",
+        "Bytes compaction has yet to rewrite",
+        "rocksdb.estimate-pending-compaction-bytes",
+    ),
+];
+
+/// Reads the store's properties and the process's resident memory at each scrape.
+#[derive(Debug)]
+struct StorageCollector;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct FamilyLabel {
+    family: &'static str,
+}
+
+impl Collector for StorageCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if let Some(resident) = resident_bytes() {
+            let gauge = ConstGauge::new(resident as i64);
+            let help = "Resident memory of the node's process";
+            gauge.encode(encoder.encode_descriptor(
+                "runtimeai_process_resident",
+                help,
+                Some(&Unit::Bytes),
+                gauge.metric_type(),
+            )?)?;
+        }
+        let Some(db) = STORE.read().unwrap_or_else(|poisoned| poisoned.into_inner()).upgrade() else { return Ok(()) };
+        let families: Vec<&'static str> =
+            crate::store::LOG_CFS.iter().chain(crate::store::STATE_MACHINE_CFS).copied().collect();
+        for (name, help, property) in FAMILY_BYTES {
+            let name = format!("runtimeai_{name}");
+            let mut family_encoder = encoder.encode_descriptor(
+                &name,
+                help,
+                Some(&Unit::Bytes),
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for family in &families {
+                let Some(handle) = db.cf_handle(family) else { continue };
+                let Ok(Some(value)) = db.property_int_value_cf(&handle, property) else { continue };
+                let label = FamilyLabel { family };
+                ConstGauge::new(value as i64).encode(family_encoder.encode_family(&label)?)?;
+            }
+        }
+        for (name, help, property) in STORE_COUNTS {
+            let Ok(Some(value)) = db.property_int_value(property) else { continue };
+            let gauge = ConstGauge::new(value as i64);
+            gauge.encode(encoder.encode_descriptor(
+                &format!("runtimeai_{name}"),
+                help,
+                None,
+                gauge.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The process's resident memory, from `/proc/self/statm` (Linux).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
 }
 
 #[cfg(test)]

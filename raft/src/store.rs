@@ -100,7 +100,7 @@ pub(crate) const STATE_MACHINE_CFS: &[&str] = &[
 ];
 
 /// Column families of the raft log itself; the rest of the database is the state machine.
-const LOG_CFS: &[&str] = &[CF_LOG, CF_RAFT_META];
+pub(crate) const LOG_CFS: &[&str] = &[CF_LOG, CF_RAFT_META];
 
 /// Who a data directory belongs to. Written once, when the directory is first used.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,7 +156,9 @@ impl DataDir {
                 serde_json::to_string_pretty(&identity).expect("identity serializes").as_bytes(),
             )?;
         }
-        Ok(DataDir { path: path.to_path_buf(), db: Arc::new(db), fresh })
+        let db = Arc::new(db);
+        crate::metrics::watch_store(&db);
+        Ok(DataDir { path: path.to_path_buf(), db, fresh })
     }
 
     pub fn snapshot_path(&self) -> PathBuf {

@@ -1,6 +1,6 @@
 //! `/metrics` as an operator's Prometheus meets it: Debian's Prometheus scrapes every member over
 //! TLS with a read-only key, and its query API then holds the write stages of creates made
-//! through a follower; without a key the endpoint is refused.
+//! through a follower and each member's memory and store; without a key the endpoint is refused.
 
 use std::time::{Duration, Instant};
 
@@ -57,6 +57,9 @@ async fn prometheus_scrapes_the_write_stages_of_every_member_with_a_read_only_ke
     );
     let creates = query_until(port, &through_follower, |v| v >= 5.0).await;
     let forwarded = query_until(port, "sum(runtimeai_raft_forward_seconds_count)", |v| v >= 1.0).await;
+    // The store's memory by column family, and the process's: the runtimes family holds the five.
+    let live = query_until(port, "min(runtimeai_storage_live_data_bytes{family=\"runtimes\"} + runtimeai_storage_memtable_bytes{family=\"runtimes\"})", |v| v > 0.0).await;
+    let resident = query_until(port, "min(runtimeai_process_resident_bytes)", |v| v > 10e6).await;
     let _ = prometheus.kill();
     let _ = prometheus.wait();
     let log = std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
@@ -65,6 +68,8 @@ async fn prometheus_scrapes_the_write_stages_of_every_member_with_a_read_only_ke
     assert!(answer.as_ref().is_ok_and(|v| *v >= 1.0), "the leader's commits: {answer:?}");
     assert!(creates.as_ref().is_ok_and(|v| *v >= 5.0), "the follower's creates by route: {creates:?}");
     assert!(forwarded.as_ref().is_ok_and(|v| *v >= 1.0), "the follower's forwarding hops: {forwarded:?}");
+    assert!(live.as_ref().is_ok_and(|v| *v > 0.0), "the runtimes' bytes on every member: {live:?}");
+    assert!(resident.as_ref().is_ok_and(|v| *v > 10e6), "every member's resident memory: {resident:?}");
     Ok(())
 }
 
