@@ -14,8 +14,8 @@ use std::time::Duration;
 use runtimeai_api::new_id;
 use runtimeai_engine::Catalogue;
 use runtimeai_model::{
-    Actor, Expiry, LifecycleAction, Operation, OperationError, OperationProgress, OperationStatus, Runtime,
-    RuntimeSignals, RuntimeState, SizeEntry,
+    Actor, ClusterSettings, Expiry, LifecycleAction, Operation, OperationError, OperationProgress, OperationStatus,
+    Runtime, RuntimeSignals, RuntimeState, SizeEntry,
 };
 use runtimeai_raft::command::{AdvanceOperation, ExpireRuntime, RecordDrift, RenewLease, ReportSignals};
 use runtimeai_raft::{ClusterError, Command, CommandReply, Op, Rejection, Replica};
@@ -90,51 +90,82 @@ pub async fn run(replica: Arc<Replica>, backends: Backends, options: ExecutorOpt
     }
 }
 
+/// Runtimes looked at per page of a signals round (and at most this many signals per command).
+const SIGNALS_PAGE: usize = 512;
+
 /// Proposes the signals of this node's runtimes that changed since they were last recorded, the
-/// drift it converged, and the expiry of those whose TTL or idle timeout ran out.
+/// drift it converged, and the expiry of those whose TTL or idle timeout ran out. A page of
+/// runtimes at a time: a node holding hundreds of thousands neither reads them all into memory
+/// at once nor proposes one command the size of all their signals.
 async fn report_signals(replica: &Replica, backends: &Backends, options: &ExecutorOptions) {
     crate::migration::remove_left_behind(replica, backends, options.node_id).await;
-    let Ok(runtimes) = replica.state().runtimes_on(options.node_id) else { return };
     let settings = replica.state().settings();
-    let mut changed = Vec::new();
-    for runtime in runtimes {
-        if runtime.placement.as_ref().is_none_or(|p| p.node_id != options.node_id)
-            || matches!(runtime.state, RuntimeState::Creating | RuntimeState::Deleting)
-        {
-            continue;
-        }
-        let Some(backend) = backends.get(runtime.runtime_type) else { continue };
-        let observed = match backend.status(&runtime).await {
-            Ok(observed) => observed,
-            Err(e) => {
-                tracing::debug!(runtime = %runtime.id, error = %e, "cannot observe the runtime now");
-                continue;
-            }
-        };
-        if runtime.active_operation.is_none() {
-            if let Some(drift) = converge(backend.as_ref(), &runtime, &observed, &settings.sizes).await {
-                tracing::warn!(runtime = %runtime.id, observed = %drift.observed, action = %drift.action, "drift");
-                let op = Op::RecordDrift(RecordDrift {
-                    runtime_id: runtime.id.clone(),
-                    observed: drift.observed,
-                    action: drift.action,
-                    state: drift.state,
-                });
-                if let Err(e) = replica.propose(system_command(op)).await {
-                    tracing::debug!(runtime = %runtime.id, error = %e, "cannot record drift now; next round will");
-                }
-                continue;
-            }
-            if let Some(expiry) = runtime.due(chrono::Utc::now()) {
-                expire(replica, &runtime, expiry).await;
+    let mut after = String::new();
+    loop {
+        let Ok(page) = replica.state().runtimes_on_page(options.node_id, &after, SIGNALS_PAGE) else { return };
+        let Some(last) = page.last().map(|r| r.id.clone()) else { return };
+        let full = page.len() == SIGNALS_PAGE;
+        let mut changed = Vec::new();
+        for runtime in page {
+            if let Some(signals) = look_at(replica, backends, options, &settings, &runtime).await {
+                changed.push((runtime.id, signals));
             }
         }
-        let signals = signals(&runtime, &observed, &settings.sizes, options.node_id);
-        let same = |old: &RuntimeSignals| RuntimeSignals { observed_at: old.observed_at, ..signals.clone() } == *old;
-        if !runtime.signals.as_ref().is_some_and(same) {
-            changed.push((runtime.id, signals));
+        propose_signals(replica, changed).await;
+        if !full {
+            return;
+        }
+        after = last;
+    }
+}
+
+/// Observes one of this node's runtimes: converges drift, expires it when due, and returns its
+/// signals if they changed since they were recorded.
+async fn look_at(
+    replica: &Replica,
+    backends: &Backends,
+    options: &ExecutorOptions,
+    settings: &ClusterSettings,
+    runtime: &Runtime,
+) -> Option<RuntimeSignals> {
+    if runtime.placement.as_ref().is_none_or(|p| p.node_id != options.node_id)
+        || matches!(runtime.state, RuntimeState::Creating | RuntimeState::Deleting)
+    {
+        return None;
+    }
+    let backend = backends.get(runtime.runtime_type)?;
+    let observed = match backend.status(runtime).await {
+        Ok(observed) => observed,
+        Err(e) => {
+            tracing::debug!(runtime = %runtime.id, error = %e, "cannot observe the runtime now");
+            return None;
+        }
+    };
+    if runtime.active_operation.is_none() {
+        if let Some(drift) = converge(backend.as_ref(), runtime, &observed, &settings.sizes).await {
+            tracing::warn!(runtime = %runtime.id, observed = %drift.observed, action = %drift.action, "drift");
+            let op = Op::RecordDrift(RecordDrift {
+                runtime_id: runtime.id.clone(),
+                observed: drift.observed,
+                action: drift.action,
+                state: drift.state,
+            });
+            if let Err(e) = replica.propose(system_command(op)).await {
+                tracing::debug!(runtime = %runtime.id, error = %e, "cannot record drift now; next round will");
+            }
+            return None;
+        }
+        if let Some(expiry) = runtime.due(chrono::Utc::now()) {
+            expire(replica, runtime, expiry).await;
         }
     }
+    let signals = signals(runtime, &observed, &settings.sizes, options.node_id);
+    let same = |old: &RuntimeSignals| RuntimeSignals { observed_at: old.observed_at, ..signals.clone() } == *old;
+    (!runtime.signals.as_ref().is_some_and(same)).then_some(signals)
+}
+
+/// Records a page's changed signals in one command (none if nothing changed or no leader).
+async fn propose_signals(replica: &Replica, changed: Vec<(String, RuntimeSignals)>) {
     if changed.is_empty() || replica.metrics().current_leader.is_none() {
         return;
     }

@@ -83,19 +83,19 @@ pub fn register(registry: &mut Registry) {
     registry.register_collector(Box::new(StorageCollector));
 }
 
-/// The store this process's node opened last (a weak handle: the metrics keep nothing open).
-static STORE: LazyLock<RwLock<Weak<DB>>> = LazyLock::new(RwLock::default);
+/// The store this process's node opened last (a weak handle: the metrics keep nothing open),
+/// and the block cache its column families share.
+static STORE: LazyLock<RwLock<(Weak<DB>, Option<rocksdb::Cache>)>> = LazyLock::new(RwLock::default);
 
-/// Makes `db` the store whose figures the metrics show.
-pub(crate) fn watch_store(db: &std::sync::Arc<DB>) {
-    *STORE.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = std::sync::Arc::downgrade(db);
+/// Makes `db` (whose families share `cache`) the store whose figures the metrics show.
+pub(crate) fn watch_store(db: &std::sync::Arc<DB>, cache: rocksdb::Cache) {
+    *STORE.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = (std::sync::Arc::downgrade(db), Some(cache));
 }
 
 /// Per column family, in bytes: `(metric, help, RocksDB property)`.
-const FAMILY_BYTES: [(&str, &str, &str); 4] = [
+const FAMILY_BYTES: [(&str, &str, &str); 3] = [
     ("storage_memtable", "Memtables of the column family", "rocksdb.cur-size-all-mem-tables"),
     ("storage_table_readers", "Index and filter blocks of open table files", "rocksdb.estimate-table-readers-mem"),
-    ("storage_block_cache", "The column family's block cache in use", "rocksdb.block-cache-usage"),
     ("storage_live_data", "Live data on disk (estimate)", "rocksdb.estimate-live-data-size"),
 ];
 
@@ -131,7 +131,18 @@ impl Collector for StorageCollector {
                 gauge.metric_type(),
             )?)?;
         }
-        let Some(db) = STORE.read().unwrap_or_else(|poisoned| poisoned.into_inner()).upgrade() else { return Ok(()) };
+        let (db, cache) = STORE.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        if let Some(cache) = cache {
+            let gauge = ConstGauge::new(cache.get_usage() as i64);
+            let help = "The block cache the column families share, in use";
+            gauge.encode(encoder.encode_descriptor(
+                "runtimeai_storage_block_cache",
+                help,
+                Some(&Unit::Bytes),
+                gauge.metric_type(),
+            )?)?;
+        }
+        let Some(db) = db.upgrade() else { return Ok(()) };
         let families: Vec<&'static str> =
             crate::store::LOG_CFS.iter().chain(crate::store::STATE_MACHINE_CFS).copied().collect();
         for (name, help, property) in FAMILY_BYTES {

@@ -748,6 +748,12 @@ async fn runtimes_per_node_are_counted_and_indexed_as_they_are_placed_and_delete
     ];
     let on = |sm: &StateMachineStore, node| sm.runtimes_on(node).unwrap().into_iter().map(|r| r.id).collect::<Vec<_>>();
     assert_eq!((on(&sm, 1), on(&sm, 2)), (vec!["rt_a".to_string()], vec!["rt_b".to_string(), "rt_c".to_string()]));
+    let page =
+        |after, limit| sm.runtimes_on_page(2, after, limit).unwrap().into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(
+        (page("", 1), page("rt_b", 1), page("rt_c", 1)),
+        (vec!["rt_b".to_string()], vec!["rt_c".to_string()], vec![])
+    );
     apply(&mut sm, delete).await;
     assert_eq!(sm.get_runtime("rt_b").unwrap(), None);
     assert_eq!(*sm.placement_counts(), [(1, 1), (2, 1)].into_iter().collect());

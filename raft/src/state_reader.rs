@@ -164,8 +164,14 @@ impl StateReader {
     /// The runtimes placed on node `node_id`, in id order: read through the node's index, not
     /// by decoding every runtime (an executor's rounds).
     pub fn runtimes_on(&self, node_id: u64) -> Result<Vec<Runtime>, StorageError> {
+        self.runtimes_on_page(node_id, "", usize::MAX)
+    }
+
+    /// At most `limit` of the runtimes placed on node `node_id` whose ids come after `after`, in
+    /// id order: a node holding many is gone through a page at a time.
+    pub fn runtimes_on_page(&self, node_id: u64, after: &str, limit: usize) -> Result<Vec<Runtime>, StorageError> {
         let mut runtimes = Vec::new();
-        for id in self.index_ids(CF_RUNTIMES_BY_NODE, node_id.to_be_bytes().to_vec(), "") {
+        for id in self.index_ids(CF_RUNTIMES_BY_NODE, node_id.to_be_bytes().to_vec(), after).take(limit) {
             runtimes.extend(self.get_runtime(&id?)?);
         }
         Ok(runtimes)
