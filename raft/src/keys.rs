@@ -30,6 +30,9 @@ pub(crate) const DELIVERY_LEASE_KEY: &[u8] = b"delivery-lease";
 /// membership in force.
 pub(crate) const KEY_LAST_APPLIED: &[u8] = b"last_applied";
 pub(crate) const KEY_MEMBERSHIP: &[u8] = b"membership";
+/// Present while a snapshot is being installed: the log position it installs (see
+/// `StateMachineStore::install`).
+pub(crate) const KEY_INSTALLING: &[u8] = b"installing";
 
 /// Runtimes placed on each node (in `CF_SETTINGS`), kept by apply so that placing a new runtime
 /// reads one record instead of every runtime.

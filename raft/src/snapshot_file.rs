@@ -14,8 +14,8 @@
 //! u32 CRC-32                  of every byte before it
 //! ```
 //! Integers are little-endian; `END` is `u32::MAX`, never a length. The writer reads from the
-//! store's iterators and writes to the file as it goes; the reader walks the bytes a follower
-//! received (or the file) without copying records out of them. The checksum is checked before
+//! store's iterators and writes to the file as it goes; the reader streams the file a follower
+//! received, a record at a time. The checksum is checked before
 //! anything is read ([`SnapshotReader::open`]), over a file ([`verify`]) and over the chunks
 //! of a transfer as they arrive ([`Checksum`]).
 
@@ -159,33 +159,41 @@ impl<W: Write> SnapshotWriter<W> {
     }
 }
 
-/// Reads a snapshot's bytes: its metadata at once, its records on demand.
-pub(crate) struct SnapshotReader<'a> {
-    bytes: &'a [u8],
+/// Reads a snapshot as a stream: its metadata at once, its records one at a time into buffers
+/// of its own, so that installing a snapshot of any size holds one record in memory.
+pub(crate) struct SnapshotReader<R: Read> {
+    input: R,
     at: usize,
     pub(crate) meta: SnapshotMeta,
 }
 
-impl<'a> SnapshotReader<'a> {
+#[cfg(test)]
+impl<'a> SnapshotReader<&'a [u8]> {
     /// Checks the checksum, then the format version, and decodes the metadata; nothing else
     /// is read.
     pub(crate) fn open(bytes: &'a [u8]) -> Result<Self, SnapshotFormatError> {
         let mut checksum = Checksum::default();
         checksum.update(bytes);
         checksum.check()?;
-        SnapshotReader::without_checksum(&bytes[..bytes.len() - 4])
+        SnapshotReader::new(&bytes[..bytes.len() - 4])
     }
+}
 
-    /// [`Self::open`] without the checksum (which needs every byte: a node's start reads only
-    /// the metadata).
-    fn without_checksum(bytes: &'a [u8]) -> Result<Self, SnapshotFormatError> {
-        let mut reader = SnapshotReader { bytes, at: 0, meta: SnapshotMeta::default() };
+impl<R: Read> SnapshotReader<R> {
+    /// Reads the format version and the metadata from `input`, whose checksum the caller has
+    /// checked ([`verify`] for a file; a node's start reads only the metadata).
+    pub(crate) fn new(input: R) -> Result<Self, SnapshotFormatError> {
+        let mut reader = SnapshotReader { input, at: 0, meta: SnapshotMeta::default() };
         let found = reader.u32()?;
         if found != FORMAT_VERSION {
             return Err(SnapshotFormatError::Version { found });
         }
-        let meta = reader.field()?.ok_or(SnapshotFormatError::Truncated { at: reader.at })?;
-        reader.meta = codec::decode("snapshot metadata", meta).map_err(|e| SnapshotFormatError::Meta(e.to_string()))?;
+        let mut meta = Vec::new();
+        if !reader.field(&mut meta)? {
+            return Err(SnapshotFormatError::Truncated { at: reader.at });
+        }
+        reader.meta =
+            codec::decode("snapshot metadata", &meta).map_err(|e| SnapshotFormatError::Meta(e.to_string()))?;
         Ok(reader)
     }
 
@@ -194,50 +202,51 @@ impl<'a> SnapshotReader<'a> {
     where
         E: From<SnapshotFormatError>,
     {
-        while let Some(name) = self.field()? {
-            let name = std::str::from_utf8(name).map_err(|_| SnapshotFormatError::FamilyName)?;
-            while let Some(key) = self.field()? {
-                let value = self.field()?.ok_or(SnapshotFormatError::Truncated { at: self.at })?;
-                record(name, key, value)?;
+        let (mut name, mut key, mut value) = (Vec::new(), Vec::new(), Vec::new());
+        while self.field(&mut name)? {
+            let name = std::str::from_utf8(&name).map_err(|_| SnapshotFormatError::FamilyName)?;
+            while self.field(&mut key)? {
+                if !self.field(&mut value)? {
+                    return Err(SnapshotFormatError::Truncated { at: self.at }.into());
+                }
+                record(name, &key, &value)?;
             }
         }
         Ok(())
     }
 
     fn u32(&mut self) -> Result<u32, SnapshotFormatError> {
-        let bytes = self.take(4)?;
-        Ok(u32::from_le_bytes(bytes.try_into().expect("four bytes taken")))
+        let mut bytes = [0u8; 4];
+        self.fill(&mut bytes)?;
+        Ok(u32::from_le_bytes(bytes))
     }
 
-    /// A length-prefixed field, or `None` at an end marker.
-    fn field(&mut self) -> Result<Option<&'a [u8]>, SnapshotFormatError> {
+    /// Reads a length-prefixed field into `into`; false at an end marker.
+    fn field(&mut self, into: &mut Vec<u8>) -> Result<bool, SnapshotFormatError> {
         match self.u32()? {
-            END => Ok(None),
-            len => self.take(len as usize).map(Some),
+            END => Ok(false),
+            len => {
+                into.resize(len as usize, 0);
+                self.fill(into)?;
+                Ok(true)
+            }
         }
     }
 
-    fn take(&mut self, len: usize) -> Result<&'a [u8], SnapshotFormatError> {
-        let end = self.at.checked_add(len).filter(|end| *end <= self.bytes.len());
-        let end = end.ok_or(SnapshotFormatError::Truncated { at: self.at })?;
-        let taken = &self.bytes[self.at..end];
-        self.at = end;
-        Ok(taken)
+    fn fill(&mut self, into: &mut [u8]) -> Result<(), SnapshotFormatError> {
+        self.input.read_exact(into).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => SnapshotFormatError::Truncated { at: self.at },
+            _ => SnapshotFormatError::Io(e),
+        })?;
+        self.at += into.len();
+        Ok(())
     }
 }
 
 /// Reads only a snapshot file's metadata (a node's start must not read its whole state): the
 /// version and the metadata's length, then the metadata, parsed as any snapshot's start is.
-pub(crate) fn read_meta(mut file: impl Read) -> Result<SnapshotMeta, SnapshotFormatError> {
-    let mut header = Vec::with_capacity(256);
-    (&mut file).take(8).read_to_end(&mut header)?;
-    if let Some(len) = header.get(4..8) {
-        let len = u32::from_le_bytes(len.try_into().expect("four bytes"));
-        if len != END {
-            file.take(u64::from(len)).read_to_end(&mut header)?;
-        }
-    }
-    SnapshotReader::without_checksum(&header).map(|reader| reader.meta)
+pub(crate) fn read_meta(file: impl Read) -> Result<SnapshotMeta, SnapshotFormatError> {
+    SnapshotReader::new(file).map(|reader| reader.meta)
 }
 
 #[cfg(test)]

@@ -9,13 +9,18 @@
 //! those entries from its log before it serves. The log store flushes the state machine before
 //! it purges entries (see `store.rs`).
 //!
+//! A snapshot is installed as a stream, a few MiB of records per write, and survives a crash
+//! half way: the received file is kept under a name first, a marker in the state machine's
+//! own family says an install is under way, and a node that starts with the marker loads the
+//! file again before it serves ([`StateMachineStore::install`]).
+//!
 //! The unfinished operations are also kept in memory (loaded at open, followed by apply,
 //! reloaded by a snapshot install): the scheduler and every executor read them on each change,
 //! and scanning RocksDB's index of them, full of the tombstones finished operations leave,
 //! cost more than applying.
 
-use std::io::{Read, Seek, SeekFrom};
-use std::path::PathBuf;
+use std::io::{Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
@@ -27,7 +32,7 @@ use crate::apply::apply_entry;
 use crate::codec;
 use crate::command::CommandReply;
 use crate::error::DataDirError;
-use crate::keys::{KEY_LAST_APPLIED, KEY_MEMBERSHIP};
+use crate::keys::{KEY_INSTALLING, KEY_LAST_APPLIED, KEY_MEMBERSHIP};
 use crate::snapshot_file::{self, SnapshotFormatError, SnapshotReader, SnapshotWriter};
 use crate::state_reader::StateReader;
 use crate::store::{cf, write_atomically_with, CF_SM_META, STATE_MACHINE_CFS};
@@ -35,6 +40,9 @@ use crate::txn::Txn;
 use crate::types::{
     read_err, write_err, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
+
+/// Bytes of records per write while a snapshot is installed.
+const INSTALL_BATCH_BYTES: usize = 4 << 20;
 
 /// Upper bound for range deletes: every key we write sorts below it.
 const KEY_MAX: [u8; 32] = [0xff; 32];
@@ -78,6 +86,7 @@ impl From<DataDirError> for StorageError {
 impl StateMachineStore {
     pub fn new(db: Arc<DB>, snapshot_path: PathBuf) -> Result<StateMachineStore, StorageError> {
         let store = StateMachineStore { reader: StateReader::open(db)?, snapshot_path };
+        store.finish_an_interrupted_install()?;
         // A snapshot this build cannot read is refused now, not when a follower needs it.
         store.current()?;
         Ok(store)
@@ -149,35 +158,104 @@ impl StateMachineStore {
         Ok(Some(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) }))
     }
 
-    fn install(&self, meta: &SnapshotMeta, bytes: Vec<u8>) -> Result<(), StorageError> {
-        let reader = SnapshotReader::open(&bytes)?;
-        if reader.meta.last_log_id != meta.last_log_id {
+    /// Installs the snapshot a leader sent (in `file`), so that a crash at any point leaves
+    /// either the state as it was or an install the next start finishes: the file is checked and
+    /// kept as `snapshot.installing`; one synced batch marks the install (the log position it
+    /// installs) and empties the state machine; [`Self::load`] streams the records in and ends
+    /// it. Nothing of the snapshot is held in memory but the batch being written.
+    fn install(&self, meta: &SnapshotMeta, mut file: std::fs::File) -> Result<(), StorageError> {
+        file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+        snapshot_file::verify(std::io::BufReader::with_capacity(1 << 20, &mut file))?;
+        file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+        let found = snapshot_file::read_meta(std::io::BufReader::new(&mut file))?;
+        if found.last_log_id != meta.last_log_id {
             return Err(read_err(AnyError::error(format!(
                 "snapshot content is at {:?} but its metadata says {:?}",
-                reader.meta.last_log_id, meta.last_log_id
+                found.last_log_id, meta.last_log_id
             ))));
         }
+        let installing = self.snapshot_path.with_extension("installing");
+        file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+        write_atomically_with(&installing, |out| std::io::copy(&mut file, out).map(drop).map_err(write_err))?;
+        let mut begin = WriteBatch::default();
+        begin.put_cf(
+            cf(&self.db, CF_SM_META),
+            KEY_INSTALLING,
+            codec::encode("state record", &meta.last_log_id).map_err(write_err)?,
+        );
+        self.empty(&mut begin);
+        self.write_synced(begin)?;
+        self.load(&installing, meta)
+    }
+
+    /// Streams the snapshot file at `path` into the state machine (emptied, and marked as
+    /// installing), renames the file as the current snapshot, then in one synced batch records
+    /// its log position and membership and removes the mark.
+    fn load(&self, path: &Path, meta: &SnapshotMeta) -> Result<(), StorageError> {
+        let file = std::fs::File::open(path).map_err(read_err)?;
+        let reader = SnapshotReader::new(std::io::BufReader::with_capacity(1 << 20, file))?;
         let mut batch = WriteBatch::default();
-        for name in STATE_MACHINE_CFS {
-            batch.delete_range_cf(cf(&self.db, name), b"".as_slice(), KEY_MAX.as_slice());
-        }
         reader.for_each(|name, key, value| {
             if !STATE_MACHINE_CFS.contains(&name) || name == CF_SM_META {
                 return Err(read_err(AnyError::error(format!("snapshot holds unknown column family {name:?}"))));
             }
             batch.put_cf(cf(&self.db, name), key, value);
+            if batch.size_in_bytes() >= INSTALL_BATCH_BYTES {
+                self.db.write(std::mem::take(&mut batch)).map_err(write_err)?;
+            }
             Ok(())
         })?;
+        if path != self.snapshot_path {
+            std::fs::rename(path, &self.snapshot_path).map_err(write_err)?;
+            if let Some(dir) = self.snapshot_path.parent() {
+                std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(write_err)?;
+            }
+        }
         let meta_cf = cf(&self.db, CF_SM_META);
         if let Some(last_log_id) = &meta.last_log_id {
             batch.put_cf(meta_cf, KEY_LAST_APPLIED, codec::encode("state record", last_log_id).map_err(write_err)?);
         }
         batch.put_cf(meta_cf, KEY_MEMBERSHIP, codec::encode("state record", &meta.last_membership).map_err(write_err)?);
+        batch.delete_cf(meta_cf, KEY_INSTALLING);
+        self.write_synced(batch)?;
+        self.reload()
+    }
+
+    /// At open: an install a crash cut short is loaded again from its file (kept under its
+    /// installing name, or already renamed as the current snapshot).
+    fn finish_an_interrupted_install(&self) -> Result<(), StorageError> {
+        let Some(marker) = self.db.get_cf(cf(&self.db, CF_SM_META), KEY_INSTALLING).map_err(read_err)? else {
+            return Ok(());
+        };
+        let wanted: Option<LogId> = codec::decode("state record", &marker).map_err(read_err)?;
+        for path in [self.snapshot_path.with_extension("installing"), self.snapshot_path.clone()] {
+            let Ok(file) = std::fs::File::open(&path) else { continue };
+            let Ok(meta) = snapshot_file::read_meta(std::io::BufReader::new(file)) else { continue };
+            if meta.last_log_id == wanted {
+                tracing::warn!(path = %path.display(), at = ?wanted, "a snapshot install was cut short; loading it again");
+                let mut again = WriteBatch::default();
+                self.empty(&mut again);
+                self.write_synced(again)?;
+                return self.load(&path, &meta);
+            }
+        }
+        Err(read_err(AnyError::error(format!(
+            "a snapshot install (at {wanted:?}) was cut short and its file is gone: the state machine is incomplete; \
+             remove this node's data directory and add it to the cluster again"
+        ))))
+    }
+
+    /// Adds to `batch` the deletion of every state-machine record.
+    fn empty(&self, batch: &mut WriteBatch) {
+        for name in STATE_MACHINE_CFS {
+            batch.delete_range_cf(cf(&self.db, name), b"".as_slice(), KEY_MAX.as_slice());
+        }
+    }
+
+    fn write_synced(&self, batch: WriteBatch) -> Result<(), StorageError> {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
-        self.db.write_opt(batch, &opts).map_err(write_err)?;
-        self.reload()?;
-        write_atomically_with(&self.snapshot_path, |out| out.write_all(&bytes).map_err(write_err))
+        self.db.write_opt(batch, &opts).map_err(write_err)
     }
 }
 
@@ -271,14 +349,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // Chunks still on their way to the file land (or fail) before it is read.
         let mut snapshot = snapshot;
         snapshot.flush().await.map_err(write_err)?;
-        let mut file = snapshot.into_std().await;
-        tokio::task::spawn_blocking(move || {
-            let mut bytes = Vec::new();
-            file.seek(SeekFrom::Start(0)).and_then(|_| file.read_to_end(&mut bytes)).map_err(read_err)?;
-            this.install(&meta, bytes)
-        })
-        .await
-        .map_err(write_err)?
+        let file = snapshot.into_std().await;
+        tokio::task::spawn_blocking(move || this.install(&meta, file)).await.map_err(write_err)?
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {

@@ -1677,3 +1677,53 @@ async fn an_observer_ends_once_delivered_through_its_runtimes_deletion() {
         ("webhook.deleted", &serde_json::json!("rt_a"))
     );
 }
+
+#[tokio::test]
+async fn a_snapshot_install_cut_short_is_finished_at_the_next_open_or_refused_without_its_file() {
+    use crate::keys::KEY_INSTALLING;
+    let (_dir, mut source) = open();
+    apply(&mut source, (0..40).map(|i| create(&format!("rt_{i:03}"), &format!("n{i}"))).collect()).await;
+    let mut snapshot = source.build_snapshot().await.unwrap();
+    let mut bytes = Vec::new();
+    snapshot.snapshot.read_to_end(&mut bytes).await.unwrap();
+
+    // A crash half way: the file kept under its installing name, the state emptied and marked,
+    // one record of the snapshot loaded.
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataDir::open(&dir.path().join("data"), 1, "test").unwrap();
+    let mut target = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
+    apply(&mut target, vec![placed("rt_stale", "stale", 9)]).await;
+    drop(target);
+    let installing = data.snapshot_path().with_extension("installing");
+    std::fs::write(&installing, &bytes).unwrap();
+    let meta_cf = crate::store::cf(&data.db, crate::store::CF_SM_META);
+    let marker = crate::codec::encode("state record", &snapshot.meta.last_log_id).unwrap();
+    data.db.put_cf(meta_cf, KEY_INSTALLING, marker).unwrap();
+    for name in crate::store::STATE_MACHINE_CFS.iter().filter(|n| **n != crate::store::CF_SM_META) {
+        let family = crate::store::cf(&data.db, name);
+        data.db.delete_range_cf(family, b"".as_slice(), [0xffu8; 32].as_slice()).unwrap();
+    }
+    let first = source.get_runtime("rt_000").unwrap().unwrap();
+    let runtimes = crate::store::cf(&data.db, crate::store::CF_RUNTIMES);
+    data.db.put_cf(runtimes, b"rt_000", crate::codec::encode("state record", &first).unwrap()).unwrap();
+
+    let mut reopened = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
+    assert_eq!(reopened.list_runtimes().unwrap(), source.list_runtimes().unwrap(), "the whole snapshot, nothing stale");
+    assert_eq!(reopened.placement_counts(), source.placement_counts());
+    assert_eq!(reopened.applied_state().await.unwrap().0, snapshot.meta.last_log_id);
+    assert!(data.db.get_cf(meta_cf, KEY_INSTALLING).unwrap().is_none(), "the mark is gone");
+    assert!(!installing.exists(), "the file is the current snapshot now");
+    assert_eq!(reopened.get_current_snapshot().await.unwrap().expect("kept").meta, snapshot.meta);
+    drop(reopened);
+
+    // Marked, and the file is gone: the node refuses to start on a half-installed state.
+    data.db
+        .put_cf(
+            meta_cf,
+            KEY_INSTALLING,
+            crate::codec::encode("state record", &Some(LogId::new(CommittedLeaderId::new(9, 1), 999))).unwrap(),
+        )
+        .unwrap();
+    let refused = StateMachineStore::new(data.db.clone(), data.snapshot_path()).err().expect("refused");
+    assert!(refused.to_string().contains("cut short"), "{refused}");
+}
