@@ -167,6 +167,9 @@ async fn start_raft(
         .map_err(|e| anyhow::anyhow!("cannot start raft from {}: {e}", config.data_dir.display()))?;
     let options = ReplicaOptions {
         reachable_window: (config.heartbeat * 5).max(Duration::from_millis(500)),
+        // Adding a member answers "still catching up, ask again" (409) well before the REST
+        // request's own timeout would answer 504 and leave the caller guessing.
+        catch_up_deadline: config.http_limits.request_timeout.mul_f64(0.75),
         write_groups_at_once: config.write_groups_at_once,
         ..Default::default()
     };
