@@ -132,7 +132,11 @@ fn raft_config(config: &NodeConfig) -> anyhow::Result<openraft::Config> {
         election_timeout_max: 2 * config.election_timeout.as_millis() as u64,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_count),
         max_in_snapshot_log_to_keep: config.snapshot_catchup_entries,
-        install_snapshot_timeout: 10_000,
+        // Per snapshot chunk, and the last one's answer waits for the follower's install: at a
+        // million runtimes (~1.5 GB) that takes tens of seconds, and at 10 s openraft gave up
+        // and sent the whole snapshot again, for ever. A dead peer is found sooner anyway (the
+        // channel's keep-alive closes it within seconds).
+        install_snapshot_timeout: 300_000,
         snapshot_max_chunk_size: config.snapshot_chunk_bytes,
         // Entries can be batches of up to 64 commands: 64 of them keep one AppendEntries to a few
         // MiB, which a lagging follower takes well within the RPC timeout (one heartbeat).
