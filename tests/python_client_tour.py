@@ -6,7 +6,6 @@ serves (openapi-python-client): every answer must parse into the generated model
 Prints the calls made, one per line; exits non-zero on the first answer that does not parse.
 """
 import sys
-import time
 
 sys.path.insert(0, sys.argv[1])
 url, token, ca = sys.argv[2], sys.argv[3], sys.argv[4]
@@ -21,24 +20,14 @@ from runtimeai_py.api.operations import get_operation, list_operations  # noqa: 
 from runtimeai_py.api.policies import create_policy, list_policies  # noqa: E402
 from runtimeai_py.api.runtimes import create_runtime, get_runtime, list_runtimes, runtime_status  # noqa: E402
 from runtimeai_py import models  # noqa: E402
+from tour import parsed  # noqa: E402
+import tour  # noqa: E402
 
 client = AuthenticatedClient(base_url=url, token=token, verify_ssl=ca, raise_on_unexpected_status=True)
 
 
-def parsed(name, response, model):
-    if response.status_code >= 300 or not isinstance(response.parsed, model):
-        sys.exit(f"{name}: {response.status_code} {type(response.parsed).__name__}: {response.content[:300]!r}")
-    print(name, response.status_code, model.__name__)
-    return response.parsed
-
-
 def wait(operation_id):
-    for _ in range(300):
-        operation = parsed("get_operation", get_operation.sync_detailed(operation_id, client=client), models.OperationView)
-        if operation.finished_at:
-            return operation
-        time.sleep(0.2)
-    sys.exit(f"operation {operation_id} did not end")
+    return tour.wait(operation_id, lambda i: get_operation.sync_detailed(i, client=client), models.OperationView)
 
 
 parsed("cluster_status", cluster_status.sync_detailed(client=client), models.ClusterView)

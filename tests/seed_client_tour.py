@@ -15,6 +15,8 @@ url, token, ca = sys.argv[2], sys.argv[3], sys.argv[4]
 
 from seed_py import AuthenticatedClient  # noqa: E402
 from seed_py import models  # noqa: E402
+from tour import parsed  # noqa: E402
+import tour  # noqa: E402
 from seed_py.api.actions import execute_actions, plan_actions  # noqa: E402
 from seed_py.api.events import list_events  # noqa: E402
 from seed_py.api.health import get_health  # noqa: E402
@@ -28,22 +30,11 @@ from seed_py.api.runtimes import (  # noqa: E402
 client = AuthenticatedClient(base_url=url, token=token, verify_ssl=ca, raise_on_unexpected_status=True)
 
 
-def parsed(name, response, model):
-    if response.status_code >= 300 or not isinstance(response.parsed, model):
-        sys.exit(f"{name}: {response.status_code} {type(response.parsed).__name__}: {response.content[:300]!r}")
-    print(name, response.status_code, model.__name__)
-    return response.parsed
-
-
 def wait(operation_id):
-    for _ in range(300):
-        operation = parsed("get_operation", get_operation.sync_detailed(operation_id, client=client), models.Operation)
-        if operation.finished_at:
-            if operation.status != models.OperationStatus.SUCCEEDED:
-                sys.exit(f"operation {operation_id} ended {operation.status}: {operation.error}")
-            return operation
-        time.sleep(0.2)
-    sys.exit(f"operation {operation_id} did not end")
+    operation = tour.wait(operation_id, lambda i: get_operation.sync_detailed(i, client=client), models.Operation)
+    if operation.status != models.OperationStatus.SUCCEEDED:
+        sys.exit(f"operation {operation_id} ended {operation.status}: {operation.error}")
+    return operation
 
 
 def operation(name, response):

@@ -122,25 +122,13 @@ struct FamilyLabel {
 impl Collector for StorageCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         if let Some(resident) = resident_bytes() {
-            let gauge = ConstGauge::new(resident as i64);
             let help = "Resident memory of the node's process";
-            gauge.encode(encoder.encode_descriptor(
-                "runtimeai_process_resident",
-                help,
-                Some(&Unit::Bytes),
-                gauge.metric_type(),
-            )?)?;
+            bytes_gauge(&mut encoder, "runtimeai_process_resident", help, resident)?;
         }
         let (db, cache) = STORE.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         if let Some(cache) = cache {
-            let gauge = ConstGauge::new(cache.get_usage() as i64);
             let help = "The block cache the column families share, in use";
-            gauge.encode(encoder.encode_descriptor(
-                "runtimeai_storage_block_cache",
-                help,
-                Some(&Unit::Bytes),
-                gauge.metric_type(),
-            )?)?;
+            bytes_gauge(&mut encoder, "runtimeai_storage_block_cache", help, cache.get_usage() as u64)?;
         }
         let Some(db) = db.upgrade() else { return Ok(()) };
         let families: Vec<&'static str> =
@@ -172,6 +160,12 @@ impl Collector for StorageCollector {
         }
         Ok(())
     }
+}
+
+/// Encodes one gauge of `bytes` without labels.
+fn bytes_gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, bytes: u64) -> Result<(), std::fmt::Error> {
+    let gauge = ConstGauge::new(bytes as i64);
+    gauge.encode(encoder.encode_descriptor(name, help, Some(&Unit::Bytes), gauge.metric_type())?)
 }
 
 /// The process's resident memory, from `/proc/self/statm` (Linux).

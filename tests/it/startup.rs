@@ -141,7 +141,9 @@ fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    // A TLS port may close the connection on the first bytes it cannot parse, before the
+    // request is all written (a broken pipe): what it answered, if anything, is the point.
+    let _ = write!(stream, "GET {path} HTTP/1.0\r\n\r\n");
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
     String::from_utf8_lossy(&response).into_owned()
