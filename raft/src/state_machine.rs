@@ -177,15 +177,20 @@ impl StateMachineStore {
         let installing = self.snapshot_path.with_extension("installing");
         file.seek(SeekFrom::Start(0)).map_err(read_err)?;
         write_atomically_with(&installing, |out| std::io::copy(&mut file, out).map(drop).map_err(write_err))?;
-        let mut begin = WriteBatch::default();
-        begin.put_cf(
-            cf(&self.db, CF_SM_META),
-            KEY_INSTALLING,
-            codec::encode("state record", &meta.last_log_id).map_err(write_err)?,
-        );
-        self.empty(&mut begin);
-        self.write_synced(begin)?;
+        self.begin_install(&meta.last_log_id)?;
         self.load(&installing, meta)
+    }
+
+    /// Empties the state machine and marks an install of the snapshot at `at` as under way, in
+    /// one synced batch (the mark after the deletes: they include the meta family).
+    pub(crate) fn begin_install(&self, at: &Option<LogId>) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        for name in STATE_MACHINE_CFS {
+            batch.delete_range_cf(cf(&self.db, name), b"".as_slice(), KEY_MAX.as_slice());
+        }
+        let mark = codec::encode("state record", at).map_err(write_err)?;
+        batch.put_cf(cf(&self.db, CF_SM_META), KEY_INSTALLING, mark);
+        self.write_synced(batch)
     }
 
     /// Streams the snapshot file at `path` into the state machine (emptied, and marked as
@@ -233,9 +238,7 @@ impl StateMachineStore {
             let Ok(meta) = snapshot_file::read_meta(std::io::BufReader::new(file)) else { continue };
             if meta.last_log_id == wanted {
                 tracing::warn!(path = %path.display(), at = ?wanted, "a snapshot install was cut short; loading it again");
-                let mut again = WriteBatch::default();
-                self.empty(&mut again);
-                self.write_synced(again)?;
+                self.begin_install(&wanted)?;
                 return self.load(&path, &meta);
             }
         }
@@ -243,13 +246,6 @@ impl StateMachineStore {
             "a snapshot install (at {wanted:?}) was cut short and its file is gone: the state machine is incomplete; \
              remove this node's data directory and add it to the cluster again"
         ))))
-    }
-
-    /// Adds to `batch` the deletion of every state-machine record.
-    fn empty(&self, batch: &mut WriteBatch) {
-        for name in STATE_MACHINE_CFS {
-            batch.delete_range_cf(cf(&self.db, name), b"".as_slice(), KEY_MAX.as_slice());
-        }
     }
 
     fn write_synced(&self, batch: WriteBatch) -> Result<(), StorageError> {

@@ -1687,22 +1687,18 @@ async fn a_snapshot_install_cut_short_is_finished_at_the_next_open_or_refused_wi
     let mut bytes = Vec::new();
     snapshot.snapshot.read_to_end(&mut bytes).await.unwrap();
 
-    // A crash half way: the file kept under its installing name, the state emptied and marked,
-    // one record of the snapshot loaded.
+    // A crash half way: the file kept under its installing name, the state emptied and marked
+    // (by the install's own first step), one record of the snapshot loaded.
     let dir = tempfile::tempdir().unwrap();
     let data = DataDir::open(&dir.path().join("data"), 1, "test").unwrap();
     let mut target = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
     apply(&mut target, vec![placed("rt_stale", "stale", 9)]).await;
-    drop(target);
     let installing = data.snapshot_path().with_extension("installing");
     std::fs::write(&installing, &bytes).unwrap();
+    target.begin_install(&snapshot.meta.last_log_id).unwrap();
+    drop(target);
     let meta_cf = crate::store::cf(&data.db, crate::store::CF_SM_META);
-    let marker = crate::codec::encode("state record", &snapshot.meta.last_log_id).unwrap();
-    data.db.put_cf(meta_cf, KEY_INSTALLING, marker).unwrap();
-    for name in crate::store::STATE_MACHINE_CFS.iter().filter(|n| **n != crate::store::CF_SM_META) {
-        let family = crate::store::cf(&data.db, name);
-        data.db.delete_range_cf(family, b"".as_slice(), [0xffu8; 32].as_slice()).unwrap();
-    }
+    assert!(data.db.get_cf(meta_cf, KEY_INSTALLING).unwrap().is_some(), "marked");
     let first = source.get_runtime("rt_000").unwrap().unwrap();
     let runtimes = crate::store::cf(&data.db, crate::store::CF_RUNTIMES);
     data.db.put_cf(runtimes, b"rt_000", crate::codec::encode("state record", &first).unwrap()).unwrap();
