@@ -61,7 +61,7 @@ fn store_new(txn: &mut Txn<'_>, events: &mut EventWriter<'_>, mut webhook: Webho
     webhook.ends_with = None;
     events.write(txn, AUDIT_STREAM, EventType::WebhookCreated, EventSeverity::Info, &audit(&webhook))?;
     // From the event after its own creation's.
-    webhook.delivered_through = event_id(events.index, txn.events_in_entry - 1);
+    webhook.delivered_through = last_event_id(txn, events);
     txn.put(CF_WEBHOOKS, webhook.id.as_bytes().to_vec(), &webhook)?;
     Ok(webhook)
 }
@@ -119,7 +119,7 @@ pub(crate) fn runtime_deleted(
     events: &EventWriter<'_>,
     runtime_id: &str,
 ) -> Result<(), StorageError> {
-    let last = event_id(events.index, txn.events_in_entry - 1);
+    let last = last_event_id(txn, events);
     for mut webhook in txn.scan::<Webhook>(CF_WEBHOOKS)? {
         if webhook.filter.runtime_id.as_deref() == Some(runtime_id) {
             webhook.ends_with = Some(last.clone());
@@ -148,6 +148,11 @@ fn remove(txn: &mut Txn<'_>, events: &mut EventWriter<'_>, webhook: &Webhook) ->
     txn.delete(CF_WEBHOOKS, webhook.id.as_bytes().to_vec());
     txn.delete(CF_WEBHOOK_DELIVERIES, webhook.id.as_bytes().to_vec());
     events.write(txn, AUDIT_STREAM, EventType::WebhookDeleted, EventSeverity::Info, &audit(webhook))
+}
+
+/// The id of the event this entry wrote last.
+fn last_event_id(txn: &Txn<'_>, events: &EventWriter<'_>) -> String {
+    event_id(events.index, txn.events_in_entry - 1)
 }
 
 /// What the audit stream says of a subscription.
