@@ -297,12 +297,22 @@ async fn succeeds(request: reqwest::RequestBuilder) -> bool {
 }
 
 /// Node flags of the benchmarked cluster: fsync'd storage is the default; the simulated driver
-/// runs each create's operation without infrastructure.
+/// runs each create's operation without infrastructure. A flag given with --node-arg replaces
+/// the default here (a node refuses the same flag twice).
 fn runtimeai_options(node_args: &[String], plaintext: bool) -> ClusterOptions {
-    let args = ["--backends", "vcluster=simulated", "--simulated-step-ms", "1", "--signals-interval-ms", "60000"];
-    let mut extra_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    extra_args.extend(node_args.iter().cloned());
+    let defaults =
+        [("--backends", "vcluster=simulated"), ("--simulated-step-ms", "1"), ("--signals-interval-ms", "60000")];
+    let extra_args = with_defaults(&defaults, node_args);
     ClusterOptions { extra_args, plaintext, ..Default::default() }
+}
+
+/// `node_args` after each of `defaults` (`flag=value`) that none of them gives.
+fn with_defaults(defaults: &[(&str, &str)], node_args: &[String]) -> Vec<String> {
+    let given = |flag: &str| node_args.iter().any(|arg| arg == flag || arg.starts_with(&format!("{flag}=")));
+    let mut args: Vec<String> =
+        defaults.iter().filter(|(flag, _)| !given(flag)).map(|(flag, value)| format!("{flag}={value}")).collect();
+    args.extend(node_args.iter().cloned());
+    args
 }
 
 /// Runs every measurement; `progress` hears what is going on.
@@ -502,13 +512,8 @@ async fn scale_only(options: BenchOptions, progress: impl Fn(&str)) -> Result<Be
 /// refuses the same flag twice.
 fn scale_args(options: &BenchOptions) -> Vec<String> {
     let snapshot_count = scale_snapshot_count(options.runtimes).to_string();
-    let mut args: Vec<String> = [("--snapshot-count", snapshot_count.as_str()), ("--snapshot-catchup-entries", "100")]
-        .into_iter()
-        .filter(|(flag, _)| !options.node_args.iter().any(|arg| arg.starts_with(flag)))
-        .map(|(flag, value)| format!("{flag}={value}"))
-        .collect();
-    args.extend(options.node_args.iter().cloned());
-    args
+    let defaults = [("--snapshot-count", snapshot_count.as_str()), ("--snapshot-catchup-entries", "100")];
+    with_defaults(&defaults, &options.node_args)
 }
 
 /// Copies the nodes' logs into `dir` (if given), named `runtimeai-<phase>-node-<id>.log`.

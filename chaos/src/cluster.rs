@@ -173,6 +173,20 @@ impl Node {
     }
 }
 
+/// Whether `args` give `flag` (as `--flag value` or `--flag=value`).
+fn gives(args: &[String], flag: &str) -> bool {
+    args.iter().any(|arg| arg == flag || arg.strip_prefix(flag).is_some_and(|rest| rest.starts_with('=')))
+}
+
+/// Whether process `pid`, a child of ours, has exited (a zombie until it is waited for).
+fn has_exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
 /// The API key of the first admin of every cluster this process starts (given to each node
 /// with `--bootstrap-admin-key-file`): random per process, so one client serves every cluster.
 pub fn admin_token() -> &'static str {
@@ -395,7 +409,7 @@ impl Cluster {
             .arg(self.dir.path().join("admin.key"))
             .args(if node.tls { tls_args(self.dir.path(), id)? } else { vec!["--insecure".to_string()] })
             .args(&extra)
-            .args(if extra.iter().any(|a| a == "--backends") { vec![] } else { vec!["--backends", test_backends()] })
+            .args(if gives(&extra, "--backends") { vec![] } else { vec!["--backends", test_backends()] })
             // Rate limits off unless asked for: tests and benchmarks send from one address, as
             // one admin, faster than a client should (`tests/it/load.rs` tests the limits).
             .args(if extra.iter().any(|a| a.starts_with("--rate-limit")) { vec![] } else { RATE_LIMITS_OFF.to_vec() })
@@ -457,6 +471,9 @@ impl Cluster {
         loop {
             if ok("/readyz").await && ok("/v1/auth/whoami").await {
                 return Ok(());
+            }
+            if self.node(id).pid().is_some_and(has_exited) {
+                return Err(Error::Cluster(format!("node {id} exited before it was ready\n{}", self.log_tail(id, 30))));
             }
             if Instant::now() > deadline {
                 return Err(Error::Cluster(format!(

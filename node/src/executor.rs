@@ -34,27 +34,24 @@ pub struct ExecutorOptions {
     pub staging: std::path::PathBuf,
 }
 
-/// Runs until `stop` turns true.
+/// Runs until `stop` turns true. Signals rounds run beside the operations, in a task of their
+/// own: a round over a node's hundreds of thousands of runtimes takes a while, and the
+/// operations assigned meanwhile must not wait for it.
 pub async fn run(replica: Arc<Replica>, backends: Backends, options: ExecutorOptions, mut stop: watch::Receiver<bool>) {
+    let signals =
+        tokio::spawn(report_signals_every_interval(replica.clone(), backends.clone(), options.clone(), stop.clone()));
     let mut workers: HashMap<String, (u64, tokio::task::JoinHandle<()>)> = HashMap::new();
-    let mut signals = tokio::time::interval(options.signals_interval);
-    signals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Woken by every change to the unfinished operations; the tick restarts, now and then,
     // a worker that gave up while the cluster was unreachable.
     let mut changed = replica.state().watch_active_operations();
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let report = tokio::select! {
+        tokio::select! {
             _ = stop.wait_for(|stop| *stop) => break,
-            _ = signals.tick() => true,
-            _ = changed.changed() => false,
-            _ = retry.tick() => false,
+            _ = changed.changed() => {}
+            _ = retry.tick() => {}
         };
-        if report {
-            report_signals(&replica, &backends, &options).await;
-            continue;
-        }
         changed.mark_unchanged();
         workers.retain(|_, (_, handle)| !handle.is_finished());
         // Only the operations this node is not already working on at their current token are
@@ -88,21 +85,48 @@ pub async fn run(replica: Arc<Replica>, backends: Backends, options: ExecutorOpt
     for (_, (_, handle)) in workers {
         handle.abort();
     }
+    signals.abort();
 }
 
 /// Runtimes looked at per page of a signals round (and at most this many signals per command).
 const SIGNALS_PAGE: usize = 512;
 
+/// A signals round every `signals_interval` (from the start of one to the next; a round that
+/// takes longer is followed by the next at once), until `stop` turns true (or the executor
+/// aborts it, mid-round).
+async fn report_signals_every_interval(
+    replica: Arc<Replica>,
+    backends: Backends,
+    options: ExecutorOptions,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut signals = tokio::time::interval(options.signals_interval);
+    signals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            _ = signals.tick() => {}
+        }
+        report_signals(&replica, &backends, &options).await;
+    }
+}
+
 /// Proposes the signals of this node's runtimes that changed since they were last recorded, the
 /// drift it converged, and the expiry of those whose TTL or idle timeout ran out. A page of
 /// runtimes at a time: a node holding hundreds of thousands neither reads them all into memory
 /// at once nor proposes one command the size of all their signals.
+///
+/// A round is background work and is paced as such: each page is read on a blocking thread,
+/// the runtimes are looked at one poll each, and after a page the round rests as long as the
+/// page took. At a million runtimes an unpaced round took the async workers for seconds on
+/// every node at once, raft's heartbeats waited behind it, and followers started elections.
 async fn report_signals(replica: &Replica, backends: &Backends, options: &ExecutorOptions) {
     crate::migration::remove_left_behind(replica, backends, options.node_id).await;
     let settings = replica.state().settings();
     let mut after = String::new();
     loop {
-        let Ok(page) = replica.state().runtimes_on_page(options.node_id, &after, SIGNALS_PAGE) else { return };
+        let started = std::time::Instant::now();
+        let Some(page) = read_signals_page(replica, options.node_id, &after).await else { return };
         let Some(last) = page.last().map(|r| r.id.clone()) else { return };
         let full = page.len() == SIGNALS_PAGE;
         let mut changed = Vec::new();
@@ -110,12 +134,32 @@ async fn report_signals(replica: &Replica, backends: &Backends, options: &Execut
             if let Some(signals) = look_at(replica, backends, options, &settings, &runtime).await {
                 changed.push((runtime.id, signals));
             }
+            tokio::task::yield_now().await;
         }
         propose_signals(replica, changed).await;
         if !full {
             return;
         }
         after = last;
+        tokio::time::sleep(started.elapsed()).await;
+    }
+}
+
+/// The page of this node's runtimes after `after`, read on a blocking thread (None if the
+/// store cannot be read now; the next round tries again).
+async fn read_signals_page(replica: &Replica, node_id: u64, after: &str) -> Option<Vec<Runtime>> {
+    let (state, after) = (replica.state().clone(), after.to_string());
+    let page = tokio::task::spawn_blocking(move || state.runtimes_on_page(node_id, &after, SIGNALS_PAGE)).await;
+    match page {
+        Ok(Ok(page)) => Some(page),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read this node's runtimes for their signals; the next round will");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reading this node's runtimes for their signals failed");
+            None
+        }
     }
 }
 
