@@ -149,7 +149,10 @@ async fn report_signals(replica: &Replica, backends: &Backends, options: &Execut
 /// store cannot be read now; the next round tries again).
 async fn read_signals_page(replica: &Replica, node_id: u64, after: &str) -> Option<Vec<Runtime>> {
     let (state, after) = (replica.state().clone(), after.to_string());
-    let page = tokio::task::spawn_blocking(move || state.runtimes_on_page(node_id, &after, SIGNALS_PAGE)).await;
+    let page = tokio::task::spawn_blocking(move || {
+        state.runtimes_on_page(node_id, &after, SIGNALS_PAGE).map_err(|e| e.to_string())
+    })
+    .await;
     match page {
         Ok(Ok(page)) => Some(page),
         Ok(Err(e)) => {
