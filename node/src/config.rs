@@ -167,7 +167,9 @@ pub struct NodeArgs {
     #[arg(long, env = "RUNTIMEAI_SNAPSHOT_COUNT")]
     pub snapshot_count: Option<u64>,
     /// Entries kept behind a snapshot so slow followers catch up from the log, and a follower
-    /// that installed a snapshot finds the entries written meanwhile [default: 5000].
+    /// that installed a snapshot finds the entries written meanwhile; while a snapshot is on its
+    /// way to a member (and a minute after), the leader also keeps what members lack
+    /// [default: 5000].
     #[arg(long, env = "RUNTIMEAI_SNAPSHOT_CATCHUP_ENTRIES")]
     pub snapshot_catchup_entries: Option<u64>,
     /// Write groups (log entries on the leader, forwarded batches on a follower) that leave as

@@ -45,7 +45,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
         Some(oidc) => Some(Arc::new(runtimeai_api::oidc::Oidc::new(oidc.clone()).context("cannot set up OIDC")?)),
     };
     let data = DataDir::open(&config.data_dir, config.id, &config.cluster_name)?;
-    let (raft, replica, log_stats) = start_raft(&config, &data, &transport).await?;
+    let StartedRaft { raft, replica, log_stats, snapshot_sends } = start_raft(&config, &data, &transport).await?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -72,6 +72,12 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     bootstrap(&config, &raft, data.fresh).await?;
     let admin_key = admin_key.map(|key| tokio::spawn(crate::admin_key::ensure(replica.clone(), key)));
     let workers = Workers::spawn(&config, &replica, backends, &stop_rx);
+    let log_purge = tokio::spawn(runtimeai_raft::log_purge::run(
+        raft.clone(),
+        snapshot_sends,
+        config.snapshot_catchup_entries,
+        stop_rx.clone(),
+    ));
 
     // A raft that stopped on a storage error cannot serve; exit so a supervisor restarts the
     // node (recovery replays the log) instead of leaving it up and useless.
@@ -89,6 +95,7 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> anyh
     let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;
     workers.stop().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), log_purge).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), tls_watch).await;
     if let Some(task) = oidc_keys {
         let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
@@ -131,7 +138,9 @@ fn raft_config(config: &NodeConfig) -> anyhow::Result<openraft::Config> {
         election_timeout_min: config.election_timeout.as_millis() as u64,
         election_timeout_max: 2 * config.election_timeout.as_millis() as u64,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_count),
-        max_in_snapshot_log_to_keep: config.snapshot_catchup_entries,
+        // Purged by `log_purge` (`--snapshot-catchup-entries` behind the snapshot), which keeps
+        // what a member catching up by snapshot still lacks.
+        max_in_snapshot_log_to_keep: u64::MAX,
         // Per snapshot chunk, and the last one's answer waits for the follower's install: at a
         // million runtimes (~1.5 GB) that takes tens of seconds, and at 10 s openraft gave up
         // and sent the whole snapshot again, for ever. A dead peer is found sooner anyway (the
@@ -151,14 +160,23 @@ fn raft_config(config: &NodeConfig) -> anyhow::Result<openraft::Config> {
     .context("invalid raft configuration")
 }
 
+/// Raft, started, and what serves and watches it.
+struct StartedRaft {
+    raft: Raft,
+    replica: Arc<Replica>,
+    log_stats: Arc<runtimeai_raft::log_store::LogStats>,
+    /// The snapshots raft sends to members (the log purge holds for them).
+    snapshot_sends: Arc<runtimeai_raft::log_purge::SnapshotSends>,
+}
+
 /// Opens the log and the state machine in `data`, and starts raft on them (which re-applies
 /// committed entries the state machine had not persisted, so the node never serves a
-/// half-restored state); the replica that serves them, and the log's statistics.
+/// half-restored state).
 async fn start_raft(
     config: &NodeConfig,
     data: &DataDir,
     transport: &crate::transport::Transport,
-) -> anyhow::Result<(Raft, Arc<Replica>, Arc<runtimeai_raft::log_store::LogStats>)> {
+) -> anyhow::Result<StartedRaft> {
     let log_store = LogStore::new(data.db.clone());
     let log_stats = log_store.stats();
     let state = StateMachineStore::new(data.db.clone(), data.snapshot_path())
@@ -166,6 +184,7 @@ async fn start_raft(
     let health = Arc::new(PeerHealth::default());
     let routes = Arc::new(PeerRoutes::new(config.peer_routes.clone(), transport.peer_client.clone()));
     let network = Network::new(config.cluster_name.clone(), health.clone(), routes.clone());
+    let snapshot_sends = network.snapshot_sends();
     let raft = Raft::new(config.id, Arc::new(raft_config(config)?), network, log_store, state.clone())
         .await
         .map_err(|e| anyhow::anyhow!("cannot start raft from {}: {e}", config.data_dir.display()))?;
@@ -186,7 +205,7 @@ async fn start_raft(
         routes,
         options,
     );
-    Ok((raft, replica, log_stats))
+    Ok(StartedRaft { raft, replica, log_stats, snapshot_sends })
 }
 
 /// What this node's backends serve the API: vclusters' kubeconfigs (the Kubernetes backend),

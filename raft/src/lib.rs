@@ -6,6 +6,8 @@
 //! - [`command`]: the typed commands the state machine applies and its replies.
 //! - [`store`]: a node's data directory (identity check, one RocksDB for log and state).
 //! - [`log_store`]: the raft log, with group commit (one fsync for many appends).
+//! - [`log_purge`]: when the log is purged (never past what a member catching up by snapshot
+//!   still lacks).
 //! - [`state_machine`]: deterministic apply and snapshots.
 //! - [`state_reader`]: the applied state, read only: what the API, scheduler and executors see.
 //! - [`network`] / [`service`]: raft and cluster RPCs, client and server.
@@ -28,6 +30,7 @@ pub mod error;
 mod forwarding;
 mod keys;
 pub mod limits;
+pub mod log_purge;
 pub mod log_store;
 pub mod metrics;
 pub mod network;
@@ -40,6 +43,7 @@ mod snapshot_file;
 pub mod state_machine;
 pub mod state_reader;
 pub mod store;
+mod table_loader;
 pub mod tls;
 mod txn;
 pub mod types;

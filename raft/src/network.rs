@@ -21,6 +21,7 @@ use tonic::transport::Channel;
 
 use crate::codec;
 use crate::limits;
+use crate::log_purge::SnapshotSends;
 use crate::tls::ClientTls;
 use crate::types::{NodeId, SnapshotMeta, TypeConfig, Vote};
 
@@ -185,11 +186,18 @@ pub struct Network {
     cluster: String,
     health: Arc<PeerHealth>,
     channels: Arc<PeerChannels>,
+    snapshot_sends: Arc<SnapshotSends>,
 }
 
 impl Network {
     pub fn new(cluster: String, health: Arc<PeerHealth>, routes: Arc<PeerRoutes>) -> Network {
-        Network { cluster, health, channels: Arc::new(PeerChannels::new(routes)) }
+        let snapshot_sends = Arc::default();
+        Network { cluster, health, channels: Arc::new(PeerChannels::new(routes)), snapshot_sends }
+    }
+
+    /// The snapshots this node sends through this network (the log purge holds for them).
+    pub fn snapshot_sends(&self) -> Arc<SnapshotSends> {
+        self.snapshot_sends.clone()
     }
 }
 
@@ -204,6 +212,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr,
             cluster: self.cluster.clone(),
             health: self.health.clone(),
+            snapshot_sends: self.snapshot_sends.clone(),
         }
     }
 }
@@ -215,6 +224,7 @@ pub struct PeerClient {
     client: Result<RaftClient<Channel>, String>,
     cluster: String,
     health: Arc<PeerHealth>,
+    snapshot_sends: Arc<SnapshotSends>,
 }
 
 type RpcResult<T, E = openraft::error::Infallible> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
@@ -294,6 +304,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let chunk = SnapshotChunk { cluster: self.cluster.clone(), header, data: rpc.data };
         let mut request = self.request(chunk);
         request.set_timeout(option.hard_ttl());
+        let _sending = self.snapshot_sends.start();
         let outcome = self.client()?.install_snapshot(request).await;
         self.finish(outcome)
     }

@@ -9,10 +9,11 @@
 //! those entries from its log before it serves. The log store flushes the state machine before
 //! it purges entries (see `store.rs`).
 //!
-//! A snapshot is installed as a stream, a few MiB of records per write, and survives a crash
-//! half way: the received file is kept under a name first, a marker in the state machine's
-//! own family says an install is under way, and a node that starts with the marker loads the
-//! file again before it serves ([`StateMachineStore::install`]).
+//! A snapshot is installed as a stream of table files, ingested family by family
+//! (`table_loader.rs`), and survives a crash half way: the received file is kept under a name
+//! first, a marker in the state machine's own family says an install is under way, and a node
+//! that starts with the marker loads the file again before it serves
+//! ([`StateMachineStore::install`]).
 //!
 //! The unfinished operations are also kept in memory (loaded at open, followed by apply,
 //! reloaded by a snapshot install): the scheduler and every executor read them on each change,
@@ -36,13 +37,17 @@ use crate::keys::{KEY_INSTALLING, KEY_LAST_APPLIED, KEY_MEMBERSHIP};
 use crate::snapshot_file::{self, SnapshotFormatError, SnapshotReader, SnapshotWriter};
 use crate::state_reader::StateReader;
 use crate::store::{cf, write_atomically_with, CF_SM_META, STATE_MACHINE_CFS};
+use crate::table_loader::{self, TableLoader};
 use crate::txn::Txn;
 use crate::types::{
     read_err, write_err, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 
-/// Bytes of records per write while a snapshot is installed.
-const INSTALL_BATCH_BYTES: usize = 4 << 20;
+/// The families a snapshot holds: the state machine's but its metadata (which the install
+/// writes itself).
+fn loaded_families() -> Vec<&'static str> {
+    STATE_MACHINE_CFS.iter().copied().filter(|name| *name != CF_SM_META).collect()
+}
 
 /// Upper bound for range deletes: every key we write sorts below it.
 const KEY_MAX: [u8; 32] = [0xff; 32];
@@ -118,7 +123,7 @@ impl StateMachineStore {
         let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
         let write = |out: &mut dyn std::io::Write| -> Result<(), StorageError> {
             let mut writer = SnapshotWriter::new(out, &meta)?;
-            for name in STATE_MACHINE_CFS.iter().filter(|n| **n != CF_SM_META) {
+            for name in loaded_families() {
                 let records = view.iterator_cf(cf(&self.db, name), IteratorMode::Start).map(|r| r.map_err(read_err));
                 writer.family(name, records)?;
             }
@@ -190,26 +195,28 @@ impl StateMachineStore {
         }
         let mark = codec::encode("state record", at).map_err(write_err)?;
         batch.put_cf(cf(&self.db, CF_SM_META), KEY_INSTALLING, mark);
-        self.write_synced(batch)
+        self.write_synced(batch)?;
+        table_loader::drop_deleted(&self.db, &loaded_families(), &KEY_MAX).map_err(write_err)
     }
 
-    /// Streams the snapshot file at `path` into the state machine (emptied, and marked as
-    /// installing), renames the file as the current snapshot, then in one synced batch records
-    /// its log position and membership and removes the mark.
+    /// Loads the snapshot file at `path` into the state machine (emptied, and marked as
+    /// installing) as table files, renames the file as the current snapshot, then in one synced
+    /// batch records its log position and membership and removes the mark.
     fn load(&self, path: &Path, meta: &SnapshotMeta) -> Result<(), StorageError> {
         let file = std::fs::File::open(path).map_err(read_err)?;
         let reader = SnapshotReader::new(std::io::BufReader::with_capacity(1 << 20, file))?;
-        let mut batch = WriteBatch::default();
+        let options = crate::store::table_file_options();
+        let mut tables =
+            TableLoader::new(&self.db, &options, &self.snapshot_path.with_extension("tables")).map_err(write_err)?;
+        let families = loaded_families();
         reader.for_each(|name, key, value| {
-            if !STATE_MACHINE_CFS.contains(&name) || name == CF_SM_META {
+            if !families.contains(&name) {
                 return Err(read_err(AnyError::error(format!("snapshot holds unknown column family {name:?}"))));
             }
-            batch.put_cf(cf(&self.db, name), key, value);
-            if batch.size_in_bytes() >= INSTALL_BATCH_BYTES {
-                self.db.write(std::mem::take(&mut batch)).map_err(write_err)?;
-            }
-            Ok(())
+            tables.put(name, key, value).map_err(write_err)
         })?;
+        tables.finish().map_err(write_err)?;
+        let mut batch = WriteBatch::default();
         if path != self.snapshot_path {
             std::fs::rename(path, &self.snapshot_path).map_err(write_err)?;
             if let Some(dir) = self.snapshot_path.parent() {

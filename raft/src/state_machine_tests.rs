@@ -577,6 +577,15 @@ async fn a_snapshot_carries_the_whole_state_to_another_replica() {
     assert_eq!(stored_membership.membership().voter_ids().collect::<Vec<_>>(), vec![1, 2, 3]);
     let current = target.get_current_snapshot().await.unwrap().expect("installed snapshot is kept");
     assert_eq!(current.meta, snapshot.meta);
+
+    // The records came as table files into the family's last levels, not as writes.
+    let runtimes = crate::store::cf(&target.db, crate::store::CF_RUNTIMES);
+    let property = |name: &str| target.db.property_int_value_cf(runtimes, name).unwrap().unwrap_or(0);
+    assert_eq!(property("rocksdb.num-entries-active-mem-table"), 0, "nothing went through the memtable");
+    assert_eq!(property("rocksdb.num-files-at-level0"), 0, "no table file waits for a compaction");
+    let files_below: u64 = (1..=6).map(|level| property(&format!("rocksdb.num-files-at-level{level}"))).sum();
+    assert!(files_below >= 1, "the runtimes are in a table file of a lower level");
+    assert!(!target.snapshot_path.with_extension("tables").exists(), "the loader's files are gone");
 }
 
 #[tokio::test]

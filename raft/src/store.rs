@@ -252,16 +252,29 @@ const LOOKED_UP_ABSENT_CFS: &[&str] = &[CF_RUNTIMES, CF_RUNTIME_NAMES, CF_EVENT_
 /// prefix or looked up by keys that exist — the events family alone takes three inserts per
 /// create, and the filter's inserts were 3 % of a loaded node's CPU).
 fn state_machine_cf_options(name: &str, cache: &rocksdb::Cache) -> Options {
-    let mut table = rocksdb::BlockBasedOptions::default();
+    let mut table = state_machine_table();
     table.set_block_cache(cache);
-    table.set_bloom_filter(10.0, false);
-    table.set_whole_key_filtering(true);
     let mut opts = family_options(cache);
     opts.set_block_based_table_factory(&table);
     if LOOKED_UP_ABSENT_CFS.contains(&name) {
         opts.set_memtable_prefix_bloom_ratio(0.02);
         opts.set_memtable_whole_key_filtering(true);
     }
+    opts
+}
+
+/// The table format of the state machine's families (their bloom filters).
+fn state_machine_table() -> rocksdb::BlockBasedOptions {
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    table.set_whole_key_filtering(true);
+    table
+}
+
+/// What a snapshot install writes its table files with: the state machine's table format.
+pub(crate) fn table_file_options() -> Options {
+    let mut opts = Options::default();
+    opts.set_block_based_table_factory(&state_machine_table());
     opts
 }
 
@@ -286,7 +299,11 @@ pub(crate) fn write_atomically_with<E: From<DataDirError>>(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> Result<(), E>,
 ) -> Result<(), E> {
-    let tmp = path.with_extension("tmp");
+    // Beside it, named after all of its name: `snapshot` and `snapshot.installing` are written
+    // at the same time (a build and an install), and must not share `snapshot.tmp`.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let file = fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     write(&mut out)?;
