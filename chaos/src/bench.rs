@@ -780,7 +780,7 @@ async fn scale(
 
 /// Adds node 4 through `leader_url`'s node until it is a voter; the seconds it took. The API
 /// waits a while for the learner to catch up, then answers 409 and leaves it a learner; asking
-/// again resumes the wait.
+/// again resumes the wait (and so does a 503 while there is no leader).
 async fn add_fourth_node(
     http: &reqwest::Client,
     cluster: &mut Cluster,
@@ -796,10 +796,17 @@ async fn add_fourth_node(
             .timeout(Duration::from_secs(120))
             .send()
             .await?;
+        let in_time = started.elapsed() < Duration::from_secs(900);
         match added.status().as_u16() {
             201 => return Ok(started.elapsed().as_secs_f64()),
-            409 if started.elapsed() < Duration::from_secs(900) => {
+            409 if in_time => {
                 progress(&format!("(node 4 still catching up after {:.0} s)", started.elapsed().as_secs_f64()))
+            }
+            // No leader for a moment (an election): asked again, as a client would.
+            503 if in_time && added.headers().contains_key("retry-after") => {
+                let body = added.text().await.unwrap_or_default();
+                progress(&format!("(no leader after {:.0} s, asking again: {body})", started.elapsed().as_secs_f64()));
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
             status => {
                 let body = added.text().await.unwrap_or_default();

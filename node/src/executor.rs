@@ -123,12 +123,15 @@ async fn report_signals_every_interval(
 async fn report_signals(replica: &Replica, backends: &Backends, options: &ExecutorOptions) {
     crate::migration::remove_left_behind(replica, backends, options.node_id).await;
     let settings = replica.state().settings();
+    let round = std::time::Instant::now();
+    let (mut looked_at, mut reported) = (0, 0);
     let mut after = String::new();
     loop {
         let started = std::time::Instant::now();
-        let Some(page) = read_signals_page(replica, options.node_id, &after).await else { return };
-        let Some(last) = page.last().map(|r| r.id.clone()) else { return };
+        let Some(page) = read_signals_page(replica, options.node_id, &after).await else { break };
+        let Some(last) = page.last().map(|r| r.id.clone()) else { break };
         let full = page.len() == SIGNALS_PAGE;
+        looked_at += page.len();
         let mut changed = Vec::new();
         for runtime in page {
             if let Some(signals) = look_at(replica, backends, options, &settings, &runtime).await {
@@ -136,12 +139,24 @@ async fn report_signals(replica: &Replica, backends: &Backends, options: &Execut
             }
             tokio::task::yield_now().await;
         }
+        reported += changed.len();
         propose_signals(replica, changed).await;
         if !full {
-            return;
+            break;
         }
         after = last;
         tokio::time::sleep(started.elapsed()).await;
+    }
+    let took = round.elapsed();
+    if took > options.signals_interval {
+        tracing::info!(
+            runtimes = looked_at,
+            reported,
+            seconds = took.as_secs_f64(),
+            "a signals round took longer than --signals-interval-ms"
+        );
+    } else {
+        tracing::debug!(runtimes = looked_at, reported, seconds = took.as_secs_f64(), "signals round");
     }
 }
 

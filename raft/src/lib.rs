@@ -35,6 +35,7 @@ pub mod log_store;
 pub mod metrics;
 pub mod network;
 mod read_index;
+mod received_snapshot;
 pub mod replica;
 mod retention;
 pub mod runtime_index;

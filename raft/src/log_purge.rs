@@ -91,21 +91,20 @@ pub fn purge_upto(positions: &LogPositions, keep: u64, holding: bool) -> Option<
     (positions.purged.is_none_or(|purged| upto > purged)).then_some(upto)
 }
 
-/// Asks openraft to purge as [`purge_upto`] says, whenever its metrics change (and every second,
-/// as a hold ends with time), until `stop` turns true.
+/// Asks openraft to purge as [`purge_upto`] says, once a second (a purge is a range delete, and
+/// openraft logs each request), until `stop` turns true.
 pub async fn run(raft: Raft, sends: Arc<SnapshotSends>, keep: u64, mut stop: watch::Receiver<bool>) {
-    let mut metrics = raft.metrics();
+    let metrics = raft.metrics();
     let mut asked = None;
     loop {
         tokio::select! {
             _ = stop.changed() => {}
-            changed = metrics.changed() => if changed.is_err() { return },
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         if *stop.borrow() {
             return;
         }
-        let positions = LogPositions::of(&metrics.borrow_and_update());
+        let positions = LogPositions::of(&metrics.borrow());
         let Some(upto) = purge_upto(&positions, keep, sends.recent(AFTER_A_SNAPSHOT)) else { continue };
         if asked.is_some_and(|asked| upto <= asked) {
             continue;

@@ -34,6 +34,7 @@ use crate::codec;
 use crate::command::CommandReply;
 use crate::error::DataDirError;
 use crate::keys::{KEY_INSTALLING, KEY_LAST_APPLIED, KEY_MEMBERSHIP};
+use crate::received_snapshot::ReceivedSnapshots;
 use crate::snapshot_file::{self, SnapshotFormatError, SnapshotReader, SnapshotWriter};
 use crate::state_reader::StateReader;
 use crate::store::{cf, write_atomically_with, CF_SM_META, STATE_MACHINE_CFS};
@@ -59,6 +60,8 @@ pub struct StateMachineStore {
     /// The latest snapshot (`snapshot_file.rs`), read when a follower needs it; nothing of it
     /// is kept in memory.
     snapshot_path: PathBuf,
+    /// The file a snapshot on its way here is written to.
+    received: Arc<ReceivedSnapshots>,
 }
 
 /// The store reads as its reader does.
@@ -90,7 +93,8 @@ impl From<DataDirError> for StorageError {
 
 impl StateMachineStore {
     pub fn new(db: Arc<DB>, snapshot_path: PathBuf) -> Result<StateMachineStore, StorageError> {
-        let store = StateMachineStore { reader: StateReader::open(db)?, snapshot_path };
+        let received = Arc::new(ReceivedSnapshots::new(&snapshot_path));
+        let store = StateMachineStore { reader: StateReader::open(db)?, snapshot_path, received };
         store.finish_an_interrupted_install()?;
         // A snapshot this build cannot read is refused now, not when a follower needs it.
         store.current()?;
@@ -165,9 +169,10 @@ impl StateMachineStore {
 
     /// Installs the snapshot a leader sent (in `file`), so that a crash at any point leaves
     /// either the state as it was or an install the next start finishes: the file is checked and
-    /// kept as `snapshot.installing`; one synced batch marks the install (the log position it
-    /// installs) and empties the state machine; [`Self::load`] streams the records in and ends
-    /// it. Nothing of the snapshot is held in memory but the batch being written.
+    /// kept as `snapshot.installing` (renamed if it is the transfer's own file, else copied);
+    /// one synced batch marks the install (the log position it installs) and empties the state
+    /// machine; [`Self::load`] streams the records in and ends it. Nothing of the snapshot is
+    /// held in memory but the table block being written.
     fn install(&self, meta: &SnapshotMeta, mut file: std::fs::File) -> Result<(), StorageError> {
         file.seek(SeekFrom::Start(0)).map_err(read_err)?;
         snapshot_file::verify(std::io::BufReader::with_capacity(1 << 20, &mut file))?;
@@ -180,8 +185,17 @@ impl StateMachineStore {
             ))));
         }
         let installing = self.snapshot_path.with_extension("installing");
-        file.seek(SeekFrom::Start(0)).map_err(read_err)?;
-        write_atomically_with(&installing, |out| std::io::copy(&mut file, out).map(drop).map_err(write_err))?;
+        match self.received.take_path_of(&file) {
+            Some(received) => {
+                file.sync_all().map_err(write_err)?;
+                std::fs::rename(&received, &installing).map_err(write_err)?;
+                self.sync_dir()?;
+            }
+            None => {
+                file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+                write_atomically_with(&installing, |out| std::io::copy(&mut file, out).map(drop).map_err(write_err))?;
+            }
+        }
         self.begin_install(&meta.last_log_id)?;
         self.load(&installing, meta)
     }
@@ -219,9 +233,7 @@ impl StateMachineStore {
         let mut batch = WriteBatch::default();
         if path != self.snapshot_path {
             std::fs::rename(path, &self.snapshot_path).map_err(write_err)?;
-            if let Some(dir) = self.snapshot_path.parent() {
-                std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(write_err)?;
-            }
+            self.sync_dir()?;
         }
         let meta_cf = cf(&self.db, CF_SM_META);
         if let Some(last_log_id) = &meta.last_log_id {
@@ -253,6 +265,14 @@ impl StateMachineStore {
             "a snapshot install (at {wanted:?}) was cut short and its file is gone: the state machine is incomplete; \
              remove this node's data directory and add it to the cluster again"
         ))))
+    }
+
+    /// Syncs the snapshot's directory: a rename in it lasts.
+    fn sync_dir(&self) -> Result<(), StorageError> {
+        match self.snapshot_path.parent() {
+            Some(dir) => std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(write_err),
+            None => Ok(()),
+        }
     }
 
     fn write_synced(&self, batch: WriteBatch) -> Result<(), StorageError> {
@@ -334,11 +354,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    /// An unnamed file beside the snapshot (gone with its last handle, so an interrupted
-    /// transfer leaves nothing behind); the chunks are written to it as they arrive.
+    /// A file beside the snapshot ([`ReceivedSnapshots`]); the chunks are written to it as
+    /// they arrive.
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
-        let dir = self.snapshot_path.parent().map(PathBuf::from).unwrap_or_default();
-        let file = tokio::task::spawn_blocking(move || tempfile::tempfile_in(dir)).await.map_err(write_err)?;
+        let received = self.received.clone();
+        let file = tokio::task::spawn_blocking(move || received.begin()).await.map_err(write_err)?;
         Ok(Box::new(tokio::fs::File::from_std(file.map_err(write_err)?)))
     }
 
