@@ -93,8 +93,13 @@ pub(crate) fn watch_store(db: &std::sync::Arc<DB>, cache: rocksdb::Cache) {
 }
 
 /// Per column family, in bytes: `(metric, help, RocksDB property)`.
-const FAMILY_BYTES: [(&str, &str, &str); 3] = [
-    ("storage_memtable", "Memtables of the column family", "rocksdb.cur-size-all-mem-tables"),
+const FAMILY_BYTES: [(&str, &str, &str); 4] = [
+    ("storage_memtable", "Memtables of the column family not yet flushed", "rocksdb.cur-size-all-mem-tables"),
+    (
+        "storage_memtable_held",
+        "Memtables of the column family, flushed ones that readers still hold included",
+        "rocksdb.size-all-mem-tables",
+    ),
     ("storage_table_readers", "Index and filter blocks of open table files", "rocksdb.estimate-table-readers-mem"),
     ("storage_live_data", "Live data on disk (estimate)", "rocksdb.estimate-live-data-size"),
 ];

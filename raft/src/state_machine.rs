@@ -128,7 +128,12 @@ impl StateMachineStore {
         let write = |out: &mut dyn std::io::Write| -> Result<(), StorageError> {
             let mut writer = SnapshotWriter::new(out, &meta)?;
             for name in loaded_families() {
-                let records = view.iterator_cf(cf(&self.db, name), IteratorMode::Start).map(|r| r.map_err(read_err));
+                // A build reads the whole state once: through the block cache it would push out
+                // what the API reads (64 MiB against ~1.5 GB at a million runtimes).
+                let mut once = rocksdb::ReadOptions::default();
+                once.fill_cache(false);
+                let records =
+                    view.iterator_cf_opt(cf(&self.db, name), once, IteratorMode::Start).map(|r| r.map_err(read_err));
                 writer.family(name, records)?;
             }
             writer.finish()?;
