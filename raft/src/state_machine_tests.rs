@@ -610,6 +610,11 @@ async fn a_snapshot_handed_out_stays_itself_when_a_newer_build_replaces_the_file
     let current = target.get_current_snapshot().await.unwrap().expect("kept by the follower");
     assert_eq!(current.meta, sending.meta);
     assert_eq!(sm.get_current_snapshot().await.unwrap().expect("newer").meta, newer.meta);
+    // The transfer's own file became the snapshot: nothing of it is left beside it.
+    let dir = target.snapshot_path.parent().unwrap();
+    let names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(!names.iter().any(|n| n.contains("receiving") || n.contains("installing")), "{names:?}");
 }
 
 #[test]

@@ -59,6 +59,9 @@ async fn prometheus_scrapes_the_write_stages_of_every_member_with_a_read_only_ke
     let forwarded = query_until(port, "sum(runtimeai_raft_forward_seconds_count)", |v| v >= 1.0).await;
     // The store's memory by column family, and the process's: the runtimes family holds the five.
     let live = query_until(port, "min(runtimeai_storage_live_data_bytes{family=\"runtimes\"} + runtimeai_storage_memtable_bytes{family=\"runtimes\"})", |v| v > 0.0).await;
+    // Memtables readers still hold are memtables too: never fewer bytes than those not flushed.
+    let held = "min(runtimeai_storage_memtable_held_bytes{family=\"runtimes\"} - runtimeai_storage_memtable_bytes{family=\"runtimes\"})";
+    let held = query_until(port, held, |v| v >= 0.0).await;
     let resident = query_until(port, "min(runtimeai_process_resident_bytes)", |v| v > 10e6).await;
     let _ = prometheus.kill();
     let _ = prometheus.wait();
@@ -69,6 +72,7 @@ async fn prometheus_scrapes_the_write_stages_of_every_member_with_a_read_only_ke
     assert!(creates.as_ref().is_ok_and(|v| *v >= 5.0), "the follower's creates by route: {creates:?}");
     assert!(forwarded.as_ref().is_ok_and(|v| *v >= 1.0), "the follower's forwarding hops: {forwarded:?}");
     assert!(live.as_ref().is_ok_and(|v| *v > 0.0), "the runtimes' bytes on every member: {live:?}");
+    assert!(held.as_ref().is_ok_and(|v| *v >= 0.0), "the memtables readers hold, on every member: {held:?}");
     assert!(resident.as_ref().is_ok_and(|v| *v > 10e6), "every member's resident memory: {resident:?}");
     Ok(())
 }
