@@ -1182,6 +1182,24 @@ mod tests {
     }
 
     #[test]
+    fn a_node_arg_replaces_the_benchs_default_for_its_flag_in_either_form() {
+        let defaults = [("--signals-interval-ms", "60000"), ("--simulated-step-ms", "1")];
+        let given = |args: &[&str]| with_defaults(&defaults, &args.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+        assert_eq!(given(&[]), ["--signals-interval-ms=60000", "--simulated-step-ms=1"]);
+        assert_eq!(given(&["--signals-interval-ms=900000"]), ["--simulated-step-ms=1", "--signals-interval-ms=900000"]);
+        assert_eq!(
+            given(&["--simulated-step-ms", "5"]),
+            ["--signals-interval-ms=60000", "--simulated-step-ms", "5"],
+            "the flag and its value as two arguments"
+        );
+        assert_eq!(
+            given(&["--simulated-step-ms-extra=1"]),
+            ["--signals-interval-ms=60000", "--simulated-step-ms=1", "--simulated-step-ms-extra=1"],
+            "a longer flag is another flag"
+        );
+    }
+
+    #[test]
     fn the_scale_table_names_every_target_and_the_snapshot_interval_it_ran_with() {
         let page = |page, p99_ms| ListPage { page, p50_ms: 1.0, p99_ms, max_ms: 9.0 };
         let scale = Scale {

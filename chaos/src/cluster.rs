@@ -751,3 +751,27 @@ pub fn kill_processes_under(dir: &Path) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flag_is_given_alone_or_with_its_value_and_a_child_that_ended_is_seen_as_exited() {
+        let args = ["--backends=vm=simulated", "--zone", "a"].map(String::from);
+        assert!(gives(&args, "--backends") && gives(&args, "--zone"));
+        assert!(!gives(&args, "--back") && !gives(&args, "--site"));
+
+        let mut running = Command::new("sleep").arg("5").spawn().unwrap();
+        let mut ended = Command::new("true").spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !has_exited(ended.id()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(has_exited(ended.id()), "a child that ended (not yet waited for)");
+        assert!(!has_exited(running.id()), "a child still running");
+        let _ = running.kill();
+        let _ = running.wait();
+        let _ = ended.wait();
+    }
+}
