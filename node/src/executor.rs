@@ -117,8 +117,9 @@ async fn report_signals_every_interval(
 /// at once nor proposes one command the size of all their signals.
 ///
 /// A round is background work and is paced as such: the runtimes of a page are looked at one
-/// poll each, and after a page the round rests as long as the page took. At a million runtimes an unpaced round took the async workers for seconds on
-/// every node at once, raft's heartbeats waited behind it, and followers started elections.
+/// poll each, and after a page the round rests as long as the page took. At a million runtimes
+/// an unpaced round took the async workers for seconds on every node at once, raft's
+/// heartbeats waited behind it, and followers started elections.
 async fn report_signals(replica: &Replica, backends: &Backends, options: &ExecutorOptions) {
     crate::migration::remove_left_behind(replica, backends, options.node_id).await;
     let settings = replica.state().settings();
