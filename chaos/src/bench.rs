@@ -308,9 +308,11 @@ fn runtimeai_options(node_args: &[String], plaintext: bool) -> ClusterOptions {
 
 /// `node_args` after each of `defaults` (`flag=value`) that none of them gives.
 fn with_defaults(defaults: &[(&str, &str)], node_args: &[String]) -> Vec<String> {
-    let given = |flag: &str| node_args.iter().any(|arg| arg == flag || arg.starts_with(&format!("{flag}=")));
-    let mut args: Vec<String> =
-        defaults.iter().filter(|(flag, _)| !given(flag)).map(|(flag, value)| format!("{flag}={value}")).collect();
+    let mut args: Vec<String> = defaults
+        .iter()
+        .filter(|(flag, _)| !crate::cluster::gives(node_args, flag))
+        .map(|(flag, value)| format!("{flag}={value}"))
+        .collect();
     args.extend(node_args.iter().cloned());
     args
 }

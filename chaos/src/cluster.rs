@@ -174,7 +174,7 @@ impl Node {
 }
 
 /// Whether `args` give `flag` (as `--flag value` or `--flag=value`).
-fn gives(args: &[String], flag: &str) -> bool {
+pub(crate) fn gives(args: &[String], flag: &str) -> bool {
     args.iter().any(|arg| arg == flag || arg.strip_prefix(flag).is_some_and(|rest| rest.starts_with('=')))
 }
 

@@ -37,7 +37,7 @@ use crate::keys::{KEY_INSTALLING, KEY_LAST_APPLIED, KEY_MEMBERSHIP};
 use crate::received_snapshot::ReceivedSnapshots;
 use crate::snapshot_file::{self, SnapshotFormatError, SnapshotReader, SnapshotWriter};
 use crate::state_reader::StateReader;
-use crate::store::{cf, write_atomically_with, CF_SM_META, STATE_MACHINE_CFS};
+use crate::store::{cf, sync_parent_dir, write_atomically_with, CF_SM_META, STATE_MACHINE_CFS};
 use crate::table_loader::{self, TableLoader};
 use crate::txn::Txn;
 use crate::types::{
@@ -194,7 +194,7 @@ impl StateMachineStore {
             Some(received) => {
                 file.sync_all().map_err(write_err)?;
                 std::fs::rename(&received, &installing).map_err(write_err)?;
-                self.sync_dir()?;
+                sync_parent_dir(&self.snapshot_path).map_err(write_err)?;
             }
             None => {
                 file.seek(SeekFrom::Start(0)).map_err(read_err)?;
@@ -238,7 +238,7 @@ impl StateMachineStore {
         let mut batch = WriteBatch::default();
         if path != self.snapshot_path {
             std::fs::rename(path, &self.snapshot_path).map_err(write_err)?;
-            self.sync_dir()?;
+            sync_parent_dir(&self.snapshot_path).map_err(write_err)?;
         }
         let meta_cf = cf(&self.db, CF_SM_META);
         if let Some(last_log_id) = &meta.last_log_id {
@@ -270,14 +270,6 @@ impl StateMachineStore {
             "a snapshot install (at {wanted:?}) was cut short and its file is gone: the state machine is incomplete; \
              remove this node's data directory and add it to the cluster again"
         ))))
-    }
-
-    /// Syncs the snapshot's directory: a rename in it lasts.
-    fn sync_dir(&self) -> Result<(), StorageError> {
-        match self.snapshot_path.parent() {
-            Some(dir) => std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(write_err),
-            None => Ok(()),
-        }
     }
 
     fn write_synced(&self, batch: WriteBatch) -> Result<(), StorageError> {

@@ -310,10 +310,16 @@ pub(crate) fn write_atomically_with<E: From<DataDirError>>(
     let file = out.into_inner().map_err(|e| io(&tmp, e.into_error()))?;
     file.sync_all().map_err(|e| io(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| io(path, e))?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))?;
-    }
+    sync_parent_dir(path).map_err(|e| io(path.parent().unwrap_or(path), e))?;
     Ok(())
+}
+
+/// Syncs the directory holding `path`, so that a rename into it lasts.
+pub(crate) fn sync_parent_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => fs::File::open(dir).and_then(|d| d.sync_all()),
+        None => Ok(()),
+    }
 }
 
 fn io(path: &Path, source: std::io::Error) -> DataDirError {
