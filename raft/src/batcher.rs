@@ -11,7 +11,7 @@ use openraft::BasicNode;
 use runtimeai_model::Actor;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::coalesce::{holding, next_write_group};
+use crate::coalesce::{holding, next_write_group, WriteGroups, WriteItem, BACKGROUND_LINGER};
 use crate::command::{Command, CommandReply, LoggedCommand, Op};
 use crate::types::{NodeId, Raft};
 use crate::{limits, metrics};
@@ -79,17 +79,9 @@ impl Batcher {
 
 async fn run(raft: Raft, mut queue: mpsc::UnboundedReceiver<Proposal>, assigner: SharedAssigner, at_once: u32) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    // Counted in commands and bytes: a follower's forwarded batch is one proposal of many
-    // commands.
-    while let Some((permit, mut batch)) = next_write_group(
-        &mut queue,
-        &in_flight,
-        (MAX_IN_FLIGHT as u32, at_once),
-        limits::BATCH_BYTES,
-        |proposal: &Proposal| weight(proposal),
-    )
-    .await
-    {
+    let rule =
+        WriteGroups { slots: MAX_IN_FLIGHT as u32, at_once, max: limits::BATCH_BYTES, linger: BACKGROUND_LINGER };
+    while let Some((permit, mut batch)) = next_write_group(&mut queue, &in_flight, rule).await {
         let assigner = assigner.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         if let Some(assigner) = assigner {
             for proposal in &mut batch {
@@ -108,8 +100,16 @@ fn offer(assigner: &dyn Assigner, command: &mut Command) {
     }
 }
 
-fn weight(proposal: &Proposal) -> usize {
-    limits::batch_weight(proposal.bytes, commands(proposal), MAX_BATCH)
+impl WriteItem for Proposal {
+    /// Counted in commands and bytes: a follower's forwarded batch is one proposal of many
+    /// commands.
+    fn weight(&self) -> usize {
+        limits::batch_weight(self.bytes, commands(self), MAX_BATCH)
+    }
+
+    fn is_background(&self) -> bool {
+        self.command.is_background()
+    }
 }
 
 /// How many commands `proposal` holds (a follower's forwarded batch holds many).
@@ -123,7 +123,8 @@ fn commands(proposal: &Proposal) -> usize {
 async fn write(raft: &Raft, mut batch: Vec<Proposal>) {
     let stages = metrics::stages();
     let proposed = std::time::Instant::now();
-    for proposal in &batch {
+    // What clients wait; a node's own reports may linger on purpose (`BACKGROUND_LINGER`).
+    for proposal in batch.iter().filter(|proposal| !proposal.command.is_background()) {
         stages.batch_wait.observe(proposed.duration_since(proposal.queued).as_secs_f64());
     }
     stages.batch_commands.observe(batch.iter().map(commands).sum::<usize>() as f64);

@@ -26,6 +26,18 @@ pub struct Command {
     pub op: Op,
 }
 
+impl Command {
+    /// Whether no client's request waits on it: a node's own command (an executor's report, a
+    /// lease renewal; see [`Op::is_node_only`]), or a batch of only those. Such commands may
+    /// wait a little to share a log entry with a client's write.
+    pub fn is_background(&self) -> bool {
+        match &self.op {
+            Op::Batch(commands) => commands.iter().all(Command::is_background),
+            op => op.is_node_only(),
+        }
+    }
+}
+
 /// An idempotency key and a digest of the request it was first used with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdempotencyClaim {

@@ -18,7 +18,7 @@ use runtimeai_proto::ForwardRequest;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::Channel;
 
-use crate::coalesce::{holding, next_write_group};
+use crate::coalesce::{holding, next_write_group, WriteGroups, WriteItem};
 use crate::codec;
 use crate::command::{Command, CommandReply, Op};
 use crate::error::ClusterError;
@@ -45,18 +45,34 @@ struct Pending {
     reply: oneshot::Sender<Forwarded>,
 }
 
-/// The sending side; cheap to clone.
+impl WriteItem for Pending {
+    fn weight(&self) -> usize {
+        limits::batch_weight(self.bytes, 1, MAX_FORWARD_BATCH)
+    }
+
+    fn is_background(&self) -> bool {
+        self.command.is_background()
+    }
+}
+
+/// The sending side; cheap to clone. Clients' writes and the node's own commands (see
+/// [`Command::is_background`]) travel in lanes of their own, so that a client's write never
+/// waits for a report on its way (which lingers at the leader for a client's write to join it).
 #[derive(Clone)]
 pub(crate) struct Forwarder {
-    pending: mpsc::UnboundedSender<Pending>,
+    clients: mpsc::UnboundedSender<Pending>,
+    background: mpsc::UnboundedSender<Pending>,
 }
 
 impl Forwarder {
     /// Starts the forwarding task (it ends when every `Forwarder` is dropped).
     pub(crate) fn start(from: crate::types::NodeId, cluster: String, deadline: Duration, at_once: u32) -> Forwarder {
-        let (pending, queue) = mpsc::unbounded_channel();
-        tokio::spawn(run(Arc::new(Link { from, cluster, deadline, at_once }), queue));
-        Forwarder { pending }
+        let link = Link { from, cluster, deadline, at_once, background: false };
+        let (clients, clients_queue) = mpsc::unbounded_channel();
+        let (background, background_queue) = mpsc::unbounded_channel();
+        tokio::spawn(run(Arc::new(Link { background: true, ..link.clone() }), background_queue));
+        tokio::spawn(run(Arc::new(link), clients_queue));
+        Forwarder { clients, background }
     }
 
     /// Sends `command` (`bytes` long, encoded) to `leader` (through `client`), with others bound
@@ -71,14 +87,16 @@ impl Forwarder {
     ) -> Forwarded {
         let (reply, answer) = oneshot::channel();
         let stopped = || ClusterError::Stopped("the node is shutting down".into());
-        if self.pending.send(Pending { leader, client, hops_left, command, bytes, reply }).is_err() {
+        let lane = if command.is_background() { &self.background } else { &self.clients };
+        if lane.send(Pending { leader, client, hops_left, command, bytes, reply }).is_err() {
             return Err(stopped());
         }
         answer.await.unwrap_or_else(|_| Err(stopped()))
     }
 }
 
-/// What every RPC carries.
+/// What every RPC of a lane carries.
+#[derive(Clone)]
 struct Link {
     /// This node: a forward says who sends it (its certificate must agree).
     from: crate::types::NodeId,
@@ -86,19 +104,21 @@ struct Link {
     deadline: Duration,
     /// Batches that leave as soon as they form (see [`crate::coalesce::next_write_group`]).
     at_once: u32,
+    /// The lane of the node's own commands, which linger at the leader: their hops are not
+    /// what a client waits, and the `forward` stage leaves them out.
+    background: bool,
 }
 
 async fn run(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Pending>) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    while let Some((permit, waiting)) = next_write_group(
-        &mut queue,
-        &in_flight,
-        (MAX_IN_FLIGHT as u32, link.at_once),
-        limits::BATCH_BYTES,
-        |pending: &Pending| limits::batch_weight(pending.bytes, 1, MAX_FORWARD_BATCH),
-    )
-    .await
-    {
+    let rule = WriteGroups {
+        slots: MAX_IN_FLIGHT as u32,
+        at_once: link.at_once,
+        max: limits::BATCH_BYTES,
+        // The leader lingers (`coalesce::BACKGROUND_LINGER`); here a lane holds one kind.
+        linger: Duration::ZERO,
+    };
+    while let Some((permit, waiting)) = next_write_group(&mut queue, &in_flight, rule).await {
         // Almost always one group: every write goes to the one leader with the same hop budget.
         let mut groups: BTreeMap<(NodeId, u32), Vec<Pending>> = BTreeMap::new();
         for pending in waiting {
@@ -171,7 +191,9 @@ async fn ask(
     request.set_timeout(link.deadline);
     let started = std::time::Instant::now();
     let reply = client.forward(request).await;
-    crate::metrics::observe_since(&crate::metrics::stages().forward, started);
+    if !link.background {
+        crate::metrics::observe_since(&crate::metrics::stages().forward, started);
+    }
     let reply = reply.map_err(|s| crate::error::transport_error(leader, s, link.deadline))?;
     codec::decode::<Forwarded>("forwarded reply", &reply.into_inner().payload)
         .map_err(|e| ClusterError::Internal(e.to_string()))?

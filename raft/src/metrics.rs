@@ -69,12 +69,12 @@ pub fn register(registry: &mut Registry) {
     let raft = registry.sub_registry_with_prefix("runtimeai_raft");
     let s = stages();
     let seconds = [
-        ("batch_wait", "Time a write waits at the leader before its batch is proposed", &s.batch_wait),
+        ("batch_wait", "Time a client's write waits at the leader before its batch is proposed", &s.batch_wait),
         ("commit", "A batch's commit on the leader: append, fsync, quorum replication, apply", &s.commit),
         ("log_sync", "One fsync of the raft log (group commit)", &s.log_sync),
         ("replicate", "One AppendEntries round trip with entries to a follower", &s.replicate),
         ("apply", "One apply of committed entries to the state machine", &s.apply),
-        ("forward", "One forwarding hop of writes from a follower to the leader", &s.forward),
+        ("forward", "One forwarding hop of clients' writes from a follower to the leader", &s.forward),
     ];
     for (name, help, histogram) in seconds {
         raft.register_with_unit(name, help, Unit::Seconds, histogram.clone());

@@ -869,6 +869,42 @@ async fn a_batch_applies_its_commands_in_order_in_one_entry_each_with_its_own_re
     assert_eq!(ids.len(), events.len(), "no event overwrites another: {events:?}");
 }
 
+#[tokio::test(flavor = "current_thread")]
+async fn a_long_apply_goes_in_pieces_and_lets_other_tasks_run_between_them() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (_dir, mut sm) = open();
+    // What a member catching up is handed at once: 20 entries of 64 creates, five pieces.
+    let entries: Vec<Entry> = (0..20u64)
+        .map(|e| {
+            let creates = (0..64).map(|i| command(create(&format!("rt_{e}_{i}"), &format!("web-{e}-{i}")))).collect();
+            entry(e + 1, Command { at: at(1), actor: Actor::System, idempotency: None, op: Op::Batch(creates) })
+        })
+        .collect();
+    let polled = std::sync::Arc::new(AtomicUsize::new(0));
+    let other = tokio::spawn({
+        let polled = polled.clone();
+        async move {
+            loop {
+                polled.fetch_add(1, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    let replies = sm.apply(entries).await.unwrap();
+    let polled_during_apply = polled.load(Ordering::SeqCst);
+    other.abort();
+    // On this one-thread runtime the other task runs only when apply yields.
+    assert!(polled_during_apply >= 4, "another task ran between the five pieces: {polled_during_apply}");
+    assert_eq!(replies.len(), 20, "one reply per entry");
+    for reply in &replies {
+        let CommandReply::Batch(answers) = reply else { panic!("a batch gets a batch of replies: {reply:?}") };
+        assert_eq!(answers.len(), 64);
+        assert!(answers.iter().all(|a| matches!(a, CommandReply::Created { .. })), "{answers:?}");
+    }
+    assert_eq!(sm.last_applied().unwrap().map(|l| l.index), Some(20));
+    assert_eq!(state_of(&sm, "rt_19_63"), Some(RuntimeState::Creating));
+}
+
 #[tokio::test]
 async fn an_executor_offered_with_the_entry_that_queues_the_operation_holds_it_with_that_entrys_index() {
     let (_dir, mut sm) = open();
