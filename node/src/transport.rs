@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use runtimeai_raft::limits;
 use runtimeai_raft::service::{ClusterService, PeerCheck, RaftService};
 use runtimeai_raft::tls::{self, ClientTls, Reload, ServerTls};
 use runtimeai_raft::Replica;
@@ -80,6 +81,11 @@ impl Transport {
     ) -> JoinHandle<Result<(), tonic::transport::Error>> {
         let check = if self.peer_server.is_some() { PeerCheck::MutualTls } else { PeerCheck::Trusting };
         let router = tonic::transport::Server::builder()
+            // What a peer may send before this node acknowledges it: a whole AppendEntries
+            // (2 MiB) or snapshot chunk (3 MiB) at once, where HTTP/2's window (hyper's 1 MiB
+            // per stream and per connection) made the sender wait for window updates midway.
+            .initial_stream_window_size(limits::PEER_STREAM_WINDOW)
+            .initial_connection_window_size(limits::PEER_CONNECTION_WINDOW)
             .add_service(RaftService::new(replica.clone(), check))
             .add_service(ClusterService::new(replica, check));
         match &self.peer_server {

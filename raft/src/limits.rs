@@ -29,6 +29,14 @@ pub const APPEND_BYTES: usize = 2 << 20;
 /// batch and its reply, and snapshot chunk.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// How many bytes a peer may send on one gRPC stream before the receiver acknowledges them
+/// (HTTP/2 flow control): a whole snapshot chunk, of the default size or a few times it.
+pub const PEER_STREAM_WINDOW: u32 = 16 << 20;
+
+/// The same, for all streams of one connection together: replication, forwarded writes and a
+/// snapshot transfer share a connection.
+pub const PEER_CONNECTION_WINDOW: u32 = 64 << 20;
+
 /// Bytes of client commands one node may have taken in and not yet answered. Past it the node
 /// sheds writes (503 with `Retry-After`, certainly not applied) instead of queueing them: a
 /// backlog no deadline can drain only turns into timeouts with unknown outcomes, and into
