@@ -32,17 +32,6 @@ pub(crate) const MAX_FORWARD_BATCH: usize = 64;
 /// which leaves when the RPCs on their way are done or once it is full.
 const MAX_IN_FLIGHT: usize = 4;
 
-/// Forward RPCs of clients' writes that leave as soon as they form: one more than the leader's
-/// entries (`write_groups_at_once`). The leader batches forwarded writes into its entries
-/// anyway, and an RPC costs far less than an entry: with as many at once as the leader's
-/// entries, a write at a follower waited ~4 ms at 16 clients for the RPC on its way. One more
-/// at once: creates' mean 8.0–10.7 → 7.8 ms and 1 292–1 728 → 1 732–1 739/s at 16 clients,
-/// the same CPU per create, no change at 1, 64 and 256 (interleaved runs through the load
-/// balancer).
-fn clients_at_once(write_groups_at_once: u32) -> u32 {
-    (write_groups_at_once + 1).min(MAX_IN_FLIGHT as u32)
-}
-
 /// What the leader answered, or why it could not be asked.
 pub(crate) type Forwarded = Result<CommandReply, ClusterError>;
 
@@ -76,13 +65,13 @@ pub(crate) struct Forwarder {
 }
 
 impl Forwarder {
-    /// Starts the forwarding tasks, one per lane (they end when every `Forwarder` is dropped).
+    /// Starts the forwarding task (it ends when every `Forwarder` is dropped).
     pub(crate) fn start(from: crate::types::NodeId, cluster: String, deadline: Duration, at_once: u32) -> Forwarder {
         let link = Link { from, cluster, deadline, at_once, background: false };
         let (clients, clients_queue) = mpsc::unbounded_channel();
         let (background, background_queue) = mpsc::unbounded_channel();
         tokio::spawn(run(Arc::new(Link { background: true, ..link.clone() }), background_queue));
-        tokio::spawn(run(Arc::new(Link { at_once: clients_at_once(at_once), ..link }), clients_queue));
+        tokio::spawn(run(Arc::new(link), clients_queue));
         Forwarder { clients, background }
     }
 
