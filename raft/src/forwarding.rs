@@ -65,7 +65,7 @@ pub(crate) struct Forwarder {
 }
 
 impl Forwarder {
-    /// Starts the forwarding task (it ends when every `Forwarder` is dropped).
+    /// Starts the forwarding tasks, one per lane (they end when every `Forwarder` is dropped).
     pub(crate) fn start(from: crate::types::NodeId, cluster: String, deadline: Duration, at_once: u32) -> Forwarder {
         let link = Link { from, cluster, deadline, at_once, background: false };
         let (clients, clients_queue) = mpsc::unbounded_channel();
