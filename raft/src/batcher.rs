@@ -104,19 +104,11 @@ impl WriteItem for Proposal {
     /// Counted in commands and bytes: a follower's forwarded batch is one proposal of many
     /// commands.
     fn weight(&self) -> usize {
-        limits::batch_weight(self.bytes, commands(self), MAX_BATCH)
+        limits::batch_weight(self.bytes, self.command.count(), MAX_BATCH)
     }
 
     fn is_background(&self) -> bool {
         self.command.is_background()
-    }
-}
-
-/// How many commands `proposal` holds (a follower's forwarded batch holds many).
-fn commands(proposal: &Proposal) -> usize {
-    match &proposal.command.op {
-        Op::Batch(commands) => commands.len(),
-        _ => 1,
     }
 }
 
@@ -127,7 +119,7 @@ async fn write(raft: &Raft, mut batch: Vec<Proposal>) {
     for proposal in batch.iter().filter(|proposal| !proposal.command.is_background()) {
         stages.batch_wait.observe(proposed.duration_since(proposal.queued).as_secs_f64());
     }
-    stages.batch_commands.observe(batch.iter().map(commands).sum::<usize>() as f64);
+    stages.batch_commands.observe(batch.iter().map(|proposal| proposal.command.count()).sum::<usize>() as f64);
     if batch.len() == 1 {
         let proposal = batch.remove(0);
         let written = raft.client_write(LoggedCommand::new(proposal.command)).await;

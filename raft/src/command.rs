@@ -36,6 +36,14 @@ impl Command {
             op => op.is_node_only(),
         }
     }
+
+    /// How many client or node commands it carries: a batch's, else one.
+    pub fn count(&self) -> usize {
+        match &self.op {
+            Op::Batch(commands) => commands.len(),
+            _ => 1,
+        }
+    }
 }
 
 /// An idempotency key and a digest of the request it was first used with.

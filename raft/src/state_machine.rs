@@ -31,7 +31,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::apply::apply_entry;
 use crate::codec;
-use crate::command::{CommandReply, Op};
+use crate::command::CommandReply;
 use crate::error::DataDirError;
 use crate::keys::{KEY_INSTALLING, KEY_LAST_APPLIED, KEY_MEMBERSHIP};
 use crate::received_snapshot::ReceivedSnapshots;
@@ -289,10 +289,7 @@ const APPLY_PIECE_COMMANDS: usize = 256;
 /// The commands `entry` holds.
 fn commands_in(entry: &Entry) -> usize {
     match &entry.payload {
-        EntryPayload::Normal(command) => match &command.command().op {
-            Op::Batch(commands) => commands.len(),
-            _ => 1,
-        },
+        EntryPayload::Normal(command) => command.command().count(),
         _ => 1,
     }
 }
