@@ -1023,6 +1023,9 @@ async fn apply_cost() {
                         .map(runtimeai_model::Capability::from)
                         .to_vec();
                     runtime.placement = Some(runtimeai_model::Placement { node_id: 1, site: None, zone: None });
+                    // No tenant, as the scale bench's admin creates them: a tenant's quota
+                    // (10 000 by default) would refuse the later rounds.
+                    runtime.tenant_id = None;
                     operation.assignment =
                         Some(runtimeai_model::Assignment { node_id: 1, token: 0, lease_until: at(3) });
                 }
