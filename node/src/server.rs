@@ -10,7 +10,7 @@ use anyhow::Context;
 use openraft::{BasicNode, SnapshotPolicy};
 use tokio::net::TcpListener;
 
-use runtimeai_api::AppState;
+use runtimeai_api::{AppContext, AppState};
 use runtimeai_model::NodeInfo;
 use runtimeai_raft::command::RegisterNode;
 use runtimeai_raft::log_store::LogStore;
@@ -234,7 +234,7 @@ fn api_router(
                 .context("cannot set up the external planner")?,
         )),
     };
-    let state = AppState {
+    let state = AppState::from(AppContext {
         replica: replica.clone(),
         http_addr: config.advertise_http.as_str().into(),
         log_stats,
@@ -247,7 +247,7 @@ fn api_router(
         auth_failures: Arc::default(),
         oidc,
         rate_limits: Arc::new(runtimeai_api::throttle::RateLimits::new(config.rate_limits)),
-    };
+    });
     // Calls other members take about runtimes this node hosts (exec, logs) are served here.
     replica.set_host_calls(Arc::new(runtimeai_api::on_host::HostCallsServer::new(state.clone())));
     Ok(runtimeai_api::router(state))
