@@ -100,7 +100,7 @@ pub(crate) async fn next_write_group<T: WriteItem>(
     // Free slots that mean fewer than `at_once` groups are on their way.
     let free_enough = slots - at_once.clamp(1, slots) + 1;
     let first = queue.recv().await?;
-    let mut lingering = (first.is_background() && !linger.is_zero()).then(|| tokio::time::Instant::now() + linger);
+    let mut lingering = (!linger.is_zero() && first.is_background()).then(|| tokio::time::Instant::now() + linger);
     let mut taken = first.weight();
     let mut group = vec![first];
     loop {
