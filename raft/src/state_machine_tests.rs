@@ -655,6 +655,38 @@ async fn a_snapshot_of_another_format_version_is_refused() {
 }
 
 #[tokio::test]
+async fn an_uncompressed_snapshot_of_an_earlier_build_installs_and_a_node_starts_with_one_as_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataDir::open(&dir.path().join("data"), 1, "test").unwrap();
+    let mut source = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
+    apply(&mut source, vec![create("rt_a", "web")]).await;
+    let mut snapshot = source.build_snapshot().await.unwrap();
+    let mut bytes = Vec::new();
+    snapshot.snapshot.read_to_end(&mut bytes).await.unwrap();
+    // The layout earlier builds wrote: the format version, the records as they are, the checksum.
+    let records = zstd::decode_all(&bytes[4..bytes.len() - 4]).unwrap();
+    let mut plain = crate::codec::FORMAT_VERSION.to_le_bytes().to_vec();
+    plain.extend_from_slice(&records);
+    let checksum = crc32fast::hash(&plain);
+    plain.extend_from_slice(&checksum.to_le_bytes());
+    assert!(plain.len() > bytes.len(), "the records are stored compressed");
+
+    let (_dir2, mut target) = open();
+    let mut received = target.begin_receiving_snapshot().await.unwrap();
+    received.write_all(&plain).await.unwrap();
+    target.install_snapshot(&snapshot.meta, received).await.unwrap();
+    assert_eq!(target.list_runtimes().unwrap(), source.list_runtimes().unwrap());
+
+    // A node upgraded in place: its snapshot file is of the earlier layout, and is its snapshot.
+    drop(source);
+    std::fs::write(data.snapshot_path(), &plain).unwrap();
+    let mut reopened = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
+    assert!(!data.snapshot_path().with_extension("corrupt").exists(), "not taken for a corrupt file");
+    let current = reopened.get_current_snapshot().await.unwrap().expect("its snapshot");
+    assert_eq!(current.meta, snapshot.meta);
+}
+
+#[tokio::test]
 async fn a_corrupt_snapshot_is_refused_on_install_and_set_aside_and_rebuilt_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let data = DataDir::open(&dir.path().join("data"), 1, "test").unwrap();
