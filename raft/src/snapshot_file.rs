@@ -37,8 +37,8 @@ const COMPRESSED: u32 = 1 << 16;
 /// Field lengths up to this are allocated before they are read.
 const TRUSTED_LENGTH: usize = 1 << 20;
 
-/// zstd's level 1: at a million runtimes, ~2.5 s of one core to shrink ~1.5 GB of records about
-/// six times (higher levels take twice as long for a few percent).
+/// zstd's level 1: ~0.8 s of one core shrank the records of ~180 000 runtimes (442 MB) 5.8
+/// times; level 3 took 1.7 times as long and came out no smaller.
 const LEVEL: i32 = 1;
 
 /// What a snapshot's bytes can be refused for.
@@ -291,8 +291,8 @@ impl<R: Read> SnapshotReader<R> {
                 self.fill(into)?;
                 Ok(true)
             }
-            // Longer than any record we write: read as it arrives, so that a mangled length
-            // (under a checksum that matches) costs what the stream holds, not 4 GiB.
+            // Longer: read as it arrives, so that a mangled length (under a checksum that
+            // matches) costs what the stream holds, not the 4 GiB it may claim.
             len => {
                 into.clear();
                 (&mut self.input).take(u64::from(len)).read_to_end(into)?;
