@@ -21,6 +21,7 @@ use crate::command::{
 use crate::command::{Command, CommandReply, IdempotencyClaim, Op, Rejection};
 use crate::store::DataDir;
 use crate::types::Entry;
+use crate::types::SnapshotMeta;
 use serde_json::json;
 
 /// The unfinished operations assigned to `node_id`, ordered by id.
@@ -654,8 +655,9 @@ async fn a_snapshot_of_another_format_version_is_refused() {
     assert!(target.get_runtime("rt_a").unwrap().is_none());
 }
 
-#[tokio::test]
-async fn an_uncompressed_snapshot_of_an_earlier_build_installs_and_a_node_starts_with_one_as_its_own() {
+/// A store on a data directory of its own with one runtime, and the snapshot it built: its
+/// metadata and bytes.
+async fn a_store_and_its_snapshot() -> (tempfile::TempDir, DataDir, StateMachineStore, SnapshotMeta, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let data = DataDir::open(&dir.path().join("data"), 1, "test").unwrap();
     let mut source = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
@@ -663,6 +665,12 @@ async fn an_uncompressed_snapshot_of_an_earlier_build_installs_and_a_node_starts
     let mut snapshot = source.build_snapshot().await.unwrap();
     let mut bytes = Vec::new();
     snapshot.snapshot.read_to_end(&mut bytes).await.unwrap();
+    (dir, data, source, snapshot.meta, bytes)
+}
+
+#[tokio::test]
+async fn an_uncompressed_snapshot_of_an_earlier_build_installs_and_a_node_starts_with_one_as_its_own() {
+    let (_dir, data, source, meta, bytes) = a_store_and_its_snapshot().await;
     // The layout earlier builds wrote: the format version, the records as they are, the checksum.
     let records = zstd::decode_all(&bytes[4..bytes.len() - 4]).unwrap();
     let mut plain = crate::codec::FORMAT_VERSION.to_le_bytes().to_vec();
@@ -674,7 +682,7 @@ async fn an_uncompressed_snapshot_of_an_earlier_build_installs_and_a_node_starts
     let (_dir2, mut target) = open();
     let mut received = target.begin_receiving_snapshot().await.unwrap();
     received.write_all(&plain).await.unwrap();
-    target.install_snapshot(&snapshot.meta, received).await.unwrap();
+    target.install_snapshot(&meta, received).await.unwrap();
     assert_eq!(target.list_runtimes().unwrap(), source.list_runtimes().unwrap());
 
     // A node upgraded in place: its snapshot file is of the earlier layout, and is its snapshot.
@@ -683,18 +691,12 @@ async fn an_uncompressed_snapshot_of_an_earlier_build_installs_and_a_node_starts
     let mut reopened = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
     assert!(!data.snapshot_path().with_extension("corrupt").exists(), "not taken for a corrupt file");
     let current = reopened.get_current_snapshot().await.unwrap().expect("its snapshot");
-    assert_eq!(current.meta, snapshot.meta);
+    assert_eq!(current.meta, meta);
 }
 
 #[tokio::test]
 async fn a_corrupt_snapshot_is_refused_on_install_and_set_aside_and_rebuilt_on_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = DataDir::open(&dir.path().join("data"), 1, "test").unwrap();
-    let mut source = StateMachineStore::new(data.db.clone(), data.snapshot_path()).unwrap();
-    apply(&mut source, vec![create("rt_a", "web")]).await;
-    let mut snapshot = source.build_snapshot().await.unwrap();
-    let mut bytes = Vec::new();
-    snapshot.snapshot.read_to_end(&mut bytes).await.unwrap();
+    let (_dir, data, source, meta, bytes) = a_store_and_its_snapshot().await;
     let mut flipped = bytes.clone();
     let middle = flipped.len() / 2;
     flipped[middle] ^= 0x01;
@@ -702,7 +704,7 @@ async fn a_corrupt_snapshot_is_refused_on_install_and_set_aside_and_rebuilt_on_o
     let (_dir2, mut target) = open();
     let mut received = target.begin_receiving_snapshot().await.unwrap();
     received.write_all(&flipped).await.unwrap();
-    let err = target.install_snapshot(&snapshot.meta, received).await.unwrap_err();
+    let err = target.install_snapshot(&meta, received).await.unwrap_err();
     assert!(err.to_string().contains("checksum"), "{err}");
     assert!(target.get_runtime("rt_a").unwrap().is_none(), "nothing installed");
 
@@ -715,7 +717,7 @@ async fn a_corrupt_snapshot_is_refused_on_install_and_set_aside_and_rebuilt_on_o
     let mut rebuilt = Vec::new();
     current.snapshot.read_to_end(&mut rebuilt).await.unwrap();
     assert!(crate::snapshot_file::verify(&rebuilt[..]).is_ok());
-    assert_eq!(current.meta.last_log_id, snapshot.meta.last_log_id);
+    assert_eq!(current.meta.last_log_id, meta.last_log_id);
 }
 
 #[tokio::test]
