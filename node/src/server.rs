@@ -193,18 +193,12 @@ async fn start_raft(
         // Adding a member answers "still catching up, ask again" (409) well before the REST
         // request's own timeout would answer 504 and leave the caller guessing.
         catch_up_deadline: config.http_limits.request_timeout.mul_f64(0.75),
+        // Halfway to the next build anyway.
+        stale_snapshot_entries: config.snapshot_count / 2,
         write_groups_at_once: config.write_groups_at_once,
         ..Default::default()
     };
-    let replica = Replica::new(
-        config.id,
-        raft.clone(),
-        state.reader().clone(),
-        config.cluster_name.clone(),
-        health,
-        routes,
-        options,
-    );
+    let replica = Replica::new(config.id, raft.clone(), &state, config.cluster_name.clone(), health, routes, options);
     Ok(StartedRaft { raft, replica, log_stats, snapshot_sends })
 }
 

@@ -9,6 +9,7 @@
 //! - [`log_purge`]: when the log is purged (never past what a member catching up by snapshot
 //!   still lacks).
 //! - [`state_machine`]: deterministic apply and snapshots.
+//! - [`build_priority`]: snapshot builds on idle CPU, unless a joining member waits for one.
 //! - [`state_reader`]: the applied state, read only: what the API, scheduler and executors see.
 //! - [`network`] / [`service`]: raft and cluster RPCs, client and server.
 //! - [`tls`]: mutual TLS between members (and the REST port's TLS), reloaded without a restart.
@@ -23,6 +24,7 @@
 
 mod apply;
 mod batcher;
+pub mod build_priority;
 mod coalesce;
 pub mod codec;
 pub mod command;

@@ -30,6 +30,7 @@ use rocksdb::{IteratorMode, WriteBatch, WriteOptions, DB};
 use tokio::io::AsyncWriteExt;
 
 use crate::apply::apply_entry;
+use crate::build_priority::BuildPriority;
 use crate::codec;
 use crate::command::CommandReply;
 use crate::error::DataDirError;
@@ -62,6 +63,8 @@ pub struct StateMachineStore {
     snapshot_path: PathBuf,
     /// The file a snapshot on its way here is written to.
     received: Arc<ReceivedSnapshots>,
+    /// At what priority snapshots are built.
+    build_priority: Arc<BuildPriority>,
 }
 
 /// The store reads as its reader does.
@@ -94,7 +97,8 @@ impl From<DataDirError> for StorageError {
 impl StateMachineStore {
     pub fn new(db: Arc<DB>, snapshot_path: PathBuf) -> Result<StateMachineStore, StorageError> {
         let received = Arc::new(ReceivedSnapshots::new(&snapshot_path));
-        let store = StateMachineStore { reader: StateReader::open(db)?, snapshot_path, received };
+        let reader = StateReader::open(db)?;
+        let store = StateMachineStore { reader, snapshot_path, received, build_priority: Default::default() };
         store.finish_an_interrupted_install()?;
         // A snapshot this build cannot read is refused now, not when a follower needs it.
         store.current()?;
@@ -104,6 +108,11 @@ impl StateMachineStore {
     /// The read side, for those who read only (the API, the scheduler, the executors).
     pub fn reader(&self) -> &StateReader {
         &self.reader
+    }
+
+    /// At what priority snapshots are built: for a leader whose new member waits for one.
+    pub fn build_priority(&self) -> &Arc<BuildPriority> {
+        &self.build_priority
     }
 
     /// Writes the state machine, as of one RocksDB snapshot, to the snapshot file as it reads
@@ -418,15 +427,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
-    /// Builds on a thread of its own at low CPU priority, like RocksDB's flushes: a build reads
-    /// the whole state, and on a busy node it should take the idle CPU, not the requests'.
+    /// Builds on a thread of its own at low CPU priority unless a build is awaited
+    /// ([`BuildPriority`]): a build reads the whole state, and on a busy node it should take the
+    /// idle CPU, not the requests'.
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let this = self.clone();
         let (done, built) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("snapshot-build".into())
             .spawn(move || {
-                lower_this_threads_priority();
+                let under_way = this.build_priority.build_starts();
                 let (started, cpu) = (std::time::Instant::now(), this_threads_cpu());
                 let built = this.build();
                 if let Ok(snapshot) = &built {
@@ -439,6 +449,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                         "snapshot built"
                     );
                 }
+                // Over before anyone hears of it: whoever hurries the next build finds none under way.
+                drop(under_way);
                 let _ = done.send(built);
             })
             .map_err(write_err)?;
@@ -452,16 +464,6 @@ fn this_threads_cpu() -> std::time::Duration {
     // SAFETY: clock_gettime writes the timespec it is given, which lives across the call.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
     std::time::Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
-}
-
-/// Nice 19 for the calling thread (on Linux a thread's nice value is its own). Best effort: a
-/// build at normal priority is slower for requests, not wrong.
-fn lower_this_threads_priority() {
-    // SAFETY: setpriority takes integers only and touches no memory of ours.
-    let failed = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } != 0;
-    if failed {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "could not lower the snapshot build's priority");
-    }
 }
 
 #[cfg(test)]

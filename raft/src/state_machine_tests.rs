@@ -618,21 +618,6 @@ async fn a_snapshot_handed_out_stays_itself_when_a_newer_build_replaces_the_file
     assert!(!names.iter().any(|n| n.contains("receiving") || n.contains("installing")), "{names:?}");
 }
 
-#[test]
-fn a_snapshot_build_lowers_the_priority_of_its_own_thread_only() {
-    // SAFETY: getpriority takes integers only.
-    let own_priority = || unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-    let before = own_priority();
-    let lowered = std::thread::spawn(move || {
-        super::lower_this_threads_priority();
-        own_priority()
-    })
-    .join()
-    .unwrap();
-    assert_eq!(lowered, 19);
-    assert_eq!(own_priority(), before, "the other threads keep theirs");
-}
-
 #[tokio::test]
 async fn a_snapshot_of_another_format_version_is_refused() {
     let (_dir, mut source) = open();

@@ -169,6 +169,17 @@ async fn a_new_node_catches_up_by_snapshot_and_becomes_a_voter() -> anyhow::Resu
     }
     let leader = cluster.wait_leader(SETTLE).await?;
     wait_purged(&cluster, leader).await?;
+    phase("write until the leader's snapshot is half a --snapshot-count (10 entries) behind");
+    let applied = loop {
+        let view = cluster.cluster_view(leader).await?;
+        let applied = view["last_applied"].as_u64().unwrap_or(0);
+        if applied >= view["snapshot_index"].as_u64().unwrap_or(0) + 10 {
+            break applied;
+        }
+        anyhow::ensure!(ids.len() < 200, "the leader's snapshot never fell 10 entries behind: {view}");
+        let i = ids.len() as u64;
+        ids.push(cluster.create_runtime_eventually(1 + i % 3, &format!("snap-{i}"), SETTLE).await?);
+    };
 
     phase("start node 4 and add it through a follower");
     cluster.start_joiner(4)?;
@@ -210,6 +221,15 @@ async fn a_new_node_catches_up_by_snapshot_and_becomes_a_voter() -> anyhow::Resu
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no offset in {last_chunk:?}"));
     assert!(offset >= 1024, "the snapshot came in one chunk ({last_chunk}); expected several of 1 KiB");
+    // The leader built a fresh one for it rather than send one 10 entries old, to be replayed.
+    let sent: u64 = last_chunk
+        .split("snapshot_id: ")
+        .nth(1)
+        .and_then(|rest| rest.split([',', ' ']).next())
+        .and_then(|id| id.rsplit('-').next())
+        .and_then(|index| index.parse().ok())
+        .unwrap_or_else(|| panic!("no snapshot id in {last_chunk:?}"));
+    assert!(sent >= applied, "node 4 was sent a snapshot at {sent}, the leader had applied {applied} when it joined");
     cluster.wait_view(4, "a snapshot", |view| view["snapshot_index"].as_u64().unwrap_or(0) > 0).await?;
 
     phase("the four-node cluster takes writes through node 4");

@@ -14,6 +14,7 @@ use runtimeai_proto::PeerStatusRequest;
 use tonic::transport::Channel;
 
 use crate::batcher::{Assigner, Batcher};
+use crate::build_priority::BuildPriority;
 use crate::codec;
 use crate::command::{Command, CommandReply};
 use crate::error::{transport_error, ClusterError};
@@ -21,6 +22,7 @@ use crate::forwarding::Forwarder;
 use crate::limits;
 use crate::network::{PeerChannels, PeerHealth, PeerRoutes};
 use crate::read_index::{ReadIndexBatcher, ReadIndexSource};
+use crate::state_machine::StateMachineStore;
 use crate::state_reader::StateReader;
 use crate::types::{NodeId, Raft, RaftMetrics};
 
@@ -40,6 +42,9 @@ pub struct ReplicaOptions {
     pub reachable_window: Duration,
     /// How long adding a member waits for the new node to catch up before promoting it.
     pub catch_up_deadline: Duration,
+    /// A new member is sent the latest snapshot, then the log since: when the snapshot is this
+    /// many entries behind or more, the leader first builds a fresh one (at normal priority).
+    pub stale_snapshot_entries: u64,
     /// Write groups (log entries on the leader, forwarded batches on a follower) that leave as
     /// soon as they form; past this many on their way, new writes wait for one to be done and
     /// go together (fewer entries, a longer wait). 1 to 4.
@@ -55,6 +60,7 @@ impl Default for ReplicaOptions {
             request_deadline: Duration::from_secs(5),
             reachable_window: Duration::from_secs(1),
             catch_up_deadline: Duration::from_secs(60),
+            stale_snapshot_entries: 5_000,
             write_groups_at_once: DEFAULT_WRITE_GROUPS_AT_ONCE,
         }
     }
@@ -76,6 +82,8 @@ pub struct Replica {
     pub id: NodeId,
     pub(crate) raft: Raft,
     state: StateReader,
+    /// At what priority this node builds snapshots (a leader hurries one for a joining member).
+    build_priority: Arc<BuildPriority>,
     cluster: String,
     health: Arc<PeerHealth>,
     routes: Arc<PeerRoutes>,
@@ -138,7 +146,7 @@ impl Replica {
     pub fn new(
         id: NodeId,
         raft: Raft,
-        state: StateReader,
+        state: &StateMachineStore,
         cluster: String,
         health: Arc<PeerHealth>,
         routes: Arc<PeerRoutes>,
@@ -150,7 +158,8 @@ impl Replica {
             forwarder,
             read_indexes: ReadIndexBatcher::start(replica.clone()),
             id,
-            state,
+            state: state.reader().clone(),
+            build_priority: state.build_priority().clone(),
             cluster,
             health,
             channels: PeerChannels::new(routes.clone()),
