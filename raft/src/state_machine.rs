@@ -87,6 +87,13 @@ impl From<SnapshotFormatError> for StorageError {
     }
 }
 
+/// Loading a snapshot's tables writes the state machine.
+impl From<table_loader::LoadError> for StorageError {
+    fn from(e: table_loader::LoadError) -> Self {
+        write_err(e)
+    }
+}
+
 /// The snapshot file is the one file the state machine writes itself.
 impl From<DataDirError> for StorageError {
     fn from(e: DataDirError) -> Self {
@@ -188,6 +195,7 @@ impl StateMachineStore {
     /// machine; [`Self::load`] streams the records in and ends it. Nothing of the snapshot is
     /// held in memory but the table block being written.
     fn install(&self, meta: &SnapshotMeta, mut file: std::fs::File) -> Result<(), StorageError> {
+        let started = std::time::Instant::now();
         file.seek(SeekFrom::Start(0)).map_err(read_err)?;
         snapshot_file::verify(std::io::BufReader::with_capacity(1 << 20, &mut file))?;
         file.seek(SeekFrom::Start(0)).map_err(read_err)?;
@@ -198,6 +206,7 @@ impl StateMachineStore {
                 found.last_log_id, meta.last_log_id
             ))));
         }
+        let checked = started.elapsed();
         let installing = self.snapshot_path.with_extension("installing");
         match self.received.take_path_of(&file) {
             Some(received) => {
@@ -210,8 +219,19 @@ impl StateMachineStore {
                 write_atomically_with(&installing, |out| std::io::copy(&mut file, out).map(drop).map_err(write_err))?;
             }
         }
+        let kept = started.elapsed();
         self.begin_install(&meta.last_log_id)?;
-        self.load(&installing, meta)
+        self.load(&installing, meta)?;
+        tracing::info!(
+            snapshot = %meta.snapshot_id,
+            bytes = std::fs::metadata(&self.snapshot_path).map(|m| m.len()).unwrap_or(0),
+            seconds = started.elapsed().as_secs_f64(),
+            checking = checked.as_secs_f64(),
+            keeping = (kept - checked).as_secs_f64(),
+            loading = (started.elapsed() - kept).as_secs_f64(),
+            "snapshot installed"
+        );
+        Ok(())
     }
 
     /// Empties the state machine and marks an install of the snapshot at `at` as under way, in
@@ -234,16 +254,20 @@ impl StateMachineStore {
         let file = std::fs::File::open(path).map_err(read_err)?;
         let reader = SnapshotReader::new(std::io::BufReader::with_capacity(1 << 20, file))?;
         let options = crate::store::table_file_options();
-        let mut tables =
+        let tables =
             TableLoader::new(&self.db, &options, &self.snapshot_path.with_extension("tables")).map_err(write_err)?;
         let families = loaded_families();
-        reader.for_each(|name, key, value| {
-            if !families.contains(&name) {
-                return Err(read_err(AnyError::error(format!("snapshot holds unknown column family {name:?}"))));
-            }
-            tables.put(name, key, value).map_err(write_err)
+        let mut family = "";
+        tables.load(|sink| {
+            reader.for_each(|name, key, value| {
+                if name != family {
+                    family = families.iter().copied().find(|known| *known == name).ok_or_else(|| {
+                        read_err(AnyError::error(format!("snapshot holds unknown column family {name:?}")))
+                    })?;
+                }
+                sink.put(family, key, value).map_err(write_err)
+            })
         })?;
-        tables.finish().map_err(write_err)?;
         let mut batch = WriteBatch::default();
         if path != self.snapshot_path {
             std::fs::rename(path, &self.snapshot_path).map_err(write_err)?;
