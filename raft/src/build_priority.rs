@@ -8,8 +8,9 @@
 //! started with, or the next one starts there.
 //!
 //! On Linux a thread's nice value is its own. Lowering it is always allowed; raising it back
-//! needs `CAP_SYS_NICE` (or a `RLIMIT_NICE` that allows it): without, the build under way keeps
-//! its low priority (logged), and the next build starts at normal priority anyway.
+//! needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20 (systemd's `LimitNICE=20`, which the unit in
+//! `deploy/systemd` sets): without, the build under way keeps its low priority (logged), the
+//! member is not kept waiting for it, and the next build starts at normal priority anyway.
 
 use std::sync::{Arc, Mutex};
 
@@ -53,27 +54,29 @@ impl BuildPriority {
     }
 
     /// Someone waits for a build: the one under way goes back to the priority it started with,
-    /// or, if none is under way, the next one starts at normal priority. Best effort.
-    pub fn hurry(&self) {
+    /// or, if none is under way, the next one starts at normal priority. False if the build under
+    /// way could not be raised (it goes on at nice 19, and may take long on a busy node).
+    pub fn hurry(&self) -> bool {
         let mut state = self.lock();
         let Some(build) = state.under_way else {
             state.next_awaited = true;
-            return;
+            return true;
         };
-        let Some(nice) = build.started_at else { return };
+        let Some(nice) = build.started_at else { return true };
         // SAFETY: setpriority takes integers only; `build.id` is a live thread of this process
         // (its guard, which clears `under_way`, is dropped before the thread ends).
         let refused = unsafe { libc::setpriority(libc::PRIO_PROCESS, build.id as libc::id_t, nice) } != 0;
         if refused {
-            tracing::info!(
+            tracing::warn!(
                 error = %std::io::Error::last_os_error(),
-                "cannot raise the snapshot build under way to normal priority (needs CAP_SYS_NICE); \
-                 it goes on at nice {LOW}"
+                "cannot raise the snapshot build under way to normal priority (needs CAP_SYS_NICE or \
+                 RLIMIT_NICE of 20: systemd's LimitNICE=20); it goes on at nice {LOW}"
             );
-        } else {
-            tracing::info!(nice, "raised the snapshot build under way to normal priority: a member waits for it");
-            state.under_way = Some(BuildThread { started_at: None, ..build });
+            return false;
         }
+        tracing::info!(nice, "raised the snapshot build under way to normal priority: a member waits for it");
+        state.under_way = Some(BuildThread { started_at: None, ..build });
+        true
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BuildState> {
@@ -147,9 +150,13 @@ mod tests {
         }
     }
 
+    /// Root (CAP_SYS_NICE), or an RLIMIT_NICE of 20 or more (down to nice 0).
     fn may_raise_priority() -> bool {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes the rlimit it is given, which lives across the call.
+        let allowed = unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut limit) } == 0 && limit.rlim_cur >= 20;
         // SAFETY: geteuid takes nothing and cannot fail.
-        unsafe { libc::geteuid() == 0 }
+        allowed || unsafe { libc::geteuid() } == 0
     }
 
     #[test]
@@ -160,8 +167,8 @@ mod tests {
         let build = FakeBuild::start(&priority);
         assert_eq!(build.nice(), LOW);
         assert_eq!(this_threads_nice(), Some(normal), "the other threads keep theirs");
-        priority.hurry();
         // Raising a thread's priority back takes CAP_SYS_NICE (CI runs as root).
+        assert_eq!(priority.hurry(), may_raise_priority());
         let hurried = if may_raise_priority() { normal } else { LOW };
         assert_eq!(build.nice(), hurried);
         build.end();
@@ -172,7 +179,7 @@ mod tests {
     fn hurrying_with_no_build_under_way_starts_the_next_one_and_only_that_one_at_normal_priority() {
         let normal = this_threads_nice().expect("this thread's nice value");
         let priority = Arc::new(BuildPriority::default());
-        priority.hurry();
+        assert!(priority.hurry());
         let awaited = FakeBuild::start(&priority);
         assert_eq!(awaited.nice(), normal);
         awaited.end();

@@ -193,7 +193,8 @@ impl StateMachineStore {
     /// kept as `snapshot.installing` (renamed if it is the transfer's own file, else copied);
     /// one synced batch marks the install (the log position it installs) and empties the state
     /// machine; [`Self::load`] streams the records in and ends it. Nothing of the snapshot is
-    /// held in memory but the table block being written.
+    /// held in memory but a few 1 MiB batches of records on their way to the table writer and
+    /// the table block being written.
     fn install(&self, meta: &SnapshotMeta, mut file: std::fs::File) -> Result<(), StorageError> {
         let started = std::time::Instant::now();
         file.seek(SeekFrom::Start(0)).map_err(read_err)?;

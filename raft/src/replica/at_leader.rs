@@ -262,7 +262,9 @@ impl AddMember {
         }
         tracing::info!(member = self.id, applied, ?snapshot, "bringing the snapshot up to date for a new member");
         while !fresh(snapshot) {
-            replica.build_priority.hurry();
+            if !replica.build_priority.hurry() {
+                return; // a build at nice 19 may take minutes on a busy node: no waiting for it
+            }
             // Ignored while a build is under way: its end is waited for, and judged, first.
             let _ = replica.raft.trigger().snapshot().await;
             let built = metrics.wait_for(|now| now.snapshot != snapshot);
