@@ -253,14 +253,18 @@ mod tests {
         assert_eq!(batch.records().count(), 0);
     }
 
-    /// A store with the families `a` and `b`, and a loader into it.
-    fn a_store() -> (tempfile::TempDir, DB) {
+    /// A store with the families `a` and `b`, and what loading `read` into it returned.
+    fn loaded(
+        read: impl FnOnce(&mut RecordSink) -> Result<(), LoadError>,
+    ) -> (tempfile::TempDir, DB, Result<(), LoadError>) {
         let dir = tempfile::tempdir().unwrap();
         let mut options = Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         let db = DB::open_cf(&options, dir.path().join("db"), ["a", "b"]).unwrap();
-        (dir, db)
+        let loader = TableLoader::new(&db, &options, &dir.path().join("tables")).unwrap();
+        let result = loader.load(read);
+        (dir, db, result)
     }
 
     fn key(i: u32) -> [u8; 4] {
@@ -282,17 +286,13 @@ mod tests {
 
     #[test]
     fn records_read_on_one_thread_are_written_on_another_and_ingested_whole_in_order() {
-        let (dir, db) = a_store();
-        let options = Options::default();
-        let loader = TableLoader::new(&db, &options, &dir.path().join("tables")).unwrap();
-        loader
-            .load(|sink| {
-                for (family, key, value) in records() {
-                    sink.put(family, &key, &value)?;
-                }
-                Ok::<_, LoadError>(())
-            })
-            .unwrap();
+        let (dir, db, result) = loaded(|sink| {
+            for (family, key, value) in records() {
+                sink.put(family, &key, &value)?;
+            }
+            Ok(())
+        });
+        result.unwrap();
         let expected =
             |name| -> Records { records().filter(|r| r.0 == name).map(|(_, k, v)| (k.into(), v.into())).collect() };
         assert_eq!(family(&db, "a"), expected("a"));
@@ -302,10 +302,7 @@ mod tests {
 
     #[test]
     fn a_read_that_fails_part_way_ingests_no_family_in_part() {
-        let (dir, db) = a_store();
-        let options = Options::default();
-        let loader = TableLoader::new(&db, &options, &dir.path().join("tables")).unwrap();
-        let failed = loader.load(|sink| {
+        let (_dir, db, failed) = loaded(|sink| {
             for (n, (family, key, value)) in records().enumerate() {
                 if n == 3 * 1024 + 10 {
                     return Err(LoadError::Io {
@@ -326,15 +323,12 @@ mod tests {
 
     #[test]
     fn a_write_that_fails_is_the_error_returned_not_the_stop_the_reader_then_meets() {
-        let (dir, db) = a_store();
-        let options = Options::default();
-        let loader = TableLoader::new(&db, &options, &dir.path().join("tables")).unwrap();
         // Keys out of order: the table writer refuses the second record.
-        let failed = loader.load(|sink| {
+        let (_dir, db, failed) = loaded(|sink| {
             for i in (0..4 * 1024).rev() {
                 sink.put("a", &key(i), &[0; 1024])?;
             }
-            Ok::<_, LoadError>(())
+            Ok(())
         });
         match failed {
             Err(LoadError::Store { what, .. }) => assert_eq!(what, "writing a record of a"),
