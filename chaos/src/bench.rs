@@ -137,6 +137,9 @@ pub struct Scale {
     pub cpu_ms_per_create: f64,
     /// List pages at this size, each asked [`LIST_SAMPLES`] times in a row through a follower.
     pub list_pages: Vec<ListPage>,
+    /// That follower's table files in level 0 (all families) as the lists began: a read looks
+    /// in each, and they pile up while compactions lag behind the creates.
+    pub level0_files_at_lists: Option<f64>,
     /// A new node added with `POST /v1/cluster/members` until it is a caught-up voter.
     pub catch_up_seconds: f64,
     /// Why adding it failed, if it did.
@@ -762,7 +765,9 @@ async fn scale(
 
     progress("scale: list pages through a follower");
     let middle = halfway.get().cloned().unwrap_or_default();
-    result.list_pages = list_pages(&sdk[1], &middle).await?;
+    let lister = 2;
+    result.level0_files_at_lists = storage_gauge(cluster, lister, "runtimeai_storage_level0_files").await;
+    result.list_pages = list_pages(&sdk[lister as usize - 1], &middle).await?;
 
     progress("scale: add a fourth node; it catches up by snapshot");
     match add_fourth_node(http, cluster, &targets[0], progress).await {
@@ -836,6 +841,12 @@ async fn store_mib(cluster: &Cluster, id: u64) -> BTreeMap<String, f64> {
         Some((part, value / (1024.0 * 1024.0)))
     });
     bytes.collect()
+}
+
+/// Node `id`'s gauge `name`, summed over its labels (column families), if it answers.
+async fn storage_gauge(cluster: &Cluster, id: u64, name: &str) -> Option<f64> {
+    let response = cluster.call(id, reqwest::Method::GET, "/metrics", None, &[]).await.ok()?;
+    crate::stages::gauge_sums(response.body.as_str()?, name).remove(name)
 }
 
 /// Waits until no runtime is still being created; the time since `started`.
@@ -1052,6 +1063,9 @@ fn scale_markdown(s: &Scale) -> String {
             page.page, page.p50_ms, page.p99_ms, page.max_ms
         ));
     }
+    if let Some(files) = s.level0_files_at_lists {
+        rows.push(format!("| level-0 table files of that follower as its lists began (all families) | {files:.0} |"));
+    }
     let caught_up = match &s.catch_up_error {
         Some(error) => format!("failed: {error}"),
         None => format!("{:.1} s", s.catch_up_seconds),
@@ -1211,6 +1225,7 @@ mod tests {
             settled_seconds: 170.0,
             peak_rss_mib: [(1, 900.0), (2, 1500.0)].into(),
             list_pages: vec![page("first", 2.5), page("state=running", 4.0)],
+            level0_files_at_lists: Some(7.0),
             catch_up_seconds: 12.0,
             restart_seconds: 1.5,
             ..Default::default()
@@ -1221,6 +1236,7 @@ mod tests {
             "| ... until every runtime runs (its create operation run) | 170.0 s |",
             "| peak resident memory, largest node | 1500 MiB |",
             "| a list page of 50 (state=running, through a follower), p50 / p99 / max | 1.0 / 4.0 / 9.0 ms |",
+            "| level-0 table files of that follower as its lists began (all families) | 7 |",
             "(this cluster: `--snapshot-count=10000`) and becomes a voter | 12.0 s |",
             "| a node restarts with that state until ready | 1.5 s |",
         ] {

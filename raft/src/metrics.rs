@@ -104,14 +104,26 @@ const FAMILY_BYTES: [(&str, &str, &str); 4] = [
     ("storage_live_data", "Live data on disk (estimate)", "rocksdb.estimate-live-data-size"),
 ];
 
+/// Per column family, counts: `(metric, help, RocksDB property)`.
+const FAMILY_COUNTS: [(&str, &str, &str); 1] = [(
+    "storage_level0_files",
+    "Table files in level 0 of the column family, which a read looks in one by one; they pile up when compactions lag",
+    "rocksdb.num-files-at-level0",
+)];
+
 /// Store-wide: `(metric, help, RocksDB property)`.
-const STORE_COUNTS: [(&str, &str, &str); 3] = [
+const STORE_COUNTS: [(&str, &str, &str); 4] = [
     ("storage_running_compactions", "Compactions running", "rocksdb.num-running-compactions"),
     ("storage_running_flushes", "Memtable flushes running", "rocksdb.num-running-flushes"),
     (
         "storage_pending_compaction_bytes",
         "Bytes compaction has yet to rewrite",
         "rocksdb.estimate-pending-compaction-bytes",
+    ),
+    (
+        "storage_delayed_write_rate",
+        "Bytes per second RocksDB slows writes to while compactions lag behind (0: writes are not slowed)",
+        "rocksdb.actual-delayed-write-rate",
     ),
 ];
 
@@ -139,19 +151,10 @@ impl Collector for StorageCollector {
         let families: Vec<&'static str> =
             crate::store::LOG_CFS.iter().chain(crate::store::STATE_MACHINE_CFS).copied().collect();
         for (name, help, property) in FAMILY_BYTES {
-            let name = format!("runtimeai_{name}");
-            let mut family_encoder = encoder.encode_descriptor(
-                &name,
-                help,
-                Some(&Unit::Bytes),
-                prometheus_client::metrics::MetricType::Gauge,
-            )?;
-            for family in &families {
-                let Some(handle) = db.cf_handle(family) else { continue };
-                let Ok(Some(value)) = db.property_int_value_cf(&handle, property) else { continue };
-                let label = FamilyLabel { family };
-                ConstGauge::new(value as i64).encode(family_encoder.encode_family(&label)?)?;
-            }
+            per_family(&mut encoder, &db, &families, (name, help, property), Some(&Unit::Bytes))?;
+        }
+        for (name, help, property) in FAMILY_COUNTS {
+            per_family(&mut encoder, &db, &families, (name, help, property), None)?;
         }
         for (name, help, property) in STORE_COUNTS {
             let Ok(Some(value)) = db.property_int_value(property) else { continue };
@@ -165,6 +168,26 @@ impl Collector for StorageCollector {
         }
         Ok(())
     }
+}
+
+/// Encodes a gauge per column family of `families`: a RocksDB property's value, as
+/// `runtimeai_<name>{family="…"}`.
+fn per_family(
+    encoder: &mut DescriptorEncoder,
+    db: &DB,
+    families: &[&'static str],
+    (name, help, property): (&str, &str, &str),
+    unit: Option<&Unit>,
+) -> Result<(), std::fmt::Error> {
+    let name = format!("runtimeai_{name}");
+    let mut family_encoder =
+        encoder.encode_descriptor(&name, help, unit, prometheus_client::metrics::MetricType::Gauge)?;
+    for family in families {
+        let Some(handle) = db.cf_handle(family) else { continue };
+        let Ok(Some(value)) = db.property_int_value_cf(&handle, property) else { continue };
+        ConstGauge::new(value as i64).encode(family_encoder.encode_family(&FamilyLabel { family })?)?;
+    }
+    Ok(())
 }
 
 /// Encodes one gauge of `bytes` without labels.

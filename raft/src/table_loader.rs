@@ -31,6 +31,8 @@ pub enum LoadError {
     Store { what: String, reason: String },
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot start the table writer's thread: {0}")]
+    Thread(std::io::Error),
     #[error("the table writer stopped")]
     WriterStopped,
 }
@@ -113,7 +115,7 @@ impl<'a> TableLoader<'a> {
                     }
                     Ok(self)
                 })
-                .map_err(|source| LoadError::Io { path: PathBuf::from("(thread)"), source })?;
+                .map_err(LoadError::Thread)?;
             let mut sink = RecordSink { batch: RecordBatch::default(), full, to_reuse };
             let read = read(&mut sink).and_then(|()| sink.send().map_err(E::from));
             drop(sink);
@@ -145,7 +147,7 @@ impl<'a> TableLoader<'a> {
     }
 
     /// Ingests what is written so far and removes the directory.
-    pub(crate) fn finish(mut self) -> Result<(), LoadError> {
+    fn finish(mut self) -> Result<(), LoadError> {
         self.ingest()?;
         std::fs::remove_dir_all(&self.dir).map_err(|source| LoadError::Io { path: self.dir.clone(), source })
     }

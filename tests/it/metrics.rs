@@ -63,6 +63,10 @@ async fn prometheus_scrapes_the_write_stages_of_every_member_with_a_read_only_ke
     let held = "min(runtimeai_storage_memtable_held_bytes{family=\"runtimes\"} - runtimeai_storage_memtable_bytes{family=\"runtimes\"})";
     let held = query_until(port, held, |v| v >= 0.0).await;
     let resident = query_until(port, "min(runtimeai_process_resident_bytes)", |v| v > 10e6).await;
+    // Whether compactions lag: level-0 files per family and the write rate RocksDB holds writes to.
+    let level0 =
+        query_until(port, "count(runtimeai_storage_level0_files{family=\"runtimes\"} >= 0)", |v| v >= 3.0).await;
+    let delayed = query_until(port, "count(runtimeai_storage_delayed_write_rate >= 0)", |v| v >= 3.0).await;
     let _ = prometheus.kill();
     let _ = prometheus.wait();
     let log = std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
@@ -74,6 +78,8 @@ async fn prometheus_scrapes_the_write_stages_of_every_member_with_a_read_only_ke
     assert!(live.as_ref().is_ok_and(|v| *v > 0.0), "the runtimes' bytes on every member: {live:?}");
     assert!(held.as_ref().is_ok_and(|v| *v >= 0.0), "the memtables readers hold, on every member: {held:?}");
     assert!(resident.as_ref().is_ok_and(|v| *v > 10e6), "every member's resident memory: {resident:?}");
+    assert!(level0.as_ref().is_ok_and(|v| *v >= 3.0), "every member's level-0 files: {level0:?}");
+    assert!(delayed.as_ref().is_ok_and(|v| *v >= 3.0), "every member's delayed write rate: {delayed:?}");
     Ok(())
 }
 
