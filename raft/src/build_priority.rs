@@ -103,7 +103,7 @@ fn lower_this_thread() -> Option<i32> {
 }
 
 /// The calling thread's nice value (`None` if it cannot be read).
-pub(crate) fn this_threads_nice() -> Option<i32> {
+fn this_threads_nice() -> Option<i32> {
     // getpriority may return -1 as a nice value: errno tells it from a failure.
     // SAFETY: __errno_location points at this thread's errno, which lives as long as the thread.
     unsafe { *libc::__errno_location() = 0 };
