@@ -223,13 +223,14 @@ impl StateMachineStore {
         let kept = started.elapsed();
         self.begin_install(&meta.last_log_id)?;
         self.load(&installing, meta)?;
+        let seconds = started.elapsed();
         tracing::info!(
             snapshot = %meta.snapshot_id,
             bytes = std::fs::metadata(&self.snapshot_path).map(|m| m.len()).unwrap_or(0),
-            seconds = started.elapsed().as_secs_f64(),
+            seconds = seconds.as_secs_f64(),
             checking = checked.as_secs_f64(),
             keeping = (kept - checked).as_secs_f64(),
-            loading = (started.elapsed() - kept).as_secs_f64(),
+            loading = (seconds - kept).as_secs_f64(),
             "snapshot installed"
         );
         Ok(())
@@ -245,7 +246,7 @@ impl StateMachineStore {
         let mark = codec::encode("state record", at).map_err(write_err)?;
         batch.put_cf(cf(&self.db, CF_SM_META), KEY_INSTALLING, mark);
         self.write_synced(batch)?;
-        table_loader::drop_deleted(&self.db, &loaded_families(), &KEY_MAX).map_err(write_err)
+        Ok(table_loader::drop_deleted(&self.db, &loaded_families(), &KEY_MAX)?)
     }
 
     /// Loads the snapshot file at `path` into the state machine (emptied, and marked as
@@ -255,8 +256,7 @@ impl StateMachineStore {
         let file = std::fs::File::open(path).map_err(read_err)?;
         let reader = SnapshotReader::new(std::io::BufReader::with_capacity(1 << 20, file))?;
         let options = crate::store::table_file_options();
-        let tables =
-            TableLoader::new(&self.db, &options, &self.snapshot_path.with_extension("tables")).map_err(write_err)?;
+        let tables = TableLoader::new(&self.db, &options, &self.snapshot_path.with_extension("tables"))?;
         let families = loaded_families();
         let mut family = "";
         tables.load(|sink| {
@@ -266,7 +266,7 @@ impl StateMachineStore {
                         read_err(AnyError::error(format!("snapshot holds unknown column family {name:?}")))
                     })?;
                 }
-                sink.put(family, key, value).map_err(write_err)
+                sink.put(family, key, value).map_err(StorageError::from)
             })
         })?;
         let mut batch = WriteBatch::default();
