@@ -119,6 +119,26 @@ async fn deliveries(cluster: &Cluster, via: u64, webhook: &str) -> anyhow::Resul
     Ok(log.body["items"].as_array().cloned().unwrap_or_default())
 }
 
+/// `webhook`'s delivery attempts through node `via` once `done` holds for them, polled for up to
+/// [`EVENTUALLY`]: an attempt is recorded after the receiver answers it, by a replicated write.
+async fn deliveries_until(
+    cluster: &Cluster,
+    via: u64,
+    webhook: &str,
+    what: &str,
+    done: impl Fn(&[Value]) -> bool,
+) -> anyhow::Result<Vec<Value>> {
+    let deadline = Instant::now() + EVENTUALLY;
+    loop {
+        let log = deliveries(cluster, via, webhook).await?;
+        if done(&log) {
+            return Ok(log);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{what} was not recorded: {log:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_are_signed_retried_confined_and_outlive_the_node_delivering_them() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(3, ClusterOptions::default()).await?;
@@ -144,15 +164,10 @@ async fn webhooks_are_signed_retried_confined_and_outlive_the_node_delivering_th
     let (sneaky_id, sneaky_secret) = subscribe(&cluster, None, by_name).await?;
     sneaky.set_secret(&sneaky_secret)?;
     create(&cluster, 2, "hook-probe", None).await?;
-    let deadline = Instant::now() + EVENTUALLY;
-    let refusal = loop {
-        let log = deliveries(&cluster, 3, &sneaky_id).await?;
-        if let Some(failed) = log.iter().find(|d| d["outcome"] == "failed") {
-            break failed.clone();
-        }
-        anyhow::ensure!(Instant::now() < deadline, "no delivery attempt was recorded: {log:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let failed = |d: &&Value| d["outcome"] == "failed";
+    let log =
+        deliveries_until(&cluster, 3, &sneaky_id, "a failed attempt", |log| log.iter().any(|d| failed(&d))).await?;
+    let refusal = log.iter().find(failed).expect("a failed attempt");
     assert!(refusal["error"].as_str().unwrap_or_default().contains("refused"), "{refusal}");
     assert!(sneaky.log().is_empty(), "a name that resolves to loopback reached it: {:?}", sneaky.log());
     let gone = cluster.call_eventually(1, Method::DELETE, &format!("/v1/webhooks/{sneaky_id}"), None, &[]).await?;
@@ -203,7 +218,7 @@ async fn webhooks_are_signed_retried_confined_and_outlive_the_node_delivering_th
     assert_eq!(refused.len(), 2, "{log:?}");
     let first = log.iter().find(|e| e.get("type").is_some()).expect("a delivery");
     assert!(refused.iter().all(|id| **id == first["id"]), "a retry keeps its webhook-id: {log:?}");
-    let attempts = deliveries(&cluster, 1, &all_id).await?;
+    let attempts = deliveries_until(&cluster, 1, &all_id, "the third attempt", |log| log.len() >= 3).await?;
     let outcomes: Vec<(u64, &str, Option<u64>)> = attempts
         .iter()
         .take(3)
