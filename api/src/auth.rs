@@ -182,14 +182,14 @@ pub fn parse_token(token: &str) -> Option<Token<'_>> {
 /// Lower-case hex SHA-256 of a secret, as keys store it. A plain hash suffices: secrets are
 /// 256 random bits (or, for a bootstrap key an operator chose, at least 32 characters).
 pub fn secret_digest(secret: &str) -> String {
-    Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
 /// A new random secret: 32 bytes from the OS, in hex.
 pub fn new_secret() -> String {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).expect("the OS gives random bytes");
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes)
 }
 
 /// A new key for `principal`, and its bearer token (shown once, stored nowhere).
@@ -543,6 +543,10 @@ mod tests {
         assert_eq!(parsed.id, key.id);
         assert_eq!(secret_digest(parsed.secret), key.secret_sha256);
         assert_ne!(secret_digest(&new_secret()), key.secret_sha256);
+        // The form stored keys hold: lower-case hex SHA-256 (FIPS 180-2's "abc" vector).
+        assert_eq!(secret_digest("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert!(new_secret().bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_eq!(new_secret().len(), 64);
         for bad in [
             "",
             "rai_",

@@ -61,7 +61,7 @@ fn claim(caller: &Caller, body: &impl Serialize) -> Result<Option<IdempotencyCla
     digest.update(caller.request.as_bytes());
     digest.update([0]);
     digest.update(serde_json::to_vec(body).unwrap_or_default());
-    let fingerprint = digest.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let fingerprint = hex::encode(digest.finalize());
     Ok(Some(IdempotencyClaim { key: format!("{}/{key}", caller.idempotency_scope()), fingerprint }))
 }
 

@@ -108,13 +108,9 @@ async fn send(file: &Path, message: String, frames: &mpsc::Sender<Vec<u8>>) -> s
             return Ok(()); // the destination left; it will ask again
         }
     }
-    let end = End { bytes, sha256: hex(&digest.finalize()), message };
+    let end = End { bytes, sha256: hex::encode(digest.finalize()), message };
     let _ = frames.send([&[frame::END][..], &serde_json::to_vec(&end).unwrap_or_default()].concat()).await;
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Writes the export stream into `file`; the source's message once its length and digest
@@ -133,7 +129,7 @@ async fn receive(mut frames: mpsc::Receiver<Vec<u8>>, file: &Path) -> Result<Str
             frame::END => {
                 let end: End = serde_json::from_slice(body)
                     .map_err(|e| BackendError::Retryable(format!("a malformed end of the export: {e}")))?;
-                let sha256 = hex(&digest.finalize());
+                let sha256 = hex::encode(digest.finalize());
                 if end.bytes != bytes || end.sha256 != sha256 {
                     return Err(BackendError::Retryable(format!(
                         "the export arrived damaged ({bytes} bytes, SHA-256 {sha256}; sent {} bytes, {})",

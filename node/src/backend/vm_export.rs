@@ -91,7 +91,7 @@ pub fn image_digest(disk: &Path) -> Result<String, BackendError> {
     let mut file = std::fs::File::open(disk)?;
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher)?;
-    let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let digest = hex::encode(hasher.finalize());
     std::fs::write(&kept, &digest)?;
     Ok(digest)
 }

@@ -21,7 +21,7 @@ pub(super) enum Cgroups {
 pub(super) fn group_of(sandbox_dir: &Path) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(sandbox_dir.as_os_str().as_encoded_bytes());
-    let short: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let short = hex::encode(&digest[..4]);
     format!("runtimeai/{short}")
 }
 

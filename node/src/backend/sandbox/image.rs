@@ -60,7 +60,7 @@ impl ImageStore {
     fn pulled_rootfs(&self, tools: &Tools, reference: &str) -> Result<PathBuf, BackendError> {
         let layout = self.root.join("layout");
         // An OCI tag is [A-Za-z0-9_.-]: the reference's digest names it.
-        let tag: String = Sha256::digest(reference.as_bytes()).iter().take(16).map(|b| format!("{b:02x}")).collect();
+        let tag = hex::encode(&Sha256::digest(reference.as_bytes())[..16]);
         let image = format!("{}:{tag}", layout.display());
         if manifest_digest(&layout, &tag).is_none() {
             let registry = reference.split('/').next().unwrap_or_default();
@@ -128,7 +128,7 @@ impl ImageStore {
         source: &[u8],
         make: impl FnOnce(&Path) -> Result<(), BackendError>,
     ) -> Result<PathBuf, BackendError> {
-        let digest: String = Sha256::digest(source).iter().take(12).map(|b| format!("{b:02x}")).collect();
+        let digest = hex::encode(&Sha256::digest(source)[..12]);
         let image = self.root.join(format!("{name}-{digest}"));
         let rootfs = image.join("rootfs");
         if rootfs.exists() {
