@@ -103,8 +103,8 @@ pub struct ClusterView {
     /// Log entries up to this index have been purged behind a snapshot.
     pub purged_index: Option<u64>,
     pub members: Vec<MemberView>,
-    /// This node's log writes since it started: group commit makes `log_syncs` much smaller
-    /// than `log_appends` under load.
+    /// This node's log writes since it started: one fsync per append, and under load many
+    /// entries per append on a follower and many writes per entry on the leader.
     pub storage: StorageView,
     /// Requests this node refused as unauthenticated since it started.
     pub auth_failures: u64,

@@ -5,7 +5,7 @@
 //! - [`codec`]: the only place that encodes replicated data (serde + bincode, versioned).
 //! - [`command`]: the typed commands the state machine applies and its replies.
 //! - [`store`]: a node's data directory (identity check, one RocksDB for log and state).
-//! - [`log_store`]: the raft log, with group commit (one fsync for many appends).
+//! - [`log_store`]: the raft log (each append synced before openraft hears of it).
 //! - [`log_purge`]: when the log is purged (never past what a member catching up by snapshot
 //!   still lacks).
 //! - [`state_machine`]: deterministic apply and snapshots.

@@ -1,10 +1,12 @@
-//! The raft log on RocksDB, with group commit.
+//! The raft log on RocksDB.
 //!
-//! `append` writes entries into the database at once (so they are readable when it returns, as
-//! openraft requires) and hands the flush callback to a syncer thread. That thread takes every
-//! callback waiting at that moment, syncs the write-ahead log once, and completes them all: one
-//! fsync serves every append that arrived while the previous one ran. openraft acknowledges a
-//! write only after the callback, so nothing is acknowledged before it is on disk.
+//! `append` writes entries into the database (so they are readable when it returns, as openraft
+//! requires), then syncs the write-ahead log and completes the flush callback before it returns.
+//! openraft 0.9's core awaits that callback before it does anything else, so no second append
+//! can arrive while a sync runs: a syncer thread grouping appends never grouped any (as many
+//! fsyncs as appends at 1 to 256 clients), and handing each sync to it and back cost two thread
+//! wake-ups on every write's path (`chaos/PERFORMANCE.md`, stop 42). Writes share fsyncs one
+//! step earlier instead: the leader's batcher puts many clients' writes in one entry.
 //!
 //! The newest entries are also kept in memory as appended ([`RecentEntries`]): the leader reads
 //! each entry back once per follower to replicate it, and every node once more to apply it, right
@@ -37,14 +39,14 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
 
-/// Counters of the log's disk work: how well group commit batches.
+/// Counters of the log's disk work.
 #[derive(Debug, Default)]
 pub struct LogStats {
     /// `append` calls.
     pub appends: AtomicU64,
     /// Entries written.
     pub entries: AtomicU64,
-    /// fsyncs of the write-ahead log made for appends.
+    /// fsyncs of the write-ahead log made for appends (one per append).
     pub syncs: AtomicU64,
 }
 
@@ -54,11 +56,10 @@ impl LogStats {
     }
 }
 
-/// RocksDB-backed [`RaftLogStorage`]. Cheap to clone: clones share the database and syncer.
+/// RocksDB-backed [`RaftLogStorage`]. Cheap to clone: clones share the database and purger.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    syncer: Arc<Worker<LogFlushed<TypeConfig>>>,
     purger: Arc<Worker<LogId>>,
     /// The newest purge point asked for; the purger deletes up to it soon after.
     purged: Arc<Mutex<Option<LogId>>>,
@@ -135,8 +136,7 @@ impl RecentEntries {
     }
 }
 
-/// A thread of the log store that works through what is sent to it: the group-commit syncer,
-/// the purger. Dropping the last handle stops it once its work is done and waits for it, so its
+/// A thread of the log store that works through what is sent to it: the purger. Dropping the last handle stops it once its work is done and waits for it, so its
 /// hold on the database ends before the drop returns (RocksDB must not be torn down by process
 /// exit while a thread still uses it).
 struct Worker<T> {
@@ -174,24 +174,12 @@ impl<T> Drop for Worker<T> {
 impl LogStore {
     pub fn new(db: Arc<DB>) -> LogStore {
         let stats = Arc::new(LogStats::default());
-        let syncer = Worker::spawn("raft-log-sync", {
-            let (db, stats) = (db.clone(), stats.clone());
-            move |pending| sync_loop(db, pending, stats)
-        });
         let purge_failure = Arc::new(Mutex::new(None));
         let purger = Worker::spawn("raft-log-purge", {
             let (db, failure) = (db.clone(), purge_failure.clone());
             move |pending| purge_loop(db, pending, failure)
         });
-        LogStore {
-            db,
-            syncer: Arc::new(syncer),
-            purger: Arc::new(purger),
-            purged: Arc::default(),
-            purge_failure,
-            stats,
-            recent: Arc::default(),
-        }
+        LogStore { db, purger: Arc::new(purger), purged: Arc::default(), purge_failure, stats, recent: Arc::default() }
     }
 
     /// The first index not purged.
@@ -235,20 +223,6 @@ impl LogStore {
 /// Log keys are big-endian indexes, so RocksDB's byte order is log order.
 fn log_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
-}
-
-fn sync_loop(db: Arc<DB>, pending: mpsc::Receiver<LogFlushed<TypeConfig>>, stats: Arc<LogStats>) {
-    while let Ok(first) = pending.recv() {
-        let mut waiting = vec![first];
-        waiting.extend(pending.try_iter());
-        let started = std::time::Instant::now();
-        let result = db.flush_wal(true);
-        crate::metrics::observe_since(&crate::metrics::stages().log_sync, started);
-        stats.syncs.fetch_add(1, Ordering::Relaxed);
-        for callback in waiting {
-            callback.log_io_completed(result.clone().map_err(std::io::Error::other));
-        }
-    }
 }
 
 /// Deletes purged entries, each time after flushing the state machine (whose state on disk must
@@ -367,6 +341,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if let Some(failure) = self.purge_failure.lock().expect("purge failure lock").clone() {
             return Err(StorageIOError::write_logs(AnyError::error(failure)).into());
         }
+        let started = std::time::Instant::now();
         let mut batch = WriteBatch::default();
         let mut appended = Vec::new();
         self.stats.appends.fetch_add(1, Ordering::Relaxed);
@@ -387,10 +362,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         }
         written.map_err(|e| StorageIOError::write_logs(&e))?;
-        if let Err(callback) = self.syncer.send(callback) {
-            // The syncer thread died; sync here instead.
-            callback.log_io_completed(self.db.flush_wal(true).map_err(std::io::Error::other));
-        }
+        // Blocks this task's thread for the sync: the core would wait for it all the same, and
+        // the runtime's other threads go on serving.
+        let stages = crate::metrics::stages();
+        let syncing = std::time::Instant::now();
+        let synced = self.db.flush_wal(true);
+        crate::metrics::observe_since(&stages.log_sync, syncing);
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        callback.log_io_completed(synced.map_err(std::io::Error::other));
+        crate::metrics::observe_since(&stages.log_flush, started);
         Ok(())
     }
 
@@ -475,6 +455,33 @@ mod tests {
         let state = reopened.get_log_state().await.unwrap();
         assert_eq!(state.last_log_id.map(|l| l.index), Some(12));
         assert!(reopened.try_get_log_entries(0..100).await.unwrap().is_empty());
+    }
+
+    /// openraft 0.9 waits for each append's flush before the next, so `append` syncs in the
+    /// call: the callback has reported by the time it returns, one fsync per append, none
+    /// left to a thread.
+    #[tokio::test]
+    async fn each_append_is_synced_and_reported_before_it_returns() {
+        use openraft::storage::RaftLogStorageExt;
+
+        use crate::store::DataDir;
+
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::open(&dir.path().join("data"), 1, "sync").unwrap();
+        let mut store = LogStore::new(data.db.clone());
+        for index in 1..=3 {
+            // `blocking_append` returns once the callback has reported (it awaits it).
+            tokio::time::timeout(std::time::Duration::from_secs(5), store.blocking_append([entry(1, index)]))
+                .await
+                .expect("the callback reported")
+                .unwrap();
+        }
+        store.blocking_append([entry(1, 4), entry(1, 5)]).await.unwrap();
+        assert_eq!(store.stats().get(), (4, 5, 4), "appends, entries, fsyncs");
+        assert_eq!(
+            ids(Some(store.try_get_log_entries(0..100).await.unwrap())),
+            Some((1..=5).map(|i| (1, i)).collect())
+        );
     }
 
     #[tokio::test]

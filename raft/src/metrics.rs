@@ -34,10 +34,16 @@ pub struct WriteStages {
     pub commit: Histogram,
     /// Commands per proposed batch.
     pub batch_commands: Histogram,
-    /// One fsync of the raft log, serving every append that waited for it.
+    /// One fsync of the raft log (one per append).
     pub log_sync: Histogram,
     /// One AppendEntries round trip with entries, leader to follower (the follower's fsync in it).
     pub replicate: Histogram,
+    /// An append until it is durable: from the log store's `append` until its flush callback
+    /// has run (the entries' encoding and write, then the fsync).
+    pub log_flush: Histogram,
+    /// A follower's AppendEntries with entries, from its gRPC handler's entry to its answer:
+    /// `replicate` less the transport.
+    pub append_served: Histogram,
     /// One apply of a run of committed entries to the state machine.
     pub apply: Histogram,
     /// One forwarding hop: a follower's batch of writes sent to the leader and answered.
@@ -50,6 +56,8 @@ static STAGES: LazyLock<WriteStages> = LazyLock::new(|| WriteStages {
     batch_commands: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
     log_sync: Histogram::new(latency_buckets()),
     replicate: Histogram::new(latency_buckets()),
+    log_flush: Histogram::new(latency_buckets()),
+    append_served: Histogram::new(latency_buckets()),
     apply: Histogram::new(latency_buckets()),
     forward: Histogram::new(latency_buckets()),
 });
@@ -71,8 +79,14 @@ pub fn register(registry: &mut Registry) {
     let seconds = [
         ("batch_wait", "Time a client's write waits at the leader before its batch is proposed", &s.batch_wait),
         ("commit", "A batch's commit on the leader: append, fsync, quorum replication, apply", &s.commit),
-        ("log_sync", "One fsync of the raft log (group commit)", &s.log_sync),
+        ("log_sync", "One fsync of the raft log", &s.log_sync),
         ("replicate", "One AppendEntries round trip with entries to a follower", &s.replicate),
+        ("log_flush", "An append until it is durable: the entries' encoding and write, then the fsync", &s.log_flush),
+        (
+            "append_served",
+            "A follower's AppendEntries with entries, from its gRPC handler's entry to its answer",
+            &s.append_served,
+        ),
         ("apply", "One apply of committed entries to the state machine", &s.apply),
         ("forward", "One forwarding hop of clients' writes from a follower to the leader", &s.forward),
     ];

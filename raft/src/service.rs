@@ -135,14 +135,20 @@ fn follow(
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
     async fn append_entries(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        let started = std::time::Instant::now();
         let caller = self.peers.caller(&request)?;
         let request = request.into_inner();
         check_cluster(&self.replica, &request.cluster)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode("append entries", &request.payload)?;
         check_claim(caller, rpc.vote.leader_id().voted_for())?;
         self.replica.heard_from_leader();
+        let carries_entries = !rpc.entries.is_empty();
         let result = self.replica.raft.append_entries(rpc).await;
-        Ok(Response::new(pb::RaftReply { payload: encode("raft reply", &result)? }))
+        let reply = pb::RaftReply { payload: encode("raft reply", &result)? };
+        if carries_entries {
+            crate::metrics::observe_since(&crate::metrics::stages().append_served, started);
+        }
+        Ok(Response::new(reply))
     }
 
     async fn vote(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {

@@ -8,7 +8,7 @@
 //! <data-dir>/snapshot      the latest state-machine snapshot, replaced atomically
 //! <data-dir>/logs/         RocksDB's diagnostic log
 //! ```
-//! The raft log is written through RocksDB's write-ahead log and synced (group commit). The state
+//! The raft log is written through RocksDB's write-ahead log and synced at each append. The state
 //! machine's writes skip that log: every one of them is the result of log entries already in it,
 //! so what a crash takes from them apply re-runs from the log on restart. They reach disk by
 //! memtable flushes, which are atomic across column families (`atomic_flush`), so the state on
