@@ -129,6 +129,23 @@ impl Cgroups {
         }
     }
 
+    /// Whether the freeze asked for has taken hold: every process of the group stopped
+    /// (cgroup v2's `frozen 1` in `cgroup.events`, v1's `FROZEN`). The kernel freezes a group
+    /// asynchronously, so a freeze just asked for may still have processes running; `None`
+    /// where the host has no freezer to ask.
+    pub(super) fn fully_frozen(&self, id: &str) -> Option<bool> {
+        match self {
+            Cgroups::V2 { root } => {
+                let events = std::fs::read_to_string(root.join(id).join("cgroup.events")).ok()?;
+                Some(events.lines().any(|line| line.trim() == "frozen 1"))
+            }
+            Cgroups::V1 { group, .. } => {
+                let state = Cgroups::v1("freezer", group, id).join("freezer.state");
+                Some(std::fs::read_to_string(state).ok()?.trim() == "FROZEN")
+            }
+        }
+    }
+
     /// The processes in the sandbox's groups.
     pub(super) fn processes(&self, id: &str) -> Vec<i32> {
         let procs = self.dirs(id).into_iter().filter_map(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok());

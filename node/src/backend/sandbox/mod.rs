@@ -53,6 +53,10 @@ use layer::Layer;
 /// before it reports a retryable error: only a process stuck in the kernel takes longer.
 const KILL_WAIT: Duration = Duration::from_secs(30);
 
+/// How long a pause waits for the kernel to stop every process of the sandbox: a process in
+/// an uninterruptible sleep (a slow disk, a hung NFS mount) delays its freeze.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The host programs sandboxes need, by absolute path.
 #[derive(Debug, Clone)]
 pub struct Tools {
@@ -417,6 +421,22 @@ impl SandboxBackend {
     /// between); none at the first look, or without cgroups.
     fn cpu_in_use(&self, id: &str) -> Option<f64> {
         self.cpu.look(id, self.cgroups.as_ref()?.cpu_usage_ns(id)?)
+    }
+
+    /// Waits until the freeze asked for has stopped every process of the sandbox: a pause
+    /// reports done only when nothing of it runs (a retry then finds it frozen).
+    async fn until_fully_frozen(&self, id: &str) -> Result<(), BackendError> {
+        let Some(cgroups) = &self.cgroups else { return Ok(()) };
+        let deadline = Instant::now() + FREEZE_TIMEOUT;
+        while cgroups.fully_frozen(id) == Some(false) {
+            if Instant::now() > deadline {
+                return Err(BackendError::Retryable(format!(
+                    "the sandbox's processes were not all frozen {FREEZE_TIMEOUT:?} after the pause"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
     }
 
     /// Whether the sandbox's processes are frozen.
@@ -945,6 +965,7 @@ impl RuntimeBackend for SandboxBackend {
             if !self.frozen(&runtime.id) {
                 self.crun_checked(&["pause", &runtime.id]).await?;
             }
+            self.until_fully_frozen(&runtime.id).await?;
             std::fs::write(self.pause_marker(&runtime.id), b"")?;
             Ok("its processes frozen, their memory kept".to_string())
         })
@@ -1246,11 +1267,14 @@ mod tests {
             backend.pause(&cx(attempt), &counter).await.unwrap();
         }
         assert_eq!(backend.status(&counter).await.unwrap(), Observed::Paused);
+        // The kernel freezes a group asynchronously; the pause reports done only once it has.
+        let cgroups = backend.cgroups.as_ref();
+        assert_ne!(cgroups.and_then(|c| c.fully_frozen("rt_pause")), Some(false), "every process stopped");
         let frozen_at = count(&root, "rt_pause");
-        let cpu_before = backend.cgroups.as_ref().and_then(|c| c.cpu_usage_ns("rt_pause"));
+        let cpu_before = cgroups.and_then(|c| c.cpu_usage_ns("rt_pause"));
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(count(&root, "rt_pause"), frozen_at, "a paused sandbox does not run");
-        let cpu_after = backend.cgroups.as_ref().and_then(|c| c.cpu_usage_ns("rt_pause"));
+        let cpu_after = cgroups.and_then(|c| c.cpu_usage_ns("rt_pause"));
         assert_eq!(cpu_before, cpu_after, "nor uses any CPU");
 
         backend.resume(&cx("op_resume"), &counter).await.unwrap();
