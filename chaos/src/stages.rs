@@ -20,7 +20,7 @@ pub const STAGES: &[(&str, &str)] = &[
     ("runtimeai_raft_log_sync_seconds", "one fsync of the raft log (every member)"),
     ("runtimeai_raft_replicate_seconds", "one AppendEntries round trip with entries"),
     ("runtimeai_raft_append_served_seconds", "the follower's part of it, gRPC handler to answer"),
-    ("runtimeai_raft_log_flush_seconds", "an append until durable: encode, write, fsync (every member)"),
+    ("runtimeai_raft_log_flush_seconds", "an append until durable: write, syncer hand-off, fsync (every member)"),
     ("runtimeai_raft_apply_seconds", "one apply of committed entries (every member)"),
 ];
 

@@ -1,12 +1,13 @@
 //! The raft log on RocksDB.
 //!
-//! `append` writes entries into the database (so they are readable when it returns, as openraft
-//! requires), then syncs the write-ahead log and completes the flush callback before it returns.
-//! openraft 0.9's core awaits that callback before it does anything else, so no second append
-//! can arrive while a sync runs: a syncer thread grouping appends never grouped any (as many
-//! fsyncs as appends at 1 to 256 clients), and handing each sync to it and back cost two thread
-//! wake-ups on every write's path (`chaos/PERFORMANCE.md`, stop 42). Writes share fsyncs one
-//! step earlier instead: the leader's batcher puts many clients' writes in one entry.
+//! `append` writes entries into the database at once (so they are readable when it returns, as
+//! openraft requires) and hands the flush callback to a syncer thread, which syncs the
+//! write-ahead log and completes it: openraft acknowledges a write only after the callback, so
+//! nothing is acknowledged before it is on disk. The thread takes every callback waiting when
+//! it starts a sync, but with openraft 0.9, whose core awaits each append's flush before the
+//! next, there is only ever one: writes share an fsync by sharing an entry (the leader's
+//! batcher). The sync stays off tokio's threads all the same: done in `append`, it froze nodes
+//! under load, and `block_in_place` around it bloated memory (`chaos/PERFORMANCE.md`, stop 42).
 //!
 //! The newest entries are also kept in memory as appended ([`RecentEntries`]): the leader reads
 //! each entry back once per follower to replicate it, and every node once more to apply it, right
@@ -46,7 +47,7 @@ pub struct LogStats {
     pub appends: AtomicU64,
     /// Entries written.
     pub entries: AtomicU64,
-    /// fsyncs of the write-ahead log made for appends (one per append).
+    /// fsyncs of the write-ahead log made for appends.
     pub syncs: AtomicU64,
 }
 
@@ -56,10 +57,11 @@ impl LogStats {
     }
 }
 
-/// RocksDB-backed [`RaftLogStorage`]. Cheap to clone: clones share the database and purger.
+/// RocksDB-backed [`RaftLogStorage`]. Cheap to clone: clones share the database and syncer.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    syncer: Arc<Worker<PendingFlush>>,
     purger: Arc<Worker<LogId>>,
     /// The newest purge point asked for; the purger deletes up to it soon after.
     purged: Arc<Mutex<Option<LogId>>>,
@@ -136,7 +138,8 @@ impl RecentEntries {
     }
 }
 
-/// A thread of the log store that works through what is sent to it: the purger. Dropping the last handle stops it once its work is done and waits for it, so its
+/// A thread of the log store that works through what is sent to it: the syncer,
+/// the purger. Dropping the last handle stops it once its work is done and waits for it, so its
 /// hold on the database ends before the drop returns (RocksDB must not be torn down by process
 /// exit while a thread still uses it).
 struct Worker<T> {
@@ -174,12 +177,24 @@ impl<T> Drop for Worker<T> {
 impl LogStore {
     pub fn new(db: Arc<DB>) -> LogStore {
         let stats = Arc::new(LogStats::default());
+        let syncer = Worker::spawn("raft-log-sync", {
+            let (db, stats) = (db.clone(), stats.clone());
+            move |pending| sync_loop(db, pending, stats)
+        });
         let purge_failure = Arc::new(Mutex::new(None));
         let purger = Worker::spawn("raft-log-purge", {
             let (db, failure) = (db.clone(), purge_failure.clone());
             move |pending| purge_loop(db, pending, failure)
         });
-        LogStore { db, purger: Arc::new(purger), purged: Arc::default(), purge_failure, stats, recent: Arc::default() }
+        LogStore {
+            db,
+            syncer: Arc::new(syncer),
+            purger: Arc::new(purger),
+            purged: Arc::default(),
+            purge_failure,
+            stats,
+            recent: Arc::default(),
+        }
     }
 
     /// The first index not purged.
@@ -220,9 +235,28 @@ impl LogStore {
     }
 }
 
+/// An append waiting for the fsync that makes it durable, and when it was made.
+type PendingFlush = (LogFlushed<TypeConfig>, std::time::Instant);
+
 /// Log keys are big-endian indexes, so RocksDB's byte order is log order.
 fn log_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
+}
+
+fn sync_loop(db: Arc<DB>, pending: mpsc::Receiver<PendingFlush>, stats: Arc<LogStats>) {
+    let stages = crate::metrics::stages();
+    while let Ok(first) = pending.recv() {
+        let mut waiting = vec![first];
+        waiting.extend(pending.try_iter());
+        let started = std::time::Instant::now();
+        let result = db.flush_wal(true);
+        crate::metrics::observe_since(&stages.log_sync, started);
+        stats.syncs.fetch_add(1, Ordering::Relaxed);
+        for (callback, appended) in waiting {
+            callback.log_io_completed(result.clone().map_err(std::io::Error::other));
+            crate::metrics::observe_since(&stages.log_flush, appended);
+        }
+    }
 }
 
 /// Deletes purged entries, each time after flushing the state machine (whose state on disk must
@@ -362,15 +396,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         }
         written.map_err(|e| StorageIOError::write_logs(&e))?;
-        // Blocks this task's thread for the sync: the core would wait for it all the same, and
-        // the runtime's other threads go on serving.
-        let stages = crate::metrics::stages();
-        let syncing = std::time::Instant::now();
-        let synced = self.db.flush_wal(true);
-        crate::metrics::observe_since(&stages.log_sync, syncing);
-        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
-        callback.log_io_completed(synced.map_err(std::io::Error::other));
-        crate::metrics::observe_since(&stages.log_flush, started);
+        if let Err((callback, _)) = self.syncer.send((callback, started)) {
+            // The syncer thread died; sync here instead.
+            callback.log_io_completed(self.db.flush_wal(true).map_err(std::io::Error::other));
+        }
         Ok(())
     }
 
@@ -457,11 +486,10 @@ mod tests {
         assert!(reopened.try_get_log_entries(0..100).await.unwrap().is_empty());
     }
 
-    /// openraft 0.9 waits for each append's flush before the next, so `append` syncs in the
-    /// call: the callback has reported by the time it returns, one fsync per append, none
-    /// left to a thread.
+    /// openraft 0.9 waits for each append's flush before the next: every append gets an fsync
+    /// of its own, made by the syncer thread, and its callback reports once it is done.
     #[tokio::test]
-    async fn each_append_is_synced_and_reported_before_it_returns() {
+    async fn each_append_is_synced_and_reported() {
         use openraft::storage::RaftLogStorageExt;
 
         use crate::store::DataDir;

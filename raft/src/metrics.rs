@@ -39,7 +39,7 @@ pub struct WriteStages {
     /// One AppendEntries round trip with entries, leader to follower (the follower's fsync in it).
     pub replicate: Histogram,
     /// An append until it is durable: from the log store's `append` until its flush callback
-    /// has run (the entries' encoding and write, then the fsync).
+    /// has run (the entries' encoding and write, the hand-off to the syncer thread, its fsync).
     pub log_flush: Histogram,
     /// A follower's AppendEntries with entries, from its gRPC handler's entry to its answer:
     /// `replicate` less the transport.
@@ -81,7 +81,11 @@ pub fn register(registry: &mut Registry) {
         ("commit", "A batch's commit on the leader: append, fsync, quorum replication, apply", &s.commit),
         ("log_sync", "One fsync of the raft log", &s.log_sync),
         ("replicate", "One AppendEntries round trip with entries to a follower", &s.replicate),
-        ("log_flush", "An append until it is durable: the entries' encoding and write, then the fsync", &s.log_flush),
+        (
+            "log_flush",
+            "An append until it is durable: the entries' encoding and write, the syncer's hand-off and fsync",
+            &s.log_flush,
+        ),
         (
             "append_served",
             "A follower's AppendEntries with entries, from its gRPC handler's entry to its answer",
